@@ -1,0 +1,412 @@
+"""Model input/output: the only module that touches protobuf and file paths.
+
+Everything else in onnxcomp works on :class:`onnx_ir.Model`. This module turns the things a user
+has (a path, bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``) into one, checks it, and writes
+results back safely.
+
+Guarantees
+----------
+* **Never modify the input.** Loading from a path reads it; loading from a ``ModelProto`` copies it;
+  an ``onnx_ir.Model`` is returned as is (callers that transform in place clone it first, see
+  :func:`clone_model`). Saving refuses a target that is the source model file or one of its
+  external-data files.
+* **Atomic writes.** A model is written into a temporary folder inside the target folder and renamed
+  into place (external data first, then the model file), so an interrupted save (error, Ctrl-C)
+  leaves either the previous file or nothing, never a half-written one.
+* **Big models.** External data is memory-mapped by onnx_ir, never read into a protobuf just to
+  inspect it. Models whose initializers exceed the 2 GB protobuf limit are saved with external data
+  and handed to onnxruntime through a temporary file instead of bytes.
+* **Clear errors.** A missing file, a folder, an empty file, a file that is not ONNX or is truncated,
+  an IR version or opset newer than the installed ``onnx`` understands, missing or short external
+  data, and a graph that fails ``onnx.checker`` each raise :class:`~onnxcomp.errors.ModelLoadError`
+  naming the file.
+
+Tensors are shared, not copied, between a model and its clones: passes must never write into a
+tensor's array in place, they replace a value's ``const_value`` with a new tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnx_ir as ir
+from onnx_ir import external_data as ir_external_data
+
+from onnxcomp.errors import ModelLoadError, ModelSaveError, OpsetError
+
+__all__ = [
+    "ModelSource",
+    "PROTOBUF_LIMIT",
+    "load_model",
+    "save_model",
+    "clone_model",
+    "model_to_bytes",
+    "session_source",
+    "create_session",
+    "upgrade_opset",
+    "onnx_opset",
+    "initializer_nbytes",
+    "external_data_files",
+    "source_path",
+]
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+
+#: Protobuf refuses messages of 2 GiB; keep a margin for the graph itself.
+PROTOBUF_LIMIT = 2**31 - 64 * 2**20
+
+_SOURCE_KEY = "onnxcomp.source_path"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
+    """Load a model from a path, bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+
+    Args:
+        source: where the model comes from. An ``onnx_ir.Model`` is returned unchanged (same object).
+        check: run ``onnx.checker`` (structure only, no full shape check) and the version checks.
+
+    Raises:
+        ModelLoadError: the file is missing, a folder, empty, not ONNX or truncated, too new for the
+            installed onnx, has missing or short external data, or fails the checker. The message
+            names the file (or "<bytes>" / "<ModelProto>").
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        return _from_proto(proto, "<ModelProto>", base_dir=None, check=check)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        what = "<bytes>"
+        if len(source) == 0:
+            raise ModelLoadError(f"{what}: empty input (0 bytes), not an ONNX model")
+        try:
+            proto = onnx.load_model_from_string(bytes(source))
+        except Exception as exc:  # protobuf raises DecodeError and friends
+            raise ModelLoadError(f"{what}: not an ONNX model or truncated ({_first_line(exc)})") from None
+        return _from_proto(proto, what, base_dir=None, check=check)
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(Path(source), check=check)
+    raise TypeError(
+        f"cannot load a model from {type(source).__name__}; "
+        "pass a path, bytes, onnx.ModelProto or onnx_ir.Model"
+    )
+
+
+def _load_path(path: Path, *, check: bool) -> ir.Model:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: file is empty (0 bytes), not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except PermissionError:
+        raise ModelLoadError(f"{path}: permission denied") from None
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path}: not an ONNX model or truncated (protobuf decode failed: {_first_line(exc)})"
+        ) from None
+    model = _from_proto(proto, str(path), base_dir=path.parent, check=check)
+    model.meta[_SOURCE_KEY] = str(path.resolve())
+    return model
+
+
+def _from_proto(
+    proto: onnx.ModelProto, what: str, *, base_dir: Path | None, check: bool
+) -> ir.Model:
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise ModelLoadError(f"{what}: not an ONNX model (no graph or no IR version)")
+    if check:
+        _check_versions(proto, what)
+        try:
+            # The checker resolves external-data locations against the model's folder only when
+            # given the path; the graph itself is small when tensors are external.
+            if base_dir is not None and _uses_external_data(proto):
+                onnx.checker.check_model(what)
+            else:
+                onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise ModelLoadError(f"{what}: fails onnx.checker: {_first_line(exc)}") from None
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{what}: cannot be read: {_first_line(exc)}") from None
+    if base_dir is not None:
+        ir_external_data.set_base_dir(model.graph, str(base_dir))
+    _check_external_data(model, what)
+    return model
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in proto.graph.initializer)
+
+
+def _check_versions(proto: onnx.ModelProto, what: str) -> None:
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{what}: IR version {proto.ir_version} is newer than the installed onnx "
+            f"{onnx.__version__} supports ({onnx.IR_VERSION}); upgrade onnx"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in _DEFAULT_DOMAINS and opset.version > newest:
+            raise ModelLoadError(
+                f"{what}: opset {opset.version} is newer than the installed onnx "
+                f"{onnx.__version__} supports ({newest}); upgrade onnx"
+            )
+
+
+def _iter_external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                yield name, tensor
+
+
+def _check_external_data(model: ir.Model, what: str) -> None:
+    sizes: dict[str, int] = {}
+    for name, tensor in _iter_external_tensors(model):
+        path = tensor.path
+        if path not in sizes:
+            if not os.path.isfile(path):
+                raise ModelLoadError(
+                    f"{what}: initializer {name!r} refers to external data file {path}, which does not exist"
+                )
+            sizes[path] = os.path.getsize(path)
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[path]:
+            raise ModelLoadError(
+                f"{what}: initializer {name!r} needs bytes up to {end} of {path}, "
+                f"which has only {sizes[path]} (truncated external data)"
+            )
+
+
+def external_data_files(model: ir.Model) -> set[str]:
+    """Absolute paths of the external-data files the model's tensors are read from."""
+    return {os.path.abspath(t.path) for _, t in _iter_external_tensors(model)}
+
+
+def source_path(model: ir.Model) -> Path | None:
+    """The file the model was loaded from, if it came from a file."""
+    src = model.meta.get(_SOURCE_KEY)
+    return Path(src) if src else None
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """A structural copy of ``model`` that passes can change in place.
+
+    Tensors are shared, not copied (cheap for big models): passes replace ``const_value`` with new
+    tensors and never write into an existing tensor.
+    """
+    clone = model.clone()
+    for key in (_SOURCE_KEY,):
+        if key in model.meta:
+            clone.meta[key] = model.meta[key]
+    return clone
+
+
+def initializer_nbytes(model: ir.Model) -> int:
+    """Bytes held by the initializers of the main graph and all subgraphs."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def onnx_opset(model: ir.Model) -> int:
+    """The default-domain opset version the model imports (0 when it imports none)."""
+    for domain in _DEFAULT_DOMAINS:
+        if domain in model.opset_imports:
+            return model.opset_imports[domain]
+    return 0
+
+
+def _inlined(model: ir.Model) -> ir.Model:
+    """A clone whose external tensors are read into memory (the original is untouched)."""
+    if not any(True for _ in _iter_external_tensors(model)):
+        return model
+    clone = model.clone()
+    ir_external_data.load_to_model(clone)
+    return clone
+
+
+def model_to_bytes(model: ir.Model) -> bytes:
+    """Serialize ``model`` (external data inlined) for onnxruntime or for hashing.
+
+    Raises:
+        ModelSaveError: the model is over the 2 GB protobuf limit; use :func:`session_source`.
+    """
+    size = initializer_nbytes(model)
+    if size > PROTOBUF_LIMIT:
+        raise ModelSaveError(
+            f"model holds {size / 2**30:.2f} GiB of initializers, over the 2 GB protobuf limit; "
+            "it can only be saved with external data"
+        )
+    return ir.to_proto(_inlined(model)).SerializeToString()
+
+
+@contextlib.contextmanager
+def session_source(model: ir.Model) -> Iterator[bytes | str]:
+    """What to hand ``onnxruntime.InferenceSession``: bytes, or a temporary file for big models.
+
+    Models under the protobuf limit go as bytes (nothing touches the disk). Bigger ones are written
+    with external data into a temporary folder that is removed when the context exits.
+    """
+    if initializer_nbytes(model) <= PROTOBUF_LIMIT:
+        yield model_to_bytes(model)
+        return
+    tmp = tempfile.mkdtemp(prefix="onnxcomp-session-")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_session(
+    model: ir.Model,
+    *,
+    sess_options=None,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+):
+    """An ``onnxruntime.InferenceSession`` on ``model``, built in memory when it fits.
+
+    Raises:
+        OnnxcompError subclass ModelLoadError: onnxruntime refuses the model; the message carries
+            onnxruntime's own reason.
+    """
+    import onnxruntime as ort
+
+    with session_source(model) as src:
+        try:
+            return ort.InferenceSession(src, sess_options=sess_options, providers=list(providers))
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold_bytes: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    Args:
+        model: the model to write (unchanged by the call).
+        path: target ``.onnx`` file. Its folder must exist and be writable.
+        external_data: ``True`` writes tensors over ``size_threshold_bytes`` to ``<name>.data`` next
+            to the model; ``False`` keeps them inside the file (refused over 2 GB); ``None`` (default)
+            uses external data when the source model had it or when it is needed for size.
+        size_threshold_bytes: smallest tensor moved to external data.
+
+    Raises:
+        ModelSaveError: the target is a folder, its folder is missing or not writable, the target
+            is the source model or one of its external-data files, or the model needs external
+            data but ``external_data=False`` was given.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ModelSaveError(f"{target}: is a directory; give a file name for the output model")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{target}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelSaveError(f"{target}: output folder {folder} is not writable")
+    data_name = target.name + ".data"
+    protected = set(external_data_files(model))
+    src = source_path(model)
+    if src is not None:
+        protected.add(str(src))
+    for candidate in (target, folder / data_name):
+        if os.path.abspath(candidate) in protected or (
+            candidate.exists() and any(_same_file(candidate, p) for p in protected)
+        ):
+            raise ModelSaveError(
+                f"{target}: refusing to overwrite the input model or its external data ({candidate}); "
+                "choose another output path"
+            )
+    too_big = initializer_nbytes(model) > PROTOBUF_LIMIT
+    if external_data is None:
+        external_data = too_big or bool(protected - ({str(src)} if src else set()))
+    if not external_data and too_big:
+        raise ModelSaveError(
+            f"{target}: model is over the 2 GB protobuf limit and must be saved with external data"
+        )
+    to_write = model if external_data else _inlined(model)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=folder))
+    except OSError as exc:
+        raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
+    try:
+        tmp_model = tmp / target.name
+        if external_data:
+            ir.save(
+                to_write,
+                tmp_model,
+                external_data=data_name,
+                size_threshold_bytes=size_threshold_bytes,
+            )
+        else:
+            ir.save(to_write, tmp_model)
+        tmp_data = tmp / data_name
+        if tmp_data.exists():
+            os.replace(tmp_data, folder / data_name)
+        os.replace(tmp_model, target)
+    except OSError as exc:
+        raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
+    """A new model converted to default-domain opset ``target`` with ``onnx.version_converter``.
+
+    Raises:
+        OpsetError: the converter cannot convert this model (its message is passed on).
+    """
+    from onnx import version_converter
+
+    proto = ir.to_proto(model)
+    try:
+        converted = version_converter.convert_version(proto, target)
+    except Exception as exc:
+        raise OpsetError(
+            f"cannot upgrade the model from opset {onnx_opset(model)} to {target}: {_first_line(exc)}"
+        ) from None
+    result = ir.serde.deserialize_model(converted)
+    src = source_path(model)
+    if src is not None:
+        ir_external_data.set_base_dir(result.graph, str(src.parent))
+        result.meta[_SOURCE_KEY] = str(src)
+    return result
+
+
+def _same_file(a: Path | str, b: Path | str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
