@@ -1,0 +1,186 @@
+"""The pass framework every onnxcomp transform is built on.
+
+A transform is an :class:`onnx_ir.passes.InPlacePass` that takes one frozen, validated dataclass
+config (:class:`PassConfig`) and returns a :class:`PassResult` that carries statistics: what it
+changed and how much. Pipelines are plain :class:`onnx_ir.passes.PassManager` /
+``Sequential`` objects; :func:`run_pipeline` runs passes one after the other and keeps each one's
+statistics, which ``PassManager`` alone would drop.
+
+Passes declare the default-domain opset range they accept (``min_opset`` / ``max_opset``); a
+check before the pass runs refuses a model outside it with an :class:`~onnxcomp.errors.OpsetError` that
+says how to upgrade (``onnxcomp.io.upgrade_opset``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import onnx_ir as ir
+import onnx_ir.passes
+
+from onnxcomp.errors import ConfigError, OpsetError
+from onnxcomp.io import onnx_opset
+
+__all__ = ["PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Base for pass configs: frozen dataclasses validated on construction.
+
+    Subclasses override :meth:`validate` and raise :class:`ConfigError` naming the field. Configs can
+    be built from plain mappings (a recipe section) with :meth:`from_dict`, which refuses unknown
+    keys and wrong types with a message naming the key and the expected type.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check field values; raise ConfigError naming the field. Default: nothing to check."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, where: str = "") -> PassConfig:
+        """Build a config from a mapping, refusing unknown keys and wrong types."""
+        prefix = f"{where}: " if where else ""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{prefix}unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(sorted(fields))}"
+            )
+        hints = typing.get_type_hints(cls)
+        converted = {key: _coerce(value, key, hints[key], prefix) for key, value in values.items()}
+        try:
+            return cls(**converted)
+        except TypeError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, name: str, hint: Any, prefix: str) -> Any:
+    """Check a recipe value against a field's type hint; lists become tuples, ints become floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, name, option, prefix)
+        raise ConfigError(f"{prefix}key {name!r} expects {_type_name(hint)}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is typing.Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise ConfigError(
+            f"{prefix}key {name!r} must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}"
+        )
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(hint)
+            item = args[0] if args else Any
+            return tuple(_coerce(v, name, item, prefix) for v in value)
+    elif hint is Any:
+        return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:
+        return value
+    raise ConfigError(
+        f"{prefix}key {name!r} expects {_type_name(hint)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+@dataclasses.dataclass
+class PassResult(onnx_ir.passes.PassResult):
+    """``onnx_ir`` pass result with statistics: what changed, counts, per-item details."""
+
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+C = TypeVar("C", bound=PassConfig)
+
+
+class CompressionPass(onnx_ir.passes.InPlacePass, Generic[C]):
+    """Base of onnxcomp passes: one config in, an in-place rewrite, a result with statistics.
+
+    Subclasses set ``config_class``, optionally ``min_opset`` / ``max_opset``, and implement
+    :meth:`apply`, returning ``(modified, stats)``. The last result is kept in ``self.result``.
+    """
+
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    min_opset: ClassVar[int] = 1
+    max_opset: ClassVar[int | None] = None
+
+    def __init__(self, config: C | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = self.config_class()  # type: ignore[assignment]
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config: C = config  # type: ignore[assignment]
+        self.result: PassResult | None = None
+
+    def check_opset(self, model: ir.Model) -> None:
+        """Refuse a model outside the pass's opset range (an OpsetError, not onnx_ir's wrapper)."""
+        opset = onnx_opset(model)
+        if opset < self.min_opset or (self.max_opset is not None and opset > self.max_opset):
+            upper = f"..{self.max_opset}" if self.max_opset is not None else "+"
+            raise OpsetError(
+                f"{type(self).__name__} needs default-domain opset {self.min_opset}{upper}, "
+                f"the model has {opset}; upgrade it (onnxcomp.io.upgrade_opset) or allow the "
+                "command to upgrade"
+            )
+
+    def call(self, model: ir.Model) -> PassResult:
+        self.check_opset(model)
+        modified, stats = self.apply(model)
+        self.result = PassResult(model=model, modified=modified, stats=stats)
+        return self.result
+
+    def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """Result of :func:`run_pipeline`: the model, whether anything changed, each pass's stats."""
+
+    model: ir.Model
+    modified: bool
+    stages: list[tuple[str, dict[str, Any]]]
+
+
+def run_pipeline(model: ir.Model, passes: Sequence[onnx_ir.passes.PassBase]) -> PipelineResult:
+    """Run passes in order, keeping each pass's statistics (PassManager would drop them)."""
+    stages: list[tuple[str, dict[str, Any]]] = []
+    modified = False
+    for p in passes:
+        result = p(model)
+        model = result.model
+        modified = modified or result.modified
+        stats = result.stats if isinstance(result, PassResult) else {}
+        stages.append((type(p).__name__, {"modified": result.modified, **stats}))
+    return PipelineResult(model=model, modified=modified, stages=stages)
