@@ -1,0 +1,388 @@
+"""Calibration and evaluation data: one abstraction used by every command.
+
+A :class:`Dataset` turns what the user has into a stream of *feeds* (``{input name: array}``),
+each validated against the model's inputs, and can be iterated several times (calibration,
+reconstruction and evaluation each read the data again; nothing is kept in memory between reads
+except what the source itself holds).
+
+Sources
+-------
+* an ``.npz`` file whose keys are the model's input names and whose axis 0 indexes samples;
+* a folder of ``.npz`` files, each one complete feed (for inputs whose shapes vary);
+* a Python iterable of ``{name: ndarray}`` dicts (a list, or a callable returning a fresh iterator
+  for data that cannot be held at once; a one-shot generator can be read only once);
+* an onnxruntime ``CalibrationDataReader`` (anything with ``get_next()``), so code written for
+  ``onnxruntime.quantization`` switches without changes; ``rewind()`` is called between reads
+  when the reader has it.
+
+Batching
+--------
+Arrays from an ``.npz`` file are cut along axis 0. A sample is fed with batch 1 (``arr[i:i+1]``)
+unless the model's batch dimension is dynamic and a ``batch_size`` is asked for, in which case
+``arr[i:i+batch_size]`` (the last batch may be shorter). A model whose batch dimension is fixed at
+``B > 1`` is fed ``B`` samples at a time and the sample count must be a multiple of ``B``. When an
+array has one more axis than the model's input and ``arr[i]`` fits the input's fixed dimensions
+(a model without a batch axis, or samples saved with their own batch axis), sample ``i`` is
+``arr[i]``.
+
+Validation
+----------
+Each feed is checked against the model's graph inputs (initializers that are also inputs are
+optional): missing or extra names, dtype, rank, fixed dimensions, NaN/Inf. Errors raise
+:class:`~onnxcomp.errors.DataError` naming the source, the input and the sample. An empty data set is
+an error too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.errors import DataError
+
+__all__ = ["InputSpec", "model_inputs", "Dataset", "load_data", "load_labels", "DataSource"]
+
+Feed = dict[str, np.ndarray]
+DataSource = Union[str, os.PathLike, Iterable[Mapping[str, np.ndarray]], Callable[[], Iterable], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype, and shape (int for fixed dims, str/None for dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+    optional: bool = False
+
+    @property
+    def batch_dim(self) -> int | str | None:
+        return self.shape[0] if self.shape else None
+
+    def describe_shape(self) -> str:
+        if self.shape is None:
+            return "unknown"
+        return "[" + ",".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+def model_inputs(model: ir.Model) -> list[InputSpec]:
+    """The model's graph inputs as :class:`InputSpec`; inputs backed by initializers are optional."""
+    specs = []
+    for value in model.graph.inputs:
+        dtype = value.dtype
+        np_dtype = np.dtype(dtype.numpy()) if dtype is not None else np.dtype(np.float32)
+        shape = None
+        if value.shape is not None:
+            shape = tuple(
+                (d if d >= 0 else None) if isinstance(d, int) else (d.value or None)
+                for d in value.shape
+            )
+        optional = value.name in model.graph.initializers
+        specs.append(InputSpec(value.name, np_dtype, shape, optional))
+    return specs
+
+
+class Dataset:
+    """A re-iterable stream of validated feeds for one model (see module docstring).
+
+    Args:
+        source: an .npz path, a folder of .npz files, an iterable or factory of feed dicts, or a
+            ``CalibrationDataReader``-like object.
+        model: the model whose inputs the feeds must match.
+        batch_size: samples per feed for .npz sources (needs a dynamic batch dimension).
+        limit: read at most this many feeds.
+        check_finite: refuse NaN/Inf.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        model: ir.Model,
+        *,
+        batch_size: int | None = None,
+        limit: int | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        self.inputs = model_inputs(model)
+        self._by_name = {s.name: s for s in self.inputs}
+        self.batch_size = batch_size
+        self.limit = limit
+        self.check_finite = check_finite
+        self._reads = 0
+        if batch_size is not None and batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be >= 1, got {limit}")
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._files: list[Path] | None = None
+        self._factory: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None
+        self._reader: Any = None
+        self._one_shot = False
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            self.name = str(path)
+            if not path.exists():
+                raise DataError(f"{path}: data file not found")
+            if path.is_dir():
+                self._files = sorted(path.glob("*.npz"))
+                if not self._files:
+                    raise DataError(f"{path}: folder holds no .npz files (empty data set)")
+            else:
+                self._arrays = _read_npz(path)
+                self._check_arrays()
+        elif hasattr(source, "get_next"):
+            self.name = f"<{type(source).__name__}>"
+            self._reader = source
+        elif callable(source):
+            self.name = f"<{getattr(source, '__name__', 'callable')}>"
+            self._factory = source
+        elif isinstance(source, Mapping):
+            raise DataError(
+                "data: a single dict was given; pass a list of feeds (or an .npz path for arrays "
+                "whose axis 0 indexes samples)"
+            )
+        elif isinstance(source, Iterable):
+            self.name = f"<{type(source).__name__}>"
+            items = source
+            self._one_shot = iter(source) is source
+            self._factory = lambda: items
+        else:
+            raise DataError(
+                f"data: cannot read {type(source).__name__}; pass an .npz file, a folder of .npz "
+                "files, an iterable of {name: array} dicts or a CalibrationDataReader"
+            )
+
+    # -- sources --------------------------------------------------------------------------------
+    def _check_arrays(self) -> None:
+        arrays = self._arrays
+        assert arrays is not None
+        self._check_names(arrays.keys(), where=self.name)
+        counts = {k: a.shape[0] if a.ndim else 0 for k, a in arrays.items()}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"{k}: {n}" for k, n in counts.items())
+            raise DataError(f"{self.name}: arrays disagree on the number of samples (axis 0): {listing}")
+        n = next(iter(counts.values()))
+        if n == 0:
+            raise DataError(f"{self.name}: empty data set (0 samples)")
+        self._num_samples = n
+        self._step = self._feed_step()
+        if n % self._step and self._fixed_batch():
+            raise DataError(
+                f"{self.name}: {n} samples cannot be cut into batches of {self._step}, the model's "
+                f"fixed batch dimension"
+            )
+
+    def _fixed_batch(self) -> bool:
+        return any(
+            isinstance(s.batch_dim, int) and s.batch_dim > 1 and s.name in (self._arrays or {})
+            for s in self.inputs
+        )
+
+    def _feed_step(self) -> int:
+        arrays = self._arrays or {}
+        fixed = {
+            s.batch_dim
+            for s in self.inputs
+            if s.name in arrays and s.shape and isinstance(s.batch_dim, int)
+            and arrays[s.name].ndim == len(s.shape)
+        }
+        if self.batch_size is not None:
+            if fixed and fixed != {self.batch_size}:
+                raise DataError(
+                    f"{self.name}: batch size {self.batch_size} asked, but the model's batch "
+                    f"dimension is fixed at {sorted(fixed)[0]}"
+                )
+            return self.batch_size
+        if fixed:
+            return int(max(fixed))
+        return 1
+
+    def _check_names(self, names: Iterable[str], *, where: str) -> None:
+        names = set(names)
+        required = {s.name for s in self.inputs if not s.optional}
+        known = {s.name for s in self.inputs}
+        missing = sorted(required - names)
+        extra = sorted(names - known)
+        if missing:
+            raise DataError(
+                f"{where}: missing model input(s) {', '.join(map(repr, missing))}; "
+                f"the data has {', '.join(map(repr, sorted(names))) or 'nothing'}"
+            )
+        if extra:
+            raise DataError(
+                f"{where}: {', '.join(map(repr, extra))} not an input of the model; "
+                f"model inputs: {', '.join(repr(s.name) for s in self.inputs)}"
+            )
+
+    def _raw_feeds(self) -> Iterator[tuple[str, Mapping[str, np.ndarray]]]:
+        if self._arrays is not None:
+            n, step = self._num_samples, self._step
+            for i in range(0, n, step):
+                feed = {}
+                for name, arr in self._arrays.items():
+                    spec = self._by_name[name]
+                    if step == 1 and _is_stack_of_samples(arr, spec):
+                        feed[name] = arr[i]
+                    else:
+                        feed[name] = arr[i : i + step]
+                yield f"{self.name} sample {i}", feed
+        elif self._files is not None:
+            for path in self._files:
+                feed = _read_npz(path)
+                self._check_names(feed.keys(), where=str(path))
+                yield str(path), feed
+        elif self._reader is not None:
+            if self._reads and not hasattr(self._reader, "rewind"):
+                raise DataError(
+                    f"{self.name}: the CalibrationDataReader has no rewind(), so it can be read only "
+                    "once; give it a rewind() method or pass an .npz file"
+                )
+            if self._reads and hasattr(self._reader, "rewind"):
+                self._reader.rewind()
+            i = 0
+            while True:
+                feed = self._reader.get_next()
+                if feed is None:
+                    break
+                yield f"{self.name} feed {i}", feed
+                i += 1
+        else:
+            assert self._factory is not None
+            items = self._factory()
+            if self._reads and self._one_shot:
+                raise DataError(
+                    f"{self.name}: a one-shot iterator was given and it has been read already; pass a "
+                    "list or a function returning a fresh iterator"
+                )
+            for i, feed in enumerate(items):
+                if not isinstance(feed, Mapping):
+                    raise DataError(f"{self.name} feed {i}: expected a dict of arrays, got {type(feed).__name__}")
+                yield f"{self.name} feed {i}", feed
+
+    # -- validation -----------------------------------------------------------------------------
+    def _validate(self, where: str, feed: Mapping[str, Any]) -> Feed:
+        self._check_names(feed.keys(), where=where)
+        out: Feed = {}
+        for name, value in feed.items():
+            spec = self._by_name[name]
+            arr = np.asarray(value)
+            if arr.dtype != spec.dtype:
+                raise DataError(
+                    f"{where}: input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}"
+                )
+            if spec.shape is not None:
+                if arr.ndim != len(spec.shape):
+                    raise DataError(
+                        f"{where}: input {name!r} has rank {arr.ndim} (shape {list(arr.shape)}), the "
+                        f"model expects rank {len(spec.shape)} {spec.describe_shape()}"
+                    )
+                for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
+                    if isinstance(want, int) and want != got:
+                        raise DataError(
+                            f"{where}: input {name!r} has size {got} on axis {axis} (shape "
+                            f"{list(arr.shape)}), the model fixes it at {want} {spec.describe_shape()}"
+                        )
+            if self.check_finite and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+                raise DataError(f"{where}: input {name!r} holds {bad} NaN/Inf value(s)")
+            out[name] = np.ascontiguousarray(arr)
+        return out
+
+    # -- public ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Feed]:
+        count = 0
+        try:
+            for where, feed in self._raw_feeds():
+                if self.limit is not None and count >= self.limit:
+                    break
+                yield self._validate(where, feed)
+                count += 1
+        finally:
+            self._reads += 1
+        if count == 0:
+            raise DataError(f"{self.name}: empty data set (no feeds)")
+
+    def __len__(self) -> int:
+        """Number of feeds, when the source knows it (raises TypeError otherwise)."""
+        n = self.num_feeds
+        if n is None:
+            raise TypeError(f"{self.name}: the number of feeds is not known in advance")
+        return n
+
+    @property
+    def num_feeds(self) -> int | None:
+        if self._arrays is not None:
+            n = -(-self._num_samples // self._step)
+        elif self._files is not None:
+            n = len(self._files)
+        else:
+            return None
+        return min(n, self.limit) if self.limit is not None else n
+
+    def first(self) -> Feed:
+        """The first feed (used to build example inputs)."""
+        for feed in self:
+            return feed
+        raise DataError(f"{self.name}: empty data set")  # pragma: no cover - __iter__ raises first
+
+
+def load_data(
+    source: DataSource | Dataset,
+    model: ir.Model,
+    *,
+    batch_size: int | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    """A :class:`Dataset` for ``model`` from any supported source (a Dataset is returned as is)."""
+    if isinstance(source, Dataset):
+        return source
+    return Dataset(source, model, batch_size=batch_size, limit=limit)
+
+
+def load_labels(path: str | os.PathLike, *, expected: int | None = None) -> np.ndarray:
+    """Integer class labels from a ``.npy`` file (or the ``labels`` key of an ``.npz`` file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: labels file not found")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"{p}: cannot read labels ({exc})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        if "labels" not in loaded.files:
+            raise DataError(f"{p}: .npz labels file needs a 'labels' key; it has {loaded.files}")
+        loaded = loaded["labels"]
+    labels = np.asarray(loaded).reshape(-1)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{p}: labels must be integers, got dtype {labels.dtype}")
+    if expected is not None and labels.shape[0] != expected:
+        raise DataError(f"{p}: {labels.shape[0]} labels for {expected} samples")
+    return labels
+
+
+def _is_stack_of_samples(arr: np.ndarray, spec: InputSpec) -> bool:
+    """True when ``arr[i]`` already has the model input's full shape (one more axis than it)."""
+    if spec.shape is None or arr.ndim != len(spec.shape) + 1:
+        return False
+    return all(not isinstance(w, int) or w == g for w, g in zip(spec.shape, arr.shape[1:]))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: expected an .npz archive of named arrays, got a single array")
+            arrays = {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    if not arrays:
+        raise DataError(f"{path}: .npz file holds no arrays (empty data set)")
+    return arrays
