@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +48,10 @@ def console(args: argparse.Namespace):
     """A rich console for human output; silent with --quiet or --json."""
     from rich.console import Console
 
-    return Console(quiet=bool(getattr(args, "quiet", False) or getattr(args, "json", False)))
+    quiet = bool(getattr(args, "quiet", False) or getattr(args, "json", False))
+    # Wide tables stay readable when piped into a file or a CI log (rich assumes 80 columns there).
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(quiet=quiet, width=width)
 
 
 def print_json(obj: Any) -> None:

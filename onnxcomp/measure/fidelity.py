@@ -1,0 +1,235 @@
+"""Model-level fidelity: run a reference and a candidate model on the same data and compare.
+
+:func:`compare_models` streams a :class:`~onnxcomp.data.Dataset` through both models with
+onnxruntime and feeds each output pair into a
+:class:`~onnxcomp.measure.metrics.FidelityAccumulator`; nothing but running sums (and, with
+labels, one predicted class per sample) is kept, whatever the data set size.
+
+Per-layer mode exposes every intermediate float tensor that both models produce under the same name
+as an extra graph output (on clones; the given models are untouched) and ranks them by SQNR, worst
+first. This is what to read when a compressed model breaks: the first tensor where the SQNR drops is
+where the damage appears. Exposing intermediates blocks some of onnxruntime's fusions, so the
+per-layer numbers describe an unfused run; the per-output numbers always come from the models as
+they are.
+
+Channel axis of an output, unless given: 1 for rank 4 and 5 (NCHW-like), for rank 3 the smaller of
+axes 1 and 2 (``[N, 84, 8400]`` detector heads put boxes and scores on axis 1), -1 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxcomp.data import Dataset
+from onnxcomp.errors import DataError, OnnxcompError
+from onnxcomp.io import clone_model, create_session
+from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
+from onnxcomp.testing import session_options
+
+__all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def default_channel_axis(shape: Sequence[int]) -> int | None:
+    """The channel axis :func:`compare_models` uses for an output of this shape (module doc)."""
+    rank = len(shape)
+    if rank < 2:
+        return None
+    if rank in (4, 5):
+        return 1
+    if rank == 3:
+        return 1 if shape[1] <= shape[2] else 2
+    return -1
+
+
+@dataclasses.dataclass
+class ModelComparison:
+    """Fidelity of every output (and optionally every shared intermediate tensor).
+
+    ``accuracy`` maps a model role ("reference", "candidate") to its accuracy against the labels
+    on ``label_output``; empty without labels. ``layers`` is sorted worst SQNR first.
+    """
+
+    outputs: list[OutputFidelity]
+    samples: int
+    feeds: int
+    accuracy: dict[str, float]
+    label_output: str | None
+    layers: list[OutputFidelity]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "feeds": self.feeds,
+            "outputs": [_fidelity_dict(f) for f in self.outputs],
+            "accuracy": self.accuracy,
+            "label_output": self.label_output,
+            "layers": [_fidelity_dict(f, channels=False) for f in self.layers],
+        }
+
+
+def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any]:
+    d = {
+        "name": f.name,
+        "shape": list(f.shape),
+        "max_abs": f.max_abs,
+        "mean_abs": f.mean_abs,
+        "cosine": f.cosine,
+        "sqnr_db": f.sqnr_db,
+        "top1_agreement": f.top1_agreement,
+        "worst_channel": None
+        if f.worst_channel is None
+        else {"index": f.worst_channel[0], "sqnr_db": f.worst_channel[1]},
+    }
+    if channels and f.channels:
+        d["channel_axis"] = f.channel_axis
+        d["channels"] = [
+            {"index": c.index, "sqnr_db": c.sqnr_db, "max_abs": c.max_abs, "range_ratio": c.range_ratio}
+            for c in f.channels
+        ]
+    return d
+
+
+def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[str]:
+    """Names of float tensors computed by nodes in both models (not graph inputs/outputs)."""
+
+    def float_values(model: ir.Model) -> dict[str, ir.Value]:
+        outputs = {v.name for v in model.graph.outputs}
+        found = {}
+        for node in model.graph:
+            for value in node.outputs:
+                if value.name and value.name not in outputs and value.dtype in _FLOAT_TYPES:
+                    found[value.name] = value
+        return found
+
+    ref_values = float_values(reference)
+    cand_values = float_values(candidate)
+    return [name for name in ref_values if name in cand_values]
+
+
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    clone = clone_model(model)
+    by_name = {v.name: v for node in clone.graph for v in node.outputs}
+    for name in names:
+        clone.graph.outputs.append(by_name[name])
+    return clone
+
+
+def _typed(model: ir.Model) -> ir.Model:
+    """A clone with inferred types, so intermediate values can become graph outputs."""
+    clone = clone_model(model)
+    try:
+        ShapeInferencePass()(clone)
+    except Exception as exc:  # onnx shape inference failures carry their own message
+        raise OnnxcompError(f"per-layer comparison needs shape inference, which failed: {exc}") from None
+    return clone
+
+
+def compare_models(
+    reference: ir.Model,
+    candidate: ir.Model,
+    data: Dataset,
+    *,
+    labels: np.ndarray | None = None,
+    label_output: str | None = None,
+    per_layer: bool = False,
+    channel_axis: int | None | str = "auto",
+    optimization: str = "all",
+    threads: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> ModelComparison:
+    """Compare ``candidate`` against ``reference`` on ``data`` (see module docstring).
+
+    Args:
+        labels: one integer class per sample; accuracy of both models is computed on
+            ``label_output`` (default: the first output).
+        per_layer: also compare intermediate tensors shared by name.
+        channel_axis: ``"auto"`` (module doc), an int for every output, or None for no per-channel
+            error.
+        progress: called with the number of feeds done after each feed.
+
+    Raises:
+        OnnxcompError: the models' outputs differ in names or shapes, or labels don't match the
+            sample count.
+    """
+    ref_outputs = [v.name for v in reference.graph.outputs]
+    cand_outputs = [v.name for v in candidate.graph.outputs]
+    if ref_outputs != cand_outputs:
+        raise OnnxcompError(
+            f"the models' outputs differ: reference {ref_outputs}, candidate {cand_outputs}"
+        )
+    if label_output is not None and label_output not in ref_outputs:
+        raise OnnxcompError(f"--label-output {label_output!r} is not an output; outputs: {ref_outputs}")
+    layer_names: list[str] = []
+    if per_layer:
+        reference, candidate = _typed(reference), _typed(candidate)
+        layer_names = _shared_intermediates(reference, candidate)
+        reference = _with_outputs(reference, layer_names)
+        candidate = _with_outputs(candidate, layer_names)
+    options = session_options(optimization, threads=threads)
+    ref_session = create_session(reference, sess_options=options)
+    cand_session = create_session(candidate, sess_options=options)
+    names = ref_outputs + layer_names
+    accumulators: dict[str, FidelityAccumulator] = {}
+    label_index = ref_outputs.index(label_output) if label_output else 0
+    predictions: dict[str, list[np.ndarray]] = {"reference": [], "candidate": []}
+    samples = feeds = 0
+    for feed in data:
+        ref_values = ref_session.run(names, feed)
+        cand_values = cand_session.run(names, feed)
+        for i, (name, r, c) in enumerate(zip(names, ref_values, cand_values)):
+            if r.shape != c.shape:
+                raise OnnxcompError(
+                    f"output {name!r}: reference shape {list(r.shape)} vs candidate {list(c.shape)}"
+                )
+            if name not in accumulators:
+                axis = default_channel_axis(r.shape) if channel_axis == "auto" else channel_axis
+                if axis is not None and r.ndim >= 2 and axis % r.ndim == 0:
+                    axis = None
+                accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name)
+            accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
+            if labels is not None and i == label_index:
+                predictions["reference"].append(_predict(r))
+                predictions["candidate"].append(_predict(c))
+        samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
+        feeds += 1
+        if progress is not None:
+            progress(feeds)
+    accuracy: dict[str, float] = {}
+    if labels is not None:
+        for role, preds in predictions.items():
+            pred = np.concatenate(preds)
+            if pred.shape[0] != labels.shape[0]:
+                raise DataError(
+                    f"{labels.shape[0]} labels for {pred.shape[0]} predictions of output "
+                    f"{names[label_index]!r}"
+                )
+            accuracy[role] = float(np.mean(pred == labels))
+    outputs = [accumulators[n].result() for n in ref_outputs]
+    layers = sorted((accumulators[n].result() for n in layer_names), key=lambda f: _sort_key(f.sqnr_db))
+    return ModelComparison(
+        outputs=outputs,
+        samples=samples,
+        feeds=feeds,
+        accuracy=accuracy,
+        label_output=names[label_index] if labels is not None else None,
+        layers=layers,
+    )
+
+
+def _predict(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim >= 2 and scores.shape[-1] > 1:
+        return scores.reshape(scores.shape[0], -1, scores.shape[-1]).argmax(-1).reshape(scores.shape[0], -1)[:, 0]
+    return scores.reshape(scores.shape[0], -1)[:, 0].astype(np.int64)
+
+
+def _sort_key(sqnr: float) -> float:
+    return -np.inf if np.isnan(sqnr) else sqnr
