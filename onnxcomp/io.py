@@ -51,6 +51,8 @@ __all__ = [
     "session_source",
     "create_session",
     "upgrade_opset",
+    "ort_optimized_model",
+    "check_target",
     "onnx_opset",
     "initializer_nbytes",
     "external_data_files",
@@ -300,6 +302,58 @@ def create_session(
             raise ModelLoadError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
 
 
+def ort_optimized_model(model: ir.Model, *, sess_options=None) -> ir.Model:
+    """The graph onnxruntime actually runs: ``model`` after its graph optimizations.
+
+    onnxruntime writes it through ``SessionOptions.optimized_model_filepath`` into a temporary
+    folder that is removed afterwards. Use it to check which fused kernels a rewrite produced.
+    """
+    import onnxruntime as ort
+
+    options = sess_options or ort.SessionOptions()
+    tmp = tempfile.mkdtemp(prefix="onnxcomp-optimized-")
+    try:
+        path = os.path.join(tmp, "optimized.onnx")
+        options.optimized_model_filepath = path
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        create_session(model, sess_options=options)
+        optimized = ir.load(path)
+        ir_external_data.load_to_model(optimized)
+        return optimized
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_target(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Refuse an output path early (before any work), with the errors :func:`save_model` gives."""
+    return _check_target(model, path)[0]
+
+
+def _check_target(model: ir.Model, path: str | os.PathLike) -> tuple[Path, Path, set[str], Path | None]:
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ModelSaveError(f"{target}: is a directory; give a file name for the output model")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{target}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelSaveError(f"{target}: output folder {folder} is not writable")
+    protected = set(external_data_files(model))
+    src = source_path(model)
+    if src is not None:
+        protected.add(str(src))
+    for candidate in (target, folder / (target.name + ".data")):
+        if os.path.abspath(candidate) in protected or (
+            candidate.exists() and any(_same_file(candidate, p) for p in protected)
+        ):
+            raise ModelSaveError(
+                f"{target}: refusing to overwrite the input model or its external data ({candidate}); "
+                "choose another output path"
+            )
+    return target, folder, protected, src
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -322,27 +376,8 @@ def save_model(
             is the source model or one of its external-data files, or the model needs external
             data but ``external_data=False`` was given.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise ModelSaveError(f"{target}: is a directory; give a file name for the output model")
-    if not folder.is_dir():
-        raise ModelSaveError(f"{target}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ModelSaveError(f"{target}: output folder {folder} is not writable")
+    target, folder, protected, src = _check_target(model, path)
     data_name = target.name + ".data"
-    protected = set(external_data_files(model))
-    src = source_path(model)
-    if src is not None:
-        protected.add(str(src))
-    for candidate in (target, folder / data_name):
-        if os.path.abspath(candidate) in protected or (
-            candidate.exists() and any(_same_file(candidate, p) for p in protected)
-        ):
-            raise ModelSaveError(
-                f"{target}: refusing to overwrite the input model or its external data ({candidate}); "
-                "choose another output path"
-            )
     too_big = initializer_nbytes(model) > PROTOBUF_LIMIT
     if external_data is None:
         external_data = too_big or bool(protected - ({str(src)} if src else set()))

@@ -24,18 +24,15 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
+from onnxcomp.graph import FLOAT_TYPES, infer_types, with_outputs
 from onnxcomp.io import clone_model, create_session
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
 from onnxcomp.testing import session_options
 
 __all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
-
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
 
 def default_channel_axis(shape: Sequence[int]) -> int | None:
     """The channel axis :func:`compare_models` uses for an output of this shape (module doc)."""
@@ -105,31 +102,13 @@ def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[str]
         found = {}
         for node in model.graph:
             for value in node.outputs:
-                if value.name and value.name not in outputs and value.dtype in _FLOAT_TYPES:
+                if value.name and value.name not in outputs and value.dtype in FLOAT_TYPES:
                     found[value.name] = value
         return found
 
     ref_values = float_values(reference)
     cand_values = float_values(candidate)
     return [name for name in ref_values if name in cand_values]
-
-
-def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    clone = clone_model(model)
-    by_name = {v.name: v for node in clone.graph for v in node.outputs}
-    for name in names:
-        clone.graph.outputs.append(by_name[name])
-    return clone
-
-
-def _typed(model: ir.Model) -> ir.Model:
-    """A clone with inferred types, so intermediate values can become graph outputs."""
-    clone = clone_model(model)
-    try:
-        ShapeInferencePass()(clone)
-    except Exception as exc:  # onnx shape inference failures carry their own message
-        raise OnnxcompError(f"per-layer comparison needs shape inference, which failed: {exc}") from None
-    return clone
 
 
 def compare_models(
@@ -169,10 +148,12 @@ def compare_models(
         raise OnnxcompError(f"--label-output {label_output!r} is not an output; outputs: {ref_outputs}")
     layer_names: list[str] = []
     if per_layer:
-        reference, candidate = _typed(reference), _typed(candidate)
+        reference, candidate = clone_model(reference), clone_model(candidate)
+        infer_types(reference)
+        infer_types(candidate)
         layer_names = _shared_intermediates(reference, candidate)
-        reference = _with_outputs(reference, layer_names)
-        candidate = _with_outputs(candidate, layer_names)
+        reference = with_outputs(reference, layer_names)
+        candidate = with_outputs(candidate, layer_names)
     options = session_options(optimization, threads=threads)
     ref_session = create_session(reference, sess_options=options)
     cand_session = create_session(candidate, sess_options=options)

@@ -1,0 +1,109 @@
+"""Small graph helpers shared by the passes: type inference, exposing tensors, constants.
+
+Nothing here changes the model it is given except where the name says so; ``with_outputs``
+works on a clone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.io import clone_model
+
+__all__ = [
+    "FLOAT_TYPES",
+    "infer_types",
+    "with_outputs",
+    "produced_values",
+    "constant_array",
+    "unique_name",
+    "add_initializer",
+    "all_value_names",
+]
+
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+
+
+def infer_types(model: ir.Model) -> None:
+    """Run ONNX shape inference in place so intermediate values carry dtypes and shapes."""
+    try:
+        ShapeInferencePass()(model)
+    except Exception as exc:  # onnx's inference errors carry their own message
+        raise OnnxcompError(f"ONNX shape inference failed on the model: {exc}") from None
+
+
+def produced_values(model: ir.Model) -> dict[str, ir.Value]:
+    """Values produced by nodes of the main graph, by name."""
+    return {v.name: v for node in model.graph for v in node.outputs if v.name}
+
+
+def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A clone of ``model`` whose graph also outputs the main-graph tensors ``names``.
+
+    Types are inferred first when a value has none (onnxruntime needs typed graph outputs).
+    """
+    clone = clone_model(model)
+    values = produced_values(clone)
+    if any(values[n].dtype is None for n in names if n in values):
+        infer_types(clone)
+        values = produced_values(clone)
+    existing = {v.name for v in clone.graph.outputs}
+    for name in names:
+        if name not in values:
+            raise OnnxcompError(f"tensor {name!r} is not produced by a node of the main graph")
+        if values[name].dtype is None:
+            raise OnnxcompError(f"tensor {name!r} has no known type, even after shape inference")
+        if name not in existing:
+            clone.graph.outputs.append(values[name])
+    return clone
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or folded constant), or None."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph`` under a unique name based on ``name``."""
+    name = unique_name(graph, name, taken)
+    tensor = ir.tensor(np.asarray(array), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> str:
+    """``base`` or ``base_1``, ``base_2``... not used by any value of ``graph`` (or ``taken``)."""
+    used = taken if taken is not None else _all_names(graph)
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def _all_names(graph: ir.Graph) -> set[str]:
+    names: set[str] = {v.name for v in graph.inputs if v.name}
+    names.update(graph.initializers)
+    for node in graph.all_nodes():
+        names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def all_value_names(graph: ir.Graph) -> set[str]:
+    """Every value name in ``graph`` and its subgraphs (for :func:`unique_name`'s ``taken``)."""
+    return _all_names(graph)
+
+
+def iter_consumers(value: ir.Value) -> Iterable[tuple[ir.Node, int]]:
+    """(node, input index) for each use of ``value``."""
+    for use in value.uses():
+        yield use.node, use.idx
