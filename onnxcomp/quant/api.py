@@ -1,0 +1,122 @@
+"""``onnxcomp.quantize``: one entry point for every quantization mode.
+
+``quantize(model, calibration, config)`` never modifies its input: it works on a clone, upgrades
+an opset older than the mode needs when allowed (and says so in the report), plans, calibrates,
+rewrites and finally checks which int8 kernels onnxruntime actually fuses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.errors import ConfigError, OpsetError
+from onnxcomp.graph import infer_types
+from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
+from onnxcomp.passes.cleanup import CleanupPass
+from onnxcomp.quant.calibrate import calibrate
+from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.quant.qdq import QDQPass, mixed_range_nodes, plan_static
+from onnxcomp.quant.verify import fusion_report
+
+__all__ = ["quantize", "observer_kwargs"]
+
+STATIC_MIN_OPSET = 13
+
+
+def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
+    """Constructor arguments of the observer the config's calibration method uses."""
+    if config.calibration == "percentile":
+        return {"percentile": config.percentile, "bins": config.bins, "symmetric": config.activation_symmetric}
+    if config.calibration == "entropy":
+        return {"bins": config.bins, "qdtype": config.activation_type}
+    if config.calibration == "mse":
+        return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
+    return {}
+
+
+def prepare(model: ModelSource, min_opset: int, *, allow_upgrade: bool, notes: list[str]) -> ir.Model:
+    """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed)."""
+    work = clone_model(load_model(model))
+    opset = onnx_opset(work)
+    if opset < min_opset:
+        if not allow_upgrade:
+            raise OpsetError(
+                f"the model uses opset {opset}; quantization needs opset {min_opset} or newer "
+                "(per-axis DequantizeLinear). Allow the upgrade or convert the model first"
+            )
+        work = upgrade_opset(work, min_opset)
+        notes.append(f"upgraded the model from opset {opset} to {min_opset} (onnx.version_converter)")
+    return work
+
+
+def quantize(
+    model: ModelSource,
+    calibration: DataSource | Dataset | None = None,
+    config: QuantizeConfig | None = None,
+    *,
+    allow_upgrade: bool = True,
+    verify: bool = True,
+    progress: Callable[[str, int, int | None], object] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Quantize ``model``; returns the new model and a report.
+
+    Args:
+        model: path, bytes, ModelProto or onnx_ir.Model (never modified).
+        calibration: data for static mode (see :mod:`onnxcomp.data`); unused by weight-only and
+            dynamic modes.
+        config: a :class:`QuantizeConfig` (default: static, uint8 activations, per-channel int8
+            weights, min/max ranges).
+        allow_upgrade: upgrade an opset older than the mode needs instead of refusing.
+        verify: count the int8 kernels in onnxruntime's optimized graph.
+        progress: ``progress(stage, done, total)`` while calibrating.
+
+    Raises:
+        OpsetError, DataError, ConfigError and other OnnxcompError subclasses with clear messages.
+    """
+    config = config or QuantizeConfig()
+    notes: list[str] = []
+    started = time.perf_counter()
+    if config.mode == "static":
+        if calibration is None:
+            raise ConfigError("static quantization needs calibration data (--calibration FILE)")
+        work = prepare(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
+        cleanup = CleanupPass()(work) if config.cleanup else None
+        TopologicalSortPass()(work)
+        infer_types(work)
+        plan = plan_static(work, config)
+        data = load_data(calibration, work, limit=config.max_samples)
+        total = data.num_feeds
+        result = calibrate(
+            work, plan.observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
+            progress=(lambda n: progress("calibrating", n, total)) if progress else None,
+        )
+        mixed = mixed_range_nodes(work, plan, result.ranges, config.max_range_ratio)
+        if mixed:
+            plan = plan_static(work, config, keep_float=mixed)
+        qdq = QDQPass(config, plan, result.ranges)
+        pass_result = qdq(work)
+        report: dict[str, Any] = {
+            "mode": "static",
+            "config": config.to_dict(),
+            "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
+                            "seconds": result.seconds},
+            **pass_result.stats,
+        }
+        if cleanup is not None:
+            report["cleanup"] = cleanup.stats
+    else:
+        from onnxcomp.quant.weight_only import quantize_dynamic_mode, quantize_weight_only_mode
+
+        handler = quantize_weight_only_mode if config.mode == "weight-only" else quantize_dynamic_mode
+        work, report = handler(model, config, allow_upgrade=allow_upgrade, notes=notes)
+    if verify:
+        report["onnxruntime"] = fusion_report(work)
+    report["notes"] = notes
+    report["seconds"] = time.perf_counter() - started
+    return work, report

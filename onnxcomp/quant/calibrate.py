@@ -1,0 +1,90 @@
+"""Calibration: stream data through onnxruntime in memory and feed each tensor's observer.
+
+The model is cloned, the tensors to observe are made graph outputs, and the clone is run with
+onnxruntime from bytes (no augmented model on disk). Each feed's outputs update one
+:class:`~onnxcomp.quant.observers.Observer` per tensor and are then dropped: memory is bounded by
+one feed's activations plus the observers' fixed-size histograms, whatever the data set size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxcomp.data import Dataset
+from onnxcomp.errors import DataError
+from onnxcomp.graph import with_outputs
+from onnxcomp.io import create_session
+from onnxcomp.quant.observers import Observer, make_observer
+from onnxcomp.testing import session_options
+
+__all__ = ["CalibrationResult", "calibrate"]
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """Observed ranges ``{tensor: (rmin, rmax)}`` plus the observers and how long it took."""
+
+    ranges: dict[str, tuple[float, float]]
+    observers: dict[str, Observer]
+    feeds: int
+    seconds: float
+
+
+def calibrate(
+    model: ir.Model,
+    tensors: Sequence[str],
+    data: Dataset,
+    *,
+    method: str = "minmax",
+    observer_kwargs: dict[str, Any] | None = None,
+    max_feeds: int | None = None,
+    threads: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> CalibrationResult:
+    """Observe ``tensors`` (graph inputs or values computed in the main graph) over ``data``.
+
+    Args:
+        method: minmax, percentile, entropy or mse (see :mod:`onnxcomp.quant.observers`).
+        observer_kwargs: passed to each observer (e.g. ``percentile``, ``bins``, ``qdtype``).
+        max_feeds: stop after this many feeds.
+        progress: called with the number of feeds done.
+
+    Raises:
+        DataError: the data set is empty or holds NaN/Inf (from the Dataset), or a tensor
+            becomes non-finite during calibration (named).
+    """
+    names = list(dict.fromkeys(tensors))
+    start = time.perf_counter()
+    observers = {name: make_observer(method, **(observer_kwargs or {})) for name in names}
+    if not names:
+        return CalibrationResult({}, {}, 0, 0.0)
+    graph_inputs = {v.name for v in model.graph.inputs}
+    computed = [n for n in names if n not in graph_inputs]
+    session = None
+    if computed:
+        augmented = with_outputs(model, computed)
+        session = create_session(augmented, sess_options=session_options("basic", threads=threads))
+    feeds = 0
+    for feed in data:
+        values = dict(zip(computed, session.run(computed, feed))) if session is not None else {}
+        for name in names:
+            value = feed[name] if name in graph_inputs else values[name]
+            try:
+                observers[name].update(value)
+            except ValueError as exc:
+                raise DataError(f"calibration: tensor {name!r} on feed {feeds}: {exc}") from None
+        feeds += 1
+        if progress is not None:
+            progress(feeds)
+        if max_feeds is not None and feeds >= max_feeds:
+            break
+    ranges = {}
+    for name, obs in observers.items():
+        lo, hi = obs.compute_range()
+        ranges[name] = (float(lo), float(hi))
+    return CalibrationResult(ranges, observers, feeds, time.perf_counter() - start)

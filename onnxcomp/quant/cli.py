@@ -1,0 +1,126 @@
+"""``onnxcomp quantize``: static (Q/DQ from calibration), weight-only (int8/int4 blocks) or dynamic."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from onnxcomp.cli import add_output_flags, console, print_json, register
+from onnxcomp.errors import ConfigError
+
+__all__: list[str] = []
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the quantized model")
+    p.add_argument("--calibration", metavar="FILE", help="calibration data: .npz file or folder (static mode)")
+    p.add_argument("--mode", choices=("static", "weight-only", "dynamic"), default="static")
+    p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8",
+                   help="activation type (default uint8: onnxruntime's fast path on x86)")
+    p.add_argument("--symmetric-activations", action="store_true")
+    p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
+                   help="calibration range method (default minmax)")
+    p.add_argument("--percentile", type=float, default=99.999)
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX",
+                   help="leave matching nodes in float (repeatable)")
+    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known)")
+    p.add_argument("--quantize-outputs", action="store_true", help="also quantize tensors that are graph outputs")
+    p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
+    p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
+    p.add_argument("--max-samples", type=int, help="calibrate on at most this many feeds")
+    p.add_argument("--batch-size", type=int, help="samples per calibration feed (dynamic batch dimension)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="weight-only bits (default 4)")
+    p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
+    p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
+                   help="weight-only storage: blocked DequantizeLinear (opset 21) or onnxruntime MatMulNBits")
+    p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
+    add_output_flags(p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from onnxcomp.data import Dataset
+    from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
+    from onnxcomp.measure.cli import _progress
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    con = console(args)
+    config = QuantizeConfig(
+        mode=args.mode,
+        activation_type=args.activation_type,
+        activation_symmetric=args.symmetric_activations,
+        per_channel=not args.per_tensor,
+        calibration=args.method,
+        percentile=args.percentile,
+        op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()) if args.op_types else (),
+        exclude=tuple(args.exclude),
+        quantize_outputs=args.quantize_outputs,
+        fold_activations=not args.no_fold,
+        cleanup=not args.no_cleanup,
+        max_samples=args.max_samples,
+        bits=args.bits,
+        block_size=args.block_size,
+        weight_only_format=args.format,
+    )
+    if args.mode == "static" and not args.calibration:
+        raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
+    model = load_model(args.model)
+    check_target(model, args.output)
+    calibration = None
+    if args.calibration:
+        calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
+    with _progress(con, "quantize", None) as progress:
+        task = progress.add_task("calibrating", total=calibration.num_feeds if calibration else None)
+        quantized, report = quantize(
+            model, calibration, config, allow_upgrade=not args.no_upgrade,
+            progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
+        )
+    out = save_model(quantized, args.output)
+    report["input"] = {"path": args.model, "bytes": _file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
+    report["output"] = {"path": str(out), "bytes": _file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+    if args.json:
+        print_json(report)
+        return 0
+    for note in report.get("notes", []):
+        con.print(f"[yellow]note:[/yellow] {note}")
+    ort = report.get("onnxruntime", {})
+    con.print(
+        f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
+        f"{_fmt(report['input']['bytes'])} -> {_fmt(report['output']['bytes'])}"
+    )
+    if args.mode == "static":
+        con.print(
+            f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
+            f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"
+        )
+        con.print(
+            f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
+            f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
+        )
+    if ort:
+        by_op = ", ".join(f"{op} x{n}" for op, n in ort["int8_by_op"].items()) or "none"
+        left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
+        con.print(f"onnxruntime runs {ort['int8_kernels']} int8 kernel(s): {by_op}; float compute left: {left}")
+    skipped = report.get("skipped") or {}
+    if skipped:
+        con.print(f"left in float ({len(skipped)}):")
+        for name, reason in list(skipped.items())[:20]:
+            con.print(f"  {name}: {reason}")
+        if len(skipped) > 20:
+            con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
+    return 0
+
+
+def _file_bytes(path) -> int:
+    total = os.path.getsize(path)
+    data = f"{path}.data"
+    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)

@@ -1,0 +1,520 @@
+r"""Static quantization: insert QuantizeLinear/DequantizeLinear where onnxruntime fuses int8 kernels.
+
+Three steps, kept apart:
+
+1. **Plan** (:func:`plan_static`, analysis): which nodes run in int8 and which tensors get a Q/DQ
+   pair, from the placement table :data:`~onnxcomp.quant.rules.QUANT_RULES`. A compute node
+   (Conv, MatMul, Gemm, Add, Mul, Concat, pooling) is quantized when the selector allows it, its
+   activations are float32, its weight (if any) is a constant, and its output can be quantized:
+   not a graph output (unless asked) and not feeding an op that is sensitive to input error
+   (Softmax, Exp, LayerNormalization...). MatMul and Gemm are also quantized when their output
+   must stay float: onnxruntime runs them as MatMulIntegerToFloat. Data-movement ops between
+   quantized tensors share their input's parameters; Relu/Clip(0, x) after a quantized producer
+   are folded into its output range (asymmetric activations only).
+2. **Statistics** (:mod:`onnxcomp.quant.calibrate`): the plan's ``observed`` tensors get ranges.
+3. **Rewrite** (:class:`QDQPass`): one Q/DQ pair per quantized tensor, shared by all its int8
+   consumers (float consumers keep reading the float tensor); weights quantized offline to int8,
+   per output channel, symmetric; Conv/Gemm biases to int32 with
+
+   .. math:: s_b[c] = s_x \, s_w[c], \qquad b_q[c] = \mathrm{round}(b[c] / s_b[c])
+
+   so that onnxruntime's integer accumulation needs no rescaling of the bias. A bias that would
+   overflow int32 (tiny scales) keeps its node in float and is reported.
+
+Activation scales and zero points follow :func:`~onnxcomp.quant.primitives.compute_scale_zero_point`
+on the calibrated range widened to contain 0 (so zero padding is exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from onnxcomp.graph import add_initializer, all_value_names, constant_array, unique_name
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.passes.base import CompressionPass
+from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.quant.primitives import compute_scale_zero_point, quantize, quantize_bias, quantize_weight
+from onnxcomp.quant.rules import QUANT_RULES, SENSITIVE_CONSUMERS, QuantRule
+
+__all__ = ["QuantPoint", "StaticPlan", "plan_static", "QDQPass"]
+
+_QTYPES = {"uint8": ir.DataType.UINT8, "int8": ir.DataType.INT8}
+
+
+@dataclasses.dataclass
+class QuantPoint:
+    """A Q/DQ pair: placed after ``value``, parameters from the range of tensor ``range_of``.
+
+    ``shared_with`` names the point whose parameters this one reuses (data movement).
+    """
+
+    value: str
+    range_of: str
+    shared_with: str | None = None
+    constant: bool = False
+
+
+@dataclasses.dataclass
+class StaticPlan:
+    """What the static pass will do (see module docstring)."""
+
+    nodes: list[str]
+    points: dict[str, QuantPoint]
+    folded: list[str]
+    skipped: dict[str, str]
+
+    @property
+    def observed(self) -> list[str]:
+        """Tensors whose ranges calibration must provide."""
+        return sorted({p.range_of for p in self.points.values() if p.shared_with is None and not p.constant})
+
+
+def _rule(node: ir.Node, model: ir.Model) -> QuantRule | None:
+    return QUANT_RULES.lookup(node, model)
+
+
+def _is_float32(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def plan_static(
+    model: ir.Model, config: QuantizeConfig, *, keep_float: Mapping[str, str] | None = None
+) -> StaticPlan:
+    """Decide which nodes and tensors to quantize. ``model`` must carry inferred types.
+
+    ``keep_float`` maps node names to the reason they must stay float (see :func:`mixed_range_nodes`).
+    """
+    keep_float = dict(keep_float or {})
+    graph = model.graph
+    selector = config.selector
+    outputs = {v.name for v in graph.outputs}
+    skipped: dict[str, str] = {}
+    nodes = list(graph)
+
+    def output_quantizable(value: ir.Value) -> str | None:
+        if value.name in outputs and not config.quantize_outputs:
+            return "its output is a graph output"
+        for use in value.uses():
+            if use.node.op_type in SENSITIVE_CONSUMERS:
+                return f"its output feeds {use.node.op_type} {use.node.name!r}"
+        return None
+
+    # 1. compute nodes
+    compute: dict[str, ir.Node] = {}
+    float_out: set[str] = set()
+    for node in nodes:
+        rule = _rule(node, model)
+        if rule is None or rule.kind != "compute":
+            continue
+        label = node.name or node.op_type
+        if not selector.allows(node.name or "", node.op_type):
+            skipped[label] = "excluded by the selection"
+            continue
+        if node.name in keep_float:
+            skipped[label] = keep_float[node.name]
+            continue
+        act_idx = range(len(node.inputs)) if rule.activations is None else rule.activations
+        acts = [node.inputs[i] for i in act_idx if i < len(node.inputs)]
+        if not acts or not all(_is_float32(v) for v in acts):
+            skipped[label] = "an input is not float32"
+            continue
+        if node.op_type == "Gemm":
+            trans_a = node.attributes.get("transA")
+            if trans_a is not None and trans_a.as_int():
+                skipped[label] = "Gemm with transA=1 has no int8 kernel"
+                continue
+        if rule.weight is not None:
+            weight = node.inputs[rule.weight] if rule.weight < len(node.inputs) else None
+            if not _is_const(weight) and not (rule.weight_may_be_activation and _is_float32(weight)):
+                skipped[label] = "its weight is not a constant"
+                continue
+            if _is_const(weight) and weight.dtype != ir.DataType.FLOAT:
+                skipped[label] = "its weight is not float32"
+                continue
+        if len(node.outputs) != 1 or not _is_float32(node.outputs[0]):
+            skipped[label] = "its output is not a single float32 tensor"
+            continue
+        if rule.int8_inputs_only and not all(
+            not _is_const(v) and _int8_source(v, compute, model) is not None for v in acts
+        ):
+            skipped[label] = "left in float: its inputs do not all come from int8 nodes"
+            continue
+        reason = output_quantizable(node.outputs[0])
+        if reason is not None:
+            if not rule.float_output_ok:
+                skipped[label] = f"left in float: {reason}"
+                continue
+            float_out.add(node.name)
+        compute[node.name] = node
+    # An op that can keep a float output keeps it unless an int8 node reads it.
+    for node in compute.values():
+        rule = _rule(node, model)
+        if rule is not None and rule.float_output_ok and not _feeds_int8(node.outputs[0], compute, model):
+            float_out.add(node.name)
+
+    points: dict[str, QuantPoint] = {}
+
+    def add_point(value: ir.Value) -> None:
+        if value.name not in points:
+            points[value.name] = QuantPoint(value.name, value.name, constant=_is_const(value))
+
+    for node in compute.values():
+        rule = _rule(node, model)
+        assert rule is not None
+        act_idx = list(range(len(node.inputs)) if rule.activations is None else rule.activations)
+        if rule.weight is not None and rule.weight_may_be_activation and not _is_const(node.inputs[rule.weight]):
+            act_idx.append(rule.weight)
+        for i in act_idx:
+            if i < len(node.inputs) and node.inputs[i] is not None:
+                add_point(node.inputs[i])
+        if node.name not in float_out:
+            add_point(node.outputs[0])
+
+    # 2. Relu / Clip(0, x) folding into the producer's output range
+    folded: list[str] = []
+    if config.fold_activations and not config.activation_symmetric:
+        for node in nodes:
+            rule = _rule(node, model)
+            if rule is None or rule.kind != "fold" or not selector.allows(node.name or "", node.op_type):
+                continue
+            src = node.inputs[0]
+            producer = src.producer() if src is not None else None
+            out = node.outputs[0]
+            if producer is None or producer.name not in compute or producer.name in float_out:
+                continue
+            if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
+                continue
+            if node.op_type == "Clip" and not _clip_starts_at_zero(node):
+                continue
+            consumers = [u.node for u in out.uses()]
+            if not consumers or not all(_int8_consumer(c, compute, model) for c in consumers):
+                continue
+            points.pop(src.name, None)
+            points[out.name] = QuantPoint(src.name, out.name)
+            folded.append(node.name)
+
+    # 3. data movement between quantized tensors shares parameters
+    for node in nodes:
+        rule = _rule(node, model)
+        if rule is None or rule.kind != "shared" or not node.inputs or not node.outputs:
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        if src is None or not _is_float32(out) or not selector.allows(node.name or "", node.op_type):
+            continue
+        src_point = _point_for(points, src.name)
+        if src_point is None or out.name not in points or out.name in outputs:
+            continue
+        if node.op_type == "Split" or len(node.outputs) != 1:
+            continue
+        points[out.name] = QuantPoint(out.name, src_point.range_of, shared_with=src_point.value)
+
+    return StaticPlan(nodes=list(compute), points=points, folded=folded, skipped=skipped)
+
+
+def mixed_range_nodes(
+    model: ir.Model, plan: StaticPlan, ranges: Mapping[str, tuple[float, float]], max_ratio: float
+) -> dict[str, str]:
+    """Concat nodes whose inputs' calibrated ranges differ by more than ``max_ratio``.
+
+    One scale for such a tensor destroys the narrow part: a detector head concatenating boxes
+    (0..320) and scores (0..1) keeps cosine 0.999 while every score rounds to 0 or 1.25. These
+    nodes stay float (re-plan with them in ``keep_float``).
+    """
+    found: dict[str, str] = {}
+    by_name = {n.name: n for n in model.graph}
+    for name in plan.nodes:
+        node = by_name.get(name)
+        if node is None or node.op_type != "Concat":
+            continue
+        widths = []
+        for value in node.inputs:
+            point = _point_for(plan.points, value.name) if value is not None else None
+            if point is None:
+                continue
+            if point.constant:
+                arr = value.const_value.numpy()
+                lo, hi = float(arr.min()), float(arr.max())
+            elif point.range_of in ranges:
+                lo, hi = ranges[point.range_of]
+            else:
+                continue
+            widths.append(max(hi, 0.0) - min(lo, 0.0))
+        if len(widths) >= 2 and max(widths) > max_ratio * max(min(widths), 1e-12):
+            found[name] = (
+                f"left in float: its inputs' ranges differ {max(widths) / max(min(widths), 1e-12):.0f}x "
+                f"(more than {max_ratio:g}x); one scale would erase the narrow input"
+            )
+    return found
+
+
+def _int8_source(value: ir.Value, compute: Mapping[str, ir.Node], model: ir.Model) -> ir.Node | None:
+    """The int8 node ``value`` comes from, looking through data movement and Relu/Clip."""
+    seen = 0
+    while value is not None and seen < 64:
+        producer = value.producer()
+        if producer is None:
+            return None
+        if producer.name in compute:
+            return producer
+        rule = _rule(producer, model)
+        if rule is None or rule.kind not in ("shared", "fold") or not producer.inputs:
+            return None
+        value = producer.inputs[0]
+        seen += 1
+    return None
+
+
+def _feeds_int8(value: ir.Value, compute: Mapping[str, ir.Node], model: ir.Model, depth: int = 0) -> bool:
+    """Whether an int8 node reads ``value``, directly or through data movement and Relu/Clip."""
+    if depth > 64:
+        return False
+    for use in value.uses():
+        node = use.node
+        if node.name in compute:
+            return True
+        rule = _rule(node, model)
+        if rule is not None and rule.kind in ("shared", "fold") and use.idx == 0 and node.outputs:
+            if _feeds_int8(node.outputs[0], compute, model, depth + 1):
+                return True
+    return False
+
+
+def _point_for(points: Mapping[str, QuantPoint], name: str) -> QuantPoint | None:
+    if name in points:
+        return points[name]
+    for p in points.values():
+        if p.value == name:
+            return p
+    return None
+
+
+def _clip_starts_at_zero(node: ir.Node) -> bool:
+    lo = node.inputs[1] if len(node.inputs) > 1 else None
+    if lo is None:
+        attr = node.attributes.get("min")
+        return attr is not None and attr.as_float() == 0.0
+    arr = constant_array(lo)
+    return arr is not None and arr.size == 1 and float(arr.reshape(-1)[0]) == 0.0
+
+
+def _int8_consumer(node: ir.Node, compute: Mapping[str, ir.Node], model: ir.Model) -> bool:
+    if node.name in compute:
+        return True
+    rule = _rule(node, model)
+    return rule is not None and rule.kind == "shared"
+
+
+class QDQPass(CompressionPass[QuantizeConfig]):
+    """Insert Q/DQ for a :class:`StaticPlan` with calibrated ``ranges`` (see module docstring).
+
+    Refuses a model below opset 13 (per-axis DequantizeLinear needs it) and a plan whose observed
+    tensors have no range.
+    """
+
+    config_class = QuantizeConfig
+    min_opset = 13
+
+    def __init__(
+        self, config: QuantizeConfig, plan: StaticPlan, ranges: Mapping[str, tuple[float, float]]
+    ) -> None:
+        super().__init__(config)
+        missing = [t for t in plan.observed if t not in ranges]
+        if missing:
+            raise OnnxcompError(f"no calibration range for tensor(s) {missing[:5]}")
+        self.plan = plan
+        self.ranges = dict(ranges)
+
+    def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        cfg, plan, graph = self.config, self.plan, model.graph
+        qtype = cfg.activation_type
+        taken = all_value_names(graph)
+        values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+        for node in graph:
+            for v in node.outputs:
+                values[v.name] = v
+        values.update({name: v for name, v in graph.initializers.items()})
+        by_name = {n.name: n for n in graph}
+        params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def act_params(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
+            key = point.shared_with or point.value
+            if key in params:
+                return params[key]
+            if point.shared_with is not None and point.shared_with in plan.points:
+                result = act_params(plan.points[point.shared_with])
+            elif point.constant:
+                array = values[point.value].const_value.numpy()
+                result = compute_scale_zero_point(float(array.min()), float(array.max()), qtype, cfg.activation_symmetric)
+            else:
+                lo, hi = self.ranges[point.range_of]
+                result = compute_scale_zero_point(lo, hi, qtype, cfg.activation_symmetric)
+            params[key] = result
+            return result
+
+        # Fold Relu/Clip: their consumers read the producer's output directly.
+        removed = 0
+        for name in plan.folded:
+            node = by_name[name]
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+            removed += 1
+
+        int8_nodes = set(plan.nodes)
+        dq_of: dict[str, ir.Value] = {}
+        created: set[ir.Node] = set()
+        for key, point in plan.points.items():
+            value = values.get(point.value)
+            if value is None:
+                continue
+            scale, zp = act_params(point)
+            scale_v = add_initializer(graph, f"{point.value}_scale", np.asarray(scale, np.float32), taken)
+            zp_v = add_initializer(graph, f"{point.value}_zero_point", np.asarray(zp), taken)
+            if value.const_value is not None:
+                q_array = quantize(value.const_value.numpy(), scale, zp, qtype)
+                q_value = add_initializer(graph, f"{point.value}_quantized", q_array, taken)
+            else:
+                qnode = ir.node(
+                    "QuantizeLinear", [value, scale_v, zp_v],
+                    name=unique_name(graph, f"{point.value}_QuantizeLinear", taken),
+                )
+                q_value = qnode.outputs[0]
+                q_value.name = unique_name(graph, f"{point.value}_q", taken)
+                q_value.dtype = _QTYPES[qtype]
+                q_value.shape = value.shape
+                graph.append(qnode)
+                created.add(qnode)
+            dqnode = _dequantize_node(graph, taken, point.value, q_value, scale_v, zp_v, like=value)
+            created.add(dqnode)
+            dq = dqnode.outputs[0]
+            dq_of[point.value] = dq
+        # Rewire consumers to the dequantized tensors: every consumer of an int8 node's output
+        # (onnxruntime fuses a node only when its output feeds nothing but the Q), and the int8
+        # consumers of other tensors (float consumers keep the exact float value).
+        int8_outputs = {n.outputs[0].name for n in graph if n.name in int8_nodes and n.outputs}
+        shared_nodes = set()
+        for node in list(graph):
+            if node in created:
+                continue
+            rule = QUANT_RULES.lookup(node, model)
+            shared = (
+                rule is not None
+                and rule.kind == "shared"
+                and bool(node.outputs)
+                and node.outputs[0].name in plan.points
+                and plan.points[node.outputs[0].name].shared_with is not None
+            )
+            if shared:
+                shared_nodes.add(node.name)
+            int8_consumer = node.name in int8_nodes or shared
+            for i, inp in enumerate(node.inputs):
+                if inp is None or inp.name not in dq_of:
+                    continue
+                if shared and i != 0:
+                    continue
+                if int8_consumer or inp.name in int8_outputs:
+                    node.replace_input_with(i, dq_of[inp.name])
+        weights = biases = bias_float = 0
+        weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
+        for name in plan.nodes:
+            node = by_name.get(name)
+            if node is None:
+                continue
+            rule = QUANT_RULES.lookup(node, model)
+            if rule is None or rule.weight is None or rule.weight >= len(node.inputs):
+                continue
+            w_value = node.inputs[rule.weight]
+            if w_value is None or w_value.const_value is None:
+                continue
+            axis = rule.resolve_weight_axis(node) if cfg.per_channel else None
+            w = w_value.const_value.numpy()
+            if axis is not None:
+                axis = axis % w.ndim
+            key = (w_value.name, axis)
+            if key not in weight_cache:
+                q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True)
+                q_v = add_initializer(graph, f"{w_value.name}_quantized", q, taken)
+                s_v = add_initializer(graph, f"{w_value.name}_scale", np.asarray(s, np.float32), taken)
+                z_v = add_initializer(graph, f"{w_value.name}_zero_point", np.asarray(z), taken)
+                dq_node = _dequantize_node(
+                    graph, taken, w_value.name, q_v, s_v, z_v, like=w_value,
+                    axis=axis if axis is not None and np.ndim(s) > 0 else None,
+                )
+                weight_cache[key] = (dq_node.outputs[0], np.asarray(s, np.float32))
+                weights += 1
+            dq_w, w_scale = weight_cache[key]
+            node.replace_input_with(rule.weight, dq_w)
+            # bias
+            if rule.bias is not None and rule.bias < len(node.inputs) and node.inputs[rule.bias] is not None:
+                b_value = node.inputs[rule.bias]
+                x_point = _point_for(plan.points, _source_name(node.inputs[0], dq_of))
+                if b_value.const_value is None or x_point is None or b_value.const_value.numpy().ndim != 1:
+                    continue
+                x_scale, _ = act_params(x_point)
+                b = b_value.const_value.numpy().astype(np.float32)
+                ws = np.broadcast_to(w_scale, b.shape) if np.ndim(w_scale) else np.full(b.shape, float(w_scale), np.float32)
+                bq = quantize_bias(b, np.float32(x_scale), ws)
+                if bq.saturated:
+                    bias_float += 1
+                    continue
+                bq_v = add_initializer(graph, f"{b_value.name}_quantized", bq.q, taken)
+                bs_v = add_initializer(graph, f"{b_value.name}_scale", np.asarray(bq.scale, np.float32), taken)
+                bz_v = add_initializer(graph, f"{b_value.name}_zero_point", np.zeros(bq.q.shape, np.int32), taken)
+                b_node = _dequantize_node(graph, taken, b_value.name, bq_v, bs_v, bz_v, like=b_value, axis=0)
+                node.replace_input_with(rule.bias, b_node.outputs[0])
+                biases += 1
+        TopologicalSortPass()(model)
+        RemoveUnusedNodesPass()(model)
+        return bool(plan.points or weights), {
+            "int8_nodes": len(plan.nodes),
+            "quantized_tensors": sum(1 for p in plan.points.values() if values.get(p.value) is not None),
+            "shared_parameter_tensors": sum(1 for p in plan.points.values() if p.shared_with),
+            "data_movement_nodes": len(shared_nodes),
+            "folded_activations": removed,
+            "quantized_weights": weights,
+            "quantized_biases": biases,
+            "biases_left_float": bias_float,
+            "skipped": dict(plan.skipped),
+        }
+
+
+def _dequantize_node(
+    graph: ir.Graph,
+    taken: set[str],
+    base: str,
+    q_value: ir.Value,
+    scale: ir.Value,
+    zero_point: ir.Value,
+    like: ir.Value,
+    axis: int | None = None,
+) -> ir.Node:
+    """Append ``DequantizeLinear(q_value, scale, zero_point)`` producing a float tensor shaped like ``like``."""
+    node = ir.node(
+        "DequantizeLinear",
+        [q_value, scale, zero_point],
+        attributes={"axis": axis} if axis is not None else {},
+        name=unique_name(graph, f"{base}_DequantizeLinear", taken),
+    )
+    out = node.outputs[0]
+    out.name = unique_name(graph, f"{base}_dq", taken)
+    out.dtype = ir.DataType.FLOAT
+    out.shape = like.shape
+    graph.append(node)
+    return node
+
+
+def _source_name(value: ir.Value, dq_of: Mapping[str, ir.Value]) -> str | None:
+    """The float tensor a DQ output stands for (or the value's own name)."""
+    for name, dq in dq_of.items():
+        if dq is value:
+            return name
+    return value.name

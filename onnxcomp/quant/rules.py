@@ -1,0 +1,105 @@
+"""Where Q/DQ goes: a declarative table of how each op is quantized, matched to onnxruntime's fusions.
+
+onnxruntime's CPU provider turns a *node unit* (DequantizeLinear on every quantized input, the op,
+QuantizeLinear on its output) into one int8 kernel: Conv -> QLinearConv, MatMul -> QLinearMatMul
+(or MatMulIntegerToFloat when the output stays float), Gemm -> QGemm, Add/Mul -> QLinearAdd/Mul,
+Concat -> QLinearConcat, GlobalAveragePool/AveragePool -> QLinearGlobalAveragePool/AveragePool.
+Data-movement ops (Reshape, Transpose, MaxPool, ...) run on int8 directly when the Q after them
+has the same scale and zero point as the DQ before them; so their output *shares* their input's
+quantization parameters instead of getting its own range. Relu and Clip(0, x) after a quantized
+producer are *folded*: removed, their output range used for the producer's output Q, whose zero
+point saturates negative values exactly as Relu does (asymmetric ranges only).
+
+Each row is a :class:`QuantRule` keyed by (domain, op type, opset range) in :data:`QUANT_RULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from onnxcomp.ops import OpTable
+
+__all__ = ["QuantRule", "QUANT_RULES", "SENSITIVE_CONSUMERS", "INT8_KERNELS", "FLOAT_COMPUTE"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """How one op is quantized.
+
+    Attributes:
+        kind: ``compute`` (own output range; fused into an int8 kernel), ``shared`` (data movement:
+            output shares the input's parameters), ``fold`` (Relu/Clip folded into the producer).
+        activations: input indices quantized as activations; ``None`` means every input.
+        weight: index of the weight input (a constant, quantized offline per channel).
+        weight_axis: its per-channel axis, an int or a function of the node.
+        bias: index of the bias input (int32, scale = input scale x weight scale).
+        weight_may_be_activation: the weight input may be a computed tensor (MatMul of two
+            activations, as in attention); it is then quantized as an activation.
+        float_output_ok: the op still runs an int8 kernel when its output is left in float
+            (MatMul/Gemm -> MatMulIntegerToFloat), so it can be quantized when its output cannot;
+            its output is then quantized only when an int8 node consumes it.
+        int8_inputs_only: quantize the op only when every input comes from an int8 node (through
+            data movement and folded activations). An int8 Add or Mul pays off between int8
+            convolutions (a residual connection); elsewhere it only adds Q/DQ work, and a bias
+            Add after a MatMul is better fused by onnxruntime into MatMulIntegerToFloat.
+    """
+
+    kind: str
+    activations: tuple[int, ...] | None = (0,)
+    weight: int | None = None
+    weight_axis: int | Callable[[ir.Node], int] | None = None
+    bias: int | None = None
+    weight_may_be_activation: bool = False
+    float_output_ok: bool = False
+    int8_inputs_only: bool = False
+
+    def resolve_weight_axis(self, node: ir.Node) -> int | None:
+        if self.weight_axis is None or isinstance(self.weight_axis, int):
+            return self.weight_axis
+        return self.weight_axis(node)
+
+
+def _gemm_weight_axis(node: ir.Node) -> int:
+    trans_b = node.attributes.get("transB")
+    return 0 if trans_b is not None and trans_b.as_int() else 1
+
+
+QUANT_RULES: OpTable[QuantRule] = OpTable("quantization placement")
+QUANT_RULES.register("Conv", QuantRule("compute", (0,), weight=1, weight_axis=0, bias=2), since=10)
+QUANT_RULES.register(
+    "MatMul",
+    QuantRule("compute", (0,), weight=1, weight_axis=-1, weight_may_be_activation=True, float_output_ok=True),
+    since=9,
+)
+QUANT_RULES.register(
+    "Gemm", QuantRule("compute", (0,), weight=1, weight_axis=_gemm_weight_axis, bias=2, float_output_ok=True), since=11
+)
+QUANT_RULES.register(("Add", "Mul"), QuantRule("compute", (0, 1), int8_inputs_only=True), since=7)
+QUANT_RULES.register("Concat", QuantRule("compute", None), since=4)
+QUANT_RULES.register(("GlobalAveragePool", "AveragePool"), QuantRule("compute", (0,)), since=1)
+QUANT_RULES.register(
+    ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice",
+     "Gather", "Identity", "SpaceToDepth", "DepthToSpace", "Split"),
+    QuantRule("shared", (0,)),
+    since=1,
+)
+QUANT_RULES.register(("Relu", "Clip"), QuantRule("fold", (0,)), since=1)
+
+#: Consumers before which a tensor stays float: quantizing their input costs accuracy out of
+#: proportion (exponentials, normalization statistics).
+SENSITIVE_CONSUMERS = frozenset({"Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div",
+                                 "LayerNormalization", "ReduceMean", "Erf"})
+
+#: Op types of onnxruntime's optimized graph that run in int8 (the proof that fusion happened).
+INT8_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearConcat",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QAttention", "MatMulNBits", "QLinearConvTranspose", "NhwcQLinearConv",
+})
+
+#: Float compute op types left in onnxruntime's optimized graph (what was not quantized or fused).
+FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm"})

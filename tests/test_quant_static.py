@@ -1,0 +1,211 @@
+"""Static quantization: placement, fusion in onnxruntime, exclusions, opsets, control flow, accuracy."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import MODELS, make_proto
+
+from onnxcomp import io
+from onnxcomp.cli import main
+from onnxcomp.data import Dataset
+from onnxcomp.errors import ConfigError, OpsetError
+from onnxcomp.measure.fidelity import compare_models
+from onnxcomp.quant.api import quantize
+from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.testing import run_model
+
+
+def _cnn_proto(rng, opset=17):
+    """Conv-Relu, Conv-Relu, residual Add, MaxPool, Conv, GAP, Flatten, Gemm."""
+    c = 8
+    inits = [
+        ("w0", rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.3),
+        ("b0", rng.standard_normal(c).astype(np.float32) * 0.1),
+        ("w1", rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.2),
+        ("b1", rng.standard_normal(c).astype(np.float32) * 0.1),
+        ("w2", rng.standard_normal((16, c, 1, 1)).astype(np.float32) * 0.3),
+        ("b2", rng.standard_normal(16).astype(np.float32) * 0.1),
+        ("wg", rng.standard_normal((10, 16)).astype(np.float32) * 0.3),
+        ("bg", rng.standard_normal(10).astype(np.float32) * 0.1),
+    ]
+    nodes = [
+        oh.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+        oh.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        oh.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        oh.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        oh.make_node("Add", ["r0", "r1"], ["a"], name="add"),
+        oh.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        oh.make_node("Conv", ["p", "w2", "b2"], ["c2"], name="conv2"),
+        oh.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+        oh.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        oh.make_node("Gemm", ["f", "wg", "bg"], ["y"], transB=1, name="fc"),
+    ]
+    return make_proto(nodes, [("x", ["N", 3, 16, 16])], [("y", ["N", 10])], inits, opset=opset)
+
+
+def _calib(rng, n=32):
+    return [{"x": rng.random((1, 3, 16, 16), dtype=np.float32)} for _ in range(n)]
+
+
+def _ops(model):
+    return collections.Counter(n.op_type for n in model.graph.all_nodes())
+
+
+def test_placement_and_fusion(rng):
+    proto = _cnn_proto(rng)
+    quantized, report = quantize(proto, _calib(rng))
+    ops = _ops(quantized)
+    assert report["int8_nodes"] == 6  # 3 Conv, Add, GAP, Gemm
+    assert report["folded_activations"] == 2
+    assert ops["Relu"] == 0 and ops["Conv"] == 3
+    assert ops["DequantizeLinear"] > 0 and ops["QuantizeLinear"] > 0
+    assert report["quantized_weights"] == 4 and report["quantized_biases"] == 4
+    ort = report["onnxruntime"]
+    assert ort["int8_by_op"].get("QLinearConv") == 3
+    assert ort["int8_by_op"].get("QLinearAdd") == 1
+    assert ort["int8_by_op"].get("QLinearGlobalAveragePool") == 1
+    assert ort["int8_by_op"].get("QGemm") == 1
+    assert ort["float_compute"] == 0
+    # weights are stored as int8
+    int8_inits = [v for v in quantized.graph.initializers.values() if v.dtype == onnx.TensorProto.INT8]
+    assert len(int8_inits) >= 4
+
+
+def test_fidelity_floor_per_configuration(rng):
+    proto = _cnn_proto(rng)
+    reference = io.load_model(proto)
+    calib = _calib(rng, 48)
+    held_out = [{"x": rng.random((4, 3, 16, 16), dtype=np.float32)} for _ in range(8)]
+    floors = {"minmax": 28.0, "percentile": 28.0, "entropy": 20.0, "mse": 28.0}
+    for act in ("uint8", "int8"):
+        for method, floor in floors.items():
+            cfg = QuantizeConfig(activation_type=act, calibration=method)
+            quantized, _ = quantize(proto, calib, cfg)
+            cmp = compare_models(reference, quantized, Dataset(held_out, reference))
+            sqnr = cmp.outputs[0].sqnr_db
+            assert sqnr >= floor, f"{act}/{method}: SQNR {sqnr:.1f} dB below {floor}"
+
+
+def test_input_model_untouched_and_dynamic_batch(rng):
+    proto = _cnn_proto(rng)
+    model = io.load_model(proto)
+    before = io.model_to_bytes(model)
+    quantized, _ = quantize(model, _calib(rng, 8))
+    assert io.model_to_bytes(model) == before
+    for batch in (1, 7):
+        (out,) = run_model(quantized, [{"x": rng.random((batch, 3, 16, 16), dtype=np.float32)}])[0]
+        assert out.shape == (batch, 10)
+
+
+def test_excluded_nodes_stay_float(rng):
+    proto = _cnn_proto(rng)
+    for exclude in (("conv1",), ("re:^conv1$",)):
+        quantized, report = quantize(proto, _calib(rng, 8), QuantizeConfig(exclude=exclude))
+        conv1 = next(n for n in quantized.graph if n.name == "conv1")
+        assert conv1.inputs[1].name == "w1" and conv1.inputs[1].const_value is not None
+        assert conv1.inputs[1].const_value.dtype == onnx.TensorProto.FLOAT
+        assert report["skipped"]["conv1"] == "excluded by the selection"
+        assert report["onnxruntime"]["int8_by_op"]["QLinearConv"] == 2
+    _, report = quantize(proto, _calib(rng, 8), QuantizeConfig(op_types=("Conv",)))
+    assert set(report["onnxruntime"]["int8_by_op"]) == {"QLinearConv"}
+
+
+def test_old_opset_is_upgraded_or_refused(rng):
+    proto = _cnn_proto(rng, opset=12)
+    quantized, report = quantize(proto, _calib(rng, 8))
+    assert any("opset 12 to 13" in note for note in report["notes"])
+    assert io.onnx_opset(quantized) >= 13
+    assert report["onnxruntime"]["int8_by_op"]["QLinearConv"] == 3
+    with pytest.raises(OpsetError, match="opset 12"):
+        quantize(proto, _calib(rng, 8), allow_upgrade=False)
+
+
+def test_model_with_if_keeps_branches_working(rng):
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    then_g = oh.make_graph([oh.make_node("Relu", ["m"], ["t_out"])], "then", [], [oh.make_tensor_value_info("t_out", 1, None)])
+    else_g = oh.make_graph([oh.make_node("Neg", ["m"], ["e_out"])], "else", [], [oh.make_tensor_value_info("e_out", 1, None)])
+    proto = make_proto(
+        [
+            oh.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+            oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            oh.make_node("Greater", ["s", "zero"], ["cond"]),
+            oh.make_node("If", ["cond"], ["branch"], then_branch=then_g, else_branch=else_g),
+            oh.make_node("MatMul", ["branch", "w"], ["y"], name="mm2"),
+        ],
+        [("x", [1, 4])],
+        [("y", [1, 4])],
+        [("w", w), ("zero", np.zeros((), np.float32))],
+    )
+    reference = io.load_model(proto)
+    feeds = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(16)]
+    quantized, report = quantize(proto, feeds)
+    assert _ops(quantized)["If"] == 1
+    cmp = compare_models(reference, quantized, Dataset(feeds, reference))
+    assert cmp.outputs[0].sqnr_db > 25
+
+
+def test_mixed_range_concat_stays_float(rng):
+    """Boxes in 0..320 and scores in 0..1 concatenated: one scale would erase the scores."""
+    proto = make_proto(
+        [
+            oh.make_node("Conv", ["x", "wb"], ["boxes_raw"], name="box_conv"),
+            oh.make_node("Mul", ["boxes_raw", "k"], ["boxes"], name="scale_boxes"),
+            oh.make_node("Conv", ["x", "ws"], ["logit"], name="score_conv"),
+            oh.make_node("Sigmoid", ["logit"], ["scores"]),
+            oh.make_node("Concat", ["boxes", "scores"], ["det"], axis=1, name="concat"),
+            oh.make_node("Transpose", ["det"], ["y"], perm=[0, 2, 3, 1]),
+        ],
+        [("x", [1, 8, 8, 8])],
+        [("y", [1, 8, 8, 6])],
+        [("wb", rng.standard_normal((4, 8, 1, 1)).astype(np.float32)),
+         ("ws", rng.standard_normal((2, 8, 1, 1)).astype(np.float32)),
+         ("k", np.array(100.0, np.float32))],
+    )
+    reference = io.load_model(proto)
+    feeds = [{"x": rng.random((1, 8, 8, 8), dtype=np.float32)} for _ in range(16)]
+    quantized, report = quantize(proto, feeds, QuantizeConfig(quantize_outputs=True))
+    assert "concat" in report["skipped"] and "ranges differ" in report["skipped"]["concat"]
+    cmp = compare_models(reference, quantized, Dataset(feeds, reference), channel_axis=3)
+    worst = cmp.outputs[0].worst_channel
+    assert worst is not None and worst[1] > 20, f"score channels must survive, worst {worst}"
+
+
+def test_shipped_models_accuracy():
+    labels = np.load(MODELS / "digits_eval_labels.npy")
+    for name, max_drop in (("digits_cnn.onnx", 0.005), ("digits_transformer.onnx", 0.01), ("digits_mlp.onnx", 0.01)):
+        reference = io.load_model(MODELS / name)
+        quantized, report = quantize(reference, MODELS / "digits_calib.npz")
+        assert report["onnxruntime"]["float_compute"] == 0, report["onnxruntime"]
+        cmp = compare_models(reference, quantized, Dataset(MODELS / "digits_eval.npz", reference, batch_size=90),
+                             labels=labels)
+        drop = cmp.accuracy["reference"] - cmp.accuracy["candidate"]
+        assert drop <= max_drop, f"{name}: accuracy dropped {100 * drop:.2f} points"
+
+
+def test_cli_quantize(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    argv = ["quantize", str(MODELS / "digits_cnn.onnx"), "-o", str(out),
+            "--calibration", str(MODELS / "digits_calib.npz"), "--max-samples", "32", "--json"]
+    assert main(argv) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert out.exists() and report["output"]["bytes"] < report["input"]["bytes"]
+    assert report["onnxruntime"]["int8_by_op"]["QLinearConv"] == 8
+    assert main(["quantize", str(MODELS / "digits_cnn.onnx"), "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "needs --calibration" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="percentile"):
+        QuantizeConfig(percentile=0)
+    with pytest.raises(ConfigError, match="not a valid regex"):
+        QuantizeConfig(exclude=("re:(",))
+    with pytest.raises(ConfigError, match="calibration"):
+        QuantizeConfig.from_dict({"calibration": "kl"})
