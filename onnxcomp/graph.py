@@ -10,12 +10,13 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 
-from onnxcomp.errors import OnnxcompError
-from onnxcomp.io import clone_model
+from onnxcomp.errors import OnnxcompError, OpsetError
+from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
 
 __all__ = [
+    "working_copy",
     "FLOAT_TYPES",
     "infer_types",
     "with_outputs",
@@ -107,3 +108,23 @@ def iter_consumers(value: ir.Value) -> Iterable[tuple[ir.Node, int]]:
     """(node, input index) for each use of ``value``."""
     for use in value.uses():
         yield use.node, use.idx
+
+
+def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, notes: list[str]) -> ir.Model:
+    """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed, noted).
+
+    Nodes and values without names get unique ones (onnx_ir's NameFixPass): passes and reports
+    refer to nodes by name.
+    """
+    work = clone_model(load_model(model))
+    opset = onnx_opset(work)
+    if opset < min_opset:
+        if not allow_upgrade:
+            raise OpsetError(
+                f"the model uses opset {opset}; this needs opset {min_opset} or newer. "
+                "Allow the upgrade or convert the model first"
+            )
+        work = upgrade_opset(work, min_opset)
+        notes.append(f"upgraded the model from opset {opset} to {min_opset} (onnx.version_converter)")
+    NameFixPass()(work)
+    return work

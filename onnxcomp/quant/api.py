@@ -15,9 +15,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from onnxcomp.data import DataSource, Dataset, load_data
-from onnxcomp.errors import ConfigError, OpsetError
-from onnxcomp.graph import infer_types
-from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
+from onnxcomp.errors import ConfigError
+from onnxcomp.graph import infer_types, working_copy
+from onnxcomp.io import ModelSource
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.calibrate import calibrate
 from onnxcomp.quant.config import QuantizeConfig
@@ -38,21 +38,6 @@ def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
     if config.calibration == "mse":
         return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
     return {}
-
-
-def prepare(model: ModelSource, min_opset: int, *, allow_upgrade: bool, notes: list[str]) -> ir.Model:
-    """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed)."""
-    work = clone_model(load_model(model))
-    opset = onnx_opset(work)
-    if opset < min_opset:
-        if not allow_upgrade:
-            raise OpsetError(
-                f"the model uses opset {opset}; quantization needs opset {min_opset} or newer "
-                "(per-axis DequantizeLinear). Allow the upgrade or convert the model first"
-            )
-        work = upgrade_opset(work, min_opset)
-        notes.append(f"upgraded the model from opset {opset} to {min_opset} (onnx.version_converter)")
-    return work
 
 
 def quantize(
@@ -85,7 +70,7 @@ def quantize(
     if config.mode == "static":
         if calibration is None:
             raise ConfigError("static quantization needs calibration data (--calibration FILE)")
-        work = prepare(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
+        work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
         cleanup = CleanupPass()(work) if config.cleanup else None
         TopologicalSortPass()(work)
         infer_types(work)
