@@ -187,7 +187,7 @@ def _load_commands() -> None:
     """Import the modules that register further commands (kept lazy for a fast --help)."""
     import importlib
 
-    for module in ("onnxcomp.measure.cli", "onnxcomp.quant.cli"):
+    for module in ("onnxcomp.measure.cli", "onnxcomp.quant.cli", "onnxcomp.cluster.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

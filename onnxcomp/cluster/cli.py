@@ -1,0 +1,91 @@
+"""``onnxcomp cluster``: k-means weight sharing, stored as snapped floats or as a codebook."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from onnxcomp.cli import add_output_flags, console, print_json, register
+
+__all__: list[str] = []
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
+    size.add_argument("--clusters", type=int, help="number of clusters K")
+    p.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
+    p.add_argument("--format", choices=("float", "codebook"), default="float",
+                   help="float: snapped weights, same graph; codebook: labels + codebook rebuilt by Gather")
+    p.add_argument("--init", choices=("kmeans++", "linear", "density"), default="kmeans++")
+    p.add_argument("--preserve-zeros", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--min-elements", type=int, default=1024, help="leave smaller tensors alone (default 1024)")
+    p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
+    p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading to opset 21 (4-bit codebook)")
+    add_output_flags(p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from onnxcomp.cluster.api import cluster, session_creation_seconds
+    from onnxcomp.cluster.passes import ClusterConfig
+    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.measure.cli import _progress
+    from onnxcomp.quant.cli import _file_bytes, _fmt
+
+    con = console(args)
+    config = ClusterConfig(
+        bits=args.bits, clusters=args.clusters, per_channel=args.per_channel, init=args.init,
+        preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
+        format=args.format, seed=args.seed,
+    )
+    model = load_model(args.model)
+    check_target(model, args.output)
+    with _progress(con, "cluster", None) as progress:
+        task = progress.add_task("clustering", total=None)
+        clustered, report = cluster(
+            model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    out = save_model(clustered, args.output)
+    report["input"] = {"path": args.model, "bytes": _file_bytes(args.model),
+                       "session_creation_s": session_creation_seconds(model)}
+    report["output"] = {"path": str(out), "bytes": _file_bytes(out),
+                        "session_creation_s": session_creation_seconds(clustered)}
+    if args.json:
+        print_json(report)
+        return 0
+    from rich.table import Table
+
+    for note in report["notes"]:
+        con.print(f"[yellow]note:[/yellow] {note}")
+    table = Table(title=f"{config.k} clusters, {args.format} format"
+                        f"{', per channel' if args.per_channel else ''}", title_justify="left")
+    for col in ("tensor", "shape", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
+        table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
+    for name, t in report["tensors"].items():
+        table.add_row(name, "x".join(map(str, t["shape"])), str(t["distinct_values"]), f"{t['relative_mse']:.2e}",
+                      _fmt(t["bytes_before"]), _fmt(t["bytes_after"]), _fmt(t["zlib_bytes_after"]),
+                      _fmt(t["entropy_bytes"]))
+    con.print(table)
+    tot = report["totals"]
+    if tot["bytes_before"]:
+        con.print(
+            f"clustered weights: {_fmt(tot['bytes_before'])} -> {_fmt(tot['bytes_after'])} stored, "
+            f"{_fmt(tot['zlib_bytes_after'])} zipped, {_fmt(tot['entropy_bytes'])} with entropy coding "
+            f"({tot['bytes_before'] / max(tot['entropy_bytes'], 1):.1f}x)"
+        )
+    con.print(
+        f"file: {_fmt(report['input']['bytes'])} -> {_fmt(report['output']['bytes'])} "
+        f"({report['output']['bytes'] / report['input']['bytes']:.2f}x); session creation "
+        f"{report['input']['session_creation_s'] * 1e3:.1f} ms -> {report['output']['session_creation_s'] * 1e3:.1f} ms"
+    )
+    if report["skipped"]:
+        con.print(f"left alone: {len(report['skipped'])} tensor(s) (--json lists why)")
+    return 0
+
+
+register("cluster", "k-means weight sharing (Deep Compression style), float or codebook storage", _configure, _run)
