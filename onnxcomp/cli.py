@@ -151,6 +151,100 @@ def _fmt_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# compress
+
+
+def _configure_compress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", nargs="?")
+    p.add_argument("-o", "--output", metavar="OUT", help="where to write the compressed model")
+    p.add_argument("--recipe", default="int8", help="shipped recipe name or TOML file (default: int8)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a recipe setting, e.g. quantize.calibration=percentile (repeatable)")
+    p.add_argument("--calibration", metavar="FILE", help="calibration data (.npz file or folder)")
+    p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity report")
+    p.add_argument("--labels", metavar="FILE.npy", help="integer labels of the evaluation data")
+    p.add_argument("--batch-size", type=int, help="samples per feed (dynamic batch dimension)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
+                   help="input shape for generated latency inputs when no data is given")
+    p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
+    p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
+    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    add_output_flags(p)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from onnxcomp.compress import compress, needs_calibration
+    from onnxcomp.data import Dataset, load_labels, model_inputs
+    from onnxcomp.errors import ConfigError
+    from onnxcomp.io import check_target, load_model, save_model, write_text_atomic
+    from onnxcomp.measure.cli import _progress, parse_shapes, synthetic_feed
+    from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
+    from onnxcomp.report import render_html, render_terminal
+
+    con = console(args)
+    if args.list_recipes:
+        recipes = shipped_recipes()
+        if args.json:
+            print_json(recipes)
+        else:
+            for name, description in recipes.items():
+                con.print(f"[bold]{name}[/bold]: {description}")
+        return 0
+    if not args.model or not args.output:
+        raise ConfigError("compress needs MODEL and -o OUT")
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
+    model = load_model(args.model)
+    check_target(model, args.output)
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise ConfigError(f"--report {args.report}: folder does not exist")
+    calibration = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    labels = load_labels(args.labels) if args.labels else None
+    if labels is not None and evaluation is None:
+        raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    if needs_calibration(recipe) and calibration is None:
+        raise ConfigError(f"recipe {recipe.name!r} quantizes statically and needs calibration data (--calibration)")
+    latency_feeds = None
+    if calibration is None and evaluation is None and "measure" in recipe.stages:
+        shapes = parse_shapes(args.shape)
+        latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
+    with _progress(con, "compress", None) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        compressed, report = compress(
+            model, recipe, calibration, eval_data=evaluation, labels=labels,
+            allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
+        )
+    out = save_model(compressed, args.output)
+    report["model"] = args.model
+    report["output"] = str(out)
+    if args.report:
+        write_text_atomic(args.report, render_html(report))
+        report["report"] = args.report
+    if args.json:
+        print_json(report)
+        return 0
+    render_terminal(con, report)
+    con.print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+register(
+    "compress",
+    "compress a model with a recipe (cleanup, prune, cluster, quantize, verify, measure) and report",
+    _configure_compress,
+    _run_compress,
+)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,9 @@ __all__ = [
     "create_session",
     "upgrade_opset",
     "ort_optimized_model",
+    "check_model",
     "check_target",
+    "write_text_atomic",
     "onnx_opset",
     "initializer_nbytes",
     "external_data_files",
@@ -65,6 +67,7 @@ ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
 PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 
 _SOURCE_KEY = "onnxcomp.source_path"
+_EXTERNAL_KEY = "onnxcomp.source_external_data"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -120,6 +123,8 @@ def _load_path(path: Path, *, check: bool) -> ir.Model:
         ) from None
     model = _from_proto(proto, str(path), base_dir=path.parent, check=check)
     model.meta[_SOURCE_KEY] = str(path.resolve())
+    if external_data_files(model):
+        model.meta[_EXTERNAL_KEY] = True
     return model
 
 
@@ -214,7 +219,7 @@ def clone_model(model: ir.Model) -> ir.Model:
     tensors and never write into an existing tensor.
     """
     clone = model.clone()
-    for key in (_SOURCE_KEY,):
+    for key in (_SOURCE_KEY, _EXTERNAL_KEY):
         if key in model.meta:
             clone.meta[key] = model.meta[key]
     return clone
@@ -302,6 +307,19 @@ def create_session(
             raise ModelLoadError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
 
 
+def check_model(model: ir.Model) -> None:
+    """Run ``onnx.checker`` on ``model`` (through a temporary file when over 2 GB).
+
+    Raises:
+        ModelLoadError: the checker's first complaint.
+    """
+    try:
+        with session_source(model) as src:
+            onnx.checker.check_model(src if isinstance(src, str) else onnx.load_model_from_string(src))
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"the model fails onnx.checker: {_first_line(exc)}") from None
+
+
 def ort_optimized_model(model: ir.Model, *, sess_options=None) -> ir.Model:
     """The graph onnxruntime actually runs: ``model`` after its graph optimizations.
 
@@ -368,7 +386,8 @@ def save_model(
         path: target ``.onnx`` file. Its folder must exist and be writable.
         external_data: ``True`` writes tensors over ``size_threshold_bytes`` to ``<name>.data`` next
             to the model; ``False`` keeps them inside the file (refused over 2 GB); ``None`` (default)
-            uses external data when the source model had it or when it is needed for size.
+            uses external data when the model was loaded from a file with external data (even if
+            every tensor has since been rewritten) or when it is needed for size.
         size_threshold_bytes: smallest tensor moved to external data.
 
     Raises:
@@ -376,11 +395,11 @@ def save_model(
             is the source model or one of its external-data files, or the model needs external
             data but ``external_data=False`` was given.
     """
-    target, folder, protected, src = _check_target(model, path)
+    target, folder, _, _ = _check_target(model, path)
     data_name = target.name + ".data"
     too_big = initializer_nbytes(model) > PROTOBUF_LIMIT
     if external_data is None:
-        external_data = too_big or bool(protected - ({str(src)} if src else set()))
+        external_data = too_big or bool(model.meta.get(_EXTERNAL_KEY)) or bool(external_data_files(model))
     if not external_data and too_big:
         raise ModelSaveError(
             f"{target}: model is over the 2 GB protobuf limit and must be saved with external data"
@@ -412,6 +431,27 @@ def save_model(
     return target
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (a report) atomically: temporary file in the same folder, then rename."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{target}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxcomp-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     """A new model converted to default-domain opset ``target`` with ``onnx.version_converter``.
 
@@ -432,6 +472,8 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     if src is not None:
         ir_external_data.set_base_dir(result.graph, str(src.parent))
         result.meta[_SOURCE_KEY] = str(src)
+    if model.meta.get(_EXTERNAL_KEY):
+        result.meta[_EXTERNAL_KEY] = True
     return result
 
 

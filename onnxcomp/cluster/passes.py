@@ -281,7 +281,13 @@ def _tensor_stats(
         np.uint8 if k <= 256 else np.uint16)
     codebook_bytes = int(np.asarray(centroids, np.float32).nbytes)
     huffman = huffman_bits_per_symbol(counts[counts > 0])
+    edges = np.linspace(float(w.min()), float(w.max()), 65) if w.max() > w.min() else np.array([w.min() - 0.5, w.min() + 0.5])
     return {
+        "histogram": {
+            "edges": edges.tolist(),
+            "before": np.histogram(w, bins=edges)[0].tolist(),
+            "after": np.histogram(snapped, bins=edges)[0].tolist(),
+        },
         "shape": list(w.shape),
         "elements": int(w.size),
         "distinct_values": int(np.unique(snapped).size),

@@ -104,7 +104,7 @@ def synthetic_feed(
                     label = f"{dim!r}" if dim else "?"
                     raise DataError(
                         f"input {spec.name!r} has dynamic dimension {label} (axis {axis}) in "
-                        f"{spec.describe_shape()}; give --shape {spec.name}=D0xD1x... or --data FILE"
+                        f"{spec.describe_shape()}; give --shape {spec.name}=D0xD1x... or input data"
                     )
             shape = tuple(int(d) for d in spec.shape)  # type: ignore[arg-type]
         if spec.dtype.kind == "f":
@@ -196,6 +196,7 @@ def bench_models(
             "session_creation_s": res.session_creation_s,
             "peak_memory_bytes": res.peak_rss_delta_bytes,
             "memory_method": res.memory_method,
+            "times_ms": [t * 1e3 for t in res.times],
             "parameter_bytes": initializer_nbytes(model),
         })
     return rows

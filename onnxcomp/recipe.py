@@ -1,0 +1,198 @@
+"""Recipes: which compression stages run, in a fixed order, with which settings (TOML).
+
+A recipe is a TOML document with optional ``name`` and ``description`` and one table per stage::
+
+    name = "int8"
+    description = "static int8, min/max ranges"
+    [cleanup]
+    [quantize]
+    calibration = "minmax"
+    [verify]
+    [measure]
+    runs = 100
+
+Stages always run in the order of :data:`STAGES` whatever the order in the file: cleanup, prune,
+cluster, quantize, verify, measure. Each table is validated by the stage's frozen config class
+before any work starts; errors name the recipe, the stage, the key and the expected type.
+Recipes shipped with onnxcomp are found by name (``int8``, ``int8-accurate``, ...); anything else
+is read as a file path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from onnxcomp.cluster.passes import ClusterConfig
+from onnxcomp.errors import ConfigError
+from onnxcomp.passes.base import PassConfig
+from onnxcomp.passes.cleanup import CleanupConfig
+from onnxcomp.quant.config import QuantizeConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["STAGES", "MeasureConfig", "VerifyConfig", "Recipe", "load_recipe", "shipped_recipes", "parse_override"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig(PassConfig):
+    """Checks on the compressed model: ``onnx.checker``, onnxruntime loads it, outputs unchanged.
+
+    Attributes:
+        check_outputs: the output names, dtypes and fixed dimensions must equal the input model's.
+    """
+
+    check_outputs: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig(PassConfig):
+    """Before/after measurement.
+
+    Attributes:
+        latency: measure latency (interleaved, onnxruntime CPU).
+        runs / warmup_runs / warmup_seconds / time_budget: latency settings (see ``onnxcomp bench``).
+        threads: intra-op threads (None: physical cores).
+        per_layer: rank shared intermediate tensors by SQNR in the fidelity report.
+        max_feeds: evaluate fidelity on at most this many feeds (None: all).
+    """
+
+    latency: bool = True
+    runs: int = 50
+    warmup_runs: int = 10
+    warmup_seconds: float = 0.5
+    time_budget: float | None = None
+    threads: int | None = None
+    per_layer: bool = True
+    max_feeds: int | None = None
+
+    def validate(self) -> None:
+        if self.runs < 1:
+            raise ConfigError(f"measure: runs must be >= 1, got {self.runs}")
+        if self.warmup_runs < 0 or self.warmup_seconds < 0:
+            raise ConfigError("measure: warmup_runs and warmup_seconds must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"measure: threads must be >= 1, got {self.threads}")
+        if self.max_feeds is not None and self.max_feeds < 1:
+            raise ConfigError(f"measure: max_feeds must be >= 1, got {self.max_feeds}")
+
+
+#: Stage name -> config class, in execution order.
+STAGES: dict[str, type[PassConfig]] = {
+    "cleanup": CleanupConfig,
+    "cluster": ClusterConfig,
+    "quantize": QuantizeConfig,
+    "verify": VerifyConfig,
+    "measure": MeasureConfig,
+}
+
+try:  # pruning registers its stage when the module exists
+    from onnxcomp.prune.config import PruneConfig
+
+    STAGES = {"cleanup": CleanupConfig, "prune": PruneConfig, **{k: v for k, v in STAGES.items() if k != "cleanup"}}
+except ImportError:  # pragma: no cover
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: its name, description and the configs of the stages it runs."""
+
+    name: str
+    description: str
+    stages: dict[str, PassConfig]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "recipe") -> Recipe:
+        name = data.get("name", where)
+        description = data.get("description", "")
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise ConfigError(f"{where}: 'name' and 'description' must be strings")
+        stages: dict[str, PassConfig] = {}
+        for key, value in data.items():
+            if key in ("name", "description"):
+                continue
+            if key not in STAGES:
+                raise ConfigError(
+                    f"{where}: unknown stage {key!r}; stages are {', '.join(STAGES)} "
+                    "(plus top-level 'name' and 'description')"
+                )
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: stage {key!r} must be a table ([{key}]), got {type(value).__name__}")
+        for stage, config_class in STAGES.items():
+            if stage in data:
+                stages[stage] = config_class.from_dict(data[stage], where=f"{where}: stage {stage!r}")
+        if not stages:
+            raise ConfigError(f"{where}: no stage; a recipe needs at least one of {', '.join(STAGES)}")
+        return cls(name=name, description=description, stages=stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description,
+                **{stage: cfg.to_dict() for stage, cfg in self.stages.items()}}
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
+        """A copy with ``{"stage.key": value}`` overrides applied (a new stage table if needed)."""
+        data: dict[str, Any] = {"name": self.name, "description": self.description}
+        for stage, cfg in self.stages.items():
+            data[stage] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        for dotted, value in overrides.items():
+            stage, _, key = dotted.partition(".")
+            if not key:
+                raise ConfigError(f"override {dotted!r}: expected STAGE.KEY=VALUE")
+            data.setdefault(stage, {})[key] = value
+        return Recipe.from_dict(data, where=f"recipe {self.name!r} with overrides")
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Names of the recipes that come with onnxcomp -> their descriptions."""
+    found = {}
+    for entry in sorted(resources.files("onnxcomp.recipes").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text(encoding="utf-8"))
+            found[entry.name[:-5]] = data.get("description", "")
+    return found
+
+
+def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
+    """A recipe from a mapping, a TOML file path, or the name of a shipped recipe."""
+    if isinstance(source, Mapping):
+        return Recipe.from_dict(source)
+    path = Path(source)
+    if path.is_file():
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        shipped = resources.files("onnxcomp.recipes") / f"{source}.toml"
+        if not shipped.is_file():
+            raise ConfigError(
+                f"recipe {str(source)!r}: no such file and no shipped recipe of that name; "
+                f"shipped recipes: {', '.join(shipped_recipes())}"
+            )
+        text, where = shipped.read_text(encoding="utf-8"), f"recipe {source!r}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    return Recipe.from_dict(data, where=where)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"quantize.calibration=percentile"`` -> ``("quantize.calibration", "percentile")``.
+
+    The value is read as a TOML value (numbers, booleans, arrays, quoted strings); anything that is
+    not valid TOML is taken as a plain string.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. quantize.calibration=percentile")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value

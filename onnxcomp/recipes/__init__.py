@@ -1,0 +1,1 @@
+"""Recipes shipped with onnxcomp (TOML files; see onnxcomp.recipe)."""

@@ -1,0 +1,273 @@
+"""Before/after report of ``onnxcomp compress``: terminal summary and a self-contained HTML page.
+
+The HTML page has no external resources (inline CSS, inline SVG plots drawn here, no scripts), so
+it opens offline and can be attached to a ticket: before/after table, per-stage changes, fidelity
+per output and per layer (worst first), latency distributions, and weight histograms before/after
+clustering.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+__all__ = ["render_terminal", "render_html", "summary_rows"]
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def _fmt_db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.2f}"
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(quantity, before, after, change) rows shared by the terminal and HTML views."""
+    before, after = report["before"], report["after"]
+    rows = [
+        ("file size", _fmt_bytes(before["bytes"]), _fmt_bytes(after["bytes"]),
+         f"{after['bytes'] / before['bytes']:.3f}x" if before["bytes"] else "-"),
+        ("parameters", f"{before['parameters']:,}", f"{after['parameters']:,}",
+         f"{after['parameters'] / before['parameters']:.3f}x" if before["parameters"] else "-"),
+        ("nodes", str(before["nodes"]), str(after["nodes"]), f"{after['nodes'] - before['nodes']:+d}"),
+    ]
+    measure = report.get("measure") or {}
+    latency = measure.get("latency")
+    if latency:
+        b, a = latency
+        lo, hi = a["ratio_ci95"]
+        rows.append(("latency median", f"{b['median_ms']:.3f} ms", f"{a['median_ms']:.3f} ms",
+                     f"{a['ratio_to_first']:.3f}x [{lo:.3f}, {hi:.3f}]"))
+        rows.append(("latency p90", f"{b['p90_ms']:.3f} ms", f"{a['p90_ms']:.3f} ms", "-"))
+    fidelity = measure.get("fidelity")
+    if fidelity:
+        acc = fidelity.get("accuracy") or {}
+        if acc:
+            rows.append(("accuracy", f"{100 * acc['reference']:.2f}%", f"{100 * acc['candidate']:.2f}%",
+                         f"{100 * (acc['candidate'] - acc['reference']):+.2f} points"))
+        for out in fidelity["outputs"]:
+            agree = out.get("top1_agreement")
+            extra = f", top-1 agreement {100 * agree:.2f}%" if agree is not None else ""
+            rows.append((f"output {out['name']}", "reference", f"SQNR {_fmt_db(out['sqnr_db'])} dB",
+                         f"cosine {out['cosine']:.5f}{extra}"))
+    return rows
+
+
+def render_terminal(console, report: dict[str, Any]) -> None:
+    """Print the summary with rich."""
+    from rich.table import Table
+
+    recipe = report["recipe"]
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    table = Table(title=f"recipe {recipe['name']}: before / after", title_justify="left")
+    for col in ("", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "" else "right")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    for stage in report["stages"]:
+        console.print(f"[bold]{stage['stage']}[/bold] ({stage['seconds']:.2f} s): {_stage_line(stage)}")
+    measure = report.get("measure") or {}
+    if measure.get("data"):
+        console.print(f"fidelity measured on {measure['data']}")
+    layers = (measure.get("fidelity") or {}).get("layers") or []
+    finite = [layer for layer in layers if not math.isinf(layer["sqnr_db"])]
+    if finite:
+        worst = ", ".join(f"{layer['name']} {_fmt_db(layer['sqnr_db'])} dB" for layer in finite[:3])
+        console.print(f"worst layers: {worst}")
+
+
+def _stage_line(stage: dict[str, Any]) -> str:
+    s = stage["stats"]
+    name = stage["stage"]
+    if name == "cleanup":
+        return f"{s['nodes_before']} -> {s['nodes_after']} nodes, {s['batchnorm_fused']} BatchNorm fused"
+    if name == "quantize":
+        ort = s.get("onnxruntime") or {}
+        parts = [f"mode {s.get('mode')}"]
+        if "int8_nodes" in s:
+            parts.append(f"{s['int8_nodes']} int8 nodes planned")
+        if ort:
+            parts.append(f"onnxruntime runs {ort['int8_kernels']} int8 kernels, {ort['float_compute']} float compute")
+        if s.get("skipped"):
+            parts.append(f"{len(s['skipped'])} left in float")
+        return ", ".join(parts)
+    if name == "cluster":
+        t = s["totals"]
+        return (f"{len(s['tensors'])} tensors, {s['clusters']} clusters, weights {_fmt_bytes(t['bytes_before'])} -> "
+                f"{_fmt_bytes(t['bytes_after'])} ({_fmt_bytes(t['entropy_bytes'])} entropy-coded)")
+    if name == "prune":
+        return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float, str)))[:300]
+    if name == "verify":
+        return ", ".join(f"{k}: {v}" for k, v in s.items())
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;max-width:1100px;color:#222}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;font-size:.9rem}
+th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.note{background:#fff7d6;padding:.4rem .6rem;border-left:4px solid #e0b000}
+svg text{font-size:11px;font-family:inherit}
+"""
+
+
+def _table(headers: list[str], rows: list[list[str]], numeric: frozenset[int] | None = None) -> str:
+    """An HTML table; columns in ``numeric`` (default: all but the first) are right-aligned."""
+    numeric = frozenset(range(1, len(headers))) if numeric is None else numeric
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(
+            f"<td class='n'>{html.escape(str(c))}</td>" if i in numeric else f"<td>{html.escape(str(c))}</td>"
+            for i, c in enumerate(row)
+        ) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _bar_chart(labels: list[str], values: list[float], title: str, unit: str, width: int = 900) -> str:
+    """Horizontal bars (one per label)."""
+    if not values:
+        return ""
+    bar_h, left = 16, 320
+    height = bar_h * len(values) + 40
+    finite = [v for v in values if math.isfinite(v)]
+    vmax = max(finite) if finite else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='{html.escape(title)}'>",
+             f"<text x='0' y='14' font-weight='bold'>{html.escape(title)}</text>"]
+    for i, (label, v) in enumerate(zip(labels, values)):
+        y = 24 + i * bar_h
+        shown = v if math.isfinite(v) else vmax
+        w = max(1.0, (width - left - 80) * max(shown, 0.0) / vmax)
+        color = "#c0392b" if math.isfinite(v) and v < 20 else ("#e67e22" if math.isfinite(v) and v < 30 else "#2e86c1")
+        parts.append(f"<text x='{left - 6}' y='{y + 12}' text-anchor='end'>{html.escape(label[-48:])}</text>")
+        parts.append(f"<rect x='{left}' y='{y + 2}' width='{w:.1f}' height='{bar_h - 4}' fill='{color}'/>")
+        parts.append(f"<text x='{left + w + 4:.1f}' y='{y + 12}'>{_fmt_db(v)} {unit}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _histograms(series: list[tuple[str, list[float], str]], edges: list[float], title: str,
+                width: int = 440, height: int = 180) -> str:
+    """Overlaid step histograms sharing bin ``edges``."""
+    top = max((max(v) for _, v, _ in series if v), default=1) or 1
+    x0, x1 = edges[0], edges[-1]
+    span = (x1 - x0) or 1.0
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 36}' role='img' aria-label='{html.escape(title)}'>",
+             f"<text x='0' y='14' font-weight='bold'>{html.escape(title[:60])}</text>"]
+    for k, (name, counts, color) in enumerate(series):
+        points = []
+        for i, c in enumerate(counts):
+            xa = (edges[i] - x0) / span * width
+            xb = (edges[i + 1] - x0) / span * width
+            y = 20 + height - (c / top) * height
+            points.append(f"{xa:.1f},{y:.1f} {xb:.1f},{y:.1f}")
+        parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{' '.join(points)}'/>")
+        parts.append(f"<text x='{width - 8}' y='{34 + 14 * k}' fill='{color}' text-anchor='end'>{html.escape(name)}</text>")
+    parts.append(f"<text x='0' y='{height + 34}'>{x0:.3g}</text><text x='{width - 40}' y='{height + 34}'>{x1:.3g}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _latency_plot(rows: list[dict[str, Any]]) -> str:
+    times = [t for r in rows for t in r.get("times_ms", [])]
+    if not times:
+        return ""
+    # Up to the slowest p99: a few scheduler hiccups would otherwise squeeze the distribution.
+    lo, hi = min(times), max(r["p99_ms"] for r in rows)
+    if hi <= lo:
+        hi = lo + 1e-3
+    bins = 40
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    series = []
+    for r, color in zip(rows, ("#7f8c8d", "#2e86c1", "#27ae60")):
+        counts = [0] * bins
+        for t in r.get("times_ms", []):
+            if t <= hi:
+                counts[min(int((t - lo) / (hi - lo) * bins), bins - 1)] += 1
+        series.append((f"{r['name']} (median {r['median_ms']:.3f} ms)", counts, color))
+    return _histograms(series, edges, "latency per run (ms), interleaved, up to the slowest p99", width=700)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained HTML page for a compress report."""
+    recipe = report["recipe"]
+    out = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>onnxcomp report: {html.escape(recipe['name'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>onnxcomp compress: recipe <code>{html.escape(recipe['name'])}</code></h1>",
+        f"<p>{html.escape(recipe.get('description', ''))}</p>",
+    ]
+    if report.get("model"):
+        out.append(f"<p>model: <code>{html.escape(str(report['model']))}</code> &rarr; "
+                   f"<code>{html.escape(str(report.get('output', '')))}</code></p>")
+    for note in report.get("notes", []):
+        out.append(f"<p class='note'>{html.escape(note)}</p>")
+    out.append("<h2>Before / after</h2>")
+    out.append(_table(["", "before", "after", "change"], [list(r) for r in summary_rows(report)]))
+    out.append("<h2>Stages</h2>")
+    out.append(_table(["stage", "seconds", "what changed"],
+                      [[s["stage"], f"{s['seconds']:.2f}", _stage_line(s)] for s in report["stages"]], numeric=frozenset({1})))
+    measure = report.get("measure") or {}
+    latency = measure.get("latency")
+    if latency:
+        out.append("<h2>Latency</h2>")
+        out.append(_table(["model", "median ms", "p90 ms", "p99 ms", "runs", "ratio [95% CI]", "session s"], [
+            [r["name"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", str(r["runs"]),
+             "1" if r["ratio_to_first"] is None else f"{r['ratio_to_first']:.3f} [{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]",
+             f"{r['session_creation_s']:.3f}"] for r in latency]))
+        out.append(_latency_plot(latency))
+    fidelity = measure.get("fidelity")
+    if fidelity:
+        out.append(f"<h2>Fidelity on {html.escape(str(measure.get('data')))}, {fidelity['samples']} samples</h2>")
+        out.append(_table(["output", "SQNR dB", "cosine", "max abs", "top-1 agreement", "worst channel"], [
+            [o["name"], _fmt_db(o["sqnr_db"]), f"{o['cosine']:.6f}", f"{o['max_abs']:.4g}",
+             "-" if o["top1_agreement"] is None else f"{100 * o['top1_agreement']:.2f}%",
+             "-" if o["worst_channel"] is None else f"#{o['worst_channel']['index']}: {_fmt_db(o['worst_channel']['sqnr_db'])} dB"]
+            for o in fidelity["outputs"]]))
+        layers = [layer for layer in fidelity.get("layers", []) if not math.isinf(layer["sqnr_db"])]
+        if layers:
+            shown = layers[:40]
+            out.append(_bar_chart([layer["name"] for layer in shown], [layer["sqnr_db"] for layer in shown],
+                                  f"per-layer SQNR, worst first ({len(layers)} tensors differ)", "dB"))
+    for stage in report["stages"]:
+        if stage["stage"] == "cluster" and stage["stats"].get("tensors"):
+            out.append("<h2>Weights before / after clustering</h2><div>")
+            tensors = sorted(stage["stats"]["tensors"].items(), key=lambda kv: -kv[1]["elements"])[:6]
+            for name, t in tensors:
+                h = t.get("histogram")
+                if h:
+                    out.append(_histograms([("before", h["before"], "#7f8c8d"), ("after", h["after"], "#c0392b")],
+                                           h["edges"], f"{name} ({t['distinct_values']} values)"))
+            out.append("</div>")
+    out.append("<h2>Recipe</h2><pre>" + html.escape(_toml_like(recipe)) + "</pre>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _toml_like(recipe: dict[str, Any]) -> str:
+    lines = [f"name = {recipe['name']!r}", f"description = {recipe.get('description', '')!r}"]
+    for stage, cfg in recipe.items():
+        if isinstance(cfg, dict):
+            lines.append(f"\n[{stage}]")
+            lines.extend(f"{k} = {v!r}" for k, v in cfg.items())
+    return "\n".join(lines)
