@@ -37,7 +37,14 @@ def _min_opset(recipe: Recipe) -> int:
     needed = 1
     quant = recipe.stages.get("quantize")
     if quant is not None:
-        needed = max(needed, {"static": 13, "dynamic": 13, "weight-only": 21 if quant.weight_only_format == "qdq" else 13}[quant.mode])
+        from onnxcomp.quant.api import STATIC_MIN_OPSET
+        from onnxcomp.quant.weight_only import DYNAMIC_MIN_OPSET, QDQ_MIN_OPSET
+
+        needed = max(needed, {
+            "static": STATIC_MIN_OPSET,
+            "dynamic": DYNAMIC_MIN_OPSET,
+            "weight-only": QDQ_MIN_OPSET if quant.weight_only_format == "qdq" else 1,
+        }[quant.mode])
     clus = recipe.stages.get("cluster")
     if clus is not None and clus.format == "codebook" and clus.k <= 16:
         needed = max(needed, 21)

@@ -83,7 +83,7 @@ def test_terminal_summary(work, capsys):
 
 def test_shipped_recipes_validate():
     recipes = shipped_recipes()
-    assert {"int8", "int8-accurate", "cluster-4bit"} <= set(recipes)
+    assert {"int8", "int8-accurate", "cluster-4bit", "transformer-int4", "transformer-dynamic"} <= set(recipes)
     for name in recipes:
         assert isinstance(load_recipe(name), Recipe)
 
