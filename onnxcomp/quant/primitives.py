@@ -323,6 +323,10 @@ def _expand_param(
     return param.reshape(bshape)
 
 
+#: Elements per chunk in :func:`quantize` (bounds its scratch memory to ~64 MB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def _check_scale(scale: np.ndarray) -> None:
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         raise ValueError(f"scale must be finite and > 0, got {scale!r}")
@@ -351,7 +355,7 @@ def quantize(
     """
     info = qdtype_info(qdtype)
     x32 = np.asarray(x, dtype=np.float32)
-    if np.isnan(x32).any():
+    if x32.size and np.isnan(np.min(x32)):
         raise ValueError("x contains NaN; NaN has no quantized representation")
     s = np.asarray(scale, dtype=np.float32)
     _check_scale(s)
@@ -371,12 +375,28 @@ def quantize(
         lo, hi = int(clip_range[0]), int(clip_range[1])
         if not info.min <= lo <= hi <= info.max:
             raise ValueError(f"clip_range={clip_range!r} must satisfy {info.min} <= lo <= hi <= {info.max}")
-    s_b = _expand_param(s, x32.shape, axis, block_size, "scale")
-    zp_b = _expand_param(zp, x32.shape, axis, block_size, "zero_point")
-    with np.errstate(over="ignore"):
-        r = np.rint(x32 / s_b).astype(np.float64)
-    q = np.clip(r + zp_b, lo, hi)
-    return q.astype(info.storage)
+    s_b = _expand_param(s, x32.shape, axis, block_size, "scale").astype(np.float32)
+    zp_b = _expand_param(zp, x32.shape, axis, block_size, "zero_point").astype(np.float32)
+    shape = x32.shape
+    if x32.ndim == 0:  # a scalar: compute on a 1-element array (in-place ufuncs need arrays)
+        x32, s_b, zp_b = x32.reshape(1), s_b.reshape(-1), zp_b.reshape(-1)
+    out = np.empty(x32.shape, dtype=info.storage)
+    # Work in float32 chunks along axis 0: a 2 GB weight needs one chunk of scratch, not several
+    # full-size float64 copies. Exact: rint() gives integral floats, integral values below 2**24
+    # add exactly, and anything larger is far outside [lo, hi] and saturates either way.
+    rows = x32.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, x32.size // max(rows, 1)))
+    for start in range(0, rows, step):
+        sl = slice(start, start + step)
+        sc = s_b[sl] if s_b.ndim and s_b.shape[0] != 1 else s_b
+        zc = zp_b[sl] if zp_b.ndim and zp_b.shape[0] != 1 else zp_b
+        with np.errstate(over="ignore"):
+            r = np.divide(x32[sl], sc, dtype=np.float32)
+        np.rint(r, out=r)
+        r += zc
+        np.clip(r, lo, hi, out=r)
+        out[sl] = r
+    return out.reshape(shape)
 
 
 def dequantize(
