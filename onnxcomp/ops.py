@@ -222,3 +222,169 @@ CHANNELWISE_OPS.register("PRelu", (1,))
 CHANNELWISE_OPS.register(
     ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"), ()
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Channel rules: how channel indices flow through an op (structured-pruning dependency analysis,
+# see onnxcomp.analysis.channels). One row per op and opset range; the analysis dispatches on
+# ``ChannelRule.kind`` and never tests op types itself.
+# --------------------------------------------------------------------------------------------
+
+#: Rule kinds understood by onnxcomp.analysis.channels.
+CHANNEL_RULE_KINDS = (
+    "linear",  # Conv/ConvTranspose/Gemm/MatMul (layouts from LINEAR_OPS): produces a new space
+    "passthrough",  # output channel c of input 0's axes = input channel c (unary, BN, pools, ...)
+    "elementwise",  # n-ary with multidirectional broadcasting: couples every non-broadcast input
+    "concat",  # output = concatenation of the inputs along ``axis``
+    "split",  # each output = a contiguous segment of the input along ``axis``
+    "slice",  # output = [start, end) of the input along the sliced axes (step 1 only)
+    "transpose",  # axes follow ``perm``
+    "flatten",  # [d0..d(a-1)] x [da..] -> 2-D: a channel becomes a contiguous block of features
+    "reshape",  # channel axis kept, or merged as the outermost factor of an output axis
+    "squeeze",  # removes size-1 axes
+    "unsqueeze",  # inserts size-1 axes
+    "reduce",  # Reduce*: freezes a reduced channel axis, shifts the others (keepdims=0)
+    "pad",  # channel axis must not be padded
+    "resize",  # channel axis must keep its size (scale 1 / same size)
+    "shape",  # Shape/Size: reading the channel dimension freezes it
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelRule:
+    """How one op moves channel indices from its inputs to its outputs.
+
+    Attributes:
+        kind: one of :data:`CHANNEL_RULE_KINDS`.
+        params: ("passthrough") inputs holding one entry per channel of the data's axis 1 along
+            their axis 0 (BatchNormalization scale/bias/mean/var, InstanceNormalization scale/bias).
+        broadcast_params: ("passthrough") inputs broadcast against the data input (numpy rules),
+            e.g. LayerNormalization scale/bias.
+        leading_axes: ("passthrough") only the first ``leading_axes`` axes keep their indices
+            (pools keep N and C, the spatial axes change size); ``None``: every axis.
+        mixes: ("passthrough") function ``(node, rank) -> axes`` over which the op combines
+            values (Softmax, LayerNormalization, LRN): a channel axis among them is frozen.
+        outputs: outputs that carry input 0's channels; other outputs must be unused.
+        inputs_from: where the control values (axes, split sizes, shape, pads, starts, scales)
+            come from: the index of the first such input, or ``None`` for attributes.
+        always_freeze: ("shape") freeze every channel axis read (Size reads all of them).
+    """
+
+    kind: str
+    params: tuple[int, ...] = ()
+    broadcast_params: tuple[int, ...] = ()
+    leading_axes: int | None = None
+    mixes: Callable[[ir.Node, int], Iterable[int]] | None = None
+    outputs: tuple[int, ...] = (0,)
+    inputs_from: int | None = None
+    always_freeze: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in CHANNEL_RULE_KINDS:
+            raise ValueError(f"unknown channel rule kind {self.kind!r}")
+
+
+def _axis_attr(node: ir.Node, default: int, rank: int) -> int:
+    axis = _attr_int(node, "axis", default)
+    return axis + rank if axis < 0 else axis
+
+
+def _mixes_axis(default: int) -> Callable[[ir.Node, int], Iterable[int]]:
+    """The op combines values along its ``axis`` attribute only (Softmax since opset 13)."""
+    return lambda node, rank: (_axis_attr(node, default, rank),)
+
+
+def _mixes_axis_to_end(default: int) -> Callable[[ir.Node, int], Iterable[int]]:
+    """The op combines values over axes ``axis..rank-1`` (Softmax < 13, LayerNormalization)."""
+    return lambda node, rank: range(_axis_attr(node, default, rank), rank)
+
+
+def _mixes_axes_attr(default: tuple[int, ...]) -> Callable[[ir.Node, int], Iterable[int]]:
+    """The op combines values over its ``axes`` attribute (MeanVarianceNormalization)."""
+
+    def mixes(node: ir.Node, rank: int) -> Iterable[int]:
+        attr = node.attributes.get("axes")
+        axes = default if attr is None else tuple(attr.as_ints())
+        return tuple(a + rank if a < 0 else a for a in axes)
+
+    return mixes
+
+
+CHANNEL_RULES: OpTable[ChannelRule] = OpTable("channel rules")
+CHANNEL_RULES.register(("Conv", "ConvTranspose", "Gemm", "MatMul"), ChannelRule("linear"))
+CHANNEL_RULES.register(
+    (
+        "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+        "Softplus", "Softsign", "Gelu", "Erf", "Mish", "Clip", "Abs", "Neg", "Exp", "Log", "Sqrt",
+        "Identity", "Cast", "ThresholdedRelu", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+        "Sin", "Cos", "Not", "IsNaN", "IsInf", "Shrink",
+    ),
+    ChannelRule("passthrough"),
+)
+CHANNEL_RULES.register("Dropout", ChannelRule("passthrough", outputs=(0, 1)))
+CHANNEL_RULES.register("BatchNormalization", ChannelRule("passthrough", params=(1, 2, 3, 4)), since=9)
+CHANNEL_RULES.register("InstanceNormalization", ChannelRule("passthrough", params=(1, 2)))
+CHANNEL_RULES.register(
+    ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"),
+    ChannelRule("passthrough", leading_axes=2),
+)
+CHANNEL_RULES.register(
+    ("Softmax", "LogSoftmax", "Hardmax"),
+    ChannelRule("passthrough", mixes=_mixes_axis_to_end(1)),
+    until=12,
+)
+CHANNEL_RULES.register(
+    ("Softmax", "LogSoftmax", "Hardmax"), ChannelRule("passthrough", mixes=_mixes_axis(-1)), since=13
+)
+CHANNEL_RULES.register(
+    "LayerNormalization",
+    ChannelRule("passthrough", broadcast_params=(1, 2), mixes=_mixes_axis_to_end(-1)),
+    since=17,
+)
+CHANNEL_RULES.register("LRN", ChannelRule("passthrough", mixes=lambda node, rank: (1,)))
+CHANNEL_RULES.register(
+    "GroupNormalization", ChannelRule("passthrough", mixes=lambda node, rank: (1,)), since=18
+)
+CHANNEL_RULES.register(
+    "MeanVarianceNormalization", ChannelRule("passthrough", mixes=_mixes_axes_attr((0, 2, 3)))
+)
+CHANNEL_RULES.register(
+    (
+        "Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Equal", "Less", "Greater", "And", "Or",
+        "Xor",
+    ),
+    ChannelRule("elementwise"),
+    since=7,
+)
+CHANNEL_RULES.register(("Max", "Min", "Sum", "Mean"), ChannelRule("elementwise"), since=8)
+CHANNEL_RULES.register("Where", ChannelRule("elementwise"), since=9)
+CHANNEL_RULES.register("Mod", ChannelRule("elementwise"), since=10)
+CHANNEL_RULES.register(("LessOrEqual", "GreaterOrEqual"), ChannelRule("elementwise"), since=12)
+CHANNEL_RULES.register("Concat", ChannelRule("concat"), since=4)
+CHANNEL_RULES.register("Split", ChannelRule("split"), since=2, until=12)
+CHANNEL_RULES.register("Split", ChannelRule("split", inputs_from=1), since=13)
+CHANNEL_RULES.register("Slice", ChannelRule("slice"), until=9)
+CHANNEL_RULES.register("Slice", ChannelRule("slice", inputs_from=1), since=10)
+CHANNEL_RULES.register("Transpose", ChannelRule("transpose"))
+CHANNEL_RULES.register("Flatten", ChannelRule("flatten"))
+CHANNEL_RULES.register("Reshape", ChannelRule("reshape", inputs_from=1), since=5)
+CHANNEL_RULES.register("Squeeze", ChannelRule("squeeze"), until=12)
+CHANNEL_RULES.register("Squeeze", ChannelRule("squeeze", inputs_from=1), since=13)
+CHANNEL_RULES.register("Unsqueeze", ChannelRule("unsqueeze"), until=12)
+CHANNEL_RULES.register("Unsqueeze", ChannelRule("unsqueeze", inputs_from=1), since=13)
+_REDUCE_OPS = (
+    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+)
+CHANNEL_RULES.register(_REDUCE_OPS, ChannelRule("reduce"), until=17)
+CHANNEL_RULES.register(_REDUCE_OPS, ChannelRule("reduce", inputs_from=1), since=18)
+CHANNEL_RULES.register("ReduceSum", ChannelRule("reduce"), until=12)
+CHANNEL_RULES.register("ReduceSum", ChannelRule("reduce", inputs_from=1), since=13)
+CHANNEL_RULES.register("Pad", ChannelRule("pad"), since=2, until=10)
+CHANNEL_RULES.register("Pad", ChannelRule("pad", inputs_from=1), since=11)
+CHANNEL_RULES.register("Resize", ChannelRule("resize", inputs_from=1), since=10, until=10)
+CHANNEL_RULES.register("Resize", ChannelRule("resize", inputs_from=2), since=11)
+CHANNEL_RULES.register("Shape", ChannelRule("shape"))
+CHANNEL_RULES.register("Size", ChannelRule("shape", always_freeze=True))
+
+__all__ += ["ChannelRule", "CHANNEL_RULES", "CHANNEL_RULE_KINDS"]
