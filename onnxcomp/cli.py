@@ -54,6 +54,21 @@ def console(args: argparse.Namespace):
     return Console(quiet=quiet, width=width)
 
 
+def progress_bar(con):
+    """A transient rich progress bar (silent when the console is quiet)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=con,
+        transient=True,
+        disable=con.quiet,
+    )
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -177,7 +192,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import check_target, load_model, save_model, write_text_atomic
-    from onnxcomp.measure.cli import _progress, parse_shapes, synthetic_feed
+    from onnxcomp.data import parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
@@ -210,7 +225,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     if calibration is None and evaluation is None and "measure" in recipe.stages:
         shapes = parse_shapes(args.shape)
         latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
-    with _progress(con, "compress", None) as progress:
+    with progress_bar(con) as progress:
         tasks: dict[str, Any] = {}
 
         def update(stage: str, done: int, total: int | None) -> None:
@@ -281,7 +296,7 @@ def _load_commands() -> None:
     """Import the modules that register further commands (kept lazy for a fast --help)."""
     import importlib
 
-    for module in ("onnxcomp.measure.cli", "onnxcomp.quant.cli", "onnxcomp.cluster.cli"):
+    for module in ("onnxcomp.measure.cli", "onnxcomp.quant.cli", "onnxcomp.cluster.cli", "onnxcomp.prune.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

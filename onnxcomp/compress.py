@@ -201,7 +201,7 @@ def _measure(
     latency_feeds: list[dict[str, np.ndarray]] | None,
     progress: Progress | None,
 ) -> dict[str, Any]:
-    from onnxcomp.measure.cli import bench_models
+    from onnxcomp.measure.bench import bench_models
     from onnxcomp.measure.fidelity import compare_models
 
     result: dict[str, Any] = {}

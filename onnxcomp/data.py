@@ -37,16 +37,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.errors import DataError
+from onnxcomp.errors import ConfigError, DataError
 
-__all__ = ["InputSpec", "model_inputs", "Dataset", "load_data", "load_labels", "DataSource"]
+__all__ = [
+    "InputSpec",
+    "model_inputs",
+    "Dataset",
+    "load_data",
+    "load_labels",
+    "DataSource",
+    "parse_shapes",
+    "synthetic_feed",
+]
 
 Feed = dict[str, np.ndarray]
 DataSource = Union[str, os.PathLike, Iterable[Mapping[str, np.ndarray]], Callable[[], Iterable], Any]
@@ -386,3 +395,70 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not arrays:
         raise DataError(f"{path}: .npz file holds no arrays (empty data set)")
     return arrays
+
+
+def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["x=1x3x224x224", ...]`` -> ``{"x": (1, 3, 224, 224)}``; ConfigError names a bad item."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+            if any(d < 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--shape {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
+        shapes[name] = shape
+    return shapes
+
+
+def synthetic_feed(
+    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False.
+
+    Raises:
+        DataError: an input has a dynamic dimension and no ``--shape`` for it (names the dim), a
+            ``--shape`` names no input or contradicts a fixed dimension.
+    """
+    rng = np.random.default_rng(seed)
+    known = {s.name for s in inputs}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise DataError(f"--shape names {', '.join(map(repr, unknown))}, not an input; inputs: {sorted(known)}")
+    feed = {}
+    for spec in inputs:
+        if spec.optional:
+            continue
+        if spec.name in shapes:
+            shape = shapes[spec.name]
+            if spec.shape is not None:
+                if len(shape) != len(spec.shape):
+                    raise DataError(
+                        f"--shape {spec.name}: rank {len(shape)}, the model's input is {spec.describe_shape()}"
+                    )
+                for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+                    if isinstance(want, int) and want != got:
+                        raise DataError(
+                            f"--shape {spec.name}: axis {axis} is {got}, the model fixes it at {want}"
+                        )
+        else:
+            if spec.shape is None:
+                raise DataError(f"input {spec.name!r} has an unknown shape; give --shape {spec.name}=D0xD1x...")
+            for axis, dim in enumerate(spec.shape):
+                if not isinstance(dim, int):
+                    label = f"{dim!r}" if dim else "?"
+                    raise DataError(
+                        f"input {spec.name!r} has dynamic dimension {label} (axis {axis}) in "
+                        f"{spec.describe_shape()}; give --shape {spec.name}=D0xD1x... or input data"
+                    )
+            shape = tuple(int(d) for d in spec.shape)  # type: ignore[arg-type]
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feed[spec.name] = np.zeros(shape, dtype=bool)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed

@@ -13,7 +13,8 @@ from onnxcomp import io
 from onnxcomp.cli import main
 from onnxcomp.data import Dataset, model_inputs
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
-from onnxcomp.measure.cli import parse_shapes, physical_cores, synthetic_feed
+from onnxcomp.data import parse_shapes, synthetic_feed
+from onnxcomp.measure.bench import physical_cores
 from onnxcomp.measure.fidelity import compare_models, default_channel_axis
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from onnxcomp.cli import add_output_flags, console, print_json, register
+from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -33,7 +32,6 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.api import cluster, session_creation_seconds
     from onnxcomp.cluster.passes import ClusterConfig
     from onnxcomp.io import check_target, load_model, save_model
-    from onnxcomp.measure.cli import _progress
     from onnxcomp.quant.cli import _file_bytes, _fmt
 
     con = console(args)
@@ -44,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     model = load_model(args.model)
     check_target(model, args.output)
-    with _progress(con, "cluster", None) as progress:
+    with progress_bar(con) as progress:
         task = progress.add_task("clustering", total=None)
         clustered, report = cluster(
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,

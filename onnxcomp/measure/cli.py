@@ -10,124 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
-from typing import Any
+from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.data import Dataset, load_labels, model_inputs, parse_shapes, synthetic_feed
+from onnxcomp.measure.bench import bench_models, physical_cores
+from onnxcomp.errors import ConfigError
 
-import numpy as np
-import onnx_ir as ir
-
-from onnxcomp.cli import add_output_flags, console, print_json, register
-from onnxcomp.data import Dataset, InputSpec, load_labels, model_inputs
-from onnxcomp.errors import ConfigError, DataError
-
-__all__ = ["physical_cores", "synthetic_feed", "parse_shapes"]
-
-
-def physical_cores() -> int:
-    """Physical cores from /proc/cpuinfo (distinct (physical id, core id) pairs), else cpu_count."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            pairs = set()
-            phys = core = None
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    phys = value.strip()
-                elif key == "core id":
-                    core = value.strip()
-                elif not line.strip():
-                    if core is not None:
-                        pairs.add((phys, core))
-                    phys = core = None
-            if core is not None:
-                pairs.add((phys, core))
-        if pairs:
-            return len(pairs)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``["x=1x3x224x224", ...]`` -> ``{"x": (1, 3, 224, 224)}``; ConfigError names a bad item."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-            if any(d < 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"--shape {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
-        shapes[name] = shape
-    return shapes
-
-
-def synthetic_feed(
-    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False.
-
-    Raises:
-        DataError: an input has a dynamic dimension and no ``--shape`` for it (names the dim), a
-            ``--shape`` names no input or contradicts a fixed dimension.
-    """
-    rng = np.random.default_rng(seed)
-    known = {s.name for s in inputs}
-    unknown = sorted(set(shapes) - known)
-    if unknown:
-        raise DataError(f"--shape names {', '.join(map(repr, unknown))}, not an input; inputs: {sorted(known)}")
-    feed = {}
-    for spec in inputs:
-        if spec.optional:
-            continue
-        if spec.name in shapes:
-            shape = shapes[spec.name]
-            if spec.shape is not None:
-                if len(shape) != len(spec.shape):
-                    raise DataError(
-                        f"--shape {spec.name}: rank {len(shape)}, the model's input is {spec.describe_shape()}"
-                    )
-                for axis, (want, got) in enumerate(zip(spec.shape, shape)):
-                    if isinstance(want, int) and want != got:
-                        raise DataError(
-                            f"--shape {spec.name}: axis {axis} is {got}, the model fixes it at {want}"
-                        )
-        else:
-            if spec.shape is None:
-                raise DataError(f"input {spec.name!r} has an unknown shape; give --shape {spec.name}=D0xD1x...")
-            for axis, dim in enumerate(spec.shape):
-                if not isinstance(dim, int):
-                    label = f"{dim!r}" if dim else "?"
-                    raise DataError(
-                        f"input {spec.name!r} has dynamic dimension {label} (axis {axis}) in "
-                        f"{spec.describe_shape()}; give --shape {spec.name}=D0xD1x... or input data"
-                    )
-            shape = tuple(int(d) for d in spec.shape)  # type: ignore[arg-type]
-        if spec.dtype.kind == "f":
-            feed[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feed[spec.name] = np.zeros(shape, dtype=bool)
-        else:
-            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feed
-
-
-def _progress(con, description: str, total: int | None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=con,
-        transient=True,
-        disable=con.quiet,
-    )
+__all__: list[str] = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,56 +40,6 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     add_output_flags(p)
 
 
-def bench_models(
-    models: Sequence[tuple[str, ir.Model]],
-    feeds: Sequence[dict[str, np.ndarray]],
-    *,
-    threads: int | None = None,
-    optimization: str = "all",
-    runs: int = 50,
-    time_budget: float | None = None,
-    warmup_runs: int = 10,
-    warmup_seconds: float = 1.0,
-    seed: int = 0,
-    progress=None,
-) -> list[dict[str, Any]]:
-    """Interleaved latency of ``models`` (name, model) on ``feeds``; JSON-ready rows."""
-    from onnxcomp.io import initializer_nbytes, model_to_bytes
-    from onnxcomp.measure.latency import SessionSpec, measure_latency
-
-    threads = threads or physical_cores()
-    specs = [
-        SessionSpec(name=name, model=model_to_bytes(model), threads=threads, graph_optimization=optimization)
-        for name, model in models
-    ]
-    batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
-    results = measure_latency(
-        specs, list(feeds), warmup_runs=warmup_runs, warmup_seconds=warmup_seconds, runs=runs,
-        time_budget=time_budget, seed=seed, progress=progress, batch_size=max(batch, 1),
-    )
-    rows = []
-    for (name, model), res in zip(models, results):
-        s = res.summary
-        rows.append({
-            "name": name,
-            "runs": s.n,
-            "min_ms": s.min * 1e3,
-            "median_ms": s.median * 1e3,
-            "p90_ms": s.p90 * 1e3,
-            "p99_ms": s.p99 * 1e3,
-            "mean_ms": s.mean * 1e3,
-            "throughput_per_s": s.items_per_s,
-            "ratio_to_first": res.ratio,
-            "ratio_ci95": list(res.ratio_interval) if res.ratio_interval else None,
-            "session_creation_s": res.session_creation_s,
-            "peak_memory_bytes": res.peak_rss_delta_bytes,
-            "memory_method": res.memory_method,
-            "times_ms": [t * 1e3 for t in res.times],
-            "parameter_bytes": initializer_nbytes(model),
-        })
-    return rows
-
-
 def _run_bench(args: argparse.Namespace) -> int:
     from onnxcomp.io import load_model
 
@@ -219,7 +57,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         for path, model in models[1:]:
             list(Dataset(feeds, model))
     threads = args.threads or physical_cores()
-    with _progress(con, "bench", args.runs) as progress:
+    with progress_bar(con) as progress:
         task = progress.add_task("measuring (interleaved)", total=args.runs)
         rows = bench_models(
             models, feeds, threads=threads, optimization=args.optimization, runs=args.runs,
@@ -293,7 +131,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             axis = int(args.channel_axis)
         except ValueError:
             raise ConfigError(f"--channel-axis must be auto, none or an integer, got {args.channel_axis!r}") from None
-    with _progress(con, "compare", ds.num_feeds) as progress:
+    with progress_bar(con) as progress:
         task = progress.add_task("comparing", total=ds.num_feeds)
         result = compare_models(
             reference, candidate, ds, labels=labels, label_output=args.label_output,

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import gc
 import math
-import operator
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence

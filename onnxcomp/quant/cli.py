@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, print_json, register
+from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -42,7 +42,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset
     from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
-    from onnxcomp.measure.cli import _progress
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -71,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     calibration = None
     if args.calibration:
         calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
-    with _progress(con, "quantize", None) as progress:
+    with progress_bar(con) as progress:
         task = progress.add_task("calibrating", total=calibration.num_feeds if calibration else None)
         quantized, report = quantize(
             model, calibration, config, allow_upgrade=not args.no_upgrade,

@@ -1,0 +1,88 @@
+"""Latency of several in-memory models, interleaved, as JSON-ready rows (``onnxcomp bench``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.io import initializer_nbytes, model_to_bytes
+from onnxcomp.measure.latency import SessionSpec, measure_latency
+
+__all__ = ["physical_cores", "bench_models"]
+
+
+def physical_cores() -> int:
+    """Physical cores from /proc/cpuinfo (distinct (physical id, core id) pairs), else cpu_count."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            pairs = set()
+            phys = core = None
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                elif not line.strip():
+                    if core is not None:
+                        pairs.add((phys, core))
+                    phys = core = None
+            if core is not None:
+                pairs.add((phys, core))
+        if pairs:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def bench_models(
+    models: Sequence[tuple[str, ir.Model]],
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    runs: int = 50,
+    time_budget: float | None = None,
+    warmup_runs: int = 10,
+    warmup_seconds: float = 1.0,
+    seed: int = 0,
+    progress=None,
+) -> list[dict[str, Any]]:
+    """Interleaved latency of ``models`` (name, model) on ``feeds``; JSON-ready rows."""
+    threads = threads or physical_cores()
+    specs = [
+        SessionSpec(name=name, model=model_to_bytes(model), threads=threads, graph_optimization=optimization)
+        for name, model in models
+    ]
+    batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
+    results = measure_latency(
+        specs, list(feeds), warmup_runs=warmup_runs, warmup_seconds=warmup_seconds, runs=runs,
+        time_budget=time_budget, seed=seed, progress=progress, batch_size=max(batch, 1),
+    )
+    rows = []
+    for (name, model), res in zip(models, results):
+        s = res.summary
+        rows.append({
+            "name": name,
+            "runs": s.n,
+            "min_ms": s.min * 1e3,
+            "median_ms": s.median * 1e3,
+            "p90_ms": s.p90 * 1e3,
+            "p99_ms": s.p99 * 1e3,
+            "mean_ms": s.mean * 1e3,
+            "throughput_per_s": s.items_per_s,
+            "ratio_to_first": res.ratio,
+            "ratio_ci95": list(res.ratio_interval) if res.ratio_interval else None,
+            "session_creation_s": res.session_creation_s,
+            "peak_memory_bytes": res.peak_rss_delta_bytes,
+            "memory_method": res.memory_method,
+            "times_ms": [t * 1e3 for t in res.times],
+            "parameter_bytes": initializer_nbytes(model),
+        })
+    return rows
