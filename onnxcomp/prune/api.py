@@ -1,0 +1,144 @@
+"""``onnxcomp.prune``: analysis -> scores -> selection -> cut -> (reconstruction), with a report.
+
+The three concerns stay in their modules: :mod:`onnxcomp.analysis.channels` (what is coupled),
+:mod:`onnxcomp.prune.select` (how to score and what to remove), :mod:`onnxcomp.prune.fold` (how
+to cut) and :mod:`onnxcomp.prune.reconstruct` (least-squares refit of the consumers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.analysis.channels import analyze_channels
+from onnxcomp.analysis.cost import count_cost
+from onnxcomp.data import DataSource, Dataset, load_data, model_inputs, synthetic_feed
+from onnxcomp.errors import ConfigError
+from onnxcomp.graph import infer_types, working_copy
+from onnxcomp.io import ModelSource, clone_model, model_to_bytes
+from onnxcomp.prune.config import PruneConfig
+from onnxcomp.prune.fold import consumer_input_stats, cut_channels
+from onnxcomp.prune.select import activation_means, channel_scores, eligible_groups, select_channels
+
+__all__ = ["prune"]
+
+
+def _constant_probe(model: ir.Model) -> Dataset:
+    """One generated feed to read constant channels when no data is given (dynamic dims: 1, or 32)."""
+    shapes = {}
+    for spec in model_inputs(model):
+        if spec.shape is not None and not all(isinstance(d, int) for d in spec.shape):
+            shapes[spec.name] = tuple(d if isinstance(d, int) else (1 if i == 0 else 32) for i, d in enumerate(spec.shape))
+    return Dataset([synthetic_feed(model_inputs(model), shapes)], model)
+
+
+def _fidelity(reference: ir.Model, candidate: ir.Model, data: Dataset) -> float:
+    from onnxcomp.measure.fidelity import compare_models
+
+    return min(f.sqnr_db for f in compare_models(reference, candidate, data).outputs)
+
+
+def prune(
+    model: ModelSource,
+    config: PruneConfig | None = None,
+    *,
+    calibration: DataSource | Dataset | None = None,
+    progress: Callable[[int, int | None], object] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Prune ``model`` (never modified); returns the pruned model and a report.
+
+    Raises:
+        ConfigError: the criterion or reconstruction needs calibration data and none was given.
+    """
+    config = config or PruneConfig()
+    started = time.perf_counter()
+    notes: list[str] = []
+    work = working_copy(model, 1, allow_upgrade=False, notes=notes)
+    infer_types(work)
+    data = load_data(calibration, work, limit=config.max_samples) if calibration is not None else None
+    if config.needs_data and data is None:
+        raise ConfigError(
+            f"prune: criterion {config.criterion!r}{' with reconstruction' if config.reconstruct else ''} "
+            "needs calibration data (--calibration)"
+        )
+    before = count_cost(work)
+    before["bytes"] = len(model_to_bytes(work))
+    analysis = analyze_channels(work, infer_shapes=False)
+    groups, skipped = eligible_groups(analysis, config)
+    by_id = {g.id: g for g in analysis.groups}
+    if config.criterion == "activation":
+        act = activation_means(work, groups, data)
+        scores = {g.id: act.get(g.id, channel_scores(g, "l1")) for g in groups}
+    else:
+        scores = {g.id: channel_scores(g, config.criterion) for g in groups}
+    removal = select_channels(groups, config, scores)
+    # Constant channels (zeros) fold exactly; lossy criteria fold the removed channels' means.
+    stats = None
+    cut_groups = [by_id[gid] for gid in removal]
+    if cut_groups and (config.criterion == "zeros" or data is not None):
+        probe = data if data is not None else _constant_probe(work)
+        stats = consumer_input_stats(work, cut_groups, probe)
+    reference = clone_model(work) if config.reconstruct else None
+    kept_outputs = _kept_outputs(work, by_id, removal)
+    cut = cut_channels(work, by_id, removal, stats=stats, constant=config.criterion == "zeros",
+                       fold_border=config.fold_border)
+    removal = {gid: removal[gid] for gid in cut["removed"]}
+    report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
+    if config.reconstruct and removal:
+        from onnxcomp.prune.reconstruct import reconstruct
+
+        nodes = sorted({c.node.name for gid in removal for c in by_id[gid].consumers})
+        before_fit = _fidelity(reference, work, data)
+        fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
+                           progress=progress)
+        report["reconstruction"] = {
+            "layers": [f.__dict__ for f in fits],
+            "output_sqnr_db_before": before_fit,
+            "output_sqnr_db_after": _fidelity(reference, work, data),
+        }
+    after = count_cost(work)
+    after["bytes"] = len(model_to_bytes(work))
+    report.update({
+        "groups": [
+            {
+                "id": g.id,
+                "where": _where(g),
+                "channels_before": g.size,
+                "channels_after": g.size - len(removal.get(g.id, ())),
+            }
+            for g in analysis.groups if g.prunable
+        ],
+        "skipped_groups": {str(k): v for k, v in skipped.items()},
+        "channels_removed": int(sum(len(r) for r in removal.values())),
+        "kept_back": {str(k): v for k, v in cut["kept_back"].items()},
+        "bias_folds": cut["bias_folds"],
+        "border_error_folds": cut["border_error_folds"],
+        "before": before,
+        "after": after,
+        "seconds": time.perf_counter() - started,
+    })
+    return work, report
+
+
+def _where(group) -> str:
+    names = [p.node.name for p in group.producers][:3]
+    return ", ".join(names) if names else f"group {group.id}"
+
+
+def _kept_outputs(model: ir.Model, groups, removal) -> dict[str, np.ndarray]:
+    """For nodes whose output channels are cut: the original output indices that remain."""
+    removed: dict[str, set[int]] = {}
+    sizes: dict[str, int] = {}
+    for gid, channels in removal.items():
+        for p in groups[gid].producers:
+            if p.depthwise:
+                continue
+            w = p.value.const_value.numpy()
+            sizes[p.node.name] = w.shape[p.axis]
+            removed.setdefault(p.node.name, set()).update(p.indices(channels).tolist())
+    return {name: np.setdiff1d(np.arange(sizes[name]), sorted(idx)) for name, idx in removed.items()}
+
