@@ -96,9 +96,12 @@ def prune(
         fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
                            progress=progress)
         report["reconstruction"] = {
-            "layers": [f.__dict__ for f in fits],
-            "output_sqnr_db_before": before_fit,
-            "output_sqnr_db_after": _fidelity(reference, work, data),
+            "layers": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in f.__dict__.items()}
+                       for f in fits],
+            # in-sample: measured on the calibration data the refit saw (the measure stage of
+            # `compress` reports held-out fidelity)
+            "calibration_output_sqnr_db_before": before_fit,
+            "calibration_output_sqnr_db_after": _fidelity(reference, work, data),
         }
     after = count_cost(work)
     after["bytes"] = len(model_to_bytes(work))

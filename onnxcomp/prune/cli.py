@@ -72,8 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     rec = report.get("reconstruction")
     if rec:
-        con.print(f"reconstruction: output SQNR on calibration data {rec['output_sqnr_db_before']:.2f} dB -> "
-                  f"{rec['output_sqnr_db_after']:.2f} dB over {len(rec['layers'])} layer(s)")
+        con.print(f"reconstruction: output SQNR on the calibration data (in-sample) "
+                  f"{rec['calibration_output_sqnr_db_before']:.2f} dB -> {rec['calibration_output_sqnr_db_after']:.2f} dB "
+                  f"over {len(rec['layers'])} layer(s)")
     for gid, why in report["kept_back"].items():
         con.print(f"[yellow]group {gid}:[/yellow] {why}")
     if report["skipped_groups"]:
