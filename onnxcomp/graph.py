@@ -11,12 +11,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
+from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from onnxcomp.errors import OnnxcompError, OpsetError
 from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
 
 __all__ = [
     "working_copy",
+    "name_nodes",
     "FLOAT_TYPES",
     "infer_types",
     "with_outputs",
@@ -110,6 +112,22 @@ def iter_consumers(value: ir.Value) -> Iterable[tuple[ir.Node, int]]:
         yield use.node, use.idx
 
 
+class _OutputNameGenerator(SimpleNameGenerator):
+    """Unnamed nodes are named after their first output (reports then say where they are)."""
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        if node.name:
+            return node.name
+        if node.outputs and node.outputs[0].name:
+            return f"{node.outputs[0].name}/{node.op_type}"
+        return node.op_type
+
+
+def name_nodes(model: ir.Model) -> None:
+    """Give every node and value a unique name (unnamed nodes after their first output)."""
+    NameFixPass(_OutputNameGenerator())(model)
+
+
 def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, notes: list[str]) -> ir.Model:
     """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed, noted).
 
@@ -126,5 +144,5 @@ def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, not
             )
         work = upgrade_opset(work, min_opset)
         notes.append(f"upgraded the model from opset {opset} to {min_opset} (onnx.version_converter)")
-    NameFixPass()(work)
+    name_nodes(work)
     return work

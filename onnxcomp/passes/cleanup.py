@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Any
 
 import onnx_ir as ir
@@ -37,6 +38,8 @@ from onnxcomp.io import initializer_nbytes
 from onnxcomp.passes.base import CompressionPass, PassConfig
 
 __all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
+
+_GENERATED_NAME = re.compile(r"^node_[A-Za-z]+_\d+$")
 
 _BATCHNORM_RULES = (
     rules.fuse_batchnorm_into_conv_rule,
@@ -148,6 +151,14 @@ class CleanupPass(CompressionPass[CleanupConfig]):
         modified = False
         for p in passes:
             modified = p(model).modified or modified
+        # Rewrites create nodes with generic names (onnxscript's "node_Conv_3") or none; passes and
+        # reports refer to nodes by name, so name them after the tensor they produce.
+        from onnxcomp.graph import name_nodes
+
+        for node in model.graph.all_nodes():
+            if _GENERATED_NAME.match(node.name or "") and node.outputs and node.outputs[0].name:
+                node.name = ""
+        name_nodes(model)
         after_ops = op_histogram(model)
         removed = {k: before_ops[k] - after_ops.get(k, 0) for k in before_ops if after_ops.get(k, 0) < before_ops[k]}
         added = {k: after_ops[k] - before_ops.get(k, 0) for k in after_ops if after_ops[k] > before_ops.get(k, 0)}
