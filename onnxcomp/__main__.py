@@ -4,4 +4,5 @@ import sys
 
 from onnxcomp.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # process pools (spawn) re-import the main module in workers
+    sys.exit(main())

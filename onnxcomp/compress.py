@@ -168,7 +168,7 @@ def compress(
             from onnxcomp.quant.api import quantize
 
             work, stats = quantize(
-                work, calib_ds, cfg, allow_upgrade=allow_upgrade,
+                work, calib_ds, cfg, allow_upgrade=allow_upgrade, eval_data=eval_ds, labels=labels,
                 progress=(lambda s, d, t: progress("quantize", d, t)) if progress else None,
             )
             notes.extend(stats.pop("notes", []))

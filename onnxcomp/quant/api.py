@@ -47,6 +47,8 @@ def quantize(
     *,
     allow_upgrade: bool = True,
     verify: bool = True,
+    eval_data: DataSource | Dataset | None = None,
+    labels: Any = None,
     progress: Callable[[str, int, int | None], object] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize ``model``; returns the new model and a report.
@@ -59,6 +61,8 @@ def quantize(
             weights, min/max ranges).
         allow_upgrade: upgrade an opset older than the mode needs instead of refusing.
         verify: count the int8 kernels in onnxruntime's optimized graph.
+        eval_data / labels: evaluation data for the fidelity budget (``fidelity_target``,
+            ``max_drop``); the calibration data is used when none is given.
         progress: ``progress(stage, done, total)`` while calibrating.
 
     Raises:
@@ -67,7 +71,23 @@ def quantize(
     config = config or QuantizeConfig()
     notes: list[str] = []
     started = time.perf_counter()
-    if config.mode == "static":
+    if config.mode == "static" and config.uses_fallback:
+        if calibration is None:
+            raise ConfigError("static quantization needs calibration data (--calibration)")
+        from onnxcomp.quant.sensitivity import quantize_with_fallback
+
+        work, fallback = quantize_with_fallback(
+            model, calibration, config, fidelity_target=config.fidelity_target, max_drop=config.max_drop,
+            eval_data=eval_data, labels=labels, latency_aware=config.latency_aware,
+        )
+        notes.extend(fallback.pop("notes", []))
+        report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
+                  "int8_nodes": len(fallback["int8_nodes"]), "skipped": {n: "kept float to meet the budget"
+                                                                        for n in fallback["float_nodes"]}}
+        if fallback["target"]["fidelity_db"] is not None or fallback["target"]["max_drop_points"] is not None:
+            if not fallback["met"]:
+                notes.append("the fidelity budget was not met even with every node in float")
+    elif config.mode == "static":
         if calibration is None:
             raise ConfigError("static quantization needs calibration data (--calibration FILE)")
         work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)

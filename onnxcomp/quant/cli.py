@@ -36,11 +36,19 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
                    help="weight-only storage: blocked DequantizeLinear (opset 21) or onnxruntime MatMulNBits")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
+    p.add_argument("--fidelity-target", type=float, metavar="SQNR_DB",
+                   help="move the most sensitive nodes back to float until the output SQNR reaches this")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="the same with an accuracy budget (needs --eval and --labels)")
+    p.add_argument("--latency-aware", action="store_true",
+                   help="keep float the op types whose int8 form is measured slower on this CPU")
+    p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
+    p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from onnxcomp.data import Dataset
+    from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
@@ -62,6 +70,9 @@ def _run(args: argparse.Namespace) -> int:
         bits=args.bits,
         block_size=args.block_size,
         weight_only_format=args.format,
+        fidelity_target=args.fidelity_target,
+        max_drop=args.max_drop,
+        latency_aware=args.latency_aware,
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
@@ -70,10 +81,14 @@ def _run(args: argparse.Namespace) -> int:
     calibration = None
     if args.calibration:
         calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    labels = load_labels(args.labels) if args.labels else None
+    if labels is not None and evaluation is None:
+        raise ConfigError("--labels needs --eval (the evaluation data they label)")
     with progress_bar(con) as progress:
         task = progress.add_task("calibrating", total=calibration.num_feeds if calibration else None)
         quantized, report = quantize(
-            model, calibration, config, allow_upgrade=not args.no_upgrade,
+            model, calibration, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output)
@@ -89,7 +104,20 @@ def _run(args: argparse.Namespace) -> int:
         f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
         f"{_fmt(report['input']['bytes'])} -> {_fmt(report['output']['bytes'])}"
     )
-    if args.mode == "static":
+    fallback = report.get("fallback")
+    if fallback:
+        final = fallback["final"]
+        acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
+        con.print(f"fidelity budget {'met' if fallback['met'] else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
+                  f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
+        for name, ratio in (fallback.get("fallback_latency") or {}).items():
+            con.print(f"  {name}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
+        lat = fallback.get("latency") or {}
+        if lat.get("op_types_kept_float"):
+            con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
+        if lat.get("int8_slower_than_float"):
+            con.print("  [yellow]int8 does not pay on this model on this CPU: the float model is faster[/yellow]")
+    if args.mode == "static" and "calibration" in report:
         con.print(
             f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
             f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"
@@ -123,3 +151,77 @@ def _fmt(n: int) -> str:
 
 
 register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)
+
+
+def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--calibration", required=True, metavar="FILE")
+    p.add_argument("--eval", metavar="FILE", help="evaluation data (default: the calibration data)")
+    p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data: accuracy per candidate")
+    p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax")
+    p.add_argument("--per-tensor", action="store_true")
+    p.add_argument("--max-eval-feeds", type=int, default=64)
+    p.add_argument("--workers", type=int, help="processes evaluating candidates (default: physical cores)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--top", type=int, default=20)
+    add_output_flags(p)
+
+
+def _run_sensitivity(args: argparse.Namespace) -> int:
+    import concurrent.futures
+    import multiprocessing
+
+    from onnxcomp.data import Dataset, load_labels
+    from onnxcomp.io import load_model
+    from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.sensitivity import analyze_sensitivity
+
+    con = console(args)
+    model = load_model(args.model)
+    config = QuantizeConfig(activation_type=args.activation_type, calibration=args.method, per_channel=not args.per_tensor)
+    calibration = Dataset(args.calibration, model, batch_size=args.batch_size)
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    labels = load_labels(args.labels) if args.labels else None
+    if labels is not None and evaluation is None:
+        raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    executor = None
+    if args.workers:
+        executor = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with progress_bar(con) as progress:
+            task = progress.add_task("candidates", total=None)
+            report = analyze_sensitivity(
+                model, calibration, config, eval_data=evaluation, labels=labels, executor=executor,
+                max_eval_feeds=args.max_eval_feeds,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    if args.json:
+        print_json(report)
+        return 0
+    from rich.table import Table
+
+    full = report["all_int8"]
+    acc = "accuracy" in full
+    table = Table(title=f"sensitivity of {os.path.basename(args.model)}: all int8 {full['sqnr_db']:.2f} dB"
+                        + (f", accuracy {100 * full['accuracy']:.2f}% (float {100 * report['float']['accuracy']:.2f}%)" if acc else ""),
+                  title_justify="left")
+    cols = ["node", "op", "alone dB", "all-but dB", "gain dB"] + (["alone acc", "all-but acc"] if acc else [])
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("node", "op") else "right")
+    for r in report["nodes"][: args.top]:
+        row = [r["node"][-60:], r["op_type"], f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
+        if acc:
+            row += [f"{100 * r['alone_accuracy']:.2f}%", f"{100 * r['all_but_accuracy']:.2f}%"]
+        table.add_row(*row)
+    con.print(table)
+    con.print(f"{report['candidates_evaluated']} candidate models from one calibration, {report['eval_feeds']} evaluation feeds; "
+              "alone = only this node int8, all-but = every node int8 but this one")
+    return 0
+
+
+register("sensitivity", "per-node quantization sensitivity (alone / all but one), worst first",
+         _configure_sensitivity, _run_sensitivity)

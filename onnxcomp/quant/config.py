@@ -45,6 +45,10 @@ class QuantizeConfig(PassConfig):
             (onnxruntime's ``com.microsoft.MatMulNBits``, 4 bits only).
         dynamic_op_types: op types quantized in dynamic mode (Conv is not among the defaults: its
             ConvInteger form is several times slower on onnxruntime's CPU provider).
+        fidelity_target: static mode: move the most helpful nodes back to float until the output
+            SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
+        max_drop: the same with an accuracy budget in points (needs labelled evaluation data).
+        latency_aware: keep float the op types whose int8 form is measured slower on this CPU.
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"
@@ -66,6 +70,9 @@ class QuantizeConfig(PassConfig):
     block_size: int = 32
     weight_only_format: Literal["qdq", "ort"] = "qdq"
     dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    fidelity_target: float | None = None
+    max_drop: float | None = None
+    latency_aware: bool = False
 
     def validate(self) -> None:
         if self.calibration not in _METHODS:
@@ -76,6 +83,10 @@ class QuantizeConfig(PassConfig):
             raise ConfigError(f"quantize: bins must be >= 16, got {self.bins}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"quantize: max_samples must be >= 1, got {self.max_samples}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError(f"quantize: max_drop must be >= 0 points, got {self.max_drop}")
+        if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
+            raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
         if self.max_range_ratio <= 1.0:
             raise ConfigError(f"quantize: max_range_ratio must be > 1, got {self.max_range_ratio}")
         if self.bits not in (4, 8):
@@ -90,6 +101,10 @@ class QuantizeConfig(PassConfig):
                     re.compile(item[3:])
                 except re.error as exc:
                     raise ConfigError(f"quantize: exclude pattern {item!r} is not a valid regex: {exc}") from None
+
+    @property
+    def uses_fallback(self) -> bool:
+        return self.fidelity_target is not None or self.max_drop is not None or self.latency_aware
 
     @property
     def selector(self) -> NodeSelector:

@@ -74,6 +74,11 @@ class StaticPlan:
         """Tensors whose ranges calibration must provide."""
         return sorted({p.range_of for p in self.points.values() if p.shared_with is None and not p.constant})
 
+    @property
+    def touched(self) -> list[str]:
+        """Every tensor a point sits on or takes its range from (a superset of :attr:`observed`)."""
+        return sorted({n for p in self.points.values() if not p.constant for n in (p.value, p.range_of)})
+
 
 def _rule(node: ir.Node, model: ir.Model) -> QuantRule | None:
     return QUANT_RULES.lookup(node, model)

@@ -1,0 +1,351 @@
+r"""Per-layer sensitivity and automatic float fallback to a fidelity budget.
+
+Everything is derived from **one** calibration: the model is cleaned and planned once, ranges are
+observed once, and every candidate model (one int8 node alone, or all but one) is a cheap rewrite
+of the same plan with other nodes kept float. The float model's outputs on the evaluation feeds
+are computed once and cached; each candidate is then one onnxruntime session and one pass over
+those feeds. Candidates are evaluated through any :class:`concurrent.futures.Executor` (default:
+a local process pool), so a Dask or Ray executor works without changes: a task is a plain
+function of bytes and arrays.
+
+Metrics per candidate: output SQNR (the minimum over outputs,
+:math:`10\log_{10}\sum r^2/\sum (r-c)^2` over all evaluation feeds) and, with labels, accuracy.
+
+* **alone**: only node *u* in int8 (the rest float): the damage *u* does by itself.
+* **all but u**: everything in int8 except *u*: what leaving *u* in float buys back.
+
+Fallback (:func:`quantize_with_fallback`): quantize everything, measure; while the target
+(``fidelity_target`` dB, or ``max_drop`` accuracy points with labels) is not met, move the node
+whose float fallback helps most (largest "all but u" gain) back to float, re-measure, repeat; so
+the fewest nodes are kept float. With ``latency_aware``, op types whose int8 form is measured
+slower than float on this CPU (interleaved, 95% interval above 1) are also kept float, and if
+the whole int8 model is still slower than the float one, that is reported.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import multiprocessing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.graph import infer_types, working_copy
+from onnxcomp.io import ModelSource, clone_model, model_to_bytes
+from onnxcomp.passes.cleanup import CleanupPass
+from onnxcomp.quant.api import STATIC_MIN_OPSET, observer_kwargs
+from onnxcomp.quant.calibrate import calibrate
+from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.quant.qdq import QDQPass, mixed_range_nodes, plan_static
+
+__all__ = ["QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
+
+
+def evaluate_model_bytes(
+    model: bytes,
+    feeds: Sequence[dict[str, np.ndarray]],
+    reference: Sequence[Sequence[np.ndarray]],
+    labels: np.ndarray | None = None,
+    label_output: int = 0,
+) -> dict[str, float]:
+    """Output SQNR (min over outputs) and accuracy of a serialized model against cached outputs.
+
+    A plain module-level function of bytes and arrays, so any Executor can run it remotely.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    signal = noise = None
+    preds = []
+    for feed, ref in zip(feeds, reference):
+        outs = session.run(None, feed)
+        s = np.array([float(np.sum(np.square(r, dtype=np.float64))) for r in ref])
+        n = np.array([float(np.sum(np.square(o.astype(np.float64) - r))) for o, r in zip(outs, ref)])
+        signal = s if signal is None else signal + s
+        noise = n if noise is None else noise + n
+        if labels is not None:
+            scores = outs[label_output]
+            preds.append(scores.reshape(scores.shape[0], -1).argmax(axis=-1))
+    sqnr = [math.inf if nz == 0 else (-math.inf if sg == 0 else 10 * math.log10(sg / nz)) for sg, nz in zip(signal, noise)]
+    result = {"sqnr_db": float(min(sqnr))}
+    if labels is not None:
+        result["accuracy"] = float(np.mean(np.concatenate(preds) == labels))
+    return result
+
+
+class _Inline(concurrent.futures.Executor):
+    """Runs tasks in the calling thread (used for a single task, and as a fallback)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            future.set_exception(exc)
+        return future
+
+
+@dataclasses.dataclass
+class QuantStudy:
+    """One calibration shared by every candidate: the cleaned model, its plan and its ranges."""
+
+    work: ir.Model
+    config: QuantizeConfig
+    ranges: dict[str, tuple[float, float]]
+    keep_float: dict[str, str]
+    nodes: list[str]
+    feeds: list[dict[str, np.ndarray]]
+    reference: list[list[np.ndarray]]
+    labels: np.ndarray | None
+    notes: list[str]
+
+    @classmethod
+    def prepare(
+        cls,
+        model: ModelSource,
+        calibration: DataSource | Dataset,
+        config: QuantizeConfig | None = None,
+        *,
+        eval_data: DataSource | Dataset | None = None,
+        labels: np.ndarray | None = None,
+        max_eval_feeds: int | None = 64,
+    ) -> QuantStudy:
+        from onnxcomp.testing import run_model
+
+        config = config or QuantizeConfig()
+        notes: list[str] = []
+        work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=True, notes=notes)
+        if config.cleanup:
+            CleanupPass()(work)
+        infer_types(work)
+        plan = plan_static(work, config)
+        # Variants keep nodes float, which can undo a Relu fold: observe the unfolded points too.
+        unfolded = plan_static(work, dataclasses.replace(config, fold_activations=False))
+        observed = sorted(set(plan.touched) | set(unfolded.touched))
+        data = load_data(calibration, work, limit=config.max_samples)
+        result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config))
+        keep_float = mixed_range_nodes(work, plan, result.ranges, config.max_range_ratio)
+        nodes = plan_static(work, config, keep_float=keep_float).nodes
+        evaluation = load_data(eval_data, work) if eval_data is not None else data
+        feeds = []
+        for i, feed in enumerate(evaluation):
+            if max_eval_feeds is not None and i >= max_eval_feeds:
+                break
+            feeds.append(feed)
+        if labels is not None:
+            labels = np.asarray(labels)
+            if eval_data is None:
+                raise ValueError("labels need eval_data (they label the evaluation samples)")
+        reference = run_model(work, feeds)
+        if labels is not None:
+            n = sum(int(r[0].shape[0]) for r in reference)
+            labels = labels[:n]
+        return cls(work, config, result.ranges, keep_float, nodes, feeds, reference, labels, notes)
+
+    def build(self, float_nodes: set[str] | frozenset[str] = frozenset()) -> ir.Model:
+        """The model with every planned node in int8 except ``float_nodes``."""
+        model = clone_model(self.work)
+        keep = dict(self.keep_float)
+        keep.update({n: "kept float (sensitivity)" for n in float_nodes})
+        plan = plan_static(model, self.config, keep_float=keep)
+        QDQPass(self.config, plan, self.ranges)(model)
+        return model
+
+    def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
+                 progress: Callable[[int, int], object] | None = None) -> list[dict[str, float]]:
+        """Metrics of each model (in order), evaluated through ``executor``."""
+        payloads = [model_to_bytes(m) for m in models]
+        own = executor is None and len(payloads) > 1
+        if executor is None:
+            executor = _default_executor(len(payloads))
+        try:
+            futures = [executor.submit(evaluate_model_bytes, b, self.feeds, self.reference, self.labels)
+                       for b in payloads]
+            results = []
+            for i, f in enumerate(futures):
+                results.append(f.result())
+                if progress is not None:
+                    progress(i + 1, len(futures))
+            return results
+        finally:
+            if own:
+                executor.shutdown(wait=True)
+
+    def float_metrics(self) -> dict[str, float]:
+        return evaluate_model_bytes(model_to_bytes(self.work), self.feeds, self.reference, self.labels)
+
+
+def _default_executor(tasks: int) -> concurrent.futures.Executor:
+    if tasks <= 1:
+        return _Inline()
+    from onnxcomp.measure.bench import physical_cores
+
+    workers = max(1, min(physical_cores(), tasks))
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def analyze_sensitivity(
+    model: ModelSource,
+    calibration: DataSource | Dataset,
+    config: QuantizeConfig | None = None,
+    *,
+    eval_data: DataSource | Dataset | None = None,
+    labels: np.ndarray | None = None,
+    executor: concurrent.futures.Executor | None = None,
+    max_eval_feeds: int | None = 64,
+    progress: Callable[[int, int], object] | None = None,
+) -> dict[str, Any]:
+    """Per-node damage when quantized alone and gain when left alone in float, worst first."""
+    study = QuantStudy.prepare(model, calibration, config, eval_data=eval_data, labels=labels,
+                               max_eval_feeds=max_eval_feeds)
+    nodes = study.nodes
+    others = set(nodes)
+    models = [study.build(frozenset())]
+    models += [study.build(frozenset(others - {n})) for n in nodes]  # alone
+    models += [study.build(frozenset({n})) for n in nodes]  # all but n
+    results = study.evaluate(models, executor, progress)
+    full = results[0]
+    alone = results[1 : 1 + len(nodes)]
+    all_but = results[1 + len(nodes) :]
+    by_name = {n.name: n for n in study.work.graph}
+    rows = []
+    for name, a, b in zip(nodes, alone, all_but):
+        row = {"node": name, "op_type": by_name[name].op_type, "alone_sqnr_db": a["sqnr_db"],
+               "all_but_sqnr_db": b["sqnr_db"], "gain_db": b["sqnr_db"] - full["sqnr_db"]}
+        if "accuracy" in a:
+            row["alone_accuracy"] = a["accuracy"]
+            row["all_but_accuracy"] = b["accuracy"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r["alone_sqnr_db"], -r["gain_db"]))
+    return {
+        "float": study.float_metrics(),
+        "all_int8": full,
+        "nodes": rows,
+        "candidates_evaluated": len(models),
+        "eval_feeds": len(study.feeds),
+        "notes": study.notes,
+    }
+
+
+def _meets(metrics: dict[str, float], base: dict[str, float], fidelity_target: float | None, max_drop: float | None) -> bool:
+    ok = True
+    if fidelity_target is not None:
+        ok &= metrics["sqnr_db"] >= fidelity_target
+    if max_drop is not None:
+        ok &= (base["accuracy"] - metrics["accuracy"]) * 100 <= max_drop
+    return bool(ok)
+
+
+def quantize_with_fallback(
+    model: ModelSource,
+    calibration: DataSource | Dataset,
+    config: QuantizeConfig | None = None,
+    *,
+    fidelity_target: float | None = None,
+    max_drop: float | None = None,
+    eval_data: DataSource | Dataset | None = None,
+    labels: np.ndarray | None = None,
+    latency_aware: bool = False,
+    executor: concurrent.futures.Executor | None = None,
+    max_eval_feeds: int | None = 64,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Quantize, then move the fewest, most helpful nodes back to float until the target is met.
+
+    Args:
+        fidelity_target: minimum output SQNR in dB on the evaluation data.
+        max_drop: maximum accuracy drop in points (needs ``labels`` and ``eval_data``).
+        latency_aware: also keep float the op types whose int8 form is measured slower.
+
+    Raises:
+        ValueError: neither target given, or ``max_drop`` without labels.
+    """
+    if fidelity_target is None and max_drop is None and not latency_aware:
+        raise ValueError("give fidelity_target (dB), max_drop (points, with labels) or latency_aware")
+    if max_drop is not None and labels is None:
+        raise ValueError("max_drop needs labels (and eval_data)")
+    study = QuantStudy.prepare(model, calibration, config, eval_data=eval_data, labels=labels,
+                               max_eval_feeds=max_eval_feeds)
+    base = study.float_metrics()
+    fallback: list[str] = []
+    history = []
+    current = study.evaluate([study.build()], executor)[0]
+    history.append({"float_nodes": [], **current})
+    latency: dict[str, Any] = {}
+    if latency_aware:
+        slow_types, latency = _slow_op_types(study)
+        fallback += [n for n in study.nodes if _op(study, n) in slow_types]
+        if fallback:
+            current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
+            history.append({"float_nodes": list(fallback), **current})
+    targets = fidelity_target is not None or max_drop is not None
+    while targets and not _meets(current, base, fidelity_target, max_drop):
+        candidates = [n for n in study.nodes if n not in fallback]
+        if not candidates:
+            break
+        trials = study.evaluate([study.build(frozenset(fallback + [n])) for n in candidates], executor)
+        key = (lambda r: r["accuracy"]) if max_drop is not None else (lambda r: r["sqnr_db"])
+        best = max(range(len(candidates)), key=lambda i: (key(trials[i]), trials[i]["sqnr_db"]))
+        fallback.append(candidates[best])
+        current = trials[best]
+        history.append({"float_nodes": list(fallback), **current})
+        if progress is not None:
+            progress(len(fallback), len(study.nodes))
+    final = study.build(frozenset(fallback))
+    report = {
+        "float": base,
+        "final": current,
+        "target": {"fidelity_db": fidelity_target, "max_drop_points": max_drop},
+        "met": _meets(current, base, fidelity_target, max_drop) if targets else True,
+        "float_nodes": fallback,
+        "int8_nodes": [n for n in study.nodes if n not in fallback],
+        "history": history,
+        "latency": latency,
+        "notes": study.notes,
+    }
+    if fallback and targets:
+        report["fallback_latency"] = _fallback_latency(study, fallback)
+    return final, report
+
+
+def _op(study: QuantStudy, name: str) -> str:
+    return next(n.op_type for n in study.work.graph if n.name == name)
+
+
+def _slow_op_types(study: QuantStudy) -> tuple[set[str], dict[str, Any]]:
+    """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1)."""
+    from onnxcomp.measure.bench import bench_models
+
+    types = sorted({_op(study, n) for n in study.nodes})
+    variants = [("all int8", study.build())]
+    variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if _op(study, n) == t))) for t in types]
+    variants.append(("float", study.work))
+    rows = bench_models(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=None)
+    slow = set()
+    for t, row in zip(types, rows[1:-1]):
+        lo, hi = row["ratio_ci95"]
+        if hi < 1.0:  # leaving this type in float is faster
+            slow.add(t)
+    float_row = rows[-1]
+    return slow, {
+        "ratios_to_all_int8": {r["name"]: r["ratio_to_first"] for r in rows[1:]},
+        "op_types_kept_float": sorted(slow),
+        "int8_slower_than_float": bool(float_row["ratio_ci95"][1] < 1.0),
+    }
+
+
+def _fallback_latency(study: QuantStudy, fallback: list[str]) -> dict[str, float]:
+    """Latency ratio of leaving each fallback node float alone, relative to all int8."""
+    from onnxcomp.measure.bench import bench_models
+
+    variants = [("all int8", study.build())] + [(n, study.build(frozenset({n}))) for n in fallback]
+    rows = bench_models(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=None)
+    return {r["name"]: r["ratio_to_first"] for r in rows[1:]}

@@ -1,0 +1,111 @@
+"""Sensitivity analysis and automatic float fallback (one calibration, any Executor)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import numpy as np
+import onnx.helper as oh
+import pytest
+from conftest import MODELS, make_proto
+
+from onnxcomp.cli import main
+from onnxcomp.quant.api import quantize
+from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.quant.sensitivity import analyze_sensitivity, quantize_with_fallback
+
+
+def _model_with_a_fragile_layer(rng):
+    """Three MatMuls; the middle weight has one huge outlier, so per-tensor int8 ruins it."""
+    w1 = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+    w2[0, 0] = 60.0
+    w3 = rng.standard_normal((16, 8)).astype(np.float32) * 0.3
+    return make_proto(
+        [oh.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"), oh.make_node("Relu", ["a"], ["ra"], name="r1"),
+         oh.make_node("MatMul", ["ra", "w2"], ["b"], name="mm2"), oh.make_node("Relu", ["b"], ["rb"], name="r2"),
+         oh.make_node("MatMul", ["rb", "w3"], ["y"], name="mm3")],
+        [("x", ["N", 16])], [("y", ["N", 8])], [("w1", w1), ("w2", w2), ("w3", w3)],
+    )
+
+
+def _feeds(rng, n=24):
+    return [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(n)]
+
+
+PER_TENSOR = QuantizeConfig(per_channel=False, activation_type="int8")
+
+
+def test_sensitivity_ranks_the_fragile_layer_first(rng):
+    proto = _model_with_a_fragile_layer(rng)
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:  # any Executor works
+        report = analyze_sensitivity(proto, _feeds(rng), PER_TENSOR, executor=executor)
+    assert report["float"]["sqnr_db"] == np.inf
+    assert report["candidates_evaluated"] == 1 + 2 * len(report["nodes"])
+    worst = report["nodes"][0]
+    assert worst["node"] == "mm2", report["nodes"]
+    assert worst["gain_db"] == max(r["gain_db"] for r in report["nodes"])
+    assert worst["alone_sqnr_db"] < min(r["alone_sqnr_db"] for r in report["nodes"][1:])
+
+
+def test_default_process_pool(rng):
+    report = analyze_sensitivity(_model_with_a_fragile_layer(rng), _feeds(rng, 6), PER_TENSOR)
+    assert report["nodes"][0]["node"] == "mm2"
+
+
+def test_fallback_meets_the_target_with_the_fewest_nodes(rng):
+    proto = _model_with_a_fragile_layer(rng)
+    feeds = _feeds(rng)
+    _, plain = quantize(proto, feeds, PER_TENSOR)
+    sens = analyze_sensitivity(proto, feeds, PER_TENSOR, executor=concurrent.futures.ThreadPoolExecutor(1))
+    without_mm2 = next(r for r in sens["nodes"] if r["node"] == "mm2")["all_but_sqnr_db"]
+    assert without_mm2 > sens["all_int8"]["sqnr_db"] + 3
+    target = without_mm2 - 0.5  # reachable by moving mm2 alone to float
+    model, report = quantize_with_fallback(proto, feeds, PER_TENSOR, fidelity_target=target,
+                                           executor=concurrent.futures.ThreadPoolExecutor(2))
+    assert report["met"] and report["final"]["sqnr_db"] >= target
+    assert report["float_nodes"] == ["mm2"]
+    assert set(report["fallback_latency"]) == {"mm2"}
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("DequantizeLinear") > 0
+    assert plain["int8_nodes"] == 3
+
+
+def test_fallback_through_quantize_config_and_cli(tmp_path, capsys):
+    labels = np.load(MODELS / "digits_eval_labels.npy")
+    cfg = QuantizeConfig(max_drop=0.5, activation_type="int8", per_channel=False)
+    model, report = quantize(MODELS / "digits_transformer.onnx", MODELS / "digits_calib.npz", cfg,
+                             eval_data=MODELS / "digits_eval.npz", labels=labels)
+    fb = report["fallback"]
+    assert fb["met"] and (fb["float"]["accuracy"] - fb["final"]["accuracy"]) * 100 <= 0.5
+    out = tmp_path / "q.onnx"
+    argv = ["quantize", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "--calibration", str(MODELS / "digits_calib.npz"),
+            "--fidelity-target", "30", "--max-samples", "32", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fallback"]["met"] and report["fallback"]["final"]["sqnr_db"] >= 30
+
+
+def test_latency_aware_reports_measurements(rng):
+    model, report = quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 8), QuantizeConfig(),
+                                           latency_aware=True, executor=concurrent.futures.ThreadPoolExecutor(1))
+    lat = report["latency"]
+    assert set(lat["ratios_to_all_int8"]) == {"MatMul float", "float"}
+    assert isinstance(lat["int8_slower_than_float"], bool)
+    assert set(report["float_nodes"]) | set(report["int8_nodes"]) == {"mm1", "mm2", "mm3"}
+
+
+def test_sensitivity_cli(capsys):
+    argv = ["sensitivity", str(MODELS / "digits_mlp.onnx"), "--calibration", str(MODELS / "digits_calib.npz"),
+            "--max-eval-feeds", "16", "--workers", "2", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["nodes"]) == 3 and report["candidates_evaluated"] == 7
+
+
+def test_fallback_refuses_no_target(rng):
+    with pytest.raises(ValueError, match="fidelity_target"):
+        quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 4))
+    with pytest.raises(ValueError, match="labels"):
+        quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 4), max_drop=1.0)
