@@ -110,7 +110,14 @@ def _stage_line(stage: dict[str, Any]) -> str:
         return (f"{len(s['tensors'])} tensors, {s['clusters']} clusters, weights {_fmt_bytes(t['bytes_before'])} -> "
                 f"{_fmt_bytes(t['bytes_after'])} ({_fmt_bytes(t['entropy_bytes'])} entropy-coded)")
     if name == "prune":
-        return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float, str)))[:300]
+        b, a = s["before"], s["after"]
+        text = (f"{s['channels_removed']} channels removed, parameters {b['parameters']:,} -> {a['parameters']:,}, "
+                f"MACs/sample {b['macs']:,} -> {a['macs']:,}")
+        rec = s.get("reconstruction")
+        if rec:
+            text += (f", least-squares refit: calibration SQNR {rec['calibration_output_sqnr_db_before']:.1f} -> "
+                     f"{rec['calibration_output_sqnr_db_after']:.1f} dB")
+        return text
     if name == "verify":
         return ", ".join(f"{k}: {v}" for k, v in s.items())
     return ""

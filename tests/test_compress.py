@@ -83,7 +83,8 @@ def test_terminal_summary(work, capsys):
 
 def test_shipped_recipes_validate():
     recipes = shipped_recipes()
-    assert {"int8", "int8-accurate", "cluster-4bit", "transformer-int4", "transformer-dynamic"} <= set(recipes)
+    assert {"int8", "int8-accurate", "cluster-4bit", "transformer-int4", "transformer-dynamic", "prune-50",
+            "deep-compression"} <= set(recipes)
     for name in recipes:
         assert isinstance(load_recipe(name), Recipe)
 
@@ -259,6 +260,21 @@ def test_interrupt_leaves_no_partial_file(work, capsys, monkeypatch):
     assert not (work / "out.onnx").exists()
     assert not [p for p in work.iterdir() if p.name.startswith(".onnxcomp-")]
     assert file_digest(work / "digits_cnn.onnx") == before
+
+
+def test_deep_compression_chain(work, capsys):
+    code, stdout, err = _run(capsys, work / "digits_cnn.onnx", "-o", work / "out.onnx", "--recipe", "deep-compression",
+                             "--calibration", work / "digits_calib.npz", "--eval", work / "digits_eval.npz",
+                             "--labels", work / "digits_eval_labels.npy", "--set", "measure.latency=false",
+                             "--set", "prune.max_samples=48", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert [s["stage"] for s in report["stages"]] == ["cleanup", "prune", "cluster", "quantize", "verify"]
+    prune_stats = report["stages"][1]["stats"]
+    assert prune_stats["after"]["macs"] < 0.75 * prune_stats["before"]["macs"]
+    assert report["after"]["bytes"] < 0.5 * report["before"]["bytes"]
+    acc = report["measure"]["fidelity"]["accuracy"]
+    assert acc["reference"] - acc["candidate"] <= 0.03, acc
 
 
 def test_no_traceback_in_a_real_process(work):

@@ -60,6 +60,7 @@ class ModelComparison:
     accuracy: dict[str, float]
     label_output: str | None
     layers: list[OutputFidelity]
+    layers_resized: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class ModelComparison:
             "accuracy": self.accuracy,
             "label_output": self.label_output,
             "layers": [_fidelity_dict(f, channels=False) for f in self.layers],
+            "layers_resized": self.layers_resized,
         }
 
 
@@ -162,11 +164,15 @@ def compare_models(
     label_index = ref_outputs.index(label_output) if label_output else 0
     predictions: dict[str, list[np.ndarray]] = {"reference": [], "candidate": []}
     samples = feeds = 0
+    resized: set[str] = set()
     for feed in data:
         ref_values = ref_session.run(names, feed)
         cand_values = cand_session.run(names, feed)
         for i, (name, r, c) in enumerate(zip(names, ref_values, cand_values)):
             if r.shape != c.shape:
+                if i >= len(ref_outputs):  # an intermediate pruning resized: not comparable
+                    resized.add(name)
+                    continue
                 raise OnnxcompError(
                     f"output {name!r}: reference shape {list(r.shape)} vs candidate {list(c.shape)}"
                 )
@@ -194,7 +200,10 @@ def compare_models(
                 )
             accuracy[role] = float(np.mean(pred == labels))
     outputs = [accumulators[n].result() for n in ref_outputs]
-    layers = sorted((accumulators[n].result() for n in layer_names), key=lambda f: _sort_key(f.sqnr_db))
+    layers = sorted(
+        (accumulators[n].result() for n in layer_names if n in accumulators and n not in resized),
+        key=lambda f: _sort_key(f.sqnr_db),
+    )
     return ModelComparison(
         outputs=outputs,
         samples=samples,
@@ -202,6 +211,7 @@ def compare_models(
         accuracy=accuracy,
         label_output=names[label_index] if labels is not None else None,
         layers=layers,
+        layers_resized=len(resized),
     )
 
 
