@@ -35,6 +35,7 @@ an error too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -348,9 +349,16 @@ def load_data(
     batch_size: int | None = None,
     limit: int | None = None,
 ) -> Dataset:
-    """A :class:`Dataset` for ``model`` from any supported source (a Dataset is returned as is)."""
+    """A :class:`Dataset` for ``model`` from any supported source.
+
+    A Dataset is returned as is, or as a view limited to ``limit`` feeds when it allows more.
+    """
     if isinstance(source, Dataset):
-        return source
+        if limit is None or (source.limit is not None and source.limit <= limit):
+            return source
+        view = copy.copy(source)
+        view.limit = limit
+        return view
     return Dataset(source, model, batch_size=batch_size, limit=limit)
 
 
