@@ -84,6 +84,10 @@ _recipe_candidate("oc_int8_pct", "onnxcomp static int8, percentile 99.999 ranges
                   {**STATIC, "quantize": {"calibration": "percentile"}})
 _recipe_candidate("oc_int8_mse", "onnxcomp static int8, MSE-optimal ranges (recipe int8-accurate)",
                   {**STATIC, "quantize": {"calibration": "mse"}})
+_recipe_candidate("oc_int8_acc", "onnxcomp int8-accurate: MSE ranges + cross-layer equalization + bias correction",
+                  {**STATIC, "quantize": {"calibration": "mse", "equalize": True, "bias_correction": True}})
+_recipe_candidate("oc_int8_sq", "onnxcomp int8 + SmoothQuant (alpha searched) + bias correction",
+                  {**STATIC, "quantize": {"smoothquant": True, "bias_correction": True}}, skip=CNNS)
 _recipe_candidate("oc_int8_fb30", "onnxcomp int8 with float fallback to 30 dB output SQNR (calibration data), latency-aware",
                   {**STATIC, "quantize": {"fidelity_target": 30.0, "latency_aware": True}})
 _recipe_candidate("oc_int8_fb40", "onnxcomp int8 with float fallback to 40 dB output SQNR (calibration data), latency-aware",

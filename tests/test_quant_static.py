@@ -209,3 +209,19 @@ def test_config_validation():
         QuantizeConfig(exclude=("re:(",))
     with pytest.raises(ConfigError, match="calibration"):
         QuantizeConfig.from_dict({"calibration": "kl"})
+
+
+def test_recovery_options_through_quantize():
+    """CLE + bias correction lift per-tensor int8 of the digits CNN; kernels stay int8."""
+    reference = io.load_model(MODELS / "digits_cnn.onnx")
+    ds = Dataset(MODELS / "digits_eval.npz", reference, batch_size=90)
+    plain, _ = quantize(reference, MODELS / "digits_calib.npz", QuantizeConfig(per_channel=False))
+    better, report = quantize(reference, MODELS / "digits_calib.npz",
+                              QuantizeConfig(per_channel=False, equalize=True, bias_correction=True))
+    assert set(report["recovery"]) == {"equalize", "bias_correction"}
+    assert report["onnxruntime"]["float_compute"] == 0
+    before = compare_models(reference, plain, ds).outputs[0].sqnr_db
+    after = compare_models(reference, better, ds).outputs[0].sqnr_db
+    assert after > before + 4, (before, after)  # measured 30.0 -> 37.2 dB
+    with pytest.raises(ConfigError, match="static mode"):
+        QuantizeConfig(mode="dynamic", bias_correction=True)

@@ -17,7 +17,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import infer_types, working_copy
-from onnxcomp.io import ModelSource
+from onnxcomp.io import ModelSource, clone_model
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.calibrate import calibrate
 from onnxcomp.quant.config import QuantizeConfig
@@ -38,6 +38,27 @@ def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
     if config.calibration == "mse":
         return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
     return {}
+
+
+def _recover_before(work: ir.Model, config: QuantizeConfig, data: Dataset) -> dict[str, Any]:
+    """Float-exact rewrites that make the model easier to quantize (CLE, SmoothQuant)."""
+    stats: dict[str, Any] = {}
+    if config.equalize:
+        from onnxcomp.quant.equalize import CrossLayerEqualizationPass
+
+        stats["equalize"] = CrossLayerEqualizationPass()(work).stats
+    if config.smoothquant:
+        from onnxcomp.quant.smoothquant import SmoothQuantConfig, SmoothQuantPass
+
+        sq = SmoothQuantConfig(
+            alpha=config.smoothquant_alpha if config.smoothquant_alpha is not None else 0.5,
+            search=config.smoothquant_alpha is None,
+            activation_type=config.activation_type,
+            activation_symmetric=config.activation_symmetric,
+            per_channel=config.per_channel,
+        )
+        stats["smoothquant"] = SmoothQuantPass(sq, data)(work).stats
+    return stats
 
 
 def quantize(
@@ -93,9 +114,11 @@ def quantize(
         work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
         cleanup = CleanupPass()(work) if config.cleanup else None
         TopologicalSortPass()(work)
+        data = load_data(calibration, work, limit=config.max_samples)
+        recovery = _recover_before(work, config, data)
+        float_model = clone_model(work) if config.bias_correction else None
         infer_types(work)
         plan = plan_static(work, config)
-        data = load_data(calibration, work, limit=config.max_samples)
         total = data.num_feeds
         result = calibrate(
             work, plan.observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
@@ -115,6 +138,12 @@ def quantize(
         }
         if cleanup is not None:
             report["cleanup"] = cleanup.stats
+        if float_model is not None:
+            from onnxcomp.quant.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
+
+            recovery["bias_correction"] = BiasCorrectionPass(BiasCorrectionConfig(cleanup=False), float_model, data)(work).stats
+        if recovery:
+            report["recovery"] = recovery
     else:
         from onnxcomp.quant.weight_only import quantize_dynamic_mode, quantize_weight_only_mode
 

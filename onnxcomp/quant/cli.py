@@ -36,6 +36,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
                    help="weight-only storage: blocked DequantizeLinear (opset 21) or onnxruntime MatMulNBits")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
+    p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (exact in float)")
+    p.add_argument("--smoothquant", action="store_true", help="migrate activation outliers into MatMul/Gemm weights")
+    p.add_argument("--bias-correction", action="store_true", help="correct each layer's mean output error afterwards")
     p.add_argument("--fidelity-target", type=float, metavar="SQNR_DB",
                    help="move the most sensitive nodes back to float until the output SQNR reaches this")
     p.add_argument("--max-drop", type=float, metavar="POINTS",
@@ -70,6 +73,9 @@ def _run(args: argparse.Namespace) -> int:
         bits=args.bits,
         block_size=args.block_size,
         weight_only_format=args.format,
+        equalize=args.equalize,
+        smoothquant=args.smoothquant,
+        bias_correction=args.bias_correction,
         fidelity_target=args.fidelity_target,
         max_drop=args.max_drop,
         latency_aware=args.latency_aware,

@@ -45,6 +45,12 @@ class QuantizeConfig(PassConfig):
             (onnxruntime's ``com.microsoft.MatMulNBits``, 4 bits only).
         dynamic_op_types: op types quantized in dynamic mode (Conv is not among the defaults: its
             ConvInteger form is several times slower on onnxruntime's CPU provider).
+        equalize: cross-layer equalization before quantizing (Conv/Gemm/MatMul chains; exact in
+            float; helps per-tensor weights most), see onnxcomp.quant.equalize.
+        smoothquant: migrate activation outliers into the weights of MatMul/Gemm (exact in float),
+            ``smoothquant_alpha`` fixed, or searched per group when None; see onnxcomp.quant.smoothquant.
+        bias_correction: after quantizing, subtract each layer's mean output error on the
+            calibration data from its bias; see onnxcomp.quant.bias_correction.
         fidelity_target: static mode: move the most helpful nodes back to float until the output
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).
@@ -70,6 +76,10 @@ class QuantizeConfig(PassConfig):
     block_size: int = 32
     weight_only_format: Literal["qdq", "ort"] = "qdq"
     dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    equalize: bool = False
+    smoothquant: bool = False
+    smoothquant_alpha: float | None = None
+    bias_correction: bool = False
     fidelity_target: float | None = None
     max_drop: float | None = None
     latency_aware: bool = False
@@ -83,6 +93,10 @@ class QuantizeConfig(PassConfig):
             raise ConfigError(f"quantize: bins must be >= 16, got {self.bins}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"quantize: max_samples must be >= 1, got {self.max_samples}")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ConfigError(f"quantize: smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
+        if (self.equalize or self.smoothquant or self.bias_correction) and self.mode != "static":
+            raise ConfigError("quantize: equalize, smoothquant and bias_correction apply to static mode")
         if self.max_drop is not None and self.max_drop < 0:
             raise ConfigError(f"quantize: max_drop must be >= 0 points, got {self.max_drop}")
         if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
