@@ -114,6 +114,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantize_weight",
+    "blockwise_minmax",
     "BiasQuantization",
     "quantize_bias",
     "pack_int4",
@@ -432,7 +433,9 @@ def dequantize(
     return (diff * s_b).astype(np.float32)
 
 
-def _blockwise_minmax(w: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def blockwise_minmax(w: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block min and max along ``axis`` (ONNX blocked layout; a short last block is padded
+    with zeros, which is harmless because ranges always include 0)."""
     dim = w.shape[axis]
     nblocks = -(-dim // block_size)
     moved = np.moveaxis(w, axis, -1)
@@ -475,7 +478,7 @@ def quantize_weight(
         if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         ax = _normalize_axis(axis, wa.ndim)
-        wmin, wmax = _blockwise_minmax(wa, ax, int(block_size))
+        wmin, wmax = blockwise_minmax(wa, ax, int(block_size))
     elif axis is not None:
         ax = _normalize_axis(axis, wa.ndim)
         others = tuple(i for i in range(wa.ndim) if i != ax)

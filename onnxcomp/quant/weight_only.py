@@ -90,7 +90,7 @@ from onnxcomp.io import initializer_nbytes, load_model
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.primitives import MIN_SCALE, compute_scale_zero_point, quantize, quantize_weight
+from onnxcomp.quant.primitives import MIN_SCALE, blockwise_minmax, compute_scale_zero_point, quantize, quantize_weight
 
 __all__ = [
     "QDQ_MIN_OPSET",
@@ -144,19 +144,6 @@ class BlockQuantized:
         return dequantize_blockwise(self.q, self.scale, self.axis, self.block_size)
 
 
-def _block_minmax(w: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block min and max along ``axis`` (a short last block is padded with zeros, which is
-    harmless: the ranges include 0 anyway)."""
-    dim = w.shape[axis]
-    nblocks = -(-dim // block_size)
-    moved = np.moveaxis(w, axis, -1)
-    pad = nblocks * block_size - dim
-    if pad:
-        moved = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, pad)])
-    blocks = moved.reshape(moved.shape[:-1] + (nblocks, block_size))
-    return np.moveaxis(blocks.min(axis=-1), -1, axis), np.moveaxis(blocks.max(axis=-1), -1, axis)
-
-
 def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int) -> BlockQuantized:
     """Quantize ``w`` blockwise along ``axis`` on the grids of the module docstring.
 
@@ -171,7 +158,7 @@ def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int) -> 
     if wa.size == 0 or not np.isfinite(wa).all():
         raise ValueError("the weight is empty or holds NaN/Inf; it cannot be quantized")
     axis = axis % wa.ndim
-    lo, hi = _block_minmax(wa, axis, block_size)
+    lo, hi = blockwise_minmax(wa, axis, block_size)
     lo = np.minimum(lo, 0.0).astype(np.float64)
     hi = np.maximum(hi, 0.0).astype(np.float64)
     if bits == 4:
