@@ -6,7 +6,7 @@ works on a clone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +22,7 @@ __all__ = [
     "FLOAT_TYPES",
     "infer_types",
     "with_outputs",
+    "stream_values",
     "produced_values",
     "constant_array",
     "unique_name",
@@ -64,6 +65,36 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
         if name not in existing:
             clone.graph.outputs.append(values[name])
     return clone
+
+
+def stream_values(
+    model: ir.Model,
+    names: Sequence[str],
+    data: Iterable[Mapping[str, np.ndarray]],
+    *,
+    max_feeds: int | None = None,
+    threads: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed of ``data``, ``{name: value}`` of the named tensors.
+
+    Tensors computed in the main graph come from one onnxruntime session on a clone that outputs
+    them (built in memory, basic optimizations); graph inputs are read from the feed. Nothing is
+    kept between feeds, so memory is bounded by one feed's tensors.
+    """
+    from onnxcomp.io import create_session
+    from onnxcomp.testing import session_options
+
+    names = list(dict.fromkeys(names))
+    graph_inputs = {v.name for v in model.graph.inputs}
+    computed = [n for n in names if n not in graph_inputs]
+    session = None
+    if computed:
+        session = create_session(with_outputs(model, computed), sess_options=session_options("basic", threads=threads))
+    for i, feed in enumerate(data):
+        if max_feeds is not None and i >= max_feeds:
+            return
+        values = dict(zip(computed, session.run(computed, dict(feed)))) if session is not None else {}
+        yield {name: feed[name] if name in graph_inputs else values[name] for name in names}
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

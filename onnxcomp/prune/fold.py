@@ -32,10 +32,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxcomp.analysis.channels import ChannelGroup, Consumer
 from onnxcomp.data import Dataset
-from onnxcomp.graph import add_initializer, all_value_names, infer_types, with_outputs
-from onnxcomp.io import create_session
+from onnxcomp.graph import add_initializer, all_value_names, infer_types, stream_values
 from onnxcomp.ops import LINEAR_OPS
-from onnxcomp.testing import session_options
 
 __all__ = ["InputStats", "consumer_input_stats", "cut_channels"]
 
@@ -90,15 +88,9 @@ def consumer_input_stats(
     stats = InputStats()
     if not wanted:
         return stats
-    graph_inputs = {v.name for v in model.graph.inputs}
-    computed = [n for n in wanted if n not in graph_inputs]
-    session = create_session(with_outputs(model, computed), sess_options=session_options("basic", threads=None)) if computed else None
-    for i, feed in enumerate(data):
-        if max_feeds is not None and i >= max_feeds:
-            break
-        values = dict(zip(computed, session.run(computed, feed))) if session is not None else {}
+    for values in stream_values(model, list(wanted), data, max_feeds=max_feeds):
         for name, axis in wanted.items():
-            stats.update(name, feed[name] if name in graph_inputs else values[name], axis)
+            stats.update(name, values[name], axis)
     return stats
 
 

@@ -28,11 +28,9 @@ import onnx_ir as ir
 
 from onnxcomp.analysis.channels import ChannelAnalysis, ChannelGroup, Member
 from onnxcomp.data import Dataset
-from onnxcomp.graph import with_outputs
-from onnxcomp.io import create_session
+from onnxcomp.graph import stream_values
 from onnxcomp.prune.config import PruneConfig
 from onnxcomp.quant.config import NodeSelector
-from onnxcomp.testing import session_options
 
 __all__ = ["eligible_groups", "channel_scores", "zero_channels", "activation_means", "select_channels"]
 
@@ -111,13 +109,9 @@ def activation_means(
     if not wanted:
         return {}
     names = sorted(wanted)
-    session = create_session(with_outputs(model, names), sess_options=session_options("basic", threads=None))
     sums: dict[tuple[int, str], np.ndarray] = {}
     counts: dict[tuple[int, str], int] = {}
-    for i, feed in enumerate(data):
-        if max_feeds is not None and i >= max_feeds:
-            break
-        values = dict(zip(names, session.run(names, feed)))
+    for i, values in enumerate(stream_values(model, names, data, max_feeds=max_feeds)):
         for g in groups:
             for m in _activation_members(g):
                 x = np.moveaxis(values[m.value.name], m.axis, 0)

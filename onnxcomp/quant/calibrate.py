@@ -17,10 +17,8 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError
-from onnxcomp.graph import with_outputs
-from onnxcomp.io import create_session
+from onnxcomp.graph import stream_values
 from onnxcomp.quant.observers import Observer, make_observer
-from onnxcomp.testing import session_options
 
 __all__ = ["CalibrationResult", "calibrate"]
 
@@ -63,26 +61,16 @@ def calibrate(
     observers = {name: make_observer(method, **(observer_kwargs or {})) for name in names}
     if not names:
         return CalibrationResult({}, {}, 0, 0.0)
-    graph_inputs = {v.name for v in model.graph.inputs}
-    computed = [n for n in names if n not in graph_inputs]
-    session = None
-    if computed:
-        augmented = with_outputs(model, computed)
-        session = create_session(augmented, sess_options=session_options("basic", threads=threads))
     feeds = 0
-    for feed in data:
-        values = dict(zip(computed, session.run(computed, feed))) if session is not None else {}
+    for values in stream_values(model, names, data, max_feeds=max_feeds, threads=threads):
         for name in names:
-            value = feed[name] if name in graph_inputs else values[name]
             try:
-                observers[name].update(value)
+                observers[name].update(values[name])
             except ValueError as exc:
                 raise DataError(f"calibration: tensor {name!r} on feed {feeds}: {exc}") from None
         feeds += 1
         if progress is not None:
             progress(feeds)
-        if max_feeds is not None and feeds >= max_feeds:
-            break
     ranges = {}
     for name, obs in observers.items():
         lo, hi = obs.compute_range()

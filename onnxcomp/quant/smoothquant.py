@@ -62,8 +62,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError, DataError
-from onnxcomp.graph import with_outputs
-from onnxcomp.io import create_session
+from onnxcomp.graph import stream_values
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.quant.config import NodeSelector
 from onnxcomp.quant.equalize import (
@@ -79,7 +78,6 @@ from onnxcomp.quant.equalize import (
     scale_consumer_inputs,
 )
 from onnxcomp.quant.primitives import compute_scale_zero_point, dequantize, quantize, quantize_weight
-from onnxcomp.testing import session_options
 
 __all__ = [
     "SmoothQuantConfig",
@@ -386,10 +384,9 @@ def _collect(
     names = [g.tensor.name for g in groups]
     rng = np.random.default_rng(config.seed)
     stats = {g.tensor.name: _ChannelStats(g.channels, config.search_rows, rng) for g in groups}
-    session = create_session(with_outputs(model, names), sess_options=session_options("basic", threads=None))
     feeds = 0
-    for feed in data:
-        for name, value in zip(names, session.run(names, feed)):
+    for values in stream_values(model, names, data, max_feeds=config.max_samples):
+        for name, value in values.items():
             if value.shape[-1] != stats[name].min.shape[0]:
                 raise DataError(f"smoothquant: tensor {name!r} has {value.shape[-1]} channels on its last axis, "
                                 f"expected {stats[name].min.shape[0]}")
@@ -400,8 +397,6 @@ def _collect(
         feeds += 1
         if progress is not None:
             progress(feeds)
-        if config.max_samples is not None and feeds >= config.max_samples:
-            break
     return stats, feeds
 
 
