@@ -24,12 +24,8 @@ def session_options(optimization: str = "all", threads: int | None = 1):
     """onnxruntime SessionOptions for a graph optimization level name and a thread count."""
     import onnxruntime as ort
 
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
+    from onnxcomp.measure.latency import GRAPH_OPTIMIZATION_LEVELS as levels
+
     if optimization not in levels:
         raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
     so = ort.SessionOptions()
