@@ -157,6 +157,18 @@ def _render_summary(con, info: dict[str, Any]) -> None:
         con.print(f"model-local functions: {info['functions']}")
 
 
+def file_bytes(path) -> int:
+    """Size of a model file plus its ``<name>.data`` external data, if any."""
+    total = os.path.getsize(path)
+    data = f"{path}.data"
+    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def fmt_size(n: int) -> str:
+    """Bytes as KiB (one decimal) or, from 1 MiB, MiB (two decimals)."""
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -32,7 +32,6 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.api import cluster, session_creation_seconds
     from onnxcomp.cluster.passes import ClusterConfig
     from onnxcomp.io import check_target, load_model, save_model
-    from onnxcomp.quant.cli import _file_bytes, _fmt
 
     con = console(args)
     config = ClusterConfig(
@@ -49,9 +48,9 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(clustered, args.output)
-    report["input"] = {"path": args.model, "bytes": _file_bytes(args.model),
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model),
                        "session_creation_s": session_creation_seconds(model)}
-    report["output"] = {"path": str(out), "bytes": _file_bytes(out),
+    report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
     if args.json:
         print_json(report)
@@ -66,18 +65,18 @@ def _run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
     for name, t in report["tensors"].items():
         table.add_row(name, "x".join(map(str, t["shape"])), str(t["distinct_values"]), f"{t['relative_mse']:.2e}",
-                      _fmt(t["bytes_before"]), _fmt(t["bytes_after"]), _fmt(t["zlib_bytes_after"]),
-                      _fmt(t["entropy_bytes"]))
+                      fmt_size(t["bytes_before"]), fmt_size(t["bytes_after"]), fmt_size(t["zlib_bytes_after"]),
+                      fmt_size(t["entropy_bytes"]))
     con.print(table)
     tot = report["totals"]
     if tot["bytes_before"]:
         con.print(
-            f"clustered weights: {_fmt(tot['bytes_before'])} -> {_fmt(tot['bytes_after'])} stored, "
-            f"{_fmt(tot['zlib_bytes_after'])} zipped, {_fmt(tot['entropy_bytes'])} with entropy coding "
+            f"clustered weights: {fmt_size(tot['bytes_before'])} -> {fmt_size(tot['bytes_after'])} stored, "
+            f"{fmt_size(tot['zlib_bytes_after'])} zipped, {fmt_size(tot['entropy_bytes'])} with entropy coding "
             f"({tot['bytes_before'] / max(tot['entropy_bytes'], 1):.1f}x)"
         )
     con.print(
-        f"file: {_fmt(report['input']['bytes'])} -> {_fmt(report['output']['bytes'])} "
+        f"file: {fmt_size(report['input']['bytes'])} -> {fmt_size(report['output']['bytes'])} "
         f"({report['output']['bytes'] / report['input']['bytes']:.2f}x); session creation "
         f"{report['input']['session_creation_s'] * 1e3:.1f} ms -> {report['output']['session_creation_s'] * 1e3:.1f} ms"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -98,8 +98,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output)
-    report["input"] = {"path": args.model, "bytes": _file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
-    report["output"] = {"path": str(out), "bytes": _file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
+    report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
     if args.json:
         print_json(report)
         return 0
@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     ort = report.get("onnxruntime", {})
     con.print(
         f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
-        f"{_fmt(report['input']['bytes'])} -> {_fmt(report['output']['bytes'])}"
+        f"{fmt_size(report['input']['bytes'])} -> {fmt_size(report['output']['bytes'])}"
     )
     fallback = report.get("fallback")
     if fallback:
@@ -144,16 +144,6 @@ def _run(args: argparse.Namespace) -> int:
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
     return 0
-
-
-def _file_bytes(path) -> int:
-    total = os.path.getsize(path)
-    data = f"{path}.data"
-    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
-
-
-def _fmt(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)
