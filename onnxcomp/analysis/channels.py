@@ -70,6 +70,12 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
+def channel_indices(offset: int, block: int, channels: Iterable[int]) -> np.ndarray:
+    """Indices ``[offset + c*block, offset + (c+1)*block)`` of each channel c, concatenated."""
+    c = np.asarray(list(channels), dtype=np.int64).reshape(-1, 1)
+    return (offset + c * block + np.arange(block, dtype=np.int64)).reshape(-1)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Member:
     """A tensor axis indexed by a group: channel c is ``[offset + c*block, offset + (c+1)*block)``."""
@@ -81,8 +87,7 @@ class Member:
 
     def indices(self, channels: Iterable[int]) -> np.ndarray:
         """Indices along ``axis`` of ``value`` that the group's ``channels`` occupy."""
-        c = np.asarray(list(channels), dtype=np.int64).reshape(-1, 1)
-        return (self.offset + c * self.block + np.arange(self.block, dtype=np.int64)).reshape(-1)
+        return channel_indices(self.offset, self.block, channels)
 
     def _where(self) -> str:
         block = f", block {self.block}" if self.block != 1 else ""
@@ -108,8 +113,7 @@ class Producer(Member):
     depthwise: bool = False
 
     def bias_indices(self, channels: Iterable[int]) -> np.ndarray:
-        c = np.asarray(list(channels), dtype=np.int64).reshape(-1, 1)
-        return (self.bias_offset + c * self.bias_block + np.arange(self.bias_block)).reshape(-1)
+        return channel_indices(self.bias_offset, self.bias_block, channels)
 
     def describe(self) -> str:
         kind = " (depthwise)" if self.depthwise else ""
@@ -209,8 +213,7 @@ class TensorCut:
     block: int = 1
 
     def indices(self, channels: Iterable[int]) -> np.ndarray:
-        c = np.asarray(list(channels), dtype=np.int64).reshape(-1, 1)
-        return (self.offset + c * self.block + np.arange(self.block, dtype=np.int64)).reshape(-1)
+        return channel_indices(self.offset, self.block, channels)
 
 
 @dataclasses.dataclass
