@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from onnxcomp.measure import stats
@@ -65,10 +65,11 @@ def test_summarize_refuses(times: list, kwargs: dict, needle: str) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(min_value=1e-7, max_value=10.0), min_size=1, max_size=60))
+@example(times=[6.086484131474888] * 3)  # the float mean of three equal times fell an ulp below them
 def test_summarize_order_invariants(times: list[float]) -> None:
     s = summarize(times)
     assert s.min <= s.median <= s.p90 <= s.p99 <= max(times)
-    assert s.min <= s.mean <= max(times) * (1 + 1e-12)
+    assert s.min <= s.mean <= max(times)
     assert s.std >= 0
     assert s.n == len(times)
 

@@ -125,7 +125,8 @@ def summarize(times: Sequence[float] | np.ndarray, batch_size: int = 1) -> Laten
     batch = check_int(batch_size, "batch_size")
     n = int(arr.size)
     median, p90, p99 = np.percentile(arr, [50.0, 90.0, 99.0], method="linear")
-    mean = float(arr.mean())
+    # Rounding can put a float mean an ulp outside [min, max] (three equal times); it never is.
+    mean = min(max(float(arr.mean()), float(arr.min())), float(arr.max()))
     std = float(arr.std(ddof=1)) if n > 1 else 0.0
     throughput = 1.0 / mean if mean > 0 else math.inf
     return LatencySummary(
