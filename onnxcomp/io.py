@@ -13,6 +13,9 @@ Guarantees
 * **Atomic writes.** A model is written into a temporary folder inside the target folder and renamed
   into place (external data first, then the model file), so an interrupted save (error, Ctrl-C)
   leaves either the previous file or nothing, never a half-written one.
+* **Compact files.** Shapes and types of intermediate values (``value_info``), which the passes'
+  shape inference fills in and onnxruntime infers again at session creation anyway, are not written
+  unless asked for (``keep_value_info=True``); graph inputs and outputs keep theirs.
 * **Big models.** External data is memory-mapped by onnx_ir, never read into a protobuf just to
   inspect it. Models whose initializers exceed the 2 GB protobuf limit are saved with external data
   and handed to onnxruntime through a temporary file instead of bytes.
@@ -378,6 +381,7 @@ def save_model(
     *,
     external_data: bool | None = None,
     size_threshold_bytes: int = 1024,
+    keep_value_info: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` atomically.
 
@@ -389,6 +393,9 @@ def save_model(
             uses external data when the model was loaded from a file with external data (even if
             every tensor has since been rewritten) or when it is needed for size.
         size_threshold_bytes: smallest tensor moved to external data.
+        keep_value_info: also write the types and shapes of intermediate values and initializers
+            (``value_info``). Off by default: they are redundant for onnxruntime, and on small
+            compressed models they can take a tenth of the file.
 
     Raises:
         ModelSaveError: the target is a folder, its folder is missing or not writable, the target
@@ -411,15 +418,9 @@ def save_model(
         raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
     try:
         tmp_model = tmp / target.name
-        if external_data:
-            ir.save(
-                to_write,
-                tmp_model,
-                external_data=data_name,
-                size_threshold_bytes=size_threshold_bytes,
-            )
-        else:
-            ir.save(to_write, tmp_model)
+        annotations = contextlib.nullcontext() if keep_value_info else _intermediate_types_hidden(to_write)
+        with annotations:
+            _write(to_write, tmp_model, data_name if external_data else None, size_threshold_bytes)
         tmp_data = tmp / data_name
         if tmp_data.exists():
             os.replace(tmp_data, folder / data_name)
@@ -429,6 +430,39 @@ def save_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write(model: ir.Model, path: Path, data_name: str | None, size_threshold_bytes: int) -> None:
+    if data_name is None:
+        ir.save(model, path)
+    else:
+        ir.save(model, path, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
+
+
+@contextlib.contextmanager
+def _intermediate_types_hidden(model: ir.Model) -> Iterator[None]:
+    """Clear type and shape of every value that is not a graph input or output, then restore them.
+
+    onnx_ir writes a ``value_info`` entry for every typed value (initializers included); hiding the
+    annotations for the time of the write leaves them out of the file without copying the model.
+    """
+    hidden: list[tuple[ir.Value, ir.TypeProtocol | None, ir.Shape | None]] = []
+    graphs = [model.graph, *(g for g in model.graph.subgraphs())]
+    try:
+        for graph in graphs:
+            boundary = {id(v) for v in (*graph.inputs, *graph.outputs)}
+            values = [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+            for value in values:
+                if id(value) in boundary or (value.type is None and value.shape is None):
+                    continue
+                hidden.append((value, value.type, value.shape))
+                value.type = None
+                value.shape = None
+        yield
+    finally:
+        for value, type_, shape in hidden:
+            value.type = type_
+            value.shape = shape
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

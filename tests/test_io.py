@@ -57,6 +57,28 @@ def test_round_trip_inline(matmul_proto, tmp_path, rng):
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"], "no temporary files left"
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_intermediate_value_info_is_not_written(matmul_proto, tmp_path, rng, external):
+    from onnxcomp.graph import infer_types
+
+    model = io.load_model(matmul_proto)
+    infer_types(model)
+    typed = {v.name: (v.type, v.shape) for node in model.graph for v in node.outputs}
+    assert any(t is not None for t, _ in typed.values())
+    out = io.save_model(model, tmp_path / "lean.onnx", external_data=external, size_threshold_bytes=0)
+    lean = onnx.load(out, load_external_data=False)
+    assert not lean.graph.value_info
+    assert [o.type.tensor_type.elem_type for o in lean.graph.output] == [onnx.TensorProto.FLOAT]
+    assert {v.name: (v.type, v.shape) for node in model.graph for v in node.outputs} == typed, "model untouched"
+    full = io.save_model(model, tmp_path / "full.onnx", external_data=external, size_threshold_bytes=0,
+                         keep_value_info=True)
+    assert {vi.name for vi in onnx.load(full, load_external_data=False).graph.value_info} >= {
+        n for n, (t, _) in typed.items() if t is not None and n not in {o.name for o in model.graph.outputs}}
+    feeds = _feeds(rng)
+    for a, b in zip(_outputs(io.load_model(out), feeds), _outputs(model, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_round_trip_external_data_stays_external(matmul_proto, tmp_path, rng):
     src_dir = tmp_path / "src"
     src_dir.mkdir()
