@@ -9,6 +9,8 @@ Passes ask this module what an op *is* instead of testing op types in if-chains:
 * :data:`LINEAR_OPS` is the shared core table: which inputs of Conv, ConvTranspose, Gemm and
   MatMul are weights or biases, and along which axis their output and input channels run (some
   axes depend on attributes, e.g. Gemm's ``transB``; those are small functions of the node).
+* :data:`ATTRIBUTE_DEFAULTS` holds the ONNX specification's default values of common
+  attributes, so a cleanup can drop attributes that merely restate them.
 * :data:`CHANNELWISE_OPS` lists ops that map channel c of their input to channel c of their
   output (element-wise unary ops, normalizations with per-channel parameters, pooling).
 
@@ -388,3 +390,41 @@ CHANNEL_RULES.register("Shape", ChannelRule("shape"))
 CHANNEL_RULES.register("Size", ChannelRule("shape", always_freeze=True))
 
 __all__ += ["ChannelRule", "CHANNEL_RULES", "CHANNEL_RULE_KINDS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeDefault:
+    """The value an attribute takes when it is absent, per the ONNX specification.
+
+    ``per_axis``: a list attribute (strides, pads, dilations) whose default is ``value`` on every
+    axis, whatever the number of axes.
+    """
+
+    value: int | float | str
+    per_axis: bool = False
+
+    def matches(self, value: object) -> bool:
+        if self.per_axis:
+            return isinstance(value, (list, tuple)) and all(v == self.value for v in value)
+        return not isinstance(value, (list, tuple)) and type(value) is type(self.value) and value == self.value
+
+
+_ONES, _ZEROS = AttributeDefault(1, per_axis=True), AttributeDefault(0, per_axis=True)
+_WINDOW = {"auto_pad": AttributeDefault("NOTSET"), "strides": _ONES, "pads": _ZEROS, "dilations": _ONES}
+
+#: Attribute defaults per op (only attributes whose default is a plain value; required attributes
+#: and defaults that depend on the input, such as Transpose's ``perm``, are not listed).
+ATTRIBUTE_DEFAULTS: OpTable[dict[str, AttributeDefault]] = OpTable("attribute defaults")
+ATTRIBUTE_DEFAULTS.register("Conv", {**_WINDOW, "group": AttributeDefault(1)})
+ATTRIBUTE_DEFAULTS.register("ConvTranspose", {**_WINDOW, "group": AttributeDefault(1), "output_padding": _ZEROS})
+ATTRIBUTE_DEFAULTS.register("MaxPool", {**_WINDOW, "ceil_mode": AttributeDefault(0), "storage_order": AttributeDefault(0)})
+ATTRIBUTE_DEFAULTS.register("AveragePool", {**_WINDOW, "ceil_mode": AttributeDefault(0),
+                                            "count_include_pad": AttributeDefault(0)})
+ATTRIBUTE_DEFAULTS.register("Gemm", {"alpha": AttributeDefault(1.0), "beta": AttributeDefault(1.0),
+                                     "transA": AttributeDefault(0), "transB": AttributeDefault(0)})
+ATTRIBUTE_DEFAULTS.register("Gather", {"axis": AttributeDefault(0)})
+ATTRIBUTE_DEFAULTS.register("Flatten", {"axis": AttributeDefault(1)})
+ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault(1)}, until=12)
+ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault(-1)}, since=13)
+
+__all__ += ["AttributeDefault", "ATTRIBUTE_DEFAULTS"]

@@ -131,3 +131,48 @@ def test_cleanup_on_shipped_models(name):
     data = np.load(MODELS / "digits_eval.npz")["image"][:16]
     feeds = [{"image": data[:1]}, {"image": data}]
     assert_equivalent(reference, model, feeds, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_nodes_keep_the_replaced_nodes_names(rng):
+    proto = _conv_bn_model(rng)
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"{node.op_type.lower()}_{i}"
+    model = io.load_model(proto)
+    CleanupPass()(model)
+    names = {node.op_type: node.name for node in model.graph}
+    assert names["Conv"] == "conv_0" and names["ConvTranspose"] == "convtranspose_3" and names["Gemm"] == "gemm_9"
+    # onnxscript's rewriter tags the nodes it creates; the tag does not reach the output model
+    assert not any(node.metadata_props for node in model.graph)
+
+
+def test_attributes_at_their_default_are_dropped(rng):
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    wg = rng.standard_normal((4 * 3 * 3, 5)).astype(np.float32)
+    proto = make_proto(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"], dilations=[1, 1], group=1, strides=[1, 1], pads=[0, 0, 0, 0],
+                         kernel_shape=[3, 3]),
+            oh.make_node("Conv", ["c", "w2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], group=1),
+            oh.make_node("MaxPool", ["c2"], ["p"], kernel_shape=[1, 1], storage_order=0, ceil_mode=0),
+            oh.make_node("Flatten", ["p"], ["f"], axis=1),
+            oh.make_node("Gemm", ["f", "wg"], ["g"], alpha=1.0, beta=1.0, transA=0, transB=0),
+            oh.make_node("Softmax", ["g"], ["y"], axis=-1),
+        ],
+        [("x", ["N", 3, 8, 8])],
+        [("y", ["N", 5])],
+        [("w", w), ("w2", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)), ("wg", wg)],
+    )
+    reference = io.load_model(proto)
+    model = io.load_model(proto)
+    result = CleanupPass()(model)
+    attrs = {node.op_type + str(i): dict(node.attributes) for i, node in enumerate(model.graph)}
+    assert set(attrs["Conv0"]) == {"kernel_shape"}
+    assert {k: list(v.value) for k, v in attrs["Conv1"].items()} == {"strides": [2, 2], "pads": [1, 1, 1, 1]}
+    assert set(attrs["MaxPool2"]) == {"kernel_shape"}
+    assert not attrs["Flatten3"] and not attrs["Gemm4"] and not attrs["Softmax5"]
+    assert result.stats["default_attributes_dropped"] == 13
+    feeds = [{"x": rng.standard_normal((n, 3, 8, 8)).astype(np.float32)} for n in (1, 2)]
+    assert_equivalent(reference, model, feeds, atol=1e-5, rtol=1e-5)
+    kept = io.load_model(proto)
+    CleanupPass(CleanupConfig(drop_default_attributes=False))(kept)
+    assert kept.graph.node(0).attributes["group"].value == 1

@@ -14,6 +14,9 @@ module only chooses which of their rules run and reports what changed.
   repeated Relu/Clip.
 * Constants lifted to initializers (so later passes find weights as ``const_value``), unused nodes
   removed, nodes sorted topologically.
+* Attributes that restate the specification's default (``strides=[1, 1]``, ``group=1``) are
+  dropped; nodes that rules created take the name of the node they replace (a Conv that absorbed
+  a BatchNormalization keeps the Conv's name), so exclude lists and reports keep working.
 
 Refuses nothing: a rule that does not match leaves the graph as it was. Functions are inlined
 first (configurable), because later passes need to see the ops inside them.
@@ -35,11 +38,13 @@ from onnxscript.rewriter.rules import common as rules
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.io import initializer_nbytes
+from onnxcomp.ops import ATTRIBUTE_DEFAULTS
 from onnxcomp.passes.base import CompressionPass, PassConfig
 
 __all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
 
 _GENERATED_NAME = re.compile(r"^node_[A-Za-z]+_\d+$")
+_RULE_NAME_TAG = "pkg.onnxscript.rewriter.rule_name"  # onnxscript.rewriter's debugging tag
 
 _BATCHNORM_RULES = (
     rules.fuse_batchnorm_into_conv_rule,
@@ -75,6 +80,8 @@ class CleanupConfig(PassConfig):
         fuse_batchnorm: fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
         remove_noops: remove operations that do nothing (see module docstring).
         inline_functions: inline model-local functions first.
+        drop_default_attributes: remove attributes that restate the specification's default
+            (``strides=[1, 1]``, ``group=1``, ``transA=0``; table :data:`onnxcomp.ops.ATTRIBUTE_DEFAULTS`).
         iterations: how many rounds of folding and rewriting at most (stops early at a fixed point).
         fold_input_size_limit: largest constant input (elements) that folding may read.
         fold_output_size_limit: largest folded constant (elements) that folding may create.
@@ -84,6 +91,7 @@ class CleanupConfig(PassConfig):
     fuse_batchnorm: bool = True
     remove_noops: bool = True
     inline_functions: bool = True
+    drop_default_attributes: bool = True
     iterations: int = 2
     fold_input_size_limit: int = 8192
     fold_output_size_limit: int = 1 << 20
@@ -112,6 +120,65 @@ class _FoldConstants(onnx_ir.passes.InPlacePass):
         return onnx_ir.passes.PassResult(model, bool(result.modified))
 
 
+def _producers(model: ir.Model) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Output value name -> (name, op type, input value names) of the node producing it."""
+    return {
+        out.name: (node.name or "", node.op_type, tuple(v.name or "" if v is not None else "" for v in node.inputs))
+        for node in model.graph.all_nodes()
+        for out in node.outputs
+        if out.name
+    }
+
+
+def _tidy_rewritten_nodes(model: ir.Model, producers: dict[str, tuple[str, str, tuple[str, ...]]]) -> None:
+    """Name the nodes rewrites created (onnxscript's "node_Conv_3", or none) and drop the rule tag.
+
+    onnxscript tags every node a rule creates with the rule's name in its metadata, which would
+    be written into the output model (60 bytes a node); it is debugging information, dropped.
+
+    Passes, exclude lists and reports refer to nodes by name, so a fused node takes the name of
+    the removed node of its op type it stands for: walking back from the tensor it produces
+    through removed nodes (at most 4 steps), a Conv that absorbed a BatchNormalization gets the
+    old Conv's name. Nodes with no such ancestor are named after the tensor they produce.
+    """
+    from onnxcomp.graph import name_nodes
+
+    nodes = list(model.graph.all_nodes())
+    taken = {node.name for node in nodes if node.name and not _GENERATED_NAME.match(node.name)}
+    for node in nodes:
+        if not (_GENERATED_NAME.match(node.name or "") or not node.name) or not node.outputs:
+            continue
+        node.name = ""
+        node.metadata_props.pop(_RULE_NAME_TAG, None)
+        frontier, steps = [node.outputs[0].name or ""], 0
+        while frontier and steps < 4 and not node.name:
+            nxt: list[str] = []
+            for value_name in frontier:
+                old = producers.get(value_name)
+                if old is None or not old[0] or old[0] in taken:
+                    continue  # a graph input, an unnamed node, or a node still present
+                if old[1] == node.op_type:
+                    node.name = old[0]
+                    taken.add(old[0])
+                    break
+                nxt.extend(old[2])
+            frontier, steps = nxt, steps + 1
+    name_nodes(model)
+
+
+def _drop_default_attributes(model: ir.Model) -> int:
+    """Remove attributes equal to their specification default; returns how many."""
+    dropped = 0
+    for node in model.graph.all_nodes():
+        defaults = ATTRIBUTE_DEFAULTS.lookup(node, model)
+        for name, default in (defaults or {}).items():
+            attr = node.attributes.get(name)
+            if attr is not None and default.matches(attr.value):
+                del node.attributes[name]
+                dropped += 1
+    return dropped
+
+
 def op_histogram(model: ir.Model) -> collections.Counter[str]:
     """Count of nodes per op type over the main graph and all subgraphs."""
     return collections.Counter(
@@ -129,6 +196,7 @@ class CleanupPass(CompressionPass[CleanupConfig]):
         cfg = self.config
         before_ops = op_histogram(model)
         before_bytes = initializer_nbytes(model)
+        producers = _producers(model)
         passes: list[onnx_ir.passes.PassBase] = []
         if cfg.inline_functions and model.functions:
             passes.append(common_passes.InlinePass())
@@ -151,19 +219,14 @@ class CleanupPass(CompressionPass[CleanupConfig]):
         modified = False
         for p in passes:
             modified = p(model).modified or modified
-        # Rewrites create nodes with generic names (onnxscript's "node_Conv_3") or none; passes and
-        # reports refer to nodes by name, so name them after the tensor they produce.
-        from onnxcomp.graph import name_nodes
-
-        for node in model.graph.all_nodes():
-            if _GENERATED_NAME.match(node.name or "") and node.outputs and node.outputs[0].name:
-                node.name = ""
-        name_nodes(model)
+        _tidy_rewritten_nodes(model, producers)
+        defaults_dropped = _drop_default_attributes(model) if cfg.drop_default_attributes else 0
         after_ops = op_histogram(model)
         removed = {k: before_ops[k] - after_ops.get(k, 0) for k in before_ops if after_ops.get(k, 0) < before_ops[k]}
         added = {k: after_ops[k] - before_ops.get(k, 0) for k in after_ops if after_ops[k] > before_ops.get(k, 0)}
-        changed = bool(removed or added) or initializer_nbytes(model) != before_bytes
+        changed = bool(removed or added) or initializer_nbytes(model) != before_bytes or defaults_dropped > 0
         return changed or modified, {
+            "default_attributes_dropped": defaults_dropped,
             "nodes_before": sum(before_ops.values()),
             "nodes_after": sum(after_ops.values()),
             "batchnorm_fused": before_ops.get("BatchNormalization", 0)
