@@ -14,6 +14,7 @@ from onnxcomp.cluster.kmeans import (
     MAX_K,
     KMeansResult,
     _Bucketer,
+    cluster_channel_scaled,
     cluster_per_channel,
     entropy_bits,
     huffman_bits_per_symbol,
@@ -580,3 +581,37 @@ def test_kmeans_labels_pack_end_to_end():
     np.testing.assert_array_equal(res.centroids[back], res.reconstruct())
     counts = np.bincount(res.labels, minlength=16)
     assert entropy_bits(counts) <= huffman_bits_per_symbol(counts) <= 4.0
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_cluster_channel_scaled(axis):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 7, 5)).astype(np.float32)
+    scale = np.logspace(-6, 1, w.shape[axis]).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    w = w * scale.reshape(shape)
+    np.moveaxis(w, axis, 0)[2] = 0.0  # a dead channel stays exactly zero
+    cen, lab, s = cluster_channel_scaled(w, 8, axis=axis, preserve_zero=True)
+    assert lab.shape == w.shape and s.shape == (w.shape[axis],) and s.dtype == np.float32
+    assert cen.size <= 8 and np.all(np.diff(cen) > 0) and 0.0 in cen
+    recon = cen[lab] * s.reshape(shape)
+    assert recon.dtype == np.float32
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    rec_rows = np.moveaxis(recon, axis, 0).reshape(rows.shape)
+    assert np.all(rec_rows[2] == 0.0)
+    live = np.arange(rows.shape[0]) != 2
+    rel = ((rec_rows - rows) ** 2).sum(1)[live] / (rows ** 2).sum(1)[live]
+    assert rel.max() < 0.1  # every channel, 7 decades of scale apart, keeps its shape
+    flat = kmeans_1d(w, 8, preserve_zero=True).reconstruct()
+    flat_rows = np.moveaxis(flat, axis, 0).reshape(rows.shape)
+    assert (((flat_rows - rows) ** 2).sum(1)[live] / (rows ** 2).sum(1)[live]).max() > 0.5  # one codebook does not
+    # the least-squares scale never does worse than the max-magnitude normalisation it refines
+    peak = np.abs(rows).max(1)
+    peak[peak == 0] = 1
+    with_peak = cen[np.moveaxis(lab, axis, 0).reshape(rows.shape)] * peak[:, None]
+    assert np.all(((rec_rows - rows) ** 2).sum(1) <= ((with_peak - rows) ** 2).sum(1) * (1 + 1e-6) + 1e-30)
+    with pytest.raises(ValueError, match="weights"):
+        cluster_channel_scaled(w, 8, weights=np.ones_like(w))
+    with pytest.raises(ValueError, match="axis"):
+        cluster_channel_scaled(w, 8, axis=3)

@@ -15,12 +15,16 @@ def _configure(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
     size.add_argument("--clusters", type=int, help="number of clusters K")
-    p.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
+    granularity = p.add_mutually_exclusive_group()
+    granularity.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
+    granularity.add_argument("--channel-scales", action="store_true",
+                             help="one codebook per tensor plus a scale per output channel (for weights whose "
+                                  "channels differ in scale, e.g. BatchNorm folded in)")
     p.add_argument("--format", choices=("float", "codebook"), default="float",
                    help="float: snapped weights, same graph; codebook: labels + codebook rebuilt by Gather")
     p.add_argument("--init", choices=("kmeans++", "linear", "density"), default="kmeans++")
     p.add_argument("--preserve-zeros", choices=("auto", "always", "never"), default="auto")
-    p.add_argument("--min-elements", type=int, default=1024, help="leave smaller tensors alone (default 1024)")
+    p.add_argument("--min-elements", type=int, default=256, help="leave smaller tensors alone (default 256)")
     p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
@@ -35,7 +39,8 @@ def _run(args: argparse.Namespace) -> int:
 
     con = console(args)
     config = ClusterConfig(
-        bits=args.bits, clusters=args.clusters, per_channel=args.per_channel, init=args.init,
+        bits=args.bits, clusters=args.clusters, per_channel=args.per_channel,
+        channel_scales=args.channel_scales, init=args.init,
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
         format=args.format, seed=args.seed,
     )
@@ -59,8 +64,8 @@ def _run(args: argparse.Namespace) -> int:
 
     for note in report["notes"]:
         con.print(f"[yellow]note:[/yellow] {note}")
-    table = Table(title=f"{config.k} clusters, {args.format} format"
-                        f"{', per channel' if args.per_channel else ''}", title_justify="left")
+    table = Table(title=f"{config.k} clusters per {report['granularity']}, {args.format} format",
+                  title_justify="left")
     for col in ("tensor", "shape", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
         table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
     for name, t in report["tensors"].items():

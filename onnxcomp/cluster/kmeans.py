@@ -87,6 +87,25 @@ and the labels and inertia are computed against the rounded centroids, so
 are normalised to ``+0.0``. Labels use ``uint8`` when ``k <= 256``, else ``uint16`` (chosen
 from ``k``, not from the number of centroids actually found, so the dtype is predictable).
 
+Channel-scaled codebook
+-----------------------
+One codebook per tensor fails on weights whose output channels differ in scale by orders of
+magnitude (BatchNorm folded into a Conv, a dead channel of ``1e-20`` weights): the small
+channels are snapped onto centroids sized for the large ones and their relative error explodes.
+One codebook per channel fixes that but costs ``k`` floats per channel, more than the labels of a
+3x3 depthwise filter. ``cluster_channel_scaled`` shares one codebook ``c`` across the tensor and
+gives each output channel a scale ``s_r``: ``W[r, i] ~ s_r * c[l(r, i)]``.
+
+1. Normalise every channel by its largest magnitude, ``v_ri = W_ri / m_r`` (``m_r = 1`` for an
+   all-zero channel), so every channel spans ``[-1, 1]`` and counts alike in the fit.
+2. Fit ``c`` and ``l`` by 1-D k-means on all ``v`` at once (``preserve_zero`` as above, zeros stay
+   zeros since ``s_r * 0 = 0``).
+3. Refit each scale by least squares given the labels, ``q_r = c[l(r, .)]``:
+   ``s_r = <W_r, q_r> / <q_r, q_r>`` (``m_r`` if ``q_r = 0``), which minimises
+   ``||W_r - s_r q_r||^2`` exactly and so is never worse than keeping ``m_r``.
+
+Each channel then holds at most ``k`` distinct values; the scales cost one float per channel.
+
 Entropy-coding estimate
 -----------------------
 For a histogram of label counts ``n_s`` with total ``N``, ``entropy_bits`` is the Shannon
@@ -121,6 +140,7 @@ __all__ = [
     "KMeansResult",
     "kmeans_1d",
     "cluster_per_channel",
+    "cluster_channel_scaled",
     "huffman_bits_per_symbol",
     "entropy_bits",
     "pack_indices",
@@ -696,6 +716,39 @@ def cluster_per_channel(
         centroids[ch, n:] = res.centroids[-1]
         labels[ch] = res.labels
     return centroids, np.ascontiguousarray(np.moveaxis(labels, 0, axis))
+
+
+def cluster_channel_scaled(
+    w: np.ndarray, k: int, axis: int = 0, **kw: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One codebook shared by all channels of ``w`` along ``axis``, one scale per channel.
+
+    See "Channel-scaled codebook" in the module docstring. Returns ``(centroids, labels,
+    scales)``: ``centroids`` float32 ``[<= k]`` ascending, ``labels`` of the shape of ``w``,
+    ``scales`` float32 ``[C]``; the reconstruction is
+    ``scales[c] * centroids[labels]`` along ``axis`` (both factors float32, so it is bit-exactly
+    what a float32 ``Mul`` computes). ``kw`` is forwarded to :func:`kmeans_1d` (``weights`` is
+    refused: the normalisation already sets the weighting). Refuses (ValueError) what
+    :func:`cluster_per_channel` refuses.
+    """
+    arr = np.asarray(w)
+    if arr.ndim == 0:
+        raise ValueError("w must have at least one dimension")
+    if "weights" in kw:
+        raise ValueError("cluster_channel_scaled takes no weights")
+    axis = _check_int(axis, "axis", -arr.ndim, arr.ndim - 1) % arr.ndim
+    if arr.shape[axis] == 0:
+        raise ValueError(f"w has no channels along axis {axis}")
+    rows = np.moveaxis(_as_real_array(arr, "w"), axis, 0).reshape(arr.shape[axis], -1).astype(np.float64)
+    peak = np.abs(rows).max(axis=1)
+    peak[peak == 0] = 1.0
+    result = kmeans_1d(rows / peak[:, None], k, **kw)
+    q = result.centroids.astype(np.float64)[result.labels]
+    energy = np.einsum("ij,ij->i", q, q)
+    fitted = np.einsum("ij,ij->i", rows, q) / np.where(energy > 0, energy, 1.0)
+    scales = np.where(energy > 0, fitted, peak).astype(np.float32)
+    labels = np.moveaxis(result.labels.reshape(np.moveaxis(arr, axis, 0).shape), 0, axis)
+    return result.centroids, np.ascontiguousarray(labels), scales
 
 
 # ----------------------------------------------------------------------------- entropy coding

@@ -2,7 +2,9 @@ r"""Weight clustering (k-means weight sharing, as in Deep Compression) for any O
 
 Every eligible weight tensor :math:`W` is replaced by :math:`\hat W = c[\ell]`, where the codebook
 :math:`c \in \mathbb{R}^K` and the labels :math:`\ell` come from exact 1-D k-means
-(:func:`onnxcomp.cluster.kmeans.kmeans_1d`), per tensor or per output channel.
+(:func:`onnxcomp.cluster.kmeans.kmeans_1d`), per tensor or per output channel, or by
+:math:`\hat W_r = s_r\, c[\ell_r]` with one shared codebook and a least-squares scale per output
+channel (``channel_scales``, :func:`onnxcomp.cluster.kmeans.cluster_channel_scaled`).
 
 Storage formats:
 
@@ -12,13 +14,16 @@ Storage formats:
 * ``codebook``: the initializer is replaced by the label tensor (``UINT4``, two labels per byte,
   when K <= 16, which needs opset 21; ``uint8`` up to K = 256; ``uint16`` beyond) and a float
   codebook, rebuilt in the graph as ``Cast -> [Add channel offsets] -> Gather(codebook) ->
-  Reshape``. All of it has constant inputs, so onnxruntime folds it once at session creation:
+  [Mul channel scales]``. The labels keep the weight's shape, so no Reshape is needed, and the
+  last output takes the weight's name. All of it has constant inputs, so onnxruntime folds it once at session creation:
   inference latency is unchanged; session creation does the decoding.
 
 Eligible tensors: float32 initializers with at least ``min_elements`` values that are the weight
 of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (embeddings), not
-excluded by name (of the tensor or of a consuming node) or consumer op type. Tensors that already
-have at most K distinct values are left alone, so running the pass twice changes nothing.
+excluded by name (of the tensor or of a consuming node) or consumer op type, and not a graph input
+(an initializer that is also an input is a default the user may override) or graph output.
+Tensors that already have at most K distinct values (per channel with ``per_channel`` or
+``channel_scales``) are left alone, so running the pass twice changes nothing.
 
 Statistics per tensor: bytes before/after, zlib-compressed bytes, an entropy-coding estimate
 (optimal Huffman code length of the label histogram, plus the codebook), distinct values, and
@@ -37,6 +42,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxcomp.cluster.kmeans import (
+    cluster_channel_scaled,
     cluster_per_channel,
     huffman_bits_per_symbol,
     kmeans_1d,
@@ -62,6 +68,11 @@ class ClusterConfig(PassConfig):
         bits: K = 2**bits clusters (ignored when ``clusters`` is set).
         clusters: K directly (2..65536).
         per_channel: one codebook per output channel instead of per tensor.
+        channel_scales: one codebook per tensor and one float scale per output channel, fitted on
+            channels normalised to [-1, 1] (see :func:`onnxcomp.cluster.kmeans.cluster_channel_scaled`):
+            keeps every channel's relative error bounded where per-tensor clustering snaps a
+            small-scale channel (BatchNorm folded in, a dead channel) onto centroids sized for
+            the others, at the cost of 4 bytes per channel instead of ``4 K`` for ``per_channel``.
         init: centroid initialization: ``kmeans++``, ``linear`` (evenly spaced), ``density``
             (quantiles of the weight distribution).
         preserve_zeros: ``auto`` reserves an exact 0 centroid when a tensor has exact zeros (as
@@ -75,9 +86,10 @@ class ClusterConfig(PassConfig):
     bits: int = 4
     clusters: int | None = None
     per_channel: bool = False
+    channel_scales: bool = False
     init: Literal["kmeans++", "linear", "density"] = "kmeans++"
     preserve_zeros: Literal["auto", "always", "never"] = "auto"
-    min_elements: int = 1024
+    min_elements: int = 256
     exclude: tuple[str, ...] = ()
     format: Literal["float", "codebook"] = "float"
     seed: int = 0
@@ -88,6 +100,8 @@ class ClusterConfig(PassConfig):
             raise ConfigError(f"cluster: bits must be in 1..16, got {self.bits}")
         if self.clusters is not None and not 2 <= self.clusters <= 65536:
             raise ConfigError(f"cluster: clusters must be in 2..65536, got {self.clusters}")
+        if self.per_channel and self.channel_scales:
+            raise ConfigError("cluster: per_channel and channel_scales exclude each other")
         if self.min_elements < 1:
             raise ConfigError(f"cluster: min_elements must be >= 1, got {self.min_elements}")
         if self.max_iter < 0 or self.seed < 0:
@@ -137,6 +151,9 @@ def find_cluster_targets(model: ir.Model, config: ClusterConfig) -> tuple[list[C
             skipped[name] = f"{tensor.size} elements, fewer than min_elements={config.min_elements}"
             continue
         consumers = [u.node for u in value.uses()]
+        if value.is_graph_input() or value.is_graph_output():
+            skipped[name] = "a graph input or output (its value may be fed or read by the user)"
+            continue
         if selector.excluded(name, "") or any(selector.excluded(n.name or "", n.op_type) for n in consumers):
             skipped[name] = "excluded"
             continue
@@ -168,29 +185,17 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         total = len(targets)
         for done, target in enumerate(targets, 1):
             w = target.value.const_value.numpy()
-            if np.unique(w).size <= cfg.k:
-                skipped[target.name] = f"already has at most {cfg.k} distinct values"
-                if self.progress:
-                    self.progress(done, total)
-                continue
-            preserve = cfg.preserve_zeros == "always" or (cfg.preserve_zeros == "auto" and bool(np.any(w == 0)))
-            kw = {"init": cfg.init, "seed": cfg.seed, "max_iter": cfg.max_iter, "preserve_zero": preserve}
-            if cfg.per_channel:
-                centroids, labels = cluster_per_channel(w, cfg.k, axis=target.channel_axis, **kw)
-                moved = np.moveaxis(labels, target.channel_axis, 0)
-                snapped = np.moveaxis(np.take_along_axis(centroids, moved.reshape(moved.shape[0], -1), axis=1)
-                                      .reshape(moved.shape), 0, target.channel_axis)
+            done_reason = self._already_clustered(w, target.channel_axis)
+            if done_reason:
+                skipped[target.name] = done_reason
             else:
-                result = kmeans_1d(w, cfg.k, **kw)
-                centroids, labels = result.centroids, result.labels
-                snapped = result.reconstruct()
-            snapped = snapped.astype(np.float32).reshape(w.shape)
-            stats = _tensor_stats(w, snapped, centroids, labels, cfg.k, cfg.format)
-            if cfg.format == "float":
-                target.value.const_value = ir.tensor(snapped, name=target.name)
-            else:
-                self._store_codebook(graph, taken, target, centroids, labels, stats)
-            per_tensor[target.name] = stats
+                clustered = self._cluster(w, target.channel_axis)
+                stats = _tensor_stats(w, clustered, cfg.k, cfg.format)
+                if cfg.format == "float":
+                    target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
+                else:
+                    self._store_codebook(graph, taken, target, clustered, stats)
+                per_tensor[target.name] = stats
             if self.progress:
                 self.progress(done, total)
         if cfg.format == "codebook" and per_tensor:
@@ -203,24 +208,59 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         return bool(per_tensor), {
             "clusters": cfg.k,
             "format": cfg.format,
+            "granularity": "channel" if cfg.per_channel else ("scaled channel" if cfg.channel_scales else "tensor"),
             "tensors": per_tensor,
             "totals": totals,
             "skipped": skipped,
         }
 
+    def _already_clustered(self, w: np.ndarray, axis: int) -> str | None:
+        """Why ``w`` needs no clustering, or None.
+
+        At most K distinct values in the tensor always qualifies. With ``per_channel`` so do at
+        most K per channel; with ``channel_scales`` too, but only where channels hold more than K
+        weights (smaller channels always do, and sharing one codebook still compresses them).
+        """
+        k = self.config.k
+        if np.unique(w).size <= k:
+            return f"already has at most {k} distinct values"
+        by_channel = self.config.per_channel or (self.config.channel_scales and w.size // w.shape[axis] > k)
+        if by_channel and _distinct_per_channel(w, axis) <= k:
+            return f"already has at most {k} distinct values per channel"
+        return None
+
+    def _cluster(self, w: np.ndarray, axis: int) -> _Clustered:
+        cfg = self.config
+        preserve = cfg.preserve_zeros == "always" or (cfg.preserve_zeros == "auto" and bool(np.any(w == 0)))
+        kw = {"init": cfg.init, "seed": cfg.seed, "max_iter": cfg.max_iter, "preserve_zero": preserve}
+        scales = None
+        if cfg.per_channel:
+            centroids, labels = cluster_per_channel(w, cfg.k, axis=axis, **kw)
+            moved = np.moveaxis(labels, axis, 0)
+            rows = np.take_along_axis(centroids, moved.reshape(moved.shape[0], -1).astype(np.int64), axis=1)
+            snapped = np.moveaxis(rows.reshape(moved.shape), 0, axis)
+        elif cfg.channel_scales:
+            centroids, labels, scales = cluster_channel_scaled(w, cfg.k, axis=axis, **kw)
+            snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
+        else:
+            result = kmeans_1d(w, cfg.k, **kw)
+            centroids, labels = result.centroids, result.labels
+            snapped = result.reconstruct()
+        return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
+                          labels, scales)
+
     def _store_codebook(
-        self,
-        graph: ir.Graph,
-        taken: set[str],
-        target: ClusterTarget,
-        centroids: np.ndarray,
-        labels: np.ndarray,
-        stats: dict[str, Any],
+        self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered, stats: dict[str, Any]
     ) -> None:
+        """Replace the weight by ``Cast(labels) [+ offsets] -> Gather(codebook) [* scales]``.
+
+        The labels keep the weight's shape, so the Gather already yields the weight's shape, and
+        the last node's output takes the weight's name: consumers read the same name as before.
+        """
         k = self.config.k
         name = target.name
+        labels = clustered.labels
         shape = list(labels.shape)
-        n = int(labels.size)
         nodes: list[ir.Node] = []
 
         def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
@@ -229,40 +269,60 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             nodes.append(node)
             return node.outputs[0]
 
-        flat_labels = labels.reshape(-1)
         if k <= 16:
             # 4-bit labels as a native UINT4 tensor (two per byte on disk; opset 21).
-            packed = ir.PackedTensor(pack_indices(flat_labels, 4), ir.DataType.UINT4, shape=ir.Shape([n]), name=f"{name}_labels")
+            packed = ir.PackedTensor(pack_indices(labels.reshape(-1), 4), ir.DataType.UINT4, shape=ir.Shape(shape))
             label_values = _register(graph, unique_name(graph, f"{name}_labels", taken), packed)
-            stored = (n + 1) // 2
+            stored = (labels.size + 1) // 2
         else:
-            dtype = np.uint8 if k <= 256 else np.uint16
-            arr = flat_labels.astype(dtype)
+            arr = labels.astype(np.uint8 if k <= 256 else np.uint16)
             label_values = add_initializer(graph, f"{name}_labels", arr, taken)
             stored = arr.nbytes
         index = add("Cast", [label_values], to=ir.DataType.INT64)
-        codebook = np.asarray(centroids, np.float32)
+        codebook = clustered.centroids
+        axis = target.channel_axis
         if self.config.per_channel:
-            axis = target.channel_axis
-            channels = labels.shape[axis]
-            offset_shape = [1] * labels.ndim
-            offset_shape[axis] = channels
-            offsets = (np.arange(channels, dtype=np.int64) * k).reshape(offset_shape)
-            full_shape = add_initializer(graph, f"{name}_shape", np.array(shape, np.int64), taken)
-            index = add("Add", [add("Reshape", [index, full_shape]),
-                                add_initializer(graph, f"{name}_offsets", offsets, taken)])
+            channels = shape[axis]
+            offsets = (np.arange(channels, dtype=np.int64) * k).reshape(_channel_shape(len(shape), axis, channels))
+            index = add("Add", [index, add_initializer(graph, f"{name}_offsets", offsets, taken)])
             codebook = codebook.reshape(-1)
-        cb = add_initializer(graph, f"{name}_codebook", codebook, taken)
-        gathered = add("Gather", [cb, index], axis=0)
-        out_shape = add_initializer(graph, f"{name}_weight_shape", np.array(shape, np.int64), taken)
-        weight = add("Reshape", [gathered, out_shape])
-        weight.dtype = ir.DataType.FLOAT
-        weight.shape = ir.Shape(shape)
+        weight = add("Gather", [add_initializer(graph, f"{name}_codebook", codebook, taken), index])
+        side = codebook.nbytes
+        if clustered.scales is not None:
+            scales = clustered.scales.reshape(_channel_shape(len(shape), axis, clustered.scales.size))
+            weight = add("Mul", [weight, add_initializer(graph, f"{name}_scales", scales, taken)])
+            side += scales.nbytes
         for node in nodes:
             graph.append(node)
         target.value.replace_all_uses_with(weight)
-        graph.initializers.pop(target.name, None)
-        stats["bytes_after"] = int(stored + codebook.nbytes)
+        graph.initializers.pop(name)
+        target.value.name = None
+        weight.name = name
+        weight.dtype = ir.DataType.FLOAT
+        weight.shape = ir.Shape(shape)
+        stats["bytes_after"] = int(stored + side)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clustered:
+    """A clustered tensor: ``snapped`` (float32, the weight's shape) and how it is stored."""
+
+    snapped: np.ndarray
+    centroids: np.ndarray  # [K] or, per channel, [C, K]
+    labels: np.ndarray  # the weight's shape
+    scales: np.ndarray | None  # [C] with channel scales
+
+
+def _channel_shape(ndim: int, axis: int, channels: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = channels
+    return shape
+
+
+def _distinct_per_channel(w: np.ndarray, axis: int) -> int:
+    """The largest number of distinct values in one channel of ``w`` along ``axis``."""
+    rows = np.sort(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis=1)
+    return int((np.diff(rows, axis=1) != 0).sum(axis=1).max(initial=0)) + 1
 
 
 def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
@@ -272,14 +332,13 @@ def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value
     return value
 
 
-def _tensor_stats(
-    w: np.ndarray, snapped: np.ndarray, centroids: np.ndarray, labels: np.ndarray, k: int, storage: str
-) -> dict[str, Any]:
+def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str) -> dict[str, Any]:
+    snapped, labels = clustered.snapped, clustered.labels
     counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=1)
     label_bits = 4 if k <= 16 else (8 if k <= 256 else 16)
     packed_labels = pack_indices(labels.reshape(-1), 4) if k <= 16 else labels.reshape(-1).astype(
         np.uint8 if k <= 256 else np.uint16)
-    codebook_bytes = int(np.asarray(centroids, np.float32).nbytes)
+    side_bytes = clustered.centroids.nbytes + (0 if clustered.scales is None else clustered.scales.nbytes)
     huffman = huffman_bits_per_symbol(counts[counts > 0])
     edges = np.linspace(float(w.min()), float(w.max()), 65) if w.max() > w.min() else np.array([w.min() - 0.5, w.min() + 0.5])
     return {
@@ -298,10 +357,10 @@ def _tensor_stats(
         "label_bits": label_bits,
         "zlib_bytes_before": len(zlib.compress(np.ascontiguousarray(w).tobytes(), 9)),
         "zlib_bytes_after": (
-            len(zlib.compress(packed_labels.tobytes(), 9)) + codebook_bytes
+            len(zlib.compress(packed_labels.tobytes(), 9)) + side_bytes
             if storage == "codebook"
             else len(zlib.compress(np.ascontiguousarray(snapped).tobytes(), 9))
         ),
         "huffman_bits_per_weight": float(huffman),
-        "entropy_bytes": int(np.ceil(w.size * huffman / 8)) + codebook_bytes,
+        "entropy_bytes": int(np.ceil(w.size * huffman / 8)) + side_bytes,
     }
