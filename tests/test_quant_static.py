@@ -225,3 +225,82 @@ def test_recovery_options_through_quantize():
     assert after > before + 4, (before, after)  # measured 30.0 -> 37.2 dB
     with pytest.raises(ConfigError, match="static mode"):
         QuantizeConfig(mode="dynamic", bias_correction=True)
+
+
+def _conv_chain_proto(rng, c=8):
+    inits = [(f"w{i}", rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.2) for i in range(4)]
+    nodes = [oh.make_node("Conv", [a, f"w{i}"], [b], pads=[1, 1, 1, 1], name=f"conv{i}")
+             for i, (a, b) in enumerate([("x", "c0"), ("c0", "c1"), ("c1", "c2"), ("c2", "y")])]
+    return make_proto(nodes, [("x", ["N", c, 8, 8])], [("y", ["N", c, 8, 8])], inits)
+
+
+def test_float_node_between_int8_nodes_stays_float(rng):
+    """onnxruntime quantizes a float Conv read through a per-tensor DQ and written into a Q by itself
+    (WeightBiasQuantization); a node kept float must not run in int8 behind the user's back."""
+    proto = _conv_chain_proto(rng)
+    calib = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(8)]
+    quantized, report = quantize(proto, calib, QuantizeConfig(exclude=("conv1",)))
+    # conv0 and conv2 int8; conv1 excluded; conv3 writes the graph output
+    assert report["onnxruntime"]["int8_by_op"] == {"QLinearConv": 2}
+    assert report["onnxruntime"]["float_by_op"] == {"Conv": 2}
+    assert report["float_reader_dequantize"] == 1 and not report["float_readers_unguarded"]  # conv1 only
+    feeds = [{"x": rng.standard_normal((2, 8, 8, 8)).astype(np.float32)}]
+    for level in ("disable", "all"):
+        assert compare_models(io.load_model(proto), quantized, feeds, optimization=level).outputs[0].sqnr_db > 25
+
+
+def _hardswish_se_proto(rng, c=8):
+    """Conv -> HardSwish as Paddle exports it (x * clip(x + 3, 0, 6) / 6) -> squeeze-excitation gate
+    (GAP, Conv, Relu, Conv, HardSigmoid, Mul) -> residual Add -> Conv."""
+    f32 = np.float32
+    inits = [
+        ("w0", rng.standard_normal((c, 3, 3, 3)).astype(f32) * 0.4), ("b0", rng.standard_normal(c).astype(f32) * 0.1),
+        ("ws1", rng.standard_normal((c // 2, c, 1, 1)).astype(f32) * 0.4),
+        ("ws2", rng.standard_normal((c, c // 2, 1, 1)).astype(f32) * 0.4),
+        ("w1", rng.standard_normal((c, c, 3, 3)).astype(f32) * 0.2), ("w2", rng.standard_normal((c, c, 1, 1)).astype(f32) * 0.3),
+        ("three", np.array(3.0, f32)), ("zero", np.array(0.0, f32)), ("six", np.array(6.0, f32)),
+    ]
+    nodes = [
+        oh.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+        oh.make_node("Add", ["c0", "three"], ["a3"], name="hs_add"),
+        oh.make_node("Clip", ["a3", "zero", "six"], ["cl"], name="hs_clip"),
+        oh.make_node("Div", ["cl", "six"], ["d6"], name="hs_div"),
+        oh.make_node("Mul", ["c0", "d6"], ["hs"], name="hs_mul"),
+        oh.make_node("GlobalAveragePool", ["hs"], ["g"], name="se_gap"),
+        oh.make_node("Conv", ["g", "ws1"], ["s1"], name="se_conv1"),
+        oh.make_node("Relu", ["s1"], ["s1r"], name="se_relu"),
+        oh.make_node("Conv", ["s1r", "ws2"], ["s2"], name="se_conv2"),
+        oh.make_node("HardSigmoid", ["s2"], ["gate"], alpha=0.2, beta=0.5, name="se_gate"),
+        oh.make_node("Mul", ["hs", "gate"], ["se"], name="se_mul"),
+        oh.make_node("Conv", ["se", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        oh.make_node("Add", ["c1", "se"], ["res"], name="residual"),
+        oh.make_node("Conv", ["res", "w2"], ["y"], name="conv2"),
+    ]
+    return make_proto(nodes, [("x", ["N", 3, 12, 12])], [("y", ["N", c, 12, 12])], inits, opset=13)
+
+
+def test_hardswish_and_gates_run_in_int8(rng):
+    proto = _hardswish_se_proto(rng)
+    calib = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(16)]
+    quantized, report = quantize(proto, calib)
+    ort = report["onnxruntime"]
+    # HardSwish's Add and Mul, the gate Mul and the residual Add run as int8 kernels; the Clip is folded
+    # into the Add's output range; Div by a constant stays float between a DQ and a Q.
+    assert ort["int8_by_op"].get("QLinearAdd") == 2 and ort["int8_by_op"].get("QLinearMul") == 2, ort
+    assert report["folded_activations"] == 2  # HardSwish's Clip and the gate's Relu
+    assert not {"Add", "Mul", "Clip"} & {n.op_type for n in io.ort_optimized_model(quantized).graph}
+    feeds = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)}]
+    for level in ("disable", "all"):
+        assert compare_models(io.load_model(proto), quantized, feeds, optimization=level).outputs[0].sqnr_db > 25
+
+
+def test_bias_add_after_matmul_stays_float(rng):
+    """MatMul + bias Add: onnxruntime fuses them into MatMulIntegerToFloat only with the Add in float."""
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    proto = make_proto(
+        [oh.make_node("MatMul", ["x", "w"], ["m"], name="mm"), oh.make_node("Add", ["m", "b"], ["a"], name="bias"),
+         oh.make_node("Relu", ["a"], ["y"], name="relu")],
+        [("x", ["N", 5, 16])], [("y", ["N", 5, 8])], [("w", w), ("b", rng.standard_normal(8).astype(np.float32))])
+    calib = [{"x": rng.standard_normal((2, 5, 16)).astype(np.float32)} for _ in range(8)]
+    _, report = quantize(proto, calib)
+    assert "bias" in report["skipped"] and report["onnxruntime"]["int8_by_op"] == {"MatMulIntegerToFloat": 1}

@@ -7,13 +7,18 @@ Three steps, kept apart:
    (Conv, MatMul, Gemm, Add, Mul, Concat, pooling) is quantized when the selector allows it, its
    activations are float32, its weight (if any) is a constant, and its output can be quantized:
    not a graph output (unless asked) and not feeding an op that is sensitive to input error
-   (Softmax, Exp, LayerNormalization...). MatMul and Gemm are also quantized when their output
-   must stay float: onnxruntime runs them as MatMulIntegerToFloat. Data-movement ops between
+   (Softmax, Exp, LayerNormalization, a Div's divisor...). MatMul and Gemm are also quantized
+   when their output must stay float: onnxruntime runs them as MatMulIntegerToFloat. Add and Mul
+   are quantized where that saves Q/DQ conversions (counted over their neighbours, repeated to
+   a fixed point; see ``QuantRule.by_neighbours``). Data-movement ops between
    quantized tensors share their input's parameters; Relu/Clip(0, x) after a quantized producer
    are folded into its output range (asymmetric activations only).
 2. **Statistics** (:mod:`onnxcomp.quant.calibrate`): the plan's ``observed`` tensors get ranges.
 3. **Rewrite** (:class:`QDQPass`): one Q/DQ pair per quantized tensor, shared by all its int8
-   consumers (float consumers keep reading the float tensor); weights quantized offline to int8,
+   consumers (float consumers keep reading the float tensor, except where an int8 node's output
+   must feed nothing but its Q: there a node kept float on request reads a per-axis DQ with equal
+   parameters, so that onnxruntime does not fuse it into an int8 kernel of its own); weights
+   quantized offline to int8,
    per output channel, symmetric; Conv/Gemm biases to int32 with
 
    .. math:: s_b[c] = s_x \, s_w[c], \qquad b_q[c] = \mathrm{round}(b[c] / s_b[c])
@@ -40,7 +45,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.quant.primitives import compute_scale_zero_point, quantize, quantize_bias, quantize_weight
-from onnxcomp.quant.rules import QUANT_RULES, SENSITIVE_CONSUMERS, QuantRule
+from onnxcomp.quant.rules import QUANT_RULES, QuantRule, sensitive_use
 
 __all__ = ["QuantPoint", "StaticPlan", "plan_static", "QDQPass"]
 
@@ -68,6 +73,8 @@ class StaticPlan:
     points: dict[str, QuantPoint]
     folded: list[str]
     skipped: dict[str, str]
+    #: nodes kept float on request (the selection, ``keep_float``): onnxruntime must not fuse them
+    kept_float: frozenset[str] = frozenset()
 
     @property
     def observed(self) -> list[str]:
@@ -110,13 +117,15 @@ def plan_static(
         if value.name in outputs and not config.quantize_outputs:
             return "its output is a graph output"
         for use in value.uses():
-            if use.node.op_type in SENSITIVE_CONSUMERS:
+            if sensitive_use(use.node, use.idx):
                 return f"its output feeds {use.node.op_type} {use.node.name!r}"
         return None
 
     # 1. compute nodes
     compute: dict[str, ir.Node] = {}
     float_out: set[str] = set()
+    by_neighbours: list[ir.Node] = []
+    kept_float: set[str] = set()
     for node in nodes:
         rule = _rule(node, model)
         if rule is None or rule.kind != "compute":
@@ -124,9 +133,11 @@ def plan_static(
         label = node.name or node.op_type
         if not selector.allows(node.name or "", node.op_type):
             skipped[label] = "excluded by the selection"
+            kept_float.add(node.name)
             continue
         if node.name in keep_float:
             skipped[label] = keep_float[node.name]
+            kept_float.add(node.name)
             continue
         act_idx = range(len(node.inputs)) if rule.activations is None else rule.activations
         acts = [node.inputs[i] for i in act_idx if i < len(node.inputs)]
@@ -149,18 +160,29 @@ def plan_static(
         if len(node.outputs) != 1 or not _is_float32(node.outputs[0]):
             skipped[label] = "its output is not a single float32 tensor"
             continue
-        if rule.int8_inputs_only and not all(
-            not _is_const(v) and _int8_source(v, compute, model) is not None for v in acts
-        ):
-            skipped[label] = "left in float: its inputs do not all come from int8 nodes"
-            continue
         reason = output_quantizable(node.outputs[0])
         if reason is not None:
             if not rule.float_output_ok:
                 skipped[label] = f"left in float: {reason}"
                 continue
             float_out.add(node.name)
+        if rule.by_neighbours:
+            by_neighbours.append(node)
+            continue
         compute[node.name] = node
+    # Add/Mul go int8 where that saves conversions, decided for each chain of directly connected
+    # Add/Mul at once (an affine x * a + b after a float op only pays as a whole); a chain that
+    # goes int8 can tip its neighbours, so repeat until nothing changes (only ever adds nodes).
+    undecided = _chains(by_neighbours, model)
+    while True:
+        tipped = [chain for chain in undecided if _int8_pays(chain, compute, outputs, model)]
+        if not tipped:
+            break
+        for chain in tipped:
+            compute.update((n.name, n) for n in chain)
+        undecided = [chain for chain in undecided if chain[0].name not in compute]
+    for node in (n for chain in undecided for n in chain):
+        skipped[node.name or node.op_type] = "left in float: int8 would add more Q/DQ conversions than it removes"
     # An op that can keep a float output keeps it unless an int8 node reads it.
     for node in compute.values():
         rule = _rule(node, model)
@@ -201,8 +223,10 @@ def plan_static(
                 continue
             if node.op_type == "Clip" and not _clip_starts_at_zero(node):
                 continue
-            consumers = [u.node for u in out.uses()]
-            if not consumers or not all(_int8_consumer(c, compute, model) for c in consumers):
+            # The producer's output is quantized anyway: reading the Q/DQ of the Relu/Clip range
+            # instead of Relu/Clip of the Q/DQ is exact and narrower, unless a reader is sensitive.
+            uses = list(out.uses())
+            if not uses or any(sensitive_use(u.node, u.idx) for u in uses):
                 continue
             points.pop(src.name, None)
             points[out.name] = QuantPoint(src.name, out.name)
@@ -223,7 +247,8 @@ def plan_static(
             continue
         points[out.name] = QuantPoint(out.name, src_point.range_of, shared_with=src_point.value)
 
-    return StaticPlan(nodes=list(compute), points=points, folded=folded, skipped=skipped)
+    return StaticPlan(nodes=list(compute), points=points, folded=folded, skipped=skipped,
+                      kept_float=frozenset(kept_float))
 
 
 def mixed_range_nodes(
@@ -279,6 +304,128 @@ def _int8_source(value: ir.Value, compute: Mapping[str, ir.Node], model: ir.Mode
     return None
 
 
+def _producer_through_movement(value: ir.Value, model: ir.Model) -> ir.Node | None:
+    """The node that computes ``value``, looking through data movement and Relu/Clip."""
+    for _ in range(64):
+        producer = value.producer()
+        if producer is None:
+            return None
+        rule = _rule(producer, model)
+        if rule is None or rule.kind not in ("shared", "fold") or not producer.inputs or producer.inputs[0] is None:
+            return producer
+        value = producer.inputs[0]
+    return None
+
+
+def _activation_inputs(node: ir.Node, model: ir.Model) -> list[ir.Value]:
+    rule = _rule(node, model)
+    assert rule is not None
+    idx = range(len(node.inputs)) if rule.activations is None else rule.activations
+    return [node.inputs[i] for i in idx if i < len(node.inputs) and node.inputs[i] is not None]
+
+
+def _chains(nodes: list[ir.Node], model: ir.Model) -> list[list[ir.Node]]:
+    """Group ``nodes`` into chains: connected where one reads another (through data movement)."""
+    names = {n.name: n for n in nodes}
+    parent = {name: name for name in names}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for node in nodes:
+        for value in _activation_inputs(node, model):
+            source = _producer_through_movement(value, model)
+            if source is not None and source.name in names:
+                parent[root(node.name)] = root(source.name)
+    chains: dict[str, list[ir.Node]] = {}
+    for node in nodes:
+        chains.setdefault(root(node.name), []).append(node)
+    return list(chains.values())
+
+
+def _int8_pays(chain: list[ir.Node], compute: Mapping[str, ir.Node], outputs: set[str], model: ir.Model) -> bool:
+    """The ``by_neighbours`` test of :class:`~onnxcomp.quant.rules.QuantRule` for a chain of nodes.
+
+    Counts the conversions at the chain's border: an input from outside needs a Q if the chain is
+    int8 and its source is not, a DQ if the chain is float and its source is int8 (constants are
+    free); an output read outside needs a DQ (int8 chain, float reader) or a Q (float chain, int8
+    reader). Int8 wins ties (int8 element-wise kernels move a quarter of the bytes) but needs at
+    least one int8 neighbour. A chain holding the bias Add of a MatMul/Gemm (a constant added to
+    its output) stays float: onnxruntime fuses that Add into MatMulIntegerToFloat.
+    """
+    if any(_is_bias_add(node, compute, model) for node in chain):
+        return False
+    members = {n.name for n in chain}
+    as_int8 = {**compute, **{n.name: n for n in chain}}
+    int8_in = float_in = int8_out = float_out = 0
+    seen: set[str] = set()
+    for node in chain:
+        for value in _activation_inputs(node, model):
+            if _is_const(value) or value.name in seen:
+                continue
+            seen.add(value.name)
+            source = _producer_through_movement(value, model)
+            if source is not None and source.name in members:
+                continue
+            source_rule = _rule(source, model) if source is not None and source.name in compute else None
+            if source_rule is not None and not source_rule.float_output_ok:
+                int8_in += 1
+            else:
+                float_in += 1  # float compute, a graph input, or a MatMul/Gemm keeping its bias fusion
+    for node in chain:
+        out = node.outputs[0]
+        int8_reader, float_reader = False, out.name in outputs
+        for use in out.uses():
+            reader = use.node
+            if reader.name in members:
+                continue
+            rule_r = _rule(reader, model)
+            if reader.name in compute:
+                int8_reader = True
+            elif rule_r is not None and rule_r.kind in ("shared", "fold") and use.idx == 0 and reader.outputs:
+                if _feeds_int8(reader.outputs[0], as_int8, model):
+                    int8_reader = True
+                elif not _feeds_only(reader.outputs[0], members, model):
+                    float_reader = True
+            else:
+                float_reader = True
+        int8_out += int8_reader
+        float_out += float_reader
+    if not (int8_in or int8_out):
+        return False
+    return float_in + float_out <= int8_in + int8_out
+
+
+def _is_bias_add(node: ir.Node, compute: Mapping[str, ir.Node], model: ir.Model) -> bool:
+    if node.op_type != "Add" or len(node.inputs) != 2 or not any(_is_const(v) for v in node.inputs):
+        return False
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        rule = _rule(producer, model) if producer is not None and producer.name in compute else None
+        if rule is not None and rule.float_output_ok:
+            return True
+    return False
+
+
+def _feeds_only(value: ir.Value, members: set[str], model: ir.Model, depth: int = 0) -> bool:
+    """Whether every reader of ``value`` (through data movement and Relu/Clip) is in ``members``."""
+    if depth > 64:
+        return False
+    for use in value.uses():
+        node = use.node
+        if node.name in members:
+            continue
+        rule = _rule(node, model)
+        if rule is None or rule.kind not in ("shared", "fold") or use.idx != 0 or not node.outputs:
+            return False
+        if not _feeds_only(node.outputs[0], members, model, depth + 1):
+            return False
+    return bool(value.uses())
+
+
 def _feeds_int8(value: ir.Value, compute: Mapping[str, ir.Node], model: ir.Model, depth: int = 0) -> bool:
     """Whether an int8 node reads ``value``, directly or through data movement and Relu/Clip."""
     if depth > 64:
@@ -310,13 +457,6 @@ def _clip_starts_at_zero(node: ir.Node) -> bool:
         return attr is not None and attr.as_float() == 0.0
     arr = constant_array(lo)
     return arr is not None and arr.size == 1 and float(arr.reshape(-1)[0]) == 0.0
-
-
-def _int8_consumer(node: ir.Node, compute: Mapping[str, ir.Node], model: ir.Model) -> bool:
-    if node.name in compute:
-        return True
-    rule = _rule(node, model)
-    return rule is not None and rule.kind == "shared"
 
 
 class QDQPass(CompressionPass[QuantizeConfig]):
@@ -376,6 +516,9 @@ class QDQPass(CompressionPass[QuantizeConfig]):
 
         int8_nodes = set(plan.nodes)
         dq_of: dict[str, ir.Value] = {}
+        q_of: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, ir.Value]] = {}
+        float_dq_of: dict[str, ir.Value] = {}
+        unguarded: list[str] = []
         created: set[ir.Node] = set()
         for key, point in plan.points.items():
             value = values.get(point.value)
@@ -402,6 +545,37 @@ class QDQPass(CompressionPass[QuantizeConfig]):
             created.add(dqnode)
             dq = dqnode.outputs[0]
             dq_of[point.value] = dq
+            q_of[point.value] = (q_value, np.asarray(scale, np.float32), np.asarray(zp), value)
+
+        def float_reader_dq(name: str) -> ir.Value:
+            """The DQ a node kept float reads an int8 node's output through: per axis, equal parameters.
+
+            onnxruntime's WeightBiasQuantization turns a float Conv/Gemm whose input comes from a
+            per-tensor DQ and whose output path ends in a Q into an int8 kernel (per-tensor
+            weights), and its QDQ selectors fuse other ops in that position: a node kept float on
+            purpose (excluded, or by the fallback) would silently run in int8. A per-axis DQ with
+            the same scale on every channel gives the same values and is not taken for a
+            per-tensor one. It is slower than a per-tensor DQ on large tensors (3x on PP-OCR's
+            feature maps), so other float readers keep the shared one.
+            """
+            if name in float_dq_of:
+                return float_dq_of[name]
+            q_value, scale, zp, like = q_of[name]
+            dims = list(like.shape) if like.shape is not None else []
+            axis = next((a for a in ([1] if len(dims) > 1 else []) + list(range(len(dims)))
+                         if isinstance(dims[a], int) and dims[a] > 1), None)
+            if axis is None:
+                float_dq_of[name] = dq_of[name]
+                unguarded.append(name)
+                return dq_of[name]
+            n = int(dims[axis])
+            s_v = add_initializer(graph, f"{name}_scale_per_axis", np.full(n, scale, np.float32), taken)
+            z_v = add_initializer(graph, f"{name}_zero_point_per_axis", np.full(n, zp, zp.dtype), taken)
+            node = _dequantize_node(graph, taken, f"{name}_float", q_value, s_v, z_v, like=like, axis=axis)
+            created.add(node)
+            float_dq_of[name] = node.outputs[0]
+            return node.outputs[0]
+
         # Rewire consumers to the dequantized tensors: every consumer of an int8 node's output
         # (onnxruntime fuses a node only when its output feeds nothing but the Q), and the int8
         # consumers of other tensors (float consumers keep the exact float value).
@@ -426,8 +600,11 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                     continue
                 if shared and i != 0:
                     continue
-                if int8_consumer or inp.name in int8_outputs:
+                if int8_consumer:
                     node.replace_input_with(i, dq_of[inp.name])
+                elif inp.name in int8_outputs:
+                    guard = node.name in plan.kept_float
+                    node.replace_input_with(i, float_reader_dq(inp.name) if guard else dq_of[inp.name])
         weights = biases = bias_float = 0
         weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
         for name in plan.nodes:
@@ -488,6 +665,8 @@ class QDQPass(CompressionPass[QuantizeConfig]):
             "quantized_weights": weights,
             "quantized_biases": biases,
             "biases_left_float": bias_float,
+            "float_reader_dequantize": len(float_dq_of) - len(unguarded),
+            "float_readers_unguarded": unguarded,
             "skipped": dict(plan.skipped),
         }
 

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxcomp.ops import OpTable
 
-__all__ = ["QuantRule", "QUANT_RULES", "SENSITIVE_CONSUMERS", "INT8_KERNELS", "FLOAT_COMPUTE"]
+__all__ = ["QuantRule", "QUANT_RULES", "SENSITIVE_CONSUMERS", "sensitive_use", "INT8_KERNELS", "FLOAT_COMPUTE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +41,15 @@ class QuantRule:
         float_output_ok: the op still runs an int8 kernel when its output is left in float
             (MatMul/Gemm -> MatMulIntegerToFloat), so it can be quantized when its output cannot;
             its output is then quantized only when an int8 node consumes it.
-        int8_inputs_only: quantize the op only when every input comes from an int8 node (through
-            data movement and folded activations). An int8 Add or Mul pays off between int8
-            convolutions (a residual connection); elsewhere it only adds Q/DQ work, and a bias
-            Add after a MatMul is better fused by onnxruntime into MatMulIntegerToFloat.
+        by_neighbours: quantize the op only where that saves conversions: at least one input comes
+            from an int8 node (through data movement and folded activations) and the Q/DQ nodes an
+            int8 version needs (a Q per input from float compute, a DQ if a float node reads the
+            output) are no more than a float version needs (a DQ per int8 input, a Q if an int8
+            node reads the output). An int8 Add or Mul pays off between int8 convolutions
+            (residual connections, HardSwish ``x * clip(x + 3, 0, 6) / 6``, squeeze-excitation
+            gates), where it also moves a quarter of the bytes; elsewhere it only adds Q/DQ work.
+            Inputs from MatMul/Gemm count as float: onnxruntime fuses a bias Add after them into
+            MatMulIntegerToFloat, which needs their output float.
     """
 
     kind: str
@@ -54,7 +59,7 @@ class QuantRule:
     bias: int | None = None
     weight_may_be_activation: bool = False
     float_output_ok: bool = False
-    int8_inputs_only: bool = False
+    by_neighbours: bool = False
 
     def resolve_weight_axis(self, node: ir.Node) -> int | None:
         if self.weight_axis is None or isinstance(self.weight_axis, int):
@@ -77,7 +82,7 @@ QUANT_RULES.register(
 QUANT_RULES.register(
     "Gemm", QuantRule("compute", (0,), weight=1, weight_axis=_gemm_weight_axis, bias=2, float_output_ok=True), since=11
 )
-QUANT_RULES.register(("Add", "Mul"), QuantRule("compute", (0, 1), int8_inputs_only=True), since=7)
+QUANT_RULES.register(("Add", "Mul"), QuantRule("compute", (0, 1), by_neighbours=True), since=7)
 QUANT_RULES.register("Concat", QuantRule("compute", None), since=4)
 QUANT_RULES.register(("GlobalAveragePool", "AveragePool"), QuantRule("compute", (0,)), since=1)
 QUANT_RULES.register(
@@ -89,9 +94,22 @@ QUANT_RULES.register(
 QUANT_RULES.register(("Relu", "Clip"), QuantRule("fold", (0,)), since=1)
 
 #: Consumers before which a tensor stays float: quantizing their input costs accuracy out of
-#: proportion (exponentials, normalization statistics).
-SENSITIVE_CONSUMERS = frozenset({"Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div",
-                                 "LayerNormalization", "ReduceMean", "Erf"})
+#: proportion (exponentials, normalization statistics). The value lists the sensitive inputs, or
+#: is ``None`` for all: a Div is sensitive in its divisor (``x / sqrt(var)``), not its dividend
+#: (HardSwish's ``/ 6``).
+SENSITIVE_CONSUMERS: dict[str, tuple[int, ...] | None] = {
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "LayerNormalization",
+                     "ReduceMean", "Erf"), None),
+    "Div": (1,),
+}
+
+
+def sensitive_use(node: ir.Node, input_index: int) -> bool:
+    """Whether ``node`` reading its input ``input_index`` quantized costs accuracy out of proportion."""
+    if node.op_type not in SENSITIVE_CONSUMERS:
+        return False
+    inputs = SENSITIVE_CONSUMERS[node.op_type]
+    return inputs is None or input_index in inputs
 
 #: Op types of onnxruntime's optimized graph that run in int8 (the proof that fusion happened).
 INT8_KERNELS = frozenset({
