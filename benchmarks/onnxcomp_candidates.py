@@ -101,6 +101,11 @@ for bits in (8, 5, 4, 3):
     _recipe_candidate(f"oc_cluster{bits}", f"onnxcomp {bits}-bit k-means weight sharing, codebook storage",
                       {**STATIC, "cluster": {"bits": bits, "format": "codebook", "min_elements": 256}},
                       needs_data=False)
+    _recipe_candidate(f"oc_cluster{bits}s", f"onnxcomp {bits}-bit k-means weight sharing, one scale per channel, "
+                      "codebook storage",
+                      {**STATIC, "cluster": {"bits": bits, "format": "codebook", "min_elements": 256,
+                                             "channel_scales": True}},
+                      needs_data=False)
 for ratio in (30, 50):
     for rec in (False, True):
         prune = {"criterion": "l1", "ratio": ratio / 100, "round_to": 4, "reconstruct": rec, "max_samples": 32}

@@ -79,7 +79,8 @@ def test_zeros_preserved(rng):
 def test_codebook_matches_float_form(rng, bits, granularity):
     proto = _mlp_proto(rng)
     per_channel = granularity == "channel"
-    cfg = dict(bits=bits, per_channel=per_channel, channel_scales=granularity == "scaled", min_elements=100)
+    scales = "always" if granularity == "scaled" else "never"
+    cfg = dict(bits=bits, per_channel=per_channel, channel_scales=scales, min_elements=100)
     as_float = io.load_model(proto)
     ClusterPass(ClusterConfig(format="float", **cfg))(as_float)
     as_codebook = io.load_model(proto)
@@ -124,8 +125,8 @@ def test_channel_scales_bound_every_channels_error(rng):
     w = _channel_spread_weight(rng)
     proto = _conv_proto(w)
     per_tensor, scaled = io.load_model(proto), io.load_model(proto)
-    ClusterPass(ClusterConfig(bits=4))(per_tensor)
-    result = ClusterPass(ClusterConfig(bits=4, channel_scales=True))(scaled)
+    ClusterPass(ClusterConfig(bits=4, channel_scales="never"))(per_tensor)
+    result = ClusterPass(ClusterConfig(bits=4, channel_scales="always"))(scaled)
     assert result.stats["granularity"] == "scaled channel"
     err_tensor = _channel_errors(w, _weights(per_tensor)["w"])
     err_scaled = _channel_errors(w, _weights(scaled)["w"])
@@ -139,8 +140,17 @@ def test_channel_scales_bound_every_channels_error(rng):
     worst_scaled = compare_models(ref, scaled, feeds).outputs[0].worst_channel[1]
     worst_tensor = compare_models(ref, per_tensor, feeds).outputs[0].worst_channel[1]
     assert worst_scaled > 15 and worst_tensor < 5, (worst_scaled, worst_tensor)
-    again = ClusterPass(ClusterConfig(bits=4, channel_scales=True))(scaled)
+    again = ClusterPass(ClusterConfig(bits=4, channel_scales="always"))(scaled)
     assert not again.modified and "per channel" in again.stats["skipped"]["w"]
+    # auto: scales only where one codebook wipes out a channel
+    auto = io.load_model(proto)
+    result = ClusterPass(ClusterConfig(bits=4))(auto)
+    assert result.stats["tensors"]["w"]["granularity"] == "scaled channel"
+    np.testing.assert_array_equal(_weights(auto)["w"], snapped)
+    assert not ClusterPass(ClusterConfig(bits=4))(auto).modified
+    even = io.load_model(_conv_proto(rng.standard_normal((16, 8, 3, 3)).astype(np.float32)))
+    result = ClusterPass(ClusterConfig(bits=4))(even)
+    assert result.stats["tensors"]["w"]["granularity"] == "tensor" and np.unique(_weights(even)["w"]).size <= 16
 
 
 def test_graph_input_initializers_are_left_alone(rng):
@@ -204,7 +214,9 @@ def test_config_and_cli(tmp_path, capsys):
     with pytest.raises(ConfigError, match="clusters"):
         ClusterConfig(clusters=1)
     with pytest.raises(ConfigError, match="exclude each other"):
-        ClusterConfig(per_channel=True, channel_scales=True)
+        ClusterConfig(per_channel=True, channel_scales="always")
+    with pytest.raises(ConfigError, match="channel_scales"):
+        ClusterConfig.from_dict({"channel_scales": "sometimes"})
     out = tmp_path / "c.onnx"
     assert main(["cluster", str(MODELS / "digits_mlp.onnx"), "-o", str(out), "--bits", "5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

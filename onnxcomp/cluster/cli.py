@@ -15,11 +15,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
     size.add_argument("--clusters", type=int, help="number of clusters K")
-    granularity = p.add_mutually_exclusive_group()
-    granularity.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
-    granularity.add_argument("--channel-scales", action="store_true",
-                             help="one codebook per tensor plus a scale per output channel (for weights whose "
-                                  "channels differ in scale, e.g. BatchNorm folded in)")
+    p.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
+    p.add_argument("--channel-scales", choices=("auto", "always", "never"), default="auto",
+                   help="one codebook per tensor plus a scale per output channel: always, never, or auto (default: "
+                        "where a single codebook would wipe out a channel, e.g. BatchNorm folded in)")
     p.add_argument("--format", choices=("float", "codebook"), default="float",
                    help="float: snapped weights, same graph; codebook: labels + codebook rebuilt by Gather")
     p.add_argument("--init", choices=("kmeans++", "linear", "density"), default="kmeans++")
@@ -66,10 +65,11 @@ def _run(args: argparse.Namespace) -> int:
         con.print(f"[yellow]note:[/yellow] {note}")
     table = Table(title=f"{config.k} clusters per {report['granularity']}, {args.format} format",
                   title_justify="left")
-    for col in ("tensor", "shape", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
-        table.add_column(col, justify="left" if col in ("tensor", "shape") else "right")
+    for col in ("tensor", "shape", "codebook per", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
+        table.add_column(col, justify="left" if col in ("tensor", "shape", "codebook per") else "right")
     for name, t in report["tensors"].items():
-        table.add_row(name, "x".join(map(str, t["shape"])), str(t["distinct_values"]), f"{t['relative_mse']:.2e}",
+        table.add_row(name, "x".join(map(str, t["shape"])), t["granularity"], str(t["distinct_values"]),
+                      f"{t['relative_mse']:.2e}",
                       fmt_size(t["bytes_before"]), fmt_size(t["bytes_after"]), fmt_size(t["zlib_bytes_after"]),
                       fmt_size(t["entropy_bytes"]))
     con.print(table)

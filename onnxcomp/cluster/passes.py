@@ -68,11 +68,16 @@ class ClusterConfig(PassConfig):
         bits: K = 2**bits clusters (ignored when ``clusters`` is set).
         clusters: K directly (2..65536).
         per_channel: one codebook per output channel instead of per tensor.
-        channel_scales: one codebook per tensor and one float scale per output channel, fitted on
-            channels normalised to [-1, 1] (see :func:`onnxcomp.cluster.kmeans.cluster_channel_scaled`):
-            keeps every channel's relative error bounded where per-tensor clustering snaps a
-            small-scale channel (BatchNorm folded in, a dead channel) onto centroids sized for
-            the others, at the cost of 4 bytes per channel instead of ``4 K`` for ``per_channel``.
+        channel_scales: ``always``: one codebook per tensor and one float scale per output channel,
+            fitted on channels normalised to [-1, 1] (see
+            :func:`onnxcomp.cluster.kmeans.cluster_channel_scaled`); it keeps every channel's
+            relative error bounded where per-tensor clustering snaps a small-scale channel
+            (BatchNorm folded in, a dead channel) onto centroids sized for the others, at 4 bytes
+            per channel (``per_channel`` costs ``4 K``). ``auto`` (default): per tensor, unless
+            that destroys a channel (its error energy reaches its signal energy), then scaled.
+            Scaling everything is not better everywhere: on a BERT encoder (MiniLM) the same
+            weight error spread evenly over channels costs more after LayerNorm than per-tensor
+            clustering does. ``never``: per tensor.
         init: centroid initialization: ``kmeans++``, ``linear`` (evenly spaced), ``density``
             (quantiles of the weight distribution).
         preserve_zeros: ``auto`` reserves an exact 0 centroid when a tensor has exact zeros (as
@@ -86,7 +91,7 @@ class ClusterConfig(PassConfig):
     bits: int = 4
     clusters: int | None = None
     per_channel: bool = False
-    channel_scales: bool = False
+    channel_scales: Literal["auto", "always", "never"] = "auto"
     init: Literal["kmeans++", "linear", "density"] = "kmeans++"
     preserve_zeros: Literal["auto", "always", "never"] = "auto"
     min_elements: int = 256
@@ -100,8 +105,8 @@ class ClusterConfig(PassConfig):
             raise ConfigError(f"cluster: bits must be in 1..16, got {self.bits}")
         if self.clusters is not None and not 2 <= self.clusters <= 65536:
             raise ConfigError(f"cluster: clusters must be in 2..65536, got {self.clusters}")
-        if self.per_channel and self.channel_scales:
-            raise ConfigError("cluster: per_channel and channel_scales exclude each other")
+        if self.per_channel and self.channel_scales == "always":
+            raise ConfigError("cluster: per_channel and channel_scales='always' exclude each other")
         if self.min_elements < 1:
             raise ConfigError(f"cluster: min_elements must be >= 1, got {self.min_elements}")
         if self.max_iter < 0 or self.seed < 0:
@@ -208,7 +213,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         return bool(per_tensor), {
             "clusters": cfg.k,
             "format": cfg.format,
-            "granularity": "channel" if cfg.per_channel else ("scaled channel" if cfg.channel_scales else "tensor"),
+            "granularity": "channel" if cfg.per_channel else {"always": "scaled channel", "never": "tensor",
+                                                               "auto": "tensor or scaled channel"}[cfg.channel_scales],
             "tensors": per_tensor,
             "totals": totals,
             "skipped": skipped,
@@ -218,13 +224,14 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         """Why ``w`` needs no clustering, or None.
 
         At most K distinct values in the tensor always qualifies. With ``per_channel`` so do at
-        most K per channel; with ``channel_scales`` too, but only where channels hold more than K
+        most K per channel; with channel scales too, but only where channels hold more than K
         weights (smaller channels always do, and sharing one codebook still compresses them).
         """
         k = self.config.k
         if np.unique(w).size <= k:
             return f"already has at most {k} distinct values"
-        by_channel = self.config.per_channel or (self.config.channel_scales and w.size // w.shape[axis] > k)
+        scaled = self.config.channel_scales != "never"
+        by_channel = self.config.per_channel or (scaled and w.size // w.shape[axis] > k)
         if by_channel and _distinct_per_channel(w, axis) <= k:
             return f"already has at most {k} distinct values per channel"
         return None
@@ -239,13 +246,15 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             moved = np.moveaxis(labels, axis, 0)
             rows = np.take_along_axis(centroids, moved.reshape(moved.shape[0], -1).astype(np.int64), axis=1)
             snapped = np.moveaxis(rows.reshape(moved.shape), 0, axis)
-        elif cfg.channel_scales:
-            centroids, labels, scales = cluster_channel_scaled(w, cfg.k, axis=axis, **kw)
-            snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
         else:
-            result = kmeans_1d(w, cfg.k, **kw)
-            centroids, labels = result.centroids, result.labels
-            snapped = result.reconstruct()
+            if cfg.channel_scales != "always":
+                result = kmeans_1d(w, cfg.k, **kw)
+                centroids, labels = result.centroids, result.labels
+                snapped = result.reconstruct()
+            if cfg.channel_scales == "always" or (cfg.channel_scales == "auto" and
+                                                  _worst_channel_error(w, snapped, axis) >= _DESTROYED):
+                centroids, labels, scales = cluster_channel_scaled(w, cfg.k, axis=axis, **kw)
+                snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
         return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
                           labels, scales)
 
@@ -319,6 +328,20 @@ def _channel_shape(ndim: int, axis: int, channels: int) -> list[int]:
     return shape
 
 
+#: ``channel_scales="auto"`` switches a tensor to channel scales when per-tensor clustering leaves
+#: a channel with error energy at least this fraction of its signal energy (the channel is gone).
+_DESTROYED = 1.0
+
+
+def _worst_channel_error(w: np.ndarray, snapped: np.ndarray, axis: int) -> float:
+    """The largest relative squared error ``||w_c - snapped_c||^2 / ||w_c||^2`` over channels."""
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    err = ((np.moveaxis(snapped, axis, 0).reshape(rows.shape) - rows) ** 2).sum(axis=1)
+    energy = (rows**2).sum(axis=1)
+    worst = np.where(energy > 0, err / np.where(energy > 0, energy, 1.0), 0.0)
+    return float(worst.max(initial=0.0))
+
+
 def _distinct_per_channel(w: np.ndarray, axis: int) -> int:
     """The largest number of distinct values in one channel of ``w`` along ``axis``."""
     rows = np.sort(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis=1)
@@ -348,6 +371,8 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str) ->
             "after": np.histogram(snapped, bins=edges)[0].tolist(),
         },
         "shape": list(w.shape),
+        "granularity": "channel" if clustered.centroids.ndim == 2 else (
+            "scaled channel" if clustered.scales is not None else "tensor"),
         "elements": int(w.size),
         "distinct_values": int(np.unique(snapped).size),
         "mse": float(np.mean((snapped.astype(np.float64) - w) ** 2)),
