@@ -176,3 +176,24 @@ def test_attributes_at_their_default_are_dropped(rng):
     kept = io.load_model(proto)
     CleanupPass(CleanupConfig(drop_default_attributes=False))(kept)
     assert kept.graph.node(0).attributes["group"].value == 1
+
+
+def test_weight_decoders_are_folded_whatever_their_size(rng):
+    """A weight computed from constants (here a transposed int8 copy, bigger than the folding
+    limits) becomes a constant: later passes need constant weights."""
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    q = np.round(w * 20).astype(np.int8)
+    proto = make_proto(
+        [oh.make_node("Cast", ["wq"], ["wf"], to=1), oh.make_node("Mul", ["wf", "s"], ["ws"]),
+         oh.make_node("Transpose", ["ws"], ["wt"], perm=[1, 0]), oh.make_node("MatMul", ["x", "wt"], ["y"])],
+        [("x", ["N", 64])], [("y", ["N", 48])],
+        [("wq", q.T.copy()), ("s", np.array(0.05, np.float32))])
+    reference = io.load_model(proto)
+    model = io.load_model(proto)
+    CleanupPass(CleanupConfig(fold_input_size_limit=16, fold_output_size_limit=16))(model)
+    assert op_histogram(model) == {"MatMul": 1}
+    assert model.graph.node(0).inputs[1].const_value is not None
+    assert_equivalent(reference, model, [{"x": rng.standard_normal((3, 64)).astype(np.float32)}])
+    kept = io.load_model(proto)
+    CleanupPass(CleanupConfig(fold_input_size_limit=16, fold_output_size_limit=16, fold_weights=False))(kept)
+    assert op_histogram(kept)["Transpose"] == 1

@@ -223,3 +223,18 @@ def test_config_and_cli(tmp_path, capsys):
     assert report["clusters"] == 32 and report["totals"]["entropy_bytes"] < report["totals"]["bytes_before"]
     assert report["output"]["session_creation_s"] > 0
     assert main(["cluster", str(MODELS / "digits_mlp.onnx"), "-o", str(MODELS / "digits_mlp.onnx")]) == 1
+
+
+def test_codebook_model_can_be_quantized_and_reclustered(rng, tmp_path):
+    """Cleanup folds a codebook back into the weight (quantization needs constant weights); the
+    codebook format stores a float-clustered tensor as its exact codebook."""
+    proto = _mlp_proto(rng)
+    as_float, _ = cluster(proto, ClusterConfig(bits=4, min_elements=100))
+    as_codebook, _ = cluster(as_float, ClusterConfig(bits=4, min_elements=100, format="codebook"))
+    assert "w1" not in as_codebook.graph.initializers and "w1_labels" in as_codebook.graph.initializers
+    feeds = _feeds(rng)
+    assert_equivalent(as_float, as_codebook, feeds, atol=0, rtol=0, optimizations=("all",))
+    q_float, r_float = quantize(as_float, _feeds(rng, 8))
+    q_codebook, r_codebook = quantize(as_codebook, _feeds(rng, 8))
+    assert r_codebook["int8_nodes"] == r_float["int8_nodes"] >= 2
+    assert r_codebook["onnxruntime"]["int8_by_op"] == r_float["onnxruntime"]["int8_by_op"]

@@ -23,7 +23,9 @@ of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (
 excluded by name (of the tensor or of a consuming node) or consumer op type, and not a graph input
 (an initializer that is also an input is a default the user may override) or graph output.
 Tensors that already have at most K distinct values (per channel with ``per_channel`` or
-``channel_scales``) are left alone, so running the pass twice changes nothing.
+channel scales) are left alone, so running the pass twice changes nothing; with the codebook
+format, a tensor of at most K distinct values (clustered before, stored as floats) is stored as
+its exact codebook.
 
 Statistics per tensor: bytes before/after, zlib-compressed bytes, an entropy-coding estimate
 (optimal Huffman code length of the label histogram, plus the codebook), distinct values, and
@@ -191,10 +193,13 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         for done, target in enumerate(targets, 1):
             w = target.value.const_value.numpy()
             done_reason = self._already_clustered(w, target.channel_axis)
-            if done_reason:
+            exact = None
+            if done_reason and cfg.format == "codebook" and np.unique(w).size <= cfg.k:
+                exact = _exact_codebook(w)  # clustered before, stored as floats: store it as a codebook
+            if done_reason and exact is None:
                 skipped[target.name] = done_reason
             else:
-                clustered = self._cluster(w, target.channel_axis)
+                clustered = exact if exact is not None else self._cluster(w, target.channel_axis)
                 stats = _tensor_stats(w, clustered, cfg.k, cfg.format)
                 if cfg.format == "float":
                     target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
@@ -326,6 +331,13 @@ def _channel_shape(ndim: int, axis: int, channels: int) -> list[int]:
     shape = [1] * ndim
     shape[axis] = channels
     return shape
+
+
+def _exact_codebook(w: np.ndarray) -> _Clustered:
+    """The lossless codebook of a tensor that already has few distinct values."""
+    centroids = np.unique(w).astype(np.float32)
+    labels = np.searchsorted(centroids, w).astype(np.uint8 if centroids.size <= 256 else np.uint16)
+    return _Clustered(np.asarray(w, np.float32), centroids, labels, None)
 
 
 #: ``channel_scales="auto"`` switches a tensor to channel scales when per-tensor clustering leaves

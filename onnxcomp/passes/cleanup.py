@@ -4,7 +4,8 @@ The work is done by onnxscript's optimizer and rewriter and by onnx_ir's common 
 module only chooses which of their rules run and reports what changed.
 
 * Constant folding (``onnxscript.optimizer.fold_constants_ir``): subgraphs whose inputs are all
-  constants are evaluated once, within size limits.
+  constants are evaluated once, within size limits; those that compute the weight of a
+  Conv/Gemm/MatMul (a codebook-clustered weight) whatever their size.
 * BatchNormalization fusion into the preceding Conv, ConvTranspose or Gemm:
   with ``s = gamma / sqrt(var + eps)``, ``W' = W * s`` (along the output-channel axis) and
   ``b' = (b - mean) * s + beta``. Exact in real arithmetic; in float32 it differs from the unfused
@@ -38,7 +39,7 @@ from onnxscript.rewriter.rules import common as rules
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.io import initializer_nbytes
-from onnxcomp.ops import ATTRIBUTE_DEFAULTS
+from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS
 from onnxcomp.passes.base import CompressionPass, PassConfig
 
 __all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
@@ -85,6 +86,9 @@ class CleanupConfig(PassConfig):
         iterations: how many rounds of folding and rewriting at most (stops early at a fixed point).
         fold_input_size_limit: largest constant input (elements) that folding may read.
         fold_output_size_limit: largest folded constant (elements) that folding may create.
+        fold_weights: fold constant subgraphs that compute the weight of a Conv/Gemm/MatMul (a
+            clustered codebook, a weight stored transposed or in another dtype) whatever their
+            size: the weight exists at run time anyway, and later passes need it as a constant.
     """
 
     fold_constants: bool = True
@@ -95,6 +99,7 @@ class CleanupConfig(PassConfig):
     iterations: int = 2
     fold_input_size_limit: int = 8192
     fold_output_size_limit: int = 1 << 20
+    fold_weights: bool = True
 
     def validate(self) -> None:
         if self.iterations < 1:
@@ -118,6 +123,51 @@ class _FoldConstants(onnx_ir.passes.InPlacePass):
             output_size_limit=self.output_limit,
         )
         return onnx_ir.passes.PassResult(model, bool(result.modified))
+
+
+class _FoldWeightDecoders(onnx_ir.passes.InPlacePass):
+    """Fold the constant subgraphs that compute a linear op's weight, without size limits."""
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        decoders = _weight_decoders(model)
+        if not decoders:
+            return onnx_ir.passes.PassResult(model, False)
+        result = onnxscript.optimizer.fold_constants_ir(
+            model, input_size_limit=1 << 62, output_size_limit=1 << 62,
+            should_fold=lambda node: node in decoders,
+        )
+        return onnx_ir.passes.PassResult(model, bool(result.modified))
+
+
+def _weight_decoders(model: ir.Model) -> set[ir.Node]:
+    """Nodes of constant subgraphs (every leaf an initializer) that end in a weight of a linear op."""
+    found: set[ir.Node] = set()
+
+    def constant_subgraph(value: ir.Value, nodes: set[ir.Node], depth: int) -> bool:
+        if value.const_value is not None:
+            return True
+        producer = value.producer()
+        if producer is None or depth > 32 or value.is_graph_input():
+            return False
+        if producer in nodes:
+            return True
+        nodes.add(producer)
+        return all(v is None or constant_subgraph(v, nodes, depth + 1) for v in producer.inputs)
+
+    for node in model.graph.all_nodes():
+        spec = LINEAR_OPS.lookup(node, model)
+        if spec is None:
+            continue
+        for role in spec.roles:
+            if role.kind != "weight" or role.input_index >= len(node.inputs):
+                continue
+            weight = node.inputs[role.input_index]
+            if weight is None or weight.const_value is not None:
+                continue
+            nodes: set[ir.Node] = set()
+            if constant_subgraph(weight, nodes, 0):
+                found |= nodes
+    return found
 
 
 def _producers(model: ir.Model) -> dict[str, tuple[str, str, tuple[str, ...]]]:
@@ -202,6 +252,8 @@ class CleanupPass(CompressionPass[CleanupConfig]):
             passes.append(common_passes.InlinePass())
         rule_list = [*(_BATCHNORM_RULES if cfg.fuse_batchnorm else ()), *(_NOOP_RULES if cfg.remove_noops else ())]
         loop: list[onnx_ir.passes.PassBase] = []
+        if cfg.fold_weights:
+            passes.append(_FoldWeightDecoders())
         if cfg.fold_constants:
             loop.append(_FoldConstants(cfg.fold_input_size_limit, cfg.fold_output_size_limit))
         if rule_list:
