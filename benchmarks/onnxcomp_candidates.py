@@ -104,7 +104,7 @@ for bits in (8, 5, 4, 3):
     _recipe_candidate(f"oc_cluster{bits}s", f"onnxcomp {bits}-bit k-means weight sharing, one scale per channel, "
                       "codebook storage",
                       {**STATIC, "cluster": {"bits": bits, "format": "codebook", "min_elements": 256,
-                                             "channel_scales": True}},
+                                             "channel_scales": "always"}},
                       needs_data=False)
 for ratio in (30, 50):
     for rec in (False, True):

@@ -223,6 +223,14 @@ def test_config_and_cli(tmp_path, capsys):
     assert report["clusters"] == 32 and report["totals"]["entropy_bytes"] < report["totals"]["bytes_before"]
     assert report["output"]["session_creation_s"] > 0
     assert main(["cluster", str(MODELS / "digits_mlp.onnx"), "-o", str(MODELS / "digits_mlp.onnx")]) == 1
+    capsys.readouterr()
+    scaled = tmp_path / "s.onnx"
+    assert main(["cluster", str(MODELS / "digits_cnn.onnx"), "-o", str(scaled), "--channel-scales", "always",
+                 "--format", "codebook", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["granularity"] == "scaled channel"
+    assert {t["granularity"] for t in report["tensors"].values()} == {"scaled channel"}
+    assert report["output"]["bytes"] < 0.25 * report["input"]["bytes"]
 
 
 def test_codebook_model_can_be_quantized_and_reclustered(rng, tmp_path):

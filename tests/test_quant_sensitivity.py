@@ -109,3 +109,26 @@ def test_fallback_refuses_no_target(rng):
         quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 4))
     with pytest.raises(ValueError, match="labels"):
         quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 4), max_drop=1.0)
+
+
+def test_variants_only_drop_int8_nodes(rng):
+    """Keeping a MatMul float must not tip its bias Add into int8: that Add's output was never
+    calibrated (the base plan left it float for onnxruntime's MatMulIntegerToFloat fusion)."""
+    from onnxcomp.quant.sensitivity import QuantStudy
+    from onnxcomp.testing import run_model
+
+    f32 = np.float32
+    proto = make_proto(
+        [oh.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), oh.make_node("Add", ["h", "b1"], ["a"], name="bias1"),
+         oh.make_node("Relu", ["a"], ["r"], name="relu"), oh.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")],
+        [("x", ["N", 4, 16])], [("y", ["N", 4, 8])],
+        [("w1", rng.standard_normal((16, 32)).astype(f32)), ("b1", rng.standard_normal(32).astype(f32)),
+         ("w2", rng.standard_normal((32, 8)).astype(f32))])
+    calib = [{"x": rng.standard_normal((1, 4, 16)).astype(f32)} for _ in range(8)]
+    study = QuantStudy.prepare(proto, calib)
+    assert "bias1" not in study.nodes
+    variant = study.build({"mm1"})
+    out = run_model(variant, calib[:2])
+    assert np.isfinite(out[0][0]).all()
+    ops = {n.name: n.op_type for n in variant.graph}
+    assert "bias1" in ops and not any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "a" for n in variant.graph)

@@ -126,7 +126,7 @@ def quantize(
         )
         mixed = mixed_range_nodes(work, plan, result.ranges, config.max_range_ratio)
         if mixed:
-            plan = plan_static(work, config, keep_float=mixed)
+            plan = plan_static(work, config, keep_float=mixed, within=plan)
         qdq = QDQPass(config, plan, result.ranges)
         pass_result = qdq(work)
         report: dict[str, Any] = {

@@ -100,11 +100,18 @@ def _is_const(value: ir.Value | None) -> bool:
 
 
 def plan_static(
-    model: ir.Model, config: QuantizeConfig, *, keep_float: Mapping[str, str] | None = None
+    model: ir.Model,
+    config: QuantizeConfig,
+    *,
+    keep_float: Mapping[str, str] | None = None,
+    within: StaticPlan | None = None,
 ) -> StaticPlan:
     """Decide which nodes and tensors to quantize. ``model`` must carry inferred types.
 
     ``keep_float`` maps node names to the reason they must stay float (see :func:`mixed_range_nodes`).
+    ``within``: a plan this one refines (calibrated already): no node outside its int8 nodes goes
+    int8, so every tensor this plan quantizes has a range. Without it, keeping a MatMul float could
+    tip its bias Add into int8, whose output was never observed.
     """
     keep_float = dict(keep_float or {})
     graph = model.graph
@@ -138,6 +145,9 @@ def plan_static(
         if node.name in keep_float:
             skipped[label] = keep_float[node.name]
             kept_float.add(node.name)
+            continue
+        if within is not None and node.name not in within.nodes:
+            skipped[label] = within.skipped.get(label, "left in float by the plan this one refines")
             continue
         act_idx = range(len(node.inputs)) if rule.activations is None else rule.activations
         acts = [node.inputs[i] for i in act_idx if i < len(node.inputs)]

@@ -42,7 +42,7 @@ from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.api import STATIC_MIN_OPSET, observer_kwargs
 from onnxcomp.quant.calibrate import calibrate
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.qdq import QDQPass, mixed_range_nodes, plan_static
+from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_static
 
 __all__ = ["QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
 
@@ -107,6 +107,8 @@ class QuantStudy:
     reference: list[list[np.ndarray]]
     labels: np.ndarray | None
     notes: list[str]
+    #: the plan every variant refines (its tensors are the calibrated ones)
+    base_plan: StaticPlan | None = None
 
     @classmethod
     def prepare(
@@ -134,7 +136,7 @@ class QuantStudy:
         data = load_data(calibration, work, limit=config.max_samples)
         result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config))
         keep_float = mixed_range_nodes(work, plan, result.ranges, config.max_range_ratio)
-        nodes = plan_static(work, config, keep_float=keep_float).nodes
+        nodes = plan_static(work, config, keep_float=keep_float, within=plan).nodes
         evaluation = load_data(eval_data, work) if eval_data is not None else data
         feeds = []
         for i, feed in enumerate(evaluation):
@@ -149,14 +151,14 @@ class QuantStudy:
         if labels is not None:
             n = sum(int(r[0].shape[0]) for r in reference)
             labels = labels[:n]
-        return cls(work, config, result.ranges, keep_float, nodes, feeds, reference, labels, notes)
+        return cls(work, config, result.ranges, keep_float, nodes, feeds, reference, labels, notes, plan)
 
     def build(self, float_nodes: set[str] | frozenset[str] = frozenset()) -> ir.Model:
         """The model with every planned node in int8 except ``float_nodes``."""
         model = clone_model(self.work)
         keep = dict(self.keep_float)
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
-        plan = plan_static(model, self.config, keep_float=keep)
+        plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         QDQPass(self.config, plan, self.ranges)(model)
         return model
 
