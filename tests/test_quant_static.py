@@ -304,3 +304,31 @@ def test_bias_add_after_matmul_stays_float(rng):
     calib = [{"x": rng.standard_normal((2, 5, 16)).astype(np.float32)} for _ in range(8)]
     _, report = quantize(proto, calib)
     assert "bias" in report["skipped"] and report["onnxruntime"]["int8_by_op"] == {"MatMulIntegerToFloat": 1}
+
+
+@pytest.mark.parametrize("excluded", ["conv0", "hs_add", "hs_mul", "se_gap", "se_conv1", "se_mul", "residual"])
+def test_any_excluded_node_leaves_a_runnable_model(rng, excluded):
+    """The per-axis DQ guard is only for ops onnxruntime quantizes by itself: some of its other
+    fusions accept a per-axis DQ and fail at run time (QLinearGlobalAveragePool)."""
+    proto = _hardswish_se_proto(rng)
+    calib = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    quantized, report = quantize(proto, calib, QuantizeConfig(exclude=(excluded,)))
+    assert report["skipped"][excluded] == "excluded by the selection"
+    feeds = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)}]
+    for level in ("disable", "all"):
+        assert compare_models(io.load_model(proto), quantized, feeds, optimization=level).outputs[0].sqnr_db > 20
+
+
+PPOCR_DET = MODELS.parent / "benchmarks" / ".cache" / "rapidocr" / "rapidocr_onnxruntime" / "models" / \
+    "ch_PP-OCRv4_det_infer.onnx"
+
+
+@pytest.mark.skipif(not PPOCR_DET.exists(), reason="PP-OCRv4 det comes with the benchmark cache (python -m benchmarks)")
+def test_ppocr_det_with_pooling_kept_float_runs(rng):
+    """Keeping every GlobalAveragePool float (what the latency-aware fallback tries) once gave a
+    per-axis DQ that onnxruntime fused into a QLinearGlobalAveragePool failing at run time."""
+    calib = [{"x": rng.random((1, 3, 160, 160), dtype=np.float32)} for _ in range(2)]
+    quantized, report = quantize(PPOCR_DET, calib, QuantizeConfig(exclude=("GlobalAveragePool",)))
+    assert sum(r == "excluded by the selection" for r in report["skipped"].values()) == 10
+    (out,) = run_model(quantized, calib[:1])[0]
+    assert np.isfinite(out).all()

@@ -45,7 +45,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.quant.primitives import compute_scale_zero_point, quantize, quantize_bias, quantize_weight
-from onnxcomp.quant.rules import QUANT_RULES, QuantRule, sensitive_use
+from onnxcomp.quant.rules import QUANT_RULES, WEIGHT_QUANTIZED_BY_ORT, QuantRule, sensitive_use
 
 __all__ = ["QuantPoint", "StaticPlan", "plan_static", "QDQPass"]
 
@@ -295,23 +295,6 @@ def mixed_range_nodes(
                 f"(more than {max_ratio:g}x); one scale would erase the narrow input"
             )
     return found
-
-
-def _int8_source(value: ir.Value, compute: Mapping[str, ir.Node], model: ir.Model) -> ir.Node | None:
-    """The int8 node ``value`` comes from, looking through data movement and Relu/Clip."""
-    seen = 0
-    while value is not None and seen < 64:
-        producer = value.producer()
-        if producer is None:
-            return None
-        if producer.name in compute:
-            return producer
-        rule = _rule(producer, model)
-        if rule is None or rule.kind not in ("shared", "fold") or not producer.inputs:
-            return None
-        value = producer.inputs[0]
-        seen += 1
-    return None
 
 
 def _producer_through_movement(value: ir.Value, model: ir.Model) -> ir.Node | None:
@@ -565,8 +548,9 @@ class QDQPass(CompressionPass[QuantizeConfig]):
             weights), and its QDQ selectors fuse other ops in that position: a node kept float on
             purpose (excluded, or by the fallback) would silently run in int8. A per-axis DQ with
             the same scale on every channel gives the same values and is not taken for a
-            per-tensor one. It is slower than a per-tensor DQ on large tensors (3x on PP-OCR's
-            feature maps), so other float readers keep the shared one.
+            per-tensor one. Only for :data:`~onnxcomp.quant.rules.WEIGHT_QUANTIZED_BY_ORT`: it is
+            slower than a per-tensor DQ on large tensors (3x on PP-OCR's feature maps), and other
+            fusions of onnxruntime take it and fail at run time.
             """
             if name in float_dq_of:
                 return float_dq_of[name]
@@ -613,7 +597,7 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                 if int8_consumer:
                     node.replace_input_with(i, dq_of[inp.name])
                 elif inp.name in int8_outputs:
-                    guard = node.name in plan.kept_float
+                    guard = node.name in plan.kept_float and node.op_type in WEIGHT_QUANTIZED_BY_ORT
                     node.replace_input_with(i, float_reader_dq(inp.name) if guard else dq_of[inp.name])
         weights = biases = bias_float = 0
         weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}

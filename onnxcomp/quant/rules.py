@@ -22,7 +22,8 @@ import onnx_ir as ir
 
 from onnxcomp.ops import OpTable
 
-__all__ = ["QuantRule", "QUANT_RULES", "SENSITIVE_CONSUMERS", "sensitive_use", "INT8_KERNELS", "FLOAT_COMPUTE"]
+__all__ = ["QuantRule", "QUANT_RULES", "SENSITIVE_CONSUMERS", "sensitive_use", "WEIGHT_QUANTIZED_BY_ORT",
+           "INT8_KERNELS", "FLOAT_COMPUTE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,12 @@ def sensitive_use(node: ir.Node, input_index: int) -> bool:
         return False
     inputs = SENSITIVE_CONSUMERS[node.op_type]
     return inputs is None or input_index in inputs
+
+#: Ops onnxruntime's WeightBiasQuantization quantizes on its own (float weight, input from a
+#: per-tensor DQ, output path into a Q): a node of these kept float reads a per-axis DQ instead.
+#: Other ops must not get one: some of onnxruntime's fusions take a per-axis DQ anyway and then
+#: fail at run time (QLinearGlobalAveragePool, the QLinear lookup-table kernels).
+WEIGHT_QUANTIZED_BY_ORT = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 #: Op types of onnxruntime's optimized graph that run in int8 (the proof that fusion happened).
 INT8_KERNELS = frozenset({
