@@ -98,7 +98,8 @@ _recipe_candidate("oc_int4_ort", "onnxcomp weight-only int4, block 32, MatMulNBi
                   {**STATIC, "quantize": {"mode": "weight-only", "bits": 4, "block_size": 32, "weight_only_format": "ort"}},
                   skip=CNNS, needs_data=False)
 for bits in (8, 5, 4, 3):
-    _recipe_candidate(f"oc_cluster{bits}", f"onnxcomp {bits}-bit k-means weight sharing, codebook storage",
+    _recipe_candidate(f"oc_cluster{bits}", f"onnxcomp {bits}-bit k-means weight sharing (channel scales auto), "
+                      "codebook storage",
                       {**STATIC, "cluster": {"bits": bits, "format": "codebook", "min_elements": 256}},
                       needs_data=False)
     _recipe_candidate(f"oc_cluster{bits}s", f"onnxcomp {bits}-bit k-means weight sharing, one scale per channel, "
