@@ -395,6 +395,10 @@ def table_rows(model_result: dict) -> list[list[str]]:
         note = ""
         if r["status"] != "ok":
             note = (r["error"] or "")[:110]
+        elif "zipped_kb" in (build.get("notes") or {}):
+            bn = build["notes"]
+            note = (f"clustered weights {bn['weights_kb']:g} KB: zipped {bn['zipped_kb']:g} KB, "
+                    f"entropy-coded {bn['entropy_kb']:g} KB")
         out.append([
             name,
             r["status"],
