@@ -242,6 +242,9 @@ def test_codebook_model_can_be_quantized_and_reclustered(rng, tmp_path):
     assert "w1" not in as_codebook.graph.initializers and "w1_labels" in as_codebook.graph.initializers
     feeds = _feeds(rng)
     assert_equivalent(as_float, as_codebook, feeds, atol=0, rtol=0, optimizations=("all",))
+    # the exact codebook is one per tensor even when per-channel codebooks were asked for
+    per_channel, _ = cluster(as_float, ClusterConfig(bits=4, min_elements=100, format="codebook", per_channel=True))
+    assert_equivalent(as_float, per_channel, feeds, atol=0, rtol=0, optimizations=("all",))
     q_float, r_float = quantize(as_float, _feeds(rng, 8))
     q_codebook, r_codebook = quantize(as_codebook, _feeds(rng, 8))
     assert r_codebook["int8_nodes"] == r_float["int8_nodes"] >= 2

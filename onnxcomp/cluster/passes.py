@@ -204,7 +204,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 if cfg.format == "float":
                     target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
                 else:
-                    self._store_codebook(graph, taken, target, clustered, stats)
+                    self._store_codebook(graph, taken, target, clustered)
                 per_tensor[target.name] = stats
             if self.progress:
                 self.progress(done, total)
@@ -264,7 +264,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                           labels, scales)
 
     def _store_codebook(
-        self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered, stats: dict[str, Any]
+        self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered
     ) -> None:
         """Replace the weight by ``Cast(labels) [+ offsets] -> Gather(codebook) [* scales]``.
 
@@ -287,25 +287,21 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             # 4-bit labels as a native UINT4 tensor (two per byte on disk; opset 21).
             packed = ir.PackedTensor(pack_indices(labels.reshape(-1), 4), ir.DataType.UINT4, shape=ir.Shape(shape))
             label_values = _register(graph, unique_name(graph, f"{name}_labels", taken), packed)
-            stored = (labels.size + 1) // 2
         else:
-            arr = labels.astype(np.uint8 if k <= 256 else np.uint16)
-            label_values = add_initializer(graph, f"{name}_labels", arr, taken)
-            stored = arr.nbytes
+            label_values = add_initializer(graph, f"{name}_labels", labels.astype(np.uint8 if k <= 256 else np.uint16),
+                                           taken)
         index = add("Cast", [label_values], to=ir.DataType.INT64)
         codebook = clustered.centroids
         axis = target.channel_axis
-        if self.config.per_channel:
+        if codebook.ndim == 2:  # one codebook per channel: offset each channel's labels into its row
             channels = shape[axis]
             offsets = (np.arange(channels, dtype=np.int64) * k).reshape(_channel_shape(len(shape), axis, channels))
             index = add("Add", [index, add_initializer(graph, f"{name}_offsets", offsets, taken)])
             codebook = codebook.reshape(-1)
         weight = add("Gather", [add_initializer(graph, f"{name}_codebook", codebook, taken), index])
-        side = codebook.nbytes
         if clustered.scales is not None:
             scales = clustered.scales.reshape(_channel_shape(len(shape), axis, clustered.scales.size))
             weight = add("Mul", [weight, add_initializer(graph, f"{name}_scales", scales, taken)])
-            side += scales.nbytes
         for node in nodes:
             graph.append(node)
         target.value.replace_all_uses_with(weight)
@@ -314,7 +310,6 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         weight.name = name
         weight.dtype = ir.DataType.FLOAT
         weight.shape = ir.Shape(shape)
-        stats["bytes_after"] = int(stored + side)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +385,7 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str) ->
         "mse": float(np.mean((snapped.astype(np.float64) - w) ** 2)),
         "relative_mse": float(np.mean((snapped.astype(np.float64) - w) ** 2) / max(float(np.mean(w.astype(np.float64) ** 2)), 1e-30)),
         "bytes_before": int(w.nbytes),
-        "bytes_after": int(snapped.nbytes),
+        "bytes_after": int(packed_labels.nbytes + side_bytes if storage == "codebook" else snapped.nbytes),
         "label_bits": label_bits,
         "zlib_bytes_before": len(zlib.compress(np.ascontiguousarray(w).tobytes(), 9)),
         "zlib_bytes_after": (

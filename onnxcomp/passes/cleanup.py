@@ -196,8 +196,8 @@ def _tidy_rewritten_nodes(model: ir.Model, producers: dict[str, tuple[str, str, 
     nodes = list(model.graph.all_nodes())
     taken = {node.name for node in nodes if node.name and not _GENERATED_NAME.match(node.name)}
     for node in nodes:
-        if not (_GENERATED_NAME.match(node.name or "") or not node.name) or not node.outputs:
-            continue
+        if (node.name and not _GENERATED_NAME.match(node.name)) or not node.outputs:
+            continue  # named by the model, not by a rewrite
         node.name = ""
         node.metadata_props.pop(_RULE_NAME_TAG, None)
         frontier, steps = [node.outputs[0].name or ""], 0
