@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import (
+    add_check_flags,
+    add_output_flags,
+    check_config,
+    check_status,
+    console,
+    file_bytes,
+    fmt_size,
+    print_check,
+    print_json,
+    progress_bar,
+    register,
+    run_check,
+)
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -20,6 +33,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="activation type (default uint8: onnxruntime's fast path on x86)")
     p.add_argument("--symmetric-activations", action="store_true")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
+    p.add_argument("--weight-range", choices=("auto", "full", "reduced"), default="auto",
+                   help="int8 weights in 8 bits (full) or 7 (reduced); auto: reduced where this CPU's int8 kernels "
+                        "saturate (x86 without VNNI)")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
                    help="calibration range method (default minmax)")
     p.add_argument("--percentile", type=float, default=99.999)
@@ -47,10 +63,31 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="keep float the op types whose int8 form is measured slower on this CPU")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
+    add_check_flags(p, max_drop=False)
     add_output_flags(p)
 
 
+def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
+    """How much was quantized, what that counts, and (when nothing) why."""
+    if mode == "static":
+        count = int(report.get("int8_nodes") or 0)
+        what = "int8 nodes"
+    else:
+        count = int(report.get("nodes_quantized") or 0)
+        what = "quantized weights" if mode == "weight-only" else "dynamically quantized nodes"
+    why = ""
+    if count == 0:
+        skipped = report.get("skipped") or {}
+        if skipped:
+            first, reason = next(iter(skipped.items()))
+            why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
+        else:
+            why = "the model has no node this mode quantizes in its main graph"
+    return count, what, why
+
+
 def _run(args: argparse.Namespace) -> int:
+    from onnxcomp.check import split_data
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
     from onnxcomp.quant.api import quantize
@@ -62,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         activation_type=args.activation_type,
         activation_symmetric=args.symmetric_activations,
         per_channel=not args.per_tensor,
+        weight_range=args.weight_range,
         calibration=args.method,
         percentile=args.percentile,
         op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()) if args.op_types else (),
@@ -82,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
+    check_cfg = check_config(args)
     model = load_model(args.model)
     check_target(model, args.output)
     calibration = None
@@ -91,18 +130,25 @@ def _run(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
+    fit = split.fit if split.fit is not None else calibration
     with progress_bar(con) as progress:
-        task = progress.add_task("calibrating", total=calibration.num_feeds if calibration else None)
+        task = progress.add_task("calibrating", total=fit.num_feeds if fit else None)
         quantized, report = quantize(
-            model, calibration, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
+            model, fit, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+    count, what, why = _compressed(report, args.mode)
+    check = run_check(con, model, out, split, check_cfg, compressed=count, what=what, why=why)
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.json:
         print_json(report)
-        return 0
+        return status
     for note in report.get("notes", []):
         con.print(f"[yellow]note:[/yellow] {note}")
     ort = report.get("onnxruntime", {})
@@ -114,7 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     if fallback:
         final = fallback["final"]
         acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
-        con.print(f"fidelity budget {'met' if fallback['met'] else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
+        met = fallback["met"] and bool(fallback["int8_nodes"])
+        con.print(f"fidelity budget {'met' if met else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
                   f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         for name, ratio in (fallback.get("fallback_latency") or {}).items():
             con.print(f"  {name}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
@@ -143,7 +190,8 @@ def _run(args: argparse.Namespace) -> int:
             con.print(f"  {name}: {reason}")
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
-    return 0
+    print_check(con, check)
+    return status
 
 
 register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)

@@ -310,7 +310,8 @@ def quantize_with_fallback(
         "float": base,
         "final": current,
         "target": {"fidelity_db": fidelity_target, "max_drop_points": max_drop},
-        "met": _meets(current, base, fidelity_target, max_drop) if targets else True,
+        # A model with nothing left in int8 meets no budget: there is nothing to meet it with.
+        "met": bool(len(fallback) < len(study.nodes)) and (_meets(current, base, fidelity_target, max_drop) if targets else True),
         "float_nodes": fallback,
         "int8_nodes": [n for n in study.nodes if n not in fallback],
         "history": history,

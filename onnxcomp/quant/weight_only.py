@@ -554,7 +554,7 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
             if site.transposed:
                 w = np.ascontiguousarray(w.T)
             axis = 1 if self.config.per_channel else None
-        q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True)
+        q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=self.config.reduce_weights)
         q_v = rw.init(f"{site.weight.name}_quantized", q)
         scale = (np.asarray(scale, np.float32) * np.float32(site.alpha)).astype(np.float32)
         if site.node.op_type == "Conv" and scale.ndim:
