@@ -178,6 +178,79 @@ def _fmt_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the held-out check (onnxcomp.check), shared by every lossy command
+
+EXIT_BELOW_BUDGET = 3
+
+
+def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True) -> None:
+    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`)."""
+    g = parser.add_argument_group("held-out check of the written model")
+    g.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when the check misses its budget or nothing was compressed")
+    g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
+    g.add_argument("--check-fraction", type=float, default=0.2, metavar="F",
+                   help="share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
+    g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
+                   help="top-1 agreement an output of class scores must keep (default 0.99)")
+    g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
+                   help="cosine similarity any other output must keep (default 0.985)")
+    if max_drop:
+        g.add_argument("--max-drop", type=float, metavar="POINTS",
+                       help="accuracy points the first output may lose, with --eval and --labels (default 1)")
+
+
+def check_config(args: argparse.Namespace):
+    """The :class:`~onnxcomp.check.CheckConfig` the flags describe (validated)."""
+    from onnxcomp.check import CheckConfig
+    from onnxcomp.errors import ConfigError
+
+    if args.strict and args.no_check:
+        raise ConfigError("--strict needs the check: drop --no-check")
+    max_drop = getattr(args, "max_drop", None)
+    try:
+        return CheckConfig(enabled=not args.no_check, fraction=args.check_fraction,
+                           min_agreement=args.min_agreement, min_cosine=args.min_cosine,
+                           max_drop=1.0 if max_drop is None else max_drop)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (--check-fraction, --min-agreement, --min-cosine, --max-drop)") from None
+
+
+def run_check(con, reference, written_path, split, config, *, compressed: int | None, what: str,
+              why: str = "") -> dict[str, Any] | None:
+    """Load the written file back and check it against ``reference``; None when disabled."""
+    from onnxcomp.check import check_model
+    from onnxcomp.io import load_model
+
+    if not config.enabled:
+        return None
+    written = load_model(written_path)
+    with progress_bar(con) as progress:
+        task = progress.add_task("checking", total=split.check_feeds)
+        return check_model(reference, written, split, config, compressed=compressed, what=what, nothing_why=why,
+                           progress=lambda n: progress.update(task, completed=n))
+
+
+def print_check(con, check: dict[str, Any] | None) -> None:
+    """The check's one unmissable line (and the blamed tensors)."""
+    from rich.markup import escape
+
+    from onnxcomp.check import verdict_line
+
+    if check is None:
+        return
+    style = "bold green" if check["met"] else "bold red"
+    con.print(f"[{style}]{escape(verdict_line(check))}[/{style}]")
+
+
+def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:
+    """0, or 3 under --strict when the check missed its budget (or nothing was compressed)."""
+    if args.strict and check is not None and not check["met"]:
+        return EXIT_BELOW_BUDGET
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # compress
 
 
@@ -196,10 +269,28 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    add_check_flags(p)
     add_output_flags(p)
 
 
+def _compressed_by_stages(stages: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """What the lossy stages of a compress run changed (None when no stage is lossy)."""
+    counts = []
+    for entry in stages:
+        stats = entry["stats"]
+        if entry["stage"] == "quantize":
+            counts.append((int(stats.get("int8_nodes") or stats.get("nodes_quantized") or 0), "quantized nodes"))
+        elif entry["stage"] == "prune":
+            counts.append((int(stats.get("channels_removed") or 0), "channels removed"))
+        elif entry["stage"] == "cluster":
+            counts.append((len(stats.get("tensors") or {}), "tensors clustered"))
+    if not counts:
+        return None, ""
+    return sum(n for n, _ in counts), ", ".join(what for _, what in counts)
+
+
 def _run_compress(args: argparse.Namespace) -> int:
+    from onnxcomp.check import split_data
     from onnxcomp.compress import compress, needs_calibration
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
@@ -222,6 +313,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.set:
         recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
+    check_cfg = check_config(args)
     model = load_model(args.model)
     check_target(model, args.output)
     if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
@@ -233,6 +325,9 @@ def _run_compress(args: argparse.Namespace) -> int:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
     if needs_calibration(recipe) and calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} quantizes statically and needs calibration data (--calibration)")
+    split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
+    if split.fit is not None:
+        calibration = split.fit
     latency_feeds = None
     if calibration is None and evaluation is None and "measure" in recipe.stages:
         shapes = parse_shapes(args.shape)
@@ -252,15 +347,22 @@ def _run_compress(args: argparse.Namespace) -> int:
     out = save_model(compressed, args.output)
     report["model"] = args.model
     report["output"] = str(out)
+    count, what = _compressed_by_stages(report["stages"])
+    check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
+                      why="" if count else "see each stage's statistics (--json)")
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.report:
         write_text_atomic(args.report, render_html(report))
         report["report"] = args.report
     if args.json:
         print_json(report)
-        return 0
+        return status
     render_terminal(con, report)
     con.print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
-    return 0
+    print_check(con, check)
+    return status
 
 
 register(

@@ -307,10 +307,13 @@ class Dataset:
     # -- public ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Feed]:
         count = 0
+        select = getattr(self, "_select", None)
         try:
-            for where, feed in self._raw_feeds():
+            for index, (where, feed) in enumerate(self._raw_feeds()):
                 if self.limit is not None and count >= self.limit:
                     break
+                if select is not None and not select(index):
+                    continue
                 yield self._validate(where, feed)
                 count += 1
         finally:
@@ -333,7 +336,22 @@ class Dataset:
             n = len(self._files)
         else:
             return None
+        select = getattr(self, "_select", None)
+        if select is not None:
+            n = sum(1 for i in range(n) if select(i))
         return min(n, self.limit) if self.limit is not None else n
+
+    def subset(self, select: Callable[[int], bool], *, name: str | None = None) -> Dataset:
+        """A view of the feeds whose index (in the unfiltered stream) ``select`` accepts.
+
+        Nothing is read or copied; ``limit`` of the view counts the feeds it yields.
+        """
+        view = copy.copy(self)
+        outer = getattr(self, "_select", None)
+        view._select = select if outer is None else (lambda i: outer(i) and select(i))
+        if name is not None:
+            view.name = name
+        return view
 
     def first(self) -> Feed:
         """The first feed (used to build example inputs)."""

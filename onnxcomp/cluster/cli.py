@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import (
+    add_check_flags,
+    add_output_flags,
+    check_config,
+    check_status,
+    console,
+    file_bytes,
+    fmt_size,
+    print_check,
+    print_json,
+    progress_bar,
+    register,
+    run_check,
+)
 
 __all__: list[str] = []
 
@@ -28,12 +41,20 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading to opset 21 (4-bit codebook)")
+    p.add_argument("--data", "--eval", dest="eval", metavar="FILE",
+                   help="data to check the written model on (default: generated inputs, a sanity check only)")
+    p.add_argument("--labels", metavar="FILE.npy", help="labels of the --data: the check compares accuracy")
+    p.add_argument("--batch-size", type=int)
+    add_check_flags(p)
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.api import cluster, session_creation_seconds
+    from onnxcomp.check import split_data
     from onnxcomp.cluster.passes import ClusterConfig
+    from onnxcomp.data import Dataset, load_labels
+    from onnxcomp.errors import ConfigError
     from onnxcomp.io import check_target, load_model, save_model
 
     con = console(args)
@@ -43,8 +64,14 @@ def _run(args: argparse.Namespace) -> int:
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
         format=args.format, seed=args.seed,
     )
+    check_cfg = check_config(args)
     model = load_model(args.model)
     check_target(model, args.output)
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    labels = load_labels(args.labels) if args.labels else None
+    if labels is not None and evaluation is None:
+        raise ConfigError("--labels needs --data (the data they label)")
+    split = split_data(None, check_cfg, evaluation=evaluation, labels=labels, model=model)
     with progress_bar(con) as progress:
         task = progress.add_task("clustering", total=None)
         clustered, report = cluster(
@@ -56,9 +83,17 @@ def _run(args: argparse.Namespace) -> int:
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
+    count = len(report["tensors"])
+    why = "" if count else (f"{len(report['skipped'])} tensor(s) left alone, e.g. "
+                            + "; ".join(f"{n!r}: {r}" for n, r in list(report["skipped"].items())[:1])
+                            if report["skipped"] else f"no weight tensor with at least {args.min_elements} elements")
+    check = run_check(con, model, out, split, check_cfg, compressed=count, what="tensors clustered", why=why)
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.json:
         print_json(report)
-        return 0
+        return status
     from rich.table import Table
 
     for note in report["notes"]:
@@ -87,7 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if report["skipped"]:
         con.print(f"left alone: {len(report['skipped'])} tensor(s) (--json lists why)")
-    return 0
+    print_check(con, check)
+    return status
 
 
 register("cluster", "k-means weight sharing (Deep Compression style), float or codebook storage", _configure, _run)
