@@ -148,3 +148,36 @@ def test_strict_and_no_check_conflict(work, capsys):
     code, _, err = _run(capsys, "quantize", work / "digits_cnn.onnx", "-o", work / "x.onnx", "--calibration",
                         work / "digits_calib.npz", "--strict", "--no-check")
     assert code == 1 and "--strict needs the check" in err
+
+
+def _outlier_chain(rng):
+    """x @ W1 -> y1 (one column 300x larger) @ W2 -> y2 @ W3 -> out: int8 y1 crushes its other columns."""
+    w1 = rng.standard_normal((16, 16)).astype(np.float32)
+    w1[:, 3] *= 300.0
+    w2 = rng.standard_normal((16, 16)).astype(np.float32)
+    w2[3, :] /= 300.0
+    w3 = rng.standard_normal((16, 8)).astype(np.float32)
+    return make_proto(
+        [oh.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1"), oh.make_node("MatMul", ["y1", "w2"], ["y2"], name="mm2"),
+         oh.make_node("MatMul", ["y2", "w3"], ["out"], name="mm3")],
+        [("x", [1, 2, 16])], [("out", [1, 2, 8])], [("w1", w1), ("w2", w2), ("w3", w3)])
+
+
+def test_automatic_fallback_floats_the_damaging_node_first(rng):
+    from onnxcomp.quant.autofallback import fallback_to_budget
+    from onnxcomp.quant.config import QuantizeConfig
+
+    proto = _outlier_chain(rng)
+    fit = [{"x": rng.standard_normal((1, 2, 16)).astype(np.float32)} for _ in range(16)]
+    model, report = fallback_to_budget(proto, fit, QuantizeConfig(), CheckConfig(min_cosine=0.999),
+                                       max_float_fraction=0.5)
+    assert report["met_on_fitting_data"] and report["float_nodes"] == ["mm2"]
+    assert report["damage_db"]["mm2"] > 10.0 and sorted(report["int8_nodes"]) == ["mm1", "mm3"]
+    held = [{"x": rng.standard_normal((1, 2, 16)).astype(np.float32)} for _ in range(8)]
+    ref = io.load_model(proto)
+    split = split_data(None, CheckConfig(), evaluation=Dataset(held, ref))
+    assert check_model(ref, model, split, CheckConfig(min_cosine=0.999), compressed=2)["met"]
+    # a budget only all-float could meet is refused beyond the fraction: the all-int8 model comes back
+    model, report = fallback_to_budget(proto, fit, QuantizeConfig(), CheckConfig(min_cosine=1.0),
+                                       max_float_fraction=0.34)
+    assert not report["met_on_fitting_data"] and report["float_nodes"] == [] and "all-int8 model is kept" in report["gave_up"]

@@ -63,8 +63,23 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="keep float the op types whose int8 form is measured slower on this CPU")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="static mode: do not move nodes back to float when the check misses its budget")
     add_check_flags(p, max_drop=False)
     add_output_flags(p)
+
+
+def _latency_ratio(first, second, data) -> dict | None:
+    """Interleaved latency of ``second`` over ``first`` (median ratio and 95% interval)."""
+    from onnxcomp.measure.bench import bench_models
+
+    feeds = []
+    for feed in data:
+        feeds.append(feed)
+        if len(feeds) == 4:
+            break
+    rows = bench_models([("all int8", first), ("with fallback", second)], feeds, runs=40, warmup_seconds=0.2)
+    return {"ratio": rows[1]["ratio_to_first"], "ci95": rows[1]["ratio_ci95"]}
 
 
 def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
@@ -87,7 +102,9 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from onnxcomp.check import split_data
+    from rich.markup import escape
+
+    from onnxcomp.check import split_data, verdict_line
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
     from onnxcomp.quant.api import quantize
@@ -143,6 +160,28 @@ def _run(args: argparse.Namespace) -> int:
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
     check = run_check(con, model, out, split, check_cfg, compressed=count, what=what, why=why)
+    if (check is not None and not check["met"] and count and args.mode == "static" and not args.no_fallback
+            and not config.uses_fallback and split.held_out):
+        from onnxcomp.quant.autofallback import fallback_to_budget
+
+        con.print(f"[yellow]{escape(verdict_line(check))}[/yellow]")
+        con.print("moving the most damaging nodes back to float until the budget holds on the fitting data "
+                  "(--no-fallback to keep the all-int8 model)")
+        first = quantized
+        with progress_bar(con) as progress:
+            task = progress.add_task("fallback", total=None)
+            quantized, auto = fallback_to_budget(
+                model, fit, config, check_cfg,
+                progress=lambda done, total: progress.update(task, completed=done, total=total))
+        auto["check_before"] = check
+        auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit)
+        report["auto_fallback"] = auto
+        report["int8_nodes"] = len(auto["int8_nodes"])
+        out = save_model(quantized, args.output)
+        report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+        count = len(auto["int8_nodes"])
+        check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
+                          why="every node went back to float and the budget still failed" if not count else "")
     if check is not None:
         report["check"] = check
     status = check_status(args, check)
@@ -156,6 +195,18 @@ def _run(args: argparse.Namespace) -> int:
         f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
         f"{fmt_size(report['input']['bytes'])} -> {fmt_size(report['output']['bytes'])}"
     )
+    auto = report.get("auto_fallback")
+    if auto:
+        lat = auto["latency_ratio_to_all_int8"]
+        con.print(f"automatic fallback ({auto['seconds']:.1f} s, {auto['evaluations']} evaluations on "
+                  f"{auto['eval_feeds']} fitting feeds): {len(auto['float_nodes'])} node(s) back in float, "
+                  f"{len(auto['int8_nodes'])} int8; latency {lat['ratio']:.3f}x of the all-int8 model "
+                  f"[{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+                  + ("" if auto["met_on_fitting_data"] else f"; {auto['gave_up']}"))
+        for name in auto["float_nodes"][:10]:
+            con.print(f"  float: {escape(name)} (adds {auto['damage_db'].get(name, 0):.1f} dB of error in int8)")
+        if len(auto["float_nodes"]) > 10:
+            con.print(f"  ... and {len(auto['float_nodes']) - 10} more (--json lists all)")
     fallback = report.get("fallback")
     if fallback:
         final = fallback["final"]
