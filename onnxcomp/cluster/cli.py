@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import add_force_flag, add_output_flags, check_outputs, console, file_bytes, fmt_size, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -28,13 +28,14 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading to opset 21 (4-bit codebook)")
+    add_force_flag(p)
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.api import cluster, session_creation_seconds
     from onnxcomp.cluster.passes import ClusterConfig
-    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.io import load_model, save_model
 
     con = console(args)
     config = ClusterConfig(
@@ -44,14 +45,14 @@ def _run(args: argparse.Namespace) -> int:
         format=args.format, seed=args.seed,
     )
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     with progress_bar(con) as progress:
         task = progress.add_task("clustering", total=None)
         clustered, report = cluster(
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(clustered, args.output)
+    out = save_model(clustered, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),

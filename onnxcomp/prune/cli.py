@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.cli import add_force_flag, add_output_flags, check_outputs, console, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -28,12 +28,13 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="fold constant channels into zero-padded convs too (border pixels change; reported)")
     p.add_argument("--max-samples", type=int)
     p.add_argument("--batch-size", type=int)
+    add_force_flag(p)
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset
-    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.io import load_model, save_model
     from onnxcomp.prune.api import prune
     from onnxcomp.prune.config import PruneConfig
 
@@ -44,13 +45,13 @@ def _run(args: argparse.Namespace) -> int:
         ridge=args.ridge, fold_border=args.fold_border, max_samples=args.max_samples,
     )
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     data = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
     with progress_bar(con) as progress:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
-    out = save_model(pruned, args.output)
+    out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)
     if args.json:
         print_json(report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import add_force_flag, add_output_flags, check_outputs, console, file_bytes, fmt_size, print_json, progress_bar, register
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -47,12 +47,13 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="keep float the op types whose int8 form is measured slower on this CPU")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
+    add_force_flag(p)
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
+    from onnxcomp.io import initializer_nbytes, load_model, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -83,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     calibration = None
     if args.calibration:
         calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
@@ -97,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
             model, calibration, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(quantized, args.output)
+    out = save_model(quantized, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
     if args.json:
