@@ -407,7 +407,9 @@ def check_destinations(
         src = source_path(source)
         if src is not None:
             read.append(("the input model", str(src)))
-        read.extend(("external data of the input model", f) for f in sorted(external_data_files(source)))
+        # the file's own references too: a rewritten model may no longer read them, the file does
+        files = external_data_files(source) | ({str(f) for f in model_files(src)[1:]} if src else set())
+        read.extend(("external data of the input model", f) for f in sorted(files))
     for i, (label, target, file) in enumerate(written):
         via = " is" if file == target else f": its external data {file} is"
         for in_label, in_path in read:
