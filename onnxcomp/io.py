@@ -416,7 +416,7 @@ def check_destinations(
             if _same_path(file, in_path):
                 raise ModelSaveError(
                     f"{label} {target}{via} the same file as {in_label} {in_path}; "
-                    "refusing to overwrite an input, choose another output path"
+                    "refusing to overwrite the input file, choose another output path"
                 )
         for other_label, other_target, other_file in written[i + 1:]:
             if other_label != label and _same_path(file, other_file):

@@ -164,6 +164,15 @@ def test_every_writing_command_guards_its_output(inputs, command, victim):
     assert _snapshot(inputs["model"].parent) == before
 
 
+def test_output_into_a_calibration_folder_is_refused_on_its_files(inputs, tmp_path, capsys):
+    """A folder of .npz feeds is an input: each file in it is protected."""
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    (folder / "0.npz").write_bytes(inputs["calibration"].read_bytes())
+    _refused(capsys, ["quantize", str(inputs["model"]), "-o", str(folder / "0.npz"), "--calibration", str(folder)],
+             [folder, inputs["model"].parent], f"-o {folder / '0.npz'}", f"--calibration {folder / '0.npz'}")
+
+
 # --------------------------------------------------------------------------------------------
 # read-only outputs and bad destinations
 
