@@ -184,10 +184,11 @@ def _render_summary(con, info: dict[str, Any]) -> None:
 
 
 def file_bytes(path) -> int:
-    """Size of a model file plus the external-data files it refers to."""
-    from onnxcomp.io import model_files
+    """Size of a model file plus its external data as saved by onnxcomp (``<name>.data``,
+    ``<name>.<id>.data``), found by name without parsing the model."""
+    from onnxcomp.io import saved_data_files
 
-    return sum(os.path.getsize(f) for f in model_files(path) if os.path.isfile(f))
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in saved_data_files(path))
 
 
 def fmt_size(n: int) -> str:

@@ -65,6 +65,7 @@ __all__ = [
     "check_target",
     "check_destinations",
     "model_files",
+    "saved_data_files",
     "write_text_atomic",
     "onnx_opset",
     "initializer_nbytes",
@@ -408,7 +409,9 @@ def check_destinations(
         if src is not None:
             read.append(("the input model", str(src)))
         # the file's own references too: a rewritten model may no longer read them, the file does
-        files = external_data_files(source) | ({str(f) for f in model_files(src)[1:]} if src else set())
+        files = external_data_files(source)
+        if src is not None and source.meta.get(_EXTERNAL_KEY):
+            files |= {str(f) for f in model_files(src)[1:]}
         read.extend(("external data of the input model", f) for f in sorted(files))
     for i, (label, target, file) in enumerate(written):
         via = " is" if file == target else f": its external data {file} is"
@@ -476,9 +479,15 @@ def _owned_data_files(target: Path) -> list[Path]:
     return owned
 
 
+def saved_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files :func:`save_model` keeps next to a model saved at ``path``
+    (``<name>.data``, ``<name>.<id>.data``) that exist; found by name, without reading the model."""
+    return [f for f in _owned_data_files(Path(path)) if f.is_file()]
+
+
 def model_files(path: str | os.PathLike) -> list[Path]:
     """A saved model file followed by the external-data files it refers to (just the model file
-    when it has none, or when it cannot be read as a model)."""
+    when it has none, or when it cannot be read as a model). Parses the model file."""
     path = Path(path)
     try:
         refs = external_data_files(ir.load(path))

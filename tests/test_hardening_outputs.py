@@ -431,3 +431,14 @@ def test_argparse_errors_exit_one_in_a_subprocess(argv, option):
     proc = subprocess.run([sys.executable, "-m", "onnxcomp", *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     _one_error_line(proc.stderr, option)
+
+
+def test_file_bytes_counts_the_data_file_a_resave_wrote(matmul_proto, tmp_path, rng):
+    from onnxcomp.cli import file_bytes
+
+    target = tmp_path / "out.onnx"
+    for _ in range(2):
+        io.save_model(_with_weights(matmul_proto, rng), target, external_data=True, size_threshold_bytes=0)
+        files = io.model_files(target)
+        assert io.saved_data_files(target) == files[1:]
+        assert file_bytes(target) == sum(f.stat().st_size for f in files) > target.stat().st_size
