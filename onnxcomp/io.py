@@ -67,6 +67,7 @@ __all__ = [
     "model_files",
     "saved_data_files",
     "write_text_atomic",
+    "staged_text",
     "onnx_opset",
     "initializer_nbytes",
     "external_data_files",
@@ -618,6 +619,19 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False
 
     Refuses a folder, a missing or unwritable folder, and (without ``force``) a read-only file.
     """
+    with staged_text(path, text, force=force) as target:
+        return target
+
+
+@contextlib.contextmanager
+def staged_text(path: str | os.PathLike, text: str, *, force: bool = False) -> Iterator[Path]:
+    """Write a text file in two steps: into a temporary file next to ``path`` on entry, renamed into
+    place when the block ends without error, removed when it raises. A report staged around the
+    save of its model is written whole before the model, and is not left behind when that fails.
+
+    Raises:
+        ModelSaveError: as :func:`write_text_atomic`, or the file cannot be written.
+    """
     target = _check_destination("output", path, force=force)
     folder = target.parent if str(target.parent) else Path(".")
     try:
@@ -625,17 +639,22 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, target)
-    except BaseException:
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
+        except OSError as exc:
+            raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        yield target
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
-    return target
 
 
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:

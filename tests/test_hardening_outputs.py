@@ -274,6 +274,22 @@ def test_bad_report_destination_is_refused_before_any_work(plain, tmp_path, caps
     assert _snapshot(tmp_path) == before, "no model written, no temporary file"
 
 
+def test_failed_model_save_leaves_no_report(plain, tmp_path, capsys, monkeypatch):
+    """The report is staged before the model is saved and dropped when the save fails."""
+    model, calib = plain
+    (tmp_path / "r.html").write_text("previous report")
+
+    def disk_full(*args, **kwargs):
+        raise ModelSaveError(f"{tmp_path / 'out.onnx'}: cannot write: No space left on device")
+
+    monkeypatch.setattr(io, "save_model", disk_full)
+    before = _snapshot(tmp_path)
+    assert main(["compress", str(model), "-o", str(tmp_path / "out.onnx"), "--calibration", str(calib),
+                 "--report", str(tmp_path / "r.html"), "--set", "measure.latency=false"]) == 1
+    _one_error_line(capsys.readouterr().err, "No space left")
+    assert _snapshot(tmp_path) == before, "previous report kept, no temporary file, no model"
+
+
 # --------------------------------------------------------------------------------------------
 # external-data saves: atomic pair, no stale or empty .data
 
