@@ -13,7 +13,6 @@ output is replaced only with ``--force``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -232,7 +231,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.compress import compress, needs_calibration
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
-    from onnxcomp.io import load_model, save_model, staged_text
+    from onnxcomp.io import load_model, save_model, write_text_atomic
     from onnxcomp.data import parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
@@ -276,13 +275,11 @@ def _run_compress(args: argparse.Namespace) -> int:
             model, recipe, calibration, eval_data=evaluation, labels=labels,
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
         )
+    out = save_model(compressed, args.output, force=args.force)
     report["model"] = args.model
-    report["output"] = str(args.output)
-    # the report is written whole first and renamed into place only once the model is saved
-    staged = staged_text(args.report, render_html(report), force=args.force) if args.report else contextlib.nullcontext()
-    with staged:
-        out = save_model(compressed, args.output, force=args.force)
+    report["output"] = str(out)
     if args.report:
+        write_text_atomic(args.report, render_html(report), force=args.force)
         report["report"] = args.report
     if args.json:
         print_json(report)

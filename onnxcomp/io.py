@@ -67,7 +67,6 @@ __all__ = [
     "model_files",
     "saved_data_files",
     "write_text_atomic",
-    "staged_text",
     "onnx_opset",
     "initializer_nbytes",
     "external_data_files",
@@ -617,20 +616,9 @@ def _intermediate_types_hidden(model: ir.Model) -> Iterator[None]:
 def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False) -> Path:
     """Write a text file (a report) atomically: temporary file in the same folder, then rename.
 
-    Refuses a folder, a missing or unwritable folder, and (without ``force``) a read-only file.
-    """
-    with staged_text(path, text, force=force) as target:
-        return target
-
-
-@contextlib.contextmanager
-def staged_text(path: str | os.PathLike, text: str, *, force: bool = False) -> Iterator[Path]:
-    """Write a text file in two steps: into a temporary file next to ``path`` on entry, renamed into
-    place when the block ends without error, removed when it raises. A report staged around the
-    save of its model is written whole before the model, and is not left behind when that fails.
-
     Raises:
-        ModelSaveError: as :func:`write_text_atomic`, or the file cannot be written.
+        ModelSaveError: the path is a folder, its folder is missing or not writable, it is a
+            read-only file (without ``force``), or the file cannot be written.
     """
     target = _check_destination("output", path, force=force)
     folder = target.parent if str(target.parent) else Path(".")
@@ -639,22 +627,19 @@ def staged_text(path: str | os.PathLike, text: str, *, force: bool = False) -> I
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
     try:
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        except OSError as exc:
-            raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
-        yield target
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
-    finally:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
+        os.replace(tmp, target)
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        raise
+    return target
 
 
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:

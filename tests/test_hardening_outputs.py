@@ -275,7 +275,7 @@ def test_bad_report_destination_is_refused_before_any_work(plain, tmp_path, caps
 
 
 def test_failed_model_save_leaves_no_report(plain, tmp_path, capsys, monkeypatch):
-    """The report is staged before the model is saved and dropped when the save fails."""
+    """The report is written only once the model is saved."""
     model, calib = plain
     (tmp_path / "r.html").write_text("previous report")
 
