@@ -3,8 +3,11 @@
 One contract for every command: a model path first; ``-o OUT`` where a model is written;
 ``--calibration FILE`` / ``--data FILE`` for data (an .npz file or a folder of .npz files);
 ``--json`` prints one machine-readable JSON document on stdout; ``--quiet`` prints nothing but
-errors. A user error (bad file, bad data, bad option) prints ``onnxcomp: error: ...`` on stderr and
-exits with status 1, never a traceback; Ctrl-C exits with status 130 and leaves no partial file.
+errors. A user error (bad file, bad data, bad option, a usage error found by argparse) prints one
+``onnxcomp: error: ...`` line on stderr and exits with status 1, never a traceback; Ctrl-C exits with
+status 130 and leaves no partial file. Commands that write check every destination before any work
+(:func:`check_outputs`): no output may be an input or another output, and an existing read-only
+output is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,29 @@ def register(
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def add_force_flag(parser: argparse.ArgumentParser) -> None:
+    """``--force`` for commands that write files (see :func:`check_outputs`)."""
+    parser.add_argument("--force", action="store_true", help="replace existing read-only output files")
+
+
+def check_outputs(args: argparse.Namespace, model) -> None:
+    """Refuse the command's destinations before any work starts.
+
+    The outputs are ``-o`` (a model: its external data counts too) and ``--report``; the inputs are
+    MODEL (with its external data), ``--calibration``, ``--eval``, ``--labels`` and a ``--recipe``
+    file. See :func:`onnxcomp.io.check_destinations` for what is refused.
+    """
+    from onnxcomp.io import check_destinations
+
+    inputs = {"the input model": args.model}
+    for flag in ("calibration", "eval", "labels", "recipe"):
+        value = getattr(args, flag, None)
+        if value and (flag != "recipe" or os.path.isfile(value)):
+            inputs[f"--{flag}"] = value
+    outputs = {"-o": args.output, "--report": getattr(args, "report", None)}
+    check_destinations(outputs, inputs, models=("-o",), source=model, force=args.force)
 
 
 def console(args: argparse.Namespace):
@@ -158,10 +184,11 @@ def _render_summary(con, info: dict[str, Any]) -> None:
 
 
 def file_bytes(path) -> int:
-    """Size of a model file plus its ``<name>.data`` external data, if any."""
-    total = os.path.getsize(path)
-    data = f"{path}.data"
-    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
+    """Size of a model file plus its external data as saved by onnxcomp (``<name>.data``,
+    ``<name>.<id>.data``), found by name without parsing the model."""
+    from onnxcomp.io import saved_data_files
+
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in saved_data_files(path))
 
 
 def fmt_size(n: int) -> str:
@@ -270,6 +297,7 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     add_check_flags(p)
+    add_force_flag(p)
     add_output_flags(p)
 
 
@@ -294,7 +322,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.compress import compress, needs_calibration
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
-    from onnxcomp.io import check_target, load_model, save_model, write_text_atomic
+    from onnxcomp.io import load_model, save_model, write_text_atomic
     from onnxcomp.data import parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
@@ -315,9 +343,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
     check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
-    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise ConfigError(f"--report {args.report}: folder does not exist")
+    check_outputs(args, model)
     calibration = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
@@ -344,7 +370,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             model, recipe, calibration, eval_data=evaluation, labels=labels,
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
         )
-    out = save_model(compressed, args.output)
+    out = save_model(compressed, args.output, force=args.force)
     report["model"] = args.model
     report["output"] = str(out)
     count, what = _compressed_by_stages(report["stages"])
@@ -354,7 +380,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         report["check"] = check
     status = check_status(args, check)
     if args.report:
-        write_text_atomic(args.report, render_html(report))
+        write_text_atomic(args.report, render_html(report), force=args.force)
         report["report"] = args.report
     if args.json:
         print_json(report)
@@ -376,8 +402,15 @@ register(
 # ---------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one ``onnxcomp: error:`` line and status 1."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"onnxcomp: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxcomp",
         description="Post-training compression for ONNX models.",
     )
@@ -389,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 1 bad input, bad option or failure, 130 interrupted).
+
+    argparse's own errors (an unknown option, a bad choice) exit with status 1 via ``SystemExit``.
+    """
     _load_commands()
     parser = build_parser()
     args = parser.parse_args(argv)

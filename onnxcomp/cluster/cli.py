@@ -6,8 +6,10 @@ import argparse
 
 from onnxcomp.cli import (
     add_check_flags,
+    add_force_flag,
     add_output_flags,
     check_config,
+    check_outputs,
     check_status,
     console,
     file_bytes,
@@ -46,6 +48,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --data: the check compares accuracy")
     p.add_argument("--batch-size", type=int)
     add_check_flags(p)
+    add_force_flag(p)
     add_output_flags(p)
 
 
@@ -55,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.passes import ClusterConfig
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.errors import ConfigError
-    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.io import load_model, save_model
 
     con = console(args)
     config = ClusterConfig(
@@ -66,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
@@ -78,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(clustered, args.output)
+    out = save_model(clustered, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),

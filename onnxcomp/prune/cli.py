@@ -7,8 +7,10 @@ import os
 
 from onnxcomp.cli import (
     add_check_flags,
+    add_force_flag,
     add_output_flags,
     check_config,
+    check_outputs,
     check_status,
     console,
     print_check,
@@ -42,6 +44,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", metavar="FILE", help="data for the held-out check (default: part of the calibration data)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --eval data: the check compares accuracy")
     add_check_flags(p)
+    add_force_flag(p)
     add_output_flags(p)
 
 
@@ -49,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.errors import ConfigError
-    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.io import load_model, save_model
     from onnxcomp.prune.api import prune
     from onnxcomp.prune.config import PruneConfig
 
@@ -61,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     data = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
@@ -72,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
-    out = save_model(pruned, args.output)
+    out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)
     removed = int(report.get("channels_removed") or 0)
     why = ""

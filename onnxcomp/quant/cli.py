@@ -7,8 +7,10 @@ import os
 
 from onnxcomp.cli import (
     add_check_flags,
+    add_force_flag,
     add_output_flags,
     check_config,
+    check_outputs,
     check_status,
     console,
     file_bytes,
@@ -66,6 +68,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fallback", action="store_true",
                    help="static mode: do not move nodes back to float when the check misses its budget")
     add_check_flags(p, max_drop=False)
+    add_force_flag(p)
     add_output_flags(p)
 
 
@@ -106,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from onnxcomp.check import split_data, verdict_line
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
+    from onnxcomp.io import initializer_nbytes, load_model, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -139,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
     check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     calibration = None
     if args.calibration:
         calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
@@ -155,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
             model, fit, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(quantized, args.output)
+    out = save_model(quantized, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
@@ -177,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit)
         report["auto_fallback"] = auto
         report["int8_nodes"] = len(auto["int8_nodes"])
-        out = save_model(quantized, args.output)
+        out = save_model(quantized, args.output, force=True)
         report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
         count = len(auto["int8_nodes"])
         check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
