@@ -54,6 +54,14 @@ def console(args: argparse.Namespace):
     return Console(quiet=quiet, width=width)
 
 
+def esc(text: Any) -> str:
+    """User text (model, node, tensor names, paths, shapes) made safe for rich markup: ``[batch,1]``
+    would otherwise be read as a style tag and vanish."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def progress_bar(con):
     """A transient rich progress bar (silent when the console is quiet)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -117,21 +125,21 @@ register(
 def _render_summary(con, info: dict[str, Any]) -> None:
     from rich.table import Table
 
-    con.print(f"[bold]{info['path'] or '<model>'}[/bold]")
+    con.print(f"[bold]{esc(info['path'] or '<model>')}[/bold]")
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opset_imports"].items())
-    con.print(f"IR version {info['ir_version']}, opsets: {opsets}; producer: {info['producer'] or '-'}")
+    con.print(f"IR version {info['ir_version']}, opsets: {esc(opsets)}; producer: {esc(info['producer'] or '-')}")
     io_table = Table(title="inputs / outputs", title_justify="left")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            io_table.add_row(kind[:-1], v["name"], v["dtype"], v["shape"])
+            io_table.add_row(kind[:-1], esc(v["name"]), v["dtype"], esc(v["shape"]))
     con.print(io_table)
     ops = Table(title=f"{info['nodes']} nodes", title_justify="left")
     ops.add_column("op type")
     ops.add_column("count", justify="right")
     for op, n in info["op_types"].items():
-        ops.add_row(op, str(n))
+        ops.add_row(esc(op), str(n))
     con.print(ops)
     params = Table(
         title=f"{info['parameters']:,} parameters, {_fmt_bytes(info['parameter_bytes'])}",
@@ -140,11 +148,11 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     for col in ("consumer op", "tensors", "parameters", "bytes"):
         params.add_column(col, justify="right" if col != "consumer op" else "left")
     for op, row in info["parameters_by_op"].items():
-        params.add_row(op, str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
+        params.add_row(esc(op), str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
     con.print(params)
     ext = info["external_data"]
     if ext["files"]:
-        con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {', '.join(ext['files'])}")
+        con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {esc(', '.join(ext['files']))}")
     else:
         con.print("external data: none")
     sub = info["subgraphs"]
@@ -204,7 +212,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import check_target, load_model, save_model, write_text_atomic
-    from onnxcomp.data import parse_shapes, synthetic_feed
+    from onnxcomp.data import describe_free_dims, fill_free_dims, parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
@@ -215,7 +223,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             print_json(recipes)
         else:
             for name, description in recipes.items():
-                con.print(f"[bold]{name}[/bold]: {description}")
+                con.print(f"[bold]{esc(name)}[/bold]: {esc(description)}")
         return 0
     if not args.model or not args.output:
         raise ConfigError("compress needs MODEL and -o OUT")
@@ -234,8 +242,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     if needs_calibration(recipe) and calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} quantizes statically and needs calibration data (--calibration)")
     latency_feeds = None
+    free_dims: list[dict[str, Any]] = []
     if calibration is None and evaluation is None and "measure" in recipe.stages:
-        shapes = parse_shapes(args.shape)
+        shapes, free_dims = fill_free_dims(model_inputs(model), parse_shapes(args.shape))
         latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
     with progress_bar(con) as progress:
         tasks: dict[str, Any] = {}
@@ -252,6 +261,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     out = save_model(compressed, args.output)
     report["model"] = args.model
     report["output"] = str(out)
+    if free_dims:
+        report["free_dims"] = free_dims
+        report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]
     if args.report:
         write_text_atomic(args.report, render_html(report))
         report["report"] = args.report
@@ -259,7 +271,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     render_terminal(con, report)
-    con.print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    con.print(f"wrote {esc(out)}" + (f" and {esc(args.report)}" if args.report else ""))
     return 0
 
 

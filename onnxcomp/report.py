@@ -67,27 +67,28 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def render_terminal(console, report: dict[str, Any]) -> None:
     """Print the summary with rich."""
+    from rich.markup import escape as esc
     from rich.table import Table
 
     recipe = report["recipe"]
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
-    table = Table(title=f"recipe {recipe['name']}: before / after", title_justify="left")
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
+    table = Table(title=f"recipe {esc(recipe['name'])}: before / after", title_justify="left")
     for col in ("", "before", "after", "change"):
         table.add_column(col, justify="left" if col == "" else "right")
     for row in summary_rows(report):
-        table.add_row(*row)
+        table.add_row(*map(esc, row))
     console.print(table)
     for stage in report["stages"]:
-        console.print(f"[bold]{stage['stage']}[/bold] ({stage['seconds']:.2f} s): {_stage_line(stage)}")
+        console.print(f"[bold]{stage['stage']}[/bold] ({stage['seconds']:.2f} s): {esc(_stage_line(stage))}")
     measure = report.get("measure") or {}
     if measure.get("data"):
-        console.print(f"fidelity measured on {measure['data']}")
+        console.print(f"fidelity measured on {esc(measure['data'])}")
     layers = (measure.get("fidelity") or {}).get("layers") or []
     finite = [layer for layer in layers if not math.isinf(layer["sqnr_db"])]
     if finite:
         worst = ", ".join(f"{layer['name']} {_fmt_db(layer['sqnr_db'])} dB" for layer in finite[:3])
-        console.print(f"worst layers: {worst}")
+        console.print(f"worst layers: {esc(worst)}")
 
 
 def _stage_line(stage: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import add_output_flags, console, esc, file_bytes, fmt_size, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -62,13 +62,13 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     for note in report["notes"]:
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     table = Table(title=f"{config.k} clusters per {report['granularity']}, {args.format} format",
                   title_justify="left")
     for col in ("tensor", "shape", "codebook per", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
         table.add_column(col, justify="left" if col in ("tensor", "shape", "codebook per") else "right")
     for name, t in report["tensors"].items():
-        table.add_row(name, "x".join(map(str, t["shape"])), t["granularity"], str(t["distinct_values"]),
+        table.add_row(esc(name), "x".join(map(str, t["shape"])), esc(t["granularity"]), str(t["distinct_values"]),
                       f"{t['relative_mse']:.2e}",
                       fmt_size(t["bytes_before"]), fmt_size(t["bytes_after"]), fmt_size(t["zlib_bytes_after"]),
                       fmt_size(t["entropy_bytes"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.cli import add_output_flags, console, esc, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -57,12 +57,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{os.path.basename(args.model)}: {args.criterion}, ratio {args.ratio} ({args.scope})",
+    table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, ratio {args.ratio} ({args.scope})",
                   title_justify="left")
     for col in ("group", "producers", "channels before", "after"):
         table.add_column(col, justify="left" if col in ("group", "producers") else "right")
     for g in report["groups"]:
-        table.add_row(str(g["id"]), g["where"][:70], str(g["channels_before"]), str(g["channels_after"]))
+        table.add_row(str(g["id"]), esc(g["where"][:70]), str(g["channels_before"]), str(g["channels_after"]))
     con.print(table)
     b, a = report["before"], report["after"]
     con.print(
@@ -76,10 +76,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{rec['calibration_output_sqnr_db_before']:.2f} dB -> {rec['calibration_output_sqnr_db_after']:.2f} dB "
                   f"over {len(rec['layers'])} layer(s)")
     for gid, why in report["kept_back"].items():
-        con.print(f"[yellow]group {gid}:[/yellow] {why}")
+        con.print(f"[yellow]group {esc(gid)}:[/yellow] {esc(why)}")
     if report["skipped_groups"]:
         con.print(f"{len(report['skipped_groups'])} group(s) not pruned (--json lists why)")
-    con.print(f"wrote {out}")
+    con.print(f"wrote {esc(out)}")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import add_output_flags, console, esc, file_bytes, fmt_size, print_json, progress_bar, register
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -104,10 +104,10 @@ def _run(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     for note in report.get("notes", []):
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     ort = report.get("onnxruntime", {})
     con.print(
-        f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
+        f"[bold]{esc(os.path.basename(args.model))}[/bold] -> {esc(out)} ({args.mode}): "
         f"{fmt_size(report['input']['bytes'])} -> {fmt_size(report['output']['bytes'])}"
     )
     fallback = report.get("fallback")
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         con.print(f"fidelity budget {'met' if fallback['met'] else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
                   f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         for name, ratio in (fallback.get("fallback_latency") or {}).items():
-            con.print(f"  {name}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
+            con.print(f"  {esc(name)}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
         lat = fallback.get("latency") or {}
         if lat.get("op_types_kept_float"):
             con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     if skipped:
         con.print(f"left in float ({len(skipped)}):")
         for name, reason in list(skipped.items())[:20]:
-            con.print(f"  {name}: {reason}")
+            con.print(f"  {esc(name)}: {esc(reason)}")
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
     return 0
@@ -202,14 +202,14 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
 
     full = report["all_int8"]
     acc = "accuracy" in full
-    table = Table(title=f"sensitivity of {os.path.basename(args.model)}: all int8 {full['sqnr_db']:.2f} dB"
+    table = Table(title=f"sensitivity of {esc(os.path.basename(args.model))}: all int8 {full['sqnr_db']:.2f} dB"
                         + (f", accuracy {100 * full['accuracy']:.2f}% (float {100 * report['float']['accuracy']:.2f}%)" if acc else ""),
                   title_justify="left")
     cols = ["node", "op", "alone dB", "all-but dB", "gain dB"] + (["alone acc", "all-but acc"] if acc else [])
     for col in cols:
         table.add_column(col, justify="left" if col in ("node", "op") else "right")
     for r in report["nodes"][: args.top]:
-        row = [r["node"][-60:], r["op_type"], f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
+        row = [esc(r["node"][-60:]), esc(r["op_type"]), f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
         if acc:
             row += [f"{100 * r['alone_accuracy']:.2f}%", f"{100 * r['all_but_accuracy']:.2f}%"]
         table.add_row(*row)
