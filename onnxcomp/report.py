@@ -267,15 +267,9 @@ def render_html(report: dict[str, Any]) -> str:
                     out.append(_histograms([("before", h["before"], "#7f8c8d"), ("after", h["after"], "#c0392b")],
                                            h["edges"], f"{name} ({t['distinct_values']} values)"))
             out.append("</div>")
-    out.append("<h2>Recipe</h2><pre>" + html.escape(_toml_like(recipe)) + "</pre>")
+    from onnxcomp.recipe import recipe_toml
+
+    out.append("<h2>Recipe</h2><pre>" + html.escape(recipe_toml(recipe)) + "</pre>")
     out.append("</body></html>")
     return "\n".join(out)
 
-
-def _toml_like(recipe: dict[str, Any]) -> str:
-    lines = [f"name = {recipe['name']!r}", f"description = {recipe.get('description', '')!r}"]
-    for stage, cfg in recipe.items():
-        if isinstance(cfg, dict):
-            lines.append(f"\n[{stage}]")
-            lines.extend(f"{k} = {v!r}" for k, v in cfg.items())
-    return "\n".join(lines)
