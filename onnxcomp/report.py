@@ -12,7 +12,7 @@ import html
 import math
 from typing import Any
 
-__all__ = ["render_terminal", "render_html", "summary_rows"]
+__all__ = ["render_terminal", "render_html", "summary_rows", "kernel_summary"]
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -65,6 +65,20 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def kernel_summary(ort: dict[str, Any]) -> str:
+    """What onnxruntime runs, from :func:`onnxcomp.quant.verify.fusion_report`: int8 kernels,
+    weight-only kernels (named with their weight bits, not as int8) and the float compute left."""
+    weight_only = ort.get("weight_only_by_op") or {}
+    int8 = {op: n for op, n in ort["int8_by_op"].items() if op not in weight_only}
+    parts = [f"{sum(int8.values())} int8 kernel(s)" + (": " + ", ".join(f"{op} x{n}" for op, n in int8.items())
+                                                       if int8 else "")]
+    for op, n in weight_only.items():
+        bits = "/".join(f"int{b}" for b in (ort.get("weight_only_bits") or {}).get(op, [])) or "low-bit"
+        parts.append(f"{n} {bits}-weight kernel(s): {op} x{n}")
+    left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
+    return "; ".join(parts) + f"; float compute left: {left}"
+
+
 def render_terminal(console, report: dict[str, Any]) -> None:
     """Print the summary with rich."""
     from rich.markup import escape as esc
@@ -102,7 +116,7 @@ def _stage_line(stage: dict[str, Any]) -> str:
         if "int8_nodes" in s:
             parts.append(f"{s['int8_nodes']} int8 nodes planned")
         if ort:
-            parts.append(f"onnxruntime runs {ort['int8_kernels']} int8 kernels, {ort['float_compute']} float compute")
+            parts.append(f"onnxruntime runs {kernel_summary(ort)}")
         if s.get("skipped"):
             parts.append(f"{len(s['skipped'])} left in float")
         return ", ".join(parts)

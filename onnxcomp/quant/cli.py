@@ -7,6 +7,7 @@ import os
 
 from onnxcomp.cli import add_output_flags, console, esc, file_bytes, fmt_size, print_json, progress_bar, register
 from onnxcomp.errors import ConfigError
+from onnxcomp.report import kernel_summary
 
 __all__: list[str] = []
 
@@ -133,9 +134,7 @@ def _run(args: argparse.Namespace) -> int:
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
     if ort:
-        by_op = ", ".join(f"{op} x{n}" for op, n in ort["int8_by_op"].items()) or "none"
-        left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
-        con.print(f"onnxruntime runs {ort['int8_kernels']} int8 kernel(s): {by_op}; float compute left: {left}")
+        con.print(f"onnxruntime runs {kernel_summary(ort)}")
     skipped = report.get("skipped") or {}
     if skipped:
         con.print(f"left in float ({len(skipped)}):")
