@@ -165,9 +165,15 @@ def _render_summary(con, info: dict[str, Any]) -> None:
         con.print(f"model-local functions: {info['functions']}")
 
 
-def file_bytes(path) -> int:
-    """Size of a model file plus its ``<name>.data`` external data, if any."""
+def file_bytes(path, model=None) -> int:
+    """Size of a model file plus its external data: the files ``model`` (loaded from ``path``)
+    reads its tensors from, or without ``model`` the ``<name>.data`` next to it (what
+    ``io.save_model`` writes)."""
     total = os.path.getsize(path)
+    if model is not None:
+        from onnxcomp.io import external_data_files
+
+        return total + sum(os.path.getsize(f) for f in external_data_files(model))
     data = f"{path}.data"
     return total + (os.path.getsize(data) if os.path.exists(data) else 0)
 
@@ -261,6 +267,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     out = save_model(compressed, args.output)
     report["model"] = args.model
     report["output"] = str(out)
+    # Sizes of the files themselves (model plus external data), not of an in-memory serialization.
+    report["before"].update(bytes=file_bytes(args.model, model), file=args.model)
+    report["after"].update(bytes=file_bytes(out), file=str(out))
     if free_dims:
         report["free_dims"] = free_dims
         report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]

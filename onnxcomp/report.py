@@ -36,13 +36,21 @@ def _fmt_db(x: float | None) -> str:
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, change) rows shared by the terminal and HTML views."""
     before, after = report["before"], report["after"]
-    rows = [
-        ("file size", _fmt_bytes(before["bytes"]), _fmt_bytes(after["bytes"]),
-         f"{after['bytes'] / before['bytes']:.3f}x" if before["bytes"] else "-"),
-        ("parameters", f"{before['parameters']:,}", f"{after['parameters']:,}",
-         f"{after['parameters'] / before['parameters']:.3f}x" if before["parameters"] else "-"),
-        ("nodes", str(before["nodes"]), str(after["nodes"]), f"{after['nodes'] - before['nodes']:+d}"),
-    ]
+    def ratio(key: str) -> str:
+        return f"{after[key] / before[key]:.3f}x" if before.get(key) else "-"
+
+    on_disk = "file size on disk" if after.get("file") else "serialized size"
+    rows = [(on_disk, _fmt_bytes(before["bytes"]), _fmt_bytes(after["bytes"]), ratio("bytes"))]
+    if "weight_elements" in before:
+        rows.append(("weight elements", f"{before['weight_elements']:,}", f"{after['weight_elements']:,}",
+                     ratio("weight_elements")))
+        rows.append(("quantization parameters", f"{before['quant_params']:,}", f"{after['quant_params']:,}",
+                     f"{after['quant_params'] - before['quant_params']:+,}"))
+    else:
+        rows.append(("parameters", f"{before['parameters']:,}", f"{after['parameters']:,}", ratio("parameters")))
+    rows.append(("weight bytes", _fmt_bytes(before["parameter_bytes"]), _fmt_bytes(after["parameter_bytes"]),
+                 ratio("parameter_bytes")))
+    rows.append(("nodes", str(before["nodes"]), str(after["nodes"]), f"{after['nodes'] - before['nodes']:+d}"))
     measure = report.get("measure") or {}
     latency = measure.get("latency")
     if latency:

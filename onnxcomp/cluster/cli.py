@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(clustered, args.output)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model),
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, esc, print_json, progress_bar, register
+from onnxcomp.cli import add_output_flags, console, esc, file_bytes, fmt_size, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -52,6 +52,8 @@ def _run(args: argparse.Namespace) -> int:
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     out = save_model(pruned, args.output)
     report["output"] = str(out)
+    report["before"]["bytes"] = file_bytes(args.model, model)  # on disk, with external data
+    report["after"]["bytes"] = file_bytes(out)
     if args.json:
         print_json(report)
         return 0
@@ -68,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({a['parameters'] / b['parameters']:.2f}x), "
         f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.2f}x), "
-        f"size {b['bytes'] / 1024:.1f} KiB -> {a['bytes'] / 1024:.1f} KiB"
+        f"file {fmt_size(b['bytes'])} -> {fmt_size(a['bytes'])}"
     )
     rec = report.get("reconstruction")
     if rec:

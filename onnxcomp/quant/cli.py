@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": initializer_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
     if args.json:
         print_json(report)
