@@ -78,11 +78,15 @@ def kernel_summary(ort: dict[str, Any]) -> str:
     weight-only kernels (named with their weight bits, not as int8) and the float compute left."""
     weight_only = ort.get("weight_only_by_op") or {}
     int8 = {op: n for op, n in ort["int8_by_op"].items() if op not in weight_only}
-    parts = [f"{sum(int8.values())} int8 kernel(s)" + (": " + ", ".join(f"{op} x{n}" for op, n in int8.items())
-                                                       if int8 else "")]
+    def kernels(n: int) -> str:
+        return "kernel" if n == 1 else "kernels"
+
+    count = sum(int8.values())
+    parts = [f"{count} int8 {kernels(count)}" + (": " + ", ".join(f"{op} x{n}" for op, n in int8.items())
+                                                   if int8 else "")]
     for op, n in weight_only.items():
         bits = "/".join(f"int{b}" for b in (ort.get("weight_only_bits") or {}).get(op, [])) or "low-bit"
-        parts.append(f"{n} {bits}-weight kernel(s): {op} x{n}")
+        parts.append(f"{n} {bits}-weight {kernels(n)}: {op} x{n}")
     left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
     return "; ".join(parts) + f"; float compute left: {left}"
 

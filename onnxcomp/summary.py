@@ -133,6 +133,23 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
         packed = QUANTIZED_WEIGHT_INPUTS.lookup(node, model) or {}
         return "weight" if index in packed else None
 
+    def carrier_elements(value: ir.Value) -> int:
+        """Elements of a decoded weight whose shape is unknown (a model loaded from a file carries
+        no intermediate shapes): those of the largest initializer it is decoded from."""
+        best, stack, seen = 0, [value], set()
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if v.const_value is not None:
+                best = max(best, int(v.const_value.size))
+                continue
+            producer = v.producer()
+            if producer is not None:
+                stack.extend(x for i, x in enumerate(producer.inputs) if x is not None and role(producer, i) != "param")
+        return best
+
     weights = params = other = 0
     decoded_stored = decoded = 0
     seen_decoded: set[int] = set()
@@ -144,7 +161,8 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
                 continue
             if id(value) in constant and role(node, index) is None and value.dtype in (None, *_FLOAT_TYPES):
                 seen_decoded.add(id(value))
-                decoded += _elements(value) or 0
+                elements = _elements(value)
+                decoded += elements if elements is not None else carrier_elements(value)
     for value in initializers:
         uses = value.uses()
         roles = {role(use.node, use.idx) for use in uses if id(use.node) not in decode}

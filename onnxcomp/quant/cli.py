@@ -115,6 +115,8 @@ def _run(args: argparse.Namespace) -> int:
     if fallback:
         final = fallback["final"]
         acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
+        con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
+                  f"({fallback['eval_feeds']} feed(s), all given)")
         con.print(f"fidelity budget {'met' if fallback['met'] else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
                   f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         for name, ratio in (fallback.get("fallback_latency") or {}).items():
