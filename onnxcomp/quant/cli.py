@@ -26,7 +26,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX",
                    help="leave matching nodes in float (repeatable)")
-    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known)")
+    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known; "
+                                      "dynamic mode: MatMul,Gemm, add Conv to convert convolutions)")
     p.add_argument("--quantize-outputs", action="store_true", help="also quantize tensors that are graph outputs")
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
