@@ -150,6 +150,9 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     for op, row in info["parameters_by_op"].items():
         params.add_row(esc(op), str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
     con.print(params)
+    weights = info["weights"]
+    con.print(f"weights: {weights['weight_elements']:,} elements; quantization parameters (scales, zero points, "
+              f"codebooks): {weights['quant_params']:,}")
     ext = info["external_data"]
     if ext["files"]:
         con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {esc(', '.join(ext['files']))}")

@@ -79,6 +79,7 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         "parameters": sum(r["parameters"] for r in params.values()),
         "parameter_bytes": sum(r["bytes"] for r in params.values()),
         "parameters_by_op": dict(sorted(params.items(), key=lambda kv: -kv[1]["bytes"])),
+        "weights": weight_counts(model),
         "external_data": {
             "files": sorted(external_data_files(model)),
             "bytes": external_bytes,

@@ -62,6 +62,7 @@ def test_inspect_shows_symbolic_shapes_and_bracketed_names(tmp_path, rng, capsys
     assert code == 0, err
     assert "[batch,1,8,8]" in out and "[batch,4,8,8]" in out
     assert "in[0]" in out and "y[out]" in out and "m[1].onnx" in out
+    assert "weights: 36 elements; quantization parameters (scales, zero points, codebooks): 0" in out
 
 
 def test_compare_and_bench_keep_bracketed_names(tmp_path, rng, capsys):
