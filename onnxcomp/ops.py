@@ -487,4 +487,9 @@ QUANTIZED_WEIGHT_INPUTS.register(("MatMulInteger", "ConvInteger"), {1: None})
 QUANTIZED_WEIGHT_INPUTS.register(("QLinearConv", "QLinearMatMul"), {3: None})
 QUANTIZED_WEIGHT_INPUTS.register("MatMulNBits", {1: _nbits_weight_elements}, domain="com.microsoft")
 
-__all__ += ["ComputeOp", "COMPUTE_OPS", "QUANT_PARAM_INPUTS", "QUANTIZED_WEIGHT_INPUTS"]
+#: Outputs that are quantization scales computed at run time; a constant multiplied with one
+#: (dynamic quantization's ``x_scale * w_scale``) is a quantization parameter too.
+QUANT_SCALE_OUTPUTS: OpTable[tuple[int, ...]] = OpTable("quantization scale outputs")
+QUANT_SCALE_OUTPUTS.register("DynamicQuantizeLinear", (1,), since=11)
+
+__all__ += ["ComputeOp", "COMPUTE_OPS", "QUANT_PARAM_INPUTS", "QUANTIZED_WEIGHT_INPUTS", "QUANT_SCALE_OUTPUTS"]

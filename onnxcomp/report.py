@@ -131,6 +131,8 @@ def _stage_line(stage: dict[str, Any]) -> str:
             parts.append(f"onnxruntime runs {kernel_summary(ort)}")
         if s.get("skipped"):
             parts.append(f"{len(s['skipped'])} left in float")
+        if s.get("fallback"):
+            parts.append(f"budget judged on {s['fallback']['eval_samples']} sample(s) of {s['fallback']['eval_data']}")
         return ", ".join(parts)
     if name == "cluster":
         t = s["totals"]

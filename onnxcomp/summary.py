@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import model_inputs
 from onnxcomp.io import external_data_files, onnx_opset, source_path
-from onnxcomp.ops import QUANT_PARAM_INPUTS, QUANTIZED_WEIGHT_INPUTS
+from onnxcomp.ops import QUANT_PARAM_INPUTS, QUANT_SCALE_OUTPUTS, QUANTIZED_WEIGHT_INPUTS
 from onnxcomp.passes.cleanup import op_histogram
 
 __all__ = ["summarize_model", "weight_counts"]
@@ -127,9 +127,15 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
             decode.add(id(node))
             constant.update(id(out) for out in node.outputs)
 
+    def is_scale(value: ir.Value | None) -> bool:
+        producer = value.producer() if value is not None else None
+        return producer is not None and value.index() in (QUANT_SCALE_OUTPUTS.lookup(producer, model) or ())
+
     def role(node: ir.Node, index: int) -> str | None:
         params = QUANT_PARAM_INPUTS.lookup(node, model) or ()
         if index in params:
+            return "param"
+        if node.op_type == "Mul" and any(is_scale(v) for i, v in enumerate(node.inputs) if i != index):
             return "param"
         packed = QUANTIZED_WEIGHT_INPUTS.lookup(node, model) or {}
         return "weight" if index in packed else None

@@ -180,6 +180,9 @@ def test_weight_elements_apart_from_quant_params(rng, tmp_path):
         # int4 codes are packed two per byte (MatMulNBits) or stored as INT4: still one element each
         assert after["weight_elements"] == before["weight_elements"], fmt
         assert after["quant_params"] == 64 // 16 * 32 + 32 // 16 * 16, fmt  # one scale per block
+    dynamic, _ = quantize(proto, None, QuantizeConfig(mode="dynamic"), verify=False)
+    # int8 weights read by MatMulInteger; their per-column scales multiply the run-time x_scale
+    assert weight_counts(dynamic) == {"weight_elements": before["weight_elements"], "quant_params": 32 + 16, "other": 0}
     from onnxcomp.cluster.api import cluster
     from onnxcomp.cluster.passes import ClusterConfig
 
@@ -235,6 +238,11 @@ def test_max_drop_uses_every_given_sample_and_says_how_many(tmp_path, rng, capsy
     code, text, err = _cli(capsys, *argv)
     assert code == 0, err
     assert "judged on 90 sample(s) of the evaluation data" in text
+    code, text, err = _cli(capsys, "compress", tmp_path / "m.onnx", "-o", tmp_path / "c.onnx", "--calibration",
+                           tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--labels", tmp_path / "labels.npy",
+                           "--set", "quantize.max_drop=1.0", "--set", "measure.latency=false")
+    assert code == 0, err
+    assert "budget judged on 90 sample(s) of the evaluation data" in text
 
 
 # ------------------------------------------------------------------------------ kernel messages
