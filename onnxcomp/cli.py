@@ -80,6 +80,14 @@ def console(args: argparse.Namespace):
     return Console(quiet=quiet, width=width)
 
 
+def esc(text: Any) -> str:
+    """User text (model, node, tensor names, paths, shapes) made safe for rich markup: ``[batch,1]``
+    would otherwise be read as a style tag and vanish."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def progress_bar(con):
     """A transient rich progress bar (silent when the console is quiet)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -143,21 +151,21 @@ register(
 def _render_summary(con, info: dict[str, Any]) -> None:
     from rich.table import Table
 
-    con.print(f"[bold]{info['path'] or '<model>'}[/bold]")
+    con.print(f"[bold]{esc(info['path'] or '<model>')}[/bold]")
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opset_imports"].items())
-    con.print(f"IR version {info['ir_version']}, opsets: {opsets}; producer: {info['producer'] or '-'}")
+    con.print(f"IR version {info['ir_version']}, opsets: {esc(opsets)}; producer: {esc(info['producer'] or '-')}")
     io_table = Table(title="inputs / outputs", title_justify="left")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            io_table.add_row(kind[:-1], v["name"], v["dtype"], v["shape"])
+            io_table.add_row(kind[:-1], esc(v["name"]), v["dtype"], esc(v["shape"]))
     con.print(io_table)
     ops = Table(title=f"{info['nodes']} nodes", title_justify="left")
     ops.add_column("op type")
     ops.add_column("count", justify="right")
     for op, n in info["op_types"].items():
-        ops.add_row(op, str(n))
+        ops.add_row(esc(op), str(n))
     con.print(ops)
     params = Table(
         title=f"{info['parameters']:,} parameters, {_fmt_bytes(info['parameter_bytes'])}",
@@ -166,11 +174,14 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     for col in ("consumer op", "tensors", "parameters", "bytes"):
         params.add_column(col, justify="right" if col != "consumer op" else "left")
     for op, row in info["parameters_by_op"].items():
-        params.add_row(op, str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
+        params.add_row(esc(op), str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
     con.print(params)
+    weights = info["weights"]
+    con.print(f"weights: {weights['weight_elements']:,} elements; quantization parameters (scales, zero points, "
+              f"codebooks): {weights['quant_params']:,}")
     ext = info["external_data"]
     if ext["files"]:
-        con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {', '.join(ext['files'])}")
+        con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {esc(', '.join(ext['files']))}")
     else:
         con.print("external data: none")
     sub = info["subgraphs"]
@@ -183,12 +194,18 @@ def _render_summary(con, info: dict[str, Any]) -> None:
         con.print(f"model-local functions: {info['functions']}")
 
 
-def file_bytes(path) -> int:
-    """Size of a model file plus its external data as saved by onnxcomp (``<name>.data``,
-    ``<name>.<id>.data``), found by name without parsing the model."""
+def file_bytes(path, model=None) -> int:
+    """Size of a model file plus its external data: the files ``model`` (loaded from ``path``)
+    reads its tensors from, or without ``model`` the data files onnxcomp saves beside it
+    (``<name>.data``, ``<name>.<id>.data``), found by name without parsing the model."""
+    total = os.path.getsize(path)
+    if model is not None:
+        from onnxcomp.io import external_data_files
+
+        return total + sum(os.path.getsize(f) for f in external_data_files(model))
     from onnxcomp.io import saved_data_files
 
-    return os.path.getsize(path) + sum(os.path.getsize(f) for f in saved_data_files(path))
+    return total + sum(os.path.getsize(f) for f in saved_data_files(path))
 
 
 def fmt_size(n: int) -> str:
@@ -260,14 +277,12 @@ def run_check(con, reference, written_path, split, config, *, compressed: int | 
 
 def print_check(con, check: dict[str, Any] | None) -> None:
     """The check's one unmissable line (and the blamed tensors)."""
-    from rich.markup import escape
-
     from onnxcomp.check import verdict_line
 
     if check is None:
         return
     style = "bold green" if check["met"] else "bold red"
-    con.print(f"[{style}]{escape(verdict_line(check))}[/{style}]")
+    con.print(f"[{style}]{esc(verdict_line(check))}[/{style}]")
 
 
 def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:
@@ -323,7 +338,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import load_model, save_model, write_text_atomic
-    from onnxcomp.data import parse_shapes, synthetic_feed
+    from onnxcomp.data import describe_free_dims, fill_free_dims, parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
@@ -334,7 +349,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             print_json(recipes)
         else:
             for name, description in recipes.items():
-                con.print(f"[bold]{name}[/bold]: {description}")
+                con.print(f"[bold]{esc(name)}[/bold]: {esc(description)}")
         return 0
     if not args.model or not args.output:
         raise ConfigError("compress needs MODEL and -o OUT")
@@ -355,8 +370,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     if split.fit is not None:
         calibration = split.fit
     latency_feeds = None
+    free_dims: list[dict[str, Any]] = []
     if calibration is None and evaluation is None and "measure" in recipe.stages:
-        shapes = parse_shapes(args.shape)
+        shapes, free_dims = fill_free_dims(model_inputs(model), parse_shapes(args.shape))
         latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
     with progress_bar(con) as progress:
         tasks: dict[str, Any] = {}
@@ -373,6 +389,12 @@ def _run_compress(args: argparse.Namespace) -> int:
     out = save_model(compressed, args.output, force=args.force)
     report["model"] = args.model
     report["output"] = str(out)
+    # Sizes of the files themselves (model plus external data), not of an in-memory serialization.
+    report["before"].update(bytes=file_bytes(args.model, model), file=args.model)
+    report["after"].update(bytes=file_bytes(out), file=str(out))
+    if free_dims:
+        report["free_dims"] = free_dims
+        report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]
     count, what = _compressed_by_stages(report["stages"])
     check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
                       why="" if count else "see each stage's statistics (--json)")
@@ -386,7 +408,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         print_json(report)
         return status
     render_terminal(con, report)
-    con.print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    con.print(f"wrote {esc(out)}" + (f" and {esc(args.report)}" if args.report else ""))
     print_check(con, check)
     return status
 

@@ -12,6 +12,7 @@ from onnxcomp.cli import (
     check_outputs,
     check_status,
     console,
+    esc,
     file_bytes,
     fmt_size,
     print_check,
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(clustered, args.output, force=args.force)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model),
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
@@ -100,13 +101,13 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     for note in report["notes"]:
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     table = Table(title=f"{config.k} clusters per {report['granularity']}, {args.format} format",
                   title_justify="left")
     for col in ("tensor", "shape", "codebook per", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
         table.add_column(col, justify="left" if col in ("tensor", "shape", "codebook per") else "right")
     for name, t in report["tensors"].items():
-        table.add_row(name, "x".join(map(str, t["shape"])), t["granularity"], str(t["distinct_values"]),
+        table.add_row(esc(name), "x".join(map(str, t["shape"])), esc(t["granularity"]), str(t["distinct_values"]),
                       f"{t['relative_mse']:.2e}",
                       fmt_size(t["bytes_before"]), fmt_size(t["bytes_after"]), fmt_size(t["zlib_bytes_after"]),
                       fmt_size(t["entropy_bytes"]))

@@ -13,6 +13,9 @@ from onnxcomp.cli import (
     check_outputs,
     check_status,
     console,
+    esc,
+    file_bytes,
+    fmt_size,
     print_check,
     print_json,
     progress_bar,
@@ -77,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)
+    report["before"]["bytes"] = file_bytes(args.model, model)  # on disk, with external data
+    report["after"]["bytes"] = file_bytes(out)
     removed = int(report.get("channels_removed") or 0)
     why = ""
     if removed == 0:
@@ -91,18 +96,18 @@ def _run(args: argparse.Namespace) -> int:
         return status
     from rich.table import Table
 
-    table = Table(title=f"{os.path.basename(args.model)}: {args.criterion}, ratio {args.ratio} ({args.scope})",
+    table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, ratio {args.ratio} ({args.scope})",
                   title_justify="left")
     for col in ("group", "producers", "channels before", "after"):
         table.add_column(col, justify="left" if col in ("group", "producers") else "right")
     for g in report["groups"]:
-        table.add_row(str(g["id"]), g["where"][:70], str(g["channels_before"]), str(g["channels_after"]))
+        table.add_row(str(g["id"]), esc(g["where"][:70]), str(g["channels_before"]), str(g["channels_after"]))
     con.print(table)
     b, a = report["before"], report["after"]
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({a['parameters'] / b['parameters']:.2f}x), "
         f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.2f}x), "
-        f"size {b['bytes'] / 1024:.1f} KiB -> {a['bytes'] / 1024:.1f} KiB"
+        f"file {fmt_size(b['bytes'])} -> {fmt_size(a['bytes'])}"
     )
     rec = report.get("reconstruction")
     if rec:
@@ -110,10 +115,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{rec['calibration_output_sqnr_db_before']:.2f} dB -> {rec['calibration_output_sqnr_db_after']:.2f} dB "
                   f"over {len(rec['layers'])} layer(s)")
     for gid, why in report["kept_back"].items():
-        con.print(f"[yellow]group {gid}:[/yellow] {why}")
+        con.print(f"[yellow]group {esc(gid)}:[/yellow] {esc(why)}")
     if report["skipped_groups"]:
         con.print(f"{len(report['skipped_groups'])} group(s) not pruned (--json lists why)")
-    con.print(f"wrote {out}")
+    con.print(f"wrote {esc(out)}")
     print_check(con, check)
     return status
 

@@ -13,6 +13,7 @@ from onnxcomp.cli import (
     check_outputs,
     check_status,
     console,
+    esc,
     file_bytes,
     fmt_size,
     print_check,
@@ -22,6 +23,7 @@ from onnxcomp.cli import (
     run_check,
 )
 from onnxcomp.errors import ConfigError
+from onnxcomp.report import kernel_summary
 
 __all__: list[str] = []
 
@@ -43,7 +45,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX",
                    help="leave matching nodes in float (repeatable)")
-    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known)")
+    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known; "
+                                      "dynamic mode: MatMul,Gemm, add Conv to convert convolutions)")
     p.add_argument("--quantize-outputs", action="store_true", help="also quantize tensors that are graph outputs")
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
@@ -105,8 +108,6 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from onnxcomp.check import split_data, verdict_line
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import initializer_nbytes, load_model, save_model
@@ -159,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output, force=args.force)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": initializer_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
     check = run_check(con, model, out, split, check_cfg, compressed=count, what=what, why=why)
@@ -167,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
             and not config.uses_fallback and split.held_out):
         from onnxcomp.quant.autofallback import fallback_to_budget
 
-        con.print(f"[yellow]{escape(verdict_line(check))}[/yellow]")
+        con.print(f"[yellow]{esc(verdict_line(check))}[/yellow]")
         con.print("moving the most damaging nodes back to float until the budget holds on the fitting data "
                   "(--no-fallback to keep the all-int8 model)")
         first = quantized
@@ -192,10 +193,10 @@ def _run(args: argparse.Namespace) -> int:
         print_json(report)
         return status
     for note in report.get("notes", []):
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     ort = report.get("onnxruntime", {})
     con.print(
-        f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
+        f"[bold]{esc(os.path.basename(args.model))}[/bold] -> {esc(out)} ({args.mode}): "
         f"{fmt_size(report['input']['bytes'])} -> {fmt_size(report['output']['bytes'])}"
     )
     auto = report.get("auto_fallback")
@@ -207,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"[{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
                   + ("" if auto["met_on_fitting_data"] else f"; {auto['gave_up']}"))
         for name in auto["float_nodes"][:10]:
-            con.print(f"  float: {escape(name)} (adds {auto['damage_db'].get(name, 0):.1f} dB of error in int8)")
+            con.print(f"  float: {esc(name)} (adds {auto['damage_db'].get(name, 0):.1f} dB of error in int8)")
         if len(auto["float_nodes"]) > 10:
             con.print(f"  ... and {len(auto['float_nodes']) - 10} more (--json lists all)")
     fallback = report.get("fallback")
@@ -215,10 +216,12 @@ def _run(args: argparse.Namespace) -> int:
         final = fallback["final"]
         acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
         met = fallback["met"] and bool(fallback["int8_nodes"])
+        con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
+                  f"({fallback['eval_feeds']} feed(s), all given)")
         con.print(f"fidelity budget {'met' if met else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
                   f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         for name, ratio in (fallback.get("fallback_latency") or {}).items():
-            con.print(f"  {name}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
+            con.print(f"  {esc(name)}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
         lat = fallback.get("latency") or {}
         if lat.get("op_types_kept_float"):
             con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
@@ -234,14 +237,12 @@ def _run(args: argparse.Namespace) -> int:
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
     if ort:
-        by_op = ", ".join(f"{op} x{n}" for op, n in ort["int8_by_op"].items()) or "none"
-        left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
-        con.print(f"onnxruntime runs {ort['int8_kernels']} int8 kernel(s): {by_op}; float compute left: {left}")
+        con.print(f"onnxruntime runs {kernel_summary(ort)}")
     skipped = report.get("skipped") or {}
     if skipped:
         con.print(f"left in float ({len(skipped)}):")
         for name, reason in list(skipped.items())[:20]:
-            con.print(f"  {name}: {reason}")
+            con.print(f"  {esc(name)}: {esc(reason)}")
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
     print_check(con, check)
@@ -304,14 +305,14 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
 
     full = report["all_int8"]
     acc = "accuracy" in full
-    table = Table(title=f"sensitivity of {os.path.basename(args.model)}: all int8 {full['sqnr_db']:.2f} dB"
+    table = Table(title=f"sensitivity of {esc(os.path.basename(args.model))}: all int8 {full['sqnr_db']:.2f} dB"
                         + (f", accuracy {100 * full['accuracy']:.2f}% (float {100 * report['float']['accuracy']:.2f}%)" if acc else ""),
                   title_justify="left")
     cols = ["node", "op", "alone dB", "all-but dB", "gain dB"] + (["alone acc", "all-but acc"] if acc else [])
     for col in cols:
         table.add_column(col, justify="left" if col in ("node", "op") else "right")
     for r in report["nodes"][: args.top]:
-        row = [r["node"][-60:], r["op_type"], f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
+        row = [esc(r["node"][-60:]), esc(r["op_type"]), f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
         if acc:
             row += [f"{100 * r['alone_accuracy']:.2f}%", f"{100 * r['all_but_accuracy']:.2f}%"]
         table.add_row(*row)
