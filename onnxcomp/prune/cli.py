@@ -33,6 +33,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset
+    from onnxcomp.errors import OnnxcompError
     from onnxcomp.io import check_target, load_model, save_model
     from onnxcomp.prune.api import prune
     from onnxcomp.prune.config import PruneConfig
@@ -50,6 +51,11 @@ def _run(args: argparse.Namespace) -> int:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if not report["groups"]:
+        raise OnnxcompError(
+            f"{args.model}: no prunable channel groups found (the model has "
+            f"{report['before']['parameters']:,} parameters in initializers); nothing written"
+        )
     out = save_model(pruned, args.output)
     report["output"] = str(out)
     if args.json:
@@ -66,8 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     con.print(table)
     b, a = report["before"], report["after"]
     con.print(
-        f"parameters {b['parameters']:,} -> {a['parameters']:,} ({a['parameters'] / b['parameters']:.2f}x), "
-        f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.2f}x), "
+        f"parameters {b['parameters']:,} -> {a['parameters']:,} ({_ratio(a['parameters'], b['parameters'])}), "
+        f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({_ratio(a['macs'], b['macs'])}), "
         f"size {b['bytes'] / 1024:.1f} KiB -> {a['bytes'] / 1024:.1f} KiB"
     )
     rec = report.get("reconstruction")
@@ -81,6 +87,10 @@ def _run(args: argparse.Namespace) -> int:
         con.print(f"{len(report['skipped_groups'])} group(s) not pruned (--json lists why)")
     con.print(f"wrote {out}")
     return 0
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.2f}x" if before else "-"
 
 
 register("prune", "structured pruning: remove channels from weights and every coupled consumer", _configure, _run)
