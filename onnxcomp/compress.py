@@ -58,13 +58,21 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 
 def model_facts(model: ir.Model) -> dict[str, Any]:
-    """Size (serialized bytes when under 2 GB, else initializer bytes), parameters, node count."""
+    """Size (serialized bytes when under 2 GB, else initializer bytes), parameters, node count.
+
+    Parameters count initializers and tensors held by Constant nodes (paddle2onnx's weights).
+    """
     params = 0
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             if value.const_value is not None:
                 params += int(value.const_value.size)
     nbytes = initializer_nbytes(model)
+    for node in model.graph.all_nodes():
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+            tensor = node.attributes["value"].as_tensor()
+            params += int(tensor.size)
+            nbytes += int(tensor.nbytes)
     try:
         size = len(model_to_bytes(model))
     except OnnxcompError:

@@ -182,3 +182,13 @@ def test_prune_cli_on_constant_weights_matches_the_api(tmp_path, cnn_pair):
     _, api = prune(plain, PruneConfig())
     assert len(report["groups"]) == len(api["groups"]) > 0
     assert report["channels_removed"] == api["channels_removed"] > 0
+
+
+def test_report_counts_constant_node_weights_as_parameters(cnn_pair):
+    """compress's before/after facts: a paddle2onnx-style input does not start from 0 parameters."""
+    from onnxcomp.compress import model_facts
+
+    plain, consts = cnn_pair
+    a, b = model_facts(plain), model_facts(consts)
+    assert b["parameters"] == a["parameters"] > 0
+    assert b["parameter_bytes"] == a["parameter_bytes"]
