@@ -24,8 +24,8 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
-from onnxcomp.graph import working_copy
-from onnxcomp.io import ModelSource, check_model, create_session, initializer_nbytes, load_model, model_to_bytes
+from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
+from onnxcomp.io import ModelSource, check_model, create_session, load_model, model_to_bytes
 from onnxcomp.recipe import MeasureConfig, Recipe, VerifyConfig, load_recipe
 
 __all__ = ["compress", "verify_model", "model_facts", "needs_calibration"]
@@ -62,17 +62,8 @@ def model_facts(model: ir.Model) -> dict[str, Any]:
 
     Parameters count initializers and tensors held by Constant nodes (paddle2onnx's weights).
     """
-    params = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                params += int(value.const_value.size)
-    nbytes = initializer_nbytes(model)
-    for node in model.graph.all_nodes():
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
-            tensor = node.attributes["value"].as_tensor()
-            params += int(tensor.size)
-            nbytes += int(tensor.nbytes)
+    params = sum(int(tensor.size) for _, tensor in weight_tensors(model))
+    nbytes = parameter_nbytes(model)
     try:
         size = len(model_to_bytes(model))
     except OnnxcompError:

@@ -20,6 +20,8 @@ __all__ = [
     "working_copy",
     "name_nodes",
     "lift_constants",
+    "weight_tensors",
+    "parameter_nbytes",
     "FLOAT_TYPES",
     "infer_types",
     "with_outputs",
@@ -184,6 +186,22 @@ def _constant_nodes(model: ir.Model) -> Iterator[ir.Node]:
     for node in model.graph.all_nodes():
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             yield node
+
+
+def weight_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:
+    """(value, tensor) of every initializer (all graphs) and every Constant node holding a tensor."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+    for node in _constant_nodes(model):
+        if "value" in node.attributes:
+            yield node.outputs[0], node.attributes["value"].as_tensor()
+
+
+def parameter_nbytes(model: ir.Model) -> int:
+    """Bytes of the model's weights: initializers and tensors held by Constant nodes."""
+    return sum(int(tensor.nbytes) for _, tensor in weight_tensors(model))
 
 
 def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, notes: list[str]) -> ir.Model:

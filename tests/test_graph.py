@@ -192,3 +192,22 @@ def test_report_counts_constant_node_weights_as_parameters(cnn_pair):
     a, b = model_facts(plain), model_facts(consts)
     assert b["parameters"] == a["parameters"] > 0
     assert b["parameter_bytes"] == a["parameter_bytes"]
+
+
+def test_inspect_and_quantize_count_constant_node_weights(cnn_pair, tmp_path, capsys):
+    from onnxcomp.cli import main
+    from onnxcomp.graph import parameter_nbytes
+    from onnxcomp.summary import summarize_model
+
+    plain, consts = cnn_pair
+    assert parameter_nbytes(consts) == parameter_nbytes(plain) > 0
+    a, b = summarize_model(plain), summarize_model(consts)
+    assert b["parameters"] == a["parameters"] and b["parameter_bytes"] == a["parameter_bytes"]
+    src = tmp_path / "consts.onnx"
+    io.save_model(consts, src)
+    argv = ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calibration", str(MODELS / "digits_calib.npz"),
+            "--max-samples", "8", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"]["parameter_bytes"] == parameter_nbytes(plain)
+    assert 0 < report["output"]["parameter_bytes"] < report["input"]["parameter_bytes"]

@@ -52,7 +52,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
+    from onnxcomp.graph import parameter_nbytes
+    from onnxcomp.io import check_target, load_model, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -98,8 +99,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
-    report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": parameter_nbytes(model)}
+    report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
     if args.json:
         print_json(report)
         return 0
