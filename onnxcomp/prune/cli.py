@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     if not report["groups"]:
         raise OnnxcompError(
             f"{args.model}: no prunable channel groups found (the model has "
-            f"{report['before']['parameters']:,} parameters in initializers); nothing written"
+            f"{report['before']['parameters']:,} parameters); nothing written"
         )
     out = save_model(pruned, args.output)
     report["output"] = str(out)
