@@ -43,3 +43,17 @@ def test_an_output_empty_on_every_feed_is_a_clear_error(rng):
     feeds = [{"x": rng.standard_normal((1, 4)).astype(np.float32)}]
     with pytest.raises(OnnxcompError, match=r"output 'e' is empty \(shape \[1, 0\]\) on every feed"):
         compare_models(_model(w, empty_output=True), _model(w, empty_output=True), feeds)
+
+
+def test_compare_cli_says_how_many_tensors_were_skipped(rng, tmp_path, capsys):
+    from onnxcomp.cli import main
+
+    w = rng.standard_normal(4).astype(np.float32)
+    ref, cand, data = tmp_path / "ref.onnx", tmp_path / "cand.onnx", tmp_path / "x.npz"
+    io.save_model(_model(w), ref)
+    io.save_model(_model(w * np.float32(1.01)), cand)
+    np.savez(data, x=rng.standard_normal((3, 1, 4)).astype(np.float32))
+    assert main(["compare", str(ref), str(cand), "--data", str(data), "--per-layer"]) == 0
+    assert "1 shared tensor(s) not compared (empty or resized; --json lists why)" in capsys.readouterr().out
+    assert main(["compare", str(ref), str(cand), "--data", str(data), "--per-layer", "--json"]) == 0
+    assert '"e": "empty on every feed (shape [1, 0])"' in capsys.readouterr().out
