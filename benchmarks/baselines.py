@@ -157,10 +157,13 @@ for _method, _tag in (("MinMax", "minmax"), ("Percentile", "pct")):
                 f"ort_static_{_tag}_{_act}",
                 _static(_act, _method),
                 kind="ort-static",
+                config={"format": "QDQ", "per_channel": True, "activation": _act, "weights": "s8",
+                        "calibration": _method, "preprocess": True},
                 description=(
                     f"quantize_static QDQ per-channel, act {'QUInt8' if _act == 'u8' else 'QInt8'}, "
                     f"weights QInt8, {_method} calibration"
                 ),
             )
         )
-register(Candidate("ort_dynamic_s8", _dynamic, kind="ort-dynamic", description="quantize_dynamic, weights QInt8"))
+register(Candidate("ort_dynamic_s8", _dynamic, kind="ort-dynamic", description="quantize_dynamic, weights QInt8",
+                   config={"weights": "s8", "preprocess": True}))

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BuildFn = Callable[[Path, Path, Path], "dict | None"]
 
@@ -41,6 +42,9 @@ class Candidate:
     description: str = ""
     #: Suite models this candidate is not attempted on (it is not a failure, just not applicable).
     skip_models: tuple[str, ...] = ()
+    #: Everything that decides what ``build`` writes besides the code (a recipe, quantizer
+    #: settings), JSON-ready: part of the build cache key, so a changed setting rebuilds.
+    config: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def is_ort_baseline(self) -> bool:

@@ -73,7 +73,8 @@ def _recipe_candidate(name: str, description: str, recipe: dict[str, Any], *, sk
     def build(model_path: Path, calib: Path, out_path: Path) -> dict[str, Any]:
         return _compress(model_path, calib if needs_data else None, out_path, recipe)
 
-    register(Candidate(name, build, kind="onnxcomp", description=description, skip_models=skip))
+    register(Candidate(name, build, kind="onnxcomp", description=description, skip_models=skip,
+                       config={"recipe": recipe, "calibration_data": needs_data}))
 
 
 STATIC = {"cleanup": {}, "verify": {}}

@@ -170,6 +170,54 @@ def _model_size(path: Path) -> int:
     return path.stat().st_size + sum(os.path.getsize(p) for p in io.external_data_files(model))
 
 
+#: Sources whose content decides what a build writes: onnxcomp itself and the benchmark modules
+#: that register and run the builds (folders are read recursively).
+BUILD_SOURCES: tuple[Path, ...] = (
+    ROOT / "onnxcomp", HERE / "candidates.py", HERE / "baselines.py", HERE / "onnxcomp_candidates.py",
+    HERE / "worker.py",
+)
+#: Libraries whose version decides what a build writes.
+BUILD_LIBRARIES: tuple[str, ...] = ("onnxruntime", "onnx", "onnx-ir", "onnxscript", "numpy")
+
+
+def code_revision(sources: tuple[Path, ...] = BUILD_SOURCES) -> str:
+    """SHA-256 over the ``.py`` and ``.toml`` files of ``sources`` (relative names and contents).
+
+    It identifies the code exactly, committed or not (a git HEAD would miss uncommitted edits).
+    """
+    h = hashlib.sha256()
+    for src in sources:
+        files = sorted(p for p in src.rglob("*") if p.suffix in (".py", ".toml") and p.is_file()) \
+            if src.is_dir() else [src]
+        for path in files:
+            h.update(str(path.relative_to(src.parent)).encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for lib in BUILD_LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def build_key(task: Task, cand: Candidate) -> dict:
+    """What a cached build must match to be reused: its inputs, the candidate's full config, the
+    code (:func:`code_revision`) and library versions that built it."""
+    return {
+        "fp32": _sha256(task.fp32_path),
+        "calib": _sha256(task.calib_path),
+        "candidate": cand.name,
+        "config": json.loads(json.dumps(cand.config, sort_keys=True, default=str)),
+        "code": code_revision(),
+        "versions": _versions(),
+    }
+
+
 def build_candidate(task: Task, cand: Candidate, cache: Path, reuse: bool) -> Row:
     row = Row(task.name, cand.name, cand.kind)
     out_dir = cache / "builds" / task.name
@@ -177,7 +225,7 @@ def build_candidate(task: Task, cand: Candidate, cache: Path, reuse: bool) -> Ro
     out = out_dir / f"{cand.name}.onnx"
     record_path = out_dir / f"{cand.name}.json"
     log_path = out_dir / f"{cand.name}.log"
-    key = {"fp32": _sha256(task.fp32_path), "calib": _sha256(task.calib_path), "candidate": cand.name}
+    key = build_key(task, cand)
     if reuse and out.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("key") == key and record.get("ok"):
@@ -588,7 +636,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="results JSON path (default benchmarks/results.json)")
     p.add_argument("--md", type=Path, help="results markdown path (default benchmarks/RESULTS.md)")
     p.add_argument("--reuse-builds", action="store_true",
-                   help="reuse candidate models built earlier from the same fp32 model and calibration file")
+                   help="reuse candidate models built earlier from the same fp32 model, calibration file, "
+                        "code, library versions and candidate configuration")
     p.add_argument("--list", action="store_true", help="list suite models and candidates, then exit")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite the markdown (--md) from an existing results JSON (--json) without running")

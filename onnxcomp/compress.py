@@ -24,8 +24,8 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
-from onnxcomp.graph import working_copy
-from onnxcomp.io import ModelSource, check_model, create_session, initializer_nbytes, load_model, model_to_bytes
+from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
+from onnxcomp.io import ModelSource, check_model, create_session, load_model, model_to_bytes
 from onnxcomp.recipe import MeasureConfig, Recipe, VerifyConfig, load_recipe
 
 __all__ = ["compress", "verify_model", "model_facts", "needs_calibration"]
@@ -59,16 +59,13 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 def model_facts(model: ir.Model) -> dict[str, Any]:
     """Size (serialized bytes when under 2 GB, else initializer bytes; the CLI replaces it with the
-    bytes on disk of what it wrote), parameters (every initializer element), weight elements apart
-    from quantization parameters (:func:`onnxcomp.summary.weight_counts`), node count."""
+    bytes on disk of what it wrote), parameters (every initializer element and the tensors held by
+    Constant nodes, paddle2onnx's weights), weight elements apart from quantization parameters
+    (:func:`onnxcomp.summary.weight_counts`), node count."""
     from onnxcomp.summary import weight_counts
 
-    params = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                params += int(value.const_value.size)
-    nbytes = initializer_nbytes(model)
+    params = sum(int(tensor.size) for _, tensor in weight_tensors(model))
+    nbytes = parameter_nbytes(model)
     try:
         size = len(model_to_bytes(model))
     except OnnxcompError:

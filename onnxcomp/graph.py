@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, ShapeInferencePass
 from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from onnxcomp.errors import OnnxcompError, OpsetError
@@ -19,6 +19,9 @@ from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrad
 __all__ = [
     "working_copy",
     "name_nodes",
+    "lift_constants",
+    "weight_tensors",
+    "parameter_nbytes",
     "FLOAT_TYPES",
     "infer_types",
     "with_outputs",
@@ -159,11 +162,54 @@ def name_nodes(model: ir.Model) -> None:
     NameFixPass(_OutputNameGenerator())(model)
 
 
+#: IR version from which initializers need not be listed among the graph inputs.
+_FREE_INITIALIZERS_IR = 4
+
+
+def lift_constants(model: ir.Model) -> int:
+    """Turn ``Constant`` nodes holding a tensor (``value``) into initializers, in place; returns how many.
+
+    Paddle and tf2onnx exports (PP-OCR det/rec/cls among them) keep their weights in Constant
+    nodes; every pass looks for weights as initializers. A Constant inside a subgraph becomes an
+    initializer of that subgraph, so names stay in the scope they had. Constants that are graph
+    outputs stay nodes (an initializer cannot be an output), and so does every Constant of a model
+    older than IR version 4, where an initializer must also be a graph input.
+    """
+    if (model.ir_version or 0) < _FREE_INITIALIZERS_IR:
+        return 0
+    before = sum(1 for _ in _constant_nodes(model))
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
+    return before - sum(1 for _ in _constant_nodes(model))
+
+
+def _constant_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    for node in model.graph.all_nodes():
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            yield node
+
+
+def weight_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:
+    """(value, tensor) of every initializer (all graphs) and every Constant node holding a tensor."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+    for node in _constant_nodes(model):
+        if "value" in node.attributes:
+            yield node.outputs[0], node.attributes["value"].as_tensor()
+
+
+def parameter_nbytes(model: ir.Model) -> int:
+    """Bytes of the model's weights: initializers and tensors held by Constant nodes."""
+    return sum(int(tensor.nbytes) for _, tensor in weight_tensors(model))
+
+
 def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, notes: list[str]) -> ir.Model:
     """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed, noted).
 
     Nodes and values without names get unique ones (onnx_ir's NameFixPass): passes and reports
-    refer to nodes by name.
+    refer to nodes by name. Constant nodes holding a tensor become initializers
+    (:func:`lift_constants`), so weights stored as Constant nodes are seen as weights.
     """
     work = clone_model(load_model(model))
     opset = onnx_opset(work)
@@ -176,4 +222,5 @@ def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, not
         work = upgrade_opset(work, min_opset)
         notes.append(f"upgraded the model from opset {opset} to {min_opset} (onnx.version_converter)")
     name_nodes(work)
+    lift_constants(work)
     return work

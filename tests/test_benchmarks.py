@@ -1,6 +1,10 @@
-"""Pure-logic tests of the benchmark suite's metrics (no downloads, no onnxruntime)."""
+"""Pure-logic tests of the benchmark suite: metrics, the best-baseline choice and ratios, the build
+cache (no downloads; builds are replaced by a stub)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +172,154 @@ def test_nn_agreement():
     assert agree < 1.0
     with pytest.raises(ValueError):
         M.nn_agreement(ref, ref[:3])
+
+
+# --------------------------------------------------------------------------- runner: best baseline, ratios
+
+
+def _row(name, kind="ort-static", metric=None, median_ms=None, times=None, status="ok"):
+    from benchmarks.run import Row
+
+    row = Row("m", name, kind, status=status)
+    if metric is not None:
+        row.metrics = {"acc": metric}
+    if times is not None:
+        row.times = tuple(times)
+        row.latency = {"median_ms": float(np.median(times)) * 1e3 if median_ms is None else median_ms}
+    return row
+
+
+def test_best_baseline_is_the_fastest_accurate_ort_row():
+    from benchmarks.run import best_ort
+
+    rows = [
+        _row("fp32", kind="fp32", metric=0.90, times=[3.0]),
+        _row("ort_fast_bad", metric=0.85, times=[1.0]),  # 5 points below fp32: not accurate
+        _row("ort_slow_ok", metric=0.895, times=[2.0]),  # within 1 point
+        _row("ort_ok", metric=0.891, times=[1.5]),  # within 1 point, faster: the best
+        _row("oc_faster", kind="onnxcomp", metric=0.95, times=[0.5]),  # not a baseline
+        _row("ort_failed", metric=0.99, times=[0.1], status="error"),
+        _row("ort_untimed", metric=0.99),
+    ]
+    best, accurate = best_ort(rows, "acc", 0.90)
+    assert (best.candidate, accurate) == ("ort_ok", True)
+
+
+def test_best_baseline_without_an_accurate_one_is_the_most_accurate_flagged():
+    from benchmarks.run import best_ort
+
+    rows = [_row("ort_a", metric=0.70, times=[1.0]), _row("ort_b", metric=0.80, times=[2.0]),
+            _row("ort_c", metric=0.80, times=[1.5])]
+    best, accurate = best_ort(rows, "acc", 0.90)
+    assert (best.candidate, accurate) == ("ort_c", False)  # most accurate, the faster one on a tie
+    assert best_ort(rows, "acc", None) == (rows[2], False)  # no fp32 metric: the same rule
+    assert best_ort([_row("oc", kind="onnxcomp", metric=0.9, times=[1.0])], "acc", 0.9) == (None, False)
+
+
+def test_ratios_to_the_best_baseline():
+    from benchmarks.run import ratios_to_best
+
+    best = _row("ort_best", metric=0.9, times=[2.0, 2.2, 1.8, 2.0])
+    half = _row("oc_half", kind="onnxcomp", times=[1.0, 1.1, 0.9, 1.0])  # every round exactly half
+    untimed = _row("oc_failed", kind="onnxcomp")
+    ratios_to_best([best, half, untimed], best)
+    assert best.latency["ratio_best"] == 1.0 and best.latency["ratio_best_ci"] == [1.0, 1.0]
+    assert half.latency["ratio_best"] == pytest.approx(0.5)
+    assert half.latency["ratio_best_ci"] == pytest.approx([0.5, 0.5])  # paired rounds: no spread
+    assert "ratio_best" not in untimed.latency
+
+
+# --------------------------------------------------------------------------- runner: build cache
+
+
+def _task(tmp_path):
+    from types import SimpleNamespace
+
+    fp32, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    fp32.write_bytes(b"model")
+    calib.write_bytes(b"calib")
+    return SimpleNamespace(name="m", fp32_path=fp32, calib_path=calib)
+
+
+@pytest.fixture
+def fake_worker(monkeypatch):
+    """The build child process replaced by a function that writes the model and its record."""
+    import json
+    import subprocess
+
+    from benchmarks import run
+
+    builds = []
+
+    def fake_run(cmd, **kw):
+        name, _, _, out, record = cmd[-5:]
+        builds.append(name)
+        Path(out).write_bytes(f"built {len(builds)}".encode())
+        Path(record).write_text(json.dumps({"ok": True, "wall_s": 1.0, "notes": {"build": len(builds)}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    return builds
+
+
+def test_build_cache_reuses_only_the_same_code_and_config(tmp_path, monkeypatch, fake_worker):
+    from benchmarks import run
+    from benchmarks.candidates import Candidate
+
+    task, cache = _task(tmp_path), tmp_path / "cache"
+    cand = Candidate("oc_x", lambda *a: None, kind="onnxcomp", config={"recipe": {"quantize": {"bits": 8}}})
+    monkeypatch.setattr(run, "code_revision", lambda: "rev-1")
+
+    assert not run.build_candidate(task, cand, cache, reuse=True).build.get("reused")
+    row = run.build_candidate(task, cand, cache, reuse=True)
+    assert row.build["reused"] and row.build["notes"] == {"build": 1} and fake_worker == ["oc_x"]
+    assert not run.build_candidate(task, cand, cache, reuse=False).build.get("reused")  # no --reuse-builds
+    assert len(fake_worker) == 2
+
+    # the same name with another configuration: rebuilt
+    other = Candidate("oc_x", cand.build, kind="onnxcomp", config={"recipe": {"quantize": {"bits": 4}}})
+    assert not run.build_candidate(task, other, cache, reuse=True).build.get("reused")
+    assert len(fake_worker) == 3
+    # other code (a commit, or an uncommitted edit): rebuilt, then reused
+    monkeypatch.setattr(run, "code_revision", lambda: "rev-2")
+    assert not run.build_candidate(task, other, cache, reuse=True).build.get("reused")
+    assert run.build_candidate(task, other, cache, reuse=True).build["reused"]
+    assert len(fake_worker) == 4
+    # another calibration file: rebuilt
+    task.calib_path.write_bytes(b"other calib")
+    assert not run.build_candidate(task, other, cache, reuse=True).build.get("reused")
+    assert len(fake_worker) == 5
+    key = json.loads((cache / "builds" / "m" / "oc_x.json").read_text())["key"]
+    assert key["code"] == "rev-2" and key["config"] == {"recipe": {"quantize": {"bits": 4}}}
+    assert key["versions"]["onnxruntime"]
+
+
+def test_code_revision_changes_with_any_source_edit(tmp_path):
+    from benchmarks.run import BUILD_SOURCES, code_revision
+
+    pkg = tmp_path / "onnxcomp"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.toml").write_text("k = 1\n")
+    (pkg / "notes.txt").write_text("ignored")
+    first = code_revision((pkg,))
+    assert code_revision((pkg,)) == first
+    (pkg / "notes.txt").write_text("still ignored")
+    assert code_revision((pkg,)) == first
+    (pkg / "sub" / "b.toml").write_text("k = 2\n")
+    second = code_revision((pkg,))
+    assert second != first
+    (pkg / "sub" / "b.toml").rename(pkg / "b.toml")  # same content, another place
+    assert code_revision((pkg,)) != second
+    # the real key covers onnxcomp itself and the modules that build
+    names = {p.name for p in BUILD_SOURCES}
+    assert {"onnxcomp", "onnxcomp_candidates.py", "baselines.py", "worker.py"} <= names
+
+
+def test_every_candidate_has_its_config():
+    from benchmarks.candidates import load_candidates
+
+    cands = load_candidates()
+    assert all(c.config for c in cands.values())
+    assert cands["oc_prune30_rec"].config["recipe"]["prune"]["reconstruct"] is True
+    assert cands["ort_static_pct_s8"].config["calibration"] == "Percentile"

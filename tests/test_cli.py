@@ -57,15 +57,3 @@ def test_usage_error_exits_one():
     proc = subprocess.run([sys.executable, "-m", "onnxcomp", "nosuchcommand"], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("onnxcomp: error: ")
 
-
-PPOCR = MODELS.parent / "benchmarks" / ".cache" / "rapidocr" / "rapidocr_onnxruntime" / "models"
-
-
-@pytest.mark.skipif(not PPOCR.is_dir(), reason="PP-OCR models not fetched (python -m benchmarks fetches them)")
-@pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
-def test_inspect_real_pretrained_models(name, capsys):
-    """paddle2onnx models: weights in Constant nodes, opset 11/12, dynamic dims."""
-    assert main(["inspect", str(PPOCR / name), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["opset"] in (11, 12) and info["op_types"]["Conv"] > 30
-    assert info["parameters"] > 100_000 and info["parameters_by_op"]["Conv"]["parameters"] > 0

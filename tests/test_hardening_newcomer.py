@@ -8,7 +8,6 @@ import html
 import json
 import os
 import re
-import shutil
 import sys
 
 import numpy as np

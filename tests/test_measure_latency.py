@@ -93,17 +93,58 @@ def test_runs_per_model_and_ratios(model_bytes: bytes, feeds: list) -> None:
         assert r.speedup == pytest.approx(1.0 / r.ratio)
 
 
-def test_same_model_twice_is_measured_symmetrically(model_bytes: bytes, feeds: list) -> None:
+class _StubClock:
+    """Stands in for the ``time`` module of the latency runner: time moves only when a model runs."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def perf_counter_ns(self) -> int:
+        return self.ns
+
+
+class _LoggedSession:
+    """A real onnxruntime session whose runs are logged and cost exactly 1 ms on the stub clock."""
+
+    def __init__(self, name, session, log, clock) -> None:
+        self._name, self._session, self._log, self._clock = name, session, log, clock
+
+    def __getattr__(self, attr):
+        return getattr(self._session, attr)
+
+    def run(self, output_names, feed):
+        self._log.append((self._name, id(feed)))
+        self._clock.ns += 1_000_000
+        return self._session.run(output_names, feed)
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_same_model_twice_is_measured_symmetrically(model_bytes: bytes, feeds: list, monkeypatch, seed) -> None:
+    """Every round runs each model once on the same feed, each model takes the first place in some
+    rounds (with a seed), and equal run costs give exactly equal times: ratio 1, interval [1, 1]."""
+    import onnxcomp.measure.latency as latency
+
+    clock, log = _StubClock(), []
+    real_create = SessionSpec.create_session
+    monkeypatch.setattr(latency, "time", clock)
+    monkeypatch.setattr(SessionSpec, "create_session",
+                        lambda spec: _LoggedSession(spec.name, real_create(spec), log, clock))
+    runs = 8
     results = measure_latency(
-        [SessionSpec("a", model_bytes), SessionSpec("b", model_bytes)],
-        feeds,
-        runs=8,
-        seed=None,
-        n_boot=100,
-        **FAST,
+        [SessionSpec("a", model_bytes), SessionSpec("b", model_bytes)], feeds, runs=runs, seed=seed, n_boot=100, **FAST
     )
-    assert [len(r.times) for r in results] == [8, 8]
-    assert results[1].ratio is not None and results[1].ratio > 0
+    assert [r.warmup_runs for r in results] == [2, 2]
+    rounds = [log[4 + 2 * r : 6 + 2 * r] for r in range(runs)]  # after 2 warm-up runs of each
+    assert len(log) == 4 + 2 * runs
+    for (first, feed_1), (second, feed_2) in rounds:
+        assert {first, second} == {"a", "b"} and feed_1 == feed_2
+    firsts = [rnd[0][0] for rnd in rounds]
+    if seed is None:
+        assert firsts == ["a"] * runs
+    else:
+        assert 0 < firsts.count("a") < runs, firsts  # the order changes between rounds
+    assert [r.times for r in results] == [(0.001,) * runs] * 2
+    assert results[1].ratio == 1.0 and results[1].ratio_interval == (1.0, 1.0)
 
 
 def test_warmup_runs_is_honoured(model_bytes: bytes, feeds: list) -> None:

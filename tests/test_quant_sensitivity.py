@@ -132,3 +132,46 @@ def test_variants_only_drop_int8_nodes(rng):
     assert np.isfinite(out[0][0]).all()
     ops = {n.name: n.op_type for n in variant.graph}
     assert "bias1" in ops and not any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "a" for n in variant.graph)
+
+
+@pytest.mark.parametrize("int8_slower", [True, False])
+def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch, int8_slower):
+    """With the latency measurement stubbed, the decision is deterministic: an op type goes float
+    only when the whole 95% interval of 'that type float' / 'all int8' is below 1."""
+    import onnxcomp.measure.bench as bench
+    from test_quant_static import _hardswish_se_proto
+
+    intervals = {"Mul float": [0.6, 0.8],  # clearly faster in float: kept float
+                 "Conv float": [1.1, 1.3],  # slower in float: stays int8
+                 "float": [0.5, 0.7] if int8_slower else [1.2, 1.5]}
+    measured = []
+
+    def stub_bench(variants, feeds, **kw):
+        measured.extend(name for name, _ in variants)
+        rows = [{"name": variants[0][0], "ratio_to_first": None, "ratio_ci95": None}]
+        for name, _ in variants[1:]:
+            lo, hi = intervals.get(name, [0.95, 1.05])  # straddles 1: inconclusive, stays int8
+            rows.append({"name": name, "ratio_to_first": (lo + hi) / 2, "ratio_ci95": [lo, hi]})
+        return rows
+
+    monkeypatch.setattr(bench, "bench_models", stub_bench)
+    proto = _hardswish_se_proto(rng)
+    calib = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    model, report = quantize_with_fallback(proto, calib, QuantizeConfig(), latency_aware=True,
+                                           executor=concurrent.futures.ThreadPoolExecutor(1))
+    ops = {n.name: n.op_type for n in model.graph}
+    planned = report["float_nodes"] + report["int8_nodes"]
+    lat = report["latency"]
+    assert measured[0] == "all int8" and measured[-1] == "float"
+    assert set(measured[1:-1]) == {f"{ops[n]} float" for n in planned} >= {"Mul float", "Conv float", "Add float"}
+    assert lat["op_types_kept_float"] == ["Mul"]
+    assert sorted(report["float_nodes"]) == sorted(n for n in planned if ops[n] == "Mul") == ["hs_mul", "se_mul"]
+    assert {n for n in report["int8_nodes"] if ops[n] == "Conv"} == {"conv0", "se_conv1", "se_conv2", "conv1"}
+    assert lat["int8_slower_than_float"] is int8_slower
+    assert report["history"][-1]["float_nodes"] == report["float_nodes"]
+    # onnxruntime really runs the Muls in float and the Convs in int8
+    from onnxcomp import io
+
+    optimized = [n.op_type for n in io.ort_optimized_model(model).graph]
+    assert "QLinearMul" not in optimized and optimized.count("Mul") == 2
+    assert optimized.count("QLinearConv") == 4

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.io import initializer_nbytes, model_to_bytes
+from onnxcomp.graph import parameter_nbytes
+from onnxcomp.io import model_to_bytes
 from onnxcomp.measure.latency import SessionSpec, measure_latency
 
 __all__ = ["physical_cores", "bench_models"]
@@ -83,6 +84,6 @@ def bench_models(
             "peak_memory_bytes": res.peak_rss_delta_bytes,
             "memory_method": res.memory_method,
             "times_ms": [t * 1e3 for t in res.times],
-            "parameter_bytes": initializer_nbytes(model),
+            "parameter_bytes": parameter_nbytes(model),
         })
     return rows

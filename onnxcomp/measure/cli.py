@@ -172,6 +172,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         for f in result.layers[: args.top]:
             layers.add_row(esc(f.name), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}", f"{f.max_abs:.4g}")
         con.print(layers)
+        if result.layers_skipped:
+            con.print(f"{len(result.layers_skipped)} shared tensor(s) not compared (empty or resized; --json lists why)")
     return 0
 
 

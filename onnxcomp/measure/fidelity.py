@@ -10,7 +10,10 @@ as an extra graph output (on clones; the given models are untouched) and ranks t
 first. This is what to read when a compressed model breaks: the first tensor where the SQNR drops is
 where the damage appears. Exposing intermediates blocks some of onnxruntime's fusions, so the
 per-layer numbers describe an unfused run; the per-output numbers always come from the models as
-they are.
+they are. Intermediate tensors that cannot be compared are left out of the ranking and listed with
+the reason in ``layers_skipped``: empty on every feed (``Shape`` of a scalar, a ``Slice`` that
+selects nothing: paddle2onnx writes such helpers), or resized by pruning. An empty batch of a model
+output is left out of its metrics; an output empty on every feed is an error.
 
 Channel axis of an output, unless given: 1 for rank 4 and 5 (NCHW-like), for rank 3 the smaller of
 axes 1 and 2 (``[N, 84, 8400]`` detector heads put boxes and scores on axis 1), -1 otherwise.
@@ -61,6 +64,7 @@ class ModelComparison:
     label_output: str | None
     layers: list[OutputFidelity]
     layers_resized: int = 0
+    layers_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +75,7 @@ class ModelComparison:
             "label_output": self.label_output,
             "layers": [_fidelity_dict(f, channels=False) for f in self.layers],
             "layers_resized": self.layers_resized,
+            "layers_skipped": dict(self.layers_skipped),
         }
 
 
@@ -169,6 +174,7 @@ def compare_models(
     predictions: dict[str, list[np.ndarray]] = {"reference": [], "candidate": []}
     samples = feeds = 0
     resized: set[str] = set()
+    empty: dict[str, list[int]] = {}
     for feed in data:
         ref_values = ref_session.run(ref_outputs, feed)
         cand_values = cand_session.run(ref_outputs, feed)
@@ -183,6 +189,9 @@ def compare_models(
                 raise OnnxcompError(
                     f"output {name!r}: reference shape {list(r.shape)} vs candidate {list(c.shape)}"
                 )
+            if r.size == 0:  # nothing to compare in this feed (see module docstring)
+                empty[name] = list(r.shape)
+                continue
             if name not in accumulators:
                 axis = default_channel_axis(r.shape) if channel_axis == "auto" else channel_axis
                 if axis is not None and r.ndim >= 2 and axis % r.ndim == 0:
@@ -206,7 +215,17 @@ def compare_models(
                     f"{names[label_index]!r}"
                 )
             accuracy[role] = float(np.mean(pred == labels))
+    never = [n for n in ref_outputs if n not in accumulators]
+    if never:
+        why = f"is empty (shape {empty[never[0]]}) on every feed" if never[0] in empty else "got no data"
+        raise OnnxcompError(f"output {never[0]!r} {why}: nothing to compare")
     outputs = [accumulators[n].result() for n in ref_outputs]
+    skipped = {n: "resized (pruned channels)" for n in layer_names if n in resized}
+    skipped.update(
+        (n, f"empty on every feed (shape {empty[n]})")
+        for n in layer_names
+        if n not in accumulators and n not in resized and n in empty
+    )
     layers = sorted(
         (accumulators[n].result() for n in layer_names if n in accumulators and n not in resized),
         key=lambda f: _sort_key(f.sqnr_db),
@@ -219,6 +238,7 @@ def compare_models(
         label_output=names[label_index] if labels is not None else None,
         layers=layers,
         layers_resized=len(resized),
+        layers_skipped=skipped,
     )
 
 

@@ -54,7 +54,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.errors import ConfigError
+    from onnxcomp.errors import ConfigError, OnnxcompError
     from onnxcomp.io import load_model, save_model
     from onnxcomp.prune.api import prune
     from onnxcomp.prune.config import PruneConfig
@@ -78,6 +78,11 @@ def _run(args: argparse.Namespace) -> int:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if not report["groups"]:
+        raise OnnxcompError(
+            f"{args.model}: no prunable channel groups found (the model has "
+            f"{report['before']['parameters']:,} parameters); nothing written"
+        )
     out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)
     report["before"]["bytes"] = file_bytes(args.model, model)  # on disk, with external data
@@ -105,8 +110,8 @@ def _run(args: argparse.Namespace) -> int:
     con.print(table)
     b, a = report["before"], report["after"]
     con.print(
-        f"parameters {b['parameters']:,} -> {a['parameters']:,} ({a['parameters'] / b['parameters']:.2f}x), "
-        f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.2f}x), "
+        f"parameters {b['parameters']:,} -> {a['parameters']:,} ({_ratio(a['parameters'], b['parameters'])}), "
+        f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({_ratio(a['macs'], b['macs'])}), "
         f"file {fmt_size(b['bytes'])} -> {fmt_size(a['bytes'])}"
     )
     rec = report.get("reconstruction")
@@ -121,6 +126,10 @@ def _run(args: argparse.Namespace) -> int:
     con.print(f"wrote {esc(out)}")
     print_check(con, check)
     return status
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.2f}x" if before else "-"
 
 
 register("prune", "structured pruning: remove channels from weights and every coupled consumer", _configure, _run)

@@ -110,7 +110,8 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data, verdict_line
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.io import initializer_nbytes, load_model, save_model
+    from onnxcomp.graph import parameter_nbytes
+    from onnxcomp.io import load_model, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -160,8 +161,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
     out = save_model(quantized, args.output, force=args.force)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": initializer_nbytes(model)}
-    report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
+    report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
     check = run_check(con, model, out, split, check_cfg, compressed=count, what=what, why=why)
     if (check is not None and not check["met"] and count and args.mode == "static" and not args.no_fallback
@@ -182,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
         report["auto_fallback"] = auto
         report["int8_nodes"] = len(auto["int8_nodes"])
         out = save_model(quantized, args.output, force=True)
-        report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+        report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
         count = len(auto["int8_nodes"])
         check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
                           why="every node went back to float and the budget still failed" if not count else "")
