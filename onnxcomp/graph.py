@@ -181,16 +181,16 @@ def fix_subgraph_outputs(model: ir.Model) -> int:
 
 
 def restore_model(model: ir.Model, snapshot: ir.Model) -> None:
-    """Make ``model`` (in place) what ``snapshot`` is: its graph, functions and opset imports.
+    """Make ``model`` (in place) what ``snapshot`` is: its graph (with the opset imports, which
+    onnx_ir keeps in the graph) and functions.
 
     ``snapshot`` is a :func:`~onnxcomp.io.clone_model` taken earlier and is used up: its graph
     becomes ``model``'s.
     """
     model.graph = snapshot.graph
+    functions = dict(snapshot.functions)
     model.functions.clear()
-    model.functions.update(snapshot.functions)
-    model.opset_imports.clear()
-    model.opset_imports.update(snapshot.opset_imports)
+    model.functions.update(functions)
     model.ir_version = snapshot.ir_version
 
 
