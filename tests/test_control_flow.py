@@ -168,19 +168,26 @@ def model_if_returns_outer(rng):
     return make_proto(nodes, [("x", [1, 3, 8, 8]), ("x_bias", [4])], [("y", [1, 4, 8, 8]), ("h", [1, 4, 8, 8])], inits)
 
 
+def _conv_relu_conv(rng, out: str) -> tuple[list, list]:
+    """Nodes and initializers of ``r = Relu(Conv(x))`` (8 channels), ``out = Conv(r)`` (4 channels)."""
+    nodes = [
+        oh.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+        oh.make_node("Relu", ["a"], ["r"], name="relu_a"),
+        oh.make_node("Conv", ["r", "wb", "bb"], [out], pads=[1, 1, 1, 1], name="conv_b"),
+    ]
+    inits = [("zero", np.zeros((), np.float32)),
+             ("wa", _w(rng, 8, 3, 3, 3)), ("ba", _w(rng, 8)), ("wb", _w(rng, 4, 8, 3, 3)), ("bb", _w(rng, 4))]
+    return nodes, inits
+
+
 def model_if_reads_main(rng):
     """Branches read a main-graph activation whose channels pruning could cut (Conv -> Relu -> Conv)."""
     then = _graph([oh.make_node("Mul", ["r", "two"], ["t_y"])], "then", [_vi("t_y", [1, 8, 8, 8])])
     els = _graph([oh.make_node("Neg", ["r"], ["e_y"])], "else", [_vi("e_y", [1, 8, 8, 8])])
-    nodes = [
-        oh.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
-        oh.make_node("Relu", ["a"], ["r"], name="relu_a"),
-        oh.make_node("Conv", ["r", "wb", "bb"], ["y"], pads=[1, 1, 1, 1], name="conv_b"),
-        *_positive_mean("x", "c", "c"),
-        oh.make_node("If", ["c"], ["z"], then_branch=then, else_branch=els, name="if"),
-    ]
-    inits = [("zero", np.zeros((), np.float32)), ("two", np.full((), 2.0, np.float32)),
-             ("wa", _w(rng, 8, 3, 3, 3)), ("ba", _w(rng, 8)), ("wb", _w(rng, 4, 8, 3, 3)), ("bb", _w(rng, 4))]
+    chain, inits = _conv_relu_conv(rng, "y")
+    nodes = [*chain, *_positive_mean("x", "c", "c"),
+             oh.make_node("If", ["c"], ["z"], then_branch=then, else_branch=els, name="if")]
+    inits.append(("two", np.full((), 2.0, np.float32)))
     return make_proto(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8]), ("z", [1, 8, 8, 8])], inits)
 
 
@@ -188,15 +195,9 @@ def model_conv_then_if(rng):
     """A prunable Conv -> Relu -> Conv chain in the main graph, its result consumed by an If."""
     then = _graph([oh.make_node("Relu", ["b"], ["t_y"])], "then", [_vi("t_y", [1, 4, 8, 8])])
     els = _graph([oh.make_node("Sigmoid", ["b"], ["e_y"])], "else", [_vi("e_y", [1, 4, 8, 8])])
-    nodes = [
-        oh.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
-        oh.make_node("Relu", ["a"], ["r"], name="relu_a"),
-        oh.make_node("Conv", ["r", "wb", "bb"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
-        *_positive_mean("x", "c", "c"),
-        oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els, name="if"),
-    ]
-    inits = [("zero", np.zeros((), np.float32)),
-             ("wa", _w(rng, 8, 3, 3, 3)), ("ba", _w(rng, 8)), ("wb", _w(rng, 4, 8, 3, 3)), ("bb", _w(rng, 4))]
+    chain, inits = _conv_relu_conv(rng, "b")
+    nodes = [*chain, *_positive_mean("x", "c", "c"),
+             oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els, name="if")]
     return make_proto(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], inits)
 
 

@@ -21,6 +21,13 @@ module only chooses which of their rules run and reports what changed.
 
 Refuses nothing: a rule that does not match leaves the graph as it was. Functions are inlined
 first (configurable), because later passes need to see the ops inside them.
+
+Never breaks a valid model, subgraphs included (If branches, Loop and Scan bodies): identity
+removal keeps a branch from returning an outer-scope value directly, a branch that ends up doing
+so gets an Identity back (:func:`onnxcomp.graph.fix_subgraph_outputs`), each step that raises is
+undone, and the result must pass ``onnx.checker`` (full check) and load in onnxruntime wherever
+the input did; when it does not, the steps are replayed with that check after each one and the
+ones that broke the model are undone. ``stats["rolled_back"]`` says which and why.
 """
 
 from __future__ import annotations
