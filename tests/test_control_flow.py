@@ -569,3 +569,38 @@ def test_cli_writes_loadable_control_flow_models(tmp_path, rng, command):
         assert_equivalent(io.load_model(proto), written, feeds)
     else:
         _assert_sqnr(io.load_model(proto), written, feeds, SQNR_FLOOR[command])
+
+
+def test_static_quantizes_inside_if_branches(rng):
+    """Each branch is calibrated on the feeds that take it and gets its own Q/DQ: the Convs of
+    both branches run as int8 kernels in onnxruntime."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    proto = model_if_conv(rng)
+    quantized, report = quantize(proto, _feeds(proto, 12, n=8), QuantizeConfig())
+    branches = report["branches"]
+    assert branches["if/then_branch"]["feeds"] == 4 and branches["if/else_branch"]["feeds"] == 4
+    assert branches["if/then_branch"]["int8_nodes"] >= 1 and branches["if/else_branch"]["int8_nodes"] >= 1
+    assert report["onnxruntime"]["int8_by_op"].get("QLinearConv", 0) >= 2
+    _assert_valid(quantized)
+    _assert_sqnr(io.load_model(proto), quantized, _feeds(proto, 13), SQNR_FLOOR["quantize-static"])
+
+
+def test_static_branch_no_feed_takes_stays_float(rng):
+    """Nested If: the outer branch's own If is handled recursively; a branch that no calibration
+    feed reaches is left float and said so."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    proto = model_nested_if(rng)
+    feed_rng = np.random.default_rng(14)  # positive mean, max below 2: the inner else branch only
+    calib = [f for f in _feeds(proto, 14, n=8) if float(f["x"].mean()) <= 0]
+    calib += [{"x": feed_rng.uniform(0.0, 1.0, (1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    quantized, report = quantize(proto, calib, QuantizeConfig())
+    outer = report["branches"]["outer_if/then_branch"]
+    inner = outer.get("branches", {})
+    assert "no calibration feed takes this branch" in inner.get("inner_if/then_branch", "")
+    assert report["branches"]["outer_if/else_branch"]["int8_nodes"] >= 1
+    _assert_valid(quantized)
+    _assert_sqnr(io.load_model(proto), quantized, _feeds(proto, 15), SQNR_FLOOR["quantize-static"])
