@@ -428,3 +428,11 @@ ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault
 ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault(-1)}, since=13)
 
 __all__ += ["AttributeDefault", "ATTRIBUTE_DEFAULTS"]
+
+#: Inputs of recurrent ops that hold weights (W, R, B; constant in a trained model): cleanup folds
+#: the constant subgraphs that compute them whatever their size, and onnxcomp.quant.recurrent
+#: quantizes W and R.
+RECURRENT_WEIGHT_INPUTS: OpTable[tuple[int, ...]] = OpTable("recurrent weight inputs")
+RECURRENT_WEIGHT_INPUTS.register(("LSTM", "GRU", "RNN"), (1, 2, 3), since=7)
+
+__all__ += ["RECURRENT_WEIGHT_INPUTS"]

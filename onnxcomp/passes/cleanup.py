@@ -47,7 +47,7 @@ from onnxscript.rewriter.rules import common as rules
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import fix_subgraph_outputs, restore_model
 from onnxcomp.io import clone_model, initializer_nbytes
-from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS
+from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS
 from onnxcomp.passes.base import MODEL_CHECKS, CompressionPass, PassConfig, model_problems
 
 __all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
@@ -94,7 +94,7 @@ class CleanupConfig(PassConfig):
         iterations: how many rounds of folding and rewriting at most (stops early at a fixed point).
         fold_input_size_limit: largest constant input (elements) that folding may read.
         fold_output_size_limit: largest folded constant (elements) that folding may create.
-        fold_weights: fold constant subgraphs that compute the weight of a Conv/Gemm/MatMul (a
+        fold_weights: fold constant subgraphs that compute the weight of a Conv/Gemm/MatMul/LSTM/GRU (a
             clustered codebook, a weight stored transposed or in another dtype) whatever their
             size: the weight exists at run time anyway, and later passes need it as a constant.
     """
@@ -148,7 +148,8 @@ class _FoldWeightDecoders(onnx_ir.passes.InPlacePass):
 
 
 def _weight_decoders(model: ir.Model) -> set[ir.Node]:
-    """Nodes of constant subgraphs (every leaf an initializer) that end in a weight of a linear op."""
+    """Nodes of constant subgraphs (every leaf an initializer) that end in a weight of a linear op
+    or of a recurrent op (LSTM/GRU/RNN W, R, B)."""
     found: set[ir.Node] = set()
 
     def constant_subgraph(value: ir.Value, nodes: set[ir.Node], depth: int) -> bool:
@@ -164,12 +165,10 @@ def _weight_decoders(model: ir.Model) -> set[ir.Node]:
 
     for node in model.graph.all_nodes():
         spec = LINEAR_OPS.lookup(node, model)
-        if spec is None:
-            continue
-        for role in spec.roles:
-            if role.kind != "weight" or role.input_index >= len(node.inputs):
-                continue
-            weight = node.inputs[role.input_index]
+        indices = [role.input_index for role in spec.roles if role.kind == "weight"] if spec is not None else []
+        indices += RECURRENT_WEIGHT_INPUTS.lookup(node, model) or ()
+        for index in indices:
+            weight = node.inputs[index] if index < len(node.inputs) else None
             if weight is None or weight.const_value is not None:
                 continue
             nodes: set[ir.Node] = set()

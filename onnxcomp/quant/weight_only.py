@@ -275,12 +275,12 @@ def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | No
     if mode not in ("weight-only", "dynamic"):
         raise ConfigError(f"plan_weight_sites: mode must be 'weight-only' or 'dynamic', got {mode!r}")
     if mode == "dynamic":
-        unknown = sorted(set(config.dynamic_op_types) - set(_DYNAMIC_OPS))
+        unknown = sorted(set(config.dynamic_op_types) - set(_DYNAMIC_OPS) - {"LSTM"})
         if unknown:
             raise ConfigError(
-                f"quantize: dynamic_op_types {unknown} are not supported; choose among {', '.join(_DYNAMIC_OPS)}"
+                f"quantize: dynamic_op_types {unknown} are not supported; choose among {', '.join(_DYNAMIC_OPS)}, LSTM"
             )
-        candidates = set(config.dynamic_op_types)
+        candidates = set(config.dynamic_op_types) - {"LSTM"}  # LSTM: onnxcomp.quant.recurrent
     else:
         candidates = set(_WEIGHT_ONLY_OPS)
     ort_format = mode == "weight-only" and config.weight_only_format == "ort"
@@ -690,4 +690,10 @@ def quantize_dynamic_mode(
                 "onnxruntime's CPU provider; add 'Conv' to dynamic_op_types to convert them anyway"
             )
     result = DynamicQuantPass(config, plan)(work)
-    return work, _base_report(config, before, work, result.stats, cleanup)
+    report = _base_report(config, before, work, result.stats, cleanup)
+    if "LSTM" in config.dynamic_op_types:
+        from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
+
+        report.update(DynamicLSTMPass(DynamicLSTMConfig(exclude=config.exclude))(work).stats)
+        report["model_weight_bytes_after"] = initializer_nbytes(work)
+    return work, report
