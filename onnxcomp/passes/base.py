@@ -34,7 +34,7 @@ from onnxcomp.io import check_model, clone_model, create_session, onnx_opset
 
 __all__ = [
     "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult",
-    "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems",
+    "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems", "ensure_valid",
 ]
 
 #: Validity checks, cheapest first: ``checker`` (onnx.checker, structure), ``full_check``
@@ -222,19 +222,31 @@ class CompressionPass(onnx_ir.passes.InPlacePass, Generic[C]):
 
     def check_output(self, model: ir.Model, before: ir.Model, stats: dict[str, Any]) -> None:
         """Repair subgraph outputs, then raise InvalidModelError if a check newly fails."""
-        from onnxcomp.graph import fix_subgraph_outputs
+        ensure_valid(model, before, type(self).__name__, stats, self.output_checks)
 
-        fixed = fix_subgraph_outputs(model)
-        if fixed:
-            stats["subgraph_outputs_fixed"] = stats.get("subgraph_outputs_fixed", 0) + fixed
-        problems = new_problems(model, before, self.output_checks)
-        if problems:
-            check, why = next(iter(problems.items()))
-            raise InvalidModelError(
-                f"{type(self).__name__} produced an invalid model ({check}): {why}; the model it was "
-                "given passed this check, so nothing is written (exclude the node it names or leave "
-                "this step out)"
-            )
+
+def ensure_valid(
+    model: ir.Model,
+    before: ir.Model,
+    who: str,
+    stats: dict[str, Any],
+    checks: Sequence[str] = ("checker", "onnxruntime"),
+) -> None:
+    """The output check of every step that rewrites a model (passes, ``prune``): subgraph outputs
+    that became outer-scope values get an Identity (counted in ``stats``), then a check of
+    ``checks`` that ``model`` fails and ``before`` (its input) passed raises InvalidModelError."""
+    from onnxcomp.graph import fix_subgraph_outputs
+
+    fixed = fix_subgraph_outputs(model)
+    if fixed:
+        stats["subgraph_outputs_fixed"] = stats.get("subgraph_outputs_fixed", 0) + fixed
+    problems = new_problems(model, before, checks)
+    if problems:
+        check, why = next(iter(problems.items()))
+        raise InvalidModelError(
+            f"{who} produced an invalid model ({check}): {why}; the model it was given passed this "
+            "check, so nothing is written (exclude the node it names or leave this step out)"
+        )
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:  # pragma: no cover
         raise NotImplementedError
