@@ -31,6 +31,8 @@ __all__ = [
     "unique_name",
     "add_initializer",
     "all_value_names",
+    "fix_subgraph_outputs",
+    "restore_model",
 ]
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
@@ -128,16 +130,71 @@ def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> st
 
 
 def _all_names(graph: ir.Graph) -> set[str]:
-    names: set[str] = {v.name for v in graph.inputs if v.name}
-    names.update(graph.initializers)
+    names: set[str] = set()
+    for g in (graph, *graph.subgraphs()):
+        names.update(v.name for v in g.inputs if v.name)
+        names.update(g.initializers)
     for node in graph.all_nodes():
         names.update(v.name for v in node.outputs if v.name)
     return names
 
 
 def all_value_names(graph: ir.Graph) -> set[str]:
-    """Every value name in ``graph`` and its subgraphs (for :func:`unique_name`'s ``taken``)."""
+    """Every value name in ``graph`` and its subgraphs (for :func:`unique_name`'s ``taken``).
+
+    Subgraph inputs and initializers count too: a subgraph sees every outer name, so a new value
+    named like one of them would shadow it or be shadowed.
+    """
     return _all_names(graph)
+
+
+def _owned_by(value: ir.Value, graph: ir.Graph) -> bool:
+    """Whether ``graph`` itself defines ``value`` (a node of it, one of its inputs or initializers)."""
+    producer = value.producer()
+    if producer is not None:
+        return producer.graph is graph
+    return any(v is value for v in graph.inputs) or graph.initializers.get(value.name or "") is value
+
+
+def fix_subgraph_outputs(model: ir.Model) -> int:
+    """Route subgraph outputs that are outer-scope values through an Identity; returns how many.
+
+    A rewrite that removes ``y = Identity(x)`` or ``y = Mul(x, 1)`` at the end of an If branch or
+    a Loop/Scan body can leave the body returning ``x``, a value of an enclosing graph, directly;
+    onnx.checker ("Graph output ... is not an output of any node") and onnxruntime ("Subgraph
+    output ... is an outer scope value being returned directly") refuse that. The Identity
+    restores a valid graph and computes the same thing. The main graph may return its inputs and
+    initializers as they are.
+    """
+    fixed = 0
+    taken: set[str] | None = None
+    for graph in model.graph.subgraphs():
+        for i, value in enumerate(list(graph.outputs)):
+            if _owned_by(value, graph) and not any(v is value for v in graph.outputs[:i]):
+                continue
+            if taken is None:
+                taken = all_value_names(model.graph)
+            name = unique_name(graph, f"{value.name or 'output'}_identity", taken)
+            out = ir.Value(name=name, shape=value.shape, type=value.type)
+            node = ir.Node("", "Identity", [value], outputs=[out], name=f"{name}/Identity")
+            graph.append(node)
+            graph.outputs[i] = out
+            fixed += 1
+    return fixed
+
+
+def restore_model(model: ir.Model, snapshot: ir.Model) -> None:
+    """Make ``model`` (in place) what ``snapshot`` is: its graph (with the opset imports, which
+    onnx_ir keeps in the graph) and functions.
+
+    ``snapshot`` is a :func:`~onnxcomp.io.clone_model` taken earlier and is used up: its graph
+    becomes ``model``'s.
+    """
+    model.graph = snapshot.graph
+    functions = dict(snapshot.functions)
+    model.functions.clear()
+    model.functions.update(functions)
+    model.ir_version = snapshot.ir_version
 
 
 def iter_consumers(value: ir.Value) -> Iterable[tuple[ir.Node, int]]:

@@ -319,16 +319,20 @@ def create_session(
             raise ModelLoadError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
 
 
-def check_model(model: ir.Model) -> None:
+def check_model(model: ir.Model, *, full_check: bool = False) -> None:
     """Run ``onnx.checker`` on ``model`` (through a temporary file when over 2 GB).
+
+    ``full_check`` also runs strict shape inference (types that contradict each other, subgraph
+    outputs of the wrong type).
 
     Raises:
         ModelLoadError: the checker's first complaint.
     """
     try:
         with session_source(model) as src:
-            onnx.checker.check_model(src if isinstance(src, str) else onnx.load_model_from_string(src))
-    except onnx.checker.ValidationError as exc:
+            onnx.checker.check_model(src if isinstance(src, str) else onnx.load_model_from_string(src),
+                                     full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelLoadError(f"the model fails onnx.checker: {_first_line(exc)}") from None
 
 

@@ -493,3 +493,10 @@ QUANT_SCALE_OUTPUTS: OpTable[tuple[int, ...]] = OpTable("quantization scale outp
 QUANT_SCALE_OUTPUTS.register("DynamicQuantizeLinear", (1,), since=11)
 
 __all__ += ["ComputeOp", "COMPUTE_OPS", "QUANT_PARAM_INPUTS", "QUANTIZED_WEIGHT_INPUTS", "QUANT_SCALE_OUTPUTS"]
+#: Inputs of recurrent ops that hold weights (W, R, B; constant in a trained model): cleanup folds
+#: the constant subgraphs that compute them whatever their size, and onnxcomp.quant.recurrent
+#: quantizes W and R.
+RECURRENT_WEIGHT_INPUTS: OpTable[tuple[int, ...]] = OpTable("recurrent weight inputs")
+RECURRENT_WEIGHT_INPUTS.register(("LSTM", "GRU", "RNN"), (1, 2, 3), since=7)
+
+__all__ += ["RECURRENT_WEIGHT_INPUTS"]

@@ -447,7 +447,7 @@ def test_dynamic_conv_untouched_by_default_converted_when_listed(rng):
 def test_dynamic_op_types_validated():
     with pytest.raises(ConfigError):
         quantize(make_proto([oh.make_node("Relu", ["x"], ["y"])], [("x", [2])], [("y", [2])]), None,
-                 QuantizeConfig(mode="dynamic", dynamic_op_types=("LSTM",)))
+                 QuantizeConfig(mode="dynamic", dynamic_op_types=("GRU",)))
 
 
 # ------------------------------------------------------------------ shipped digits models

@@ -6,6 +6,12 @@ changed and how much. Pipelines are plain :class:`onnx_ir.passes.PassManager` /
 ``Sequential`` objects; :func:`run_pipeline` runs passes one after the other and keeps each one's
 statistics, which ``PassManager`` alone would drop.
 
+Every pass's output is checked (``CompressionPass.output_checks``): subgraph outputs that became
+outer-scope values get an Identity (:func:`onnxcomp.graph.fix_subgraph_outputs`), then the model
+must pass ``onnx.checker`` and load in onnxruntime whenever its input did; otherwise the pass raises
+:class:`InvalidModelError` naming the check and the complaint, so that no command writes a model
+that cannot be loaded.
+
 Passes declare the default-domain opset range they accept (``min_opset`` / ``max_opset``); a
 check before the pass runs refuses a model outside it with an :class:`~onnxcomp.errors.OpsetError` that
 says how to upgrade (``onnxcomp.io.upgrade_opset``).
@@ -23,10 +29,56 @@ from typing import Any, ClassVar, Generic, TypeVar
 import onnx_ir as ir
 import onnx_ir.passes
 
-from onnxcomp.errors import ConfigError, OpsetError
-from onnxcomp.io import onnx_opset
+from onnxcomp.errors import ConfigError, OnnxcompError, OpsetError
+from onnxcomp.io import check_model, clone_model, create_session, onnx_opset
 
-__all__ = ["PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult"]
+__all__ = [
+    "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult",
+    "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems", "ensure_valid",
+]
+
+#: Validity checks, cheapest first: ``checker`` (onnx.checker, structure), ``full_check``
+#: (onnx.checker with strict shape inference), ``onnxruntime`` (a session is created).
+MODEL_CHECKS = ("checker", "full_check", "onnxruntime")
+
+
+class InvalidModelError(OnnxcompError):
+    """A pass turned a model that passed a validity check into one that fails it."""
+
+
+def model_problems(model: ir.Model, checks: Sequence[str] = MODEL_CHECKS) -> dict[str, str]:
+    """``{check: first complaint}`` for each check of :data:`MODEL_CHECKS` that ``model`` fails."""
+    from onnxcomp.testing import session_options
+
+    problems: dict[str, str] = {}
+    for check in checks:
+        if check == "full_check" and "checker" in problems:
+            problems[check] = problems["checker"]
+            continue
+        try:
+            if check == "onnxruntime":
+                create_session(model, sess_options=session_options("disable"))
+            elif check in ("checker", "full_check"):
+                check_model(model, full_check=check == "full_check")
+            else:
+                raise ValueError(f"unknown model check {check!r}; known: {', '.join(MODEL_CHECKS)}")
+        except OnnxcompError as exc:
+            problems[check] = str(exc)
+        except ValueError:
+            raise
+        except Exception as exc:  # serialization of a broken graph, onnx internals
+            problems[check] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return problems
+
+
+def new_problems(model: ir.Model, reference: ir.Model, checks: Sequence[str] = MODEL_CHECKS) -> dict[str, str]:
+    """The checks ``model`` fails that ``reference`` (its input) passed; the reference is only
+    checked when the model fails something."""
+    problems = model_problems(model, checks)
+    if problems:
+        before = model_problems(reference, tuple(problems))
+        problems = {check: why for check, why in problems.items() if check not in before}
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +177,16 @@ class CompressionPass(onnx_ir.passes.InPlacePass, Generic[C]):
 
     Subclasses set ``config_class``, optionally ``min_opset`` / ``max_opset``, and implement
     :meth:`apply`, returning ``(modified, stats)``. The last result is kept in ``self.result``.
+
+    A modified model is checked with ``output_checks`` (names from :data:`MODEL_CHECKS`; empty
+    for a pass that checks its own output): a check the input passed and the output fails
+    raises :class:`InvalidModelError`.
     """
 
     config_class: ClassVar[type[PassConfig]] = PassConfig
     min_opset: ClassVar[int] = 1
     max_opset: ClassVar[int | None] = None
+    output_checks: ClassVar[tuple[str, ...]] = ("checker", "onnxruntime")
 
     def __init__(self, config: C | None = None) -> None:
         super().__init__()
@@ -156,9 +213,40 @@ class CompressionPass(onnx_ir.passes.InPlacePass, Generic[C]):
 
     def call(self, model: ir.Model) -> PassResult:
         self.check_opset(model)
+        before = clone_model(model) if self.output_checks else None
         modified, stats = self.apply(model)
+        if modified and before is not None:
+            self.check_output(model, before, stats)
         self.result = PassResult(model=model, modified=modified, stats=stats)
         return self.result
+
+    def check_output(self, model: ir.Model, before: ir.Model, stats: dict[str, Any]) -> None:
+        """Repair subgraph outputs, then raise InvalidModelError if a check newly fails."""
+        ensure_valid(model, before, type(self).__name__, stats, self.output_checks)
+
+
+def ensure_valid(
+    model: ir.Model,
+    before: ir.Model,
+    who: str,
+    stats: dict[str, Any],
+    checks: Sequence[str] = ("checker", "onnxruntime"),
+) -> None:
+    """The output check of every step that rewrites a model (passes, ``prune``): subgraph outputs
+    that became outer-scope values get an Identity (counted in ``stats``), then a check of
+    ``checks`` that ``model`` fails and ``before`` (its input) passed raises InvalidModelError."""
+    from onnxcomp.graph import fix_subgraph_outputs
+
+    fixed = fix_subgraph_outputs(model)
+    if fixed:
+        stats["subgraph_outputs_fixed"] = stats.get("subgraph_outputs_fixed", 0) + fixed
+    problems = new_problems(model, before, checks)
+    if problems:
+        check, why = next(iter(problems.items()))
+        raise InvalidModelError(
+            f"{who} produced an invalid model ({check}): {why}; the model it was given passed this "
+            "check, so nothing is written (exclude the node it names or leave this step out)"
+        )
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:  # pragma: no cover
         raise NotImplementedError

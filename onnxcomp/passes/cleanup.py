@@ -21,6 +21,13 @@ module only chooses which of their rules run and reports what changed.
 
 Refuses nothing: a rule that does not match leaves the graph as it was. Functions are inlined
 first (configurable), because later passes need to see the ops inside them.
+
+Never breaks a valid model, subgraphs included (If branches, Loop and Scan bodies): identity
+removal keeps a branch from returning an outer-scope value directly, a branch that ends up doing
+so gets an Identity back (:func:`onnxcomp.graph.fix_subgraph_outputs`), each step that raises is
+undone, and the result must pass ``onnx.checker`` (full check) and load in onnxruntime wherever
+the input did; when it does not, the steps are replayed with that check after each one and the
+ones that broke the model are undone. ``stats["rolled_back"]`` says which and why.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ import onnxscript.rewriter
 from onnxscript.rewriter.rules import common as rules
 
 from onnxcomp.errors import ConfigError
-from onnxcomp.io import initializer_nbytes
-from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS
-from onnxcomp.passes.base import CompressionPass, PassConfig
+from onnxcomp.graph import fix_subgraph_outputs, restore_model
+from onnxcomp.io import clone_model, initializer_nbytes
+from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS
+from onnxcomp.passes.base import MODEL_CHECKS, CompressionPass, PassConfig, model_problems
 
 __all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
 
@@ -86,7 +94,7 @@ class CleanupConfig(PassConfig):
         iterations: how many rounds of folding and rewriting at most (stops early at a fixed point).
         fold_input_size_limit: largest constant input (elements) that folding may read.
         fold_output_size_limit: largest folded constant (elements) that folding may create.
-        fold_weights: fold constant subgraphs that compute the weight of a Conv/Gemm/MatMul (a
+        fold_weights: fold constant subgraphs that compute the weight of a Conv/Gemm/MatMul/LSTM/GRU (a
             clustered codebook, a weight stored transposed or in another dtype) whatever their
             size: the weight exists at run time anyway, and later passes need it as a constant.
     """
@@ -140,7 +148,8 @@ class _FoldWeightDecoders(onnx_ir.passes.InPlacePass):
 
 
 def _weight_decoders(model: ir.Model) -> set[ir.Node]:
-    """Nodes of constant subgraphs (every leaf an initializer) that end in a weight of a linear op."""
+    """Nodes of constant subgraphs (every leaf an initializer) that end in a weight of a linear op
+    or of a recurrent op (LSTM/GRU/RNN W, R, B)."""
     found: set[ir.Node] = set()
 
     def constant_subgraph(value: ir.Value, nodes: set[ir.Node], depth: int) -> bool:
@@ -156,12 +165,10 @@ def _weight_decoders(model: ir.Model) -> set[ir.Node]:
 
     for node in model.graph.all_nodes():
         spec = LINEAR_OPS.lookup(node, model)
-        if spec is None:
-            continue
-        for role in spec.roles:
-            if role.kind != "weight" or role.input_index >= len(node.inputs):
-                continue
-            weight = node.inputs[role.input_index]
+        indices = [role.input_index for role in spec.roles if role.kind == "weight"] if spec is not None else []
+        indices += RECURRENT_WEIGHT_INPUTS.lookup(node, model) or ()
+        for index in indices:
+            weight = node.inputs[index] if index < len(node.inputs) else None
             if weight is None or weight.const_value is not None:
                 continue
             nodes: set[ir.Node] = set()
@@ -237,42 +244,169 @@ def op_histogram(model: ir.Model) -> collections.Counter[str]:
     )
 
 
+class _IdentityElimination(onnx_ir.passes.InPlacePass):
+    """Remove ``y = Identity(x)`` wherever that leaves every graph, subgraphs included, valid.
+
+    ``y`` that is not a graph output: its uses read ``x`` instead. ``y`` that is an output of its
+    graph: only when ``x`` is computed by a node of that same graph and is no graph's output (then
+    ``x`` takes ``y``'s name). An Identity that returns an outer-scope value, a graph input or an
+    initializer from a graph stays: an If branch or a Loop body may not return those directly.
+    """
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        modified = False
+        for node in list(model.graph.all_nodes()):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or node.graph is None:
+                continue
+            if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            graph = node.graph
+            returned = y.is_graph_output()
+            if returned:
+                producer = x.producer()
+                if producer is None or producer.graph is not graph or x.is_graph_output():
+                    continue
+            if x.type is None:
+                x.type = y.type
+            if x.shape is None:
+                x.shape = y.shape
+            ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+            if returned:
+                name, y.name = y.name, None
+                x.name = name
+            graph.remove(node, safe=True)
+            modified = True
+        return onnx_ir.passes.PassResult(model, modified)
+
+
+class _Call(onnx_ir.passes.InPlacePass):
+    """A function ``model -> modified`` as a pass (a step of the cleanup that can be rolled back)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        return onnx_ir.passes.PassResult(model, bool(self.fn(model)))
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class CleanupPass(CompressionPass[CleanupConfig]):
-    """Exact simplifications: constant folding, BatchNorm fusion, no-op removal (see module doc)."""
+    """Exact simplifications: constant folding, BatchNorm fusion, no-op removal (see module doc).
+
+    Never breaks a valid model. Each step (inlining, folding, BatchNorm fusion, no-op removal,
+    identity removal, ...) that raises is undone. The result is checked once: it must pass
+    ``onnx.checker`` (full check) and load in onnxruntime wherever the input did. If it does not,
+    the cleanup starts again from the input with the check after every step, and the steps that
+    broke the model are undone. ``stats["rolled_back"]`` names each undone step and why.
+    """
 
     config_class = CleanupConfig
+    output_checks = ()  # checks its own output, step by step
+
+    def _plan(self, model: ir.Model, producers) -> tuple[list, list, list]:
+        cfg = self.config
+        prelude: list[tuple[str, onnx_ir.passes.PassBase]] = []
+        if cfg.inline_functions and model.functions:
+            prelude.append(("inline functions", common_passes.InlinePass()))
+        if cfg.fold_weights:
+            prelude.append(("fold weights", _FoldWeightDecoders()))
+        rounds: list[tuple[str, onnx_ir.passes.PassBase]] = []
+        if cfg.fold_constants:
+            rounds.append(("fold constants", _FoldConstants(cfg.fold_input_size_limit, cfg.fold_output_size_limit)))
+        if cfg.fuse_batchnorm:
+            rounds.append(("fuse batchnorm", onnxscript.rewriter.RewritePass(list(_BATCHNORM_RULES))))
+        if cfg.remove_noops:
+            rounds.append(("remove no-ops", onnxscript.rewriter.RewritePass(list(_NOOP_RULES))))
+            rounds.append(("remove identities", _IdentityElimination()))
+        rounds.append(("remove unused nodes", common_passes.RemoveUnusedNodesPass()))
+        finish: list[tuple[str, onnx_ir.passes.PassBase]] = [
+            ("lift constants", common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)),
+            ("remove unused nodes", common_passes.RemoveUnusedNodesPass()),
+            ("remove unused opsets", common_passes.RemoveUnusedOpsetsPass()),
+            ("sort", common_passes.TopologicalSortPass()),
+            ("subgraph outputs", _Call(fix_subgraph_outputs)),
+            ("name nodes", _Call(lambda m: _tidy_rewritten_nodes(m, producers))),
+        ]
+        if cfg.drop_default_attributes:
+            finish.append(("drop default attributes", _Call(self._drop_defaults)))
+        return prelude, rounds, finish
+
+    def _drop_defaults(self, model: ir.Model) -> int:
+        self._defaults_dropped = _drop_default_attributes(model)
+        return self._defaults_dropped
+
+    def _run(self, model: ir.Model, producers, checks: tuple[str, ...], rolled_back: dict[str, str]) -> bool:
+        """Run every step; undo a step that raises or (with ``checks``) makes a check fail."""
+        prelude, rounds, finish = self._plan(model, producers)
+        self._defaults_dropped = 0
+
+        def step(name: str, p: onnx_ir.passes.PassBase) -> bool:
+            if name in rolled_back:
+                return False
+            snapshot = clone_model(model)
+            try:
+                changed = p(model).modified
+            except Exception as exc:  # a rewrite that fails on this graph: undo it, say why
+                restore_model(model, snapshot)
+                rolled_back[name] = f"raised {_root_cause(exc)}"
+                return False
+            if changed and checks:
+                fix_subgraph_outputs(model)
+                problems = model_problems(model, checks)
+                if problems:
+                    restore_model(model, snapshot)
+                    check, why = next(iter(problems.items()))
+                    rolled_back[name] = f"made the model fail {check}: {why}"
+                    return False
+            return bool(changed)
+
+        modified = False
+        for name, p in prelude:
+            modified = step(name, p) or modified
+        for _ in range(self.config.iterations):
+            changed = False
+            for name, p in rounds:
+                changed = step(name, p) or changed
+            modified = modified or changed
+            if not changed:
+                break
+        for name, p in finish:
+            modified = step(name, p) or modified
+        return modified
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        cfg = self.config
         before_ops = op_histogram(model)
         before_bytes = initializer_nbytes(model)
         producers = _producers(model)
-        passes: list[onnx_ir.passes.PassBase] = []
-        if cfg.inline_functions and model.functions:
-            passes.append(common_passes.InlinePass())
-        rule_list = [*(_BATCHNORM_RULES if cfg.fuse_batchnorm else ()), *(_NOOP_RULES if cfg.remove_noops else ())]
-        loop: list[onnx_ir.passes.PassBase] = []
-        if cfg.fold_weights:
-            passes.append(_FoldWeightDecoders())
-        if cfg.fold_constants:
-            loop.append(_FoldConstants(cfg.fold_input_size_limit, cfg.fold_output_size_limit))
-        if rule_list:
-            loop.append(onnxscript.rewriter.RewritePass(rule_list))
-        if cfg.remove_noops:
-            loop.append(common_passes.IdentityEliminationPass())
-        loop.append(common_passes.RemoveUnusedNodesPass())
-        passes.append(onnx_ir.passes.PassManager(loop, steps=cfg.iterations, early_stop=True))
-        passes += [
-            common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
-            common_passes.RemoveUnusedNodesPass(),
-            common_passes.RemoveUnusedOpsetsPass(),
-            common_passes.TopologicalSortPass(),
-        ]
-        modified = False
-        for p in passes:
-            modified = p(model).modified or modified
-        _tidy_rewritten_nodes(model, producers)
-        defaults_dropped = _drop_default_attributes(model) if cfg.drop_default_attributes else 0
+        original = clone_model(model)
+        rolled_back: dict[str, str] = {}
+        modified = self._run(model, producers, (), rolled_back)
+        problems = model_problems(model) if modified else {}
+        checks = ()
+        if problems:
+            tolerated = model_problems(original, tuple(problems))  # the input already failed these
+            checks = tuple(c for c in MODEL_CHECKS if c not in tolerated)
+        if set(problems) & set(checks):
+            # Start again from the input, checking after every step.
+            restore_model(model, clone_model(original))
+            rolled_back.clear()
+            modified = self._run(model, producers, checks, rolled_back)
+            problems = model_problems(model, checks) if modified else {}
+            if problems:  # no single step is to blame: keep the input as it was
+                restore_model(model, clone_model(original))
+                check, why = next(iter(problems.items()))
+                rolled_back["all"] = f"the steps together made the model fail {check}: {why}"
+                modified = False
+                self._defaults_dropped = 0
+        defaults_dropped = self._defaults_dropped
         after_ops = op_histogram(model)
         removed = {k: before_ops[k] - after_ops.get(k, 0) for k in before_ops if after_ops.get(k, 0) < before_ops[k]}
         added = {k: after_ops[k] - before_ops.get(k, 0) for k in after_ops if after_ops[k] > before_ops.get(k, 0)}
@@ -287,4 +421,5 @@ class CleanupPass(CompressionPass[CleanupConfig]):
             "ops_added": added,
             "initializer_bytes_before": before_bytes,
             "initializer_bytes_after": initializer_nbytes(model),
+            "rolled_back": rolled_back,
         }

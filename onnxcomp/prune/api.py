@@ -58,6 +58,7 @@ def prune(
     started = time.perf_counter()
     notes: list[str] = []
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
+    original = clone_model(work)  # for the output check (tensors shared)
     infer_types(work)
     data = load_data(calibration, work, limit=config.max_samples) if calibration is not None else None
     if config.needs_data and data is None:
@@ -103,6 +104,10 @@ def prune(
             "calibration_output_sqnr_db_before": before_fit,
             "calibration_output_sqnr_db_after": _fidelity(reference, work, data),
         }
+    if removal:
+        from onnxcomp.passes.base import ensure_valid
+
+        ensure_valid(work, original, "prune", report)
     after = count_cost(work)
     after["bytes"] = len(model_to_bytes(work))
     report.update({

@@ -123,6 +123,9 @@ def quantize(
         recovery = _recover_before(work, config, data)
         float_model = clone_model(work) if config.bias_correction else None
         infer_types(work)
+        from onnxcomp.quant.subgraphs import quantize_branches
+
+        branches = quantize_branches(work, data, config)
         plan = plan_static(work, config)
         total = data.num_feeds
         result = calibrate(
@@ -141,6 +144,8 @@ def quantize(
                             "seconds": result.seconds},
             **pass_result.stats,
         }
+        if branches:
+            report["branches"] = branches
         if cleanup is not None:
             report["cleanup"] = cleanup.stats
         if float_model is not None:

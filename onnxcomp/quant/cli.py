@@ -237,6 +237,9 @@ def _run(args: argparse.Namespace) -> int:
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
+        for where, branch in report.get("branches", {}).items():
+            con.print(f"If branch {where}: " + (branch if isinstance(branch, str) else
+                      f"{branch['int8_nodes']} int8 node(s), calibrated on {branch['feeds']} feed(s)"))
     if ort:
         con.print(f"onnxruntime runs {kernel_summary(ort)}")
     skipped = report.get("skipped") or {}

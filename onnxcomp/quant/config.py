@@ -48,7 +48,8 @@ class QuantizeConfig(PassConfig):
         weight_only_format: ``qdq`` (DequantizeLinear with block quantization, opset 21) or ``ort``
             (onnxruntime's ``com.microsoft.MatMulNBits``, 4 bits only).
         dynamic_op_types: op types quantized in dynamic mode (Conv is not among the defaults: its
-            ConvInteger form is several times slower on onnxruntime's CPU provider).
+            ConvInteger form is several times slower on onnxruntime's CPU provider; LSTM becomes
+            onnxruntime's DynamicQuantizeLSTM, see onnxcomp.quant.recurrent).
         equalize: cross-layer equalization before quantizing (Conv/Gemm/MatMul chains; exact in
             float; helps per-tensor weights most), see onnxcomp.quant.equalize.
         smoothquant: migrate activation outliers into the weights of MatMul/Gemm (exact in float),
@@ -80,7 +81,7 @@ class QuantizeConfig(PassConfig):
     bits: int = 4
     block_size: int = 32
     weight_only_format: Literal["qdq", "ort"] = "qdq"
-    dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm", "LSTM")
     equalize: bool = False
     smoothquant: bool = False
     smoothquant_alpha: float | None = None

@@ -238,6 +238,8 @@ def plan_static(
             uses = list(out.uses())
             if not uses or any(sensitive_use(u.node, u.idx) for u in uses):
                 continue
+            if any(u.node.graph is not graph for u in uses):
+                continue  # an If branch or a Loop body reads it: it would read the unclamped input
             points.pop(src.name, None)
             points[out.name] = QuantPoint(src.name, out.name)
             folded.append(node.name)

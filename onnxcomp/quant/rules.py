@@ -120,7 +120,7 @@ WEIGHT_QUANTIZED_BY_ORT = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 #: Op types of onnxruntime's optimized graph that run in int8 (the proof that fusion happened).
 INT8_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
     "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearConcat",
     "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
     "QLinearSoftmax", "QAttention", "MatMulNBits", "QLinearConvTranspose", "NhwcQLinearConv",

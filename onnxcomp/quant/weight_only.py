@@ -284,12 +284,13 @@ def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | No
         raise ConfigError(f"plan_weight_sites: mode must be 'weight-only' or 'dynamic', got {mode!r}")
     if mode == "dynamic":
         candidates = set(dynamic_op_types(config))
-        unknown = sorted(candidates - set(_DYNAMIC_OPS))
+        unknown = sorted(candidates - set(_DYNAMIC_OPS) - {"LSTM"})
         if unknown:
             key = "op_types (--op-types)" if config.op_types else "dynamic_op_types"
             raise ConfigError(
-                f"quantize: {key} {unknown} are not supported in dynamic mode; choose among {', '.join(_DYNAMIC_OPS)}"
+                f"quantize: {key} {unknown} are not supported in dynamic mode; choose among {', '.join(_DYNAMIC_OPS)}, LSTM"
             )
+        candidates -= {"LSTM"}  # LSTM: onnxcomp.quant.recurrent
     else:
         candidates = set(_WEIGHT_ONLY_OPS)
     ort_format = mode == "weight-only" and config.weight_only_format == "ort"
@@ -703,4 +704,10 @@ def quantize_dynamic_mode(
                 f"(in a recipe: quantize.op_types = [{toml_list}])"
             )
     result = DynamicQuantPass(config, plan)(work)
-    return work, _base_report(config, before, work, result.stats, cleanup)
+    report = _base_report(config, before, work, result.stats, cleanup)
+    if "LSTM" in op_types:
+        from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
+
+        report.update(DynamicLSTMPass(DynamicLSTMConfig(exclude=config.exclude, reduce_weights=config.reduce_weights))(work).stats)
+        report["model_weight_bytes_after"] = initializer_nbytes(work)
+    return work, report
