@@ -13,11 +13,13 @@ import argparse
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from onnxcomp import __version__
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.bounds import Range
+from onnxcomp.errors import ConfigError, OnnxcompError
 
 __all__ = ["main"]
 
@@ -190,7 +192,7 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="FILE", help="calibration data (.npz file or folder)")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity report")
     p.add_argument("--labels", metavar="FILE.npy", help="integer labels of the evaluation data")
-    p.add_argument("--batch-size", type=int, help="samples per feed (dynamic batch dimension)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per feed (dynamic batch dimension)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="input shape for generated latency inputs when no data is given")
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
@@ -274,8 +276,24 @@ register(
 # ---------------------------------------------------------------------------------------------
 
 
+class UsageError(ConfigError):
+    """A command line argparse refuses (unknown command or option, missing or bad value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse under the one error contract: an ``onnxcomp: error:`` line and exit status 1."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message} (usage: {self.prog} --help)")
+
+
+#: Accepted values of the numeric options shared by several commands.
+POSITIVE_INT = Range(int, 1)
+COUNT = Range(int, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxcomp",
         description="Post-training compression for ONNX models.",
     )
@@ -287,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 1 user or usage error, 130 interrupted)."""
     _load_commands()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _help, _configure, run = _COMMANDS[args.command]
     try:
+        args = parser.parse_args(argv)
+        _help, _configure, run = _COMMANDS[args.command]
         return run(args)
     except OnnxcompError as exc:
         sys.stderr.write(f"onnxcomp: error: {exc}\n")

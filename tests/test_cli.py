@@ -53,9 +53,10 @@ def test_errors_exit_one_without_traceback(tmp_path):
     assert file_digest(bad) == digest
 
 
-def test_usage_error_exits_two():
+def test_usage_error_exits_one():
     proc = subprocess.run([sys.executable, "-m", "onnxcomp", "nosuchcommand"], capture_output=True, text=True)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("onnxcomp: error: ") and "nosuchcommand" in proc.stderr
 
 
 PPOCR = MODELS.parent / "benchmarks" / ".cache" / "rapidocr" / "rapidocr_onnxruntime" / "models"

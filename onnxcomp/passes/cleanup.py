@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes
@@ -37,7 +37,7 @@ import onnxscript.optimizer
 import onnxscript.rewriter
 from onnxscript.rewriter.rules import common as rules
 
-from onnxcomp.errors import ConfigError
+from onnxcomp.bounds import Range
 from onnxcomp.io import initializer_nbytes
 from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS
 from onnxcomp.passes.base import CompressionPass, PassConfig
@@ -101,12 +101,12 @@ class CleanupConfig(PassConfig):
     fold_output_size_limit: int = 1 << 20
     fold_weights: bool = True
 
-    def validate(self) -> None:
-        if self.iterations < 1:
-            raise ConfigError(f"cleanup: iterations must be >= 1, got {self.iterations}")
-        for name in ("fold_input_size_limit", "fold_output_size_limit"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"cleanup: {name} must be >= 0, got {getattr(self, name)}")
+    stage: ClassVar[str] = "cleanup"
+    ranges: ClassVar[dict[str, Range]] = {
+        "iterations": Range(int, 1, 1000),
+        "fold_input_size_limit": Range(int, 0),
+        "fold_output_size_limit": Range(int, 0),
+    }
 
 
 class _FoldConstants(onnx_ir.passes.InPlacePass):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.cli import POSITIVE_INT, add_output_flags, console, print_json, progress_bar, register
 
 __all__: list[str] = []
 
@@ -27,7 +27,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-border", action="store_true",
                    help="fold constant channels into zero-padded convs too (border pixels change; reported)")
     p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=POSITIVE_INT)
     add_output_flags(p)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import COUNT, POSITIVE_INT, add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -30,7 +31,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--max-samples", type=int, help="calibrate on at most this many feeds")
-    p.add_argument("--batch-size", type=int, help="samples per calibration feed (dynamic batch dimension)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per calibration feed (dynamic batch dimension)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="weight-only bits (default 4)")
     p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
     p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
@@ -91,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    if config.max_drop is not None and labels is None:
+        raise ConfigError("--max-drop is an accuracy budget: it needs --eval and --labels")
     with progress_bar(con) as progress:
         task = progress.add_task("calibrating", total=calibration.num_feeds if calibration else None)
         quantized, report = quantize(
@@ -157,10 +160,11 @@ def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax")
     p.add_argument("--per-tensor", action="store_true")
-    p.add_argument("--max-eval-feeds", type=int, default=64)
-    p.add_argument("--workers", type=int, help="processes evaluating candidates (default: physical cores)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--max-eval-feeds", type=POSITIVE_INT, default=64)
+    p.add_argument("--workers", type=Range(int, 1, 1024),
+                   help="processes evaluating candidates (default: physical cores)")
+    p.add_argument("--batch-size", type=POSITIVE_INT)
+    p.add_argument("--top", type=COUNT, default=20)
     add_output_flags(p)
 
 

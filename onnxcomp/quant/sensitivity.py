@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.errors import ConfigError
 from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.passes.cleanup import CleanupPass
@@ -146,7 +147,7 @@ class QuantStudy:
         if labels is not None:
             labels = np.asarray(labels)
             if eval_data is None:
-                raise ValueError("labels need eval_data (they label the evaluation samples)")
+                raise ConfigError("labels need eval_data (they label the evaluation samples)")
         reference = run_model(work, feeds)
         if labels is not None:
             n = sum(int(r[0].shape[0]) for r in reference)
@@ -269,12 +270,12 @@ def quantize_with_fallback(
         latency_aware: also keep float the op types whose int8 form is measured slower.
 
     Raises:
-        ValueError: neither target given, or ``max_drop`` without labels.
+        ConfigError: neither target given, or ``max_drop`` without labels.
     """
     if fidelity_target is None and max_drop is None and not latency_aware:
-        raise ValueError("give fidelity_target (dB), max_drop (points, with labels) or latency_aware")
+        raise ConfigError("give fidelity_target (dB), max_drop (points, with labels) or latency_aware")
     if max_drop is not None and labels is None:
-        raise ValueError("max_drop needs labels (and eval_data)")
+        raise ConfigError("quantize: max_drop is an accuracy budget and needs labels of the evaluation data (--labels, --eval)")
     study = QuantStudy.prepare(model, calibration, config, eval_data=eval_data, labels=labels,
                                max_eval_feeds=max_eval_feeds)
     base = study.float_metrics()
