@@ -320,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `onnxcomp inspect m.onnx --json | head`
         return 0
+    except Exception as exc:  # onnxruntime refusing to run a model is a bad model, not a bug here
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+        sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason}\n")
+        return EXIT_ERROR
 
 
 def _load_commands() -> None:

@@ -154,7 +154,62 @@ def _from_proto(
     if base_dir is not None:
         ir_external_data.set_base_dir(model.graph, str(base_dir))
     _check_external_data(model, what)
+    if check:
+        _check_shapes(proto, model, what)
     return model
+
+
+def _check_shapes(proto: onnx.ModelProto, model: ir.Model, what: str) -> None:
+    """Refuse a graph whose shapes disagree (what onnxruntime would only find when running it).
+
+    ONNX shape inference in strict mode names the node it fails on; it does not compare a Conv's
+    input channels with its weight, so linear ops (``onnxcomp.ops.LINEAR_OPS``) are checked here:
+    the data input's channels, and the bias length, against what the weight's shape implies.
+    """
+    from onnxcomp.ops import LINEAR_OPS
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ModelLoadError(f"{what}: shapes or types do not agree: {_inference_message(exc)}") from None
+    except Exception:  # inference unavailable (e.g. an op it does not know): onnxruntime decides
+        return
+    dims: dict[str, tuple[int | None, ...]] = {t.name: tuple(t.dims) for t in inferred.graph.initializer}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        tensor_type = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+    for node in model.graph:
+        spec = LINEAR_OPS.lookup(node, model)
+        if spec is None or not spec.grouped or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        x, w = node.inputs[spec.data_input], node.inputs[1]
+        xs, ws = dims.get(x.name) if x is not None else None, dims.get(w.name)
+        if not ws or None in ws or len(ws) < 3:
+            continue
+        group = node.attributes.get("group")
+        if group is not None and (group.as_int() < 1 or ws[0] % group.as_int()):
+            raise ModelLoadError(f"{what}: node {node.name!r} ({node.op_type}): group {group.as_int()} "
+                                 f"does not divide the {ws[0]} channels of weight {w.name!r}")
+        c_in, c_out = spec.channels(node, ws)
+        if xs and len(xs) == len(ws) and xs[spec.data_channel_axis] not in (None, c_in):
+            raise ModelLoadError(
+                f"{what}: node {node.name!r} ({node.op_type}): input {x.name!r} has "
+                f"{xs[spec.data_channel_axis]} channels but weight {w.name!r} of shape {list(ws)} takes {c_in}"
+            )
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        bs = dims.get(b.name) if b is not None else None
+        if bs is not None and bs != (c_out,):
+            raise ModelLoadError(
+                f"{what}: node {node.name!r} ({node.op_type}): bias {b.name!r} of shape {list(bs)} "
+                f"does not match the {c_out} output channels of weight {w.name!r}"
+            )
+
+
+def _inference_message(exc: BaseException) -> str:
+    """ONNX's inference error without its repeated prefixes: '(op_type:..., node name: ...): why'."""
+    text = _first_line(exc).replace("[ShapeInferenceError] Inference error(s): ", "")
+    return text.replace("[ShapeInferenceError] ", "").replace("[TypeInferenceError] ", "")
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
