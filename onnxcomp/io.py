@@ -213,9 +213,21 @@ def _inference_message(exc: BaseException) -> str:
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    """Whether any tensor (initializers, subgraphs, ``Constant``-like attributes) is external."""
     from onnx.external_data_helper import uses_external_data
 
-    return any(uses_external_data(t) for t in proto.graph.initializer)
+    return any(uses_external_data(t) for t in _tensor_protos(proto.graph))
+
+
+def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensor_protos(sub)
 
 
 def _check_versions(proto: onnx.ModelProto, what: str) -> None:
@@ -234,11 +246,33 @@ def _check_versions(proto: onnx.ModelProto, what: str) -> None:
 
 
 def _iter_external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    """External tensors of initializers (every graph) and of node attributes (``Constant``)."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
                 yield name, tensor
+    for node, attr in _external_attributes(model):
+        tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
+        for tensor in tensors:
+            if isinstance(tensor, ir.ExternalTensor):
+                yield tensor.name or f"{node.name or node.op_type}.{attr.name}", tensor
+
+
+def _external_attributes(model: ir.Model) -> Iterator[tuple[ir.Node, ir.Attr]]:
+    """Tensor attributes holding external data, in every graph."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                external = isinstance(attr.value, ir.ExternalTensor)
+            elif attr.type == ir.AttributeType.TENSORS:
+                external = any(isinstance(t, ir.ExternalTensor) for t in attr.value)
+            else:
+                continue
+            if external:
+                yield node, attr
 
 
 def _check_external_data(model: ir.Model, what: str) -> None:
@@ -248,13 +282,13 @@ def _check_external_data(model: ir.Model, what: str) -> None:
         if path not in sizes:
             if not os.path.isfile(path):
                 raise ModelLoadError(
-                    f"{what}: initializer {name!r} refers to external data file {path}, which does not exist"
+                    f"{what}: tensor {name!r} refers to external data file {path}, which does not exist"
                 )
             sizes[path] = os.path.getsize(path)
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if end > sizes[path]:
             raise ModelLoadError(
-                f"{what}: initializer {name!r} needs bytes up to {end} of {path}, "
+                f"{what}: tensor {name!r} needs bytes up to {end} of {path}, "
                 f"which has only {sizes[path]} (truncated external data)"
             )
 
@@ -306,8 +340,19 @@ def _inlined(model: ir.Model) -> ir.Model:
     if not any(True for _ in _iter_external_tensors(model)):
         return model
     clone = model.clone()
-    ir_external_data.load_to_model(clone)
+    ir_external_data.load_to_model(clone)  # initializers only: attribute tensors follow
+    for node, attr in list(_external_attributes(clone)):
+        if attr.type == ir.AttributeType.TENSOR:
+            node.attributes[attr.name] = ir.AttrTensor(attr.name, _in_memory(attr.value))
+        else:
+            node.attributes[attr.name] = ir.AttrTensors(attr.name, [_in_memory(t) for t in attr.value])
     return clone
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(tensor.numpy(), name=tensor.name)
 
 
 def model_to_bytes(model: ir.Model) -> bytes:
