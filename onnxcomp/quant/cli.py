@@ -169,13 +169,10 @@ def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
 
 
 def _run_sensitivity(args: argparse.Namespace) -> int:
-    import concurrent.futures
-    import multiprocessing
-
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import load_model
     from onnxcomp.quant.config import QuantizeConfig
-    from onnxcomp.quant.sensitivity import analyze_sensitivity
+    from onnxcomp.quant.sensitivity import analyze_sensitivity, process_pool, stop_pool
 
     con = console(args)
     model = load_model(args.model)
@@ -185,9 +182,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
-    executor = None
-    if args.workers:
-        executor = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    executor = process_pool(args.workers) if args.workers else None
+    cancel = True
     try:
         with progress_bar(con) as progress:
             task = progress.add_task("candidates", total=None)
@@ -196,9 +192,10 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
                 max_eval_feeds=args.max_eval_feeds,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
+        cancel = False
     finally:
         if executor is not None:
-            executor.shutdown()
+            stop_pool(executor, cancel=cancel)
     if args.json:
         print_json(report)
         return 0

@@ -26,10 +26,13 @@ the whole int8 model is still slower than the float one, that is reported.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import multiprocessing
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,18 +173,21 @@ class QuantStudy:
         own = executor is None and len(payloads) > 1
         if executor is None:
             executor = _default_executor(len(payloads))
+        cancel = True
         try:
-            futures = [executor.submit(evaluate_model_bytes, b, self.feeds, self.reference, self.labels)
-                       for b in payloads]
+            with _spawning(executor):
+                futures = [executor.submit(evaluate_model_bytes, b, self.feeds, self.reference, self.labels)
+                           for b in payloads]
             results = []
             for i, f in enumerate(futures):
                 results.append(f.result())
                 if progress is not None:
                     progress(i + 1, len(futures))
+            cancel = False
             return results
         finally:
             if own:
-                executor.shutdown(wait=True)
+                stop_pool(executor, cancel=cancel)
 
     def float_metrics(self) -> dict[str, float]:
         return evaluate_model_bytes(model_to_bytes(self.work), self.feeds, self.reference, self.labels)
@@ -192,8 +198,48 @@ def _default_executor(tasks: int) -> concurrent.futures.Executor:
         return _Inline()
     from onnxcomp.measure.bench import physical_cores
 
-    workers = max(1, min(physical_cores(), tasks))
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return process_pool(max(1, min(physical_cores(), tasks)))
+
+
+def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Spawned worker processes that ignore Ctrl-C: the parent alone handles it (:func:`stop_pool`)."""
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+    )
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
+    """Ignore Ctrl-C while a process pool starts its workers (on submit), so that they inherit it.
+
+    A worker still importing its modules when Ctrl-C reaches the process group would otherwise
+    print a traceback before its initializer runs; Python keeps an inherited SIG_IGN.
+    """
+    if not isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_pool(executor: concurrent.futures.Executor, *, cancel: bool) -> None:
+    """Shut ``executor`` down; with ``cancel`` (an error or Ctrl-C) drop queued work and end the workers."""
+    if not cancel:
+        executor.shutdown(wait=True)
+        return
+    processes = list((getattr(executor, "_processes", None) or {}).values())  # shutdown forgets them
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def analyze_sensitivity(
