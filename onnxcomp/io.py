@@ -145,7 +145,7 @@ def _from_proto(
                 onnx.checker.check_model(what)
             else:
                 onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
+        except Exception as exc:  # ValidationError, or a damaged string the checker cannot decode
             raise ModelLoadError(f"{what}: fails onnx.checker: {_first_line(exc)}") from None
     try:
         model = ir.serde.deserialize_model(proto)
