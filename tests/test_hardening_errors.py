@@ -175,7 +175,7 @@ def test_bad_recipe_values_are_refused(text, culprit, tmp_path, capsys):
         load_recipe(recipe)
     out = str(tmp_path / "out.onnx")
     assert_refused(["compress", CNN, "-o", out, "--calibration", CALIB, "--recipe", str(recipe), "--quiet"],
-                   (culprit,), tmp_path, capsys, inputs=[recipe])
+                   (str(recipe), culprit), tmp_path, capsys, inputs=[recipe])
 
 
 def test_non_utf8_recipe_is_refused(tmp_path, capsys):

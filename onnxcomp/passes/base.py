@@ -85,6 +85,11 @@ class PassConfig:
             return cls(**converted)
         except TypeError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
+        except ConfigError as exc:  # name the recipe and stage rather than the stage alone
+            text = str(exc)
+            if prefix and cls.stage and text.startswith(f"{cls.stage}: "):
+                text = text[len(cls.stage) + 2 :]
+            raise ConfigError(f"{prefix}{text}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
