@@ -560,6 +560,10 @@ def write_markdown(path: Path, results: dict) -> None:
                 for r in res["rows"] if r["status"] == "ok"
             ) + ".")
             lines.append("")
+    from benchmarks import budget_lomo
+
+    lines += ["## The check's budget, leave one model out", "",
+              budget_lomo.render(budget_lomo.lomo(budget_lomo.builds(results)), "results.json"), ""]
     failures = [r for res in results["models"].values() for r in res.get("rows", []) if r["status"] == "error"]
     if failures:
         lines += ["## Failures", ""]

@@ -3,8 +3,11 @@
 One contract for every command: a model path first; ``-o OUT`` where a model is written;
 ``--calibration FILE`` / ``--data FILE`` for data (an .npz file or a folder of .npz files);
 ``--json`` prints one machine-readable JSON document on stdout; ``--quiet`` prints nothing but
-errors. A user error (bad file, bad data, bad option) prints ``onnxcomp: error: ...`` on stderr and
-exits with status 1, never a traceback; Ctrl-C exits with status 130 and leaves no partial file.
+errors. A user error (bad file, bad data, bad option, a usage error found by argparse) prints one
+``onnxcomp: error: ...`` line on stderr and exits with status 1, never a traceback; Ctrl-C exits with
+status 130 and leaves no partial file. Commands that write check every destination before any work
+(:func:`check_outputs`): no output may be an input or another output, and an existing read-only
+output is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ import argparse
 import json
 import os
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from onnxcomp import __version__
 from onnxcomp.bounds import Range
-from onnxcomp.errors import ConfigError, OnnxcompError
+from onnxcomp.errors import OnnxcompError
 
 __all__ = ["main"]
 
@@ -46,6 +48,29 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
+def add_force_flag(parser: argparse.ArgumentParser) -> None:
+    """``--force`` for commands that write files (see :func:`check_outputs`)."""
+    parser.add_argument("--force", action="store_true", help="replace existing read-only output files")
+
+
+def check_outputs(args: argparse.Namespace, model) -> None:
+    """Refuse the command's destinations before any work starts.
+
+    The outputs are ``-o`` (a model: its external data counts too) and ``--report``; the inputs are
+    MODEL (with its external data), ``--calibration``, ``--eval``, ``--labels`` and a ``--recipe``
+    file. See :func:`onnxcomp.io.check_destinations` for what is refused.
+    """
+    from onnxcomp.io import check_destinations
+
+    inputs = {"the input model": args.model}
+    for flag in ("calibration", "eval", "labels", "recipe"):
+        value = getattr(args, flag, None)
+        if value and (flag != "recipe" or os.path.isfile(value)):
+            inputs[f"--{flag}"] = value
+    outputs = {"-o": args.output, "--report": getattr(args, "report", None)}
+    check_destinations(outputs, inputs, models=("-o",), source=model, force=args.force)
+
+
 def console(args: argparse.Namespace):
     """A rich console for human output; silent with --quiet or --json."""
     from rich.console import Console
@@ -54,6 +79,14 @@ def console(args: argparse.Namespace):
     # Wide tables stay readable when piped into a file or a CI log (rich assumes 80 columns there).
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
     return Console(quiet=quiet, width=width)
+
+
+def esc(text: Any) -> str:
+    """User text (model, node, tensor names, paths, shapes) made safe for rich markup: ``[batch,1]``
+    would otherwise be read as a style tag and vanish."""
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 def progress_bar(con):
@@ -119,21 +152,21 @@ register(
 def _render_summary(con, info: dict[str, Any]) -> None:
     from rich.table import Table
 
-    con.print(f"[bold]{info['path'] or '<model>'}[/bold]")
+    con.print(f"[bold]{esc(info['path'] or '<model>')}[/bold]")
     opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opset_imports"].items())
-    con.print(f"IR version {info['ir_version']}, opsets: {opsets}; producer: {info['producer'] or '-'}")
+    con.print(f"IR version {info['ir_version']}, opsets: {esc(opsets)}; producer: {esc(info['producer'] or '-')}")
     io_table = Table(title="inputs / outputs", title_justify="left")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            io_table.add_row(kind[:-1], v["name"], v["dtype"], v["shape"])
+            io_table.add_row(kind[:-1], esc(v["name"]), v["dtype"], esc(v["shape"]))
     con.print(io_table)
     ops = Table(title=f"{info['nodes']} nodes", title_justify="left")
     ops.add_column("op type")
     ops.add_column("count", justify="right")
     for op, n in info["op_types"].items():
-        ops.add_row(op, str(n))
+        ops.add_row(esc(op), str(n))
     con.print(ops)
     params = Table(
         title=f"{info['parameters']:,} parameters, {_fmt_bytes(info['parameter_bytes'])}",
@@ -142,11 +175,14 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     for col in ("consumer op", "tensors", "parameters", "bytes"):
         params.add_column(col, justify="right" if col != "consumer op" else "left")
     for op, row in info["parameters_by_op"].items():
-        params.add_row(op, str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
+        params.add_row(esc(op), str(row["tensors"]), f"{row['parameters']:,}", _fmt_bytes(row["bytes"]))
     con.print(params)
+    weights = info["weights"]
+    con.print(f"weights: {weights['weight_elements']:,} elements; quantization parameters (scales, zero points, "
+              f"codebooks): {weights['quant_params']:,}")
     ext = info["external_data"]
     if ext["files"]:
-        con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {', '.join(ext['files'])}")
+        con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {esc(', '.join(ext['files']))}")
     else:
         con.print("external data: none")
     sub = info["subgraphs"]
@@ -159,11 +195,18 @@ def _render_summary(con, info: dict[str, Any]) -> None:
         con.print(f"model-local functions: {info['functions']}")
 
 
-def file_bytes(path) -> int:
-    """Size of a model file plus its ``<name>.data`` external data, if any."""
+def file_bytes(path, model=None) -> int:
+    """Size of a model file plus its external data: the files ``model`` (loaded from ``path``)
+    reads its tensors from, or without ``model`` the data files onnxcomp saves beside it
+    (``<name>.data``, ``<name>.<id>.data``), found by name without parsing the model."""
     total = os.path.getsize(path)
-    data = f"{path}.data"
-    return total + (os.path.getsize(data) if os.path.exists(data) else 0)
+    if model is not None:
+        from onnxcomp.io import external_data_files
+
+        return total + sum(os.path.getsize(f) for f in external_data_files(model))
+    from onnxcomp.io import saved_data_files
+
+    return total + sum(os.path.getsize(f) for f in saved_data_files(path))
 
 
 def fmt_size(n: int) -> str:
@@ -177,6 +220,77 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# the held-out check (onnxcomp.check), shared by every lossy command
+
+EXIT_BELOW_BUDGET = 3
+
+
+def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True) -> None:
+    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`)."""
+    g = parser.add_argument_group("held-out check of the written model")
+    g.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when the check misses its budget or nothing was compressed")
+    g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
+    g.add_argument("--check-fraction", type=float, default=0.2, metavar="F",
+                   help="share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
+    g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
+                   help="top-1 agreement an output of class scores must keep (default 0.99)")
+    g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
+                   help="cosine similarity any other output must keep (default 0.985)")
+    if max_drop:
+        g.add_argument("--max-drop", type=float, metavar="POINTS",
+                       help="accuracy points the first output may lose, with --eval and --labels (default 1)")
+
+
+def check_config(args: argparse.Namespace):
+    """The :class:`~onnxcomp.check.CheckConfig` the flags describe (validated)."""
+    from onnxcomp.check import CheckConfig
+    from onnxcomp.errors import ConfigError
+
+    if args.strict and args.no_check:
+        raise ConfigError("--strict needs the check: drop --no-check")
+    max_drop = getattr(args, "max_drop", None)
+    try:
+        return CheckConfig(enabled=not args.no_check, fraction=args.check_fraction,
+                           min_agreement=args.min_agreement, min_cosine=args.min_cosine,
+                           max_drop=1.0 if max_drop is None else max_drop)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (--check-fraction, --min-agreement, --min-cosine, --max-drop)") from None
+
+
+def run_check(con, reference, written_path, split, config, *, compressed: int | None, what: str,
+              why: str = "") -> dict[str, Any] | None:
+    """Load the written file back and check it against ``reference``; None when disabled."""
+    from onnxcomp.check import check_model
+    from onnxcomp.io import load_model
+
+    if not config.enabled:
+        return None
+    written = load_model(written_path)
+    with progress_bar(con) as progress:
+        task = progress.add_task("checking", total=split.check_feeds)
+        return check_model(reference, written, split, config, compressed=compressed, what=what, nothing_why=why,
+                           progress=lambda n: progress.update(task, completed=n))
+
+
+def print_check(con, check: dict[str, Any] | None) -> None:
+    """The check's one unmissable line (and the blamed tensors)."""
+    from onnxcomp.check import verdict_line
+
+    if check is None:
+        return
+    style = "bold green" if check["met"] else "bold red"
+    con.print(f"[{style}]{esc(verdict_line(check))}[/{style}]")
+
+
+def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:
+    """0, or 3 under --strict when the check missed its budget (or nothing was compressed)."""
+    if args.strict and check is not None and not check["met"]:
+        return EXIT_BELOW_BUDGET
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +312,34 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    add_check_flags(p)
+    add_force_flag(p)
     add_output_flags(p)
 
 
+def _compressed_by_stages(stages: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """What the lossy stages of a compress run changed (None when no stage is lossy)."""
+    counts = []
+    for entry in stages:
+        stats = entry["stats"]
+        if entry["stage"] == "quantize":
+            counts.append((int(stats.get("int8_nodes") or stats.get("nodes_quantized") or 0), "quantized nodes"))
+        elif entry["stage"] == "prune":
+            counts.append((int(stats.get("channels_removed") or 0), "channels removed"))
+        elif entry["stage"] == "cluster":
+            counts.append((len(stats.get("tensors") or {}), "tensors clustered"))
+    if not counts:
+        return None, ""
+    return sum(n for n, _ in counts), ", ".join(what for _, what in counts)
+
+
 def _run_compress(args: argparse.Namespace) -> int:
+    from onnxcomp.check import split_data
     from onnxcomp.compress import compress, needs_calibration
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
-    from onnxcomp.io import check_target, load_model, save_model, write_text_atomic
-    from onnxcomp.data import parse_shapes, synthetic_feed
+    from onnxcomp.io import load_model, save_model, write_text_atomic
+    from onnxcomp.data import describe_free_dims, fill_free_dims, parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
@@ -217,17 +350,16 @@ def _run_compress(args: argparse.Namespace) -> int:
             print_json(recipes)
         else:
             for name, description in recipes.items():
-                con.print(f"[bold]{name}[/bold]: {description}")
+                con.print(f"[bold]{esc(name)}[/bold]: {esc(description)}")
         return 0
     if not args.model or not args.output:
         raise ConfigError("compress needs MODEL and -o OUT")
     recipe = load_recipe(args.recipe)
     if args.set:
         recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
+    check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
-    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise ConfigError(f"--report {args.report}: folder does not exist")
+    check_outputs(args, model)
     calibration = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
@@ -235,9 +367,13 @@ def _run_compress(args: argparse.Namespace) -> int:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
     if needs_calibration(recipe) and calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} quantizes statically and needs calibration data (--calibration)")
+    split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
+    if split.fit is not None:
+        calibration = split.fit
     latency_feeds = None
+    free_dims: list[dict[str, Any]] = []
     if calibration is None and evaluation is None and "measure" in recipe.stages:
-        shapes = parse_shapes(args.shape)
+        shapes, free_dims = fill_free_dims(model_inputs(model), parse_shapes(args.shape))
         latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
     with progress_bar(con) as progress:
         tasks: dict[str, Any] = {}
@@ -251,18 +387,31 @@ def _run_compress(args: argparse.Namespace) -> int:
             model, recipe, calibration, eval_data=evaluation, labels=labels,
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
         )
-    out = save_model(compressed, args.output)
+    out = save_model(compressed, args.output, force=args.force)
     report["model"] = args.model
     report["output"] = str(out)
+    # Sizes of the files themselves (model plus external data), not of an in-memory serialization.
+    report["before"].update(bytes=file_bytes(args.model, model), file=args.model)
+    report["after"].update(bytes=file_bytes(out), file=str(out))
+    if free_dims:
+        report["free_dims"] = free_dims
+        report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]
+    count, what = _compressed_by_stages(report["stages"])
+    check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
+                      why="" if count else "see each stage's statistics (--json)")
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.report:
-        write_text_atomic(args.report, render_html(report))
+        write_text_atomic(args.report, render_html(report), force=args.force)
         report["report"] = args.report
     if args.json:
         print_json(report)
-        return 0
+        return status
     render_terminal(con, report)
-    con.print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
-    return 0
+    con.print(f"wrote {esc(out)}" + (f" and {esc(args.report)}" if args.report else ""))
+    print_check(con, check)
+    return status
 
 
 register(
@@ -276,15 +425,11 @@ register(
 # ---------------------------------------------------------------------------------------------
 
 
-class UsageError(ConfigError):
-    """A command line argparse refuses (unknown command or option, missing or bad value)."""
-
-
 class _Parser(argparse.ArgumentParser):
-    """argparse under the one error contract: an ``onnxcomp: error:`` line and exit status 1."""
+    """argparse with the CLI's error contract: one ``onnxcomp: error:`` line and status 1."""
 
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(f"{message} (usage: {self.prog} --help)")
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"onnxcomp: error: {message} (see '{self.prog} --help')\n")
 
 
 #: Accepted values of the numeric options shared by several commands.
@@ -305,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 user or usage error, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 1 bad input, bad option or failure, 130 interrupted).
+
+    argparse's own errors (an unknown option, a bad choice) exit with status 1 via ``SystemExit``.
+    """
     _load_commands()
     parser = build_parser()
     try:

@@ -58,7 +58,11 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 
 def model_facts(model: ir.Model) -> dict[str, Any]:
-    """Size (serialized bytes when under 2 GB, else initializer bytes), parameters, node count."""
+    """Size (serialized bytes when under 2 GB, else initializer bytes; the CLI replaces it with the
+    bytes on disk of what it wrote), parameters (every initializer element), weight elements apart
+    from quantization parameters (:func:`onnxcomp.summary.weight_counts`), node count."""
+    from onnxcomp.summary import weight_counts
+
     params = 0
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
@@ -69,7 +73,9 @@ def model_facts(model: ir.Model) -> dict[str, Any]:
         size = len(model_to_bytes(model))
     except OnnxcompError:
         size = nbytes
+    counts = weight_counts(model)
     return {"bytes": size, "parameters": params, "parameter_bytes": nbytes,
+            "weight_elements": counts["weight_elements"], "quant_params": counts["quant_params"],
             "nodes": sum(1 for _ in model.graph.all_nodes())}
 
 

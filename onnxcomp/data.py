@@ -64,6 +64,8 @@ __all__ = [
     "DataSource",
     "parse_shapes",
     "synthetic_feed",
+    "fill_free_dims",
+    "describe_free_dims",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -331,10 +333,13 @@ class Dataset:
     # -- public ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Feed]:
         count = 0
+        select = getattr(self, "_select", None)
         try:
-            for where, feed in self._raw_feeds():
+            for index, (where, feed) in enumerate(self._raw_feeds()):
                 if self.limit is not None and count >= self.limit:
                     break
+                if select is not None and not select(index):
+                    continue
                 yield self._validate(where, feed)
                 count += 1
         finally:
@@ -357,7 +362,22 @@ class Dataset:
             n = len(self._files)
         else:
             return None
+        select = getattr(self, "_select", None)
+        if select is not None:
+            n = sum(1 for i in range(n) if select(i))
         return min(n, self.limit) if self.limit is not None else n
+
+    def subset(self, select: Callable[[int], bool], *, name: str | None = None) -> Dataset:
+        """A view of the feeds whose index (in the unfiltered stream) ``select`` accepts.
+
+        Nothing is read or copied; ``limit`` of the view counts the feeds it yields.
+        """
+        view = copy.copy(self)
+        outer = getattr(self, "_select", None)
+        view._select = select if outer is None else (lambda i: outer(i) and select(i))
+        if name is not None:
+            view.name = name
+        return view
 
     def first(self) -> Feed:
         """The first feed (used to build example inputs)."""
@@ -568,6 +588,45 @@ def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise ConfigError(f"--shape {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
         shapes[name] = shape
     return shapes
+
+
+def fill_free_dims(
+    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, value: int = 1
+) -> tuple[dict[str, tuple[int, ...]], list[dict[str, Any]]]:
+    """Shapes for generated inputs: every free (dynamic) dimension without a ``--shape`` set to ``value``.
+
+    Returns the completed ``{name: shape}`` (``shapes`` wins where given) and one record per
+    dimension set, ``{"input", "axis", "dim", "value"}`` (``dim`` is the symbolic name or ``"?"``),
+    so the caller can say what it chose. Inputs of unknown rank are left out (``synthetic_feed``
+    asks for a ``--shape`` for them).
+    """
+    filled = dict(shapes)
+    chosen: list[dict[str, Any]] = []
+    for spec in inputs:
+        if spec.optional or spec.name in shapes or spec.shape is None:
+            continue
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                dims.append(dim)
+            else:
+                dims.append(value)
+                chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": value})
+        filled[spec.name] = tuple(dims)
+    return filled, chosen
+
+
+def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One sentence per input whose free dimensions :func:`fill_free_dims` set."""
+    by_input: dict[str, list[Mapping[str, Any]]] = {}
+    for c in chosen:
+        by_input.setdefault(c["input"], []).append(c)
+    return [
+        f"input {name!r}: free dimension(s) "
+        + ", ".join(f"{c['dim']}={c['value']} (axis {c['axis']})" for c in dims)
+        + f"; --shape {name}=D0xD1x... overrides"
+        for name, dims in by_input.items()
+    ]
 
 
 def synthetic_feed(

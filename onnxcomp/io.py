@@ -11,8 +11,12 @@ Guarantees
   :func:`clone_model`). Saving refuses a target that is the source model file or one of its
   external-data files.
 * **Atomic writes.** A model is written into a temporary folder inside the target folder and renamed
-  into place (external data first, then the model file), so an interrupted save (error, Ctrl-C)
-  leaves either the previous file or nothing, never a half-written one.
+  into place (external data first, under a name the previous model does not read, then the model
+  file; the previous data is removed last), so an interrupted save (error, Ctrl-C) leaves either
+  the previous model with its data or nothing, never a half-written file or a mixed pair.
+* **Safe destinations.** :func:`check_destinations` refuses, before any work, an output that is an
+  input or another output (by path, symlink or hard link, external data included), a folder, a
+  file in a missing or unwritable folder, or an existing read-only file (unless forced).
 * **Compact files.** Shapes and types of intermediate values (``value_info``), which the passes'
   shape inference fills in and onnxruntime infers again at session creation anyway, are not written
   unless asked for (``keep_value_info=True``); graph inputs and outputs keep theirs.
@@ -32,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Union
 
@@ -57,6 +63,9 @@ __all__ = [
     "ort_optimized_model",
     "check_model",
     "check_target",
+    "check_destinations",
+    "model_files",
+    "saved_data_files",
     "write_text_atomic",
     "onnx_opset",
     "initializer_nbytes",
@@ -446,33 +455,145 @@ def ort_optimized_model(model: ir.Model, *, sess_options=None) -> ir.Model:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_target(model: ir.Model, path: str | os.PathLike) -> Path:
+def check_target(model: ir.Model, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Refuse an output path early (before any work), with the errors :func:`save_model` gives."""
-    return _check_target(model, path)[0]
+    check_destinations({"output": path}, models=("output",), source=model, force=force)
+    return Path(path)
 
 
-def _check_target(model: ir.Model, path: str | os.PathLike) -> tuple[Path, Path, set[str], Path | None]:
+def check_destinations(
+    outputs: Mapping[str, str | os.PathLike | None],
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    *,
+    models: Collection[str] = (),
+    source: ir.Model | None = None,
+    force: bool = False,
+) -> None:
+    """Refuse bad output paths before any work starts.
+
+    Args:
+        outputs: how the user named each output (``"-o"``, ``"--report"``) -> its path; ``None``
+            entries are skipped.
+        inputs: the same for every file read (model, data, labels, recipe); a folder stands for
+            the files directly in it.
+        models: the keys of ``outputs`` that are models: the external-data files :func:`save_model`
+            writes or removes next to them (``<out>.data``, ``<out>.<id>.data``) are outputs too.
+        source: the loaded input model: its file and its external-data files are inputs too.
+        force: replace existing read-only output files instead of refusing them.
+
+    Raises:
+        ModelSaveError: an output is a folder, its folder is missing, not a folder or not
+            writable, it is an existing read-only file (without ``force``), or it is the same file
+            (by path, symlink or hard link) as an input or as another output. The message names
+            both files.
+    """
+    written: list[tuple[str, Path, Path]] = []  # (output's name, output path, file written or removed)
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        target = _check_destination(label, path, force=force)
+        written.append((label, target, target))
+        if label in models:
+            for data in _owned_data_files(target):
+                if not force and _read_only(data):
+                    raise ModelSaveError(
+                        f"{label} {target}: its external data {data} is a read-only file; "
+                        "pass --force (force=True) to replace it"
+                    )
+                written.append((label, target, data))
+    read: list[tuple[str, str]] = [
+        (label, str(p)) for label, path in (inputs or {}).items() if path is not None for p in _files_in(path)
+    ]
+    if source is not None:
+        src = source_path(source)
+        if src is not None:
+            read.append(("the input model", str(src)))
+        # the file's own references too: a rewritten model may no longer read them, the file does
+        files = external_data_files(source)
+        if src is not None and source.meta.get(_EXTERNAL_KEY):
+            files |= {str(f) for f in model_files(src)[1:]}
+        read.extend(("external data of the input model", f) for f in sorted(files))
+    for i, (label, target, file) in enumerate(written):
+        via = " is" if file == target else f": its external data {file} is"
+        for in_label, in_path in read:
+            if _same_path(file, in_path):
+                raise ModelSaveError(
+                    f"{label} {target}{via} the same file as {in_label} {in_path}; "
+                    "refusing to overwrite the input file, choose another output path"
+                )
+        for other_label, other_target, other_file in written[i + 1:]:
+            if other_label != label and _same_path(file, other_file):
+                raise ModelSaveError(
+                    f"{label} {target}{via} the same file as {other_label} {other_file}; "
+                    "give each output its own path"
+                )
+
+
+def _check_destination(label: str, path: str | os.PathLike, *, force: bool) -> Path:
+    """One output file: not a folder, in an existing writable folder, not read-only unless forced."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
-        raise ModelSaveError(f"{target}: is a directory; give a file name for the output model")
+        raise ModelSaveError(f"{label} {target}: is a directory; give a file name for the output")
     if not folder.is_dir():
-        raise ModelSaveError(f"{target}: output folder {folder} does not exist")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ModelSaveError(f"{label} {target}: output folder {folder} {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ModelSaveError(f"{target}: output folder {folder} is not writable")
-    protected = set(external_data_files(model))
-    src = source_path(model)
-    if src is not None:
-        protected.add(str(src))
-    for candidate in (target, folder / (target.name + ".data")):
-        if os.path.abspath(candidate) in protected or (
-            candidate.exists() and any(_same_file(candidate, p) for p in protected)
-        ):
-            raise ModelSaveError(
-                f"{target}: refusing to overwrite the input model or its external data ({candidate}); "
-                "choose another output path"
-            )
-    return target, folder, protected, src
+        raise ModelSaveError(f"{label} {target}: output folder {folder} is not writable")
+    if not force and _read_only(target):
+        raise ModelSaveError(
+            f"{label} {target}: is an existing read-only file; pass --force (force=True) to replace it"
+        )
+    return target
+
+
+def _read_only(path: Path) -> bool:
+    """An existing file nobody may write (root's override of permissions does not count)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not (st.st_mode & 0o222) or not os.access(path, os.W_OK)
+
+
+def _files_in(path: str | os.PathLike) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.is_file())
+    return [p]
+
+
+def _same_path(a: Path | str, b: Path | str) -> bool:
+    """Same file by path, through symlinks, or by hard link (same device and inode)."""
+    return os.path.realpath(a) == os.path.realpath(b) or _same_file(a, b)
+
+
+def _owned_data_files(target: Path) -> list[Path]:
+    """External-data files of ``target`` that :func:`save_model` owns: ``<out>.data`` (existing or
+    about to be written) and the existing ``<out>.<id>.data`` files it wrote on earlier saves."""
+    folder = target.parent if str(target.parent) else Path(".")
+    pattern = re.compile(re.escape(target.name) + r"\.[0-9a-f]{12}\.data")
+    owned = [folder / (target.name + ".data")]
+    with contextlib.suppress(OSError):
+        owned += sorted(folder / n for n in os.listdir(folder) if pattern.fullmatch(n))
+    return owned
+
+
+def saved_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files :func:`save_model` keeps next to a model saved at ``path``
+    (``<name>.data``, ``<name>.<id>.data``) that exist; found by name, without reading the model."""
+    return [f for f in _owned_data_files(Path(path)) if f.is_file()]
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """A saved model file followed by the external-data files it refers to (just the model file
+    when it has none, or when it cannot be read as a model). Parses the model file."""
+    path = Path(path)
+    try:
+        refs = external_data_files(ir.load(path))
+    except Exception:
+        refs = set()
+    return [path, *(Path(f) for f in sorted(refs))]
 
 
 def save_model(
@@ -482,28 +603,38 @@ def save_model(
     external_data: bool | None = None,
     size_threshold_bytes: int = 1024,
     keep_value_info: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` atomically.
 
     Args:
         model: the model to write (unchanged by the call).
         path: target ``.onnx`` file. Its folder must exist and be writable.
-        external_data: ``True`` writes tensors over ``size_threshold_bytes`` to ``<name>.data`` next
-            to the model; ``False`` keeps them inside the file (refused over 2 GB); ``None`` (default)
-            uses external data when the model was loaded from a file with external data (even if
-            every tensor has since been rewritten) or when it is needed for size.
+        external_data: ``True`` writes tensors over ``size_threshold_bytes`` to an external-data
+            file next to the model; ``False`` keeps them inside the file (refused over 2 GB);
+            ``None`` (default) uses external data when the model was loaded from a file with
+            external data (even if every tensor has since been rewritten) or when it is needed
+            for size.
         size_threshold_bytes: smallest tensor moved to external data.
         keep_value_info: also write the types and shapes of intermediate values and initializers
             (``value_info``). Off by default: they are redundant for onnxruntime, and on small
             compressed models they can take a tenth of the file.
+        force: replace an existing read-only target.
+
+    The external data goes to ``<name>.data``, or, when that file exists (re-saving over a model
+    with external data), to a new ``<name>.<id>.data``: the new data file never replaces one the
+    previous model reads, the model file is renamed into place last, and only then are the previous
+    ``<name>.data`` / ``<name>.<id>.data`` files removed. An interrupted save leaves the previous
+    model with its own data, or the new pair. No data file is written when no tensor goes external.
 
     Raises:
-        ModelSaveError: the target is a folder, its folder is missing or not writable, the target
-            is the source model or one of its external-data files, or the model needs external
-            data but ``external_data=False`` was given.
+        ModelSaveError: the target is a folder, its folder is missing or not writable, it is a
+            read-only file (without ``force``), the target or its external data is the source model
+            or one of its external-data files, or the model needs external data but
+            ``external_data=False`` was given.
     """
-    target, folder, _, _ = _check_target(model, path)
-    data_name = target.name + ".data"
+    target = check_target(model, path, force=force)
+    folder = target.parent if str(target.parent) else Path(".")
     too_big = initializer_nbytes(model) > PROTOBUF_LIMIT
     if external_data is None:
         external_data = too_big or bool(model.meta.get(_EXTERNAL_KEY)) or bool(external_data_files(model))
@@ -511,24 +642,41 @@ def save_model(
         raise ModelSaveError(
             f"{target}: model is over the 2 GB protobuf limit and must be saved with external data"
         )
+    previous = _owned_data_files(target)
+    data_name = target.name + ".data"
+    if os.path.lexists(folder / data_name):
+        data_name = f"{target.name}.{secrets.token_hex(6)}.data"
     to_write = model if external_data else _inlined(model)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=folder))
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
+    placed: Path | None = None
     try:
         tmp_model = tmp / target.name
         annotations = contextlib.nullcontext() if keep_value_info else _intermediate_types_hidden(to_write)
         with annotations:
             _write(to_write, tmp_model, data_name if external_data else None, size_threshold_bytes)
         tmp_data = tmp / data_name
+        if tmp_data.exists() and tmp_data.stat().st_size == 0 and not external_data_files(ir.load(tmp_model)):
+            tmp_data.unlink()  # every tensor stayed inline
         if tmp_data.exists():
-            os.replace(tmp_data, folder / data_name)
+            placed = folder / data_name
+            os.replace(tmp_data, placed)  # a new name: the previous model still reads its own data
         os.replace(tmp_model, target)
+        placed = None
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
     finally:
+        if placed is not None:  # the model was not renamed: the new data is nobody's
+            with contextlib.suppress(OSError):
+                placed.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
+    protected = external_data_files(model)
+    for stale in previous:
+        if stale.name != data_name and not any(_same_path(stale, p) for p in protected):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     return target
 
 
@@ -565,12 +713,15 @@ def _intermediate_types_hidden(model: ir.Model) -> Iterator[None]:
             value.shape = shape
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file (a report) atomically: temporary file in the same folder, then rename."""
-    target = Path(path)
+def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False) -> Path:
+    """Write a text file (a report) atomically: temporary file in the same folder, then rename.
+
+    Raises:
+        ModelSaveError: the path is a folder, its folder is missing or not writable, it is a
+            read-only file (without ``force``), or the file cannot be written.
+    """
+    target = _check_destination("output", path, force=force)
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelSaveError(f"{target}: folder {folder} does not exist")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".onnxcomp-", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -582,9 +733,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
         raise
     return target
 

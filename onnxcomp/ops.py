@@ -442,3 +442,68 @@ ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault
 ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault(-1)}, since=13)
 
 __all__ += ["AttributeDefault", "ATTRIBUTE_DEFAULTS"]
+
+
+# --------------------------------------------------------------------------------------------
+# Compute ops: what counts as "float compute left" after quantization (onnxcomp.quant.verify reads
+# onnxruntime's optimized graph with this table). An op whose row has ``constant_input`` is
+# compute only when that input is a constant (Gather from an embedding table is a weight lookup;
+# Gather from an activation is data movement).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOp:
+    """A compute op (it reads weights or does the model's arithmetic); see the table below."""
+
+    constant_input: int | None = None
+
+
+COMPUTE_OPS: OpTable[ComputeOp] = OpTable("compute ops")
+COMPUTE_OPS.register(("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Einsum"), ComputeOp())
+COMPUTE_OPS.register("Attention", ComputeOp(), since=23)
+COMPUTE_OPS.register(("Gather", "GatherElements", "GatherND"), ComputeOp(constant_input=0))
+COMPUTE_OPS.register(
+    ("FusedConv", "FusedMatMul", "FusedGemm", "NhwcFusedConv", "Attention", "MultiHeadAttention",
+     "GroupQueryAttention", "EmbedLayerNormalization"),
+    ComputeOp(),
+    domain="com.microsoft",
+)
+# onnxruntime's layout transformers move convolutions into their own domains (NCHWc blocked layout
+# on x86 CPUs, NHWC for some providers).
+COMPUTE_OPS.register("Conv", ComputeOp(), domain="com.microsoft.nchwc")
+COMPUTE_OPS.register(("Conv", "ConvTranspose"), ComputeOp(), domain="com.ms.internal.nhwc")
+
+# --------------------------------------------------------------------------------------------
+# Weights apart from quantization parameters (onnxcomp.summary.weight_counts): which constant
+# inputs of quantized ops are scales / zero points, and which hold a weight in a packed layout
+# whose element count is not the tensor's (MatMulNBits packs two int4 codes per uint8).
+# --------------------------------------------------------------------------------------------
+
+#: Input indices that hold quantization parameters (scales, zero points, group indices).
+QUANT_PARAM_INPUTS: OpTable[tuple[int, ...]] = OpTable("quantization parameter inputs")
+QUANT_PARAM_INPUTS.register(("QuantizeLinear", "DequantizeLinear"), (1, 2))
+QUANT_PARAM_INPUTS.register(("MatMulInteger", "ConvInteger"), (2, 3))
+QUANT_PARAM_INPUTS.register(("QLinearConv", "QLinearMatMul"), (1, 2, 4, 5, 6, 7))
+QUANT_PARAM_INPUTS.register("MatMulNBits", (2, 3, 4), domain="com.microsoft")
+QUANT_PARAM_INPUTS.register("MatMulIntegerToFloat", (2, 3, 4, 5), domain="com.microsoft")
+QUANT_PARAM_INPUTS.register("DynamicQuantizeMatMul", (2, 3), domain="com.microsoft")
+
+
+def _nbits_weight_elements(node: ir.Node) -> int:
+    return _attr_int(node, "N", 0) * _attr_int(node, "K", 0)
+
+
+#: Integer weight inputs of quantized ops: input index -> its element count as a function of the
+#: node (None: the tensor's own size).
+QUANTIZED_WEIGHT_INPUTS: OpTable[dict[int, Callable[[ir.Node], int] | None]] = OpTable("quantized weight inputs")
+QUANTIZED_WEIGHT_INPUTS.register(("MatMulInteger", "ConvInteger"), {1: None})
+QUANTIZED_WEIGHT_INPUTS.register(("QLinearConv", "QLinearMatMul"), {3: None})
+QUANTIZED_WEIGHT_INPUTS.register("MatMulNBits", {1: _nbits_weight_elements}, domain="com.microsoft")
+
+#: Outputs that are quantization scales computed at run time; a constant multiplied with one
+#: (dynamic quantization's ``x_scale * w_scale``) is a quantization parameter too.
+QUANT_SCALE_OUTPUTS: OpTable[tuple[int, ...]] = OpTable("quantization scale outputs")
+QUANT_SCALE_OUTPUTS.register("DynamicQuantizeLinear", (1,), since=11)
+
+__all__ += ["ComputeOp", "COMPUTE_OPS", "QUANT_PARAM_INPUTS", "QUANTIZED_WEIGHT_INPUTS", "QUANT_SCALE_OUTPUTS"]

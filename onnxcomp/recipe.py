@@ -21,6 +21,7 @@ is read as a file path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Mapping
 from importlib import resources
@@ -40,7 +41,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["STAGES", "MeasureConfig", "VerifyConfig", "Recipe", "load_recipe", "shipped_recipes", "parse_override"]
+__all__ = ["STAGES", "MeasureConfig", "VerifyConfig", "Recipe", "load_recipe", "shipped_recipes", "parse_override",
+           "recipe_toml"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,3 +199,36 @@ def parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value else "nan"  # repr gives 1e-05, inf, -inf: all TOML
+    if isinstance(value, str):
+        # JSON string escapes are TOML basic-string escapes; TOML also wants DEL escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"recipe value {value!r} has no TOML form")
+
+
+def recipe_toml(recipe: Recipe | Mapping[str, Any]) -> str:
+    """The recipe as a TOML document that :func:`load_recipe` reads back into the same recipe.
+
+    Settings that are None (unset; every such field defaults to None) are written as comments,
+    since TOML has no null.
+    """
+    data = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    lines = [f"name = {_toml_value(data.get('name', ''))}",
+             f"description = {_toml_value(data.get('description', ''))}"]
+    for stage, cfg in data.items():
+        if not isinstance(cfg, Mapping):
+            continue
+        lines.append(f"\n[{stage}]")
+        for key, value in cfg.items():
+            lines.append(f"# {key} unset" if value is None else f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

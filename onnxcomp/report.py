@@ -12,7 +12,7 @@ import html
 import math
 from typing import Any
 
-__all__ = ["render_terminal", "render_html", "summary_rows"]
+__all__ = ["render_terminal", "render_html", "summary_rows", "kernel_summary"]
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -36,13 +36,21 @@ def _fmt_db(x: float | None) -> str:
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(quantity, before, after, change) rows shared by the terminal and HTML views."""
     before, after = report["before"], report["after"]
-    rows = [
-        ("file size", _fmt_bytes(before["bytes"]), _fmt_bytes(after["bytes"]),
-         f"{after['bytes'] / before['bytes']:.3f}x" if before["bytes"] else "-"),
-        ("parameters", f"{before['parameters']:,}", f"{after['parameters']:,}",
-         f"{after['parameters'] / before['parameters']:.3f}x" if before["parameters"] else "-"),
-        ("nodes", str(before["nodes"]), str(after["nodes"]), f"{after['nodes'] - before['nodes']:+d}"),
-    ]
+    def ratio(key: str) -> str:
+        return f"{after[key] / before[key]:.3f}x" if before.get(key) else "-"
+
+    on_disk = "file size on disk" if after.get("file") else "serialized size"
+    rows = [(on_disk, _fmt_bytes(before["bytes"]), _fmt_bytes(after["bytes"]), ratio("bytes"))]
+    if "weight_elements" in before:
+        rows.append(("weight elements", f"{before['weight_elements']:,}", f"{after['weight_elements']:,}",
+                     ratio("weight_elements")))
+        rows.append(("quantization parameters", f"{before['quant_params']:,}", f"{after['quant_params']:,}",
+                     f"{after['quant_params'] - before['quant_params']:+,}"))
+    else:
+        rows.append(("parameters", f"{before['parameters']:,}", f"{after['parameters']:,}", ratio("parameters")))
+    rows.append(("weight bytes", _fmt_bytes(before["parameter_bytes"]), _fmt_bytes(after["parameter_bytes"]),
+                 ratio("parameter_bytes")))
+    rows.append(("nodes", str(before["nodes"]), str(after["nodes"]), f"{after['nodes'] - before['nodes']:+d}"))
     measure = report.get("measure") or {}
     latency = measure.get("latency")
     if latency:
@@ -65,29 +73,48 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def kernel_summary(ort: dict[str, Any]) -> str:
+    """What onnxruntime runs, from :func:`onnxcomp.quant.verify.fusion_report`: int8 kernels,
+    weight-only kernels (named with their weight bits, not as int8) and the float compute left."""
+    weight_only = ort.get("weight_only_by_op") or {}
+    int8 = {op: n for op, n in ort["int8_by_op"].items() if op not in weight_only}
+    def kernels(n: int) -> str:
+        return "kernel" if n == 1 else "kernels"
+
+    count = sum(int8.values())
+    parts = [f"{count} int8 {kernels(count)}" + (": " + ", ".join(f"{op} x{n}" for op, n in int8.items())
+                                                   if int8 else "")]
+    for op, n in weight_only.items():
+        bits = "/".join(f"int{b}" for b in (ort.get("weight_only_bits") or {}).get(op, [])) or "low-bit"
+        parts.append(f"{n} {bits}-weight {kernels(n)}: {op} x{n}")
+    left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
+    return "; ".join(parts) + f"; float compute left: {left}"
+
+
 def render_terminal(console, report: dict[str, Any]) -> None:
     """Print the summary with rich."""
+    from rich.markup import escape as esc
     from rich.table import Table
 
     recipe = report["recipe"]
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
-    table = Table(title=f"recipe {recipe['name']}: before / after", title_justify="left")
+        console.print(f"[yellow]note:[/yellow] {esc(note)}")
+    table = Table(title=f"recipe {esc(recipe['name'])}: before / after", title_justify="left")
     for col in ("", "before", "after", "change"):
         table.add_column(col, justify="left" if col == "" else "right")
     for row in summary_rows(report):
-        table.add_row(*row)
+        table.add_row(*map(esc, row))
     console.print(table)
     for stage in report["stages"]:
-        console.print(f"[bold]{stage['stage']}[/bold] ({stage['seconds']:.2f} s): {_stage_line(stage)}")
+        console.print(f"[bold]{stage['stage']}[/bold] ({stage['seconds']:.2f} s): {esc(_stage_line(stage))}")
     measure = report.get("measure") or {}
     if measure.get("data"):
-        console.print(f"fidelity measured on {measure['data']}")
+        console.print(f"fidelity measured on {esc(measure['data'])}")
     layers = (measure.get("fidelity") or {}).get("layers") or []
     finite = [layer for layer in layers if not math.isinf(layer["sqnr_db"])]
     if finite:
         worst = ", ".join(f"{layer['name']} {_fmt_db(layer['sqnr_db'])} dB" for layer in finite[:3])
-        console.print(f"worst layers: {worst}")
+        console.print(f"worst layers: {esc(worst)}")
 
 
 def _stage_line(stage: dict[str, Any]) -> str:
@@ -101,9 +128,11 @@ def _stage_line(stage: dict[str, Any]) -> str:
         if "int8_nodes" in s:
             parts.append(f"{s['int8_nodes']} int8 nodes planned")
         if ort:
-            parts.append(f"onnxruntime runs {ort['int8_kernels']} int8 kernels, {ort['float_compute']} float compute")
+            parts.append(f"onnxruntime runs {kernel_summary(ort)}")
         if s.get("skipped"):
             parts.append(f"{len(s['skipped'])} left in float")
+        if s.get("fallback"):
+            parts.append(f"budget judged on {s['fallback']['eval_samples']} sample(s) of {s['fallback']['eval_data']}")
         return ", ".join(parts)
     if name == "cluster":
         t = s["totals"]
@@ -266,15 +295,9 @@ def render_html(report: dict[str, Any]) -> str:
                     out.append(_histograms([("before", h["before"], "#7f8c8d"), ("after", h["after"], "#c0392b")],
                                            h["edges"], f"{name} ({t['distinct_values']} values)"))
             out.append("</div>")
-    out.append("<h2>Recipe</h2><pre>" + html.escape(_toml_like(recipe)) + "</pre>")
+    from onnxcomp.recipe import recipe_toml
+
+    out.append("<h2>Recipe</h2><pre>" + html.escape(recipe_toml(recipe)) + "</pre>")
     out.append("</body></html>")
     return "\n".join(out)
 
-
-def _toml_like(recipe: dict[str, Any]) -> str:
-    lines = [f"name = {recipe['name']!r}", f"description = {recipe.get('description', '')!r}"]
-    for stage, cfg in recipe.items():
-        if isinstance(cfg, dict):
-            lines.append(f"\n[{stage}]")
-            lines.extend(f"{k} = {v!r}" for k, v in cfg.items())
-    return "\n".join(lines)

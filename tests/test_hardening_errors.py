@@ -39,9 +39,15 @@ SHIPPED = [MODELS / n for n in ("digits_cnn.onnx", "digits_calib.npz", "digits_e
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit status and stderr of the CLI run in this process (an escaping exception fails the test)."""
+    """Exit status and stderr of the CLI run in this process (an escaping exception fails the test).
+
+    argparse's errors end in ``SystemExit(1)``; anything else must come back as a return value.
+    """
     capsys.readouterr()
-    status = main(argv)
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
     return status, capsys.readouterr().err
 
 

@@ -315,8 +315,14 @@ def test_no_cut_and_tiny_ridge_leaves_outputs_unchanged():
         w = _init(pruned, name, 1)
         np.testing.assert_allclose(w, ref_weights[{"conv_a": "wa", "conv_b": "wb", "conv_c": "wc",
                                                    "mm": "wm"}[name]], atol=1e-3)
-    # conv_a had no bias: it got one (fitted ~0); the reference is untouched.
-    assert np.abs(_init(pruned, "conv_a", 2)).max() < 1e-3
+    # conv_a had no bias: a refit gives it one (fitted ~0); when the refit is not better than the
+    # exact weights (a rounding coin flip at these errors) the old weights stay, without a bias.
+    fit_a = next(f for f in fits if f.node == "conv_a")
+    conv_a = next(n for n in pruned.graph if n.name == "conv_a")
+    if fit_a.status == "refit":
+        assert np.abs(_init(pruned, "conv_a", 2)).max() < 1e-3
+    else:
+        assert fit_a.status == "kept" and len(conv_a.inputs) == 2 and fit_a.error_after == fit_a.error_before
     for n, v in reference.graph.initializers.items():
         np.testing.assert_array_equal(v.const_value.numpy(), ref_weights[n])
     assert len(next(n for n in reference.graph if n.name == "conv_a").inputs) == 2

@@ -401,8 +401,10 @@ def test_dynamic_fuses_int8_kernels_and_sqnr(rng):
     proto = mlp_model(rng)
     feeds = {"x": rng.standard_normal((64, 256)).astype(np.float32)}
     ref = run(proto, feeds)[0]
-    for per_channel, floor in ((True, 35.0), (False, 32.0)):
-        # measured: per-channel ~38 dB, per-tensor ~35.6 dB
+    # measured, 8-bit weights: per-channel ~38 dB, per-tensor ~35.6 dB; 7-bit weights (the default
+    # where this CPU's int8 kernels saturate, onnxcomp.quant.kernels) ~6 dB less.
+    reduced = QuantizeConfig().reduce_weights
+    for per_channel, floor in ((True, 29.0 if reduced else 35.0), (False, 26.0 if reduced else 32.0)):
         model, report = quantize(proto, None, QuantizeConfig(mode="dynamic", per_channel=per_channel))
         fused = report["onnxruntime"]
         assert fused["int8_kernels"] == 2 and fused["float_compute"] == 0

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli import add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import (
+    POSITIVE_INT,
+    add_check_flags,
+    add_force_flag,
+    add_output_flags,
+    check_config,
+    check_outputs,
+    check_status,
+    console,
+    esc,
+    file_bytes,
+    fmt_size,
+    print_check,
+    print_json,
+    progress_bar,
+    register,
+    run_check,
+)
 
 __all__: list[str] = []
 
@@ -28,13 +45,22 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading to opset 21 (4-bit codebook)")
+    p.add_argument("--data", "--eval", dest="eval", metavar="FILE",
+                   help="data to check the written model on (default: generated inputs, a sanity check only)")
+    p.add_argument("--labels", metavar="FILE.npy", help="labels of the --data: the check compares accuracy")
+    p.add_argument("--batch-size", type=POSITIVE_INT)
+    add_check_flags(p)
+    add_force_flag(p)
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.api import cluster, session_creation_seconds
+    from onnxcomp.check import split_data
     from onnxcomp.cluster.passes import ClusterConfig
-    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.data import Dataset, load_labels
+    from onnxcomp.errors import ConfigError
+    from onnxcomp.io import load_model, save_model
 
     con = console(args)
     config = ClusterConfig(
@@ -43,32 +69,46 @@ def _run(args: argparse.Namespace) -> int:
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
         format=args.format, seed=args.seed,
     )
+    check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    labels = load_labels(args.labels) if args.labels else None
+    if labels is not None and evaluation is None:
+        raise ConfigError("--labels needs --data (the data they label)")
+    split = split_data(None, check_cfg, evaluation=evaluation, labels=labels, model=model)
     with progress_bar(con) as progress:
         task = progress.add_task("clustering", total=None)
         clustered, report = cluster(
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(clustered, args.output)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model),
+    out = save_model(clustered, args.output, force=args.force)
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
+    count = len(report["tensors"])
+    why = "" if count else (f"{len(report['skipped'])} tensor(s) left alone, e.g. "
+                            + "; ".join(f"{n!r}: {r}" for n, r in list(report["skipped"].items())[:1])
+                            if report["skipped"] else f"no weight tensor with at least {args.min_elements} elements")
+    check = run_check(con, model, out, split, check_cfg, compressed=count, what="tensors clustered", why=why)
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.json:
         print_json(report)
-        return 0
+        return status
     from rich.table import Table
 
     for note in report["notes"]:
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     table = Table(title=f"{config.k} clusters per {report['granularity']}, {args.format} format",
                   title_justify="left")
     for col in ("tensor", "shape", "codebook per", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
         table.add_column(col, justify="left" if col in ("tensor", "shape", "codebook per") else "right")
     for name, t in report["tensors"].items():
-        table.add_row(name, "x".join(map(str, t["shape"])), t["granularity"], str(t["distinct_values"]),
+        table.add_row(esc(name), "x".join(map(str, t["shape"])), esc(t["granularity"]), str(t["distinct_values"]),
                       f"{t['relative_mse']:.2e}",
                       fmt_size(t["bytes_before"]), fmt_size(t["bytes_after"]), fmt_size(t["zlib_bytes_after"]),
                       fmt_size(t["entropy_bytes"]))
@@ -87,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     if report["skipped"]:
         con.print(f"left alone: {len(report['skipped'])} tensor(s) (--json lists why)")
-    return 0
+    print_check(con, check)
+    return status
 
 
 register("cluster", "k-means weight sharing (Deep Compression style), float or codebook storage", _configure, _run)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from onnxcomp.cli import COUNT, POSITIVE_INT, add_output_flags, console, print_json, progress_bar, register
-from onnxcomp.data import Dataset, load_labels, model_inputs, parse_shapes, synthetic_feed
+from onnxcomp.cli import COUNT, POSITIVE_INT, add_output_flags, console, esc, print_json, progress_bar, register
+from onnxcomp.data import (
+    Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
+)
 from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
@@ -45,6 +47,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from onnxcomp.io import load_model
 
     con = console(args)
+    free_dims: list = []
     models = [(path, load_model(path)) for path in args.models]
     first = models[0][1]
     if args.data:
@@ -53,7 +56,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         for path, model in models[1:]:
             list(Dataset(feeds, model))  # same inputs for every model, or a clear error
     else:
-        shapes = parse_shapes(args.shape)
+        # Free dimensions default to 1 (said below); --shape overrides.
+        shapes, free_dims = fill_free_dims(model_inputs(first), parse_shapes(args.shape))
         feeds = [synthetic_feed(model_inputs(first), shapes, seed=args.seed + i) for i in range(args.feeds)]
         for path, model in models[1:]:
             list(Dataset(feeds, model))
@@ -67,8 +71,10 @@ def _run_bench(args: argparse.Namespace) -> int:
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if args.json:
-        print_json({"threads": threads, "optimization": args.optimization, "models": rows})
+        print_json({"threads": threads, "optimization": args.optimization, "free_dims": free_dims, "models": rows})
         return 0
+    for line in describe_free_dims(free_dims):
+        con.print(f"[yellow]note:[/yellow] {esc(line)}")
     from rich.table import Table
 
     table = Table(title=f"latency, {threads} thread(s), optimization {args.optimization}, interleaved", title_justify="left")
@@ -80,12 +86,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         )
         mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
         table.add_row(
-            os.path.basename(r["name"]), f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['p90_ms']:.3f}",
+            esc(os.path.basename(r["name"])), f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['p90_ms']:.3f}",
             f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}", f"{r['throughput_per_s']:.1f}", ratio,
             f"{r['session_creation_s']:.3f}", mem,
         )
     con.print(table)
-    con.print(f"{rows[0]['runs']} runs per model; ratio = median / median of {os.path.basename(rows[0]['name'])} (< 1 is faster)")
+    con.print(f"{rows[0]['runs']} runs per model; ratio = median / median of {esc(os.path.basename(rows[0]['name']))} (< 1 is faster)")
     return 0
 
 
@@ -149,19 +155,19 @@ def _run_compare(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{os.path.basename(args.candidate)} vs {os.path.basename(args.reference)}: "
+    table = Table(title=f"{esc(os.path.basename(args.candidate))} vs {esc(os.path.basename(args.reference))}: "
                         f"{result.samples} samples", title_justify="left")
     for col in ("output", "shape", "SQNR dB", "cosine", "max abs", "mean abs", "top-1 agree", "worst channel"):
         table.add_column(col, justify="left" if col in ("output", "shape") else "right")
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
         agree = "-" if f.top1_agreement is None else f"{100 * f.top1_agreement:.2f}%"
-        table.add_row(f.name, "x".join(map(str, f.shape)), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
+        table.add_row(esc(f.name), "x".join(map(str, f.shape)), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
                       f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
     con.print(table)
     if result.accuracy:
         con.print(
-            f"accuracy on {result.label_output!r}: reference {100 * result.accuracy['reference']:.2f}%, "
+            f"accuracy on {esc(repr(result.label_output))}: reference {100 * result.accuracy['reference']:.2f}%, "
             f"candidate {100 * result.accuracy['candidate']:.2f}% "
             f"({100 * (result.accuracy['candidate'] - result.accuracy['reference']):+.2f} points)"
         )
@@ -170,7 +176,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         for col in ("tensor", "SQNR dB", "cosine", "max abs"):
             layers.add_column(col, justify="left" if col == "tensor" else "right")
         for f in result.layers[: args.top]:
-            layers.add_row(f.name, f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}", f"{f.max_abs:.4g}")
+            layers.add_row(esc(f.name), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}", f"{f.max_abs:.4g}")
         con.print(layers)
     return 0
 

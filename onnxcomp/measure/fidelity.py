@@ -149,16 +149,20 @@ def compare_models(
     if label_output is not None and label_output not in ref_outputs:
         raise OnnxcompError(f"--label-output {label_output!r} is not an output; outputs: {ref_outputs}")
     layer_names: list[str] = []
+    options = session_options(optimization, threads=threads)
+    # The outputs always come from the models as they are: exposing intermediates blocks
+    # onnxruntime's fusions (int8 kernels among them), which can hide what the fused kernels do.
+    ref_session = create_session(reference, sess_options=options)
+    cand_session = create_session(candidate, sess_options=options)
+    layer_sessions = None
     if per_layer:
         reference, candidate = clone_model(reference), clone_model(candidate)
         infer_types(reference)
         infer_types(candidate)
         layer_names = _shared_intermediates(reference, candidate)
-        reference = with_outputs(reference, layer_names)
-        candidate = with_outputs(candidate, layer_names)
-    options = session_options(optimization, threads=threads)
-    ref_session = create_session(reference, sess_options=options)
-    cand_session = create_session(candidate, sess_options=options)
+        if layer_names:
+            layer_sessions = (create_session(with_outputs(reference, layer_names), sess_options=options),
+                              create_session(with_outputs(candidate, layer_names), sess_options=options))
     names = ref_outputs + layer_names
     accumulators: dict[str, FidelityAccumulator] = {}
     label_index = ref_outputs.index(label_output) if label_output else 0
@@ -166,8 +170,11 @@ def compare_models(
     samples = feeds = 0
     resized: set[str] = set()
     for feed in data:
-        ref_values = ref_session.run(names, feed)
-        cand_values = cand_session.run(names, feed)
+        ref_values = ref_session.run(ref_outputs, feed)
+        cand_values = cand_session.run(ref_outputs, feed)
+        if layer_sessions is not None:
+            ref_values += layer_sessions[0].run(layer_names, feed)
+            cand_values += layer_sessions[1].run(layer_names, feed)
         for i, (name, r, c) in enumerate(zip(names, ref_values, cand_values)):
             if r.shape != c.shape:
                 if i >= len(ref_outputs):  # an intermediate pruning resized: not comparable

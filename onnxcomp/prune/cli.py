@@ -5,7 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import POSITIVE_INT, add_output_flags, console, print_json, progress_bar, register
+from onnxcomp.cli import (
+    POSITIVE_INT,
+    add_check_flags,
+    add_force_flag,
+    add_output_flags,
+    check_config,
+    check_outputs,
+    check_status,
+    console,
+    esc,
+    file_bytes,
+    fmt_size,
+    print_check,
+    print_json,
+    progress_bar,
+    register,
+    run_check,
+)
 
 __all__: list[str] = []
 
@@ -28,12 +45,18 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="fold constant channels into zero-padded convs too (border pixels change; reported)")
     p.add_argument("--max-samples", type=int)
     p.add_argument("--batch-size", type=POSITIVE_INT)
+    p.add_argument("--eval", metavar="FILE", help="data for the held-out check (default: part of the calibration data)")
+    p.add_argument("--labels", metavar="FILE.npy", help="labels of the --eval data: the check compares accuracy")
+    add_check_flags(p)
+    add_force_flag(p)
     add_output_flags(p)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from onnxcomp.data import Dataset
-    from onnxcomp.io import check_target, load_model, save_model
+    from onnxcomp.check import split_data
+    from onnxcomp.data import Dataset, load_labels
+    from onnxcomp.errors import ConfigError
+    from onnxcomp.io import load_model, save_model
     from onnxcomp.prune.api import prune
     from onnxcomp.prune.config import PruneConfig
 
@@ -43,32 +66,49 @@ def _run(args: argparse.Namespace) -> int:
         min_channels=args.min_channels, exclude=tuple(args.exclude), reconstruct=args.reconstruct,
         ridge=args.ridge, fold_border=args.fold_border, max_samples=args.max_samples,
     )
+    check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     data = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    labels = load_labels(args.labels) if args.labels else None
+    if labels is not None and evaluation is None:
+        raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    split = split_data(data, check_cfg, evaluation=evaluation, labels=labels, model=model)
     with progress_bar(con) as progress:
         task = progress.add_task("pruning", total=None)
-        pruned, report = prune(model, config, calibration=data,
+        pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
-    out = save_model(pruned, args.output)
+    out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)
+    report["before"]["bytes"] = file_bytes(args.model, model)  # on disk, with external data
+    report["after"]["bytes"] = file_bytes(out)
+    removed = int(report.get("channels_removed") or 0)
+    why = ""
+    if removed == 0:
+        reasons = [*report["kept_back"].values(), *report["skipped_groups"].values()]
+        why = str(reasons[0]) if reasons else f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
+    check = run_check(con, model, out, split, check_cfg, compressed=removed, what="channels removed", why=why)
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.json:
         print_json(report)
-        return 0
+        return status
     from rich.table import Table
 
-    table = Table(title=f"{os.path.basename(args.model)}: {args.criterion}, ratio {args.ratio} ({args.scope})",
+    table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, ratio {args.ratio} ({args.scope})",
                   title_justify="left")
     for col in ("group", "producers", "channels before", "after"):
         table.add_column(col, justify="left" if col in ("group", "producers") else "right")
     for g in report["groups"]:
-        table.add_row(str(g["id"]), g["where"][:70], str(g["channels_before"]), str(g["channels_after"]))
+        table.add_row(str(g["id"]), esc(g["where"][:70]), str(g["channels_before"]), str(g["channels_after"]))
     con.print(table)
     b, a = report["before"], report["after"]
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({a['parameters'] / b['parameters']:.2f}x), "
         f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({a['macs'] / max(b['macs'], 1):.2f}x), "
-        f"size {b['bytes'] / 1024:.1f} KiB -> {a['bytes'] / 1024:.1f} KiB"
+        f"file {fmt_size(b['bytes'])} -> {fmt_size(a['bytes'])}"
     )
     rec = report.get("reconstruction")
     if rec:
@@ -76,11 +116,12 @@ def _run(args: argparse.Namespace) -> int:
                   f"{rec['calibration_output_sqnr_db_before']:.2f} dB -> {rec['calibration_output_sqnr_db_after']:.2f} dB "
                   f"over {len(rec['layers'])} layer(s)")
     for gid, why in report["kept_back"].items():
-        con.print(f"[yellow]group {gid}:[/yellow] {why}")
+        con.print(f"[yellow]group {esc(gid)}:[/yellow] {esc(why)}")
     if report["skipped_groups"]:
         con.print(f"{len(report['skipped_groups'])} group(s) not pruned (--json lists why)")
-    con.print(f"wrote {out}")
-    return 0
+    con.print(f"wrote {esc(out)}")
+    print_check(con, check)
+    return status
 
 
 register("prune", "structured pruning: remove channels from weights and every coupled consumer", _configure, _run)

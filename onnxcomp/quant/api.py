@@ -56,6 +56,7 @@ def _recover_before(work: ir.Model, config: QuantizeConfig, data: Dataset) -> di
             activation_type=config.activation_type,
             activation_symmetric=config.activation_symmetric,
             per_channel=config.per_channel,
+            reduce_weights=config.reduce_weights,
         )
         stats["smoothquant"] = SmoothQuantPass(sq, data)(work).stats
     return stats
@@ -92,6 +93,10 @@ def quantize(
     config = config or QuantizeConfig()
     notes: list[str] = []
     started = time.perf_counter()
+    if config.mode != "weight-only" and config.weight_range == "auto" and config.reduce_weights:
+        notes.append("int8 weights use 7 bits ([-63, 63]): this CPU's int8 kernels saturate full-range weights "
+                     "(x86 without VNNI) and would give wrong results; weight_range='full' (--weight-range full) "
+                     "for models deployed only on VNNI or ARM CPUs")
     if config.mode == "static" and config.uses_fallback:
         if calibration is None:
             raise ConfigError("static quantization needs calibration data (--calibration)")

@@ -5,9 +5,28 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import COUNT, POSITIVE_INT, add_output_flags, console, file_bytes, fmt_size, print_json, progress_bar, register
+from onnxcomp.cli import (
+    COUNT,
+    POSITIVE_INT,
+    add_check_flags,
+    add_force_flag,
+    add_output_flags,
+    check_config,
+    check_outputs,
+    check_status,
+    console,
+    esc,
+    file_bytes,
+    fmt_size,
+    print_check,
+    print_json,
+    progress_bar,
+    register,
+    run_check,
+)
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
+from onnxcomp.report import kernel_summary
 
 __all__: list[str] = []
 
@@ -21,12 +40,16 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="activation type (default uint8: onnxruntime's fast path on x86)")
     p.add_argument("--symmetric-activations", action="store_true")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
+    p.add_argument("--weight-range", choices=("auto", "full", "reduced"), default="auto",
+                   help="int8 weights in 8 bits (full) or 7 (reduced); auto: reduced where this CPU's int8 kernels "
+                        "saturate (x86 without VNNI)")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
                    help="calibration range method (default minmax)")
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX",
                    help="leave matching nodes in float (repeatable)")
-    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known)")
+    p.add_argument("--op-types", help="comma-separated op types to quantize (default: all known; "
+                                      "dynamic mode: MatMul,Gemm, add Conv to convert convolutions)")
     p.add_argument("--quantize-outputs", action="store_true", help="also quantize tensors that are graph outputs")
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
@@ -48,12 +71,49 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="keep float the op types whose int8 form is measured slower on this CPU")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="static mode: do not move nodes back to float when the check misses its budget")
+    add_check_flags(p, max_drop=False)
+    add_force_flag(p)
     add_output_flags(p)
 
 
+def _latency_ratio(first, second, data) -> dict | None:
+    """Interleaved latency of ``second`` over ``first`` (median ratio and 95% interval)."""
+    from onnxcomp.measure.bench import bench_models
+
+    feeds = []
+    for feed in data:
+        feeds.append(feed)
+        if len(feeds) == 4:
+            break
+    rows = bench_models([("all int8", first), ("with fallback", second)], feeds, runs=40, warmup_seconds=0.2)
+    return {"ratio": rows[1]["ratio_to_first"], "ci95": rows[1]["ratio_ci95"]}
+
+
+def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
+    """How much was quantized, what that counts, and (when nothing) why."""
+    if mode == "static":
+        count = int(report.get("int8_nodes") or 0)
+        what = "int8 nodes"
+    else:
+        count = int(report.get("nodes_quantized") or 0)
+        what = "quantized weights" if mode == "weight-only" else "dynamically quantized nodes"
+    why = ""
+    if count == 0:
+        skipped = report.get("skipped") or {}
+        if skipped:
+            first, reason = next(iter(skipped.items()))
+            why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
+        else:
+            why = "the model has no node this mode quantizes in its main graph"
+    return count, what, why
+
+
 def _run(args: argparse.Namespace) -> int:
+    from onnxcomp.check import split_data, verdict_line
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.io import check_target, initializer_nbytes, load_model, save_model
+    from onnxcomp.io import initializer_nbytes, load_model, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -63,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         activation_type=args.activation_type,
         activation_symmetric=args.symmetric_activations,
         per_channel=not args.per_tensor,
+        weight_range=args.weight_range,
         calibration=args.method,
         percentile=args.percentile,
         op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()) if args.op_types else (),
@@ -83,8 +144,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
+    check_cfg = check_config(args)
     model = load_model(args.model)
-    check_target(model, args.output)
+    check_outputs(args, model)
     calibration = None
     if args.calibration:
         calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
@@ -94,33 +156,77 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
     if config.max_drop is not None and labels is None:
         raise ConfigError("--max-drop is an accuracy budget: it needs --eval and --labels")
+    split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
+    fit = split.fit if split.fit is not None else calibration
     with progress_bar(con) as progress:
-        task = progress.add_task("calibrating", total=calibration.num_feeds if calibration else None)
+        task = progress.add_task("calibrating", total=fit.num_feeds if fit else None)
         quantized, report = quantize(
-            model, calibration, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
+            model, fit, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(quantized, args.output)
-    report["input"] = {"path": args.model, "bytes": file_bytes(args.model), "parameter_bytes": initializer_nbytes(model)}
+    out = save_model(quantized, args.output, force=args.force)
+    report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": initializer_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+    count, what, why = _compressed(report, args.mode)
+    check = run_check(con, model, out, split, check_cfg, compressed=count, what=what, why=why)
+    if (check is not None and not check["met"] and count and args.mode == "static" and not args.no_fallback
+            and not config.uses_fallback and split.held_out):
+        from onnxcomp.quant.autofallback import fallback_to_budget
+
+        con.print(f"[yellow]{esc(verdict_line(check))}[/yellow]")
+        con.print("moving the most damaging nodes back to float until the budget holds on the fitting data "
+                  "(--no-fallback to keep the all-int8 model)")
+        first = quantized
+        with progress_bar(con) as progress:
+            task = progress.add_task("fallback", total=None)
+            quantized, auto = fallback_to_budget(
+                model, fit, config, check_cfg,
+                progress=lambda done, total: progress.update(task, completed=done, total=total))
+        auto["check_before"] = check
+        auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit)
+        report["auto_fallback"] = auto
+        report["int8_nodes"] = len(auto["int8_nodes"])
+        out = save_model(quantized, args.output, force=True)
+        report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": initializer_nbytes(quantized)}
+        count = len(auto["int8_nodes"])
+        check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
+                          why="every node went back to float and the budget still failed" if not count else "")
+    if check is not None:
+        report["check"] = check
+    status = check_status(args, check)
     if args.json:
         print_json(report)
-        return 0
+        return status
     for note in report.get("notes", []):
-        con.print(f"[yellow]note:[/yellow] {note}")
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     ort = report.get("onnxruntime", {})
     con.print(
-        f"[bold]{os.path.basename(args.model)}[/bold] -> {out} ({args.mode}): "
+        f"[bold]{esc(os.path.basename(args.model))}[/bold] -> {esc(out)} ({args.mode}): "
         f"{fmt_size(report['input']['bytes'])} -> {fmt_size(report['output']['bytes'])}"
     )
+    auto = report.get("auto_fallback")
+    if auto:
+        lat = auto["latency_ratio_to_all_int8"]
+        con.print(f"automatic fallback ({auto['seconds']:.1f} s, {auto['evaluations']} evaluations on "
+                  f"{auto['eval_feeds']} fitting feeds): {len(auto['float_nodes'])} node(s) back in float, "
+                  f"{len(auto['int8_nodes'])} int8; latency {lat['ratio']:.3f}x of the all-int8 model "
+                  f"[{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+                  + ("" if auto["met_on_fitting_data"] else f"; {auto['gave_up']}"))
+        for name in auto["float_nodes"][:10]:
+            con.print(f"  float: {esc(name)} (adds {auto['damage_db'].get(name, 0):.1f} dB of error in int8)")
+        if len(auto["float_nodes"]) > 10:
+            con.print(f"  ... and {len(auto['float_nodes']) - 10} more (--json lists all)")
     fallback = report.get("fallback")
     if fallback:
         final = fallback["final"]
         acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
-        con.print(f"fidelity budget {'met' if fallback['met'] else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
+        met = fallback["met"] and bool(fallback["int8_nodes"])
+        con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
+                  f"({fallback['eval_feeds']} feed(s), all given)")
+        con.print(f"fidelity budget {'met' if met else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
                   f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         for name, ratio in (fallback.get("fallback_latency") or {}).items():
-            con.print(f"  {name}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
+            con.print(f"  {esc(name)}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
         lat = fallback.get("latency") or {}
         if lat.get("op_types_kept_float"):
             con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
@@ -136,17 +242,16 @@ def _run(args: argparse.Namespace) -> int:
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
     if ort:
-        by_op = ", ".join(f"{op} x{n}" for op, n in ort["int8_by_op"].items()) or "none"
-        left = ", ".join(f"{op} x{n}" for op, n in ort["float_by_op"].items()) or "none"
-        con.print(f"onnxruntime runs {ort['int8_kernels']} int8 kernel(s): {by_op}; float compute left: {left}")
+        con.print(f"onnxruntime runs {kernel_summary(ort)}")
     skipped = report.get("skipped") or {}
     if skipped:
         con.print(f"left in float ({len(skipped)}):")
         for name, reason in list(skipped.items())[:20]:
-            con.print(f"  {name}: {reason}")
+            con.print(f"  {esc(name)}: {esc(reason)}")
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
-    return 0
+    print_check(con, check)
+    return status
 
 
 register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)
@@ -203,14 +308,14 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
 
     full = report["all_int8"]
     acc = "accuracy" in full
-    table = Table(title=f"sensitivity of {os.path.basename(args.model)}: all int8 {full['sqnr_db']:.2f} dB"
+    table = Table(title=f"sensitivity of {esc(os.path.basename(args.model))}: all int8 {full['sqnr_db']:.2f} dB"
                         + (f", accuracy {100 * full['accuracy']:.2f}% (float {100 * report['float']['accuracy']:.2f}%)" if acc else ""),
                   title_justify="left")
     cols = ["node", "op", "alone dB", "all-but dB", "gain dB"] + (["alone acc", "all-but acc"] if acc else [])
     for col in cols:
         table.add_column(col, justify="left" if col in ("node", "op") else "right")
     for r in report["nodes"][: args.top]:
-        row = [r["node"][-60:], r["op_type"], f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
+        row = [esc(r["node"][-60:]), esc(r["op_type"]), f"{r['alone_sqnr_db']:.2f}", f"{r['all_but_sqnr_db']:.2f}", f"{r['gain_db']:+.2f}"]
         if acc:
             row += [f"{100 * r['alone_accuracy']:.2f}%", f"{100 * r['all_but_accuracy']:.2f}%"]
         table.add_row(*row)

@@ -30,6 +30,10 @@ class QuantizeConfig(PassConfig):
         activation_symmetric: symmetric activation ranges (zero point at 0 / 128).
         weight_type: ``int8`` (``uint8`` is refused: onnxruntime's fused kernels want int8 weights).
         per_channel: weights get one scale per output channel.
+        weight_range: int8 weights in ``full`` 8 bits ([-127, 127]) or ``reduced`` to 7 bits
+            ([-63, 63]); ``auto`` (default) reduces them when this CPU's int8 kernels saturate
+            (x86 without VNNI, see onnxcomp.quant.kernels), where full-range weights give wrong
+            results. Reduced weights are exact on every CPU.
         calibration: range method, one of minmax, percentile, entropy, mse.
         percentile: for ``percentile``.
         bins: histogram bins for percentile/entropy/mse.
@@ -64,6 +68,7 @@ class QuantizeConfig(PassConfig):
     activation_symmetric: bool = False
     weight_type: Literal["int8"] = "int8"
     per_channel: bool = True
+    weight_range: Literal["auto", "full", "reduced"] = "auto"
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = 99.999
     bins: int = 2048
@@ -116,6 +121,13 @@ class QuantizeConfig(PassConfig):
                     re.compile(item[3:])
                 except re.error as exc:
                     raise ConfigError(f"quantize: exclude pattern {item!r} is not a valid regex: {exc}") from None
+
+    @property
+    def reduce_weights(self) -> bool:
+        """Whether int8 weights use 7 bits (``weight_range``, resolved on this CPU)."""
+        from onnxcomp.quant.kernels import reduce_weight_range
+
+        return reduce_weight_range(self.weight_range)
 
     @property
     def uses_fallback(self) -> bool:

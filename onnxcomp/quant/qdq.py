@@ -601,6 +601,7 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                     node.replace_input_with(i, float_reader_dq(inp.name) if guard else dq_of[inp.name])
         weights = biases = bias_float = 0
         weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
+        reduce_weights = cfg.reduce_weights
         for name in plan.nodes:
             node = by_name.get(name)
             if node is None:
@@ -617,7 +618,7 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                 axis = axis % w.ndim
             key = (w_value.name, axis)
             if key not in weight_cache:
-                q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True)
+                q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=reduce_weights)
                 q_v = add_initializer(graph, f"{w_value.name}_quantized", q, taken)
                 s_v = add_initializer(graph, f"{w_value.name}_scale", np.asarray(s, np.float32), taken)
                 z_v = add_initializer(graph, f"{w_value.name}_zero_point", np.asarray(z), taken)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxcomp.ops import OpTable
 
 __all__ = ["QuantRule", "QUANT_RULES", "SENSITIVE_CONSUMERS", "sensitive_use", "WEIGHT_QUANTIZED_BY_ORT",
-           "INT8_KERNELS", "FLOAT_COMPUTE"]
+           "INT8_KERNELS", "WEIGHT_ONLY_KERNELS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,5 +126,6 @@ INT8_KERNELS = frozenset({
     "QLinearSoftmax", "QAttention", "MatMulNBits", "QLinearConvTranspose", "NhwcQLinearConv",
 })
 
-#: Float compute op types left in onnxruntime's optimized graph (what was not quantized or fused).
-FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm"})
+#: Kernels among INT8_KERNELS that quantize only the weights, with their default weight bits (the
+#: node's ``bits`` attribute wins): MatMulNBits reads 4-bit weight blocks.
+WEIGHT_ONLY_KERNELS: dict[str, int] = {"MatMulNBits": 4}

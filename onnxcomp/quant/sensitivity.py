@@ -157,6 +157,11 @@ class QuantStudy:
             labels = labels[:n]
         return cls(work, config, result.ranges, keep_float, nodes, feeds, reference, labels, notes, plan)
 
+    @property
+    def samples(self) -> int:
+        """Evaluation samples (rows of the first output over every feed)."""
+        return sum(int(r[0].shape[0]) if r and r[0].ndim else 1 for r in self.reference)
+
     def build(self, float_nodes: set[str] | frozenset[str] = frozenset()) -> ir.Model:
         """The model with every planned node in int8 except ``float_nodes``."""
         model = clone_model(self.work)
@@ -305,7 +310,7 @@ def quantize_with_fallback(
     labels: np.ndarray | None = None,
     latency_aware: bool = False,
     executor: concurrent.futures.Executor | None = None,
-    max_eval_feeds: int | None = 64,
+    max_eval_feeds: int | None = None,
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize, then move the fewest, most helpful nodes back to float until the target is met.
@@ -314,6 +319,8 @@ def quantize_with_fallback(
         fidelity_target: minimum output SQNR in dB on the evaluation data.
         max_drop: maximum accuracy drop in points (needs ``labels`` and ``eval_data``).
         latency_aware: also keep float the op types whose int8 form is measured slower.
+        max_eval_feeds: judge the budget on at most this many evaluation feeds (default: all of
+            them; the report's ``eval_samples`` says how many samples were used).
 
     Raises:
         ConfigError: neither target given, or ``max_drop`` without labels.
@@ -357,7 +364,11 @@ def quantize_with_fallback(
         "float": base,
         "final": current,
         "target": {"fidelity_db": fidelity_target, "max_drop_points": max_drop},
-        "met": _meets(current, base, fidelity_target, max_drop) if targets else True,
+        "eval_feeds": len(study.feeds),
+        "eval_samples": study.samples,
+        "eval_data": "the evaluation data" if eval_data is not None else "the calibration data",
+        # A model with nothing left in int8 meets no budget: there is nothing to meet it with.
+        "met": bool(len(fallback) < len(study.nodes)) and (_meets(current, base, fidelity_target, max_drop) if targets else True),
         "float_nodes": fallback,
         "int8_nodes": [n for n in study.nodes if n not in fallback],
         "history": history,

@@ -102,7 +102,7 @@ class SmoothQuantConfig(PassConfig):
         alphas: candidates for the search.
         require_improvement: with ``search``, skip a group whose best simulated error is no better
             than without smoothing.
-        activation_type / activation_symmetric / per_channel: the quantization the search
+        activation_type / activation_symmetric / per_channel / reduce_weights: the quantization the search
             simulates (match the QuantizeConfig that follows; defaults match its defaults).
         max_samples: read at most this many calibration feeds.
         search_rows: rows (tokens) of each tensor kept, uniformly sampled, for the search.
@@ -118,6 +118,7 @@ class SmoothQuantConfig(PassConfig):
     activation_type: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
     per_channel: bool = True
+    reduce_weights: bool = False
     max_samples: int | None = None
     search_rows: int = 512
     seed: int = 0
@@ -425,7 +426,8 @@ def _simulated_error(
     axis = 1 if config.per_channel else None
     errors = []
     for w in weights:
-        q, w_scale, w_zp = quantize_weight(w * s[:, None], "int8", axis=axis, symmetric=True)
+        q, w_scale, w_zp = quantize_weight(w * s[:, None], "int8", axis=axis, symmetric=True,
+                                           reduce_range=config.reduce_weights)
         wq = dequantize(q, w_scale, w_zp, axis=axis).astype(np.float64)
         ref = x @ w
         errors.append(float(np.sum((xq @ wq - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30)))

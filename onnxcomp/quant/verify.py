@@ -2,8 +2,11 @@
 
 Q/DQ nodes only pay off when onnxruntime fuses them with their op into an int8 kernel; a Q/DQ
 pair it cannot fuse makes the model slower than float. :func:`fusion_report` reads onnxruntime's
-optimized graph (``ORT_ENABLE_ALL``) and counts the int8 kernels against the float compute nodes
-left (Conv, MatMul, Gemm and their fused float forms) and the Q/DQ nodes left unfused.
+optimized graph (``ORT_ENABLE_ALL``) and counts the quantized kernels against the float compute
+nodes left (every op :data:`onnxcomp.ops.COMPUTE_OPS` calls compute: Conv, MatMul, Gemm, their
+fused float forms, LSTM/GRU/RNN, attention, Gather from a constant table, ...) and the Q/DQ nodes
+left unfused. Weight-only kernels (MatMulNBits: 4-bit weights, activations float or quantized
+inside the kernel) are counted among the quantized kernels and listed apart with their bits.
 """
 
 from __future__ import annotations
@@ -14,22 +17,52 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxcomp.io import ort_optimized_model
-from onnxcomp.quant.rules import FLOAT_COMPUTE, INT8_KERNELS
+from onnxcomp.ops import COMPUTE_OPS
+from onnxcomp.quant.rules import INT8_KERNELS, WEIGHT_ONLY_KERNELS
 from onnxcomp.testing import session_options
 
-__all__ = ["fusion_report"]
+__all__ = ["fusion_report", "float_compute_nodes"]
+
+
+def float_compute_nodes(model: ir.Model) -> list[ir.Node]:
+    """Nodes of ``model`` that :data:`~onnxcomp.ops.COMPUTE_OPS` calls compute and that run in float."""
+    found = []
+    for node in model.graph.all_nodes():
+        if node.op_type in INT8_KERNELS:
+            continue
+        fact = COMPUTE_OPS.lookup(node, model)
+        if fact is None:
+            continue
+        if fact.constant_input is not None:
+            inputs = node.inputs
+            value = inputs[fact.constant_input] if fact.constant_input < len(inputs) else None
+            if value is None or (value.const_value is None and not value.is_initializer()):
+                continue
+        found.append(node)
+    return found
 
 
 def fusion_report(model: ir.Model, *, threads: int | None = 1) -> dict[str, Any]:
-    """Op counts of onnxruntime's optimized graph: int8 kernels, float compute, leftover Q/DQ."""
+    """Op counts of onnxruntime's optimized graph: quantized kernels, float compute, leftover Q/DQ.
+
+    ``int8_kernels`` / ``int8_by_op`` count every quantized kernel (weight-only ones included);
+    ``weight_only_by_op`` lists the weight-only kernels apart, ``weight_only_bits`` their weight bits.
+    """
     optimized = ort_optimized_model(model, sess_options=session_options("all", threads=threads))
     counts = collections.Counter(node.op_type for node in optimized.graph.all_nodes())
     int8 = {op: n for op, n in counts.items() if op in INT8_KERNELS}
-    float_compute = {op: n for op, n in counts.items() if op in FLOAT_COMPUTE}
+    float_compute = collections.Counter(node.op_type for node in float_compute_nodes(optimized))
+    bits: dict[str, set[int]] = collections.defaultdict(set)
+    for node in optimized.graph.all_nodes():
+        if node.op_type in WEIGHT_ONLY_KERNELS:
+            attr = node.attributes.get("bits")
+            bits[node.op_type].add(attr.as_int() if attr is not None else WEIGHT_ONLY_KERNELS[node.op_type])
     return {
         "int8_kernels": sum(int8.values()),
         "float_compute": sum(float_compute.values()),
         "int8_by_op": dict(sorted(int8.items())),
+        "weight_only_by_op": {op: n for op, n in sorted(int8.items()) if op in WEIGHT_ONLY_KERNELS},
+        "weight_only_bits": {op: sorted(b) for op, b in sorted(bits.items())},
         "float_by_op": dict(sorted(float_compute.items())),
         "quantize_linear": counts.get("QuantizeLinear", 0) + counts.get("DynamicQuantizeLinear", 0),
         "dequantize_linear": counts.get("DequantizeLinear", 0),

@@ -63,7 +63,8 @@ several nodes read the same tensor (q/k/v projections), merges the identical
 DynamicQuantizeLinear nodes into one that feeds a ``MatMulIntegerToFloat`` per node.
 
 Conv is converted (to ``ConvInteger`` with the same pattern, per-output-channel scales) only when
-``"Conv"`` is listed in ``config.dynamic_op_types``: onnxruntime runs ConvInteger 4-9x slower
+``"Conv"`` is among the op types dynamic mode converts (``config.op_types``, i.e. ``--op-types``, when
+given, else ``config.dynamic_op_types``): onnxruntime runs ConvInteger 4-9x slower
 than its float Conv on the CPU provider (measured 9.2x on models/digits_cnn.onnx, batch 64, one
 thread), so the default leaves convolutions in float.
 
@@ -104,6 +105,7 @@ __all__ = [
     "plan_weight_sites",
     "WeightOnlyQDQPass",
     "MatMulNBitsPass",
+    "dynamic_op_types",
     "DynamicQuantPass",
     "quantize_weight_only_mode",
     "quantize_dynamic_mode",
@@ -262,25 +264,32 @@ def _is_float32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in (None, ir.DataType.FLOAT)
 
 
+def dynamic_op_types(config: QuantizeConfig) -> tuple[str, ...]:
+    """Op types dynamic mode converts: ``config.op_types`` (``--op-types``) when given, else
+    ``config.dynamic_op_types`` (MatMul, Gemm)."""
+    return config.op_types or config.dynamic_op_types
+
+
 def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | None = None) -> WeightPlan:
     """Which nodes of the main graph ``mode`` (default: ``config.mode``) quantizes.
 
     weight-only: MatMul with a constant float32 2-D weight as input 1, Gemm with a constant
     float32 2-D ``B`` and ``transA = 0``; K >= ``block_size``; for the ``ort`` format also Gemm
     ``alpha = beta = 1`` and a MatMul input of rank >= 2. dynamic: the op types of
-    ``config.dynamic_op_types`` (MatMul, Gemm, Conv) with constant float32 weights. Every node
+    :func:`dynamic_op_types` (MatMul, Gemm, Conv) with constant float32 weights. Every node
     must be allowed by ``config.selector``. ``model`` should carry inferred types.
     """
     mode = mode or config.mode
     if mode not in ("weight-only", "dynamic"):
         raise ConfigError(f"plan_weight_sites: mode must be 'weight-only' or 'dynamic', got {mode!r}")
     if mode == "dynamic":
-        unknown = sorted(set(config.dynamic_op_types) - set(_DYNAMIC_OPS))
+        candidates = set(dynamic_op_types(config))
+        unknown = sorted(candidates - set(_DYNAMIC_OPS))
         if unknown:
+            key = "op_types (--op-types)" if config.op_types else "dynamic_op_types"
             raise ConfigError(
-                f"quantize: dynamic_op_types {unknown} are not supported; choose among {', '.join(_DYNAMIC_OPS)}"
+                f"quantize: {key} {unknown} are not supported in dynamic mode; choose among {', '.join(_DYNAMIC_OPS)}"
             )
-        candidates = set(config.dynamic_op_types)
     else:
         candidates = set(_WEIGHT_ONLY_OPS)
     ort_format = mode == "weight-only" and config.weight_only_format == "ort"
@@ -542,7 +551,7 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
         _finish(model)
         return bool(plan.sites), _stats(plan, rw, len({(k[0], k[2]) for k in cache}), {
             "weight_type": "int8", "activation_type": "uint8",
-            "per_channel": cfg.per_channel, "op_types": list(cfg.dynamic_op_types),
+            "per_channel": cfg.per_channel, "op_types": list(dynamic_op_types(cfg)),
         })
 
     def _weight(self, site: WeightSite, rw: _Rewriter) -> tuple[ir.Value, ir.Value]:
@@ -554,7 +563,7 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
             if site.transposed:
                 w = np.ascontiguousarray(w.T)
             axis = 1 if self.config.per_channel else None
-        q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True)
+        q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=self.config.reduce_weights)
         q_v = rw.init(f"{site.weight.name}_quantized", q)
         scale = (np.asarray(scale, np.float32) * np.float32(site.alpha)).astype(np.float32)
         if site.node.op_type == "Conv" and scale.ndim:
@@ -682,12 +691,16 @@ def quantize_dynamic_mode(
     before = initializer_nbytes(load_model(model))
     work, cleanup = _prepare(model, config, DYNAMIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
     plan = plan_weight_sites(work, config, mode="dynamic")
-    if "Conv" not in config.dynamic_op_types:
+    op_types = dynamic_op_types(config)
+    if "Conv" not in op_types:
         convs = sum(1 for n in work.graph if n.op_type == "Conv")
         if convs:
+            wanted = sorted(set(op_types) | {"Conv"})
+            toml_list = ", ".join(f'"{t}"' for t in wanted)
             notes.append(
                 f"{convs} Conv node(s) left in float: ConvInteger runs several times slower than float Conv on "
-                "onnxruntime's CPU provider; add 'Conv' to dynamic_op_types to convert them anyway"
+                f"onnxruntime's CPU provider; to convert them anyway pass --op-types {','.join(wanted)} "
+                f"(in a recipe: quantize.op_types = [{toml_list}])"
             )
     result = DynamicQuantPass(config, plan)(work)
     return work, _base_report(config, before, work, result.stats, cleanup)

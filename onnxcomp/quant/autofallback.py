@@ -1,0 +1,205 @@
+r"""Automatic float fallback to the check's budget, in a handful of evaluations.
+
+When the held-out check (:mod:`onnxcomp.check`) finds that a default static quantization misses
+its budget, some nodes go back to float until the budget holds **on the fitting data** (the check
+then judges the result on the held-out data again). Ranking every node by trying it alone in float
+costs one onnxruntime session per node (minutes on a real network); this module needs one
+per-layer comparison and :math:`O(\log N)` evaluations instead:
+
+1. **Local damage.** Run the float and the all-int8 model once with every shared intermediate
+   tensor exposed, on a few fitting feeds, and take each tensor's SQNR. For an int8 node *u*, the
+   damage it adds is :math:`d_u = \max_{x \in \mathrm{in}(u)} \mathrm{SQNR}(x) - \mathrm{SQNR}(\mathrm{out}(u))`
+   (graph inputs count as exact, constants are not activations, and SQNRs are capped at 60 dB,
+   beyond which a tensor is as good as exact): the node where the error first appears or grows
+   most ranks first.
+2. **Doubling.** Keep the top 1, 2, 4, 8, ... nodes of that ranking in float, evaluating each
+   model on the fitting feeds against the budget (per output: top-1 agreement for class scores,
+   cosine otherwise, as the check does), until the budget holds; then bisect between the last miss
+   and the first hit, so the float set is within a factor of the smallest prefix that works. More
+   than ``max_float_fraction`` (a quarter) of the int8 nodes in float is refused: such a model has
+   lost what int8 was for.
+
+Each evaluation is one session and one pass over at most ``max_eval_feeds`` feeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.check import CheckConfig, output_kinds
+from onnxcomp.data import DataSource, Dataset
+from onnxcomp.io import ModelSource, model_to_bytes
+from onnxcomp.quant.config import QuantizeConfig
+
+__all__ = ["fallback_to_budget", "budget_metrics", "local_damage"]
+
+
+def budget_metrics(model: bytes, feeds: Sequence[dict[str, np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
+                   kinds: Sequence[str]) -> list[dict[str, float]]:
+    """Per output: cosine of the flattened outputs and top-1 agreement along the last axis."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    n = len(kinds)
+    dot = np.zeros(n)
+    rr = np.zeros(n)
+    cc = np.zeros(n)
+    match = np.zeros(n)
+    total = np.zeros(n)
+    for feed, ref in zip(feeds, reference):
+        outs = session.run(None, feed)
+        for i, (o, r) in enumerate(zip(outs, ref)):
+            o64 = np.asarray(o, np.float64).ravel()
+            r64 = np.asarray(r, np.float64).ravel()
+            dot[i] += float(o64 @ r64)
+            rr[i] += float(r64 @ r64)
+            cc[i] += float(o64 @ o64)
+            if kinds[i] == "scores" and np.ndim(r) >= 2 and np.shape(r)[-1] > 1:
+                match[i] += float(np.sum(np.argmax(o, -1) == np.argmax(r, -1)))
+                total[i] += float(np.prod(np.shape(r)[:-1]))
+    result = []
+    for i in range(n):
+        cos = 1.0 if rr[i] == 0 and cc[i] == 0 else (0.0 if rr[i] == 0 or cc[i] == 0 else dot[i] / math.sqrt(rr[i] * cc[i]))
+        result.append({"cosine": float(cos), "agreement": float(match[i] / total[i]) if total[i] else None})
+    return result
+
+
+def _meets(metrics: list[dict[str, float]], kinds: Sequence[str], budget: CheckConfig) -> bool:
+    for m, kind in zip(metrics, kinds):
+        if kind == "scores" and m["agreement"] is not None:
+            if m["agreement"] < budget.min_agreement:
+                return False
+        elif kind != "exact" and m["cosine"] < budget.min_cosine:
+            return False
+    return True
+
+
+def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str], feeds: Dataset) -> dict[str, float]:
+    """SQNR lost at each int8 node (module docstring, step 1); nodes not measured get 0."""
+    from onnxcomp.measure.fidelity import compare_models
+
+    cmp = compare_models(float_model, int8_model, feeds, per_layer=True)
+    sqnr = {f.name: f.sqnr_db for f in cmp.layers}
+    by_name = {n.name: n for n in float_model.graph}
+    damage = {}
+    for name in nodes:
+        node = by_name.get(name)
+        if node is None or not node.outputs or node.outputs[0].name not in sqnr:
+            damage[name] = 0.0
+            continue
+        ins = []
+        for v in node.inputs:
+            if v is None or v.const_value is not None:
+                continue
+            producer = v.producer()
+            if producer is None:
+                ins.append(math.inf)  # a graph input: exact
+            elif producer.op_type != "Constant" and v.name in sqnr:
+                ins.append(sqnr[v.name])
+        if not ins:
+            damage[name] = 0.0
+            continue
+        # Above EXACT_DB a tensor is as good as exact: cap both ends so that a first layer's
+        # "infinite" input does not outrank the real damage further on.
+        damage[name] = _cap(max(ins)) - _cap(sqnr[node.outputs[0].name])
+    return damage
+
+
+EXACT_DB = 60.0
+
+
+def _cap(db: float) -> float:
+    return -EXACT_DB if math.isnan(db) else min(db, EXACT_DB)
+
+
+def fallback_to_budget(
+    model: ModelSource,
+    fit_data: DataSource | Dataset,
+    config: QuantizeConfig,
+    budget: CheckConfig,
+    *,
+    max_eval_feeds: int = 16,
+    max_float_fraction: float = 0.25,
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Static int8 with the fewest high-damage nodes in float so that ``budget`` holds on ``fit_data``.
+
+    Refuses to keep more than ``max_float_fraction`` of the int8 nodes in float: a model that
+    needs that much float has lost the point of int8 (latency), so the all-int8 model is returned
+    with ``met_on_fitting_data`` False and the check's verdict stands.
+
+    Returns the model and a report: ``met_on_fitting_data``, ``float_nodes`` (in ranking order),
+    ``int8_nodes``, ``evaluations``, ``history`` and ``seconds``.
+    """
+    from onnxcomp.quant.sensitivity import QuantStudy
+
+    started = time.perf_counter()
+    study = QuantStudy.prepare(model, fit_data, config, max_eval_feeds=max_eval_feeds)
+    kinds = [output_kinds(study.work)[v.name] for v in study.work.graph.outputs]
+    feeds, reference = study.feeds, study.reference
+
+    def evaluate(float_nodes: Sequence[str]) -> tuple[ir.Model, list[dict[str, float]]]:
+        candidate = study.build(frozenset(float_nodes))
+        return candidate, budget_metrics(model_to_bytes(candidate), feeds, reference, kinds)
+
+    history = []
+    all_int8, metrics = evaluate(())
+    history.append({"float_nodes": 0, "outputs": metrics})
+    if _meets(metrics, kinds, budget):
+        return all_int8, _report(True, [], study, history, started)
+    damage = local_damage(study.work, all_int8, study.nodes, Dataset(feeds[:2], study.work))
+    ranking = sorted(study.nodes, key=lambda n: -damage[n])
+    best: tuple[int, ir.Model] | None = None
+    limit = max(1, int(max_float_fraction * len(ranking)))
+    lo, k = 0, 1
+    while True:
+        k = min(k, limit)
+        candidate, metrics = evaluate(ranking[:k])
+        history.append({"float_nodes": k, "outputs": metrics})
+        if progress is not None:
+            progress(k, len(ranking))
+        if _meets(metrics, kinds, budget):
+            best = (k, candidate)
+            break
+        lo = k
+        if k == limit:
+            break
+        k *= 2
+    if best is not None:  # bisect between the last miss (lo) and the first hit
+        hi = best[0]
+        while hi - lo > max(1, hi // 8):
+            mid = (lo + hi) // 2
+            candidate, metrics = evaluate(ranking[:mid])
+            history.append({"float_nodes": mid, "outputs": metrics})
+            if _meets(metrics, kinds, budget):
+                hi, best = mid, (mid, candidate)
+            else:
+                lo = mid
+        report = _report(True, ranking[: best[0]], study, history, started, damage)
+        return best[1], report
+    report = _report(False, [], study, history, started, damage)
+    report["gave_up"] = (f"the budget needs more than {limit} of {len(ranking)} int8 nodes in float "
+                         f"({max_float_fraction:.0%}); the all-int8 model is kept")
+    return all_int8, report
+
+
+def _report(met: bool, float_nodes: Sequence[str], study, history, started: float,
+            damage: dict[str, float] | None = None) -> dict[str, Any]:
+    return {
+        "met_on_fitting_data": met,
+        "float_nodes": list(float_nodes),
+        "int8_nodes": [n for n in study.nodes if n not in set(float_nodes)],
+        "damage_db": {n: damage[n] for n in float_nodes} if damage else {},
+        "evaluations": len(history),
+        "history": history,
+        "eval_feeds": len(study.feeds),
+        "seconds": time.perf_counter() - started,
+    }
