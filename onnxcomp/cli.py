@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from onnxcomp import __version__
+from onnxcomp.bounds import Range
 from onnxcomp.errors import OnnxcompError
 
 __all__ = ["main"]
@@ -305,7 +306,7 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="FILE", help="calibration data (.npz file or folder)")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity report")
     p.add_argument("--labels", metavar="FILE.npy", help="integer labels of the evaluation data")
-    p.add_argument("--batch-size", type=int, help="samples per feed (dynamic batch dimension)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per feed (dynamic batch dimension)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="input shape for generated latency inputs when no data is given")
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
@@ -431,6 +432,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"onnxcomp: error: {message} (see '{self.prog} --help')\n")
 
 
+#: Accepted values of the numeric options shared by several commands.
+POSITIVE_INT = Range(int, 1)
+COUNT = Range(int, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxcomp",
@@ -450,9 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     _load_commands()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _help, _configure, run = _COMMANDS[args.command]
     try:
+        args = parser.parse_args(argv)
+        _help, _configure, run = _COMMANDS[args.command]
         return run(args)
     except OnnxcompError as exc:
         sys.stderr.write(f"onnxcomp: error: {exc}\n")
@@ -462,6 +468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `onnxcomp inspect m.onnx --json | head`
         return 0
+    except Exception as exc:  # onnxruntime refusing to run a model is a bad model, not a bug here
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+        sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason}\n")
+        return EXIT_ERROR
 
 
 def _load_commands() -> None:

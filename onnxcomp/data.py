@@ -8,6 +8,11 @@ except what the source itself holds).
 Sources
 -------
 * an ``.npz`` file whose keys are the model's input names and whose axis 0 indexes samples;
+  only the headers are read up front and then only the rows of the samples used (a compressed
+  member is decompressed as a stream and left as soon as enough rows are read), so
+  ``--max-samples 4`` on a huge file reads four samples;
+* an ``.npy`` file holding one array, for a model with one required input (axis 0 indexes
+  samples, as in an ``.npz``);
 * a folder of ``.npz`` files, each one complete feed (for inputs whose shapes vary);
 * a Python iterable of ``{name: ndarray}`` dicts (a list, or a callable returning a fresh iterator
   for data that cannot be held at once; a one-shot generator can be read only once);
@@ -35,9 +40,12 @@ an error too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -131,7 +139,7 @@ class Dataset:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
             raise DataError(f"limit must be >= 1, got {limit}")
-        self._arrays: dict[str, np.ndarray] | None = None
+        self._arrays: dict[str, _StoredArray] | None = None
         self._files: list[Path] | None = None
         self._factory: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None
         self._reader: Any = None
@@ -146,7 +154,7 @@ class Dataset:
                 if not self._files:
                     raise DataError(f"{path}: folder holds no .npz files (empty data set)")
             else:
-                self._arrays = _read_npz(path)
+                self._arrays = self._single_input(_stored_arrays(path))
                 self._check_arrays()
         elif hasattr(source, "get_next"):
             self.name = f"<{type(source).__name__}>"
@@ -171,11 +179,27 @@ class Dataset:
             )
 
     # -- sources --------------------------------------------------------------------------------
+    def _single_input(self, arrays: dict[str, _StoredArray]) -> dict[str, _StoredArray]:
+        """Name the array of an .npy file after the model's only required input."""
+        if list(arrays) != [None]:
+            return arrays
+        required = [s.name for s in self.inputs if not s.optional]
+        if len(required) != 1:
+            raise DataError(
+                f"{self.name}: an .npy file holds one unnamed array, but the model has "
+                f"{len(required)} inputs ({', '.join(map(repr, required))}); save an .npz whose "
+                "keys are the input names"
+            )
+        return {required[0]: arrays[None]}
+
     def _check_arrays(self) -> None:
         arrays = self._arrays
         assert arrays is not None
         self._check_names(arrays.keys(), where=self.name)
-        counts = {k: a.shape[0] if a.ndim else 0 for k, a in arrays.items()}
+        for k, a in arrays.items():
+            if a.ndim == 0:
+                raise DataError(f"{self.name}: array {k!r} is a scalar; its axis 0 must index samples")
+        counts = {k: a.shape[0] for k, a in arrays.items()}
         if len(set(counts.values())) > 1:
             listing = ", ".join(f"{k}: {n}" for k, n in counts.items())
             raise DataError(f"{self.name}: arrays disagree on the number of samples (axis 0): {listing}")
@@ -235,15 +259,15 @@ class Dataset:
     def _raw_feeds(self) -> Iterator[tuple[str, Mapping[str, np.ndarray]]]:
         if self._arrays is not None:
             n, step = self._num_samples, self._step
-            for i in range(0, n, step):
-                feed = {}
-                for name, arr in self._arrays.items():
-                    spec = self._by_name[name]
-                    if step == 1 and _is_stack_of_samples(arr, spec):
-                        feed[name] = arr[i]
-                    else:
-                        feed[name] = arr[i : i + step]
-                yield f"{self.name} sample {i}", feed
+            with contextlib.ExitStack() as stack:
+                readers = {name: stack.enter_context(arr.rows()) for name, arr in self._arrays.items()}
+                for i in range(0, n, step):
+                    feed = {}
+                    for name, arr in self._arrays.items():
+                        rows = readers[name].read(min(step, n - i))
+                        stacked = step == 1 and _is_stack_of_samples(arr, self._by_name[name])
+                        feed[name] = rows[0] if stacked else rows
+                    yield f"{self.name} sample {i}", feed
         elif self._files is not None:
             for path in self._files:
                 feed = _read_npz(path)
@@ -403,7 +427,7 @@ def load_labels(path: str | os.PathLike, *, expected: int | None = None) -> np.n
     return labels
 
 
-def _is_stack_of_samples(arr: np.ndarray, spec: InputSpec) -> bool:
+def _is_stack_of_samples(arr: np.ndarray | _StoredArray, spec: InputSpec) -> bool:
     """True when ``arr[i]`` already has the model input's full shape (one more axis than it)."""
     if spec.shape is None or arr.ndim != len(spec.shape) + 1:
         return False
@@ -411,18 +435,142 @@ def _is_stack_of_samples(arr: np.ndarray, spec: InputSpec) -> bool:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of one feed file, whole."""
+    arrays = {}
+    for key, stored in _stored_arrays(path).items():
+        if key is None:
+            raise DataError(f"{path}: a folder of feeds holds .npz files of named arrays, not a single array")
+        with stored.rows() as reader:
+            arrays[key] = reader.read_all()
+    return arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredArray:
+    """An array in an ``.npz`` member or an ``.npy`` file, known by its header until rows are read."""
+
+    path: Path
+    member: str | None  # None: the file is a .npy
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @contextlib.contextmanager
+    def rows(self) -> Iterator[_RowReader]:
+        """A reader of consecutive rows (axis 0), positioned at the first."""
+        with contextlib.ExitStack() as stack:
+            try:
+                if self.member is None:
+                    stream = stack.enter_context(open(self.path, "rb"))
+                else:
+                    archive = stack.enter_context(zipfile.ZipFile(self.path))
+                    stream = stack.enter_context(archive.open(self.member))
+                _read_npy_header(stream)
+            except Exception as exc:  # the file changed or vanished since its header was read
+                raise DataError(f"{self.path}: cannot read array {self._label()} ({_reason(exc)})") from None
+            yield _RowReader(self, stream)
+
+    def _label(self) -> str:
+        return "of the .npy file" if self.member is None else repr(self.member.removesuffix(".npy"))
+
+
+class _RowReader:
+    """Reads rows of a :class:`_StoredArray` in order; never more bytes than the rows asked for."""
+
+    def __init__(self, stored: _StoredArray, stream: Any) -> None:
+        self.stored = stored
+        self.stream = stream
+        self._whole: np.ndarray | None = None
+        self._next = 0
+
+    def read_all(self) -> np.ndarray:
+        shape = self.stored.shape
+        return self.read(shape[0]) if shape else self._read_whole()
+
+    def read(self, n: int) -> np.ndarray:
+        s = self.stored
+        if s.fortran_order or not s.shape:  # rows are not contiguous: read the whole array once
+            whole = self._read_whole()
+            out = whole[self._next : self._next + n]
+        else:
+            row_items = math.prod(s.shape[1:])
+            want = n * row_items * s.dtype.itemsize
+            buf = bytearray(want)
+            view = memoryview(buf)
+            got = 0
+            while got < want:
+                chunk = self._chunk(min(want - got, 1 << 24))
+                if not chunk:
+                    raise DataError(
+                        f"{s.path}: array {s._label()} is truncated: its header says shape {list(s.shape)}, "
+                        f"the data ends before row {self._next + got // max(1, row_items * s.dtype.itemsize)}"
+                    )
+                view[got : got + len(chunk)] = chunk
+                got += len(chunk)
+            out = np.frombuffer(buf, dtype=s.dtype).reshape((n, *s.shape[1:]))
+        self._next += n
+        return out
+
+    def _chunk(self, size: int) -> bytes:
+        try:
+            return self.stream.read(size)
+        except Exception as exc:  # a corrupt member: bad CRC, bad deflate stream
+            raise DataError(f"{self.stored.path}: array {self.stored._label()} is corrupt ({_reason(exc)})") from None
+
+    def _read_whole(self) -> np.ndarray:
+        if self._whole is None:
+            s = self.stored
+            count = math.prod(s.shape)
+            data = self._chunk(count * s.dtype.itemsize)
+            if len(data) < count * s.dtype.itemsize:
+                raise DataError(f"{s.path}: array {s._label()} is truncated (header says shape {list(s.shape)})")
+            self._whole = np.frombuffer(data, dtype=s.dtype, count=count).reshape(s.shape, order="F" if s.fortran_order else "C")
+        return self._whole
+
+
+def _read_npy_header(stream: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran order) from an .npy header; the stream is left at the data."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    return tuple(int(d) for d in shape), np.dtype(dtype), bool(fortran)
+
+
+def _stored_arrays(path: Path) -> dict[str | None, _StoredArray]:
+    """The arrays of an .npz file (by key) or of an .npy file (key None), headers only."""
+    found: dict[str | None, _StoredArray] = {}
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: expected an .npz archive of named arrays, got a single array")
-            arrays = {k: npz[k] for k in npz.files}
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":
+                    raise DataError(f"{path}: not a readable .npz file (nor an .npy array)")
+                f.seek(0)
+                found[None] = _StoredArray(path, None, *_read_npy_header(f))
+        else:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    with archive.open(member) as f:
+                        found[member.removesuffix(".npy")] = _StoredArray(path, member, *_read_npy_header(f))
     except DataError:
         raise
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    if not arrays:
+    except Exception as exc:  # zip, header and permission errors alike
+        raise DataError(f"{path}: not a readable .npz file ({_reason(exc)})") from None
+    for key, stored in found.items():
+        if stored.dtype.hasobject:
+            raise DataError(f"{path}: array {stored._label()} holds Python objects; only numeric arrays are read")
+    if not found:
         raise DataError(f"{path}: .npz file holds no arrays (empty data set)")
-    return arrays
+    return found
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:

@@ -154,7 +154,7 @@ def _from_proto(
                 onnx.checker.check_model(what)
             else:
                 onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as exc:
+        except Exception as exc:  # ValidationError, or a damaged string the checker cannot decode
             raise ModelLoadError(f"{what}: fails onnx.checker: {_first_line(exc)}") from None
     try:
         model = ir.serde.deserialize_model(proto)
@@ -163,13 +163,80 @@ def _from_proto(
     if base_dir is not None:
         ir_external_data.set_base_dir(model.graph, str(base_dir))
     _check_external_data(model, what)
+    if check:
+        _check_shapes(proto, model, what)
     return model
 
 
+def _check_shapes(proto: onnx.ModelProto, model: ir.Model, what: str) -> None:
+    """Refuse a graph whose shapes disagree (what onnxruntime would only find when running it).
+
+    ONNX shape inference in strict mode names the node it fails on; it does not compare a Conv's
+    input channels with its weight, so linear ops (``onnxcomp.ops.LINEAR_OPS``) are checked here:
+    the data input's channels, and the bias length, against what the weight's shape implies.
+    """
+    from onnxcomp.ops import LINEAR_OPS
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise ModelLoadError(f"{what}: shapes or types do not agree: {_inference_message(exc)}") from None
+    except Exception:  # inference unavailable (e.g. an op it does not know): onnxruntime decides
+        return
+    dims: dict[str, tuple[int | None, ...]] = {t.name: tuple(t.dims) for t in inferred.graph.initializer}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        tensor_type = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+    for node in model.graph:
+        spec = LINEAR_OPS.lookup(node, model)
+        if spec is None or not spec.grouped or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        x, w = node.inputs[spec.data_input], node.inputs[1]
+        xs, ws = dims.get(x.name) if x is not None else None, dims.get(w.name)
+        if not ws or None in ws or len(ws) < 3:
+            continue
+        group = node.attributes.get("group")
+        if group is not None and (group.as_int() < 1 or ws[0] % group.as_int()):
+            raise ModelLoadError(f"{what}: node {node.name!r} ({node.op_type}): group {group.as_int()} "
+                                 f"does not divide the {ws[0]} channels of weight {w.name!r}")
+        c_in, c_out = spec.channels(node, ws)
+        if xs and len(xs) == len(ws) and xs[spec.data_channel_axis] not in (None, c_in):
+            raise ModelLoadError(
+                f"{what}: node {node.name!r} ({node.op_type}): input {x.name!r} has "
+                f"{xs[spec.data_channel_axis]} channels but weight {w.name!r} of shape {list(ws)} takes {c_in}"
+            )
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        bs = dims.get(b.name) if b is not None else None
+        if bs is not None and bs != (c_out,):
+            raise ModelLoadError(
+                f"{what}: node {node.name!r} ({node.op_type}): bias {b.name!r} of shape {list(bs)} "
+                f"does not match the {c_out} output channels of weight {w.name!r}"
+            )
+
+
+def _inference_message(exc: BaseException) -> str:
+    """ONNX's inference error without its repeated prefixes: '(op_type:..., node name: ...): why'."""
+    text = _first_line(exc).replace("[ShapeInferenceError] Inference error(s): ", "")
+    return text.replace("[ShapeInferenceError] ", "").replace("[TypeInferenceError] ", "")
+
+
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    """Whether any tensor (initializers, subgraphs, ``Constant``-like attributes) is external."""
     from onnx.external_data_helper import uses_external_data
 
-    return any(uses_external_data(t) for t in proto.graph.initializer)
+    return any(uses_external_data(t) for t in _tensor_protos(proto.graph))
+
+
+def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensor_protos(sub)
 
 
 def _check_versions(proto: onnx.ModelProto, what: str) -> None:
@@ -188,11 +255,33 @@ def _check_versions(proto: onnx.ModelProto, what: str) -> None:
 
 
 def _iter_external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    """External tensors of initializers (every graph) and of node attributes (``Constant``)."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for name, value in graph.initializers.items():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
                 yield name, tensor
+    for node, attr in _external_attributes(model):
+        tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
+        for tensor in tensors:
+            if isinstance(tensor, ir.ExternalTensor):
+                yield tensor.name or f"{node.name or node.op_type}.{attr.name}", tensor
+
+
+def _external_attributes(model: ir.Model) -> Iterator[tuple[ir.Node, ir.Attr]]:
+    """Tensor attributes holding external data, in every graph."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                external = isinstance(attr.value, ir.ExternalTensor)
+            elif attr.type == ir.AttributeType.TENSORS:
+                external = any(isinstance(t, ir.ExternalTensor) for t in attr.value)
+            else:
+                continue
+            if external:
+                yield node, attr
 
 
 def _check_external_data(model: ir.Model, what: str) -> None:
@@ -202,13 +291,13 @@ def _check_external_data(model: ir.Model, what: str) -> None:
         if path not in sizes:
             if not os.path.isfile(path):
                 raise ModelLoadError(
-                    f"{what}: initializer {name!r} refers to external data file {path}, which does not exist"
+                    f"{what}: tensor {name!r} refers to external data file {path}, which does not exist"
                 )
             sizes[path] = os.path.getsize(path)
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if end > sizes[path]:
             raise ModelLoadError(
-                f"{what}: initializer {name!r} needs bytes up to {end} of {path}, "
+                f"{what}: tensor {name!r} needs bytes up to {end} of {path}, "
                 f"which has only {sizes[path]} (truncated external data)"
             )
 
@@ -260,8 +349,19 @@ def _inlined(model: ir.Model) -> ir.Model:
     if not any(True for _ in _iter_external_tensors(model)):
         return model
     clone = model.clone()
-    ir_external_data.load_to_model(clone)
+    ir_external_data.load_to_model(clone)  # initializers only: attribute tensors follow
+    for node, attr in list(_external_attributes(clone)):
+        if attr.type == ir.AttributeType.TENSOR:
+            node.attributes[attr.name] = ir.AttrTensor(attr.name, _in_memory(attr.value))
+        else:
+            node.attributes[attr.name] = ir.AttrTensors(attr.name, [_in_memory(t) for t in attr.value])
     return clone
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(tensor.numpy(), name=tensor.name)
 
 
 def model_to_bytes(model: ir.Model) -> bytes:

@@ -139,13 +139,25 @@ class LinearOpSpec:
     """A linear op: which input is data, which are weight/bias, where the channel axes are.
 
     ``data_channel_axis`` is the channel axis of the data input and output (1 for Conv-family,
-    -1 for Gemm/MatMul). ``grouped`` ops read the ``group`` attribute.
+    -1 for Gemm/MatMul). ``grouped`` ops read the ``group`` attribute; ``per_group`` says which
+    weight axis counts channels of one group only (``"in"``: Conv's ``C / group``, ``"out"``:
+    ConvTranspose's ``M / group``).
     """
 
     data_input: int
     roles: tuple[WeightRole, ...]
     data_channel_axis: int
     grouped: bool = False
+    per_group: str | None = None
+
+    def channels(self, node: ir.Node, weight_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(input channels, output channels) a weight of this shape implies for ``node``."""
+        w = self.role("weight")
+        out_axis, in_axis = w.axes(node) if w else (None, None)
+        group = _attr_int(node, "group", 1) if self.grouped else 1
+        c_in = weight_shape[in_axis] * (group if self.per_group == "in" else 1)
+        c_out = weight_shape[out_axis] * (group if self.per_group == "out" else 1)
+        return c_in, c_out
 
     def role(self, kind: str) -> WeightRole | None:
         for r in self.roles:
@@ -175,6 +187,7 @@ LINEAR_OPS.register(
         roles=(WeightRole(1, "weight", out_axis=0, in_axis=1), WeightRole(2, "bias", out_axis=0)),
         data_channel_axis=1,
         grouped=True,
+        per_group="in",
     ),
 )
 LINEAR_OPS.register(
@@ -184,6 +197,7 @@ LINEAR_OPS.register(
         roles=(WeightRole(1, "weight", out_axis=1, in_axis=0), WeightRole(2, "bias", out_axis=0)),
         data_channel_axis=1,
         grouped=True,
+        per_group="out",
     ),
 )
 LINEAR_OPS.register(

@@ -26,10 +26,12 @@ import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from onnxcomp.bounds import Range
 from onnxcomp.cluster.passes import ClusterConfig
 from onnxcomp.errors import ConfigError
+from onnxcomp.measure.bench import LATENCY_RANGES
 from onnxcomp.passes.base import PassConfig
 from onnxcomp.passes.cleanup import CleanupConfig
 from onnxcomp.quant.config import QuantizeConfig
@@ -75,15 +77,8 @@ class MeasureConfig(PassConfig):
     per_layer: bool = True
     max_feeds: int | None = None
 
-    def validate(self) -> None:
-        if self.runs < 1:
-            raise ConfigError(f"measure: runs must be >= 1, got {self.runs}")
-        if self.warmup_runs < 0 or self.warmup_seconds < 0:
-            raise ConfigError("measure: warmup_runs and warmup_seconds must be >= 0")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"measure: threads must be >= 1, got {self.threads}")
-        if self.max_feeds is not None and self.max_feeds < 1:
-            raise ConfigError(f"measure: max_feeds must be >= 1, got {self.max_feeds}")
+    stage: ClassVar[str] = "measure"
+    ranges: ClassVar[dict[str, Range]] = {**LATENCY_RANGES, "max_feeds": Range(int, 1)}
 
 
 #: Stage name -> config class, in execution order.
@@ -168,7 +163,13 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
         return Recipe.from_dict(source)
     path = Path(source)
     if path.is_file():
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where}: not a TOML recipe (not UTF-8 text: byte {exc.start} is invalid)") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read the recipe: {exc.strerror or exc}") from None
     else:
         shipped = resources.files("onnxcomp.recipes") / f"{source}.toml"
         if not shipped.is_file():

@@ -95,7 +95,7 @@ def test_shipped_recipes_validate():
         ("[quantise]\n", "unknown stage 'quantise'"),
         ("[quantize]\nmethod = 'minmax'\n", "stage 'quantize': unknown key(s) 'method'"),
         ("[quantize]\nper_channel = 'yes'\n", "key 'per_channel' expects bool"),
-        ("[measure]\nruns = 0\n", "runs must be >= 1"),
+        ("[measure]\nruns = 0\n", "stage 'measure': runs must be an integer in [1, "),
         ("name = 'x'\n", "no stage"),
         ("[cleanup\n", "not valid TOML"),
     ],

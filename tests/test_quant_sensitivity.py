@@ -11,6 +11,7 @@ import pytest
 from conftest import MODELS, make_proto
 
 from onnxcomp.cli import main
+from onnxcomp.errors import ConfigError
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.quant.sensitivity import analyze_sensitivity, quantize_with_fallback
@@ -105,9 +106,9 @@ def test_sensitivity_cli(capsys):
 
 
 def test_fallback_refuses_no_target(rng):
-    with pytest.raises(ValueError, match="fidelity_target"):
+    with pytest.raises(ConfigError, match="fidelity_target"):
         quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 4))
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ConfigError, match="labels"):
         quantize_with_fallback(_model_with_a_fragile_layer(rng), _feeds(rng, 4), max_drop=1.0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from onnxcomp.cli import (
+    POSITIVE_INT,
     add_check_flags,
     add_force_flag,
     add_output_flags,
@@ -47,7 +48,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", "--eval", dest="eval", metavar="FILE",
                    help="data to check the written model on (default: generated inputs, a sanity check only)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --data: the check compares accuracy")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=POSITIVE_INT)
     add_check_flags(p)
     add_force_flag(p)
     add_output_flags(p)

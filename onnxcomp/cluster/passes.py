@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -50,6 +50,7 @@ from onnxcomp.cluster.kmeans import (
     kmeans_1d,
     pack_indices,
 )
+from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, unique_name
 from onnxcomp.ops import LINEAR_OPS
@@ -102,17 +103,18 @@ class ClusterConfig(PassConfig):
     seed: int = 0
     max_iter: int = 100
 
+    stage: ClassVar[str] = "cluster"
+    ranges: ClassVar[dict[str, Range]] = {
+        "bits": Range(int, 1, 16),
+        "clusters": Range(int, 2, 65536),
+        "min_elements": Range(int, 1),
+        "seed": Range(int, 0, 2**32 - 1),
+        "max_iter": Range(int, 0, 1_000_000),
+    }
+
     def validate(self) -> None:
-        if self.clusters is None and not 1 <= self.bits <= 16:
-            raise ConfigError(f"cluster: bits must be in 1..16, got {self.bits}")
-        if self.clusters is not None and not 2 <= self.clusters <= 65536:
-            raise ConfigError(f"cluster: clusters must be in 2..65536, got {self.clusters}")
         if self.per_channel and self.channel_scales == "always":
             raise ConfigError("cluster: per_channel and channel_scales='always' exclude each other")
-        if self.min_elements < 1:
-            raise ConfigError(f"cluster: min_elements must be >= 1, got {self.min_elements}")
-        if self.max_iter < 0 or self.seed < 0:
-            raise ConfigError("cluster: seed and max_iter must be >= 0")
         NodeSelector((), self.exclude)  # validates patterns
 
     @property

@@ -9,11 +9,21 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.bounds import Range
 from onnxcomp.graph import parameter_nbytes
 from onnxcomp.io import model_to_bytes
 from onnxcomp.measure.latency import SessionSpec, measure_latency
 
-__all__ = ["physical_cores", "bench_models"]
+__all__ = ["physical_cores", "bench_models", "LATENCY_RANGES"]
+
+#: Accepted latency settings, shared by ``onnxcomp bench`` and the recipes' ``[measure]`` stage.
+LATENCY_RANGES = {
+    "runs": Range(int, 1, 1_000_000),
+    "warmup_runs": Range(int, 0, 1_000_000),
+    "warmup_seconds": Range(float, 0.0, 3600.0),
+    "time_budget": Range(float, 0.0, 86400.0, min_open=True),
+    "threads": Range(int, 1, 4096),
+}
 
 
 def physical_cores() -> int:

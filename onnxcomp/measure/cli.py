@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from onnxcomp.cli import add_output_flags, console, esc, print_json, progress_bar, register
+from onnxcomp.cli import COUNT, POSITIVE_INT, add_output_flags, console, esc, print_json, progress_bar, register
 from onnxcomp.data import (
     Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
 )
-from onnxcomp.measure.bench import bench_models, physical_cores
+from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
+from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 
 __all__: list[str] = []
@@ -29,16 +30,16 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="inputs from an .npz file or folder (default: generated from the input types)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="shape of a generated input with dynamic dimensions (repeatable)")
-    p.add_argument("--batch-size", type=int, help="samples per run when feeding --data")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per run when feeding --data")
+    p.add_argument("--threads", type=LATENCY_RANGES["threads"], default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimization level (default: all)")
-    p.add_argument("--runs", type=int, default=50, help="measured runs per model (default 50)")
-    p.add_argument("--time-budget", type=float, help="stop measuring after this many seconds (at least one round)")
-    p.add_argument("--warmup-runs", type=int, default=10)
-    p.add_argument("--warmup-seconds", type=float, default=1.0)
-    p.add_argument("--feeds", type=int, default=8, help="distinct feeds cycled through (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=LATENCY_RANGES["runs"], default=50, help="measured runs per model (default 50)")
+    p.add_argument("--time-budget", type=LATENCY_RANGES["time_budget"], help="stop measuring after this many seconds (at least one round)")
+    p.add_argument("--warmup-runs", type=LATENCY_RANGES["warmup_runs"], default=10)
+    p.add_argument("--warmup-seconds", type=LATENCY_RANGES["warmup_seconds"], default=1.0)
+    p.add_argument("--feeds", type=Range(int, 1, 100_000), default=8, help="distinct feeds cycled through (default 8)")
+    p.add_argument("--seed", type=Range(int, 0, 2**32 - 1), default=0)
     add_output_flags(p)
 
 
@@ -108,10 +109,10 @@ def _configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="integer labels (.npy) for accuracy of both models")
     p.add_argument("--label-output", help="output holding class scores (default: the first)")
     p.add_argument("--per-layer", action="store_true", help="SQNR of every intermediate tensor both models share")
-    p.add_argument("--top", type=int, default=15, help="layers shown with --per-layer (default 15; --json has all)")
+    p.add_argument("--top", type=COUNT, default=15, help="layers shown with --per-layer (default 15; --json has all)")
     p.add_argument("--channel-axis", default="auto", help="per-channel error axis: auto, none, or an integer")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--limit", type=int, help="use at most this many feeds")
+    p.add_argument("--batch-size", type=POSITIVE_INT)
+    p.add_argument("--limit", type=POSITIVE_INT, help="use at most this many feeds")
     p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all")
     add_output_flags(p)
 
@@ -137,6 +138,11 @@ def _run_compare(args: argparse.Namespace) -> int:
             axis = int(args.channel_axis)
         except ValueError:
             raise ConfigError(f"--channel-axis must be auto, none or an integer, got {args.channel_axis!r}") from None
+        for out in reference.graph.outputs:
+            rank = len(out.shape) if out.shape is not None else None
+            if rank is not None and rank >= 2 and not (-rank <= axis < rank and axis % rank != 0):
+                raise ConfigError(f"--channel-axis {axis}: output {out.name!r} has rank {rank}; "
+                                  f"give an axis in 1..{rank - 1} (axis 0 indexes samples), auto or none")
     with progress_bar(con) as progress:
         task = progress.add_task("comparing", total=ds.num_feeds)
         result = compare_models(

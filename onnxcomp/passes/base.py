@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import onnx_ir as ir
 import onnx_ir.passes
 
+from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError, OnnxcompError, OpsetError
 from onnxcomp.io import check_model, clone_model, create_session, onnx_opset
 
@@ -85,13 +86,36 @@ def new_problems(model: ir.Model, reference: ir.Model, checks: Sequence[str] = M
 class PassConfig:
     """Base for pass configs: frozen dataclasses validated on construction.
 
-    Subclasses override :meth:`validate` and raise :class:`ConfigError` naming the field. Configs can
-    be built from plain mappings (a recipe section) with :meth:`from_dict`, which refuses unknown
-    keys and wrong types with a message naming the key and the expected type.
+    Numeric fields declare their accepted values in ``ranges`` (field name -> :class:`Range`),
+    checked on construction before :meth:`validate`; a float field must be finite whether or not it
+    has a range. Subclasses override :meth:`validate` for the checks a range cannot express and
+    raise :class:`ConfigError` naming the field. Configs can be built from plain mappings (a recipe
+    section) with :meth:`from_dict`, which refuses unknown keys and wrong types with a message
+    naming the key and the expected type.
     """
 
+    #: Name in messages (the recipe stage), e.g. ``quantize``.
+    stage: ClassVar[str] = ""
+    #: Field name -> accepted numeric values (None stays allowed where the field's type allows it).
+    ranges: ClassVar[Mapping[str, Range]] = {}
+
     def __post_init__(self) -> None:
+        self.check_ranges()
         self.validate()
+
+    def check_ranges(self) -> None:
+        """Refuse a value outside its declared range, and any NaN or infinite float."""
+        stage = self.stage or type(self).__name__
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            for item in values:
+                rng = self.ranges.get(f.name)
+                if rng is None and isinstance(item, float):
+                    rng = Range(float)
+                problem = rng.problem(item) if rng is not None and item is not None else None
+                if problem:
+                    raise ConfigError(f"{stage}: {f.name} {problem}")
 
     def validate(self) -> None:
         """Check field values; raise ConfigError naming the field. Default: nothing to check."""
@@ -113,6 +137,11 @@ class PassConfig:
             return cls(**converted)
         except TypeError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
+        except ConfigError as exc:  # name the recipe and stage rather than the stage alone
+            text = str(exc)
+            if prefix and cls.stage and text.startswith(f"{cls.stage}: "):
+                text = text[len(cls.stage) + 2 :]
+            raise ConfigError(f"{prefix}{text}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

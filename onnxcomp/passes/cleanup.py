@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes
@@ -44,7 +44,7 @@ import onnxscript.optimizer
 import onnxscript.rewriter
 from onnxscript.rewriter.rules import common as rules
 
-from onnxcomp.errors import ConfigError
+from onnxcomp.bounds import Range
 from onnxcomp.graph import fix_subgraph_outputs, restore_model
 from onnxcomp.io import clone_model, initializer_nbytes
 from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS
@@ -109,12 +109,12 @@ class CleanupConfig(PassConfig):
     fold_output_size_limit: int = 1 << 20
     fold_weights: bool = True
 
-    def validate(self) -> None:
-        if self.iterations < 1:
-            raise ConfigError(f"cleanup: iterations must be >= 1, got {self.iterations}")
-        for name in ("fold_input_size_limit", "fold_output_size_limit"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"cleanup: {name} must be >= 0, got {getattr(self, name)}")
+    stage: ClassVar[str] = "cleanup"
+    ranges: ClassVar[dict[str, Range]] = {
+        "iterations": Range(int, 1, 1000),
+        "fold_input_size_limit": Range(int, 0),
+        "fold_output_size_limit": Range(int, 0),
+    }
 
 
 class _FoldConstants(onnx_ir.passes.InPlacePass):

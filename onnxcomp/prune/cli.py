@@ -6,6 +6,7 @@ import argparse
 import os
 
 from onnxcomp.cli import (
+    POSITIVE_INT,
     add_check_flags,
     add_force_flag,
     add_output_flags,
@@ -43,7 +44,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-border", action="store_true",
                    help="fold constant channels into zero-padded convs too (border pixels change; reported)")
     p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=POSITIVE_INT)
     p.add_argument("--eval", metavar="FILE", help="data for the held-out check (default: part of the calibration data)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --eval data: the check compares accuracy")
     add_check_flags(p)

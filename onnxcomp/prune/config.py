@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
-from onnxcomp.errors import ConfigError
+from onnxcomp.bounds import Range
 from onnxcomp.passes.base import PassConfig
 from onnxcomp.quant.config import NodeSelector
 
@@ -45,17 +45,16 @@ class PruneConfig(PassConfig):
     fold_border: bool = False
     max_samples: int | None = None
 
+    stage: ClassVar[str] = "prune"
+    ranges: ClassVar[dict[str, Range]] = {
+        "ratio": Range(float, 0.0, 1.0, max_open=True),
+        "round_to": Range(int, 1, 1 << 16),
+        "min_channels": Range(int, 1),
+        "ridge": Range(float, 0.0, 1e6),
+        "max_samples": Range(int, 1),
+    }
+
     def validate(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ConfigError(f"prune: ratio must be in [0, 1), got {self.ratio}")
-        if self.round_to < 1:
-            raise ConfigError(f"prune: round_to must be >= 1, got {self.round_to}")
-        if self.min_channels < 1:
-            raise ConfigError(f"prune: min_channels must be >= 1, got {self.min_channels}")
-        if self.ridge < 0:
-            raise ConfigError(f"prune: ridge must be >= 0, got {self.ridge}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"prune: max_samples must be >= 1, got {self.max_samples}")
         NodeSelector((), self.exclude)
 
     @property

@@ -6,6 +6,8 @@ import argparse
 import os
 
 from onnxcomp.cli import (
+    COUNT,
+    POSITIVE_INT,
     add_check_flags,
     add_force_flag,
     add_output_flags,
@@ -22,6 +24,7 @@ from onnxcomp.cli import (
     register,
     run_check,
 )
+from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 from onnxcomp.report import kernel_summary
 
@@ -51,7 +54,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--max-samples", type=int, help="calibrate on at most this many feeds")
-    p.add_argument("--batch-size", type=int, help="samples per calibration feed (dynamic batch dimension)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per calibration feed (dynamic batch dimension)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="weight-only bits (default 4)")
     p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
     p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
@@ -152,6 +155,8 @@ def _run(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    if config.max_drop is not None and labels is None:
+        raise ConfigError("--max-drop is an accuracy budget: it needs --eval and --labels")
     split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
     fit = split.fit if split.fit is not None else calibration
     with progress_bar(con) as progress:
@@ -264,21 +269,19 @@ def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax")
     p.add_argument("--per-tensor", action="store_true")
-    p.add_argument("--max-eval-feeds", type=int, default=64)
-    p.add_argument("--workers", type=int, help="processes evaluating candidates (default: physical cores)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--max-eval-feeds", type=POSITIVE_INT, default=64)
+    p.add_argument("--workers", type=Range(int, 1, 1024),
+                   help="processes evaluating candidates (default: physical cores)")
+    p.add_argument("--batch-size", type=POSITIVE_INT)
+    p.add_argument("--top", type=COUNT, default=20)
     add_output_flags(p)
 
 
 def _run_sensitivity(args: argparse.Namespace) -> int:
-    import concurrent.futures
-    import multiprocessing
-
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import load_model
     from onnxcomp.quant.config import QuantizeConfig
-    from onnxcomp.quant.sensitivity import analyze_sensitivity
+    from onnxcomp.quant.sensitivity import analyze_sensitivity, process_pool, stop_pool
 
     con = console(args)
     model = load_model(args.model)
@@ -288,9 +291,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
-    executor = None
-    if args.workers:
-        executor = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    executor = process_pool(args.workers) if args.workers else None
+    cancel = True
     try:
         with progress_bar(con) as progress:
             task = progress.add_task("candidates", total=None)
@@ -299,9 +301,10 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
                 max_eval_feeds=args.max_eval_feeds,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
+        cancel = False
     finally:
         if executor is not None:
-            executor.shutdown()
+            stop_pool(executor, cancel=cancel)
     if args.json:
         print_json(report)
         return 0

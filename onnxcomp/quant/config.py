@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
+from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
 
@@ -90,28 +91,28 @@ class QuantizeConfig(PassConfig):
     max_drop: float | None = None
     latency_aware: bool = False
 
+    stage: ClassVar[str] = "quantize"
+    ranges: ClassVar[dict[str, Range]] = {
+        "percentile": Range(float, 0.0, 100.0, min_open=True),
+        "bins": Range(int, 16, 1 << 20),
+        "max_samples": Range(int, 1),
+        "max_range_ratio": Range(float, 1.0, min_open=True),
+        "block_size": Range(int, 16, 1 << 16),
+        "smoothquant_alpha": Range(float, 0.0, 1.0),
+        "fidelity_target": Range(float, 0.0, 200.0),
+        "max_drop": Range(float, 0.0, 100.0),
+    }
+
     def validate(self) -> None:
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
-        if not 0.0 < self.percentile <= 100.0:
-            raise ConfigError(f"quantize: percentile must be in (0, 100], got {self.percentile}")
-        if self.bins < 16:
-            raise ConfigError(f"quantize: bins must be >= 16, got {self.bins}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ConfigError(f"quantize: max_samples must be >= 1, got {self.max_samples}")
-        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
-            raise ConfigError(f"quantize: smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         if (self.equalize or self.smoothquant or self.bias_correction) and self.mode != "static":
             raise ConfigError("quantize: equalize, smoothquant and bias_correction apply to static mode")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ConfigError(f"quantize: max_drop must be >= 0 points, got {self.max_drop}")
         if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
             raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
-        if self.max_range_ratio <= 1.0:
-            raise ConfigError(f"quantize: max_range_ratio must be > 1, got {self.max_range_ratio}")
         if self.bits not in (4, 8):
             raise ConfigError(f"quantize: bits must be 4 or 8, got {self.bits}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+        if self.block_size & (self.block_size - 1):
             raise ConfigError(f"quantize: block_size must be a power of two >= 16, got {self.block_size}")
         if self.weight_only_format == "ort" and self.bits != 4 and self.mode == "weight-only":
             raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")

@@ -26,16 +26,20 @@ the whole int8 model is still slower than the float one, that is reported.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import multiprocessing
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.errors import ConfigError
 from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.passes.cleanup import CleanupPass
@@ -146,7 +150,7 @@ class QuantStudy:
         if labels is not None:
             labels = np.asarray(labels)
             if eval_data is None:
-                raise ValueError("labels need eval_data (they label the evaluation samples)")
+                raise ConfigError("labels need eval_data (they label the evaluation samples)")
         reference = run_model(work, feeds)
         if labels is not None:
             n = sum(int(r[0].shape[0]) for r in reference)
@@ -174,18 +178,21 @@ class QuantStudy:
         own = executor is None and len(payloads) > 1
         if executor is None:
             executor = _default_executor(len(payloads))
+        cancel = True
         try:
-            futures = [executor.submit(evaluate_model_bytes, b, self.feeds, self.reference, self.labels)
-                       for b in payloads]
+            with _spawning(executor):
+                futures = [executor.submit(evaluate_model_bytes, b, self.feeds, self.reference, self.labels)
+                           for b in payloads]
             results = []
             for i, f in enumerate(futures):
                 results.append(f.result())
                 if progress is not None:
                     progress(i + 1, len(futures))
+            cancel = False
             return results
         finally:
             if own:
-                executor.shutdown(wait=True)
+                stop_pool(executor, cancel=cancel)
 
     def float_metrics(self) -> dict[str, float]:
         return evaluate_model_bytes(model_to_bytes(self.work), self.feeds, self.reference, self.labels)
@@ -196,8 +203,48 @@ def _default_executor(tasks: int) -> concurrent.futures.Executor:
         return _Inline()
     from onnxcomp.measure.bench import physical_cores
 
-    workers = max(1, min(physical_cores(), tasks))
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return process_pool(max(1, min(physical_cores(), tasks)))
+
+
+def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Spawned worker processes that ignore Ctrl-C: the parent alone handles it (:func:`stop_pool`)."""
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+    )
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
+    """Ignore Ctrl-C while a process pool starts its workers (on submit), so that they inherit it.
+
+    A worker still importing its modules when Ctrl-C reaches the process group would otherwise
+    print a traceback before its initializer runs; Python keeps an inherited SIG_IGN.
+    """
+    if not isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_pool(executor: concurrent.futures.Executor, *, cancel: bool) -> None:
+    """Shut ``executor`` down; with ``cancel`` (an error or Ctrl-C) drop queued work and end the workers."""
+    if not cancel:
+        executor.shutdown(wait=True)
+        return
+    processes = list((getattr(executor, "_processes", None) or {}).values())  # shutdown forgets them
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def analyze_sensitivity(
@@ -276,12 +323,12 @@ def quantize_with_fallback(
             them; the report's ``eval_samples`` says how many samples were used).
 
     Raises:
-        ValueError: neither target given, or ``max_drop`` without labels.
+        ConfigError: neither target given, or ``max_drop`` without labels.
     """
     if fidelity_target is None and max_drop is None and not latency_aware:
-        raise ValueError("give fidelity_target (dB), max_drop (points, with labels) or latency_aware")
+        raise ConfigError("give fidelity_target (dB), max_drop (points, with labels) or latency_aware")
     if max_drop is not None and labels is None:
-        raise ValueError("max_drop needs labels (and eval_data)")
+        raise ConfigError("quantize: max_drop is an accuracy budget and needs labels of the evaluation data (--labels, --eval)")
     study = QuantStudy.prepare(model, calibration, config, eval_data=eval_data, labels=labels,
                                max_eval_feeds=max_eval_feeds)
     base = study.float_metrics()
