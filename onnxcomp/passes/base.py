@@ -143,13 +143,19 @@ class CompressionPass(onnx_ir.passes.InPlacePass, Generic[C]):
         self.config: C = config  # type: ignore[assignment]
         self.result: PassResult | None = None
 
+    @classmethod
+    def required_opset(cls, config: PassConfig) -> int:
+        """The lowest default-domain opset the pass accepts with ``config`` (default: ``min_opset``)."""
+        return cls.min_opset
+
     def check_opset(self, model: ir.Model) -> None:
         """Refuse a model outside the pass's opset range (an OpsetError, not onnx_ir's wrapper)."""
         opset = onnx_opset(model)
-        if opset < self.min_opset or (self.max_opset is not None and opset > self.max_opset):
+        lowest = self.required_opset(self.config)
+        if opset < lowest or (self.max_opset is not None and opset > self.max_opset):
             upper = f"..{self.max_opset}" if self.max_opset is not None else "+"
             raise OpsetError(
-                f"{type(self).__name__} needs default-domain opset {self.min_opset}{upper}, "
+                f"{type(self).__name__} needs default-domain opset {lowest}{upper}, "
                 f"the model has {opset}; upgrade it (onnxcomp.io.upgrade_opset) or allow the "
                 "command to upgrade"
             )

@@ -41,8 +41,9 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.io import initializer_nbytes
 from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS
 from onnxcomp.passes.base import CompressionPass, PassConfig
+from onnxcomp.stage import Context, Stage
 
-__all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
+__all__ = ["CleanupConfig", "CleanupPass", "CleanupStage", "op_histogram"]
 
 _GENERATED_NAME = re.compile(r"^node_[A-Za-z]+_\d+$")
 _RULE_NAME_TAG = "pkg.onnxscript.rewriter.rule_name"  # onnxscript.rewriter's debugging tag
@@ -288,3 +289,13 @@ class CleanupPass(CompressionPass[CleanupConfig]):
             "initializer_bytes_before": before_bytes,
             "initializer_bytes_after": initializer_nbytes(model),
         }
+
+
+class CleanupStage(Stage):
+    """Cleanup of the working copy (``[cleanup]`` in a recipe); later stages skip their own."""
+
+    name = "cleanup"
+    config_class = CleanupConfig
+
+    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
+        return CleanupPass(self.config)(work).stats

@@ -69,9 +69,8 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.graph import add_initializer, all_value_names, with_outputs
-from onnxcomp.io import create_session
-from onnxcomp.testing import session_options
+from onnxcomp.graph import add_initializer, all_value_names, exposed
+from onnxcomp.runtime import create_session, session_options
 
 __all__ = ["LayerFit", "ConvGeometry", "conv_patches", "reconstruct"]
 
@@ -664,7 +663,8 @@ def _session(model: ir.Model, names: Sequence[str], threads: int | None):
     if not names:
         return None
     options = session_options("basic", threads=threads)
-    return create_session(with_outputs(model, list(names)), sess_options=options)
+    with exposed(model, list(names)) as exposing:
+        return create_session(exposing, sess_options=options)
 
 
 def _fit_layer(

@@ -59,12 +59,12 @@ from onnx_ir.passes.common import TopologicalSortPass
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError, OnnxcompError
 from onnxcomp.graph import add_initializer, all_value_names, produced_values, unique_name, with_outputs, working_copy
-from onnxcomp.io import ModelSource, create_session
+from onnxcomp.io import ModelSource
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.passes.cleanup import CleanupPass
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.quant.config import STATIC_MIN_OPSET, NodeSelector
 from onnxcomp.quant.primitives import quantize_bias
-from onnxcomp.testing import session_options
+from onnxcomp.runtime import create_session, session_options
 
 __all__ = ["BiasCorrectionConfig", "BiasCorrectionPass", "correct_biases", "prepare_reference"]
 
@@ -102,8 +102,6 @@ class BiasCorrectionConfig(PassConfig):
 
 def prepare_reference(reference: ModelSource, *, cleanup: bool = True) -> ir.Model:
     """The float model as ``quantize`` saw it: working copy (opset >= 13), cleanup, sorted."""
-    from onnxcomp.quant.api import STATIC_MIN_OPSET
-
     work = working_copy(reference, STATIC_MIN_OPSET, allow_upgrade=True, notes=[])
     if cleanup:
         CleanupPass()(work)

@@ -9,9 +9,12 @@ from typing import Literal
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
 
-__all__ = ["QuantizeConfig", "NodeSelector"]
+__all__ = ["QuantizeConfig", "NodeSelector", "STATIC_MIN_OPSET"]
 
 _METHODS = ("minmax", "percentile", "entropy", "mse")
+
+#: Static Q/DQ needs per-axis QuantizeLinear/DequantizeLinear (opset 13).
+STATIC_MIN_OPSET = 13
 
 
 @dataclasses.dataclass(frozen=True)

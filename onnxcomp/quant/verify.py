@@ -13,9 +13,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.io import ort_optimized_model
 from onnxcomp.quant.rules import FLOAT_COMPUTE, INT8_KERNELS
-from onnxcomp.testing import session_options
+from onnxcomp.runtime import ort_optimized_model, session_options
 
 __all__ = ["fusion_report"]
 
