@@ -105,3 +105,62 @@ def test_io_creates_no_sessions():
 def test_command_modules_do_not_import_the_cli():
     graph = import_graph()
     assert sorted(m for m, deps in graph.items() if "onnxcomp.cli" in deps) == ["onnxcomp.__main__"]
+
+
+#: Modules whose own pattern matching compares op types (a rewrite looks for Add after MatMul,
+#: a DequantizeLinear of a constant, ...), with the most comparisons each may hold. Knowledge about
+#: ops themselves (weight axes, bias slots, channel rules, attribute defaults) lives in ops.py, so
+#: this list only shrinks; a module not listed may hold none.
+OP_TYPE_COMPARISONS = {
+    "onnxcomp/quant/equalize.py": 15,
+    "onnxcomp/quant/bias_correction.py": 5,
+    "onnxcomp/prune/reconstruct.py": 8,
+    "onnxcomp/quant/weight_only.py": 7,
+    "onnxcomp/quant/smoothquant.py": 6,
+    "onnxcomp/quant/qdq.py": 5,
+    "onnxcomp/prune/fold.py": 5,
+    "onnxcomp/analysis/cost.py": 3,
+    "onnxcomp/analysis/channels.py": 1,
+    "onnxcomp/prune/select.py": 1,
+    "onnxcomp/cluster/passes.py": 1,
+    "onnxcomp/summary.py": 1,
+    "onnxcomp/passes/cleanup.py": 1,
+}
+
+
+def _op_type_comparisons(path: Path) -> int:
+    """``x.op_type == ...`` / ``!=`` comparisons (either side) in a module's code."""
+    count = 0
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+            sides = [node.left, *node.comparators]
+            count += any(isinstance(side, ast.Attribute) and side.attr == "op_type" for side in sides)
+    return count
+
+
+def test_op_type_comparisons_only_in_pattern_matching_modules():
+    found = {}
+    for name, path in _modules().items():
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        if rel == "onnxcomp/ops.py":
+            continue
+        n = _op_type_comparisons(path)
+        if n > OP_TYPE_COMPARISONS.get(rel, 0):
+            found[rel] = n
+    assert found == {}, f"op type comparisons beyond the allowance (move the op knowledge into ops.py): {found}"
+
+
+def test_weight_axes_come_from_the_ops_table():
+    import onnx_ir as ir
+
+    from onnxcomp.ops import bias_input, weight_axes
+
+    def node(op, **ints):
+        return ir.Node("", op, inputs=[], attributes=[ir.AttrInt64(k, v) for k, v in ints.items()])
+
+    assert weight_axes(node("Conv")) == (0, 1)
+    assert weight_axes(node("ConvTranspose")) == (1, 0)
+    assert weight_axes(node("Gemm")) == (1, 0)
+    assert weight_axes(node("Gemm", transB=1)) == (0, 1)
+    assert weight_axes(node("MatMul")) == (-1, -2)
+    assert (bias_input(node("Conv")), bias_input(node("Gemm")), bias_input(node("MatMul"))) == (2, 2, None)
