@@ -121,7 +121,7 @@ OP_TYPE_COMPARISONS = {
     "onnxcomp/prune/fold.py": 5,
     "onnxcomp/analysis/cost.py": 3,
     "onnxcomp/analysis/channels.py": 1,
-    "onnxcomp/prune/select.py": 1,
+    "onnxcomp/prune/importance.py": 1,
     "onnxcomp/cluster/passes.py": 1,
     "onnxcomp/summary.py": 1,
     "onnxcomp/passes/cleanup.py": 1,

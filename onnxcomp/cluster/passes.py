@@ -54,7 +54,7 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, unique_name
 from onnxcomp.ops import LINEAR_OPS
 from onnxcomp.passes.base import CompressionPass, PassConfig
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.selection import NodeSelector
 
 __all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET"]
 

@@ -22,7 +22,8 @@ from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import consumer_input_stats, cut_channels
-from onnxcomp.prune.select import activation_means, channel_scores, eligible_groups, select_channels
+from onnxcomp.prune.importance import group_scores
+from onnxcomp.prune.select import eligible_groups, select_channels
 from onnxcomp.stage import Context, Stage
 
 __all__ = ["prune", "prune_in_place", "PruneStage"]
@@ -91,11 +92,7 @@ def prune_in_place(
     analysis = analyze_channels(work, infer_shapes=False)
     groups, skipped = eligible_groups(analysis, config)
     by_id = {g.id: g for g in analysis.groups}
-    if config.criterion == "activation":
-        act = activation_means(work, groups, data)
-        scores = {g.id: act.get(g.id, channel_scores(g, "l1")) for g in groups}
-    else:
-        scores = {g.id: channel_scores(g, config.criterion) for g in groups}
+    scores = group_scores(work, groups, config.criterion, data)
     removal = select_channels(groups, config, scores)
     # Constant channels (zeros) fold exactly; lossy criteria fold the removed channels' means.
     stats = None

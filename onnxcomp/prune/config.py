@@ -7,7 +7,8 @@ from typing import Literal
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.prune.importance import IMPORTANCES
+from onnxcomp.selection import NodeSelector
 
 __all__ = ["PruneConfig"]
 
@@ -20,7 +21,8 @@ class PruneConfig(PassConfig):
         criterion: ``zeros`` (channels whose producer weights are exactly zero, as a training
             framework's structured pruning leaves them; exact), ``l1`` / ``l2`` (weight magnitude
             summed over every producer and consumer slice of the coupled group), ``bn``
-            (BatchNorm |gamma|), ``activation`` (mean |activation| on calibration data).
+            (BatchNorm |gamma|), ``activation`` (mean |activation| on calibration data), or any
+            other importance registered in :mod:`onnxcomp.prune.importance`.
         ratio: fraction of each group's channels to remove (ignored by ``zeros``).
         scope: ``layer`` removes ``ratio`` of every group; ``global`` ranks all channels of all
             groups together by their score normalized by the group's mean score.
@@ -34,7 +36,7 @@ class PruneConfig(PassConfig):
         max_samples: use at most this many calibration feeds.
     """
 
-    criterion: Literal["zeros", "l1", "l2", "bn", "activation"] = "l1"
+    criterion: str = "l1"
     ratio: float = 0.3
     scope: Literal["layer", "global"] = "layer"
     round_to: int = 1
@@ -46,6 +48,8 @@ class PruneConfig(PassConfig):
     max_samples: int | None = None
 
     def validate(self) -> None:
+        if self.criterion not in IMPORTANCES:
+            raise ConfigError(f"prune: criterion must be one of {', '.join(map(repr, IMPORTANCES))}, got {self.criterion!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"prune: ratio must be in [0, 1), got {self.ratio}")
         if self.round_to < 1:
@@ -60,4 +64,4 @@ class PruneConfig(PassConfig):
 
     @property
     def needs_data(self) -> bool:
-        return self.criterion == "activation" or self.reconstruct
+        return IMPORTANCES[self.criterion].needs_data or self.reconstruct
