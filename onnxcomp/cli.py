@@ -481,8 +481,4 @@ def _load_commands() -> None:
     import importlib
 
     for module in ("onnxcomp.measure.cli", "onnxcomp.quant.cli", "onnxcomp.cluster.cli", "onnxcomp.prune.cli"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module)  # a broken command module is an error, not a missing command

@@ -6,6 +6,7 @@ works on a clone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "FLOAT_TYPES",
     "infer_types",
     "with_outputs",
+    "exposed",
     "stream_values",
     "produced_values",
     "constant_array",
@@ -72,6 +74,30 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return clone
 
 
+@contextlib.contextmanager
+def exposed(model: ir.Model, names: Sequence[str]) -> Iterator[ir.Model]:
+    """``model`` with the main-graph tensors ``names`` as extra graph outputs, for the block only.
+
+    No copy when every named value is typed (a working copy after :func:`infer_types`): the
+    outputs are appended and removed again on exit, so build the session inside the block. Values
+    without a type are handled by :func:`with_outputs` on a clone (types are inferred there).
+    """
+    values = produced_values(model)
+    wanted = list(dict.fromkeys(names))
+    if any(n not in values or values[n].dtype is None for n in wanted):
+        yield with_outputs(model, wanted)
+        return
+    outputs = model.graph.outputs
+    existing = {v.name for v in outputs}
+    added = [values[n] for n in wanted if n not in existing]
+    outputs.extend(added)
+    try:
+        yield model
+    finally:
+        for _ in added:
+            outputs.pop()
+
+
 def stream_values(
     model: ir.Model,
     names: Sequence[str],
@@ -86,15 +112,15 @@ def stream_values(
     them (built in memory, basic optimizations); graph inputs are read from the feed. Nothing is
     kept between feeds, so memory is bounded by one feed's tensors.
     """
-    from onnxcomp.io import create_session
-    from onnxcomp.testing import session_options
+    from onnxcomp.runtime import create_session, session_options
 
     names = list(dict.fromkeys(names))
     graph_inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in graph_inputs]
     session = None
     if computed:
-        session = create_session(with_outputs(model, computed), sess_options=session_options("basic", threads=threads))
+        with exposed(model, computed) as exposing:
+            session = create_session(exposing, sess_options=session_options("basic", threads=threads))
     for i, feed in enumerate(data):
         if max_feeds is not None and i >= max_feeds:
             return

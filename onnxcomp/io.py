@@ -40,7 +40,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Union
 
@@ -58,9 +58,9 @@ __all__ = [
     "clone_model",
     "model_to_bytes",
     "session_source",
-    "create_session",
     "upgrade_opset",
-    "ort_optimized_model",
+    "exported_model",
+    "first_line",
     "check_model",
     "check_target",
     "check_destinations",
@@ -398,27 +398,6 @@ def session_source(model: ir.Model) -> Iterator[bytes | str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def create_session(
-    model: ir.Model,
-    *,
-    sess_options=None,
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
-):
-    """An ``onnxruntime.InferenceSession`` on ``model``, built in memory when it fits.
-
-    Raises:
-        OnnxcompError subclass ModelLoadError: onnxruntime refuses the model; the message carries
-            onnxruntime's own reason.
-    """
-    import onnxruntime as ort
-
-    with session_source(model) as src:
-        try:
-            return ort.InferenceSession(src, sess_options=sess_options, providers=list(providers))
-        except Exception as exc:
-            raise ModelLoadError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-
-
 def check_model(model: ir.Model, *, full_check: bool = False) -> None:
     """Run ``onnx.checker`` on ``model`` (through a temporary file when over 2 GB).
 
@@ -436,25 +415,19 @@ def check_model(model: ir.Model, *, full_check: bool = False) -> None:
         raise ModelLoadError(f"the model fails onnx.checker: {_first_line(exc)}") from None
 
 
-def ort_optimized_model(model: ir.Model, *, sess_options=None) -> ir.Model:
-    """The graph onnxruntime actually runs: ``model`` after its graph optimizations.
+def exported_model(export: Callable[[str, str], None]) -> ir.Model:
+    """A model another tool writes to disk, read back into memory; the files are removed.
 
-    onnxruntime writes it through ``SessionOptions.optimized_model_filepath`` into a temporary
-    folder that is removed afterwards. Use it to check which fused kernels a rewrite produced.
+    ``export(path, data_name)`` writes a model to ``path`` (external data, if any, in ``data_name``
+    next to it) inside a temporary folder; the model is loaded with its external data inlined.
     """
-    import onnxruntime as ort
-
-    options = sess_options or ort.SessionOptions()
-    tmp = tempfile.mkdtemp(prefix="onnxcomp-optimized-")
+    tmp = tempfile.mkdtemp(prefix="onnxcomp-export-")
     try:
-        path = os.path.join(tmp, "optimized.onnx")
-        options.optimized_model_filepath = path
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        create_session(model, sess_options=options)
-        optimized = ir.load(path)
-        ir_external_data.load_to_model(optimized)
-        return optimized
+        path = os.path.join(tmp, "exported.onnx")
+        export(path, "exported.data")
+        exported = ir.load(path)
+        ir_external_data.load_to_model(exported)
+        return exported
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -781,3 +754,7 @@ def _same_file(a: Path | str, b: Path | str) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:500]
+
+
+#: The first line of an exception's message (at most 500 characters), for error messages.
+first_line = _first_line

@@ -32,6 +32,9 @@ __all__ = [
     "WeightRole",
     "LinearOpSpec",
     "LINEAR_OPS",
+    "linear_spec",
+    "weight_axes",
+    "bias_input",
     "CHANNELWISE_OPS",
     "node_opset",
     "is_default_domain",
@@ -154,7 +157,7 @@ class LinearOpSpec:
         """(input channels, output channels) a weight of this shape implies for ``node``."""
         w = self.role("weight")
         out_axis, in_axis = w.axes(node) if w else (None, None)
-        group = _attr_int(node, "group", 1) if self.grouped else 1
+        group = node.attributes.get_int("group", 1) if self.grouped else 1
         c_in = weight_shape[in_axis] * (group if self.per_group == "in" else 1)
         c_out = weight_shape[out_axis] * (group if self.per_group == "out" else 1)
         return c_in, c_out
@@ -166,17 +169,12 @@ class LinearOpSpec:
         return None
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
 def _gemm_b_out(node: ir.Node) -> int:
-    return 0 if _attr_int(node, "transB", 0) else 1
+    return 0 if node.attributes.get_int("transB", 0) else 1
 
 
 def _gemm_b_in(node: ir.Node) -> int:
-    return 1 if _attr_int(node, "transB", 0) else 0
+    return 1 if node.attributes.get_int("transB", 0) else 0
 
 
 LINEAR_OPS: OpTable[LinearOpSpec] = OpTable("linear ops")
@@ -219,6 +217,38 @@ LINEAR_OPS.register(
         data_channel_axis=-1,
     ),
 )
+
+def linear_spec(node: ir.Node) -> LinearOpSpec | None:
+    """The :data:`LINEAR_OPS` row of a default-domain node (its rows hold for every opset), or None."""
+    if not is_default_domain(node.domain):
+        return None
+    return LINEAR_OPS.get("", node.op_type, _ANY_OPSET)
+
+
+def weight_axes(node: ir.Node) -> tuple[int, int]:
+    """(output-channel axis, input-channel axis) of a linear node's weight (input 1).
+
+    Axes may be negative (MatMul: -1 and -2); Gemm's follow ``transB``. Raises KeyError for an op
+    that is not in :data:`LINEAR_OPS`.
+    """
+    spec = linear_spec(node)
+    role = spec.role("weight") if spec is not None else None
+    if role is None:
+        raise KeyError(f"{node.op_type} is not a linear op with a weight")
+    out_axis, in_axis = role.axes(node)
+    return int(out_axis), int(in_axis)
+
+
+def bias_input(node: ir.Node) -> int | None:
+    """Input index of a linear node's bias, or None when the op has no bias input (MatMul)."""
+    spec = linear_spec(node)
+    role = spec.role("bias") if spec is not None else None
+    return role.input_index if role is not None else None
+
+
+#: any opset: rows of LINEAR_OPS have no upper bound
+_ANY_OPSET = 10**6
+
 
 #: Ops mapping channel c of input 0 to channel c of output 0 (channel axis 1 for NCHW data).
 #: Per-channel parameters (BatchNormalization's scale/bias/mean/var, PRelu's slope) are inputs
@@ -301,7 +331,7 @@ class ChannelRule:
 
 
 def _axis_attr(node: ir.Node, default: int, rank: int) -> int:
-    axis = _attr_int(node, "axis", default)
+    axis = node.attributes.get_int("axis", default)
     return axis + rank if axis < 0 else axis
 
 
@@ -491,7 +521,7 @@ QUANT_PARAM_INPUTS.register("DynamicQuantizeMatMul", (2, 3), domain="com.microso
 
 
 def _nbits_weight_elements(node: ir.Node) -> int:
-    return _attr_int(node, "N", 0) * _attr_int(node, "K", 0)
+    return node.attributes.get_int("N", 0) * node.attributes.get_int("K", 0)
 
 
 #: Integer weight inputs of quantized ops: input index -> its element count as a function of the

@@ -26,76 +26,57 @@ import sys
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from onnxcomp.bounds import Range
-from onnxcomp.cluster.passes import ClusterConfig
+from onnxcomp.cluster.api import ClusterStage
 from onnxcomp.errors import ConfigError
-from onnxcomp.measure.bench import LATENCY_RANGES
+from onnxcomp.measure.stages import MeasureConfig, MeasureStage, VerifyConfig, VerifyStage
 from onnxcomp.passes.base import PassConfig
-from onnxcomp.passes.cleanup import CleanupConfig
-from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.passes.cleanup import CleanupStage
+from onnxcomp.prune.api import PruneStage
+from onnxcomp.quant.api import QuantizeStage
+from onnxcomp.stage import Stage
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["STAGES", "MeasureConfig", "VerifyConfig", "Recipe", "load_recipe", "shipped_recipes", "parse_override",
-           "recipe_toml"]
+__all__ = ["STAGES", "STAGE_CLASSES", "register_stage", "MeasureConfig", "VerifyConfig", "Recipe", "load_recipe",
+           "shipped_recipes", "parse_override", "recipe_toml"]
 
 
-@dataclasses.dataclass(frozen=True)
-class VerifyConfig(PassConfig):
-    """Checks on the compressed model: ``onnx.checker``, onnxruntime loads it, outputs unchanged.
-
-    Attributes:
-        check_outputs: the output names, dtypes and fixed dimensions must equal the input model's.
-    """
-
-    check_outputs: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class MeasureConfig(PassConfig):
-    """Before/after measurement.
-
-    Attributes:
-        latency: measure latency (interleaved, onnxruntime CPU).
-        runs / warmup_runs / warmup_seconds / time_budget: latency settings (see ``onnxcomp bench``).
-        threads: intra-op threads (None: physical cores).
-        per_layer: rank shared intermediate tensors by SQNR in the fidelity report.
-        max_feeds: evaluate fidelity on at most this many feeds (None: all).
-    """
-
-    latency: bool = True
-    runs: int = 50
-    warmup_runs: int = 10
-    warmup_seconds: float = 0.5
-    time_budget: float | None = None
-    threads: int | None = None
-    per_layer: bool = True
-    max_feeds: int | None = None
-
-    stage: ClassVar[str] = "measure"
-    ranges: ClassVar[dict[str, Range]] = {**LATENCY_RANGES, "max_feeds": Range(int, 1)}
-
-
-#: Stage name -> config class, in execution order.
-STAGES: dict[str, type[PassConfig]] = {
-    "cleanup": CleanupConfig,
-    "cluster": ClusterConfig,
-    "quantize": QuantizeConfig,
-    "verify": VerifyConfig,
-    "measure": MeasureConfig,
+#: The stage registry: name -> :class:`~onnxcomp.stage.Stage` class, in execution order.
+STAGE_CLASSES: dict[str, type[Stage]] = {
+    "cleanup": CleanupStage,
+    "prune": PruneStage,
+    "cluster": ClusterStage,
+    "quantize": QuantizeStage,
+    "verify": VerifyStage,
+    "measure": MeasureStage,
 }
 
-try:  # pruning registers its stage when the module exists
-    from onnxcomp.prune.config import PruneConfig
+#: Stage name -> config class, in execution order (follows :data:`STAGE_CLASSES`).
+STAGES: dict[str, type[PassConfig]] = {name: cls.config_class for name, cls in STAGE_CLASSES.items()}
 
-    STAGES = {"cleanup": CleanupConfig, "prune": PruneConfig, **{k: v for k, v in STAGES.items() if k != "cleanup"}}
-except ImportError:  # pragma: no cover
-    pass
+
+def register_stage(stage: type[Stage], *, after: str | None = None) -> None:
+    """Add (or replace) a stage under ``stage.name``, run after the stage ``after`` (default: last).
+
+    A recipe may then have a ``[name]`` table, parsed by ``stage.config_class``.
+    """
+    if not stage.name:
+        raise ValueError("a stage needs a name")
+    order = [n for n in STAGE_CLASSES if n != stage.name]
+    if after is not None and after not in order:
+        raise ValueError(f"no stage {after!r} to run {stage.name!r} after; stages are {', '.join(order)}")
+    position = order.index(after) + 1 if after is not None else len(order)
+    order.insert(position, stage.name)
+    classes = {**STAGE_CLASSES, stage.name: stage}
+    STAGE_CLASSES.clear()
+    STAGE_CLASSES.update((n, classes[n]) for n in order)
+    STAGES.clear()
+    STAGES.update((n, c.config_class) for n, c in STAGE_CLASSES.items())
 
 
 @dataclasses.dataclass(frozen=True)

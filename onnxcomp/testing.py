@@ -3,49 +3,22 @@
 ``assert_equivalent`` runs two models on the same feeds with onnxruntime's graph optimizations
 both off (``ORT_DISABLE_ALL``: isolates the rewrite under test) and on (``ORT_ENABLE_ALL``: catches
 surprises in onnxruntime's own fusions) and compares every output.
+
+Nothing in the ``onnxcomp`` package imports this module; the session helpers live in
+:mod:`onnxcomp.runtime` (re-exported here for tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.io import create_session
 from onnxcomp.measure.metrics import sqnr_db
+from onnxcomp.runtime import OPT_LEVELS, run_model, session_options
 
 __all__ = ["OPT_LEVELS", "session_options", "run_model", "assert_equivalent", "sqnr_db"]
-
-OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def session_options(optimization: str = "all", threads: int | None = 1):
-    """onnxruntime SessionOptions for a graph optimization level name and a thread count."""
-    import onnxruntime as ort
-
-    from onnxcomp.measure.latency import GRAPH_OPTIMIZATION_LEVELS as levels
-
-    if optimization not in levels:
-        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = levels[optimization]
-    if threads is not None:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
-
-
-def run_model(
-    model: ir.Model,
-    feeds: Iterable[Mapping[str, np.ndarray]],
-    *,
-    optimization: str = "all",
-) -> list[list[np.ndarray]]:
-    """Outputs of ``model`` for each feed: ``result[feed_index][output_index]``."""
-    session = create_session(model, sess_options=session_options(optimization))
-    return [session.run(None, dict(feed)) for feed in feeds]
 
 
 def assert_equivalent(

@@ -14,6 +14,7 @@ from conftest import file_digest, make_proto
 
 from onnxcomp import io
 from onnxcomp.errors import ModelLoadError, ModelSaveError, OpsetError
+from onnxcomp.runtime import create_session
 from onnxcomp.testing import run_model
 
 
@@ -266,5 +267,5 @@ def test_model_over_2gb_round_trip(tmp_path):
     assert (tmp_path / "big.onnx").stat().st_size < 1 << 20
     loaded = io.load_model(out)
     assert len(io.external_data_files(loaded)) == 1
-    got = io.create_session(loaded).run(None, {"idx": np.array([5], np.int64)})[0]
+    got = create_session(loaded).run(None, {"idx": np.array([5], np.int64)})[0]
     np.testing.assert_array_equal(got[0], np.arange(cols, dtype=np.float32) + 2.0)

@@ -20,6 +20,7 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.measure.fidelity import compare_models
 from onnxcomp.prune.api import prune
 from onnxcomp.prune.config import PruneConfig
+from onnxcomp.runtime import create_session
 from onnxcomp.testing import assert_equivalent
 
 
@@ -140,8 +141,8 @@ def test_constant_channel_into_padded_conv_kept_or_folded_with_border_error():
     folded, report = prune(model, PruneConfig(criterion="zeros", fold_border=True), calibration=feeds)
     assert report["channels_removed"] == 1 and report["border_error_folds"] == ["c2"]
     ref = compare_models(model, folded, Dataset(feeds, model), channel_axis=None).outputs[0]
-    out = io.create_session(model).run(None, feeds[0])[0]
-    got = io.create_session(folded).run(None, feeds[0])[0]
+    out = create_session(model).run(None, feeds[0])[0]
+    got = create_session(folded).run(None, feeds[0])[0]
     # interior pixels are exact, only the border ring differs
     np.testing.assert_allclose(got[..., 1:-1, 1:-1], out[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
     assert np.abs(got - out).max() > 1e-3 and ref.sqnr_db < 80
@@ -171,7 +172,7 @@ def test_criteria_on_digits_cnn(criterion):
     for g in report["groups"]:
         assert g["channels_after"] % 4 == 0 or g["channels_after"] == g["channels_before"]
     feeds = list(Dataset(MODELS / "digits_eval.npz", reference, batch_size=7, limit=1))
-    assert io.create_session(pruned).run(None, feeds[0])[0].shape == (7, 10)
+    assert create_session(pruned).run(None, feeds[0])[0].shape == (7, 10)
 
 
 def test_global_scope_and_exclusions():

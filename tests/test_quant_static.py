@@ -17,6 +17,7 @@ from onnxcomp.errors import ConfigError, OpsetError
 from onnxcomp.measure.fidelity import compare_models
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.runtime import ort_optimized_model
 from onnxcomp.testing import run_model
 
 
@@ -288,7 +289,7 @@ def test_hardswish_and_gates_run_in_int8(rng):
     # into the Add's output range; Div by a constant stays float between a DQ and a Q.
     assert ort["int8_by_op"].get("QLinearAdd") == 2 and ort["int8_by_op"].get("QLinearMul") == 2, ort
     assert report["folded_activations"] == 2  # HardSwish's Clip and the gate's Relu
-    assert not {"Add", "Mul", "Clip"} & {n.op_type for n in io.ort_optimized_model(quantized).graph}
+    assert not {"Add", "Mul", "Clip"} & {n.op_type for n in ort_optimized_model(quantized).graph}
     feeds = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)}]
     for level in ("disable", "all"):
         assert compare_models(io.load_model(proto), quantized, feeds, optimization=level).outputs[0].sqnr_db > 25

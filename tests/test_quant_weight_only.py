@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnxcomp.errors import ConfigError, OpsetError
-from onnxcomp.io import create_session, load_model, onnx_opset, save_model
+from onnxcomp.io import load_model, onnx_opset, save_model
+from onnxcomp.runtime import create_session
 from onnxcomp.measure.metrics import sqnr_db
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig

@@ -13,12 +13,14 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.cluster.passes import CODEBOOK_UINT4_OPSET, ClusterConfig, ClusterPass
-from onnxcomp.io import ModelSource, create_session
+from onnxcomp.cluster.passes import ClusterConfig, ClusterPass
+from onnxcomp.io import ModelSource
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.graph import working_copy
+from onnxcomp.runtime import create_session
+from onnxcomp.stage import Context, Stage
 
-__all__ = ["cluster", "session_creation_seconds"]
+__all__ = ["cluster", "ClusterStage", "session_creation_seconds"]
 
 
 def session_creation_seconds(model: ir.Model, repeats: int = 3) -> float:
@@ -45,11 +47,23 @@ def cluster(
     """Cluster ``model``'s weights; returns the new model and a report (the input is untouched)."""
     config = config or ClusterConfig()
     notes: list[str] = []
-    min_opset = CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else 1
-    work = working_copy(model, min_opset, allow_upgrade=allow_upgrade, notes=notes)
+    work = working_copy(model, ClusterStage.required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
     if cleanup:
         report["cleanup"] = CleanupPass()(work).stats
-    result = ClusterPass(config, progress=progress)(work)
-    report.update(result.stats)
+    report.update(ClusterPass(config, progress=progress)(work).stats)
     return work, report
+
+
+class ClusterStage(Stage):
+    """Weight clustering of the working copy (``[cluster]`` in a recipe)."""
+
+    name = "cluster"
+    config_class = ClusterConfig
+
+    @classmethod
+    def required_opset(cls, config: ClusterConfig) -> int:
+        return ClusterPass.required_opset(config)
+
+    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
+        return ClusterPass(self.config, progress=ctx.progress_for(self.name))(work).stats

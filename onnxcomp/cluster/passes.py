@@ -55,7 +55,7 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, unique_name
 from onnxcomp.ops import LINEAR_OPS
 from onnxcomp.passes.base import CompressionPass, PassConfig
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.selection import NodeSelector
 
 __all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET"]
 
@@ -175,11 +175,10 @@ class ClusterPass(CompressionPass[ClusterConfig]):
 
     config_class = ClusterConfig
 
-    def check_opset(self, model: ir.Model) -> None:
+    @classmethod
+    def required_opset(cls, config: ClusterConfig) -> int:
         """The codebook format with K <= 16 stores UINT4 labels, which need opset 21."""
-        if self.config.format == "codebook" and self.config.k <= 16:
-            self.min_opset = CODEBOOK_UINT4_OPSET
-        super().check_opset(model)
+        return CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else cls.min_opset
 
     def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None):
         super().__init__(config)

@@ -30,10 +30,10 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
-from onnxcomp.graph import FLOAT_TYPES, infer_types, with_outputs
-from onnxcomp.io import clone_model, create_session
+from onnxcomp.graph import FLOAT_TYPES, exposed, infer_types
+from onnxcomp.io import clone_model
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
-from onnxcomp.testing import session_options
+from onnxcomp.runtime import create_session, session_options
 
 __all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
 
@@ -118,6 +118,15 @@ def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[str]
     return [name for name in ref_values if name in cand_values]
 
 
+def _typed(model: ir.Model) -> ir.Model:
+    """``model`` itself when every value its nodes produce is typed, else a typed clone."""
+    if all(v.dtype is not None for node in model.graph for v in node.outputs if v.name):
+        return model
+    clone = clone_model(model)
+    infer_types(clone)
+    return clone
+
+
 def compare_models(
     reference: ir.Model,
     candidate: ir.Model,
@@ -161,13 +170,12 @@ def compare_models(
     cand_session = create_session(candidate, sess_options=options)
     layer_sessions = None
     if per_layer:
-        reference, candidate = clone_model(reference), clone_model(candidate)
-        infer_types(reference)
-        infer_types(candidate)
+        reference, candidate = _typed(reference), _typed(candidate)
         layer_names = _shared_intermediates(reference, candidate)
         if layer_names:
-            layer_sessions = (create_session(with_outputs(reference, layer_names), sess_options=options),
-                              create_session(with_outputs(candidate, layer_names), sess_options=options))
+            with exposed(reference, layer_names) as ref_exposed, exposed(candidate, layer_names) as cand_exposed:
+                layer_sessions = (create_session(ref_exposed, sess_options=options),
+                                  create_session(cand_exposed, sess_options=options))
     names = ref_outputs + layer_names
     accumulators: dict[str, FidelityAccumulator] = {}
     label_index = ref_outputs.index(label_output) if label_output else 0

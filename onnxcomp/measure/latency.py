@@ -68,6 +68,7 @@ import onnxruntime as ort
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.measure.stats import LatencySummary, check_int, interleaved_schedule, ratio_ci, summarize
+from onnxcomp.runtime import GRAPH_OPTIMIZATION_LEVELS
 
 __all__ = [
     "GRAPH_OPTIMIZATION_LEVELS",
@@ -78,12 +79,6 @@ __all__ = [
     "measure_latency",
 ]
 
-GRAPH_OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 ProgressCallback = Callable[[int, int], object]
 

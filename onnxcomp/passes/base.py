@@ -31,7 +31,8 @@ import onnx_ir.passes
 
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError, OnnxcompError, OpsetError
-from onnxcomp.io import check_model, clone_model, create_session, onnx_opset
+from onnxcomp.io import check_model, clone_model, onnx_opset
+from onnxcomp.runtime import create_session, session_options
 
 __all__ = [
     "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult",
@@ -49,7 +50,6 @@ class InvalidModelError(OnnxcompError):
 
 def model_problems(model: ir.Model, checks: Sequence[str] = MODEL_CHECKS) -> dict[str, str]:
     """``{check: first complaint}`` for each check of :data:`MODEL_CHECKS` that ``model`` fails."""
-    from onnxcomp.testing import session_options
 
     problems: dict[str, str] = {}
     for check in checks:
@@ -229,13 +229,19 @@ class CompressionPass(onnx_ir.passes.InPlacePass, Generic[C]):
         self.config: C = config  # type: ignore[assignment]
         self.result: PassResult | None = None
 
+    @classmethod
+    def required_opset(cls, config: PassConfig) -> int:
+        """The lowest default-domain opset the pass accepts with ``config`` (default: ``min_opset``)."""
+        return cls.min_opset
+
     def check_opset(self, model: ir.Model) -> None:
         """Refuse a model outside the pass's opset range (an OpsetError, not onnx_ir's wrapper)."""
         opset = onnx_opset(model)
-        if opset < self.min_opset or (self.max_opset is not None and opset > self.max_opset):
+        lowest = self.required_opset(self.config)
+        if opset < lowest or (self.max_opset is not None and opset > self.max_opset):
             upper = f"..{self.max_opset}" if self.max_opset is not None else "+"
             raise OpsetError(
-                f"{type(self).__name__} needs default-domain opset {self.min_opset}{upper}, "
+                f"{type(self).__name__} needs default-domain opset {lowest}{upper}, "
                 f"the model has {opset}; upgrade it (onnxcomp.io.upgrade_opset) or allow the "
                 "command to upgrade"
             )

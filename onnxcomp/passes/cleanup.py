@@ -49,8 +49,9 @@ from onnxcomp.graph import fix_subgraph_outputs, restore_model
 from onnxcomp.io import clone_model, initializer_nbytes
 from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS
 from onnxcomp.passes.base import MODEL_CHECKS, CompressionPass, PassConfig, model_problems
+from onnxcomp.stage import Context, Stage
 
-__all__ = ["CleanupConfig", "CleanupPass", "op_histogram"]
+__all__ = ["CleanupConfig", "CleanupPass", "CleanupStage", "op_histogram"]
 
 _GENERATED_NAME = re.compile(r"^node_[A-Za-z]+_\d+$")
 _RULE_NAME_TAG = "pkg.onnxscript.rewriter.rule_name"  # onnxscript.rewriter's debugging tag
@@ -423,3 +424,13 @@ class CleanupPass(CompressionPass[CleanupConfig]):
             "initializer_bytes_after": initializer_nbytes(model),
             "rolled_back": rolled_back,
         }
+
+
+class CleanupStage(Stage):
+    """Cleanup of the working copy (``[cleanup]`` in a recipe); later stages skip their own."""
+
+    name = "cleanup"
+    config_class = CleanupConfig
+
+    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
+        return CleanupPass(self.config)(work).stats

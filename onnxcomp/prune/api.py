@@ -22,9 +22,11 @@ from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import consumer_input_stats, cut_channels
-from onnxcomp.prune.select import activation_means, channel_scores, eligible_groups, select_channels
+from onnxcomp.prune.importance import group_scores
+from onnxcomp.prune.select import eligible_groups, select_channels
+from onnxcomp.stage import Context, Stage
 
-__all__ = ["prune"]
+__all__ = ["prune", "prune_in_place", "PruneStage"]
 
 
 def _constant_probe(model: ir.Model) -> Dataset:
@@ -55,9 +57,28 @@ def prune(
         ConfigError: the criterion or reconstruction needs calibration data and none was given.
     """
     config = config or PruneConfig()
-    started = time.perf_counter()
     notes: list[str] = []
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
+    report = prune_in_place(work, config, calibration=calibration, progress=progress)
+    report["notes"] = notes + report["notes"]
+    return work, report
+
+
+def prune_in_place(
+    work: ir.Model,
+    config: PruneConfig,
+    *,
+    calibration: DataSource | Dataset | None = None,
+    progress: Callable[[int, int | None], object] | None = None,
+    serialized_sizes: bool = True,
+) -> dict[str, Any]:
+    """Prune the working copy ``work`` (named nodes) in place; returns the report.
+
+    ``serialized_sizes``: report the serialized size before and after (two serializations;
+    ``compress`` measures sizes once at the end instead).
+    """
+    started = time.perf_counter()
+    notes: list[str] = []
     original = clone_model(work)  # for the output check (tensors shared)
     infer_types(work)
     data = load_data(calibration, work, limit=config.max_samples) if calibration is not None else None
@@ -67,15 +88,12 @@ def prune(
             "needs calibration data (--calibration)"
         )
     before = count_cost(work)
-    before["bytes"] = len(model_to_bytes(work))
+    if serialized_sizes:
+        before["bytes"] = len(model_to_bytes(work))
     analysis = analyze_channels(work, infer_shapes=False)
     groups, skipped = eligible_groups(analysis, config)
     by_id = {g.id: g for g in analysis.groups}
-    if config.criterion == "activation":
-        act = activation_means(work, groups, data)
-        scores = {g.id: act.get(g.id, channel_scores(g, "l1")) for g in groups}
-    else:
-        scores = {g.id: channel_scores(g, config.criterion) for g in groups}
+    scores = group_scores(work, groups, config.criterion, data)
     removal = select_channels(groups, config, scores)
     # Constant channels (zeros) fold exactly; lossy criteria fold the removed channels' means.
     stats = None
@@ -109,7 +127,8 @@ def prune(
 
         ensure_valid(work, original, "prune", report)
     after = count_cost(work)
-    after["bytes"] = len(model_to_bytes(work))
+    if serialized_sizes:
+        after["bytes"] = len(model_to_bytes(work))
     report.update({
         "groups": [
             {
@@ -129,7 +148,22 @@ def prune(
         "after": after,
         "seconds": time.perf_counter() - started,
     })
-    return work, report
+    return report
+
+
+class PruneStage(Stage):
+    """Structured pruning of the working copy (``[prune]`` in a recipe), fitted on ``ctx.fit_data``."""
+
+    name = "prune"
+    config_class = PruneConfig
+
+    @classmethod
+    def needs_data(cls, config: PruneConfig) -> bool:
+        return config.needs_data
+
+    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
+        return prune_in_place(work, self.config, calibration=ctx.fit_data, progress=ctx.progress_for(self.name),
+                              serialized_sizes=False)
 
 
 def _where(group) -> str:

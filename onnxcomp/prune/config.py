@@ -6,8 +6,10 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from onnxcomp.bounds import Range
+from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.prune.importance import IMPORTANCES
+from onnxcomp.selection import NodeSelector
 
 __all__ = ["PruneConfig"]
 
@@ -20,7 +22,8 @@ class PruneConfig(PassConfig):
         criterion: ``zeros`` (channels whose producer weights are exactly zero, as a training
             framework's structured pruning leaves them; exact), ``l1`` / ``l2`` (weight magnitude
             summed over every producer and consumer slice of the coupled group), ``bn``
-            (BatchNorm |gamma|), ``activation`` (mean |activation| on calibration data).
+            (BatchNorm |gamma|), ``activation`` (mean |activation| on calibration data), or any
+            other importance registered in :mod:`onnxcomp.prune.importance`.
         ratio: fraction of each group's channels to remove (ignored by ``zeros``).
         scope: ``layer`` removes ``ratio`` of every group; ``global`` ranks all channels of all
             groups together by their score normalized by the group's mean score.
@@ -34,7 +37,7 @@ class PruneConfig(PassConfig):
         max_samples: use at most this many calibration feeds.
     """
 
-    criterion: Literal["zeros", "l1", "l2", "bn", "activation"] = "l1"
+    criterion: str = "l1"
     ratio: float = 0.3
     scope: Literal["layer", "global"] = "layer"
     round_to: int = 1
@@ -55,8 +58,10 @@ class PruneConfig(PassConfig):
     }
 
     def validate(self) -> None:
+        if self.criterion not in IMPORTANCES:
+            raise ConfigError(f"prune: criterion must be one of {', '.join(map(repr, IMPORTANCES))}, got {self.criterion!r}")
         NodeSelector((), self.exclude)
 
     @property
     def needs_data(self) -> bool:
-        return self.criterion == "activation" or self.reconstruct
+        return IMPORTANCES[self.criterion].needs_data or self.reconstruct

@@ -69,9 +69,9 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.graph import add_initializer, all_value_names, with_outputs
-from onnxcomp.io import create_session
-from onnxcomp.testing import session_options
+from onnxcomp.graph import add_initializer, all_value_names, exposed
+from onnxcomp.ops import weight_axes
+from onnxcomp.runtime import create_session, session_options
 
 __all__ = ["LayerFit", "ConvGeometry", "conv_patches", "reconstruct"]
 
@@ -106,26 +106,6 @@ class LayerFit:
 # ------------------------------------------------------------------------------------------------
 
 
-def _ints(node: ir.Node, name: str, default: Sequence[int]) -> tuple[int, ...]:
-    attr = node.attributes.get(name)
-    return tuple(default) if attr is None else tuple(int(v) for v in attr.as_ints())
-
-
-def _int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.as_int())
-
-
-def _float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.as_float())
-
-
-def _str(node: ir.Node, name: str, default: str) -> str:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_string()
-
-
 @dataclasses.dataclass(frozen=True)
 class ConvGeometry:
     """Where each output position of a convolution reads its input (after padding).
@@ -146,17 +126,17 @@ class ConvGeometry:
     def from_node(cls, node: ir.Node, weight_shape: Sequence[int]) -> ConvGeometry:
         kernel = tuple(int(d) for d in weight_shape[2:])
         d = len(kernel)
-        pads = _ints(node, "pads", (0,) * (2 * d))
+        pads = tuple(node.attributes.get_ints("pads", (0,) * (2 * d)))
         if len(pads) != 2 * d:
             raise OnnxcompError(f"reconstruct: Conv {node.name!r} has {len(pads)} pads for {d} spatial axes")
         return cls(
             kernel=kernel,
-            strides=_ints(node, "strides", (1,) * d),
-            dilations=_ints(node, "dilations", (1,) * d),
+            strides=tuple(node.attributes.get_ints("strides", (1,) * d)),
+            dilations=tuple(node.attributes.get_ints("dilations", (1,) * d)),
             pads_begin=pads[:d],
             pads_end=pads[d:],
-            group=_int(node, "group", 1),
-            auto_pad=_str(node, "auto_pad", "NOTSET"),
+            group=node.attributes.get_int("group", 1),
+            auto_pad=node.attributes.get_string("auto_pad", "NOTSET"),
         )
 
     @property
@@ -384,11 +364,11 @@ class _DenseLayer(_Layer):
         self.weight = w
         self.bias_add = bias_add
         if node.op_type == "Gemm":
-            if _int(node, "transA", 0):
+            if node.attributes.get_int("transA", 0):
                 raise _Skip("Gemm with transA=1 is not supported")
-            self.trans_b = bool(_int(node, "transB", 0))
-            self.alpha = _float(node, "alpha", 1.0)
-            self.beta = _float(node, "beta", 1.0)
+            self.trans_b = bool(node.attributes.get_int("transB", 0))
+            self.alpha = node.attributes.get_float("alpha", 1.0)
+            self.beta = node.attributes.get_float("beta", 1.0)
             if self.alpha == 0.0:
                 raise _Skip("Gemm with alpha=0")
             c = node.inputs[2] if len(node.inputs) > 2 else None
@@ -664,7 +644,8 @@ def _session(model: ir.Model, names: Sequence[str], threads: int | None):
     if not names:
         return None
     options = session_options("basic", threads=threads)
-    return create_session(with_outputs(model, list(names)), sess_options=options)
+    with exposed(model, list(names)) as exposing:
+        return create_session(exposing, sess_options=options)
 
 
 def _fit_layer(
@@ -810,10 +791,5 @@ def _reference_channels(
         w = _const(ref.inputs[1])
         if w is None:
             raise ValueError(f"reconstruct: node {name!r}: its weight is not a constant in the reference")
-        if ref.op_type == "Conv":
-            out[name] = w.shape[0]
-        elif ref.op_type == "Gemm":
-            out[name] = w.shape[0] if _int(ref, "transB", 0) else w.shape[1]
-        else:
-            out[name] = w.shape[-1]
+        out[name] = w.shape[weight_axes(ref)[0]]
     return out

@@ -13,7 +13,7 @@ over every member of the group, so a residual stream or a Concat segment is judg
   constant (a bias, a BatchNorm shift, an activation of those), which the cut folds into the
   consumers' biases.
 
-Selection removes ``floor(ratio * size)`` lowest-scoring channels of each group (``layer``
+The scores come from the importance registry (:mod:`onnxcomp.prune.importance`). Selection removes ``floor(ratio * size)`` lowest-scoring channels of each group (``layer``
 scope) or thresholds the group-normalized scores :math:`s_c / \bar s_g` of all groups together
 (``global`` scope); the number kept is rounded up to a multiple of ``round_to`` and never below
 ``min_channels``.
@@ -21,16 +21,14 @@ scope) or thresholds the group-normalized scores :math:`s_c / \bar s_g` of all g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-import onnx_ir as ir
 
-from onnxcomp.analysis.channels import ChannelAnalysis, ChannelGroup, Member
-from onnxcomp.data import Dataset
-from onnxcomp.graph import stream_values
+from onnxcomp.analysis.channels import ChannelAnalysis, ChannelGroup
 from onnxcomp.prune.config import PruneConfig
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.prune.importance import activation_means, channel_scores, zero_channels
+from onnxcomp.selection import NodeSelector
 
 __all__ = ["eligible_groups", "channel_scores", "zero_channels", "activation_means", "select_channels"]
 
@@ -53,81 +51,6 @@ def eligible_groups(analysis: ChannelAnalysis, config: PruneConfig) -> tuple[lis
         else:
             eligible.append(g)
     return eligible, skipped
-
-
-def _slices(member: Member, size: int) -> np.ndarray:
-    """Member tensor with the group's channels on axis 0: shape [size, -1]."""
-    arr = member.value.const_value.numpy()
-    moved = np.moveaxis(arr, member.axis, 0)
-    part = moved[member.offset : member.offset + size * member.block]
-    return part.reshape(size, -1).astype(np.float64)
-
-
-def zero_channels(group: ChannelGroup) -> np.ndarray:
-    """Channels whose weight slices in every producer are exactly zero (constant channels)."""
-    if not group.producers:
-        return np.zeros(0, dtype=np.int64)
-    zero = np.ones(group.size, dtype=bool)
-    for p in group.producers:
-        zero &= ~np.any(_slices(p, group.size) != 0, axis=1)
-    return np.flatnonzero(zero)
-
-
-def channel_scores(group: ChannelGroup, criterion: str, activation: np.ndarray | None = None) -> np.ndarray:
-    """One importance score per channel of ``group`` (higher = more important)."""
-    if criterion == "activation":
-        if activation is None:
-            raise ValueError(f"group {group.id}: the activation criterion needs calibration statistics")
-        return activation
-    if criterion == "bn":
-        gammas = [m for m in group.params if m.node.op_type == "BatchNormalization" and m.input_index == 1]
-        if gammas:
-            return sum(np.abs(_slices(m, group.size)).sum(axis=1) for m in gammas)
-        criterion = "l1"
-    power = 1 if criterion in ("l1", "zeros") else 2
-    score = np.zeros(group.size)
-    for m in (*group.producers, *group.consumers):
-        score += (np.abs(_slices(m, group.size)) ** power).sum(axis=1)
-    return score
-
-
-def _activation_members(group: ChannelGroup) -> list[Member]:
-    return [m for m in group.activations if m.value.producer() is not None]
-
-
-def activation_means(
-    model: ir.Model,
-    groups: Iterable[ChannelGroup],
-    data: Dataset,
-    *,
-    max_feeds: int | None = None,
-    progress: Callable[[int], object] | None = None,
-) -> dict[int, np.ndarray]:
-    """Mean |activation| per channel for each group, streamed over ``data`` (bounded memory)."""
-    groups = list(groups)
-    wanted = {m.value.name for g in groups for m in _activation_members(g)}
-    if not wanted:
-        return {}
-    names = sorted(wanted)
-    sums: dict[tuple[int, str], np.ndarray] = {}
-    counts: dict[tuple[int, str], int] = {}
-    for i, values in enumerate(stream_values(model, names, data, max_feeds=max_feeds)):
-        for g in groups:
-            for m in _activation_members(g):
-                x = np.moveaxis(values[m.value.name], m.axis, 0)
-                part = np.abs(x[m.offset : m.offset + g.size * m.block].reshape(g.size, -1), dtype=np.float64)
-                key = (g.id, m.value.name)
-                sums[key] = sums.get(key, 0.0) + part.sum(axis=1)
-                counts[key] = counts.get(key, 0) + part.shape[1]
-        if progress is not None:
-            progress(i + 1)
-    result = {}
-    for g in groups:
-        per_member = [sums[(g.id, m.value.name)] / counts[(g.id, m.value.name)] for m in _activation_members(g)]
-        normalized = [v / max(float(v.mean()), 1e-30) for v in per_member]
-        if normalized:
-            result[g.id] = np.mean(normalized, axis=0)
-    return result
 
 
 def _keep_count(size: int, remove: int, config: PruneConfig) -> int:

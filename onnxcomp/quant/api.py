@@ -7,59 +7,34 @@ rewrites and finally checks which int8 kernels onnxruntime actually fuses.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
-from onnx_ir.passes.common import TopologicalSortPass
 
-from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.data import DataSource, Dataset
 from onnxcomp.errors import ConfigError
-from onnxcomp.graph import infer_types, working_copy
-from onnxcomp.io import ModelSource, clone_model
-from onnxcomp.passes.cleanup import CleanupPass
-from onnxcomp.quant.calibrate import calibrate
-from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.qdq import QDQPass, mixed_range_nodes, plan_static
+from onnxcomp.graph import working_copy
+from onnxcomp.io import ModelSource
+from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
+from onnxcomp.quant.static import observer_kwargs, quantize_static
 from onnxcomp.quant.verify import fusion_report
+from onnxcomp.stage import Context, Stage
 
-__all__ = ["quantize", "observer_kwargs"]
-
-STATIC_MIN_OPSET = 13
-
-
-def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
-    """Constructor arguments of the observer the config's calibration method uses."""
-    if config.calibration == "percentile":
-        return {"percentile": config.percentile, "bins": config.bins, "symmetric": config.activation_symmetric}
-    if config.calibration == "entropy":
-        return {"bins": config.bins, "qdtype": config.activation_type}
-    if config.calibration == "mse":
-        return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
-    return {}
+__all__ = ["quantize", "quantize_in_place", "QuantizeStage", "observer_kwargs", "required_opset", "STATIC_MIN_OPSET"]
 
 
-def _recover_before(work: ir.Model, config: QuantizeConfig, data: Dataset) -> dict[str, Any]:
-    """Float-exact rewrites that make the model easier to quantize (CLE, SmoothQuant)."""
-    stats: dict[str, Any] = {}
-    if config.equalize:
-        from onnxcomp.quant.equalize import CrossLayerEqualizationPass
+def required_opset(config: QuantizeConfig) -> int:
+    """The lowest default-domain opset the config's mode writes."""
+    if config.mode == "static":
+        return STATIC_MIN_OPSET
+    from onnxcomp.quant.weight_only import DYNAMIC_MIN_OPSET, QDQ_MIN_OPSET
 
-        stats["equalize"] = CrossLayerEqualizationPass()(work).stats
-    if config.smoothquant:
-        from onnxcomp.quant.smoothquant import SmoothQuantConfig, SmoothQuantPass
-
-        sq = SmoothQuantConfig(
-            alpha=config.smoothquant_alpha if config.smoothquant_alpha is not None else 0.5,
-            search=config.smoothquant_alpha is None,
-            activation_type=config.activation_type,
-            activation_symmetric=config.activation_symmetric,
-            per_channel=config.per_channel,
-            reduce_weights=config.reduce_weights,
-        )
-        stats["smoothquant"] = SmoothQuantPass(sq, data)(work).stats
-    return stats
+    if config.mode == "dynamic":
+        return DYNAMIC_MIN_OPSET
+    return QDQ_MIN_OPSET if config.weight_only_format == "qdq" else DYNAMIC_MIN_OPSET
 
 
 def quantize(
@@ -93,74 +68,94 @@ def quantize(
     config = config or QuantizeConfig()
     notes: list[str] = []
     started = time.perf_counter()
+    if config.mode == "static" and calibration is None:
+        raise ConfigError("static quantization needs calibration data (--calibration FILE)")
+    work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
+    report = quantize_in_place(work, calibration, config, verify=verify, eval_data=eval_data, labels=labels,
+                               progress=progress)
+    report["notes"] = notes + report["notes"]
+    report["seconds"] = time.perf_counter() - started
+    return work, report
+
+
+def quantize_in_place(
+    work: ir.Model,
+    calibration: DataSource | Dataset | None,
+    config: QuantizeConfig,
+    *,
+    cleanup: bool | None = None,
+    verify: bool = True,
+    eval_data: DataSource | Dataset | None = None,
+    labels: Any = None,
+    progress: Callable[[str, int, int | None], object] | None = None,
+) -> dict[str, Any]:
+    """Quantize the working copy ``work`` (named nodes, opset >= :func:`required_opset`) in place.
+
+    ``cleanup`` overrides ``config.cleanup`` (``compress`` runs cleanup as its own stage).
+    Returns the report (with ``notes``).
+    """
+    notes: list[str] = []
+    if config.mode == "static" and calibration is None:
+        raise ConfigError("static quantization needs calibration data (--calibration FILE)")
     if config.mode != "weight-only" and config.weight_range == "auto" and config.reduce_weights:
         notes.append("int8 weights use 7 bits ([-63, 63]): this CPU's int8 kernels saturate full-range weights "
                      "(x86 without VNNI) and would give wrong results; weight_range='full' (--weight-range full) "
                      "for models deployed only on VNNI or ARM CPUs")
     if config.mode == "static" and config.uses_fallback:
-        if calibration is None:
-            raise ConfigError("static quantization needs calibration data (--calibration)")
         from onnxcomp.quant.sensitivity import quantize_with_fallback
 
-        work, fallback = quantize_with_fallback(
-            model, calibration, config, fidelity_target=config.fidelity_target, max_drop=config.max_drop,
-            eval_data=eval_data, labels=labels, latency_aware=config.latency_aware,
+        if cleanup is not None and cleanup != config.cleanup:
+            config = dataclasses.replace(config, cleanup=cleanup)
+        _, fallback = quantize_with_fallback(
+            work, calibration, config, fidelity_target=config.fidelity_target, max_drop=config.max_drop,
+            eval_data=eval_data, labels=labels, latency_aware=config.latency_aware, in_place=True,
         )
         notes.extend(fallback.pop("notes", []))
         report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
                   "int8_nodes": len(fallback["int8_nodes"]), "skipped": {n: "kept float to meet the budget"
                                                                         for n in fallback["float_nodes"]}}
+        if "recovery" in fallback:
+            report["recovery"] = fallback.pop("recovery")
         if fallback["target"]["fidelity_db"] is not None or fallback["target"]["max_drop_points"] is not None:
             if not fallback["met"]:
                 notes.append("the fidelity budget was not met even with every node in float")
     elif config.mode == "static":
-        if calibration is None:
-            raise ConfigError("static quantization needs calibration data (--calibration FILE)")
-        work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
-        cleanup = CleanupPass()(work) if config.cleanup else None
-        TopologicalSortPass()(work)
-        data = load_data(calibration, work, limit=config.max_samples)
-        recovery = _recover_before(work, config, data)
-        float_model = clone_model(work) if config.bias_correction else None
-        infer_types(work)
-        from onnxcomp.quant.subgraphs import quantize_branches
-
-        branches = quantize_branches(work, data, config)
-        plan = plan_static(work, config)
-        total = data.num_feeds
-        result = calibrate(
-            work, plan.observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
-            progress=(lambda n: progress("calibrating", n, total)) if progress else None,
-        )
-        mixed = mixed_range_nodes(work, plan, result.ranges, config.max_range_ratio)
-        if mixed:
-            plan = plan_static(work, config, keep_float=mixed, within=plan)
-        qdq = QDQPass(config, plan, result.ranges)
-        pass_result = qdq(work)
-        report: dict[str, Any] = {
-            "mode": "static",
-            "config": config.to_dict(),
-            "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
-                            "seconds": result.seconds},
-            **pass_result.stats,
-        }
-        if branches:
-            report["branches"] = branches
-        if cleanup is not None:
-            report["cleanup"] = cleanup.stats
-        if float_model is not None:
-            from onnxcomp.quant.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
-
-            recovery["bias_correction"] = BiasCorrectionPass(BiasCorrectionConfig(cleanup=False), float_model, data)(work).stats
-        if recovery:
-            report["recovery"] = recovery
+        report = quantize_static(work, calibration, config, cleanup=cleanup,
+                                 progress=(lambda d, t: progress("calibrating", d, t)) if progress else None)
     else:
-        from onnxcomp.quant.weight_only import quantize_dynamic_mode, quantize_weight_only_mode
+        from onnxcomp.quant.weight_only import quantize_dynamic_in_place, quantize_weight_only_in_place
 
-        handler = quantize_weight_only_mode if config.mode == "weight-only" else quantize_dynamic_mode
-        work, report = handler(model, config, allow_upgrade=allow_upgrade, notes=notes)
+        handler = quantize_weight_only_in_place if config.mode == "weight-only" else quantize_dynamic_in_place
+        report = handler(work, config, notes=notes, cleanup=cleanup)
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes
-    report["seconds"] = time.perf_counter() - started
-    return work, report
+    return report
+
+
+class QuantizeStage(Stage):
+    """Quantization of the working copy (``[quantize]`` in a recipe), calibrated on ``ctx.fit_data``.
+
+    The fidelity budget (``fidelity_target`` / ``max_drop``) is measured on ``ctx.check_data``.
+    Its own cleanup is skipped when the cleanup stage has run.
+    """
+
+    name = "quantize"
+    config_class = QuantizeConfig
+
+    @classmethod
+    def required_opset(cls, config: QuantizeConfig) -> int:
+        return required_opset(config)
+
+    @classmethod
+    def needs_data(cls, config: QuantizeConfig) -> bool:
+        return config.mode == "static"
+
+    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
+        progress = ctx.progress_for(self.name)
+        stats = quantize_in_place(
+            work, ctx.fit_data, self.config, cleanup=False if ctx.cleaned else None, eval_data=ctx.check_data,
+            labels=ctx.labels, progress=(lambda _step, done, total: progress(done, total)) if progress else None,
+        )
+        ctx.notes.extend(stats.pop("notes", []))
+        return stats

@@ -59,12 +59,13 @@ from onnx_ir.passes.common import TopologicalSortPass
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError, OnnxcompError
 from onnxcomp.graph import add_initializer, all_value_names, produced_values, unique_name, with_outputs, working_copy
-from onnxcomp.io import ModelSource, create_session
+from onnxcomp.io import ModelSource
+from onnxcomp.ops import bias_input, linear_spec, weight_axes
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.passes.cleanup import CleanupPass
-from onnxcomp.quant.config import NodeSelector
+from onnxcomp.quant.config import STATIC_MIN_OPSET, NodeSelector
 from onnxcomp.quant.primitives import quantize_bias
-from onnxcomp.testing import session_options
+from onnxcomp.runtime import create_session, session_options
 
 __all__ = ["BiasCorrectionConfig", "BiasCorrectionPass", "correct_biases", "prepare_reference"]
 
@@ -102,8 +103,6 @@ class BiasCorrectionConfig(PassConfig):
 
 def prepare_reference(reference: ModelSource, *, cleanup: bool = True) -> ir.Model:
     """The float model as ``quantize`` saw it: working copy (opset >= 13), cleanup, sorted."""
-    from onnxcomp.quant.api import STATIC_MIN_OPSET
-
     work = working_copy(reference, STATIC_MIN_OPSET, allow_upgrade=True, notes=[])
     if cleanup:
         CleanupPass()(work)
@@ -123,11 +122,6 @@ class _Target:
 
 def _label(node: ir.Node) -> str:
     return node.name or node.op_type
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
 
 
 def _beta(node: ir.Node) -> float:
@@ -152,11 +146,7 @@ def _dq_of_constant(value: ir.Value | None) -> ir.Node | None:
 def _channels(node: ir.Node, w_dq: ir.Node) -> tuple[int, int]:
     """(channel axis of the output, number of output channels) from the quantized weight."""
     w_shape = w_dq.inputs[0].const_value.shape
-    if node.op_type == "Conv":
-        return 1, int(w_shape[0])
-    if node.op_type == "Gemm":
-        return -1, int(w_shape[0] if _attr_int(node, "transB", 0) else w_shape[1])
-    return -1, int(w_shape[-1])
+    return linear_spec(node).data_channel_axis, int(w_shape[weight_axes(node)[0]])
 
 
 def _plan(node: ir.Node, reference_values: dict[str, ir.Value], cfg: BiasCorrectionConfig) -> _Target | str:
@@ -178,7 +168,8 @@ def _plan(node: ir.Node, reference_values: dict[str, ir.Value], cfg: BiasCorrect
     if ref_w is None or ref_w.const_value is None or tuple(ref_w.const_value.shape) != q_shape:
         return f"its weight differs in shape from the float reference's {node.op_type} making {out.name!r}"
     axis, channels = _channels(node, w_dq)
-    bias = node.inputs[2] if node.op_type != "MatMul" and len(node.inputs) > 2 else None
+    slot = bias_input(node)
+    bias = node.inputs[slot] if slot is not None and len(node.inputs) > slot else None
     if bias is not None:
         b_dq = _dq_of_constant(bias)
         if b_dq is not None:
@@ -188,11 +179,12 @@ def _plan(node: ir.Node, reference_values: dict[str, ir.Value], cfg: BiasCorrect
             return _Target(node, out.name, axis, channels, "int32")
         if bias.const_value is not None and bias.dtype == ir.DataType.FLOAT:
             shape = tuple(bias.const_value.shape)
-            if not (len(shape) == 0 or shape[-1] in (1, channels)) or (node.op_type == "Conv" and shape != (channels,)):
+            channel_first = axis == 1  # a Conv bias is exactly [C]; a Gemm bias broadcasts
+            if not (len(shape) == 0 or shape[-1] in (1, channels)) or (channel_first and shape != (channels,)):
                 return f"its bias {bias.name!r} of shape {list(shape)} is not per output channel"
             return _Target(node, out.name, axis, channels, "float")
         return f"its bias {bias.name!r} is computed, not a constant"
-    if node.op_type == "MatMul":
+    if slot is None:  # MatMul: the bias is a following Add, or a new one
         uses = list(out.uses())
         if len(uses) == 1 and not out.is_graph_output() and uses[0].node.op_type == "Add":
             add = uses[0].node
@@ -232,7 +224,7 @@ def _find_targets(
         found = _plan(node, reference_values, cfg)
         if isinstance(found, str):
             weight = node.inputs[1] if len(node.inputs) > 1 else None
-            if node.op_type != "MatMul" or (weight is not None and weight.const_value is not None):
+            if bias_input(node) is not None or (weight is not None and weight.const_value is not None):
                 skipped[_label(node)] = found  # (MatMuls of two activations are not listed)
         else:
             targets.append(found)

@@ -9,10 +9,14 @@ from typing import ClassVar, Literal
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
+from onnxcomp.selection import NodeSelector
 
-__all__ = ["QuantizeConfig", "NodeSelector"]
+__all__ = ["QuantizeConfig", "NodeSelector", "STATIC_MIN_OPSET"]
 
 _METHODS = ("minmax", "percentile", "entropy", "mse")
+
+#: Static Q/DQ needs per-axis QuantizeLinear/DequantizeLinear (opset 13).
+STATIC_MIN_OPSET = 13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,26 +141,3 @@ class QuantizeConfig(PassConfig):
     @property
     def selector(self) -> NodeSelector:
         return NodeSelector(self.op_types, self.exclude)
-
-
-class NodeSelector:
-    """Which nodes a pass may touch: ``op_types`` (empty = all) minus ``exclude``.
-
-    An exclude entry matches a node by exact name, by op type, or by regex on the name when it is
-    written ``re:PATTERN``.
-    """
-
-    def __init__(self, op_types: tuple[str, ...], exclude: tuple[str, ...]) -> None:
-        self.op_types = frozenset(op_types)
-        self.names = frozenset(e for e in exclude if not e.startswith("re:"))
-        self.patterns = [re.compile(e[3:]) for e in exclude if e.startswith("re:")]
-
-    def excluded(self, name: str, op_type: str) -> bool:
-        if name in self.names or op_type in self.names:
-            return True
-        return any(p.search(name or "") for p in self.patterns)
-
-    def allows(self, name: str, op_type: str) -> bool:
-        if self.op_types and op_type not in self.op_types:
-            return False
-        return not self.excluded(name, op_type)

@@ -57,6 +57,7 @@ import onnx_ir as ir
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names
+from onnxcomp.ops import linear_spec, weight_axes
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.quant.config import NodeSelector
 
@@ -92,11 +93,6 @@ _NOT_HOMOGENEOUS = frozenset({
 def node_label(node: ir.Node) -> str:
     """The node's name, or its op type when it has none."""
     return node.name or node.op_type
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
 
 
 def _float32_const(value: ir.Value | None) -> bool:
@@ -212,25 +208,23 @@ def broadcasts_on_last_axis(shape: Iterable[int], channels: int) -> bool:
 
 def producer_out_axis(node: ir.Node) -> int:
     """The weight axis of a Conv/Gemm/MatMul indexed by output channel (negative for MatMul)."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if _attr_int(node, "transB", 0) else 1
-    return -1  # MatMul
+    return weight_axes(node)[0]
 
 
 def _consumer_in_axis(node: ir.Node) -> int:
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if _attr_int(node, "transB", 0) else 0
-    return -2  # MatMul
+    return weight_axes(node)[1]
+
+
+def _groups(node: ir.Node) -> int | None:
+    """The group count of a grouped op (Conv), None for ops without groups."""
+    spec = linear_spec(node)
+    return node.attributes.get_int("group", 1) if spec is not None and spec.grouped else None
 
 
 def consumer_in_absmax(node: ir.Node, w: np.ndarray) -> np.ndarray:
     """Max |w| per input channel of a Conv (any group count), Gemm or MatMul weight."""
-    if node.op_type == "Conv":
-        group = _attr_int(node, "group", 1)
+    group = _groups(node)
+    if group is not None:
         out_ch, cpg = w.shape[0], w.shape[1]
         r = np.abs(w).reshape(group, out_ch // group, cpg, -1).max(axis=(1, 3))
         return r.reshape(group * cpg)
@@ -239,8 +233,8 @@ def consumer_in_absmax(node: ir.Node, w: np.ndarray) -> np.ndarray:
 
 def scale_consumer_inputs(node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``w`` with input channel ``c`` multiplied by ``s[c]``."""
-    if node.op_type == "Conv":
-        group = _attr_int(node, "group", 1)
+    group = _groups(node)
+    if group is not None:
         out_ch, cpg = w.shape[0], w.shape[1]
         view = w.reshape(group, out_ch // group, cpg, -1) * s.reshape(group, 1, cpg, 1)
         return view.reshape(w.shape)
@@ -408,12 +402,12 @@ def _consumer_problem(node: ir.Node, channels: int) -> str | None:
     if (p := const_problem(w, f"{label}'s weight")) is not None:
         return p
     arr_shape = w.const_value.shape
-    if node.op_type == "Gemm" and _attr_int(node, "transA", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return f"{label} has transA=1 (its input channels are not on the last axis)"
     if node.op_type == "MatMul" and len(arr_shape) < 2:
         return f"{label}'s weight {w.name!r} is 1-D"
     if node.op_type == "Conv":
-        n_in = int(arr_shape[1]) * _attr_int(node, "group", 1)
+        n_in = int(arr_shape[1]) * node.attributes.get_int("group", 1)
     else:
         n_in = int(arr_shape[_consumer_in_axis(node) % len(arr_shape)])
     if n_in != channels:

@@ -40,13 +40,12 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
-from onnxcomp.graph import infer_types, working_copy
+from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
-from onnxcomp.passes.cleanup import CleanupPass
-from onnxcomp.quant.api import STATIC_MIN_OPSET, observer_kwargs
-from onnxcomp.quant.calibrate import calibrate
-from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_static
+from onnxcomp.quant import static
+from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
+from onnxcomp.quant.qdq import StaticPlan, plan_static
+from onnxcomp.runtime import run_model, session_options
 
 __all__ = ["QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
 
@@ -64,10 +63,7 @@ def evaluate_model_bytes(
     """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, session_options("all", threads=1), providers=["CPUExecutionProvider"])
     signal = noise = None
     preds = []
     for feed, ref in zip(feeds, reference):
@@ -113,6 +109,8 @@ class QuantStudy:
     notes: list[str]
     #: the plan every variant refines (its tensors are the calibrated ones)
     base_plan: StaticPlan | None = None
+    #: what :func:`onnxcomp.quant.static.prepare` did (recovery statistics, float copy, data)
+    prepared: static.Prepared | None = None
 
     @classmethod
     def prepare(
@@ -124,24 +122,26 @@ class QuantStudy:
         eval_data: DataSource | Dataset | None = None,
         labels: np.ndarray | None = None,
         max_eval_feeds: int | None = 64,
+        allow_upgrade: bool = True,
+        in_place: bool = False,
     ) -> QuantStudy:
-        from onnxcomp.testing import run_model
+        """Prepare and calibrate once, as :func:`onnxcomp.quant.api.quantize` does (quant/static.py).
 
+        ``in_place``: ``model`` is a working copy (an ``onnx_ir.Model`` with named nodes at opset
+        >= 13) that is prepared in place; the study then works on a clone of the prepared model,
+        and ``build(..., into=model)`` can write the chosen variant back into it.
+        """
         config = config or QuantizeConfig()
         notes: list[str] = []
-        work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=True, notes=notes)
-        if config.cleanup:
-            CleanupPass()(work)
-        infer_types(work)
-        plan = plan_static(work, config)
-        # Variants keep nodes float, which can undo a Relu fold: observe the unfolded points too.
-        unfolded = plan_static(work, dataclasses.replace(config, fold_activations=False))
-        observed = sorted(set(plan.touched) | set(unfolded.touched))
-        data = load_data(calibration, work, limit=config.max_samples)
-        result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config))
-        keep_float = mixed_range_nodes(work, plan, result.ranges, config.max_range_ratio)
-        nodes = plan_static(work, config, keep_float=keep_float, within=plan).nodes
-        evaluation = load_data(eval_data, work) if eval_data is not None else data
+        if in_place:
+            if not isinstance(model, ir.Model):
+                raise TypeError("in_place needs an onnx_ir.Model")
+            work = model
+        else:
+            work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
+        prepared = static.prepare(work, config, calibration)
+        base, plan, result, keep_float = static.calibrate_plan(work, config, prepared.data, for_variants=True)
+        evaluation = load_data(eval_data, work) if eval_data is not None else prepared.data
         feeds = []
         for i, feed in enumerate(evaluation):
             if max_eval_feeds is not None and i >= max_eval_feeds:
@@ -155,20 +155,27 @@ class QuantStudy:
         if labels is not None:
             n = sum(int(r[0].shape[0]) for r in reference)
             labels = labels[:n]
-        return cls(work, config, result.ranges, keep_float, nodes, feeds, reference, labels, notes, plan)
+        if in_place:
+            work = clone_model(work)
+        return cls(work, config, result.ranges, keep_float, plan.nodes, feeds, reference, labels, notes, base,
+                   prepared)
 
     @property
     def samples(self) -> int:
         """Evaluation samples (rows of the first output over every feed)."""
         return sum(int(r[0].shape[0]) if r and r[0].ndim else 1 for r in self.reference)
 
-    def build(self, float_nodes: set[str] | frozenset[str] = frozenset()) -> ir.Model:
-        """The model with every planned node in int8 except ``float_nodes``."""
-        model = clone_model(self.work)
+    def build(self, float_nodes: set[str] | frozenset[str] = frozenset(), *, into: ir.Model | None = None) -> ir.Model:
+        """The model with every planned node in int8 except ``float_nodes``.
+
+        ``into``: rewrite this model in place instead of a clone of the study's (it must be the
+        study's prepared model or an identical copy).
+        """
+        model = clone_model(self.work) if into is None else into
         keep = dict(self.keep_float)
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
-        QDQPass(self.config, plan, self.ranges)(model)
+        static.rewrite(model, self.config, plan, self.ranges)
         return model
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
@@ -312,6 +319,8 @@ def quantize_with_fallback(
     executor: concurrent.futures.Executor | None = None,
     max_eval_feeds: int | None = None,
     progress: Callable[[int, int], object] | None = None,
+    allow_upgrade: bool = True,
+    in_place: bool = False,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize, then move the fewest, most helpful nodes back to float until the target is met.
 
@@ -321,6 +330,9 @@ def quantize_with_fallback(
         latency_aware: also keep float the op types whose int8 form is measured slower.
         max_eval_feeds: judge the budget on at most this many evaluation feeds (default: all of
             them; the report's ``eval_samples`` says how many samples were used).
+        allow_upgrade: upgrade a model older than opset 13 instead of refusing it.
+        in_place: ``model`` is a working copy, rewritten in place and returned (see
+            :meth:`QuantStudy.prepare`).
 
     Raises:
         ConfigError: neither target given, or ``max_drop`` without labels.
@@ -330,7 +342,7 @@ def quantize_with_fallback(
     if max_drop is not None and labels is None:
         raise ConfigError("quantize: max_drop is an accuracy budget and needs labels of the evaluation data (--labels, --eval)")
     study = QuantStudy.prepare(model, calibration, config, eval_data=eval_data, labels=labels,
-                               max_eval_feeds=max_eval_feeds)
+                               max_eval_feeds=max_eval_feeds, allow_upgrade=allow_upgrade, in_place=in_place)
     base = study.float_metrics()
     fallback: list[str] = []
     history = []
@@ -359,7 +371,14 @@ def quantize_with_fallback(
                 progress(len(fallback), len(study.nodes))
             if _meets(current, base, fidelity_target, max_drop):
                 break
-    final = study.build(frozenset(fallback))
+    final = study.build(frozenset(fallback), into=model if in_place else None)
+    recovery = dict(study.prepared.recovery)
+    corrected = static.correct_biases(final, study.prepared)
+    if corrected is not None:
+        # the fallback decisions were taken without it; the final metrics include it
+        recovery["bias_correction"] = corrected
+        current = study.evaluate([final], executor)[0]
+        history.append({"float_nodes": list(fallback), "bias_corrected": True, **current})
     report = {
         "float": base,
         "final": current,
@@ -375,6 +394,8 @@ def quantize_with_fallback(
         "latency": latency,
         "notes": study.notes,
     }
+    if recovery:
+        report["recovery"] = recovery
     if fallback and targets:
         report["fallback_latency"] = _fallback_latency(study, fallback)
     return final, report

@@ -16,10 +16,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.io import ort_optimized_model
 from onnxcomp.ops import COMPUTE_OPS
 from onnxcomp.quant.rules import INT8_KERNELS, WEIGHT_ONLY_KERNELS
-from onnxcomp.testing import session_options
+from onnxcomp.runtime import ort_optimized_model, session_options
 
 __all__ = ["fusion_report", "float_compute_nodes"]
 

@@ -87,7 +87,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, infer_types, unique_name, working_copy
-from onnxcomp.io import initializer_nbytes, load_model
+from onnxcomp.io import initializer_nbytes
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.config import QuantizeConfig
@@ -109,6 +109,8 @@ __all__ = [
     "DynamicQuantPass",
     "quantize_weight_only_mode",
     "quantize_dynamic_mode",
+    "quantize_weight_only_in_place",
+    "quantize_dynamic_in_place",
 ]
 
 #: Blocked DequantizeLinear and INT4 tensors need opset 21.
@@ -626,14 +628,12 @@ def _grid(bits: int) -> str:
 # ---------------------------------------------------------------------------------- mode handlers
 
 
-def _prepare(model: Any, config: QuantizeConfig, min_opset: int, *, allow_upgrade: bool, notes: list[str]):
-    work = working_copy(model, min_opset, allow_upgrade=allow_upgrade, notes=notes)
-    cleanup = None
-    if config.cleanup:
-        cleanup = CleanupPass()(work).stats
+def _prepare(work: ir.Model, config: QuantizeConfig, cleanup: bool | None) -> dict[str, Any] | None:
+    """In place: cleanup (``cleanup`` overrides ``config.cleanup``), topological sort, types."""
+    stats = CleanupPass()(work).stats if (config.cleanup if cleanup is None else cleanup) else None
     TopologicalSortPass()(work)
     infer_types(work)
-    return work, cleanup
+    return stats
 
 
 def _base_report(config: QuantizeConfig, before: int, work: ir.Model, stats: dict[str, Any],
@@ -659,11 +659,19 @@ def quantize_weight_only_mode(
     (>= 11) and adds the ``com.microsoft`` opset import.
     """
     notes = notes if notes is not None else []
+    min_opset = QDQ_MIN_OPSET if config.weight_only_format == "qdq" else DYNAMIC_MIN_OPSET
+    work = working_copy(model, min_opset, allow_upgrade=allow_upgrade, notes=notes)
+    return work, quantize_weight_only_in_place(work, config, notes=notes)
+
+
+def quantize_weight_only_in_place(
+    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None
+) -> dict[str, Any]:
+    """Weight-only quantization of a working copy at the format's opset, in place; the report."""
     if config.weight_only_format == "ort" and config.bits != 4:
         raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
-    before = initializer_nbytes(load_model(model))
-    min_opset = QDQ_MIN_OPSET if config.weight_only_format == "qdq" else DYNAMIC_MIN_OPSET
-    work, cleanup = _prepare(model, config, min_opset, allow_upgrade=allow_upgrade, notes=notes)
+    before = initializer_nbytes(work)
+    cleanup_stats = _prepare(work, config, cleanup)
     plan = plan_weight_sites(work, config, mode="weight-only")
     if config.weight_only_format == "qdq":
         result = WeightOnlyQDQPass(config, plan)(work)
@@ -681,7 +689,7 @@ def quantize_weight_only_mode(
             )
     else:
         result = MatMulNBitsPass(config, plan)(work)
-    return work, _base_report(config, before, work, result.stats, cleanup)
+    return _base_report(config, before, work, result.stats, cleanup_stats)
 
 
 def quantize_dynamic_mode(
@@ -689,8 +697,16 @@ def quantize_dynamic_mode(
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Dynamic quantization (see module docstring); returns the new model and a report."""
     notes = notes if notes is not None else []
-    before = initializer_nbytes(load_model(model))
-    work, cleanup = _prepare(model, config, DYNAMIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
+    work = working_copy(model, DYNAMIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
+    return work, quantize_dynamic_in_place(work, config, notes=notes)
+
+
+def quantize_dynamic_in_place(
+    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None
+) -> dict[str, Any]:
+    """Dynamic quantization of a working copy (opset >= 11), in place; the report."""
+    before = initializer_nbytes(work)
+    cleanup_stats = _prepare(work, config, cleanup)
     plan = plan_weight_sites(work, config, mode="dynamic")
     op_types = dynamic_op_types(config)
     if "Conv" not in op_types:
@@ -704,10 +720,10 @@ def quantize_dynamic_mode(
                 f"(in a recipe: quantize.op_types = [{toml_list}])"
             )
     result = DynamicQuantPass(config, plan)(work)
-    report = _base_report(config, before, work, result.stats, cleanup)
+    report = _base_report(config, before, work, result.stats, cleanup_stats)
     if "LSTM" in op_types:
         from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
 
         report.update(DynamicLSTMPass(DynamicLSTMConfig(exclude=config.exclude, reduce_weights=config.reduce_weights))(work).stats)
         report["model_weight_bytes_after"] = initializer_nbytes(work)
-    return work, report
+    return report

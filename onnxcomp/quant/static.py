@@ -1,0 +1,180 @@
+"""Static int8 quantization, the one pipeline: prepare -> plan -> calibrate -> rewrite -> correct.
+
+Both :func:`onnxcomp.quant.api.quantize` and the sensitivity / fallback study
+(:mod:`onnxcomp.quant.sensitivity`) go through these steps, so a setting means the same in both:
+
+1. :func:`prepare` (in place on a working copy): cleanup when the config asks for it, a
+   topological sort, the float-exact recovery rewrites (cross-layer equalization, SmoothQuant),
+   a float copy kept for bias correction, and type inference.
+2. :func:`calibrate_plan`: plan the Q/DQ points, observe their ranges on the calibration data
+   once, and re-plan with the Concat nodes whose inputs' ranges differ too much kept float.
+3. :func:`rewrite`: the Q/DQ rewrite of a plan with the calibrated ranges.
+4. :func:`correct_biases`: empirical bias correction against the float copy, when asked for.
+
+:func:`quantize_static` chains them on one working copy and returns the report section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.graph import infer_types
+from onnxcomp.io import clone_model
+from onnxcomp.passes.cleanup import CleanupPass
+from onnxcomp.quant.calibrate import CalibrationResult, calibrate
+from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
+from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_static
+
+__all__ = [
+    "STATIC_MIN_OPSET",
+    "Prepared",
+    "observer_kwargs",
+    "prepare",
+    "calibrate_plan",
+    "rewrite",
+    "correct_biases",
+    "quantize_static",
+]
+
+
+def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
+    """Constructor arguments of the observer the config's calibration method uses."""
+    if config.calibration == "percentile":
+        return {"percentile": config.percentile, "bins": config.bins, "symmetric": config.activation_symmetric}
+    if config.calibration == "entropy":
+        return {"bins": config.bins, "qdtype": config.activation_type}
+    if config.calibration == "mse":
+        return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
+    return {}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A model made ready for static quantization (see :func:`prepare`)."""
+
+    data: Dataset
+    #: statistics of the float-exact rewrites (``equalize``, ``smoothquant``), by name
+    recovery: dict[str, Any]
+    #: the float model after the rewrites, for bias correction (None when it is off)
+    float_model: ir.Model | None
+    cleanup: dict[str, Any] | None
+
+
+def prepare(
+    work: ir.Model, config: QuantizeConfig, calibration: DataSource | Dataset, *, cleanup: bool | None = None
+) -> Prepared:
+    """Step 1, in place: cleanup, sort, equalize / SmoothQuant, keep a float copy, infer types.
+
+    ``cleanup`` overrides ``config.cleanup`` (``compress`` runs its own cleanup stage once).
+    """
+    run_cleanup = config.cleanup if cleanup is None else cleanup
+    cleanup_stats = CleanupPass()(work).stats if run_cleanup else None
+    TopologicalSortPass()(work)
+    data = load_data(calibration, work, limit=config.max_samples)
+    recovery: dict[str, Any] = {}
+    if config.equalize:
+        from onnxcomp.quant.equalize import CrossLayerEqualizationPass
+
+        recovery["equalize"] = CrossLayerEqualizationPass()(work).stats
+    if config.smoothquant:
+        from onnxcomp.quant.smoothquant import SmoothQuantConfig, SmoothQuantPass
+
+        sq = SmoothQuantConfig(
+            alpha=config.smoothquant_alpha if config.smoothquant_alpha is not None else 0.5,
+            search=config.smoothquant_alpha is None,
+            activation_type=config.activation_type,
+            activation_symmetric=config.activation_symmetric,
+            per_channel=config.per_channel,
+            reduce_weights=config.reduce_weights,
+        )
+        recovery["smoothquant"] = SmoothQuantPass(sq, data)(work).stats
+    float_model = clone_model(work) if config.bias_correction else None
+    infer_types(work)
+    return Prepared(data, recovery, float_model, cleanup_stats)
+
+
+def calibrate_plan(
+    work: ir.Model,
+    config: QuantizeConfig,
+    data: Dataset,
+    *,
+    for_variants: bool = False,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[StaticPlan, StaticPlan, CalibrationResult, dict[str, str]]:
+    """Step 2: plan, calibrate once, re-plan with the mixed-range Concats kept float.
+
+    ``for_variants``: also observe the tensors of the plan without activation folding, so that
+    variants keeping some nodes float (the sensitivity study) have every range they need.
+
+    Returns ``(base plan, final plan, calibration, nodes kept float with their reasons)``; the
+    final plan refines the base plan (no node outside it goes int8).
+    """
+    base = plan_static(work, config)
+    if for_variants:
+        unfolded = plan_static(work, dataclasses.replace(config, fold_activations=False))
+        observed = sorted(set(base.touched) | set(unfolded.touched))
+    else:
+        observed = base.observed
+    result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
+                       progress=progress)
+    mixed = mixed_range_nodes(work, base, result.ranges, config.max_range_ratio)
+    plan = plan_static(work, config, keep_float=mixed, within=base) if mixed else base
+    return base, plan, result, mixed
+
+
+def rewrite(work: ir.Model, config: QuantizeConfig, plan: StaticPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Step 3, in place: the Q/DQ rewrite; returns the pass's statistics."""
+    return QDQPass(config, plan, ranges)(work).stats
+
+
+def correct_biases(work: ir.Model, prepared: Prepared) -> dict[str, Any] | None:
+    """Step 4, in place: bias correction against the float copy (None when it is off)."""
+    if prepared.float_model is None:
+        return None
+    from onnxcomp.quant.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
+
+    cfg = BiasCorrectionConfig(cleanup=False)
+    return BiasCorrectionPass(cfg, prepared.float_model, prepared.data)(work).stats
+
+
+def quantize_static(
+    work: ir.Model,
+    calibration: DataSource | Dataset,
+    config: QuantizeConfig,
+    *,
+    cleanup: bool | None = None,
+    progress: Callable[[int, int | None], object] | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline in place on ``work`` (already at opset >= 13); returns the report section."""
+    from onnxcomp.quant.subgraphs import quantize_branches
+
+    prepared = prepare(work, config, calibration, cleanup=cleanup)
+    branches = quantize_branches(work, prepared.data, config)
+    total = prepared.data.num_feeds
+    _, plan, result, _ = calibrate_plan(
+        work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
+    )
+    report: dict[str, Any] = {
+        "mode": "static",
+        "config": config.to_dict(),
+        "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
+                        "seconds": result.seconds},
+        **rewrite(work, config, plan, result.ranges),
+    }
+    if branches:
+        report["branches"] = branches
+    if prepared.cleanup is not None:
+        report["cleanup"] = prepared.cleanup
+    recovery = dict(prepared.recovery)
+    corrected = correct_biases(work, prepared)
+    if corrected is not None:
+        recovery["bias_correction"] = corrected
+    if recovery:
+        report["recovery"] = recovery
+    return report

@@ -1,0 +1,100 @@
+"""onnxruntime in one place: session options, sessions on in-memory models, optimized graphs.
+
+Every part of onnxcomp that runs a model goes through here: :func:`session_options` (an
+optimization level by name and a thread count), :func:`create_session` (a session on an
+``onnx_ir.Model``, built from bytes, or from a temporary file when the model is over the protobuf
+limit, see :func:`onnxcomp.io.session_source`), :func:`run_model` and :func:`ort_optimized_model`
+(the graph onnxruntime actually runs after its own fusions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxcomp.errors import ModelLoadError
+from onnxcomp.io import exported_model, first_line, session_source
+
+__all__ = [
+    "GRAPH_OPTIMIZATION_LEVELS",
+    "OPT_LEVELS",
+    "session_options",
+    "create_session",
+    "run_model",
+    "ort_optimized_model",
+]
+
+#: onnxruntime graph optimization levels by the names onnxcomp uses.
+GRAPH_OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+OPT_LEVELS = tuple(GRAPH_OPTIMIZATION_LEVELS)
+
+
+def session_options(optimization: str = "all", threads: int | None = 1) -> ort.SessionOptions:
+    """onnxruntime SessionOptions for a graph optimization level name and a thread count.
+
+    ``threads=None`` leaves onnxruntime's default (all physical cores).
+    """
+    if optimization not in GRAPH_OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization must be one of {', '.join(OPT_LEVELS)}, got {optimization!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[optimization]
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def create_session(
+    model: ir.Model,
+    *,
+    sess_options: ort.SessionOptions | None = None,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """An ``onnxruntime.InferenceSession`` on ``model``, built in memory when it fits.
+
+    Raises:
+        ModelLoadError: onnxruntime refuses the model; the message carries onnxruntime's reason.
+    """
+    with session_source(model) as src:
+        try:
+            return ort.InferenceSession(src, sess_options=sess_options, providers=list(providers))
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def run_model(
+    model: ir.Model,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    optimization: str = "all",
+) -> list[list[np.ndarray]]:
+    """Outputs of ``model`` for each feed: ``result[feed_index][output_index]`` (one session)."""
+    session = create_session(model, sess_options=session_options(optimization))
+    return [session.run(None, dict(feed)) for feed in feeds]
+
+
+def ort_optimized_model(model: ir.Model, *, sess_options: ort.SessionOptions | None = None) -> ir.Model:
+    """The graph onnxruntime actually runs: ``model`` after its graph optimizations.
+
+    onnxruntime writes it through ``SessionOptions.optimized_model_filepath`` into a temporary
+    folder (see :func:`onnxcomp.io.exported_model`). Use it to check which fused kernels a rewrite
+    produced.
+    """
+    options = sess_options or ort.SessionOptions()
+
+    def export(path: str, data_name: str) -> None:
+        options.optimized_model_filepath = path
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        create_session(model, sess_options=options)
+
+    return exported_model(export)

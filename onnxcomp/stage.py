@@ -1,0 +1,101 @@
+"""The one way through: a :class:`Stage` acts in place on a working copy inside a :class:`Context`.
+
+Every command takes the same path: ``compress`` runs a recipe's stages in registry order
+(:data:`onnxcomp.recipe.STAGE_CLASSES`) on **one** working copy of the input model; ``quantize``,
+``prune`` and ``cluster`` are thin wrappers (a working copy and one stage). A stage declares
+
+* ``config_class``: its frozen, validated config (a recipe table is parsed into it);
+* ``required_opset(config)``: the lowest default-domain opset it writes (the working copy is
+  upgraded once, before any stage runs, to the highest of these, when allowed);
+* ``needs_data(config)``: whether it calibrates or fits on data (``ctx.fit_data``);
+* ``run(work, ctx) -> stats``: the rewrite, in place on ``work``; its statistics go into the
+  report's ``stages`` list, or into ``ctx.report[section]`` when the stage sets ``section``
+  (``measure`` does; a held-out ``check`` stage would).
+
+The :class:`Context` owns what stages share: the untouched input model (``reference``), the data
+splits (``fit_data``: what stages calibrate and fit on; ``check_data``: held out, for measuring the
+result), labels of the check data, progress, notes, and ``report`` sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.data import Dataset
+from onnxcomp.errors import ConfigError
+from onnxcomp.passes.base import PassConfig
+
+__all__ = ["Progress", "Context", "Stage"]
+
+#: ``progress(stage, done, total)``
+Progress = Callable[[str, int, "int | None"], object]
+
+
+@dataclasses.dataclass
+class Context:
+    """What the stages of one run share (see the module docstring)."""
+
+    #: the input model, never modified
+    reference: ir.Model
+    #: data the stages calibrate and fit on
+    fit_data: Dataset | None = None
+    #: held-out data for measuring the result (None: none given)
+    check_data: Dataset | None = None
+    #: integer labels of ``check_data``
+    labels: np.ndarray | None = None
+    allow_upgrade: bool = True
+    progress: Progress | None = None
+    #: feeds for latency measurement (None: taken from the data)
+    latency_feeds: list[dict[str, np.ndarray]] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    #: report sections stages add by name (``measure``, ``check``, ...)
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: names of the stages that have run, in order
+    done: list[str] = dataclasses.field(default_factory=list)
+
+    def progress_for(self, stage: str) -> Callable[[int, int | None], object] | None:
+        """``progress(done, total)`` for one stage, or None without a progress callback."""
+        if self.progress is None:
+            return None
+        report = self.progress
+        return lambda done, total: report(stage, done, total)
+
+    @property
+    def cleaned(self) -> bool:
+        """Whether the cleanup stage has run on the working copy (later stages skip their own)."""
+        return "cleanup" in self.done
+
+
+class Stage:
+    """Base of the stages (the protocol in the module docstring); one config per instance."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    #: report key for the stage's stats instead of the ``stages`` list (None: the list)
+    section: ClassVar[str | None] = None
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"stage {self.name!r} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @classmethod
+    def required_opset(cls, config: PassConfig) -> int:
+        """The lowest default-domain opset the stage writes with ``config``."""
+        return 1
+
+    @classmethod
+    def needs_data(cls, config: PassConfig) -> bool:
+        """Whether the stage needs ``ctx.fit_data`` with ``config``."""
+        return False
+
+    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Rewrite ``work`` in place; return the stage's statistics."""
+        raise NotImplementedError

@@ -1,0 +1,136 @@
+"""The stage loop of ``compress``: one working copy, cleanup once, sessions only where needed.
+
+Counts are taken by wrapping ``onnx_ir.Model.clone``, ``onnxruntime.InferenceSession`` and
+``CleanupPass.apply`` for one deep-compression run on the shipped digits CNN.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import traceback
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import MODELS
+
+from onnxcomp import recipe as recipe_module
+from onnxcomp.compress import compress
+from onnxcomp.passes.base import PassConfig
+from onnxcomp.passes.cleanup import CleanupPass
+from onnxcomp.recipe import STAGE_CLASSES, STAGES, Recipe, load_recipe, register_stage
+from onnxcomp.stage import Context, Stage
+
+#: modules allowed to open an onnxruntime session in a compress run, and why
+SESSION_OWNERS = {
+    "onnxcomp/graph.py": "calibration and fitting statistics (stream_values)",
+    "onnxcomp/prune/reconstruct.py": "least-squares refit of pruned layers",
+    "onnxcomp/measure/fidelity.py": "fidelity measurement",
+    "onnxcomp/measure/stages.py": "the verify stage loads the result",
+    "onnxcomp/quant/verify.py": "int8 kernel count in onnxruntime's optimized graph",
+}
+
+
+def _caller(skip: set[str]) -> str:
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = frame.filename.replace("\\", "/")
+        if "/onnxcomp/" in path:
+            rel = "onnxcomp/" + path.rsplit("/onnxcomp/", 1)[1]
+            if rel not in skip:
+                return rel
+    return "?"
+
+
+def test_deep_compression_clones_once_cleans_once(monkeypatch):
+    counts: collections.Counter[str] = collections.Counter()
+    session_callers: collections.Counter[str] = collections.Counter()
+    clone, session, apply = ir.Model.clone, ort.InferenceSession, CleanupPass.apply
+
+    def counted_clone(self, *args, **kwargs):
+        counts["clone"] += 1
+        return clone(self, *args, **kwargs)
+
+    def counted_session(*args, **kwargs):
+        counts["session"] += 1
+        session_callers[_caller({"onnxcomp/runtime.py", "onnxcomp/io.py"})] += 1
+        return session(*args, **kwargs)
+
+    def counted_cleanup(self, model):
+        counts["cleanup"] += 1
+        return apply(self, model)
+
+    monkeypatch.setattr(ir.Model, "clone", counted_clone)
+    monkeypatch.setattr(ort, "InferenceSession", counted_session)
+    monkeypatch.setattr(CleanupPass, "apply", counted_cleanup)
+    recipe = load_recipe("deep-compression").with_overrides({"measure.latency": False})
+    work, report = compress(MODELS / "digits_cnn.onnx", recipe, MODELS / "digits_calib.npz",
+                            eval_data=MODELS / "digits_eval.npz")
+    assert [s["stage"] for s in report["stages"]] == ["cleanup", "prune", "cluster", "quantize", "verify"]
+    assert counts["cleanup"] == 1, counts
+    # the working copy, the float reference of the least-squares refit, a typed copy of the input
+    # model for per-layer fidelity
+    assert counts["clone"] <= 3, counts
+    assert set(session_callers) <= set(SESSION_OWNERS), session_callers
+    assert "cleanup" not in report["stages"][3]["stats"]  # quantize did not clean up again
+    assert report["after"]["bytes"] < report["before"]["bytes"] / 2
+    sqnr = report["measure"]["fidelity"]["outputs"][0]["sqnr_db"]
+    assert sqnr > 10, f"deep compression of the digits CNN: {sqnr:.1f} dB"
+
+
+class _HeldOutCheck(Stage):
+    """A stand-in for a held-out check: top-1 agreement of the working copy on ctx.check_data."""
+
+    name = "check"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(PassConfig):
+        min_agreement: float = 0.5
+
+    config_class = Config
+    section = "check"
+
+    def run(self, work, ctx: Context):
+        from onnxcomp.runtime import run_model
+
+        feeds = list(ctx.check_data)[:4]
+        ref = np.concatenate([o[0] for o in run_model(ctx.reference, feeds)]).argmax(-1)
+        got = np.concatenate([o[0] for o in run_model(work, feeds)]).argmax(-1)
+        agreement = float(np.mean(ref == got))
+        return {"agreement": agreement, "met": agreement >= self.config.min_agreement, "after": list(ctx.done)}
+
+
+def test_registry_takes_a_check_stage(monkeypatch):
+    """A stage registered after verify runs there, reads ctx.check_data and adds a report section."""
+    monkeypatch.setattr(recipe_module, "STAGE_CLASSES", dict(STAGE_CLASSES))
+    monkeypatch.setattr(recipe_module, "STAGES", dict(STAGES))
+    import onnxcomp.compress as compress_module
+
+    monkeypatch.setattr(compress_module, "STAGE_CLASSES", recipe_module.STAGE_CLASSES)
+    recipe_module.register_stage(_HeldOutCheck, after="verify")
+    assert list(recipe_module.STAGE_CLASSES) == ["cleanup", "prune", "cluster", "quantize", "verify", "check", "measure"]
+    recipe = Recipe.from_dict({"name": "t", "cleanup": {}, "quantize": {}, "verify": {}, "check": {"min_agreement": 0.9}})
+    reference = MODELS / "digits_cnn.onnx"
+    _, report = compress(reference, recipe, MODELS / "digits_calib.npz", eval_data=MODELS / "digits_eval.npz")
+    assert report["check"]["after"] == ["cleanup", "quantize", "verify"]
+    assert report["check"]["met"] and report["check"]["agreement"] >= 0.9, report["check"]
+    with pytest.raises(ValueError, match="no stage 'nope'"):
+        register_stage(_HeldOutCheck, after="nope")
+
+
+def test_stage_opsets_come_from_the_stages():
+    from onnxcomp.cluster.passes import ClusterConfig
+
+    assert STAGE_CLASSES["cluster"].required_opset(ClusterConfig(bits=4, format="codebook")) == 21
+    assert STAGE_CLASSES["cluster"].required_opset(ClusterConfig(bits=5, format="float")) == 1
+    assert STAGE_CLASSES["quantize"].required_opset(STAGES["quantize"]()) == 13
+
+
+def test_context_progress_names_the_stage():
+    seen = []
+    ctx = Context(reference=ir.Model(ir.Graph([], [], nodes=[]), ir_version=10),
+                  fit_data=None, progress=lambda *a: seen.append(a))
+    ctx.progress_for("prune")(1, 2)
+    assert seen == [("prune", 1, 2)]
+    assert Context(reference=ctx.reference).progress_for("x") is None

@@ -1,0 +1,162 @@
+"""Package structure: no import cycles, product code never imports onnxcomp.testing, io has no sessions.
+
+The import graph counts every ``import`` statement, module level or inside a function: a lazy import
+is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import onnxcomp
+
+PACKAGE = Path(onnxcomp.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the onnxcomp modules it imports (anywhere in its body)."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names)
+        graph[name] = {t for t in targets if t in mods and t != name and t != "onnxcomp"}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_sees_lazy_imports():
+    graph = import_graph()
+    assert "onnxcomp.quant.bias_correction" in graph["onnxcomp.quant.static"]  # inside a function
+    assert "onnxcomp.io" in graph["onnxcomp.runtime"]
+
+
+def test_no_import_cycle():
+    assert _cycles(import_graph()) == []
+
+
+def test_product_code_never_imports_testing():
+    graph = import_graph()
+    offenders = sorted(m for m, deps in graph.items() if "onnxcomp.testing" in deps and m != "onnxcomp.testing")
+    assert offenders == []
+
+
+def test_io_creates_no_sessions():
+    """Sessions, session options and optimized-graph export live in onnxcomp.runtime."""
+    source = (PACKAGE / "io.py").read_text(encoding="utf-8")
+    assert "onnxruntime" not in {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    assert "InferenceSession(" not in source
+
+
+#: Modules whose own pattern matching compares op types (a rewrite looks for Add after MatMul,
+#: a DequantizeLinear of a constant, ...), with the most comparisons each may hold. Knowledge about
+#: ops themselves (weight axes, bias slots, channel rules, attribute defaults) lives in ops.py, so
+#: this list only shrinks; a module not listed may hold none.
+OP_TYPE_COMPARISONS = {
+    "onnxcomp/quant/equalize.py": 15,
+    "onnxcomp/quant/bias_correction.py": 5,
+    "onnxcomp/prune/reconstruct.py": 8,
+    "onnxcomp/quant/weight_only.py": 7,
+    "onnxcomp/quant/smoothquant.py": 6,
+    "onnxcomp/quant/qdq.py": 5,
+    "onnxcomp/prune/fold.py": 5,
+    "onnxcomp/analysis/cost.py": 3,
+    "onnxcomp/analysis/channels.py": 1,
+    "onnxcomp/prune/importance.py": 1,
+    "onnxcomp/cluster/passes.py": 1,
+    "onnxcomp/summary.py": 1,
+    "onnxcomp/passes/cleanup.py": 1,
+    "onnxcomp/quant/autofallback.py": 1,
+}
+
+
+def _op_type_comparisons(path: Path) -> int:
+    """``x.op_type == ...`` / ``!=`` comparisons (either side) in a module's code."""
+    count = 0
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+            sides = [node.left, *node.comparators]
+            count += any(isinstance(side, ast.Attribute) and side.attr == "op_type" for side in sides)
+    return count
+
+
+def test_op_type_comparisons_only_in_pattern_matching_modules():
+    found = {}
+    for name, path in _modules().items():
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        if rel == "onnxcomp/ops.py":
+            continue
+        n = _op_type_comparisons(path)
+        if n > OP_TYPE_COMPARISONS.get(rel, 0):
+            found[rel] = n
+    assert found == {}, f"op type comparisons beyond the allowance (move the op knowledge into ops.py): {found}"
+
+
+def test_weight_axes_come_from_the_ops_table():
+    import onnx_ir as ir
+
+    from onnxcomp.ops import bias_input, weight_axes
+
+    def node(op, **ints):
+        return ir.Node("", op, inputs=[], attributes=[ir.AttrInt64(k, v) for k, v in ints.items()])
+
+    assert weight_axes(node("Conv")) == (0, 1)
+    assert weight_axes(node("ConvTranspose")) == (1, 0)
+    assert weight_axes(node("Gemm")) == (1, 0)
+    assert weight_axes(node("Gemm", transB=1)) == (0, 1)
+    assert weight_axes(node("MatMul")) == (-1, -2)
+    assert (bias_input(node("Conv")), bias_input(node("Gemm")), bias_input(node("MatMul"))) == (2, 2, None)
