@@ -465,7 +465,9 @@ def _read_the_condition(model: ir.Model) -> None:
 
 
 class _Rewrite(CompressionPass[PassConfig]):
-    """A test pass applying ``fn`` to the model."""
+    """A test pass applying ``fn`` to the model, its output judged by the checker and onnxruntime."""
+
+    output_checks = ("checker", "onnxruntime")
 
     def __init__(self, fn) -> None:
         super().__init__()

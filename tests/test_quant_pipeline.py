@@ -30,7 +30,7 @@ def test_fallback_keeps_equalization_and_bias_correction(rng):
     calib = _calib(rng, 24)
     config = QuantizeConfig(per_channel=False, equalize=True, bias_correction=True)
     plain, plain_report = quantize(proto, calib, config)
-    budget, report = quantize(proto, calib, dataclasses.replace(config, fidelity_target=-100.0))
+    budget, report = quantize(proto, calib, dataclasses.replace(config, fidelity_target=0.0))
     assert set(plain_report["recovery"]) == {"equalize", "bias_correction"}
     assert set(report.get("recovery", {})) == {"equalize", "bias_correction"}, sorted(report)
     assert report["recovery"]["bias_correction"]["corrected"] == plain_report["recovery"]["bias_correction"]["corrected"] > 0
@@ -61,7 +61,7 @@ def test_digits_cnn_budget_path_matches_plain_path():
     calib = MODELS / "digits_calib.npz"
     config = QuantizeConfig(equalize=True)
     plain, _ = quantize(reference, calib, config)
-    budget, report = quantize(reference, calib, dataclasses.replace(config, fidelity_target=-100.0))
+    budget, report = quantize(reference, calib, dataclasses.replace(config, fidelity_target=0.0))
     assert set(report["recovery"]) == {"equalize"}
     ds = Dataset(MODELS / "digits_eval.npz", reference, batch_size=90)
     feeds = [next(iter(ds))]

@@ -173,6 +173,8 @@ def find_cluster_targets(model: ir.Model, config: ClusterConfig) -> tuple[list[C
 class ClusterPass(CompressionPass[ClusterConfig]):
     """Cluster eligible weights in place (see module docstring); ``progress(done, total)``."""
 
+    output_checks = ("checker", "onnxruntime")  # codebook Gathers: onnxruntime is the judge
+
     config_class = ClusterConfig
 
     @classmethod

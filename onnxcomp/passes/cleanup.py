@@ -237,6 +237,10 @@ def _drop_default_attributes(model: ir.Model) -> int:
     return dropped
 
 
+class _Restart(Exception):
+    """A cleanup step raised on a run without snapshots: run again with one per step."""
+
+
 def op_histogram(model: ir.Model) -> collections.Counter[str]:
     """Count of nodes per op type over the main graph and all subgraphs."""
     return collections.Counter(
@@ -344,18 +348,25 @@ class CleanupPass(CompressionPass[CleanupConfig]):
         self._defaults_dropped = _drop_default_attributes(model)
         return self._defaults_dropped
 
-    def _run(self, model: ir.Model, producers, checks: tuple[str, ...], rolled_back: dict[str, str]) -> bool:
-        """Run every step; undo a step that raises or (with ``checks``) makes a check fail."""
+    def _run(self, model: ir.Model, producers, checks: tuple[str, ...], rolled_back: dict[str, str],
+             careful: bool = True) -> bool:
+        """Run every step; undo a step that raises or (with ``checks``) makes a check fail.
+
+        ``careful=False`` keeps no snapshot per step (the common case: nothing fails) and raises
+        :class:`_Restart` when a step raises, so that the caller starts again carefully.
+        """
         prelude, rounds, finish = self._plan(model, producers)
         self._defaults_dropped = 0
 
         def step(name: str, p: onnx_ir.passes.PassBase) -> bool:
             if name in rolled_back:
                 return False
-            snapshot = clone_model(model)
+            snapshot = clone_model(model) if careful else None
             try:
                 changed = p(model).modified
             except Exception as exc:  # a rewrite that fails on this graph: undo it, say why
+                if snapshot is None:
+                    raise _Restart from exc
                 restore_model(model, snapshot)
                 rolled_back[name] = f"raised {_root_cause(exc)}"
                 return False
@@ -389,7 +400,11 @@ class CleanupPass(CompressionPass[CleanupConfig]):
         producers = _producers(model)
         original = clone_model(model)
         rolled_back: dict[str, str] = {}
-        modified = self._run(model, producers, (), rolled_back)
+        try:
+            modified = self._run(model, producers, (), rolled_back, careful=False)
+        except _Restart:  # a step raised: start again from the input with a snapshot per step
+            restore_model(model, clone_model(original))
+            modified = self._run(model, producers, (), rolled_back)
         problems = model_problems(model) if modified else {}
         checks = ()
         if problems:

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from onnxcomp.data import DataSource, Dataset, load_data
-from onnxcomp.graph import infer_types
+from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import clone_model
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.calibrate import CalibrationResult, calibrate
@@ -155,7 +155,7 @@ def quantize_static(
     from onnxcomp.quant.subgraphs import quantize_branches
 
     prepared = prepare(work, config, calibration, cleanup=cleanup)
-    branches = quantize_branches(work, prepared.data, config)
+    branches = quantize_branches(work, prepared.data, config, _quantize_branch)
     total = prepared.data.num_feeds
     _, plan, result, _ = calibrate_plan(
         work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
@@ -178,3 +178,9 @@ def quantize_static(
     if recovery:
         report["recovery"] = recovery
     return report
+
+
+def _quantize_branch(model: ir.Model, feeds: list, config: QuantizeConfig) -> tuple[ir.Model, dict[str, Any]]:
+    """An If branch as a model of its own through the whole pipeline (nested Ifs recurse)."""
+    work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=True, notes=[])
+    return work, quantize_static(work, feeds, config)

@@ -100,10 +100,12 @@ def _graft(model: ir.Model, node: ir.Node, attr: str, quantized: ir.Model) -> No
     node.attributes[attr] = ir.AttrGraph(attr, graph)
 
 
-def quantize_branches(model: ir.Model, data: Dataset, config: Any) -> dict[str, Any]:
-    """Quantize the branches of the main graph's If nodes in place; returns a report per branch."""
-    from onnxcomp.quant.api import quantize
+def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any) -> dict[str, Any]:
+    """Quantize the branches of the main graph's If nodes in place; returns a report per branch.
 
+    ``quantize(standalone_model, feeds, config) -> (quantized_model, report)`` is the static
+    pipeline (passed in: it calls this function for nested Ifs).
+    """
     report: dict[str, Any] = {}
     cfg = dataclasses.replace(config, fidelity_target=None, max_drop=None, latency_aware=False)
     ifs = [(i, node) for i, node in enumerate(model.graph) if node.op_type == "If" and node.domain in ("", "ai.onnx")]
@@ -129,7 +131,7 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any) -> dict[str, 
                 report[where] = "left float: no calibration feed takes this branch"
                 continue
             standalone = _as_model(model, index, attr)
-            quantized, stats = quantize(standalone, feeds, cfg, verify=False)
+            quantized, stats = quantize(standalone, feeds, cfg)
             _graft(model, node, attr, quantized)
             report[where] = {"feeds": len(feeds), "int8_nodes": stats.get("int8_nodes", 0),
                              **({"branches": stats["branches"]} if stats.get("branches") else {})}
