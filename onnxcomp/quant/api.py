@@ -34,10 +34,21 @@ def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
     if config.calibration == "percentile":
         return {"percentile": config.percentile, "bins": config.bins, "symmetric": config.activation_symmetric}
     if config.calibration == "entropy":
-        return {"bins": config.bins, "qdtype": config.activation_type}
+        return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
     if config.calibration == "mse":
         return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
+    if config.calibration == "auto":
+        return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric,
+                "percentile": config.percentile}
     return {}
+
+
+def _chosen_counts(choices: dict[str, Any]) -> dict[str, int]:
+    """How many tensors ``auto`` gave each method's range."""
+    counts: dict[str, int] = {}
+    for choice in choices.values():
+        counts[choice.method] = counts.get(choice.method, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _recover_before(work: ir.Model, config: QuantizeConfig, data: Dataset) -> dict[str, Any]:
@@ -133,7 +144,8 @@ def quantize(
             "mode": "static",
             "config": config.to_dict(),
             "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
-                            "seconds": result.seconds},
+                            "seconds": result.seconds,
+                            **({"chosen": _chosen_counts(result.choices)} if result.choices else {})},
             **pass_result.stats,
         }
         if cleanup is not None:

@@ -11,7 +11,7 @@ from onnxcomp.passes.base import PassConfig
 
 __all__ = ["QuantizeConfig", "NodeSelector"]
 
-_METHODS = ("minmax", "percentile", "entropy", "mse")
+_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +29,9 @@ class QuantizeConfig(PassConfig):
         activation_symmetric: symmetric activation ranges (zero point at 0 / 128).
         weight_type: ``int8`` (``uint8`` is refused: onnxruntime's fused kernels want int8 weights).
         per_channel: weights get one scale per output channel.
-        calibration: range method, one of minmax, percentile, entropy, mse.
-        percentile: for ``percentile``.
+        calibration: range method, one of minmax, percentile, entropy, mse, or auto (per tensor,
+            the candidate of those whose consumers' outputs err least; onnxcomp.quant.ranges).
+        percentile: for ``percentile`` (and one of ``auto``'s candidates).
         bins: histogram bins for percentile/entropy/mse.
         op_types: quantize only these op types (empty: every op the placement table knows).
         exclude: node names, op types, or ``re:PATTERN`` regular expressions on node names.
@@ -63,7 +64,7 @@ class QuantizeConfig(PassConfig):
     activation_symmetric: bool = False
     weight_type: Literal["int8"] = "int8"
     per_channel: bool = True
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "minmax"
     percentile: float = 99.999
     bins: int = 2048
     op_types: tuple[str, ...] = ()
