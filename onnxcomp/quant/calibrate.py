@@ -20,7 +20,7 @@ from onnxcomp.errors import DataError
 from onnxcomp.graph import stream_values
 from onnxcomp.quant.observers import Observer, make_observer
 
-__all__ = ["CalibrationResult", "calibrate"]
+__all__ = ["CalibrationResult", "calibrate", "observe"]
 
 
 @dataclasses.dataclass
@@ -35,6 +35,33 @@ class CalibrationResult:
     feeds: int
     seconds: float
     choices: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def observe(
+    model: ir.Model,
+    observers: dict[str, Observer],
+    data: Dataset,
+    *,
+    max_feeds: int | None = None,
+    threads: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> int:
+    """Stream ``data`` through ``model`` and update ``observers[tensor]`` per feed; return the feeds.
+
+    Raises:
+        DataError: a tensor becomes non-finite (named with the feed's index).
+    """
+    feeds = 0
+    for values in stream_values(model, list(observers), data, max_feeds=max_feeds, threads=threads):
+        for name, obs in observers.items():
+            try:
+                obs.update(values[name])
+            except ValueError as exc:
+                raise DataError(f"calibration: tensor {name!r} on feed {feeds}: {exc}") from None
+        feeds += 1
+        if progress is not None:
+            progress(feeds)
+    return feeds
 
 
 def calibrate(
@@ -80,16 +107,7 @@ def calibrate(
     observers = {name: make_observer(method, **(observer_kwargs or {})) for name in names}
     if not names:
         return CalibrationResult({}, {}, 0, 0.0)
-    feeds = 0
-    for values in stream_values(model, names, data, max_feeds=max_feeds, threads=threads):
-        for name in names:
-            try:
-                observers[name].update(values[name])
-            except ValueError as exc:
-                raise DataError(f"calibration: tensor {name!r} on feed {feeds}: {exc}") from None
-        feeds += 1
-        if progress is not None:
-            progress(feeds)
+    feeds = observe(model, observers, data, max_feeds=max_feeds, threads=threads, progress=progress)
     ranges = {}
     for name, obs in observers.items():
         lo, hi = obs.compute_range()

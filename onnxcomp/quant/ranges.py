@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.errors import DataError
-from onnxcomp.graph import stream_values, unique_name, all_value_names
+from onnxcomp.graph import all_value_names, stream_values, unique_name
+from onnxcomp.quant.calibrate import observe
 from onnxcomp.quant.observers import MSEObserver, _cell, best_threshold, entropy_threshold
 from onnxcomp.quant.primitives import QDType, compute_scale_zero_point, qdtype_info
 
@@ -241,16 +241,7 @@ def choose_ranges(
     observers = {name: CandidateObserver(**kwargs) for name in names}
     if not names:
         return {}, {}, 0, 0.0
-    feeds = 0
-    for values in stream_values(model, names, data, max_feeds=max_feeds, threads=threads):
-        for name in names:
-            try:
-                observers[name].update(values[name])
-            except ValueError as exc:
-                raise DataError(f"calibration: tensor {name!r} on feed {feeds}: {exc}") from None
-        feeds += 1
-        if progress is not None:
-            progress(feeds)
+    feeds = observe(model, observers, data, max_feeds=max_feeds, threads=threads, progress=progress)
     unknown = sorted(set(methods) - set(CANDIDATE_ORDER))
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {CANDIDATE_ORDER}, got {tuple(methods)}")
