@@ -95,11 +95,11 @@ def calibrate(
     """
     names = list(dict.fromkeys(tensors))
     if method in ("auto", "entropy"):
-        from onnxcomp.quant.ranges import CANDIDATE_ORDER, choose_ranges
+        from onnxcomp.quant.ranges import choose_ranges
 
         choices, observers, feeds, seconds = choose_ranges(
             model, names, data, **(observer_kwargs or {}), max_feeds=max_feeds, threads=threads, progress=progress,
-            methods=CANDIDATE_ORDER if method == "auto" else ("minmax", "entropy"),
+            **({} if method == "auto" else {"methods": ("minmax", "entropy"), "default": "minmax", "switch_gain": 1.0}),
         )
         ranges = {name: (float(c.range[0]), float(c.range[1])) for name, c in choices.items()}
         return CalibrationResult(ranges, dict(observers), feeds, seconds, choices)
