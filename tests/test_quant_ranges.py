@@ -253,3 +253,16 @@ def test_entropy_reads_ppocr_rec_lines_the_suite_never_renders():
     pred = [s.strip() for s in metrics.ctc_greedy_decode(out, charset)]
     assert metrics.char_accuracy(pred, texts) > 0.8
     assert report["calibration"]["chosen"].get("minmax", 0) > 0  # some KL thresholds were refused
+
+
+def test_auto_keeps_the_mse_range_without_a_clear_gain():
+    """Laplace activations: every candidate is within a few tenths of a dB; auto keeps MSE."""
+    r = np.random.default_rng(5)
+    x = r.laplace(size=(1024, 32)).astype(np.float32)
+    w1 = (r.standard_normal((32, 60)) * 0.1).astype(np.float32)
+    model = _two_matmuls(w1, w1[:8].T.copy())
+    infer_types(model)
+    choices, _, _, _ = choose_ranges(model, ["x"], _feeds(x, 64))
+    c = choices["x"]
+    assert c.method == "mse"
+    assert len(c.errors) >= 3 and all(e * 2.0 >= c.errors["mse"] for e in c.errors.values())
