@@ -24,7 +24,7 @@ import onnx.numpy_helper as onh
 import pytest
 from conftest import MODELS, file_digest, make_proto
 
-from onnxcomp import io
+from onnxcomp import io, runtime
 from onnxcomp.bounds import Range
 from onnxcomp.cli import main
 from onnxcomp.data import Dataset
@@ -356,7 +356,7 @@ def test_external_data_of_constants_and_subgraphs_is_found_next_to_the_model(tmp
     for path, feed in ((const_path, {"x": x}), (sub_path, {"x": x, "cond": np.array(True)})):
         model = io.load_model(path)
         assert io.external_data_files(model) == {str(folder / "w.bin")}
-        (y,) = io.create_session(model).run(None, feed)
+        (y,) = runtime.create_session(model).run(None, feed)
         np.testing.assert_allclose(y, x @ w, rtol=1e-6)
         status, err = run_cli(["inspect", str(path), "--quiet"], capsys)
         assert status == 0 and err == ""

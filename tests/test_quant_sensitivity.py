@@ -173,6 +173,6 @@ def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch,
     # onnxruntime really runs the Muls in float and the Convs in int8
     from onnxcomp import io
 
-    optimized = [n.op_type for n in io.ort_optimized_model(model).graph]
+    optimized = [n.op_type for n in runtime.ort_optimized_model(model).graph]
     assert "QLinearMul" not in optimized and optimized.count("Mul") == 2
     assert optimized.count("QLinearConv") == 4

@@ -43,8 +43,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-range", choices=("auto", "full", "reduced"), default="auto",
                    help="int8 weights in 8 bits (full) or 7 (reduced); auto: reduced where this CPU's int8 kernels "
                         "saturate (x86 without VNNI)")
-    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
-                   help="calibration range method (default minmax)")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto"), default="minmax",
+                   help="calibration range method (default minmax); auto: per tensor, the candidate range "
+                        "whose consumers' outputs err least on the calibration data")
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX",
                    help="leave matching nodes in float (repeatable)")
@@ -237,6 +238,8 @@ def _run(args: argparse.Namespace) -> int:
         con.print(
             f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
             f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"
+            + (f" (ranges chosen: {', '.join(f'{k} {v}' for k, v in report['calibration']['chosen'].items())})"
+               if report["calibration"].get("chosen") else "")
         )
         con.print(
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
@@ -267,7 +270,7 @@ def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", metavar="FILE", help="evaluation data (default: the calibration data)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data: accuracy per candidate")
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
-    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto"), default="minmax")
     p.add_argument("--per-tensor", action="store_true")
     p.add_argument("--max-eval-feeds", type=POSITIVE_INT, default=64)
     p.add_argument("--workers", type=Range(int, 1, 1024),

@@ -47,11 +47,20 @@ def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
     """Constructor arguments of the observer the config's calibration method uses."""
     if config.calibration == "percentile":
         return {"percentile": config.percentile, "bins": config.bins, "symmetric": config.activation_symmetric}
-    if config.calibration == "entropy":
-        return {"bins": config.bins, "qdtype": config.activation_type}
-    if config.calibration == "mse":
+    if config.calibration in ("entropy", "mse"):
         return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
+    if config.calibration == "auto":
+        return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric,
+                "percentile": config.percentile}
     return {}
+
+
+def _chosen_counts(choices: dict[str, Any]) -> dict[str, int]:
+    """How many tensors ``auto`` (or guarded entropy) gave each method's range."""
+    counts: dict[str, int] = {}
+    for choice in choices.values():
+        counts[choice.method] = counts.get(choice.method, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 @dataclasses.dataclass
@@ -164,7 +173,8 @@ def quantize_static(
         "mode": "static",
         "config": config.to_dict(),
         "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
-                        "seconds": result.seconds},
+                        "seconds": result.seconds,
+                        **({"chosen": _chosen_counts(result.choices)} if result.choices else {})},
         **rewrite(work, config, plan, result.ranges),
     }
     if branches:
