@@ -171,7 +171,7 @@ def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch,
     assert lat["int8_slower_than_float"] is int8_slower
     assert report["history"][-1]["float_nodes"] == report["float_nodes"]
     # onnxruntime really runs the Muls in float and the Convs in int8
-    from onnxcomp import io
+    from onnxcomp import runtime
 
     optimized = [n.op_type for n in runtime.ort_optimized_model(model).graph]
     assert "QLinearMul" not in optimized and optimized.count("Mul") == 2
