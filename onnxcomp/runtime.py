@@ -50,6 +50,10 @@ def session_options(optimization: str = "all", threads: int | None = 1) -> ort.S
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # These sessions compute (calibration, fidelity, checks), they are not timed: without
+    # prepacking onnxruntime keeps one copy of each weight instead of two (a 2.25 GiB MatMul weight
+    # took 4.6 GiB in a calibration session). Latency sessions (onnxcomp.measure.latency) keep it.
+    so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 

@@ -166,16 +166,11 @@ def compare_models(
     options = session_options(optimization, threads=threads)
     # The outputs always come from the models as they are: exposing intermediates blocks
     # onnxruntime's fusions (int8 kernels among them), which can hide what the fused kernels do.
-    ref_session = create_session(reference, sess_options=options)
-    cand_session = create_session(candidate, sess_options=options)
-    layer_sessions = None
+    # Per-layer tensors come from a second pass with exposed copies, once the first sessions are
+    # gone (two sessions of a model alive at once would hold its weights twice).
     if per_layer:
         reference, candidate = _typed(reference), _typed(candidate)
         layer_names = _shared_intermediates(reference, candidate)
-        if layer_names:
-            with exposed(reference, layer_names) as ref_exposed, exposed(candidate, layer_names) as cand_exposed:
-                layer_sessions = (create_session(ref_exposed, sess_options=options),
-                                  create_session(cand_exposed, sess_options=options))
     names = ref_outputs + layer_names
     accumulators: dict[str, FidelityAccumulator] = {}
     label_index = ref_outputs.index(label_output) if label_output else 0
@@ -183,15 +178,11 @@ def compare_models(
     samples = feeds = 0
     resized: set[str] = set()
     empty: dict[str, list[int]] = {}
-    for feed in data:
-        ref_values = ref_session.run(ref_outputs, feed)
-        cand_values = cand_session.run(ref_outputs, feed)
-        if layer_sessions is not None:
-            ref_values += layer_sessions[0].run(layer_names, feed)
-            cand_values += layer_sessions[1].run(layer_names, feed)
-        for i, (name, r, c) in enumerate(zip(names, ref_values, cand_values)):
+
+    def consume(which: list[str], ref_values, cand_values, layer: bool) -> None:
+        for i, (name, r, c) in enumerate(zip(which, ref_values, cand_values)):
             if r.shape != c.shape:
-                if i >= len(ref_outputs):  # an intermediate pruning resized: not comparable
+                if layer:  # an intermediate pruning resized: not comparable
                     resized.add(name)
                     continue
                 raise OnnxcompError(
@@ -206,13 +197,28 @@ def compare_models(
                     axis = None
                 accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name)
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
-            if labels is not None and i == label_index:
+            if labels is not None and not layer and i == label_index:
                 predictions["reference"].append(_predict(r))
                 predictions["candidate"].append(_predict(c))
+
+    ref_session = create_session(reference, sess_options=options)
+    cand_session = create_session(candidate, sess_options=options)
+    for feed in data:
+        ref_values = ref_session.run(ref_outputs, feed)
+        consume(ref_outputs, ref_values, cand_session.run(ref_outputs, feed), layer=False)
         samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
         feeds += 1
         if progress is not None:
             progress(feeds)
+    del ref_session, cand_session
+    if layer_names:
+        with exposed(reference, layer_names) as ref_exposed:
+            ref_layers = create_session(ref_exposed, sess_options=options)
+        with exposed(candidate, layer_names) as cand_exposed:
+            cand_layers = create_session(cand_exposed, sess_options=options)
+        for feed in data:
+            consume(layer_names, ref_layers.run(layer_names, feed), cand_layers.run(layer_names, feed), layer=True)
+        del ref_layers, cand_layers
     accuracy: dict[str, float] = {}
     if labels is not None:
         for role, preds in predictions.items():
