@@ -52,11 +52,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import Dataset, model_inputs, synthetic_feed
+from onnxcomp.data import Dataset, fill_free_dims, model_inputs, synthetic_feed
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
 from onnxcomp.passes.base import PassConfig
 
-__all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "verdict_line", "SCORE_PRODUCERS"]
+__all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "verdict_line", "SCORE_PRODUCERS"]
 
 #: Ops whose output is a distribution over classes along the last axis.
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
@@ -177,12 +177,7 @@ def _ordinal(k: int) -> str:
 
 def _synthetic_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]] | None, str]:
     inputs = model_inputs(model)
-    shapes = {}
-    for spec in inputs:
-        if spec.optional or spec.shape is None:
-            continue
-        if any(not isinstance(d, int) for d in spec.shape):
-            shapes[spec.name] = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+    shapes, _ = fill_free_dims(inputs, {})
     try:
         return [synthetic_feed(inputs, shapes, seed=i) for i in range(8)], ""
     except DataError as exc:
@@ -207,6 +202,17 @@ def output_kinds(model: ir.Model) -> dict[str, str]:
         else:
             kinds[value.name] = "values"
     return kinds
+
+
+def judge_output(kind: str, cosine: float, agreement: float | None, max_abs: float | None,
+                 config: CheckConfig) -> tuple[bool, str, str]:
+    """The budget rule for one output (module docstring): ``(ok, rule, the figure judged)``."""
+    if kind == "scores" and agreement is not None:
+        return bool(agreement >= config.min_agreement), f"top-1 agreement >= {config.min_agreement:g}", \
+            f"top-1 agreement {agreement:.4f}"
+    if kind == "exact":
+        return bool(max_abs == 0), "equal to the original", f"max abs difference {max_abs:g}"
+    return bool(cosine >= config.min_cosine), f"cosine >= {config.min_cosine:g}", f"cosine {cosine:.4f}"
 
 
 def check_model(
@@ -266,22 +272,12 @@ def check_model(
     kinds = output_kinds(reference)
     for out in cmp.outputs:
         kind = kinds.get(out.name, "values")
+        ok, rule, figure = judge_output(kind, out.cosine, out.top1_agreement, out.max_abs, config)
         row: dict[str, Any] = {"name": out.name, "kind": kind, "cosine": out.cosine, "sqnr_db": out.sqnr_db,
-                               "top1_agreement": out.top1_agreement if kind == "scores" else None}
-        if kind == "scores" and out.top1_agreement is not None:
-            row["rule"] = f"top-1 agreement >= {config.min_agreement:g}"
-            row["ok"] = bool(out.top1_agreement >= config.min_agreement)
-        elif kind == "exact":
-            row["rule"] = "equal to the original"
-            row["ok"] = bool(out.max_abs == 0)
-        else:
-            row["rule"] = f"cosine >= {config.min_cosine:g}"
-            row["ok"] = bool(out.cosine >= config.min_cosine)
-        if not row["ok"]:
-            figure = (f"top-1 agreement {out.top1_agreement:.4f}" if row["rule"].startswith("top-1")
-                      else f"cosine {out.cosine:.4f}" if row["rule"].startswith("cosine")
-                      else f"max abs difference {out.max_abs:g}")
-            report["problems"].append(f"output {out.name!r}: {figure}, budget {row['rule']}")
+                               "top1_agreement": out.top1_agreement if kind == "scores" else None,
+                               "rule": rule, "ok": ok}
+        if not ok:
+            report["problems"].append(f"output {out.name!r}: {figure}, budget {rule}")
         report["outputs"].append(row)
     if cmp.accuracy:
         drop = 100.0 * (cmp.accuracy["reference"] - cmp.accuracy["candidate"])

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import CheckConfig, output_kinds
+from onnxcomp.check import CheckConfig, judge_output, output_kinds
 from onnxcomp.data import DataSource, Dataset
 from onnxcomp.io import ModelSource, model_to_bytes
 from onnxcomp.quant.config import QuantizeConfig
@@ -73,13 +73,9 @@ def budget_metrics(model: bytes, feeds: Sequence[dict[str, np.ndarray]], referen
 
 
 def _meets(metrics: list[dict[str, float]], kinds: Sequence[str], budget: CheckConfig) -> bool:
-    for m, kind in zip(metrics, kinds):
-        if kind == "scores" and m["agreement"] is not None:
-            if m["agreement"] < budget.min_agreement:
-                return False
-        elif kind != "exact" and m["cosine"] < budget.min_cosine:
-            return False
-    return True
+    """The check's rule (:func:`onnxcomp.check.judge_output`) on every float output."""
+    return all(judge_output(kind, m["cosine"], m["agreement"], None, budget)[0]
+               for m, kind in zip(metrics, kinds) if kind != "exact")
 
 
 def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str], feeds: Dataset) -> dict[str, float]:
