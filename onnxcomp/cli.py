@@ -261,9 +261,10 @@ def check_config(args: argparse.Namespace):
         raise ConfigError(f"{exc} (--check-fraction, --min-agreement, --min-cosine, --max-drop)") from None
 
 
-def run_check(con, reference, written_path, split, config, *, compressed: int | None, what: str,
-              why: str = "") -> dict[str, Any] | None:
-    """Load the written file back and check it against ``reference``; None when disabled."""
+def run_check(con, reference, written_path, split, config, report: dict[str, Any], *, compressed: int | None,
+              what: str, why: str = "") -> dict[str, Any] | None:
+    """Load the written file back and check it against ``reference``; the result goes into
+    ``report["check"]`` and is returned (None when the check is disabled)."""
     from onnxcomp.check import check_model
     from onnxcomp.io import load_model
 
@@ -272,8 +273,10 @@ def run_check(con, reference, written_path, split, config, *, compressed: int | 
     written = load_model(written_path)
     with progress_bar(con) as progress:
         task = progress.add_task("checking", total=split.check_feeds)
-        return check_model(reference, written, split, config, compressed=compressed, what=what, nothing_why=why,
-                           progress=lambda n: progress.update(task, completed=n))
+        check = check_model(reference, written, split, config, compressed=compressed, what=what, nothing_why=why,
+                            progress=lambda n: progress.update(task, completed=n))
+    report["check"] = check
+    return check
 
 
 def print_check(con, check: dict[str, Any] | None) -> None:
@@ -397,10 +400,8 @@ def _run_compress(args: argparse.Namespace) -> int:
         report["free_dims"] = free_dims
         report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]
     count, what = _compressed_by_stages(report["stages"])
-    check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
+    check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
                       why="" if count else "see each stage's statistics (--json)")
-    if check is not None:
-        report["check"] = check
     status = check_status(args, check)
     if args.report:
         write_text_atomic(args.report, render_html(report), force=args.force)

@@ -92,9 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     why = "" if count else (f"{len(report['skipped'])} tensor(s) left alone, e.g. "
                             + "; ".join(f"{n!r}: {r}" for n, r in list(report["skipped"].items())[:1])
                             if report["skipped"] else f"no weight tensor with at least {args.min_elements} elements")
-    check = run_check(con, model, out, split, check_cfg, compressed=count, what="tensors clustered", why=why)
-    if check is not None:
-        report["check"] = check
+    check = run_check(con, model, out, split, check_cfg, report, compressed=count, what="tensors clustered", why=why)
     status = check_status(args, check)
     if args.json:
         print_json(report)

@@ -93,9 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     if removed == 0:
         reasons = [*report["kept_back"].values(), *report["skipped_groups"].values()]
         why = str(reasons[0]) if reasons else f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
-    check = run_check(con, model, out, split, check_cfg, compressed=removed, what="channels removed", why=why)
-    if check is not None:
-        report["check"] = check
+    check = run_check(con, model, out, split, check_cfg, report, compressed=removed, what="channels removed", why=why)
     status = check_status(args, check)
     if args.json:
         print_json(report)

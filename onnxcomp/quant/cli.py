@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
-    check = run_check(con, model, out, split, check_cfg, compressed=count, what=what, why=why)
+    check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what, why=why)
     if (check is not None and not check["met"] and count and args.mode == "static" and not args.no_fallback
             and not config.uses_fallback and split.held_out):
         from onnxcomp.quant.autofallback import fallback_to_budget
@@ -191,10 +191,8 @@ def _run(args: argparse.Namespace) -> int:
         out = save_model(quantized, args.output, force=True)
         report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
         count = len(auto["int8_nodes"])
-        check = run_check(con, model, out, split, check_cfg, compressed=count, what=what,
+        check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
                           why="every node went back to float and the budget still failed" if not count else "")
-    if check is not None:
-        report["check"] = check
     status = check_status(args, check)
     if args.json:
         print_json(report)
