@@ -660,3 +660,90 @@ def test_cleanup_folds_large_recurrent_weights(rng):
     lstm = next(n for n in model.graph if n.op_type == "LSTM")
     assert lstm.inputs[1].const_value is not None and "Unsqueeze" not in op_histogram(model)
     assert_equivalent(reference, model, _feeds(proto, 17))
+
+
+def _loop_matmul_relu(rng):
+    """A Loop whose body is MatMul -> Relu on the carried state (weights an outer initializer):
+    onnxruntime fuses that body's Q/DQ into MatMulIntegerToFloat."""
+    body = _graph(
+        [oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+         oh.make_node("MatMul", ["h_in", "w"], ["mm"]),
+         oh.make_node("Relu", ["mm"], ["h_out"]),
+         oh.make_node("Sigmoid", ["h_out"], ["scan_out"])],
+        "body", [_vi("cond_out", [], B), _vi("h_out", [1, 16]), _vi("scan_out", [1, 16])],
+        inputs=[_vi("iter", [], I64), _vi("cond_in", [], B), _vi("h_in", [1, 16])],
+    )
+    nodes = [oh.make_node("Loop", ["trips", "true", "x"], ["h_final", "hs"], body=body, name="loop")]
+    inits = [("trips", np.array(3, np.int64)), ("true", np.array(True)), ("w", _w(rng, 16, 16, scale=0.3))]
+    return make_proto(nodes, [("x", [1, 16])], [("h_final", [1, 16]), ("hs", [3, 1, 16])], inits)
+
+
+def _scan_reverse(rng):
+    """A Scan over axis 1, backwards, whose body is MatMul -> Relu of the state plus the slice."""
+    body = _graph(
+        [oh.make_node("MatMul", ["s_in", "w"], ["sw"]),
+         oh.make_node("Relu", ["sw"], ["r"]),
+         oh.make_node("Sub", ["r", "x_t"], ["s_out"]),
+         oh.make_node("Identity", ["s_out"], ["y_t"])],
+        "body", [_vi("s_out", [1, 16]), _vi("y_t", [1, 16])],
+        inputs=[_vi("s_in", [1, 16]), _vi("x_t", [1, 16])],
+    )
+    nodes = [oh.make_node("Scan", ["s0", "xs"], ["s_final", "ys"], body=body, num_scan_inputs=1,
+                          scan_input_axes=[1], scan_input_directions=[1], name="scan")]
+    inits = [("s0", np.full((1, 16), 0.5, np.float32)), ("w", _w(rng, 16, 16, scale=0.3))]
+    return make_proto(nodes, [("xs", [1, 5, 16])], [("s_final", [1, 16]), ("ys", [5, 1, 16])], inits)
+
+
+@pytest.mark.parametrize("make", [_loop_matmul_relu, _scan_reverse])
+def test_emulated_iterations_reproduce_the_op(rng, make):
+    """Loop/Scan emulation (the float body run step by step, state fed back) ends on exactly the
+    final state onnxruntime computes, and records one body feed per iteration."""
+    from onnxcomp.quant import subgraphs
+
+    proto = make(rng)
+    model = io.load_model(proto)
+    node = next(n for n in model.graph if n.op_type in ("Loop", "Scan"))
+    kind = subgraphs._kind(node, model.opset_imports[""])
+    standalone = subgraphs._as_model(model, 0, "body")
+    feeds = _feeds(proto, 21, n=2)
+    body_feeds = subgraphs._body_feeds(model, node, kind, "body", standalone, [], feeds)
+    assert len(body_feeds) == 2 * (3 if node.op_type == "Loop" else 5)
+    state = [n for n in body_feeds[0] if n in ("h_in", "s_in")][0]
+    last = body_feeds[len(body_feeds) // 2 - 1]  # the first feed's last iteration
+    final = run_model(standalone, [last], optimization="disable")[0]
+    expected = run_model(model, feeds[:1], optimization="disable")[0][0]
+    np.testing.assert_allclose(final[1 if node.op_type == "Loop" else 0], expected, rtol=1e-6, atol=1e-6)
+    if node.op_type == "Scan":  # backwards over axis 1: the first step reads the last slice
+        np.testing.assert_array_equal(body_feeds[0]["x_t"], feeds[0]["xs"][:, 4])
+        np.testing.assert_array_equal(body_feeds[0][state], np.full((1, 16), 0.5, np.float32))
+
+
+def test_static_quantizes_inside_loop_bodies(rng):
+    """The body is calibrated on its per-iteration inputs and runs as an int8 kernel."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    proto = _loop_matmul_relu(rng)
+    quantized, report = quantize(proto, _feeds(proto, 22, n=8), QuantizeConfig())
+    assert report["branches"]["loop/body"] == {"feeds": 24, "int8_nodes": 1}
+    assert report["onnxruntime"]["int8_by_op"] == {"MatMulIntegerToFloat": 1}
+    _assert_valid(quantized)
+    _assert_sqnr(io.load_model(proto), quantized, _feeds(proto, 23), SQNR_FLOOR["quantize-static"])
+
+
+def test_static_leaves_loop_body_float_where_onnxruntime_would_not_fuse(rng):
+    """Inside a loop body onnxruntime fuses MatMul + Add into a float Gemm before its Q/DQ
+    fusions, and inside a Scan body (onnxruntime 1.2x-1.3x) it fuses no Q/DQ at all: a quantized
+    body would run DequantizeLinear -> float compute on every iteration, so it is put back as it
+    was, and the report says why."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    for make, where in ((model_loop, "loop/body"), (model_scan, "scan/body"), (_scan_reverse, "scan/body")):
+        proto = make(rng)
+        quantized, report = quantize(proto, _feeds(proto, 24, n=8), QuantizeConfig())
+        assert "does not fuse its Q/DQ" in report["branches"][where]
+        body = next(n for n in quantized.graph if n.op_type in ("Loop", "Scan")).attributes["body"].value
+        assert {n.op_type for n in body} & {"QuantizeLinear", "DequantizeLinear"} == set()
+        _assert_valid(quantized)
+        _assert_sqnr(io.load_model(proto), quantized, _feeds(proto, 25), SQNR_FLOOR["quantize-static"])

@@ -10,12 +10,19 @@ nested If recurse), and its graph replaces the branch: new constants become bran
 under names unique in the whole model, outer constants it left alone are read from the outer
 scope again. A branch that no calibration feed takes stays float, said so in the report.
 
-Loop and Scan bodies stay float: their values change from one iteration to the next.
+Loop and Scan bodies are handled the same way, with their own formal inputs first: the op is
+emulated step by step on each calibration feed (the float body run by onnxruntime, its carried
+state fed back), and the body's feeds are its per-iteration inputs, at most 32 per calibration
+feed (evenly spread over the iterations, at most 4096 emulated) and 256 in all. One set of
+scales serves every iteration, as a static Q/DQ must. A quantized body is kept only where
+onnxruntime fuses its Q/DQ into int8 kernels: inside loop bodies it first fuses MatMul + Add
+into a float Gemm, and a DequantizeLinear feeding float compute on every iteration is a loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -66,16 +73,17 @@ def _as_model(model: ir.Model, if_index: int, attr: str) -> ir.Model:
     return ir.Model(branch, ir_version=model.ir_version)
 
 
-def _graft(model: ir.Model, node: ir.Node, attr: str, quantized: ir.Model) -> None:
-    """Make ``quantized``'s graph the branch ``attr`` of ``node``, reading the outer scope again."""
+def _graft(model: ir.Model, node: ir.Node, attr: str, quantized: ir.Model, formal: int = 0) -> None:
+    """Make ``quantized``'s graph the subgraph ``attr`` of ``node``: its first ``formal`` inputs
+    stay the subgraph's own (a Loop or Scan body's), the others read the outer scope again."""
     graph = quantized.graph
     old = node.attributes[attr].value
     outer = {v.name: v for v in model.graph.inputs}
     outer.update(model.graph.initializers)
     outer.update({v.name: v for n in model.graph for v in n.outputs if v.name})
-    for value in list(graph.inputs):
+    for value in list(graph.inputs)[formal:]:
         value.replace_all_uses_with(outer[value.name])
-    graph.inputs.clear()
+    del graph.inputs[formal:]
     for name, value in list(graph.initializers.items()):
         mine = outer.get(name)
         if mine is not None and mine.const_value is value.const_value:  # an outer constant, untouched
@@ -100,39 +108,191 @@ def _graft(model: ir.Model, node: ir.Node, attr: str, quantized: ir.Model) -> No
     node.attributes[attr] = ir.AttrGraph(attr, graph)
 
 
+@dataclasses.dataclass(frozen=True)
+class _BodyKind:
+    """How calibration feeds for a subgraph of one control-flow op are produced.
+
+    ``feeds(node, attr, inputs, formal, run)`` yields the body's own formal inputs for one
+    main-graph feed: ``inputs`` are the node's input values by position (None where absent),
+    ``formal`` the body's formal input names, ``run(feed)`` runs the float body once.
+    ``emulated``: the body runs once per iteration, so onnxruntime's fusion inside it is checked.
+    """
+
+    attrs: tuple[str, ...]
+    feeds: Callable[..., Iterator[dict[str, np.ndarray]]]
+    min_opset: int = 1
+    emulated: bool = False
+
+
+_MAX_STEPS = 4096  # iterations emulated per calibration feed at most
+_MAX_RECORDED = 32  # body feeds recorded per calibration feed (evenly spread over the steps)
+_MAX_FEEDS = 256  # body feeds per subgraph in all
+
+
+def _if_feeds(node, attr, inputs, formal, run):
+    if bool(np.asarray(inputs[0]).reshape(-1)[0]) == (attr == "then_branch"):
+        yield {}
+
+
+def _stride(steps: int | None) -> int:
+    return 1 if not steps else max(1, -(-steps // _MAX_RECORDED))
+
+
+def _loop_feeds(node, attr, inputs, formal, run):
+    """Emulates ``Loop``: iteration ``i`` feeds ``(i, cond, carried...)`` to the body and takes
+    ``(cond, carried...)`` back from its outputs."""
+    trips = None if inputs[0] is None else int(np.asarray(inputs[0]).reshape(-1)[0])
+    cond = True if len(inputs) < 2 or inputs[1] is None else bool(np.asarray(inputs[1]).reshape(-1)[0])
+    carried = list(inputs[2:])
+    stride = _stride(min(trips, _MAX_STEPS) if trips is not None else None)
+    i = 0
+    while cond and (trips is None or i < trips) and i < _MAX_STEPS:
+        feed = {formal[0]: np.array(i, np.int64), formal[1]: np.array(cond), **dict(zip(formal[2:], carried))}
+        if i % stride == 0:
+            yield feed
+        outs = run(feed)
+        cond, carried = bool(np.asarray(outs[0]).reshape(-1)[0]), list(outs[1:1 + len(carried)])
+        i += 1
+
+
+def _scan_feeds(node, attr, inputs, formal, run):
+    """Emulates ``Scan`` (opset >= 9): step ``t`` feeds the states and the ``t``-th slice of each
+    scan input (along its axis, in its direction) and takes the states back."""
+    m = node.attributes.get_int("num_scan_inputs", 0)
+    n = len(inputs) - m
+    states, scans = list(inputs[:n]), [np.asarray(a) for a in inputs[n:]]
+    axes = [a % s.ndim for a, s in zip(node.attributes.get_ints("scan_input_axes", [0] * m), scans)]
+    dirs = list(node.attributes.get_ints("scan_input_directions", [0] * m))
+    steps = min(scans[0].shape[axes[0]] if scans else 0, _MAX_STEPS)
+    stride = _stride(steps)
+    for t in range(steps):
+        elems = [np.take(s, t if d == 0 else s.shape[a] - 1 - t, axis=a) for s, a, d in zip(scans, axes, dirs)]
+        feed = {**dict(zip(formal[:n], states)), **dict(zip(formal[n:], elems))}
+        if t % stride == 0:
+            yield feed
+        states = list(run(feed)[:n])
+
+
+_KINDS: dict[tuple[str, str], _BodyKind] = {
+    ("", "If"): _BodyKind(_BRANCHES, _if_feeds),
+    ("", "Loop"): _BodyKind(("body",), _loop_feeds, emulated=True),
+    ("", "Scan"): _BodyKind(("body",), _scan_feeds, min_opset=9, emulated=True),
+}
+_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def _kind(node: ir.Node, opset: int) -> _BodyKind | None:
+    kind = _KINDS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+    return kind if kind is not None and opset >= kind.min_opset else None
+
+
+def _body_feeds(model: ir.Model, node: ir.Node, kind: _BodyKind, attr: str, standalone: ir.Model,
+                reads: list[str], data: Dataset) -> list[dict[str, np.ndarray]]:
+    """The standalone body's calibration feeds: the outer values it reads, captured on every main
+    feed, plus its own formal inputs as the op would pass them (emulated step by step)."""
+    from onnxcomp.runtime import create_session, session_options
+
+    formal = [v.name for v in node.attributes[attr].value.inputs]
+    session = None
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        nonlocal session
+        if session is None:
+            session = create_session(standalone, sess_options=session_options("basic"))
+        return session.run(None, feed)
+
+    streamed = [v.name for v in node.inputs if v is not None and v.const_value is None]
+    feeds: list[dict[str, np.ndarray]] = []
+    for values in stream_values(model, [*reads, *streamed], data):
+        inputs = [None if v is None else (v.const_value.numpy() if v.const_value is not None else values[v.name])
+                  for v in node.inputs]
+        outer = {n: values[n] for n in reads}
+        for step in kind.feeds(node, attr, inputs, formal, lambda f: run({**f, **outer})):
+            feeds.append({**step, **outer})
+            if len(feeds) >= _MAX_FEEDS:
+                return feeds
+    return feeds
+
+
+def _unfused_bodies(model: ir.Model, grafted: dict[tuple[str, str], Any]) -> dict[tuple[str, str], str]:
+    """Grafted bodies in which onnxruntime's optimized graph still feeds a DequantizeLinear into a
+    float compute op (the Q/DQ were not fused: the body would only get slower), with the op."""
+    from onnxcomp.ops import COMPUTE_OPS
+    from onnxcomp.runtime import ort_optimized_model, session_options
+
+    optimized = ort_optimized_model(model, sess_options=session_options("all"))
+    found: dict[tuple[str, str], str] = {}
+    for node in optimized.graph:
+        for attr in node.attributes:
+            if (node.name, attr) not in grafted:
+                continue
+            for inner in node.attributes[attr].value.all_nodes():
+                if COMPUTE_OPS.lookup(inner, optimized) is None:
+                    continue
+                if any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                       for v in inner.inputs):
+                    found[(node.name, attr)] = inner.op_type
+                    break
+    return found
+
+
+def _detach(graph: ir.Graph) -> None:
+    """Drop the uses a discarded graph's nodes hold on outer values."""
+    for node in graph.all_nodes():
+        for i in range(len(node.inputs)):
+            node.replace_input_with(i, None)
+
+
 def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any) -> dict[str, Any]:
-    """Quantize the branches of the main graph's If nodes in place; returns a report per branch.
+    """Quantize the subgraphs of the main graph's If, Loop and Scan nodes in place; returns a
+    report per subgraph (``node/attribute``).
 
     ``quantize(standalone_model, feeds, config) -> (quantized_model, report)`` is the static
-    pipeline (passed in: it calls this function for nested Ifs).
+    pipeline (passed in: it calls this function for nested control flow). A Loop or Scan body
+    whose Q/DQ onnxruntime does not fuse (it fuses MatMul + Add into a float Gemm inside loop
+    bodies first, for one) is put back as it was: it would only run slower.
     """
     report: dict[str, Any] = {}
     cfg = dataclasses.replace(config, fidelity_target=None, max_drop=None, latency_aware=False)
-    ifs = [(i, node) for i, node in enumerate(model.graph) if node.op_type == "If" and node.domain in ("", "ai.onnx")]
-    for index, node in ifs:
-        cond = node.inputs[0]
-        if cond is None or cond.is_initializer() or not cond.name:
-            continue  # a constant condition: cleanup folds the If
-        for attr in _BRANCHES:
+    opset = model.opset_imports.get("", 0)
+    sites = [(i, node, kind) for i, node in enumerate(model.graph) if (kind := _kind(node, opset)) is not None]
+    emulated: dict[tuple[str, str], tuple[ir.Node, ir.Graph]] = {}
+    for index, node, kind in sites:
+        if kind.attrs == _BRANCHES:
+            cond = node.inputs[0]
+            if cond is None or cond.const_value is not None or not cond.name:
+                continue  # a constant condition: cleanup folds the If
+        for attr in kind.attrs:
             where = f"{node.name}/{attr}"
-            branch = node.attributes[attr].value
-            if not any(n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") for n in branch.all_nodes()):
+            body = node.attributes[attr].value
+            if not any(n.op_type in _COMPUTE for n in body.all_nodes()):
                 continue
-            reads = [v for v in _outer_reads(branch) if not (v.is_initializer() and v.const_value is not None)]
+            reads = [v for v in _outer_reads(body) if not (v.is_initializer() and v.const_value is not None)]
             if any(v.type is None or v.name is None for v in reads):
                 report[where] = "left float: an outer value it reads has no known type"
                 continue
-            names = [v.name for v in reads]
-            feeds: list[dict[str, np.ndarray]] = []
-            for values in stream_values(model, [*names, cond.name], data):
-                if bool(np.asarray(values[cond.name]).reshape(-1)[0]) == (attr == "then_branch"):
-                    feeds.append({n: values[n] for n in names})
-            if not feeds:
-                report[where] = "left float: no calibration feed takes this branch"
-                continue
             standalone = _as_model(model, index, attr)
+            feeds = _body_feeds(model, node, kind, attr, standalone, [v.name for v in reads], data)
+            if not feeds:
+                report[where] = ("left float: no calibration feed takes this branch" if kind.attrs == _BRANCHES
+                                 else "left float: no calibration feed runs an iteration")
+                continue
+            formal = [v.name for v in body.inputs]
             quantized, stats = quantize(standalone, feeds, cfg)
-            _graft(model, node, attr, quantized)
+            if [v.name for v in quantized.graph.inputs][:len(formal)] != formal or len(
+                    quantized.graph.outputs) != len(body.outputs):
+                report[where] = "left float: quantizing changed the subgraph's signature"
+                continue
+            _graft(model, node, attr, quantized, len(formal))
+            if kind.emulated and node.name:
+                emulated[(node.name, attr)] = (node, body)
             report[where] = {"feeds": len(feeds), "int8_nodes": stats.get("int8_nodes", 0),
                              **({"branches": stats["branches"]} if stats.get("branches") else {})}
+    if emulated:
+        for (name, attr), op in _unfused_bodies(model, emulated).items():
+            node, original = emulated[(name, attr)]
+            _detach(node.attributes[attr].value)
+            node.attributes[attr] = ir.AttrGraph(attr, original)
+            report[f"{name}/{attr}"] = (f"left float: onnxruntime does not fuse its Q/DQ there "
+                                        f"(it would run DequantizeLinear -> float {op} every iteration)")
     return report
