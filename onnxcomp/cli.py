@@ -71,6 +71,64 @@ def check_outputs(args: argparse.Namespace, model) -> None:
     check_destinations(outputs, inputs, models=("-o",), source=model, force=args.force)
 
 
+def add_specialize_flags(parser: argparse.ArgumentParser) -> None:
+    """``--fix-input`` / ``--fix-shape`` (see :mod:`onnxcomp.passes.specialize`)."""
+    g = parser.add_argument_group("input specialisation (exact for the values given)")
+    g.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
+                   help="make graph input NAME a constant and fold what follows (If conditions on it, shapes); "
+                        "VALUE: a number, true/false, comma-separated numbers, or @FILE.npy; repeatable. "
+                        "Data files may keep the input: it is dropped from each feed")
+    g.add_argument("--fix-shape", action="append", default=[], metavar="NAME=D0xD1...",
+                   help="give graph input NAME this static shape; repeatable")
+
+
+def _fixed_value(item: str) -> tuple[str, Any]:
+    import numpy as np
+
+    from onnxcomp.errors import ConfigError
+
+    name, sep, text = item.partition("=")
+    text = text.strip()
+    if not sep or not name or not text:
+        raise ConfigError(f"--fix-input {item!r}: expected NAME=VALUE")
+    if text.startswith("@"):
+        try:
+            return name, np.load(text[1:], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--fix-input {name}: cannot read {text[1:]}: {exc}") from None
+    words = [w.strip().lower() for w in text.split(",")]
+    try:
+        values = [w == "true" if w in ("true", "false") else (int(w) if w.lstrip("+-").isdigit() else float(w))
+                  for w in words]
+    except ValueError:
+        raise ConfigError(f"--fix-input {item!r}: {text!r} is not a number, true/false, a list or @FILE.npy") from None
+    return name, values[0] if len(values) == 1 else values
+
+
+def specialize(args: argparse.Namespace, model, con=None) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """Apply ``--fix-input`` / ``--fix-shape`` to the loaded ``model`` in place (said on ``con``).
+
+    Returns the pass's statistics (None when no flag was given) and the names of the inputs that
+    became constants (data files may still hold them: pass them as ``Dataset(..., ignore=)``).
+    The check's reference is then this specialised float model (exact for the fixed values).
+    """
+    if not getattr(args, "fix_input", None) and not getattr(args, "fix_shape", None):
+        return None, ()
+    from onnxcomp.data import parse_shapes
+    from onnxcomp.passes.specialize import SpecializeConfig, SpecializePass
+
+    values = dict(_fixed_value(item) for item in args.fix_input)
+    shapes = parse_shapes(args.fix_shape, flag="--fix-shape")
+    stats = SpecializePass(SpecializeConfig(values=values, shapes=shapes))(model).stats
+    if con is not None:
+        what = [f"{n} = {v['value']}" for n, v in stats["fixed"].items()]
+        what += [f"{n}: {'x'.join(map(str, shape))}" for n, shape in stats["shaped"].items()]
+        flow, nodes = stats["control_flow"], stats["nodes"]
+        con.print(f"specialised {esc('; '.join(what))}: nodes {nodes['before']} -> {nodes['after']}, "
+                  f"If/Loop/Scan {flow['before']} -> {flow['after']}")
+    return stats, tuple(stats["fixed"])
+
+
 def console(args: argparse.Namespace):
     """A rich console for human output; silent with --quiet or --json."""
     from rich.console import Console
@@ -316,6 +374,7 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     add_check_flags(p)
+    add_specialize_flags(p)
     add_force_flag(p)
     add_output_flags(p)
 
@@ -363,8 +422,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     check_cfg = check_config(args)
     model = load_model(args.model)
     check_outputs(args, model)
-    calibration = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
-    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    specialized, fixed = specialize(args, model, con)
+    calibration = Dataset(args.calibration, model, batch_size=args.batch_size, ignore=fixed) if args.calibration else None
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
@@ -393,6 +453,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     out = save_model(compressed, args.output, force=args.force)
     report["model"] = args.model
     report["output"] = str(out)
+    if specialized is not None:
+        report["specialize"] = specialized
     # Sizes of the files themselves (model plus external data), not of an in-memory serialization.
     report["before"].update(bytes=file_bytes(args.model, model), file=args.model)
     report["after"].update(bytes=file_bytes(out), file=str(out))

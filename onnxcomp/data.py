@@ -118,6 +118,8 @@ class Dataset:
         batch_size: samples per feed for .npz sources (needs a dynamic batch dimension).
         limit: read at most this many feeds.
         check_finite: refuse NaN/Inf.
+        ignore: names the data may hold that are not (or no longer) model inputs, dropped from
+            every feed: inputs fixed to constants by ``--fix-input``.
     """
 
     def __init__(
@@ -128,8 +130,10 @@ class Dataset:
         batch_size: int | None = None,
         limit: int | None = None,
         check_finite: bool = True,
+        ignore: Iterable[str] = (),
     ) -> None:
         self.inputs = model_inputs(model)
+        self.ignore = frozenset(ignore)
         self._by_name = {s.name: s for s in self.inputs}
         self.batch_size = batch_size
         self.limit = limit
@@ -154,7 +158,8 @@ class Dataset:
                 if not self._files:
                     raise DataError(f"{path}: folder holds no .npz files (empty data set)")
             else:
-                self._arrays = self._single_input(_stored_arrays(path))
+                arrays = self._single_input(_stored_arrays(path))
+                self._arrays = {k: a for k, a in arrays.items() if k not in self.ignore}
                 self._check_arrays()
         elif hasattr(source, "get_next"):
             self.name = f"<{type(source).__name__}>"
@@ -240,7 +245,7 @@ class Dataset:
         return 1
 
     def _check_names(self, names: Iterable[str], *, where: str) -> None:
-        names = set(names)
+        names = set(names) - self.ignore
         required = {s.name for s in self.inputs if not s.optional}
         known = {s.name for s in self.inputs}
         missing = sorted(required - names)
@@ -306,6 +311,8 @@ class Dataset:
         self._check_names(feed.keys(), where=where)
         out: Feed = {}
         for name, value in feed.items():
+            if name in self.ignore:
+                continue
             spec = self._by_name[name]
             arr = np.asarray(value)
             if arr.dtype != spec.dtype:
@@ -573,7 +580,7 @@ def _reason(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def parse_shapes(items: Sequence[str], *, flag: str = "--shape") -> dict[str, tuple[int, ...]]:
     """``["x=1x3x224x224", ...]`` -> ``{"x": (1, 3, 224, 224)}``; ConfigError names a bad item."""
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items:

@@ -7,6 +7,7 @@ import argparse
 from onnxcomp.cli import (
     POSITIVE_INT,
     add_check_flags,
+    add_specialize_flags,
     add_force_flag,
     add_output_flags,
     check_config,
@@ -21,6 +22,7 @@ from onnxcomp.cli import (
     progress_bar,
     register,
     run_check,
+    specialize,
 )
 
 __all__: list[str] = []
@@ -50,6 +52,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --data: the check compares accuracy")
     p.add_argument("--batch-size", type=POSITIVE_INT)
     add_check_flags(p)
+    add_specialize_flags(p)
     add_force_flag(p)
     add_output_flags(p)
 
@@ -72,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     check_cfg = check_config(args)
     model = load_model(args.model)
     check_outputs(args, model)
-    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    specialized, fixed = specialize(args, model, con)
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --data (the data they label)")
@@ -88,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
+    if specialized is not None:
+        report["specialize"] = specialized
     count = len(report["tensors"])
     why = "" if count else (f"{len(report['skipped'])} tensor(s) left alone, e.g. "
                             + "; ".join(f"{n!r}: {r}" for n, r in list(report["skipped"].items())[:1])

@@ -8,6 +8,7 @@ import os
 from onnxcomp.cli import (
     POSITIVE_INT,
     add_check_flags,
+    add_specialize_flags,
     add_force_flag,
     add_output_flags,
     check_config,
@@ -22,6 +23,7 @@ from onnxcomp.cli import (
     progress_bar,
     register,
     run_check,
+    specialize,
 )
 
 __all__: list[str] = []
@@ -48,6 +50,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", metavar="FILE", help="data for the held-out check (default: part of the calibration data)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --eval data: the check compares accuracy")
     add_check_flags(p)
+    add_specialize_flags(p)
     add_force_flag(p)
     add_output_flags(p)
 
@@ -69,8 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     check_cfg = check_config(args)
     model = load_model(args.model)
     check_outputs(args, model)
-    data = Dataset(args.calibration, model, batch_size=args.batch_size) if args.calibration else None
-    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+    specialized, fixed = specialize(args, model, con)
+    data = Dataset(args.calibration, model, batch_size=args.batch_size, ignore=fixed) if args.calibration else None
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
@@ -86,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)
+    if specialized is not None:
+        report["specialize"] = specialized
     report["before"]["bytes"] = file_bytes(args.model, model)  # on disk, with external data
     report["after"]["bytes"] = file_bytes(out)
     removed = int(report.get("channels_removed") or 0)

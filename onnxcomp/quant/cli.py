@@ -9,6 +9,7 @@ from onnxcomp.cli import (
     COUNT,
     POSITIVE_INT,
     add_check_flags,
+    add_specialize_flags,
     add_force_flag,
     add_output_flags,
     check_config,
@@ -23,6 +24,7 @@ from onnxcomp.cli import (
     progress_bar,
     register,
     run_check,
+    specialize,
 )
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
@@ -75,6 +77,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fallback", action="store_true",
                    help="static mode: do not move nodes back to float when the check misses its budget")
     add_check_flags(p, max_drop=False)
+    add_specialize_flags(p)
     add_force_flag(p)
     add_output_flags(p)
 
@@ -149,10 +152,12 @@ def _run(args: argparse.Namespace) -> int:
     check_cfg = check_config(args)
     model = load_model(args.model)
     check_outputs(args, model)
+    specialized, fixed = specialize(args, model, con)
     calibration = None
     if args.calibration:
-        calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples)
-    evaluation = Dataset(args.eval, model, batch_size=args.batch_size) if args.eval else None
+        calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples,
+                              ignore=fixed)
+    evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
@@ -168,6 +173,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     out = save_model(quantized, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
+    if specialized is not None:
+        report["specialize"] = specialized
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
     check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what, why=why)
