@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 import os
 
 from onnxcomp.cli import (
@@ -278,8 +279,12 @@ def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto"), default="minmax")
     p.add_argument("--per-tensor", action="store_true")
     p.add_argument("--max-eval-feeds", type=POSITIVE_INT, default=64)
-    p.add_argument("--workers", type=Range(int, 1, 1024),
-                   help="processes evaluating candidates (default: physical cores)")
+    engine = p.add_mutually_exclusive_group()
+    engine.add_argument("--workers", type=Range(int, 1, 1024),
+                        help="processes evaluating candidates (default: physical cores)")
+    engine.add_argument("--executor", metavar="ADDRESS",
+                        help="where candidates are evaluated: process[:N], dask://HOST:PORT (a running Dask "
+                             "scheduler) or dask-local[:N] (a Dask cluster on this machine)")
     p.add_argument("--batch-size", type=POSITIVE_INT)
     p.add_argument("--top", type=COUNT, default=20)
     add_output_flags(p)
@@ -289,7 +294,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.io import load_model
     from onnxcomp.quant.config import QuantizeConfig
-    from onnxcomp.quant.sensitivity import analyze_sensitivity, process_pool, stop_pool
+    from onnxcomp.executors import open_executor, process_pool, stop_pool
+    from onnxcomp.quant.sensitivity import analyze_sensitivity
 
     con = console(args)
     model = load_model(args.model)
@@ -299,7 +305,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
-    executor = process_pool(args.workers) if args.workers else None
+    executor = process_pool(args.workers) if args.workers else open_executor(args.executor)
+    started = time.perf_counter()
     cancel = True
     try:
         with progress_bar(con) as progress:
@@ -313,6 +320,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     finally:
         if executor is not None:
             stop_pool(executor, cancel=cancel)
+    report["executor"] = {"address": args.executor or (f"process:{args.workers}" if args.workers else "default"),
+                          "seconds": round(time.perf_counter() - started, 3)}
     if args.json:
         print_json(report)
         return 0

@@ -5,8 +5,8 @@ observed once, and every candidate model (one int8 node alone, or all but one) i
 of the same plan with other nodes kept float. The float model's outputs on the evaluation feeds
 are computed once and cached; each candidate is then one onnxruntime session and one pass over
 those feeds. Candidates are evaluated through any :class:`concurrent.futures.Executor` (default:
-a local process pool), so a Dask or Ray executor works without changes: a task is a plain
-function of bytes and arrays.
+a local process pool; a Dask cluster through :mod:`onnxcomp.executors`, which sends the shared
+feeds and reference outputs to each worker once): a task is a plain function of bytes and arrays.
 
 Metrics per candidate: output SQNR (the minimum over outputs,
 :math:`10\log_{10}\sum r^2/\sum (r-c)^2` over all evaluation feeds) and, with labels, accuracy.
@@ -26,13 +26,9 @@ the whole int8 model is still slower than the float one, that is reported.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import math
-import multiprocessing
-import signal
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +36,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
+from onnxcomp.executors import default_executor, spawning, stop_pool
 from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.quant import static
@@ -82,16 +79,9 @@ def evaluate_model_bytes(
     return result
 
 
-class _Inline(concurrent.futures.Executor):
-    """Runs tasks in the calling thread (used for a single task, and as a fallback)."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - delivered through the future
-            future.set_exception(exc)
-        return future
+def _evaluate_shared(model: bytes, data: tuple) -> dict[str, float]:
+    """:func:`evaluate_model_bytes` with the shared ``(feeds, reference, labels)`` in one argument."""
+    return evaluate_model_bytes(model, *data)
 
 
 @dataclasses.dataclass
@@ -111,6 +101,8 @@ class QuantStudy:
     base_plan: StaticPlan | None = None
     #: what :func:`onnxcomp.quant.static.prepare` did (recovery statistics, float copy, data)
     prepared: static.Prepared | None = None
+    #: (executor, what its tasks carry for the shared data), see :meth:`_shared_data`
+    _shared: tuple[Any, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def prepare(
@@ -184,12 +176,12 @@ class QuantStudy:
         payloads = [model_to_bytes(m) for m in models]
         own = executor is None and len(payloads) > 1
         if executor is None:
-            executor = _default_executor(len(payloads))
+            executor = default_executor(len(payloads))
         cancel = True
         try:
-            with _spawning(executor):
-                futures = [executor.submit(evaluate_model_bytes, b, self.feeds, self.reference, self.labels)
-                           for b in payloads]
+            with spawning(executor):
+                data = self._shared_data(executor)
+                futures = [executor.submit(_evaluate_shared, b, data) for b in payloads]
             results = []
             for i, f in enumerate(futures):
                 results.append(f.result())
@@ -201,57 +193,17 @@ class QuantStudy:
             if own:
                 stop_pool(executor, cancel=cancel)
 
+    def _shared_data(self, executor: concurrent.futures.Executor) -> Any:
+        """Feeds, reference outputs and labels as ``executor``'s tasks carry them: sent once per
+        worker on Dask (:func:`onnxcomp.executors.share`), with each task on a process pool."""
+        from onnxcomp.executors import share
+
+        if self._shared is None or self._shared[0] is not executor:
+            self._shared = (executor, share(executor, (self.feeds, self.reference, self.labels)))
+        return self._shared[1]
+
     def float_metrics(self) -> dict[str, float]:
         return evaluate_model_bytes(model_to_bytes(self.work), self.feeds, self.reference, self.labels)
-
-
-def _default_executor(tasks: int) -> concurrent.futures.Executor:
-    if tasks <= 1:
-        return _Inline()
-    from onnxcomp.measure.bench import physical_cores
-
-    return process_pool(max(1, min(physical_cores(), tasks)))
-
-
-def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    """Spawned worker processes that ignore Ctrl-C: the parent alone handles it (:func:`stop_pool`)."""
-    return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
-    )
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
-    """Ignore Ctrl-C while a process pool starts its workers (on submit), so that they inherit it.
-
-    A worker still importing its modules when Ctrl-C reaches the process group would otherwise
-    print a traceback before its initializer runs; Python keeps an inherited SIG_IGN.
-    """
-    if not isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
-        threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def stop_pool(executor: concurrent.futures.Executor, *, cancel: bool) -> None:
-    """Shut ``executor`` down; with ``cancel`` (an error or Ctrl-C) drop queued work and end the workers."""
-    if not cancel:
-        executor.shutdown(wait=True)
-        return
-    processes = list((getattr(executor, "_processes", None) or {}).values())  # shutdown forgets them
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
 
 
 def analyze_sensitivity(
