@@ -96,10 +96,16 @@ def _latency_ratio(first, second, data) -> dict | None:
     return {"ratio": rows[1]["ratio_to_first"], "ci95": rows[1]["ratio_ci95"]}
 
 
+def _branch_int8_nodes(branches: dict) -> int:
+    """int8 nodes placed inside If branches (nested branches included)."""
+    return sum(int(b.get("int8_nodes") or 0) + _branch_int8_nodes(b.get("branches") or {})
+               for b in branches.values() if isinstance(b, dict))
+
+
 def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
     """How much was quantized, what that counts, and (when nothing) why."""
     if mode == "static":
-        count = int(report.get("int8_nodes") or 0)
+        count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {})
         what = "int8 nodes"
     else:
         count = int(report.get("nodes_quantized") or 0)

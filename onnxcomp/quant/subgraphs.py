@@ -243,6 +243,16 @@ def _detach(graph: ir.Graph) -> None:
             node.replace_input_with(i, None)
 
 
+def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Drop the outer initializers among ``values`` that no node of the model reads any more (a
+    quantized subgraph reads its own int8 copies): left in, the file would grow by the float weights."""
+    keep = {id(v) for n in graph.all_nodes() for v in n.inputs if v is not None}
+    keep.update(id(v) for v in (*graph.inputs, *graph.outputs))
+    for value in values:
+        if id(value) not in keep and graph.initializers.get(value.name) is value:
+            graph.initializers.pop(value.name)
+
+
 def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any) -> dict[str, Any]:
     """Quantize the subgraphs of the main graph's If, Loop and Scan nodes in place; returns a
     report per subgraph (``node/attribute``).
@@ -257,6 +267,7 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
     opset = model.opset_imports.get("", 0)
     sites = [(i, node, kind) for i, node in enumerate(model.graph) if (kind := _kind(node, opset)) is not None]
     emulated: dict[tuple[str, str], tuple[ir.Node, ir.Graph]] = {}
+    replaced: list[ir.Value] = []  # outer constants read by subgraphs that were quantized
     for index, node, kind in sites:
         if kind.attrs == _BRANCHES:
             cond = node.inputs[0]
@@ -283,6 +294,7 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
                     quantized.graph.outputs) != len(body.outputs):
                 report[where] = "left float: quantizing changed the subgraph's signature"
                 continue
+            replaced.extend(v for v in _outer_reads(body) if v.is_initializer())
             _graft(model, node, attr, quantized, len(formal))
             if kind.emulated and node.name:
                 emulated[(node.name, attr)] = (node, body)
@@ -295,4 +307,5 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
             node.attributes[attr] = ir.AttrGraph(attr, original)
             report[f"{name}/{attr}"] = (f"left float: onnxruntime does not fuse its Q/DQ there "
                                         f"(it would run DequantizeLinear -> float {op} every iteration)")
+    _drop_unread(model.graph, replaced)
     return report
