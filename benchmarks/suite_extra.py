@@ -493,18 +493,23 @@ def silero_feed(windows: np.ndarray, states: np.ndarray) -> dict[str, np.ndarray
 
 
 def stream(session, clips: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Stream every clip through ``session`` (all clips in lock-step as one batch).
+    """Stream every clip through ``session``: see :func:`stream_windowed`."""
+    return stream_windowed(session, [stream_windows(c) for c in clips])
+
+
+def stream_windowed(session, wins: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Stream clips given as their windows ``[n_i, 576]`` (all clips in lock-step as one batch), each
+    window fed the state the previous one returned.
 
     Returns per clip its windows' probabilities ``[n]`` and the state each window was fed ``[n,2,128]``.
     """
-    wins = [stream_windows(c) for c in clips]
     steps = max(len(w) for w in wins)
-    batch = np.zeros((len(clips), steps, CONTEXT + WINDOW), np.float32)
+    batch = np.zeros((len(wins), steps, CONTEXT + WINDOW), np.float32)
     for i, w in enumerate(wins):
         batch[i, : len(w)] = w
-    state = np.zeros((2, len(clips), STATE), np.float32)
-    probs = np.zeros((len(clips), steps), np.float32)
-    states = np.zeros((len(clips), steps, 2, STATE), np.float32)
+    state = np.zeros((2, len(wins), STATE), np.float32)
+    probs = np.zeros((len(wins), steps), np.float32)
+    states = np.zeros((len(wins), steps, 2, STATE), np.float32)
     for t in range(steps):
         states[:, t] = state.transpose(1, 0, 2)
         out, state = session.run(None, silero_feed(batch[:, t], state.transpose(1, 0, 2)))[:2]
@@ -756,3 +761,43 @@ EXTRA: tuple[SuiteModel, ...] = (
 
 # Registered here, so that importing this module first (as its tests do) works as well as importing suite.
 SUITE.update((m.name, m) for m in EXTRA)
+
+
+def stream_report(models: Sequence[Path], split: str = "report", quick: bool = False) -> list[dict]:
+    """Free-running streaming check of silero candidates: each model streams the split's clips on its
+    own states (not fp32's), scored per window against fp32 streaming the same clips."""
+    import onnxruntime as ort
+
+    ctx = Context(quick=quick)
+    reference = fetch.wheel_member(SILERO_SPEC, SILERO_MEMBERS["silero_vad"], ctx.cache)
+    n_tune, n_report = _sizes(ctx, 40, 30, 12, 8)
+    arrays, _, _ = _silero_data(ctx, reference, split, n_report if split == "report" else n_tune,
+                                502 if split == "report" else 501)
+    wins = [arrays["input"][arrays["clip"] == c] for c in np.unique(arrays["clip"])]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+
+    def run(path: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return np.concatenate(stream_windowed(sess, wins)[0])
+
+    ref = run(reference)
+    rows = []
+    for path in models:
+        r = vad_scores(run(path), ref, arrays["labels"])
+        rows.append({"model": str(path), "windows": int(ref.size), **r})
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised by hand, figures in RESULTS.md
+    import argparse
+    import json as _json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.suite_extra",
+                                 description="silero-vad streaming check: each MODEL runs on its own states")
+    ap.add_argument("command", choices=["stream"])
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--split", choices=["tune", "report"], default="report")
+    args = ap.parse_args()
+    for row in stream_report(args.models, args.split):
+        print(_json.dumps(row))
