@@ -1,4 +1,4 @@
-"""Static quantization inside If branches leaves no float weight behind and is counted by the CLI."""
+"""Quantization inside If branches leaves no float weight behind, and the CLI counts what it did there."""
 
 from __future__ import annotations
 
@@ -38,3 +38,6 @@ def test_cli_counts_int8_nodes_inside_branches():
     assert _compressed(report, "static") == (8, "int8 nodes", "")
     count, _, why = _compressed({"int8_nodes": 0}, "static")
     assert count == 0 and "main graph" in why
+    # dynamic mode: LSTMs turned into DynamicQuantizeLSTM count too (silero-vad has nothing else)
+    assert _compressed({"nodes_quantized": 0, "lstm_int8": ["If_0/then_branch/lstm", "If_0/else_branch/lstm"]},
+                       "dynamic")[0] == 2

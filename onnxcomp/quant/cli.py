@@ -108,7 +108,7 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {})
         what = "int8 nodes"
     else:
-        count = int(report.get("nodes_quantized") or 0)
+        count = int(report.get("nodes_quantized") or 0) + len(report.get("lstm_int8") or ())
         what = "quantized weights" if mode == "weight-only" else "dynamically quantized nodes"
     why = ""
     if count == 0:
