@@ -238,6 +238,17 @@ def render_layout_page(rng: np.random.Generator, pool: list[str], fonts: str, co
                 return None
         return margin + col * (col_w + gap), y
 
+    def flow(lines: list[str], f, cls: str, need: int, gap: int) -> bool:
+        """One text block of class ``cls`` at the flow position; False when the page is full."""
+        nonlocal y
+        pos = place(need)
+        if pos is None:
+            return False
+        box = text_block(pos[0], pos[1], lines, f)
+        labels.append((CLS[cls], *box))
+        y = box[3] + gap
+        return True
+
     for _ in range(40):
         kind = rng.choice(["header", "text", "text", "text", "list", "table", "picture"])
         f = font(regular, body)
@@ -245,21 +256,12 @@ def render_layout_page(rng: np.random.Generator, pool: list[str], fonts: str, co
         if kind == "header":
             hf2 = font(bold, body + int(rng.integers(2, 6)))
             text = f"{int(rng.integers(1, 10))}.{int(rng.integers(1, 10))} " + " ".join(_words(rng, pool, int(rng.integers(2, 6))))
-            lines = _wrap(text.split(), hf2, col_w)[:1]
-            pos = place(hf2.size * 2 + 10)
-            if pos is None:
+            if not flow(_wrap(text.split(), hf2, col_w)[:1], hf2, "Section-header", hf2.size * 2 + 10, 10):
                 break
-            box = text_block(pos[0], pos[1], lines, hf2)
-            labels.append((CLS["Section-header"], *box))
-            y = box[3] + 10
         elif kind == "text":
             lines = _wrap(_words(rng, pool, int(rng.integers(25, 90))), f, col_w)
-            pos = place(len(lines) * lh + 14)
-            if pos is None:
+            if not flow(lines, f, "Text", len(lines) * lh + 14, 14):
                 break
-            box = text_block(pos[0], pos[1], lines, f)
-            labels.append((CLS["Text"], *box))
-            y = box[3] + 14
         elif kind == "list":
             for k in range(int(rng.integers(2, 5))):
                 marker = "\u2022" if fonts == "sans" else f"{k + 1}."
