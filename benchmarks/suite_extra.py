@@ -791,15 +791,45 @@ def stream_report(models: Sequence[Path], split: str = "report", quick: bool = F
     return rows
 
 
+def score_files(model: str, files: Sequence[Path], split: str = "report") -> list[dict]:
+    """Score ONNX files (a CLI's output, say) on one suite model's split, as the runner scores
+    candidates: the task metric of output 0 against fp32's, one onnxruntime thread."""
+    import onnxruntime as ort
+
+    task = SUITE[model].prepare(Context())
+    batches = task.report_batches if split == "report" else task.eval_batches
+    if split == "tune" and task.info.get("eval_split") == "report":
+        raise ValueError(f"{SPLIT_ENV}=report: the tune split is not loaded")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+
+    def run(path: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, b)[0] for b in batches])
+
+    ref = run(task.fp32_path)
+    return [{"model": str(p), "split": split, "bytes": p.stat().st_size,
+             "size_x_fp32": p.stat().st_size / task.fp32_path.stat().st_size,
+             **task.score(run(p), ref, split=split)} for p in files]
+
+
 if __name__ == "__main__":  # pragma: no cover - exercised by hand, figures in RESULTS.md
     import argparse
     import json as _json
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.suite_extra",
-                                 description="silero-vad streaming check: each MODEL runs on its own states")
-    ap.add_argument("command", choices=["stream"])
-    ap.add_argument("models", nargs="+", type=Path)
-    ap.add_argument("--split", choices=["tune", "report"], default="report")
+                                 description="stream: silero-vad streaming check, each FILE on its own states; "
+                                             "score: FILEs on suite model MODEL's split, against its fp32")
+    sub = ap.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stream")
+    st.add_argument("files", nargs="+", type=Path)
+    sc = sub.add_parser("score")
+    sc.add_argument("model", choices=sorted(m.name for m in EXTRA))
+    sc.add_argument("files", nargs="+", type=Path)
+    for p in (st, sc):
+        p.add_argument("--split", choices=["tune", "report"], default="report")
     args = ap.parse_args()
-    for row in stream_report(args.models, args.split):
+    rows = (stream_report(args.files, args.split) if args.command == "stream"
+            else score_files(args.model, args.files, args.split))
+    for row in rows:
         print(_json.dumps(row))
