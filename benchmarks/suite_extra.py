@@ -813,6 +813,31 @@ def score_files(model: str, files: Sequence[Path], split: str = "report") -> lis
              **task.score(run(p), ref, split=split)} for p in files]
 
 
+def latency_files(model: str, files: Sequence[Path], runs: int = 300, budget: float = 120.0,
+                  threads: int = 2) -> list[dict]:
+    """Batch-1 latency of ONNX files on one suite model's latency feeds, interleaved like the runner;
+    ratios to the first file with a paired bootstrap 95% interval."""
+    from onnxcomp.io import load_model, model_to_bytes
+    from onnxcomp.measure.latency import SessionSpec, measure_latency
+
+    task = SUITE[model].prepare(Context())
+    specs = [SessionSpec(str(p), model_to_bytes(load_model(p, check=False)), threads=threads,
+                         graph_optimization="all") for p in files]
+    results = measure_latency(specs, task.latency_feeds, runs=runs, time_budget=budget, seed=0)
+    first = np.asarray(results[0].times)
+    rows = []
+    rng = np.random.default_rng(0)
+    for p, res in zip(files, results):
+        t = np.asarray(res.times)
+        n = min(len(t), len(first))
+        idx = rng.integers(0, n, size=(2000, n))
+        boot = np.median(t[:n][idx], axis=1) / np.median(first[:n][idx], axis=1)
+        rows.append({"model": str(p), "median_ms": float(np.median(t)) * 1e3, "runs": int(len(t)),
+                     "x_first": float(np.median(t) / np.median(first)),
+                     "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]})
+    return rows
+
+
 if __name__ == "__main__":  # pragma: no cover - exercised by hand, figures in RESULTS.md
     import argparse
     import json as _json
@@ -824,12 +849,18 @@ if __name__ == "__main__":  # pragma: no cover - exercised by hand, figures in R
     st = sub.add_parser("stream")
     st.add_argument("files", nargs="+", type=Path)
     sc = sub.add_parser("score")
-    sc.add_argument("model", choices=sorted(m.name for m in EXTRA))
-    sc.add_argument("files", nargs="+", type=Path)
+    la = sub.add_parser("latency")
+    for p in (sc, la):
+        p.add_argument("model", choices=sorted(m.name for m in EXTRA))
+        p.add_argument("files", nargs="+", type=Path)
     for p in (st, sc):
         p.add_argument("--split", choices=["tune", "report"], default="report")
     args = ap.parse_args()
-    rows = (stream_report(args.files, args.split) if args.command == "stream"
-            else score_files(args.model, args.files, args.split))
+    if args.command == "stream":
+        rows = stream_report(args.files, args.split)
+    elif args.command == "score":
+        rows = score_files(args.model, args.files, args.split)
+    else:
+        rows = latency_files(args.model, args.files)
     for row in rows:
         print(_json.dumps(row))
