@@ -5,9 +5,10 @@ Removing input channel set :math:`S` of a linear consumer :math:`y = W^\top \til
 remaining rows by least squares on calibration inputs :math:`\tilde X` costs
 
 .. math:: \Delta E(S) = \operatorname{tr}\big(W_S^\top (H^{-1}_{SS})^{-1} W_S\big),\qquad
-          H = \tilde X^\top \tilde X + \lambda D
+          H = \tilde X^\top \tilde X + \lambda\,\mathrm{diag}(\tilde X^\top \tilde X)
 
-(the Optimal Brain Surgeon error of a block, with :math:`D` the ridge on the weights, not the bias).
+(the Optimal Brain Surgeon error of a block; the damping is per feature and spares the bias, so a
+dead input channel costs nothing).
 One channel of a coupled group is a block of features in every consumer (``prod(kernel)`` taps of
 a Conv input channel, ``block`` features after a Flatten). The channels are removed **greedily**:
 at each step the channel whose removal the refit compensates best, summed over the group's
@@ -134,8 +135,9 @@ class _ConsumerState:
         k = gram.shape[0] - 1
         self.w = layer.old_params()[0].copy()  # [k+1, m]
         h = gram.copy()
-        lam = ridge * float(np.trace(gram[:k, :k])) / max(k, 1)
-        h[np.arange(k), np.arange(k)] += max(lam, 1e-12)
+        diag = np.diag(gram)[:k]
+        # damping per feature (a dead input channel keeps a zero cost), plus a floor for invertibility
+        h[np.arange(k), np.arange(k)] += ridge * diag + max(1e-9 * float(diag.mean()), 1e-30)
         self.energy = max(float(np.einsum("im,ij,jm->", self.w, gram, self.w)), 1e-30)
         try:
             self.hinv = np.linalg.inv(h)
