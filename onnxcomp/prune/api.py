@@ -95,7 +95,9 @@ def prune_in_place(
     analysis = analyze_channels(work, infer_shapes=False)
     groups, skipped = eligible_groups(analysis, config)
     by_id = {g.id: g for g in analysis.groups}
+    scoring_started = time.perf_counter()
     scores, state = group_scores_and_state(work, groups, config.criterion, data)
+    timing = {"scoring": time.perf_counter() - scoring_started}
     targeted = None
     if config.target is not None:
         from onnxcomp.prune.targets import prune_to_target
@@ -121,8 +123,10 @@ def prune_in_place(
 
         nodes = sorted({c.node.name for gid in removal for c in by_id[gid].consumers})
         before_fit = _fidelity(reference, work, data)
+        refit_started = time.perf_counter()
         fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
                            progress=progress)
+        timing["refit"] = time.perf_counter() - refit_started
         report["reconstruction"] = {
             "layers": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in f.__dict__.items()}
                        for f in fits],
@@ -134,6 +138,7 @@ def prune_in_place(
     if removal:
         ensure_valid(work, None, "prune", report, tuple(c for c in ("checker", "onnxruntime") if c not in tolerated))
     if targeted is not None:
+        timing["allocation"] = targeted.seconds
         report["target"] = targeted.finish(work)
     after = count_cost(work)
     if serialized_sizes:
@@ -157,6 +162,7 @@ def prune_in_place(
         "before": before,
         "after": after,
         "seconds": time.perf_counter() - started,
+        "seconds_by_step": timing,
     })
     return report
 
