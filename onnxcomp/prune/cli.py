@@ -38,6 +38,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--target-{what}", type=float, metavar="FRACTION",
                        help=f"per-group ratios with the least damage so the model keeps FRACTION of {desc}; "
                             "needs --calibration")
+    p.add_argument("--sensitivity", choices=("measured", "local"), default="measured",
+                   help="with a --target-*: scale each group's damage curve to the output damage measured on "
+                        "calibration data (default), or use the consumers' refit error (local)")
     p.add_argument("--latency-threads", type=POSITIVE_INT, help="onnxruntime threads for --target-latency timings")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of channels to remove (default 0.3)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -74,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         args.criterion = "obs" if targeted else "l1"
     config = PruneConfig(
         target_latency=args.target_latency, target_params=args.target_params, target_macs=args.target_macs,
-        latency_threads=args.latency_threads, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
+        latency_threads=args.latency_threads, sensitivity=args.sensitivity, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
         min_channels=args.min_channels, exclude=tuple(args.exclude), reconstruct=args.reconstruct,
         ridge=args.ridge, fold_border=args.fold_border, max_samples=args.max_samples,
     )

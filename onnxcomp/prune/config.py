@@ -41,6 +41,9 @@ class PruneConfig(PassConfig):
             ratios that cost the least damage (:mod:`onnxcomp.prune.budget`); needs ``criterion``
             ``obs`` and calibration data. At most one target.
         latency_threads: onnxruntime intra-op threads for the latency measurements (None: default).
+        sensitivity: with a target, ``measured`` rescales each group's damage curve to the model
+            output damage measured on calibration data with about half the group cut alone;
+            ``local`` uses the consumers' refit error as it is.
     """
 
     criterion: str = "l1"
@@ -57,6 +60,7 @@ class PruneConfig(PassConfig):
     target_params: float | None = None
     target_macs: float | None = None
     latency_threads: int | None = None
+    sensitivity: Literal["measured", "local"] = "measured"
 
     stage: ClassVar[str] = "prune"
     ranges: ClassVar[dict[str, Range]] = {

@@ -69,6 +69,21 @@ class ObsState:
     damage: np.ndarray
     n_greedy: int
     consumers: list[str]
+    #: consumer name -> (layer, Gram) and -> ``[size, K]`` feature indices of each channel
+    grams: dict = dataclasses.field(default_factory=dict, repr=False)
+    features: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def refit_weights(self, consumer: str, removed: np.ndarray, ridge: float = OBS_RIDGE) -> np.ndarray:
+        """Least-squares weights ``[k_kept+1, m]`` of ``consumer`` with the ``removed`` channels gone."""
+        layer, gram = self.grams[consumer]
+        drop = self.features[consumer][removed].reshape(-1)
+        keep = np.setdiff1d(np.arange(gram.shape[0]), drop)
+        w = layer.old_params()[0]
+        h = gram[np.ix_(keep, keep)].copy()
+        k = len(keep) - 1
+        diag = np.diag(h)[:k]
+        h[np.arange(k), np.arange(k)] += ridge * diag + max(1e-9 * float(diag.mean()) if k else 0.0, 1e-30)
+        return np.linalg.lstsq(h, gram[keep] @ w, rcond=None)[0]
 
 
 def _supported(model: ir.Model, consumer: Consumer) -> rc._Layer | None:
@@ -182,12 +197,14 @@ def greedy_order(
     """Greedy OBS removal order and damage curve of ``group`` (None: no supported consumer)."""
     states: list[_ConsumerState] = []
     names: list[str] = []
+    features: dict[str, np.ndarray] = {}
     for c in group.consumers:
         found = grams.get(c.node.name)
-        if found is None:
+        if found is None or c.node.name in features:
             continue
         layer, gram = found
-        states.append(_ConsumerState(layer, gram, _feature_indices(layer, c, group.size), ridge))
+        features[c.node.name] = _feature_indices(layer, c, group.size)
+        states.append(_ConsumerState(layer, gram, features[c.node.name], ridge))
         names.append(c.node.name)
     if not states:
         return None
@@ -211,7 +228,8 @@ def greedy_order(
         norm += (np.abs(np.moveaxis(m.value.const_value.numpy(), m.axis, 0)[m.offset : m.offset + size * m.block]
                         .reshape(size, -1).astype(np.float64)) ** 2).sum(axis=1)
     rest = rest[np.argsort(norm[rest], kind="stable")]
-    return ObsState(np.array([*order, *rest.tolist()], dtype=np.int64), np.asarray(damage), steps, names)
+    return ObsState(np.array([*order, *rest.tolist()], dtype=np.int64), np.asarray(damage), steps, names,
+                    {n: grams[n] for n in names}, features)
 
 
 def obs_prepare(

@@ -48,6 +48,7 @@ class TargetPlan:
     reference_seconds: float | None
     node_timings: int
     seconds: float
+    sensitivity: dict[int, dict] = dataclasses.field(default_factory=dict)
 
     def group_report(self, gid: int) -> dict[str, Any]:
         curve = self.curves.get(gid)
@@ -57,8 +58,10 @@ class TargetPlan:
         i = int(np.searchsorted(curve.steps, n))
         out = {
             "ratio": n / curve.size,
-            # predicted: relative refit error of the group's consumers (greedy OBS, calibration data)
+            # predicted output damage (greedy OBS curve of the group's consumers, scaled to the
+            # end-to-end damage measured at the probe on calibration data)
             "damage": float(curve.damage[i]),
+            **({"sensitivity": self.sensitivity[gid]} if gid in self.sensitivity else {}),
             f"{self.kind}_saved_fraction": float(curve.saving[i]),
         }
         if self.kind == "latency" and self.reference_seconds:
@@ -129,8 +132,11 @@ def prune_to_target(
                 per = g.params_per_channel  # symbolic spatial size: parameters as the proxy
                 notes.append(f"group {g.id}: MACs per channel unknown (symbolic shape); parameters used")
             savings[g.id] = steps[g.id] * per / total
+    scales = _measured_scales(work, eligible, state, steps, data, notes) if config.sensitivity == "measured" else {}
     curves = {
-        g.id: GroupCurve(g.id, g.size, steps[g.id], state[g.id].damage[steps[g.id]], savings[g.id]) for g in eligible
+        g.id: GroupCurve(g.id, g.size, steps[g.id], state[g.id].damage[steps[g.id]] * scales.get(g.id, (1.0, 0))[0],
+                         savings[g.id])
+        for g in eligible
     }
 
     def removal_of(alloc: dict[int, int]) -> dict[int, np.ndarray]:
@@ -154,5 +160,72 @@ def prune_to_target(
         h["asked_ratio"] = 1.0 - h.pop("asked")
         h["realized_ratio"] = 1.0 - h.pop("realized")
     plan = TargetPlan(kind, target, removal_of(alloc), curves, alloc, 1.0 - got, history, reference, feeds,
-                      config.latency_threads, before, ref_s, timings, time.perf_counter() - started)
+                      config.latency_threads, before, ref_s, timings, time.perf_counter() - started,
+                      {gid: {"probe_channels": n, "measured_output_damage": m}
+                       for gid, (_, n, m) in scales.items()})
     return plan
+
+
+#: Calibration feeds used to measure each group's end-to-end damage.
+SENSITIVITY_FEEDS = 4
+
+
+def _measured_scales(
+    work: ir.Model,
+    groups: list[ChannelGroup],
+    state: dict[int, ObsState],
+    steps: dict[int, np.ndarray],
+    data: Dataset,
+    notes: list[str],
+) -> dict[int, tuple[float, int, float]]:
+    """Group id -> (scale, probe n, measured damage): the end-to-end output damage of cutting about
+    half of the group alone (its consumers refitted from the Gram), divided by the curve's damage
+    there, so the curves of different groups speak of the same thing: the model's output.
+
+    Output damage: ``sum ||y - y_ref||^2 / sum ||y_ref||^2`` over the float outputs and the first
+    :data:`SENSITIVITY_FEEDS` calibration feeds.
+    """
+    from onnxcomp.graph import all_value_names
+    from onnxcomp.prune import reconstruct as rc
+    from onnxcomp.runtime import create_session
+
+    feeds = []
+    for feed in data:
+        feeds.append(dict(feed))
+        if len(feeds) >= SENSITIVITY_FEEDS:
+            break
+    ref_session = create_session(work)
+    names = [o.name for o in ref_session.get_outputs()]
+    reference = [ref_session.run(names, f) for f in feeds]
+    del ref_session
+    scales: dict[int, tuple[float, int, float]] = {}
+    for g in groups:
+        st = state[g.id]
+        s = steps[g.id]
+        half = s[s <= g.size // 2]
+        n = int(half[-1]) if len(half) and half[-1] > 0 else int(s[1]) if len(s) > 1 else 0
+        if n == 0:
+            continue
+        removed = np.sort(st.order[:n])
+        clone = clone_model(work)
+        by_id = {x.id: x for x in analyze_channels(clone, infer_shapes=False).groups}
+        cut_channels(clone, by_id, {g.id: removed})
+        nodes = {x.name: x for x in clone.graph if x.name}
+        taken = all_value_names(clone.graph)
+        for name in st.consumers:
+            try:
+                layer = rc._plan(name, nodes, nodes)
+            except (rc._Skip, ValueError):
+                continue
+            layer.write(st.refit_weights(name, removed)[None], clone.graph, taken)
+        session = create_session(clone)
+        err = tot = 0.0
+        for f, ref in zip(feeds, reference):
+            for r, o in zip(ref, session.run(names, f)):
+                if np.issubdtype(r.dtype, np.floating):
+                    err += float(np.sum((o.astype(np.float64) - r) ** 2))
+                    tot += float(np.sum(r.astype(np.float64) ** 2))
+        measured = err / max(tot, 1e-30)
+        local = float(np.interp(n, s, st.damage[s]))
+        scales[g.id] = (measured / local if local > 1e-12 else 1.0, n, measured)
+    return scales
