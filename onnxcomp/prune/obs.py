@@ -25,7 +25,7 @@ spends. The channel's score is its position in the removal order (removed first 
 
 The Gram matrices are accumulated streaming over the calibration feeds with at most ``max_rows``
 rows (output positions) per consumer, the same row sampling and im2col as the least-squares refit
-(:mod:`onnxcomp.prune.reconstruct`), in float64. Consumers whose layout the refit does not support
+(:mod:`onnxcomp.prune.reconstruct`): float32 products per chunk, summed in float64. Consumers whose layout the refit does not support
 (grouped convolutions, ConvTranspose, ...) do not contribute; a group without any supported
 consumer is scored by ``l2`` weight magnitude and has no damage curve.
 """
@@ -47,7 +47,7 @@ from onnxcomp.prune import reconstruct as rc
 __all__ = ["ObsState", "consumer_grams", "greedy_order", "obs_prepare", "OBS_MAX_ROWS"]
 
 #: Rows (output positions) per consumer used for the Gram matrices.
-OBS_MAX_ROWS = 32_768
+OBS_MAX_ROWS = 8_192
 #: Relative ridge of the inverse Gram (as the refit's ``ridge``; the bias is not damped).
 OBS_RIDGE = 1e-3
 #: The greedy order covers at most this fraction of a group's channels (the rest keep their
@@ -132,9 +132,10 @@ def consumer_grams(
             rows = rc._choose_rows(positions, quota, f)
             chunk = max(1, rc.CHUNK_ELEMENTS // max(1, layer.row_size(x)))
             for start in range(0, len(rows), chunk):
-                feats = layer.features(x, rows[start : start + chunk])[:, 0, :]
-                aug = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)
-                grams[name] = grams.get(name, 0.0) + aug.T @ aug
+                feats = layer.features(x, rows[start : start + chunk])[:, 0, :].astype(np.float32)
+                aug = np.concatenate([feats, np.ones((len(feats), 1), np.float32)], axis=1)
+                # float32 products per chunk (at most CHUNK_ELEMENTS values), summed in float64
+                grams[name] = grams.get(name, 0.0) + (aug.T @ aug).astype(np.float64)
     return {name: (layers[name], grams[name]) for name in layers if name in grams}
 
 
