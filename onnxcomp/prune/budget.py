@@ -16,7 +16,8 @@ rescaled to the end-to-end output damage measured on calibration data) and a sav
 all further steps it takes the one with the least damage per unit saved, until the predicted saving
 reaches the goal. The predicted saving is then checked against the real cut (``params``/``macs``:
 counted; ``latency``: the cut model against the unpruned one, interleaved, medians) and the goal is
-corrected in proportion, a few rounds (:func:`meet_target`).
+corrected in proportion (by at most a factor 2 a round), a few rounds (:func:`meet_target`); the
+allocation whose realized saving came closest is kept.
 """
 
 from __future__ import annotations
@@ -182,7 +183,9 @@ def meet_target(
             best = (alloc, got)
         if abs(got - goal) <= tolerance or got <= 0:
             break
-        new = asked * goal / got
+        # proportional correction, at most x2 / x0.5 a round (a noisy measurement must not
+        # send the next round to cut everything)
+        new = asked * min(max(goal / got, 0.5), 2.0)
         if math.isclose(new, asked, rel_tol=1e-3):
             break
         asked = new
