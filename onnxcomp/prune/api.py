@@ -22,7 +22,7 @@ from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import consumer_input_stats, cut_channels
-from onnxcomp.prune.importance import group_scores
+from onnxcomp.prune.importance import group_scores_and_state
 from onnxcomp.prune.select import eligible_groups, select_channels
 from onnxcomp.stage import Context, Stage
 
@@ -95,8 +95,17 @@ def prune_in_place(
     analysis = analyze_channels(work, infer_shapes=False)
     groups, skipped = eligible_groups(analysis, config)
     by_id = {g.id: g for g in analysis.groups}
-    scores = group_scores(work, groups, config.criterion, data)
-    removal = select_channels(groups, config, scores)
+    scoring_started = time.perf_counter()
+    scores, state = group_scores_and_state(work, groups, config.criterion, data)
+    timing = {"scoring": time.perf_counter() - scoring_started}
+    targeted = None
+    if config.target is not None:
+        from onnxcomp.prune.targets import prune_to_target
+
+        targeted = prune_to_target(work, groups, state, config, data, notes)
+        removal = targeted.removal
+    else:
+        removal = select_channels(groups, config, scores)
     # Constant channels (zeros) fold exactly; lossy criteria fold the removed channels' means.
     stats = None
     cut_groups = [by_id[gid] for gid in removal]
@@ -114,8 +123,10 @@ def prune_in_place(
 
         nodes = sorted({c.node.name for gid in removal for c in by_id[gid].consumers})
         before_fit = _fidelity(reference, work, data)
+        refit_started = time.perf_counter()
         fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
                            progress=progress)
+        timing["refit"] = time.perf_counter() - refit_started
         report["reconstruction"] = {
             "layers": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in f.__dict__.items()}
                        for f in fits],
@@ -126,6 +137,9 @@ def prune_in_place(
         }
     if removal:
         ensure_valid(work, None, "prune", report, tuple(c for c in ("checker", "onnxruntime") if c not in tolerated))
+    if targeted is not None:
+        timing["allocation"] = targeted.seconds
+        report["target"] = targeted.finish(work)
     after = count_cost(work)
     if serialized_sizes:
         after["bytes"] = len(model_to_bytes(work))
@@ -136,6 +150,7 @@ def prune_in_place(
                 "where": _where(g),
                 "channels_before": g.size,
                 "channels_after": g.size - len(removal.get(g.id, ())),
+                **(targeted.group_report(g.id) if targeted is not None else {}),
             }
             for g in analysis.groups if g.prunable
         ],
@@ -147,6 +162,7 @@ def prune_in_place(
         "before": before,
         "after": after,
         "seconds": time.perf_counter() - started,
+        "seconds_by_step": timing,
     })
     return report
 

@@ -32,7 +32,18 @@ __all__: list[str] = []
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
-    p.add_argument("--criterion", choices=("zeros", "l1", "l2", "bn", "activation"), default="l1")
+    p.add_argument("--criterion", choices=("zeros", "l1", "l2", "bn", "activation", "obs"), default=None,
+                   help="obs: channels whose removal the least-squares refit compensates best (needs --calibration); "
+                        "default l1, obs with a --target-*")
+    for what, desc in (("latency", "its measured latency (onnxruntime on this CPU, side by side)"),
+                       ("params", "its parameters"), ("macs", "its MACs")):
+        p.add_argument(f"--target-{what}", type=float, metavar="FRACTION",
+                       help=f"per-group ratios with the least damage so the model keeps FRACTION of {desc}; "
+                            "needs --calibration")
+    p.add_argument("--sensitivity", choices=("measured", "local"), default="measured",
+                   help="with a --target-*: scale each group's damage curve to the output damage measured on "
+                        "calibration data (default), or use the consumers' refit error (local)")
+    p.add_argument("--latency-threads", type=POSITIVE_INT, help="onnxruntime threads for --target-latency timings")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of channels to remove (default 0.3)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="ratio per coupled group (layer) or over all groups together (global)")
@@ -64,8 +75,12 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.prune.config import PruneConfig
 
     con = console(args)
+    targeted = any(v is not None for v in (args.target_latency, args.target_params, args.target_macs))
+    if args.criterion is None:
+        args.criterion = "obs" if targeted else "l1"
     config = PruneConfig(
-        criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
+        target_latency=args.target_latency, target_params=args.target_params, target_macs=args.target_macs,
+        latency_threads=args.latency_threads, sensitivity=args.sensitivity, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
         min_channels=args.min_channels, exclude=tuple(args.exclude), reconstruct=args.reconstruct,
         ridge=args.ridge, fold_border=args.fold_border, max_samples=args.max_samples,
     )
@@ -106,13 +121,27 @@ def _run(args: argparse.Namespace) -> int:
         return status
     from rich.table import Table
 
-    table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, ratio {args.ratio} ({args.scope})",
-                  title_justify="left")
-    for col in ("group", "producers", "channels before", "after"):
+    target = report.get("target")
+    how = f"{target['kind']} target {target['target']}" if target else f"ratio {args.ratio} ({args.scope})"
+    table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, {how}", title_justify="left")
+    cols = ["group", "producers", "channels before", "after"]
+    if target:
+        cols += ["ratio", "damage", "saved ms" if target["kind"] == "latency" else f"{target['kind']} saved"]
+    for col in cols:
         table.add_column(col, justify="left" if col in ("group", "producers") else "right")
     for g in report["groups"]:
-        table.add_row(str(g["id"]), esc(g["where"][:70]), str(g["channels_before"]), str(g["channels_after"]))
+        row = [str(g["id"]), esc(g["where"][:60]), str(g["channels_before"]), str(g["channels_after"])]
+        if target:
+            saved = g.get("latency_saved_ms") if target["kind"] == "latency" else g.get(f"{target['kind']}_saved_fraction")
+            row += [f"{g.get('ratio', 0):.2f}", f"{g['damage']:.3g}" if "damage" in g else "-",
+                    "-" if saved is None else (f"{saved:.2f}" if target["kind"] == "latency" else f"{saved:.1%}")]
+        table.add_row(*row)
     con.print(table)
+    if target:
+        measured = (f"measured side by side: {target['reference_ms']:.1f} ms -> {target['pruned_ms']:.1f} ms"
+                    if target["kind"] == "latency" else "counted")
+        con.print(f"{target['kind']} {target['final_ratio']:.3f} of the original (target {target['target']}, "
+                  f"{target['miss']:+.1%}; {measured}; {len(target['rounds'])} allocation round(s))")
     b, a = report["before"], report["after"]
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({_ratio(a['parameters'], b['parameters'])}), "

@@ -35,6 +35,15 @@ class PruneConfig(PassConfig):
         fold_border: fold a constant removed channel into a zero-padded Conv consumer's bias even
             though the border pixels then differ (reported); otherwise such channels are kept.
         max_samples: use at most this many calibration feeds.
+        target_latency / target_params / target_macs: instead of ``ratio``, remove channels until
+            the model keeps this fraction of its measured latency (onnxruntime on this CPU, against
+            the unpruned model side by side), of its parameters or of its MACs, with per-group
+            ratios that cost the least damage (:mod:`onnxcomp.prune.budget`); needs ``criterion``
+            ``obs`` and calibration data. At most one target.
+        latency_threads: onnxruntime intra-op threads for the latency measurements (None: default).
+        sensitivity: with a target, ``measured`` rescales each group's damage curve to the model
+            output damage measured on calibration data with about half the group cut alone;
+            ``local`` uses the consumers' refit error as it is.
     """
 
     criterion: str = "l1"
@@ -47,6 +56,11 @@ class PruneConfig(PassConfig):
     ridge: float = 1e-3
     fold_border: bool = False
     max_samples: int | None = None
+    target_latency: float | None = None
+    target_params: float | None = None
+    target_macs: float | None = None
+    latency_threads: int | None = None
+    sensitivity: Literal["measured", "local"] = "measured"
 
     stage: ClassVar[str] = "prune"
     ranges: ClassVar[dict[str, Range]] = {
@@ -55,12 +69,34 @@ class PruneConfig(PassConfig):
         "min_channels": Range(int, 1),
         "ridge": Range(float, 0.0, 1e6),
         "max_samples": Range(int, 1),
+        "target_latency": Range(float, 0.0, 1.0, min_open=True),
+        "target_params": Range(float, 0.0, 1.0, min_open=True),
+        "target_macs": Range(float, 0.0, 1.0, min_open=True),
+        "latency_threads": Range(int, 1, 1024),
     }
 
     def validate(self) -> None:
         if self.criterion not in IMPORTANCES:
             raise ConfigError(f"prune: criterion must be one of {', '.join(map(repr, IMPORTANCES))}, got {self.criterion!r}")
         NodeSelector((), self.exclude)
+        given = [k for k, v in self.targets().items() if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"prune: give at most one target, got {', '.join(given)}")
+        if given and self.criterion != "obs":
+            raise ConfigError(f"prune: {given[0]} allocates ratios from the obs damage curves; "
+                              f"use criterion 'obs' (got {self.criterion!r})")
+
+    def targets(self) -> dict[str, float | None]:
+        return {"target_latency": self.target_latency, "target_params": self.target_params,
+                "target_macs": self.target_macs}
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """(``latency``/``params``/``macs``, fraction kept) or None."""
+        for k, v in self.targets().items():
+            if v is not None:
+                return k.removeprefix("target_"), v
+        return None
 
     @property
     def needs_data(self) -> bool:

@@ -7,7 +7,8 @@ score each group from them. ``PruneConfig.criterion`` names a registered importa
 is a function and one :func:`register_importance` call.
 
 Shipped: ``l1`` / ``l2`` (weight magnitude over the whole group), ``bn`` (BatchNorm |gamma|, else
-``l1``), ``activation`` (mean |activation| on calibration data, else ``l1``) and ``zeros`` (scores as
+``l1``), ``activation`` (mean |activation| on calibration data, else ``l1``), ``obs`` (greedy structured
+Optimal Brain Surgeon on the consumers' input Gram, :mod:`onnxcomp.prune.obs`) and ``zeros`` (scores as
 ``l1``; the selection then removes exactly the constant channels, see
 :func:`onnxcomp.prune.select.select_channels`).
 """
@@ -26,7 +27,7 @@ from onnxcomp.data import Dataset
 from onnxcomp.graph import stream_values
 
 __all__ = ["Importance", "IMPORTANCES", "register_importance", "get_importance", "group_scores",
-           "channel_scores", "zero_channels", "activation_means"]
+           "group_scores_and_state", "channel_scores", "zero_channels", "activation_means"]
 
 
 def _slices(member: Member, size: int) -> np.ndarray:
@@ -139,10 +140,17 @@ def group_scores(
     model: ir.Model, groups: Iterable[ChannelGroup], criterion: str, data: Dataset | None = None
 ) -> dict[int, np.ndarray]:
     """Group id -> one score per channel, by the importance ``criterion``."""
+    return group_scores_and_state(model, groups, criterion, data)[0]
+
+
+def group_scores_and_state(
+    model: ir.Model, groups: Iterable[ChannelGroup], criterion: str, data: Dataset | None = None
+) -> tuple[dict[int, np.ndarray], Any]:
+    """:func:`group_scores` and the importance's prepared statistics (``obs``: damage curves)."""
     importance = get_importance(criterion)
     groups = list(groups)
     state = importance.prepare(model, groups, data) if importance.prepare is not None else None
-    return {g.id: importance.score(g, state) for g in groups}
+    return {g.id: importance.score(g, state) for g in groups}, state
 
 
 def _weight_norm(power: int) -> Callable[[ChannelGroup, Any], np.ndarray]:
@@ -178,3 +186,12 @@ register_importance(Importance("l2", _weight_norm(2)))
 register_importance(Importance("bn", _bn_gamma))
 register_importance(Importance("zeros", _weight_norm(1)))
 register_importance(Importance("activation", _activation, prepare=_activation_prepare, needs_data=True))
+
+
+def _register_obs() -> None:
+    from onnxcomp.prune.obs import obs_prepare, obs_score
+
+    register_importance(Importance("obs", obs_score, prepare=obs_prepare, needs_data=True))
+
+
+_register_obs()
