@@ -191,7 +191,9 @@ register_importance(Importance("activation", _activation, prepare=_activation_pr
 def _register_obs() -> None:
     from onnxcomp.prune.obs import obs_prepare, obs_score
 
-    register_importance(Importance("obs", obs_score, prepare=obs_prepare, needs_data=True))
+    l2 = _weight_norm(2)
+    register_importance(Importance("obs", lambda group, states: obs_score(group, states, fallback=l2),
+                                   prepare=obs_prepare, needs_data=True))
 
 
 _register_obs()

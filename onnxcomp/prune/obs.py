@@ -243,13 +243,16 @@ def obs_prepare(
     return {g.id: greedy_order(g, grams) for g in groups}
 
 
-def obs_score(group: ChannelGroup, states: dict[int, ObsState | None]) -> np.ndarray:
-    """Score = position in the removal order (higher = removed later = more important)."""
+def obs_score(group: ChannelGroup, states: dict[int, ObsState | None], fallback=None) -> np.ndarray:
+    """Score = position in the removal order (higher = removed later = more important).
+
+    A group without a Gram (no consumer could be read) is scored by ``fallback(group)`` (the
+    registry passes the L2 weight norm)."""
     state = states.get(group.id)
     if state is None:
-        from onnxcomp.prune.importance import get_importance
-
-        return get_importance("l2").score(group, None)
+        if fallback is None:
+            raise ValueError(f"group {group.id}: no removal order and no fallback score")
+        return fallback(group)
     scores = np.empty(group.size)
     scores[state.order] = np.arange(group.size, dtype=np.float64)
     return scores
