@@ -268,27 +268,54 @@ class Equal(Ratio):
         self.add(float(np.sum(ref == cand)), ref.size)
 
 
-class SequenceAgreement(Ratio):
+class SequenceAgreement(Figure):
     r"""Agreement of greedily decoded sequences, for ``[N, T, C]`` scores (CTC-style recognizers).
 
-    Each row ``n`` is decoded the way a CTC decoder reads it: the class of highest score per step,
-    runs of one class collapsed to one symbol, and the *separator* dropped. The separator (CTC's
-    blank) is not assumed: it is the class the original predicts most often in the feed, when that
-    class fills at least half of the steps (a blank does: most steps are between symbols);
-    otherwise no class is dropped. Per row the agreement is
-    :math:`1 - \mathrm{ED}(a, b) / \max(|a|, |b|, 1)` (Levenshtein distance of the two decoded
-    sequences), and the figure is its mean over rows.
+    Each row is decoded the way a CTC decoder reads it: the class of highest score per step, runs
+    of one class collapsed to one symbol, and the *blank* dropped. Nothing about the classes is
+    assumed; what they are is read from the original's outputs over every check feed:
+
+    * the blank is the class the original predicts most often, when it fills at least half of the
+      steps (a blank does: most steps lie between symbols); otherwise no class is dropped;
+    * the *separator* is the most frequent decoded symbol, when it is at least a tenth of them (a
+      space between words); a separator at either end of a sequence carries nothing and is
+      stripped from both sequences.
+
+    Per row the agreement is :math:`1 - \mathrm{ED}(a, b) / \max(|a|, |b|, 1)` (Levenshtein
+    distance of the two decoded sequences), and the figure is its mean over rows.
     """
+
+    def __init__(self) -> None:
+        self.ref: list[np.ndarray] = []
+        self.cand: list[np.ndarray] = []
 
     def update(self, ref, cand):
         if ref.ndim != 3:
             raise ValueError(f"sequence scores must be [N, T, C], got shape {list(ref.shape)}")
-        r, c = ref.argmax(-1), cand.argmax(-1)
-        counts = np.bincount(r.ravel(), minlength=ref.shape[-1])
-        blank = int(counts.argmax()) if 2 * counts.max() >= r.size else -1
-        for a, b in zip(r, c):
-            sa, sb = decode_sequence(a, blank), decode_sequence(b, blank)
-            self.add(1.0 - edit_distance(sa, sb) / max(len(sa), len(sb), 1), 1.0)
+        self.ref.extend(ref.argmax(-1))
+        self.cand.extend(cand.argmax(-1))
+
+    def value(self):
+        if not self.ref:
+            return 1.0
+        steps = np.concatenate(self.ref)
+        counts = np.bincount(steps)
+        blank = int(counts.argmax()) if 2 * counts.max() >= steps.size else -1
+        ref = [decode_sequence(r, blank) for r in self.ref]
+        cand = [decode_sequence(c, blank) for c in self.cand]
+        symbols = np.concatenate(ref)
+        if symbols.size:
+            counts = np.bincount(symbols)
+            if 10 * counts.max() >= symbols.size:
+                separator = int(counts.argmax())
+                ref = [_strip(s, separator) for s in ref]
+                cand = [_strip(s, separator) for s in cand]
+        return float(np.mean([1.0 - edit_distance(a, b) / max(len(a), len(b), 1) for a, b in zip(ref, cand)]))
+
+
+def _strip(seq: np.ndarray, symbol: int) -> np.ndarray:
+    keep = np.flatnonzero(seq != symbol)
+    return seq[keep[0]:keep[-1] + 1] if keep.size else seq[:0]
 
 
 def decode_sequence(steps: np.ndarray, separator: int = -1) -> np.ndarray:
@@ -665,16 +692,59 @@ def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Da
           feeds: int = 1) -> list[dict[str, Any]]:
     """The ``top`` intermediate tensors with the lowest SQNR on the first ``feeds`` check feeds."""
     from onnxcomp.io import load_model
-    from onnxcomp.measure.fidelity import compare_models
 
-    few = data.subset(lambda i: True)
-    few.limit = feeds if few.limit is None else min(feeds, few.limit)
     try:
         written = candidate if isinstance(candidate, ir.Model) else load_model(candidate)
-        cmp = compare_models(reference, written, few, per_layer=True, channel_axis=None)
+        sqnr = layer_sqnr(reference, written, [feed for _, feed in zip(range(feeds), data)])
     except OnnxcompError:
         return []
-    return [{"tensor": f.name, "sqnr_db": f.sqnr_db, "cosine": f.cosine} for f in cmp.layers[:top]]
+    worst = sorted(sqnr.items(), key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1])
+    return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top]]
+
+
+def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """SQNR in dB of every float tensor both models compute under the same name, over ``feeds``.
+
+    The tensors are exposed as extra graph outputs, untyped (onnxruntime infers their types, so no
+    type inference runs here), one model at a time; the graph outputs themselves are left out.
+    Tensors whose shapes differ (pruned channels) are left out too.
+    """
+    from onnxcomp.graph import produced_values
+
+    ref_values, cand_values = produced_values(reference), produced_values(candidate)
+    outputs = {v.name for v in reference.graph.outputs}
+    names = [n for n, v in ref_values.items()
+             if n in cand_values and n not in outputs and (v.dtype is None or v.dtype.is_floating_point())]
+    ref_runs = _exposed_runs(reference, names, feeds)
+    cand_runs = _exposed_runs(candidate, names, feeds)
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for ref, cand in zip(ref_runs, cand_runs):
+        for name, r, c in zip(names, ref, cand):
+            if r.dtype.kind != "f" or r.shape != c.shape or name not in signal:
+                signal.pop(name, None)
+                continue
+            r64 = r.astype(np.float64, copy=False)
+            signal[name] += float(np.sum(r64 * r64))
+            noise[name] += float(np.sum((r64 - c) ** 2))
+    return {n: (math.inf if noise[n] == 0 else (10 * math.log10(s / noise[n]) if s > 0 else -math.inf))
+            for n, s in signal.items()}
+
+
+def _exposed_runs(model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    from onnxcomp.graph import produced_values
+    from onnxcomp.runtime import create_session, session_options
+
+    values = produced_values(model)
+    outputs = model.graph.outputs
+    added = [values[n] for n in names]
+    outputs.extend(added)
+    try:
+        session = create_session(model, sess_options=session_options("all", threads=None))
+    finally:
+        for _ in added:
+            outputs.pop()
+    return [session.run(names, feed) for feed in feeds]
 
 
 def verdict_line(check: dict[str, Any]) -> str:
