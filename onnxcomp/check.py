@@ -124,6 +124,9 @@ class DataSplit:
     fit_feeds: int | None = None
     check_feeds: int | None = None
     rule: str = ""
+    #: the original's outputs on the check feeds, kept by the first check that ran on this split
+    #: (a second check, after a fallback, then runs only the written model)
+    reference_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "held_out": self.held_out, "rule": self.rule,
@@ -598,7 +601,7 @@ def check_model(
         return stop(f"not checked: no data to check on ({split.source})")
     data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
     try:
-        run = _compare(reference, candidate, data, split.labels, progress)
+        run = _compare(reference, candidate, data, split.labels, progress, split)
     except OnnxcompError as exc:
         return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
@@ -644,21 +647,38 @@ def _session(model: ir.Model | str | os.PathLike):
         raise ModelLoadError(f"onnxruntime cannot load the written model: {first_line(exc)}") from None
 
 
+#: reference outputs kept on a split for a second check up to this many bytes
+KEEP_REFERENCE_BYTES = 256 * 2**20
+
+
 def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray | None,
-             progress: Callable[[int], object] | None) -> dict[str, Any]:
-    """One pass of both models over ``data``: every output's figures, and accuracies with labels."""
+             progress: Callable[[int], object] | None, split: DataSplit | None = None) -> dict[str, Any]:
+    """One pass of both models over ``data``: every output's figures, and accuracies with labels.
+
+    The original's outputs are kept on ``split`` (up to :data:`KEEP_REFERENCE_BYTES`) and taken
+    from it when a check already ran there.
+    """
     names = [v.name for v in reference.graph.outputs]
     kinds = output_kinds(reference)
     figures = OutputFigures(names, kinds)
-    ref_session = _session(reference)
+    cached = split.reference_outputs if split is not None else None
+    ref_session = _session(reference) if cached is None else None
     cand_session = _session(candidate)
     written = [o.name for o in cand_session.get_outputs()]
     if written != names:
         raise OnnxcompError(f"the models' outputs differ: original {names}, written {written}")
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     feeds = samples = 0
+    keep: list[list[np.ndarray]] | None = [] if cached is None else None
+    kept = 0
     for feed in data:
-        ref_values = ref_session.run(names, feed)
+        ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
+        if keep is not None:
+            kept += sum(v.nbytes for v in ref_values)
+            if kept <= KEEP_REFERENCE_BYTES:
+                keep.append(ref_values)
+            else:
+                keep = None
         cand_values = cand_session.run(names, feed)
         figures.update(ref_values, cand_values)
         if labels is not None:
@@ -670,6 +690,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             progress(feeds)
     if feeds == 0:
         raise OnnxcompError("the check data has no feed")
+    if keep is not None and split is not None:
+        split.reference_outputs = keep
     accuracy = None
     if labels is not None:
         pred = [np.concatenate(p) for p in predictions]

@@ -196,3 +196,17 @@ def test_blame_names_the_first_damaged_tensor():
     assert layer_sqnr(ref, ref, feeds) == {"h1": float("inf"), "h2": float("inf")}
     worst = blame(ref, noisy, Dataset(feeds, ref), 1, feeds=2)
     assert worst[0]["tensor"] in ("h1", "h2") and worst[0]["sqnr_db"] == pytest.approx(min(sqnr.values()))
+
+
+def test_a_second_check_on_the_split_reuses_the_original_outputs():
+    model = _seq_model()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 5)).astype(np.float32)} for i in range(10)]
+    split = split_data(Dataset(feeds, model), CheckConfig())
+    first = check_model(model, model, split, compressed=1)
+    assert first["met"] and len(split.reference_outputs) == 2
+    x = feeds[9]["x"]  # the second held-out feed (index 9)
+    softmax = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(split.reference_outputs[1][0], softmax / softmax.sum(-1, keepdims=True), rtol=1e-5)
+    split.reference_outputs = [[1.0 - v for v in outs] for outs in split.reference_outputs]  # not the model's
+    second = check_model(model, model, split, compressed=1)
+    assert second["outputs"][0]["cosine"] < 0.9  # judged against the kept outputs, not a new run

@@ -15,7 +15,8 @@ per-layer comparison and :math:`O(\log N)` evaluations instead:
 2. **Doubling.** Keep the top 1, 2, 4, 8, ... nodes of that ranking in float, evaluating each
    model on the fitting feeds against the budget (per output: top-1 agreement for class scores,
    cosine otherwise, as the check does), until the budget holds; then bisect between the last miss
-   and the first hit, so the float set is within a factor of the smallest prefix that works. More
+   and the first hit until the float set is within a quarter of the smallest prefix that works.
+   The all-int8 model is not evaluated again: the check has just found it short. More
    than ``max_float_fraction`` (a quarter) of the int8 nodes in float is refused: such a model has
    lost what int8 was for.
 
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import CheckConfig, OutputFigures, output_kinds
+from onnxcomp.check import CheckConfig, OutputFigures, layer_sqnr, output_kinds
 from onnxcomp.data import DataSource, Dataset
 from onnxcomp.io import ModelSource, model_to_bytes
 from onnxcomp.quant.config import QuantizeConfig
@@ -54,12 +55,10 @@ def budget_metrics(model: bytes, feeds: Sequence[dict[str, np.ndarray]], referen
     return figures
 
 
-def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str], feeds: Dataset) -> dict[str, float]:
+def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str],
+                 feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """SQNR lost at each int8 node (module docstring, step 1); nodes not measured get 0."""
-    from onnxcomp.measure.fidelity import compare_models
-
-    cmp = compare_models(float_model, int8_model, feeds, per_layer=True)
-    sqnr = {f.name: f.sqnr_db for f in cmp.layers}
+    sqnr = layer_sqnr(float_model, int8_model, list(feeds))
     by_name = {n.name: n for n in float_model.graph}
     damage = {}
     for name in nodes:
@@ -124,11 +123,10 @@ def fallback_to_budget(
         return candidate, budget_metrics(model_to_bytes(candidate), feeds, reference, names, kinds)
 
     history = []
-    all_int8, metrics = evaluate(())
-    history.append({"float_nodes": 0, "outputs": metrics.result()})
-    if metrics.meets(budget):
-        return all_int8, _report(True, [], study, history, started)
-    damage = local_damage(study.work, all_int8, study.nodes, Dataset(feeds[:2], study.work))
+    # The check already found the all-int8 model short of the budget: it is built once for the
+    # per-layer comparison, not evaluated again.
+    all_int8 = study.build(frozenset())
+    damage = local_damage(study.work, all_int8, study.nodes, feeds[:2])
     ranking = sorted(study.nodes, key=lambda n: -damage[n])
     best: tuple[int, ir.Model] | None = None
     limit = max(1, int(max_float_fraction * len(ranking)))
@@ -148,7 +146,7 @@ def fallback_to_budget(
         k *= 2
     if best is not None:  # bisect between the last miss (lo) and the first hit
         hi = best[0]
-        while hi - lo > max(1, hi // 8):
+        while hi - lo > max(1, hi // 4):
             mid = (lo + hi) // 2
             candidate, metrics = evaluate(ranking[:mid])
             history.append({"float_nodes": mid, "outputs": metrics.result()})
