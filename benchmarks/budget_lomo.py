@@ -154,7 +154,7 @@ def render(table: list[dict], sources: str) -> str:
 # --------------------------------------------------------------------------- measuring
 
 
-def measure(model_name: str, build_names: list[str], cache: Path, log=print) -> dict:
+def measure(model_name: str, build_names: list[str], cache: Path, eval_limit: int | None = None, log=print) -> dict:
     """The check's figure and the task metric of every build of ``model_name`` (module docstring)."""
     import numpy as np
     import onnxruntime as ort
@@ -165,6 +165,8 @@ def measure(model_name: str, build_names: list[str], cache: Path, log=print) -> 
     from onnxcomp.check import RULES, OutputFigures, output_kinds
 
     task = suite.SUITE[model_name].prepare(suite.Context())
+    if eval_limit:
+        task.eval_batches = task.eval_batches[:eval_limit]
     fp32 = io.load_model(task.fp32_path)
     names = [v.name for v in fp32.graph.outputs]
     kinds = output_kinds(fp32)
@@ -179,7 +181,9 @@ def measure(model_name: str, build_names: list[str], cache: Path, log=print) -> 
     ref = outputs(task.fp32_path)
     ref0 = np.concatenate([r[0] for r in ref])
     fp32_metric = task.score(ref0, ref0)[task.metric]
-    paths = {p.stem: p for p in sorted((suite.fetch.CACHE / "builds" / model_name).glob("*.onnx"))}
+    # every build at hand counts, whatever code revision made it: the figure and the metric are
+    # measured here on the same build
+    paths = {p.stem: p for folder in (suite.fetch.CACHE, cache) for p in sorted((folder / "builds" / model_name).glob("*.onnx"))}
     registry = load_candidates()
     for name in build_names:
         if name in paths or name not in registry:
@@ -190,7 +194,7 @@ def measure(model_name: str, build_names: list[str], cache: Path, log=print) -> 
         else:
             log(f"  {model_name}/{name}: build failed: {row.error}")
     result = {"metric": task.metric, "fp32_metric": fp32_metric, "figure": figure, "kind": kinds[names[0]],
-              "builds": {}}
+              "eval_samples": sum(int(r[0].shape[0]) for r in ref), "builds": {}}
     for name, path in paths.items():
         t0 = time.perf_counter()
         out = outputs(path)
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", help="comma-separated suite models to measure with the check's figure code")
     parser.add_argument("--build", default="", help="comma-separated candidates to build when not cached")
     parser.add_argument("--cache", default=str(HERE / ".cache" / "lomo"), help="folder for builds made here")
+    parser.add_argument("--eval-limit", type=int, help="measure on the first N evaluation batches only")
     parser.add_argument("--md", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     figures_path = Path(args.figures)
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         sys.path.insert(0, str(HERE.parent))
         for name in args.measure.split(","):
-            figures[name] = measure(name, [b for b in args.build.split(",") if b], Path(args.cache),
+            figures[name] = measure(name, [b for b in args.build.split(",") if b], Path(args.cache), args.eval_limit,
                                     log=lambda m: print(m, file=sys.stderr, flush=True))
             figures_path.write_text(json.dumps(figures, indent=2) + "\n")
     results = json.loads(Path(args.results).read_text())

@@ -16,23 +16,42 @@ Split
     runs on seeded uniform random inputs and says that it is only a sanity check.
 
 Budget (per output; all must hold)
-    * an output of **class scores** (produced by Softmax/LogSoftmax, or of rank 2 with more than one
-      column) passes when the top-1 decision agrees with the original on at least
-      ``min_agreement`` of its positions (default 0.99);
-    * any other float output passes when the cosine similarity of the flattened outputs,
-      :math:`\frac{r\cdot c}{\lVert r\rVert\,\lVert c\rVert}`, is at least ``min_cosine``
-      (default 0.985);
-    * with labels, the accuracy of the first output may drop by at most ``max_drop`` points
-      (default 1.0);
-    * non-float outputs (indices, masks) must be equal wherever the original's are.
+    The rule is a table, :data:`RULES`: the *kind* of an output (found by :data:`KIND_DETECTORS`
+    from the graph: its producer, behind reshapes and casts, its rank and type) names the figure
+    judged and the threshold it must reach. Figures are streaming accumulators (:data:`FIGURES`).
 
-    The thresholds were chosen leave-one-model-out on the benchmark suite (``benchmarks/budget_lomo.py``):
-    for each suite model, the most permissive thresholds that admit no build of the *other* models
-    whose task metric fell by more than a point, then judged on the left-out model. The agreement rule
-    carries across the five classifier-like models; the cosine rule is stricter than a detector's
-    probability map needs (its box F1 survives cosine 0.90), which the RESULTS table shows as false
-    alarms: give labels, or lower ``min_cosine`` for such outputs, when the task metric is known to be
-    robust.
+    ==========  ==========================================  ===================================
+    kind        which outputs                               figure >= threshold
+    ==========  ==========================================  ===================================
+    scores      Softmax/LogSoftmax of rank != 3, or rank 2   top-1 agreement >= ``min_agreement``
+                with more than one column
+    sequence    Softmax/LogSoftmax of rank 3, ``[N, T, C]``  decoded-sequence agreement (greedy
+                (CTC recognizers)                            CTC decoding, 1 - normalized edit
+                                                             distance) >= ``min_agreement``
+    map         Sigmoid of rank >= 4, ``[N, C, H, W]``       region agreement (F1 of the
+                (probability maps: detection, masks)        8-connected regions above 0.5
+                                                             matched at IoU > 0.5)
+                                                             >= ``min_agreement``
+    values      any other float output                       cosine >= ``min_cosine``
+    exact       non-float outputs (indices, masks)           every element equal
+    ==========  ==========================================  ===================================
+
+    The agreement figures are all a share of the model's decisions that stay the same, so they
+    share one threshold (default 0.99); with labels, the accuracy of the first output may also
+    drop by at most ``max_drop`` points (default 1.0). Top-1 agreement per position would judge a
+    recognizer by steps its decoder never reads (PP-OCR rec: 0.958 per step where the text lost
+    0.9 points), and cosine would judge a probability map by values far from its decision
+    threshold (PP-OCR det: cosine 0.94 with its box F1 intact); the sequence and map figures read
+    the outputs the way their decoders do, without knowing the task (see :class:`SequenceAgreement`
+    and :class:`RegionAgreement`).
+
+    The thresholds are validated leave-one-model-out on the benchmark suite
+    (``benchmarks/budget_lomo.py``, table in ``benchmarks/RESULTS.md``): for each suite model, the
+    most permissive thresholds that admit no build of the *other* models whose task metric fell by
+    more than a point, then judged on the left-out model.
+
+    Another kind of output (a pooled embedding, say) is one entry in each table: a detector in
+    :data:`KIND_DETECTORS`, a figure in :data:`FIGURES`, a :class:`Rule` in :data:`RULES`.
 
 A run that compressed nothing (0 int8 nodes, 0 channels cut, 0 tensors clustered) never meets its
 budget: there is nothing to meet it with, and the check says so and why.
