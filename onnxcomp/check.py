@@ -29,9 +29,9 @@ Budget (per output; all must hold)
                 (CTC recognizers)                            CTC decoding, 1 - normalized edit
                                                              distance) >= ``min_agreement``
     map         Sigmoid of rank >= 4, ``[N, C, H, W]``       region agreement (F1 of the
-                (probability maps: detection, masks)        8-connected regions above 0.5
-                                                             matched at IoU > 0.5)
-                                                             >= ``min_agreement``
+                (probability maps: detection, masks)        8-connected regions above 0.5,
+                                                             specks left out, matched at
+                                                             IoU > 0.5) >= ``min_agreement``
     values      any other float output                       cosine >= ``min_cosine``
     exact       non-float outputs (indices, masks)           every element equal
     ==========  ==========================================  ===================================
@@ -368,14 +368,18 @@ def edit_distance(a: np.ndarray, b: np.ndarray) -> int:
 class RegionAgreement(Ratio):
     r"""Agreement of the regions of probability maps ``[N, C, H, W]`` (segmentation, text detection).
 
-    Each map is cut at 0.5 (the decision of a sigmoid) and split into 8-connected regions; a region
-    of the original and one of the candidate *match* when the IoU of their pixels exceeds 0.5 (so a
-    region matches at most one). The figure is the F1 of the matches,
-    :math:`2\,\mathrm{TP} / (R_{ref} + R_{cand})`, over every map: what a detector built on the map
-    would find, without knowing its post-processing. Maps without any region on either side agree.
+    Each map is cut at 0.5 (the decision of a sigmoid) and split into 8-connected regions. Regions
+    smaller than a quarter of the original map's median region are specks, not decisions, and are
+    left out on both sides (the floor is read from the original; a map where the original finds
+    nothing keeps every region of the candidate). A region of the original and one of the
+    candidate *match* when the IoU of their pixels exceeds 0.5 (so a region matches at most one).
+    The figure is the F1 of the matches, :math:`2\,\mathrm{TP} / (R_{ref} + R_{cand})`, over
+    every map: what a detector built on the map would find, without knowing its post-processing.
+    Maps without any region on either side agree.
     """
 
     threshold = 0.5
+    speck = 0.25
 
     def update(self, ref, cand):
         if ref.ndim < 3:
@@ -384,7 +388,20 @@ class RegionAgreement(Ratio):
         for r, c in zip(ref.reshape(-1, h, w), cand.reshape(-1, h, w)):
             lr, nr = label_regions(r > self.threshold)
             lc, nc = label_regions(c > self.threshold)
+            floor = self.speck * float(np.median(np.bincount(lr.ravel())[1:])) if nr else 0.0
+            lr, nr = _drop_small(lr, nr, floor)
+            lc, nc = _drop_small(lc, nc, floor)
             self.add(2.0 * _matched_regions(lr, nr, lc, nc), nr + nc)
+
+
+def _drop_small(labels: np.ndarray, count: int, floor: float) -> tuple[np.ndarray, int]:
+    """``labels`` without the regions of fewer than ``floor`` pixels, renumbered 1..n."""
+    if count == 0 or floor <= 1:
+        return labels, count
+    keep = np.bincount(labels.ravel(), minlength=count + 1) >= floor
+    keep[0] = False
+    renumber = np.cumsum(keep) * keep
+    return renumber[labels], int(keep.sum())
 
 
 def _matched_regions(lr: np.ndarray, nr: int, lc: np.ndarray, nc: int) -> int:

@@ -79,10 +79,15 @@ def test_region_agreement_is_the_f1_of_matched_regions():
     fig.update(ref, cand)
     assert fig.value() == 1.0
     cand[0, 0, 10:14, 2:20] = 0.2  # B lost
-    cand[0, 0, 16:18, 25:28] = 0.7  # a spurious region
+    cand[0, 0, 16:19, 22:28] = 0.7  # a spurious region (18 pixels: not a speck)
     fig = RegionAgreement()
     fig.update(ref, cand)
     assert fig.value() == pytest.approx(2 * 1 / (2 + 2))  # one match of 2 + 2 regions
+    specks = ref.copy()
+    specks[0, 0, 18, 0] = specks[0, 0, 0, 29] = 0.6  # one-pixel regions: below a quarter of the median region
+    fig = RegionAgreement()
+    fig.update(ref, specks)
+    assert fig.value() == 1.0
     shifted = ref.copy()
     shifted[0, 0, 2:6, 2:12] = 0.0
     shifted[0, 0, 2:6, 8:18] = 0.9  # IoU of A with itself shifted by 6 of 10 columns: 16/64
