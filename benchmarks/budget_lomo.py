@@ -21,8 +21,10 @@ and the suite's task metric on the same builds and evaluation split, and stores 
 ``--figures`` (default ``benchmarks/budget_figures.json``): every build in
 ``benchmarks/.cache/builds/MODEL`` plus the candidates named by ``--build`` (built through the
 benchmark runner into ``--cache``). Models not measured take their figures from a ``results.json``
-written by ``python -m benchmarks``: ``agree_fp32`` there is the check's top-1 agreement and the
-fidelity cosine its cosine.
+written by ``python -m benchmarks``: ``agree_fp32`` there is the check's top-1 agreement, the
+fidelity cosine its cosine, and PP-OCR rec's ``char_agree_fp32`` (greedy CTC text, blank 0, spaces
+stripped at the ends) its decoded-sequence agreement (the check finds the same blank and separator
+in the data).
 
     python benchmarks/budget_lomo.py --measure ppocr_det,ppocr_rec --build oc_cluster4,...
     python benchmarks/budget_lomo.py [benchmarks/results.json] --md
@@ -77,8 +79,13 @@ def builds_from_results(results: dict, skip: set[str]) -> list[Build]:
         for r in model["rows"]:
             if r["status"] != "ok" or r["candidate"] == "fp32" or key not in (r.get("metrics") or {}):
                 continue
-            agree = r["metrics"].get("agree_fp32")
-            figure, value = ("top1_agreement", agree) if agree is not None else ("cosine", r["fidelity"]["cosine"])
+            agree, text = r["metrics"].get("agree_fp32"), r["metrics"].get("char_agree_fp32")
+            if agree is not None:
+                figure, value = "top1_agreement", agree
+            elif text is not None:  # PP-OCR rec's text agreement: the check's decoded-sequence agreement
+                figure, value = "sequence_agreement", text
+            else:
+                figure, value = "cosine", r["fidelity"]["cosine"]
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             rows.append(Build(name, r["candidate"], fp32 - r["metrics"][key] <= SLACK + 1e-12, figure, float(value)))
