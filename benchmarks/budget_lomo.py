@@ -1,22 +1,33 @@
 """Leave-one-model-out validation of the check's default budget (onnxcomp.check).
 
-For every suite model M, the thresholds of the budget rule are chosen on the builds of the *other*
-models only, then judged on M's builds:
+The check judges each output of a compressed model by one figure, chosen by the kind of the output
+(``onnxcomp.check.RULES``): top-1 agreement for class scores, decoded-sequence agreement for
+``[N, T, C]`` sequence scores (PP-OCR rec), region agreement for probability maps (PP-OCR det),
+cosine for other values. For every suite model M, the thresholds are chosen on the builds of the
+*other* models only, then judged on M's builds:
 
 * a build is **good** when its task metric is within one point (0.01) of fp32's;
-* the rule passes a build when its top-1 agreement with fp32 (outputs of class scores: the digits
-  models, PP-OCR cls, and PP-OCR rec, whose per-character agreement stands in for per-position
-  agreement) or its output cosine (other outputs: PP-OCR det's probability map, MiniLM's hidden
-  states) reaches the threshold;
+* the agreement figures (top-1, sequence, region: each a share of the model's decisions that
+  stay the same) share one threshold, ``min_agreement``; cosine has its own, ``min_cosine``;
 * on the training models, each threshold is the most permissive value that passes no bad build
   (a false pass is what the check exists to prevent; a false alarm costs a look).
 
 The table shows, for each left-out model, the thresholds chosen without it, its false passes (bad
 builds the rule would let through: the number that must be 0) and false alarms (good builds it
-would flag). Input: a ``results.json`` written by ``python -m benchmarks`` (its task metrics and
-fidelity columns); no model is run.
+would flag), and the same for the defaults of ``CheckConfig``.
 
-    python benchmarks/budget_lomo.py [benchmarks/results.json] [--md]
+Figures. ``--measure MODEL,...`` runs the check's own figure code (``onnxcomp.check.OutputFigures``)
+and the suite's task metric on the same builds and evaluation split, and stores them in
+``--figures`` (default ``benchmarks/budget_figures.json``): every build in
+``benchmarks/.cache/builds/MODEL`` plus the candidates named by ``--build`` (built through the
+benchmark runner into ``--cache``). Models not measured take their figures from a ``results.json``
+written by ``python -m benchmarks``: ``agree_fp32`` there is the check's top-1 agreement, the
+fidelity cosine its cosine, and PP-OCR rec's ``char_agree_fp32`` (greedy CTC text, blank 0, spaces
+stripped at the ends) its decoded-sequence agreement (the check finds the same blank and separator
+in the data).
+
+    python benchmarks/budget_lomo.py --measure ppocr_det,ppocr_rec --build oc_cluster4,...
+    python benchmarks/budget_lomo.py [benchmarks/results.json] --md
 """
 
 from __future__ import annotations
@@ -24,12 +35,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SLACK = 0.01  # one point of the task metric
-DEFAULTS = {"agreement": 0.99, "cosine": 0.985}  # onnxcomp.check.CheckConfig
+FIGURES_JSON = HERE / "budget_figures.json"
+#: which threshold judges each rule figure (onnxcomp.check.RULES)
+THRESHOLD_OF = {"top1_agreement": "agreement", "sequence_agreement": "agreement",
+                "region_agreement": "agreement", "cosine": "cosine"}
+
+
+def defaults() -> dict[str, float]:
+    from onnxcomp.check import CheckConfig
+
+    c = CheckConfig()
+    return {"agreement": c.min_agreement, "cosine": c.min_cosine}
 
 
 @dataclass(frozen=True)
@@ -37,25 +60,44 @@ class Build:
     model: str
     candidate: str
     good: bool
-    kind: str  # "agreement" or "cosine"
+    figure: str  # the rule's figure (onnxcomp.check.RULES)
     value: float
 
+    @property
+    def kind(self) -> str:
+        return THRESHOLD_OF[self.figure]
 
-def builds(results: dict) -> list[Build]:
+
+def builds_from_results(results: dict, skip: set[str]) -> list[Build]:
+    """Builds of ``results.json`` (models in ``skip`` left out: their figures were measured)."""
     rows = []
     for name, model in results["models"].items():
-        if model.get("status") != "ok":
+        if model.get("status") != "ok" or name in skip:
             continue
         fp32 = model["fp32_metric"]
         key = model["metric"]
         for r in model["rows"]:
             if r["status"] != "ok" or r["candidate"] == "fp32" or key not in (r.get("metrics") or {}):
                 continue
-            agree = r["metrics"].get("agree_fp32", r["metrics"].get("char_agree_fp32"))
-            kind, value = ("agreement", agree) if agree is not None else ("cosine", r["fidelity"]["cosine"])
+            agree, text = r["metrics"].get("agree_fp32"), r["metrics"].get("char_agree_fp32")
+            if agree is not None:
+                figure, value = "top1_agreement", agree
+            elif text is not None:  # PP-OCR rec's text agreement: the check's decoded-sequence agreement
+                figure, value = "sequence_agreement", text
+            else:
+                figure, value = "cosine", r["fidelity"]["cosine"]
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
-            rows.append(Build(name, r["candidate"], fp32 - r["metrics"][key] <= SLACK + 1e-12, kind, float(value)))
+            rows.append(Build(name, r["candidate"], fp32 - r["metrics"][key] <= SLACK + 1e-12, figure, float(value)))
+    return rows
+
+
+def builds_from_figures(figures: dict) -> list[Build]:
+    rows = []
+    for name, model in figures.items():
+        for cand, r in model["builds"].items():
+            good = model["fp32_metric"] - r["metric"] <= SLACK + 1e-12
+            rows.append(Build(name, cand, good, r["figure"], float(r["value"])))
     return rows
 
 
@@ -65,58 +107,140 @@ def threshold(train: list[Build], kind: str) -> float | None:
     return max(bad) if bad else None
 
 
-def passes(b: Build, thresholds: dict[str, float | None]) -> bool:
+def passes(b: Build, thresholds: dict[str, float | None], default: dict[str, float]) -> bool:
     t = thresholds[b.kind]
-    limit = DEFAULTS[b.kind] if t is None else t
-    return b.value > limit if t is not None else b.value >= limit
+    return b.value > t if t is not None else b.value >= default[b.kind]
 
 
 def lomo(rows: list[Build]) -> list[dict]:
+    default = defaults()
     out = []
     for model in sorted({b.model for b in rows}):
         train = [b for b in rows if b.model != model]
         test = [b for b in rows if b.model == model]
         th = {k: threshold(train, k) for k in ("agreement", "cosine")}
-        false_pass = [b.candidate for b in test if passes(b, th) and not b.good]
-        false_alarm = [b.candidate for b in test if not passes(b, th) and b.good]
-        default_fp = [b.candidate for b in test if b.value >= DEFAULTS[b.kind] and not b.good]
-        default_fa = [b.candidate for b in test if b.value < DEFAULTS[b.kind] and b.good]
-        out.append({"model": model, "kind": test[0].kind if test else "-", "builds": len(test),
-                    "good": sum(b.good for b in test), "thresholds": th, "false_pass": false_pass,
-                    "false_alarm": false_alarm, "default_false_pass": default_fp, "default_false_alarm": default_fa})
+        false_pass = [b.candidate for b in test if passes(b, th, default) and not b.good]
+        false_alarm = [b.candidate for b in test if not passes(b, th, default) and b.good]
+        default_fp = [b.candidate for b in test if b.value >= default[b.kind] and not b.good]
+        default_fa = [b.candidate for b in test if b.value < default[b.kind] and b.good]
+        good = [b.value for b in test if b.good]
+        bad = [b.value for b in test if not b.good]
+        out.append({"model": model, "figure": test[0].figure if test else "-", "builds": len(test),
+                    "good": len(good), "lowest_good": min(good) if good else None,
+                    "highest_bad": max(bad) if bad else None, "thresholds": th, "false_pass": false_pass,
+                    "false_alarm": false_alarm, "default_false_pass": default_fp,
+                    "default_false_alarm": default_fa})
     return out
 
 
-def render(table: list[dict], source: str) -> str:
+def render(table: list[dict], sources: str) -> str:
+    d = defaults()
+    fmt = lambda t: "-" if t is None else f"{t:.4f}"  # noqa: E731
     lines = [
-        f"Leave-one-model-out validation of the check's budget, from `{source}` "
-        f"(`python benchmarks/budget_lomo.py --md`). Good = task metric within 1 point of fp32. "
-        f"Thresholds chosen without the model; defaults agreement >= {DEFAULTS['agreement']}, "
-        f"cosine >= {DEFAULTS['cosine']}.",
+        f"Leave-one-model-out validation of the check's budget, from {sources}. Good = task metric within "
+        f"1 point of fp32. Thresholds chosen without the model (agreement figures share one); defaults "
+        f"agreement >= {d['agreement']}, cosine >= {d['cosine']}.",
         "",
-        "| left-out model | judged by | builds (good) | agreement > (chosen) | cosine > (chosen) | false passes | false alarms | defaults: false passes / alarms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| left-out model | judged by | builds (good) | lowest good / highest bad | agreement > (chosen) | "
+        "cosine > (chosen) | false passes | false alarms | defaults: false passes / alarms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        fmt = lambda t: "-" if t is None else f"{t:.4f}"  # noqa: E731
         fp = ", ".join(r["false_pass"]) or "0"
+        fa = ", ".join(r["false_alarm"]) or "0"
+        dfp = ", ".join(r["default_false_pass"]) or "0"
+        dfa = ", ".join(r["default_false_alarm"]) or "0"
         lines.append(
-            f"| {r['model']} | {r['kind']} | {r['builds']} ({r['good']}) | {fmt(r['thresholds']['agreement'])} | "
-            f"{fmt(r['thresholds']['cosine'])} | {fp} | {len(r['false_alarm'])} | "
-            f"{len(r['default_false_pass'])} / {len(r['default_false_alarm'])} |"
+            f"| {r['model']} | {r['figure']} | {r['builds']} ({r['good']}) | {fmt(r['lowest_good'])} / "
+            f"{fmt(r['highest_bad'])} | {fmt(r['thresholds']['agreement'])} | {fmt(r['thresholds']['cosine'])} | "
+            f"{fp} | {fa} | {dfp} / {dfa} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(model_name: str, build_names: list[str], cache: Path, eval_limit: int | None = None, log=print) -> dict:
+    """The check's figure and the task metric of every build of ``model_name`` (module docstring)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from benchmarks import run, suite
+    from benchmarks.candidates import load_candidates
+    from onnxcomp import io
+    from onnxcomp.check import RULES, OutputFigures, output_kinds
+
+    task = suite.SUITE[model_name].prepare(suite.Context())
+    if eval_limit:
+        task.eval_batches = task.eval_batches[:eval_limit]
+    fp32 = io.load_model(task.fp32_path)
+    names = [v.name for v in fp32.graph.outputs]
+    kinds = output_kinds(fp32)
+    figure = RULES[kinds[names[0]]].figure
+
+    def outputs(path: Path) -> list[list[np.ndarray]]:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return [session.run(names, feed) for feed in task.eval_batches]
+
+    ref = outputs(task.fp32_path)
+    ref0 = np.concatenate([r[0] for r in ref])
+    fp32_metric = task.score(ref0, ref0)[task.metric]
+    # every build at hand counts, whatever code revision made it: the figure and the metric are
+    # measured here on the same build
+    paths = {p.stem: p for folder in (suite.fetch.CACHE, cache) for p in sorted((folder / "builds" / model_name).glob("*.onnx"))}
+    registry = load_candidates()
+    for name in build_names:
+        if name in paths or name not in registry:
+            continue
+        row = run.build_candidate(task, registry[name], cache, reuse=True)
+        if row.status == "ok":
+            paths[name] = cache / "builds" / model_name / f"{name}.onnx"
+        else:
+            log(f"  {model_name}/{name}: build failed: {row.error}")
+    result = {"metric": task.metric, "fp32_metric": fp32_metric, "figure": figure, "kind": kinds[names[0]],
+              "eval_samples": sum(int(r[0].shape[0]) for r in ref), "builds": {}}
+    for name, path in paths.items():
+        t0 = time.perf_counter()
+        out = outputs(path)
+        figures = OutputFigures(names, kinds)
+        for r, o in zip(ref, out):
+            figures.update(r, o)
+        values = figures.result()[0]
+        metric = task.score(np.concatenate([o[0] for o in out]), ref0)[task.metric]
+        result["builds"][name] = {"metric": metric, "figure": figure, "value": values[figure],
+                                  "cosine": values.get("cosine")}
+        log(f"  {model_name}/{name}: {task.metric} {metric:.4f} (fp32 {fp32_metric:.4f}), {figure} "
+            f"{values[figure]:.4f}, cosine {values.get('cosine', float('nan')):.4f} ({time.perf_counter() - t0:.0f} s)")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", default=str(HERE / "results.json"))
+    parser.add_argument("--figures", default=str(FIGURES_JSON), help="measured figures (JSON; read and written)")
+    parser.add_argument("--measure", help="comma-separated suite models to measure with the check's figure code")
+    parser.add_argument("--build", default="", help="comma-separated candidates to build when not cached")
+    parser.add_argument("--cache", default=str(HERE / ".cache" / "lomo"), help="folder for builds made here")
+    parser.add_argument("--eval-limit", type=int, help="measure on the first N evaluation batches only")
     parser.add_argument("--md", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
+    figures_path = Path(args.figures)
+    figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+    if args.measure:
+        sys.path.insert(0, str(HERE.parent))
+        for name in args.measure.split(","):
+            figures[name] = measure(name, [b for b in args.build.split(",") if b], Path(args.cache), args.eval_limit,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+            figures_path.write_text(json.dumps(figures, indent=2) + "\n")
     results = json.loads(Path(args.results).read_text())
-    table = lomo(builds(results))
+    rows = builds_from_figures(figures) + builds_from_results(results, set(figures))
+    table = lomo(rows)
     if args.md:
-        print(render(table, Path(args.results).name), end="")
+        sources = f"`{figures_path.name}` ({', '.join(sorted(figures))}) and `{Path(args.results).name}` (the others)"
+        print(render(table, sources), end="")
     else:
         print(json.dumps(table, indent=2))
     return 0

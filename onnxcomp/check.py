@@ -16,23 +16,42 @@ Split
     runs on seeded uniform random inputs and says that it is only a sanity check.
 
 Budget (per output; all must hold)
-    * an output of **class scores** (produced by Softmax/LogSoftmax, or of rank 2 with more than one
-      column) passes when the top-1 decision agrees with the original on at least
-      ``min_agreement`` of its positions (default 0.99);
-    * any other float output passes when the cosine similarity of the flattened outputs,
-      :math:`\frac{r\cdot c}{\lVert r\rVert\,\lVert c\rVert}`, is at least ``min_cosine``
-      (default 0.985);
-    * with labels, the accuracy of the first output may drop by at most ``max_drop`` points
-      (default 1.0);
-    * non-float outputs (indices, masks) must be equal wherever the original's are.
+    The rule is a table, :data:`RULES`: the *kind* of an output (found by :data:`KIND_DETECTORS`
+    from the graph: its producer, behind reshapes and casts, its rank and type) names the figure
+    judged and the threshold it must reach. Figures are streaming accumulators (:data:`FIGURES`).
 
-    The thresholds were chosen leave-one-model-out on the benchmark suite (``benchmarks/budget_lomo.py``):
-    for each suite model, the most permissive thresholds that admit no build of the *other* models
-    whose task metric fell by more than a point, then judged on the left-out model. The agreement rule
-    carries across the five classifier-like models; the cosine rule is stricter than a detector's
-    probability map needs (its box F1 survives cosine 0.90), which the RESULTS table shows as false
-    alarms: give labels, or lower ``min_cosine`` for such outputs, when the task metric is known to be
-    robust.
+    ==========  ==========================================  ===================================
+    kind        which outputs                               figure >= threshold
+    ==========  ==========================================  ===================================
+    scores      Softmax/LogSoftmax of rank != 3, or rank 2   top-1 agreement >= ``min_agreement``
+                with more than one column
+    sequence    Softmax/LogSoftmax of rank 3, ``[N, T, C]``  decoded-sequence agreement (greedy
+                (CTC recognizers)                            CTC decoding, 1 - normalized edit
+                                                             distance) >= ``min_agreement``
+    map         Sigmoid of rank >= 4, ``[N, C, H, W]``       region agreement (F1 of the
+                (probability maps: detection, masks)        8-connected regions above 0.5,
+                                                             specks left out, matched at
+                                                             IoU > 0.5) >= ``min_agreement``
+    values      any other float output                       cosine >= ``min_cosine``
+    exact       non-float outputs (indices, masks)           every element equal
+    ==========  ==========================================  ===================================
+
+    The agreement figures are all a share of the model's decisions that stay the same, so they
+    share one threshold (default 0.99); with labels, the accuracy of the first output may also
+    drop by at most ``max_drop`` points (default 1.0). Top-1 agreement per position would judge a
+    recognizer by steps its decoder never reads (PP-OCR rec: 0.958 per step where the text lost
+    0.9 points), and cosine would judge a probability map by values far from its decision
+    threshold (PP-OCR det: cosine 0.94 with its box F1 intact); the sequence and map figures read
+    the outputs the way their decoders do, without knowing the task (see :class:`SequenceAgreement`
+    and :class:`RegionAgreement`).
+
+    The thresholds are validated leave-one-model-out on the benchmark suite
+    (``benchmarks/budget_lomo.py``, table in ``benchmarks/RESULTS.md``): for each suite model, the
+    most permissive thresholds that admit no build of the *other* models whose task metric fell by
+    more than a point, then judged on the left-out model.
+
+    Another kind of output (a pooled embedding, say) is one entry in each table: a detector in
+    :data:`KIND_DETECTORS`, a figure in :data:`FIGURES`, a :class:`Rule` in :data:`RULES`.
 
 A run that compressed nothing (0 int8 nodes, 0 channels cut, 0 tensors clustered) never meets its
 budget: there is nothing to meet it with, and the check says so and why.
@@ -45,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,10 +76,13 @@ from onnxcomp.data import Dataset, fill_free_dims, model_inputs, synthetic_feed
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
 from onnxcomp.passes.base import PassConfig
 
-__all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "verdict_line", "SCORE_PRODUCERS"]
+__all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "verdict_line",
+           "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS"]
 
 #: Ops whose output is a distribution over classes along the last axis.
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
+#: Ops whose output is a probability per element (a map, when it has spatial axes).
+MAP_PRODUCERS = frozenset({"Sigmoid"})
 #: Ops that only move or relabel data: an output behind them keeps its producer's kind.
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"})
 
@@ -120,6 +143,9 @@ class DataSplit:
     fit_feeds: int | None = None
     check_feeds: int | None = None
     rule: str = ""
+    #: the original's outputs on the check feeds, kept by the first check that ran on this split
+    #: (a second check, after a fallback, then runs only the written model)
+    reference_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "held_out": self.held_out, "rule": self.rule,
@@ -184,40 +210,388 @@ def _synthetic_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]] | Non
         return None, str(exc)
 
 
+# ---------------------------------------------------------------------------------------------
+# figures: streaming accumulators, one per figure a rule may judge (update per feed, then value)
+
+
+class Figure:
+    """A figure of one output pair, accumulated over feeds: ``update(ref, cand)``, then ``value()``."""
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def value(self) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Cosine(Figure):
+    """Cosine similarity of the flattened outputs over every feed."""
+
+    def __init__(self) -> None:
+        self.dot = self.rr = self.cc = 0.0
+
+    def update(self, ref, cand):
+        r, c = ref.astype(np.float64, copy=False).ravel(), cand.astype(np.float64, copy=False).ravel()
+        self.dot += float(r @ c)
+        self.rr += float(r @ r)
+        self.cc += float(c @ c)
+
+    def value(self):
+        if self.rr == 0 or self.cc == 0:
+            return 1.0 if self.rr == self.cc else 0.0
+        return self.dot / math.sqrt(self.rr * self.cc)
+
+
+class Sqnr(Figure):
+    """Signal-to-quantization-noise ratio in dB: :math:`10\\log_{10}(\\sum r^2 / \\sum (r-c)^2)`."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = 0.0
+
+    def update(self, ref, cand):
+        r = ref.astype(np.float64, copy=False)
+        self.signal += float(np.sum(r * r))
+        self.noise += float(np.sum((r - cand) ** 2))
+
+    def value(self):
+        if self.noise == 0:
+            return math.inf
+        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+
+
+class Ratio(Figure):
+    """A share: ``hits / total`` summed over feeds (1.0 when nothing was counted)."""
+
+    def __init__(self) -> None:
+        self.hits = self.total = 0.0
+
+    def add(self, hits: float, total: float) -> None:
+        self.hits += hits
+        self.total += total
+
+    def value(self):
+        return self.hits / self.total if self.total else 1.0
+
+
+class TopOneAgreement(Ratio):
+    """Share of positions (all axes but the last) where both pick the same class on the last axis."""
+
+    def update(self, ref, cand):
+        if ref.ndim < 1 or ref.shape[-1] < 2:
+            self.add(float(np.sum(np.sign(ref) == np.sign(cand))), ref.size)
+            return
+        self.add(float(np.sum(ref.argmax(-1) == cand.argmax(-1))), ref.size // ref.shape[-1])
+
+
+class Equal(Ratio):
+    """Share of elements equal to the original's."""
+
+    def update(self, ref, cand):
+        self.add(float(np.sum(ref == cand)), ref.size)
+
+
+class SequenceAgreement(Figure):
+    r"""Agreement of greedily decoded sequences, for ``[N, T, C]`` scores (CTC-style recognizers).
+
+    Each row is decoded the way a CTC decoder reads it: the class of highest score per step, runs
+    of one class collapsed to one symbol, and the *blank* dropped. Nothing about the classes is
+    assumed; what they are is read from the original's outputs over every check feed:
+
+    * the blank is the class the original predicts most often, when it fills at least half of the
+      steps (a blank does: most steps lie between symbols); otherwise no class is dropped;
+    * the *separator* is the most frequent decoded symbol, when it is at least a tenth of them (a
+      space between words); a separator at either end of a sequence carries nothing and is
+      stripped from both sequences.
+
+    Per row the agreement is :math:`1 - \mathrm{ED}(a, b) / \max(|a|, |b|, 1)` (Levenshtein
+    distance of the two decoded sequences), and the figure is its mean over rows.
+    """
+
+    def __init__(self) -> None:
+        self.ref: list[np.ndarray] = []
+        self.cand: list[np.ndarray] = []
+
+    def update(self, ref, cand):
+        if ref.ndim != 3:
+            raise ValueError(f"sequence scores must be [N, T, C], got shape {list(ref.shape)}")
+        self.ref.extend(ref.argmax(-1))
+        self.cand.extend(cand.argmax(-1))
+
+    def value(self):
+        if not self.ref:
+            return 1.0
+        steps = np.concatenate(self.ref)
+        counts = np.bincount(steps)
+        blank = int(counts.argmax()) if 2 * counts.max() >= steps.size else -1
+        ref = [decode_sequence(r, blank) for r in self.ref]
+        cand = [decode_sequence(c, blank) for c in self.cand]
+        symbols = np.concatenate(ref)
+        if symbols.size:
+            counts = np.bincount(symbols)
+            if 10 * counts.max() >= symbols.size:
+                separator = int(counts.argmax())
+                ref = [_strip(s, separator) for s in ref]
+                cand = [_strip(s, separator) for s in cand]
+        return float(np.mean([1.0 - edit_distance(a, b) / max(len(a), len(b), 1) for a, b in zip(ref, cand)]))
+
+
+def _strip(seq: np.ndarray, symbol: int) -> np.ndarray:
+    keep = np.flatnonzero(seq != symbol)
+    return seq[keep[0]:keep[-1] + 1] if keep.size else seq[:0]
+
+
+def decode_sequence(steps: np.ndarray, separator: int = -1) -> np.ndarray:
+    """Greedy decoding of one row of step classes: repeats collapsed, ``separator`` dropped."""
+    keep = np.ones(steps.shape[0], bool)
+    keep[1:] = steps[1:] != steps[:-1]
+    keep &= steps != separator
+    return steps[keep]
+
+
+def edit_distance(a: np.ndarray, b: np.ndarray) -> int:
+    """Levenshtein distance of two integer sequences (unit costs), one numpy row per symbol of ``a``."""
+    if len(a) == 0 or len(b) == 0:
+        return max(len(a), len(b))
+    prev = np.arange(len(b) + 1)
+    for i, s in enumerate(a, 1):
+        sub = prev[:-1] + (b != s)
+        cur = np.empty_like(prev)
+        cur[0] = i
+        cur[1:] = np.minimum(sub, prev[1:] + 1)
+        # insertions run left to right: cur[j] = min(cur[j], cur[j-1] + 1) = min over k<=j of cur[k] + j - k
+        idx = np.arange(len(cur))
+        cur = np.minimum.accumulate(cur - idx) + idx
+        prev = cur
+    return int(prev[-1])
+
+
+class RegionAgreement(Ratio):
+    r"""Agreement of the regions of probability maps ``[N, C, H, W]`` (segmentation, text detection).
+
+    Each map is cut at 0.5 (the decision of a sigmoid) and split into 8-connected regions. Regions
+    smaller than a quarter of the original map's median region are specks, not decisions, and are
+    left out on both sides (the floor is read from the original; a map where the original finds
+    nothing keeps every region of the candidate). A region of the original and one of the
+    candidate *match* when the IoU of their pixels exceeds 0.5 (so a region matches at most one).
+    The figure is the F1 of the matches, :math:`2\,\mathrm{TP} / (R_{ref} + R_{cand})`, over
+    every map: what a detector built on the map would find, without knowing its post-processing.
+    Maps without any region on either side agree.
+    """
+
+    threshold = 0.5
+    speck = 0.25
+
+    def update(self, ref, cand):
+        if ref.ndim < 3:
+            raise ValueError(f"probability maps must be [N, (C,) H, W], got shape {list(ref.shape)}")
+        h, w = ref.shape[-2:]
+        for r, c in zip(ref.reshape(-1, h, w), cand.reshape(-1, h, w)):
+            lr, nr = label_regions(r > self.threshold)
+            lc, nc = label_regions(c > self.threshold)
+            floor = self.speck * float(np.median(np.bincount(lr.ravel())[1:])) if nr else 0.0
+            lr, nr = _drop_small(lr, nr, floor)
+            lc, nc = _drop_small(lc, nc, floor)
+            self.add(2.0 * _matched_regions(lr, nr, lc, nc), nr + nc)
+
+
+def _drop_small(labels: np.ndarray, count: int, floor: float) -> tuple[np.ndarray, int]:
+    """``labels`` without the regions of fewer than ``floor`` pixels, renumbered 1..n."""
+    if count == 0 or floor <= 1:
+        return labels, count
+    keep = np.bincount(labels.ravel(), minlength=count + 1) >= floor
+    keep[0] = False
+    renumber = np.cumsum(keep) * keep
+    return renumber[labels], int(keep.sum())
+
+
+def _matched_regions(lr: np.ndarray, nr: int, lc: np.ndarray, nc: int) -> int:
+    if nr == 0 or nc == 0:
+        return 0
+    area_r = np.bincount(lr.ravel(), minlength=nr + 1)
+    area_c = np.bincount(lc.ravel(), minlength=nc + 1)
+    both = (lr > 0) & (lc > 0)
+    pairs, inter = np.unique(lr[both].astype(np.int64) * (nc + 1) + lc[both], return_counts=True)
+    a, b = pairs // (nc + 1), pairs % (nc + 1)
+    iou = inter / (area_r[a] + area_c[b] - inter)
+    return int(np.sum(iou > 0.5))
+
+
+def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected regions of a 2-D boolean mask: ``(labels, count)``, labels 1..count, 0 outside.
+
+    Works on horizontal runs: runs of adjacent rows that touch (diagonals included) are joined by
+    repeated minimum-label propagation with pointer jumping, all in numpy.
+    """
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(step == 1)
+    _, ends = np.nonzero(step == -1)  # exclusive; row-major order pairs them with the starts
+    n = len(rows)
+    labels = np.zeros((h, w), np.int32)
+    if n == 0:
+        return labels, 0
+    stride = w + 2
+    start_key = rows * stride + starts
+    end_key = rows * stride + ends
+    # runs of row y-1 touching [s, e): end_prev >= s and start_prev <= e (8-connected)
+    above = (rows - 1) * stride
+    lo = np.searchsorted(end_key, above + starts, side="left")
+    hi = np.searchsorted(start_key, above + ends, side="right")
+    count = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(n), count)
+    b = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
+    root = np.arange(n)
+    while a.size:
+        m = np.minimum(root[a], root[b])
+        changed = np.any(root[a] != m) or np.any(root[b] != m)
+        np.minimum.at(root, a, m)
+        np.minimum.at(root, b, m)
+        root = root[root]
+        if not changed:
+            break
+    _, comp = np.unique(root, return_inverse=True)
+    lengths = ends - starts
+    flat = np.repeat(rows * w + starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    labels.ravel()[flat] = np.repeat(comp + 1, lengths)
+    return labels, int(comp.max()) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the budget rule: which kind of output -> which figure -> which threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The budget of one kind of output: ``figure >= threshold``.
+
+    Attributes:
+        figure: the figure judged (a key of :data:`FIGURES` and of the output's report row).
+        reads: how the figure reads in a report ("top-1 agreement").
+        threshold: a :class:`CheckConfig` attribute holding the threshold, or a fixed number.
+    """
+
+    figure: str
+    reads: str
+    threshold: str | float
+
+    def limit(self, config: CheckConfig) -> float:
+        return float(getattr(config, self.threshold) if isinstance(self.threshold, str) else self.threshold)
+
+
+#: The rule of each kind of output (module docstring: Budget). Another kind is one more entry here,
+#: a figure in :data:`FIGURES` and a detector in :data:`KIND_DETECTORS`.
+RULES: dict[str, Rule] = {
+    "scores": Rule("top1_agreement", "top-1 agreement", "min_agreement"),
+    "sequence": Rule("sequence_agreement", "decoded-sequence agreement", "min_agreement"),
+    "map": Rule("region_agreement", "region agreement (F1)", "min_agreement"),
+    "values": Rule("cosine", "cosine", "min_cosine"),
+    "exact": Rule("equal", "share of equal elements", 1.0),
+}
+
+#: Figures by name: a factory of a fresh accumulator each.
+FIGURES: dict[str, Callable[[], Figure]] = {
+    "cosine": Cosine,
+    "sqnr_db": Sqnr,
+    "top1_agreement": TopOneAgreement,
+    "sequence_agreement": SequenceAgreement,
+    "region_agreement": RegionAgreement,
+    "equal": Equal,
+}
+#: Figures reported for every float output besides its rule's.
+REPORTED = ("cosine", "sqnr_db")
+
+
+def _producer(value: ir.Value) -> ir.Node | None:
+    producer = value.producer()
+    while producer is not None and producer.op_type in _PASS_THROUGH and producer.inputs and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()
+    return producer
+
+
+def _made_by(value: ir.Value, ops: frozenset[str]) -> bool:
+    producer = _producer(value)
+    return producer is not None and producer.op_type in ops and producer.domain in ("", "ai.onnx")
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _is_exact(value: ir.Value) -> bool:
+    return value.dtype is not None and not value.dtype.is_floating_point()
+
+
+def _is_sequence(value: ir.Value) -> bool:
+    return _made_by(value, SCORE_PRODUCERS) and _rank(value) == 3
+
+
+def _is_scores(value: ir.Value) -> bool:
+    shape = value.shape
+    rank2 = shape is not None and len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2)
+    return _made_by(value, SCORE_PRODUCERS) or rank2
+
+
+def _is_map(value: ir.Value) -> bool:
+    return _made_by(value, MAP_PRODUCERS) and (_rank(value) or 0) >= 4
+
+
+#: ``(kind, detector)`` in order: an output takes the first kind whose detector says yes, else
+#: ``"values"``.
+KIND_DETECTORS: list[tuple[str, Callable[[ir.Value], bool]]] = [
+    ("exact", _is_exact),
+    ("sequence", _is_sequence),
+    ("scores", _is_scores),
+    ("map", _is_map),
+]
+
+
 def output_kinds(model: ir.Model) -> dict[str, str]:
-    """``"scores"``, ``"values"`` or ``"exact"`` for each graph output (module docstring: Budget)."""
-    kinds = {}
-    for value in model.graph.outputs:
-        dtype = value.dtype
-        if dtype is not None and not dtype.is_floating_point():
-            kinds[value.name] = "exact"
-            continue
-        producer = value.producer()
-        while producer is not None and producer.op_type in _PASS_THROUGH and producer.inputs and producer.inputs[0] is not None:
-            producer = producer.inputs[0].producer()
-        shape = value.shape
-        rank2 = shape is not None and len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2)
-        if (producer is not None and producer.op_type in SCORE_PRODUCERS and producer.domain in ("", "ai.onnx")) or rank2:
-            kinds[value.name] = "scores"
-        else:
-            kinds[value.name] = "values"
-    return kinds
+    """The kind of each graph output (a key of :data:`RULES`; module docstring: Budget)."""
+    return {value.name: next((kind for kind, test in KIND_DETECTORS if test(value)), "values")
+            for value in model.graph.outputs}
 
 
-def judge_output(kind: str, cosine: float, agreement: float | None, max_abs: float | None,
-                 config: CheckConfig) -> tuple[bool, str, str]:
-    """The budget rule for one output (module docstring): ``(ok, rule, the figure judged)``."""
-    if kind == "scores" and agreement is not None:
-        return bool(agreement >= config.min_agreement), f"top-1 agreement >= {config.min_agreement:g}", \
-            f"top-1 agreement {agreement:.4f}"
-    if kind == "exact":
-        return bool(max_abs == 0), "equal to the original", f"max abs difference {max_abs:g}"
-    return bool(cosine >= config.min_cosine), f"cosine >= {config.min_cosine:g}", f"cosine {cosine:.4f}"
+def judge_output(kind: str, figures: dict[str, float | None], config: CheckConfig) -> tuple[bool, str, str]:
+    """The budget rule for one output: ``(ok, the rule, the figure judged)`` (see :data:`RULES`)."""
+    rule = RULES[kind]
+    value = figures.get(rule.figure)
+    limit = rule.limit(config)
+    if value is None or math.isnan(value):
+        return False, f"{rule.reads} >= {limit:g}", f"{rule.reads} not measured"
+    return bool(value >= limit), f"{rule.reads} >= {limit:g}", f"{rule.reads} {value:.4f}"
+
+
+class OutputFigures:
+    """Every output's figures (its rule's and :data:`REPORTED`), accumulated feed by feed."""
+
+    def __init__(self, names: list[str], kinds: dict[str, str]) -> None:
+        self.names = names
+        self.kinds = [kinds.get(n, "values") for n in names]
+        self.figures: list[dict[str, Figure]] = []
+        for kind in self.kinds:
+            wanted = [RULES[kind].figure] + ([] if kind == "exact" else list(REPORTED))
+            self.figures.append({f: FIGURES[f]() for f in dict.fromkeys(wanted)})
+
+    def update(self, ref_values: list[np.ndarray], cand_values: list[np.ndarray]) -> None:
+        for name, figures, r, c in zip(self.names, self.figures, ref_values, cand_values):
+            r, c = np.asarray(r), np.asarray(c)
+            if r.shape != c.shape:
+                raise OnnxcompError(f"output {name!r}: original shape {list(r.shape)} vs written {list(c.shape)}")
+            for figure in figures.values():
+                figure.update(r, c)
+
+    def result(self) -> list[dict[str, float]]:
+        return [{k: f.value() for k, f in figures.items()} for figures in self.figures]
+
+    def meets(self, config: CheckConfig) -> bool:
+        return all(judge_output(kind, values, config)[0] for kind, values in zip(self.kinds, self.result()))
 
 
 def check_model(
     reference: ir.Model,
-    candidate: ir.Model,
+    candidate: ir.Model | str | os.PathLike,
     split: DataSplit,
     config: CheckConfig | None = None,
     *,
@@ -229,6 +603,8 @@ def check_model(
     """Compare ``candidate`` (the model as written) with ``reference`` on the check data.
 
     Args:
+        candidate: the written model, or the path of the written file (onnxruntime reads it as
+            is: nothing is parsed or serialized again).
         compressed: how many things were compressed (int8 nodes, channels cut, tensors clustered);
             0 means nothing was, and the budget is then not met.
         what: what ``compressed`` counts, for the report ("int8 nodes").
@@ -236,11 +612,9 @@ def check_model(
 
     Returns:
         A JSON-able dict: ``data`` (the split), ``budget``, ``outputs`` (per output: kind, cosine,
-        SQNR, top-1 agreement, verdict), ``accuracy`` (with labels), ``met``, ``problems`` (one
-        line each) and ``blame`` (worst tensors, when missed).
+        SQNR, the rule's figure, the rule, verdict), ``accuracy`` (with labels), ``met``,
+        ``problems`` (one line each) and ``blame`` (worst tensors, when missed).
     """
-    from onnxcomp.measure.fidelity import compare_models
-
     config = config or CheckConfig()
     started = time.perf_counter()
     report: dict[str, Any] = {"data": split.describe(), "budget": config.budget(), "outputs": [], "problems": [],
@@ -251,61 +625,184 @@ def check_model(
         report["problems"].append(
             f"nothing was compressed (0 {what or 'changes'})" + (f": {nothing_why}" if nothing_why else "")
         )
-    if split.check is None:
-        report["problems"].append(f"not checked: no data to check on ({split.source})")
+
+    def stop(problem: str) -> dict[str, Any]:
+        report["problems"].append(problem)
         report["met"] = False
         report["checked"] = False
         report["seconds"] = time.perf_counter() - started
         return report
+
+    if split.check is None:
+        return stop(f"not checked: no data to check on ({split.source})")
     data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
     try:
-        cmp = compare_models(reference, candidate, data, labels=split.labels, progress=progress)
+        run = _compare(reference, candidate, data, split.labels, progress, split)
     except OnnxcompError as exc:
-        report["problems"].append(f"the written model could not be compared with the original: {exc}")
-        report["met"] = False
-        report["checked"] = False
-        report["seconds"] = time.perf_counter() - started
-        return report
+        return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
-    report["data"]["check_feeds"] = cmp.feeds
-    report["data"]["check_samples"] = cmp.samples
-    kinds = output_kinds(reference)
-    for out in cmp.outputs:
-        kind = kinds.get(out.name, "values")
-        ok, rule, figure = judge_output(kind, out.cosine, out.top1_agreement, out.max_abs, config)
-        row: dict[str, Any] = {"name": out.name, "kind": kind, "cosine": out.cosine, "sqnr_db": out.sqnr_db,
-                               "top1_agreement": out.top1_agreement if kind == "scores" else None,
-                               "rule": rule, "ok": ok}
+    report["data"]["check_feeds"] = run["feeds"]
+    report["data"]["check_samples"] = run["samples"]
+    for name, kind, values in zip(run["names"], run["kinds"], run["figures"]):
+        ok, rule, figure = judge_output(kind, values, config)
+        row: dict[str, Any] = {"name": name, "kind": kind, **{k: values.get(k) for k in REPORTED},
+                               RULES[kind].figure: values.get(RULES[kind].figure), "rule": rule, "ok": ok}
         if not ok:
-            report["problems"].append(f"output {out.name!r}: {figure}, budget {rule}")
+            report["problems"].append(f"output {name!r}: {figure}, budget {rule}")
         report["outputs"].append(row)
-    if cmp.accuracy:
-        drop = 100.0 * (cmp.accuracy["reference"] - cmp.accuracy["candidate"])
-        report["accuracy"] = {"original": cmp.accuracy["reference"], "written": cmp.accuracy["candidate"],
-                              "drop_points": drop, "output": cmp.label_output}
+    if run["accuracy"]:
+        original, written = run["accuracy"]
+        drop = 100.0 * (original - written)
+        report["accuracy"] = {"original": original, "written": written, "drop_points": drop, "output": run["names"][0]}
         if drop > config.max_drop:
             report["problems"].append(
-                f"accuracy {100 * cmp.accuracy['candidate']:.2f}% vs {100 * cmp.accuracy['reference']:.2f}% "
-                f"(-{drop:.2f} points), budget {config.max_drop:g} points"
+                f"accuracy {100 * written:.2f}% vs {100 * original:.2f}% (-{drop:.2f} points), "
+                f"budget {config.max_drop:g} points"
             )
     report["met"] = not report["problems"]
     if not report["met"] and compressed != 0 and config.blame:
-        report["blame"] = _blame(reference, candidate, data, config.blame)
+        report["blame"] = blame(reference, candidate, data, config.blame)
     report["seconds"] = time.perf_counter() - started
     return report
 
 
-def _blame(reference: ir.Model, candidate: ir.Model, data: Dataset, top: int) -> list[dict[str, Any]]:
-    """The ``top`` intermediate tensors with the lowest SQNR on a few check feeds (first damage)."""
-    from onnxcomp.measure.fidelity import compare_models
+def _session(model: ir.Model | str | os.PathLike):
+    from onnxcomp.runtime import create_session, session_options
 
-    few = data.subset(lambda i: True)
-    few.limit = 4 if few.limit is None else min(4, few.limit)
+    options = session_options("all", threads=None)
+    if isinstance(model, ir.Model):
+        return create_session(model, sess_options=options)
+    import onnxruntime as ort
+
+    from onnxcomp.errors import ModelLoadError
+    from onnxcomp.io import first_line
+
     try:
-        cmp = compare_models(reference, candidate, few, per_layer=True)
+        return ort.InferenceSession(os.fspath(model), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime cannot load the written model: {first_line(exc)}") from None
+
+
+#: reference outputs kept on a split for a second check up to this many bytes
+KEEP_REFERENCE_BYTES = 256 * 2**20
+
+
+def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray | None,
+             progress: Callable[[int], object] | None, split: DataSplit | None = None) -> dict[str, Any]:
+    """One pass of both models over ``data``: every output's figures, and accuracies with labels.
+
+    The original's outputs are kept on ``split`` (up to :data:`KEEP_REFERENCE_BYTES`) and taken
+    from it when a check already ran there.
+    """
+    names = [v.name for v in reference.graph.outputs]
+    kinds = output_kinds(reference)
+    figures = OutputFigures(names, kinds)
+    cached = split.reference_outputs if split is not None else None
+    ref_session = _session(reference) if cached is None else None
+    cand_session = _session(candidate)
+    written = [o.name for o in cand_session.get_outputs()]
+    if written != names:
+        raise OnnxcompError(f"the models' outputs differ: original {names}, written {written}")
+    predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    feeds = samples = 0
+    keep: list[list[np.ndarray]] | None = [] if cached is None else None
+    kept = 0
+    for feed in data:
+        ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
+        if keep is not None:
+            kept += sum(v.nbytes for v in ref_values)
+            if kept <= KEEP_REFERENCE_BYTES:
+                keep.append(ref_values)
+            else:
+                keep = None
+        cand_values = cand_session.run(names, feed)
+        figures.update(ref_values, cand_values)
+        if labels is not None:
+            predictions[0].append(_predicted_class(ref_values[0]))
+            predictions[1].append(_predicted_class(cand_values[0]))
+        samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
+        feeds += 1
+        if progress is not None:
+            progress(feeds)
+    if feeds == 0:
+        raise OnnxcompError("the check data has no feed")
+    if keep is not None and split is not None:
+        split.reference_outputs = keep
+    accuracy = None
+    if labels is not None:
+        pred = [np.concatenate(p) for p in predictions]
+        if pred[0].shape[0] != labels.shape[0]:
+            raise DataError(f"{labels.shape[0]} labels for {pred[0].shape[0]} predictions of output {names[0]!r}")
+        accuracy = (float(np.mean(pred[0] == labels)), float(np.mean(pred[1] == labels)))
+    return {"names": names, "kinds": figures.kinds, "figures": figures.result(), "feeds": feeds, "samples": samples,
+            "accuracy": accuracy}
+
+
+def _predicted_class(scores: np.ndarray) -> np.ndarray:
+    """One class per sample: the arg-max over the last axis at the first position."""
+    scores = np.asarray(scores)
+    if scores.ndim >= 2 and scores.shape[-1] > 1:
+        return scores.reshape(scores.shape[0], -1, scores.shape[-1])[:, 0].argmax(-1)
+    return scores.reshape(scores.shape[0], -1)[:, 0].astype(np.int64)
+
+
+def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Dataset, top: int,
+          feeds: int = 1) -> list[dict[str, Any]]:
+    """The ``top`` intermediate tensors with the lowest SQNR on the first ``feeds`` check feeds."""
+    from onnxcomp.io import load_model
+
+    try:
+        written = candidate if isinstance(candidate, ir.Model) else load_model(candidate)
+        sqnr = layer_sqnr(reference, written, [feed for _, feed in zip(range(feeds), data)])
     except OnnxcompError:
         return []
-    return [{"tensor": f.name, "sqnr_db": f.sqnr_db, "cosine": f.cosine} for f in cmp.layers[:top]]
+    worst = sorted(sqnr.items(), key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1])
+    return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top]]
+
+
+def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """SQNR in dB of every float tensor both models compute under the same name, over ``feeds``.
+
+    The tensors are exposed as extra graph outputs, untyped (onnxruntime infers their types, so no
+    type inference runs here), one model at a time; the graph outputs themselves are left out.
+    Tensors whose shapes differ (pruned channels) are left out too.
+    """
+    from onnxcomp.graph import produced_values
+
+    ref_values, cand_values = produced_values(reference), produced_values(candidate)
+    outputs = {v.name for v in reference.graph.outputs}
+    names = [n for n, v in ref_values.items()
+             if n in cand_values and n not in outputs and (v.dtype is None or v.dtype.is_floating_point())]
+    ref_runs = _exposed_runs(reference, names, feeds)
+    cand_runs = _exposed_runs(candidate, names, feeds)
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for ref, cand in zip(ref_runs, cand_runs):
+        for name, r, c in zip(names, ref, cand):
+            if r.dtype.kind != "f" or r.shape != c.shape or name not in signal:
+                signal.pop(name, None)
+                continue
+            r64 = r.astype(np.float64, copy=False)
+            signal[name] += float(np.sum(r64 * r64))
+            noise[name] += float(np.sum((r64 - c) ** 2))
+    return {n: (math.inf if noise[n] == 0 else (10 * math.log10(s / noise[n]) if s > 0 else -math.inf))
+            for n, s in signal.items()}
+
+
+def _exposed_runs(model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    from onnxcomp.graph import produced_values
+    from onnxcomp.runtime import create_session, session_options
+
+    values = produced_values(model)
+    outputs = model.graph.outputs
+    added = [values[n] for n in names]
+    outputs.extend(added)
+    try:
+        session = create_session(model, sess_options=session_options("all", threads=None))
+    finally:
+        for _ in added:
+            outputs.pop()
+    return [session.run(names, feed) for feed in feeds]
 
 
 def verdict_line(check: dict[str, Any]) -> str:
@@ -330,8 +827,9 @@ def verdict_line(check: dict[str, Any]) -> str:
 
 
 def _figure(row: dict[str, Any]) -> str:
-    if row["kind"] == "scores" and row.get("top1_agreement") is not None:
-        return f"{row['name']}: top-1 agreement {100 * row['top1_agreement']:.2f}%, cosine {row['cosine']:.4f}"
     if row["kind"] == "exact":
         return f"{row['name']}: {'equal' if row['ok'] else 'differs'}"
+    rule = RULES.get(row["kind"])
+    if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
+        return f"{row['name']}: {rule.reads} {100 * row[rule.figure]:.2f}%, cosine {row['cosine']:.4f}"
     return f"{row['name']}: cosine {row['cosine']:.4f}, SQNR {row['sqnr_db']:.1f} dB"

@@ -71,7 +71,7 @@ def test_output_kinds():
         [("s3", [1, 5, 7]), ("logits", [1, 4]), ("map", [1, 5, 7]), ("idx", [1, 5, 1], 7)],
         [("w", np.ones((3, 4), np.float32))],
     )
-    assert output_kinds(io.load_model(proto)) == {"s3": "scores", "logits": "scores", "map": "values", "idx": "exact"}
+    assert output_kinds(io.load_model(proto)) == {"s3": "sequence", "logits": "scores", "map": "values", "idx": "exact"}
 
 
 def test_budget_rules_and_nothing_compressed():

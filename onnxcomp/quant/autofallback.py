@@ -15,7 +15,8 @@ per-layer comparison and :math:`O(\log N)` evaluations instead:
 2. **Doubling.** Keep the top 1, 2, 4, 8, ... nodes of that ranking in float, evaluating each
    model on the fitting feeds against the budget (per output: top-1 agreement for class scores,
    cosine otherwise, as the check does), until the budget holds; then bisect between the last miss
-   and the first hit, so the float set is within a factor of the smallest prefix that works. More
+   and the first hit until the float set is within a quarter of the smallest prefix that works.
+   The all-int8 model is not evaluated again: the check has just found it short. More
    than ``max_float_fraction`` (a quarter) of the int8 nodes in float is refused: such a model has
    lost what int8 was for.
 
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import CheckConfig, judge_output, output_kinds
+from onnxcomp.check import CheckConfig, OutputFigures, layer_sqnr, output_kinds
 from onnxcomp.data import DataSource, Dataset
 from onnxcomp.io import ModelSource, model_to_bytes
 from onnxcomp.quant.config import QuantizeConfig
@@ -41,49 +42,23 @@ __all__ = ["fallback_to_budget", "budget_metrics", "local_damage"]
 
 
 def budget_metrics(model: bytes, feeds: Sequence[dict[str, np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
-                   kinds: Sequence[str]) -> list[dict[str, float]]:
-    """Per output: cosine of the flattened outputs and top-1 agreement along the last axis."""
+                   names: Sequence[str], kinds: dict[str, str]) -> OutputFigures:
+    """The check's figures of every output (:class:`onnxcomp.check.OutputFigures`) on ``feeds``."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    n = len(kinds)
-    dot = np.zeros(n)
-    rr = np.zeros(n)
-    cc = np.zeros(n)
-    match = np.zeros(n)
-    total = np.zeros(n)
+    figures = OutputFigures(list(names), kinds)
     for feed, ref in zip(feeds, reference):
-        outs = session.run(None, feed)
-        for i, (o, r) in enumerate(zip(outs, ref)):
-            o64 = np.asarray(o, np.float64).ravel()
-            r64 = np.asarray(r, np.float64).ravel()
-            dot[i] += float(o64 @ r64)
-            rr[i] += float(r64 @ r64)
-            cc[i] += float(o64 @ o64)
-            if kinds[i] == "scores" and np.ndim(r) >= 2 and np.shape(r)[-1] > 1:
-                match[i] += float(np.sum(np.argmax(o, -1) == np.argmax(r, -1)))
-                total[i] += float(np.prod(np.shape(r)[:-1]))
-    result = []
-    for i in range(n):
-        cos = 1.0 if rr[i] == 0 and cc[i] == 0 else (0.0 if rr[i] == 0 or cc[i] == 0 else dot[i] / math.sqrt(rr[i] * cc[i]))
-        result.append({"cosine": float(cos), "agreement": float(match[i] / total[i]) if total[i] else None})
-    return result
+        figures.update(list(ref), session.run(list(names), feed))
+    return figures
 
 
-def _meets(metrics: list[dict[str, float]], kinds: Sequence[str], budget: CheckConfig) -> bool:
-    """The check's rule (:func:`onnxcomp.check.judge_output`) on every float output."""
-    return all(judge_output(kind, m["cosine"], m["agreement"], None, budget)[0]
-               for m, kind in zip(metrics, kinds) if kind != "exact")
-
-
-def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str], feeds: Dataset) -> dict[str, float]:
+def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str],
+                 feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """SQNR lost at each int8 node (module docstring, step 1); nodes not measured get 0."""
-    from onnxcomp.measure.fidelity import compare_models
-
-    cmp = compare_models(float_model, int8_model, feeds, per_layer=True)
-    sqnr = {f.name: f.sqnr_db for f in cmp.layers}
+    sqnr = layer_sqnr(float_model, int8_model, list(feeds))
     by_name = {n.name: n for n in float_model.graph}
     damage = {}
     for name in nodes:
@@ -139,19 +114,19 @@ def fallback_to_budget(
 
     started = time.perf_counter()
     study = QuantStudy.prepare(model, fit_data, config, max_eval_feeds=max_eval_feeds)
-    kinds = [output_kinds(study.work)[v.name] for v in study.work.graph.outputs]
+    kinds = output_kinds(study.work)
+    names = [v.name for v in study.work.graph.outputs]
     feeds, reference = study.feeds, study.reference
 
-    def evaluate(float_nodes: Sequence[str]) -> tuple[ir.Model, list[dict[str, float]]]:
+    def evaluate(float_nodes: Sequence[str]) -> tuple[ir.Model, OutputFigures]:
         candidate = study.build(frozenset(float_nodes))
-        return candidate, budget_metrics(model_to_bytes(candidate), feeds, reference, kinds)
+        return candidate, budget_metrics(model_to_bytes(candidate), feeds, reference, names, kinds)
 
     history = []
-    all_int8, metrics = evaluate(())
-    history.append({"float_nodes": 0, "outputs": metrics})
-    if _meets(metrics, kinds, budget):
-        return all_int8, _report(True, [], study, history, started)
-    damage = local_damage(study.work, all_int8, study.nodes, Dataset(feeds[:2], study.work))
+    # The check already found the all-int8 model short of the budget: it is built once for the
+    # per-layer comparison, not evaluated again.
+    all_int8 = study.build(frozenset())
+    damage = local_damage(study.work, all_int8, study.nodes, feeds[:2])
     ranking = sorted(study.nodes, key=lambda n: -damage[n])
     best: tuple[int, ir.Model] | None = None
     limit = max(1, int(max_float_fraction * len(ranking)))
@@ -159,10 +134,10 @@ def fallback_to_budget(
     while True:
         k = min(k, limit)
         candidate, metrics = evaluate(ranking[:k])
-        history.append({"float_nodes": k, "outputs": metrics})
+        history.append({"float_nodes": k, "outputs": metrics.result()})
         if progress is not None:
             progress(k, len(ranking))
-        if _meets(metrics, kinds, budget):
+        if metrics.meets(budget):
             best = (k, candidate)
             break
         lo = k
@@ -171,11 +146,11 @@ def fallback_to_budget(
         k *= 2
     if best is not None:  # bisect between the last miss (lo) and the first hit
         hi = best[0]
-        while hi - lo > max(1, hi // 8):
+        while hi - lo > max(1, hi // 4):
             mid = (lo + hi) // 2
             candidate, metrics = evaluate(ranking[:mid])
-            history.append({"float_nodes": mid, "outputs": metrics})
-            if _meets(metrics, kinds, budget):
+            history.append({"float_nodes": mid, "outputs": metrics.result()})
+            if metrics.meets(budget):
                 hi, best = mid, (mid, candidate)
             else:
                 lo = mid
