@@ -299,7 +299,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         """The ``sparse`` format: the labels of all tensors, concatenated, in one encoding.
 
         One decoding subgraph (:func:`onnxcomp.sparsity.storage.build_label_decoder`) rebuilds the
-        concatenation; each tensor Slices its part and Reshapes it (then as ``codebook``). One
+        concatenation; one Split gives each tensor its part, which it Reshapes (then as ``codebook``). One
         decoder keeps the graph small, which matters for small models.
         """
         flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
@@ -314,16 +314,15 @@ class ClusterPass(CompressionPass[ClusterConfig]):
 
         labels = build_label_decoder(add, lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array,
                                                                                 taken), shared)
-        start = 0
-        for target, clustered in pending:
-            end = start + clustered.labels.size
-            part = add("Slice", [labels, add_initializer(graph, f"{target.name}_start", np.array([start], np.int64),
-                                                         taken),
-                                 add_initializer(graph, f"{target.name}_end", np.array([end], np.int64), taken)])
+        sizes = np.array([c.labels.size for _, c in pending], np.int64)
+        split = ir.node("Split", [labels, add_initializer(graph, f"{_SHARED}_sizes", sizes, taken)],
+                        attributes={"axis": 0}, num_outputs=len(pending), name=unique_name(graph, f"{_SHARED}/Split", taken))
+        nodes.append(split)
+        for (target, clustered), part in zip(pending, split.outputs):
+            part.name = unique_name(graph, f"{target.name}/labels", taken)
             index = add("Reshape", [part, add_initializer(graph, f"{target.name}_shape",
                                                           np.array(clustered.labels.shape, np.int64), taken)])
             self._store_codebook(graph, taken, target, clustered, index)
-            start = end
         for node in nodes:
             graph.append(node)
         return shared
