@@ -68,6 +68,7 @@ def _notes(report: dict[str, Any]) -> dict[str, Any]:
             notes["weights_kb"] = round(t["bytes_before"] / 1024, 1)
             notes["zipped_kb"] = round(t["zlib_bytes_after"] / 1024, 1)
             notes["entropy_kb"] = round(t["entropy_bytes"] / 1024, 1)
+            notes["stored_kb"] = round(t["bytes_after"] / 1024, 1)
             if "storage" in t:
                 notes["label_storage"] = t["storage"]["storage"]
         elif stage["stage"] == "sparsity":
