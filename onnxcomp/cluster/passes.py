@@ -305,12 +305,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
         shared = encode_labels(flat, self.config.k, 0)
         nodes: list[ir.Node] = []
-
-        def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
-            node = ir.node(op, inputs, attributes=attrs, name=unique_name(graph, f"{_SHARED}/{op}", taken))
-            node.outputs[0].name = unique_name(graph, f"{_SHARED}/{op.lower()}", taken)
-            nodes.append(node)
-            return node.outputs[0]
+        add = _node_adder(graph, taken, _SHARED, nodes)
 
         labels = build_label_decoder(add, lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array,
                                                                                 taken), shared)
@@ -341,12 +336,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         labels = clustered.labels
         shape = list(labels.shape)
         nodes: list[ir.Node] = []
-
-        def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
-            node = ir.node(op, inputs, attributes=attrs, name=unique_name(graph, f"{name}/{op}", taken))
-            node.outputs[0].name = unique_name(graph, f"{name}/{op.lower()}", taken)
-            nodes.append(node)
-            return node.outputs[0]
+        add = _node_adder(graph, taken, name, nodes)
 
         if index is not None:  # decoded labels (the sparse format)
             pass
@@ -428,6 +418,18 @@ def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def _node_adder(graph: ir.Graph, taken: set[str], prefix: str, nodes: list[ir.Node]) -> Callable[..., ir.Value]:
+    """``add(op_type, inputs, **attributes)``: a new node named after ``prefix`` into ``nodes``; its output."""
+
+    def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attrs, name=unique_name(graph, f"{prefix}/{op}", taken))
+        node.outputs[0].name = unique_name(graph, f"{prefix}/{op.lower()}", taken)
+        nodes.append(node)
+        return node.outputs[0]
+
+    return add
 
 
 #: Name prefix of the shared label decoder of the sparse format.
