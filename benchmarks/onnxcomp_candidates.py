@@ -139,3 +139,10 @@ _recipe_candidate(
      "cluster": {"bits": 4, "format": "sparse", "min_elements": 256}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"),
 )
+_recipe_candidate(
+    "oc_deep_sparse_mag", "onnxcomp size route without data: magnitude sparsity 80% (conv 60%), 4-bit sharing, "
+    "sparse label storage",
+    {**STATIC, "sparsity": {"ratio": 0.8, "conv_ratio": 0.6},
+     "cluster": {"bits": 4, "format": "sparse", "min_elements": 256}},
+    skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"), needs_data=False,
+)

@@ -152,7 +152,7 @@ def test_activation_criterion_keeps_weights_on_large_inputs(rng):
         feed["x"][:, :8] *= 50.0  # eight loud input features
     model = io.load_model(proto)
     sparsify(model, SparsityConfig(ratio=0.8, min_elements=100, criterion="activation"), Dataset(feeds, model))
-    w1 = _weights(model)["w1"]
+    w1 = _layer_weights(model)["MatMul"]
     assert np.mean(w1[:8] != 0) > 0.9 > 0.2 > np.mean(w1[8:] != 0) - 0.01
     assert np.mean(w1 == 0) == pytest.approx(0.8, abs=1e-3)
 
@@ -227,3 +227,13 @@ def test_smallest_encoding_is_chosen_and_sizes_add_up(rng):
         assert enc.entropy_bytes() <= enc.nbytes + 1
         assert enc.zlib_bytes() > 0
     assert encode_labels(_labels(rng, (n,), 16, 0.95), 16, None).kind == "dense"  # no zero centroid
+
+
+def test_wide_layers_fall_back_to_magnitude(rng):
+    proto = _proto(rng)
+    model = io.load_model(proto)
+    stats = sparsify(model, SparsityConfig(ratio=0.5, min_elements=100, refit=True, max_features=40),
+                     Dataset(_feeds(rng), model))
+    assert [r["op_type"] for r in stats["layers"]] == ["Conv"]  # 4 * 3 * 3 = 36 inputs; MatMul 48, Gemm 64
+    assert {t["how"] for n, t in stats["tensors"].items() if n in ("w1", "w2")} == {"magnitude"}
+    assert stats["totals"]["sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -23,7 +23,8 @@ model (earlier layers already pruned and refitted, so errors do not pile up). Th
 :math:`X^\top X` and :math:`X^\top y` are streamed as in the structured pruning refit
 (:mod:`onnxcomp.prune.reconstruct`: Conv via im2col patches, Gemm, MatMul with its bias Add); a
 refit that is not better than plain zeroing on those rows is dropped. Tensors outside those
-layouts (Gather tables, ConvTranspose) are pruned by magnitude.
+layouts (Gather tables, ConvTranspose) and layers of more than ``max_features`` inputs are pruned
+by magnitude.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class SparsityConfig(PassConfig):
         max_samples: calibration feeds used by ``activation`` / ``refit``.
         max_rows: rows (output positions) per layer for the statistics.
         ridge: relative ridge of the refit.
+        max_features: layers whose output depends on more inputs than this (``c_in/g * kernel``
+            for a Conv) skip the data-aware path and are pruned by magnitude: their statistics
+            cost ``rows * features^2`` and the fix ``features^3`` per output.
     """
 
     ratio: float = 0.8
@@ -76,8 +80,9 @@ class SparsityConfig(PassConfig):
     min_elements: int = 256
     exclude: tuple[str, ...] = ()
     max_samples: int = 64
-    max_rows: int = 50_000
+    max_rows: int = 20_000
     ridge: float = 1e-3
+    max_features: int = 2048
 
     stage: ClassVar[str] = "sparsity"
     ranges: ClassVar[dict[str, Range]] = {
@@ -88,6 +93,7 @@ class SparsityConfig(PassConfig):
         "max_samples": Range(int, 1),
         "max_rows": Range(int, 1),
         "ridge": Range(float, 0.0),
+        "max_features": Range(int, 1),
     }
 
     def validate(self) -> None:
@@ -247,9 +253,11 @@ def sparsify(
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1] is not None \
                 and node.inputs[1].name in target_names and node.name:
             try:
-                plans[node.name] = rc._plan(node.name, nodes, ref_nodes)
+                plan = rc._plan(node.name, nodes, ref_nodes)
             except (rc._Skip, ValueError):
                 continue
+            if plan.old_params().shape[1] - 1 <= config.max_features:
+                plans[node.name] = plan
     ref_session = rc._session(reference, list(dict.fromkeys(p.y_name for p in plans.values())), None) \
         if plans else None
     feeds = rc._count_feeds(data) if plans else 0
