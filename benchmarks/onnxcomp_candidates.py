@@ -146,3 +146,11 @@ _recipe_candidate(
      "cluster": {"bits": 4, "format": "sparse", "min_elements": 256}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"), needs_data=False,
 )
+for _ratio, _conv, _bits in ((0.8, 0.6, 5), (0.8, 0.7, 5), (0.8, 0.6, 6)):
+    _recipe_candidate(
+        f"oc_deep_sparse_{round(_ratio * 100)}_{round(_conv * 100)}_b{_bits}",
+        f"onnxcomp size route: sparsity {_ratio:.0%} (conv {_conv:.0%}) + refit, {_bits}-bit sharing, sparse labels",
+        {**STATIC, "sparsity": {"ratio": _ratio, "conv_ratio": _conv, "refit": True, "max_samples": 256},
+         "cluster": {"bits": _bits, "format": "sparse", "min_elements": 256}},
+        skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"),
+    )

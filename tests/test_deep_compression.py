@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx.helper as oh
+import onnx_ir as ir
 import pytest
 from conftest import MODELS, make_proto
 
@@ -127,3 +128,56 @@ def test_deep_compression_recipe_on_the_digits_mlp():
     assert acc["reference"] - acc["candidate"] <= 0.015, acc
     sparsity = report["stages"][1]["stats"]
     assert sparsity["totals"]["sparsity"] >= 0.79 and any(r["refit"] for r in sparsity["layers"])
+
+
+def _biased_proto(rng):
+    return make_proto(
+        [
+            oh.make_node("MatMul", ["x", "w1"], ["h"]),
+            oh.make_node("Add", ["h", "b1"], ["hb"]),
+            oh.make_node("Gemm", ["hb", "w2", "b2"], ["y"], transB=1),
+            oh.make_node("Conv", ["img", "wc", "bc"], ["z"]),
+            oh.make_node("Add", ["z", "not_a_bias"], ["zz"]),
+        ],
+        [("x", ["N", 64]), ("img", ["N", 8, 5, 5])],
+        [("y", ["N", 40]), ("zz", ["N", 24, 3, 3])],
+        [("w1", rng.standard_normal((64, 96)).astype(np.float32)),
+         ("b1", rng.standard_normal(96).astype(np.float32)),
+         ("w2", rng.standard_normal((40, 96)).astype(np.float32)),
+         ("b2", rng.standard_normal(40).astype(np.float32)),
+         ("wc", rng.standard_normal((24, 8, 3, 3)).astype(np.float32)),
+         ("bc", rng.standard_normal(24).astype(np.float32)),
+         ("not_a_bias", rng.standard_normal((24, 1, 1)).astype(np.float32))],
+        opset=18,
+    )
+
+
+def test_int8_biases_decode_exactly(rng):
+    """Biases of Conv, Gemm and a MatMul's Add become int8 * scale; outputs match the in-memory reference."""
+    from onnxcomp.sparsity.storage import int8_symmetric
+
+    model = io.load_model(_biased_proto(rng))
+    SparsityPass(SparsityConfig(ratio=0.7, min_elements=100))(model)
+    originals = {n: model.graph.initializers[n].const_value.numpy() for n in ("b1", "b2", "bc")}
+    reference = model.clone()
+    ClusterPass(ClusterConfig(format="float", bits=4, min_elements=100, channel_scales="never"))(reference)
+    expected = {}
+    for name, values in originals.items():
+        q, scale = int8_symmetric(values)
+        expected[name] = (q.astype(np.float32) * scale).astype(np.float32)
+        reference.graph.initializers[name].const_value = ir.tensor(expected[name], name=name)
+    stats = ClusterPass(ClusterConfig(format="sparse", bits=4, min_elements=100, channel_scales="never",
+                                      int8_biases=True))(model).stats
+    assert set(stats["int8_biases"]) == {"b1", "b2", "bc"}  # not the Add after the Conv
+    assert "not_a_bias" in model.graph.initializers
+    for name, info in stats["int8_biases"].items():
+        assert info["relative_error"] < 1e-4 and info["bytes_after"] == originals[name].size + 4
+    exposing = with_outputs(model, ["b1", "b2", "bc"])
+    names = [v.name for v in exposing.graph.outputs]
+    feeds = [{"x": rng.standard_normal((2, 64)).astype(np.float32),
+              "img": rng.standard_normal((2, 8, 5, 5)).astype(np.float32)}]
+    for level in ("disable", "all"):
+        outs = run_model(exposing, feeds, optimization=level)[0]
+        for name, values in expected.items():
+            np.testing.assert_array_equal(outs[names.index(name)], values, err_msg=f"{name} [{level}]")
+    assert_equivalent(reference, model, feeds, atol=1e-5, rtol=1e-5)

@@ -63,9 +63,11 @@ from onnxcomp.selection import NodeSelector
 from onnxcomp.sparsity.storage import (
     SPARSE_STORAGE_OPSET,
     LabelEncoding,
+    bias_tensors,
     build_label_decoder,
     encode_labels,
     encoding_stats,
+    store_int8,
 )
 
 __all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET"]
@@ -99,6 +101,9 @@ class ClusterConfig(PassConfig):
         min_elements: smaller tensors are left alone.
         exclude: tensor names, consumer node names, consumer op types, or ``re:PATTERN``.
         format: ``float``, ``codebook`` or ``sparse`` (see module docstring).
+        int8_biases: also store biases (of Conv/Gemm, or the Add after a MatMul) of at least 16
+            values as per-tensor symmetric int8 rebuilt by ``Cast * scale`` (lossy: at most 1/254
+            of the tensor's peak; :func:`onnxcomp.sparsity.storage.store_int8`).
         seed / max_iter: k-means determinism and iteration cap.
     """
 
@@ -111,6 +116,7 @@ class ClusterConfig(PassConfig):
     min_elements: int = 256
     exclude: tuple[str, ...] = ()
     format: Literal["float", "codebook", "sparse"] = "float"
+    int8_biases: bool = False
     seed: int = 0
     max_iter: int = 100
 
@@ -241,10 +247,15 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             totals.update(bytes_after=shared.nbytes + side, zlib_bytes_after=shared.zlib_bytes() + side,
                           entropy_bytes=shared.entropy_bytes() + side, storage=encoding_stats(shared),
                           zeros=float(np.mean(np.concatenate([c.snapped.reshape(-1) for _, c in pending]) == 0)))
-        if cfg.format != "float" and per_tensor:
+        biases = self._int8_biases(model, taken) if cfg.int8_biases else {}
+        if biases:
+            totals["bias_bytes_before"] = sum(b["bytes_before"] for b in biases.values())
+            totals["bias_bytes_after"] = sum(b["bytes_after"] for b in biases.values())
+        if (cfg.format != "float" and per_tensor) or biases:
             RemoveUnusedNodesPass()(model)
             TopologicalSortPass()(model)
-        return bool(per_tensor), {
+        return bool(per_tensor) or bool(biases), {
+            "int8_biases": biases,
             "clusters": cfg.k,
             "format": cfg.format,
             "granularity": "channel" if cfg.per_channel else {"always": "scaled channel", "never": "tensor",
@@ -292,6 +303,30 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
         return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
                           labels, scales)
+
+    def _int8_biases(self, model: ir.Model, taken: set[str]) -> dict[str, dict[str, Any]]:
+        """Store every bias as int8 (``int8_biases``); per tensor: bytes and relative error."""
+        graph = model.graph
+        done: dict[str, dict[str, Any]] = {}
+        for value in bias_tensors(graph, model, _INT8_BIAS_MIN_ELEMENTS):
+            name = value.name
+            nodes: list[ir.Node] = []
+            original = value.const_value.numpy()
+            out, decoded = store_int8(_node_adder(graph, taken, name, nodes),
+                                      lambda suffix, array: add_initializer(graph, f"{name}_{suffix}", array, taken),
+                                      value)
+            for node in nodes:
+                graph.append(node)
+            value.replace_all_uses_with(out)
+            graph.initializers.pop(name)
+            value.name = None
+            out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, ir.Shape(original.shape)
+            energy = float(np.sum(original.astype(np.float64) ** 2))
+            done[name] = {"elements": int(original.size), "bytes_before": int(original.nbytes),
+                          "bytes_after": int(original.size) + 4,
+                          "relative_error": float(np.sum((decoded - original.astype(np.float64)) ** 2)) / energy
+                          if energy > 0 else 0.0}
+        return done
 
     def _store_shared(
         self, graph: ir.Graph, taken: set[str], pending: list[tuple[ClusterTarget, _Clustered]]
@@ -431,6 +466,9 @@ def _node_adder(graph: ir.Graph, taken: set[str], prefix: str, nodes: list[ir.No
 
     return add
 
+
+#: Biases with fewer values stay float (``int8_biases``).
+_INT8_BIAS_MIN_ELEMENTS = 16
 
 #: Name prefix of the shared label decoder of the sparse format.
 _SHARED = "sparse_labels"
