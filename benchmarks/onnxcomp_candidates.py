@@ -133,10 +133,10 @@ _recipe_candidate(
     skip=_others("digits_cnn", "digits_mlp", "ppocr_det"),
 )
 _recipe_candidate(
-    "oc_deep_sparse", "onnxcomp deep-compression (size route): unstructured sparsity 80% (conv 60%) + refit, "
-    "4-bit sharing, sparse label storage",
+    "oc_deep_sparse", "onnxcomp recipe deep-compression (size route): unstructured sparsity 80% (conv 60%) + refit, "
+    "5-bit sharing, sparse label storage, int8 biases",
     {**STATIC, "sparsity": {"ratio": 0.8, "conv_ratio": 0.6, "refit": True, "max_samples": 256},
-     "cluster": {"bits": 4, "format": "sparse", "min_elements": 256}},
+     "cluster": {"bits": 5, "format": "sparse", "min_elements": 256, "int8_biases": True}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"),
 )
 _recipe_candidate(
@@ -146,11 +146,3 @@ _recipe_candidate(
      "cluster": {"bits": 4, "format": "sparse", "min_elements": 256}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"), needs_data=False,
 )
-for _ratio, _conv, _bits in ((0.8, 0.6, 5), (0.8, 0.7, 5), (0.8, 0.6, 6)):
-    _recipe_candidate(
-        f"oc_deep_sparse_{round(_ratio * 100)}_{round(_conv * 100)}_b{_bits}",
-        f"onnxcomp size route: sparsity {_ratio:.0%} (conv {_conv:.0%}) + refit, {_bits}-bit sharing, sparse labels",
-        {**STATIC, "sparsity": {"ratio": _ratio, "conv_ratio": _conv, "refit": True, "max_samples": 256},
-         "cluster": {"bits": _bits, "format": "sparse", "min_elements": 256}},
-        skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"),
-    )
