@@ -12,7 +12,7 @@ A recipe is a TOML document with optional ``name`` and ``description`` and one t
     runs = 100
 
 Stages always run in the order of :data:`STAGES` whatever the order in the file: cleanup, prune,
-cluster, quantize, verify, measure. Each table is validated by the stage's frozen config class
+sparsity, cluster, quantize, verify, measure. Each table is validated by the stage's frozen config class
 before any work starts; errors name the recipe, the stage, the key and the expected type.
 Recipes shipped with onnxcomp are found by name (``int8``, ``int8-accurate``, ...); anything else
 is read as a file path.
@@ -35,6 +35,7 @@ from onnxcomp.passes.base import PassConfig
 from onnxcomp.passes.cleanup import CleanupStage
 from onnxcomp.prune.api import PruneStage
 from onnxcomp.quant.api import QuantizeStage
+from onnxcomp.sparsity.passes import SparsityStage
 from onnxcomp.stage import Stage
 
 if sys.version_info >= (3, 11):
@@ -50,6 +51,7 @@ __all__ = ["STAGES", "STAGE_CLASSES", "register_stage", "MeasureConfig", "Verify
 STAGE_CLASSES: dict[str, type[Stage]] = {
     "cleanup": CleanupStage,
     "prune": PruneStage,
+    "sparsity": SparsityStage,
     "cluster": ClusterStage,
     "quantize": QuantizeStage,
     "verify": VerifyStage,

@@ -84,7 +84,7 @@ def test_terminal_summary(work, capsys):
 def test_shipped_recipes_validate():
     recipes = shipped_recipes()
     assert {"int8", "int8-accurate", "cluster-4bit", "transformer-int4", "transformer-dynamic", "prune-50",
-            "deep-compression"} <= set(recipes)
+            "deep-compression", "prune-cluster-int8"} <= set(recipes)
     for name in recipes:
         assert isinstance(load_recipe(name), Recipe)
 
@@ -265,8 +265,8 @@ def test_interrupt_leaves_no_partial_file(work, capsys, monkeypatch):
     assert file_digest(work / "digits_cnn.onnx") == before
 
 
-def test_deep_compression_chain(work, capsys):
-    code, stdout, err = _run(capsys, work / "digits_cnn.onnx", "-o", work / "out.onnx", "--recipe", "deep-compression",
+def test_prune_cluster_int8_chain(work, capsys):
+    code, stdout, err = _run(capsys, work / "digits_cnn.onnx", "-o", work / "out.onnx", "--recipe", "prune-cluster-int8",
                              "--calibration", work / "digits_calib.npz", "--eval", work / "digits_eval.npz",
                              "--labels", work / "digits_eval_labels.npy", "--set", "measure.latency=false",
                              "--set", "prune.max_samples=48", "--json")

@@ -1,7 +1,7 @@
 """The stage loop of ``compress``: one working copy, cleanup once, sessions only where needed.
 
 Counts are taken by wrapping ``onnx_ir.Model.clone``, ``onnxruntime.InferenceSession`` and
-``CleanupPass.apply`` for one deep-compression run on the shipped digits CNN.
+``CleanupPass.apply`` for one prune-cluster-int8 run on the shipped digits CNN.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _caller(skip: set[str]) -> str:
     return "?"
 
 
-def test_deep_compression_clones_once_cleans_once(monkeypatch):
+def test_prune_cluster_int8_clones_once_cleans_once(monkeypatch):
     counts: collections.Counter[str] = collections.Counter()
     session_callers: collections.Counter[str] = collections.Counter()
     clone, session, apply = ir.Model.clone, ort.InferenceSession, CleanupPass.apply
@@ -66,7 +66,7 @@ def test_deep_compression_clones_once_cleans_once(monkeypatch):
     monkeypatch.setattr(ir.Model, "clone", counted_clone)
     monkeypatch.setattr(ort, "InferenceSession", counted_session)
     monkeypatch.setattr(CleanupPass, "apply", counted_cleanup)
-    recipe = load_recipe("deep-compression").with_overrides({"measure.latency": False})
+    recipe = load_recipe("prune-cluster-int8").with_overrides({"measure.latency": False})
     work, report = compress(MODELS / "digits_cnn.onnx", recipe, MODELS / "digits_calib.npz",
                             eval_data=MODELS / "digits_eval.npz")
     assert [s["stage"] for s in report["stages"]] == ["cleanup", "prune", "cluster", "quantize", "verify"]
@@ -78,7 +78,7 @@ def test_deep_compression_clones_once_cleans_once(monkeypatch):
     assert "cleanup" not in report["stages"][3]["stats"]  # quantize did not clean up again
     assert report["after"]["bytes"] < report["before"]["bytes"] / 2
     sqnr = report["measure"]["fidelity"]["outputs"][0]["sqnr_db"]
-    assert sqnr > 10, f"deep compression of the digits CNN: {sqnr:.1f} dB"
+    assert sqnr > 10, f"prune-cluster-int8 on the digits CNN: {sqnr:.1f} dB"
 
 
 class _HeldOutCheck(Stage):

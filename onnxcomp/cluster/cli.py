@@ -38,8 +38,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channel-scales", choices=("auto", "always", "never"), default="auto",
                    help="one codebook per tensor plus a scale per output channel: always, never, or auto (default: "
                         "where a single codebook would wipe out a channel, e.g. BatchNorm folded in)")
-    p.add_argument("--format", choices=("float", "codebook"), default="float",
-                   help="float: snapped weights, same graph; codebook: labels + codebook rebuilt by Gather")
+    p.add_argument("--format", choices=("float", "codebook", "sparse"), default="float",
+                   help="float: snapped weights, same graph; codebook: labels + codebook rebuilt by Gather; "
+                        "sparse: bit-packed labels, zeros as a bitmask or relative indices (pruned weights)")
     p.add_argument("--init", choices=("kmeans++", "linear", "density"), default="kmeans++")
     p.add_argument("--preserve-zeros", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--min-elements", type=int, default=256, help="leave smaller tensors alone (default 256)")

@@ -17,6 +17,10 @@ Storage formats:
   [Mul channel scales]``. The labels keep the weight's shape, so no Reshape is needed, and the
   last output takes the weight's name. All of it has constant inputs, so onnxruntime folds it once at session creation:
   inference latency is unchanged; session creation does the decoding.
+* ``sparse``: as ``codebook``, but the labels are bit-packed at ``ceil(log2 K)`` bits and, where
+  the codebook has an exact-zero centroid (pruned weights, ``preserve_zeros``), stored as a
+  bitmask or with relative indices, whichever is smallest
+  (:mod:`onnxcomp.sparsity.storage`; opset 18). Decoding is again folded at session creation.
 
 Eligible tensors: float32 initializers with at least ``min_elements`` values that are the weight
 of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (embeddings), not
@@ -56,6 +60,15 @@ from onnxcomp.graph import add_initializer, all_value_names, unique_name
 from onnxcomp.ops import LINEAR_OPS
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.selection import NodeSelector
+from onnxcomp.sparsity.storage import (
+    SPARSE_STORAGE_OPSET,
+    LabelEncoding,
+    bias_tensors,
+    build_label_decoder,
+    encode_labels,
+    encoding_stats,
+    store_int8,
+)
 
 __all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET"]
 
@@ -87,7 +100,10 @@ class ClusterConfig(PassConfig):
             pruning leaves them); ``always`` / ``never`` force it.
         min_elements: smaller tensors are left alone.
         exclude: tensor names, consumer node names, consumer op types, or ``re:PATTERN``.
-        format: ``float`` or ``codebook`` (see module docstring).
+        format: ``float``, ``codebook`` or ``sparse`` (see module docstring).
+        int8_biases: also store biases (of Conv/Gemm, or the Add after a MatMul) of at least 16
+            values as per-tensor symmetric int8 rebuilt by ``Cast * scale`` (lossy: at most 1/254
+            of the tensor's peak; :func:`onnxcomp.sparsity.storage.store_int8`).
         seed / max_iter: k-means determinism and iteration cap.
     """
 
@@ -99,7 +115,8 @@ class ClusterConfig(PassConfig):
     preserve_zeros: Literal["auto", "always", "never"] = "auto"
     min_elements: int = 256
     exclude: tuple[str, ...] = ()
-    format: Literal["float", "codebook"] = "float"
+    format: Literal["float", "codebook", "sparse"] = "float"
+    int8_biases: bool = False
     seed: int = 0
     max_iter: int = 100
 
@@ -131,7 +148,7 @@ class ClusterTarget:
     channel_axis: int
 
 
-def find_cluster_targets(model: ir.Model, config: ClusterConfig) -> tuple[list[ClusterTarget], dict[str, str]]:
+def find_cluster_targets(model: ir.Model, config: ClusterConfig | Any) -> tuple[list[ClusterTarget], dict[str, str]]:
     """Eligible weight tensors and, for the others considered, why they were skipped."""
     selector = NodeSelector((), config.exclude)
     targets: list[ClusterTarget] = []
@@ -180,6 +197,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
     @classmethod
     def required_opset(cls, config: ClusterConfig) -> int:
         """The codebook format with K <= 16 stores UINT4 labels, which need opset 21."""
+        if config.format == "sparse":
+            return SPARSE_STORAGE_OPSET
         return CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else cls.min_opset
 
     def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None):
@@ -192,33 +211,51 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         graph = model.graph
         taken = all_value_names(graph)
         per_tensor: dict[str, dict[str, Any]] = {}
+        pending: list[tuple[ClusterTarget, _Clustered]] = []
         total = len(targets)
         for done, target in enumerate(targets, 1):
             w = target.value.const_value.numpy()
             done_reason = self._already_clustered(w, target.channel_axis)
             exact = None
-            if done_reason and cfg.format == "codebook" and np.unique(w).size <= cfg.k:
+            if done_reason and cfg.format != "float" and np.unique(w).size <= cfg.k:
                 exact = _exact_codebook(w)  # clustered before, stored as floats: store it as a codebook
             if done_reason and exact is None:
                 skipped[target.name] = done_reason
             else:
                 clustered = exact if exact is not None else self._cluster(w, target.channel_axis)
-                stats = _tensor_stats(w, clustered, cfg.k, cfg.format)
+                encoding = None
+                if cfg.format == "sparse":
+                    clustered = _zero_first(clustered)
+                    encoding = encode_labels(clustered.labels, cfg.k, 0)
+                stats = _tensor_stats(w, clustered, cfg.k, cfg.format, encoding)
                 if cfg.format == "float":
                     target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
+                elif cfg.format == "sparse":
+                    pending.append((target, clustered))
                 else:
                     self._store_codebook(graph, taken, target, clustered)
                 per_tensor[target.name] = stats
             if self.progress:
                 self.progress(done, total)
-        if cfg.format == "codebook" and per_tensor:
-            RemoveUnusedNodesPass()(model)
-            TopologicalSortPass()(model)
         totals = {
             key: sum(s[key] for s in per_tensor.values())
             for key in ("elements", "bytes_before", "bytes_after", "zlib_bytes_before", "zlib_bytes_after", "entropy_bytes")
         }
-        return bool(per_tensor), {
+        if pending:
+            shared = self._store_shared(graph, taken, pending)
+            side = sum(c.centroids.nbytes + (0 if c.scales is None else c.scales.nbytes) for _, c in pending)
+            totals.update(bytes_after=shared.nbytes + side, zlib_bytes_after=shared.zlib_bytes() + side,
+                          entropy_bytes=shared.entropy_bytes() + side, storage=encoding_stats(shared),
+                          zeros=float(np.mean(np.concatenate([c.snapped.reshape(-1) for _, c in pending]) == 0)))
+        biases = self._int8_biases(model, taken) if cfg.int8_biases else {}
+        if biases:
+            totals["bias_bytes_before"] = sum(b["bytes_before"] for b in biases.values())
+            totals["bias_bytes_after"] = sum(b["bytes_after"] for b in biases.values())
+        if (cfg.format != "float" and per_tensor) or biases:
+            RemoveUnusedNodesPass()(model)
+            TopologicalSortPass()(model)
+        return bool(per_tensor) or bool(biases), {
+            "int8_biases": biases,
             "clusters": cfg.k,
             "format": cfg.format,
             "granularity": "channel" if cfg.per_channel else {"always": "scaled channel", "never": "tensor",
@@ -240,7 +277,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             return f"already has at most {k} distinct values"
         scaled = self.config.channel_scales != "never"
         by_channel = self.config.per_channel or (scaled and w.size // w.shape[axis] > k)
-        if by_channel and _distinct_per_channel(w, axis) <= k:
+        # the sparse format stores labels only: a tensor of few values per channel still needs them
+        if by_channel and self.config.format != "sparse" and _distinct_per_channel(w, axis) <= k:
             return f"already has at most {k} distinct values per channel"
         return None
 
@@ -266,8 +304,62 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
                           labels, scales)
 
+    def _int8_biases(self, model: ir.Model, taken: set[str]) -> dict[str, dict[str, Any]]:
+        """Store every bias as int8 (``int8_biases``); per tensor: bytes and relative error."""
+        graph = model.graph
+        done: dict[str, dict[str, Any]] = {}
+        for value in bias_tensors(graph, model, _INT8_BIAS_MIN_ELEMENTS):
+            name = value.name
+            nodes: list[ir.Node] = []
+            original = value.const_value.numpy()
+            out, decoded = store_int8(_node_adder(graph, taken, name, nodes),
+                                      lambda suffix, array: add_initializer(graph, f"{name}_{suffix}", array, taken),
+                                      value)
+            for node in nodes:
+                graph.append(node)
+            value.replace_all_uses_with(out)
+            graph.initializers.pop(name)
+            value.name = None
+            out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, ir.Shape(original.shape)
+            energy = float(np.sum(original.astype(np.float64) ** 2))
+            done[name] = {"elements": int(original.size), "bytes_before": int(original.nbytes),
+                          "bytes_after": int(original.size) + 4,
+                          "relative_error": float(np.sum((decoded - original.astype(np.float64)) ** 2)) / energy
+                          if energy > 0 else 0.0}
+        return done
+
+    def _store_shared(
+        self, graph: ir.Graph, taken: set[str], pending: list[tuple[ClusterTarget, _Clustered]]
+    ) -> LabelEncoding:
+        """The ``sparse`` format: the labels of all tensors, concatenated, in one encoding.
+
+        One decoding subgraph (:func:`onnxcomp.sparsity.storage.build_label_decoder`) rebuilds the
+        concatenation; one Split gives each tensor its part, which it Reshapes (then as ``codebook``). One
+        decoder keeps the graph small, which matters for small models.
+        """
+        flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
+        shared = encode_labels(flat, self.config.k, 0)
+        nodes: list[ir.Node] = []
+        add = _node_adder(graph, taken, _SHARED, nodes)
+
+        labels = build_label_decoder(add, lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array,
+                                                                                taken), shared)
+        sizes = np.array([c.labels.size for _, c in pending], np.int64)
+        split = ir.node("Split", [labels, add_initializer(graph, f"{_SHARED}_sizes", sizes, taken)],
+                        attributes={"axis": 0}, num_outputs=len(pending), name=unique_name(graph, f"{_SHARED}/Split", taken))
+        nodes.append(split)
+        for (target, clustered), part in zip(pending, split.outputs):
+            part.name = unique_name(graph, f"{target.name}/labels", taken)
+            index = add("Reshape", [part, add_initializer(graph, f"{target.name}_shape",
+                                                          np.array(clustered.labels.shape, np.int64), taken)])
+            self._store_codebook(graph, taken, target, clustered, index)
+        for node in nodes:
+            graph.append(node)
+        return shared
+
     def _store_codebook(
-        self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered
+        self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered,
+        index: ir.Value | None = None,
     ) -> None:
         """Replace the weight by ``Cast(labels) [+ offsets] -> Gather(codebook) [* scales]``.
 
@@ -279,21 +371,19 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         labels = clustered.labels
         shape = list(labels.shape)
         nodes: list[ir.Node] = []
+        add = _node_adder(graph, taken, name, nodes)
 
-        def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
-            node = ir.node(op, inputs, attributes=attrs, name=unique_name(graph, f"{name}/{op}", taken))
-            node.outputs[0].name = unique_name(graph, f"{name}/{op.lower()}", taken)
-            nodes.append(node)
-            return node.outputs[0]
-
-        if k <= 16:
+        if index is not None:  # decoded labels (the sparse format)
+            pass
+        elif k <= 16:
             # 4-bit labels as a native UINT4 tensor (two per byte on disk; opset 21).
             packed = ir.PackedTensor(pack_indices(labels.reshape(-1), 4), ir.DataType.UINT4, shape=ir.Shape(shape))
             label_values = _register(graph, unique_name(graph, f"{name}_labels", taken), packed)
         else:
             label_values = add_initializer(graph, f"{name}_labels", labels.astype(np.uint8 if k <= 256 else np.uint16),
                                            taken)
-        index = add("Cast", [label_values], to=ir.DataType.INT64)
+        if index is None:
+            index = add("Cast", [label_values], to=ir.DataType.INT64)
         codebook = clustered.centroids
         axis = target.channel_axis
         if codebook.ndim == 2:  # one codebook per channel: offset each channel's labels into its row
@@ -365,7 +455,42 @@ def _register(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value
     return value
 
 
-def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str) -> dict[str, Any]:
+def _node_adder(graph: ir.Graph, taken: set[str], prefix: str, nodes: list[ir.Node]) -> Callable[..., ir.Value]:
+    """``add(op_type, inputs, **attributes)``: a new node named after ``prefix`` into ``nodes``; its output."""
+
+    def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attrs, name=unique_name(graph, f"{prefix}/{op}", taken))
+        node.outputs[0].name = unique_name(graph, f"{prefix}/{op.lower()}", taken)
+        nodes.append(node)
+        return node.outputs[0]
+
+    return add
+
+
+#: Biases with fewer values stay float (``int8_biases``).
+_INT8_BIAS_MIN_ELEMENTS = 16
+
+#: Name prefix of the shared label decoder of the sparse format.
+_SHARED = "sparse_labels"
+
+
+def _zero_first(clustered: _Clustered) -> _Clustered:
+    """The same clustering with the exact-zero centroid (in every channel's codebook) as label 0."""
+    centroids = clustered.centroids
+    rows = centroids.reshape(-1, centroids.shape[-1])
+    zero = np.flatnonzero(np.all(rows == 0, axis=0))
+    if not zero.size or zero[0] == 0:
+        return clustered
+    z = int(zero[0])
+    order = np.arange(centroids.shape[-1])
+    order[[0, z]] = [z, 0]
+    labels = order[clustered.labels.astype(np.int64)]  # order is its own inverse
+    return dataclasses.replace(clustered, centroids=np.ascontiguousarray(centroids[..., order]),
+                               labels=labels.astype(clustered.labels.dtype))
+
+
+def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str,
+                  encoding: LabelEncoding | None = None) -> dict[str, Any]:
     snapped, labels = clustered.snapped, clustered.labels
     counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=1)
     label_bits = 4 if k <= 16 else (8 if k <= 256 else 16)
@@ -373,6 +498,11 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str) ->
         np.uint8 if k <= 256 else np.uint16)
     side_bytes = clustered.centroids.nbytes + (0 if clustered.scales is None else clustered.scales.nbytes)
     huffman = huffman_bits_per_symbol(counts[counts > 0])
+    if encoding is not None:
+        sparse = {**encoding_stats(encoding), "zeros": float(np.mean(snapped == 0)),
+                  "bytes_after": encoding.nbytes + side_bytes, "zlib_bytes_after": encoding.zlib_bytes() + side_bytes,
+                  "entropy_bytes": encoding.entropy_bytes() + side_bytes,
+                  "huffman_bits_per_weight": 8 * encoding.entropy_bytes() / max(w.size, 1)}
     edges = np.linspace(float(w.min()), float(w.max()), 65) if w.max() > w.min() else np.array([w.min() - 0.5, w.min() + 0.5])
     return {
         "histogram": {
@@ -398,4 +528,5 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str) ->
         ),
         "huffman_bits_per_weight": float(huffman),
         "entropy_bytes": int(np.ceil(w.size * huffman / 8)) + side_bytes,
+        **(sparse if encoding is not None else {}),
     }

@@ -1,0 +1,312 @@
+r"""Compact storage of codebook labels with many zeros, decoded by a constant ONNX subgraph.
+
+A clustered weight is a label tensor :math:`\ell` (indices into a codebook). After unstructured
+pruning most labels are the label of the exact-zero centroid (``zero_label``). Three encodings
+of the flattened (C order) labels, all bit-packed at ``b = ceil(log2 K)`` bits per label:
+
+* ``dense``: every label, ``n b`` bits.
+* ``bitmask``: one bit per weight (nonzero or not) and the labels of the nonzeros:
+  ``n + nnz b`` bits. Decoded by ``idx = cumsum(mask) * mask`` and a Gather from
+  ``[zero_label, labels...]``.
+* ``relative``: the paper's relative index coding: each stored entry has a gap (zeros skipped
+  since the previous entry, ``g`` bits, at most ``2^g - 1``) and a label; a longer run of zeros
+  gets filler entries that carry ``zero_label``. ``entries (g + b)`` bits, ``g`` chosen per tensor
+  (1..8) to minimise the size. Decoded by ``positions = cumsum(gap + 1) - 1`` and a
+  ScatterElements into a tensor filled with ``zero_label``.
+
+:func:`encode_labels` picks the smallest, :func:`decode_labels` is the numpy reference and
+:func:`build_label_decoder` writes the decoding subgraph (BitShift, BitwiseAnd, CumSum, Gather,
+ScatterElements...; default domain, opset 18). Every input of that subgraph is an initializer, so
+onnxruntime's constant folding (graph optimizations basic or higher) decodes it once at session
+creation; with optimizations off it runs at every inference (same result, slower).
+
+Bit packing (:func:`pack_bits`): value ``i``'s bit ``j`` is stream bit ``i b + j``, and stream bit
+``t`` is bit ``t mod 8`` (least significant first) of byte ``t // 8``.
+
+Biases (:func:`bias_tensors`: the bias of a Conv/Gemm per the op table, or of a MatMul via its
+Add) can be stored as per-tensor symmetric int8, ``Cast(q) * scale`` (:func:`store_int8`), also
+folded at session creation: a quarter of their bytes, a relative error of at most
+``1/254`` of the tensor's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.cluster.kmeans import huffman_bits_per_symbol
+
+__all__ = ["SPARSE_STORAGE_OPSET", "LabelEncoding", "bits_for", "pack_bits", "unpack_bits", "encode_labels",
+           "decode_labels", "build_label_decoder", "bias_tensors", "int8_symmetric", "store_int8"]
+
+#: BitwiseAnd (the bit unpacking) needs opset 18.
+SPARSE_STORAGE_OPSET = 18
+
+Kind = Literal["dense", "bitmask", "relative"]
+KINDS: tuple[Kind, ...] = ("dense", "bitmask", "relative")
+
+
+def bits_for(k: int) -> int:
+    """Bits per label for a codebook of ``k`` entries (at least 1)."""
+    return max(1, int(k - 1).bit_length())
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative integers below ``2**bits`` (1..16 bits) into uint8 (module docstring)."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= 1 << bits):
+        raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] for {bits} bits")
+    stream = ((flat[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+    return np.packbits(stream, bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The first ``n`` values of ``bits`` bits each from :func:`pack_bits` output, as int64."""
+    stream = np.unpackbits(np.asarray(packed, np.uint8), bitorder="little")[: n * bits]
+    if stream.size != n * bits:
+        raise ValueError(f"{packed.size} bytes hold fewer than {n} values of {bits} bits")
+    return (stream.reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelEncoding:
+    """One label tensor in one encoding (see the module docstring)."""
+
+    kind: Kind
+    shape: tuple[int, ...]
+    label_bits: int
+    labels: np.ndarray  # packed labels (dense: all; bitmask: nonzeros; relative: entries)
+    count: int  # labels stored
+    zero_label: int = 0
+    mask: np.ndarray | None = None  # bitmask: packed mask, 1 bit per weight
+    gaps: np.ndarray | None = None  # relative: packed gaps
+    gap_bits: int = 0
+    #: label histogram of the stored labels and gap histogram (for the entropy-coding estimate)
+    label_counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    gap_counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed arrays (what the file holds, apart from names and headers)."""
+        return sum(int(a.nbytes) for a in (self.labels, self.mask, self.gaps) if a is not None)
+
+    def zlib_bytes(self) -> int:
+        """zlib level-9 size of the packed arrays, compressed one by one."""
+        return sum(len(zlib.compress(a.tobytes(), 9)) for a in (self.labels, self.mask, self.gaps) if a is not None)
+
+    def entropy_bytes(self) -> int:
+        """Optimal Huffman code size of the streams: labels and gaps by symbol, the mask by byte."""
+        bits = 0.0
+        if self.count and self.label_counts is not None:
+            bits += self.count * huffman_bits_per_symbol(self.label_counts)
+        if self.count and self.gap_counts is not None:
+            bits += self.count * huffman_bits_per_symbol(self.gap_counts)
+        if self.mask is not None and self.mask.size:
+            counts = np.bincount(self.mask, minlength=256)
+            bits += self.mask.size * huffman_bits_per_symbol(counts)
+        return int(np.ceil(bits / 8))
+
+
+def _dense(labels: np.ndarray, shape: tuple[int, ...], b: int) -> LabelEncoding:
+    return LabelEncoding("dense", shape, b, pack_bits(labels, b), labels.size,
+                         label_counts=np.bincount(labels, minlength=1))
+
+
+def _bitmask(labels: np.ndarray, shape: tuple[int, ...], b: int, zero: int) -> LabelEncoding:
+    nz = labels != zero
+    kept = labels[nz]
+    return LabelEncoding("bitmask", shape, b, pack_bits(kept, b), kept.size, zero,
+                         mask=np.packbits(nz.astype(np.uint8), bitorder="little"),
+                         label_counts=np.bincount(kept, minlength=1))
+
+
+def _relative_entries(positions: np.ndarray, gap_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaps of the entries (nonzeros and fillers) and which entries are real nonzeros."""
+    step = 1 << gap_bits  # a filler advances by 2^g positions (gap 2^g - 1)
+    prev = np.concatenate([[-1], positions[:-1]])
+    gap = positions - prev - 1
+    fillers = gap // step
+    entries = fillers + 1
+    real = np.zeros(int(entries.sum()), bool)
+    ends = np.cumsum(entries) - 1
+    real[ends] = True
+    gaps = np.full(real.size, step - 1, np.int64)
+    gaps[ends] = gap - fillers * step
+    return gaps, real
+
+
+def _relative(labels: np.ndarray, shape: tuple[int, ...], b: int, zero: int, gap_bits: int) -> LabelEncoding:
+    positions = np.flatnonzero(labels != zero)
+    gaps, real = _relative_entries(positions, gap_bits)
+    entry_labels = np.full(real.size, zero, np.int64)
+    entry_labels[real] = labels[positions]
+    return LabelEncoding("relative", shape, b, pack_bits(entry_labels, b), real.size, zero,
+                         gaps=pack_bits(gaps, gap_bits), gap_bits=gap_bits,
+                         label_counts=np.bincount(entry_labels, minlength=1),
+                         gap_counts=np.bincount(gaps, minlength=1))
+
+
+def _relative_size(positions: np.ndarray, b: int, gap_bits: int) -> int:
+    prev = np.concatenate([[-1], positions[:-1]])
+    entries = int(((positions - prev - 1) >> gap_bits).sum()) + positions.size
+    return -(-entries * b // 8) + -(-entries * gap_bits // 8)
+
+
+def encode_labels(labels: np.ndarray, k: int, zero_label: int | None = None,
+                  kinds: tuple[Kind, ...] = KINDS) -> LabelEncoding:
+    """The smallest of ``kinds`` for integer ``labels`` in ``[0, k)``.
+
+    Without a ``zero_label`` (no exact-zero centroid) only ``dense`` applies. Ties go to the
+    earlier kind in ``kinds`` (dense first: the cheapest to decode).
+    """
+    flat = np.asarray(labels).reshape(-1).astype(np.int64)
+    shape = tuple(int(d) for d in np.shape(labels))
+    b = bits_for(k)
+    if flat.size and (flat.min() < 0 or flat.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k - 1}]")
+    options: list[tuple[int, Callable[[], LabelEncoding]]] = []
+    if "dense" in kinds or zero_label is None:
+        options.append((-(-flat.size * b // 8), lambda: _dense(flat, shape, b)))
+    if zero_label is not None:
+        nnz = int(np.count_nonzero(flat != zero_label))
+        if "bitmask" in kinds:
+            options.append((-(-flat.size // 8) + -(-nnz * b // 8), lambda: _bitmask(flat, shape, b, zero_label)))
+        if "relative" in kinds:
+            positions = np.flatnonzero(flat != zero_label)
+            for g in range(1, 9):
+                options.append((_relative_size(positions, b, g),
+                                lambda g=g: _relative(flat, shape, b, zero_label, g)))
+    best = min(range(len(options)), key=lambda i: (options[i][0], i))
+    return options[best][1]()
+
+
+def decode_labels(enc: LabelEncoding) -> np.ndarray:
+    """The labels (int64, the weight's shape) that ``enc`` stores: the numpy reference decoder."""
+    n = enc.n
+    if enc.kind == "dense":
+        flat = unpack_bits(enc.labels, enc.label_bits, n)
+    elif enc.kind == "bitmask":
+        mask = np.unpackbits(enc.mask, bitorder="little")[:n].astype(np.int64)
+        ext = np.concatenate([[enc.zero_label], unpack_bits(enc.labels, enc.label_bits, enc.count)])
+        flat = ext[np.cumsum(mask) * mask]
+    else:
+        positions = np.cumsum(unpack_bits(enc.gaps, enc.gap_bits, enc.count) + 1) - 1
+        flat = np.full(n, enc.zero_label, np.int64)
+        flat[positions] = unpack_bits(enc.labels, enc.label_bits, enc.count)
+    return flat.reshape(enc.shape)
+
+
+def build_label_decoder(
+    add: Callable[..., ir.Value], const: Callable[[str, np.ndarray], ir.Value], enc: LabelEncoding
+) -> ir.Value:
+    """Nodes that rebuild :func:`decode_labels` (int64, the weight's shape) from initializers.
+
+    ``add(op_type, inputs, **attributes)`` appends a node and returns its output;
+    ``const(suffix, array)`` registers an initializer and returns its value.
+    """
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    made: dict[str, ir.Value] = {}
+
+    def const(suffix: str, array: np.ndarray, _register=const) -> ir.Value:  # one initializer per suffix
+        if suffix not in made:
+            made[suffix] = _register(suffix, array)
+        return made[suffix]
+
+    def unpack(packed: np.ndarray, suffix: str, bits: int, n: int) -> ir.Value:
+        stream = add("BitwiseAnd", [add("BitShift", [add("Unsqueeze", [const(suffix, packed), const("axis1", i64(1))]),
+                                                     const("shifts", np.arange(8, dtype=np.uint8))],
+                                        direction="RIGHT"),
+                                    const("one", np.array([1], np.uint8))])
+        stream = add("Slice", [add("Reshape", [stream, const("flat", i64(-1))]), const("start", i64(0)),
+                               const(f"{suffix}_end", i64(n * bits))])
+        values = add("Cast", [stream], to=ir.DataType.INT64)
+        if bits == 1:
+            return values
+        values = add("Mul", [add("Reshape", [values, const(f"{suffix}_rows", i64(n, bits))]),
+                             const(f"pow{bits}", (np.int64(1) << np.arange(bits)).astype(np.int64))])
+        return add("ReduceSum", [values, const("axis1", i64(1))], keepdims=0)
+
+    n, b = enc.n, enc.label_bits
+    if enc.kind == "dense":
+        flat = unpack(enc.labels, "labels", b, n)
+    elif enc.kind == "bitmask":
+        mask = unpack(enc.mask, "mask", 1, n)
+        rank = add("Mul", [add("CumSum", [mask, const("axis0", np.array(0, np.int64))]), mask])
+        ext = add("Concat", [const("zero_label", i64(enc.zero_label)), unpack(enc.labels, "labels", b, enc.count)],
+                  axis=0)
+        flat = add("Gather", [ext, rank], axis=0)
+    else:
+        gaps = unpack(enc.gaps, "gaps", enc.gap_bits, enc.count)
+        ends = add("CumSum", [add("Add", [gaps, const("one64", i64(1))]), const("axis0", np.array(0, np.int64))])
+        positions = add("Sub", [ends, const("one64", i64(1))])
+        base = add("ConstantOfShape", [const("size", i64(n))],
+                   value=ir.tensor(np.array([enc.zero_label], np.int64)))
+        flat = add("ScatterElements", [base, positions, unpack(enc.labels, "labels", b, enc.count)], axis=0)
+    return add("Reshape", [flat, const("shape", np.array(enc.shape, np.int64))])
+
+
+def encoding_stats(enc: LabelEncoding) -> dict[str, Any]:
+    """What the report says about one encoding."""
+    return {"storage": enc.kind, "label_bits": enc.label_bits, "stored_labels": enc.count,
+            "gap_bits": enc.gap_bits if enc.kind == "relative" else None}
+
+
+def bias_tensors(graph: ir.Graph, model: ir.Model, min_elements: int) -> list[ir.Value]:
+    """Float initializers every use of which is a bias: the bias role of a linear op (op table), or
+    the constant operand of an Add right after a MatMul.
+
+    Graph inputs and outputs and tensors under ``min_elements`` values are left out.
+    """
+    from onnxcomp.ops import LINEAR_OPS
+
+    found = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if (tensor is None or tensor.dtype != ir.DataType.FLOAT or tensor.size < min_elements
+                or value.is_graph_input() or value.is_graph_output() or not list(value.uses())):
+            continue
+
+        def is_bias(node: ir.Node, idx: int) -> bool:
+            spec = LINEAR_OPS.lookup(node, model)
+            if spec is not None:
+                return any(r.input_index == idx and r.kind == "bias" for r in spec.roles)
+            if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                return False
+            producer = node.inputs[1 - idx].producer() if node.inputs[1 - idx] is not None else None
+            return producer is not None and producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx")
+
+        if all(is_bias(use.node, use.idx) for use in value.uses()):
+            found.append(value)
+    return found
+
+
+def int8_symmetric(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Per-tensor symmetric int8: ``q`` in [-127, 127] and ``scale`` with ``values ~ q * scale``."""
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    scale = np.float32(peak / 127.0 if peak > 0 else 1.0)
+    q = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def store_int8(
+    add: Callable[..., ir.Value], const: Callable[[str, np.ndarray], ir.Value], value: ir.Value
+) -> tuple[ir.Value, np.ndarray]:
+    """``Cast(q) * scale`` (folded at session creation) for the float initializer ``value``.
+
+    Returns the output (the caller gives it the tensor's name) and the float values it decodes to.
+    """
+    values = value.const_value.numpy()
+    q, scale = int8_symmetric(values)
+    out = add("Mul", [add("Cast", [const("q", q)], to=ir.DataType.FLOAT), const("scale", np.array(scale, np.float32))])
+    return out, (q.astype(np.float32) * scale).astype(np.float32)
