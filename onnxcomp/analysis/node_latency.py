@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.ops import linear_spec, weight_axes
+
 __all__ = ["NodeLatency", "shape_signature", "model_latency_ratio"]
 
 
@@ -33,8 +35,9 @@ def _one_node_model(node: ir.Node, x_shape: Sequence[int], w_shape: Sequence[int
     w.type = ir.TensorType(ir.DataType.FLOAT)
     inputs = [x, w]
     attrs = {k: v for k, v in node.attributes.items()}
-    if node.op_type == "Conv":
-        m = w_shape[0]
+    spec = linear_spec(node)
+    if spec is not None and spec.grouped:  # a convolution: with its bias, and its group when changed
+        m = w_shape[weight_axes(node)[0]]
         b = ir.Value(name="b", const_value=ir.tensor(np.zeros(m, np.float32), name="b"))
         b.shape, b.type = ir.Shape([m]), ir.TensorType(ir.DataType.FLOAT)
         inputs.append(b)
@@ -75,7 +78,7 @@ class NodeLatency:
                 todo[name] = (key, xs, ws, group)
         if todo:
             rng = np.random.default_rng(0)
-            specs, feeds = [], []
+            specs = []
             first_x = None
             for name, (key, xs, ws, group) in todo.items():
                 specs.append(SessionSpec(name, _one_node_model(node, xs, ws, group, self.opset, rng),

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.analysis.channels import ChannelGroup
+from onnxcomp.ops import linear_spec, weight_axes
 
 __all__ = ["GroupCurve", "allocate", "steps_for", "latency_curves", "meet_target"]
 
@@ -46,6 +47,18 @@ class GroupCurve:
     steps: np.ndarray
     damage: np.ndarray
     saving: np.ndarray
+
+
+def _timed(node: ir.Node, kind: str) -> bool:
+    """Whether a single-node timing of ``node`` stands for its saving: a linear op (not a
+    transposed one) with a constant weight in input 1, and a grouped one only as depthwise."""
+    spec = linear_spec(node)
+    if spec is None or spec.per_group == "out":
+        return False
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.const_value is None:
+        return False
+    return kind == "both" or not (spec.grouped and node.attributes.get_int("group", 1) != 1)
 
 
 def steps_for(group: ChannelGroup, max_remove: int, round_to: int, min_channels: int, points: int = 32) -> np.ndarray:
@@ -111,9 +124,7 @@ def latency_curves(
             items.append((p.node, "both" if p.depthwise else "out", p.block))
         for c in g.consumers:
             items.append((c.node, "in", c.block))
-        items = [(n, k, b) for n, k, b in items if n.op_type in ("Conv", "Gemm", "MatMul")
-                 and n.inputs[1] is not None and n.inputs[1].const_value is not None
-                 and not (k != "both" and n.op_type == "Conv" and n.attributes.get_int("group", 1) != 1)]
+        items = [(n, k, b) for n, k, b in items if _timed(n, k)]
         touched[g.id] = items
         for n, _, _ in items:
             names.add(_data_input(n, model)[0].name)
@@ -129,23 +140,15 @@ def latency_curves(
             for f in LATENCY_GRID:
                 k = int(round(f * g.size)) * block
                 vx, vw, group = list(xs), list(w), None
-                if node.op_type == "Conv":
-                    if kind in ("out", "both"):
-                        vw[0] -= k
-                    if kind == "in":
-                        vx[1] -= k
-                        vw[1] -= k
-                    if kind == "both":
-                        vx[1] -= k
-                        group = vw[0]
-                else:
-                    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-                    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
-                    if kind in ("out", "both"):
-                        vw[out_axis] -= k
-                    if kind in ("in", "both"):
-                        vx[x_axis] -= k
-                        vw[in_axis] -= k
+                out_axis, in_axis = weight_axes(node)
+                if kind in ("out", "both"):
+                    vw[out_axis] -= k
+                if kind in ("in", "both"):
+                    vx[x_axis] -= k
+                if kind == "both" and linear_spec(node).grouped:  # depthwise: one channel per group
+                    group = vw[out_axis]
+                elif kind in ("in", "both"):
+                    vw[in_axis] -= k
                 variants[str(f)] = (vx, vw, group)
             times = timer.measure(node, variants)
             for i, f in enumerate(LATENCY_GRID):
