@@ -270,7 +270,11 @@ def build_candidate(task: Task, cand: Candidate, cache: Path, reuse: bool) -> Ro
     record_path.write_text(json.dumps(record, indent=2, default=str))
     row.build = {k: record.get(k) for k in ("wall_s", "peak_rss_mb", "rss_before_mb", "notes")}
     if not record.get("ok"):
-        _fail(row, "build", record.get("error", "unknown error"))
+        error = record.get("error", "unknown error")
+        if error.startswith("Unavailable: "):  # the tool is not installed (benchmarks.baselines.Unavailable)
+            row.status, row.error = "skipped", error.removeprefix("Unavailable: ")
+        else:
+            _fail(row, "build", error)
     return row
 
 
