@@ -20,8 +20,8 @@ of fp32 on every model and split or have its check fail (:func:`unflagged_damage
 exceptions).
 
 Builds are cached in ``benchmarks/.cache/builds/<model>/range_<method>.onnx`` under the runner's
-build key (fp32 and calibration file hashes, the method, a hash of onnxcomp's code and of this
-file, library versions), so a second run only evaluates.  Usage::
+build key (fp32 and calibration file hashes, the method, a hash of onnxcomp's code, library
+versions, :data:`STUDY_VERSION`), so a second run only evaluates.  Usage::
 
     python -m benchmarks.ranges_study                              # every model, every method
     python -m benchmarks.ranges_study --models ppocr_rec --methods minmax,auto --json out.json
@@ -47,6 +47,7 @@ FP32_SLACK = 0.01  # the default must stay within 1 point of fp32
 BEST_SLACK = 0.003  # ... and within 0.3 points of the best single method
 FLAG_DROP = 0.03  # a method losing more than 3 points must fail its check
 SPLITS = ("tune", "report")
+STUDY_VERSION = 1  # bump when build() changes what it writes
 
 
 def other_rec(n: int, seed: int, height: int = 48, width: int = 320):
@@ -72,7 +73,9 @@ def build(task: suite.Task, method: str, cache: Path, reuse: bool = True) -> tup
     from onnxcomp.quant.config import QuantizeConfig
 
     cand = _candidate(method)
-    key = {**run.build_key(task, cand), "study": run.code_revision((Path(__file__).resolve(),))}
+    # What decides the build: the inputs, the method, onnxcomp's code and the library versions
+    # (not the benchmark modules, which do not take part; STUDY_VERSION marks a change of procedure).
+    key = {**run.build_key(task, cand), "code": run.code_revision((run.ROOT / "onnxcomp",)), "study": STUDY_VERSION}
     folder = cache / "builds" / task.name
     folder.mkdir(parents=True, exist_ok=True)
     out, record_path = folder / f"{cand.name}.onnx", folder / f"{cand.name}.json"
