@@ -260,17 +260,24 @@ class LineImage:
     image: np.ndarray  # HxWx3 uint8, RGB
 
 
-def render_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> LineImage:
+def _draw_line(rng: np.random.Generator, pool: list[str], max_aspect: float, fonts, sizes: tuple[int, int],
+               margins: tuple[int, int], colors) -> tuple[str, np.ndarray]:
+    """One line's text and RGB crop: a face of ``fonts`` at a size in ``[sizes)``, margins below
+    ``margins`` (x, y), ``colors(rng) -> (bg, fg)``."""
     from PIL import Image, ImageDraw
 
-    font = _font(FONT_NAMES[int(rng.integers(len(FONT_NAMES)))], int(rng.integers(28, 41)))
-    margin = (int(rng.integers(2, 10)), int(rng.integers(2, 7)))
+    font = _font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(*sizes)))
+    margin = (int(rng.integers(2, margins[0])), int(rng.integers(2, margins[1])))
     text = sample_line_text(rng, pool, font, max_aspect, margin)
     width, height = _line_size(text, font, margin)
-    bg, fg = _colors(rng)
+    bg, fg = colors(rng)
     img = Image.new("RGB", (width, height), bg)
     ImageDraw.Draw(img).text(margin, text, font=font, fill=fg)
-    return LineImage(text, np.asarray(img))
+    return text, np.asarray(img)
+
+
+def render_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> LineImage:
+    return LineImage(*_draw_line(rng, pool, max_aspect, FONT_NAMES, (28, 41), (10, 7), _colors))
 
 
 def _contrasting_colors(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -289,17 +296,8 @@ def _add_noise(rng: np.random.Generator, image: np.ndarray, max_sigma: float) ->
 
 def render_report_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> LineImage:
     """A line of the report split: report typefaces, 14-63 px, any contrasting colours, noise."""
-    from PIL import Image, ImageDraw
-
-    fonts = report_fonts()
-    font = _font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(14, 64)))
-    margin = (int(rng.integers(2, 14)), int(rng.integers(2, 10)))
-    text = sample_line_text(rng, pool, font, max_aspect, margin)
-    width, height = _line_size(text, font, margin)
-    bg, fg = _contrasting_colors(rng)
-    img = Image.new("RGB", (width, height), bg)
-    ImageDraw.Draw(img).text(margin, text, font=font, fill=fg)
-    return LineImage(text, _add_noise(rng, np.asarray(img), 12.0))
+    text, img = _draw_line(rng, pool, max_aspect, report_fonts(), (14, 64), (14, 10), _contrasting_colors)
+    return LineImage(text, _add_noise(rng, img, 12.0))
 
 
 def normalize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
