@@ -53,3 +53,11 @@ def test_report_text_and_typefaces_are_not_the_tune_splits():
         assert source == "Python standard-library docstrings"
     faces = {Path(f).name for f in textdata.report_fonts()}
     assert faces and not faces & set(textdata.FONT_NAMES)
+
+
+def test_cap_counts_a_method_that_beats_fp32_at_fp32():
+    rows = [_row("d", 0.9867, minmax=(0.9911, True), mse=(0.9867, True), percentile=(0.9867, True),
+                 entropy=(0.9867, True))]
+    assert rs.shortfalls(rows[0], "mse")[1] == pytest.approx(100 * (0.9911 - 0.003 - 0.9867))  # 0.14: missed
+    assert rs.shortfalls(rows[0], "mse", cap=True)[1] == pytest.approx(-0.3)
+    assert rs.choose_default(rows, ["mse", "minmax"], cap=True) == ("mse", pytest.approx({"mse": -0.3, "minmax": -0.3}))
