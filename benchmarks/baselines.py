@@ -16,11 +16,27 @@ time through ``onnxcomp.data.Dataset``.
 
 Dynamic baseline (``quantize_dynamic``): QInt8 weights, other options at their defaults (per-tensor
 weights, all supported op types); it is attempted on every model, a failure is a row.
+
+NNCF baseline (``nncf_default``): ``nncf.quantize(onnx_model, nncf.Dataset(feeds))`` with every
+option at its default, on the same calibration feeds (each sample of the calibration ``.npz`` as a
+batch-1 feed, as ``onnxcomp.data.Dataset`` reads it).  NNCF lives in its own virtual environment
+(it pins its own dependencies): the build runs ``python -m benchmarks.baselines nncf ...`` with that
+environment's interpreter, ``$NNCF_PYTHON`` or ``/work/venvs/nncf/bin/python``.  Create it with the
+same onnx / onnxruntime / numpy versions as the main one::
+
+    python -m venv /work/venvs/nncf
+    /work/venvs/nncf/bin/pip install nncf==3.4.0 onnx==<same> onnxruntime==<same> numpy==<same>
+
+Without it the row is ``skipped`` with the reason (the runner treats an ``Unavailable`` build
+error as a skip).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -167,3 +183,77 @@ for _method, _tag in (("MinMax", "minmax"), ("Percentile", "pct")):
         )
 register(Candidate("ort_dynamic_s8", _dynamic, kind="ort-dynamic", description="quantize_dynamic, weights QInt8",
                    config={"weights": "s8", "preprocess": True}))
+
+
+# --------------------------------------------------------------------------- NNCF
+
+NNCF_VERSION = "3.4.0"
+NNCF_PYTHON_DEFAULT = "/work/venvs/nncf/bin/python"
+
+
+class Unavailable(RuntimeError):
+    """A baseline's tool is not installed: the runner makes its row ``skipped``, not an error."""
+
+
+def nncf_python() -> str:
+    return os.environ.get("NNCF_PYTHON", NNCF_PYTHON_DEFAULT)
+
+
+def _nncf(model_path: Path, calib_source: Path, out_path: Path) -> dict:
+    python = nncf_python()
+    if not Path(python).is_file():
+        raise Unavailable(f"nncf is not installed: no interpreter at {python} (set NNCF_PYTHON; see "
+                          "benchmarks/baselines.py for the venv)")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([python, "-m", "benchmarks.baselines", "nncf", str(model_path), str(calib_source),
+                           str(out_path)], env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode == 3:
+        raise Unavailable(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "nncf cannot be imported")
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"nncf.quantize failed (exit {proc.returncode}): {tail}")
+    notes = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("NOTE "):
+            key, _, value = line[5:].partition("=")
+            notes[key] = value
+    return notes
+
+
+def _nncf_child(model_path: str, calib_source: str, out_path: str) -> int:
+    """In NNCF's environment: quantize with its defaults and save; exit 3 when nncf is missing."""
+    try:
+        import nncf
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        print(f"nncf cannot be imported in {sys.executable}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    import numpy as np
+    import onnx
+
+    model = onnx.load(model_path)
+    with np.load(calib_source, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    n = next(iter(arrays.values())).shape[0]
+    feeds = [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n)]
+    t0 = time.perf_counter()
+    quantized = nncf.quantize(model, nncf.Dataset(feeds))
+    print(f"NOTE quantize_s={time.perf_counter() - t0:.3f}")
+    print(f"NOTE nncf={nncf.__version__}")
+    print(f"NOTE calib_samples={n}")
+    tmp = out_path + ".partial"
+    onnx.save(quantized, tmp)
+    os.replace(tmp, out_path)
+    return 0
+
+
+register(Candidate("nncf_default", _nncf, kind="nncf",
+                   description=f"NNCF {NNCF_VERSION} nncf.quantize on the ONNX model, every option at its default "
+                               "(own venv, subprocess)",
+                   config={"tool": "nncf", "version": NNCF_VERSION, "options": "defaults"}))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "nncf":
+        sys.exit(_nncf_child(*sys.argv[2:]))
+    sys.exit("usage: python -m benchmarks.baselines nncf MODEL.onnx CALIB.npz OUT.onnx")

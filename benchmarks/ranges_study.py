@@ -1,212 +1,219 @@
-"""Range methods side by side: static int8 with minmax, percentile, mse, entropy and auto ranges.
+"""Range methods side by side: static int8 with minmax, mse, percentile, entropy and auto ranges.
 
-Every model is calibrated on the suite's calibration data and scored on two disjoint splits:
+For every suite model (``benchmarks.suite``) and every method, the model is quantized the way
+``onnxcomp quantize --method M --no-fallback`` does it: the calibration file is split as the
+command splits it (every 5th feed held out for the check, :func:`onnxcomp.check.split_data`),
+``quantize`` calibrates on the fitting part, and :func:`onnxcomp.check.check_model` judges the
+result on the held-out part with the command's default budget.  Each model is then scored on the
+suite's two splits:
 
-``tuning``  data like the suite's evaluation data (same renderer, the suite's ``eval`` sentence
-            pool, other seeds; the first half of ``models/digits_eval.npz`` for the digits models).
-``report``  data the suite never renders: sentences from Python standard-library docstrings, font
-            sizes 14-63 px, any foreground/background colours with enough contrast (light on dark
-            too), Gaussian pixel noise; det pages get a random colour inversion / channel swap and
-            noise; the second half of ``models/digits_eval.npz`` for the digits models.
+``tune``    the suite's evaluation data: the default method is chosen on these numbers only;
+``report``  the suite's report split (other text, typefaces, sizes, colours, page layouts,
+            sentences; the other half of the digits eval set): these say whether the choice
+            generalises and are the ones to quote.
 
-Decisions (which method to make the default) are meant to be taken on ``tuning`` only; ``report``
-says whether they generalise.  Usage (a few minutes per OCR model on 2 cores)::
+The default is chosen by :func:`choose_default` on the tune split: a method qualifies when, on every
+model, it is within 1 point of fp32 and no more than 0.3 points below the best single method
+(``auto`` is not a single method); among qualifying methods (or, when none qualifies, all of them)
+the one with the smallest worst shortfall wins.  Every method must also either stay within 3 points
+of fp32 on every model and split or have its check fail (:func:`unflagged_damage` lists the
+exceptions).
 
-    python -m benchmarks.ranges_study                       # every model, every method
+Builds are cached in ``benchmarks/.cache/builds/<model>/range_<method>.onnx`` under the runner's
+build key (fp32 and calibration file hashes, the method, a hash of onnxcomp's code, library
+versions, :data:`STUDY_VERSION`), so a second run only evaluates.  Usage::
+
+    python -m benchmarks.ranges_study                              # every model, every method
     python -m benchmarks.ranges_study --models ppocr_rec --methods minmax,auto --json out.json
-
-Figures in the branch's report came from
-``--models ppocr_rec,ppocr_cls,ppocr_det --samples 30 --max-calib 16`` (30 lines a split, 7 det
-pages) and ``--models digits_cnn,digits_mlp,digits_transformer`` (225 images a split, all 200
-calibration images).  With 30 samples one line or image is 3.3 points: read small gaps as noise.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io as _io
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import fetch, metrics, suite, textdata
+from benchmarks import fetch, run, suite
+from benchmarks.candidates import Candidate
 
-METHODS = ("minmax", "percentile", "mse", "entropy", "auto")
-MODELS = ("digits_cnn", "digits_mlp", "digits_transformer", "ppocr_rec", "ppocr_cls", "ppocr_det")
-
-
-# --------------------------------------------------------------------------- held-out rendering
-
-
-def _other_sentences() -> list[str]:
-    with contextlib.redirect_stdout(_io.StringIO()):  # importing ``this`` prints the Zen of Python
-        return textdata.sentences_from_text(textdata._stdlib_text())
-
-
-def _other_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> textdata.LineImage:
-    from PIL import Image, ImageDraw
-
-    font = textdata._font(textdata.FONT_NAMES[int(rng.integers(len(textdata.FONT_NAMES)))], int(rng.integers(14, 64)))
-    margin = (int(rng.integers(2, 14)), int(rng.integers(2, 10)))
-    text = textdata.sample_line_text(rng, pool, font, max_aspect, margin)
-    width, height = textdata._line_size(text, font, margin)
-    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
-    fg = tuple(int(v) for v in rng.integers(0, 256, 3))
-    while abs(np.mean(bg) - np.mean(fg)) < 90:
-        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
-    img = Image.new("RGB", (width, height), bg)
-    ImageDraw.Draw(img).text(margin, text, font=font, fill=fg)
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0.0, rng.uniform(0.0, 12.0), (height, width, 3))
-    return textdata.LineImage(text, np.clip(noisy, 0, 255).astype(np.uint8))
+METHODS = ("minmax", "mse", "percentile", "entropy", "auto")
+SINGLE = ("minmax", "mse", "percentile", "entropy")
+FP32_SLACK = 0.01  # the default must stay within 1 point of fp32
+BEST_SLACK = 0.003  # ... and within 0.3 points of the best single method
+FLAG_DROP = 0.03  # a method losing more than 3 points must fail its check
+SPLITS = ("tune", "report")
+STUDY_VERSION = 1  # bump when build() changes what it writes
 
 
 def other_rec(n: int, seed: int, height: int = 48, width: int = 320):
-    rng, pool = np.random.default_rng(seed), _other_sentences()
-    lines = [_other_line(rng, pool, width / height) for _ in range(n)]
-    return np.stack([textdata.normalize_crop(li.image, height, width) for li in lines]), [li.text for li in lines]
+    """``(x, texts)``: ``n`` rec lines drawn like the suite's report split, from another seed."""
+    from benchmarks import textdata
+
+    return textdata.rec_samples(list(textdata.report_sentences()[0]), n, seed, height, width,
+                                render=textdata.render_report_line)
 
 
-def other_cls(n: int, seed: int, height: int = 48, width: int = 192):
-    rng, pool = np.random.default_rng(seed), _other_sentences()
-    labels = np.array([i % 2 for i in range(n)], dtype=np.int64)
-    rng.shuffle(labels)
-    xs = []
-    for lab in labels:
-        img = _other_line(rng, pool, 1.25 * width / height).image
-        xs.append(textdata.normalize_crop(np.ascontiguousarray(img[::-1, ::-1] if lab else img), height, width))
-    return np.stack(xs), labels
+def _candidate(method: str) -> Candidate:
+    return Candidate(f"range_{method}", build=lambda *a: None, kind="study",
+                     config={"api": "quantize(fit part, verify=False) + check_model(held-out part)",
+                             "quantize": {"calibration": method}})
 
 
-def other_det(n: int, seed: int, size: int = 480):
-    x, boxes = textdata.det_samples(_other_sentences(), n, seed, size=size)
-    rng = np.random.default_rng(seed + 1)
-    for i in range(n):
-        img = x[i]
-        if rng.random() < 0.5:
-            img = -img  # light text on a dark page
-        img = img[rng.permutation(3)]
-        x[i] = np.clip(img + rng.normal(0.0, rng.uniform(0.0, 0.1), img.shape), -1.0, 1.0)
-    return x, boxes
-
-
-# --------------------------------------------------------------------------- tasks
-
-
-def _run(model, x: np.ndarray, batch: int) -> np.ndarray:
-    from onnxcomp.io import create_session, load_model
-
-    sess = create_session(model if not isinstance(model, (str, Path)) else load_model(model))
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def _task(name: str, cache: Path, n: int) -> dict:
-    """``{"fp32", "calib", "splits": {split: (x, scorer)}, "batch", "metric"}``."""
-    if name.startswith("digits"):
-        from onnxcomp.measure.metrics import accuracy
-
-        with np.load(suite.MODELS_DIR / "digits_eval.npz") as z:
-            x = z["image"]
-        y = np.load(suite.MODELS_DIR / "digits_eval_labels.npy")
-        half = x.shape[0] // 2
-        return {"fp32": suite.MODELS_DIR / f"{name}.onnx", "calib": suite.MODELS_DIR / "digits_calib.npz",
-                "metric": "accuracy", "batch": 50,
-                "splits": {"tuning": (x[:half], lambda o, yy=y[:half]: accuracy(o, yy)),
-                           "report": (x[half:], lambda o, yy=y[half:]: accuracy(o, yy))}}
-    ctx = suite.Context(cache=cache)
-    pools = textdata.split_sentences()
-    task = suite.SUITE[name].prepare(ctx)
-    if name == "ppocr_rec":
-        charset = fetch.rec_charset(task.fp32_path)
-
-        def rec_scorer(texts):
-            return lambda o: metrics.char_accuracy([s.strip() for s in metrics.ctc_greedy_decode(o, charset)], texts)
-
-        tx, tt = textdata.rec_samples(pools["eval"], n, 9102)
-        rx, rt = other_rec(n, 9103)
-        splits = {"tuning": (tx, rec_scorer(tt)), "report": (rx, rec_scorer(rt))}
-        metric, batch = "char_acc", 10
-    elif name == "ppocr_cls":
-        from onnxcomp.measure.metrics import accuracy
-
-        tx, ty = textdata.cls_samples(pools["eval"], n, 9302)
-        rx, ry = other_cls(n, 9303)
-        splits = {"tuning": (tx, lambda o: accuracy(o, ty)), "report": (rx, lambda o: accuracy(o, ry))}
-        metric, batch = "accuracy", 20
-    else:
-        def det_scorer(boxes):
-            gt = [suite._pad_boxes(np.asarray(b, dtype=np.float64).reshape(-1, 4), suite.GT_MARGIN, 480) for b in boxes]
-            return lambda o: metrics.detection_scores(
-                [(metrics.prob_map_to_boxes(o[i, 0]), g) for i, g in enumerate(gt)])["f1"]
-
-        pages = max(4, n // 4)
-        tx, tb = textdata.det_samples(pools["eval"], pages, 9202)
-        rx, rb = other_det(pages, 9203)
-        splits = {"tuning": (tx, det_scorer(tb)), "report": (rx, det_scorer(rb))}
-        metric, batch = "f1", 1
-    return {"fp32": task.fp32_path, "calib": task.calib_path, "metric": metric, "batch": batch, "splits": splits}
-
-
-def study(models, methods, cache: Path, n: int, max_samples: int | None, log=print) -> list[dict]:
+def build(task: suite.Task, method: str, cache: Path, reuse: bool = True) -> tuple[bytes, dict]:
+    """``(model bytes, record)`` of ``task``'s model quantized with ``method`` (cached)."""
+    from onnxcomp import io
+    from onnxcomp.check import CheckConfig, check_model, split_data
+    from onnxcomp.data import Dataset
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
+    cand = _candidate(method)
+    # What decides the build: the inputs, the method, onnxcomp's code and the library versions
+    # (not the benchmark modules, which do not take part; STUDY_VERSION marks a change of procedure).
+    key = {**run.build_key(task, cand), "code": run.code_revision((run.ROOT / "onnxcomp",)), "study": STUDY_VERSION}
+    folder = cache / "builds" / task.name
+    folder.mkdir(parents=True, exist_ok=True)
+    out, record_path = folder / f"{cand.name}.onnx", folder / f"{cand.name}.json"
+    if reuse and out.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("key") == key:
+            return out.read_bytes(), {**record, "reused": True}
+    model = io.load_model(task.fp32_path)
+    cfg = CheckConfig()
+    split = split_data(Dataset(task.calib_path, model), cfg, model=model)
+    t0 = time.perf_counter()
+    q, rep = quantize(model, split.fit, QuantizeConfig(calibration=method), verify=False)
+    seconds = time.perf_counter() - t0
+    check = check_model(model, q, split, cfg, compressed=int(rep.get("int8_nodes") or 0), what="int8 nodes")
+    chosen = rep.get("calibration", {}).get("chosen")
+    record = {"key": key, "seconds": round(seconds, 1), "int8_nodes": rep.get("int8_nodes"),
+              "check_met": bool(check["met"]), "check_problems": check["problems"][:3],
+              "check_outputs": [{k: o.get(k) for k in ("name", "kind", "cosine", "agreement", "verdict")}
+                                for o in check["outputs"]],
+              "chosen": chosen}
+    data = io.model_to_bytes(q)
+    io.save_model(q, out, force=True)
+    record_path.write_text(json.dumps(record, indent=1, default=str))
+    return data, record
+
+
+def _evaluate(task: suite.Task, name: str, data: bytes, refs, threads: int):
+    row = run.Row(task.name, name, "study", model_bytes=data)
+    outs = run.evaluate(task, row, threads, refs)
+    if outs is None:
+        raise RuntimeError(f"{task.name} / {name}: {row.error}")
+    return row, outs
+
+
+def study(models, methods, cache: Path, threads: int = 2, log=print) -> list[dict]:
+    from onnxcomp import io
+
     rows = []
     for name in models:
-        task = _task(name, cache, n)
-        row = {"model": name, "metric": task["metric"], "fp32": {}, "methods": {}}
-        for split, (x, scorer) in task["splits"].items():
-            row["fp32"][split] = scorer(_run(task["fp32"], x, task["batch"]))
+        reason = suite.SUITE[name].missing()
+        if reason:
+            log(f"{name}: skipped ({reason})")
+            continue
+        task = suite.SUITE[name].prepare(suite.Context(cache=cache))
+        fp32_bytes = io.model_to_bytes(io.load_model(task.fp32_path, check=False))
+        fp32, refs = _evaluate(task, "fp32", fp32_bytes, None, threads)
+        row = {"model": name, "metric": task.metric, "report_source": task.report_source,
+               "fp32": {"tune": fp32.metrics[task.metric], "report": fp32.report_metrics[task.metric]},
+               "methods": {}}
         for method in methods:
-            t0 = time.perf_counter()
-            q, rep = quantize(task["fp32"], task["calib"], QuantizeConfig(calibration=method, max_samples=max_samples),
-                              verify=False)
-            entry = {"seconds": round(time.perf_counter() - t0, 1)}
-            if rep["calibration"].get("chosen"):
-                entry["chosen"] = rep["calibration"]["chosen"]
-            for split, (x, scorer) in task["splits"].items():
-                entry[split] = scorer(_run(q, x, task["batch"]))
+            data, record = build(task, method, cache)
+            r, _ = _evaluate(task, f"range_{method}", data, refs, threads)
+            entry = {"tune": r.metrics[task.metric], "report": r.report_metrics[task.metric],
+                     "tune_sqnr_db": r.fidelity.get("sqnr_db"), "report_sqnr_db": r.report_fidelity.get("sqnr_db"),
+                     **{k: record.get(k) for k in ("seconds", "int8_nodes", "check_met", "check_problems", "reused")}}
+            if record.get("chosen"):
+                entry["chosen"] = record["chosen"]
             row["methods"][method] = entry
-            log(f"{name:20s} {method:10s} " + " ".join(f"{s} {entry[s]:.4f}" for s in task["splits"])
-                + f"  ({entry['seconds']} s)")
+            log(f"{name:20s} {method:10s} tune {entry['tune']:.4f} (fp32 {row['fp32']['tune']:.4f})  "
+                f"report {entry['report']:.4f} (fp32 {row['fp32']['report']:.4f})  check "
+                f"{'passed' if entry['check_met'] else 'FAILED'}  ({record.get('seconds')} s"
+                f"{', reused' if record.get('reused') else ''})")
         rows.append(row)
     return rows
 
 
+def shortfalls(row: dict, method: str, split: str = "tune", cap: bool = False) -> tuple[float, float]:
+    """``(below fp32 - 1 pt, below best single - 0.3 pt)`` of ``method`` on one model, in points (> 0: missed).
+
+    ``cap``: the best single method counts at most fp32's value (a quantized model that beats fp32 by
+    a sample or two is luck, not a level the others fall short of)."""
+    v = row["methods"][method][split]
+    best = max(row["methods"][m][split] for m in SINGLE if m in row["methods"])
+    if cap:
+        best = min(best, row["fp32"][split])
+    return (100 * (row["fp32"][split] - FP32_SLACK - v), 100 * (best - BEST_SLACK - v))
+
+
+def choose_default(rows: list[dict], methods, split: str = "tune", cap: bool = False) -> tuple[str, dict[str, float]]:
+    """The method of smallest worst shortfall over all models on ``split`` (0 or less: meets both rules)."""
+    worst = {m: max(max(shortfalls(r, m, split, cap)) for r in rows) for m in methods
+             if all(m in r["methods"] for r in rows)}
+    return min(worst, key=lambda m: (worst[m], methods.index(m))), worst
+
+
+def unflagged_damage(rows: list[dict]) -> list[str]:
+    """Models/methods that lose more than 3 points on a split while their check passed."""
+    out = []
+    for r in rows:
+        for m, e in r["methods"].items():
+            for split in SPLITS:
+                drop = r["fp32"][split] - e[split]
+                if drop > FLAG_DROP and e.get("check_met"):
+                    out.append(f"{r['model']} / {m}: {100 * drop:.1f} pts below fp32 on {split}, check passed")
+    return out
+
+
 def table(rows: list[dict], methods) -> str:
     out = []
-    for split in ("tuning", "report"):
-        out.append(f"\n{split} split (task metric, %; best single method marked *; auto - best)")
-        out.append(f"| model | fp32 | {' | '.join(methods)} | auto - best |")
-        out.append("|---|---|" + "---|" * (len(methods) + 1))
+    for split in SPLITS:
+        out.append(f"\n**{split} split** (task metric x 100; best single method *; `!` = check failed)\n")
+        out.append(f"| model | fp32 | {' | '.join(methods)} |")
+        out.append("|---|---|" + "---|" * len(methods))
         for row in rows:
-            vals = {m: 100 * row["methods"][m][split] for m in methods if m in row["methods"]}
-            single = {m: v for m, v in vals.items() if m != "auto"}
-            best = max(single.values()) if single else float("nan")
-            cells = [f"{v:.1f}{'*' if m != 'auto' and v == best else ''}" for m, v in vals.items()]
-            gap = f"{vals['auto'] - best:+.2f}" if "auto" in vals and single else "-"
-            out.append(f"| {row['model']} | {100 * row['fp32'][split]:.1f} | {' | '.join(cells)} | {gap} |")
+            best = max(row["methods"][m][split] for m in SINGLE if m in row["methods"])
+            cells = []
+            for m in methods:
+                e = row["methods"].get(m)
+                if e is None:
+                    cells.append("-")
+                    continue
+                mark = ("*" if m in SINGLE and e[split] == best else "") + ("" if e.get("check_met") else " !")
+                cells.append(f"{100 * e[split]:.2f}{mark}")
+            out.append(f"| {row['model']} | {100 * row['fp32'][split]:.2f} | {' | '.join(cells)} |")
+    for split in SPLITS:
+        for cap in (False, True):
+            pick, worst = choose_default(rows, list(methods), split, cap)
+            out.append(f"\nWorst shortfall over models on {split} (points; <= 0 meets 'within 1 pt of fp32 and 0.3 pt "
+                       f"of the best single method'{', best capped at fp32' if cap else ''}): "
+                       + ", ".join(f"{m} {w:+.2f}" for m, w in worst.items()) + f" -> {pick}")
+    bad = unflagged_damage(rows)
+    out.append("\nMethods losing > 3 points with a passing check: " + ("; ".join(bad) if bad else "none"))
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ranges_study", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(suite.SUITE))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--samples", type=int, default=40, help="lines per split (det: a quarter as many pages)")
-    p.add_argument("--max-calib", type=int, default=None, help="calibrate on at most this many samples")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
-    rows = study(models, methods, fetch.CACHE, args.samples, args.max_calib)
-    print(table(rows, methods))
+    rows = study(models, methods, fetch.CACHE, args.threads)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(run._jsonable(rows), indent=1))
+    print(table(rows, methods))
     return 0
 
 

@@ -7,10 +7,13 @@ For each suite model (``benchmarks.suite.SUITE``):
    the child's peak resident set (``VmHWM``).  A failure, a timeout or a crash is a row with the
    error, not the end of the run.
 2. **Evaluate**: an onnxruntime session per candidate (CPU, ``--threads`` intra-op threads,
-   graph optimization ``all``; a model onnxruntime cannot load is an error row) runs the evaluation
-   set; the task metric compares the first output with the ground truth (or with fp32 where the
-   task has no ground truth), and ``FidelityAccumulator`` gives SQNR and cosine of the first output
-   against fp32.
+   graph optimization ``all``; a model onnxruntime cannot load is an error row) runs both scored
+   splits of the model, ``tune`` (the evaluation set, which settings are chosen on) and ``report``
+   (held-out data from another source, ``Task.report_batches``; see ``benchmarks/suite.py``); the
+   task metric compares the first output with the ground truth (or with fp32 where the task has
+   no ground truth), and ``FidelityAccumulator`` gives SQNR and cosine of the first output against
+   fp32.  ``metrics``/``fidelity`` of a row are the tune split's, ``report_metrics``/
+   ``report_fidelity`` the report split's.
 3. **Latency**: all candidates that evaluated are timed together with
    ``onnxcomp.measure.latency.measure_latency`` (interleaved rounds, batch 1, the same few evaluation
    samples cycled), so a slow drift of the shared machine hits them alike.  ``x fp32`` is
@@ -74,6 +77,8 @@ class Row:
     build: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     fidelity: dict = field(default_factory=dict)
+    report_metrics: dict = field(default_factory=dict)
+    report_fidelity: dict = field(default_factory=dict)
     latency: dict = field(default_factory=dict)
     model_bytes: bytes | None = field(default=None, repr=False)
     times: tuple[float, ...] | None = field(default=None, repr=False)
@@ -265,7 +270,11 @@ def build_candidate(task: Task, cand: Candidate, cache: Path, reuse: bool) -> Ro
     record_path.write_text(json.dumps(record, indent=2, default=str))
     row.build = {k: record.get(k) for k in ("wall_s", "peak_rss_mb", "rss_before_mb", "notes")}
     if not record.get("ok"):
-        _fail(row, "build", record.get("error", "unknown error"))
+        error = record.get("error", "unknown error")
+        if error.startswith("Unavailable: "):  # the tool is not installed (benchmarks.baselines.Unavailable)
+            row.status, row.error = "skipped", error.removeprefix("Unavailable: ")
+        else:
+            _fail(row, "build", error)
     return row
 
 
@@ -282,8 +291,14 @@ def load_bytes(row: Row, path: Path) -> None:
         _fail(row, "load", f"{type(exc).__name__}: {exc}")
 
 
-def evaluate(task: Task, row: Row, threads: int, ref: np.ndarray | None) -> np.ndarray | None:
-    """Run the evaluation set; fill ``row.metrics``/``row.fidelity``; return output 0 (concatenated)."""
+SPLITS = ("tune", "report")
+
+
+def evaluate(task: Task, row: Row, threads: int, refs: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """Run both splits; fill ``row.metrics``/``row.fidelity`` (tune) and ``row.report_metrics``/
+    ``row.report_fidelity`` (report); return ``{split: output 0 concatenated}``.
+
+    ``refs`` are fp32's outputs (``None`` when ``row`` is fp32 itself)."""
     from onnxcomp.measure.latency import SessionCreationError, SessionSpec
     from onnxcomp.measure.metrics import FidelityAccumulator
 
@@ -293,36 +308,46 @@ def evaluate(task: Task, row: Row, threads: int, ref: np.ndarray | None) -> np.n
     except SessionCreationError as exc:
         _fail(row, "onnxruntime cannot load the model", exc.ort_message.splitlines()[0] if exc.ort_message else str(exc))
         return None
-    outs = []
-    acc = FidelityAccumulator(channel_axis=None, name=row.candidate)
-    offset = 0
-    t0 = time.perf_counter()
+    results: dict[str, np.ndarray] = {}
     try:
-        for feed in task.eval_batches:
-            out = sess.run(None, feed)[0]
-            outs.append(out)
-            if ref is not None:
-                acc.update(ref[offset : offset + out.shape[0]], out)
-            offset += out.shape[0]
-    except Exception as exc:
-        _fail(row, "onnxruntime failed to run", str(exc).strip().splitlines()[0])
-        return None
+        for split in SPLITS:
+            batches = task.eval_batches if split == "tune" else task.report_batches
+            if not batches:
+                continue
+            ref = None if refs is None else refs[split]
+            outs = []
+            acc = FidelityAccumulator(channel_axis=None, name=row.candidate)
+            offset = 0
+            t0 = time.perf_counter()
+            try:
+                for feed in batches:
+                    out = sess.run(None, feed)[0]
+                    outs.append(out)
+                    if ref is not None:
+                        acc.update(ref[offset : offset + out.shape[0]], out)
+                    offset += out.shape[0]
+            except Exception as exc:
+                _fail(row, "onnxruntime failed to run", f"{split} split: " + str(exc).strip().splitlines()[0])
+                return None
+            eval_s = time.perf_counter() - t0
+            result = np.concatenate(outs, axis=0)
+            try:
+                scores = task.score(result, result if ref is None else ref, split=split)
+            except Exception as exc:
+                _fail(row, "metric", f"{split} split: {type(exc).__name__}: {exc}")
+                return None
+            metrics = {k: float(v) for k, v in scores.items()}
+            metrics["eval_s"] = eval_s
+            fid = acc.result() if ref is not None else None
+            fidelity = {"sqnr_db": fid.sqnr_db, "cosine": fid.cosine} if fid else {"sqnr_db": float("inf"), "cosine": 1.0}
+            if split == "tune":
+                row.metrics, row.fidelity = metrics, fidelity
+            else:
+                row.report_metrics, row.report_fidelity = metrics, fidelity
+            results[split] = result
     finally:
         del sess
-    eval_s = time.perf_counter() - t0
-    result = np.concatenate(outs, axis=0)
-    try:
-        row.metrics = {k: float(v) for k, v in task.score(result, result if ref is None else ref).items()}
-    except Exception as exc:
-        _fail(row, "metric", f"{type(exc).__name__}: {exc}")
-        return None
-    if ref is not None:
-        fid = acc.result()
-        row.fidelity = {"sqnr_db": fid.sqnr_db, "cosine": fid.cosine}
-    else:
-        row.fidelity = {"sqnr_db": float("inf"), "cosine": 1.0}
-    row.metrics["eval_s"] = eval_s
-    return result
+    return results
 
 
 # --------------------------------------------------------------------------- latency
@@ -433,9 +458,12 @@ def table_rows(model_result: dict) -> list[list[str]]:
     fp32_size = next((r["size_bytes"] for r in model_result["rows"] if r["candidate"] == "fp32"), None)
     best = model_result.get("best_ort")
     out = []
+    fp32_report = model_result.get("fp32_report_metric")
     for r in model_result["rows"]:
         m = r["metrics"].get(metric)
         delta = None if (m is None or fp32 is None or r["candidate"] == "fp32") else (m - fp32) * 100
+        rm = (r.get("report_metrics") or {}).get(metric)
+        rdelta = None if (rm is None or fp32_report is None or r["candidate"] == "fp32") else (rm - fp32_report) * 100
         lat = r["latency"]
         name = r["candidate"] + (" *" if best and r["candidate"] == best else "")
         size_ratio = (r["size_bytes"] / fp32_size) if (r["size_bytes"] and fp32_size) else None
@@ -454,6 +482,8 @@ def table_rows(model_result: dict) -> list[list[str]]:
             _fmt_num(size_ratio, ".3f"),
             _fmt_num(m, ".4f"),
             "-" if delta is None else f"{delta:+.2f}",
+            _fmt_num(rm, ".4f"),
+            "-" if rdelta is None else f"{rdelta:+.2f}",
             _fmt_num(r["fidelity"].get("sqnr_db"), ".1f"),
             _fmt_num(lat.get("median_ms"), ".3f"),
             _fmt_ratio(lat.get("ratio_fp32"), lat.get("ratio_fp32_ci")),
@@ -465,11 +495,13 @@ def table_rows(model_result: dict) -> list[list[str]]:
     return out
 
 
-HEADERS = ["candidate", "status", "size", "x size", "metric", "Δ pts", "SQNR dB", "median ms",
+HEADERS = ["candidate", "status", "size", "x size", "tune metric", "tune Δ pts", "report metric", "report Δ pts",
+           "tune SQNR dB", "median ms",
            "x fp32 [95% CI]", "x best ORT [95% CI]", "tool s", "tool peak RSS MB", "note"]
 
 
-TERMINAL_COLUMNS = ["candidate", "size", "metric", "Δ pts", "SQNR dB", "median ms", "x fp32 [95% CI]",
+TERMINAL_COLUMNS = ["candidate", "size", "tune metric", "tune Δ pts", "report metric", "report Δ pts", "median ms",
+                    "x fp32 [95% CI]",
                     "x best ORT [95% CI]", "tool s", "tool peak RSS MB"]
 
 
@@ -478,7 +510,8 @@ def print_model_table(console, model_result: dict) -> None:
 
     t = Table(title=f"{model_result['name']}: {model_result['metric_label']} ({model_result['metric']})",
               title_justify="left")
-    short = {"tool peak RSS MB": "RSS MB", "x best ORT [95% CI]": "x best ORT", "x fp32 [95% CI]": "x fp32"}
+    short = {"tool peak RSS MB": "RSS MB", "x best ORT [95% CI]": "x best ORT", "x fp32 [95% CI]": "x fp32",
+             "tune metric": "tune", "tune Δ pts": "tune Δ", "report metric": "report", "report Δ pts": "report Δ"}
     keep = [HEADERS.index(h) for h in TERMINAL_COLUMNS]
     for h in TERMINAL_COLUMNS:
         t.add_column(short.get(h, h), no_wrap=True, justify="left" if h == "candidate" else "right")
@@ -522,9 +555,11 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         "## How to read the tables",
         "",
-        "- **metric**: the model's primary task metric on its evaluation set (fractions, higher is better); "
-        "**Δ pts** = (candidate - fp32) x 100. **SQNR dB**: of the model's first output against fp32's over "
-        "the evaluation set.",
+        "- **tune metric**: the model's primary task metric on its evaluation set, the `tune` split that "
+        "settings and defaults are chosen on (fractions, higher is better); **report metric**: the same on "
+        "the `report` split, held-out data from another source that nothing was chosen on (see each "
+        "model's `Report split` line); **Δ pts** = (candidate - fp32) x 100 on that split. **tune SQNR dB**: "
+        "of the model's first output against fp32's over the tune split.",
         "- **median ms**: batch-1 latency, all candidates of a model timed together in interleaved rounds "
         f"(`onnxcomp.measure.latency.measure_latency`: "
         f"{meta['settings']['runs'] or '500 (digits), 300 (ppocr_cls) or 100 (others)'} rounds at most, "
@@ -545,20 +580,23 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         "## Summary",
         "",
-        "| model | metric | fp32 | fp32 median ms | best ORT baseline | its metric | its x fp32 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | metric | fp32 tune | fp32 report | fp32 median ms | best ORT baseline (by tune) | its tune metric "
+        "| its report metric | its x fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results["models"].values():
         if res["status"] != "ok":
-            lines.append(f"| {res['name']} | - | {res['status']}: {_md_escape(res.get('error') or '')} | | | | |")
+            lines.append(f"| {res['name']} | - | {res['status']}: {_md_escape(res.get('error') or '')} | | | | | | |")
             continue
         fp32_row = next(r for r in res["rows"] if r["candidate"] == "fp32")
         best = next((r for r in res["rows"] if r["candidate"] == res.get("best_ort")), None)
         lines.append(
             f"| {res['name']} | {res['metric']} | {_fmt_num(res.get('fp32_metric'), '.4f')} | "
+            f"{_fmt_num(res.get('fp32_report_metric'), '.4f')} | "
             f"{_fmt_num(fp32_row['latency'].get('median_ms'), '.3f')} | "
             f"{(best['candidate'] + ('' if res.get('best_ort_accurate') else ' (inaccurate)')) if best else '-'} | "
             f"{_fmt_num(best['metrics'].get(res['metric']), '.4f') if best else '-'} | "
+            f"{_fmt_num((best.get('report_metrics') or {}).get(res['metric']), '.4f') if best else '-'} | "
             f"{_fmt_ratio(best['latency'].get('ratio_fp32'), best['latency'].get('ratio_fp32_ci')) if best else '-'} |"
         )
     lines.append("")
@@ -570,7 +608,7 @@ def write_markdown(path: Path, results: dict) -> None:
         info = res["info"]
         lines.append(
             f"{res['description']}. Metric: {res['metric_label']} (`{res['metric']}`). "
-            f"Calibration {res['calib_samples']} samples, evaluation {res['eval_samples']} samples. "
+            f"Calibration {res['calib_samples']} samples, evaluation (tune split) {res['eval_samples']} samples. "
             f"Input {info.get('input', '?')}. Latency rounds: "
             f"{next((r['latency'].get('runs') for r in res['rows'] if r['latency'].get('runs')), '-')}."
         )
@@ -578,6 +616,9 @@ def write_markdown(path: Path, results: dict) -> None:
         if data:
             lines.append("")
             lines.append("Data: " + "; ".join(f"{k} {v}" for k, v in data.items()) + ".")
+        if res.get("report_source"):
+            lines.append("")
+            lines.append(f"Report split: {res['report_samples']} samples, {res['report_source']}.")
         if info.get("export"):
             ex = info["export"]
             lines.append("")
@@ -603,7 +644,7 @@ def write_markdown(path: Path, results: dict) -> None:
         lines.append("")
         extra = sorted({k for r in res["rows"] for k in r["metrics"] if k not in (res["metric"], "eval_s")})
         if extra:
-            lines.append("Other metrics: " + "; ".join(
+            lines.append("Other metrics (tune split): " + "; ".join(
                 f"{r['candidate']}: " + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in extra if k in r["metrics"])
                 for r in res["rows"] if r["status"] == "ok"
             ) + ".")
@@ -684,9 +725,12 @@ def run_model(name: str, cands: list[Candidate], args, console, ctx: Context) ->
         res.update(status="error", error=f"preparation failed: {type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc().splitlines()[-5:])
         return res
+    report_samples = sum(next(iter(b.values())).shape[0] for b in task.report_batches or [])
     res.update(metric=task.metric, metric_label=task.metric_label, calib_samples=task.calib_samples,
-               eval_samples=task.eval_samples, info=task.info, prepare_s=time.perf_counter() - t0)
-    console.print(f"  data: calib {task.calib_samples}, eval {task.eval_samples} ({time.perf_counter() - t0:.1f} s)")
+               eval_samples=task.eval_samples, report_samples=report_samples, report_source=task.report_source,
+               info=task.info, prepare_s=time.perf_counter() - t0)
+    console.print(f"  data: calib {task.calib_samples}, tune {task.eval_samples}, report {report_samples} "
+                  f"({time.perf_counter() - t0:.1f} s)")
 
     rows = [Row(name, "fp32", "fp32")]
     applicable = [c for c in cands if name not in c.skip_models]
@@ -718,10 +762,13 @@ def run_model(name: str, cands: list[Candidate], args, console, ctx: Context) ->
                 return res
             ref = out
         if r.status == "ok":
-            console.print(f"  eval  {r.candidate:<24} {task.metric} {r.metrics[task.metric]:.4f}  ({r.metrics['eval_s']:.1f} s)")
+            rep_m = r.report_metrics.get(task.metric)
+            console.print(f"  eval  {r.candidate:<24} {task.metric} tune {r.metrics[task.metric]:.4f}"
+                          + ("" if rep_m is None else f" report {rep_m:.4f}") + f"  ({r.metrics['eval_s']:.1f} s)")
         else:
             console.print(f"  eval  {r.candidate:<24} [red]{escape(r.error[:150])}[/]")
     fp32_metric = rows[0].metrics.get(task.metric)
+    res["fp32_report_metric"] = rows[0].report_metrics.get(task.metric)
     if fp32_metric is not None and fp32_metric < task.expect_fp32:
         console.print(f"[yellow]  warning: fp32 {task.metric} {fp32_metric:.4f} is below the expected {task.expect_fp32}[/]")
 

@@ -22,6 +22,16 @@ Rendering (Pillow, DejaVu fonts from ``/usr/share/fonts/truetype/dejavu``)
     Preprocessing follows the rapidocr wheel: the picture is handled in BGR order, resized to the
     model height keeping the aspect ratio (width capped at the model width, squeezing wider
     crops), scaled ``(x / 255 - 0.5) / 0.5``, laid out CHW and right-padded with zeros.
+
+Report split (``*_report_samples``)
+    Data the tuning split never shows, for numbers that were not used to choose anything: sentences
+    from Python standard-library docstrings (:func:`report_sentences`; another source than the
+    license texts), other typefaces (:func:`report_fonts`: Liberation and GNU FreeFont when the
+    Debian packages ``fonts-liberation2`` / ``fonts-freefont-ttf`` are installed, plus the DejaVu
+    faces the tuning split does not use), font sizes 14-63 px, any foreground/background colours
+    with enough contrast (light on dark too) and Gaussian pixel noise.  Det report pages are laid out
+    as paragraphs (left-aligned blocks of evenly spaced lines, one or two columns) instead of
+    scattered lines, with random colours (dark pages too) and noise.
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ FONT_NAMES = (
     "DejaVuSansMono.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
     "DejaVuSerifCondensed.ttf", "DejaVuSansMono-Bold.ttf",
 )
+#: Typefaces of the report split (whichever of them are installed): other families than the
+#: tuning split's, from the Debian packages fonts-liberation2 and fonts-freefont-ttf.
+REPORT_FONT_DIRS = (Path("/usr/share/fonts/truetype/liberation2"), Path("/usr/share/fonts/truetype/liberation"),
+                    Path("/usr/share/fonts/truetype/freefont"))
 _PRINTABLE = set(string.ascii_letters + string.digits + string.punctuation + " ")
 
 
@@ -110,6 +124,27 @@ def sentences_from_text(raw: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def report_sentences() -> tuple[tuple[str, ...], str]:
+    """``(sentences, source)`` of the report split: text that is not in :func:`corpus`.
+
+    Python standard-library docstrings when the corpus is the license texts; without the license
+    folder the corpus is those docstrings already, and the report split gets the second half of the
+    ``eval`` pool (disjoint sentences of the same source, said so in the source description).
+    """
+    import contextlib
+    import io as _io
+
+    sents, source, _ = corpus()
+    if source.startswith(str(LICENSE_DIR)):
+        with contextlib.redirect_stdout(_io.StringIO()):  # importing ``this`` prints the Zen of Python
+            other = sentences_from_text(_stdlib_text())
+        taken = set(sents)
+        return tuple(s for s in other if s not in taken), "Python standard-library docstrings"
+    pool = split_sentences()["eval"]
+    return tuple(pool[len(pool) // 2 :]), "second half of the eval sentence pool (no license texts here)"
+
+
 def split_sentences(seed: int = 0) -> dict[str, list[str]]:
     """Disjoint ``calib`` / ``eval`` sentence pools (see the module docstring)."""
     sents = list(corpus()[0])
@@ -122,11 +157,27 @@ def split_sentences(seed: int = 0) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- fonts and lines
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)
 def _font(name: str, size: int):
+    """A font by file name in :data:`FONT_DIR` or by absolute path."""
     from PIL import ImageFont
 
     return ImageFont.truetype(str(FONT_DIR / name), size)
+
+
+@functools.lru_cache(maxsize=1)
+def report_fonts() -> tuple[str, ...]:
+    """Absolute paths of the report split's typefaces: none of them is in :data:`FONT_NAMES`."""
+    found = sorted(str(p) for d in REPORT_FONT_DIRS if d.is_dir() for p in d.glob("*.ttf"))
+    unused_dejavu = sorted(str(p) for p in FONT_DIR.glob("DejaVu*.ttf")
+                           if p.name not in FONT_NAMES and "Math" not in p.name)
+    return tuple(found + unused_dejavu)
+
+
+def report_fonts_info() -> str:
+    fonts = report_fonts()
+    families = sorted({Path(f).parent.name for f in fonts})
+    return f"{len(fonts)} faces ({', '.join(families)}; DejaVu only faces the tuning split does not use)"
 
 
 def fonts_available() -> bool:
@@ -209,17 +260,44 @@ class LineImage:
     image: np.ndarray  # HxWx3 uint8, RGB
 
 
-def render_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> LineImage:
+def _draw_line(rng: np.random.Generator, pool: list[str], max_aspect: float, fonts, sizes: tuple[int, int],
+               margins: tuple[int, int], colors) -> tuple[str, np.ndarray]:
+    """One line's text and RGB crop: a face of ``fonts`` at a size in ``[sizes)``, margins below
+    ``margins`` (x, y), ``colors(rng) -> (bg, fg)``."""
     from PIL import Image, ImageDraw
 
-    font = _font(FONT_NAMES[int(rng.integers(len(FONT_NAMES)))], int(rng.integers(28, 41)))
-    margin = (int(rng.integers(2, 10)), int(rng.integers(2, 7)))
+    font = _font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(*sizes)))
+    margin = (int(rng.integers(2, margins[0])), int(rng.integers(2, margins[1])))
     text = sample_line_text(rng, pool, font, max_aspect, margin)
     width, height = _line_size(text, font, margin)
-    bg, fg = _colors(rng)
+    bg, fg = colors(rng)
     img = Image.new("RGB", (width, height), bg)
     ImageDraw.Draw(img).text(margin, text, font=font, fill=fg)
-    return LineImage(text, np.asarray(img))
+    return text, np.asarray(img)
+
+
+def render_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> LineImage:
+    return LineImage(*_draw_line(rng, pool, max_aspect, FONT_NAMES, (28, 41), (10, 7), _colors))
+
+
+def _contrasting_colors(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Any background and foreground colour whose mean levels differ by at least 90 (of 255)."""
+    bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    while abs(np.mean(bg) - np.mean(fg)) < 90:
+        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+    return bg, fg
+
+
+def _add_noise(rng: np.random.Generator, image: np.ndarray, max_sigma: float) -> np.ndarray:
+    noisy = image.astype(np.float32) + rng.normal(0.0, rng.uniform(0.0, max_sigma), image.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def render_report_line(rng: np.random.Generator, pool: list[str], max_aspect: float) -> LineImage:
+    """A line of the report split: report typefaces, 14-63 px, any contrasting colours, noise."""
+    text, img = _draw_line(rng, pool, max_aspect, report_fonts(), (14, 64), (14, 10), _contrasting_colors)
+    return LineImage(text, _add_noise(rng, img, 12.0))
 
 
 def normalize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -243,25 +321,27 @@ def normalize_page(image: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- data sets
 
 
-def rec_samples(pool: list[str], n: int, seed: int, height: int = 48, width: int = 320):
-    """``(x [n, 3, height, width], texts)`` of rendered lines that fit ``width`` without squeezing."""
+def rec_samples(pool: list[str], n: int, seed: int, height: int = 48, width: int = 320, render=render_line):
+    """``(x [n, 3, height, width], texts)`` of rendered lines that fit ``width`` without squeezing.
+
+    ``render`` is :func:`render_line` (tuning) or :func:`render_report_line` (report split)."""
     rng = np.random.default_rng(seed)
     xs, texts = [], []
     for _ in range(n):
-        line = render_line(rng, pool, max_aspect=width / height)
+        line = render(rng, pool, max_aspect=width / height)
         xs.append(normalize_crop(line.image, height, width))
         texts.append(line.text)
     return np.stack(xs), texts
 
 
-def cls_samples(pool: list[str], n: int, seed: int, height: int = 48, width: int = 192):
+def cls_samples(pool: list[str], n: int, seed: int, height: int = 48, width: int = 192, render=render_line):
     """``(x [n, 3, height, width], labels)``: every other crop (shuffled) is rotated by 180 degrees."""
     rng = np.random.default_rng(seed)
     labels = np.array([i % 2 for i in range(n)], dtype=np.int64)
     rng.shuffle(labels)
     xs = []
     for lab in labels:
-        line = render_line(rng, pool, max_aspect=1.25 * width / height)
+        line = render(rng, pool, max_aspect=1.25 * width / height)
         img = line.image[::-1, ::-1] if lab else line.image
         xs.append(normalize_crop(np.ascontiguousarray(img), height, width))
     return np.stack(xs), labels
@@ -309,5 +389,55 @@ def det_samples(pool: list[str], n: int, seed: int, size: int = 480, lines: tupl
             occupied.append((x, y, x + tw, y + th))
             boxes.append([xs_.min(), ys.min(), xs_.max() + 1, ys.max() + 1])
         xs.append(normalize_page(np.asarray(page)))
+        all_boxes.append(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+    return np.stack(xs), all_boxes
+
+
+def det_report_samples(pool: list[str], n: int, seed: int, size: int = 480):
+    """``(x [n, 3, size, size], gt_boxes)``: report pages laid out as paragraphs.
+
+    Each page holds one or two columns of left-aligned text blocks (a report typeface, 14-30 px,
+    line pitch 1.4-2.2 line heights, a blank line or more between blocks), any contrasting colours
+    (dark pages too) and pixel noise.  Boxes are ink boxes of each line, as in :func:`det_samples`.
+    """
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    fonts = report_fonts()
+    xs, all_boxes = [], []
+    for _ in range(n):
+        bg, fg = _contrasting_colors(rng)
+        page = Image.new("RGB", (size, size), bg)
+        draw = ImageDraw.Draw(page)
+        mask = Image.new("L", (size, size), 0)
+        mdraw = ImageDraw.Draw(mask)
+        columns = int(rng.integers(1, 3))
+        gutter = 24
+        col_w = (size - 2 * 16 - (columns - 1) * gutter) // columns
+        boxes = []
+        for c in range(columns):
+            x0 = 16 + c * (col_w + gutter)
+            y = int(rng.integers(10, 40))
+            while True:
+                font = _font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(14, 31)))
+                _, lh = _line_size("Ag", font, (0, 0))
+                pitch = int(lh * rng.uniform(1.4, 2.2))
+                block = int(rng.integers(2, 7))
+                if y + lh > size - 10:
+                    break
+                for _ in range(block):
+                    if y + lh > size - 10:
+                        break
+                    width = col_w * float(rng.uniform(0.45, 1.0))
+                    text = sample_line_text(rng, pool, font, max_aspect=width / lh, margin=(0, 0))
+                    mask.paste(0, (0, 0, size, size))
+                    mdraw.text((x0, y), text, font=font, fill=255)
+                    ys, xs_ = np.nonzero(np.asarray(mask))
+                    if ys.size and xs_.max() < size:
+                        draw.text((x0, y), text, font=font, fill=fg)
+                        boxes.append([xs_.min(), ys.min(), xs_.max() + 1, ys.max() + 1])
+                    y += pitch
+                y += int(pitch * rng.uniform(1.0, 2.0))
+        xs.append(normalize_page(_add_noise(rng, np.asarray(page), 10.0)))
         all_boxes.append(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
     return np.stack(xs), all_boxes
