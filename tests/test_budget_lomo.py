@@ -26,7 +26,7 @@ def _results():
 
 
 def test_builds_classify_good_and_kind():
-    rows = budget_lomo.builds(_results())
+    rows = budget_lomo.builds_from_results(_results(), set())
     by = {(b.model, b.candidate): b for b in rows}
     assert by["a", "ok"].good and not by["a", "bad"].good and by["a", "ok"].kind == "agreement"
     assert by["m", "ok"].kind == "cosine" and by["m", "bad"].value == 0.93
@@ -34,12 +34,13 @@ def test_builds_classify_good_and_kind():
 
 
 def test_left_out_model_is_judged_by_thresholds_from_the_others():
-    table = {r["model"]: r for r in budget_lomo.lomo(budget_lomo.builds(_results()))}
+    table = {r["model"]: r for r in budget_lomo.lomo(budget_lomo.builds_from_results(_results(), set()))}
     # without c: the worst bad agreement elsewhere is 0.97, so c's 0.975 passes although it lost 1.5 points
     assert table["c"]["thresholds"]["agreement"] == 0.97 and table["c"]["false_pass"] == ["edge"]
-    # without a: b's bad build sets 0.97; a's good build (0.995) passes, its bad one (0.96) does not
+    # without a: c's bad build (0.975) sets the threshold; a's good build (0.995) passes, its bad one (0.96) does not
+    assert table["a"]["thresholds"]["agreement"] == 0.975
     assert table["a"]["false_pass"] == [] and table["a"]["false_alarm"] == []
     # m is the only cosine model: nothing to learn from, the default 0.985 applies and flags its good build
     assert table["m"]["thresholds"]["cosine"] is None and table["m"]["false_alarm"] == ["ok"]
     text = budget_lomo.render(list(table.values()), "x.json")
-    assert "| c | agreement | 1 (0) | 0.9700 | 0.9300 | edge | 0 | 0 / 0 |" in text
+    assert "| c | top1_agreement | 1 (0) | - / 0.9750 | 0.9700 | 0.9300 | edge | 0 | 0 / 0 |" in text
