@@ -6,6 +6,8 @@ Small seeded models built in code; every Gram is checked against onnxruntime's o
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx.helper as oh
 import pytest
@@ -97,3 +99,107 @@ def test_gram_refuses_bad_max_rows(rng):
     model, _ = _conv_dense_model(rng)
     with pytest.raises(ValueError, match="max_rows"):
         collect_grams(model, [_node(model, "mm")], _feeds(rng, 1), max_rows=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ
+# ------------------------------------------------------------------------------------------------
+
+from onnxcomp.quant.api import quantize  # noqa: E402
+from onnxcomp.quant.config import QuantizeConfig  # noqa: E402
+from onnxcomp.quant.gptq import compensated_round, gptq_round, output_error  # noqa: E402
+from onnxcomp.testing import sqnr_db  # noqa: E402
+
+
+def _mlp(rng, k=64, h=128, m=64):
+    """x[N,k] -> MatMul W1[k,h] + b1 -> Relu -> Gemm(transB=1) W2[m,h] + b2 -> y[N,m]."""
+    inits = {
+        "w1": (rng.standard_normal((k, h)) / np.sqrt(k)).astype(np.float32),
+        "b1": (rng.standard_normal(h) * 0.1).astype(np.float32),
+        "w2": (rng.standard_normal((m, h)) / np.sqrt(h)).astype(np.float32),
+        "b2": (rng.standard_normal(m) * 0.1).astype(np.float32),
+    }
+    nodes = [
+        oh.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+        oh.make_node("Add", ["a", "b1"], ["ab"], name="bias1"),
+        oh.make_node("Relu", ["ab"], ["r"], name="relu"),
+        oh.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1, name="fc2"),
+    ]
+    return _model(nodes, [("x", ["N", k])], [("y", ["N", m])], inits)
+
+
+def _correlated(rng, n_feeds, rows, k, seed_mix=7):
+    """Inputs with strongly unequal, correlated features (as real layer inputs are)."""
+    mix = np.random.default_rng(seed_mix).standard_normal((k, k)) * np.geomspace(3.0, 0.05, k)[:, None]
+    return [{"x": (rng.standard_normal((rows, k)) @ mix).astype(np.float32)} for _ in range(n_feeds)]
+
+
+def _sqnr_on(model, quantized, feeds, optimization="disable"):
+    ref = np.concatenate([o[0] for o in run_model(model, feeds, optimization=optimization)])
+    got = np.concatenate([o[0] for o in run_model(quantized, feeds, optimization=optimization)])
+    return sqnr_db(ref, got)
+
+
+def test_gptq_round_beats_nearest_on_the_hessian_and_stays_on_the_grid(rng):
+    k, n = 96, 40
+    x = _correlated(rng, 1, 2000, k)[0]["x"].astype(np.float64)
+    h = x.T @ x
+    w = rng.standard_normal((n, k))
+    scale = np.abs(w).max(axis=1, keepdims=True) / 7.0
+    q_near = np.clip(np.rint(w / scale), -8, 7)
+    q = gptq_round(w, h, scale, -8, 7)
+    assert q.dtype == np.int32 and q.min() >= -8 and q.max() <= 7
+    e_near, e_gptq = output_error(w, q_near * scale, h), output_error(w, q * scale, h)
+    assert 10 * np.log10(e_near / e_gptq) > 2.0
+    q_act = gptq_round(w, h, scale, -8, 7, act_order=True)
+    assert output_error(w, q_act * scale, h) < e_near
+    # With H = I (uncorrelated unit inputs) GPTQ is round-to-nearest exactly.
+    np.testing.assert_array_equal(gptq_round(w, np.eye(k), scale, -8, 7, damp=1e-6), q_near)
+    # All-zero inputs: nothing to compensate; round-to-nearest is kept.
+    res = compensated_round(w, np.zeros((k, k)), scale, q_near, -8, 7)
+    assert res.method == "nearest"
+    np.testing.assert_array_equal(res.q, q_near)
+
+
+@pytest.mark.parametrize("fmt,block", [("qdq", 32), ("qdq", 64), ("ort", 32)])
+def test_weight_only_int4_gptq_beats_nearest_in_onnxruntime(rng, fmt, block):
+    model = _mlp(rng)
+    calib = _correlated(rng, 16, 32, 64)
+    evaluation = _correlated(np.random.default_rng(99), 8, 32, 64)
+    base = QuantizeConfig(mode="weight-only", bits=4, block_size=block, weight_only_format=fmt)
+    near, rep_n = quantize(model, calib, dataclasses.replace(base, rounding="nearest"))
+    gptq, rep_g = quantize(model, calib, base)  # auto: GPTQ with data at 4 bits
+    assert rep_n["rounding"]["method"] == "nearest"
+    assert rep_g["rounding"]["method"] == "gptq" and rep_g["rounding"]["weights"] == 2
+    assert rep_g["weight_bytes_after"] == rep_n["weight_bytes_after"]  # same storage
+    s_near = _sqnr_on(model, near, evaluation)
+    s_gptq = _sqnr_on(model, gptq, evaluation)
+    assert s_gptq > s_near + 2.0, (s_near, s_gptq)
+    assert s_gptq > 20.0
+    # onnxruntime's optimized graph (MatMulNBits fusion) computes the same model.
+    assert abs(_sqnr_on(model, gptq, evaluation, "all") - s_gptq) < 0.5
+    # without data, auto is round-to-nearest and identical to the explicit option
+    again, rep = quantize(model, None, base)
+    assert rep["rounding"]["method"] == "nearest"
+    assert _sqnr_on(model, again, evaluation) == pytest.approx(s_near, abs=1e-6)
+
+
+def test_gptq_without_data_is_refused(rng):
+    from onnxcomp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rounding 'gptq' needs calibration"):
+        quantize(_mlp(rng), None, QuantizeConfig(mode="weight-only", rounding="gptq"))
+    with pytest.raises(ConfigError, match="rounding"):
+        QuantizeConfig(rounding="stochastic")
+
+
+def test_dynamic_int8_gptq_not_worse(rng):
+    model = _mlp(rng)
+    calib = _correlated(rng, 16, 32, 64)
+    evaluation = _correlated(np.random.default_rng(5), 8, 32, 64)
+    near, _ = quantize(model, calib, QuantizeConfig(mode="dynamic", rounding="nearest"))
+    gptq, rep = quantize(model, calib, QuantizeConfig(mode="dynamic", rounding="gptq"))
+    assert rep["rounding"]["method"] == "gptq"
+    layers = rep["rounding"]["layers"]
+    assert all(v["output_error"] <= v["output_error_nearest"] for v in layers.values())
+    assert _sqnr_on(model, gptq, evaluation, "all") > _sqnr_on(model, near, evaluation, "all") - 0.2

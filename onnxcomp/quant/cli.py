@@ -34,7 +34,7 @@ __all__: list[str] = []
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the quantized model")
-    p.add_argument("--calibration", metavar="FILE", help="calibration data: .npz file or folder (static mode)")
+    p.add_argument("--calibration", metavar="FILE", help="calibration data: .npz file or folder (static mode; weight-only/dynamic: for --rounding gptq)")
     p.add_argument("--mode", choices=("static", "weight-only", "dynamic"), default="static")
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8",
                    help="activation type (default uint8: onnxruntime's fast path on x86)")
@@ -60,6 +60,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
     p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
                    help="weight-only storage: blocked DequantizeLinear (opset 21) or onnxruntime MatMulNBits")
+    p.add_argument("--rounding", choices=("auto", "nearest", "gptq"), default="auto",
+                   help="weights to integers: nearest, or gptq (error-compensating, needs --calibration); "
+                        "auto (default): gptq for 4-bit weight-only when --calibration is given")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (exact in float)")
     p.add_argument("--smoothquant", action="store_true", help="migrate activation outliers into MatMul/Gemm weights")
@@ -143,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         fidelity_target=args.fidelity_target,
         max_drop=args.max_drop,
         latency_aware=args.latency_aware,
+        rounding=args.rounding,
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")

@@ -1,6 +1,9 @@
 r"""Weight-only and dynamic quantization of MatMul / Gemm (and, on request, Conv) weights.
 
-Two modes of :func:`onnxcomp.quant.api.quantize`, neither of which needs calibration data:
+Two modes of :func:`onnxcomp.quant.api.quantize`, neither of which needs calibration data. Given
+some, the integers are chosen by error-compensating rounding (GPTQ, :mod:`onnxcomp.quant.gptq`:
+``config.rounding``, by default for 4-bit weight-only) on exactly the grids and scales below;
+without, by round-to-nearest:
 
 **weight-only** (:func:`quantize_weight_only_mode`): the constant weight of a MatMul or Gemm is
 stored as 4- or 8-bit integers with one float32 scale per block of ``block_size`` consecutive
@@ -78,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import ml_dtypes
@@ -91,7 +95,10 @@ from onnxcomp.io import initializer_nbytes
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.primitives import MIN_SCALE, blockwise_minmax, compute_scale_zero_point, quantize, quantize_weight
+from onnxcomp.quant.gptq import Rounder, make_rounder, rounding_report
+from onnxcomp.quant.primitives import (
+    MIN_SCALE, blockwise_minmax, compute_scale_zero_point, qrange, quantize, quantize_weight,
+)
 
 __all__ = [
     "QDQ_MIN_OPSET",
@@ -123,6 +130,8 @@ _QDQ_IR_VERSION = 10
 _MS_DOMAIN = "com.microsoft"
 
 _WEIGHT_ONLY_OPS = ("MatMul", "Gemm")
+#: Integer grid (qmin, qmax) of weight-only blocks by bits (module docstring).
+_GRIDS = {4: (-8, 7), 8: (-127, 127)}
 _DYNAMIC_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -424,14 +433,18 @@ def _stats(plan: WeightPlan, rw: _Rewriter, unique: int, extra: dict[str, Any]) 
 
 
 class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
-    """Blocked ``DequantizeLinear`` weights (``weight_only_format="qdq"``), see module docstring."""
+    """Blocked ``DequantizeLinear`` weights (``weight_only_format="qdq"``), see module docstring.
+
+    ``rounder`` (onnxcomp.quant.gptq): error-compensating rounding on the same grid; None: nearest.
+    """
 
     config_class = QuantizeConfig
     min_opset = QDQ_MIN_OPSET
 
-    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None) -> None:
+    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, rounder: Rounder | None = None) -> None:
         super().__init__(config)
         self.plan = plan
+        self.rounder = rounder
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
@@ -449,6 +462,9 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                 w = site.weight.const_value.numpy()
                 w_kn = np.ascontiguousarray(w.T) if site.transposed else w
                 bq = quantize_blockwise(w_kn, 0, cfg.bits, cfg.block_size)
+                if self.rounder is not None:
+                    q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[cfg.bits], cfg.block_size)
+                    bq = dataclasses.replace(bq, q=np.ascontiguousarray(q_nk.T).astype(bq.q.dtype))
                 data = _int4_tensor_array(bq.q) if cfg.bits == 4 else bq.q
                 q_v = rw.init(f"{site.weight.name}_q{cfg.bits}", data)
                 s_v = rw.init(f"{site.weight.name}_scale", bq.scale)
@@ -482,8 +498,10 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
     config_class = QuantizeConfig
     min_opset = 1
 
-    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, *, accuracy_level: int = 0) -> None:
+    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, *, accuracy_level: int = 0,
+                 rounder: Rounder | None = None) -> None:
         super().__init__(config)
+        self.rounder = rounder
         if config.bits != 4:
             raise ConfigError("MatMulNBits (weight_only_format 'ort') is for bits = 4")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -503,6 +521,9 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
                 w = site.weight.const_value.numpy()
                 w_nk = w if site.transposed else w.T
                 bq = quantize_blockwise(w_nk, 1, 4, bs)
+                if self.rounder is not None:
+                    q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[4], bs)
+                    bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
                 packed, scales = pack_matmulnbits(bq.q, bq.scale, bs)
                 cache[key] = (rw.init(f"{site.weight.name}_nbits", packed), rw.init(f"{site.weight.name}_scales", scales))
             b_v, s_v = cache[key]
@@ -537,9 +558,10 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
     config_class = QuantizeConfig
     min_opset = DYNAMIC_MIN_OPSET
 
-    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None) -> None:
+    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, rounder: Rounder | None = None) -> None:
         super().__init__(config)
         self.plan = plan
+        self.rounder = rounder
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
@@ -567,6 +589,9 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
                 w = np.ascontiguousarray(w.T)
             axis = 1 if self.config.per_channel else None
         q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=self.config.reduce_weights)
+        if self.rounder is not None:
+            q = round_int8_weight(self.rounder, site.weight.name, w, q, scale, conv=site.node.op_type == "Conv",
+                                  reduce_range=self.config.reduce_weights)
         q_v = rw.init(f"{site.weight.name}_quantized", q)
         scale = (np.asarray(scale, np.float32) * np.float32(site.alpha)).astype(np.float32)
         if site.node.op_type == "Conv" and scale.ndim:
@@ -620,6 +645,22 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
         return add_initializer(rw.graph, f"{bias.name}_beta", b.astype(np.float32), rw.taken)
 
 
+def round_int8_weight(rounder: Rounder, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, *,
+                      conv: bool, reduce_range: bool) -> np.ndarray:
+    """Symmetric int8 ``q`` (per tensor or per output channel: axis 0 of a Conv weight, the last axis
+    of a ``[K, N]`` weight) rounded again by ``rounder`` on the same scales."""
+    qmin, qmax = qrange("int8", True, reduce_range)
+    if conv:
+        n = w.shape[0]
+        w_nk, q_nk = w.reshape(n, -1), q.reshape(n, -1)
+    else:
+        n = w.shape[1]
+        w_nk, q_nk = w.T, q.T
+    s = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (n, 1))
+    out = rounder.round(name, w_nk, s, q_nk, qmin, qmax)
+    return (out.reshape(q.shape) if conv else out.T).astype(q.dtype)
+
+
 def _grid(bits: int) -> str:
     return ("int4 [-8, 7], scale = max(-min/8, max/7) per block, no zero point" if bits == 4
             else "int8 [-127, 127], scale = absmax/127 per block, no zero point")
@@ -665,16 +706,22 @@ def quantize_weight_only_mode(
 
 
 def quantize_weight_only_in_place(
-    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None
+    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Weight-only quantization of a working copy at the format's opset, in place; the report."""
+    """Weight-only quantization of a working copy at the format's opset, in place; the report.
+
+    ``calibration`` (optional) gives the layer Hessians for error-compensating rounding
+    (``config.rounding``, onnxcomp.quant.gptq)."""
     if config.weight_only_format == "ort" and config.bits != 4:
         raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
     before = initializer_nbytes(work)
     cleanup_stats = _prepare(work, config, cleanup)
     plan = plan_weight_sites(work, config, mode="weight-only")
+    started = time.perf_counter()
+    rounder = make_rounder(work, [s.node for s in plan.sites], calibration, config)
     if config.weight_only_format == "qdq":
-        result = WeightOnlyQDQPass(config, plan)(work)
+        result = WeightOnlyQDQPass(config, plan, rounder)(work)
         if plan.shared_weights:
             notes.append(
                 f"{len(plan.shared_weights)} weight(s) feed several nodes and are quantized once behind one "
@@ -688,8 +735,10 @@ def quantize_weight_only_in_place(
                 "default 4); set it to 0 to keep activations in float"
             )
     else:
-        result = MatMulNBitsPass(config, plan)(work)
-    return _base_report(config, before, work, result.stats, cleanup_stats)
+        result = MatMulNBitsPass(config, plan, rounder=rounder)(work)
+    report = _base_report(config, before, work, result.stats, cleanup_stats)
+    report["rounding"] = rounding_report(rounder, started)
+    return report
 
 
 def quantize_dynamic_mode(
@@ -702,9 +751,11 @@ def quantize_dynamic_mode(
 
 
 def quantize_dynamic_in_place(
-    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None
+    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Dynamic quantization of a working copy (opset >= 11), in place; the report."""
+    """Dynamic quantization of a working copy (opset >= 11), in place; the report (``calibration``:
+    as for weight-only)."""
     before = initializer_nbytes(work)
     cleanup_stats = _prepare(work, config, cleanup)
     plan = plan_weight_sites(work, config, mode="dynamic")
@@ -719,8 +770,11 @@ def quantize_dynamic_in_place(
                 f"onnxruntime's CPU provider; to convert them anyway pass --op-types {','.join(wanted)} "
                 f"(in a recipe: quantize.op_types = [{toml_list}])"
             )
-    result = DynamicQuantPass(config, plan)(work)
+    started = time.perf_counter()
+    rounder = make_rounder(work, [s.node for s in plan.sites], calibration, config)
+    result = DynamicQuantPass(config, plan, rounder)(work)
     report = _base_report(config, before, work, result.stats, cleanup_stats)
+    report["rounding"] = rounding_report(rounder, started)
     if "LSTM" in op_types:
         from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
 
