@@ -72,6 +72,9 @@ class QuantizeConfig(PassConfig):
             data, nearest elsewhere).
         gptq_damp: GPTQ's relative dampening of the Hessian diagonal.
         gptq_act_order: GPTQ rounds the columns by decreasing input energy.
+        embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
+            GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
+            weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"
@@ -104,6 +107,7 @@ class QuantizeConfig(PassConfig):
     rounding: Literal["auto", "nearest", "gptq"] = "auto"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    embedding_bits: int | None = None
 
     stage: ClassVar[str] = "quantize"
     ranges: ClassVar[dict[str, Range]] = {
@@ -127,6 +131,8 @@ class QuantizeConfig(PassConfig):
             raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
         if self.rounding not in ("auto", "nearest", "gptq"):
             raise ConfigError(f"quantize: rounding must be auto, nearest or gptq, got {self.rounding!r}")
+        if self.embedding_bits not in (None, 0, 4, 8):
+            raise ConfigError(f"quantize: embedding_bits must be 0 (float), 4 or 8, got {self.embedding_bits}")
         if self.bits not in (4, 8):
             raise ConfigError(f"quantize: bits must be 4 or 8, got {self.bits}")
         if self.block_size & (self.block_size - 1):

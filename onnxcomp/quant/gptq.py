@@ -253,6 +253,21 @@ class Rounder:
         }
         return out
 
+    def round_along(self, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, qmin: int,
+                    qmax: int) -> np.ndarray:
+        """:meth:`round` for a weight whose output channels lie along ``axis`` (the other axes
+        flattened in order are the input features: a Conv's ``[M, C/g, *kernel]`` with axis 0, a
+        ``[K, N]`` MatMul weight with axis 1); ``scale`` is per tensor or per channel."""
+        if name not in self.hessians:
+            return q
+        n = w.shape[axis]
+        w_nk = np.moveaxis(w, axis, 0).reshape(n, -1)
+        q_nk = np.moveaxis(q, axis, 0).reshape(n, -1)
+        s = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (n, 1))
+        out = self.round(name, w_nk, s, q_nk, qmin, qmax)
+        moved = np.moveaxis(q, axis, 0).shape
+        return np.moveaxis(out.reshape(moved), 0, axis).astype(q.dtype)
+
     def report(self) -> dict[str, object]:
         if not self.layers:
             return {"method": "nearest"}

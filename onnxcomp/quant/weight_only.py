@@ -590,8 +590,9 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
             axis = 1 if self.config.per_channel else None
         q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=self.config.reduce_weights)
         if self.rounder is not None:
-            q = round_int8_weight(self.rounder, site.weight.name, w, q, scale, conv=site.node.op_type == "Conv",
-                                  reduce_range=self.config.reduce_weights)
+            qmin, qmax = qrange("int8", True, self.config.reduce_weights)
+            q = self.rounder.round_along(site.weight.name, w, q, scale, 0 if site.node.op_type == "Conv" else 1,
+                                         qmin, qmax)
         q_v = rw.init(f"{site.weight.name}_quantized", q)
         scale = (np.asarray(scale, np.float32) * np.float32(site.alpha)).astype(np.float32)
         if site.node.op_type == "Conv" and scale.ndim:
@@ -645,22 +646,6 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
         return add_initializer(rw.graph, f"{bias.name}_beta", b.astype(np.float32), rw.taken)
 
 
-def round_int8_weight(rounder: Rounder, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, *,
-                      conv: bool, reduce_range: bool) -> np.ndarray:
-    """Symmetric int8 ``q`` (per tensor or per output channel: axis 0 of a Conv weight, the last axis
-    of a ``[K, N]`` weight) rounded again by ``rounder`` on the same scales."""
-    qmin, qmax = qrange("int8", True, reduce_range)
-    if conv:
-        n = w.shape[0]
-        w_nk, q_nk = w.reshape(n, -1), q.reshape(n, -1)
-    else:
-        n = w.shape[1]
-        w_nk, q_nk = w.T, q.T
-    s = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (n, 1))
-    out = rounder.round(name, w_nk, s, q_nk, qmin, qmax)
-    return (out.reshape(q.shape) if conv else out.T).astype(q.dtype)
-
-
 def _grid(bits: int) -> str:
     return ("int4 [-8, 7], scale = max(-min/8, max/7) per block, no zero point" if bits == 4
             else "int8 [-127, 127], scale = absmax/127 per block, no zero point")
@@ -689,6 +674,16 @@ def _base_report(config: QuantizeConfig, before: int, work: ir.Model, stats: dic
     if cleanup is not None:
         report["cleanup"] = cleanup
     return report
+
+
+def _embeddings(work: ir.Model, config: QuantizeConfig, report: dict[str, Any]) -> None:
+    """Embedding tables after the MatMul/Gemm rewrite (onnxcomp.quant.embedding), into ``report``."""
+    from onnxcomp.quant.embedding import quantize_embeddings
+
+    report["embeddings"] = quantize_embeddings(work, config)
+    if report["embeddings"]["tables"]:
+        _finish(work)
+        report["model_weight_bytes_after"] = initializer_nbytes(work)
 
 
 def quantize_weight_only_mode(
@@ -738,6 +733,7 @@ def quantize_weight_only_in_place(
         result = MatMulNBitsPass(config, plan, rounder=rounder)(work)
     report = _base_report(config, before, work, result.stats, cleanup_stats)
     report["rounding"] = rounding_report(rounder, started)
+    _embeddings(work, config, report)
     return report
 
 
@@ -775,6 +771,7 @@ def quantize_dynamic_in_place(
     result = DynamicQuantPass(config, plan, rounder)(work)
     report = _base_report(config, before, work, result.stats, cleanup_stats)
     report["rounding"] = rounding_report(rounder, started)
+    _embeddings(work, config, report)
     if "LSTM" in op_types:
         from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
 
