@@ -133,8 +133,8 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """Relative output error ``tr(dW H dW^T) / tr(W H W^T)`` (0 when the layer's output is 0)."""
     wd = np.asarray(w, dtype=np.float64)
     dw = wd - np.asarray(w_hat, dtype=np.float64)
-    num = float(np.einsum("ij,jk,ik->", dw, h, dw))
-    den = float(np.einsum("ij,jk,ik->", wd, h, wd))
+    num = float(np.sum((dw @ h) * dw))
+    den = float(np.sum((wd @ h) * wd))
     return max(num, 0.0) / den if den > 0.0 else 0.0
 
 

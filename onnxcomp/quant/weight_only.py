@@ -45,6 +45,12 @@ Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips
 * **int8: symmetric [-127, 127]**, ``scale = absmax / 127`` (the range of
   :func:`~onnxcomp.quant.primitives.qrange` for symmetric int8).
 
+**Conv** weights take part in weight-only mode (``qdq`` format only) when ``"Conv"`` is among
+``config.op_types`` (``--op-types Conv,MatMul,Gemm``): one scale per output channel (the whole
+filter ``[C/group, *kernel]`` is one block, on the same grids) behind ``DequantizeLinear(axis=0)``;
+onnxruntime dequantizes them once at session creation (constant folding), so this is a storage
+format: the Conv runs in float.
+
 An all-zero block gets scale 1.0 (:func:`~onnxcomp.quant.primitives.compute_scale_zero_point`'s
 rule). Weight bytes in the report count int4 at 0.5 byte per element (ONNX packs two per byte)
 plus 4 bytes per scale.
@@ -303,7 +309,7 @@ def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | No
             )
         candidates -= {"LSTM"}  # LSTM: onnxcomp.quant.recurrent
     else:
-        candidates = set(_WEIGHT_ONLY_OPS)
+        candidates = set(_WEIGHT_ONLY_OPS) | ({"Conv"} & set(config.op_types))
     ort_format = mode == "weight-only" and config.weight_only_format == "ort"
     selector = config.selector
     sites: list[WeightSite] = []
@@ -339,6 +345,8 @@ def _site(node: ir.Node, mode: str, config: QuantizeConfig, ort_format: bool) ->
         return None, f"its weight is {weight.const_value.dtype.name}, not float32"
     shape = tuple(weight.const_value.shape.numpy())
     if node.op_type == "Conv":
+        if ort_format:
+            return None, "MatMulNBits is for MatMul/Gemm; Conv weights need weight_only_format 'qdq'"
         if len(shape) < 3:
             return None, f"its weight has rank {len(shape)}"
         bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -453,6 +461,11 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         cache: dict[str, ir.Value] = {}
         retransposed = 0
         for site in plan.sites:
+            if site.node.op_type == "Conv":
+                if site.weight.name not in cache:
+                    cache[site.weight.name] = self._conv_weight(model, site, rw)
+                site.node.replace_input_with(1, cache[site.weight.name])
+                continue
             # Every weight is stored [K, N] and blocked along axis 0: a Gemm with transB=1 gets the
             # transposed weight and transB=0 (the same blocks, since blocks follow K either way).
             # onnxruntime fuses DequantizeLinear(axis=0) -> MatMul/Gemm into MatMulNBits, but
@@ -486,6 +499,25 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
             "format": "qdq", "bits": cfg.bits, "block_size": cfg.block_size,
             "grid": _grid(cfg.bits), "gemm_transB_folded": retransposed,
         })
+
+
+    def _conv_weight(self, model: ir.Model, site: WeightSite, rw: _Rewriter) -> ir.Value:
+        """A Conv weight ``[M, C/g, *kernel]`` with one scale per output channel (the whole filter is
+        one block, same grids), behind ``DequantizeLinear(axis=0)``."""
+        cfg = self.config
+        w = site.weight.const_value.numpy()
+        w_nk = w.reshape(w.shape[0], -1)
+        bq = quantize_blockwise(w_nk, 1, cfg.bits, w_nk.shape[1])
+        q_nk = bq.q
+        if self.rounder is not None:
+            q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[cfg.bits]).astype(bq.q.dtype)
+        q = q_nk.reshape(w.shape)
+        q_v = rw.init(f"{site.weight.name}_q{cfg.bits}", _int4_tensor_array(q) if cfg.bits == 4 else q)
+        s_v = rw.init(f"{site.weight.name}_scale", np.ascontiguousarray(bq.scale.reshape(-1), dtype=np.float32))
+        dq = ir.node("DequantizeLinear", [q_v, s_v], attributes={"axis": 0},
+                     name=rw.name(f"{site.weight.name}_DequantizeLinear"))
+        model.graph.insert_before(site.node, dq)
+        return rw.output(dq, f"{site.weight.name}_dq", ir.DataType.FLOAT, ir.Shape(w.shape))
 
 
 class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
