@@ -170,6 +170,23 @@ def collect_grams(
     rows = {lay.key: 0 for lay in unique}
     remaining = {lay.key: max_rows for lay in unique}
     names = list(dict.fromkeys(lay.x_name for lay in unique))
+    # Rows wait in a buffer until a chunk is full: one large product instead of one per feed.
+    pending: dict[tuple, list[np.ndarray]] = {lay.key: [] for lay in unique}
+    pending_rows = {lay.key: 0 for lay in unique}
+
+    def flush(lay: GramLayout) -> None:
+        if not pending[lay.key]:
+            return
+        feats = np.concatenate(pending[lay.key])  # [r, g, k]
+        pending[lay.key].clear()
+        pending_rows[lay.key] = 0
+        acc = grams[lay.key]
+        if lay.groups == 1:  # one BLAS product (a stacked matmul on strided views is not)
+            rows2d = np.ascontiguousarray(feats[:, 0, :])
+            acc[0] += rows2d.T @ rows2d
+        else:
+            acc += np.einsum("rgi,rgj->gij", feats, feats, optimize=True)
+
     for f, values in enumerate(stream_values(model, names, data, threads=threads)):
         for lay in unique:
             x = np.asarray(values[lay.x_name])
@@ -180,13 +197,17 @@ def collect_grams(
             remaining[lay.key] -= quota
             chosen = _choose_rows(positions, quota, f)
             chunk = max(1, CHUNK_ELEMENTS // max(1, lay.k * lay.groups))
-            acc = grams[lay.key]
             for start in range(0, len(chosen), chunk):
-                feats = lay.features(x, chosen[start : start + chunk]).transpose(1, 0, 2)  # [g, r, k]
-                acc += feats.transpose(0, 2, 1) @ feats
+                part = chosen[start : start + chunk]
+                pending[lay.key].append(lay.features(x, part))
+                pending_rows[lay.key] += len(part)
+                if pending_rows[lay.key] >= chunk:
+                    flush(lay)
             rows[lay.key] += len(chosen)
         if progress is not None:
             progress(f + 1, feeds)
+    for lay in unique:
+        flush(lay)
     if any(r == 0 for r in rows.values()):
         raise OnnxcompError("gram: the calibration data gave no rows")
     shared = {lay.key: LayerGram(grams[lay.key], rows[lay.key], lay) for lay in unique}

@@ -236,6 +236,15 @@ def _run(args: argparse.Namespace) -> int:
             con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
         if lat.get("int8_slower_than_float"):
             con.print("  [yellow]int8 does not pay on this model on this CPU: the float model is faster[/yellow]")
+    rounding = report.get("rounding") or {}
+    if rounding.get("method") == "gptq" and rounding.get("weights"):
+        con.print(f"rounding: GPTQ on {rounding['weights']} weight(s) ({rounding['weights_kept_nearest']} kept "
+                  f"round-to-nearest), layer output SQNR median {rounding['layer_sqnr_db_nearest_median']:.1f} -> "
+                  f"{rounding['layer_sqnr_db_median']:.1f} dB on the calibration data, {rounding['seconds']:.1f} s")
+    tables = (report.get("embeddings") or {}).get("tables") or {}
+    if tables:
+        con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
+                  f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
     if args.mode == "static" and "calibration" in report:
         con.print(
             f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
