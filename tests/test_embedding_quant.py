@@ -139,7 +139,7 @@ def test_embedding_bits_zero_keeps_tables_float_and_bad_bits_refused(rng):
 
 
 def test_width_without_a_valid_block_is_left_float(rng):
-    table = (rng.standard_normal((50, 40))).astype(np.float32)  # 40: no power-of-two block >= 16 divides it
+    table = (rng.standard_normal((500, 40))).astype(np.float32)  # 40: no power-of-two block >= 16 divides it
     model = io.load_model(make_proto(
         [oh.make_node("Gather", ["E", "ids"], ["y"], name="embed")],
         [("ids", [4], onnx.TensorProto.INT64)], [("y", [4, 40])], [("E", table)],
@@ -147,3 +147,9 @@ def test_width_without_a_valid_block_is_left_float(rng):
     _, report = quantize(model, None, QuantizeConfig(mode="dynamic"))
     assert not report["embeddings"]["tables"]
     assert "not a multiple" in report["embeddings"]["skipped"]["embed"]
+    small = io.load_model(make_proto(
+        [oh.make_node("Gather", ["E", "ids"], ["y"], name="embed")],
+        [("ids", [4], onnx.TensorProto.INT64)], [("y", [4, 64])], [("E", table[:100, :32].repeat(2, 1))],
+    ))
+    _, report = quantize(small, None, QuantizeConfig(mode="dynamic"))
+    assert not report["embeddings"]["tables"] and "kept float" in report["embeddings"]["skipped"]["embed"]

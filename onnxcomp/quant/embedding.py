@@ -8,7 +8,7 @@ input) becomes onnxruntime's contrib op ::
     com.microsoft.GatherBlockQuantized(data, indices, scales; gather_axis=0, quantize_axis=1,
                                        block_size=B, bits=4|8)
 
-which gathers the quantized rows and dequantizes only them: a lookup stays a lookup (no
+(tables of fewer than :data:`MIN_ELEMENTS` elements stay float) which gathers the quantized rows and dequantizes only them: a lookup stays a lookup (no
 dequantized copy of the table at run time). The table is quantized blockwise along the embedding
 axis (a scale per row and block of ``B`` consecutive elements) on the weight-only grids of
 :mod:`onnxcomp.quant.weight_only` (:func:`~onnxcomp.quant.weight_only.quantize_blockwise`):
@@ -47,6 +47,8 @@ __all__ = ["embedding_bits", "embedding_block", "quantize_embeddings"]
 _MS_DOMAIN = "com.microsoft"
 #: The widest block 8-bit tables use.
 _MAX_INT8_BLOCK = 128
+#: Tables smaller than this (elements) stay float: nothing to gain (a BERT token-type table is 2 x 384).
+MIN_ELEMENTS = 1 << 14
 
 
 def embedding_bits(config: QuantizeConfig) -> int:
@@ -85,6 +87,9 @@ def _gather_sites(model: ir.Model, config: QuantizeConfig) -> tuple[dict[str, li
             continue
         if table.const_value.dtype != ir.DataType.FLOAT or len(table.const_value.shape) != 2:
             skipped[label] = "its table is not a float32 matrix"
+            continue
+        if table.const_value.size < MIN_ELEMENTS:
+            skipped[label] = f"its table has {table.const_value.size} elements (< {MIN_ELEMENTS}): kept float"
             continue
         tables.setdefault(table.name, []).append(node)
     return tables, skipped
