@@ -33,7 +33,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "output_error", "compensated_round"]
+__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round"]
 
 #: Values of QuantizeConfig.rounding.
 ROUNDINGS = ("auto", "nearest", "gptq")
@@ -96,20 +96,46 @@ def gptq_round(
 
     Returns None when ``h`` cannot be factored even with a raised dampening.
     """
+    wd = np.asarray(w, dtype=np.float64)
+    n, k = wd.shape
+    s = _column_scales(scale, n, k, group_size or k)
+
+    def snap(col: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(col / s[:, j]), qmin, qmax)
+
+    q = gptq_snap(wd, h, lambda col, j: snap(col, j) * s[:, j], damp=damp, act_order=act_order, block=block)
+    if q is None:
+        return None
+    return np.clip(np.rint(q / s), qmin, qmax).astype(np.int32)
+
+
+def gptq_snap(
+    w: np.ndarray,
+    h: np.ndarray,
+    snap,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = BLOCK,
+) -> np.ndarray | None:
+    """GPTQ with any per-column projection: ``snap(column [n], j)`` returns the representable values
+    nearest to (or chosen for) the compensated column ``j`` (original column index), e.g. the
+    nearest entries of a k-means codebook (GPTVQ-style assignment in one dimension), a uniform
+    grid (:func:`gptq_round`), or zeros for pruned weights (SparseGPT-style). Returns the snapped
+    weights ``[n, k]`` (float64), or None when ``h`` cannot be factored."""
     wd = np.array(w, dtype=np.float64)
     n, k = wd.shape
     if h.shape != (k, k):
         raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's {k} columns")
-    s = _column_scales(scale, n, k, group_size or k)
     hd = np.array(h, dtype=np.float64)
     dead = np.diag(hd) <= 0.0
     hd[dead, dead] = 1.0
     perm = np.argsort(-np.diag(hd), kind="stable") if act_order else np.arange(k)
-    wd, s, hd = wd[:, perm], s[:, perm], hd[np.ix_(perm, perm)]
+    wd, hd = wd[:, perm], hd[np.ix_(perm, perm)]
     u = _inverse_cholesky(hd, damp)
     if u is None:
         return None
-    q = np.zeros((n, k), dtype=np.float64)
+    out = np.zeros((n, k), dtype=np.float64)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = wd[:, i1:i2].copy()
@@ -117,16 +143,15 @@ def gptq_round(
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            sc = s[:, i1 + i]
-            qi = np.clip(np.rint(col / sc), qmin, qmax)
-            q[:, i1 + i] = qi
-            e = (col - qi * sc) / u1[i, i]
+            snapped = snap(col, perm[i1 + i])
+            out[:, i1 + i] = snapped
+            e = (col - snapped) / u1[i, i]
             w1[:, i:] -= np.outer(e, u1[i, i:])
             err1[:, i] = e
         wd[:, i2:] -= err1 @ u[i1:i2, i2:]
-    out = np.empty_like(q)
-    out[:, perm] = q
-    return out.astype(np.int32)
+    result = np.empty_like(out)
+    result[:, perm] = out
+    return result
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
