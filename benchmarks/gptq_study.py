@@ -47,7 +47,16 @@ def _run(path: str, arrays: dict[str, np.ndarray], batch: int) -> np.ndarray:
                            for i in range(0, n, batch)])
 
 
-def _splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
+def _splits(name: str, task, limit: int | None = None) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
+    """Per split: arrays, scorer and batch; ``limit``: the first ``limit`` samples only."""
+    full = _all_splits(name, task)
+    if not limit:
+        return full
+    return {split: ({k: v[:limit] for k, v in arrays.items()}, score.limited(limit), batch)
+            for split, (arrays, score, batch) in full.items()}
+
+
+def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
     if name == "minilm":
         tune = {k: np.concatenate([b[k] for b in task.eval_batches]) for k in task.eval_batches[0]}
         with np.load(_report_file("minilm")) as z:
@@ -55,8 +64,9 @@ def _splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], object, i
 
         def scorer(mask):
             def score(out, ref):
-                c = metrics.row_cosine(metrics.mean_pool(out, mask), metrics.mean_pool(ref, mask))
+                c = metrics.row_cosine(metrics.mean_pool(out, mask[: len(out)]), metrics.mean_pool(ref, mask[: len(out)]))
                 return {"cosine": float(c.mean()), "cosine_min": float(c.min())}
+            score.limited = lambda n: scorer(mask[:n])
             return score
 
         return {"tuning": (tune, scorer(tune["attention_mask"]), 1), "report": (rep, scorer(rep["attention_mask"]), 1)}
@@ -72,7 +82,8 @@ def _splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], object, i
         def scorer(truth):
             def score(out, ref):
                 pred = [s.strip() for s in metrics.ctc_greedy_decode(out, charset)]
-                return {"char_acc": metrics.char_accuracy(pred, truth)}
+                return {"char_acc": metrics.char_accuracy(pred, truth[: len(pred)])}
+            score.limited = lambda n: scorer(truth[:n])
             return score
 
         return {"tuning": (tune, scorer(tune_texts), 10), "report": (rep, scorer(texts), 10)}
@@ -84,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("model", choices=("minilm", "ppocr_rec"))
     p.add_argument("config", help="QuantizeConfig fields as a JSON object")
     p.add_argument("--keep", metavar="OUT.onnx", help="keep the built model here")
+    p.add_argument("--limit", type=int, help="score only the first N samples of each split")
+    p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
     args = p.parse_args(argv)
 
     from onnxcomp.data import Dataset
@@ -112,8 +125,16 @@ def main(argv=None) -> int:
                                                     "weights", "weights_kept_nearest", "seconds") if k in rounding}
     emb = (report.get("embeddings") or {}).get("tables") or {}
     row["embeddings"] = {k: {"bits": v["bits"], "sqnr_db": round(v["sqnr_db"], 2)} for k, v in emb.items()}
-    for split, (arrays, score, batch) in _splits(args.model, task).items():
-        ref = _run(str(task.fp32_path), arrays, batch)
+    for split, (arrays, score, batch) in _splits(args.model, task, args.limit).items():
+        tag = f"-{args.limit}" if args.limit else ""
+        cached = Path(args.ref_cache) / f"{args.model}-{split}{tag}.npy" if args.ref_cache else None
+        if cached is not None and cached.is_file():
+            ref = np.load(cached)
+        else:
+            ref = _run(str(task.fp32_path), arrays, batch)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cached, ref)
         got = _run(out, arrays, batch)
         row[split] = {"fp32": score(ref, ref), "quantized": score(got, ref)}
     print(json.dumps(row), flush=True)
