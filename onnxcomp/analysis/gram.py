@@ -108,24 +108,35 @@ def gram_layout(node: ir.Node) -> GramLayout | None:
     if x is None or w is None or w.const_value is None or not x.name:
         return None
     shape = tuple(int(d) for d in w.const_value.shape)
-    if node.op_type == "Conv":
-        if len(shape) < 3:
-            return None
-        geometry = ConvGeometry.from_node(node, shape)
-        if shape[0] % geometry.group:
-            return None
-        return GramLayout(x.name, math.prod(shape[1:]), geometry.group, geometry)
+    layout = _LAYOUTS.get(node.op_type)
+    return layout(node, x.name, shape) if layout is not None else None
+
+
+def _conv_layout(node: ir.Node, x_name: str, shape: tuple[int, ...]) -> GramLayout | None:
+    if len(shape) < 3:
+        return None
+    geometry = ConvGeometry.from_node(node, shape)
+    if shape[0] % geometry.group:
+        return None
+    return GramLayout(x_name, math.prod(shape[1:]), geometry.group, geometry)
+
+
+def _gemm_layout(node: ir.Node, x_name: str, shape: tuple[int, ...]) -> GramLayout | None:
     if len(shape) != 2:
         return None
-    if node.op_type == "Gemm":
-        attr = node.attributes.get("transA")
-        if attr is not None and attr.value:
-            return None
-        attr = node.attributes.get("transB")
-        return GramLayout(x.name, shape[1] if attr is not None and attr.value else shape[0])
-    if node.op_type == "MatMul":
-        return GramLayout(x.name, shape[0])
-    return None
+    attr = node.attributes.get("transA")
+    if attr is not None and attr.value:
+        return None
+    attr = node.attributes.get("transB")
+    return GramLayout(x_name, shape[1] if attr is not None and attr.value else shape[0])
+
+
+def _matmul_layout(node: ir.Node, x_name: str, shape: tuple[int, ...]) -> GramLayout | None:
+    return GramLayout(x_name, shape[0]) if len(shape) == 2 else None
+
+
+#: The layers this module reads: op type -> how its input becomes rows.
+_LAYOUTS = {"Conv": _conv_layout, "Gemm": _gemm_layout, "MatMul": _matmul_layout}
 
 
 def _count(data: Iterable) -> int:

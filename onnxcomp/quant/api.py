@@ -128,6 +128,11 @@ def quantize_in_place(
 
         handler = quantize_weight_only_in_place if config.mode == "weight-only" else quantize_dynamic_in_place
         report = handler(work, config, notes=notes, cleanup=cleanup, calibration=calibration)
+        from onnxcomp.io import initializer_nbytes
+        from onnxcomp.quant.embedding import quantize_embeddings
+
+        report["embeddings"] = quantize_embeddings(work, config)  # after MatMul/Gemm: tied tables
+        report["model_weight_bytes_after"] = initializer_nbytes(work)
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes

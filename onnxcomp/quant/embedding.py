@@ -45,6 +45,8 @@ from onnxcomp.quant.config import QuantizeConfig
 __all__ = ["embedding_bits", "embedding_block", "quantize_embeddings"]
 
 _MS_DOMAIN = "com.microsoft"
+#: Ops that look rows up in a table (input 0) by index (input 1).
+_LOOKUP_OPS = ("Gather",)
 #: The widest block 8-bit tables use.
 _MAX_INT8_BLOCK = 128
 #: Tables smaller than this (elements) stay float: nothing to gain (a BERT token-type table is 2 x 384).
@@ -73,7 +75,7 @@ def _gather_sites(model: ir.Model, config: QuantizeConfig) -> tuple[dict[str, li
     skipped: dict[str, str] = {}
     selector = config.selector
     for node in model.graph:
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if node.op_type not in _LOOKUP_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         label = node.name or node.op_type
         if selector.excluded(node.name, node.op_type):

@@ -245,6 +245,7 @@ class WeightSite:
     bias: ir.Value | None = None
     alpha: float = 1.0
     beta: float = 1.0
+    conv: bool = False
 
     @property
     def label(self) -> str:
@@ -354,7 +355,7 @@ def _site(node: ir.Node, mode: str, config: QuantizeConfig, ort_format: bool) ->
             return None, "its bias is not a constant"
         if node.inputs[0].shape is not None and len(node.inputs[0].shape) != len(shape):
             return None, "its input rank does not match the weight"
-        return WeightSite(node, weight, k=math.prod(shape[1:]), n=shape[0], bias=bias), None
+        return WeightSite(node, weight, k=math.prod(shape[1:]), n=shape[0], bias=bias, conv=True), None
     if len(shape) != 2:
         return None, f"its weight is not 2-D (shape {list(shape)})"
     transposed = False
@@ -461,7 +462,7 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         cache: dict[str, ir.Value] = {}
         retransposed = 0
         for site in plan.sites:
-            if site.node.op_type == "Conv":
+            if site.conv:
                 if site.weight.name not in cache:
                     cache[site.weight.name] = self._conv_weight(model, site, rw)
                 site.node.replace_input_with(1, cache[site.weight.name])
@@ -623,8 +624,7 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
         q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=self.config.reduce_weights)
         if self.rounder is not None:
             qmin, qmax = qrange("int8", True, self.config.reduce_weights)
-            q = self.rounder.round_along(site.weight.name, w, q, scale, 0 if site.node.op_type == "Conv" else 1,
-                                         qmin, qmax)
+            q = self.rounder.round_along(site.weight.name, w, q, scale, 0 if site.conv else 1, qmin, qmax)
         q_v = rw.init(f"{site.weight.name}_quantized", q)
         scale = (np.asarray(scale, np.float32) * np.float32(site.alpha)).astype(np.float32)
         if site.node.op_type == "Conv" and scale.ndim:
@@ -708,16 +708,6 @@ def _base_report(config: QuantizeConfig, before: int, work: ir.Model, stats: dic
     return report
 
 
-def _embeddings(work: ir.Model, config: QuantizeConfig, report: dict[str, Any]) -> None:
-    """Embedding tables after the MatMul/Gemm rewrite (onnxcomp.quant.embedding), into ``report``."""
-    from onnxcomp.quant.embedding import quantize_embeddings
-
-    report["embeddings"] = quantize_embeddings(work, config)
-    if report["embeddings"]["tables"]:
-        _finish(work)
-        report["model_weight_bytes_after"] = initializer_nbytes(work)
-
-
 def quantize_weight_only_mode(
     model: Any, config: QuantizeConfig, *, allow_upgrade: bool = True, notes: list[str] | None = None
 ) -> tuple[ir.Model, dict[str, Any]]:
@@ -765,7 +755,6 @@ def quantize_weight_only_in_place(
         result = MatMulNBitsPass(config, plan, rounder=rounder)(work)
     report = _base_report(config, before, work, result.stats, cleanup_stats)
     report["rounding"] = rounding_report(rounder, started)
-    _embeddings(work, config, report)
     return report
 
 
@@ -803,7 +792,6 @@ def quantize_dynamic_in_place(
     result = DynamicQuantPass(config, plan, rounder)(work)
     report = _base_report(config, before, work, result.stats, cleanup_stats)
     report["rounding"] = rounding_report(rounder, started)
-    _embeddings(work, config, report)
     if "LSTM" in op_types:
         from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
 
