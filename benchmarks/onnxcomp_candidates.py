@@ -108,6 +108,11 @@ _recipe_candidate("oc_dynamic", "onnxcomp dynamic int8 (MatMul/Gemm)",
 _recipe_candidate("oc_int4_ort", "onnxcomp weight-only int4, block 32, MatMulNBits (recipe transformer-int4)",
                   {**STATIC, "quantize": {"mode": "weight-only", "bits": 4, "block_size": 32, "weight_only_format": "ort"}},
                   skip=CNNS, needs_data=False)
+_recipe_candidate("oc_int4_gptq", "onnxcomp weight-only int4, block 32, MatMulNBits, GPTQ rounding (act-order) "
+                  "on the calibration data, 8-bit embedding tables",
+                  {**STATIC, "quantize": {"mode": "weight-only", "bits": 4, "block_size": 32, "weight_only_format": "ort",
+                                          "rounding": "gptq", "gptq_act_order": True, "embedding_bits": 8}},
+                  skip=CNNS)
 for bits in (8, 5, 4, 3):
     _recipe_candidate(f"oc_cluster{bits}", f"onnxcomp {bits}-bit k-means weight sharing (channel scales auto), "
                       "codebook storage",

@@ -52,8 +52,9 @@ def quantize(
 
     Args:
         model: path, bytes, ModelProto or onnx_ir.Model (never modified).
-        calibration: data for static mode (see :mod:`onnxcomp.data`); unused by weight-only and
-            dynamic modes.
+        calibration: data for static mode (see :mod:`onnxcomp.data`); optional for weight-only and
+            dynamic modes, where it gives the layer Hessians of error-compensating rounding
+            (``config.rounding``: by default GPTQ for 4-bit weight-only when data is given).
         config: a :class:`QuantizeConfig` (default: static, uint8 activations, per-channel int8
             weights, min/max ranges).
         allow_upgrade: upgrade an opset older than the mode needs instead of refusing.
@@ -126,7 +127,12 @@ def quantize_in_place(
         from onnxcomp.quant.weight_only import quantize_dynamic_in_place, quantize_weight_only_in_place
 
         handler = quantize_weight_only_in_place if config.mode == "weight-only" else quantize_dynamic_in_place
-        report = handler(work, config, notes=notes, cleanup=cleanup)
+        report = handler(work, config, notes=notes, cleanup=cleanup, calibration=calibration)
+        from onnxcomp.io import initializer_nbytes
+        from onnxcomp.quant.embedding import quantize_embeddings
+
+        report["embeddings"] = quantize_embeddings(work, config)  # after MatMul/Gemm: tied tables
+        report["model_weight_bytes_after"] = initializer_nbytes(work)
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes
@@ -149,7 +155,7 @@ class QuantizeStage(Stage):
 
     @classmethod
     def needs_data(cls, config: QuantizeConfig) -> bool:
-        return config.mode == "static"
+        return config.mode == "static" or config.rounding == "gptq"
 
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
         progress = ctx.progress_for(self.name)

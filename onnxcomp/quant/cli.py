@@ -38,7 +38,7 @@ __all__: list[str] = []
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the quantized model")
-    p.add_argument("--calibration", metavar="FILE", help="calibration data: .npz file or folder (static mode)")
+    p.add_argument("--calibration", metavar="FILE", help="calibration data: .npz file or folder (static mode; weight-only/dynamic: for --rounding gptq)")
     p.add_argument("--mode", choices=("static", "weight-only", "dynamic"), default="static")
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8",
                    help="activation type (default uint8: onnxruntime's fast path on x86)")
@@ -64,6 +64,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32, help="weight-only block size (default 32)")
     p.add_argument("--format", choices=("qdq", "ort"), default="qdq",
                    help="weight-only storage: blocked DequantizeLinear (opset 21) or onnxruntime MatMulNBits")
+    p.add_argument("--rounding", choices=("auto", "nearest", "gptq"), default="auto",
+                   help="weights to integers: nearest, or gptq (error-compensating, needs --calibration); "
+                        "auto (default): gptq for 4-bit weight-only when --calibration is given")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (exact in float)")
     p.add_argument("--smoothquant", action="store_true", help="migrate activation outliers into MatMul/Gemm weights")
@@ -154,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         fidelity_target=args.fidelity_target,
         max_drop=args.max_drop,
         latency_aware=args.latency_aware,
+        rounding=args.rounding,
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
@@ -252,6 +256,15 @@ def _run(args: argparse.Namespace) -> int:
             con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
         if lat.get("int8_slower_than_float"):
             con.print("  [yellow]int8 does not pay on this model on this CPU: the float model is faster[/yellow]")
+    rounding = report.get("rounding") or {}
+    if rounding.get("method") == "gptq" and rounding.get("weights"):
+        con.print(f"rounding: GPTQ on {rounding['weights']} weight(s) ({rounding['weights_kept_nearest']} kept "
+                  f"round-to-nearest), layer output SQNR median {rounding['layer_sqnr_db_nearest_median']:.1f} -> "
+                  f"{rounding['layer_sqnr_db_median']:.1f} dB on the calibration data, {rounding['seconds']:.1f} s")
+    tables = (report.get("embeddings") or {}).get("tables") or {}
+    if tables:
+        con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
+                  f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
     if args.mode == "static" and "calibration" in report:
         con.print(
             f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "

@@ -66,6 +66,15 @@ class QuantizeConfig(PassConfig):
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).
         latency_aware: keep float the op types whose int8 form is measured slower on this CPU.
+        rounding: how weights become integers: ``nearest`` (round-to-nearest, no data needed),
+            ``gptq`` (error-compensating rounding on the layer-input Hessian from the calibration
+            data, onnxcomp.quant.gptq) or ``auto`` (GPTQ for 4-bit weight-only with calibration
+            data, nearest elsewhere).
+        gptq_damp: GPTQ's relative dampening of the Hessian diagonal.
+        gptq_act_order: GPTQ rounds the columns by decreasing input energy.
+        embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
+            GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
+            weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"
@@ -95,6 +104,10 @@ class QuantizeConfig(PassConfig):
     fidelity_target: float | None = None
     max_drop: float | None = None
     latency_aware: bool = False
+    rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    embedding_bits: int | None = None
 
     stage: ClassVar[str] = "quantize"
     ranges: ClassVar[dict[str, Range]] = {
@@ -106,6 +119,7 @@ class QuantizeConfig(PassConfig):
         "smoothquant_alpha": Range(float, 0.0, 1.0),
         "fidelity_target": Range(float, 0.0, 200.0),
         "max_drop": Range(float, 0.0, 100.0),
+        "gptq_damp": Range(float, 0.0, 1.0, min_open=True),
     }
 
     def validate(self) -> None:
@@ -115,6 +129,10 @@ class QuantizeConfig(PassConfig):
             raise ConfigError("quantize: equalize, smoothquant and bias_correction apply to static mode")
         if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
             raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
+        if self.rounding not in ("auto", "nearest", "gptq"):
+            raise ConfigError(f"quantize: rounding must be auto, nearest or gptq, got {self.rounding!r}")
+        if self.embedding_bits not in (None, 0, 4, 8):
+            raise ConfigError(f"quantize: embedding_bits must be 0 (float), 4 or 8, got {self.embedding_bits}")
         if self.bits not in (4, 8):
             raise ConfigError(f"quantize: bits must be 4 or 8, got {self.bits}")
         if self.block_size & (self.block_size - 1):

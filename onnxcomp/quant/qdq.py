@@ -44,7 +44,7 @@ from onnxcomp.graph import add_initializer, all_value_names, constant_array, uni
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.primitives import compute_scale_zero_point, quantize, quantize_bias, quantize_weight
+from onnxcomp.quant.primitives import compute_scale_zero_point, qrange, quantize, quantize_bias, quantize_weight
 from onnxcomp.quant.rules import QUANT_RULES, WEIGHT_QUANTIZED_BY_ORT, QuantRule, sensitive_use
 
 __all__ = ["QuantPoint", "StaticPlan", "plan_static", "QDQPass"]
@@ -465,9 +465,11 @@ class QDQPass(CompressionPass[QuantizeConfig]):
     min_opset = 13
 
     def __init__(
-        self, config: QuantizeConfig, plan: StaticPlan, ranges: Mapping[str, tuple[float, float]]
+        self, config: QuantizeConfig, plan: StaticPlan, ranges: Mapping[str, tuple[float, float]],
+        rounder: Any = None,
     ) -> None:
         super().__init__(config)
+        self.rounder = rounder  # onnxcomp.quant.gptq.Rounder: error-compensating weight rounding
         missing = [t for t in plan.observed if t not in ranges]
         if missing:
             raise OnnxcompError(f"no calibration range for tensor(s) {missing[:5]}")
@@ -621,6 +623,10 @@ class QDQPass(CompressionPass[QuantizeConfig]):
             key = (w_value.name, axis)
             if key not in weight_cache:
                 q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=reduce_weights)
+                channel_axis = rule.resolve_weight_axis(node)
+                if self.rounder is not None and channel_axis is not None:
+                    q = self.rounder.round_along(w_value.name, w, q, s, channel_axis % w.ndim,
+                                                 *qrange("int8", True, reduce_weights))
                 q_v = add_initializer(graph, f"{w_value.name}_quantized", q, taken)
                 s_v = add_initializer(graph, f"{w_value.name}_scale", np.asarray(s, np.float32), taken)
                 z_v = add_initializer(graph, f"{w_value.name}_zero_point", np.asarray(z), taken)

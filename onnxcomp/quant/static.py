@@ -17,6 +17,7 @@ Both :func:`onnxcomp.quant.api.quantize` and the sensitivity / fallback study
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ from onnxcomp.io import clone_model
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.calibrate import CalibrationResult, calibrate
 from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
+from onnxcomp.quant.embedding import quantize_embeddings
+from onnxcomp.quant.gptq import make_rounder, rounding_report
 from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_static
 
 __all__ = [
@@ -137,9 +140,10 @@ def calibrate_plan(
     return base, plan, result, mixed
 
 
-def rewrite(work: ir.Model, config: QuantizeConfig, plan: StaticPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
-    """Step 3, in place: the Q/DQ rewrite; returns the pass's statistics."""
-    return QDQPass(config, plan, ranges)(work).stats
+def rewrite(work: ir.Model, config: QuantizeConfig, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
+            rounder: Any = None) -> dict[str, Any]:
+    """Step 3, in place: the Q/DQ rewrite (``rounder``: onnxcomp.quant.gptq); returns the pass's statistics."""
+    return QDQPass(config, plan, ranges, rounder)(work).stats
 
 
 def correct_biases(work: ir.Model, prepared: Prepared) -> dict[str, Any] | None:
@@ -169,14 +173,19 @@ def quantize_static(
     _, plan, result, _ = calibrate_plan(
         work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
     )
+    started = time.perf_counter()
+    by_name = {n.name: n for n in work.graph}
+    rounder = make_rounder(work, [by_name[n] for n in plan.nodes if n in by_name], prepared.data, config)
     report: dict[str, Any] = {
         "mode": "static",
         "config": config.to_dict(),
         "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
                         "seconds": result.seconds,
                         **({"chosen": _chosen_counts(result.choices)} if result.choices else {})},
-        **rewrite(work, config, plan, result.ranges),
+        **rewrite(work, config, plan, result.ranges, rounder),
+        "rounding": rounding_report(rounder, started),
     }
+    report["embeddings"] = quantize_embeddings(work, config)
     if branches:
         report["branches"] = branches
     if prepared.cleanup is not None:

@@ -1,6 +1,9 @@
 r"""Weight-only and dynamic quantization of MatMul / Gemm (and, on request, Conv) weights.
 
-Two modes of :func:`onnxcomp.quant.api.quantize`, neither of which needs calibration data:
+Two modes of :func:`onnxcomp.quant.api.quantize`, neither of which needs calibration data. Given
+some, the integers are chosen by error-compensating rounding (GPTQ, :mod:`onnxcomp.quant.gptq`:
+``config.rounding``, by default for 4-bit weight-only) on exactly the grids and scales below;
+without, by round-to-nearest:
 
 **weight-only** (:func:`quantize_weight_only_mode`): the constant weight of a MatMul or Gemm is
 stored as 4- or 8-bit integers with one float32 scale per block of ``block_size`` consecutive
@@ -42,6 +45,12 @@ Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips
 * **int8: symmetric [-127, 127]**, ``scale = absmax / 127`` (the range of
   :func:`~onnxcomp.quant.primitives.qrange` for symmetric int8).
 
+**Conv** weights take part in weight-only mode (``qdq`` format only) when ``"Conv"`` is among
+``config.op_types`` (``--op-types Conv,MatMul,Gemm``): one scale per output channel (the whole
+filter ``[C/group, *kernel]`` is one block, on the same grids) behind ``DequantizeLinear(axis=0)``;
+onnxruntime dequantizes them once at session creation (constant folding), so this is a storage
+format: the Conv runs in float.
+
 An all-zero block gets scale 1.0 (:func:`~onnxcomp.quant.primitives.compute_scale_zero_point`'s
 rule). Weight bytes in the report count int4 at 0.5 byte per element (ONNX packs two per byte)
 plus 4 bytes per scale.
@@ -78,6 +87,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import ml_dtypes
@@ -91,7 +101,10 @@ from onnxcomp.io import initializer_nbytes
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.primitives import MIN_SCALE, blockwise_minmax, compute_scale_zero_point, quantize, quantize_weight
+from onnxcomp.quant.gptq import Rounder, make_rounder, rounding_report
+from onnxcomp.quant.primitives import (
+    MIN_SCALE, blockwise_minmax, compute_scale_zero_point, qrange, quantize, quantize_weight,
+)
 
 __all__ = [
     "QDQ_MIN_OPSET",
@@ -123,6 +136,8 @@ _QDQ_IR_VERSION = 10
 _MS_DOMAIN = "com.microsoft"
 
 _WEIGHT_ONLY_OPS = ("MatMul", "Gemm")
+#: Integer grid (qmin, qmax) of weight-only blocks by bits (module docstring).
+_GRIDS = {4: (-8, 7), 8: (-127, 127)}
 _DYNAMIC_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -230,6 +245,7 @@ class WeightSite:
     bias: ir.Value | None = None
     alpha: float = 1.0
     beta: float = 1.0
+    conv: bool = False
 
     @property
     def label(self) -> str:
@@ -294,7 +310,7 @@ def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | No
             )
         candidates -= {"LSTM"}  # LSTM: onnxcomp.quant.recurrent
     else:
-        candidates = set(_WEIGHT_ONLY_OPS)
+        candidates = set(_WEIGHT_ONLY_OPS) | ({"Conv"} & set(config.op_types))
     ort_format = mode == "weight-only" and config.weight_only_format == "ort"
     selector = config.selector
     sites: list[WeightSite] = []
@@ -330,6 +346,8 @@ def _site(node: ir.Node, mode: str, config: QuantizeConfig, ort_format: bool) ->
         return None, f"its weight is {weight.const_value.dtype.name}, not float32"
     shape = tuple(weight.const_value.shape.numpy())
     if node.op_type == "Conv":
+        if ort_format:
+            return None, "MatMulNBits is for MatMul/Gemm; Conv weights need weight_only_format 'qdq'"
         if len(shape) < 3:
             return None, f"its weight has rank {len(shape)}"
         bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -337,7 +355,7 @@ def _site(node: ir.Node, mode: str, config: QuantizeConfig, ort_format: bool) ->
             return None, "its bias is not a constant"
         if node.inputs[0].shape is not None and len(node.inputs[0].shape) != len(shape):
             return None, "its input rank does not match the weight"
-        return WeightSite(node, weight, k=math.prod(shape[1:]), n=shape[0], bias=bias), None
+        return WeightSite(node, weight, k=math.prod(shape[1:]), n=shape[0], bias=bias, conv=True), None
     if len(shape) != 2:
         return None, f"its weight is not 2-D (shape {list(shape)})"
     transposed = False
@@ -424,14 +442,18 @@ def _stats(plan: WeightPlan, rw: _Rewriter, unique: int, extra: dict[str, Any]) 
 
 
 class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
-    """Blocked ``DequantizeLinear`` weights (``weight_only_format="qdq"``), see module docstring."""
+    """Blocked ``DequantizeLinear`` weights (``weight_only_format="qdq"``), see module docstring.
+
+    ``rounder`` (onnxcomp.quant.gptq): error-compensating rounding on the same grid; None: nearest.
+    """
 
     config_class = QuantizeConfig
     min_opset = QDQ_MIN_OPSET
 
-    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None) -> None:
+    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, rounder: Rounder | None = None) -> None:
         super().__init__(config)
         self.plan = plan
+        self.rounder = rounder
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
@@ -440,6 +462,11 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         cache: dict[str, ir.Value] = {}
         retransposed = 0
         for site in plan.sites:
+            if site.conv:
+                if site.weight.name not in cache:
+                    cache[site.weight.name] = self._conv_weight(model, site, rw)
+                site.node.replace_input_with(1, cache[site.weight.name])
+                continue
             # Every weight is stored [K, N] and blocked along axis 0: a Gemm with transB=1 gets the
             # transposed weight and transB=0 (the same blocks, since blocks follow K either way).
             # onnxruntime fuses DequantizeLinear(axis=0) -> MatMul/Gemm into MatMulNBits, but
@@ -449,6 +476,9 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                 w = site.weight.const_value.numpy()
                 w_kn = np.ascontiguousarray(w.T) if site.transposed else w
                 bq = quantize_blockwise(w_kn, 0, cfg.bits, cfg.block_size)
+                if self.rounder is not None:
+                    q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[cfg.bits], cfg.block_size)
+                    bq = dataclasses.replace(bq, q=np.ascontiguousarray(q_nk.T).astype(bq.q.dtype))
                 data = _int4_tensor_array(bq.q) if cfg.bits == 4 else bq.q
                 q_v = rw.init(f"{site.weight.name}_q{cfg.bits}", data)
                 s_v = rw.init(f"{site.weight.name}_scale", bq.scale)
@@ -472,6 +502,25 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         })
 
 
+    def _conv_weight(self, model: ir.Model, site: WeightSite, rw: _Rewriter) -> ir.Value:
+        """A Conv weight ``[M, C/g, *kernel]`` with one scale per output channel (the whole filter is
+        one block, same grids), behind ``DequantizeLinear(axis=0)``."""
+        cfg = self.config
+        w = site.weight.const_value.numpy()
+        w_nk = w.reshape(w.shape[0], -1)
+        bq = quantize_blockwise(w_nk, 1, cfg.bits, w_nk.shape[1])
+        q_nk = bq.q
+        if self.rounder is not None:
+            q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[cfg.bits]).astype(bq.q.dtype)
+        q = q_nk.reshape(w.shape)
+        q_v = rw.init(f"{site.weight.name}_q{cfg.bits}", _int4_tensor_array(q) if cfg.bits == 4 else q)
+        s_v = rw.init(f"{site.weight.name}_scale", np.ascontiguousarray(bq.scale.reshape(-1), dtype=np.float32))
+        dq = ir.node("DequantizeLinear", [q_v, s_v], attributes={"axis": 0},
+                     name=rw.name(f"{site.weight.name}_DequantizeLinear"))
+        model.graph.insert_before(site.node, dq)
+        return rw.output(dq, f"{site.weight.name}_dq", ir.DataType.FLOAT, ir.Shape(w.shape))
+
+
 class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
     """``com.microsoft.MatMulNBits`` (``weight_only_format="ort"``, 4 bits), see module docstring.
 
@@ -482,8 +531,10 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
     config_class = QuantizeConfig
     min_opset = 1
 
-    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, *, accuracy_level: int = 0) -> None:
+    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, *, accuracy_level: int = 0,
+                 rounder: Rounder | None = None) -> None:
         super().__init__(config)
+        self.rounder = rounder
         if config.bits != 4:
             raise ConfigError("MatMulNBits (weight_only_format 'ort') is for bits = 4")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -503,6 +554,9 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
                 w = site.weight.const_value.numpy()
                 w_nk = w if site.transposed else w.T
                 bq = quantize_blockwise(w_nk, 1, 4, bs)
+                if self.rounder is not None:
+                    q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[4], bs)
+                    bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
                 packed, scales = pack_matmulnbits(bq.q, bq.scale, bs)
                 cache[key] = (rw.init(f"{site.weight.name}_nbits", packed), rw.init(f"{site.weight.name}_scales", scales))
             b_v, s_v = cache[key]
@@ -537,9 +591,10 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
     config_class = QuantizeConfig
     min_opset = DYNAMIC_MIN_OPSET
 
-    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None) -> None:
+    def __init__(self, config: QuantizeConfig, plan: WeightPlan | None = None, rounder: Rounder | None = None) -> None:
         super().__init__(config)
         self.plan = plan
+        self.rounder = rounder
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
@@ -567,6 +622,9 @@ class DynamicQuantPass(CompressionPass[QuantizeConfig]):
                 w = np.ascontiguousarray(w.T)
             axis = 1 if self.config.per_channel else None
         q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=self.config.reduce_weights)
+        if self.rounder is not None:
+            qmin, qmax = qrange("int8", True, self.config.reduce_weights)
+            q = self.rounder.round_along(site.weight.name, w, q, scale, 0 if site.conv else 1, qmin, qmax)
         q_v = rw.init(f"{site.weight.name}_quantized", q)
         scale = (np.asarray(scale, np.float32) * np.float32(site.alpha)).astype(np.float32)
         if site.node.op_type == "Conv" and scale.ndim:
@@ -665,16 +723,22 @@ def quantize_weight_only_mode(
 
 
 def quantize_weight_only_in_place(
-    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None
+    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Weight-only quantization of a working copy at the format's opset, in place; the report."""
+    """Weight-only quantization of a working copy at the format's opset, in place; the report.
+
+    ``calibration`` (optional) gives the layer Hessians for error-compensating rounding
+    (``config.rounding``, onnxcomp.quant.gptq)."""
     if config.weight_only_format == "ort" and config.bits != 4:
         raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
     before = initializer_nbytes(work)
     cleanup_stats = _prepare(work, config, cleanup)
     plan = plan_weight_sites(work, config, mode="weight-only")
+    started = time.perf_counter()
+    rounder = make_rounder(work, [s.node for s in plan.sites], calibration, config)
     if config.weight_only_format == "qdq":
-        result = WeightOnlyQDQPass(config, plan)(work)
+        result = WeightOnlyQDQPass(config, plan, rounder)(work)
         if plan.shared_weights:
             notes.append(
                 f"{len(plan.shared_weights)} weight(s) feed several nodes and are quantized once behind one "
@@ -688,8 +752,10 @@ def quantize_weight_only_in_place(
                 "default 4); set it to 0 to keep activations in float"
             )
     else:
-        result = MatMulNBitsPass(config, plan)(work)
-    return _base_report(config, before, work, result.stats, cleanup_stats)
+        result = MatMulNBitsPass(config, plan, rounder=rounder)(work)
+    report = _base_report(config, before, work, result.stats, cleanup_stats)
+    report["rounding"] = rounding_report(rounder, started)
+    return report
 
 
 def quantize_dynamic_mode(
@@ -702,9 +768,11 @@ def quantize_dynamic_mode(
 
 
 def quantize_dynamic_in_place(
-    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None
+    work: ir.Model, config: QuantizeConfig, *, notes: list[str], cleanup: bool | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Dynamic quantization of a working copy (opset >= 11), in place; the report."""
+    """Dynamic quantization of a working copy (opset >= 11), in place; the report (``calibration``:
+    as for weight-only)."""
     before = initializer_nbytes(work)
     cleanup_stats = _prepare(work, config, cleanup)
     plan = plan_weight_sites(work, config, mode="dynamic")
@@ -719,8 +787,11 @@ def quantize_dynamic_in_place(
                 f"onnxruntime's CPU provider; to convert them anyway pass --op-types {','.join(wanted)} "
                 f"(in a recipe: quantize.op_types = [{toml_list}])"
             )
-    result = DynamicQuantPass(config, plan)(work)
+    started = time.perf_counter()
+    rounder = make_rounder(work, [s.node for s in plan.sites], calibration, config)
+    result = DynamicQuantPass(config, plan, rounder)(work)
     report = _base_report(config, before, work, result.stats, cleanup_stats)
+    report["rounding"] = rounding_report(rounder, started)
     if "LSTM" in op_types:
         from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
 

@@ -1,0 +1,145 @@
+"""Weights at 4 and 8 bits: round-to-nearest vs GPTQ, and quantized embedding tables (issue 19).
+
+One build per run (so the peak RSS is that build's): ``quantize`` on the suite model with the
+suite's calibration file and the given QuantizeConfig fields, then the task metric on the suite's
+evaluation set (``tuning``) and on the report split (``report``: text the calibration and
+tuning sets never saw, ``benchmarks/.cache/data/{minilm,rec}-report-*.npz``).
+
+    python -m benchmarks.gptq_study minilm '{"mode": "weight-only", "weight_only_format": "ort"}'
+    python -m benchmarks.gptq_study ppocr_rec '{"mode": "weight-only", "op_types": ["Conv", "MatMul", "Gemm"]}'
+
+Prints one JSON line: build seconds, peak RSS of the build (MiB), file bytes, metric per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import fetch, metrics, suite
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def _report_file(prefix: str) -> Path:
+    found = sorted((CACHE / "data").glob(f"{prefix}-report-*.npz"))
+    if not found:
+        raise SystemExit(f"no report split {prefix}-report-*.npz in {CACHE / 'data'}")
+    return found[0]
+
+
+def _run(path: str, arrays: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    n = len(next(iter(arrays.values())))
+    return np.concatenate([sess.run(None, {k: v[i : i + batch] for k, v in arrays.items()})[0]
+                           for i in range(0, n, batch)])
+
+
+def _splits(name: str, task, limit: int | None = None) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
+    """Per split: arrays, scorer and batch; ``limit``: the first ``limit`` samples only."""
+    full = _all_splits(name, task)
+    if not limit:
+        return full
+    return {split: ({k: v[:limit] for k, v in arrays.items()}, score.limited(limit), batch)
+            for split, (arrays, score, batch) in full.items()}
+
+
+def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
+    if name == "minilm":
+        tune = {k: np.concatenate([b[k] for b in task.eval_batches]) for k in task.eval_batches[0]}
+        with np.load(_report_file("minilm")) as z:
+            rep = {k: z[k] for k in z.files}
+
+        def scorer(mask):
+            def score(out, ref):
+                c = metrics.row_cosine(metrics.mean_pool(out, mask[: len(out)]), metrics.mean_pool(ref, mask[: len(out)]))
+                return {"cosine": float(c.mean()), "cosine_min": float(c.min())}
+            score.limited = lambda n: scorer(mask[:n])
+            return score
+
+        return {"tuning": (tune, scorer(tune["attention_mask"]), 1), "report": (rep, scorer(rep["attention_mask"]), 1)}
+    if name == "ppocr_rec":
+        charset = fetch.rec_charset(task.fp32_path)
+        tune = {"x": np.concatenate([b["x"] for b in task.eval_batches])}
+        path = _report_file("rec")
+        with np.load(path) as z:
+            rep = {"x": z["x"]}
+        texts = json.loads(path.with_suffix(".json").read_text())["texts"]
+        tune_texts = json.loads(next((CACHE / "data").glob("rec-eval-*.json")).read_text())["texts"]
+
+        def scorer(truth):
+            def score(out, ref):
+                pred = [s.strip() for s in metrics.ctc_greedy_decode(out, charset)]
+                return {"char_acc": metrics.char_accuracy(pred, truth[: len(pred)])}
+            score.limited = lambda n: scorer(truth[:n])
+            return score
+
+        return {"tuning": (tune, scorer(tune_texts), 10), "report": (rep, scorer(texts), 10)}
+    raise SystemExit(f"unknown model {name!r} (minilm, ppocr_rec)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gptq_study", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", choices=("minilm", "ppocr_rec"))
+    p.add_argument("config", help="QuantizeConfig fields as a JSON object")
+    p.add_argument("--keep", metavar="OUT.onnx", help="keep the built model here")
+    p.add_argument("--limit", type=int, help="score only the first N samples of each split")
+    p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
+    args = p.parse_args(argv)
+
+    from onnxcomp.data import Dataset
+    from onnxcomp.io import load_model, save_model
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    task = suite.SUITE[args.model].prepare(suite.Context(cache=CACHE))
+    fields = json.loads(args.config)
+    if "op_types" in fields:
+        fields["op_types"] = tuple(fields["op_types"])
+    config = QuantizeConfig(**fields)
+    started = time.perf_counter()
+    model = load_model(task.fp32_path)
+    quantized, report = quantize(model, Dataset(task.calib_path, model), config, verify=False)
+    out = args.keep or os.path.join(tempfile.mkdtemp(), "model.onnx")
+    save_model(quantized, out, force=True)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del quantized, model
+    row = {"model": args.model, "config": fields, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
+           "file_bytes": os.path.getsize(out), "fp32_bytes": os.path.getsize(task.fp32_path)}
+    rounding = report.get("rounding") or {}
+    if rounding.get("method") == "gptq":
+        row["rounding"] = {k: rounding[k] for k in ("layer_sqnr_db_nearest_median", "layer_sqnr_db_median",
+                                                    "weights", "weights_kept_nearest", "seconds") if k in rounding}
+    emb = (report.get("embeddings") or {}).get("tables") or {}
+    row["embeddings"] = {k: {"bits": v["bits"], "sqnr_db": round(v["sqnr_db"], 2)} for k, v in emb.items()}
+    for split, (arrays, score, batch) in _splits(args.model, task, args.limit).items():
+        tag = f"-{args.limit}" if args.limit else ""
+        cached = Path(args.ref_cache) / f"{args.model}-{split}{tag}.npy" if args.ref_cache else None
+        if cached is not None and cached.is_file():
+            ref = np.load(cached)
+        else:
+            ref = _run(str(task.fp32_path), arrays, batch)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cached, ref)
+        got = _run(out, arrays, batch)
+        row[split] = {"fp32": score(ref, ref), "quantized": score(got, ref)}
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

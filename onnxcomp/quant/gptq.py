@@ -1,0 +1,346 @@
+r"""Error-compensating rounding of linear-layer weights (GPTQ / OBQ) from the layer-input Gram.
+
+For a layer :math:`y = W x` (``W`` as ``[n, k]``: one row per output, columns in the order of the
+input features) the squared output error of quantized weights :math:`\hat W` over the calibration
+rows is :math:`\operatorname{tr}((W-\hat W) H (W-\hat W)^\top)` with :math:`H = X^\top X`
+(:mod:`onnxcomp.analysis.gram`). Round-to-nearest minimizes each weight's own error; GPTQ rounds
+the columns one at a time and moves each column's rounding error onto the columns not yet rounded,
+weighted by the inverse Hessian, so the *output* error is what gets minimized:
+
+.. math:: \delta = (w_j - \hat w_j) / U_{jj},\qquad W_{:, j+1:} \mathrel{-}= \delta\, U_{j, j+1:}
+
+where :math:`U` is the upper Cholesky factor of :math:`(H + \lambda I)^{-1}` (:math:`\lambda` =
+``damp`` x the mean diagonal of ``H``; raised tenfold, up to three times, if ``H`` is still not
+positive definite). The updates are applied lazily: within a block of ``block`` columns, and once
+per block to the columns after it (the same arithmetic, in matrix products). ``act_order`` rounds
+the columns by decreasing :math:`H_{jj}` (the inputs with the most energy first).
+
+The integer grid is the caller's and is kept as it is: the scales (one per row, or one per row
+and group of ``group_size`` consecutive columns, ONNX's blocked layout) are fitted by the caller's
+round-to-nearest quantizer to the original weights and passed in; GPTQ chooses only the integers,
+within ``[qmin, qmax]`` (a compensated value beyond the grid saturates). So every format, storage
+and kernel stays exactly what round-to-nearest writes, and both can be compared on the same
+:math:`H`: :func:`compensated_round` returns the integers of whichever of the two has the smaller
+output error on the calibration rows (GPTQ nearly always; a layer whose inputs are all zero on the
+data keeps round-to-nearest).
+
+Rounding: half to even (numpy's ``rint``, as ONNX QuantizeLinear).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round"]
+
+#: Values of QuantizeConfig.rounding.
+ROUNDINGS = ("auto", "nearest", "gptq")
+#: Columns per lazy update block.
+BLOCK = 128
+
+
+def _column_scales(scale: np.ndarray, n: int, k: int, group_size: int) -> np.ndarray:
+    s = np.asarray(scale, dtype=np.float64).reshape(n, -1)
+    groups = -(-k // group_size)
+    if s.shape[1] != groups:
+        raise ValueError(f"gptq: scale has {s.shape[1]} groups per row, expected ceil({k}/{group_size}) = {groups}")
+    return np.repeat(s, group_size, axis=1)[:, :k]
+
+
+def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray | None:
+    """Upper Cholesky factor ``U`` of ``(H + damp*mean(diag) I)^-1`` (``U^T U``), or None."""
+    k = h.shape[0]
+    mean_diag = float(np.mean(np.diag(h)))
+    if not np.isfinite(mean_diag) or mean_diag <= 0.0:
+        return None
+    lam = max(damp, 1e-8) * mean_diag
+    eye = np.eye(k)
+    for _ in range(4):
+        try:
+            low = np.linalg.cholesky(h + lam * eye)
+            inv_low = np.linalg.solve(low, eye)  # L^-1
+            hinv = inv_low.T @ inv_low
+            u = np.linalg.cholesky(hinv).T
+            if np.all(np.isfinite(u)):
+                return u
+        except np.linalg.LinAlgError:
+            pass
+        lam *= 10.0
+    return None
+
+
+def gptq_round(
+    w: np.ndarray,
+    h: np.ndarray,
+    scale: np.ndarray,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = BLOCK,
+) -> np.ndarray | None:
+    """Integers ``q`` (int32, ``[n, k]``) for ``W ~ q * scale`` by GPTQ (module doc).
+
+    Args:
+        w: ``[n, k]`` weights, columns in the order of ``h``'s features.
+        h: ``[k, k]`` input Gram (any positive multiple: only its shape matters).
+        scale: ``[n]`` / ``[n, 1]`` (per row) or ``[n, ceil(k / group_size)]`` (per row and group).
+        qmin, qmax: the integer grid.
+        group_size: columns per scale group (None: all ``k``).
+        damp: relative dampening of ``h``'s diagonal.
+        act_order: round the columns by decreasing ``h`` diagonal.
+
+    Returns None when ``h`` cannot be factored even with a raised dampening.
+    """
+    wd = np.asarray(w, dtype=np.float64)
+    n, k = wd.shape
+    s = _column_scales(scale, n, k, group_size or k)
+
+    def snap(col: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(col / s[:, j]), qmin, qmax)
+
+    q = gptq_snap(wd, h, lambda col, j: snap(col, j) * s[:, j], damp=damp, act_order=act_order, block=block)
+    if q is None:
+        return None
+    return np.clip(np.rint(q / s), qmin, qmax).astype(np.int32)
+
+
+def gptq_snap(
+    w: np.ndarray,
+    h: np.ndarray,
+    snap,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = BLOCK,
+) -> np.ndarray | None:
+    """GPTQ with any per-column projection: ``snap(column [n], j)`` returns the representable values
+    nearest to (or chosen for) the compensated column ``j`` (original column index), e.g. the
+    nearest entries of a k-means codebook (GPTVQ-style assignment in one dimension), a uniform
+    grid (:func:`gptq_round`), or zeros for pruned weights (SparseGPT-style). Returns the snapped
+    weights ``[n, k]`` (float64), or None when ``h`` cannot be factored."""
+    wd = np.array(w, dtype=np.float64)
+    n, k = wd.shape
+    if h.shape != (k, k):
+        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's {k} columns")
+    hd = np.array(h, dtype=np.float64)
+    dead = np.diag(hd) <= 0.0
+    hd[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(hd), kind="stable") if act_order else np.arange(k)
+    wd, hd = wd[:, perm], hd[np.ix_(perm, perm)]
+    u = _inverse_cholesky(hd, damp)
+    if u is None:
+        return None
+    out = np.zeros((n, k), dtype=np.float64)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = wd[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            snapped = snap(col, perm[i1 + i])
+            out[:, i1 + i] = snapped
+            e = (col - snapped) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        wd[:, i2:] -= err1 @ u[i1:i2, i2:]
+    result = np.empty_like(out)
+    result[:, perm] = out
+    return result
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """Relative output error ``tr(dW H dW^T) / tr(W H W^T)`` (0 when the layer's output is 0)."""
+    wd = np.asarray(w, dtype=np.float64)
+    dw = wd - np.asarray(w_hat, dtype=np.float64)
+    num = float(np.sum((dw @ h) * dw))
+    den = float(np.sum((wd @ h) * wd))
+    return max(num, 0.0) / den if den > 0.0 else 0.0
+
+
+@dataclasses.dataclass
+class RoundingResult:
+    """The integers chosen and both methods' relative output errors on the calibration rows."""
+
+    q: np.ndarray
+    method: str  # "gptq" or "nearest"
+    error_nearest: float
+    error_gptq: float
+
+
+def compensated_round(
+    w: np.ndarray,
+    h: np.ndarray,
+    scale: np.ndarray,
+    q_nearest: np.ndarray,
+    qmin: int,
+    qmax: int,
+    *,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> RoundingResult:
+    """GPTQ's integers unless round-to-nearest (``q_nearest``, ``[n, k]``) errs less on ``h``."""
+    n, k = np.shape(w)
+    s = _column_scales(scale, n, k, group_size or k)
+    err_n = output_error(w, np.asarray(q_nearest, np.float64) * s, h)
+    q = gptq_round(w, h, scale, qmin, qmax, group_size=group_size, damp=damp, act_order=act_order)
+    if q is None:
+        return RoundingResult(np.asarray(q_nearest), "nearest", err_n, float("nan"))
+    err_g = output_error(w, q * s, h)
+    if err_g < err_n:
+        return RoundingResult(q, "gptq", err_n, err_g)
+    return RoundingResult(np.asarray(q_nearest), "nearest", err_n, err_g)
+
+
+# ------------------------------------------------------------------------------------- integration
+
+
+def resolve_rounding(config, has_data: bool) -> str:
+    """``nearest`` or ``gptq`` for ``config`` (QuantizeConfig): ``auto`` is GPTQ for 4-bit weight-only
+    quantization with calibration data, round-to-nearest elsewhere. ``gptq`` without data is refused."""
+    from onnxcomp.errors import ConfigError
+
+    if config.rounding == "gptq":
+        if not has_data:
+            raise ConfigError("quantize: rounding 'gptq' needs calibration data (--calibration FILE)")
+        return "gptq"
+    if config.rounding == "auto" and has_data and config.mode == "weight-only" and config.bits == 4:
+        return "gptq"
+    return "nearest"
+
+
+def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads: int | None = None,
+                    progress=None) -> dict[str, np.ndarray]:
+    """Per weight initializer name, the ``[groups, k, k]`` mean input Gram of the nodes reading it
+    (summed over the nodes when a weight feeds several), from one pass over ``data``."""
+    from onnxcomp.analysis.gram import DEFAULT_MAX_ROWS, collect_grams
+
+    grams = collect_grams(model, list(nodes), data, max_rows=max_rows or DEFAULT_MAX_ROWS, threads=threads,
+                          progress=progress)
+    by_node = {n.name: n for n in nodes}
+    out: dict[str, np.ndarray] = {}
+    seen: dict[str, set[int]] = {}
+    for name, gram in grams.items():
+        weight = by_node[name].inputs[1].name
+        if id(gram) in seen.setdefault(weight, set()):
+            continue
+        seen[weight].add(id(gram))
+        if weight in out and out[weight].shape != gram.gram.shape:
+            continue  # the same tensor read in two layouts: keep the first
+        out[weight] = out[weight] + gram.mean() if weight in out else gram.mean()
+    return out
+
+
+class Rounder:
+    """Chooses the integers of each weight on its caller's grid: GPTQ where a Hessian is known
+    (keeping round-to-nearest where that errs less), round-to-nearest elsewhere; keeps a report."""
+
+    def __init__(self, hessians: dict[str, np.ndarray] | None, *, damp: float = 0.01, act_order: bool = False):
+        self.hessians = hessians or {}
+        self.damp = damp
+        self.act_order = act_order
+        self.layers: dict[str, dict[str, object]] = {}
+        self.hessian_seconds = 0.0
+
+    def round(self, name: str, w_nk: np.ndarray, scale: np.ndarray, q_nk: np.ndarray, qmin: int, qmax: int,
+              group_size: int | None = None) -> np.ndarray:
+        """Integers for ``w_nk`` (``[n, k]``, ``k`` in the Hessian's feature order) with ``scale``
+        ``[n, groups]`` (or ``[n]``); ``q_nk`` are round-to-nearest's. Grouped layers (a grouped Conv's
+        Hessian ``[g, k, k]``) split the rows into ``g`` consecutive parts."""
+        h = self.hessians.get(name)
+        n, k = np.shape(w_nk)
+        if h is None or h.shape[-1] != k or n % h.shape[0]:
+            return q_nk
+        g = h.shape[0]
+        rows = n // g
+        s = np.asarray(scale, np.float64).reshape(n, -1)
+        out = np.array(q_nk, copy=True)
+        err_n = err_g = 0.0
+        chosen = []
+        for i in range(g):
+            part = slice(i * rows, (i + 1) * rows)
+            res = compensated_round(w_nk[part], h[i], s[part], q_nk[part], qmin, qmax, group_size=group_size,
+                                    damp=self.damp, act_order=self.act_order)
+            out[part] = res.q.astype(out.dtype)
+            err_n += res.error_nearest
+            err_g += res.error_gptq if res.method == "gptq" else res.error_nearest
+            chosen.append(res.method)
+        self.layers[name] = {
+            "method": "gptq" if "gptq" in chosen else "nearest",
+            "output_error_nearest": err_n / g,
+            "output_error": err_g / g,
+        }
+        return out
+
+    def round_along(self, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, qmin: int,
+                    qmax: int) -> np.ndarray:
+        """:meth:`round` for a weight whose output channels lie along ``axis`` (the other axes
+        flattened in order are the input features: a Conv's ``[M, C/g, *kernel]`` with axis 0, a
+        ``[K, N]`` MatMul weight with axis 1); ``scale`` is per tensor or per channel."""
+        if name not in self.hessians:
+            return q
+        n = w.shape[axis]
+        w_nk = np.moveaxis(w, axis, 0).reshape(n, -1)
+        q_nk = np.moveaxis(q, axis, 0).reshape(n, -1)
+        s = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 1), (n, 1))
+        out = self.round(name, w_nk, s, q_nk, qmin, qmax)
+        moved = np.moveaxis(q, axis, 0).shape
+        return np.moveaxis(out.reshape(moved), 0, axis).astype(q.dtype)
+
+    def report(self) -> dict[str, object]:
+        if not self.layers:
+            return {"method": "nearest"}
+        def db(e: float) -> float:
+            return float(10.0 * np.log10(1.0 / e)) if e > 0 else float("inf")
+        near = [float(v["output_error_nearest"]) for v in self.layers.values()]
+        got = [float(v["output_error"]) for v in self.layers.values()]
+        return {
+            "method": "gptq",
+            "damp": self.damp,
+            "act_order": self.act_order,
+            "weights": len(self.layers),
+            "weights_kept_nearest": sum(1 for v in self.layers.values() if v["method"] == "nearest"),
+            "layer_sqnr_db_nearest_median": float(np.median([db(e) for e in near])),
+            "layer_sqnr_db_median": float(np.median([db(e) for e in got])),
+            "layers": self.layers,
+        }
+
+
+def make_rounder(work, nodes, calibration, config, *, progress=None) -> Rounder | None:
+    """The :class:`Rounder` for ``config.rounding`` (None: round-to-nearest), with the Hessians of
+    ``nodes``' weights from ``calibration`` (a data source or Dataset for ``work``)."""
+    import time
+
+    from onnxcomp.data import load_data
+
+    if resolve_rounding(config, calibration is not None) != "gptq":
+        return None
+    nodes = list(nodes)
+    started = time.perf_counter()
+    hessians = {}
+    if nodes:
+        data = load_data(calibration, work, limit=config.max_samples)
+        hessians = weight_hessians(work, nodes, data, progress=progress)
+    rounder = Rounder(hessians, damp=config.gptq_damp, act_order=config.gptq_act_order)
+    rounder.hessian_seconds = time.perf_counter() - started
+    return rounder
+
+
+def rounding_report(rounder: Rounder | None, started: float | None = None) -> dict[str, object]:
+    """The report's ``rounding`` section (with the time spent when ``started`` is given)."""
+    import time
+
+    if rounder is None:
+        return {"method": "nearest"}
+    out = rounder.report()
+    out["method"] = "gptq"
+    out["hessian_seconds"] = rounder.hessian_seconds
+    if started is not None:
+        out["seconds"] = time.perf_counter() - started
+    return out
