@@ -1,0 +1,327 @@
+"""The transformer path: onnxruntime's encoder fusions first, then int8 inside the fused kernels.
+
+BERT-class encoders (MiniLM, BERT, RoBERTa, DistilBERT exports) run fastest on onnxruntime's CPU
+provider as its fused contrib ops: ``Attention`` (Q/K/V projections, scaled dot product, mask and
+softmax in one kernel), ``SkipLayerNormalization`` (residual Add + bias + LayerNormalization),
+``BiasGelu`` and ``EmbedLayerNormalization`` (the three embedding lookups, their sum and the first
+LayerNormalization, and the mask index). onnxruntime's session optimizer does not form these; its
+transformer optimizer (``onnxruntime.transformers.optimizer``, shipped in the onnxruntime package)
+does, on the float graph, and only when it recognises the exported pattern.
+
+The path (``QuantizeConfig.transformer``: ``auto`` | ``on`` | ``off``):
+
+1. :func:`detect_encoder` finds the attention geometry an encoder export shows: a Reshape to
+   ``[batch, seq, heads, head_size]`` feeding a Transpose ``[0, 2, 1, 3]`` (the head split) next
+   to a Softmax. ``auto`` takes the path only when it finds one; ``on`` insists (and errors when
+   there is none).
+2. :func:`fuse_encoder` runs the transformer optimizer with that geometry (the protobuf round trip
+   is :func:`onnxcomp.io.rewrite_as_proto`) and reports, per fusion, how many nodes it formed and,
+   for the ones that did not fire, why (:data:`FUSIONS`).
+3. The chosen mode then quantizes the MatMuls left outside the fused ops (attention output
+   projection, both feed-forward MatMuls) as usual, and :class:`QAttentionPass` turns each float
+   ``Attention`` into ``QAttention``: int8 per-column Q/K/V weights (7 bits where the CPU needs
+   them, see :mod:`onnxcomp.quant.kernels`), its input quantized to uint8 at run time by a
+   ``DynamicQuantizeLinear``. onnxruntime keeps both as int8 kernels: :func:`fused_ops` reads its
+   optimized graph and the quantize report's ``onnxruntime`` section counts them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.errors import ConfigError
+from onnxcomp.graph import add_initializer, all_value_names, infer_types, restore_model, unique_name
+from onnxcomp.io import rewrite_as_proto
+from onnxcomp.quant.primitives import quantize_weight
+from onnxcomp.runtime import ort_optimized_model, session_options
+
+__all__ = [
+    "FUSIONS",
+    "EncoderGeometry",
+    "detect_encoder",
+    "fuse_encoder",
+    "QAttentionPass",
+    "quantize_attention",
+    "fused_ops",
+    "TRANSFORMER_SETTINGS",
+]
+
+TRANSFORMER_SETTINGS = ("auto", "on", "off")
+MS_DOMAIN = "com.microsoft"
+
+#: The fusions of onnxruntime's transformer optimizer this path reports, with what each one needs
+#: and the usual reason it does not fire.
+FUSIONS: dict[str, str] = {
+    "EmbedLayerNormalization": (
+        "word/position/token-type Gather -> Add -> LayerNormalization at the graph inputs: not matched "
+        "(embeddings computed another way, or no token-type input)"
+    ),
+    "Attention": (
+        "Q/K/V MatMul+Add -> Reshape -> Transpose -> MatMul -> scale -> mask Add -> Softmax -> MatMul: not "
+        "matched (a fused scaled_dot_product_attention export, or a mask computed in a form the optimizer "
+        "does not know)"
+    ),
+    "MultiHeadAttention": "only formed when Q/K/V come from different inputs (not in a self-attention encoder)",
+    "SkipLayerNormalization": "residual Add -> LayerNormalization: not matched",
+    "BiasGelu": "MatMul bias Add -> Gelu (Erf form): not matched (a tanh-approximated or fused Gelu)",
+    "FastGelu": "only formed from the tanh approximation of Gelu",
+    "Gelu": "Erf-based Gelu subgraph: not matched",
+    "LayerNormalization": "ReduceMean/Sub/Pow/Sqrt/Div subgraph: not matched (already one op)",
+}
+
+_HEAD_SPLIT_PERM = (0, 2, 1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderGeometry:
+    """Attention geometry found in an encoder graph."""
+
+    num_heads: int
+    hidden_size: int
+    layers: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """A value's constant content: an initializer, a Constant node, or Unsqueeze/Concat of those."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    if node.op_type == "Unsqueeze":
+        inner = _constant(node.inputs[0])
+        return None if inner is None else inner.reshape(-1)
+    if node.op_type == "Concat":
+        parts = [_constant(v) for v in node.inputs]
+        return None if any(p is None for p in parts) else np.concatenate([p.reshape(-1) for p in parts])
+    return None
+
+
+def _shape_tail(value: ir.Value) -> tuple[int, int] | None:
+    """The last two entries of a Reshape target ``[b, s, heads, head_size]`` when they are constant."""
+    node = value.producer()
+    if node is not None and node.op_type == "Concat" and len(node.inputs) == 4:
+        tail = [_constant(v) for v in node.inputs[2:]]
+        if all(t is not None and t.size == 1 for t in tail):
+            return int(tail[0].reshape(-1)[0]), int(tail[1].reshape(-1)[0])
+    full = _constant(value)
+    if full is not None and full.size == 4:
+        return int(full[2]), int(full[3])
+    return None
+
+
+def _projection_width(value: ir.Value) -> int | None:
+    """Output width of the projection (MatMul with a constant weight, then a bias Add) producing ``value``."""
+    node = value.producer()
+    for _ in range(2):
+        if node is None:
+            return None
+        for v in node.inputs:
+            c = v.const_value if v is not None else None
+            if c is not None and len(c.shape) in (1, 2) and (node.op_type == "MatMul" or len(c.shape) == 1):
+                return int(c.shape[-1])
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    return None
+
+
+def detect_encoder(model: ir.Model) -> tuple[EncoderGeometry | None, str]:
+    """The encoder's attention geometry, or None and why it is not an encoder-style graph."""
+    found: collections.Counter[tuple[int, int]] = collections.Counter()
+    softmax = sum(1 for n in model.graph if n.op_type == "Softmax")
+    fused = sum(1 for n in model.graph if n.op_type in ("Attention", "MultiHeadAttention") and n.domain == MS_DOMAIN)
+    if fused:
+        return None, f"already holds {fused} fused attention node(s)"
+    for node in model.graph:
+        if node.op_type != "Reshape" or len(node.inputs) < 2:
+            continue
+        users = [u for u in node.outputs[0].consumers() if u.op_type == "Transpose"]
+        perms = [tuple(u.attributes["perm"].as_ints()) for u in users if "perm" in u.attributes]
+        if _HEAD_SPLIT_PERM not in perms and (0, 2, 3, 1) not in perms:
+            continue
+        tail = _shape_tail(node.inputs[1])
+        if tail is not None and tail[0] <= 0 < tail[1]:  # [b, s, -1, head_size]: heads from the projection width
+            width = _projection_width(node.inputs[0])
+            tail = (width // tail[1], tail[1]) if width and width % tail[1] == 0 else None
+        if tail is not None and tail[0] > 0 and tail[1] > 0:
+            found[tail] += 1
+    if not found or not softmax:
+        return None, "no attention head split (Reshape to [batch, seq, heads, head_size] -> Transpose) next to a Softmax"
+    (heads, head_size), count = found.most_common(1)[0]
+    return EncoderGeometry(heads, heads * head_size, max(softmax, count // 3)), "encoder attention found"
+
+
+@contextlib.contextmanager
+def _quiet_optimizer():
+    """onnxruntime's transformer optimizer logs every step; keep it to errors."""
+    loggers = [logging.getLogger(n) for n in ("onnxruntime.transformers", "onnx_model", "fusion_base",
+                                                "onnx_model_bert", "fusion_utils", "fusion_attention",
+                                                "fusion_skiplayernorm", "fusion_embedlayer", "optimizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def fuse_encoder(work: ir.Model, geometry: EncoderGeometry) -> dict[str, Any]:
+    """Run onnxruntime's transformer optimizer on ``work`` (in place); the fusions it formed.
+
+    Returns ``{"geometry", "fused": {op: count}, "not_fused": {op: reason}, "nodes_before", "nodes_after"}``.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    stats: dict[str, int] = {}
+
+    def rewrite(proto):
+        options = FusionOptions("bert")
+        options.enable_gelu_approximation = False  # exact Gelu: the check compares against float
+        with _quiet_optimizer():
+            optimized = optimize_by_fusion(proto, "bert", geometry.num_heads, geometry.hidden_size, options)
+            stats.update(optimized.get_fused_operator_statistics())
+        return optimized.model
+
+    before = sum(1 for _ in work.graph)
+    fused_model = rewrite_as_proto(work, rewrite)
+    restore_model(work, fused_model)
+    if any(n.domain == MS_DOMAIN for n in work.graph):
+        work.opset_imports.setdefault(MS_DOMAIN, 1)  # the optimizer does not always declare it
+    infer_types(work)
+    fused = {op: int(n) for op, n in stats.items() if n and op in FUSIONS}
+    if fused.get("SkipLayerNormalization"):
+        fused.pop("LayerNormalization", None)  # the optimizer counts the first LayerNorm it keeps
+    not_fused = {op: FUSIONS[op] for op in ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu")
+                 if not stats.get(op)}
+    return {"geometry": geometry.to_dict(), "fused": fused, "not_fused": not_fused,
+            "nodes_before": before, "nodes_after": sum(1 for _ in work.graph)}
+
+
+class QAttentionPass:
+    """Every float ``com.microsoft.Attention`` with a constant ``[H, 3H]`` weight -> ``QAttention``.
+
+    The input is quantized to uint8 at run time (``DynamicQuantizeLinear``), the weight to int8
+    per output column (symmetric, zero point 0; 7 bits when ``reduce_range``). Attention nodes with
+    ``past``, an attention bias or separate Q/K/V hidden sizes stay float (QAttention has no such
+    inputs) and are reported with the reason.
+    """
+
+    def __init__(self, *, per_channel: bool = True, reduce_range: bool = True, exclude: frozenset[str] = frozenset()) -> None:
+        self.per_channel = per_channel
+        self.reduce_range = reduce_range
+        self.exclude = exclude
+
+    def __call__(self, model: ir.Model) -> dict[str, Any]:
+        graph = model.graph
+        taken = all_value_names(graph)
+        done: list[str] = []
+        skipped: dict[str, str] = {}
+        for node in list(graph):
+            if node.op_type != "Attention" or node.domain != MS_DOMAIN:
+                continue
+            reason = self._reason(node)
+            if reason is None and node.name in self.exclude:
+                reason = "excluded"
+            if reason is not None:
+                skipped[node.name] = reason
+                continue
+            self._rewrite(graph, node, taken)
+            done.append(node.name)
+        if done:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return {"attention_quantized": done, "attention_float": skipped}
+
+    @staticmethod
+    def _reason(node: ir.Node) -> str | None:
+        inputs = list(node.inputs)
+        if len(inputs) < 3 or inputs[1] is None or inputs[1].const_value is None:
+            return "its Q/K/V weight is not a constant"
+        if any(v is not None for v in inputs[4:]):
+            return "uses past state or an attention bias (QAttention has neither)"
+        if "qkv_hidden_sizes" in node.attributes:
+            return "separate Q/K/V hidden sizes (QAttention needs equal ones)"
+        if inputs[2] is None or inputs[2].const_value is None:
+            return "no constant bias"
+        return None
+
+    def _rewrite(self, graph: ir.Graph, node: ir.Node, taken: set[str]) -> None:
+        x, w_v, bias = node.inputs[0], node.inputs[1], node.inputs[2]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        w = w_v.const_value.numpy().astype(np.float32)
+        q, scale, _ = quantize_weight(w, "int8", axis=1 if self.per_channel else None, symmetric=True,
+                                      reduce_range=self.reduce_range)
+        base = node.name or "Attention"
+        q_v = add_initializer(graph, f"{w_v.name}_quantized", q, taken)
+        s_v = add_initializer(graph, f"{w_v.name}_scale", np.asarray(scale, np.float32), taken)
+        zp_v = add_initializer(graph, f"{w_v.name}_zero_point", np.zeros(np.shape(scale), np.int8), taken)
+        dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=unique_name(graph, f"{base}_DynamicQuantizeLinear", taken))
+        x_q, x_s, x_zp = dql.outputs
+        for v, suffix, dt, shape in ((x_q, "quantized", ir.DataType.UINT8, x.shape), (x_s, "scale", ir.DataType.FLOAT, []),
+                                     (x_zp, "zero_point", ir.DataType.UINT8, [])):
+            v.name = unique_name(graph, f"{base}_input_{suffix}", taken)
+            v.dtype = dt
+            v.shape = ir.Shape(shape) if shape is not None else None
+        attrs = [a for name, a in node.attributes.items() if name in ("num_heads", "unidirectional", "mask_filter_value", "scale")]
+        qatt = ir.Node(MS_DOMAIN, "QAttention", [x_q, q_v, bias, x_s, s_v, mask, x_zp, zp_v], attributes=attrs,
+                       num_outputs=1, name=unique_name(graph, f"{base}_QAttention", taken))
+        out = node.outputs[0]
+        new_out = qatt.outputs[0]
+        new_out.dtype = out.dtype or ir.DataType.FLOAT
+        new_out.shape = ir.Shape(out.shape) if out.shape is not None else None
+        graph.insert_before(node, [dql, qatt])
+        name = out.name
+        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        new_out.name = name
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+            raise ConfigError(f"Attention node {node.name!r}: its present-state output is used")
+
+
+def quantize_attention(model: ir.Model, *, per_channel: bool, reduce_range: bool, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """:class:`QAttentionPass` on ``model`` in place; the names quantized and those kept float."""
+    return QAttentionPass(per_channel=per_channel, reduce_range=reduce_range, exclude=frozenset(exclude))(model)
+
+
+def fused_ops(model: ir.Model, *, threads: int | None = 1) -> dict[str, int]:
+    """Op counts of onnxruntime's optimized graph of ``model`` (what it really runs)."""
+    optimized = ort_optimized_model(model, sess_options=session_options("all", threads=threads))
+    return dict(sorted(collections.Counter(n.op_type for n in optimized.graph.all_nodes()).items()))
+
+
+def prepare_encoder(work: ir.Model, setting: str) -> dict[str, Any] | None:
+    """The first step of the path on the working copy (in place): detect, then fuse.
+
+    ``setting`` ``off``: nothing (None). ``auto``: fuse when the graph is an encoder, else a report
+    saying why not. ``on``: fuse or raise :class:`ConfigError`.
+    """
+    if setting not in TRANSFORMER_SETTINGS:
+        raise ConfigError(f"quantize: transformer must be one of {', '.join(TRANSFORMER_SETTINGS)}, got {setting!r}")
+    if setting == "off":
+        return None
+    geometry, why = detect_encoder(work)
+    if geometry is None:
+        if setting == "on":
+            raise ConfigError(f"quantize: --transformer on, but the model is not an encoder-style graph: {why}")
+        return {"applied": False, "reason": why}
+    report = fuse_encoder(work, geometry)
+    if not report["fused"]:
+        if setting == "on":
+            raise ConfigError("quantize: --transformer on, but onnxruntime's transformer optimizer fused nothing: "
+                              + "; ".join(f"{k}: {v}" for k, v in report["not_fused"].items()))
+    return {"applied": True, **report}
