@@ -101,6 +101,9 @@ def quantize_in_place(
         notes.append("int8 weights use 7 bits ([-63, 63]): this CPU's int8 kernels saturate full-range weights "
                      "(x86 without VNNI) and would give wrong results; weight_range='full' (--weight-range full) "
                      "for models deployed only on VNNI or ARM CPUs")
+    from onnxcomp.quant.transformer import finish_encoder, prepare_encoder
+
+    encoder = prepare_encoder(work, config.transformer)
     if config.mode == "static" and config.uses_fallback:
         from onnxcomp.quant.sensitivity import quantize_with_fallback
 
@@ -127,6 +130,8 @@ def quantize_in_place(
 
         handler = quantize_weight_only_in_place if config.mode == "weight-only" else quantize_dynamic_in_place
         report = handler(work, config, notes=notes, cleanup=cleanup)
+    if encoder is not None:
+        report["transformer"] = finish_encoder(work, config, encoder, notes)
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes

@@ -66,6 +66,9 @@ class QuantizeConfig(PassConfig):
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).
         latency_aware: keep float the op types whose int8 form is measured slower on this CPU.
+        transformer: the transformer path (onnxcomp.quant.transformer): ``auto`` (default) runs
+            onnxruntime's transformer optimizer first when the graph is an encoder and quantizes
+            its fused Attention as QAttention; ``on`` insists; ``off`` leaves the graph as it is.
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"
@@ -95,6 +98,7 @@ class QuantizeConfig(PassConfig):
     fidelity_target: float | None = None
     max_drop: float | None = None
     latency_aware: bool = False
+    transformer: Literal["auto", "on", "off"] = "auto"
 
     stage: ClassVar[str] = "quantize"
     ranges: ClassVar[dict[str, Range]] = {

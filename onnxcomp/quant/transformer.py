@@ -41,6 +41,7 @@ from onnxcomp.graph import add_initializer, all_value_names, infer_types, restor
 from onnxcomp.io import rewrite_as_proto
 from onnxcomp.quant.primitives import quantize_weight
 from onnxcomp.runtime import ort_optimized_model, session_options
+from onnxcomp.selection import NodeSelector
 
 __all__ = [
     "FUSIONS",
@@ -77,6 +78,19 @@ FUSIONS: dict[str, str] = {
 }
 
 _HEAD_SPLIT_PERM = (0, 2, 1, 3)
+
+_F, _I = ir.DataType.FLOAT, ir.DataType.INT32
+#: Output types of the fused contrib ops (onnx's shape inference does not know them), and which
+#: outputs have the shape of input 0.
+_FUSED_OUTPUTS: dict[str, tuple[tuple[ir.DataType, ...], tuple[int, ...]]] = {
+    "Attention": ((_F, _F), (0,)),
+    "QAttention": ((_F, _F), (0,)),
+    "SkipLayerNormalization": ((_F, _F, _F, _F), (0, 3)),
+    "BiasGelu": ((_F,), (0,)),
+    "FastGelu": ((_F,), (0,)),
+    "Gelu": ((_F,), (0,)),
+    "EmbedLayerNormalization": ((_F, _I, _F), ()),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +218,8 @@ def fuse_encoder(work: ir.Model, geometry: EncoderGeometry) -> dict[str, Any]:
     if any(n.domain == MS_DOMAIN for n in work.graph):
         work.opset_imports.setdefault(MS_DOMAIN, 1)  # the optimizer does not always declare it
     infer_types(work)
+    type_fused_ops(work)
+    infer_types(work)  # again: values after the fused ops get their types from them
     fused = {op: int(n) for op, n in stats.items() if n and op in FUSIONS}
     if fused.get("SkipLayerNormalization"):
         fused.pop("LayerNormalization", None)  # the optimizer counts the first LayerNorm it keeps
@@ -211,6 +227,19 @@ def fuse_encoder(work: ir.Model, geometry: EncoderGeometry) -> dict[str, Any]:
                  if not stats.get(op)}
     return {"geometry": geometry.to_dict(), "fused": fused, "not_fused": not_fused,
             "nodes_before": before, "nodes_after": sum(1 for _ in work.graph)}
+
+
+def type_fused_ops(model: ir.Model) -> None:
+    """Fill in the output types (and same-as-input shapes) of the fused contrib ops, in place."""
+    for node in model.graph.all_nodes():
+        if node.domain != MS_DOMAIN or node.op_type not in _FUSED_OUTPUTS:
+            continue
+        dtypes, same_shape = _FUSED_OUTPUTS[node.op_type]
+        for i, out in enumerate(node.outputs):
+            if out.dtype is None and i < len(dtypes):
+                out.dtype = dtypes[i]
+            if i in same_shape and out.shape is None and node.inputs[0] is not None and node.inputs[0].shape is not None:
+                out.shape = ir.Shape(node.inputs[0].shape)
 
 
 class QAttentionPass:
@@ -222,10 +251,10 @@ class QAttentionPass:
     inputs) and are reported with the reason.
     """
 
-    def __init__(self, *, per_channel: bool = True, reduce_range: bool = True, exclude: frozenset[str] = frozenset()) -> None:
+    def __init__(self, *, per_channel: bool = True, reduce_range: bool = True, exclude: tuple[str, ...] = ()) -> None:
         self.per_channel = per_channel
         self.reduce_range = reduce_range
-        self.exclude = exclude
+        self.selector = NodeSelector((), tuple(exclude))
 
     def __call__(self, model: ir.Model) -> dict[str, Any]:
         graph = model.graph
@@ -236,7 +265,7 @@ class QAttentionPass:
             if node.op_type != "Attention" or node.domain != MS_DOMAIN:
                 continue
             reason = self._reason(node)
-            if reason is None and node.name in self.exclude:
+            if reason is None and self.selector.excluded(node.name or "", node.op_type):
                 reason = "excluded"
             if reason is not None:
                 skipped[node.name] = reason
@@ -295,7 +324,7 @@ class QAttentionPass:
 
 def quantize_attention(model: ir.Model, *, per_channel: bool, reduce_range: bool, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """:class:`QAttentionPass` on ``model`` in place; the names quantized and those kept float."""
-    return QAttentionPass(per_channel=per_channel, reduce_range=reduce_range, exclude=frozenset(exclude))(model)
+    return QAttentionPass(per_channel=per_channel, reduce_range=reduce_range, exclude=exclude)(model)
 
 
 def fused_ops(model: ir.Model, *, threads: int | None = 1) -> dict[str, int]:
@@ -325,3 +354,24 @@ def prepare_encoder(work: ir.Model, setting: str) -> dict[str, Any] | None:
             raise ConfigError("quantize: --transformer on, but onnxruntime's transformer optimizer fused nothing: "
                               + "; ".join(f"{k}: {v}" for k, v in report["not_fused"].items()))
     return {"applied": True, **report}
+
+
+def finish_encoder(work: ir.Model, config: Any, encoder: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """After the mode's pass on a fused encoder: Attention -> QAttention (static and dynamic modes).
+
+    Returns the ``transformer`` section of the quantize report; ``notes`` gets one line naming the
+    fusions (or why the path was not taken).
+    """
+    if not encoder.get("applied"):
+        return encoder
+    fused = ", ".join(f"{n} {op}" for op, n in encoder["fused"].items()) or "nothing"
+    line = f"onnxruntime's transformer optimizer fused {fused}"
+    if encoder["not_fused"]:
+        line += "; not fused: " + "; ".join(f"{op} ({why})" for op, why in encoder["not_fused"].items())
+    if config.mode != "weight-only":
+        encoder.update(quantize_attention(work, per_channel=config.per_channel, reduce_range=config.reduce_weights,
+                                          exclude=tuple(config.exclude)))
+        if encoder["attention_quantized"]:
+            line += f"; {len(encoder['attention_quantized'])} Attention as int8 QAttention"
+    notes.append(line)
+    return encoder
