@@ -270,12 +270,20 @@ def check_model(
     report["data"]["check_feeds"] = cmp.feeds
     report["data"]["check_samples"] = cmp.samples
     kinds = output_kinds(reference)
+    from onnxcomp.measure.embedding import embedding_fidelity
+
+    pooled = embedding_fidelity(reference, candidate, data)  # encoders: {} for other models
     for out in cmp.outputs:
         kind = kinds.get(out.name, "values")
-        ok, rule, figure = judge_output(kind, out.cosine, out.top1_agreement, out.max_abs, config)
+        cosine = pooled[out.name]["pooled_cosine"] if out.name in pooled else out.cosine
+        ok, rule, figure = judge_output(kind, cosine, out.top1_agreement, out.max_abs, config)
         row: dict[str, Any] = {"name": out.name, "kind": kind, "cosine": out.cosine, "sqnr_db": out.sqnr_db,
                                "top1_agreement": out.top1_agreement if kind == "scores" else None,
                                "rule": rule, "ok": ok}
+        if out.name in pooled:  # judged on the mean-pooled embedding (attention mask)
+            row["embedding"] = pooled[out.name]
+            rule, figure = f"pooled-embedding {rule}", f"pooled-embedding {figure}"
+            row["rule"] = rule
         if not ok:
             report["problems"].append(f"output {out.name!r}: {figure}, budget {rule}")
         report["outputs"].append(row)
@@ -330,6 +338,10 @@ def verdict_line(check: dict[str, Any]) -> str:
 
 
 def _figure(row: dict[str, Any]) -> str:
+    if row.get("embedding"):
+        emb = row["embedding"]
+        nn = f", nearest-neighbour agreement {100 * emb['nn_agreement']:.1f}%" if emb["nn_agreement"] is not None else ""
+        return f"{row['name']}: pooled-embedding cosine {emb['pooled_cosine']:.4f} (min {emb['pooled_cosine_min']:.4f}){nn}"
     if row["kind"] == "scores" and row.get("top1_agreement") is not None:
         return f"{row['name']}: top-1 agreement {100 * row['top1_agreement']:.2f}%, cosine {row['cosine']:.4f}"
     if row["kind"] == "exact":
