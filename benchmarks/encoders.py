@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +121,7 @@ def _onnxcomp(src: Path, dst: Path, calib: Path | None, **config) -> dict:
 
 
 CONFIGS = {
+    "oc_dynamic_sq": {"mode": "dynamic", "smoothquant": True},
     "oc_dynamic": {"mode": "dynamic"},
     "oc_dynamic_nofuse": {"mode": "dynamic", "transformer": "off"},
     "oc_static": {"mode": "static"},
@@ -150,7 +152,7 @@ def build(src: Path, work: Path, calib: Path, names: list[str]) -> tuple[dict[st
             config[key] = json.loads(value) if value else True
         t0 = time.perf_counter()
         paths[name] = work / f"{name}.onnx"
-        info[name] = _onnxcomp(src, paths[name], calib if config.get("mode", "static") == "static" else None, **config)
+        info[name] = _onnxcomp(src, paths[name], calib if config.get("mode", "static") == "static" or config.get("smoothquant") else None, **config)
         info[name]["build_s"] = round(time.perf_counter() - t0, 1)
     return paths, info
 
@@ -165,6 +167,18 @@ def run(attention: str, names: list[str], runs: int, split: str) -> dict:
     pools = textdata.split_sentences()
     sents = pools["eval"][REPORT if split == "report" else TUNE]
     work = Path(tempfile.mkdtemp(prefix="encoders-", dir=fetch.CACHE))
+    try:
+        return _run_in(work, src, meta, folder, pools, sents, names, runs, split, attention)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents: list[str], names: list[str],
+            runs: int, split: str, attention: str) -> dict:
+    import onnxruntime as ort
+
+    from onnxcomp.measure.latency import SessionSpec, measure_latency
+
     calib = work / "calib.npz"
     np.savez(calib, **sentence_arrays(folder, pools["calib"][:N_CALIB]))
     paths, info = build(src, work, calib, names)

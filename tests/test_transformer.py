@@ -227,3 +227,28 @@ def test_cli_reports_fusions_and_pooled_check(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "onnxcomp", "quantize", str(src), "-o", str(tmp_path / "x.onnx"),
                           "--mode", "dynamic", "--transformer", "maybe"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "--transformer" in bad.stderr
+
+
+@pytest.mark.parametrize("optimization", ["disable", "all"])
+def test_smoothing_is_exact_in_float(encoder, optimization):
+    work = working_copy(encoder, 13, allow_upgrade=True, notes=[])
+    T.prepare_encoder(work, "on")
+    before = io.clone_model(work)
+    report = T.smooth_encoder(work, feeds(4, seed=9), alpha=0.75)
+    assert report["folded_into_attention"] == LAYERS  # out-projection inputs: V columns of the Attention
+    assert report["mul_inserted"] == 3 * LAYERS  # per layer: the Attention, FFN1 and FFN2 inputs
+    ref = create_session(before, sess_options=session_options(optimization))
+    got = create_session(work, sess_options=session_options(optimization))
+    for f in feeds(3, seed=11):
+        np.testing.assert_allclose(got.run(None, f)[0], ref.run(None, f)[0], atol=1e-5)
+
+
+def test_dynamic_smoothquant_on_encoder(encoder):
+    calib = feeds(8, seed=3)
+    model, report = quantize(encoder, calib, QuantizeConfig(mode="dynamic", smoothquant=True))
+    assert report["transformer"]["smoothing"]["smoothed"] == 4 * LAYERS
+    assert T.fused_ops(model).get("QAttention") == LAYERS
+    data = feeds(4, seed=5)
+    assert cosines(pooled(encoder, data), pooled(model, data)).min() > 0.99
+    with pytest.raises(ConfigError, match="calibration"):
+        quantize(encoder, None, QuantizeConfig(mode="dynamic", smoothquant=True))

@@ -60,6 +60,8 @@ class QuantizeConfig(PassConfig):
             float; helps per-tensor weights most), see onnxcomp.quant.equalize.
         smoothquant: migrate activation outliers into the weights of MatMul/Gemm (exact in float),
             ``smoothquant_alpha`` fixed, or searched per group when None; see onnxcomp.quant.smoothquant.
+            In dynamic mode, for encoders on the transformer path only (needs calibration data;
+            onnxcomp.quant.transformer.smooth_encoder, alpha 0.75 unless ``smoothquant_alpha``).
         bias_correction: after quantizing, subtract each layer's mean output error on the
             calibration data from its bias; see onnxcomp.quant.bias_correction.
         fidelity_target: static mode: move the most helpful nodes back to float until the output
@@ -115,8 +117,10 @@ class QuantizeConfig(PassConfig):
     def validate(self) -> None:
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
-        if (self.equalize or self.smoothquant or self.bias_correction) and self.mode != "static":
-            raise ConfigError("quantize: equalize, smoothquant and bias_correction apply to static mode")
+        if (self.equalize or self.bias_correction) and self.mode != "static":
+            raise ConfigError("quantize: equalize and bias_correction apply to static mode")
+        if self.smoothquant and self.mode == "weight-only":
+            raise ConfigError("quantize: smoothquant applies to static mode (and dynamic mode on encoders)")
         if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
             raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
         if self.bits not in (4, 8):

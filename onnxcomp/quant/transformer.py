@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, infer_types, restore_model, unique_name
@@ -274,6 +275,7 @@ class QAttentionPass:
             done.append(node.name)
         if done:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+            RemoveUnusedNodesPass()(model)  # the float Q/K/V weights
         return {"attention_quantized": done, "attention_float": skipped}
 
     @staticmethod
@@ -375,3 +377,130 @@ def finish_encoder(work: ir.Model, config: Any, encoder: dict[str, Any], notes: 
             line += f"; {len(encoder['attention_quantized'])} Attention as int8 QAttention"
     notes.append(line)
     return encoder
+
+
+# ------------------------------------------------------------------------------- smoothing
+
+
+#: alphas tried per activation by :func:`smooth_encoder`.
+SMOOTH_ALPHAS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+def _smoothing_groups(model: ir.Model) -> dict[ir.Value, list[ir.Node]]:
+    """Activations read as input 0 by MatMuls / Attentions with a constant 2-D weight, by activation."""
+    groups: dict[ir.Value, list[ir.Node]] = collections.defaultdict(list)
+    graph_inputs = set(model.graph.inputs)
+    for node in model.graph:
+        is_matmul = node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
+        is_attention = node.op_type == "Attention" and node.domain == MS_DOMAIN
+        if not (is_matmul or is_attention) or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if x is None or x in graph_inputs or w is None or w.const_value is None or len(w.const_value.shape) != 2:
+            continue
+        groups[x].append(node)
+    # only activations every consumer of which is such a node can be rescaled for all of them
+    return {x: nodes for x, nodes in groups.items()
+            if all(c in nodes or c.op_type not in ("MatMul", "Attention") for c in x.consumers())}
+
+
+def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, per_channel: bool = True,
+                   reduce_range: bool = True, max_feeds: int = 32, search_rows: int = 2048) -> dict[str, Any]:
+    """SmoothQuant on a fused encoder (in place): per input channel ``j`` of each activation ``X``
+    read by int8-bound MatMuls/Attention, ``X_j / s_j`` and weight row ``j`` times ``s_j`` with
+    ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (calibration maxima over ``feeds``).
+
+    ``alpha`` None: chosen per activation among :data:`SMOOTH_ALPHAS` by the simulated int8 error
+    of its consumers (uint8 activations per tensor, int8 weights per channel, as
+    :mod:`onnxcomp.quant.smoothquant` simulates it); an activation no alpha improves is left alone.
+
+    Exact in float. The division is folded into the producer when that is an Attention whose
+    output only feeds these MatMuls (its V weight columns and bias: the output is linear in them);
+    otherwise it is one ``Mul`` by a constant before the consumers (a SkipLayerNormalization
+    output also feeds the next residual, so it cannot absorb the scale).
+    """
+    from onnxcomp.graph import stream_values
+    from onnxcomp.quant.smoothquant import SmoothQuantConfig, _ChannelStats, _db, _simulated_error, smoothing_scales
+
+    groups = _smoothing_groups(model)
+    if not groups:
+        return {"smoothed": 0, "groups": {}}
+    rng = np.random.default_rng(0)
+    stats = {x.name: _ChannelStats(x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int)
+                                   else groups[x][0].inputs[1].const_value.shape[0], search_rows, rng) for x in groups}
+    for values in stream_values(model, list(stats), feeds, max_feeds=max_feeds):
+        for name, v in values.items():
+            stats[name].update(v)
+    sim = SmoothQuantConfig(per_channel=per_channel, reduce_weights=reduce_range)
+    chosen: dict[ir.Value, np.ndarray] = {}
+    described: dict[str, Any] = {}
+    for x, nodes in groups.items():
+        st = stats[x.name]
+        weights = [n.inputs[1].const_value.numpy().astype(np.float32) for n in nodes]
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        baseline = _simulated_error(st, weights, np.ones_like(wmax), sim)
+        best, best_error = None, baseline
+        for a in ((alpha,) if alpha is not None else SMOOTH_ALPHAS):
+            error = _simulated_error(st, weights, smoothing_scales(st.absmax, wmax, a), sim)
+            if error < best_error or alpha is not None:
+                best, best_error = a, error
+        described[x.name] = {"alpha": best, "simulated_sqnr_db": _db(best_error), "unsmoothed_sqnr_db": _db(baseline)}
+        if best is not None:
+            chosen[x] = smoothing_scales(st.absmax, wmax, best).astype(np.float32)
+    graph = model.graph
+    taken = all_value_names(graph)
+    folded = inserted = 0
+    for x, s in chosen.items():
+        nodes = groups[x]
+        for n in nodes:
+            w = n.inputs[1].const_value.numpy().astype(np.float32)
+            n.replace_input_with(1, add_initializer(graph, f"{n.inputs[1].name}_smoothed", w * s[:, None], taken))
+        producer = x.producer()
+        if (producer is not None and producer.op_type == "Attention" and producer.domain == MS_DOMAIN
+                and producer.inputs[1] is not None and producer.inputs[1].const_value is not None
+                and producer.inputs[2] is not None and producer.inputs[2].const_value is not None
+                and all(c in nodes for c in x.consumers()) and x not in graph.outputs
+                and "qkv_hidden_sizes" not in producer.attributes):
+            hidden = producer.inputs[1].const_value.shape[1] // 3
+            w = producer.inputs[1].const_value.numpy().astype(np.float32).copy()
+            b = producer.inputs[2].const_value.numpy().astype(np.float32).copy()
+            w[:, 2 * hidden:] /= s
+            b[2 * hidden:] /= s
+            producer.replace_input_with(1, add_initializer(graph, f"{producer.inputs[1].name}_smoothed", w, taken))
+            producer.replace_input_with(2, add_initializer(graph, f"{producer.inputs[2].name}_smoothed", b, taken))
+            folded += 1
+            continue
+        inv = add_initializer(graph, f"{x.name}_smooth", (1.0 / s).astype(np.float32), taken)
+        mul = ir.node("Mul", [x, inv], name=unique_name(graph, f"{x.name}_smooth_Mul", taken))
+        out = mul.outputs[0]
+        out.name = unique_name(graph, f"{x.name}_smoothed", taken)
+        out.dtype = x.dtype or ir.DataType.FLOAT
+        out.shape = ir.Shape(x.shape) if x.shape is not None else None
+        graph.insert_before(nodes[0], mul)
+        for n in nodes:
+            n.replace_input_with(0, out)
+        inserted += 1
+    RemoveUnusedNodesPass()(model)
+    graph.sort()
+    return {"smoothed": folded + inserted, "folded_into_attention": folded, "mul_inserted": inserted, "groups": described}
+
+
+#: SmoothQuant alpha of the dynamic encoder path: chosen on the tuning split of the MiniLM benchmark
+#: (benchmarks/encoders.py; 0.7-0.75 best, the per-activation search of SMOOTH_ALPHAS was worse there).
+ENCODER_SMOOTH_ALPHA = 0.75
+
+
+def smooth_dynamic_encoder(work: ir.Model, calibration: Any, config: Any, encoder: dict[str, Any]) -> Any:
+    """Dynamic mode with ``smoothquant`` on a fused encoder: :func:`smooth_encoder` on the
+    calibration data (in place, reported in ``encoder["smoothing"]``); returns the config to go on with."""
+    from onnxcomp.data import Dataset
+
+    if not encoder.get("applied"):
+        raise ConfigError("quantize: smoothquant in dynamic mode needs the transformer path (an encoder graph)")
+    if calibration is None:
+        raise ConfigError("quantize: smoothquant in dynamic mode needs calibration data (--calibration FILE)")
+    data = calibration if isinstance(calibration, Dataset) else Dataset(calibration, work)
+    alpha = config.smoothquant_alpha if config.smoothquant_alpha is not None else ENCODER_SMOOTH_ALPHA
+    encoder["smoothing"] = smooth_encoder(work, data, alpha=alpha, per_channel=config.per_channel,
+                                          reduce_range=config.reduce_weights, max_feeds=config.max_samples or 32)
+    return config
