@@ -194,7 +194,7 @@ def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents:
         rows[n] = {"sentences": score(ref_s, embed(sess, sent_arrays)),
                    "windows_cosine": float(metrics.row_cosine(ref_w, embed(sess, windows, batch=8)).mean()),
                    "mb": round(sum(f.stat().st_size for f in paths[n].parent.glob(paths[n].name + "*")) / 2**20, 1)}
-    for batch in (8, 1):
+    for batch in (8, 1) if runs else ():
         feeds = [{k: v[i * batch:(i + 1) * batch] for k, v in windows.items()} for i in range(min(3, 24 // batch))]
         specs = [SessionSpec(n, p.read_bytes(), threads=1) for n, p in paths.items()]
         results = measure_latency(specs, feeds, runs=runs, warmup_runs=3, batch_size=batch)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", nargs="+", default=list(CONFIGS),
                    help="onnxcomp configs (CONFIGS names, +key=json to change a setting, e.g. oc_static+smoothquant)")
     p.add_argument("--split", choices=("tune", "report"), default="report")
-    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--runs", type=int, default=30, help="timed runs per candidate and batch size (0: accuracy only)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     out = [run(a, args.candidates, args.runs, args.split) for a in args.attention]
