@@ -180,7 +180,9 @@ def test_off_and_auto_on_other_models(encoder):
     mlp = make_proto([oh.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 8])], [("y", [1, 4])],
                      [("w", np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))])
     _, report = quantize(io.load_model(mlp), None, QuantizeConfig(mode="dynamic"))
-    assert report["transformer"]["applied"] is False
+    assert report["transformer"]["applied"] is False and "token-id" in report["transformer"]["reason"]
+    _, report = quantize(encoder, None, QuantizeConfig(mode="weight-only", bits=8, block_size=16))
+    assert report["transformer"]["applied"] is False and "weight-only" in report["transformer"]["reason"]
     with pytest.raises(ConfigError, match="not an encoder"):
         quantize(io.load_model(mlp), None, QuantizeConfig(mode="dynamic", transformer="on"))
 

@@ -103,7 +103,7 @@ def quantize_in_place(
                      "for models deployed only on VNNI or ARM CPUs")
     from onnxcomp.quant.transformer import finish_encoder, prepare_encoder, smooth_dynamic_encoder
 
-    encoder = prepare_encoder(work, config.transformer)
+    encoder = prepare_encoder(work, config.transformer, config.mode)
     if encoder is not None and config.mode == "dynamic" and config.smoothquant:
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
     if config.mode == "static" and config.uses_fallback:

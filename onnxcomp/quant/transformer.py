@@ -335,16 +335,31 @@ def fused_ops(model: ir.Model, *, threads: int | None = 1) -> dict[str, int]:
     return dict(sorted(collections.Counter(n.op_type for n in optimized.graph.all_nodes()).items()))
 
 
-def prepare_encoder(work: ir.Model, setting: str) -> dict[str, Any] | None:
+def _token_input(model: ir.Model) -> bool:
+    """Whether the model reads integer token ids (a rank-2 integer input feeding a Gather)."""
+    for value in model.graph.inputs:
+        if value.dtype in (ir.DataType.INT64, ir.DataType.INT32) and value.shape is not None and len(value.shape) == 2:
+            if any(c.op_type == "Gather" for c in value.consumers()):
+                return True
+    return False
+
+
+def prepare_encoder(work: ir.Model, setting: str, mode: str = "dynamic") -> dict[str, Any] | None:
     """The first step of the path on the working copy (in place): detect, then fuse.
 
-    ``setting`` ``off``: nothing (None). ``auto``: fuse when the graph is an encoder, else a report
-    saying why not. ``on``: fuse or raise :class:`ConfigError`.
+    ``setting`` ``off``: nothing (None). ``auto``: fuse when the graph is a text encoder (token-id
+    input, attention head split) and the mode is static or dynamic (weight-only kernels cannot go
+    inside the fused Attention), else a report saying why not. ``on``: fuse any graph with an
+    attention head split, or raise :class:`ConfigError`.
     """
     if setting not in TRANSFORMER_SETTINGS:
         raise ConfigError(f"quantize: transformer must be one of {', '.join(TRANSFORMER_SETTINGS)}, got {setting!r}")
     if setting == "off":
         return None
+    if setting == "auto" and mode == "weight-only":
+        return {"applied": False, "reason": "weight-only kernels (MatMulNBits) cannot run inside a fused Attention"}
+    if setting == "auto" and not _token_input(work):
+        return {"applied": False, "reason": "no integer token-id input feeding an embedding Gather (not a text encoder)"}
     geometry, why = detect_encoder(work)
     if geometry is None:
         if setting == "on":
