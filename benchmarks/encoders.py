@@ -205,6 +205,15 @@ def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents:
             "info": info, "rows": rows}
 
 
+def _print(res: dict) -> None:
+    print(f"## {res['attention']} export, {res['split']} split ({res['sentences']} sentences, {res['windows']} windows)")
+    print(f"{'candidate':34s} {'cos':>7s} {'cosmin':>7s} {'NN':>6s} {'wcos':>7s} {'b8 x':>6s} {'b1 x':>6s} {'MB':>6s}")
+    for n, r in res["rows"].items():
+        s = r["sentences"]
+        print(f"{n:34s} {s['cosine']:7.4f} {s['cosine_min']:7.4f} {s['nn_agree']:6.3f} {r['windows_cosine']:7.4f} "
+              f"{r.get('b8_x_fp32', 0):6.2f} {r.get('b1_x_fp32', 0):6.2f} {r['mb']:6.1f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.encoders", description=__doc__.split("\n")[0])
     p.add_argument("--attention", nargs="+", default=["eager", "sdpa"], choices=fetch.ATTENTION_EXPORTS)
@@ -214,17 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate and batch size (0: accuracy only)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    out = [run(a, args.candidates, args.runs, args.split) for a in args.attention]
-    text = json.dumps(out, indent=1, default=str)
-    if args.json:
-        args.json.write_text(text)
-    for res in out:
-        print(f"## {res['attention']} export, {res['split']} split ({res['sentences']} sentences, {res['windows']} windows)")
-        print(f"{'candidate':34s} {'cos':>7s} {'cosmin':>7s} {'NN':>6s} {'wcos':>7s} {'b8 x':>6s} {'b1 x':>6s} {'MB':>6s}")
-        for n, r in res["rows"].items():
-            s = r["sentences"]
-            print(f"{n:34s} {s['cosine']:7.4f} {s['cosine_min']:7.4f} {s['nn_agree']:6.3f} {r['windows_cosine']:7.4f} "
-                  f"{r.get('b8_x_fp32', 0):6.2f} {r.get('b1_x_fp32', 0):6.2f} {r['mb']:6.1f}")
+    out = []
+    for attention in args.attention:
+        res = run(attention, args.candidates, args.runs, args.split)
+        out.append(res)
+        _print(res)  # each export as soon as it is measured
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0
 
 
