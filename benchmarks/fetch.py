@@ -136,11 +136,22 @@ def export_available() -> str | None:
     return None
 
 
-def minilm_onnx(cache: Path = CACHE) -> tuple[Path, dict]:
-    """Exported ``all-MiniLM-L6-v2.onnx`` and the export record (versions, torch-vs-ORT check)."""
+ATTENTION_EXPORTS = ("eager", "sdpa")
+
+
+def minilm_onnx(cache: Path = CACHE, attention: str = "eager") -> tuple[Path, dict]:
+    """Exported ``all-MiniLM-L6-v2.onnx`` and the export record (versions, torch-vs-ORT check).
+
+    ``attention``: ``eager`` (the attention written out as MatMul/Softmax, the form onnxruntime's
+    transformer optimizer fuses) or ``sdpa`` (torch's scaled_dot_product_attention export), saved
+    as ``all-MiniLM-L6-v2-sdpa.onnx`` / ``export-sdpa.json``.
+    """
+    if attention not in ATTENTION_EXPORTS:
+        raise ValueError(f"attention must be one of {ATTENTION_EXPORTS}, got {attention!r}")
+    suffix = "" if attention == "eager" else f"-{attention}"
     out_dir = cache / "minilm"
-    out = out_dir / "all-MiniLM-L6-v2.onnx"
-    meta_path = out_dir / "export.json"
+    out = out_dir / f"all-MiniLM-L6-v2{suffix}.onnx"
+    meta_path = out_dir / f"export{suffix}.json"
     if out.is_file() and meta_path.is_file():
         return out, json.loads(meta_path.read_text())
     reason = export_available()
@@ -149,7 +160,7 @@ def minilm_onnx(cache: Path = CACHE) -> tuple[Path, dict]:
     folder = minilm_folder(cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fetch", "export-minilm", str(folder), str(out), str(meta_path)],
+        [sys.executable, "-m", "benchmarks.fetch", "export-minilm", str(folder), str(out), str(meta_path), attention],
         capture_output=True,
         text=True,
         cwd=str(Path(__file__).resolve().parent.parent),
@@ -160,7 +171,7 @@ def minilm_onnx(cache: Path = CACHE) -> tuple[Path, dict]:
     return out, json.loads(meta_path.read_text())
 
 
-def _export_minilm(folder: Path, out: Path, meta_path: Path) -> None:
+def _export_minilm(folder: Path, out: Path, meta_path: Path, attention: str = "eager") -> None:
     """Child-process body of :func:`minilm_onnx`."""
     import numpy as np
     import onnxruntime as ort
@@ -169,7 +180,7 @@ def _export_minilm(folder: Path, out: Path, meta_path: Path) -> None:
     from tokenizers import Tokenizer
 
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation=attention).eval()
 
     class LastHidden(torch.nn.Module):
         def __init__(self, inner):
@@ -227,14 +238,14 @@ def _export_minilm(folder: Path, out: Path, meta_path: Path) -> None:
         "exporter": "torch.onnx.export(dynamo=False, opset_version=17, do_constant_folding=True)",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "attn_implementation": "eager",
+        "attn_implementation": attention,
         "check": {"batch": 3, "sequence": 40, "max_abs_diff_vs_torch": diff},
     }
     meta_path.write_text(json.dumps(meta, indent=2))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "export-minilm":
-        _export_minilm(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "export-minilm" and sys.argv[5:] in ([], ["eager"], ["sdpa"]):
+        _export_minilm(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])
     else:
-        raise SystemExit("usage: python -m benchmarks.fetch export-minilm FOLDER OUT.onnx META.json")
+        raise SystemExit("usage: python -m benchmarks.fetch export-minilm FOLDER OUT.onnx META.json [eager|sdpa]")

@@ -643,10 +643,18 @@ def check_model(
     report["checked"] = True
     report["data"]["check_feeds"] = run["feeds"]
     report["data"]["check_samples"] = run["samples"]
+    from onnxcomp.measure.embedding import embedding_fidelity
+
+    pooled = embedding_fidelity(reference, candidate, data)  # encoders: {} for other models
     for name, kind, values in zip(run["names"], run["kinds"], run["figures"]):
-        ok, rule, figure = judge_output(kind, values, config)
+        judged = {**values, "cosine": pooled[name]["pooled_cosine"]} if name in pooled else values
+        ok, rule, figure = judge_output(kind, judged, config)
         row: dict[str, Any] = {"name": name, "kind": kind, **{k: values.get(k) for k in REPORTED},
                                RULES[kind].figure: values.get(RULES[kind].figure), "rule": rule, "ok": ok}
+        if name in pooled:  # judged on the mean-pooled embedding (attention mask)
+            row["embedding"] = pooled[name]
+            rule, figure = f"pooled-embedding {rule}", f"pooled-embedding {figure}"
+            row["rule"] = rule
         if not ok:
             report["problems"].append(f"output {name!r}: {figure}, budget {rule}")
         report["outputs"].append(row)
@@ -827,6 +835,10 @@ def verdict_line(check: dict[str, Any]) -> str:
 
 
 def _figure(row: dict[str, Any]) -> str:
+    if row.get("embedding"):
+        emb = row["embedding"]
+        nn = f", nearest-neighbour agreement {100 * emb['nn_agreement']:.1f}%" if emb["nn_agreement"] is not None else ""
+        return f"{row['name']}: pooled-embedding cosine {emb['pooled_cosine']:.4f} (min {emb['pooled_cosine_min']:.4f}){nn}"
     if row["kind"] == "exact":
         return f"{row['name']}: {'equal' if row['ok'] else 'differs'}"
     rule = RULES.get(row["kind"])

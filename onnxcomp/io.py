@@ -60,6 +60,7 @@ __all__ = [
     "session_source",
     "upgrade_opset",
     "exported_model",
+    "rewrite_as_proto",
     "first_line",
     "check_model",
     "check_target",
@@ -396,6 +397,15 @@ def session_source(model: ir.Model) -> Iterator[bytes | str]:
         yield path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rewrite_as_proto(model: ir.Model, rewrite: Callable[[onnx.ModelProto], onnx.ModelProto]) -> ir.Model:
+    """A new model: ``rewrite`` applied to ``model``'s protobuf form (external data inlined).
+
+    For tools that only take an ``onnx.ModelProto`` (onnxruntime's transformer optimizer); ``model``
+    is untouched.
+    """
+    return ir.serde.deserialize_model(rewrite(ir.to_proto(_inlined(model))))
 
 
 def check_model(model: ir.Model, *, full_check: bool = False) -> None:

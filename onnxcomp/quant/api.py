@@ -102,6 +102,12 @@ def quantize_in_place(
         notes.append("int8 weights use 7 bits ([-63, 63]): this CPU's int8 kernels saturate full-range weights "
                      "(x86 without VNNI) and would give wrong results; weight_range='full' (--weight-range full) "
                      "for models deployed only on VNNI or ARM CPUs")
+    from onnxcomp.quant.transformer import finish_encoder, prepare_encoder, smooth_dynamic_encoder
+
+    encoder = prepare_encoder(work, config.transformer, config.mode,
+                              embed_layer_norm=config.embedding_bits == 0)  # else the tables are quantized
+    if encoder is not None and config.mode == "dynamic" and config.smoothquant:
+        config = smooth_dynamic_encoder(work, calibration, config, encoder)
     if config.mode == "static" and config.uses_fallback:
         from onnxcomp.quant.sensitivity import quantize_with_fallback
 
@@ -133,6 +139,8 @@ def quantize_in_place(
 
         report["embeddings"] = quantize_embeddings(work, config)  # after MatMul/Gemm: tied tables
         report["model_weight_bytes_after"] = initializer_nbytes(work)
+    if encoder is not None:
+        report["transformer"] = finish_encoder(work, config, encoder, notes)
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes

@@ -69,6 +69,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "auto (default): gptq for 4-bit weight-only when --calibration is given")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (exact in float)")
+    p.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
+                   help="encoders: onnxruntime's transformer fusions first, Attention as int8 QAttention "
+                        "(auto: when the graph is an encoder)")
     p.add_argument("--smoothquant", action="store_true", help="migrate activation outliers into MatMul/Gemm weights")
     p.add_argument("--bias-correction", action="store_true", help="correct each layer's mean output error afterwards")
     p.add_argument("--fidelity-target", type=float, metavar="SQNR_DB",
@@ -158,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         latency_aware=args.latency_aware,
         rounding=args.rounding,
+        transformer=args.transformer,
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")

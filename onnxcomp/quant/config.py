@@ -60,6 +60,8 @@ class QuantizeConfig(PassConfig):
             float; helps per-tensor weights most), see onnxcomp.quant.equalize.
         smoothquant: migrate activation outliers into the weights of MatMul/Gemm (exact in float),
             ``smoothquant_alpha`` fixed, or searched per group when None; see onnxcomp.quant.smoothquant.
+            In dynamic mode, for encoders on the transformer path only (needs calibration data;
+            onnxcomp.quant.transformer.smooth_encoder, alpha 0.75 unless ``smoothquant_alpha``).
         bias_correction: after quantizing, subtract each layer's mean output error on the
             calibration data from its bias; see onnxcomp.quant.bias_correction.
         fidelity_target: static mode: move the most helpful nodes back to float until the output
@@ -75,6 +77,9 @@ class QuantizeConfig(PassConfig):
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.
+        transformer: the transformer path (onnxcomp.quant.transformer): ``auto`` (default) runs
+            onnxruntime's transformer optimizer first when the graph is an encoder and quantizes
+            its fused Attention as QAttention; ``on`` insists; ``off`` leaves the graph as it is.
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"
@@ -108,6 +113,7 @@ class QuantizeConfig(PassConfig):
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     embedding_bits: int | None = None
+    transformer: Literal["auto", "on", "off"] = "auto"
 
     stage: ClassVar[str] = "quantize"
     ranges: ClassVar[dict[str, Range]] = {
@@ -125,8 +131,10 @@ class QuantizeConfig(PassConfig):
     def validate(self) -> None:
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
-        if (self.equalize or self.smoothquant or self.bias_correction) and self.mode != "static":
-            raise ConfigError("quantize: equalize, smoothquant and bias_correction apply to static mode")
+        if (self.equalize or self.bias_correction) and self.mode != "static":
+            raise ConfigError("quantize: equalize and bias_correction apply to static mode")
+        if self.smoothquant and self.mode == "weight-only":
+            raise ConfigError("quantize: smoothquant applies to static mode (and dynamic mode on encoders)")
         if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
             raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
         if self.rounding not in ("auto", "nearest", "gptq"):

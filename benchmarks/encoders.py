@@ -1,0 +1,237 @@
+"""Sentence encoders as they are served: batch 1 and batch 8 x 128 tokens of real text, judged by retrieval.
+
+    python -m benchmarks.encoders [--attention eager sdpa] [--runs 30] [--json OUT.json]
+
+For each export of all-MiniLM-L6-v2 (``eager`` attention, the form onnxruntime's transformer
+optimizer fuses, and torch's ``sdpa`` export; see :func:`benchmarks.fetch.minilm_onnx`):
+
+Data (license sentences, :mod:`benchmarks.textdata`)
+    * calibration: 64 sentences of the ``calib`` pool, padded to 128 tokens, batch 1;
+    * tuning split: ``eval`` pool sentences 0-299; report split: sentences 300-599 (never used to
+      choose a setting). Each sentence is tokenized, padded to 128 with its attention mask;
+    * windows: the report split's text tokenized as one stream and cut into windows of exactly
+      128 tokens ([CLS] + 126 tokens + [SEP], mask all ones: no padding), for latency and for the
+      window cosine.
+
+Accuracy: mean-pooled embeddings (attention mask) against fp32: mean and minimum cosine,
+nearest-neighbour agreement (the same most-similar other sentence as fp32), on a split.
+
+Latency: every candidate timed in one process, interleaved rounds
+(:func:`onnxcomp.measure.latency.measure_latency`, one intra-op thread), medians; ``x fp32`` is the
+median ratio against the unfused fp32 export (> 1 is faster). Batch 8: 8 windows per run; batch 1:
+one window per run.
+
+Candidates: fp32 with and without onnxruntime's transformer optimizer; onnxruntime's
+``quantize_dynamic`` (int8 weights per channel) with and without the optimizer; onnxcomp dynamic
+and static int8 with the transformer path (``--transformer auto``) and without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import fetch, metrics, textdata
+
+SEQ = 128
+N_CALIB = 64
+TUNE = slice(0, 300)
+REPORT = slice(300, 600)
+
+
+def _tokenizer(folder: Path, pad: bool):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if pad:
+        tok.enable_truncation(max_length=SEQ)
+        tok.enable_padding(length=SEQ, pad_id=0, pad_token="[PAD]")
+    return tok
+
+
+def sentence_arrays(folder: Path, sentences: list[str]) -> dict[str, np.ndarray]:
+    enc = _tokenizer(folder, pad=True).encode_batch(sentences)
+    return {name: np.array([getattr(e, attr) for e in enc], dtype=np.int64)
+            for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))}
+
+
+def text_windows(folder: Path, sentences: list[str], count: int) -> dict[str, np.ndarray]:
+    """``count`` windows of exactly ``SEQ`` real tokens: [CLS] + SEQ-2 tokens of running text + [SEP]."""
+    tok = _tokenizer(folder, pad=False)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    stream: list[int] = []
+    for enc in tok.encode_batch(sentences, add_special_tokens=False):
+        stream.extend(enc.ids)
+    body = SEQ - 2
+    if len(stream) < count * body:
+        raise fetch.FetchError(f"only {len(stream)} tokens of text, {count * body} needed")
+    ids = np.array([[cls_id, *stream[i * body:(i + 1) * body], sep_id] for i in range(count)], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def embed(session, arrays: dict[str, np.ndarray], batch: int = 20) -> np.ndarray:
+    outs = []
+    n = len(arrays["input_ids"])
+    for i in range(0, n, batch):
+        feed = {k: v[i:i + batch] for k, v in arrays.items()}
+        outs.append(metrics.mean_pool(session.run(None, feed)[0], feed["attention_mask"]))
+    return np.concatenate(outs)
+
+
+def score(ref: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+    cos = metrics.row_cosine(ref, emb)
+    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "nn_agree": metrics.nn_agreement(ref, emb)}
+
+
+# ------------------------------------------------------------------------------------ candidates
+
+
+def _ort_fused(src: Path, dst: Path, geometry) -> None:
+    from onnxruntime.transformers import optimizer
+
+    opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=geometry.num_heads,
+                                   hidden_size=geometry.hidden_size, opt_level=0)
+    opt.save_model_to_file(str(dst))
+
+
+def _ort_dynamic(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # DefaultTensorType: the fused contrib ops' outputs have no inferred type
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": 1})
+
+
+def _onnxcomp(src: Path, dst: Path, calib: Path | None, **config) -> dict:
+    from onnxcomp import io
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    model, report = quantize(str(src), str(calib) if calib else None, QuantizeConfig(**config))
+    io.save_model(model, dst)
+    return {"transformer": {k: v for k, v in report.get("transformer", {}).items() if k in ("applied", "fused", "not_fused", "reason")},
+            "onnxruntime": report.get("onnxruntime"), "notes": report.get("notes")}
+
+
+CONFIGS = {
+    "oc_dynamic_sq": {"mode": "dynamic", "smoothquant": True},
+    "oc_dynamic": {"mode": "dynamic"},
+    "oc_dynamic_nofuse": {"mode": "dynamic", "transformer": "off"},
+    "oc_static": {"mode": "static"},
+    "oc_static_nofuse": {"mode": "static", "transformer": "off"},
+}
+
+
+def build(src: Path, work: Path, calib: Path, names: list[str]) -> tuple[dict[str, Path], dict]:
+    from onnxcomp.graph import working_copy
+    from onnxcomp.quant.transformer import detect_encoder
+
+    geometry, why = detect_encoder(working_copy(str(src), 13, allow_upgrade=True, notes=[]))
+    paths = {"fp32": src}
+    info: dict = {"geometry": geometry.to_dict() if geometry else why}
+    fused = work / "fp32_ortopt.onnx"
+    if geometry is not None:
+        _ort_fused(src, fused, geometry)
+        paths["fp32_ortopt"] = fused
+    paths["ort_dynamic_pc"] = work / "ort_dynamic_pc.onnx"
+    _ort_dynamic(src, paths["ort_dynamic_pc"])
+    if geometry is not None:
+        paths["ort_dynamic_pc_ortopt"] = work / "ort_dynamic_pc_ortopt.onnx"
+        _ort_dynamic(fused, paths["ort_dynamic_pc_ortopt"])
+    for name in names:
+        config = dict(CONFIGS.get(name.split("+")[0], {}))
+        for extra in name.split("+")[1:]:
+            key, _, value = extra.partition("=")
+            config[key] = json.loads(value) if value else True
+        t0 = time.perf_counter()
+        paths[name] = work / f"{name}.onnx"
+        info[name] = _onnxcomp(src, paths[name], calib if config.get("mode", "static") == "static" or config.get("smoothquant") else None, **config)
+        info[name]["build_s"] = round(time.perf_counter() - t0, 1)
+    return paths, info
+
+
+def run(attention: str, names: list[str], runs: int, split: str) -> dict:
+    import onnxruntime as ort
+
+    from onnxcomp.measure.latency import SessionSpec, measure_latency
+
+    src, meta = fetch.minilm_onnx(fetch.CACHE, attention=attention)
+    folder = fetch.minilm_folder(fetch.CACHE)
+    pools = textdata.split_sentences()
+    sents = pools["eval"][REPORT if split == "report" else TUNE]
+    work = Path(tempfile.mkdtemp(prefix="encoders-", dir=fetch.CACHE))
+    try:
+        return _run_in(work, src, meta, folder, pools, sents, names, runs, split, attention)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents: list[str], names: list[str],
+            runs: int, split: str, attention: str) -> dict:
+    import onnxruntime as ort
+
+    from onnxcomp.measure.latency import SessionSpec, measure_latency
+
+    calib = work / "calib.npz"
+    np.savez(calib, **sentence_arrays(folder, pools["calib"][:N_CALIB]))
+    paths, info = build(src, work, calib, names)
+    sent_arrays = sentence_arrays(folder, sents)
+    windows = text_windows(folder, sents, 24)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sessions = {n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for n, p in paths.items()}
+    ref_s = embed(sessions["fp32"], sent_arrays)
+    ref_w = embed(sessions["fp32"], windows, batch=8)
+    rows: dict = {}
+    for n, sess in sessions.items():
+        rows[n] = {"sentences": score(ref_s, embed(sess, sent_arrays)),
+                   "windows_cosine": float(metrics.row_cosine(ref_w, embed(sess, windows, batch=8)).mean()),
+                   "mb": round(sum(f.stat().st_size for f in paths[n].parent.glob(paths[n].name + "*")) / 2**20, 1)}
+    for batch in (8, 1) if runs else ():
+        feeds = [{k: v[i * batch:(i + 1) * batch] for k, v in windows.items()} for i in range(min(3, 24 // batch))]
+        specs = [SessionSpec(n, p.read_bytes(), threads=1) for n, p in paths.items()]
+        results = measure_latency(specs, feeds, runs=runs, warmup_runs=3, batch_size=batch)
+        for r in results:
+            rows[r.name][f"b{batch}_median_ms"] = round(r.summary.median * 1e3, 2)
+            rows[r.name][f"b{batch}_x_fp32"] = round(1.0 / r.ratio, 3) if r.ratio else 1.0
+    return {"attention": attention, "split": split, "export": meta, "sentences": len(sents), "windows": 24,
+            "info": info, "rows": rows}
+
+
+def _print(res: dict) -> None:
+    print(f"## {res['attention']} export, {res['split']} split ({res['sentences']} sentences, {res['windows']} windows)")
+    print(f"{'candidate':34s} {'cos':>7s} {'cosmin':>7s} {'NN':>6s} {'wcos':>7s} {'b8 x':>6s} {'b1 x':>6s} {'MB':>6s}")
+    for n, r in res["rows"].items():
+        s = r["sentences"]
+        print(f"{n:34s} {s['cosine']:7.4f} {s['cosine_min']:7.4f} {s['nn_agree']:6.3f} {r['windows_cosine']:7.4f} "
+              f"{r.get('b8_x_fp32', 0):6.2f} {r.get('b1_x_fp32', 0):6.2f} {r['mb']:6.1f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.encoders", description=__doc__.split("\n")[0])
+    p.add_argument("--attention", nargs="+", default=["eager", "sdpa"], choices=fetch.ATTENTION_EXPORTS)
+    p.add_argument("--candidates", nargs="+", default=list(CONFIGS),
+                   help="onnxcomp configs (CONFIGS names, +key=json to change a setting, e.g. oc_static+smoothquant)")
+    p.add_argument("--split", choices=("tune", "report"), default="report")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per candidate and batch size (0: accuracy only)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    out = []
+    for attention in args.attention:
+        res = run(attention, args.candidates, args.runs, args.split)
+        out.append(res)
+        _print(res)  # each export as soon as it is measured
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

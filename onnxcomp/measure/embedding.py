@@ -1,0 +1,106 @@
+"""Encoders judged the way their embeddings are used: mean pooling and nearest neighbours.
+
+A sentence encoder's ``last_hidden_state`` ``[batch, seq, hidden]`` is not used as is: the
+embedding is its mean over the real tokens (``attention_mask``), and what matters is which other
+sentence is most similar. The cosine of the flattened tensor also counts padded positions, whose
+values nothing reads. For such outputs :func:`embedding_fidelity` reports, against the original:
+
+* ``pooled_cosine`` (mean over sentences) and ``pooled_cosine_min`` of the mean-pooled embeddings;
+* ``nn_agreement``: the fraction of sentences whose most cosine-similar other sentence is the same
+  (needs at least 3 sentences; None otherwise).
+
+An output is an encoder output (:func:`encoder_outputs`) when it is a float tensor of rank 3 and
+the model has an integer rank-2 input named like an attention mask (``attention_mask``,
+``input_mask``, ``mask``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "embedding_fidelity"]
+
+#: Input names taken for the attention mask of an encoder.
+MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
+
+
+def _mask_input(model: ir.Model) -> str | None:
+    for value in model.graph.inputs:
+        name = (value.name or "").lower()
+        dtype = value.dtype
+        rank2 = value.shape is not None and len(value.shape) == 2
+        if name in MASK_INPUT_NAMES and rank2 and dtype is not None and not dtype.is_floating_point():
+            return value.name
+    return None
+
+
+def encoder_outputs(model: ir.Model) -> tuple[str | None, list[str]]:
+    """The attention-mask input and the rank-3 float outputs pooled with it (None, [] if not an encoder)."""
+    mask = _mask_input(model)
+    if mask is None:
+        return None, []
+    outs = [v.name for v in model.graph.outputs
+            if v.shape is not None and len(v.shape) == 3 and v.dtype is not None and v.dtype.is_floating_point()]
+    return (mask, outs) if outs else (None, [])
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``hidden [N, L, D]`` over the positions where ``mask [N, L]`` is nonzero."""
+    m = (np.asarray(mask) != 0).astype(np.float64)[:, :, None]
+    return (np.asarray(hidden, np.float64) * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def nn_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """Fraction of rows whose most cosine-similar other row is the same in both (None below 3 rows)."""
+    if len(reference) < 3:
+        return None
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = _normalize(e)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(axis=1)
+
+    return float(np.mean(nearest(reference) == nearest(candidate)))
+
+
+def embedding_fidelity(
+    reference: ir.Model,
+    candidate: ir.Model,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, dict[str, Any]]:
+    """Per encoder output of ``reference``: pooled cosine (mean, min) and NN agreement on ``feeds``.
+
+    Empty when the model is not an encoder (:func:`encoder_outputs`).
+    """
+    from onnxcomp.runtime import create_session, session_options
+
+    mask_name, names = encoder_outputs(reference)
+    if not names:
+        return {}
+    ref_sess = create_session(reference, sess_options=session_options("all"))
+    cand_sess = create_session(candidate, sess_options=session_options("all"))
+    pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in names}
+    for feed in feeds:
+        feed = dict(feed)
+        mask = feed[mask_name]
+        for n, r, c in zip(names, ref_sess.run(names, feed), cand_sess.run(names, feed)):
+            pooled[n][0].append(mean_pool(r, mask))
+            pooled[n][1].append(mean_pool(c, mask))
+    result = {}
+    for n, (refs, cands) in pooled.items():
+        if not refs:
+            continue
+        r, c = np.concatenate(refs), np.concatenate(cands)
+        cos = np.sum(_normalize(r) * _normalize(c), axis=-1)
+        result[n] = {"pooled_cosine": float(cos.mean()), "pooled_cosine_min": float(cos.min()),
+                     "nn_agreement": nn_agreement(r, c), "sentences": int(len(r)), "mask_input": mask_name}
+    return result
