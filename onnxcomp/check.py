@@ -675,20 +675,9 @@ def check_model(
 
 
 def _session(model: ir.Model | str | os.PathLike):
-    from onnxcomp.runtime import create_session, session_options
+    from onnxcomp.runtime import open_session, session_options
 
-    options = session_options("all", threads=None)
-    if isinstance(model, ir.Model):
-        return create_session(model, sess_options=options)
-    import onnxruntime as ort
-
-    from onnxcomp.errors import ModelLoadError
-    from onnxcomp.io import first_line
-
-    try:
-        return ort.InferenceSession(os.fspath(model), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelLoadError(f"onnxruntime cannot load the written model: {first_line(exc)}") from None
+    return open_session(model, sess_options=session_options("all", threads=None), what="the written model")
 
 
 #: reference outputs kept on a split for a second check up to this many bytes

@@ -9,6 +9,7 @@ limit, see :func:`onnxcomp.io.session_source`), :func:`run_model` and :func:`ort
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "OPT_LEVELS",
     "session_options",
     "create_session",
+    "open_session",
     "run_model",
     "ort_optimized_model",
 ]
@@ -73,6 +75,22 @@ def create_session(
             return ort.InferenceSession(src, sess_options=sess_options, providers=list(providers))
         except Exception as exc:
             raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def open_session(
+    model: ir.Model | str | os.PathLike,
+    *,
+    sess_options: ort.SessionOptions | None = None,
+    what: str = "the model",
+) -> ort.InferenceSession:
+    """A session on an in-memory model (:func:`create_session`) or on a model file as it is
+    (onnxruntime reads the file and its external data itself: nothing is parsed or serialized)."""
+    if isinstance(model, ir.Model):
+        return create_session(model, sess_options=sess_options)
+    try:
+        return ort.InferenceSession(os.fspath(model), sess_options=sess_options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
 
 
 def run_model(

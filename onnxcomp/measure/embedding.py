@@ -16,6 +16,8 @@ the model has an integer rank-2 input named like an attention mask (``attention_
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -74,20 +76,20 @@ def nn_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
 
 def embedding_fidelity(
     reference: ir.Model,
-    candidate: ir.Model,
+    candidate: ir.Model | str | os.PathLike,
     feeds: Iterable[Mapping[str, np.ndarray]],
 ) -> dict[str, dict[str, Any]]:
     """Per encoder output of ``reference``: pooled cosine (mean, min) and NN agreement on ``feeds``.
 
     Empty when the model is not an encoder (:func:`encoder_outputs`).
     """
-    from onnxcomp.runtime import create_session, session_options
+    from onnxcomp.runtime import create_session, open_session, session_options
 
     mask_name, names = encoder_outputs(reference)
     if not names:
         return {}
     ref_sess = create_session(reference, sess_options=session_options("all"))
-    cand_sess = create_session(candidate, sess_options=session_options("all"))
+    cand_sess = open_session(candidate, sess_options=session_options("all"), what="the written model")
     pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in names}
     for feed in feeds:
         feed = dict(feed)

@@ -104,8 +104,12 @@ def quantize_in_place(
                      "for models deployed only on VNNI or ARM CPUs")
     from onnxcomp.quant.transformer import finish_encoder, prepare_encoder, smooth_dynamic_encoder
 
+    from onnxcomp.quant.embedding import quantizable_tables
+
+    # EmbedLayerNormalization would hide the word table from embedding quantization: fuse it only
+    # when no table is large enough to be quantized
     encoder = prepare_encoder(work, config.transformer, config.mode,
-                              embed_layer_norm=config.embedding_bits == 0)  # else the tables are quantized
+                              embed_layer_norm=not quantizable_tables(work, config))
     if encoder is not None and config.mode == "dynamic" and config.smoothquant:
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
     if config.mode == "static" and config.uses_fallback:

@@ -97,6 +97,13 @@ def _gather_sites(model: ir.Model, config: QuantizeConfig) -> tuple[dict[str, li
     return tables, skipped
 
 
+def quantizable_tables(model: ir.Model, config: QuantizeConfig) -> list[str]:
+    """Names of the embedding tables :func:`quantize_embeddings` would take up (none with bits 0)."""
+    if embedding_bits(config) == 0:
+        return []
+    return sorted(_gather_sites(model, config)[0])
+
+
 def quantize_embeddings(model: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
     """Rewrite the embedding Gathers of ``model`` in place (module doc); returns the report section."""
     from onnxcomp.graph import add_initializer, all_value_names, unique_name

@@ -233,6 +233,7 @@ def fuse_encoder(work: ir.Model, geometry: EncoderGeometry, *, embed_layer_norm:
     if not embed_layer_norm:
         not_fused["EmbedLayerNormalization"] = ("left out: the embedding tables are quantized (GatherBlockQuantized) "
                                                 "instead; embedding_bits=0 keeps them float and fuses them")
+        fused.pop("EmbedLayerNormalization", None)
     return {"geometry": geometry.to_dict(), "fused": fused, "not_fused": not_fused,
             "nodes_before": before, "nodes_after": sum(1 for _ in work.graph)}
 
