@@ -70,6 +70,7 @@ def compress(
     allow_upgrade: bool = True,
     feeds_for_latency: list[dict[str, np.ndarray]] | None = None,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; returns the compressed model and the report.
 
@@ -81,6 +82,9 @@ def compress(
         labels: integer labels of ``eval_data`` for accuracy.
         feeds_for_latency: feeds for the latency measurement (default: from the data).
         progress: ``progress(stage, done, total)``.
+        threads: intra-op threads of latency measurements and latency-driven decisions (the measure
+            stage, a latency-aware quantize stage); None: the stage's own setting, else
+            onnxruntime's default (one per physical core).
 
     Raises:
         ConfigError (recipe, before any work), DataError, OpsetError, OnnxcompError.
@@ -100,7 +104,7 @@ def compress(
     if eval_ds is not None:
         eval_ds.first()
     ctx = Context(reference, fit_data=calib_ds, check_data=eval_ds, labels=labels, allow_upgrade=allow_upgrade,
-                  progress=progress, latency_feeds=feeds_for_latency)
+                  progress=progress, latency_feeds=feeds_for_latency, threads=threads)
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)
     work = working_copy(reference, opset, allow_upgrade=allow_upgrade, notes=ctx.notes)
     records = run_stages(work, stages, ctx)

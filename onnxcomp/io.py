@@ -41,6 +41,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -76,6 +77,7 @@ __all__ = [
     "release_pages",
     "spill_tensors",
     "holds_external_data",
+    "scratch_folder",
 ]
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
@@ -550,6 +552,16 @@ def _spill_folder() -> str:
     return _SPILL_DIR[0]
 
 
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A private temporary folder (for files another tool writes, such as a profile), removed on exit."""
+    folder = tempfile.mkdtemp(prefix="onnxcomp-scratch-")
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def holds_external_data(model: ir.Model) -> bool:
     """Whether the model came from a file with external data or reads any now (big-model paths)."""
     return bool(model.meta.get(_EXTERNAL_KEY)) or any(True for _ in _iter_external_tensors(model))
@@ -576,13 +588,22 @@ def exported_model(export: Callable[[str, str], None]) -> ir.Model:
     """A model another tool writes to disk, read back into memory; the files are removed.
 
     ``export(path, data_name)`` writes a model to ``path`` (external data, if any, in ``data_name``
-    next to it) inside a temporary folder; the model is loaded with its external data inlined.
+    next to it) inside a temporary folder; the model is loaded with its external data inlined, or,
+    over :data:`LARGE_MODEL_BYTES`, moved to the folder of :func:`spill_tensors` and read from there.
     """
     tmp = tempfile.mkdtemp(prefix="onnxcomp-export-")
     try:
         path = os.path.join(tmp, "exported.onnx")
         export(path, "exported.data")
         exported = ir.load(path)
+        data = os.path.join(tmp, "exported.data")
+        if os.path.isfile(data) and os.path.getsize(data) >= LARGE_MODEL_BYTES:
+            folder = tempfile.mkdtemp(dir=_spill_folder())
+            os.replace(data, os.path.join(folder, "exported.data"))
+            ir_external_data.set_base_dir(exported.graph, folder)
+            exported.meta[_EXTERNAL_KEY] = True
+            weakref.finalize(exported, shutil.rmtree, folder, True)  # its own tensors only read it
+            return exported
         ir_external_data.load_to_model(exported)
         return exported
     finally:

@@ -321,6 +321,7 @@ def quantize_with_fallback(
     progress: Callable[[int, int], object] | None = None,
     allow_upgrade: bool = True,
     in_place: bool = False,
+    threads: int | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize, then move the fewest, most helpful nodes back to float until the target is met.
 
@@ -333,6 +334,8 @@ def quantize_with_fallback(
         allow_upgrade: upgrade a model older than opset 13 instead of refusing it.
         in_place: ``model`` is a working copy, rewritten in place and returned (see
             :meth:`QuantStudy.prepare`).
+        threads: intra-op threads of the latency measurements (None: onnxruntime's default, one
+            per physical core): whether int8 pays depends on it.
 
     Raises:
         ConfigError: neither target given, or ``max_drop`` without labels.
@@ -350,7 +353,7 @@ def quantize_with_fallback(
     history.append({"float_nodes": [], **current})
     latency: dict[str, Any] = {}
     if latency_aware:
-        slow_types, latency = _slow_op_types(study)
+        slow_types, latency = _slow_op_types(study, threads)
         fallback += [n for n in study.nodes if _op(study, n) in slow_types]
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
@@ -397,7 +400,7 @@ def quantize_with_fallback(
     if recovery:
         report["recovery"] = recovery
     if fallback and targets:
-        report["fallback_latency"] = _fallback_latency(study, fallback)
+        report["fallback_latency"] = _fallback_latency(study, fallback, threads)
     return final, report
 
 
@@ -405,15 +408,18 @@ def _op(study: QuantStudy, name: str) -> str:
     return next(n.op_type for n in study.work.graph if n.name == name)
 
 
-def _slow_op_types(study: QuantStudy) -> tuple[set[str], dict[str, Any]]:
-    """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1)."""
-    from onnxcomp.measure.bench import bench_models
+def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[str], dict[str, Any]]:
+    """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1),
+    at ``threads`` intra-op threads (None: onnxruntime's default)."""
+    from onnxcomp.measure.bench import bench_models, default_threads
+
+    threads = threads or default_threads()
 
     types = sorted({_op(study, n) for n in study.nodes})
     variants = [("all int8", study.build())]
     variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if _op(study, n) == t))) for t in types]
     variants.append(("float", study.work))
-    rows = bench_models(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=None)
+    rows = bench_models(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads)
     slow = set()
     for t, row in zip(types, rows[1:-1]):
         lo, hi = row["ratio_ci95"]
@@ -424,13 +430,14 @@ def _slow_op_types(study: QuantStudy) -> tuple[set[str], dict[str, Any]]:
         "ratios_to_all_int8": {r["name"]: r["ratio_to_first"] for r in rows[1:]},
         "op_types_kept_float": sorted(slow),
         "int8_slower_than_float": bool(float_row["ratio_ci95"][1] < 1.0),
+        "threads": threads,
     }
 
 
-def _fallback_latency(study: QuantStudy, fallback: list[str]) -> dict[str, float]:
+def _fallback_latency(study: QuantStudy, fallback: list[str], threads: int | None = None) -> dict[str, float]:
     """Latency ratio of leaving each fallback node float alone, relative to all int8."""
     from onnxcomp.measure.bench import bench_models
 
     variants = [("all int8", study.build())] + [(n, study.build(frozenset({n}))) for n in fallback]
-    rows = bench_models(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=None)
+    rows = bench_models(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=threads)
     return {r["name"]: r["ratio_to_first"] for r in rows[1:]}
