@@ -198,3 +198,74 @@ def test_real_measurement_agrees_with_its_own_verdict(rng, tmp_path, threads):
     assert profiled and all(t >= 0 for t in profiled.values())
     if verdict["int8_slower"]:
         assert {c["op_type"] for c in verdict["causes"]} <= set(op_type_times(int8, feeds, threads=threads, runs=3))
+
+
+# --------------------------------------------------------------------------------------------
+# The fallback by blocks (fast enough on PP-OCR det), with capped live sessions
+
+
+def _long_chain_with_a_fragile_layer(rng, depth: int = 20, fragile: int = 11):
+    """``depth`` MatMul+Relu layers; layer ``fragile`` has one huge weight outlier (per-tensor int8 ruins it)."""
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        w = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+        if i == fragile:
+            w[0, 0] = 60.0
+        nodes += [oh.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  oh.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits.append((f"w{i}", w))
+        prev = f"r{i}"
+    nodes.append(oh.make_node("Identity", [prev], ["y"], name="out"))
+    return make_proto(nodes, [("x", ["N", 16])], [("y", ["N", 16])], inits)
+
+
+def test_node_blocks():
+    from onnxcomp.quant.sensitivity import node_blocks
+
+    assert node_blocks(["a", "b", "c"]) == [["a"], ["b"], ["c"]]
+    names = [f"n{i}" for i in range(20)]
+    blocks = node_blocks(names)
+    assert [len(b) for b in blocks] == [5, 5, 5, 5] and sum(blocks, []) == names
+
+
+def test_fallback_by_blocks_keeps_only_the_fragile_node_float(rng, monkeypatch):
+    import concurrent.futures
+
+    import onnxcomp.quant.sensitivity as sensitivity
+
+    proto = _long_chain_with_a_fragile_layer(rng)
+    feeds = [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(16)]
+    config = QuantizeConfig(per_channel=False, activation_type="int8")
+    evaluated = []
+    real = sensitivity.QuantStudy.evaluate
+
+    def counting(self, models, executor=None, progress=None):
+        evaluated.append(len(models))
+        return real(self, models, executor, progress)
+
+    monkeypatch.setattr(sensitivity.QuantStudy, "evaluate", counting)
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        model, report = quantize_with_fallback(proto, feeds, config, fidelity_target=13.0, executor=executor)
+    assert report["met"] and report["final"]["sqnr_db"] >= 13.0  # all int8: 1.7 dB, mm11 float: 14.4 dB
+    assert report["float_nodes"] == ["mm11"], report["float_nodes"]
+    assert report["history"][-1]["refined"] and report["history"][-1]["float_nodes"] == ["mm11"]
+    # 20 nodes: 4 blocks tried, then the 5 nodes of the chosen block one by one, instead of 20 trials
+    assert sum(evaluated) < 20, evaluated
+
+
+def test_latency_comparisons_keep_at_most_six_sessions_alive(monkeypatch):
+    import onnxcomp.measure.bench as bench_module
+    from onnxcomp.quant import sensitivity
+
+    groups = []
+
+    def fake(models, feeds, **kw):
+        groups.append([name for name, _ in models])
+        return [{"name": name, "ratio_to_first": None if i == 0 else 1.0 + i / 100, "ratio_ci95": None}
+                for i, (name, _) in enumerate(models)]
+
+    monkeypatch.setattr(bench_module, "bench_models", fake)
+    variants = [(f"v{i}", None) for i in range(13)]
+    rows = sensitivity._bench_capped(variants, [], threads=2)
+    assert [len(g) for g in groups] == [6, 6, 3] and all(g[0] == "v0" for g in groups)
+    assert [r["name"] for r in rows] == [f"v{i}" for i in range(13)]
