@@ -560,4 +560,9 @@ INT8_KERNEL_FLOAT_OPS: dict[str, str] = {
     "QLinearAveragePool": "AveragePool", "DynamicQuantizeLSTM": "LSTM",
 }
 
-__all__ += ["QDQ_CONVERSION_OPS", "INT8_KERNEL_FLOAT_OPS"]
+#: A float op type -> the op types onnxruntime's optimized float graph runs it as (its fusions).
+FLOAT_OP_FUSIONS: dict[str, tuple[str, ...]] = {
+    "Conv": ("Conv", "FusedConv"), "MatMul": ("MatMul", "FusedMatMul"), "Gemm": ("Gemm", "FusedGemm"),
+}
+
+__all__ += ["QDQ_CONVERSION_OPS", "INT8_KERNEL_FLOAT_OPS", "FLOAT_OP_FUSIONS"]

@@ -101,6 +101,21 @@ def test_verdict_when_int8_is_faster_or_within_noise(threads):
     assert [c["op_type"] for c in partial["causes"]] == []
 
 
+def test_int8_kernels_are_compared_with_the_fused_float_ops_they_replace():
+    # onnxruntime runs most float Convs as FusedConv (Conv + activation): both count as float Conv time
+    verdict = explain_int8_latency(1.3, (1.2, 1.4), 2, {"QLinearConv": 0.0020, "QuantizeLinear": 0.0004},
+                                   {"Conv": 0.0005, "FusedConv": 0.0012})
+    by_op = {c["op_type"]: c for c in verdict["causes"]}
+    assert by_op["QLinearConv"]["added_ms"] == pytest.approx(0.3)
+    assert by_op["QLinearConv"]["float_ms"] == pytest.approx(1.7)
+    # two kernels replacing MatMul share its float time in proportion to their own
+    shared = explain_int8_latency(1.3, (1.2, 1.4), 1, {"MatMulIntegerToFloat": 0.003, "QLinearMatMul": 0.001},
+                                  {"FusedMatMul": 0.002})
+    by_op = {c["op_type"]: c for c in shared["causes"]}
+    assert by_op["MatMulIntegerToFloat"]["added_ms"] == pytest.approx(1.5)
+    assert by_op["QLinearMatMul"]["added_ms"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quantize_with_threads_reports_int8_slower(tiny, tmp_path, capsys, injected, threads):
     model, calib = tiny

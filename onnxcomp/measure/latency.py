@@ -545,12 +545,19 @@ def explain_int8_latency(
     counterparts, most first: Q/DQ conversions, int8 kernels slower than the float op they
     replace, float ops that got slower) and ``summary`` (one line).
     """
-    from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS, QDQ_CONVERSION_OPS
+    from onnxcomp.ops import FLOAT_OP_FUSIONS, INT8_KERNEL_FLOAT_OPS, QDQ_CONVERSION_OPS
+
+    def family(float_op: str) -> tuple[str, ...]:
+        return FLOAT_OP_FUSIONS.get(float_op, (float_op,))
 
     slower = ratio is not None and ratio > 1.0
     significant = bool(slower and interval is not None and interval[0] > 1.0)
     total = sum(int8_ops.values()) or 1.0
-    replaced = {INT8_KERNEL_FLOAT_OPS[op] for op in int8_ops if op in INT8_KERNEL_FLOAT_OPS}
+    replaced = {f for op in int8_ops if op in INT8_KERNEL_FLOAT_OPS for f in family(INT8_KERNEL_FLOAT_OPS[op])}
+    kernels_of: dict[str, list[str]] = {}
+    for op in int8_ops:
+        if op in INT8_KERNEL_FLOAT_OPS:
+            kernels_of.setdefault(INT8_KERNEL_FLOAT_OPS[op], []).append(op)
     causes = []
     for op, seconds in int8_ops.items():
         if op in QDQ_CONVERSION_OPS:
@@ -558,8 +565,12 @@ def explain_int8_latency(
             if op == "DequantizeLinear" and unfused_dequantize:
                 why = f"{unfused_dequantize} unfused Q/DQ pair(s): DequantizeLinear feeding float compute"
         elif op in INT8_KERNEL_FLOAT_OPS:
+            # the float time of the op (and its fusions), shared among the kernels replacing it
             float_op = INT8_KERNEL_FLOAT_OPS[op]
-            before, why = float_ops.get(float_op, 0.0), f"int8 kernel slower than float {float_op}"
+            kernels = kernels_of[float_op]
+            share = seconds / (sum(int8_ops[k] for k in kernels) or 1.0)
+            before = share * sum(float_ops.get(f, 0.0) for f in family(float_op))
+            why = f"int8 kernel slower than float {float_op}"
         elif op in replaced:
             continue  # what is left float of a partly replaced op type: not comparable
         else:
@@ -573,7 +584,7 @@ def explain_int8_latency(
         summary = f"int8 vs float latency at {threads} thread(s): not measured"
     elif slower:
         span = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else ""
-        blame = ", ".join(f"{c['op_type']} (+{c['added_ms']:.2f} ms, {c['why']})" for c in causes[:3])
+        blame = ", ".join(f"{c['op_type']} (+{c['added_ms']:.2f} ms profiled, {c['why']})" for c in causes[:3])
         summary = (f"int8 is SLOWER than float at {threads} thread(s): latency ratio {ratio:.2f}{span}"
                    + ("" if significant else ", within noise") + (f"; where: {blame}" if blame else ""))
     else:
