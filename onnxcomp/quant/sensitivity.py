@@ -362,16 +362,17 @@ def quantize_with_fallback(
     if targets and not _meets(current, base, fidelity_target, max_drop):
         # Rank once by what leaving each block (a run of consecutive nodes; single nodes on small
         # models) in float buys back ("all but the block"), move blocks to float in that order
-        # until the budget is met, then give back to int8 the nodes of those blocks the budget
+        # until the budget is met, then give back to int8 the nodes of the last block the budget
         # does not need: about 2 sqrt(N) + k evaluations instead of N + k.
         candidates = [n for n in study.nodes if n not in fallback]
         blocks = node_blocks(candidates)
         trials = study.evaluate([study.build(frozenset(fallback + b)) for b in blocks], executor)
         key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
         order = sorted(range(len(blocks)), key=lambda i: key(trials[i]), reverse=True)
-        latency_kept = len(fallback)
+        last_block: list[str] = []
         for rank, i in enumerate(order):
             fallback.extend(blocks[i])
+            last_block = blocks[i]
             current = trials[i] if rank == 0 else study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
             if progress is not None:
@@ -380,7 +381,7 @@ def quantize_with_fallback(
                 break
         if len(blocks) < len(candidates) and _meets(current, base, fidelity_target, max_drop):
             meets = lambda r: _meets(r, base, fidelity_target, max_drop)  # noqa: E731
-            fallback, current = _give_back(study, fallback, fallback[latency_kept:], current, meets, key, executor)
+            fallback, current = _give_back(study, fallback, last_block, current, meets, key, executor)
             history.append({"float_nodes": list(fallback), "refined": True, **current})
     final = study.build(frozenset(fallback), into=model if in_place else None)
     recovery = dict(study.prepared.recovery)
