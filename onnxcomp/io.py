@@ -442,7 +442,9 @@ def _write_session_files(model: ir.Model, folder: str, path: str, *, link: bool 
             for graph in (model.graph, *model.graph.subgraphs()):
                 for value in graph.initializers.values():
                     tensor = value.const_value
-                    if tensor is None or (not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes < 1024):
+                    if tensor is None or tensor.dtype == ir.DataType.STRING or (
+                        not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes < 1024
+                    ):
                         continue
                     location, offset = None, None
                     if link and isinstance(tensor, ir.ExternalTensor):
@@ -528,7 +530,8 @@ def spill_tensors(model: ir.Model, *, min_bytes: int = SPILL_MIN_BYTES) -> int:
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < min_bytes:
+            if (tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype == ir.DataType.STRING
+                    or tensor.nbytes < min_bytes):
                 continue
             folder = _spill_folder()
             name = f"{secrets.token_hex(8)}.data"
