@@ -286,6 +286,22 @@ def _fmt_bytes(n: float) -> str:
 EXIT_BELOW_BUDGET = 3
 
 
+def add_threads_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--threads N``: intra-op threads of latency measurements and decisions (default: what
+    onnxruntime uses here, one per physical core)."""
+    from onnxcomp.measure.bench import LATENCY_RANGES
+
+    parser.add_argument("--threads", type=LATENCY_RANGES["threads"], metavar="N",
+                        help=f"{what} (default: onnxruntime's own, one per physical core)")
+
+
+def print_int8_latency(con, verdict: dict[str, Any] | None) -> None:
+    """The one line saying whether int8 pays at the measured thread count (and why not)."""
+    if verdict:
+        style = "bold yellow" if verdict["int8_slower"] else "green"
+        con.print(f"[{style}]{esc(verdict['summary'])}[/{style}]")
+
+
 def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True) -> None:
     """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`)."""
     g = parser.add_argument_group("held-out check of the written model")
@@ -371,6 +387,8 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="input shape for generated latency inputs when no data is given")
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
+    add_threads_flag(p, "measure latency at this many intra-op threads (turns the measure stage's latency on) "
+                        "and take latency decisions there")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     add_check_flags(p)
@@ -419,6 +437,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.set:
         recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
+    if args.threads:
+        recipe = recipe.with_overrides({"measure.threads": args.threads, "measure.latency": True})
     check_cfg = check_config(args)
     model = load_model(args.model)
     check_outputs(args, model)
@@ -449,6 +469,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         compressed, report = compress(
             model, recipe, calibration, eval_data=evaluation, labels=labels,
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
+            threads=args.threads,
         )
     out = save_model(compressed, args.output, force=args.force)
     report["model"] = args.model
@@ -473,6 +494,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         return status
     render_terminal(con, report)
     con.print(f"wrote {esc(out)}" + (f" and {esc(args.report)}" if args.report else ""))
+    print_int8_latency(con, (report.get("measure") or {}).get("int8_latency"))
     print_check(con, check)
     return status
 

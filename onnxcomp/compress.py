@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError, OnnxcompError
 from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
-from onnxcomp.io import ModelSource, load_model, model_to_bytes
+from onnxcomp.io import ModelSource, holds_external_data, load_model, model_to_bytes
 from onnxcomp.measure.stages import verify_model
 from onnxcomp.recipe import STAGE_CLASSES, Recipe, load_recipe
 from onnxcomp.stage import Context, Progress, Stage
@@ -40,7 +40,7 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 
 def model_facts(model: ir.Model) -> dict[str, Any]:
-    """Size (serialized bytes when under 2 GB, else initializer bytes; the CLI replaces it with the
+    """Size (serialized bytes when under 2 GB without external data, else initializer bytes; the CLI replaces it with the
     bytes on disk of what it wrote), parameters (every initializer element and the tensors held by
     Constant nodes, paddle2onnx's weights), weight elements apart from quantization parameters
     (:func:`onnxcomp.summary.weight_counts`), node count."""
@@ -48,10 +48,12 @@ def model_facts(model: ir.Model) -> dict[str, Any]:
 
     params = sum(int(tensor.size) for _, tensor in weight_tensors(model))
     nbytes = parameter_nbytes(model)
-    try:
-        size = len(model_to_bytes(model))
-    except OnnxcompError:
-        size = nbytes
+    size = nbytes
+    if not holds_external_data(model):  # inlining external data to count it would hold it twice
+        try:
+            size = len(model_to_bytes(model))
+        except OnnxcompError:
+            pass
     counts = weight_counts(model)
     return {"bytes": size, "parameters": params, "parameter_bytes": nbytes,
             "weight_elements": counts["weight_elements"], "quant_params": counts["quant_params"],
@@ -68,6 +70,7 @@ def compress(
     allow_upgrade: bool = True,
     feeds_for_latency: list[dict[str, np.ndarray]] | None = None,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; returns the compressed model and the report.
 
@@ -79,6 +82,9 @@ def compress(
         labels: integer labels of ``eval_data`` for accuracy.
         feeds_for_latency: feeds for the latency measurement (default: from the data).
         progress: ``progress(stage, done, total)``.
+        threads: intra-op threads of latency measurements and latency-driven decisions (the measure
+            stage, a latency-aware quantize stage); None: the stage's own setting, else
+            onnxruntime's default (one per physical core).
 
     Raises:
         ConfigError (recipe, before any work), DataError, OpsetError, OnnxcompError.
@@ -98,7 +104,7 @@ def compress(
     if eval_ds is not None:
         eval_ds.first()
     ctx = Context(reference, fit_data=calib_ds, check_data=eval_ds, labels=labels, allow_upgrade=allow_upgrade,
-                  progress=progress, latency_feeds=feeds_for_latency)
+                  progress=progress, latency_feeds=feeds_for_latency, threads=threads)
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)
     work = working_copy(reference, opset, allow_upgrade=allow_upgrade, notes=ctx.notes)
     records = run_stages(work, stages, ctx)

@@ -35,14 +35,16 @@ tensor's array in place, they replace a value's ``const_value`` with a new tenso
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import onnx
 import onnx_ir as ir
@@ -72,6 +74,11 @@ __all__ = [
     "initializer_nbytes",
     "external_data_files",
     "source_path",
+    "LARGE_MODEL_BYTES",
+    "release_pages",
+    "spill_tensors",
+    "holds_external_data",
+    "scratch_folder",
 ]
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
@@ -380,20 +387,39 @@ def model_to_bytes(model: ir.Model) -> bytes:
     return ir.to_proto(_inlined(model)).SerializeToString()
 
 
+#: Models holding this many bytes of initializers (or any external data) reach onnxruntime through
+#: a file, not bytes: serializing to bytes holds the weights two more times.
+LARGE_MODEL_BYTES = 256 * 2**20
+#: In-memory tensors at least this big are moved to disk by :func:`spill_tensors`.
+SPILL_MIN_BYTES = 2**20
+_PAGE = mmap.PAGESIZE
+_ALIGN = 64 * 1024  # onnxruntime memory-maps external tensors whose offset is aligned like this
+
+
 @contextlib.contextmanager
-def session_source(model: ir.Model) -> Iterator[bytes | str]:
+def session_source(model: ir.Model, *, link: bool = True) -> Iterator[bytes | str]:
     """What to hand ``onnxruntime.InferenceSession``: bytes, or a temporary file for big models.
 
-    Models under the protobuf limit go as bytes (nothing touches the disk). Bigger ones are written
-    with external data into a temporary folder that is removed when the context exits.
+    Small models without external data go as bytes (nothing touches the disk). A model with
+    external data (or loaded from a file with external data), or over :data:`LARGE_MODEL_BYTES`, is written into a temporary folder that is
+    removed when the context exits: its external-data files are hard-linked there (onnxruntime
+    memory-maps them, so the weights are in memory once, shared through the page cache; a copy
+    is made only where a hard link is impossible) and its in-memory tensors are written to one data
+    file next to the model. The process's own resident pages of external data are dropped first
+    (:func:`release_pages`), so onnxruntime's mapping does not come on top of them.
+    ``link=False`` copies external data instead of linking it (``onnx.checker`` refuses files with
+    several hard links).
     """
-    if initializer_nbytes(model) <= PROTOBUF_LIMIT:
+    size = initializer_nbytes(model)
+    if size <= PROTOBUF_LIMIT and size < LARGE_MODEL_BYTES and not holds_external_data(model):
         yield model_to_bytes(model)
         return
+    release_pages(model)
     tmp = tempfile.mkdtemp(prefix="onnxcomp-session-")
     try:
         path = os.path.join(tmp, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        if not _write_session_files(model, tmp, path, link=link):
+            ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         yield path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -408,6 +434,152 @@ def rewrite_as_proto(model: ir.Model, rewrite: Callable[[onnx.ModelProto], onnx.
     return ir.serde.deserialize_model(rewrite(ir.to_proto(_inlined(model))))
 
 
+def _write_session_files(model: ir.Model, folder: str, path: str, *, link: bool = True) -> bool:
+    """Write ``model`` for onnxruntime into ``folder`` without copying its external data.
+
+    External tensors point at hard links of their files (a copy of the tensor's bytes, in the
+    kernel, where linking fails); in-memory tensors over 1 KiB go to ``model.onnx.data``. The
+    model's values get their tensors back before returning. Returns False (nothing usable
+    written) when a node attribute holds external data: the caller then saves the plain way.
+    """
+    if any(True for _ in _external_attributes(model)):
+        return False
+    data_name = "model.onnx.data"
+    links: dict[str, str] = {}
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        with open(os.path.join(folder, data_name), "wb") as data:
+            for graph in (model.graph, *model.graph.subgraphs()):
+                for value in graph.initializers.values():
+                    tensor = value.const_value
+                    if tensor is None or tensor.dtype == ir.DataType.STRING or (
+                        not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes < 1024
+                    ):
+                        continue
+                    location, offset = None, None
+                    if link and isinstance(tensor, ir.ExternalTensor):
+                        location = _linked(os.path.abspath(tensor.path), folder, links)
+                        offset = tensor.offset or 0
+                    if location is None:  # in memory, or its file cannot be linked here
+                        offset = -(-data.seek(0, os.SEEK_END) // _ALIGN) * _ALIGN
+                        data.seek(offset)
+                        tensor.tofile(data)
+                        location = data_name
+                    swapped.append((value, tensor))
+                    value.const_value = ir.ExternalTensor(
+                        location, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                        name=tensor.name or value.name, base_dir=folder,
+                    )
+        proto = ir.to_proto(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return True
+
+
+def _linked(source: str, folder: str, links: dict[str, str]) -> str | None:
+    """A hard link of ``source`` in ``folder`` (its name there), or None where linking fails."""
+    if source not in links:
+        name = f"linked{len(links)}.data"
+        try:
+            os.link(source, os.path.join(folder, name))
+        except OSError:
+            name = ""
+        links[source] = name
+    return links[source] or None
+
+
+def release_pages(model_or_array: ir.Model | Any) -> None:
+    """Drop this process's resident pages of memory-mapped external data (nothing is lost: they
+    are read again from the file, or the page cache, when next used).
+
+    Given a model: every external tensor's mapping. Given a numpy array that views such a mapping
+    (``tensor.numpy()`` of an external tensor, or a slice of it): the pages it spans. Anything
+    else is left alone. Use it after a pass has read a big weight once, before onnxruntime maps
+    the same file, so that the weights are not counted twice.
+    """
+    if isinstance(model_or_array, ir.Model):
+        for _, tensor in _iter_external_tensors(model_or_array):
+            raw = getattr(tensor, "raw", None)
+            if raw is not None and not raw.closed:
+                with contextlib.suppress(OSError, ValueError):
+                    raw.madvise(mmap.MADV_DONTNEED)
+        return
+    array = model_or_array
+    base = getattr(array, "base", None)
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or base.closed or not getattr(array, "nbytes", 0):
+        return
+    import numpy as np
+
+    start_address = np.frombuffer(base, np.uint8, count=1).ctypes.data
+    lo, hi = np.lib.array_utils.byte_bounds(array)
+    start = (lo - start_address) // _PAGE * _PAGE
+    end = min(len(base), -(-(hi - start_address) // _PAGE) * _PAGE)
+    if 0 <= start < end:
+        with contextlib.suppress(OSError, ValueError):
+            base.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+_SPILL_DIR: list[str] = []
+
+
+def spill_tensors(model: ir.Model, *, min_bytes: int = SPILL_MIN_BYTES) -> int:
+    """Move the model's in-memory initializers of at least ``min_bytes`` to disk; returns the bytes moved.
+
+    Each goes to a file of its own in a private temporary folder (removed when the process exits)
+    and its value then holds an external tensor reading it (memory-mapped on use), so a big
+    model's new weights (an int8 copy of a 2 GB model) no longer stay in memory while onnxruntime
+    runs it or the original. :func:`save_model` copies them into the output's external data in
+    the kernel. The values, names, types and data are unchanged; only where the bytes live.
+    """
+    moved = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if (tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype == ir.DataType.STRING
+                    or tensor.nbytes < min_bytes):
+                continue
+            folder = _spill_folder()
+            name = f"{secrets.token_hex(8)}.data"
+            with open(os.path.join(folder, name), "wb") as f:
+                tensor.tofile(f)
+            value.const_value = ir.ExternalTensor(
+                name, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name or value.name,
+                base_dir=folder,
+            )
+            moved += tensor.nbytes
+    return moved
+
+
+def _spill_folder() -> str:
+    if not _SPILL_DIR:
+        import atexit
+
+        folder = tempfile.mkdtemp(prefix="onnxcomp-spill-")
+        atexit.register(shutil.rmtree, folder, True)
+        _SPILL_DIR.append(folder)
+    return _SPILL_DIR[0]
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A private temporary folder (for files another tool writes, such as a profile), removed on exit."""
+    folder = tempfile.mkdtemp(prefix="onnxcomp-scratch-")
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def holds_external_data(model: ir.Model) -> bool:
+    """Whether the model came from a file with external data or reads any now (big-model paths)."""
+    return bool(model.meta.get(_EXTERNAL_KEY)) or any(True for _ in _iter_external_tensors(model))
+
+
 def check_model(model: ir.Model, *, full_check: bool = False) -> None:
     """Run ``onnx.checker`` on ``model`` (through a temporary file when over 2 GB).
 
@@ -418,7 +590,7 @@ def check_model(model: ir.Model, *, full_check: bool = False) -> None:
         ModelLoadError: the checker's first complaint.
     """
     try:
-        with session_source(model) as src:
+        with session_source(model, link=False) as src:
             onnx.checker.check_model(src if isinstance(src, str) else onnx.load_model_from_string(src),
                                      full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -429,13 +601,22 @@ def exported_model(export: Callable[[str, str], None]) -> ir.Model:
     """A model another tool writes to disk, read back into memory; the files are removed.
 
     ``export(path, data_name)`` writes a model to ``path`` (external data, if any, in ``data_name``
-    next to it) inside a temporary folder; the model is loaded with its external data inlined.
+    next to it) inside a temporary folder; the model is loaded with its external data inlined, or,
+    over :data:`LARGE_MODEL_BYTES`, moved to the folder of :func:`spill_tensors` and read from there.
     """
     tmp = tempfile.mkdtemp(prefix="onnxcomp-export-")
     try:
         path = os.path.join(tmp, "exported.onnx")
         export(path, "exported.data")
         exported = ir.load(path)
+        data = os.path.join(tmp, "exported.data")
+        if os.path.isfile(data) and os.path.getsize(data) >= LARGE_MODEL_BYTES:
+            folder = tempfile.mkdtemp(dir=_spill_folder())
+            os.replace(data, os.path.join(folder, "exported.data"))
+            ir_external_data.set_base_dir(exported.graph, folder)
+            exported.meta[_EXTERNAL_KEY] = True
+            weakref.finalize(exported, shutil.rmtree, folder, True)  # its own tensors only read it
+            return exported
         ir_external_data.load_to_model(exported)
         return exported
     finally:

@@ -544,3 +544,25 @@ RECURRENT_WEIGHT_INPUTS: OpTable[tuple[int, ...]] = OpTable("recurrent weight in
 RECURRENT_WEIGHT_INPUTS.register(("LSTM", "GRU", "RNN"), (1, 2, 3), since=7)
 
 __all__ += ["RECURRENT_WEIGHT_INPUTS"]
+
+#: Op types of onnxruntime's optimized graph that convert between float and integers: the
+#: overhead static quantization adds around each int8 kernel (memory-bound, little to split
+#: between threads), and, where a DequantizeLinear feeds float compute, an unfused Q/DQ pair.
+QDQ_CONVERSION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+#: onnxruntime's int8 kernels -> the float op type each replaces (to compare their time).
+INT8_KERNEL_FLOAT_OPS: dict[str, str] = {
+    "QLinearConv": "Conv", "NhwcQLinearConv": "Conv", "ConvInteger": "Conv", "QLinearConvTranspose": "ConvTranspose",
+    "QLinearMatMul": "MatMul", "MatMulInteger": "MatMul", "MatMulIntegerToFloat": "MatMul",
+    "DynamicQuantizeMatMul": "MatMul", "MatMulNBits": "MatMul", "QGemm": "Gemm", "QAttention": "Attention",
+    "QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearConcat": "Concat", "QLinearSigmoid": "Sigmoid",
+    "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax", "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool", "DynamicQuantizeLSTM": "LSTM",
+}
+
+#: A float op type -> the op types onnxruntime's optimized float graph runs it as (its fusions).
+FLOAT_OP_FUSIONS: dict[str, tuple[str, ...]] = {
+    "Conv": ("Conv", "FusedConv"), "MatMul": ("MatMul", "FusedMatMul"), "Gemm": ("Gemm", "FusedGemm"),
+}
+
+__all__ += ["QDQ_CONVERSION_OPS", "INT8_KERNEL_FLOAT_OPS", "FLOAT_OP_FUSIONS"]

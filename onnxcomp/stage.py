@@ -52,6 +52,9 @@ class Context:
     progress: Progress | None = None
     #: feeds for latency measurement (None: taken from the data)
     latency_feeds: list[dict[str, np.ndarray]] | None = None
+    #: intra-op threads of latency measurements and latency-driven decisions (None: onnxruntime's
+    #: default, one per physical core)
+    threads: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     #: report sections stages add by name (``measure``, ``check``, ...)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)

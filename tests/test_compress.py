@@ -349,9 +349,11 @@ def test_model_over_2gb_compresses_with_bounded_memory(tmp_path):
     report = json.loads(proc.stdout)
     print(f"\n>2 GB compress: peak RSS {peak / 2**30:.2f} GiB for {weight_bytes / 2**30:.2f} GiB of weights, "
           f"{report['seconds']:.1f} s")
-    # The input weights (memory-mapped), onnxruntime's own copy for the fidelity run, and the int8
-    # model: about 3x the weights. Measured 7.45 GiB for 2.25 GiB when this test was written.
-    assert before * 1024 < peak < 3.5 * weight_bytes, f"peak RSS {peak / 2**30:.2f} GiB"
+    # One copy of the weights: onnxruntime maps the input's own data file, the process drops its
+    # pages after reading them, the int8 weights wait on disk while the float model runs, and one
+    # session runs at a time. Measured 7.45 GiB for 2.25 GiB when this test was written, then
+    # 2.4 GiB (1.07x); the limit leaves room for noise.
+    assert before * 1024 < peak < 1.2 * weight_bytes, f"peak RSS {peak / 2**30:.2f} GiB"
     assert (tmp_path / "out.onnx.data").exists(), "output keeps external data"
     assert report["after"]["parameter_bytes"] < 0.3 * weight_bytes
     assert report["stages"][1]["stats"]["onnxruntime"]["int8_kernels"] == 1

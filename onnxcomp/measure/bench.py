@@ -12,9 +12,9 @@ import onnx_ir as ir
 from onnxcomp.bounds import Range
 from onnxcomp.graph import parameter_nbytes
 from onnxcomp.io import model_to_bytes
-from onnxcomp.measure.latency import SessionSpec, measure_latency
+from onnxcomp.measure.latency import SessionSpec, explain_int8_latency, measure_latency, op_type_times
 
-__all__ = ["physical_cores", "bench_models", "LATENCY_RANGES"]
+__all__ = ["physical_cores", "default_threads", "bench_models", "int8_latency_report", "LATENCY_RANGES"]
 
 #: Accepted latency settings, shared by ``onnxcomp bench`` and the recipes' ``[measure]`` stage.
 LATENCY_RANGES = {
@@ -97,3 +97,48 @@ def bench_models(
             "parameter_bytes": parameter_nbytes(model),
         })
     return rows
+
+
+def default_threads() -> int:
+    """The intra-op thread count onnxruntime uses here when none is set: one per physical core."""
+    return physical_cores()
+
+
+def int8_latency_report(
+    reference: ir.Model,
+    candidate: ir.Model,
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+    runs: int = 30,
+    time_budget: float | None = 30.0,
+    unfused_dequantize: int = 0,
+) -> dict[str, Any]:
+    """Is ``candidate`` (int8) slower than ``reference`` (float) at ``threads`` threads, and why?
+
+    Latency is measured interleaved (at most ``runs`` rounds, ``time_budget`` seconds); when the
+    int8 model is slower, both models are profiled by op type at the same thread count and
+    :func:`onnxcomp.measure.latency.explain_int8_latency` names the op types that cost the time.
+    """
+    threads = threads or default_threads()
+    feeds = list(feeds)[:8]
+    rows = bench_models([("float", reference), ("int8", candidate)], feeds, threads=threads, runs=runs,
+                        time_budget=time_budget, warmup_runs=3, warmup_seconds=0.2)
+    return explain_rows(reference, candidate, rows, feeds, threads, unfused_dequantize=unfused_dequantize)
+
+
+def explain_rows(reference: ir.Model, candidate: ir.Model, rows: Sequence[dict[str, Any]],
+                 feeds: Sequence[dict[str, np.ndarray]], threads: int, *, unfused_dequantize: int = 0) -> dict[str, Any]:
+    """:func:`~onnxcomp.measure.latency.explain_int8_latency` of two :func:`bench_models` rows
+    (float first, int8 second) measured at ``threads`` threads; both models are profiled by op
+    type only when the int8 one is slower."""
+    ratio, interval = rows[1]["ratio_to_first"], rows[1]["ratio_ci95"]
+    int8_ops: dict[str, float] = {}
+    float_ops: dict[str, float] = {}
+    if ratio is not None and ratio > 1.0:
+        int8_ops = op_type_times(candidate, feeds, threads=threads)
+        float_ops = op_type_times(reference, feeds, threads=threads)
+    report = explain_int8_latency(ratio, interval, threads, int8_ops, float_ops, unfused_dequantize=unfused_dequantize)
+    report["float_median_ms"] = rows[0]["median_ms"]
+    report["int8_median_ms"] = rows[1]["median_ms"]
+    return report

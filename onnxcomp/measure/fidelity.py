@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, exposed, infer_types
-from onnxcomp.io import clone_model
+from onnxcomp.io import LARGE_MODEL_BYTES, clone_model, initializer_nbytes, release_pages
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
 from onnxcomp.runtime import create_session, session_options
 
@@ -201,24 +201,20 @@ def compare_models(
                 predictions["reference"].append(_predict(r))
                 predictions["candidate"].append(_predict(c))
 
-    ref_session = create_session(reference, sess_options=options)
-    cand_session = create_session(candidate, sess_options=options)
-    for feed in data:
-        ref_values = ref_session.run(ref_outputs, feed)
-        consume(ref_outputs, ref_values, cand_session.run(ref_outputs, feed), layer=False)
+    # Big models (weights over LARGE_MODEL_BYTES) run one session at a time: the reference's
+    # values are kept, then its session is gone before the candidate's exists.
+    one_at_a_time = max(initializer_nbytes(reference), initializer_nbytes(candidate)) >= LARGE_MODEL_BYTES
+    for ref_values, cand_values in _paired_runs(reference, candidate, ref_outputs, data, options, one_at_a_time):
+        consume(ref_outputs, ref_values, cand_values, layer=False)
         samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
         feeds += 1
         if progress is not None:
             progress(feeds)
-    del ref_session, cand_session
     if layer_names:
-        with exposed(reference, layer_names) as ref_exposed:
-            ref_layers = create_session(ref_exposed, sess_options=options)
-        with exposed(candidate, layer_names) as cand_exposed:
-            cand_layers = create_session(cand_exposed, sess_options=options)
-        for feed in data:
-            consume(layer_names, ref_layers.run(layer_names, feed), cand_layers.run(layer_names, feed), layer=True)
-        del ref_layers, cand_layers
+        with exposed(reference, layer_names) as ref_exposed, exposed(candidate, layer_names) as cand_exposed:
+            for ref_values, cand_values in _paired_runs(ref_exposed, cand_exposed, layer_names, data, options,
+                                                        one_at_a_time):
+                consume(layer_names, ref_values, cand_values, layer=True)
     accuracy: dict[str, float] = {}
     if labels is not None:
         for role, preds in predictions.items():
@@ -254,6 +250,26 @@ def compare_models(
         layers_resized=len(resized),
         layers_skipped=skipped,
     )
+
+
+def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], data, options,
+                 one_at_a_time: bool):
+    """``(reference values, candidate values)`` of ``names`` per feed: both sessions side by side,
+    or (``one_at_a_time``) every feed through the reference first, its session dropped, then the
+    candidate's."""
+    if not one_at_a_time:
+        ref_session = create_session(reference, sess_options=options)
+        cand_session = create_session(candidate, sess_options=options)
+        for feed in data:
+            yield ref_session.run(names, feed), cand_session.run(names, feed)
+        return
+    session = create_session(reference, sess_options=options)
+    ref_values = [session.run(names, feed) for feed in data]
+    del session
+    release_pages(reference)
+    session = create_session(candidate, sess_options=options)
+    for feed, values in zip(data, ref_values):
+        yield values, session.run(names, feed)
 
 
 def _predict(scores: np.ndarray) -> np.ndarray:

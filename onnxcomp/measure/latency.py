@@ -77,6 +77,9 @@ __all__ = [
     "MeasurementError",
     "SessionCreationError",
     "measure_latency",
+    "latency_session_options",
+    "op_type_times",
+    "explain_int8_latency",
 ]
 
 
@@ -156,15 +159,7 @@ class SessionSpec:
 
     def session_options(self) -> ort.SessionOptions:
         """Build the ``onnxruntime.SessionOptions`` this spec describes."""
-        so = ort.SessionOptions()
-        so.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[self.graph_optimization]
-        if self.threads is not None:
-            so.intra_op_num_threads = self.threads
-        so.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
-        )
-        so.log_severity_level = 3  # errors only; failures still raise
-        return so
+        return latency_session_options(self.threads, self.graph_optimization, self.allow_spinning)
 
     def create_session(self) -> ort.InferenceSession:
         """Create the session; raises :class:`SessionCreationError` on failure."""
@@ -174,6 +169,19 @@ class SessionSpec:
             )
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise SessionCreationError(self.name, str(exc).strip()) from exc
+
+
+def latency_session_options(threads: int | None, optimization: str = "all",
+                            allow_spinning: bool = False) -> ort.SessionOptions:
+    """SessionOptions of timed sessions: an optimization level, ``threads`` intra-op threads
+    (None: onnxruntime's default, one per physical core), spinning as asked (module docstring)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[optimization]
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    so.log_severity_level = 3  # errors only; failures still raise
+    return so
 
 
 @dataclass(frozen=True)
@@ -474,3 +482,113 @@ def measure_latency(
             )
         )
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes, by op type, and why an int8 model can be slower than its float original
+
+
+def op_type_times(model, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int | None,
+                  runs: int = 10) -> dict[str, float]:
+    """Seconds per run spent in each op type of onnxruntime's optimized graph of ``model``
+    (an ``onnx_ir.Model``), at ``threads`` intra-op threads, from onnxruntime's profiler.
+
+    One warm-up run over the first feed is left out; then ``runs`` runs cycle through ``feeds``.
+    """
+    import json
+
+    from onnxcomp.io import scratch_folder, session_source
+
+    check_int(runs, "runs", 1)
+    with scratch_folder() as folder, session_source(model) as src:
+        so = latency_session_options(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(folder / "profile")
+        session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+        for i in range(runs + 1):
+            session.run(None, dict(feeds[max(0, i - 1) % len(feeds)]))
+        with open(session.end_profiling(), encoding="utf-8") as f:
+            events = json.load(f)
+    model_runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    first_measured = model_runs[1] if len(model_runs) > 1 else 0
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        if event.get("ts", 0) < first_measured:
+            continue
+        op = event.get("args", {}).get("op_name", "?")
+        totals[op] = totals.get(op, 0.0) + event.get("dur", 0) * 1e-6 / runs
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def explain_int8_latency(
+    ratio: float | None,
+    interval: Sequence[float] | None,
+    threads: int,
+    int8_ops: Mapping[str, float],
+    float_ops: Mapping[str, float],
+    *,
+    unfused_dequantize: int = 0,
+) -> dict[str, object]:
+    """Whether the int8 model is slower than the float one at ``threads`` threads, and why.
+
+    Args:
+        ratio / interval: median latency ratio int8 / float and its 95% interval (measured
+            interleaved, :func:`measure_latency`).
+        int8_ops / float_ops: seconds per run by op type of each model (:func:`op_type_times`).
+        unfused_dequantize: DequantizeLinear nodes left in onnxruntime's int8 graph (each one an
+            unfused Q/DQ pair feeding float compute).
+
+    Returns ``int8_slower`` (the median ratio is above 1), ``significant`` (its interval lies
+    above 1), ``causes`` (op types that take more time in the int8 model than their float
+    counterparts, most first: Q/DQ conversions, int8 kernels slower than the float op they
+    replace, float ops that got slower) and ``summary`` (one line).
+    """
+    from onnxcomp.ops import FLOAT_OP_FUSIONS, INT8_KERNEL_FLOAT_OPS, QDQ_CONVERSION_OPS
+
+    def family(float_op: str) -> tuple[str, ...]:
+        return FLOAT_OP_FUSIONS.get(float_op, (float_op,))
+
+    slower = ratio is not None and ratio > 1.0
+    significant = bool(slower and interval is not None and interval[0] > 1.0)
+    total = sum(int8_ops.values()) or 1.0
+    replaced = {f for op in int8_ops if op in INT8_KERNEL_FLOAT_OPS for f in family(INT8_KERNEL_FLOAT_OPS[op])}
+    kernels_of: dict[str, list[str]] = {}
+    for op in int8_ops:
+        if op in INT8_KERNEL_FLOAT_OPS:
+            kernels_of.setdefault(INT8_KERNEL_FLOAT_OPS[op], []).append(op)
+    causes = []
+    for op, seconds in int8_ops.items():
+        if op in QDQ_CONVERSION_OPS:
+            before, why = 0.0, "Q/DQ conversion: memory-bound, added around the int8 kernels, gains little from threads"
+            if op == "DequantizeLinear" and unfused_dequantize:
+                why = f"{unfused_dequantize} unfused Q/DQ pair(s): DequantizeLinear feeding float compute"
+        elif op in INT8_KERNEL_FLOAT_OPS:
+            # the float time of the op (and its fusions), shared among the kernels replacing it
+            float_op = INT8_KERNEL_FLOAT_OPS[op]
+            kernels = kernels_of[float_op]
+            share = seconds / (sum(int8_ops[k] for k in kernels) or 1.0)
+            before = share * sum(float_ops.get(f, 0.0) for f in family(float_op))
+            why = f"int8 kernel slower than float {float_op}"
+        elif op in replaced:
+            continue  # what is left float of a partly replaced op type: not comparable
+        else:
+            before, why = float_ops.get(op, 0.0), "float op slower in the int8 model"
+        added = seconds - before
+        if added > 0:
+            causes.append({"op_type": op, "int8_ms": seconds * 1e3, "float_ms": before * 1e3,
+                           "added_ms": added * 1e3, "share": seconds / total, "why": why})
+    causes.sort(key=lambda c: -c["added_ms"])
+    if ratio is None:
+        summary = f"int8 vs float latency at {threads} thread(s): not measured"
+    elif slower:
+        span = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else ""
+        blame = ", ".join(f"{c['op_type']} (+{c['added_ms']:.2f} ms profiled, {c['why']})" for c in causes[:3])
+        summary = (f"int8 is SLOWER than float at {threads} thread(s): latency ratio {ratio:.2f}{span}"
+                   + ("" if significant else ", within noise") + (f"; where: {blame}" if blame else ""))
+    else:
+        span = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else ""
+        summary = f"int8 is faster than float at {threads} thread(s): latency ratio {ratio:.2f}{span}"
+    return {"threads": threads, "ratio": ratio, "ratio_ci95": list(interval) if interval is not None else None,
+            "int8_slower": slower, "significant": significant, "causes": causes, "summary": summary}

@@ -106,7 +106,7 @@ def measure_models(
     progress: Progress | None,
 ) -> dict[str, Any]:
     """Fidelity on the evaluation data (else the calibration data, said so) and latency."""
-    from onnxcomp.measure.bench import bench_models
+    from onnxcomp.measure.bench import bench_models, default_threads, explain_rows
     from onnxcomp.measure.fidelity import compare_models
 
     result: dict[str, Any] = {}
@@ -138,7 +138,16 @@ def measure_models(
             progress=(lambda d, t: progress("latency", d, t)) if progress else None,
         )
         result["latency"] = rows
+        result["threads"] = cfg.threads or default_threads()
+        if _has_qdq(candidate):
+            result["int8_latency"] = explain_rows(reference, candidate, rows, feeds, result["threads"])
     return result
+
+
+def _has_qdq(model: ir.Model) -> bool:
+    from onnxcomp.ops import QDQ_CONVERSION_OPS
+
+    return any(node.op_type in QDQ_CONVERSION_OPS for node in model.graph.all_nodes())
 
 
 def _take(data, n: int):
@@ -169,5 +178,8 @@ class MeasureStage(Stage):
     section = "measure"
 
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
-        return measure_models(ctx.reference, work, self.config, ctx.check_data, ctx.fit_data, ctx.labels,
+        cfg = self.config
+        if cfg.threads is None and ctx.threads is not None:
+            cfg = dataclasses.replace(cfg, threads=ctx.threads)
+        return measure_models(ctx.reference, work, cfg, ctx.check_data, ctx.fit_data, ctx.labels,
                               ctx.latency_feeds, ctx.progress)

@@ -47,6 +47,7 @@ def quantize(
     eval_data: DataSource | Dataset | None = None,
     labels: Any = None,
     progress: Callable[[str, int, int | None], object] | None = None,
+    threads: int | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize ``model``; returns the new model and a report.
 
@@ -62,6 +63,8 @@ def quantize(
         eval_data / labels: evaluation data for the fidelity budget (``fidelity_target``,
             ``max_drop``); the calibration data is used when none is given.
         progress: ``progress(stage, done, total)`` while calibrating.
+        threads: intra-op threads of the latency-aware fallback's measurements (None:
+            onnxruntime's default, one per physical core).
 
     Raises:
         OpsetError, DataError, ConfigError and other OnnxcompError subclasses with clear messages.
@@ -73,7 +76,7 @@ def quantize(
         raise ConfigError("static quantization needs calibration data (--calibration FILE)")
     work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
     report = quantize_in_place(work, calibration, config, verify=verify, eval_data=eval_data, labels=labels,
-                               progress=progress)
+                               progress=progress, threads=threads)
     report["notes"] = notes + report["notes"]
     report["seconds"] = time.perf_counter() - started
     return work, report
@@ -89,6 +92,7 @@ def quantize_in_place(
     eval_data: DataSource | Dataset | None = None,
     labels: Any = None,
     progress: Callable[[str, int, int | None], object] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Quantize the working copy ``work`` (named nodes, opset >= :func:`required_opset`) in place.
 
@@ -120,6 +124,7 @@ def quantize_in_place(
         _, fallback = quantize_with_fallback(
             work, calibration, config, fidelity_target=config.fidelity_target, max_drop=config.max_drop,
             eval_data=eval_data, labels=labels, latency_aware=config.latency_aware, in_place=True,
+            threads=threads,
         )
         notes.extend(fallback.pop("notes", []))
         report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
@@ -174,6 +179,7 @@ class QuantizeStage(Stage):
         stats = quantize_in_place(
             work, ctx.fit_data, self.config, cleanup=False if ctx.cleaned else None, eval_data=ctx.check_data,
             labels=ctx.labels, progress=(lambda _step, done, total: progress(done, total)) if progress else None,
+            threads=ctx.threads,
         )
         ctx.notes.extend(stats.pop("notes", []))
         return stats

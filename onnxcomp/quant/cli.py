@@ -12,6 +12,7 @@ from onnxcomp.cli import (
     POSITIVE_INT,
     add_check_flags,
     add_specialize_flags,
+    add_threads_flag,
     add_force_flag,
     add_output_flags,
     check_config,
@@ -22,6 +23,7 @@ from onnxcomp.cli import (
     file_bytes,
     fmt_size,
     print_check,
+    print_int8_latency,
     print_json,
     progress_bar,
     register,
@@ -80,6 +82,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="the same with an accuracy budget (needs --eval and --labels)")
     p.add_argument("--latency-aware", action="store_true",
                    help="keep float the op types whose int8 form is measured slower on this CPU")
+    add_threads_flag(p, "intra-op threads at which the int8 model is compared with the float one after writing "
+                        "(latency ratio; op types that cost the time when int8 is slower) and of --latency-aware")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
     p.add_argument("--no-fallback", action="store_true",
@@ -90,7 +94,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     add_output_flags(p)
 
 
-def _latency_ratio(first, second, data) -> dict | None:
+def _latency_ratio(first, second, data, threads: int | None = None) -> dict | None:
     """Interleaved latency of ``second`` over ``first`` (median ratio and 95% interval)."""
     from onnxcomp.measure.bench import bench_models
 
@@ -99,7 +103,8 @@ def _latency_ratio(first, second, data) -> dict | None:
         feeds.append(feed)
         if len(feeds) == 4:
             break
-    rows = bench_models([("all int8", first), ("with fallback", second)], feeds, runs=40, warmup_seconds=0.2)
+    rows = bench_models([("all int8", first), ("with fallback", second)], feeds, runs=40, warmup_seconds=0.2,
+                        threads=threads)
     return {"ratio": rows[1]["ratio_to_first"], "ci95": rows[1]["ratio_ci95"]}
 
 
@@ -186,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         quantized, report = quantize(
             model, fit, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
+            threads=args.threads,
         )
     out = save_model(quantized, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
@@ -212,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
                 model, fit, config, check_cfg,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
         auto["check_before"] = check
-        auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit)
+        auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
         report["auto_fallback"] = auto
         report["int8_nodes"] = len(auto["int8_nodes"])
         out = save_model(quantized, args.output, force=True)
@@ -222,6 +228,9 @@ def _run(args: argparse.Namespace) -> int:
                           why="every node went back to float and the budget still failed" if not count else "")
         auto["extra_seconds"] = time.perf_counter() - fallback_started  # fallback, latency, save, check
     status = check_status(args, check)
+    if args.threads and args.mode == "static" and count:
+        report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
+                                               args.threads, report)
     if args.json:
         print_json(report)
         return status
@@ -292,8 +301,23 @@ def _run(args: argparse.Namespace) -> int:
             con.print(f"  {esc(name)}: {esc(reason)}")
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
+    print_int8_latency(con, report.get("int8_latency"))
     print_check(con, check)
     return status
+
+
+def _int8_latency(model, written_path, data, threads: int, report: dict) -> dict:
+    """The written int8 model against the input at ``threads`` threads (see int8_latency_report)."""
+    from onnxcomp.io import load_model
+    from onnxcomp.measure.bench import int8_latency_report
+
+    feeds = []
+    for feed in data:
+        feeds.append(feed)
+        if len(feeds) == 8:
+            break
+    unfused = (report.get("onnxruntime") or {}).get("dequantize_linear", 0)
+    return int8_latency_report(model, load_model(written_path), feeds, threads=threads, unfused_dequantize=unfused)
 
 
 register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)

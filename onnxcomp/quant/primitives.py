@@ -104,6 +104,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from onnxcomp.io import release_pages
+
 __all__ = [
     "MIN_SCALE",
     "SUPPORTED_QDTYPES",
@@ -356,8 +358,10 @@ def quantize(
     """
     info = qdtype_info(qdtype)
     x32 = np.asarray(x, dtype=np.float32)
-    if x32.size and np.isnan(np.min(x32)):
-        raise ValueError("x contains NaN; NaN has no quantized representation")
+    for sl in _row_chunks(x32) if x32.ndim else [()]:
+        if x32[sl].size and np.isnan(np.min(x32[sl])):
+            raise ValueError("x contains NaN; NaN has no quantized representation")
+        release_pages(x32[sl])
     s = np.asarray(scale, dtype=np.float32)
     _check_scale(s)
     if zero_point is None:
@@ -397,7 +401,39 @@ def quantize(
         r += zc
         np.clip(r, lo, hi, out=r)
         out[sl] = r
+        release_pages(x32[sl])  # a memory-mapped weight: its float pages are not needed again
     return out.reshape(shape)
+
+
+def _row_chunks(x: np.ndarray):
+    """Slices of about ``_CHUNK_ELEMENTS`` elements along axis 0."""
+    rows = x.shape[0] if x.ndim else 1
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.size // max(rows, 1)))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _checked_minmax(wa: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of a finite ``wa`` (per slice along ``axis``), read in chunks along axis 0.
+
+    A memory-mapped weight's pages are dropped after each chunk (:func:`onnxcomp.io.release_pages`):
+    a 2 GB weight is never resident as a whole, nor is a full-size boolean scratch array made.
+    """
+    if wa.ndim == 0:
+        if not np.isfinite(wa):
+            raise ValueError("w contains NaN or Inf; cannot fit a quantization range")
+        return wa.min(), wa.max()
+    others = tuple(i for i in range(wa.ndim) if i != axis) if axis is not None else None
+    lows, highs = [], []
+    for sl in _row_chunks(wa):
+        chunk = wa[sl]
+        if not np.isfinite(chunk).all():
+            raise ValueError("w contains NaN or Inf; cannot fit a quantization range")
+        lows.append(chunk.min(axis=others))
+        highs.append(chunk.max(axis=others))
+        release_pages(chunk)
+    if axis == 0:
+        return np.concatenate(lows), np.concatenate(highs)
+    return np.minimum.reduce(lows), np.maximum.reduce(highs)
 
 
 def dequantize(
@@ -470,21 +506,17 @@ def quantize_weight(
     wa = np.asarray(w, dtype=np.float32)
     if wa.size == 0:
         raise ValueError(f"w is empty (shape {wa.shape}); nothing to quantize")
-    if not np.isfinite(wa).all():
-        raise ValueError("w contains NaN or Inf; cannot fit a quantization range")
     if block_size is not None:
+        if not np.isfinite(wa).all():
+            raise ValueError("w contains NaN or Inf; cannot fit a quantization range")
         if axis is None:
             raise ValueError("block_size requires an axis (blocked quantization is along one axis)")
         if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         ax = _normalize_axis(axis, wa.ndim)
         wmin, wmax = blockwise_minmax(wa, ax, int(block_size))
-    elif axis is not None:
-        ax = _normalize_axis(axis, wa.ndim)
-        others = tuple(i for i in range(wa.ndim) if i != ax)
-        wmin, wmax = wa.min(axis=others), wa.max(axis=others)
     else:
-        wmin, wmax = wa.min(), wa.max()
+        wmin, wmax = _checked_minmax(wa, _normalize_axis(axis, wa.ndim) if axis is not None else None)
     scale, zp = compute_scale_zero_point(wmin, wmax, qdtype, symmetric, reduce_range)
     q = quantize(wa, scale, zp, qdtype, axis=axis, block_size=block_size)
     return q, scale, zp

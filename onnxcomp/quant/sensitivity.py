@@ -273,6 +273,7 @@ def quantize_with_fallback(
     progress: Callable[[int, int], object] | None = None,
     allow_upgrade: bool = True,
     in_place: bool = False,
+    threads: int | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize, then move the fewest, most helpful nodes back to float until the target is met.
 
@@ -285,6 +286,8 @@ def quantize_with_fallback(
         allow_upgrade: upgrade a model older than opset 13 instead of refusing it.
         in_place: ``model`` is a working copy, rewritten in place and returned (see
             :meth:`QuantStudy.prepare`).
+        threads: intra-op threads of the latency measurements (None: onnxruntime's default, one
+            per physical core): whether int8 pays depends on it.
 
     Raises:
         ConfigError: neither target given, or ``max_drop`` without labels.
@@ -302,27 +305,36 @@ def quantize_with_fallback(
     history.append({"float_nodes": [], **current})
     latency: dict[str, Any] = {}
     if latency_aware:
-        slow_types, latency = _slow_op_types(study)
+        slow_types, latency = _slow_op_types(study, threads)
         fallback += [n for n in study.nodes if _op(study, n) in slow_types]
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
     targets = fidelity_target is not None or max_drop is not None
     if targets and not _meets(current, base, fidelity_target, max_drop):
-        # Rank once by what leaving each node alone in float buys back ("all but u"), then move
-        # nodes to float in that order until the budget is met: N + k evaluations, not N * k.
+        # Rank once by what leaving each block (a run of consecutive nodes; single nodes on small
+        # models) in float buys back ("all but the block"), move blocks to float in that order
+        # until the budget is met, then give back to int8 the nodes of the last block the budget
+        # does not need: about 2 sqrt(N) + k evaluations instead of N + k.
         candidates = [n for n in study.nodes if n not in fallback]
-        trials = study.evaluate([study.build(frozenset(fallback + [n])) for n in candidates], executor)
+        blocks = node_blocks(candidates)
+        trials = study.evaluate([study.build(frozenset(fallback + b)) for b in blocks], executor)
         key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
-        order = sorted(range(len(candidates)), key=lambda i: key(trials[i]), reverse=True)
+        order = sorted(range(len(blocks)), key=lambda i: key(trials[i]), reverse=True)
+        last_block: list[str] = []
         for rank, i in enumerate(order):
-            fallback.append(candidates[i])
+            fallback.extend(blocks[i])
+            last_block = blocks[i]
             current = trials[i] if rank == 0 else study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
             if progress is not None:
                 progress(len(fallback), len(study.nodes))
             if _meets(current, base, fidelity_target, max_drop):
                 break
+        if len(blocks) < len(candidates) and _meets(current, base, fidelity_target, max_drop):
+            meets = lambda r: _meets(r, base, fidelity_target, max_drop)  # noqa: E731
+            fallback, current = _give_back(study, fallback, last_block, current, meets, key, executor)
+            history.append({"float_nodes": list(fallback), "refined": True, **current})
     final = study.build(frozenset(fallback), into=model if in_place else None)
     recovery = dict(study.prepared.recovery)
     corrected = static.correct_biases(final, study.prepared)
@@ -349,23 +361,64 @@ def quantize_with_fallback(
     if recovery:
         report["recovery"] = recovery
     if fallback and targets:
-        report["fallback_latency"] = _fallback_latency(study, fallback)
+        report["fallback_latency"] = _fallback_latency(study, fallback, threads)
     return final, report
+
+
+def node_blocks(nodes: Sequence[str]) -> list[list[str]]:
+    """``nodes`` (in graph order) cut into runs of consecutive nodes, about sqrt(N) of about
+    sqrt(N) nodes each; one node per block below 16 nodes (where single nodes cost little)."""
+    if len(nodes) < 16:
+        return [[n] for n in nodes]
+    size = math.ceil(math.sqrt(len(nodes)))
+    return [list(nodes[i:i + size]) for i in range(0, len(nodes), size)]
+
+
+def _give_back(
+    study: QuantStudy,
+    fallback: list[str],
+    movable: Sequence[str],
+    current: dict[str, float],
+    meets: Callable[[dict[str, float]], bool],
+    key: Callable[[dict[str, float]], tuple],
+    executor: concurrent.futures.Executor | None,
+) -> tuple[list[str], dict[str, float]]:
+    """Return to int8 the nodes of ``movable`` (float by block) that the budget does not need.
+
+    Each one is tried alone back in int8 (one evaluation each, in parallel); those whose trial
+    still meets the budget go back together, or the better half of them, halving until one
+    evaluation meets it (the best one alone is known to): len(movable) + log2 of it evaluations.
+    """
+    trials = study.evaluate([study.build(frozenset(fallback) - {n}) for n in movable], executor)
+    passing = sorted((i for i, t in enumerate(trials) if meets(t)), key=lambda i: key(trials[i]), reverse=True)
+    names = [movable[i] for i in passing]
+    while names:
+        if len(names) == 1:
+            return [n for n in fallback if n != names[0]], trials[passing[0]]
+        kept = [n for n in fallback if n not in set(names)]
+        result = study.evaluate([study.build(frozenset(kept))], executor)[0]
+        if meets(result):
+            return kept, result
+        names = names[: len(names) // 2]
+    return fallback, current
 
 
 def _op(study: QuantStudy, name: str) -> str:
     return next(n.op_type for n in study.work.graph if n.name == name)
 
 
-def _slow_op_types(study: QuantStudy) -> tuple[set[str], dict[str, Any]]:
-    """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1)."""
-    from onnxcomp.measure.bench import bench_models
+def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[str], dict[str, Any]]:
+    """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1),
+    at ``threads`` intra-op threads (None: onnxruntime's default)."""
+    from onnxcomp.measure.bench import default_threads
+
+    threads = threads or default_threads()
 
     types = sorted({_op(study, n) for n in study.nodes})
     variants = [("all int8", study.build())]
     variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if _op(study, n) == t))) for t in types]
     variants.append(("float", study.work))
-    rows = bench_models(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=None)
+    rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads, time_budget=15.0)
     slow = set()
     for t, row in zip(types, rows[1:-1]):
         lo, hi = row["ratio_ci95"]
@@ -376,13 +429,31 @@ def _slow_op_types(study: QuantStudy) -> tuple[set[str], dict[str, Any]]:
         "ratios_to_all_int8": {r["name"]: r["ratio_to_first"] for r in rows[1:]},
         "op_types_kept_float": sorted(slow),
         "int8_slower_than_float": bool(float_row["ratio_ci95"][1] < 1.0),
+        "threads": threads,
     }
 
 
-def _fallback_latency(study: QuantStudy, fallback: list[str]) -> dict[str, float]:
+def _fallback_latency(study: QuantStudy, fallback: list[str], threads: int | None = None) -> dict[str, float]:
     """Latency ratio of leaving each fallback node float alone, relative to all int8."""
+    variants = [("all int8", study.build())] + [(n, study.build(frozenset({n}))) for n in fallback]
+    rows = _bench_capped(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=threads, time_budget=15.0)
+    return {r["name"]: r["ratio_to_first"] for r in rows[1:]}
+
+
+#: Most onnxruntime sessions alive at once in a latency comparison (each holds a model's weights
+#: and its thread pool).
+MAX_LIVE_SESSIONS = 6
+
+
+def _bench_capped(variants: list[tuple[str, ir.Model]], feeds, **kw) -> list[dict[str, Any]]:
+    """:func:`~onnxcomp.measure.bench.bench_models` of ``variants`` against the first, at most
+    :data:`MAX_LIVE_SESSIONS` sessions at a time (the first is measured again beside each group)."""
     from onnxcomp.measure.bench import bench_models
 
-    variants = [("all int8", study.build())] + [(n, study.build(frozenset({n}))) for n in fallback]
-    rows = bench_models(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=None)
-    return {r["name"]: r["ratio_to_first"] for r in rows[1:]}
+    first, rest = variants[0], variants[1:]
+    step = MAX_LIVE_SESSIONS - 1
+    rows: list[dict[str, Any]] = []
+    for start in range(0, max(len(rest), 1), step):
+        group = bench_models([first, *rest[start:start + step]], feeds, **kw)
+        rows.extend(group if not rows else group[1:])
+    return rows

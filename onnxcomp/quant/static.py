@@ -26,7 +26,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.graph import infer_types, working_copy
-from onnxcomp.io import clone_model
+from onnxcomp.io import clone_model, holds_external_data, release_pages, spill_tensors
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.calibrate import CalibrationResult, calibrate
 from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
@@ -142,8 +142,17 @@ def calibrate_plan(
 
 def rewrite(work: ir.Model, config: QuantizeConfig, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
             rounder: Any = None) -> dict[str, Any]:
-    """Step 3, in place: the Q/DQ rewrite (``rounder``: onnxcomp.quant.gptq); returns the pass's statistics."""
-    return QDQPass(config, plan, ranges, rounder)(work).stats
+    """Step 3, in place: the Q/DQ rewrite (``rounder``: onnxcomp.quant.gptq); returns the pass's statistics.
+
+    On a model with external data (a big one), the new int8 weights go to disk as soon as they
+    are made (:func:`onnxcomp.io.spill_tensors`) and the float pages read to make them are
+    dropped, so that they are not held in memory beside the float weights onnxruntime maps next.
+    """
+    stats = QDQPass(config, plan, ranges, rounder)(work).stats
+    if holds_external_data(work):
+        spill_tensors(work)
+        release_pages(work)
+    return stats
 
 
 def correct_biases(work: ir.Model, prepared: Prepared) -> dict[str, Any] | None:
