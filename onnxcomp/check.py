@@ -74,6 +74,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset, fill_free_dims, model_inputs, synthetic_feed
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
+from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "verdict_line",
@@ -695,6 +696,11 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
     kinds = output_kinds(reference)
     figures = OutputFigures(names, kinds)
     cached = split.reference_outputs if split is not None else None
+    if cached is None and initializer_nbytes(reference) >= LARGE_MODEL_BYTES:
+        # a big model: the original's session is gone before the written model's opens
+        cached = _reference_outputs(reference, names, data)
+        if cached is not None and split is not None:
+            split.reference_outputs = cached
     ref_session = _session(reference) if cached is None else None
     cand_session = _session(candidate)
     written = [o.name for o in cand_session.get_outputs()]
@@ -733,6 +739,21 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         accuracy = (float(np.mean(pred[0] == labels)), float(np.mean(pred[1] == labels)))
     return {"names": names, "kinds": figures.kinds, "figures": figures.result(), "feeds": feeds, "samples": samples,
             "accuracy": accuracy}
+
+
+def _reference_outputs(reference: ir.Model, names: list[str], data: Dataset) -> list[list[np.ndarray]] | None:
+    """The original's outputs on every feed of ``data`` from a session of its own (None when they
+    would take more than :data:`KEEP_REFERENCE_BYTES`: both sessions then run side by side)."""
+    session = _session(reference)
+    outputs: list[list[np.ndarray]] = []
+    total = 0
+    for feed in data:
+        values = session.run(names, feed)
+        total += sum(v.nbytes for v in values)
+        if total > KEEP_REFERENCE_BYTES:
+            return None
+        outputs.append(values)
+    return outputs
 
 
 def _predicted_class(scores: np.ndarray) -> np.ndarray:

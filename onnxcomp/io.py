@@ -418,8 +418,8 @@ def session_source(model: ir.Model, *, link: bool = True) -> Iterator[bytes | st
     tmp = tempfile.mkdtemp(prefix="onnxcomp-session-")
     try:
         path = os.path.join(tmp, "model.onnx")
-        if not _write_session_files(model, tmp, path, link=link):
-            ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        if not _write_session_files(model, tmp, path, link=link):  # tensor attributes with external data
+            ir.save(_inlined(model), path, external_data="model.onnx.data", size_threshold_bytes=1024)
         yield path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -457,7 +457,8 @@ def _write_session_files(model: ir.Model, folder: str, path: str, *, link: bool 
                     ):
                         continue
                     location, offset = None, None
-                    if link and isinstance(tensor, ir.ExternalTensor):
+                    # onnxruntime refuses hard-linked data read by a subgraph ("hardlink attack")
+                    if link and graph is model.graph and isinstance(tensor, ir.ExternalTensor):
                         location = _linked(os.path.abspath(tensor.path), folder, links)
                         offset = tensor.offset or 0
                     if location is None:  # in memory, or its file cannot be linked here

@@ -111,7 +111,8 @@ def test_registry_takes_a_check_stage(monkeypatch):
 
     monkeypatch.setattr(compress_module, "STAGE_CLASSES", recipe_module.STAGE_CLASSES)
     recipe_module.register_stage(_HeldOutCheck, after="verify")
-    assert list(recipe_module.STAGE_CLASSES) == ["cleanup", "prune", "cluster", "quantize", "verify", "check", "measure"]
+    assert list(recipe_module.STAGE_CLASSES) == ["cleanup", "prune", "sparsity", "cluster", "quantize", "verify", "check",
+                                                 "measure"]
     recipe = Recipe.from_dict({"name": "t", "cleanup": {}, "quantize": {}, "verify": {}, "check": {"min_agreement": 0.9}})
     reference = MODELS / "digits_cnn.onnx"
     _, report = compress(reference, recipe, MODELS / "digits_calib.npz", eval_data=MODELS / "digits_eval.npz")

@@ -125,6 +125,7 @@ OP_TYPE_COMPARISONS = {
     "onnxcomp/quant/subgraphs.py": 1,  # If branches
     "onnxcomp/graph.py": 1,  # Constant nodes lifted into initializers
     "onnxcomp/sparsity/storage.py": 2,  # a MatMul's bias: the constant of the Add after it
+    "onnxcomp/quant/transformer.py": 13,  # encoder detection: the attention head split, the fused ops' types
 }
 
 
