@@ -121,6 +121,7 @@ def test_pick_files_round_robin_over_extensions(tmp_path):
 
 
 def test_layout_page_labels_lie_on_the_page():
+    pytest.importorskip("PIL")
     from benchmarks import textdata
 
     if not textdata.fonts_available():
