@@ -232,16 +232,16 @@ def test_entropy_on_a_sparse_histogram_merges_bins_exactly():
     assert v.size >= _KL_MIN_PER_BIN * (thresholds[-1] / width) / 2
 
 
-def test_entropy_reads_ppocr_rec_lines_the_suite_never_renders():
+def test_entropy_reads_ppocr_rec_lines_the_suite_never_renders(ppocr_models):
     """The real model: entropy ranges made PP-OCRv4 rec read nothing (char accuracy 0.0) on lines
     rendered with other text, sizes and colours; calibrated on the suite's calibration lines."""
     pytest.importorskip("PIL")
     from benchmarks import fetch, textdata
     from benchmarks.ranges_study import other_rec
 
-    path = fetch.CACHE / "rapidocr" / "rapidocr_onnxruntime" / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-    if not path.is_file() or not textdata.fonts_available():
-        pytest.skip("PP-OCRv4 rec not in benchmarks/.cache or no DejaVu fonts")
+    path = ppocr_models / "ch_PP-OCRv4_rec_infer.onnx"
+    if not textdata.fonts_available():
+        pytest.skip("no DejaVu fonts (Debian: fonts-dejavu-core)")
     from benchmarks import metrics
 
     calib, _ = textdata.rec_samples(textdata.split_sentences()["calib"], 6, 101)

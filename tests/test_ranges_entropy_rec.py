@@ -67,13 +67,13 @@ def _lines(seed: int = 7):
 
 
 @pytest.fixture(scope="module")
-def rec():
+def rec(ppocr_models):
     pytest.importorskip("PIL")
     from benchmarks import fetch, metrics, textdata
 
-    path = fetch.CACHE / "rapidocr" / "rapidocr_onnxruntime" / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-    if not path.is_file() or not textdata.fonts_available():
-        pytest.skip("PP-OCRv4 rec not in benchmarks/.cache (python -m benchmarks --models ppocr_rec) or no DejaVu fonts")
+    path = ppocr_models / "ch_PP-OCRv4_rec_infer.onnx"
+    if not textdata.fonts_available():
+        pytest.skip("no DejaVu fonts (Debian: fonts-dejavu-core)")
     charset = fetch.rec_charset(path)
     calib, _ = textdata.rec_samples(textdata.split_sentences()["calib"], 8, 101)
     feeds = [{"x": calib[i : i + 1]} for i in range(len(calib))]
