@@ -75,6 +75,10 @@ def _declared(value: ir.Value) -> list[int | None]:
     return [] if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
 
 
+def _shown(declared: list[int | None]) -> str:
+    return "x".join("?" if d is None else str(d) for d in declared) or "a scalar"
+
+
 def _typed(name: str, value: ir.Value, given: Any) -> np.ndarray:
     """``given`` as the input's dtype and declared shape; ConfigError says what does not fit."""
     if value.type is None or not isinstance(value.type, ir.TensorType):
@@ -92,8 +96,7 @@ def _typed(name: str, value: ir.Value, given: Any) -> np.ndarray:
         if arr.size == 1 and arr.ndim < len(declared) and all(d in (1, None) for d in declared):
             arr = arr.reshape([1] * len(declared))
         if arr.ndim != len(declared) or any(d is not None and d != s for d, s in zip(declared, arr.shape)):
-            shown = "x".join("?" if d is None else str(d) for d in declared) or "a scalar"
-            raise ConfigError(f"input {name!r} is declared {shown}; the value has shape {list(arr.shape)}")
+            raise ConfigError(f"input {name!r} is declared {_shown(declared)}; the value has shape {list(arr.shape)}")
     return np.ascontiguousarray(arr)
 
 
@@ -132,8 +135,8 @@ class SpecializePass(CompressionPass[SpecializeConfig]):
             shape = [int(d) for d in shape]
             if value.shape is not None and (len(declared) != len(shape) or any(
                     d is not None and d != s for d, s in zip(declared, shape))):
-                shown = "x".join("?" if d is None else str(d) for d in declared) or "a scalar"
-                raise ConfigError(f"input {name!r} is declared {shown}; cannot make it {'x'.join(map(str, shape))}")
+                raise ConfigError(f"input {name!r} is declared {_shown(declared)}; "
+                                  f"cannot make it {'x'.join(map(str, shape))}")
             value.shape = ir.Shape(shape)
             shaped[name] = shape
         stats: dict[str, Any] = {"fixed": fixed, "shaped": shaped}

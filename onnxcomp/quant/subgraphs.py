@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.graph import all_value_names, stream_values, unique_name
+from onnxcomp.ops import COMPUTE_OPS, is_default_domain, linear_spec
 
 __all__ = ["quantize_branches"]
 
@@ -178,11 +179,10 @@ _KINDS: dict[tuple[str, str], _BodyKind] = {
     ("", "Loop"): _BodyKind(("body",), _loop_feeds, emulated=True),
     ("", "Scan"): _BodyKind(("body",), _scan_feeds, min_opset=9, emulated=True),
 }
-_COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def _kind(node: ir.Node, opset: int) -> _BodyKind | None:
-    kind = _KINDS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+    kind = _KINDS.get(("", node.op_type)) if is_default_domain(node.domain) else None
     return kind if kind is not None and opset >= kind.min_opset else None
 
 
@@ -217,7 +217,6 @@ def _body_feeds(model: ir.Model, node: ir.Node, kind: _BodyKind, attr: str, stan
 def _unfused_bodies(model: ir.Model, grafted: dict[tuple[str, str], Any]) -> dict[tuple[str, str], str]:
     """Grafted bodies in which onnxruntime's optimized graph still feeds a DequantizeLinear into a
     float compute op (the Q/DQ were not fused: the body would only get slower), with the op."""
-    from onnxcomp.ops import COMPUTE_OPS
     from onnxcomp.runtime import ort_optimized_model, session_options
 
     optimized = ort_optimized_model(model, sess_options=session_options("all"))
@@ -276,7 +275,7 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
         for attr in kind.attrs:
             where = f"{node.name}/{attr}"
             body = node.attributes[attr].value
-            if not any(n.op_type in _COMPUTE for n in body.all_nodes()):
+            if not any(linear_spec(n) is not None for n in body.all_nodes()):  # nothing to quantize
                 continue
             reads = [v for v in _outer_reads(body) if not (v.is_initializer() and v.const_value is not None)]
             if any(v.type is None or v.name is None for v in reads):
