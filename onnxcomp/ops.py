@@ -543,7 +543,36 @@ __all__ += ["ComputeOp", "COMPUTE_OPS", "QUANT_PARAM_INPUTS", "QUANTIZED_WEIGHT_
 RECURRENT_WEIGHT_INPUTS: OpTable[tuple[int, ...]] = OpTable("recurrent weight inputs")
 RECURRENT_WEIGHT_INPUTS.register(("LSTM", "GRU", "RNN"), (1, 2, 3), since=7)
 
-__all__ += ["RECURRENT_WEIGHT_INPUTS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentInt8:
+    """How int8 reaches a recurrent op's weights ``W [dirs, gates*H, I]`` and ``R [dirs, gates*H, H]``
+    (onnxcomp.quant.recurrent).
+
+    ``kernel``: an onnxruntime contrib op (``com.microsoft``) taking the op's own inputs with W and
+    R as int8, transposed (``[dirs, I, gates*H]``, ``[dirs, H, gates*H]``), and their scales and zero
+    points appended after the op's last input (``kernel_params_at``); it quantizes the activations at
+    run time. ``kernel_layouts``: the ``layout`` attribute values the kernel accepts. Where there is
+    no kernel, or it cannot take the node, W and R are stored int8 (one scale per gate row and
+    direction) behind a DequantizeLinear and the op runs in float (weight-only).
+    """
+
+    weights: tuple[tuple[int, str], ...] = ((1, "W"), (2, "R"))
+    kernel: str | None = None
+    kernel_params_at: int = 8
+    kernel_layouts: tuple[int, ...] = (0,)
+
+
+RECURRENT_INT8: OpTable[RecurrentInt8] = OpTable("recurrent int8")
+RECURRENT_INT8.register("LSTM", RecurrentInt8(kernel="DynamicQuantizeLSTM"), since=7)
+RECURRENT_INT8.register(("GRU", "RNN"), RecurrentInt8(), since=7)
+
+# onnxruntime's int8 LSTM: W and R int8 (inputs 1, 2), their scales and zero points 8..11.
+QUANT_PARAM_INPUTS.register("DynamicQuantizeLSTM", (8, 9, 10, 11), domain="com.microsoft")
+QUANTIZED_WEIGHT_INPUTS.register("DynamicQuantizeLSTM", {1: None, 2: None}, domain="com.microsoft")
+
+__all__ += ["RECURRENT_WEIGHT_INPUTS", "RecurrentInt8", "RECURRENT_INT8"]
 
 #: Op types of onnxruntime's optimized graph that convert between float and integers: the
 #: overhead static quantization adds around each int8 kernel (memory-bound, little to split

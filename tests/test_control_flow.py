@@ -611,12 +611,12 @@ def test_static_branch_no_feed_takes_stays_float(rng):
 def test_dynamic_lstm_weights_int8(rng, per_channel):
     """LSTM becomes onnxruntime's DynamicQuantizeLSTM (int8 W and R, transposed); the weights
     dequantized into a float LSTM match the kernel's layout, and the kernel stays in budget."""
-    from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass, quantize_rows_int8
+    from onnxcomp.quant.recurrent import RecurrentInt8Config, RecurrentInt8Pass, quantize_rows_int8
 
     proto = model_lstm(rng)
     reference = io.load_model(proto)
     model = io.load_model(proto)
-    stats = DynamicLSTMPass(DynamicLSTMConfig(per_channel=per_channel))(model).stats
+    stats = RecurrentInt8Pass(RecurrentInt8Config(per_channel=per_channel))(model).stats
     assert stats["lstm_int8"] == ["lstm"] and stats["recurrent_kept_float"] == {}
     node = next(n for n in model.graph if n.op_type == "DynamicQuantizeLSTM")
     assert node.domain == "com.microsoft" and node.inputs[1].dtype == ir.DataType.INT8

@@ -114,10 +114,41 @@ def _branch_int8_nodes(branches: dict) -> int:
                for b in branches.values() if isinstance(b, dict))
 
 
+def _branch_line(branch: dict | str) -> str:
+    if isinstance(branch, str):
+        return branch
+    stored = branch.get("weight_only_int8")
+    weight_only = (f"{stored['weights']} weight(s) stored int8, weight-only ({stored['bytes_before'] / 1024:.0f} -> "
+                   f"{stored['bytes_after'] / 1024:.0f} KiB, compute in float)" if stored else "")
+    if branch.get("not_calibrated"):
+        return f"not calibrated ({branch['not_calibrated']}): {weight_only}"
+    recurrent = branch.get("recurrent") or {}
+    extra = f", {len(recurrent['lstm_int8'])} LSTM as DynamicQuantizeLSTM" if recurrent.get("lstm_int8") else ""
+    return (f"{branch['int8_nodes']} int8 node(s){extra}, calibrated on {branch['feeds']} feed(s)"
+            + (f"; {weight_only}" if weight_only else ""))
+
+
+def print_recurrent(con, recurrent: dict | None) -> None:
+    """One line on recurrent weights (onnxcomp.quant.recurrent), when the model has recurrent ops."""
+    if not recurrent or not any(recurrent.get(k) for k in ("lstm_int8", "recurrent_weight_only", "recurrent_kept_float")):
+        return
+    kept = recurrent.get("recurrent_kept_float") or {}
+    con.print(f"recurrent: {len(recurrent['lstm_int8'])} LSTM as DynamicQuantizeLSTM, "
+              f"{len(recurrent['recurrent_weight_only'])} weight-only int8, {len(kept)} float"
+              + (f" ({'; '.join(f'{esc(k)}: {esc(v)}' for k, v in list(kept.items())[:3])})" if kept else ""))
+
+
+def _recurrent_int8(report: dict) -> int:
+    """Recurrent ops given int8 weights: the main graph's and the calibrated branches' (nested too)."""
+    section = report.get("recurrent") or {}
+    count = len(section.get("lstm_int8") or ()) + len(section.get("recurrent_weight_only") or ())
+    return count + sum(_recurrent_int8(b) for b in (report.get("branches") or {}).values() if isinstance(b, dict))
+
+
 def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
     """How much was quantized, what that counts, and (when nothing) why."""
     if mode == "static":
-        count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {})
+        count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + _recurrent_int8(report)
         what = "int8 nodes"
     else:
         count = int(report.get("nodes_quantized") or 0) + len(report.get("lstm_int8") or ())
@@ -290,8 +321,8 @@ def _run(args: argparse.Namespace) -> int:
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
         for where, branch in report.get("branches", {}).items():
-            con.print(f"If branch {where}: " + (branch if isinstance(branch, str) else
-                      f"{branch['int8_nodes']} int8 node(s), calibrated on {branch['feeds']} feed(s)"))
+            con.print(f"If branch {where}: " + _branch_line(branch))
+        print_recurrent(con, report.get("recurrent"))
     if ort:
         con.print(f"onnxruntime runs {kernel_summary(ort)}")
     skipped = report.get("skipped") or {}

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
@@ -135,9 +136,58 @@ def calibrate_plan(
         observed = base.observed
     result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
                        progress=progress)
-    mixed = mixed_range_nodes(work, base, result.ranges, config.max_range_ratio)
-    plan = plan_static(work, config, keep_float=mixed, within=base) if mixed else base
-    return base, plan, result, mixed
+    keep = mixed_range_nodes(work, base, result.ranges, config.max_range_ratio)
+    keep.update(coarse_grid_nodes(work, base, result.ranges, data, config))
+    plan = plan_static(work, config, keep_float=keep, within=base) if keep else base
+    return base, plan, result, keep
+
+
+#: An activation that keeps less than this SQNR on its 8-bit grid over the calibration data (its
+#: range is set by rare large values, as in a raw waveform or an STFT) keeps the int8 nodes that
+#: read or write it in float. On silero-vad the STFT Conv's output keeps 22.8 dB (its input, the
+#: waveform, 30.6 dB); ReLU feature maps keep 38-51 dB there, Gaussian data about 38 dB.
+MIN_GRID_SQNR_DB = 25.0
+_GRID_FEEDS = 32  # calibration feeds the grid SQNR is measured on
+
+
+def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]], data: Dataset,
+                      config: QuantizeConfig) -> dict[str, str]:
+    """int8 nodes of ``plan`` that read or write a tensor whose 8-bit grid (its calibrated range)
+    keeps less than :data:`MIN_GRID_SQNR_DB` on the first calibration feeds, with the reason."""
+    from onnxcomp.graph import stream_values
+    from onnxcomp.quant.primitives import compute_scale_zero_point, dequantize, quantize
+
+    qtype = config.activation_type
+    params = {n: compute_scale_zero_point(*ranges[n], qtype, config.activation_symmetric)
+              for n in plan.observed if n in ranges}
+    if not params:
+        return {}
+    power = dict.fromkeys(params, 0.0)
+    noise = dict.fromkeys(params, 0.0)
+    for i, values in enumerate(stream_values(work, list(params), data)):
+        if i >= _GRID_FEEDS:
+            break
+        for name, (scale, zp) in params.items():
+            x = np.asarray(values[name], np.float32)
+            err = dequantize(quantize(x, scale, zp, qtype), scale, zp).astype(np.float64) - x
+            power[name] += float(np.square(x, dtype=np.float64).sum())
+            noise[name] += float(np.square(err).sum())
+    coarse = {n: 10 * np.log10(power[n] / noise[n]) for n in params
+              if noise[n] > 0 and power[n] < noise[n] * 10 ** (MIN_GRID_SQNR_DB / 10)}
+    if not coarse:
+        return {}
+    range_of = {p.value: p.range_of for p in plan.points.values()} | {k: p.range_of for k, p in plan.points.items()}
+    found: dict[str, str] = {}
+    for node in work.graph:
+        if node.name not in plan.nodes:
+            continue
+        for value in (*node.inputs, *node.outputs):
+            tensor = range_of.get(value.name) if value is not None else None
+            if tensor in coarse:
+                found[node.name] = (f"left in float: {value.name} keeps {coarse[tensor]:.1f} dB on an 8-bit grid "
+                                    f"(< {MIN_GRID_SQNR_DB:g} dB: its range is set by rare large values)")
+                break
+    return found
 
 
 def rewrite(work: ir.Model, config: QuantizeConfig, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
@@ -174,12 +224,12 @@ def quantize_static(
     progress: Callable[[int, int | None], object] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline in place on ``work`` (already at opset >= 13); returns the report section."""
-    from onnxcomp.quant.subgraphs import quantize_branches
+    from onnxcomp.quant.subgraphs import quantize_branches, weight_only_int8
 
     prepared = prepare(work, config, calibration, cleanup=cleanup)
     branches = quantize_branches(work, prepared.data, config, _quantize_branch)
     total = prepared.data.num_feeds
-    _, plan, result, _ = calibrate_plan(
+    _, plan, result, keep = calibrate_plan(
         work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
     )
     started = time.perf_counter()
@@ -195,6 +245,12 @@ def quantize_static(
         "rounding": rounding_report(rounder, started),
     }
     report["embeddings"] = quantize_embeddings(work, config)
+    report["recurrent"] = quantize_recurrent(work, config)
+    if keep:  # nodes calibration kept float (coarse grids; mixed-range Concats have no weight)
+        by_name = {n.name: n for n in work.graph}
+        stored, _ = weight_only_int8(work, [by_name[n] for n in keep if n in by_name], config.selector)
+        if stored:
+            report["weight_only_int8"] = stored
     if branches:
         report["branches"] = branches
     if prepared.cleanup is not None:
@@ -206,6 +262,15 @@ def quantize_static(
     if recovery:
         report["recovery"] = recovery
     return report
+
+
+def quantize_recurrent(work: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
+    """LSTM/GRU/RNN weights to int8 (onnxcomp.quant.recurrent): the Q/DQ plan leaves them float, and
+    an LSTM's onnxruntime kernel quantizes its activations itself, so no calibration is needed."""
+    from onnxcomp.quant.recurrent import RecurrentInt8Config, RecurrentInt8Pass
+
+    cfg = RecurrentInt8Config(exclude=config.exclude, op_types=config.op_types, reduce_weights=config.reduce_weights)
+    return RecurrentInt8Pass(cfg)(work).stats
 
 
 def _quantize_branch(model: ir.Model, feeds: list, config: QuantizeConfig) -> tuple[ir.Model, dict[str, Any]]:

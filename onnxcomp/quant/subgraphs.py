@@ -17,12 +17,21 @@ feed (evenly spread over the iterations, at most 4096 emulated) and 256 in all. 
 scales serves every iteration, as a static Q/DQ must. A quantized body is kept only where
 onnxruntime fuses its Q/DQ into int8 kernels: inside loop bodies it first fuses MatMul + Add
 into a float Gemm, and a DequantizeLinear feeding float compute on every iteration is a loss.
+
+A subgraph no calibration feed reaches (the 8 kHz branch of a VAD calibrated at 16 kHz) has no
+activation ranges, but its weights need none: the weights of its linear ops (Conv, ConvTranspose,
+Gemm, MatMul, from :data:`onnxcomp.ops.LINEAR_OPS`) are stored int8, symmetric over [-127, 127],
+one scale per output channel, behind a DequantizeLinear, and the ops compute in float
+(weight-only: exact to int8 weight precision whatever the inputs, and the file no longer carries
+them in float). The DequantizeLinear sits in the If branch itself (it runs only when the branch
+does); for a Loop/Scan body, in the graph that owns the weight (once per run, not per
+iteration). The report names such a subgraph and what was stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,8 +40,10 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset
 from onnxcomp.graph import all_value_names, stream_values, unique_name
 from onnxcomp.ops import COMPUTE_OPS, is_default_domain, linear_spec
+from onnxcomp.quant.primitives import quantize_weight
+from onnxcomp.quant.recurrent import dequantized_weight
 
-__all__ = ["quantize_branches"]
+__all__ = ["quantize_branches", "weight_only_int8"]
 
 _BRANCHES = ("then_branch", "else_branch")
 
@@ -252,6 +263,48 @@ def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
             graph.initializers.pop(value.name)
 
 
+def weight_only_int8(model: ir.Model, nodes: Iterable[ir.Node], selector: Any, body: ir.Graph | None = None
+                     ) -> tuple[dict[str, Any], list[ir.Value]]:
+    """Weight-only int8 of the constant weights of the linear ops among ``nodes`` (see module
+    docstring): one scale per output channel, a DequantizeLinear in the graph that owns the weight,
+    or in ``body`` (an If branch whose nodes these are) for a weight of an enclosing graph.
+    Returns the report (empty when nothing was stored) and the weights of enclosing graphs it
+    stopped reading (see :func:`_drop_unread`)."""
+    scope = {id(g) for g in (body, *body.subgraphs())} if body is not None else set()
+    taken = all_value_names(model.graph)
+    done: dict[int, ir.Value] = {}  # float weight -> its DequantizeLinear output
+    floats: dict[int, ir.Value] = {}
+    stored: list[str] = []
+    before = after = 0
+    outer: list[ir.Value] = []
+    for node in list(nodes):
+        spec = linear_spec(node)
+        role = spec.role("weight") if spec is not None else None
+        if role is None or role.input_index >= len(node.inputs) or not selector.allows(node.name or "", node.op_type):
+            continue
+        value = node.inputs[role.input_index]
+        if (value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT or value.graph is None
+                or not value.is_initializer() or len(value.const_value.shape) < 2):
+            continue
+        if id(value) not in done:
+            w = value.const_value.numpy()
+            axis = role.axes(node)[0] % w.ndim
+            q, scale, _ = quantize_weight(w, "int8", axis=axis, symmetric=True)
+            owned_inside = body is None or id(value.graph) in scope
+            done[id(value)] = dequantized_weight(value, q, scale, axis, taken, graph=None if owned_inside else body)
+            floats[id(value)] = value
+            before += value.const_value.nbytes
+            after += q.nbytes + scale.nbytes
+            if not owned_inside:
+                outer.append(value)
+        node.replace_input_with(role.input_index, done[id(value)])
+        stored.append(node.name or node.op_type)
+    for value in floats.values():  # the float copies nothing reads any more
+        if not value.uses() and not value.is_graph_output() and (body is None or id(value.graph) in scope):
+            value.graph.initializers.pop(value.name, None)
+    return ({"nodes": stored, "weights": len(done), "bytes_before": before, "bytes_after": after} if done else {}), outer
+
+
 def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any) -> dict[str, Any]:
     """Quantize the subgraphs of the main graph's If, Loop and Scan nodes in place; returns a
     report per subgraph (``node/attribute``).
@@ -284,8 +337,15 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
             standalone = _as_model(model, index, attr)
             feeds = _body_feeds(model, node, kind, attr, standalone, [v.name for v in reads], data)
             if not feeds:
-                report[where] = ("left float: no calibration feed takes this branch" if kind.attrs == _BRANCHES
-                                 else "left float: no calibration feed runs an iteration")
+                why = ("no calibration feed takes this branch" if kind.attrs == _BRANCHES
+                       else "no calibration feed runs an iteration")
+                # an If branch holds its own DequantizeLinear (run only when taken); a loop body's
+                # go to the graph owning the weight (run once, not per iteration)
+                stored, outer = weight_only_int8(model, body.all_nodes(), cfg.selector,
+                                                 body if kind.attrs == _BRANCHES else None)
+                replaced.extend(outer)
+                report[where] = ({"feeds": 0, "int8_nodes": 0, "not_calibrated": why, "weight_only_int8": stored}
+                                 if stored else f"left float: {why}")
                 continue
             formal = [v.name for v in body.inputs]
             quantized, stats = quantize(standalone, feeds, cfg)
@@ -297,8 +357,13 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
             _graft(model, node, attr, quantized, len(formal))
             if kind.emulated and node.name:
                 emulated[(node.name, attr)] = (node, body)
+            recurrent = {k: v for k, v in (stats.get("recurrent") or {}).items()
+                         if k in ("lstm_int8", "recurrent_weight_only", "recurrent_kept_float") and v}
             report[where] = {"feeds": len(feeds), "int8_nodes": stats.get("int8_nodes", 0),
-                             **({"branches": stats["branches"]} if stats.get("branches") else {})}
+                             **({"branches": stats["branches"]} if stats.get("branches") else {}),
+                             **({"recurrent": recurrent} if recurrent else {}),
+                             **({"weight_only_int8": stats["weight_only_int8"]} if stats.get("weight_only_int8") else {}),
+                             **({"skipped": stats["skipped"]} if stats.get("skipped") else {})}
     if emulated:
         for (name, attr), op in _unfused_bodies(model, emulated).items():
             node, original = emulated[(name, attr)]

@@ -793,8 +793,9 @@ def quantize_dynamic_in_place(
     report = _base_report(config, before, work, result.stats, cleanup_stats)
     report["rounding"] = rounding_report(rounder, started)
     if "LSTM" in op_types:
-        from onnxcomp.quant.recurrent import DynamicLSTMConfig, DynamicLSTMPass
+        from onnxcomp.quant.recurrent import RecurrentInt8Config, RecurrentInt8Pass
 
-        report.update(DynamicLSTMPass(DynamicLSTMConfig(exclude=config.exclude, reduce_weights=config.reduce_weights))(work).stats)
+        recurrent = RecurrentInt8Config(exclude=config.exclude, reduce_weights=config.reduce_weights, weight_only=False)
+        report.update(RecurrentInt8Pass(recurrent)(work).stats)
         report["model_weight_bytes_after"] = initializer_nbytes(work)
     return report
