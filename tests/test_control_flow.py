@@ -590,7 +590,7 @@ def test_static_quantizes_inside_if_branches(rng):
 
 def test_static_branch_no_feed_takes_stays_float(rng):
     """Nested If: the outer branch's own If is handled recursively; a branch that no calibration
-    feed reaches is left float and said so."""
+    feed reaches computes in float on int8 weights (weight-only) and says so."""
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -601,7 +601,9 @@ def test_static_branch_no_feed_takes_stays_float(rng):
     quantized, report = quantize(proto, calib, QuantizeConfig())
     outer = report["branches"]["outer_if/then_branch"]
     inner = outer.get("branches", {})
-    assert "no calibration feed takes this branch" in inner.get("inner_if/then_branch", "")
+    untaken = inner["inner_if/then_branch"]  # weight-only int8: its weights need no calibration
+    assert untaken["not_calibrated"] == "no calibration feed takes this branch"
+    assert untaken["weight_only_int8"]["weights"] == 1
     assert report["branches"]["outer_if/else_branch"]["int8_nodes"] >= 1
     _assert_valid(quantized)
     _assert_sqnr(io.load_model(proto), quantized, _feeds(proto, 15), SQNR_FLOOR["quantize-static"])
