@@ -479,19 +479,21 @@ def speech_clip(rng: np.random.Generator, pool: list[str], voices: Sequence[str]
     return np.clip(noisy, -1, 1).astype(np.float32), frame_labels(clean)
 
 
-def stream_windows(audio: np.ndarray) -> np.ndarray:
-    """``[n, 576]`` model inputs of a clip: each 512-sample window after the previous 64 samples."""
-    n = len(audio) // WINDOW
-    padded = np.concatenate([np.zeros(CONTEXT, np.float32), audio[: n * WINDOW]])
-    return np.stack([padded[i * WINDOW : i * WINDOW + CONTEXT + WINDOW] for i in range(n)]) if n else \
-        np.zeros((0, CONTEXT + WINDOW), np.float32)
+def stream_windows(audio: np.ndarray, sr: int = SR) -> np.ndarray:
+    """``[n, 576]`` model inputs of a clip: each 512-sample window after the previous 64 samples
+    (at 8 kHz: 256 after 32, ``[n, 288]``)."""
+    window, context = WINDOW * sr // SR, CONTEXT * sr // SR
+    n = len(audio) // window
+    padded = np.concatenate([np.zeros(context, np.float32), audio[: n * window]])
+    return np.stack([padded[i * window : i * window + context + window] for i in range(n)]) if n else \
+        np.zeros((0, context + window), np.float32)
 
 
-def silero_feed(windows: np.ndarray, states: np.ndarray) -> dict[str, np.ndarray]:
+def silero_feed(windows: np.ndarray, states: np.ndarray, sr: int = SR) -> dict[str, np.ndarray]:
     """A batch feed from windows ``[B,576]`` and per-sample states ``[B,2,128]``."""
     return {"input": np.ascontiguousarray(windows, dtype=np.float32),
             "state": np.ascontiguousarray(states.transpose(1, 0, 2), dtype=np.float32),
-            "sr": np.array(SR, dtype=np.int64)}
+            "sr": np.array(sr, dtype=np.int64)}
 
 
 def stream(session, clips: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -499,14 +501,14 @@ def stream(session, clips: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list
     return stream_windowed(session, [stream_windows(c) for c in clips])
 
 
-def stream_windowed(session, wins: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def stream_windowed(session, wins: Sequence[np.ndarray], sr: int = SR) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Stream clips given as their windows ``[n_i, 576]`` (all clips in lock-step as one batch), each
     window fed the state the previous one returned.
 
     Returns per clip its windows' probabilities ``[n]`` and the state each window was fed ``[n,2,128]``.
     """
     steps = max(len(w) for w in wins)
-    batch = np.zeros((len(wins), steps, CONTEXT + WINDOW), np.float32)
+    batch = np.zeros((len(wins), steps, wins[0].shape[1]), np.float32)
     for i, w in enumerate(wins):
         batch[i, : len(w)] = w
     state = np.zeros((2, len(wins), STATE), np.float32)
@@ -514,7 +516,7 @@ def stream_windowed(session, wins: Sequence[np.ndarray]) -> tuple[list[np.ndarra
     states = np.zeros((len(wins), steps, 2, STATE), np.float32)
     for t in range(steps):
         states[:, t] = state.transpose(1, 0, 2)
-        out, state = session.run(None, silero_feed(batch[:, t], state.transpose(1, 0, 2)))[:2]
+        out, state = session.run(None, silero_feed(batch[:, t], state.transpose(1, 0, 2), sr))[:2]
         probs[:, t] = out[:, 0]
     return [probs[i, : len(w)] for i, w in enumerate(wins)], [states[i, : len(w)] for i, w in enumerate(wins)]
 
@@ -765,9 +767,11 @@ EXTRA: tuple[SuiteModel, ...] = (
 SUITE.update((m.name, m) for m in EXTRA)
 
 
-def stream_report(models: Sequence[Path], split: str = "report", quick: bool = False) -> list[dict]:
+def stream_report(models: Sequence[Path], split: str = "report", quick: bool = False, sr: int = SR) -> list[dict]:
     """Free-running streaming check of silero candidates: each model streams the split's clips on its
-    own states (not fp32's), scored per window against fp32 streaming the same clips."""
+    own states (not fp32's), scored per window against fp32 streaming the same clips. ``sr=8000``:
+    the clips resampled to 8 kHz (the model's other branch), scored against fp32 at 8 kHz; labels
+    are the 16 kHz windows' (every 8 kHz window covers the same 32 ms)."""
     import onnxruntime as ort
 
     ctx = Context(quick=quick)
@@ -776,12 +780,14 @@ def stream_report(models: Sequence[Path], split: str = "report", quick: bool = F
     arrays, _, _ = _silero_data(ctx, reference, split, n_report if split == "report" else n_tune,
                                 502 if split == "report" else 501)
     wins = [arrays["input"][arrays["clip"] == c] for c in np.unique(arrays["clip"])]
+    if sr != SR:  # each clip's audio is its windows without their context
+        wins = [stream_windows(lowpass_resample(w[:, CONTEXT:].reshape(-1), SR, sr), sr) for w in wins]
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
 
     def run(path: Path) -> np.ndarray:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return np.concatenate(stream_windowed(sess, wins)[0])
+        return np.concatenate(stream_windowed(sess, wins, sr)[0])
 
     ref = run(reference)
     rows = []
@@ -855,9 +861,11 @@ if __name__ == "__main__":  # pragma: no cover - exercised by hand, figures in R
         p.add_argument("files", nargs="+", type=Path)
     for p in (st, sc):
         p.add_argument("--split", choices=["tune", "report"], default="report")
+    st.add_argument("--sr", type=int, choices=[8000, 16000], default=SR,
+                    help="sample rate the clips are streamed at (8000: resampled, the model's 8 kHz branch)")
     args = ap.parse_args()
     if args.command == "stream":
-        rows = stream_report(args.files, args.split)
+        rows = stream_report(args.files, args.split, sr=args.sr)
     elif args.command == "score":
         rows = score_files(args.model, args.files, args.split)
     else:
