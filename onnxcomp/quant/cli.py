@@ -128,21 +128,29 @@ def _branch_line(branch: dict | str) -> str:
             + (f"; {weight_only}" if weight_only else ""))
 
 
-def print_recurrent(con, recurrent: dict | None) -> None:
+def _recurrent_sections(report: dict) -> list[dict]:
+    """The ``recurrent`` sections of a static report: the main graph's (which covers uncalibrated
+    branches) and the calibrated branches' (nested too)."""
+    return [report.get("recurrent") or {}] + [
+        section for b in (report.get("branches") or {}).values() if isinstance(b, dict)
+        for section in _recurrent_sections(b)]
+
+
+def print_recurrent(con, report: dict) -> None:
     """One line on recurrent weights (onnxcomp.quant.recurrent), when the model has recurrent ops."""
-    if not recurrent or not any(recurrent.get(k) for k in ("lstm_int8", "recurrent_weight_only", "recurrent_kept_float")):
-        return
-    kept = recurrent.get("recurrent_kept_float") or {}
-    con.print(f"recurrent: {len(recurrent['lstm_int8'])} LSTM as DynamicQuantizeLSTM, "
-              f"{len(recurrent['recurrent_weight_only'])} weight-only int8, {len(kept)} float"
-              + (f" ({'; '.join(f'{esc(k)}: {esc(v)}' for k, v in list(kept.items())[:3])})" if kept else ""))
+    sections = _recurrent_sections(report)
+    kernel = sum(len(s.get("lstm_int8") or ()) for s in sections)
+    weight_only = sum(len(s.get("recurrent_weight_only") or ()) for s in sections)
+    kept = {k: v for s in sections for k, v in (s.get("recurrent_kept_float") or {}).items()}
+    if kernel or weight_only or kept:
+        con.print(f"recurrent: {kernel} LSTM as DynamicQuantizeLSTM, {weight_only} weight-only int8, {len(kept)} float"
+                  + (f" ({'; '.join(f'{esc(k)}: {esc(v)}' for k, v in list(kept.items())[:3])})" if kept else ""))
 
 
 def _recurrent_int8(report: dict) -> int:
     """Recurrent ops given int8 weights: the main graph's and the calibrated branches' (nested too)."""
-    section = report.get("recurrent") or {}
-    count = len(section.get("lstm_int8") or ()) + len(section.get("recurrent_weight_only") or ())
-    return count + sum(_recurrent_int8(b) for b in (report.get("branches") or {}).values() if isinstance(b, dict))
+    return sum(len(s.get("lstm_int8") or ()) + len(s.get("recurrent_weight_only") or ())
+               for s in _recurrent_sections(report))
 
 
 def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
@@ -322,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         for where, branch in report.get("branches", {}).items():
             con.print(f"If branch {where}: " + _branch_line(branch))
-        print_recurrent(con, report.get("recurrent"))
+        print_recurrent(con, report)
     if ort:
         con.print(f"onnxruntime runs {kernel_summary(ort)}")
     skipped = report.get("skipped") or {}
