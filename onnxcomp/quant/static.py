@@ -164,9 +164,7 @@ def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[
         return {}
     power = dict.fromkeys(params, 0.0)
     noise = dict.fromkeys(params, 0.0)
-    for i, values in enumerate(stream_values(work, list(params), data)):
-        if i >= _GRID_FEEDS:
-            break
+    for values in stream_values(work, list(params), data, max_feeds=_GRID_FEEDS):
         for name, (scale, zp) in params.items():
             x = np.asarray(values[name], np.float32)
             err = dequantize(quantize(x, scale, zp, qtype), scale, zp).astype(np.float64) - x
