@@ -39,7 +39,9 @@ class QuantizeConfig(PassConfig):
             (x86 without VNNI, see onnxcomp.quant.kernels), where full-range weights give wrong
             results. Reduced weights are exact on every CPU.
         calibration: range method, one of minmax, percentile, entropy, mse, or auto (per tensor,
-            the candidate of those whose consumers' outputs err least; onnxcomp.quant.ranges).
+            the candidate of those whose consumers' outputs err least; onnxcomp.quant.ranges;
+            then that choice and each single method's ranges are compared whole on fitting feeds
+            by the check's figures, onnxcomp.quant.select).
         percentile: for ``percentile`` (and one of ``auto``'s candidates).
         bins: histogram bins for percentile/entropy/mse.
         op_types: quantize only these op types (empty: every op the placement table knows).

@@ -182,6 +182,12 @@ def quantize_static(
     _, plan, result, _ = calibrate_plan(
         work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
     )
+    ranges, selected = result.ranges, None
+    if config.calibration == "auto":
+        from onnxcomp.quant.select import select_ranges
+
+        _, ranges, selected = select_ranges(work, result.ranges, result.observers, prepared.data,
+                                            lambda trial, r: rewrite(trial, config, plan, r))
     started = time.perf_counter()
     by_name = {n.name: n for n in work.graph}
     rounder = make_rounder(work, [by_name[n] for n in plan.nodes if n in by_name], prepared.data, config)
@@ -190,8 +196,9 @@ def quantize_static(
         "config": config.to_dict(),
         "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
                         "seconds": result.seconds,
-                        **({"chosen": _chosen_counts(result.choices)} if result.choices else {})},
-        **rewrite(work, config, plan, result.ranges, rounder),
+                        **({"chosen": _chosen_counts(result.choices)} if result.choices else {}),
+                        **({"selected": selected} if selected else {})},
+        **rewrite(work, config, plan, ranges, rounder),
         "rounding": rounding_report(rounder, started),
     }
     report["embeddings"] = quantize_embeddings(work, config)
