@@ -13,7 +13,7 @@ from onnxcomp.graph import infer_types
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.calibrate import calibrate
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.select import METHODS, _score, select_ranges, variant_ranges
+from onnxcomp.quant.select import METHODS, SINGLE, _score, select_ranges, variant_ranges
 from onnxcomp.runtime import run_model
 
 
@@ -35,13 +35,16 @@ def test_variants_come_from_the_candidate_histograms():
     model, feeds = _classifier()
     result = calibrate(model, ["x", "a"], feeds, method="auto")
     variants = variant_ranges(result.ranges, result.observers)
-    assert list(variants)[0] == "auto" and set(variants) <= set(METHODS) and len(variants) >= 2
+    assert list(variants)[0] == "mse" and set(variants) <= set(SINGLE) and len(variants) >= 3
+    assert variants["mse"] == result.ranges  # auto calibrates to the MSE ranges until one is chosen
     for name, ranges in variants.items():
-        if name != "auto":
-            assert ranges == {t: obs.candidates()[name] for t, obs in result.observers.items()}
-    # without candidate histograms there is only the choice itself
+        assert ranges == {t: obs.candidates()[name] for t, obs in result.observers.items()}
+    # the per-tensor choice competes first
+    per = calibrate(model, ["x", "a"], feeds, method="per-tensor")
+    assert list(variant_ranges(per.ranges, per.observers, per_tensor=True))[0] == "per-tensor"
+    # without candidate histograms there is only what was calibrated
     plain = calibrate(model, ["x", "a"], feeds, method="minmax")
-    assert list(variant_ranges(plain.ranges, plain.observers)) == ["auto"]
+    assert list(variant_ranges(plain.ranges, plain.observers)) == ["calibrated"]
 
 
 def test_score_orders_by_worst_rule_figure_then_sqnr():
@@ -94,4 +97,4 @@ def test_a_large_model_keeps_the_per_tensor_choice(monkeypatch):
     monkeypatch.setattr("onnxcomp.quant.select.LARGE_MODEL_BYTES", 16)
     best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds,
                                          lambda *a: pytest.fail("no variant may be built"))
-    assert best == "auto" and ranges == result.ranges and "large" in report["skipped"]
+    assert best == "mse" and ranges == result.ranges and "large" in report["skipped"]
