@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script
 from benchmarks import fetch, run, suite
 from benchmarks.candidates import Candidate
 
-METHODS = ("minmax", "mse", "percentile", "entropy", "auto")
+METHODS = ("minmax", "mse", "percentile", "entropy", "auto")  # per-tensor on request (slow)
 SINGLE = ("minmax", "mse", "percentile", "entropy")
 FP32_SLACK = 0.01  # the default must stay within 1 point of fp32
 BEST_SLACK = 0.003  # ... and within 0.3 points of the best single method
@@ -91,11 +91,12 @@ def build(task: suite.Task, method: str, cache: Path, reuse: bool = True) -> tup
     seconds = time.perf_counter() - t0
     check = check_model(model, q, split, cfg, compressed=int(rep.get("int8_nodes") or 0), what="int8 nodes")
     chosen = rep.get("calibration", {}).get("chosen")
+    selected = rep.get("calibration", {}).get("selected")
     record = {"key": key, "seconds": round(seconds, 1), "int8_nodes": rep.get("int8_nodes"),
               "check_met": bool(check["met"]), "check_problems": check["problems"][:3],
               "check_outputs": [{k: o.get(k) for k in ("name", "kind", "cosine", "agreement", "verdict")}
                                 for o in check["outputs"]],
-              "chosen": chosen}
+              "chosen": chosen, "selected": selected}
     data = io.model_to_bytes(q)
     io.save_model(q, out, force=True)
     record_path.write_text(json.dumps(record, indent=1, default=str))
@@ -131,8 +132,9 @@ def study(models, methods, cache: Path, threads: int = 2, log=print) -> list[dic
             entry = {"tune": r.metrics[task.metric], "report": r.report_metrics[task.metric],
                      "tune_sqnr_db": r.fidelity.get("sqnr_db"), "report_sqnr_db": r.report_fidelity.get("sqnr_db"),
                      **{k: record.get(k) for k in ("seconds", "int8_nodes", "check_met", "check_problems", "reused")}}
-            if record.get("chosen"):
-                entry["chosen"] = record["chosen"]
+            for k in ("chosen", "selected"):
+                if record.get(k):
+                    entry[k] = record[k]
             row["methods"][method] = entry
             log(f"{name:20s} {method:10s} tune {entry['tune']:.4f} (fp32 {row['fp32']['tune']:.4f})  "
                 f"report {entry['report']:.4f} (fp32 {row['fp32']['report']:.4f})  check "

@@ -32,6 +32,10 @@ Budget (per output; all must hold)
                 (probability maps: detection, masks)        8-connected regions above 0.5,
                                                              specks left out, matched at
                                                              IoU > 0.5) >= ``min_agreement``
+    detections  rank-3 Concat of boxes and a Sigmoid's class    detection agreement (F1 of the
+                scores, ``[N, 4 + C, A]`` (YOLO-style heads)  boxes after the usual decoding
+                                                             and NMS, paired at IoU >= 0.5 with
+                                                             the same class) >= ``min_agreement``
     values      any other float output                       cosine >= ``min_cosine``
     exact       non-float outputs (indices, masks)           every element equal
     ==========  ==========================================  ===================================
@@ -84,6 +88,8 @@ __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_outpu
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
 #: Ops whose output is a probability per element (a map, when it has spatial axes).
 MAP_PRODUCERS = frozenset({"Sigmoid"})
+#: Ops that join a detector head's boxes and class scores along the attribute axis.
+HEAD_JOINS = frozenset({"Concat"})
 #: Ops that only move or relabel data: an output behind them keeps its producer's kind.
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"})
 
@@ -395,6 +401,26 @@ class RegionAgreement(Ratio):
             self.add(2.0 * _matched_regions(lr, nr, lc, nc), nr + nc)
 
 
+class DetectionAgreement(Ratio):
+    r"""Agreement of the detections of dense detector heads ``[N, 4 + C, A]`` (YOLO-style).
+
+    Both outputs are decoded the way a detector's post-processing reads them (best class per anchor
+    above 0.25, class-wise NMS at 0.45; :mod:`onnxcomp.measure.detection`, where the layout is read
+    from the original's values) and the detections paired at IoU >= 0.5 with the same class: the
+    figure is the F1 :math:`2\,\mathrm{TP} / (n_{ref} + n_{cand})` over every image. Images where
+    neither finds anything agree.
+    """
+
+    def update(self, ref, cand):
+        from onnxcomp.measure import detection
+
+        ref, cand = detection.attributes_first(ref), detection.attributes_first(cand)
+        classes = detection.class_rows(ref)
+        for r, c in zip(ref, cand):
+            dr, dc = detection.detections(r, classes), detection.detections(c, classes)
+            self.add(2.0 * detection.match_count(dr, dc), len(dr[0]) + len(dc[0]))
+
+
 def _drop_small(labels: np.ndarray, count: int, floor: float) -> tuple[np.ndarray, int]:
     """``labels`` without the regions of fewer than ``floor`` pixels, renumbered 1..n."""
     if count == 0 or floor <= 1:
@@ -487,6 +513,7 @@ RULES: dict[str, Rule] = {
     "scores": Rule("top1_agreement", "top-1 agreement", "min_agreement"),
     "sequence": Rule("sequence_agreement", "decoded-sequence agreement", "min_agreement"),
     "map": Rule("region_agreement", "region agreement (F1)", "min_agreement"),
+    "detections": Rule("detection_agreement", "detection agreement (F1)", "min_agreement"),
     "values": Rule("cosine", "cosine", "min_cosine"),
     "exact": Rule("equal", "share of equal elements", 1.0),
 }
@@ -498,6 +525,7 @@ FIGURES: dict[str, Callable[[], Figure]] = {
     "top1_agreement": TopOneAgreement,
     "sequence_agreement": SequenceAgreement,
     "region_agreement": RegionAgreement,
+    "detection_agreement": DetectionAgreement,
     "equal": Equal,
 }
 #: Figures reported for every float output besides its rule's.
@@ -538,6 +566,15 @@ def _is_map(value: ir.Value) -> bool:
     return _made_by(value, MAP_PRODUCERS) and (_rank(value) or 0) >= 4
 
 
+def _is_detections(value: ir.Value) -> bool:
+    """A rank-3 float Concat of which some input is a Sigmoid: boxes beside class scores."""
+    if not _made_by(value, HEAD_JOINS) or _rank(value) != 3 or value.dtype is None or not value.dtype.is_floating_point():
+        return False
+    producer = _producer(value)
+    made = [inp is not None and _made_by(inp, MAP_PRODUCERS) for inp in producer.inputs]
+    return any(made) and not all(made)
+
+
 #: ``(kind, detector)`` in order: an output takes the first kind whose detector says yes, else
 #: ``"values"``.
 KIND_DETECTORS: list[tuple[str, Callable[[ir.Value], bool]]] = [
@@ -545,6 +582,7 @@ KIND_DETECTORS: list[tuple[str, Callable[[ir.Value], bool]]] = [
     ("sequence", _is_sequence),
     ("scores", _is_scores),
     ("map", _is_map),
+    ("detections", _is_detections),
 ]
 
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.quant.observers import Observer, make_observer
-from onnxcomp.quant.ranges import choose_ranges, observe
+from onnxcomp.quant.ranges import CandidateObserver, choose_ranges, observe
 
 __all__ = ["CalibrationResult", "calibrate", "observe"]
 
@@ -50,8 +50,10 @@ def calibrate(
     """Observe ``tensors`` (graph inputs or values computed in the main graph) over ``data``.
 
     Args:
-        method: minmax, percentile, entropy or mse (see :mod:`onnxcomp.quant.observers`), or
-            auto: per tensor, the candidate range of least consumer-output error
+        method: minmax, percentile, entropy or mse (see :mod:`onnxcomp.quant.observers`);
+            auto: one histogram per tensor that proposes every method's range
+            (:class:`~onnxcomp.quant.ranges.CandidateObserver`; the MSE range is returned, the
+            choice between methods is :mod:`onnxcomp.quant.select`'s); or per-tensor: per tensor, the candidate range of least consumer-output error
             (:mod:`onnxcomp.quant.ranges`; two passes over ``data``). ``entropy`` is guarded the
             same way: a tensor keeps its KL threshold only where that does not make its
             consumers' outputs worse than min/max (KL does not see how far clipped values move:
@@ -66,15 +68,17 @@ def calibrate(
             becomes non-finite during calibration (named).
     """
     names = list(dict.fromkeys(tensors))
-    if method in ("auto", "entropy"):
+    if method in ("per-tensor", "entropy"):
         choices, observers, feeds, seconds = choose_ranges(
             model, names, data, **(observer_kwargs or {}), max_feeds=max_feeds, threads=threads, progress=progress,
-            **({} if method == "auto" else {"methods": ("minmax", "entropy"), "default": "minmax", "switch_gain": 1.0}),
+            **({} if method == "per-tensor" else {"methods": ("minmax", "entropy"), "default": "minmax", "switch_gain": 1.0}),
         )
         ranges = {name: (float(c.range[0]), float(c.range[1])) for name, c in choices.items()}
         return CalibrationResult(ranges, dict(observers), feeds, seconds, choices)
     start = time.perf_counter()
-    observers = {name: make_observer(method, **(observer_kwargs or {})) for name in names}
+    make = (lambda: CandidateObserver(**(observer_kwargs or {}))) if method == "auto" else (
+        lambda: make_observer(method, **(observer_kwargs or {})))
+    observers = {name: make() for name in names}
     if not names:
         return CalibrationResult({}, {}, 0, 0.0)
     feeds = observe(model, observers, data, max_feeds=max_feeds, threads=threads, progress=progress)

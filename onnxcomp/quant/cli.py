@@ -49,9 +49,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-range", choices=("auto", "full", "reduced"), default="auto",
                    help="int8 weights in 8 bits (full) or 7 (reduced); auto: reduced where this CPU's int8 kernels "
                         "saturate (x86 without VNNI)")
-    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto"), default="minmax",
-                   help="calibration range method (default minmax); auto: per tensor, the candidate range "
-                        "whose consumers' outputs err least on the calibration data")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto", "per-tensor"), default="minmax",
+                   help="calibration range method (default minmax); auto: the model built with each of "
+                        "minmax, mse, percentile and entropy ranges (one histogram pass) and the one whose "
+                        "outputs stay closest to the float model's on fitting feeds kept; per-tensor: each "
+                        "tensor the range whose consumers' outputs err least, then judged whole like auto")
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--exclude", action="append", default=[], metavar="NAME|OP|re:REGEX",
                    help="leave matching nodes in float (repeatable)")
@@ -368,7 +370,7 @@ def _configure_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", metavar="FILE", help="evaluation data (default: the calibration data)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data: accuracy per candidate")
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
-    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto"), default="minmax")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto", "per-tensor"), default="minmax")
     p.add_argument("--per-tensor", action="store_true")
     p.add_argument("--max-eval-feeds", type=POSITIVE_INT, default=64)
     engine = p.add_mutually_exclusive_group()

@@ -13,7 +13,7 @@ from onnxcomp.selection import NodeSelector
 
 __all__ = ["QuantizeConfig", "NodeSelector", "STATIC_MIN_OPSET"]
 
-_METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+_METHODS = ("minmax", "percentile", "entropy", "mse", "auto", "per-tensor")
 
 #: Static Q/DQ needs per-axis QuantizeLinear/DequantizeLinear (opset 13).
 STATIC_MIN_OPSET = 13
@@ -38,8 +38,11 @@ class QuantizeConfig(PassConfig):
             ([-63, 63]); ``auto`` (default) reduces them when this CPU's int8 kernels saturate
             (x86 without VNNI, see onnxcomp.quant.kernels), where full-range weights give wrong
             results. Reduced weights are exact on every CPU.
-        calibration: range method, one of minmax, percentile, entropy, mse, or auto (per tensor,
-            the candidate of those whose consumers' outputs err least; onnxcomp.quant.ranges).
+        calibration: range method, one of minmax, percentile, entropy, mse; auto (each of those
+            four methods' ranges from one histogram pass, the model built with each and judged
+            whole on fitting feeds by the check's figures, the best kept; onnxcomp.quant.select);
+            or per-tensor (each tensor the candidate whose consumers' outputs err least,
+            onnxcomp.quant.ranges, then judged whole against the four like auto).
         percentile: for ``percentile`` (and one of ``auto``'s candidates).
         bins: histogram bins for percentile/entropy/mse.
         op_types: quantize only these op types (empty: every op the placement table knows).
@@ -89,7 +92,7 @@ class QuantizeConfig(PassConfig):
     weight_type: Literal["int8"] = "int8"
     per_channel: bool = True
     weight_range: Literal["auto", "full", "reduced"] = "auto"
-    calibration: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "minmax"
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "auto", "per-tensor"] = "minmax"
     percentile: float = 99.999
     bins: int = 2048
     op_types: tuple[str, ...] = ()

@@ -1,8 +1,8 @@
-r"""Per-tensor choice of the clipping range by measured error (calibration method ``auto``).
+r"""Per-tensor choice of the clipping range by measured error (calibration method ``per-tensor``).
 
 No single range method suits every tensor: clipping the outliers of a heavy-tailed activation
 buys resolution for the bulk, while clipping the rare large values a layer relies on (an always-on
-channel, a sparse feature) destroys it. ``auto`` measures instead of guessing, in two streamed
+channel, a sparse feature) destroys it. ``per-tensor`` measures instead of guessing, in two streamed
 passes over the calibration data:
 
 1. **Candidates.** One :class:`CandidateObserver` per tensor keeps a histogram of ``x`` (the
@@ -118,7 +118,7 @@ class CandidateObserver(MSEObserver):
 
 @dataclasses.dataclass
 class RangeChoice:
-    """What ``auto`` chose for one tensor: the method, its range, and every candidate's error."""
+    """What ``per-tensor`` chose for one tensor: the method, its range, and every candidate's error."""
 
     method: str
     range: tuple[float, float]

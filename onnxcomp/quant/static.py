@@ -53,7 +53,7 @@ def observer_kwargs(config: QuantizeConfig) -> dict[str, Any]:
         return {"percentile": config.percentile, "bins": config.bins, "symmetric": config.activation_symmetric}
     if config.calibration in ("entropy", "mse"):
         return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric}
-    if config.calibration == "auto":
+    if config.calibration in ("auto", "per-tensor"):
         return {"bins": config.bins, "qdtype": config.activation_type, "symmetric": config.activation_symmetric,
                 "percentile": config.percentile}
     return {}
@@ -230,6 +230,13 @@ def quantize_static(
     _, plan, result, keep = calibrate_plan(
         work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
     )
+    ranges, selected = result.ranges, None
+    if config.calibration in ("auto", "per-tensor"):
+        from onnxcomp.quant.select import select_ranges
+
+        _, ranges, selected = select_ranges(work, result.ranges, result.observers, prepared.data,
+                                            lambda trial, r: rewrite(trial, config, plan, r),
+                                            per_tensor=config.calibration == "per-tensor")
     started = time.perf_counter()
     by_name = {n.name: n for n in work.graph}
     rounder = make_rounder(work, [by_name[n] for n in plan.nodes if n in by_name], prepared.data, config)
@@ -238,8 +245,9 @@ def quantize_static(
         "config": config.to_dict(),
         "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
                         "seconds": result.seconds,
-                        **({"chosen": _chosen_counts(result.choices)} if result.choices else {})},
-        **rewrite(work, config, plan, result.ranges, rounder),
+                        **({"chosen": _chosen_counts(result.choices)} if result.choices else {}),
+                        **({"selected": selected} if selected else {})},
+        **rewrite(work, config, plan, ranges, rounder),
         "rounding": rounding_report(rounder, started),
     }
     report["embeddings"] = quantize_embeddings(work, config)

@@ -1,0 +1,133 @@
+r"""Calibration ``auto``: the range method chosen per model, by the check's own figures.
+
+No single range method is right for every model: on a YOLO-style detector the MSE-optimal ranges
+lose most detections where min/max keeps them, and on a CTC text recognizer read on unfamiliar
+lines min/max loses several points where MSE does not. Nor is a per-tensor choice enough on its
+own (``per-tensor``, :mod:`onnxcomp.quant.ranges`): it weighs each tensor's error at its consumers,
+one tensor at a time, so damage that only adds up through the network stays unseen, and scoring
+every candidate at every consumer costs many forward passes.
+
+So ``auto`` calibrates once with histograms that propose every method's range
+(:class:`~onnxcomp.quant.ranges.CandidateObserver`), builds the model with each method's ranges
+(:data:`SINGLE`; with ``per-tensor`` the per-tensor choice competes too, first), runs each variant
+on the first :data:`FEEDS` fitting feeds beside the float model and scores it with the held-out
+check's figures (:data:`onnxcomp.check.RULES`, per kind of output: top-1 agreement for scores,
+decoded-sequence agreement for CTC, region agreement for maps, detection agreement for detector
+heads, cosine otherwise). The variant whose worst output figure is highest wins; equal worst
+figures are decided by the mean output SQNR (capped at :data:`SQNR_CAP` dB), then by the order of
+:data:`METHODS`. Variants whose ranges equal an earlier one's are not built twice.
+
+The figures come from the fitting data, not the check's held-out feeds: the check stays a test on
+data no decision has seen. Min/max never clips its own fitting data, which favours it slightly
+here; the check then measures the chosen model on data it has not seen.
+
+Refused (the first variant is kept, and the report says why): models holding
+:data:`onnxcomp.io.LARGE_MODEL_BYTES` of weights or more (each variant is a copy of the model).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.check import RULES, OutputFigures, output_kinds
+from onnxcomp.data import Dataset
+from onnxcomp.io import LARGE_MODEL_BYTES, clone_model, initializer_nbytes
+from onnxcomp.quant.ranges import CandidateObserver
+from onnxcomp.runtime import run_model
+
+__all__ = ["METHODS", "FEEDS", "select_ranges", "variant_ranges"]
+
+#: The variants compared, in tie-break order: the per-tensor choice (method ``per-tensor`` only),
+#: then the single methods.
+METHODS = ("per-tensor", "mse", "minmax", "percentile", "entropy")
+SINGLE = METHODS[1:]
+#: Fitting feeds each variant runs.
+FEEDS = 16
+#: SQNR above this counts as this (an output equal to the float one would be +inf).
+SQNR_CAP = 100.0
+
+Ranges = dict[str, tuple[float, float]]
+
+
+def variant_ranges(chosen: Ranges, observers: dict[str, Any], per_tensor: bool = False) -> dict[str, Ranges]:
+    """``{variant: ranges}``: ``per-tensor`` = ``chosen`` (when ``per_tensor``), then each single
+    method's from the candidate histograms, those equal to an earlier one left out. Without
+    candidate histograms: ``{"calibrated": chosen}``."""
+    cands = {name: obs.candidates() for name, obs in observers.items() if isinstance(obs, CandidateObserver)}
+    if set(cands) != set(chosen) or not cands:
+        return {"calibrated": dict(chosen)}
+    out: dict[str, Ranges] = {"per-tensor": dict(chosen)} if per_tensor else {}
+    for method in SINGLE:
+        ranges = {name: c[method] for name, c in cands.items()}
+        if not any(_same(ranges, seen) for seen in out.values()):
+            out[method] = ranges
+    return out
+
+
+def _same(a: Ranges, b: Ranges) -> bool:
+    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-6, atol=0.0) for k in a)
+
+
+def _score(figures: list[dict[str, float]], kinds: list[str]) -> tuple[float, float]:
+    """``(worst rule figure over the outputs, mean capped SQNR)``: higher is better."""
+    worst = min((f.get(RULES[k].figure, -math.inf) for f, k in zip(figures, kinds)), default=0.0)
+    sqnr = [min(f.get("sqnr_db", SQNR_CAP), SQNR_CAP) for f, k in zip(figures, kinds) if k != "exact"]
+    return float(worst), float(np.mean(sqnr)) if sqnr else 0.0
+
+
+def select_ranges(
+    work: ir.Model,
+    chosen: Ranges,
+    observers: dict[str, Any],
+    data: Dataset,
+    build: Callable[[ir.Model, Ranges], object],
+    *,
+    per_tensor: bool = False,
+    feeds: int = FEEDS,
+) -> tuple[str, Ranges, dict[str, Any]]:
+    """The best of the per-tensor choice and the single methods' ranges, judged whole (module docstring).
+
+    Args:
+        work: the float model as calibrated (typed, not yet rewritten); left untouched.
+        chosen: the calibrated ranges ``{tensor: (lo, hi)}``; observers: the calibration's.
+        per_tensor: ``chosen`` is the per-tensor choice and competes as a variant of its own.
+        build: ``build(copy, ranges)`` rewrites a copy of ``work`` in place with ``ranges``.
+
+    Returns ``(variant, its ranges, report)``; the report lists each variant's figures.
+    """
+    started = time.perf_counter()
+    variants = variant_ranges(chosen, observers, per_tensor)
+    first = next(iter(variants))
+    if initializer_nbytes(work) >= LARGE_MODEL_BYTES:
+        return first, variants[first], {"variant": first, "skipped": "a model this large is not copied once per variant"}
+    if len(variants) == 1:
+        return first, variants[first], {"variant": first, "skipped": "every method gives the same ranges"}
+    batch = list(itertools.islice(iter(data), feeds))
+    if not batch:
+        return first, variants[first], {"variant": first, "skipped": "no fitting feed"}
+    names = [v.name for v in work.graph.outputs]
+    kinds_of = output_kinds(work)
+    reference = run_model(work, batch)
+    scores: dict[str, tuple[float, float]] = {}
+    table: dict[str, dict[str, Any]] = {}
+    for name, ranges in variants.items():
+        trial = clone_model(work)
+        build(trial, ranges)
+        figures = OutputFigures(names, kinds_of)
+        for ref, cand in zip(reference, run_model(trial, batch)):
+            figures.update(ref, cand)
+        result = figures.result()
+        scores[name] = _score(result, figures.kinds)
+        table[name] = {"worst": scores[name][0], "sqnr_db": scores[name][1]}
+        del trial
+    best = max(scores, key=lambda m: (scores[m], -METHODS.index(m)))
+    report = {"variant": best, "feeds": len(batch), "variants": table,
+              "seconds": round(time.perf_counter() - started, 2)}
+    return best, variants[best], report
