@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from onnxcomp import __version__
-from onnxcomp.cli_common import (  # noqa: F401  (the helpers stay importable from here)
+from onnxcomp.cli_common import (
     _COMMANDS,
-    COUNT,
-    EXIT_BELOW_BUDGET,
     POSITIVE_INT,
     add_check_flags,
     add_force_flag,
@@ -34,7 +32,6 @@ from onnxcomp.cli_common import (  # noqa: F401  (the helpers stay importable fr
     console,
     esc,
     file_bytes,
-    fmt_size,
     print_check,
     print_int8_latency,
     print_json,
