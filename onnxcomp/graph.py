@@ -78,15 +78,15 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
 def exposed(model: ir.Model, names: Sequence[str]) -> Iterator[ir.Model]:
     """``model`` with the main-graph tensors ``names`` as extra graph outputs, for the block only.
 
-    No copy when every named value is typed (a working copy after :func:`infer_types`): the
-    outputs are appended and removed again on exit, so build the session inside the block. Values
-    without a type are handled by :func:`with_outputs` on a clone (types are inferred there).
+    No copy: the outputs are appended and removed again on exit, so build the session inside the
+    block. A value without a type is exposed untyped (onnxruntime infers the type of a graph
+    output that has none). A name no main-graph node produces is an error.
     """
     values = produced_values(model)
     wanted = list(dict.fromkeys(names))
-    if any(n not in values or values[n].dtype is None for n in wanted):
-        yield with_outputs(model, wanted)
-        return
+    missing = [n for n in wanted if n not in values]
+    if missing:
+        raise OnnxcompError(f"tensor {missing[0]!r} is not produced by a node of the main graph")
     outputs = model.graph.outputs
     existing = {v.name for v in outputs}
     added = [values[n] for n in wanted if n not in existing]
@@ -108,8 +108,8 @@ def stream_values(
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed of ``data``, ``{name: value}`` of the named tensors.
 
-    Tensors computed in the main graph come from one onnxruntime session on a clone that outputs
-    them (built in memory, basic optimizations); graph inputs are read from the feed. Nothing is
+    Tensors computed in the main graph come from one onnxruntime session on the model with them
+    exposed as outputs (:func:`exposed`; built in memory, basic optimizations); graph inputs are read from the feed. Nothing is
     kept between feeds, so memory is bounded by one feed's tensors.
     """
     from onnxcomp.runtime import create_session, session_options

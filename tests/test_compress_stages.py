@@ -1,7 +1,8 @@
 """The stage loop of ``compress``: one working copy, cleanup once, sessions only where needed.
 
 Counts are taken by wrapping ``onnx_ir.Model.clone``, ``onnxruntime.InferenceSession`` and
-``CleanupPass.apply`` for one prune-cluster-int8 run on the shipped digits CNN.
+``CleanupPass.apply`` for one prune-cluster-int8 and one deep-compression run on the shipped
+digits CNN.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _caller(skip: set[str]) -> str:
     return "?"
 
 
-def test_prune_cluster_int8_clones_once_cleans_once(monkeypatch):
+def _count(monkeypatch) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Count clones, sessions (and who opens them) and cleanup runs from here on."""
     counts: collections.Counter[str] = collections.Counter()
     session_callers: collections.Counter[str] = collections.Counter()
     clone, session, apply = ir.Model.clone, ort.InferenceSession, CleanupPass.apply
@@ -66,6 +68,11 @@ def test_prune_cluster_int8_clones_once_cleans_once(monkeypatch):
     monkeypatch.setattr(ir.Model, "clone", counted_clone)
     monkeypatch.setattr(ort, "InferenceSession", counted_session)
     monkeypatch.setattr(CleanupPass, "apply", counted_cleanup)
+    return counts, session_callers
+
+
+def test_prune_cluster_int8_clones_once_cleans_once(monkeypatch):
+    counts, session_callers = _count(monkeypatch)
     recipe = load_recipe("prune-cluster-int8").with_overrides({"measure.latency": False})
     work, report = compress(MODELS / "digits_cnn.onnx", recipe, MODELS / "digits_calib.npz",
                             eval_data=MODELS / "digits_eval.npz")
@@ -79,6 +86,51 @@ def test_prune_cluster_int8_clones_once_cleans_once(monkeypatch):
     assert report["after"]["bytes"] < report["before"]["bytes"] / 2
     sqnr = report["measure"]["fidelity"]["outputs"][0]["sqnr_db"]
     assert sqnr > 10, f"prune-cluster-int8 on the digits CNN: {sqnr:.1f} dB"
+
+
+def test_deep_compression_three_clones_one_cleanup(monkeypatch):
+    """The deep-compression recipe: the working copy, cleanup's rollback snapshot and the float
+    reference of the sparsity refit are the only clones (per-layer fidelity exposes the
+    intermediates of both models in place, untyped ones included)."""
+    counts, session_callers = _count(monkeypatch)
+    recipe = load_recipe("deep-compression").with_overrides({"measure.latency": False})
+    work, report = compress(MODELS / "digits_cnn.onnx", recipe, MODELS / "digits_calib.npz",
+                            eval_data=MODELS / "digits_eval.npz")
+    assert [s["stage"] for s in report["stages"]] == ["cleanup", "sparsity", "cluster", "verify"]
+    assert counts["cleanup"] == 1, counts
+    assert counts["clone"] <= 3, counts
+    assert set(session_callers) <= set(SESSION_OWNERS), session_callers
+    fidelity = report["measure"]["fidelity"]
+    assert len(fidelity["layers"]) > 10  # the per-layer ranking is still there without typed clones
+    assert report["after"]["bytes"] < report["before"]["bytes"] / 3
+    sqnr = fidelity["outputs"][0]["sqnr_db"]
+    assert sqnr > 10, f"deep-compression on the digits CNN: {sqnr:.1f} dB"
+
+
+def test_exposed_outputs_untyped_values_without_a_copy():
+    """graph.exposed appends untyped intermediates as they are (onnxruntime infers their types)
+    and takes them away again; their values are the model's own."""
+    from onnxcomp.graph import exposed, produced_values
+    from onnxcomp.io import load_model
+    from onnxcomp.runtime import create_session, session_options
+
+    model = load_model(MODELS / "digits_mlp.onnx")
+    values = produced_values(model)
+    outputs = [v.name for v in model.graph.outputs]
+    names = [n for n in values if n not in outputs]
+    assert names and all(values[n].dtype is None for n in names)  # as loaded: intermediates untyped
+    feed = {"image": np.load(MODELS / "digits_eval.npz")["image"][:8]}
+    for level in ("disable", "all"):
+        plain = create_session(model, sess_options=session_options(level)).run(None, feed)
+        with exposed(model, names) as exposing:
+            assert exposing is model
+            got = create_session(exposing, sess_options=session_options(level)).run(None, feed)
+        np.testing.assert_allclose(got[0], plain[0], rtol=1e-5, atol=1e-5)
+        assert len(got) == len(outputs) + len(names) and all(a.dtype == np.float32 for a in got)
+    assert [v.name for v in model.graph.outputs] == outputs
+    with pytest.raises(Exception, match="not produced by a node"):
+        with exposed(model, ["no_such_tensor"]):
+            pass
 
 
 class _HeldOutCheck(Stage):

@@ -1,7 +1,7 @@
 """Package structure: no import cycles, product code never imports onnxcomp.testing, io has no sessions.
 
-The import graph counts every ``import`` statement, module level or inside a function: a lazy import
-is still a dependency.
+The import graph counts every ``import`` statement, module level or inside a function (a lazy import
+is still a dependency), and ``importlib.import_module("onnxcomp...")`` calls with a literal name.
 """
 
 from __future__ import annotations
@@ -35,8 +35,21 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 targets.add(node.module)
                 targets.update(f"{node.module}.{a.name}" for a in node.names)
+            elif (dynamic := _dynamic_import(node)) is not None:
+                targets.add(dynamic)
         graph[name] = {t for t in targets if t in mods and t != name and t != "onnxcomp"}
     return graph
+
+
+def _dynamic_import(node: ast.AST) -> str | None:
+    """The literal module name of an ``import_module("...")`` / ``__import__("...")`` call."""
+    if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant):
+        return None
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+        return node.args[0].value
+    return None
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -87,6 +100,44 @@ def test_import_graph_sees_lazy_imports():
 
 def test_no_import_cycle():
     assert _cycles(import_graph()) == []
+
+
+def test_import_graph_sees_dynamic_imports(tmp_path):
+    tree = ast.parse("import importlib\nimportlib.import_module('onnxcomp.io')\n__import__('onnxcomp.ops')\n")
+    assert {n for node in ast.walk(tree) if (n := _dynamic_import(node))} == {"onnxcomp.io", "onnxcomp.ops"}
+
+
+def test_command_modules_import_the_shared_helpers_not_the_cli():
+    """``onnxcomp.cli`` imports the command modules; they take their helpers from cli_common."""
+    graph = import_graph()
+    commands = {m for m in graph if m.endswith(".cli") and m != "onnxcomp.cli"}
+    assert commands <= graph["onnxcomp.cli"], commands - graph["onnxcomp.cli"]
+    assert sorted(m for m in commands if "onnxcomp.cli" in graph[m]) == []
+    assert all("onnxcomp.cli_common" in graph[m] for m in commands)
+    assert "onnxcomp.cli" not in graph["onnxcomp.cli_common"]
+
+
+def _catches_import_errors(handler: ast.ExceptHandler) -> bool:
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(n is None or (isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError",
+                                                                    "Exception", "BaseException"))
+               for n in names)
+
+
+def test_no_import_error_of_the_package_is_swallowed():
+    """An ``import onnxcomp...`` never sits in a ``try`` whose handler would catch its ImportError
+    (an optional third-party package may: the handler then names what to install)."""
+    offenders = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Try) or not any(_catches_import_errors(h) for h in node.handlers):
+                continue
+            for inner in (n for stmt in node.body for n in ast.walk(stmt)):
+                module = (inner.module if isinstance(inner, ast.ImportFrom) else
+                          inner.names[0].name if isinstance(inner, ast.Import) else _dynamic_import(inner))
+                if module and module.split(".")[0] == "onnxcomp":
+                    offenders.append(f"{name}:{inner.lineno}")
+    assert offenders == []
 
 
 def test_product_code_never_imports_testing():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from onnxcomp.cli import COUNT, POSITIVE_INT, add_output_flags, console, esc, print_json, progress_bar, register
+from onnxcomp.cli_common import COUNT, POSITIVE_INT, add_output_flags, console, esc, print_json, progress_bar, register
 from onnxcomp.data import (
     Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
 )

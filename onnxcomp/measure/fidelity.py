@@ -6,8 +6,9 @@ onnxruntime and feeds each output pair into a
 labels, one predicted class per sample) is kept, whatever the data set size.
 
 Per-layer mode exposes every intermediate float tensor that both models produce under the same name
-as an extra graph output (on clones; the given models are untouched) and ranks them by SQNR, worst
-first. This is what to read when a compressed model breaks: the first tensor where the SQNR drops is
+as an extra graph output (appended for the second pass and removed again; a tensor without a
+type is exposed untyped: onnxruntime infers it, and one that turns out not to be float is left
+out) and ranks them by SQNR, worst first. This is what to read when a compressed model breaks: the first tensor where the SQNR drops is
 where the damage appears. Exposing intermediates blocks some of onnxruntime's fusions, so the
 per-layer numbers describe an unfused run; the per-output numbers always come from the models as
 they are. Intermediate tensors that cannot be compared are left out of the ranking and listed with
@@ -30,8 +31,8 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
-from onnxcomp.graph import FLOAT_TYPES, exposed, infer_types
-from onnxcomp.io import LARGE_MODEL_BYTES, clone_model, initializer_nbytes, release_pages
+from onnxcomp.graph import FLOAT_TYPES, exposed
+from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
 from onnxcomp.runtime import create_session, session_options
 
@@ -102,29 +103,21 @@ def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any
 
 
 def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[str]:
-    """Names of float tensors computed by nodes in both models (not graph inputs/outputs)."""
+    """Names of float tensors computed by nodes in both models (not graph inputs/outputs); a tensor
+    without a type is among them (its values tell)."""
 
     def float_values(model: ir.Model) -> dict[str, ir.Value]:
         outputs = {v.name for v in model.graph.outputs}
         found = {}
         for node in model.graph:
             for value in node.outputs:
-                if value.name and value.name not in outputs and value.dtype in FLOAT_TYPES:
+                if value.name and value.name not in outputs and (value.dtype is None or value.dtype in FLOAT_TYPES):
                     found[value.name] = value
         return found
 
     ref_values = float_values(reference)
     cand_values = float_values(candidate)
     return [name for name in ref_values if name in cand_values]
-
-
-def _typed(model: ir.Model) -> ir.Model:
-    """``model`` itself when every value its nodes produce is typed, else a typed clone."""
-    if all(v.dtype is not None for node in model.graph for v in node.outputs if v.name):
-        return model
-    clone = clone_model(model)
-    infer_types(clone)
-    return clone
 
 
 def compare_models(
@@ -169,7 +162,6 @@ def compare_models(
     # Per-layer tensors come from a second pass with exposed copies, once the first sessions are
     # gone (two sessions of a model alive at once would hold its weights twice).
     if per_layer:
-        reference, candidate = _typed(reference), _typed(candidate)
         layer_names = _shared_intermediates(reference, candidate)
     names = ref_outputs + layer_names
     accumulators: dict[str, FidelityAccumulator] = {}
@@ -181,6 +173,8 @@ def compare_models(
 
     def consume(which: list[str], ref_values, cand_values, layer: bool) -> None:
         for i, (name, r, c) in enumerate(zip(which, ref_values, cand_values)):
+            if layer and (r.dtype.kind != "f" or c.dtype.kind != "f"):
+                continue  # an untyped intermediate that is not float
             if r.shape != c.shape:
                 if layer:  # an intermediate pruning resized: not comparable
                     resized.add(name)

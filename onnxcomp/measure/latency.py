@@ -361,22 +361,7 @@ def measure_latency(
     """
     specs = list(specs)
     feeds = list(feeds)
-    if not specs:
-        raise ValueError("specs is empty; at least one SessionSpec is required")
-    for k, spec in enumerate(specs):
-        if not isinstance(spec, SessionSpec):
-            raise ValueError(f"specs[{k}] must be a SessionSpec, got {type(spec).__name__}")
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"specs has duplicate names {dupes}")
-    if not feeds:
-        raise ValueError("feeds is empty; at least one input feed is required")
-    for k, feed in enumerate(feeds):
-        if not isinstance(feed, Mapping):
-            raise ValueError(
-                f"feeds[{k}] must be a dict of input name -> array, got {type(feed).__name__}"
-            )
+    _check_specs_and_feeds(specs, feeds)
     warmup_runs = check_int(warmup_runs, "warmup_runs", 0)
     warmup_seconds = _nonneg_float(warmup_seconds, "warmup_seconds")
     runs = check_int(runs, "runs", 1)
@@ -395,32 +380,66 @@ def measure_latency(
     ):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
 
-    # 1. create + warm up, one spec at a time.
-    sessions: list[ort.InferenceSession] = []
-    creation_s: list[float] = []
-    warm_counts: list[int] = []
-    warm_s: list[float] = []
-    memory: list[tuple[int | None, str]] = []
-    warm_ns = int(warmup_seconds * 1e9)
-    for spec in specs:
-        gc.collect()
-        probe = _MemoryProbe()
-        probe.start()
-        t0 = time.perf_counter_ns()
-        sess = spec.create_session()
-        creation_s.append((time.perf_counter_ns() - t0) / 1e9)
-        _check_feeds_for_session(spec.name, sess, feeds)
-        done = 0
-        w0 = time.perf_counter_ns()
-        while done < warmup_runs or time.perf_counter_ns() - w0 < warm_ns:
-            _run(spec.name, sess, feeds[done % len(feeds)])
-            done += 1
-        warm_s.append((time.perf_counter_ns() - w0) / 1e9)
-        warm_counts.append(done)
-        memory.append(probe.stop())
-        sessions.append(sess)
+    warmed = [_create_and_warm(spec, feeds, warmup_runs, int(warmup_seconds * 1e9)) for spec in specs]
+    times_ns = _interleaved_rounds(specs, [w.session for w in warmed], feeds, runs, seed, progress, budget_ns)
+    return _results(specs, warmed, times_ns, seed=seed, batch_size=batch_size, n_boot=n_boot, confidence=confidence)
 
-    # 2. interleaved rounds.
+
+def _check_specs_and_feeds(specs: list[SessionSpec], feeds: list[Mapping[str, np.ndarray]]) -> None:
+    if not specs:
+        raise ValueError("specs is empty; at least one SessionSpec is required")
+    for k, spec in enumerate(specs):
+        if not isinstance(spec, SessionSpec):
+            raise ValueError(f"specs[{k}] must be a SessionSpec, got {type(spec).__name__}")
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"specs has duplicate names {dupes}")
+    if not feeds:
+        raise ValueError("feeds is empty; at least one input feed is required")
+    for k, feed in enumerate(feeds):
+        if not isinstance(feed, Mapping):
+            raise ValueError(
+                f"feeds[{k}] must be a dict of input name -> array, got {type(feed).__name__}"
+            )
+
+
+@dataclass
+class _Warmed:
+    """A spec's session after warm-up, with what creating and warming it cost."""
+
+    session: ort.InferenceSession
+    creation_s: float
+    warmup_runs: int
+    warmup_s: float
+    memory: tuple[int | None, str]
+
+
+def _create_and_warm(spec: SessionSpec, feeds: list[Mapping[str, np.ndarray]], warmup_runs: int,
+                     warm_ns: int) -> _Warmed:
+    """Step 1, one spec at a time: create the session, check the feeds, warm up."""
+    gc.collect()
+    probe = _MemoryProbe()
+    probe.start()
+    t0 = time.perf_counter_ns()
+    sess = spec.create_session()
+    creation_s = (time.perf_counter_ns() - t0) / 1e9
+    _check_feeds_for_session(spec.name, sess, feeds)
+    done = 0
+    w0 = time.perf_counter_ns()
+    while done < warmup_runs or time.perf_counter_ns() - w0 < warm_ns:
+        _run(spec.name, sess, feeds[done % len(feeds)])
+        done += 1
+    warm_s = (time.perf_counter_ns() - w0) / 1e9
+    return _Warmed(sess, creation_s, done, warm_s, probe.stop())
+
+
+def _interleaved_rounds(
+    specs: list[SessionSpec], sessions: list[ort.InferenceSession], feeds: list[Mapping[str, np.ndarray]],
+    runs: int, seed: int | None, progress: ProgressCallback | None, budget_ns: int | None,
+) -> list[list[int]]:
+    """Step 2: ``runs`` rounds, each spec once per round in a shuffled order, garbage collection
+    off; the times of each spec in nanoseconds."""
     m = len(specs)
     schedule = interleaved_schedule(m, runs, seed=seed)
     times_ns: list[list[int]] = [[] for _ in specs]
@@ -453,8 +472,14 @@ def measure_latency(
     finally:
         if gc_was_enabled:
             gc.enable()
+    return times_ns
 
-    # 3. summaries and ratios to the first spec.
+
+def _results(
+    specs: list[SessionSpec], warmed: list[_Warmed], times_ns: list[list[int]], *, seed: int | None,
+    batch_size: int, n_boot: int, confidence: float,
+) -> list[LatencyResult]:
+    """Step 3: summaries, and each spec's ratio to the first with its bootstrap interval."""
     boot_seed = 0 if seed is None else seed
     times_s = [np.asarray(t, dtype=np.float64) / 1e9 for t in times_ns]
     results: list[LatencyResult] = []
@@ -466,15 +491,15 @@ def measure_latency(
                 times_s[0], times_s[i], n_boot=n_boot, confidence=confidence, seed=boot_seed
             )
             interval = (lo, hi)
-        rss, method = memory[i]
+        rss, method = warmed[i].memory
         results.append(
             LatencyResult(
                 name=spec.name,
                 summary=summarize(times_s[i], batch_size=batch_size),
                 times=tuple(float(t) for t in times_s[i]),
-                session_creation_s=creation_s[i],
-                warmup_runs=warm_counts[i],
-                warmup_s=warm_s[i],
+                session_creation_s=warmed[i].creation_s,
+                warmup_runs=warmed[i].warmup_runs,
+                warmup_s=warmed[i].warmup_s,
                 peak_rss_delta_bytes=rss,
                 memory_method=method,
                 ratio=ratio,

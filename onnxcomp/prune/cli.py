@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from onnxcomp.cli import (
+from onnxcomp.cli_common import (
     POSITIVE_INT,
     add_check_flags,
     add_specialize_flags,

@@ -192,57 +192,88 @@ def cut_channels(
     removal = {gid: np.asarray(r, dtype=np.int64) for gid, r in removal.items() if len(r)}
     kept_back: dict[int, str] = {}
     border: list[str] = []
-    # 1. Decide what folds (constant channels that reach a padded Conv are kept unless allowed).
-    if stats is not None:
-        for gid, channels in list(removal.items()):
-            g = groups[gid]
-            refuse = np.zeros(len(channels), dtype=bool)
-            for c in g.consumers:
-                value, _ = _data_input(c.node, model)
-                if value.name not in stats.sum:
-                    continue
-                idx = c.indices(channels).reshape(len(channels), c.block)
-                if constant:
-                    not_constant = ~stats.constant(value.name, idx.reshape(-1)).reshape(idx.shape).all(axis=1)
-                    refuse |= not_constant
-                    nonzero = np.abs(stats.mean(value.name)[idx]).max(axis=1) > 0
-                    if nonzero.any() and _compensation(c.node, model, c, idx.reshape(-1), stats.mean(value.name)[idx.reshape(-1)]) is None:
-                        refuse |= nonzero  # a constant this consumer cannot absorb (grouped conv...)
-                    if _has_padding(c.node):
-                        if fold_border:
-                            if nonzero.any():
-                                border.append(c.node.name)
-                        else:
-                            refuse |= nonzero
-            if refuse.any():
-                kept_back[gid] = (
-                    f"{int(refuse.sum())} constant channel(s) kept: not constant, read by a consumer that "
-                    "cannot absorb a constant (grouped Conv, ConvTranspose), or folding them into a "
-                    "zero-padded Conv would change its border (fold_border allows that)"
-                )
-                removal[gid] = channels[~refuse]
-                if not len(removal[gid]):
-                    del removal[gid]
-    # 2. Compensation into consumer biases, computed on the original weights.
     deltas: dict[str, tuple[ir.Node, np.ndarray]] = {}
     unsupported: set[str] = set()
     if stats is not None:
-        for gid, channels in removal.items():
-            for c in groups[gid].consumers:
-                value, _ = _data_input(c.node, model)
-                if value.name not in stats.sum:
-                    continue
-                idx = c.indices(channels)
-                v = stats.mean(value.name)[idx]
-                if not np.any(v):
-                    continue
-                delta = _compensation(c.node, model, c, idx, v)
-                if delta is None:
-                    unsupported.add(c.node.name)
-                    continue
-                prev = deltas.get(c.node.name)
-                deltas[c.node.name] = (c.node, delta if prev is None else prev[1] + delta)
-    # 3. Cut every constant slice (indices are relative to the original tensors: gather first).
+        _keep_unfoldable(model, groups, removal, stats, constant, fold_border, kept_back, border)
+        deltas, unsupported = _compensations(model, groups, removal, stats)
+    _cut_slices(groups, removal)
+    _fold_into_biases(model, groups, removal, deltas, taken)
+    _edit_channel_counts(graph, groups, removal, taken)
+    _reinfer(model)
+    return {
+        "removed": {gid: len(r) for gid, r in removal.items()},
+        "kept_back": kept_back,
+        "bias_folds": sorted(deltas),
+        "border_error_folds": border,
+        "no_compensation": sorted(unsupported),
+    }
+
+
+def _keep_unfoldable(
+    model: ir.Model, groups: Mapping[int, ChannelGroup], removal: dict[int, np.ndarray], stats: InputStats,
+    constant: bool, fold_border: bool, kept_back: dict[int, str], border: list[str],
+) -> None:
+    """Step 1: decide what folds (constant channels that reach a padded Conv are kept unless
+    allowed); the channels kept leave ``removal`` and say why in ``kept_back``."""
+    for gid, channels in list(removal.items()):
+        g = groups[gid]
+        refuse = np.zeros(len(channels), dtype=bool)
+        for c in g.consumers:
+            value, _ = _data_input(c.node, model)
+            if value.name not in stats.sum:
+                continue
+            idx = c.indices(channels).reshape(len(channels), c.block)
+            if constant:
+                not_constant = ~stats.constant(value.name, idx.reshape(-1)).reshape(idx.shape).all(axis=1)
+                refuse |= not_constant
+                nonzero = np.abs(stats.mean(value.name)[idx]).max(axis=1) > 0
+                if nonzero.any() and _compensation(c.node, model, c, idx.reshape(-1), stats.mean(value.name)[idx.reshape(-1)]) is None:
+                    refuse |= nonzero  # a constant this consumer cannot absorb (grouped conv...)
+                if _has_padding(c.node):
+                    if fold_border:
+                        if nonzero.any():
+                            border.append(c.node.name)
+                    else:
+                        refuse |= nonzero
+        if refuse.any():
+            kept_back[gid] = (
+                f"{int(refuse.sum())} constant channel(s) kept: not constant, read by a consumer that "
+                "cannot absorb a constant (grouped Conv, ConvTranspose), or folding them into a "
+                "zero-padded Conv would change its border (fold_border allows that)"
+            )
+            removal[gid] = channels[~refuse]
+            if not len(removal[gid]):
+                del removal[gid]
+
+
+def _compensations(
+    model: ir.Model, groups: Mapping[int, ChannelGroup], removal: Mapping[int, np.ndarray], stats: InputStats,
+) -> tuple[dict[str, tuple[ir.Node, np.ndarray]], set[str]]:
+    """Step 2: compensation into consumer biases, computed on the original weights (consumer name
+    -> (node, bias delta)), and the consumers that cannot take one."""
+    deltas: dict[str, tuple[ir.Node, np.ndarray]] = {}
+    unsupported: set[str] = set()
+    for gid, channels in removal.items():
+        for c in groups[gid].consumers:
+            value, _ = _data_input(c.node, model)
+            if value.name not in stats.sum:
+                continue
+            idx = c.indices(channels)
+            v = stats.mean(value.name)[idx]
+            if not np.any(v):
+                continue
+            delta = _compensation(c.node, model, c, idx, v)
+            if delta is None:
+                unsupported.add(c.node.name)
+                continue
+            prev = deltas.get(c.node.name)
+            deltas[c.node.name] = (c.node, delta if prev is None else prev[1] + delta)
+    return deltas, unsupported
+
+
+def _cut_slices(groups: Mapping[int, ChannelGroup], removal: Mapping[int, np.ndarray]) -> None:
+    """Step 3: cut every constant slice (indices are relative to the original tensors: gather first)."""
     cuts: dict[tuple[int, int], tuple[ir.Value, int, list[np.ndarray]]] = {}
     for gid, channels in removal.items():
         for cut in groups[gid].tensor_cuts():
@@ -253,7 +284,14 @@ def cut_channels(
         new = np.delete(arr, np.unique(np.concatenate(parts)), axis=axis)
         value.const_value = ir.tensor(np.ascontiguousarray(new), name=value.name)
         value.shape = ir.Shape(new.shape)
-    # A consumer can also be a producer whose own output channels were just cut.
+
+
+def _fold_into_biases(
+    model: ir.Model, groups: Mapping[int, ChannelGroup], removal: Mapping[int, np.ndarray],
+    deltas: Mapping[str, tuple[ir.Node, np.ndarray]], taken: set[str],
+) -> None:
+    """The bias deltas go into the consumers' biases; a consumer can also be a producer whose own
+    output channels were just cut."""
     out_removed: dict[str, set[int]] = collections.defaultdict(set)
     for gid, channels in removal.items():
         for p in groups[gid].producers:
@@ -261,30 +299,30 @@ def cut_channels(
     for name, (node, delta) in deltas.items():
         if out_removed.get(name):
             delta = np.delete(delta, sorted(out_removed[name]))
-        _add_to_bias(graph, node, model, delta, taken)
-    # 4. Integers that depend on channel counts (each group's edit applied to the previous result).
+        _add_to_bias(model.graph, node, model, delta, taken)
+
+
+def _edit_channel_counts(graph: ir.Graph, groups: Mapping[int, ChannelGroup], removal: Mapping[int, np.ndarray],
+                         taken: set[str]) -> None:
+    """Step 4: integers that depend on channel counts (each group's edit applied to the previous result)."""
     edits: dict[tuple[int, Any, Any, Any], list[tuple[Any, np.ndarray]]] = collections.defaultdict(list)
     for gid, channels in removal.items():
         for e in groups[gid].shape_edits:
             edits[(id(e.node), e.input_index, e.attribute, e.position)].append((e, channels))
     for items in edits.values():
         _apply_edit(graph, items, taken)
-    # 5. Shapes of intermediate values are re-inferred.
-    outputs = {id(v) for v in graph.outputs}
-    for node in graph:
+
+
+def _reinfer(model: ir.Model) -> None:
+    """Step 5: shapes of intermediate values are re-inferred (after sorting and dropping dead nodes)."""
+    outputs = {id(v) for v in model.graph.outputs}
+    for node in model.graph:
         for v in node.outputs:
             if id(v) not in outputs:
                 v.shape = None
     TopologicalSortPass()(model)
     RemoveUnusedNodesPass()(model)
     infer_types(model)
-    return {
-        "removed": {gid: len(r) for gid, r in removal.items()},
-        "kept_back": kept_back,
-        "bias_folds": sorted(deltas),
-        "border_error_folds": border,
-        "no_compensation": sorted(unsupported),
-    }
 
 
 def _apply_edit(graph: ir.Graph, items: list[tuple[Any, np.ndarray]], taken: set[str]) -> None:

@@ -18,12 +18,14 @@ from onnxcomp.data import DataSource, Dataset
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource
-from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
+from onnxcomp.quant.config import (
+    MODE_CONFIGS, STATIC_MIN_OPSET, DynamicConfig, ModeConfig, QuantizeConfig, StaticConfig, WeightOnlyConfig,
+)
 from onnxcomp.quant.static import observer_kwargs, quantize_static
 from onnxcomp.quant.verify import fusion_report
 from onnxcomp.stage import Context, Stage
 
-__all__ = ["quantize", "quantize_in_place", "QuantizeStage", "observer_kwargs", "required_opset", "STATIC_MIN_OPSET"]
+__all__ = ["quantize", "quantize_in_place", "QuantizeStage", "MODES", "observer_kwargs", "required_opset", "STATIC_MIN_OPSET"]
 
 
 def required_opset(config: QuantizeConfig) -> int:
@@ -40,7 +42,7 @@ def required_opset(config: QuantizeConfig) -> int:
 def quantize(
     model: ModelSource,
     calibration: DataSource | Dataset | None = None,
-    config: QuantizeConfig | None = None,
+    config: QuantizeConfig | ModeConfig | None = None,
     *,
     allow_upgrade: bool = True,
     verify: bool = True,
@@ -57,7 +59,7 @@ def quantize(
             dynamic modes, where it gives the layer Hessians of error-compensating rounding
             (``config.rounding``: by default GPTQ for 4-bit weight-only when data is given).
         config: a :class:`QuantizeConfig` (default: static, uint8 activations, per-channel int8
-            weights, min/max ranges).
+            weights, min/max ranges) or one mode's config (:class:`StaticConfig`, ...).
         allow_upgrade: upgrade an opset older than the mode needs instead of refusing.
         verify: count the int8 kernels in onnxruntime's optimized graph.
         eval_data / labels: evaluation data for the fidelity budget (``fidelity_target``,
@@ -69,7 +71,7 @@ def quantize(
     Raises:
         OpsetError, DataError, ConfigError and other OnnxcompError subclasses with clear messages.
     """
-    config = config or QuantizeConfig()
+    config = QuantizeConfig.of(config) if isinstance(config, ModeConfig) else config or QuantizeConfig()
     notes: list[str] = []
     started = time.perf_counter()
     if config.mode == "static" and calibration is None:
@@ -116,44 +118,86 @@ def quantize_in_place(
                               embed_layer_norm=not quantizable_tables(work, config))
     if encoder is not None and config.mode == "dynamic" and config.smoothquant:
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
-    if config.mode == "static" and config.uses_fallback:
-        from onnxcomp.quant.sensitivity import quantize_with_fallback
-
-        if cleanup is not None and cleanup != config.cleanup:
-            config = dataclasses.replace(config, cleanup=cleanup)
-        _, fallback = quantize_with_fallback(
-            work, calibration, config, fidelity_target=config.fidelity_target, max_drop=config.max_drop,
-            eval_data=eval_data, labels=labels, latency_aware=config.latency_aware, in_place=True,
-            threads=threads,
-        )
-        notes.extend(fallback.pop("notes", []))
-        report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
-                  "int8_nodes": len(fallback["int8_nodes"]), "skipped": {n: "kept float to meet the budget"
-                                                                        for n in fallback["float_nodes"]}}
-        if "recovery" in fallback:
-            report["recovery"] = fallback.pop("recovery")
-        if fallback["target"]["fidelity_db"] is not None or fallback["target"]["max_drop_points"] is not None:
-            if not fallback["met"]:
-                notes.append("the fidelity budget was not met even with every node in float")
-    elif config.mode == "static":
-        report = quantize_static(work, calibration, config, cleanup=cleanup,
-                                 progress=(lambda d, t: progress("calibrating", d, t)) if progress else None)
-    else:
-        from onnxcomp.quant.weight_only import quantize_dynamic_in_place, quantize_weight_only_in_place
-
-        handler = quantize_weight_only_in_place if config.mode == "weight-only" else quantize_dynamic_in_place
-        report = handler(work, config, notes=notes, cleanup=cleanup, calibration=calibration)
-        from onnxcomp.io import initializer_nbytes
-        from onnxcomp.quant.embedding import quantize_embeddings
-
-        report["embeddings"] = quantize_embeddings(work, config)  # after MatMul/Gemm: tied tables
-        report["model_weight_bytes_after"] = initializer_nbytes(work)
+    handler = MODES[MODE_CONFIGS[config.mode]]
+    report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,
+                     progress=progress, threads=threads)
     if encoder is not None:
         report["transformer"] = finish_encoder(work, config, encoder, notes)
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes
     return report
+
+
+def _static_mode(
+    work: ir.Model, calibration: DataSource | Dataset | None, config: QuantizeConfig, *, notes: list[str],
+    cleanup: bool | None, eval_data: DataSource | Dataset | None, labels: Any,
+    progress: Callable[[str, int, int | None], object] | None, threads: int | None,
+) -> dict[str, Any]:
+    """Static mode: the static pipeline, or with a fidelity budget the fallback around it."""
+    if not config.uses_fallback:
+        return quantize_static(work, calibration, config, cleanup=cleanup,
+                               progress=(lambda d, t: progress("calibrating", d, t)) if progress else None)
+    from onnxcomp.quant.sensitivity import quantize_with_fallback
+
+    if cleanup is not None and cleanup != config.cleanup:
+        config = dataclasses.replace(config, cleanup=cleanup)
+    _, fallback = quantize_with_fallback(
+        work, calibration, config, fidelity_target=config.fidelity_target, max_drop=config.max_drop,
+        eval_data=eval_data, labels=labels, latency_aware=config.latency_aware, in_place=True,
+        threads=threads,
+    )
+    notes.extend(fallback.pop("notes", []))
+    report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
+              "int8_nodes": len(fallback["int8_nodes"]), "skipped": {n: "kept float to meet the budget"
+                                                                    for n in fallback["float_nodes"]}}
+    if "recovery" in fallback:
+        report["recovery"] = fallback.pop("recovery")
+    if fallback["target"]["fidelity_db"] is not None or fallback["target"]["max_drop_points"] is not None:
+        if not fallback["met"]:
+            notes.append("the fidelity budget was not met even with every node in float")
+    return report
+
+
+def _weight_only_mode(
+    work: ir.Model, calibration: DataSource | Dataset | None, config: QuantizeConfig, *, notes: list[str],
+    cleanup: bool | None, **_unused: Any,
+) -> dict[str, Any]:
+    """Weight-only mode: blockwise weights of MatMul/Gemm, then embedding tables."""
+    from onnxcomp.quant.weight_only import quantize_weight_only_in_place
+
+    report = quantize_weight_only_in_place(work, config, notes=notes, cleanup=cleanup, calibration=calibration)
+    return _with_embeddings(work, config, report)
+
+
+def _dynamic_mode(
+    work: ir.Model, calibration: DataSource | Dataset | None, config: QuantizeConfig, *, notes: list[str],
+    cleanup: bool | None, **_unused: Any,
+) -> dict[str, Any]:
+    """Dynamic mode: int8 weights of MatMul/Gemm (and LSTM), then embedding tables."""
+    from onnxcomp.quant.weight_only import quantize_dynamic_in_place
+
+    report = quantize_dynamic_in_place(work, config, notes=notes, cleanup=cleanup, calibration=calibration)
+    return _with_embeddings(work, config, report)
+
+
+def _with_embeddings(work: ir.Model, config: QuantizeConfig, report: dict[str, Any]) -> dict[str, Any]:
+    from onnxcomp.io import initializer_nbytes
+    from onnxcomp.quant.embedding import quantize_embeddings
+
+    report["embeddings"] = quantize_embeddings(work, config)  # after MatMul/Gemm: tied tables
+    report["model_weight_bytes_after"] = initializer_nbytes(work)
+    return report
+
+
+#: Each mode's config class -> its handler ``handler(work, calibration, config, *, notes, cleanup,
+#: eval_data, labels, progress, threads) -> report``. The handler gets the QuantizeConfig, whose
+#: fields of other modes are at their defaults (QuantizeConfig.validate refuses anything else).
+MODES: dict[type[ModeConfig], Callable[..., dict[str, Any]]] = {
+    StaticConfig: _static_mode,
+    DynamicConfig: _dynamic_mode,
+    WeightOnlyConfig: _weight_only_mode,
+}
 
 
 class QuantizeStage(Stage):

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import time
 
-from onnxcomp.cli import (
+from onnxcomp.cli_common import (
     COUNT,
     POSITIVE_INT,
     add_check_flags,

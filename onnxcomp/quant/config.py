@@ -1,4 +1,12 @@
-"""Configuration of the quantization passes (frozen, validated on construction)."""
+"""Configuration of the quantization passes (frozen, validated on construction).
+
+Each mode has its own config class holding the fields that mode reads: :class:`StaticConfig`,
+:class:`DynamicConfig` and :class:`WeightOnlyConfig` (``onnxcomp.quant.api.MODES`` maps each to
+its handler). :class:`QuantizeConfig` is the public entry the CLI, the recipes' ``[quantize]``
+sections and the API take: every field of every mode plus ``mode``; it builds and validates the
+mode's config (:attr:`QuantizeConfig.for_mode`) and refuses a field of another mode set away from
+its default, naming the modes it applies to.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
 from onnxcomp.selection import NodeSelector
 
-__all__ = ["QuantizeConfig", "NodeSelector", "STATIC_MIN_OPSET"]
+__all__ = ["QuantizeConfig", "StaticConfig", "DynamicConfig", "WeightOnlyConfig", "ModeConfig", "MODE_CONFIGS",
+           "NodeSelector", "STATIC_MIN_OPSET"]
 
 _METHODS = ("minmax", "percentile", "entropy", "mse", "auto", "per-tensor")
 
@@ -19,8 +28,169 @@ _METHODS = ("minmax", "percentile", "entropy", "mse", "auto", "per-tensor")
 STATIC_MIN_OPSET = 13
 
 
+
+_RANGES: dict[str, Range] = {
+    "percentile": Range(float, 0.0, 100.0, min_open=True),
+    "bins": Range(int, 16, 1 << 20),
+    "max_samples": Range(int, 1),
+    "max_range_ratio": Range(float, 1.0, min_open=True),
+    "block_size": Range(int, 16, 1 << 16),
+    "smoothquant_alpha": Range(float, 0.0, 1.0),
+    "fidelity_target": Range(float, 0.0, 200.0),
+    "max_drop": Range(float, 0.0, 100.0),
+    "gptq_damp": Range(float, 0.0, 1.0, min_open=True),
+}
+
+
+# The field groups below are mixins (no validation of their own); the classes that combine them
+# are PassConfigs. Attributes are documented on QuantizeConfig.
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantizeConfig(PassConfig):
+class _SharedFields:
+    """What every mode reads: node selection, cleanup, rounding, embedding tables, the transformer path."""
+
+    cleanup: bool = True
+    op_types: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_samples: int | None = None
+    block_size: int = 32  # weight-only blocks and 4-bit embedding tables in every mode
+    rounding: Literal["auto", "nearest", "gptq"] = "auto"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    embedding_bits: int | None = None
+    transformer: Literal["auto", "on", "off"] = "auto"
+
+    @property
+    def selector(self) -> NodeSelector:
+        return NodeSelector(self.op_types, self.exclude)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Int8WeightFields:
+    """Per-channel int8 weights (static and dynamic mode)."""
+
+    weight_type: Literal["int8"] = "int8"
+    per_channel: bool = True
+    weight_range: Literal["auto", "full", "reduced"] = "auto"
+
+    @property
+    def reduce_weights(self) -> bool:
+        """Whether int8 weights use 7 bits (``weight_range``, resolved on this CPU)."""
+        from onnxcomp.quant.kernels import reduce_weight_range
+
+        return reduce_weight_range(self.weight_range)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SmoothQuantFields:
+    smoothquant: bool = False
+    smoothquant_alpha: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticFields:
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    activation_symmetric: bool = False
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "auto", "per-tensor"] = "minmax"
+    percentile: float = 99.999
+    bins: int = 2048
+    quantize_outputs: bool = False
+    fold_activations: bool = True
+    max_range_ratio: float = 16.0
+    equalize: bool = False
+    bias_correction: bool = False
+    fidelity_target: float | None = None
+    max_drop: float | None = None
+    latency_aware: bool = False
+
+    @property
+    def uses_fallback(self) -> bool:
+        return self.fidelity_target is not None or self.max_drop is not None or self.latency_aware
+
+
+@dataclasses.dataclass(frozen=True)
+class _DynamicFields:
+    dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm", "LSTM")
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightOnlyFields:
+    bits: int = 4
+    weight_only_format: Literal["qdq", "ort"] = "qdq"
+
+
+def _validate_shared(config: _SharedFields) -> None:
+    if config.rounding not in ("auto", "nearest", "gptq"):
+        raise ConfigError(f"quantize: rounding must be auto, nearest or gptq, got {config.rounding!r}")
+    if config.embedding_bits not in (None, 0, 4, 8):
+        raise ConfigError(f"quantize: embedding_bits must be 0 (float), 4 or 8, got {config.embedding_bits}")
+    if config.block_size & (config.block_size - 1):
+        raise ConfigError(f"quantize: block_size must be a power of two >= 16, got {config.block_size}")
+    for item in config.exclude:
+        if item.startswith("re:"):
+            try:
+                re.compile(item[3:])
+            except re.error as exc:
+                raise ConfigError(f"quantize: exclude pattern {item!r} is not a valid regex: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeConfig(PassConfig):
+    """Base of the per-mode configs: ``mode`` names the mode (a class constant)."""
+
+    mode: ClassVar[str] = ""
+    stage: ClassVar[str] = "quantize"
+    ranges: ClassVar[dict[str, Range]] = _RANGES
+
+    def validate(self) -> None:
+        _validate_shared(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticConfig(ModeConfig, _StaticFields, _SmoothQuantFields, _Int8WeightFields, _SharedFields):
+    """Static mode: Q/DQ on activations and weights from calibration ranges."""
+
+    mode: ClassVar[str] = "static"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.calibration not in _METHODS:
+            raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicConfig(ModeConfig, _DynamicFields, _SmoothQuantFields, _Int8WeightFields, _SharedFields):
+    """Dynamic mode: int8 weights, activations quantized at run time by onnxruntime."""
+
+    mode: ClassVar[str] = "dynamic"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyConfig(ModeConfig, _WeightOnlyFields, _SharedFields):
+    """Weight-only mode: blockwise int8/int4 weights of MatMul/Gemm, activations in float."""
+
+    mode: ClassVar[str] = "weight-only"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits not in (4, 8):
+            raise ConfigError(f"quantize: bits must be 4 or 8, got {self.bits}")
+        if self.weight_only_format == "ort" and self.bits != 4:
+            raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
+
+
+#: Mode name -> its config class.
+MODE_CONFIGS: dict[str, type[ModeConfig]] = {c.mode: c for c in (StaticConfig, DynamicConfig, WeightOnlyConfig)}
+
+
+def _modes_of(name: str) -> list[str]:
+    return [mode for mode, cls in MODE_CONFIGS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyFields, _SmoothQuantFields, _Int8WeightFields,
+                     _SharedFields):
     """How to quantize.
 
     Attributes:
@@ -86,88 +256,28 @@ class QuantizeConfig(PassConfig):
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"
-    cleanup: bool = True
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    activation_symmetric: bool = False
-    weight_type: Literal["int8"] = "int8"
-    per_channel: bool = True
-    weight_range: Literal["auto", "full", "reduced"] = "auto"
-    calibration: Literal["minmax", "percentile", "entropy", "mse", "auto", "per-tensor"] = "minmax"
-    percentile: float = 99.999
-    bins: int = 2048
-    op_types: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    quantize_outputs: bool = False
-    fold_activations: bool = True
-    max_samples: int | None = None
-    max_range_ratio: float = 16.0
-    bits: int = 4
-    block_size: int = 32
-    weight_only_format: Literal["qdq", "ort"] = "qdq"
-    dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm", "LSTM")
-    equalize: bool = False
-    smoothquant: bool = False
-    smoothquant_alpha: float | None = None
-    bias_correction: bool = False
-    fidelity_target: float | None = None
-    max_drop: float | None = None
-    latency_aware: bool = False
-    rounding: Literal["auto", "nearest", "gptq"] = "auto"
-    gptq_damp: float = 0.01
-    gptq_act_order: bool = False
-    embedding_bits: int | None = None
-    transformer: Literal["auto", "on", "off"] = "auto"
 
     stage: ClassVar[str] = "quantize"
-    ranges: ClassVar[dict[str, Range]] = {
-        "percentile": Range(float, 0.0, 100.0, min_open=True),
-        "bins": Range(int, 16, 1 << 20),
-        "max_samples": Range(int, 1),
-        "max_range_ratio": Range(float, 1.0, min_open=True),
-        "block_size": Range(int, 16, 1 << 16),
-        "smoothquant_alpha": Range(float, 0.0, 1.0),
-        "fidelity_target": Range(float, 0.0, 200.0),
-        "max_drop": Range(float, 0.0, 100.0),
-        "gptq_damp": Range(float, 0.0, 1.0, min_open=True),
-    }
+    ranges: ClassVar[dict[str, Range]] = _RANGES
 
     def validate(self) -> None:
-        if self.calibration not in _METHODS:
-            raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
-        if (self.equalize or self.bias_correction) and self.mode != "static":
-            raise ConfigError("quantize: equalize and bias_correction apply to static mode")
-        if self.smoothquant and self.mode == "weight-only":
-            raise ConfigError("quantize: smoothquant applies to static mode (and dynamic mode on encoders)")
-        if (self.fidelity_target is not None or self.max_drop is not None or self.latency_aware) and self.mode != "static":
-            raise ConfigError("quantize: fidelity_target, max_drop and latency_aware apply to static mode")
-        if self.rounding not in ("auto", "nearest", "gptq"):
-            raise ConfigError(f"quantize: rounding must be auto, nearest or gptq, got {self.rounding!r}")
-        if self.embedding_bits not in (None, 0, 4, 8):
-            raise ConfigError(f"quantize: embedding_bits must be 0 (float), 4 or 8, got {self.embedding_bits}")
-        if self.bits not in (4, 8):
-            raise ConfigError(f"quantize: bits must be 4 or 8, got {self.bits}")
-        if self.block_size & (self.block_size - 1):
-            raise ConfigError(f"quantize: block_size must be a power of two >= 16, got {self.block_size}")
-        if self.weight_only_format == "ort" and self.bits != 4 and self.mode == "weight-only":
-            raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
-        for item in self.exclude:
-            if item.startswith("re:"):
-                try:
-                    re.compile(item[3:])
-                except re.error as exc:
-                    raise ConfigError(f"quantize: exclude pattern {item!r} is not a valid regex: {exc}") from None
+        if self.mode not in MODE_CONFIGS:
+            raise ConfigError(f"quantize: mode must be one of {', '.join(MODE_CONFIGS)}, got {self.mode!r}")
+        own = {f.name for f in dataclasses.fields(MODE_CONFIGS[self.mode])}
+        for f in dataclasses.fields(self):
+            if f.name == "mode" or f.name in own or getattr(self, f.name) == f.default:
+                continue
+            raise ConfigError(f"quantize: {f.name} applies to {' and '.join(_modes_of(f.name))} mode, not "
+                              f"{self.mode} mode (drop it or change the mode)")
+        self.for_mode  # noqa: B018  (validates the mode's own rules)
 
     @property
-    def reduce_weights(self) -> bool:
-        """Whether int8 weights use 7 bits (``weight_range``, resolved on this CPU)."""
-        from onnxcomp.quant.kernels import reduce_weight_range
+    def for_mode(self) -> ModeConfig:
+        """The config of ``mode`` (:class:`StaticConfig`, ...) with this config's values for its fields."""
+        cls = MODE_CONFIGS[self.mode]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
-        return reduce_weight_range(self.weight_range)
-
-    @property
-    def uses_fallback(self) -> bool:
-        return self.fidelity_target is not None or self.max_drop is not None or self.latency_aware
-
-    @property
-    def selector(self) -> NodeSelector:
-        return NodeSelector(self.op_types, self.exclude)
+    @classmethod
+    def of(cls, config: ModeConfig) -> QuantizeConfig:
+        """The QuantizeConfig of a per-mode config (the entry point's form of it)."""
+        return cls(mode=config.mode, **dataclasses.asdict(config))

@@ -114,25 +114,35 @@ def plan_static(
     tip its bias Add into int8, whose output was never observed.
     """
     keep_float = dict(keep_float or {})
-    graph = model.graph
-    selector = config.selector
-    outputs = {v.name for v in graph.outputs}
+    outputs = {v.name for v in model.graph.outputs}
     skipped: dict[str, str] = {}
-    nodes = list(graph)
+    kept_float: set[str] = set()
+    nodes = list(model.graph)
+    compute, float_out, by_neighbours = _compute_nodes(nodes, model, config, keep_float, within, outputs,
+                                                       skipped, kept_float)
+    _tip_neighbours(by_neighbours, compute, outputs, model, skipped)
+    # An op that can keep a float output keeps it unless an int8 node reads it.
+    for node in compute.values():
+        rule = _rule(node, model)
+        if rule is not None and rule.float_output_ok and not _feeds_int8(node.outputs[0], compute, model):
+            float_out.add(node.name)
+    points = _activation_points(compute, float_out, model)
+    folded = _fold_into_ranges(nodes, model, config, compute, float_out, outputs, points)
+    _share_data_movement(nodes, model, config, outputs, points)
+    return StaticPlan(nodes=list(compute), points=points, folded=folded, skipped=skipped,
+                      kept_float=frozenset(kept_float))
 
-    def output_quantizable(value: ir.Value) -> str | None:
-        if value.name in outputs and not config.quantize_outputs:
-            return "its output is a graph output"
-        for use in value.uses():
-            if sensitive_use(use.node, use.idx):
-                return f"its output feeds {use.node.op_type} {use.node.name!r}"
-        return None
 
-    # 1. compute nodes
+def _compute_nodes(
+    nodes: list[ir.Node], model: ir.Model, config: QuantizeConfig, keep_float: Mapping[str, str],
+    within: StaticPlan | None, outputs: set[str], skipped: dict[str, str], kept_float: set[str],
+) -> tuple[dict[str, ir.Node], set[str], list[ir.Node]]:
+    """Step 1: the compute nodes that can go int8 (name -> node), those of them that keep a float
+    output, and the Add/Mul decided by their neighbours; the others' reasons go into ``skipped``."""
+    selector = config.selector
     compute: dict[str, ir.Node] = {}
     float_out: set[str] = set()
     by_neighbours: list[ir.Node] = []
-    kept_float: set[str] = set()
     for node in nodes:
         rule = _rule(node, model)
         if rule is None or rule.kind != "compute":
@@ -149,28 +159,11 @@ def plan_static(
         if within is not None and node.name not in within.nodes:
             skipped[label] = within.skipped.get(label, "left in float by the plan this one refines")
             continue
-        act_idx = range(len(node.inputs)) if rule.activations is None else rule.activations
-        acts = [node.inputs[i] for i in act_idx if i < len(node.inputs)]
-        if not acts or not all(_is_float32(v) for v in acts):
-            skipped[label] = "an input is not float32"
+        reason = _not_int8(node, rule)
+        if reason is not None:
+            skipped[label] = reason
             continue
-        if node.op_type == "Gemm":
-            trans_a = node.attributes.get("transA")
-            if trans_a is not None and trans_a.as_int():
-                skipped[label] = "Gemm with transA=1 has no int8 kernel"
-                continue
-        if rule.weight is not None:
-            weight = node.inputs[rule.weight] if rule.weight < len(node.inputs) else None
-            if not _is_const(weight) and not (rule.weight_may_be_activation and _is_float32(weight)):
-                skipped[label] = "its weight is not a constant"
-                continue
-            if _is_const(weight) and weight.dtype != ir.DataType.FLOAT:
-                skipped[label] = "its weight is not float32"
-                continue
-        if len(node.outputs) != 1 or not _is_float32(node.outputs[0]):
-            skipped[label] = "its output is not a single float32 tensor"
-            continue
-        reason = output_quantizable(node.outputs[0])
+        reason = _output_not_quantizable(node.outputs[0], outputs, config)
         if reason is not None:
             if not rule.float_output_ok:
                 skipped[label] = f"left in float: {reason}"
@@ -180,9 +173,44 @@ def plan_static(
             by_neighbours.append(node)
             continue
         compute[node.name] = node
-    # Add/Mul go int8 where that saves conversions, decided for each chain of directly connected
-    # Add/Mul at once (an affine x * a + b after a float op only pays as a whole); a chain that
-    # goes int8 can tip its neighbours, so repeat until nothing changes (only ever adds nodes).
+    return compute, float_out, by_neighbours
+
+
+def _not_int8(node: ir.Node, rule: QuantRule) -> str | None:
+    """Why a compute node cannot have an int8 form (its types, a non-constant weight), or None."""
+    act_idx = range(len(node.inputs)) if rule.activations is None else rule.activations
+    acts = [node.inputs[i] for i in act_idx if i < len(node.inputs)]
+    if not acts or not all(_is_float32(v) for v in acts):
+        return "an input is not float32"
+    if node.op_type == "Gemm":
+        trans_a = node.attributes.get("transA")
+        if trans_a is not None and trans_a.as_int():
+            return "Gemm with transA=1 has no int8 kernel"
+    if rule.weight is not None:
+        weight = node.inputs[rule.weight] if rule.weight < len(node.inputs) else None
+        if not _is_const(weight) and not (rule.weight_may_be_activation and _is_float32(weight)):
+            return "its weight is not a constant"
+        if _is_const(weight) and weight.dtype != ir.DataType.FLOAT:
+            return "its weight is not float32"
+    if len(node.outputs) != 1 or not _is_float32(node.outputs[0]):
+        return "its output is not a single float32 tensor"
+    return None
+
+
+def _output_not_quantizable(value: ir.Value, outputs: set[str], config: QuantizeConfig) -> str | None:
+    if value.name in outputs and not config.quantize_outputs:
+        return "its output is a graph output"
+    for use in value.uses():
+        if sensitive_use(use.node, use.idx):
+            return f"its output feeds {use.node.op_type} {use.node.name!r}"
+    return None
+
+
+def _tip_neighbours(by_neighbours: list[ir.Node], compute: dict[str, ir.Node], outputs: set[str],
+                    model: ir.Model, skipped: dict[str, str]) -> None:
+    """Add/Mul go int8 where that saves conversions, decided for each chain of directly connected
+    Add/Mul at once (an affine x * a + b after a float op only pays as a whole); a chain that goes
+    int8 can tip its neighbours, so repeat until nothing changes (only ever adds nodes)."""
     undecided = _chains(by_neighbours, model)
     while True:
         tipped = [chain for chain in undecided if _int8_pays(chain, compute, outputs, model)]
@@ -193,12 +221,10 @@ def plan_static(
         undecided = [chain for chain in undecided if chain[0].name not in compute]
     for node in (n for chain in undecided for n in chain):
         skipped[node.name or node.op_type] = "left in float: int8 would add more Q/DQ conversions than it removes"
-    # An op that can keep a float output keeps it unless an int8 node reads it.
-    for node in compute.values():
-        rule = _rule(node, model)
-        if rule is not None and rule.float_output_ok and not _feeds_int8(node.outputs[0], compute, model):
-            float_out.add(node.name)
 
+
+def _activation_points(compute: Mapping[str, ir.Node], float_out: set[str], model: ir.Model) -> dict[str, QuantPoint]:
+    """The tensors to quantize: the int8 nodes' activation inputs and (unless kept float) outputs."""
     points: dict[str, QuantPoint] = {}
 
     def add_point(value: ir.Value) -> None:
@@ -216,35 +242,48 @@ def plan_static(
                 add_point(node.inputs[i])
         if node.name not in float_out:
             add_point(node.outputs[0])
+    return points
 
-    # 2. Relu / Clip(0, x) folding into the producer's output range
+
+def _fold_into_ranges(
+    nodes: list[ir.Node], model: ir.Model, config: QuantizeConfig, compute: Mapping[str, ir.Node],
+    float_out: set[str], outputs: set[str], points: dict[str, QuantPoint],
+) -> list[str]:
+    """Step 2: Relu / Clip(0, x) folded into the producer's output range; the folded nodes."""
     folded: list[str] = []
-    if config.fold_activations and not config.activation_symmetric:
-        for node in nodes:
-            rule = _rule(node, model)
-            if rule is None or rule.kind != "fold" or not selector.allows(node.name or "", node.op_type):
-                continue
-            src = node.inputs[0]
-            producer = src.producer() if src is not None else None
-            out = node.outputs[0]
-            if producer is None or producer.name not in compute or producer.name in float_out:
-                continue
-            if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
-                continue
-            if node.op_type == "Clip" and not _clip_starts_at_zero(node):
-                continue
-            # The producer's output is quantized anyway: reading the Q/DQ of the Relu/Clip range
-            # instead of Relu/Clip of the Q/DQ is exact and narrower, unless a reader is sensitive.
-            uses = list(out.uses())
-            if not uses or any(sensitive_use(u.node, u.idx) for u in uses):
-                continue
-            if any(u.node.graph is not graph for u in uses):
-                continue  # an If branch or a Loop body reads it: it would read the unclamped input
-            points.pop(src.name, None)
-            points[out.name] = QuantPoint(src.name, out.name)
-            folded.append(node.name)
+    if not config.fold_activations or config.activation_symmetric:
+        return folded
+    selector, graph = config.selector, model.graph
+    for node in nodes:
+        rule = _rule(node, model)
+        if rule is None or rule.kind != "fold" or not selector.allows(node.name or "", node.op_type):
+            continue
+        src = node.inputs[0]
+        producer = src.producer() if src is not None else None
+        out = node.outputs[0]
+        if producer is None or producer.name not in compute or producer.name in float_out:
+            continue
+        if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
+            continue
+        if node.op_type == "Clip" and not _clip_starts_at_zero(node):
+            continue
+        # The producer's output is quantized anyway: reading the Q/DQ of the Relu/Clip range
+        # instead of Relu/Clip of the Q/DQ is exact and narrower, unless a reader is sensitive.
+        uses = list(out.uses())
+        if not uses or any(sensitive_use(u.node, u.idx) for u in uses):
+            continue
+        if any(u.node.graph is not graph for u in uses):
+            continue  # an If branch or a Loop body reads it: it would read the unclamped input
+        points.pop(src.name, None)
+        points[out.name] = QuantPoint(src.name, out.name)
+        folded.append(node.name)
+    return folded
 
-    # 3. data movement between quantized tensors shares parameters
+
+def _share_data_movement(nodes: list[ir.Node], model: ir.Model, config: QuantizeConfig, outputs: set[str],
+                         points: dict[str, QuantPoint]) -> None:
+    """Step 3: data movement between quantized tensors shares its input's parameters."""
+    selector = config.selector
     for node in nodes:
         rule = _rule(node, model)
         if rule is None or rule.kind != "shared" or not node.inputs or not node.outputs:
@@ -258,9 +297,6 @@ def plan_static(
         if node.op_type == "Split" or len(node.outputs) != 1:
             continue
         points[out.name] = QuantPoint(out.name, src_point.range_of, shared_with=src_point.value)
-
-    return StaticPlan(nodes=list(compute), points=points, folded=folded, skipped=skipped,
-                      kept_float=frozenset(kept_float))
 
 
 def mixed_range_nodes(
@@ -477,55 +513,79 @@ class QDQPass(CompressionPass[QuantizeConfig]):
         self.ranges = dict(ranges)
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
-        cfg, plan, graph = self.config, self.plan, model.graph
-        qtype = cfg.activation_type
-        taken = all_value_names(graph)
-        values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+        rewrite = _QDQRewrite(model, self.config, self.plan, self.ranges, self.rounder)
+        rewrite.fold_activations()
+        rewrite.insert_activation_qdq()
+        rewrite.rewire_consumers()
+        rewrite.quantize_weights_and_biases()
+        TopologicalSortPass()(model)
+        RemoveUnusedNodesPass()(model)
+        return bool(self.plan.points or rewrite.weights), rewrite.stats()
+
+
+class _QDQRewrite:
+    """One application of :class:`QDQPass`, in named steps over shared state: fold Relu/Clip,
+    insert activation Q/DQ, rewire consumers, quantize weights and biases."""
+
+    def __init__(self, model: ir.Model, config: QuantizeConfig, plan: StaticPlan,
+                 ranges: Mapping[str, tuple[float, float]], rounder: Any) -> None:
+        self.model, self.cfg, self.plan, self.ranges, self.rounder = model, config, plan, ranges, rounder
+        graph = self.graph = model.graph
+        self.qtype = config.activation_type
+        self.taken = all_value_names(graph)
+        self.values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
         for node in graph:
             for v in node.outputs:
-                values[v.name] = v
-        values.update({name: v for name, v in graph.initializers.items()})
-        by_name = {n.name: n for n in graph}
-        params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+                self.values[v.name] = v
+        self.values.update({name: v for name, v in graph.initializers.items()})
+        self.by_name = {n.name: n for n in graph}
+        self.params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.int8_nodes = set(plan.nodes)
+        self.dq_of: dict[str, ir.Value] = {}
+        self.q_of: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, ir.Value]] = {}
+        self.float_dq_of: dict[str, ir.Value] = {}
+        self.unguarded: list[str] = []
+        self.created: set[ir.Node] = set()
+        self.shared_nodes: set[str] = set()
+        self.removed = self.weights = self.biases = self.bias_float = 0
 
-        def act_params(point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
-            key = point.shared_with or point.value
-            if key in params:
-                return params[key]
-            if point.shared_with is not None and point.shared_with in plan.points:
-                result = act_params(plan.points[point.shared_with])
-            elif point.constant:
-                array = values[point.value].const_value.numpy()
-                result = compute_scale_zero_point(float(array.min()), float(array.max()), qtype, cfg.activation_symmetric)
-            else:
-                lo, hi = self.ranges[point.range_of]
-                result = compute_scale_zero_point(lo, hi, qtype, cfg.activation_symmetric)
-            params[key] = result
-            return result
+    def act_params(self, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point of an activation point (shared points take their source's)."""
+        key = point.shared_with or point.value
+        if key in self.params:
+            return self.params[key]
+        if point.shared_with is not None and point.shared_with in self.plan.points:
+            result = self.act_params(self.plan.points[point.shared_with])
+        elif point.constant:
+            array = self.values[point.value].const_value.numpy()
+            result = compute_scale_zero_point(float(array.min()), float(array.max()), self.qtype,
+                                              self.cfg.activation_symmetric)
+        else:
+            lo, hi = self.ranges[point.range_of]
+            result = compute_scale_zero_point(lo, hi, self.qtype, self.cfg.activation_symmetric)
+        self.params[key] = result
+        return result
 
-        # Fold Relu/Clip: their consumers read the producer's output directly.
-        removed = 0
-        for name in plan.folded:
-            node = by_name[name]
+    def fold_activations(self) -> None:
+        """Fold Relu/Clip: their consumers read the producer's output directly."""
+        for name in self.plan.folded:
+            node = self.by_name[name]
             node.outputs[0].replace_all_uses_with(node.inputs[0])
-            graph.remove(node, safe=True)
-            removed += 1
+            self.graph.remove(node, safe=True)
+            self.removed += 1
 
-        int8_nodes = set(plan.nodes)
-        dq_of: dict[str, ir.Value] = {}
-        q_of: dict[str, tuple[ir.Value, np.ndarray, np.ndarray, ir.Value]] = {}
-        float_dq_of: dict[str, ir.Value] = {}
-        unguarded: list[str] = []
-        created: set[ir.Node] = set()
-        for key, point in plan.points.items():
-            value = values.get(point.value)
+    def insert_activation_qdq(self) -> None:
+        """A QuantizeLinear (a quantized initializer for constants) and a DequantizeLinear per point."""
+        graph, taken = self.graph, self.taken
+        for point in self.plan.points.values():
+            value = self.values.get(point.value)
             if value is None:
                 continue
-            scale, zp = act_params(point)
+            scale, zp = self.act_params(point)
             scale_v = add_initializer(graph, f"{point.value}_scale", np.asarray(scale, np.float32), taken)
             zp_v = add_initializer(graph, f"{point.value}_zero_point", np.asarray(zp), taken)
             if value.const_value is not None:
-                q_array = quantize(value.const_value.numpy(), scale, zp, qtype)
+                q_array = quantize(value.const_value.numpy(), scale, zp, self.qtype)
                 q_value = add_initializer(graph, f"{point.value}_quantized", q_array, taken)
             else:
                 qnode = ir.node(
@@ -534,55 +594,55 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                 )
                 q_value = qnode.outputs[0]
                 q_value.name = unique_name(graph, f"{point.value}_q", taken)
-                q_value.dtype = _QTYPES[qtype]
+                q_value.dtype = _QTYPES[self.qtype]
                 q_value.shape = value.shape
                 graph.append(qnode)
-                created.add(qnode)
+                self.created.add(qnode)
             dqnode = _dequantize_node(graph, taken, point.value, q_value, scale_v, zp_v, like=value)
-            created.add(dqnode)
-            dq = dqnode.outputs[0]
-            dq_of[point.value] = dq
-            q_of[point.value] = (q_value, np.asarray(scale, np.float32), np.asarray(zp), value)
+            self.created.add(dqnode)
+            self.dq_of[point.value] = dqnode.outputs[0]
+            self.q_of[point.value] = (q_value, np.asarray(scale, np.float32), np.asarray(zp), value)
 
-        def float_reader_dq(name: str) -> ir.Value:
-            """The DQ a node kept float reads an int8 node's output through: per axis, equal parameters.
+    def float_reader_dq(self, name: str) -> ir.Value:
+        """The DQ a node kept float reads an int8 node's output through: per axis, equal parameters.
 
-            onnxruntime's WeightBiasQuantization turns a float Conv/Gemm whose input comes from a
-            per-tensor DQ and whose output path ends in a Q into an int8 kernel (per-tensor
-            weights), and its QDQ selectors fuse other ops in that position: a node kept float on
-            purpose (excluded, or by the fallback) would silently run in int8. A per-axis DQ with
-            the same scale on every channel gives the same values and is not taken for a
-            per-tensor one. Only for :data:`~onnxcomp.quant.rules.WEIGHT_QUANTIZED_BY_ORT`: it is
-            slower than a per-tensor DQ on large tensors (3x on PP-OCR's feature maps), and other
-            fusions of onnxruntime take it and fail at run time.
-            """
-            if name in float_dq_of:
-                return float_dq_of[name]
-            q_value, scale, zp, like = q_of[name]
-            dims = list(like.shape) if like.shape is not None else []
-            axis = next((a for a in ([1] if len(dims) > 1 else []) + list(range(len(dims)))
-                         if isinstance(dims[a], int) and dims[a] > 1), None)
-            if axis is None:
-                float_dq_of[name] = dq_of[name]
-                unguarded.append(name)
-                return dq_of[name]
-            n = int(dims[axis])
-            s_v = add_initializer(graph, f"{name}_scale_per_axis", np.full(n, scale, np.float32), taken)
-            z_v = add_initializer(graph, f"{name}_zero_point_per_axis", np.full(n, zp, zp.dtype), taken)
-            node = _dequantize_node(graph, taken, f"{name}_float", q_value, s_v, z_v, like=like, axis=axis)
-            created.add(node)
-            float_dq_of[name] = node.outputs[0]
-            return node.outputs[0]
+        onnxruntime's WeightBiasQuantization turns a float Conv/Gemm whose input comes from a
+        per-tensor DQ and whose output path ends in a Q into an int8 kernel (per-tensor
+        weights), and its QDQ selectors fuse other ops in that position: a node kept float on
+        purpose (excluded, or by the fallback) would silently run in int8. A per-axis DQ with
+        the same scale on every channel gives the same values and is not taken for a
+        per-tensor one. Only for :data:`~onnxcomp.quant.rules.WEIGHT_QUANTIZED_BY_ORT`: it is
+        slower than a per-tensor DQ on large tensors (3x on PP-OCR's feature maps), and other
+        fusions of onnxruntime take it and fail at run time.
+        """
+        if name in self.float_dq_of:
+            return self.float_dq_of[name]
+        q_value, scale, zp, like = self.q_of[name]
+        dims = list(like.shape) if like.shape is not None else []
+        axis = next((a for a in ([1] if len(dims) > 1 else []) + list(range(len(dims)))
+                     if isinstance(dims[a], int) and dims[a] > 1), None)
+        if axis is None:
+            self.float_dq_of[name] = self.dq_of[name]
+            self.unguarded.append(name)
+            return self.dq_of[name]
+        n = int(dims[axis])
+        s_v = add_initializer(self.graph, f"{name}_scale_per_axis", np.full(n, scale, np.float32), self.taken)
+        z_v = add_initializer(self.graph, f"{name}_zero_point_per_axis", np.full(n, zp, zp.dtype), self.taken)
+        node = _dequantize_node(self.graph, self.taken, f"{name}_float", q_value, s_v, z_v, like=like, axis=axis)
+        self.created.add(node)
+        self.float_dq_of[name] = node.outputs[0]
+        return node.outputs[0]
 
-        # Rewire consumers to the dequantized tensors: every consumer of an int8 node's output
-        # (onnxruntime fuses a node only when its output feeds nothing but the Q), and the int8
-        # consumers of other tensors (float consumers keep the exact float value).
-        int8_outputs = {n.outputs[0].name for n in graph if n.name in int8_nodes and n.outputs}
-        shared_nodes = set()
-        for node in list(graph):
-            if node in created:
+    def rewire_consumers(self) -> None:
+        """Rewire consumers to the dequantized tensors: every consumer of an int8 node's output
+        (onnxruntime fuses a node only when its output feeds nothing but the Q), and the int8
+        consumers of other tensors (float consumers keep the exact float value)."""
+        plan, dq_of = self.plan, self.dq_of
+        int8_outputs = {n.outputs[0].name for n in self.graph if n.name in self.int8_nodes and n.outputs}
+        for node in list(self.graph):
+            if node in self.created:
                 continue
-            rule = QUANT_RULES.lookup(node, model)
+            rule = QUANT_RULES.lookup(node, self.model)
             shared = (
                 rule is not None
                 and rule.kind == "shared"
@@ -591,8 +651,8 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                 and plan.points[node.outputs[0].name].shared_with is not None
             )
             if shared:
-                shared_nodes.add(node.name)
-            int8_consumer = node.name in int8_nodes or shared
+                self.shared_nodes.add(node.name)
+            int8_consumer = node.name in self.int8_nodes or shared
             for i, inp in enumerate(node.inputs):
                 if inp is None or inp.name not in dq_of:
                     continue
@@ -602,74 +662,87 @@ class QDQPass(CompressionPass[QuantizeConfig]):
                     node.replace_input_with(i, dq_of[inp.name])
                 elif inp.name in int8_outputs:
                     guard = node.name in plan.kept_float and node.op_type in WEIGHT_QUANTIZED_BY_ORT
-                    node.replace_input_with(i, float_reader_dq(inp.name) if guard else dq_of[inp.name])
-        weights = biases = bias_float = 0
+                    node.replace_input_with(i, self.float_reader_dq(inp.name) if guard else dq_of[inp.name])
+
+    def quantize_weights_and_biases(self) -> None:
+        """Per int8 node: its constant weight behind a (per-axis) DQ, shared by nodes reading the
+        same weight on the same axis, then its bias as int32 on the input scale x weight scale."""
         weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
-        reduce_weights = cfg.reduce_weights
-        for name in plan.nodes:
-            node = by_name.get(name)
+        for name in self.plan.nodes:
+            node = self.by_name.get(name)
             if node is None:
                 continue
-            rule = QUANT_RULES.lookup(node, model)
+            rule = QUANT_RULES.lookup(node, self.model)
             if rule is None or rule.weight is None or rule.weight >= len(node.inputs):
                 continue
             w_value = node.inputs[rule.weight]
             if w_value is None or w_value.const_value is None:
                 continue
-            axis = rule.resolve_weight_axis(node) if cfg.per_channel else None
+            axis = rule.resolve_weight_axis(node) if self.cfg.per_channel else None
             w = w_value.const_value.numpy()
             if axis is not None:
                 axis = axis % w.ndim
             key = (w_value.name, axis)
             if key not in weight_cache:
-                q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=reduce_weights)
-                channel_axis = rule.resolve_weight_axis(node)
-                if self.rounder is not None and channel_axis is not None:
-                    q = self.rounder.round_along(w_value.name, w, q, s, channel_axis % w.ndim,
-                                                 *qrange("int8", True, reduce_weights))
-                q_v = add_initializer(graph, f"{w_value.name}_quantized", q, taken)
-                s_v = add_initializer(graph, f"{w_value.name}_scale", np.asarray(s, np.float32), taken)
-                z_v = add_initializer(graph, f"{w_value.name}_zero_point", np.asarray(z), taken)
-                dq_node = _dequantize_node(
-                    graph, taken, w_value.name, q_v, s_v, z_v, like=w_value,
-                    axis=axis if axis is not None and np.ndim(s) > 0 else None,
-                )
-                weight_cache[key] = (dq_node.outputs[0], np.asarray(s, np.float32))
-                weights += 1
+                weight_cache[key] = self._weight_dq(node, rule, w_value, w, axis)
             dq_w, w_scale = weight_cache[key]
             node.replace_input_with(rule.weight, dq_w)
-            # bias
             if rule.bias is not None and rule.bias < len(node.inputs) and node.inputs[rule.bias] is not None:
-                b_value = node.inputs[rule.bias]
-                x_point = _point_for(plan.points, _source_name(node.inputs[0], dq_of))
-                if b_value.const_value is None or x_point is None or b_value.const_value.numpy().ndim != 1:
-                    continue
-                x_scale, _ = act_params(x_point)
-                b = b_value.const_value.numpy().astype(np.float32)
-                ws = np.broadcast_to(w_scale, b.shape) if np.ndim(w_scale) else np.full(b.shape, float(w_scale), np.float32)
-                bq = quantize_bias(b, np.float32(x_scale), ws)
-                if bq.saturated:
-                    bias_float += 1
-                    continue
-                bq_v = add_initializer(graph, f"{b_value.name}_quantized", bq.q, taken)
-                bs_v = add_initializer(graph, f"{b_value.name}_scale", np.asarray(bq.scale, np.float32), taken)
-                bz_v = add_initializer(graph, f"{b_value.name}_zero_point", np.zeros(bq.q.shape, np.int32), taken)
-                b_node = _dequantize_node(graph, taken, b_value.name, bq_v, bs_v, bz_v, like=b_value, axis=0)
-                node.replace_input_with(rule.bias, b_node.outputs[0])
-                biases += 1
-        TopologicalSortPass()(model)
-        RemoveUnusedNodesPass()(model)
-        return bool(plan.points or weights), {
+                self._quantize_bias(node, rule, w_scale)
+
+    def _weight_dq(self, node: ir.Node, rule: QuantRule, w_value: ir.Value, w: np.ndarray,
+                   axis: int | None) -> tuple[ir.Value, np.ndarray]:
+        """Symmetric int8 weight (GPTQ-rounded with a rounder) behind its DequantizeLinear."""
+        graph, taken, reduce_weights = self.graph, self.taken, self.cfg.reduce_weights
+        q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=reduce_weights)
+        channel_axis = rule.resolve_weight_axis(node)
+        if self.rounder is not None and channel_axis is not None:
+            q = self.rounder.round_along(w_value.name, w, q, s, channel_axis % w.ndim,
+                                         *qrange("int8", True, reduce_weights))
+        q_v = add_initializer(graph, f"{w_value.name}_quantized", q, taken)
+        s_v = add_initializer(graph, f"{w_value.name}_scale", np.asarray(s, np.float32), taken)
+        z_v = add_initializer(graph, f"{w_value.name}_zero_point", np.asarray(z), taken)
+        dq_node = _dequantize_node(
+            graph, taken, w_value.name, q_v, s_v, z_v, like=w_value,
+            axis=axis if axis is not None and np.ndim(s) > 0 else None,
+        )
+        self.weights += 1
+        return dq_node.outputs[0], np.asarray(s, np.float32)
+
+    def _quantize_bias(self, node: ir.Node, rule: QuantRule, w_scale: np.ndarray) -> None:
+        """int32 bias on scale x_scale * w_scale; a bias that would saturate stays float."""
+        b_value = node.inputs[rule.bias]
+        x_point = _point_for(self.plan.points, _source_name(node.inputs[0], self.dq_of))
+        if b_value.const_value is None or x_point is None or b_value.const_value.numpy().ndim != 1:
+            return
+        x_scale, _ = self.act_params(x_point)
+        b = b_value.const_value.numpy().astype(np.float32)
+        ws = np.broadcast_to(w_scale, b.shape) if np.ndim(w_scale) else np.full(b.shape, float(w_scale), np.float32)
+        bq = quantize_bias(b, np.float32(x_scale), ws)
+        if bq.saturated:
+            self.bias_float += 1
+            return
+        graph, taken = self.graph, self.taken
+        bq_v = add_initializer(graph, f"{b_value.name}_quantized", bq.q, taken)
+        bs_v = add_initializer(graph, f"{b_value.name}_scale", np.asarray(bq.scale, np.float32), taken)
+        bz_v = add_initializer(graph, f"{b_value.name}_zero_point", np.zeros(bq.q.shape, np.int32), taken)
+        b_node = _dequantize_node(graph, taken, b_value.name, bq_v, bs_v, bz_v, like=b_value, axis=0)
+        node.replace_input_with(rule.bias, b_node.outputs[0])
+        self.biases += 1
+
+    def stats(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
             "int8_nodes": len(plan.nodes),
-            "quantized_tensors": sum(1 for p in plan.points.values() if values.get(p.value) is not None),
+            "quantized_tensors": sum(1 for p in plan.points.values() if self.values.get(p.value) is not None),
             "shared_parameter_tensors": sum(1 for p in plan.points.values() if p.shared_with),
-            "data_movement_nodes": len(shared_nodes),
-            "folded_activations": removed,
-            "quantized_weights": weights,
-            "quantized_biases": biases,
-            "biases_left_float": bias_float,
-            "float_reader_dequantize": len(float_dq_of) - len(unguarded),
-            "float_readers_unguarded": unguarded,
+            "data_movement_nodes": len(self.shared_nodes),
+            "folded_activations": self.removed,
+            "quantized_weights": self.weights,
+            "quantized_biases": self.biases,
+            "biases_left_float": self.bias_float,
+            "float_reader_dequantize": len(self.float_dq_of) - len(self.unguarded),
+            "float_readers_unguarded": self.unguarded,
             "skipped": dict(plan.skipped),
         }
 

@@ -1,0 +1,282 @@
+"""What every ``onnxcomp`` command shares: the command registry, the output/force/check flags,
+input specialisation, the console and JSON output, file sizes and the held-out check.
+
+The command modules (``onnxcomp.cli`` for inspect and compress, ``onnxcomp.<stage>.cli`` for the
+others) import from here; :mod:`onnxcomp.cli` imports the command modules and runs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from onnxcomp.bounds import Range
+
+_COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
+
+
+def register(
+    name: str,
+    help_text: str,
+    configure: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add a subcommand: ``configure(parser)`` adds its flags, ``run(args)`` returns the exit code."""
+    _COMMANDS[name] = (help_text, configure, run)
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def add_force_flag(parser: argparse.ArgumentParser) -> None:
+    """``--force`` for commands that write files (see :func:`check_outputs`)."""
+    parser.add_argument("--force", action="store_true", help="replace existing read-only output files")
+
+
+def check_outputs(args: argparse.Namespace, model) -> None:
+    """Refuse the command's destinations before any work starts.
+
+    The outputs are ``-o`` (a model: its external data counts too) and ``--report``; the inputs are
+    MODEL (with its external data), ``--calibration``, ``--eval``, ``--labels`` and a ``--recipe``
+    file. See :func:`onnxcomp.io.check_destinations` for what is refused.
+    """
+    from onnxcomp.io import check_destinations
+
+    inputs = {"the input model": args.model}
+    for flag in ("calibration", "eval", "labels", "recipe"):
+        value = getattr(args, flag, None)
+        if value and (flag != "recipe" or os.path.isfile(value)):
+            inputs[f"--{flag}"] = value
+    outputs = {"-o": args.output, "--report": getattr(args, "report", None)}
+    check_destinations(outputs, inputs, models=("-o",), source=model, force=args.force)
+
+
+def add_specialize_flags(parser: argparse.ArgumentParser) -> None:
+    """``--fix-input`` / ``--fix-shape`` (see :mod:`onnxcomp.passes.specialize`)."""
+    g = parser.add_argument_group("input specialisation (exact for the values given)")
+    g.add_argument("--fix-input", action="append", default=[], metavar="NAME=VALUE",
+                   help="make graph input NAME a constant and fold what follows (If conditions on it, shapes); "
+                        "VALUE: a number, true/false, comma-separated numbers, or @FILE.npy; repeatable. "
+                        "Data files may keep the input: it is dropped from each feed")
+    g.add_argument("--fix-shape", action="append", default=[], metavar="NAME=D0xD1...",
+                   help="give graph input NAME this static shape; repeatable")
+
+
+def _fixed_value(item: str) -> tuple[str, Any]:
+    import numpy as np
+
+    from onnxcomp.errors import ConfigError
+
+    name, sep, text = item.partition("=")
+    text = text.strip()
+    if not sep or not name or not text:
+        raise ConfigError(f"--fix-input {item!r}: expected NAME=VALUE")
+    if text.startswith("@"):
+        try:
+            return name, np.load(text[1:], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--fix-input {name}: cannot read {text[1:]}: {exc}") from None
+    words = [w.strip().lower() for w in text.split(",")]
+    try:
+        values = [w == "true" if w in ("true", "false") else (int(w) if w.lstrip("+-").isdigit() else float(w))
+                  for w in words]
+    except ValueError:
+        raise ConfigError(f"--fix-input {item!r}: {text!r} is not a number, true/false, a list or @FILE.npy") from None
+    return name, values[0] if len(values) == 1 else values
+
+
+def specialize(args: argparse.Namespace, model, con=None) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """Apply ``--fix-input`` / ``--fix-shape`` to the loaded ``model`` in place (said on ``con``).
+
+    Returns the pass's statistics (None when no flag was given) and the names of the inputs that
+    became constants (data files may still hold them: pass them as ``Dataset(..., ignore=)``).
+    The check's reference is then this specialised float model (exact for the fixed values).
+    """
+    if not getattr(args, "fix_input", None) and not getattr(args, "fix_shape", None):
+        return None, ()
+    from onnxcomp.data import parse_shapes
+    from onnxcomp.passes.specialize import SpecializeConfig, SpecializePass
+
+    values = dict(_fixed_value(item) for item in args.fix_input)
+    shapes = parse_shapes(args.fix_shape, flag="--fix-shape")
+    stats = SpecializePass(SpecializeConfig(values=values, shapes=shapes))(model).stats
+    if con is not None:
+        what = [f"{n} = {v['value']}" for n, v in stats["fixed"].items()]
+        what += [f"{n}: {'x'.join(map(str, shape))}" for n, shape in stats["shaped"].items()]
+        flow, nodes = stats["control_flow"], stats["nodes"]
+        con.print(f"specialised {esc('; '.join(what))}: nodes {nodes['before']} -> {nodes['after']}, "
+                  f"If/Loop/Scan {flow['before']} -> {flow['after']}")
+    return stats, tuple(stats["fixed"])
+
+
+def console(args: argparse.Namespace):
+    """A rich console for human output; silent with --quiet or --json."""
+    from rich.console import Console
+
+    quiet = bool(getattr(args, "quiet", False) or getattr(args, "json", False))
+    # Wide tables stay readable when piped into a file or a CI log (rich assumes 80 columns there).
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(quiet=quiet, width=width)
+
+
+def esc(text: Any) -> str:
+    """User text (model, node, tensor names, paths, shapes) made safe for rich markup: ``[batch,1]``
+    would otherwise be read as a style tag and vanish."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def progress_bar(con):
+    """A transient rich progress bar (silent when the console is quiet)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=con,
+        transient=True,
+        disable=con.quiet,
+    )
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    return str(obj)
+
+
+
+def file_bytes(path, model=None) -> int:
+    """Size of a model file plus its external data: the files ``model`` (loaded from ``path``)
+    reads its tensors from, or without ``model`` the data files onnxcomp saves beside it
+    (``<name>.data``, ``<name>.<id>.data``), found by name without parsing the model."""
+    total = os.path.getsize(path)
+    if model is not None:
+        from onnxcomp.io import external_data_files
+
+        return total + sum(os.path.getsize(f) for f in external_data_files(model))
+    from onnxcomp.io import saved_data_files
+
+    return total + sum(os.path.getsize(f) for f in saved_data_files(path))
+
+
+def fmt_size(n: int) -> str:
+    """Bytes as KiB (one decimal) or, from 1 MiB, MiB (two decimals)."""
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# the held-out check (onnxcomp.check), shared by every lossy command
+
+EXIT_BELOW_BUDGET = 3
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--threads N``: intra-op threads of latency measurements and decisions (default: what
+    onnxruntime uses here, one per physical core)."""
+    from onnxcomp.measure.bench import LATENCY_RANGES
+
+    parser.add_argument("--threads", type=LATENCY_RANGES["threads"], metavar="N",
+                        help=f"{what} (default: onnxruntime's own, one per physical core)")
+
+
+def print_int8_latency(con, verdict: dict[str, Any] | None) -> None:
+    """The one line saying whether int8 pays at the measured thread count (and why not)."""
+    if verdict:
+        style = "bold yellow" if verdict["int8_slower"] else "green"
+        con.print(f"[{style}]{esc(verdict['summary'])}[/{style}]")
+
+
+def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True) -> None:
+    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`)."""
+    g = parser.add_argument_group("held-out check of the written model")
+    g.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when the check misses its budget or nothing was compressed")
+    g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
+    g.add_argument("--check-fraction", type=float, default=0.2, metavar="F",
+                   help="share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
+    g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
+                   help="top-1 agreement an output of class scores must keep (default 0.99)")
+    g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
+                   help="cosine similarity any other output must keep (default 0.985)")
+    if max_drop:
+        g.add_argument("--max-drop", type=float, metavar="POINTS",
+                       help="accuracy points the first output may lose, with --eval and --labels (default 1)")
+
+
+def check_config(args: argparse.Namespace):
+    """The :class:`~onnxcomp.check.CheckConfig` the flags describe (validated)."""
+    from onnxcomp.check import CheckConfig
+    from onnxcomp.errors import ConfigError
+
+    if args.strict and args.no_check:
+        raise ConfigError("--strict needs the check: drop --no-check")
+    max_drop = getattr(args, "max_drop", None)
+    try:
+        return CheckConfig(enabled=not args.no_check, fraction=args.check_fraction,
+                           min_agreement=args.min_agreement, min_cosine=args.min_cosine,
+                           max_drop=1.0 if max_drop is None else max_drop)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (--check-fraction, --min-agreement, --min-cosine, --max-drop)") from None
+
+
+def run_check(con, reference, written_path, split, config, report: dict[str, Any], *, compressed: int | None,
+              what: str, why: str = "") -> dict[str, Any] | None:
+    """Load the written file back and check it against ``reference``; the result goes into
+    ``report["check"]`` and is returned (None when the check is disabled)."""
+    from onnxcomp.check import check_model
+
+    if not config.enabled:
+        return None
+    with progress_bar(con) as progress:
+        task = progress.add_task("checking", total=split.check_feeds)
+        # onnxruntime reads the written file itself: it is not parsed or serialized again here
+        check = check_model(reference, os.fspath(written_path), split, config, compressed=compressed, what=what,
+                            nothing_why=why,
+                            progress=lambda n: progress.update(task, completed=n))
+    report["check"] = check
+    return check
+
+
+def print_check(con, check: dict[str, Any] | None) -> None:
+    """The check's one unmissable line (and the blamed tensors)."""
+    from onnxcomp.check import verdict_line
+
+    if check is None:
+        return
+    style = "bold green" if check["met"] else "bold red"
+    con.print(f"[{style}]{esc(verdict_line(check))}[/{style}]")
+
+
+def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:
+    """0, or 3 under --strict when the check missed its budget (or nothing was compressed)."""
+    if args.strict and check is not None and not check["met"]:
+        return EXIT_BELOW_BUDGET
+    return 0
+
+
+
+#: Accepted values of the numeric options shared by several commands.
+POSITIVE_INT = Range(int, 1)
+COUNT = Range(int, 0)
