@@ -61,16 +61,17 @@ def test_the_least_damaging_variant_wins():
     model, feeds = _classifier()
     result = calibrate(model, ["x", "a"], feeds, method="auto")
     variants = variant_ranges(result.ranges, result.observers)
+    held = variant_ranges(result.ranges, result.observers, held_out=True)  # what the variants are built with
     damage = {name: 0.5 * i for i, name in enumerate(reversed(list(variants)))}  # the last variant is exact
 
     def build(trial, ranges):
         w = trial.graph.initializers["w2"]
         noise = np.random.default_rng(0).standard_normal(w.const_value.shape).astype(np.float32)
-        w.const_value = ir.tensor(w.const_value.numpy() + damage[next(n for n, r in variants.items() if r == ranges)] * noise, name="w2")
+        w.const_value = ir.tensor(w.const_value.numpy() + damage[next(n for n, r in held.items() if r == ranges)] * noise, name="w2")
 
     best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds, build)
     assert best == list(variants)[-1] and ranges == variants[best]
-    assert report["variant"] == best and set(report["variants"]) == set(variants) and report["feeds"] == 16
+    assert report["variant"] == best and set(report["variants"]) == set(variants) and report["feeds"] == 6  # every 4th of 24 feeds
     assert report["variants"][best]["sqnr_db"] == 100.0  # untouched: capped SQNR
     assert all(report["variants"][n]["sqnr_db"] < 100.0 for n in variants if n != best)
     assert model.graph.initializers["w2"].const_value.numpy().std() > 0  # the model itself is untouched
@@ -98,3 +99,27 @@ def test_a_large_model_keeps_the_per_tensor_choice(monkeypatch):
     best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds,
                                          lambda *a: pytest.fail("no variant may be built"))
     assert best == "mse" and ranges == result.ranges and "large" in report["skipped"]
+
+
+def test_auto_judges_variants_on_feeds_their_ranges_did_not_see():
+    """Min/max fitted on feeds without outliers meets one on a held-out feed and clips it: the
+    variant judged on that feed is the one the held-out data would choose."""
+    model, _ = _classifier()
+    r = np.random.default_rng(4)
+    feeds = [{"x": r.standard_normal((16, 16)).astype(np.float32)} for _ in range(16)]
+    result = calibrate(model, ["x", "a"], feeds, method="auto")
+    obs = result.observers["x"]
+    assert obs.updates == 16 and obs.fit.candidates() != obs.candidates()  # every 4th feed is held out of obs.fit
+    built = []
+
+    def build(trial, ranges):
+        built.append(ranges)
+
+    best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds, build)
+    assert report["held_out"] and report["feeds"] == 4
+    # the variants are built with the ranges without the held-out feeds; the result keeps all feeds'
+    held = variant_ranges(result.ranges, result.observers, held_out=True)
+    assert built == [held[k] for k in report["variants"]]
+    assert ranges == variant_ranges(result.ranges, result.observers)[best]
+    lo, hi = obs.fit.candidates()["minmax"]
+    assert hi <= obs.candidates()["minmax"][1] and lo >= obs.candidates()["minmax"][0]
