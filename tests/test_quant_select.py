@@ -13,7 +13,7 @@ from onnxcomp.graph import infer_types
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.calibrate import calibrate
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.select import METHODS, SINGLE, _score, select_ranges, variant_ranges
+from onnxcomp.quant.select import METHODS, SINGLE, _score, choose, select_ranges, variant_ranges
 from onnxcomp.runtime import run_model
 
 
@@ -54,6 +54,15 @@ def test_score_orders_by_worst_rule_figure_then_sqnr():
     c = _score([{"top1_agreement": 0.99, "sqnr_db": float("inf")}, {"cosine": 0.999, "sqnr_db": 30.0}], kinds)
     assert a == (0.99, 25.0) and b == (0.98, 25.0) and c == (0.99, 65.0)
     assert c > a > b
+
+
+def test_choose_takes_the_closest_among_the_near_best_decisions():
+    # PP-OCR rec's held-out feeds: min/max keeps every line, mse flips a few characters but is
+    # closer everywhere else; raw entropy loses most lines
+    rec = {"mse": (0.976, 9.62), "minmax": (1.0, 8.89), "percentile": (0.960, 9.46), "entropy": (0.377, 4.07)}
+    assert choose(rec) == "mse" and choose(rec, tolerance=0.0) == "minmax"
+    assert choose({"mse": (0.5, 30.0), "minmax": (0.9, 10.0)}) == "minmax"  # far worse decisions lose
+    assert choose({"minmax": (1.0, 20.0), "mse": (1.0, 20.0)}) == "mse"  # METHODS order breaks ties
 
 
 def test_the_least_damaging_variant_wins():
