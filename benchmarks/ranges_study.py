@@ -150,7 +150,7 @@ def shortfalls(row: dict, method: str, split: str = "tune", cap: bool = False) -
     ``cap``: the best single method counts at most fp32's value (a quantized model that beats fp32 by
     a sample or two is luck, not a level the others fall short of)."""
     v = row["methods"][method][split]
-    best = max(row["methods"][m][split] for m in SINGLE if m in row["methods"])
+    best = max((row["methods"][m][split] for m in SINGLE if m in row["methods"]), default=float("nan"))
     if cap:
         best = min(best, row["fp32"][split])
     return (100 * (row["fp32"][split] - FP32_SLACK - v), 100 * (best - BEST_SLACK - v))
@@ -182,7 +182,7 @@ def table(rows: list[dict], methods) -> str:
         out.append(f"| model | fp32 | {' | '.join(methods)} |")
         out.append("|---|---|" + "---|" * len(methods))
         for row in rows:
-            best = max(row["methods"][m][split] for m in SINGLE if m in row["methods"])
+            best = max((row["methods"][m][split] for m in SINGLE if m in row["methods"]), default=float("nan"))
             cells = []
             for m in methods:
                 e = row["methods"].get(m)

@@ -13,7 +13,7 @@ from onnxcomp.graph import infer_types
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.calibrate import calibrate
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.select import METHODS, SINGLE, _score, select_ranges, variant_ranges
+from onnxcomp.quant.select import METHODS, SINGLE, _score, choose, select_ranges, variant_ranges
 from onnxcomp.runtime import run_model
 
 
@@ -56,21 +56,31 @@ def test_score_orders_by_worst_rule_figure_then_sqnr():
     assert c > a > b
 
 
+def test_choose_takes_the_closest_among_the_near_best_decisions():
+    # PP-OCR rec's held-out feeds: min/max keeps every line, mse flips a few characters but is
+    # closer everywhere else; raw entropy loses most lines
+    rec = {"mse": (0.976, 9.62), "minmax": (1.0, 8.89), "percentile": (0.960, 9.46), "entropy": (0.377, 4.07)}
+    assert choose(rec) == "mse" and choose(rec, tolerance=0.0) == "minmax"
+    assert choose({"mse": (0.5, 30.0), "minmax": (0.9, 10.0)}) == "minmax"  # far worse decisions lose
+    assert choose({"minmax": (1.0, 20.0), "mse": (1.0, 20.0)}) == "mse"  # METHODS order breaks ties
+
+
 def test_the_least_damaging_variant_wins():
     """``build`` that damages each variant by a known amount: the least damaged one is chosen."""
     model, feeds = _classifier()
     result = calibrate(model, ["x", "a"], feeds, method="auto")
     variants = variant_ranges(result.ranges, result.observers)
+    held = variant_ranges(result.ranges, result.observers, held_out=True)  # what the variants are built with
     damage = {name: 0.5 * i for i, name in enumerate(reversed(list(variants)))}  # the last variant is exact
 
     def build(trial, ranges):
         w = trial.graph.initializers["w2"]
         noise = np.random.default_rng(0).standard_normal(w.const_value.shape).astype(np.float32)
-        w.const_value = ir.tensor(w.const_value.numpy() + damage[next(n for n, r in variants.items() if r == ranges)] * noise, name="w2")
+        w.const_value = ir.tensor(w.const_value.numpy() + damage[next(n for n, r in held.items() if r == ranges)] * noise, name="w2")
 
     best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds, build)
     assert best == list(variants)[-1] and ranges == variants[best]
-    assert report["variant"] == best and set(report["variants"]) == set(variants) and report["feeds"] == 16
+    assert report["variant"] == best and set(report["variants"]) == set(variants) and report["feeds"] == 6  # every 4th of 24 feeds
     assert report["variants"][best]["sqnr_db"] == 100.0  # untouched: capped SQNR
     assert all(report["variants"][n]["sqnr_db"] < 100.0 for n in variants if n != best)
     assert model.graph.initializers["w2"].const_value.numpy().std() > 0  # the model itself is untouched
@@ -98,3 +108,27 @@ def test_a_large_model_keeps_the_per_tensor_choice(monkeypatch):
     best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds,
                                          lambda *a: pytest.fail("no variant may be built"))
     assert best == "mse" and ranges == result.ranges and "large" in report["skipped"]
+
+
+def test_auto_judges_variants_on_feeds_their_ranges_did_not_see():
+    """Min/max fitted on feeds without outliers meets one on a held-out feed and clips it: the
+    variant judged on that feed is the one the held-out data would choose."""
+    model, _ = _classifier()
+    r = np.random.default_rng(4)
+    feeds = [{"x": r.standard_normal((16, 16)).astype(np.float32)} for _ in range(16)]
+    result = calibrate(model, ["x", "a"], feeds, method="auto")
+    obs = result.observers["x"]
+    assert obs.updates == 16 and obs.fit.candidates() != obs.candidates()  # every 4th feed is held out of obs.fit
+    built = []
+
+    def build(trial, ranges):
+        built.append(ranges)
+
+    best, ranges, report = select_ranges(model, result.ranges, result.observers, feeds, build)
+    assert report["held_out"] and report["feeds"] == 4
+    # the variants are built with the ranges without the held-out feeds; the result keeps all feeds'
+    held = variant_ranges(result.ranges, result.observers, held_out=True)
+    assert built == [held[k] for k in report["variants"]]
+    assert ranges == variant_ranges(result.ranges, result.observers)[best]
+    lo, hi = obs.fit.candidates()["minmax"]
+    assert hi <= obs.candidates()["minmax"][1] and lo >= obs.candidates()["minmax"][0]

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.quant.observers import Observer, make_observer
-from onnxcomp.quant.ranges import CandidateObserver, choose_ranges, observe
+from onnxcomp.quant.ranges import SplitCandidateObserver, choose_ranges, observe
 
 __all__ = ["CalibrationResult", "calibrate", "observe"]
 
@@ -52,8 +52,9 @@ def calibrate(
     Args:
         method: minmax, percentile, entropy or mse (see :mod:`onnxcomp.quant.observers`);
             auto: one histogram per tensor that proposes every method's range
-            (:class:`~onnxcomp.quant.ranges.CandidateObserver`; the MSE range is returned, the
-            choice between methods is :mod:`onnxcomp.quant.select`'s); or per-tensor: per tensor, the candidate range of least consumer-output error
+            (:class:`~onnxcomp.quant.ranges.SplitCandidateObserver`, which also keeps the
+            ranges without every 4th feed; the MSE range is returned, the choice between methods
+            is :mod:`onnxcomp.quant.select`'s); or per-tensor: per tensor, the candidate range of least consumer-output error
             (:mod:`onnxcomp.quant.ranges`; two passes over ``data``). ``entropy`` is guarded the
             same way: a tensor keeps its KL threshold only where that does not make its
             consumers' outputs worse than min/max (KL does not see how far clipped values move:
@@ -76,7 +77,7 @@ def calibrate(
         ranges = {name: (float(c.range[0]), float(c.range[1])) for name, c in choices.items()}
         return CalibrationResult(ranges, dict(observers), feeds, seconds, choices)
     start = time.perf_counter()
-    make = (lambda: CandidateObserver(**(observer_kwargs or {}))) if method == "auto" else (
+    make = (lambda: SplitCandidateObserver(**(observer_kwargs or {}))) if method == "auto" else (
         lambda: make_observer(method, **(observer_kwargs or {})))
     observers = {name: make() for name in names}
     if not names:

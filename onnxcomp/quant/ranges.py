@@ -48,7 +48,7 @@ from onnxcomp.graph import all_value_names, stream_values, unique_name
 from onnxcomp.quant.observers import MSEObserver, Observer, _cell, best_threshold, entropy_threshold
 from onnxcomp.quant.primitives import QDType, compute_scale_zero_point, qdtype_info
 
-__all__ = ["CandidateObserver", "RangeChoice", "choose_ranges", "observe", "CANDIDATE_ORDER"]
+__all__ = ["CandidateObserver", "SplitCandidateObserver", "HOLD_EVERY", "RangeChoice", "choose_ranges", "observe", "CANDIDATE_ORDER"]
 
 #: Candidate names in tie-break order (the first of equal errors wins).
 CANDIDATE_ORDER = ("minmax", "mse", "percentile", "percentile99.99", "entropy")
@@ -114,6 +114,28 @@ class CandidateObserver(MSEObserver):
             out[name] = self._percentile_range(p)
         out["entropy"] = self._entropy_range()
         return {k: (float(out[k][0]), float(out[k][1])) for k in CANDIDATE_ORDER}
+
+
+#: ``auto`` holds every ``HOLD_EVERY``-th calibration feed out of the ranges its variants are scored with.
+HOLD_EVERY = 4
+
+
+class SplitCandidateObserver(CandidateObserver):
+    """A :class:`CandidateObserver` of every feed with a second one, :attr:`fit`, that skips every
+    :data:`HOLD_EVERY`-th feed: ranges from :attr:`fit` can be judged on the feeds it skipped
+    (:mod:`onnxcomp.quant.select`), while the ranges kept come from every feed. One update is one feed.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fit = CandidateObserver(**kwargs)
+        self.updates = 0
+
+    def update(self, x: Any) -> None:
+        super().update(x)
+        if self.updates % HOLD_EVERY != HOLD_EVERY - 1:
+            self.fit.update(x)
+        self.updates += 1
 
 
 @dataclasses.dataclass

@@ -8,18 +8,27 @@ one tensor at a time, so damage that only adds up through the network stays unse
 every candidate at every consumer costs many forward passes.
 
 So ``auto`` calibrates once with histograms that propose every method's range
-(:class:`~onnxcomp.quant.ranges.CandidateObserver`), builds the model with each method's ranges
-(:data:`SINGLE`; with ``per-tensor`` the per-tensor choice competes too, first), runs each variant
-on the first :data:`FEEDS` fitting feeds beside the float model and scores it with the held-out
-check's figures (:data:`onnxcomp.check.RULES`, per kind of output: top-1 agreement for scores,
-decoded-sequence agreement for CTC, region agreement for maps, detection agreement for detector
-heads, cosine otherwise). The variant whose worst output figure is highest wins; equal worst
-figures are decided by the mean output SQNR (capped at :data:`SQNR_CAP` dB), then by the order of
-:data:`METHODS`. Variants whose ranges equal an earlier one's are not built twice.
+(:class:`~onnxcomp.quant.ranges.SplitCandidateObserver`), builds the model with each method's
+ranges (:data:`SINGLE`; with ``per-tensor`` the per-tensor choice competes too, first), runs each
+variant beside the float model and scores it with the held-out check's figures
+(:data:`onnxcomp.check.RULES`, per kind of output: top-1 agreement for scores, decoded-sequence
+agreement for CTC, region agreement for maps, detection agreement for detector heads, cosine
+otherwise). Among the variants whose worst output figure is within :data:`WORST_TOLERANCE` of the
+best one's, the one of highest mean output SQNR (capped at :data:`SQNR_CAP` dB) wins, then the
+order of :data:`METHODS`. The agreement figures count decisions: on the few feeds judged they
+move in steps of a line or a box, while the SQNR sums every output value; the tolerance lets a
+variant that flips one decision more but is closer everywhere else win, and still rejects one that
+loses many (raw entropy ranges on PP-OCR rec: 0.38 against 1.0).
+Variants whose ranges equal an earlier one's are not built twice.
 
-The figures come from the fitting data, not the check's held-out feeds: the check stays a test on
-data no decision has seen. Min/max never clips its own fitting data, which favours it slightly
-here; the check then measures the chosen model on data it has not seen.
+What the variants are judged on matters: on its own fitting feeds min/max never clips, so there it
+always looks better than on new data (PP-OCRv4 rec: min/max ahead of MSE on its 16 fitting feeds,
+0.986 against 0.982 decoded-sequence agreement, and 0.5 to 0.7 points behind on both evaluation
+splits). So the variants are built with ranges from the histograms *without* every
+:data:`~onnxcomp.quant.ranges.HOLD_EVERY`-th fitting feed and judged on up to :data:`FEEDS` of
+those feeds; the winner's ranges then come from every fitting feed. With fewer than
+``2 * HOLD_EVERY`` feeds, or for ``per-tensor``, the variants are judged on the first fitting feeds.
+These are all fitting feeds: the check's held-out data stays unseen by any decision.
 
 Refused (the first variant is kept, and the report says why): models holding
 :data:`onnxcomp.io.LARGE_MODEL_BYTES` of weights or more (each variant is a copy of the model).
@@ -39,7 +48,7 @@ import onnx_ir as ir
 from onnxcomp.check import RULES, OutputFigures, output_kinds
 from onnxcomp.data import Dataset
 from onnxcomp.io import LARGE_MODEL_BYTES, clone_model, initializer_nbytes
-from onnxcomp.quant.ranges import CandidateObserver
+from onnxcomp.quant.ranges import HOLD_EVERY, CandidateObserver, SplitCandidateObserver
 from onnxcomp.runtime import run_model
 
 __all__ = ["METHODS", "FEEDS", "select_ranges", "variant_ranges"]
@@ -52,15 +61,20 @@ SINGLE = METHODS[1:]
 FEEDS = 16
 #: SQNR above this counts as this (an output equal to the float one would be +inf).
 SQNR_CAP = 100.0
+#: Variants whose worst output figure is within this of the best one's count as equally good.
+WORST_TOLERANCE = 0.03
 
 Ranges = dict[str, tuple[float, float]]
 
 
-def variant_ranges(chosen: Ranges, observers: dict[str, Any], per_tensor: bool = False) -> dict[str, Ranges]:
+def variant_ranges(chosen: Ranges, observers: dict[str, Any], per_tensor: bool = False,
+                   held_out: bool = False) -> dict[str, Ranges]:
     """``{variant: ranges}``: ``per-tensor`` = ``chosen`` (when ``per_tensor``), then each single
     method's from the candidate histograms, those equal to an earlier one left out. Without
-    candidate histograms: ``{"calibrated": chosen}``."""
-    cands = {name: obs.candidates() for name, obs in observers.items() if isinstance(obs, CandidateObserver)}
+    candidate histograms: ``{"calibrated": chosen}``. ``held_out``: the single methods' ranges
+    from the histograms without the held-out feeds (:class:`SplitCandidateObserver`)."""
+    cands = {name: (obs.fit if held_out else obs).candidates() for name, obs in observers.items()
+             if isinstance(obs, CandidateObserver)}
     if set(cands) != set(chosen) or not cands:
         return {"calibrated": dict(chosen)}
     out: dict[str, Ranges] = {"per-tensor": dict(chosen)} if per_tensor else {}
@@ -80,6 +94,15 @@ def _score(figures: list[dict[str, float]], kinds: list[str]) -> tuple[float, fl
     worst = min((f.get(RULES[k].figure, -math.inf) for f, k in zip(figures, kinds)), default=0.0)
     sqnr = [min(f.get("sqnr_db", SQNR_CAP), SQNR_CAP) for f, k in zip(figures, kinds) if k != "exact"]
     return float(worst), float(np.mean(sqnr)) if sqnr else 0.0
+
+
+def choose(scores: dict[str, tuple[float, float]], tolerance: float = WORST_TOLERANCE) -> str:
+    """The variant of highest mean SQNR among those whose worst figure is within ``tolerance`` of
+    the best worst figure (``scores``: ``{variant: (worst figure, mean SQNR)}``; ties to
+    :data:`METHODS` order)."""
+    top = max(worst for worst, _ in scores.values())
+    near = [m for m, (worst, _) in scores.items() if worst >= top - tolerance]
+    return max(near, key=lambda m: (scores[m][1], -METHODS.index(m)))
 
 
 def select_ranges(
@@ -109,15 +132,23 @@ def select_ranges(
         return first, variants[first], {"variant": first, "skipped": "a model this large is not copied once per variant"}
     if len(variants) == 1:
         return first, variants[first], {"variant": first, "skipped": "every method gives the same ranges"}
-    batch = list(itertools.islice(iter(data), feeds))
-    if not batch:
-        return first, variants[first], {"variant": first, "skipped": "no fitting feed"}
+    split = not per_tensor and all(isinstance(o, SplitCandidateObserver) and o.updates >= 2 * HOLD_EVERY
+                                   for o in observers.values())
+    if split:  # ranges without every HOLD_EVERY-th feed, judged on those feeds
+        scored = variant_ranges(chosen, observers, held_out=True)
+        scored = {k: scored[k] for k in variants if k in scored}
+        batch = [f for i, f in enumerate(itertools.islice(iter(data), HOLD_EVERY * feeds)) if i % HOLD_EVERY == HOLD_EVERY - 1]
+    else:
+        scored = variants
+        batch = list(itertools.islice(iter(data), feeds))
+    if not batch or len(scored) != len(variants):
+        return first, variants[first], {"variant": first, "skipped": "no feed to judge the variants on"}
     names = [v.name for v in work.graph.outputs]
     kinds_of = output_kinds(work)
     reference = run_model(work, batch)
     scores: dict[str, tuple[float, float]] = {}
     table: dict[str, dict[str, Any]] = {}
-    for name, ranges in variants.items():
+    for name, ranges in scored.items():
         trial = clone_model(work)
         build(trial, ranges)
         figures = OutputFigures(names, kinds_of)
@@ -127,7 +158,7 @@ def select_ranges(
         scores[name] = _score(result, figures.kinds)
         table[name] = {"worst": scores[name][0], "sqnr_db": scores[name][1]}
         del trial
-    best = max(scores, key=lambda m: (scores[m], -METHODS.index(m)))
-    report = {"variant": best, "feeds": len(batch), "variants": table,
+    best = choose(scores)
+    report = {"variant": best, "feeds": len(batch), "held_out": split, "variants": table,
               "seconds": round(time.perf_counter() - started, 2)}
     return best, variants[best], report
