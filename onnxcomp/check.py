@@ -78,7 +78,7 @@ from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
-           "judged_figures", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS"]
+           "judged_figures", "output_verdicts", "figures_meet", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS"]
 
 #: Ops whose output is a distribution over classes along the last axis.
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
@@ -617,17 +617,27 @@ class OutputFigures:
         return self.pooled[name].result() if name in self.pooled else None
 
     def verdicts(self, config: CheckConfig) -> list[tuple[bool, str, str]]:
-        """:func:`judge_output` of every output, on the figures the check judges (an encoder output
-        on its pooled embedding's cosine)."""
-        return [judge_output(kind, judged_figures(values), config) for kind, values in zip(self.kinds, self.result())]
+        """:func:`output_verdicts` of these figures."""
+        return output_verdicts(self.kinds, self.result(), config)
 
     def meets(self, config: CheckConfig) -> bool:
-        return all(ok for ok, _, _ in self.verdicts(config))
+        return figures_meet(self.kinds, self.result(), config)
 
 
 def judged_figures(values: dict[str, float]) -> dict[str, float]:
     """The figures an output is judged on: an encoder output's cosine is its pooled embedding's."""
     return {**values, "cosine": values["pooled_cosine"]} if "pooled_cosine" in values else values
+
+
+def output_verdicts(kinds: list[str], rows: list[dict[str, float]], config: CheckConfig) -> list[tuple[bool, str, str]]:
+    """:func:`judge_output` of every output (``rows``: :meth:`OutputFigures.result`), on the
+    figures the check judges (an encoder output on its pooled embedding's cosine)."""
+    return [judge_output(kind, judged_figures(values), config) for kind, values in zip(kinds, rows)]
+
+
+def figures_meet(kinds: list[str], rows: list[dict[str, float]], config: CheckConfig) -> bool:
+    """Whether every output's figures (``rows``) meet the budget: the check's verdict."""
+    return all(ok for ok, _, _ in output_verdicts(kinds, rows, config))
 
 
 def check_model(

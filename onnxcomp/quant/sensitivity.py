@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
-from onnxcomp.executors import default_executor, spawning, stop_pool
+from onnxcomp.executors import Inline, default_executor, spawning, stop_pool
 from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.quant import static
@@ -53,14 +53,24 @@ def evaluate_model_bytes(
     reference: Sequence[Sequence[np.ndarray]],
     labels: np.ndarray | None = None,
     label_output: int = 0,
-) -> dict[str, float]:
-    """Output SQNR (min over outputs) and accuracy of a serialized model against cached outputs.
+    outputs: tuple[list[str], dict[str, str], dict[str, str]] | None = None,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """Output SQNR (min over outputs), accuracy and the check's figures of a serialized model
+    against cached outputs: the one evaluator of the sensitivity study and both fallbacks.
 
-    A plain module-level function of bytes and arrays, so any Executor can run it remotely.
+    ``outputs``: ``(names, kinds, pooled)`` as :class:`onnxcomp.check.OutputFigures` takes them;
+    the result then has ``outputs``, every output's figures as the held-out check measures them
+    (judge them with :func:`onnxcomp.check.figures_meet`). ``threads``: intra-op threads (None:
+    onnxruntime's default; 1 in pool workers). A plain module-level function of bytes and arrays,
+    so any Executor can run it remotely.
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model, session_options("all", threads=1), providers=["CPUExecutionProvider"])
+    from onnxcomp.check import OutputFigures
+
+    session = ort.InferenceSession(model, session_options("all", threads=threads), providers=["CPUExecutionProvider"])
+    figures = OutputFigures(*outputs) if outputs is not None else None
     signal = noise = None
     preds = []
     for feed, ref in zip(feeds, reference):
@@ -69,19 +79,24 @@ def evaluate_model_bytes(
         n = np.array([float(np.sum(np.square(o.astype(np.float64) - r))) for o, r in zip(outs, ref)])
         signal = s if signal is None else signal + s
         noise = n if noise is None else noise + n
+        if figures is not None:
+            figures.update(list(ref), outs, feed)
         if labels is not None:
             scores = outs[label_output]
             preds.append(scores.reshape(scores.shape[0], -1).argmax(axis=-1))
     sqnr = [math.inf if nz == 0 else (-math.inf if sg == 0 else 10 * math.log10(sg / nz)) for sg, nz in zip(signal, noise)]
-    result = {"sqnr_db": float(min(sqnr))}
+    result: dict[str, Any] = {"sqnr_db": float(min(sqnr))}
     if labels is not None:
         result["accuracy"] = float(np.mean(np.concatenate(preds) == labels))
+    if figures is not None:
+        result["outputs"] = figures.result()
     return result
 
 
-def _evaluate_shared(model: bytes, data: tuple) -> dict[str, float]:
-    """:func:`evaluate_model_bytes` with the shared ``(feeds, reference, labels)`` in one argument."""
-    return evaluate_model_bytes(model, *data)
+def _evaluate_shared(model: bytes, data: tuple, threads: int | None = 1) -> dict[str, Any]:
+    """:func:`evaluate_model_bytes` with the shared ``(feeds, reference, labels, label_output,
+    outputs)`` in one argument."""
+    return evaluate_model_bytes(model, *data, threads=threads)
 
 
 @dataclasses.dataclass
@@ -101,8 +116,38 @@ class QuantStudy:
     base_plan: StaticPlan | None = None
     #: what :func:`onnxcomp.quant.static.prepare` did (recovery statistics, float copy, data)
     prepared: static.Prepared | None = None
+    #: steps after the rewrite (embedding tables, QAttention), as the quantize run took them
+    finish: list[Callable[[ir.Model], object]] = dataclasses.field(default_factory=list)
+    #: ``(names, kinds, pooled)``: evaluations also measure the check's figures of every output
+    outputs: tuple[list[str], dict[str, str], dict[str, str]] | None = None
     #: (executor, what its tasks carry for the shared data), see :meth:`_shared_data`
     _shared: tuple[Any, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_calibrated(
+        cls,
+        calibrated: static.Calibrated,
+        feeds: Sequence[dict[str, np.ndarray]],
+        reference: Sequence[Sequence[np.ndarray]] | None = None,
+        *,
+        check_figures: bool = True,
+    ) -> QuantStudy:
+        """The study of a quantize run that has already calibrated (no second calibration).
+
+        ``feeds``: the evaluation feeds; ``reference``: the float model's outputs on them
+        (computed here when not given). ``check_figures``: evaluations measure the held-out
+        check's figures too (:func:`evaluate_model_bytes` ``outputs``).
+        """
+        from onnxcomp.check import output_kinds, pooled_outputs
+
+        work = calibrated.work
+        feeds = list(feeds)
+        reference = run_model(work, feeds) if reference is None else [list(r) for r in reference]
+        outputs = None
+        if check_figures:
+            outputs = ([v.name for v in work.graph.outputs], output_kinds(work), pooled_outputs(work))
+        return cls(work, calibrated.config, calibrated.ranges, calibrated.keep_float, list(calibrated.plan.nodes),
+                   feeds, reference, None, [], calibrated.base, calibrated.prepared, list(calibrated.finish), outputs)
 
     @classmethod
     def prepare(
@@ -168,6 +213,8 @@ class QuantStudy:
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
+        for step in self.finish:
+            step(model)
         return model
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
@@ -179,9 +226,11 @@ class QuantStudy:
             executor = default_executor(len(payloads))
         cancel = True
         try:
+            # in process: onnxruntime's own threads; in workers: one each
+            threads = None if isinstance(executor, Inline) else 1
             with spawning(executor):
                 data = self._shared_data(executor)
-                futures = [executor.submit(_evaluate_shared, b, data) for b in payloads]
+                futures = [executor.submit(_evaluate_shared, b, data, threads) for b in payloads]
             results = []
             for i, f in enumerate(futures):
                 results.append(f.result())
@@ -199,7 +248,8 @@ class QuantStudy:
         from onnxcomp.executors import share
 
         if self._shared is None or self._shared[0] is not executor:
-            self._shared = (executor, share(executor, (self.feeds, self.reference, self.labels)))
+            shared = (self.feeds, self.reference, self.labels, 0, self.outputs)
+            self._shared = (executor, share(executor, shared))
         return self._shared[1]
 
     def float_metrics(self) -> dict[str, float]:

@@ -37,6 +37,7 @@ from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_stat
 __all__ = [
     "STATIC_MIN_OPSET",
     "Prepared",
+    "Calibrated",
     "observer_kwargs",
     "prepare",
     "calibrate_plan",
@@ -76,6 +77,27 @@ class Prepared:
     #: the float model after the rewrites, for bias correction (None when it is off)
     float_model: ir.Model | None
     cleanup: dict[str, Any] | None
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """One static quantization's calibration, kept so that variants of it (some nodes in float:
+    the automatic fallback, :class:`onnxcomp.quant.sensitivity.QuantStudy`) need no second one.
+
+    ``ranges`` cover the plan without activation folding too (``for_variants``), so that a node
+    kept float can expose the Relu/Clip folded into it.
+    """
+
+    #: the prepared float model before the Q/DQ rewrite (a clone; tensors shared)
+    work: ir.Model
+    config: QuantizeConfig
+    base: StaticPlan
+    plan: StaticPlan
+    ranges: dict[str, tuple[float, float]]
+    keep_float: dict[str, str]
+    prepared: Prepared
+    #: steps after the rewrite that every variant needs too (embedding tables, QAttention), in order
+    finish: list[Callable[[ir.Model], object]] = dataclasses.field(default_factory=list)
 
 
 def prepare(
@@ -172,16 +194,26 @@ def quantize_static(
     *,
     cleanup: bool | None = None,
     progress: Callable[[int, int | None], object] | None = None,
+    keep: Callable[[Calibrated], object] | None = None,
 ) -> dict[str, Any]:
-    """The whole pipeline in place on ``work`` (already at opset >= 13); returns the report section."""
+    """The whole pipeline in place on ``work`` (already at opset >= 13); returns the report section.
+
+    ``keep``: called with the :class:`Calibrated` state before the rewrite (the calibration then
+    also observes what variants with nodes in float need), for a fallback that follows.
+    """
     from onnxcomp.quant.subgraphs import quantize_branches
 
     prepared = prepare(work, config, calibration, cleanup=cleanup)
     branches = quantize_branches(work, prepared.data, config, _quantize_branch)
     total = prepared.data.num_feeds
-    _, plan, result, _ = calibrate_plan(
-        work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
+    base, plan, result, mixed = calibrate_plan(
+        work, config, prepared.data, for_variants=keep is not None,
+        progress=(lambda n: progress(n, total)) if progress else None
     )
+    if keep is not None:
+        kept = Calibrated(clone_model(work), config, base, plan, result.ranges, mixed, prepared)
+        kept.finish.append(lambda model: quantize_embeddings(model, config))
+        keep(kept)
     started = time.perf_counter()
     by_name = {n.name: n for n in work.graph}
     rounder = make_rounder(work, [by_name[n] for n in plan.nodes if n in by_name], prepared.data, config)
