@@ -53,7 +53,8 @@ def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[st
     damage = {}
     for name in nodes:
         node = by_name.get(name)
-        if node is None or not node.outputs or node.outputs[0].name not in sqnr:
+        out = _measured_output(node, sqnr) if node is not None and node.outputs else None
+        if out is None:
             damage[name] = 0.0
             continue
         ins = []
@@ -65,8 +66,22 @@ def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[st
                 ins.append(0.0)  # a graph input: exact
             elif producer.op_type != "Constant" and v.name in sqnr:
                 ins.append(noise_ratio(sqnr[v.name]))
-        damage[name] = noise_ratio(sqnr[node.outputs[0].name]) - (min(ins) if ins else 0.0)
+        damage[name] = noise_ratio(sqnr[out]) - (min(ins) if ins else 0.0)
     return damage
+
+
+def _measured_output(node: ir.Node, sqnr: dict[str, float], steps: int = 3) -> str | None:
+    """The first tensor from ``node``'s output on that both models compute: an activation folded
+    into an int8 node (Relu, Clip) hides the node's own output, so its sole consumer's is taken."""
+    value = node.outputs[0]
+    for _ in range(steps):
+        if value.name in sqnr:
+            return value.name
+        consumers = value.consumers()
+        if len(consumers) != 1 or not consumers[0].outputs:
+            return None
+        value = consumers[0].outputs[0]
+    return None
 
 
 def noise_ratio(db: float) -> float:

@@ -350,6 +350,7 @@ def quantize_with_fallback(
                                max_eval_feeds=max_eval_feeds, allow_upgrade=allow_upgrade, in_place=in_place)
     base = study.float_metrics()
     fallback: list[str] = []
+    moved: list[list[str]] = []  # what went float together: the slow op types, then each block
     history = []
     current = study.evaluate([study.build()], executor)[0]
     history.append({"float_nodes": [], **current})
@@ -357,6 +358,7 @@ def quantize_with_fallback(
     if latency_aware:
         slow_types, latency = _slow_op_types(study, threads)
         fallback += [n for n in study.nodes if _op(study, n) in slow_types]
+        moved.append(list(fallback))
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
@@ -374,6 +376,7 @@ def quantize_with_fallback(
         last_block: list[str] = []
         for rank, i in enumerate(order):
             fallback.extend(blocks[i])
+            moved.append(list(blocks[i]))
             last_block = blocks[i]
             current = trials[i] if rank == 0 else study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
@@ -411,7 +414,8 @@ def quantize_with_fallback(
     if recovery:
         report["recovery"] = recovery
     if fallback and targets:
-        report["fallback_latency"] = _fallback_latency(study, fallback, threads)
+        kept = set(fallback)
+        report["fallback_latency"] = _fallback_latency(study, [[n for n in g if n in kept] for g in moved], threads)
     return final, report
 
 
@@ -483,11 +487,25 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
     }
 
 
-def _fallback_latency(study: QuantStudy, fallback: list[str], threads: int | None = None) -> dict[str, float]:
-    """Latency ratio of leaving each fallback node float alone, relative to all int8."""
-    variants = [("all int8", study.build())] + [(n, study.build(frozenset({n}))) for n in fallback]
+def _fallback_latency(study: QuantStudy, groups: Sequence[Sequence[str]], threads: int | None = None) -> dict[str, float]:
+    """Latency ratio, relative to all int8, of leaving each group of fallback nodes (what went
+    float together: one block, or the op types slower in int8) float alone.
+
+    One comparison of at most :data:`MAX_LIVE_SESSIONS` sessions: beyond that many groups, the
+    last ones are measured together.
+    """
+    groups = [list(g) for g in groups if g]
+    most = MAX_LIVE_SESSIONS - 1
+    if len(groups) > most:
+        groups = groups[:most - 1] + [[n for g in groups[most - 1:] for n in g]]
+    variants = [("all int8", study.build())]
+    variants += [(_group_name(g), study.build(frozenset(g))) for g in groups]
     rows = _bench_capped(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=threads, time_budget=15.0)
     return {r["name"]: r["ratio_to_first"] for r in rows[1:]}
+
+
+def _group_name(nodes: Sequence[str]) -> str:
+    return nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes)"
 
 
 #: Most onnxruntime sessions alive at once in a latency comparison (each holds a model's weights
