@@ -223,15 +223,19 @@ def _run(args: argparse.Namespace) -> int:
                 study_of(calibrated.pop(), fit), check_cfg,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
         auto["check_before"] = check
-        auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
         report["auto_fallback"] = auto
-        report["int8_nodes"] = len(auto["int8_nodes"])
-        out = save_model(quantized, args.output, force=True)
-        report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
-        count = len(auto["int8_nodes"])
-        check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
-                          why="every node went back to float and the budget still failed" if not count else "",
-                          reference_file=original, written=quantized)
+        if not auto["met_on_fitting_data"]:  # gave up: the written all-int8 model and its check stand
+            quantized = first
+            auto["latency_ratio_to_all_int8"] = None
+        else:
+            auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
+            report["int8_nodes"] = len(auto["int8_nodes"])
+            out = save_model(quantized, args.output, force=True)
+            report["output"] = {"path": str(out), "bytes": file_bytes(out),
+                                "parameter_bytes": parameter_nbytes(quantized)}
+            count = len(auto["int8_nodes"])
+            check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
+                              reference_file=original, written=quantized)
         auto["extra_seconds"] = time.perf_counter() - fallback_started  # fallback, latency, save, check
         if check is not None and auto["met_on_fitting_data"] and not check["met"]:
             auto["held_out_missed"] = True
@@ -257,8 +261,9 @@ def _run(args: argparse.Namespace) -> int:
         lat = auto["latency_ratio_to_all_int8"]
         con.print(f"automatic fallback ({auto['seconds']:.1f} s, {auto['evaluations']} evaluations on "
                   f"{auto['eval_feeds']} fitting feeds): {len(auto['float_nodes'])} node(s) back in float, "
-                  f"{len(auto['int8_nodes'])} int8; latency {lat['ratio']:.3f}x of the all-int8 model "
-                  f"[{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+                  f"{len(auto['int8_nodes'])} int8"
+                  + (f"; latency {lat['ratio']:.3f}x of the all-int8 model [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+                     if lat else "")
                   + ("" if auto["met_on_fitting_data"] else f"; {auto['gave_up']}"))
         if auto.get("blocks"):
             con.print(f"  {len(auto['blocks'])} block(s) of consecutive nodes moved, worst damage first")
