@@ -230,6 +230,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
             report["int8_nodes"] = len(auto["int8_nodes"])
+            if "onnxruntime" in report:  # the kernels of the model written now
+                from onnxcomp.quant.verify import fusion_report
+
+                report["onnxruntime"] = fusion_report(quantized)
             out = save_model(quantized, args.output, force=True)
             report["output"] = {"path": str(out), "bytes": file_bytes(out),
                                 "parameter_bytes": parameter_nbytes(quantized)}
