@@ -138,6 +138,7 @@ def fallback_to_budget(
     """
     from onnxcomp.executors import Inline
     from onnxcomp.quant import static
+    from onnxcomp.quant.sensitivity import fewest_passing
 
     started = time.perf_counter()
     if study.outputs is None:
@@ -179,13 +180,7 @@ def fallback_to_budget(
         return ok
 
     # bisection: none of the blocks misses (the check said so), limit + 1 stands for "too many"
-    lo, hi = 0, limit + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if trial(mid):
-            hi = mid
-        else:
-            lo = mid
+    fewest_passing(0, limit + 1, trial)
     if best is None:
         report = _report(False, [], [], study, history, started, damage, None)
         report["gave_up"] = (f"the budget needs more than {limit_nodes} of {len(study.nodes)} int8 nodes in float "

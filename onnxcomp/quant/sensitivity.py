@@ -390,19 +390,9 @@ def quantize_with_fallback(
                 progress(len(top(k)), len(study.nodes))
             return _meets(measured[k], base, fidelity_target, max_drop)
 
-        lo, hi = 0, len(order)
-        if meets_with(1):
-            hi = 1
-        else:
-            lo = 1
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if meets_with(mid):
-                    hi = mid
-                else:
-                    lo = mid
-            if hi not in measured:
-                meets_with(hi)
+        hi = 1 if meets_with(1) else fewest_passing(1, len(order), meets_with)
+        if hi not in measured:
+            meets_with(hi)
         fallback = top(hi)
         moved.extend(list(blocks[i]) for i in order[:hi])
         last_block = blocks[order[hi - 1]]
@@ -440,6 +430,18 @@ def quantize_with_fallback(
         kept = set(fallback)
         report["fallback_latency"] = _fallback_latency(study, [[n for n in g if n in kept] for g in moved], threads)
     return final, report
+
+
+def fewest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
+    """The smallest ``k`` in ``(lo, hi]`` for which ``passes(k)``, by bisection: ``lo`` is known to
+    fail, ``hi`` is taken to pass (and is returned untested when nothing below it passes)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def node_blocks(nodes: Sequence[str]) -> list[list[str]]:
