@@ -81,8 +81,8 @@ from onnxcomp.errors import ConfigError, DataError, OnnxcompError
 from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
-__all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "verdict_line",
-           "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS"]
+__all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
+           "judged_figures", "output_verdicts", "figures_meet", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS"]
 
 #: Ops whose output is a distribution over classes along the last axis.
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
@@ -592,6 +592,15 @@ def output_kinds(model: ir.Model) -> dict[str, str]:
             for value in model.graph.outputs}
 
 
+def pooled_outputs(model: ir.Model) -> dict[str, str]:
+    """Encoder outputs judged on their mean-pooled embedding: output name -> attention-mask input
+    (:func:`onnxcomp.measure.embedding.encoder_outputs`; empty for other models)."""
+    from onnxcomp.measure.embedding import encoder_outputs
+
+    mask, names = encoder_outputs(model)
+    return dict.fromkeys(names, mask) if mask is not None else {}
+
+
 def judge_output(kind: str, figures: dict[str, float | None], config: CheckConfig) -> tuple[bool, str, str]:
     """The budget rule for one output: ``(ok, the rule, the figure judged)`` (see :data:`RULES`)."""
     rule = RULES[kind]
@@ -603,29 +612,70 @@ def judge_output(kind: str, figures: dict[str, float | None], config: CheckConfi
 
 
 class OutputFigures:
-    """Every output's figures (its rule's and :data:`REPORTED`), accumulated feed by feed."""
+    """Every output's figures (its rule's and :data:`REPORTED`), accumulated feed by feed.
 
-    def __init__(self, names: list[str], kinds: dict[str, str]) -> None:
+    The outputs of an encoder (``pooled``: output name -> attention-mask input) are also pooled
+    over their real tokens (:class:`onnxcomp.measure.embedding.PooledEmbedding`) and judged on the
+    pooled embedding's cosine; their update needs the feed. This is the one evaluator of the budget:
+    the check and the automatic fallback's stopping rule both judge through it.
+    """
+
+    def __init__(self, names: list[str], kinds: dict[str, str], pooled: dict[str, str] | None = None) -> None:
+        from onnxcomp.measure.embedding import PooledEmbedding
+
         self.names = names
         self.kinds = [kinds.get(n, "values") for n in names]
         self.figures: list[dict[str, Figure]] = []
         for kind in self.kinds:
             wanted = [RULES[kind].figure] + ([] if kind == "exact" else list(REPORTED))
             self.figures.append({f: FIGURES[f]() for f in dict.fromkeys(wanted)})
+        self.pooled = {n: PooledEmbedding(mask) for n, mask in (pooled or {}).items() if n in names}
 
-    def update(self, ref_values: list[np.ndarray], cand_values: list[np.ndarray]) -> None:
+    def update(self, ref_values: list[np.ndarray], cand_values: list[np.ndarray],
+               feed: dict[str, np.ndarray] | None = None) -> None:
         for name, figures, r, c in zip(self.names, self.figures, ref_values, cand_values):
             r, c = np.asarray(r), np.asarray(c)
             if r.shape != c.shape:
                 raise OnnxcompError(f"output {name!r}: original shape {list(r.shape)} vs written {list(c.shape)}")
             for figure in figures.values():
                 figure.update(r, c)
+            if name in self.pooled and feed is not None:
+                self.pooled[name].update(r, c, feed)
 
     def result(self) -> list[dict[str, float]]:
-        return [{k: f.value() for k, f in figures.items()} for figures in self.figures]
+        """Per output, its figures; an encoder output also has ``pooled_cosine``."""
+        rows = [{k: f.value() for k, f in figures.items()} for figures in self.figures]
+        for name, row in zip(self.names, rows):
+            if name in self.pooled and (emb := self.pooled[name].result()) is not None:
+                row["pooled_cosine"] = emb["pooled_cosine"]
+        return rows
+
+    def embedding(self, name: str) -> dict[str, Any] | None:
+        """The pooled-embedding figures of an encoder output (None for other outputs)."""
+        return self.pooled[name].result() if name in self.pooled else None
+
+    def verdicts(self, config: CheckConfig) -> list[tuple[bool, str, str]]:
+        """:func:`output_verdicts` of these figures."""
+        return output_verdicts(self.kinds, self.result(), config)
 
     def meets(self, config: CheckConfig) -> bool:
-        return all(judge_output(kind, values, config)[0] for kind, values in zip(self.kinds, self.result()))
+        return figures_meet(self.kinds, self.result(), config)
+
+
+def judged_figures(values: dict[str, float]) -> dict[str, float]:
+    """The figures an output is judged on: an encoder output's cosine is its pooled embedding's."""
+    return {**values, "cosine": values["pooled_cosine"]} if "pooled_cosine" in values else values
+
+
+def output_verdicts(kinds: list[str], rows: list[dict[str, float]], config: CheckConfig) -> list[tuple[bool, str, str]]:
+    """:func:`judge_output` of every output (``rows``: :meth:`OutputFigures.result`), on the
+    figures the check judges (an encoder output on its pooled embedding's cosine)."""
+    return [judge_output(kind, judged_figures(values), config) for kind, values in zip(kinds, rows)]
+
+
+def figures_meet(kinds: list[str], rows: list[dict[str, float]], config: CheckConfig) -> bool:
+    """Whether every output's figures (``rows``) meet the budget: the check's verdict."""
+    return all(ok for ok, _, _ in output_verdicts(kinds, rows, config))
 
 
 def check_model(
@@ -638,12 +688,18 @@ def check_model(
     what: str = "",
     nothing_why: str = "",
     progress: Callable[[int], object] | None = None,
+    reference_file: str | os.PathLike | None = None,
+    written_model: ir.Model | None = None,
 ) -> dict[str, Any]:
     """Compare ``candidate`` (the model as written) with ``reference`` on the check data.
 
     Args:
         candidate: the written model, or the path of the written file (onnxruntime reads it as
             is: nothing is parsed or serialized again).
+        reference_file: the file ``reference`` was loaded from, unchanged: onnxruntime reads it
+            itself instead of a serialized copy.
+        written_model: the model written to ``candidate`` when it is still in memory (the blame then
+            does not load the file back).
         compressed: how many things were compressed (int8 nodes, channels cut, tensors clustered);
             0 means nothing was, and the budget is then not met.
         what: what ``compressed`` counts, for the report ("int8 nodes").
@@ -676,22 +732,20 @@ def check_model(
         return stop(f"not checked: no data to check on ({split.source})")
     data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
     try:
-        run = _compare(reference, candidate, data, split.labels, progress, split)
+        run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
     except OnnxcompError as exc:
         return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
     report["data"]["check_feeds"] = run["feeds"]
     report["data"]["check_samples"] = run["samples"]
-    from onnxcomp.measure.embedding import embedding_fidelity
-
-    pooled = embedding_fidelity(reference, candidate, data)  # encoders: {} for other models
-    for name, kind, values in zip(run["names"], run["kinds"], run["figures"]):
-        judged = {**values, "cosine": pooled[name]["pooled_cosine"]} if name in pooled else values
-        ok, rule, figure = judge_output(kind, judged, config)
+    figures = run["output_figures"]
+    for name, kind, values, (ok, rule, figure) in zip(run["names"], run["kinds"], run["figures"],
+                                                      figures.verdicts(config)):
         row: dict[str, Any] = {"name": name, "kind": kind, **{k: values.get(k) for k in REPORTED},
                                RULES[kind].figure: values.get(RULES[kind].figure), "rule": rule, "ok": ok}
-        if name in pooled:  # judged on the mean-pooled embedding (attention mask)
-            row["embedding"] = pooled[name]
+        embedding = figures.embedding(name)
+        if embedding is not None:  # judged on the mean-pooled embedding (attention mask)
+            row["embedding"] = embedding
             rule, figure = f"pooled-embedding {rule}", f"pooled-embedding {figure}"
             row["rule"] = rule
         if not ok:
@@ -708,7 +762,8 @@ def check_model(
             )
     report["met"] = not report["problems"]
     if not report["met"] and compressed != 0 and config.blame:
-        report["blame"] = blame(reference, candidate, data, config.blame)
+        report["blame"] = blame(reference, candidate if written_model is None else written_model, data,
+                                config.blame)
     report["seconds"] = time.perf_counter() - started
     return report
 
@@ -724,22 +779,24 @@ KEEP_REFERENCE_BYTES = 256 * 2**20
 
 
 def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray | None,
-             progress: Callable[[int], object] | None, split: DataSplit | None = None) -> dict[str, Any]:
-    """One pass of both models over ``data``: every output's figures, and accuracies with labels.
+             progress: Callable[[int], object] | None, split: DataSplit | None = None,
+             reference_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One pass of both models over ``data``: every output's figures (an encoder's pooled
+    embedding too), and accuracies with labels. ``reference_file``: the original's file, which
+    onnxruntime then reads itself (``reference`` is not serialized again).
 
     The original's outputs are kept on ``split`` (up to :data:`KEEP_REFERENCE_BYTES`) and taken
     from it when a check already ran there.
     """
     names = [v.name for v in reference.graph.outputs]
-    kinds = output_kinds(reference)
-    figures = OutputFigures(names, kinds)
+    figures = OutputFigures(names, output_kinds(reference), pooled_outputs(reference))
     cached = split.reference_outputs if split is not None else None
     if cached is None and initializer_nbytes(reference) >= LARGE_MODEL_BYTES:
         # a big model: the original's session is gone before the written model's opens
-        cached = _reference_outputs(reference, names, data)
+        cached = _reference_outputs(reference_file or reference, names, data)
         if cached is not None and split is not None:
             split.reference_outputs = cached
-    ref_session = _session(reference) if cached is None else None
+    ref_session = _session(reference_file or reference) if cached is None else None
     cand_session = _session(candidate)
     written = [o.name for o in cand_session.get_outputs()]
     if written != names:
@@ -757,7 +814,7 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             else:
                 keep = None
         cand_values = cand_session.run(names, feed)
-        figures.update(ref_values, cand_values)
+        figures.update(ref_values, cand_values, feed)
         if labels is not None:
             predictions[0].append(_predicted_class(ref_values[0]))
             predictions[1].append(_predicted_class(cand_values[0]))
@@ -776,10 +833,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             raise DataError(f"{labels.shape[0]} labels for {pred[0].shape[0]} predictions of output {names[0]!r}")
         accuracy = (float(np.mean(pred[0] == labels)), float(np.mean(pred[1] == labels)))
     return {"names": names, "kinds": figures.kinds, "figures": figures.result(), "feeds": feeds, "samples": samples,
-            "accuracy": accuracy}
+            "accuracy": accuracy, "output_figures": figures}
 
 
-def _reference_outputs(reference: ir.Model, names: list[str], data: Dataset) -> list[list[np.ndarray]] | None:
+def _reference_outputs(reference: ir.Model | str | os.PathLike, names: list[str], data: Dataset) -> list[list[np.ndarray]] | None:
     """The original's outputs on every feed of ``data`` from a session of its own (None when they
     would take more than :data:`KEEP_REFERENCE_BYTES`: both sessions then run side by side)."""
     session = _session(reference)

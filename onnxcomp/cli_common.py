@@ -242,9 +242,10 @@ def check_config(args: argparse.Namespace):
 
 
 def run_check(con, reference, written_path, split, config, report: dict[str, Any], *, compressed: int | None,
-              what: str, why: str = "") -> dict[str, Any] | None:
+              what: str, why: str = "", reference_file=None, written=None) -> dict[str, Any] | None:
     """Load the written file back and check it against ``reference``; the result goes into
-    ``report["check"]`` and is returned (None when the check is disabled)."""
+    ``report["check"]`` and is returned (None when the check is disabled). ``reference_file`` /
+    ``written``: see :func:`onnxcomp.check.check_model`."""
     from onnxcomp.check import check_model
 
     if not config.enabled:
@@ -253,7 +254,7 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
         task = progress.add_task("checking", total=split.check_feeds)
         # onnxruntime reads the written file itself: it is not parsed or serialized again here
         check = check_model(reference, os.fspath(written_path), split, config, compressed=compressed, what=what,
-                            nothing_why=why,
+                            nothing_why=why, reference_file=reference_file, written_model=written,
                             progress=lambda n: progress.update(task, completed=n))
     report["check"] = check
     return check

@@ -166,18 +166,18 @@ def _outlier_chain(rng):
 def test_automatic_fallback_floats_the_damaging_node_first(rng):
     from onnxcomp.quant.autofallback import fallback_to_budget
     from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.sensitivity import QuantStudy
 
     proto = _outlier_chain(rng)
     fit = [{"x": rng.standard_normal((1, 2, 16)).astype(np.float32)} for _ in range(16)]
-    model, report = fallback_to_budget(proto, fit, QuantizeConfig(), CheckConfig(min_cosine=0.999),
-                                       max_float_fraction=0.5)
+    study = QuantStudy.prepare(proto, fit, QuantizeConfig())
+    model, report = fallback_to_budget(study, CheckConfig(min_cosine=0.999), max_float_fraction=0.5)
     assert report["met_on_fitting_data"] and report["float_nodes"] == ["mm2"]
-    assert report["damage_db"]["mm2"] > 10.0 and sorted(report["int8_nodes"]) == ["mm1", "mm3"]
+    assert report["damage"]["mm2"] > 0.1 and sorted(report["int8_nodes"]) == ["mm1", "mm3"]
     held = [{"x": rng.standard_normal((1, 2, 16)).astype(np.float32)} for _ in range(8)]
     ref = io.load_model(proto)
     split = split_data(None, CheckConfig(), evaluation=Dataset(held, ref))
     assert check_model(ref, model, split, CheckConfig(min_cosine=0.999), compressed=2)["met"]
     # a budget only all-float could meet is refused beyond the fraction: the all-int8 model comes back
-    model, report = fallback_to_budget(proto, fit, QuantizeConfig(), CheckConfig(min_cosine=1.0),
-                                       max_float_fraction=0.34)
+    model, report = fallback_to_budget(study, CheckConfig(min_cosine=1.0), max_float_fraction=0.34)
     assert not report["met_on_fitting_data"] and report["float_nodes"] == [] and "all-int8 model is kept" in report["gave_up"]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "embedding_fidelity"]
+__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "PooledEmbedding", "embedding_fidelity"]
 
 #: Input names taken for the attention mask of an encoder.
 MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
@@ -74,6 +74,30 @@ def nn_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
     return float(np.mean(nearest(reference) == nearest(candidate)))
 
 
+class PooledEmbedding:
+    """The pooled-embedding figures of one encoder output, accumulated feed by feed."""
+
+    def __init__(self, mask_input: str) -> None:
+        self.mask_input = mask_input
+        self.refs: list[np.ndarray] = []
+        self.cands: list[np.ndarray] = []
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, feed: Mapping[str, np.ndarray]) -> None:
+        mask = feed[self.mask_input]
+        self.refs.append(mean_pool(ref, mask))
+        self.cands.append(mean_pool(cand, mask))
+
+    def result(self) -> dict[str, Any] | None:
+        """``pooled_cosine`` (mean over sentences), ``pooled_cosine_min``, ``nn_agreement``,
+        ``sentences`` and ``mask_input`` (None before any feed)."""
+        if not self.refs:
+            return None
+        r, c = np.concatenate(self.refs), np.concatenate(self.cands)
+        cos = np.sum(_normalize(r) * _normalize(c), axis=-1)
+        return {"pooled_cosine": float(cos.mean()), "pooled_cosine_min": float(cos.min()),
+                "nn_agreement": nn_agreement(r, c), "sentences": int(len(r)), "mask_input": self.mask_input}
+
+
 def embedding_fidelity(
     reference: ir.Model,
     candidate: ir.Model | str | os.PathLike,
@@ -81,7 +105,9 @@ def embedding_fidelity(
 ) -> dict[str, dict[str, Any]]:
     """Per encoder output of ``reference``: pooled cosine (mean, min) and NN agreement on ``feeds``.
 
-    Empty when the model is not an encoder (:func:`encoder_outputs`).
+    Empty when the model is not an encoder (:func:`encoder_outputs`). The check computes the same
+    figures in its own pass over both models (:class:`PooledEmbedding` in
+    :class:`onnxcomp.check.OutputFigures`).
     """
     from onnxcomp.runtime import create_session, open_session, session_options
 
@@ -90,19 +116,9 @@ def embedding_fidelity(
         return {}
     ref_sess = create_session(reference, sess_options=session_options("all"))
     cand_sess = open_session(candidate, sess_options=session_options("all"), what="the written model")
-    pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in names}
+    pooled = {n: PooledEmbedding(mask_name) for n in names}
     for feed in feeds:
         feed = dict(feed)
-        mask = feed[mask_name]
         for n, r, c in zip(names, ref_sess.run(names, feed), cand_sess.run(names, feed)):
-            pooled[n][0].append(mean_pool(r, mask))
-            pooled[n][1].append(mean_pool(c, mask))
-    result = {}
-    for n, (refs, cands) in pooled.items():
-        if not refs:
-            continue
-        r, c = np.concatenate(refs), np.concatenate(cands)
-        cos = np.sum(_normalize(r) * _normalize(c), axis=-1)
-        result[n] = {"pooled_cosine": float(cos.mean()), "pooled_cosine_min": float(cos.min()),
-                     "nn_agreement": nn_agreement(r, c), "sentences": int(len(r)), "mask_input": mask_name}
-    return result
+            pooled[n].update(r, c, feed)
+    return {n: result for n, p in pooled.items() if (result := p.result()) is not None}

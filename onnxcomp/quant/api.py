@@ -50,6 +50,7 @@ def quantize(
     labels: Any = None,
     progress: Callable[[str, int, int | None], object] | None = None,
     threads: int | None = None,
+    keep: Callable[[Any], object] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Quantize ``model``; returns the new model and a report.
 
@@ -67,6 +68,8 @@ def quantize(
         progress: ``progress(stage, done, total)`` while calibrating.
         threads: intra-op threads of the latency-aware fallback's measurements (None:
             onnxruntime's default, one per physical core).
+        keep: static mode: called with the calibration's state
+            (:class:`onnxcomp.quant.static.Calibrated`) for a fallback that follows.
 
     Raises:
         OpsetError, DataError, ConfigError and other OnnxcompError subclasses with clear messages.
@@ -78,7 +81,7 @@ def quantize(
         raise ConfigError("static quantization needs calibration data (--calibration FILE)")
     work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
     report = quantize_in_place(work, calibration, config, verify=verify, eval_data=eval_data, labels=labels,
-                               progress=progress, threads=threads)
+                               progress=progress, threads=threads, keep=keep)
     report["notes"] = notes + report["notes"]
     report["seconds"] = time.perf_counter() - started
     return work, report
@@ -95,6 +98,7 @@ def quantize_in_place(
     labels: Any = None,
     progress: Callable[[str, int, int | None], object] | None = None,
     threads: int | None = None,
+    keep: Callable[[Any], object] | None = None,
 ) -> dict[str, Any]:
     """Quantize the working copy ``work`` (named nodes, opset >= :func:`required_opset`) in place.
 
@@ -116,13 +120,21 @@ def quantize_in_place(
     # when no table is large enough to be quantized
     encoder = prepare_encoder(work, config.transformer, config.mode,
                               embed_layer_norm=not quantizable_tables(work, config))
+    kept: list[Any] = []  # the static calibration's state, for ``keep``
     if encoder is not None and config.mode == "dynamic" and config.smoothquant:
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
     handler = MODES[MODE_CONFIGS[config.mode]]
     report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,
-                     progress=progress, threads=threads)
+                     progress=progress, threads=threads, keep=kept.append if keep is not None else None)
     if encoder is not None:
+        if kept:  # variants finish the same way
+            import copy
+
+            fresh = copy.deepcopy(encoder)
+            kept[0].finish.append(lambda model: finish_encoder(model, config, copy.deepcopy(fresh), []))
         report["transformer"] = finish_encoder(work, config, encoder, notes)
+    if kept:
+        keep(kept[0])
     if verify:
         report["onnxruntime"] = fusion_report(work)
     report["notes"] = notes
@@ -133,11 +145,13 @@ def _static_mode(
     work: ir.Model, calibration: DataSource | Dataset | None, config: QuantizeConfig, *, notes: list[str],
     cleanup: bool | None, eval_data: DataSource | Dataset | None, labels: Any,
     progress: Callable[[str, int, int | None], object] | None, threads: int | None,
+    keep: Callable[[Any], object] | None = None,
 ) -> dict[str, Any]:
     """Static mode: the static pipeline, or with a fidelity budget the fallback around it."""
     if not config.uses_fallback:
         return quantize_static(work, calibration, config, cleanup=cleanup,
-                               progress=(lambda d, t: progress("calibrating", d, t)) if progress else None)
+                               progress=(lambda d, t: progress("calibrating", d, t)) if progress else None,
+                               keep=keep)
     from onnxcomp.quant.sensitivity import quantize_with_fallback
 
     if cleanup is not None and cleanup != config.cleanup:

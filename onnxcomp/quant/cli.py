@@ -106,7 +106,7 @@ def _latency_ratio(first, second, data, threads: int | None = None) -> dict | No
         if len(feeds) == 4:
             break
     rows = bench_models([("all int8", first), ("with fallback", second)], feeds, runs=40, warmup_seconds=0.2,
-                        threads=threads)
+                        threads=threads, time_budget=10.0)
     return {"ratio": rows[1]["ratio_to_first"], "ci95": rows[1]["ratio_ci95"]}
 
 
@@ -227,12 +227,16 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-drop is an accuracy budget: it needs --eval and --labels")
     split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
     fit = split.fit if split.fit is not None else calibration
+    # a fallback may follow: the calibration is kept for it (no second one)
+    calibrated: list = []
+    may_fall_back = args.mode == "static" and not args.no_fallback and not config.uses_fallback \
+        and split.held_out and check_cfg.enabled
     with progress_bar(con) as progress:
         task = progress.add_task("calibrating", total=fit.num_feeds if fit else None)
         quantized, report = quantize(
             model, fit, config, allow_upgrade=not args.no_upgrade, eval_data=evaluation, labels=labels,
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
-            threads=args.threads,
+            threads=args.threads, keep=calibrated.append if may_fall_back else None,
         )
     out = save_model(quantized, args.output, force=args.force)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
@@ -240,34 +244,49 @@ def _run(args: argparse.Namespace) -> int:
         report["specialize"] = specialized
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode)
-    can_fall_back = bool(count) and args.mode == "static" and not args.no_fallback and not config.uses_fallback \
-        and split.held_out
+    can_fall_back = bool(count) and may_fall_back and bool(calibrated)
+    # onnxruntime reads the original's file itself (unless --fix-* changed the model in memory)
+    original = args.model if specialized is None else None
     # when a fallback may follow, the blamed tensors would be measured twice: the final check names them
     check = run_check(con, model, out, split, dataclasses.replace(check_cfg, blame=0) if can_fall_back else check_cfg,
-                      report, compressed=count, what=what, why=why)
+                      report, compressed=count, what=what, why=why, reference_file=original, written=quantized)
     if check is not None and not check["met"] and can_fall_back:
-        from onnxcomp.quant.autofallback import fallback_to_budget
+        from onnxcomp.quant.autofallback import fallback_to_budget, study_of
 
         con.print(f"[yellow]{esc(verdict_line(check))}[/yellow]")
-        con.print("moving the most damaging nodes back to float until the budget holds on the fitting data "
+        con.print("moving the most damaging blocks back to float until the budget holds on the fitting data "
                   "(--no-fallback to keep the all-int8 model)")
         first = quantized
         fallback_started = time.perf_counter()
         with progress_bar(con) as progress:
             task = progress.add_task("fallback", total=None)
             quantized, auto = fallback_to_budget(
-                model, fit, config, check_cfg,
+                study_of(calibrated.pop(), fit), check_cfg,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
         auto["check_before"] = check
-        auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
         report["auto_fallback"] = auto
-        report["int8_nodes"] = len(auto["int8_nodes"])
-        out = save_model(quantized, args.output, force=True)
-        report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
-        count = len(auto["int8_nodes"])
-        check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
-                          why="every node went back to float and the budget still failed" if not count else "")
+        if not auto["met_on_fitting_data"]:  # gave up: the written all-int8 model and its check stand
+            quantized = first
+            auto["latency_ratio_to_all_int8"] = None
+        else:
+            auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
+            report["int8_nodes"] = len(auto["int8_nodes"])
+            if "onnxruntime" in report:  # the kernels of the model written now
+                from onnxcomp.quant.verify import fusion_report
+
+                report["onnxruntime"] = fusion_report(quantized)
+            out = save_model(quantized, args.output, force=True)
+            report["output"] = {"path": str(out), "bytes": file_bytes(out),
+                                "parameter_bytes": parameter_nbytes(quantized)}
+            count = len(auto["int8_nodes"])
+            check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
+                              reference_file=original, written=quantized)
         auto["extra_seconds"] = time.perf_counter() - fallback_started  # fallback, latency, save, check
+        if check is not None and auto["met_on_fitting_data"] and not check["met"]:
+            auto["held_out_missed"] = True
+            report["notes"].append("the fallback met the budget on the fitting data but the held-out check "
+                                   "missed it: the fitting data does not represent the held-out data well "
+                                   "enough (more calibration data, or --eval)")
     status = check_status(args, check)
     if args.threads and args.mode == "static" and count:
         report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
@@ -287,11 +306,14 @@ def _run(args: argparse.Namespace) -> int:
         lat = auto["latency_ratio_to_all_int8"]
         con.print(f"automatic fallback ({auto['seconds']:.1f} s, {auto['evaluations']} evaluations on "
                   f"{auto['eval_feeds']} fitting feeds): {len(auto['float_nodes'])} node(s) back in float, "
-                  f"{len(auto['int8_nodes'])} int8; latency {lat['ratio']:.3f}x of the all-int8 model "
-                  f"[{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+                  f"{len(auto['int8_nodes'])} int8"
+                  + (f"; latency {lat['ratio']:.3f}x of the all-int8 model [{lat['ci95'][0]:.3f}, {lat['ci95'][1]:.3f}]"
+                     if lat else "")
                   + ("" if auto["met_on_fitting_data"] else f"; {auto['gave_up']}"))
+        if auto.get("blocks"):
+            con.print(f"  {len(auto['blocks'])} block(s) of consecutive nodes moved, worst damage first")
         for name in auto["float_nodes"][:10]:
-            con.print(f"  float: {esc(name)} (adds {auto['damage_db'].get(name, 0):.1f} dB of error in int8)")
+            con.print(f"  float: {esc(name)} (adds {100 * auto['damage'].get(name, 0):.2g}% noise power in int8)")
         if len(auto["float_nodes"]) > 10:
             con.print(f"  ... and {len(auto['float_nodes']) - 10} more (--json lists all)")
     fallback = report.get("fallback")

@@ -15,10 +15,11 @@ Metrics per candidate: output SQNR (the minimum over outputs,
 * **all but u**: everything in int8 except *u*: what leaving *u* in float buys back.
 
 Fallback (:func:`quantize_with_fallback`): quantize everything, measure; if the target
-(``fidelity_target`` dB, or ``max_drop`` accuracy points with labels) is not met, rank the nodes
-once by what leaving each alone in float buys back ("all but u"), then move them to float in that
-order, re-measuring the cumulative model after each, until the target is met: the most helpful
-nodes first, so few are kept float, at N + k evaluations instead of N x k. With ``latency_aware``, op types whose int8 form is measured
+(``fidelity_target`` dB, or ``max_drop`` accuracy points with labels) is not met, rank blocks of
+consecutive nodes once by what leaving each alone in float buys back ("all but the block"), find
+the fewest top-ranked blocks that meet the target by bisection, then give back to int8 the nodes
+of the last block the target does not need: the most helpful nodes first, so few are kept float,
+at about sqrt(N) + log2(sqrt(N)) + sqrt(N) evaluations. With ``latency_aware``, op types whose int8 form is measured
 slower than float on this CPU (interleaved, 95% interval above 1) are also kept float, and if
 the whole int8 model is still slower than the float one, that is reported.
 """
@@ -36,7 +37,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
-from onnxcomp.executors import default_executor, spawning, stop_pool
+from onnxcomp.executors import Inline, default_executor, spawning, stop_pool
 from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.quant import static
@@ -53,14 +54,24 @@ def evaluate_model_bytes(
     reference: Sequence[Sequence[np.ndarray]],
     labels: np.ndarray | None = None,
     label_output: int = 0,
-) -> dict[str, float]:
-    """Output SQNR (min over outputs) and accuracy of a serialized model against cached outputs.
+    outputs: tuple[list[str], dict[str, str], dict[str, str]] | None = None,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """Output SQNR (min over outputs), accuracy and the check's figures of a serialized model
+    against cached outputs: the one evaluator of the sensitivity study and both fallbacks.
 
-    A plain module-level function of bytes and arrays, so any Executor can run it remotely.
+    ``outputs``: ``(names, kinds, pooled)`` as :class:`onnxcomp.check.OutputFigures` takes them;
+    the result then has ``outputs``, every output's figures as the held-out check measures them
+    (judge them with :func:`onnxcomp.check.figures_meet`). ``threads``: intra-op threads (None:
+    onnxruntime's default; 1 in pool workers). A plain module-level function of bytes and arrays,
+    so any Executor can run it remotely.
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model, session_options("all", threads=1), providers=["CPUExecutionProvider"])
+    from onnxcomp.check import OutputFigures
+
+    session = ort.InferenceSession(model, session_options("all", threads=threads), providers=["CPUExecutionProvider"])
+    figures = OutputFigures(*outputs) if outputs is not None else None
     signal = noise = None
     preds = []
     for feed, ref in zip(feeds, reference):
@@ -69,19 +80,24 @@ def evaluate_model_bytes(
         n = np.array([float(np.sum(np.square(o.astype(np.float64) - r))) for o, r in zip(outs, ref)])
         signal = s if signal is None else signal + s
         noise = n if noise is None else noise + n
+        if figures is not None:
+            figures.update(list(ref), outs, feed)
         if labels is not None:
             scores = outs[label_output]
             preds.append(scores.reshape(scores.shape[0], -1).argmax(axis=-1))
     sqnr = [math.inf if nz == 0 else (-math.inf if sg == 0 else 10 * math.log10(sg / nz)) for sg, nz in zip(signal, noise)]
-    result = {"sqnr_db": float(min(sqnr))}
+    result: dict[str, Any] = {"sqnr_db": float(min(sqnr))}
     if labels is not None:
         result["accuracy"] = float(np.mean(np.concatenate(preds) == labels))
+    if figures is not None:
+        result["outputs"] = figures.result()
     return result
 
 
-def _evaluate_shared(model: bytes, data: tuple) -> dict[str, float]:
-    """:func:`evaluate_model_bytes` with the shared ``(feeds, reference, labels)`` in one argument."""
-    return evaluate_model_bytes(model, *data)
+def _evaluate_shared(model: bytes, data: tuple, threads: int | None = 1) -> dict[str, Any]:
+    """:func:`evaluate_model_bytes` with the shared ``(feeds, reference, labels, label_output,
+    outputs)`` in one argument."""
+    return evaluate_model_bytes(model, *data, threads=threads)
 
 
 @dataclasses.dataclass
@@ -101,8 +117,38 @@ class QuantStudy:
     base_plan: StaticPlan | None = None
     #: what :func:`onnxcomp.quant.static.prepare` did (recovery statistics, float copy, data)
     prepared: static.Prepared | None = None
+    #: steps after the rewrite (embedding tables, QAttention), as the quantize run took them
+    finish: list[Callable[[ir.Model], object]] = dataclasses.field(default_factory=list)
+    #: ``(names, kinds, pooled)``: evaluations also measure the check's figures of every output
+    outputs: tuple[list[str], dict[str, str], dict[str, str]] | None = None
     #: (executor, what its tasks carry for the shared data), see :meth:`_shared_data`
     _shared: tuple[Any, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_calibrated(
+        cls,
+        calibrated: static.Calibrated,
+        feeds: Sequence[dict[str, np.ndarray]],
+        reference: Sequence[Sequence[np.ndarray]] | None = None,
+        *,
+        check_figures: bool = True,
+    ) -> QuantStudy:
+        """The study of a quantize run that has already calibrated (no second calibration).
+
+        ``feeds``: the evaluation feeds; ``reference``: the float model's outputs on them
+        (computed here when not given). ``check_figures``: evaluations measure the held-out
+        check's figures too (:func:`evaluate_model_bytes` ``outputs``).
+        """
+        from onnxcomp.check import output_kinds, pooled_outputs
+
+        work = calibrated.work
+        feeds = list(feeds)
+        reference = run_model(work, feeds) if reference is None else [list(r) for r in reference]
+        outputs = None
+        if check_figures:
+            outputs = ([v.name for v in work.graph.outputs], output_kinds(work), pooled_outputs(work))
+        return cls(work, calibrated.config, calibrated.ranges, calibrated.keep_float, list(calibrated.plan.nodes),
+                   feeds, reference, None, [], calibrated.base, calibrated.prepared, list(calibrated.finish), outputs)
 
     @classmethod
     def prepare(
@@ -168,6 +214,8 @@ class QuantStudy:
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
+        for step in self.finish:
+            step(model)
         return model
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
@@ -179,9 +227,11 @@ class QuantStudy:
             executor = default_executor(len(payloads))
         cancel = True
         try:
+            # in process: onnxruntime's own threads; in workers: one each
+            threads = None if isinstance(executor, Inline) else 1
             with spawning(executor):
                 data = self._shared_data(executor)
-                futures = [executor.submit(_evaluate_shared, b, data) for b in payloads]
+                futures = [executor.submit(_evaluate_shared, b, data, threads) for b in payloads]
             results = []
             for i, f in enumerate(futures):
                 results.append(f.result())
@@ -199,7 +249,8 @@ class QuantStudy:
         from onnxcomp.executors import share
 
         if self._shared is None or self._shared[0] is not executor:
-            self._shared = (executor, share(executor, (self.feeds, self.reference, self.labels)))
+            shared = (self.feeds, self.reference, self.labels, 0, self.outputs)
+            self._shared = (executor, share(executor, shared))
         return self._shared[1]
 
     def float_metrics(self) -> dict[str, float]:
@@ -300,6 +351,7 @@ def quantize_with_fallback(
                                max_eval_feeds=max_eval_feeds, allow_upgrade=allow_upgrade, in_place=in_place)
     base = study.float_metrics()
     fallback: list[str] = []
+    moved: list[list[str]] = []  # what went float together: the slow op types, then each block
     history = []
     current = study.evaluate([study.build()], executor)[0]
     history.append({"float_nodes": [], **current})
@@ -307,6 +359,7 @@ def quantize_with_fallback(
     if latency_aware:
         slow_types, latency = _slow_op_types(study, threads)
         fallback += [n for n in study.nodes if _op(study, n) in slow_types]
+        moved.append(list(fallback))
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
@@ -321,16 +374,29 @@ def quantize_with_fallback(
         trials = study.evaluate([study.build(frozenset(fallback + b)) for b in blocks], executor)
         key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
         order = sorted(range(len(blocks)), key=lambda i: key(trials[i]), reverse=True)
-        last_block: list[str] = []
-        for rank, i in enumerate(order):
-            fallback.extend(blocks[i])
-            last_block = blocks[i]
-            current = trials[i] if rank == 0 else study.evaluate([study.build(frozenset(fallback))], executor)[0]
-            history.append({"float_nodes": list(fallback), **current})
+        # the fewest top-ranked blocks that meet the target, by bisection (the top one alone is
+        # the trial already made): about log2 of the blocks evaluations instead of one per block
+        before = list(fallback)
+        measured: dict[int, dict[str, float]] = {1: trials[order[0]]}
+
+        def top(k: int) -> list[str]:
+            return before + [n for i in order[:k] for n in blocks[i]]
+
+        def meets_with(k: int) -> bool:
+            if k not in measured:
+                measured[k] = study.evaluate([study.build(frozenset(top(k)))], executor)[0]
+            history.append({"float_nodes": top(k), **measured[k]})
             if progress is not None:
-                progress(len(fallback), len(study.nodes))
-            if _meets(current, base, fidelity_target, max_drop):
-                break
+                progress(len(top(k)), len(study.nodes))
+            return _meets(measured[k], base, fidelity_target, max_drop)
+
+        hi = 1 if meets_with(1) else fewest_passing(1, len(order), meets_with)
+        if hi not in measured:
+            meets_with(hi)
+        fallback = top(hi)
+        moved.extend(list(blocks[i]) for i in order[:hi])
+        last_block = blocks[order[hi - 1]]
+        current = measured[hi]
         if len(blocks) < len(candidates) and _meets(current, base, fidelity_target, max_drop):
             meets = lambda r: _meets(r, base, fidelity_target, max_drop)  # noqa: E731
             fallback, current = _give_back(study, fallback, last_block, current, meets, key, executor)
@@ -361,8 +427,21 @@ def quantize_with_fallback(
     if recovery:
         report["recovery"] = recovery
     if fallback and targets:
-        report["fallback_latency"] = _fallback_latency(study, fallback, threads)
+        kept = set(fallback)
+        report["fallback_latency"] = _fallback_latency(study, [[n for n in g if n in kept] for g in moved], threads)
     return final, report
+
+
+def fewest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
+    """The smallest ``k`` in ``(lo, hi]`` for which ``passes(k)``, by bisection: ``lo`` is known to
+    fail, ``hi`` is taken to pass (and is returned untested when nothing below it passes)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def node_blocks(nodes: Sequence[str]) -> list[list[str]]:
@@ -418,7 +497,7 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
     variants = [("all int8", study.build())]
     variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if _op(study, n) == t))) for t in types]
     variants.append(("float", study.work))
-    rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads, time_budget=15.0)
+    rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads, time_budget=8.0)
     slow = set()
     for t, row in zip(types, rows[1:-1]):
         lo, hi = row["ratio_ci95"]
@@ -433,11 +512,25 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
     }
 
 
-def _fallback_latency(study: QuantStudy, fallback: list[str], threads: int | None = None) -> dict[str, float]:
-    """Latency ratio of leaving each fallback node float alone, relative to all int8."""
-    variants = [("all int8", study.build())] + [(n, study.build(frozenset({n}))) for n in fallback]
-    rows = _bench_capped(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=threads, time_budget=15.0)
+def _fallback_latency(study: QuantStudy, groups: Sequence[Sequence[str]], threads: int | None = None) -> dict[str, float]:
+    """Latency ratio, relative to all int8, of leaving each group of fallback nodes (what went
+    float together: one block, or the op types slower in int8) float alone.
+
+    One comparison of at most :data:`MAX_LIVE_SESSIONS` sessions: beyond that many groups, the
+    last ones are measured together.
+    """
+    groups = [list(g) for g in groups if g]
+    most = MAX_LIVE_SESSIONS - 1
+    if len(groups) > most:
+        groups = groups[:most - 1] + [[n for g in groups[most - 1:] for n in g]]
+    variants = [("all int8", study.build())]
+    variants += [(_group_name(g), study.build(frozenset(g))) for g in groups]
+    rows = _bench_capped(variants, study.feeds[:8], runs=40, warmup_seconds=0.2, threads=threads, time_budget=8.0)
     return {r["name"]: r["ratio_to_first"] for r in rows[1:]}
+
+
+def _group_name(nodes: Sequence[str]) -> str:
+    return nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes)"
 
 
 #: Most onnxruntime sessions alive at once in a latency comparison (each holds a model's weights

@@ -38,6 +38,7 @@ from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_stat
 __all__ = [
     "STATIC_MIN_OPSET",
     "Prepared",
+    "Calibrated",
     "observer_kwargs",
     "prepare",
     "calibrate_plan",
@@ -77,6 +78,27 @@ class Prepared:
     #: the float model after the rewrites, for bias correction (None when it is off)
     float_model: ir.Model | None
     cleanup: dict[str, Any] | None
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """One static quantization's calibration, kept so that variants of it (some nodes in float:
+    the automatic fallback, :class:`onnxcomp.quant.sensitivity.QuantStudy`) need no second one.
+
+    ``ranges`` cover the plan without activation folding too (``for_variants``), so that a node
+    kept float can expose the Relu/Clip folded into it.
+    """
+
+    #: the prepared float model before the Q/DQ rewrite (a clone; tensors shared)
+    work: ir.Model
+    config: QuantizeConfig
+    base: StaticPlan
+    plan: StaticPlan
+    ranges: dict[str, tuple[float, float]]
+    keep_float: dict[str, str]
+    prepared: Prepared
+    #: steps after the rewrite that every variant needs too (embedding tables, QAttention), in order
+    finish: list[Callable[[ir.Model], object]] = dataclasses.field(default_factory=list)
 
 
 def prepare(
@@ -220,15 +242,21 @@ def quantize_static(
     *,
     cleanup: bool | None = None,
     progress: Callable[[int, int | None], object] | None = None,
+    keep: Callable[[Calibrated], object] | None = None,
 ) -> dict[str, Any]:
-    """The whole pipeline in place on ``work`` (already at opset >= 13); returns the report section."""
-    from onnxcomp.quant.subgraphs import quantize_branches, weight_only_int8
+    """The whole pipeline in place on ``work`` (already at opset >= 13); returns the report section.
+
+    ``keep``: called with the :class:`Calibrated` state before the rewrite (the calibration then
+    also observes what variants with nodes in float need), for a fallback that follows.
+    """
+    from onnxcomp.quant.subgraphs import quantize_branches
 
     prepared = prepare(work, config, calibration, cleanup=cleanup)
     branches = quantize_branches(work, prepared.data, config, _quantize_branch)
     total = prepared.data.num_feeds
-    _, plan, result, keep = calibrate_plan(
-        work, config, prepared.data, progress=(lambda n: progress(n, total)) if progress else None
+    base, plan, result, kept_float = calibrate_plan(
+        work, config, prepared.data, for_variants=keep is not None,
+        progress=(lambda n: progress(n, total)) if progress else None
     )
     ranges, selected = result.ranges, None
     if config.calibration in ("auto", "per-tensor"):
@@ -237,6 +265,12 @@ def quantize_static(
         _, ranges, selected = select_ranges(work, result.ranges, result.observers, prepared.data,
                                             lambda trial, r: rewrite(trial, config, plan, r),
                                             per_tensor=config.calibration == "per-tensor")
+    if keep is not None:
+        kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared)
+        kept.finish.extend([lambda model: quantize_embeddings(model, config),
+                            lambda model: quantize_recurrent(model, config),
+                            lambda model: weight_only_kept(model, config, kept_float)])
+        keep(kept)
     started = time.perf_counter()
     by_name = {n.name: n for n in work.graph}
     rounder = make_rounder(work, [by_name[n] for n in plan.nodes if n in by_name], prepared.data, config)
@@ -252,11 +286,9 @@ def quantize_static(
     }
     report["embeddings"] = quantize_embeddings(work, config)
     report["recurrent"] = quantize_recurrent(work, config)
-    if keep:  # nodes calibration kept float (coarse grids; mixed-range Concats have no weight)
-        by_name = {n.name: n for n in work.graph}
-        stored, _ = weight_only_int8(work, [by_name[n] for n in keep if n in by_name], config.selector)
-        if stored:
-            report["weight_only_int8"] = stored
+    stored = weight_only_kept(work, config, kept_float)
+    if stored:
+        report["weight_only_int8"] = stored
     if branches:
         report["branches"] = branches
     if prepared.cleanup is not None:
@@ -268,6 +300,18 @@ def quantize_static(
     if recovery:
         report["recovery"] = recovery
     return report
+
+
+def weight_only_kept(work: ir.Model, config: QuantizeConfig, kept_float: dict[str, str]) -> Any:
+    """Weight-only int8 weights for the nodes calibration kept float (coarse grids; mixed-range
+    Concats have no weight): the file shrinks, the compute stays float."""
+    if not kept_float:
+        return None
+    from onnxcomp.quant.subgraphs import weight_only_int8
+
+    by_name = {n.name: n for n in work.graph}
+    stored, _ = weight_only_int8(work, [by_name[n] for n in kept_float if n in by_name], config.selector)
+    return stored
 
 
 def quantize_recurrent(work: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
