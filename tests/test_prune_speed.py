@@ -22,6 +22,8 @@ from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.frontier import Frontier
 from onnxcomp.testing import run_model
 
+__all__ = ["fake_latency"]
+
 
 def _branchy(seed: int = 0):
     """x[1,4,12,12] -> c1 (4->16) -> Relu -> {a: 1x1 16->12, b: 3x3 16->12} -> Add -> Relu
@@ -158,3 +160,115 @@ def test_zero_channel_cut_with_streamed_refit_stays_exact(optimization):
     got = run_model(pruned, feeds, optimization=optimization)
     for r, g in zip(ref, got):
         np.testing.assert_allclose(g[0], r[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Latency targets on a deterministic latency model (speed itself is never measured here)
+# ------------------------------------------------------------------------------------------------
+
+
+def fake_latency(floor: float):
+    """A stand-in for ``model_latency_ratio``: a model's time is ``floor`` (session overhead,
+    non-linear ops) plus the rest in proportion to its MACs, relative to the reference."""
+    from onnxcomp.analysis.cost import count_cost
+
+    def ratio_of(reference: bytes, candidate: bytes, feeds, *, threads=None, runs=30, time_budget=30.0):
+        ref = count_cost(io.load_model(reference))["macs"]
+        cand = count_cost(io.load_model(candidate))["macs"]
+        ratio = floor + (1.0 - floor) * cand / ref
+        return ratio, 1e-3, 1e-3 * ratio
+
+    return ratio_of
+
+
+def _wide_model(seed: int = 0):
+    """x[1,3,16,16] -> 3x3 convs 3->32->48->32->8 with Relus (room to cut)."""
+    rng = np.random.default_rng(seed)
+    chans = [3, 32, 48, 32, 8]
+    nodes, inits, prev = [], {}, "x"
+    for i in range(4):
+        w = (rng.standard_normal((chans[i + 1], chans[i], 3, 3)) / np.sqrt(9 * chans[i])).astype(np.float32)
+        inits[f"w{i}"], inits[f"b{i}"] = w, (rng.standard_normal(chans[i + 1]) * 0.1).astype(np.float32)
+        nodes.append(oh.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"h{i}"], pads=[1, 1, 1, 1], name=f"c{i}"))
+        if i < 3:
+            nodes.append(oh.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    return make_proto(nodes, [("x", [1, 3, 16, 16])], [("h3", [1, 8, 16, 16])], list(inits.items()))
+
+
+def _smooth_feeds(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        z = rng.standard_normal((1, 3, 18, 18))
+        out.append({"x": (sum(z[:, :, i:i + 16, j:j + 16] for i in range(3) for j in range(3)) / 3).astype(np.float32)})
+    return out
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.35])
+def test_latency_target_converges_on_a_modelled_latency(monkeypatch, floor):
+    """The MACs proxy predicts too much saving when part of the time does not shrink (``floor``):
+    the measured rounds correct it until the measured ratio is within 2% of the target."""
+    from onnxcomp.analysis import node_latency
+
+    monkeypatch.setattr(node_latency, "model_latency_ratio", fake_latency(floor))
+    model = io.load_model(_wide_model())
+    config = PruneConfig(criterion="obs", target_latency=0.6, reconstruct=True, max_damage=None)
+    pruned, report = prune(model, config, calibration=Dataset(_smooth_feeds(1, 8), model))
+    target = report["target"]
+    assert abs(target["final_ratio"] / 0.6 - 1) <= 0.05 and target["within_5_percent"]
+    rounds = target["rounds"]
+    assert abs(rounds[-1]["realized_ratio"] / 0.6 - 1) <= 0.021 or len(rounds) == 6
+    if floor > 0.3:  # the first round (the proxy's guess) missed; a later one was corrected
+        assert len(rounds) >= 2 and abs(rounds[0]["realized_ratio"] - 0.6) > 0.012
+    # the realized ratios are what the latency model says of the cut (MACs are kept by the refit)
+    macs = report["after"]["macs"] / report["before"]["macs"]
+    assert target["final_ratio"] == pytest.approx(floor + (1 - floor) * macs, rel=1e-9)
+
+
+def test_latency_target_out_of_reach_is_refused(monkeypatch):
+    from onnxcomp.analysis import node_latency
+    from onnxcomp.errors import OnnxcompError
+
+    monkeypatch.setattr(node_latency, "model_latency_ratio", fake_latency(0.7))
+    model = io.load_model(_wide_model())
+    config = PruneConfig(criterion="obs", target_latency=0.5, max_damage=None)
+    with pytest.raises(OnnxcompError, match=r"target_latency 0.5 is out of reach: .* keeps 0\.7"):
+        prune(model, config, calibration=Dataset(_smooth_feeds(1, 4), model))
+
+
+def test_damage_bound_refuses_a_target_that_needs_more():
+    """A MACs target that needs more damage than ``max_damage`` allows is refused, not met."""
+    from onnxcomp.errors import OnnxcompError
+
+    model = io.load_model(_wide_model())
+    data = Dataset(_smooth_feeds(1, 4), model)
+    _, ok = prune(model, PruneConfig(criterion="obs", target_macs=0.5, max_damage=None), calibration=data)
+    needed = sum(g.get("damage", 0.0) for g in ok["groups"])
+    assert needed > 0
+    with pytest.raises(OnnxcompError, match="out of reach: .*max_damage"):
+        prune(model, PruneConfig(criterion="obs", target_macs=0.5, max_damage=needed / 4), calibration=data)
+
+
+def test_meet_target_brackets_a_nonlinear_response():
+    """Realized saving = a convex function of the predicted one: the bracketing search lands
+    within tolerance where a proportional correction would oscillate."""
+    from onnxcomp.prune.budget import GroupCurve, meet_target
+
+    steps = np.arange(0, 101)
+    curves = [GroupCurve(g, 100, steps, (steps / 100.0) ** 2 * (g + 1), steps / 300.0) for g in range(3)]
+    calls = []
+
+    def realized(alloc):
+        p = sum(alloc.values()) / 300.0
+        calls.append(p)
+        return 0.9 * p ** 1.6
+
+    outcome = {}
+    alloc, got, history = meet_target(curves, 0.3, realized, tolerance=0.006, outcome=outcome)
+    assert abs(got - 0.3) <= 0.006 and outcome["reachable"]
+    assert len(history) <= 6
+    # a goal beyond what everything gives (0.9) is reported out of reach
+    outcome = {}
+    meet_target(curves, 0.95, realized, tolerance=0.01, outcome=outcome)
+    assert not outcome["reachable"]

@@ -21,7 +21,7 @@ from onnxcomp.analysis.cost import count_cost
 from onnxcomp.data import Dataset
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.io import clone_model, model_to_bytes
-from onnxcomp.prune.budget import GroupCurve, latency_curves, meet_target, steps_for
+from onnxcomp.prune.budget import GroupCurve, MacCost, concrete_shapes, latency_curves, meet_target, steps_for
 from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import cut_channels
 from onnxcomp.prune.obs import ObsState
@@ -118,10 +118,18 @@ def prune_to_target(
     if kind == "latency":
         reference = model_to_bytes(work)
         _, ref_s, _ = model_latency_ratio(reference, reference, feeds, threads=config.latency_threads, runs=10)
-        timer = NodeLatency(threads=config.latency_threads)
-        seconds = latency_curves(work, eligible, steps, feeds[0], timer)
-        timings = timer.measured
-        savings = {gid: s / ref_s for gid, s in seconds.items()}
+        shapes = concrete_shapes(work, feeds[0]) if config.latency_proxy == "macs" else {}
+        if shapes:
+            # MACs plus activation traffic: a proxy whose scale the measured rounds correct
+            cost = MacCost()
+            predicted = latency_curves(work, eligible, steps, feeds[0], cost, shapes)
+            total = max(cost.total(work, shapes), 1e-30)
+            savings = {gid: s / total for gid, s in predicted.items()}
+        else:
+            timer = NodeLatency(threads=config.latency_threads)
+            seconds = latency_curves(work, eligible, steps, feeds[0], timer)
+            timings = timer.measured
+            savings = {gid: s / ref_s for gid, s in seconds.items()}
     else:
         key = "parameters" if kind == "params" else "macs"
         total = max(before[key], 1)
@@ -155,10 +163,25 @@ def prune_to_target(
     goal = 1.0 - target
     if not curves:
         raise OnnxcompError(f"prune: no group can be pruned toward {kind} {target}")
-    alloc, got, history = meet_target(list(curves.values()), goal, realized, tolerance=TOLERANCE * target)
+    outcome: dict = {}
+    alloc, got, history = meet_target(list(curves.values()), goal, realized, tolerance=TOLERANCE * target,
+                                      max_damage=config.max_damage, outcome=outcome)
     for h in history:
         h["asked_ratio"] = 1.0 - h.pop("asked")
+        h["predicted_ratio"] = 1.0 - h.pop("predicted")
         h["realized_ratio"] = 1.0 - h.pop("realized")
+    if not outcome["reachable"]:
+        what = {"latency": "of its measured latency (the pruned model against the unpruned one, side by side)",
+                "params": "of its parameters", "macs": "of its MACs"}[kind]
+        bound = (f" within the damage bound max_damage={config.max_damage:g} (predicted relative output error)"
+                 if config.max_damage is not None else "")
+        raise OnnxcompError(
+            f"prune: target_{kind} {target:g} is out of reach: cutting every group as far as allowed{bound} "
+            f"keeps {1.0 - got:.3f} {what}; channels cut: {sum(alloc.values())}. "
+            + ("The channel-carrying linear nodes are too small a part of the latency; " if kind == "latency" else "")
+            + f"ask for {min(1.0, (1.0 - got) * 1.05):.2f} or more"
+            + (", or raise max_damage" if config.max_damage is not None else "")
+        )
     plan = TargetPlan(kind, target, removal_of(alloc), curves, alloc, 1.0 - got, history, reference, feeds,
                       config.latency_threads, before, ref_s, timings, time.perf_counter() - started,
                       {gid: {"probe_channels": n, "measured_output_damage": m}
