@@ -272,3 +272,28 @@ def test_meet_target_brackets_a_nonlinear_response():
     outcome = {}
     meet_target(curves, 0.95, realized, tolerance=0.01, outcome=outcome)
     assert not outcome["reachable"]
+
+
+def test_sensitivity_without_cutting_equals_the_cut(monkeypatch):
+    """Zero input weights in the refitted consumers stand for the cut: the measured output
+    damage per group is the same as with the channels cut for real."""
+    from onnxcomp.prune import targets
+
+    model = io.load_model(_branchy(7))
+    data = Dataset(_feeds(8, 4), model)
+    config = PruneConfig(criterion="obs", target_macs=0.6, max_damage=None)
+
+    def damages():
+        _, report = prune(model, config, calibration=data)
+        return {g["id"]: g["sensitivity"]["measured_output_damage"] for g in report["groups"] if "sensitivity" in g}
+
+    used = []
+    zero = targets._zero_in_consumers
+    monkeypatch.setattr(targets, "_zero_in_consumers", lambda *a: used.append(1) or zero(*a))
+    fast = damages()
+    assert len(used) >= 3  # the groups were measured without a cut
+    monkeypatch.setattr(targets, "_reads_only_by_consumers", lambda group, st: False)
+    cut = damages()
+    assert fast.keys() == cut.keys() and len(fast) >= 3
+    for gid in fast:
+        assert fast[gid] == pytest.approx(cut[gid], rel=1e-4, abs=1e-9)

@@ -225,6 +225,10 @@ def _measured_scales(
 
     Output damage: ``sum ||y - y_ref||^2 / sum ||y_ref||^2`` over the float outputs and the first
     :data:`SENSITIVITY_FEEDS` calibration feeds.
+
+    When the group's channels reach nothing but its refitted consumers, the cut is not made:
+    the consumers get their refit weights with zeros on the removed channels' inputs (the same
+    outputs as the cut model, without a new copy, channel analysis and shape inference per group).
     """
     from onnxcomp.graph import all_value_names
     from onnxcomp.prune import reconstruct as rc
@@ -239,6 +243,8 @@ def _measured_scales(
     names = [o.name for o in ref_session.get_outputs()]
     reference = [ref_session.run(names, f) for f in feeds]
     del ref_session
+    shared = clone_model(work)
+    taken = all_value_names(shared.graph)
     scales: dict[int, tuple[float, int, float]] = {}
     for g in groups:
         st = state[g.id]
@@ -248,18 +254,24 @@ def _measured_scales(
         if n == 0:
             continue
         removed = np.sort(st.order[:n])
-        clone = clone_model(work)
-        by_id = {x.id: x for x in analyze_channels(clone, infer_shapes=False).groups}
-        cut_channels(clone, by_id, {g.id: removed})
-        nodes = {x.name: x for x in clone.graph if x.name}
-        taken = all_value_names(clone.graph)
-        for name in st.consumers:
-            try:
-                layer = rc._plan(name, nodes, nodes)
-            except (rc._Skip, ValueError):
-                continue
-            layer.write(st.refit_weights(name, removed)[None], clone.graph, taken)
+        restore = _zero_in_consumers(shared, g, st, removed, taken) if _reads_only_by_consumers(g, st) else None
+        if restore is not None:
+            clone = shared
+        else:  # other readers of the channels: cut for real
+            clone = clone_model(work)
+            by_id = {x.id: x for x in analyze_channels(clone, infer_shapes=False).groups}
+            cut_channels(clone, by_id, {g.id: removed})
+            nodes = {x.name: x for x in clone.graph if x.name}
+            clone_taken = all_value_names(clone.graph)
+            for name in st.consumers:
+                try:
+                    layer = rc._plan(name, nodes, nodes)
+                except (rc._Skip, ValueError):
+                    continue
+                layer.write(st.refit_weights(name, removed)[None], clone.graph, clone_taken)
         session = create_session(clone)
+        if restore is not None:
+            restore()
         err = tot = 0.0
         for f, ref in zip(feeds, reference):
             for r, o in zip(ref, session.run(names, f)):
@@ -270,3 +282,46 @@ def _measured_scales(
         local = float(np.interp(n, s, st.damage[s]))
         scales[g.id] = (measured / local if local > 1e-12 else 1.0, n, measured)
     return scales
+
+
+def _reads_only_by_consumers(group: ChannelGroup, st: ObsState) -> bool:
+    """Whether every reader of the group's channels is a consumer the refit rewrites (so zero
+    input weights there stand for the cut) and none of its tensors is a graph output."""
+    if any(a.value.is_graph_output() for a in group.activations):
+        return False
+    if group.shape_edits:
+        return False
+    return {c.node.name for c in group.consumers} <= set(st.consumers)
+
+
+def _zero_in_consumers(model: ir.Model, group: ChannelGroup, st: ObsState, removed: np.ndarray,
+                       taken: set[str]):
+    """Give ``group``'s consumers in ``model`` their refit weights with zero rows for the removed
+    channels' features; returns a function that writes the old weights back (None: a consumer
+    cannot be planned)."""
+    from onnxcomp.prune import reconstruct as rc
+
+    nodes = {x.name: x for x in model.graph if x.name}
+    old: list[tuple[str, np.ndarray]] = []
+    planned = []
+    for name in st.consumers:
+        try:
+            layer = rc._plan(name, nodes, nodes)
+        except (rc._Skip, ValueError):
+            return None
+        planned.append((name, layer))
+    for name, layer in planned:
+        params = layer.old_params()
+        old.append((name, params))
+        full = np.zeros_like(params[0])
+        drop = st.features[name][removed].reshape(-1)
+        keep = np.setdiff1d(np.arange(full.shape[0]), drop)
+        full[keep] = st.refit_weights(name, removed)
+        layer.write(full[None], model.graph, taken)
+
+    def restore() -> None:
+        current = {x.name: x for x in model.graph if x.name}
+        for name, params in old:
+            rc._plan(name, current, current).write(params, model.graph, taken)
+
+    return restore
