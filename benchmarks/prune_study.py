@@ -43,8 +43,10 @@ def _build(model: Path, calib: Path, out: Path, args: list[str]) -> dict:
     peak = int(timing[1]) * 1024 if timing else 0
     cpu = float(timing[3]) + float(timing[4]) if timing else None
     if proc.returncode not in (0, 3):
-        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}",
-                "command": " ".join(cmd[2:])}
+        said = [line for line in stderr.splitlines() if line.startswith("onnxcomp: error:")]
+        return {"error": said[-1] if said else stderr.strip().splitlines()[-1] if stderr.strip() else
+                f"exit {proc.returncode}", "command": " ".join(cmd[2:]), "seconds": wall, "cpu_seconds": cpu,
+                "load_average": load, "peak_rss_mb": peak / 2**20}
     report = json.loads(stdout)
     return {"seconds": wall, "cpu_seconds": cpu, "load_average": load, "peak_rss_mb": peak / 2**20,
             "command": " ".join(cmd[2:]), "report": report}
