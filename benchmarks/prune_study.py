@@ -26,6 +26,8 @@ BUILDS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "macs_0.5": (("digits_cnn",), ["prune", "--target-macs", "0.5", "--reconstruct"]),
     "latency_0.5": (("digits_cnn", "ppocr_det"), ["prune", "--target-latency", "0.5", "--reconstruct", "--round-to", "4"]),
     "prune_int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "prune-int8", "--set", "measure.latency=false"]),
+    "prune_int8_0.5": (("ppocr_det",), ["compress", "--recipe", "prune-int8", "--set", "prune.target_latency=0.5",
+                                        "--set", "prune.max_damage=0.2", "--set", "measure.latency=false"]),
     "int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "int8", "--set", "measure.latency=false"]),
 }
 
