@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ BUILDS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "macs_0.5": (("digits_cnn",), ["prune", "--target-macs", "0.5", "--reconstruct"]),
     "latency_0.5": (("digits_cnn", "ppocr_det"), ["prune", "--target-latency", "0.5", "--reconstruct", "--round-to", "4"]),
     "prune_int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "prune-int8", "--set", "measure.latency=false"]),
+    "prune_int8_0.5": (("ppocr_det",), ["compress", "--recipe", "prune-int8", "--set", "prune.target_latency=0.5",
+                                        "--set", "prune.max_damage=0.2", "--set", "measure.latency=false"]),
     "int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "int8", "--set", "measure.latency=false"]),
 }
 
@@ -33,16 +36,22 @@ def _build(model: Path, calib: Path, out: Path, args: list[str]) -> dict:
     cmd = [sys.executable, "-m", "onnxcomp", args[0], str(model), "-o", str(out), "--calibration", str(calib),
            *args[1:], "--json", "--force", "--no-check"]
     started = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB %M", *cmd], capture_output=True, text=True)
+    load_before = os.getloadavg()[0]
+    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB %M CPU_S %U %S", *cmd], capture_output=True, text=True)
     stdout, stderr = proc.stdout, proc.stderr
     wall = time.perf_counter() - started
-    peak = next((int(line.split()[1]) * 1024 for line in stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
+    load = (load_before, os.getloadavg()[0])
+    timing = next((line.split() for line in stderr.splitlines() if line.startswith("PEAK_RSS_KB")), None)
+    peak = int(timing[1]) * 1024 if timing else 0
+    cpu = float(timing[3]) + float(timing[4]) if timing else None
     if proc.returncode not in (0, 3):
-        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {proc.returncode}",
-                "command": " ".join(cmd[2:])}
+        said = [line for line in stderr.splitlines() if line.startswith("onnxcomp: error:")]
+        return {"error": said[-1] if said else stderr.strip().splitlines()[-1] if stderr.strip() else
+                f"exit {proc.returncode}", "command": " ".join(cmd[2:]), "seconds": wall, "cpu_seconds": cpu,
+                "load_average": load, "peak_rss_mb": peak / 2**20}
     report = json.loads(stdout)
-    return {"seconds": wall, "peak_rss_mb": peak / 2**20, "command": " ".join(cmd[2:]),
-            "report": report}
+    return {"seconds": wall, "cpu_seconds": cpu, "load_average": load, "peak_rss_mb": peak / 2**20,
+            "command": " ".join(cmd[2:]), "report": report}
 
 
 def _evaluate(task, paths: dict[str, Path], runs: int) -> dict[str, dict]:
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             b = built.get(name, {})
             target = (b.get("report") or {}).get("target") or _stage_target(b.get("report"))
             extra = f", target {target['target']} -> build-time {target['final_ratio']:.3f}" if target else ""
-            cost = f", build {b['seconds']:.0f} s, peak RSS {b['peak_rss_mb']:.0f} MB" if "seconds" in b else ""
+            cost = (f", build {b['seconds']:.0f} s (CPU {b['cpu_seconds']:.0f} s, load {b['load_average'][0]:.1f}"
+                    f"-{b['load_average'][1]:.1f}), peak RSS {b['peak_rss_mb']:.0f} MB" if "seconds" in b else "")
             print(f"  {name:14s} {task.metric} {row[task.metric]:.4f}  latency {row['latency_ms']:.2f} ms "
                   f"x{row['latency_ratio']:.3f} of fp32{extra}{cost}")
     if args.json_path:

@@ -32,7 +32,8 @@ import onnx_ir as ir
 from onnxcomp.analysis.channels import ChannelGroup
 from onnxcomp.ops import linear_spec, weight_axes
 
-__all__ = ["GroupCurve", "allocate", "steps_for", "latency_curves", "meet_target"]
+__all__ = ["GroupCurve", "allocate", "greedy_path", "steps_for", "latency_curves", "meet_target", "MacCost",
+           "concrete_shapes"]
 
 #: Fractions of a group's channels at which node latencies are measured.
 LATENCY_GRID = (0.25, 0.5, 0.75)
@@ -74,12 +75,14 @@ def steps_for(group: ChannelGroup, max_remove: int, round_to: int, min_channels:
     return np.unique(np.concatenate([[0], n])).astype(np.int64)
 
 
-def allocate(curves: Sequence[GroupCurve], goal: float) -> dict[int, int]:
-    """Group id -> channels to remove, reaching a predicted saving >= ``goal`` with the least damage."""
+def greedy_path(curves: Sequence[GroupCurve], max_damage: float | None = None) -> list[tuple[int, int, float, float]]:
+    """The steps :func:`allocate` takes, in order: (group id, step index, cumulative predicted
+    saving, cumulative damage). Every allocation is a prefix of this path; with ``max_damage``
+    the path stops before the summed damage would exceed it."""
     pos = {c.group: 0 for c in curves}
-    total = 0.0
-    by_id = {c.group: c for c in curves}
-    while total < goal:
+    total = damage = 0.0
+    path = []
+    while True:
         best = None
         for c in curves:
             i = pos[c.group]
@@ -90,20 +93,120 @@ def allocate(curves: Sequence[GroupCurve], goal: float) -> dict[int, int]:
                 dd = max(c.damage[j] - c.damage[i], 0.0)
                 rate = dd / ds
                 if best is None or rate < best[0] - 1e-15:
-                    best = (rate, c.group, j, ds)
+                    best = (rate, c.group, j, ds, dd)
         if best is None:
             break
-        _, gid, j, ds = best
+        _, gid, j, ds, dd = best
+        if max_damage is not None and damage + dd > max_damage:
+            break
         pos[gid] = j
         total += ds
+        damage += dd
+        path.append((gid, j, total, damage))
+    return path
+
+
+def _prefix(curves: Sequence[GroupCurve], path, k: int) -> dict[int, int]:
+    by_id = {c.group: c for c in curves}
+    pos: dict[int, int] = {}
+    for gid, j, _, _ in path[:k]:
+        pos[gid] = j
     return {gid: int(by_id[gid].steps[i]) for gid, i in pos.items() if i > 0}
 
 
-def _concrete_shapes(model: ir.Model, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> dict[str, tuple]:
+def _steps_for_goal(path, goal: float) -> int:
+    """The shortest prefix of ``path`` whose predicted saving reaches ``goal`` (all of it if none)."""
+    for k, (_, _, total, _) in enumerate(path, start=1):
+        if total >= goal:
+            return k
+    return len(path)
+
+
+def allocate(curves: Sequence[GroupCurve], goal: float) -> dict[int, int]:
+    """Group id -> channels to remove, reaching a predicted saving >= ``goal`` with the least damage."""
+    if goal <= 0:
+        return {}
+    path = greedy_path(curves)
+    return _prefix(curves, path, _steps_for_goal(path, goal))
+
+
+#: Cost of one element of an activation that carries a group's channels, in multiply-accumulates:
+#: the normalizations, activations and adds between a producer and its consumers stream memory,
+#: a few MACs' worth of time per element on this kind of CPU (a proxy; the whole-model
+#: measurement corrects the scale).
+ELEMENT_COST = 8.0
+
+
+def _macs(node: ir.Node, x_shape: Sequence[int], w_shape: Sequence[int], group: int | None) -> float:
+    """Multiply-accumulates of a linear node at concrete shapes (``group`` None: the node's)."""
+    if node.op_type == "Conv":
+        from onnxcomp.prune.reconstruct import ConvGeometry
+
+        geometry = ConvGeometry.from_node(node, w_shape)
+        out = geometry.output_spatial(x_shape[2:])
+        return float(x_shape[0] * math.prod(out) * math.prod(w_shape))
+    return float(math.prod(x_shape[:-1]) * math.prod(w_shape))
+
+
+class MacCost:
+    """A cost model with the interface of :class:`onnxcomp.analysis.node_latency.NodeLatency`:
+    a variant's cost is its MACs, and each element of a channel-carrying activation costs
+    :data:`ELEMENT_COST` (nothing is timed)."""
+
+    per_element = ELEMENT_COST
+    measured = 0
+
+    def measure(self, node: ir.Node, variants) -> dict[str, float]:
+        return {name: _macs(node, xs, ws, group) for name, (xs, ws, group) in variants.items()}
+
+    def total(self, model: ir.Model, shapes: Mapping[str, tuple]) -> float:
+        """Cost of the whole model: every linear node's MACs plus every node output's elements."""
+        total = 0.0
+        for node in model.graph:
+            spec = linear_spec(node)
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if spec is not None and weight is not None and weight.const_value is not None:
+                x = node.inputs[spec.data_input]
+                if x is not None and x.name in shapes:
+                    total += _macs(node, shapes[x.name], weight.const_value.shape, None)
+                    continue
+            for v in node.outputs:
+                if v.name in shapes:
+                    total += self.per_element * math.prod(shapes[v.name])
+        return total
+
+
+def concrete_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, tuple]:
+    """Shapes of the model's tensors for ``feed`` (static inference with the feed's input shapes;
+    tensors it cannot size are left out)."""
+    from onnxcomp.graph import infer_types
+    from onnxcomp.io import clone_model
+
+    clone = clone_model(model)
+    for v in clone.graph.inputs:
+        if v.name in feed:
+            v.shape = ir.Shape(list(np.shape(feed[v.name])))
+    try:
+        infer_types(clone)
+    except Exception:  # noqa: BLE001 - a model static inference cannot size: ask onnxruntime
+        return {}
+    shapes = {}
+    for v in [*clone.graph.inputs, *(o for n in clone.graph for o in n.outputs)]:
+        if v.name and v.shape is not None and all(isinstance(d, int) for d in v.shape):
+            shapes[v.name] = tuple(int(d) for d in v.shape)
+    return shapes
+
+
+def _concrete_shapes(model: ir.Model, names: Sequence[str], feed: Mapping[str, np.ndarray],
+                     known: Mapping[str, tuple] | None = None) -> dict[str, tuple]:
     from onnxcomp.graph import stream_values
 
-    values = next(iter(stream_values(model, list(names), [feed])))
-    return {k: tuple(v.shape) for k, v in values.items()}
+    known = dict(known or {})
+    missing = [n for n in names if n not in known]
+    if missing:
+        values = next(iter(stream_values(model, missing, [feed])))
+        known.update({k: tuple(v.shape) for k, v in values.items()})
+    return {n: known[n] for n in names}
 
 
 def latency_curves(
@@ -112,10 +215,16 @@ def latency_curves(
     steps: Mapping[int, np.ndarray],
     feed: Mapping[str, np.ndarray],
     timer,
+    known: Mapping[str, tuple] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Group id -> predicted latency saved (seconds) at each of ``steps[gid]`` channels removed."""
+    """Group id -> predicted cost saved (``timer``'s unit) at each of ``steps[gid]`` channels removed.
+
+    ``timer``: :class:`~onnxcomp.analysis.node_latency.NodeLatency` (seconds) or :class:`MacCost`
+    (which also counts the group's activations). ``known``: tensor shapes already known.
+    """
     from onnxcomp.prune.fold import _data_input
 
+    per_element = getattr(timer, "per_element", 0.0)
     touched: dict[int, list[tuple[ir.Node, str, int]]] = {}
     names: set[str] = set()
     for g in groups:
@@ -128,7 +237,9 @@ def latency_curves(
         touched[g.id] = items
         for n, _, _ in items:
             names.add(_data_input(n, model)[0].name)
-    shapes = _concrete_shapes(model, sorted(names), feed)
+        if per_element:
+            names.update(a.value.name for a in g.activations if a.value.name)
+    shapes = _concrete_shapes(model, sorted(names), feed, known)
     result: dict[int, np.ndarray] = {}
     for g in groups:
         grid_saving = np.zeros(len(LATENCY_GRID) + 1)
@@ -153,6 +264,11 @@ def latency_curves(
             times = timer.measure(node, variants)
             for i, f in enumerate(LATENCY_GRID):
                 grid_saving[i + 1] += times["base"] - times[str(f)]
+        if per_element:
+            per_channel = sum(math.prod(shapes[a.value.name]) / shapes[a.value.name][a.axis] * a.block
+                              for a in g.activations if a.value.name in shapes)
+            for i, f in enumerate(LATENCY_GRID):
+                grid_saving[i + 1] += per_element * per_channel * int(round(f * g.size))
         fractions = np.concatenate([[0.0], LATENCY_GRID, [1.0]])
         # beyond 3/4: extrapolate linearly from the last two points
         last = grid_saving[-1] + (grid_saving[-1] - grid_saving[-2])
@@ -168,28 +284,71 @@ def meet_target(
     realized: Callable[[dict[int, int]], float],
     *,
     tolerance: float,
-    rounds: int = 4,
+    rounds: int = 6,
+    max_damage: float | None = None,
+    outcome: dict | None = None,
 ) -> tuple[dict[int, int], float, list[dict]]:
-    """Allocate, measure the real saving, correct the goal in proportion; the closest allocation.
+    """Search the allocation whose *realized* saving meets ``goal``, correcting round by round.
 
-    ``realized(allocation) -> saving`` in the goal's unit. Returns (allocation, realized saving,
-    history of the rounds).
+    The allocations are the prefixes of :func:`greedy_path`, ordered by predicted saving. Each
+    round cuts one, measures its real saving (``realized(allocation)``, in the goal's unit: for
+    latency the cut model against the unpruned one, interleaved medians) and picks the next
+    predicted saving: between the closest measured allocations below and above the goal by
+    linear interpolation (the predicted and the real saving need only rise together; bisection
+    when two rounds in a row fell on the same side), or, with
+    none above yet, scaled from the last one (the origin is a measured point: no cut, no saving;
+    at most x2 a round). Stops within ``tolerance``, after ``rounds``, or when the whole path
+    (everything the damage bound ``max_damage`` allows) has been measured short of the goal.
+
+    Returns (allocation closest to the goal, its realized saving, the rounds). ``outcome``, when
+    given, receives ``reachable`` (False: the whole path falls short by more than ``tolerance``),
+    ``path_steps`` and ``max_predicted``.
     """
+    path = greedy_path(curves, max_damage)
     history: list[dict] = []
-    best = None
+    best: tuple[dict[int, int], float] | None = None
+    points: list[tuple[float, float]] = [(0.0, 0.0)]
+    measured: set[int] = {0}
+    top = path[-1][2] if path else 0.0
     asked = goal
+    reachable = True
     for _ in range(rounds):
-        alloc = allocate(curves, asked)
+        k = _steps_for_goal(path, asked) if asked > 0 else 0
+        if k in measured:  # the asked saving falls on a measured allocation: move one step
+            free = [i for i in (k + 1, k - 1) if 0 < i <= len(path) and i not in measured]
+            if not free:
+                break
+            k = free[0]
+        alloc = _prefix(curves, path, k)
+        predicted = path[k - 1][2] if k else 0.0
         got = realized(alloc)
-        history.append({"asked": asked, "realized": got})
+        measured.add(k)
+        points.append((predicted, got))
+        history.append({"asked": asked, "predicted": predicted, "realized": got, "steps": k,
+                        "damage": path[k - 1][3] if k else 0.0})
         if best is None or abs(got - goal) < abs(best[1] - goal):
             best = (alloc, got)
-        if abs(got - goal) <= tolerance or got <= 0:
+        if k >= len(path) and got < goal - tolerance:
+            reachable = False  # everything the path allows falls short
             break
-        # proportional correction, at most x2 / x0.5 a round (a noisy measurement must not
-        # send the next round to cut everything)
-        new = asked * min(max(goal / got, 0.5), 2.0)
-        if math.isclose(new, asked, rel_tol=1e-3):
+        if abs(got - goal) <= tolerance:
             break
-        asked = new
+        below = [p for p in points if p[1] < goal]
+        above = [p for p in points if p[1] > goal]
+        if above:
+            lo = max(below, key=lambda p: p[0])
+            hi = min(above, key=lambda p: p[0])
+            same_side = len(history) >= 2 and (history[-1]["realized"] < goal) == (history[-2]["realized"] < goal)
+            if hi[0] <= lo[0] or same_side:
+                # noise (not monotone), or interpolation creeping in from one side: bisect
+                asked = 0.5 * (lo[0] + hi[0])
+            else:
+                asked = lo[0] + (goal - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+        else:
+            scale = goal / got if got > 0 else 2.0
+            asked = min(predicted * min(max(scale, 1.0), 2.0), top)
+    if best is None:
+        best = ({}, 0.0)
+    if outcome is not None:
+        outcome.update({"reachable": reachable, "path_steps": len(path), "max_predicted": top})
     return best[0], best[1], history

@@ -44,6 +44,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="with a --target-*: scale each group's damage curve to the output damage measured on "
                         "calibration data (default), or use the consumers' refit error (local)")
     p.add_argument("--latency-threads", type=POSITIVE_INT, help="onnxruntime threads for --target-latency timings")
+    p.add_argument("--latency-proxy", choices=("macs", "nodes"), default="macs",
+                   help="--target-latency: predict each group's saving from MACs and activation sizes (default) "
+                        "or from single-node timings; measured whole-model rounds correct either")
+    p.add_argument("--max-damage", type=float, default=0.1, metavar="E",
+                   help="with a --target-*: never cut beyond this predicted relative output error (default 0.1); "
+                        "a target out of reach within it is refused")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of channels to remove (default 0.3)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="ratio per coupled group (layer) or over all groups together (global)")
@@ -80,7 +86,8 @@ def _run(args: argparse.Namespace) -> int:
         args.criterion = "obs" if targeted else "l1"
     config = PruneConfig(
         target_latency=args.target_latency, target_params=args.target_params, target_macs=args.target_macs,
-        latency_threads=args.latency_threads, sensitivity=args.sensitivity, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
+        latency_threads=args.latency_threads, latency_proxy=args.latency_proxy, max_damage=args.max_damage,
+        sensitivity=args.sensitivity, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
         min_channels=args.min_channels, exclude=tuple(args.exclude), reconstruct=args.reconstruct,
         ridge=args.ridge, fold_border=args.fold_border, max_samples=args.max_samples,
     )

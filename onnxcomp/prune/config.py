@@ -41,6 +41,14 @@ class PruneConfig(PassConfig):
             ratios that cost the least damage (:mod:`onnxcomp.prune.budget`); needs ``criterion``
             ``obs`` and calibration data. At most one target.
         latency_threads: onnxruntime intra-op threads for the latency measurements (None: default).
+        latency_proxy: how a latency target predicts each group's saving before the measured
+            rounds correct it: ``macs`` (MACs of the linear nodes plus the elements of the
+            activations the group carries; nothing timed) or ``nodes`` (each linear node timed
+            alone in onnxruntime at its real shape and at 1/4, 1/2, 3/4 of the group cut).
+        max_damage: with a target, never cut beyond this summed predicted damage (relative output
+            error, :mod:`onnxcomp.prune.budget`); a target out of reach within it is refused
+            (an error naming the fraction that can be reached), not met by cutting everything.
+            None: no bound.
         sensitivity: with a target, ``measured`` rescales each group's damage curve to the model
             output damage measured on calibration data with about half the group cut alone;
             ``local`` uses the consumers' refit error as it is.
@@ -60,6 +68,8 @@ class PruneConfig(PassConfig):
     target_params: float | None = None
     target_macs: float | None = None
     latency_threads: int | None = None
+    latency_proxy: Literal["macs", "nodes"] = "macs"
+    max_damage: float | None = 0.1
     sensitivity: Literal["measured", "local"] = "measured"
 
     stage: ClassVar[str] = "prune"
@@ -73,6 +83,7 @@ class PruneConfig(PassConfig):
         "target_params": Range(float, 0.0, 1.0, min_open=True),
         "target_macs": Range(float, 0.0, 1.0, min_open=True),
         "latency_threads": Range(int, 1, 1024),
+        "max_damage": Range(float, 0.0, 1e6, min_open=True),
     }
 
     def validate(self) -> None:

@@ -648,6 +648,36 @@ def _session(model: ir.Model, names: Sequence[str], threads: int | None):
         return create_session(exposing, sess_options=options)
 
 
+def _accumulate(
+    layer: _Layer, kept: np.ndarray, acc: _Accumulator | None, x: np.ndarray, y: np.ndarray,
+    f: int, remaining: int, feeds: int,
+) -> tuple[_Accumulator | None, int]:
+    """Add feed ``f``'s rows of one layer (input ``x`` in the pruned model, target ``y`` in the
+    reference) to ``acc``; returns the accumulator and the rows still allowed."""
+    layer.check_target(x, y)
+    g = layer.groups
+    mg = layer.out_channels // g
+    positions = layer.positions(x)
+    quota = _row_quota(positions, remaining, feeds - f)
+    if quota <= 0:
+        return acc, remaining
+    rows = _choose_rows(positions, quota, f)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, layer.row_size(x)))
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        feats = layer.features(x, part)
+        targets = layer.targets(y, part)[:, kept].reshape(len(part), g, mg)
+        if acc is None:
+            acc = _Accumulator(g, feats.shape[2], mg)
+        acc.update(feats, targets)
+    acc.rows += len(rows)
+    return acc, remaining - quota
+
+
+def _no_rows(layer: _Layer, max_rows: int) -> OnnxcompError:
+    return OnnxcompError(f"reconstruct: node {layer.node.name!r}: no calibration rows (max_rows={max_rows})")
+
+
 def _fit_layer(
     layer: _Layer,
     kept: np.ndarray,
@@ -658,38 +688,51 @@ def _fit_layer(
     max_rows: int,
     threads: int | None,
 ) -> _Accumulator:
+    """One layer's sums, running both whole models over every feed (the per-layer refit)."""
     graph_inputs = {v.name for v in pruned.graph.inputs}
     x_from_feed = layer.x_name in graph_inputs
     session = None if x_from_feed else _session(pruned, [layer.x_name], threads)
-    g = layer.groups
-    mg = layer.out_channels // g
     acc: _Accumulator | None = None
     remaining = max_rows
     for f, feed in enumerate(data):
         x = feed[layer.x_name] if x_from_feed else session.run([layer.x_name], feed)[0]
         y = ref_session.run([layer.y_name], feed)[0]
-        layer.check_target(x, y)
-        positions = layer.positions(x)
-        quota = _row_quota(positions, remaining, feeds - f)
-        if quota <= 0:
-            continue
-        remaining -= quota
-        rows = _choose_rows(positions, quota, f)
-        chunk = max(1, CHUNK_ELEMENTS // max(1, layer.row_size(x)))
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            feats = layer.features(x, part)
-            targets = layer.targets(y, part)[:, kept].reshape(len(part), g, mg)
-            if acc is None:
-                acc = _Accumulator(g, feats.shape[2], mg)
-            acc.update(feats, targets)
-        acc.rows += len(rows)
+        acc, remaining = _accumulate(layer, kept, acc, x, y, f, remaining, feeds)
         del x, y
     if acc is None:
-        raise OnnxcompError(
-            f"reconstruct: node {layer.node.name!r}: no calibration rows (max_rows={max_rows})"
-        )
+        raise _no_rows(layer, max_rows)
     return acc
+
+
+def refit_stages(pruned: ir.Model, names: Sequence[str]) -> list[list[str]]:
+    """The nodes ``names`` grouped into stages: a node's stage is one after the latest stage of
+    the listed nodes upstream of it, so the nodes of one stage never feed each other and can be
+    refitted from one pass over the data once the earlier stages are written."""
+    wanted = set(names)
+    bit = {name: 1 << i for i, name in enumerate(sorted(wanted))}
+    upstream: dict[str, int] = {}  # value name -> listed nodes upstream (bit set)
+    stage_of: dict[str, int] = {}
+    for node in pruned.graph:
+        above = 0
+        for v in node.inputs:
+            if v is not None and v.name:
+                above |= upstream.get(v.name, 0)
+        if node.name in wanted:
+            data_in = node.inputs[0]
+            before = upstream.get(data_in.name, 0) if data_in is not None else 0
+            stage_of[node.name] = 1 + max((stage_of[n] for n in wanted if bit[n] & before and n in stage_of),
+                                          default=-1)
+            above |= bit[node.name]
+        for v in node.outputs:
+            if v.name:
+                upstream[v.name] = above
+    stages: list[list[str]] = []
+    for name in names:
+        s = stage_of[name]
+        while len(stages) <= s:
+            stages.append([])
+        stages[s].append(name)
+    return [s for s in stages if s]
 
 
 def reconstruct(
@@ -703,6 +746,7 @@ def reconstruct(
     kept_outputs: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[int, int | None], object] | None = None,
     threads: int | None = None,
+    streamed: bool = True,
 ) -> list[LayerFit]:
     """Refit ``nodes`` of ``pruned`` (in place) to match ``reference`` layer by layer (module doc).
 
@@ -718,6 +762,10 @@ def reconstruct(
             nodes whose own output channels were cut; absent: all remain.
         progress: called with (layers done, layers total) after each layer.
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        streamed: refit stage by stage (:func:`refit_stages`), the inputs of a stage's layers
+            computed from the nodes not yet run (:class:`onnxcomp.prune.frontier.Frontier`: every
+            node once per feed over the whole refit, the feeds held in memory); ``False``: layer
+            by layer, both models run whole over every feed for each layer (same result).
 
     Returns:
         One :class:`LayerFit` per node, in the order processed.
@@ -743,39 +791,67 @@ def reconstruct(
             plans[name] = str(skip)
     names.sort(key=lambda n: order[n])
     targets = [p.y_name for p in plans.values() if isinstance(p, _Layer)]
-    ref_session = _session(reference, list(dict.fromkeys(targets)), threads) if targets else None
+    ref_session = _session(reference, list(dict.fromkeys(targets)), threads) if targets and not streamed else None
     ref_channels = _reference_channels(reference, plans)
-    feeds = _count_feeds(data) if targets else 0
+    feeds = _count_feeds(data) if targets and not streamed else 0
     graph = pruned.graph
     taken = all_value_names(graph)
-    fits: list[LayerFit] = []
-    for i, name in enumerate(names):
+    fits: dict[str, LayerFit] = {}
+    ready: dict[str, tuple[_Layer, np.ndarray]] = {}
+    for name in names:
         plan = plans[name]
-        op_type = pruned_nodes[name].op_type
         if isinstance(plan, _Layer):
             try:
-                kept = _kept(plan, name, ref_channels[name], kept_outputs)
+                ready[name] = (plan, _kept(plan, name, ref_channels[name], kept_outputs))
+                continue
             except _Skip as skip:
                 plan = str(skip)
-        if isinstance(plan, str):
-            fits.append(LayerFit(name, op_type, 0, math.nan, math.nan, "skipped", plan))
+        fits[name] = LayerFit(name, pruned_nodes[name].op_type, 0, math.nan, math.nan, "skipped", plan)
+    done = 0
+
+    def finish(name: str, acc: _Accumulator) -> None:
+        nonlocal done
+        plan = ready[name][0]
+        old = plan.old_params()
+        before = acc.error(old)
+        new = acc.solve(ridge, plan.fit_bias)
+        after = acc.error(new)
+        op_type = pruned_nodes[name].op_type
+        if after < before and np.all(np.isfinite(new)):
+            plan.write(new, graph, taken)
+            fits[name] = LayerFit(name, op_type, acc.rows, before, after)
         else:
-            acc = _fit_layer(plan, kept, pruned, ref_session, data, feeds, max_rows, threads)
-            old = plan.old_params()
-            before = acc.error(old)
-            new = acc.solve(ridge, plan.fit_bias)
-            after = acc.error(new)
-            if after < before and np.all(np.isfinite(new)):
-                plan.write(new, graph, taken)
-                fits.append(LayerFit(name, op_type, acc.rows, before, after))
-            else:
-                fits.append(LayerFit(
-                    name, op_type, acc.rows, before, before, "kept",
-                    f"the refit was not better on the calibration rows ({after:.3g} vs {before:.3g})",
-                ))
+            fits[name] = LayerFit(
+                name, op_type, acc.rows, before, before, "kept",
+                f"the refit was not better on the calibration rows ({after:.3g} vs {before:.3g})",
+            )
+        done += 1
         if progress is not None:
-            progress(i + 1, len(names))
-    return fits
+            progress(done + sum(1 for f in fits.values() if f.status == "skipped"), len(names))
+
+    if not streamed:
+        for name in [n for n in names if n in ready]:
+            layer, kept = ready[name]
+            finish(name, _fit_layer(layer, kept, pruned, ref_session, data, feeds, max_rows, threads))
+    elif ready:
+        from onnxcomp.prune.frontier import Frontier
+
+        feed_list = [dict(f) for f in data]
+        mine, theirs = Frontier(pruned, feed_list, threads=threads), Frontier(reference, feed_list, threads=threads)
+        for stage in refit_stages(pruned, [n for n in names if n in ready]):
+            layers = [ready[n] for n in stage]
+            xs = mine.compute([layer.x_name for layer, _ in layers])
+            ys = theirs.compute([layer.y_name for layer, _ in layers])
+            for name, (layer, kept) in zip(stage, layers):
+                acc, remaining = None, max_rows
+                for f in range(len(feed_list)):
+                    acc, remaining = _accumulate(layer, kept, acc, xs[f][layer.x_name], ys[f][layer.y_name], f,
+                                                 remaining, len(feed_list))
+                if acc is None:
+                    raise _no_rows(layer, max_rows)
+                finish(name, acc)
+            del xs, ys
+    return [fits[n] for n in names]
 
 
 def _reference_channels(
