@@ -139,7 +139,8 @@ ELEMENT_COST = 8.0
 
 def _macs(node: ir.Node, x_shape: Sequence[int], w_shape: Sequence[int], group: int | None) -> float:
     """Multiply-accumulates of a linear node at concrete shapes (``group`` None: the node's)."""
-    if node.op_type == "Conv":
+    spec = linear_spec(node)
+    if spec is not None and spec.grouped and spec.per_group == "in":  # Conv: weight [out, in/group, k...]
         from onnxcomp.prune.reconstruct import ConvGeometry
 
         geometry = ConvGeometry.from_node(node, w_shape)
