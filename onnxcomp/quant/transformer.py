@@ -534,7 +534,7 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
     graph = model.graph
     taken = all_value_names(graph)
     folded: collections.Counter[str] = collections.Counter()
-    inserted = 0
+    muls: list[str] = []
     for x, s in chosen.items():
         nodes = groups[x]
         for n in nodes:
@@ -553,11 +553,11 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
         graph.insert_before(nodes[0], mul)
         for n in nodes:
             n.replace_input_with(0, out)
-        inserted += 1
+        muls.append(mul.name)
     RemoveUnusedNodesPass()(model)
     graph.sort()
-    return {"smoothed": sum(folded.values()) + inserted, "folded_into_attention": folded.pop("Attention", 0),
-            "folded_into_norm": dict(folded), "mul_inserted": inserted, "groups": described}
+    return {"smoothed": sum(folded.values()) + len(muls), "folded_into_attention": folded.pop("Attention", 0),
+            "folded_into_norm": dict(folded), "mul_inserted": len(muls), "mul_nodes": muls, "groups": described}
 
 
 #: SmoothQuant alpha of the dynamic encoder path: chosen on the tuning split of the MiniLM benchmark
@@ -582,4 +582,7 @@ def smooth_dynamic_encoder(work: ir.Model, calibration: Any, config: Any, encode
     alpha = config.smoothquant_alpha if config.smoothquant_alpha is not None else ENCODER_SMOOTH_ALPHA
     encoder["smoothing"] = smooth_encoder(work, data, alpha=alpha, per_channel=config.per_channel,
                                           reduce_range=config.reduce_weights, max_feeds=config.max_samples or 32)
-    return dataclasses.replace(config, smoothquant=False) if config.mode == "static" else config
+    if config.mode != "static":
+        return config
+    # the inserted Muls stay float (a QLinearMul would quantize the activation twice)
+    return dataclasses.replace(config, smoothquant=False, exclude=(*config.exclude, *encoder["smoothing"]["mul_nodes"]))
