@@ -83,3 +83,17 @@ def test_int8_smoothquant_keeps_fused_kernels_and_accuracy(encoders, pre_ln, mod
     data = feeds(6, seed=5)
     cos = cosines(pooled(model, data), pooled(q, data))
     assert cos.min() > 0.99, cos.min()
+
+
+def test_default_smooths_encoders_given_calibration(encoders):
+    model = encoders[False]
+    calib = feeds(8, seed=3)
+    _, default = quantize(model, calib, QuantizeConfig(mode="static", embedding_bits=0))
+    assert default["transformer"]["smoothquant_default"] is True
+    assert default["transformer"]["smoothing"]["smoothed"] == 4 * LAYERS
+    _, off = quantize(model, calib, QuantizeConfig(mode="static", smoothquant=False, embedding_bits=0))
+    assert "smoothing" not in off["transformer"]
+    _, no_data = quantize(model, None, QuantizeConfig(mode="dynamic", embedding_bits=0))  # dynamic needs no data
+    assert "smoothing" not in no_data["transformer"]
+    _, off_path = quantize(model, calib, QuantizeConfig(mode="static", transformer="off", embedding_bits=0))
+    assert "transformer" not in off_path and "smoothquant" not in off_path.get("recovery", {})

@@ -114,7 +114,7 @@ def quantize_in_place(
     # when no table is large enough to be quantized
     encoder = prepare_encoder(work, config.transformer, config.mode,
                               embed_layer_norm=not quantizable_tables(work, config))
-    if encoder is not None and config.mode in ("dynamic", "static") and config.smoothquant:
+    if encoder is not None and config.mode in ("dynamic", "static"):
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
     if config.mode == "static" and config.uses_fallback:
         from onnxcomp.quant.sensitivity import quantize_with_fallback

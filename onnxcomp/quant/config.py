@@ -62,6 +62,7 @@ class QuantizeConfig(PassConfig):
             ``smoothquant_alpha`` fixed, or searched per group when None; see onnxcomp.quant.smoothquant.
             In dynamic mode, for encoders on the transformer path only (needs calibration data;
             onnxcomp.quant.transformer.smooth_encoder, alpha 0.75 unless ``smoothquant_alpha``).
+            None (default): on for encoders on the transformer path given calibration data, off elsewhere.
         bias_correction: after quantizing, subtract each layer's mean output error on the
             calibration data from its bias; see onnxcomp.quant.bias_correction.
         fidelity_target: static mode: move the most helpful nodes back to float until the output
@@ -103,7 +104,7 @@ class QuantizeConfig(PassConfig):
     weight_only_format: Literal["qdq", "ort"] = "qdq"
     dynamic_op_types: tuple[str, ...] = ("MatMul", "Gemm", "LSTM")
     equalize: bool = False
-    smoothquant: bool = False
+    smoothquant: bool | None = None
     smoothquant_alpha: float | None = None
     bias_correction: bool = False
     fidelity_target: float | None = None

@@ -565,13 +565,29 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
 ENCODER_SMOOTH_ALPHA = 0.75
 
 
+#: Whether the default (``smoothquant`` None) smooths an encoder on the transformer path when
+#: calibration data is given: chosen on the tuning split of the MiniLM benchmark (benchmarks/encoders.py,
+#: RESULTS.md "Transformer encoders at batch 8", second session).
+ENCODER_SMOOTHQUANT_DEFAULT = True
+
+
 def smooth_dynamic_encoder(work: ir.Model, calibration: Any, config: Any, encoder: dict[str, Any]) -> Any:
-    """SmoothQuant on a fused encoder (dynamic or static mode with ``smoothquant``):
-    :func:`smooth_encoder` on the calibration data (in place, reported in ``encoder["smoothing"]``);
-    returns the config to go on with (static mode: without ``smoothquant``, already done here;
-    a static model off the transformer path is left to the generic pass)."""
+    """SmoothQuant on a fused encoder (dynamic or static mode): :func:`smooth_encoder` on the
+    calibration data (in place, reported in ``encoder["smoothing"]``); returns the config to go on
+    with (static mode: without ``smoothquant``, done here; a model off the transformer path in
+    static mode is left to the generic pass).
+
+    ``config.smoothquant`` None (the default) smooths an encoder on the transformer path when
+    calibration data is given (:data:`ENCODER_SMOOTHQUANT_DEFAULT`); True insists, False never.
+    """
     from onnxcomp.data import Dataset
 
+    if config.smoothquant is None:
+        if not (ENCODER_SMOOTHQUANT_DEFAULT and encoder.get("applied") and calibration is not None):
+            return config
+        encoder["smoothquant_default"] = True
+    elif not config.smoothquant:
+        return config
     if not encoder.get("applied"):
         if config.mode == "static":
             return config
