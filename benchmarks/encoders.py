@@ -5,11 +5,15 @@
 For each export of all-MiniLM-L6-v2 (``eager`` attention, the form onnxruntime's transformer
 optimizer fuses, and torch's ``sdpa`` export; see :func:`benchmarks.fetch.minilm_onnx`):
 
-Data (license sentences, :mod:`benchmarks.textdata`)
-    * calibration: 64 sentences of the ``calib`` pool, padded to 128 tokens, batch 1;
-    * tuning split: ``eval`` pool sentences 0-299; report split: sentences 300-599 (never used to
-      choose a setting). Each sentence is tokenized, padded to 128 with its attention mask;
-    * windows: the report split's text tokenized as one stream and cut into windows of exactly
+Data (:func:`benchmarks.textdata.encoder_splits`: three disjoint text sources, all offline)
+    * calibration: 64 sentences of the license texts' ``calib`` pool, padded to 128 tokens, plus
+      ``--calib-windows`` windows of that pool's running text (128 real tokens, placed after the
+      sentences: SmoothQuant's statistics read the first 32 feeds, static ranges all), batch 1;
+    * tuning split: 600 sentences of installed third-party packages' docstrings (numpy, networkx,
+      click, jinja2, mpmath, fsspec); report split: 600 sentences of Python standard-library
+      docstrings (never used to choose a setting). Each sentence is tokenized, padded to 128 with
+      its attention mask;
+    * windows: the split's text tokenized as one stream and cut into windows of exactly
       128 tokens ([CLS] + 126 tokens + [SEP], mask all ones: no padding), for latency and for the
       window cosine.
 
@@ -42,8 +46,6 @@ from benchmarks import fetch, metrics, textdata
 
 SEQ = 128
 N_CALIB = 64
-TUNE = slice(0, 300)
-REPORT = slice(300, 600)
 
 
 def _tokenizer(folder: Path, pad: bool):
@@ -122,10 +124,12 @@ def _onnxcomp(src: Path, dst: Path, calib: Path | None, **config) -> dict:
 
 CONFIGS = {
     "oc_dynamic_sq": {"mode": "dynamic", "smoothquant": True},
-    "oc_dynamic": {"mode": "dynamic"},
+    "oc_dynamic": {"mode": "dynamic", "smoothquant": False},
     "oc_dynamic_nofuse": {"mode": "dynamic", "transformer": "off"},
-    "oc_static": {"mode": "static"},
+    "oc_static": {"mode": "static", "smoothquant": False},
+    "oc_static_sq": {"mode": "static", "smoothquant": True},
     "oc_static_nofuse": {"mode": "static", "transformer": "off"},
+    "oc_default": {},  # quantize's defaults: static, transformer path, SmoothQuant on encoders
 }
 
 
@@ -157,30 +161,39 @@ def build(src: Path, work: Path, calib: Path, names: list[str]) -> tuple[dict[st
     return paths, info
 
 
-def run(attention: str, names: list[str], runs: int, split: str) -> dict:
+def run(attention: str, names: list[str], runs: int, split: str, calib_windows: int = 0) -> dict:
     import onnxruntime as ort
 
     from onnxcomp.measure.latency import SessionSpec, measure_latency
 
     src, meta = fetch.minilm_onnx(fetch.CACHE, attention=attention)
     folder = fetch.minilm_folder(fetch.CACHE)
-    pools = textdata.split_sentences()
-    sents = pools["eval"][REPORT if split == "report" else TUNE]
+    pools = textdata.encoder_splits()
+    sents = pools[split]
     work = Path(tempfile.mkdtemp(prefix="encoders-", dir=fetch.CACHE))
     try:
-        return _run_in(work, src, meta, folder, pools, sents, names, runs, split, attention)
+        res = _run_in(work, src, meta, folder, pools, sents, names, runs, split, attention, calib_windows)
+        res["source"] = pools["sources"][split]
+        res["sha256"] = pools["sha256"][split]
+        return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents: list[str], names: list[str],
-            runs: int, split: str, attention: str) -> dict:
+            runs: int, split: str, attention: str, calib_windows: int = 0) -> dict:
     import onnxruntime as ort
 
     from onnxcomp.measure.latency import SessionSpec, measure_latency
 
     calib = work / "calib.npz"
-    np.savez(calib, **sentence_arrays(folder, pools["calib"][:N_CALIB]))
+    arrays = sentence_arrays(folder, pools["calib"][:N_CALIB])
+    if calib_windows:
+        extra = text_windows(folder, pools["calib"], calib_windows)
+        # windows last: SmoothQuant's statistics read the first 32 feeds (the sentences; windows
+        # first was worse on the tuning split), the static ranges all of them
+        arrays = {k: np.concatenate([v, extra[k]]) for k, v in arrays.items()}
+    np.savez(calib, **arrays)
     paths, info = build(src, work, calib, names)
     sent_arrays = sentence_arrays(folder, sents)
     windows = text_windows(folder, sents, 24)
@@ -206,7 +219,8 @@ def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents:
 
 
 def _print(res: dict) -> None:
-    print(f"## {res['attention']} export, {res['split']} split ({res['sentences']} sentences, {res['windows']} windows)")
+    print(f"## {res['attention']} export, {res['split']} split ({res['sentences']} sentences of {res['source']}, "
+          f"sha256 {res['sha256']}, {res['windows']} windows)")
     print(f"{'candidate':34s} {'cos':>7s} {'cosmin':>7s} {'NN':>6s} {'wcos':>7s} {'b8 x':>6s} {'b1 x':>6s} {'MB':>6s}")
     for n, r in res["rows"].items():
         s = r["sentences"]
@@ -221,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="onnxcomp configs (CONFIGS names, +key=json to change a setting, e.g. oc_static+smoothquant)")
     p.add_argument("--split", choices=("tune", "report"), default="report")
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate and batch size (0: accuracy only)")
+    p.add_argument("--calib-windows", type=int, default=0,
+                   help="calibration also gets this many 128-token windows of the calibration text")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     out = []
     for attention in args.attention:
-        res = run(attention, args.candidates, args.runs, args.split)
+        res = run(attention, args.candidates, args.runs, args.split, args.calib_windows)
         out.append(res)
         _print(res)  # each export as soon as it is measured
         if args.json:

@@ -43,6 +43,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,6 +144,61 @@ def report_sentences() -> tuple[tuple[str, ...], str]:
         return tuple(s for s in other if s not in taken), "Python standard-library docstrings"
     pool = split_sentences()["eval"]
     return tuple(pool[len(pool) // 2 :]), "second half of the eval sentence pool (no license texts here)"
+
+
+#: Installed third-party packages whose docstrings give the encoder benchmark's tuning split
+#: (another source than the license texts of calibration and the standard library of the report split).
+PACKAGE_MODULES = ("numpy", "numpy.linalg", "numpy.random", "numpy.ma", "networkx", "click", "jinja2", "mpmath", "fsspec")
+
+
+def _package_text() -> str:
+    import importlib
+
+    parts = []
+    for name in PACKAGE_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # pragma: no cover - package not installed
+            continue
+        if mod.__doc__:
+            parts.append(mod.__doc__)
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr, None)
+            doc = getattr(obj, "__doc__", None)
+            if attr.startswith("_") or not isinstance(doc, str):
+                continue
+            owner = getattr(obj, "__module__", None) or ""
+            if owner.split(".")[0] != name.split(".")[0]:
+                continue
+            parts.append(doc)
+    return "\n\n".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def encoder_splits(n: int = 600, seed: int = 0) -> dict[str, Any]:
+    """Sentence splits of the encoder benchmark, three disjoint sources.
+
+    ``calib``: the ``calib`` pool of :func:`split_sentences` (license texts); ``tune``: ``n``
+    sentences of the docstrings of :data:`PACKAGE_MODULES` (installed third-party packages);
+    ``report``: ``n`` sentences of :func:`report_sentences` (Python standard-library docstrings).
+    Each split is shuffled with ``seed``; no sentence is in two splits. ``sources`` describes them
+    and ``sha256`` fingerprints the tune and report sentences.
+    """
+    import contextlib
+    import io as _io
+
+    calib = split_sentences(seed)["calib"]
+    report_all, report_source = report_sentences()
+    taken = set(calib) | set(corpus()[0]) | set(report_all)
+    with contextlib.redirect_stdout(_io.StringIO()):
+        tune_all = [s for s in sentences_from_text(_package_text()) if s not in taken]
+    rng = np.random.default_rng(seed)
+    tune = [tune_all[i] for i in rng.permutation(len(tune_all))[:n]]
+    report = [report_all[i] for i in rng.permutation(len(report_all))[:n]]
+    digest = {k: hashlib.sha256("\n".join(v).encode()).hexdigest()[:16] for k, v in (("tune", tune), ("report", report))}
+    return {"calib": calib, "tune": tune, "report": report, "sha256": digest,
+            "sources": {"calib": f"{corpus()[1]}, calib pool", "tune": f"docstrings of {', '.join(PACKAGE_MODULES)}",
+                        "report": report_source}}
 
 
 def split_sentences(seed: int = 0) -> dict[str, list[str]]:

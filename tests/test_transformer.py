@@ -31,7 +31,9 @@ VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 50, 16, 32, 4, 64, 2
 INT64 = onnx.TensorProto.INT64
 
 
-def bert_like(seed: int = 0) -> onnx.ModelProto:
+def bert_like(seed: int = 0, *, pre_ln: bool = False) -> onnx.ModelProto:
+    """The encoder; ``pre_ln``: each block normalizes its input (``x + f(LN(x))``, final LayerNorm)
+    instead of its output (``LN(x + f(x))``, BERT's form)."""
     rng = np.random.default_rng(seed)
     d = HIDDEN // HEADS
     inits: list[tuple[str, np.ndarray]] = []
@@ -75,22 +77,27 @@ def bert_like(seed: int = 0) -> onnx.ModelProto:
     merge_shape = c("merge_shape", [0, 0, HIDDEN], np.int64)
     for i in range(LAYERS):
         p = f"l{i}"
-        q = n("Transpose", [n("Reshape", [linear(x, f"{p}/q", HIDDEN, HIDDEN), split_shape], f"{p}/q/r")], f"{p}/q/t",
+        a = layernorm(x, f"{p}/ln0") if pre_ln else x
+        q = n("Transpose", [n("Reshape", [linear(a, f"{p}/q", HIDDEN, HIDDEN), split_shape], f"{p}/q/r")], f"{p}/q/t",
               perm=[0, 2, 1, 3])
-        k = n("Transpose", [n("Reshape", [linear(x, f"{p}/k", HIDDEN, HIDDEN), split_shape], f"{p}/k/r")], f"{p}/k/t",
+        k = n("Transpose", [n("Reshape", [linear(a, f"{p}/k", HIDDEN, HIDDEN), split_shape], f"{p}/k/r")], f"{p}/k/t",
               perm=[0, 2, 3, 1])
-        v = n("Transpose", [n("Reshape", [linear(x, f"{p}/v", HIDDEN, HIDDEN), split_shape], f"{p}/v/r")], f"{p}/v/t",
+        v = n("Transpose", [n("Reshape", [linear(a, f"{p}/v", HIDDEN, HIDDEN), split_shape], f"{p}/v/r")], f"{p}/v/t",
               perm=[0, 2, 1, 3])
         s = n("Div", [n("MatMul", [q, k], f"{p}/qk"), c(f"{p}/sqrt_d", np.sqrt(d))], f"{p}/scaled")
         probs = n("Softmax", [n("Add", [s, m], f"{p}/masked")], f"{p}/softmax", axis=-1)
         ctx = n("Transpose", [n("MatMul", [probs, v], f"{p}/ctx")], f"{p}/ctx/t", perm=[0, 2, 1, 3])
         ctx = n("Reshape", [ctx, merge_shape], f"{p}/ctx/r")
-        x = layernorm(n("Add", [linear(ctx, f"{p}/o", HIDDEN, HIDDEN), x], f"{p}/res1"), f"{p}/ln1")
-        h = linear(x, f"{p}/ffn1", HIDDEN, FFN)
+        x = n("Add", [linear(ctx, f"{p}/o", HIDDEN, HIDDEN), x], f"{p}/res1")
+        x = x if pre_ln else layernorm(x, f"{p}/ln1")
+        h = linear(layernorm(x, f"{p}/ln1") if pre_ln else x, f"{p}/ffn1", HIDDEN, FFN)
         erf = n("Erf", [n("Div", [h, c(f"{p}/sqrt2", np.sqrt(2.0))], f"{p}/gelu/div")], f"{p}/gelu/erf")
         g = n("Mul", [n("Mul", [h, n("Add", [erf, c(f"{p}/one", 1.0)], f"{p}/gelu/add")], f"{p}/gelu/mul"),
                       c(f"{p}/half", 0.5)], f"{p}/gelu")
-        x = layernorm(n("Add", [linear(g, f"{p}/ffn2", FFN, HIDDEN), x], f"{p}/res2"), f"{p}/ln2")
+        x = n("Add", [linear(g, f"{p}/ffn2", FFN, HIDDEN), x], f"{p}/res2")
+        x = x if pre_ln else layernorm(x, f"{p}/ln2")
+    if pre_ln:
+        x = layernorm(x, "final_ln")
     nodes.append(oh.make_node("Identity", [x], ["last_hidden_state"], name="out"))
     ints = [(name, ["batch", "seq"], INT64) for name in ("input_ids", "attention_mask", "token_type_ids")]
     return make_proto(nodes, ints, [("last_hidden_state", ["batch", "seq", HIDDEN])], inits, opset=17)

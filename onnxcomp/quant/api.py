@@ -121,7 +121,7 @@ def quantize_in_place(
     encoder = prepare_encoder(work, config.transformer, config.mode,
                               embed_layer_norm=not quantizable_tables(work, config))
     kept: list[Any] = []  # the static calibration's state, for ``keep``
-    if encoder is not None and config.mode == "dynamic" and config.smoothquant:
+    if encoder is not None and config.mode in ("dynamic", "static"):
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
     handler = MODES[MODE_CONFIGS[config.mode]]
     report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,

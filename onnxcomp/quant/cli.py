@@ -76,7 +76,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
                    help="encoders: onnxruntime's transformer fusions first, Attention as int8 QAttention "
                         "(auto: when the graph is an encoder)")
-    p.add_argument("--smoothquant", action="store_true", help="migrate activation outliers into MatMul/Gemm weights")
+    p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
+                   help="migrate activation outliers into MatMul/Gemm weights (default: on for encoders on the "
+                        "transformer path given --calibration, off elsewhere)")
     p.add_argument("--bias-correction", action="store_true", help="correct each layer's mean output error afterwards")
     p.add_argument("--fidelity-target", type=float, metavar="SQNR_DB",
                    help="move the most sensitive nodes back to float until the output SQNR reaches this")

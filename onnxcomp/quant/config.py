@@ -84,7 +84,7 @@ class _Int8WeightFields:
 
 @dataclasses.dataclass(frozen=True)
 class _SmoothQuantFields:
-    smoothquant: bool = False
+    smoothquant: bool | None = None
     smoothquant_alpha: float | None = None
 
 
@@ -235,6 +235,7 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             ``smoothquant_alpha`` fixed, or searched per group when None; see onnxcomp.quant.smoothquant.
             In dynamic mode, for encoders on the transformer path only (needs calibration data;
             onnxcomp.quant.transformer.smooth_encoder, alpha 0.75 unless ``smoothquant_alpha``).
+            None (default): on for encoders on the transformer path given calibration data, off elsewhere.
         bias_correction: after quantizing, subtract each layer's mean output error on the
             calibration data from its bias; see onnxcomp.quant.bias_correction.
         fidelity_target: static mode: move the most helpful nodes back to float until the output

@@ -428,6 +428,64 @@ def _smoothing_groups(model: ir.Model) -> dict[ir.Value, list[ir.Node]]:
             if all(c in nodes or c.op_type not in ("MatMul", "Attention") for c in x.consumers())}
 
 
+#: Normalizations whose output 0 is ``normalized * gamma + beta`` (inputs: gamma, beta), by op type
+#: and domain; their other outputs (mean, inverse deviation, the pre-norm sum) do not depend on them.
+_NORM_AFFINE: dict[tuple[str, str], tuple[int, int]] = {
+    ("LayerNormalization", ""): (1, 2),
+    ("SkipLayerNormalization", MS_DOMAIN): (2, 3),
+    ("SkipSimplifiedLayerNormalization", MS_DOMAIN): (2, -1),
+    ("EmbedLayerNormalization", MS_DOMAIN): (5, 6),
+}
+
+
+def _const_input(node: ir.Node, idx: int) -> np.ndarray | None:
+    v = node.inputs[idx] if 0 <= idx < len(node.inputs) else None
+    return None if v is None or v.const_value is None or v.is_graph_input() else v.const_value.numpy()
+
+
+def _absorb_division(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node], s: np.ndarray, taken: set[str]) -> str | None:
+    """Divide the producer of ``x`` by ``s`` per channel when it can absorb it exactly; its op type, or None.
+
+    Possible when every reader of ``x`` is one of the smoothed ``nodes`` (and ``x`` is no graph
+    output) and the producer is an ``Attention`` (the V columns of its weight and bias: the
+    output is linear in them) or a normalization of :data:`_NORM_AFFINE` (its gamma and beta). A
+    post-LN encoder (BERT, MiniLM) also reads every normalized output as the next residual, so
+    there nothing can be folded and a ``Mul`` is needed; a pre-LN one feeds the normalized output
+    only to the projections (the residual is SkipLayerNormalization's pre-norm sum output).
+    """
+    producer = x.producer()
+    if producer is None or x in graph.outputs or any(c not in nodes for c in x.consumers()):
+        return None
+    domain = "" if producer.domain in ("", "ai.onnx") else producer.domain
+    if producer.op_type == "Attention" and domain == MS_DOMAIN and "qkv_hidden_sizes" not in producer.attributes:
+        w, b = _const_input(producer, 1), _const_input(producer, 2)
+        if w is None or b is None or producer.outputs[0] is not x:
+            return None
+        hidden = w.shape[1] // 3
+        w, b = w.astype(np.float32).copy(), b.astype(np.float32).copy()
+        w[:, 2 * hidden:] /= s
+        b[2 * hidden:] /= s
+        updates = {1: w, 2: b}
+    elif (producer.op_type, domain) in _NORM_AFFINE and producer.outputs[0] is x:
+        g_idx, b_idx = _NORM_AFFINE[producer.op_type, domain]
+        gamma = _const_input(producer, g_idx)
+        if gamma is None or gamma.shape[-1:] != s.shape or (b_idx >= 0 and b_idx < len(producer.inputs)
+                                                             and producer.inputs[b_idx] is not None
+                                                             and _const_input(producer, b_idx) is None):
+            return None
+        updates = {g_idx: gamma.astype(np.float32) / s}
+        beta = _const_input(producer, b_idx) if b_idx >= 0 else None
+        if beta is not None:
+            if beta.shape[-1:] != s.shape:
+                return None
+            updates[b_idx] = beta.astype(np.float32) / s
+    else:
+        return None
+    for idx, value in updates.items():  # new initializers: a shared constant is never changed under another node
+        producer.replace_input_with(idx, add_initializer(graph, f"{producer.inputs[idx].name}_smoothed", value, taken))
+    return producer.op_type
+
+
 def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, per_channel: bool = True,
                    reduce_range: bool = True, max_feeds: int = 32, search_rows: int = 2048) -> dict[str, Any]:
     """SmoothQuant on a fused encoder (in place): per input channel ``j`` of each activation ``X``
@@ -438,10 +496,12 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
     of its consumers (uint8 activations per tensor, int8 weights per channel, as
     :mod:`onnxcomp.quant.smoothquant` simulates it); an activation no alpha improves is left alone.
 
-    Exact in float. The division is folded into the producer when that is an Attention whose
-    output only feeds these MatMuls (its V weight columns and bias: the output is linear in them);
-    otherwise it is one ``Mul`` by a constant before the consumers (a SkipLayerNormalization
-    output also feeds the next residual, so it cannot absorb the scale).
+    Exact in float. The division is folded into the producer when that only feeds these MatMuls
+    and is an Attention (its V weight columns and bias) or a LayerNormalization /
+    SkipLayerNormalization / EmbedLayerNormalization (gamma and beta), see
+    :func:`_absorb_division`; otherwise it is one ``Mul`` by a constant before the consumers (in
+    a post-LN encoder every normalized output also feeds the next residual, so it cannot absorb
+    the scale).
     """
     from onnxcomp.graph import stream_values
     from onnxcomp.quant.smoothquant import SmoothQuantConfig, _ChannelStats, _db, _simulated_error, smoothing_scales
@@ -473,26 +533,16 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
             chosen[x] = smoothing_scales(st.absmax, wmax, best).astype(np.float32)
     graph = model.graph
     taken = all_value_names(graph)
-    folded = inserted = 0
+    folded: collections.Counter[str] = collections.Counter()
+    muls: list[str] = []
     for x, s in chosen.items():
         nodes = groups[x]
         for n in nodes:
             w = n.inputs[1].const_value.numpy().astype(np.float32)
             n.replace_input_with(1, add_initializer(graph, f"{n.inputs[1].name}_smoothed", w * s[:, None], taken))
-        producer = x.producer()
-        if (producer is not None and producer.op_type == "Attention" and producer.domain == MS_DOMAIN
-                and producer.inputs[1] is not None and producer.inputs[1].const_value is not None
-                and producer.inputs[2] is not None and producer.inputs[2].const_value is not None
-                and all(c in nodes for c in x.consumers()) and x not in graph.outputs
-                and "qkv_hidden_sizes" not in producer.attributes):
-            hidden = producer.inputs[1].const_value.shape[1] // 3
-            w = producer.inputs[1].const_value.numpy().astype(np.float32).copy()
-            b = producer.inputs[2].const_value.numpy().astype(np.float32).copy()
-            w[:, 2 * hidden:] /= s
-            b[2 * hidden:] /= s
-            producer.replace_input_with(1, add_initializer(graph, f"{producer.inputs[1].name}_smoothed", w, taken))
-            producer.replace_input_with(2, add_initializer(graph, f"{producer.inputs[2].name}_smoothed", b, taken))
-            folded += 1
+        absorbed = _absorb_division(graph, x, nodes, s, taken)
+        if absorbed is not None:
+            folded[absorbed] += 1
             continue
         inv = add_initializer(graph, f"{x.name}_smooth", (1.0 / s).astype(np.float32), taken)
         mul = ir.node("Mul", [x, inv], name=unique_name(graph, f"{x.name}_smooth_Mul", taken))
@@ -503,10 +553,11 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
         graph.insert_before(nodes[0], mul)
         for n in nodes:
             n.replace_input_with(0, out)
-        inserted += 1
+        muls.append(mul.name)
     RemoveUnusedNodesPass()(model)
     graph.sort()
-    return {"smoothed": folded + inserted, "folded_into_attention": folded, "mul_inserted": inserted, "groups": described}
+    return {"smoothed": sum(folded.values()) + len(muls), "folded_into_attention": folded.pop("Attention", 0),
+            "folded_into_norm": dict(folded), "mul_inserted": len(muls), "mul_nodes": muls, "groups": described}
 
 
 #: SmoothQuant alpha of the dynamic encoder path: chosen on the tuning split of the MiniLM benchmark
@@ -514,17 +565,40 @@ def smooth_encoder(model: ir.Model, feeds: Any, *, alpha: float | None = None, p
 ENCODER_SMOOTH_ALPHA = 0.75
 
 
+#: Whether the default (``smoothquant`` None) smooths an encoder on the transformer path when
+#: calibration data is given: chosen on the tuning split of the MiniLM benchmark (benchmarks/encoders.py,
+#: RESULTS.md "Transformer encoders at batch 8", second session).
+ENCODER_SMOOTHQUANT_DEFAULT = True
+
+
 def smooth_dynamic_encoder(work: ir.Model, calibration: Any, config: Any, encoder: dict[str, Any]) -> Any:
-    """Dynamic mode with ``smoothquant`` on a fused encoder: :func:`smooth_encoder` on the
-    calibration data (in place, reported in ``encoder["smoothing"]``); returns the config to go on with."""
+    """SmoothQuant on a fused encoder (dynamic or static mode): :func:`smooth_encoder` on the
+    calibration data (in place, reported in ``encoder["smoothing"]``); returns the config to go on
+    with (static mode: without ``smoothquant``, done here; a model off the transformer path in
+    static mode is left to the generic pass).
+
+    ``config.smoothquant`` None (the default) smooths an encoder on the transformer path when
+    calibration data is given (:data:`ENCODER_SMOOTHQUANT_DEFAULT`); True insists, False never.
+    """
     from onnxcomp.data import Dataset
 
+    if config.smoothquant is None:
+        if not (ENCODER_SMOOTHQUANT_DEFAULT and encoder.get("applied") and calibration is not None):
+            return config
+        encoder["smoothquant_default"] = True
+    elif not config.smoothquant:
+        return config
     if not encoder.get("applied"):
+        if config.mode == "static":
+            return config
         raise ConfigError("quantize: smoothquant in dynamic mode needs the transformer path (an encoder graph)")
     if calibration is None:
-        raise ConfigError("quantize: smoothquant in dynamic mode needs calibration data (--calibration FILE)")
+        raise ConfigError(f"quantize: smoothquant in {config.mode} mode needs calibration data (--calibration FILE)")
     data = calibration if isinstance(calibration, Dataset) else Dataset(calibration, work)
     alpha = config.smoothquant_alpha if config.smoothquant_alpha is not None else ENCODER_SMOOTH_ALPHA
     encoder["smoothing"] = smooth_encoder(work, data, alpha=alpha, per_channel=config.per_channel,
                                           reduce_range=config.reduce_weights, max_feeds=config.max_samples or 32)
-    return config
+    if config.mode != "static":
+        return config
+    # the inserted Muls stay float (a QLinearMul would quantize the activation twice)
+    return dataclasses.replace(config, smoothquant=False, exclude=(*config.exclude, *encoder["smoothing"]["mul_nodes"]))
