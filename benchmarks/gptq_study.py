@@ -106,8 +106,9 @@ def main(argv=None) -> int:
 
     task = suite.SUITE[args.model].prepare(suite.Context(cache=CACHE))
     fields = json.loads(args.config)
-    if "op_types" in fields:
-        fields["op_types"] = tuple(fields["op_types"])
+    for key in ("op_types", "eight_bit", "exclude"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
     config = QuantizeConfig(**fields)
     started = time.perf_counter()
     model = load_model(task.fp32_path)

@@ -74,6 +74,17 @@ class QuantizeConfig(PassConfig):
             data, nearest elsewhere).
         gptq_damp: GPTQ's relative dampening of the Hessian diagonal.
         gptq_act_order: GPTQ rounds the columns by decreasing input energy.
+        gptq_stages: 1 (default): every layer's Hessian comes from the float model; N > 1: the
+            weights are rounded in N groups in graph order and each group's Hessians come from
+            the model whose earlier groups are already quantized (sequential GPTQ: a layer sees
+            the inputs the quantized model really gives it; one pass over the data per group).
+        eight_bit: weight-only mixed precision: the weights of these nodes get 8 bits instead of
+            ``bits`` (node names, op types, ``re:PATTERN``, or the keywords ``:first`` / ``:last``
+            for the first / last quantized node in graph order and ``:depthwise`` for depthwise
+            convolutions); the report gives their share of the weight bytes.
+        conv_block_size: weight-only Conv weights: None (default) one scale per output channel;
+            B: blocks of B consecutive values along the flattened input axis (``C/group x
+            kernel``) of each output channel, as MatMul weights along K.
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.
@@ -112,6 +123,9 @@ class QuantizeConfig(PassConfig):
     rounding: Literal["auto", "nearest", "gptq"] = "auto"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    gptq_stages: int = 1
+    eight_bit: tuple[str, ...] = ()
+    conv_block_size: int | None = None
     embedding_bits: int | None = None
     transformer: Literal["auto", "on", "off"] = "auto"
 
@@ -126,6 +140,8 @@ class QuantizeConfig(PassConfig):
         "fidelity_target": Range(float, 0.0, 200.0),
         "max_drop": Range(float, 0.0, 100.0),
         "gptq_damp": Range(float, 0.0, 1.0, min_open=True),
+        "gptq_stages": Range(int, 1, 4096),
+        "conv_block_size": Range(int, 1, 1 << 16),
     }
 
     def validate(self) -> None:
@@ -147,12 +163,12 @@ class QuantizeConfig(PassConfig):
             raise ConfigError(f"quantize: block_size must be a power of two >= 16, got {self.block_size}")
         if self.weight_only_format == "ort" and self.bits != 4 and self.mode == "weight-only":
             raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
-        for item in self.exclude:
+        for item in (*self.exclude, *self.eight_bit):
             if item.startswith("re:"):
                 try:
                     re.compile(item[3:])
                 except re.error as exc:
-                    raise ConfigError(f"quantize: exclude pattern {item!r} is not a valid regex: {exc}") from None
+                    raise ConfigError(f"quantize: pattern {item!r} is not a valid regex: {exc}") from None
 
     @property
     def reduce_weights(self) -> bool:
