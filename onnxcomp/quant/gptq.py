@@ -33,6 +33,8 @@ import dataclasses
 
 import numpy as np
 
+from onnxcomp.blas import blas_threads
+
 __all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round"]
 
 #: Values of QuantizeConfig.rounding.
@@ -325,8 +327,9 @@ class Rounder:
         chosen = []
         for i in range(g):
             part = slice(i * rows, (i + 1) * rows)
-            res = compensated_round(w_nk[part], h[i], s[part], q_nk[part], qmin, qmax, group_size=group_size,
-                                    damp=self.damp, act_order=self.act_order)
+            with blas_threads(1):  # one small update per column: BLAS threads only wait (onnxcomp.blas)
+                res = compensated_round(w_nk[part], h[i], s[part], q_nk[part], qmin, qmax, group_size=group_size,
+                                        damp=self.damp, act_order=self.act_order)
             out[part] = res.q.astype(out.dtype)
             err_n += res.error_nearest
             err_g += res.error_gptq if res.method == "gptq" else res.error_nearest
