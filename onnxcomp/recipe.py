@@ -33,7 +33,6 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.measure.stages import MeasureConfig, MeasureStage, VerifyConfig, VerifyStage
 from onnxcomp.passes.base import PassConfig
 from onnxcomp.passes.cleanup import CleanupStage
-from onnxcomp.passes.compact import CompactStage
 from onnxcomp.prune.api import PruneStage
 from onnxcomp.quant.api import QuantizeStage
 from onnxcomp.sparsity.passes import SparsityStage
@@ -55,7 +54,6 @@ STAGE_CLASSES: dict[str, type[Stage]] = {
     "sparsity": SparsityStage,
     "cluster": ClusterStage,
     "quantize": QuantizeStage,
-    "compact": CompactStage,
     "verify": VerifyStage,
     "measure": MeasureStage,
 }

@@ -111,6 +111,9 @@ class ClusterConfig(PassConfig):
             assigned), instead of the nearest entry; exact zeros (pruned weights) stay zero.
             Needs data; tensors without a Hessian (Gather tables, ConvTranspose) keep the nearest.
         max_samples: calibration feeds for ``compensate``.
+        compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
+            names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
+            size route, where this stage is the last that transforms the model.
     """
 
     bits: int = 4
@@ -127,6 +130,7 @@ class ClusterConfig(PassConfig):
     max_iter: int = 100
     compensate: bool = False
     max_samples: int = 64
+    compact_graph: bool = False
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -268,7 +272,13 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         if (cfg.format != "float" and per_tensor) or biases:
             RemoveUnusedNodesPass()(model)
             TopologicalSortPass()(model)
-        return bool(per_tensor) or bool(biases), {
+        compaction = None
+        if cfg.compact_graph:
+            from onnxcomp.passes.compact import CompactGraphPass
+
+            compaction = CompactGraphPass()(model).stats
+        return bool(per_tensor) or bool(biases) or bool(compaction), {
+            **({"compaction": compaction} if compaction is not None else {}),
             "int8_biases": biases,
             "clusters": cfg.k,
             "format": cfg.format,

@@ -10,13 +10,18 @@ data stay as they are, so the model computes exactly what it computed before.
   callers feed and read them by name).
 * Nodes lose their names (an optional field in ONNX); ``name_nodes`` gives them back when a later
   pass needs them.
-* Intermediate tensors lose their type and shape annotations (``value_info``: shape inference or
-  onnxruntime recomputes them); graph inputs, outputs and initializers keep theirs.
+* Intermediate tensors and initializers lose their type and shape annotations (``value_info``:
+  shape inference or onnxruntime recomputes them; an initializer's tensor holds its own); graph
+  inputs and outputs keep theirs.
 * Doc strings of the model, the graph and the nodes are dropped, and attributes that restate the
   specification's default (:data:`onnxcomp.ops.ATTRIBUTE_DEFAULTS`).
 
 Metadata properties, the producer and opset imports are kept. Subgraphs (If, Loop, Scan) are left
 as they are: names there may refer to the outer scope.
+
+The size route runs it as the cluster stage's last step (``[cluster] compact_graph = true``, the
+recipe ``deep-compression``): it belongs after the last transforming stage, since later passes
+and the per-layer reports look tensors up by name.
 """
 
 from __future__ import annotations
@@ -28,9 +33,8 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from onnxcomp.passes.base import CompressionPass, PassConfig
-from onnxcomp.stage import Context, Stage
 
-__all__ = ["CompactConfig", "CompactGraphPass", "CompactStage", "short_names"]
+__all__ = ["CompactConfig", "CompactGraphPass", "short_names"]
 
 _ALPHABET = string.ascii_lowercase + string.ascii_uppercase
 
@@ -59,7 +63,7 @@ class CompactConfig(PassConfig):
     drop_doc_strings: bool = True
     drop_default_attributes: bool = True
 
-    stage: ClassVar[str] = "compact"
+    stage: ClassVar[str] = "compact"  # the config's name in messages
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -100,14 +104,13 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
                     stats["renamed"] += 1
             for node in graph:
                 node.name = None
-        if cfg.drop_value_info:
-            for node in graph:
-                for out in node.outputs:
-                    if out.is_graph_output() or (out.shape is None and out.type is None):
-                        continue
-                    out.shape = None
-                    out.type = None
-                    stats["value_info_dropped"] += 1
+        if cfg.drop_value_info:  # initializers carry their type and shape in the tensor itself
+            for value in [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]:
+                if value.is_graph_input() or value.is_graph_output() or (value.shape is None and value.type is None):
+                    continue
+                value.shape = None
+                value.type = None
+                stats["value_info_dropped"] += 1
         if cfg.drop_doc_strings:
             for owner in (model, graph, *graph):
                 if owner.doc_string:
@@ -120,12 +123,3 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
         changed = any(v for k, v in stats.items() if k != "note")
         return changed, stats
 
-
-class CompactStage(Stage):
-    """Graph compaction of the working copy (``[compact]`` in a recipe), after the transforming stages."""
-
-    name = "compact"
-    config_class = CompactConfig
-
-    def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
-        return CompactGraphPass(self.config)(work).stats
