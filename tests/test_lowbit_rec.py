@@ -114,6 +114,8 @@ def test_eight_bit_keywords_and_share(cnn, rng):
     assert bits == {"w0": 8, "w1": 8, "w2": None, "wm": None}
     plan = plan_weight_sites(cnn, _wo(eight_bit=(":last", "re:^p")), mode="weight-only")
     assert {s.weight.name for s in plan.sites if s.bits == 8} == {"wm", "w2"}
+    plan = plan_weight_sites(cnn, _wo(eight_bit=("w1", "Gemm")), mode="weight-only")  # a weight name
+    assert {s.weight.name for s in plan.sites if s.bits == 8} == {"w1"}
     feeds = _feeds(rng, 4)
     ref = _outputs(cnn, feeds)
     four, _ = quantize(cnn, None, _wo(rounding="nearest"), verify=False)

@@ -79,7 +79,7 @@ class QuantizeConfig(PassConfig):
             the model whose earlier groups are already quantized (sequential GPTQ: a layer sees
             the inputs the quantized model really gives it; one pass over the data per group).
         eight_bit: weight-only mixed precision: the weights of these nodes get 8 bits instead of
-            ``bits`` (node names, op types, ``re:PATTERN``, or the keywords ``:first`` / ``:last``
+            ``bits`` (node or weight names, op types, ``re:PATTERN``, or the keywords ``:first`` / ``:last``
             for the first / last quantized node in graph order and ``:depthwise`` for depthwise
             convolutions); the report gives their share of the weight bytes.
         conv_block_size: weight-only Conv weights: None (default) one scale per output channel;

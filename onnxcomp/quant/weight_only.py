@@ -358,14 +358,15 @@ def _is_depthwise(site: WeightSite) -> bool:
 
 
 def _mark_eight_bit(sites: list[WeightSite], items: tuple[str, ...]) -> None:
-    """Give 8 bits to the sites ``items`` (``QuantizeConfig.eight_bit``) name; a weight shared by
-    several sites gets 8 bits at all of them when one is named."""
+    """Give 8 bits to the sites ``items`` (``QuantizeConfig.eight_bit``) name (by node name, op type,
+    weight name or keyword); a weight shared by several sites gets 8 bits at all of them when one
+    is named."""
     from onnxcomp.selection import NodeSelector
 
     chosen = NodeSelector((), tuple(i for i in items if i not in EIGHT_BIT_KEYWORDS))
     names = set()
     for i, site in enumerate(sites):
-        if (chosen.excluded(site.node.name or "", site.node.op_type)
+        if (chosen.excluded(site.node.name or "", site.node.op_type) or chosen.excluded(site.weight.name or "", "")
                 or (":first" in items and i == 0) or (":last" in items and i == len(sites) - 1)
                 or (":depthwise" in items and _is_depthwise(site))):
             names.add(site.weight.name)
