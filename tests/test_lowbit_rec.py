@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx.helper as oh
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from conftest import make_proto
@@ -95,9 +96,8 @@ def test_blocked_conv_decodes_to_the_numpy_reference(cnn, rng):
     model, _ = quantize(cnn, None, _wo(rounding="nearest", conv_block_size=16), verify=False)
     w0 = cnn.graph.initializers["w0"].const_value.numpy()
     bq = quantize_blockwise(w0.reshape(16, -1), 1, 4, 16)
-    expected = cnn.model_copy() if hasattr(cnn, "model_copy") else io.clone_model(cnn)
-    expected.graph.initializers["w0"].const_value = __import__("onnx_ir").tensor(
-        bq.dequantize().reshape(w0.shape), name="w0")
+    expected = io.clone_model(cnn)
+    expected.graph.initializers["w0"].const_value = ir.tensor(bq.dequantize().reshape(w0.shape), name="w0")
     # only the stem differs between `expected` and the float model; compare the stem output alone
     feeds = _feeds(rng, 2)
     for m in (model, expected):
@@ -166,8 +166,6 @@ def test_sequential_gptq_is_at_least_as_good_and_uses_stages(cnn, rng):
 
 
 def test_codebook_assignment_with_compensation(cnn, rng):
-    import onnx_ir as ir
-
     from onnxcomp.graph import working_copy
 
     calib = _feeds(rng, 6)
@@ -198,8 +196,6 @@ def test_codebook_assignment_with_compensation(cnn, rng):
 
 
 def _serialize(model):
-    import onnx_ir as ir
-
     return ir.serde.serialize_model(model).SerializeToString()
 
 
