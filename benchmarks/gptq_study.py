@@ -106,8 +106,9 @@ def main(argv=None) -> int:
 
     task = suite.SUITE[args.model].prepare(suite.Context(cache=CACHE))
     fields = json.loads(args.config)
-    if "op_types" in fields:
-        fields["op_types"] = tuple(fields["op_types"])
+    for key in ("op_types", "eight_bit", "exclude"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
     config = QuantizeConfig(**fields)
     started = time.perf_counter()
     model = load_model(task.fp32_path)
@@ -122,7 +123,13 @@ def main(argv=None) -> int:
     rounding = report.get("rounding") or {}
     if rounding.get("method") == "gptq":
         row["rounding"] = {k: rounding[k] for k in ("layer_sqnr_db_nearest_median", "layer_sqnr_db_median",
-                                                    "weights", "weights_kept_nearest", "seconds") if k in rounding}
+                                                    "weights", "weights_kept_nearest", "seconds", "stages") if k in rounding}
+        layers = rounding.get("layers") or {}
+        worst = sorted(layers, key=lambda n: -float(layers[n]["output_error"]))[:8]
+        row["rounding"]["worst_layers"] = {n: round(float(layers[n]["output_error"]), 5) for n in worst}
+    wide = report.get("eight_bit")
+    if wide:
+        row["eight_bit"] = {"weights": len(wide["weights"]), "share_of_elements": round(wide["share_of_elements"], 4)}
     emb = (report.get("embeddings") or {}).get("tables") or {}
     row["embeddings"] = {k: {"bits": v["bits"], "sqnr_db": round(v["sqnr_db"], 2)} for k, v in emb.items()}
     for split, (arrays, score, batch) in _splits(args.model, task, args.limit).items():

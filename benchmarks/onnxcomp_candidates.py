@@ -139,9 +139,10 @@ _recipe_candidate(
 )
 _recipe_candidate(
     "oc_deep_sparse", "onnxcomp recipe deep-compression (size route): unstructured sparsity 80% (conv 60%) + refit, "
-    "5-bit sharing, sparse label storage, int8 biases",
+    "5-bit sharing with compensated assignment, sparse label storage, int8 biases, compacted graph",
     {**STATIC, "sparsity": {"ratio": 0.8, "conv_ratio": 0.6, "refit": True, "max_samples": 256},
-     "cluster": {"bits": 5, "format": "sparse", "min_elements": 256, "int8_biases": True}},
+     "cluster": {"bits": 5, "format": "sparse", "min_elements": 128, "int8_biases": True, "compensate": True,
+                 "max_samples": 256, "compact_graph": True}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"),
 )
 _recipe_candidate(

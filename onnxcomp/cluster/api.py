@@ -65,5 +65,14 @@ class ClusterStage(Stage):
     def required_opset(cls, config: ClusterConfig) -> int:
         return ClusterPass.required_opset(config)
 
+    @classmethod
+    def needs_data(cls, config: ClusterConfig) -> bool:
+        return config.compensate
+
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
-        return ClusterPass(self.config, progress=ctx.progress_for(self.name))(work).stats
+        hessians = None
+        if self.config.compensate:
+            from onnxcomp.cluster.passes import cluster_hessians
+
+            hessians = cluster_hessians(work, self.config, ctx.fit_data)
+        return ClusterPass(self.config, progress=ctx.progress_for(self.name), hessians=hessians)(work).stats

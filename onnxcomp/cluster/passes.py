@@ -105,6 +105,15 @@ class ClusterConfig(PassConfig):
             values as per-tensor symmetric int8 rebuilt by ``Cast * scale`` (lossy: at most 1/254
             of the tensor's peak; :func:`onnxcomp.sparsity.storage.store_int8`).
         seed / max_iter: k-means determinism and iteration cap.
+        compensate: choose each weight's codebook entry by GPTQ-style error compensation on the
+            layer-input Hessian from calibration data (:func:`onnxcomp.quant.gptq.gptq_snap`:
+            columns in order, each column's assignment error pushed onto the columns not yet
+            assigned), instead of the nearest entry; exact zeros (pruned weights) stay zero.
+            Needs data; tensors without a Hessian (Gather tables, ConvTranspose) keep the nearest.
+        max_samples: calibration feeds for ``compensate``.
+        compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
+            names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
+            size route, where this stage is the last that transforms the model.
     """
 
     bits: int = 4
@@ -119,6 +128,9 @@ class ClusterConfig(PassConfig):
     int8_biases: bool = False
     seed: int = 0
     max_iter: int = 100
+    compensate: bool = False
+    max_samples: int = 64
+    compact_graph: bool = False
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -127,6 +139,7 @@ class ClusterConfig(PassConfig):
         "min_elements": Range(int, 1),
         "seed": Range(int, 0, 2**32 - 1),
         "max_iter": Range(int, 0, 1_000_000),
+        "max_samples": Range(int, 1),
     }
 
     def validate(self) -> None:
@@ -201,9 +214,12 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             return SPARSE_STORAGE_OPSET
         return CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else cls.min_opset
 
-    def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None):
+    def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None,
+                 hessians: dict[str, np.ndarray] | None = None):
         super().__init__(config)
         self.progress = progress
+        #: weight name -> layer-input Hessian ``[groups, k, k]`` (``compensate``; see cluster_hessians)
+        self.hessians = hessians or {}
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
@@ -223,6 +239,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 skipped[target.name] = done_reason
             else:
                 clustered = exact if exact is not None else self._cluster(w, target.channel_axis)
+                if exact is None and target.name in self.hessians:
+                    clustered = _compensated(w, clustered, self.hessians[target.name], target)
                 encoding = None
                 if cfg.format == "sparse":
                     clustered = _zero_first(clustered)
@@ -254,7 +272,13 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         if (cfg.format != "float" and per_tensor) or biases:
             RemoveUnusedNodesPass()(model)
             TopologicalSortPass()(model)
-        return bool(per_tensor) or bool(biases), {
+        compaction = None
+        if cfg.compact_graph:
+            from onnxcomp.passes.compact import CompactGraphPass
+
+            compaction = CompactGraphPass()(model).stats
+        return bool(per_tensor) or bool(biases) or bool(compaction), {
+            **({"compaction": compaction} if compaction is not None else {}),
             "int8_biases": biases,
             "clusters": cfg.k,
             "format": cfg.format,
@@ -530,3 +554,92 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str,
         "entropy_bytes": int(np.ceil(w.size * huffman / 8)) + side_bytes,
         **(sparse if encoding is not None else {}),
     }
+
+
+def _rows_layout(target: ClusterTarget, w: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]] | None:
+    """``w`` as ``[outputs, inputs]`` in the Hessian's feature order, and the way back; None for
+    a tensor whose consumer is not a Conv, Gemm or MatMul."""
+    user = next((u.node for u in target.value.uses()), None)
+    if user is None:
+        return None
+    from onnxcomp.ops import linear_spec, weight_axes
+
+    spec = linear_spec(user)
+    if spec is None or spec.role("weight") is None or w.ndim < 2 or target.value is not user.inputs[1]:
+        return None
+    out_axis, in_axis = weight_axes(user)
+    if out_axis % w.ndim == 0 and in_axis % w.ndim == 1:  # outputs first: Conv [out, in, k...], Gemm with transB
+        return w.reshape(w.shape[0], -1), lambda a: a.reshape(w.shape)
+    if w.ndim == 2:  # MatMul, Gemm [in, out]
+        return w.T, lambda a: a.T
+    return None
+
+
+def _compensated(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target: ClusterTarget) -> _Clustered:
+    """``clustered`` with its labels chosen by GPTQ-style compensation (``ClusterConfig.compensate``);
+    the codebook and scales stay. Keeps ``clustered`` when the layout or Hessian does not fit or
+    the compensated assignment errs more on ``h``."""
+    from onnxcomp.blas import blas_threads
+    from onnxcomp.quant.gptq import gptq_snap, output_error
+
+    layout = _rows_layout(target, w)
+    if layout is None:
+        return clustered
+    w_nk, back = layout
+    layout_of = lambda a: _rows_layout(target, a)[0]  # noqa: E731
+    n, k = w_nk.shape
+    if h.shape[-1] != k or n % h.shape[0]:
+        return clustered
+    centroids = np.asarray(clustered.centroids, np.float64)
+    table = np.broadcast_to(centroids, (n, centroids.shape[-1])) if centroids.ndim == 1 else centroids
+    if clustered.scales is not None:
+        table = table * np.asarray(clustered.scales, np.float64).reshape(n, 1)
+    zero_col = np.flatnonzero(np.all(table == 0, axis=0))
+    pruned = (w_nk == 0) if zero_col.size else np.zeros_like(w_nk, bool)
+    labels = np.zeros((n, k), np.int64)
+    groups = h.shape[0]
+    rows = n // groups
+    out = np.zeros((n, k))
+    for g in range(groups):
+        part = slice(g * rows, (g + 1) * rows)
+        tab = table[part]
+
+        def snap(col: np.ndarray, j: int, tab=tab, part=part) -> np.ndarray:
+            idx = np.argmin(np.abs(col[:, None] - tab), axis=1)
+            if zero_col.size:
+                idx = np.where(pruned[part, j], zero_col[0], idx)
+            labels[part, j] = idx
+            return tab[np.arange(tab.shape[0]), idx]
+
+        with blas_threads(1):
+            got = gptq_snap(w_nk[part], h[g], snap)
+        if got is None:
+            return clustered
+        out[part] = got
+    w_nk64 = np.asarray(w_nk, np.float64)
+    nearest = np.asarray(layout_of(clustered.snapped), np.float64)
+
+    def error(a: np.ndarray) -> float:
+        return sum(output_error(w_nk64[g * rows:(g + 1) * rows], a[g * rows:(g + 1) * rows], h[g]) for g in range(groups))
+
+    if not error(out) < error(nearest):
+        return clustered
+    return dataclasses.replace(clustered, snapped=np.ascontiguousarray(back(out).astype(np.float32)),
+                               labels=np.ascontiguousarray(back(labels)).astype(clustered.labels.dtype))
+
+
+def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progress=None) -> dict[str, np.ndarray]:
+    """Per clustered weight, the layer-input Hessian of its Conv/Gemm/MatMul consumers from
+    ``data`` (``ClusterConfig.compensate``)."""
+    from onnxcomp.data import load_data
+    from onnxcomp.graph import name_nodes
+    from onnxcomp.quant.gptq import weight_hessians
+
+    name_nodes(model)
+    targets, _ = find_cluster_targets(model, config)
+    names = {t.name for t in targets}
+    nodes = [n for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1
+             and n.inputs[1] is not None and n.inputs[1].name in names]
+    if not nodes:
+        return {}
+    return weight_hessians(model, nodes, load_data(data, model, limit=config.max_samples), progress=progress)

@@ -39,6 +39,8 @@ _RANGES: dict[str, Range] = {
     "fidelity_target": Range(float, 0.0, 200.0),
     "max_drop": Range(float, 0.0, 100.0),
     "gptq_damp": Range(float, 0.0, 1.0, min_open=True),
+    "gptq_stages": Range(int, 1, 4096),
+    "conv_block_size": Range(int, 1, 1 << 16),
 }
 
 
@@ -58,6 +60,7 @@ class _SharedFields:
     rounding: Literal["auto", "nearest", "gptq"] = "auto"
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
+    gptq_stages: int = 1
     embedding_bits: int | None = None
     transformer: Literal["auto", "on", "off"] = "auto"
 
@@ -118,6 +121,8 @@ class _DynamicFields:
 class _WeightOnlyFields:
     bits: int = 4
     weight_only_format: Literal["qdq", "ort"] = "qdq"
+    eight_bit: tuple[str, ...] = ()
+    conv_block_size: int | None = None
 
 
 def _validate_shared(config: _SharedFields) -> None:
@@ -127,12 +132,12 @@ def _validate_shared(config: _SharedFields) -> None:
         raise ConfigError(f"quantize: embedding_bits must be 0 (float), 4 or 8, got {config.embedding_bits}")
     if config.block_size & (config.block_size - 1):
         raise ConfigError(f"quantize: block_size must be a power of two >= 16, got {config.block_size}")
-    for item in config.exclude:
+    for item in (*config.exclude, *getattr(config, "eight_bit", ())):
         if item.startswith("re:"):
             try:
                 re.compile(item[3:])
             except re.error as exc:
-                raise ConfigError(f"quantize: exclude pattern {item!r} is not a valid regex: {exc}") from None
+                raise ConfigError(f"quantize: pattern {item!r} is not a valid regex: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +253,28 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             data, nearest elsewhere).
         gptq_damp: GPTQ's relative dampening of the Hessian diagonal.
         gptq_act_order: GPTQ rounds the columns by decreasing input energy.
+        gptq_stages: 1 (default): every layer's Hessian comes from the float model; N > 1: the
+            weights are rounded in N groups in graph order and each group's Hessians come from
+            the model whose earlier groups are already quantized (sequential GPTQ: a layer sees
+            the inputs the quantized model really gives it; one pass over the data per group).
+        eight_bit: weight-only mixed precision: the weights of these nodes get 8 bits instead of
+            ``bits`` (node or weight names, op types, ``re:PATTERN``, or the keywords ``:first`` / ``:last``
+            for the first / last quantized node in graph order and ``:depthwise`` for depthwise
+            convolutions); the report gives their share of the weight bytes.
+        conv_block_size: weight-only Conv weights: None (default) one scale per output channel;
+            B: blocks of B consecutive values along the flattened input axis (``C/group x
+            kernel``) of each output channel, as MatMul weights along K.
+        gptq_stages: 1 (default): every layer's Hessian comes from the float model; N > 1: the
+            weights are rounded in N groups in graph order and each group's Hessians come from
+            the model whose earlier groups are already quantized (sequential GPTQ: a layer sees
+            the inputs the quantized model really gives it; one pass over the data per group).
+        eight_bit: weight-only mixed precision: the weights of these nodes get 8 bits instead of
+            ``bits`` (node or weight names, op types, ``re:PATTERN``, or the keywords ``:first`` / ``:last``
+            for the first / last quantized node in graph order and ``:depthwise`` for depthwise
+            convolutions); the report gives their share of the weight bytes.
+        conv_block_size: weight-only Conv weights: None (default) one scale per output channel;
+            B: blocks of B consecutive values along the flattened input axis (``C/group x
+            kernel``) of each output channel, as MatMul weights along K.
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.

@@ -33,6 +33,8 @@ import dataclasses
 
 import numpy as np
 
+from onnxcomp.blas import blas_threads
+
 __all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round"]
 
 #: Values of QuantizeConfig.rounding.
@@ -237,12 +239,75 @@ def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads:
     return out
 
 
+class StagedHessians:
+    """Sequential GPTQ's Hessians: the weights split into ``stages`` groups in graph order; a
+    group's Hessians are collected (one pass over ``data``) when its first weight is rounded, on a
+    shadow copy of the model in which every weight rounded so far holds its dequantized values.
+
+    ``get``/``in`` as a dict of Hessians; :meth:`record` takes a rounded weight back.
+    """
+
+    def __init__(self, model, nodes, data, stages: int, *, progress=None):
+        from onnxcomp.io import clone_model
+
+        self.shadow = clone_model(model)
+        by_name = {n.name: n for n in self.shadow.graph}
+        self.nodes = [by_name[n.name] for n in nodes if n.name in by_name]
+        weights = list(dict.fromkeys(n.inputs[1].name for n in self.nodes))
+        per = -(-len(weights) // max(1, min(stages, len(weights) or 1)))
+        self.stage_of = {w: i // per for i, w in enumerate(weights)}
+        self.data = data
+        self.progress = progress
+        self.known: dict[str, np.ndarray] = {}
+        self.done_stages: set[int] = set()
+        self.passes = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.stage_of
+
+    def get(self, name: str):
+        stage = self.stage_of.get(name)
+        if stage is None:
+            return None
+        if stage not in self.done_stages:
+            self.done_stages.add(stage)
+            nodes = [n for n in self.nodes if self.stage_of.get(n.inputs[1].name) == stage]
+            self.known.update(weight_hessians(self.shadow, nodes, self.data, progress=self.progress))
+            self.passes += 1
+        return self.known.get(name)
+
+    def record(self, name: str, w_hat_nk: np.ndarray) -> None:
+        """Write the dequantized ``[n, k]`` weight (Hessian feature order) into the shadow model."""
+        import onnx_ir as ir
+
+        value = self.shadow.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            return
+        shape = tuple(int(d) for d in value.const_value.shape)
+        user = next((u.node for u in value.uses()), None)
+        if user is None:
+            return
+        from onnxcomp.ops import linear_spec, weight_axes
+
+        if linear_spec(user) is None or linear_spec(user).role("weight") is None:
+            return
+        if weight_axes(user)[0] % len(shape) == 0:  # outputs first: Conv [n, k...], Gemm with transB
+            w = w_hat_nk.reshape(shape)
+        else:
+            w = w_hat_nk.T
+        if w.shape != shape:
+            return
+        value.const_value = ir.tensor(np.ascontiguousarray(w, dtype=np.float32), name=name)
+
+
 class Rounder:
     """Chooses the integers of each weight on its caller's grid: GPTQ where a Hessian is known
-    (keeping round-to-nearest where that errs less), round-to-nearest elsewhere; keeps a report."""
+    (keeping round-to-nearest where that errs less), round-to-nearest elsewhere; keeps a report.
 
-    def __init__(self, hessians: dict[str, np.ndarray] | None, *, damp: float = 0.01, act_order: bool = False):
-        self.hessians = hessians or {}
+    ``hessians``: a dict, or a :class:`StagedHessians` (sequential GPTQ)."""
+
+    def __init__(self, hessians=None, *, damp: float = 0.01, act_order: bool = False):
+        self.hessians = hessians if hessians is not None else {}
         self.damp = damp
         self.act_order = act_order
         self.layers: dict[str, dict[str, object]] = {}
@@ -265,8 +330,9 @@ class Rounder:
         chosen = []
         for i in range(g):
             part = slice(i * rows, (i + 1) * rows)
-            res = compensated_round(w_nk[part], h[i], s[part], q_nk[part], qmin, qmax, group_size=group_size,
-                                    damp=self.damp, act_order=self.act_order)
+            with blas_threads(1):  # one small update per column: BLAS threads only wait (onnxcomp.blas)
+                res = compensated_round(w_nk[part], h[i], s[part], q_nk[part], qmin, qmax, group_size=group_size,
+                                        damp=self.damp, act_order=self.act_order)
             out[part] = res.q.astype(out.dtype)
             err_n += res.error_nearest
             err_g += res.error_gptq if res.method == "gptq" else res.error_nearest
@@ -276,6 +342,9 @@ class Rounder:
             "output_error_nearest": err_n / g,
             "output_error": err_g / g,
         }
+        if isinstance(self.hessians, StagedHessians):
+            cols = _column_scales(s, n, k, group_size or k) if s.shape[1] > 1 else s
+            self.hessians.record(name, out.astype(np.float64) * cols)
         return out
 
     def round_along(self, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, qmin: int,
@@ -326,7 +395,10 @@ def make_rounder(work, nodes, calibration, config, *, progress=None) -> Rounder 
     hessians = {}
     if nodes:
         data = load_data(calibration, work, limit=config.max_samples)
-        hessians = weight_hessians(work, nodes, data, progress=progress)
+        if config.gptq_stages > 1:
+            hessians = StagedHessians(work, nodes, data, config.gptq_stages, progress=progress)
+        else:
+            hessians = weight_hessians(work, nodes, data, progress=progress)
     rounder = Rounder(hessians, damp=config.gptq_damp, act_order=config.gptq_act_order)
     rounder.hessian_seconds = time.perf_counter() - started
     return rounder
@@ -341,6 +413,8 @@ def rounding_report(rounder: Rounder | None, started: float | None = None) -> di
     out = rounder.report()
     out["method"] = "gptq"
     out["hessian_seconds"] = rounder.hessian_seconds
+    if isinstance(rounder.hessians, StagedHessians):
+        out["stages"] = rounder.hessians.passes
     if started is not None:
         out["seconds"] = time.perf_counter() - started
     return out

@@ -199,25 +199,30 @@ def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, axis: int, block_size
     return (q.astype(np.float32) * s).astype(np.float32)
 
 
-def pack_matmulnbits(q_nk: np.ndarray, scale_nb: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits inputs ``B`` and ``scales`` from a ``[N, K]`` int4 weight blocked along K.
+def pack_matmulnbits(q_nk: np.ndarray, scale_nb: np.ndarray, block_size: int,
+                     bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits inputs ``B`` and ``scales`` from a ``[N, K]`` int4 (or int8) weight blocked along K.
 
-    ``q_nk`` holds values in [-8, 7]; ``scale_nb`` is ``[N, ceil(K / block_size)]``. Returns
-    ``B`` uint8 ``[N, n_blocks, block_size / 2]`` (code ``q + 8``, element ``2j`` of a block in
-    the low nibble of byte ``j``, the padding of a short last block set to code 8 = value 0) and
+    ``q_nk`` holds values in [-8, 7] ([-128, 127] for ``bits=8``); ``scale_nb`` is ``[N,
+    ceil(K / block_size)]``. Returns ``B`` uint8 ``[N, n_blocks, block_size * bits / 8]`` (code
+    ``q + 2^(bits-1)``, the op's default zero point; 4 bits: element ``2j`` of a block in the low
+    nibble of byte ``j``; the padding of a short last block set to the code of the value 0) and
     ``scales`` float32 ``[N * n_blocks]`` (row-major over ``[N, n_blocks]``).
     """
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits bits must be 4 or 8, got {bits}")
+    zero = 1 << (bits - 1)
     q = np.asarray(q_nk)
     n, k = q.shape
     nblocks = -(-k // block_size)
     if scale_nb.shape != (n, nblocks):
         raise ValueError(f"scale shape {scale_nb.shape} does not match [N, n_blocks] = {(n, nblocks)}")
-    if q.size and (q.min() < -8 or q.max() > 7):
-        raise ValueError("MatMulNBits codes must hold int4 values in [-8, 7]")
-    codes = np.full((n, nblocks * block_size), 8, dtype=np.uint8)
-    codes[:, :k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    if q.size and (q.min() < -zero or q.max() > zero - 1):
+        raise ValueError(f"MatMulNBits codes must hold int{bits} values in [{-zero}, {zero - 1}]")
+    codes = np.full((n, nblocks * block_size), zero, dtype=np.uint8)
+    codes[:, :k] = (q.astype(np.int16) + zero).astype(np.uint8)
     codes = codes.reshape(n, nblocks, block_size)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale_nb, dtype=np.float32).reshape(-1)
 
 
@@ -246,6 +251,8 @@ class WeightSite:
     alpha: float = 1.0
     beta: float = 1.0
     conv: bool = False
+    #: weight-only bits of this site (None: ``config.bits``; 8 for ``config.eight_bit`` nodes)
+    bits: int | None = None
 
     @property
     def label(self) -> str:
@@ -333,7 +340,39 @@ def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | No
             skipped[label] = reason
         elif site is not None:
             sites.append(site)
+    if mode == "weight-only" and config.eight_bit:
+        _mark_eight_bit(sites, config.eight_bit)
     return WeightPlan(sites=sites, skipped=skipped)
+
+
+#: Keywords of ``QuantizeConfig.eight_bit`` besides names, op types and ``re:`` patterns.
+EIGHT_BIT_KEYWORDS = (":first", ":last", ":depthwise")
+
+
+def _is_depthwise(site: WeightSite) -> bool:
+    if not site.conv:
+        return False
+    shape = site.weight.const_value.shape
+    group = int(_attr(site.node, "group", 1))
+    return group > 1 and int(shape[1]) == 1
+
+
+def _mark_eight_bit(sites: list[WeightSite], items: tuple[str, ...]) -> None:
+    """Give 8 bits to the sites ``items`` (``QuantizeConfig.eight_bit``) name (by node name, op type,
+    weight name or keyword); a weight shared by several sites gets 8 bits at all of them when one
+    is named."""
+    from onnxcomp.selection import NodeSelector
+
+    chosen = NodeSelector((), tuple(i for i in items if i not in EIGHT_BIT_KEYWORDS))
+    names = set()
+    for i, site in enumerate(sites):
+        if (chosen.excluded(site.node.name or "", site.node.op_type) or chosen.excluded(site.weight.name or "", "")
+                or (":first" in items and i == 0) or (":last" in items and i == len(sites) - 1)
+                or (":depthwise" in items and _is_depthwise(site))):
+            names.add(site.weight.name)
+    for site in sites:
+        if site.weight.name in names:
+            site.bits = 8
 
 
 def _site(node: ir.Node, mode: str, config: QuantizeConfig, ort_format: bool) -> tuple[WeightSite | None, str | None]:
@@ -427,6 +466,11 @@ def _stats(plan: WeightPlan, rw: _Rewriter, unique: int, extra: dict[str, Any]) 
     weights = {id(s.weight): s.weight for s in plan.sites}
     before = sum(w.const_value.nbytes for w in weights.values())
     after = rw.bytes_after
+    wide = {s.weight.name: int(s.weight.const_value.size) for s in plan.sites if s.bits == 8}
+    if wide:
+        elements = sum(int(w.const_value.size) for w in weights.values())
+        extra = {**extra, "eight_bit": {"weights": sorted(wide), "elements": sum(wide.values()),
+                                        "share_of_elements": sum(wide.values()) / max(elements, 1)}}
     return {
         "nodes_quantized": len(plan.sites),
         "quantized_nodes": [s.label for s in plan.sites],
@@ -473,14 +517,15 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
             # not a DequantizeLinear along axis 1 feeding a Gemm with transB=1.
             key = site.weight.name
             if key not in cache:
+                bits = site.bits or cfg.bits
                 w = site.weight.const_value.numpy()
                 w_kn = np.ascontiguousarray(w.T) if site.transposed else w
-                bq = quantize_blockwise(w_kn, 0, cfg.bits, cfg.block_size)
+                bq = quantize_blockwise(w_kn, 0, bits, cfg.block_size)
                 if self.rounder is not None:
-                    q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[cfg.bits], cfg.block_size)
+                    q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[bits], cfg.block_size)
                     bq = dataclasses.replace(bq, q=np.ascontiguousarray(q_nk.T).astype(bq.q.dtype))
-                data = _int4_tensor_array(bq.q) if cfg.bits == 4 else bq.q
-                q_v = rw.init(f"{site.weight.name}_q{cfg.bits}", data)
+                data = _int4_tensor_array(bq.q) if bits == 4 else bq.q
+                q_v = rw.init(f"{site.weight.name}_q{bits}", data)
                 s_v = rw.init(f"{site.weight.name}_scale", bq.scale)
                 dq = ir.node(
                     "DequantizeLinear", [q_v, s_v],
@@ -498,27 +543,47 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         _finish(model)
         return bool(plan.sites), _stats(plan, rw, len(cache), {
             "format": "qdq", "bits": cfg.bits, "block_size": cfg.block_size,
+            "conv_block_size": cfg.conv_block_size,
             "grid": _grid(cfg.bits), "gemm_transB_folded": retransposed,
         })
 
 
     def _conv_weight(self, model: ir.Model, site: WeightSite, rw: _Rewriter) -> ir.Value:
         """A Conv weight ``[M, C/g, *kernel]`` with one scale per output channel (the whole filter is
-        one block, same grids), behind ``DequantizeLinear(axis=0)``."""
+        one block, same grids), behind ``DequantizeLinear(axis=0)``; with ``conv_block_size`` B
+        smaller than the filter, the filters flattened to ``[M, K]`` are blocked along K as a
+        MatMul weight, ``DequantizeLinear(axis=1, block_size=B) -> Reshape`` (folded at session
+        creation like the rest)."""
         cfg = self.config
+        bits = site.bits or cfg.bits
         w = site.weight.const_value.numpy()
         w_nk = w.reshape(w.shape[0], -1)
-        bq = quantize_blockwise(w_nk, 1, cfg.bits, w_nk.shape[1])
+        k = w_nk.shape[1]
+        block = cfg.conv_block_size if cfg.conv_block_size and cfg.conv_block_size < k else k
+        bq = quantize_blockwise(w_nk, 1, bits, block)
         q_nk = bq.q
         if self.rounder is not None:
-            q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[cfg.bits]).astype(bq.q.dtype)
-        q = q_nk.reshape(w.shape)
-        q_v = rw.init(f"{site.weight.name}_q{cfg.bits}", _int4_tensor_array(q) if cfg.bits == 4 else q)
-        s_v = rw.init(f"{site.weight.name}_scale", np.ascontiguousarray(bq.scale.reshape(-1), dtype=np.float32))
-        dq = ir.node("DequantizeLinear", [q_v, s_v], attributes={"axis": 0},
-                     name=rw.name(f"{site.weight.name}_DequantizeLinear"))
+            q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[bits],
+                                      block).astype(bq.q.dtype)
+        name = site.weight.name
+        if block == k:
+            q = q_nk.reshape(w.shape)
+            q_v = rw.init(f"{name}_q{bits}", _int4_tensor_array(q) if bits == 4 else q)
+            s_v = rw.init(f"{name}_scale", np.ascontiguousarray(bq.scale.reshape(-1), dtype=np.float32))
+            dq = ir.node("DequantizeLinear", [q_v, s_v], attributes={"axis": 0},
+                         name=rw.name(f"{name}_DequantizeLinear"))
+            model.graph.insert_before(site.node, dq)
+            return rw.output(dq, f"{name}_dq", ir.DataType.FLOAT, ir.Shape(w.shape))
+        q_v = rw.init(f"{name}_q{bits}", _int4_tensor_array(q_nk) if bits == 4 else q_nk)
+        s_v = rw.init(f"{name}_scale", np.ascontiguousarray(bq.scale, dtype=np.float32))
+        shape_v = rw.init(f"{name}_shape", np.array(w.shape, np.int64))
+        dq = ir.node("DequantizeLinear", [q_v, s_v], attributes={"axis": 1, "block_size": block},
+                     name=rw.name(f"{name}_DequantizeLinear"))
+        rw.output(dq, f"{name}_dq_flat", ir.DataType.FLOAT, ir.Shape(w_nk.shape))
+        reshape = ir.node("Reshape", [dq.outputs[0], shape_v], name=rw.name(f"{name}_Reshape"))
         model.graph.insert_before(site.node, dq)
-        return rw.output(dq, f"{site.weight.name}_dq", ir.DataType.FLOAT, ir.Shape(w.shape))
+        model.graph.insert_before(site.node, reshape)
+        return rw.output(reshape, f"{name}_dq", ir.DataType.FLOAT, ir.Shape(w.shape))
 
 
 class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
@@ -550,21 +615,22 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
         cache: dict[tuple[str, bool], tuple[ir.Value, ir.Value]] = {}
         for site in plan.sites:
             key = (site.weight.name, site.transposed)
+            bits = site.bits or 4
             if key not in cache:
                 w = site.weight.const_value.numpy()
                 w_nk = w if site.transposed else w.T
-                bq = quantize_blockwise(w_nk, 1, 4, bs)
+                bq = quantize_blockwise(w_nk, 1, bits, bs)
                 if self.rounder is not None:
-                    q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[4], bs)
+                    q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[bits], bs)
                     bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
-                packed, scales = pack_matmulnbits(bq.q, bq.scale, bs)
+                packed, scales = pack_matmulnbits(bq.q, bq.scale, bs, bits)
                 cache[key] = (rw.init(f"{site.weight.name}_nbits", packed), rw.init(f"{site.weight.name}_scales", scales))
             b_v, s_v = cache[key]
             node = site.node
             old_out = node.outputs[0]
             mm = ir.node(
                 "MatMulNBits", [node.inputs[0], b_v, s_v],
-                attributes={"K": site.k, "N": site.n, "bits": 4, "block_size": bs,
+                attributes={"K": site.k, "N": site.n, "bits": bits, "block_size": bs,
                             "accuracy_level": self.accuracy_level},
                 domain=_MS_DOMAIN, name=node.name or rw.name("MatMulNBits"),
             )

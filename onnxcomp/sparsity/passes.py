@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.blas import blas_threads
 from onnxcomp.bounds import Range
 from onnxcomp.cluster.passes import find_cluster_targets
 from onnxcomp.data import Dataset, load_data
@@ -290,7 +291,8 @@ def sparsify(
                   "error_dense": _error(acc, old), "error_zeroed": error, "refit": False}
         params = zeroed
         if config.refit:
-            fitted = _masked_solve(acc, keep, config.ridge, plan.fit_bias)
+            with blas_threads(1):  # thousands of small solves: threads only wait (onnxcomp.blas)
+                fitted = _masked_solve(acc, keep, config.ridge, plan.fit_bias)
             if not plan.fit_bias:
                 fitted[:, k, :] = old[:, k, :]
             fitted_error = _error(acc, fitted)

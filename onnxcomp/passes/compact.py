@@ -1,0 +1,125 @@
+"""Graph compaction: the same computation in fewer file bytes (the size route's last step).
+
+For a small model whose weights are already compressed the graph itself dominates the file:
+node and tensor names, the ``value_info`` (type and shape) of every intermediate tensor, doc
+strings. This pass rewrites only those; the nodes, their inputs, attributes and initializer
+data stay as they are, so the model computes exactly what it computed before.
+
+* Every tensor that is not a graph input or output gets a short name (``a``, ``b``, ... ``Z``,
+  ``ba``, ... in graph order, initializers first; graph inputs and outputs keep theirs, as
+  callers feed and read them by name).
+* Nodes lose their names (an optional field in ONNX); ``name_nodes`` gives them back when a later
+  pass needs them.
+* Intermediate tensors and initializers lose their type and shape annotations (``value_info``:
+  shape inference or onnxruntime recomputes them; an initializer's tensor holds its own); graph
+  inputs and outputs keep theirs.
+* Doc strings of the model, the graph and the nodes are dropped, and attributes that restate the
+  specification's default (:data:`onnxcomp.ops.ATTRIBUTE_DEFAULTS`).
+
+Metadata properties, the producer and opset imports are kept. Subgraphs (If, Loop, Scan) are left
+as they are: names there may refer to the outer scope.
+
+The size route runs it as the cluster stage's last step (``[cluster] compact_graph = true``, the
+recipe ``deep-compression``): it belongs after the last transforming stage, since later passes
+and the per-layer reports look tensors up by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from onnxcomp.passes.base import CompressionPass, PassConfig
+
+__all__ = ["CompactConfig", "CompactGraphPass", "short_names"]
+
+_ALPHABET = string.ascii_lowercase + string.ascii_uppercase
+
+
+def short_names(taken: set[str]):
+    """Endless short names over ``[a-zA-Z]`` (``a``..``Z``, ``ba``, ...) that are not in ``taken``."""
+    i = 0
+    while True:
+        n, s = i, ""
+        while True:
+            s = _ALPHABET[n % len(_ALPHABET)] + s
+            n //= len(_ALPHABET)
+            if n == 0:
+                break
+        i += 1
+        if s not in taken:
+            yield s
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactConfig(PassConfig):
+    """What graph compaction drops (module docstring); all on by default."""
+
+    rename: bool = True
+    drop_value_info: bool = True
+    drop_doc_strings: bool = True
+    drop_default_attributes: bool = True
+
+    stage: ClassVar[str] = "compact"  # the config's name in messages
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+class CompactGraphPass(CompressionPass[CompactConfig]):
+    """Shorter names, no intermediate ``value_info``, no doc strings (module docstring)."""
+
+    config_class = CompactConfig
+
+    def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
+        cfg = self.config
+        graph = model.graph
+        stats: dict[str, Any] = {"renamed": 0, "value_info_dropped": 0, "doc_strings_dropped": 0,
+                                 "default_attributes_dropped": 0}
+        if any(_has_subgraph(n) for n in graph):
+            # names inside a subgraph may refer to this graph's tensors: keep them all
+            cfg = dataclasses.replace(cfg, rename=False)
+            stats["note"] = "the graph has subgraphs: names kept"
+        interface = {v.name for v in (*graph.inputs, *graph.outputs)}
+        if cfg.rename:
+            names = short_names(set(interface))
+            values = list(graph.initializers.values())
+            values += [out for node in graph for out in node.outputs]
+            for value in values:
+                if value.name and value.name not in interface and not value.is_graph_input() \
+                        and not value.is_graph_output():
+                    new = next(names)
+                    if value.is_initializer():
+                        graph.initializers.pop(value.name)
+                        value.name = new
+                        if value.const_value is not None:
+                            value.const_value.name = new
+                        graph.register_initializer(value)
+                    else:
+                        value.name = new
+                    stats["renamed"] += 1
+            for node in graph:
+                node.name = None
+        if cfg.drop_value_info:  # initializers carry their type and shape in the tensor itself
+            for value in [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]:
+                if value.is_graph_input() or value.is_graph_output() or (value.shape is None and value.type is None):
+                    continue
+                value.shape = None
+                value.type = None
+                stats["value_info_dropped"] += 1
+        if cfg.drop_doc_strings:
+            for owner in (model, graph, *graph):
+                if owner.doc_string:
+                    owner.doc_string = None
+                    stats["doc_strings_dropped"] += 1
+        if cfg.drop_default_attributes:
+            from onnxcomp.passes.cleanup import _drop_default_attributes
+
+            stats["default_attributes_dropped"] = _drop_default_attributes(model)
+        changed = any(v for k, v in stats.items() if k != "note")
+        return changed, stats
+
