@@ -246,12 +246,12 @@ def test_coarse_grid_node_stays_float_with_int8_weight():
         return out
 
     reference = io.load_model(proto)
-    quantized, report = quantize(proto, spiky(1, 8), QuantizeConfig())
+    quantized, report = quantize(proto, spiky(1, 8), QuantizeConfig(calibration="minmax"))
     assert "8-bit grid" in report["skipped"]["conv"]
     assert report["weight_only_int8"]["nodes"] == ["conv"]
     assert next(n for n in quantized.graph if n.name == "conv").inputs[1].producer().op_type == "DequantizeLinear"
     assert "w" not in quantized.graph.initializers
     _assert_floor(reference, quantized, spiky(2, 6), FLOOR["static"])
     gaussian = [{"x": np.random.default_rng(i).standard_normal((1, 1, 4096)).astype(np.float32)} for i in range(8)]
-    _, report = quantize(proto, gaussian, QuantizeConfig())
+    _, report = quantize(proto, gaussian, QuantizeConfig(calibration="minmax"))
     assert "conv" not in report["skipped"] and report["int8_nodes"] == 1

@@ -158,10 +158,18 @@ def calibrate_plan(
         observed = base.observed
     result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
                        progress=progress)
-    keep = mixed_range_nodes(work, base, result.ranges, config.max_range_ratio)
-    keep.update(coarse_grid_nodes(work, base, result.ranges, data, config))
-    plan = plan_static(work, config, keep_float=keep, within=base) if keep else base
+    plan, keep = plan_for_ranges(work, config, base, result.ranges, data)
     return base, plan, result, keep
+
+
+def plan_for_ranges(work: ir.Model, config: QuantizeConfig, base: StaticPlan, ranges: dict[str, tuple[float, float]],
+                    data: Dataset) -> tuple[StaticPlan, dict[str, str]]:
+    """``base`` with the nodes these ranges cannot serve kept float (mixed-range Concats, coarse
+    8-bit grids), and those nodes with their reasons."""
+    keep = mixed_range_nodes(work, base, ranges, config.max_range_ratio)
+    keep.update(coarse_grid_nodes(work, base, ranges, data, config))
+    plan = plan_static(work, config, keep_float=keep, within=base) if keep else base
+    return plan, keep
 
 
 #: An activation that keeps less than this SQNR on its 8-bit grid over the calibration data (its
@@ -255,16 +263,20 @@ def quantize_static(
     branches = quantize_branches(work, prepared.data, config, _quantize_branch)
     total = prepared.data.num_feeds
     base, plan, result, kept_float = calibrate_plan(
-        work, config, prepared.data, for_variants=keep is not None,
+        work, config, prepared.data, for_variants=keep is not None or config.calibration in ("auto", "per-tensor"),
         progress=(lambda n: progress(n, total)) if progress else None
     )
     ranges, selected = result.ranges, None
     if config.calibration in ("auto", "per-tensor"):
         from onnxcomp.quant.select import select_ranges
 
-        _, ranges, selected = select_ranges(work, result.ranges, result.observers, prepared.data,
-                                            lambda trial, r: rewrite(trial, config, plan, r),
-                                            per_tensor=config.calibration == "per-tensor")
+        # each variant with the nodes its own ranges cannot serve kept float, as the result will be
+        _, ranges, selected = select_ranges(
+            work, result.ranges, result.observers, prepared.data,
+            lambda trial, r: rewrite(trial, config, plan_for_ranges(work, config, base, r, prepared.data)[0], r),
+            per_tensor=config.calibration == "per-tensor")
+        if ranges != result.ranges:
+            plan, kept_float = plan_for_ranges(work, config, base, ranges, prepared.data)
     if keep is not None:
         kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared)
         kept.finish.extend([lambda model: quantize_embeddings(model, config),
