@@ -59,10 +59,14 @@ def test_score_orders_by_worst_rule_figure_then_sqnr():
 def test_choose_takes_the_closest_among_the_near_best_decisions():
     # PP-OCR rec's held-out feeds: min/max keeps every line, mse flips a few characters but is
     # closer everywhere else; raw entropy loses most lines
-    rec = {"mse": (0.976, 9.62), "minmax": (1.0, 8.89), "percentile": (0.960, 9.46), "entropy": (0.377, 4.07)}
+    rec = {"mse": (0.976, 9.62), "minmax": (1.0, 8.39), "percentile": (0.960, 9.46), "entropy": (0.377, 4.07)}
     assert choose(rec) == "mse" and choose(rec, tolerance=0.0) == "minmax"
+    assert choose(rec, margin=2.0) == "minmax"  # mse is not 2 dB ahead
     assert choose({"mse": (0.5, 30.0), "minmax": (0.9, 10.0)}) == "minmax"  # far worse decisions lose
-    assert choose({"minmax": (1.0, 20.0), "mse": (1.0, 20.0)}) == "mse"  # METHODS order breaks ties
+    assert choose({"minmax": (1.0, 20.0), "mse": (1.0, 20.5)}) == "minmax"  # within the margin
+    assert choose({"minmax": (1.0, 20.0), "mse": (1.0, 20.0)}, prefer="none") == "mse"  # METHODS order breaks ties
+    # magika's held-out feeds: percentile 0.4 dB ahead, 1.5 points behind min/max on the tune split
+    assert choose({"mse": (1.0, 22.8), "minmax": (1.0, 23.9), "percentile": (1.0, 24.3), "entropy": (1.0, 18.1)}) == "minmax"
 
 
 def test_the_least_damaging_variant_wins():
