@@ -264,17 +264,6 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
         conv_block_size: weight-only Conv weights: None (default) one scale per output channel;
             B: blocks of B consecutive values along the flattened input axis (``C/group x
             kernel``) of each output channel, as MatMul weights along K.
-        gptq_stages: 1 (default): every layer's Hessian comes from the float model; N > 1: the
-            weights are rounded in N groups in graph order and each group's Hessians come from
-            the model whose earlier groups are already quantized (sequential GPTQ: a layer sees
-            the inputs the quantized model really gives it; one pass over the data per group).
-        eight_bit: weight-only mixed precision: the weights of these nodes get 8 bits instead of
-            ``bits`` (node or weight names, op types, ``re:PATTERN``, or the keywords ``:first`` / ``:last``
-            for the first / last quantized node in graph order and ``:depthwise`` for depthwise
-            convolutions); the report gives their share of the weight bytes.
-        conv_block_size: weight-only Conv weights: None (default) one scale per output channel;
-            B: blocks of B consecutive values along the flattened input axis (``C/group x
-            kernel``) of each output channel, as MatMul weights along K.
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.
