@@ -102,9 +102,15 @@ def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any
     return d
 
 
-def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[str]:
-    """Names of float tensors computed by nodes in both models (not graph inputs/outputs); a tensor
-    without a type is among them (its values tell)."""
+#: ``model.meta`` key of ``{new name: original name}`` for tensors a pass renamed (graph compaction):
+#: the per-layer comparison pairs a renamed tensor with the original's.
+ORIGINAL_NAMES = "onnxcomp.original_names"
+
+
+def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[tuple[str, str]]:
+    """``(reference name, candidate name)`` of float tensors computed by nodes in both models (not
+    graph inputs/outputs; renamed ones paired through :data:`ORIGINAL_NAMES`); a tensor without a
+    type is among them (its values tell)."""
 
     def float_values(model: ir.Model) -> dict[str, ir.Value]:
         outputs = {v.name for v in model.graph.outputs}
@@ -116,8 +122,9 @@ def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[str]
         return found
 
     ref_values = float_values(reference)
-    cand_values = float_values(candidate)
-    return [name for name in ref_values if name in cand_values]
+    original = candidate.meta.get(ORIGINAL_NAMES) or {}
+    cand_values = {original.get(name, name): name for name in float_values(candidate)}
+    return [(name, cand_values[name]) for name in ref_values if name in cand_values]
 
 
 def compare_models(
@@ -156,13 +163,16 @@ def compare_models(
     if label_output is not None and label_output not in ref_outputs:
         raise OnnxcompError(f"--label-output {label_output!r} is not an output; outputs: {ref_outputs}")
     layer_names: list[str] = []
+    cand_layer_names: list[str] = []
     options = session_options(optimization, threads=threads)
     # The outputs always come from the models as they are: exposing intermediates blocks
     # onnxruntime's fusions (int8 kernels among them), which can hide what the fused kernels do.
     # Per-layer tensors come from a second pass with exposed copies, once the first sessions are
     # gone (two sessions of a model alive at once would hold its weights twice).
     if per_layer:
-        layer_names = _shared_intermediates(reference, candidate)
+        pairs = _shared_intermediates(reference, candidate)
+        layer_names = [r for r, _ in pairs]
+        cand_layer_names = [c for _, c in pairs]
     names = ref_outputs + layer_names
     accumulators: dict[str, FidelityAccumulator] = {}
     label_index = ref_outputs.index(label_output) if label_output else 0
@@ -205,9 +215,9 @@ def compare_models(
         if progress is not None:
             progress(feeds)
     if layer_names:
-        with exposed(reference, layer_names) as ref_exposed, exposed(candidate, layer_names) as cand_exposed:
+        with exposed(reference, layer_names) as ref_exposed, exposed(candidate, cand_layer_names) as cand_exposed:
             for ref_values, cand_values in _paired_runs(ref_exposed, cand_exposed, layer_names, data, options,
-                                                        one_at_a_time):
+                                                        one_at_a_time, cand_layer_names):
                 consume(layer_names, ref_values, cand_values, layer=True)
     accuracy: dict[str, float] = {}
     if labels is not None:
@@ -247,15 +257,16 @@ def compare_models(
 
 
 def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], data, options,
-                 one_at_a_time: bool):
-    """``(reference values, candidate values)`` of ``names`` per feed: both sessions side by side,
-    or (``one_at_a_time``) every feed through the reference first, its session dropped, then the
-    candidate's."""
+                 one_at_a_time: bool, cand_names: list[str] | None = None):
+    """``(reference values, candidate values)`` of ``names`` (the candidate's ``cand_names``, when
+    it named them otherwise) per feed: both sessions side by side, or (``one_at_a_time``) every
+    feed through the reference first, its session dropped, then the candidate's."""
+    cand_names = names if cand_names is None else cand_names
     if not one_at_a_time:
         ref_session = create_session(reference, sess_options=options)
         cand_session = create_session(candidate, sess_options=options)
         for feed in data:
-            yield ref_session.run(names, feed), cand_session.run(names, feed)
+            yield ref_session.run(names, feed), cand_session.run(cand_names, feed)
         return
     session = create_session(reference, sess_options=options)
     ref_values = [session.run(names, feed) for feed in data]
@@ -263,7 +274,7 @@ def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], dat
     release_pages(reference)
     session = create_session(candidate, sess_options=options)
     for feed, values in zip(data, ref_values):
-        yield values, session.run(names, feed)
+        yield values, session.run(cand_names, feed)
 
 
 def _predict(scores: np.ndarray) -> np.ndarray:

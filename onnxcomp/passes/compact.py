@@ -86,6 +86,9 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
             stats["note"] = "the graph has subgraphs: names kept"
         interface = {v.name for v in (*graph.inputs, *graph.outputs)}
         if cfg.rename:
+            from onnxcomp.measure.fidelity import ORIGINAL_NAMES
+
+            original = model.meta.setdefault(ORIGINAL_NAMES, {})  # in memory only: never written
             names = short_names(set(interface))
             values = list(graph.initializers.values())
             values += [out for node in graph for out in node.outputs]
@@ -93,6 +96,7 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
                 if value.name and value.name not in interface and not value.is_graph_input() \
                         and not value.is_graph_output():
                     new = next(names)
+                    original[new] = original.pop(value.name, value.name)
                     if value.is_initializer():
                         graph.initializers.pop(value.name)
                         value.name = new
