@@ -34,6 +34,7 @@ from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
 from onnxcomp.quant.embedding import quantize_embeddings
 from onnxcomp.quant.gptq import make_rounder, rounding_report
 from onnxcomp.quant.qdq import QDQPass, StaticPlan, mixed_range_nodes, plan_static
+from onnxcomp.quant.ranges import CandidateObserver
 
 __all__ = [
     "STATIC_MIN_OPSET",
@@ -270,13 +271,16 @@ def quantize_static(
     if config.calibration in ("auto", "per-tensor"):
         from onnxcomp.quant.select import select_ranges
 
-        # each variant with the nodes its own ranges cannot serve kept float, as the result will be
+        # one plan for every variant: the nodes min/max ranges cannot serve stay float in all of
+        # them, so that the variants differ in their ranges only (a variant with more nodes in
+        # float would win on closeness and lose the speed)
+        if all(isinstance(o, CandidateObserver) for o in result.observers.values()):
+            extent = {t: o.candidates()["minmax"] for t, o in result.observers.items()}
+            plan, kept_float = plan_for_ranges(work, config, base, extent, prepared.data)
         _, ranges, selected = select_ranges(
             work, result.ranges, result.observers, prepared.data,
-            lambda trial, r: rewrite(trial, config, plan_for_ranges(work, config, base, r, prepared.data)[0], r),
+            lambda trial, r: rewrite(trial, config, plan, r),
             per_tensor=config.calibration == "per-tensor")
-        if ranges != result.ranges:
-            plan, kept_float = plan_for_ranges(work, config, base, ranges, prepared.data)
     if keep is not None:
         kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared)
         kept.finish.extend([lambda model: quantize_embeddings(model, config),
