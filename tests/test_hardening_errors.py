@@ -382,15 +382,17 @@ def _children(pid: int) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to see the worker processes")
 def test_ctrl_c_during_sensitivity_with_workers_is_one_line(tmp_path):
     """Ctrl-C reaches the whole process group (as from a terminal): no worker traceback, exit 130."""
-    argv = [sys.executable, "-m", "onnxcomp", "sensitivity", CNN, "--calibration", CALIB, "--workers", "2", "--quiet"]
+    # every evaluation feed, so that the workers' part lasts long enough to be interrupted
+    argv = [sys.executable, "-m", "onnxcomp", "sensitivity", CNN, "--calibration", CALIB, "--eval", EVAL,
+            "--max-eval-feeds", "450", "--workers", "2", "--quiet"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while len(_children(proc.pid)) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # two workers and multiprocessing's resource tracker
+            time.sleep(0.05)  # two workers and multiprocessing's resource tracker
         assert proc.poll() is None, "finished before it could be interrupted"
-        time.sleep(0.5)
+        time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
