@@ -385,19 +385,23 @@ def test_ctrl_c_during_sensitivity_with_workers_is_one_line(tmp_path):
     # every evaluation feed, so that the workers' part lasts long enough to be interrupted
     argv = [sys.executable, "-m", "onnxcomp", "sensitivity", CNN, "--calibration", CALIB, "--eval", EVAL,
             "--max-eval-feeds", "450", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 120
-        while len(_children(proc.pid)) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # two workers and multiprocessing's resource tracker
-        assert proc.poll() is None, "finished before it could be interrupted"
-        time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    for attempt in range(3):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 120
+            while len(_children(proc.pid)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # two workers and multiprocessing's resource tracker
+            assert proc.poll() is None, "finished before it could be interrupted"
+            time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.returncode != 0 or err.strip():
+            break
+        # the run ended in the moment between the workers' start and the signal: try again
     assert proc.returncode == 130, err
     assert err.strip() == "onnxcomp: interrupted; no output written", err
     assert os.listdir(tmp_path) == []
