@@ -35,7 +35,13 @@ __all__ = [
     "all_value_names",
     "fix_subgraph_outputs",
     "restore_model",
+    "ORIGINAL_NAMES",
 ]
+
+#: ``model.meta`` key of ``{new name: original name}`` for tensors a pass renamed (graph
+#: compaction); in memory only, never written. The per-layer comparison of
+#: :mod:`onnxcomp.measure.fidelity` pairs a renamed tensor with the original's.
+ORIGINAL_NAMES = "onnxcomp.original_names"
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
-from onnxcomp.graph import FLOAT_TYPES, exposed
+from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
 from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
 from onnxcomp.runtime import create_session, session_options
@@ -100,11 +100,6 @@ def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any
             for c in f.channels
         ]
     return d
-
-
-#: ``model.meta`` key of ``{new name: original name}`` for tensors a pass renamed (graph compaction):
-#: the per-layer comparison pairs a renamed tensor with the original's.
-ORIGINAL_NAMES = "onnxcomp.original_names"
 
 
 def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[tuple[str, str]]:

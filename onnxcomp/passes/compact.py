@@ -86,7 +86,7 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
             stats["note"] = "the graph has subgraphs: names kept"
         interface = {v.name for v in (*graph.inputs, *graph.outputs)}
         if cfg.rename:
-            from onnxcomp.measure.fidelity import ORIGINAL_NAMES
+            from onnxcomp.graph import ORIGINAL_NAMES
 
             original = model.meta.setdefault(ORIGINAL_NAMES, {})  # in memory only: never written
             names = short_names(set(interface))
