@@ -101,6 +101,18 @@ def builds_from_figures(figures: dict) -> list[Build]:
     return rows
 
 
+def rows(results: dict, figures: dict) -> list[Build]:
+    """Every build: measured figures where ``figures`` has the model, ``results.json``'s otherwise."""
+    return builds_from_figures(figures) + builds_from_results(results, set(figures))
+
+
+def sources(figures_name: str, figures: dict, results_name: str) -> str:
+    """Where the table's figures come from, for :func:`render`."""
+    if not figures:
+        return f"`{results_name}`"
+    return f"`{figures_name}` ({', '.join(sorted(figures))}) and `{results_name}` (the others)"
+
+
 def threshold(train: list[Build], kind: str) -> float | None:
     """The most permissive threshold passing no bad training build (None: no bad build seen)."""
     bad = [b.value for b in train if b.kind == kind and not b.good]
@@ -236,11 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                                     log=lambda m: print(m, file=sys.stderr, flush=True))
             figures_path.write_text(json.dumps(figures, indent=2) + "\n")
     results = json.loads(Path(args.results).read_text())
-    rows = builds_from_figures(figures) + builds_from_results(results, set(figures))
-    table = lomo(rows)
+    table = lomo(rows(results, figures))
     if args.md:
-        sources = f"`{figures_path.name}` ({', '.join(sorted(figures))}) and `{Path(args.results).name}` (the others)"
-        print(render(table, sources), end="")
+        print(render(table, sources(figures_path.name, figures, Path(args.results).name)), end="")
     else:
         print(json.dumps(table, indent=2))
     return 0

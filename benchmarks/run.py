@@ -649,17 +649,37 @@ def write_markdown(path: Path, results: dict) -> None:
                 for r in res["rows"] if r["status"] == "ok"
             ) + ".")
             lines.append("")
-    from benchmarks import budget_lomo
-
-    lines += ["## The check's budget, leave one model out", "",
-              budget_lomo.render(budget_lomo.lomo(budget_lomo.builds(results)), "results.json"), ""]
+    lines += ["## The check's budget, leave one model out", "", _lomo_table(results), ""]
     failures = [r for res in results["models"].values() for r in res.get("rows", []) if r["status"] == "error"]
     if failures:
         lines += ["## Failures", ""]
         for r in failures:
             lines.append(f"- **{r['model']} / {r['candidate']}**: {_md_escape(r['error'] or '')}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    lines.append(KEEP_MARKER)
+    path.write_text("\n".join(lines) + _kept_sections(path))
+
+
+def _lomo_table(results: dict) -> str:
+    """The check's leave-one-model-out table: ``budget_figures.json``'s measured figures, these results' otherwise."""
+    from benchmarks import budget_lomo
+
+    path = budget_lomo.FIGURES_JSON
+    figures = json.loads(path.read_text()) if path.is_file() else {}
+    table = budget_lomo.lomo(budget_lomo.rows(results, figures))
+    return budget_lomo.render(table, budget_lomo.sources(path.name, figures, "results.json"))
+
+
+KEEP_MARKER = "<!-- generated tables end here; the runner keeps everything below this line -->"
+
+
+def _kept_sections(path: Path) -> str:
+    """What follows :data:`KEEP_MARKER` in the existing ``path`` (hand-written studies), else nothing."""
+    if not path.is_file():
+        return "\n"
+    text = path.read_text()
+    at = text.find(KEEP_MARKER)
+    return text[at + len(KEEP_MARKER):] if at >= 0 else "\n"
 
 
 # --------------------------------------------------------------------------- main

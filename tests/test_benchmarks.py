@@ -323,3 +323,25 @@ def test_every_candidate_has_its_config():
     assert all(c.config for c in cands.values())
     assert cands["oc_prune30_rec"].config["recipe"]["prune"]["reconstruct"] is True
     assert cands["ort_static_pct_s8"].config["calibration"] == "Percentile"
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+
+
+def test_runner_keeps_hand_written_sections_below_the_marker(tmp_path):
+    """A new run rewrites the generated tables and keeps the studies appended below its marker, once."""
+    from benchmarks import run
+
+    results = json.loads((Path(run.__file__).parent / "results.json").read_text())
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# old tables\n" + run.KEEP_MARKER + "\n\n## A study\n\nfigures\n")
+    run.write_markdown(md, results)
+    run.write_markdown(md, results)
+    text = md.read_text()
+    assert "# old tables" not in text
+    assert text.count(run.KEEP_MARKER) == 1
+    assert text.count("## A study") == 1 and text.endswith("figures\n")
+    assert text.index("## Summary") < text.index(run.KEEP_MARKER) < text.index("## A study")
+    fresh = tmp_path / "fresh.md"  # no earlier file: only the generated tables and the marker
+    run.write_markdown(fresh, results)
+    assert fresh.read_text().rstrip().endswith(run.KEEP_MARKER)
