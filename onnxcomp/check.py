@@ -43,9 +43,8 @@ Budget (per output; all must hold)
     The agreement figures are all a share of the model's decisions that stay the same, so they
     share one threshold (default 0.99); with labels, the accuracy of the first output may also
     drop by at most ``max_drop`` points (default 1.0). Top-1 agreement per position would judge a
-    recognizer by steps its decoder never reads (PP-OCR rec: 0.958 per step where the text lost
-    0.9 points), and cosine would judge a probability map by values far from its decision
-    threshold (PP-OCR det: cosine 0.94 with its box F1 intact); the sequence and map figures read
+    recognizer by steps its decoder never reads (blanks, repeats), and cosine would judge a
+    probability map by values far from its decision threshold; the sequence and map figures read
     the outputs the way their decoders do, without knowing the task (see :class:`SequenceAgreement`
     and :class:`RegionAgreement`).
 
