@@ -878,18 +878,11 @@ def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, n
 
 
 def _exposed_runs(model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    from onnxcomp.graph import produced_values
+    from onnxcomp.graph import exposed
     from onnxcomp.runtime import create_session, session_options
 
-    values = produced_values(model)
-    outputs = model.graph.outputs
-    added = [values[n] for n in names]
-    outputs.extend(added)
-    try:
-        session = create_session(model, sess_options=session_options("all", threads=None))
-    finally:
-        for _ in added:
-            outputs.pop()
+    with exposed(model, names) as with_names:
+        session = create_session(with_names, sess_options=session_options("all", threads=None))
     return [session.run(names, feed) for feed in feeds]
 
 
