@@ -184,14 +184,11 @@ OP_TYPE_COMPARISONS = {
     "onnxcomp/quant/smoothquant.py": 6,
     "onnxcomp/quant/qdq.py": 5,
     "onnxcomp/prune/fold.py": 5,
-    "onnxcomp/analysis/channels.py": 1,
     "onnxcomp/prune/importance.py": 1,
     "onnxcomp/cluster/passes.py": 1,
     "onnxcomp/summary.py": 1,
     "onnxcomp/passes/cleanup.py": 2,
-    "onnxcomp/quant/autofallback.py": 1,
     "onnxcomp/quant/subgraphs.py": 1,  # If branches
-    "onnxcomp/graph.py": 1,  # Constant nodes lifted into initializers
     "onnxcomp/sparsity/storage.py": 2,  # a MatMul's bias: the constant of the Add after it
     "onnxcomp/quant/transformer.py": 13,  # encoder detection: the attention head split, the fused ops' types
 }
