@@ -3,8 +3,7 @@
 Batched small solves (the sparsity refit, one system per output) and GPTQ's column loop (one
 rank-1 update per column) call BLAS thousands of times on small operands. A multi-threaded
 OpenBLAS wakes its threads for each call; on a busy machine they wait for cores and the calls
-get many times slower (a refit probe: 1.5 s with one thread, 46 s with OpenBLAS's default on 2
-loaded cores). :func:`blas_threads` sets the thread count of the OpenBLAS that numpy loaded for
+get many times slower. :func:`blas_threads` sets the thread count of the OpenBLAS that numpy loaded for
 the duration of a block, through OpenBLAS's own ``openblas_set_num_threads_local`` (which
 returns the previous setting), and restores it afterwards. Where numpy uses another BLAS, or the
 symbol is missing, it does nothing.

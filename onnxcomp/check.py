@@ -43,9 +43,8 @@ Budget (per output; all must hold)
     The agreement figures are all a share of the model's decisions that stay the same, so they
     share one threshold (default 0.99); with labels, the accuracy of the first output may also
     drop by at most ``max_drop`` points (default 1.0). Top-1 agreement per position would judge a
-    recognizer by steps its decoder never reads (PP-OCR rec: 0.958 per step where the text lost
-    0.9 points), and cosine would judge a probability map by values far from its decision
-    threshold (PP-OCR det: cosine 0.94 with its box F1 intact); the sequence and map figures read
+    recognizer by steps its decoder never reads (blanks, repeats), and cosine would judge a
+    probability map by values far from its decision threshold; the sequence and map figures read
     the outputs the way their decoders do, without knowing the task (see :class:`SequenceAgreement`
     and :class:`RegionAgreement`).
 
@@ -788,12 +787,16 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
     The original's outputs are kept on ``split`` (up to :data:`KEEP_REFERENCE_BYTES`) and taken
     from it when a check already ran there.
     """
+    from onnxcomp.measure.metrics import predicted_class
+    from onnxcomp.runtime import KeptOutputs, collect_outputs
+
     names = [v.name for v in reference.graph.outputs]
     figures = OutputFigures(names, output_kinds(reference), pooled_outputs(reference))
     cached = split.reference_outputs if split is not None else None
     if cached is None and initializer_nbytes(reference) >= LARGE_MODEL_BYTES:
-        # a big model: the original's session is gone before the written model's opens
-        cached = _reference_outputs(reference_file or reference, names, data)
+        # a big model: the original's session is gone before the written model's opens (both run
+        # side by side when its outputs would take more than KEEP_REFERENCE_BYTES)
+        cached = collect_outputs(_session(reference_file or reference), names, data, KEEP_REFERENCE_BYTES)
         if cached is not None and split is not None:
             split.reference_outputs = cached
     ref_session = _session(reference_file or reference) if cached is None else None
@@ -803,29 +806,24 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         raise OnnxcompError(f"the models' outputs differ: original {names}, written {written}")
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     feeds = samples = 0
-    keep: list[list[np.ndarray]] | None = [] if cached is None else None
-    kept = 0
+    keep = KeptOutputs(KEEP_REFERENCE_BYTES) if cached is None else None
     for feed in data:
         ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
         if keep is not None:
-            kept += sum(v.nbytes for v in ref_values)
-            if kept <= KEEP_REFERENCE_BYTES:
-                keep.append(ref_values)
-            else:
-                keep = None
+            keep.add(ref_values)
         cand_values = cand_session.run(names, feed)
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
-            predictions[0].append(_predicted_class(ref_values[0]))
-            predictions[1].append(_predicted_class(cand_values[0]))
+            predictions[0].append(predicted_class(ref_values[0]))
+            predictions[1].append(predicted_class(cand_values[0]))
         samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
         feeds += 1
         if progress is not None:
             progress(feeds)
     if feeds == 0:
         raise OnnxcompError("the check data has no feed")
-    if keep is not None and split is not None:
-        split.reference_outputs = keep
+    if keep is not None and keep.values is not None and split is not None:
+        split.reference_outputs = keep.values
     accuracy = None
     if labels is not None:
         pred = [np.concatenate(p) for p in predictions]
@@ -834,29 +832,6 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         accuracy = (float(np.mean(pred[0] == labels)), float(np.mean(pred[1] == labels)))
     return {"names": names, "kinds": figures.kinds, "figures": figures.result(), "feeds": feeds, "samples": samples,
             "accuracy": accuracy, "output_figures": figures}
-
-
-def _reference_outputs(reference: ir.Model | str | os.PathLike, names: list[str], data: Dataset) -> list[list[np.ndarray]] | None:
-    """The original's outputs on every feed of ``data`` from a session of its own (None when they
-    would take more than :data:`KEEP_REFERENCE_BYTES`: both sessions then run side by side)."""
-    session = _session(reference)
-    outputs: list[list[np.ndarray]] = []
-    total = 0
-    for feed in data:
-        values = session.run(names, feed)
-        total += sum(v.nbytes for v in values)
-        if total > KEEP_REFERENCE_BYTES:
-            return None
-        outputs.append(values)
-    return outputs
-
-
-def _predicted_class(scores: np.ndarray) -> np.ndarray:
-    """One class per sample: the arg-max over the last axis at the first position."""
-    scores = np.asarray(scores)
-    if scores.ndim >= 2 and scores.shape[-1] > 1:
-        return scores.reshape(scores.shape[0], -1, scores.shape[-1])[:, 0].argmax(-1)
-    return scores.reshape(scores.shape[0], -1)[:, 0].astype(np.int64)
 
 
 def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Dataset, top: int,
@@ -903,18 +878,11 @@ def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, n
 
 
 def _exposed_runs(model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    from onnxcomp.graph import produced_values
+    from onnxcomp.graph import exposed
     from onnxcomp.runtime import create_session, session_options
 
-    values = produced_values(model)
-    outputs = model.graph.outputs
-    added = [values[n] for n in names]
-    outputs.extend(added)
-    try:
-        session = create_session(model, sess_options=session_options("all", threads=None))
-    finally:
-        for _ in added:
-            outputs.pop()
+    with exposed(model, names) as with_names:
+        session = create_session(with_names, sess_options=session_options("all", threads=None))
     return [session.run(names, feed) for feed in feeds]
 
 

@@ -16,6 +16,7 @@ from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from onnxcomp.errors import OnnxcompError, OpsetError
 from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
+from onnxcomp.ops import is_constant_node
 
 __all__ = [
     "working_copy",
@@ -273,7 +274,7 @@ def lift_constants(model: ir.Model) -> int:
 
 def _constant_nodes(model: ir.Model) -> Iterator[ir.Node]:
     for node in model.graph.all_nodes():
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if is_constant_node(node):
             yield node
 
 

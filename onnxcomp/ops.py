@@ -38,6 +38,7 @@ __all__ = [
     "CHANNELWISE_OPS",
     "node_opset",
     "is_default_domain",
+    "is_constant_node",
 ]
 
 T = TypeVar("T")
@@ -47,6 +48,11 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 def is_default_domain(domain: str) -> bool:
     return domain in _DEFAULT_DOMAINS
+
+
+def is_constant_node(node: ir.Node) -> bool:
+    """A ``Constant`` node of the default domain: what it outputs is a constant, not an activation."""
+    return node.op_type == "Constant" and is_default_domain(node.domain)
 
 
 def node_opset(node: ir.Node, model: ir.Model) -> int:

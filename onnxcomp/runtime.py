@@ -3,7 +3,8 @@
 Every part of onnxcomp that runs a model goes through here: :func:`session_options` (an
 optimization level by name and a thread count), :func:`create_session` (a session on an
 ``onnx_ir.Model``, built from bytes, or from a temporary file when the model is over the protobuf
-limit, see :func:`onnxcomp.io.session_source`), :func:`run_model` and :func:`ort_optimized_model`
+limit, see :func:`onnxcomp.io.session_source`), :func:`run_model`, :func:`collect_outputs` (a
+model's outputs kept up to a memory bound) and :func:`ort_optimized_model`
 (the graph onnxruntime actually runs after its own fusions).
 """
 
@@ -26,6 +27,8 @@ __all__ = [
     "create_session",
     "open_session",
     "run_model",
+    "KeptOutputs",
+    "collect_outputs",
     "ort_optimized_model",
 ]
 
@@ -102,6 +105,42 @@ def run_model(
     """Outputs of ``model`` for each feed: ``result[feed_index][output_index]`` (one session)."""
     session = create_session(model, sess_options=session_options(optimization))
     return [session.run(None, dict(feed)) for feed in feeds]
+
+
+class KeptOutputs:
+    """A model's outputs on successive feeds, kept while they take at most ``limit`` bytes (None:
+    no limit); :attr:`values` is None once they would take more."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.values: list[list[np.ndarray]] | None = []
+        self.nbytes = 0
+
+    def add(self, values: list[np.ndarray]) -> bool:
+        """Keep one feed's ``values``; False (and nothing kept any more) once over the limit."""
+        if self.values is None:
+            return False
+        self.nbytes += sum(v.nbytes for v in values)
+        if self.limit is not None and self.nbytes > self.limit:
+            self.values = None
+            return False
+        self.values.append(values)
+        return True
+
+
+def collect_outputs(
+    session: ort.InferenceSession,
+    names: list[str],
+    data: Iterable[Mapping[str, np.ndarray]],
+    limit: int | None = None,
+) -> list[list[np.ndarray]] | None:
+    """The outputs ``names`` of ``session`` on every feed of ``data`` (per feed, in order), or None
+    as soon as they would take more than ``limit`` bytes (see :class:`KeptOutputs`)."""
+    kept = KeptOutputs(limit)
+    for feed in data:
+        if not kept.add(session.run(names, feed)):
+            return None
+    return kept.values
 
 
 def ort_optimized_model(model: ir.Model, *, sess_options: ort.SessionOptions | None = None) -> ir.Model:

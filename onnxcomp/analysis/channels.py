@@ -49,7 +49,7 @@ import onnx_ir as ir
 
 from onnxcomp.analysis.spaces import Layout, Spaces, layout_length, repeat, scale_blocks
 from onnxcomp.io import load_model
-from onnxcomp.ops import CHANNEL_RULES, LINEAR_OPS, ChannelRule, is_default_domain
+from onnxcomp.ops import CHANNEL_RULES, LINEAR_OPS, ChannelRule, is_constant_node, is_default_domain
 
 __all__ = [
     "Member",
@@ -478,7 +478,7 @@ class _Analyzer:
         if value.is_graph_input():
             return "is a graph input"
         producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and is_default_domain(producer.domain):
+        if producer is not None and is_constant_node(producer):
             return f"is the output of Constant node '{producer.name}' (lift constants to initializers first)"
         if producer is not None:
             return f"is computed by {_node_desc(producer)}, not a constant"

@@ -13,6 +13,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxcomp.ops import linear_spec
+
 __all__ = ["count_cost"]
 
 
@@ -26,21 +28,19 @@ def count_cost(model: ir.Model) -> dict[str, Any]:
     """Parameters (initializer elements) and MACs of Conv/ConvTranspose/Gemm/MatMul per sample."""
     macs, unknown = 0, 0
     for node in model.graph.all_nodes():
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        spec = linear_spec(node)  # the linear ops of the default domain (onnxcomp.ops.LINEAR_OPS)
+        if spec is None:
             continue
         x, w, y = _dims(node.inputs[0]), _dims(node.inputs[1]), _dims(node.outputs[0])
         if x is None or w is None or y is None:
             unknown += 1
             continue
-        if node.op_type == "Conv":
+        if spec.per_group == "in":  # Conv: w [C_out, C_in / group, k...]
             macs += math.prod(y) * math.prod(w[1:])
-        elif node.op_type == "ConvTranspose":
-            macs += math.prod(x) * math.prod(w[1:])  # w: [C_in, C_out / group, k...]
-        else:
-            k = x[-1]
-            trans_a = node.attributes.get("transA")
-            if node.op_type == "Gemm" and trans_a is not None and trans_a.as_int():
-                k = x[0]
+        elif spec.per_group == "out":  # ConvTranspose: w [C_in, C_out / group, k...]
+            macs += math.prod(x) * math.prod(w[1:])
+        else:  # Gemm / MatMul: the reduction is the data's last axis (its first under Gemm's transA)
+            k = x[0] if node.attributes.get_int("transA", 0) else x[-1]
             macs += math.prod(y) * k
     params = sum(
         int(v.const_value.size)

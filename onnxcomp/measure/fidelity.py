@@ -33,8 +33,8 @@ from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
 from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
-from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity
-from onnxcomp.runtime import create_session, session_options
+from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, predicted_class
+from onnxcomp.runtime import collect_outputs, create_session, session_options
 
 __all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
 
@@ -197,8 +197,8 @@ def compare_models(
                 accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name)
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
             if labels is not None and not layer and i == label_index:
-                predictions["reference"].append(_predict(r))
-                predictions["candidate"].append(_predict(c))
+                predictions["reference"].append(predicted_class(r))
+                predictions["candidate"].append(predicted_class(c))
 
     # Big models (weights over LARGE_MODEL_BYTES) run one session at a time: the reference's
     # values are kept, then its session is gone before the candidate's exists.
@@ -263,20 +263,11 @@ def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], dat
         for feed in data:
             yield ref_session.run(names, feed), cand_session.run(cand_names, feed)
         return
-    session = create_session(reference, sess_options=options)
-    ref_values = [session.run(names, feed) for feed in data]
-    del session
+    ref_values = collect_outputs(create_session(reference, sess_options=options), names, data)
     release_pages(reference)
     session = create_session(candidate, sess_options=options)
     for feed, values in zip(data, ref_values):
         yield values, session.run(cand_names, feed)
-
-
-def _predict(scores: np.ndarray) -> np.ndarray:
-    scores = np.asarray(scores)
-    if scores.ndim >= 2 and scores.shape[-1] > 1:
-        return scores.reshape(scores.shape[0], -1, scores.shape[-1]).argmax(-1).reshape(scores.shape[0], -1)[:, 0]
-    return scores.reshape(scores.shape[0], -1)[:, 0].astype(np.int64)
 
 
 def _sort_key(sqnr: float) -> float:

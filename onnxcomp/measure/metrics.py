@@ -60,6 +60,7 @@ __all__ = [
     "sqnr_db",
     "compare_outputs",
     "accuracy",
+    "predicted_class",
 ]
 
 
@@ -411,3 +412,13 @@ def accuracy(logits_or_preds: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError("labels is empty; accuracy of zero samples is undefined")
     y = _integral_labels(y, "labels")
     return float(np.count_nonzero(pred == y)) / float(y.shape[0])
+
+
+def predicted_class(scores: np.ndarray) -> np.ndarray:
+    """One class per sample of a model output: the arg-max over the last axis at the first
+    position (scores ``[N, ..., C]``), or the value itself at the first position (``[N]``, ``[N, 1]``:
+    predicted labels)."""
+    scores = np.asarray(scores)
+    if scores.ndim >= 2 and scores.shape[-1] > 1:
+        return scores.reshape(scores.shape[0], -1, scores.shape[-1])[:, 0].argmax(-1)
+    return scores.reshape(scores.shape[0], -1)[:, 0].astype(np.int64)

@@ -41,6 +41,7 @@ import onnx_ir as ir
 
 from onnxcomp.check import CheckConfig, figures_meet, layer_sqnr, output_kinds, pooled_outputs
 from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.ops import is_constant_node
 
 __all__ = ["fallback_to_budget", "local_damage", "damage_blocks", "study_of"]
 
@@ -64,7 +65,7 @@ def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[st
             producer = v.producer()
             if producer is None:
                 ins.append(0.0)  # a graph input: exact
-            elif producer.op_type != "Constant" and v.name in sqnr:
+            elif not is_constant_node(producer) and v.name in sqnr:
                 ins.append(noise_ratio(sqnr[v.name]))
         damage[name] = noise_ratio(sqnr[out]) - (min(ins) if ins else 0.0)
     return damage

@@ -58,8 +58,8 @@ def calibrate(
             (:mod:`onnxcomp.quant.ranges`; two passes over ``data``). ``entropy`` is guarded the
             same way: a tensor keeps its KL threshold only where that does not make its
             consumers' outputs worse than min/max (KL does not see how far clipped values move:
-            on PP-OCRv4 rec it clipped the 0.6% largest values of a squeeze-and-excitation output
-            by up to 4x, and the recognizer read nothing).
+            it can clip the few largest values of a tensor several times over where the network
+            relies on them).
         observer_kwargs: passed to each observer (e.g. ``percentile``, ``bins``, ``qdtype``).
         max_feeds: stop after this many feeds.
         progress: called with the number of feeds done.

@@ -3,9 +3,9 @@ r"""What this CPU's onnxruntime int8 kernels compute exactly, found by probing t
 On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), onnxruntime's u8 x s8 GEMM multiplies
 pairs of bytes into 16-bit sums (``vpmaddubsw``) that **saturate**: with activations up to 255 and
 weights up to 127, a pair can reach :math:`2 \cdot 255 \cdot 127 = 64770 > 2^{15} - 1`. Such a
-model runs, but its Conv/MatMul/Gemm outputs are clipped wherever two large products meet (seen
-here: a digits CNN at 86.7% instead of 99.3% accuracy, output SQNR 6 dB instead of 33 dB). VNNI
-(``vpdpbusd``) and ARM kernels accumulate in 32 bits and are exact.
+model runs, but its Conv/MatMul/Gemm outputs are clipped wherever two large products meet: it
+silently computes wrong outputs. VNNI (``vpdpbusd``) and ARM kernels accumulate in 32 bits and
+are exact.
 
 Weights quantized to 7 bits (``[-63, 63]``, onnxruntime's ``reduce_range``) keep every pair below
 :math:`2 \cdot 255 \cdot 63 = 32130`, exact on every CPU, at the cost of one bit of weight

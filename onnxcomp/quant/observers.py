@@ -75,10 +75,9 @@ The threshold with the smallest divergence (the largest one on ties) gives
 histogram must hold enough values per bin: while it holds fewer than 32 per
 bin, adjacent pairs of cells are merged (exact on the lattice).  With
 ``n <= m`` bins left there is nothing to choose and ``[min, max]`` is
-returned.  Without this, a tensor of a few thousand values (PP-OCRv4 rec's
-squeeze-and-excitation vectors: 60 values a line) had a KL curve made of
-sampling noise whose minimum clipped the one channel that is always about 15
-down to 3.9 -- on every input -- and the recognizer read nothing.
+returned.  Without this, a tensor of a few thousand values (a
+squeeze-and-excitation vector) has a KL curve made of sampling noise whose
+minimum can clip a channel that is large on every input.
 
 MSE calibration
 ---------------

@@ -612,7 +612,7 @@ class _QDQRewrite:
         purpose (excluded, or by the fallback) would silently run in int8. A per-axis DQ with
         the same scale on every channel gives the same values and is not taken for a
         per-tensor one. Only for :data:`~onnxcomp.quant.rules.WEIGHT_QUANTIZED_BY_ORT`: it is
-        slower than a per-tensor DQ on large tensors (3x on PP-OCR's feature maps), and other
+        slower than a per-tensor DQ on large tensors (feature maps), and other
         fusions of onnxruntime take it and fail at run time.
         """
         if name in self.float_dq_of:

@@ -26,8 +26,7 @@ passes over the calibration data:
 Each tensor keeps the MSE-optimal range unless another candidate's relative error
 ``sum_c E_{t,k,c} / S_c`` (summed over feeds) is at most half of it (:data:`SWITCH_GAIN`): the
 scores come from a few feeds and one tensor quantized at a time, so leaving the statistically
-sound default needs clear evidence (a tuning split of PP-OCRv4 rec lost 0.6 points to a plain
-argmin, which followed small differences). Among the candidates that clear the bar, the least
+sound default needs clear evidence (a plain argmin follows differences within the noise). Among the candidates that clear the bar, the least
 error wins, ties to the earlier one in :data:`CANDIDATE_ORDER`. Memory stays bounded by one feed's
 activations plus ``O(bins)`` per tensor; the choices are independent per tensor.
 """

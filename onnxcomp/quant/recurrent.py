@@ -6,9 +6,8 @@ How each op gets there is the table :data:`onnxcomp.ops.RECURRENT_INT8`:
   ``R [dirs, 4H, H]`` are quantized to int8, symmetric, one scale per direction, and stored
   transposed (``[dirs, I, 4H]``, ``[dirs, H, 4H]``), as the contrib op reads them; the kernel
   quantizes the activations at run time, so no calibration is needed. One scale per gate row is
-  possible (``per_channel``) but onnxruntime's kernel then loses far more than the weights do
-  (measured on a 16-unit LSTM: 16 dB output SQNR per row, 37 dB per direction, 42 dB for the
-  per-row weights alone in a float LSTM). Bias, sequence lengths, initial states, peepholes and
+  possible (``per_channel``) but onnxruntime's kernel then loses far more than the finer weight
+  scales gain. Bias, sequence lengths, initial states, peepholes and
   attributes carry over.
 * **weight-only** (GRU and RNN, which onnxruntime has no int8 kernel for, and an LSTM the kernel
   cannot take: ``layout=1``): W and R are stored int8, symmetric over the full range [-127, 127]

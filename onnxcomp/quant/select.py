@@ -1,11 +1,11 @@
 r"""Calibration ``auto``: the range method chosen per model, by the check's own figures.
 
-No single range method is right for every model: on a YOLO-style detector the MSE-optimal ranges
-lose most detections where min/max keeps them, and on a CTC text recognizer read on unfamiliar
-lines min/max loses several points where MSE does not. Nor is a per-tensor choice enough on its
-own (``per-tensor``, :mod:`onnxcomp.quant.ranges`): it weighs each tensor's error at its consumers,
-one tensor at a time, so damage that only adds up through the network stays unseen, and scoring
-every candidate at every consumer costs many forward passes.
+No single range method is right for every model: MSE-optimal ranges can lose a detector's
+detections where min/max keeps them, and min/max can lose a recognizer's characters where MSE does
+not. Nor is a per-tensor choice enough on its own (``per-tensor``, :mod:`onnxcomp.quant.ranges`):
+it weighs each tensor's error at its consumers, one tensor at a time, so damage that only adds up
+through the network stays unseen, and scoring every candidate at every consumer costs many
+forward passes.
 
 So ``auto`` calibrates once with histograms that propose every method's range
 (:class:`~onnxcomp.quant.ranges.SplitCandidateObserver`), builds the model with each method's
@@ -16,27 +16,24 @@ agreement for CTC, region agreement for maps, detection agreement for detector h
 otherwise). Among the variants whose worst output figure is within :data:`WORST_TOLERANCE` of the
 best one's, the one of highest mean output SQNR (capped at :data:`SQNR_CAP` dB) wins, then the
 order of :data:`METHODS`; but min/max (with ``per-tensor``: the per-tensor choice) stays unless
-the winner's SQNR is :data:`SQNR_MARGIN_DB` higher (on magika, percentile won by 0.4 dB on the
-held-out feeds and lost 1.5 points to min/max on the tune split). The agreement figures count
-decisions: on the few feeds judged they move in steps of a line or a box, while the SQNR sums
-every output value; the tolerance lets a variant that flips one decision more but is closer
-everywhere else win, and still rejects one that loses many (raw entropy ranges on PP-OCR rec: 0.37
-against 1.0). Every variant is built on one plan (the nodes min/max ranges cannot serve kept
-float): with a plan per variant, a variant wins by keeping more nodes float, closeness bought with
-speed. Variants whose ranges equal an earlier one's are not built twice.
+the winner's SQNR is :data:`SQNR_MARGIN_DB` higher: smaller differences are within what a few
+feeds can tell. The agreement figures count decisions: on the few feeds judged they move in steps
+of a line or a box, while the SQNR sums every output value; the tolerance lets a variant that
+flips one decision more but is closer everywhere else win, and still rejects one that loses many.
+Every variant is built on one plan, the nodes min/max ranges cannot serve kept float
+(:func:`onnxcomp.quant.static.planning_ranges`): with a plan per variant, a variant could win by
+keeping more nodes float, closeness bought with speed. Variants whose ranges equal an earlier
+one's are not built twice.
 
-Not the default: on PP-OCRv4 rec the SQNR of six held-out lines prefers MSE (+1.2 dB) while the
-task metric prefers min/max (0.6 points on the tune split): a few fitting feeds do not always
-carry what the choice needs (``benchmarks/RESULTS.md``).
+Not the default: a few fitting feeds do not always carry what the choice needs; the SQNR of the
+feeds judged can prefer a method the task metric does not (``benchmarks/RESULTS.md``).
 
 What the variants are judged on matters: on its own fitting feeds min/max never clips, so there it
-always looks better than on new data (PP-OCRv4 rec: min/max ahead of MSE on its 16 fitting feeds,
-0.986 against 0.982 decoded-sequence agreement, and 0.5 to 0.7 points behind on both evaluation
-splits). So the variants are built with ranges from the histograms *without* every
-:data:`~onnxcomp.quant.ranges.HOLD_EVERY`-th fitting feed and judged on up to :data:`FEEDS` of
-those feeds; the winner's ranges then come from every fitting feed. With fewer than
-``2 * HOLD_EVERY`` feeds, or for ``per-tensor``, the variants are judged on the first fitting feeds.
-These are all fitting feeds: the check's held-out data stays unseen by any decision.
+always looks better than on new data. So the variants are built with ranges from the histograms
+*without* every :data:`~onnxcomp.quant.ranges.HOLD_EVERY`-th fitting feed and judged on up to
+:data:`FEEDS` of those feeds; the winner's ranges then come from every fitting feed. With fewer
+than ``2 * HOLD_EVERY`` feeds, or for ``per-tensor``, the variants are judged on the first fitting
+feeds. These are all fitting feeds: the check's held-out data stays unseen by any decision.
 
 Refused (the first variant is kept, and the report says why): models holding
 :data:`onnxcomp.io.LARGE_MODEL_BYTES` of weights or more (each variant is a copy of the model).

@@ -7,7 +7,8 @@ Both :func:`onnxcomp.quant.api.quantize` and the sensitivity / fallback study
    topological sort, the float-exact recovery rewrites (cross-layer equalization, SmoothQuant),
    a float copy kept for bias correction, and type inference.
 2. :func:`calibrate_plan`: plan the Q/DQ points, observe their ranges on the calibration data
-   once, and re-plan with the Concat nodes whose inputs' ranges differ too much kept float.
+   once, and re-plan with the nodes those ranges cannot serve kept float (mixed-range Concats,
+   coarse 8-bit grids; under ``auto`` / ``per-tensor`` decided on the min/max extent).
 3. :func:`rewrite`: the Q/DQ rewrite of a plan with the calibrated ranges.
 4. :func:`correct_biases`: empirical bias correction against the float copy, when asked for.
 
@@ -43,6 +44,7 @@ __all__ = [
     "observer_kwargs",
     "prepare",
     "calibrate_plan",
+    "planning_ranges",
     "rewrite",
     "correct_biases",
     "quantize_static",
@@ -143,7 +145,8 @@ def calibrate_plan(
     for_variants: bool = False,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[StaticPlan, StaticPlan, CalibrationResult, dict[str, str]]:
-    """Step 2: plan, calibrate once, re-plan with the mixed-range Concats kept float.
+    """Step 2: plan, calibrate once, re-plan with the nodes the ranges cannot serve kept float
+    (decided on :func:`planning_ranges`: one pass over the data for the coarse-grid rule).
 
     ``for_variants``: also observe the tensors of the plan without activation folding, so that
     variants keeping some nodes float (the sensitivity study) have every range they need.
@@ -159,8 +162,19 @@ def calibrate_plan(
         observed = base.observed
     result = calibrate(work, observed, data, method=config.calibration, observer_kwargs=observer_kwargs(config),
                        progress=progress)
-    plan, keep = plan_for_ranges(work, config, base, result.ranges, data)
+    plan, keep = plan_for_ranges(work, config, base, planning_ranges(config, result), data)
     return base, plan, result, keep
+
+
+def planning_ranges(config: QuantizeConfig, result: CalibrationResult) -> dict[str, tuple[float, float]]:
+    """The ranges the plan is decided on: the calibrated ones, or under ``auto`` / ``per-tensor``
+    (candidate histograms) the min/max extent, so that every variant those methods compare is
+    built on one plan (the nodes min/max ranges cannot serve kept float in all of them; a variant
+    with more nodes in float would win on closeness and lose the speed)."""
+    if config.calibration in ("auto", "per-tensor") and all(
+            isinstance(o, CandidateObserver) for o in result.observers.values()):
+        return {t: o.candidates()["minmax"] for t, o in result.observers.items()}
+    return result.ranges
 
 
 def plan_for_ranges(work: ir.Model, config: QuantizeConfig, base: StaticPlan, ranges: dict[str, tuple[float, float]],
@@ -271,12 +285,7 @@ def quantize_static(
     if config.calibration in ("auto", "per-tensor"):
         from onnxcomp.quant.select import select_ranges
 
-        # one plan for every variant: the nodes min/max ranges cannot serve stay float in all of
-        # them, so that the variants differ in their ranges only (a variant with more nodes in
-        # float would win on closeness and lose the speed)
-        if all(isinstance(o, CandidateObserver) for o in result.observers.values()):
-            extent = {t: o.candidates()["minmax"] for t, o in result.observers.items()}
-            plan, kept_float = plan_for_ranges(work, config, base, extent, prepared.data)
+        # ``plan`` is the one plan of every variant (:func:`planning_ranges`)
         _, ranges, selected = select_ranges(
             work, result.ranges, result.observers, prepared.data,
             lambda trial, r: rewrite(trial, config, plan, r),

@@ -25,8 +25,8 @@ elements along the reduction axis K; activations stay float. Two output formats:
   (the same blocks and values as blocking ``B[N, K]`` along axis 1: blocks follow K), because onnxruntime fuses a DequantizeLinear along
   axis 0 into MatMulNBits but not one along axis 1. It still does not fuse a Gemm (or a 2-D
   MatMul + bias Add, which it turns into a Gemm) followed by Relu: its Gemm+activation fusion
-  runs first and leaves the DequantizeLinear to run at every inference (models/digits_mlp.onnx:
-  1 of 3 layers fused in ``qdq``, 3 of 3 in ``ort``).
+  runs first and leaves the DequantizeLinear to run at every inference (the ``ort`` format
+  writes MatMulNBits itself, so every layer runs it).
 * ``ort`` (:class:`MatMulNBitsPass`, 4 bits): each MatMul (and Gemm with ``alpha = beta = 1``)
   becomes onnxruntime's contrib op ``com.microsoft.MatMulNBits(A, B, scales)`` with
   ``B`` uint8 ``[N, ceil(K/B), B/2]`` (codes ``q + 8`` packed low nibble first along K, the padding
@@ -39,8 +39,7 @@ Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips
 
 * **int4: full signed range [-8, 7]**, ``scale = max(-min / 8, max / 7)`` over the block (``min``
   and ``max`` taken with 0 included). Compared with the narrow symmetric grid [-7, 7]
-  (``absmax / 7``) a block whose largest magnitude is negative gets a 8/7 finer step; on Gaussian
-  weights this measured +0.5 dB SQNR at every block size (block 32: 20.7 dB vs 20.2 dB) at no
+  (``absmax / 7``) a block whose largest magnitude is negative gets a 8/7 finer step at no
   storage cost, and the grid is exactly onnxruntime's MatMulNBits default (code = q + 8).
 * **int8: symmetric [-127, 127]**, ``scale = absmax / 127`` (the range of
   :func:`~onnxcomp.quant.primitives.qrange` for symmetric int8).
@@ -73,9 +72,8 @@ DynamicQuantizeLinear nodes into one that feeds a ``MatMulIntegerToFloat`` per n
 
 Conv is converted (to ``ConvInteger`` with the same pattern, per-output-channel scales) only when
 ``"Conv"`` is among the op types dynamic mode converts (``config.op_types``, i.e. ``--op-types``, when
-given, else ``config.dynamic_op_types``): onnxruntime runs ConvInteger 4-9x slower
-than its float Conv on the CPU provider (measured 9.2x on models/digits_cnn.onnx, batch 64, one
-thread), so the default leaves convolutions in float.
+given, else ``config.dynamic_op_types``): onnxruntime runs ConvInteger several times slower
+than its float Conv on the CPU provider, so the default leaves convolutions in float.
 
 The analysis (:func:`plan_weight_sites`: which nodes qualify, and why the others do not) is kept
 apart from the rewrites (the passes). A weight shared by several nodes is quantized once and its
