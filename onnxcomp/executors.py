@@ -71,26 +71,29 @@ def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 
 def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C held back while the worker started
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @contextlib.contextmanager
 def spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
-    """Ignore Ctrl-C while a process pool starts its workers (on submit), so that they inherit it.
+    """Hold Ctrl-C back in this thread while a process pool starts its workers (on submit).
 
-    A worker still importing its modules when Ctrl-C reaches the process group would otherwise
-    print a traceback before its initializer runs; Python keeps an inherited SIG_IGN.
+    The workers inherit the blocked signal, so one still importing its modules when Ctrl-C reaches
+    the process group cannot print a traceback; its initializer ignores SIGINT, then unblocks it.
+    This process keeps its own handler: a Ctrl-C held back here is delivered when the block ends
+    (or at once to another of its threads), never lost.
     """
     if not isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
         threading.current_thread() is not threading.main_thread()
     ):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stop_pool(executor: concurrent.futures.Executor, *, cancel: bool) -> None:
