@@ -37,13 +37,13 @@ I64 = onnx.TensorProto.INT64
 # saturate pairs of products on AVX2 CPUs without VNNI; not a control-flow effect: the same
 # graph without subgraphs loses as much), dynamic 13.0 (per-tensor uint8 activations through a
 # recurrence; onnxruntime's own quantize_dynamic does as badly on these models), weight-only
-# int8 39.3, 4-bit clusters 15.3, pruning 25% of the channels by L1 without refit 11.0. A
+# int8 39.3, 4-bit clusters 15.3 (11.8 once LSTM/GRU W and R are clustered too), pruning 25% of the channels by L1 without refit 11.0. A
 # subgraph that reads the wrong tensor lands far below (-4.4 dB before a fix of the Relu fold).
 SQNR_FLOOR = {
     "quantize-static": (25.0, 10.0),
     "quantize-dynamic": (10.0, 10.0),
     "quantize-weight-only": (35.0, 35.0),
-    "cluster": (12.0, 12.0),
+    "cluster": (10.0, 10.0),
     "prune": (8.0, 8.0),
 }
 

@@ -150,3 +150,81 @@ def test_cluster_codebook_inside_subgraphs_is_the_snapped_model(name, fmt):
     assert_equivalent(snapped, stored, _feeds(proto, 12), atol=1e-5)
     # the float weights are gone from the subgraphs (their labels replace them)
     assert not set(_weights_read_in_subgraphs(stored)) & (expected - {"w_outer"}) or fmt == "sparse"
+
+
+# ------------------------------------------------------------------------------------------
+# pruning: zero channels inside bodies fold exactly
+# ------------------------------------------------------------------------------------------
+
+
+def _zero(proto, name: str, axis: int, channels: list[int]) -> None:
+    """Zero ``channels`` along ``axis`` of the initializer ``name`` (of any graph), in the proto."""
+    def graphs(g):
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from graphs(attr.g)
+
+    for g in graphs(proto.graph):
+        for t in g.initializer:
+            if t.name == name:
+                array = onh.to_array(t).copy()
+                index = [slice(None)] * array.ndim
+                index[axis] = channels
+                array[tuple(index)] = 0
+                t.CopyFrom(onh.from_array(array, name))
+                return
+    raise KeyError(name)
+
+
+def _params_in_subgraphs(model: ir.Model) -> int:
+    return sum(int(np.prod(v.const_value.shape)) for g in model.graph.subgraphs()
+               for n in g for v in n.inputs if v is not None and v.const_value is not None)
+
+
+def _zeroed(name: str):
+    build = MODELS[name][0]
+    proto = build(np.random.default_rng(5))
+    if name == "if":
+        _zero(proto, "t_w1", 0, [1, 4, 9])  # then: conv1 output channels -> relu(0) = 0 into conv2
+        _zero(proto, "w_outer", 1, [0, 7])  # else: matmul1 (outer weight) columns -> relu -> matmul2
+    else:
+        _zero(proto, "w_body", 1, [2, 3, 30])  # body: matmul1 columns -> tanh(0) = 0 -> matmul2 rows
+    return proto
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prune_folds_zero_channels_inside_subgraphs_exactly(name):
+    from onnxcomp.prune.api import prune
+    from onnxcomp.prune.config import PruneConfig
+
+    proto = _zeroed(name)
+    reference = io.load_model(proto)
+    pruned, report = prune(proto, PruneConfig(criterion="zeros"))
+    expected = {"if": {"if/then_branch": 3, "if/else_branch": 2}, "loop": {"loop/body": 3}}[name]
+    assert {k: v["channels_removed"] for k, v in report["subgraphs"].items()} == expected
+    assert report["channels_removed"] == report["channels_removed_in_subgraphs"] == sum(expected.values())
+    assert _params_in_subgraphs(pruned) < _params_in_subgraphs(reference)
+    assert model_problems(pruned) == {}
+    assert_equivalent(reference, pruned, _feeds(proto, 13), atol=1e-5)  # optimizations off and on
+    if name == "if":  # the outer weight the branch sliced is now the branch's; the outer one is gone
+        assert "w_outer" not in pruned.graph.initializers
+
+
+def test_prune_inside_subgraphs_folds_zeros_only_and_says_why():
+    """A lossy criterion is not applied inside bodies (the report says why), zero channels still
+    fold; a body with no zero channel is left alone with the reason."""
+    from onnxcomp.prune.api import prune
+    from onnxcomp.prune.config import PruneConfig
+
+    proto = _zeroed("if")
+    reference = io.load_model(proto)
+    pruned, report = prune(proto, PruneConfig(criterion="l1", ratio=0.5))
+    then = report["subgraphs"]["if/then_branch"]
+    assert then["channels_removed"] == 3 and "not applied inside subgraphs" in then["note"]
+    assert_equivalent(reference, pruned, _feeds(proto, 14), atol=1e-5)  # the main graph has no channels to cut
+    plain = MODELS["loop"][0](np.random.default_rng(6))
+    _, report = prune(plain, PruneConfig(criterion="zeros"))
+    assert report["subgraphs"]["loop/body"]["channels_removed"] == 0
+    assert report["subgraphs"]["loop/body"]["why_none"]
