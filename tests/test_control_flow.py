@@ -634,15 +634,23 @@ def test_dynamic_lstm_weights_int8(rng, per_channel):
     _assert_sqnr(reference, model, _feeds(proto, 16), (floor, floor))
 
 
-def test_dynamic_mode_converts_lstm_and_reports_gru_float(rng):
+def test_dynamic_mode_converts_lstm_and_reports_gru_float_compute(rng):
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
     lstm, report = quantize(model_lstm(rng), None, QuantizeConfig(mode="dynamic"))
     assert report["lstm_int8"] == ["lstm"]
     assert report["onnxruntime"]["int8_by_op"]["DynamicQuantizeLSTM"] == 1
-    gru, report = quantize(model_gru(rng), None, QuantizeConfig(mode="dynamic"))
-    assert "no int8 kernel for GRU" in report["recurrent_kept_float"]["gru"]
+    proto = model_gru(rng)
+    gru, report = quantize(proto, None, QuantizeConfig(mode="dynamic"))
+    # no int8 GRU kernel: weight-only int8 (W and R dequantized once), the GRU computes in float
+    assert report["recurrent_weight_only"] == ["gru"] and report["recurrent_kept_float"] == {}
+    assert "no int8 kernel for GRU" in report["recurrent_float_compute"]["gru"]
+    node = next(n for n in gru.graph if n.op_type == "GRU")
+    assert all(node.inputs[i].producer().op_type == "DequantizeLinear" for i in (1, 2))
+    _assert_valid(gru)
+    # measured 31.0 dB, with the two MatMuls around the GRU dynamically quantized
+    _assert_sqnr(io.load_model(proto), gru, _feeds(proto, 18), (25.0, 25.0))
 
 
 def test_cleanup_folds_large_recurrent_weights(rng):

@@ -309,3 +309,17 @@ def test_check_fallback_study_sees_branches():
     node = next(n for n in model.graph if n.op_type == "If")
     for unit in report["float_nodes"]:
         assert _quantized_ops(node.attributes[unit.rsplit("/", 1)[1]].value) == 0
+
+
+def test_onnxruntime_has_no_int8_gru_kernel():
+    """What the report says about GRU/RNN (compute stays float on int8 weights) holds for the
+    installed onnxruntime: among its registered ops the only quantized recurrent one is LSTM's."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    from onnxcomp.ops import RECURRENT_INT8
+
+    recurrent = {(s.domain, s.name) for s in ort_state.get_all_operator_schema()
+                 if any(op in s.name for op in ("LSTM", "GRU", "RNN")) and "Quant" in s.name}
+    assert recurrent == {("com.microsoft", "DynamicQuantizeLSTM")}
+    kernels = {op: RECURRENT_INT8.get("", op, 17).kernel for op in ("LSTM", "GRU", "RNN")}
+    assert kernels == {"LSTM": "DynamicQuantizeLSTM", "GRU": None, "RNN": None}
