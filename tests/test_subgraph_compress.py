@@ -353,3 +353,26 @@ def test_onnxruntime_has_no_int8_gru_kernel():
     assert recurrent == {("com.microsoft", "DynamicQuantizeLSTM")}
     kernels = {op: RECURRENT_INT8.get("", op, 17).kernel for op in ("LSTM", "GRU", "RNN")}
     assert kernels == {"LSTM": "DynamicQuantizeLSTM", "GRU": None, "RNN": None}
+
+
+def test_fidelity_target_variants_are_what_quantize_writes():
+    """The study's variants take quantize's steps after the rewrite: an LSTM of the main graph
+    becomes DynamicQuantizeLSTM under --fidelity-target as under the default quantize."""
+    from onnxcomp.executors import Inline
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.sensitivity import quantize_with_fallback
+
+    rng = np.random.default_rng(9)
+    nodes = [oh.make_node("MatMul", ["xs", "w_in"], ["proj"], name="proj"),
+             oh.make_node("LSTM", ["proj", "W", "R"], ["seq", "h"], hidden_size=16, name="lstm")]
+    inits = [("w_in", _w(rng, 16, 16)), ("W", _w(rng, 1, 64, 16)), ("R", _w(rng, 1, 64, 16, scale=0.1))]
+    proto = make_proto(nodes, [("xs", [6, 1, 16])], [("h", [1, 1, 16])], inits)
+    calib = _feeds(proto, 23, 8)
+    default, _ = quantize(proto, calib, QuantizeConfig())
+    targeted, report = quantize_with_fallback(proto, calib, QuantizeConfig(), fidelity_target=10.0, executor=Inline())
+    assert report["met"]
+    for model in (default, targeted):
+        assert [n.op_type for n in model.graph if "LSTM" in n.op_type] == ["DynamicQuantizeLSTM"]
+    for level in ("disable", "all"):
+        assert _sqnr(io.load_model(proto), targeted, _feeds(proto, 24), level) >= 20.0
