@@ -376,3 +376,34 @@ def test_fidelity_target_variants_are_what_quantize_writes():
         assert [n.op_type for n in model.graph if "LSTM" in n.op_type] == ["DynamicQuantizeLSTM"]
     for level in ("disable", "all"):
         assert _sqnr(io.load_model(proto), targeted, _feeds(proto, 24), level) >= 20.0
+
+
+def test_a_branch_moved_to_float_is_float_whole():
+    """A unit in float keeps no int8 inside, not even its LSTM (which quantize's recurrent step,
+    run on the whole model after the rewrite, would otherwise convert)."""
+    from onnxcomp.executors import Inline
+    from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.sensitivity import QuantStudy
+
+    rng = np.random.default_rng(10)
+    then = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "t_w"], ["t_p"], name="then_proj"),
+         oh.make_node("LSTM", ["t_p", "W", "R"], ["t_seq", "t_h"], hidden_size=16, name="then_lstm")],
+        "then", [], [_vi("t_h", [1, 1, 16])],
+        [onh.from_array(_w(rng, 16, 16), "t_w"), onh.from_array(_w(rng, 1, 64, 16), "W"),
+         onh.from_array(_w(rng, 1, 64, 16, scale=0.1), "R")])
+    els = oh.make_graph([oh.make_node("ReduceMean", ["x"], ["e_h"], axes=[0], keepdims=1)], "else", [],
+                        [_vi("e_h", [1, 1, 16])])
+    nodes = [oh.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
+             oh.make_node("Greater", ["mean", "zero"], ["c"]),
+             oh.make_node("If", ["c"], ["h"], then_branch=then, else_branch=els, name="if"),
+             oh.make_node("Add", ["h", "h"], ["y"], name="double")]
+    proto = make_proto(nodes, [("x", [6, 1, 16])], [("y", [1, 1, 16])], [("zero", np.zeros((), np.float32))])
+    study = QuantStudy.prepare(proto, _feeds(proto, 25, 8), QuantizeConfig())
+    assert "if/then_branch" in study.nodes
+    quantized, floated = study.build(), study.build(frozenset({"if/then_branch"}))
+    body = lambda m: next(n for n in m.graph if n.op_type == "If").attributes["then_branch"].value  # noqa: E731
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in body(quantized)}
+    assert {n.op_type for n in body(floated)} == {"MatMul", "LSTM"}
+    metrics = study.evaluate([floated], Inline())[0]
+    assert metrics["sqnr_db"] > 100.0  # the float branch is the float model (up to float rounding)
