@@ -130,6 +130,9 @@ def _run(args: argparse.Namespace) -> int:
         f"({report['output']['bytes'] / report['input']['bytes']:.2f}x); session creation "
         f"{report['input']['session_creation_s'] * 1e3:.1f} ms -> {report['output']['session_creation_s'] * 1e3:.1f} ms"
     )
+    for where, row in report.get("subgraphs", {}).items():
+        con.print(f"inside subgraph {esc(where)}: {row['tensors']} tensor(s), "
+                  f"{fmt_size(row['bytes_before'])} -> {fmt_size(row['bytes_after'])} stored")
     if report["skipped"]:
         con.print(f"left alone: {len(report['skipped'])} tensor(s) (--json lists why)")
     print_check(con, check)

@@ -57,7 +57,7 @@ from onnxcomp.cluster.kmeans import (
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, unique_name
-from onnxcomp.ops import LINEAR_OPS
+from onnxcomp.ops import LINEAR_OPS, RECURRENT_INT8
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.selection import NodeSelector
 from onnxcomp.sparsity.storage import (
@@ -161,29 +161,46 @@ class ClusterTarget:
     channel_axis: int
 
 
+def _weight_axis(value: ir.Value, model: ir.Model) -> int | None:
+    """The channel axis of ``value`` as its first weight-reading consumer sees it, or None: the
+    weight of a linear op (op table), the table of a Gather, or W/R of a recurrent op (gate rows,
+    :data:`onnxcomp.ops.RECURRENT_INT8`)."""
+    for use in value.uses():
+        node = use.node
+        spec = LINEAR_OPS.lookup(node, model)
+        role = None
+        if spec is not None:
+            role = next((r for r in spec.roles if r.input_index == use.idx and r.kind == "weight"), None)
+        if role is not None:
+            return role.axes(node)[0]
+        if node.op_type == "Gather" and use.idx == 0:
+            return 0
+        rule = RECURRENT_INT8.lookup(node, model)
+        if rule is not None and any(i == use.idx for i, _ in rule.weights):
+            return 1  # [dirs, gates * hidden, inputs]: one channel per gate row
+    return None
+
+
+def graph_scope(graph: ir.Graph | None, model: ir.Model) -> str:
+    """``main`` for the main graph, else the subgraph's name (an If branch, a Loop/Scan body)."""
+    return "main" if graph is None or graph is model.graph else (graph.name or "subgraph")
+
+
 def find_cluster_targets(model: ir.Model, config: ClusterConfig | Any) -> tuple[list[ClusterTarget], dict[str, str]]:
-    """Eligible weight tensors and, for the others considered, why they were skipped."""
+    """Eligible weight tensors and, for the others considered, why they were skipped.
+
+    Initializers of every graph count: the main graph's (read there or only inside If branches
+    and Loop/Scan bodies) and those of the subgraphs themselves (Constant nodes are lifted into
+    their own graph's initializers by :func:`onnxcomp.graph.working_copy`).
+    """
     selector = NodeSelector((), config.exclude)
     targets: list[ClusterTarget] = []
     skipped: dict[str, str] = {}
-    for name, value in model.graph.initializers.items():
+    for name, value in ((n, v) for g in (model.graph, *model.graph.subgraphs()) for n, v in g.initializers.items()):
         tensor = value.const_value
         if tensor is None or tensor.dtype != ir.DataType.FLOAT:
             continue
-        axis = None
-        for use in value.uses():
-            node = use.node
-            spec = LINEAR_OPS.lookup(node, model)
-            role = None
-            if spec is not None:
-                role = next((r for r in spec.roles if r.input_index == use.idx and r.kind == "weight"), None)
-            if role is not None:
-                axis = role.axes(node)[0]
-            elif node.op_type == "Gather" and use.idx == 0:
-                axis = 0
-            else:
-                continue
-            break
+        axis = _weight_axis(value, model)
         if axis is None:
             continue
         if tensor.size < config.min_elements:
@@ -246,12 +263,13 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                     clustered = _zero_first(clustered)
                     encoding = encode_labels(clustered.labels, cfg.k, 0)
                 stats = _tensor_stats(w, clustered, cfg.k, cfg.format, encoding)
+                stats["scope"] = graph_scope(target.value.graph, model)
                 if cfg.format == "float":
                     target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
                 elif cfg.format == "sparse":
                     pending.append((target, clustered))
                 else:
-                    self._store_codebook(graph, taken, target, clustered)
+                    self._store_codebook(target.value.graph, taken, target, clustered)
                 per_tensor[target.name] = stats
             if self.progress:
                 self.progress(done, total)
@@ -285,6 +303,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             "granularity": "channel" if cfg.per_channel else {"always": "scaled channel", "never": "tensor",
                                                                "auto": "tensor or scaled channel"}[cfg.channel_scales],
             "tensors": per_tensor,
+            "subgraphs": _by_subgraph(per_tensor),
             "totals": totals,
             "skipped": skipped,
         }
@@ -329,10 +348,10 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                           labels, scales)
 
     def _int8_biases(self, model: ir.Model, taken: set[str]) -> dict[str, dict[str, Any]]:
-        """Store every bias as int8 (``int8_biases``); per tensor: bytes and relative error."""
-        graph = model.graph
+        """Store every bias (of every graph) as int8 (``int8_biases``); per tensor: bytes and relative error."""
         done: dict[str, dict[str, Any]] = {}
-        for value in bias_tensors(graph, model, _INT8_BIAS_MIN_ELEMENTS):
+        for graph, value in ((g, v) for g in (model.graph, *model.graph.subgraphs())
+                             for v in bias_tensors(g, model, _INT8_BIAS_MIN_ELEMENTS)):
             name = value.name
             nodes: list[ir.Node] = []
             original = value.const_value.numpy()
@@ -376,7 +395,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             part.name = unique_name(graph, f"{target.name}/labels", taken)
             index = add("Reshape", [part, add_initializer(graph, f"{target.name}_shape",
                                                           np.array(clustered.labels.shape, np.int64), taken)])
-            self._store_codebook(graph, taken, target, clustered, index)
+            self._store_codebook(target.value.graph, taken, target, clustered, index)
         for node in nodes:
             graph.append(node)
         return shared
@@ -385,7 +404,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered,
         index: ir.Value | None = None,
     ) -> None:
-        """Replace the weight by ``Cast(labels) [+ offsets] -> Gather(codebook) [* scales]``.
+        """Replace the weight by ``Cast(labels) [+ offsets] -> Gather(codebook) [* scales]`` in
+        ``graph``, the graph that owns the weight (an If branch or a loop body for theirs).
 
         The labels keep the weight's shape, so the Gather already yields the weight's shape, and
         the last node's output takes the weight's name: consumers read the same name as before.
@@ -437,6 +457,18 @@ class _Clustered:
     centroids: np.ndarray  # [K] or, per channel, [C, K]
     labels: np.ndarray  # the weight's shape
     scales: np.ndarray | None  # [C] with channel scales
+
+
+def _by_subgraph(per_tensor: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Tensors clustered inside If branches and Loop/Scan bodies, per subgraph: count and bytes."""
+    found: dict[str, dict[str, int]] = {}
+    for stats in per_tensor.values():
+        if stats["scope"] != "main":
+            row = found.setdefault(stats["scope"], {"tensors": 0, "elements": 0, "bytes_before": 0, "bytes_after": 0})
+            row["tensors"] += 1
+            for key in ("elements", "bytes_before", "bytes_after"):
+                row[key] += stats[key]
+    return found
 
 
 def _channel_shape(ndim: int, axis: int, channels: int) -> list[int]:

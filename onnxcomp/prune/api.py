@@ -24,6 +24,7 @@ from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import consumer_input_stats, cut_channels
 from onnxcomp.prune.importance import group_scores_and_state
 from onnxcomp.prune.select import eligible_groups, select_channels
+from onnxcomp.prune.subgraphs import prune_subgraphs
 from onnxcomp.stage import Context, Stage
 
 __all__ = ["prune", "prune_in_place", "PruneStage"]
@@ -120,6 +121,9 @@ def prune_in_place(
                        fold_border=config.fold_border)
     removal = {gid: removal[gid] for gid in cut["removed"]}
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
+    inside = prune_subgraphs(work, config)  # zero channels inside If/Loop/Scan bodies (exact)
+    if inside:
+        report["subgraphs"] = inside
     if config.reconstruct and removal:
         from onnxcomp.prune.reconstruct import reconstruct
 
@@ -140,7 +144,8 @@ def prune_in_place(
             "calibration_output_sqnr_db_before": before_fit,
             "calibration_output_sqnr_db_after": after_fit,
         }
-    if removal:
+    in_bodies = _removed_inside(inside)
+    if removal or in_bodies:
         ensure_valid(work, None, "prune", report, tuple(c for c in ("checker", "onnxruntime") if c not in tolerated))
     if targeted is not None:
         timing["allocation"] = targeted.seconds
@@ -160,7 +165,8 @@ def prune_in_place(
             for g in analysis.groups if g.prunable
         ],
         "skipped_groups": {str(k): v for k, v in skipped.items()},
-        "channels_removed": int(sum(len(r) for r in removal.values())),
+        "channels_removed": int(sum(len(r) for r in removal.values())) + in_bodies,
+        "channels_removed_in_subgraphs": in_bodies,
         "kept_back": {str(k): v for k, v in cut["kept_back"].items()},
         "bias_folds": cut["bias_folds"],
         "border_error_folds": cut["border_error_folds"],
@@ -185,6 +191,12 @@ class PruneStage(Stage):
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
         return prune_in_place(work, self.config, calibration=ctx.fit_data, progress=ctx.progress_for(self.name),
                               serialized_sizes=False)
+
+
+def _removed_inside(subgraphs: dict[str, Any]) -> int:
+    """Channels removed inside subgraphs (nested ones too), from :func:`prune_subgraphs`' report."""
+    return sum(int(e.get("channels_removed", 0)) + _removed_inside(e.get("subgraphs") or {})
+               for e in subgraphs.values() if isinstance(e, dict))
 
 
 def _where(group) -> str:

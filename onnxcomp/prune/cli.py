@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if not report["groups"]:
+    if not report["groups"] and not report.get("subgraphs"):
         raise OnnxcompError(
             f"{args.model}: no prunable channel groups found (the model has "
             f"{report['before']['parameters']:,} parameters); nothing written"
@@ -119,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     removed = int(report.get("channels_removed") or 0)
     why = ""
     if removed == 0:
-        reasons = [*report["kept_back"].values(), *report["skipped_groups"].values()]
+        reasons = [*report["kept_back"].values(), *report["skipped_groups"].values(),
+                   *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
         why = str(reasons[0]) if reasons else f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
     check = run_check(con, model, out, split, check_cfg, report, compressed=removed, what="channels removed", why=why)
     status = check_status(args, check)
@@ -164,6 +165,11 @@ def _run(args: argparse.Namespace) -> int:
         con.print(f"[yellow]group {esc(gid)}:[/yellow] {esc(why)}")
     if report["skipped_groups"]:
         con.print(f"{len(report['skipped_groups'])} group(s) not pruned (--json lists why)")
+    for where, entry in report.get("subgraphs", {}).items():
+        text = entry if isinstance(entry, str) else (
+            f"{entry['channels_removed']} zero channel(s) folded" + (f" ({entry['why_none']})" if entry.get("why_none") else "")
+            + (f"; {entry['note']}" if entry.get("note") else ""))
+        con.print(f"subgraph {esc(where)}: {esc(text)}")
     con.print(f"wrote {esc(out)}")
     print_check(con, check)
     return status

@@ -47,13 +47,17 @@ __all__ = ["fallback_to_budget", "local_damage", "damage_blocks", "study_of"]
 
 
 def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str],
-                 feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Relative noise power added at each int8 node (module docstring); nodes not measured get 0."""
+                 feeds: Sequence[dict[str, np.ndarray]], units: dict[str, tuple[str, str]] | None = None
+                 ) -> dict[str, float]:
+    """Relative noise power added at each int8 node (module docstring); nodes not measured get 0.
+    A quantized subgraph (``units``: name -> (control-flow node, attribute)) is measured at its
+    node's outputs (both branches of an If get the If's damage)."""
     sqnr = layer_sqnr(float_model, int8_model, list(feeds))
     by_name = {n.name: n for n in float_model.graph}
+    units = units or {}
     damage = {}
     for name in nodes:
-        node = by_name.get(name)
+        node = by_name.get(units[name][0] if name in units else name)
         out = _measured_output(node, sqnr) if node is not None and node.outputs else None
         if out is None:
             damage[name] = 0.0
@@ -157,7 +161,8 @@ def fallback_to_budget(
     # The check already found the all-int8 model short of the budget: it is built once for the
     # per-layer comparison, not evaluated again.
     all_int8 = study.build(frozenset())
-    damage = local_damage(study.work, all_int8, study.nodes, study.feeds[:damage_feeds])
+    reference = study.float_work if study.float_work is not None else study.work
+    damage = local_damage(reference, all_int8, study.nodes, study.feeds[:damage_feeds], study.units)
     del all_int8
     blocks = damage_blocks(study.nodes, damage, block_size)
     limit_nodes = max(1, int(max_float_fraction * len(study.nodes)))

@@ -134,8 +134,8 @@ def _branch_line(branch: dict | str) -> str:
 
 def _recurrent_sections(report: dict) -> list[dict]:
     """The ``recurrent`` sections of a static report: the main graph's (which covers uncalibrated
-    branches) and the calibrated branches' (nested too)."""
-    return [report.get("recurrent") or {}] + [
+    branches) and the calibrated branches' (nested too); a dynamic report is its own section."""
+    return [report.get("recurrent") or (report if "lstm_int8" in report else {})] + [
         section for b in (report.get("branches") or {}).values() if isinstance(b, dict)
         for section in _recurrent_sections(b)]
 
@@ -146,9 +146,12 @@ def print_recurrent(con, report: dict) -> None:
     kernel = sum(len(s.get("lstm_int8") or ()) for s in sections)
     weight_only = sum(len(s.get("recurrent_weight_only") or ()) for s in sections)
     kept = {k: v for s in sections for k, v in (s.get("recurrent_kept_float") or {}).items()}
+    why_float = {k: v for s in sections for k, v in (s.get("recurrent_float_compute") or {}).items()}
     if kernel or weight_only or kept:
         con.print(f"recurrent: {kernel} LSTM as DynamicQuantizeLSTM, {weight_only} weight-only int8, {len(kept)} float"
-                  + (f" ({'; '.join(f'{esc(k)}: {esc(v)}' for k, v in list(kept.items())[:3])})" if kept else ""))
+                  + (f" ({'; '.join(f'{esc(k)}: {esc(v)}' for k, v in list(kept.items())[:3])})" if kept else "")
+                  + (f"; float compute: {'; '.join(f'{esc(k)}: {esc(v)}' for k, v in list(why_float.items())[:2])}"
+                     if why_float else ""))
 
 
 def _recurrent_int8(report: dict) -> int:
@@ -163,7 +166,7 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + _recurrent_int8(report)
         what = "int8 nodes"
     else:
-        count = int(report.get("nodes_quantized") or 0) + len(report.get("lstm_int8") or ())
+        count = int(report.get("nodes_quantized") or 0) + _recurrent_int8(report)
         what = "quantized weights" if mode == "weight-only" else "dynamically quantized nodes"
     why = ""
     if count == 0:
@@ -356,6 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         for where, branch in report.get("branches", {}).items():
             con.print(f"If branch {where}: " + _branch_line(branch))
+    if args.mode in ("static", "dynamic"):
         print_recurrent(con, report)
     if ort:
         con.print(f"onnxruntime runs {kernel_summary(ort)}")

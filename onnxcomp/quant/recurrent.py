@@ -9,14 +9,17 @@ How each op gets there is the table :data:`onnxcomp.ops.RECURRENT_INT8`:
   possible (``per_channel``) but onnxruntime's kernel then loses far more than the finer weight
   scales gain. Bias, sequence lengths, initial states, peepholes and
   attributes carry over.
-* **weight-only** (GRU and RNN, which onnxruntime has no int8 kernel for, and an LSTM the kernel
-  cannot take: ``layout=1``): W and R are stored int8, symmetric over the full range [-127, 127]
+* **weight-only** (GRU and RNN, which onnxruntime has no int8 kernel for: its contrib ops,
+  checked on onnxruntime 1.32's registered schemas, quantize LSTM only; and an LSTM the kernel
+  cannot take: ``layout=1``), in static and dynamic mode alike: W and R are stored int8, symmetric over the full range [-127, 127]
   (the op computes in float, so the int8 kernels' saturation on CPUs without VNNI does not
   apply), one scale per gate row and direction, behind a ``DequantizeLinear`` placed in the graph
   that owns the weight (an outer weight of a Loop body is dequantized once per run, not per
   iteration). Needs opset 13 (per-axis DequantizeLinear).
 
-What stays float, said in the report (``recurrent_kept_float``, with the reason): excluded nodes,
+The report names every op whose compute stays float on int8 weights and why
+(``recurrent_float_compute``). What stays float entirely, said in the report
+(``recurrent_kept_float``, with the reason): excluded nodes,
 weights that are not constant float32 3-D tensors, weight-only below opset 13. Ops inside If
 branches and Loop/Scan bodies are converted too (their weights are read from wherever they live).
 :func:`dequantized_weight` is the weight-only storage shared with the uncalibrated If branches of
@@ -109,6 +112,14 @@ def dequantized_weight(value: ir.Value, q: np.ndarray, scale: np.ndarray, axis: 
     return nodes[-1].outputs[0]
 
 
+def _no_kernel(node: ir.Node, rule: RecurrentInt8) -> str:
+    """Why ``node`` has no int8 kernel (it is weight-only or float)."""
+    if rule.kernel is None:
+        return (f"onnxruntime has no int8 kernel for {node.op_type} (its contrib ops quantize LSTM only, "
+                f"as DynamicQuantizeLSTM; there is no DynamicQuantize{node.op_type})")
+    return f"{rule.kernel} does not take layout={node.attributes.get_int('layout', 0)}"
+
+
 class RecurrentInt8Pass(CompressionPass[RecurrentInt8Config]):
     """LSTM/GRU/RNN weights to int8 as :data:`~onnxcomp.ops.RECURRENT_INT8` says (module docstring)."""
 
@@ -120,6 +131,7 @@ class RecurrentInt8Pass(CompressionPass[RecurrentInt8Config]):
         kernel: list[str] = []
         weight_only: list[str] = []
         kept: dict[str, str] = {}
+        float_compute: dict[str, str] = {}
         before = after = 0
         taken = all_value_names(model.graph)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -138,7 +150,7 @@ class RecurrentInt8Pass(CompressionPass[RecurrentInt8Config]):
                 self._to_kernel(model, node, rule, taken)
                 kernel.append(label)
             elif not self.config.weight_only:
-                kept[label] = f"onnxruntime has no int8 kernel for {node.op_type}"
+                kept[label] = _no_kernel(node, rule)
                 continue
             elif opset < WEIGHT_ONLY_MIN_OPSET:
                 kept[label] = f"weight-only int8 needs opset {WEIGHT_ONLY_MIN_OPSET} (per-axis DequantizeLinear), the model has {opset}"
@@ -146,6 +158,7 @@ class RecurrentInt8Pass(CompressionPass[RecurrentInt8Config]):
             else:
                 self._weight_only(node, rule, taken)
                 weight_only.append(label)
+                float_compute[label] = _no_kernel(node, rule) + ": W and R stored int8, the op computes in float"
             before += nbytes
             after += sum(v.const_value.nbytes // 4 for v in weights)
             for value in weights:  # the float weights, unless something else reads them
@@ -156,6 +169,7 @@ class RecurrentInt8Pass(CompressionPass[RecurrentInt8Config]):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return bool(kernel or weight_only), {
             "lstm_int8": kernel, "recurrent_weight_only": weight_only, "recurrent_kept_float": kept,
+            "recurrent_float_compute": float_compute,
             "recurrent_weight_bytes": {"before": before, "after": after},
         }
 

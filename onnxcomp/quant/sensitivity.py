@@ -123,6 +123,11 @@ class QuantStudy:
     outputs: tuple[list[str], dict[str, str], dict[str, str]] | None = None
     #: (executor, what its tasks carry for the shared data), see :meth:`_shared_data`
     _shared: tuple[Any, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: the prepared model with every subgraph float (``work`` holds them quantized), when ``units``
+    float_work: ir.Model | None = None
+    #: quantized If branches and Loop/Scan bodies, by ``node/attribute``: candidates like nodes
+    #: (see :func:`quantize_subgraphs`), each moved to float or kept int8 whole
+    units: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_calibrated(
@@ -143,12 +148,16 @@ class QuantStudy:
 
         work = calibrated.work
         feeds = list(feeds)
-        reference = run_model(work, feeds) if reference is None else [list(r) for r in reference]
+        float_work, units = calibrated.float_work, dict(calibrated.units)
+        if reference is None:
+            reference = run_model(float_work if float_work is not None else work, feeds)
+        reference = [list(r) for r in reference]
         outputs = None
         if check_figures:
             outputs = ([v.name for v in work.graph.outputs], output_kinds(work), pooled_outputs(work))
-        return cls(work, calibrated.config, calibrated.ranges, calibrated.keep_float, list(calibrated.plan.nodes),
-                   feeds, reference, None, [], calibrated.base, calibrated.prepared, list(calibrated.finish), outputs)
+        return cls(work, calibrated.config, calibrated.ranges, calibrated.keep_float,
+                   with_units(work, calibrated.plan.nodes, units), feeds, reference, None, [], calibrated.base,
+                   calibrated.prepared, list(calibrated.finish), outputs, float_work=float_work, units=units)
 
     @classmethod
     def prepare(
@@ -178,6 +187,7 @@ class QuantStudy:
         else:
             work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
         prepared = static.prepare(work, config, calibration)
+        float_work, units = quantize_subgraphs(work, prepared.data, config)
         base, plan, result, keep_float = static.calibrate_plan(work, config, prepared.data, for_variants=True)
         evaluation = load_data(eval_data, work) if eval_data is not None else prepared.data
         feeds = []
@@ -189,14 +199,18 @@ class QuantStudy:
             labels = np.asarray(labels)
             if eval_data is None:
                 raise ConfigError("labels need eval_data (they label the evaluation samples)")
-        reference = run_model(work, feeds)
+        reference = run_model(float_work if float_work is not None else work, feeds)
         if labels is not None:
             n = sum(int(r[0].shape[0]) for r in reference)
             labels = labels[:n]
         if in_place:
             work = clone_model(work)
-        return cls(work, config, result.ranges, keep_float, plan.nodes, feeds, reference, labels, notes, base,
-                   prepared)
+        # the steps quantize takes after the rewrite (static.quantize_static), so that the variants
+        # are what quantize would write: embedding tables, recurrent weights, weight-only kept nodes
+        finish = [lambda m: static.quantize_embeddings(m, config), lambda m: static.quantize_recurrent(m, config),
+                  lambda m: static.weight_only_kept(m, config, keep_float)]
+        return cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
+                   labels, notes, base, prepared, finish, float_work=float_work, units=units)
 
     @property
     def samples(self) -> int:
@@ -210,12 +224,23 @@ class QuantStudy:
         study's prepared model or an identical copy).
         """
         model = clone_model(self.work) if into is None else into
+        units = [self.units[u] for u in float_nodes if u in self.units] if self.float_work is not None else []
+        if units:
+            from onnxcomp.quant.subgraphs import restore_float_body
+
+            for unit in units:  # the main graph is planned around the float body
+                restore_float_body(model, self.float_work, *unit)
         keep = dict(self.keep_float)
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
         for step in self.finish:
             step(model)
+        for unit in units:  # again: the steps after the rewrite (recurrent weights) reach into bodies
+            try:
+                restore_float_body(model, self.float_work, *unit)
+            except KeyError:  # an outer value the float body reads was rewritten away: keep the first
+                pass
         return model
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
@@ -254,7 +279,44 @@ class QuantStudy:
         return self._shared[1]
 
     def float_metrics(self) -> dict[str, float]:
-        return evaluate_model_bytes(model_to_bytes(self.work), self.feeds, self.reference, self.labels)
+        float_model = self.float_work if self.float_work is not None else self.work
+        return evaluate_model_bytes(model_to_bytes(float_model), self.feeds, self.reference, self.labels)
+
+    def op_type(self, name: str) -> str:
+        """The op type of the candidate ``name``: a node's, or ``If subgraph`` for a unit."""
+        if name in self.units:
+            node = next(n for n in self.work.graph if n.name == self.units[name][0])
+            return f"{node.op_type} subgraph"
+        return next(n.op_type for n in self.work.graph if n.name == name)
+
+
+def quantize_subgraphs(work: ir.Model, data: Dataset, config: QuantizeConfig
+                       ) -> tuple[ir.Model | None, dict[str, tuple[str, str]]]:
+    """Quantize ``work``'s If branches and Loop/Scan bodies in place, as ``quantize`` does
+    (:func:`onnxcomp.quant.subgraphs.quantize_branches`, before the main graph is calibrated),
+    for the sensitivity study and the fidelity fallback.
+
+    Each subgraph that was calibrated and kept quantized becomes one candidate (a *unit*, named
+    ``node/attribute`` as in quantize's ``branches`` report), moved to float or kept int8 whole:
+    its nodes are quantized by a calibration of their own (the body run as a model on the outer
+    values captured from the main graph), so a candidate per inner node would cost one such
+    calibration each, where a unit costs a graft. Returns a float copy of ``work`` (the source
+    of float bodies, and the float reference) and the units; ``(None, {})`` without subgraphs.
+    """
+    if not any(True for _ in work.graph.subgraphs()):
+        return None, {}
+    from onnxcomp.quant.subgraphs import branch_units, quantize_branches
+
+    float_work = clone_model(work)
+    return float_work, branch_units(quantize_branches(work, data, config, static._quantize_branch))
+
+
+def with_units(work: ir.Model, nodes: Sequence[str], units: dict[str, tuple[str, str]]) -> list[str]:
+    """The candidates in graph order: the planned nodes, each unit where its control-flow node sits."""
+    if not units:
+        return list(nodes)
+    order = {n.name: i for i, n in enumerate(work.graph)}
+    return sorted([*nodes, *units], key=lambda c: order.get(units[c][0] if c in units else c, len(order)))
 
 
 def analyze_sensitivity(
@@ -280,10 +342,9 @@ def analyze_sensitivity(
     full = results[0]
     alone = results[1 : 1 + len(nodes)]
     all_but = results[1 + len(nodes) :]
-    by_name = {n.name: n for n in study.work.graph}
     rows = []
     for name, a, b in zip(nodes, alone, all_but):
-        row = {"node": name, "op_type": by_name[name].op_type, "alone_sqnr_db": a["sqnr_db"],
+        row = {"node": name, "op_type": study.op_type(name), "alone_sqnr_db": a["sqnr_db"],
                "all_but_sqnr_db": b["sqnr_db"], "gain_db": b["sqnr_db"] - full["sqnr_db"]}
         if "accuracy" in a:
             row["alone_accuracy"] = a["accuracy"]
@@ -483,7 +544,7 @@ def _give_back(
 
 
 def _op(study: QuantStudy, name: str) -> str:
-    return next(n.op_type for n in study.work.graph if n.name == name)
+    return study.op_type(name)
 
 
 def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[str], dict[str, Any]]:

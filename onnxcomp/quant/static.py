@@ -102,6 +102,10 @@ class Calibrated:
     prepared: Prepared
     #: steps after the rewrite that every variant needs too (embedding tables, QAttention), in order
     finish: list[Callable[[ir.Model], object]] = dataclasses.field(default_factory=list)
+    #: the prepared model with its If/Loop/Scan bodies float (``work`` holds them quantized), and
+    #: the quantized bodies a variant may put back in float (onnxcomp.quant.subgraphs.branch_units)
+    float_work: ir.Model | None = None
+    units: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def prepare(
@@ -272,9 +276,11 @@ def quantize_static(
     ``keep``: called with the :class:`Calibrated` state before the rewrite (the calibration then
     also observes what variants with nodes in float need), for a fallback that follows.
     """
-    from onnxcomp.quant.subgraphs import quantize_branches
+    from onnxcomp.quant.subgraphs import branch_units, quantize_branches
 
     prepared = prepare(work, config, calibration, cleanup=cleanup)
+    has_bodies = keep is not None and any(True for _ in work.graph.subgraphs())
+    float_bodies = clone_model(work) if has_bodies else None  # for a fallback that moves bodies to float
     branches = quantize_branches(work, prepared.data, config, _quantize_branch)
     total = prepared.data.num_feeds
     base, plan, result, kept_float = calibrate_plan(
@@ -291,7 +297,8 @@ def quantize_static(
             lambda trial, r: rewrite(trial, config, plan, r),
             per_tensor=config.calibration == "per-tensor")
     if keep is not None:
-        kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared)
+        kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared,
+                          float_work=float_bodies, units=branch_units(branches) if has_bodies else {})
         kept.finish.extend([lambda model: quantize_embeddings(model, config),
                             lambda model: quantize_recurrent(model, config),
                             lambda model: weight_only_kept(model, config, kept_float)])

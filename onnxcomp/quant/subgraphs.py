@@ -43,7 +43,7 @@ from onnxcomp.ops import COMPUTE_OPS, is_default_domain, linear_spec
 from onnxcomp.quant.primitives import quantize_weight
 from onnxcomp.quant.recurrent import dequantized_weight
 
-__all__ = ["quantize_branches", "weight_only_int8"]
+__all__ = ["quantize_branches", "branch_units", "restore_float_body", "weight_only_int8"]
 
 _BRANCHES = ("then_branch", "else_branch")
 
@@ -261,6 +261,24 @@ def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
     for value in values:
         if id(value) not in keep and graph.initializers.get(value.name) is value:
             graph.initializers.pop(value.name)
+
+
+def branch_units(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The subgraphs :func:`quantize_branches` calibrated and kept quantized, by its report's key
+    ``node/attribute``: ``(node name, attribute)`` (the sensitivity study's units)."""
+    return {key: tuple(key.rsplit("/", 1)) for key, entry in report.items()
+            if isinstance(entry, dict) and entry.get("feeds")}
+
+
+def restore_float_body(model: ir.Model, float_model: ir.Model, node_name: str, attr: str) -> None:
+    """Put back, in ``model``, the float subgraph ``attr`` of main-graph node ``node_name`` as
+    ``float_model`` (the same model before its subgraphs were quantized) has it (the sensitivity
+    study's units, onnxcomp.quant.sensitivity)."""
+    index = next(i for i, n in enumerate(float_model.graph) if n.name == node_name)
+    node = next(n for n in model.graph if n.name == node_name)
+    old = node.attributes[attr].value
+    _graft(model, node, attr, _as_model(float_model, index, attr), len(old.inputs))
+    _detach(old)
 
 
 def weight_only_int8(model: ir.Model, nodes: Iterable[ir.Node], selector: Any, body: ir.Graph | None = None

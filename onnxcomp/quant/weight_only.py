@@ -859,7 +859,8 @@ def quantize_dynamic_in_place(
     if "LSTM" in op_types:
         from onnxcomp.quant.recurrent import RecurrentInt8Config, RecurrentInt8Pass
 
-        recurrent = RecurrentInt8Config(exclude=config.exclude, reduce_weights=config.reduce_weights, weight_only=False)
+        # GRU/RNN: no int8 kernel in onnxruntime, so weight-only int8 (float compute), as in static mode
+        recurrent = RecurrentInt8Config(exclude=config.exclude, reduce_weights=config.reduce_weights)
         report.update(RecurrentInt8Pass(recurrent)(work).stats)
         report["model_weight_bytes_after"] = initializer_nbytes(work)
     return report
