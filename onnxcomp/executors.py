@@ -76,21 +76,24 @@ def _ignore_sigint() -> None:
 
 @contextlib.contextmanager
 def spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
-    """Ignore Ctrl-C while a process pool starts its workers (on submit), so that they inherit it.
+    """Hold Ctrl-C back while a process pool starts its workers (on submit), so that they inherit that.
 
     A worker still importing its modules when Ctrl-C reaches the process group would otherwise
-    print a traceback before its initializer runs; Python keeps an inherited SIG_IGN.
+    print a traceback before its initializer runs. SIGINT is blocked, not ignored: the workers
+    inherit the signal mask (their initializer then ignores it), while a Ctrl-C that reaches this
+    process meanwhile stays pending and interrupts it when the mask is lifted (ignoring it here
+    dropped it: the run went on to the end and exited 0).
     """
     if not isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
         threading.current_thread() is not threading.main_thread()
     ):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stop_pool(executor: concurrent.futures.Executor, *, cancel: bool) -> None:

@@ -380,8 +380,6 @@ def _children(pid: int) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to see the worker processes")
-@pytest.mark.xfail(strict=False, reason="inside the whole suite on a fresh clone the interrupted run exited 0 three "
-                   "times in a row, while alone (same venv, same environment variables) it exits 130: not understood")
 def test_ctrl_c_during_sensitivity_with_workers_is_one_line(tmp_path):
     """Ctrl-C reaches the whole process group (as from a terminal): no worker traceback, exit 130."""
     # every evaluation feed, so that the workers' part lasts long enough to be interrupted
