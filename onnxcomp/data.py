@@ -374,6 +374,18 @@ class Dataset:
             n = sum(1 for i in range(n) if select(i))
         return min(n, self.limit) if self.limit is not None else n
 
+    @property
+    def num_samples(self) -> int | None:
+        """Samples of an .npz/.npy source (axis 0 of its arrays, every feed); None for the others."""
+        return self._num_samples if self._arrays is not None else None
+
+    def check_first(self) -> None:
+        """Validate the first feed now (names, dtypes, shapes) when the source is a file or folder,
+        so that data that cannot match the model is refused before any work; other sources may be
+        readable only once and are left to their first use."""
+        if self._arrays is not None or self._files is not None:
+            self.first()
+
     def subset(self, select: Callable[[int], bool], *, name: str | None = None) -> Dataset:
         """A view of the feeds whose index (in the unfiltered stream) ``select`` accepts.
 

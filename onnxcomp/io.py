@@ -700,10 +700,16 @@ def check_destinations(
 
 def _check_destination(label: str, path: str | os.PathLike, *, force: bool) -> Path:
     """One output file: not a folder, in an existing writable folder, not read-only unless forced."""
+    if not os.fspath(path):
+        raise ModelSaveError(f"{label}: the output path is empty; give a file name for the output")
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise ModelSaveError(f"{label} {target}: is a directory; give a file name for the output")
+    if target.exists() and not target.is_file():
+        # an atomic save renames a new file over it: a device such as /dev/null would be replaced
+        raise ModelSaveError(f"{label} {target}: is not a regular file (a device, pipe or socket); "
+                             "give a file name for the output")
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise ModelSaveError(f"{label} {target}: output folder {folder} {what}")

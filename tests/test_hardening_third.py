@@ -2,6 +2,10 @@
 
 - Ctrl-C that reaches the process while a process pool starts its workers was dropped (the run
   went on to the end and exited 0).
+- An output that exists but is not a regular file (``-o /dev/null``, a FIFO) was replaced by the
+  atomic rename (as root: the device node itself); ``-o ''`` was reported as the folder ``.``.
+- Evaluation data or labels that cannot match the model were found only by the check, after the
+  output was written: ``CHECK FAILED`` and exit 0 (``compress``: an error after the whole run).
 """
 
 from __future__ import annotations
@@ -10,10 +14,40 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import MODELS, file_digest
 
 from onnxcomp.executors import spawning
+
+CNN = str(MODELS / "digits_cnn.onnx")
+MLP = str(MODELS / "digits_mlp.onnx")
+CALIB = str(MODELS / "digits_calib.npz")
+EVAL = str(MODELS / "digits_eval.npz")
+LABELS = str(MODELS / "digits_eval_labels.npy")
+SHIPPED = [Path(p) for p in (CNN, MLP, CALIB, EVAL, LABELS)]
+
+
+def refused(argv: list[str], cwd: Path, *fragments: str, inputs=()) -> str:
+    """Run ``python -m onnxcomp ARGV`` in ``cwd``: exit 1, one ``onnxcomp: error:`` line holding
+    every fragment, no traceback, inputs byte-identical, nothing new in ``cwd``; returns the line."""
+    watched = [*SHIPPED, *inputs]
+    before = {p: file_digest(p) for p in watched}
+    listing = sorted(os.listdir(cwd))
+    proc = subprocess.run([sys.executable, "-m", "onnxcomp", *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("onnxcomp: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert {p: file_digest(p) for p in watched} == before
+    assert sorted(os.listdir(cwd)) == listing
+    return lines[0]
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
@@ -33,3 +67,43 @@ def test_ctrl_c_while_workers_start_is_not_dropped():
         pool.shutdown(wait=True, cancel_futures=True)
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("command", [
+    ["quantize", CNN, "-o", "fifo", "--calibration", CALIB],
+    ["cluster", MLP, "-o", "fifo"],
+    ["compress", CNN, "-o", "out.onnx", "--calibration", CALIB, "--report", "fifo"],
+], ids=["quantize-o", "cluster-o", "compress-report"])
+def test_output_that_is_not_a_regular_file_is_refused(tmp_path, command):
+    os.mkfifo(tmp_path / "fifo")
+    flag = "--report" if "--report" in command else "-o"
+    refused(command, tmp_path, f"{flag} fifo: is not a regular file")
+    assert (tmp_path / "fifo").is_fifo()
+
+
+def test_empty_output_path_is_named_as_such(tmp_path):
+    line = refused(["quantize", CNN, "-o", "", "--calibration", CALIB], tmp_path, "-o: the output path is empty")
+    assert "directory" not in line
+
+
+def test_labels_that_do_not_match_the_evaluation_data_are_refused_before_work(tmp_path):
+    np.save(tmp_path / "few.npy", np.zeros(3, np.int64))
+    for command in (["quantize", CNN, "-o", "out.onnx", "--calibration", CALIB],
+                    ["prune", CNN, "-o", "out.onnx"],
+                    ["compress", CNN, "-o", "out.onnx", "--calibration", CALIB]):
+        refused([*command, "--eval", EVAL, "--labels", "few.npy"], tmp_path,
+                "--labels: 3 label(s) for the 450 sample(s)", "digits_eval.npz",
+                inputs=[tmp_path / "few.npy"])
+
+
+def test_evaluation_data_that_cannot_match_the_model_is_refused_before_work(tmp_path):
+    images = np.load(EVAL)["image"][:20]
+    np.savez(tmp_path / "f64.npz", image=images.astype(np.float64))
+    np.savez(tmp_path / "small.npz", image=np.ascontiguousarray(images[:, :, :4]))
+    refused(["cluster", CNN, "-o", "out.onnx", "--data", "f64.npz"], tmp_path,
+            "f64.npz sample 0: input 'image' has dtype float64", inputs=[tmp_path / "f64.npz"])
+    refused(["prune", CNN, "-o", "out.onnx", "--eval", "small.npz"], tmp_path,
+            "small.npz sample 0: input 'image' has size 4 on axis 2", inputs=[tmp_path / "small.npz"])
+    refused(["quantize", CNN, "-o", "out.onnx", "--calibration", CALIB, "--eval", "f64.npz"], tmp_path,
+            "f64.npz sample 0: input 'image' has dtype float64", inputs=[tmp_path / "f64.npz"])
