@@ -295,10 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argparse's own errors (an unknown option, a bad choice) exit with status 1 via ``SystemExit``.
     """
-    _load_commands()
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        _load_commands()  # numpy, onnx, onnxruntime: seconds in which Ctrl-C is likely
+        args = build_parser().parse_args(argv)
         _help, _configure, run = _COMMANDS[args.command]
         return run(args)
     except OnnxcompError as exc:

@@ -6,6 +6,7 @@
   atomic rename (as root: the device node itself); ``-o ''`` was reported as the folder ``.``.
 - Evaluation data or labels that cannot match the model were found only by the check, after the
   output was written: ``CHECK FAILED`` and exit 0 (``compress``: an error after the whole run).
+- Ctrl-C in the first seconds (numpy, onnx, onnxruntime being imported) printed a traceback.
 """
 
 from __future__ import annotations
@@ -107,3 +108,14 @@ def test_evaluation_data_that_cannot_match_the_model_is_refused_before_work(tmp_
             "small.npz sample 0: input 'image' has size 4 on axis 2", inputs=[tmp_path / "small.npz"])
     refused(["quantize", CNN, "-o", "out.onnx", "--calibration", CALIB, "--eval", "f64.npz"], tmp_path,
             "f64.npz sample 0: input 'image' has dtype float64", inputs=[tmp_path / "f64.npz"])
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch, capsys):
+    import onnxcomp.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_commands", interrupted)
+    assert cli.main(["inspect", CNN]) == 130
+    assert capsys.readouterr().err == "onnxcomp: interrupted; no output written\n"
