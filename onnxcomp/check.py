@@ -173,10 +173,7 @@ def split_data(
     check would only find them after the output is written)."""
     if evaluation is not None:
         evaluation.check_first()
-        n_samples = evaluation.num_samples
-        if labels is not None and n_samples is not None and len(labels) != n_samples:
-            raise DataError(f"--labels: {len(labels)} label(s) for the {n_samples} sample(s) of the evaluation "
-                            f"data {evaluation.name}")
+        evaluation.check_labels(labels)
         check = evaluation if labels is not None else evaluation.subset(lambda i: i < config.max_feeds)
         n = evaluation.num_feeds
         return DataSplit(calibration, check, True, f"evaluation data {evaluation.name}", labels,

@@ -386,6 +386,13 @@ class Dataset:
         if self._arrays is not None or self._files is not None:
             self.first()
 
+    def check_labels(self, labels: np.ndarray | None) -> None:
+        """Refuse ``labels`` (of this evaluation data) whose count is not the number of samples,
+        when that is known (an .npz/.npy source)."""
+        n = self.num_samples
+        if labels is not None and n is not None and len(labels) != n:
+            raise DataError(f"--labels: {len(labels)} label(s) for the {n} sample(s) of the evaluation data {self.name}")
+
     def subset(self, select: Callable[[int], bool], *, name: str | None = None) -> Dataset:
         """A view of the feeds whose index (in the unfiltered stream) ``select`` accepts.
 

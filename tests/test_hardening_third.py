@@ -6,6 +6,7 @@
   atomic rename (as root: the device node itself); ``-o ''`` was reported as the folder ``.``.
 - Evaluation data or labels that cannot match the model were found only by the check, after the
   output was written: ``CHECK FAILED`` and exit 0 (``compress``: an error after the whole run).
+  ``sensitivity --labels`` with the wrong count gave a traceback from a worker.
 - Ctrl-C in the first seconds (numpy, onnx, onnxruntime being imported) printed a traceback.
 """
 
@@ -92,7 +93,8 @@ def test_labels_that_do_not_match_the_evaluation_data_are_refused_before_work(tm
     np.save(tmp_path / "few.npy", np.zeros(3, np.int64))
     for command in (["quantize", CNN, "-o", "out.onnx", "--calibration", CALIB],
                     ["prune", CNN, "-o", "out.onnx"],
-                    ["compress", CNN, "-o", "out.onnx", "--calibration", CALIB]):
+                    ["compress", CNN, "-o", "out.onnx", "--calibration", CALIB],
+                    ["sensitivity", CNN, "--calibration", CALIB, "--workers", "1", "--json"]):  # was a traceback
         refused([*command, "--eval", EVAL, "--labels", "few.npy"], tmp_path,
                 "--labels: 3 label(s) for the 450 sample(s)", "digits_eval.npz",
                 inputs=[tmp_path / "few.npy"])
