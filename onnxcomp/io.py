@@ -771,6 +771,15 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     return [path, *(Path(f) for f in sorted(refs))]
 
 
+#: Every file :func:`save_model` and :func:`write_text_atomic` put in place in this process, in order.
+_WRITTEN: list[str] = []
+
+
+def written_files() -> list[str]:
+    """The files this process has written so far (a command interrupted after writing says which)."""
+    return list(_WRITTEN)
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -839,6 +848,7 @@ def save_model(
             placed = folder / data_name
             os.replace(tmp_data, placed)  # a new name: the previous model still reads its own data
         os.replace(tmp_model, target)
+        _WRITTEN.append(str(target))
         placed = None
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
@@ -908,6 +918,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, target)
+        _WRITTEN.append(str(target))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -8,6 +8,7 @@
   output was written: ``CHECK FAILED`` and exit 0 (``compress``: an error after the whole run).
   ``sensitivity --labels`` with the wrong count gave a traceback from a worker.
 - Ctrl-C in the first seconds (numpy, onnx, onnxruntime being imported) printed a traceback.
+- Ctrl-C during the check, after the output was written, said "no output written".
 """
 
 from __future__ import annotations
@@ -120,4 +121,26 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch, capsys)
 
     monkeypatch.setattr(cli, "_load_commands", interrupted)
     assert cli.main(["inspect", CNN]) == 130
+    assert capsys.readouterr().err == "onnxcomp: interrupted; no output written\n"
+
+
+def test_ctrl_c_after_the_output_is_written_says_so(tmp_path, monkeypatch, capsys):
+    import onnx
+
+    import onnxcomp.check
+    from onnxcomp.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnxcomp.check, "check_model", interrupted)
+    out = tmp_path / "out.onnx"
+    assert main(["cluster", MLP, "-o", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"onnxcomp: interrupted after writing {out}; its check and summary did not finish\n"
+    onnx.checker.check_model(onnx.load(str(out)))  # complete: written atomically before the check
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+    # a later interrupted command in the same process does not name the earlier file
+    monkeypatch.setattr("onnxcomp.io.load_model", interrupted)
+    assert main(["cluster", MLP, "-o", str(tmp_path / "other.onnx")]) == 130
     assert capsys.readouterr().err == "onnxcomp: interrupted; no output written\n"
