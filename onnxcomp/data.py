@@ -611,7 +611,7 @@ def parse_shapes(items: Sequence[str], *, flag: str = "--shape") -> dict[str, tu
             if any(d < 0 for d in shape):
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"--shape {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
+            raise ConfigError(f"{flag} {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
         shapes[name] = shape
     return shapes
 

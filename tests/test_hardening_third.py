@@ -9,6 +9,7 @@
   ``sensitivity --labels`` with the wrong count gave a traceback from a worker.
 - Ctrl-C in the first seconds (numpy, onnx, onnxruntime being imported) printed a traceback.
 - Ctrl-C during the check, after the output was written, said "no output written".
+- A malformed ``--fix-shape`` was reported as ``--shape``.
 """
 
 from __future__ import annotations
@@ -144,3 +145,9 @@ def test_ctrl_c_after_the_output_is_written_says_so(tmp_path, monkeypatch, capsy
     monkeypatch.setattr("onnxcomp.io.load_model", interrupted)
     assert main(["cluster", MLP, "-o", str(tmp_path / "other.onnx")]) == 130
     assert capsys.readouterr().err == "onnxcomp: interrupted; no output written\n"
+
+
+def test_bad_fix_shape_names_its_own_flag(tmp_path):
+    line = refused(["quantize", CNN, "-o", "out.onnx", "--calibration", CALIB, "--fix-shape", "image=1xax32x32"],
+                   tmp_path, "--fix-shape 'image=1xax32x32': expected NAME=D0xD1x...")
+    assert "--shape" not in line.replace("--fix-shape", "")
