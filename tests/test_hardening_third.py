@@ -10,6 +10,8 @@
 - Ctrl-C in the first seconds (numpy, onnx, onnxruntime being imported) printed a traceback.
 - Ctrl-C during the check, after the output was written, said "no output written".
 - A malformed ``--fix-shape`` was reported as ``--shape``.
+- The README's first command ended with "int8 is SLOWER than float ... 1.03 [0.96, 1.10], within
+  noise": a tie called slower (and a tie below 1 called faster).
 """
 
 from __future__ import annotations
@@ -151,3 +153,17 @@ def test_bad_fix_shape_names_its_own_flag(tmp_path):
     line = refused(["quantize", CNN, "-o", "out.onnx", "--calibration", CALIB, "--fix-shape", "image=1xax32x32"],
                    tmp_path, "--fix-shape 'image=1xax32x32': expected NAME=D0xD1x...")
     assert "--shape" not in line.replace("--fix-shape", "")
+
+
+def test_int8_latency_tie_is_not_called_slower_or_faster():
+    from onnxcomp.measure.latency import explain_int8_latency
+
+    slower_tie = explain_int8_latency(1.03, (0.96, 1.10), 2, {}, {})["summary"]
+    assert slower_tie.startswith("int8 is not measurably faster than float at 2 thread(s): latency ratio 1.03 "
+                                 "[0.96, 1.10], within noise"), slower_tie
+    faster_tie = explain_int8_latency(0.97, (0.90, 1.05), 2, {}, {})["summary"]
+    assert faster_tie == "int8 is not measurably faster than float at 2 thread(s): latency ratio 0.97 [0.90, 1.05], within noise"
+    slower = explain_int8_latency(1.3, (1.2, 1.4), 2, {}, {})["summary"]
+    assert slower.startswith("int8 is SLOWER than float at 2 thread(s): latency ratio 1.30 [1.20, 1.40]"), slower
+    faster = explain_int8_latency(0.7, (0.6, 0.8), 2, {}, {})["summary"]
+    assert faster == "int8 is faster than float at 2 thread(s): latency ratio 0.70 [0.60, 0.80]"
