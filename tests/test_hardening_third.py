@@ -10,6 +10,7 @@
 - Ctrl-C in the first seconds (numpy, onnx, onnxruntime being imported) printed a traceback.
 - Ctrl-C during the check, after the output was written, said "no output written".
 - A malformed ``--fix-shape`` was reported as ``--shape``.
+- A bad ``--check-fraction`` / ``--min-cosine`` named a dataclass field and listed four flags.
 - The README's first command ended with "int8 is SLOWER than float ... 1.03 [0.96, 1.10], within
   noise": a tie called slower (and a tie below 1 called faster).
 """
@@ -167,3 +168,15 @@ def test_int8_latency_tie_is_not_called_slower_or_faster():
     assert slower.startswith("int8 is SLOWER than float at 2 thread(s): latency ratio 1.30 [1.20, 1.40]"), slower
     faster = explain_int8_latency(0.7, (0.6, 0.8), 2, {}, {})["summary"]
     assert faster == "int8 is faster than float at 2 thread(s): latency ratio 0.70 [0.60, 0.80]"
+
+
+@pytest.mark.parametrize("flag,value,field", [("--check-fraction", "nan", "fraction"), ("--check-fraction", "0.7", "fraction"),
+                                              ("--min-cosine", "inf", "min_cosine"), ("--min-agreement", "2", "min_agreement")])
+def test_bad_check_budget_names_its_flag(tmp_path, capsys, flag, value, field):
+    from onnxcomp.cli import main
+
+    out = tmp_path / "never-written.onnx"
+    assert main(["cluster", MLP, "-o", str(out), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"onnxcomp: error: {flag}: ") and field in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
