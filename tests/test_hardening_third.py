@@ -11,6 +11,7 @@
 - Ctrl-C during the check, after the output was written, said "no output written".
 - A malformed ``--fix-shape`` was reported as ``--shape``.
 - A bad ``--check-fraction`` / ``--min-cosine`` named a dataclass field and listed four flags.
+- ``bench A B`` with models of different inputs failed naming neither (``<list> feed 0: ...``).
 - The README's first command ended with "int8 is SLOWER than float ... 1.03 [0.96, 1.10], within
   noise": a tie called slower (and a tie below 1 called faster).
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS, file_digest
+from conftest import MODELS, file_digest, make_proto
 
 from onnxcomp.executors import spawning
 
@@ -180,3 +181,14 @@ def test_bad_check_budget_names_its_flag(tmp_path, capsys, flag, value, field):
     err = capsys.readouterr().err
     assert err.startswith(f"onnxcomp: error: {flag}: ") and field in err and err.count("\n") == 1, err
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_of_models_with_different_inputs_names_the_model(tmp_path):
+    import onnx
+    import onnx.helper as oh
+
+    tiny = make_proto([oh.make_node("Relu", ["x"], ["y"], name="relu")], [("x", [1, 4])], [("y", [1, 4])])
+    onnx.save(tiny, tmp_path / "tiny.onnx")
+    refused(["bench", CNN, "tiny.onnx", "--runs", "3"], tmp_path,
+            f"tiny.onnx: cannot take the inputs of the first model {CNN}", "missing model input(s) 'x'",
+            inputs=[tmp_path / "tiny.onnx"])
