@@ -89,6 +89,13 @@ def spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
     ):
         yield
         return
+    if not hasattr(signal, "pthread_sigmask"):  # no signal masks (Windows): ignore it meanwhile
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
