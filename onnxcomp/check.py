@@ -167,8 +167,13 @@ def split_data(
     labels: np.ndarray | None = None,
     model: ir.Model | None = None,
 ) -> DataSplit:
-    """Choose the fitting and the checking data (module docstring: Split)."""
+    """Choose the fitting and the checking data (module docstring: Split).
+
+    Evaluation data and labels that cannot match the model are refused here, before any work (the
+    check would only find them after the output is written)."""
     if evaluation is not None:
+        evaluation.check_first()
+        evaluation.check_labels(labels)
         check = evaluation if labels is not None else evaluation.subset(lambda i: i < config.max_feeds)
         n = evaluation.num_feeds
         return DataSplit(calibration, check, True, f"evaluation data {evaluation.name}", labels,

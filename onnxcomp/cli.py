@@ -295,17 +295,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argparse's own errors (an unknown option, a bad choice) exit with status 1 via ``SystemExit``.
     """
-    _load_commands()
-    parser = build_parser()
+    written = None
     try:
-        args = parser.parse_args(argv)
+        _load_commands()  # numpy, onnx, onnxruntime: seconds in which Ctrl-C is likely
+        from onnxcomp.io import written_files
+
+        written = len(written_files())
+        args = build_parser().parse_args(argv)
         _help, _configure, run = _COMMANDS[args.command]
         return run(args)
     except OnnxcompError as exc:
         sys.stderr.write(f"onnxcomp: error: {exc}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write("onnxcomp: interrupted; no output written\n")
+        done = written_files()[written:] if written is not None else []
+        if done:  # complete files (each written atomically); what came after them did not run
+            sys.stderr.write(f"onnxcomp: interrupted after writing {', '.join(done)}; its check and "
+                             "summary did not finish\n")
+        else:
+            sys.stderr.write("onnxcomp: interrupted; no output written\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `onnxcomp inspect m.onnx --json | head`
         return 0

@@ -238,7 +238,12 @@ def check_config(args: argparse.Namespace):
                            min_agreement=args.min_agreement, min_cosine=args.min_cosine,
                            max_drop=1.0 if max_drop is None else max_drop)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (--check-fraction, --min-agreement, --min-cosine, --max-drop)") from None
+        flags = {"fraction": "--check-fraction", "min_agreement": "--min-agreement", "min_cosine": "--min-cosine",
+                 "max_drop": "--max-drop"}
+        named = [flag for field, flag in flags.items() if field in str(exc)]
+        if len(named) == 1:
+            raise ConfigError(f"{named[0]}: {exc}") from None
+        raise ConfigError(f"{exc} ({', '.join(flags.values())})") from None
 
 
 def run_check(con, reference, written_path, split, config, report: dict[str, Any], *, compressed: int | None,

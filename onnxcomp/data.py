@@ -374,6 +374,25 @@ class Dataset:
             n = sum(1 for i in range(n) if select(i))
         return min(n, self.limit) if self.limit is not None else n
 
+    @property
+    def num_samples(self) -> int | None:
+        """Samples of an .npz/.npy source (axis 0 of its arrays, every feed); None for the others."""
+        return self._num_samples if self._arrays is not None else None
+
+    def check_first(self) -> None:
+        """Validate the first feed now (names, dtypes, shapes) when the source is a file or folder,
+        so that data that cannot match the model is refused before any work; other sources may be
+        readable only once and are left to their first use."""
+        if self._arrays is not None or self._files is not None:
+            self.first()
+
+    def check_labels(self, labels: np.ndarray | None) -> None:
+        """Refuse ``labels`` (of this evaluation data) whose count is not the number of samples,
+        when that is known (an .npz/.npy source)."""
+        n = self.num_samples
+        if labels is not None and n is not None and len(labels) != n:
+            raise DataError(f"--labels: {len(labels)} label(s) for the {n} sample(s) of the evaluation data {self.name}")
+
     def subset(self, select: Callable[[int], bool], *, name: str | None = None) -> Dataset:
         """A view of the feeds whose index (in the unfiltered stream) ``select`` accepts.
 
@@ -592,7 +611,7 @@ def parse_shapes(items: Sequence[str], *, flag: str = "--shape") -> dict[str, tu
             if any(d < 0 for d in shape):
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"--shape {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
+            raise ConfigError(f"{flag} {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
         shapes[name] = shape
     return shapes
 

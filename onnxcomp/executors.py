@@ -72,22 +72,31 @@ def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops a Ctrl-C held back while the worker started
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @contextlib.contextmanager
 def spawning(executor: concurrent.futures.Executor) -> Iterator[None]:
-    """Hold Ctrl-C back in this thread while a process pool starts its workers (on submit).
+    """Hold Ctrl-C back while a process pool starts its workers (on submit), so that they inherit that.
 
-    The workers inherit the blocked signal, so one still importing its modules when Ctrl-C reaches
-    the process group cannot print a traceback; its initializer ignores SIGINT, then unblocks it.
-    This process keeps its own handler: a Ctrl-C held back here is delivered when the block ends
-    (or at once to another of its threads), never lost.
+    A worker still importing its modules when Ctrl-C reaches the process group would otherwise
+    print a traceback before its initializer runs. SIGINT is blocked, not ignored: the workers
+    inherit the signal mask (their initializer then ignores it), while a Ctrl-C that reaches this
+    process meanwhile stays pending and interrupts it when the mask is lifted (ignoring it here
+    dropped it: the run went on to the end and exited 0).
     """
     if not isinstance(executor, concurrent.futures.ProcessPoolExecutor) or (
         threading.current_thread() is not threading.main_thread()
     ):
         yield
+        return
+    if not hasattr(signal, "pthread_sigmask"):  # no signal masks (Windows): ignore it meanwhile
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, handler)
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:

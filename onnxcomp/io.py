@@ -700,10 +700,16 @@ def check_destinations(
 
 def _check_destination(label: str, path: str | os.PathLike, *, force: bool) -> Path:
     """One output file: not a folder, in an existing writable folder, not read-only unless forced."""
+    if not os.fspath(path):
+        raise ModelSaveError(f"{label}: the output path is empty; give a file name for the output")
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise ModelSaveError(f"{label} {target}: is a directory; give a file name for the output")
+    if target.exists() and not target.is_file():
+        # an atomic save renames a new file over it: a device such as /dev/null would be replaced
+        raise ModelSaveError(f"{label} {target}: is not a regular file (a device, pipe or socket); "
+                             "give a file name for the output")
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise ModelSaveError(f"{label} {target}: output folder {folder} {what}")
@@ -763,6 +769,15 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     except Exception:
         refs = set()
     return [path, *(Path(f) for f in sorted(refs))]
+
+
+#: Every file :func:`save_model` and :func:`write_text_atomic` put in place in this process, in order.
+_WRITTEN: list[str] = []
+
+
+def written_files() -> list[str]:
+    """The files this process has written so far (a command interrupted after writing says which)."""
+    return list(_WRITTEN)
 
 
 def save_model(
@@ -833,6 +848,7 @@ def save_model(
             placed = folder / data_name
             os.replace(tmp_data, placed)  # a new name: the previous model still reads its own data
         os.replace(tmp_model, target)
+        _WRITTEN.append(str(target))
         placed = None
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
@@ -902,6 +918,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, target)
+        _WRITTEN.append(str(target))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -16,7 +16,7 @@ from onnxcomp.data import (
 )
 from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
 from onnxcomp.bounds import Range
-from onnxcomp.errors import ConfigError
+from onnxcomp.errors import ConfigError, DataError
 
 __all__: list[str] = []
 
@@ -53,14 +53,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.data:
         ds = Dataset(args.data, first, batch_size=args.batch_size, limit=args.feeds)
         feeds = list(ds)
-        for path, model in models[1:]:
-            list(Dataset(feeds, model))  # same inputs for every model, or a clear error
     else:
         # Free dimensions default to 1 (said below); --shape overrides.
         shapes, free_dims = fill_free_dims(model_inputs(first), parse_shapes(args.shape))
         feeds = [synthetic_feed(model_inputs(first), shapes, seed=args.seed + i) for i in range(args.feeds)]
-        for path, model in models[1:]:
+    for path, model in models[1:]:  # same inputs for every model, or an error naming the model
+        try:
             list(Dataset(feeds, model))
+        except DataError as exc:
+            raise DataError(f"{path}: cannot take the inputs of the first model {args.models[0]}: {exc}") from None
     threads = args.threads or physical_cores()
     with progress_bar(con) as progress:
         task = progress.add_task("measuring (interleaved)", total=args.runs)

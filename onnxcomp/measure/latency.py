@@ -610,10 +610,14 @@ def explain_int8_latency(
     elif slower:
         span = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else ""
         blame = ", ".join(f"{c['op_type']} (+{c['added_ms']:.2f} ms profiled, {c['why']})" for c in causes[:3])
-        summary = (f"int8 is SLOWER than float at {threads} thread(s): latency ratio {ratio:.2f}{span}"
+        # "SLOWER" only where the interval says so: a ratio of 1.03 [0.96, 1.10] is a tie
+        verdict = "is SLOWER than" if significant else "is not measurably faster than"
+        summary = (f"int8 {verdict} float at {threads} thread(s): latency ratio {ratio:.2f}{span}"
                    + ("" if significant else ", within noise") + (f"; where: {blame}" if blame else ""))
     else:
         span = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else ""
-        summary = f"int8 is faster than float at {threads} thread(s): latency ratio {ratio:.2f}{span}"
+        tie = interval is not None and interval[1] >= 1.0
+        summary = (f"int8 is {'not measurably ' if tie else ''}faster than float at {threads} thread(s): "
+                   f"latency ratio {ratio:.2f}{span}" + (", within noise" if tie else ""))
     return {"threads": threads, "ratio": ratio, "ratio_ci95": list(interval) if interval is not None else None,
             "int8_slower": slower, "significant": significant, "causes": causes, "summary": summary}

@@ -427,6 +427,8 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --eval (the evaluation data they label)")
+    if evaluation is not None:
+        evaluation.check_labels(labels)
     executor = process_pool(args.workers) if args.workers else open_executor(args.executor)
     started = time.perf_counter()
     cancel = True
