@@ -151,21 +151,21 @@ def test_model_with_if_keeps_branches_working(rng):
 
 
 def test_mixed_range_concat_stays_float(rng):
-    """Boxes in 0..320 and scores in 0..1 concatenated: one scale would erase the scores."""
+    """Boxes in pixels and scores near 0..1 concatenated: one scale would erase the scores.
+
+    Both come straight from int8 convolutions, so the Concat would go int8 by its neighbours (a
+    Concat between float ops, as after a Sigmoid, stays float for that reason alone)."""
     proto = make_proto(
         [
-            oh.make_node("Conv", ["x", "wb"], ["boxes_raw"], name="box_conv"),
-            oh.make_node("Mul", ["boxes_raw", "k"], ["boxes"], name="scale_boxes"),
-            oh.make_node("Conv", ["x", "ws"], ["logit"], name="score_conv"),
-            oh.make_node("Sigmoid", ["logit"], ["scores"]),
+            oh.make_node("Conv", ["x", "wb"], ["boxes"], name="box_conv"),
+            oh.make_node("Conv", ["x", "ws"], ["scores"], name="score_conv"),
             oh.make_node("Concat", ["boxes", "scores"], ["det"], axis=1, name="concat"),
             oh.make_node("Transpose", ["det"], ["y"], perm=[0, 2, 3, 1]),
         ],
         [("x", [1, 8, 8, 8])],
         [("y", [1, 8, 8, 6])],
-        [("wb", rng.standard_normal((4, 8, 1, 1)).astype(np.float32)),
-         ("ws", rng.standard_normal((2, 8, 1, 1)).astype(np.float32)),
-         ("k", np.array(100.0, np.float32))],
+        [("wb", rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 100),
+         ("ws", rng.standard_normal((2, 8, 1, 1)).astype(np.float32) * 0.1)],
     )
     reference = io.load_model(proto)
     feeds = [{"x": rng.random((1, 8, 8, 8), dtype=np.float32)} for _ in range(16)]

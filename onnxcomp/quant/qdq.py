@@ -8,9 +8,9 @@ Three steps, kept apart:
    activations are float32, its weight (if any) is a constant, and its output can be quantized:
    not a graph output (unless asked) and not feeding an op that is sensitive to input error
    (Softmax, Exp, LayerNormalization, a Div's divisor...). MatMul and Gemm are also quantized
-   when their output must stay float: onnxruntime runs them as MatMulIntegerToFloat. Add and Mul
-   are quantized where that saves Q/DQ conversions (counted over their neighbours, repeated to
-   a fixed point; see ``QuantRule.by_neighbours``). Data-movement ops between
+   when their output must stay float: onnxruntime runs them as MatMulIntegerToFloat. Add, Mul
+   and Concat are quantized where that saves Q/DQ conversions (counted over their neighbours,
+   repeated to a fixed point; see ``QuantRule.by_neighbours``). Data-movement ops between
    quantized tensors share their input's parameters; Relu/Clip(0, x) after a quantized producer
    are folded into its output range (asymmetric activations only).
 2. **Statistics** (:mod:`onnxcomp.quant.calibrate`): the plan's ``observed`` tensors get ranges.

@@ -51,6 +51,12 @@ class QuantRule:
             gates), where it also moves a quarter of the bytes; elsewhere it only adds Q/DQ work.
             Inputs from MatMul/Gemm count as float: onnxruntime fuses a bias Add after them into
             MatMulIntegerToFloat, which needs their output float.
+            Concat too: between int8 tensors (C2f/CSP blocks, SPPF) it joins them without a
+            conversion; between float ops (a detector's box decoding after its last convolution:
+            anchor arithmetic, centre and size joined, then times the strides) an int8 Concat
+            only puts the coordinates on one 8-bit grid (4-pixel steps over a 1024-pixel image,
+            16 at stride 32 before the stride multiply) and pulls the Mul after it into int8
+            with the strides on a uint8 grid: a YOLOv8 layout detector lost 17 F1 points so.
     """
 
     kind: str
@@ -84,7 +90,7 @@ QUANT_RULES.register(
     "Gemm", QuantRule("compute", (0,), weight=1, weight_axis=_gemm_weight_axis, bias=2, float_output_ok=True), since=11
 )
 QUANT_RULES.register(("Add", "Mul"), QuantRule("compute", (0, 1), by_neighbours=True), since=7)
-QUANT_RULES.register("Concat", QuantRule("compute", None), since=4)
+QUANT_RULES.register("Concat", QuantRule("compute", None, by_neighbours=True), since=4)
 QUANT_RULES.register(("GlobalAveragePool", "AveragePool"), QuantRule("compute", (0,)), since=1)
 QUANT_RULES.register(
     ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Slice",
