@@ -295,12 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argparse's own errors (an unknown option, a bad choice) exit with status 1 via ``SystemExit``.
     """
-    written = None
-    try:
-        _load_commands()  # numpy, onnx, onnxruntime: seconds in which Ctrl-C is likely
+    try:  # numpy, onnx, onnxruntime: seconds in which Ctrl-C is likely; an import error propagates
+        _load_commands()
         from onnxcomp.io import written_files
-
-        written = len(written_files())
+    except KeyboardInterrupt:
+        sys.stderr.write("onnxcomp: interrupted; no output written\n")
+        return EXIT_INTERRUPTED
+    written = len(written_files())
+    try:
         args = build_parser().parse_args(argv)
         _help, _configure, run = _COMMANDS[args.command]
         return run(args)
@@ -308,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"onnxcomp: error: {exc}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        done = written_files()[written:] if written is not None else []
+        done = written_files()[written:]
         if done:  # complete files (each written atomically); what came after them did not run
             sys.stderr.write(f"onnxcomp: interrupted after writing {', '.join(done)}; its check and "
                              "summary did not finish\n")

@@ -121,7 +121,7 @@ def prune_in_place(
                        fold_border=config.fold_border)
     removal = {gid: removal[gid] for gid in cut["removed"]}
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
-    inside = prune_subgraphs(work, config)  # zero channels inside If/Loop/Scan bodies (exact)
+    inside = prune_subgraphs(work, config, prune_in_place)  # zero channels inside If/Loop/Scan bodies (exact)
     if inside:
         report["subgraphs"] = inside
     if config.reconstruct and removal:

@@ -20,7 +20,7 @@ on the main graph. The report says so per body (``subgraphs``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import onnx_ir as ir
 
@@ -34,14 +34,16 @@ LOSSY_INSIDE = ("criterion {criterion!r} is not applied inside subgraphs (its ra
                 "body's own calibration feeds); only zero channels are folded there")
 
 
-def prune_subgraphs(model: ir.Model, config: PruneConfig) -> dict[str, Any]:
+def prune_subgraphs(model: ir.Model, config: PruneConfig, prune: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Fold the zero channels inside every subgraph of ``model``'s main graph, in place.
+
+    ``prune(model, config, serialized_sizes=False)`` is the main-graph pass (the caller's
+    ``prune_in_place``), run on each body as a model of its own.
 
     Returns per subgraph (``node/attribute``): ``channels_removed`` and the folds, or why it was
     left alone (a string); empty when the model has no subgraph with a prunable op.
     """
     from onnxcomp.ops import linear_spec
-    from onnxcomp.prune.api import prune_in_place
     from onnxcomp.quant.subgraphs import _as_model, _detach, _drop_unread, _graft, _kind, _outer_reads
 
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -62,7 +64,7 @@ def prune_subgraphs(model: ir.Model, config: PruneConfig) -> dict[str, Any]:
             standalone = _as_model(model, index, attr)
             formal = len(body.inputs)
             try:
-                stats = prune_in_place(standalone, inner, serialized_sizes=False)
+                stats = prune(standalone, inner, serialized_sizes=False)
             except Exception as exc:  # a body the pass cannot run stays as it was, said so
                 report[where] = f"left alone: {type(exc).__name__}: {exc}"
                 continue
