@@ -46,9 +46,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="activation type (default uint8: onnxruntime's fast path on x86)")
     p.add_argument("--symmetric-activations", action="store_true")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
-    p.add_argument("--weight-range", choices=("auto", "full", "reduced"), default="auto",
+    p.add_argument("--weight-range", choices=("auto", "full", "reduced", "exact"), default="auto",
                    help="int8 weights in 8 bits (full) or 7 (reduced); auto: reduced where this CPU's int8 kernels "
-                        "saturate (x86 without VNNI)")
+                        "saturate (x86 without VNNI); exact (static): 8 bits stored as uint8, exact on every "
+                        "CPU, slower than auto on x86 without VNNI")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse", "auto", "per-tensor"), default="minmax",
                    help="calibration range method (default minmax); auto: the model built with each of "
                         "minmax, mse, percentile and entropy ranges (one histogram pass) and the one whose "

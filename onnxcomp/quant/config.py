@@ -75,14 +75,20 @@ class _Int8WeightFields:
 
     weight_type: Literal["int8"] = "int8"
     per_channel: bool = True
-    weight_range: Literal["auto", "full", "reduced"] = "auto"
+    weight_range: Literal["auto", "full", "reduced", "exact"] = "auto"
 
     @property
     def reduce_weights(self) -> bool:
-        """Whether int8 weights use 7 bits (``weight_range``, resolved on this CPU)."""
+        """Whether int8 weights use 7 bits (``weight_range``, resolved on this CPU); under ``exact``
+        the kernels that only take signed weights (attention, LSTM) resolve as ``auto`` does."""
         from onnxcomp.quant.kernels import reduce_weight_range
 
-        return reduce_weight_range(self.weight_range)
+        return reduce_weight_range("auto" if self.weight_range == "exact" else self.weight_range)
+
+    @property
+    def unsigned_weights(self) -> bool:
+        """Whether Q/DQ weights are stored as uint8 around 128 (``weight_range="exact"``)."""
+        return self.weight_range == "exact"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +176,12 @@ class DynamicConfig(ModeConfig, _DynamicFields, _SmoothQuantFields, _Int8WeightF
 
     mode: ClassVar[str] = "dynamic"
 
+    def validate(self) -> None:
+        super().validate()
+        if self.weight_range == "exact":
+            raise ConfigError("quantize: weight_range 'exact' (uint8 weights for onnxruntime's u8 x u8 kernels) is "
+                              "for static mode; dynamic mode's kernels take int8 weights")
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyConfig(ModeConfig, _WeightOnlyFields, _SharedFields):
@@ -207,12 +219,16 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
         activation_type: ``uint8`` (default: the fast path of onnxruntime's x86 int8 kernels) or
             ``int8``.
         activation_symmetric: symmetric activation ranges (zero point at 0 / 128).
-        weight_type: ``int8`` (``uint8`` is refused: onnxruntime's fused kernels want int8 weights).
+        weight_type: ``int8`` (uint8 storage: ``weight_range="exact"``).
         per_channel: weights get one scale per output channel.
         weight_range: int8 weights in ``full`` 8 bits ([-127, 127]) or ``reduced`` to 7 bits
             ([-63, 63]); ``auto`` (default) reduces them when this CPU's int8 kernels saturate
             (x86 without VNNI, see onnxcomp.quant.kernels), where full-range weights give wrong
-            results. Reduced weights are exact on every CPU.
+            results. Reduced weights are exact on every CPU. ``exact`` (static mode): full 8-bit
+            weights stored as uint8 with zero point 128, which onnxruntime runs with its u8 x u8
+            kernels: exact on every CPU without giving up the bit, but slower than u8 x s8 where
+            those saturate (AVX2). Kernels that only take int8 weights (QAttention, LSTM) resolve
+            as ``auto``.
         calibration: range method, one of minmax, percentile, entropy, mse; auto (each of those
             four methods' ranges from one histogram pass, the model built with each and judged
             whole on fitting feeds by the check's figures, the best kept; onnxcomp.quant.select);

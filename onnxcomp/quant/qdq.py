@@ -692,13 +692,19 @@ class _QDQRewrite:
 
     def _weight_dq(self, node: ir.Node, rule: QuantRule, w_value: ir.Value, w: np.ndarray,
                    axis: int | None) -> tuple[ir.Value, np.ndarray]:
-        """Symmetric int8 weight (GPTQ-rounded with a rounder) behind its DequantizeLinear."""
-        graph, taken, reduce_weights = self.graph, self.taken, self.cfg.reduce_weights
+        """Symmetric int8 weight (GPTQ-rounded with a rounder) behind its DequantizeLinear; with
+        unsigned weights the same integers + 128 as uint8 around zero point 128."""
+        unsigned = getattr(self.cfg, "unsigned_weights", False)
+        graph, taken = self.graph, self.taken
+        reduce_weights = self.cfg.reduce_weights and not unsigned
         q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=reduce_weights)
         channel_axis = rule.resolve_weight_axis(node)
         if self.rounder is not None and channel_axis is not None:
             q = self.rounder.round_along(w_value.name, w, q, s, channel_axis % w.ndim,
                                          *qrange("int8", True, reduce_weights))
+        if unsigned:
+            q = (q.astype(np.int16) + 128).astype(np.uint8)
+            z = np.full(np.shape(z), 128, np.uint8)
         q_v = add_initializer(graph, f"{w_value.name}_quantized", q, taken)
         s_v = add_initializer(graph, f"{w_value.name}_scale", np.asarray(s, np.float32), taken)
         z_v = add_initializer(graph, f"{w_value.name}_zero_point", np.asarray(z), taken)
