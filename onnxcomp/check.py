@@ -65,11 +65,12 @@ When the budget is missed, the check names the worst outputs and the tensors mos
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -149,6 +150,8 @@ class DataSplit:
     fit_feeds: int | None = None
     check_feeds: int | None = None
     rule: str = ""
+    #: the check feeds are generated from the input types (no data given)
+    generated: bool = False
     #: the original's outputs on the check feeds, kept by the first check that ran on this split
     #: (a second check, after a fallback, then runs only the written model)
     reference_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
@@ -187,7 +190,7 @@ def split_data(
         if feeds is None:
             return DataSplit(None, None, False, f"none ({why})")
         return DataSplit(None, feeds, False, "seeded uniform random inputs (no data given): a sanity check only",
-                         check_feeds=len(feeds), rule="8 generated feeds")
+                         check_feeds=len(feeds), rule="8 generated feeds", generated=True)
     total = calibration.num_feeds
     if total is None:
         total = sum(1 for _ in calibration)
@@ -743,6 +746,8 @@ def check_model(
     data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
     try:
         run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
+    except OriginalFailsOnGenerated as exc:
+        return stop(f"not checked: {exc}")
     except OnnxcompError as exc:
         return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
@@ -778,6 +783,27 @@ def check_model(
     return report
 
 
+class OriginalFailsOnGenerated(OnnxcompError):
+    """The original model itself cannot run on the generated check feeds (their free dimensions
+    are set to 1, too short for e.g. a reflect Pad): nothing can be checked without data."""
+
+
+@contextlib.contextmanager
+def _original_runs(split: DataSplit | None) -> Iterator[None]:
+    """Turn the original's failure on generated feeds into :class:`OriginalFailsOnGenerated`."""
+    try:
+        yield
+    except OnnxcompError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types
+        if split is None or not split.generated:
+            raise
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise OriginalFailsOnGenerated(
+            f"the original model does not run on the generated inputs ({first}); give data "
+            "(--data / --calibration / --eval) or --shape for a real check") from None
+
+
 def _session(model: ir.Model | str | os.PathLike):
     from onnxcomp.runtime import open_session, session_options
 
@@ -807,7 +833,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
     if cached is None and initializer_nbytes(reference) >= LARGE_MODEL_BYTES:
         # a big model: the original's session is gone before the written model's opens (both run
         # side by side when its outputs would take more than KEEP_REFERENCE_BYTES)
-        cached = collect_outputs(_session(reference_file or reference), names, data, KEEP_REFERENCE_BYTES)
+        with _original_runs(split):
+            cached = collect_outputs(_session(reference_file or reference), names, data, KEEP_REFERENCE_BYTES)
         if cached is not None and split is not None:
             split.reference_outputs = cached
     ref_session = _session(reference_file or reference) if cached is None else None
@@ -819,7 +846,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
     feeds = samples = 0
     keep = KeptOutputs(KEEP_REFERENCE_BYTES) if cached is None else None
     for feed in data:
-        ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
+        with _original_runs(split):
+            ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
         if keep is not None:
             keep.add(ref_values)
         cand_values = cand_session.run(names, feed)

@@ -181,3 +181,38 @@ def test_automatic_fallback_floats_the_damaging_node_first(rng):
     # a budget only all-float could meet is refused beyond the fraction: the all-int8 model comes back
     model, report = fallback_to_budget(study, CheckConfig(min_cosine=1.0), max_float_fraction=0.34)
     assert not report["met_on_fitting_data"] and report["float_nodes"] == [] and "all-int8 model is kept" in report["gave_up"]
+
+
+def _reflect_padded(rng) -> object:
+    """A MatMul on a frame of samples reflect-padded by 2: a free length of 1 (what generated
+    feeds get) is too short for onnxruntime's reflect Pad."""
+    return make_proto(
+        [oh.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+         oh.make_node("ReduceMean", ["p"], ["m"], axes=[1], keepdims=1),
+         oh.make_node("MatMul", ["m", "w"], ["y"])],
+        [("x", [1, "n"])], [("y", [1, 4])],
+        [("pads", np.array([0, 2, 0, 2], np.int64)), ("w", rng.standard_normal((1, 4)).astype(np.float32))],
+        opset=17,
+    )
+
+
+def test_original_failing_on_generated_inputs_is_not_checked_not_an_error(rng):
+    reference = io.load_model(_reflect_padded(rng))
+    split = split_data(None, CheckConfig(), model=reference)
+    assert split.generated and split.check is not None
+    report = check_model(reference, io.load_model(_reflect_padded(rng)), split, compressed=1)
+    assert report["checked"] is False and report["met"] is False
+    assert len(report["problems"]) == 1
+    assert report["problems"][0].startswith("not checked: the original model does not run on the generated inputs (")
+    assert "reflect" in report["problems"][0] and "--shape" in report["problems"][0]
+
+
+def test_original_failing_on_given_data_is_still_an_error(rng):
+    """With real data the same failure is the data's or the model's problem, not a skipped check."""
+    reference = io.load_model(_reflect_padded(rng))
+    data = Dataset([{"x": np.ones((1, 1), np.float32)}], reference)
+    split = split_data(data, CheckConfig(), evaluation=data, model=reference)
+    assert not split.generated
+    with pytest.raises(Exception) as info:
+        check_model(reference, io.load_model(_reflect_padded(rng)), split, compressed=1)
+    assert "OriginalFailsOnGenerated" not in type(info.value).__name__
