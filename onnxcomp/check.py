@@ -749,6 +749,10 @@ def check_model(
             does not load the file back).
         compressed: how many things were compressed (int8 nodes, channels cut, tensors clustered);
             0 means nothing was, and the budget is then not met.
+
+    Raises:
+        DataError: the check data is bad where only reading it finds it (a NaN in a later
+            sample, a malformed file of a folder): bad input, not a verdict on the model.
         what: what ``compressed`` counts, for the report ("int8 nodes").
         nothing_why: why nothing was compressed, when known.
 
@@ -783,6 +787,8 @@ def check_model(
     data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
     try:
         run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
+    except DataError:  # bad check data (a NaN in a later sample, a malformed file): an error, not a verdict
+        raise
     except OnnxcompError as exc:
         return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
