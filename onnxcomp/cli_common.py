@@ -106,7 +106,7 @@ def specialize(args: argparse.Namespace, model, con=None) -> tuple[dict[str, Any
     from onnxcomp.passes.specialize import SpecializeConfig, SpecializePass
 
     values = dict(_fixed_value(item) for item in args.fix_input)
-    shapes = parse_shapes(args.fix_shape, flag="--fix-shape")
+    shapes = parse_shapes(args.fix_shape, flag="--fix-shape", allow_zero=True)
     stats = SpecializePass(SpecializeConfig(values=values, shapes=shapes))(model).stats
     if con is not None:
         what = [f"{n} = {v['value']}" for n, v in stats["fixed"].items()]
@@ -252,15 +252,19 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
     ``report["check"]`` and is returned (None when the check is disabled). ``reference_file`` /
     ``written``: see :func:`onnxcomp.check.check_model`."""
     from onnxcomp.check import check_model
+    from onnxcomp.errors import DataError
 
     if not config.enabled:
         return None
     with progress_bar(con) as progress:
         task = progress.add_task("checking", total=split.check_feeds)
         # onnxruntime reads the written file itself: it is not parsed or serialized again here
-        check = check_model(reference, os.fspath(written_path), split, config, compressed=compressed, what=what,
-                            nothing_why=why, reference_file=reference_file, written_model=written,
-                            progress=lambda n: progress.update(task, completed=n))
+        try:
+            check = check_model(reference, os.fspath(written_path), split, config, compressed=compressed, what=what,
+                                nothing_why=why, reference_file=reference_file, written_model=written,
+                                progress=lambda n: progress.update(task, completed=n))
+        except DataError as exc:  # found only while reading the check data, after the output was written
+            raise DataError(f"{exc}; {os.fspath(written_path)} was written but not checked") from None
     report["check"] = check
     return check
 
@@ -273,6 +277,8 @@ def print_check(con, check: dict[str, Any] | None) -> None:
         return
     style = "bold green" if check["met"] else "bold red"
     con.print(f"[{style}]{esc(verdict_line(check))}[/{style}]")
+    if check.get("resolution_note"):
+        con.print(f"[bold yellow]{esc(check['resolution_note'])}[/bold yellow]")
 
 
 def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:

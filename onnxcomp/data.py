@@ -599,8 +599,12 @@ def _reason(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def parse_shapes(items: Sequence[str], *, flag: str = "--shape") -> dict[str, tuple[int, ...]]:
-    """``["x=1x3x224x224", ...]`` -> ``{"x": (1, 3, 224, 224)}``; ConfigError names a bad item."""
+def parse_shapes(items: Sequence[str], *, flag: str = "--shape", allow_zero: bool = False) -> dict[str, tuple[int, ...]]:
+    """``["x=1x3x224x224", ...]`` -> ``{"x": (1, 3, 224, 224)}``; ConfigError names a bad item.
+
+    A dimension of 0 is refused unless ``allow_zero``: the shapes of generated inputs (latency
+    feeds) must hold data, while a static shape given to a graph input (``--fix-shape``) may be
+    empty (a cache of length 0)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items:
         name, sep, dims = item.partition("=")
@@ -612,6 +616,9 @@ def parse_shapes(items: Sequence[str], *, flag: str = "--shape") -> dict[str, tu
                 raise ValueError
         except ValueError:
             raise ConfigError(f"{flag} {item!r}: expected NAME=D0xD1x... with non-negative integers") from None
+        if not allow_zero and 0 in shape:
+            raise ConfigError(f"{flag} {item!r}: axis {shape.index(0)} is 0: a generated input of that shape holds "
+                              "no data (nothing would be run); give every dimension at least 1")
         shapes[name] = shape
     return shapes
 

@@ -161,6 +161,7 @@ h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;font-size:.9rem}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .note{background:#fff7d6;padding:.4rem .6rem;border-left:4px solid #e0b000}
+.ok{color:#1e7d32;font-weight:600}.bad{color:#b71c1c;font-weight:600}
 svg text{font-size:11px;font-family:inherit}
 """
 
@@ -285,6 +286,14 @@ def render_html(report: dict[str, Any]) -> str:
             shown = layers[:40]
             out.append(_bar_chart([layer["name"] for layer in shown], [layer["sqnr_db"] for layer in shown],
                                   f"per-layer SQNR, worst first ({len(layers)} tensors differ)", "dB"))
+    check = report.get("check")
+    if check:
+        from onnxcomp.check import verdict_line
+
+        out.append("<h2>Held-out check</h2>")
+        out.append(f"<p class='{'ok' if check['met'] else 'bad'}'>{html.escape(verdict_line(check))}</p>")
+        if check.get("resolution_note"):
+            out.append(f"<p class='note'>{html.escape(check['resolution_note'])}</p>")
     for stage in report["stages"]:
         if stage["stage"] == "cluster" and stage["stats"].get("tensors"):
             out.append("<h2>Weights before / after clustering</h2><div>")

@@ -30,7 +30,7 @@ __all__: list[str] = []
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the clustered model")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
     size.add_argument("--clusters", type=int, help="number of clusters K")

@@ -31,7 +31,7 @@ __all__: list[str] = []
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the pruned model")
     p.add_argument("--criterion", choices=("zeros", "l1", "l2", "bn", "activation", "obs"), default=None,
                    help="obs: channels whose removal the least-squares refit compensates best (needs --calibration); "
                         "default l1, obs with a --target-*")
@@ -119,7 +119,15 @@ def _run(args: argparse.Namespace) -> int:
     removed = int(report.get("channels_removed") or 0)
     why = ""
     if removed == 0:
-        reasons = [*report["kept_back"].values(), *report["skipped_groups"].values(),
+        # the cause the user chose comes first: a ratio that cuts nothing of the groups that could be cut
+        zero, by_ratio = [], []
+        if report["groups"] and not targeted and args.criterion != "zeros":
+            if args.ratio == 0:
+                zero = ["--ratio 0 removes no channel (it keeps every channel of every group)"]
+            else:
+                by_ratio = [f"--ratio {args.ratio} ({args.scope}) cut no channel of the {len(report['groups'])} "
+                            "prunable group(s): raise --ratio"]
+        reasons = [*zero, *report["kept_back"].values(), *by_ratio, *report["skipped_groups"].values(),
                    *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
         why = str(reasons[0]) if reasons else f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
     check = run_check(con, model, out, split, check_cfg, report, compressed=removed, what="channels removed", why=why)
