@@ -559,10 +559,11 @@ class _QDQRewrite:
         elif point.constant:
             array = self.values[point.value].const_value.numpy()
             result = compute_scale_zero_point(float(array.min()), float(array.max()), self.qtype,
-                                              self.cfg.activation_symmetric)
+                                              self.cfg.activation_symmetric, self.cfg.reduce_activations)
         else:
             lo, hi = self.ranges[point.range_of]
-            result = compute_scale_zero_point(lo, hi, self.qtype, self.cfg.activation_symmetric)
+            result = compute_scale_zero_point(lo, hi, self.qtype, self.cfg.activation_symmetric,
+                                              self.cfg.reduce_activations)
         self.params[key] = result
         return result
 

@@ -207,7 +207,7 @@ def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[
     from onnxcomp.quant.primitives import compute_scale_zero_point, dequantize, quantize
 
     qtype = config.activation_type
-    params = {n: compute_scale_zero_point(*ranges[n], qtype, config.activation_symmetric)
+    params = {n: compute_scale_zero_point(*ranges[n], qtype, config.activation_symmetric, config.reduce_activations)
               for n in plan.observed if n in ranges}
     if not params:
         return {}
