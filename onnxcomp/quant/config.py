@@ -168,6 +168,9 @@ class StaticConfig(ModeConfig, _StaticFields, _SmoothQuantFields, _Int8WeightFie
         super().validate()
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
+        if self.activation_range == "reduced" and self.activation_type != "uint8":
+            raise ConfigError("quantize: activation_range 'reduced' is for uint8 activations (onnxruntime shifts int8 "
+                              "activations into 0..255, where 7 bits do not keep its kernels exact)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +217,12 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             ``int8``.
         activation_symmetric: symmetric activation ranges (zero point at 0 / 128).
         activation_range: ``full`` (default) fits activation scales to the type's 8 bits;
-            ``reduced`` to 7 (uint8 0..127, int8 -64..63). uint8 activations up to 127 times int8
+            ``reduced`` to 7 (uint8 0..127; refused for int8 activations, which onnxruntime
+            shifts into 0..255, measured not exact). uint8 activations up to 127 times int8
             weights up to 127 keep every pair of products below 2^15, so 8-bit weights
             (``weight_range="full"``) are exact on CPUs whose int8 kernels saturate, as long as the
             activations stay inside their calibrated range (values beyond it still quantize up to
-            255). See onnxcomp.quant.kernels.
+            255; Clip is then not folded into the producer's range). See onnxcomp.quant.kernels.
         weight_type: ``int8`` (``uint8`` is refused: onnxruntime's fused kernels want int8 weights).
         per_channel: weights get one scale per output channel.
         weight_range: int8 weights in ``full`` 8 bits ([-127, 127]) or ``reduced`` to 7 bits

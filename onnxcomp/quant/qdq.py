@@ -265,8 +265,8 @@ def _fold_into_ranges(
             continue
         if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
             continue
-        if node.op_type == "Clip" and not _clip_starts_at_zero(node):
-            continue
+        if node.op_type == "Clip" and (not _clip_starts_at_zero(node) or config.reduce_activations):
+            continue  # (a 7-bit activation grid still quantizes up to 255: it cannot clamp the top)
         # The producer's output is quantized anyway: reading the Q/DQ of the Relu/Clip range
         # instead of Relu/Clip of the Q/DQ is exact and narrower, unless a reader is sensitive.
         uses = list(out.uses())
