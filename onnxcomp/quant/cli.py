@@ -45,6 +45,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8",
                    help="activation type (default uint8: onnxruntime's fast path on x86)")
     p.add_argument("--symmetric-activations", action="store_true")
+    p.add_argument("--activation-range", choices=("full", "reduced"), default="full",
+                   help="activation scales fitted to 8 bits (full) or 7 (reduced: exact with 8-bit weights where "
+                        "this CPU's int8 kernels saturate)")
     p.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
     p.add_argument("--weight-range", choices=("auto", "full", "reduced", "exact"), default="auto",
                    help="int8 weights in 8 bits (full) or 7 (reduced); auto: reduced where this CPU's int8 kernels "
@@ -193,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         mode=args.mode,
         activation_type=args.activation_type,
         activation_symmetric=args.symmetric_activations,
+        activation_range=args.activation_range,
         per_channel=not args.per_tensor,
         weight_range=args.weight_range,
         calibration=args.method,

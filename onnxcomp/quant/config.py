@@ -101,6 +101,7 @@ class _SmoothQuantFields:
 class _StaticFields:
     activation_type: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
+    activation_range: Literal["full", "reduced"] = "full"
     calibration: Literal["minmax", "percentile", "entropy", "mse", "auto", "per-tensor"] = "minmax"
     percentile: float = 99.999
     bins: int = 2048
@@ -112,6 +113,11 @@ class _StaticFields:
     fidelity_target: float | None = None
     max_drop: float | None = None
     latency_aware: bool = False
+
+    @property
+    def reduce_activations(self) -> bool:
+        """Whether activation scales are fitted to 7 bits (``activation_range="reduced"``)."""
+        return self.activation_range == "reduced"
 
     @property
     def uses_fallback(self) -> bool:
@@ -168,6 +174,9 @@ class StaticConfig(ModeConfig, _StaticFields, _SmoothQuantFields, _Int8WeightFie
         super().validate()
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
+        if self.activation_range == "reduced" and self.activation_type != "uint8":
+            raise ConfigError("quantize: activation_range 'reduced' is for uint8 activations (onnxruntime shifts int8 "
+                              "activations into 0..255, where 7 bits do not keep its kernels exact)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +228,13 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
         activation_type: ``uint8`` (default: the fast path of onnxruntime's x86 int8 kernels) or
             ``int8``.
         activation_symmetric: symmetric activation ranges (zero point at 0 / 128).
+        activation_range: ``full`` (default) fits activation scales to the type's 8 bits;
+            ``reduced`` to 7 (uint8 0..127; refused for int8 activations, which onnxruntime
+            shifts into 0..255, measured not exact). uint8 activations up to 127 times int8
+            weights up to 127 keep every pair of products below 2^15, so 8-bit weights
+            (``weight_range="full"``) are exact on CPUs whose int8 kernels saturate, as long as the
+            activations stay inside their calibrated range (values beyond it still quantize up to
+            255; Clip is then not folded into the producer's range). See onnxcomp.quant.kernels.
         weight_type: ``int8`` (uint8 storage: ``weight_range="exact"``).
         per_channel: weights get one scale per output channel.
         weight_range: int8 weights in ``full`` 8 bits ([-127, 127]) or ``reduced`` to 7 bits

@@ -11,6 +11,14 @@ Weights quantized to 7 bits (``[-63, 63]``, onnxruntime's ``reduce_range``) keep
 :math:`2 \cdot 255 \cdot 63 = 32130`, exact on every CPU, at the cost of one bit of weight
 precision. :func:`int8_gemm_saturates` runs one tiny ``MatMulInteger`` whose exact result needs
 more than 16 bits per pair and compares; the answer is cached for the process.
+
+The other exact split gives the bit up on the activations: uint8 activations fitted to 7 bits
+(``QuantizeConfig.activation_range="reduced"``, 0..127) times full 8-bit weights keep every pair
+below :math:`2 \cdot 127 \cdot 127 = 32258`, as long as activations stay inside their calibrated
+range (a QuantizeLinear still writes up to 255 beyond it). int8 activations do not get this:
+onnxruntime shifts them into 0..255 before the u8 x s8 kernel. It is an option, not the default:
+on PP-OCRv4 rec the activations' eighth bit is worth more than the weights' (benchmarks/RESULTS.md,
+"Which bit to give up").
 """
 
 from __future__ import annotations

@@ -265,8 +265,8 @@ def _fold_into_ranges(
             continue
         if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
             continue
-        if node.op_type == "Clip" and not _clip_starts_at_zero(node):
-            continue
+        if node.op_type == "Clip" and (not _clip_starts_at_zero(node) or config.reduce_activations):
+            continue  # (a 7-bit activation grid still quantizes up to 255: it cannot clamp the top)
         # The producer's output is quantized anyway: reading the Q/DQ of the Relu/Clip range
         # instead of Relu/Clip of the Q/DQ is exact and narrower, unless a reader is sensitive.
         uses = list(out.uses())
@@ -559,10 +559,11 @@ class _QDQRewrite:
         elif point.constant:
             array = self.values[point.value].const_value.numpy()
             result = compute_scale_zero_point(float(array.min()), float(array.max()), self.qtype,
-                                              self.cfg.activation_symmetric)
+                                              self.cfg.activation_symmetric, self.cfg.reduce_activations)
         else:
             lo, hi = self.ranges[point.range_of]
-            result = compute_scale_zero_point(lo, hi, self.qtype, self.cfg.activation_symmetric)
+            result = compute_scale_zero_point(lo, hi, self.qtype, self.cfg.activation_symmetric,
+                                              self.cfg.reduce_activations)
         self.params[key] = result
         return result
 

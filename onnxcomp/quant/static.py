@@ -201,13 +201,14 @@ _GRID_FEEDS = 32  # calibration feeds the grid SQNR is measured on
 
 def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[float, float]], data: Dataset,
                       config: QuantizeConfig) -> dict[str, str]:
-    """int8 nodes of ``plan`` that read or write a tensor whose 8-bit grid (its calibrated range)
+    """int8 nodes of ``plan`` that read or write a tensor whose 8-bit grid (7-bit under
+    ``activation_range="reduced"``; its calibrated range)
     keeps less than :data:`MIN_GRID_SQNR_DB` on the first calibration feeds, with the reason."""
     from onnxcomp.graph import stream_values
     from onnxcomp.quant.primitives import compute_scale_zero_point, dequantize, quantize
 
     qtype = config.activation_type
-    params = {n: compute_scale_zero_point(*ranges[n], qtype, config.activation_symmetric)
+    params = {n: compute_scale_zero_point(*ranges[n], qtype, config.activation_symmetric, config.reduce_activations)
               for n in plan.observed if n in ranges}
     if not params:
         return {}
@@ -224,6 +225,7 @@ def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[
     if not coarse:
         return {}
     range_of = {p.value: p.range_of for p in plan.points.values()} | {k: p.range_of for k, p in plan.points.items()}
+    bits = 7 if config.reduce_activations else 8
     found: dict[str, str] = {}
     for node in work.graph:
         if node.name not in plan.nodes:
@@ -231,7 +233,7 @@ def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[
         for value in (*node.inputs, *node.outputs):
             tensor = range_of.get(value.name) if value is not None else None
             if tensor in coarse:
-                found[node.name] = (f"left in float: {value.name} keeps {coarse[tensor]:.1f} dB on an 8-bit grid "
+                found[node.name] = (f"left in float: {value.name} keeps {coarse[tensor]:.1f} dB on a {bits}-bit grid "
                                     f"(< {MIN_GRID_SQNR_DB:g} dB: its range is set by rare large values)")
                 break
     return found
