@@ -386,8 +386,11 @@ def test_ctrl_c_during_sensitivity_with_workers_is_one_line(tmp_path):
     argv = [sys.executable, "-m", "onnxcomp", "sensitivity", CNN, "--calibration", CALIB, "--eval", EVAL,
             "--max-eval-feeds", "450", "--workers", "2", "--quiet"]
     for attempt in range(3):
+        # as from a terminal: a test run started in the background by a non-interactive shell has
+        # SIGINT ignored, which the child would inherit (and rightly keep)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, cwd=tmp_path)
+                                start_new_session=True, cwd=tmp_path,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 120
             while len(_children(proc.pid)) < 3 and proc.poll() is None and time.monotonic() < deadline:
