@@ -226,9 +226,10 @@ def test_branch_no_feed_takes_gets_weight_only_int8():
     _assert_floor(reference, quantized, _signed_feeds(3, 6, +1.0), FLOOR["static"])
 
 
-def test_coarse_grid_node_stays_float_with_int8_weight():
+def test_coarse_grid_node_stays_float_with_its_float_weight():
     """A Conv reading a spiky signal (rare large values set its range): 8 bits keep < 25 dB of it, so
-    the Conv computes in float on int8 weights; on Gaussian data the same Conv goes int8."""
+    the Conv stays float, on its float weight (a DequantizeLinear feeding a float Conv costs
+    onnxruntime more than the Conv: magika 1.41x fp32); on Gaussian data the same Conv goes int8."""
     rng = np.random.default_rng(8)
     proto = make_proto([oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[2, 2], name="conv"),
                         oh.make_node("Relu", ["c"], ["r"], name="relu"),
@@ -248,9 +249,10 @@ def test_coarse_grid_node_stays_float_with_int8_weight():
     reference = io.load_model(proto)
     quantized, report = quantize(proto, spiky(1, 8), QuantizeConfig(calibration="minmax"))
     assert "8-bit grid" in report["skipped"]["conv"]
-    assert report["weight_only_int8"]["nodes"] == ["conv"]
-    assert next(n for n in quantized.graph if n.name == "conv").inputs[1].producer().op_type == "DequantizeLinear"
-    assert "w" not in quantized.graph.initializers
+    assert "weight_only_int8" not in report
+    conv = next(n for n in quantized.graph if n.name == "conv")
+    assert conv.inputs[1].producer() is None and conv.inputs[1].const_value is not None
+    assert conv.inputs[1].const_value.numpy().dtype == np.float32
     _assert_floor(reference, quantized, spiky(2, 6), FLOOR["static"])
     gaussian = [{"x": np.random.default_rng(i).standard_normal((1, 1, 4096)).astype(np.float32)} for i in range(8)]
     _, report = quantize(proto, gaussian, QuantizeConfig(calibration="minmax"))

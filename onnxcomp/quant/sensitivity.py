@@ -206,9 +206,8 @@ class QuantStudy:
         if in_place:
             work = clone_model(work)
         # the steps quantize takes after the rewrite (static.quantize_static), so that the variants
-        # are what quantize would write: embedding tables, recurrent weights, weight-only kept nodes
-        finish = [lambda m: static.quantize_embeddings(m, config), lambda m: static.quantize_recurrent(m, config),
-                  lambda m: static.weight_only_kept(m, config, keep_float)]
+        # are what quantize would write: embedding tables, recurrent weights
+        finish = [lambda m: static.quantize_embeddings(m, config), lambda m: static.quantize_recurrent(m, config)]
         return cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
                    labels, notes, base, prepared, finish, float_work=float_work, units=units)
 

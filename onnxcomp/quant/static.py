@@ -302,8 +302,7 @@ def quantize_static(
         kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared,
                           float_work=float_bodies, units=branch_units(branches) if has_bodies else {})
         kept.finish.extend([lambda model: quantize_embeddings(model, config),
-                            lambda model: quantize_recurrent(model, config),
-                            lambda model: weight_only_kept(model, config, kept_float)])
+                            lambda model: quantize_recurrent(model, config)])
         keep(kept)
     started = time.perf_counter()
     by_name = {n.name: n for n in work.graph}
@@ -320,9 +319,6 @@ def quantize_static(
     }
     report["embeddings"] = quantize_embeddings(work, config)
     report["recurrent"] = quantize_recurrent(work, config)
-    stored = weight_only_kept(work, config, kept_float)
-    if stored:
-        report["weight_only_int8"] = stored
     if branches:
         report["branches"] = branches
     if prepared.cleanup is not None:
@@ -334,18 +330,6 @@ def quantize_static(
     if recovery:
         report["recovery"] = recovery
     return report
-
-
-def weight_only_kept(work: ir.Model, config: QuantizeConfig, kept_float: dict[str, str]) -> Any:
-    """Weight-only int8 weights for the nodes calibration kept float (coarse grids; mixed-range
-    Concats have no weight): the file shrinks, the compute stays float."""
-    if not kept_float:
-        return None
-    from onnxcomp.quant.subgraphs import weight_only_int8
-
-    by_name = {n.name: n for n in work.graph}
-    stored, _ = weight_only_int8(work, [by_name[n] for n in kept_float if n in by_name], config.selector)
-    return stored
 
 
 def quantize_recurrent(work: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
