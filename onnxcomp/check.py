@@ -752,10 +752,6 @@ def check_model(
             does not load the file back).
         compressed: how many things were compressed (int8 nodes, channels cut, tensors clustered);
             0 means nothing was, and the budget is then not met.
-
-    Raises:
-        DataError: the check data is bad where only reading it finds it (a NaN in a later
-            sample, a malformed file of a folder): bad input, not a verdict on the model.
         what: what ``compressed`` counts, for the report ("int8 nodes").
         nothing_why: why nothing was compressed, when known.
 
@@ -766,6 +762,10 @@ def check_model(
         ``accuracy`` (with labels), ``met``, ``problems`` (one line each), ``blame`` (worst
         tensors, when missed) and ``resolution_note`` (:func:`resolution_note`: one line when the
         check is too coarse for its budget, else None).
+
+    Raises:
+        DataError: the check data is bad where only reading it finds it (a NaN in a later
+            sample, a malformed file of a folder): bad input, not a verdict on the model.
     """
     config = config or CheckConfig()
     started = time.perf_counter()

@@ -59,6 +59,6 @@ def reduce_weight_range(weight_range: str) -> bool:
     """Whether int8 weights use 7 bits: ``"reduced"``, or ``"auto"`` where this CPU saturates."""
     if weight_range == "reduced":
         return True
-    if weight_range in ("full", "exact"):  # exact: 8 bits stored as uint8 (u8 x u8 kernels)
+    if weight_range == "full":
         return False
     return int8_gemm_saturates()

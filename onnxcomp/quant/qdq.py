@@ -695,7 +695,7 @@ class _QDQRewrite:
                    axis: int | None) -> tuple[ir.Value, np.ndarray]:
         """Symmetric int8 weight (GPTQ-rounded with a rounder) behind its DequantizeLinear; with
         unsigned weights the same integers + 128 as uint8 around zero point 128."""
-        unsigned = getattr(self.cfg, "unsigned_weights", False)
+        unsigned = self.cfg.unsigned_weights
         graph, taken = self.graph, self.taken
         reduce_weights = self.cfg.reduce_weights and not unsigned
         q, s, z = quantize_weight(w, "int8", axis=axis, symmetric=True, reduce_range=reduce_weights)

@@ -126,7 +126,7 @@ class QuantStudy:
     #: the prepared model with every subgraph float (``work`` holds them quantized), when ``units``
     float_work: ir.Model | None = None
     #: quantized If branches and Loop/Scan bodies, by ``node/attribute``: candidates like nodes
-    #: (see :func:`quantize_subgraphs`), each moved to float or kept int8 whole
+    #: (see :func:`onnxcomp.quant.static.quantize_bodies`), each moved to float or kept int8 whole
     units: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -187,7 +187,7 @@ class QuantStudy:
         else:
             work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
         prepared = static.prepare(work, config, calibration)
-        float_work, units = quantize_subgraphs(work, prepared.data, config)
+        _, float_work, units = static.quantize_bodies(work, prepared.data, config, for_variants=True)
         base, plan, result, keep_float = static.calibrate_plan(work, config, prepared.data, for_variants=True)
         evaluation = load_data(eval_data, work) if eval_data is not None else prepared.data
         feeds = []
@@ -287,27 +287,6 @@ class QuantStudy:
             node = next(n for n in self.work.graph if n.name == self.units[name][0])
             return f"{node.op_type} subgraph"
         return next(n.op_type for n in self.work.graph if n.name == name)
-
-
-def quantize_subgraphs(work: ir.Model, data: Dataset, config: QuantizeConfig
-                       ) -> tuple[ir.Model | None, dict[str, tuple[str, str]]]:
-    """Quantize ``work``'s If branches and Loop/Scan bodies in place, as ``quantize`` does
-    (:func:`onnxcomp.quant.subgraphs.quantize_branches`, before the main graph is calibrated),
-    for the sensitivity study and the fidelity fallback.
-
-    Each subgraph that was calibrated and kept quantized becomes one candidate (a *unit*, named
-    ``node/attribute`` as in quantize's ``branches`` report), moved to float or kept int8 whole:
-    its nodes are quantized by a calibration of their own (the body run as a model on the outer
-    values captured from the main graph), so a candidate per inner node would cost one such
-    calibration each, where a unit costs a graft. Returns a float copy of ``work`` (the source
-    of float bodies, and the float reference) and the units; ``(None, {})`` without subgraphs.
-    """
-    if not any(True for _ in work.graph.subgraphs()):
-        return None, {}
-    from onnxcomp.quant.subgraphs import branch_units, quantize_branches
-
-    float_work = clone_model(work)
-    return float_work, branch_units(quantize_branches(work, data, config, static._quantize_branch))
 
 
 def with_units(work: ir.Model, nodes: Sequence[str], units: dict[str, tuple[str, str]]) -> list[str]:
@@ -418,7 +397,7 @@ def quantize_with_fallback(
     latency: dict[str, Any] = {}
     if latency_aware:
         slow_types, latency = _slow_op_types(study, threads)
-        fallback += [n for n in study.nodes if _op(study, n) in slow_types]
+        fallback += [n for n in study.nodes if study.op_type(n) in slow_types]
         moved.append(list(fallback))
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
@@ -542,10 +521,6 @@ def _give_back(
     return fallback, current
 
 
-def _op(study: QuantStudy, name: str) -> str:
-    return study.op_type(name)
-
-
 def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[str], dict[str, Any]]:
     """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1),
     at ``threads`` intra-op threads (None: onnxruntime's default)."""
@@ -553,9 +528,9 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
 
     threads = threads or default_threads()
 
-    types = sorted({_op(study, n) for n in study.nodes})
+    types = sorted({study.op_type(n) for n in study.nodes})
     variants = [("all int8", study.build())]
-    variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if _op(study, n) == t))) for t in types]
+    variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if study.op_type(n) == t))) for t in types]
     variants.append(("float", study.work))
     rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads, time_budget=8.0)
     slow = set()

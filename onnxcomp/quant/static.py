@@ -48,6 +48,7 @@ __all__ = [
     "rewrite",
     "correct_biases",
     "quantize_static",
+    "quantize_bodies",
 ]
 
 
@@ -278,12 +279,8 @@ def quantize_static(
     ``keep``: called with the :class:`Calibrated` state before the rewrite (the calibration then
     also observes what variants with nodes in float need), for a fallback that follows.
     """
-    from onnxcomp.quant.subgraphs import branch_units, quantize_branches
-
     prepared = prepare(work, config, calibration, cleanup=cleanup)
-    has_bodies = keep is not None and any(True for _ in work.graph.subgraphs())
-    float_bodies = clone_model(work) if has_bodies else None  # for a fallback that moves bodies to float
-    branches = quantize_branches(work, prepared.data, config, _quantize_branch)
+    branches, float_bodies, units = quantize_bodies(work, prepared.data, config, for_variants=keep is not None)
     total = prepared.data.num_feeds
     base, plan, result, kept_float = calibrate_plan(
         work, config, prepared.data, for_variants=keep is not None or config.calibration in ("auto", "per-tensor"),
@@ -300,7 +297,7 @@ def quantize_static(
             per_tensor=config.calibration == "per-tensor")
     if keep is not None:
         kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared,
-                          float_work=float_bodies, units=branch_units(branches) if has_bodies else {})
+                          float_work=float_bodies, units=units)
         kept.finish.extend([lambda model: quantize_embeddings(model, config),
                             lambda model: quantize_recurrent(model, config)])
         keep(kept)
@@ -330,6 +327,26 @@ def quantize_static(
     if recovery:
         report["recovery"] = recovery
     return report
+
+
+def quantize_bodies(work: ir.Model, data: Dataset, config: QuantizeConfig, *, for_variants: bool
+                    ) -> tuple[dict[str, Any], ir.Model | None, dict[str, tuple[str, str]]]:
+    """Quantize ``work``'s If branches and Loop/Scan bodies in place
+    (:func:`onnxcomp.quant.subgraphs.quantize_branches`, before the main graph is calibrated).
+
+    Returns the ``branches`` report and, with ``for_variants`` (the sensitivity study, the
+    fallbacks) on a model that has subgraphs, a float copy of ``work`` taken first (the source of
+    float bodies, and the float reference) and the *units*: each subgraph calibrated and kept
+    quantized, named ``node/attribute`` as in the report, a candidate moved to float or kept int8
+    whole. Its nodes were quantized by a calibration of their own (the body run as a model on the
+    outer values captured from the main graph), so a candidate per inner node would cost one such
+    calibration each, where a unit costs a graft. Otherwise ``None`` and no units.
+    """
+    from onnxcomp.quant.subgraphs import branch_units, quantize_branches
+
+    float_work = clone_model(work) if for_variants and any(True for _ in work.graph.subgraphs()) else None
+    branches = quantize_branches(work, data, config, _quantize_branch)
+    return branches, float_work, branch_units(branches) if float_work is not None else {}
 
 
 def quantize_recurrent(work: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
