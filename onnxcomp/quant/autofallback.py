@@ -43,7 +43,7 @@ from onnxcomp.check import CheckConfig, figures_meet, layer_sqnr, output_kinds, 
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.ops import is_constant_node
 
-__all__ = ["fallback_to_budget", "local_damage", "damage_blocks", "study_of"]
+__all__ = ["fallback_to_budget", "local_damage", "damage_blocks", "ranked_blocks", "study_of"]
 
 
 def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str],
@@ -66,6 +66,7 @@ def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[st
         for v in node.inputs:
             if v is None or v.const_value is not None:
                 continue
+            v = _measured_input(v, sqnr, float_model)
             producer = v.producer()
             if producer is None:
                 ins.append(0.0)  # a graph input: exact
@@ -89,6 +90,24 @@ def _measured_output(node: ir.Node, sqnr: dict[str, float], steps: int = 3) -> s
     return None
 
 
+def _measured_input(value: ir.Value, sqnr: dict[str, float], model: ir.Model, steps: int = 3) -> ir.Value:
+    """``value``, or the tensor before it that both models compute: a Relu/Clip folded into the
+    int8 producer (and data movement, which adds no noise of its own) hides ``value`` in the int8
+    model, so the input of the op that made it is taken. Without this, the noise a node receives
+    through a folded Relu counted as noise it adds."""
+    from onnxcomp.quant.rules import QUANT_RULES
+
+    for _ in range(steps):
+        producer = value.producer()
+        if value.name in sqnr or producer is None or not producer.inputs or producer.inputs[0] is None:
+            return value
+        rule = QUANT_RULES.lookup(producer, model)
+        if rule is None or rule.kind not in ("fold", "shared"):
+            return value
+        value = producer.inputs[0]
+    return value
+
+
 def noise_ratio(db: float) -> float:
     """Noise-to-signal power of an SQNR in dB, at most 1 (NaN: 1)."""
     return 1.0 if math.isnan(db) else min(1.0, 10.0 ** (-db / 10.0))
@@ -102,6 +121,18 @@ def damage_blocks(nodes: Sequence[str], damage: dict[str, float], size: int | No
         size = 1 if len(nodes) < 16 else max(2, round(math.sqrt(len(nodes)) / 2))
     blocks = [list(nodes[i:i + size]) for i in range(0, len(nodes), size)]
     return sorted(blocks, key=lambda b: -sum(max(damage.get(n, 0.0), 0.0) for n in b))
+
+
+def ranked_blocks(study, nodes: Sequence[str], float_nodes: frozenset[str] = frozenset(), *, damage_feeds: int = 2,
+                  block_size: int | None = None) -> tuple[list[list[str]], dict[str, float]]:
+    """``nodes`` of ``study`` (a :class:`~onnxcomp.quant.sensitivity.QuantStudy`) in blocks, worst
+    first (:func:`damage_blocks`), and each node's damage (:func:`local_damage`), from one per-layer
+    comparison of the float model with the variant that keeps ``float_nodes`` float, on the first
+    ``damage_feeds`` of the study's feeds."""
+    quantized = study.build(frozenset(float_nodes))
+    reference = study.float_work if study.float_work is not None else study.work
+    damage = local_damage(reference, quantized, list(nodes), study.feeds[:damage_feeds], study.units)
+    return damage_blocks(nodes, damage, block_size), damage
 
 
 def study_of(calibrated, fit_data: DataSource | Dataset, *, max_eval_feeds: int | None = 32):
@@ -160,11 +191,7 @@ def fallback_to_budget(
 
     # The check already found the all-int8 model short of the budget: it is built once for the
     # per-layer comparison, not evaluated again.
-    all_int8 = study.build(frozenset())
-    reference = study.float_work if study.float_work is not None else study.work
-    damage = local_damage(reference, all_int8, study.nodes, study.feeds[:damage_feeds], study.units)
-    del all_int8
-    blocks = damage_blocks(study.nodes, damage, block_size)
+    blocks, damage = ranked_blocks(study, study.nodes, damage_feeds=damage_feeds, block_size=block_size)
     limit_nodes = max(1, int(max_float_fraction * len(study.nodes)))
     counts = np.cumsum([len(b) for b in blocks])
     limit = max(1, int(np.searchsorted(counts, limit_nodes, side="right")))  # blocks within the limit

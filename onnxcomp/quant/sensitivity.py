@@ -16,10 +16,13 @@ Metrics per candidate: output SQNR (the minimum over outputs,
 
 Fallback (:func:`quantize_with_fallback`): quantize everything, measure; if the target
 (``fidelity_target`` dB, or ``max_drop`` accuracy points with labels) is not met, rank blocks of
-consecutive nodes once by what leaving each alone in float buys back ("all but the block"), find
-the fewest top-ranked blocks that meet the target by bisection, then give back to int8 the nodes
-of the last block the target does not need: the most helpful nodes first, so few are kept float,
-at about sqrt(N) + log2(sqrt(N)) + sqrt(N) evaluations. With ``latency_aware``, op types whose int8 form is measured
+about sqrt(N)/2 consecutive nodes once by the noise power their nodes add (one per-layer
+comparison of the float and the int8 model, :func:`onnxcomp.quant.autofallback.ranked_blocks`),
+find the fewest top-ranked blocks that meet the target by bisection, then, by bisection again,
+keep float only the fewest most damaging nodes of the last block: about
+log2(2 sqrt(N)) + log2(sqrt(N)/2) evaluations, where a trial per block and per node of the last
+block took about 2 sqrt(N). Below 16 candidates each is ranked by one trial in float instead
+(exact; it tells apart the branches of one If, which the per-layer comparison cannot). With ``latency_aware``, op types whose int8 form is measured
 slower than float on this CPU (interleaved, 95% interval above 1) are also kept float, and if
 the whole int8 model is still slower than the float one, that is reported.
 """
@@ -403,42 +406,55 @@ def quantize_with_fallback(
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
     targets = fidelity_target is not None or max_drop is not None
-    if targets and not _meets(current, base, fidelity_target, max_drop):
-        # Rank once by what leaving each block (a run of consecutive nodes; single nodes on small
-        # models) in float buys back ("all but the block"), move blocks to float in that order
-        # until the budget is met, then give back to int8 the nodes of the last block the budget
-        # does not need: about 2 sqrt(N) + k evaluations instead of N + k.
-        candidates = [n for n in study.nodes if n not in fallback]
-        blocks = node_blocks(candidates)
-        trials = study.evaluate([study.build(frozenset(fallback + b)) for b in blocks], executor)
-        key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
-        order = sorted(range(len(blocks)), key=lambda i: key(trials[i]), reverse=True)
-        # the fewest top-ranked blocks that meet the target, by bisection (the top one alone is
-        # the trial already made): about log2 of the blocks evaluations instead of one per block
+    if targets and not _meets(current, base, fidelity_target, max_drop) and len(fallback) < len(study.nodes):
+        # Rank blocks of consecutive nodes once by the noise their nodes add (one per-layer
+        # comparison, autofallback.ranked_blocks), find the fewest top-ranked blocks that meet the
+        # target by bisection, then keep float only the most damaging nodes of the last block the
+        # target needs, by bisection too: about log2(B) + log2(block size) evaluations.
+        from onnxcomp.quant.autofallback import ranked_blocks
+
         before = list(fallback)
-        measured: dict[int, dict[str, float]] = {1: trials[order[0]]}
+        candidates = [n for n in study.nodes if n not in fallback]
+        measured: dict[tuple[int, int], dict[str, float]] = {}
+        if len(candidates) < SMALL_STUDY:
+            # few candidates: rank each by what leaving it alone in float buys back (exact, and
+            # it tells apart the branches of one If, which the per-layer comparison cannot)
+            trials = study.evaluate([study.build(frozenset(before + [n])) for n in candidates], executor)
+            key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
+            order = sorted(range(len(candidates)), key=lambda i: key(trials[i]), reverse=True)
+            blocks, damage = [[candidates[i]] for i in order], {}
+            measured[(1, 1)] = trials[order[0]]
+        else:
+            blocks, damage = ranked_blocks(study, candidates, frozenset(before))
 
-        def top(k: int) -> list[str]:
-            return before + [n for i in order[:k] for n in blocks[i]]
+        def chosen(k: int, j: int | None = None) -> list[str]:
+            """The first ``k`` blocks in float, of the ``k``-th only its ``j`` most damaging nodes."""
+            last = sorted(blocks[k - 1], key=lambda n: -damage.get(n, 0.0))[:j] if k and j is not None else []
+            full = blocks[:k] if j is None else blocks[:k - 1]
+            return before + [n for b in full for n in b] + last
 
-        def meets_with(k: int) -> bool:
-            if k not in measured:
-                measured[k] = study.evaluate([study.build(frozenset(top(k)))], executor)[0]
-            history.append({"float_nodes": top(k), **measured[k]})
-            if progress is not None:
-                progress(len(top(k)), len(study.nodes))
-            return _meets(measured[k], base, fidelity_target, max_drop)
+        def meets_with(k: int, j: int | None = None) -> bool:
+            key = (k, len(blocks[k - 1]) if j is None else j)
+            if key not in measured:
+                measured[key] = study.evaluate([study.build(frozenset(chosen(k, j)))], executor)[0]
+                history.append({"float_nodes": chosen(k, j), **measured[key]})
+                if progress is not None:
+                    progress(len(chosen(k, j)), len(study.nodes))
+            return _meets(measured[key], base, fidelity_target, max_drop)
 
-        hi = 1 if meets_with(1) else fewest_passing(1, len(order), meets_with)
-        if hi not in measured:
-            meets_with(hi)
-        fallback = top(hi)
-        moved.extend(list(blocks[i]) for i in order[:hi])
-        last_block = blocks[order[hi - 1]]
-        current = measured[hi]
-        if len(blocks) < len(candidates) and _meets(current, base, fidelity_target, max_drop):
-            meets = lambda r: _meets(r, base, fidelity_target, max_drop)  # noqa: E731
-            fallback, current = _give_back(study, fallback, last_block, current, meets, key, executor)
+        # none of the blocks (``current``) misses; every block is taken to meet
+        hi = fewest_passing(0, len(blocks), meets_with)
+        meets_with(hi)
+        size = len(blocks[hi - 1])
+        j = size
+        if size > 1 and _meets(measured[(hi, size)], base, fidelity_target, max_drop):
+            # ``hi - 1`` blocks miss: keep float the fewest of the last block's worst nodes
+            j = fewest_passing(0, size, lambda m: meets_with(hi, m))
+        fallback = chosen(hi, j)
+        moved.extend(list(b) for b in blocks[:hi - 1])
+        moved.append(fallback[len(fallback) - j:])
+        current = measured[(hi, j)]
+        if j < size:
             history.append({"float_nodes": list(fallback), "refined": True, **current})
     final = study.build(frozenset(fallback), into=model if in_place else None)
     recovery = dict(study.prepared.recovery)
@@ -471,6 +487,11 @@ def quantize_with_fallback(
     return final, report
 
 
+#: Below this many candidate nodes the fallback ranks them by one trial each (exact); above, by
+#: one per-layer comparison (the noise each node adds), in blocks.
+SMALL_STUDY = 16
+
+
 def fewest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
     """The smallest ``k`` in ``(lo, hi]`` for which ``passes(k)``, by bisection: ``lo`` is known to
     fail, ``hi`` is taken to pass (and is returned untested when nothing below it passes)."""
@@ -481,44 +502,6 @@ def fewest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
         else:
             lo = mid
     return hi
-
-
-def node_blocks(nodes: Sequence[str]) -> list[list[str]]:
-    """``nodes`` (in graph order) cut into runs of consecutive nodes, about sqrt(N) of about
-    sqrt(N) nodes each; one node per block below 16 nodes (where single nodes cost little)."""
-    if len(nodes) < 16:
-        return [[n] for n in nodes]
-    size = math.ceil(math.sqrt(len(nodes)))
-    return [list(nodes[i:i + size]) for i in range(0, len(nodes), size)]
-
-
-def _give_back(
-    study: QuantStudy,
-    fallback: list[str],
-    movable: Sequence[str],
-    current: dict[str, float],
-    meets: Callable[[dict[str, float]], bool],
-    key: Callable[[dict[str, float]], tuple],
-    executor: concurrent.futures.Executor | None,
-) -> tuple[list[str], dict[str, float]]:
-    """Return to int8 the nodes of ``movable`` (float by block) that the budget does not need.
-
-    Each one is tried alone back in int8 (one evaluation each, in parallel); those whose trial
-    still meets the budget go back together, or the better half of them, halving until one
-    evaluation meets it (the best one alone is known to): len(movable) + log2 of it evaluations.
-    """
-    trials = study.evaluate([study.build(frozenset(fallback) - {n}) for n in movable], executor)
-    passing = sorted((i for i, t in enumerate(trials) if meets(t)), key=lambda i: key(trials[i]), reverse=True)
-    names = [movable[i] for i in passing]
-    while names:
-        if len(names) == 1:
-            return [n for n in fallback if n != names[0]], trials[passing[0]]
-        kept = [n for n in fallback if n not in set(names)]
-        result = study.evaluate([study.build(frozenset(kept))], executor)[0]
-        if meets(result):
-            return kept, result
-        names = names[: len(names) // 2]
-    return fallback, current
 
 
 def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[str], dict[str, Any]]:
