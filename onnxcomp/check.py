@@ -964,17 +964,18 @@ def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Da
     return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top]]
 
 
-def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, np.ndarray]], *,
+               with_outputs: bool = False) -> dict[str, float]:
     """SQNR in dB of every float tensor both models compute under the same name, over ``feeds``.
 
     The tensors are exposed as extra graph outputs, untyped (onnxruntime infers their types, so no
-    type inference runs here), one model at a time; the graph outputs themselves are left out.
-    Tensors whose shapes differ (pruned channels) are left out too.
+    type inference runs here), one model at a time; the graph outputs themselves are left out
+    unless ``with_outputs``. Tensors whose shapes differ (pruned channels) are left out too.
     """
     from onnxcomp.graph import produced_values
 
     ref_values, cand_values = produced_values(reference), produced_values(candidate)
-    outputs = {v.name for v in reference.graph.outputs}
+    outputs = set() if with_outputs else {v.name for v in reference.graph.outputs}
     names = [n for n, v in ref_values.items()
              if n in cand_values and n not in outputs and (v.dtype is None or v.dtype.is_floating_point())]
     ref_runs = _exposed_runs(reference, names, feeds)

@@ -250,6 +250,26 @@ def test_damage_is_not_inherited_through_a_folded_relu(rng):
     assert max(damage[f"mm{i}"] for i in range(12, 20)) < damage["mm11"] / 3, damage
 
 
+def test_damage_of_a_node_that_writes_a_graph_output(rng):
+    """The fragile node is the last one, its output the model's: it is measured there (it ranked
+    at zero damage, last, when graph outputs were left out of the per-layer comparison)."""
+    from onnxcomp.quant.autofallback import ranked_blocks
+    from onnxcomp.quant.sensitivity import QuantStudy
+
+    proto = _long_chain_with_a_fragile_layer(rng, depth=6, fragile=5)
+    graph = proto.graph
+    last = [n for n in graph.node if n.name == "relu5"][0]
+    graph.node.remove(last)
+    graph.node.remove([n for n in graph.node if n.name == "out"][0])
+    graph.node[-1].output[0] = "y"  # mm5 writes the graph output
+    feeds = [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(8)]
+    study = QuantStudy.prepare(proto, feeds, QuantizeConfig(per_channel=False, activation_type="int8"))
+    assert study.nodes[-1] == "mm5"
+    blocks, damage = ranked_blocks(study, study.nodes)
+    assert blocks[0] == ["mm5"], blocks
+    assert damage["mm5"] > 5 * max(damage[f"mm{i}"] for i in range(5)), damage
+
+
 def test_fallback_by_blocks_keeps_only_the_fragile_node_float(rng, monkeypatch):
     import concurrent.futures
 

@@ -52,7 +52,7 @@ def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[st
     """Relative noise power added at each int8 node (module docstring); nodes not measured get 0.
     A quantized subgraph (``units``: name -> (control-flow node, attribute)) is measured at its
     node's outputs (both branches of an If get the If's damage)."""
-    sqnr = layer_sqnr(float_model, int8_model, list(feeds))
+    sqnr = layer_sqnr(float_model, int8_model, list(feeds), with_outputs=True)  # a last node's output is one
     by_name = {n.name: n for n in float_model.graph}
     units = units or {}
     damage = {}
