@@ -13,6 +13,7 @@ output is replaced only with ``--force``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -319,11 +320,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `onnxcomp inspect m.onnx --json | head`
         return 0
-    except Exception as exc:  # onnxruntime refusing to run a model is a bad model, not a bug here
-        if not type(exc).__module__.startswith("onnxruntime"):
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:500]
+        if type(exc).__module__.startswith("onnxruntime"):  # a bad model, not a bug here
+            sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason or type(exc).__name__}\n")
+            return EXIT_ERROR
+        if os.environ.get("ONNXCOMP_DEBUG"):
             raise
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
-        sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason}\n")
+        done = written_files()[written:]
+        wrote = f"; written before it: {', '.join(done)}" if done else "; no output written"
+        sys.stderr.write(f"onnxcomp: internal error: {type(exc).__name__}: {reason}{wrote}. This is a bug in "
+                         "onnxcomp, not in the model or data; ONNXCOMP_DEBUG=1 shows the traceback\n")
         return EXIT_ERROR
 
 
