@@ -708,15 +708,15 @@ def _scan_reverse(rng):
 def test_emulated_iterations_reproduce_the_op(rng, make):
     """Loop/Scan emulation (the float body run step by step, state fed back) ends on exactly the
     final state onnxruntime computes, and records one body feed per iteration."""
-    from onnxcomp.quant import subgraphs
+    from onnxcomp import bodies
 
     proto = make(rng)
     model = io.load_model(proto)
     node = next(n for n in model.graph if n.op_type in ("Loop", "Scan"))
-    kind = subgraphs._kind(node, model.opset_imports[""])
-    standalone = subgraphs._as_model(model, 0, "body")
+    kind = bodies.body_kind(node, model.opset_imports[""])
+    standalone = bodies.body_as_model(model, 0, "body")
     feeds = _feeds(proto, 21, n=2)
-    body_feeds = subgraphs._body_feeds(model, node, kind, "body", standalone, [], feeds)
+    body_feeds = bodies.body_feeds(model, node, kind, "body", standalone, [], feeds)
     assert len(body_feeds) == 2 * (3 if node.op_type == "Loop" else 5)
     state = [n for n in body_feeds[0] if n in ("h_in", "s_in")][0]
     last = body_feeds[len(body_feeds) // 2 - 1]  # the first feed's last iteration

@@ -19,7 +19,8 @@ from onnxcomp.check import CheckConfig, OutputFigures, check_model, pooled_outpu
 from onnxcomp.cli import main
 from onnxcomp.data import Dataset
 from onnxcomp.measure.embedding import embedding_fidelity
-from onnxcomp.quant.autofallback import damage_blocks, fallback_to_budget, noise_ratio, study_of
+from onnxcomp.quant.autofallback import fallback_to_budget, study_of
+from onnxcomp.quant.damage import damage_blocks, noise_ratio
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.runtime import run_model
 

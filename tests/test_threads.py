@@ -238,7 +238,7 @@ def test_damage_is_not_inherited_through_a_folded_relu(rng):
     """The Relu after each MatMul is folded into the int8 MatMul's output range, so its output
     exists only in the float model: the next node's input noise is read before it, and the nodes
     after the fragile one do not count the noise they receive as noise they add."""
-    from onnxcomp.quant.autofallback import ranked_blocks
+    from onnxcomp.quant.damage import ranked_blocks
     from onnxcomp.quant.sensitivity import QuantStudy
 
     proto = _long_chain_with_a_fragile_layer(rng)
@@ -253,7 +253,7 @@ def test_damage_is_not_inherited_through_a_folded_relu(rng):
 def test_damage_of_a_node_that_writes_a_graph_output(rng):
     """The fragile node is the last one, its output the model's: it is measured there (it ranked
     at zero damage, last, when graph outputs were left out of the per-layer comparison)."""
-    from onnxcomp.quant.autofallback import ranked_blocks
+    from onnxcomp.quant.damage import ranked_blocks
     from onnxcomp.quant.sensitivity import QuantStudy
 
     proto = _long_chain_with_a_fragile_layer(rng, depth=6, fragile=5)

@@ -44,7 +44,7 @@ def prune_subgraphs(model: ir.Model, config: PruneConfig, prune: Callable[..., d
     left alone (a string); empty when the model has no subgraph with a prunable op.
     """
     from onnxcomp.ops import linear_spec
-    from onnxcomp.quant.subgraphs import _as_model, _detach, _drop_unread, _graft, _kind, _outer_reads
+    from onnxcomp.bodies import body_as_model, body_kind, detach_graph, drop_unread, graft_body, outer_reads
 
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     inner = dataclasses.replace(config, criterion="zeros", reconstruct=False, target_latency=None,
@@ -53,7 +53,7 @@ def prune_subgraphs(model: ir.Model, config: PruneConfig, prune: Callable[..., d
     report: dict[str, Any] = {}
     replaced: list[ir.Value] = []
     for index, node in enumerate(list(model.graph)):
-        kind = _kind(node, opset)
+        kind = body_kind(node, opset)
         if kind is None:
             continue
         for attr in kind.attrs:
@@ -61,7 +61,7 @@ def prune_subgraphs(model: ir.Model, config: PruneConfig, prune: Callable[..., d
             body = node.attributes[attr].value
             if not any(linear_spec(n) is not None for n in body.all_nodes()):
                 continue  # nothing that holds channels
-            standalone = _as_model(model, index, attr)
+            standalone = body_as_model(model, index, attr)
             formal = len(body.inputs)
             try:
                 stats = prune(standalone, inner, serialized_sizes=False)
@@ -86,9 +86,9 @@ def prune_subgraphs(model: ir.Model, config: PruneConfig, prune: Callable[..., d
                     standalone.graph.outputs) != len(body.outputs):
                 report[where] = "left alone: pruning changed the subgraph's signature"
                 continue
-            replaced.extend(v for v in _outer_reads(body) if v.is_initializer())
-            _graft(model, node, attr, standalone, formal)
-            _detach(body)  # the old body no longer reads outer values
+            replaced.extend(v for v in outer_reads(body) if v.is_initializer())
+            graft_body(model, node, attr, standalone, formal)
+            detach_graph(body)  # the old body no longer reads outer values
             report[where] = entry
-    _drop_unread(model.graph, replaced)
+    drop_unread(model.graph, replaced)
     return report

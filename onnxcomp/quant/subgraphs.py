@@ -10,11 +10,9 @@ nested If recurse), and its graph replaces the branch: new constants become bran
 under names unique in the whole model, outer constants it left alone are read from the outer
 scope again. A branch that no calibration feed takes stays float, said so in the report.
 
-Loop and Scan bodies are handled the same way, with their own formal inputs first: the op is
-emulated step by step on each calibration feed (the float body run by onnxruntime, its carried
-state fed back), and the body's feeds are its per-iteration inputs, at most 32 per calibration
-feed (evenly spread over the iterations, at most 4096 emulated) and 256 in all. One set of
-scales serves every iteration, as a static Q/DQ must. A quantized body is kept only where
+Loop and Scan bodies are handled the same way, with their own formal inputs first: the body's
+feeds are its per-iteration inputs, the op emulated step by step (:mod:`onnxcomp.bodies`, which
+also detaches and grafts bodies). One set of scales serves every iteration, as a static Q/DQ must. A quantized body is kept only where
 onnxruntime fuses its Q/DQ into int8 kernels: inside loop bodies it first fuses MatMul + Add
 into a float Gemm, and a DequantizeLinear feeding float compute on every iteration is a loss.
 
@@ -31,198 +29,21 @@ iteration). The report names such a subgraph and what was stored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.bodies import (BRANCHES, body_as_model, body_feeds, body_kind, detach_graph, drop_unread, graft_body,
+                             outer_reads)
 from onnxcomp.data import Dataset
-from onnxcomp.graph import all_value_names, stream_values, unique_name
-from onnxcomp.ops import COMPUTE_OPS, is_default_domain, linear_spec
+from onnxcomp.graph import all_value_names
+from onnxcomp.ops import COMPUTE_OPS, linear_spec
 from onnxcomp.quant.primitives import quantize_weight
 from onnxcomp.quant.recurrent import dequantized_weight
 
 __all__ = ["quantize_branches", "branch_units", "restore_float_body", "weight_only_int8"]
 
-_BRANCHES = ("then_branch", "else_branch")
-
-
-def _outer_reads(branch: ir.Graph) -> list[ir.Value]:
-    """Values of enclosing graphs that nodes of ``branch`` (or of graphs nested in it) read."""
-    inner: set[int] = set()
-    for g in (branch, *branch.subgraphs()):
-        inner.update(id(v) for v in g.inputs)
-        inner.update(id(v) for v in g.initializers.values())
-    for node in branch.all_nodes():
-        inner.update(id(v) for v in node.outputs)
-    reads: dict[int, ir.Value] = {}
-    for node in branch.all_nodes():
-        for v in node.inputs:
-            if v is not None and id(v) not in inner:
-                reads.setdefault(id(v), v)
-    return list(reads.values())
-
-
-def _as_model(model: ir.Model, if_index: int, attr: str) -> ir.Model:
-    """The branch ``attr`` of the ``if_index``-th main-graph node, detached from a clone of
-    ``model`` as a model: outer activations are its inputs, outer constants its initializers."""
-    clone = model.clone()
-    branch = list(clone.graph)[if_index].attributes[attr].value
-    inside = {id(n) for n in branch.all_nodes()}
-    for outer in _outer_reads(branch):
-        uses = [(u.node, u.idx) for u in outer.uses() if id(u.node) in inside]
-        local = ir.Value(name=outer.name, type=outer.type, shape=outer.shape)
-        if outer.is_initializer() and outer.const_value is not None:
-            local.const_value = outer.const_value
-            branch.register_initializer(local)
-        else:
-            branch.inputs.append(local)
-        for node, idx in uses:
-            node.replace_input_with(idx, local)
-    branch.opset_imports.clear()
-    branch.opset_imports.update(model.opset_imports)
-    return ir.Model(branch, ir_version=model.ir_version)
-
-
-def _graft(model: ir.Model, node: ir.Node, attr: str, quantized: ir.Model, formal: int = 0) -> None:
-    """Make ``quantized``'s graph the subgraph ``attr`` of ``node``: its first ``formal`` inputs
-    stay the subgraph's own (a Loop or Scan body's), the others read the outer scope again."""
-    graph = quantized.graph
-    old = node.attributes[attr].value
-    outer = {v.name: v for v in model.graph.inputs}
-    outer.update(model.graph.initializers)
-    outer.update({v.name: v for n in model.graph for v in n.outputs if v.name})
-    for value in list(graph.inputs)[formal:]:
-        value.replace_all_uses_with(outer[value.name])
-    del graph.inputs[formal:]
-    for name, value in list(graph.initializers.items()):
-        mine = outer.get(name)
-        if mine is not None and mine.const_value is value.const_value:  # an outer constant, untouched
-            graph.initializers.pop(name)
-            value.replace_all_uses_with(mine)
-    # Names unique across scopes: the old branch's names are free again.
-    old_names = all_value_names(old) | {v.name for v in old.outputs}
-    taken = all_value_names(model.graph) - old_names
-    renamed = [*graph.initializers.values(), *(v for n in graph.all_nodes() for v in n.outputs)]
-    for value in renamed:
-        if value.name in taken:
-            new = unique_name(graph, value.name, taken)
-            if value.is_initializer():
-                graph.initializers.pop(value.name)
-                value.name = new
-                graph.register_initializer(value)
-            else:
-                value.name = new
-        elif value.name:
-            taken.add(value.name)
-    graph.opset_imports.clear()
-    node.attributes[attr] = ir.AttrGraph(attr, graph)
-
-
-@dataclasses.dataclass(frozen=True)
-class _BodyKind:
-    """How calibration feeds for a subgraph of one control-flow op are produced.
-
-    ``feeds(node, attr, inputs, formal, run)`` yields the body's own formal inputs for one
-    main-graph feed: ``inputs`` are the node's input values by position (None where absent),
-    ``formal`` the body's formal input names, ``run(feed)`` runs the float body once.
-    ``emulated``: the body runs once per iteration, so onnxruntime's fusion inside it is checked.
-    """
-
-    attrs: tuple[str, ...]
-    feeds: Callable[..., Iterator[dict[str, np.ndarray]]]
-    min_opset: int = 1
-    emulated: bool = False
-
-
-_MAX_STEPS = 4096  # iterations emulated per calibration feed at most
-_MAX_RECORDED = 32  # body feeds recorded per calibration feed (evenly spread over the steps)
-_MAX_FEEDS = 256  # body feeds per subgraph in all
-
-
-def _if_feeds(node, attr, inputs, formal, run):
-    if bool(np.asarray(inputs[0]).reshape(-1)[0]) == (attr == "then_branch"):
-        yield {}
-
-
-def _stride(steps: int | None) -> int:
-    return 1 if not steps else max(1, -(-steps // _MAX_RECORDED))
-
-
-def _loop_feeds(node, attr, inputs, formal, run):
-    """Emulates ``Loop``: iteration ``i`` feeds ``(i, cond, carried...)`` to the body and takes
-    ``(cond, carried...)`` back from its outputs."""
-    trips = None if inputs[0] is None else int(np.asarray(inputs[0]).reshape(-1)[0])
-    cond = True if len(inputs) < 2 or inputs[1] is None else bool(np.asarray(inputs[1]).reshape(-1)[0])
-    carried = list(inputs[2:])
-    stride = _stride(min(trips, _MAX_STEPS) if trips is not None else None)
-    i = 0
-    while cond and (trips is None or i < trips) and i < _MAX_STEPS:
-        feed = {formal[0]: np.array(i, np.int64), formal[1]: np.array(cond), **dict(zip(formal[2:], carried))}
-        if i % stride == 0:
-            yield feed
-        outs = run(feed)
-        cond, carried = bool(np.asarray(outs[0]).reshape(-1)[0]), list(outs[1:1 + len(carried)])
-        i += 1
-
-
-def _scan_feeds(node, attr, inputs, formal, run):
-    """Emulates ``Scan`` (opset >= 9): step ``t`` feeds the states and the ``t``-th slice of each
-    scan input (along its axis, in its direction) and takes the states back."""
-    m = node.attributes.get_int("num_scan_inputs", 0)
-    n = len(inputs) - m
-    states, scans = list(inputs[:n]), [np.asarray(a) for a in inputs[n:]]
-    axes = [a % s.ndim for a, s in zip(node.attributes.get_ints("scan_input_axes", [0] * m), scans)]
-    dirs = list(node.attributes.get_ints("scan_input_directions", [0] * m))
-    steps = min(scans[0].shape[axes[0]] if scans else 0, _MAX_STEPS)
-    stride = _stride(steps)
-    for t in range(steps):
-        elems = [np.take(s, t if d == 0 else s.shape[a] - 1 - t, axis=a) for s, a, d in zip(scans, axes, dirs)]
-        feed = {**dict(zip(formal[:n], states)), **dict(zip(formal[n:], elems))}
-        if t % stride == 0:
-            yield feed
-        states = list(run(feed)[:n])
-
-
-_KINDS: dict[tuple[str, str], _BodyKind] = {
-    ("", "If"): _BodyKind(_BRANCHES, _if_feeds),
-    ("", "Loop"): _BodyKind(("body",), _loop_feeds, emulated=True),
-    ("", "Scan"): _BodyKind(("body",), _scan_feeds, min_opset=9, emulated=True),
-}
-
-
-def _kind(node: ir.Node, opset: int) -> _BodyKind | None:
-    kind = _KINDS.get(("", node.op_type)) if is_default_domain(node.domain) else None
-    return kind if kind is not None and opset >= kind.min_opset else None
-
-
-def _body_feeds(model: ir.Model, node: ir.Node, kind: _BodyKind, attr: str, standalone: ir.Model,
-                reads: list[str], data: Dataset) -> list[dict[str, np.ndarray]]:
-    """The standalone body's calibration feeds: the outer values it reads, captured on every main
-    feed, plus its own formal inputs as the op would pass them (emulated step by step)."""
-    from onnxcomp.runtime import create_session, session_options
-
-    formal = [v.name for v in node.attributes[attr].value.inputs]
-    session = None
-
-    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        nonlocal session
-        if session is None:
-            session = create_session(standalone, sess_options=session_options("basic"))
-        return session.run(None, feed)
-
-    streamed = [v.name for v in node.inputs if v is not None and v.const_value is None]
-    feeds: list[dict[str, np.ndarray]] = []
-    for values in stream_values(model, [*reads, *streamed], data):
-        inputs = [None if v is None else (v.const_value.numpy() if v.const_value is not None else values[v.name])
-                  for v in node.inputs]
-        outer = {n: values[n] for n in reads}
-        for step in kind.feeds(node, attr, inputs, formal, lambda f: run({**f, **outer})):
-            feeds.append({**step, **outer})
-            if len(feeds) >= _MAX_FEEDS:
-                return feeds
-    return feeds
 
 
 def _unfused_bodies(model: ir.Model, grafted: dict[tuple[str, str], Any]) -> dict[tuple[str, str], str]:
@@ -246,23 +67,6 @@ def _unfused_bodies(model: ir.Model, grafted: dict[tuple[str, str], Any]) -> dic
     return found
 
 
-def _detach(graph: ir.Graph) -> None:
-    """Drop the uses a discarded graph's nodes hold on outer values."""
-    for node in graph.all_nodes():
-        for i in range(len(node.inputs)):
-            node.replace_input_with(i, None)
-
-
-def _drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Drop the outer initializers among ``values`` that no node of the model reads any more (a
-    quantized subgraph reads its own int8 copies): left in, the file would grow by the float weights."""
-    keep = {id(v) for n in graph.all_nodes() for v in n.inputs if v is not None}
-    keep.update(id(v) for v in (*graph.inputs, *graph.outputs))
-    for value in values:
-        if id(value) not in keep and graph.initializers.get(value.name) is value:
-            graph.initializers.pop(value.name)
-
-
 def branch_units(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """The subgraphs :func:`quantize_branches` calibrated and kept quantized, by its report's key
     ``node/attribute``: ``(node name, attribute)`` (the sensitivity study's units)."""
@@ -277,8 +81,8 @@ def restore_float_body(model: ir.Model, float_model: ir.Model, node_name: str, a
     index = next(i for i, n in enumerate(float_model.graph) if n.name == node_name)
     node = next(n for n in model.graph if n.name == node_name)
     old = node.attributes[attr].value
-    _graft(model, node, attr, _as_model(float_model, index, attr), len(old.inputs))
-    _detach(old)
+    graft_body(model, node, attr, body_as_model(float_model, index, attr), len(old.inputs))
+    detach_graph(old)
 
 
 def weight_only_int8(model: ir.Model, nodes: Iterable[ir.Node], selector: Any, body: ir.Graph | None = None
@@ -287,7 +91,7 @@ def weight_only_int8(model: ir.Model, nodes: Iterable[ir.Node], selector: Any, b
     docstring): one scale per output channel, a DequantizeLinear in the graph that owns the weight,
     or in ``body`` (an If branch whose nodes these are) for a weight of an enclosing graph.
     Returns the report (empty when nothing was stored) and the weights of enclosing graphs it
-    stopped reading (see :func:`_drop_unread`)."""
+    stopped reading (see :func:`drop_unread`)."""
     scope = {id(g) for g in (body, *body.subgraphs())} if body is not None else set()
     taken = all_value_names(model.graph)
     done: dict[int, ir.Value] = {}  # float weight -> its DequantizeLinear output
@@ -335,11 +139,11 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
     report: dict[str, Any] = {}
     cfg = dataclasses.replace(config, fidelity_target=None, max_drop=None, latency_aware=False)
     opset = model.opset_imports.get("", 0)
-    sites = [(i, node, kind) for i, node in enumerate(model.graph) if (kind := _kind(node, opset)) is not None]
+    sites = [(i, node, kind) for i, node in enumerate(model.graph) if (kind := body_kind(node, opset)) is not None]
     emulated: dict[tuple[str, str], tuple[ir.Node, ir.Graph]] = {}
     replaced: list[ir.Value] = []  # outer constants read by subgraphs that were quantized
     for index, node, kind in sites:
-        if kind.attrs == _BRANCHES:
+        if kind.attrs == BRANCHES:
             cond = node.inputs[0]
             if cond is None or cond.const_value is not None or not cond.name:
                 continue  # a constant condition: cleanup folds the If
@@ -348,19 +152,19 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
             body = node.attributes[attr].value
             if not any(linear_spec(n) is not None for n in body.all_nodes()):  # nothing to quantize
                 continue
-            reads = [v for v in _outer_reads(body) if not (v.is_initializer() and v.const_value is not None)]
+            reads = [v for v in outer_reads(body) if not (v.is_initializer() and v.const_value is not None)]
             if any(v.type is None or v.name is None for v in reads):
                 report[where] = "left float: an outer value it reads has no known type"
                 continue
-            standalone = _as_model(model, index, attr)
-            feeds = _body_feeds(model, node, kind, attr, standalone, [v.name for v in reads], data)
+            standalone = body_as_model(model, index, attr)
+            feeds = body_feeds(model, node, kind, attr, standalone, [v.name for v in reads], data)
             if not feeds:
-                why = ("no calibration feed takes this branch" if kind.attrs == _BRANCHES
+                why = ("no calibration feed takes this branch" if kind.attrs == BRANCHES
                        else "no calibration feed runs an iteration")
                 # an If branch holds its own DequantizeLinear (run only when taken); a loop body's
                 # go to the graph owning the weight (run once, not per iteration)
                 stored, outer = weight_only_int8(model, body.all_nodes(), cfg.selector,
-                                                 body if kind.attrs == _BRANCHES else None)
+                                                 body if kind.attrs == BRANCHES else None)
                 replaced.extend(outer)
                 report[where] = ({"feeds": 0, "int8_nodes": 0, "not_calibrated": why, "weight_only_int8": stored}
                                  if stored else f"left float: {why}")
@@ -371,8 +175,8 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
                     quantized.graph.outputs) != len(body.outputs):
                 report[where] = "left float: quantizing changed the subgraph's signature"
                 continue
-            replaced.extend(v for v in _outer_reads(body) if v.is_initializer())
-            _graft(model, node, attr, quantized, len(formal))
+            replaced.extend(v for v in outer_reads(body) if v.is_initializer())
+            graft_body(model, node, attr, quantized, len(formal))
             if kind.emulated and node.name:
                 emulated[(node.name, attr)] = (node, body)
             recurrent = {k: v for k, v in (stats.get("recurrent") or {}).items()
@@ -385,9 +189,9 @@ def quantize_branches(model: ir.Model, data: Dataset, config: Any, quantize: Any
     if emulated:
         for (name, attr), op in _unfused_bodies(model, emulated).items():
             node, original = emulated[(name, attr)]
-            _detach(node.attributes[attr].value)
+            detach_graph(node.attributes[attr].value)
             node.attributes[attr] = ir.AttrGraph(attr, original)
             report[f"{name}/{attr}"] = (f"left float: onnxruntime does not fuse its Q/DQ there "
                                         f"(it would run DequantizeLinear -> float {op} every iteration)")
-    _drop_unread(model.graph, replaced)
+    drop_unread(model.graph, replaced)
     return report
