@@ -28,6 +28,8 @@ BUILDS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "prune_int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "prune-int8", "--set", "measure.latency=false"]),
     "prune_int8_0.5": (("ppocr_det",), ["compress", "--recipe", "prune-int8", "--set", "prune.target_latency=0.5",
                                         "--set", "prune.max_damage=0.2", "--set", "measure.latency=false"]),
+    "prune_int8_0.55": (("ppocr_det",), ["compress", "--recipe", "prune-int8", "--set", "prune.target_latency=0.55",
+                                         "--set", "prune.max_damage=0.15", "--set", "measure.latency=false"]),
     "int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "int8", "--set", "measure.latency=false"]),
 }
 
