@@ -787,7 +787,7 @@ def check_model(
 
     if split.check is None:
         return stop(f"not checked: no data to check on ({split.source})")
-    data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
+    data = check_dataset(split, reference)
     try:
         run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
     except OriginalFailsOnGenerated as exc:
@@ -948,6 +948,11 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         accuracy = (float(np.mean(pred[0] == labels)), float(np.mean(pred[1] == labels)))
     return {"names": names, "kinds": figures.kinds, "figures": figures.result(), "feeds": feeds, "samples": samples,
             "accuracy": accuracy, "output_figures": figures}
+
+
+def check_dataset(split, reference: ir.Model) -> Dataset:
+    """The check data of ``split`` (not None) as a :class:`Dataset` read against ``reference``."""
+    return split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
 
 
 def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Dataset, top: int,

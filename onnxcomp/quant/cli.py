@@ -278,6 +278,10 @@ def _run(args: argparse.Namespace) -> int:
         if not auto["met_on_fitting_data"]:  # gave up: the written all-int8 model and its check stand
             quantized = first
             auto["latency_ratio_to_all_int8"] = None
+            if check_cfg.blame and check.get("checked"):  # its check ran without the blame: name it now
+                from onnxcomp.check import blame, check_dataset
+
+                check["blame"] = blame(model, first, check_dataset(split, model), check_cfg.blame)
         else:
             auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
             report["int8_nodes"] = len(auto["int8_nodes"])

