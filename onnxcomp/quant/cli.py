@@ -92,6 +92,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="keep float the op types whose int8 form is measured slower on this CPU")
     add_threads_flag(p, "intra-op threads at which the int8 model is compared with the float one after writing "
                         "(latency ratio; op types that cost the time when int8 is slower) and of --latency-aware")
+    p.add_argument("--no-latency", action="store_true",
+                   help="static mode: skip the latency comparison of the written int8 model with the float one")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
     p.add_argument("--no-fallback", action="store_true",
@@ -302,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
                                    "missed it: the fitting data does not represent the held-out data well "
                                    "enough (more calibration data, or --eval)")
     status = check_status(args, check)
-    if args.threads and args.mode == "static" and count:
+    if args.mode == "static" and count and not args.no_latency:  # an int8 model slower than float is said so
         report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
                                                args.threads, report)
     if args.json:
@@ -384,8 +386,9 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
-def _int8_latency(model, written_path, data, threads: int, report: dict) -> dict:
-    """The written int8 model against the input at ``threads`` threads (see int8_latency_report)."""
+def _int8_latency(model, written_path, data, threads: int | None, report: dict) -> dict:
+    """The written int8 model against the input at ``threads`` threads (None: onnxruntime's default;
+    see int8_latency_report)."""
     from onnxcomp.io import load_model
     from onnxcomp.measure.bench import int8_latency_report
 
