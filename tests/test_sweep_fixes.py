@@ -89,3 +89,26 @@ def test_default_quantize_says_when_int8_is_slower_than_float(rng, tmp_path, cap
     assert main(args + ["--force", "--no-latency", "--json"]) == 0
     assert "int8_latency" not in json.loads(capsys.readouterr().out)
     assert len(calls) - before == measured - 1  # the quantization's own calls, not the comparison
+
+
+def test_quantizing_an_already_quantized_model_says_so(rng, tmp_path, capsys):
+    # ddddocr's common_old.onnx (dynamically quantized: ConvInteger, DynamicQuantizeLSTM,
+    # MatMulInteger): the default command blamed '392_scale_node ... feeds Div' for compressing nothing.
+    w = rng.integers(-127, 128, (8, 8)).astype(np.int8)
+    proto = make_proto(
+        [oh.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+         oh.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["acc"]),
+         oh.make_node("Cast", ["acc"], ["accf"], to=1),
+         oh.make_node("Mul", ["xs", "ws"], ["s"]),
+         oh.make_node("Mul", ["accf", "s"], ["m"]),
+         oh.make_node("Unsqueeze", ["m", "axes"], ["y"])],
+        [("x", [1, 8])], [("y", [1, 1, 8])],
+        [("w", w), ("wz", np.int8(0)), ("ws", np.float32(0.01)), ("axes", np.array([1], np.int64))])
+    model = tmp_path / "q8.onnx"
+    io.save_model(io.load_model(proto), model)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((12, 1, 8)).astype(np.float32))
+    assert main(["quantize", str(model), "-o", str(tmp_path / "out.onnx"), "--calibration",
+                 str(tmp_path / "calib.npz"), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["check"]
+    assert not check["met"]
+    assert "nothing was compressed (0 int8 nodes): the model is already quantized (MatMulInteger x1)" in check["problems"][0]

@@ -166,8 +166,12 @@ def _recurrent_int8(report: dict) -> int:
                for s in _recurrent_sections(report))
 
 
-def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
+def _compressed(report: dict, mode: str, model) -> tuple[int, str, str]:
     """How much was quantized, what that counts, and (when nothing) why."""
+    from collections import Counter
+
+    from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
+
     if mode == "static":
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + _recurrent_int8(report)
         what = "int8 nodes"
@@ -177,7 +181,11 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
     why = ""
     if count == 0:
         skipped = report.get("skipped") or {}
-        if skipped:
+        kernels = Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS)
+        if kernels:  # what is left float there is the quantized model's own plumbing
+            why = ("the model is already quantized (" + ", ".join(f"{op} x{k}" for op, k in kernels.most_common())
+                   + "): quantize its float original")
+        elif skipped:
             first, reason = next(iter(skipped.items()))
             why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
         else:
@@ -255,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
     if specialized is not None:
         report["specialize"] = specialized
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
-    count, what, why = _compressed(report, args.mode)
+    count, what, why = _compressed(report, args.mode, model)
     can_fall_back = bool(count) and may_fall_back and bool(calibrated)
     # onnxruntime reads the original's file itself (unless --fix-* changed the model in memory)
     original = args.model if specialized is None else None
