@@ -850,8 +850,8 @@ def _original_runs(split: DataSplit | None) -> Iterator[None]:
             raise
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise OriginalFailsOnGenerated(
-            f"the original model does not run on the generated inputs ({first}); give data "
-            "(--data / --calibration / --eval) or --shape for a real check") from None
+            f"the original model does not run on the generated inputs ({first}; their free dimensions are 1); "
+            "give data (--data / --calibration / --eval) for a real check") from None
 
 
 def resolution_note(rows: list[dict[str, Any]], config: CheckConfig) -> str | None:

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import onnx.helper as oh
+import pytest
 from conftest import make_proto
 
 from onnxcomp import io
@@ -112,3 +113,25 @@ def test_quantizing_an_already_quantized_model_says_so(rng, tmp_path, capsys):
     check = json.loads(capsys.readouterr().out)["check"]
     assert not check["met"]
     assert "nothing was compressed (0 int8 nodes): the model is already quantized (MatMulInteger x1)" in check["problems"][0]
+
+
+def test_an_unjudgeable_sanity_check_advises_only_options_the_command_takes(rng, tmp_path, capsys):
+    # nudenet 320n (YOLOv8, dynamic height and width): `cluster` and `prune` without data could not
+    # run the original on generated 1x1 images and advised "--shape", which neither command takes
+    # (argparse refused it) and which the check never read.
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    proto = make_proto([oh.make_node("Conv", ["x", "w"], ["c"]), oh.make_node("Conv", ["c", "w2"], ["y"])],
+                       [("x", [1, 2, "h", "w"])], [("y", [1, 4, "oh", "ow"])],
+                       [("w", w), ("w2", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))])
+    model = tmp_path / "dyn.onnx"
+    io.save_model(io.load_model(proto), model)
+    for command, data_flag in (("cluster", "--data"), ("prune", "--calibration")):
+        assert main([command, str(model), "-o", str(tmp_path / f"{command}.onnx"), "--json"]) == 0
+        check = json.loads(capsys.readouterr().out)["check"]
+        assert check["checked"] is False and not check["met"]
+        problem = check["problems"][-1]
+        assert problem.startswith("not checked: the original model does not run on the generated inputs")
+        assert "--shape" not in problem and data_flag in problem
+        with pytest.raises(SystemExit) as refused:  # argparse: exit status 1, as the CLI's contract
+            main([command, str(model), "-o", str(tmp_path / "x.onnx"), "--shape", "x=1x2x8x8"])
+        assert refused.value.code == 1 and "unrecognized arguments: --shape" in capsys.readouterr().err
