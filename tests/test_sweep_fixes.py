@@ -90,6 +90,18 @@ def test_default_quantize_says_when_int8_is_slower_than_float(rng, tmp_path, cap
     assert main(args + ["--force", "--no-latency", "--json"]) == 0
     assert "int8_latency" not in json.loads(capsys.readouterr().out)
     assert len(calls) - before == measured - 1  # the quantization's own calls, not the comparison
+    before = len(calls)
+    assert main(args + ["--force", "--quiet"]) == 0  # nothing would show it
+    assert len(calls) - before == measured - 1
+    # a large model: float and int8 sessions side by side would hold its weights twice
+    monkeypatch.setattr(io, "LARGE_MODEL_BYTES", 64)
+    before = len(calls)
+    assert main(args + ["--force", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "int8_latency" not in report and len(calls) - before == measured - 1
+    assert any(note.startswith("latency not compared with the float model") for note in report["notes"])
+    assert main(args + ["--force", "--json", "--threads", "1"]) == 0  # asked for: compared
+    assert json.loads(capsys.readouterr().out)["int8_latency"]["threads"] == 1
 
 
 def test_quantizing_an_already_quantized_model_says_so(rng, tmp_path, capsys):

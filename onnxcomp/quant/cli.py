@@ -93,7 +93,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     add_threads_flag(p, "intra-op threads at which the int8 model is compared with the float one after writing "
                         "(latency ratio; op types that cost the time when int8 is slower) and of --latency-aware")
     p.add_argument("--no-latency", action="store_true",
-                   help="static mode: skip the latency comparison of the written int8 model with the float one")
+                   help="static mode: skip the latency comparison of the written int8 model with the float one "
+                        "(made by default, except with --quiet or weights above 256 MiB)")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
     p.add_argument("--no-fallback", action="store_true",
@@ -312,7 +313,7 @@ def _run(args: argparse.Namespace) -> int:
                                    "missed it: the fitting data does not represent the held-out data well "
                                    "enough (more calibration data, or --eval)")
     status = check_status(args, check)
-    if args.mode == "static" and count and not args.no_latency:  # an int8 model slower than float is said so
+    if args.mode == "static" and count and _compare_latency(args, model, report):
         report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
                                                args.threads, report)
     if args.json:
@@ -392,6 +393,24 @@ def _run(args: argparse.Namespace) -> int:
     print_int8_latency(con, report.get("int8_latency"))
     print_check(con, check)
     return status
+
+
+def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:
+    """Whether to compare the written int8 model's latency with the float one: always with
+    --threads; by default too (an int8 model slower than float is said so), except with
+    --no-latency, --quiet (nothing would show it) or a large model (both sessions side by side
+    would hold two copies of its weights: the report says so)."""
+    from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
+
+    if args.threads:
+        return True
+    if args.no_latency or (args.quiet and not args.json):
+        return False
+    if initializer_nbytes(model) >= LARGE_MODEL_BYTES:
+        report.setdefault("notes", []).append(f"latency not compared with the float model (its weights take more than "
+                               f"{LARGE_MODEL_BYTES // 2**20} MiB; --threads N compares them)")
+        return False
+    return True
 
 
 def _int8_latency(model, written_path, data, threads: int | None, report: dict) -> dict:
