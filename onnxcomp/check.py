@@ -787,7 +787,7 @@ def check_model(
 
     if split.check is None:
         return stop(f"not checked: no data to check on ({split.source})")
-    data = split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
+    data = check_dataset(split, reference)
     try:
         run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
     except OriginalFailsOnGenerated as exc:
@@ -850,8 +850,8 @@ def _original_runs(split: DataSplit | None) -> Iterator[None]:
             raise
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise OriginalFailsOnGenerated(
-            f"the original model does not run on the generated inputs ({first}); give data "
-            "(--data / --calibration / --eval) or --shape for a real check") from None
+            f"the original model does not run on the generated inputs ({first}; their free dimensions are 1); "
+            "give data (--data / --calibration / --eval) for a real check") from None
 
 
 def resolution_note(rows: list[dict[str, Any]], config: CheckConfig) -> str | None:
@@ -948,6 +948,11 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         accuracy = (float(np.mean(pred[0] == labels)), float(np.mean(pred[1] == labels)))
     return {"names": names, "kinds": figures.kinds, "figures": figures.result(), "feeds": feeds, "samples": samples,
             "accuracy": accuracy, "output_figures": figures}
+
+
+def check_dataset(split, reference: ir.Model) -> Dataset:
+    """The check data of ``split`` (not None) as a :class:`Dataset` read against ``reference``."""
+    return split.check if isinstance(split.check, Dataset) else Dataset(split.check, reference)
 
 
 def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Dataset, top: int,

@@ -146,9 +146,10 @@ def test_quantize_with_threads_when_int8_is_faster_profiles_nothing(tiny, tmp_pa
     assert injected["profiled"] == []
 
 
-def test_quantize_without_threads_measures_nothing(tiny, tmp_path, capsys, injected):
+def test_quantize_with_no_latency_measures_nothing(tiny, tmp_path, capsys, injected):
     model, calib = tiny
-    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(calib), "--json"]) == 0
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(calib), "--json",
+                 "--no-latency"]) == 0
     assert "int8_latency" not in json.loads(capsys.readouterr().out)
     assert injected["bench_threads"] == []
 

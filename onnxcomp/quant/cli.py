@@ -92,6 +92,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="keep float the op types whose int8 form is measured slower on this CPU")
     add_threads_flag(p, "intra-op threads at which the int8 model is compared with the float one after writing "
                         "(latency ratio; op types that cost the time when int8 is slower) and of --latency-aware")
+    p.add_argument("--no-latency", action="store_true",
+                   help="static mode: skip the latency comparison of the written int8 model with the float one "
+                        "(made by default, except with --quiet or weights above 256 MiB)")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity budget")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the evaluation data (--max-drop)")
     p.add_argument("--no-fallback", action="store_true",
@@ -164,8 +167,12 @@ def _recurrent_int8(report: dict) -> int:
                for s in _recurrent_sections(report))
 
 
-def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
+def _compressed(report: dict, mode: str, model) -> tuple[int, str, str]:
     """How much was quantized, what that counts, and (when nothing) why."""
+    from collections import Counter
+
+    from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
+
     if mode == "static":
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + _recurrent_int8(report)
         what = "int8 nodes"
@@ -175,7 +182,11 @@ def _compressed(report: dict, mode: str) -> tuple[int, str, str]:
     why = ""
     if count == 0:
         skipped = report.get("skipped") or {}
-        if skipped:
+        kernels = Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS)
+        if kernels:  # what is left float there is the quantized model's own plumbing
+            why = ("the model is already quantized (" + ", ".join(f"{op} x{k}" for op, k in kernels.most_common())
+                   + "): quantize its float original")
+        elif skipped:
             first, reason = next(iter(skipped.items()))
             why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
         else:
@@ -253,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
     if specialized is not None:
         report["specialize"] = specialized
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
-    count, what, why = _compressed(report, args.mode)
+    count, what, why = _compressed(report, args.mode, model)
     can_fall_back = bool(count) and may_fall_back and bool(calibrated)
     # onnxruntime reads the original's file itself (unless --fix-* changed the model in memory)
     original = args.model if specialized is None else None
@@ -278,6 +289,10 @@ def _run(args: argparse.Namespace) -> int:
         if not auto["met_on_fitting_data"]:  # gave up: the written all-int8 model and its check stand
             quantized = first
             auto["latency_ratio_to_all_int8"] = None
+            if check_cfg.blame and check.get("checked"):  # its check ran without the blame: name it now
+                from onnxcomp.check import blame, check_dataset
+
+                check["blame"] = blame(model, first, check_dataset(split, model), check_cfg.blame)
         else:
             auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
             report["int8_nodes"] = len(auto["int8_nodes"])
@@ -298,7 +313,7 @@ def _run(args: argparse.Namespace) -> int:
                                    "missed it: the fitting data does not represent the held-out data well "
                                    "enough (more calibration data, or --eval)")
     status = check_status(args, check)
-    if args.threads and args.mode == "static" and count:
+    if args.mode == "static" and count and _compare_latency(args, model, report):
         report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
                                                args.threads, report)
     if args.json:
@@ -380,8 +395,27 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
-def _int8_latency(model, written_path, data, threads: int, report: dict) -> dict:
-    """The written int8 model against the input at ``threads`` threads (see int8_latency_report)."""
+def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:
+    """Whether to compare the written int8 model's latency with the float one: always with
+    --threads; by default too (an int8 model slower than float is said so), except with
+    --no-latency, --quiet (nothing would show it) or a large model (both sessions side by side
+    would hold two copies of its weights: the report says so)."""
+    from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
+
+    if args.threads:
+        return True
+    if args.no_latency or (args.quiet and not args.json):
+        return False
+    if initializer_nbytes(model) >= LARGE_MODEL_BYTES:
+        report.setdefault("notes", []).append(f"latency not compared with the float model (its weights take more than "
+                               f"{LARGE_MODEL_BYTES // 2**20} MiB; --threads N compares them)")
+        return False
+    return True
+
+
+def _int8_latency(model, written_path, data, threads: int | None, report: dict) -> dict:
+    """The written int8 model against the input at ``threads`` threads (None: onnxruntime's default;
+    see int8_latency_report)."""
     from onnxcomp.io import load_model
     from onnxcomp.measure.bench import int8_latency_report
 
