@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
     status = check_status(args, check)
     if args.mode == "static" and count and _compare_latency(args, model, report):
         report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
-                                               args.threads, report)
+                                               args.threads, report, time_budget=30.0 if args.threads else 10.0)
     if args.json:
         print_json(report)
         return status
@@ -413,9 +413,10 @@ def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:
     return True
 
 
-def _int8_latency(model, written_path, data, threads: int | None, report: dict) -> dict:
+def _int8_latency(model, written_path, data, threads: int | None, report: dict, time_budget: float = 30.0) -> dict:
     """The written int8 model against the input at ``threads`` threads (None: onnxruntime's default;
-    see int8_latency_report)."""
+    see int8_latency_report), for at most ``time_budget`` seconds of rounds (10 s when nobody asked
+    for the comparison with --threads: it runs after every default static quantize)."""
     from onnxcomp.io import load_model
     from onnxcomp.measure.bench import int8_latency_report
 
@@ -425,7 +426,8 @@ def _int8_latency(model, written_path, data, threads: int | None, report: dict) 
         if len(feeds) == 8:
             break
     unfused = (report.get("onnxruntime") or {}).get("dequantize_linear", 0)
-    return int8_latency_report(model, load_model(written_path), feeds, threads=threads, unfused_dequantize=unfused)
+    return int8_latency_report(model, load_model(written_path), feeds, threads=threads, unfused_dequantize=unfused,
+                               time_budget=time_budget)
 
 
 register("quantize", "quantize a model: static int8 Q/DQ, weight-only int8/int4, or dynamic", _configure, _run)
