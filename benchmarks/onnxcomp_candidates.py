@@ -152,3 +152,35 @@ _recipe_candidate(
      "cluster": {"bits": 4, "format": "sparse", "min_elements": 256}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"), needs_data=False,
 )
+
+
+def _quantize_cli(model_path: Path, calib: Path, out_path: Path) -> dict[str, Any]:
+    """``onnxcomp quantize MODEL -o OUT --calibration C`` as a user types it (the check holds out
+    every 5th feed and the automatic fallback may follow), in this process."""
+    import contextlib
+    import io
+    import json
+
+    from onnxcomp.cli import main
+
+    argv = ["quantize", str(model_path), "-o", str(out_path), "--calibration", str(calib), "--json", "--force",
+            "--no-latency"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(argv)
+    if status not in (0, 3):
+        raise RuntimeError(f"onnxcomp quantize exited {status}")
+    report = json.loads(stdout.getvalue())
+    check = report.get("check") or {}
+    notes: dict[str, Any] = {"int8_nodes": report.get("int8_nodes"), "check_met": check.get("met"),
+                             "fit_feeds": (check.get("data") or {}).get("fit_feeds")}
+    auto = report.get("auto_fallback")
+    if auto:
+        notes["fallback"] = "gave up" if not auto["met_on_fitting_data"] else f"{len(auto['float_nodes'])} nodes float"
+    return notes
+
+
+register(Candidate("oc_quantize_cli", _quantize_cli, kind="onnxcomp",
+                   description="onnxcomp quantize with every default, as typed: fits on 4/5 of the calibration "
+                               "feeds, checks on the rest, falls back automatically",
+                   config={"cli": "quantize MODEL -o OUT --calibration C --json --force --no-latency"}))
