@@ -516,7 +516,7 @@ def quantize_with_fallback(
         if len(candidates) < SMALL_STUDY:
             # few candidates: rank each by what leaving it alone in float buys back (exact, and
             # it tells apart the branches of one If, which the per-layer comparison cannot)
-            trials = study.evaluate([study.build(frozenset(before + [n])) for n in candidates], executor)
+            trials = study.evaluate_variants([frozenset(before + [n]) for n in candidates], executor)
             key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
             order = sorted(range(len(candidates)), key=lambda i: key(trials[i]), reverse=True)
             blocks, damage = [[candidates[i]] for i in order], {}
