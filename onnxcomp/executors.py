@@ -7,7 +7,8 @@ every task shares travel (:func:`share`):
 
 * a local process pool pickles them with each task (the workers are on this machine);
 * Dask scatters them once to every worker (``broadcast``) and each task carries a reference, so a
-  task ships only its own candidate model.
+  task ships only its own candidate model, or only the nodes it keeps float when the worker builds
+  the candidate from the study's shared recipe (:meth:`onnxcomp.quant.sensitivity.QuantStudy.evaluate_variants`).
 
 ``--executor`` addresses (:func:`open_executor`):
 

@@ -7,6 +7,9 @@ are computed once and cached; each candidate is then one onnxruntime session and
 those feeds. Candidates are evaluated through any :class:`concurrent.futures.Executor` (default:
 a local process pool; a Dask cluster through :mod:`onnxcomp.executors`, which sends the shared
 feeds and reference outputs to each worker once): a task is a plain function of bytes and arrays.
+Candidates named by their float nodes (:meth:`QuantStudy.evaluate_variants`) are also *built*
+where they are evaluated: the study's build inputs (:class:`BuildRecipe`) travel like the feeds,
+are read once per worker process, and a task carries only its set of float nodes.
 
 Metrics per candidate: output SQNR (the minimum over outputs,
 :math:`10\log_{10}\sum r^2/\sum (r-c)^2` over all evaluation feeds) and, with labels, accuracy.
@@ -32,6 +35,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
+import pickle
+import threading
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,13 +48,13 @@ from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
 from onnxcomp.executors import Inline, default_executor, spawning, stop_pool
 from onnxcomp.graph import working_copy
-from onnxcomp.io import ModelSource, clone_model, model_to_bytes
+from onnxcomp.io import ModelSource, clone_model, load_model, model_to_bytes
 from onnxcomp.quant import static
 from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
 from onnxcomp.quant.qdq import StaticPlan, plan_static
 from onnxcomp.runtime import run_model, session_options
 
-__all__ = ["QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
+__all__ = ["BuildRecipe", "QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
 
 
 def evaluate_model_bytes(
@@ -103,6 +109,53 @@ def _evaluate_shared(model: bytes, data: tuple, threads: int | None = 1) -> dict
     return evaluate_model_bytes(model, *data, threads=threads)
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildRecipe:
+    """What building a candidate of a :class:`QuantStudy` takes, as picklable data: the prepared
+    model as bytes, the calibration's ranges and plan, and the finish steps as picklable
+    functions. Shipped to a worker like the shared feeds; the worker reads it once
+    (:func:`recipe_study`) and builds every candidate it is given from it."""
+
+    #: names this recipe in a worker's cache (one per study)
+    key: str
+    work: bytes
+    config: QuantizeConfig
+    ranges: dict[str, tuple[float, float]]
+    keep_float: dict[str, str]
+    base_plan: StaticPlan | None
+    finish: tuple[Callable[[ir.Model], object], ...]
+    float_work: bytes | None
+    units: dict[str, tuple[str, str]]
+
+
+#: the studies read from recipes in this process, by recipe key (the latest few)
+_RECIPE_STUDIES: dict[str, QuantStudy] = {}
+_RECIPE_LOCK = threading.Lock()
+_RECIPES_KEPT = 2
+
+
+def recipe_study(recipe: BuildRecipe) -> QuantStudy:
+    """The study ``recipe`` describes, with no feeds (it only builds), read once per process."""
+    with _RECIPE_LOCK:
+        study = _RECIPE_STUDIES.get(recipe.key)
+        if study is None:
+            float_work = load_model(recipe.float_work, check=False) if recipe.float_work is not None else None
+            study = QuantStudy(load_model(recipe.work, check=False), recipe.config, recipe.ranges, recipe.keep_float,
+                               [], [], [], None, [], recipe.base_plan, None, list(recipe.finish),
+                               float_work=float_work, units=recipe.units)
+            while len(_RECIPE_STUDIES) >= _RECIPES_KEPT:
+                del _RECIPE_STUDIES[next(iter(_RECIPE_STUDIES))]
+            _RECIPE_STUDIES[recipe.key] = study
+    return study
+
+
+def _build_and_evaluate(float_nodes: frozenset[str], recipe: BuildRecipe, data: tuple,
+                        threads: int | None = 1) -> dict[str, Any]:
+    """The candidate with ``float_nodes`` kept float, built from ``recipe`` here, then evaluated
+    (:func:`_evaluate_shared`)."""
+    return _evaluate_shared(model_to_bytes(recipe_study(recipe).build(float_nodes)), data, threads)
+
+
 @dataclasses.dataclass
 class QuantStudy:
     """One calibration shared by every candidate: the cleaned model, its plan and its ranges."""
@@ -124,8 +177,8 @@ class QuantStudy:
     finish: list[Callable[[ir.Model], object]] = dataclasses.field(default_factory=list)
     #: ``(names, kinds, pooled)``: evaluations also measure the check's figures of every output
     outputs: tuple[list[str], dict[str, str], dict[str, str]] | None = None
-    #: (executor, what its tasks carry for the shared data), see :meth:`_shared_data`
-    _shared: tuple[Any, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: (executor, what its tasks carry for the shared data, for the recipe), see :meth:`_shared_data`
+    _shared: tuple[Any, Any, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
     #: the prepared model with every subgraph float (``work`` holds them quantized), when ``units``
     float_work: ir.Model | None = None
     #: quantized If branches and Loop/Scan bodies, by ``node/attribute``: candidates like nodes
@@ -210,7 +263,7 @@ class QuantStudy:
             work = clone_model(work)
         # the steps quantize takes after the rewrite (static.quantize_static), so that the variants
         # are what quantize would write: embedding tables, recurrent weights
-        finish = [lambda m: static.quantize_embeddings(m, config), lambda m: static.quantize_recurrent(m, config)]
+        finish = static.finish_steps(config)
         return cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
                    labels, notes, base, prepared, finish, float_work=float_work, units=units)
 
@@ -249,16 +302,56 @@ class QuantStudy:
                  progress: Callable[[int, int], object] | None = None) -> list[dict[str, float]]:
         """Metrics of each model (in order), evaluated through ``executor``."""
         payloads = [model_to_bytes(m) for m in models]
-        own = executor is None and len(payloads) > 1
+        return self._run(_evaluate_shared, payloads, executor, progress, recipe=False)
+
+    def evaluate_variants(self, float_nodes: Sequence[frozenset[str]],
+                          executor: concurrent.futures.Executor | None = None,
+                          progress: Callable[[int, int], object] | None = None) -> list[dict[str, float]]:
+        """Metrics of the candidate with each set of nodes kept float (in order): what
+        ``evaluate([self.build(s) for s in float_nodes])`` gives, with each candidate built
+        where it is evaluated (from :meth:`recipe`, read once per worker), not here first.
+
+        In process (:class:`~onnxcomp.executors.Inline`) candidates are built here, one at a
+        time; when the finish steps cannot be pickled, all of them here first.
+        """
+        sets = [frozenset(s) for s in float_nodes]
+        if isinstance(executor, Inline) or (executor is None and len(sets) <= 1):
+            return self._run(self._build_here, sets, executor, progress, recipe=False)
+        if not self._picklable_finish():
+            return self.evaluate([self.build(s) for s in sets], executor, progress)
+        return self._run(_build_and_evaluate, sets, executor, progress, recipe=True)
+
+    def _build_here(self, float_nodes: frozenset[str], data: tuple, threads: int | None) -> dict[str, Any]:
+        return _evaluate_shared(model_to_bytes(self.build(float_nodes)), data, threads)
+
+    def _picklable_finish(self) -> bool:
+        try:
+            pickle.dumps(self.finish)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            return False
+        return True
+
+    def recipe(self) -> BuildRecipe:
+        """The build inputs of this study as picklable data (the models serialized)."""
+        float_work = model_to_bytes(self.float_work) if self.float_work is not None else None
+        return BuildRecipe(uuid.uuid4().hex, model_to_bytes(self.work), self.config, dict(self.ranges),
+                           dict(self.keep_float), self.base_plan, tuple(self.finish), float_work, dict(self.units))
+
+    def _run(self, task: Callable[..., dict[str, Any]], items: Sequence[Any],
+             executor: concurrent.futures.Executor | None, progress: Callable[[int, int], object] | None,
+             *, recipe: bool) -> list[dict[str, Any]]:
+        """``task(item, [recipe,] data, threads)`` for each item through ``executor`` (default:
+        in process for one item, else a pool shut down here), results in order."""
+        own = executor is None and len(items) > 1
         if executor is None:
-            executor = default_executor(len(payloads))
+            executor = default_executor(len(items))
         cancel = True
         try:
             # in process: onnxruntime's own threads; in workers: one each
             threads = None if isinstance(executor, Inline) else 1
             with spawning(executor):
-                data = self._shared_data(executor)
-                futures = [executor.submit(_evaluate_shared, b, data, threads) for b in payloads]
+                shared = self._shared_data(executor, recipe=recipe)
+                futures = [executor.submit(task, item, *shared, threads) for item in items]
             results = []
             for i, f in enumerate(futures):
                 results.append(f.result())
@@ -270,15 +363,19 @@ class QuantStudy:
             if own:
                 stop_pool(executor, cancel=cancel)
 
-    def _shared_data(self, executor: concurrent.futures.Executor) -> Any:
-        """Feeds, reference outputs and labels as ``executor``'s tasks carry them: sent once per
-        worker on Dask (:func:`onnxcomp.executors.share`), with each task on a process pool."""
+    def _shared_data(self, executor: concurrent.futures.Executor, *, recipe: bool = False) -> tuple[Any, ...]:
+        """Feeds, reference outputs and labels (and with ``recipe`` the :meth:`recipe`, ahead of
+        them) as ``executor``'s tasks carry them: sent once per worker on Dask
+        (:func:`onnxcomp.executors.share`), with each task on a process pool (where a worker
+        still reads the recipe's models once)."""
         from onnxcomp.executors import share
 
         if self._shared is None or self._shared[0] is not executor:
             shared = (self.feeds, self.reference, self.labels, 0, self.outputs)
-            self._shared = (executor, share(executor, shared))
-        return self._shared[1]
+            self._shared = (executor, share(executor, shared), None)
+        if recipe and self._shared[2] is None:
+            self._shared = (*self._shared[:2], share(executor, self.recipe()))
+        return (self._shared[2], self._shared[1]) if recipe else (self._shared[1],)
 
     def float_metrics(self) -> dict[str, float]:
         float_model = self.float_work if self.float_work is not None else self.work
@@ -316,10 +413,10 @@ def analyze_sensitivity(
                                max_eval_feeds=max_eval_feeds)
     nodes = study.nodes
     others = set(nodes)
-    models = [study.build(frozenset())]
-    models += [study.build(frozenset(others - {n})) for n in nodes]  # alone
-    models += [study.build(frozenset({n})) for n in nodes]  # all but n
-    results = study.evaluate(models, executor, progress)
+    variants = [frozenset()]
+    variants += [frozenset(others - {n}) for n in nodes]  # alone
+    variants += [frozenset({n}) for n in nodes]  # all but n
+    results = study.evaluate_variants(variants, executor, progress)
     full = results[0]
     alone = results[1 : 1 + len(nodes)]
     all_but = results[1 + len(nodes) :]
@@ -336,7 +433,7 @@ def analyze_sensitivity(
         "float": study.float_metrics(),
         "all_int8": full,
         "nodes": rows,
-        "candidates_evaluated": len(models),
+        "candidates_evaluated": len(variants),
         "eval_feeds": len(study.feeds),
         "notes": study.notes,
     }
@@ -419,7 +516,7 @@ def quantize_with_fallback(
         if len(candidates) < SMALL_STUDY:
             # few candidates: rank each by what leaving it alone in float buys back (exact, and
             # it tells apart the branches of one If, which the per-layer comparison cannot)
-            trials = study.evaluate([study.build(frozenset(before + [n])) for n in candidates], executor)
+            trials = study.evaluate_variants([frozenset(before + [n]) for n in candidates], executor)
             key = (lambda r: (r["accuracy"], r["sqnr_db"])) if max_drop is not None else (lambda r: (r["sqnr_db"],))
             order = sorted(range(len(candidates)), key=lambda i: key(trials[i]), reverse=True)
             blocks, damage = [[candidates[i]] for i in order], {}

@@ -18,6 +18,7 @@ Both :func:`onnxcomp.quant.api.quantize` and the sensitivity / fallback study
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -298,8 +299,7 @@ def quantize_static(
     if keep is not None:
         kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared,
                           float_work=float_bodies, units=units)
-        kept.finish.extend([lambda model: quantize_embeddings(model, config),
-                            lambda model: quantize_recurrent(model, config)])
+        kept.finish.extend(finish_steps(config))
         keep(kept)
     started = time.perf_counter()
     by_name = {n.name: n for n in work.graph}
@@ -347,6 +347,13 @@ def quantize_bodies(work: ir.Model, data: Dataset, config: QuantizeConfig, *, fo
     float_work = clone_model(work) if for_variants and any(True for _ in work.graph.subgraphs()) else None
     branches = quantize_branches(work, data, config, _quantize_branch)
     return branches, float_work, branch_units(branches) if float_work is not None else {}
+
+
+def finish_steps(config: QuantizeConfig) -> list[Callable[[ir.Model], object]]:
+    """The steps :func:`quantize_static` takes after the rewrite (embedding tables, recurrent
+    weights), for variants of a calibration: plain functions of the model, picklable so that a
+    worker process can build a variant too."""
+    return [functools.partial(quantize_embeddings, config=config), functools.partial(quantize_recurrent, config=config)]
 
 
 def quantize_recurrent(work: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
