@@ -167,8 +167,9 @@ def _recurrent_int8(report: dict) -> int:
                for s in _recurrent_sections(report))
 
 
-def _compressed(report: dict, mode: str, model) -> tuple[int, str, str]:
-    """How much was quantized, what that counts, and (when nothing) why."""
+def _compressed(report: dict, mode: str, model=None) -> tuple[int, str, str]:
+    """How much was quantized, what that counts, and (when nothing) why (``model``: the input, to
+    tell an already quantized one)."""
     from collections import Counter
 
     from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
@@ -182,7 +183,7 @@ def _compressed(report: dict, mode: str, model) -> tuple[int, str, str]:
     why = ""
     if count == 0:
         skipped = report.get("skipped") or {}
-        kernels = Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS)
+        kernels = Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS) if model is not None else {}
         if kernels:  # what is left float there is the quantized model's own plumbing
             why = ("the model is already quantized (" + ", ".join(f"{op} x{k}" for op, k in kernels.most_common())
                    + "): quantize its float original")
