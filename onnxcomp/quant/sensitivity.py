@@ -531,13 +531,14 @@ def quantize_with_fallback(
             return before + [n for b in full for n in b] + last
 
         def meets_with(k: int, j: int | None = None) -> bool:
-            key = (k, len(blocks[k - 1]) if j is None else j)
-            if key not in measured:
-                measured[key] = study.evaluate([study.build(frozenset(chosen(k, j)))], executor)[0]
-                history.append({"float_nodes": chosen(k, j), **measured[key]})
+            at = (k, len(blocks[k - 1]) if j is None else j)
+            if at not in measured:
+                nodes = chosen(k, j)
+                measured[at] = study.evaluate([study.build(frozenset(nodes))], executor)[0]
+                history.append({"float_nodes": nodes, **measured[at]})
                 if progress is not None:
-                    progress(len(chosen(k, j)), len(study.nodes))
-            return _meets(measured[key], base, fidelity_target, max_drop)
+                    progress(len(nodes), len(study.nodes))
+            return _meets(measured[at], base, fidelity_target, max_drop)
 
         # none of the blocks (``current``) misses; every block is taken to meet
         hi = fewest_passing(0, len(blocks), meets_with)
