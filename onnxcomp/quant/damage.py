@@ -10,6 +10,17 @@ Where an int8 model no longer computes a tensor under its float name (a Relu/Cli
 the int8 producer's range), the tensor before it is read: on the output side the folded
 activation's consumer, on the input side the folded activation's own input.
 
+That chained measure saturates on a network whose int8 output is already far from float: once a
+tensor keeps 3 dB, every node after it "adds" nothing, and the node that broke it may itself be
+ranked low. So the ranking uses the **isolated** damage instead (:func:`isolated_damage`): one
+model holds the float graph and, beside it, a copy of the int8 graph whose every float activation
+is read from the float graph (each QuantizeLinear quantizes the float tensor, a float node reads
+float inputs). Each int8 node then computes from exact inputs, with its own input rounding, weight
+rounding and arithmetic, and :math:`d_u = \rho(\mathrm{out}(u))` on that copy is the noise it adds
+by itself, whatever happened upstream; one run of the merged model measures every node. The
+rounding of a tensor is charged to the nodes that read it (the QuantizeLinear before them), so a
+node whose output goes to float consumers only is not charged for that last rounding.
+
 Nodes are cut into runs of about :math:`\sqrt{N}/2` consecutive nodes (one each below 16 nodes),
 ranked by the sum of the positive damages of their nodes (:func:`damage_blocks`). Both fallbacks
 (the check's, :mod:`onnxcomp.quant.autofallback`, and the one to a dB or accuracy target,
@@ -25,9 +36,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.check import layer_sqnr
+from onnxcomp.graph import produced_values
 from onnxcomp.ops import is_constant_node
 
-__all__ = ["local_damage", "damage_blocks", "ranked_blocks", "noise_ratio"]
+__all__ = ["isolated_damage", "isolated_model", "local_damage", "damage_blocks", "ranked_blocks", "noise_ratio"]
 
 
 def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str],
@@ -58,6 +70,92 @@ def local_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[st
                 ins.append(noise_ratio(sqnr[v.name]))
         damage[name] = noise_ratio(sqnr[out]) - (min(ins) if ins else 0.0)
     return damage
+
+
+#: Prefix of the int8 copy's values and nodes in :func:`isolated_model`.
+INT8_PREFIX = "int8::"
+
+
+def isolated_model(float_model: ir.Model, int8_model: ir.Model) -> ir.Model | None:
+    """One model computing the float graph and, beside it, a copy of ``int8_model``'s graph whose
+    float activations are read from the float graph (module docstring); the copy's values are
+    named with :data:`INT8_PREFIX`. Neither input is changed. None where the two cannot share one
+    graph (different default opsets, model-local functions)."""
+    from onnxcomp.io import clone_model
+
+    if (float_model.opset_imports.get("", None) != int8_model.opset_imports.get("", None)
+            or len(int8_model.functions) or len(float_model.functions)):
+        return None
+    merged, q = clone_model(float_model), clone_model(int8_model)
+    float_values = {v.name: v for v in merged.graph.inputs} | produced_values(merged)
+    top = {v.name: v for v in q.graph.inputs}
+    for node in q.graph:
+        if node.op_type != "DequantizeLinear" and not is_constant_node(node):
+            top.update({v.name: v for v in node.outputs if v.name})
+    # every read of a float activation of the int8 graph (Q inputs, float nodes' inputs, reads
+    # from inside control-flow bodies) goes to the float graph's tensor of that name
+    for node in list(ir.traversal.RecursiveGraphIterator(q.graph)):
+        for i, v in enumerate(node.inputs):
+            if v is not None and v.name in top and top[v.name] is v and v.name in float_values:
+                node.replace_input_with(i, float_values[v.name])
+    # the copy's names get a prefix (a body's own inputs and initializers live in their own
+    # scope and keep theirs; values are shared by reference, not by name)
+    for v in q.graph.inputs:
+        v.name = INT8_PREFIX + v.name
+    for node in ir.traversal.RecursiveGraphIterator(q.graph):
+        node.name = INT8_PREFIX + (node.name or "")
+        for v in node.outputs:
+            if v.name:
+                v.name = INT8_PREFIX + v.name
+    q.graph.outputs.clear()  # the merged graph exposes what it measures
+    nodes = list(q.graph)
+    q.graph.remove(nodes)
+    merged.graph.extend(nodes)
+    for name in list(q.graph.initializers):
+        value = q.graph.initializers.pop(name)
+        value.name = INT8_PREFIX + name
+        merged.graph.register_initializer(value)
+    for domain, version in q.opset_imports.items():
+        merged.opset_imports.setdefault(domain, version)
+    return merged
+
+
+def isolated_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence[str],
+                    feeds: Sequence[dict[str, np.ndarray]], units: dict[str, tuple[str, str]] | None = None
+                    ) -> dict[str, float] | None:
+    r"""Relative noise power each node of ``nodes`` adds by itself, from float inputs (module
+    docstring): :math:`\rho` of its output in the int8 copy of :func:`isolated_model`. A quantized
+    subgraph (``units``) is measured at its control-flow node's outputs; a node whose output
+    neither model names alike gets 0. None where :func:`isolated_model` is None."""
+    from onnxcomp.check import _exposed_runs
+
+    merged = isolated_model(float_model, int8_model)
+    if merged is None:
+        return None
+    produced = produced_values(merged)
+    both = {n for n in produced if not n.startswith(INT8_PREFIX) and INT8_PREFIX + n in produced}
+    by_name = {n.name: n for n in float_model.graph}
+    units = units or {}
+    measured: dict[str, str | None] = {}
+    for name in nodes:
+        node = by_name.get(units[name][0] if name in units else name)
+        measured[name] = _measured_output(node, both) if node is not None and node.outputs else None
+    names = sorted({m for m in measured.values() if m is not None})
+    if not names:
+        return dict.fromkeys(nodes, 0.0)
+    exposed_names = [x for n in names for x in (n, INT8_PREFIX + n)]
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for run in _exposed_runs(merged, exposed_names, list(feeds)):
+        for k, name in enumerate(names):
+            r, c = run[2 * k], run[2 * k + 1]
+            if r.dtype.kind != "f" or r.shape != c.shape:
+                continue
+            r64 = r.astype(np.float64, copy=False)
+            signal[name] += float(np.sum(r64 * r64))
+            noise[name] += float(np.sum((r64 - c) ** 2))
+    ratio = {n: (0.0 if noise[n] == 0 else (noise[n] / signal[n] if signal[n] > 0 else 1.0)) for n in names}
+    return {name: (min(1.0, ratio[m]) if m is not None else 0.0) for name, m in measured.items()}
 
 
 def _measured_output(node: ir.Node, sqnr: dict[str, float], steps: int = 3) -> str | None:
@@ -110,10 +208,14 @@ def damage_blocks(nodes: Sequence[str], damage: dict[str, float], size: int | No
 def ranked_blocks(study, nodes: Sequence[str], float_nodes: frozenset[str] = frozenset(), *, damage_feeds: int = 2,
                   block_size: int | None = None) -> tuple[list[list[str]], dict[str, float]]:
     """``nodes`` of ``study`` (a :class:`~onnxcomp.quant.sensitivity.QuantStudy`) in blocks, worst
-    first (:func:`damage_blocks`), and each node's damage (:func:`local_damage`), from one per-layer
-    comparison of the float model with the variant that keeps ``float_nodes`` float, on the first
-    ``damage_feeds`` of the study's feeds."""
+    first (:func:`damage_blocks`), and each node's damage (:func:`isolated_damage`; the chained
+    :func:`local_damage` where the two models cannot share a graph), from one run of the float
+    model beside the variant that keeps ``float_nodes`` float, on the first ``damage_feeds`` of
+    the study's feeds."""
     quantized = study.build(frozenset(float_nodes))
     reference = study.float_work if study.float_work is not None else study.work
-    damage = local_damage(reference, quantized, list(nodes), study.feeds[:damage_feeds], study.units)
+    feeds = study.feeds[:damage_feeds]
+    damage = isolated_damage(reference, quantized, list(nodes), feeds, study.units)
+    if damage is None:
+        damage = local_damage(reference, quantized, list(nodes), feeds, study.units)
     return damage_blocks(nodes, damage, block_size), damage
