@@ -8,7 +8,7 @@ then judges the result on the held-out data again). Everything reuses the quanti
   (:class:`onnxcomp.quant.static.Calibrated`: the prepared float model, the plans, and the ranges
   of the plan with and without activation folding, observed in its one pass); every variant is a
   Q/DQ rewrite of it (:class:`onnxcomp.quant.sensitivity.QuantStudy`).
-* **One per-layer comparison ranks** the int8 nodes by the noise each adds, in blocks of
+* **One run ranks** the int8 nodes by the noise each adds by itself (fed float inputs), in blocks of
   consecutive nodes (:mod:`onnxcomp.quant.damage`). A run goes to float whole: one float island
   costs one pair of Q/DQ boundaries, where as many scattered nodes cost one pair each (and the
   latency that goes with them).

@@ -19,8 +19,9 @@ Metrics per candidate: output SQNR (the minimum over outputs,
 
 Fallback (:func:`quantize_with_fallback`): quantize everything, measure; if the target
 (``fidelity_target`` dB, or ``max_drop`` accuracy points with labels) is not met, rank blocks of
-about sqrt(N)/2 consecutive nodes once by the noise power their nodes add (one per-layer
-comparison of the float and the int8 model, :func:`onnxcomp.quant.damage.ranked_blocks`),
+about sqrt(N)/2 consecutive nodes once by the noise power their nodes add, each by itself (one
+run of the float graph beside the int8 one, every int8 node fed float inputs,
+:func:`onnxcomp.quant.damage.ranked_blocks`),
 find the fewest top-ranked blocks that meet the target by bisection, then, by bisection again,
 keep float only the fewest most damaging nodes of the last block: about
 log2(2 sqrt(N)) + log2(sqrt(N)/2) evaluations, where a trial per block and per node of the last
@@ -504,8 +505,8 @@ def quantize_with_fallback(
             history.append({"float_nodes": list(fallback), **current})
     targets = fidelity_target is not None or max_drop is not None
     if targets and not _meets(current, base, fidelity_target, max_drop) and len(fallback) < len(study.nodes):
-        # Rank blocks of consecutive nodes once by the noise their nodes add (one per-layer
-        # comparison, damage.ranked_blocks), find the fewest top-ranked blocks that meet the
+        # Rank blocks of consecutive nodes once by the noise their nodes add (isolated damage,
+        # one run, damage.ranked_blocks), find the fewest top-ranked blocks that meet the
         # target by bisection, then keep float only the most damaging nodes of the last block the
         # target needs, by bisection too: about log2(B) + log2(block size) evaluations.
         from onnxcomp.quant.damage import ranked_blocks
