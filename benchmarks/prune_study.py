@@ -30,6 +30,8 @@ BUILDS: dict[str, tuple[tuple[str, ...], list[str]]] = {
                                         "--set", "prune.max_damage=0.2", "--set", "measure.latency=false"]),
     "prune_int8_0.55": (("ppocr_det",), ["compress", "--recipe", "prune-int8", "--set", "prune.target_latency=0.55",
                                          "--set", "prune.max_damage=0.15", "--set", "measure.latency=false"]),
+    "prune_0.55": (("ppocr_det",), ["prune", "--criterion", "obs", "--target-latency", "0.55", "--round-to", "4",
+                                    "--reconstruct", "--max-samples", "32", "--max-damage", "0.15"]),
     "int8": (("digits_cnn", "ppocr_det"), ["compress", "--recipe", "int8", "--set", "measure.latency=false"]),
 }
 

@@ -138,7 +138,8 @@ def test_variants_only_drop_int8_nodes(rng):
 @pytest.mark.parametrize("int8_slower", [True, False])
 def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch, int8_slower):
     """With the latency measurement stubbed, the decision is deterministic: an op type goes float
-    only when the whole 95% interval of 'that type float' / 'all int8' is below 1."""
+    only when the whole 95% interval of 'that type float' / 'all int8' is below 1; then, when
+    the float model is not measurably slower than what is left in int8, all of it stays float."""
     import onnxcomp.measure.bench as bench
     from test_quant_static import _hardswish_se_proto
 
@@ -163,9 +164,18 @@ def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch,
     ops = {n.name: n.op_type for n in model.graph}
     planned = report["float_nodes"] + report["int8_nodes"]
     lat = report["latency"]
-    assert measured[0] == "all int8" and measured[-1] == "float"
-    assert set(measured[1:-1]) == {f"{ops[n]} float" for n in planned} >= {"Mul float", "Conv float", "Add float"}
+    # the op-type comparison (all int8 first, float last), then int8 with Mul float against float
+    assert measured[0] == "all int8" and measured[-3] == "float" and measured[-2:] == ["int8", "float"]
+    assert set(measured[1:-3]) == {f"{ops[n]} float" for n in planned} >= {"Mul float", "Conv float", "Add float"}
     assert lat["op_types_kept_float"] == ["Mul"]
+    assert lat["int8_pays"] is not int8_slower and lat["float_to_int8_ci95"] == intervals["float"]
+    if int8_slower:
+        # int8 does not pay: the written model is the float one, and says so
+        assert report["int8_nodes"] == [] and sorted(report["float_nodes"]) == sorted(planned)
+        assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
+        assert report["history"][-1]["int8_does_not_pay"] and not report["met"]
+        assert "fallback_latency" not in report
+        return
     assert sorted(report["float_nodes"]) == sorted(n for n in planned if ops[n] == "Mul") == ["hs_mul", "se_mul"]
     assert {n for n in report["int8_nodes"] if ops[n] == "Conv"} == {"conv0", "se_conv1", "se_conv2", "conv1"}
     assert lat["int8_slower_than_float"] is int8_slower
@@ -176,3 +186,30 @@ def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch,
     optimized = [n.op_type for n in runtime.ort_optimized_model(model).graph]
     assert "QLinearMul" not in optimized and optimized.count("Mul") == 2
     assert optimized.count("QLinearConv") == 4
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_cli_says_int8_does_not_pay_and_writes_the_float_model(tmp_path, capsys, monkeypatch, strict):
+    """--latency-aware on a CPU where int8 buys nothing (stubbed: every float variant measured
+    faster): the written model is float, the terminal says why, and --strict calls that a run that
+    compressed nothing (exit 3)."""
+    import onnxcomp.measure.bench as bench
+    from onnxcomp import io
+
+    def stub_bench(variants, feeds, **kw):
+        rows = [{"name": variants[0][0], "ratio_to_first": None, "ratio_ci95": None}]
+        rows += [{"name": name, "ratio_to_first": 0.7, "ratio_ci95": [0.6, 0.8]} for name, _ in variants[1:]]
+        return rows
+
+    monkeypatch.setattr(bench, "bench_models", stub_bench)
+    out = tmp_path / "out.onnx"
+    argv = ["quantize", str(MODELS / "digits_mlp.onnx"), "-o", str(out), "--calibration",
+            str(MODELS / "digits_calib.npz"), "--latency-aware", "--no-latency", "--max-samples", "32"]
+    code = main(argv + (["--strict"] if strict else []))
+    said = capsys.readouterr()
+    assert code == (3 if strict else 0), said.err
+    text = " ".join((said.out + said.err).split())
+    assert "int8 does not pay on this model on this CPU" in text and "the model is written float" in text
+    assert "fidelity budget NOT met" not in text
+    written = io.load_model(out)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in written.graph)

@@ -89,7 +89,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, metavar="POINTS",
                    help="the same with an accuracy budget (needs --eval and --labels)")
     p.add_argument("--latency-aware", action="store_true",
-                   help="keep float the op types whose int8 form is measured slower on this CPU")
+                   help="keep float the op types whose int8 form is measured slower on this CPU, and the whole "
+                        "model when what is left is not measurably faster in int8")
     add_threads_flag(p, "intra-op threads at which the int8 model is compared with the float one after writing "
                         "(latency ratio; op types that cost the time when int8 is slower) and of --latency-aware")
     p.add_argument("--no-latency", action="store_true",
@@ -347,17 +348,23 @@ def _run(args: argparse.Namespace) -> int:
         final = fallback["final"]
         acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
         met = fallback["met"] and bool(fallback["int8_nodes"])
-        con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
-                  f"({fallback['eval_feeds']} feed(s), all given)")
-        con.print(f"fidelity budget {'met' if met else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
-                  f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
+        lat = fallback.get("latency") or {}
+        if lat.get("int8_pays") is False:
+            lo, hi = lat["float_to_int8_ci95"]
+            con.print(f"[yellow]int8 does not pay on this model on this CPU: what int8 could keep is not measurably "
+                      f"faster than float (float's latency ratio to it [{lo:.2f}, {hi:.2f}] at {lat['threads']} "
+                      f"thread(s)); the model is written float, {len(fallback['float_nodes'])} node(s)[/yellow]")
+        else:
+            con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
+                      f"({fallback['eval_feeds']} feed(s), all given)")
+            con.print(f"fidelity budget {'met' if met else 'NOT met'}: output SQNR {final['sqnr_db']:.2f} dB{acc}; "
+                      f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         for name, ratio in (fallback.get("fallback_latency") or {}).items():
             con.print(f"  {esc(name)}: float costs {100 * (1 / ratio - 1):+.1f}% speed (latency ratio {ratio:.3f} vs all int8)")
-        lat = fallback.get("latency") or {}
         if lat.get("op_types_kept_float"):
             con.print(f"  op types kept float because int8 was slower here: {', '.join(lat['op_types_kept_float'])}")
-        if lat.get("int8_slower_than_float"):
-            con.print("  [yellow]int8 does not pay on this model on this CPU: the float model is faster[/yellow]")
+        if lat.get("int8_slower_than_float") and lat.get("int8_pays") is not False:
+            con.print("  [yellow]all-int8 is slower than float on this CPU: the float model is faster[/yellow]")
     rounding = report.get("rounding") or {}
     if rounding.get("method") == "gptq" and rounding.get("weights"):
         con.print(f"rounding: GPTQ on {rounding['weights']} weight(s) ({rounding['weights_kept_nearest']} kept "

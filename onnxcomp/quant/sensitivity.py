@@ -471,7 +471,9 @@ def quantize_with_fallback(
     Args:
         fidelity_target: minimum output SQNR in dB on the evaluation data.
         max_drop: maximum accuracy drop in points (needs ``labels`` and ``eval_data``).
-        latency_aware: also keep float the op types whose int8 form is measured slower.
+        latency_aware: also keep float the op types whose int8 form is measured slower, and keep
+            the whole model float when what is left in int8 is not measurably faster than float
+            (int8 would cost accuracy for nothing; ``latency["int8_pays"]`` says so).
         max_eval_feeds: judge the budget on at most this many evaluation feeds (default: all of
             them; the report's ``eval_samples`` says how many samples were used).
         allow_upgrade: upgrade a model older than opset 13 instead of refusing it.
@@ -503,6 +505,16 @@ def quantize_with_fallback(
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
+        if len(fallback) == len(study.nodes):  # every op type is slower in int8
+            latency["float_to_int8_ci95"] = latency["float_to_all_int8_ci95"]
+            latency["int8_pays"] = False
+        elif not _int8_pays(study, fallback, latency, threads):
+            # int8 costs accuracy and buys no speed here: the whole model stays float
+            rest = [n for n in study.nodes if n not in fallback]
+            fallback += rest
+            moved.append(rest)
+            current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
+            history.append({"float_nodes": list(fallback), "int8_does_not_pay": True, **current})
     targets = fidelity_target is not None or max_drop is not None
     if targets and not _meets(current, base, fidelity_target, max_drop) and len(fallback) < len(study.nodes):
         # Rank blocks of consecutive nodes once by the noise their nodes add (isolated damage,
@@ -580,7 +592,7 @@ def quantize_with_fallback(
     }
     if recovery:
         report["recovery"] = recovery
-    if fallback and targets:
+    if fallback and targets and len(fallback) < len(study.nodes):
         kept = set(fallback)
         report["fallback_latency"] = _fallback_latency(study, [[n for n in g if n in kept] for g in moved], threads)
     return final, report
@@ -625,8 +637,28 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
         "ratios_to_all_int8": {r["name"]: r["ratio_to_first"] for r in rows[1:]},
         "op_types_kept_float": sorted(slow),
         "int8_slower_than_float": bool(float_row["ratio_ci95"][1] < 1.0),
+        "float_to_all_int8_ci95": list(float_row["ratio_ci95"]),
         "threads": threads,
     }
+
+
+def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, Any], threads: int | None) -> bool:
+    """Whether the int8 model that keeps ``fallback`` float is measurably faster than the float
+    model (the float model's latency ratio to it, 95% interval, above 1); recorded in ``latency``
+    (``int8_pays``, ``float_to_int8_ci95``). With nothing in ``fallback`` the op-type comparison
+    already measured it; otherwise one more interleaved comparison of the two."""
+    from onnxcomp.measure.bench import default_threads
+
+    if not fallback:
+        interval = latency["float_to_all_int8_ci95"]
+    else:
+        variants = [("int8", study.build(frozenset(fallback))), ("float", study.work)]
+        rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3,
+                             threads=threads or default_threads(), time_budget=8.0)
+        interval = list(rows[1]["ratio_ci95"])
+    latency["float_to_int8_ci95"] = interval
+    latency["int8_pays"] = bool(interval[0] > 1.0)
+    return latency["int8_pays"]
 
 
 def _fallback_latency(study: QuantStudy, groups: Sequence[Sequence[str]], threads: int | None = None) -> dict[str, float]:
