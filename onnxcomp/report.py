@@ -131,7 +131,12 @@ def _stage_line(stage: dict[str, Any]) -> str:
             parts.append(f"onnxruntime runs {kernel_summary(ort)}")
         if s.get("skipped"):
             parts.append(f"{len(s['skipped'])} left in float")
-        if s.get("fallback"):
+        lat = (s.get("fallback") or {}).get("latency") or {}
+        if lat.get("int8_pays") is False:
+            lo, hi = lat["float_to_int8_ci95"]
+            parts.append(f"int8 does not pay on this CPU (float's latency ratio to int8 [{lo:.2f}, {hi:.2f}]): "
+                         "the model stays float")
+        elif s.get("fallback"):
             parts.append(f"budget judged on {s['fallback']['eval_samples']} sample(s) of {s['fallback']['eval_data']}")
         return ", ".join(parts)
     if name == "cluster":

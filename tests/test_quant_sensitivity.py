@@ -213,3 +213,15 @@ def test_cli_says_int8_does_not_pay_and_writes_the_float_model(tmp_path, capsys,
     assert "fidelity budget NOT met" not in text
     written = io.load_model(out)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in written.graph)
+
+
+def test_compress_stage_line_says_int8_does_not_pay():
+    from onnxcomp.report import _stage_line
+
+    stats = {"mode": "static", "int8_nodes": 0, "skipped": {"c1": "kept float: ..."},
+             "fallback": {"eval_samples": 13, "eval_data": "the calibration data",
+                          "latency": {"int8_pays": False, "float_to_int8_ci95": [0.95, 0.99]}}}
+    line = _stage_line({"stage": "quantize", "stats": stats})
+    assert "int8 does not pay on this CPU" in line and "[0.95, 0.99]" in line and "budget judged" not in line
+    stats["fallback"]["latency"] = {"int8_pays": True, "float_to_int8_ci95": [1.1, 1.2]}
+    assert "budget judged on 13 sample(s)" in _stage_line({"stage": "quantize", "stats": stats})
