@@ -102,6 +102,8 @@ def isolated_model(float_model: ir.Model, int8_model: ir.Model) -> ir.Model | No
     # scope and keep theirs; values are shared by reference, not by name)
     for v in q.graph.inputs:
         v.name = INT8_PREFIX + v.name
+    inputs = {id(v) for v in q.graph.inputs}
+    q.graph.inputs.clear()  # read from the float graph's inputs; an input with an initializer moves as one below
     for node in ir.traversal.RecursiveGraphIterator(q.graph):
         node.name = INT8_PREFIX + (node.name or "")
         for v in node.outputs:
@@ -113,7 +115,8 @@ def isolated_model(float_model: ir.Model, int8_model: ir.Model) -> ir.Model | No
     merged.graph.extend(nodes)
     for name in list(q.graph.initializers):
         value = q.graph.initializers.pop(name)
-        value.name = INT8_PREFIX + name
+        if id(value) not in inputs:  # an input's is renamed already
+            value.name = INT8_PREFIX + name
         merged.graph.register_initializer(value)
     for domain, version in q.opset_imports.items():
         merged.opset_imports.setdefault(domain, version)

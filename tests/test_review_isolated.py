@@ -1,0 +1,60 @@
+"""Review of the isolated-damage ranking (onnxcomp.quant.damage) and the latency-aware int8
+decision (onnxcomp.quant.sensitivity): cases the first tests did not build."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import make_proto
+
+from onnxcomp import io
+from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.quant.damage import isolated_damage, isolated_model, ranked_blocks
+from onnxcomp.quant.sensitivity import QuantStudy
+
+
+def _mlp(rng, *, weights_as_inputs: bool = False, hidden: str = "h") -> onnx.ModelProto:
+    """x [4,8] -> mm1 -> Relu -> mm2 -> mm3 -> y; mm2 reads the hidden tensor's narrow channels (fragile).
+    ``weights_as_inputs``: the weights are graph inputs with initializers (defaults), as exporters
+    of IR < 4 wrote them. ``hidden``: the name of the Relu's output."""
+    w1 = (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)
+    w1[:, 0] *= 300.0  # channel 0 of the hidden tensor is wide: the others get a few steps of its int8 grid
+    w2[0] *= 1e-3  # and mm2 hardly reads it: its output is mostly that rounding noise
+    w3 = (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+             oh.make_node("Relu", ["a"], [hidden], name="relu"),
+             oh.make_node("MatMul", [hidden, "w2"], ["b"], name="mm2"),
+             oh.make_node("MatMul", ["b", "w3"], ["y"], name="mm3")]
+    inputs = [("x", [4, 8])] + ([("w1", [8, 8]), ("w2", [8, 8]), ("w3", [8, 8])] if weights_as_inputs else [])
+    return make_proto(nodes, inputs, [("y", [4, 8])], [("w1", w1), ("w2", w2), ("w3", w3)], opset=13)
+
+
+def _feeds(seed: int, n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _damage(proto: onnx.ModelProto) -> tuple[QuantStudy, dict[str, float]]:
+    study = QuantStudy.prepare(proto, _feeds(1, 6), QuantizeConfig())
+    damage = isolated_damage(study.work, study.build(frozenset()), study.nodes, _feeds(2, 3))
+    return study, damage
+
+
+def test_weights_that_are_also_graph_inputs():
+    """Initializers listed as graph inputs (IR < 4 exports) used to crash isolated_model (the
+    int8 copy's weight was still an input of the copy's graph when it moved). The damage is the
+    one of the same model written without them."""
+    study, damage = _damage(_mlp(np.random.default_rng(0), weights_as_inputs=True))
+    _, plain = _damage(_mlp(np.random.default_rng(0)))
+    assert damage is not None and set(damage) == set(plain) == {"mm1", "mm2", "mm3"}
+    for node in plain:
+        assert damage[node] == pytest.approx(plain[node], rel=1e-4, abs=1e-9), (node, damage, plain)
+    assert damage["mm2"] > 4 * max(damage["mm1"], damage["mm3"]), damage  # the fragile one is seen
+    merged = isolated_model(study.work, study.build(frozenset()))
+    assert [v.name for v in merged.graph.inputs] == [v.name for v in study.work.graph.inputs]
+    assert not any(name.startswith("int8::int8::") for name in merged.graph.initializers)
+    blocks, _ = ranked_blocks(study, study.nodes)
+    assert blocks[0] == ["mm2"], blocks
