@@ -58,3 +58,12 @@ def test_weights_that_are_also_graph_inputs():
     assert not any(name.startswith("int8::int8::") for name in merged.graph.initializers)
     blocks, _ = ranked_blocks(study, study.nodes)
     assert blocks[0] == ["mm2"], blocks
+
+
+def test_a_model_that_already_names_a_value_with_the_prefix():
+    """A value already named ``int8::...`` used to make the merged model define a name twice
+    (onnxruntime refused it and the ranking crashed); the chained measure ranks such a model."""
+    study = QuantStudy.prepare(_mlp(np.random.default_rng(0), hidden="int8::h"), _feeds(1, 6), QuantizeConfig())
+    assert isolated_model(study.work, study.build(frozenset())) is None
+    blocks, damage = ranked_blocks(study, study.nodes)
+    assert blocks[0] == ["mm2"] and set(damage) == {"mm1", "mm2", "mm3"}, (blocks, damage)

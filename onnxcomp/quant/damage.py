@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.check import layer_sqnr
-from onnxcomp.graph import produced_values
+from onnxcomp.graph import all_value_names, produced_values
 from onnxcomp.ops import is_constant_node
 
 __all__ = ["isolated_damage", "isolated_model", "local_damage", "damage_blocks", "ranked_blocks", "noise_ratio"]
@@ -80,11 +80,12 @@ def isolated_model(float_model: ir.Model, int8_model: ir.Model) -> ir.Model | No
     """One model computing the float graph and, beside it, a copy of ``int8_model``'s graph whose
     float activations are read from the float graph (module docstring); the copy's values are
     named with :data:`INT8_PREFIX`. Neither input is changed. None where the two cannot share one
-    graph (different default opsets, model-local functions)."""
+    graph (different default opsets, model-local functions, a name that has the prefix already)."""
     from onnxcomp.io import clone_model
 
     if (float_model.opset_imports.get("", None) != int8_model.opset_imports.get("", None)
-            or len(int8_model.functions) or len(float_model.functions)):
+            or len(int8_model.functions) or len(float_model.functions)
+            or any(n.startswith(INT8_PREFIX) for m in (float_model, int8_model) for n in all_value_names(m.graph))):
         return None
     merged, q = clone_model(float_model), clone_model(int8_model)
     float_values = {v.name: v for v in merged.graph.inputs} | produced_values(merged)
