@@ -67,3 +67,39 @@ def test_a_model_that_already_names_a_value_with_the_prefix():
     assert isolated_model(study.work, study.build(frozenset())) is None
     blocks, damage = ranked_blocks(study, study.nodes)
     assert blocks[0] == ["mm2"] and set(damage) == {"mm1", "mm2", "mm3"}, (blocks, damage)
+
+
+def _quantize_nodes(model) -> int:
+    import onnx_ir as ir
+
+    return sum(n.op_type == "QuantizeLinear" for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def test_latency_aware_compares_with_the_float_model_where_branches_are_quantized(monkeypatch):
+    """With quantized If branches (``units``), the study's ``work`` holds the branches in int8:
+    the 'float' side of the latency comparisons used to be that model, so whether int8 pays was
+    judged against a model with int8 branches. Latency stubbed; what is compared is checked."""
+    import concurrent.futures
+
+    import onnxcomp.measure.bench as bench
+    from test_subgraph_compress import _feeds as branch_feeds, model_if_weights
+
+    from onnxcomp.quant.sensitivity import quantize_with_fallback
+
+    compared = []
+
+    def stub_bench(variants, feeds, **kw):
+        compared.extend((name, _quantize_nodes(model)) for name, model in variants)
+        rows = [{"name": variants[0][0], "ratio_to_first": None, "ratio_ci95": None}]
+        rows += [{"name": name, "ratio_to_first": 1.0, "ratio_ci95": [0.95, 1.05]} for name, _ in variants[1:]]
+        return rows
+
+    monkeypatch.setattr(bench, "bench_models", stub_bench)
+    proto = model_if_weights(np.random.default_rng(7))
+    feeds = branch_feeds(proto, 21, 8)
+    _, report = quantize_with_fallback(proto, feeds, QuantizeConfig(), latency_aware=True,
+                                       executor=concurrent.futures.ThreadPoolExecutor(1))
+    floats = [n for name, n in compared if name == "float"]
+    assert floats and all(n == 0 for n in floats), compared
+    assert any(n > 0 for name, n in compared if name == "all int8"), compared
+    assert report["latency"]["int8_pays"] is False  # [0.95, 1.05]: not measurably faster
