@@ -477,7 +477,8 @@ def quantize_with_fallback(
         max_drop: maximum accuracy drop in points (needs ``labels`` and ``eval_data``).
         latency_aware: also keep float the op types whose int8 form is measured slower, and keep
             the whole model float when what is left in int8 is not measurably faster than float
-            (int8 would cost accuracy for nothing; ``latency["int8_pays"]`` says so).
+            (int8 would cost accuracy for nothing; ``latency["int8_pays"]`` says so); with a
+            target, what the target's fallback leaves in int8 is measured again.
         max_eval_feeds: judge the budget on at most this many evaluation feeds (default: all of
             them; the report's ``eval_samples`` says how many samples were used).
         allow_upgrade: upgrade a model older than opset 13 instead of refusing it.
@@ -513,12 +514,7 @@ def quantize_with_fallback(
             latency["float_to_int8_ci95"] = latency["float_to_all_int8_ci95"]
             latency["int8_pays"] = False
         elif not _int8_pays(study, fallback, latency, threads):
-            # int8 costs accuracy and buys no speed here: the whole model stays float
-            rest = [n for n in study.nodes if n not in fallback]
-            fallback += rest
-            moved.append(rest)
-            current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
-            history.append({"float_nodes": list(fallback), "int8_does_not_pay": True, **current})
+            current = _all_float(study, fallback, moved, history, executor)
     targets = fidelity_target is not None or max_drop is not None
     if targets and not _meets(current, base, fidelity_target, max_drop) and len(fallback) < len(study.nodes):
         # Rank blocks of consecutive nodes once by the noise their nodes add (isolated damage,
@@ -571,6 +567,9 @@ def quantize_with_fallback(
         current = measured[(hi, j)]
         if j < size:
             history.append({"float_nodes": list(fallback), "refined": True, **current})
+        if latency_aware and len(fallback) < len(study.nodes) and not _int8_pays(study, fallback, latency, threads):
+            # what the target leaves in int8 is not faster than float either
+            current = _all_float(study, fallback, moved, history, executor)
     final = study.build(frozenset(fallback), into=model if in_place else None)
     recovery = dict(study.prepared.recovery)
     corrected = static.correct_biases(final, study.prepared)
@@ -663,6 +662,18 @@ def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, An
     latency["float_to_int8_ci95"] = interval
     latency["int8_pays"] = bool(interval[0] > 1.0)
     return latency["int8_pays"]
+
+
+def _all_float(study: QuantStudy, fallback: list[str], moved: list[list[str]], history: list[dict[str, Any]],
+               executor: concurrent.futures.Executor | None) -> dict[str, float]:
+    """Int8 costs accuracy and buys no speed here: every node joins ``fallback`` (in place), and
+    the metrics of the float model that makes."""
+    rest = [n for n in study.nodes if n not in fallback]
+    fallback += rest
+    moved.append(rest)
+    current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
+    history.append({"float_nodes": list(fallback), "int8_does_not_pay": True, **current})
+    return current
 
 
 def _fallback_latency(study: QuantStudy, groups: Sequence[Sequence[str]], threads: int | None = None) -> dict[str, float]:
