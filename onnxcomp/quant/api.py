@@ -163,7 +163,7 @@ def _static_mode(
     )
     notes.extend(fallback.pop("notes", []))
     report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
-              "int8_nodes": len(fallback["int8_nodes"]), "skipped": _fallback_reasons(work, fallback)}
+              "int8_nodes": len(fallback["int8_nodes"]), "skipped": _fallback_reasons(fallback)}
     if "recovery" in fallback:
         report["recovery"] = fallback.pop("recovery")
     if fallback["target"]["fidelity_db"] is not None or fallback["target"]["max_drop_points"] is not None:
@@ -172,15 +172,14 @@ def _static_mode(
     return report
 
 
-def _fallback_reasons(work: ir.Model, fallback: dict[str, Any]) -> dict[str, str]:
+def _fallback_reasons(fallback: dict[str, Any]) -> dict[str, str]:
     """Why each node the fallback kept float is float."""
     lat = fallback.get("latency") or {}
-    slow = set(lat.get("op_types_kept_float") or ())
-    op_type = {n.name: n.op_type for n in work.graph}
+    slow = lat.get("slow_nodes") or {}
     reasons = {}
     for name in fallback["float_nodes"]:
-        if op_type.get(name) in slow:
-            reasons[name] = f"kept float: {op_type[name]} is measured slower in int8 on this CPU"
+        if name in slow:
+            reasons[name] = f"kept float: {slow[name]} is measured slower in int8 on this CPU"
         elif lat.get("int8_pays") is False:
             reasons[name] = "kept float: int8 is not measurably faster than float on this CPU"
         else:

@@ -506,6 +506,7 @@ def quantize_with_fallback(
     if latency_aware:
         slow_types, latency = _slow_op_types(study, threads)
         fallback += [n for n in study.nodes if study.op_type(n) in slow_types]
+        latency["slow_nodes"] = {n: study.op_type(n) for n in fallback}  # a branch's type is 'If subgraph'
         moved.append(list(fallback))
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
