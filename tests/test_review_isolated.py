@@ -167,3 +167,22 @@ def test_reasons_of_branches_kept_float_because_int8_is_slower(monkeypatch):
     assert set(report["skipped"]) == {"if/then_branch", "if/else_branch"}
     for reason in report["skipped"].values():
         assert reason == "kept float: If subgraph is measured slower in int8 on this CPU", report["skipped"]
+
+
+def test_a_model_with_external_data_goes_through_the_big_model_session_path(tmp_path):
+    """The merged model keeps the float model's external tensors (shared, not copied) and runs
+    through the same session path as the models (a temporary folder with linked data): the
+    damage is the in-memory model's."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(np.random.default_rng(0)), str(path), save_as_external_data=True, size_threshold=0,
+              location="mlp.data")
+    study = QuantStudy.prepare(io.load_model(str(path)), _feeds(1, 6), QuantizeConfig())
+    variant = study.build(frozenset({"mm3"}))
+    merged = isolated_model(study.work, variant)
+    assert io.holds_external_data(merged)
+    damage = isolated_damage(study.work, variant, study.nodes, _feeds(2, 3))
+    in_memory = QuantStudy.prepare(_mlp(np.random.default_rng(0)), _feeds(1, 6), QuantizeConfig())
+    expected = isolated_damage(in_memory.work, in_memory.build(frozenset({"mm3"})), in_memory.nodes, _feeds(2, 3))
+    assert damage["mm3"] == 0.0 and damage["mm2"] > 0.05
+    for node in expected:
+        assert damage[node] == pytest.approx(expected[node], rel=1e-5, abs=1e-12), (node, damage, expected)
