@@ -379,12 +379,12 @@ class QuantStudy:
         return (self._shared[2], self._shared[1]) if recipe else (self._shared[1],)
 
     @property
-    def float_model(self) -> ir.Model:
+    def float_reference(self) -> ir.Model:
         """The prepared model all float, subgraphs included (``work`` holds quantized ones)."""
         return self.float_work if self.float_work is not None else self.work
 
     def float_metrics(self) -> dict[str, float]:
-        return evaluate_model_bytes(model_to_bytes(self.float_model), self.feeds, self.reference, self.labels)
+        return evaluate_model_bytes(model_to_bytes(self.float_reference), self.feeds, self.reference, self.labels)
 
     def op_type(self, name: str) -> str:
         """The op type of the candidate ``name``: a node's, or ``If subgraph`` for a unit."""
@@ -629,7 +629,7 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
     types = sorted({study.op_type(n) for n in study.nodes})
     variants = [("all int8", study.build())]
     variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if study.op_type(n) == t))) for t in types]
-    variants.append(("float", study.float_model))
+    variants.append(("float", study.float_reference))
     rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads, time_budget=8.0)
     slow = set()
     for t, row in zip(types, rows[1:-1]):
@@ -656,7 +656,7 @@ def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, An
     if not fallback:
         interval = latency["float_to_all_int8_ci95"]
     else:
-        variants = [("int8", study.build(frozenset(fallback))), ("float", study.float_model)]
+        variants = [("int8", study.build(frozenset(fallback))), ("float", study.float_reference)]
         rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3,
                              threads=threads or default_threads(), time_budget=8.0)
         interval = list(rows[1]["ratio_ci95"])
