@@ -186,3 +186,21 @@ def test_a_model_with_external_data_goes_through_the_big_model_session_path(tmp_
     assert damage["mm3"] == 0.0 and damage["mm2"] > 0.05
     for node in expected:
         assert damage[node] == pytest.approx(expected[node], rel=1e-5, abs=1e-12), (node, damage, expected)
+
+
+def test_latency_aware_on_a_model_with_nothing_to_quantize_does_not_say_int8_does_not_pay(monkeypatch):
+    """No node to quantize: nothing is weighed against float, so no int8-does-not-pay verdict."""
+    import onnxcomp.measure.bench as bench
+    from onnxcomp.quant.sensitivity import quantize_with_fallback
+
+    def stub_bench(variants, feeds, **kw):
+        rows = [{"name": variants[0][0], "ratio_to_first": None, "ratio_ci95": None}]
+        rows += [{"name": n, "ratio_to_first": 0.7, "ratio_ci95": [0.6, 0.8]} for n, _ in variants[1:]]
+        return rows
+
+    monkeypatch.setattr(bench, "bench_models", stub_bench)
+    proto = make_proto([oh.make_node("Transpose", ["x"], ["y"], name="t", perm=[1, 0])], [("x", [4, 3])], [("y", [3, 4])])
+    feeds = [{"x": np.random.default_rng(i).standard_normal((4, 3)).astype(np.float32)} for i in range(4)]
+    _, report = quantize_with_fallback(proto, feeds, QuantizeConfig(), latency_aware=True)
+    assert report["int8_nodes"] == [] and report["float_nodes"] == []
+    assert "int8_pays" not in report["latency"]

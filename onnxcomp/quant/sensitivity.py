@@ -511,7 +511,9 @@ def quantize_with_fallback(
         if fallback:
             current = study.evaluate([study.build(frozenset(fallback))], executor)[0]
             history.append({"float_nodes": list(fallback), **current})
-        if len(fallback) == len(study.nodes):  # every op type is slower in int8
+        if not study.nodes:
+            pass  # nothing to quantize: nothing to weigh against float
+        elif len(fallback) == len(study.nodes):  # every op type is slower in int8
             latency["float_to_int8_ci95"] = latency["float_to_all_int8_ci95"]
             latency["int8_pays"] = False
         elif not _int8_pays(study, fallback, latency, threads):
