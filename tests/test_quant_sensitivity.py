@@ -139,7 +139,7 @@ def test_variants_only_drop_int8_nodes(rng):
 def test_latency_aware_decision_follows_the_measured_intervals(rng, monkeypatch, int8_slower):
     """With the latency measurement stubbed, the decision is deterministic: an op type goes float
     only when the whole 95% interval of 'that type float' / 'all int8' is below 1; then, when
-    the float model is not measurably slower than what is left in int8, all of it stays float."""
+    the float model is measurably faster than what is left in int8, all of it stays float."""
     import onnxcomp.measure.bench as bench
     from test_quant_static import _hardswish_se_proto
 

@@ -102,13 +102,13 @@ def test_latency_aware_compares_with_the_float_model_where_branches_are_quantize
     floats = [n for name, n in compared if name == "float"]
     assert floats and all(n == 0 for n in floats), compared
     assert any(n > 0 for name, n in compared if name == "all int8"), compared
-    assert report["latency"]["int8_pays"] is False  # [0.95, 1.05]: not measurably faster
+    assert report["latency"]["int8_pays"] is True  # [0.95, 1.05]: float not measurably faster
 
 
 def test_latency_aware_with_a_target_checks_what_the_target_leaves_in_int8(monkeypatch):
     """latency_aware with a fidelity target: all int8 is faster than float, but with the fragile
-    node moved float for the target, what is left in int8 is not (latency stubbed by how many
-    tensors a model quantizes). That model used to be written int8, slower than float for the
+    node moved float for the target, the float model is measurably faster than what is left in
+    int8 (latency stubbed by how many tensors a model quantizes). That model used to be written int8, slower than float for the
     accuracy it costs; it is written float, and the report says int8 does not pay."""
     import concurrent.futures
 
@@ -124,7 +124,7 @@ def test_latency_aware_with_a_target_checks_what_the_target_leaves_in_int8(monke
         all_int8 = _quantize_nodes(variants[0][1]) >= 3  # x, ra, rb
         rows = [{"name": variants[0][0], "ratio_to_first": None, "ratio_ci95": None}]
         for name, _ in variants[1:]:
-            ci = ([1.2, 1.4] if all_int8 else [0.9, 1.02]) if name == "float" else [0.95, 1.05]
+            ci = ([1.2, 1.4] if all_int8 else [0.85, 0.98]) if name == "float" else [0.95, 1.05]
             rows.append({"name": name, "ratio_to_first": sum(ci) / 2, "ratio_ci95": ci})
         return rows
 
@@ -139,7 +139,7 @@ def test_latency_aware_with_a_target_checks_what_the_target_leaves_in_int8(monke
                                            executor=pool)
     lat = report["latency"]
     assert [("int8", 2), ("float", 0)] in compared, compared  # mm2 float for the target: the rest against float
-    assert lat["int8_pays"] is False and lat["float_to_int8_ci95"] == [0.9, 1.02], lat
+    assert lat["int8_pays"] is False and lat["float_to_int8_ci95"] == [0.85, 0.98], lat
     assert report["int8_nodes"] == [] and not report["met"] and report["history"][-1]["int8_does_not_pay"]
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
 

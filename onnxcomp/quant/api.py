@@ -181,7 +181,7 @@ def _fallback_reasons(fallback: dict[str, Any]) -> dict[str, str]:
         if name in slow:
             reasons[name] = f"kept float: {slow[name]} is measured slower in int8 on this CPU"
         elif lat.get("int8_pays") is False:
-            reasons[name] = "kept float: int8 is not measurably faster than float on this CPU"
+            reasons[name] = "kept float: the float model is measurably faster than int8 on this CPU"
         else:
             reasons[name] = "kept float to meet the budget"
     return reasons

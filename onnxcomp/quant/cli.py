@@ -90,7 +90,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="the same with an accuracy budget (needs --eval and --labels)")
     p.add_argument("--latency-aware", action="store_true",
                    help="keep float the op types whose int8 form is measured slower on this CPU, and the whole "
-                        "model when what is left is not measurably faster in int8")
+                        "model when the float model is measurably faster than what is left in int8")
     add_threads_flag(p, "intra-op threads at which the int8 model is compared with the float one after writing "
                         "(latency ratio; op types that cost the time when int8 is slower) and of --latency-aware")
     p.add_argument("--no-latency", action="store_true",
@@ -351,8 +351,8 @@ def _run(args: argparse.Namespace) -> int:
         lat = fallback.get("latency") or {}
         if lat.get("int8_pays") is False:
             lo, hi = lat["float_to_int8_ci95"]
-            con.print(f"[yellow]int8 does not pay on this model on this CPU: what int8 could keep is not measurably "
-                      f"faster than float (float's latency ratio to it [{lo:.2f}, {hi:.2f}] at {lat['threads']} "
+            con.print(f"[yellow]int8 does not pay on this model on this CPU: the float model is measurably faster "
+                      f"than what int8 could keep (float's latency ratio to it [{lo:.2f}, {hi:.2f}] at {lat['threads']} "
                       f"thread(s)); the model is written float, {len(fallback['float_nodes'])} node(s)[/yellow]")
         else:
             con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "

@@ -279,7 +279,7 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).
         latency_aware: keep float the op types whose int8 form is measured slower on this CPU, and
-            the whole model when what is left is not measurably faster in int8 than in float.
+            the whole model when the float model is measurably faster than what is left in int8.
         rounding: how weights become integers: ``nearest`` (round-to-nearest, no data needed),
             ``gptq`` (error-compensating rounding on the layer-input Hessian from the calibration
             data, onnxcomp.quant.gptq) or ``auto`` (GPTQ for 4-bit weight-only with calibration

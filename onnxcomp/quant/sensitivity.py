@@ -476,7 +476,7 @@ def quantize_with_fallback(
         fidelity_target: minimum output SQNR in dB on the evaluation data.
         max_drop: maximum accuracy drop in points (needs ``labels`` and ``eval_data``).
         latency_aware: also keep float the op types whose int8 form is measured slower, and keep
-            the whole model float when what is left in int8 is not measurably faster than float
+            the whole model float when the float model is measurably faster than what is left in int8
             (int8 would cost accuracy for nothing; ``latency["int8_pays"]`` says so); with a
             target, what the target's fallback leaves in int8 is measured again.
         max_eval_feeds: judge the budget on at most this many evaluation feeds (default: all of
@@ -649,9 +649,10 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
 
 
 def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, Any], threads: int | None) -> bool:
-    """Whether the int8 model that keeps ``fallback`` float is measurably faster than the float
-    model (the float model's latency ratio to it, 95% interval, above 1); recorded in ``latency``
-    (``int8_pays``, ``float_to_int8_ci95``). With nothing in ``fallback`` the op-type comparison
+    """Whether the int8 model that keeps ``fallback`` float is worth keeping: the float model is not
+    measurably faster than it (the float model's latency ratio to it, 95% interval, not all below
+    1; the op types' rule, applied to the whole model); recorded in ``latency`` (``int8_pays``,
+    ``float_to_int8_ci95``). With nothing in ``fallback`` the op-type comparison
     already measured it; otherwise one more interleaved comparison of the two."""
     from onnxcomp.measure.bench import default_threads
 
@@ -663,7 +664,7 @@ def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, An
                              threads=threads or default_threads(), time_budget=8.0)
         interval = list(rows[1]["ratio_ci95"])
     latency["float_to_int8_ci95"] = interval
-    latency["int8_pays"] = bool(interval[0] > 1.0)
+    latency["int8_pays"] = not bool(interval[1] < 1.0)
     return latency["int8_pays"]
 
 
