@@ -39,6 +39,7 @@ __all__ = [
     "node_opset",
     "is_default_domain",
     "is_constant_node",
+    "is_dequantize_node",
 ]
 
 T = TypeVar("T")
@@ -53,6 +54,12 @@ def is_default_domain(domain: str) -> bool:
 def is_constant_node(node: ir.Node) -> bool:
     """A ``Constant`` node of the default domain: what it outputs is a constant, not an activation."""
     return node.op_type == "Constant" and is_default_domain(node.domain)
+
+
+def is_dequantize_node(node: ir.Node) -> bool:
+    """A ``DequantizeLinear`` (default or ``com.microsoft`` domain): its output is the float image of
+    an integer tensor, the int8 side of a Q/DQ pair."""
+    return node.op_type == "DequantizeLinear" and (is_default_domain(node.domain) or node.domain == "com.microsoft")
 
 
 def node_opset(node: ir.Node, model: ir.Model) -> int:

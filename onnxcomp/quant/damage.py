@@ -37,7 +37,7 @@ import onnx_ir as ir
 
 from onnxcomp.check import layer_sqnr
 from onnxcomp.graph import all_value_names, produced_values
-from onnxcomp.ops import is_constant_node
+from onnxcomp.ops import is_constant_node, is_dequantize_node
 
 __all__ = ["isolated_damage", "isolated_model", "local_damage", "damage_blocks", "ranked_blocks", "noise_ratio"]
 
@@ -91,7 +91,7 @@ def isolated_model(float_model: ir.Model, int8_model: ir.Model) -> ir.Model | No
     float_values = {v.name: v for v in merged.graph.inputs} | produced_values(merged)
     top = {v.name: v for v in q.graph.inputs}
     for node in q.graph:
-        if node.op_type != "DequantizeLinear" and not is_constant_node(node):
+        if not is_dequantize_node(node) and not is_constant_node(node):
             top.update({v.name: v for v in node.outputs if v.name})
     # every read of a float activation of the int8 graph (Q inputs, float nodes' inputs, reads
     # from inside control-flow bodies) goes to the float graph's tensor of that name
