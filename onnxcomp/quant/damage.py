@@ -217,7 +217,7 @@ def ranked_blocks(study, nodes: Sequence[str], float_nodes: frozenset[str] = fro
     model beside the variant that keeps ``float_nodes`` float, on the first ``damage_feeds`` of
     the study's feeds."""
     quantized = study.build(frozenset(float_nodes))
-    reference = study.float_work if study.float_work is not None else study.work
+    reference = study.float_reference
     feeds = study.feeds[:damage_feeds]
     damage = isolated_damage(reference, quantized, list(nodes), feeds, study.units)
     if damage is None:
