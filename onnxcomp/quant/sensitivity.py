@@ -516,7 +516,7 @@ def quantize_with_fallback(
         elif len(fallback) == len(study.nodes):  # every op type is slower in int8
             latency["float_to_int8_ci95"] = latency["float_to_all_int8_ci95"]
             latency["int8_pays"] = False
-        elif not _int8_pays(study, fallback, latency, threads):
+        elif not _int8_pays(study, fallback, latency):
             current = _all_float(study, fallback, moved, history, executor)
     targets = fidelity_target is not None or max_drop is not None
     if targets and not _meets(current, base, fidelity_target, max_drop) and len(fallback) < len(study.nodes):
@@ -570,7 +570,7 @@ def quantize_with_fallback(
         current = measured[(hi, j)]
         if j < size:
             history.append({"float_nodes": list(fallback), "refined": True, **current})
-        if latency_aware and len(fallback) < len(study.nodes) and not _int8_pays(study, fallback, latency, threads):
+        if latency_aware and len(fallback) < len(study.nodes) and not _int8_pays(study, fallback, latency):
             # what the target leaves in int8 is not faster than float either
             current = _all_float(study, fallback, moved, history, executor)
     final = study.build(frozenset(fallback), into=model if in_place else None)
@@ -621,6 +621,10 @@ def fewest_passing(lo: int, hi: int, passes: Callable[[int], bool]) -> int:
     return hi
 
 
+#: The interleaved comparisons that decide what latency-aware int8 keeps (op types, whole model).
+_VERDICT_BENCH = {"runs": 60, "warmup_seconds": 0.3, "time_budget": 8.0}
+
+
 def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[str], dict[str, Any]]:
     """Op types whose int8 nodes make the model slower (interleaved latency, 95% interval > 1),
     at ``threads`` intra-op threads (None: onnxruntime's default)."""
@@ -632,7 +636,7 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
     variants = [("all int8", study.build())]
     variants += [(f"{t} float", study.build(frozenset(n for n in study.nodes if study.op_type(n) == t))) for t in types]
     variants.append(("float", study.float_reference))
-    rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3, threads=threads, time_budget=8.0)
+    rows = _bench_capped(variants, study.feeds[:8], threads=threads, **_VERDICT_BENCH)
     slow = set()
     for t, row in zip(types, rows[1:-1]):
         lo, hi = row["ratio_ci95"]
@@ -648,20 +652,18 @@ def _slow_op_types(study: QuantStudy, threads: int | None = None) -> tuple[set[s
     }
 
 
-def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, Any], threads: int | None) -> bool:
+def _int8_pays(study: QuantStudy, fallback: Sequence[str], latency: dict[str, Any]) -> bool:
     """Whether the int8 model that keeps ``fallback`` float is worth keeping: the float model is not
     measurably faster than it (the float model's latency ratio to it, 95% interval, not all below
     1; the op types' rule, applied to the whole model); recorded in ``latency`` (``int8_pays``,
     ``float_to_int8_ci95``). With nothing in ``fallback`` the op-type comparison
-    already measured it; otherwise one more interleaved comparison of the two."""
-    from onnxcomp.measure.bench import default_threads
-
+    already measured it; otherwise one more interleaved comparison of the two, at the threads the
+    op-type comparison used."""
     if not fallback:
         interval = latency["float_to_all_int8_ci95"]
     else:
         variants = [("int8", study.build(frozenset(fallback))), ("float", study.float_reference)]
-        rows = _bench_capped(variants, study.feeds[:8], runs=60, warmup_seconds=0.3,
-                             threads=threads or default_threads(), time_budget=8.0)
+        rows = _bench_capped(variants, study.feeds[:8], threads=latency["threads"], **_VERDICT_BENCH)
         interval = list(rows[1]["ratio_ci95"])
     latency["float_to_int8_ci95"] = interval
     latency["int8_pays"] = not bool(interval[1] < 1.0)
