@@ -17,8 +17,9 @@ Split
 
 Budget (per output; all must hold)
     The rule is a table, :data:`RULES`: the *kind* of an output (found by :data:`KIND_DETECTORS`
-    from the graph: its producer, behind reshapes and casts, its rank and type) names the figure
-    judged and the threshold it must reach. Figures are streaming accumulators (:data:`FIGURES`).
+    from its producer in the graph, behind reshapes and casts, and its rank and type as returned;
+    see Kinds) names the figure judged and the threshold it must reach. Figures are streaming
+    accumulators (:data:`FIGURES`).
 
     ==========  ==========================================  ===================================
     kind        which outputs                               figure >= threshold
@@ -26,8 +27,11 @@ Budget (per output; all must hold)
     scores      Softmax/LogSoftmax of rank != 3, or rank 2   top-1 agreement >= ``min_agreement``
                 with more than one column
     sequence    Softmax/LogSoftmax of rank 3, ``[N, T, C]``  decoded-sequence agreement (greedy
-                (CTC recognizers)                            CTC decoding, 1 - normalized edit
-                                                             distance) >= ``min_agreement``
+                (CTC recognizers), or rank-3 logits of a     CTC decoding, 1 - normalized edit
+                MatMul/Gemm whose top class is the first or  distance) >= ``min_agreement``
+                last class (the blank) in at least half of
+                the returned steps; time-major
+                ``[T, N, C]`` read as such
     map         Sigmoid of rank >= 4, ``[N, C, H, W]``       region agreement (F1 of the
                 (probability maps: detection, masks)        8-connected regions above 0.5,
                                                              specks left out, matched at
@@ -55,6 +59,17 @@ Budget (per output; all must hold)
 
     Another kind of output (a pooled embedding, say) is one entry in each table: a detector in
     :data:`KIND_DETECTORS`, a figure in :data:`FIGURES`, a :class:`Rule` in :data:`RULES`.
+
+Kinds
+    Declared output shapes may be wrong (an OCR model declaring ``[1, seqlen]`` returns CTC logits
+    ``[T, 1, C]``), symbolic or absent, so the check reads the rank and element type from what the
+    original returns on the first check feed (:func:`returned_kind`, inside
+    :class:`OutputFigures`, which the automatic fallback judges through too); the declared shape
+    is the fallback where nothing has run (:func:`output_kinds`) and the cross-check. Every output
+    row says its ``kind``, and when the declared shape does not admit the returned one (or reads as
+    another kind) the row's ``kind_note`` and the report's ``kind_note`` say so in one line. A
+    rank-3 sequence ``[A, B, C]`` is time-major when ``B`` is the feed's batch and ``A`` is not
+    (batch unknown: ``B`` is 1 and ``A`` is not).
 
 Resolution
     An agreement figure measured on *n* decisions (positions, decoded sequences, pairs of regions
@@ -90,7 +105,8 @@ from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
-           "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS"]
+           "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS",
+           "OutputView", "output_view", "classify", "Kind", "JudgedKind", "returned_kind"]
 
 #: Ops whose output is a distribution over classes along the last axis.
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
@@ -98,6 +114,13 @@ SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
 MAP_PRODUCERS = frozenset({"Sigmoid"})
 #: Ops that join a detector head's boxes and class scores along the attribute axis.
 HEAD_JOINS = frozenset({"Concat"})
+#: Ops that project features onto classes: a rank-3 output behind them may be raw CTC logits.
+LOGIT_PRODUCERS = frozenset({"MatMul", "Gemm"})
+#: Ops that add a bias to a projection (a projection behind them is still one).
+BIAS_ADDS = frozenset({"Add"})
+#: What raw logits need to be read as CTC steps (besides a blank; ``check._is_ctc_logits``): this
+#: many classes (digits and a blank), this many steps on the first check feed.
+CTC_LOGITS = {"min_classes": 10, "min_steps": 8}
 #: Ops that only move or relabel data: an output behind them keeps its producer's kind.
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"})
 
@@ -346,6 +369,9 @@ class SequenceAgreement(Figure):
     distance of the two decoded sequences), and the figure is its mean over rows.
     """
 
+    #: the most frequent class is the blank when it is the top class of at least this share of steps
+    blank_share = 0.5
+
     def __init__(self) -> None:
         self.ref: list[np.ndarray] = []
         self.cand: list[np.ndarray] = []
@@ -364,7 +390,7 @@ class SequenceAgreement(Figure):
             return 1.0
         steps = np.concatenate(self.ref)
         counts = np.bincount(steps)
-        blank = int(counts.argmax()) if 2 * counts.max() >= steps.size else -1
+        blank = int(counts.argmax()) if counts.max() >= self.blank_share * steps.size else -1
         ref = [decode_sequence(r, blank) for r in self.ref]
         cand = [decode_sequence(c, blank) for c in self.cand]
         symbols = np.concatenate(ref)
@@ -587,52 +613,203 @@ def _made_by(value: ir.Value, ops: frozenset[str]) -> bool:
     return producer is not None and producer.op_type in ops and producer.domain in ("", "ai.onnx")
 
 
-def _rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
+Dim = int | str | None
 
 
-def _is_exact(value: ir.Value) -> bool:
-    return value.dtype is not None and not value.dtype.is_floating_point()
+@dataclasses.dataclass(frozen=True)
+class OutputView:
+    """One graph output as the kind detectors (:data:`KIND_DETECTORS`) see it: what the graph says
+    of its producer, and a shape and element type that are the declared ones
+    (:func:`output_view`) until the original has run, then those of the array it returned
+    (:meth:`returned`).
+
+    Attributes:
+        producer: the op behind pass-through ops (default domain only; None: none or another domain).
+        head_join: a Concat of which some but not all inputs are Sigmoid scores (boxes beside classes).
+        logits: a projection onto classes (MatMul or Gemm, or an Add of one) behind pass-through ops.
+        shape: dims (int, a symbol's name, or None when unnamed); None when no shape is declared.
+        floating: a float element type (None: not declared).
+        top_class, top_share, steps: returned arrays only: the most frequent class of highest
+            score (last axis) over the ``steps`` positions (all axes but the last), and the share of
+            positions it takes (a CTC blank fills at least half of the steps).
+        returned: ``shape`` and ``floating`` are the returned array's.
+    """
+
+    name: str
+    producer: str | None
+    head_join: bool
+    logits: bool
+    shape: tuple[Dim, ...] | None
+    floating: bool | None
+    top_class: int | None = None
+    top_share: float | None = None
+    steps: int = 0
+    returned: bool = False
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    def seen(self, array: np.ndarray) -> OutputView:
+        """This output as the original returned it (``array``: its output on one feed)."""
+        a = np.asarray(array)
+        floating = a.dtype.kind == "f"
+        top = share = None
+        if floating and a.ndim >= 2 and a.shape[-1] >= 2 and a.size:
+            counts = np.bincount(a.argmax(-1).ravel())
+            top, share = int(counts.argmax()), float(counts.max() / counts.sum())
+        return dataclasses.replace(self, shape=tuple(int(d) for d in a.shape), floating=floating, top_class=top,
+                                   top_share=share, steps=a.size // a.shape[-1] if a.ndim and a.shape[-1] else 0,
+                                   returned=True)
+
+    def agrees_with(self, other: OutputView) -> bool:
+        """Whether this (declared) view admits ``other``'s (returned) shape and element type:
+        same rank, every fixed dim equal (symbols admit any), same float-ness where declared."""
+        if self.shape is None or other.shape is None or len(self.shape) != len(other.shape):
+            return False
+        dims = all(not isinstance(d, int) or d == r for d, r in zip(self.shape, other.shape))
+        return dims and (self.floating is None or self.floating == other.floating)
 
 
-def _is_sequence(value: ir.Value) -> bool:
-    return _made_by(value, SCORE_PRODUCERS) and _rank(value) == 3
-
-
-def _is_scores(value: ir.Value) -> bool:
-    shape = value.shape
-    rank2 = shape is not None and len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2)
-    return _made_by(value, SCORE_PRODUCERS) or rank2
-
-
-def _is_map(value: ir.Value) -> bool:
-    return _made_by(value, MAP_PRODUCERS) and (_rank(value) or 0) >= 4
-
-
-def _is_detections(value: ir.Value) -> bool:
-    """A rank-3 float Concat of which some input is a Sigmoid: boxes beside class scores."""
-    if not _made_by(value, HEAD_JOINS) or _rank(value) != 3 or value.dtype is None or not value.dtype.is_floating_point():
-        return False
+def output_view(value: ir.Value) -> OutputView:
+    """The declared :class:`OutputView` of a graph output."""
     producer = _producer(value)
-    made = [inp is not None and _made_by(inp, MAP_PRODUCERS) for inp in producer.inputs]
-    return any(made) and not all(made)
+    op = producer.op_type if producer is not None and producer.domain in ("", "ai.onnx") else None
+    inputs = list(producer.inputs) if op is not None else []
+    made = [inp is not None and _made_by(inp, MAP_PRODUCERS) for inp in inputs]
+    head = op in HEAD_JOINS and any(made) and not all(made)
+    logits = op in LOGIT_PRODUCERS or (
+        op in BIAS_ADDS and any(inp is not None and _made_by(inp, LOGIT_PRODUCERS) for inp in inputs))
+    shape = None if value.shape is None else tuple(d if isinstance(d, int) else getattr(d, "value", None)
+                                                   for d in value.shape)
+    floating = None if value.dtype is None else value.dtype.is_floating_point()
+    return OutputView(value.name, op, head, logits, shape, floating)
 
 
-#: ``(kind, detector)`` in order: an output takes the first kind whose detector says yes, else
-#: ``"values"``.
-KIND_DETECTORS: list[tuple[str, Callable[[ir.Value], bool]]] = [
+def _is_exact(view: OutputView) -> bool:
+    return view.floating is False
+
+
+def _is_sequence(view: OutputView) -> bool:
+    return view.producer in SCORE_PRODUCERS and view.rank == 3
+
+
+def _is_ctc_logits(view: OutputView) -> bool:
+    """Rank-3 raw logits of a projection (:data:`CTC_LOGITS`) whose top class, in what the original
+    returned, is one class at either end of the class axis (where CTC puts its blank) in at least
+    half but not all of the steps: read only from returned arrays. The hidden states of an encoder
+    are no projection; the logits of a language model or a regression head have no such blank."""
+    if not (view.logits and view.rank == 3 and view.top_share is not None):
+        return False
+    classes = view.shape[-1]
+    return (classes >= CTC_LOGITS["min_classes"] and view.steps >= CTC_LOGITS["min_steps"]
+            and view.top_class in (0, classes - 1) and SequenceAgreement.blank_share <= view.top_share < 1.0)
+
+
+def _is_scores(view: OutputView) -> bool:
+    shape = view.shape
+    rank2 = shape is not None and len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2)
+    return view.producer in SCORE_PRODUCERS or rank2
+
+
+def _is_map(view: OutputView) -> bool:
+    return view.producer in MAP_PRODUCERS and (view.rank or 0) >= 4
+
+
+def _is_detections(view: OutputView) -> bool:
+    """A rank-3 float Concat of which some input is a Sigmoid: boxes beside class scores."""
+    return view.head_join and view.rank == 3 and view.floating is True
+
+
+#: ``(kind, detector)`` in order: an output takes the first kind whose detector says yes of its
+#: :class:`OutputView`, else ``"values"``. The check judges the view of what the original returned
+#: on the first check feed (shape, element type; module docstring: Kinds), a caller without data
+#: the declared one.
+KIND_DETECTORS: list[tuple[str, Callable[[OutputView], bool]]] = [
     ("exact", _is_exact),
     ("sequence", _is_sequence),
+    ("sequence", _is_ctc_logits),
     ("scores", _is_scores),
     ("map", _is_map),
     ("detections", _is_detections),
 ]
 
 
+def classify(view: OutputView) -> str:
+    """The kind of one output view (:data:`KIND_DETECTORS`)."""
+    return next((kind for kind, test in KIND_DETECTORS if test(view)), "values")
+
+
+class Kind(str):
+    """A kind (a key of :data:`RULES`) read from the declared graph, carrying the output's
+    :class:`OutputView` so that :class:`OutputFigures` judges it again from what the original
+    returns (:func:`returned_kind`). It is the plain string everywhere else."""
+
+    view: OutputView | None
+
+    def __new__(cls, kind: str, view: OutputView | None = None) -> Kind:
+        self = super().__new__(cls, kind)
+        self.view = view
+        return self
+
+    def __reduce__(self):
+        return Kind, (str(self), self.view)
+
+
 def output_kinds(model: ir.Model) -> dict[str, str]:
-    """The kind of each graph output (a key of :data:`RULES`; module docstring: Budget)."""
-    return {value.name: next((kind for kind, test in KIND_DETECTORS if test(value)), "values")
-            for value in model.graph.outputs}
+    """The kind of each graph output from its declared shape and type (a :class:`Kind`, a key of
+    :data:`RULES`; module docstring: Budget). :class:`OutputFigures` checks it against the arrays the
+    original returns."""
+    views = [output_view(value) for value in model.graph.outputs]
+    return {view.name: Kind(classify(view), view) for view in views}
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgedKind:
+    """How an output is judged once the original has returned it: ``kind``; ``axes``, the
+    permutation that brings a time-major sequence ``[T, N, C]`` to ``[N, T, C]`` (None: as
+    returned); ``note``, one line when the declared shape disagrees with the returned one or reads
+    as another kind (None otherwise)."""
+
+    kind: str
+    axes: tuple[int, ...] | None = None
+    note: str | None = None
+
+
+def _time_major(shape: tuple[int, ...], batch: int | None) -> bool:
+    """Whether a rank-3 sequence ``[A, B, C]`` is time-major: ``B`` is the feed's batch and ``A``
+    is not, or (batch unknown or on both axes) ``B`` is 1 where ``A`` is not."""
+    a, b = shape[0], shape[1]
+    if batch is not None and (a == batch) != (b == batch):
+        return b == batch
+    return b == 1 and a > 1
+
+
+def _dims(shape: tuple[Dim, ...] | None) -> str:
+    return "no shape" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def returned_kind(declared: str, array: np.ndarray, batch: int | None = None) -> JudgedKind:
+    """How an output of declared kind ``declared`` is judged, given ``array``, the original's
+    output on one feed (``batch``: that feed's batch size, when known).
+
+    The kind is read from the returned shape and element type (:func:`classify` of
+    :meth:`OutputView.seen`); the declared shape is the fallback (a plain string ``declared``,
+    without a view, stands as it is) and the cross-check: when it does not admit the returned
+    shape, or reads as another kind, ``note`` says so.
+    """
+    view = getattr(declared, "view", None)
+    if view is None:
+        return JudgedKind(str(declared))
+    seen = view.seen(array)
+    kind = classify(seen)
+    axes = (1, 0, 2) if kind == "sequence" and seen.rank == 3 and _time_major(seen.shape, batch) else None
+    if view.agrees_with(seen) and kind == declared:
+        return JudgedKind(kind, axes)
+    layout = " (time-major [T, N, C])" if axes else ""
+    other = f", not {declared}" if kind != declared else ""
+    return JudgedKind(kind, axes, f"output {view.name!r} declares {_dims(view.shape)} but returns {_dims(seen.shape)}: "
+                                  f"judged as {kind}{layout} from the returned shape{other}")
 
 
 def pooled_outputs(model: ir.Model) -> dict[str, str]:
@@ -661,33 +838,64 @@ class OutputFigures:
     over their real tokens (:class:`onnxcomp.measure.embedding.PooledEmbedding`) and judged on the
     pooled embedding's cosine; their update needs the feed. This is the one evaluator of the budget:
     the check and the automatic fallback's stopping rule both judge through it.
+
+    ``kinds`` are read from the declared graph (:func:`output_kinds`); on the first feed each is
+    judged again from what the original returned (:func:`returned_kind`), so a model that declares
+    ``[1, seqlen]`` and returns CTC logits ``[T, 1, C]`` is judged as a sequence whoever measures
+    it. ``kinds`` then holds the kinds judged, ``notes`` a line per output whose declared shape
+    disagreed, and every row of :meth:`result` its ``kind``.
     """
 
     def __init__(self, names: list[str], kinds: dict[str, str], pooled: dict[str, str] | None = None) -> None:
         from onnxcomp.measure.embedding import PooledEmbedding
 
         self.names = names
-        self.kinds = [kinds.get(n, "values") for n in names]
-        self.figures: list[dict[str, Figure]] = []
-        for kind in self.kinds:
-            wanted = [RULES[kind].figure] + ([] if kind == "exact" else list(REPORTED))
-            self.figures.append({f: FIGURES[f]() for f in dict.fromkeys(wanted)})
+        self.declared = [kinds.get(n, "values") for n in names]
+        self.kinds = [str(k) for k in self.declared]
+        self.axes: list[tuple[int, ...] | None] = [None] * len(names)
+        self.notes: list[str | None] = [None] * len(names)
+        self.figures = [self._fresh(kind) for kind in self.kinds]
+        self.seen = False
         self.pooled = {n: PooledEmbedding(mask) for n, mask in (pooled or {}).items() if n in names}
+
+    @staticmethod
+    def _fresh(kind: str) -> dict[str, Figure]:
+        wanted = [RULES[kind].figure] + ([] if kind == "exact" else list(REPORTED))
+        return {f: FIGURES[f]() for f in dict.fromkeys(wanted)}
+
+    def _judge_kinds(self, ref_values: list[np.ndarray], feed: dict[str, np.ndarray] | None) -> None:
+        batch = next((int(np.shape(a)[0]) for a in (feed or {}).values() if np.ndim(a)), None)
+        for i, (declared, r) in enumerate(zip(self.declared, ref_values)):
+            judged = returned_kind(declared, r, batch)
+            self.axes[i], self.notes[i] = judged.axes, judged.note
+            if judged.kind != self.kinds[i]:
+                self.kinds[i], self.figures[i] = judged.kind, self._fresh(judged.kind)
+        self.seen = True
+
+    def batch_axis(self, index: int) -> int:
+        """The batch axis of output ``index`` as returned (1 for a time-major sequence)."""
+        axes = self.axes[index]
+        return axes.index(0) if axes else 0
 
     def update(self, ref_values: list[np.ndarray], cand_values: list[np.ndarray],
                feed: dict[str, np.ndarray] | None = None) -> None:
-        for name, figures, r, c in zip(self.names, self.figures, ref_values, cand_values):
+        if not self.seen:
+            self._judge_kinds(ref_values, feed)
+        for name, figures, axes, r, c in zip(self.names, self.figures, self.axes, ref_values, cand_values):
             r, c = np.asarray(r), np.asarray(c)
             if r.shape != c.shape:
                 raise OnnxcompError(f"output {name!r}: original shape {list(r.shape)} vs written {list(c.shape)}")
-            for figure in figures.values():
-                figure.update(r, c)
             if name in self.pooled and feed is not None:
                 self.pooled[name].update(r, c, feed)
+            if axes is not None:
+                r, c = r.transpose(axes), c.transpose(axes)
+            for figure in figures.values():
+                figure.update(r, c)
 
-    def result(self) -> list[dict[str, float]]:
-        """Per output, its figures; an encoder output also has ``pooled_cosine``."""
-        rows = [{k: f.value() for k, f in figures.items()} for figures in self.figures]
+    def result(self) -> list[dict[str, Any]]:
+        """Per output, its ``kind`` and figures; an encoder output also has ``pooled_cosine``."""
+        rows: list[dict[str, Any]] = [{"kind": kind, **{k: f.value() for k, f in figures.items()}}
+                                      for kind, figures in zip(self.kinds, self.figures)]
         for name, row in zip(self.names, rows):
             if name in self.pooled and (emb := self.pooled[name].result()) is not None:
                 row["pooled_cosine"] = emb["pooled_cosine"]
@@ -717,10 +925,11 @@ def judged_figures(values: dict[str, float]) -> dict[str, float]:
     return {**values, "cosine": values["pooled_cosine"]} if "pooled_cosine" in values else values
 
 
-def output_verdicts(kinds: list[str], rows: list[dict[str, float]], config: CheckConfig) -> list[tuple[bool, str, str]]:
+def output_verdicts(kinds: list[str], rows: list[dict[str, Any]], config: CheckConfig) -> list[tuple[bool, str, str]]:
     """:func:`judge_output` of every output (``rows``: :meth:`OutputFigures.result`), on the
-    figures the check judges (an encoder output on its pooled embedding's cosine)."""
-    return [judge_output(kind, judged_figures(values), config) for kind, values in zip(kinds, rows)]
+    figures the check judges (an encoder output on its pooled embedding's cosine). A row's own
+    ``kind`` (the kind judged from what the original returned) goes before ``kinds``."""
+    return [judge_output(values.get("kind", kind), judged_figures(values), config) for kind, values in zip(kinds, rows)]
 
 
 def figures_meet(kinds: list[str], rows: list[dict[str, float]], config: CheckConfig) -> bool:
@@ -760,8 +969,10 @@ def check_model(
         SQNR, the rule's figure, the rule, verdict; an agreement figure also ``decisions``, the
         number of decisions it was measured on, and ``resolution``, ``1 / decisions``),
         ``accuracy`` (with labels), ``met``, ``problems`` (one line each), ``blame`` (worst
-        tensors, when missed) and ``resolution_note`` (:func:`resolution_note`: one line when the
-        check is too coarse for its budget, else None).
+        tensors, when missed), ``resolution_note`` (:func:`resolution_note`: one line when the
+        check is too coarse for its budget, else None) and ``kind_note`` (one line when an
+        output's declared shape disagrees with the returned one and the kind was read from the
+        returned shape, else None; module docstring: Kinds).
 
     Raises:
         DataError: the check data is bad where only reading it finds it (a NaN in a later
@@ -770,7 +981,7 @@ def check_model(
     config = config or CheckConfig()
     started = time.perf_counter()
     report: dict[str, Any] = {"data": split.describe(), "budget": config.budget(), "outputs": [], "problems": [],
-                              "blame": [], "resolution_note": None}
+                              "blame": [], "resolution_note": None, "kind_note": None}
     if compressed is not None:
         report["compressed"] = {"count": int(compressed), "what": what}
     if compressed == 0:
@@ -800,10 +1011,13 @@ def check_model(
     report["data"]["check_feeds"] = run["feeds"]
     report["data"]["check_samples"] = run["samples"]
     figures = run["output_figures"]
-    for name, kind, values, (ok, rule, figure), n in zip(run["names"], run["kinds"], run["figures"],
-                                                         figures.verdicts(config), figures.decisions()):
+    for name, kind, values, (ok, rule, figure), n, note in zip(run["names"], run["kinds"], run["figures"],
+                                                               figures.verdicts(config), figures.decisions(),
+                                                               figures.notes):
         row: dict[str, Any] = {"name": name, "kind": kind, **{k: values.get(k) for k in REPORTED},
                                RULES[kind].figure: values.get(RULES[kind].figure), "rule": rule, "ok": ok}
+        if note is not None:
+            row["kind_note"] = note
         if n is not None:
             row["decisions"] = n
             row["resolution"] = 1.0 / n if n else None
@@ -826,6 +1040,7 @@ def check_model(
             )
     report["met"] = not report["problems"]
     report["resolution_note"] = resolution_note(report["outputs"], config)
+    report["kind_note"] = "; ".join(note for note in figures.notes if note) or None
     if not report["met"] and compressed != 0 and config.blame:
         report["blame"] = blame(reference, candidate if written_model is None else written_model, data,
                                 config.blame)
@@ -932,7 +1147,7 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         if labels is not None:
             predictions[0].append(predicted_class(ref_values[0]))
             predictions[1].append(predicted_class(cand_values[0]))
-        samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
+        samples += int(ref_values[0].shape[figures.batch_axis(0)]) if ref_values and np.ndim(ref_values[0]) else 1
         feeds += 1
         if progress is not None:
             progress(feeds)
@@ -1037,6 +1252,7 @@ def _figure(row: dict[str, Any]) -> str:
     if row["kind"] == "exact":
         return f"{row['name']}: {'equal' if row['ok'] else 'differs'}"
     rule = RULES.get(row["kind"])
+    name = f"{row['name']} ({row['kind']})"
     if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
-        return f"{row['name']}: {rule.reads} {100 * row[rule.figure]:.2f}%, cosine {row['cosine']:.4f}"
-    return f"{row['name']}: cosine {row['cosine']:.4f}, SQNR {row['sqnr_db']:.1f} dB"
+        return f"{name}: {rule.reads} {100 * row[rule.figure]:.2f}%, cosine {row['cosine']:.4f}"
+    return f"{name}: cosine {row['cosine']:.4f}, SQNR {row['sqnr_db']:.1f} dB"

@@ -277,8 +277,9 @@ def print_check(con, check: dict[str, Any] | None) -> None:
         return
     style = "bold green" if check["met"] else "bold red"
     con.print(f"[{style}]{esc(verdict_line(check))}[/{style}]")
-    if check.get("resolution_note"):
-        con.print(f"[bold yellow]{esc(check['resolution_note'])}[/bold yellow]")
+    for note in ("kind_note", "resolution_note"):
+        if check.get(note):
+            con.print(f"[bold yellow]{esc(check[note])}[/bold yellow]")
 
 
 def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:

@@ -297,8 +297,9 @@ def render_html(report: dict[str, Any]) -> str:
 
         out.append("<h2>Held-out check</h2>")
         out.append(f"<p class='{'ok' if check['met'] else 'bad'}'>{html.escape(verdict_line(check))}</p>")
-        if check.get("resolution_note"):
-            out.append(f"<p class='note'>{html.escape(check['resolution_note'])}</p>")
+        for note in ("kind_note", "resolution_note"):
+            if check.get(note):
+                out.append(f"<p class='note'>{html.escape(check[note])}</p>")
     for stage in report["stages"]:
         if stage["stage"] == "cluster" and stage["stats"].get("tensors"):
             out.append("<h2>Weights before / after clustering</h2><div>")
