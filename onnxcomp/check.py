@@ -664,10 +664,11 @@ class OutputView:
 
     def agrees_with(self, other: OutputView) -> bool:
         """Whether this (declared) view admits ``other``'s (returned) shape and element type:
-        same rank, every fixed dim equal (symbols admit any), same float-ness where declared."""
+        same rank, every fixed dim equal (symbols and negative dims, which some exporters write
+        for "any", admit any), same float-ness where declared."""
         if self.shape is None or other.shape is None or len(self.shape) != len(other.shape):
             return False
-        dims = all(not isinstance(d, int) or d == r for d, r in zip(self.shape, other.shape))
+        dims = all(not isinstance(d, int) or d < 0 or d == r for d, r in zip(self.shape, other.shape))
         return dims and (self.floating is None or self.floating == other.floating)
 
 
