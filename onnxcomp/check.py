@@ -621,7 +621,7 @@ class OutputView:
     """One graph output as the kind detectors (:data:`KIND_DETECTORS`) see it: what the graph says
     of its producer, and a shape and element type that are the declared ones
     (:func:`output_view`) until the original has run, then those of the array it returned
-    (:meth:`returned`).
+    (:meth:`seen`).
 
     Attributes:
         producer: the op behind pass-through ops (default domain only; None: none or another domain).
@@ -856,7 +856,7 @@ class OutputFigures:
         self.axes: list[tuple[int, ...] | None] = [None] * len(names)
         self.notes: list[str | None] = [None] * len(names)
         self.figures = [self._fresh(kind) for kind in self.kinds]
-        self.seen = False
+        self.judged = False
         self.pooled = {n: PooledEmbedding(mask) for n, mask in (pooled or {}).items() if n in names}
 
     @staticmethod
@@ -871,7 +871,7 @@ class OutputFigures:
             self.axes[i], self.notes[i] = judged.axes, judged.note
             if judged.kind != self.kinds[i]:
                 self.kinds[i], self.figures[i] = judged.kind, self._fresh(judged.kind)
-        self.seen = True
+        self.judged = True
 
     def batch_axis(self, index: int) -> int:
         """The batch axis of output ``index`` as returned (1 for a time-major sequence)."""
@@ -880,7 +880,7 @@ class OutputFigures:
 
     def update(self, ref_values: list[np.ndarray], cand_values: list[np.ndarray],
                feed: dict[str, np.ndarray] | None = None) -> None:
-        if not self.seen:
+        if not self.judged:
             self._judge_kinds(ref_values, feed)
         for name, figures, axes, r, c in zip(self.names, self.figures, self.axes, ref_values, cand_values):
             r, c = np.asarray(r), np.asarray(c)

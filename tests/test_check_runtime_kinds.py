@@ -9,6 +9,7 @@ themselves (an identity Gemm), so every figure below is known exactly.
 
 from __future__ import annotations
 
+import html
 import json
 import pickle
 
@@ -68,6 +69,16 @@ def _feed(symbols: list[int], t: int, rng, *, close: int | None = None) -> dict[
     return {"x": x[None]}
 
 
+def _one_step_read_blank(t: int, lines: int, seed: int):
+    """The original, a written model that adds 0.1 to the blank (so the one step whose symbol leads
+    by 0.05, the 5 of the first line, reads blank), and ``lines`` feeds of LINE; both declare
+    ``[1, seqlen]`` and return ``[T, 1, C]``."""
+    rng = np.random.default_rng(seed)
+    ref = _ctc_model(t, [1, "seqlen"])
+    cand = _ctc_model(t, [1, "seqlen"], bias=np.eye(C)[0] * 0.1)
+    return ref, cand, [_feed(LINE, t, rng, close=2 if i == 0 else None) for i in range(lines)]
+
+
 def _check(ref, cand, feeds, config=None):
     ref, cand = (m if isinstance(m, ir.Model) else io.load_model(m) for m in (ref, cand))
     split = split_data(None, CheckConfig(), evaluation=Dataset(feeds, ref))
@@ -75,12 +86,7 @@ def _check(ref, cand, feeds, config=None):
 
 
 def test_declared_rank_two_but_returned_ctc_logits_is_judged_as_a_time_major_sequence():
-    rng = np.random.default_rng(0)
-    t = 12
-    ref = _ctc_model(t, [1, "seqlen"])
-    # the written model adds 0.1 to the blank: the one step whose symbol leads by 0.05 reads blank
-    cand = _ctc_model(t, [1, "seqlen"], bias=np.eye(C)[0] * 0.1)
-    feeds = [_feed(LINE, t, rng, close=2 if i == 0 else None) for i in range(4)]
+    ref, cand, feeds = _one_step_read_blank(12, 4, seed=0)
     assert output_kinds(io.load_model(ref)) == {"y": "scores"}  # what the declared shape says
     report = _check(ref, cand, feeds)
     row = report["outputs"][0]
@@ -96,11 +102,7 @@ def test_declared_rank_two_but_returned_ctc_logits_is_judged_as_a_time_major_seq
 
 
 def test_per_step_agreement_would_pass_where_the_decoded_sequences_fail():
-    rng = np.random.default_rng(1)
-    t = 40
-    ref = _ctc_model(t, [1, "seqlen"])
-    cand = _ctc_model(t, [1, "seqlen"], bias=np.eye(C)[0] * 0.1)
-    feeds = [_feed(LINE, t, rng, close=2 if i == 0 else None) for i in range(5)]
+    ref, cand, feeds = _one_step_read_blank(40, 5, seed=1)
     report = _check(ref, cand, feeds)
     row = report["outputs"][0]
     # per step, as the declared shape had it judged: 199 of 200 steps agree, above 0.99
@@ -196,14 +198,11 @@ def test_time_major_is_read_from_the_feed_batch():
 def test_the_fallback_judges_the_kind_the_check_judges():
     """The automatic fallback builds its figures from output_kinds (declared) and judges rows with the
     declared kind list: the rows carry the kind judged, through pickling (process executors) too."""
-    rng = np.random.default_rng(4)
-    t = 12
-    ref = io.load_model(_ctc_model(t, [1, "seqlen"]))
+    ref, cand, feeds = _one_step_read_blank(12, 4, seed=4)
+    ref, cand = io.load_model(ref), io.load_model(cand)
     kinds = pickle.loads(pickle.dumps(output_kinds(ref)))
     assert kinds == {"y": "scores"}
     figures = OutputFigures(["y"], kinds)
-    feeds = [_feed(LINE, t, rng, close=2 if i == 0 else None) for i in range(4)]
-    cand = io.load_model(_ctc_model(t, [1, "seqlen"], bias=np.eye(C)[0] * 0.1))
     for feed, r, c in zip(feeds, run_model(ref, feeds), run_model(cand, feeds)):
         figures.update(r, c, feed)
     rows = figures.result()
@@ -215,7 +214,7 @@ def test_the_fallback_judges_the_kind_the_check_judges():
     assert figures_meet(["scores"], rows, CheckConfig(min_agreement=0.9))
 
 
-def test_cli_says_the_kind_and_the_disagreement_in_terminal_and_json(tmp_path, capsys):
+def test_cli_says_the_kind_and_the_disagreement_in_terminal_json_and_html(tmp_path, capsys):
     rng = np.random.default_rng(5)
     t = 12
     model = tmp_path / "ctc.onnx"
@@ -240,3 +239,9 @@ def test_cli_says_the_kind_and_the_disagreement_in_terminal_and_json(tmp_path, c
     assert code == 0, err
     text = " ".join(out.split())
     assert "check passed" in text and "y (sequence): decoded-sequence agreement 100.00%" in text and note in text
+    # the HTML report of compress carries the line too
+    code = main(["compress", str(model), "-o", str(tmp_path / "c.onnx"), "--recipe", "int8", "--calibration",
+                 str(calib), "--report", str(tmp_path / "r.html")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert html.escape(note) in (tmp_path / "r.html").read_text()
