@@ -279,24 +279,19 @@ class QuantStudy:
         ``into``: rewrite this model in place instead of a clone of the study's (it must be the
         study's prepared model or an identical copy).
         """
+        from onnxcomp.quant.subgraphs import bodies_hidden, restore_float_body
+
         model = clone_model(self.work) if into is None else into
         units = [self.units[u] for u in float_nodes if u in self.units] if self.float_work is not None else []
-        if units:
-            from onnxcomp.quant.subgraphs import restore_float_body
-
-            for unit in units:  # the main graph is planned around the float body
-                restore_float_body(model, self.float_work, *unit)
+        for unit in units:  # first: the main graph is planned around the float body (what it reads)
+            restore_float_body(model, self.float_work, *unit)
         keep = dict(self.keep_float)
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
-        for step in self.finish:
-            step(model)
-        for unit in units:  # again: the steps after the rewrite (recurrent weights) reach into bodies
-            try:
-                restore_float_body(model, self.float_work, *unit)
-            except KeyError:  # an outer value the float body reads was rewritten away: keep the first
-                pass
+        with bodies_hidden(model, units):  # the steps after the rewrite (recurrent weights) reach into bodies
+            for step in self.finish:
+                step(model)
         return model
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
