@@ -316,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
                                    "enough (more calibration data, or --eval)")
     status = check_status(args, check)
     if args.mode == "static" and count and _compare_latency(args, model, report):
-        report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
+        report["int8_latency"] = _int8_latency(model, quantized, split.check if split.check is not None else fit,
                                                args.threads, report, time_budget=30.0 if args.threads else 10.0)
     if args.json:
         print_json(report)
@@ -421,11 +421,15 @@ def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:
     return True
 
 
-def _int8_latency(model, written_path, data, threads: int | None, report: dict, time_budget: float = 30.0) -> dict:
+def _int8_latency(model, written, data, threads: int | None, report: dict, time_budget: float = 30.0) -> dict:
     """The written int8 model against the input at ``threads`` threads (None: onnxruntime's default;
     see int8_latency_report), for at most ``time_budget`` seconds of rounds (10 s when nobody asked
-    for the comparison with --threads: it runs after every default static quantize)."""
-    from onnxcomp.io import load_model
+    for the comparison with --threads: it runs after every default static quantize).
+
+    ``written``: the model in memory that was just saved (the fallback's when it replaced the
+    file). The file is not read back: the comparison serializes the model for onnxruntime either
+    way, so loading the file would only parse the same bytes a second time.
+    """
     from onnxcomp.measure.bench import int8_latency_report
 
     feeds = []
@@ -434,7 +438,7 @@ def _int8_latency(model, written_path, data, threads: int | None, report: dict, 
         if len(feeds) == 8:
             break
     unfused = (report.get("onnxruntime") or {}).get("dequantize_linear", 0)
-    return int8_latency_report(model, load_model(written_path), feeds, threads=threads, unfused_dequantize=unfused,
+    return int8_latency_report(model, written, feeds, threads=threads, unfused_dequantize=unfused,
                                time_budget=time_budget)
 
 
