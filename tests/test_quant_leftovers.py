@@ -2,6 +2,8 @@
 
 * A unit (an If branch) the study keeps float stays float whole, whatever the finish steps do
   to the main graph, and a unit that is not in the model is an error, not skipped.
+* A branch no calibration feed takes is weight-only int8 (no activation ranges) and no fallback
+  candidate; every report says so, the fallbacks' too, and which units went back to float.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ def _w(rng, *shape, scale=0.3):
     return (scale * rng.standard_normal(shape)).astype(np.float32)
 
 
-def _feeds(proto, seed: int, n: int = 8, shift: float | None = None) -> list[dict[str, np.ndarray]]:
-    """``n`` feeds of the first input; ``shift`` None: every other feed with a positive mean (both
-    branches of an If on the mean's sign run), else every feed shifted by it."""
+def _feeds(proto, seed: int, n: int = 8) -> list[dict[str, np.ndarray]]:
+    """``n`` feeds of the first input, every other one with a positive mean (both branches of an
+    If on the mean's sign run)."""
     rng = np.random.default_rng(seed)
     shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    return [{proto.graph.input[0].name: (rng.standard_normal(shape)
-                                         + (shift if shift is not None else (0.3 if i % 2 else -0.3))).astype(np.float32)}
+    return [{proto.graph.input[0].name: (rng.standard_normal(shape) + (0.3 if i % 2 else -0.3)).astype(np.float32)}
             for i in range(n)]
 
 
@@ -92,3 +93,113 @@ def test_a_unit_not_in_the_model_is_an_error():
     study.units["if/no_branch"] = ("if", "no_branch")
     with pytest.raises(ValueError, match="'if' has no subgraph 'no_branch'"):
         study.build(frozenset({"if/no_branch"}))
+
+
+# --------------------------------------------------------------------------- uncalibrated branches
+
+
+def _else_never_taken_model(seed: int = 3):
+    """x -> MatMul -> m; If flag > 0: then MatMul(m), else MatMul -> Relu -> MatMul (m); the If's
+    output is the model's. Calibration feeds with flag 1 take only the then-branch."""
+    rng = np.random.default_rng(seed)
+    then = oh.make_graph([oh.make_node("MatMul", ["m", "t_w"], ["t_y"], name="then_matmul")], "then", [],
+                         [_vi("t_y", [8, 16])], [onh.from_array(_w(rng, 16, 16), "t_w")])
+    els = oh.make_graph(
+        [oh.make_node("MatMul", ["m", "e_w1"], ["e_m"], name="else_matmul1"),
+         oh.make_node("Relu", ["e_m"], ["e_r"], name="else_relu"),
+         oh.make_node("MatMul", ["e_r", "e_w2"], ["e_y"], name="else_matmul2")],
+        "else", [], [_vi("e_y", [8, 16])], [onh.from_array(_w(rng, 16, 16), "e_w1"), onh.from_array(_w(rng, 16, 16), "e_w2")])
+    nodes = [oh.make_node("MatMul", ["x", "w_in"], ["m"], name="in_matmul"),
+             oh.make_node("ReduceMax", ["flag"], ["f"], keepdims=0),
+             oh.make_node("Greater", ["f", "zero"], ["c"]),
+             oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els, name="if")]
+    return make_proto(nodes, [("x", [8, 16]), ("flag", [1])], [("y", [8, 16])],
+                      [("w_in", _w(rng, 16, 16)), ("zero", np.zeros((), np.float32))])
+
+
+def _flag_feeds(seed: int, n: int, flag: float) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((8, 16)).astype(np.float32), "flag": np.full(1, flag, np.float32)}
+            for _ in range(n)]
+
+
+def _weight_only_in_else(model) -> tuple[set[str], int]:
+    """The else-branch's op types and its int8 weight matrices."""
+    import onnx_ir as ir
+
+    body = _body(model, "else_branch")
+    int8 = sum(1 for v in body.initializers.values() if v.dtype == ir.DataType.INT8 and len(v.shape) == 2)
+    return {n.op_type for n in body}, int8
+
+
+def _output_sqnr(reference, candidate, feeds) -> float:
+    from onnxcomp.testing import run_model, sqnr_db
+
+    for level in ("disable", "all"):
+        ref = np.concatenate([o[0].ravel() for o in run_model(reference, feeds, optimization=level)])
+        out = np.concatenate([o[0].ravel() for o in run_model(candidate, feeds, optimization=level)])
+        yield sqnr_db(ref, out)
+
+
+def test_uncalibrated_branch_is_weight_only_and_reported():
+    """The else-branch no calibration feed takes has no activation ranges: its MatMul weights are
+    stored int8 behind a DequantizeLinear and the MatMuls compute in float (no Q/DQ on
+    activations), the report says so; on feeds that do take it the output stays close to float
+    (37.1 dB measured, optimizations off and on)."""
+    from onnxcomp import io
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    proto = _else_never_taken_model()
+    calib = _flag_feeds(5, 16, 1.0)
+    quantized, report = quantize(proto, calib, QuantizeConfig())
+    entry = report["branches"]["if/else_branch"]
+    assert entry["feeds"] == 0 and entry["int8_nodes"] == 0
+    assert entry["not_calibrated"] == "no calibration feed takes this branch"
+    assert entry["weight_only_int8"]["nodes"] == ["else_matmul1", "else_matmul2"]
+    assert entry["weight_only_int8"]["weights"] == 2
+    assert report["branches"]["if/then_branch"]["int8_nodes"] == 1
+    types, int8 = _weight_only_in_else(quantized)
+    assert "QuantizeLinear" not in types and int8 == 2
+    negative = _flag_feeds(6, 8, -1.0)
+    assert all(db >= 32.0 for db in _output_sqnr(io.load_model(proto), quantized, negative))
+
+
+def test_fidelity_fallback_reports_branches_and_what_went_float():
+    """Under a fidelity target the report carried no ``branches`` section: nothing said the
+    else-branch was never calibrated (weight-only int8), nor that the then-branch, a candidate of
+    the fallback, went back to float. The uncalibrated branch is no candidate (moving it float
+    would change nothing the evaluation sees)."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.sensitivity import QuantStudy
+
+    proto = _else_never_taken_model()
+    calib = _flag_feeds(5, 16, 1.0)
+    study = QuantStudy.prepare(proto, calib, QuantizeConfig())
+    assert "if/then_branch" in study.nodes and "if/else_branch" not in study.nodes
+    assert study.branches["if/else_branch"]["not_calibrated"] == "no calibration feed takes this branch"
+    # a target only float meets: every candidate goes float
+    _, report = quantize(proto, calib, QuantizeConfig(fidelity_target=200.0))
+    assert set(report["fallback"]["float_nodes"]) == set(study.nodes)
+    branches = report["branches"]
+    assert branches["if/else_branch"]["weight_only_int8"]["weights"] == 2
+    assert branches["if/then_branch"] == ("kept float by the fallback (in int8: 1 int8 node(s), calibrated on "
+                                          "16 feed(s))")
+
+
+def test_fidelity_cli_prints_the_branches(tmp_path, capsys):
+    from onnxcomp import io
+    from onnxcomp.cli import main
+
+    model = tmp_path / "branchy.onnx"
+    io.save_model(io.load_model(_else_never_taken_model()), model)
+    feeds = _flag_feeds(5, 16, 1.0)
+    np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in feeds]), flag=np.stack([f["flag"] for f in feeds]))
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+                 "--fidelity-target", "200", "--no-latency", "--no-check"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("If branch if/else_branch: not calibrated (no calibration feed takes this branch): 2 weight(s) stored "
+            "int8, weight-only (2 -> 1 KiB, compute in float)") in out
+    assert "If branch if/then_branch: kept float by the fallback (in int8: 1 int8 node(s)" in out
+

@@ -298,6 +298,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
             report["int8_nodes"] = len(auto["int8_nodes"])
+            if "branches" in report:  # the units the fallback moved to float say so
+                from onnxcomp.quant.sensitivity import branches_after
+
+                report["branches"] = branches_after(report["branches"], auto["float_nodes"])
             if "onnxruntime" in report:  # the kernels of the model written now
                 from onnxcomp.quant.verify import fusion_report
 
@@ -385,8 +389,8 @@ def _run(args: argparse.Namespace) -> int:
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
-        for where, branch in report.get("branches", {}).items():
-            con.print(f"If branch {where}: " + _branch_line(branch))
+    for where, branch in report.get("branches", {}).items():  # the fallbacks' reports have them too
+        con.print(f"If branch {where}: " + _branch_line(branch))
     if args.mode in ("static", "dynamic"):
         print_recurrent(con, report)
     if ort:

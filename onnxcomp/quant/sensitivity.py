@@ -185,6 +185,10 @@ class QuantStudy:
     #: quantized If branches and Loop/Scan bodies, by ``node/attribute``: candidates like nodes
     #: (see :func:`onnxcomp.quant.static.quantize_bodies`), each moved to float or kept int8 whole
     units: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    #: the subgraphs' report (:func:`onnxcomp.quant.subgraphs.quantize_branches`), when this study
+    #: quantized them: the units, and those no calibration feed reaches (weight-only int8, no
+    #: candidates: no evaluation feed reaches them either)
+    branches: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_calibrated(
@@ -244,7 +248,7 @@ class QuantStudy:
         else:
             work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
         prepared = static.prepare(work, config, calibration)
-        _, float_work, units = static.quantize_bodies(work, prepared.data, config, for_variants=True)
+        branches, float_work, units = static.quantize_bodies(work, prepared.data, config, for_variants=True)
         base, plan, result, keep_float = static.calibrate_plan(work, config, prepared.data, for_variants=True)
         evaluation = load_data(eval_data, work) if eval_data is not None else prepared.data
         feeds = []
@@ -266,7 +270,7 @@ class QuantStudy:
         # are what quantize would write: embedding tables, recurrent weights
         finish = static.finish_steps(config)
         return cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
-                   labels, notes, base, prepared, finish, float_work=float_work, units=units)
+                   labels, notes, base, prepared, finish, float_work=float_work, units=units, branches=branches)
 
     @property
     def samples(self) -> int:
@@ -591,12 +595,25 @@ def quantize_with_fallback(
         "latency": latency,
         "notes": study.notes,
     }
+    if study.branches:
+        report["branches"] = branches_after(study.branches, fallback)
     if recovery:
         report["recovery"] = recovery
     if fallback and targets and len(fallback) < len(study.nodes):
         kept = set(fallback)
         report["fallback_latency"] = _fallback_latency(study, [[n for n in g if n in kept] for g in moved], threads)
     return final, report
+
+
+def branches_after(branches: dict[str, Any], float_nodes: Sequence[str]) -> dict[str, Any]:
+    """The subgraphs' report (``node/attribute`` -> entry) of a model in which a fallback kept
+    ``float_nodes`` float: a unit among them (a calibrated subgraph) says it went back to float and
+    what its int8 form was; the others (int8 units, uncalibrated subgraphs) are as they were."""
+    chosen = set(float_nodes)
+    return {where: (f"kept float by the fallback (in int8: {entry.get('int8_nodes', 0)} int8 node(s), "
+                    f"calibrated on {entry['feeds']} feed(s))"
+                    if where in chosen and isinstance(entry, dict) and entry.get("feeds") else entry)
+            for where, entry in branches.items()}
 
 
 #: Below this many candidate nodes the fallback ranks them by one trial each (exact); above, by
