@@ -4,6 +4,8 @@
   to the main graph, and a unit that is not in the model is an error, not skipped.
 * A branch no calibration feed takes is weight-only int8 (no activation ranges) and no fallback
   candidate; every report says so, the fallbacks' too, and which units went back to float.
+* "Nothing compressed" counts every int8 tensor written (recurrent weights, embedding tables),
+  and a fallback that keeps every candidate float writes the float model (no finish steps).
 """
 
 from __future__ import annotations
@@ -203,3 +205,71 @@ def test_fidelity_cli_prints_the_branches(tmp_path, capsys):
             "int8, weight-only (2 -> 1 KiB, compute in float)") in out
     assert "If branch if/then_branch: kept float by the fallback (in int8: 1 int8 node(s)" in out
 
+
+# --------------------------------------------------------------------------- nothing compressed
+
+
+def _lstm_model(with_matmul: bool, seed: int = 4):
+    """x [T, 1, 16] (-> MatMul) -> LSTM -> y (the last hidden state)."""
+    rng = np.random.default_rng(seed)
+    first = "x"
+    nodes, inits = [], [("W", _w(rng, 1, 64, 16)), ("R", _w(rng, 1, 64, 16, scale=0.1))]
+    if with_matmul:
+        nodes.append(oh.make_node("MatMul", ["x", "w_in"], ["p"], name="proj"))
+        inits.append(("w_in", _w(rng, 16, 16)))
+        first = "p"
+    nodes.append(oh.make_node("LSTM", [first, "W", "R"], ["seq", "y"], hidden_size=16, name="lstm"))
+    return make_proto(nodes, [("x", [6, 1, 16])], [("y", [1, 1, 16])], inits)
+
+
+def _seq_feeds(seed: int, n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((6, 1, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_stored_int8_tensors_counts_weights_not_zero_points():
+    from onnxcomp import io
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.verify import stored_int8_tensors
+
+    proto = _lstm_model(with_matmul=True)
+    assert stored_int8_tensors(io.load_model(proto)) == 0
+    quantized, report = quantize(proto, _seq_feeds(1, 8), QuantizeConfig())
+    assert report["int8_nodes"] == 1 and report["recurrent"]["lstm_int8"] == ["lstm"]
+    # the MatMul's int8 weight, the LSTM's int8 W and R; their zero points are parameters
+    assert stored_int8_tensors(quantized) == 3
+
+
+def test_all_float_build_is_float_and_says_nothing_compressed():
+    """Every candidate float (a target only float meets): the finish steps used to convert the
+    LSTM anyway, so the "float" model carried int8 LSTM weights; the build is now the float model."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+    from onnxcomp.quant.verify import stored_int8_tensors
+
+    proto = _lstm_model(with_matmul=True)
+    quantized, report = quantize(proto, _seq_feeds(1, 8), QuantizeConfig(fidelity_target=200.0))
+    assert report["fallback"]["float_nodes"] == ["proj"] and not report["fallback"]["met"]
+    assert {n.op_type for n in quantized.graph} == {"MatMul", "LSTM"}
+    assert stored_int8_tensors(quantized) == 0
+
+
+def test_recurrent_int8_alone_is_compressed_under_a_target(tmp_path, capsys):
+    """A model whose only int8 is its LSTM (no static candidate): the fidelity path said "not
+    met" and the check "nothing was compressed (0 int8 nodes)" though the LSTM was written int8."""
+    import json
+
+    from onnxcomp import io
+    from onnxcomp.cli import main
+
+    model = tmp_path / "lstm.onnx"
+    io.save_model(io.load_model(_lstm_model(with_matmul=False)), model)
+    np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in _seq_feeds(2, 24)]))
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+                 "--fidelity-target", "20", "--no-latency", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fallback"]["met"] and report["fallback"]["final"]["sqnr_db"] >= 20.0
+    assert report["check"]["compressed"] == {"count": 2, "what": "int8 tensors"}
+    assert not any(p.startswith("nothing was compressed") for p in report["check"]["problems"])
+    assert {n.op_type for n in io.load_model(tmp_path / "q.onnx").graph} == {"DynamicQuantizeLSTM"}

@@ -162,8 +162,10 @@ def _static_mode(
         threads=threads,
     )
     notes.extend(fallback.pop("notes", []))
+    # main-graph nodes: the int8 units' nodes are counted in their branches' sections
+    main_int8 = [n for n in fallback["int8_nodes"] if n not in fallback.get("branches", {})]
     report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
-              "int8_nodes": len(fallback["int8_nodes"]), "skipped": _fallback_reasons(fallback)}
+              "int8_nodes": len(main_int8), "skipped": _fallback_reasons(fallback)}
     for section in ("recovery", "branches"):
         if section in fallback:
             report[section] = fallback.pop(section)

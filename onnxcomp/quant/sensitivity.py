@@ -53,6 +53,7 @@ from onnxcomp.io import ModelSource, clone_model, load_model, model_to_bytes
 from onnxcomp.quant import static
 from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
 from onnxcomp.quant.qdq import StaticPlan, plan_static
+from onnxcomp.quant.verify import stored_int8_tensors
 from onnxcomp.runtime import run_model, session_options
 
 __all__ = ["BuildRecipe", "QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
@@ -281,7 +282,10 @@ class QuantStudy:
         """The model with every planned node in int8 except ``float_nodes``.
 
         ``into``: rewrite this model in place instead of a clone of the study's (it must be the
-        study's prepared model or an identical copy).
+        study's prepared model or an identical copy). With every candidate in ``float_nodes``
+        the finish steps (recurrent weights, embedding tables, QAttention) are not taken either:
+        a fallback that keeps everything float writes the float model, not one that still
+        carries their int8 tensors.
         """
         from onnxcomp.quant.subgraphs import bodies_hidden, restore_float_body
 
@@ -293,6 +297,8 @@ class QuantStudy:
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
+        if self.nodes and not set(self.nodes) - set(float_nodes):
+            return model  # all float: nothing for the finish steps to finish
         with bodies_hidden(model, units):  # the steps after the rewrite (recurrent weights) reach into bodies
             for step in self.finish:
                 step(model)
@@ -580,6 +586,7 @@ def quantize_with_fallback(
         recovery["bias_correction"] = corrected
         current = study.evaluate([final], executor)[0]
         history.append({"float_nodes": list(fallback), "bias_corrected": True, **current})
+    int8_tensors = stored_int8_tensors(final) - stored_int8_tensors(study.float_reference)
     report = {
         "float": base,
         "final": current,
@@ -588,7 +595,10 @@ def quantize_with_fallback(
         "eval_samples": study.samples,
         "eval_data": "the evaluation data" if eval_data is not None else "the calibration data",
         # A model with nothing left in int8 meets no budget: there is nothing to meet it with.
-        "met": bool(len(fallback) < len(study.nodes)) and (_meets(current, base, fidelity_target, max_drop) if targets else True),
+        # What is left counts every int8 tensor written too: recurrent weights and embedding
+        # tables, which a model without int8 nodes may still carry.
+        "met": bool(len(fallback) < len(study.nodes) or int8_tensors > 0) and (_meets(current, base, fidelity_target, max_drop) if targets else True),
+        "int8_tensors": int8_tensors,
         "float_nodes": fallback,
         "int8_nodes": [n for n in study.nodes if n not in fallback],
         "history": history,
