@@ -1205,14 +1205,24 @@ def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, n
     noise = dict.fromkeys(names, 0.0)
     for ref, cand in zip(ref_runs, cand_runs):
         for name, r, c in zip(names, ref, cand):
-            if r.dtype.kind != "f" or r.shape != c.shape or name not in signal:
+            sums = power_sums(r, c) if name in signal else None
+            if sums is None:  # not comparable on one feed: left out
                 signal.pop(name, None)
                 continue
-            r64 = r.astype(np.float64, copy=False)
-            signal[name] += float(np.sum(r64 * r64))
-            noise[name] += float(np.sum((r64 - c) ** 2))
+            signal[name] += sums[0]
+            noise[name] += sums[1]
     return {n: (math.inf if noise[n] == 0 else (10 * math.log10(s / noise[n]) if s > 0 else -math.inf))
             for n, s in signal.items()}
+
+
+def power_sums(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float] | None:
+    """Signal and noise power of a reference tensor r and its candidate c, sum(r**2) and
+    sum((r - c)**2) in float64 (:func:`layer_sqnr`, onnxcomp.quant.damage.isolated_damage); None
+    where the two cannot be compared (not floating point, shapes differ)."""
+    if reference.dtype.kind != "f" or reference.shape != candidate.shape:
+        return None
+    r64 = reference.astype(np.float64, copy=False)
+    return float(np.sum(r64 * r64)), float(np.sum((r64 - candidate) ** 2))
 
 
 def _exposed_runs(model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:

@@ -180,7 +180,8 @@ def test_unpicklable_finish_steps_build_in_the_parent(in_process):
         pooled = study.evaluate_variants(sets, pool)
     finally:
         stop_pool(pool, cancel=False)
-    assert len(calls) == len(sets)  # built here
+    # built here (an all-float candidate takes no finish step: it is the float model)
+    assert len(calls) == sum(1 for s in sets if set(study.nodes) - s) == len(sets) - 1
     assert pooled == study.evaluate_variants(sets, Inline())
     assert pooled == study.evaluate([study.build(s) for s in sets], Inline())
 

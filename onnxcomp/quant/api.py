@@ -162,10 +162,13 @@ def _static_mode(
         threads=threads,
     )
     notes.extend(fallback.pop("notes", []))
+    # main-graph nodes: the int8 units' nodes are counted in their branches' sections
+    main_int8 = [n for n in fallback["int8_nodes"] if n not in fallback.get("branches", {})]
     report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
-              "int8_nodes": len(fallback["int8_nodes"]), "skipped": _fallback_reasons(fallback)}
-    if "recovery" in fallback:
-        report["recovery"] = fallback.pop("recovery")
+              "int8_nodes": len(main_int8), "skipped": _fallback_reasons(fallback)}
+    for section in ("recovery", "branches"):
+        if section in fallback:
+            report[section] = fallback.pop(section)
     if fallback["target"]["fidelity_db"] is not None or fallback["target"]["max_drop_points"] is not None:
         if not fallback["met"] and (fallback.get("latency") or {}).get("int8_pays", True):
             notes.append("the fidelity budget was not met even with every node in float")

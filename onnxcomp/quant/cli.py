@@ -168,12 +168,15 @@ def _recurrent_int8(report: dict) -> int:
                for s in _recurrent_sections(report))
 
 
-def _compressed(report: dict, mode: str, model=None) -> tuple[int, str, str]:
+def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int, str, str]:
     """How much was quantized, what that counts, and (when nothing) why (``model``: the input, to
-    tell an already quantized one)."""
+    tell an already quantized one). When the report's sections count nothing (a fallback's
+    report has no recurrent or embedding section; embedding tables are no nodes), the int8
+    tensors ``written`` (the output) carries beyond the input's count instead."""
     from collections import Counter
 
     from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
+    from onnxcomp.quant.verify import stored_int8_tensors
 
     if mode == "static":
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + _recurrent_int8(report)
@@ -181,6 +184,10 @@ def _compressed(report: dict, mode: str, model=None) -> tuple[int, str, str]:
     else:
         count = int(report.get("nodes_quantized") or 0) + _recurrent_int8(report)
         what = "quantized weights" if mode == "weight-only" else "dynamically quantized nodes"
+    if count == 0 and written is not None:
+        stored = stored_int8_tensors(written) - (stored_int8_tensors(model) if model is not None else 0)
+        if stored > 0:
+            count, what = stored, "int8 tensors"
     why = ""
     if count == 0:
         skipped = report.get("skipped") or {}
@@ -266,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     if specialized is not None:
         report["specialize"] = specialized
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
-    count, what, why = _compressed(report, args.mode, model)
+    count, what, why = _compressed(report, args.mode, model, quantized)
     can_fall_back = bool(count) and may_fall_back and bool(calibrated)
     # onnxruntime reads the original's file itself (unless --fix-* changed the model in memory)
     original = args.model if specialized is None else None
@@ -297,7 +304,12 @@ def _run(args: argparse.Namespace) -> int:
                 check["blame"] = blame(model, first, check_dataset(split, model), check_cfg.blame)
         else:
             auto["latency_ratio_to_all_int8"] = _latency_ratio(first, quantized, fit, args.threads)
-            report["int8_nodes"] = len(auto["int8_nodes"])
+            if "branches" in report:  # the units the fallback moved to float say so
+                from onnxcomp.quant.sensitivity import branches_after
+
+                report["branches"] = branches_after(report["branches"], auto["float_nodes"])
+            # main-graph nodes: the int8 units' nodes are counted in their branches' sections
+            report["int8_nodes"] = len([n for n in auto["int8_nodes"] if n not in report.get("branches", {})])
             if "onnxruntime" in report:  # the kernels of the model written now
                 from onnxcomp.quant.verify import fusion_report
 
@@ -305,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
             out = save_model(quantized, args.output, force=True)
             report["output"] = {"path": str(out), "bytes": file_bytes(out),
                                 "parameter_bytes": parameter_nbytes(quantized)}
-            count = len(auto["int8_nodes"])
+            count, what, _ = _compressed(report, args.mode, model, quantized)
             check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
                               reference_file=original, written=quantized)
         auto["extra_seconds"] = time.perf_counter() - fallback_started  # fallback, latency, save, check
@@ -316,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
                                    "enough (more calibration data, or --eval)")
     status = check_status(args, check)
     if args.mode == "static" and count and _compare_latency(args, model, report):
-        report["int8_latency"] = _int8_latency(model, out, split.check if split.check is not None else fit,
+        report["int8_latency"] = _int8_latency(model, quantized, split.check if split.check is not None else fit,
                                                args.threads, report, time_budget=30.0 if args.threads else 10.0)
     if args.json:
         print_json(report)
@@ -347,7 +359,7 @@ def _run(args: argparse.Namespace) -> int:
     if fallback:
         final = fallback["final"]
         acc = f", accuracy {100 * final['accuracy']:.2f}% (float {100 * fallback['float']['accuracy']:.2f}%)" if "accuracy" in final else ""
-        met = fallback["met"] and bool(fallback["int8_nodes"])
+        met = fallback["met"]  # false with nothing left in int8 (int8 nodes, recurrent weights, tables)
         lat = fallback.get("latency") or {}
         if lat.get("int8_pays") is False:
             lo, hi = lat["float_to_int8_ci95"]
@@ -385,8 +397,8 @@ def _run(args: argparse.Namespace) -> int:
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
-        for where, branch in report.get("branches", {}).items():
-            con.print(f"If branch {where}: " + _branch_line(branch))
+    for where, branch in report.get("branches", {}).items():  # the fallbacks' reports have them too
+        con.print(f"If branch {where}: " + _branch_line(branch))
     if args.mode in ("static", "dynamic"):
         print_recurrent(con, report)
     if ort:
@@ -421,11 +433,15 @@ def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:
     return True
 
 
-def _int8_latency(model, written_path, data, threads: int | None, report: dict, time_budget: float = 30.0) -> dict:
+def _int8_latency(model, written, data, threads: int | None, report: dict, time_budget: float = 30.0) -> dict:
     """The written int8 model against the input at ``threads`` threads (None: onnxruntime's default;
     see int8_latency_report), for at most ``time_budget`` seconds of rounds (10 s when nobody asked
-    for the comparison with --threads: it runs after every default static quantize)."""
-    from onnxcomp.io import load_model
+    for the comparison with --threads: it runs after every default static quantize).
+
+    ``written``: the model in memory that was just saved (the fallback's when it replaced the
+    file). The file is not read back: the comparison serializes the model for onnxruntime either
+    way, so loading the file would only parse the same bytes a second time.
+    """
     from onnxcomp.measure.bench import int8_latency_report
 
     feeds = []
@@ -434,7 +450,7 @@ def _int8_latency(model, written_path, data, threads: int | None, report: dict, 
         if len(feeds) == 8:
             break
     unfused = (report.get("onnxruntime") or {}).get("dequantize_linear", 0)
-    return int8_latency_report(model, load_model(written_path), feeds, threads=threads, unfused_dequantize=unfused,
+    return int8_latency_report(model, written, feeds, threads=threads, unfused_dequantize=unfused,
                                time_budget=time_budget)
 
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import layer_sqnr
+from onnxcomp.check import layer_sqnr, power_sums
 from onnxcomp.graph import all_value_names, produced_values
 from onnxcomp.ops import is_constant_node, is_dequantize_node
 
@@ -152,12 +152,11 @@ def isolated_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence
     noise = dict.fromkeys(names, 0.0)
     for run in _exposed_runs(merged, exposed_names, list(feeds)):
         for k, name in enumerate(names):
-            r, c = run[2 * k], run[2 * k + 1]
-            if r.dtype.kind != "f" or r.shape != c.shape:
+            sums = power_sums(run[2 * k], run[2 * k + 1])
+            if sums is None:  # not comparable on this feed
                 continue
-            r64 = r.astype(np.float64, copy=False)
-            signal[name] += float(np.sum(r64 * r64))
-            noise[name] += float(np.sum((r64 - c) ** 2))
+            signal[name] += sums[0]
+            noise[name] += sums[1]
     ratio = {n: (0.0 if noise[n] == 0 else (noise[n] / signal[n] if signal[n] > 0 else 1.0)) for n in names}
     return {name: (min(1.0, ratio[m]) if m is not None else 0.0) for name, m in measured.items()}
 

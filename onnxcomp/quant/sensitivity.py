@@ -53,6 +53,7 @@ from onnxcomp.io import ModelSource, clone_model, load_model, model_to_bytes
 from onnxcomp.quant import static
 from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
 from onnxcomp.quant.qdq import StaticPlan, plan_static
+from onnxcomp.quant.verify import stored_int8_tensors
 from onnxcomp.runtime import run_model, session_options
 
 __all__ = ["BuildRecipe", "QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
@@ -185,6 +186,10 @@ class QuantStudy:
     #: quantized If branches and Loop/Scan bodies, by ``node/attribute``: candidates like nodes
     #: (see :func:`onnxcomp.quant.static.quantize_bodies`), each moved to float or kept int8 whole
     units: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    #: the subgraphs' report (:func:`onnxcomp.quant.subgraphs.quantize_branches`), when this study
+    #: quantized them: the units, and those no calibration feed reaches (weight-only int8, no
+    #: candidates: no evaluation feed reaches them either)
+    branches: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_calibrated(
@@ -244,7 +249,7 @@ class QuantStudy:
         else:
             work = working_copy(model, STATIC_MIN_OPSET, allow_upgrade=allow_upgrade, notes=notes)
         prepared = static.prepare(work, config, calibration)
-        _, float_work, units = static.quantize_bodies(work, prepared.data, config, for_variants=True)
+        branches, float_work, units = static.quantize_bodies(work, prepared.data, config, for_variants=True)
         base, plan, result, keep_float = static.calibrate_plan(work, config, prepared.data, for_variants=True)
         evaluation = load_data(eval_data, work) if eval_data is not None else prepared.data
         feeds = []
@@ -266,7 +271,7 @@ class QuantStudy:
         # are what quantize would write: embedding tables, recurrent weights
         finish = static.finish_steps(config)
         return cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
-                   labels, notes, base, prepared, finish, float_work=float_work, units=units)
+                   labels, notes, base, prepared, finish, float_work=float_work, units=units, branches=branches)
 
     @property
     def samples(self) -> int:
@@ -277,26 +282,26 @@ class QuantStudy:
         """The model with every planned node in int8 except ``float_nodes``.
 
         ``into``: rewrite this model in place instead of a clone of the study's (it must be the
-        study's prepared model or an identical copy).
+        study's prepared model or an identical copy). With every candidate in ``float_nodes``
+        the finish steps (recurrent weights, embedding tables, QAttention) are not taken either:
+        a fallback that keeps everything float writes the float model, not one that still
+        carries their int8 tensors.
         """
+        from onnxcomp.quant.subgraphs import bodies_hidden, restore_float_body
+
         model = clone_model(self.work) if into is None else into
         units = [self.units[u] for u in float_nodes if u in self.units] if self.float_work is not None else []
-        if units:
-            from onnxcomp.quant.subgraphs import restore_float_body
-
-            for unit in units:  # the main graph is planned around the float body
-                restore_float_body(model, self.float_work, *unit)
+        for unit in units:  # first: the main graph is planned around the float body (what it reads)
+            restore_float_body(model, self.float_work, *unit)
         keep = dict(self.keep_float)
         keep.update({n: "kept float (sensitivity)" for n in float_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
-        for step in self.finish:
-            step(model)
-        for unit in units:  # again: the steps after the rewrite (recurrent weights) reach into bodies
-            try:
-                restore_float_body(model, self.float_work, *unit)
-            except KeyError:  # an outer value the float body reads was rewritten away: keep the first
-                pass
+        if self.nodes and not set(self.nodes) - set(float_nodes):
+            return model  # all float: nothing for the finish steps to finish
+        with bodies_hidden(model, units):  # the steps after the rewrite (recurrent weights) reach into bodies
+            for step in self.finish:
+                step(model)
         return model
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
@@ -581,6 +586,7 @@ def quantize_with_fallback(
         recovery["bias_correction"] = corrected
         current = study.evaluate([final], executor)[0]
         history.append({"float_nodes": list(fallback), "bias_corrected": True, **current})
+    int8_tensors = stored_int8_tensors(final) - stored_int8_tensors(study.float_reference)
     report = {
         "float": base,
         "final": current,
@@ -589,19 +595,35 @@ def quantize_with_fallback(
         "eval_samples": study.samples,
         "eval_data": "the evaluation data" if eval_data is not None else "the calibration data",
         # A model with nothing left in int8 meets no budget: there is nothing to meet it with.
-        "met": bool(len(fallback) < len(study.nodes)) and (_meets(current, base, fidelity_target, max_drop) if targets else True),
+        # What is left counts every int8 tensor written too: recurrent weights and embedding
+        # tables, which a model without int8 nodes may still carry.
+        "met": bool(len(fallback) < len(study.nodes) or int8_tensors > 0) and (_meets(current, base, fidelity_target, max_drop) if targets else True),
+        "int8_tensors": int8_tensors,
         "float_nodes": fallback,
         "int8_nodes": [n for n in study.nodes if n not in fallback],
         "history": history,
         "latency": latency,
         "notes": study.notes,
     }
+    if study.branches:
+        report["branches"] = branches_after(study.branches, fallback)
     if recovery:
         report["recovery"] = recovery
     if fallback and targets and len(fallback) < len(study.nodes):
         kept = set(fallback)
         report["fallback_latency"] = _fallback_latency(study, [[n for n in g if n in kept] for g in moved], threads)
     return final, report
+
+
+def branches_after(branches: dict[str, Any], float_nodes: Sequence[str]) -> dict[str, Any]:
+    """The subgraphs' report (``node/attribute`` -> entry) of a model in which a fallback kept
+    ``float_nodes`` float: a unit among them (a calibrated subgraph) says it went back to float and
+    what its int8 form was; the others (int8 units, uncalibrated subgraphs) are as they were."""
+    chosen = set(float_nodes)
+    return {where: (f"kept float by the fallback (in int8: {entry.get('int8_nodes', 0)} int8 node(s), "
+                    f"calibrated on {entry['feeds']} feed(s))"
+                    if where in chosen and isinstance(entry, dict) and entry.get("feeds") else entry)
+            for where, entry in branches.items()}
 
 
 #: Below this many candidate nodes the fallback ranks them by one trial each (exact); above, by

@@ -28,8 +28,9 @@ iteration). The report names such a subgraph and what was stored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import onnx_ir as ir
@@ -42,7 +43,7 @@ from onnxcomp.ops import COMPUTE_OPS, linear_spec
 from onnxcomp.quant.primitives import quantize_weight
 from onnxcomp.quant.recurrent import dequantized_weight
 
-__all__ = ["quantize_branches", "branch_units", "restore_float_body", "weight_only_int8"]
+__all__ = ["quantize_branches", "branch_units", "restore_float_body", "bodies_hidden", "weight_only_int8"]
 
 
 
@@ -77,12 +78,45 @@ def branch_units(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
 def restore_float_body(model: ir.Model, float_model: ir.Model, node_name: str, attr: str) -> None:
     """Put back, in ``model``, the float subgraph ``attr`` of main-graph node ``node_name`` as
     ``float_model`` (the same model before its subgraphs were quantized) has it (the sensitivity
-    study's units, onnxcomp.quant.sensitivity)."""
-    index = next(i for i, n in enumerate(float_model.graph) if n.name == node_name)
-    node = next(n for n in model.graph if n.name == node_name)
+    study's units, onnxcomp.quant.sensitivity).
+
+    Raises:
+        ValueError: either model has no main-graph node ``node_name`` with a subgraph ``attr``.
+    """
+    index = next((i for i, n in enumerate(float_model.graph) if n.name == node_name), None)
+    node = next((n for n in model.graph if n.name == node_name), None)
+    for where, found in (("the float model", index), ("the model", node)):
+        if found is None:
+            raise ValueError(f"subgraph unit {node_name}/{attr}: {where} has no node {node_name!r}")
+    for where, owner in (("the float model's", list(float_model.graph)[index]), ("the model's", node)):
+        graph = owner.attributes.get(attr)
+        if graph is None or graph.type != ir.AttributeType.GRAPH:
+            raise ValueError(f"subgraph unit {node_name}/{attr}: {where} node {node_name!r} has no subgraph {attr!r}")
     old = node.attributes[attr].value
     graft_body(model, node, attr, body_as_model(float_model, index, attr), len(old.inputs))
     detach_graph(old)
+
+
+@contextlib.contextmanager
+def bodies_hidden(model: ir.Model, units: Iterable[tuple[str, str]]) -> Iterator[None]:
+    """Within the block, the subgraphs ``units`` (``(node name, attribute)`` of main-graph nodes)
+    are out of reach of passes that walk the model (``all_nodes``, ``subgraphs``): each is
+    replaced by an empty graph whose inputs carry its value names (new names made meanwhile stay
+    unique), then put back as it was. The study's bodies moved to float are kept from the steps
+    after the Q/DQ rewrite that reach into subgraphs (recurrent weights) this way."""
+    hidden: list[tuple[ir.Node, str, ir.Graph]] = []
+    by_name = {n.name: n for n in model.graph}
+    try:
+        for node_name, attr in units:
+            node = by_name[node_name]
+            body = node.attributes[attr].value
+            names = sorted(all_value_names(body))
+            node.attributes[attr] = ir.AttrGraph(attr, ir.Graph([ir.Value(name=n) for n in names], [], nodes=[]))
+            hidden.append((node, attr, body))
+        yield
+    finally:
+        for node, attr, body in hidden:
+            node.attributes[attr] = ir.AttrGraph(attr, body)
 
 
 def weight_only_int8(model: ir.Model, nodes: Iterable[ir.Node], selector: Any, body: ir.Graph | None = None

@@ -16,11 +16,11 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.ops import COMPUTE_OPS
+from onnxcomp.ops import COMPUTE_OPS, QUANT_PARAM_INPUTS, is_constant_node
 from onnxcomp.quant.rules import INT8_KERNELS, WEIGHT_ONLY_KERNELS
 from onnxcomp.runtime import ort_optimized_model, session_options
 
-__all__ = ["fusion_report", "float_compute_nodes"]
+__all__ = ["fusion_report", "float_compute_nodes", "stored_int8_tensors"]
 
 
 def float_compute_nodes(model: ir.Model) -> list[ir.Node]:
@@ -66,3 +66,23 @@ def fusion_report(model: ir.Model, *, threads: int | None = 1) -> dict[str, Any]
         "quantize_linear": counts.get("QuantizeLinear", 0) + counts.get("DynamicQuantizeLinear", 0),
         "dequantize_linear": counts.get("DequantizeLinear", 0),
     }
+
+
+#: Integer types of quantized storage: int8 / uint8 (static, recurrent, embedding tables) and the
+#: 4-bit types of weight-only int4.
+_LOW_BIT = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4})
+
+
+def stored_int8_tensors(model: ir.Model) -> int:
+    """Constant tensors of ``model`` (initializers and Constant nodes, every graph) stored as
+    integers of 8 bits or fewer, quantization parameters apart (a tensor every reader of which
+    takes as a scale or zero point, :data:`~onnxcomp.ops.QUANT_PARAM_INPUTS`): int8 weights, the
+    int8 W and R of a recurrent op, quantized embedding tables, weight-only weights."""
+    constants = [v for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values()]
+    constants += [v for n in model.graph.all_nodes() if is_constant_node(n) for v in n.outputs]
+
+    def parameter(value: ir.Value) -> bool:
+        uses = list(value.uses())
+        return bool(uses) and all(u.idx in (QUANT_PARAM_INPUTS.lookup(u.node, model) or ()) for u in uses)
+
+    return sum(1 for v in constants if v.dtype in _LOW_BIT and not parameter(v))
