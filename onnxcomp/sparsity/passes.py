@@ -25,6 +25,16 @@ model (earlier layers already pruned and refitted, so errors do not pile up). Th
 refit that is not better than plain zeroing on those rows is dropped. Tensors outside those
 layouts (Gather tables, ConvTranspose) and layers of more than ``max_features`` inputs are pruned
 by magnitude.
+
+``share_bits = b`` (needs ``refit``) also does the weight sharing inside that loop, layer by
+layer: right after its fix, a layer's weights are clustered to :math:`2^b` shared values (an exact
+zero among them; 1-D k-means weighted by each input's energy :math:`\lVert X_j \rVert^2`, the
+codebook rounded to int8 times one float scale), each weight's entry chosen by GPTQ-style
+compensation on the layer's own :math:`X^\top X` with the bias as a last, free column that
+absorbs the mean error (or nearest entries and a re-solved bias, whichever errs less on the
+rows). The next layers are then fitted on the outputs of the clustered ones, so they compensate
+what sharing left. ``[cluster]`` later stores those tensors as they are (at most :math:`2^b`
+values each).
 """
 
 from __future__ import annotations
@@ -71,6 +81,8 @@ class SparsityConfig(PassConfig):
         max_features: layers whose output depends on more inputs than this (``c_in/g * kernel``
             for a Conv) skip the data-aware path and are pruned by magnitude: their statistics
             cost ``rows * features^2`` and the fix ``features^3`` per output.
+        share_bits: cluster each refitted layer to ``2**share_bits`` values in the same loop
+            (module docstring); needs ``refit``.
     """
 
     ratio: float = 0.8
@@ -84,6 +96,7 @@ class SparsityConfig(PassConfig):
     max_rows: int = 20_000
     ridge: float = 1e-3
     max_features: int = 2048
+    share_bits: int | None = None
 
     stage: ClassVar[str] = "sparsity"
     ranges: ClassVar[dict[str, Range]] = {
@@ -95,10 +108,13 @@ class SparsityConfig(PassConfig):
         "max_rows": Range(int, 1),
         "ridge": Range(float, 0.0),
         "max_features": Range(int, 1),
+        "share_bits": Range(int, 1, 8),
     }
 
     def validate(self) -> None:
         NodeSelector((), self.exclude)
+        if self.share_bits is not None and not self.refit:
+            raise ConfigError("sparsity: share_bits needs refit = true")
 
     @property
     def needs_data(self) -> bool:
@@ -223,6 +239,60 @@ def _error(acc: Any, params: np.ndarray) -> float:
     return err / acc.yy
 
 
+def _shared_weights(acc: Any, params: np.ndarray, keep: np.ndarray, bits: int,
+                    fit_bias: bool) -> tuple[np.ndarray, str]:
+    """``params`` ``[g, k+1, m_g]`` with the weights clustered to ``2**bits`` values (``share_bits``):
+    the compensated assignment or the nearest one with a re-solved bias, whichever errs less."""
+    from onnxcomp.cluster.kmeans import kmeans_1d
+    from onnxcomp.quant.gptq import gptq_snap
+    from onnxcomp.sparsity.storage import int8_symmetric
+
+    g, k1, mg = params.shape
+    k = k1 - 1
+    weights = params[:, :k, :]
+    energy = np.broadcast_to(np.maximum(np.diagonal(acc.gram[:, :k, :k], axis1=1, axis2=2), 0.0)[:, :, None],
+                             weights.shape)
+    energy = energy + 1e-12 * max(float(energy.max(initial=0.0)), 1.0)
+    centroids = kmeans_1d(weights.astype(np.float32), 2**bits, preserve_zero=True, weights=energy).centroids
+    q, scale = int8_symmetric(np.asarray(centroids, np.float32))
+    table = np.unique((q.astype(np.float32) * scale).astype(np.float32)).astype(np.float64)
+    if not np.any(table == 0):
+        table = np.unique(np.append(table, 0.0))
+
+    def nearest(values: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(table, values), 1, max(table.size - 1, 1))
+        lower, upper = table[pos - 1], table[np.minimum(pos, table.size - 1)]
+        return np.where(np.abs(values - lower) <= np.abs(upper - values), lower, upper)
+
+    near = params.copy()
+    near[:, :k, :] = np.where(keep, nearest(weights), 0.0)
+    if fit_bias:  # the bias that fits the snapped weights best: b = (c_k - G_k,:k W) / G_kk
+        diag = acc.gram[:, k, k][:, None]
+        solved = (acc.cross[:, k, :] - np.einsum("gi,gim->gm", acc.gram[:, k, :k], near[:, :k, :])) / np.where(
+            diag > 0, diag, 1.0)
+        near[:, k, :] = np.where(diag > 0, solved, near[:, k, :])
+    best, how = near, "nearest"
+    compensated = params.copy()
+    ok = True
+    with blas_threads(1):
+        for i in range(g):
+            pruned = ~keep[i].T  # [m_g, k]
+
+            def snap(col: np.ndarray, j: int, pruned=pruned) -> np.ndarray:
+                if j == k:
+                    return col if fit_bias else params[i, k, :]
+                return np.where(pruned[:, j], 0.0, nearest(col))
+
+            got = gptq_snap(params[i].T, acc.gram[i], snap)
+            if got is None:
+                ok = False
+                break
+            compensated[i] = got.T
+    if ok and _error(acc, compensated) < _error(acc, near):
+        best, how = compensated, "compensated"
+    return best, how
+
+
 def sparsify(
     model: ir.Model,
     config: SparsityConfig,
@@ -300,6 +370,10 @@ def sparsify(
             if np.all(np.isfinite(fitted)) and fitted_error < error:
                 params, record["refit"] = fitted, True
         params[:, :k, :] = np.where(keep, params[:, :k, :], 0.0)  # exact zeros
+        if config.share_bits is not None:
+            shared, record["share"] = _shared_weights(acc, params, keep, config.share_bits, plan.fit_bias)
+            record["error_shared"] = _error(acc, shared)
+            params = shared
         plan.write(params, graph, taken)
         new_weight = plan.node.inputs[1]
         pruned = new_weight.const_value.numpy()

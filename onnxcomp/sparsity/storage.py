@@ -208,9 +208,17 @@ def decode_labels(enc: LabelEncoding) -> np.ndarray:
 
 
 def build_label_decoder(
-    add: Callable[..., ir.Value], const: Callable[[str, np.ndarray], ir.Value], enc: LabelEncoding
+    add: Callable[..., ir.Value], const: Callable[[str, np.ndarray], ir.Value], enc: LabelEncoding,
+    shape: bool = True,
 ) -> ir.Value:
-    """Nodes that rebuild :func:`decode_labels` (int64, the weight's shape) from initializers.
+    """Nodes that rebuild :func:`decode_labels` (int64, the weight's shape; flat with ``shape=False``)
+    from initializers.
+
+    All packed arrays of the encoding are stored as ONE uint8 initializer of shape ``[bytes, 1]``
+    (mask or gaps first, then the labels; with a bitmask the labels stream starts with
+    ``zero_label``, so the gather by rank needs no Concat), unpacked to bits once
+    (``BitShift -> BitwiseAnd -> Reshape -> Cast``); each field is a Slice of that bit stream,
+    and a field of ``b > 1`` bits per value is ``Reshape [-1, b] -> MatMul [1, 2, 4, ...]``.
 
     ``add(op_type, inputs, **attributes)`` appends a node and returns its output;
     ``const(suffix, array)`` registers an initializer and returns its value.
@@ -223,37 +231,45 @@ def build_label_decoder(
             made[suffix] = _register(suffix, array)
         return made[suffix]
 
-    def unpack(packed: np.ndarray, suffix: str, bits: int, n: int) -> ir.Value:
-        stream = add("BitwiseAnd", [add("BitShift", [add("Unsqueeze", [const(suffix, packed), const("axis1", i64(1))]),
-                                                     const("shifts", np.arange(8, dtype=np.uint8))],
-                                        direction="RIGHT"),
-                                    const("one", np.array([1], np.uint8))])
-        stream = add("Slice", [add("Reshape", [stream, const("flat", i64(-1))]), const("start", i64(0)),
-                               const(f"{suffix}_end", i64(n * bits))])
-        values = add("Cast", [stream], to=ir.DataType.INT64)
-        if bits == 1:
-            return values
-        values = add("Mul", [add("Reshape", [values, const(f"{suffix}_rows", i64(n, bits))]),
-                             const(f"pow{bits}", (np.int64(1) << np.arange(bits)).astype(np.int64))])
-        return add("ReduceSum", [values, const("axis1", i64(1))], keepdims=0)
-
-    n, b = enc.n, enc.label_bits
+    fields = _stream_fields(enc)
+    packed = np.concatenate([array for _, array, _, _ in fields]).reshape(-1, 1)
+    stream = add("BitwiseAnd", [add("BitShift", [const("packed", packed), const("shifts", np.arange(8, dtype=np.uint8))],
+                                    direction="RIGHT"), const("one", np.array([1], np.uint8))])
+    bits_all = add("Cast", [add("Reshape", [stream, const("flat", i64(-1))])], to=ir.DataType.INT64)
+    values: dict[str, ir.Value] = {}
+    offset = 0
+    for name, array, bits, count in fields:
+        start = const(f"{name}_start", i64(8 * offset)) if offset else const("zero64", i64(0))
+        field = add("Slice", [bits_all, start, const(f"{name}_end", i64(8 * offset + count * bits))])
+        if bits > 1:
+            field = add("MatMul", [add("Reshape", [field, const(f"rows{bits}", i64(-1, bits))]),
+                                   const(f"pow{bits}", (np.int64(1) << np.arange(bits)).astype(np.int64))])
+        values[name] = field
+        offset += array.size
     if enc.kind == "dense":
-        flat = unpack(enc.labels, "labels", b, n)
+        flat = values["labels"]
     elif enc.kind == "bitmask":
-        mask = unpack(enc.mask, "mask", 1, n)
-        rank = add("Mul", [add("CumSum", [mask, const("axis0", np.array(0, np.int64))]), mask])
-        ext = add("Concat", [const("zero_label", i64(enc.zero_label)), unpack(enc.labels, "labels", b, enc.count)],
-                  axis=0)
-        flat = add("Gather", [ext, rank], axis=0)
+        mask = values["mask"]
+        rank = add("Mul", [add("CumSum", [mask, const("zero64", i64(0))]), mask])
+        flat = add("Gather", [values["labels"], rank])
     else:
-        gaps = unpack(enc.gaps, "gaps", enc.gap_bits, enc.count)
-        ends = add("CumSum", [add("Add", [gaps, const("one64", i64(1))]), const("axis0", np.array(0, np.int64))])
+        ends = add("CumSum", [add("Add", [values["gaps"], const("one64", i64(1))]), const("zero64", i64(0))])
         positions = add("Sub", [ends, const("one64", i64(1))])
-        base = add("ConstantOfShape", [const("size", i64(n))],
+        base = add("ConstantOfShape", [const("size", i64(enc.n))],
                    value=ir.tensor(np.array([enc.zero_label], np.int64)))
-        flat = add("ScatterElements", [base, positions, unpack(enc.labels, "labels", b, enc.count)], axis=0)
-    return add("Reshape", [flat, const("shape", np.array(enc.shape, np.int64))])
+        flat = add("ScatterElements", [base, positions, values["labels"]])
+    return add("Reshape", [flat, const("shape", np.array(enc.shape, np.int64))]) if shape else flat
+
+
+def _stream_fields(enc: LabelEncoding) -> list[tuple[str, np.ndarray, int, int]]:
+    """The packed arrays of ``enc`` in stream order: (name, uint8 bytes, bits per value, values)."""
+    if enc.kind == "dense":
+        return [("labels", enc.labels, enc.label_bits, enc.n)]
+    if enc.kind == "bitmask":
+        kept = unpack_bits(enc.labels, enc.label_bits, enc.count)
+        labels = pack_bits(np.concatenate([[enc.zero_label], kept]), enc.label_bits)
+        return [("mask", enc.mask, 1, enc.n), ("labels", labels, enc.label_bits, enc.count + 1)]
+    return [("gaps", enc.gaps, enc.gap_bits, enc.count), ("labels", enc.labels, enc.label_bits, enc.count)]
 
 
 def encoding_stats(enc: LabelEncoding) -> dict[str, Any]:
