@@ -404,13 +404,12 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         Per-channel codebooks are stored as the ``codebook`` format does, from their part. Few
         nodes and initializers keep the graph small, which matters for small models.
         """
-        flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
-        shared = encode_labels(flat, self.config.k, 0)
+        per_tensor = all(c.centroids.ndim == 1 for _, c in pending)
+        shared, pending = _shared_encoding(pending, self.config.k, per_tensor)
         nodes: list[ir.Node] = []
         add = _node_adder(graph, taken, _SHARED, nodes)
         const = lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array, taken)  # noqa: E731
 
-        per_tensor = all(c.centroids.ndim == 1 for _, c in pending)
         labels = build_label_decoder(add, const, shared, shape=not per_tensor)
         parts = [labels]
         if len(pending) > 1:
@@ -673,6 +672,38 @@ def _int8_codebook(w: np.ndarray, clustered: _Clustered, axis: int) -> _Clustere
                                labels=labels.astype(clustered.labels.dtype).reshape(w.shape), int8_scale=scale)
 
 
+#: Bytes the decoder of one more label width costs (a Slice, Reshape, MatMul, Concat and their
+#: constants): mixed widths are used only when they save more than this.
+_WIDTH_GROUP_BYTES = 160
+
+
+def _shared_encoding(pending: list[tuple[ClusterTarget, _Clustered]], k: int,
+                     per_tensor: bool) -> tuple[LabelEncoding, list[tuple[ClusterTarget, _Clustered]]]:
+    """The one encoding of all labels and the tensors in its order.
+
+    Per-tensor codebooks of different sizes (layers shared at different widths by the sparsity
+    stage) get a bitmask with one label width per group of tensors (:func:`encode_bitmask_groups`,
+    the tensors ordered by width) when that saves more than the extra decoding nodes cost;
+    otherwise every label takes the widest width (or ``ceil(log2 k)``), in the best of the
+    three encodings."""
+    from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups
+
+    widths = [bits_for(c.centroids.size) for _, c in pending]
+    widest = max([bits_for(k), *widths])
+    if per_tensor and len(set(widths)) > 1:
+        nonzeros = [int(np.count_nonzero(c.labels)) for _, c in pending]
+        saved = sum(nz * (max(widths) - w) for nz, w in zip(nonzeros, widths)) / 8
+        if saved > _WIDTH_GROUP_BYTES:
+            order = sorted(range(len(pending)), key=lambda i: widths[i])
+            pending = [pending[i] for i in order]
+            groups = sorted(set(widths))
+            labels = [np.concatenate([c.labels.reshape(-1) for (_, c), w in zip(pending, sorted(widths)) if w == g])
+                      for g in groups]
+            return encode_bitmask_groups(labels, groups, 0), pending
+    flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
+    return encode_labels(flat, 1 << widest, 0), pending
+
+
 def _zero_first(clustered: _Clustered) -> _Clustered:
     """The same clustering with the exact-zero centroid (in every channel's codebook) as label 0."""
     centroids = clustered.centroids
@@ -812,7 +843,8 @@ def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progr
 
     name_nodes(model)
     targets, _ = find_cluster_targets(model, config)
-    names = {t.name for t in targets}
+    # tensors already of at most K values (shared by the sparsity stage) are stored as they are
+    names = {t.name for t in targets if np.unique(t.value.const_value.numpy()).size > config.k}
     nodes = [n for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1
              and n.inputs[1] is not None and n.inputs[1].name in names]
     if not nodes:

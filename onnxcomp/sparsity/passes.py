@@ -81,8 +81,18 @@ class SparsityConfig(PassConfig):
         max_features: layers whose output depends on more inputs than this (``c_in/g * kernel``
             for a Conv) skip the data-aware path and are pruned by magnitude: their statistics
             cost ``rows * features^2`` and the fix ``features^3`` per output.
+        min_inputs_kept: a layer whose outputs each read ``F`` inputs (``c_in/g * kernel`` for a
+            Conv) is pruned at most ``1 - min_inputs_kept / F``, so every output keeps about that
+            many inputs: a depthwise or first conv (9 inputs) is not starved by a ratio meant
+            for layers of hundreds, at a few bytes (its weights are few).
         share_bits: cluster each refitted layer to ``2**share_bits`` values in the same loop
             (module docstring); needs ``refit``.
+        share_bits_max / share_tolerance: per layer, the narrowest width from ``share_bits`` to
+            ``share_bits_max`` whose output error on the calibration rows is at most ``1 +
+            share_tolerance`` times the fixed layer's (unshared) error; the widest when none is.
+            A layer the shared values hurt (a first conv of 9 inputs per output) takes more
+            bits, the others stay narrow; ``[cluster]`` stores the widths as groups of one bit
+            stream (its ``bits`` must then be ``share_bits_max``).
     """
 
     ratio: float = 0.8
@@ -97,6 +107,9 @@ class SparsityConfig(PassConfig):
     ridge: float = 1e-3
     max_features: int = 2048
     share_bits: int | None = None
+    share_bits_max: int | None = None
+    share_tolerance: float = 1.0
+    min_inputs_kept: int = 0
 
     stage: ClassVar[str] = "sparsity"
     ranges: ClassVar[dict[str, Range]] = {
@@ -109,19 +122,28 @@ class SparsityConfig(PassConfig):
         "ridge": Range(float, 0.0),
         "max_features": Range(int, 1),
         "share_bits": Range(int, 1, 8),
+        "share_bits_max": Range(int, 1, 8),
+        "share_tolerance": Range(float, 0.0),
+        "min_inputs_kept": Range(int, 0),
     }
 
     def validate(self) -> None:
         NodeSelector((), self.exclude)
         if self.share_bits is not None and not self.refit:
             raise ConfigError("sparsity: share_bits needs refit = true")
+        if self.share_bits_max is not None and (self.share_bits is None or self.share_bits_max < self.share_bits):
+            raise ConfigError("sparsity: share_bits_max needs share_bits and must not be below it")
 
     @property
     def needs_data(self) -> bool:
         return self.criterion == "activation" or self.refit
 
-    def ratio_for(self, op_type: str) -> float:
-        return self.conv_ratio if self.conv_ratio is not None and op_type in CONV_OPS else self.ratio
+    def ratio_for(self, op_type: str, fan_in: int | None = None) -> float:
+        """The fraction to zero in a layer of ``op_type`` whose outputs read ``fan_in`` inputs each."""
+        ratio = self.conv_ratio if self.conv_ratio is not None and op_type in CONV_OPS else self.ratio
+        if fan_in and self.min_inputs_kept:
+            ratio = min(ratio, max(0.0, 1.0 - self.min_inputs_kept / fan_in))
+        return ratio
 
 
 def magnitude_mask(saliency: np.ndarray, ratio: float) -> np.ndarray:
@@ -137,10 +159,10 @@ def magnitude_mask(saliency: np.ndarray, ratio: float) -> np.ndarray:
     return keep.reshape(np.shape(saliency))
 
 
-def _threshold_mask(w: np.ndarray, config: SparsityConfig, op_type: str) -> np.ndarray:
+def _threshold_mask(w: np.ndarray, config: SparsityConfig, op_type: str, fan_in: int | None = None) -> np.ndarray:
     if config.std_quality is not None:
         return np.abs(w) >= config.std_quality * float(np.std(w.astype(np.float64)))
-    return magnitude_mask(w, config.ratio_for(op_type))
+    return magnitude_mask(w, config.ratio_for(op_type, fan_in))
 
 
 def _tensor_record(w: np.ndarray, pruned: np.ndarray, how: str) -> dict[str, Any]:
@@ -175,8 +197,9 @@ def _magnitude(model: ir.Model, config: SparsityConfig, done: set[str]) -> tuple
         if target.name in done:
             continue
         w = target.value.const_value.numpy()
-        pruned = np.where(_threshold_mask(w, config, _first_consumer_op(target.value)), w, np.float32(0)).astype(
-            np.float32)
+        fan_in = w.size // max(w.shape[target.channel_axis], 1)
+        pruned = np.where(_threshold_mask(w, config, _first_consumer_op(target.value), fan_in), w,
+                          np.float32(0)).astype(np.float32)
         tensors[target.name] = _tensor_record(w, pruned, "magnitude")
         target.value.const_value = ir.tensor(pruned, name=target.name)
     return bool(tensors), _summary(config, tensors, skipped)
@@ -353,7 +376,7 @@ def sparsify(
         if config.std_quality is not None:
             keep = np.abs(weights) >= config.std_quality * float(np.std(weights))
         else:
-            keep = magnitude_mask(saliency, config.ratio_for(plan.node.op_type))
+            keep = magnitude_mask(saliency, config.ratio_for(plan.node.op_type, k))
         zeroed = old.copy()
         zeroed[:, :k, :] = np.where(keep, weights, 0.0)
         error = _error(acc, zeroed)
@@ -371,8 +394,12 @@ def sparsify(
                 params, record["refit"] = fitted, True
         params[:, :k, :] = np.where(keep, params[:, :k, :], 0.0)  # exact zeros
         if config.share_bits is not None:
-            shared, record["share"] = _shared_weights(acc, params, keep, config.share_bits, plan.fit_bias)
-            record["error_shared"] = _error(acc, shared)
+            limit = (1.0 + config.share_tolerance) * _error(acc, params)
+            for bits in range(config.share_bits, max(config.share_bits_max or 0, config.share_bits) + 1):
+                shared, how = _shared_weights(acc, params, keep, bits, plan.fit_bias)
+                record.update(share=how, share_bits=bits, error_shared=_error(acc, shared))
+                if record["error_shared"] <= limit:
+                    break
             params = shared
         plan.write(params, graph, taken)
         new_weight = plan.node.inputs[1]

@@ -42,6 +42,7 @@ import onnx_ir as ir
 from onnxcomp.cluster.kmeans import huffman_bits_per_symbol
 
 __all__ = ["SPARSE_STORAGE_OPSET", "LabelEncoding", "bits_for", "pack_bits", "unpack_bits", "encode_labels",
+           "encode_bitmask_groups",
            "decode_labels", "build_label_decoder", "bias_tensors", "int8_symmetric", "store_int8"]
 
 #: BitwiseAnd (the bit unpacking) needs opset 18.
@@ -91,6 +92,9 @@ class LabelEncoding:
     #: label histogram of the stored labels and gap histogram (for the entropy-coding estimate)
     label_counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
     gap_counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    #: bitmask with mixed widths (:func:`encode_bitmask_groups`): ``(bits, stored labels)`` per
+    #: group, in stream order; ``labels`` then holds the groups' packed streams one after another
+    groups: tuple[tuple[int, int], ...] | None = None
 
     @property
     def n(self) -> int:
@@ -191,10 +195,42 @@ def encode_labels(labels: np.ndarray, k: int, zero_label: int | None = None,
     return options[best][1]()
 
 
+def encode_bitmask_groups(labels: list[np.ndarray], bits: list[int], zero_label: int = 0) -> LabelEncoding:
+    """A bitmask encoding of the concatenation of ``labels`` where group ``i``'s nonzero labels
+    are packed at ``bits[i]`` bits (tensors clustered to codebooks of different sizes)."""
+    flats = [np.asarray(a).reshape(-1).astype(np.int64) for a in labels]
+    for flat, b in zip(flats, bits):
+        if flat.size and (flat.min() < 0 or flat.max() >= 1 << b):
+            raise ValueError(f"labels must lie in [0, {(1 << b) - 1}] for {b} bits")
+    flat = np.concatenate(flats)
+    nz = flat != zero_label
+    kept = [f[f != zero_label] for f in flats]
+    streams = [pack_bits(k, b) for k, b in zip(kept, bits)]
+    return LabelEncoding("bitmask", (flat.size,), max(bits), np.concatenate(streams), int(nz.sum()), zero_label,
+                         mask=np.packbits(nz.astype(np.uint8), bitorder="little"),
+                         label_counts=np.bincount(flat[nz], minlength=1),
+                         groups=tuple((int(b), int(k.size)) for b, k in zip(bits, kept)))
+
+
+def _group_streams(enc: LabelEncoding) -> list[tuple[int, int, np.ndarray]]:
+    """``(bits, count, packed)`` per group of a grouped bitmask encoding."""
+    out, offset = [], 0
+    for b, count in enc.groups or ():
+        size = -(-count * b // 8)
+        out.append((b, count, enc.labels[offset: offset + size]))
+        offset += size
+    return out
+
+
 def decode_labels(enc: LabelEncoding) -> np.ndarray:
     """The labels (int64, the weight's shape) that ``enc`` stores: the numpy reference decoder."""
     n = enc.n
-    if enc.kind == "dense":
+    if enc.groups is not None:
+        mask = np.unpackbits(enc.mask, bitorder="little")[:n].astype(np.int64)
+        kept = [unpack_bits(packed, b, count) for b, count, packed in _group_streams(enc)]
+        ext = np.concatenate([[enc.zero_label], *kept])
+        flat = ext[np.cumsum(mask) * mask]
+    elif enc.kind == "dense":
         flat = unpack_bits(enc.labels, enc.label_bits, n)
     elif enc.kind == "bitmask":
         mask = np.unpackbits(enc.mask, bitorder="little")[:n].astype(np.int64)
@@ -251,7 +287,9 @@ def build_label_decoder(
     elif enc.kind == "bitmask":
         mask = values["mask"]
         rank = add("Mul", [add("CumSum", [mask, const("zero64", i64(0))]), mask])
-        flat = add("Gather", [values["labels"], rank])
+        groups = [values[name] for name, _, _, _ in fields if name.startswith("labels")]
+        labels = groups[0] if len(groups) == 1 else add("Concat", groups, axis=0)
+        flat = add("Gather", [labels, rank])
     else:
         ends = add("CumSum", [add("Add", [values["gaps"], const("one64", i64(1))]), const("zero64", i64(0))])
         positions = add("Sub", [ends, const("one64", i64(1))])
@@ -265,6 +303,13 @@ def _stream_fields(enc: LabelEncoding) -> list[tuple[str, np.ndarray, int, int]]
     """The packed arrays of ``enc`` in stream order: (name, uint8 bytes, bits per value, values)."""
     if enc.kind == "dense":
         return [("labels", enc.labels, enc.label_bits, enc.n)]
+    if enc.groups is not None:  # the first group's stream starts with zero_label
+        fields = [("mask", enc.mask, 1, enc.n)]
+        for i, (b, count, packed) in enumerate(_group_streams(enc)):
+            if i == 0:
+                packed = pack_bits(np.concatenate([[enc.zero_label], unpack_bits(packed, b, count)]), b)
+            fields.append((f"labels{i}" if i else "labels", packed, b, count + (i == 0)))
+        return fields
     if enc.kind == "bitmask":
         kept = unpack_bits(enc.labels, enc.label_bits, enc.count)
         labels = pack_bits(np.concatenate([[enc.zero_label], kept]), enc.label_bits)
