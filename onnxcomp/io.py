@@ -46,8 +46,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
@@ -371,6 +371,18 @@ def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     if not isinstance(tensor, ir.ExternalTensor):
         return tensor
     return ir.Tensor(tensor.numpy(), name=tensor.name)
+
+
+def varint_int64_tensor(values: np.ndarray, name: str | None = None) -> ir.TensorProtocol | None:
+    """An int64 tensor stored as ``int64_data`` (varints: 1-2 bytes for a small non-negative
+    value, 10 for a negative one) instead of ``raw_data`` (8 bytes each), when that is shorter;
+    None when it is not. The values are the same; only their encoding in the file changes."""
+    flat = np.asarray(values, np.int64).reshape(-1).tolist()
+    varint = sum(10 if v < 0 else max(1, -(-v.bit_length() // 7)) for v in flat)
+    if varint + 2 >= 8 * len(flat):
+        return None
+    proto = onnx.helper.make_tensor(name or "", onnx.TensorProto.INT64, list(np.shape(values)), flat)
+    return ir.serde.TensorProtoTensor(proto)
 
 
 def model_to_bytes(model: ir.Model) -> bytes:
@@ -868,26 +880,9 @@ def save_model(
 
 def _write(model: ir.Model, path: Path, data_name: str | None, size_threshold_bytes: int) -> None:
     if data_name is None:
-        proto = ir.to_proto(model)
-        _varint_int64(proto.graph)
-        path.write_bytes(proto.SerializeToString())
+        ir.save(model, path)
     else:
         ir.save(model, path, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
-
-
-def _varint_int64(graph: onnx.GraphProto) -> None:
-    """Store int64 initializers as ``int64_data`` (varints) instead of ``raw_data`` where that is
-    shorter: small non-negative values (shapes, split sizes) take 1-2 bytes instead of 8. The
-    values are the same; only the encoding in the file changes."""
-    for tensor in graph.initializer:
-        if tensor.data_type != onnx.TensorProto.INT64 or not tensor.raw_data or len(tensor.raw_data) > 8 * 4096:
-            continue
-        values = onnx.numpy_helper.to_array(tensor)
-        flat = values.reshape(-1).tolist()
-        varint = sum(10 if v < 0 else max(1, -(-v.bit_length() // 7)) for v in flat)
-        if varint + 2 < len(tensor.raw_data):
-            tensor.ClearField("raw_data")
-            tensor.int64_data.extend(flat)
 
 
 @contextlib.contextmanager

@@ -190,3 +190,109 @@ def test_the_compact_layout_is_smaller(rng):
     ClusterPass(ClusterConfig(int8_biases=True, **base))(old_style)
     ClusterPass(ClusterConfig(codebook_int8=True, float16_biases=True, **base))(new_style)
     assert len(model_to_bytes(new_style)) < len(model_to_bytes(old_style))
+
+
+def test_grouped_widths_decode_exactly(rng):
+    """Label streams of different widths in one bitmask: onnxruntime equals the numpy reference."""
+    from onnxcomp.sparsity.storage import encode_bitmask_groups
+
+    parts = [rng.integers(1, 8, size=300) * (rng.random(300) < 0.4), rng.integers(1, 16, size=100) * (rng.random(100) < 0.5)]
+    enc = encode_bitmask_groups(parts, [3, 4], 0)
+    assert enc.groups == ((3, int(np.count_nonzero(parts[0]))), (4, int(np.count_nonzero(parts[1]))))
+    np.testing.assert_array_equal(decode_labels(enc), np.concatenate(parts))
+    model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 18}), ir_version=10)
+    nodes = []
+
+    def add(op, inputs, **attrs):
+        nodes.append(ir.node(op, inputs, attributes=attrs))
+        return nodes[-1].outputs[0]
+
+    def const(suffix, array):
+        value = ir.Value(name=suffix, const_value=ir.tensor(np.asarray(array), name=suffix))
+        model.graph.register_initializer(value)
+        return value
+
+    out = build_label_decoder(add, const, enc)
+    for node in nodes:
+        model.graph.append(node)
+    out.name = "labels"
+    model.graph.outputs.append(out)
+    for level in ("disable", "all"):
+        np.testing.assert_array_equal(run_model(model, [{}], optimization=level)[0][0], np.concatenate(parts))
+
+
+def _calibration(rng, n=24):
+    return [{"img": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(n)]
+
+
+def test_sharing_inside_the_refit_loop(rng):
+    """share_bits: every fixed layer ends with at most 2^b values (zeros kept), its error on the
+    calibration rows is recorded, and the sparse format then stores those values exactly."""
+    from onnxcomp.sparsity.passes import sparsify
+
+    model = io.load_model(_proto(rng))
+    original = {n: model.graph.initializers[n].const_value.numpy() for n in WEIGHTS}
+    cfg = SparsityConfig(ratio=0.6, refit=True, min_elements=100, share_bits=3, min_inputs_kept=6)
+    stats = sparsify(model, cfg, _calibration(rng))
+    assert len(stats["layers"]) == len(WEIGHTS)
+    for layer in stats["layers"]:
+        assert layer["share_bits"] == 3 and layer["share"] in ("nearest", "compensated")
+        assert np.isfinite(layer["error_shared"])
+    shared = {}
+    for name, value in model.graph.initializers.items():
+        base = name.removesuffix("_refit")
+        if base in WEIGHTS:
+            w = value.const_value.numpy()
+            shared[name] = w
+            assert np.unique(w).size <= 8 and np.any(w == 0), name
+            # min_inputs_kept: the grouped conv (36 inputs per output) keeps >= 6 per output on average
+            assert np.count_nonzero(w) >= min(6 * w.shape[0], 0.4 * w.size) - 1, name
+    assert len(shared) == len(WEIGHTS)
+    assert set(np.unique(original["wc1"])) != set(np.unique(next(v for k, v in shared.items() if "wc1" in k)))
+    stored = model.clone()
+    stats = ClusterPass(ClusterConfig(format="sparse", bits=3, min_elements=100, codebook_int8=True,
+                                      float16_biases=True))(stored).stats
+    got = _decoded(stored, list(shared), rng)
+    for name, w in shared.items():
+        assert stats["tensors"][name]["relative_mse"] < 1e-12, name  # stored as they are (int8 grid: exact)
+        np.testing.assert_allclose(got[name], w, rtol=1e-6, atol=0)
+
+
+def test_min_inputs_kept_caps_the_ratio():
+    cfg = SparsityConfig(ratio=0.8, conv_ratio=0.6, min_inputs_kept=6)
+    assert cfg.ratio_for("Conv", 9) == pytest.approx(1 / 3)
+    assert cfg.ratio_for("Conv", 288) == pytest.approx(0.6)
+    assert cfg.ratio_for("Gemm", 48) == pytest.approx(0.8)
+    assert SparsityConfig(ratio=0.8).ratio_for("Gemm", 4) == pytest.approx(0.8)
+
+
+def test_only_output_layers_take_wider_shared_values(rng):
+    """share_bits_max: the Gemm feeding the graph output widens (no later fit absorbs its error);
+    the layers before it keep share_bits whatever their error."""
+    from onnxcomp.sparsity.passes import sparsify
+
+    model = io.load_model(_proto(rng))
+    cfg = SparsityConfig(ratio=0.6, refit=True, min_elements=100, share_bits=2, share_bits_max=4, share_tolerance=0.0)
+    layers = {r["op_type"]: r for r in sparsify(model, cfg, _calibration(rng))["layers"]}
+    assert layers["Gemm"]["share_bits"] > 2 or layers["Gemm"]["error_shared"] <= layers["Gemm"]["error_refit"]
+    assert layers["MatMul"]["share_bits"] == 2
+    widths = {n: np.unique(v.const_value.numpy()).size for n, v in model.graph.initializers.items() if n.startswith("w")}
+    assert max(widths.values()) > 4 and all(v <= 16 for v in widths.values())
+
+
+def test_compaction_stores_small_int64_constants_as_varints(rng):
+    from onnxcomp.passes.compact import CompactGraphPass
+
+    model = _pruned(rng)
+    ClusterPass(ClusterConfig(format="sparse", bits=4, min_elements=100, channel_scales="never"))(model)
+    before = model.clone()
+    shapes = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()
+              if v.const_value.dtype == ir.DataType.INT64}
+    stats = CompactGraphPass()(model).stats
+    assert stats["varint_int64"] >= len(WEIGHTS)  # every weight's shape at least
+    assert len(model_to_bytes(model)) < len(model_to_bytes(before))
+    reloaded = io.load_model(model_to_bytes(model))
+    got = sorted(tuple(v.const_value.numpy().reshape(-1)) for v in reloaded.graph.initializers.values()
+                 if v.const_value.dtype == ir.DataType.INT64)
+    assert got == sorted(tuple(a.reshape(-1)) for a in shapes.values())  # same values (names changed)
+    assert_equivalent(before, reloaded, _feeds(rng), atol=1e-5, rtol=1e-5)

@@ -684,12 +684,12 @@ def _shared_encoding(pending: list[tuple[ClusterTarget, _Clustered]], k: int,
     Per-tensor codebooks of different sizes (layers shared at different widths by the sparsity
     stage) get a bitmask with one label width per group of tensors (:func:`encode_bitmask_groups`,
     the tensors ordered by width) when that saves more than the extra decoding nodes cost;
-    otherwise every label takes the widest width (or ``ceil(log2 k)``), in the best of the
-    three encodings."""
+    otherwise every label takes the widest width the codebooks need (``ceil(log2 k)`` with
+    per-channel codebooks), in the best of the three encodings."""
     from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups
 
     widths = [bits_for(c.centroids.size) for _, c in pending]
-    widest = max([bits_for(k), *widths])
+    widest = max(widths) if per_tensor else max([bits_for(k), *widths])  # per tensor: what the codebooks need
     if per_tensor and len(set(widths)) > 1:
         nonzeros = [int(np.count_nonzero(c.labels)) for _, c in pending]
         saved = sum(nz * (max(widths) - w) for nz, w in zip(nonzeros, widths)) / 8

@@ -18,6 +18,9 @@ data stay as they are, so the model computes exactly what it computed before.
   the static shape of an input (:data:`onnxcomp.ops.INFERABLE_ATTRIBUTES`: a Conv's
   ``kernel_shape`` equal to its weight's spatial dims, the weight's shape known in the graph).
 
+* Small int64 initializers (shapes, split sizes) are stored as varints (``int64_data``) where
+  that is shorter than 8 bytes a value (:func:`onnxcomp.io.varint_int64_tensor`; same values).
+
 Metadata properties, the producer and opset imports are kept. Subgraphs (If, Loop, Scan) are left
 as they are: names there may refer to the outer scope.
 
@@ -65,6 +68,7 @@ class CompactConfig(PassConfig):
     drop_doc_strings: bool = True
     drop_default_attributes: bool = True
     drop_inferable_attributes: bool = True
+    varint_int64: bool = True
 
     stage: ClassVar[str] = "compact"  # the config's name in messages
 
@@ -99,6 +103,27 @@ def _drop_inferable_attributes(model: ir.Model) -> int:
     return dropped
 
 
+#: Larger int64 initializers keep their raw bytes (decoding varints costs load time).
+_VARINT_MAX_VALUES = 4096
+
+
+def _varint_int64(graph: ir.Graph) -> int:
+    """Store the graph's small int64 initializers as varints where shorter; how many."""
+    from onnxcomp.io import varint_int64_tensor
+
+    done = 0
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype != ir.DataType.INT64 or tensor.size > _VARINT_MAX_VALUES \
+                or isinstance(tensor, ir.serde.TensorProtoTensor):
+            continue
+        packed = varint_int64_tensor(tensor.numpy(), name)
+        if packed is not None:
+            value.const_value = packed
+            done += 1
+    return done
+
+
 class CompactGraphPass(CompressionPass[CompactConfig]):
     """Shorter names, no intermediate ``value_info``, no doc strings (module docstring)."""
 
@@ -108,7 +133,8 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
         cfg = self.config
         graph = model.graph
         stats: dict[str, Any] = {"renamed": 0, "value_info_dropped": 0, "doc_strings_dropped": 0,
-                                 "default_attributes_dropped": 0, "inferable_attributes_dropped": 0}
+                                 "default_attributes_dropped": 0, "inferable_attributes_dropped": 0,
+                                 "varint_int64": 0}
         if cfg.drop_inferable_attributes:  # before value_info goes: it reads the inputs' shapes
             stats["inferable_attributes_dropped"] = _drop_inferable_attributes(model)
         if any(_has_subgraph(n) for n in graph):
@@ -155,6 +181,8 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
             from onnxcomp.passes.cleanup import _drop_default_attributes
 
             stats["default_attributes_dropped"] = _drop_default_attributes(model)
+        if cfg.varint_int64:
+            stats["varint_int64"] = _varint_int64(graph)
         changed = any(v for k, v in stats.items() if k != "note")
         return changed, stats
 

@@ -87,12 +87,13 @@ class SparsityConfig(PassConfig):
             for layers of hundreds, at a few bytes (its weights are few).
         share_bits: cluster each refitted layer to ``2**share_bits`` values in the same loop
             (module docstring); needs ``refit``.
-        share_bits_max / share_tolerance: per layer, the narrowest width from ``share_bits`` to
-            ``share_bits_max`` whose output error on the calibration rows is at most ``1 +
-            share_tolerance`` times the fixed layer's (unshared) error; the widest when none is.
-            A layer the shared values hurt (a first conv of 9 inputs per output) takes more
-            bits, the others stay narrow; ``[cluster]`` stores the widths as groups of one bit
-            stream (its ``bits`` must then be ``share_bits_max``).
+        share_bits_max / share_tolerance: for an output layer (one whose output reaches a graph
+            output without passing another fixed layer: no later fit can compensate its error),
+            the narrowest width from ``share_bits`` to ``share_bits_max`` whose output error on
+            the calibration rows is at most ``1 + share_tolerance`` times the fixed layer's
+            (unshared) error; the widest when none is. Earlier layers keep ``share_bits``: the
+            layers fitted after them absorb what sharing costs them. ``[cluster]`` stores
+            mixed widths as groups of one bit stream (its ``bits`` must be ``share_bits_max``).
     """
 
     ratio: float = 0.8
@@ -262,6 +263,28 @@ def _error(acc: Any, params: np.ndarray) -> float:
     return err / acc.yy
 
 
+def _output_layers(model: ir.Model, fitted: set[str]) -> set[str]:
+    """The names of the ``fitted`` nodes from which a graph output is reachable without passing
+    another fitted node (their errors reach the output uncompensated)."""
+    outputs = {id(v) for v in model.graph.outputs}
+    found = set()
+    for node in model.graph:
+        if node.name not in fitted:
+            continue
+        stack, seen = list(node.outputs), set()
+        while stack:
+            value = stack.pop()
+            if id(value) in outputs:
+                found.add(node.name)
+                break
+            for use in value.uses():
+                user = use.node
+                if id(user) not in seen and user.name not in fitted:
+                    seen.add(id(user))
+                    stack.extend(user.outputs)
+    return found
+
+
 def _shared_weights(acc: Any, params: np.ndarray, keep: np.ndarray, bits: int,
                     fit_bias: bool) -> tuple[np.ndarray, str]:
     """``params`` ``[g, k+1, m_g]`` with the weights clustered to ``2**bits`` values (``share_bits``):
@@ -357,6 +380,7 @@ def sparsify(
     feeds = rc._count_feeds(data) if plans else 0
     graph = model.graph
     taken = all_value_names(graph)
+    output_layers = _output_layers(model, set(plans))
     tensors: dict[str, dict[str, Any]] = {}
     layers: list[dict[str, Any]] = []
     done: set[str] = set()
@@ -395,7 +419,8 @@ def sparsify(
         params[:, :k, :] = np.where(keep, params[:, :k, :], 0.0)  # exact zeros
         if config.share_bits is not None:
             limit = (1.0 + config.share_tolerance) * _error(acc, params)
-            for bits in range(config.share_bits, max(config.share_bits_max or 0, config.share_bits) + 1):
+            widest = max(config.share_bits_max or 0, config.share_bits) if name in output_layers else config.share_bits
+            for bits in range(config.share_bits, widest + 1):
                 shared, how = _shared_weights(acc, params, keep, bits, plan.fit_bias)
                 record.update(share=how, share_bits=bits, error_shared=_error(acc, shared))
                 if record["error_shared"] <= limit:
