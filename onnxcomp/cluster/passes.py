@@ -17,10 +17,13 @@ Storage formats:
   [Mul channel scales]``. The labels keep the weight's shape, so no Reshape is needed, and the
   last output takes the weight's name. All of it has constant inputs, so onnxruntime folds it once at session creation:
   inference latency is unchanged; session creation does the decoding.
-* ``sparse``: as ``codebook``, but the labels are bit-packed at ``ceil(log2 K)`` bits and, where
-  the codebook has an exact-zero centroid (pruned weights, ``preserve_zeros``), stored as a
-  bitmask or with relative indices, whichever is smallest
-  (:mod:`onnxcomp.sparsity.storage`; opset 18). Decoding is again folded at session creation.
+* ``sparse``: the labels of all clustered tensors are concatenated, bit-packed at ``ceil(log2 K)``
+  bits and, where the codebooks have an exact-zero centroid (pruned weights, ``preserve_zeros``),
+  stored as a bitmask or with relative indices, whichever is smallest, in one uint8 stream
+  (:mod:`onnxcomp.sparsity.storage`; opset 18); one Split gives each tensor its labels and, with
+  per-tensor codebooks, one table holds every codebook as a column (``codebook_int8``: int8 times
+  one scale per tensor), so a tensor costs a ``Gather`` and a ``Reshape``. Decoding is again
+  folded at session creation.
 
 Eligible tensors: float32 initializers with at least ``min_elements`` values that are the weight
 of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (embeddings), not
