@@ -138,11 +138,13 @@ _recipe_candidate(
     skip=_others("digits_cnn", "digits_mlp", "ppocr_det"),
 )
 _recipe_candidate(
-    "oc_deep_sparse", "onnxcomp recipe deep-compression (size route): unstructured sparsity 80% (conv 60%) + refit, "
-    "5-bit sharing with compensated assignment, sparse label storage, int8 biases, compacted graph",
-    {**STATIC, "sparsity": {"ratio": 0.8, "conv_ratio": 0.6, "refit": True, "max_samples": 256},
-     "cluster": {"bits": 5, "format": "sparse", "min_elements": 128, "int8_biases": True, "compensate": True,
-                 "max_samples": 256, "compact_graph": True}},
+    "oc_deep_sparse", "onnxcomp recipe deep-compression (size route): unstructured sparsity 80% (conv 60%, >= 6 "
+    "inputs kept per output) + refit with 3-bit sharing layer by layer (output layers up to 4), int8 codebooks, sparse label storage in one "
+    "stream, float16 biases, compacted graph",
+    {**STATIC, "sparsity": {"ratio": 0.8, "conv_ratio": 0.6, "refit": True, "max_samples": 256, "min_elements": 128,
+                            "min_inputs_kept": 6, "share_bits": 3, "share_bits_max": 4, "share_tolerance": 2.0},
+     "cluster": {"bits": 4, "format": "sparse", "min_elements": 128, "codebook_int8": True, "float16_biases": True,
+                 "compensate": True, "max_samples": 256, "compact_graph": True}},
     skip=_others("digits_cnn", "digits_mlp", "ppocr_rec"),
 )
 _recipe_candidate(

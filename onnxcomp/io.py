@@ -46,6 +46,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
@@ -370,6 +371,18 @@ def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     if not isinstance(tensor, ir.ExternalTensor):
         return tensor
     return ir.Tensor(tensor.numpy(), name=tensor.name)
+
+
+def varint_int64_tensor(values: np.ndarray, name: str | None = None) -> ir.TensorProtocol | None:
+    """An int64 tensor stored as ``int64_data`` (varints: 1-2 bytes for a small non-negative
+    value, 10 for a negative one) instead of ``raw_data`` (8 bytes each), when that is shorter;
+    None when it is not. The values are the same; only their encoding in the file changes."""
+    flat = np.asarray(values, np.int64).reshape(-1).tolist()
+    varint = sum(10 if v < 0 else max(1, -(-v.bit_length() // 7)) for v in flat)
+    if varint + 2 >= 8 * len(flat):
+        return None
+    proto = onnx.helper.make_tensor(name or "", onnx.TensorProto.INT64, list(np.shape(values)), flat)
+    return ir.serde.TensorProtoTensor(proto)
 
 
 def model_to_bytes(model: ir.Model) -> bytes:

@@ -487,6 +487,22 @@ ATTRIBUTE_DEFAULTS.register(("Softmax", "LogSoftmax"), {"axis": AttributeDefault
 __all__ += ["AttributeDefault", "ATTRIBUTE_DEFAULTS"]
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapeDerived:
+    """An attribute the specification infers, when absent, from the static shape of an input:
+    ``shape(inputs[input_index])[start:]`` (a Conv's ``kernel_shape`` is its weight's spatial dims)."""
+
+    input_index: int
+    start: int
+
+
+#: Attributes that may be dropped when they equal what their op infers from an input's shape.
+INFERABLE_ATTRIBUTES: OpTable[dict[str, ShapeDerived]] = OpTable("attributes inferred from input shapes")
+INFERABLE_ATTRIBUTES.register(("Conv", "ConvTranspose"), {"kernel_shape": ShapeDerived(1, 2)})
+
+__all__ += ["ShapeDerived", "INFERABLE_ATTRIBUTES"]
+
+
 # --------------------------------------------------------------------------------------------
 # Compute ops: what counts as "float compute left" after quantization (onnxcomp.quant.verify reads
 # onnxruntime's optimized graph with this table). An op whose row has ``constant_input`` is

@@ -17,10 +17,13 @@ Storage formats:
   [Mul channel scales]``. The labels keep the weight's shape, so no Reshape is needed, and the
   last output takes the weight's name. All of it has constant inputs, so onnxruntime folds it once at session creation:
   inference latency is unchanged; session creation does the decoding.
-* ``sparse``: as ``codebook``, but the labels are bit-packed at ``ceil(log2 K)`` bits and, where
-  the codebook has an exact-zero centroid (pruned weights, ``preserve_zeros``), stored as a
-  bitmask or with relative indices, whichever is smallest
-  (:mod:`onnxcomp.sparsity.storage`; opset 18). Decoding is again folded at session creation.
+* ``sparse``: the labels of all clustered tensors are concatenated, bit-packed at ``ceil(log2 K)``
+  bits and, where the codebooks have an exact-zero centroid (pruned weights, ``preserve_zeros``),
+  stored as a bitmask or with relative indices, whichever is smallest, in one uint8 stream
+  (:mod:`onnxcomp.sparsity.storage`; opset 18); one Split gives each tensor its labels and, with
+  per-tensor codebooks, one table holds every codebook as a column (``codebook_int8``: int8 times
+  one scale per tensor), so a tensor costs a ``Gather`` and a ``Reshape``. Decoding is again
+  folded at session creation.
 
 Eligible tensors: float32 initializers with at least ``min_elements`` values that are the weight
 of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (embeddings), not
@@ -67,6 +70,7 @@ from onnxcomp.sparsity.storage import (
     build_label_decoder,
     encode_labels,
     encoding_stats,
+    int8_symmetric,
     store_int8,
 )
 
@@ -104,6 +108,15 @@ class ClusterConfig(PassConfig):
         int8_biases: also store biases (of Conv/Gemm, or the Add after a MatMul) of at least 16
             values as per-tensor symmetric int8 rebuilt by ``Cast * scale`` (lossy: at most 1/254
             of the tensor's peak; :func:`onnxcomp.sparsity.storage.store_int8`).
+        codebook_int8: ``sparse`` format: every per-tensor codebook is rounded to int8 times one
+            float scale per tensor (symmetric, the largest centroid at 127) before the labels are
+            assigned, and the codebooks are stored as one int8 table (lossy: each centroid moves
+            by at most 1/254 of the tensor's largest centroid; the labels and compensation see
+            the rounded codebook).
+        float16_biases: ``sparse`` format: every bias of the main graph (as for ``int8_biases``,
+            any size) is rounded to float16 and stored in one float16 initializer, rebuilt by one
+            ``Cast`` and one ``Split`` (relative error at most 2^-11 per value); takes precedence
+            over ``int8_biases`` there.
         seed / max_iter: k-means determinism and iteration cap.
         compensate: choose each weight's codebook entry by GPTQ-style error compensation on the
             layer-input Hessian from calibration data (:func:`onnxcomp.quant.gptq.gptq_snap`:
@@ -126,6 +139,8 @@ class ClusterConfig(PassConfig):
     exclude: tuple[str, ...] = ()
     format: Literal["float", "codebook", "sparse"] = "float"
     int8_biases: bool = False
+    codebook_int8: bool = False
+    float16_biases: bool = False
     seed: int = 0
     max_iter: int = 100
     compensate: bool = False
@@ -256,6 +271,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 skipped[target.name] = done_reason
             else:
                 clustered = exact if exact is not None else self._cluster(w, target.channel_axis)
+                if cfg.format == "sparse" and cfg.codebook_int8 and clustered.centroids.ndim == 1:
+                    clustered = _int8_codebook(w, clustered, target.channel_axis)
                 if exact is None and target.name in self.hessians:
                     clustered = _compensated(w, clustered, self.hessians[target.name], target)
                 encoding = None
@@ -264,6 +281,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                     encoding = encode_labels(clustered.labels, cfg.k, 0)
                 stats = _tensor_stats(w, clustered, cfg.k, cfg.format, encoding)
                 stats["scope"] = graph_scope(target.value.graph, model)
+                if clustered.int8_scale is not None:
+                    stats["codebook_int8_scale"] = float(clustered.int8_scale)
                 if cfg.format == "float":
                     target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
                 elif cfg.format == "sparse":
@@ -279,11 +298,15 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         }
         if pending:
             shared = self._store_shared(graph, taken, pending)
-            side = sum(c.centroids.nbytes + (0 if c.scales is None else c.scales.nbytes) for _, c in pending)
+            side = sum((c.centroids.size + 4 if c.int8_scale is not None else c.centroids.nbytes)
+                       + (0 if c.scales is None else c.scales.nbytes) for _, c in pending)
             totals.update(bytes_after=shared.nbytes + side, zlib_bytes_after=shared.zlib_bytes() + side,
                           entropy_bytes=shared.entropy_bytes() + side, storage=encoding_stats(shared),
                           zeros=float(np.mean(np.concatenate([c.snapped.reshape(-1) for _, c in pending]) == 0)))
-        biases = self._int8_biases(model, taken) if cfg.int8_biases else {}
+        if cfg.format == "sparse" and cfg.float16_biases:
+            biases = self._float16_biases(model, taken)
+        else:
+            biases = self._int8_biases(model, taken) if cfg.int8_biases else {}
         if biases:
             totals["bias_bytes_before"] = sum(b["bytes_before"] for b in biases.values())
             totals["bias_bytes_after"] = sum(b["bytes_after"] for b in biases.values())
@@ -377,28 +400,123 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         """The ``sparse`` format: the labels of all tensors, concatenated, in one encoding.
 
         One decoding subgraph (:func:`onnxcomp.sparsity.storage.build_label_decoder`) rebuilds the
-        concatenation; one Split gives each tensor its part, which it Reshapes (then as ``codebook``). One
-        decoder keeps the graph small, which matters for small models.
+        flat concatenation and one Split gives each tensor its part. With per-tensor codebooks
+        (the usual case) the codebooks are the columns of one table ``[K, tensors]`` (float32, or
+        ``Cast(int8) * scales`` with ``codebook_int8``), split into columns by one Split; each
+        tensor is then ``Gather(column, part) -> Reshape`` (``* channel scales`` when it has them).
+        Per-channel codebooks are stored as the ``codebook`` format does, from their part. Few
+        nodes and initializers keep the graph small, which matters for small models.
         """
-        flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
-        shared = encode_labels(flat, self.config.k, 0)
+        per_tensor = all(c.centroids.ndim == 1 for _, c in pending)
+        shared, pending = _shared_encoding(pending, self.config.k, per_tensor)
         nodes: list[ir.Node] = []
         add = _node_adder(graph, taken, _SHARED, nodes)
+        const = lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array, taken)  # noqa: E731
 
-        labels = build_label_decoder(add, lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array,
-                                                                                taken), shared)
-        sizes = np.array([c.labels.size for _, c in pending], np.int64)
-        split = ir.node("Split", [labels, add_initializer(graph, f"{_SHARED}_sizes", sizes, taken)],
-                        attributes={"axis": 0}, num_outputs=len(pending), name=unique_name(graph, f"{_SHARED}/Split", taken))
-        nodes.append(split)
-        for (target, clustered), part in zip(pending, split.outputs):
-            part.name = unique_name(graph, f"{target.name}/labels", taken)
-            index = add("Reshape", [part, add_initializer(graph, f"{target.name}_shape",
-                                                          np.array(clustered.labels.shape, np.int64), taken)])
-            self._store_codebook(target.value.graph, taken, target, clustered, index)
+        labels = build_label_decoder(add, const, shared, shape=not per_tensor)
+        parts = [labels]
+        if len(pending) > 1:
+            sizes = np.array([c.labels.size for _, c in pending], np.int64)
+            split = ir.node("Split", [labels, const("sizes", sizes)], num_outputs=len(pending),
+                            name=unique_name(graph, f"{_SHARED}/Split", taken))
+            nodes.append(split)
+            parts = list(split.outputs)
+            for part in parts:
+                part.name = unique_name(graph, f"{_SHARED}/part", taken)
+        columns = self._codebook_columns(graph, taken, nodes, [c for _, c in pending]) if per_tensor else None
         for node in nodes:
             graph.append(node)
+        for i, ((target, clustered), part) in enumerate(zip(pending, parts)):
+            shape = np.array(clustered.labels.shape, np.int64)
+            if columns is None:
+                index = _node_adder(graph, taken, target.name, tensor_nodes := [])(
+                    "Reshape", [part, add_initializer(graph, f"{target.name}_shape", shape, taken)])
+                for node in tensor_nodes:
+                    graph.append(node)
+                self._store_codebook(target.value.graph, taken, target, clustered, index)
+            else:
+                self._store_column(target, taken, clustered, part, columns[i], shape)
         return shared
+
+    def _codebook_columns(self, graph: ir.Graph, taken: set[str], nodes: list[ir.Node],
+                          clustered: list[_Clustered]) -> list[ir.Value]:
+        """The per-tensor codebooks as the columns ``[K, 1]`` of one table, one value per tensor."""
+        add = _node_adder(graph, taken, _SHARED, nodes)
+        const = lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array, taken)  # noqa: E731
+        k = max(c.centroids.size for c in clustered)
+        table = np.zeros((k, len(clustered)), np.float32)
+        for j, c in enumerate(clustered):
+            table[: c.centroids.size, j] = c.centroids
+        if all(c.int8_scale is not None for c in clustered):  # codebook_int8: table = q * scales exactly
+            scales = np.array([c.int8_scale for c in clustered], np.float32).reshape(1, -1)
+            q = np.round(table.astype(np.float64) / scales).astype(np.int8)
+            values = add("Mul", [add("Cast", [const("codebook_q", q)], to=ir.DataType.FLOAT),
+                                 const("codebook_scales", scales)])
+        else:
+            values = const("codebook", table)
+        if len(clustered) == 1:
+            return [values]
+        split = ir.node("Split", [values], attributes={"axis": 1, "num_outputs": len(clustered)},
+                        num_outputs=len(clustered), name=unique_name(graph, f"{_SHARED}/columns", taken))
+        nodes.append(split)
+        for out in split.outputs:
+            out.name = unique_name(graph, f"{_SHARED}/codebook", taken)
+        return list(split.outputs)
+
+    def _store_column(self, target: ClusterTarget, taken: set[str], clustered: _Clustered, part: ir.Value,
+                      column: ir.Value, shape: np.ndarray) -> None:
+        """``Reshape(Gather(column, part)) [* scales]`` in the graph that owns the weight, under its name."""
+        graph = target.value.graph
+        nodes: list[ir.Node] = []
+        add = _node_adder(graph, taken, target.name, nodes)
+        weight = add("Reshape", [add("Gather", [column, part]),
+                                 add_initializer(graph, f"{target.name}_shape", shape, taken)])
+        if clustered.scales is not None:
+            scales = clustered.scales.reshape(_channel_shape(shape.size, target.channel_axis, clustered.scales.size))
+            weight = add("Mul", [weight, add_initializer(graph, f"{target.name}_scales", scales, taken)])
+        for node in nodes:
+            graph.append(node)
+        target.value.replace_all_uses_with(weight)
+        graph.initializers.pop(target.name)
+        target.value.name = None
+        weight.name = target.name
+        weight.dtype = ir.DataType.FLOAT
+        weight.shape = ir.Shape(shape.tolist())
+
+    def _float16_biases(self, model: ir.Model, taken: set[str]) -> dict[str, dict[str, Any]]:
+        """Every bias of the main graph rounded to float16, in one initializer: ``Split(Cast(stream))``
+        (``float16_biases``); per tensor: bytes and relative error."""
+        graph = model.graph
+        values = [v for v in bias_tensors(graph, model, 1)
+                  if np.all(np.abs(v.const_value.numpy()) < np.finfo(np.float16).max)]
+        if not values:
+            return {}
+        originals = [v.const_value.numpy() for v in values]
+        stream = np.concatenate([o.reshape(-1) for o in originals]).astype(np.float16)
+        nodes: list[ir.Node] = []
+        add = _node_adder(graph, taken, "biases", nodes)
+        decoded = add("Cast", [add_initializer(graph, "biases_f16", stream, taken)], to=ir.DataType.FLOAT)
+        outs = [decoded]
+        if len(values) > 1:
+            sizes = add_initializer(graph, "biases_sizes", np.array([o.size for o in originals], np.int64), taken)
+            split = ir.node("Split", [decoded, sizes], num_outputs=len(values), name=unique_name(graph, "biases/Split", taken))
+            nodes.append(split)
+            outs = list(split.outputs)
+        for node in nodes:
+            graph.append(node)
+        done: dict[str, dict[str, Any]] = {}
+        for value, original, out in zip(values, originals, outs):
+            name = value.name
+            value.replace_all_uses_with(out)
+            graph.initializers.pop(name)
+            value.name = None
+            out.name, out.dtype, out.shape = name, ir.DataType.FLOAT, ir.Shape(original.shape)
+            back = original.astype(np.float16).astype(np.float64)
+            energy = float(np.sum(original.astype(np.float64) ** 2))
+            done[name] = {"elements": int(original.size), "bytes_before": int(original.nbytes),
+                          "bytes_after": 2 * int(original.size),
+                          "relative_error": float(np.sum((back - original) ** 2)) / energy if energy > 0 else 0.0}
+        return done
 
     def _store_codebook(
         self, graph: ir.Graph, taken: set[str], target: ClusterTarget, clustered: _Clustered,
@@ -457,6 +575,8 @@ class _Clustered:
     centroids: np.ndarray  # [K] or, per channel, [C, K]
     labels: np.ndarray  # the weight's shape
     scales: np.ndarray | None  # [C] with channel scales
+    #: ``codebook_int8``: the codebook is ``q * int8_scale`` with integer ``q`` in [-127, 127]
+    int8_scale: np.float32 | None = None
 
 
 def _by_subgraph(per_tensor: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -528,6 +648,63 @@ _INT8_BIAS_MIN_ELEMENTS = 16
 
 #: Name prefix of the shared label decoder of the sparse format.
 _SHARED = "sparse_labels"
+
+
+def _int8_codebook(w: np.ndarray, clustered: _Clustered, axis: int) -> _Clustered:
+    """``clustered`` with its codebook rounded to its int8 grid (``codebook_int8``) and every
+    weight re-assigned to the nearest rounded entry (exact zeros keep the zero entry)."""
+    q, scale = int8_symmetric(np.asarray(clustered.centroids, np.float32))
+    centroids = (q.astype(np.float32) * scale).astype(np.float32)
+    target = np.asarray(w, np.float64)
+    if clustered.scales is not None:
+        target = target / clustered.scales.reshape(_channel_shape(w.ndim, axis, clustered.scales.size)).astype(np.float64)
+    order = np.argsort(centroids, kind="stable")
+    ordered = centroids[order].astype(np.float64)
+    pos = np.clip(np.searchsorted(ordered, target), 1, max(ordered.size - 1, 1))
+    lower = ordered[pos - 1]
+    upper = ordered[np.minimum(pos, ordered.size - 1)]
+    nearest = np.where(np.abs(target - lower) <= np.abs(upper - target), pos - 1, np.minimum(pos, ordered.size - 1))
+    labels = order[nearest]
+    zero = np.flatnonzero(centroids == 0)
+    if zero.size:
+        labels = np.where(w == 0, zero[0], labels)
+    snapped = centroids[labels]
+    if clustered.scales is not None:
+        snapped = snapped * clustered.scales.reshape(_channel_shape(w.ndim, axis, clustered.scales.size))
+    return dataclasses.replace(clustered, snapped=np.asarray(snapped, np.float32).reshape(w.shape), centroids=centroids,
+                               labels=labels.astype(clustered.labels.dtype).reshape(w.shape), int8_scale=scale)
+
+
+#: Bytes the decoder of one more label width costs (a Slice, Reshape, MatMul, Concat and their
+#: constants): mixed widths are used only when they save more than this.
+_WIDTH_GROUP_BYTES = 160
+
+
+def _shared_encoding(pending: list[tuple[ClusterTarget, _Clustered]], k: int,
+                     per_tensor: bool) -> tuple[LabelEncoding, list[tuple[ClusterTarget, _Clustered]]]:
+    """The one encoding of all labels and the tensors in its order.
+
+    Per-tensor codebooks of different sizes (layers shared at different widths by the sparsity
+    stage) get a bitmask with one label width per group of tensors (:func:`encode_bitmask_groups`,
+    the tensors ordered by width) when that saves more than the extra decoding nodes cost;
+    otherwise every label takes the widest width the codebooks need (``ceil(log2 k)`` with
+    per-channel codebooks), in the best of the three encodings."""
+    from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups
+
+    widths = [bits_for(c.centroids.size) for _, c in pending]
+    widest = max(widths) if per_tensor else max([bits_for(k), *widths])  # per tensor: what the codebooks need
+    if per_tensor and len(set(widths)) > 1:
+        nonzeros = [int(np.count_nonzero(c.labels)) for _, c in pending]
+        saved = sum(nz * (max(widths) - w) for nz, w in zip(nonzeros, widths)) / 8
+        if saved > _WIDTH_GROUP_BYTES:
+            order = sorted(range(len(pending)), key=lambda i: widths[i])
+            pending = [pending[i] for i in order]
+            groups = sorted(set(widths))
+            labels = [np.concatenate([c.labels.reshape(-1) for (_, c), w in zip(pending, sorted(widths)) if w == g])
+                      for g in groups]
+            return encode_bitmask_groups(labels, groups, 0), pending
+    flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
+    return encode_labels(flat, 1 << widest, 0), pending
 
 
 def _zero_first(clustered: _Clustered) -> _Clustered:
@@ -669,7 +846,8 @@ def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progr
 
     name_nodes(model)
     targets, _ = find_cluster_targets(model, config)
-    names = {t.name for t in targets}
+    # tensors already of at most K values (shared by the sparsity stage) are stored as they are
+    names = {t.name for t in targets if np.unique(t.value.const_value.numpy()).size > config.k}
     nodes = [n for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1
              and n.inputs[1] is not None and n.inputs[1].name in names]
     if not nodes:

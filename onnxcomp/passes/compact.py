@@ -14,7 +14,12 @@ data stay as they are, so the model computes exactly what it computed before.
   shape inference or onnxruntime recomputes them; an initializer's tensor holds its own); graph
   inputs and outputs keep theirs.
 * Doc strings of the model, the graph and the nodes are dropped, and attributes that restate the
-  specification's default (:data:`onnxcomp.ops.ATTRIBUTE_DEFAULTS`).
+  specification's default (:data:`onnxcomp.ops.ATTRIBUTE_DEFAULTS`) or what the op infers from
+  the static shape of an input (:data:`onnxcomp.ops.INFERABLE_ATTRIBUTES`: a Conv's
+  ``kernel_shape`` equal to its weight's spatial dims, the weight's shape known in the graph).
+
+* Small int64 initializers (shapes, split sizes) are stored as varints (``int64_data``) where
+  that is shorter than 8 bytes a value (:func:`onnxcomp.io.varint_int64_tensor`; same values).
 
 Metadata properties, the producer and opset imports are kept. Subgraphs (If, Loop, Scan) are left
 as they are: names there may refer to the outer scope.
@@ -62,12 +67,61 @@ class CompactConfig(PassConfig):
     drop_value_info: bool = True
     drop_doc_strings: bool = True
     drop_default_attributes: bool = True
+    drop_inferable_attributes: bool = True
+    varint_int64: bool = True
 
     stage: ClassVar[str] = "compact"  # the config's name in messages
 
 
 def _has_subgraph(node: ir.Node) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+def _static_shape(value: ir.Value | None) -> list[int] | None:
+    """The dims of ``value`` when all are known integers (its tensor's, or its annotation)."""
+    if value is None:
+        return None
+    shape = value.const_value.shape if value.const_value is not None else value.shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _drop_inferable_attributes(model: ir.Model) -> int:
+    """Remove attributes equal to what their op infers from an input's static shape; how many."""
+    from onnxcomp.ops import INFERABLE_ATTRIBUTES
+
+    dropped = 0
+    for node in model.graph:
+        for name, rule in (INFERABLE_ATTRIBUTES.lookup(node, model) or {}).items():
+            attr = node.attributes.get(name)
+            inputs = node.inputs
+            shape = _static_shape(inputs[rule.input_index]) if len(inputs) > rule.input_index else None
+            if attr is not None and shape is not None and list(attr.value) == shape[rule.start:]:
+                del node.attributes[name]
+                dropped += 1
+    return dropped
+
+
+#: Larger int64 initializers keep their raw bytes (decoding varints costs load time).
+_VARINT_MAX_VALUES = 4096
+
+
+def _varint_int64(graph: ir.Graph) -> int:
+    """Store the graph's small int64 initializers as varints where shorter; how many."""
+    from onnxcomp.io import varint_int64_tensor
+
+    done = 0
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype != ir.DataType.INT64 or tensor.size > _VARINT_MAX_VALUES \
+                or isinstance(tensor, ir.serde.TensorProtoTensor):
+            continue
+        packed = varint_int64_tensor(tensor.numpy(), name)
+        if packed is not None:
+            value.const_value = packed
+            done += 1
+    return done
 
 
 class CompactGraphPass(CompressionPass[CompactConfig]):
@@ -79,7 +133,10 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
         cfg = self.config
         graph = model.graph
         stats: dict[str, Any] = {"renamed": 0, "value_info_dropped": 0, "doc_strings_dropped": 0,
-                                 "default_attributes_dropped": 0}
+                                 "default_attributes_dropped": 0, "inferable_attributes_dropped": 0,
+                                 "varint_int64": 0}
+        if cfg.drop_inferable_attributes:  # before value_info goes: it reads the inputs' shapes
+            stats["inferable_attributes_dropped"] = _drop_inferable_attributes(model)
         if any(_has_subgraph(n) for n in graph):
             # names inside a subgraph may refer to this graph's tensors: keep them all
             cfg = dataclasses.replace(cfg, rename=False)
@@ -124,6 +181,8 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
             from onnxcomp.passes.cleanup import _drop_default_attributes
 
             stats["default_attributes_dropped"] = _drop_default_attributes(model)
+        if cfg.varint_int64:
+            stats["varint_int64"] = _varint_int64(graph)
         changed = any(v for k, v in stats.items() if k != "note")
         return changed, stats
 

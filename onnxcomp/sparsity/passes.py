@@ -25,6 +25,16 @@ model (earlier layers already pruned and refitted, so errors do not pile up). Th
 refit that is not better than plain zeroing on those rows is dropped. Tensors outside those
 layouts (Gather tables, ConvTranspose) and layers of more than ``max_features`` inputs are pruned
 by magnitude.
+
+``share_bits = b`` (needs ``refit``) also does the weight sharing inside that loop, layer by
+layer: right after its fix, a layer's weights are clustered to :math:`2^b` shared values (an exact
+zero among them; 1-D k-means weighted by each input's energy :math:`\lVert X_j \rVert^2`, the
+codebook rounded to int8 times one float scale), each weight's entry chosen by GPTQ-style
+compensation on the layer's own :math:`X^\top X` with the bias as a last, free column that
+absorbs the mean error (or nearest entries and a re-solved bias, whichever errs less on the
+rows). The next layers are then fitted on the outputs of the clustered ones, so they compensate
+what sharing left. ``[cluster]`` later stores those tensors as they are (at most :math:`2^b`
+values each).
 """
 
 from __future__ import annotations
@@ -71,6 +81,19 @@ class SparsityConfig(PassConfig):
         max_features: layers whose output depends on more inputs than this (``c_in/g * kernel``
             for a Conv) skip the data-aware path and are pruned by magnitude: their statistics
             cost ``rows * features^2`` and the fix ``features^3`` per output.
+        min_inputs_kept: a layer whose outputs each read ``F`` inputs (``c_in/g * kernel`` for a
+            Conv) is pruned at most ``1 - min_inputs_kept / F``, so every output keeps about that
+            many inputs: a depthwise or first conv (9 inputs) is not starved by a ratio meant
+            for layers of hundreds, at a few bytes (its weights are few).
+        share_bits: cluster each refitted layer to ``2**share_bits`` values in the same loop
+            (module docstring); needs ``refit``.
+        share_bits_max / share_tolerance: for an output layer (one whose output reaches a graph
+            output without passing another fixed layer: no later fit can compensate its error),
+            the narrowest width from ``share_bits`` to ``share_bits_max`` whose output error on
+            the calibration rows is at most ``1 + share_tolerance`` times the fixed layer's
+            (unshared) error; the widest when none is. Earlier layers keep ``share_bits``: the
+            layers fitted after them absorb what sharing costs them. ``[cluster]`` stores
+            mixed widths as groups of one bit stream (its ``bits`` must be ``share_bits_max``).
     """
 
     ratio: float = 0.8
@@ -84,6 +107,10 @@ class SparsityConfig(PassConfig):
     max_rows: int = 20_000
     ridge: float = 1e-3
     max_features: int = 2048
+    share_bits: int | None = None
+    share_bits_max: int | None = None
+    share_tolerance: float = 1.0
+    min_inputs_kept: int = 0
 
     stage: ClassVar[str] = "sparsity"
     ranges: ClassVar[dict[str, Range]] = {
@@ -95,17 +122,29 @@ class SparsityConfig(PassConfig):
         "max_rows": Range(int, 1),
         "ridge": Range(float, 0.0),
         "max_features": Range(int, 1),
+        "share_bits": Range(int, 1, 8),
+        "share_bits_max": Range(int, 1, 8),
+        "share_tolerance": Range(float, 0.0),
+        "min_inputs_kept": Range(int, 0),
     }
 
     def validate(self) -> None:
         NodeSelector((), self.exclude)
+        if self.share_bits is not None and not self.refit:
+            raise ConfigError("sparsity: share_bits needs refit = true")
+        if self.share_bits_max is not None and (self.share_bits is None or self.share_bits_max < self.share_bits):
+            raise ConfigError("sparsity: share_bits_max needs share_bits and must not be below it")
 
     @property
     def needs_data(self) -> bool:
         return self.criterion == "activation" or self.refit
 
-    def ratio_for(self, op_type: str) -> float:
-        return self.conv_ratio if self.conv_ratio is not None and op_type in CONV_OPS else self.ratio
+    def ratio_for(self, op_type: str, fan_in: int | None = None) -> float:
+        """The fraction to zero in a layer of ``op_type`` whose outputs read ``fan_in`` inputs each."""
+        ratio = self.conv_ratio if self.conv_ratio is not None and op_type in CONV_OPS else self.ratio
+        if fan_in and self.min_inputs_kept:
+            ratio = min(ratio, max(0.0, 1.0 - self.min_inputs_kept / fan_in))
+        return ratio
 
 
 def magnitude_mask(saliency: np.ndarray, ratio: float) -> np.ndarray:
@@ -121,10 +160,10 @@ def magnitude_mask(saliency: np.ndarray, ratio: float) -> np.ndarray:
     return keep.reshape(np.shape(saliency))
 
 
-def _threshold_mask(w: np.ndarray, config: SparsityConfig, op_type: str) -> np.ndarray:
+def _threshold_mask(w: np.ndarray, config: SparsityConfig, op_type: str, fan_in: int | None = None) -> np.ndarray:
     if config.std_quality is not None:
         return np.abs(w) >= config.std_quality * float(np.std(w.astype(np.float64)))
-    return magnitude_mask(w, config.ratio_for(op_type))
+    return magnitude_mask(w, config.ratio_for(op_type, fan_in))
 
 
 def _tensor_record(w: np.ndarray, pruned: np.ndarray, how: str) -> dict[str, Any]:
@@ -159,8 +198,9 @@ def _magnitude(model: ir.Model, config: SparsityConfig, done: set[str]) -> tuple
         if target.name in done:
             continue
         w = target.value.const_value.numpy()
-        pruned = np.where(_threshold_mask(w, config, _first_consumer_op(target.value)), w, np.float32(0)).astype(
-            np.float32)
+        fan_in = w.size // max(w.shape[target.channel_axis], 1)
+        pruned = np.where(_threshold_mask(w, config, _first_consumer_op(target.value), fan_in), w,
+                          np.float32(0)).astype(np.float32)
         tensors[target.name] = _tensor_record(w, pruned, "magnitude")
         target.value.const_value = ir.tensor(pruned, name=target.name)
     return bool(tensors), _summary(config, tensors, skipped)
@@ -223,6 +263,82 @@ def _error(acc: Any, params: np.ndarray) -> float:
     return err / acc.yy
 
 
+def _output_layers(model: ir.Model, fitted: set[str]) -> set[str]:
+    """The names of the ``fitted`` nodes from which a graph output is reachable without passing
+    another fitted node (their errors reach the output uncompensated)."""
+    outputs = {id(v) for v in model.graph.outputs}
+    found = set()
+    for node in model.graph:
+        if node.name not in fitted:
+            continue
+        stack, seen = list(node.outputs), set()
+        while stack:
+            value = stack.pop()
+            if id(value) in outputs:
+                found.add(node.name)
+                break
+            for use in value.uses():
+                user = use.node
+                if id(user) not in seen and user.name not in fitted:
+                    seen.add(id(user))
+                    stack.extend(user.outputs)
+    return found
+
+
+def _shared_weights(acc: Any, params: np.ndarray, keep: np.ndarray, bits: int,
+                    fit_bias: bool) -> tuple[np.ndarray, str]:
+    """``params`` ``[g, k+1, m_g]`` with the weights clustered to ``2**bits`` values (``share_bits``):
+    the compensated assignment or the nearest one with a re-solved bias, whichever errs less."""
+    from onnxcomp.cluster.kmeans import kmeans_1d
+    from onnxcomp.quant.gptq import gptq_snap
+    from onnxcomp.sparsity.storage import int8_symmetric
+
+    g, k1, mg = params.shape
+    k = k1 - 1
+    weights = params[:, :k, :]
+    energy = np.broadcast_to(np.maximum(np.diagonal(acc.gram[:, :k, :k], axis1=1, axis2=2), 0.0)[:, :, None],
+                             weights.shape)
+    energy = energy + 1e-12 * max(float(energy.max(initial=0.0)), 1.0)
+    centroids = kmeans_1d(weights.astype(np.float32), 2**bits, preserve_zero=True, weights=energy).centroids
+    q, scale = int8_symmetric(np.asarray(centroids, np.float32))
+    table = np.unique((q.astype(np.float32) * scale).astype(np.float32)).astype(np.float64)
+    if not np.any(table == 0):
+        table = np.unique(np.append(table, 0.0))
+
+    def nearest(values: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(table, values), 1, max(table.size - 1, 1))
+        lower, upper = table[pos - 1], table[np.minimum(pos, table.size - 1)]
+        return np.where(np.abs(values - lower) <= np.abs(upper - values), lower, upper)
+
+    near = params.copy()
+    near[:, :k, :] = np.where(keep, nearest(weights), 0.0)
+    if fit_bias:  # the bias that fits the snapped weights best: b = (c_k - G_k,:k W) / G_kk
+        diag = acc.gram[:, k, k][:, None]
+        solved = (acc.cross[:, k, :] - np.einsum("gi,gim->gm", acc.gram[:, k, :k], near[:, :k, :])) / np.where(
+            diag > 0, diag, 1.0)
+        near[:, k, :] = np.where(diag > 0, solved, near[:, k, :])
+    best, how = near, "nearest"
+    compensated = params.copy()
+    ok = True
+    with blas_threads(1):
+        for i in range(g):
+            pruned = ~keep[i].T  # [m_g, k]
+
+            def snap(col: np.ndarray, j: int, pruned=pruned) -> np.ndarray:
+                if j == k:
+                    return col if fit_bias else params[i, k, :]
+                return np.where(pruned[:, j], 0.0, nearest(col))
+
+            got = gptq_snap(params[i].T, acc.gram[i], snap)
+            if got is None:
+                ok = False
+                break
+            compensated[i] = got.T
+    if ok and _error(acc, compensated) < _error(acc, near):
+        best, how = compensated, "compensated"
+    return best, how
+
+
 def sparsify(
     model: ir.Model,
     config: SparsityConfig,
@@ -264,6 +380,7 @@ def sparsify(
     feeds = rc._count_feeds(data) if plans else 0
     graph = model.graph
     taken = all_value_names(graph)
+    output_layers = _output_layers(model, set(plans))
     tensors: dict[str, dict[str, Any]] = {}
     layers: list[dict[str, Any]] = []
     done: set[str] = set()
@@ -283,7 +400,7 @@ def sparsify(
         if config.std_quality is not None:
             keep = np.abs(weights) >= config.std_quality * float(np.std(weights))
         else:
-            keep = magnitude_mask(saliency, config.ratio_for(plan.node.op_type))
+            keep = magnitude_mask(saliency, config.ratio_for(plan.node.op_type, k))
         zeroed = old.copy()
         zeroed[:, :k, :] = np.where(keep, weights, 0.0)
         error = _error(acc, zeroed)
@@ -300,6 +417,15 @@ def sparsify(
             if np.all(np.isfinite(fitted)) and fitted_error < error:
                 params, record["refit"] = fitted, True
         params[:, :k, :] = np.where(keep, params[:, :k, :], 0.0)  # exact zeros
+        if config.share_bits is not None:
+            limit = (1.0 + config.share_tolerance) * _error(acc, params)
+            widest = max(config.share_bits_max or 0, config.share_bits) if name in output_layers else config.share_bits
+            for bits in range(config.share_bits, widest + 1):
+                shared, how = _shared_weights(acc, params, keep, bits, plan.fit_bias)
+                record.update(share=how, share_bits=bits, error_shared=_error(acc, shared))
+                if record["error_shared"] <= limit:
+                    break
+            params = shared
         plan.write(params, graph, taken)
         new_weight = plan.node.inputs[1]
         pruned = new_weight.const_value.numpy()

@@ -42,6 +42,7 @@ import onnx_ir as ir
 from onnxcomp.cluster.kmeans import huffman_bits_per_symbol
 
 __all__ = ["SPARSE_STORAGE_OPSET", "LabelEncoding", "bits_for", "pack_bits", "unpack_bits", "encode_labels",
+           "encode_bitmask_groups",
            "decode_labels", "build_label_decoder", "bias_tensors", "int8_symmetric", "store_int8"]
 
 #: BitwiseAnd (the bit unpacking) needs opset 18.
@@ -91,6 +92,9 @@ class LabelEncoding:
     #: label histogram of the stored labels and gap histogram (for the entropy-coding estimate)
     label_counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
     gap_counts: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    #: bitmask with mixed widths (:func:`encode_bitmask_groups`): ``(bits, stored labels)`` per
+    #: group, in stream order; ``labels`` then holds the groups' packed streams one after another
+    groups: tuple[tuple[int, int], ...] | None = None
 
     @property
     def n(self) -> int:
@@ -191,10 +195,42 @@ def encode_labels(labels: np.ndarray, k: int, zero_label: int | None = None,
     return options[best][1]()
 
 
+def encode_bitmask_groups(labels: list[np.ndarray], bits: list[int], zero_label: int = 0) -> LabelEncoding:
+    """A bitmask encoding of the concatenation of ``labels`` where group ``i``'s nonzero labels
+    are packed at ``bits[i]`` bits (tensors clustered to codebooks of different sizes)."""
+    flats = [np.asarray(a).reshape(-1).astype(np.int64) for a in labels]
+    for flat, b in zip(flats, bits):
+        if flat.size and (flat.min() < 0 or flat.max() >= 1 << b):
+            raise ValueError(f"labels must lie in [0, {(1 << b) - 1}] for {b} bits")
+    flat = np.concatenate(flats)
+    nz = flat != zero_label
+    kept = [f[f != zero_label] for f in flats]
+    streams = [pack_bits(k, b) for k, b in zip(kept, bits)]
+    return LabelEncoding("bitmask", (flat.size,), max(bits), np.concatenate(streams), int(nz.sum()), zero_label,
+                         mask=np.packbits(nz.astype(np.uint8), bitorder="little"),
+                         label_counts=np.bincount(flat[nz], minlength=1),
+                         groups=tuple((int(b), int(k.size)) for b, k in zip(bits, kept)))
+
+
+def _group_streams(enc: LabelEncoding) -> list[tuple[int, int, np.ndarray]]:
+    """``(bits, count, packed)`` per group of a grouped bitmask encoding."""
+    out, offset = [], 0
+    for b, count in enc.groups or ():
+        size = -(-count * b // 8)
+        out.append((b, count, enc.labels[offset: offset + size]))
+        offset += size
+    return out
+
+
 def decode_labels(enc: LabelEncoding) -> np.ndarray:
     """The labels (int64, the weight's shape) that ``enc`` stores: the numpy reference decoder."""
     n = enc.n
-    if enc.kind == "dense":
+    if enc.groups is not None:
+        mask = np.unpackbits(enc.mask, bitorder="little")[:n].astype(np.int64)
+        kept = [unpack_bits(packed, b, count) for b, count, packed in _group_streams(enc)]
+        ext = np.concatenate([[enc.zero_label], *kept])
+        flat = ext[np.cumsum(mask) * mask]
+    elif enc.kind == "dense":
         flat = unpack_bits(enc.labels, enc.label_bits, n)
     elif enc.kind == "bitmask":
         mask = np.unpackbits(enc.mask, bitorder="little")[:n].astype(np.int64)
@@ -208,9 +244,17 @@ def decode_labels(enc: LabelEncoding) -> np.ndarray:
 
 
 def build_label_decoder(
-    add: Callable[..., ir.Value], const: Callable[[str, np.ndarray], ir.Value], enc: LabelEncoding
+    add: Callable[..., ir.Value], const: Callable[[str, np.ndarray], ir.Value], enc: LabelEncoding,
+    shape: bool = True,
 ) -> ir.Value:
-    """Nodes that rebuild :func:`decode_labels` (int64, the weight's shape) from initializers.
+    """Nodes that rebuild :func:`decode_labels` (int64, the weight's shape; flat with ``shape=False``)
+    from initializers.
+
+    All packed arrays of the encoding are stored as ONE uint8 initializer of shape ``[bytes, 1]``
+    (mask or gaps first, then the labels; with a bitmask the labels stream starts with
+    ``zero_label``, so the gather by rank needs no Concat), unpacked to bits once
+    (``BitShift -> BitwiseAnd -> Reshape -> Cast``); each field is a Slice of that bit stream,
+    and a field of ``b > 1`` bits per value is ``Reshape [-1, b] -> MatMul [1, 2, 4, ...]``.
 
     ``add(op_type, inputs, **attributes)`` appends a node and returns its output;
     ``const(suffix, array)`` registers an initializer and returns its value.
@@ -223,37 +267,54 @@ def build_label_decoder(
             made[suffix] = _register(suffix, array)
         return made[suffix]
 
-    def unpack(packed: np.ndarray, suffix: str, bits: int, n: int) -> ir.Value:
-        stream = add("BitwiseAnd", [add("BitShift", [add("Unsqueeze", [const(suffix, packed), const("axis1", i64(1))]),
-                                                     const("shifts", np.arange(8, dtype=np.uint8))],
-                                        direction="RIGHT"),
-                                    const("one", np.array([1], np.uint8))])
-        stream = add("Slice", [add("Reshape", [stream, const("flat", i64(-1))]), const("start", i64(0)),
-                               const(f"{suffix}_end", i64(n * bits))])
-        values = add("Cast", [stream], to=ir.DataType.INT64)
-        if bits == 1:
-            return values
-        values = add("Mul", [add("Reshape", [values, const(f"{suffix}_rows", i64(n, bits))]),
-                             const(f"pow{bits}", (np.int64(1) << np.arange(bits)).astype(np.int64))])
-        return add("ReduceSum", [values, const("axis1", i64(1))], keepdims=0)
-
-    n, b = enc.n, enc.label_bits
+    fields = _stream_fields(enc)
+    packed = np.concatenate([array for _, array, _, _ in fields]).reshape(-1, 1)
+    stream = add("BitwiseAnd", [add("BitShift", [const("packed", packed), const("shifts", np.arange(8, dtype=np.uint8))],
+                                    direction="RIGHT"), const("one", np.array([1], np.uint8))])
+    bits_all = add("Cast", [add("Reshape", [stream, const("flat", i64(-1))])], to=ir.DataType.INT64)
+    values: dict[str, ir.Value] = {}
+    offset = 0
+    for name, array, bits, count in fields:
+        start = const(f"{name}_start", i64(8 * offset)) if offset else const("zero64", i64(0))
+        field = add("Slice", [bits_all, start, const(f"{name}_end", i64(8 * offset + count * bits))])
+        if bits > 1:
+            field = add("MatMul", [add("Reshape", [field, const(f"rows{bits}", i64(-1, bits))]),
+                                   const(f"pow{bits}", (np.int64(1) << np.arange(bits)).astype(np.int64))])
+        values[name] = field
+        offset += array.size
     if enc.kind == "dense":
-        flat = unpack(enc.labels, "labels", b, n)
+        flat = values["labels"]
     elif enc.kind == "bitmask":
-        mask = unpack(enc.mask, "mask", 1, n)
-        rank = add("Mul", [add("CumSum", [mask, const("axis0", np.array(0, np.int64))]), mask])
-        ext = add("Concat", [const("zero_label", i64(enc.zero_label)), unpack(enc.labels, "labels", b, enc.count)],
-                  axis=0)
-        flat = add("Gather", [ext, rank], axis=0)
+        mask = values["mask"]
+        rank = add("Mul", [add("CumSum", [mask, const("zero64", i64(0))]), mask])
+        groups = [values[name] for name, _, _, _ in fields if name.startswith("labels")]
+        labels = groups[0] if len(groups) == 1 else add("Concat", groups, axis=0)
+        flat = add("Gather", [labels, rank])
     else:
-        gaps = unpack(enc.gaps, "gaps", enc.gap_bits, enc.count)
-        ends = add("CumSum", [add("Add", [gaps, const("one64", i64(1))]), const("axis0", np.array(0, np.int64))])
+        ends = add("CumSum", [add("Add", [values["gaps"], const("one64", i64(1))]), const("zero64", i64(0))])
         positions = add("Sub", [ends, const("one64", i64(1))])
-        base = add("ConstantOfShape", [const("size", i64(n))],
+        base = add("ConstantOfShape", [const("size", i64(enc.n))],
                    value=ir.tensor(np.array([enc.zero_label], np.int64)))
-        flat = add("ScatterElements", [base, positions, unpack(enc.labels, "labels", b, enc.count)], axis=0)
-    return add("Reshape", [flat, const("shape", np.array(enc.shape, np.int64))])
+        flat = add("ScatterElements", [base, positions, values["labels"]])
+    return add("Reshape", [flat, const("shape", np.array(enc.shape, np.int64))]) if shape else flat
+
+
+def _stream_fields(enc: LabelEncoding) -> list[tuple[str, np.ndarray, int, int]]:
+    """The packed arrays of ``enc`` in stream order: (name, uint8 bytes, bits per value, values)."""
+    if enc.kind == "dense":
+        return [("labels", enc.labels, enc.label_bits, enc.n)]
+    if enc.groups is not None:  # the first group's stream starts with zero_label
+        fields = [("mask", enc.mask, 1, enc.n)]
+        for i, (b, count, packed) in enumerate(_group_streams(enc)):
+            if i == 0:
+                packed = pack_bits(np.concatenate([[enc.zero_label], unpack_bits(packed, b, count)]), b)
+            fields.append((f"labels{i}" if i else "labels", packed, b, count + (i == 0)))
+        return fields
+    if enc.kind == "bitmask":
+        kept = unpack_bits(enc.labels, enc.label_bits, enc.count)
+        labels = pack_bits(np.concatenate([[enc.zero_label], kept]), enc.label_bits)
+        return [("mask", enc.mask, 1, enc.n), ("labels", labels, enc.label_bits, enc.count + 1)]
+    return [("gaps", enc.gaps, enc.gap_bits, enc.count), ("labels", enc.labels, enc.label_bits, enc.count)]
 
 
 def encoding_stats(enc: LabelEncoding) -> dict[str, Any]:
