@@ -115,8 +115,10 @@ class ClusterConfig(PassConfig):
             the rounded codebook).
         float16_biases: ``sparse`` format: every bias of the main graph (as for ``int8_biases``,
             any size) is rounded to float16 and stored in one float16 initializer, rebuilt by one
-            ``Cast`` and one ``Split`` (relative error at most 2^-11 per value); takes precedence
-            over ``int8_biases`` there.
+            ``Cast`` and one ``Split`` (error at most 2^-11 of the tensor's largest value); a bias
+            float16 cannot hold that closely (a value beyond 65504, or every value far below
+            float16's normal range, such as 1e-8) stays float32. Takes precedence over
+            ``int8_biases`` there.
         seed / max_iter: k-means determinism and iteration cap.
         compensate: choose each weight's codebook entry by GPTQ-style error compensation on the
             layer-input Hessian from calibration data (:func:`onnxcomp.quant.gptq.gptq_snap`:
@@ -487,8 +489,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         """Every bias of the main graph rounded to float16, in one initializer: ``Split(Cast(stream))``
         (``float16_biases``); per tensor: bytes and relative error."""
         graph = model.graph
-        values = [v for v in bias_tensors(graph, model, 1)
-                  if np.all(np.abs(v.const_value.numpy()) < np.finfo(np.float16).max)]
+        values = [v for v in bias_tensors(graph, model, 1) if _float16_holds(v.const_value.numpy())]
         if not values:
             return {}
         originals = [v.const_value.numpy() for v in values]
@@ -648,6 +649,21 @@ _INT8_BIAS_MIN_ELEMENTS = 16
 
 #: Name prefix of the shared label decoder of the sparse format.
 _SHARED = "sparse_labels"
+
+
+def _float16_holds(values: np.ndarray) -> bool:
+    """Whether float16 keeps every value of ``values`` (float32) within its relative precision
+    (2^-11) of the tensor's largest magnitude: no value beyond float16's range (65504), and not a
+    tensor whose values all lie so far below float16's normal range (6.1e-5) that rounding them to
+    its subnormals (steps of 6e-8) moves them by more (a bias of 1e-8 would become 0)."""
+    v = np.asarray(values, np.float32)
+    if v.size == 0:
+        return True
+    peak = float(np.max(np.abs(v)))
+    if not np.isfinite(peak) or peak >= float(np.finfo(np.float16).max):
+        return False
+    error = float(np.max(np.abs(v.astype(np.float16).astype(np.float64) - v.astype(np.float64))))
+    return error <= 2.0**-11 * peak
 
 
 def _int8_codebook(w: np.ndarray, clustered: _Clustered, axis: int) -> _Clustered:
