@@ -30,7 +30,8 @@ Budget (per output; all must hold)
                 (CTC recognizers), or rank-3 logits of a     CTC decoding, 1 - normalized edit
                 MatMul/Gemm whose top class is the first or  distance) >= ``min_agreement``
                 last class (the blank) in at least half of
-                the returned steps; time-major
+                the returned steps (not one step per token
+                of an integer input: tags); time-major
                 ``[T, N, C]`` read as such
     map         Sigmoid of rank >= 4, ``[N, C, H, W]``       region agreement (F1 of the
                 (probability maps: detection, masks)        8-connected regions above 0.5,
@@ -93,7 +94,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -632,6 +633,9 @@ class OutputView:
         top_class, top_share, steps: returned arrays only: the most frequent class of highest
             score (last axis) over the ``steps`` positions (all axes but the last), and the share of
             positions it takes (a CTC blank fills at least half of the steps).
+        per_token: returned arrays only: a rank-3 array whose first two dims are those of an
+            integer feed ``[N, T]`` (token ids): one row per input token, a token classifier's tags
+            (its "outside" tag tops most tokens), not CTC steps.
         returned: ``shape`` and ``floating`` are the returned array's.
     """
 
@@ -644,15 +648,18 @@ class OutputView:
     top_class: int | None = None
     top_share: float | None = None
     steps: int = 0
+    per_token: bool = False
     returned: bool = False
 
     @property
     def rank(self) -> int | None:
         return None if self.shape is None else len(self.shape)
 
-    def seen(self, array: np.ndarray) -> OutputView:
-        """This output as the original returned it (``array``: its output on one feed)."""
+    def seen(self, array: np.ndarray, token_shapes: Collection[tuple[int, ...]] = ()) -> OutputView:
+        """This output as the original returned it (``array``: its output on one feed;
+        ``token_shapes``: the shapes of that feed's rank-2 integer arrays)."""
         a = np.asarray(array)
+        per_token = a.ndim == 3 and any(tuple(s) in (a.shape[:2], a.shape[1::-1]) for s in token_shapes)
         floating = a.dtype.kind == "f"
         top = share = None
         if floating and a.ndim >= 2 and a.shape[-1] >= 2 and a.size:
@@ -660,7 +667,7 @@ class OutputView:
             top, share = int(counts.argmax()), float(counts.max() / counts.sum())
         return dataclasses.replace(self, shape=tuple(int(d) for d in a.shape), floating=floating, top_class=top,
                                    top_share=share, steps=a.size // a.shape[-1] if a.ndim and a.shape[-1] else 0,
-                                   returned=True)
+                                   per_token=per_token, returned=True)
 
     def agrees_with(self, other: OutputView) -> bool:
         """Whether this (declared) view admits ``other``'s (returned) shape and element type:
@@ -699,8 +706,10 @@ def _is_ctc_logits(view: OutputView) -> bool:
     """Rank-3 raw logits of a projection (:data:`CTC_LOGITS`) whose top class, in what the original
     returned, is one class at either end of the class axis (where CTC puts its blank) in at least
     half but not all of the steps: read only from returned arrays. The hidden states of an encoder
-    are no projection; the logits of a language model or a regression head have no such blank."""
-    if not (view.logits and view.rank == 3 and view.top_share is not None):
+    are no projection; the logits of a language model or a regression head have no such blank. A
+    token classifier's tags (NER: its "outside" tag is first and tops most tokens) have one step per
+    token of an integer input (``per_token``): they are no CTC steps."""
+    if not (view.logits and view.rank == 3 and view.top_share is not None) or view.per_token:
         return False
     classes = view.shape[-1]
     return (classes >= CTC_LOGITS["min_classes"] and view.steps >= CTC_LOGITS["min_steps"]
@@ -790,9 +799,11 @@ def _dims(shape: tuple[Dim, ...] | None) -> str:
     return "no shape" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def returned_kind(declared: str, array: np.ndarray, batch: int | None = None) -> JudgedKind:
+def returned_kind(declared: str, array: np.ndarray, batch: int | None = None,
+                  token_shapes: Collection[tuple[int, ...]] = ()) -> JudgedKind:
     """How an output of declared kind ``declared`` is judged, given ``array``, the original's
-    output on one feed (``batch``: that feed's batch size, when known).
+    output on one feed (``batch``: that feed's batch size, when known; ``token_shapes``: the
+    shapes of its rank-2 integer arrays, token ids, whose steps are no CTC steps).
 
     The kind is read from the returned shape and element type (:func:`classify` of
     :meth:`OutputView.seen`); the declared shape is the fallback (a plain string ``declared``,
@@ -802,7 +813,7 @@ def returned_kind(declared: str, array: np.ndarray, batch: int | None = None) ->
     view = getattr(declared, "view", None)
     if view is None:
         return JudgedKind(str(declared))
-    seen = view.seen(array)
+    seen = view.seen(array, token_shapes)
     kind = classify(seen)
     axes = (1, 0, 2) if kind == "sequence" and seen.rank == 3 and _time_major(seen.shape, batch) else None
     if view.agrees_with(seen) and kind == declared:
@@ -866,8 +877,10 @@ class OutputFigures:
 
     def _judge_kinds(self, ref_values: list[np.ndarray], feed: dict[str, np.ndarray] | None) -> None:
         batch = next((int(np.shape(a)[0]) for a in (feed or {}).values() if np.ndim(a)), None)
+        tokens = {tuple(np.shape(a)) for a in (feed or {}).values()
+                  if np.ndim(a) == 2 and np.asarray(a).dtype.kind in "iu"}
         for i, (declared, r) in enumerate(zip(self.declared, ref_values)):
-            judged = returned_kind(declared, r, batch)
+            judged = returned_kind(declared, r, batch, tokens)
             self.axes[i], self.notes[i] = judged.axes, judged.note
             if judged.kind != self.kinds[i]:
                 self.kinds[i], self.figures[i] = judged.kind, self._fresh(judged.kind)

@@ -4,6 +4,7 @@ returned shapes: each test here failed before its fix."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx.helper as oh
 import onnx_ir as ir
 import pytest
@@ -52,3 +53,42 @@ def test_float16_biases_keep_float32_where_float16_cannot_hold_the_tensor(rng):
     reference.graph.initializers["b2"].const_value = ir.tensor(b2, name="b2")
     feeds = [{"x": (1e-3 * rng.standard_normal((4, 32))).astype(np.float32)} for _ in range(2)]
     assert_equivalent(reference, model, feeds, atol=0, rtol=1e-6)
+
+
+def _token_classifier(rng, w, *, vocab=50, dim=16, classes=12):
+    """input_ids [N, T] (int64) -> embedding Gather -> MatMul -> Add: one tag score row per token,
+    the bias making tag 0 ("outside any entity") the top tag of about half the tokens."""
+    emb = np.random.default_rng(7).standard_normal((vocab, dim)).astype(np.float32)
+    b = np.zeros(classes, np.float32)
+    b[0] = 6.0
+    nodes = [oh.make_node("Gather", ["emb", "input_ids"], ["e"]), oh.make_node("MatMul", ["e", "w"], ["m"]),
+             oh.make_node("Add", ["m", "b"], ["logits"])]
+    return make_proto(nodes, [("input_ids", ["N", "T"], onnx.TensorProto.INT64)], [("logits", ["N", "T", classes])],
+                      [("emb", emb), ("w", w), ("b", b)])
+
+
+def test_token_classifier_logits_are_not_read_as_ctc():
+    """A token classifier (NER tags) returns raw logits [N, T, C] of a projection whose first class
+    tops about half the tokens: the CTC-logits rule read it as a sequence (decoded-sequence agreement
+    after collapsing repeats and dropping 'blanks') before the fix. One step per token of an integer
+    input is a tag per token, not CTC: it stays values (cosine), as declared, with no kind note."""
+    from onnxcomp.check import CheckConfig, check_model, output_kinds, returned_kind, split_data
+    from onnxcomp.data import Dataset
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    ref = io.load_model(_token_classifier(rng, w))
+    cand = io.load_model(_token_classifier(rng, w + (0.05 * rng.standard_normal(w.shape)).astype(np.float32)))
+    feeds = [{"input_ids": rng.integers(0, 50, (2, 20)).astype(np.int64)} for _ in range(6)]
+    logits = run_model(ref, feeds[:1])[0][0]
+    share = float(np.mean(logits.argmax(-1) == 0))
+    assert 0.5 <= share < 1.0  # what the CTC-logits rule looks for
+    declared = output_kinds(ref)["logits"]
+    assert returned_kind(declared, logits, batch=2, token_shapes={(2, 20)}).kind == "values"
+    split = split_data(None, CheckConfig(), evaluation=Dataset(feeds, ref))
+    report = check_model(ref, cand, split, CheckConfig(), compressed=1)
+    row = report["outputs"][0]
+    assert row["kind"] == "values" and row["rule"] == "cosine >= 0.985" and report["kind_note"] is None
+    assert row["ok"] and report["met"]
+    # the same logits with no integer input of their [N, T] are still read as CTC
+    assert returned_kind(declared, logits, batch=2).kind == "sequence"
