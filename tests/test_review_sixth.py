@@ -92,3 +92,30 @@ def test_token_classifier_logits_are_not_read_as_ctc():
     assert row["ok"] and report["met"]
     # the same logits with no integer input of their [N, T] are still read as CTC
     assert returned_kind(declared, logits, batch=2).kind == "sequence"
+
+
+def test_compaction_of_a_graph_whose_names_are_already_short(rng):
+    """Tensors named like the short names compaction hands out ('a', 'b', ...): renaming one
+    initializer to 'b' while the initializer 'b' was still registered raised ValueError before the
+    fix. Every name ends unique, graph inputs and outputs keep theirs, the model computes the same."""
+    from onnxcomp.graph import ORIGINAL_NAMES
+    from onnxcomp.passes.compact import CompactGraphPass
+
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("Conv", ["x", "w", "b"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["a"], ["c"]), oh.make_node("Reshape", ["c", "d"], ["e"]),
+             oh.make_node("Gemm", ["e", "g", "h"], ["y"], transB=1)]
+    proto = make_proto(nodes, [("x", ["N", 2, 4, 4])], [("y", ["N", 5])],
+                       [("g", f(5, 48)), ("h", f(5)), ("w", f(3, 2, 3, 3)), ("b", f(3)),
+                        ("d", np.array([0, -1], np.int64))], opset=18)
+    model, before = io.load_model(proto), io.load_model(proto)
+    stats = CompactGraphPass()(model).stats
+    assert stats["renamed"] > 0
+    names = [v.name for v in model.graph.initializers.values()] + [o.name for n in model.graph for o in n.outputs]
+    assert len(names) == len(set(names))
+    assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["y"]
+    original = model.meta[ORIGINAL_NAMES]  # each new name maps to the tensor's first name
+    for name, value in model.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(),
+                                      before.graph.initializers[original[name]].const_value.numpy(), err_msg=name)
+    assert_equivalent(before, io.load_model(io.model_to_bytes(model)), [{"x": f(2, 2, 4, 4)}], atol=1e-5, rtol=1e-5)

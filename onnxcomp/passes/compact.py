@@ -149,20 +149,26 @@ class CompactGraphPass(CompressionPass[CompactConfig]):
             names = short_names(set(interface))
             values = list(graph.initializers.values())
             values += [out for node in graph for out in node.outputs]
+            renamed = []  # initializers registered again under their new names once all have one
+            pairs = []  # (old, new): a new name may be the old name of a tensor renamed later
             for value in values:
                 if value.name and value.name not in interface and not value.is_graph_input() \
                         and not value.is_graph_output():
                     new = next(names)
-                    original[new] = original.pop(value.name, value.name)
+                    pairs.append((value.name, new))
                     if value.is_initializer():
                         graph.initializers.pop(value.name)
                         value.name = new
                         if value.const_value is not None:
                             value.const_value.name = new
-                        graph.register_initializer(value)
+                        renamed.append(value)
                     else:
                         value.name = new
                     stats["renamed"] += 1
+            for value in renamed:
+                graph.register_initializer(value)
+            first = {old: original.pop(old, old) for old, _ in pairs}
+            original.update((new, first[old]) for old, new in pairs)
             for node in graph:
                 node.name = None
         if cfg.drop_value_info:  # initializers carry their type and shape in the tensor itself
