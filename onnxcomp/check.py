@@ -820,7 +820,8 @@ def returned_kind(declared: str, array: np.ndarray, batch: int | None = None,
         return JudgedKind(kind, axes)
     layout = " (time-major [T, N, C])" if axes else ""
     other = f", not {declared}" if kind != declared else ""
-    return JudgedKind(kind, axes, f"output {view.name!r} declares {_dims(view.shape)} but returns {_dims(seen.shape)}: "
+    link = "and" if view.agrees_with(seen) else "but"  # admitted shape, another kind: no "but"
+    return JudgedKind(kind, axes, f"output {view.name!r} declares {_dims(view.shape)} {link} returns {_dims(seen.shape)}: "
                                   f"judged as {kind}{layout} from the returned shape{other}")
 
 

@@ -126,7 +126,7 @@ def test_symbolic_and_absent_declared_shapes():
     assert output_kinds(io.load_model(symbolic)) == {"y": "values"}
     report = _check(symbolic, symbolic, feeds)
     assert report["outputs"][0]["kind"] == "sequence" and report["outputs"][0]["sequence_agreement"] == 1.0
-    assert report["kind_note"] == ("output 'y' declares [T, N, C] but returns [10, 1, 12]: judged as sequence "
+    assert report["kind_note"] == ("output 'y' declares [T, N, C] and returns [10, 1, 12]: judged as sequence "
                                    "(time-major [T, N, C]) from the returned shape, not values")
     # no declared shape at all, batch-major [1, T, C]
     absent = io.load_model(_ctc_model(t, [1, t, C], time_major=False))
@@ -148,7 +148,7 @@ def test_symbolic_and_absent_declared_shapes():
     assert output_kinds(io.load_model(relu)) == {"y": "scores"}
     report = _check(relu, relu, vfeeds)
     assert report["outputs"][0]["kind"] == "values" and report["outputs"][0]["rule"] == "cosine >= 0.985"
-    assert report["kind_note"] == ("output 'y' declares [batch, k] but returns [4, 1]: judged as values "
+    assert report["kind_note"] == ("output 'y' declares [batch, k] and returns [4, 1]: judged as values "
                                    "from the returned shape, not scores")
 
 
@@ -171,7 +171,7 @@ def test_rank_three_projections_without_a_blank_stay_values():
     first[14:, 0, 3] = 10.0
     judged = returned_kind(declared, first, batch=1)
     assert judged.kind == "sequence" and judged.axes == (1, 0, 2) and judged.note == (
-        "output 'y' declares [16, 1, 12] but returns [16, 1, 12]: judged as sequence (time-major [T, N, C]) "
+        "output 'y' declares [16, 1, 12] and returns [16, 1, 12]: judged as sequence (time-major [T, N, C]) "
         "from the returned shape, not values")
     # every step blank: nothing is read, no sequence
     blank = np.zeros((t, 1, C), np.float32)

@@ -119,3 +119,24 @@ def test_compaction_of_a_graph_whose_names_are_already_short(rng):
         np.testing.assert_array_equal(value.const_value.numpy(),
                                       before.graph.initializers[original[name]].const_value.numpy(), err_msg=name)
     assert_equivalent(before, io.load_model(io.model_to_bytes(model)), [{"x": f(2, 2, 4, 4)}], atol=1e-5, rtol=1e-5)
+
+
+def test_the_kind_note_says_but_only_when_the_declared_shape_disagrees():
+    """A declared shape that admits the returned one (symbols) but reads as another kind: the note
+    said 'declares [N, T, 12] but returns [1, 16, 12]' before the fix, as if the shapes disagreed."""
+    from onnxcomp.check import output_kinds, returned_kind
+
+    proto = make_proto([oh.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["N", "T", 12])], [("y", ["N", "T", 12])],
+                       [("w", np.eye(12, dtype=np.float32))])
+    declared = output_kinds(io.load_model(proto))["y"]
+    logits = np.zeros((1, 16, 12), np.float32)
+    logits[..., 0] = 1.0
+    logits[0, 3:6, 4] = 2.0
+    judged = returned_kind(declared, logits, batch=1)
+    assert judged.kind == "sequence" and judged.note == (
+        "output 'y' declares [N, T, 12] and returns [1, 16, 12]: judged as sequence from the returned shape, "
+        "not values")
+    wrong = io.load_model(proto)
+    wrong.graph.outputs[0].shape = ir.Shape([1, "T"])  # as a wrong export declares it (checker refuses the file)
+    assert returned_kind(output_kinds(wrong)["y"], logits, batch=1).note.startswith(
+        "output 'y' declares [1, T] but returns [1, 16, 12]")
