@@ -24,8 +24,9 @@ Budget (per output; all must hold)
     ==========  ==========================================  ===================================
     kind        which outputs                               figure >= threshold
     ==========  ==========================================  ===================================
-    scores      Softmax/LogSoftmax of rank != 3, or rank 2   top-1 agreement >= ``min_agreement``
-                with more than one column
+    scores      Softmax/LogSoftmax of rank != 3 (or of one   top-1 agreement >= ``min_agreement``
+                row per token of an integer input: tags),
+                or rank 2 with more than one column
     sequence    Softmax/LogSoftmax of rank 3, ``[N, T, C]``  decoded-sequence agreement (greedy
                 (CTC recognizers), or rank-3 logits of a     CTC decoding, 1 - normalized edit
                 MatMul/Gemm whose top class is the first or  distance) >= ``min_agreement``
@@ -699,7 +700,9 @@ def _is_exact(view: OutputView) -> bool:
 
 
 def _is_sequence(view: OutputView) -> bool:
-    return view.producer in SCORE_PRODUCERS and view.rank == 3
+    """A Softmax/LogSoftmax of rank 3, but not one row per input token (``per_token``: a token
+    classifier's tags are judged per token, as scores)."""
+    return view.producer in SCORE_PRODUCERS and view.rank == 3 and not view.per_token
 
 
 def _is_ctc_logits(view: OutputView) -> bool:

@@ -140,3 +140,33 @@ def test_the_kind_note_says_but_only_when_the_declared_shape_disagrees():
     wrong.graph.outputs[0].shape = ir.Shape([1, "T"])  # as a wrong export declares it (checker refuses the file)
     assert returned_kind(output_kinds(wrong)["y"], logits, batch=1).note.startswith(
         "output 'y' declares [1, T] but returns [1, 16, 12]")
+
+
+def test_token_tag_probabilities_are_judged_per_token():
+    """The same token classifier ending in a Softmax: a Softmax of rank 3 read as CTC steps
+    (decoded-sequence agreement: a tag flipped inside a run of equal tags is invisible after
+    collapsing repeats) before the fix; one step per token of an integer input is judged per token
+    (top-1 agreement), which sees the flipped tags."""
+    from onnxcomp.check import CheckConfig, check_model, split_data
+    from onnxcomp.data import Dataset
+
+    def softmaxed(w):
+        proto = _token_classifier(None, w)
+        proto.graph.node.append(oh.make_node("Softmax", ["logits"], ["tags"], axis=-1))
+        proto.graph.output[0].name = "tags"
+        return io.load_model(proto)
+
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    ref, cand = softmaxed(w), softmaxed(w + (0.3 * rng.standard_normal(w.shape)).astype(np.float32))
+    feeds = [{"input_ids": rng.integers(0, 50, (2, 20)).astype(np.int64)} for _ in range(6)]
+    r = np.concatenate([o[0] for o in run_model(ref, feeds)]).argmax(-1)
+    c = np.concatenate([o[0] for o in run_model(cand, feeds)]).argmax(-1)
+    split = split_data(None, CheckConfig(), evaluation=Dataset(feeds, ref))
+    report = check_model(ref, cand, split, CheckConfig(), compressed=1)
+    row = report["outputs"][0]
+    assert row["kind"] == "scores" and row["rule"] == "top-1 agreement >= 0.99"
+    assert row["top1_agreement"] == pytest.approx(float(np.mean(r == c)))
+    assert row["decisions"] == r.size and 0.5 < row["top1_agreement"] < 0.99 and not report["met"]
+    assert report["kind_note"] == ("output 'tags' declares [N, T, 12] and returns [2, 20, 12]: judged as scores "
+                                   "from the returned shape, not sequence")
