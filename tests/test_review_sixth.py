@@ -170,3 +170,30 @@ def test_token_tag_probabilities_are_judged_per_token():
     assert row["decisions"] == r.size and 0.5 < row["top1_agreement"] < 0.99 and not report["met"]
     assert report["kind_note"] == ("output 'tags' declares [N, T, 12] and returns [2, 20, 12]: judged as scores "
                                    "from the returned shape, not sequence")
+
+
+def test_sparse_format_reports_the_codebook_bytes_it_stores(rng):
+    """Codebooks of different sizes (layers shared at 2 bits, the output layer widened to 4) share one
+    int8 table of max-K rows: the reported bytes_after counted each codebook unpadded before the fix.
+    It now equals the bytes of what is stored: the packed stream, the int8 table, its scales."""
+    from onnxcomp.sparsity.passes import SparsityConfig, sparsify
+
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("Gemm", ["x", "w0", "b0"], ["h0"], transB=1), oh.make_node("Relu", ["h0"], ["r0"]),
+             oh.make_node("Gemm", ["r0", "w1", "b1"], ["h1"], transB=1), oh.make_node("Relu", ["h1"], ["r1"]),
+             oh.make_node("Gemm", ["r1", "w2", "b2"], ["y"], transB=1)]
+    model = io.load_model(make_proto(nodes, [("x", ["N", 24])], [("y", ["N", 10])],
+                                     [("w0", f(32, 24)), ("b0", f(32)), ("w1", f(32, 32)), ("b1", f(32)),
+                                      ("w2", f(10, 32)), ("b2", f(10))], opset=18))
+    calib = [{"x": f(4, 24)} for _ in range(16)]
+    sparsify(model, SparsityConfig(ratio=0.5, refit=True, min_elements=100, share_bits=2, share_bits_max=4,
+                                   share_tolerance=0.0), calib)
+    sizes = sorted(np.unique(v.const_value.numpy()).size for n, v in model.graph.initializers.items()
+                   if n.startswith("w"))
+    assert sizes[0] <= 4 < sizes[-1]  # codebooks of different sizes
+    stats = ClusterPass(ClusterConfig(format="sparse", bits=4, min_elements=100, channel_scales="never",
+                                      codebook_int8=True))(model).stats
+    stored = {n: v.const_value.nbytes for n, v in model.graph.initializers.items()
+              if n in ("sparse_labels_packed", "sparse_labels_codebook_q", "sparse_labels_codebook_scales")}
+    assert len(stored) == 3, sorted(model.graph.initializers)
+    assert stats["totals"]["bytes_after"] == sum(stored.values())

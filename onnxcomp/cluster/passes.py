@@ -300,8 +300,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         }
         if pending:
             shared = self._store_shared(graph, taken, pending)
-            side = sum((c.centroids.size + 4 if c.int8_scale is not None else c.centroids.nbytes)
-                       + (0 if c.scales is None else c.scales.nbytes) for _, c in pending)
+            side = _codebook_bytes([c for _, c in pending])
             totals.update(bytes_after=shared.nbytes + side, zlib_bytes_after=shared.zlib_bytes() + side,
                           entropy_bytes=shared.entropy_bytes() + side, storage=encoding_stats(shared),
                           zeros=float(np.mean(np.concatenate([c.snapped.reshape(-1) for _, c in pending]) == 0)))
@@ -649,6 +648,20 @@ _INT8_BIAS_MIN_ELEMENTS = 16
 
 #: Name prefix of the shared label decoder of the sparse format.
 _SHARED = "sparse_labels"
+
+
+def _codebook_bytes(clustered: list[_Clustered]) -> int:
+    """The bytes the ``sparse`` format stores for these tensors' codebooks and channel scales
+    (:meth:`ClusterPass._store_shared`): per-tensor codebooks as one table of the largest
+    codebook's rows, int8 with one float32 scale per tensor (``codebook_int8``) or float32;
+    per-channel codebooks each as they are."""
+    scales = sum(0 if c.scales is None else c.scales.nbytes for c in clustered)
+    if not all(c.centroids.ndim == 1 for c in clustered):
+        return sum(c.centroids.nbytes for c in clustered) + scales
+    cells = max(c.centroids.size for c in clustered) * len(clustered)
+    if all(c.int8_scale is not None for c in clustered):
+        return cells + 4 * len(clustered) + scales
+    return 4 * cells + scales
 
 
 def _float16_holds(values: np.ndarray) -> bool:
