@@ -21,7 +21,7 @@ def _gemms(rng, biases):
     nodes, inits, x = [], [], "x"
     for i, b in enumerate(biases):
         nodes += [oh.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"g{i}"], transB=1)]
-        inits += [(f"w{i}", (0.3 * rng.standard_normal((16 if i else 16, 32 if i == 0 else 16))).astype(np.float32)),
+        inits += [(f"w{i}", (0.3 * rng.standard_normal((16, 32 if i == 0 else 16))).astype(np.float32)),
                   (f"b{i}", np.asarray(b, np.float32))]
         x = f"g{i}"
     return make_proto(nodes, [("x", ["N", 32])], [(x, ["N", 16])], inits, opset=18)
