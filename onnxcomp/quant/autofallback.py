@@ -78,8 +78,11 @@ def fallback_to_budget(
     in this process).
 
     Returns the model and a report: ``met_on_fitting_data``, ``float_nodes`` (in ranking order),
-    ``blocks`` (the runs moved), ``int8_nodes``, ``evaluations``, ``history``, ``fitting_outputs``
-    (the chosen model's figures on the fitting feeds) and ``seconds``.
+    ``blocks`` (the runs moved), ``int8_nodes``, ``finish_nodes`` (the candidates that are
+    recurrent ops or embedding lookups, by kind), ``evaluations``, ``history``, ``fitting_outputs``
+    (the chosen model's figures on the fitting feeds) and ``seconds``; when met, the chosen model's
+    ``recurrent`` and ``embeddings`` sections (what its finish steps wrote, see
+    :meth:`~onnxcomp.quant.sensitivity.QuantStudy.build_with_reports`).
     """
     from onnxcomp.executors import Inline
     from onnxcomp.quant import static
