@@ -95,6 +95,21 @@ def test_the_int8_lstm_is_a_candidate_ranked_by_its_own_damage():
     assert _cosine(study, floated) > 0.999 > 0.99 > _cosine(study, study.build())
 
 
+def test_an_lstm_read_by_its_last_state_only_is_measured_there():
+    """An LSTM whose sequence output is omitted (only Y_h read) was measured nowhere: damage 0,
+    ranked last."""
+    from onnxcomp.quant.damage import ranked_blocks
+
+    proto = _conv_lstm()
+    lstm = proto.graph.node[-1]
+    del lstm.output[:]
+    lstm.output.extend(["", "h"])
+    proto.graph.output[0].CopyFrom(oh.make_tensor_value_info("h", onnx.TensorProto.FLOAT, [1, 1, H]))
+    _, _, study = _study(proto, _x_feeds(1, 24))
+    blocks, damage = ranked_blocks(study, study.nodes)
+    assert blocks[0] == ["lstm"] and damage["lstm"] > 10 * max(damage["conv1"], damage["conv2"]) > 0
+
+
 def test_the_checks_fallback_puts_the_lstm_float_and_meets_the_budget():
     _, _, study = _study(_conv_lstm(), _x_feeds(1, 24))
     budget = CheckConfig(min_cosine=0.998)

@@ -168,16 +168,18 @@ def isolated_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence
 
 def _measured_output(node: ir.Node, sqnr: dict[str, float], steps: int = 3) -> str | None:
     """The first tensor from ``node``'s output on that both models compute: an activation folded
-    into an int8 node (Relu, Clip) hides the node's own output, so its sole consumer's is taken."""
+    into an int8 node (Relu, Clip) hides the node's own output, so its sole consumer's is taken.
+    Failing that, another output of ``node`` both compute (an LSTM whose sequence output is
+    omitted and only the last state read)."""
     value = node.outputs[0]
     for _ in range(steps):
         if value.name in sqnr:
             return value.name
         consumers = value.consumers()
         if len(consumers) != 1 or not consumers[0].outputs:
-            return None
+            break
         value = consumers[0].outputs[0]
-    return None
+    return next((v.name for v in node.outputs[1:] if v.name and v.name in sqnr), None)
 
 
 def _measured_input(value: ir.Value, sqnr: dict[str, float], model: ir.Model, steps: int = 3) -> ir.Value:
