@@ -303,9 +303,12 @@ class QuantStudy:
         return self.build_with_reports(float_nodes, into=into)[0]
 
     def build_with_reports(self, float_nodes: set[str] | frozenset[str] = frozenset(), *,
-                           into: ir.Model | None = None) -> tuple[ir.Model, dict[str, dict[str, Any]]]:
+                           into: ir.Model | None = None, reports_only: bool = False
+                           ) -> tuple[ir.Model, dict[str, dict[str, Any]]]:
         """:meth:`build`, and the report sections of its finish steps
-        (:class:`onnxcomp.quant.static.FinishStep`: ``recurrent``, ``embeddings``) by kind."""
+        (:class:`onnxcomp.quant.static.FinishStep`: ``recurrent``, ``embeddings``) by kind.
+        ``reports_only``: the other finish steps (QAttention) are skipped: the model is not one
+        quantize writes, only the sections count."""
         from onnxcomp.quant.subgraphs import bodies_hidden, restore_float_body
 
         model = clone_model(self.work) if into is None else into
@@ -324,7 +327,7 @@ class QuantStudy:
             for step in self.finish:
                 if isinstance(step, static.FinishStep):
                     reports[step.kind] = step(model, finish_float)
-                else:
+                elif not reports_only:
                     step(model)
         return model, reports
 
@@ -334,7 +337,7 @@ class QuantStudy:
         One build; none without such steps."""
         if not any(isinstance(step, static.FinishStep) for step in self.finish):
             return self.finish_nodes
-        _, reports = self.build_with_reports()
+        _, reports = self.build_with_reports(reports_only=True)
         names = {n.name for n in self.work.graph}
         for step in self.finish:
             if isinstance(step, static.FinishStep) and step.kind in reports:
