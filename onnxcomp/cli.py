@@ -159,19 +159,32 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     add_output_flags(p)
 
 
-def _compressed_by_stages(stages: list[dict[str, Any]]) -> tuple[int | None, str]:
-    """What the lossy stages of a compress run changed (None when no stage is lossy)."""
+def _compressed_by_stages(stages: list[dict[str, Any]], model=None, written=None) -> tuple[int | None, str]:
+    """What the lossy stages of a compress run changed (None when no stage is lossy): a quantize
+    stage's int8 nodes, recurrent ops given int8 weights and quantized embedding lookups. When
+    they count nothing (a fidelity fallback's report has no recurrent or embedding section), the
+    int8 tensors ``written`` (the output) carries beyond ``model``'s (the input) instead."""
     counts = []
     for entry in stages:
         stats = entry["stats"]
         if entry["stage"] == "quantize":
-            counts.append((int(stats.get("int8_nodes") or stats.get("nodes_quantized") or 0), "quantized nodes"))
+            recurrent = stats.get("recurrent") or stats  # a dynamic report is its own section
+            tables = (stats.get("embeddings") or {}).get("tables") or {}
+            counts.append((int(stats.get("int8_nodes") or stats.get("nodes_quantized") or 0)
+                           + len(recurrent.get("lstm_int8") or ()) + len(recurrent.get("recurrent_weight_only") or ())
+                           + sum(len(t.get("nodes") or ()) for t in tables.values()), "quantized nodes"))
         elif entry["stage"] == "prune":
             counts.append((int(stats.get("channels_removed") or 0), "channels removed"))
         elif entry["stage"] == "cluster":
             counts.append((len(stats.get("tensors") or {}), "tensors clustered"))
     if not counts:
         return None, ""
+    if written is not None and not any(n for n, _ in counts) and any(e["stage"] == "quantize" for e in stages):
+        from onnxcomp.quant.verify import stored_int8_tensors
+
+        stored = stored_int8_tensors(written) - (stored_int8_tensors(model) if model is not None else 0)
+        if stored > 0:
+            return stored, "int8 tensors"
     return sum(n for n, _ in counts), ", ".join(what for _, what in counts)
 
 
@@ -244,7 +257,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     if free_dims:
         report["free_dims"] = free_dims
         report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]
-    count, what = _compressed_by_stages(report["stages"])
+    count, what = _compressed_by_stages(report["stages"], model, compressed)
     check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
                       why="" if count else "see each stage's statistics (--json)")
     status = check_status(args, check)

@@ -163,7 +163,8 @@ def _static_mode(
     )
     notes.extend(fallback.pop("notes", []))
     # main-graph nodes: the int8 units' nodes are counted in their branches' sections
-    main_int8 = [n for n in fallback["int8_nodes"] if n not in fallback.get("branches", {})]
+    main_int8 = [n for n in fallback["int8_nodes"]
+                 if n not in fallback.get("branches", {}) and n not in fallback.get("finish_nodes", {})]
     report = {"mode": "static", "config": config.to_dict(), "fallback": fallback,
               "int8_nodes": len(main_int8), "skipped": _fallback_reasons(fallback)}
     for section in ("recovery", "branches"):

@@ -20,6 +20,11 @@ then judges the result on the held-out data again). Everything reuses the quanti
   embedding cosine, ...) on the fitting feeds, so the stop rule is the final check's verdict on
   other data. More than ``max_float_fraction`` (a quarter) of the int8 nodes in float is refused: such a
   model has lost what int8 was for.
+* **Recurrent weights and embedding tables are candidates too.** The steps after the Q/DQ rewrite
+  (:class:`onnxcomp.quant.static.FinishStep`) give an LSTM int8 weights and an embedding table
+  int8 blocks; each such node is ranked by its own isolated damage, a block of its own, and may
+  go back to float like a block of the plan (the report's ``finish_nodes`` names them, its
+  ``recurrent`` / ``embeddings`` sections are those of the chosen model).
 """
 
 from __future__ import annotations
@@ -73,8 +78,11 @@ def fallback_to_budget(
     in this process).
 
     Returns the model and a report: ``met_on_fitting_data``, ``float_nodes`` (in ranking order),
-    ``blocks`` (the runs moved), ``int8_nodes``, ``evaluations``, ``history``, ``fitting_outputs``
-    (the chosen model's figures on the fitting feeds) and ``seconds``.
+    ``blocks`` (the runs moved), ``int8_nodes``, ``finish_nodes`` (the candidates that are
+    recurrent ops or embedding lookups, by kind), ``evaluations``, ``history``, ``fitting_outputs``
+    (the chosen model's figures on the fitting feeds) and ``seconds``; when met, the chosen model's
+    ``recurrent`` and ``embeddings`` sections (what its finish steps wrote, see
+    :meth:`~onnxcomp.quant.sensitivity.QuantStudy.build_with_reports`).
     """
     from onnxcomp.executors import Inline
     from onnxcomp.quant import static
@@ -89,9 +97,9 @@ def fallback_to_budget(
     executor = executor or Inline()
 
     def evaluate(float_nodes: Sequence[str]) -> tuple[ir.Model, dict[str, Any], bool]:
-        candidate = study.build(frozenset(float_nodes))
+        candidate, sections = study.build_with_reports(frozenset(float_nodes))
         result = study.evaluate([candidate], executor)[0]
-        return candidate, result, figures_meet(kind_list, result["outputs"], budget)
+        return candidate, {**result, "sections": sections}, figures_meet(kind_list, result["outputs"], budget)
 
     # The check already found the all-int8 model short of the budget: it is built once for the
     # per-layer comparison, not evaluated again.
@@ -126,6 +134,7 @@ def fallback_to_budget(
     k, model, result = best
     corrected = static.correct_biases(model, study.prepared) if study.prepared is not None else None
     report = _report(True, nodes_of(k), blocks[:k], study, history, started, damage, result)
+    report.update(result["sections"])  # what the finish steps wrote: the model's recurrent / embeddings sections
     if corrected is not None:
         report["bias_correction"] = corrected
     return model, report
@@ -139,6 +148,8 @@ def _report(met: bool, float_nodes: Sequence[str], blocks: Sequence[Sequence[str
         "float_nodes": list(float_nodes),
         "blocks": [list(b) for b in blocks],
         "int8_nodes": [n for n in study.nodes if n not in chosen],
+        # candidates int8 by the steps after the Q/DQ rewrite (recurrent weights, embedding tables)
+        "finish_nodes": dict(study.finish_nodes),
         "damage": {n: damage[n] for n in float_nodes},
         "evaluations": len(history),
         "history": history,

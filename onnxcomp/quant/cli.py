@@ -308,8 +308,13 @@ def _run(args: argparse.Namespace) -> int:
                 from onnxcomp.quant.sensitivity import branches_after
 
                 report["branches"] = branches_after(report["branches"], auto["float_nodes"])
-            # main-graph nodes: the int8 units' nodes are counted in their branches' sections
-            report["int8_nodes"] = len([n for n in auto["int8_nodes"] if n not in report.get("branches", {})])
+            # main-graph nodes: the int8 units' nodes are counted in their branches' sections, the
+            # recurrent ops and embedding lookups in their own (those of the model written now)
+            for section in ("recurrent", "embeddings"):
+                if section in auto:
+                    report[section] = auto.pop(section)
+            report["int8_nodes"] = len([n for n in auto["int8_nodes"]
+                                        if n not in report.get("branches", {}) and n not in auto["finish_nodes"]])
             if "onnxruntime" in report:  # the kernels of the model written now
                 from onnxcomp.quant.verify import fusion_report
 

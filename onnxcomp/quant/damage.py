@@ -25,12 +25,17 @@ Nodes are cut into runs of about :math:`\sqrt{N}/2` consecutive nodes (one each 
 ranked by the sum of the positive damages of their nodes (:func:`damage_blocks`). Both fallbacks
 (the check's, :mod:`onnxcomp.quant.autofallback`, and the one to a dB or accuracy target,
 :func:`onnxcomp.quant.sensitivity.quantize_with_fallback`) move blocks in that order.
+
+The int8 that the steps after the Q/DQ rewrite write (a recurrent op's int8 weights, an
+embedding table as GatherBlockQuantized: :class:`onnxcomp.quant.static.FinishStep`) is measured
+the same way: the int8 copy's recurrent op or lookup reads the float graph's inputs, and its
+output against the float op's is the noise its int8 weights add. Each is a block of its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -163,16 +168,18 @@ def isolated_damage(float_model: ir.Model, int8_model: ir.Model, nodes: Sequence
 
 def _measured_output(node: ir.Node, sqnr: dict[str, float], steps: int = 3) -> str | None:
     """The first tensor from ``node``'s output on that both models compute: an activation folded
-    into an int8 node (Relu, Clip) hides the node's own output, so its sole consumer's is taken."""
+    into an int8 node (Relu, Clip) hides the node's own output, so its sole consumer's is taken.
+    Failing that, another output of ``node`` both compute (an LSTM whose sequence output is
+    omitted and only the last state read)."""
     value = node.outputs[0]
     for _ in range(steps):
         if value.name in sqnr:
             return value.name
         consumers = value.consumers()
         if len(consumers) != 1 or not consumers[0].outputs:
-            return None
+            break
         value = consumers[0].outputs[0]
-    return None
+    return next((v.name for v in node.outputs[1:] if v.name and v.name in sqnr), None)
 
 
 def _measured_input(value: ir.Value, sqnr: dict[str, float], model: ir.Model, steps: int = 3) -> ir.Value:
@@ -198,13 +205,18 @@ def noise_ratio(db: float) -> float:
     return 1.0 if math.isnan(db) else min(1.0, 10.0 ** (-db / 10.0))
 
 
-def damage_blocks(nodes: Sequence[str], damage: dict[str, float], size: int | None = None) -> list[list[str]]:
+def damage_blocks(nodes: Sequence[str], damage: dict[str, float], size: int | None = None,
+                  alone: Collection[str] = ()) -> list[list[str]]:
     """``nodes`` (in graph order) cut into runs of ``size`` consecutive nodes (default about
     sqrt(N)/2, one node each below 16 nodes), worst first: by the noise their nodes add
-    (the sum of the positive damages: noise powers add)."""
+    (the sum of the positive damages: noise powers add). The nodes of ``alone`` are blocks of
+    their own, ranked among the runs by their own damage: a recurrent op or an embedding lookup
+    (the finish steps' candidates) goes float with no Q/DQ boundary to share with its neighbours."""
+    runs = [n for n in nodes if n not in alone]
     if size is None:
-        size = 1 if len(nodes) < 16 else max(2, round(math.sqrt(len(nodes)) / 2))
-    blocks = [list(nodes[i:i + size]) for i in range(0, len(nodes), size)]
+        size = 1 if len(runs) < 16 else max(2, round(math.sqrt(len(runs)) / 2))
+    blocks = [list(runs[i:i + size]) for i in range(0, len(runs), size)]
+    blocks += [[n] for n in nodes if n in alone]
     return sorted(blocks, key=lambda b: -sum(max(damage.get(n, 0.0), 0.0) for n in b))
 
 
@@ -221,4 +233,4 @@ def ranked_blocks(study, nodes: Sequence[str], float_nodes: frozenset[str] = fro
     damage = isolated_damage(reference, quantized, list(nodes), feeds, study.units)
     if damage is None:
         damage = local_damage(reference, quantized, list(nodes), feeds, study.units)
-    return damage_blocks(nodes, damage, block_size), damage
+    return damage_blocks(nodes, damage, block_size, alone=getattr(study, "finish_nodes", {})), damage

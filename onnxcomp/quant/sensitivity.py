@@ -22,7 +22,9 @@ Fallback (:func:`quantize_with_fallback`): quantize everything, measure; if the 
 about sqrt(N)/2 consecutive nodes once by the noise power their nodes add, each by itself (one
 run of the float graph beside the int8 one, every int8 node fed float inputs,
 :func:`onnxcomp.quant.damage.ranked_blocks`),
-find the fewest top-ranked blocks that meet the target by bisection, then, by bisection again,
+find the fewest top-ranked blocks that meet the target by bisection (a recurrent op or an
+embedding lookup that a step after the rewrite gives int8 weights is a candidate too, a block
+of its own: :attr:`QuantStudy.finish_nodes`), then, by bisection again,
 keep float only the fewest most damaging nodes of the last block: about
 log2(2 sqrt(N)) + log2(sqrt(N)/2) evaluations, where a trial per block and per node of the last
 block took about 2 sqrt(N). Below 16 candidates each is ranked by one trial in float instead
@@ -128,6 +130,8 @@ class BuildRecipe:
     finish: tuple[Callable[[ir.Model], object], ...]
     float_work: bytes | None
     units: dict[str, tuple[str, str]]
+    #: the finish steps' candidates (QuantStudy.finish_nodes)
+    finish_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 #: the studies read from recipes in this process, by recipe key (the latest few)
@@ -144,7 +148,7 @@ def recipe_study(recipe: BuildRecipe) -> QuantStudy:
             float_work = load_model(recipe.float_work, check=False) if recipe.float_work is not None else None
             study = QuantStudy(load_model(recipe.work, check=False), recipe.config, recipe.ranges, recipe.keep_float,
                                [], [], [], None, [], recipe.base_plan, None, list(recipe.finish),
-                               float_work=float_work, units=recipe.units)
+                               float_work=float_work, units=recipe.units, finish_nodes=recipe.finish_nodes)
             while len(_RECIPE_STUDIES) >= _RECIPES_KEPT:
                 del _RECIPE_STUDIES[next(iter(_RECIPE_STUDIES))]
             _RECIPE_STUDIES[recipe.key] = study
@@ -190,6 +194,10 @@ class QuantStudy:
     #: quantized them: the units, and those no calibration feed reaches (weight-only int8, no
     #: candidates: no evaluation feed reaches them either)
     branches: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: candidates the finish steps quantize (a recurrent op, an embedding Gather: name -> the
+    #: step's kind, ``recurrent`` or ``embeddings``), after the plan's nodes in :attr:`nodes`
+    #: (see :meth:`find_finish_nodes`)
+    finish_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_calibrated(
@@ -217,9 +225,11 @@ class QuantStudy:
         outputs = None
         if check_figures:
             outputs = ([v.name for v in work.graph.outputs], output_kinds(work), pooled_outputs(work))
-        return cls(work, calibrated.config, calibrated.ranges, calibrated.keep_float,
-                   with_units(work, calibrated.plan.nodes, units), feeds, reference, None, [], calibrated.base,
-                   calibrated.prepared, list(calibrated.finish), outputs, float_work=float_work, units=units)
+        study = cls(work, calibrated.config, calibrated.ranges, calibrated.keep_float,
+                    with_units(work, calibrated.plan.nodes, units), feeds, reference, None, [], calibrated.base,
+                    calibrated.prepared, list(calibrated.finish), outputs, float_work=float_work, units=units)
+        study.find_finish_nodes()
+        return study
 
     @classmethod
     def prepare(
@@ -270,8 +280,10 @@ class QuantStudy:
         # the steps quantize takes after the rewrite (static.quantize_static), so that the variants
         # are what quantize would write: embedding tables, recurrent weights
         finish = static.finish_steps(config)
-        return cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
-                   labels, notes, base, prepared, finish, float_work=float_work, units=units, branches=branches)
+        study = cls(work, config, result.ranges, keep_float, with_units(work, plan.nodes, units), feeds, reference,
+                    labels, notes, base, prepared, finish, float_work=float_work, units=units, branches=branches)
+        study.find_finish_nodes()
+        return study
 
     @property
     def samples(self) -> int:
@@ -282,11 +294,21 @@ class QuantStudy:
         """The model with every planned node in int8 except ``float_nodes``.
 
         ``into``: rewrite this model in place instead of a clone of the study's (it must be the
-        study's prepared model or an identical copy). With every candidate in ``float_nodes``
-        the finish steps (recurrent weights, embedding tables, QAttention) are not taken either:
-        a fallback that keeps everything float writes the float model, not one that still
-        carries their int8 tensors.
+        study's prepared model or an identical copy). The finish steps' candidates
+        (:attr:`finish_nodes`) in ``float_nodes`` are left float by their step. With every
+        candidate in ``float_nodes`` the finish steps (recurrent weights, embedding tables,
+        QAttention) are not taken at all: a fallback that keeps everything float writes the float
+        model, not one that still carries their int8 tensors.
         """
+        return self.build_with_reports(float_nodes, into=into)[0]
+
+    def build_with_reports(self, float_nodes: set[str] | frozenset[str] = frozenset(), *,
+                           into: ir.Model | None = None, reports_only: bool = False
+                           ) -> tuple[ir.Model, dict[str, dict[str, Any]]]:
+        """:meth:`build`, and the report sections of its finish steps
+        (:class:`onnxcomp.quant.static.FinishStep`: ``recurrent``, ``embeddings``) by kind.
+        ``reports_only``: the other finish steps (QAttention) are skipped: the model is not one
+        quantize writes, only the sections count."""
         from onnxcomp.quant.subgraphs import bodies_hidden, restore_float_body
 
         model = clone_model(self.work) if into is None else into
@@ -294,15 +316,36 @@ class QuantStudy:
         for unit in units:  # first: the main graph is planned around the float body (what it reads)
             restore_float_body(model, self.float_work, *unit)
         keep = dict(self.keep_float)
-        keep.update({n: "kept float (sensitivity)" for n in float_nodes})
+        keep.update({n: "kept float (sensitivity)" for n in float_nodes if n not in self.finish_nodes})
         plan = plan_static(model, self.config, keep_float=keep, within=self.base_plan)
         static.rewrite(model, self.config, plan, self.ranges)
+        reports: dict[str, dict[str, Any]] = {}
         if self.nodes and not set(self.nodes) - set(float_nodes):
-            return model  # all float: nothing for the finish steps to finish
+            return model, reports  # all float: nothing for the finish steps to finish
+        finish_float = frozenset(n for n in float_nodes if n in self.finish_nodes)
         with bodies_hidden(model, units):  # the steps after the rewrite (recurrent weights) reach into bodies
             for step in self.finish:
-                step(model)
-        return model
+                if isinstance(step, static.FinishStep):
+                    reports[step.kind] = step(model, finish_float)
+                elif not reports_only:
+                    step(model)
+        return model, reports
+
+    def find_finish_nodes(self) -> dict[str, str]:
+        """Make the main-graph nodes the finish steps quantize in the all-int8 build (recurrent
+        ops, embedding Gathers) candidates: :attr:`finish_nodes`, appended to :attr:`nodes`.
+        One build; none without such steps."""
+        if not any(isinstance(step, static.FinishStep) for step in self.finish):
+            return self.finish_nodes
+        _, reports = self.build_with_reports(reports_only=True)
+        names = {n.name for n in self.work.graph}
+        for step in self.finish:
+            if isinstance(step, static.FinishStep) and step.kind in reports:
+                for name in step.quantized(reports[step.kind]):
+                    if name in names and name not in self.nodes and name not in self.finish_nodes:
+                        self.finish_nodes[name] = step.kind
+        self.nodes = [*self.nodes, *(n for n in self.finish_nodes if n not in self.nodes)]
+        return self.finish_nodes
 
     def evaluate(self, models: Sequence[ir.Model], executor: concurrent.futures.Executor | None = None,
                  progress: Callable[[int, int], object] | None = None) -> list[dict[str, float]]:
@@ -341,7 +384,8 @@ class QuantStudy:
         """The build inputs of this study as picklable data (the models serialized)."""
         float_work = model_to_bytes(self.float_work) if self.float_work is not None else None
         return BuildRecipe(uuid.uuid4().hex, model_to_bytes(self.work), self.config, dict(self.ranges),
-                           dict(self.keep_float), self.base_plan, tuple(self.finish), float_work, dict(self.units))
+                           dict(self.keep_float), self.base_plan, tuple(self.finish), float_work, dict(self.units),
+                           dict(self.finish_nodes))
 
     def _run(self, task: Callable[..., dict[str, Any]], items: Sequence[Any],
              executor: concurrent.futures.Executor | None, progress: Callable[[int, int], object] | None,
@@ -601,6 +645,8 @@ def quantize_with_fallback(
         "int8_tensors": int8_tensors,
         "float_nodes": fallback,
         "int8_nodes": [n for n in study.nodes if n not in fallback],
+        # candidates int8 by the steps after the Q/DQ rewrite (recurrent weights, embedding tables)
+        "finish_nodes": dict(study.finish_nodes),
         "history": history,
         "latency": latency,
         "notes": study.notes,

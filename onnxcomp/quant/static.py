@@ -18,7 +18,7 @@ Both :func:`onnxcomp.quant.api.quantize` and the sensitivity / fallback study
 from __future__ import annotations
 
 import dataclasses
-import functools
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -351,9 +351,47 @@ def quantize_bodies(work: ir.Model, data: Dataset, config: QuantizeConfig, *, fo
 
 def finish_steps(config: QuantizeConfig) -> list[Callable[[ir.Model], object]]:
     """The steps :func:`quantize_static` takes after the rewrite (embedding tables, recurrent
-    weights), for variants of a calibration: plain functions of the model, picklable so that a
-    worker process can build a variant too."""
-    return [functools.partial(quantize_embeddings, config=config), functools.partial(quantize_recurrent, config=config)]
+    weights), for variants of a calibration: :class:`FinishStep` s, picklable so that a worker
+    process can build a variant too."""
+    return [FinishStep("embeddings", config), FinishStep("recurrent", config)]
+
+
+#: Why a finish step left a node float that a variant of the fallbacks keeps float.
+KEPT_FLOAT_BY_FALLBACK = "kept float by the fallback"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishStep:
+    """One step :func:`quantize_static` takes after the Q/DQ rewrite, as a picklable function of
+    the model that returns its report section: ``embeddings`` (:func:`quantize_embeddings`) or
+    ``recurrent`` (:func:`quantize_recurrent`).
+
+    Its nodes (the Gathers of the tables it quantizes, the recurrent ops it gives int8 weights)
+    are candidates of the fallbacks like the Q/DQ plan's nodes: ``float_nodes`` keeps those of
+    them float (excluded by exact name), and the report says why.
+    """
+
+    kind: str
+    config: QuantizeConfig
+
+    def __call__(self, model: ir.Model, float_nodes: frozenset[str] = frozenset()) -> dict[str, Any]:
+        config = self.config
+        if float_nodes:  # by exact name (a name may also be an op type: "LSTM")
+            config = dataclasses.replace(config, exclude=(*config.exclude, *(f"re:^{re.escape(n)}$" for n in sorted(float_nodes))))
+        step = quantize_embeddings if self.kind == "embeddings" else quantize_recurrent
+        report = step(model, config)
+        kept = report.get("recurrent_kept_float" if self.kind == "recurrent" else "skipped")
+        names = {n.name for n in model.graph}
+        for name in sorted(float_nodes):  # an excluded Gather is not reported at all
+            if name in names and (self.kind == "embeddings" or name in kept):
+                kept[name] = KEPT_FLOAT_BY_FALLBACK
+        return report
+
+    def quantized(self, report: dict[str, Any]) -> list[str]:
+        """The nodes this step's ``report`` says it quantized."""
+        if self.kind == "recurrent":
+            return [*report.get("lstm_int8", ()), *report.get("recurrent_weight_only", ())]
+        return [n for table in (report.get("tables") or {}).values() for n in table["nodes"]]
 
 
 def quantize_recurrent(work: ir.Model, config: QuantizeConfig) -> dict[str, Any]:
