@@ -164,8 +164,8 @@ def select_ranges(
         trial = clone_model(work)
         build(trial, ranges)
         figures = OutputFigures(names, kinds_of)
-        for ref, cand in zip(reference, run_model(trial, batch)):
-            figures.update(ref, cand)
+        for feed, ref, cand in zip(batch, reference, run_model(trial, batch)):
+            figures.update(ref, cand, feed)  # the feed: pooled outputs, token counts, batch size
         result = figures.result()
         scores[name] = _score(result, figures.kinds)
         table[name] = {"worst": scores[name][0], "sqnr_db": scores[name][1]}
