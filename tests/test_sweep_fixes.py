@@ -82,10 +82,13 @@ def test_default_quantize_says_when_int8_is_slower_than_float(rng, tmp_path, cap
     assert main(args + ["--json"]) == 0
     verdict = json.loads(capsys.readouterr().out)["int8_latency"]
     assert verdict["int8_slower"] and verdict["ratio"] == 1.25
+    assert verdict["hint"].startswith("--latency-aware keeps the op types that are slower in int8 float")
     assert calls[-1] == verdict["threads"] == bench.default_threads()  # onnxruntime's default, as bench's
     measured = len(calls)
     assert main(args + ["--force"]) == 0
-    assert "int8 is SLOWER than float" in " ".join(capsys.readouterr().out.split())
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "int8 is SLOWER than float" in printed
+    assert "--latency-aware keeps the op types that are slower in int8 float, and writes the float model" in printed
     before = len(calls)
     assert main(args + ["--force", "--no-latency", "--json"]) == 0
     assert "int8_latency" not in json.loads(capsys.readouterr().out)

@@ -335,6 +335,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.mode == "static" and count and _compare_latency(args, model, report):
         report["int8_latency"] = _int8_latency(model, quantized, split.check if split.check is not None else fit,
                                                args.threads, report, time_budget=30.0 if args.threads else 10.0)
+        if report["int8_latency"].get("int8_slower") and report["int8_latency"].get("significant") \
+                and not config.latency_aware:
+            report["int8_latency"]["hint"] = (
+                "--latency-aware keeps the op types that are slower in int8 float, and writes the float "
+                "model when what is left in int8 is still slower")
     if args.json:
         print_json(report)
         return status
@@ -416,6 +421,8 @@ def _run(args: argparse.Namespace) -> int:
         if len(skipped) > 20:
             con.print(f"  ... and {len(skipped) - 20} more (--json lists all)")
     print_int8_latency(con, report.get("int8_latency"))
+    if (report.get("int8_latency") or {}).get("hint"):
+        con.print(f"  [yellow]{esc(report['int8_latency']['hint'])}[/yellow]")
     print_check(con, check)
     return status
 
