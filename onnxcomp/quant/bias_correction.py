@@ -180,6 +180,8 @@ def _plan(node: ir.Node, reference_values: dict[str, ir.Value], cfg: BiasCorrect
     w_dq = _dq_of_constant(node.inputs[1] if len(node.inputs) > 1 else None)
     if w_dq is None:
         return "its weight is not quantized (no DequantizeLinear of a constant)"
+    if len(w_dq.inputs[0].const_value.shape) < 2:
+        return "its weight is a vector: its output has no channel axis"
     out = node.outputs[0]
     ref = reference_values.get(out.name)
     if ref is None:

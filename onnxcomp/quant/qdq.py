@@ -724,6 +724,8 @@ class _QDQRewrite:
             return
         x_scale, _ = self.act_params(x_point)
         b = b_value.const_value.numpy().astype(np.float32)
+        if np.ndim(w_scale) and np.size(w_scale) != b.size:  # e.g. one bias value broadcast: stays float
+            return
         ws = np.broadcast_to(w_scale, b.shape) if np.ndim(w_scale) else np.full(b.shape, float(w_scale), np.float32)
         bq = quantize_bias(b, np.float32(x_scale), ws)
         if bq.saturated:

@@ -79,11 +79,19 @@ def _gemm_weight_axis(node: ir.Node) -> int:
     return 0 if trans_b is not None and trans_b.as_int() else 1
 
 
+def _matmul_weight_axis(node: ir.Node) -> int | None:
+    """Per column for a 2-D weight only: onnxruntime's integer MatMul kernels refuse a per-column
+    zero point on a vector ([K]) or batched ([B, K, N]) weight at run time; those are per tensor."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = w.const_value.shape if w is not None and w.const_value is not None else None
+    return -1 if shape is not None and len(shape) == 2 else None
+
+
 QUANT_RULES: OpTable[QuantRule] = OpTable("quantization placement")
 QUANT_RULES.register("Conv", QuantRule("compute", (0,), weight=1, weight_axis=0, bias=2), since=10)
 QUANT_RULES.register(
     "MatMul",
-    QuantRule("compute", (0,), weight=1, weight_axis=-1, weight_may_be_activation=True, float_output_ok=True),
+    QuantRule("compute", (0,), weight=1, weight_axis=_matmul_weight_axis, weight_may_be_activation=True, float_output_ok=True),
     since=9,
 )
 QUANT_RULES.register(

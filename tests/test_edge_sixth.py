@@ -1,0 +1,72 @@
+"""Sixth-session edge cases of quantize (and its --bias-correction) on odd but valid models, run
+from the command line: each test here failed before its fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import make_proto
+
+from onnxcomp import io
+from onnxcomp.runtime import run_model
+
+
+def _cli(argv, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxcomp", *map(str, argv)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference**2) / max(np.sum((reference - other) ** 2), 1e-30)))
+
+
+def _quantize_ok(tmp_path: Path, proto: onnx.ModelProto, x: np.ndarray, extra: list[str]) -> float:
+    """Quantize from the CLI (exit 0, no traceback), run the output; its SQNR against the float model."""
+    model, data, out = tmp_path / "m.onnx", tmp_path / "cal.npz", tmp_path / "q.onnx"
+    onnx.save(proto, model)
+    np.savez(data, x=x)
+    proc = _cli(["quantize", model, "-o", out, "--calibration", data, "--no-fallback", "--quiet", *extra], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    feeds = [{"x": s} for s in x]
+    ref = np.concatenate([r[0] for r in run_model(io.load_model(proto), feeds)])
+    got = np.concatenate([r[0] for r in run_model(io.load_model(out), feeds)])
+    return _sqnr_db(ref, got)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize("weight_shape", [(8,), (2, 8, 6)])
+def test_matmul_with_vector_or_batched_weight_quantizes(tmp_path, rng, weight_shape, bias_correction):
+    """A MatMul whose weight is a vector ([K]: one output) or batched ([B, K, N]) is valid ONNX.
+    Before the fix its weight was quantized per column, which onnxruntime's integer MatMul kernel
+    refuses at run time ('b zero point is not valid'): quantize exited 1 after writing an output
+    that does not run. With --bias-correction the vector weight was also refused ('8 channels')."""
+    w = rng.standard_normal(weight_shape).astype(np.float32)
+    x_shape = [1, 8] if len(weight_shape) == 1 else [2, 1, 8]
+    y_shape = [1] if len(weight_shape) == 1 else [2, 1, 6]
+    proto = make_proto([oh.make_node("Relu", ["x"], ["r"]), oh.make_node("MatMul", ["r", "w"], ["y"])],
+                       [("x", x_shape)], [("y", y_shape)], [("w", w)])
+    x = rng.standard_normal((16, *x_shape)).astype(np.float32)
+    sqnr = _quantize_ok(tmp_path, proto, x, ["--bias-correction"] if bias_correction else [])
+    assert sqnr > 25.0, sqnr
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_gemm_with_one_broadcast_bias_value_quantizes(tmp_path, rng, bias_correction):
+    """A Gemm bias of shape [1] broadcast over the 6 outputs (valid ONNX): the int32 bias of a
+    per-channel weight scale raised an internal ValueError (broadcast (6,) to (1,)) before the
+    fix; the bias now stays float, and bias correction widens it to one value per channel."""
+    proto = make_proto(
+        [oh.make_node("Relu", ["x"], ["r"]), oh.make_node("Gemm", ["r", "w", "b"], ["y"])],
+        [("x", [1, 8])], [("y", [1, 6])],
+        [("w", rng.standard_normal((8, 6)).astype(np.float32)), ("b", np.asarray([0.7], np.float32))],
+    )
+    x = rng.standard_normal((16, 1, 8)).astype(np.float32)
+    sqnr = _quantize_ok(tmp_path, proto, x, ["--bias-correction"] if bias_correction else [])
+    assert sqnr > 25.0, sqnr
