@@ -14,6 +14,7 @@ import pytest
 from conftest import make_proto
 
 from onnxcomp import io
+from onnxcomp.cluster.passes import ClusterConfig, ClusterPass
 from onnxcomp.runtime import run_model
 
 
@@ -70,3 +71,20 @@ def test_gemm_with_one_broadcast_bias_value_quantizes(tmp_path, rng, bias_correc
     x = rng.standard_normal((16, 1, 8)).astype(np.float32)
     sqnr = _quantize_ok(tmp_path, proto, x, ["--bias-correction"] if bias_correction else [])
     assert sqnr > 25.0, sqnr
+
+
+def test_cluster_vector_weight_is_not_scaled_per_weight(tmp_path, rng):
+    """A MatMul with a vector weight [256] (one output): each "channel" is one weight, so the
+    automatic channel scales gave every weight its own float scale: exact, but the clustered
+    tensor was larger than the float one (deep-compression wrote a 1.35x larger file and the
+    check passed). Now one codebook per tensor: 16 values, stored smaller."""
+    w = rng.standard_normal(256).astype(np.float32)
+    proto = make_proto([oh.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 256])], [("y", [1])], [("w", w)], opset=18)
+    model = io.load_model(proto)
+    stats = ClusterPass(ClusterConfig(format="sparse", bits=4, min_elements=128))(model).stats
+    assert stats["tensors"]["w"]["granularity"] == "tensor", stats["tensors"]["w"]
+    assert stats["totals"]["bytes_after"] < stats["totals"]["bytes_before"] / 4, stats["totals"]
+    feeds = [{"x": rng.standard_normal((1, 256)).astype(np.float32)} for _ in range(8)]
+    ref = np.concatenate([r[0] for r in run_model(io.load_model(proto), feeds)])
+    got = np.concatenate([r[0] for r in run_model(model, feeds)])
+    assert _sqnr_db(ref, got) > 15.0

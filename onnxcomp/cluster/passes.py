@@ -364,7 +364,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 result = kmeans_1d(w, cfg.k, **kw)
                 centroids, labels = result.centroids, result.labels
                 snapped = result.reconstruct()
-            if cfg.channel_scales == "always" or (cfg.channel_scales == "auto" and
+            # (auto: not for channels of one weight, e.g. a vector weight: a scale per weight is no saving)
+            if cfg.channel_scales == "always" or (cfg.channel_scales == "auto" and w.size > w.shape[axis] and
                                                   _worst_channel_error(w, snapped, axis) >= _DESTROYED):
                 centroids, labels, scales = cluster_channel_scaled(w, cfg.k, axis=axis, **kw)
                 snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
