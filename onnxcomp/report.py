@@ -143,6 +143,11 @@ def _stage_line(stage: dict[str, Any]) -> str:
         t = s["totals"]
         return (f"{len(s['tensors'])} tensors, {s['clusters']} clusters, weights {_fmt_bytes(t['bytes_before'])} -> "
                 f"{_fmt_bytes(t['bytes_after'])} ({_fmt_bytes(t['entropy_bytes'])} entropy-coded)")
+    if name == "sparsity":
+        t = s["totals"]
+        text = f"{t['tensors']} tensors, {t['zeros']:,} of {t['elements']:,} weights zero ({t['sparsity']:.1%})"
+        refit = sum(1 for layer in s.get("layers", ()) if layer.get("refit"))
+        return text + (f", {refit} layer(s) refit by least squares" if refit else "")
     if name == "prune":
         b, a = s["before"], s["after"]
         text = (f"{s['channels_removed']} channels removed, parameters {b['parameters']:,} -> {a['parameters']:,}, "

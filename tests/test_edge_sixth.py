@@ -3,6 +3,7 @@ from the command line: each test here failed before its fix."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import make_proto
 
 from onnxcomp import io
 from onnxcomp.cluster.passes import ClusterConfig, ClusterPass
+from onnxcomp.report import _stage_line
 from onnxcomp.runtime import run_model
 
 
@@ -88,3 +90,25 @@ def test_cluster_vector_weight_is_not_scaled_per_weight(tmp_path, rng):
     ref = np.concatenate([r[0] for r in run_model(io.load_model(proto), feeds)])
     got = np.concatenate([r[0] for r in run_model(model, feeds)])
     assert _sqnr_db(ref, got) > 15.0
+
+
+def test_compress_terminal_line_of_the_sparsity_stage(tmp_path, rng):
+    """deep-compression's sparsity stage printed an empty line ('sparsity (0.08 s): '): it now
+    says how many weights are zero and how many layers were refit, from its statistics."""
+    proto = make_proto(
+        [oh.make_node("Gemm", ["x", "w1", "b1"], ["a"], transB=1), oh.make_node("Relu", ["a"], ["r"]),
+         oh.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)],
+        [("x", [1, 32])], [("y", [1, 10])],
+        [("w1", rng.standard_normal((64, 32)).astype(np.float32)), ("b1", rng.standard_normal(64).astype(np.float32)),
+         ("w2", rng.standard_normal((10, 64)).astype(np.float32)), ("b2", rng.standard_normal(10).astype(np.float32))],
+    )
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((32, 1, 32)).astype(np.float32))
+    proc = _cli(["compress", "m.onnx", "-o", "c.onnx", "--recipe", "deep-compression", "--calibration", "cal.npz",
+                 "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (stage,) = [s for s in json.loads(proc.stdout)["stages"] if s["stage"] == "sparsity"]
+    totals = stage["stats"]["totals"]
+    line = _stage_line(stage)
+    assert line.startswith(f"2 tensors, {totals['zeros']:,} of 2,688 weights zero"), line
+    assert "2 layer(s) refit by least squares" in line, line
