@@ -336,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:500]
         if type(exc).__module__.startswith("onnxruntime"):  # a bad model, not a bug here
-            sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason or type(exc).__name__}\n")
+            done = written_files()[written:]  # e.g. the check of a written output failed to run it
+            wrote = f"; written before it: {', '.join(done)}" if done else ""
+            sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason or type(exc).__name__}"
+                             f"{wrote}\n")
             return EXIT_ERROR
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise

@@ -112,3 +112,29 @@ def test_compress_terminal_line_of_the_sparsity_stage(tmp_path, rng):
     line = _stage_line(stage)
     assert line.startswith(f"2 tensors, {totals['zeros']:,} of 2,688 weights zero"), line
     assert "2 layer(s) refit by least squares" in line, line
+
+
+def test_onnxruntime_failure_after_writing_names_the_written_file(monkeypatch, capsys, tmp_path, rng):
+    """When onnxruntime fails after the output was written (the check running a written model that
+    does not run, as a per-column MatMul vector weight did), the one-line error said nothing of the
+    file left on disk; it now names it, as an internal error does."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from onnxcomp import cli
+
+    proto = make_proto([oh.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])], [("y", [1, 4])])
+    out = tmp_path / "written.onnx"
+
+    def _writes_then_fails(args):
+        io.save_model(io.load_model(proto), out)
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code\nsecond line")
+
+    cli._load_commands()
+    help_text, configure, _run = cli._COMMANDS["inspect"]
+    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, _writes_then_fails))
+    onnx.save(proto, tmp_path / "m.onnx")
+    assert cli.main(["inspect", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("onnxcomp: error: onnxruntime cannot run the model: [ONNXRuntimeError]"), err
+    assert err.rstrip().endswith(f"written before it: {out}"), err
