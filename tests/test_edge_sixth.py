@@ -138,3 +138,27 @@ def test_onnxruntime_failure_after_writing_names_the_written_file(monkeypatch, c
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("onnxcomp: error: onnxruntime cannot run the model: [ONNXRuntimeError]"), err
     assert err.rstrip().endswith(f"written before it: {out}"), err
+
+
+def test_bias_correction_skips_a_gemm_whose_beta_is_zero(tmp_path, rng):
+    """Gemm with beta = 0 ignores its bias: the correction -error / beta divided by zero (a
+    RuntimeWarning on the terminal, an int32 bias saturated to +-2^31-1 in the file, the stats
+    saying 'corrected'). The node is now skipped with the reason."""
+    proto = make_proto(
+        [oh.make_node("Relu", ["x"], ["r"]), oh.make_node("Gemm", ["r", "w", "b"], ["y"], beta=0.0)],
+        [("x", [1, 8])], [("y", [1, 6])],
+        [("w", rng.standard_normal((8, 6)).astype(np.float32)), ("b", rng.standard_normal(6).astype(np.float32))],
+    )
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((16, 1, 8)).astype(np.float32))
+    proc = _cli(["quantize", "m.onnx", "-o", "q.onnx", "--calibration", "cal.npz", "--bias-correction",
+                 "--no-fallback", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    stats = json.loads(proc.stdout)["recovery"]["bias_correction"]
+    assert stats["corrected"] == 0 and "beta is 0" in next(iter(stats["skipped"].values())), stats
+    written = io.load_model(tmp_path / "q.onnx")
+    for value in written.graph.initializers.values():
+        array = value.const_value.numpy()
+        if array.dtype == np.int32:
+            assert np.abs(array.astype(np.int64)).max() < 2**31 - 1, value.name

@@ -182,6 +182,8 @@ def _plan(node: ir.Node, reference_values: dict[str, ir.Value], cfg: BiasCorrect
         return "its weight is not quantized (no DequantizeLinear of a constant)"
     if len(w_dq.inputs[0].const_value.shape) < 2:
         return "its weight is a vector: its output has no channel axis"
+    if _beta(node) == 0.0:
+        return "its beta is 0: the bias input is ignored"
     out = node.outputs[0]
     ref = reference_values.get(out.name)
     if ref is None:
