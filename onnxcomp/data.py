@@ -133,6 +133,7 @@ class Dataset:
         ignore: Iterable[str] = (),
     ) -> None:
         self.inputs = model_inputs(model)
+        self._spans: dict[str, tuple[float, float]] = {}  # float inputs: smallest and largest value read
         self.ignore = frozenset(ignore)
         self._by_name = {s.name: s for s in self.inputs}
         self.batch_size = batch_size
@@ -347,12 +348,31 @@ class Dataset:
                     break
                 if select is not None and not select(index):
                     continue
-                yield self._validate(where, feed)
+                feed = self._validate(where, feed)
+                self._note_spans(feed)
+                yield feed
                 count += 1
         finally:
             self._reads += 1
         if count == 0:
             raise DataError(f"{self.name}: empty data set (no feeds)")
+
+    def _note_spans(self, feed: Feed) -> None:
+        for name, arr in feed.items():
+            if arr.dtype.kind == "f" and arr.size:
+                lo, hi = float(arr.min()), float(arr.max())
+                seen = self._spans.get(name)
+                self._spans[name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+
+    def constant_inputs(self) -> dict[str, float] | None:
+        """When every float input read so far held one value in every feed (data that is all
+        ones, all zeros...): that value per input; otherwise (or before any read) None.
+
+        A single constant input beside varying ones is normal (a recurrent state of zeros); every
+        float input constant means the data cannot show the model what it will see."""
+        if not self._spans or any(lo != hi for lo, hi in self._spans.values()):
+            return None
+        return {name: lo for name, (lo, _) in self._spans.items()}
 
     def __len__(self) -> int:
         """Number of feeds, when the source knows it (raises TypeError otherwise)."""
@@ -399,6 +419,7 @@ class Dataset:
         Nothing is read or copied; ``limit`` of the view counts the feeds it yields.
         """
         view = copy.copy(self)
+        view._spans = {}  # what this view reads, not what its source read
         outer = getattr(self, "_select", None)
         view._select = select if outer is None else (lambda i: outer(i) and select(i))
         if name is not None:
@@ -427,6 +448,7 @@ def load_data(
         if limit is None or (source.limit is not None and source.limit <= limit):
             return source
         view = copy.copy(source)
+        view._spans = {}
         view.limit = limit
         return view
     return Dataset(source, model, batch_size=batch_size, limit=limit)

@@ -149,9 +149,15 @@ def _static_mode(
 ) -> dict[str, Any]:
     """Static mode: the static pipeline, or with a fidelity budget the fallback around it."""
     if not config.uses_fallback:
-        return quantize_static(work, calibration, config, cleanup=cleanup,
-                               progress=(lambda d, t: progress("calibrating", d, t)) if progress else None,
-                               keep=keep)
+        report = quantize_static(work, calibration, config, cleanup=cleanup,
+                                 progress=(lambda d, t: progress("calibrating", d, t)) if progress else None,
+                                 keep=keep)
+        constant = report["calibration"].get("constant_inputs")
+        if constant:
+            values = ", ".join(f"{name!r} = {value:g}" for name, value in constant.items())
+            notes.append(f"the calibration data holds one value per input in every feed ({values}): the ranges "
+                         "fit that input only, and the model will be wrong on real data; calibrate on real samples")
+        return report
     from onnxcomp.quant.sensitivity import quantize_with_fallback
 
     if cleanup is not None and cleanup != config.cleanup:
