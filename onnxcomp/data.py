@@ -133,7 +133,7 @@ class Dataset:
         ignore: Iterable[str] = (),
     ) -> None:
         self.inputs = model_inputs(model)
-        self._spans: dict[str, tuple[float, float]] = {}  # float inputs: smallest and largest value read
+        self._spans: dict[str, tuple[float, float]] = {}  # float inputs: span of the values read until they vary
         self.ignore = frozenset(ignore)
         self._by_name = {s.name: s for s in self.inputs}
         self.batch_size = batch_size
@@ -359,10 +359,11 @@ class Dataset:
 
     def _note_spans(self, feed: Feed) -> None:
         for name, arr in feed.items():
-            if arr.dtype.kind == "f" and arr.size:
-                lo, hi = float(arr.min()), float(arr.max())
-                seen = self._spans.get(name)
-                self._spans[name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+            seen = self._spans.get(name)
+            if arr.dtype.kind != "f" or not arr.size or (seen is not None and seen[0] != seen[1]):
+                continue  # once an input is seen to vary, its span no longer matters (constant_inputs)
+            lo, hi = float(arr.min()), float(arr.max())
+            self._spans[name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
 
     def constant_inputs(self) -> dict[str, float] | None:
         """When every float input read so far held one value in every feed (data that is all
