@@ -168,10 +168,10 @@ def _compressed_by_stages(stages: list[dict[str, Any]], model=None, written=None
     for entry in stages:
         stats = entry["stats"]
         if entry["stage"] == "quantize":
-            recurrent = stats.get("recurrent") or stats  # a dynamic report is its own section
+            from onnxcomp.quant.cli import recurrent_int8
+
             tables = (stats.get("embeddings") or {}).get("tables") or {}
-            counts.append((int(stats.get("int8_nodes") or stats.get("nodes_quantized") or 0)
-                           + len(recurrent.get("lstm_int8") or ()) + len(recurrent.get("recurrent_weight_only") or ())
+            counts.append((int(stats.get("int8_nodes") or stats.get("nodes_quantized") or 0) + recurrent_int8(stats)
                            + sum(len(t.get("nodes") or ()) for t in tables.values()), "quantized nodes"))
         elif entry["stage"] == "prune":
             counts.append((int(stats.get("channels_removed") or 0), "channels removed"))
@@ -180,9 +180,9 @@ def _compressed_by_stages(stages: list[dict[str, Any]], model=None, written=None
     if not counts:
         return None, ""
     if written is not None and not any(n for n, _ in counts) and any(e["stage"] == "quantize" for e in stages):
-        from onnxcomp.quant.verify import stored_int8_tensors
+        from onnxcomp.quant.verify import int8_tensors_added
 
-        stored = stored_int8_tensors(written) - (stored_int8_tensors(model) if model is not None else 0)
+        stored = int8_tensors_added(model, written)
         if stored > 0:
             return stored, "int8 tensors"
     return sum(n for n, _ in counts), ", ".join(what for _, what in counts)

@@ -162,7 +162,7 @@ def print_recurrent(con, report: dict) -> None:
                      if why_float else ""))
 
 
-def _recurrent_int8(report: dict) -> int:
+def recurrent_int8(report: dict) -> int:
     """Recurrent ops given int8 weights: the main graph's and the calibrated branches' (nested too)."""
     return sum(len(s.get("lstm_int8") or ()) + len(s.get("recurrent_weight_only") or ())
                for s in _recurrent_sections(report))
@@ -176,16 +176,16 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
     from collections import Counter
 
     from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
-    from onnxcomp.quant.verify import stored_int8_tensors
+    from onnxcomp.quant.verify import int8_tensors_added
 
     if mode == "static":
-        count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + _recurrent_int8(report)
+        count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + recurrent_int8(report)
         what = "int8 nodes"
     else:
-        count = int(report.get("nodes_quantized") or 0) + _recurrent_int8(report)
+        count = int(report.get("nodes_quantized") or 0) + recurrent_int8(report)
         what = "quantized weights" if mode == "weight-only" else "dynamically quantized nodes"
     if count == 0 and written is not None:
-        stored = stored_int8_tensors(written) - (stored_int8_tensors(model) if model is not None else 0)
+        stored = int8_tensors_added(model, written)
         if stored > 0:
             count, what = stored, "int8 tensors"
     why = ""

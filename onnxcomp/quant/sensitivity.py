@@ -55,7 +55,7 @@ from onnxcomp.io import ModelSource, clone_model, load_model, model_to_bytes
 from onnxcomp.quant import static
 from onnxcomp.quant.config import STATIC_MIN_OPSET, QuantizeConfig
 from onnxcomp.quant.qdq import StaticPlan, plan_static
-from onnxcomp.quant.verify import stored_int8_tensors
+from onnxcomp.quant.verify import int8_tensors_added
 from onnxcomp.runtime import run_model, session_options
 
 __all__ = ["BuildRecipe", "QuantStudy", "evaluate_model_bytes", "analyze_sensitivity", "quantize_with_fallback"]
@@ -630,7 +630,7 @@ def quantize_with_fallback(
         recovery["bias_correction"] = corrected
         current = study.evaluate([final], executor)[0]
         history.append({"float_nodes": list(fallback), "bias_corrected": True, **current})
-    int8_tensors = stored_int8_tensors(final) - stored_int8_tensors(study.float_reference)
+    int8_tensors = int8_tensors_added(study.float_reference, final)
     report = {
         "float": base,
         "final": current,

@@ -20,7 +20,7 @@ from onnxcomp.ops import COMPUTE_OPS, QUANT_PARAM_INPUTS, is_constant_node
 from onnxcomp.quant.rules import INT8_KERNELS, WEIGHT_ONLY_KERNELS
 from onnxcomp.runtime import ort_optimized_model, session_options
 
-__all__ = ["fusion_report", "float_compute_nodes", "stored_int8_tensors"]
+__all__ = ["fusion_report", "float_compute_nodes", "stored_int8_tensors", "int8_tensors_added"]
 
 
 def float_compute_nodes(model: ir.Model) -> list[ir.Node]:
@@ -86,3 +86,9 @@ def stored_int8_tensors(model: ir.Model) -> int:
         return bool(uses) and all(u.idx in (QUANT_PARAM_INPUTS.lookup(u.node, model) or ()) for u in uses)
 
     return sum(1 for v in constants if v.dtype in _LOW_BIT and not parameter(v))
+
+
+def int8_tensors_added(model: ir.Model | None, written: ir.Model) -> int:
+    """:func:`stored_int8_tensors` of ``written`` (an output) beyond those of ``model`` (its input;
+    None: nothing to subtract): what a quantize run stored in int8, whatever its report counts."""
+    return stored_int8_tensors(written) - (stored_int8_tensors(model) if model is not None else 0)
