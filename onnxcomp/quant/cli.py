@@ -291,7 +291,7 @@ def _run(args: argparse.Namespace) -> int:
         with progress_bar(con) as progress:
             task = progress.add_task("fallback", total=None)
             quantized, auto = fallback_to_budget(
-                study_of(calibrated.pop(), fit), check_cfg,
+                study_of(calibrated.pop(), fit), check_cfg, kinds=split.judged_kinds,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
         auto["check_before"] = check
         report["auto_fallback"] = auto

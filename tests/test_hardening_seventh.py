@@ -1,0 +1,110 @@
+"""Hardening, seventh round: output kinds of data-dependent outputs, ``--fix-shape`` sizes, a
+written model onnxruntime refuses, constant calibration data on every calibrating path.
+
+Every model is built here in code, seeded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx.helper as oh
+import pytest
+from conftest import make_proto
+
+from onnxcomp import io
+from onnxcomp.check import CheckConfig, OutputFigures, check_model, output_kinds, split_data
+from onnxcomp.data import Dataset
+from onnxcomp.runtime import run_model
+
+# ---------------------------------------------------------------------------------------------
+# 1. the kind of an output whose shape depends on the data
+
+
+def _steps_model(seed: int = 0):
+    """CTC-style logits ``[1, K, 12]`` of the steps of ``x [1, 16, 8]`` whose largest feature is
+    positive (``Compress``): K = 0 when every value is negative. Class 0 (the blank) tops most
+    steps."""
+    rng = np.random.default_rng(seed)
+    w = (0.5 * rng.standard_normal((8, 12))).astype(np.float32)
+    b = np.zeros(12, np.float32)
+    b[0] = 3.0
+    nodes = [
+        oh.make_node("ReduceMax", ["x"], ["m"], axes=[2], keepdims=0),
+        oh.make_node("Greater", ["m", "zero"], ["pos"]),
+        oh.make_node("Squeeze", ["pos", "ax0"], ["cond"]),
+        oh.make_node("Compress", ["x", "cond"], ["steps"], axis=1),
+        oh.make_node("MatMul", ["steps", "w"], ["mm"], name="proj"),
+        oh.make_node("Add", ["mm", "b"], ["y"]),
+    ]
+    inits = [("zero", np.array(0, np.float32)), ("ax0", np.array([0], np.int64)), ("w", w), ("b", b)]
+    return io.load_model(make_proto(nodes, [("x", [1, 16, 8])], [("y", [1, "K", 12])], inits))
+
+
+def _steps_feeds(n: int, empty: set[int], seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for i in range(n):
+        x = rng.standard_normal((1, 16, 8)).astype(np.float32)
+        feeds.append({"x": -np.abs(x) if i in empty else x})
+    return feeds
+
+
+def test_kind_is_judged_on_the_first_feed_with_data_whichever_comes_first():
+    model = _steps_model()
+    feeds = _steps_feeds(4, empty={0})
+    refs = run_model(model, feeds)
+    assert refs[0][0].shape == (1, 0, 12) and refs[1][0].shape == (1, 16, 12)
+    # the written model drops one symbol: a step the original reads as a symbol reads as blank
+    cands = [[r.copy() for r in ref] for ref in refs]
+    steps = refs[1][0][0].argmax(-1)
+    t = int(np.flatnonzero(steps != 0)[0])
+    cands[1][0][0, t, 0] = refs[1][0][0, t].max() + 1.0
+    kinds = output_kinds(model)
+    results = []
+    for order in ([0, 1, 2, 3], [1, 2, 3, 0]):  # the empty feed first (a fitting split), or later
+        figures = OutputFigures(["y"], kinds)
+        for i in order:
+            figures.update(refs[i], cands[i], feeds[i])
+        results.append((figures.kinds, figures.result()[0], figures.verdicts(CheckConfig())[0], figures.decisions()))
+    (kinds_a, row_a, verdict_a, n_a), (kinds_b, row_b, verdict_b, n_b) = results
+    assert kinds_a == kinds_b == ["sequence"]  # not "values" because the first array was empty
+    assert row_a["cosine"] > 0.985  # the cosine rule would have passed it ...
+    assert row_a["sequence_agreement"] == pytest.approx(row_b["sequence_agreement"])
+    assert row_a["sequence_agreement"] < 0.99
+    assert verdict_a[0] is verdict_b[0] is False  # ... the sequence rule fails it, in both orders
+    assert n_a == n_b == [4]  # the empty feed's row counts as a decision in both orders
+
+
+def test_only_empty_arrays_fall_back_to_the_first_of_them():
+    model = _steps_model()
+    feeds = _steps_feeds(2, empty={0, 1})
+    refs = run_model(model, feeds)
+    figures = OutputFigures(["y"], output_kinds(model))
+    for feed, ref in zip(feeds, refs):
+        figures.update(ref, ref, feed)
+    assert figures.kinds == ["values"] and figures.result()[0]["cosine"] == 1.0
+    assert figures.decided_kinds() == {}  # judged on no data: nothing for another caller to reuse
+
+
+def test_fallback_judges_the_output_as_the_check_does(tmp_path):
+    """The fitting part starts with an empty feed, the held-out part with one with data: the
+    fallback's stopping rule and the check judge the output as the same kind."""
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.autofallback import fallback_to_budget, study_of
+    from onnxcomp.quant.config import QuantizeConfig
+
+    model = _steps_model()
+    feeds = _steps_feeds(20, empty={0, 10})
+    split = split_data(Dataset(feeds, model), CheckConfig())
+    fit = list(split.fit)
+    assert fit[0]["x"].max() < 0 and next(iter(split.check))["x"].max() > 0
+    kept: list = []
+    quantized, _ = quantize(model, fit, QuantizeConfig(), keep=kept.append)
+    check = check_model(model, quantized, split, CheckConfig(), compressed=1)
+    assert [row["kind"] for row in check["outputs"]] == ["sequence"] and check["met"]
+    assert split.judged_kinds == {"y": "sequence"} and split.judged_kinds["y"].decided.kind == "sequence"
+    budget = CheckConfig(min_agreement=1.0, min_cosine=1.0)
+    for kinds in (None, split.judged_kinds):  # on its own fitting feeds, and with the check's kinds
+        _, auto = fallback_to_budget(study_of(kept[0], fit), budget, max_float_fraction=1.0, kinds=kinds)
+        assert auto["history"] and all(row["kind"] == "sequence" for h in auto["history"] for row in h["outputs"])
+        assert auto["met_on_fitting_data"]
