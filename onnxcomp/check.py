@@ -210,8 +210,11 @@ def split_data(
 ) -> DataSplit:
     """Choose the fitting and the checking data (module docstring: Split).
 
-    Evaluation data and labels that cannot match the model are refused here, before any work (the
-    check would only find them after the output is written)."""
+    Calibration and evaluation data and labels that cannot match the model are refused here,
+    before any work (the check would only find them after the output is written; a run that does
+    not calibrate, ``--mode dynamic``, reads its calibration data only there)."""
+    if calibration is not None:
+        calibration.check_first()
     if evaluation is not None:
         evaluation.check_first()
         evaluation.check_labels(labels)

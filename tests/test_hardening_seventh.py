@@ -108,3 +108,59 @@ def test_fallback_judges_the_output_as_the_check_does(tmp_path):
         _, auto = fallback_to_budget(study_of(kept[0], fit), budget, max_float_fraction=1.0, kinds=kinds)
         assert auto["history"] and all(row["kind"] == "sequence" for h in auto["history"] for row in h["outputs"])
         assert auto["met_on_fitting_data"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. --fix-shape and data of another spatial size (same rank)
+
+
+def _conv_model(path, shape):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             oh.make_node("Relu", ["c"], ["y"], name="relu")]
+    out = [shape[0], 4, *shape[2:]]
+    io.save_model(io.load_model(make_proto(nodes, [("x", shape)], [("y", out)], [("w", w)])), path)
+    return path
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "onnxcomp", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("mode", [
+    ["--mode", "dynamic"],  # reads its calibration data only in the check, after writing
+    ["--mode", "weight-only", "--bits", "8", "--rounding", "nearest", "--op-types", "Conv"],
+    [],  # static: calibrates on it
+])
+def test_fix_shape_against_data_of_another_size_names_input_axis_and_sizes(tmp_path, mode):
+    model = _conv_model(tmp_path / "m.onnx", ["N", 3, "H", "W"])
+    calib = tmp_path / "c28.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((12, 3, 28, 28)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    r = _cli("quantize", model, "-o", out, "--calibration", calib, "--fix-shape", "x=1x3x32x32", *mode)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("onnxcomp: error: ") and "Traceback" not in r.stderr
+    assert "input 'x' has size 28 on axis 2" in line and "fixes it at 32" in line and "rank" not in line
+    assert "written" not in line and not out.exists() and not list(tmp_path.glob("out*"))
+
+
+def test_fixed_model_and_data_of_another_size(tmp_path):
+    model = _conv_model(tmp_path / "m.onnx", [1, 3, 32, 32])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((12, 3, 32, 28)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    r = _cli("quantize", model, "-o", out, "--calibration", calib, "--mode", "dynamic")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "input 'x' has size 28 on axis 3" in line and "fixes it at 32" in line and not out.exists()
+    # a --fix-shape that contradicts the declared size is refused before any data is read
+    r = _cli("quantize", model, "-o", out, "--calibration", calib, "--fix-shape", "x=1x3x28x32")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not out.exists()
+    assert r.stderr.strip().splitlines()[-1] == "onnxcomp: error: input 'x' is declared 1x3x32x32; cannot make it 1x3x28x32"
