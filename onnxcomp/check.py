@@ -104,8 +104,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import Dataset, fill_free_dims, model_inputs, synthetic_feed
-from onnxcomp.errors import ConfigError, DataError, OnnxcompError
-from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
+from onnxcomp.errors import ConfigError, DataError, ModelLoadError, OnnxcompError, RefusedOutputError
+from onnxcomp.io import LARGE_MODEL_BYTES, first_line, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
@@ -1078,8 +1078,8 @@ def check_model(
         run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
     except OriginalFailsOnGenerated as exc:
         return stop(f"not checked: {exc}")
-    except DataError:  # bad check data (a NaN in a later sample, a malformed file): an error, not a verdict
-        raise
+    except (DataError, RefusedOutputError):  # bad check data (a NaN in a later sample, a malformed file), a
+        raise  # written model onnxruntime cannot run: an error, not a verdict
     except OnnxcompError as exc:
         return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
@@ -1205,7 +1205,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         if cached is not None and split is not None:
             split.reference_outputs = cached
     ref_session = _session(reference_file or reference) if cached is None else None
-    cand_session = _session(candidate)
+    try:
+        cand_session = _session(candidate)
+    except ModelLoadError as exc:
+        raise RefusedOutputError(str(exc)) from None
     written = [o.name for o in cand_session.get_outputs()]
     if written != names:
         raise OnnxcompError(f"the models' outputs differ: original {names}, written {written}")
@@ -1217,7 +1220,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
         if keep is not None:
             keep.add(ref_values)
-        cand_values = cand_session.run(names, feed)
+        try:
+            cand_values = cand_session.run(names, feed)
+        except Exception as exc:  # onnxruntime's own error types
+            raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
             predictions[0].append(predicted_class(ref_values[0]))

@@ -164,3 +164,111 @@ def test_fixed_model_and_data_of_another_size(tmp_path):
     r = _cli("quantize", model, "-o", out, "--calibration", calib, "--fix-shape", "x=1x3x28x32")
     assert r.returncode == 1 and "Traceback" not in r.stderr and not out.exists()
     assert r.stderr.strip().splitlines()[-1] == "onnxcomp: error: input 'x' is declared 1x3x32x32; cannot make it 1x3x28x32"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a written model onnxruntime refuses never stands at the output path
+
+
+def _with_extra_output(monkeypatch, op_type, domain, *attrs):
+    """``quantize`` (the API the CLI calls) returns its model with one more output made by
+    ``op_type``: an op onnxruntime has no kernel for, or one that fails when run."""
+    import onnx_ir as ir
+
+    import onnxcomp.quant.api as api
+
+    real = api.quantize
+
+    def quantize(*args, **kwargs):
+        model, report = real(*args, **kwargs)
+        inputs = [model.graph.outputs[0], *attrs]
+        for value in attrs:
+            model.graph.register_initializer(value)
+        node = ir.Node(domain, op_type, inputs, num_outputs=1, name="extra")
+        node.outputs[0].name = "extra"
+        model.graph.append(node)
+        if domain:
+            model.opset_imports[domain] = 1
+        model.graph.outputs.append(node.outputs[0])
+        return model, report
+
+    monkeypatch.setattr(api, "quantize", quantize)
+
+
+def _quantize_main(tmp_path, out, capsys):
+    from onnxcomp.cli import main
+
+    model = _conv_model(tmp_path / "m.onnx", ["N", 3, "H", "W"])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(4).standard_normal((12, 3, 16, 16)).astype(np.float32))
+    code = main(["quantize", str(model), "-o", str(out), "--calibration", str(calib), "--mode", "dynamic"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_model_onnxruntime_cannot_load_is_kept_aside_and_the_output_untouched(tmp_path, monkeypatch, capsys,
+                                                                              previous):
+    _with_extra_output(monkeypatch, "NoSuchOp", "com.example.bad")
+    out = tmp_path / "out.onnx"
+    if previous:
+        out.write_bytes(b"the previous output")
+    code, err = _quantize_main(tmp_path, out, capsys)
+    rejected = tmp_path / "out.rejected.onnx"
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("onnxcomp: error: onnxruntime cannot load the written model: "), err
+    assert "NoSuchOp" in err and f"nothing was written to {out}; it is kept as {rejected}" in err, err
+    assert ".onnxcomp-" not in err  # the temporary file is named by the file kept
+    assert (out.read_bytes() == b"the previous output") if previous else not out.exists()
+    assert rejected.exists() and not list(tmp_path.glob(".onnxcomp-*"))
+    import onnx  # the file kept is the refused model, for a bug report
+    assert [n.op_type for n in onnx.load(rejected).graph.node][-1] == "NoSuchOp"
+
+
+def test_a_model_that_loads_but_does_not_run_is_refused_before_the_rename(tmp_path, monkeypatch, capsys):
+    import onnx_ir as ir
+
+    # Reshape of the [1, 4, 16, 16] output to [7]: onnxruntime loads it (N, H, W are free) and fails to run it
+    shape = ir.Value(name="bad_shape", const_value=ir.tensor(np.array([7], np.int64)))
+    _with_extra_output(monkeypatch, "Reshape", "", shape)
+    out = tmp_path / "out.onnx"
+    code, err = _quantize_main(tmp_path, out, capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.startswith("onnxcomp: error: onnxruntime cannot run the written model: "), err
+    assert not out.exists() and (tmp_path / "out.rejected.onnx").exists()
+
+
+def test_a_refusal_found_only_by_the_check_moves_the_output_aside(tmp_path, monkeypatch, capsys):
+    """The check runs every check feed: a model refused there (past the first feed, which the
+    verification ran) is moved aside from the output path."""
+    import onnxcomp.runtime as runtime
+
+    _with_extra_output(monkeypatch, "NoSuchOp", "com.example.bad")
+    monkeypatch.setattr(runtime, "verify_written", lambda path, feed=None: None)
+    out = tmp_path / "out.onnx"
+    code, err = _quantize_main(tmp_path, out, capsys)
+    rejected = tmp_path / "out.rejected.onnx"
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("onnxcomp: error: onnxruntime cannot load the written model: "), err
+    assert f"{out} was moved aside; it is kept as {rejected}" in err, err
+    assert not out.exists() and rejected.exists()
+
+
+def test_save_model_verify_keeps_external_data_beside_the_refused_model(tmp_path):
+    from onnxcomp.errors import RefusedOutputError
+    from onnxcomp.runtime import run_model, verify_written
+
+    model = _conv_model(tmp_path / "m.onnx", [1, 3, 8, 8])
+    loaded = io.load_model(model)
+    out = tmp_path / "out.onnx"
+
+    def refuse(path):
+        verify_written(path)  # loads: the file and its external data are complete here
+        raise RefusedOutputError(f"refused {path}")
+
+    with pytest.raises(RefusedOutputError, match="nothing was written to"):
+        io.save_model(loaded, out, external_data=True, size_threshold_bytes=16, verify=refuse)
+    assert not out.exists() and not (tmp_path / "out.onnx.data").exists()
+    kept = io.load_model(tmp_path / "out.rejected.onnx")
+    feed = {"x": np.ones((1, 3, 8, 8), np.float32)}
+    np.testing.assert_array_equal(run_model(kept, [feed])[0][0], run_model(loaded, [feed])[0][0])
+    assert io.save_model(loaded, out, external_data=True, size_threshold_bytes=16, verify=verify_written) == out
