@@ -272,3 +272,81 @@ def test_save_model_verify_keeps_external_data_beside_the_refused_model(tmp_path
     feed = {"x": np.ones((1, 3, 8, 8), np.float32)}
     np.testing.assert_array_equal(run_model(kept, [feed])[0][0], run_model(loaded, [feed])[0][0])
     assert io.save_model(loaded, out, external_data=True, size_threshold_bytes=16, verify=verify_written) == out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. constant calibration data is said so on every path that calibrates
+
+
+def _mlp(path, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), oh.make_node("Relu", ["h"], ["r"], name="relu"),
+             oh.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    inits = [("w1", (rng.standard_normal((32, 32)) * 0.2).astype(np.float32)),
+             ("w2", (rng.standard_normal((32, 4)) * 0.5).astype(np.float32))]
+    io.save_model(io.load_model(make_proto(nodes, [("x", ["N", 32])], [("y", ["N", 4])], inits)), path)
+    return path
+
+
+def _constant_and_varying(tmp_path):
+    ones, varied = tmp_path / "ones.npz", tmp_path / "varied.npz"
+    np.savez(ones, x=np.ones((20, 1, 32), np.float32))
+    np.savez(varied, x=np.random.default_rng(6).standard_normal((20, 1, 32)).astype(np.float32))
+    return ones, varied
+
+
+CONSTANT_NOTE = "the calibration data holds one value per input in every feed ('x' = 1)"
+
+
+@pytest.mark.parametrize("command", [
+    ["quantize", "--fidelity-target", "30", "--no-latency"],  # the fidelity fallback
+    ["quantize", "--mode", "weight-only", "--bits", "4", "--block-size", "16", "--rounding", "gptq"],
+    ["quantize", "--mode", "dynamic", "--rounding", "gptq"],
+    ["prune", "--criterion", "activation", "--ratio", "0.25", "--reconstruct"],
+    ["compress", "--recipe", "int8"],
+], ids=["fidelity", "weight-only-gptq", "dynamic-gptq", "prune", "compress"])
+def test_constant_calibration_data_is_said_on_every_calibrating_path(tmp_path, capsys, command):
+    import json
+
+    from onnxcomp.cli import main
+
+    model = _mlp(tmp_path / "m.onnx")
+    ones, varied = _constant_and_varying(tmp_path)
+    name, *flags = command
+    for data, constant in ((ones, {"x": 1.0}), (varied, None)):
+        out = tmp_path / f"{data.stem}.out.onnx"
+        code = main([name, str(model), "-o", str(out), "--calibration", str(data), "--json", *flags])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        report = json.loads(captured.out)
+        notes = [n for n in report["notes"] if n.startswith("the calibration data holds one value")]
+        assert (report.get("calibration") or {}).get("constant_inputs") == constant
+        assert len(notes) == (1 if constant else 0), report["notes"]  # once, not once per stage
+        if constant:
+            assert notes[0].startswith(CONSTANT_NOTE)
+    # and in the terminal output
+    code = main([name, str(model), "-o", str(tmp_path / "t.onnx"), "--calibration", str(ones), *flags])
+    assert code == 0 and "calibrate on real samples" in " ".join(capsys.readouterr().out.split())
+
+
+def test_constant_calibration_data_in_the_python_api(tmp_path):
+    from onnxcomp.compress import compress
+    from onnxcomp.prune.api import prune
+    from onnxcomp.prune.config import PruneConfig
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    model = io.load_model(_mlp(tmp_path / "m.onnx"))
+    ones = [{"x": np.ones((1, 32), np.float32)} for _ in range(12)]
+    runs = {
+        "quantize static": lambda: quantize(model, ones, QuantizeConfig())[1],
+        "quantize fidelity": lambda: quantize(model, ones, QuantizeConfig(fidelity_target=30.0))[1],
+        "quantize weight-only": lambda: quantize(model, ones, QuantizeConfig(mode="weight-only", bits=4, block_size=16,
+                                                                             rounding="gptq"))[1],
+        "prune": lambda: prune(model, PruneConfig(criterion="activation", ratio=0.25), calibration=ones)[1],
+        "compress": lambda: compress(model, "int8", ones)[1],
+    }
+    for what, run in runs.items():
+        report = run()
+        assert report["calibration"]["constant_inputs"] == {"x": 1.0}, what
+        assert sum(n.startswith(CONSTANT_NOTE) for n in report["notes"]) == 1, (what, report["notes"])

@@ -136,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return status
+    for note in report.get("notes", []):
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     from rich.table import Table
 
     target = report.get("target")

@@ -398,7 +398,7 @@ def _run(args: argparse.Namespace) -> int:
     if tables:
         con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
                   f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
-    if args.mode == "static" and "calibration" in report:
+    if args.mode == "static" and "method" in report.get("calibration", {}):  # not on the fidelity fallback
         con.print(
             f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
             f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"
