@@ -65,8 +65,10 @@ Budget (per output; all must hold)
 Kinds
     Declared output shapes may be wrong (an OCR model declaring ``[1, seqlen]`` returns CTC logits
     ``[T, 1, C]``), symbolic or absent, so the check reads the rank and element type from what the
-    original returns on the first check feed (:func:`returned_kind`, inside
-    :class:`OutputFigures`, which the automatic fallback judges through too); the declared shape
+    original returns on the first check feed where that output has data (:func:`returned_kind`,
+    inside :class:`OutputFigures`, which the automatic fallback judges through too; an empty
+    array, a detector that found nothing, decides nothing unless no feed has data, and the
+    fallback reuses the kinds the check judged, :attr:`DataSplit.judged_kinds`); the declared shape
     is the fallback where nothing has run (:func:`output_kinds`) and the cross-check. Every output
     row says its ``kind``, and when the declared shape does not admit the returned one (or reads as
     another kind) the row's ``kind_note`` and the report's ``kind_note`` say so in one line. A
@@ -102,8 +104,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import Dataset, fill_free_dims, model_inputs, synthetic_feed
-from onnxcomp.errors import ConfigError, DataError, OnnxcompError
-from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes
+from onnxcomp.errors import ConfigError, DataError, ModelLoadError, OnnxcompError, RefusedOutputError
+from onnxcomp.io import LARGE_MODEL_BYTES, first_line, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
@@ -188,6 +190,9 @@ class DataSplit:
     #: the original's outputs on the check feeds, kept by the first check that ran on this split
     #: (a second check, after a fallback, then runs only the written model)
     reference_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
+    #: the kinds the first check on this split judged (:meth:`OutputFigures.decided_kinds`), for the
+    #: automatic fallback to stop on the rule the check applies
+    judged_kinds: dict[str, str] | None = dataclasses.field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "held_out": self.held_out, "rule": self.rule,
@@ -205,8 +210,11 @@ def split_data(
 ) -> DataSplit:
     """Choose the fitting and the checking data (module docstring: Split).
 
-    Evaluation data and labels that cannot match the model are refused here, before any work (the
-    check would only find them after the output is written)."""
+    Calibration and evaluation data and labels that cannot match the model are refused here,
+    before any work (the check would only find them after the output is written; a run that does
+    not calibrate, ``--mode dynamic``, reads its calibration data only there)."""
+    if calibration is not None:
+        calibration.check_first()
     if evaluation is not None:
         evaluation.check_first()
         evaluation.check_labels(labels)
@@ -756,17 +764,21 @@ def classify(view: OutputView) -> str:
 class Kind(str):
     """A kind (a key of :data:`RULES`) read from the declared graph, carrying the output's
     :class:`OutputView` so that :class:`OutputFigures` judges it again from what the original
-    returns (:func:`returned_kind`). It is the plain string everywhere else."""
+    returns (:func:`returned_kind`). It is the plain string everywhere else. ``decided``: how the
+    output was already judged on other data (:meth:`OutputFigures.decided_kinds`), which then
+    stands as it is."""
 
     view: OutputView | None
+    decided: JudgedKind | None
 
-    def __new__(cls, kind: str, view: OutputView | None = None) -> Kind:
+    def __new__(cls, kind: str, view: OutputView | None = None, decided: JudgedKind | None = None) -> Kind:
         self = super().__new__(cls, kind)
         self.view = view
+        self.decided = decided
         return self
 
     def __reduce__(self):
-        return Kind, (str(self), self.view)
+        return Kind, (str(self), self.view, self.decided)
 
 
 def output_kinds(model: ir.Model) -> dict[str, str]:
@@ -813,6 +825,8 @@ def returned_kind(declared: str, array: np.ndarray, batch: int | None = None,
     without a view, stands as it is) and the cross-check: when it does not admit the returned
     shape, or reads as another kind, ``note`` says so.
     """
+    if getattr(declared, "decided", None) is not None:
+        return declared.decided
     view = getattr(declared, "view", None)
     if view is None:
         return JudgedKind(str(declared))
@@ -867,11 +881,15 @@ class OutputFigures:
 
         self.names = names
         self.declared = [kinds.get(n, "values") for n in names]
-        self.kinds = [str(k) for k in self.declared]
+        self._kinds = [str(k) for k in self.declared]
         self.axes: list[tuple[int, ...] | None] = [None] * len(names)
-        self.notes: list[str | None] = [None] * len(names)
-        self.figures = [self._fresh(kind) for kind in self.kinds]
-        self.judged = False
+        self._notes: list[str | None] = [None] * len(names)
+        self.figures = [self._fresh(kind) for kind in self._kinds]
+        #: per output: None once its kind is judged, else the empty arrays it returned so far,
+        #: with what their feed said (batch, token shapes), replayed once the kind is judged
+        self.pending: list[list[tuple] | None] = [[] for _ in names]
+        #: per output: its kind was judged on an empty array (no output ever had data)
+        self.from_empty = [False] * len(names)
         self.pooled = {n: PooledEmbedding(mask) for n, mask in (pooled or {}).items() if n in names}
 
     @staticmethod
@@ -879,16 +897,41 @@ class OutputFigures:
         wanted = [RULES[kind].figure] + ([] if kind == "exact" else list(REPORTED))
         return {f: FIGURES[f]() for f in dict.fromkeys(wanted)}
 
-    def _judge_kinds(self, ref_values: list[np.ndarray], feed: dict[str, np.ndarray] | None) -> None:
-        batch = next((int(np.shape(a)[0]) for a in (feed or {}).values() if np.ndim(a)), None)
-        tokens = {tuple(np.shape(a)) for a in (feed or {}).values()
-                  if np.ndim(a) == 2 and np.asarray(a).dtype.kind in "iu"}
-        for i, (declared, r) in enumerate(zip(self.declared, ref_values)):
-            judged = returned_kind(declared, r, batch, tokens)
-            self.axes[i], self.notes[i] = judged.axes, judged.note
-            if judged.kind != self.kinds[i]:
-                self.kinds[i], self.figures[i] = judged.kind, self._fresh(judged.kind)
-        self.judged = True
+    @property
+    def kinds(self) -> list[str]:
+        """The kind judged of every output (see :meth:`_settle`)."""
+        self._settle()
+        return self._kinds
+
+    @property
+    def notes(self) -> list[str | None]:
+        """Per output, one line when its declared shape disagreed with the returned one."""
+        self._settle()
+        return self._notes
+
+    def _judge(self, i: int, r: np.ndarray, batch: int | None, tokens: Collection[tuple[int, ...]]) -> None:
+        """Judge output ``i``'s kind from ``r`` (the original's array) and replay its empty arrays."""
+        judged = returned_kind(self.declared[i], r, batch, tokens)
+        self.axes[i], self._notes[i] = judged.axes, judged.note
+        if judged.kind != self._kinds[i]:
+            self._kinds[i], self.figures[i] = judged.kind, self._fresh(judged.kind)
+        pending, self.pending[i] = self.pending[i] or [], None
+        for r0, c0, _, _ in pending:
+            self._add(i, r0, c0)
+
+    def _settle(self) -> None:
+        """Outputs that returned only empty arrays are judged on the first of them."""
+        for i, pending in enumerate(self.pending):
+            if pending:
+                self.from_empty[i] = True
+                self._judge(i, pending[0][0], pending[0][2], pending[0][3])
+
+    def decided_kinds(self) -> dict[str, Kind]:
+        """The kinds judged from arrays with data, each fixed (:class:`Kind` ``decided``) so that
+        another :class:`OutputFigures` (the fallback's, on other feeds) judges them alike."""
+        return {n: Kind(k, getattr(d, "view", None), JudgedKind(k, a, note))
+                for n, d, k, a, note, p, e in zip(self.names, self.declared, self._kinds, self.axes, self._notes,
+                                                  self.pending, self.from_empty) if p is None and not e}
 
     def batch_axis(self, index: int) -> int:
         """The batch axis of output ``index`` as returned (1 for a time-major sequence)."""
@@ -897,18 +940,32 @@ class OutputFigures:
 
     def update(self, ref_values: list[np.ndarray], cand_values: list[np.ndarray],
                feed: dict[str, np.ndarray] | None = None) -> None:
-        if not self.judged:
-            self._judge_kinds(ref_values, feed)
-        for name, figures, axes, r, c in zip(self.names, self.figures, self.axes, ref_values, cand_values):
+        """Add one feed. An output's kind is judged on the first array with data the original
+        returns (module docstring: Kinds); empty ones (a detector finding nothing, a sequence of no
+        step) wait for it, so that every caller judges it alike whichever feed comes first."""
+        undecided = any(p is not None for p in self.pending)
+        batch = next((int(np.shape(a)[0]) for a in (feed or {}).values() if np.ndim(a)), None) if undecided else None
+        tokens = {tuple(np.shape(a)) for a in (feed or {}).values()
+                  if np.ndim(a) == 2 and np.asarray(a).dtype.kind in "iu"} if undecided else set()
+        for i, (name, r, c) in enumerate(zip(self.names, ref_values, cand_values)):
             r, c = np.asarray(r), np.asarray(c)
             if r.shape != c.shape:
                 raise OnnxcompError(f"output {name!r}: original shape {list(r.shape)} vs written {list(c.shape)}")
             if name in self.pooled and feed is not None:
                 self.pooled[name].update(r, c, feed)
-            if axes is not None:
-                r, c = r.transpose(axes), c.transpose(axes)
-            for figure in figures.values():
-                figure.update(r, c)
+            if self.pending[i] is not None:
+                if r.size == 0:
+                    self.pending[i].append((r, c, batch, tokens))
+                    continue
+                self._judge(i, r, batch, tokens)
+            self._add(i, r, c)
+
+    def _add(self, i: int, r: np.ndarray, c: np.ndarray) -> None:
+        axes = self.axes[i]
+        if axes is not None:
+            r, c = r.transpose(axes), c.transpose(axes)
+        for figure in self.figures[i].values():
+            figure.update(r, c)
 
     def result(self) -> list[dict[str, Any]]:
         """Per output, its ``kind`` and figures; an encoder output also has ``pooled_cosine``."""
@@ -1021,8 +1078,8 @@ def check_model(
         run = _compare(reference, candidate, data, split.labels, progress, split, reference_file)
     except OriginalFailsOnGenerated as exc:
         return stop(f"not checked: {exc}")
-    except DataError:  # bad check data (a NaN in a later sample, a malformed file): an error, not a verdict
-        raise
+    except (DataError, RefusedOutputError):  # bad check data (a NaN in a later sample, a malformed file), a
+        raise  # written model onnxruntime cannot run: an error, not a verdict
     except OnnxcompError as exc:
         return stop(f"the written model could not be compared with the original: {exc}")
     report["checked"] = True
@@ -1148,7 +1205,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         if cached is not None and split is not None:
             split.reference_outputs = cached
     ref_session = _session(reference_file or reference) if cached is None else None
-    cand_session = _session(candidate)
+    try:
+        cand_session = _session(candidate)
+    except ModelLoadError as exc:
+        raise RefusedOutputError(str(exc)) from None
     written = [o.name for o in cand_session.get_outputs()]
     if written != names:
         raise OnnxcompError(f"the models' outputs differ: original {names}, written {written}")
@@ -1160,7 +1220,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             ref_values = ref_session.run(names, feed) if cached is None else cached[feeds]
         if keep is not None:
             keep.add(ref_values)
-        cand_values = cand_session.run(names, feed)
+        try:
+            cand_values = cand_session.run(names, feed)
+        except Exception as exc:  # onnxruntime's own error types
+            raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
             predictions[0].append(predicted_class(ref_values[0]))
@@ -1173,6 +1236,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         raise OnnxcompError("the check data has no feed")
     if keep is not None and keep.values is not None and split is not None:
         split.reference_outputs = keep.values
+    if split is not None and split.judged_kinds is None:
+        split.judged_kinds = figures.decided_kinds()
     accuracy = None
     if labels is not None:
         pred = [np.concatenate(p) for p in predictions]

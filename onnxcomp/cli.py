@@ -40,6 +40,7 @@ from onnxcomp.cli_common import (
     register,
     run_check,
     specialize,
+    verify_output,
 )
 from onnxcomp.errors import OnnxcompError
 
@@ -246,7 +247,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
             threads=args.threads,
         )
-    out = save_model(compressed, args.output, force=args.force)
+    out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model))
     report["model"] = args.model
     report["output"] = str(out)
     if specialized is not None:

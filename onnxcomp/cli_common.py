@@ -252,7 +252,8 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
     ``report["check"]`` and is returned (None when the check is disabled). ``reference_file`` /
     ``written``: see :func:`onnxcomp.check.check_model`."""
     from onnxcomp.check import check_model
-    from onnxcomp.errors import DataError
+    from onnxcomp.errors import DataError, RefusedOutputError
+    from onnxcomp.io import set_aside
 
     if not config.enabled:
         return None
@@ -265,8 +266,23 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
                                 progress=lambda n: progress.update(task, completed=n))
         except DataError as exc:  # found only while reading the check data, after the output was written
             raise DataError(f"{exc}; {os.fspath(written_path)} was written but not checked") from None
+        except RefusedOutputError as exc:  # loaded before the rename (verify_output), fails on a later feed
+            raise RefusedOutputError(f"{exc}{set_aside(written_path)}") from None
     report["check"] = check
     return check
+
+
+def verify_output(split, reference):
+    """The ``verify`` of :func:`onnxcomp.io.save_model` for a command's output: onnxruntime loads
+    the written file and runs it on the first check feed before it is renamed into place, so that
+    the output path never holds a model onnxruntime refuses. Generated feeds (no data given) are
+    not run: the original itself may not run on them (the check then says so)."""
+    from onnxcomp.check import check_dataset
+    from onnxcomp.runtime import verify_written
+
+    given = split.check is not None and not split.generated
+    feed = next(iter(check_dataset(split, reference)), None) if given else None
+    return lambda path: verify_written(path, feed)
 
 
 def print_check(con, check: dict[str, Any] | None) -> None:

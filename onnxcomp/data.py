@@ -443,13 +443,14 @@ def load_data(
 ) -> Dataset:
     """A :class:`Dataset` for ``model`` from any supported source.
 
-    A Dataset is returned as is, or as a view limited to ``limit`` feeds when it allows more.
+    A Dataset is returned as is, or as a view limited to ``limit`` feeds when it allows more
+    (which notes what it reads in its source's spans: :meth:`Dataset.constant_inputs` of the
+    source covers every read of a calibrating entry point).
     """
     if isinstance(source, Dataset):
         if limit is None or (source.limit is not None and source.limit <= limit):
             return source
-        view = copy.copy(source)
-        view._spans = {}
+        view = copy.copy(source)  # the same spans: a subset of the source's feeds
         view.limit = limit
         return view
     return Dataset(source, model, batch_size=batch_size, limit=limit)

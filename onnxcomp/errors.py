@@ -20,6 +20,11 @@ class ModelSaveError(OnnxcompError):
     """The model cannot be written where asked (same as the input, folder not writable...)."""
 
 
+class RefusedOutputError(OnnxcompError):
+    """onnxruntime refuses (cannot load or run) a model onnxcomp wrote: a bug in onnxcomp, reported
+    as an error (exit 1) with the refused model kept aside for a bug report, never at the output."""
+
+
 class DataError(OnnxcompError):
     """Calibration or evaluation data does not fit the model (names, dtypes, shapes, values)."""
 

@@ -51,7 +51,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
-from onnxcomp.errors import ModelLoadError, ModelSaveError, OpsetError
+from onnxcomp.errors import ModelLoadError, ModelSaveError, OpsetError, RefusedOutputError
 
 __all__ = [
     "ModelSource",
@@ -801,6 +801,7 @@ def save_model(
     size_threshold_bytes: int = 1024,
     keep_value_info: bool = False,
     force: bool = False,
+    verify: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically.
 
@@ -817,6 +818,11 @@ def save_model(
             (``value_info``). Off by default: they are redundant for onnxruntime, and on small
             compressed models they can take a tenth of the file.
         force: replace an existing read-only target.
+        verify: called with the complete temporary file (its external data beside it) before it
+            is renamed into place (:func:`onnxcomp.runtime.verify_written`); when it raises
+            :class:`~onnxcomp.errors.RefusedOutputError`, ``path`` is left as it was (a previous
+            file untouched), the model is written to :func:`rejected_path` instead and the error,
+            naming both, is raised.
 
     The external data goes to ``<name>.data``, or, when that file exists (re-saving over a model
     with external data), to a new ``<name>.<id>.data``: the new data file never replaces one the
@@ -849,6 +855,7 @@ def save_model(
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write in {folder}: {exc.strerror or exc}") from None
     placed: Path | None = None
+    refused: RefusedOutputError | None = None
     try:
         tmp_model = tmp / target.name
         annotations = contextlib.nullcontext() if keep_value_info else _intermediate_types_hidden(to_write)
@@ -857,12 +864,18 @@ def save_model(
         tmp_data = tmp / data_name
         if tmp_data.exists() and tmp_data.stat().st_size == 0 and not external_data_files(ir.load(tmp_model)):
             tmp_data.unlink()  # every tensor stayed inline
-        if tmp_data.exists():
-            placed = folder / data_name
-            os.replace(tmp_data, placed)  # a new name: the previous model still reads its own data
-        os.replace(tmp_model, target)
-        _WRITTEN.append(str(target))
-        placed = None
+        try:
+            if verify is not None:
+                verify(tmp_model)
+        except RefusedOutputError as exc:  # nothing is put in place: the model goes aside below
+            refused = exc
+        else:
+            if tmp_data.exists():
+                placed = folder / data_name
+                os.replace(tmp_data, placed)  # a new name: the previous model still reads its own data
+            os.replace(tmp_model, target)
+            _WRITTEN.append(str(target))
+            placed = None
     except OSError as exc:
         raise ModelSaveError(f"{target}: cannot write: {exc.strerror or exc}") from None
     finally:
@@ -870,12 +883,39 @@ def save_model(
             with contextlib.suppress(OSError):
                 placed.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
+    if refused is not None:
+        aside = save_model(model, rejected_path(target), external_data=external_data, force=True,
+                           size_threshold_bytes=size_threshold_bytes, keep_value_info=keep_value_info)
+        why = str(refused).replace(str(tmp_model), str(aside))  # onnxruntime names the file it read
+        raise RefusedOutputError(f"{why}; nothing was written to {target}{_kept_aside(aside)}")
     protected = external_data_files(model)
     for stale in previous:
         if stale.name != data_name and not any(_same_path(stale, p) for p in protected):
             with contextlib.suppress(OSError):
                 stale.unlink()
     return target
+
+
+def rejected_path(path: str | os.PathLike) -> Path:
+    """Where a model onnxruntime refused is kept instead of ``path``: ``OUT.rejected.onnx``."""
+    path = Path(path)
+    stem = path.name[:-len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.rejected.onnx")
+
+
+def set_aside(path: str | os.PathLike) -> str:
+    """Move a written model file that onnxruntime refused to :func:`rejected_path` (its external
+    data stays where it is, under the name the model reads); the phrase that says so, for the error."""
+    aside = rejected_path(path)
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"; {path} could not be moved aside ({exc.strerror or exc}): do not use it"
+    return f"; {path} was moved aside{_kept_aside(aside)}"
+
+
+def _kept_aside(aside: Path) -> str:
+    return f"; it is kept as {aside} (a bug in onnxcomp: please report it with that file)"
 
 
 def _write(model: ir.Model, path: Path, data_name: str | None, size_threshold_bytes: int) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxcomp.errors import ModelLoadError
+from onnxcomp.errors import ModelLoadError, RefusedOutputError
 from onnxcomp.io import exported_model, first_line, session_source
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "session_options",
     "create_session",
     "open_session",
+    "verify_written",
     "run_model",
     "KeptOutputs",
     "collect_outputs",
@@ -94,6 +95,21 @@ def open_session(
         return ort.InferenceSession(os.fspath(model), sess_options=sess_options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
+
+
+def verify_written(path: str | os.PathLike, feed: Mapping[str, np.ndarray] | None = None) -> None:
+    """Refuse (:class:`~onnxcomp.errors.RefusedOutputError`) a written model file that onnxruntime
+    cannot load as the check loads it, or cannot run on ``feed`` (None: only loaded)."""
+    try:
+        session = ort.InferenceSession(os.fspath(path), sess_options=session_options("all", threads=None),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise RefusedOutputError(f"onnxruntime cannot load the written model: {first_line(exc)}") from None
+    if feed is not None:
+        try:
+            session.run(None, dict(feed))
+        except Exception as exc:
+            raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
 
 
 def run_model(

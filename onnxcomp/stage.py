@@ -30,7 +30,7 @@ from onnxcomp.data import Dataset
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
 
-__all__ = ["Progress", "Context", "Stage"]
+__all__ = ["Progress", "Context", "Stage", "note_constant_calibration"]
 
 #: ``progress(stage, done, total)``
 Progress = Callable[[str, int, "int | None"], object]
@@ -102,3 +102,18 @@ class Stage:
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:  # pragma: no cover - abstract
         """Rewrite ``work`` in place; return the stage's statistics."""
         raise NotImplementedError
+
+
+def note_constant_calibration(data: Dataset | None, report: dict[str, Any], notes: list[str]) -> None:
+    """When every float input of the calibration data held one value in every feed the stages
+    read (all ones, all zeros: :meth:`Dataset.constant_inputs`), say so in ``notes`` and in
+    ``report["calibration"]["constant_inputs"]``: ranges, refits and Hessians fitted on it fit that
+    input only. Called once per calibrating entry point (``quantize``, ``prune``, ``compress``),
+    after its stages, on the Dataset they all read (``ctx.fit_data``)."""
+    constant = data.constant_inputs() if isinstance(data, Dataset) else None
+    if not constant:
+        return
+    report.setdefault("calibration", {})["constant_inputs"] = constant
+    values = ", ".join(f"{name!r} = {value:g}" for name, value in constant.items())
+    notes.append(f"the calibration data holds one value per input in every feed ({values}): what was fitted on "
+                 "it fits that input only, and the model will be wrong on real data; calibrate on real samples")

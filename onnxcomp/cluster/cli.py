@@ -23,6 +23,7 @@ from onnxcomp.cli_common import (
     register,
     run_check,
     specialize,
+    verify_output,
 )
 
 __all__: list[str] = []
@@ -88,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(clustered, args.output, force=args.force)
+    out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model))
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),

@@ -25,7 +25,7 @@ from onnxcomp.prune.fold import consumer_input_stats, cut_channels
 from onnxcomp.prune.importance import group_scores_and_state
 from onnxcomp.prune.select import eligible_groups, select_channels
 from onnxcomp.prune.subgraphs import prune_subgraphs
-from onnxcomp.stage import Context, Stage
+from onnxcomp.stage import Context, Stage, note_constant_calibration
 
 __all__ = ["prune", "prune_in_place", "PruneStage"]
 
@@ -60,8 +60,10 @@ def prune(
     config = config or PruneConfig()
     notes: list[str] = []
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
-    report = prune_in_place(work, config, calibration=calibration, progress=progress)
+    data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
+    report = prune_in_place(work, config, calibration=data, progress=progress)
     report["notes"] = notes + report["notes"]
+    note_constant_calibration(data, report, report["notes"])
     return work, report
 
 

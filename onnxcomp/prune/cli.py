@@ -24,6 +24,7 @@ from onnxcomp.cli_common import (
     register,
     run_check,
     specialize,
+    verify_output,
 )
 
 __all__: list[str] = []
@@ -110,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.model}: no prunable channel groups found (the model has "
             f"{report['before']['parameters']:,} parameters); nothing written"
         )
-    out = save_model(pruned, args.output, force=args.force)
+    out = save_model(pruned, args.output, force=args.force, verify=verify_output(split, model))
     report["output"] = str(out)
     if specialized is not None:
         report["specialize"] = specialized
@@ -135,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return status
+    for note in report.get("notes", []):
+        con.print(f"[yellow]note:[/yellow] {esc(note)}")
     from rich.table import Table
 
     target = report.get("target")

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset
+from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource
@@ -23,7 +23,7 @@ from onnxcomp.quant.config import (
 )
 from onnxcomp.quant.static import observer_kwargs, quantize_static
 from onnxcomp.quant.verify import fusion_report
-from onnxcomp.stage import Context, Stage
+from onnxcomp.stage import Context, Stage, note_constant_calibration
 
 __all__ = ["quantize", "quantize_in_place", "QuantizeStage", "MODES", "observer_kwargs", "required_opset", "STATIC_MIN_OPSET"]
 
@@ -80,9 +80,11 @@ def quantize(
     if config.mode == "static" and calibration is None:
         raise ConfigError("static quantization needs calibration data (--calibration FILE)")
     work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
-    report = quantize_in_place(work, calibration, config, verify=verify, eval_data=eval_data, labels=labels,
+    data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
+    report = quantize_in_place(work, data, config, verify=verify, eval_data=eval_data, labels=labels,
                                progress=progress, threads=threads, keep=keep)
     report["notes"] = notes + report["notes"]
+    note_constant_calibration(data, report, report["notes"])
     report["seconds"] = time.perf_counter() - started
     return work, report
 
@@ -149,15 +151,9 @@ def _static_mode(
 ) -> dict[str, Any]:
     """Static mode: the static pipeline, or with a fidelity budget the fallback around it."""
     if not config.uses_fallback:
-        report = quantize_static(work, calibration, config, cleanup=cleanup,
-                                 progress=(lambda d, t: progress("calibrating", d, t)) if progress else None,
-                                 keep=keep)
-        constant = report["calibration"].get("constant_inputs")
-        if constant:
-            values = ", ".join(f"{name!r} = {value:g}" for name, value in constant.items())
-            notes.append(f"the calibration data holds one value per input in every feed ({values}): the ranges "
-                         "fit that input only, and the model will be wrong on real data; calibrate on real samples")
-        return report
+        return quantize_static(work, calibration, config, cleanup=cleanup,
+                               progress=(lambda d, t: progress("calibrating", d, t)) if progress else None,
+                               keep=keep)
     from onnxcomp.quant.sensitivity import quantize_with_fallback
 
     if cleanup is not None and cleanup != config.cleanup:

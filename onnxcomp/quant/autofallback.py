@@ -67,6 +67,7 @@ def fallback_to_budget(
     block_size: int | None = None,
     executor=None,
     progress: Callable[[int, int], object] | None = None,
+    kinds: dict[str, str] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Static int8 with the fewest high-damage blocks in float so that ``budget`` holds on the
     study's feeds (the fitting data), judged by the check's own rule.
@@ -75,7 +76,9 @@ def fallback_to_budget(
     a quantize run without calibrating again). Refuses to keep more than ``max_float_fraction`` of
     the int8 nodes in float: the all-int8 model is then returned with ``met_on_fitting_data``
     False and the check's verdict stands. ``executor``: where candidates are evaluated (default:
-    in this process).
+    in this process). ``kinds``: the kinds the held-out check judged
+    (:attr:`onnxcomp.check.DataSplit.judged_kinds`), so that the fallback stops on the rule the
+    check applies, whatever its own feeds return.
 
     Returns the model and a report: ``met_on_fitting_data``, ``float_nodes`` (in ranking order),
     ``blocks`` (the runs moved), ``int8_nodes``, ``finish_nodes`` (the candidates that are
@@ -92,6 +95,9 @@ def fallback_to_budget(
     if study.outputs is None:
         study.outputs = ([v.name for v in study.work.graph.outputs], output_kinds(study.work),
                          pooled_outputs(study.work))
+    if kinds:
+        names, own, pooled = study.outputs
+        study.outputs = (names, {**own, **kinds}, pooled)
     names, kinds, _ = study.outputs
     kind_list = [kinds.get(n, "values") for n in names]
     executor = executor or Inline()

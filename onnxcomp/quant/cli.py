@@ -29,6 +29,7 @@ from onnxcomp.cli_common import (
     register,
     run_check,
     specialize,
+    verify_output,
 )
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError
@@ -268,7 +269,8 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
             threads=args.threads, keep=calibrated.append if may_fall_back else None,
         )
-    out = save_model(quantized, args.output, force=args.force)
+    verify = verify_output(split, model)
+    out = save_model(quantized, args.output, force=args.force, verify=verify)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
     if specialized is not None:
         report["specialize"] = specialized
@@ -291,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
         with progress_bar(con) as progress:
             task = progress.add_task("fallback", total=None)
             quantized, auto = fallback_to_budget(
-                study_of(calibrated.pop(), fit), check_cfg,
+                study_of(calibrated.pop(), fit), check_cfg, kinds=split.judged_kinds,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
         auto["check_before"] = check
         report["auto_fallback"] = auto
@@ -319,7 +321,7 @@ def _run(args: argparse.Namespace) -> int:
                 from onnxcomp.quant.verify import fusion_report
 
                 report["onnxruntime"] = fusion_report(quantized)
-            out = save_model(quantized, args.output, force=True)
+            out = save_model(quantized, args.output, force=True, verify=verify)
             report["output"] = {"path": str(out), "bytes": file_bytes(out),
                                 "parameter_bytes": parameter_nbytes(quantized)}
             count, what, _ = _compressed(report, args.mode, model, quantized)
@@ -396,7 +398,7 @@ def _run(args: argparse.Namespace) -> int:
     if tables:
         con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
                   f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
-    if args.mode == "static" and "calibration" in report:
+    if args.mode == "static" and "method" in report.get("calibration", {}):  # not on the fidelity fallback
         con.print(
             f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
             f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"

@@ -288,7 +288,6 @@ def quantize_static(
         progress=(lambda n: progress(n, total)) if progress else None
     )
     ranges, selected = result.ranges, None
-    constant = prepared.data.constant_inputs()
     if config.calibration in ("auto", "per-tensor"):
         from onnxcomp.quant.select import select_ranges
 
@@ -311,8 +310,7 @@ def quantize_static(
         "calibration": {"method": config.calibration, "feeds": result.feeds, "tensors": len(result.ranges),
                         "seconds": result.seconds,
                         **({"chosen": _chosen_counts(result.choices)} if result.choices else {}),
-                        **({"selected": selected} if selected else {}),
-                        **({"constant_inputs": constant} if constant else {})},
+                        **({"selected": selected} if selected else {})},
         **rewrite(work, config, plan, ranges, rounder),
         "rounding": rounding_report(rounder, started),
     }
