@@ -40,6 +40,9 @@ __all__ = [
     "is_default_domain",
     "is_constant_node",
     "is_dequantize_node",
+    "GELU_OPS",
+    "is_gelu_node",
+    "is_matmul_node",
 ]
 
 T = TypeVar("T")
@@ -54,6 +57,21 @@ def is_default_domain(domain: str) -> bool:
 def is_constant_node(node: ir.Node) -> bool:
     """A ``Constant`` node of the default domain: what it outputs is a constant, not an activation."""
     return node.op_type == "Constant" and is_default_domain(node.domain)
+
+
+#: (domain, op type) of the ops whose output is a GELU activation: onnxruntime's fused forms and ai.onnx Gelu.
+GELU_OPS = frozenset({("com.microsoft", "BiasGelu"), ("com.microsoft", "FastGelu"), ("com.microsoft", "Gelu"),
+                      ("", "Gelu")})
+
+
+def is_gelu_node(node: ir.Node) -> bool:
+    """Whether ``node`` computes a GELU (:data:`GELU_OPS`)."""
+    return ("" if is_default_domain(node.domain) else node.domain, node.op_type) in GELU_OPS
+
+
+def is_matmul_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx MatMul."""
+    return is_default_domain(node.domain) and node.op_type == "MatMul"
 
 
 def is_dequantize_node(node: ir.Node) -> bool:

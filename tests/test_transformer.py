@@ -9,6 +9,7 @@ graph onnxruntime runs.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -165,7 +166,7 @@ def test_fusion_fires_and_matches_float(encoder, optimization):
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_quantized_keeps_fused_kernels(encoder, mode):
     calib = feeds(8, seed=3)
-    model, report = quantize(encoder, calib if mode == "static" else None, QuantizeConfig(mode=mode))
+    model, report = quantize(encoder, calib if mode == "static" else None, QuantizeConfig(mode=mode, ffn_output="int8"))
     assert report["transformer"]["applied"]
     assert len(report["transformer"]["attention_quantized"]) == LAYERS
     ops = T.fused_ops(model)  # the graph onnxruntime runs
@@ -254,10 +255,46 @@ def test_smoothing_is_exact_in_float(encoder, optimization):
 
 def test_dynamic_smoothquant_on_encoder(encoder):
     calib = feeds(8, seed=3)
-    model, report = quantize(encoder, calib, QuantizeConfig(mode="dynamic", smoothquant=True))
+    model, report = quantize(encoder, calib, QuantizeConfig(mode="dynamic", smoothquant=True, ffn_output="int8"))
     assert report["transformer"]["smoothing"]["smoothed"] == 4 * LAYERS
     assert T.fused_ops(model).get("QAttention") == LAYERS
     data = feeds(4, seed=5)
     assert cosines(pooled(encoder, data), pooled(model, data)).min() > 0.99
     with pytest.raises(ConfigError, match="calibration"):
         quantize(encoder, None, QuantizeConfig(mode="dynamic", smoothquant=True))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_ffn_output_matmuls_stay_float_by_default(encoder, mode):
+    """The default keeps the MatMuls reading a GELU float, unsmoothed; the rest keeps its int8 kernels."""
+    calib = feeds(8, seed=3)
+    model, report = quantize(encoder, calib, QuantizeConfig(mode=mode))
+    kept = report["transformer"]["ffn_output_float"]
+    assert len(kept) == LAYERS and all(name.startswith(f"l{i}/ffn2") for i, name in enumerate(kept))
+    assert any("feed-forward output MatMuls" in note for note in report["notes"])
+    assert report["transformer"]["smoothing"]["smoothed"] == 3 * LAYERS  # not the FFN2 inputs
+    ops = T.fused_ops(model)
+    assert ops.get("QAttention") == LAYERS and ops.get("BiasGelu") == LAYERS
+    int8_matmuls = ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0)
+    assert int8_matmuls == 2 * LAYERS
+    assert ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) == LAYERS  # the float FFN2s, nothing smoothed before them
+    by_name = {n.name: n for n in model.graph}
+    for name in kept:
+        node = by_name[name]
+        assert node.op_type == "MatMul" and node.inputs[1].const_value is not None  # float weight, no Q/DQ
+        assert node.inputs[0].producer().op_type == "BiasGelu"  # no smoothing Mul in between
+    data = feeds(4, seed=5)
+    assert cosines(pooled(encoder, data), pooled(model, data)).min() > 0.99
+
+
+def test_ffn_output_int8_on_request(encoder, tmp_path):
+    """``--ffn-output int8`` quantizes them (the CLI passes the setting through)."""
+    src, out = tmp_path / "enc.onnx", tmp_path / "out.onnx"
+    io.save_model(encoder, src)
+    run = subprocess.run([sys.executable, "-m", "onnxcomp", "quantize", str(src), "-o", str(out), "--mode", "dynamic",
+                          "--ffn-output", "int8", "--no-check", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ffn_output_float" not in json.loads(run.stdout)["transformer"]
+    ops = T.fused_ops(io.load_model(out))
+    assert ops.get("DynamicQuantizeMatMul", 0) == 3 * LAYERS and "MatMul" not in ops
+    assert T.ffn_output_matmuls(io.load_model(src)) == []  # unfused: the GELU is an Erf subgraph, not matched

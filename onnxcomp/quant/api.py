@@ -114,7 +114,7 @@ def quantize_in_place(
         notes.append("int8 weights use 7 bits ([-63, 63]): this CPU's int8 kernels saturate full-range weights "
                      "(x86 without VNNI) and would give wrong results; weight_range='full' (--weight-range full) "
                      "for models deployed only on VNNI or ARM CPUs")
-    from onnxcomp.quant.transformer import finish_encoder, prepare_encoder, smooth_dynamic_encoder
+    from onnxcomp.quant.transformer import finish_encoder, keep_ffn_output_float, prepare_encoder, smooth_dynamic_encoder
 
     from onnxcomp.quant.embedding import quantizable_tables
 
@@ -124,6 +124,7 @@ def quantize_in_place(
                               embed_layer_norm=not quantizable_tables(work, config))
     kept: list[Any] = []  # the static calibration's state, for ``keep``
     if encoder is not None and config.mode in ("dynamic", "static"):
+        config = keep_ffn_output_float(work, config, encoder, notes)
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
     handler = MODES[MODE_CONFIGS[config.mode]]
     report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,

@@ -81,6 +81,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
                    help="encoders: onnxruntime's transformer fusions first, Attention as int8 QAttention "
                         "(auto: when the graph is an encoder)")
+    p.add_argument("--ffn-output", choices=("float", "int8"), default="float",
+                   help="encoders on the transformer path: the feed-forward output MatMuls (reading a GELU) stay "
+                        "float (default: their input's outliers do not fit one int8 scale) or go int8 (faster)")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
                    help="migrate activation outliers into MatMul/Gemm weights (default: on for encoders on the "
                         "transformer path given --calibration, off elsewhere)")
@@ -239,6 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         latency_aware=args.latency_aware,
         rounding=args.rounding,
         transformer=args.transformer,
+        ffn_output=args.ffn_output,
     )
     if args.mode == "static" and not args.calibration:
         raise ConfigError("static quantization needs --calibration FILE (or use --mode weight-only/dynamic)")
