@@ -163,7 +163,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
         agree = "-" if f.top1_agreement is None else f"{100 * f.top1_agreement:.2f}%"
-        table.add_row(esc(f.name), "x".join(map(str, f.shape)), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
+        table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
                       f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
     con.print(table)
     if result.accuracy:

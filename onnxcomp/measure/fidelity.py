@@ -14,7 +14,9 @@ per-layer numbers describe an unfused run; the per-output numbers always come fr
 they are. Intermediate tensors that cannot be compared are left out of the ranking and listed with
 the reason in ``layers_skipped``: empty on every feed (``Shape`` of a scalar, a ``Slice`` that
 selects nothing: paddle2onnx writes such helpers), or resized by pruning. An empty batch of a model
-output is left out of its metrics; an output empty on every feed is an error.
+output is left out of its metrics; an output empty on every feed is an error. Feeds of different
+sizes (a folder of feeds: images of several widths) are compared whole; an axis whose size differs
+is None in the shape, and as the channel axis it gives no per-channel error.
 
 Channel axis of an output, unless given: 1 for rank 4 and 5 (NCHW-like), for rank 3 the smaller of
 axes 1 and 2 (``[N, 84, 8400]`` detector heads put boxes and scores on axis 1), -1 otherwise.
@@ -194,7 +196,8 @@ def compare_models(
                 axis = default_channel_axis(r.shape) if channel_axis == "auto" else channel_axis
                 if axis is not None and r.ndim >= 2 and axis % r.ndim == 0:
                     axis = None
-                accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name)
+                accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name,
+                                                         varying=True)  # a folder of feeds may vary in size
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
             if labels is not None and not layer and i == label_index:
                 predictions["reference"].append(predicted_class(r))
