@@ -224,11 +224,19 @@ def split_data(
             return DataSplit(None, None, False, f"none ({why})")
         return DataSplit(None, feeds, False, "seeded uniform random inputs (no data given): a sanity check only",
                          check_feeds=len(feeds), rule="8 generated feeds", generated=True)
-    total = calibration.num_feeds
+    # the split is made on every feed of the source; a limit (--max-samples) caps what each part reads
+    limit = calibration.limit
+    every = calibration if limit is None else calibration.with_limit(None)
+    total = every.num_feeds
     if total is None:
-        total = sum(1 for _ in calibration)
+        total = sum(1 for _ in every)
+
+    def capped(n: int) -> int:
+        return n if limit is None else min(n, limit)
+
     if total < config.min_feeds:
-        return DataSplit(calibration, calibration, False, f"calibration data {calibration.name}", None, total, total,
+        return DataSplit(calibration, calibration, False, f"calibration data {calibration.name}", None,
+                         capped(total), capped(total),
                          f"only {total} calibration feed(s) (< {config.min_feeds}): checked on the fitting data, "
                          "not held out; give --eval data for a real check")
     k = max(2, round(1.0 / config.fraction))
@@ -240,7 +248,7 @@ def split_data(
     check = calibration.subset(is_check, name=f"{calibration.name} (held out)")
     fit = calibration.subset(lambda i: not is_check(i), name=f"{calibration.name} (fitting part)")
     n_check = sum(1 for i in range(total) if is_check(i))
-    return DataSplit(fit, check, True, f"calibration data {calibration.name}", None, total - n_check, n_check,
+    return DataSplit(fit, check, True, f"calibration data {calibration.name}", None, capped(total - n_check), capped(n_check),
                      f"every {_ordinal(k)} calibration feed (index mod {k} = {k - 1}), at most {cap}, held out")
 
 

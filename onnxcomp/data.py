@@ -427,6 +427,13 @@ class Dataset:
             view.name = name
         return view
 
+    def with_limit(self, limit: int | None) -> Dataset:
+        """A view of the same source that reads at most ``limit`` feeds (None: every feed)."""
+        view = copy.copy(self)
+        view._spans = {}  # what this view reads, not what its source read
+        view.limit = limit
+        return view
+
     def first(self) -> Feed:
         """The first feed (used to build example inputs)."""
         for feed in self:
@@ -448,10 +455,7 @@ def load_data(
     if isinstance(source, Dataset):
         if limit is None or (source.limit is not None and source.limit <= limit):
             return source
-        view = copy.copy(source)
-        view._spans = {}
-        view.limit = limit
-        return view
+        return source.with_limit(limit)
     return Dataset(source, model, batch_size=batch_size, limit=limit)
 
 

@@ -70,3 +70,38 @@ def test_compare_per_layer_on_feeds_of_several_widths(tmp_path, rng):
     proc = _cli(["compare", "ref.onnx", "cand.onnx", "--data", folder, "--per-layer"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "3x4x?" in proc.stdout and "internal error" not in proc.stderr
+
+
+def _relu_matmul(rng) -> onnx.ModelProto:
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    return make_proto([oh.make_node("MatMul", ["x", "w"], ["m"]), oh.make_node("Relu", ["m"], ["y"])],
+                      [("x", [1, 6])], [("y", [1, 3])], [("w", w)])
+
+
+def test_split_counts_with_max_samples(tmp_path, rng):
+    """With --max-samples 12 of 40 feeds, calibration read 12 fitting feeds but the check's report
+    said fit_feeds 10 (the held-out rule was counted on the 12 only), and with --max-samples 5 the
+    check ran on the fitting data ('only 5 calibration feed(s)') although 35 others were there."""
+    from onnxcomp.check import CheckConfig, split_data
+
+    proto = _relu_matmul(rng)
+    model = io.load_model(proto)
+    data = tmp_path / "cal.npz"
+    np.savez(data, x=rng.standard_normal((40, 1, 6)).astype(np.float32))
+    for limit, fit, check in ((12, 12, 8), (5, 5, 5), (None, 32, 8)):
+        split = split_data(Dataset(data, model, limit=limit), CheckConfig())
+        assert split.held_out
+        assert (split.fit_feeds, split.check_feeds) == (fit, check) == (len(list(split.fit)), len(list(split.check)))
+    small = tmp_path / "small.npz"
+    np.savez(small, x=rng.standard_normal((8, 1, 6)).astype(np.float32))
+    split = split_data(Dataset(small, model, limit=4), CheckConfig())
+    assert not split.held_out and split.fit_feeds == split.check_feeds == 4 and "only 8 calibration" in split.rule
+
+    onnx.save(proto, tmp_path / "m.onnx")
+    proc = _cli(["quantize", "m.onnx", "-o", "q.onnx", "--calibration", data, "--max-samples", "12", "--json",
+                 "--no-latency", "--no-fallback"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    report = json.loads(proc.stdout)
+    assert report["calibration"]["feeds"] == report["check"]["data"]["fit_feeds"] == 12
+    assert report["check"]["data"]["check_feeds"] == 8
