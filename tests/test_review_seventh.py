@@ -105,3 +105,20 @@ def test_split_counts_with_max_samples(tmp_path, rng):
     report = json.loads(proc.stdout)
     assert report["calibration"]["feeds"] == report["check"]["data"]["fit_feeds"] == 12
     assert report["check"]["data"]["check_feeds"] == 8
+
+
+def test_bench_says_how_it_generated_the_inputs_a_model_refuses(tmp_path):
+    """`bench` without --data sets free dimensions to 1; a model that cannot run at size 1 (a
+    YOLOv8 export with dynamic height/width) failed with onnxruntime's message alone ('failed to
+    run spec ...'), the note on the generated sizes being printed only after a successful run."""
+    proto = make_proto([oh.make_node("Reshape", ["x", "s"], ["y"])], [("x", [1, "L"])], [("y", [1, 2, "H"])],
+                       [("s", np.array([1, 2, -1], np.int64))])
+    onnx.save(proto, tmp_path / "m.onnx")
+    proc = _cli(["bench", "m.onnx", "--runs", "1", "--warmup-runs", "0", "--warmup-seconds", "0"], tmp_path)
+    assert proc.returncode == 1
+    error = [line for line in proc.stderr.splitlines() if line.startswith("onnxcomp: error:")]
+    assert len(error) == 1 and "'m.onnx'" in error[0] and "spec" not in error[0], proc.stderr
+    assert "L=1 (axis 1)" in error[0] and "--shape x=" in error[0], error[0]
+    proc = _cli(["bench", "m.onnx", "--runs", "1", "--warmup-runs", "0", "--warmup-seconds", "0", "--shape", "x=1x4"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr

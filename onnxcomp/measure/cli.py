@@ -15,6 +15,7 @@ from onnxcomp.data import (
     Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
 )
 from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
+from onnxcomp.measure.latency import MeasurementError
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError, DataError
 
@@ -65,12 +66,19 @@ def _run_bench(args: argparse.Namespace) -> int:
     threads = args.threads or physical_cores()
     with progress_bar(con) as progress:
         task = progress.add_task("measuring (interleaved)", total=args.runs)
-        rows = bench_models(
-            models, feeds, threads=threads, optimization=args.optimization, runs=args.runs,
-            time_budget=args.time_budget, warmup_runs=args.warmup_runs,
-            warmup_seconds=args.warmup_seconds, seed=args.seed,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
+        try:
+            rows = bench_models(
+                models, feeds, threads=threads, optimization=args.optimization, runs=args.runs,
+                time_budget=args.time_budget, warmup_runs=args.warmup_runs,
+                warmup_seconds=args.warmup_seconds, seed=args.seed,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        except MeasurementError as exc:
+            if not free_dims:
+                raise
+            # the inputs were made up: say how, since sizes of 1 are what a model most often refuses
+            raise MeasurementError(exc.spec_name, f"{exc}; the inputs were generated with "
+                                   + "; ".join(describe_free_dims(free_dims)) + " (or pass --data)") from None
     if args.json:
         print_json({"threads": threads, "optimization": args.optimization, "free_dims": free_dims, "models": rows})
         return 0
