@@ -122,3 +122,42 @@ def test_bench_says_how_it_generated_the_inputs_a_model_refuses(tmp_path):
     proc = _cli(["bench", "m.onnx", "--runs", "1", "--warmup-runs", "0", "--warmup-seconds", "0", "--shape", "x=1x4"],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def _strict_json(text: str):
+    """json.loads that refuses the non-standard constants Python writes (Infinity, NaN)."""
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _conv_relu_conv(rng, zero_channel: int | None = None) -> onnx.ModelProto:
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    if zero_channel is not None:
+        w1[zero_channel] = 0.0
+    w2 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32)
+    return make_proto([oh.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["r"]),
+                       oh.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])],
+                      [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], [("w1", w1), ("w2", w2)])
+
+
+def test_json_output_is_strict_json_when_a_figure_is_infinite(tmp_path, rng):
+    """An exact output (a prune that removed nothing, a compare of a model with itself) has an
+    infinite SQNR; --json wrote it as Python's `Infinity`, which JSON parsers other than Python's
+    (JavaScript's JSON.parse, Go, Rust) refuse."""
+    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--criterion", "zeros", "--calibration", "cal.npz", "--json"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = _strict_json(proc.stdout)
+    (out,) = report["check"]["outputs"]
+    assert out["sqnr_db"] == "inf" and float(out["sqnr_db"]) == np.inf and out["cosine"] == 1.0
+    proc = _cli(["compare", "m.onnx", "p.onnx", "--data", "cal.npz", "--json", "--per-layer"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = _strict_json(proc.stdout)
+    assert [o["sqnr_db"] for o in report["outputs"]] == ["inf"]
+    assert {layer["sqnr_db"] for layer in report["layers"]} == {"inf"}
