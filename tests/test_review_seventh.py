@@ -161,3 +161,27 @@ def test_json_output_is_strict_json_when_a_figure_is_infinite(tmp_path, rng):
     report = _strict_json(proc.stdout)
     assert [o["sqnr_db"] for o in report["outputs"]] == ["inf"]
     assert {layer["sqnr_db"] for layer in report["layers"]} == {"inf"}
+
+
+def test_prune_zeros_says_why_nothing_was_removed(tmp_path, rng):
+    """`prune --criterion zeros` on a model without all-zero channels said 'nothing was compressed
+    (0 channels removed): frozen: graph input 'x'' (the reason of a group that could not be cut,
+    not why nothing was) under a title 'zeros, ratio 0.3' (zeros ignores the ratio)."""
+    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--criterion", "zeros", "--calibration", "cal.npz", "--json"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = _strict_json(proc.stdout)
+    assert report["channels_removed"] == 0 and not report["check"]["met"]
+    (problem,) = report["check"]["problems"]
+    assert "no all-zero channel in the 1 prunable group(s)" in problem, problem
+    proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--criterion", "zeros", "--calibration", "cal.npz", "--strict"],
+                tmp_path)
+    assert proc.returncode == 3
+    assert "zeros, all-zero channels" in proc.stdout and "ratio 0.3" not in proc.stdout
+    onnx.save(_conv_relu_conv(rng, zero_channel=5), tmp_path / "z.onnx")  # one zero channel: removed, exact
+    proc = _cli(["prune", "z.onnx", "-o", "p.onnx", "--criterion", "zeros", "--calibration", "cal.npz", "--json"],
+                tmp_path)
+    report = _strict_json(proc.stdout)
+    assert report["channels_removed"] == 1 and report["check"]["met"] and not report["check"]["problems"]

@@ -121,8 +121,11 @@ def _run(args: argparse.Namespace) -> int:
     if removed == 0:
         # the cause the user chose comes first: a ratio that cuts nothing of the groups that could be cut
         zero, by_ratio = [], []
-        if report["groups"] and not targeted and args.criterion != "zeros":
-            if args.ratio == 0:
+        if report["groups"] and not targeted:
+            if args.criterion == "zeros":  # the ratio plays no part: only all-zero channels go
+                by_ratio = [f"--criterion zeros found no all-zero channel in the {len(report['groups'])} "
+                            "prunable group(s) (it removes only those; --criterion l1 --ratio R cuts by magnitude)"]
+            elif args.ratio == 0:
                 zero = ["--ratio 0 removes no channel (it keeps every channel of every group)"]
             else:
                 by_ratio = [f"--ratio {args.ratio} ({args.scope}) cut no channel of the {len(report['groups'])} "
@@ -138,7 +141,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     target = report.get("target")
-    how = f"{target['kind']} target {target['target']}" if target else f"ratio {args.ratio} ({args.scope})"
+    how = f"{target['kind']} target {target['target']}" if target else (
+        "all-zero channels" if args.criterion == "zeros" else f"ratio {args.ratio} ({args.scope})")
     table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, {how}", title_justify="left")
     cols = ["group", "producers", "channels before", "after"]
     if target:
