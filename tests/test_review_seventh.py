@@ -185,3 +185,26 @@ def test_prune_zeros_says_why_nothing_was_removed(tmp_path, rng):
                 tmp_path)
     report = _strict_json(proc.stdout)
     assert report["channels_removed"] == 1 and report["check"]["met"] and not report["check"]["problems"]
+
+
+def test_cluster_and_prune_of_an_already_quantized_model_say_so(tmp_path, rng):
+    """ddddocr's common_old.onnx (ConvInteger, MatMulInteger, DynamicQuantizeLSTM; 13.5 M
+    parameters): `cluster` said 'no weight tensor with at least 256 elements' and `prune` 'no
+    prunable channel groups found' with no word of the integer weights they leave alone."""
+    w = rng.integers(-127, 128, (64, 64)).astype(np.int8)
+    proto = make_proto(
+        [oh.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+         oh.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["acc"]),
+         oh.make_node("Cast", ["acc"], ["accf"], to=1),
+         oh.make_node("Mul", ["xs", "ws"], ["s"]),
+         oh.make_node("Mul", ["accf", "s"], ["y"])],
+        [("x", [1, 64])], [("y", [1, 64])], [("w", w), ("wz", np.int8(0)), ("ws", np.float32(0.01))])
+    onnx.save(proto, tmp_path / "q8.onnx")
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((12, 1, 64)).astype(np.float32))
+    proc = _cli(["cluster", "q8.onnx", "-o", "c.onnx", "--data", "data.npz", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (problem,) = _strict_json(proc.stdout)["check"]["problems"]
+    assert "already quantized (MatMulInteger x1)" in problem and "256 elements" not in problem, problem
+    proc = _cli(["prune", "q8.onnx", "-o", "p.onnx"], tmp_path)
+    assert proc.returncode == 1 and "already quantized (MatMulInteger x1)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "p.onnx").exists()

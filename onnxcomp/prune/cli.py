@@ -106,9 +106,14 @@ def _run(args: argparse.Namespace) -> int:
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     if not report["groups"] and not report.get("subgraphs"):
+        from onnxcomp.quant.verify import int8_kernels
+
+        kernels = int8_kernels(model)
         raise OnnxcompError(
             f"{args.model}: no prunable channel groups found (the model has "
-            f"{report['before']['parameters']:,} parameters); nothing written"
+            f"{report['before']['parameters']:,} parameters"
+            + (f"; it is already quantized ({kernels}): prune its float original" if kernels else "")
+            + "); nothing written"
         )
     out = save_model(pruned, args.output, force=args.force)
     report["output"] = str(out)

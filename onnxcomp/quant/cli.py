@@ -173,10 +173,7 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
     tell an already quantized one). When the report's sections count nothing (a fallback's
     report has no recurrent or embedding section; embedding tables are no nodes), the int8
     tensors ``written`` (the output) carries beyond the input's count instead."""
-    from collections import Counter
-
-    from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
-    from onnxcomp.quant.verify import int8_tensors_added
+    from onnxcomp.quant.verify import int8_kernels, int8_tensors_added
 
     if mode == "static":
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + recurrent_int8(report)
@@ -191,10 +188,9 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
     why = ""
     if count == 0:
         skipped = report.get("skipped") or {}
-        kernels = Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS) if model is not None else {}
+        kernels = int8_kernels(model) if model is not None else ""
         if kernels:  # what is left float there is the quantized model's own plumbing
-            why = ("the model is already quantized (" + ", ".join(f"{op} x{k}" for op, k in kernels.most_common())
-                   + "): quantize its float original")
+            why = f"the model is already quantized ({kernels}): quantize its float original"
         elif skipped:
             first, reason = next(iter(skipped.items()))
             why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
