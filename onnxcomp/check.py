@@ -1198,7 +1198,8 @@ def check_dataset(split, reference: ir.Model) -> Dataset:
 
 def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Dataset, top: int,
           feeds: int = 1) -> list[dict[str, Any]]:
-    """The ``top`` intermediate tensors with the lowest SQNR on the first ``feeds`` check feeds."""
+    """The ``top`` intermediate tensors with the lowest SQNR on the first ``feeds`` check feeds
+    (those computed exactly left out)."""
     from onnxcomp.io import load_model
 
     try:
@@ -1207,7 +1208,8 @@ def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Da
     except OnnxcompError:
         return []
     worst = sorted(sqnr.items(), key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1])
-    return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top]]
+    # a tensor computed exactly (infinite SQNR) is no damage, even when fewer than ``top`` are damaged
+    return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top] if db != math.inf]
 
 
 def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, np.ndarray]], *,
