@@ -247,3 +247,26 @@ def test_blame_leaves_out_tensors_computed_exactly(tmp_path, rng):
     assert [b["tensor"] for b in named] == ["m2", "r2"] or [b["tensor"] for b in named] == ["r2", "m2"], named
     assert all(np.isfinite(b["sqnr_db"]) for b in named)
     assert blame(reference, reference, feeds, top=5, feeds=4) == []
+
+
+def test_compare_counts_samples_on_the_data_not_on_time_steps(tmp_path, rng):
+    """`compare` of the captcha OCR on 4 images said '78 samples': it counted axis 0 of the first
+    output, which for a CTC recognizer's [T, N, C] is time. Samples are axis 0 of the data."""
+    def model(scale):
+        return make_proto([oh.make_node("Mul", ["x", "k"], ["m"]), oh.make_node("Transpose", ["m"], ["y"], perm=[2, 0, 1])],
+                          [("x", [1, 4, "W"])], [("y", ["W", 1, 4])], [("k", np.float32(scale))])
+
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    for i, width in enumerate((5, 7, 6)):
+        np.savez(folder / f"{i}.npz", x=rng.standard_normal((1, 4, width)).astype(np.float32))
+    reference, candidate = io.load_model(model(1.0)), io.load_model(model(1.01))
+    result = compare_models(reference, candidate, Dataset(folder, reference))
+    assert (result.feeds, result.samples) == (3, 3)
+    assert abs(result.outputs[0].sqnr_db - 20 * np.log10(1 / 0.01)) < 1e-3  # 40 dB: a 1% gain error
+    batched = tmp_path / "b.npz"
+    dynamic = make_proto([oh.make_node("Relu", ["x"], ["y"])], [("x", ["N", 4])], [("y", ["N", 4])])
+    np.savez(batched, x=rng.standard_normal((10, 4)).astype(np.float32))
+    ref = io.load_model(dynamic)
+    result = compare_models(ref, ref, Dataset(batched, ref, batch_size=4))
+    assert (result.feeds, result.samples) == (3, 10)
