@@ -301,7 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, configure, _run) in _COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown argument is reported by its command's parser (its help lists
+    the options), not by the top-level one."""
+    args, extra = build_parser().parse_known_args(argv)
+    commands = args.commands
+    del args.commands
+    if extra:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     written = len(written_files())
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         _help, _configure, run = _COMMANDS[args.command]
         return run(args)
     except OnnxcompError as exc:

@@ -270,3 +270,20 @@ def test_compare_counts_samples_on_the_data_not_on_time_steps(tmp_path, rng):
     ref = io.load_model(dynamic)
     result = compare_models(ref, ref, Dataset(batched, ref, batch_size=4))
     assert (result.feeds, result.samples) == (3, 10)
+
+
+def test_an_unknown_option_points_to_its_command_help(capsys):
+    """`onnxcomp quantize m.onnx -o q.onnx --reconstruct` (an option of prune) said "see 'onnxcomp
+    --help'", whose text lists the commands, not quantize's options."""
+    import pytest
+
+    from onnxcomp.cli import main
+
+    for argv, command in ((["quantize", "m.onnx", "-o", "q.onnx", "--reconstruct"], "quantize"),
+                          (["inspect", "m.onnx", "extra"], "inspect"), (["bench", "m.onnx", "--nope", "1"], "bench")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("onnxcomp: error: unrecognized arguments: ") and err.count("\n") == 1, err
+        assert f"(see 'onnxcomp {command} --help')" in err, err
