@@ -146,6 +146,8 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity report")
     p.add_argument("--labels", metavar="FILE.npy", help="integer labels of the evaluation data")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per feed (dynamic batch dimension)")
+    p.add_argument("--max-samples", type=POSITIVE_INT, metavar="N",
+                   help="read at most N calibration feeds for fitting, and at most N held out for the check")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="input shape for generated latency inputs when no data is given")
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
@@ -218,7 +220,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_outputs(args, model)
     specialized, fixed = specialize(args, model, con)
-    calibration = Dataset(args.calibration, model, batch_size=args.batch_size, ignore=fixed) if args.calibration else None
+    calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples,
+                          ignore=fixed) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:

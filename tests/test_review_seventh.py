@@ -287,3 +287,21 @@ def test_an_unknown_option_points_to_its_command_help(capsys):
         err = capsys.readouterr().err
         assert err.startswith("onnxcomp: error: unrecognized arguments: ") and err.count("\n") == 1, err
         assert f"(see 'onnxcomp {command} --help')" in err, err
+
+
+def test_compress_takes_max_samples(tmp_path, rng):
+    """README's Data section promises `--max-samples 4` on a huge file; quantize and prune take it,
+    compress (the main command) refused it as an unrecognized argument."""
+    import json
+
+    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    proc = _cli(["compress", "m.onnx", "-o", "c.onnx", "--calibration", "cal.npz", "--max-samples", "6", "--json"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (quantize,) = [s for s in report["stages"] if s["stage"] == "quantize"]
+    assert quantize["stats"]["calibration"]["feeds"] == report["check"]["data"]["fit_feeds"] == 6
+    assert report["check"]["data"]["check_feeds"] == 4 and report["check"]["data"]["held_out"]
+    assert report["measure"]["fidelity"]["feeds"] == 6
+    assert report["check"]["outputs"][0]["cosine"] > 0.99
