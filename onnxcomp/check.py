@@ -1278,7 +1278,7 @@ def verdict_line(check: dict[str, Any]) -> str:
     problems = "; ".join(check["problems"][:3]) + (f" (+{len(check['problems']) - 3} more)" if len(check["problems"]) > 3 else "")
     blame = ""
     if check.get("blame"):
-        blame = "; first damage at " + ", ".join(f"{b['tensor']!r} ({b['sqnr_db']:.1f} dB)" for b in check["blame"][:3])
+        blame = "; most damaged tensors " + ", ".join(f"{b['tensor']!r} ({b['sqnr_db']:.1f} dB)" for b in check["blame"][:3])
     return f"CHECK FAILED on {where}: {problems}{blame}"
 
 

@@ -305,3 +305,17 @@ def test_compress_takes_max_samples(tmp_path, rng):
     assert report["check"]["data"]["check_feeds"] == 4 and report["check"]["data"]["held_out"]
     assert report["measure"]["fidelity"]["feeds"] == 6
     assert report["check"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_verdict_names_the_blamed_tensors_for_what_they_are():
+    """The failed verdict said 'first damage at ...' over the tensors of lowest SQNR, which are
+    the last ones before the output (a pruned orientation classifier: 'first damage at
+    p2o.pd_op.matmul.0.0', its final layer, as the convolutions it cut cannot be compared)."""
+    from onnxcomp.check import verdict_line
+
+    check = {"checked": True, "met": False, "data": {"source": "evaluation data e.npz", "check_feeds": 8},
+             "problems": ["output 'y': top-1 agreement 0.5000, budget top-1 agreement >= 0.99"],
+             "blame": [{"tensor": "logits", "sqnr_db": -1.7}, {"tensor": "pool", "sqnr_db": 3.0}], "outputs": []}
+    line = verdict_line(check)
+    assert "first damage" not in line
+    assert line.endswith("; most damaged tensors 'logits' (-1.7 dB), 'pool' (3.0 dB)"), line
