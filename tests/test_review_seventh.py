@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.helper as oh
+import pytest
 from conftest import make_proto
 
 from onnxcomp import io
@@ -275,8 +276,6 @@ def test_compare_counts_samples_on_the_data_not_on_time_steps(tmp_path, rng):
 def test_an_unknown_option_points_to_its_command_help(capsys):
     """`onnxcomp quantize m.onnx -o q.onnx --reconstruct` (an option of prune) said "see 'onnxcomp
     --help'", whose text lists the commands, not quantize's options."""
-    import pytest
-
     from onnxcomp.cli import main
 
     for argv, command in ((["quantize", "m.onnx", "-o", "q.onnx", "--reconstruct"], "quantize"),
@@ -319,3 +318,27 @@ def test_verdict_names_the_blamed_tensors_for_what_they_are():
     line = verdict_line(check)
     assert "first damage" not in line
     assert line.endswith("; most damaged tensors 'logits' (-1.7 dB), 'pool' (3.0 dB)"), line
+
+
+def test_compare_with_limit_uses_the_labels_of_the_samples_it_reads(tmp_path, rng):
+    """`compare A B --data d.npz --labels l.npy --limit 4` with a label for every sample of d.npz
+    failed after running both models ('40 labels for 4 predictions'); a wrong label count was only
+    found after the whole run."""
+    import json
+
+    w = rng.standard_normal((6, 3)).astype(np.float32)
+    proto = make_proto([oh.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["N", 6])], [("y", ["N", 3])], [("w", w)])
+    onnx.save(proto, tmp_path / "m.onnx")
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    labels = (x @ w).argmax(1)
+    labels[:2] = (labels[:2] + 1) % 3  # the first two samples mislabelled: accuracy tells which were read
+    np.save(tmp_path / "l.npy", labels)
+    for extra, expected in ((["--limit", "4"], 0.5), (["--limit", "2", "--batch-size", "3"], 4 / 6), ([], 0.8)):
+        proc = _cli(["compare", "m.onnx", "m.onnx", "--data", "d.npz", "--labels", "l.npy", "--json", *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        accuracy = json.loads(proc.stdout)["accuracy"]
+        assert accuracy["reference"] == accuracy["candidate"] == pytest.approx(expected), (extra, accuracy)
+    np.save(tmp_path / "short.npy", labels[:7])
+    proc = _cli(["compare", "m.onnx", "m.onnx", "--data", "d.npz", "--labels", "short.npy"], tmp_path)
+    assert proc.returncode == 1 and "--labels: 7 label(s) for the 10 sample(s)" in proc.stderr, proc.stderr

@@ -137,6 +137,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     labels = None
     if args.labels:
         labels = load_labels(args.labels)
+        ds.check_labels(labels)  # one label per sample of the data file, refused before any run
+        if args.limit is not None and ds.num_samples is not None:  # the first feeds' samples only
+            labels = labels[: min(ds.num_samples, args.limit * (args.batch_size or 1))]
     axis: int | None | str
     if args.channel_axis == "auto":
         axis = "auto"
