@@ -342,3 +342,26 @@ def test_compare_with_limit_uses_the_labels_of_the_samples_it_reads(tmp_path, rn
     np.save(tmp_path / "short.npy", labels[:7])
     proc = _cli(["compare", "m.onnx", "m.onnx", "--data", "d.npz", "--labels", "short.npy"], tmp_path)
     assert proc.returncode == 1 and "--labels: 7 label(s) for the 10 sample(s)" in proc.stderr, proc.stderr
+
+
+def test_latency_aware_alone_claims_no_budget(tmp_path, rng, capsys, monkeypatch):
+    """`quantize --latency-aware` without --fidelity-target or --max-drop printed 'fidelity budget
+    met: output SQNR 62.60 dB' on the orientation classifier: there was no budget to meet.
+    Latency stubbed (every variant as fast as float: int8 kept)."""
+    import onnxcomp.measure.bench as bench
+    from onnxcomp.cli import main
+
+    def stub_bench(variants, feeds, **kw):
+        rows = [{"name": variants[0][0], "ratio_to_first": None, "ratio_ci95": None}]
+        return rows + [{"name": n, "ratio_to_first": 1.0, "ratio_ci95": [0.95, 1.05]} for n, _ in variants[1:]]
+
+    monkeypatch.setattr(bench, "bench_models", stub_bench)
+    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((12, 1, 3, 8, 8)).astype(np.float32))
+    argv = ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calibration",
+            str(tmp_path / "cal.npz"), "--no-latency", "--force"]
+    assert main([*argv, "--latency-aware"]) == 0
+    out = capsys.readouterr().out
+    assert "fidelity budget met" not in out and "no fidelity budget (--latency-aware alone): output SQNR" in out, out
+    assert main([*argv, "--fidelity-target", "20"]) == 0
+    assert "fidelity budget met: output SQNR" in capsys.readouterr().out

@@ -372,6 +372,10 @@ def _run(args: argparse.Namespace) -> int:
             con.print(f"[yellow]int8 does not pay on this model on this CPU: the float model is measurably faster "
                       f"than what int8 could keep (float's latency ratio to it [{lo:.2f}, {hi:.2f}] at {lat['threads']} "
                       f"thread(s)); the model is written float, {len(fallback['float_nodes'])} node(s)[/yellow]")
+        elif not any(v is not None for v in (fallback.get("target") or {}).values()):  # --latency-aware alone
+            con.print(f"no fidelity budget (--latency-aware alone): output SQNR {final['sqnr_db']:.2f} dB{acc} on "
+                      f"{fallback['eval_samples']} sample(s) of {fallback['eval_data']}; "
+                      f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         else:
             con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
                       f"({fallback['eval_feeds']} feed(s), all given)")
