@@ -365,3 +365,17 @@ def test_latency_aware_alone_claims_no_budget(tmp_path, rng, capsys, monkeypatch
     assert "fidelity budget met" not in out and "no fidelity budget (--latency-aware alone): output SQNR" in out, out
     assert main([*argv, "--fidelity-target", "20"]) == 0
     assert "fidelity budget met: output SQNR" in capsys.readouterr().out
+
+
+def test_prune_max_samples_is_what_the_check_reports(tmp_path, rng):
+    """`prune --reconstruct --max-samples 5` refit on 5 feeds while its check's report said
+    fit_feeds 16 (every feed not held out), unlike quantize, whose data the option limits."""
+    import json
+
+    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--calibration", "cal.npz", "--reconstruct", "--max-samples", "5",
+                 "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)["check"]["data"]
+    assert (data["fit_feeds"], data["check_feeds"], data["held_out"]) == (5, 4, True)

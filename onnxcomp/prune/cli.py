@@ -95,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_outputs(args, model)
     specialized, fixed = specialize(args, model, con)
-    data = Dataset(args.calibration, model, batch_size=args.batch_size, ignore=fixed) if args.calibration else None
+    data = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples,
+                   ignore=fixed) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
