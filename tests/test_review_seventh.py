@@ -145,12 +145,17 @@ def _conv_relu_conv(rng, zero_channel: int | None = None) -> onnx.ModelProto:
                       [("x", [1, 3, 8, 8])], [("y", [1, 4, 8, 8])], [("w1", w1), ("w2", w2)])
 
 
+def _conv_case(tmp_path: Path, rng) -> None:
+    """m.onnx (:func:`_conv_relu_conv`) and cal.npz (20 samples) in ``tmp_path``."""
+    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+
+
 def test_json_output_is_strict_json_when_a_figure_is_infinite(tmp_path, rng):
     """An exact output (a prune that removed nothing, a compare of a model with itself) has an
     infinite SQNR; --json wrote it as Python's `Infinity`, which JSON parsers other than Python's
     (JavaScript's JSON.parse, Go, Rust) refuse."""
-    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    _conv_case(tmp_path, rng)
     proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--criterion", "zeros", "--calibration", "cal.npz", "--json"],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -168,8 +173,7 @@ def test_prune_zeros_says_why_nothing_was_removed(tmp_path, rng):
     """`prune --criterion zeros` on a model without all-zero channels said 'nothing was compressed
     (0 channels removed): frozen: graph input 'x'' (the reason of a group that could not be cut,
     not why nothing was) under a title 'zeros, ratio 0.3' (zeros ignores the ratio)."""
-    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    _conv_case(tmp_path, rng)
     proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--criterion", "zeros", "--calibration", "cal.npz", "--json"],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -293,8 +297,7 @@ def test_compress_takes_max_samples(tmp_path, rng):
     compress (the main command) refused it as an unrecognized argument."""
     import json
 
-    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    _conv_case(tmp_path, rng)
     proc = _cli(["compress", "m.onnx", "-o", "c.onnx", "--calibration", "cal.npz", "--max-samples", "6", "--json"],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -356,8 +359,7 @@ def test_latency_aware_alone_claims_no_budget(tmp_path, rng, capsys, monkeypatch
         return rows + [{"name": n, "ratio_to_first": 1.0, "ratio_ci95": [0.95, 1.05]} for n, _ in variants[1:]]
 
     monkeypatch.setattr(bench, "bench_models", stub_bench)
-    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((12, 1, 3, 8, 8)).astype(np.float32))
+    _conv_case(tmp_path, rng)
     argv = ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calibration",
             str(tmp_path / "cal.npz"), "--no-latency", "--force"]
     assert main([*argv, "--latency-aware"]) == 0
@@ -372,8 +374,7 @@ def test_prune_max_samples_is_what_the_check_reports(tmp_path, rng):
     fit_feeds 16 (every feed not held out), unlike quantize, whose data the option limits."""
     import json
 
-    onnx.save(_conv_relu_conv(rng), tmp_path / "m.onnx")
-    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((20, 1, 3, 8, 8)).astype(np.float32))
+    _conv_case(tmp_path, rng)
     proc = _cli(["prune", "m.onnx", "-o", "p.onnx", "--calibration", "cal.npz", "--reconstruct", "--max-samples", "5",
                  "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
