@@ -403,3 +403,20 @@ def test_weight_elements_of_a_sparse_model_read_from_its_file(tmp_path, rng):
     ClusterPass(ClusterConfig(format="sparse", bits=3, min_elements=100))(model)
     io.save_model(model, tmp_path / "sparse.onnx")
     assert weight_counts(io.load_model(tmp_path / "sparse.onnx"))["weight_elements"] == expected
+
+
+def test_a_failed_onnxruntime_run_prints_one_error_line(tmp_path):
+    """Before onnxcomp's error line, onnxruntime logged its own ('[E:onnxruntime:, sequential_
+    executor.cc ...] Non-zero status code ...', in red with a timestamp): two error reports of
+    one failure, the first not in onnxcomp's format."""
+    proto = make_proto([oh.make_node("Reshape", ["x", "s"], ["y"])], [("x", [1, "L"])], [("y", [1, 2, "H"])],
+                       [("s", np.array([1, 2, -1], np.int64))])
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "odd.npz", x=np.ones((2, 1, 3), np.float32))  # 3 values cannot make [1, 2, -1]
+    for argv in (["bench", "m.onnx", "--runs", "1", "--warmup-runs", "0", "--warmup-seconds", "0"],
+                 ["bench", "m.onnx", "--data", "odd.npz", "--runs", "1", "--warmup-runs", "0", "--warmup-seconds", "0"],
+                 ["compare", "m.onnx", "m.onnx", "--data", "odd.npz"]):
+        proc = _cli(argv, tmp_path)
+        assert proc.returncode == 1, (argv, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("onnxcomp: error:"), (argv, proc.stderr)
