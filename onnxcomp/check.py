@@ -232,11 +232,19 @@ def split_data(
             return DataSplit(None, None, False, f"none ({why})")
         return DataSplit(None, feeds, False, "seeded uniform random inputs (no data given): a sanity check only",
                          check_feeds=len(feeds), rule="8 generated feeds", generated=True)
-    total = calibration.num_feeds
+    # the split is made on every feed of the source; a limit (--max-samples) caps what each part reads
+    limit = calibration.limit
+    every = calibration if limit is None else calibration.with_limit(None)
+    total = every.num_feeds
     if total is None:
-        total = sum(1 for _ in calibration)
+        total = sum(1 for _ in every)
+
+    def capped(n: int) -> int:
+        return n if limit is None else min(n, limit)
+
     if total < config.min_feeds:
-        return DataSplit(calibration, calibration, False, f"calibration data {calibration.name}", None, total, total,
+        return DataSplit(calibration, calibration, False, f"calibration data {calibration.name}", None,
+                         capped(total), capped(total),
                          f"only {total} calibration feed(s) (< {config.min_feeds}): checked on the fitting data, "
                          "not held out; give --eval data for a real check")
     k = max(2, round(1.0 / config.fraction))
@@ -248,7 +256,7 @@ def split_data(
     check = calibration.subset(is_check, name=f"{calibration.name} (held out)")
     fit = calibration.subset(lambda i: not is_check(i), name=f"{calibration.name} (fitting part)")
     n_check = sum(1 for i in range(total) if is_check(i))
-    return DataSplit(fit, check, True, f"calibration data {calibration.name}", None, total - n_check, n_check,
+    return DataSplit(fit, check, True, f"calibration data {calibration.name}", None, capped(total - n_check), capped(n_check),
                      f"every {_ordinal(k)} calibration feed (index mod {k} = {k - 1}), at most {cap}, held out")
 
 
@@ -1255,7 +1263,8 @@ def check_dataset(split, reference: ir.Model) -> Dataset:
 
 def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Dataset, top: int,
           feeds: int = 1) -> list[dict[str, Any]]:
-    """The ``top`` intermediate tensors with the lowest SQNR on the first ``feeds`` check feeds."""
+    """The ``top`` intermediate tensors with the lowest SQNR on the first ``feeds`` check feeds
+    (those computed exactly left out)."""
     from onnxcomp.io import load_model
 
     try:
@@ -1264,7 +1273,8 @@ def blame(reference: ir.Model, candidate: ir.Model | str | os.PathLike, data: Da
     except OnnxcompError:
         return []
     worst = sorted(sqnr.items(), key=lambda kv: -math.inf if math.isnan(kv[1]) else kv[1])
-    return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top]]
+    # a tensor computed exactly (infinite SQNR) is no damage, even when fewer than ``top`` are damaged
+    return [{"tensor": name, "sqnr_db": db} for name, db in worst[:top] if db != math.inf]
 
 
 def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, np.ndarray]], *,
@@ -1333,7 +1343,7 @@ def verdict_line(check: dict[str, Any]) -> str:
     problems = "; ".join(check["problems"][:3]) + (f" (+{len(check['problems']) - 3} more)" if len(check["problems"]) > 3 else "")
     blame = ""
     if check.get("blame"):
-        blame = "; first damage at " + ", ".join(f"{b['tensor']!r} ({b['sqnr_db']:.1f} dB)" for b in check["blame"][:3])
+        blame = "; most damaged tensors " + ", ".join(f"{b['tensor']!r} ({b['sqnr_db']:.1f} dB)" for b in check["blame"][:3])
     return f"CHECK FAILED on {where}: {problems}{blame}"
 
 

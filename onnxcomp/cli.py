@@ -147,6 +147,8 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity report")
     p.add_argument("--labels", metavar="FILE.npy", help="integer labels of the evaluation data")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per feed (dynamic batch dimension)")
+    p.add_argument("--max-samples", type=POSITIVE_INT, metavar="N",
+                   help="read at most N calibration feeds for fitting, and at most N held out for the check")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
                    help="input shape for generated latency inputs when no data is given")
     p.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report")
@@ -219,7 +221,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_outputs(args, model)
     specialized, fixed = specialize(args, model, con)
-    calibration = Dataset(args.calibration, model, batch_size=args.batch_size, ignore=fixed) if args.calibration else None
+    calibration = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples,
+                          ignore=fixed) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
@@ -302,7 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, configure, _run) in _COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown argument is reported by its command's parser (its help lists
+    the options), not by the top-level one."""
+    args, extra = build_parser().parse_known_args(argv)
+    commands = args.commands
+    del args.commands
+    if extra:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     written = len(written_files())
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         _help, _configure, run = _COMMANDS[args.command]
         return run(args)
     except OnnxcompError as exc:

@@ -151,16 +151,29 @@ def progress_bar(con):
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """One JSON document on stdout. JSON has no infinities nor NaN (strict parsers refuse
+    Python's ``Infinity``): such a figure (the SQNR of an exact output) is the string "inf",
+    "-inf" or "nan"."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else ("nan" if obj != obj else f"{obj}")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
     import numpy as np
 
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _finite(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _finite(obj.tolist())
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     return str(obj)

@@ -427,6 +427,14 @@ class Dataset:
             view.name = name
         return view
 
+    def with_limit(self, limit: int | None) -> Dataset:
+        """A view of the same source that reads at most ``limit`` feeds (None: every feed). It
+        shares the source's spans: what it reads counts for the source too (the constant-input
+        note is made once, on whichever of them the stages read)."""
+        view = copy.copy(self)
+        view.limit = limit
+        return view
+
     def first(self) -> Feed:
         """The first feed (used to build example inputs)."""
         for feed in self:
@@ -450,9 +458,7 @@ def load_data(
     if isinstance(source, Dataset):
         if limit is None or (source.limit is not None and source.limit <= limit):
             return source
-        view = copy.copy(source)  # the same spans: a subset of the source's feeds
-        view.limit = limit
-        return view
+        return source.with_limit(limit)
     return Dataset(source, model, batch_size=batch_size, limit=limit)
 
 

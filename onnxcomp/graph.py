@@ -7,6 +7,7 @@ works on a clone.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -48,11 +49,21 @@ FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFL
 
 
 def infer_types(model: ir.Model) -> None:
-    """Run ONNX shape inference in place so intermediate values carry dtypes and shapes."""
+    """Run ONNX shape inference in place so intermediate values carry dtypes and shapes.
+
+    Where ONNX's inference fails (a shape the exporter declared that an opset upgrade's inference
+    contradicts), onnx_ir leaves the model unchanged and logs the failure with its traceback,
+    which would reach the terminal of a command that goes on fine (onnxruntime infers the types
+    itself): that log is kept quiet."""
+    log = logging.getLogger(ShapeInferencePass.__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         ShapeInferencePass()(model)
     except Exception as exc:  # onnx's inference errors carry their own message
         raise OnnxcompError(f"ONNX shape inference failed on the model: {exc}") from None
+    finally:
+        log.setLevel(level)
 
 
 def produced_values(model: ir.Model) -> dict[str, ir.Value]:

@@ -584,6 +584,37 @@ QUANT_SCALE_OUTPUTS: OpTable[tuple[int, ...]] = OpTable("quantization scale outp
 QUANT_SCALE_OUTPUTS.register("DynamicQuantizeLinear", (1,), since=11)
 
 __all__ += ["ComputeOp", "COMPUTE_OPS", "QUANT_PARAM_INPUTS", "QUANTIZED_WEIGHT_INPUTS", "QUANT_SCALE_OUTPUTS"]
+#: Elements of a node's output known from its constant inputs when no shape is annotated (a model
+#: loaded from a file: a decoded weight's size, onnxcomp.summary): ``rule(node, output_index,
+#: constant, elements)``, ``constant(i)`` the array of input i (None if not constant) and
+#: ``elements(i)`` its element count; None where it cannot tell.
+OUTPUT_ELEMENTS: OpTable[Callable[..., int | None]] = OpTable("output elements from constant inputs")
+
+
+def _reshape_elements(node: ir.Node, index: int, constant, elements) -> int | None:
+    shape = constant(1)
+    if shape is None or shape.size == 0 or (shape <= 0).any():  # 0 copies and -1 infers a dimension
+        return None
+    return int(shape.astype("int64").prod())
+
+
+def _split_elements(node: ir.Node, index: int, constant, elements) -> int | None:
+    total = elements(0)
+    if total is None:
+        return None
+    sizes = constant(1) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is None and "split" in node.attributes:  # opset < 13
+        sizes = node.attributes["split"].as_ints()
+    if sizes is None:  # equal parts
+        return total // len(node.outputs)
+    sizes = [int(v) for v in sizes]
+    return total * sizes[index] // sum(sizes) if sum(sizes) else None
+
+
+OUTPUT_ELEMENTS.register("Reshape", _reshape_elements, since=5)
+OUTPUT_ELEMENTS.register("Split", _split_elements)
+
+__all__ += ["OUTPUT_ELEMENTS"]
 #: Inputs of recurrent ops that hold weights (W, R, B; constant in a trained model): cleanup folds
 #: the constant subgraphs that compute them whatever their size, and onnxcomp.quant.recurrent
 #: quantizes W and R.

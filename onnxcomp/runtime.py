@@ -55,7 +55,7 @@ def session_options(optimization: str = "all", threads: int | None = 1) -> ort.S
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failed run raises, said in onnxcomp's one error line: no log of its own
     # These sessions compute (calibration, fidelity, checks), they are not timed: without
     # prepacking onnxruntime keeps one copy of each weight instead of two (a 2.25 GiB MatMul weight
     # took 4.6 GiB in a calibration session). Latency sessions (onnxcomp.measure.latency) keep it.

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnxcomp.data import model_inputs
 from onnxcomp.graph import weight_tensors
 from onnxcomp.io import external_data_files, onnx_opset, source_path
-from onnxcomp.ops import QUANT_PARAM_INPUTS, QUANT_SCALE_OUTPUTS, QUANTIZED_WEIGHT_INPUTS
+from onnxcomp.ops import OUTPUT_ELEMENTS, QUANT_PARAM_INPUTS, QUANT_SCALE_OUTPUTS, QUANTIZED_WEIGHT_INPUTS
 from onnxcomp.passes.cleanup import op_histogram
 
 __all__ = ["summarize_model", "weight_counts"]
@@ -153,6 +153,30 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
                 stack.extend(x for i, x in enumerate(producer.inputs) if x is not None and role(producer, i) != "param")
         return best
 
+    def decoded_elements(value: ir.Value) -> int:
+        """Elements of a decoded weight: its shape, else what its producer's constant inputs tell
+        (a Reshape to a constant shape, a Split of a stream shared by every tensor: the sparse
+        format), else :func:`carrier_elements`."""
+        known = _elements(value)
+        if known is not None:
+            return known
+        producer = value.producer()
+        rule = OUTPUT_ELEMENTS.lookup(producer, model) if producer is not None else None
+        if rule is not None:
+
+            def constant(i: int):
+                v = producer.inputs[i] if i < len(producer.inputs) else None
+                return v.const_value.numpy() if v is not None and v.const_value is not None else None
+
+            def elements(i: int) -> int | None:
+                v = producer.inputs[i] if i < len(producer.inputs) else None
+                return decoded_elements(v) if v is not None else None
+
+            count = rule(producer, value.index(), constant, elements)
+            if count is not None:
+                return count
+        return carrier_elements(value)
+
     weights = params = other = 0
     decoded_stored = decoded = 0
     seen_decoded: set[int] = set()
@@ -164,8 +188,7 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
                 continue
             if id(value) in constant and role(node, index) is None and value.dtype in (None, *_FLOAT_TYPES):
                 seen_decoded.add(id(value))
-                elements = _elements(value)
-                decoded += elements if elements is not None else carrier_elements(value)
+                decoded += decoded_elements(value)
     for value in initializers:
         uses = value.uses()
         roles = {role(use.node, use.idx) for use in uses if id(use.node) not in decode}

@@ -66,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import load_model, save_model
+    from onnxcomp.quant.verify import int8_kernels
 
     con = console(args)
     config = ClusterConfig(
@@ -97,9 +98,12 @@ def _run(args: argparse.Namespace) -> int:
     if specialized is not None:
         report["specialize"] = specialized
     count = len(report["tensors"])
+    kernels = "" if count or report["skipped"] else int8_kernels(model)
     why = "" if count else (f"{len(report['skipped'])} tensor(s) left alone, e.g. "
                             + "; ".join(f"{n!r}: {r}" for n, r in list(report["skipped"].items())[:1])
-                            if report["skipped"] else f"no weight tensor with at least {args.min_elements} elements")
+                            if report["skipped"] else
+                            f"the model is already quantized ({kernels}): its weights are integers; cluster its float original"
+                            if kernels else f"no float weight tensor with at least {args.min_elements} elements")
     check = run_check(con, model, out, split, check_cfg, report, compressed=count, what="tensors clustered", why=why)
     status = check_status(args, check)
     if args.json:

@@ -15,6 +15,7 @@ from onnxcomp.data import (
     Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
 )
 from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
+from onnxcomp.measure.latency import MeasurementError
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError, DataError
 
@@ -65,12 +66,19 @@ def _run_bench(args: argparse.Namespace) -> int:
     threads = args.threads or physical_cores()
     with progress_bar(con) as progress:
         task = progress.add_task("measuring (interleaved)", total=args.runs)
-        rows = bench_models(
-            models, feeds, threads=threads, optimization=args.optimization, runs=args.runs,
-            time_budget=args.time_budget, warmup_runs=args.warmup_runs,
-            warmup_seconds=args.warmup_seconds, seed=args.seed,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
+        try:
+            rows = bench_models(
+                models, feeds, threads=threads, optimization=args.optimization, runs=args.runs,
+                time_budget=args.time_budget, warmup_runs=args.warmup_runs,
+                warmup_seconds=args.warmup_seconds, seed=args.seed,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+        except MeasurementError as exc:
+            if not free_dims:
+                raise
+            # the inputs were made up: say how, since sizes of 1 are what a model most often refuses
+            raise MeasurementError(exc.spec_name, f"{exc}; the inputs were generated with "
+                                   + "; ".join(describe_free_dims(free_dims)) + " (or pass --data)") from None
     if args.json:
         print_json({"threads": threads, "optimization": args.optimization, "free_dims": free_dims, "models": rows})
         return 0
@@ -129,6 +137,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     labels = None
     if args.labels:
         labels = load_labels(args.labels)
+        ds.check_labels(labels)  # one label per sample of the data file, refused before any run
+        if args.limit is not None and ds.num_samples is not None:  # the first feeds' samples only
+            labels = labels[: min(ds.num_samples, args.limit * (args.batch_size or 1))]
     axis: int | None | str
     if args.channel_axis == "auto":
         axis = "auto"
@@ -163,7 +174,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
         agree = "-" if f.top1_agreement is None else f"{100 * f.top1_agreement:.2f}%"
-        table.add_row(esc(f.name), "x".join(map(str, f.shape)), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
+        table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
                       f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
     con.print(table)
     if result.accuracy:

@@ -14,7 +14,9 @@ per-layer numbers describe an unfused run; the per-output numbers always come fr
 they are. Intermediate tensors that cannot be compared are left out of the ranking and listed with
 the reason in ``layers_skipped``: empty on every feed (``Shape`` of a scalar, a ``Slice`` that
 selects nothing: paddle2onnx writes such helpers), or resized by pruning. An empty batch of a model
-output is left out of its metrics; an output empty on every feed is an error.
+output is left out of its metrics; an output empty on every feed is an error. Feeds of different
+sizes (a folder of feeds: images of several widths) are compared whole; an axis whose size differs
+is None in the shape, and as the channel axis it gives no per-channel error.
 
 Channel axis of an output, unless given: 1 for rank 4 and 5 (NCHW-like), for rank 3 the smaller of
 axes 1 and 2 (``[N, 84, 8400]`` detector heads put boxes and scores on axis 1), -1 otherwise.
@@ -194,7 +196,8 @@ def compare_models(
                 axis = default_channel_axis(r.shape) if channel_axis == "auto" else channel_axis
                 if axis is not None and r.ndim >= 2 and axis % r.ndim == 0:
                     axis = None
-                accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name)
+                accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name,
+                                                         varying=True)  # a folder of feeds may vary in size
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
             if labels is not None and not layer and i == label_index:
                 predictions["reference"].append(predicted_class(r))
@@ -203,15 +206,17 @@ def compare_models(
     # Big models (weights over LARGE_MODEL_BYTES) run one session at a time: the reference's
     # values are kept, then its session is gone before the candidate's exists.
     one_at_a_time = max(initializer_nbytes(reference), initializer_nbytes(candidate)) >= LARGE_MODEL_BYTES
-    for ref_values, cand_values in _paired_runs(reference, candidate, ref_outputs, data, options, one_at_a_time):
+    for feed, ref_values, cand_values in _paired_runs(reference, candidate, ref_outputs, data, options, one_at_a_time):
         consume(ref_outputs, ref_values, cand_values, layer=False)
-        samples += int(ref_values[0].shape[0]) if ref_values and np.ndim(ref_values[0]) else 1
+        # axis 0 of the data indexes samples (an output's axis 0 may be time: a CTC recognizer's [T, N, C])
+        first = next((np.asarray(v) for v in feed.values()), None)
+        samples += int(first.shape[0]) if first is not None and first.ndim else 1
         feeds += 1
         if progress is not None:
             progress(feeds)
     if layer_names:
         with exposed(reference, layer_names) as ref_exposed, exposed(candidate, cand_layer_names) as cand_exposed:
-            for ref_values, cand_values in _paired_runs(ref_exposed, cand_exposed, layer_names, data, options,
+            for _, ref_values, cand_values in _paired_runs(ref_exposed, cand_exposed, layer_names, data, options,
                                                         one_at_a_time, cand_layer_names):
                 consume(layer_names, ref_values, cand_values, layer=True)
     accuracy: dict[str, float] = {}
@@ -253,21 +258,21 @@ def compare_models(
 
 def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], data, options,
                  one_at_a_time: bool, cand_names: list[str] | None = None):
-    """``(reference values, candidate values)`` of ``names`` (the candidate's ``cand_names``, when
-    it named them otherwise) per feed: both sessions side by side, or (``one_at_a_time``) every
-    feed through the reference first, its session dropped, then the candidate's."""
+    """``(feed, reference values, candidate values)`` of ``names`` (the candidate's ``cand_names``,
+    when it named them otherwise) per feed: both sessions side by side, or (``one_at_a_time``)
+    every feed through the reference first, its session dropped, then the candidate's."""
     cand_names = names if cand_names is None else cand_names
     if not one_at_a_time:
         ref_session = create_session(reference, sess_options=options)
         cand_session = create_session(candidate, sess_options=options)
         for feed in data:
-            yield ref_session.run(names, feed), cand_session.run(cand_names, feed)
+            yield feed, ref_session.run(names, feed), cand_session.run(cand_names, feed)
         return
     ref_values = collect_outputs(create_session(reference, sess_options=options), names, data)
     release_pages(reference)
     session = create_session(candidate, sess_options=options)
     for feed, values in zip(data, ref_values):
-        yield values, session.run(cand_names, feed)
+        yield feed, values, session.run(cand_names, feed)
 
 
 def _sort_key(sqnr: float) -> float:

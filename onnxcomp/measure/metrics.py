@@ -133,14 +133,15 @@ class ChannelFidelity:
 class OutputFidelity:
     """Fidelity of one output, over one tensor or a stream of batches.
 
-    ``shape`` is the shape of the (virtual) concatenation along axis 0;
+    ``shape`` is the shape of the (virtual) concatenation along axis 0 (None on
+    an axis whose size differed between batches);
     ``channel_axis`` is normalized to a non-negative axis, or ``None`` when no
     per-channel error was computed (then ``channels`` is empty and
     ``worst_channel`` is ``None``).
     """
 
     name: str | None
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     n_elements: int
     max_abs: float
     mean_abs: float
@@ -156,9 +157,13 @@ class FidelityAccumulator:
     """Streaming fidelity of one output: ``update(ref, cand)`` per batch, then ``result()``.
 
     Batches are stacked along axis 0: every update must have the same rank
-    and the same shape apart from axis 0.  ``channel_axis`` (default -1, may
-    be ``None`` to skip per-channel error) must not resolve to axis 0 for
-    outputs of rank >= 2; for rank < 2 it is ignored.
+    and the same shape apart from axis 0, unless ``varying`` (feeds of
+    different sizes, such as images of several widths from a folder of
+    feeds): then other axes may differ too, are ``None`` in the result's
+    ``shape``, and an axis that differs drops the per-channel error when it is
+    the channel axis.  ``channel_axis`` (default -1, may be ``None`` to skip
+    per-channel error) must not resolve to axis 0 for outputs of rank >= 2;
+    for rank < 2 it is ignored.
 
     Refuses (ValueError naming the output): ``ref``/``cand`` shape mismatch
     (naming both shapes), empty or non-numeric tensors, a shape that changes
@@ -166,15 +171,16 @@ class FidelityAccumulator:
     sample axis, and ``result()`` before any update.
     """
 
-    def __init__(self, *, channel_axis: int | None = -1, name: str | None = None) -> None:
+    def __init__(self, *, channel_axis: int | None = -1, name: str | None = None, varying: bool = False) -> None:
         if channel_axis is not None and (
             isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer))
         ):
             raise ValueError(f"channel_axis must be an int or None, got {channel_axis!r}")
         self._channel_axis_arg = None if channel_axis is None else int(channel_axis)
         self.name = name
+        self._varying = varying
         self._rank: int | None = None
-        self._tail: tuple[int, ...] = ()
+        self._tail: tuple[int | None, ...] = ()
         self._axis: int | None = None
         self._batches = 0
         self._rows = 0
@@ -247,6 +253,8 @@ class FidelityAccumulator:
             raise ValueError(f"{_label(self.name)} is empty (shape {tuple(r.shape)})")
         if self._rank is None:
             self._first_update(tuple(r.shape))
+        elif r.ndim == self._rank and self._varying and tuple(r.shape[1:]) != self._tail:
+            self._vary(tuple(r.shape[1:]))
         elif r.ndim != self._rank or tuple(r.shape[1:]) != self._tail:
             raise ValueError(
                 f"{_label(self.name)} changed shape between batches: expected "
@@ -284,6 +292,15 @@ class FidelityAccumulator:
             self._ch_cand_min = np.minimum(self._ch_cand_min, c2.min(axis=0))
             self._ch_cand_max = np.maximum(self._ch_cand_max, c2.max(axis=0))
         return self
+
+    def _vary(self, tail: tuple[int, ...]) -> None:
+        """A batch whose axes past 0 differ from the batches before (``varying``): those axes
+        become None; a channel axis among them ends the per-channel error (channels differ)."""
+        self._tail = tuple(t if t == u else None for t, u in zip(self._tail, tail))
+        if self._axis is not None and self._tail[self._axis - 1] is None:
+            self._axis = None
+            self._ch_ref2 = self._ch_err2 = self._ch_max_abs = None
+            self._ch_ref_min = self._ch_ref_max = self._ch_cand_min = self._ch_cand_max = None
 
     def result(self) -> OutputFidelity:
         """Return the fidelity over everything seen so far."""

@@ -96,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_outputs(args, model)
     specialized, fixed = specialize(args, model, con)
-    data = Dataset(args.calibration, model, batch_size=args.batch_size, ignore=fixed) if args.calibration else None
+    data = Dataset(args.calibration, model, batch_size=args.batch_size, limit=args.max_samples,
+                   ignore=fixed) if args.calibration else None
     evaluation = Dataset(args.eval, model, batch_size=args.batch_size, ignore=fixed) if args.eval else None
     labels = load_labels(args.labels) if args.labels else None
     if labels is not None and evaluation is None:
@@ -107,9 +108,14 @@ def _run(args: argparse.Namespace) -> int:
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
     if not report["groups"] and not report.get("subgraphs"):
+        from onnxcomp.quant.verify import int8_kernels
+
+        kernels = int8_kernels(model)
         raise OnnxcompError(
             f"{args.model}: no prunable channel groups found (the model has "
-            f"{report['before']['parameters']:,} parameters); nothing written"
+            f"{report['before']['parameters']:,} parameters"
+            + (f"; it is already quantized ({kernels}): prune its float original" if kernels else "")
+            + "); nothing written"
         )
     out = save_model(pruned, args.output, force=args.force, verify=verify_output(split, model))
     report["output"] = str(out)
@@ -122,8 +128,11 @@ def _run(args: argparse.Namespace) -> int:
     if removed == 0:
         # the cause the user chose comes first: a ratio that cuts nothing of the groups that could be cut
         zero, by_ratio = [], []
-        if report["groups"] and not targeted and args.criterion != "zeros":
-            if args.ratio == 0:
+        if report["groups"] and not targeted:
+            if args.criterion == "zeros":  # the ratio plays no part: only all-zero channels go
+                by_ratio = [f"--criterion zeros found no all-zero channel in the {len(report['groups'])} "
+                            "prunable group(s) (it removes only those; --criterion l1 --ratio R cuts by magnitude)"]
+            elif args.ratio == 0:
                 zero = ["--ratio 0 removes no channel (it keeps every channel of every group)"]
             else:
                 by_ratio = [f"--ratio {args.ratio} ({args.scope}) cut no channel of the {len(report['groups'])} "
@@ -141,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     target = report.get("target")
-    how = f"{target['kind']} target {target['target']}" if target else f"ratio {args.ratio} ({args.scope})"
+    how = f"{target['kind']} target {target['target']}" if target else (
+        "all-zero channels" if args.criterion == "zeros" else f"ratio {args.ratio} ({args.scope})")
     table = Table(title=f"{esc(os.path.basename(args.model))}: {args.criterion}, {how}", title_justify="left")
     cols = ["group", "producers", "channels before", "after"]
     if target:

@@ -177,10 +177,7 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
     tell an already quantized one). When the report's sections count nothing (a fallback's
     report has no recurrent or embedding section; embedding tables are no nodes), the int8
     tensors ``written`` (the output) carries beyond the input's count instead."""
-    from collections import Counter
-
-    from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
-    from onnxcomp.quant.verify import int8_tensors_added
+    from onnxcomp.quant.verify import int8_kernels, int8_tensors_added
 
     if mode == "static":
         count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + recurrent_int8(report)
@@ -195,10 +192,9 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
     why = ""
     if count == 0:
         skipped = report.get("skipped") or {}
-        kernels = Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS) if model is not None else {}
+        kernels = int8_kernels(model) if model is not None else ""
         if kernels:  # what is left float there is the quantized model's own plumbing
-            why = ("the model is already quantized (" + ", ".join(f"{op} x{k}" for op, k in kernels.most_common())
-                   + "): quantize its float original")
+            why = f"the model is already quantized ({kernels}): quantize its float original"
         elif skipped:
             first, reason = next(iter(skipped.items()))
             why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
@@ -382,6 +378,10 @@ def _run(args: argparse.Namespace) -> int:
             con.print(f"[yellow]int8 does not pay on this model on this CPU: the float model is measurably faster "
                       f"than what int8 could keep (float's latency ratio to it [{lo:.2f}, {hi:.2f}] at {lat['threads']} "
                       f"thread(s)); the model is written float, {len(fallback['float_nodes'])} node(s)[/yellow]")
+        elif not any(v is not None for v in (fallback.get("target") or {}).values()):  # --latency-aware alone
+            con.print(f"no fidelity budget (--latency-aware alone): output SQNR {final['sqnr_db']:.2f} dB{acc} on "
+                      f"{fallback['eval_samples']} sample(s) of {fallback['eval_data']}; "
+                      f"{len(fallback['int8_nodes'])} node(s) int8, {len(fallback['float_nodes'])} kept float")
         else:
             con.print(f"fidelity budget judged on {fallback['eval_samples']} sample(s) of {fallback['eval_data']} "
                       f"({fallback['eval_feeds']} feed(s), all given)")

@@ -88,6 +88,16 @@ def stored_int8_tensors(model: ir.Model) -> int:
     return sum(1 for v in constants if v.dtype in _LOW_BIT and not parameter(v))
 
 
+def int8_kernels(model: ir.Model) -> str:
+    """onnxruntime int8 kernels in ``model``'s main graph, most frequent first ('ConvInteger x21,
+    MatMulInteger x1'); '' when it has none. A model that has them was quantized before: its
+    weights are integers, which quantize, cluster and prune leave alone."""
+    from onnxcomp.ops import INT8_KERNEL_FLOAT_OPS
+
+    kernels = collections.Counter(n.op_type for n in model.graph if n.op_type in INT8_KERNEL_FLOAT_OPS)
+    return ", ".join(f"{op} x{k}" for op, k in kernels.most_common())
+
+
 def int8_tensors_added(model: ir.Model | None, written: ir.Model) -> int:
     """:func:`stored_int8_tensors` of ``written`` (an output) beyond those of ``model`` (its input;
     None: nothing to subtract): what a quantize run stored in int8, whatever its report counts."""
