@@ -174,7 +174,11 @@ def _quantize_cli(model_path: Path, calib: Path, out_path: Path) -> dict[str, An
         raise RuntimeError(f"onnxcomp quantize exited {status}")
     report = json.loads(stdout.getvalue())
     check = report.get("check") or {}
-    notes: dict[str, Any] = {"int8_nodes": report.get("int8_nodes"), "check_met": check.get("met"),
+    from onnxcomp.quant.cli import branch_int8_nodes
+
+    # the main graph's int8 nodes and those inside If branches (silero-vad quantizes only there)
+    int8 = int(report.get("int8_nodes") or 0) + branch_int8_nodes(report.get("branches") or {})
+    notes: dict[str, Any] = {"int8_nodes": int8, "check_met": check.get("met"),
                              "fit_feeds": (check.get("data") or {}).get("fit_feeds")}
     auto = report.get("auto_fallback")
     if auto:

@@ -8,7 +8,7 @@ from test_control_flow import _feeds, model_if_conv
 from onnxcomp import io
 from onnxcomp.passes.base import model_problems
 from onnxcomp.quant.api import quantize
-from onnxcomp.quant.cli import _branch_int8_nodes, _compressed
+from onnxcomp.quant.cli import branch_int8_nodes, _compressed
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.testing import run_model, sqnr_db
 
@@ -23,7 +23,7 @@ def test_branch_quantization_drops_the_outer_float_weights_it_replaced():
     unread = [name for name, v in graph.initializers.items() if id(v) not in read]
     assert unread == []  # before the fix: the float w1 and w2 stayed in the file beside their int8 copies
     assert "w1" not in graph.initializers and "w2" not in graph.initializers
-    assert _branch_int8_nodes(report["branches"]) == 2
+    assert branch_int8_nodes(report["branches"]) == 2
     feeds = _feeds(proto, 5)
     ref = np.concatenate([o[0].ravel() for o in run_model(reference, feeds, optimization="disable")])
     out = np.concatenate([o[0].ravel() for o in run_model(quantized, feeds, optimization="disable")])

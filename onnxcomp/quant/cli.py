@@ -124,9 +124,9 @@ def _latency_ratio(first, second, data, threads: int | None = None) -> dict | No
     return {"ratio": rows[1]["ratio_to_first"], "ci95": rows[1]["ratio_ci95"]}
 
 
-def _branch_int8_nodes(branches: dict) -> int:
+def branch_int8_nodes(branches: dict) -> int:
     """int8 nodes placed inside If branches (nested branches included)."""
-    return sum(int(b.get("int8_nodes") or 0) + _branch_int8_nodes(b.get("branches") or {})
+    return sum(int(b.get("int8_nodes") or 0) + branch_int8_nodes(b.get("branches") or {})
                for b in branches.values() if isinstance(b, dict))
 
 
@@ -180,7 +180,7 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
     from onnxcomp.quant.verify import int8_kernels, int8_tensors_added
 
     if mode == "static":
-        count = int(report.get("int8_nodes") or 0) + _branch_int8_nodes(report.get("branches") or {}) + recurrent_int8(report)
+        count = int(report.get("int8_nodes") or 0) + branch_int8_nodes(report.get("branches") or {}) + recurrent_int8(report)
         what = "int8 nodes"
     else:
         count = int(report.get("nodes_quantized") or 0) + recurrent_int8(report)
