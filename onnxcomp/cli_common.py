@@ -136,7 +136,8 @@ def esc(text: Any) -> str:
 
 
 def progress_bar(con):
-    """A transient rich progress bar (silent when the console is quiet)."""
+    """A transient rich progress bar, shown on a terminal only: silent when the console is quiet,
+    and when the output is piped or redirected (a transient bar there leaves only blank lines)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -146,7 +147,7 @@ def progress_bar(con):
         TimeElapsedColumn(),
         console=con,
         transient=True,
-        disable=con.quiet,
+        disable=con.quiet or not con.is_terminal,
     )
 
 
