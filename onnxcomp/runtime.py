@@ -101,10 +101,9 @@ def verify_written(path: str | os.PathLike, feed: Mapping[str, np.ndarray] | Non
     """Refuse (:class:`~onnxcomp.errors.RefusedOutputError`) a written model file that onnxruntime
     cannot load as the check loads it, or cannot run on ``feed`` (None: only loaded)."""
     try:
-        session = ort.InferenceSession(os.fspath(path), sess_options=session_options("all", threads=None),
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise RefusedOutputError(f"onnxruntime cannot load the written model: {first_line(exc)}") from None
+        session = open_session(path, sess_options=session_options("all", threads=None), what="the written model")
+    except ModelLoadError as exc:
+        raise RefusedOutputError(str(exc)) from None
     if feed is not None:
         try:
             session.run(None, dict(feed))

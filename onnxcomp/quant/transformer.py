@@ -457,7 +457,7 @@ def _smoothing_groups(model: ir.Model, selector: NodeSelector | None = None) -> 
     graph_inputs = set(model.graph.inputs)
     excluded: set[ir.Value] = set()
     for node in model.graph:
-        is_matmul = node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
+        is_matmul = is_matmul_node(node)
         is_attention = node.op_type == "Attention" and node.domain == MS_DOMAIN
         if not (is_matmul or is_attention) or len(node.inputs) < 2:
             continue

@@ -329,7 +329,7 @@ def bias_tensors(graph: ir.Graph, model: ir.Model, min_elements: int) -> list[ir
 
     Graph inputs and outputs and tensors under ``min_elements`` values are left out.
     """
-    from onnxcomp.ops import LINEAR_OPS
+    from onnxcomp.ops import LINEAR_OPS, is_matmul_node
 
     found = []
     for value in graph.initializers.values():
@@ -345,7 +345,7 @@ def bias_tensors(graph: ir.Graph, model: ir.Model, min_elements: int) -> list[ir
             if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
                 return False
             producer = node.inputs[1 - idx].producer() if node.inputs[1 - idx] is not None else None
-            return producer is not None and producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx")
+            return producer is not None and is_matmul_node(producer)
 
         if all(is_bias(use.node, use.idx) for use in value.uses()):
             found.append(value)
