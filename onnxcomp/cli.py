@@ -250,7 +250,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
             threads=args.threads,
         )
-    out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model))
+    out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["model"] = args.model
     report["output"] = str(out)
     if specialized is not None:

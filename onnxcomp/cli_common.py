@@ -271,6 +271,8 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
 
     if not config.enabled:
         return None
+    if split.written_file is not None and split.written_file != _file_identity(written_path):
+        split.written_outputs = split.written_file = None  # not the file the verification ran
     with progress_bar(con) as progress:
         task = progress.add_task("checking", total=split.check_feeds)
         # onnxruntime reads the written file itself: it is not parsed or serialized again here
@@ -286,17 +288,42 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
     return check
 
 
-def verify_output(split, reference):
+def verify_output(split, reference, every: bool = True):
     """The ``verify`` of :func:`onnxcomp.io.save_model` for a command's output: onnxruntime loads
-    the written file and runs it on the first check feed before it is renamed into place, so that
-    the output path never holds a model onnxruntime refuses. Generated feeds (no data given) are
-    not run: the original itself may not run on them (the check then says so)."""
-    from onnxcomp.check import check_dataset
+    the written file and runs it on every check feed before it is renamed into place, so that the
+    output path never holds a model onnxruntime refuses and a previous output stays untouched when
+    it does, whichever feed it fails on. The outputs are kept on ``split`` for the check (within
+    :data:`onnxcomp.check.KEEP_REFERENCE_BYTES`), which then does not run the file again. Generated
+    feeds (no data given) are not run: the original itself may not run on them (the check then says
+    so). Check data that turns out bad while it is read here is left to the check to report.
+    ``every=False`` (no check follows) runs the first check feed only."""
+    from onnxcomp.check import KEEP_REFERENCE_BYTES, check_dataset
+    from onnxcomp.errors import DataError
     from onnxcomp.runtime import verify_written
 
     given = split.check is not None and not split.generated
-    feed = next(iter(check_dataset(split, reference)), None) if given else None
-    return lambda path: verify_written(path, feed)
+    names = [v.name for v in reference.graph.outputs]
+
+    def verify(path):
+        split.written_outputs = split.written_file = None
+        if not given:
+            verify_written(path)
+            return
+        feeds = check_dataset(split, reference) if every else next(iter(check_dataset(split, reference)), None)
+        try:
+            outputs = verify_written(path, feeds, names=names, limit=KEEP_REFERENCE_BYTES if every else 0)
+        except DataError:  # a NaN in a later sample, a malformed file: the check names it
+            return
+        if outputs is not None:
+            split.written_outputs, split.written_file = outputs, _file_identity(path)
+
+    return verify
+
+
+def _file_identity(path) -> tuple[int, ...]:
+    """What stays the same when a file is renamed, and changes when another file takes its name."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def print_check(con, check: dict[str, Any] | None) -> None:

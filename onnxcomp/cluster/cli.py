@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model))
+    out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),

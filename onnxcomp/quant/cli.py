@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
             threads=args.threads, keep=calibrated.append if may_fall_back else None,
         )
-    verify = verify_output(split, model)
+    verify = verify_output(split, model, check_cfg.enabled)
     out = save_model(quantized, args.output, force=args.force, verify=verify)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
     if specialized is not None:
