@@ -114,3 +114,83 @@ def test_the_check_takes_the_outputs_the_verification_ran_and_replaces_the_previ
     assert out.read_bytes()[:4] != b"the " and not (tmp_path / "out.rejected.onnx").exists()
     assert str(out) not in map(str, opened)  # the written file ran once, before it was put in place
     assert report["check"]["outputs"][0]["cosine"] > 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. inspect counts and describes bit-packed deep-compression storage
+
+
+def _mlp_model(path, seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("Conv", ["img", "wc", "bc"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv"),
+             oh.make_node("Relu", ["c"], ["r"]),
+             oh.make_node("Flatten", ["r"], ["fl"]),
+             oh.make_node("MatMul", ["fl", "w1"], ["h"], name="fc1"),
+             oh.make_node("Add", ["h", "b1"], ["hb"]),
+             oh.make_node("Relu", ["hb"], ["hr"]),
+             oh.make_node("Gemm", ["hr", "w2", "b2"], ["y"], transB=1, name="fc2")]
+    inits = [("wc", f(16, 4, 3, 3)), ("bc", f(16)), ("w1", 0.1 * f(576, 48)), ("b1", 0.1 * f(48)),
+             ("w2", f(10, 48)), ("b2", f(10))]
+    proto = make_proto(nodes, [("img", ["N", 4, 6, 6])], [("y", ["N", 10])], inits, opset=18)
+    io.save_model(io.load_model(proto), path)
+    calib = path.with_name("calib.npz")
+    np.savez(calib, img=rng.standard_normal((40, 4, 6, 6)).astype(np.float32))
+    return path, calib
+
+
+def test_inspect_counts_and_describes_bit_packed_deep_compression_storage(tmp_path, capsys):
+    import json
+
+    import onnx
+    import onnx.numpy_helper as onh
+
+    from onnxcomp.cli import main
+    from onnxcomp.graph import with_outputs
+    from onnxcomp.runtime import run_model
+
+    model, calib = _mlp_model(tmp_path / "m.onnx")
+    out = tmp_path / "deep.onnx"
+    code = main(["compress", str(model), "-o", str(out), "--recipe", "deep-compression", "--calibration", str(calib),
+                 "--set", "measure.latency=false", "--no-check", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # what the file stores, read here with onnx directly: the one bit stream, the int8 codebook
+    # table (a column per tensor) and its scales, the decoded weights read by Conv/MatMul/Gemm
+    proto = onnx.load(out)
+    inits = {t.name: onh.to_array(t) for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    stream = [inits[n.input[0]] for n in proto.graph.node if n.op_type == "BitShift"]
+    assert len(stream) == 1 and stream[0].dtype == np.uint8
+    table = [a for a in inits.values() if a.dtype == np.int8]
+    assert len(table) == 1 and table[0].ndim == 2 and table[0].shape[1] == 3  # K entries x 3 tensors
+    scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "Mul" and n.input[1] in inits
+              and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Cast"]
+    assert len(scales) == 1 and scales[0].size == 3
+    readers = {"Conv": 1, "MatMul": 1, "Gemm": 1}
+    decoded = [n.input[readers[n.op_type]] for n in proto.graph.node
+               if n.op_type in readers and n.input[readers[n.op_type]] not in inits]
+    assert len(decoded) == 3
+    values = run_model(with_outputs(io.load_model(out), decoded), [{"img": np.zeros((1, 4, 6, 6), np.float32)}])[0][1:]
+    assert sum(v.size for v in values) == 16 * 4 * 9 + 576 * 48 + 10 * 48
+    nonzero = sum(int(np.count_nonzero(v)) for v in values)
+    assert 0 < nonzero < 0.5 * sum(v.size for v in values)  # sparse
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["weights"]["weight_elements"] == 16 * 4 * 9 + 576 * 48 + 10 * 48 + 16 + 48 + 10
+    assert info["weights"]["quant_params"] == table[0].size + 3  # was 0: codebook entries and their scales
+    packed = info["packed"]
+    assert packed == {"tensors": 3, "weights": 16 * 4 * 9 + 576 * 48 + 10 * 48, "bytes": stream[0].size,
+                      "bits": 8 * stream[0].size, "bits_per_weight": pytest.approx(8 * stream[0].size / 28704),
+                      "codebook_entries": table[0].size, "sparse_values": nonzero}
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"quantization parameters (scales, zero points, codebooks): {table[0].size + 3}" in text, text
+    assert (f"bit-packed: 3 tensors, 28,704 weights in {stream[0].size:,} bytes ({8 * stream[0].size:,} bits, "
+            f"{8 * stream[0].size / 28704:.2f} per weight); {table[0].size} codebook entries; {nonzero:,} sparse "
+            f"values (nonzero weights, {100 * nonzero / 28704:.1f}%)") in text, text
+    # the float original has none of it
+    assert main(["inspect", str(model), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["packed"] is None and plain["weights"]["quant_params"] == 0
