@@ -222,14 +222,20 @@ def print_int8_latency(con, verdict: dict[str, Any] | None) -> None:
         con.print(f"[{style}]{esc(verdict['summary'])}[/{style}]")
 
 
-def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True) -> None:
-    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`)."""
+def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True, nothing_held_out: str = "") -> None:
+    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`).
+    ``nothing_held_out``: why the command holds no data out (it fits nothing on data): a
+    ``--check-fraction`` given is then refused by :func:`check_config`, saying so, instead of
+    being ignored."""
+    if nothing_held_out:
+        parser.set_defaults(nothing_held_out=nothing_held_out)
     g = parser.add_argument_group("held-out check of the written model")
     g.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the check misses its budget or nothing was compressed")
     g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
-    g.add_argument("--check-fraction", type=float, default=0.2, metavar="F",
-                   help="share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
+    g.add_argument("--check-fraction", type=float, default=None if nothing_held_out else 0.2, metavar="F",
+                   help=f"not used: {nothing_held_out}" if nothing_held_out else
+                   "share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
     g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
                    help="top-1 agreement an output of class scores must keep (default 0.99)")
     g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
@@ -246,9 +252,14 @@ def check_config(args: argparse.Namespace):
 
     if args.strict and args.no_check:
         raise ConfigError("--strict needs the check: drop --no-check")
+    fraction = args.check_fraction
+    if getattr(args, "nothing_held_out", ""):
+        if fraction is not None:
+            raise ConfigError(f"--check-fraction: {args.nothing_held_out}; drop --check-fraction")
+        fraction = CheckConfig.fraction
     max_drop = getattr(args, "max_drop", None)
     try:
-        return CheckConfig(enabled=not args.no_check, fraction=args.check_fraction,
+        return CheckConfig(enabled=not args.no_check, fraction=fraction,
                            min_agreement=args.min_agreement, min_cosine=args.min_cosine,
                            max_drop=1.0 if max_drop is None else max_drop)
     except ConfigError as exc:

@@ -194,3 +194,47 @@ def test_inspect_counts_and_describes_bit_packed_deep_compression_storage(tmp_pa
     assert main(["inspect", str(model), "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["packed"] is None and plain["weights"]["quant_params"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. --check-fraction: followed where calibration feeds are held out, refused where none are
+
+
+def test_cluster_refuses_check_fraction_it_cannot_apply(tmp_path, capsys):
+    """``cluster`` fits nothing on data (no --calibration): every --data feed is check data and the
+    fraction of held-out calibration feeds has nothing to apply to. It was accepted and ignored."""
+    import json
+
+    from onnxcomp.cli import main
+
+    model, _ = _mlp_model(tmp_path / "m.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, img=np.random.default_rng(5).standard_normal((20, 4, 6, 6)).astype(np.float32))
+    out = tmp_path / "c.onnx"
+    code = main(["cluster", str(model), "-o", str(out), "--data", str(data), "--check-fraction", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("onnxcomp: error: --check-fraction: cluster fits nothing on data, so nothing is held out"), err
+    assert "drop --check-fraction" in err and not out.exists()
+    # without it: every feed of --data is checked (batch 1: 20 feeds, 20 samples), nothing held out
+    assert main(["cluster", str(model), "-o", str(out), "--data", str(data), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["check"]["data"]
+    assert (check["check_feeds"], check["check_samples"], check["held_out"]) == (20, 20, True)
+    assert check["fit_feeds"] is None
+
+
+@pytest.mark.parametrize(("fraction", "checked"), [("0.5", 10), ("0.25", 5), (None, 4)])
+def test_the_check_fraction_sets_how_many_calibration_feeds_are_held_out(tmp_path, capsys, fraction, checked):
+    import json
+
+    from onnxcomp.cli import main
+
+    model, _ = _mlp_model(tmp_path / "m.onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, img=np.random.default_rng(5).standard_normal((20, 4, 6, 6)).astype(np.float32))
+    out = tmp_path / "p.onnx"
+    extra = [] if fraction is None else ["--check-fraction", fraction]
+    assert main(["prune", str(model), "-o", str(out), "--calibration", str(calib), "--ratio", "0.25", "--json",
+                 *extra]) == 0
+    data = json.loads(capsys.readouterr().out)["check"]["data"]
+    assert (data["check_feeds"], data["check_samples"], data["fit_feeds"]) == (checked, checked, 20 - checked)
