@@ -238,3 +238,50 @@ def test_the_check_fraction_sets_how_many_calibration_feeds_are_held_out(tmp_pat
                  *extra]) == 0
     data = json.loads(capsys.readouterr().out)["check"]["data"]
     assert (data["check_feeds"], data["check_samples"], data["fit_feeds"]) == (checked, checked, 20 - checked)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the calibration line of a static quantize: on every path, once
+
+
+@pytest.mark.parametrize("path", [[], ["--method", "auto"], ["--method", "per-tensor"], ["--latency-aware"],
+                                  ["--method", "auto", "--latency-aware"], ["--fidelity-target", "30"]])
+def test_static_quantize_prints_its_calibration_line_once_on_every_path(tmp_path, capsys, monkeypatch, path):
+    from onnxcomp.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    model, _ = _mlp_model(tmp_path / "m.onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, img=np.random.default_rng(5).standard_normal((30, 4, 6, 6)).astype(np.float32))
+    code = main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration", str(calib), "--no-latency",
+                 *path])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("calibration:")]
+    method = path[1] if path[:1] == ["--method"] else "minmax"
+    # 30 feeds: every 5th (6) held out, 24 fitted
+    assert len(lines) == 1 and lines[0].startswith(f"calibration: {method} on 24 feed(s), 6 more held out for the "
+                                                   "check"), out
+    verdict = [line for line in out.splitlines() if line.lower().startswith(("check passed on", "check failed on"))]
+    assert len(verdict) == 1 and f"on calibration data {calib}, 6 feed(s)" in verdict[0], out  # the same 6
+
+
+def test_the_calibration_line_says_where_the_check_feeds_come_from(tmp_path, capsys, monkeypatch):
+    from onnxcomp.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    model, _ = _mlp_model(tmp_path / "m.onnx")
+    calib, evaluation = tmp_path / "c.npz", tmp_path / "e.npz"
+    rng = np.random.default_rng(6)
+    np.savez(calib, img=rng.standard_normal((6, 4, 6, 6)).astype(np.float32))
+    np.savez(evaluation, img=rng.standard_normal((12, 4, 6, 6)).astype(np.float32))
+    q = str(tmp_path / "q.onnx")
+    assert main(["quantize", str(model), "-o", q, "--calibration", str(calib), "--no-latency", "--latency-aware"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibration:")]
+    assert lines == ["calibration: minmax on 6 feed(s); the check runs on the same 6 feed(s) (too few to hold any "
+                     "out)"], lines
+    assert main(["quantize", str(model), "-o", q, "--calibration", str(calib), "--no-latency",
+                 "--eval", str(evaluation)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibration:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"calibration: minmax on 6 feed(s); the check runs on 12 feed(s) of the evaluation data {evaluation}; "), lines

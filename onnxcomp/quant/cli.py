@@ -402,13 +402,9 @@ def _run(args: argparse.Namespace) -> int:
     if tables:
         con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
                   f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
+    if args.mode == "static":
+        con.print(calibration_line(report.get("calibration") or {}, split, args.method))
     if args.mode == "static" and "method" in report.get("calibration", {}):  # not on the fidelity fallback
-        con.print(
-            f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
-            f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"
-            + (f" (ranges chosen: {', '.join(f'{k} {v}' for k, v in report['calibration']['chosen'].items())})"
-               if report["calibration"].get("chosen") else "")
-        )
         con.print(
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
@@ -431,6 +427,28 @@ def _run(args: argparse.Namespace) -> int:
         con.print(f"  [yellow]{esc(report['int8_latency']['hint'])}[/yellow]")
     print_check(con, check)
     return status
+
+
+def calibration_line(calibration: dict, split, method: str) -> str:
+    """The one line on the calibration of a static run, whichever path built the model (the plain
+    pipeline, ``--method auto`` / ``per-tensor``, the fidelity or latency-aware fallback, whose
+    report has no calibration section): the method, how many feeds it fitted on and where the
+    check's feeds come from (``split``: :class:`onnxcomp.check.DataSplit`)."""
+    fitted = calibration.get("feeds", split.fit_feeds)
+    line = f"calibration: {calibration.get('method', method)} on {fitted} feed(s)"
+    if split.check is None:
+        line += ", nothing to check on"
+    elif not split.held_out:
+        line += f"; the check runs on the same {split.check_feeds} feed(s) (too few to hold any out)"
+    elif split.source.startswith("calibration"):
+        line += f", {split.check_feeds} more held out for the check"
+    else:
+        line += f"; the check runs on {split.check_feeds} feed(s) of the {split.source}"
+    if "tensors" in calibration:
+        line += f"; {calibration['tensors']} tensors, {calibration['seconds']:.2f} s"
+    if calibration.get("chosen"):
+        line += f" (ranges chosen: {', '.join(f'{k} {v}' for k, v in calibration['chosen'].items())})"
+    return line
 
 
 def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:
