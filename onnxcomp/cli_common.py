@@ -102,12 +102,16 @@ def specialize(args: argparse.Namespace, model, con=None) -> tuple[dict[str, Any
     """
     if not getattr(args, "fix_input", None) and not getattr(args, "fix_shape", None):
         return None, ()
-    from onnxcomp.data import parse_shapes
+    from onnxcomp.data import SHAPE_FIXED_BY, parse_shapes
     from onnxcomp.passes.specialize import SpecializeConfig, SpecializePass
 
     values = dict(_fixed_value(item) for item in args.fix_input)
     shapes = parse_shapes(args.fix_shape, flag="--fix-shape", allow_zero=True)
     stats = SpecializePass(SpecializeConfig(values=values, shapes=shapes))(model).stats
+    for value in model.graph.inputs:  # a size the data contradicts is then said to be the option's
+        if value.name in stats["shaped"] and SHAPE_FIXED_BY in value.meta:
+            value.meta[SHAPE_FIXED_BY] = (f"--fix-shape {value.name}={'x'.join(map(str, stats['shaped'][value.name]))}",
+                                          value.meta[SHAPE_FIXED_BY][1])
     if con is not None:
         what = [f"{n} = {v['value']}" for n, v in stats["fixed"].items()]
         what += [f"{n}: {'x'.join(map(str, shape))}" for n, shape in stats["shaped"].items()]

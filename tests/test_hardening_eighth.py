@@ -285,3 +285,47 @@ def test_the_calibration_line_says_where_the_check_feeds_come_from(tmp_path, cap
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("calibration:")]
     assert len(lines) == 1 and lines[0].startswith(
         f"calibration: minmax on 6 feed(s); the check runs on 12 feed(s) of the evaluation data {evaluation}; "), lines
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a size the data contradicts names where it was fixed: the model, or --fix-shape
+
+
+@pytest.mark.parametrize("mode", [[], ["--mode", "dynamic"]])
+def test_a_size_fixed_by_fix_shape_is_said_to_be_the_options(tmp_path, capsys, mode):
+    from onnxcomp.cli import main
+
+    model = _conv_model(tmp_path / "m.onnx", ("N", 3, "H", "W"))
+    calib = tmp_path / "c28.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((12, 3, 28, 28)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    code = main(["quantize", str(model), "-o", str(out), "--calibration", str(calib), "--fix-shape", "x=1x3x32x32",
+                 *mode])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"onnxcomp: error: {calib} sample 0: input 'x' has size 28 on axis 2 (shape [1, 3, 28, 28]), "
+                          "--fix-shape x=1x3x32x32 fixes it at 32 [1,3,32,32]"), err
+    assert "the model fixes" not in err and not out.exists()
+
+
+def test_a_size_the_model_declares_is_still_the_models(tmp_path, capsys):
+    from onnxcomp.cli import main
+
+    # H is the model's (32), W the option's (32 too): the data contradicts H first, then only W
+    model = _conv_model(tmp_path / "m.onnx", ("N", 3, 32, "W"))
+    calib = tmp_path / "c.npz"
+    out = tmp_path / "out.onnx"
+    for shape, who in (((12, 3, 28, 32), "the model fixes it at 32 [1,3,32,32]"),
+                       ((12, 3, 32, 28), "--fix-shape x=1x3x32x32 fixes it at 32 [1,3,32,32]")):
+        np.savez(calib, x=np.random.default_rng(3).standard_normal(shape).astype(np.float32))
+        code = main(["quantize", str(model), "-o", str(out), "--calibration", str(calib), "--fix-shape",
+                     "x=1x3x32x32"])
+        err = capsys.readouterr().err
+        axis = 2 if shape[2] == 28 else 3
+        assert code == 1 and f"input 'x' has size 28 on axis {axis} (shape [1, {', '.join(map(str, shape[1:]))}]), {who}" \
+            in err, err
+    # no --fix-shape: the model's own size, as before
+    model = _conv_model(tmp_path / "m.onnx", ("N", 3, 32, 32))
+    assert main(["quantize", str(model), "-o", str(out), "--calibration", str(calib)]) == 1
+    assert "input 'x' has size 28 on axis 3 (shape [1, 3, 32, 28]), the model fixes it at 32 [N,3,32,32]" in \
+        capsys.readouterr().err
