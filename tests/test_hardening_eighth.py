@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx.helper as oh
+import onnx_ir as ir
 import pytest
 from conftest import file_digest, make_proto
 
@@ -329,3 +330,78 @@ def test_a_size_the_model_declares_is_still_the_models(tmp_path, capsys):
     assert main(["quantize", str(model), "-o", str(out), "--calibration", str(calib)]) == 1
     assert "input 'x' has size 28 on axis 3 (shape [1, 3, 32, 28]), the model fixes it at 32 [N,3,32,32]" in \
         capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a MatMul with a float bias Add whose output stays float: onnxruntime's MatMulAddFusion makes
+#    it a Gemm, which runs int8 (QGemm) only with an int32 bias behind a DequantizeLinear
+
+
+def _head_model(x_shape, seed=0):
+    """``x @ w1 + b1 -> Relu -> @ w2 + b2 -> Softmax``: the second MatMul's output stays float
+    (it feeds Softmax), its bias Add is a constant ``[10]``."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             oh.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+             oh.make_node("Relu", ["hb"], ["hr"], name="relu"),
+             oh.make_node("MatMul", ["hr", "w2"], ["o"], name="fc2"),
+             oh.make_node("Add", ["o", "b2"], ["ob"], name="fc2_bias"),
+             oh.make_node("Softmax", ["ob"], ["y"], axis=-1, name="softmax")]
+    inits = [("w1", 0.2 * f(64, 128)), ("b1", 0.1 * f(128)), ("w2", 0.2 * f(128, 10)), ("b2", 0.5 * f(10))]
+    proto = make_proto(nodes, [("x", list(x_shape))], [("y", [*x_shape[:-1], 10])], inits, opset=17)
+    return io.load_model(proto)
+
+
+def _head_feeds(x_shape, n, seed=1):
+    rng = np.random.default_rng(seed)
+    shape = [2 if isinstance(d, str) else d for d in x_shape]
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("x_shape", [("N", 64), (2, 7, 64)])
+def test_a_matmul_whose_bias_add_onnxruntime_fuses_runs_int8(x_shape):
+    from onnxcomp.data import Dataset
+    from onnxcomp.measure.metrics import sqnr_db
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.verify import fusion_report
+    from onnxcomp.runtime import run_model
+
+    model = _head_model(x_shape)
+    feeds = _head_feeds(x_shape, 24)
+    quantized, report = quantize(model, Dataset(feeds, model))
+    fused = fusion_report(quantized)
+    # both MatMul + bias pairs become QGemm (fc2's was a float Gemm reading dequantized int8)
+    assert fused["int8_by_op"] == {"QGemm": 2} and fused["float_compute"] == 0, fused
+    assert report["int8_nodes"] == 2 and report["quantized_biases"] == report["matmul_bias_adds_int32"] == 2
+    # the bias is int32 on input scale x weight scale, behind a DequantizeLinear read by the Add
+    add = next(n for n in quantized.graph if n.name == "fc2_bias")
+    bias_dq = add.inputs[1].producer()
+    assert bias_dq is not None and bias_dq.op_type == "DequantizeLinear"
+    assert bias_dq.inputs[0].const_value.dtype == ir.DataType.INT32
+    # numerically: the int8 kernels (all optimizations) agree with the Q/DQ graph run as written,
+    # and the model stays close to the float one
+    checks = _head_feeds(x_shape, 6, seed=7)
+    ref = np.concatenate([o[0] for o in run_model(model, checks)])
+    for level in ("disable", "all"):
+        out = np.concatenate([o[0] for o in run_model(quantized, checks, optimization=level)])
+        assert sqnr_db(ref, out) > 25.0, level
+        if level == "all":
+            np.testing.assert_allclose(out, written, atol=1e-5)
+        written = out
+
+
+def test_a_matmul_onnxruntime_does_not_fuse_keeps_its_float_bias():
+    """Rank 3 with a free batch: no MatMulAddFusion, the MatMul runs MatMulIntegerToFloat and its
+    bias Add stays a float Add (an int32 bias would only add a DequantizeLinear at run time)."""
+    from onnxcomp.data import Dataset
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.verify import fusion_report
+
+    x_shape = ("N", 7, 64)
+    model = _head_model(x_shape)
+    quantized, report = quantize(model, Dataset(_head_feeds(x_shape, 24), model))
+    fused = fusion_report(quantized)
+    assert fused["int8_by_op"].get("MatMulIntegerToFloat", 0) + fused["int8_by_op"].get("QLinearMatMul", 0) == 2, fused
+    assert fused["float_compute"] == 0 and report["quantized_biases"] == report["matmul_bias_adds_int32"] == 0
+    assert next(n for n in quantized.graph if n.name == "fc2_bias").inputs[1].name == "b2"
