@@ -405,3 +405,45 @@ def test_a_matmul_onnxruntime_does_not_fuse_keeps_its_float_bias():
     assert fused["int8_by_op"].get("MatMulIntegerToFloat", 0) + fused["int8_by_op"].get("QLinearMatMul", 0) == 2, fused
     assert fused["float_compute"] == 0 and report["quantized_biases"] == report["matmul_bias_adds_int32"] == 0
     assert next(n for n in quantized.graph if n.name == "fc2_bias").inputs[1].name == "b2"
+
+
+@pytest.mark.parametrize("previous", [True, False])
+def test_a_refusal_on_generated_check_feeds_leaves_the_previous_output_untouched(tmp_path, monkeypatch, capsys,
+                                                                                  previous):
+    """``cluster`` without --data checks on generated feeds: a written model that loads but does not
+    run on them (a Reshape to 7 values, as an onnxcomp bug could write) is refused before the
+    rename too; the original runs on them."""
+    import onnx_ir as ir
+
+    import onnxcomp.cluster.api as api
+    from onnxcomp.cli import main
+
+    real = api.cluster
+
+    def cluster(*args, **kwargs):
+        model, report = real(*args, **kwargs)
+        graph = model.graph
+        y = graph.outputs[0]
+        shape = ir.Value(name="bad_shape", const_value=ir.tensor(np.array([7], np.int64)))
+        graph.register_initializer(shape)
+        y.name = "y_inner"
+        reshape = ir.Node("", "Reshape", [y, shape], name="bad_reshape")
+        reshape.outputs[0].name = "y"
+        reshape.outputs[0].dtype = y.dtype
+        graph.append(reshape)
+        graph.outputs[0] = reshape.outputs[0]
+        return model, report
+
+    monkeypatch.setattr(api, "cluster", cluster)
+    model = _conv_model(tmp_path / "m.onnx", (1, 3, 16, 16))
+    out = tmp_path / "out.onnx"
+    if previous:
+        out.write_bytes(b"the previous output")
+    code = main(["cluster", str(model), "-o", str(out), "--min-elements", "16"])
+    err = capsys.readouterr().err
+    rejected = tmp_path / "out.rejected.onnx"
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("onnxcomp: error: onnxruntime cannot run the written model: "), err
+    assert f"nothing was written to {out}; it is kept as {rejected}" in err, err
+    assert (out.read_bytes() == b"the previous output") if previous else not out.exists()
+    assert rejected.exists()
