@@ -65,6 +65,7 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         count(value, tensor)
         if isinstance(tensor, ir.ExternalTensor):
             external_bytes += int(tensor.nbytes)
+    storage = _storage(model)
     hist = op_histogram(model)
     control_flow = {op: hist[op] for op in _CONTROL_FLOW if hist.get(op)}
     inputs = [s.name for s in model_inputs(model) if not s.optional]
@@ -82,8 +83,8 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         "parameters": sum(r["parameters"] for r in params.values()),
         "parameter_bytes": sum(r["bytes"] for r in params.values()),
         "parameters_by_op": dict(sorted(params.items(), key=lambda kv: -kv[1]["bytes"])),
-        "weights": weight_counts(model),
-        "packed": packed_weights(model),
+        "weights": _counts(storage),
+        "packed": packed_weights(model, storage),
         "external_data": {
             "files": sorted(external_data_files(model)),
             "bytes": external_bytes,
@@ -120,7 +121,11 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
     computing node reads it; the roles inside a chain come from
     :data:`~onnxcomp.ops.DECODE_INPUT_ROLES`. :func:`packed_weights` describes bit-packed storage.
     """
-    return {k: v for k, v in _storage(model).items() if k in ("weight_elements", "quant_params", "other")}
+    return _counts(_storage(model))
+
+
+def _counts(storage: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in storage.items() if k in ("weight_elements", "quant_params", "other")}
 
 
 _INDEX_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
@@ -285,13 +290,13 @@ def _storage(model: ir.Model) -> dict[str, Any]:
             "streams": streams, "packed_codebook_entries": packed_codebook_entries}
 
 
-def packed_weights(model: ir.Model) -> dict[str, Any] | None:
+def packed_weights(model: ir.Model, storage: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The weights stored bit-packed (clustering's ``sparse`` format, the deep-compression route),
     or None when there are none: how many tensors and weights, the bytes and bits of the streams
     that hold their labels (bits per weight), the codebook entries the labels pick from, and the
     sparse values: the weights that are not zero once decoded (onnxruntime decodes the constant
     chain, as it does at session creation)."""
-    storage = _storage(model)
+    storage = storage or _storage(model)
     if not storage["packed"]:
         return None
     nbytes = sum(int(v.const_value.nbytes) for v in storage["streams"])
@@ -328,7 +333,9 @@ def _nonzero_decoded(model: ir.Model, values: list[ir.Value]) -> int | None:
             graph.remove(node, safe=False)
     graph.inputs.clear()
     outputs = {v.name: v for node in graph for v in node.outputs if v.name in wanted}
-    graph.outputs.extend(outputs[name] for name in names if name in outputs)
+    if len(outputs) != len(wanted):  # decoded inside a subgraph: not counted rather than undercounted
+        return None
+    graph.outputs.extend(outputs[name] for name in names)
     try:
         if any(v.dtype is None for v in graph.outputs):
             infer_types(clone)
