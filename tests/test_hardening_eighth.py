@@ -447,3 +447,30 @@ def test_a_refusal_on_generated_check_feeds_leaves_the_previous_output_untouched
     assert f"nothing was written to {out}; it is kept as {rejected}" in err, err
     assert (out.read_bytes() == b"the previous output") if previous else not out.exists()
     assert rejected.exists()
+
+
+@pytest.mark.parametrize(("mode", "head"), [
+    (["--mode", "dynamic"], "calibration: nothing fitted in dynamic mode (24 feed(s) unused)"),
+    (["--mode", "weight-only", "--bits", "8", "--rounding", "nearest"],
+     "calibration: nothing fitted in weight-only mode (24 feed(s) unused)"),
+    (["--mode", "weight-only", "--bits", "4", "--rounding", "gptq", "--block-size", "32"],
+     "calibration: GPTQ rounding on 24 feed(s)"),
+])
+def test_other_modes_print_the_calibration_line_once_too(tmp_path, capsys, monkeypatch, mode, head):
+    from onnxcomp.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    model = _head_model(("N", 64))
+    path = tmp_path / "m.onnx"
+    io.save_model(model, path)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(5).standard_normal((30, 64)).astype(np.float32))
+    code = main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calibration", str(calib), "--no-latency",
+                 *mode])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("calibration:")]
+    assert lines == [f"{head}, 6 more held out for the check"], out
+    # without calibration data (dynamic mode needs none) there is no such line
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--no-latency", "--mode", "dynamic"]) == 0
+    assert "calibration:" not in capsys.readouterr().out

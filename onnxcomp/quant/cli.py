@@ -402,8 +402,9 @@ def _run(args: argparse.Namespace) -> int:
     if tables:
         con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
                   f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
-    if args.mode == "static":
-        con.print(calibration_line(report.get("calibration") or {}, split, args.method))
+    line = calibration_line(report, split, args)
+    if line:
+        con.print(line)
     if args.mode == "static" and "method" in report.get("calibration", {}):  # not on the fidelity fallback
         con.print(
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
@@ -429,13 +430,22 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
-def calibration_line(calibration: dict, split, method: str) -> str:
-    """The one line on the calibration of a static run, whichever path built the model (the plain
+def calibration_line(report: dict, split, args: argparse.Namespace) -> str | None:
+    """The one line on the calibration data, whichever path built the model (static: the plain
     pipeline, ``--method auto`` / ``per-tensor``, the fidelity or latency-aware fallback, whose
-    report has no calibration section): the method, how many feeds it fitted on and where the
-    check's feeds come from (``split``: :class:`onnxcomp.check.DataSplit`)."""
+    report has no calibration section; weight-only or dynamic: GPTQ rounding, or nothing fitted):
+    what was fitted on how many feeds and where the check's feeds come from (``split``:
+    :class:`onnxcomp.check.DataSplit`). None without calibration data."""
+    calibration = report.get("calibration") or {}
     fitted = calibration.get("feeds", split.fit_feeds)
-    line = f"calibration: {calibration.get('method', method)} on {fitted} feed(s)"
+    if args.mode == "static":
+        line = f"calibration: {calibration.get('method', args.method)} on {fitted} feed(s)"
+    elif not args.calibration:
+        return None
+    elif (report.get("rounding") or {}).get("method") == "gptq":
+        line = f"calibration: GPTQ rounding on {fitted} feed(s)"
+    else:
+        line = f"calibration: nothing fitted in {args.mode} mode ({fitted} feed(s) unused)"
     if split.check is None:
         line += ", nothing to check on"
     elif not split.held_out:
