@@ -193,6 +193,12 @@ class DataSplit:
     #: the kinds the first check on this split judged (:meth:`OutputFigures.decided_kinds`), for the
     #: automatic fallback to stop on the rule the check applies
     judged_kinds: dict[str, str] | None = dataclasses.field(default=None, repr=False)
+    #: the written model's outputs on the check feeds, kept by the verification that ran it on
+    #: every check feed before the file was put in place (``onnxcomp.cli_common.verify_output``):
+    #: the next check takes them instead of running the same file again, then drops them
+    written_outputs: list[list[np.ndarray]] | None = dataclasses.field(default=None, repr=False)
+    #: the identity of the file they are the outputs of (device, inode, size, mtime: a rename keeps it)
+    written_file: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "held_out": self.held_out, "rule": self.rule,
@@ -1213,11 +1219,27 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         if cached is not None and split is not None:
             split.reference_outputs = cached
     ref_session = _session(reference_file or reference) if cached is None else None
-    try:
-        cand_session = _session(candidate)
-    except ModelLoadError as exc:
-        raise RefusedOutputError(str(exc)) from None
-    written = [o.name for o in cand_session.get_outputs()]
+    verified = (split.written_outputs or []) if split is not None else []
+    if split is not None:
+        split.written_outputs = None  # one check takes them
+    cand_session = None
+
+    def open_written():
+        try:
+            return _session(candidate)
+        except ModelLoadError as exc:
+            raise RefusedOutputError(str(exc)) from None
+
+    def written_outputs(index: int, feed) -> list[np.ndarray]:
+        nonlocal cand_session
+        if index < len(verified):
+            return verified[index]
+        cand_session = cand_session or open_written()
+        return cand_session.run(names, feed)
+
+    if not verified:
+        cand_session = open_written()
+    written = names if cand_session is None else [o.name for o in cand_session.get_outputs()]
     if written != names:
         raise OnnxcompError(f"the models' outputs differ: original {names}, written {written}")
     predictions: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
@@ -1229,7 +1251,9 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         if keep is not None:
             keep.add(ref_values)
         try:
-            cand_values = cand_session.run(names, feed)
+            cand_values = written_outputs(feeds, feed)
+        except RefusedOutputError:
+            raise
         except Exception as exc:  # onnxruntime's own error types
             raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
         figures.update(ref_values, cand_values, feed)

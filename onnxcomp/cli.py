@@ -110,6 +110,14 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     weights = info["weights"]
     con.print(f"weights: {weights['weight_elements']:,} elements; quantization parameters (scales, zero points, "
               f"codebooks): {weights['quant_params']:,}")
+    packed = info.get("packed")
+    if packed:
+        nonzero = packed["sparse_values"]
+        sparse = "" if nonzero is None else \
+            f"; {nonzero:,} sparse values (nonzero weights, {100.0 * nonzero / max(packed['weights'], 1):.1f}%)"
+        con.print(f"bit-packed: {packed['tensors']} tensors, {packed['weights']:,} weights in {packed['bytes']:,} bytes "
+                  f"({packed['bits']:,} bits, {packed['bits_per_weight']:.2f} per weight); "
+                  f"{packed['codebook_entries']:,} codebook entries{sparse}")
     ext = info["external_data"]
     if ext["files"]:
         con.print(f"external data: {_fmt_bytes(ext['bytes'])} in {esc(', '.join(ext['files']))}")
@@ -250,7 +258,7 @@ def _run_compress(args: argparse.Namespace) -> int:
             allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
             threads=args.threads,
         )
-    out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model))
+    out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["model"] = args.model
     report["output"] = str(out)
     if specialized is not None:

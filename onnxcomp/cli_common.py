@@ -102,12 +102,16 @@ def specialize(args: argparse.Namespace, model, con=None) -> tuple[dict[str, Any
     """
     if not getattr(args, "fix_input", None) and not getattr(args, "fix_shape", None):
         return None, ()
-    from onnxcomp.data import parse_shapes
+    from onnxcomp.data import SHAPE_FIXED_BY, parse_shapes
     from onnxcomp.passes.specialize import SpecializeConfig, SpecializePass
 
     values = dict(_fixed_value(item) for item in args.fix_input)
     shapes = parse_shapes(args.fix_shape, flag="--fix-shape", allow_zero=True)
     stats = SpecializePass(SpecializeConfig(values=values, shapes=shapes))(model).stats
+    for value in model.graph.inputs:  # a size the data contradicts is then said to be the option's
+        if value.name in stats["shaped"] and SHAPE_FIXED_BY in value.meta:
+            value.meta[SHAPE_FIXED_BY] = (f"--fix-shape {value.name}={'x'.join(map(str, stats['shaped'][value.name]))}",
+                                          value.meta[SHAPE_FIXED_BY][1])
     if con is not None:
         what = [f"{n} = {v['value']}" for n, v in stats["fixed"].items()]
         what += [f"{n}: {'x'.join(map(str, shape))}" for n, shape in stats["shaped"].items()]
@@ -222,14 +226,20 @@ def print_int8_latency(con, verdict: dict[str, Any] | None) -> None:
         con.print(f"[{style}]{esc(verdict['summary'])}[/{style}]")
 
 
-def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True) -> None:
-    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`)."""
+def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True, nothing_held_out: str = "") -> None:
+    """``--strict``, ``--no-check`` and the check's budget (see :mod:`onnxcomp.check`).
+    ``nothing_held_out``: why the command holds no data out (it fits nothing on data): a
+    ``--check-fraction`` given is then refused by :func:`check_config`, saying so, instead of
+    being ignored."""
+    if nothing_held_out:
+        parser.set_defaults(nothing_held_out=nothing_held_out)
     g = parser.add_argument_group("held-out check of the written model")
     g.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the check misses its budget or nothing was compressed")
     g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
-    g.add_argument("--check-fraction", type=float, default=0.2, metavar="F",
-                   help="share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
+    g.add_argument("--check-fraction", type=float, default=None if nothing_held_out else 0.2, metavar="F",
+                   help=f"not used: {nothing_held_out}" if nothing_held_out else
+                   "share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
     g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
                    help="top-1 agreement an output of class scores must keep (default 0.99)")
     g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
@@ -246,9 +256,14 @@ def check_config(args: argparse.Namespace):
 
     if args.strict and args.no_check:
         raise ConfigError("--strict needs the check: drop --no-check")
+    fraction = args.check_fraction
+    if getattr(args, "nothing_held_out", ""):
+        if fraction is not None:
+            raise ConfigError(f"--check-fraction: {args.nothing_held_out}; drop --check-fraction")
+        fraction = CheckConfig.fraction
     max_drop = getattr(args, "max_drop", None)
     try:
-        return CheckConfig(enabled=not args.no_check, fraction=args.check_fraction,
+        return CheckConfig(enabled=not args.no_check, fraction=fraction,
                            min_agreement=args.min_agreement, min_cosine=args.min_cosine,
                            max_drop=1.0 if max_drop is None else max_drop)
     except ConfigError as exc:
@@ -271,6 +286,8 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
 
     if not config.enabled:
         return None
+    if split.written_file is not None and split.written_file != _file_identity(written_path):
+        split.written_outputs = split.written_file = None  # not the file the verification ran
     with progress_bar(con) as progress:
         task = progress.add_task("checking", total=split.check_feeds)
         # onnxruntime reads the written file itself: it is not parsed or serialized again here
@@ -286,17 +303,49 @@ def run_check(con, reference, written_path, split, config, report: dict[str, Any
     return check
 
 
-def verify_output(split, reference):
+def verify_output(split, reference, every: bool = True):
     """The ``verify`` of :func:`onnxcomp.io.save_model` for a command's output: onnxruntime loads
-    the written file and runs it on the first check feed before it is renamed into place, so that
-    the output path never holds a model onnxruntime refuses. Generated feeds (no data given) are
-    not run: the original itself may not run on them (the check then says so)."""
-    from onnxcomp.check import check_dataset
-    from onnxcomp.runtime import verify_written
+    the written file and runs it on every check feed before it is renamed into place, so that the
+    output path never holds a model onnxruntime refuses and a previous output stays untouched when
+    it does, whichever feed it fails on. The outputs are kept on ``split`` for the check (within
+    :data:`onnxcomp.check.KEEP_REFERENCE_BYTES`), which then does not run the file again. On
+    generated feeds (no data given) a failure is no refusal where the original itself cannot run
+    that feed (the check then says so). Check data that turns out bad while it is read here is left
+    to the check to report. ``every=False`` (no check follows) runs the first given feed only."""
+    from onnxcomp.check import KEEP_REFERENCE_BYTES, check_dataset
+    from onnxcomp.errors import DataError
+    from onnxcomp.runtime import run_model, verify_written
 
-    given = split.check is not None and not split.generated
-    feed = next(iter(check_dataset(split, reference)), None) if given else None
-    return lambda path: verify_written(path, feed)
+    names = [v.name for v in reference.graph.outputs]
+
+    def original_fails(feed) -> bool:
+        try:
+            run_model(reference, [feed])
+        except Exception:  # onnxruntime's own errors: the feed is at fault, not the written model
+            return True
+        return False
+
+    def verify(path):
+        split.written_outputs = split.written_file = None
+        if split.check is None or (split.generated and not every):
+            verify_written(path)
+            return
+        feeds = check_dataset(split, reference) if every else next(iter(check_dataset(split, reference)), None)
+        try:
+            outputs = verify_written(path, feeds, names=names, limit=KEEP_REFERENCE_BYTES if every else 0,
+                                     excused=original_fails if split.generated else None)
+        except DataError:  # a NaN in a later sample, a malformed file: the check names it
+            return
+        if outputs is not None:
+            split.written_outputs, split.written_file = outputs, _file_identity(path)
+
+    return verify
+
+
+def _file_identity(path) -> tuple[int, ...]:
+    """What stays the same when a file is renamed, and changes when another file takes its name."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def print_check(con, check: dict[str, Any] | None) -> None:

@@ -72,14 +72,26 @@ Feed = dict[str, np.ndarray]
 DataSource = Union[str, os.PathLike, Iterable[Mapping[str, np.ndarray]], Callable[[], Iterable], Any]
 
 
+#: ``ir.Value.meta`` key of a graph input whose shape a specialisation made static: ``(who, axes)``,
+#: the phrase naming who fixed it (``--fix-shape x=1x3x32x32``) and the axes that were dynamic before
+SHAPE_FIXED_BY = "onnxcomp.shape_fixed_by"
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """A model input: name, numpy dtype, and shape (int for fixed dims, str/None for dynamic)."""
+    """A model input: name, numpy dtype, and shape (int for fixed dims, str/None for dynamic).
+    ``fixed_by`` / ``fixed_axes``: who made which dynamic axes static (:data:`SHAPE_FIXED_BY`)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None
     optional: bool = False
+    fixed_by: str = ""
+    fixed_axes: tuple[int, ...] = ()
+
+    def fixes(self, axis: int) -> str:
+        """Who fixes ``axis`` at its size, for an error: the model, or the option that fixed it."""
+        return self.fixed_by if self.fixed_by and axis in self.fixed_axes else "the model"
 
     @property
     def batch_dim(self) -> int | str | None:
@@ -104,7 +116,8 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
                 for d in value.shape
             )
         optional = value.name in model.graph.initializers
-        specs.append(InputSpec(value.name, np_dtype, shape, optional))
+        fixed_by, fixed_axes = value.meta.get(SHAPE_FIXED_BY) or ("", ())
+        specs.append(InputSpec(value.name, np_dtype, shape, optional, fixed_by, tuple(fixed_axes)))
     return specs
 
 
@@ -330,7 +343,7 @@ class Dataset:
                     if isinstance(want, int) and want != got:
                         raise DataError(
                             f"{where}: input {name!r} has size {got} on axis {axis} (shape "
-                            f"{list(arr.shape)}), the model fixes it at {want} {spec.describe_shape()}"
+                            f"{list(arr.shape)}), {spec.fixes(axis)} fixes it at {want} {spec.describe_shape()}"
                         )
             if self.check_finite and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
                 bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -720,7 +733,7 @@ def synthetic_feed(
                 for axis, (want, got) in enumerate(zip(spec.shape, shape)):
                     if isinstance(want, int) and want != got:
                         raise DataError(
-                            f"--shape {spec.name}: axis {axis} is {got}, the model fixes it at {want}"
+                            f"--shape {spec.name}: axis {axis} is {got}, {spec.fixes(axis)} fixes it at {want}"
                         )
         else:
             if spec.shape is None:

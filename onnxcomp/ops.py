@@ -615,6 +615,16 @@ OUTPUT_ELEMENTS.register("Reshape", _reshape_elements, since=5)
 OUTPUT_ELEMENTS.register("Split", _split_elements)
 
 __all__ += ["OUTPUT_ELEMENTS"]
+
+#: Inputs of the ops that decode a stored weight inside an all-constant chain (onnxcomp.summary):
+#: ``codebook``, a Gather's table (codebook entries: quantization parameters, like what scales
+#: them); ``index``, the labels that pick the entries (stored weight data, and their plumbing);
+#: ``packed``, a bit stream the labels are unpacked from by shifting (clustering's sparse format).
+DECODE_INPUT_ROLES: OpTable[dict[int, str]] = OpTable("weight decoding inputs")
+DECODE_INPUT_ROLES.register("Gather", {0: "codebook", 1: "index"})
+DECODE_INPUT_ROLES.register("BitShift", {0: "packed"}, since=11)
+
+__all__ += ["DECODE_INPUT_ROLES"]
 #: Inputs of recurrent ops that hold weights (W, R, B; constant in a trained model): cleanup folds
 #: the constant subgraphs that compute them whatever their size, and onnxcomp.quant.recurrent
 #: quantizes W and R.

@@ -11,7 +11,7 @@ model's outputs kept up to a memory bound) and :func:`ort_optimized_model`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -97,18 +97,42 @@ def open_session(
         raise ModelLoadError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
 
 
-def verify_written(path: str | os.PathLike, feed: Mapping[str, np.ndarray] | None = None) -> None:
+def verify_written(
+    path: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    *,
+    names: list[str] | None = None,
+    limit: int | None = 0,
+    excused: Callable[[Mapping[str, np.ndarray]], bool] | None = None,
+) -> list[list[np.ndarray]] | None:
     """Refuse (:class:`~onnxcomp.errors.RefusedOutputError`) a written model file that onnxruntime
-    cannot load as the check loads it, or cannot run on ``feed`` (None: only loaded)."""
+    cannot load as the check loads it, or cannot run on one of ``feeds`` (one feed, or every feed
+    in turn; None: only loaded).
+
+    Returns the outputs on every feed (per feed, in the model's order) while they take at most
+    ``limit`` bytes (:class:`KeptOutputs`; the default 0 keeps nothing) and the model's outputs
+    are ``names`` (when given), else None: the check then need not run the file again.
+    ``excused(feed)``: a failed run on a feed for which it is true is no refusal: the runs stop
+    there and None is returned (the original itself cannot run a generated feed, say).
+    """
     try:
         session = open_session(path, sess_options=session_options("all", threads=None), what="the written model")
     except ModelLoadError as exc:
         raise RefusedOutputError(str(exc)) from None
-    if feed is not None:
+    if feeds is None:
+        return None
+    same = names is None or [o.name for o in session.get_outputs()] == list(names)
+    kept = KeptOutputs(limit) if same and limit != 0 else None
+    for feed in [feeds] if isinstance(feeds, Mapping) else feeds:  # reading a feed may raise DataError
         try:
-            session.run(None, dict(feed))
+            values = session.run(None, dict(feed))
         except Exception as exc:
+            if excused is not None and excused(feed):
+                return None
             raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
+        if kept is not None:
+            kept.add(values)
+    return kept.values if kept is not None else None
 
 
 def run_model(

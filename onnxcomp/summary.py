@@ -3,7 +3,8 @@
 Parameters are attributed to the op type of the node that consumes the initializer (an initializer
 read by several op types is counted once, under the first consumer in graph order; unconsumed
 initializers are listed under ``(unused)``). Sizes of external tensors come from their metadata:
-no tensor is read to build the summary.
+no tensor is read to build the summary, except the constant chains that decode bit-packed weights
+(:func:`packed_weights`: onnxruntime decodes them to count the nonzero weights).
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ import onnx_ir as ir
 from onnxcomp.data import model_inputs
 from onnxcomp.graph import weight_tensors
 from onnxcomp.io import external_data_files, onnx_opset, source_path
-from onnxcomp.ops import OUTPUT_ELEMENTS, QUANT_PARAM_INPUTS, QUANT_SCALE_OUTPUTS, QUANTIZED_WEIGHT_INPUTS
+from onnxcomp.ops import (
+    DECODE_INPUT_ROLES,
+    OUTPUT_ELEMENTS,
+    QUANT_PARAM_INPUTS,
+    QUANT_SCALE_OUTPUTS,
+    QUANTIZED_WEIGHT_INPUTS,
+)
 from onnxcomp.passes.cleanup import op_histogram
 
-__all__ = ["summarize_model", "weight_counts"]
+__all__ = ["packed_weights", "summarize_model", "weight_counts"]
 
 _CONTROL_FLOW = ("If", "Loop", "Scan")
 
@@ -58,6 +65,7 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         count(value, tensor)
         if isinstance(tensor, ir.ExternalTensor):
             external_bytes += int(tensor.nbytes)
+    storage = _storage(model)
     hist = op_histogram(model)
     control_flow = {op: hist[op] for op in _CONTROL_FLOW if hist.get(op)}
     inputs = [s.name for s in model_inputs(model) if not s.optional]
@@ -75,7 +83,8 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         "parameters": sum(r["parameters"] for r in params.values()),
         "parameter_bytes": sum(r["bytes"] for r in params.values()),
         "parameters_by_op": dict(sorted(params.items(), key=lambda kv: -kv[1]["bytes"])),
-        "weights": weight_counts(model),
+        "weights": _counts(storage),
+        "packed": packed_weights(model, storage),
         "external_data": {
             "files": sorted(external_data_files(model)),
             "bytes": external_bytes,
@@ -102,13 +111,30 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
     ``weight_elements`` counts the elements of the weight tensors the model computes with, however
     they are stored: a float initializer, an int8/int4 tensor behind a DequantizeLinear, a 4-bit
     MatMulNBits weight (N x K, though packed two per byte), cluster labels decoded through a
-    codebook. ``quant_params`` counts what the storage adds: scales, zero points, codebooks,
-    channel offsets. ``other`` counts the remaining constants (shapes, indices). The inputs of
-    quantized ops come from the tables :data:`~onnxcomp.ops.QUANT_PARAM_INPUTS` and
-    :data:`~onnxcomp.ops.QUANTIZED_WEIGHT_INPUTS`; a *decoded* weight is the output of a chain of
-    nodes whose inputs are all constant (DequantizeLinear of an initializer, Cast -> Gather of a
-    codebook), counted once where a computing node reads it.
+    codebook, bit-packed in one stream or not. ``quant_params`` counts what the storage adds:
+    scales, zero points, codebook entries and what scales them. ``other`` counts the remaining
+    constants (shapes, indices, the integer plumbing of a decoding chain: channel offsets, bit
+    shifts, slice bounds). The inputs of quantized ops come from the tables
+    :data:`~onnxcomp.ops.QUANT_PARAM_INPUTS` and :data:`~onnxcomp.ops.QUANTIZED_WEIGHT_INPUTS`;
+    a *decoded* weight is the output of a chain of nodes whose inputs are all constant
+    (DequantizeLinear of an initializer, Cast -> Gather of a codebook), counted once where a
+    computing node reads it; the roles inside a chain come from
+    :data:`~onnxcomp.ops.DECODE_INPUT_ROLES`. :func:`packed_weights` describes bit-packed storage.
     """
+    return _counts(_storage(model))
+
+
+def _counts(storage: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in storage.items() if k in ("weight_elements", "quant_params", "other")}
+
+
+_INDEX_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
+
+
+def _storage(model: ir.Model) -> dict[str, Any]:
+    """:func:`weight_counts`, and the decoded weights read from a bit-packed stream (``packed``:
+    (value, elements) pairs), the packed streams (``streams``) and the codebooks their labels pick
+    from (``packed_codebook_entries``)."""
     constant: set[int] = set()
     initializers: list[ir.Value] = []
     for graph in (model.graph, *model.graph.subgraphs()):
@@ -117,10 +143,12 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
                 constant.add(id(value))
                 initializers.append(value)
     decode: set[int] = set()
+    decode_nodes: list[ir.Node] = []
     for node in model.graph.all_nodes():  # topological order: producers first
         inputs = [v for v in node.inputs if v is not None]
         if inputs and all(id(v) in constant for v in inputs):
             decode.add(id(node))
+            decode_nodes.append(node)
             constant.update(id(out) for out in node.outputs)
 
     def is_scale(value: ir.Value | None) -> bool:
@@ -135,6 +163,22 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
             return "param"
         packed = QUANTIZED_WEIGHT_INPUTS.lookup(node, model) or {}
         return "weight" if index in packed else None
+
+    def sources(value: ir.Value) -> list[ir.Value]:
+        """The initializers a constant value is computed from (itself when it is one)."""
+        found, stack, seen = [], [value], set()
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if v.const_value is not None and v.producer() is None:
+                found.append(v)
+                continue
+            producer = v.producer()
+            if producer is not None and id(producer) in decode:
+                stack.extend(x for x in producer.inputs if x is not None)
+        return found
 
     def carrier_elements(value: ir.Value) -> int:
         """Elements of a decoded weight whose shape is unknown (a model loaded from a file carries
@@ -177,8 +221,25 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
                 return count
         return carrier_elements(value)
 
+    # the roles of a decoding chain's initializers: a codebook's side, the labels' side, bit streams
+    sides: dict[str, set[int]] = {"codebook": set(), "index": set(), "packed": set()}
+    packed_codebook_entries = 0
+    for node in decode_nodes:
+        for index, side in (DECODE_INPUT_ROLES.lookup(node, model) or {}).items():
+            if index < len(node.inputs) and node.inputs[index] is not None:
+                sides[side].update(id(v) for v in sources(node.inputs[index]))
+    for node in decode_nodes:  # the codebooks whose labels are unpacked from a bit stream
+        roles = DECODE_INPUT_ROLES.lookup(node, model) or {}
+        table = next((i for i, r in roles.items() if r == "codebook"), None)
+        labels = next((i for i, r in roles.items() if r == "index"), None)
+        if table is not None and labels is not None and len(node.inputs) > max(table, labels) \
+                and any(id(v) in sides["packed"] for v in sources(node.inputs[labels])):
+            packed_codebook_entries += decoded_elements(node.inputs[table])
+
     weights = params = other = 0
-    decoded_stored = decoded = 0
+    decoded_stored = decoded = 0  # chains without a codebook: stored carrier plus its parameters
+    codebook_params: set[int] = set()  # chains with one: everything but the labels' side
+    packed: list[tuple[ir.Value, int]] = []
     seen_decoded: set[int] = set()
     for node in model.graph.all_nodes():
         if id(node) in decode:
@@ -188,14 +249,30 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
                 continue
             if id(value) in constant and role(node, index) is None and value.dtype in (None, *_FLOAT_TYPES):
                 seen_decoded.add(id(value))
-                decoded += decoded_elements(value)
+                count = decoded_elements(value)
+                decoded_from = {id(v) for v in sources(value)}
+                weights += count
+                if decoded_from & sides["codebook"]:
+                    codebook_params.update(decoded_from - sides["index"])
+                else:
+                    decoded += count
+                if decoded_from & sides["packed"]:
+                    packed.append((value, count))
     for value in initializers:
         uses = value.uses()
         roles = {role(use.node, use.idx) for use in uses if id(use.node) not in decode}
         size = int(value.const_value.size)
         if uses and all(id(use.node) in decode or role(use.node, use.idx) == "param" for use in uses) \
                 and any(id(use.node) in decode for use in uses):
-            decoded_stored += size  # part of a decoding chain: weight carrier plus its parameters
+            # part of a decoding chain
+            if id(value) in sides["packed"]:
+                continue  # a bit stream: the labels of decoded weights, counted as those
+            if value.dtype in _INDEX_TYPES or (id(value) in sides["index"] and sides["packed"]):
+                other += size  # offsets, shifts, shapes, slice bounds, split sizes
+            elif id(value) in codebook_params and id(value) not in sides["index"]:
+                params += size
+            elif id(value) not in sides["index"]:
+                decoded_stored += size
         elif uses and roles == {"param"}:
             params += size
         elif "weight" in roles:
@@ -206,7 +283,63 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
             weights += size
         else:
             other += size
-    # A decoding chain stores its weight's elements (labels, integer codes) plus parameters.
-    weights += decoded
+    # A chain without a codebook stores its weight's elements (integer codes) plus parameters.
     params += max(decoded_stored - decoded, 0)
-    return {"weight_elements": weights, "quant_params": params, "other": other}
+    streams = [v for v in initializers if id(v) in sides["packed"]]
+    return {"weight_elements": weights, "quant_params": params, "other": other, "packed": packed,
+            "streams": streams, "packed_codebook_entries": packed_codebook_entries}
+
+
+def packed_weights(model: ir.Model, storage: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The weights stored bit-packed (clustering's ``sparse`` format, the deep-compression route),
+    or None when there are none: how many tensors and weights, the bytes and bits of the streams
+    that hold their labels (bits per weight), the codebook entries the labels pick from, and the
+    sparse values: the weights that are not zero once decoded (onnxruntime decodes the constant
+    chain, as it does at session creation)."""
+    storage = storage or _storage(model)
+    if not storage["packed"]:
+        return None
+    nbytes = sum(int(v.const_value.nbytes) for v in storage["streams"])
+    weights = sum(count for _, count in storage["packed"])
+    return {"tensors": len(storage["packed"]), "weights": weights, "bytes": nbytes, "bits": 8 * nbytes,
+            "bits_per_weight": 8 * nbytes / weights if weights else None,
+            "codebook_entries": storage["packed_codebook_entries"],
+            "sparse_values": _nonzero_decoded(model, [v for v, _ in storage["packed"]])}
+
+
+def _nonzero_decoded(model: ir.Model, values: list[ir.Value]) -> int | None:
+    """Nonzero elements of the constant ``values`` (decoded weights), computed by onnxruntime on a
+    model that holds only the constant nodes they come from; None when it cannot."""
+    from onnxcomp.graph import infer_types
+    from onnxcomp.io import clone_model
+    from onnxcomp.runtime import run_model
+
+    names = [v.name for v in values]
+    if any(not name for name in names):
+        return None
+    clone = clone_model(model)
+    graph = clone.graph
+    wanted = set(names)
+    needed: set[int] = set()
+    stack = [v for node in graph for v in node.outputs if v.name in wanted]
+    while stack:  # the nodes the values are computed by
+        producer = stack.pop().producer()
+        if producer is not None and id(producer) not in needed:
+            needed.add(id(producer))
+            stack.extend(v for v in producer.inputs if v is not None)
+    graph.outputs.clear()
+    for node in reversed(list(graph)):
+        if id(node) not in needed:
+            graph.remove(node, safe=False)
+    graph.inputs.clear()
+    outputs = {v.name: v for node in graph for v in node.outputs if v.name in wanted}
+    if len(outputs) != len(wanted):  # decoded inside a subgraph: not counted rather than undercounted
+        return None
+    graph.outputs.extend(outputs[name] for name in names)
+    try:
+        if any(v.dtype is None for v in graph.outputs):
+            infer_types(clone)
+        decoded = run_model(clone, [{}])[0]
+    except Exception:  # onnxruntime's own errors too: a description, not a verdict (the count is left out)
+        return None
+    return int(sum(np.count_nonzero(array) for array in decoded))

@@ -243,7 +243,7 @@ def test_a_refusal_found_only_by_the_check_moves_the_output_aside(tmp_path, monk
     import onnxcomp.runtime as runtime
 
     _with_extra_output(monkeypatch, "NoSuchOp", "com.example.bad")
-    monkeypatch.setattr(runtime, "verify_written", lambda path, feed=None: None)
+    monkeypatch.setattr(runtime, "verify_written", lambda path, *feeds, **kept: None)
     out = tmp_path / "out.onnx"
     code, err = _quantize_main(tmp_path, out, capsys)
     rejected = tmp_path / "out.rejected.onnx"

@@ -53,7 +53,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="data to check the written model on (default: generated inputs, a sanity check only)")
     p.add_argument("--labels", metavar="FILE.npy", help="labels of the --data: the check compares accuracy")
     p.add_argument("--batch-size", type=POSITIVE_INT)
-    add_check_flags(p)
+    add_check_flags(p, nothing_held_out="cluster fits nothing on data, so nothing is held out: the check runs on "
+                    "every --data feed (the first 64 without --labels), or on generated inputs without --data")
     add_specialize_flags(p)
     add_force_flag(p)
     add_output_flags(p)
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
             model, config, cleanup=not args.no_cleanup, allow_upgrade=not args.no_upgrade,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model))
+    out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
                        "session_creation_s": session_creation_seconds(model)}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.data import SHAPE_FIXED_BY
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.passes.cleanup import CleanupPass, op_histogram
@@ -138,6 +139,8 @@ class SpecializePass(CompressionPass[SpecializeConfig]):
                 raise ConfigError(f"input {name!r} is declared {_shown(declared)}; "
                                   f"cannot make it {'x'.join(map(str, shape))}")
             value.shape = ir.Shape(shape)
+            value.meta[SHAPE_FIXED_BY] = (f"the specialised shape {name}={'x'.join(map(str, shape))}",
+                                          tuple(i for i in range(len(shape)) if not declared or declared[i] is None))
             shaped[name] = shape
         stats: dict[str, Any] = {"fixed": fixed, "shaped": shaped}
         if cfg.cleanup and (fixed or shaped):

@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
             + (f"; it is already quantized ({kernels}): prune its float original" if kernels else "")
             + "); nothing written"
         )
-    out = save_model(pruned, args.output, force=args.force, verify=verify_output(split, model))
+    out = save_model(pruned, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["output"] = str(out)
     if specialized is not None:
         report["specialize"] = specialized

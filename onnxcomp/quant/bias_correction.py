@@ -52,7 +52,9 @@ DequantizeLinear of a constant):
 * Conv/Gemm without bias: a new int32 bias input ``DequantizeLinear(round(-ε/s_b), s_b, 0)``
   with :math:`s_b = s_x s_w` (the input's and the weight's scales, as the static pass lays out
   biases);
-* MatMul: the constant of the bias Add right after it; without one, an ``Add`` of
+* MatMul: the constant of the bias Add right after it (requantized like an int32 bias where the
+  static pass wrote it int32, ``bias-add-int32``: the Add onnxruntime fuses with the MatMul into
+  a Gemm); without one, an ``Add`` of
   :math:`-\varepsilon` is inserted after the MatMul, its constant an int32
   ``DequantizeLinear`` with scale :math:`s_x s_w` like a static bias (onnxruntime then fuses
   MatMul + Add into QGemm or MatMulIntegerToFloat with a bias, keeping the layer in int8; a plain
@@ -143,7 +145,7 @@ class _Target:
     tensor: str
     axis: int
     channels: int
-    method: str  # int32 | float | add-int32 | bias-add | insert-add
+    method: str  # int32 | float | add-int32 | bias-add | bias-add-int32 | insert-add
     bias_add: tuple[ir.Node, int] | None = None
 
 
@@ -221,6 +223,11 @@ def _plan(node: ir.Node, reference_values: dict[str, ir.Value], cfg: BiasCorrect
             add = uses[0].node
             k = 1 - uses[0].idx
             const = add.inputs[k] if len(add.inputs) == 2 else None
+            b_dq = _dq_of_constant(const)
+            if b_dq is not None and b_dq.inputs[0].const_value.dtype == ir.DataType.INT32 \
+                    and tuple(b_dq.inputs[0].const_value.shape) == (channels,):
+                # int32 as the static pass writes the bias onnxruntime fuses with the MatMul into a Gemm
+                return _Target(node, out.name, axis, channels, "bias-add-int32", (add, k))
             if (const is not None and const.const_value is not None and const.dtype == ir.DataType.FLOAT
                     and not const.is_graph_input()
                     and (len(const.const_value.shape) == 0 or const.const_value.shape[-1] in (1, channels))):
@@ -339,8 +346,9 @@ class BiasCorrectionPass(CompressionPass[BiasCorrectionConfig]):
         node = target.node
         delta = -error / _beta(node)  # what to add to the bias
         taken = all_value_names(graph)
-        if target.method == "int32":
-            dq = node.inputs[2].producer()
+        if target.method in ("int32", "bias-add-int32"):
+            reader, index = target.bias_add if target.method == "bias-add-int32" else (node, 2)
+            dq = reader.inputs[index].producer()
             q = dq.inputs[0].const_value.numpy().astype(np.float64)
             scale = np.broadcast_to(dq.inputs[1].const_value.numpy().astype(np.float64), q.shape)
             zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
@@ -352,8 +360,8 @@ class BiasCorrectionPass(CompressionPass[BiasCorrectionConfig]):
             old = dq.inputs[0]
             fresh = add_initializer(graph, f"{old.name}_corrected", new_q, taken)
             if len(list(dq.outputs[0].uses())) > 1:  # the bias is shared: give this node its own DQ
-                dq = _dequantize(graph, node, taken, fresh, dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None)
-                node.replace_input_with(2, dq.outputs[0])
+                dq = _dequantize(graph, reader, taken, fresh, dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None)
+                reader.replace_input_with(index, dq.outputs[0])
             else:
                 dq.replace_input_with(0, fresh)
             _drop_if_unused(graph, old)

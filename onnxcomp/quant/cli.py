@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=lambda stage, done, total: progress.update(task, completed=done, total=total),
             threads=args.threads, keep=calibrated.append if may_fall_back else None,
         )
-    verify = verify_output(split, model)
+    verify = verify_output(split, model, check_cfg.enabled)
     out = save_model(quantized, args.output, force=args.force, verify=verify)
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model), "parameter_bytes": parameter_nbytes(model)}
     if specialized is not None:
@@ -402,13 +402,10 @@ def _run(args: argparse.Namespace) -> int:
     if tables:
         con.print(f"embedding tables: {len(tables)} as GatherBlockQuantized ({report['embeddings']['bits']}-bit), "
                   f"{report['embeddings']['bytes_before'] / 2**20:.1f} -> {report['embeddings']['bytes_after'] / 2**20:.1f} MiB")
+    line = calibration_line(report, split, args)
+    if line:
+        con.print(line)
     if args.mode == "static" and "method" in report.get("calibration", {}):  # not on the fidelity fallback
-        con.print(
-            f"calibration: {report['calibration']['method']} on {report['calibration']['feeds']} feed(s), "
-            f"{report['calibration']['tensors']} tensors, {report['calibration']['seconds']:.2f} s"
-            + (f" (ranges chosen: {', '.join(f'{k} {v}' for k, v in report['calibration']['chosen'].items())})"
-               if report["calibration"].get("chosen") else "")
-        )
         con.print(
             f"int8 nodes planned: {report['int8_nodes']}, Relu/Clip folded: {report['folded_activations']}, "
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
@@ -431,6 +428,37 @@ def _run(args: argparse.Namespace) -> int:
         con.print(f"  [yellow]{esc(report['int8_latency']['hint'])}[/yellow]")
     print_check(con, check)
     return status
+
+
+def calibration_line(report: dict, split, args: argparse.Namespace) -> str | None:
+    """The one line on the calibration data, whichever path built the model (static: the plain
+    pipeline, ``--method auto`` / ``per-tensor``, the fidelity or latency-aware fallback, whose
+    report has no calibration section; weight-only or dynamic: GPTQ rounding, or nothing fitted):
+    what was fitted on how many feeds and where the check's feeds come from (``split``:
+    :class:`onnxcomp.check.DataSplit`). None without calibration data."""
+    calibration = report.get("calibration") or {}
+    fitted = calibration.get("feeds", split.fit_feeds)
+    if args.mode == "static":
+        line = f"calibration: {calibration.get('method', args.method)} on {fitted} feed(s)"
+    elif not args.calibration:
+        return None
+    elif (report.get("rounding") or {}).get("method") == "gptq":
+        line = f"calibration: GPTQ rounding on {fitted} feed(s)"
+    else:
+        line = f"calibration: nothing fitted in {args.mode} mode ({fitted} feed(s) unused)"
+    if split.check is None:
+        line += ", nothing to check on"
+    elif not split.held_out:
+        line += f"; the check runs on the same {split.check_feeds} feed(s) (too few to hold any out)"
+    elif split.source.startswith("calibration"):
+        line += f", {split.check_feeds} more held out for the check"
+    else:
+        line += f"; the check runs on {split.check_feeds} feed(s) of the {split.source}"
+    if "tensors" in calibration:
+        line += f"; {calibration['tensors']} tensors, {calibration['seconds']:.2f} s"
+    if calibration.get("chosen"):
+        line += f" (ranges chosen: {', '.join(f'{k} {v}' for k, v in calibration['chosen'].items())})"
+    return line
 
 
 def _compare_latency(args: argparse.Namespace, model, report: dict) -> bool:

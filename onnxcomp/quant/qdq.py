@@ -8,7 +8,9 @@ Three steps, kept apart:
    activations are float32, its weight (if any) is a constant, and its output can be quantized:
    not a graph output (unless asked) and not feeding an op that is sensitive to input error
    (Softmax, Exp, LayerNormalization, a Div's divisor...). MatMul and Gemm are also quantized
-   when their output must stay float: onnxruntime runs them as MatMulIntegerToFloat. Add, Mul
+   when their output must stay float: onnxruntime runs them as MatMulIntegerToFloat, or, where
+   it fuses a MatMul with its bias Add into a Gemm (``QuantRule.bias_add_fusion``), as QGemm with
+   a float output (the bias then int32, below). Add, Mul
    and Concat are quantized where that saves Q/DQ conversions (counted over their neighbours,
    repeated to a fixed point; see ``QuantRule.by_neighbours``). Data-movement ops between
    quantized tensors share their input's parameters; Relu/Clip(0, x) after a quantized producer
@@ -19,7 +21,8 @@ Three steps, kept apart:
    must feed nothing but its Q: there a node kept float on request reads a per-axis DQ with equal
    parameters, so that onnxruntime does not fuse it into an int8 kernel of its own); weights
    quantized offline to int8,
-   per output channel, symmetric; Conv/Gemm biases to int32 with
+   per output channel, symmetric; Conv/Gemm biases, and the bias Add onnxruntime fuses with a
+   float-output MatMul, to int32 with
 
    .. math:: s_b[c] = s_x \, s_w[c], \qquad b_q[c] = \mathrm{round}(b[c] / s_b[c])
 
@@ -385,7 +388,8 @@ def _int8_pays(chain: list[ir.Node], compute: Mapping[str, ir.Node], outputs: se
     free); an output read outside needs a DQ (int8 chain, float reader) or a Q (float chain, int8
     reader). Int8 wins ties (int8 element-wise kernels move a quarter of the bytes) but needs at
     least one int8 neighbour. A chain holding the bias Add of a MatMul/Gemm (a constant added to
-    its output) stays float: onnxruntime fuses that Add into MatMulIntegerToFloat.
+    its output) stays float: onnxruntime fuses that Add into MatMulIntegerToFloat, or with the
+    MatMul into a Gemm that runs int8 with a float output (``QuantRule.bias_add_fusion``).
     """
     if any(_is_bias_add(node, compute, model) for node in chain):
         return False
@@ -547,7 +551,7 @@ class _QDQRewrite:
         self.unguarded: list[str] = []
         self.created: set[ir.Node] = set()
         self.shared_nodes: set[str] = set()
-        self.removed = self.weights = self.biases = self.bias_float = 0
+        self.removed = self.weights = self.biases = self.bias_float = self.fused_biases = 0
 
     def act_params(self, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point of an activation point (shared points take their source's)."""
@@ -689,7 +693,9 @@ class _QDQRewrite:
             dq_w, w_scale = weight_cache[key]
             node.replace_input_with(rule.weight, dq_w)
             if rule.bias is not None and rule.bias < len(node.inputs) and node.inputs[rule.bias] is not None:
-                self._quantize_bias(node, rule, w_scale)
+                self._quantize_bias(node, rule.bias, node.inputs[0], w_scale)
+            elif rule.bias_add_fusion is not None and rule.bias_add_fusion(node):
+                self._quantize_fused_bias(node, rule, w_scale)
 
     def _weight_dq(self, node: ir.Node, rule: QuantRule, w_value: ir.Value, w: np.ndarray,
                    axis: int | None) -> tuple[ir.Value, np.ndarray]:
@@ -716,10 +722,32 @@ class _QDQRewrite:
         self.weights += 1
         return dq_node.outputs[0], np.asarray(s, np.float32)
 
-    def _quantize_bias(self, node: ir.Node, rule: QuantRule, w_scale: np.ndarray) -> None:
-        """int32 bias on scale x_scale * w_scale; a bias that would saturate stays float."""
-        b_value = node.inputs[rule.bias]
-        x_point = _point_for(self.plan.points, _source_name(node.inputs[0], self.dq_of))
+    def _quantize_fused_bias(self, node: ir.Node, rule: QuantRule, w_scale: np.ndarray) -> None:
+        """The constant ``[N]`` bias of the Add onnxruntime fuses with ``node`` into a Gemm
+        (:attr:`~onnxcomp.quant.rules.QuantRule.bias_add_fusion`), when ``node``'s output stays
+        float: int32 behind a DQ, so that the Gemm runs int8 (QGemm) instead of float."""
+        out = node.outputs[0]
+        uses = out.uses()
+        if len(uses) != 1 or out.name in self.q_of:  # an int8 output: QLinearMatMul, no fusion
+            return
+        add = uses[0].node
+        compute = {n: self.by_name[n] for n in self.plan.nodes if n in self.by_name}
+        if not _is_bias_add(add, compute, self.model):
+            return
+        index = 1 - uses[0].idx
+        bias = add.inputs[index].const_value
+        n = node.inputs[rule.weight].shape[-1] if node.inputs[rule.weight].shape is not None else None
+        if bias is None or len(bias.shape) != 1 or bias.shape[0] != n:
+            return
+        before = self.biases
+        self._quantize_bias(add, index, node.inputs[0], w_scale)
+        self.fused_biases += self.biases - before
+
+    def _quantize_bias(self, node: ir.Node, index: int, x_value: ir.Value, w_scale: np.ndarray) -> None:
+        """int32 bias (input ``index`` of ``node``) on scale x_scale * w_scale, x_scale that of
+        ``x_value``; a bias that would saturate stays float."""
+        b_value = node.inputs[index]
+        x_point = _point_for(self.plan.points, _source_name(x_value, self.dq_of))
         if b_value.const_value is None or x_point is None or b_value.const_value.numpy().ndim != 1:
             return
         x_scale, _ = self.act_params(x_point)
@@ -736,7 +764,7 @@ class _QDQRewrite:
         bs_v = add_initializer(graph, f"{b_value.name}_scale", np.asarray(bq.scale, np.float32), taken)
         bz_v = add_initializer(graph, f"{b_value.name}_zero_point", np.zeros(bq.q.shape, np.int32), taken)
         b_node = _dequantize_node(graph, taken, b_value.name, bq_v, bs_v, bz_v, like=b_value, axis=0)
-        node.replace_input_with(rule.bias, b_node.outputs[0])
+        node.replace_input_with(index, b_node.outputs[0])
         self.biases += 1
 
     def stats(self) -> dict[str, Any]:
@@ -750,6 +778,8 @@ class _QDQRewrite:
             "quantized_weights": self.weights,
             "quantized_biases": self.biases,
             "biases_left_float": self.bias_float,
+            # of quantized_biases: bias Adds onnxruntime fuses with a float-output MatMul into a Gemm
+            "matmul_bias_adds_int32": self.fused_biases,
             "float_reader_dequantize": len(self.float_dq_of) - len(self.unguarded),
             "float_readers_unguarded": self.unguarded,
             "skipped": dict(plan.skipped),

@@ -50,13 +50,21 @@ class QuantRule:
             (residual connections, HardSwish ``x * clip(x + 3, 0, 6) / 6``, squeeze-excitation
             gates), where it also moves a quarter of the bytes; elsewhere it only adds Q/DQ work.
             Inputs from MatMul/Gemm count as float: onnxruntime fuses a bias Add after them into
-            MatMulIntegerToFloat, which needs their output float.
+            MatMulIntegerToFloat or (``bias_add_fusion``) a Gemm with a float output, which need
+            their output float.
             Concat too: between int8 tensors (C2f/CSP blocks, SPPF) it joins them without a
             conversion; between float ops (a detector's box decoding after its last convolution:
             anchor arithmetic, centre and size joined, then times the strides) an int8 Concat
             only puts the coordinates on one 8-bit grid (4-pixel steps over a 1024-pixel image,
             16 at stride 32 before the stride multiply) and pulls the Mul after it into int8
             with the strides on a uint8 grid: a YOLOv8 layout detector lost 17 F1 points so.
+        bias_add_fusion: whether onnxruntime fuses the op with the float Add of a constant ``[N]``
+            bias after it into a Gemm (MatMulAddFusion: a 2-D weight, the op's only reader, an
+            input of rank 2 or of static shape). The Gemm then runs int8 (QGemm, float output)
+            only when the bias comes int32 from a DequantizeLinear on input scale x weight
+            scale, as a Gemm's own bias does; a float bias leaves it a float Gemm, reading the
+            dequantized int8 tensors (the int8 node unused, its Q/DQ paid for). The bias of an
+            int8 op whose output stays float is so written int32 (``quantized_biases``).
     """
 
     kind: str
@@ -67,6 +75,7 @@ class QuantRule:
     weight_may_be_activation: bool = False
     float_output_ok: bool = False
     by_neighbours: bool = False
+    bias_add_fusion: Callable[[ir.Node], bool] | None = None
 
     def resolve_weight_axis(self, node: ir.Node) -> int | None:
         if self.weight_axis is None or isinstance(self.weight_axis, int):
@@ -87,11 +96,27 @@ def _matmul_weight_axis(node: ir.Node) -> int | None:
     return -1 if shape is not None and len(shape) == 2 else None
 
 
+def _matmul_add_becomes_gemm(node: ir.Node) -> bool:
+    """onnxruntime's MatMulAddFusion conditions on the MatMul side (the Add's bias is checked by
+    the caller): a 2-D weight, the output read by one node and no graph output, an input
+    of rank 2 (a Gemm as it is) or of fully static shape (reshaped to 2-D around the Gemm)."""
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return False
+    w = node.inputs[1]
+    w_shape = w.const_value.shape if w.const_value is not None else w.shape  # or its DequantizeLinear's
+    out = node.outputs[0]
+    if w_shape is None or len(w_shape) != 2 or len(out.uses()) != 1 or out.is_graph_output():
+        return False
+    shape = node.inputs[0].shape
+    return shape is not None and (len(shape) == 2 or all(isinstance(d, int) for d in shape))
+
+
 QUANT_RULES: OpTable[QuantRule] = OpTable("quantization placement")
 QUANT_RULES.register("Conv", QuantRule("compute", (0,), weight=1, weight_axis=0, bias=2), since=10)
 QUANT_RULES.register(
     "MatMul",
-    QuantRule("compute", (0,), weight=1, weight_axis=_matmul_weight_axis, weight_may_be_activation=True, float_output_ok=True),
+    QuantRule("compute", (0,), weight=1, weight_axis=_matmul_weight_axis, weight_may_be_activation=True, float_output_ok=True,
+              bias_add_fusion=_matmul_add_becomes_gemm),
     since=9,
 )
 QUANT_RULES.register(
