@@ -265,14 +265,16 @@ def test_dynamic_smoothquant_on_encoder(encoder):
         quantize(encoder, None, QuantizeConfig(mode="dynamic", smoothquant=True))
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_ffn_output_matmuls_stay_float_by_default(encoder, mode):
-    """The default keeps the MatMuls reading a GELU float, unsmoothed; the rest keeps its int8 kernels."""
+@pytest.mark.parametrize("setting", ["auto", "float"])
+def test_ffn_output_matmuls_stay_float_in_dynamic_mode_and_on_request(encoder, setting):
+    """Dynamic mode by default (nothing calibrated to judge them by) and ``float`` in either mode keep the
+    MatMuls reading a GELU float, unsmoothed; the rest keeps its int8 kernels."""
     calib = feeds(8, seed=3)
-    model, report = quantize(encoder, calib, QuantizeConfig(mode=mode))
+    mode = "dynamic" if setting == "auto" else "static"
+    model, report = quantize(encoder, calib, QuantizeConfig(mode=mode, ffn_output=setting))
     kept = report["transformer"]["ffn_output_float"]
     assert len(kept) == LAYERS and all(name.startswith(f"l{i}/ffn2") for i, name in enumerate(kept))
-    assert any("feed-forward output MatMuls" in note for note in report["notes"])
+    assert any("feed-forward output MatMuls" in note and "kept float" in note for note in report["notes"])
     assert report["transformer"]["smoothing"]["smoothed"] == 3 * LAYERS  # not the FFN2 inputs
     ops = T.fused_ops(model)
     assert ops.get("QAttention") == LAYERS and ops.get("BiasGelu") == LAYERS
@@ -286,6 +288,31 @@ def test_ffn_output_matmuls_stay_float_by_default(encoder, mode):
         assert node.inputs[0].producer().op_type == "BiasGelu"  # no smoothing Mul in between
     data = feeds(4, seed=5)
     assert cosines(pooled(encoder, data), pooled(model, data)).min() > 0.99
+
+
+def test_static_default_lets_the_grid_rule_decide_the_ffn_outputs(encoder, monkeypatch):
+    """Static ``auto``: the FFN2s are int8 where their (unsmoothed) input keeps its grid, float where the grid
+    rule says its range is set by rare large values; ``int8`` forces them past that rule."""
+    from onnxcomp.quant import static
+
+    calib = feeds(8, seed=3)
+    model, report = quantize(encoder, calib, QuantizeConfig(mode="static"))
+    assert report["transformer"]["ffn_output_float"] == []
+    assert any(f"{LAYERS} of {LAYERS} feed-forward output MatMuls" in note for note in report["notes"])
+    assert T.fused_ops(model).get("MatMulIntegerToFloat", 0) == 3 * LAYERS and "MatMul" not in T.fused_ops(model)
+    assert report["transformer"]["smoothing"]["smoothed"] == 3 * LAYERS
+    data = feeds(4, seed=5)
+    assert cosines(pooled(encoder, data), pooled(model, data)).min() > 0.99
+    # every grid below the bar: the rule keeps every int8 node float, FFN2s included, unless forced
+    monkeypatch.setattr(static, "MIN_GRID_SQNR_DB", 99.0)
+    _, coarse = quantize(encoder, calib, QuantizeConfig(mode="static"))
+    ffn2 = sorted(n for n in coarse["skipped"] if "/ffn2" in n)
+    assert len(ffn2) == LAYERS and all("rare large values" in coarse["skipped"][n] for n in ffn2)
+    assert coarse["transformer"]["ffn_output_float"] == ffn2
+    assert any(f"0 of {LAYERS} feed-forward output MatMuls" in note for note in coarse["notes"])
+    forced, report = quantize(encoder, calib, QuantizeConfig(mode="static", ffn_output="int8"))
+    assert not any("/ffn2" in n for n in report["skipped"])
+    assert T.fused_ops(forced).get("MatMulIntegerToFloat", 0) == LAYERS  # only the forced FFN2s
 
 
 def test_ffn_output_int8_on_request(encoder, tmp_path):

@@ -91,7 +91,7 @@ def test_default_smooths_encoders_given_calibration(encoders):
     calib = feeds(8, seed=3)
     _, default = quantize(model, calib, QuantizeConfig(mode="static", embedding_bits=0))
     assert default["transformer"]["smoothquant_default"] is True
-    # every int8 MatMul's input but the FFN2s' (float by default: ffn_output)
+    # every int8 MatMul's input but the FFN2s' (a GELU's output is never smoothed)
     assert default["transformer"]["smoothing"]["smoothed"] == 3 * LAYERS
     _, off = quantize(model, calib, QuantizeConfig(mode="static", smoothquant=False, embedding_bits=0))
     assert "smoothing" not in off["transformer"]

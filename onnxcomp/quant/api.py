@@ -114,7 +114,13 @@ def quantize_in_place(
         notes.append("int8 weights use 7 bits ([-63, 63]): this CPU's int8 kernels saturate full-range weights "
                      "(x86 without VNNI) and would give wrong results; weight_range='full' (--weight-range full) "
                      "for models deployed only on VNNI or ARM CPUs")
-    from onnxcomp.quant.transformer import finish_encoder, keep_ffn_output_float, prepare_encoder, smooth_dynamic_encoder
+    from onnxcomp.quant.transformer import (
+        ffn_output_notes,
+        finish_encoder,
+        keep_ffn_output_float,
+        prepare_encoder,
+        smooth_dynamic_encoder,
+    )
 
     from onnxcomp.quant.embedding import quantizable_tables
 
@@ -130,6 +136,7 @@ def quantize_in_place(
     report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,
                      progress=progress, threads=threads, keep=kept.append if keep is not None else None)
     if encoder is not None:
+        ffn_output_notes(encoder, report, notes)
         if kept:  # variants finish the same way
             import copy
 

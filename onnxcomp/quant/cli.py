@@ -81,9 +81,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
                    help="encoders: onnxruntime's transformer fusions first, Attention as int8 QAttention "
                         "(auto: when the graph is an encoder)")
-    p.add_argument("--ffn-output", choices=("float", "int8"), default="float",
-                   help="encoders on the transformer path: the feed-forward output MatMuls (reading a GELU) stay "
-                        "float (default: their input's outliers do not fit one int8 scale) or go int8 (faster)")
+    p.add_argument("--ffn-output", choices=("auto", "float", "int8"), default="auto",
+                   help="encoders on the transformer path: the feed-forward output MatMuls (reading a GELU, whose "
+                        "outliers grow with the sequence). auto (default): static mode quantizes those whose "
+                        "input keeps >= 25 dB on its calibrated 8-bit grid, dynamic mode keeps them float; "
+                        "float: always float; int8: always int8 (faster, less accurate on long inputs)")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
                    help="migrate activation outliers into MatMul/Gemm weights (default: on for encoders on the "
                         "transformer path given --calibration, off elsewhere)")

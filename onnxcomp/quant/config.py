@@ -63,7 +63,7 @@ class _SharedFields:
     gptq_stages: int = 1
     embedding_bits: int | None = None
     transformer: Literal["auto", "on", "off"] = "auto"
-    ffn_output: Literal["float", "int8"] = "float"
+    ffn_output: Literal["auto", "float", "int8"] = "auto"
 
     @property
     def selector(self) -> NodeSelector:
@@ -141,8 +141,8 @@ class _WeightOnlyFields:
 def _validate_shared(config: _SharedFields) -> None:
     if config.rounding not in ("auto", "nearest", "gptq"):
         raise ConfigError(f"quantize: rounding must be auto, nearest or gptq, got {config.rounding!r}")
-    if config.ffn_output not in ("float", "int8"):
-        raise ConfigError(f"quantize: ffn_output must be float or int8, got {config.ffn_output!r}")
+    if config.ffn_output not in ("auto", "float", "int8"):
+        raise ConfigError(f"quantize: ffn_output must be auto, float or int8, got {config.ffn_output!r}")
     if config.embedding_bits not in (None, 0, 4, 8):
         raise ConfigError(f"quantize: embedding_bits must be 0 (float), 4 or 8, got {config.embedding_bits}")
     if config.block_size & (config.block_size - 1):
@@ -307,10 +307,13 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             onnxruntime's transformer optimizer first when the graph is an encoder and quantizes
             its fused Attention as QAttention; ``on`` insists; ``off`` leaves the graph as it is.
         ffn_output: on the transformer path (static and dynamic modes), the feed-forward output
-            projections (MatMuls reading a GELU) stay ``float`` (default) or go ``int8``. Their input
-            carries the encoder's largest activation outliers, which grow with the sequence: int8
-            there cost all-MiniLM-L6-v2 0.08 of embedding cosine on 128-token windows of running
-            text (onnxcomp.quant.transformer.ffn_output_matmuls).
+            projections (MatMuls reading a GELU, whose input carries the encoder's largest
+            activation outliers, growing with the sequence; never smoothed). ``auto`` (default):
+            static mode treats them as any MatMul, int8 where their input's calibrated 8-bit grid
+            keeps >= 25 dB (onnxcomp.quant.static.coarse_grid_nodes), float elsewhere; dynamic mode
+            (no calibrated range to judge by) keeps them float. ``float``: always float; ``int8``:
+            always int8, even where the grid rule would keep them float
+            (onnxcomp.quant.transformer.ffn_output_matmuls).
     """
 
     mode: Literal["static", "weight-only", "dynamic"] = "static"

@@ -188,7 +188,13 @@ def plan_for_ranges(work: ir.Model, config: QuantizeConfig, base: StaticPlan, ra
     """``base`` with the nodes these ranges cannot serve kept float (mixed-range Concats, coarse
     8-bit grids), and those nodes with their reasons."""
     keep = mixed_range_nodes(work, base, ranges, config.max_range_ratio)
-    keep.update(coarse_grid_nodes(work, base, ranges, data, config))
+    coarse = coarse_grid_nodes(work, base, ranges, data, config)
+    if config.ffn_output == "int8":  # forced: the user asked for these in int8 whatever their grid keeps
+        from onnxcomp.quant.transformer import ffn_output_matmuls
+
+        for name in ffn_output_matmuls(work):
+            coarse.pop(name, None)
+    keep.update(coarse)
     plan = plan_static(work, config, keep_float=keep, within=base) if keep else base
     return plan, keep
 

@@ -54,6 +54,7 @@ __all__ = [
     "quantize_attention",
     "fused_ops",
     "ffn_output_matmuls",
+    "ffn_output_notes",
     "keep_ffn_output_float",
     "TRANSFORMER_SETTINGS",
 ]
@@ -399,26 +400,50 @@ def ffn_output_matmuls(model: ir.Model) -> list[str]:
 
 
 def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], notes: list[str]) -> Any:
-    """``config.ffn_output`` ``float`` on a fused encoder: its feed-forward output MatMuls join
-    ``config.exclude`` (so neither the mode's pass nor SmoothQuant touches them), listed in
-    ``encoder["ffn_output_float"]``; returns the config to go on with.
+    """The feed-forward output MatMuls of a fused encoder that stay float whatever the data says:
+    all of them under ``config.ffn_output`` ``float``, and under ``auto`` in dynamic mode. They
+    join ``config.exclude`` (neither the mode's pass nor SmoothQuant touches them), listed in
+    ``encoder["ffn_output_float"]``; returns the config to go on with. Under ``auto`` in static
+    mode their names go to ``encoder["ffn_output_matmuls"]`` and the range rules decide
+    (:func:`ffn_output_notes` reports the outcome).
 
     Why: the GELU output they read holds the encoder's largest activation outliers (a few
-    channels, growing with the sequence length), which one scale per tensor cannot carry. On
-    all-MiniLM-L6-v2 (benchmarks/encoders.py, tuning split) these six MatMuls in int8 took the
-    mean-pooled embedding of 128-token windows to cosine 0.934 (static) / 0.935 (dynamic) against
-    0.981 / 0.996 with them float, and nearest-neighbour agreement over 600 sentences from
-    90.5% to 94.3%; they are a third of the encoder's MatMul work.
+    channels, growing with the sequence length). On all-MiniLM-L6-v2 (benchmarks/encoders.py,
+    tuning split, mean-pooled cosine of 128-token windows of running text):
+
+    * static, GELU outputs smoothed (before they were excluded from SmoothQuant), all six int8:
+      0.934; all six float: 0.981; unsmoothed and left to the grid rule (layers 0-3 float, 4-5
+      int8): 0.981, and a file of 28.9 MB instead of 32.2 MB;
+    * dynamic (a range per call, nothing calibrated to judge them by): int8 0.929 (7-bit
+      weights, unsmoothed), float 0.996.
     """
-    if not encoder.get("applied") or config.ffn_output != "float" or config.mode == "weight-only":
+    if not encoder.get("applied") or config.mode == "weight-only" or config.ffn_output == "int8":
         return config
     names = [n for n in ffn_output_matmuls(work) if config.selector.allows(n, "MatMul")]
     if not names:
         return config
+    if config.ffn_output == "auto" and config.mode == "static":
+        encoder["ffn_output_matmuls"] = names
+        return config
     encoder["ffn_output_float"] = names
-    notes.append(f"{len(names)} feed-forward output MatMuls (reading a GELU) kept float: their input's outliers "
-                 "do not fit one int8 scale (--ffn-output int8 to quantize them)")
+    why = ("dynamic mode has no calibrated range to judge their input by" if config.ffn_output == "auto"
+           else "--ffn-output float")
+    notes.append(f"{len(names)} feed-forward output MatMuls (reading a GELU) kept float: {why} "
+                 "(--ffn-output int8 to quantize them)")
     return dataclasses.replace(config, exclude=(*config.exclude, *names))
+
+
+def ffn_output_notes(encoder: dict[str, Any], report: dict[str, Any], notes: list[str]) -> None:
+    """Under ``ffn_output="auto"`` in static mode: which feed-forward output MatMuls the range rules
+    left float (``encoder["ffn_output_float"]``) and one note line."""
+    names = encoder.pop("ffn_output_matmuls", None)
+    if not names:
+        return
+    skipped = report.get("skipped", {})
+    kept = [n for n in names if n in skipped]
+    encoder["ffn_output_float"] = kept
+    notes.append(f"{len(names) - len(kept)} of {len(names)} feed-forward output MatMuls (reading a GELU) in int8; "
+                 f"{len(kept)} left float, their input's range being set by rare large values (see skipped)")
 
 
 def finish_encoder(work: ir.Model, config: Any, encoder: dict[str, Any], notes: list[str]) -> dict[str, Any]:
