@@ -82,7 +82,14 @@ def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], objec
         def scorer(truth):
             def score(out, ref):
                 pred = [s.strip() for s in metrics.ctc_greedy_decode(out, charset)]
-                return {"char_acc": metrics.char_accuracy(pred, truth[: len(pred)])}
+                ref_text = [s.strip() for s in metrics.ctc_greedy_decode(ref, charset)]
+                # finer than char_acc (one line is ~0.5 point): agreement with fp32 per frame and
+                # in text, and the mean KL(fp32 || quantized) per frame of the softmax outputs
+                p, q = np.clip(ref.astype(np.float64), 1e-12, 1), np.clip(out.astype(np.float64), 1e-12, 1)
+                return {"char_acc": metrics.char_accuracy(pred, truth[: len(pred)]),
+                        "char_agree_fp32": metrics.char_accuracy(pred, ref_text),
+                        "frame_agree": float(np.mean(out.argmax(-1) == ref.argmax(-1))),
+                        "kl": float(np.mean(np.sum(p * (np.log(p) - np.log(q)), -1)))}
             score.limited = lambda n: scorer(truth[:n])
             return score
 
@@ -96,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("config", help="QuantizeConfig fields as a JSON object")
     p.add_argument("--keep", metavar="OUT.onnx", help="keep the built model here")
     p.add_argument("--limit", type=int, help="score only the first N samples of each split")
+    p.add_argument("--split", choices=("tuning", "report"), action="append",
+                   help="score only this split (repeatable; default both): choose on tuning, confirm on report")
     p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
     args = p.parse_args(argv)
 
@@ -133,6 +142,8 @@ def main(argv=None) -> int:
     emb = (report.get("embeddings") or {}).get("tables") or {}
     row["embeddings"] = {k: {"bits": v["bits"], "sqnr_db": round(v["sqnr_db"], 2)} for k, v in emb.items()}
     for split, (arrays, score, batch) in _splits(args.model, task, args.limit).items():
+        if args.split and split not in args.split:
+            continue
         tag = f"-{args.limit}" if args.limit else ""
         cached = Path(args.ref_cache) / f"{args.model}-{split}{tag}.npy" if args.ref_cache else None
         if cached is not None and cached.is_file():

@@ -313,6 +313,15 @@ class Rounder:
         self.layers: dict[str, dict[str, object]] = {}
         self.hessian_seconds = 0.0
 
+    def importance(self, name: str, n: int, k: int) -> np.ndarray | None:
+        """``[n, k]``: the Hessian diagonal (each input feature's energy) of the weight's rows (a
+        grouped layer's rows by group), or None when no Hessian of that shape is known."""
+        h = self.hessians.get(name) if name in self.hessians else None
+        if h is None or h.shape[-1] != k or n % h.shape[0]:
+            return None
+        diag = np.diagonal(h, axis1=-2, axis2=-1).reshape(h.shape[0], 1, k)
+        return np.broadcast_to(diag, (h.shape[0], n // h.shape[0], k)).reshape(n, k)
+
     def round(self, name: str, w_nk: np.ndarray, scale: np.ndarray, q_nk: np.ndarray, qmin: int, qmax: int,
               group_size: int | None = None) -> np.ndarray:
         """Integers for ``w_nk`` (``[n, k]``, ``k`` in the Hessian's feature order) with ``scale``

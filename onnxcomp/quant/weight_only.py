@@ -109,6 +109,7 @@ __all__ = [
     "DYNAMIC_MIN_OPSET",
     "BlockQuantized",
     "quantize_blockwise",
+    "search_block_scales",
     "dequantize_blockwise",
     "pack_matmulnbits",
     "WeightSite",
@@ -161,13 +162,50 @@ class BlockQuantized:
         return dequantize_blockwise(self.q, self.scale, self.axis, self.block_size)
 
 
-def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int) -> BlockQuantized:
+#: Factors :func:`search_block_scales` tries on each block's range scale (1.0 first: kept on a tie).
+SCALE_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+def search_block_scales(w: np.ndarray, scale: np.ndarray, axis: int, block_size: int, qmin: int, qmax: int,
+                        importance: np.ndarray | None = None,
+                        shrinks: tuple[float, ...] = SCALE_SHRINKS) -> np.ndarray:
+    """Per block, the scale among ``scale * f`` (``f`` in ``shrinks``) whose round-to-nearest error
+    ``sum(importance * (w - clip(rint(w / s)) * s)^2)`` over the block is smallest (``importance``:
+    ``w``'s shape, e.g. the layer Hessian's diagonal per input feature; None: plain squared error).
+    A smaller scale clips the block's extreme values but rounds the others on a finer grid.
+    ``scale``: ONNX blocked layout along ``axis`` (as :func:`quantize_blockwise` returns it)."""
+    moved = np.moveaxis(np.asarray(w, np.float64), axis, -1)
+    imp = np.ones_like(moved) if importance is None else np.moveaxis(np.asarray(importance, np.float64), axis, -1)
+    dim = moved.shape[-1]
+    nblocks = -(-dim // block_size)
+    pad = [(0, 0)] * (moved.ndim - 1) + [(0, nblocks * block_size - dim)]
+    blocks = np.pad(moved, pad).reshape(moved.shape[:-1] + (nblocks, block_size))
+    weights = np.pad(imp, pad).reshape(blocks.shape)
+    base = np.moveaxis(np.asarray(scale, np.float32), axis, -1)
+    best, best_err = base.copy(), None
+    for f in shrinks:
+        s = np.maximum(base * np.float32(f), np.float32(MIN_SCALE)).astype(np.float32)
+        sd = s.astype(np.float64)[..., None]
+        err = np.sum(weights * (blocks - np.clip(np.rint(blocks / sd), qmin, qmax) * sd) ** 2, axis=-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = np.where(better, s, best)
+        best_err = np.where(better, err, best_err)
+    return np.ascontiguousarray(np.moveaxis(best, -1, axis), dtype=np.float32)
+
+
+def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int, *, scale_search: bool = False,
+                       importance: np.ndarray | None = None) -> BlockQuantized:
     """Quantize ``w`` blockwise along ``axis`` on the grids of the module docstring.
 
     int4: ``scale = max(-min/8, max/7)`` per block, values in [-8, 7]; int8: ``scale =
     absmax/127``, values in [-127, 127]. Rounding and saturation follow ONNX QuantizeLinear
     (:func:`~onnxcomp.quant.primitives.quantize`). Refuses (ValueError) other bit widths and
-    non-finite weights.
+    non-finite weights. ``scale_search``: each block's scale is then shrunk to the one of
+    :func:`search_block_scales` (weighted by ``importance``), clipping the block's extremes when
+    that lowers its squared error.
     """
     wa = np.asarray(w, dtype=np.float32)
     if bits not in (4, 8):
@@ -184,9 +222,13 @@ def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int) -> 
         # value by far less than half a step, so it still rounds onto -8 or 7: nothing clips.
         raw = np.maximum(-lo / 8.0, hi / 7.0)
         scale = np.where(raw == 0.0, 1.0, np.maximum(raw, MIN_SCALE)).astype(np.float32)
+        if scale_search:
+            scale = search_block_scales(wa, scale, axis, block_size, *_GRIDS[4], importance)
         q = quantize(wa, scale, None, "int4", axis=axis, block_size=block_size)
     else:
         scale, _ = compute_scale_zero_point(lo, hi, "int8", symmetric=True)
+        if scale_search:
+            scale = search_block_scales(wa, scale, axis, block_size, *_GRIDS[8], importance)
         q = quantize(wa, scale, None, "int8", axis=axis, block_size=block_size, clip_range=(-127, 127))
     return BlockQuantized(q=q, scale=np.asarray(scale, np.float32), axis=axis, block_size=block_size, bits=bits)
 
@@ -222,6 +264,19 @@ def pack_matmulnbits(q_nk: np.ndarray, scale_nb: np.ndarray, block_size: int,
     codes = codes.reshape(n, nblocks, block_size)
     packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale_nb, dtype=np.float32).reshape(-1)
+
+
+def _quantize_site(config: QuantizeConfig, rounder: Rounder | None, name: str, w: np.ndarray, axis: int, bits: int,
+                   block: int) -> BlockQuantized:
+    """:func:`quantize_blockwise` of a 2-D weight blocked along ``axis`` (1: ``[n, k]``, 0: ``[k, n]``) with
+    ``config.scale_search`` (``hessian``: weighted by the rounder's Hessian diagonal where known)."""
+    search = getattr(config, "scale_search", "none")
+    importance = None
+    if search == "hessian" and rounder is not None:
+        n, k = (w.shape[0], w.shape[1]) if axis == 1 else (w.shape[1], w.shape[0])
+        imp = rounder.importance(name, n, k)
+        importance = None if imp is None else (imp if axis == 1 else imp.T)
+    return quantize_blockwise(w, axis, bits, block, scale_search=search != "none", importance=importance)
 
 
 def _int4_tensor_array(q: np.ndarray) -> np.ndarray:
@@ -518,7 +573,7 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                 bits = site.bits or cfg.bits
                 w = site.weight.const_value.numpy()
                 w_kn = np.ascontiguousarray(w.T) if site.transposed else w
-                bq = quantize_blockwise(w_kn, 0, bits, cfg.block_size)
+                bq = _quantize_site(cfg, self.rounder, key, w_kn, 0, bits, cfg.block_size)
                 if self.rounder is not None:
                     q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[bits], cfg.block_size)
                     bq = dataclasses.replace(bq, q=np.ascontiguousarray(q_nk.T).astype(bq.q.dtype))
@@ -558,7 +613,7 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         w_nk = w.reshape(w.shape[0], -1)
         k = w_nk.shape[1]
         block = cfg.conv_block_size if cfg.conv_block_size and cfg.conv_block_size < k else k
-        bq = quantize_blockwise(w_nk, 1, bits, block)
+        bq = _quantize_site(cfg, self.rounder, site.weight.name, w_nk, 1, bits, block)
         q_nk = bq.q
         if self.rounder is not None:
             q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[bits],
@@ -617,7 +672,7 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
             if key not in cache:
                 w = site.weight.const_value.numpy()
                 w_nk = w if site.transposed else w.T
-                bq = quantize_blockwise(w_nk, 1, bits, bs)
+                bq = _quantize_site(cfg, self.rounder, site.weight.name, w_nk, 1, bits, bs)
                 if self.rounder is not None:
                     q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[bits], bs)
                     bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
