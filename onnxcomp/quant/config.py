@@ -137,6 +137,7 @@ class _WeightOnlyFields:
     eight_bit: tuple[str, ...] = ()
     conv_block_size: int | None = None
     scale_search: Literal["none", "mse", "hessian"] = "none"
+    scale_refit: bool = False
 
 
 def _validate_shared(config: _SharedFields) -> None:
@@ -309,6 +310,9 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             ``hessian`` the same error weighted per input feature by the layer Hessian's diagonal
             (the input energy, from the calibration data; ``mse`` where there is none). GPTQ then
             rounds on the chosen grid.
+        scale_refit: after GPTQ (weight-only), each row's block scales are refitted by least
+            squares to the integers chosen, minimizing the layer's output error on the Hessian
+            (onnxcomp.quant.gptq.refit_scales); the integers and the format stay as they are.
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.

@@ -35,7 +35,7 @@ import numpy as np
 
 from onnxcomp.blas import blas_threads
 
-__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round"]
+__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round", "refit_scales"]
 
 #: Values of QuantizeConfig.rounding.
 ROUNDINGS = ("auto", "nearest", "gptq")
@@ -163,6 +163,49 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     num = float(np.sum((dw @ h) * dw))
     den = float(np.sum((wd @ h) * wd))
     return max(num, 0.0) / den if den > 0.0 else 0.0
+
+
+def refit_scales(w: np.ndarray, q: np.ndarray, h: np.ndarray, scale: np.ndarray, group_size: int,
+                 *, chunk_elements: int = 1 << 23) -> np.ndarray:
+    """Block scales ``[n, groups]`` that minimize the output error ``tr(dW H dW^T)`` of ``W ~ q * s``
+    for the integers ``q`` fixed (``[n, k]``, blocks of ``group_size`` along ``k``): per row a small
+    least-squares problem ``A s = c`` with ``A[b, c] = q_b^T H q_c`` and ``c[b] = q_b^T H w``
+    (``q_b``: the row's integers of block ``b``, zero elsewhere). A row whose solution has a
+    non-positive or non-finite scale, or does not lower its error, keeps ``scale``."""
+    wd = np.asarray(w, np.float64)
+    n, k = wd.shape
+    nb = -(-k // group_size)
+    kp = nb * group_size
+    old = np.asarray(scale, np.float64).reshape(n, nb)
+    hp = np.zeros((kp, kp))
+    hp[:k, :k] = h
+    qp = np.zeros((n, kp))
+    qp[:, :k] = q
+    wp = np.zeros((n, kp))
+    wp[:, :k] = wd
+    hw = wp @ hp  # [n, kp]
+    h3 = hp.reshape(kp, nb, group_size)
+    out = old.copy()
+    rows = max(1, chunk_elements // max(kp * nb, 1))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        qb = qp[r0:r1].reshape(-1, nb, group_size)
+        hq = np.einsum("jbi,rbi->rjb", h3, qb, optimize=True)  # H q_b, [r, kp, nb]
+        a = np.einsum("rbj,rbjc->rbc", qb, hq.reshape(-1, nb, group_size, nb), optimize=True)
+        c = np.einsum("rbj,rbj->rb", qb, hw[r0:r1].reshape(-1, nb, group_size))
+        empty = ~np.any(qb != 0.0, axis=-1)  # a block of zeros: its scale is free, keep it
+        a = a + np.eye(nb) * (1e-9 * np.maximum(np.trace(a, axis1=1, axis2=2) / nb, 1e-30))[:, None, None]
+        try:
+            new = np.linalg.solve(a, c[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        new = np.where(empty, old[r0:r1], new)
+        # error(s) = s^T A s - 2 c^T s + const: keep the new scales only where they lower it
+        def err(sv):
+            return np.einsum("rb,rbc,rc->r", sv, a, sv) - 2.0 * np.einsum("rb,rb->r", c, sv)
+        ok = np.all(np.isfinite(new), axis=1) & np.all(new > 0.0, axis=1) & (err(new) < err(old[r0:r1]))
+        out[r0:r1][ok] = new[ok]
+    return out
 
 
 @dataclasses.dataclass
@@ -355,6 +398,30 @@ class Rounder:
             cols = _column_scales(s, n, k, group_size or k) if s.shape[1] > 1 else s
             self.hessians.record(name, out.astype(np.float64) * cols)
         return out
+
+    def refit(self, name: str, w_nk: np.ndarray, q_nk: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
+        """:func:`refit_scales` of a weight rounded by :meth:`round` (same layout; a grouped layer
+        by its groups of rows); ``scale`` unchanged (float32 ``[n, groups]``) where no Hessian is known."""
+        h = self.hessians.get(name) if name in self.hessians else None
+        n, k = np.shape(w_nk)
+        s = np.asarray(scale, np.float32).reshape(n, -1)
+        if h is None or h.shape[-1] != k or n % h.shape[0]:
+            return s
+        rows = n // h.shape[0]
+        out = np.empty_like(s)
+        for i in range(h.shape[0]):
+            part = slice(i * rows, (i + 1) * rows)
+            with blas_threads(1):
+                out[part] = refit_scales(w_nk[part], q_nk[part], h[i], s[part], group_size)
+        if name in self.layers:
+            cols = _column_scales(out, n, k, group_size)
+            err = np.mean([output_error(w_nk[i * rows:(i + 1) * rows], q_nk[i * rows:(i + 1) * rows] * cols[i * rows:(i + 1) * rows], h[i])
+                           for i in range(h.shape[0])])
+            self.layers[name]["output_error_before_refit"] = self.layers[name]["output_error"]
+            self.layers[name]["output_error"] = float(err)
+        if isinstance(self.hessians, StagedHessians):
+            self.hessians.record(name, np.asarray(q_nk, np.float64) * _column_scales(out, n, k, group_size))
+        return out.astype(np.float32)
 
     def round_along(self, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, qmin: int,
                     qmax: int) -> np.ndarray:

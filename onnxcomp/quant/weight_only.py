@@ -577,6 +577,9 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                 if self.rounder is not None:
                     q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[bits], cfg.block_size)
                     bq = dataclasses.replace(bq, q=np.ascontiguousarray(q_nk.T).astype(bq.q.dtype))
+                    if cfg.scale_refit:
+                        s_nk = self.rounder.refit(key, w_kn.T, q_nk, bq.scale.T, cfg.block_size)
+                        bq = dataclasses.replace(bq, scale=np.ascontiguousarray(s_nk.T))
                 data = _int4_tensor_array(bq.q) if bits == 4 else bq.q
                 q_v = rw.init(f"{site.weight.name}_q{bits}", data)
                 s_v = rw.init(f"{site.weight.name}_scale", bq.scale)
@@ -618,6 +621,8 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         if self.rounder is not None:
             q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[bits],
                                       block).astype(bq.q.dtype)
+            if cfg.scale_refit:
+                bq = dataclasses.replace(bq, scale=self.rounder.refit(site.weight.name, w_nk, q_nk, bq.scale, block))
         name = site.weight.name
         if block == k:
             q = q_nk.reshape(w.shape)
@@ -676,6 +681,8 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
                 if self.rounder is not None:
                     q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[bits], bs)
                     bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
+                    if cfg.scale_refit:
+                        bq = dataclasses.replace(bq, scale=self.rounder.refit(site.weight.name, w_nk, bq.q, bq.scale, bs))
                 packed, scales = pack_matmulnbits(bq.q, bq.scale, bs, bits)
                 cache[key] = (rw.init(f"{site.weight.name}_nbits", packed), rw.init(f"{site.weight.name}_scales", scales))
             b_v, s_v = cache[key]
