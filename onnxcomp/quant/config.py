@@ -138,6 +138,7 @@ class _WeightOnlyFields:
     conv_block_size: int | None = None
     scale_search: Literal["none", "mse", "hessian"] = "none"
     scale_refit: bool = False
+    gptq_bias: bool = False
 
 
 def _validate_shared(config: _SharedFields) -> None:
@@ -313,6 +314,10 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
         scale_refit: after GPTQ (weight-only), each row's block scales are refitted by least
             squares to the integers chosen, minimizing the layer's output error on the Hessian
             (onnxcomp.quant.gptq.refit_scales); the integers and the format stay as they are.
+        gptq_bias: weight-only with GPTQ: round (and refit) on the input covariance instead of
+            the raw Gram, and add the mean output error ``(W - W_hat) E[x]`` to the layer's bias
+            (a Conv's bias, a Gemm's ``C``, or the constant ``[N]`` operand of the Add after a
+            MatMul), so the bias absorbs what the 4-bit weights miss on average.
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.

@@ -261,9 +261,10 @@ def resolve_rounding(config, has_data: bool) -> str:
 
 
 def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads: int | None = None,
-                    progress=None) -> dict[str, np.ndarray]:
+                    progress=None, means: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per weight initializer name, the ``[groups, k, k]`` mean input Gram of the nodes reading it
-    (summed over the nodes when a weight feeds several), from one pass over ``data``."""
+    (summed over the nodes when a weight feeds several), from one pass over ``data``; ``means``
+    (when given) receives each weight's ``[groups, k]`` input mean (of the first node reading it)."""
     from onnxcomp.analysis.gram import DEFAULT_MAX_ROWS, collect_grams
 
     grams = collect_grams(model, list(nodes), data, max_rows=max_rows or DEFAULT_MAX_ROWS, threads=threads,
@@ -278,6 +279,8 @@ def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads:
         seen[weight].add(id(gram))
         if weight in out and out[weight].shape != gram.gram.shape:
             continue  # the same tensor read in two layouts: keep the first
+        if means is not None and weight not in means and gram.input_mean() is not None:
+            means[weight] = gram.input_mean()
         out[weight] = out[weight] + gram.mean() if weight in out else gram.mean()
     return out
 
@@ -302,6 +305,7 @@ class StagedHessians:
         self.data = data
         self.progress = progress
         self.known: dict[str, np.ndarray] = {}
+        self.means: dict[str, np.ndarray] = {}
         self.done_stages: set[int] = set()
         self.passes = 0
 
@@ -315,7 +319,7 @@ class StagedHessians:
         if stage not in self.done_stages:
             self.done_stages.add(stage)
             nodes = [n for n in self.nodes if self.stage_of.get(n.inputs[1].name) == stage]
-            self.known.update(weight_hessians(self.shadow, nodes, self.data, progress=self.progress))
+            self.known.update(weight_hessians(self.shadow, nodes, self.data, progress=self.progress, means=self.means))
             self.passes += 1
         return self.known.get(name)
 
@@ -349,17 +353,42 @@ class Rounder:
 
     ``hessians``: a dict, or a :class:`StagedHessians` (sequential GPTQ)."""
 
-    def __init__(self, hessians=None, *, damp: float = 0.01, act_order: bool = False):
+    def __init__(self, hessians=None, *, damp: float = 0.01, act_order: bool = False,
+                 means: dict[str, np.ndarray] | None = None, centered: bool = False):
         self.hessians = hessians if hessians is not None else {}
         self.damp = damp
         self.act_order = act_order
+        #: input means per weight (``[groups, k]``); with ``centered`` the rounding works on the
+        #: input covariance ``H - mu mu^T`` and :meth:`bias_shift` gives the mean error to the bias
+        self.means = means if means is not None else getattr(self.hessians, "means", {})
+        self.centered = centered
         self.layers: dict[str, dict[str, object]] = {}
         self.hessian_seconds = 0.0
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """The ``[groups, k, k]`` matrix the rounding minimizes on: the mean input Gram, or with
+        ``centered`` the input covariance (the mean's error is the bias's, :meth:`bias_shift`)."""
+        h = self.hessians.get(name) if name in self.hessians else None
+        mu = self.means.get(name)
+        if h is None or not self.centered or mu is None or mu.shape != h.shape[:2]:
+            return h
+        return h - np.einsum("gi,gj->gij", mu, mu)
+
+    def bias_shift(self, name: str, w_nk: np.ndarray, w_hat_nk: np.ndarray) -> np.ndarray | None:
+        """``[n]``: ``(W - W_hat) mu``, the mean output error a bias absorbs (None: not ``centered``
+        or no mean known)."""
+        h = self.hessians.get(name) if name in self.hessians else None
+        mu = self.means.get(name)
+        n, k = np.shape(w_nk)
+        if not self.centered or h is None or mu is None or mu.shape[-1] != k or n % mu.shape[0]:
+            return None
+        dw = (np.asarray(w_nk, np.float64) - np.asarray(w_hat_nk, np.float64)).reshape(mu.shape[0], -1, k)
+        return np.einsum("grk,gk->gr", dw, mu).reshape(n)
 
     def importance(self, name: str, n: int, k: int) -> np.ndarray | None:
         """``[n, k]``: the Hessian diagonal (each input feature's energy) of the weight's rows (a
         grouped layer's rows by group), or None when no Hessian of that shape is known."""
-        h = self.hessians.get(name) if name in self.hessians else None
+        h = self.hessian(name)
         if h is None or h.shape[-1] != k or n % h.shape[0]:
             return None
         diag = np.diagonal(h, axis1=-2, axis2=-1).reshape(h.shape[0], 1, k)
@@ -370,7 +399,7 @@ class Rounder:
         """Integers for ``w_nk`` (``[n, k]``, ``k`` in the Hessian's feature order) with ``scale``
         ``[n, groups]`` (or ``[n]``); ``q_nk`` are round-to-nearest's. Grouped layers (a grouped Conv's
         Hessian ``[g, k, k]``) split the rows into ``g`` consecutive parts."""
-        h = self.hessians.get(name)
+        h = self.hessian(name)
         n, k = np.shape(w_nk)
         if h is None or h.shape[-1] != k or n % h.shape[0]:
             return q_nk
@@ -402,7 +431,7 @@ class Rounder:
     def refit(self, name: str, w_nk: np.ndarray, q_nk: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
         """:func:`refit_scales` of a weight rounded by :meth:`round` (same layout; a grouped layer
         by its groups of rows); ``scale`` unchanged (float32 ``[n, groups]``) where no Hessian is known."""
-        h = self.hessians.get(name) if name in self.hessians else None
+        h = self.hessian(name)
         n, k = np.shape(w_nk)
         s = np.asarray(scale, np.float32).reshape(n, -1)
         if h is None or h.shape[-1] != k or n % h.shape[0]:
@@ -469,13 +498,16 @@ def make_rounder(work, nodes, calibration, config, *, progress=None) -> Rounder 
     nodes = list(nodes)
     started = time.perf_counter()
     hessians = {}
+    means: dict[str, np.ndarray] = {}
     if nodes:
         data = load_data(calibration, work, limit=config.max_samples)
         if config.gptq_stages > 1:
             hessians = StagedHessians(work, nodes, data, config.gptq_stages, progress=progress)
+            means = hessians.means
         else:
-            hessians = weight_hessians(work, nodes, data, progress=progress)
-    rounder = Rounder(hessians, damp=config.gptq_damp, act_order=config.gptq_act_order)
+            hessians = weight_hessians(work, nodes, data, progress=progress, means=means)
+    rounder = Rounder(hessians, damp=config.gptq_damp, act_order=config.gptq_act_order, means=means,
+                      centered=bool(getattr(config, "gptq_bias", False)))
     rounder.hessian_seconds = time.perf_counter() - started
     return rounder
 

@@ -96,6 +96,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, infer_types, unique_name, working_copy
 from onnxcomp.io import initializer_nbytes
+from onnxcomp.ops import is_add_node
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.config import QuantizeConfig
@@ -277,6 +278,54 @@ def _quantize_site(config: QuantizeConfig, rounder: Rounder | None, name: str, w
         imp = rounder.importance(name, n, k)
         importance = None if imp is None else (imp if axis == 1 else imp.T)
     return quantize_blockwise(w, axis, bits, block, scale_search=search != "none", importance=importance)
+
+
+def _absorb_mean_error(rounder: Rounder | None, rw: "_Rewriter", site: WeightSite, w_nk: np.ndarray,
+                       w_hat_nk: np.ndarray, shared: dict[str, int]) -> bool:
+    """With ``config.gptq_bias`` (a centred rounder): add the mean output error ``(W - W_hat) mu`` to
+    the layer's bias, so that the bias absorbs what the integers miss on average: a Conv's bias
+    (added when there is none), a Gemm's constant ``C`` of ``[N]`` values, or the constant ``[N]``
+    operand of the one Add reading a MatMul's output. A new initializer each time (the old one may
+    be shared); a weight read by several nodes is left as it is. True when a bias moved."""
+    if rounder is None or site.weight.name in shared:
+        return False
+    shift = rounder.bias_shift(site.weight.name, w_nk, w_hat_nk)
+    if shift is None:
+        return False
+    node = site.node
+    if site.conv:
+        old = node.inputs[2] if len(node.inputs) > 2 else None
+        if old is not None and old.const_value is None:
+            return False
+        b = np.zeros(site.n, np.float64) if old is None else old.const_value.numpy().astype(np.float64).reshape(-1)
+        value = rw.init(f"{old.name if old is not None else site.weight.name + '_bias'}_mean_error",
+                        (b + shift).astype(np.float32))
+        if old is None:
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return True
+    if site.bias is not None:  # a Gemm's C (MatMul sites have none)
+        c = site.bias
+        if c.const_value is None or c.const_value.size != site.n or site.beta == 0.0:
+            return False
+        b = c.const_value.numpy().astype(np.float64)
+        value = rw.init(f"{c.name}_mean_error", (b + site.alpha * shift.reshape(b.shape) / site.beta).astype(np.float32))
+        node.replace_input_with(2, value)
+        site.bias = value
+        return True
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or not is_add_node(uses[0].node):
+        return False
+    add = uses[0].node
+    other_index = 1 - uses[0].idx
+    other = add.inputs[other_index]
+    if other is None or other.const_value is None or other.const_value.size != site.n:
+        return False
+    b = other.const_value.numpy().astype(np.float64)
+    if b.shape[-1:] != (site.n,):
+        return False
+    add.replace_input_with(other_index, rw.init(f"{other.name}_mean_error", (b + shift.reshape(b.shape)).astype(np.float32)))
+    return True
 
 
 def _int4_tensor_array(q: np.ndarray) -> np.ndarray:
@@ -555,6 +604,7 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
         plan = self.plan or plan_weight_sites(model, cfg, mode="weight-only")
+        self._shared = plan.shared_weights
         rw = _Rewriter(model)
         cache: dict[str, ir.Value] = {}
         retransposed = 0
@@ -580,6 +630,7 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                     if cfg.scale_refit:
                         s_nk = self.rounder.refit(key, w_kn.T, q_nk, bq.scale.T, cfg.block_size)
                         bq = dataclasses.replace(bq, scale=np.ascontiguousarray(s_nk.T))
+                    _absorb_mean_error(self.rounder, rw, site, w_kn.T, bq.dequantize().T, plan.shared_weights)
                 data = _int4_tensor_array(bq.q) if bits == 4 else bq.q
                 q_v = rw.init(f"{site.weight.name}_q{bits}", data)
                 s_v = rw.init(f"{site.weight.name}_scale", bq.scale)
@@ -623,6 +674,8 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                                       block).astype(bq.q.dtype)
             if cfg.scale_refit:
                 bq = dataclasses.replace(bq, scale=self.rounder.refit(site.weight.name, w_nk, q_nk, bq.scale, block))
+            bq = dataclasses.replace(bq, q=q_nk)
+            _absorb_mean_error(self.rounder, rw, site, w_nk, bq.dequantize(), self._shared)
         name = site.weight.name
         if block == k:
             q = q_nk.reshape(w.shape)
@@ -683,6 +736,7 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
                     bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
                     if cfg.scale_refit:
                         bq = dataclasses.replace(bq, scale=self.rounder.refit(site.weight.name, w_nk, bq.q, bq.scale, bs))
+                    _absorb_mean_error(self.rounder, rw, site, w_nk, bq.dequantize(), plan.shared_weights)
                 packed, scales = pack_matmulnbits(bq.q, bq.scale, bs, bits)
                 cache[key] = (rw.init(f"{site.weight.name}_nbits", packed), rw.init(f"{site.weight.name}_scales", scales))
             b_v, s_v = cache[key]
