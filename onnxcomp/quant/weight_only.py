@@ -35,7 +35,7 @@ elements along the reduction axis K; activations stay float. Two output formats:
   exactly our symmetric grid shifted by 8). A Gemm bias ``C`` becomes an ``Add`` after it.
   ``accuracy_level`` is 0 (activations in float, the same math as the ``qdq`` model).
 
-Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips):
+Integer grids (one scale per block, no zero point, 0.0 exact, nothing clips unless ``scale_search``):
 
 * **int4: full signed range [-8, 7]**, ``scale = max(-min / 8, max / 7)`` over the block (``min``
   and ``max`` taken with 0 included). Compared with the narrow symmetric grid [-7, 7]
@@ -49,6 +49,11 @@ Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips
 filter ``[C/group, *kernel]`` is one block, on the same grids) behind ``DequantizeLinear(axis=0)``;
 onnxruntime dequantizes them once at session creation (constant folding), so this is a storage
 format: the Conv runs in float.
+
+With ``scale_search`` (``mse`` or ``hessian``) a block's scale may be smaller than its range
+asks, clipping its extreme values to the grid's ends when that lowers the block's (weighted)
+squared error; with ``scale_refit`` GPTQ's integers keep refitted scales (onnxcomp.quant.gptq).
+Neither changes the format.
 
 An all-zero block gets scale 1.0 (:func:`~onnxcomp.quant.primitives.compute_scale_zero_point`'s
 rule). Weight bytes in the report count int4 at 0.5 byte per element (ONNX packs two per byte)
