@@ -74,6 +74,11 @@ def is_matmul_node(node: ir.Node) -> bool:
     return is_default_domain(node.domain) and node.op_type == "MatMul"
 
 
+def is_add_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Add."""
+    return is_default_domain(node.domain) and node.op_type == "Add"
+
+
 def is_dequantize_node(node: ir.Node) -> bool:
     """A ``DequantizeLinear`` (default or ``com.microsoft`` domain): its output is the float image of
     an integer tensor, the int8 side of a Q/DQ pair."""

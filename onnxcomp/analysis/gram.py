@@ -85,6 +85,8 @@ class LayerGram:
     gram: np.ndarray
     rows: int
     layout: GramLayout
+    #: :math:`\sum_{rows} x` (float64, ``[groups, k]``): the input mean's numerator
+    total: np.ndarray | None = None
 
     @property
     def groups(self) -> int:
@@ -97,6 +99,10 @@ class LayerGram:
     def mean(self) -> np.ndarray:
         """:math:`X^\\top X / n` (the scale-free form; zeros when no rows)."""
         return self.gram / max(self.rows, 1)
+
+    def input_mean(self) -> np.ndarray | None:
+        """:math:`\\sum x / n` per group (``[groups, k]``), None when not collected."""
+        return None if self.total is None else self.total / max(self.rows, 1)
 
 
 def gram_layout(node: ir.Node) -> GramLayout | None:
@@ -178,6 +184,7 @@ def collect_grams(
         return {}
     feeds = _count(data)
     grams = {lay.key: np.zeros((lay.groups, lay.k, lay.k)) for lay in unique}
+    totals = {lay.key: np.zeros((lay.groups, lay.k)) for lay in unique}
     rows = {lay.key: 0 for lay in unique}
     remaining = {lay.key: max_rows for lay in unique}
     names = list(dict.fromkeys(lay.x_name for lay in unique))
@@ -192,6 +199,7 @@ def collect_grams(
         pending[lay.key].clear()
         pending_rows[lay.key] = 0
         acc = grams[lay.key]
+        totals[lay.key] += feats.sum(axis=0)
         if lay.groups == 1:  # one BLAS product (a stacked matmul on strided views is not)
             rows2d = np.ascontiguousarray(feats[:, 0, :])
             acc[0] += rows2d.T @ rows2d
@@ -221,5 +229,5 @@ def collect_grams(
         flush(lay)
     if any(r == 0 for r in rows.values()):
         raise OnnxcompError("gram: the calibration data gave no rows")
-    shared = {lay.key: LayerGram(grams[lay.key], rows[lay.key], lay) for lay in unique}
+    shared = {lay.key: LayerGram(grams[lay.key], rows[lay.key], lay, totals[lay.key]) for lay in unique}
     return {name: shared[lay.key] for name, lay in layouts.items()}

@@ -136,6 +136,9 @@ class _WeightOnlyFields:
     weight_only_format: Literal["qdq", "ort"] = "qdq"
     eight_bit: tuple[str, ...] = ()
     conv_block_size: int | None = None
+    scale_search: Literal["none", "mse", "hessian"] = "none"
+    scale_refit: bool = False
+    gptq_bias: bool = False
 
 
 def _validate_shared(config: _SharedFields) -> None:
@@ -207,6 +210,8 @@ class WeightOnlyConfig(ModeConfig, _WeightOnlyFields, _SharedFields):
             raise ConfigError(f"quantize: bits must be 4 or 8, got {self.bits}")
         if self.weight_only_format == "ort" and self.bits != 4:
             raise ConfigError("quantize: weight_only_format 'ort' (MatMulNBits) is for bits = 4")
+        if self.scale_search not in ("none", "mse", "hessian"):
+            raise ConfigError(f"quantize: scale_search must be none, mse or hessian, got {self.scale_search!r}")
 
 
 #: Mode name -> its config class.
@@ -300,6 +305,19 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
         conv_block_size: weight-only Conv weights: None (default) one scale per output channel;
             B: blocks of B consecutive values along the flattened input axis (``C/group x
             kernel``) of each output channel, as MatMul weights along K.
+        scale_search: weight-only block scales: ``none`` (default) fitted to each block's range;
+            ``mse`` the range scale shrunk by the factor (1.0 down to 0.5) with the smallest
+            squared rounding error of the block (clipping its extremes when that pays);
+            ``hessian`` the same error weighted per input feature by the layer Hessian's diagonal
+            (the input energy, from the calibration data; ``mse`` where there is none). GPTQ then
+            rounds on the chosen grid.
+        scale_refit: after GPTQ (weight-only), each row's block scales are refitted by least
+            squares to the integers chosen, minimizing the layer's output error on the Hessian
+            (onnxcomp.quant.gptq.refit_scales); the integers and the format stay as they are.
+        gptq_bias: weight-only with GPTQ: round (and refit) on the input covariance instead of
+            the raw Gram, and add the mean output error ``(W - W_hat) E[x]`` to the layer's bias
+            (a Conv's bias, a Gemm's ``C``, or the constant ``[N]`` operand of the Add after a
+            MatMul), so the bias absorbs what the 4-bit weights miss on average.
         embedding_bits: embedding tables (Gather on a constant float matrix) as onnxruntime's
             GatherBlockQuantized with 4- or 8-bit blocks (onnxcomp.quant.embedding); None:
             weight-only uses ``bits``, dynamic and static 8; 0: tables stay float.

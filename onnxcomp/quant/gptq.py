@@ -24,6 +24,14 @@ and kernel stays exactly what round-to-nearest writes, and both can be compared 
 output error on the calibration rows (GPTQ nearly always; a layer whose inputs are all zero on the
 data keeps round-to-nearest).
 
+Two options of weight-only mode move the grid itself, on the same Hessian and in the same format:
+``scale_search`` (in :mod:`onnxcomp.quant.weight_only`: each block's scale shrunk before GPTQ to
+the one with the smallest Hessian-diagonal-weighted rounding error) and ``scale_refit``
+(:func:`refit_scales`: once GPTQ has chosen the integers, each row's block scales are the least-
+squares solution of the output error for those integers). ``gptq_bias`` rounds on the input
+covariance :math:`H - \mu\mu^\top` and hands the mean error :math:`(W - \hat W)\mu` to the
+layer's bias (:meth:`Rounder.bias_shift`).
+
 Rounding: half to even (numpy's ``rint``, as ONNX QuantizeLinear).
 """
 
@@ -35,7 +43,7 @@ import numpy as np
 
 from onnxcomp.blas import blas_threads
 
-__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round"]
+__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round", "refit_scales"]
 
 #: Values of QuantizeConfig.rounding.
 ROUNDINGS = ("auto", "nearest", "gptq")
@@ -165,6 +173,49 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     return max(num, 0.0) / den if den > 0.0 else 0.0
 
 
+def refit_scales(w: np.ndarray, q: np.ndarray, h: np.ndarray, scale: np.ndarray, group_size: int,
+                 *, chunk_elements: int = 1 << 23) -> np.ndarray:
+    """Block scales ``[n, groups]`` that minimize the output error ``tr(dW H dW^T)`` of ``W ~ q * s``
+    for the integers ``q`` fixed (``[n, k]``, blocks of ``group_size`` along ``k``): per row a small
+    least-squares problem ``A s = c`` with ``A[b, c] = q_b^T H q_c`` and ``c[b] = q_b^T H w``
+    (``q_b``: the row's integers of block ``b``, zero elsewhere). A row whose solution has a
+    non-positive or non-finite scale, or does not lower its error, keeps ``scale``."""
+    wd = np.asarray(w, np.float64)
+    n, k = wd.shape
+    nb = -(-k // group_size)
+    kp = nb * group_size
+    old = np.asarray(scale, np.float64).reshape(n, nb)
+    hp = np.zeros((kp, kp))
+    hp[:k, :k] = h
+    qp = np.zeros((n, kp))
+    qp[:, :k] = q
+    wp = np.zeros((n, kp))
+    wp[:, :k] = wd
+    hw = wp @ hp  # [n, kp]
+    h3 = hp.reshape(kp, nb, group_size)
+    out = old.copy()
+    rows = max(1, chunk_elements // max(kp * nb, 1))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        qb = qp[r0:r1].reshape(-1, nb, group_size)
+        hq = np.einsum("jbi,rbi->rjb", h3, qb, optimize=True)  # H q_b, [r, kp, nb]
+        a = np.einsum("rbj,rbjc->rbc", qb, hq.reshape(-1, nb, group_size, nb), optimize=True)
+        c = np.einsum("rbj,rbj->rb", qb, hw[r0:r1].reshape(-1, nb, group_size))
+        empty = ~np.any(qb != 0.0, axis=-1)  # a block of zeros: its scale is free, keep it
+        a = a + np.eye(nb) * (1e-9 * np.maximum(np.trace(a, axis1=1, axis2=2) / nb, 1e-30))[:, None, None]
+        try:
+            new = np.linalg.solve(a, c[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        new = np.where(empty, old[r0:r1], new)
+        # error(s) = s^T A s - 2 c^T s + const: keep the new scales only where they lower it
+        def err(sv):
+            return np.einsum("rb,rbc,rc->r", sv, a, sv) - 2.0 * np.einsum("rb,rb->r", c, sv)
+        ok = np.all(np.isfinite(new), axis=1) & np.all(new > 0.0, axis=1) & (err(new) < err(old[r0:r1]))
+        out[r0:r1][ok] = new[ok]
+    return out
+
+
 @dataclasses.dataclass
 class RoundingResult:
     """The integers chosen and both methods' relative output errors on the calibration rows."""
@@ -218,9 +269,10 @@ def resolve_rounding(config, has_data: bool) -> str:
 
 
 def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads: int | None = None,
-                    progress=None) -> dict[str, np.ndarray]:
+                    progress=None, means: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per weight initializer name, the ``[groups, k, k]`` mean input Gram of the nodes reading it
-    (summed over the nodes when a weight feeds several), from one pass over ``data``."""
+    (summed over the nodes when a weight feeds several), from one pass over ``data``; ``means``
+    (when given) receives each weight's ``[groups, k]`` input mean (of the first node reading it)."""
     from onnxcomp.analysis.gram import DEFAULT_MAX_ROWS, collect_grams
 
     grams = collect_grams(model, list(nodes), data, max_rows=max_rows or DEFAULT_MAX_ROWS, threads=threads,
@@ -235,6 +287,8 @@ def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads:
         seen[weight].add(id(gram))
         if weight in out and out[weight].shape != gram.gram.shape:
             continue  # the same tensor read in two layouts: keep the first
+        if means is not None and weight not in means and gram.input_mean() is not None:
+            means[weight] = gram.input_mean()
         out[weight] = out[weight] + gram.mean() if weight in out else gram.mean()
     return out
 
@@ -259,6 +313,7 @@ class StagedHessians:
         self.data = data
         self.progress = progress
         self.known: dict[str, np.ndarray] = {}
+        self.means: dict[str, np.ndarray] = {}
         self.done_stages: set[int] = set()
         self.passes = 0
 
@@ -272,7 +327,7 @@ class StagedHessians:
         if stage not in self.done_stages:
             self.done_stages.add(stage)
             nodes = [n for n in self.nodes if self.stage_of.get(n.inputs[1].name) == stage]
-            self.known.update(weight_hessians(self.shadow, nodes, self.data, progress=self.progress))
+            self.known.update(weight_hessians(self.shadow, nodes, self.data, progress=self.progress, means=self.means))
             self.passes += 1
         return self.known.get(name)
 
@@ -306,19 +361,53 @@ class Rounder:
 
     ``hessians``: a dict, or a :class:`StagedHessians` (sequential GPTQ)."""
 
-    def __init__(self, hessians=None, *, damp: float = 0.01, act_order: bool = False):
+    def __init__(self, hessians=None, *, damp: float = 0.01, act_order: bool = False,
+                 means: dict[str, np.ndarray] | None = None, centered: bool = False):
         self.hessians = hessians if hessians is not None else {}
         self.damp = damp
         self.act_order = act_order
+        #: input means per weight (``[groups, k]``); with ``centered`` the rounding works on the
+        #: input covariance ``H - mu mu^T`` and :meth:`bias_shift` gives the mean error to the bias
+        self.means = means if means is not None else getattr(self.hessians, "means", {})
+        self.centered = centered
         self.layers: dict[str, dict[str, object]] = {}
         self.hessian_seconds = 0.0
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """The ``[groups, k, k]`` matrix the rounding minimizes on: the mean input Gram, or with
+        ``centered`` the input covariance (the mean's error is the bias's, :meth:`bias_shift`)."""
+        h = self.hessians.get(name) if name in self.hessians else None
+        mu = self.means.get(name)
+        if h is None or not self.centered or mu is None or mu.shape != h.shape[:2]:
+            return h
+        return h - np.einsum("gi,gj->gij", mu, mu)
+
+    def bias_shift(self, name: str, w_nk: np.ndarray, w_hat_nk: np.ndarray) -> np.ndarray | None:
+        """``[n]``: ``(W - W_hat) mu``, the mean output error a bias absorbs (None: not ``centered``
+        or no mean known)."""
+        h = self.hessians.get(name) if name in self.hessians else None
+        mu = self.means.get(name)
+        n, k = np.shape(w_nk)
+        if not self.centered or h is None or mu is None or mu.shape[-1] != k or n % mu.shape[0]:
+            return None
+        dw = (np.asarray(w_nk, np.float64) - np.asarray(w_hat_nk, np.float64)).reshape(mu.shape[0], -1, k)
+        return np.einsum("grk,gk->gr", dw, mu).reshape(n)
+
+    def importance(self, name: str, n: int, k: int) -> np.ndarray | None:
+        """``[n, k]``: the Hessian diagonal (each input feature's energy) of the weight's rows (a
+        grouped layer's rows by group), or None when no Hessian of that shape is known."""
+        h = self.hessian(name)
+        if h is None or h.shape[-1] != k or n % h.shape[0]:
+            return None
+        diag = np.diagonal(h, axis1=-2, axis2=-1).reshape(h.shape[0], 1, k)
+        return np.broadcast_to(diag, (h.shape[0], n // h.shape[0], k)).reshape(n, k)
 
     def round(self, name: str, w_nk: np.ndarray, scale: np.ndarray, q_nk: np.ndarray, qmin: int, qmax: int,
               group_size: int | None = None) -> np.ndarray:
         """Integers for ``w_nk`` (``[n, k]``, ``k`` in the Hessian's feature order) with ``scale``
         ``[n, groups]`` (or ``[n]``); ``q_nk`` are round-to-nearest's. Grouped layers (a grouped Conv's
         Hessian ``[g, k, k]``) split the rows into ``g`` consecutive parts."""
-        h = self.hessians.get(name)
+        h = self.hessian(name)
         n, k = np.shape(w_nk)
         if h is None or h.shape[-1] != k or n % h.shape[0]:
             return q_nk
@@ -346,6 +435,30 @@ class Rounder:
             cols = _column_scales(s, n, k, group_size or k) if s.shape[1] > 1 else s
             self.hessians.record(name, out.astype(np.float64) * cols)
         return out
+
+    def refit(self, name: str, w_nk: np.ndarray, q_nk: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
+        """:func:`refit_scales` of a weight rounded by :meth:`round` (same layout; a grouped layer
+        by its groups of rows); ``scale`` unchanged (float32 ``[n, groups]``) where no Hessian is known."""
+        h = self.hessian(name)
+        n, k = np.shape(w_nk)
+        s = np.asarray(scale, np.float32).reshape(n, -1)
+        if h is None or h.shape[-1] != k or n % h.shape[0]:
+            return s
+        rows = n // h.shape[0]
+        out = np.empty_like(s)
+        for i in range(h.shape[0]):
+            part = slice(i * rows, (i + 1) * rows)
+            with blas_threads(1):
+                out[part] = refit_scales(w_nk[part], q_nk[part], h[i], s[part], group_size)
+        if name in self.layers:
+            cols = _column_scales(out, n, k, group_size)
+            err = np.mean([output_error(w_nk[i * rows:(i + 1) * rows], q_nk[i * rows:(i + 1) * rows] * cols[i * rows:(i + 1) * rows], h[i])
+                           for i in range(h.shape[0])])
+            self.layers[name]["output_error_before_refit"] = self.layers[name]["output_error"]
+            self.layers[name]["output_error"] = float(err)
+        if isinstance(self.hessians, StagedHessians):
+            self.hessians.record(name, np.asarray(q_nk, np.float64) * _column_scales(out, n, k, group_size))
+        return out.astype(np.float32)
 
     def round_along(self, name: str, w: np.ndarray, q: np.ndarray, scale: np.ndarray, axis: int, qmin: int,
                     qmax: int) -> np.ndarray:
@@ -393,13 +506,16 @@ def make_rounder(work, nodes, calibration, config, *, progress=None) -> Rounder 
     nodes = list(nodes)
     started = time.perf_counter()
     hessians = {}
+    means: dict[str, np.ndarray] = {}
     if nodes:
         data = load_data(calibration, work, limit=config.max_samples)
         if config.gptq_stages > 1:
             hessians = StagedHessians(work, nodes, data, config.gptq_stages, progress=progress)
+            means = hessians.means
         else:
-            hessians = weight_hessians(work, nodes, data, progress=progress)
-    rounder = Rounder(hessians, damp=config.gptq_damp, act_order=config.gptq_act_order)
+            hessians = weight_hessians(work, nodes, data, progress=progress, means=means)
+    rounder = Rounder(hessians, damp=config.gptq_damp, act_order=config.gptq_act_order, means=means,
+                      centered=bool(getattr(config, "gptq_bias", False)))
     rounder.hessian_seconds = time.perf_counter() - started
     return rounder
 

@@ -35,7 +35,7 @@ elements along the reduction axis K; activations stay float. Two output formats:
   exactly our symmetric grid shifted by 8). A Gemm bias ``C`` becomes an ``Add`` after it.
   ``accuracy_level`` is 0 (activations in float, the same math as the ``qdq`` model).
 
-Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips):
+Integer grids (one scale per block, no zero point, 0.0 exact, nothing clips unless ``scale_search``):
 
 * **int4: full signed range [-8, 7]**, ``scale = max(-min / 8, max / 7)`` over the block (``min``
   and ``max`` taken with 0 included). Compared with the narrow symmetric grid [-7, 7]
@@ -49,6 +49,11 @@ Integer grids (one scale per block, no zero point, 0.0 exact, nothing ever clips
 filter ``[C/group, *kernel]`` is one block, on the same grids) behind ``DequantizeLinear(axis=0)``;
 onnxruntime dequantizes them once at session creation (constant folding), so this is a storage
 format: the Conv runs in float.
+
+With ``scale_search`` (``mse`` or ``hessian``) a block's scale may be smaller than its range
+asks, clipping its extreme values to the grid's ends when that lowers the block's (weighted)
+squared error; with ``scale_refit`` GPTQ's integers keep refitted scales (onnxcomp.quant.gptq).
+Neither changes the format.
 
 An all-zero block gets scale 1.0 (:func:`~onnxcomp.quant.primitives.compute_scale_zero_point`'s
 rule). Weight bytes in the report count int4 at 0.5 byte per element (ONNX packs two per byte)
@@ -96,6 +101,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import add_initializer, all_value_names, infer_types, unique_name, working_copy
 from onnxcomp.io import initializer_nbytes
+from onnxcomp.ops import is_add_node
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.config import QuantizeConfig
@@ -109,6 +115,7 @@ __all__ = [
     "DYNAMIC_MIN_OPSET",
     "BlockQuantized",
     "quantize_blockwise",
+    "search_block_scales",
     "dequantize_blockwise",
     "pack_matmulnbits",
     "WeightSite",
@@ -161,13 +168,50 @@ class BlockQuantized:
         return dequantize_blockwise(self.q, self.scale, self.axis, self.block_size)
 
 
-def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int) -> BlockQuantized:
+#: Factors :func:`search_block_scales` tries on each block's range scale (1.0 first: kept on a tie).
+SCALE_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+def search_block_scales(w: np.ndarray, scale: np.ndarray, axis: int, block_size: int, qmin: int, qmax: int,
+                        importance: np.ndarray | None = None,
+                        shrinks: tuple[float, ...] = SCALE_SHRINKS) -> np.ndarray:
+    """Per block, the scale among ``scale * f`` (``f`` in ``shrinks``) whose round-to-nearest error
+    ``sum(importance * (w - clip(rint(w / s)) * s)^2)`` over the block is smallest (``importance``:
+    ``w``'s shape, e.g. the layer Hessian's diagonal per input feature; None: plain squared error).
+    A smaller scale clips the block's extreme values but rounds the others on a finer grid.
+    ``scale``: ONNX blocked layout along ``axis`` (as :func:`quantize_blockwise` returns it)."""
+    moved = np.moveaxis(np.asarray(w, np.float64), axis, -1)
+    imp = np.ones_like(moved) if importance is None else np.moveaxis(np.asarray(importance, np.float64), axis, -1)
+    dim = moved.shape[-1]
+    nblocks = -(-dim // block_size)
+    pad = [(0, 0)] * (moved.ndim - 1) + [(0, nblocks * block_size - dim)]
+    blocks = np.pad(moved, pad).reshape(moved.shape[:-1] + (nblocks, block_size))
+    weights = np.pad(imp, pad).reshape(blocks.shape)
+    base = np.moveaxis(np.asarray(scale, np.float32), axis, -1)
+    best, best_err = base.copy(), None
+    for f in shrinks:
+        s = np.maximum(base * np.float32(f), np.float32(MIN_SCALE)).astype(np.float32)
+        sd = s.astype(np.float64)[..., None]
+        err = np.sum(weights * (blocks - np.clip(np.rint(blocks / sd), qmin, qmax) * sd) ** 2, axis=-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = np.where(better, s, best)
+        best_err = np.where(better, err, best_err)
+    return np.ascontiguousarray(np.moveaxis(best, -1, axis), dtype=np.float32)
+
+
+def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int, *, scale_search: bool = False,
+                       importance: np.ndarray | None = None) -> BlockQuantized:
     """Quantize ``w`` blockwise along ``axis`` on the grids of the module docstring.
 
     int4: ``scale = max(-min/8, max/7)`` per block, values in [-8, 7]; int8: ``scale =
     absmax/127``, values in [-127, 127]. Rounding and saturation follow ONNX QuantizeLinear
     (:func:`~onnxcomp.quant.primitives.quantize`). Refuses (ValueError) other bit widths and
-    non-finite weights.
+    non-finite weights. ``scale_search``: each block's scale is then shrunk to the one of
+    :func:`search_block_scales` (weighted by ``importance``), clipping the block's extremes when
+    that lowers its squared error.
     """
     wa = np.asarray(w, dtype=np.float32)
     if bits not in (4, 8):
@@ -184,9 +228,13 @@ def quantize_blockwise(w: np.ndarray, axis: int, bits: int, block_size: int) -> 
         # value by far less than half a step, so it still rounds onto -8 or 7: nothing clips.
         raw = np.maximum(-lo / 8.0, hi / 7.0)
         scale = np.where(raw == 0.0, 1.0, np.maximum(raw, MIN_SCALE)).astype(np.float32)
+        if scale_search:
+            scale = search_block_scales(wa, scale, axis, block_size, *_GRIDS[4], importance)
         q = quantize(wa, scale, None, "int4", axis=axis, block_size=block_size)
     else:
         scale, _ = compute_scale_zero_point(lo, hi, "int8", symmetric=True)
+        if scale_search:
+            scale = search_block_scales(wa, scale, axis, block_size, *_GRIDS[8], importance)
         q = quantize(wa, scale, None, "int8", axis=axis, block_size=block_size, clip_range=(-127, 127))
     return BlockQuantized(q=q, scale=np.asarray(scale, np.float32), axis=axis, block_size=block_size, bits=bits)
 
@@ -222,6 +270,67 @@ def pack_matmulnbits(q_nk: np.ndarray, scale_nb: np.ndarray, block_size: int,
     codes = codes.reshape(n, nblocks, block_size)
     packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale_nb, dtype=np.float32).reshape(-1)
+
+
+def _quantize_site(config: QuantizeConfig, rounder: Rounder | None, name: str, w: np.ndarray, axis: int, bits: int,
+                   block: int) -> BlockQuantized:
+    """:func:`quantize_blockwise` of a 2-D weight blocked along ``axis`` (1: ``[n, k]``, 0: ``[k, n]``) with
+    ``config.scale_search`` (``hessian``: weighted by the rounder's Hessian diagonal where known)."""
+    search = getattr(config, "scale_search", "none")
+    importance = None
+    if search == "hessian" and rounder is not None:
+        n, k = (w.shape[0], w.shape[1]) if axis == 1 else (w.shape[1], w.shape[0])
+        imp = rounder.importance(name, n, k)
+        importance = None if imp is None else (imp if axis == 1 else imp.T)
+    return quantize_blockwise(w, axis, bits, block, scale_search=search != "none", importance=importance)
+
+
+def _absorb_mean_error(rounder: Rounder | None, rw: "_Rewriter", site: WeightSite, w_nk: np.ndarray,
+                       w_hat_nk: np.ndarray, shared: dict[str, int]) -> bool:
+    """With ``config.gptq_bias`` (a centred rounder): add the mean output error ``(W - W_hat) mu`` to
+    the layer's bias, so that the bias absorbs what the integers miss on average: a Conv's bias
+    (added when there is none), a Gemm's constant ``C`` of ``[N]`` values, or the constant ``[N]``
+    operand of the one Add reading a MatMul's output. A new initializer each time (the old one may
+    be shared); a weight read by several nodes is left as it is. True when a bias moved."""
+    if rounder is None or site.weight.name in shared:
+        return False
+    shift = rounder.bias_shift(site.weight.name, w_nk, w_hat_nk)
+    if shift is None:
+        return False
+    node = site.node
+    if site.conv:
+        old = node.inputs[2] if len(node.inputs) > 2 else None
+        if old is not None and old.const_value is None:
+            return False
+        b = np.zeros(site.n, np.float64) if old is None else old.const_value.numpy().astype(np.float64).reshape(-1)
+        value = rw.init(f"{old.name if old is not None else site.weight.name + '_bias'}_mean_error",
+                        (b + shift).astype(np.float32))
+        if old is None:
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return True
+    if site.bias is not None:  # a Gemm's C (MatMul sites have none)
+        c = site.bias
+        if c.const_value is None or c.const_value.size != site.n or site.beta == 0.0:
+            return False
+        b = c.const_value.numpy().astype(np.float64)
+        value = rw.init(f"{c.name}_mean_error", (b + site.alpha * shift.reshape(b.shape) / site.beta).astype(np.float32))
+        node.replace_input_with(2, value)
+        site.bias = value
+        return True
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1 or not is_add_node(uses[0].node):
+        return False
+    add = uses[0].node
+    other_index = 1 - uses[0].idx
+    other = add.inputs[other_index]
+    if other is None or other.const_value is None or other.const_value.size != site.n:
+        return False
+    b = other.const_value.numpy().astype(np.float64)
+    if b.shape[-1:] != (site.n,):
+        return False
+    add.replace_input_with(other_index, rw.init(f"{other.name}_mean_error", (b + shift.reshape(b.shape)).astype(np.float32)))
+    return True
 
 
 def _int4_tensor_array(q: np.ndarray) -> np.ndarray:
@@ -500,6 +609,7 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
         plan = self.plan or plan_weight_sites(model, cfg, mode="weight-only")
+        self._shared = plan.shared_weights
         rw = _Rewriter(model)
         cache: dict[str, ir.Value] = {}
         retransposed = 0
@@ -518,10 +628,14 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
                 bits = site.bits or cfg.bits
                 w = site.weight.const_value.numpy()
                 w_kn = np.ascontiguousarray(w.T) if site.transposed else w
-                bq = quantize_blockwise(w_kn, 0, bits, cfg.block_size)
+                bq = _quantize_site(cfg, self.rounder, key, w_kn, 0, bits, cfg.block_size)
                 if self.rounder is not None:
                     q_nk = self.rounder.round(key, w_kn.T, bq.scale.T, bq.q.T, *_GRIDS[bits], cfg.block_size)
                     bq = dataclasses.replace(bq, q=np.ascontiguousarray(q_nk.T).astype(bq.q.dtype))
+                    if cfg.scale_refit:
+                        s_nk = self.rounder.refit(key, w_kn.T, q_nk, bq.scale.T, cfg.block_size)
+                        bq = dataclasses.replace(bq, scale=np.ascontiguousarray(s_nk.T))
+                    _absorb_mean_error(self.rounder, rw, site, w_kn.T, bq.dequantize().T, plan.shared_weights)
                 data = _int4_tensor_array(bq.q) if bits == 4 else bq.q
                 q_v = rw.init(f"{site.weight.name}_q{bits}", data)
                 s_v = rw.init(f"{site.weight.name}_scale", bq.scale)
@@ -558,11 +672,15 @@ class WeightOnlyQDQPass(CompressionPass[QuantizeConfig]):
         w_nk = w.reshape(w.shape[0], -1)
         k = w_nk.shape[1]
         block = cfg.conv_block_size if cfg.conv_block_size and cfg.conv_block_size < k else k
-        bq = quantize_blockwise(w_nk, 1, bits, block)
+        bq = _quantize_site(cfg, self.rounder, site.weight.name, w_nk, 1, bits, block)
         q_nk = bq.q
         if self.rounder is not None:
             q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, q_nk, *_GRIDS[bits],
                                       block).astype(bq.q.dtype)
+            if cfg.scale_refit:
+                bq = dataclasses.replace(bq, scale=self.rounder.refit(site.weight.name, w_nk, q_nk, bq.scale, block))
+            bq = dataclasses.replace(bq, q=q_nk)
+            _absorb_mean_error(self.rounder, rw, site, w_nk, bq.dequantize(), self._shared)
         name = site.weight.name
         if block == k:
             q = q_nk.reshape(w.shape)
@@ -617,10 +735,13 @@ class MatMulNBitsPass(CompressionPass[QuantizeConfig]):
             if key not in cache:
                 w = site.weight.const_value.numpy()
                 w_nk = w if site.transposed else w.T
-                bq = quantize_blockwise(w_nk, 1, bits, bs)
+                bq = _quantize_site(cfg, self.rounder, site.weight.name, w_nk, 1, bits, bs)
                 if self.rounder is not None:
                     q_nk = self.rounder.round(site.weight.name, w_nk, bq.scale, bq.q, *_GRIDS[bits], bs)
                     bq = dataclasses.replace(bq, q=q_nk.astype(bq.q.dtype))
+                    if cfg.scale_refit:
+                        bq = dataclasses.replace(bq, scale=self.rounder.refit(site.weight.name, w_nk, bq.q, bq.scale, bs))
+                    _absorb_mean_error(self.rounder, rw, site, w_nk, bq.dequantize(), plan.shared_weights)
                 packed, scales = pack_matmulnbits(bq.q, bq.scale, bs, bits)
                 cache[key] = (rw.init(f"{site.weight.name}_nbits", packed), rw.init(f"{site.weight.name}_scales", scales))
             b_v, s_v = cache[key]
