@@ -276,6 +276,11 @@ def test_ffn_output_matmuls_stay_float_in_dynamic_mode_and_on_request(encoder, s
     assert len(kept) == LAYERS and all(name.startswith(f"l{i}/ffn2") for i, name in enumerate(kept))
     assert any("feed-forward output MatMuls" in note and "kept float" in note for note in report["notes"])
     assert report["transformer"]["smoothing"]["smoothed"] == 3 * LAYERS  # not the FFN2 inputs
+    # the path's own exclusions say why, not "excluded by the selection" (the user's)
+    assert all("--ffn-output" in report["skipped"][name] for name in kept)
+    assert all("SmoothQuant's scaling Mul" in report["skipped"][name]
+               for name in report["transformer"]["smoothing"]["mul_nodes"] if name in report["skipped"])
+    assert "excluded by the selection" not in report["skipped"].values()
     ops = T.fused_ops(model)
     assert ops.get("QAttention") == LAYERS and ops.get("BiasGelu") == LAYERS
     int8_matmuls = ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0)

@@ -434,12 +434,21 @@ def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], 
 
 
 def ffn_output_notes(encoder: dict[str, Any], report: dict[str, Any], notes: list[str]) -> None:
-    """Under ``ffn_output="auto"`` in static mode: which feed-forward output MatMuls the range rules
-    left float (``encoder["ffn_output_float"]``) and one note line."""
+    """After the mode's pass: the nodes this path excluded itself get their own reason in
+    ``report["skipped"]`` (not the selection's, which is the user's); under ``ffn_output="auto"`` in
+    static mode, which feed-forward output MatMuls the range rules left float
+    (``encoder["ffn_output_float"]``) and one note line."""
+    skipped = report.get("skipped", {})
+    own = {**dict.fromkeys(encoder.get("smoothing", {}).get("mul_nodes", []),
+                           "SmoothQuant's scaling Mul: stays float (int8 would quantize the activation twice)"),
+           **dict.fromkeys(encoder.get("ffn_output_float", []),
+                           "feed-forward output MatMul kept float (--ffn-output; see the note)")}
+    for name, why in own.items():
+        if skipped.get(name) == "excluded by the selection":
+            skipped[name] = why
     names = encoder.pop("ffn_output_matmuls", None)
     if not names:
         return
-    skipped = report.get("skipped", {})
     kept = [n for n in names if n in skipped]
     encoder["ffn_output_float"] = kept
     notes.append(f"{len(names) - len(kept)} of {len(names)} feed-forward output MatMuls (reading a GELU) in int8; "
