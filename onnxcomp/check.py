@@ -1303,8 +1303,20 @@ def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, n
                 continue
             signal[name] += sums[0]
             noise[name] += sums[1]
-    return {n: (math.inf if noise[n] == 0 else (10 * math.log10(s / noise[n]) if s > 0 else -math.inf))
-            for n, s in signal.items()}
+    return {n: _db(s, noise[n]) for n, s in signal.items()}
+
+
+def _db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): inf for no noise, -inf for no signal or an infinite noise (a
+    candidate's inf where the reference is finite), NaN where either is NaN."""
+    if math.isnan(signal) or math.isnan(noise):
+        return math.nan
+    if noise == 0:
+        return math.inf
+    ratio = signal / noise
+    if math.isnan(ratio):  # both infinite
+        return math.nan
+    return 10 * math.log10(ratio) if ratio > 0 else -math.inf
 
 
 def power_sums(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float] | None:

@@ -5,11 +5,14 @@ reduced here to a small model built in code, seeded.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx.helper as oh
 from conftest import make_proto
 
 from onnxcomp import io
+from onnxcomp.check import layer_sqnr
 from onnxcomp.passes.base import run_pipeline
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
 from onnxcomp.runtime import run_model
@@ -52,3 +55,22 @@ def test_cleanup_keeps_a_tiny_epsilon_and_a_near_one_gain_and_removes_exact_noop
     assert stats["ops_removed"] == {"Mul": 1, "Sub": 1}
     ops = sorted(n.op_type for n in work.graph)
     assert ops == ["Add", "Add", "Log", "Mul", "Relu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. layer_sqnr (the check's "most damaged tensors") crashed with "math domain error" when a
+#    candidate's tensor held an infinity where the reference's did not: an internal error after
+#    the model was written, instead of naming the tensor as the most damaged one.
+
+
+def _scaled_model(scale: float):
+    nodes = [oh.make_node("Mul", ["x", "s"], ["t"]), oh.make_node("Relu", ["t"], ["y"])]
+    return io.load_model(make_proto(nodes, [("x", [1, 8])], [("y", [1, 8])], [("s", np.array(scale, np.float32))]))
+
+
+def test_layer_sqnr_of_an_infinite_candidate_tensor_is_minus_infinity():
+    reference, candidate = _scaled_model(2.0), _scaled_model(math.inf)
+    x = np.random.default_rng(1).standard_normal((1, 8)).astype(np.float32)
+    sqnr = layer_sqnr(reference, candidate, [{"x": x}])
+    assert sqnr == {"t": -math.inf}
+    assert layer_sqnr(reference, _scaled_model(2.0), [{"x": x}]) == {"t": math.inf}
