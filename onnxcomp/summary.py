@@ -15,9 +15,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import model_inputs
-from onnxcomp.graph import weight_tensors
-from onnxcomp.io import external_data_files, onnx_opset, source_path
-from onnxcomp.ops import OUTPUT_ELEMENTS, QUANT_PARAM_INPUTS, QUANT_SCALE_OUTPUTS, QUANTIZED_WEIGHT_INPUTS
+from onnxcomp.graph import lift_constants, weight_tensors
+from onnxcomp.io import clone_model, external_data_files, onnx_opset, source_path
+from onnxcomp.ops import (
+    OUTPUT_ELEMENTS,
+    QUANT_PARAM_INPUTS,
+    QUANT_SCALE_OUTPUTS,
+    QUANTIZED_WEIGHT_INPUTS,
+    is_constant_node,
+)
 from onnxcomp.passes.cleanup import op_histogram
 
 __all__ = ["summarize_model", "weight_counts"]
@@ -107,8 +113,12 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
     quantized ops come from the tables :data:`~onnxcomp.ops.QUANT_PARAM_INPUTS` and
     :data:`~onnxcomp.ops.QUANTIZED_WEIGHT_INPUTS`; a *decoded* weight is the output of a chain of
     nodes whose inputs are all constant (DequantizeLinear of an initializer, Cast -> Gather of a
-    codebook), counted once where a computing node reads it.
+    codebook), counted once where a computing node reads it. Tensors held by Constant nodes
+    (paddle2onnx's and tf2onnx's weights) count as initializers do.
     """
+    if any(is_constant_node(node) for node in model.graph.all_nodes()):
+        model = clone_model(model)
+        lift_constants(model)
     constant: set[int] = set()
     initializers: list[ir.Value] = []
     for graph in (model.graph, *model.graph.subgraphs()):

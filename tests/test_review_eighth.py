@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import onnx.helper as oh
+import onnx.numpy_helper as onh
 from conftest import make_proto
 
 from onnxcomp import io
@@ -16,6 +17,7 @@ from onnxcomp.check import layer_sqnr
 from onnxcomp.passes.base import run_pipeline
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
 from onnxcomp.runtime import run_model
+from onnxcomp.summary import summarize_model, weight_counts
 from onnxcomp.testing import assert_equivalent
 
 # ---------------------------------------------------------------------------------------------
@@ -74,3 +76,30 @@ def test_layer_sqnr_of_an_infinite_candidate_tensor_is_minus_infinity():
     sqnr = layer_sqnr(reference, candidate, [{"x": x}])
     assert sqnr == {"t": -math.inf}
     assert layer_sqnr(reference, _scaled_model(2.0), [{"x": x}]) == {"t": math.inf}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. weights held by Constant nodes (paddle2onnx: SLANet, PP-OCRv5 cls) counted as 0 weight
+#    elements by ``inspect`` and by the "before" column of ``compress`` (0 -> 127,256 after).
+
+
+def _constant_weight_model():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    nodes = [
+        oh.make_node("Constant", [], ["w"], value=onh.from_array(w, "w")),
+        oh.make_node("Constant", [], ["b"], value=onh.from_array(b, "b")),
+        oh.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    return io.load_model(make_proto(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 8, 8])]))
+
+
+def test_weights_in_constant_nodes_are_counted_as_weights():
+    model = _constant_weight_model()
+    info = summarize_model(model)
+    assert info["parameters"] == 8 * 4 * 9 + 8
+    assert info["weights"] == {"weight_elements": 8 * 4 * 9 + 8, "quant_params": 0, "other": 0}
+    assert weight_counts(model)["weight_elements"] == info["parameters"]
+    # the model itself is left as it was (the count lifts the constants of a copy)
+    assert sorted(n.op_type for n in model.graph) == ["Constant", "Constant", "Conv"]
