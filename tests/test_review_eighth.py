@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
 from conftest import make_proto
@@ -16,6 +17,8 @@ from onnxcomp import io
 from onnxcomp.check import layer_sqnr
 from onnxcomp.passes.base import run_pipeline
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
+from onnxcomp.quant.api import quantize
+from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.runtime import run_model
 from onnxcomp.summary import summarize_model, weight_counts
 from onnxcomp.testing import assert_equivalent
@@ -57,6 +60,16 @@ def test_cleanup_keeps_a_tiny_epsilon_and_a_near_one_gain_and_removes_exact_noop
     assert stats["ops_removed"] == {"Mul": 1, "Sub": 1}
     ops = sorted(n.op_type for n in work.graph)
     assert ops == ["Add", "Add", "Log", "Mul", "Relu"]
+
+
+def test_cleanup_keeps_an_add_of_a_one_element_vector_that_broadcasts_a_scalar():
+    """``x + [0]`` with a scalar x is a vector: not a no-op (paddle2onnx writes such adds as copies)."""
+    nodes = [oh.make_node("Add", ["x", "zero"], ["y"])]
+    model = io.load_model(make_proto(nodes, [("x", [])], [("y", [1])], [("zero", np.zeros(1, np.float32))]))
+    work = io.clone_model(model)
+    run_pipeline(work, [CleanupPass(CleanupConfig())])
+    (y,), = run_model(work, [{"x": np.array(2.5, np.float32)}])
+    assert y.shape == (1,) and y[0] == 2.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,3 +116,47 @@ def test_weights_in_constant_nodes_are_counted_as_weights():
     assert weight_counts(model)["weight_elements"] == info["parameters"]
     # the model itself is left as it was (the count lifts the constants of a copy)
     assert sorted(n.op_type for n in model.graph) == ["Constant", "Constant", "Conv"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. a Loop whose body declares its iteration number and condition as [1] tensors (paddle2onnx:
+#    SLANet's decoder) could not be calibrated: the emulation fed scalars, which the standalone
+#    body refuses ("Invalid rank for input"), and quantize stopped with an error.
+
+
+def _loop_rank1_model(seed: int = 4):
+    rng = np.random.default_rng(seed)
+    w0 = (0.5 * rng.standard_normal((8, 16))).astype(np.float32)
+    w = (0.3 * rng.standard_normal((16, 16))).astype(np.float32)
+    body = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["h_in", "w"], ["hw"], name="step_mm"),
+            oh.make_node("Tanh", ["hw"], ["h_out"]),
+            oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [oh.make_tensor_value_info("i", onnx.TensorProto.INT64, [1]),
+         oh.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, [1]),
+         oh.make_tensor_value_info("h_in", onnx.TensorProto.FLOAT, [1, 16])],
+        [oh.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, [1]),
+         oh.make_tensor_value_info("h_out", onnx.TensorProto.FLOAT, [1, 16])],
+    )
+    nodes = [
+        oh.make_node("MatMul", ["x", "w0"], ["h0"], name="enc"),
+        oh.make_node("Loop", ["trips", "cond", "h0"], ["h"], body=body, name="decoder"),
+    ]
+    inits = [("w0", w0), ("w", w), ("trips", np.array(3, np.int64)), ("cond", np.array([True]))]
+    return io.load_model(make_proto(nodes, [("x", [1, 8])], [("h", [1, 16])], inits, opset=13))
+
+
+def test_loop_body_with_rank1_iteration_number_is_calibrated_and_quantized():
+    model = _loop_rank1_model()
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(12)]
+    ref = run_model(model, feeds)
+    int8, report = quantize(model, feeds, QuantizeConfig())
+    out = run_model(int8, feeds)
+    r, o = np.concatenate([f[0] for f in ref]), np.concatenate([f[0] for f in out])
+    sqnr = 10 * np.log10(np.sum(r ** 2) / np.sum((r - o) ** 2))
+    assert sqnr > 25
+    assert report["int8_nodes"] >= 1

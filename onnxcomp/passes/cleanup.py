@@ -65,18 +65,15 @@ _BATCHNORM_RULES = (
 
 
 def _exactly(expected: float):
-    """Condition of an exact arithmetic no-op: ``c`` is one element equal to ``expected``
+    """Condition of an exact arithmetic no-op: ``c`` is a scalar initializer equal to ``expected``
     exactly (onnxscript's own ``x + 0`` rules match within a tolerance and so remove
-    ``x + 1e-10`` before a Log, which then reads 0 as -inf) and broadcasting it keeps x's shape."""
+    ``x + 1e-10`` before a Log, which then reads 0 as -inf); a scalar keeps x's shape."""
 
     def condition(context, x: ir.Value, c: ir.Value, **_) -> bool:
-        tensor = ir.convenience.get_const_tensor(c)
-        if tensor is None or tensor.size != 1 or c.dtype != x.dtype:
+        tensor = c.const_value
+        if tensor is None or len(tensor.shape) != 0:
             return False
-        rank = len(tensor.shape)
-        if rank and (x.shape is None or x.shape.rank() < rank):
-            return False
-        return bool(tensor.numpy().reshape(()) == expected)
+        return bool(tensor.numpy() == expected)
 
     return condition
 
