@@ -6,6 +6,8 @@ reduced here to a small model built in code, seeded.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -160,3 +162,17 @@ def test_loop_body_with_rank1_iteration_number_is_calibrated_and_quantized():
     sqnr = 10 * np.log10(np.sum(r ** 2) / np.sum((r - o) ** 2))
     assert sqnr > 25
     assert report["int8_nodes"] >= 1
+
+
+def test_quantize_calls_a_loop_body_a_loop_body(tmp_path):
+    """The summary said 'If branch p2o.Loop.0/body: ...' of SLANet's decoder loop."""
+    path = tmp_path / "loop.onnx"
+    io.save_model(_loop_rank1_model(), path)
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((12, 1, 8)).astype(np.float32))
+    proc = subprocess.run([sys.executable, "-m", "onnxcomp", "quantize", str(path), "-o", str(tmp_path / "q.onnx"),
+                           "--calibration", str(tmp_path / "calib.npz"), "--no-latency"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "loop body decoder/body: " in proc.stdout
+    assert "If branch" not in proc.stdout
