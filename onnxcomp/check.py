@@ -1303,20 +1303,9 @@ def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, n
                 continue
             signal[name] += sums[0]
             noise[name] += sums[1]
-    return {n: _db(s, noise[n]) for n, s in signal.items()}
+    from onnxcomp.measure.metrics import _sqnr_from_sums
 
-
-def _db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise): inf for no noise, -inf for no signal or an infinite noise (a
-    candidate's inf where the reference is finite), NaN where either is NaN."""
-    if math.isnan(signal) or math.isnan(noise):
-        return math.nan
-    if noise == 0:
-        return math.inf
-    ratio = signal / noise
-    if math.isnan(ratio):  # both infinite
-        return math.nan
-    return 10 * math.log10(ratio) if ratio > 0 else -math.inf
+    return {n: _sqnr_from_sums(s, noise[n]) for n, s in signal.items()}
 
 
 def power_sums(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float] | None:
