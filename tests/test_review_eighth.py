@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from conftest import make_proto
 
 from onnxcomp import io
 from onnxcomp.check import layer_sqnr
+from onnxcomp.measure.metrics import FidelityAccumulator
 from onnxcomp.passes.base import run_pipeline
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
 from onnxcomp.quant.api import quantize
@@ -176,3 +178,21 @@ def test_quantize_calls_a_loop_body_a_loop_body(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "loop body decoder/body: " in proc.stdout
     assert "If branch" not in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a candidate output that is -inf throughout a channel (a Log of zeros) made the fidelity
+#    figures print numpy's "RuntimeWarning: invalid value encountered in subtract" (compare,
+#    compress) instead of just reporting SQNR -inf.
+
+
+def test_fidelity_of_an_infinite_candidate_warns_nothing_and_reports_minus_infinity():
+    rng = np.random.default_rng(7)
+    ref = np.log(np.abs(rng.standard_normal((6, 8))) + 0.1).astype(np.float32)  # both signs
+    cand = np.full_like(ref, -np.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fid = FidelityAccumulator(channel_axis=1, name="y").update(ref, cand).result()
+    assert fid.sqnr_db == -math.inf
+    assert fid.worst_channel is not None and fid.worst_channel[1] == -math.inf
+    assert math.isnan(fid.cosine)
