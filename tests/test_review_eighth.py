@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
+import pytest
 from conftest import make_proto
 
-from onnxcomp import io
+from onnxcomp import cli, io
 from onnxcomp.check import layer_sqnr
 from onnxcomp.measure.metrics import FidelityAccumulator
 from onnxcomp.passes.base import run_pipeline
@@ -196,3 +197,34 @@ def test_fidelity_of_an_infinite_candidate_warns_nothing_and_reports_minus_infin
     assert fid.sqnr_db == -math.inf
     assert fid.worst_channel is not None and fid.worst_channel[1] == -math.inf
     assert math.isnan(fid.cosine)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. ONNXCOMP_DEBUG=1 showed no traceback for an onnxruntime error, though the model onnxruntime
+#    refused may be one onnxcomp built (SLANet's Loop body, run on its own during calibration:
+#    "onnxruntime cannot run the model: Invalid rank for input: p2o.loop.input.1").
+
+
+class _OrtLikeError(Exception):
+    pass
+
+
+_OrtLikeError.__module__ = "onnxruntime.capi.onnxruntime_pybind11_state"
+
+
+def _ort_refusal(args):
+    raise _OrtLikeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid rank for input: i")
+
+
+def test_debug_shows_the_traceback_of_an_onnxruntime_error_too(monkeypatch, capsys):
+    cli._load_commands()
+    help_text, configure, _run = cli._COMMANDS["inspect"]
+    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, _ort_refusal))
+    monkeypatch.delenv("ONNXCOMP_DEBUG", raising=False)
+    assert cli.main(["inspect", "m.onnx"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("onnxcomp: error: onnxruntime cannot run the model: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : "
+                   "Invalid rank for input: i\n")
+    monkeypatch.setenv("ONNXCOMP_DEBUG", "1")
+    with pytest.raises(_OrtLikeError, match="Invalid rank"):
+        cli.main(["inspect", "m.onnx"])
