@@ -5,6 +5,7 @@ reduced here to a small model built in code, seeded.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -228,3 +229,33 @@ def test_debug_shows_the_traceback_of_an_onnxruntime_error_too(monkeypatch, caps
     monkeypatch.setenv("ONNXCOMP_DEBUG", "1")
     with pytest.raises(_OrtLikeError, match="Invalid rank"):
         cli.main(["inspect", "m.onnx"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. prune printed "MACs/sample 1,855,616" for SLANet at 488x488 (billions in fact): the count
+#    takes a free height and width as 1, and said nothing of it.
+
+
+def _conv_model(shape):
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["r"]),
+             oh.make_node("Conv", ["r", "w2"], ["y"])]
+    out = [shape[0], 4, *shape[2:]]
+    return io.load_model(make_proto(nodes, [("x", shape)], [("y", out)], [("w", w), ("w2", w2)]))
+
+
+def test_prune_says_which_free_dimensions_its_macs_count_as_one(tmp_path):
+    for shape, said in ((["N", 3, "H", "W"], "free dimensions x[2], x[3] counted as 1"), ([1, 3, 16, 16], None)):
+        path = tmp_path / "m.onnx"
+        io.save_model(_conv_model(shape), path, force=True)
+        cmd = [sys.executable, "-m", "onnxcomp", "prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5",
+               "--no-check", "--force"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        text = " ".join(proc.stdout.split())  # rich wraps long lines when piped
+        assert "MACs/sample" in text
+        assert (said in text) if said else ("free dimensions" not in text)
+        js = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
+        assert json.loads(js.stdout)["macs_free_dimensions"] == (["x[2]", "x[3]"] if said else [])
