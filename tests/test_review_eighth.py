@@ -25,6 +25,7 @@ from onnxcomp.passes.base import run_pipeline
 from onnxcomp.passes.cleanup import CleanupConfig, CleanupPass
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.report import _stage_line
 from onnxcomp.runtime import run_model
 from onnxcomp.summary import summarize_model, weight_counts
 from onnxcomp.testing import assert_equivalent
@@ -259,3 +260,13 @@ def test_prune_says_which_free_dimensions_its_macs_count_as_one(tmp_path):
         assert (said in text) if said else ("free dimensions" not in text)
         js = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
         assert json.loads(js.stdout)["macs_free_dimensions"] == (["x[2]", "x[3]"] if said else [])
+
+
+def test_compress_report_of_a_prune_stage_names_the_free_dimensions():
+    from onnxcomp.compress import compress
+
+    model = _conv_model(["N", 3, "H", "W"])
+    _, report = compress(model, {"name": "p", "prune": {"ratio": 0.5}})
+    stage = next(s for s in report["stages"] if s["stage"] == "prune")
+    assert stage["stats"]["macs_free_dimensions"] == ["x[2]", "x[3]"]
+    assert "(free dimensions x[2], x[3] counted as 1)" in _stage_line(stage)

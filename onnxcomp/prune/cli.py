@@ -75,7 +75,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data
-    from onnxcomp.data import Dataset, fill_free_dims, load_labels, model_inputs
+    from onnxcomp.data import Dataset, load_labels
     from onnxcomp.errors import ConfigError, OnnxcompError
     from onnxcomp.io import load_model, save_model
     from onnxcomp.prune.api import prune
@@ -123,9 +123,6 @@ def _run(args: argparse.Namespace) -> int:
         report["specialize"] = specialized
     report["before"]["bytes"] = file_bytes(args.model, model)  # on disk, with external data
     report["after"]["bytes"] = file_bytes(out)
-    # MACs per sample count a free dimension past the first (an image's height and width) as 1
-    report["macs_free_dimensions"] = [f"{c['input']}[{c['axis']}]" for c in fill_free_dims(model_inputs(model), {})[1]
-                                      if c["axis"] > 0]
     removed = int(report.get("channels_removed") or 0)
     why = ""
     if removed == 0:
