@@ -186,6 +186,14 @@ def body_feeds(model: ir.Model, node: ir.Node, kind: BodyKind, attr: str, standa
     from onnxcomp.runtime import create_session, session_options
 
     formal = [v.name for v in node.attributes[attr].value.inputs]
+    # onnxruntime's Loop hands the iteration number and condition over with the rank the body
+    # declares (paddle2onnx declares [1], not a scalar); the standalone body wants the same
+    ranks = {v.name: v.shape.rank() for v in node.attributes[attr].value.inputs if v.shape is not None}
+
+    def conform(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: (np.reshape(a, (1,) * ranks[k]) if k in ranks and np.ndim(a) != ranks[k] and np.size(a) == 1
+                    and ranks[k] <= 1 else a) for k, a in feed.items()}
+
     session = None
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -200,8 +208,8 @@ def body_feeds(model: ir.Model, node: ir.Node, kind: BodyKind, attr: str, standa
         inputs = [None if v is None else (v.const_value.numpy() if v.const_value is not None else values[v.name])
                   for v in node.inputs]
         outer = {n: values[n] for n in reads}
-        for step in kind.feeds(node, attr, inputs, formal, lambda f: run({**f, **outer})):
-            feeds.append({**step, **outer})
+        for step in kind.feeds(node, attr, inputs, formal, lambda f: run(conform({**f, **outer}))):
+            feeds.append(conform({**step, **outer}))
             if len(feeds) >= _MAX_FEEDS:
                 return feeds
     return feeds

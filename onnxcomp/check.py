@@ -1327,8 +1327,9 @@ def layer_sqnr(reference: ir.Model, candidate: ir.Model, feeds: list[dict[str, n
                 continue
             signal[name] += sums[0]
             noise[name] += sums[1]
-    return {n: (math.inf if noise[n] == 0 else (10 * math.log10(s / noise[n]) if s > 0 else -math.inf))
-            for n, s in signal.items()}
+    from onnxcomp.measure.metrics import _sqnr_from_sums
+
+    return {n: _sqnr_from_sums(s, noise[n]) for n, s in signal.items()}
 
 
 def power_sums(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float] | None:

@@ -359,14 +359,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [""])[0][:500]
+        if os.environ.get("ONNXCOMP_DEBUG"):  # onnxruntime's refusals too: the model may be one onnxcomp built
+            raise
         if type(exc).__module__.startswith("onnxruntime"):  # a bad model, not a bug here
             done = written_files()[written:]  # e.g. the check of a written output failed to run it
             wrote = f"; written before it: {', '.join(done)}" if done else ""
             sys.stderr.write(f"onnxcomp: error: onnxruntime cannot run the model: {reason or type(exc).__name__}"
                              f"{wrote}\n")
             return EXIT_ERROR
-        if os.environ.get("ONNXCOMP_DEBUG"):
-            raise
         done = written_files()[written:]
         wrote = f"; written before it: {', '.join(done)}" if done else "; no output written"
         sys.stderr.write(f"onnxcomp: internal error: {type(exc).__name__}: {reason}{wrote}. This is a bug in "

@@ -152,6 +152,8 @@ def _stage_line(stage: dict[str, Any]) -> str:
         b, a = s["before"], s["after"]
         text = (f"{s['channels_removed']} channels removed, parameters {b['parameters']:,} -> {a['parameters']:,}, "
                 f"MACs/sample {b['macs']:,} -> {a['macs']:,}")
+        if s.get("macs_free_dimensions"):
+            text += f" (free dimensions {', '.join(s['macs_free_dimensions'])} counted as 1)"
         rec = s.get("reconstruction")
         if rec:
             text += (f", least-squares refit: calibration SQNR {rec['calibration_output_sqnr_db_before']:.1f} -> "

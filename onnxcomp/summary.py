@@ -16,14 +16,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import model_inputs
-from onnxcomp.graph import weight_tensors
-from onnxcomp.io import external_data_files, onnx_opset, source_path
+from onnxcomp.graph import lift_constants, weight_tensors
+from onnxcomp.io import clone_model, external_data_files, onnx_opset, source_path
 from onnxcomp.ops import (
     DECODE_INPUT_ROLES,
     OUTPUT_ELEMENTS,
     QUANT_PARAM_INPUTS,
     QUANT_SCALE_OUTPUTS,
     QUANTIZED_WEIGHT_INPUTS,
+    is_constant_node,
 )
 from onnxcomp.passes.cleanup import op_histogram
 
@@ -120,6 +121,7 @@ def weight_counts(model: ir.Model) -> dict[str, int]:
     (DequantizeLinear of an initializer, Cast -> Gather of a codebook), counted once where a
     computing node reads it; the roles inside a chain come from
     :data:`~onnxcomp.ops.DECODE_INPUT_ROLES`. :func:`packed_weights` describes bit-packed storage.
+    Tensors held by Constant nodes (paddle2onnx's and tf2onnx's weights) count as initializers do.
     """
     return _counts(_storage(model))
 
@@ -135,6 +137,9 @@ def _storage(model: ir.Model) -> dict[str, Any]:
     """:func:`weight_counts`, and the decoded weights read from a bit-packed stream (``packed``:
     (value, elements) pairs), the packed streams (``streams``) and the codebooks their labels pick
     from (``packed_codebook_entries``)."""
+    if any(is_constant_node(node) for node in model.graph.all_nodes()):
+        model = clone_model(model)
+        lift_constants(model)
     constant: set[int] = set()
     initializers: list[ir.Value] = []
     for graph in (model.graph, *model.graph.subgraphs()):

@@ -241,6 +241,7 @@ class FidelityAccumulator:
             self._ch_cand_min = np.full(c, np.inf)
             self._ch_cand_max = np.full(c, -np.inf)
 
+    @np.errstate(invalid="ignore", over="ignore")  # an inf or NaN in a batch gives NaN figures, no warning
     def update(self, ref: np.ndarray, cand: np.ndarray) -> FidelityAccumulator:
         """Add one batch (same shape for ``ref`` and ``cand``); returns ``self``."""
         r = _as_numeric(ref, "ref", self.name)
@@ -302,6 +303,7 @@ class FidelityAccumulator:
             self._ch_ref2 = self._ch_err2 = self._ch_max_abs = None
             self._ch_ref_min = self._ch_ref_max = self._ch_cand_min = self._ch_cand_max = None
 
+    @np.errstate(invalid="ignore", over="ignore")
     def result(self) -> OutputFidelity:
         """Return the fidelity over everything seen so far."""
         if self._rank is None:

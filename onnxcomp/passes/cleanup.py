@@ -42,6 +42,7 @@ import onnx_ir.passes
 import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
 import onnxscript.rewriter
+import onnxscript.rewriter.pattern
 from onnxscript.rewriter.rules import common as rules
 
 from onnxcomp.bounds import Range
@@ -61,11 +62,41 @@ _BATCHNORM_RULES = (
     rules.fuse_batchnorm_into_conv_transpose_rule,
     rules.fuse_batchnorm_into_gemm_rule,
 )
+
+
+def _exactly(expected: float):
+    """Condition of an exact arithmetic no-op: ``c`` is a scalar initializer equal to ``expected``
+    exactly (onnxscript's own ``x + 0`` rules match within a tolerance and so remove
+    ``x + 1e-10`` before a Log, which then reads 0 as -inf); a scalar keeps x's shape."""
+
+    def condition(context, x: ir.Value, c: ir.Value, **_) -> bool:
+        tensor = c.const_value
+        if tensor is None or len(tensor.shape) != 0:
+            return False
+        return bool(tensor.numpy() == expected)
+
+    return condition
+
+
+def _identity(op, x: ir.Value, **_):
+    return op.Identity(x)
+
+
+def _exact_noop_rules() -> tuple:
+    add_0, sub_0 = _exactly(0.0), _exactly(0.0)
+    mul_1, div_1 = _exactly(1.0), _exactly(1.0)
+    return (
+        onnxscript.rewriter.pattern.RewriteRule(lambda op, x, c: op.Add(x, c), _identity, add_0, name="add_0"),
+        onnxscript.rewriter.pattern.RewriteRule(lambda op, x, c: op.Add(c, x), _identity, add_0, name="0_add"),
+        onnxscript.rewriter.pattern.RewriteRule(lambda op, x, c: op.Sub(x, c), _identity, sub_0, name="sub_0"),
+        onnxscript.rewriter.pattern.RewriteRule(lambda op, x, c: op.Mul(x, c), _identity, mul_1, name="mul_by_1"),
+        onnxscript.rewriter.pattern.RewriteRule(lambda op, x, c: op.Mul(c, x), _identity, mul_1, name="1_mul"),
+        onnxscript.rewriter.pattern.RewriteRule(lambda op, x, c: op.Div(x, c), _identity, div_1, name="div_by_1"),
+    )
+
+
 _NOOP_RULES = (
-    rules.add_0_rule,
-    rules.sub_0_rule,
-    rules.mul_by_1_rule,
-    rules.div_by_1_rule,
+    *_exact_noop_rules(),
     rules.dropout_zero_rule,
     rules.dropout_inference_rule,
     rules.no_op_cast_rule,

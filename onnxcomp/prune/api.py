@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxcomp.analysis.channels import analyze_channels
 from onnxcomp.analysis.cost import count_cost
-from onnxcomp.data import DataSource, Dataset, load_data, model_inputs, synthetic_feed
+from onnxcomp.data import DataSource, Dataset, fill_free_dims, load_data, model_inputs, synthetic_feed
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
@@ -174,6 +174,9 @@ def prune_in_place(
         "border_error_folds": cut["border_error_folds"],
         "before": before,
         "after": after,
+        # MACs per sample count a free dimension past the first (an image's height and width) as 1
+        "macs_free_dimensions": [f"{c['input']}[{c['axis']}]" for c in fill_free_dims(model_inputs(work), {})[1]
+                                 if c["axis"] > 0],
         "seconds": time.perf_counter() - started,
         "seconds_by_step": timing,
     })

@@ -174,7 +174,9 @@ def _run(args: argparse.Namespace) -> int:
     b, a = report["before"], report["after"]
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({_ratio(a['parameters'], b['parameters'])}), "
-        f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({_ratio(a['macs'], b['macs'])}), "
+        f"MACs/sample {b['macs']:,} -> {a['macs']:,} ({_ratio(a['macs'], b['macs'])}"
+        + (f"; free dimensions {', '.join(report['macs_free_dimensions'])} counted as 1, --fix-shape sizes them"
+           if report.get("macs_free_dimensions") else "") + "), "
         f"file {fmt_size(b['bytes'])} -> {fmt_size(a['bytes'])}"
     )
     rec = report.get("reconstruction")

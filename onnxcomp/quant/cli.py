@@ -413,7 +413,8 @@ def _run(args: argparse.Namespace) -> int:
             f"weights quantized: {report['quantized_weights']}, int32 biases: {report['quantized_biases']}"
         )
     for where, branch in report.get("branches", {}).items():  # the fallbacks' reports have them too
-        con.print(f"If branch {where}: " + _branch_line(branch))
+        kind = "If branch" if where.endswith(("/then_branch", "/else_branch")) else "loop body"
+        con.print(f"{kind} {where}: " + _branch_line(branch))
     if args.mode in ("static", "dynamic"):
         print_recurrent(con, report)
     if ort:
