@@ -415,7 +415,7 @@ def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], 
       0.934; all six float: 0.981; unsmoothed and left to the grid rule (layers 0-3 float, 4-5
       int8): 0.981, and a file of 28.9 MB instead of 32.2 MB;
     * dynamic (a range per call, nothing calibrated to judge them by): int8 0.929 (7-bit
-      weights, unsmoothed), float 0.996.
+      weights, GELU outputs unsmoothed), float 0.996.
     """
     if not encoder.get("applied") or config.mode == "weight-only" or config.ffn_output == "int8":
         return config
