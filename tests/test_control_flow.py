@@ -742,14 +742,21 @@ def test_static_quantizes_inside_loop_bodies(rng):
 
 
 def test_static_leaves_loop_body_float_where_onnxruntime_would_not_fuse(rng):
-    """Inside a loop body onnxruntime fuses MatMul + Add into a float Gemm before its Q/DQ
-    fusions, and inside a Scan body (onnxruntime 1.2x-1.3x) it fuses no Q/DQ at all: a quantized
+    """Inside a Scan body (onnxruntime 1.2x-1.3x) onnxruntime fuses no Q/DQ at all: a quantized
     body would run DequantizeLinear -> float compute on every iteration, so it is put back as it
-    was, and the report says why."""
+    was, and the report says why. Inside a Loop body onnxruntime fuses MatMul + Add into a Gemm
+    before its Q/DQ fusions; with the bias stored int32 behind a DequantizeLinear
+    (QuantRule.bias_add_fusion) that Gemm runs as an int8 QGemm, so the body stays int8."""
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
-    for make, where in ((model_loop, "loop/body"), (model_scan, "scan/body"), (_scan_reverse, "scan/body")):
+    proto = model_loop(rng)
+    quantized, report = quantize(proto, _feeds(proto, 24, n=8), QuantizeConfig())
+    assert report["branches"]["loop/body"]["int8_nodes"] == 1
+    assert report["onnxruntime"]["int8_by_op"].get("QGemm") == 1 and report["onnxruntime"]["float_by_op"] == {}
+    _assert_valid(quantized)
+    _assert_sqnr(io.load_model(proto), quantized, _feeds(proto, 25), SQNR_FLOOR["quantize-static"])
+    for make, where in ((model_scan, "scan/body"), (_scan_reverse, "scan/body")):
         proto = make(rng)
         quantized, report = quantize(proto, _feeds(proto, 24, n=8), QuantizeConfig())
         assert "does not fuse its Q/DQ" in report["branches"][where]
