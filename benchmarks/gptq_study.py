@@ -94,7 +94,7 @@ def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], objec
             return score
 
         return {"tuning": (tune, scorer(tune_texts), 10), "report": (rep, scorer(texts), 10)}
-    if name in ("digits_cnn", "digits_mlp"):
+    if name in ("digits_cnn", "digits_mlp", "digits_transformer"):
         # the suite's own scorer (top-1 accuracy against the labels, agreement with fp32) plus the
         # logits' SQNR against fp32, finer than one image (~0.44 point of the 225 tune images)
         def scorer(split, n=None):
@@ -109,7 +109,7 @@ def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], objec
         tune = {"image": np.concatenate([b["image"] for b in task.eval_batches])}
         rep = {"image": np.concatenate([b["image"] for b in task.report_batches])}
         return {"tuning": (tune, scorer("tuning"), 1), "report": (rep, scorer("report"), 1)}
-    raise SystemExit(f"unknown model {name!r} (minilm, ppocr_rec, digits_cnn, digits_mlp)")
+    raise SystemExit(f"unknown model {name!r} (minilm, ppocr_rec, digits_cnn, digits_mlp, digits_transformer)")
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -149,7 +149,7 @@ def augment_lines(x: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gptq_study", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", choices=("minilm", "ppocr_rec", "digits_cnn", "digits_mlp"))
+    p.add_argument("model", choices=("minilm", "ppocr_rec", "digits_cnn", "digits_mlp", "digits_transformer"))
     p.add_argument("config", help="QuantizeConfig fields as a JSON object")
     p.add_argument("--keep", metavar="OUT.onnx", help="keep the built model here")
     p.add_argument("--limit", type=int, help="score only the first N samples of each split")
