@@ -97,13 +97,15 @@ def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], objec
     if name in ("digits_cnn", "digits_mlp", "digits_transformer"):
         # the suite's own scorer (top-1 accuracy against the labels, agreement with fp32) plus the
         # logits' SQNR against fp32, finer than one image (~0.44 point of the 225 tune images)
-        def scorer(split, n=None):
+        def scorer(split):
             def score(out, ref):
                 row = task.score(out, ref, split="report" if split == "report" else "tune")
                 err = float(np.sum((out.astype(np.float64) - ref) ** 2))
                 row["sqnr_db"] = float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(err, 1e-30)))
                 return row
-            score.limited = lambda n: SystemExit("--limit: minilm and ppocr_rec only")
+            def limited(n):
+                raise SystemExit("--limit: minilm and ppocr_rec only")
+            score.limited = limited
             return score
 
         tune = {"image": np.concatenate([b["image"] for b in task.eval_batches])}

@@ -81,7 +81,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "shrunk where that lowers the block's (input-energy weighted) rounding error")
     p.add_argument("--scale-refit", action=argparse.BooleanOptionalAction, default=None,
                    help="weight-only with GPTQ rounding: refit each row's block scales by least squares to the "
-                        "integers GPTQ chose (default: the QuantizeConfig default)")
+                        "integers GPTQ chose (default: on; --no-scale-refit: off)")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (exact in float)")
     p.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
