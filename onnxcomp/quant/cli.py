@@ -76,6 +76,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounding", choices=("auto", "nearest", "gptq"), default="auto",
                    help="weights to integers: nearest, or gptq (error-compensating, needs --calibration); "
                         "auto (default): gptq for 4-bit weight-only when --calibration is given")
+    p.add_argument("--scale-search", choices=("none", "mse", "hessian"), default="none",
+                   help="weight-only block scales: none (default) each block's range; mse / hessian: the range "
+                        "shrunk where that lowers the block's (input-energy weighted) rounding error")
+    p.add_argument("--scale-refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight-only with GPTQ rounding: refit each row's block scales by least squares to the "
+                        "integers GPTQ chose (default: on; --no-scale-refit: off)")
     p.add_argument("--no-upgrade", action="store_true", help="refuse instead of upgrading an old opset")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (exact in float)")
     p.add_argument("--transformer", choices=("auto", "on", "off"), default="auto",
@@ -239,6 +245,8 @@ def _run(args: argparse.Namespace) -> int:
         max_drop=args.max_drop,
         latency_aware=args.latency_aware,
         rounding=args.rounding,
+        scale_search=args.scale_search,
+        **({} if args.scale_refit is None else {"scale_refit": args.scale_refit}),
         transformer=args.transformer,
         ffn_output=args.ffn_output,
     )

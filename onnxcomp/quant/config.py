@@ -137,7 +137,7 @@ class _WeightOnlyFields:
     eight_bit: tuple[str, ...] = ()
     conv_block_size: int | None = None
     scale_search: Literal["none", "mse", "hessian"] = "none"
-    scale_refit: bool = False
+    scale_refit: bool = True
     gptq_bias: bool = False
 
 
@@ -311,9 +311,12 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             ``hessian`` the same error weighted per input feature by the layer Hessian's diagonal
             (the input energy, from the calibration data; ``mse`` where there is none). GPTQ then
             rounds on the chosen grid.
-        scale_refit: after GPTQ (weight-only), each row's block scales are refitted by least
-            squares to the integers chosen, minimizing the layer's output error on the Hessian
-            (onnxcomp.quant.gptq.refit_scales); the integers and the format stay as they are.
+        scale_refit: True (default): after GPTQ (weight-only), each row's block scales are
+            refitted by least squares to the integers chosen, minimizing the layer's output error
+            on the Hessian (onnxcomp.quant.gptq.refit_scales; a row keeps its scales where that
+            does not lower its error); the integers and the format stay as they are. Only where
+            GPTQ rounds (weight-only with calibration data, ``rounding`` auto or gptq); False:
+            GPTQ's integers on the range scales, as before the eighth session.
         gptq_bias: weight-only with GPTQ: round (and refit) on the input covariance instead of
             the raw Gram, and add the mean output error ``(W - W_hat) E[x]`` to the layer's bias
             (a Conv's bias, a Gemm's ``C``, or the constant ``[N]`` operand of the Add after a

@@ -27,8 +27,8 @@ data keeps round-to-nearest).
 Two options of weight-only mode move the grid itself, on the same Hessian and in the same format:
 ``scale_search`` (in :mod:`onnxcomp.quant.weight_only`: each block's scale shrunk before GPTQ to
 the one with the smallest Hessian-diagonal-weighted rounding error) and ``scale_refit``
-(:func:`refit_scales`: once GPTQ has chosen the integers, each row's block scales are the least-
-squares solution of the output error for those integers). ``gptq_bias`` rounds on the input
+(:func:`refit_scales`, on by default: once GPTQ has chosen the integers, each row's block scales are
+the least-squares solution of the output error for those integers). ``gptq_bias`` rounds on the input
 covariance :math:`H - \mu\mu^\top` and hands the mean error :math:`(W - \hat W)\mu` to the
 layer's bias (:meth:`Rounder.bias_shift`).
 

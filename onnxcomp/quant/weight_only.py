@@ -52,7 +52,8 @@ format: the Conv runs in float.
 
 With ``scale_search`` (``mse`` or ``hessian``) a block's scale may be smaller than its range
 asks, clipping its extreme values to the grid's ends when that lowers the block's (weighted)
-squared error; with ``scale_refit`` GPTQ's integers keep refitted scales (onnxcomp.quant.gptq).
+squared error; with ``scale_refit`` (the default) GPTQ's integers keep refitted scales
+(onnxcomp.quant.gptq).
 Neither changes the format.
 
 An all-zero block gets scale 1.0 (:func:`~onnxcomp.quant.primitives.compute_scale_zero_point`'s
