@@ -132,6 +132,16 @@ def augment_lines(x: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def _compress(model, recipe: str, overrides: dict, data):
+    """``compress`` with ``recipe`` and ``{"stage.key": value}`` overrides; the report's rounding
+    and eight_bit entries (which the quantize path prints) are absent."""
+    from onnxcomp.compress import compress
+    from onnxcomp.recipe import load_recipe
+
+    built, report = compress(model, load_recipe(recipe).with_overrides(overrides), data)
+    return built, {"stages": report.get("stages")}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gptq_study", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=("minilm", "ppocr_rec"))
@@ -143,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="ppocr_rec: calibrate on the suite's lines plus N augmented copies of each (augment_lines)")
     p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
+    p.add_argument("--recipe", metavar="RECIPE",
+                   help="build with onnxcomp.compress and this recipe (name or TOML; CONFIG then holds "
+                        "--set-style overrides {\"stage.key\": value}) instead of quantize")
     args = p.parse_args(argv)
 
     from onnxcomp.data import Dataset
@@ -155,7 +168,7 @@ def main(argv=None) -> int:
     for key in ("op_types", "eight_bit", "exclude"):
         if key in fields:
             fields[key] = tuple(fields[key])
-    config = QuantizeConfig(**fields)
+    config = None if args.recipe else QuantizeConfig(**fields)
     started = time.perf_counter()
     model = load_model(task.fp32_path)
     calib_path = task.calib_path
@@ -163,7 +176,10 @@ def main(argv=None) -> int:
         with np.load(task.calib_path) as z:
             calib_path = os.path.join(tempfile.mkdtemp(), "calib-augmented.npz")
             np.savez(calib_path, x=augment_lines(z["x"], args.augment))
-    quantized, report = quantize(model, Dataset(calib_path, model), config, verify=False)
+    if args.recipe:
+        quantized, report = _compress(model, args.recipe, fields, Dataset(calib_path, model))
+    else:
+        quantized, report = quantize(model, Dataset(calib_path, model), config, verify=False)
     out = args.keep or os.path.join(tempfile.mkdtemp(), "model.onnx")
     save_model(quantized, out, force=True)
     seconds = time.perf_counter() - started
