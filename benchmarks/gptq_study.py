@@ -8,6 +8,11 @@ tuning sets never saw, ``benchmarks/.cache/data/{minilm,rec}-report-*.npz``).
     python -m benchmarks.gptq_study minilm '{"mode": "weight-only", "weight_only_format": "ort"}'
     python -m benchmarks.gptq_study ppocr_rec '{"mode": "weight-only", "op_types": ["Conv", "MatMul", "Gemm"]}'
 
+With ``--recipe R`` the build is ``onnxcomp.compress`` with recipe R instead (the size route), and
+CONFIG holds ``{"stage.key": value}`` overrides of the recipe:
+
+    python -m benchmarks.gptq_study ppocr_rec '{"cluster.bits": 4}' --recipe benchmarks/rec_size_route.toml
+
 Prints one JSON line: build seconds, peak RSS of the build (MiB), file bytes, metric per split.
 """
 
