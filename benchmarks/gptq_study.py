@@ -8,6 +8,11 @@ tuning sets never saw, ``benchmarks/.cache/data/{minilm,rec}-report-*.npz``).
     python -m benchmarks.gptq_study minilm '{"mode": "weight-only", "weight_only_format": "ort"}'
     python -m benchmarks.gptq_study ppocr_rec '{"mode": "weight-only", "op_types": ["Conv", "MatMul", "Gemm"]}'
 
+With ``--recipe R`` the build is ``onnxcomp.compress`` with recipe R instead (the size route), and
+CONFIG holds ``{"stage.key": value}`` overrides of the recipe:
+
+    python -m benchmarks.gptq_study ppocr_rec '{"cluster.bits": 4}' --recipe benchmarks/rec_size_route.toml
+
 Prints one JSON line: build seconds, peak RSS of the build (MiB), file bytes, metric per split.
 """
 
@@ -149,6 +154,16 @@ def augment_lines(x: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def _compress(model, recipe: str, overrides: dict, data):
+    """``compress`` with ``recipe`` and ``{"stage.key": value}`` overrides; the report's rounding
+    and eight_bit entries (which the quantize path prints) are absent."""
+    from onnxcomp.compress import compress
+    from onnxcomp.recipe import load_recipe
+
+    built, report = compress(model, load_recipe(recipe).with_overrides(overrides), data)
+    return built, {"stages": report.get("stages")}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gptq_study", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=("minilm", "ppocr_rec", "digits_cnn", "digits_mlp", "digits_transformer"))
@@ -160,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="ppocr_rec: calibrate on the suite's lines plus N augmented copies of each (augment_lines)")
     p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
+    p.add_argument("--recipe", metavar="RECIPE",
+                   help="build with onnxcomp.compress and this recipe (name or TOML; CONFIG then holds "
+                        "--set-style overrides {\"stage.key\": value}) instead of quantize")
     args = p.parse_args(argv)
 
     from onnxcomp.data import Dataset
@@ -172,7 +190,7 @@ def main(argv=None) -> int:
     for key in ("op_types", "eight_bit", "exclude"):
         if key in fields:
             fields[key] = tuple(fields[key])
-    config = QuantizeConfig(**fields)
+    config = None if args.recipe else QuantizeConfig(**fields)
     started = time.perf_counter()
     model = load_model(task.fp32_path)
     calib_path = task.calib_path
@@ -180,7 +198,10 @@ def main(argv=None) -> int:
         with np.load(task.calib_path) as z:
             calib_path = os.path.join(tempfile.mkdtemp(), "calib-augmented.npz")
             np.savez(calib_path, x=augment_lines(z["x"], args.augment))
-    quantized, report = quantize(model, Dataset(calib_path, model), config, verify=False)
+    if args.recipe:
+        quantized, report = _compress(model, args.recipe, fields, Dataset(calib_path, model))
+    else:
+        quantized, report = quantize(model, Dataset(calib_path, model), config, verify=False)
     out = args.keep or os.path.join(tempfile.mkdtemp(), "model.onnx")
     save_model(quantized, out, force=True)
     seconds = time.perf_counter() - started
