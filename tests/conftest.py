@@ -42,6 +42,15 @@ def make_proto(nodes, inputs, outputs, initializers=(), opset=17, **graph_kw) ->
     return model
 
 
+def replace_inspect_run(monkeypatch, run) -> None:
+    """The CLI's ``inspect`` command runs ``run(args)`` instead of its own (its parser unchanged)."""
+    from onnxcomp import cli
+
+    cli._load_commands()
+    help_text, configure, _run = cli._COMMANDS["inspect"]
+    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, run))
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MODELS
+from conftest import MODELS, replace_inspect_run
 
 from onnxcomp import cli
 
@@ -13,9 +13,7 @@ def _broken(args):
 
 
 def test_internal_error_is_one_line_and_status_1(monkeypatch, capsys):
-    cli._load_commands()
-    help_text, configure, _run = cli._COMMANDS["inspect"]
-    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, _broken))
+    replace_inspect_run(monkeypatch, _broken)
     monkeypatch.delenv("ONNXCOMP_DEBUG", raising=False)
     assert cli.main(["inspect", str(MODELS / "digits_cnn.onnx")]) == 1
     err = capsys.readouterr().err
@@ -26,9 +24,7 @@ def test_internal_error_is_one_line_and_status_1(monkeypatch, capsys):
 
 
 def test_debug_shows_the_traceback(monkeypatch):
-    cli._load_commands()
-    help_text, configure, _run = cli._COMMANDS["inspect"]
-    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, _broken))
+    replace_inspect_run(monkeypatch, _broken)
     monkeypatch.setenv("ONNXCOMP_DEBUG", "1")
     with pytest.raises(TypeError, match="unexpected keyword"):
         cli.main(["inspect", str(MODELS / "digits_cnn.onnx")])

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from conftest import make_proto
+from conftest import make_proto, replace_inspect_run
 
 from onnxcomp import io
 from onnxcomp.cluster.passes import ClusterConfig, ClusterPass
@@ -129,9 +129,7 @@ def test_onnxruntime_failure_after_writing_names_the_written_file(monkeypatch, c
         io.save_model(io.load_model(proto), out)
         raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code\nsecond line")
 
-    cli._load_commands()
-    help_text, configure, _run = cli._COMMANDS["inspect"]
-    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, _writes_then_fails))
+    replace_inspect_run(monkeypatch, _writes_then_fails)
     onnx.save(proto, tmp_path / "m.onnx")
     assert cli.main(["inspect", str(tmp_path / "m.onnx")]) == 1
     err = capsys.readouterr().err

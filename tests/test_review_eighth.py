@@ -16,7 +16,7 @@ import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
 import pytest
-from conftest import make_proto
+from conftest import make_proto, replace_inspect_run
 
 from onnxcomp import cli, io
 from onnxcomp.check import layer_sqnr
@@ -219,9 +219,7 @@ def _ort_refusal(args):
 
 
 def test_debug_shows_the_traceback_of_an_onnxruntime_error_too(monkeypatch, capsys):
-    cli._load_commands()
-    help_text, configure, _run = cli._COMMANDS["inspect"]
-    monkeypatch.setitem(cli._COMMANDS, "inspect", (help_text, configure, _ort_refusal))
+    replace_inspect_run(monkeypatch, _ort_refusal)
     monkeypatch.delenv("ONNXCOMP_DEBUG", raising=False)
     assert cli.main(["inspect", "m.onnx"]) == 1
     err = capsys.readouterr().err
