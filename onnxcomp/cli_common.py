@@ -237,7 +237,7 @@ def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True, n
     g.add_argument("--strict", action="store_true",
                    help="exit with status 3 when the check misses its budget or nothing was compressed")
     g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
-    g.add_argument("--check-fraction", type=float, default=None if nothing_held_out else 0.2, metavar="F",
+    g.add_argument("--check-fraction", type=float, default=None, metavar="F",
                    help=f"not used: {nothing_held_out}" if nothing_held_out else
                    "share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
     g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
@@ -257,9 +257,12 @@ def check_config(args: argparse.Namespace):
     if args.strict and args.no_check:
         raise ConfigError("--strict needs the check: drop --no-check")
     fraction = args.check_fraction
-    if getattr(args, "nothing_held_out", ""):
-        if fraction is not None:
-            raise ConfigError(f"--check-fraction: {args.nothing_held_out}; drop --check-fraction")
+    if fraction is not None and getattr(args, "nothing_held_out", ""):
+        raise ConfigError(f"--check-fraction: {args.nothing_held_out}; drop --check-fraction")
+    if fraction is not None and getattr(args, "eval", None):
+        raise ConfigError("--check-fraction: the check runs on the --eval data, so no calibration feed is held out; "
+                          "drop --check-fraction or --eval")
+    if fraction is None:
         fraction = CheckConfig.fraction
     max_drop = getattr(args, "max_drop", None)
     try:

@@ -224,6 +224,30 @@ def test_cluster_refuses_check_fraction_it_cannot_apply(tmp_path, capsys):
     assert check["fit_feeds"] is None
 
 
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_check_fraction_with_eval_is_refused_not_ignored(tmp_path, capsys, command):
+    """With --eval the check runs on that data and every calibration feed is fitted on: a
+    --check-fraction given beside it has nothing to apply to. It was accepted and ignored."""
+    import json
+
+    from onnxcomp.cli import main
+
+    model = _conv_model(tmp_path / "m.onnx")
+    calib, ev = tmp_path / "c.npz", tmp_path / "e.npz"
+    np.savez(calib, x=np.random.default_rng(4).standard_normal((20, 3, 16, 16)).astype(np.float32))
+    np.savez(ev, x=np.random.default_rng(5).standard_normal((6, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    extra = ["--ratio", "0.25"] if command == "prune" else ["--no-latency"]
+    argv = [command, str(model), "-o", str(out), "--calibration", str(calib), "--eval", str(ev), *extra]
+    assert main([*argv, "--check-fraction", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("onnxcomp: error: --check-fraction: the check runs on the --eval data") and err.count("\n") == 1
+    assert not out.exists()
+    if command == "quantize":  # (this model has no channel group prune could cut)
+        assert main([*argv, "--json"]) == 0  # without it: the check runs on the 6 --eval feeds
+        assert json.loads(capsys.readouterr().out)["check"]["data"]["check_feeds"] == 6
+
+
 @pytest.mark.parametrize(("fraction", "checked"), [("0.5", 10), ("0.25", 5), (None, 4)])
 def test_the_check_fraction_sets_how_many_calibration_feeds_are_held_out(tmp_path, capsys, fraction, checked):
     import json
