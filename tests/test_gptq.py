@@ -224,11 +224,13 @@ def _cnn(rng):
     return _model(nodes, [("x", ["N", 8, 10, 10])], [("y", ["N", 8, 10, 10])], inits)
 
 
-def _smooth_images(rng, n, batch=2):
+def _smooth_images(rng, n, batch=2, channels=8, size=10, low=0.2):
+    """``n`` feeds ``x[batch, channels, size, size]``: 3x3 box-filtered noise, channel scales from 2 down to ``low``."""
     feeds = []
     for _ in range(n):
-        z = rng.standard_normal((batch, 8, 12, 12)) * np.geomspace(2.0, 0.2, 8)[None, :, None, None]
-        x = sum(z[:, :, i : i + 10, j : j + 10] for i in range(3) for j in range(3)) / 3.0
+        z = rng.standard_normal((batch, channels, size + 2, size + 2))
+        z = z * np.geomspace(2.0, low, channels)[None, :, None, None]
+        x = sum(z[:, :, i : i + size, j : j + size] for i in range(3) for j in range(3)) / 3.0
         feeds.append({"x": x.astype(np.float32)})
     return feeds
 

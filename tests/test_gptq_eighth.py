@@ -17,6 +17,7 @@ import pytest
 from conftest import make_proto
 from test_gptq import _correlated
 from test_gptq import _mlp as _gptq_mlp
+from test_gptq import _smooth_images
 
 from onnxcomp import io
 from onnxcomp.errors import ConfigError
@@ -62,12 +63,7 @@ def _cnn(rng):
 
 
 def _images(rng, n, batch=2):
-    feeds = []
-    for _ in range(n):
-        z = rng.standard_normal((batch, 16, 10, 10)) * np.geomspace(2.0, 0.1, 16)[None, :, None, None]
-        x = sum(z[:, :, i : i + 8, j : j + 8] for i in range(3) for j in range(3)) / 3.0
-        feeds.append({"x": x.astype(np.float32)})
-    return feeds
+    return _smooth_images(rng, n, batch, channels=16, size=8, low=0.1)
 
 
 def _sqnr_on(model, quantized, feeds, optimization):
