@@ -135,6 +135,11 @@ def quantize_in_place(
     handler = MODES[MODE_CONFIGS[config.mode]]
     report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,
                      progress=progress, threads=threads, keep=kept.append if keep is not None else None)
+    split = (report.get("recovery") or {}).get("outliers", {}).get("split")
+    if split:
+        from onnxcomp.quant.outliers import split_note
+
+        notes.append(split_note(split))
     if encoder is not None:
         ffn_output_notes(encoder, report, notes)
         if kept:  # variants finish the same way

@@ -90,11 +90,16 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-output", choices=("auto", "float", "int8"), default="auto",
                    help="encoders on the transformer path: the feed-forward output MatMuls (reading a GELU, whose "
                         "outliers grow with the sequence). auto (default): static mode quantizes those whose "
-                        "input keeps >= 25 dB on its calibrated 8-bit grid, dynamic mode keeps them float; "
+                        "input keeps >= 25 dB on its calibrated 8-bit grid, once a few outlier channels are split "
+                        "off (--split-outliers), dynamic mode keeps them float; "
                         "float: always float; int8: always int8 (faster, less accurate on long inputs)")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
                    help="migrate activation outliers into MatMul/Gemm weights (default: on for encoders on the "
                         "transformer path given --calibration, off elsewhere)")
+    p.add_argument("--split-outliers", action=argparse.BooleanOptionalAction, default=None,
+                   help="static mode: a MatMul input whose 8-bit grid is too coarse because of a few outlier "
+                        "channels gets them split off into a small float correction, so the MatMul runs in int8 "
+                        "(default: on)")
     p.add_argument("--bias-correction", action="store_true", help="correct each layer's mean output error afterwards")
     p.add_argument("--fidelity-target", type=float, metavar="SQNR_DB",
                    help="move the most sensitive nodes back to float until the output SQNR reaches this")
@@ -247,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         rounding=args.rounding,
         scale_search=args.scale_search,
         **({} if args.scale_refit is None else {"scale_refit": args.scale_refit}),
+        **({} if args.split_outliers is None else {"split_outliers": args.split_outliers}),
         transformer=args.transformer,
         ffn_output=args.ffn_output,
     )

@@ -111,6 +111,7 @@ class _StaticFields:
     max_range_ratio: float = 16.0
     equalize: bool = False
     bias_correction: bool = False
+    split_outliers: bool = True
     fidelity_target: float | None = None
     max_drop: float | None = None
     latency_aware: bool = False
@@ -283,6 +284,10 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             None (default): on for encoders on the transformer path given calibration data, off elsewhere.
         bias_correction: after quantizing, subtract each layer's mean output error on the
             calibration data from its bias; see onnxcomp.quant.bias_correction.
+        split_outliers: static mode: a MatMul input whose 8-bit grid is too coarse because of a
+            few outlier channels (an encoder's GELU output) gets those channels split off into a
+            small float correction, so that the MatMul runs in int8 instead of float
+            (onnxcomp.quant.outliers).
         fidelity_target: static mode: move the most helpful nodes back to float until the output
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).
@@ -331,7 +336,9 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             projections (MatMuls reading a GELU, whose input carries the encoder's largest
             activation outliers, growing with the sequence; never smoothed). ``auto`` (default):
             static mode treats them as any MatMul, int8 where their input's calibrated 8-bit grid
-            keeps >= 25 dB (onnxcomp.quant.static.coarse_grid_nodes), float elsewhere; dynamic mode
+            keeps >= 25 dB (onnxcomp.quant.static.coarse_grid_nodes), after ``split_outliers`` has
+            split off their input's few outlier channels (all six of all-MiniLM-L6-v2's), float
+            elsewhere; dynamic mode
             (no calibrated range to judge by) keeps them float. ``float``: always float; ``int8``:
             always int8, even where the grid rule would keep them float
             (onnxcomp.quant.transformer.ffn_output_matmuls).

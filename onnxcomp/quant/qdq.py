@@ -68,6 +68,11 @@ class QuantPoint:
     constant: bool = False
 
 
+#: Metadata key of a node a pass inserted to stay float (the value says why); the plan keeps it
+#: float whatever its op (e.g. onnxcomp.quant.outliers' correction MatMul).
+KEEP_FLOAT_KEY = "onnxcomp.keep_float"
+
+
 @dataclasses.dataclass
 class StaticPlan:
     """What the static pass will do (see module docstring)."""
@@ -157,6 +162,10 @@ def _compute_nodes(
             continue
         if node.name in keep_float:
             skipped[label] = keep_float[node.name]
+            kept_float.add(node.name)
+            continue
+        if KEEP_FLOAT_KEY in node.metadata_props:  # a pass made it to stay float
+            skipped[label] = node.metadata_props[KEEP_FLOAT_KEY]
             kept_float.add(node.name)
             continue
         if within is not None and node.name not in within.nodes:
