@@ -116,3 +116,27 @@ def test_the_selection_is_honoured(rng):
 def test_bad_settings_are_refused(config, field):
     with pytest.raises(ConfigError, match=field):
         OutlierSplitConfig(**config)
+
+
+def test_cli_reports_the_split_and_turns_it_off(rng, tmp_path, capsys):
+    import json
+
+    from onnxcomp.cli import main
+
+    model = _ffn(rng)
+    src, out = tmp_path / "ffn.onnx", tmp_path / "q.onnx"
+    io.save_model(model, src)
+    feeds = _feeds(rng, 24)
+    np.savez(tmp_path / "calib.npz", h=np.concatenate([f["h"] for f in feeds]))
+    args = ["quantize", str(src), "-o", str(out), "--calibration", str(tmp_path / "calib.npz"), "--json",
+            "--no-latency"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    notes = " ".join(report["notes"])
+    assert "1 MatMul input(s) had 1 outlier channel(s) split off" in notes
+    assert "ffn2" not in report["skipped"]
+    assert main([*args, "--no-split-outliers"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "rare large values" in report["skipped"]["ffn2"]
+    assert main([*args, "--mode", "dynamic", "--no-split-outliers"]) == 1
+    assert "split_outliers" in capsys.readouterr().err
