@@ -138,5 +138,23 @@ def test_cli_reports_the_split_and_turns_it_off(rng, tmp_path, capsys):
     assert main([*args, "--no-split-outliers"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "rare large values" in report["skipped"]["ffn2"]
-    assert main([*args, "--mode", "dynamic", "--no-split-outliers"]) == 1
+    # dynamic mode given calibration data splits too: the reader's run-time range is then the ordinary channels'
+    assert main([*args, "--mode", "dynamic"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "1 MatMul input(s) had 1 outlier channel(s) split off" in " ".join(report["notes"])
+    assert "outlier-channel correction" in report["skipped"]["ffn2_split_correction"]
+    assert main([*args, "--mode", "weight-only", "--no-split-outliers"]) == 1
     assert "split_outliers" in capsys.readouterr().err
+
+
+def test_dynamic_mode_with_calibration_gains_from_the_split(rng):
+    model = _ffn(rng)
+    calib, held_out = _feeds(rng, 24), _feeds(rng, 8)
+    sqnr = {}
+    for split in (True, False):
+        quantized, report = quantize(model, calib, QuantizeConfig(mode="dynamic", split_outliers=split))
+        assert "ffn2" not in report["skipped"]
+        sqnr[split] = compare_models(model, quantized, Dataset(held_out, model)).outputs[0].sqnr_db
+    # measured on this seed: 28.2 dB (a call whose tokens hold a spike gets a coarse run-time
+    # range), 37.2 dB with the spiking channel split off
+    assert sqnr[True] > sqnr[False] + 6.0, sqnr

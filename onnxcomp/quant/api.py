@@ -130,11 +130,22 @@ def quantize_in_place(
                               embed_layer_norm=not quantizable_tables(work, config))
     kept: list[Any] = []  # the static calibration's state, for ``keep``
     if encoder is not None and config.mode in ("dynamic", "static"):
-        config = keep_ffn_output_float(work, config, encoder, notes)
+        config = keep_ffn_output_float(work, config, encoder, notes, calibrated=calibration is not None)
         config = smooth_dynamic_encoder(work, calibration, config, encoder)
+    split = None
+    if config.mode == "dynamic" and calibration is not None and config.split_outliers:
+        from onnxcomp.quant.outliers import split_outliers
+        from onnxcomp.quant.static import MIN_GRID_SQNR_DB
+        from onnxcomp.quant.transformer import keep_coarse_ffn_outputs_float
+
+        split = split_outliers(work, load_data(calibration, work), config, MIN_GRID_SQNR_DB)
+        if encoder is not None:
+            config = keep_coarse_ffn_outputs_float(work, config, encoder, split)
     handler = MODES[MODE_CONFIGS[config.mode]]
     report = handler(work, calibration, config, notes=notes, cleanup=cleanup, eval_data=eval_data, labels=labels,
                      progress=progress, threads=threads, keep=kept.append if keep is not None else None)
+    if split is not None:
+        report.setdefault("recovery", {})["outliers"] = split
     split = (report.get("recovery") or {}).get("outliers", {}).get("split")
     if split:
         from onnxcomp.quant.outliers import split_note

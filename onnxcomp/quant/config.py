@@ -96,6 +96,7 @@ class _Int8WeightFields:
 class _SmoothQuantFields:
     smoothquant: bool | None = None
     smoothquant_alpha: float | None = None
+    split_outliers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +112,6 @@ class _StaticFields:
     max_range_ratio: float = 16.0
     equalize: bool = False
     bias_correction: bool = False
-    split_outliers: bool = True
     fidelity_target: float | None = None
     max_drop: float | None = None
     latency_aware: bool = False
@@ -284,10 +284,10 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             None (default): on for encoders on the transformer path given calibration data, off elsewhere.
         bias_correction: after quantizing, subtract each layer's mean output error on the
             calibration data from its bias; see onnxcomp.quant.bias_correction.
-        split_outliers: static mode: a MatMul input whose 8-bit grid is too coarse because of a
-            few outlier channels (an encoder's GELU output) gets those channels split off into a
-            small float correction, so that the MatMul runs in int8 instead of float
-            (onnxcomp.quant.outliers).
+        split_outliers: static mode, and dynamic mode given calibration data: a MatMul input
+            whose 8-bit grid is too coarse because of a few outlier channels (an encoder's GELU
+            output) gets those channels split off into a small float correction, so that the
+            MatMul runs in int8 on a fine grid (onnxcomp.quant.outliers).
         fidelity_target: static mode: move the most helpful nodes back to float until the output
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).

@@ -59,7 +59,7 @@ from onnxcomp.quant.primitives import compute_scale_zero_point, dequantize, quan
 from onnxcomp.quant.qdq import KEEP_FLOAT_KEY
 from onnxcomp.selection import NodeSelector
 
-__all__ = ["OutlierSplitConfig", "OutlierSplitPass", "split_candidates", "split_note"]
+__all__ = ["OutlierSplitConfig", "OutlierSplitPass", "split_candidates", "split_outliers", "split_note"]
 
 _RANGES = {
     "max_channels": Range(int, 1, 64),
@@ -243,6 +243,23 @@ class OutlierSplitPass(CompressionPass[OutlierSplitConfig]):
         keep[split] = False
         lo, hi = float(min(extent.lo[keep].min(), 0.0)), float(max(extent.hi[keep].max(), 0.0))
         return lo, hi
+
+
+def split_outliers(model: ir.Model, data: Dataset, config: Any, min_db: float) -> dict[str, Any] | None:
+    """The pass as a :class:`~onnxcomp.quant.config.QuantizeConfig` asks for it (``split_outliers``,
+    its activation grid and selection), in place, with ``min_db`` the static plan's coarse-grid
+    floor (onnxcomp.quant.static.MIN_GRID_SQNR_DB); its statistics, or None when it found nothing
+    to split and nothing it had to leave."""
+    if not config.split_outliers:
+        return None
+    floor = min(max(min_db, 0.0), 200.0)  # tests move the floor out of range to turn the rule off
+    split = OutlierSplitConfig(min_db=floor, target_db=max(floor, OutlierSplitConfig.target_db),
+                               activation_type=getattr(config, "activation_type", "uint8"),
+                               activation_symmetric=getattr(config, "activation_symmetric", False),
+                               reduce_activations=config.mode == "static" and config.reduce_activations,
+                               exclude=config.exclude, op_types=config.op_types)
+    stats = OutlierSplitPass(split, data)(model).stats
+    return stats if stats["split"] or stats["left"] else None
 
 
 def split_note(split: Mapping[str, Any]) -> str:

@@ -138,18 +138,11 @@ def prepare(
             reduce_weights=config.reduce_weights,
         )
         recovery["smoothquant"] = SmoothQuantPass(sq, data)(work).stats
-    if config.split_outliers:
-        from onnxcomp.quant.outliers import OutlierSplitConfig, OutlierSplitPass
+    from onnxcomp.quant.outliers import split_outliers
 
-        floor = min(max(MIN_GRID_SQNR_DB, 0.0), 200.0)  # the coarse-grid rule's floor (tests move it)
-        split = OutlierSplitConfig(min_db=floor, target_db=max(floor, OutlierSplitConfig.target_db),
-                                   activation_type=config.activation_type,
-                                   activation_symmetric=config.activation_symmetric,
-                                   reduce_activations=config.reduce_activations, exclude=config.exclude,
-                                   op_types=config.op_types)
-        stats = OutlierSplitPass(split, data)(work).stats
-        if stats["split"] or stats["left"]:
-            recovery["outliers"] = stats
+    split = split_outliers(work, data, config, MIN_GRID_SQNR_DB)
+    if split is not None:
+        recovery["outliers"] = split
     float_model = clone_model(work) if config.bias_correction else None
     infer_types(work)
     return Prepared(data, recovery, float_model, cleanup_stats)

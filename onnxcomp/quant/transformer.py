@@ -55,6 +55,7 @@ __all__ = [
     "fused_ops",
     "ffn_output_matmuls",
     "ffn_output_notes",
+    "keep_coarse_ffn_outputs_float",
     "keep_ffn_output_float",
     "TRANSFORMER_SETTINGS",
 ]
@@ -399,13 +400,16 @@ def ffn_output_matmuls(model: ir.Model) -> list[str]:
     return found
 
 
-def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], notes: list[str]) -> Any:
+def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], notes: list[str], *,
+                          calibrated: bool = True) -> Any:
     """The feed-forward output MatMuls of a fused encoder that stay float whatever the data says:
-    all of them under ``config.ffn_output`` ``float``, and under ``auto`` in dynamic mode. They
-    join ``config.exclude`` (neither the mode's pass nor SmoothQuant touches them), listed in
-    ``encoder["ffn_output_float"]``; returns the config to go on with. Under ``auto`` in static
-    mode their names go to ``encoder["ffn_output_matmuls"]`` and the range rules decide
-    (:func:`ffn_output_notes` reports the outcome).
+    all of them under ``config.ffn_output`` ``float``, and under ``auto`` in dynamic mode without
+    calibration data (or with ``split_outliers`` off). They join ``config.exclude`` (neither the
+    mode's pass nor SmoothQuant touches them), listed in ``encoder["ffn_output_float"]``; returns
+    the config to go on with. Under ``auto`` in static mode, and in dynamic mode with calibration
+    data, their names go to ``encoder["ffn_output_matmuls"]`` and the grids decide once the
+    outlier split has run (static: the coarse-grid rule; dynamic:
+    :func:`keep_coarse_ffn_outputs_float`; :func:`ffn_output_notes` reports the outcome).
 
     Why: the GELU output they read holds the encoder's largest activation outliers (a few
     channels, growing with the sequence length). On all-MiniLM-L6-v2 (benchmarks/encoders.py,
@@ -424,8 +428,8 @@ def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], 
     names = [n for n in ffn_output_matmuls(work) if config.selector.allows(n, "MatMul")]
     if not names:
         return config
-    if config.ffn_output == "auto" and config.mode == "static":
-        encoder["ffn_output_matmuls"] = names
+    if config.ffn_output == "auto" and (config.mode == "static" or calibrated and config.split_outliers):
+        encoder["ffn_output_matmuls"] = names  # the grid decides (dynamic: keep_coarse_ffn_outputs_float)
         return config
     encoder["ffn_output_float"] = names
     why = ("dynamic mode has no calibrated range to judge their input by" if config.ffn_output == "auto"
@@ -433,6 +437,24 @@ def keep_ffn_output_float(work: ir.Model, config: Any, encoder: dict[str, Any], 
     notes.append(f"{len(names)} feed-forward output MatMuls (reading a GELU) kept float: {why} "
                  "(--ffn-output int8 to quantize them)")
     return dataclasses.replace(config, exclude=(*config.exclude, *names))
+
+
+def keep_coarse_ffn_outputs_float(work: ir.Model, config: Any, encoder: dict[str, Any],
+                                  split: dict[str, Any] | None) -> Any:
+    """Dynamic mode with calibration data, ``ffn_output="auto"``: after the outlier split
+    (onnxcomp.quant.outliers), the feed-forward output MatMuls whose input's grid is still too
+    coarse (``split["left"]``) stay float; the others go int8. Returns the config to go on with."""
+    names = encoder.get("ffn_output_matmuls")
+    if not names:
+        return config
+    left = set((split or {}).get("left", {}))
+    by_name = {n.name: n for n in work.graph}
+    coarse = [n for n in names if n in by_name and by_name[n].inputs[0] is not None
+              and by_name[n].inputs[0].name in left]
+    if not coarse:
+        return config
+    encoder["ffn_output_float"] = coarse
+    return dataclasses.replace(config, exclude=(*config.exclude, *coarse))
 
 
 def ffn_output_notes(encoder: dict[str, Any], report: dict[str, Any], notes: list[str]) -> None:

@@ -110,6 +110,7 @@ from onnxcomp.quant.gptq import Rounder, make_rounder, rounding_report
 from onnxcomp.quant.primitives import (
     MIN_SCALE, blockwise_minmax, compute_scale_zero_point, qrange, quantize, quantize_weight,
 )
+from onnxcomp.quant.qdq import KEEP_FLOAT_KEY
 
 __all__ = [
     "QDQ_MIN_OPSET",
@@ -438,6 +439,8 @@ def plan_weight_sites(model: ir.Model, config: QuantizeConfig, *, mode: str | No
         site = None
         if not selector.allows(node.name or "", node.op_type):
             reason = "excluded by the selection"
+        elif KEEP_FLOAT_KEY in node.metadata_props:  # a pass made it to stay float
+            reason = node.metadata_props[KEEP_FLOAT_KEY]
         elif len(node.outputs) != 1 or not _is_float32(node.outputs[0]):
             reason = "its output is not a single float32 tensor"
         elif not node.inputs or not _is_float32(node.inputs[0]) or node.inputs[0].const_value is not None:
