@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx.helper as oh
 import pytest
 from conftest import make_proto
@@ -158,3 +159,17 @@ def test_dynamic_mode_with_calibration_gains_from_the_split(rng):
     # measured on this seed: 28.2 dB (a call whose tokens hold a spike gets a coarse run-time
     # range), 37.2 dB with the spiking channel split off
     assert sqnr[True] > sqnr[False] + 6.0, sqnr
+
+
+def test_a_reader_inside_an_if_branch_is_not_split(rng):
+    w = (rng.standard_normal((256, 32)) * 0.2).astype(F32)
+    branch = [oh.make_graph([oh.make_node("MatMul", ["h", "w2"], [f"y_{tag}"], name=f"mm_{tag}")], tag, [],
+                            [oh.make_tensor_value_info(f"y_{tag}", 1, None)]) for tag in ("then", "else")]
+    model = io.load_model(make_proto(  # h is read by a main-graph MatMul and by both branches
+        [oh.make_node("MatMul", ["h", "w2"], ["m"], name="ffn2"),
+         oh.make_node("If", ["c"], ["b"], then_branch=branch[0], else_branch=branch[1], name="if"),
+         oh.make_node("Add", ["m", "b"], ["y"], name="sum")],
+        [("h", ["N", "T", 256]), ("c", [], onnx.TensorProto.BOOL)], [("y", ["N", "T", 32])], [("w2", w)]))
+    feeds = [{**f, "c": np.array(True)} for f in _feeds(rng, 8)]
+    split, stats = _split(model, feeds)
+    assert stats == {"split": {}, "left": {}}

@@ -33,8 +33,8 @@ channels, their clipping included; the split channels are exact) is measured for
 plan would keep its readers float), with the fewest channels reaching ``target_db``, or the best
 count if that still reaches ``min_db``; otherwise it is left alone, with the reason.
 
-**Eligible** (analysis): a float32 tensor with a known last dimension, not a graph output, every
-reader a MatMul reading it as its first input with a 2-D constant float32 weight, allowed by the
+**Eligible** (analysis): a float32 tensor of the main graph, not a graph output, every reader a
+main-graph MatMul reading it as its first input with a 2-D constant float32 weight, allowed by the
 selection. A reader whose output is a graph output is refused (the correction Add would rename
 it). The correction is added after the reader's bias Add when it has one (a constant operand), so
 that MatMul + bias still fuse into one int8 kernel.
@@ -115,7 +115,7 @@ def split_candidates(model: ir.Model, selector: NodeSelector) -> dict[ir.Value, 
         readers = [use.node for use in x.uses()]
         if x.name in outputs or x.dtype not in (ir.DataType.FLOAT, None):
             continue
-        if all(_eligible_reader(r, x, outputs, selector) for r in readers):
+        if all(r.graph is model.graph and _eligible_reader(r, x, outputs, selector) for r in readers):
             found[x] = readers
     return found
 
