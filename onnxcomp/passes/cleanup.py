@@ -10,6 +10,11 @@ module only chooses which of their rules run and reports what changed.
   with ``s = gamma / sqrt(var + eps)``, ``W' = W * s`` (along the output-channel axis) and
   ``b' = (b - mean) * s + beta``. Exact in real arithmetic; in float32 it differs from the unfused
   graph by rounding only (tested to 1e-5).
+* A bias added after a Conv (``Add(Conv(x, W), c)`` with ``c`` a constant of one value per output
+  channel, as exporters that keep the bias apart write it) moves into the Conv's bias input:
+  ``Conv(x, W, b + c)``. The same sum in float32; quantized, the Conv's output then gets one
+  8-bit grid (after its bias) instead of one before the bias and one after, and a Conv whose
+  output feeds a sensitive reader (a ReduceMean) is the node the placement keeps float.
 * No-op removal: ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``, inference-mode Dropout, Identity,
   Cast to the same type, Expand/Transpose that do nothing, Transpose-Transpose, Reshape-Reshape,
   repeated Relu/Clip.
@@ -37,6 +42,7 @@ import dataclasses
 import re
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 import onnx_ir.passes.common as common_passes
@@ -62,6 +68,58 @@ _BATCHNORM_RULES = (
     rules.fuse_batchnorm_into_conv_transpose_rule,
     rules.fuse_batchnorm_into_gemm_rule,
 )
+
+
+class _ConvBiasAdd(onnxscript.rewriter.pattern.RewriteRuleClassBase):
+    """``Add(Conv(x, W[, b]), c)`` -> ``Conv(x, W, b + c)`` where ``c`` is a float32 constant that
+    holds one value per output channel (shape ``[C, 1, .., 1]`` aligned on the output's channel
+    axis, leading 1s allowed) or a single value; ``constant_first``: ``Add(c, Conv(..))``."""
+
+    def __init__(self, constant_first: bool) -> None:
+        super().__init__(name="conv_bias_add" + ("_commuted" if constant_first else ""))
+        self.constant_first = constant_first
+
+    def pattern(self, op, x, w, c):
+        conv = op.Conv(x, w, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["conv_out"])
+        return op.Add(c, conv) if self.constant_first else op.Add(conv, c)
+
+    def check(self, context, x: ir.Value, w: ir.Value, c: ir.Value, conv_out: ir.Value, **_) -> bool:
+        return _per_channel_bias(conv_out.producer(), c) is not None and not conv_out.is_graph_output()
+
+    def rewrite(self, op, x: ir.Value, w: ir.Value, c: ir.Value, conv_out: ir.Value, **_):
+        conv = conv_out.producer()
+        bias = _per_channel_bias(conv, c)
+        old = conv.inputs[2] if len(conv.inputs) > 2 else None
+        if old is not None:
+            bias = old.const_value.numpy().astype(np.float32) + bias
+        new_bias = op.initializer(ir.tensor(bias.astype(np.float32)), (old.name if old is not None else w.name) + "_bias")
+        return op.Conv(x, w, new_bias, **conv.attributes)
+
+
+def _per_channel_bias(conv: ir.Node | None, c: ir.Value) -> np.ndarray | None:
+    """The ``[C]`` bias that adding ``c`` after ``conv`` amounts to, or None when it is not one
+    (not a float32 constant, values along other axes, a shape that broadcasts the output bigger,
+    a Conv whose weight or bias is not a float32 constant, an If/Loop body)."""
+    if conv is None or len(conv.outputs) != 1 or len(conv.inputs) < 2 or c.const_value is None:
+        return None
+    w = conv.inputs[1]
+    old = conv.inputs[2] if len(conv.inputs) > 2 else None
+    if w is None or w.const_value is None or w.dtype != ir.DataType.FLOAT or c.dtype != ir.DataType.FLOAT:
+        return None
+    if old is not None and (old.const_value is None or old.dtype != ir.DataType.FLOAT):
+        return None
+    out_channels, rank = w.const_value.shape[0], len(w.const_value.shape)  # the output has the weight's rank
+    shape = tuple(c.const_value.shape)
+    if len(shape) > rank:
+        return None
+    aligned = (1,) * (rank - len(shape)) + shape  # numpy broadcasting aligns on the right
+    if any(d != 1 for i, d in enumerate(aligned) if i != 1) or aligned[1] not in (1, out_channels):
+        return None
+    values = c.const_value.numpy().astype(np.float32).reshape(-1)
+    return np.broadcast_to(values, (out_channels,)).copy()
+
+
+_CONV_BIAS_RULES = (_ConvBiasAdd.rule(False), _ConvBiasAdd.rule(True))
 
 
 def _exactly(expected: float):
@@ -119,6 +177,7 @@ class CleanupConfig(PassConfig):
     Attributes:
         fold_constants: evaluate constant subgraphs.
         fuse_batchnorm: fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
+        fuse_bias_add: move a per-channel constant added after a Conv into its bias.
         remove_noops: remove operations that do nothing (see module docstring).
         inline_functions: inline model-local functions first.
         drop_default_attributes: remove attributes that restate the specification's default
@@ -133,6 +192,7 @@ class CleanupConfig(PassConfig):
 
     fold_constants: bool = True
     fuse_batchnorm: bool = True
+    fuse_bias_add: bool = True
     remove_noops: bool = True
     inline_functions: bool = True
     drop_default_attributes: bool = True
@@ -359,6 +419,8 @@ class CleanupPass(CompressionPass[CleanupConfig]):
             rounds.append(("fold constants", _FoldConstants(cfg.fold_input_size_limit, cfg.fold_output_size_limit)))
         if cfg.fuse_batchnorm:
             rounds.append(("fuse batchnorm", onnxscript.rewriter.RewritePass(list(_BATCHNORM_RULES))))
+        if cfg.fuse_bias_add:
+            rounds.append(("fuse conv bias add", onnxscript.rewriter.RewritePass(list(_CONV_BIAS_RULES))))
         if cfg.remove_noops:
             rounds.append(("remove no-ops", onnxscript.rewriter.RewritePass(list(_NOOP_RULES))))
             rounds.append(("remove identities", _IdentityElimination()))
