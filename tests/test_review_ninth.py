@@ -134,3 +134,85 @@ def test_excitation_paths_need_a_gate_on_the_pooled_map(rng, pool):
              oh.make_node("Mul", ["x", "g"], ["y"])]
     model = io.load_model(make_proto(gated, [("x", [1, c, 6, 6])], [("y", [1, c, 6, 6])], inits, opset=opset))
     assert list(excitation_nodes(model)) == ["se"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. basic-pitch's CQT: nine Conv share one kernel, two of them float (their outputs' 8-bit grids
+#    are too coarse); the kernel was stored float for those two and int8 for the seven others.
+
+
+def _shared_kernel_proto(rng, taps: int = 32, channels: int = 8):
+    """Two convolutions of a waveform with one shared kernel: ``int8_conv`` -> Relu -> Conv is an
+    int8 chain; ``float_conv`` feeds a ReduceMean (a sensitive reader: it stays float)."""
+    f32 = np.float32
+    inits = [("kernel", rng.standard_normal((channels, 1, 1, taps)).astype(f32) * 0.3),
+             ("w2", rng.standard_normal((channels, channels, 1, 1)).astype(f32) * 0.3)]
+    nodes = [
+        oh.make_node("Conv", ["x", "kernel"], ["a"], strides=[1, 4], name="int8_conv"),
+        oh.make_node("Relu", ["a"], ["ar"], name="relu"),
+        oh.make_node("Conv", ["ar", "w2"], ["y1"], name="mix"),
+        oh.make_node("Conv", ["x", "kernel"], ["f"], strides=[1, 4], name="float_conv"),
+        oh.make_node("ReduceMean", ["f"], ["y2"], axes=[3], keepdims=1, name="mean"),
+    ]
+    out_w = (256 - taps) // 4 + 1
+    return make_proto(nodes, [("x", ["N", 1, 1, 256])],
+                      [("y1", ["N", channels, 1, out_w]), ("y2", ["N", channels, 1, 1])], inits, opset=13)
+
+
+def _float_initializers(model, shape):
+    return [name for name, v in model.graph.initializers.items()
+            if v.const_value is not None and v.dtype == io.ir.DataType.FLOAT and tuple(v.const_value.shape) == shape]
+
+
+def test_a_weight_read_by_int8_and_float_convolutions_is_stored_once(rng):
+    from onnxcomp.runtime import ort_optimized_model
+
+    proto = _shared_kernel_proto(rng)
+    calib = [{"x": rng.standard_normal((1, 1, 1, 256)).astype(np.float32)} for _ in range(16)]
+    feeds = [{"x": rng.standard_normal((4, 1, 1, 256)).astype(np.float32)}]
+    quantized, report = quantize(proto, calib)
+    assert "int8_conv" not in report["skipped"] and "feeds ReduceMean" in report["skipped"]["float_conv"]
+    assert report["weights_shared_with_float_nodes"] == 1
+    assert _float_initializers(quantized, (8, 1, 1, 32)) == []  # only the int8 copy
+    float_conv = next(n for n in quantized.graph if n.name == "float_conv")
+    assert float_conv.inputs[1].producer().op_type == "DequantizeLinear"
+    # onnxruntime runs int8_conv alone in int8 (mix writes a graph output); float_conv stays float
+    # (its input is the float waveform: no node unit to fuse)
+    optimized = ort_optimized_model(quantized)
+    assert sum(n.op_type == "QLinearConv" for n in optimized.graph) == 1 == report["int8_nodes"]
+    for level in ("disable", "all"):
+        result = compare_models(io.load_model(proto), quantized, feeds, optimization=level)
+        assert all(o.sqnr_db > 30 for o in result.outputs), [o.sqnr_db for o in result.outputs]
+    # a node the user excluded keeps the exact float weight: then both copies are needed
+    kept, report = quantize(proto, calib, QuantizeConfig(exclude=("float_conv",)))
+    assert report["weights_shared_with_float_nodes"] == 0
+    assert _float_initializers(kept, (8, 1, 1, 32)) == ["kernel"]
+    np.testing.assert_array_equal(run_model(kept, feeds, optimization="disable")[0][1],
+                                  run_model(io.load_model(proto), feeds, optimization="disable")[0][1])
+
+
+def test_quantize_says_int8_does_not_pay_when_it_misses_the_budget_and_is_slower(rng, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The latency verdict is replaced (speed is not measured in tests); the check misses a budget
+    set out of reach; the report must say that the float model is both closer and faster."""
+    import json
+
+    from onnxcomp import cli
+    from onnxcomp.quant import cli as quant_cli
+
+    path = tmp_path / "m.onnx"
+    io.save_model(io.load_model(_shared_kernel_proto(rng)), path)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((20, 1, 1, 256)).astype(np.float32))
+    monkeypatch.setattr(quant_cli, "_int8_latency", lambda *a, **k: {
+        "int8_slower": True, "significant": True, "summary": "int8 is SLOWER than float: latency ratio 1.30"})
+    args = ["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+            "--no-fallback", "--json"]
+    for min_cosine, misses in (("0.999999", True), ("0.5", False)):
+        capsys.readouterr()
+        assert cli.main([*args, "--min-cosine", min_cosine]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["check"]["met"] is not misses
+        lat = report["int8_latency"]
+        assert lat.get("misses_budget_and_slower", False) is misses
+        assert lat["hint"].startswith("int8 does not pay on this model") is misses
+        assert "--latency-aware" in lat["hint"]

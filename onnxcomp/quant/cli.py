@@ -347,11 +347,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.mode == "static" and count and _compare_latency(args, model, report):
         report["int8_latency"] = _int8_latency(model, quantized, split.check if split.check is not None else fit,
                                                args.threads, report, time_budget=30.0 if args.threads else 10.0)
-        if report["int8_latency"].get("int8_slower") and report["int8_latency"].get("significant") \
-                and not config.latency_aware:
-            report["int8_latency"]["hint"] = (
+        lat = report["int8_latency"]
+        if lat.get("int8_slower") and lat.get("significant") and not config.latency_aware:
+            lat["hint"] = (
                 "--latency-aware keeps the op types that are slower in int8 float, and writes the float "
                 "model when what is left in int8 is still slower")
+            if check is not None and not check["met"]:  # worse and slower: say that int8 does not pay here
+                lat["misses_budget_and_slower"] = True
+                lat["hint"] = ("int8 does not pay on this model: the written model misses the check's budget "
+                               "and runs slower than the float model, which is both exact and faster; " + lat["hint"])
     if args.json:
         print_json(report)
         return status

@@ -45,7 +45,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxcomp.graph import add_initializer, all_value_names, constant_array, unique_name
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.ops import is_gate_node, linear_spec, pools_spatial_axes
+from onnxcomp.ops import is_dequantize_node, is_gate_node, linear_spec, pools_spatial_axes
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.quant.primitives import compute_scale_zero_point, qrange, quantize, quantize_bias, quantize_weight
@@ -608,6 +608,7 @@ class _QDQRewrite:
         self.created: set[ir.Node] = set()
         self.shared_nodes: set[str] = set()
         self.removed = self.weights = self.biases = self.bias_float = self.fused_biases = 0
+        self.shared_weights = 0
 
     def act_params(self, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point of an activation point (shared points take their source's)."""
@@ -752,6 +753,36 @@ class _QDQRewrite:
                 self._quantize_bias(node, rule.bias, node.inputs[0], w_scale)
             elif rule.bias_add_fusion is not None and rule.bias_add_fusion(node):
                 self._quantize_fused_bias(node, rule, w_scale)
+        self._share_weights_with_float_readers(weight_cache)
+
+    def _share_weights_with_float_readers(self, weight_cache: Mapping[tuple[str, int | None],
+                                                                      tuple[ir.Value, np.ndarray]]) -> None:
+        """A weight read by int8 nodes and by float nodes of the same kind (CQT kernels shared by
+        nine Conv, two of them float for their activations' grids) would be stored twice, float
+        and int8: the float readers read the int8 copy's DQ instead, on the same axis. Not the
+        nodes the user excluded (they keep the exact float weight), nor a node whose activation
+        input comes from a per-tensor DQ (onnxruntime would fuse it into an int8 kernel)."""
+        selector = self.cfg.selector
+        for (w_name, axis), (dq_w, _) in weight_cache.items():
+            w_value = self.values.get(w_name)
+            if w_value is None:
+                continue
+            for use in list(w_value.uses()):
+                node = use.node
+                rule = QUANT_RULES.lookup(node, self.model)
+                if node in self.created or node.name in self.int8_nodes or rule is None or use.idx != rule.weight:
+                    continue
+                if not selector.allows(node.name or "", node.op_type):
+                    continue
+                own_axis = rule.resolve_weight_axis(node) if self.cfg.per_channel else None
+                if (own_axis % len(w_value.shape) if own_axis is not None and w_value.shape is not None
+                        else own_axis) != axis:
+                    continue
+                if any(_from_per_tensor_dq(node.inputs[i]) for i in (rule.activations or range(len(node.inputs)))
+                       if i < len(node.inputs) and i != rule.weight):
+                    continue
+                node.replace_input_with(use.idx, dq_w)
+                self.shared_weights += 1
 
     def _weight_dq(self, node: ir.Node, rule: QuantRule, w_value: ir.Value, w: np.ndarray,
                    axis: int | None) -> tuple[ir.Value, np.ndarray]:
@@ -832,6 +863,8 @@ class _QDQRewrite:
             "data_movement_nodes": len(self.shared_nodes),
             "folded_activations": self.removed,
             "quantized_weights": self.weights,
+            # float nodes reading an int8 node's weight through its DQ instead of a float copy
+            "weights_shared_with_float_nodes": self.shared_weights,
             "quantized_biases": self.biases,
             "biases_left_float": self.bias_float,
             # of quantized_biases: bias Adds onnxruntime fuses with a float-output MatMul into a Gemm
@@ -840,6 +873,15 @@ class _QDQRewrite:
             "float_readers_unguarded": self.unguarded,
             "skipped": dict(plan.skipped),
         }
+
+
+def _from_per_tensor_dq(value: ir.Value | None) -> bool:
+    """Whether ``value`` is the output of a DequantizeLinear with one scale (a node unit's input)."""
+    producer = value.producer() if value is not None else None
+    if producer is None or not is_dequantize_node(producer) or len(producer.inputs) < 2:
+        return False
+    scale = producer.inputs[1]
+    return scale is not None and scale.shape is not None and len(scale.shape) == 0
 
 
 def _dequantize_node(
