@@ -216,3 +216,50 @@ def test_quantize_says_int8_does_not_pay_when_it_misses_the_budget_and_is_slower
         assert lat.get("misses_budget_and_slower", False) is misses
         assert lat["hint"].startswith("int8 does not pay on this model") is misses
         assert "--latency-aware" in lat["hint"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. ``compress`` printed "top-1 agreement 89%" for SLANet's box output, which the check (rightly)
+#    judges by cosine: the fidelity table now reads each output as the check does.
+
+
+def _scores_and_boxes_proto(rng, steps: int = 6, features: int = 16, classes: int = 5):
+    """Class scores ``[N, C]`` (Softmax) beside boxes ``[N, T, 4]`` (Sigmoid of rank 3, as SLANet's
+    box head writes them): the check judges the first by top-1 agreement, the boxes by cosine."""
+    f32 = np.float32
+    inits = [("w1", rng.standard_normal((features, 32)).astype(f32) * 0.3),
+             ("wc", rng.standard_normal((32, classes)).astype(f32) * 0.5),
+             ("wb", rng.standard_normal((32, 4)).astype(f32) * 0.5)]
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["hr"]),
+             oh.make_node("ReduceMean", ["hr"], ["pooled"], axes=[1], keepdims=0),
+             oh.make_node("MatMul", ["pooled", "wc"], ["logits"]), oh.make_node("Softmax", ["logits"], ["scores"], axis=-1),
+             oh.make_node("MatMul", ["hr", "wb"], ["b"]), oh.make_node("Sigmoid", ["b"], ["boxes"])]
+    return make_proto(nodes, [("x", ["N", steps, features])], [("scores", ["N", classes]), ("boxes", ["N", steps, 4])],
+                      inits, opset=17)
+
+
+def test_compress_fidelity_reads_each_output_as_the_check_does(rng, tmp_path, capsys):
+    import json
+
+    from onnxcomp import cli
+    from onnxcomp.report import render_html, summary_rows
+
+    path = tmp_path / "m.onnx"
+    io.save_model(io.load_model(_scores_and_boxes_proto(rng)), path)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((48, 6, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((32, 6, 16)).astype(np.float32))
+    assert cli.main(["compress", str(path), "-o", str(tmp_path / "q.onnx"), "--recipe", "int8", "--calibration",
+                     str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    kinds = {row["name"]: row["kind"] for row in report["check"]["outputs"]}
+    assert kinds == {"scores": "scores", "boxes": "values"}
+    outputs = {o["name"]: o for o in report["measure"]["fidelity"]["outputs"]}
+    assert outputs["boxes"]["kind"] == "values" and outputs["scores"]["kind"] == "scores"
+    # the metric itself still exists for both (several columns); the table reads it for scores only
+    assert outputs["boxes"]["top1_agreement"] is not None
+    rows = {r[0]: r[3] for r in summary_rows(report)}
+    assert "top-1 agreement" in rows["output scores"]
+    assert "top-1" not in rows["output boxes"] and rows["output boxes"].startswith("cosine ")
+    page = render_html(report)
+    boxes_row = page[page.index("<td>boxes</td>"):].split("</tr>")[0]
+    assert "%" not in boxes_row.split("</td>")[4]  # the decisions cell of the box output is "-"
