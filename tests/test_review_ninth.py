@@ -94,7 +94,10 @@ def test_cleanup_keeps_an_add_that_is_not_one_value_per_output_channel(rng):
         assert "Add" not in stats["ops_removed"], const
 
 
-def test_squeeze_excitation_convolutions_stay_float_and_the_output_gains(rng):
+def test_squeeze_excitation_convolutions_float_on_request_and_the_output_gains(rng):
+    """``excitation_float`` (off by default: it broke PP-OCRv4 rec, see the config's docstring)
+    keeps the gate's two convolutions float; on this block the output gains."""
+    assert QuantizeConfig().excitation_float is False
     proto = _se_proto(rng)
     work = io.load_model(proto)
     CleanupPass()(work)

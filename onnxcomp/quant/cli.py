@@ -66,6 +66,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                                       "dynamic mode: MatMul,Gemm, add Conv to convert convolutions)")
     p.add_argument("--quantize-outputs", action="store_true", help="also quantize tensors that are graph outputs")
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
+    p.add_argument("--float-excitation", action="store_true",
+                   help="keep the convolutions of squeeze-and-excitation paths (pooling -> convs -> gate) float")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--max-samples", type=int, help="calibrate on at most this many feeds")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per calibration feed (dynamic batch dimension)")
@@ -233,6 +235,7 @@ def _run(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude),
         quantize_outputs=args.quantize_outputs,
         fold_activations=not args.no_fold,
+        excitation_float=args.float_excitation,
         cleanup=not args.no_cleanup,
         max_samples=args.max_samples,
         bits=args.bits,

@@ -144,7 +144,7 @@ _EXCITATION_MAX_NODES = 16
 
 
 def excitation_nodes(model: ir.Model) -> dict[str, str]:
-    """The Conv/Gemm/MatMul of squeeze-and-excitation paths, with the reason they stay float.
+    """The Conv/Gemm/MatMul of squeeze-and-excitation paths, with the reason to keep them float.
 
     Such a path pools a feature map ``x`` over every spatial axis (GlobalAveragePool, ReduceMean
     over H and W: ``onnxcomp.ops.pools_spatial_axes``), maps the channel means through small
@@ -152,9 +152,12 @@ def excitation_nodes(model: ir.Model) -> dict[str, str]:
     ``x``, ``onnxcomp.ops.is_gate_node``). Those layers run on one value per channel: int8 saves
     nothing there, and the error of their 8-bit grids (a channel mean of an 8-bit feature map,
     a gate's pre-activation whose range is set by the channels it saturates) multiplies the
-    whole feature map. On PP-OCRv6 tiny rec (three such blocks) keeping them float raised exact
-    line agreement with fp32 from 24% to 31% of 80 held-out lines (benchmarks/RESULTS.md,
-    ninth session).
+    whole feature map. Used under ``QuantizeConfig.excitation_float`` (off by default): measured
+    (benchmarks/RESULTS.md, ninth session), keeping them float raised PP-OCRv6 tiny rec's exact
+    line agreement with fp32 from 24% to 31% of 80 held-out lines and PP-OCR cls's output SQNR
+    from 38 to 50 dB, but broke PP-OCRv4 rec (decoded-sequence agreement 1.00 -> 0.11): there
+    the pooled tensor carries a large upstream error (5 dB) whose overshoots the int8 gate
+    convolution clamps to its calibrated range, and float lets through.
     """
     found: dict[str, str] = {}
     for node in model.graph:
