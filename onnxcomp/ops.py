@@ -43,6 +43,8 @@ __all__ = [
     "GELU_OPS",
     "is_gelu_node",
     "is_matmul_node",
+    "is_conv_node",
+    "is_add_node",
 ]
 
 T = TypeVar("T")
@@ -72,6 +74,11 @@ def is_gelu_node(node: ir.Node) -> bool:
 def is_matmul_node(node: ir.Node) -> bool:
     """Whether ``node`` is an ai.onnx MatMul."""
     return is_default_domain(node.domain) and node.op_type == "MatMul"
+
+
+def is_conv_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Conv."""
+    return is_default_domain(node.domain) and node.op_type == "Conv"
 
 
 def is_add_node(node: ir.Node) -> bool:

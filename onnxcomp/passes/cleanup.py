@@ -55,7 +55,7 @@ from onnxscript.rewriter.rules import common as rules
 from onnxcomp.bounds import Range
 from onnxcomp.graph import add_initializer, all_value_names, fix_subgraph_outputs, restore_model
 from onnxcomp.io import clone_model, initializer_nbytes
-from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS
+from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS, is_add_node, is_conv_node
 from onnxcomp.passes.base import MODEL_CHECKS, CompressionPass, PassConfig, model_problems
 from onnxcomp.stage import Context, Stage
 
@@ -87,12 +87,12 @@ class _FuseConvBiasAdd(onnx_ir.passes.InPlacePass):
         excitation = excitation_nodes(model)
         modified = False
         for add in list(model.graph):
-            if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+            if not is_add_node(add) or len(add.inputs) != 2:
                 continue
             for i in (0, 1):
                 conv_out, c = add.inputs[i], add.inputs[1 - i]
                 conv = conv_out.producer() if conv_out is not None else None
-                if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or c is None:
+                if conv is None or not is_conv_node(conv) or c is None:
                     continue
                 if conv.name in excitation or len(conv_out.uses()) != 1 or conv_out.is_graph_output():
                     continue
