@@ -43,6 +43,8 @@ __all__ = [
     "GELU_OPS",
     "is_gelu_node",
     "is_matmul_node",
+    "is_conv_node",
+    "is_add_node",
 ]
 
 T = TypeVar("T")
@@ -72,6 +74,11 @@ def is_gelu_node(node: ir.Node) -> bool:
 def is_matmul_node(node: ir.Node) -> bool:
     """Whether ``node`` is an ai.onnx MatMul."""
     return is_default_domain(node.domain) and node.op_type == "MatMul"
+
+
+def is_conv_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Conv."""
+    return is_default_domain(node.domain) and node.op_type == "Conv"
 
 
 def is_add_node(node: ir.Node) -> bool:
@@ -688,3 +695,56 @@ FLOAT_OP_FUSIONS: dict[str, tuple[str, ...]] = {
 }
 
 __all__ += ["QDQ_CONVERSION_OPS", "INT8_KERNEL_FLOAT_OPS", "FLOAT_OP_FUSIONS"]
+
+
+# --------------------------------------------------------------------------------------------
+# Global spatial pooling and gates (squeeze-and-excitation blocks, see onnxcomp.quant.qdq's
+# excitation_nodes): which ops reduce every spatial axis of NCHW-like data to one value per
+# channel, and where a Reduce op reads its axes.
+# --------------------------------------------------------------------------------------------
+
+#: How an op pools its input 0 over the spatial axes: ``global`` (always every axis after the
+#: channel axis), ``axes_attribute`` / ``axes_input`` (a Reduce op: over its ``axes``, given as an
+#: attribute, or as input 1 from opset 18 on; pooled when they are every axis from 2 on and
+#: ``keepdims`` is 1).
+SPATIAL_POOLS: OpTable[str] = OpTable("global spatial pooling")
+SPATIAL_POOLS.register(("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"), "global")
+SPATIAL_POOLS.register(("ReduceMean", "ReduceMax"), "axes_attribute", until=17)
+SPATIAL_POOLS.register(("ReduceMean", "ReduceMax"), "axes_input", since=18)
+
+#: Ops that scale a feature map by a gate computed from it (``x * sigmoid(f(pool(x)))``).
+GATE_OPS: OpTable[bool] = OpTable("gates")
+GATE_OPS.register("Mul", True)
+
+
+def pools_spatial_axes(node: ir.Node, model: ir.Model) -> bool:
+    """Whether ``node`` reduces every spatial axis of its NCHW-like input 0 to size 1, keeping the
+    rank (:data:`SPATIAL_POOLS`): its output holds one value per channel (and sample)."""
+    how = SPATIAL_POOLS.lookup(node, model)
+    if how is None or not node.inputs or node.inputs[0] is None:
+        return False
+    if how == "global":
+        return True
+    keepdims = node.attributes.get("keepdims")
+    if keepdims is not None and keepdims.as_int() != 1:
+        return False
+    if how == "axes_attribute":
+        attr = node.attributes.get("axes")
+        axes = list(attr.as_ints()) if attr is not None else None
+    else:
+        given = node.inputs[1] if len(node.inputs) > 1 else None
+        axes = [int(a) for a in given.const_value.numpy().reshape(-1)] if given is not None and \
+            given.const_value is not None else None
+    shape = node.inputs[0].shape
+    rank = len(shape) if shape is not None else 4  # unknown: taken as NCHW, the only layout pooled so
+    if not axes or rank < 3:
+        return False
+    return sorted(a % rank for a in axes) == list(range(2, rank))
+
+
+def is_gate_node(node: ir.Node, model: ir.Model) -> bool:
+    """Whether ``node`` can apply a gate to a feature map (:data:`GATE_OPS`)."""
+    return bool(GATE_OPS.lookup(node, model))
+
+
+__all__ += ["SPATIAL_POOLS", "GATE_OPS", "pools_spatial_axes", "is_gate_node"]

@@ -65,12 +65,39 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if acc:
             rows.append(("accuracy", f"{100 * acc['reference']:.2f}%", f"{100 * acc['candidate']:.2f}%",
                          f"{100 * (acc['candidate'] - acc['reference']):+.2f} points"))
+        judged = _judged_outputs(report)
         for out in fidelity["outputs"]:
-            agree = out.get("top1_agreement")
-            extra = f", top-1 agreement {100 * agree:.2f}%" if agree is not None else ""
+            decision = _decision_figure(out, judged)
+            extra = f", {decision}" if decision else ""
             rows.append((f"output {out['name']}", "reference", f"SQNR {_fmt_db(out['sqnr_db'])} dB",
                          f"cosine {out['cosine']:.5f}{extra}"))
     return rows
+
+
+def _judged_outputs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The held-out check's row of each output (onnxcomp.check), by name; empty without a check."""
+    return {row["name"]: row for row in (report.get("check") or {}).get("outputs", []) if "name" in row}
+
+
+def _decision_figure(out: dict[str, Any], judged: dict[str, dict[str, Any]]) -> str | None:
+    """The figure of the decisions an output carries, read as the check reads that output (its
+    *kind*: the check's judgement, else the kind the measure stage read from the graph): top-1
+    agreement only for class scores; for another kind with a decision figure (decoded
+    sequences, probability maps, detections) the check's figure; none for plain values (box
+    coordinates, embeddings), whose cosine and SQNR are the figures."""
+    from onnxcomp.check import REPORTED, RULES
+
+    row = judged.get(out["name"]) or {}
+    kind = row.get("kind") or out.get("kind")
+    agree = out.get("top1_agreement")
+    if kind is None:  # a report from before output kinds were recorded
+        return f"top-1 agreement {100 * agree:.2f}%" if agree is not None else None
+    rule = RULES.get(kind)
+    if kind == "scores" and agree is not None:
+        return f"top-1 agreement {100 * agree:.2f}%"
+    if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
+        return f"{rule.reads} {100 * row[rule.figure]:.2f}% (held-out check)"
+    return None
 
 
 def kernel_summary(ort: dict[str, Any]) -> str:
@@ -288,9 +315,11 @@ def render_html(report: dict[str, Any]) -> str:
     fidelity = measure.get("fidelity")
     if fidelity:
         out.append(f"<h2>Fidelity on {html.escape(str(measure.get('data')))}, {fidelity['samples']} samples</h2>")
-        out.append(_table(["output", "SQNR dB", "cosine", "max abs", "top-1 agreement", "worst channel"], [
+        judged = _judged_outputs(report)
+        out.append(_table(["output", "SQNR dB", "cosine", "max abs", "decisions (as the check reads it)",
+                           "worst channel"], [
             [o["name"], _fmt_db(o["sqnr_db"]), f"{o['cosine']:.6f}", f"{o['max_abs']:.4g}",
-             "-" if o["top1_agreement"] is None else f"{100 * o['top1_agreement']:.2f}%",
+             _decision_figure(o, judged) or "-",
              "-" if o["worst_channel"] is None else f"#{o['worst_channel']['index']}: {_fmt_db(o['worst_channel']['sqnr_db'])} dB"]
             for o in fidelity["outputs"]]))
         layers = [layer for layer in fidelity.get("layers", []) if not math.isinf(layer["sqnr_db"])]

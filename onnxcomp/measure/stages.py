@@ -124,6 +124,11 @@ def measure_models(
             progress=(lambda n: progress("fidelity", n, data.num_feeds)) if progress else None,
         )
         result["fidelity"] = cmp.to_dict()
+        from onnxcomp.check import output_kinds
+
+        kinds = output_kinds(reference)  # the kind the check judges each output by, from the graph
+        for out in result["fidelity"]["outputs"]:
+            out["kind"] = str(kinds.get(out["name"], "values"))
     else:
         result["data"] = None
     if cfg.latency:

@@ -10,6 +10,12 @@ module only chooses which of their rules run and reports what changed.
   with ``s = gamma / sqrt(var + eps)``, ``W' = W * s`` (along the output-channel axis) and
   ``b' = (b - mean) * s + beta``. Exact in real arithmetic; in float32 it differs from the unfused
   graph by rounding only (tested to 1e-5).
+* A bias added after a Conv (``Add(Conv(x, W), c)`` with ``c`` a constant of one value per output
+  channel, as exporters that keep the bias apart write it) moves into the Conv's bias input:
+  ``Conv(x, W, b + c)``. The same sum in float32; quantized, the Conv's output then gets one
+  8-bit grid (after its bias) instead of one before the bias and one after, and a Conv whose
+  output feeds a sensitive reader (a ReduceMean) is the node the placement keeps float. Not in
+  squeeze-and-excitation paths (see ``_FuseConvBiasAdd``).
 * No-op removal: ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1``, inference-mode Dropout, Identity,
   Cast to the same type, Expand/Transpose that do nothing, Transpose-Transpose, Reshape-Reshape,
   repeated Relu/Clip.
@@ -37,6 +43,7 @@ import dataclasses
 import re
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 import onnx_ir.passes.common as common_passes
@@ -46,9 +53,9 @@ import onnxscript.rewriter.pattern
 from onnxscript.rewriter.rules import common as rules
 
 from onnxcomp.bounds import Range
-from onnxcomp.graph import fix_subgraph_outputs, restore_model
+from onnxcomp.graph import add_initializer, all_value_names, fix_subgraph_outputs, restore_model
 from onnxcomp.io import clone_model, initializer_nbytes
-from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS
+from onnxcomp.ops import ATTRIBUTE_DEFAULTS, LINEAR_OPS, RECURRENT_WEIGHT_INPUTS, is_add_node, is_conv_node
 from onnxcomp.passes.base import MODEL_CHECKS, CompressionPass, PassConfig, model_problems
 from onnxcomp.stage import Context, Stage
 
@@ -62,6 +69,81 @@ _BATCHNORM_RULES = (
     rules.fuse_batchnorm_into_conv_transpose_rule,
     rules.fuse_batchnorm_into_gemm_rule,
 )
+
+
+class _FuseConvBiasAdd(onnx_ir.passes.InPlacePass):
+    """``Add(Conv(x, W[, b]), c)`` (either operand order) -> ``Conv(x, W, b + c)`` where ``c`` is a
+    float32 constant holding one value per output channel (:func:`_per_channel_bias`) and the
+    Conv's output has no other reader. The fused Conv writes the Add's output tensor (its name
+    kept). Not for the convolutions of squeeze-and-excitation paths
+    (onnxcomp.quant.qdq.excitation_nodes): quantized, a gate convolution whose bias Add stays
+    apart keeps an 8-bit grid on its pre-bias output, narrower than the biased pre-activation
+    (whose range the saturated channels set); fused, PP-OCR cls lost 7 dB of output SQNR
+    (benchmarks/RESULTS.md, ninth session)."""
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        from onnxcomp.quant.qdq import excitation_nodes
+
+        excitation = excitation_nodes(model)
+        modified = False
+        for add in list(model.graph):
+            if not is_add_node(add) or len(add.inputs) != 2:
+                continue
+            for i in (0, 1):
+                conv_out, c = add.inputs[i], add.inputs[1 - i]
+                conv = conv_out.producer() if conv_out is not None else None
+                if conv is None or not is_conv_node(conv) or c is None:
+                    continue
+                if conv.name in excitation or len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+                    continue
+                bias = _per_channel_bias(conv, c)
+                if bias is None:
+                    continue
+                old = conv.inputs[2] if len(conv.inputs) > 2 else None
+                if old is not None:
+                    bias = old.const_value.numpy().astype(np.float32) + bias
+                base = old.name if old is not None else conv.inputs[1].name
+                new_bias = add_initializer(model.graph, f"{base}_bias", bias.astype(np.float32), all_value_names(model.graph))
+                if old is not None:
+                    conv.replace_input_with(2, new_bias)
+                else:
+                    conv.resize_inputs(3)
+                    conv.replace_input_with(2, new_bias)
+                out = add.outputs[0]
+                if conv_out.type is None:
+                    conv_out.type = out.type
+                if conv_out.shape is None:
+                    conv_out.shape = out.shape
+                ir.convenience.replace_all_uses_with(out, conv_out, replace_graph_outputs=True)
+                name, out.name = out.name, None
+                model.graph.remove(add, safe=True)
+                conv_out.name = name
+                modified = True
+                break
+        return onnx_ir.passes.PassResult(model, modified)
+
+
+def _per_channel_bias(conv: ir.Node | None, c: ir.Value) -> np.ndarray | None:
+    """The ``[C]`` bias that adding ``c`` after ``conv`` amounts to, or None when it is not one
+    (not a float32 constant, values along other axes, a shape that broadcasts the output bigger,
+    a Conv whose weight or bias is not a float32 constant, an If/Loop body)."""
+    if conv is None or len(conv.outputs) != 1 or len(conv.inputs) < 2 or c.const_value is None:
+        return None
+    w = conv.inputs[1]
+    old = conv.inputs[2] if len(conv.inputs) > 2 else None
+    if w is None or w.const_value is None or w.dtype != ir.DataType.FLOAT or c.dtype != ir.DataType.FLOAT:
+        return None
+    if old is not None and (old.const_value is None or old.dtype != ir.DataType.FLOAT):
+        return None
+    out_channels, rank = w.const_value.shape[0], len(w.const_value.shape)  # the output has the weight's rank
+    shape = tuple(c.const_value.shape)
+    if len(shape) > rank:
+        return None
+    aligned = (1,) * (rank - len(shape)) + shape  # numpy broadcasting aligns on the right
+    if any(d != 1 for i, d in enumerate(aligned) if i != 1) or aligned[1] not in (1, out_channels):
+        return None
+    values = c.const_value.numpy().astype(np.float32).reshape(-1)
+    return np.broadcast_to(values, (out_channels,)).copy()
 
 
 def _exactly(expected: float):
@@ -119,6 +201,7 @@ class CleanupConfig(PassConfig):
     Attributes:
         fold_constants: evaluate constant subgraphs.
         fuse_batchnorm: fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm.
+        fuse_bias_add: move a per-channel constant added after a Conv into its bias.
         remove_noops: remove operations that do nothing (see module docstring).
         inline_functions: inline model-local functions first.
         drop_default_attributes: remove attributes that restate the specification's default
@@ -133,6 +216,7 @@ class CleanupConfig(PassConfig):
 
     fold_constants: bool = True
     fuse_batchnorm: bool = True
+    fuse_bias_add: bool = True
     remove_noops: bool = True
     inline_functions: bool = True
     drop_default_attributes: bool = True
@@ -359,6 +443,8 @@ class CleanupPass(CompressionPass[CleanupConfig]):
             rounds.append(("fold constants", _FoldConstants(cfg.fold_input_size_limit, cfg.fold_output_size_limit)))
         if cfg.fuse_batchnorm:
             rounds.append(("fuse batchnorm", onnxscript.rewriter.RewritePass(list(_BATCHNORM_RULES))))
+        if cfg.fuse_bias_add:
+            rounds.append(("fuse conv bias add", _FuseConvBiasAdd()))
         if cfg.remove_noops:
             rounds.append(("remove no-ops", onnxscript.rewriter.RewritePass(list(_NOOP_RULES))))
             rounds.append(("remove identities", _IdentityElimination()))

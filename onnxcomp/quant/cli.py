@@ -66,6 +66,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                                       "dynamic mode: MatMul,Gemm, add Conv to convert convolutions)")
     p.add_argument("--quantize-outputs", action="store_true", help="also quantize tensors that are graph outputs")
     p.add_argument("--no-fold", action="store_true", help="keep Relu/Clip nodes instead of folding them into ranges")
+    p.add_argument("--float-excitation", action="store_true",
+                   help="keep the convolutions of squeeze-and-excitation paths (pooling -> convs -> gate) float")
     p.add_argument("--no-cleanup", action="store_true", help="skip BatchNorm fusion and constant folding first")
     p.add_argument("--max-samples", type=int, help="calibrate on at most this many feeds")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per calibration feed (dynamic batch dimension)")
@@ -238,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude),
         quantize_outputs=args.quantize_outputs,
         fold_activations=not args.no_fold,
+        excitation_float=args.float_excitation,
         cleanup=not args.no_cleanup,
         max_samples=args.max_samples,
         bits=args.bits,
@@ -353,11 +356,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.mode == "static" and count and _compare_latency(args, model, report):
         report["int8_latency"] = _int8_latency(model, quantized, split.check if split.check is not None else fit,
                                                args.threads, report, time_budget=30.0 if args.threads else 10.0)
-        if report["int8_latency"].get("int8_slower") and report["int8_latency"].get("significant") \
-                and not config.latency_aware:
-            report["int8_latency"]["hint"] = (
+        lat = report["int8_latency"]
+        if lat.get("int8_slower") and lat.get("significant") and not config.latency_aware:
+            lat["hint"] = (
                 "--latency-aware keeps the op types that are slower in int8 float, and writes the float "
                 "model when what is left in int8 is still slower")
+            if check is not None and not check["met"]:  # worse and slower: say that int8 does not pay here
+                lat["misses_budget_and_slower"] = True
+                lat["hint"] = ("int8 does not pay on this model: the written model misses the check's budget "
+                               "and runs slower than the float model, which is both exact and faster; " + lat["hint"])
     if args.json:
         print_json(report)
         return status

@@ -45,6 +45,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxcomp.graph import add_initializer, all_value_names, constant_array, unique_name
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.ops import is_dequantize_node, is_gate_node, linear_spec, pools_spatial_axes
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.quant.primitives import compute_scale_zero_point, qrange, quantize, quantize_bias, quantize_weight
@@ -122,6 +123,8 @@ def plan_static(
     tip its bias Add into int8, whose output was never observed.
     """
     keep_float = dict(keep_float or {})
+    if config.excitation_float:
+        keep_float = {**excitation_nodes(model), **keep_float}
     outputs = {v.name for v in model.graph.outputs}
     skipped: dict[str, str] = {}
     kept_float: set[str] = set()
@@ -139,6 +142,62 @@ def plan_static(
     _share_data_movement(nodes, model, config, outputs, points)
     return StaticPlan(nodes=list(compute), points=points, folded=folded, skipped=skipped,
                       kept_float=frozenset(kept_float))
+
+
+#: How many nodes a squeeze-and-excitation path may have between the pooling and the gate.
+_EXCITATION_MAX_NODES = 16
+
+
+def excitation_nodes(model: ir.Model) -> dict[str, str]:
+    """The Conv/Gemm/MatMul of squeeze-and-excitation paths, with the reason to keep them float.
+
+    Such a path pools a feature map ``x`` over every spatial axis (GlobalAveragePool, ReduceMean
+    over H and W: ``onnxcomp.ops.pools_spatial_axes``), maps the channel means through small
+    layers reading nothing else but constants, and scales ``x`` by the result (a Mul reading
+    ``x``, ``onnxcomp.ops.is_gate_node``). Those layers run on one value per channel: int8 saves
+    nothing there, and the error of their 8-bit grids (a channel mean of an 8-bit feature map,
+    a gate's pre-activation whose range is set by the channels it saturates) multiplies the
+    whole feature map. Used under ``QuantizeConfig.excitation_float`` (off by default): measured
+    (benchmarks/RESULTS.md, ninth session), keeping them float raised PP-OCRv6 tiny rec's exact
+    line agreement with fp32 from 24% to 31% of 80 held-out lines and PP-OCR cls's output SQNR
+    from 38 to 50 dB, but broke PP-OCRv4 rec (decoded-sequence agreement 1.00 -> 0.11): there
+    the pooled tensor carries a large upstream error (5 dB) whose overshoots the int8 gate
+    convolution clamps to its calibrated range, and float lets through.
+    """
+    found: dict[str, str] = {}
+    for node in model.graph:
+        if not pools_spatial_axes(node, model):
+            continue
+        x, pooled = node.inputs[0], node.outputs[0]
+        path: list[ir.Node] = []
+        on_path = {pooled.name}
+        frontier, gate = [pooled], None
+        while frontier and len(path) <= _EXCITATION_MAX_NODES:
+            value = frontier.pop()
+            for use in value.uses():
+                user = use.node
+                if user.graph is not model.graph:
+                    continue
+                if is_gate_node(user, model) and any(v is x for v in user.inputs):
+                    gate = user
+                    continue
+                if user in path:
+                    continue
+                if any(v is not None and v.const_value is None and v.name not in on_path for v in user.inputs):
+                    frontier = []  # reads another activation: not a gate path
+                    gate = None
+                    break
+                path.append(user)
+                on_path.update(o.name for o in user.outputs)
+                frontier.extend(user.outputs)
+        if gate is None or len(path) > _EXCITATION_MAX_NODES:
+            continue
+        for user in path:
+            if linear_spec(user) is not None:
+                found[user.name] = (f"left in float: squeeze-and-excitation path (reads the channel means of "
+                                    f"{x.name!r}, scales it in {gate.op_type} {gate.name!r}): one value per "
+                                    f"channel, int8 saves nothing and its error scales the whole feature map")
+    return found
 
 
 def _compute_nodes(
@@ -561,6 +620,7 @@ class _QDQRewrite:
         self.created: set[ir.Node] = set()
         self.shared_nodes: set[str] = set()
         self.removed = self.weights = self.biases = self.bias_float = self.fused_biases = 0
+        self.shared_weights = 0
 
     def act_params(self, point: QuantPoint) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point of an activation point (shared points take their source's)."""
@@ -705,6 +765,36 @@ class _QDQRewrite:
                 self._quantize_bias(node, rule.bias, node.inputs[0], w_scale)
             elif rule.bias_add_fusion is not None and rule.bias_add_fusion(node):
                 self._quantize_fused_bias(node, rule, w_scale)
+        self._share_weights_with_float_readers(weight_cache)
+
+    def _share_weights_with_float_readers(self, weight_cache: Mapping[tuple[str, int | None],
+                                                                      tuple[ir.Value, np.ndarray]]) -> None:
+        """A weight read by int8 nodes and by float nodes of the same kind (CQT kernels shared by
+        nine Conv, two of them float for their activations' grids) would be stored twice, float
+        and int8: the float readers read the int8 copy's DQ instead, on the same axis. Not the
+        nodes the user excluded (they keep the exact float weight), nor a node whose activation
+        input comes from a per-tensor DQ (onnxruntime would fuse it into an int8 kernel)."""
+        selector = self.cfg.selector
+        for (w_name, axis), (dq_w, _) in weight_cache.items():
+            w_value = self.values.get(w_name)
+            if w_value is None:
+                continue
+            for use in list(w_value.uses()):
+                node = use.node
+                rule = QUANT_RULES.lookup(node, self.model)
+                if node in self.created or node.name in self.int8_nodes or rule is None or use.idx != rule.weight:
+                    continue
+                if not selector.allows(node.name or "", node.op_type):
+                    continue
+                own_axis = rule.resolve_weight_axis(node) if self.cfg.per_channel else None
+                if (own_axis % len(w_value.shape) if own_axis is not None and w_value.shape is not None
+                        else own_axis) != axis:
+                    continue
+                if any(_from_per_tensor_dq(node.inputs[i]) for i in (rule.activations or range(len(node.inputs)))
+                       if i < len(node.inputs) and i != rule.weight):
+                    continue
+                node.replace_input_with(use.idx, dq_w)
+                self.shared_weights += 1
 
     def _weight_dq(self, node: ir.Node, rule: QuantRule, w_value: ir.Value, w: np.ndarray,
                    axis: int | None) -> tuple[ir.Value, np.ndarray]:
@@ -785,6 +875,8 @@ class _QDQRewrite:
             "data_movement_nodes": len(self.shared_nodes),
             "folded_activations": self.removed,
             "quantized_weights": self.weights,
+            # float nodes reading an int8 node's weight through its DQ instead of a float copy
+            "weights_shared_with_float_nodes": self.shared_weights,
             "quantized_biases": self.biases,
             "biases_left_float": self.bias_float,
             # of quantized_biases: bias Adds onnxruntime fuses with a float-output MatMul into a Gemm
@@ -793,6 +885,15 @@ class _QDQRewrite:
             "float_readers_unguarded": self.unguarded,
             "skipped": dict(plan.skipped),
         }
+
+
+def _from_per_tensor_dq(value: ir.Value | None) -> bool:
+    """Whether ``value`` is the output of a DequantizeLinear with one scale (a node unit's input)."""
+    producer = value.producer() if value is not None else None
+    if producer is None or not is_dequantize_node(producer) or len(producer.inputs) < 2:
+        return False
+    scale = producer.inputs[1]
+    return scale is not None and scale.shape is not None and len(scale.shape) == 0
 
 
 def _dequantize_node(
