@@ -74,7 +74,8 @@ from onnxcomp.sparsity.storage import (
     store_int8,
 )
 
-__all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET"]
+__all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET",
+           "allocate_widths"]
 
 #: Opset that introduced UINT4 tensors (Cast from uint4 included).
 CODEBOOK_UINT4_OPSET = 21
@@ -126,6 +127,25 @@ class ClusterConfig(PassConfig):
             assigned), instead of the nearest entry; exact zeros (pruned weights) stay zero.
             Needs data; tensors without a Hessian (Gather tables, ConvTranspose) keep the nearest.
         max_samples: calibration feeds for ``compensate``.
+        bits_per_weight: mixed widths: each tensor's codebook width (bits per label) is chosen
+            from ``bits_choices`` so that labels, codebooks and channel scales average at most this
+            many bits per clustered weight (densely packed; zeros stored as a bitmask only shrink
+            it). Every tensor is shared at every candidate width (k-means, int8 codebook,
+            compensated assignment) and its error measured: the relative output error on the
+            layer-input Hessian ``X^T X`` of the calibration data with ``compensate``, the relative
+            weight error otherwise; :func:`allocate_widths` then picks the widths that minimise the
+            summed error within the byte budget. Needs ``format="sparse"`` and per-tensor codebooks.
+            ``bits`` is then unused. The report's ``allocation`` gives the widths, and every
+            tensor its ``bits`` and the error and bytes of each candidate.
+        bits_choices: the candidate widths for ``bits_per_weight`` (1..8 bits).
+        sensitivity: what ``bits_per_weight`` minimises. ``output`` (default, needs calibration
+            data): the model's own outputs, each candidate tried alone in onnxruntime on the first
+            ``sensitivity_samples`` calibration feeds (relative squared error of every float output
+            against the unshared model's; the errors of the tensors are taken to add up); layers
+            differ in how much of their error reaches the outputs, which a layer's own error does
+            not tell. ``layer``: each tensor's own relative output error (``X^T X``) or weight
+            error, summed; no inference.
+        sensitivity_samples: calibration feeds for ``sensitivity="output"``.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -148,6 +168,10 @@ class ClusterConfig(PassConfig):
     compensate: bool = False
     max_samples: int = 64
     compact_graph: bool = False
+    bits_per_weight: float | None = None
+    bits_choices: tuple[int, ...] = (2, 3, 4, 5, 6)
+    sensitivity: Literal["output", "layer"] = "output"
+    sensitivity_samples: int = 16
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -157,15 +181,34 @@ class ClusterConfig(PassConfig):
         "seed": Range(int, 0, 2**32 - 1),
         "max_iter": Range(int, 0, 1_000_000),
         "max_samples": Range(int, 1),
+        "bits_per_weight": Range(float, 1.0, 16.0),
+        "bits_choices": Range(int, 1, 8),
+        "sensitivity_samples": Range(int, 1),
     }
 
     def validate(self) -> None:
         if self.per_channel and self.channel_scales == "always":
             raise ConfigError("cluster: per_channel and channel_scales='always' exclude each other")
         NodeSelector((), self.exclude)  # validates patterns
+        if self.bits_per_weight is not None:
+            if self.clusters is not None:
+                raise ConfigError("cluster: bits_per_weight chooses the width per tensor; clusters fixes one K for "
+                                  "all: set one of them")
+            if self.format != "sparse" or self.per_channel:
+                raise ConfigError("cluster: bits_per_weight needs format='sparse' with per-tensor codebooks (the "
+                                  "format that packs each tensor's labels at its own width), got "
+                                  f"format={self.format!r}" + (", per_channel" if self.per_channel else ""))
+            if not self.bits_choices:
+                raise ConfigError("cluster: bits_choices must list at least one width (bits per label, 1..8)")
+            if self.bits_per_weight < min(self.bits_choices):
+                raise ConfigError(f"cluster: bits_per_weight={self.bits_per_weight} is below the smallest of "
+                                  f"bits_choices {list(self.bits_choices)}: no width fits")
 
     @property
     def k(self) -> int:
+        """K, or with ``bits_per_weight`` the largest K a tensor may take."""
+        if self.bits_per_weight is not None:
+            return 2 ** max(self.bits_choices)
         return self.clusters if self.clusters is not None else 2**self.bits
 
 
@@ -249,9 +292,11 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         return CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else cls.min_opset
 
     def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None,
-                 hessians: dict[str, np.ndarray] | None = None):
+                 hessians: dict[str, np.ndarray] | None = None, probe: OutputProbe | None = None):
         super().__init__(config)
         self.progress = progress
+        #: ``sensitivity="output"``: the model's output error with some weights replaced
+        self.probe = probe
         #: weight name -> layer-input Hessian ``[groups, k, k]`` (``compensate``; see cluster_hessians)
         self.hessians = hessians or {}
 
@@ -263,6 +308,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         per_tensor: dict[str, dict[str, Any]] = {}
         pending: list[tuple[ClusterTarget, _Clustered]] = []
         total = len(targets)
+        chosen: list[tuple[ClusterTarget, np.ndarray, _Clustered]] = []
+        options: dict[str, dict[int, _Clustered]] = {}
         for done, target in enumerate(targets, 1):
             w = target.value.const_value.numpy()
             done_reason = self._already_clustered(w, target.channel_axis)
@@ -271,29 +318,37 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 exact = _exact_codebook(w)  # clustered before, stored as floats: store it as a codebook
             if done_reason and exact is None:
                 skipped[target.name] = done_reason
-            else:
-                clustered = exact if exact is not None else self._cluster(w, target.channel_axis)
-                if cfg.format == "sparse" and cfg.codebook_int8 and clustered.centroids.ndim == 1:
-                    clustered = _int8_codebook(w, clustered, target.channel_axis)
-                if exact is None and target.name in self.hessians:
-                    clustered = _compensated(w, clustered, self.hessians[target.name], target)
-                encoding = None
-                if cfg.format == "sparse":
-                    clustered = _zero_first(clustered)
-                    encoding = encode_labels(clustered.labels, cfg.k, 0)
-                stats = _tensor_stats(w, clustered, cfg.k, cfg.format, encoding)
-                stats["scope"] = graph_scope(target.value.graph, model)
-                if clustered.int8_scale is not None:
-                    stats["codebook_int8_scale"] = float(clustered.int8_scale)
-                if cfg.format == "float":
-                    target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
-                elif cfg.format == "sparse":
-                    pending.append((target, clustered))
-                else:
-                    self._store_codebook(target.value.graph, taken, target, clustered)
-                per_tensor[target.name] = stats
+            elif exact is not None or cfg.bits_per_weight is None:
+                chosen.append((target, w, self._shared(w, target, cfg.k, exact)))
+            else:  # every candidate width, chosen below under the budget
+                options[target.name] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+                chosen.append((target, w, options[target.name][max(options[target.name])]))
             if self.progress:
                 self.progress(done, total)
+        allocation = None
+        if options:
+            allocation = self._allocate(chosen, options)
+            chosen = [(t, w, options[t.name][allocation["widths"][t.name]] if t.name in options else c)
+                      for t, w, c in chosen]
+        for target, w, clustered in chosen:
+            encoding = None
+            k = clustered.centroids.shape[-1] if options else cfg.k
+            if cfg.format == "sparse":
+                encoding = encode_labels(clustered.labels, k, 0)
+            stats = _tensor_stats(w, clustered, k, cfg.format, encoding)
+            stats["scope"] = graph_scope(target.value.graph, model)
+            if allocation is not None and target.name in options:
+                stats["bits"] = allocation["widths"][target.name]
+                stats["candidates"] = allocation["candidates"][target.name]
+            if clustered.int8_scale is not None:
+                stats["codebook_int8_scale"] = float(clustered.int8_scale)
+            if cfg.format == "float":
+                target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
+            elif cfg.format == "sparse":
+                pending.append((target, clustered))
+            else:
+                self._store_codebook(target.value.graph, taken, target, clustered)
+            per_tensor[target.name] = stats
         totals = {
             key: sum(s[key] for s in per_tensor.values())
             for key in ("elements", "bytes_before", "bytes_after", "zlib_bytes_before", "zlib_bytes_after", "entropy_bytes")
@@ -321,6 +376,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             compaction = CompactGraphPass()(model).stats
         return bool(per_tensor) or bool(biases) or bool(compaction), {
             **({"compaction": compaction} if compaction is not None else {}),
+            **({"allocation": {k: v for k, v in allocation.items() if k != "candidates"}}
+               if allocation is not None else {}),
             "int8_biases": biases,
             "clusters": cfg.k,
             "format": cfg.format,
@@ -349,25 +406,74 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             return f"already has at most {k} distinct values per channel"
         return None
 
-    def _cluster(self, w: np.ndarray, axis: int) -> _Clustered:
+    def _shared(self, w: np.ndarray, target: ClusterTarget, k: int, exact: _Clustered | None = None) -> _Clustered:
+        """``w`` shared at ``k`` clusters as stored: k-means (or its ``exact`` codebook), the int8
+        codebook, the compensated assignment, the zero entry first (``sparse``)."""
         cfg = self.config
+        clustered = exact if exact is not None else self._cluster(w, target.channel_axis, k)
+        if cfg.format == "sparse" and cfg.codebook_int8 and clustered.centroids.ndim == 1:
+            clustered = _int8_codebook(w, clustered, target.channel_axis)
+        if exact is None and target.name in self.hessians:
+            clustered = _compensated(w, clustered, self.hessians[target.name], target)
+        return _zero_first(clustered) if cfg.format == "sparse" else clustered
+
+    def _allocate(self, chosen: list[tuple[ClusterTarget, np.ndarray, _Clustered]],
+                  options: dict[str, dict[int, _Clustered]]) -> dict[str, Any]:
+        """Widths per tensor for ``bits_per_weight`` (:func:`allocate_widths` on each candidate's
+        measured error and stored bytes) and what the report says about them."""
+        cfg = self.config
+        int8 = cfg.codebook_int8
+        candidates: dict[str, dict[int, dict[str, float]]] = {}
+        elements = 0
+        for target, w, _ in chosen:
+            if target.name not in options:
+                continue
+            elements += w.size
+            h = self.hessians.get(target.name)
+            candidates[target.name] = {
+                b: {"layer_error": _relative_error(w, c, h, target), "bytes": _stored_bytes(c, b, int8)}
+                for b, c in options[target.name].items()}
+            for b, c in options[target.name].items():
+                if self.probe is not None and target.name in self.probe.names:
+                    candidates[target.name][b]["output_error"] = self.probe({target.name: c.snapped})
+                candidates[target.name][b]["error"] = candidates[target.name][b].get(
+                    "output_error", candidates[target.name][b]["layer_error"])
+        budget = cfg.bits_per_weight * elements / 8
+        widths = allocate_widths({n: {b: (c["error"], c["bytes"]) for b, c in row.items()}
+                                  for n, row in candidates.items()}, budget)
+        spent = sum(candidates[n][b]["bytes"] for n, b in widths.items())
+        return {"bits_per_weight_target": cfg.bits_per_weight, "budget_bytes": int(budget),
+                "estimated_bytes": int(spent), "bits_per_weight": 8 * spent / max(elements, 1),
+                "over_budget": spent > budget, "elements": int(elements),
+                "sensitivity": ("model output error, each candidate alone" if self.probe is not None else
+                                "layer output error on calibration data (X^T X)" if self.hessians else "weight error"),
+                "error": float(sum(candidates[n][b]["error"] for n, b in widths.items())),
+                "tensors_per_width": {str(b): sum(1 for v in widths.values() if v == b) for b in sorted(set(widths.values()))},
+                "elements_per_width": {str(b): int(sum(next(w.size for t, w, _ in chosen if t.name == n)
+                                                       for n, v in widths.items() if v == b))
+                                       for b in sorted(set(widths.values()))},
+                "widths": widths, "candidates": candidates}
+
+    def _cluster(self, w: np.ndarray, axis: int, k: int | None = None) -> _Clustered:
+        cfg = self.config
+        k = k or cfg.k
         preserve = cfg.preserve_zeros == "always" or (cfg.preserve_zeros == "auto" and bool(np.any(w == 0)))
         kw = {"init": cfg.init, "seed": cfg.seed, "max_iter": cfg.max_iter, "preserve_zero": preserve}
         scales = None
         if cfg.per_channel:
-            centroids, labels = cluster_per_channel(w, cfg.k, axis=axis, **kw)
+            centroids, labels = cluster_per_channel(w, k, axis=axis, **kw)
             moved = np.moveaxis(labels, axis, 0)
             rows = np.take_along_axis(centroids, moved.reshape(moved.shape[0], -1).astype(np.int64), axis=1)
             snapped = np.moveaxis(rows.reshape(moved.shape), 0, axis)
         else:
             if cfg.channel_scales != "always":
-                result = kmeans_1d(w, cfg.k, **kw)
+                result = kmeans_1d(w, k, **kw)
                 centroids, labels = result.centroids, result.labels
                 snapped = result.reconstruct()
             # (auto: not for channels of one weight, e.g. a vector weight: a scale per weight is no saving)
             if cfg.channel_scales == "always" or (cfg.channel_scales == "auto" and w.size > w.shape[axis] and
                                                   _worst_channel_error(w, snapped, axis) >= _DESTROYED):
-                centroids, labels, scales = cluster_channel_scaled(w, cfg.k, axis=axis, **kw)
+                centroids, labels, scales = cluster_channel_scaled(w, k, axis=axis, **kw)
                 snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
         return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
                           labels, scales)
@@ -715,26 +821,29 @@ def _shared_encoding(pending: list[tuple[ClusterTarget, _Clustered]], k: int,
     """The one encoding of all labels and the tensors in its order.
 
     Per-tensor codebooks of different sizes (layers shared at different widths by the sparsity
-    stage) get a bitmask with one label width per group of tensors (:func:`encode_bitmask_groups`,
-    the tensors ordered by width) when that saves more than the extra decoding nodes cost;
-    otherwise every label takes the widest width the codebooks need (``ceil(log2 k)`` with
-    per-channel codebooks), in the best of the three encodings."""
-    from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups
+    stage, or widths chosen per tensor by ``bits_per_weight``) get one label width per group of
+    tensors (the tensors ordered by width), densely packed (:func:`encode_dense_groups`) or, where
+    the zero entry is common enough, as a bitmask (:func:`encode_bitmask_groups`), when the
+    smaller of the two saves more than the extra decoding nodes cost; otherwise every label takes
+    the widest width the codebooks need (``ceil(log2 k)`` with per-channel codebooks), in the best
+    of the three encodings."""
+    from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups, encode_dense_groups
 
     widths = [bits_for(c.centroids.size) for _, c in pending]
     widest = max(widths) if per_tensor else max([bits_for(k), *widths])  # per tensor: what the codebooks need
-    if per_tensor and len(set(widths)) > 1:
-        nonzeros = [int(np.count_nonzero(c.labels)) for _, c in pending]
-        saved = sum(nz * (max(widths) - w) for nz, w in zip(nonzeros, widths)) / 8
-        if saved > _WIDTH_GROUP_BYTES:
-            order = sorted(range(len(pending)), key=lambda i: widths[i])
-            pending = [pending[i] for i in order]
-            groups = sorted(set(widths))
-            labels = [np.concatenate([c.labels.reshape(-1) for (_, c), w in zip(pending, sorted(widths)) if w == g])
-                      for g in groups]
-            return encode_bitmask_groups(labels, groups, 0), pending
     flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
-    return encode_labels(flat, 1 << widest, 0), pending
+    single = encode_labels(flat, 1 << widest, 0)
+    if per_tensor and len(set(widths)) > 1:
+        order = sorted(range(len(pending)), key=lambda i: widths[i])
+        grouped = [pending[i] for i in order]
+        groups = sorted(set(widths))
+        labels = [np.concatenate([c.labels.reshape(-1) for (_, c), w in zip(grouped, sorted(widths)) if w == g])
+                  for g in groups]
+        best = min((encode_dense_groups(labels, groups), encode_bitmask_groups(labels, groups, 0)),
+                   key=lambda e: e.nbytes)
+        if single.nbytes - best.nbytes > _WIDTH_GROUP_BYTES:
+            return best, grouped
+    return single, pending
 
 
 def _zero_first(clustered: _Clustered) -> _Clustered:
@@ -865,6 +974,112 @@ def _compensated(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target: Cl
         return clustered
     return dataclasses.replace(clustered, snapped=np.ascontiguousarray(back(out).astype(np.float32)),
                                labels=np.ascontiguousarray(back(labels)).astype(clustered.labels.dtype))
+
+
+def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: float) -> dict[str, int]:
+    """A width per tensor that keeps the summed error low with the summed bytes within ``budget``.
+
+    ``options``: tensor -> width -> (error, bytes). Every tensor starts at its smallest option;
+    then, while the budget allows, the one upgrade (a tensor to any option that errs less) with
+    the largest error reduction per extra byte is taken (the greedy solution of the knapsack,
+    exact on convex error-size curves). When even the smallest options exceed the budget they are
+    kept (the caller reports it)."""
+    widths = {name: min(row, key=lambda b: (row[b][1], row[b][0])) for name, row in options.items()}
+    spent = sum(options[n][b][1] for n, b in widths.items())
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, b in widths.items():
+            err, size = options[name][b]
+            for nb, (nerr, nsize) in options[name].items():
+                extra = nsize - size
+                if nerr >= err or spent + extra > budget:
+                    continue
+                gain = (err - nerr) / max(extra, 1e-9)
+                if best is None or gain > best[0]:
+                    best = (gain, name, nb)
+        if best is None:
+            return widths
+        _, name, nb = best
+        spent += options[name][nb][1] - options[name][widths[name]][1]
+        widths[name] = nb
+
+
+def _stored_bytes(clustered: _Clustered, bits: int, codebook_int8: bool) -> int:
+    """What the ``sparse`` format stores for one tensor at ``bits`` bits per label, densely packed:
+    its labels, its codebook (int8 plus a float32 scale with ``codebook_int8``) and channel scales."""
+    book = clustered.centroids.size + 4 if codebook_int8 and clustered.centroids.ndim == 1 else clustered.centroids.nbytes
+    return -(-clustered.labels.size * bits // 8) + book + (0 if clustered.scales is None else clustered.scales.nbytes)
+
+
+def _relative_error(w: np.ndarray, clustered: _Clustered, h: np.ndarray | None, target: ClusterTarget) -> float:
+    """The tensor's relative output error ``tr(dW H dW^T) / tr(W H W^T)`` on its layer-input
+    Hessian ``h`` (all groups together), or its relative weight error ``||dW||^2 / ||W||^2`` where
+    there is no Hessian that fits."""
+    layout = _rows_layout(target, w) if h is not None else None
+    if layout is not None and h.shape[-1] == layout[0].shape[1] and layout[0].shape[0] % h.shape[0] == 0:
+        w_nk = np.asarray(layout[0], np.float64)
+        dw = w_nk - np.asarray(_rows_layout(target, clustered.snapped)[0], np.float64)
+        rows = w_nk.shape[0] // h.shape[0]
+        num = den = 0.0
+        for g in range(h.shape[0]):
+            part = slice(g * rows, (g + 1) * rows)
+            num += float(np.sum((dw[part] @ h[g]) * dw[part]))
+            den += float(np.sum((w_nk[part] @ h[g]) * w_nk[part]))
+        if den > 0:
+            return max(num, 0.0) / den
+    wd = np.asarray(w, np.float64)
+    energy = float(np.sum(wd**2))
+    return float(np.sum((wd - clustered.snapped) ** 2)) / energy if energy > 0 else 0.0
+
+
+class OutputProbe:
+    """The relative output error of a model with some of its weights replaced, on a few feeds:
+    ``probe({name: array})`` -> ``sum ||y - y0||^2 / sum ||y0||^2`` over every float output and
+    feed (``y0``: the outputs with the weights as they are). One onnxruntime session, in which the
+    weights ``names`` are inputs with their values as defaults (built on ``model`` with the
+    weights listed as graph inputs for the session's creation only; ``model`` is left as it was)."""
+
+    def __init__(self, model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]):
+        from onnxcomp.runtime import create_session, session_options
+
+        values = [model.graph.initializers[n] for n in names if n in model.graph.initializers]
+        inputs = model.graph.inputs
+        inputs.extend(values)
+        try:
+            self.session = create_session(model, sess_options=session_options("all"))
+        finally:
+            for _ in values:
+                inputs.pop()
+        self.names = {v.name for v in values}
+        self.feeds = feeds
+        self.floats = [i for i, o in enumerate(self.session.get_outputs()) if o.type == "tensor(float)"]
+        self.reference = [self._outputs_one(f, {}) for f in feeds]
+        self.energy = sum(float(np.sum(y.astype(np.float64) ** 2)) for ys in self.reference for y in ys)
+
+    def _outputs_one(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.session.run(None, {**feed, **weights})
+        return [out[i] for i in self.floats]
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> float:
+        err = 0.0
+        for feed, ref in zip(self.feeds, self.reference):
+            for y, y0 in zip(self._outputs_one(feed, weights), ref):
+                err += float(np.sum((y.astype(np.float64) - y0) ** 2))
+        return err / self.energy if self.energy > 0 else err
+
+
+def output_probe(model: ir.Model, config: ClusterConfig, data: Any) -> OutputProbe | None:
+    """The :class:`OutputProbe` of ``sensitivity="output"`` on the main graph's clustered weights."""
+    from onnxcomp.data import load_data
+
+    if data is None:
+        return None
+    targets, _ = find_cluster_targets(model, config)
+    names = [t.name for t in targets if t.value.graph is model.graph]
+    if not names:
+        return None
+    feeds = [dict(f) for f in load_data(data, model, limit=config.sensitivity_samples)]
+    return OutputProbe(model, names, feeds)
 
 
 def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progress=None) -> dict[str, np.ndarray]:
