@@ -67,7 +67,7 @@ class ClusterStage(Stage):
 
     @classmethod
     def needs_data(cls, config: ClusterConfig) -> bool:
-        return config.compensate or (config.bits_per_weight is not None and config.sensitivity == "output")
+        return config.compensate or (config.bits_per_weight is not None and config.sensitivity != "layer")
 
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
         hessians = None
@@ -76,7 +76,7 @@ class ClusterStage(Stage):
 
             hessians = cluster_hessians(work, self.config, ctx.fit_data)
         probe = None
-        if self.config.bits_per_weight is not None and self.config.sensitivity == "output":
+        if self.config.bits_per_weight is not None and self.config.sensitivity != "layer":
             from onnxcomp.cluster.passes import output_probe
 
             probe = output_probe(work, self.config, ctx.fit_data)

@@ -41,6 +41,7 @@ the mean squared weight error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from collections.abc import Callable
@@ -127,6 +128,9 @@ class ClusterConfig(PassConfig):
             assigned), instead of the nearest entry; exact zeros (pruned weights) stay zero.
             Needs data; tensors without a Hessian (Gather tables, ConvTranspose) keep the nearest.
         max_samples: calibration feeds for ``compensate``.
+        float16_scales: channel scales (``channel_scales``) rounded to float16 before the labels
+            are assigned and stored as float16 (a Cast rebuilds them): 2 bytes per channel instead
+            of 4. A tensor whose scales float16 cannot hold closely keeps float32 ones.
         bits_per_weight: mixed widths: each tensor's codebook width (bits per label) is chosen
             from ``bits_choices`` so that labels, codebooks and channel scales average at most this
             many bits per clustered weight (densely packed; zeros stored as a bitmask only shrink
@@ -138,13 +142,16 @@ class ClusterConfig(PassConfig):
             ``bits`` is then unused. The report's ``allocation`` gives the widths, and every
             tensor its ``bits`` and the error and bytes of each candidate.
         bits_choices: the candidate widths for ``bits_per_weight`` (1..8 bits).
-        sensitivity: what ``bits_per_weight`` minimises. ``output`` (default, needs calibration
-            data): the model's own outputs, each candidate tried alone in onnxruntime on the first
+        sensitivity: what ``bits_per_weight`` minimises. ``output-all`` (needs calibration data):
+            the model's own outputs, each candidate tried alone in onnxruntime on the first
             ``sensitivity_samples`` calibration feeds (relative squared error of every float output
             against the unshared model's; the errors of the tensors are taken to add up); layers
             differ in how much of their error reaches the outputs, which a layer's own error does
-            not tell. ``layer``: each tensor's own relative output error (``X^T X``) or weight
-            error, summed; no inference.
+            not tell. ``output`` (default): the same at the two widths nearest below
+            ``bits_per_weight`` only; the other widths take their layer error times the ratio
+            (output error / layer error) of the nearest measured width: one inference per tensor
+            and measured width instead of one per candidate. ``layer``: each tensor's own relative
+            output error (``X^T X``) or weight error, summed; no inference.
         sensitivity_samples: calibration feeds for ``sensitivity="output"``.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
@@ -168,9 +175,10 @@ class ClusterConfig(PassConfig):
     compensate: bool = False
     max_samples: int = 64
     compact_graph: bool = False
+    float16_scales: bool = False
     bits_per_weight: float | None = None
     bits_choices: tuple[int, ...] = (2, 3, 4, 5, 6)
-    sensitivity: Literal["output", "layer"] = "output"
+    sensitivity: Literal["output", "output-all", "layer"] = "output"
     sensitivity_samples: int = 16
 
     stage: ClassVar[str] = "cluster"
@@ -433,11 +441,19 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             candidates[target.name] = {
                 b: {"layer_error": _relative_error(w, c, h, target), "bytes": _stored_bytes(c, b, int8)}
                 for b, c in options[target.name].items()}
-            for b, c in options[target.name].items():
-                if self.probe is not None and target.name in self.probe.names:
-                    candidates[target.name][b]["output_error"] = self.probe({target.name: c.snapped})
-                candidates[target.name][b]["error"] = candidates[target.name][b].get(
-                    "output_error", candidates[target.name][b]["layer_error"])
+            row = candidates[target.name]
+            if self.probe is not None and target.name in self.probe.names:
+                probed = _probed_widths(sorted(row), cfg.bits_per_weight, cfg.sensitivity == "output-all")
+                for b in probed:
+                    row[b]["output_error"] = self.probe({target.name: options[target.name][b].snapped})
+                for b in row:  # the others: their layer error times the nearest probed width's gain
+                    if b not in probed:
+                        near = min(probed, key=lambda p: (abs(p - b), p))
+                        layer = row[near]["layer_error"]
+                        gain = row[near]["output_error"] / layer if layer > 0 else 0.0
+                        row[b]["output_error_estimate"] = gain * row[b]["layer_error"]
+            for c in row.values():
+                c["error"] = c.get("output_error", c.get("output_error_estimate", c["layer_error"]))
         budget = cfg.bits_per_weight * elements / 8
         widths = allocate_widths({n: {b: (c["error"], c["bytes"]) for b, c in row.items()}
                                   for n, row in candidates.items()}, budget)
@@ -474,6 +490,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             if cfg.channel_scales == "always" or (cfg.channel_scales == "auto" and w.size > w.shape[axis] and
                                                   _worst_channel_error(w, snapped, axis) >= _DESTROYED):
                 centroids, labels, scales = cluster_channel_scaled(w, k, axis=axis, **kw)
+                if cfg.float16_scales and _float16_close(scales):
+                    scales = scales.astype(np.float16)
                 snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
         return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
                           labels, scales)
@@ -581,7 +599,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                                  add_initializer(graph, f"{target.name}_shape", shape, taken)])
         if clustered.scales is not None:
             scales = clustered.scales.reshape(_channel_shape(shape.size, target.channel_axis, clustered.scales.size))
-            weight = add("Mul", [weight, add_initializer(graph, f"{target.name}_scales", scales, taken)])
+            weight = add("Mul", [weight, _scales_input(add, add_initializer(graph, f"{target.name}_scales", scales, taken))])
         for node in nodes:
             graph.append(node)
         target.value.replace_all_uses_with(weight)
@@ -663,7 +681,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         weight = add("Gather", [add_initializer(graph, f"{name}_codebook", codebook, taken), index])
         if clustered.scales is not None:
             scales = clustered.scales.reshape(_channel_shape(len(shape), axis, clustered.scales.size))
-            weight = add("Mul", [weight, add_initializer(graph, f"{name}_scales", scales, taken)])
+            weight = add("Mul", [weight, _scales_input(add, add_initializer(graph, f"{name}_scales", scales, taken))])
         for node in nodes:
             graph.append(node)
         target.value.replace_all_uses_with(weight)
@@ -696,6 +714,11 @@ def _by_subgraph(per_tensor: dict[str, dict[str, Any]]) -> dict[str, dict[str, i
             for key in ("elements", "bytes_before", "bytes_after"):
                 row[key] += stats[key]
     return found
+
+
+def _scales_input(add: Callable[..., ir.Value], scales: ir.Value) -> ir.Value:
+    """Channel scales as float: stored float16 (``float16_scales``) they take a Cast."""
+    return add("Cast", [scales], to=ir.DataType.FLOAT) if scales.dtype == ir.DataType.FLOAT16 else scales
 
 
 def _channel_shape(ndim: int, axis: int, channels: int) -> list[int]:
@@ -784,6 +807,15 @@ def _float16_holds(values: np.ndarray) -> bool:
         return False
     error = float(np.max(np.abs(v.astype(np.float16).astype(np.float64) - v.astype(np.float64))))
     return error <= 2.0**-11 * peak
+
+
+def _float16_close(values: np.ndarray) -> bool:
+    """Whether float16 holds every one of ``values`` within its relative precision (2^-11 of the
+    value itself, so no value in float16's subnormal range or beyond 65504)."""
+    v = np.asarray(values, np.float64)
+    with np.errstate(over="ignore"):
+        back = v.astype(np.float16).astype(np.float64)
+    return bool(np.all(np.isfinite(back)) and np.all(np.abs(back - v) <= 2.0**-11 * np.abs(v)))
 
 
 def _int8_codebook(w: np.ndarray, clustered: _Clustered, axis: int) -> _Clustered:
@@ -1004,6 +1036,16 @@ def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: 
         widths[name] = nb
 
 
+def _probed_widths(widths: list[int], bits_per_weight: float, every: bool) -> list[int]:
+    """The candidate widths whose model output error ``sensitivity="output"`` measures: every one
+    (``output-all``), else the two nearest below or at ``bits_per_weight`` (where the budget puts
+    most tensors; the smallest ones when none is below)."""
+    if every or len(widths) <= 2:
+        return list(widths)
+    below = [b for b in widths if b <= bits_per_weight]
+    return below[-2:] if len(below) >= 2 else widths[:2]
+
+
 def _stored_bytes(clustered: _Clustered, bits: int, codebook_int8: bool) -> int:
     """What the ``sparse`` format stores for one tensor at ``bits`` bits per label, densely packed:
     its labels, its codebook (int8 plus a float32 scale with ``codebook_int8``) and channel scales."""
@@ -1051,9 +1093,16 @@ class OutputProbe:
             for _ in values:
                 inputs.pop()
         self.names = {v.name for v in values}
-        self.feeds = feeds
         self.floats = [i for i, o in enumerate(self.session.get_outputs()) if o.type == "tensor(float)"]
+        self.feeds = feeds
         self.reference = [self._outputs_one(f, {}) for f in feeds]
+        batched = _batched(feeds)
+        if batched is not None:  # one run on the feeds stacked, where it gives the same outputs
+            with contextlib.suppress(Exception):
+                joined = [np.concatenate(ys) for ys in zip(*self.reference)]
+                got = self._outputs_one(batched, {})
+                if all(g.shape == j.shape and np.allclose(g, j, rtol=1e-3, atol=1e-5) for g, j in zip(got, joined)):
+                    self.feeds, self.reference = [batched], [got]
         self.energy = sum(float(np.sum(y.astype(np.float64) ** 2)) for ys in self.reference for y in ys)
 
     def _outputs_one(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -1066,6 +1115,15 @@ class OutputProbe:
             for y, y0 in zip(self._outputs_one(feed, weights), ref):
                 err += float(np.sum((y.astype(np.float64) - y0) ** 2))
         return err / self.energy if self.energy > 0 else err
+
+
+def _batched(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """The feeds stacked along their first axis, when there are several of equal shapes."""
+    if len(feeds) < 2 or any(f.keys() != feeds[0].keys() for f in feeds):
+        return None
+    if any(np.ndim(f[k]) == 0 or np.shape(f[k]) != np.shape(feeds[0][k]) for f in feeds for k in f):
+        return None
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
 
 
 def output_probe(model: ir.Model, config: ClusterConfig, data: Any) -> OutputProbe | None:
