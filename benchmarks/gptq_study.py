@@ -185,7 +185,8 @@ def _allocation(report: dict) -> dict:
             return {"allocation": {k: alloc[k] for k in ("bits_per_weight_target", "bits_per_weight", "budget_bytes",
                                                          "estimated_bytes", "over_budget", "tensors_per_width",
                                                          "elements_per_width") if k in alloc},
-                    "widths": alloc.get("widths")}
+                    "widths": {n: [b, round(stats["tensors"][n]["candidates"][b]["error"], 7)]
+                               for n, b in (alloc.get("widths") or {}).items()}}
     return {}
 
 

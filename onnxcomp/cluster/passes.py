@@ -128,6 +128,11 @@ class ClusterConfig(PassConfig):
             assigned), instead of the nearest entry; exact zeros (pruned weights) stay zero.
             Needs data; tensors without a Hessian (Gather tables, ConvTranspose) keep the nearest.
         max_samples: calibration feeds for ``compensate``.
+        refit_codebook: after the compensated assignment (``compensate``), re-fit a per-tensor
+            codebook of at most 16 entries, and the channel scales, to the assigned labels by least
+            squares on the layer-input Hessian (``min tr(dW H dW^T)``: first the scales row by row,
+            then the entries jointly; an exact-zero entry stays zero; ``codebook_int8`` and
+            ``float16_scales`` re-round them), kept only where the output error drops.
         float16_scales: channel scales (``channel_scales``) rounded to float16 before the labels
             are assigned and stored as float16 (a Cast rebuilds them): 2 bytes per channel instead
             of 4. A tensor whose scales float16 cannot hold closely keeps float32 ones.
@@ -176,6 +181,7 @@ class ClusterConfig(PassConfig):
     max_samples: int = 64
     compact_graph: bool = False
     float16_scales: bool = False
+    refit_codebook: bool = False
     bits_per_weight: float | None = None
     bits_choices: tuple[int, ...] = (2, 3, 4, 5, 6)
     sensitivity: Literal["output", "output-all", "layer"] = "output"
@@ -423,6 +429,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             clustered = _int8_codebook(w, clustered, target.channel_axis)
         if exact is None and target.name in self.hessians:
             clustered = _compensated(w, clustered, self.hessians[target.name], target)
+            if cfg.refit_codebook and clustered.centroids.ndim == 1 and clustered.centroids.size <= _REFIT_MAX_K:
+                clustered = _refit_codebook(w, clustered, self.hessians[target.name], target)
         return _zero_first(clustered) if cfg.format == "sparse" else clustered
 
     def _allocate(self, chosen: list[tuple[ClusterTarget, np.ndarray, _Clustered]],
@@ -1034,6 +1042,74 @@ def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: 
         _, name, nb = best
         spent += options[name][nb][1] - options[name][widths[name]][1]
         widths[name] = nb
+
+
+#: ``refit_codebook``: codebooks of more entries are left as k-means and the assignment made them.
+_REFIT_MAX_K = 16
+
+
+def _refit_codebook(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target: ClusterTarget) -> _Clustered:
+    """``clustered`` with its channel scales and then its codebook re-fitted to its labels by least
+    squares on ``h`` (``ClusterConfig.refit_codebook``); kept only where ``tr(dW H dW^T)`` drops."""
+    layout = _rows_layout(target, w)
+    if layout is None:
+        return clustered
+    w_nk = np.asarray(layout[0], np.float64)
+    back = layout[1]
+    n, k = w_nk.shape
+    if h.shape[-1] != k or n % h.shape[0]:
+        return clustered
+    groups = h.shape[0]
+    hg = np.asarray(h, np.float64)
+    labels = np.asarray(_rows_layout(target, clustered.labels)[0], np.int64)
+    cents = np.asarray(clustered.centroids, np.float64)
+    K = cents.size
+    half = clustered.scales is not None and clustered.scales.dtype == np.float16
+    scales = np.ones(n) if clustered.scales is None else np.asarray(clustered.scales, np.float64)
+
+    def times_h(a: np.ndarray) -> np.ndarray:  # a [n, k] @ h per group
+        return np.matmul(a.reshape(groups, n // groups, k), hg).reshape(n, k)
+
+    wh = times_h(w_nk)
+
+    def error(c: np.ndarray, sc: np.ndarray) -> float:
+        d = w_nk - sc[:, None] * c[labels]
+        return float(np.sum(times_h(d) * d))
+
+    before = error(cents, scales)
+    new_scales = scales
+    if clustered.scales is not None:
+        q = cents[labels]
+        qh = times_h(q)
+        num, den = np.sum(qh * w_nk, axis=1), np.sum(qh * q, axis=1)
+        ok = (den > 0) & (num > 0)
+        new_scales = np.where(ok, num / np.where(ok, den, 1.0), scales)
+        if half:
+            new_scales = np.where(_float16_close(new_scales), new_scales.astype(np.float16), scales)
+            new_scales = np.asarray(new_scales, np.float64)
+    free = [a for a in range(K) if cents[a] != 0.0]
+    a_mat = np.zeros((K, K))
+    rhs = np.zeros(K)
+    flat = labels.reshape(-1)
+    for a in free:
+        m_a = new_scales[:, None] * (labels == a)
+        rhs[a] = float(np.sum(wh * m_a))
+        a_mat[a] = np.bincount(flat, weights=(times_h(m_a) * new_scales[:, None]).reshape(-1), minlength=K)
+    sub = np.ix_(free, free)
+    new_cents = cents.copy()
+    with contextlib.suppress(np.linalg.LinAlgError):
+        new_cents[free] = np.linalg.solve(a_mat[sub] + 1e-12 * np.trace(a_mat[sub]) * np.eye(len(free)), rhs[free])
+    int8_scale = clustered.int8_scale
+    if int8_scale is not None:
+        qc, int8_scale = int8_symmetric(new_cents.astype(np.float32))
+        new_cents = qc.astype(np.float64) * float(int8_scale)
+    new_cents = new_cents.astype(np.float32).astype(np.float64)
+    if not error(new_cents, new_scales) < before:
+        return clustered
+    out_scales = None if clustered.scales is None else new_scales.astype(clustered.scales.dtype)
+    snapped = (np.asarray(new_cents, np.float32)[labels] * (1 if out_scales is None else out_scales.astype(np.float32)[:, None]))
+    return dataclasses.replace(clustered, snapped=np.ascontiguousarray(back(snapped.astype(np.float32))),
+                               centroids=new_cents.astype(np.float32), scales=out_scales, int8_scale=int8_scale)
 
 
 def _probed_widths(widths: list[int], bits_per_weight: float, every: bool) -> list[int]:
