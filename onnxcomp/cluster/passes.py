@@ -149,8 +149,7 @@ class ClusterConfig(PassConfig):
         bits_choices: the candidate widths for ``bits_per_weight`` (1..8 bits).
         sensitivity: what ``bits_per_weight`` minimises. ``output-all`` (needs calibration data):
             the model's own outputs, each candidate tried alone in onnxruntime on the first
-            ``sensitivity_samples`` calibration feeds (:class:`OutputProbe`: the mean KL divergence
-            of outputs that are probability distributions, the relative squared error of others,
+            ``sensitivity_samples`` calibration feeds (relative squared error of every float output
             against the unshared model's; the errors of the tensors are taken to add up); layers
             differ in how much of their error reaches the outputs, which a layer's own error does
             not tell. ``output`` (default): the same at the two widths nearest below
@@ -1152,15 +1151,11 @@ def _relative_error(w: np.ndarray, clustered: _Clustered, h: np.ndarray | None, 
 
 
 class OutputProbe:
-    """The output error of a model with some of its weights replaced, on a few feeds:
-    ``probe({name: array})``, summed over the float outputs: an output whose rows (last axis) are
-    probability distributions on every feed (non-negative, summing to 1, as a Softmax returns)
-    counts its mean ``KL(p0 || p)`` per row (a rising competitor of the top class weighs more than
-    the same squared change of the top class); any other its relative squared error
-    ``sum ||y - y0||^2 / sum ||y0||^2`` (``y0``: the outputs with the weights as they are). One
-    onnxruntime session, in which the weights ``names`` are inputs with their values as defaults
-    (built on ``model`` with the weights listed as graph inputs for the session's creation only;
-    ``model`` is left as it was)."""
+    """The relative output error of a model with some of its weights replaced, on a few feeds:
+    ``probe({name: array})`` -> ``sum ||y - y0||^2 / sum ||y0||^2`` over every float output and
+    feed (``y0``: the outputs with the weights as they are). One onnxruntime session, in which the
+    weights ``names`` are inputs with their values as defaults (built on ``model`` with the
+    weights listed as graph inputs for the session's creation only; ``model`` is left as it was)."""
 
     def __init__(self, model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]):
         from onnxcomp.runtime import create_session, session_options
@@ -1184,34 +1179,18 @@ class OutputProbe:
                 got = self._outputs_one(batched, {})
                 if all(g.shape == j.shape and np.allclose(g, j, rtol=1e-3, atol=1e-5) for g, j in zip(got, joined)):
                     self.feeds, self.reference = [batched], [got]
-        #: per float output: compared as distributions (KL), else by relative squared error
-        self.distributions = [all(_distributions(ys[i]) for ys in self.reference) for i in range(len(self.floats))]
-        self.energy = [sum(float(np.sum(ys[i].astype(np.float64) ** 2)) for ys in self.reference)
-                       for i in range(len(self.floats))]
-        self.rows = [sum(ys[i].size // max(ys[i].shape[-1], 1) for ys in self.reference) for i in range(len(self.floats))]
+        self.energy = sum(float(np.sum(y.astype(np.float64) ** 2)) for ys in self.reference for y in ys)
 
     def _outputs_one(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = self.session.run(None, {**feed, **weights})
         return [out[i] for i in self.floats]
 
     def __call__(self, weights: dict[str, np.ndarray]) -> float:
-        err = [0.0] * len(self.floats)
+        err = 0.0
         for feed, ref in zip(self.feeds, self.reference):
-            for i, (y, y0) in enumerate(zip(self._outputs_one(feed, weights), ref)):
-                if self.distributions[i]:
-                    p = np.clip(y0.astype(np.float64), 1e-12, 1.0)
-                    q = np.clip(y.astype(np.float64), 1e-12, 1.0)
-                    err[i] += float(np.sum(p * (np.log(p) - np.log(q))))
-                else:
-                    err[i] += float(np.sum((y.astype(np.float64) - y0) ** 2))
-        return sum(e / max(self.rows[i], 1) if self.distributions[i] else (e / self.energy[i] if self.energy[i] > 0 else e)
-                   for i, e in enumerate(err))
-
-
-def _distributions(y: np.ndarray) -> bool:
-    """Whether every row (last axis) of ``y`` is a probability distribution."""
-    return bool(y.ndim >= 1 and y.shape[-1] > 1 and y.size and np.all(y >= 0)
-                and np.allclose(y.astype(np.float64).sum(axis=-1), 1.0, atol=1e-3))
+            for y, y0 in zip(self._outputs_one(feed, weights), ref):
+                err += float(np.sum((y.astype(np.float64) - y0) ** 2))
+        return err / self.energy if self.energy > 0 else err
 
 
 def _batched(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
