@@ -183,7 +183,7 @@ def _allocation(report: dict) -> dict:
         if stage.get("stage") == "cluster" and stats.get("allocation"):
             alloc = dict(stats["allocation"])
             return {"allocation": {k: alloc[k] for k in ("bits_per_weight_target", "bits_per_weight", "budget_bytes",
-                                                         "estimated_bytes", "over_budget", "tensors_per_width",
+                                                         "estimated_bytes", "over_budget", "tensors_per_width", "rounds",
                                                          "elements_per_width") if k in alloc},
                     "widths": {n: [b, round(stats["tensors"][n]["candidates"][b]["error"], 7)]
                                for n, b in (alloc.get("widths") or {}).items()}}

@@ -158,6 +158,11 @@ class ClusterConfig(PassConfig):
             and measured width instead of one per candidate. ``layer``: each tensor's own relative
             output error (``X^T X``) or weight error, summed; no inference.
         sensitivity_samples: calibration feeds for ``sensitivity="output"``.
+        sensitivity_rounds: rounds of exchanges after the allocation (``output`` sensitivities):
+            each tensor's output error one width up and one down is measured with every other
+            tensor at its chosen width (errors measured alone add up to less than they do together),
+            and upgrades are bought with the downgrades that cost least (:func:`_swap_round`);
+            two inferences per tensor and round.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -186,6 +191,7 @@ class ClusterConfig(PassConfig):
     bits_choices: tuple[int, ...] = (2, 3, 4, 5, 6)
     sensitivity: Literal["output", "output-all", "layer"] = "output"
     sensitivity_samples: int = 16
+    sensitivity_rounds: int = 0
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -198,6 +204,7 @@ class ClusterConfig(PassConfig):
         "bits_per_weight": Range(float, 1.0, 16.0),
         "bits_choices": Range(int, 1, 8),
         "sensitivity_samples": Range(int, 1),
+        "sensitivity_rounds": Range(int, 0, 10),
     }
 
     def validate(self) -> None:
@@ -465,8 +472,16 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         budget = cfg.bits_per_weight * elements / 8
         widths = allocate_widths({n: {b: (c["error"], c["bytes"]) for b, c in row.items()}
                                   for n, row in candidates.items()}, budget)
+        rounds = []
+        if self.probe is not None:
+            sizes = {n: {b: c["bytes"] for b, c in row.items()} for n, row in candidates.items()}
+            for _ in range(cfg.sensitivity_rounds):
+                widths, moved = _swap_round(self.probe, options, sizes, widths, budget)
+                rounds.append(moved)
+                if not moved["moves"]:
+                    break
         spent = sum(candidates[n][b]["bytes"] for n, b in widths.items())
-        return {"bits_per_weight_target": cfg.bits_per_weight, "budget_bytes": int(budget),
+        return {**({"rounds": rounds} if rounds else {}),"bits_per_weight_target": cfg.bits_per_weight, "budget_bytes": int(budget),
                 "estimated_bytes": int(spent), "bits_per_weight": 8 * spent / max(elements, 1),
                 "over_budget": spent > budget, "elements": int(elements),
                 "sensitivity": ("model output error, each candidate alone" if self.probe is not None else
@@ -1110,6 +1125,62 @@ def _refit_codebook(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target:
     snapped = (np.asarray(new_cents, np.float32)[labels] * (1 if out_scales is None else out_scales.astype(np.float32)[:, None]))
     return dataclasses.replace(clustered, snapped=np.ascontiguousarray(back(snapped.astype(np.float32))),
                                centroids=new_cents.astype(np.float32), scales=out_scales, int8_scale=int8_scale)
+
+
+def _swap_round(probe: OutputProbe, options: dict[str, dict[int, _Clustered]], sizes: dict[str, dict[int, int]],
+                widths: dict[str, int], budget: float) -> tuple[dict[str, int], dict[str, Any]]:
+    """One round of ``sensitivity_rounds``: with every tensor at its width, each tensor's output
+    error one width up and one down is measured in that context (the others shared, not float);
+    then the upgrades with the largest error drop per byte are taken, each paid by the downgrades
+    that cost least per byte when the budget is short, as long as the drop exceeds what they
+    cost. Returns the new widths and what was measured and moved."""
+    names = [n for n in widths if n in probe.names]
+    current = {n: options[n][widths[n]].snapped for n in names}
+    base = probe(current)
+    ups: list[tuple[float, str, int, int, float]] = []  # (gain per byte, name, width, extra bytes, gain)
+    downs: list[tuple[float, str, int, int, float]] = []  # (loss per byte, name, width, saved bytes, loss)
+    for n in names:
+        order = sorted(options[n])
+        i = order.index(widths[n])
+        if i + 1 < len(order):
+            b = order[i + 1]
+            gain = base - probe({**current, n: options[n][b].snapped})
+            extra = sizes[n][b] - sizes[n][widths[n]]
+            if gain > 0:
+                ups.append((gain / max(extra, 1), n, b, extra, gain))
+        if i > 0:
+            b = order[i - 1]
+            loss = probe({**current, n: options[n][b].snapped}) - base
+            saved = sizes[n][widths[n]] - sizes[n][b]
+            downs.append((max(loss, 0.0) / max(saved, 1), n, b, saved, max(loss, 0.0)))
+    ups.sort(key=lambda u: -u[0])
+    downs.sort(key=lambda d: d[0])
+    spent = sum(sizes[n][b] for n, b in widths.items())
+    new = dict(widths)
+    moves: list[str] = []
+    touched: set[str] = set()
+    for _, name, b, extra, gain in ups:
+        if name in touched:
+            continue
+        paid, loss, chosen = 0, 0.0, []
+        for _, dn, db, saved, dloss in downs:
+            if spent + extra - paid <= budget:
+                break
+            if dn in touched or dn == name:
+                continue
+            paid, loss = paid + saved, loss + dloss
+            chosen.append((dn, db))
+        if spent + extra - paid > budget or loss >= gain:
+            continue
+        new[name] = b
+        touched.add(name)
+        moves.append(f"{name}: {widths[name]} -> {b}")
+        for dn, db in chosen:
+            new[dn] = db
+            touched.add(dn)
+            moves.append(f"{dn}: {widths[dn]} -> {db}")
+        spent += extra - paid
+    return new, {"output_error": base, "moves": moves}
 
 
 def _probed_widths(widths: list[int], bits_per_weight: float, every: bool) -> list[int]:
