@@ -247,3 +247,41 @@ def test_bad_recipe_value_and_cli_errors(rng, tmp_path, capsys):
     assert report["allocation"]["estimated_bytes"] <= report["allocation"]["budget_bytes"]
     assert report["allocation"]["sensitivity"] == "weight error"
     assert all(t["bits"] in (2, 3, 4, 5, 6) for t in report["tensors"].values())
+
+
+def test_exchange_rounds_keep_the_budget_and_do_not_raise_the_joint_error(rng):
+    model = _branches(rng, quiet=0.05)
+    calib = _feeds(rng, 4)
+    _, report = compress(model, _recipe(bits_per_weight=3.0, sensitivity_rounds=2, bits_choices=(2, 3, 4)), calib)
+    alloc = _cluster_stats(report)["allocation"]
+    assert alloc["estimated_bytes"] <= alloc["budget_bytes"]
+    rounds = alloc["rounds"]
+    assert 1 <= len(rounds) <= 2 and all(r["output_error"] > 0 for r in rounds)
+    if len(rounds) == 2:  # the first round moved widths: the second measured the result
+        assert rounds[0]["moves"] and rounds[1]["output_error"] <= rounds[0]["output_error"] * 1.0001
+    with pytest.raises(ConfigError, match="sensitivity_rounds"):
+        ClusterConfig(sensitivity_rounds=-1)
+
+
+def test_exchange_round_buys_an_upgrade_with_the_cheapest_downgrade():
+    from types import SimpleNamespace
+
+    from onnxcomp.cluster.passes import _swap_round
+
+    errors = {"a": {2: 10.0, 3: 1.0, 4: 0.5}, "b": {2: 0.2, 3: 0.1, 4: 0.05}, "c": {2: 3.0, 3: 2.0, 4: 1.9}}
+
+    class Probe:  # the joint output error of the widths the arrays stand for
+        names = set(errors)
+
+        def __call__(self, weights):
+            return sum(errors[n][int(w[0])] for n, w in weights.items())
+
+    options = {n: {b: SimpleNamespace(snapped=np.array([b])) for b in (2, 3, 4)} for n in errors}
+    sizes = {n: {b: 100 * b for b in (2, 3, 4)} for n in errors}
+    widths, moved = _swap_round(Probe(), options, sizes, {"a": 2, "b": 3, "c": 3}, budget=800)
+    assert widths == {"a": 3, "b": 2, "c": 3}, moved  # a up, paid for by b, the cheapest loss per byte
+    assert sum(sizes[n][b] for n, b in widths.items()) <= 800
+    assert moved["output_error"] == pytest.approx(10.0 + 0.1 + 2.0)
+    # nothing is worth its price: no move
+    same, moved = _swap_round(Probe(), options, sizes, {"a": 4, "b": 4, "c": 4}, budget=1200)
+    assert same == {"a": 4, "b": 4, "c": 4} and moved["moves"] == []
