@@ -23,7 +23,9 @@ Storage formats:
   (:mod:`onnxcomp.sparsity.storage`; opset 18); one Split gives each tensor its labels and, with
   per-tensor codebooks, one table holds every codebook as a column (``codebook_int8``: int8 times
   one scale per tensor), so a tensor costs a ``Gather`` and a ``Reshape``. Decoding is again
-  folded at session creation.
+  folded at session creation. Tensors of different codebook sizes (``bits_per_weight``: a width
+  per tensor chosen under a byte budget from measured sensitivity) are grouped by width, each
+  group packed at its own width.
 
 Eligible tensors: float32 initializers with at least ``min_elements`` values that are the weight
 of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (embeddings), not
