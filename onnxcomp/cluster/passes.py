@@ -142,10 +142,9 @@ class ClusterConfig(PassConfig):
             from ``bits_choices`` so that labels, codebooks and channel scales average at most this
             many bits per clustered weight (densely packed; zeros stored as a bitmask only shrink
             it). Every tensor is shared at every candidate width (k-means, int8 codebook,
-            compensated assignment) and its error measured: the relative output error on the
-            layer-input Hessian ``X^T X`` of the calibration data with ``compensate``, the relative
-            weight error otherwise; :func:`allocate_widths` then picks the widths that minimise the
-            summed error within the byte budget. Needs ``format="sparse"`` and per-tensor codebooks.
+            compensated assignment) and its error measured (``sensitivity``);
+            :func:`allocate_widths` then picks the widths that minimise the summed error within the
+            byte budget. Needs ``format="sparse"`` and per-tensor codebooks.
             ``bits`` is then unused. The report's ``allocation`` gives the widths, and every
             tensor its ``bits`` and the error and bytes of each candidate.
         bits_choices: the candidate widths for ``bits_per_weight`` (1..8 bits).
@@ -158,11 +157,12 @@ class ClusterConfig(PassConfig):
             ``bits_per_weight`` only; the other widths take their layer error times the ratio
             (output error / layer error) of the nearest measured width: one inference per tensor
             and measured width instead of one per candidate. ``layer``: each tensor's own relative
-            output error (``X^T X``) or weight error, summed; no inference.
+            output error on the layer-input Hessian ``X^T X`` (with ``compensate``) or its relative
+            weight error, summed; no inference.
         sensitivity_samples: calibration feeds for ``sensitivity="output"``.
         sensitivity_rounds: rounds of exchanges after the allocation (``output`` sensitivities):
             each tensor's output error one width up and one down is measured with every other
-            tensor at its chosen width (errors measured alone add up to less than they do together),
+            tensor at its chosen width (errors measured alone need not add up to the joint one),
             and upgrades are bought with the downgrades that cost least (:func:`_swap_round`);
             two inferences per tensor and round.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
