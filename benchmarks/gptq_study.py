@@ -19,6 +19,7 @@ Prints one JSON line: build seconds, peak RSS of the build (MiB), file bytes, me
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -164,6 +165,31 @@ def _compress(model, recipe: str, overrides: dict, data):
     return built, {"stages": report.get("stages")}
 
 
+def _zipped_bytes(path: str) -> int:
+    """Bytes of a zip archive holding ``path`` as its one entry (deflate, level 9)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.write(path, os.path.basename(path))
+    return buf.getbuffer().nbytes
+
+
+def _allocation(report: dict) -> dict:
+    """The cluster stage's width per tensor (``bits_per_weight``): the allocation summary and
+    ``{tensor: bits}``, or nothing."""
+    for stage in report.get("stages") or ():
+        stats = stage.get("stats") or {}
+        if stage.get("stage") == "cluster" and stats.get("allocation"):
+            alloc = dict(stats["allocation"])
+            return {"allocation": {k: alloc[k] for k in ("bits_per_weight_target", "bits_per_weight", "budget_bytes",
+                                                         "estimated_bytes", "over_budget", "tensors_per_width", "rounds",
+                                                         "elements_per_width") if k in alloc},
+                    "widths": {n: [b, round(stats["tensors"][n]["candidates"][b]["error"], 7)]
+                               for n, b in (alloc.get("widths") or {}).items()}}
+    return {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gptq_study", description=__doc__.split("\n\n")[0])
     p.add_argument("model", choices=("minilm", "ppocr_rec", "digits_cnn", "digits_mlp", "digits_transformer"))
@@ -209,6 +235,9 @@ def main(argv=None) -> int:
     del quantized, model
     row = {"model": args.model, "config": fields, "augment": args.augment, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
            "file_bytes": os.path.getsize(out), "fp32_bytes": os.path.getsize(task.fp32_path)}
+    if args.recipe:
+        row["zipped_bytes"], row["fp32_zipped_bytes"] = _zipped_bytes(out), _zipped_bytes(str(task.fp32_path))
+        row.update(_allocation(report))
     rounding = report.get("rounding") or {}
     if rounding.get("method") == "gptq":
         row["rounding"] = {k: rounding[k] for k in ("layer_sqnr_db_nearest_median", "layer_sqnr_db_median",

@@ -144,6 +144,17 @@ def render_terminal(console, report: dict[str, Any]) -> None:
         console.print(f"worst layers: {esc(worst)}")
 
 
+def _chosen(tensor: dict[str, Any]) -> dict[str, Any]:
+    """A clustered tensor's candidate at its chosen width (keys are ints, or strings from JSON)."""
+    c = tensor["candidates"]
+    return c[tensor["bits"]] if tensor["bits"] in c else c[str(tensor["bits"])]
+
+
+def width_counts(allocation: dict[str, Any]) -> str:
+    """``2 bits x 10, 3 bits x 5, ...``: the tensors per codebook width of a cluster allocation."""
+    return ", ".join(f"{b} bits x {n}" for b, n in allocation["tensors_per_width"].items())
+
+
 def _stage_line(stage: dict[str, Any]) -> str:
     s = stage["stats"]
     name = stage["stage"]
@@ -168,7 +179,10 @@ def _stage_line(stage: dict[str, Any]) -> str:
         return ", ".join(parts)
     if name == "cluster":
         t = s["totals"]
-        return (f"{len(s['tensors'])} tensors, {s['clusters']} clusters, weights {_fmt_bytes(t['bytes_before'])} -> "
+        alloc = s.get("allocation")
+        clusters = (f"widths per tensor {width_counts(alloc)} ({alloc['bits_per_weight']:.2f} bits per weight, "
+                    f"budget {alloc['bits_per_weight_target']:g})" if alloc else f"{s['clusters']} clusters")
+        return (f"{len(s['tensors'])} tensors, {clusters}, weights {_fmt_bytes(t['bytes_before'])} -> "
                 f"{_fmt_bytes(t['bytes_after'])} ({_fmt_bytes(t['entropy_bytes'])} entropy-coded)")
     if name == "sparsity":
         t = s["totals"]
@@ -346,6 +360,13 @@ def render_html(report: dict[str, Any]) -> str:
                     out.append(_histograms([("before", h["before"], "#7f8c8d"), ("after", h["after"], "#c0392b")],
                                            h["edges"], f"{name} ({t['distinct_values']} values)"))
             out.append("</div>")
+            widths = [(name, t) for name, t in stage["stats"]["tensors"].items() if "bits" in t]
+            if widths:
+                out.append("<h2>Codebook width per tensor (bits_per_weight)</h2>")
+                out.append(_table(["tensor", "elements", "bits", "error (chosen)"],
+                                  [[name, f"{t['elements']:,}", str(t["bits"]),
+                                    f"{_chosen(t)['error']:.3g}"] for name, t in widths],
+                                  frozenset({1, 2, 3})))
     from onnxcomp.recipe import recipe_toml
 
     out.append("<h2>Recipe</h2><pre>" + html.escape(recipe_toml(recipe)) + "</pre>")

@@ -67,7 +67,7 @@ class ClusterStage(Stage):
 
     @classmethod
     def needs_data(cls, config: ClusterConfig) -> bool:
-        return config.compensate
+        return config.compensate or (config.bits_per_weight is not None and config.sensitivity != "layer")
 
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
         hessians = None
@@ -75,4 +75,10 @@ class ClusterStage(Stage):
             from onnxcomp.cluster.passes import cluster_hessians
 
             hessians = cluster_hessians(work, self.config, ctx.fit_data)
-        return ClusterPass(self.config, progress=ctx.progress_for(self.name), hessians=hessians)(work).stats
+        probe = None
+        if self.config.bits_per_weight is not None and self.config.sensitivity != "layer":
+            from onnxcomp.cluster.passes import output_probe
+
+            probe = output_probe(work, self.config, ctx.fit_data)
+        return ClusterPass(self.config, progress=ctx.progress_for(self.name), hessians=hessians,
+                           probe=probe)(work).stats

@@ -29,12 +29,25 @@ from onnxcomp.cli_common import (
 __all__: list[str] = []
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths in bits separated by commas, e.g. 2,3,4; got {text!r}") from None
+
+
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the clustered model")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
     size.add_argument("--clusters", type=int, help="number of clusters K")
+    size.add_argument("--bits-per-weight", type=float, metavar="B",
+                      help="mixed widths: each tensor's codebook width from --bits-choices so that labels, codebooks "
+                           "and scales average at most B bits per weight, least weight error first (needs --format "
+                           "sparse; the compress stage measures the model's output error on calibration data instead)")
+    p.add_argument("--bits-choices", type=_widths, default=(2, 3, 4, 5, 6),
+                   metavar="B,B,...", help="candidate widths for --bits-per-weight (default 2,3,4,5,6)")
     p.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
     p.add_argument("--channel-scales", choices=("auto", "always", "never"), default="auto",
                    help="one codebook per tensor plus a scale per output channel: always, never, or auto (default: "
@@ -72,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     con = console(args)
     config = ClusterConfig(
         bits=args.bits, clusters=args.clusters, per_channel=args.per_channel,
+        bits_per_weight=args.bits_per_weight, bits_choices=args.bits_choices, sensitivity="layer",
         channel_scales=args.channel_scales, init=args.init,
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
         format=args.format, seed=args.seed,
@@ -114,12 +128,18 @@ def _run(args: argparse.Namespace) -> int:
 
     for note in report["notes"]:
         con.print(f"[yellow]note:[/yellow] {esc(note)}")
-    table = Table(title=f"{config.k} clusters per {report['granularity']}, {args.format} format",
-                  title_justify="left")
-    for col in ("tensor", "shape", "codebook per", "distinct", "rel. MSE", "bytes", "after", "zipped", "entropy est."):
+    alloc = report.get("allocation")
+    from onnxcomp.report import width_counts
+
+    clusters = (f"widths {width_counts(alloc)} ({alloc['bits_per_weight']:.2f} bits per weight)" if alloc
+                else f"{config.k} clusters")
+    table = Table(title=f"{clusters} per {report['granularity']}, {args.format} format", title_justify="left")
+    for col in ("tensor", "shape", "codebook per", "bits", "distinct", "rel. MSE", "bytes", "after", "zipped",
+                "entropy est."):
         table.add_column(col, justify="left" if col in ("tensor", "shape", "codebook per") else "right")
     for name, t in report["tensors"].items():
-        table.add_row(esc(name), "x".join(map(str, t["shape"])), esc(t["granularity"]), str(t["distinct_values"]),
+        table.add_row(esc(name), "x".join(map(str, t["shape"])), esc(t["granularity"]),
+                      str(t.get("bits", (config.k - 1).bit_length())), str(t["distinct_values"]),
                       f"{t['relative_mse']:.2e}",
                       fmt_size(t["bytes_before"]), fmt_size(t["bytes_after"]), fmt_size(t["zlib_bytes_after"]),
                       fmt_size(t["entropy_bytes"]))

@@ -23,7 +23,9 @@ Storage formats:
   (:mod:`onnxcomp.sparsity.storage`; opset 18); one Split gives each tensor its labels and, with
   per-tensor codebooks, one table holds every codebook as a column (``codebook_int8``: int8 times
   one scale per tensor), so a tensor costs a ``Gather`` and a ``Reshape``. Decoding is again
-  folded at session creation.
+  folded at session creation. Tensors of different codebook sizes (``bits_per_weight``: a width
+  per tensor chosen under a byte budget from measured sensitivity) are grouped by width, each
+  group packed at its own width.
 
 Eligible tensors: float32 initializers with at least ``min_elements`` values that are the weight
 of a Conv/ConvTranspose/Gemm/MatMul (per the op table) or the data of a Gather (embeddings), not
@@ -41,6 +43,7 @@ the mean squared weight error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from collections.abc import Callable
@@ -74,7 +77,8 @@ from onnxcomp.sparsity.storage import (
     store_int8,
 )
 
-__all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET"]
+__all__ = ["ClusterConfig", "ClusterTarget", "find_cluster_targets", "ClusterPass", "CODEBOOK_UINT4_OPSET",
+           "allocate_widths"]
 
 #: Opset that introduced UINT4 tensors (Cast from uint4 included).
 CODEBOOK_UINT4_OPSET = 21
@@ -126,6 +130,41 @@ class ClusterConfig(PassConfig):
             assigned), instead of the nearest entry; exact zeros (pruned weights) stay zero.
             Needs data; tensors without a Hessian (Gather tables, ConvTranspose) keep the nearest.
         max_samples: calibration feeds for ``compensate``.
+        refit_codebook: after the compensated assignment (``compensate``), re-fit a per-tensor
+            codebook of at most 16 entries, and the channel scales, to the assigned labels by least
+            squares on the layer-input Hessian (``min tr(dW H dW^T)``: first the scales row by row,
+            then the entries jointly; an exact-zero entry stays zero; ``codebook_int8`` and
+            ``float16_scales`` re-round them), kept only where the output error drops.
+        float16_scales: channel scales (``channel_scales``) rounded to float16 before the labels
+            are assigned and stored as float16 (a Cast rebuilds them): 2 bytes per channel instead
+            of 4. A tensor whose scales float16 cannot hold closely keeps float32 ones.
+        bits_per_weight: mixed widths: each tensor's codebook width (bits per label) is chosen
+            from ``bits_choices`` so that labels, codebooks and channel scales average at most this
+            many bits per clustered weight (densely packed; zeros stored as a bitmask only shrink
+            it). Every tensor is shared at every candidate width (k-means, int8 codebook,
+            compensated assignment) and its error measured (``sensitivity``);
+            :func:`allocate_widths` then picks the widths that minimise the summed error within the
+            byte budget. Needs ``format="sparse"`` and per-tensor codebooks.
+            ``bits`` is then unused. The report's ``allocation`` gives the widths, and every
+            tensor its ``bits`` and the error and bytes of each candidate.
+        bits_choices: the candidate widths for ``bits_per_weight`` (1..8 bits).
+        sensitivity: what ``bits_per_weight`` minimises. ``output-all`` (needs calibration data):
+            the model's own outputs, each candidate tried alone in onnxruntime on the first
+            ``sensitivity_samples`` calibration feeds (relative squared error of every float output
+            against the unshared model's; the errors of the tensors are taken to add up); layers
+            differ in how much of their error reaches the outputs, which a layer's own error does
+            not tell. ``output`` (default): the same at the two widths nearest below
+            ``bits_per_weight`` only; the other widths take their layer error times the ratio
+            (output error / layer error) of the nearest measured width: one inference per tensor
+            and measured width instead of one per candidate. ``layer``: each tensor's own relative
+            output error on the layer-input Hessian ``X^T X`` (with ``compensate``) or its relative
+            weight error, summed; no inference.
+        sensitivity_samples: calibration feeds for ``sensitivity="output"``.
+        sensitivity_rounds: rounds of exchanges after the allocation (``output`` sensitivities):
+            each tensor's output error one width up and one down is measured with every other
+            tensor at its chosen width (errors measured alone need not add up to the joint one),
+            and upgrades are bought with the downgrades that cost least (:func:`_swap_round`);
+            two inferences per tensor and round.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -148,6 +187,13 @@ class ClusterConfig(PassConfig):
     compensate: bool = False
     max_samples: int = 64
     compact_graph: bool = False
+    float16_scales: bool = False
+    refit_codebook: bool = False
+    bits_per_weight: float | None = None
+    bits_choices: tuple[int, ...] = (2, 3, 4, 5, 6)
+    sensitivity: Literal["output", "output-all", "layer"] = "output"
+    sensitivity_samples: int = 16
+    sensitivity_rounds: int = 0
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -157,15 +203,35 @@ class ClusterConfig(PassConfig):
         "seed": Range(int, 0, 2**32 - 1),
         "max_iter": Range(int, 0, 1_000_000),
         "max_samples": Range(int, 1),
+        "bits_per_weight": Range(float, 1.0, 16.0),
+        "bits_choices": Range(int, 1, 8),
+        "sensitivity_samples": Range(int, 1),
+        "sensitivity_rounds": Range(int, 0, 10),
     }
 
     def validate(self) -> None:
         if self.per_channel and self.channel_scales == "always":
             raise ConfigError("cluster: per_channel and channel_scales='always' exclude each other")
         NodeSelector((), self.exclude)  # validates patterns
+        if self.bits_per_weight is not None:
+            if self.clusters is not None:
+                raise ConfigError("cluster: bits_per_weight chooses the width per tensor; clusters fixes one K for "
+                                  "all: set one of them")
+            if self.format != "sparse" or self.per_channel:
+                raise ConfigError("cluster: bits_per_weight needs format='sparse' with per-tensor codebooks (the "
+                                  "format that packs each tensor's labels at its own width), got "
+                                  f"format={self.format!r}" + (", per_channel" if self.per_channel else ""))
+            if not self.bits_choices:
+                raise ConfigError("cluster: bits_choices must list at least one width (bits per label, 1..8)")
+            if self.bits_per_weight < min(self.bits_choices):
+                raise ConfigError(f"cluster: bits_per_weight={self.bits_per_weight} is below the smallest of "
+                                  f"bits_choices {list(self.bits_choices)}: no width fits")
 
     @property
     def k(self) -> int:
+        """K, or with ``bits_per_weight`` the largest K a tensor may take."""
+        if self.bits_per_weight is not None:
+            return 2 ** max(self.bits_choices)
         return self.clusters if self.clusters is not None else 2**self.bits
 
 
@@ -249,9 +315,11 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         return CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else cls.min_opset
 
     def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None,
-                 hessians: dict[str, np.ndarray] | None = None):
+                 hessians: dict[str, np.ndarray] | None = None, probe: OutputProbe | None = None):
         super().__init__(config)
         self.progress = progress
+        #: ``sensitivity="output"``: the model's output error with some weights replaced
+        self.probe = probe
         #: weight name -> layer-input Hessian ``[groups, k, k]`` (``compensate``; see cluster_hessians)
         self.hessians = hessians or {}
 
@@ -263,6 +331,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         per_tensor: dict[str, dict[str, Any]] = {}
         pending: list[tuple[ClusterTarget, _Clustered]] = []
         total = len(targets)
+        chosen: list[tuple[ClusterTarget, np.ndarray, _Clustered]] = []
+        options: dict[str, dict[int, _Clustered]] = {}
         for done, target in enumerate(targets, 1):
             w = target.value.const_value.numpy()
             done_reason = self._already_clustered(w, target.channel_axis)
@@ -271,29 +341,37 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 exact = _exact_codebook(w)  # clustered before, stored as floats: store it as a codebook
             if done_reason and exact is None:
                 skipped[target.name] = done_reason
-            else:
-                clustered = exact if exact is not None else self._cluster(w, target.channel_axis)
-                if cfg.format == "sparse" and cfg.codebook_int8 and clustered.centroids.ndim == 1:
-                    clustered = _int8_codebook(w, clustered, target.channel_axis)
-                if exact is None and target.name in self.hessians:
-                    clustered = _compensated(w, clustered, self.hessians[target.name], target)
-                encoding = None
-                if cfg.format == "sparse":
-                    clustered = _zero_first(clustered)
-                    encoding = encode_labels(clustered.labels, cfg.k, 0)
-                stats = _tensor_stats(w, clustered, cfg.k, cfg.format, encoding)
-                stats["scope"] = graph_scope(target.value.graph, model)
-                if clustered.int8_scale is not None:
-                    stats["codebook_int8_scale"] = float(clustered.int8_scale)
-                if cfg.format == "float":
-                    target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
-                elif cfg.format == "sparse":
-                    pending.append((target, clustered))
-                else:
-                    self._store_codebook(target.value.graph, taken, target, clustered)
-                per_tensor[target.name] = stats
+            elif exact is not None or cfg.bits_per_weight is None:
+                chosen.append((target, w, self._shared(w, target, cfg.k, exact)))
+            else:  # every candidate width, chosen below under the budget
+                options[target.name] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+                chosen.append((target, w, options[target.name][max(options[target.name])]))
             if self.progress:
                 self.progress(done, total)
+        allocation = None
+        if options:
+            allocation = self._allocate(chosen, options)
+            chosen = [(t, w, options[t.name][allocation["widths"][t.name]] if t.name in options else c)
+                      for t, w, c in chosen]
+        for target, w, clustered in chosen:
+            encoding = None
+            k = clustered.centroids.shape[-1] if options else cfg.k
+            if cfg.format == "sparse":
+                encoding = encode_labels(clustered.labels, k, 0)
+            stats = _tensor_stats(w, clustered, k, cfg.format, encoding)
+            stats["scope"] = graph_scope(target.value.graph, model)
+            if allocation is not None and target.name in options:
+                stats["bits"] = allocation["widths"][target.name]
+                stats["candidates"] = allocation["candidates"][target.name]
+            if clustered.int8_scale is not None:
+                stats["codebook_int8_scale"] = float(clustered.int8_scale)
+            if cfg.format == "float":
+                target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
+            elif cfg.format == "sparse":
+                pending.append((target, clustered))
+            else:
+                self._store_codebook(target.value.graph, taken, target, clustered)
+            per_tensor[target.name] = stats
         totals = {
             key: sum(s[key] for s in per_tensor.values())
             for key in ("elements", "bytes_before", "bytes_after", "zlib_bytes_before", "zlib_bytes_after", "entropy_bytes")
@@ -321,6 +399,8 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             compaction = CompactGraphPass()(model).stats
         return bool(per_tensor) or bool(biases) or bool(compaction), {
             **({"compaction": compaction} if compaction is not None else {}),
+            **({"allocation": {k: v for k, v in allocation.items() if k != "candidates"}}
+               if allocation is not None else {}),
             "int8_biases": biases,
             "clusters": cfg.k,
             "format": cfg.format,
@@ -349,25 +429,94 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             return f"already has at most {k} distinct values per channel"
         return None
 
-    def _cluster(self, w: np.ndarray, axis: int) -> _Clustered:
+    def _shared(self, w: np.ndarray, target: ClusterTarget, k: int, exact: _Clustered | None = None) -> _Clustered:
+        """``w`` shared at ``k`` clusters as stored: k-means (or its ``exact`` codebook), the int8
+        codebook, the compensated assignment, the zero entry first (``sparse``)."""
         cfg = self.config
+        clustered = exact if exact is not None else self._cluster(w, target.channel_axis, k)
+        if cfg.format == "sparse" and cfg.codebook_int8 and clustered.centroids.ndim == 1:
+            clustered = _int8_codebook(w, clustered, target.channel_axis)
+        if exact is None and target.name in self.hessians:
+            clustered = _compensated(w, clustered, self.hessians[target.name], target)
+            if cfg.refit_codebook and clustered.centroids.ndim == 1 and clustered.centroids.size <= _REFIT_MAX_K:
+                clustered = _refit_codebook(w, clustered, self.hessians[target.name], target)
+        return _zero_first(clustered) if cfg.format == "sparse" else clustered
+
+    def _allocate(self, chosen: list[tuple[ClusterTarget, np.ndarray, _Clustered]],
+                  options: dict[str, dict[int, _Clustered]]) -> dict[str, Any]:
+        """Widths per tensor for ``bits_per_weight`` (:func:`allocate_widths` on each candidate's
+        measured error and stored bytes) and what the report says about them."""
+        cfg = self.config
+        int8 = cfg.codebook_int8
+        candidates: dict[str, dict[int, dict[str, float]]] = {}
+        elements = 0
+        for target, w, _ in chosen:
+            if target.name not in options:
+                continue
+            elements += w.size
+            h = self.hessians.get(target.name)
+            candidates[target.name] = {
+                b: {"layer_error": _relative_error(w, c, h, target), "bytes": _stored_bytes(c, b, int8)}
+                for b, c in options[target.name].items()}
+            row = candidates[target.name]
+            if self.probe is not None and target.name in self.probe.names:
+                probed = _probed_widths(sorted(row), cfg.bits_per_weight, cfg.sensitivity == "output-all")
+                for b in probed:
+                    row[b]["output_error"] = self.probe({target.name: options[target.name][b].snapped})
+                for b in row:  # the others: their layer error times the nearest probed width's gain
+                    if b not in probed:
+                        near = min(probed, key=lambda p: (abs(p - b), p))
+                        layer = row[near]["layer_error"]
+                        gain = row[near]["output_error"] / layer if layer > 0 else 0.0
+                        row[b]["output_error_estimate"] = gain * row[b]["layer_error"]
+            for c in row.values():
+                c["error"] = c.get("output_error", c.get("output_error_estimate", c["layer_error"]))
+        budget = cfg.bits_per_weight * elements / 8
+        widths = allocate_widths({n: {b: (c["error"], c["bytes"]) for b, c in row.items()}
+                                  for n, row in candidates.items()}, budget)
+        rounds = []
+        if self.probe is not None:
+            sizes = {n: {b: c["bytes"] for b, c in row.items()} for n, row in candidates.items()}
+            for _ in range(cfg.sensitivity_rounds):
+                widths, moved = _swap_round(self.probe, options, sizes, widths, budget)
+                rounds.append(moved)
+                if not moved["moves"]:
+                    break
+        spent = sum(candidates[n][b]["bytes"] for n, b in widths.items())
+        return {**({"rounds": rounds} if rounds else {}),"bits_per_weight_target": cfg.bits_per_weight, "budget_bytes": int(budget),
+                "estimated_bytes": int(spent), "bits_per_weight": 8 * spent / max(elements, 1),
+                "over_budget": spent > budget, "elements": int(elements),
+                "sensitivity": ("model output error, each candidate alone" if self.probe is not None else
+                                "layer output error on calibration data (X^T X)" if self.hessians else "weight error"),
+                "error": float(sum(candidates[n][b]["error"] for n, b in widths.items())),
+                "tensors_per_width": {str(b): sum(1 for v in widths.values() if v == b) for b in sorted(set(widths.values()))},
+                "elements_per_width": {str(b): int(sum(next(w.size for t, w, _ in chosen if t.name == n)
+                                                       for n, v in widths.items() if v == b))
+                                       for b in sorted(set(widths.values()))},
+                "widths": widths, "candidates": candidates}
+
+    def _cluster(self, w: np.ndarray, axis: int, k: int | None = None) -> _Clustered:
+        cfg = self.config
+        k = k or cfg.k
         preserve = cfg.preserve_zeros == "always" or (cfg.preserve_zeros == "auto" and bool(np.any(w == 0)))
         kw = {"init": cfg.init, "seed": cfg.seed, "max_iter": cfg.max_iter, "preserve_zero": preserve}
         scales = None
         if cfg.per_channel:
-            centroids, labels = cluster_per_channel(w, cfg.k, axis=axis, **kw)
+            centroids, labels = cluster_per_channel(w, k, axis=axis, **kw)
             moved = np.moveaxis(labels, axis, 0)
             rows = np.take_along_axis(centroids, moved.reshape(moved.shape[0], -1).astype(np.int64), axis=1)
             snapped = np.moveaxis(rows.reshape(moved.shape), 0, axis)
         else:
             if cfg.channel_scales != "always":
-                result = kmeans_1d(w, cfg.k, **kw)
+                result = kmeans_1d(w, k, **kw)
                 centroids, labels = result.centroids, result.labels
                 snapped = result.reconstruct()
             # (auto: not for channels of one weight, e.g. a vector weight: a scale per weight is no saving)
             if cfg.channel_scales == "always" or (cfg.channel_scales == "auto" and w.size > w.shape[axis] and
                                                   _worst_channel_error(w, snapped, axis) >= _DESTROYED):
-                centroids, labels, scales = cluster_channel_scaled(w, cfg.k, axis=axis, **kw)
+                centroids, labels, scales = cluster_channel_scaled(w, k, axis=axis, **kw)
+                if cfg.float16_scales and _float16_close(scales):
+                    scales = scales.astype(np.float16)
                 snapped = centroids[labels] * scales.reshape(_channel_shape(w.ndim, axis, scales.size))
         return _Clustered(np.asarray(snapped, np.float32).reshape(w.shape), np.asarray(centroids, np.float32),
                           labels, scales)
@@ -475,7 +624,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                                  add_initializer(graph, f"{target.name}_shape", shape, taken)])
         if clustered.scales is not None:
             scales = clustered.scales.reshape(_channel_shape(shape.size, target.channel_axis, clustered.scales.size))
-            weight = add("Mul", [weight, add_initializer(graph, f"{target.name}_scales", scales, taken)])
+            weight = add("Mul", [weight, _scales_input(add, add_initializer(graph, f"{target.name}_scales", scales, taken))])
         for node in nodes:
             graph.append(node)
         target.value.replace_all_uses_with(weight)
@@ -557,7 +706,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         weight = add("Gather", [add_initializer(graph, f"{name}_codebook", codebook, taken), index])
         if clustered.scales is not None:
             scales = clustered.scales.reshape(_channel_shape(len(shape), axis, clustered.scales.size))
-            weight = add("Mul", [weight, add_initializer(graph, f"{name}_scales", scales, taken)])
+            weight = add("Mul", [weight, _scales_input(add, add_initializer(graph, f"{name}_scales", scales, taken))])
         for node in nodes:
             graph.append(node)
         target.value.replace_all_uses_with(weight)
@@ -590,6 +739,11 @@ def _by_subgraph(per_tensor: dict[str, dict[str, Any]]) -> dict[str, dict[str, i
             for key in ("elements", "bytes_before", "bytes_after"):
                 row[key] += stats[key]
     return found
+
+
+def _scales_input(add: Callable[..., ir.Value], scales: ir.Value) -> ir.Value:
+    """Channel scales as float: stored float16 (``float16_scales``) they take a Cast."""
+    return add("Cast", [scales], to=ir.DataType.FLOAT) if scales.dtype == ir.DataType.FLOAT16 else scales
 
 
 def _channel_shape(ndim: int, axis: int, channels: int) -> list[int]:
@@ -680,6 +834,15 @@ def _float16_holds(values: np.ndarray) -> bool:
     return error <= 2.0**-11 * peak
 
 
+def _float16_close(values: np.ndarray) -> bool:
+    """Whether float16 holds every one of ``values`` within its relative precision (2^-11 of the
+    value itself, so no value in float16's subnormal range or beyond 65504)."""
+    v = np.asarray(values, np.float64)
+    with np.errstate(over="ignore"):
+        back = v.astype(np.float16).astype(np.float64)
+    return bool(np.all(np.isfinite(back)) and np.all(np.abs(back - v) <= 2.0**-11 * np.abs(v)))
+
+
 def _int8_codebook(w: np.ndarray, clustered: _Clustered, axis: int) -> _Clustered:
     """``clustered`` with its codebook rounded to its int8 grid (``codebook_int8``) and every
     weight re-assigned to the nearest rounded entry (exact zeros keep the zero entry)."""
@@ -715,26 +878,29 @@ def _shared_encoding(pending: list[tuple[ClusterTarget, _Clustered]], k: int,
     """The one encoding of all labels and the tensors in its order.
 
     Per-tensor codebooks of different sizes (layers shared at different widths by the sparsity
-    stage) get a bitmask with one label width per group of tensors (:func:`encode_bitmask_groups`,
-    the tensors ordered by width) when that saves more than the extra decoding nodes cost;
-    otherwise every label takes the widest width the codebooks need (``ceil(log2 k)`` with
-    per-channel codebooks), in the best of the three encodings."""
-    from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups
+    stage, or widths chosen per tensor by ``bits_per_weight``) get one label width per group of
+    tensors (the tensors ordered by width), densely packed (:func:`encode_dense_groups`) or, where
+    the zero entry is common enough, as a bitmask (:func:`encode_bitmask_groups`), when the
+    smaller of the two saves more than the extra decoding nodes cost; otherwise every label takes
+    the widest width the codebooks need (``ceil(log2 k)`` with per-channel codebooks), in the best
+    of the three encodings."""
+    from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups, encode_dense_groups
 
     widths = [bits_for(c.centroids.size) for _, c in pending]
     widest = max(widths) if per_tensor else max([bits_for(k), *widths])  # per tensor: what the codebooks need
-    if per_tensor and len(set(widths)) > 1:
-        nonzeros = [int(np.count_nonzero(c.labels)) for _, c in pending]
-        saved = sum(nz * (max(widths) - w) for nz, w in zip(nonzeros, widths)) / 8
-        if saved > _WIDTH_GROUP_BYTES:
-            order = sorted(range(len(pending)), key=lambda i: widths[i])
-            pending = [pending[i] for i in order]
-            groups = sorted(set(widths))
-            labels = [np.concatenate([c.labels.reshape(-1) for (_, c), w in zip(pending, sorted(widths)) if w == g])
-                      for g in groups]
-            return encode_bitmask_groups(labels, groups, 0), pending
     flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
-    return encode_labels(flat, 1 << widest, 0), pending
+    single = encode_labels(flat, 1 << widest, 0)
+    if per_tensor and len(set(widths)) > 1:
+        order = sorted(range(len(pending)), key=lambda i: widths[i])
+        grouped = [pending[i] for i in order]
+        groups = sorted(set(widths))
+        labels = [np.concatenate([c.labels.reshape(-1) for (_, c), w in zip(grouped, sorted(widths)) if w == g])
+                  for g in groups]
+        best = min((encode_dense_groups(labels, groups), encode_bitmask_groups(labels, groups, 0)),
+                   key=lambda e: e.nbytes)
+        if single.nbytes - best.nbytes > _WIDTH_GROUP_BYTES:
+            return best, grouped
+    return single, pending
 
 
 def _zero_first(clustered: _Clustered) -> _Clustered:
@@ -865,6 +1031,262 @@ def _compensated(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target: Cl
         return clustered
     return dataclasses.replace(clustered, snapped=np.ascontiguousarray(back(out).astype(np.float32)),
                                labels=np.ascontiguousarray(back(labels)).astype(clustered.labels.dtype))
+
+
+def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: float) -> dict[str, int]:
+    """A width per tensor that keeps the summed error low with the summed bytes within ``budget``.
+
+    ``options``: tensor -> width -> (error, bytes). Every tensor starts at its smallest option;
+    then, while the budget allows, the one upgrade (a tensor to any option that errs less) with
+    the largest error reduction per extra byte is taken (the greedy solution of the knapsack,
+    exact on convex error-size curves). When even the smallest options exceed the budget they are
+    kept (the caller reports it)."""
+    widths = {name: min(row, key=lambda b: (row[b][1], row[b][0])) for name, row in options.items()}
+    spent = sum(options[n][b][1] for n, b in widths.items())
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, b in widths.items():
+            err, size = options[name][b]
+            for nb, (nerr, nsize) in options[name].items():
+                extra = nsize - size
+                if nerr >= err or spent + extra > budget:
+                    continue
+                gain = (err - nerr) / max(extra, 1e-9)
+                if best is None or gain > best[0]:
+                    best = (gain, name, nb)
+        if best is None:
+            return widths
+        _, name, nb = best
+        spent += options[name][nb][1] - options[name][widths[name]][1]
+        widths[name] = nb
+
+
+#: ``refit_codebook``: codebooks of more entries are left as k-means and the assignment made them.
+_REFIT_MAX_K = 16
+
+
+def _refit_codebook(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target: ClusterTarget) -> _Clustered:
+    """``clustered`` with its channel scales and then its codebook re-fitted to its labels by least
+    squares on ``h`` (``ClusterConfig.refit_codebook``); kept only where ``tr(dW H dW^T)`` drops."""
+    layout = _rows_layout(target, w)
+    if layout is None:
+        return clustered
+    w_nk = np.asarray(layout[0], np.float64)
+    back = layout[1]
+    n, k = w_nk.shape
+    if h.shape[-1] != k or n % h.shape[0]:
+        return clustered
+    groups = h.shape[0]
+    hg = np.asarray(h, np.float64)
+    labels = np.asarray(_rows_layout(target, clustered.labels)[0], np.int64)
+    cents = np.asarray(clustered.centroids, np.float64)
+    K = cents.size
+    half = clustered.scales is not None and clustered.scales.dtype == np.float16
+    scales = np.ones(n) if clustered.scales is None else np.asarray(clustered.scales, np.float64)
+
+    def times_h(a: np.ndarray) -> np.ndarray:  # a [n, k] @ h per group
+        return np.matmul(a.reshape(groups, n // groups, k), hg).reshape(n, k)
+
+    wh = times_h(w_nk)
+
+    def error(c: np.ndarray, sc: np.ndarray) -> float:
+        d = w_nk - sc[:, None] * c[labels]
+        return float(np.sum(times_h(d) * d))
+
+    before = error(cents, scales)
+    new_scales = scales
+    if clustered.scales is not None:
+        q = cents[labels]
+        qh = times_h(q)
+        num, den = np.sum(qh * w_nk, axis=1), np.sum(qh * q, axis=1)
+        ok = (den > 0) & (num > 0)
+        new_scales = np.where(ok, num / np.where(ok, den, 1.0), scales)
+        if half:
+            new_scales = np.where(_float16_close(new_scales), new_scales.astype(np.float16), scales)
+            new_scales = np.asarray(new_scales, np.float64)
+    free = [a for a in range(K) if cents[a] != 0.0]
+    a_mat = np.zeros((K, K))
+    rhs = np.zeros(K)
+    flat = labels.reshape(-1)
+    for a in free:
+        m_a = new_scales[:, None] * (labels == a)
+        rhs[a] = float(np.sum(wh * m_a))
+        a_mat[a] = np.bincount(flat, weights=(times_h(m_a) * new_scales[:, None]).reshape(-1), minlength=K)
+    sub = np.ix_(free, free)
+    new_cents = cents.copy()
+    with contextlib.suppress(np.linalg.LinAlgError):
+        new_cents[free] = np.linalg.solve(a_mat[sub] + 1e-12 * np.trace(a_mat[sub]) * np.eye(len(free)), rhs[free])
+    int8_scale = clustered.int8_scale
+    if int8_scale is not None:
+        qc, int8_scale = int8_symmetric(new_cents.astype(np.float32))
+        new_cents = qc.astype(np.float64) * float(int8_scale)
+    new_cents = new_cents.astype(np.float32).astype(np.float64)
+    if not error(new_cents, new_scales) < before:
+        return clustered
+    out_scales = None if clustered.scales is None else new_scales.astype(clustered.scales.dtype)
+    snapped = (np.asarray(new_cents, np.float32)[labels] * (1 if out_scales is None else out_scales.astype(np.float32)[:, None]))
+    return dataclasses.replace(clustered, snapped=np.ascontiguousarray(back(snapped.astype(np.float32))),
+                               centroids=new_cents.astype(np.float32), scales=out_scales, int8_scale=int8_scale)
+
+
+def _swap_round(probe: OutputProbe, options: dict[str, dict[int, _Clustered]], sizes: dict[str, dict[int, int]],
+                widths: dict[str, int], budget: float) -> tuple[dict[str, int], dict[str, Any]]:
+    """One round of ``sensitivity_rounds``: with every tensor at its width, each tensor's output
+    error one width up and one down is measured in that context (the others shared, not float);
+    then the upgrades with the largest error drop per byte are taken, each paid by the downgrades
+    that cost least per byte when the budget is short, as long as the drop exceeds what they
+    cost. Returns the new widths and what was measured and moved."""
+    names = [n for n in widths if n in probe.names]
+    current = {n: options[n][widths[n]].snapped for n in names}
+    base = probe(current)
+    ups: list[tuple[float, str, int, int, float]] = []  # (gain per byte, name, width, extra bytes, gain)
+    downs: list[tuple[float, str, int, int, float]] = []  # (loss per byte, name, width, saved bytes, loss)
+    for n in names:
+        order = sorted(options[n])
+        i = order.index(widths[n])
+        if i + 1 < len(order):
+            b = order[i + 1]
+            gain = base - probe({**current, n: options[n][b].snapped})
+            extra = sizes[n][b] - sizes[n][widths[n]]
+            if gain > 0:
+                ups.append((gain / max(extra, 1), n, b, extra, gain))
+        if i > 0:
+            b = order[i - 1]
+            loss = probe({**current, n: options[n][b].snapped}) - base
+            saved = sizes[n][widths[n]] - sizes[n][b]
+            downs.append((max(loss, 0.0) / max(saved, 1), n, b, saved, max(loss, 0.0)))
+    ups.sort(key=lambda u: -u[0])
+    downs.sort(key=lambda d: d[0])
+    spent = sum(sizes[n][b] for n, b in widths.items())
+    new = dict(widths)
+    moves: list[str] = []
+    touched: set[str] = set()
+    for _, name, b, extra, gain in ups:
+        if name in touched:
+            continue
+        paid, loss, chosen = 0, 0.0, []
+        for _, dn, db, saved, dloss in downs:
+            if spent + extra - paid <= budget:
+                break
+            if dn in touched or dn == name:
+                continue
+            paid, loss = paid + saved, loss + dloss
+            chosen.append((dn, db))
+        if spent + extra - paid > budget or loss >= gain:
+            continue
+        new[name] = b
+        touched.add(name)
+        moves.append(f"{name}: {widths[name]} -> {b}")
+        for dn, db in chosen:
+            new[dn] = db
+            touched.add(dn)
+            moves.append(f"{dn}: {widths[dn]} -> {db}")
+        spent += extra - paid
+    return new, {"output_error": base, "moves": moves}
+
+
+def _probed_widths(widths: list[int], bits_per_weight: float, every: bool) -> list[int]:
+    """The candidate widths whose model output error ``sensitivity="output"`` measures: every one
+    (``output-all``), else the two nearest below or at ``bits_per_weight`` (where the budget puts
+    most tensors; the smallest ones when none is below)."""
+    if every or len(widths) <= 2:
+        return list(widths)
+    below = [b for b in widths if b <= bits_per_weight]
+    return below[-2:] if len(below) >= 2 else widths[:2]
+
+
+def _stored_bytes(clustered: _Clustered, bits: int, codebook_int8: bool) -> int:
+    """What the ``sparse`` format stores for one tensor at ``bits`` bits per label, densely packed:
+    its labels, its codebook (int8 plus a float32 scale with ``codebook_int8``) and channel scales."""
+    book = clustered.centroids.size + 4 if codebook_int8 and clustered.centroids.ndim == 1 else clustered.centroids.nbytes
+    return -(-clustered.labels.size * bits // 8) + book + (0 if clustered.scales is None else clustered.scales.nbytes)
+
+
+def _relative_error(w: np.ndarray, clustered: _Clustered, h: np.ndarray | None, target: ClusterTarget) -> float:
+    """The tensor's relative output error ``tr(dW H dW^T) / tr(W H W^T)`` on its layer-input
+    Hessian ``h`` (all groups together), or its relative weight error ``||dW||^2 / ||W||^2`` where
+    there is no Hessian that fits."""
+    layout = _rows_layout(target, w) if h is not None else None
+    if layout is not None and h.shape[-1] == layout[0].shape[1] and layout[0].shape[0] % h.shape[0] == 0:
+        w_nk = np.asarray(layout[0], np.float64)
+        dw = w_nk - np.asarray(_rows_layout(target, clustered.snapped)[0], np.float64)
+        rows = w_nk.shape[0] // h.shape[0]
+        num = den = 0.0
+        for g in range(h.shape[0]):
+            part = slice(g * rows, (g + 1) * rows)
+            num += float(np.sum((dw[part] @ h[g]) * dw[part]))
+            den += float(np.sum((w_nk[part] @ h[g]) * w_nk[part]))
+        if den > 0:
+            return max(num, 0.0) / den
+    wd = np.asarray(w, np.float64)
+    energy = float(np.sum(wd**2))
+    return float(np.sum((wd - clustered.snapped) ** 2)) / energy if energy > 0 else 0.0
+
+
+class OutputProbe:
+    """The relative output error of a model with some of its weights replaced, on a few feeds:
+    ``probe({name: array})`` -> ``sum ||y - y0||^2 / sum ||y0||^2`` over every float output and
+    feed (``y0``: the outputs with the weights as they are). One onnxruntime session, in which the
+    weights ``names`` are inputs with their values as defaults (built on ``model`` with the
+    weights listed as graph inputs for the session's creation only; ``model`` is left as it was)."""
+
+    def __init__(self, model: ir.Model, names: list[str], feeds: list[dict[str, np.ndarray]]):
+        from onnxcomp.runtime import create_session, session_options
+
+        values = [model.graph.initializers[n] for n in names if n in model.graph.initializers]
+        inputs = model.graph.inputs
+        inputs.extend(values)
+        try:
+            self.session = create_session(model, sess_options=session_options("all"))
+        finally:
+            for _ in values:
+                inputs.pop()
+        self.names = {v.name for v in values}
+        self.floats = [i for i, o in enumerate(self.session.get_outputs()) if o.type == "tensor(float)"]
+        self.feeds = feeds
+        self.reference = [self._outputs_one(f, {}) for f in feeds]
+        batched = _batched(feeds)
+        if batched is not None:  # one run on the feeds stacked, where it gives the same outputs
+            with contextlib.suppress(Exception):
+                joined = [np.concatenate(ys) for ys in zip(*self.reference)]
+                got = self._outputs_one(batched, {})
+                if all(g.shape == j.shape and np.allclose(g, j, rtol=1e-3, atol=1e-5) for g, j in zip(got, joined)):
+                    self.feeds, self.reference = [batched], [got]
+        self.energy = sum(float(np.sum(y.astype(np.float64) ** 2)) for ys in self.reference for y in ys)
+
+    def _outputs_one(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.session.run(None, {**feed, **weights})
+        return [out[i] for i in self.floats]
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> float:
+        err = 0.0
+        for feed, ref in zip(self.feeds, self.reference):
+            for y, y0 in zip(self._outputs_one(feed, weights), ref):
+                err += float(np.sum((y.astype(np.float64) - y0) ** 2))
+        return err / self.energy if self.energy > 0 else err
+
+
+def _batched(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """The feeds stacked along their first axis, when there are several of equal shapes."""
+    if len(feeds) < 2 or any(f.keys() != feeds[0].keys() for f in feeds):
+        return None
+    if any(np.ndim(f[k]) == 0 or np.shape(f[k]) != np.shape(feeds[0][k]) for f in feeds for k in f):
+        return None
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def output_probe(model: ir.Model, config: ClusterConfig, data: Any) -> OutputProbe | None:
+    """The :class:`OutputProbe` of ``sensitivity="output"`` on the main graph's clustered weights."""
+    from onnxcomp.data import load_data
+
+    if data is None:
+        return None
+    targets, _ = find_cluster_targets(model, config)
+    names = [t.name for t in targets if t.value.graph is model.graph]
+    if not names:
+        return None
+    feeds = [dict(f) for f in load_data(data, model, limit=config.sensitivity_samples)]
+    return OutputProbe(model, names, feeds)
 
 
 def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progress=None) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ import onnx_ir as ir
 from onnxcomp.cluster.kmeans import huffman_bits_per_symbol
 
 __all__ = ["SPARSE_STORAGE_OPSET", "LabelEncoding", "bits_for", "pack_bits", "unpack_bits", "encode_labels",
-           "encode_bitmask_groups",
+           "encode_bitmask_groups", "encode_dense_groups",
            "decode_labels", "build_label_decoder", "bias_tensors", "int8_symmetric", "store_int8"]
 
 #: BitwiseAnd (the bit unpacking) needs opset 18.
@@ -212,6 +212,19 @@ def encode_bitmask_groups(labels: list[np.ndarray], bits: list[int], zero_label:
                          groups=tuple((int(b), int(k.size)) for b, k in zip(bits, kept)))
 
 
+def encode_dense_groups(labels: list[np.ndarray], bits: list[int]) -> LabelEncoding:
+    """A dense encoding of the concatenation of ``labels`` where group ``i``'s labels are packed at
+    ``bits[i]`` bits (tensors given codebooks of different sizes, without zeros worth a mask)."""
+    flats = [np.asarray(a).reshape(-1).astype(np.int64) for a in labels]
+    for flat, b in zip(flats, bits):
+        if flat.size and (flat.min() < 0 or flat.max() >= 1 << b):
+            raise ValueError(f"labels must lie in [0, {(1 << b) - 1}] for {b} bits")
+    flat = np.concatenate(flats)
+    return LabelEncoding("dense", (flat.size,), max(bits), np.concatenate([pack_bits(f, b) for f, b in zip(flats, bits)]),
+                         int(flat.size), label_counts=np.bincount(flat, minlength=1),
+                         groups=tuple((int(b), int(f.size)) for b, f in zip(bits, flats)))
+
+
 def _group_streams(enc: LabelEncoding) -> list[tuple[int, int, np.ndarray]]:
     """``(bits, count, packed)`` per group of a grouped bitmask encoding."""
     out, offset = [], 0
@@ -225,7 +238,9 @@ def _group_streams(enc: LabelEncoding) -> list[tuple[int, int, np.ndarray]]:
 def decode_labels(enc: LabelEncoding) -> np.ndarray:
     """The labels (int64, the weight's shape) that ``enc`` stores: the numpy reference decoder."""
     n = enc.n
-    if enc.groups is not None:
+    if enc.groups is not None and enc.kind == "dense":
+        flat = np.concatenate([unpack_bits(packed, b, count) for b, count, packed in _group_streams(enc)])
+    elif enc.groups is not None:
         mask = np.unpackbits(enc.mask, bitorder="little")[:n].astype(np.int64)
         kept = [unpack_bits(packed, b, count) for b, count, packed in _group_streams(enc)]
         ext = np.concatenate([[enc.zero_label], *kept])
@@ -283,7 +298,8 @@ def build_label_decoder(
         values[name] = field
         offset += array.size
     if enc.kind == "dense":
-        flat = values["labels"]
+        groups = [values[name] for name, _, _, _ in fields]
+        flat = groups[0] if len(groups) == 1 else add("Concat", groups, axis=0)
     elif enc.kind == "bitmask":
         mask = values["mask"]
         rank = add("Mul", [add("CumSum", [mask, const("zero64", i64(0))]), mask])
@@ -301,6 +317,9 @@ def build_label_decoder(
 
 def _stream_fields(enc: LabelEncoding) -> list[tuple[str, np.ndarray, int, int]]:
     """The packed arrays of ``enc`` in stream order: (name, uint8 bytes, bits per value, values)."""
+    if enc.kind == "dense" and enc.groups is not None:
+        return [(f"labels{i}" if i else "labels", packed, b, count)
+                for i, (b, count, packed) in enumerate(_group_streams(enc))]
     if enc.kind == "dense":
         return [("labels", enc.labels, enc.label_bits, enc.n)]
     if enc.groups is not None:  # the first group's stream starts with zero_label
