@@ -173,3 +173,14 @@ def test_a_reader_inside_an_if_branch_is_not_split(rng):
     feeds = [{**f, "c": np.array(True)} for f in _feeds(rng, 8)]
     split, stats = _split(model, feeds)
     assert stats == {"split": {}, "left": {}}
+
+
+def test_a_narrow_input_is_not_split(rng):
+    """Eight input channels: fewer than CHANNELS_PER_SPLIT per split channel (and one value per
+    channel in every feed, which once emptied the ordinary channels' range)."""
+    model = io.load_model(make_proto([oh.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+                                      oh.make_node("Relu", ["m"], ["y"], name="act")],
+                                     [("x", ["N", 8])], [("y", ["N", 4])], [("w", rng.standard_normal((8, 4)).astype(F32))]))
+    feeds = [{"x": np.array([[100.0] + [1.0] * 7], F32)} for _ in range(4)]
+    _, stats = _split(model, feeds)
+    assert stats == {"split": {}, "left": {}}

@@ -29,9 +29,11 @@ per-channel weight scale. The second term is float work of size ``[..., |O|] x [
 feeds; channels are taken in order of their largest magnitude. On the first ``sample_feeds``
 feeds, the 8-bit grid's SQNR of the split (error: the grid's rounding of the clipped ordinary
 channels, their clipping included; the split channels are exact) is measured for 0 to
-``max_channels`` channels split. A tensor is split only where the whole-range grid keeps less than ``min_db`` (the
-plan would keep its readers float), with the fewest channels reaching ``target_db``, or the best
-count if that still reaches ``min_db``; otherwise it is left alone, with the reason.
+``max_channels`` channels split, and at most one per :data:`CHANNELS_PER_SPLIT` input channels (a
+narrow MatMul is not split at all). A tensor is split only where the whole-range grid keeps less
+than ``min_db`` (the plan would keep its readers float), with the fewest channels reaching
+``target_db``, or the best count if that still reaches ``min_db``; otherwise it is left alone,
+with the reason.
 
 **Eligible** (analysis): a float32 tensor of the main graph, not a graph output, every reader a
 main-graph MatMul reading it as its first input with a 2-D constant float32 weight, allowed by the
@@ -150,6 +152,10 @@ def _output_end(node: ir.Node) -> ir.Value:
     return y
 
 
+#: At least this many input channels per channel split off (a MatMul over 8 channels splits none).
+CHANNELS_PER_SPLIT = 16
+
+
 class _Extents:
     """Per-channel min / max of one tensor over the feeds (last axis)."""
 
@@ -194,6 +200,9 @@ class OutlierSplitPass(CompressionPass[OutlierSplitConfig]):
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
         candidates = split_candidates(model, NodeSelector(cfg.op_types, cfg.exclude))
+        limits = {x.name: min(cfg.max_channels, _channels(readers) // CHANNELS_PER_SPLIT)
+                  for x, readers in candidates.items()}
+        candidates = {x: readers for x, readers in candidates.items() if limits[x.name] > 0}
         if not candidates:
             return False, {"split": {}, "left": {}}
         extents = {x.name: _Extents(_channels(candidates[x])) for x in candidates}
@@ -202,14 +211,13 @@ class OutlierSplitPass(CompressionPass[OutlierSplitConfig]):
                 extents[name].update(v)
         orders = {name: np.argsort(-np.maximum(np.abs(e.lo), np.abs(e.hi)), kind="stable")
                   for name, e in extents.items()}
-        counts = range(cfg.max_channels + 1)
         power = dict.fromkeys(extents, 0.0)
-        noise = {name: np.zeros(len(counts)) for name in extents}
+        noise = {name: np.zeros(limits[name] + 1) for name in extents}
         for values in stream_values(model, list(extents), self.data, max_feeds=cfg.sample_feeds):
             for name, v in values.items():
                 x = np.asarray(v, np.float32)
                 power[name] += float(np.square(x, dtype=np.float64).sum())
-                for n in counts:
+                for n in range(limits[name] + 1):
                     lo, hi = self._rest_range(extents[name], orders[name][:n])
                     noise[name][n] += _grid_error(x, lo, hi, orders[name][:n], cfg)
         split: dict[str, Any] = {}
@@ -219,10 +227,10 @@ class OutlierSplitPass(CompressionPass[OutlierSplitConfig]):
             db = [10 * np.log10(power[x.name] / e) if e > 0 else np.inf for e in noise[x.name]]
             if db[0] >= cfg.min_db:
                 continue  # the whole-range grid is fine: nothing to do (not worth a line)
-            reaching = [n for n in counts[1:] if db[n] >= cfg.target_db]
+            reaching = [n for n in range(1, len(db)) if db[n] >= cfg.target_db]
             n = reaching[0] if reaching else int(np.argmax(db[1:])) + 1
             if db[n] < cfg.min_db:
-                left[x.name] = (f"{db[0]:.1f} dB on its 8-bit grid; splitting up to {cfg.max_channels} channels "
+                left[x.name] = (f"{db[0]:.1f} dB on its 8-bit grid; splitting up to {len(db) - 1} channels "
                                 f"reaches only {max(db[1:]):.1f} dB")
                 continue
             channels = np.sort(orders[x.name][:n])
