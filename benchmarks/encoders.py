@@ -55,6 +55,9 @@ def _tokenizer(folder: Path, pad: bool):
     if pad:
         tok.enable_truncation(max_length=SEQ)
         tok.enable_padding(length=SEQ, pad_id=0, pad_token="[PAD]")
+    else:  # tokenizer.json may switch padding/truncation on (MiniLM's pads to 128): running text needs neither
+        tok.no_padding()
+        tok.no_truncation()
     return tok
 
 
