@@ -75,7 +75,7 @@ def test_the_split_is_exact_in_float_and_takes_the_outlier_channel(rng):
 def test_static_quantize_runs_the_reader_in_int8_instead_of_float(rng):
     model = _ffn(rng)
     calib, held_out = _feeds(rng, 24), _feeds(rng, 8)
-    quantized, report = quantize(model, calib)
+    quantized, report = quantize(model, calib, QuantizeConfig(split_outliers=True))
     assert "ffn2" not in report["skipped"]
     assert "outlier-channel correction" in report["skipped"]["ffn2_split_correction"]
     assert report["recovery"]["outliers"]["split"]["h"]["channels"] == [7]
@@ -85,8 +85,8 @@ def test_static_quantize_runs_the_reader_in_int8_instead_of_float(rng):
     sqnr = compare_models(model, quantized, Dataset(held_out, model)).outputs[0].sqnr_db
     # measured on this seed: 36.8 dB on held-out feeds
     assert sqnr > 30.0
-    # without the split, the coarse-grid rule keeps the reader float
-    _, plain = quantize(model, calib, QuantizeConfig(split_outliers=False))
+    # without the split (the default), the coarse-grid rule keeps the reader float
+    _, plain = quantize(model, calib)
     assert "rare large values" in plain["skipped"]["ffn2"]
     assert "outliers" not in plain.get("recovery", {})
 
@@ -119,7 +119,7 @@ def test_bad_settings_are_refused(config, field):
         OutlierSplitConfig(**config)
 
 
-def test_cli_reports_the_split_and_turns_it_off(rng, tmp_path, capsys):
+def test_cli_turns_the_split_on_and_reports_it(rng, tmp_path, capsys):
     import json
 
     from onnxcomp.cli import main
@@ -131,20 +131,20 @@ def test_cli_reports_the_split_and_turns_it_off(rng, tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", h=np.concatenate([f["h"] for f in feeds]))
     args = ["quantize", str(src), "-o", str(out), "--calibration", str(tmp_path / "calib.npz"), "--json",
             "--no-latency"]
-    assert main(args) == 0
+    assert main([*args, "--split-outliers"]) == 0
     report = json.loads(capsys.readouterr().out)
     notes = " ".join(report["notes"])
     assert "1 MatMul input(s) had 1 outlier channel(s) split off" in notes
     assert "ffn2" not in report["skipped"]
-    assert main([*args, "--no-split-outliers"]) == 0
+    assert main(args) == 0  # off by default
     report = json.loads(capsys.readouterr().out)
     assert "rare large values" in report["skipped"]["ffn2"]
     # dynamic mode given calibration data splits too: the reader's run-time range is then the ordinary channels'
-    assert main([*args, "--mode", "dynamic"]) == 0
+    assert main([*args, "--mode", "dynamic", "--split-outliers"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "1 MatMul input(s) had 1 outlier channel(s) split off" in " ".join(report["notes"])
     assert "outlier-channel correction" in report["skipped"]["ffn2_split_correction"]
-    assert main([*args, "--mode", "weight-only", "--no-split-outliers"]) == 1
+    assert main([*args, "--mode", "weight-only", "--split-outliers"]) == 1
     assert "split_outliers" in capsys.readouterr().err
 
 

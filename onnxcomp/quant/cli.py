@@ -100,8 +100,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "transformer path given --calibration, off elsewhere)")
     p.add_argument("--split-outliers", action=argparse.BooleanOptionalAction, default=None,
                    help="static mode: a MatMul input whose 8-bit grid is too coarse because of a few outlier "
-                        "channels gets them split off into a small float correction, so the MatMul runs in int8 "
-                        "(default: on)")
+                        "channels gets them split off into a small float correction, so the MatMul runs in int8: "
+                        "faster, a little less accurate (default: off)")
     p.add_argument("--bias-correction", action="store_true", help="correct each layer's mean output error afterwards")
     p.add_argument("--fidelity-target", type=float, metavar="SQNR_DB",
                    help="move the most sensitive nodes back to float until the output SQNR reaches this")
