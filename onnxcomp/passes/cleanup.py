@@ -104,11 +104,9 @@ class _FuseConvBiasAdd(onnx_ir.passes.InPlacePass):
                     bias = old.const_value.numpy().astype(np.float32) + bias
                 base = old.name if old is not None else conv.inputs[1].name
                 new_bias = add_initializer(model.graph, f"{base}_bias", bias.astype(np.float32), all_value_names(model.graph))
-                if old is not None:
-                    conv.replace_input_with(2, new_bias)
-                else:
+                if old is None:
                     conv.resize_inputs(3)
-                    conv.replace_input_with(2, new_bias)
+                conv.replace_input_with(2, new_bias)
                 out = add.outputs[0]
                 if conv_out.type is None:
                     conv_out.type = out.type

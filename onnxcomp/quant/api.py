@@ -146,11 +146,11 @@ def quantize_in_place(
                      progress=progress, threads=threads, keep=kept.append if keep is not None else None)
     if split is not None:
         report.setdefault("recovery", {})["outliers"] = split
-    split = (report.get("recovery") or {}).get("outliers", {}).get("split")
-    if split:
+    splits = (report.get("recovery") or {}).get("outliers", {}).get("split")
+    if splits:
         from onnxcomp.quant.outliers import split_note
 
-        notes.append(split_note(split))
+        notes.append(split_note(splits))
     if encoder is not None:
         ffn_output_notes(encoder, report, notes)
         if kept:  # variants finish the same way

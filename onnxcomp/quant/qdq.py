@@ -122,7 +122,9 @@ def plan_static(
     int8, so every tensor this plan quantizes has a range. Without it, keeping a MatMul float could
     tip its bias Add into int8, whose output was never observed.
     """
-    keep_float = dict(keep_float or {})
+    # nodes a pass made to stay float carry their reason (KEEP_FLOAT_KEY)
+    marked = {n.name: n.metadata_props[KEEP_FLOAT_KEY] for n in model.graph if KEEP_FLOAT_KEY in n.metadata_props}
+    keep_float = {**marked, **(keep_float or {})}
     if config.excitation_float:
         keep_float = {**excitation_nodes(model), **keep_float}
     outputs = {v.name for v in model.graph.outputs}
@@ -221,10 +223,6 @@ def _compute_nodes(
             continue
         if node.name in keep_float:
             skipped[label] = keep_float[node.name]
-            kept_float.add(node.name)
-            continue
-        if KEEP_FLOAT_KEY in node.metadata_props:  # a pass made it to stay float
-            skipped[label] = node.metadata_props[KEEP_FLOAT_KEY]
             kept_float.add(node.name)
             continue
         if within is not None and node.name not in within.nodes:
