@@ -698,8 +698,8 @@ __all__ += ["QDQ_CONVERSION_OPS", "INT8_KERNEL_FLOAT_OPS", "FLOAT_OP_FUSIONS"]
 
 
 # --------------------------------------------------------------------------------------------
-# Global spatial pooling and gates (squeeze-and-excitation blocks, see onnxcomp.quant.qdq's
-# excitation_nodes): which ops reduce every spatial axis of NCHW-like data to one value per
+# Global spatial pooling and gates (squeeze-and-excitation blocks, see
+# onnxcomp.analysis.excitation): which ops reduce every spatial axis of NCHW-like data to one value per
 # channel, and where a Reduce op reads its axes.
 # --------------------------------------------------------------------------------------------
 

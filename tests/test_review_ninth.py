@@ -13,11 +13,11 @@ import pytest
 from conftest import make_proto
 
 from onnxcomp import io
+from onnxcomp.analysis.excitation import excitation_nodes
 from onnxcomp.measure.fidelity import compare_models
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.qdq import excitation_nodes
 from onnxcomp.runtime import run_model
 
 # ---------------------------------------------------------------------------------------------

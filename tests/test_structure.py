@@ -159,6 +159,26 @@ def test_no_import_error_of_the_package_is_swallowed():
     assert offenders == []
 
 
+#: Layering: a package prefix -> the onnxcomp packages its modules never import (anywhere in their
+#: body, lazily too). The generic passes (cleanup, compaction, specialization) serve every
+#: compression method, so they take their graph analysis from onnxcomp.analysis / onnxcomp.ops,
+#: never from a method's package.
+FORBIDDEN_IMPORTS = {
+    "onnxcomp.passes": ("onnxcomp.quant", "onnxcomp.prune", "onnxcomp.cluster", "onnxcomp.sparsity"),
+    "onnxcomp.analysis.excitation": ("onnxcomp.quant", "onnxcomp.passes"),
+}
+
+
+def test_layering_rules():
+    graph = import_graph()
+    offenders = sorted(f"{m} -> {dep}" for m, deps in graph.items() for layer, banned in FORBIDDEN_IMPORTS.items()
+                       if m == layer or m.startswith(layer + ".")
+                       for dep in deps if any(dep == b or dep.startswith(b + ".") for b in banned))
+    assert offenders == []
+    # the rule sees the lazy import cleanup used to hold
+    assert "onnxcomp.analysis.excitation" in graph["onnxcomp.passes.cleanup"]
+
+
 def test_product_code_never_imports_testing():
     graph = import_graph()
     offenders = sorted(m for m, deps in graph.items() if "onnxcomp.testing" in deps and m != "onnxcomp.testing")

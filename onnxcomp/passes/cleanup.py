@@ -52,6 +52,7 @@ import onnxscript.rewriter
 import onnxscript.rewriter.pattern
 from onnxscript.rewriter.rules import common as rules
 
+from onnxcomp.analysis.excitation import excitation_nodes
 from onnxcomp.bounds import Range
 from onnxcomp.graph import add_initializer, all_value_names, fix_subgraph_outputs, restore_model
 from onnxcomp.io import clone_model, initializer_nbytes
@@ -76,14 +77,12 @@ class _FuseConvBiasAdd(onnx_ir.passes.InPlacePass):
     float32 constant holding one value per output channel (:func:`_per_channel_bias`) and the
     Conv's output has no other reader. The fused Conv writes the Add's output tensor (its name
     kept). Not for the convolutions of squeeze-and-excitation paths
-    (onnxcomp.quant.qdq.excitation_nodes): quantized, a gate convolution whose bias Add stays
+    (onnxcomp.analysis.excitation.excitation_nodes): quantized, a gate convolution whose bias Add stays
     apart keeps an 8-bit grid on its pre-bias output, narrower than the biased pre-activation
     (whose range the saturated channels set); fused, PP-OCR cls lost 7 dB of output SQNR
     (benchmarks/RESULTS.md, ninth session)."""
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
-        from onnxcomp.quant.qdq import excitation_nodes
-
         excitation = excitation_nodes(model)
         modified = False
         for add in list(model.graph):

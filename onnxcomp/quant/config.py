@@ -272,9 +272,10 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             (a detector's boxes and scores in one tensor).
         excitation_float: keep the Conv/Gemm/MatMul of squeeze-and-excitation paths (global
             pooling -> small layers -> a gate multiplying the pooled feature map) float
-            (onnxcomp.quant.qdq.excitation_nodes). Off by default: it helps PP-OCRv6 tiny rec and
-            PP-OCR cls, and breaks PP-OCRv4 rec, whose int8 gate convolution clamps the overshoots
-            of its upstream error to the calibrated range (benchmarks/RESULTS.md, ninth session).
+            (onnxcomp.analysis.excitation.excitation_nodes). Off by default: it helps PP-OCRv6
+            tiny rec and PP-OCR cls, and breaks PP-OCRv4 rec, whose int8 gate convolution clamps
+            the overshoots of its upstream error to the calibrated range (benchmarks/RESULTS.md,
+            ninth session).
         bits / block_size: weight-only settings (``bits`` 8 or 4; ``block_size`` a power of two >= 16).
         weight_only_format: ``qdq`` (DequantizeLinear with block quantization, opset 21) or ``ort``
             (onnxruntime's ``com.microsoft.MatMulNBits``, 4 bits only).
