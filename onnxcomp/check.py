@@ -97,7 +97,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,7 +110,8 @@ from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
            "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS",
-           "OutputView", "output_view", "classify", "Kind", "JudgedKind", "returned_kind"]
+           "OutputView", "output_view", "classify", "Kind", "JudgedKind", "returned_kind", "feed_facts", "KindsSeen",
+           "reads_top1"]
 
 #: Ops whose output is a distribution over classes along the last axis.
 SCORE_PRODUCERS = frozenset({"Softmax", "LogSoftmax"})
@@ -856,6 +857,46 @@ def returned_kind(declared: str, array: np.ndarray, batch: int | None = None,
                                   f"judged as {kind}{layout} from the returned shape{other}")
 
 
+def feed_facts(feed: Mapping[str, np.ndarray] | None) -> tuple[int | None, set[tuple[int, ...]]]:
+    """What one feed tells :func:`returned_kind` of the outputs the original returns on it: its
+    batch (axis 0 of its first array that has one; None without) and the shapes of its rank-2
+    integer arrays (token ids)."""
+    arrays = list((feed or {}).values())
+    batch = next((int(np.shape(a)[0]) for a in arrays if np.ndim(a)), None)
+    return batch, {tuple(np.shape(a)) for a in arrays if np.ndim(a) == 2 and np.asarray(a).dtype.kind in "iu"}
+
+
+class KindsSeen:
+    """The kind of each output of ``model`` judged as the check judges it, for a caller that runs
+    the model itself (``onnxcomp compare`` and the ``[measure]`` stage, through
+    :func:`onnxcomp.measure.fidelity.compare_models`): declared (:func:`output_kinds`), then judged
+    again (:func:`returned_kind`) on the first array with data the model returns for it
+    (:meth:`see`). An output empty on every feed keeps its declared kind."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.names = [v.name for v in model.graph.outputs]
+        self.declared = output_kinds(model)
+        self.kinds = {n: str(self.declared[n]) for n in self.names}
+        self.undecided = set(self.names)
+
+    def see(self, feed: Mapping[str, np.ndarray], values: Sequence[np.ndarray]) -> None:
+        """One feed and the model's outputs on it, in graph order."""
+        if not self.undecided:
+            return
+        batch, tokens = feed_facts(feed)
+        for name, array in zip(self.names, values):
+            if name in self.undecided and np.size(array):
+                self.kinds[name] = returned_kind(self.declared[name], np.asarray(array), batch, tokens).kind
+                self.undecided.discard(name)
+
+
+def reads_top1(kind: str) -> bool:
+    """Whether an output of this kind is read by its top-1 agreement (class scores, :data:`RULES`):
+    a table shows that figure for such outputs only, none for box coordinates or embeddings."""
+    rule = RULES.get(str(kind))
+    return rule is not None and rule.figure == "top1_agreement"
+
+
 def pooled_outputs(model: ir.Model) -> dict[str, str]:
     """Encoder outputs judged on their mean-pooled embedding: output name -> attention-mask input
     (:func:`onnxcomp.measure.embedding.encoder_outputs`; empty for other models)."""
@@ -958,9 +999,7 @@ class OutputFigures:
         returns (module docstring: Kinds); empty ones (a detector finding nothing, a sequence of no
         step) wait for it, so that every caller judges it alike whichever feed comes first."""
         undecided = any(p is not None for p in self.pending)
-        batch = next((int(np.shape(a)[0]) for a in (feed or {}).values() if np.ndim(a)), None) if undecided else None
-        tokens = {tuple(np.shape(a)) for a in (feed or {}).values()
-                  if np.ndim(a) == 2 and np.asarray(a).dtype.kind in "iu"} if undecided else set()
+        batch, tokens = feed_facts(feed) if undecided else (None, set())
         for i, (name, r, c) in enumerate(zip(self.names, ref_values, cand_values)):
             r, c = np.asarray(r), np.asarray(c)
             if r.shape != c.shape:

@@ -81,11 +81,11 @@ def _judged_outputs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _decision_figure(out: dict[str, Any], judged: dict[str, dict[str, Any]]) -> str | None:
     """The figure of the decisions an output carries, read as the check reads that output (its
-    *kind*: the check's judgement, else the kind the measure stage read from the graph): top-1
-    agreement only for class scores; for another kind with a decision figure (decoded
-    sequences, probability maps, detections) the check's figure; none for plain values (box
-    coordinates, embeddings), whose cosine and SQNR are the figures."""
-    from onnxcomp.check import REPORTED, RULES
+    *kind*: the check's judgement, else the measure stage's, judged alike): top-1 agreement only
+    for class scores (:func:`onnxcomp.check.reads_top1`); for another kind with a decision figure
+    (decoded sequences, probability maps, detections) the check's figure; none for plain values
+    (box coordinates, embeddings), whose cosine and SQNR are the figures."""
+    from onnxcomp.check import REPORTED, RULES, reads_top1
 
     row = judged.get(out["name"]) or {}
     kind = row.get("kind") or out.get("kind")
@@ -93,7 +93,7 @@ def _decision_figure(out: dict[str, Any], judged: dict[str, dict[str, Any]]) -> 
     if kind is None:  # a report from before output kinds were recorded
         return f"top-1 agreement {100 * agree:.2f}%" if agree is not None else None
     rule = RULES.get(kind)
-    if kind == "scores" and agree is not None:
+    if reads_top1(kind) and agree is not None:
         return f"top-1 agreement {100 * agree:.2f}%"
     if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
         return f"{rule.reads} {100 * row[rule.figure]:.2f}% (held-out check)"

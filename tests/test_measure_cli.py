@@ -114,3 +114,94 @@ def test_default_channel_axis():
     assert default_channel_axis((1, 8400, 84)) == 2
     assert default_channel_axis((4, 10)) == -1
     assert default_channel_axis((4,)) is None
+
+
+def _scores_and_boxes(rng, wb_noise: float = 0.0, wc_noise: float = 0.0):
+    """Class scores ``[N, 5]`` (Softmax of a projection) beside boxes ``[N, 3, 4]`` (Sigmoid of a
+    reshaped projection): the held-out check reads the scores by top-1 agreement, the boxes by
+    cosine. The noise perturbs one head's weights (a candidate)."""
+    import onnx.helper as oh
+    from conftest import make_proto
+
+    f32 = np.float32
+    w1 = rng.standard_normal((8, 16)).astype(f32)
+    wc = rng.standard_normal((16, 5)).astype(f32)
+    wb = rng.standard_normal((16, 12)).astype(f32)
+    noise = np.random.default_rng(7)
+    wc = wc + f32(wc_noise) * noise.standard_normal(wc.shape).astype(f32)
+    wb = wb + f32(wb_noise) * noise.standard_normal(wb.shape).astype(f32)
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["hr"]),
+             oh.make_node("MatMul", ["hr", "wc"], ["logits"]), oh.make_node("Softmax", ["logits"], ["scores"], axis=-1),
+             oh.make_node("MatMul", ["hr", "wb"], ["b"]), oh.make_node("Reshape", ["b", "box_shape"], ["b3"]),
+             oh.make_node("Sigmoid", ["b3"], ["boxes"])]
+    inits = [("w1", w1), ("wc", wc), ("wb", wb), ("box_shape", np.array([-1, 3, 4], np.int64))]
+    return make_proto(nodes, [("x", ["N", 8])], [("scores", ["N", 5]), ("boxes", ["N", 3, 4])], inits)
+
+
+def test_compare_shows_top1_only_for_scores_as_the_check_reads_them(rng, tmp_path, capsys, monkeypatch):
+    """``compare`` names each output's kind as the held-out check judges it and shows top-1
+    agreement for the class scores only: the box output's is "-" in the table, null in --json."""
+    from onnxcomp.runtime import run_model
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    rng_ref, rng_cand = np.random.default_rng(3), np.random.default_rng(3)
+    ref, cand, data = tmp_path / "ref.onnx", tmp_path / "cand.onnx", tmp_path / "x.npz"
+    io.save_model(io.load_model(_scores_and_boxes(rng_ref)), ref)
+    io.save_model(io.load_model(_scores_and_boxes(rng_cand, wb_noise=0.2, wc_noise=0.5)), cand)
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    np.savez(data, x=x)
+    # the figures, computed here with onnxruntime
+    (ref_out,) = run_model(io.load_model(ref), [{"x": x}])
+    (cand_out,) = run_model(io.load_model(cand), [{"x": x}])
+    agree = float(np.mean(ref_out[0].argmax(-1) == cand_out[0].argmax(-1)))
+    box_top1 = float(np.mean(ref_out[1].argmax(-1) == cand_out[1].argmax(-1)))
+    assert 0.5 < agree < 1.0 and box_top1 < 1.0  # both heads changed; only one has classes
+
+    assert main(["compare", str(ref), str(cand), "--data", str(data), "--batch-size", "50", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    outputs = {o["name"]: o for o in report["outputs"]}
+    assert outputs["scores"]["kind"] == "scores" and outputs["boxes"]["kind"] == "values"
+    assert outputs["scores"]["top1_agreement"] == pytest.approx(agree)
+    assert outputs["boxes"]["top1_agreement"] is None
+    assert outputs["boxes"]["cosine"] < 1.0 and outputs["boxes"]["shape"] == [200, 3, 4]
+    # the figure itself is still measured for the boxes (argmax over the last axis); only shown for scores
+    cmp = compare_models(io.load_model(ref), io.load_model(cand), Dataset(data, io.load_model(ref), batch_size=50))
+    assert cmp.kinds == {"scores": "scores", "boxes": "values"}
+    assert cmp.outputs[1].top1_agreement == pytest.approx(box_top1)
+
+    assert main(["compare", str(ref), str(cand), "--data", str(data), "--batch-size", "50"]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if "top-1 agree" in line)
+    columns = [c.strip() for c in header.strip("┃│ ").split("┃")]
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == len(columns) and cells[0] in ("scores", "boxes"):
+            rows[cells[0]] = dict(zip(columns, cells))
+    assert rows["scores"]["kind"] == "scores" and rows["scores"]["top-1 agree"] == f"{100 * agree:.2f}%"
+    assert rows["boxes"]["kind"] == "values" and rows["boxes"]["top-1 agree"] == "-"
+    assert rows["boxes"]["cosine"] == f"{outputs['boxes']['cosine']:.6f}"
+
+
+def test_compare_judges_kinds_from_what_the_reference_returns(rng):
+    """A Softmax output declared ``[1, seqlen]`` reads as class scores from the graph; the arrays
+    it returns are ``[T, 1, C]`` (an Unsqueeze whose axis is computed, so shape inference cannot
+    see it), a sequence: compare_models says so, as the check does (no top-1 agreement shown)."""
+    import onnx.helper as oh
+    from conftest import make_proto
+
+    from onnxcomp.check import output_kinds, reads_top1
+
+    t = 9
+    nodes = [oh.make_node("Reshape", ["x", "flat"], ["x2"]), oh.make_node("MatMul", ["x2", "w"], ["l"]),
+             oh.make_node("Softmax", ["l"], ["p"], axis=-1), oh.make_node("Shape", ["x"], ["axes"], start=0, end=1),
+             oh.make_node("Unsqueeze", ["p", "axes"], ["y"])]
+    inits = [("flat", np.array([t, 6], np.int64)), ("w", rng.standard_normal((6, 11)).astype(np.float32))]
+    model = io.load_model(make_proto(nodes, [("x", ["N", t, 6])], [("y", [1, "seqlen"])], inits))
+    assert output_kinds(model) == {"y": "scores"}
+    feeds = [{"x": rng.standard_normal((1, t, 6)).astype(np.float32)} for _ in range(2)]
+    cmp = compare_models(model, model, feeds)
+    assert cmp.outputs[0].shape[1:] == (1, 11)  # [T, 1, C] per feed, time-major
+    assert cmp.kinds == {"y": "sequence"} and cmp.to_dict()["outputs"][0]["kind"] == "sequence"
+    assert not reads_top1("sequence") and reads_top1("scores") and not reads_top1("values")
+    assert cmp.outputs[0].top1_agreement == 1.0  # measured all the same

@@ -3,7 +3,8 @@
 ``bench`` measures one or more models interleaved (A B A B ... in rounds) with onnxruntime's CPU
 provider and reports each as a ratio to the first model with a bootstrap 95% interval.
 ``compare`` reports per-output fidelity (and per-layer with ``--per-layer``) of a candidate against a
-reference, and accuracy against labels.
+reference, and accuracy against labels; each output with its kind as the held-out check judges it,
+and top-1 agreement only for class scores (:func:`onnxcomp.check.reads_top1`).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def _configure_compare(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from onnxcomp.check import reads_top1
     from onnxcomp.io import load_model
     from onnxcomp.measure.fidelity import compare_models
 
@@ -162,20 +164,27 @@ def _run_compare(args: argparse.Namespace) -> int:
             per_layer=args.per_layer, channel_axis=axis, optimization=args.optimization,
             progress=lambda n: progress.update(task, completed=n),
         )
+    # top-1 agreement only where the held-out check reads an output by it (class scores): for box
+    # coordinates or embeddings the figure exists but means nothing (JSON: null, the kind named)
+    kinds = {f.name: result.kinds.get(f.name, "values") for f in result.outputs}
+    top1 = {f.name: f.top1_agreement if reads_top1(kinds[f.name]) else None for f in result.outputs}
     if args.json:
-        print_json({"reference": args.reference, "candidate": args.candidate, **result.to_dict()})
+        document = result.to_dict()
+        for out in document["outputs"]:
+            out["top1_agreement"] = top1[out["name"]]
+        print_json({"reference": args.reference, "candidate": args.candidate, **document})
         return 0
     from rich.table import Table
 
     table = Table(title=f"{esc(os.path.basename(args.candidate))} vs {esc(os.path.basename(args.reference))}: "
                         f"{result.samples} samples", title_justify="left")
-    for col in ("output", "shape", "SQNR dB", "cosine", "max abs", "mean abs", "top-1 agree", "worst channel"):
-        table.add_column(col, justify="left" if col in ("output", "shape") else "right")
+    for col in ("output", "shape", "kind", "SQNR dB", "cosine", "max abs", "mean abs", "top-1 agree", "worst channel"):
+        table.add_column(col, justify="left" if col in ("output", "shape", "kind") else "right")
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
-        agree = "-" if f.top1_agreement is None else f"{100 * f.top1_agreement:.2f}%"
-        table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}",
-                      f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
+        agree = "-" if top1[f.name] is None else f"{100 * top1[f.name]:.2f}%"
+        table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), kinds[f.name],
+                      f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}", f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
     con.print(table)
     if result.accuracy:
         con.print(

@@ -18,6 +18,11 @@ output is left out of its metrics; an output empty on every feed is an error. Fe
 sizes (a folder of feeds: images of several widths) are compared whole; an axis whose size differs
 is None in the shape, and as the channel axis it gives no per-channel error.
 
+Each output is named with its kind as the held-out check judges it (:class:`onnxcomp.check.KindsSeen`:
+from the graph, then from what the reference returns on the first feed where it has data), so that
+a table shows top-1 agreement only where the check reads it (class scores), not for box
+coordinates or embeddings, although the figure is computed wherever the last axis has classes.
+
 Channel axis of an output, unless given: 1 for rank 4 and 5 (NCHW-like), for rank 3 the smaller of
 axes 1 and 2 (``[N, 84, 8400]`` detector heads put boxes and scores on axis 1), -1 otherwise.
 """
@@ -31,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.check import KindsSeen
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
@@ -57,7 +63,9 @@ class ModelComparison:
     """Fidelity of every output (and optionally every shared intermediate tensor).
 
     ``accuracy`` maps a model role ("reference", "candidate") to its accuracy against the labels
-    on ``label_output``; empty without labels. ``layers`` is sorted worst SQNR first.
+    on ``label_output``; empty without labels. ``layers`` is sorted worst SQNR first. ``kinds``
+    maps each output to its kind as the held-out check judges it (:class:`onnxcomp.check.KindsSeen`:
+    ``scores`` is the kind read by its top-1 agreement, :func:`onnxcomp.check.reads_top1`).
     """
 
     outputs: list[OutputFidelity]
@@ -68,12 +76,13 @@ class ModelComparison:
     layers: list[OutputFidelity]
     layers_resized: int = 0
     layers_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
             "feeds": self.feeds,
-            "outputs": [_fidelity_dict(f) for f in self.outputs],
+            "outputs": [{**_fidelity_dict(f), "kind": self.kinds.get(f.name, "values")} for f in self.outputs],
             "accuracy": self.accuracy,
             "label_output": self.label_output,
             "layers": [_fidelity_dict(f, channels=False) for f in self.layers],
@@ -177,6 +186,7 @@ def compare_models(
     samples = feeds = 0
     resized: set[str] = set()
     empty: dict[str, list[int]] = {}
+    kinds = KindsSeen(reference)
 
     def consume(which: list[str], ref_values, cand_values, layer: bool) -> None:
         for i, (name, r, c) in enumerate(zip(which, ref_values, cand_values)):
@@ -208,6 +218,7 @@ def compare_models(
     one_at_a_time = max(initializer_nbytes(reference), initializer_nbytes(candidate)) >= LARGE_MODEL_BYTES
     for feed, ref_values, cand_values in _paired_runs(reference, candidate, ref_outputs, data, options, one_at_a_time):
         consume(ref_outputs, ref_values, cand_values, layer=False)
+        kinds.see(feed, ref_values)
         # axis 0 of the data indexes samples (an output's axis 0 may be time: a CTC recognizer's [T, N, C])
         first = next((np.asarray(v) for v in feed.values()), None)
         samples += int(first.shape[0]) if first is not None and first.ndim else 1
@@ -253,6 +264,7 @@ def compare_models(
         layers=layers,
         layers_resized=len(resized),
         layers_skipped=skipped,
+        kinds=kinds.kinds,
     )
 
 

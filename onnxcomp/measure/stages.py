@@ -123,12 +123,7 @@ def measure_models(
             reference, candidate, data, labels=labels, per_layer=cfg.per_layer,
             progress=(lambda n: progress("fidelity", n, data.num_feeds)) if progress else None,
         )
-        result["fidelity"] = cmp.to_dict()
-        from onnxcomp.check import output_kinds
-
-        kinds = output_kinds(reference)  # the kind the check judges each output by, from the graph
-        for out in result["fidelity"]["outputs"]:
-            out["kind"] = str(kinds.get(out["name"], "values"))
+        result["fidelity"] = cmp.to_dict()  # each output with its kind, judged as the check judges it
     else:
         result["data"] = None
     if cfg.latency:
