@@ -9,6 +9,7 @@ graph onnxruntime runs.
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -146,12 +147,14 @@ def test_fusion_fires_and_matches_float(encoder, optimization):
     report = T.prepare_encoder(work, "on")
     assert report["applied"]
     assert report["fused"]["Attention"] == LAYERS
-    assert report["fused"]["SkipLayerNormalization"] == 2 * LAYERS
+    assert "SkipLayerNormalization" not in report["fused"]
     assert report["fused"]["BiasGelu"] == LAYERS
     assert report["fused"]["EmbedLayerNormalization"] == 1
-    assert report["not_fused"] == {}
-    ops = {n.op_type for n in work.graph}
-    assert {"Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization"} <= ops
+    # left out on purpose (onnxruntime's CPU kernel is slower than Add + LayerNormalization), and said so
+    assert report["not_fused"] == {"SkipLayerNormalization": T.LEFT_OUT["SkipLayerNormalization"][1]}
+    ops = collections.Counter(n.op_type for n in work.graph)
+    assert {"Attention", "BiasGelu", "EmbedLayerNormalization"} <= set(ops) and "SkipLayerNormalization" not in ops
+    assert ops["LayerNormalization"] == 2 * LAYERS  # the residual norms stay one op each, after their Add
     assert "Softmax" not in ops and "Erf" not in ops
     data = feeds(3)
     ref = create_session(encoder, sess_options=session_options(optimization))
@@ -171,7 +174,10 @@ def test_quantized_keeps_fused_kernels(encoder, mode):
     assert len(report["transformer"]["attention_quantized"]) == LAYERS
     ops = T.fused_ops(model)  # the graph onnxruntime runs
     assert ops.get("QAttention") == LAYERS and "Attention" not in ops
-    assert ops.get("SkipLayerNormalization") == 2 * LAYERS
+    # the file keeps each residual Add + LayerNormalization (onnxruntime's session optimizer may still
+    # fuse a pair whose shapes it knows fully, as here; a dynamic-sequence export keeps them)
+    assert sum(1 for n in model.graph if n.op_type == "LayerNormalization") == 2 * LAYERS
+    assert not any(n.op_type == "SkipLayerNormalization" for n in model.graph)
     assert ops.get("BiasGelu") == LAYERS and ops.get("EmbedLayerNormalization") == 1
     int8_matmuls = ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) + ops.get("QLinearMatMul", 0)
     assert int8_matmuls == 3 * LAYERS and "MatMul" not in ops
@@ -232,7 +238,7 @@ def test_cli_reports_fusions_and_pooled_check(tmp_path):
                            "--calibration", str(calib)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     text = " ".join((proc.stdout + proc.stderr).split())  # the console wraps lines
-    assert "fused 1 EmbedLayerNormalization, 2 Attention, 2 BiasGelu, 4 SkipLayerNormalization" in text
+    assert "fused 1 EmbedLayerNormalization, 2 Attention, 2 BiasGelu; not fused: SkipLayerNormalization (left out:" in text
     assert "QAttention" in text and "pooled-embedding cosine" in text and "nearest-neighbour agreement" in text
     bad = subprocess.run([sys.executable, "-m", "onnxcomp", "quantize", str(src), "-o", str(tmp_path / "x.onnx"),
                           "--mode", "dynamic", "--transformer", "maybe"], capture_output=True, text=True, timeout=120)
@@ -311,12 +317,12 @@ def test_static_default_lets_the_grid_rule_decide_the_ffn_outputs(encoder, monke
     # every grid below the bar: the rule keeps every int8 node float, FFN2s included, unless forced
     monkeypatch.setattr(static, "MIN_GRID_SQNR_DB", 99.0)
     _, coarse = quantize(encoder, calib, QuantizeConfig(mode="static"))
-    ffn2 = sorted(n for n in coarse["skipped"] if "/ffn2" in n)
+    ffn2 = sorted(n for n in coarse["skipped"] if "/ffn2/MatMul" in n)
     assert len(ffn2) == LAYERS and all("rare large values" in coarse["skipped"][n] for n in ffn2)
     assert coarse["transformer"]["ffn_output_float"] == ffn2
     assert any(f"0 of {LAYERS} feed-forward output MatMuls" in note for note in coarse["notes"])
     forced, report = quantize(encoder, calib, QuantizeConfig(mode="static", ffn_output="int8"))
-    assert not any("/ffn2" in n for n in report["skipped"])
+    assert not any("/ffn2/MatMul" in n for n in report["skipped"])
     assert T.fused_ops(forced).get("MatMulIntegerToFloat", 0) == LAYERS  # only the forced FFN2s
 
 

@@ -2,7 +2,7 @@
 
 The seeded tiny encoders of tests/test_transformer.py, in BERT's post-LN form and in the pre-LN
 form (``x + f(LN(x))``). In the pre-LN form onnxruntime's optimizer feeds each normalized output
-only to the projections (the residual is SkipLayerNormalization's pre-norm sum), so the smoothing
+only to the projections (the residual is the sum before it), so the smoothing
 division goes into gamma and beta; in the post-LN form every normalized output is also the next
 residual and a ``Mul`` stays. Either way the smoothed float model matches the original to 1e-5
 with onnxruntime's optimizations off and on.
@@ -40,9 +40,10 @@ def test_smoothing_folds_where_it_can_and_is_exact(encoders, pre_ln, optimizatio
     before, work, report = _smoothed(encoders[pre_ln])
     assert report["folded_into_attention"] == LAYERS  # out-projection inputs: Attention's V columns
     if pre_ln:
-        # Attention and FFN1 inputs: the first LayerNorm, then SkipLayerNorms; a GELU's output is never
-        # smoothed, so nothing needs a Mul
-        assert report["folded_into_norm"] == {"LayerNormalization": 1, "SkipLayerNormalization": 2 * LAYERS - 1}
+        # Attention and FFN1 inputs: the LayerNorms (the residual ones stay LayerNormalization after
+        # their Add: SkipLayerNormalization is left out); a GELU's output is never smoothed, so nothing
+        # needs a Mul
+        assert report["folded_into_norm"] == {"LayerNormalization": 2 * LAYERS}
         assert report["mul_nodes"] == []
     else:
         assert report["folded_into_norm"] == {}  # each normalized output is also the next residual
@@ -58,11 +59,12 @@ def test_folding_writes_new_constants(encoders):
     """gamma/beta are replaced by new initializers: the original constants (which another node may read) keep their values."""
     work = working_copy(encoders[True], 13, allow_upgrade=True, notes=[])
     T.prepare_encoder(work, "on")
-    norm = next(n for n in work.graph if n.op_type == "SkipLayerNormalization")
-    gamma, beta = norm.inputs[2], norm.inputs[3]
+    norm = next(n for n in work.graph if n.op_type == "LayerNormalization" and n.inputs[0].producer() is not None
+                and "/res" in n.inputs[0].producer().name)  # after a residual Add (not the embeddings' sum)
+    gamma, beta = norm.inputs[1], norm.inputs[2]
     values = gamma.const_value.numpy().copy(), beta.const_value.numpy().copy()
     T.smooth_encoder(work, feeds(4, seed=9), alpha=0.75)
-    assert norm.inputs[2] is not gamma and norm.inputs[3] is not beta
+    assert norm.inputs[1] is not gamma and norm.inputs[2] is not beta
     np.testing.assert_array_equal(gamma.const_value.numpy(), values[0])
     np.testing.assert_array_equal(beta.const_value.numpy(), values[1])
 

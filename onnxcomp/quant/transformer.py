@@ -1,12 +1,13 @@
 """The transformer path: onnxruntime's encoder fusions first, then int8 inside the fused kernels.
 
 BERT-class encoders (MiniLM, BERT, RoBERTa, DistilBERT exports) run fastest on onnxruntime's CPU
-provider as its fused contrib ops: ``Attention`` (Q/K/V projections, scaled dot product, mask and
-softmax in one kernel), ``SkipLayerNormalization`` (residual Add + bias + LayerNormalization),
-``BiasGelu`` and ``EmbedLayerNormalization`` (the three embedding lookups, their sum and the first
-LayerNormalization, and the mask index). onnxruntime's session optimizer does not form these; its
-transformer optimizer (``onnxruntime.transformers.optimizer``, shipped in the onnxruntime package)
-does, on the float graph, and only when it recognises the exported pattern.
+provider with some of its fused contrib ops: ``Attention`` (Q/K/V projections, scaled dot product,
+mask and softmax in one kernel), ``BiasGelu`` and ``EmbedLayerNormalization`` (the three embedding
+lookups, their sum and the first LayerNormalization, and the mask index). onnxruntime's session
+optimizer does not form these; its transformer optimizer (``onnxruntime.transformers.optimizer``,
+shipped in the onnxruntime package) does, on the float graph, and only when it recognises the
+exported pattern. Its ``SkipLayerNormalization`` (residual Add + LayerNormalization) is left out
+(:data:`LEFT_OUT`): onnxruntime's CPU kernel for it is several times slower than the pair it replaces.
 
 The path (``QuantizeConfig.transformer``: ``auto`` | ``on`` | ``off``):
 
@@ -47,6 +48,7 @@ from onnxcomp.selection import NodeSelector
 
 __all__ = [
     "FUSIONS",
+    "LEFT_OUT",
     "EncoderGeometry",
     "detect_encoder",
     "fuse_encoder",
@@ -81,6 +83,21 @@ FUSIONS: dict[str, str] = {
     "FastGelu": "only formed from the tanh approximation of Gelu",
     "Gelu": "Erf-based Gelu subgraph: not matched",
     "LayerNormalization": "ReduceMean/Sub/Pow/Sqrt/Div subgraph: not matched (already one op)",
+}
+
+#: Fusions of onnxruntime's transformer optimizer this path leaves out, with why (measured, not
+#: assumed). onnxruntime 1.32's CPU ``SkipLayerNormalization`` kernel normalizes row by row in plain
+#: loops (a division per element): on all-MiniLM-L6-v2 at batch 8 x 128 tokens one took 2.07 ms where
+#: the residual Add and ``LayerNormalization`` it replaces took 0.44 ms together (onnxruntime's
+#: profiler, one intra-op thread), 18 ms of a 98 ms int8 run (benchmarks/RESULTS.md, tenth session).
+#: Its bias variant goes with it. onnxruntime's session optimizer still forms it where the residual
+#: Add has fully static 3-D shapes; a dynamic-sequence export keeps the faster pair.
+LEFT_OUT: dict[str, tuple[tuple[str, ...], str]] = {
+    "SkipLayerNormalization": (
+        ("enable_skip_layer_norm", "enable_bias_skip_layer_norm"),
+        "left out: onnxruntime's CPU SkipLayerNormalization kernel is slower than the residual Add and "
+        "LayerNormalization it replaces (2.07 ms against 0.44 ms at batch 8 x 128 x 384)",
+    ),
 }
 
 _HEAD_SPLIT_PERM = (0, 2, 1, 3)
@@ -217,12 +234,16 @@ def fuse_encoder(work: ir.Model, geometry: EncoderGeometry, *, embed_layer_norm:
         options = FusionOptions("bert")
         options.enable_gelu_approximation = False  # exact Gelu: the check compares against float
         options.enable_embed_layer_norm = embed_layer_norm
+        for switches, _ in LEFT_OUT.values():
+            for switch in switches:
+                setattr(options, switch, False)
         with _quiet_optimizer():
             optimized = optimize_by_fusion(proto, "bert", geometry.num_heads, geometry.hidden_size, options)
             stats.update(optimized.get_fused_operator_statistics())
         return optimized.model
 
     before = sum(1 for _ in work.graph)
+    norms_before = sum(1 for n in work.graph if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx"))
     fused_model = rewrite_as_proto(work, rewrite)
     restore_model(work, fused_model)
     if any(n.domain == MS_DOMAIN for n in work.graph):
@@ -231,10 +252,16 @@ def fuse_encoder(work: ir.Model, geometry: EncoderGeometry, *, embed_layer_norm:
     type_fused_ops(work)
     infer_types(work)  # again: values after the fused ops get their types from them
     fused = {op: int(n) for op, n in stats.items() if n and op in FUSIONS}
-    if fused.get("SkipLayerNormalization"):
-        fused.pop("LayerNormalization", None)  # the optimizer counts the first LayerNorm it keeps
+    # the optimizer counts every LayerNormalization in its output, the exported ones too
+    formed = stats.get("LayerNormalization", 0) - norms_before
+    fused.pop("LayerNormalization", None)
+    if formed > 0:
+        fused["LayerNormalization"] = formed
     not_fused = {op: FUSIONS[op] for op in ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu")
                  if not stats.get(op)}
+    for op, (_, why) in LEFT_OUT.items():
+        if not stats.get(op):
+            not_fused[op] = why
     if not embed_layer_norm:
         not_fused["EmbedLayerNormalization"] = ("left out: the embedding tables are quantized (GatherBlockQuantized) "
                                                 "instead; embedding_bits=0 keeps them float and fuses them")
