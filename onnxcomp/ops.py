@@ -45,6 +45,7 @@ __all__ = [
     "is_matmul_node",
     "is_conv_node",
     "is_add_node",
+    "is_clip_node",
 ]
 
 T = TypeVar("T")
@@ -84,6 +85,11 @@ def is_conv_node(node: ir.Node) -> bool:
 def is_add_node(node: ir.Node) -> bool:
     """Whether ``node`` is an ai.onnx Add."""
     return is_default_domain(node.domain) and node.op_type == "Add"
+
+
+def is_clip_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Clip."""
+    return is_default_domain(node.domain) and node.op_type == "Clip"
 
 
 def is_dequantize_node(node: ir.Node) -> bool:

@@ -113,6 +113,7 @@ __all__ = [
     "qdtype_info",
     "qrange",
     "compute_scale_zero_point",
+    "scale_inside",
     "quantize",
     "dequantize",
     "quantize_weight",
@@ -278,6 +279,36 @@ def compute_scale_zero_point(
         zp = np.where(degenerate, min(max(0, qmin), qmax), zp)
         zp = np.clip(zp, qmin, qmax)
     return np.asarray(scale32, dtype=np.float32), np.asarray(zp, dtype=np.float64).astype(info.storage)
+
+
+def scale_inside(scale: np.ndarray, zero_point: np.ndarray, lo: float, hi: float,
+                 qdtype: str | QDType | Any) -> np.ndarray:
+    """The largest scale not above ``scale`` whose saturation range, with ``zero_point``, lies inside
+    ``[lo, hi]`` (``lo <= 0 <= hi``): ``scale * (type_min - zero_point) >= lo`` and
+    ``scale * (type_max - zero_point) <= hi``, in float32 as onnxruntime computes them.
+
+    QuantizeLinear saturates to the type's full range, so where that range lies inside a Clip's
+    ``[lo, hi]``, ``Q(Clip(x, lo, hi)) == Q(x)`` exactly and the Clip can go. A zero point rounded
+    to an integer can push the grid past the range it was fitted to by up to half a step; this
+    shrinks the scale by at most that much. Refuses (ValueError) ``lo > 0`` or ``hi < 0``.
+    """
+    if not (lo <= 0.0 <= hi):
+        raise ValueError(f"the range [{lo}, {hi}] must contain 0")
+    info = qdtype_info(qdtype)
+    tmin, tmax = (-(2 ** (info.bits - 1)), 2 ** (info.bits - 1) - 1) if info.signed else (0, 2 ** info.bits - 1)
+    zp = int(np.asarray(zero_point).reshape(-1)[0])
+    s = float(np.asarray(scale, np.float32).reshape(-1)[0])
+    if tmin - zp < 0:
+        s = min(s, lo / (tmin - zp))
+    if tmax - zp > 0:
+        s = min(s, hi / (tmax - zp))
+    s32 = np.float32(s)
+    while s32 > 0 and (np.float32(s32 * np.float32(tmin - zp)) < np.float32(lo)
+                       or np.float32(s32 * np.float32(tmax - zp)) > np.float32(hi)):
+        s32 = np.nextafter(s32, np.float32(0))
+    if s32 <= 0:  # a degenerate [0, 0] range: nothing fits but zero, keep the scale
+        return np.asarray(scale, np.float32)
+    return np.asarray(s32, np.float32)
 
 
 def _normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:

@@ -46,10 +46,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from onnxcomp.graph import add_initializer, all_value_names, constant_array, unique_name
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.analysis.excitation import excitation_nodes
-from onnxcomp.ops import is_dequantize_node
+from onnxcomp.ops import is_clip_node, is_dequantize_node
 from onnxcomp.passes.base import CompressionPass
 from onnxcomp.quant.config import QuantizeConfig
-from onnxcomp.quant.primitives import compute_scale_zero_point, qrange, quantize, quantize_bias, quantize_weight
+from onnxcomp.quant.primitives import (compute_scale_zero_point, qrange, quantize, quantize_bias, quantize_weight,
+                                       scale_inside)
 from onnxcomp.quant.rules import QUANT_RULES, WEIGHT_QUANTIZED_BY_ORT, QuantRule, sensitive_use
 
 __all__ = ["QuantPoint", "StaticPlan", "plan_static", "QDQPass"]
@@ -61,13 +62,17 @@ _QTYPES = {"uint8": ir.DataType.UINT8, "int8": ir.DataType.INT8}
 class QuantPoint:
     """A Q/DQ pair: placed after ``value``, parameters from the range of tensor ``range_of``.
 
-    ``shared_with`` names the point whose parameters this one reuses (data movement).
+    ``shared_with`` names the point whose parameters this one reuses (data movement). ``within``:
+    the constant bounds of a Clip folded into this point whose producer is not int8; the grid's
+    saturation range is kept inside them (:func:`~onnxcomp.quant.primitives.scale_inside`), which
+    makes dropping the Clip exact.
     """
 
     value: str
     range_of: str
     shared_with: str | None = None
     constant: bool = False
+    within: tuple[float, float] | None = None
 
 
 #: Metadata key of a node a pass inserted to stay float (the value says why); the plan keeps it
@@ -263,7 +268,8 @@ def _fold_into_ranges(
     nodes: list[ir.Node], model: ir.Model, config: QuantizeConfig, compute: Mapping[str, ir.Node],
     float_out: set[str], outputs: set[str], points: dict[str, QuantPoint],
 ) -> list[str]:
-    """Step 2: Relu / Clip(0, x) folded into the producer's output range; the folded nodes."""
+    """Step 2: Relu / Clip(0, x) folded into the producer's output range, and a constant Clip read
+    only by int8 nodes folded into its input's Q/DQ (:func:`_clip_before_int8`); the folded nodes."""
     folded: list[str] = []
     if not config.fold_activations or config.activation_symmetric:
         return folded
@@ -276,6 +282,11 @@ def _fold_into_ranges(
         producer = src.producer() if src is not None else None
         out = node.outputs[0]
         if producer is None or producer.name not in compute or producer.name in float_out:
+            bounds = _clip_before_int8(node, compute, outputs, points, config)
+            if bounds is not None:
+                points.pop(out.name)
+                points[out.name] = QuantPoint(src.name, out.name, within=bounds)
+                folded.append(node.name)
             continue
         if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
             continue
@@ -292,6 +303,51 @@ def _fold_into_ranges(
         points[out.name] = QuantPoint(src.name, out.name)
         folded.append(node.name)
     return folded
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """A Clip's constant scalar (min, max) (inputs, or attributes before opset 11), finite; else None."""
+    if len(node.inputs) > 1 or "min" not in node.attributes and "max" not in node.attributes:
+        arrays = [constant_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                  for i in (1, 2)]
+        if any(a is None or a.size != 1 for a in arrays):
+            return None
+        lo, hi = (float(a.reshape(-1)[0]) for a in arrays)
+    else:
+        lo_attr, hi_attr = node.attributes.get("min"), node.attributes.get("max")
+        if lo_attr is None or hi_attr is None:
+            return None
+        lo, hi = lo_attr.as_float(), hi_attr.as_float()
+    return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) and lo <= 0.0 <= hi else None
+
+
+def _clip_before_int8(node: ir.Node, compute: Mapping[str, ir.Node], outputs: set[str],
+                      points: Mapping[str, QuantPoint], config: QuantizeConfig) -> tuple[float, float] | None:
+    """Bounds of a Clip whose only readers are int8 nodes and whose producer is not int8 (e.g. the
+    outlier split's clamp, onnxcomp.quant.outliers): the Q/DQ moves to the Clip's input with a
+    grid kept inside the bounds, so the Clip goes (onnxruntime itself drops such a Clip only when
+    the grid happens to lie inside it). The input's other readers must be float and read it as it
+    is; None where any condition fails."""
+    if not is_clip_node(node) or config.reduce_activations:
+        return None
+    bounds = _clip_bounds(node)
+    src, out = node.inputs[0], node.outputs[0]
+    if bounds is None or src is None or not _is_float32(src) or out.name not in points:
+        return None
+    if points[out.name].shared_with is not None or src.name in points or src.name in outputs or out.name in outputs:
+        return None
+    graph = node.graph
+    uses = list(out.uses())
+    if not uses or any(u.node.graph is not graph or u.node.name not in compute or sensitive_use(u.node, u.idx)
+                       for u in uses):
+        return None
+    for use in src.uses():
+        other = use.node
+        if other is node:
+            continue
+        if other.name in compute or any(v.name in points for v in other.outputs):
+            return None
+    return bounds
 
 
 def _share_data_movement(nodes: list[ir.Node], model: ir.Model, config: QuantizeConfig, outputs: set[str],
@@ -580,6 +636,8 @@ class _QDQRewrite:
             lo, hi = self.ranges[point.range_of]
             result = compute_scale_zero_point(lo, hi, self.qtype, self.cfg.activation_symmetric,
                                               self.cfg.reduce_activations)
+            if point.within is not None:
+                result = (scale_inside(result[0], result[1], *point.within, self.qtype), result[1])
         self.params[key] = result
         return result
 
