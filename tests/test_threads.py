@@ -244,7 +244,10 @@ def test_damage_is_not_inherited_through_a_folded_relu(rng):
 
     proto = _long_chain_with_a_fragile_layer(rng)
     feeds = [{"x": rng.standard_normal((2, 16)).astype(np.float32)} for _ in range(16)]
-    study = QuantStudy.prepare(proto, feeds, QuantizeConfig(per_channel=False, activation_type="int8"))
+    # 7-bit weights, as on a CPU without VNNI, whatever this one has (with 8 bits the damage is
+    # 0.25 on this seed, 0.81 with 7)
+    config = QuantizeConfig(per_channel=False, activation_type="int8", weight_range="reduced")
+    study = QuantStudy.prepare(proto, feeds, config)
     blocks, damage = ranked_blocks(study, study.nodes)
     assert "mm11" in blocks[0], blocks[:3]
     assert damage["mm11"] > 0.5  # it turns a 20 dB signal into a ~1 dB one
