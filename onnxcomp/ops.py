@@ -46,6 +46,9 @@ __all__ = [
     "is_conv_node",
     "is_add_node",
     "is_clip_node",
+    "is_sigmoid_node",
+    "is_mul_node",
+    "silu_input",
 ]
 
 T = TypeVar("T")
@@ -90,6 +93,30 @@ def is_add_node(node: ir.Node) -> bool:
 def is_clip_node(node: ir.Node) -> bool:
     """Whether ``node`` is an ai.onnx Clip."""
     return is_default_domain(node.domain) and node.op_type == "Clip"
+
+
+def is_sigmoid_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Sigmoid."""
+    return is_default_domain(node.domain) and node.op_type == "Sigmoid"
+
+
+def is_mul_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Mul."""
+    return is_default_domain(node.domain) and node.op_type == "Mul"
+
+
+def silu_input(value: ir.Value) -> ir.Node | None:
+    """The Mul of a SiLU (swish) ``x * Sigmoid(x)`` when ``value`` is its ``x`` and nothing else
+    reads ``value``; otherwise None. (A squeeze-excitation gate ``x * Sigmoid(f(x))`` is not one.)"""
+    readers = value.consumers()
+    if len(readers) != 2 or value.is_graph_output():
+        return None
+    sigmoid = next((n for n in readers if is_sigmoid_node(n)), None)
+    mul = next((n for n in readers if is_mul_node(n)), None)
+    if sigmoid is None or mul is None or len(mul.inputs) != 2:
+        return None
+    ins = list(mul.inputs)
+    return mul if value in ins and sigmoid.outputs[0] in ins else None
 
 
 def is_dequantize_node(node: ir.Node) -> bool:

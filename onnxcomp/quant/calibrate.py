@@ -34,6 +34,8 @@ class CalibrationResult:
     feeds: int
     seconds: float
     choices: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: SiLU inputs whose lower bound :func:`onnxcomp.quant.static.narrow_silu_ranges` raised
+    silu_narrowed: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 def calibrate(
