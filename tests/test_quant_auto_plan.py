@@ -67,8 +67,11 @@ def test_candidate_methods_stream_the_coarse_grid_pass_once(passes, method):
     passes.update(coarse_grid=0, streamed=0)
     minmax, minmax_report = quantize(proto, feeds, QuantizeConfig(calibration="minmax"), verify=False)
     assert passes == {"coarse_grid": 1, "streamed": 1}
-    assert report["skipped"] == minmax_report["skipped"] and "ranges differ" in report["skipped"]["concat"]
-    assert report["int8_nodes"] == minmax_report["int8_nodes"] == 2
+    assert report["skipped"] == minmax_report["skipped"] and "concat" in report["skipped"]
+    # conv_a reads the Cauchy input: each feed brings its own outliers, the largest sets the range
+    # and the median feed keeps 7.7 dB on that grid (36.7 dB pooled), so it stays float as well
+    assert "on its median calibration feed" in report["skipped"]["conv_a"]
+    assert report["int8_nodes"] == minmax_report["int8_nodes"] == 1
     assert _structure(quantized) == _structure(minmax)
 
 
@@ -78,8 +81,8 @@ def test_the_study_plans_as_quantize_does_under_auto(passes):
     proto, feeds = _heavy_tailed_concat()
     quantized, report = quantize(proto, feeds, QuantizeConfig(calibration="auto"), verify=False)
     study = QuantStudy.prepare(proto, feeds, QuantizeConfig(calibration="auto"))
-    assert study.keep_float == {"concat": report["skipped"]["concat"]}
-    assert sorted(study.nodes) == ["conv_a", "conv_b"]
+    assert study.keep_float == {"concat": report["skipped"]["concat"], "conv_a": report["skipped"]["conv_a"]}
+    assert sorted(study.nodes) == ["conv_b"]
     _, mse_report = quantize(proto, feeds, QuantizeConfig(calibration="mse"), verify=False)
     assert "8-bit grid" in mse_report["skipped"]["concat"]  # the ranges the study used to plan on
     assert passes["coarse_grid"] == 3  # one per calibration

@@ -18,9 +18,10 @@ Both :func:`onnxcomp.quant.api.quantize` and the sensitivity / fallback study
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -261,6 +262,10 @@ def plan_for_ranges(work: ir.Model, config: QuantizeConfig, base: StaticPlan, ra
 #: range is set by rare large values, as in a raw waveform or an STFT) keeps the int8 nodes that
 #: read or write it in float. On silero-vad the STFT Conv's output keeps 22.8 dB (its input, the
 #: waveform, 30.6 dB); ReLU feature maps keep 38-51 dB there, Gaussian data about 38 dB.
+#: The same floor applies to the median feed (:func:`grid_sqnr`): a tensor whose scale follows
+#: the input's loudness (silero-vad's STFT magnitude: 26.9 dB pooled, 22.0 dB on the median feed)
+#: or whose feeds each bring their own outliers keeps its pooled SQNR from the few loud feeds that
+#: set its range, while most feeds fall between the grid's steps.
 MIN_GRID_SQNR_DB = 25.0
 _GRID_FEEDS = 32  # calibration feeds the grid SQNR is measured on
 
@@ -278,16 +283,24 @@ def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[
               for n in plan.observed if n in ranges}
     if not params:
         return {}
-    power = dict.fromkeys(params, 0.0)
-    noise = dict.fromkeys(params, 0.0)
+    power: dict[str, list[float]] = {n: [] for n in params}
+    noise: dict[str, list[float]] = {n: [] for n in params}
     for values in stream_values(work, list(params), data, max_feeds=_GRID_FEEDS):
         for name, (scale, zp) in params.items():
             x = np.asarray(values[name], np.float32)
             err = dequantize(quantize(x, scale, zp, qtype), scale, zp).astype(np.float64) - x
-            power[name] += float(np.square(x, dtype=np.float64).sum())
-            noise[name] += float(np.square(err).sum())
-    coarse = {n: 10 * np.log10(power[n] / noise[n]) for n in params
-              if noise[n] > 0 and power[n] < noise[n] * 10 ** (MIN_GRID_SQNR_DB / 10)}
+            power[name].append(float(np.square(x, dtype=np.float64).sum()))
+            noise[name].append(float(np.square(err).sum()))
+    coarse = {}
+    for n in params:
+        pooled, median = grid_sqnr(power[n], noise[n])
+        if pooled < MIN_GRID_SQNR_DB:
+            coarse[n] = (f"keeps {pooled:.1f} dB on a {{bits}}-bit grid (< {MIN_GRID_SQNR_DB:g} dB: its range is set by "
+                         f"rare large values)")
+        elif median < MIN_GRID_SQNR_DB:
+            coarse[n] = (f"keeps {median:.1f} dB on a {{bits}}-bit grid on its median calibration feed ({pooled:.1f} dB "
+                         f"pooled; < {MIN_GRID_SQNR_DB:g} dB: a few loud feeds set its range, most fall between the "
+                         f"grid's steps)")
     if not coarse:
         return {}
     range_of = {p.value: p.range_of for p in plan.points.values()} | {k: p.range_of for k, p in plan.points.items()}
@@ -299,10 +312,20 @@ def coarse_grid_nodes(work: ir.Model, plan: StaticPlan, ranges: dict[str, tuple[
         for value in (*node.inputs, *node.outputs):
             tensor = range_of.get(value.name) if value is not None else None
             if tensor in coarse:
-                found[node.name] = (f"left in float: {value.name} keeps {coarse[tensor]:.1f} dB on a {bits}-bit grid "
-                                    f"(< {MIN_GRID_SQNR_DB:g} dB: its range is set by rare large values)")
+                found[node.name] = f"left in float: {value.name} " + coarse[tensor].format(bits=bits)
                 break
     return found
+
+
+def grid_sqnr(power: Sequence[float], noise: Sequence[float]) -> tuple[float, float]:
+    """``(pooled, median feed)`` SQNR in dB of one tensor's grid from its per-feed signal and
+    rounding-noise powers (a feed without noise counts as exact, ``inf``)."""
+    p, e = np.asarray(power, np.float64), np.asarray(noise, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pooled = 10 * np.log10(p.sum() / e.sum()) if e.sum() > 0 else math.inf
+        per_feed = np.where(e > 0, 10 * np.log10(p / np.where(e > 0, e, 1.0)), math.inf)
+    per_feed = np.where(p > 0, per_feed, math.inf)  # an all-zero feed has nothing to lose
+    return float(pooled), float(np.median(per_feed)) if per_feed.size else math.inf
 
 
 def rewrite(work: ir.Model, config: QuantizeConfig, plan: StaticPlan, ranges: dict[str, tuple[float, float]],
