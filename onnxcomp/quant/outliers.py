@@ -35,10 +35,12 @@ than ``min_db`` (the plan would keep its readers float), with the fewest channel
 ``target_db``, or the best count if that still reaches ``min_db``; otherwise it is left alone,
 with the reason.
 
-**Off by default** (``QuantizeConfig.split_outliers``): on all-MiniLM-L6-v2 it takes static int8
-from 1.20x to 1.47x fp32 at batch 1 and the file from 28.9 to 22.2 MB, for 1.3 points of
-nearest-neighbour agreement (report split); on all-mpnet-base-v2 it costs 4.5 points
-(benchmarks/RESULTS.md, ninth session). A speed option until a stricter rule holds on both.
+**Off by default** (``QuantizeConfig.split_outliers``): on an AVX-512 VNNI CPU it takes static
+int8 on all-MiniLM-L6-v2 from 1.61x to 2.60x fp32 at batch 8 x 128 tokens (1.98x to 3.10x at
+batch 1, 28.9 to 22.2 MB) and on all-mpnet-base-v2 from 2.06x to 3.77x, but it costs nearest-
+neighbour agreement on every tuning-split configuration measured (0.3 to 2.1 points; 4.5 on an
+AVX2 CPU with 7-bit weights), so it is a speed option, not a default (benchmarks/RESULTS.md,
+ninth and tenth sessions).
 
 **Eligible** (analysis): a float32 tensor of the main graph, not a graph output, every reader a
 main-graph MatMul reading it as its first input with a 2-D constant float32 weight, allowed by the
