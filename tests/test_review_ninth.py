@@ -263,8 +263,8 @@ def test_compress_fidelity_reads_each_output_as_the_check_does(rng, tmp_path, ca
     assert kinds == {"scores": "scores", "boxes": "values"}
     outputs = {o["name"]: o for o in report["measure"]["fidelity"]["outputs"]}
     assert outputs["boxes"]["kind"] == "values" and outputs["scores"]["kind"] == "scores"
-    # the metric itself still exists for both (several columns); the table reads it for scores only
-    assert outputs["boxes"]["top1_agreement"] is not None
+    # top-1 agreement is read for class scores only, in the JSON as in the table (compare does the same)
+    assert outputs["boxes"]["top1_agreement"] is None and outputs["scores"]["top1_agreement"] is not None
     rows = {r[0]: r[3] for r in summary_rows(report)}
     assert "top-1 agreement" in rows["output scores"]
     assert "top-1" not in rows["output boxes"] and rows["output boxes"].startswith("cosine ")

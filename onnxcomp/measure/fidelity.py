@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import KindsSeen
+from onnxcomp.check import KindsSeen, reads_top1
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
@@ -82,13 +82,23 @@ class ModelComparison:
         return {
             "samples": self.samples,
             "feeds": self.feeds,
-            "outputs": [{**_fidelity_dict(f), "kind": self.kinds.get(f.name, "values")} for f in self.outputs],
+            "outputs": [self._output_dict(f) for f in self.outputs],
             "accuracy": self.accuracy,
             "label_output": self.label_output,
             "layers": [_fidelity_dict(f, channels=False) for f in self.layers],
             "layers_resized": self.layers_resized,
             "layers_skipped": dict(self.layers_skipped),
         }
+
+
+    def _output_dict(self, f: OutputFidelity) -> dict[str, Any]:
+        """One output's figures and kind; top-1 agreement only where the kind is read by it (class
+        scores): for box coordinates or embeddings the figure exists but means nothing (null)."""
+        kind = self.kinds.get(f.name, "values")
+        d = {**_fidelity_dict(f), "kind": kind}
+        if not reads_top1(kind):
+            d["top1_agreement"] = None
+        return d
 
 
 def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any]:
