@@ -128,7 +128,6 @@ def _configure_compare(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from onnxcomp.check import reads_top1
     from onnxcomp.io import load_model
     from onnxcomp.measure.fidelity import compare_models
 
@@ -164,12 +163,10 @@ def _run_compare(args: argparse.Namespace) -> int:
             per_layer=args.per_layer, channel_axis=axis, optimization=args.optimization,
             progress=lambda n: progress.update(task, completed=n),
         )
-    # top-1 agreement only where the held-out check reads an output by it (class scores): for box
-    # coordinates or embeddings the figure exists but means nothing (JSON: null, the kind named)
-    kinds = {f.name: result.kinds.get(f.name, "values") for f in result.outputs}
-    top1 = {f.name: f.top1_agreement if reads_top1(kinds[f.name]) else None for f in result.outputs}
+    # top-1 agreement only where the held-out check reads an output by it (class scores), in the
+    # table and the JSON alike (ModelComparison.top1)
     if args.json:
-        document = result.to_dict()  # top-1 null where it does not apply, as in the table
+        document = result.to_dict()
         print_json({"reference": args.reference, "candidate": args.candidate, **document})
         return 0
     from rich.table import Table
@@ -180,8 +177,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("output", "shape", "kind") else "right")
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
-        agree = "-" if top1[f.name] is None else f"{100 * top1[f.name]:.2f}%"
-        table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), kinds[f.name],
+        top1 = result.top1(f)
+        agree = "-" if top1 is None else f"{100 * top1:.2f}%"
+        table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), result.kind(f),
                       f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}", f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
     con.print(table)
     if result.accuracy:

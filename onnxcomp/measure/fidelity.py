@@ -90,15 +90,17 @@ class ModelComparison:
             "layers_skipped": dict(self.layers_skipped),
         }
 
+    def kind(self, f: OutputFidelity) -> str:
+        """The output's kind as the held-out check judges it (``values`` where none was seen)."""
+        return self.kinds.get(f.name, "values")
+
+    def top1(self, f: OutputFidelity) -> float | None:
+        """Top-1 agreement where the output's kind is read by it (class scores); None elsewhere: for
+        box coordinates or embeddings the figure exists but means nothing."""
+        return f.top1_agreement if reads_top1(self.kind(f)) else None
 
     def _output_dict(self, f: OutputFidelity) -> dict[str, Any]:
-        """One output's figures and kind; top-1 agreement only where the kind is read by it (class
-        scores): for box coordinates or embeddings the figure exists but means nothing (null)."""
-        kind = self.kinds.get(f.name, "values")
-        d = {**_fidelity_dict(f), "kind": kind}
-        if not reads_top1(kind):
-            d["top1_agreement"] = None
-        return d
+        return {**_fidelity_dict(f), "kind": self.kind(f), "top1_agreement": self.top1(f)}
 
 
 def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any]:

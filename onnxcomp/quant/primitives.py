@@ -294,8 +294,7 @@ def scale_inside(scale: np.ndarray, zero_point: np.ndarray, lo: float, hi: float
     """
     if not (lo <= 0.0 <= hi):
         raise ValueError(f"the range [{lo}, {hi}] must contain 0")
-    info = qdtype_info(qdtype)
-    tmin, tmax = (-(2 ** (info.bits - 1)), 2 ** (info.bits - 1) - 1) if info.signed else (0, 2 ** info.bits - 1)
+    tmin, tmax = qrange(qdtype, symmetric=False)  # the full range QuantizeLinear saturates to
     zp = int(np.asarray(zero_point).reshape(-1)[0])
     s = float(np.asarray(scale, np.float32).reshape(-1)[0])
     if tmin - zp < 0:

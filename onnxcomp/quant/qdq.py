@@ -284,7 +284,6 @@ def _fold_into_ranges(
         if producer is None or producer.name not in compute or producer.name in float_out:
             bounds = _clip_before_int8(node, compute, outputs, points, config)
             if bounds is not None:
-                points.pop(out.name)
                 points[out.name] = QuantPoint(src.name, out.name, within=bounds)
                 folded.append(node.name)
             continue
@@ -305,20 +304,19 @@ def _fold_into_ranges(
     return folded
 
 
-def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
-    """A Clip's constant scalar (min, max) (inputs, or attributes before opset 11), finite; else None."""
-    if len(node.inputs) > 1 or "min" not in node.attributes and "max" not in node.attributes:
-        arrays = [constant_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
-                  for i in (1, 2)]
-        if any(a is None or a.size != 1 for a in arrays):
-            return None
-        lo, hi = (float(a.reshape(-1)[0]) for a in arrays)
-    else:
-        lo_attr, hi_attr = node.attributes.get("min"), node.attributes.get("max")
-        if lo_attr is None or hi_attr is None:
-            return None
-        lo, hi = lo_attr.as_float(), hi_attr.as_float()
-    return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) and lo <= 0.0 <= hi else None
+def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    """A Clip's (min, max): inputs 1 and 2 (opset 11 on) or the attributes (before); a bound not
+    given is -inf / +inf, one that is not a constant scalar None."""
+    bounds: list[float | None] = []
+    for i, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        value = node.inputs[i] if len(node.inputs) > i else None
+        if value is None:
+            attr = node.attributes.get(name)
+            bounds.append(attr.as_float() if attr is not None else default)
+            continue
+        arr = constant_array(value)
+        bounds.append(float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None)
+    return bounds[0], bounds[1]
 
 
 def _clip_before_int8(node: ir.Node, compute: Mapping[str, ir.Node], outputs: set[str],
@@ -330,9 +328,11 @@ def _clip_before_int8(node: ir.Node, compute: Mapping[str, ir.Node], outputs: se
     is; None where any condition fails."""
     if not is_clip_node(node) or config.reduce_activations:
         return None
-    bounds = _clip_bounds(node)
+    lo, hi = _clip_bounds(node)
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi) and lo <= 0.0 <= hi):
+        return None
     src, out = node.inputs[0], node.outputs[0]
-    if bounds is None or src is None or not _is_float32(src) or out.name not in points:
+    if src is None or not _is_float32(src) or out.name not in points:
         return None
     if points[out.name].shared_with is not None or src.name in points or src.name in outputs or out.name in outputs:
         return None
@@ -347,7 +347,7 @@ def _clip_before_int8(node: ir.Node, compute: Mapping[str, ir.Node], outputs: se
             continue
         if other.name in compute or any(v.name in points for v in other.outputs):
             return None
-    return bounds
+    return lo, hi
 
 
 def _share_data_movement(nodes: list[ir.Node], model: ir.Model, config: QuantizeConfig, outputs: set[str],
@@ -553,12 +553,7 @@ def _point_for(points: Mapping[str, QuantPoint], name: str) -> QuantPoint | None
 
 
 def _clip_starts_at_zero(node: ir.Node) -> bool:
-    lo = node.inputs[1] if len(node.inputs) > 1 else None
-    if lo is None:
-        attr = node.attributes.get("min")
-        return attr is not None and attr.as_float() == 0.0
-    arr = constant_array(lo)
-    return arr is not None and arr.size == 1 and float(arr.reshape(-1)[0]) == 0.0
+    return _clip_bounds(node)[0] == 0.0
 
 
 class QDQPass(CompressionPass[QuantizeConfig]):

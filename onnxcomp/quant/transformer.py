@@ -257,11 +257,9 @@ def fuse_encoder(work: ir.Model, geometry: EncoderGeometry, *, embed_layer_norm:
     fused.pop("LayerNormalization", None)
     if formed > 0:
         fused["LayerNormalization"] = formed
-    not_fused = {op: FUSIONS[op] for op in ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu")
+    not_fused = {op: LEFT_OUT[op][1] if op in LEFT_OUT else FUSIONS[op]
+                 for op in ("EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu")
                  if not stats.get(op)}
-    for op, (_, why) in LEFT_OUT.items():
-        if not stats.get(op):
-            not_fused[op] = why
     if not embed_layer_norm:
         not_fused["EmbedLayerNormalization"] = ("left out: the embedding tables are quantized (GatherBlockQuantized) "
                                                 "instead; embedding_bits=0 keeps them float and fuses them")
