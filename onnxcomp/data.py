@@ -247,6 +247,12 @@ class Dataset:
             if s.name in arrays and s.shape and isinstance(s.batch_dim, int)
             and arrays[s.name].ndim == len(s.shape)
         }
+        if 0 in fixed:  # an empty batch holds no sample: no feed could be cut from the data
+            spec = next(s for s in self.inputs if s.name in arrays and s.batch_dim == 0)
+            raise DataError(
+                f"{self.name}: input {spec.name!r} has its batch dimension (axis 0) fixed at 0 by "
+                f"{spec.fixes(0)} {spec.describe_shape()}: a feed of it holds no sample; give axis 0 at least 1"
+            )
         if self.batch_size is not None:
             if fixed and fixed != {self.batch_size}:
                 raise DataError(

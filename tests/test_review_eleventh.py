@@ -1,0 +1,57 @@
+"""Review, eleventh round: what a demanding new user hit running the README's commands on small
+models built in code (each defect reduced to a seeded model, checked before and after the fix)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import file_digest, make_proto
+
+from onnxcomp import io
+from onnxcomp.cli import main
+from onnxcomp.data import Dataset
+from onnxcomp.errors import DataError
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _mlp(rng, path=None, batch="N"):
+    proto = make_proto(
+        [oh.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+         oh.make_node("Relu", ["h"], ["hr"], name="relu"),
+         oh.make_node("Gemm", ["hr", "w2", "b2"], ["y"], transB=1, name="fc2")],
+        [("x", [batch, 32])], [("y", [batch, 10])],
+        [("w1", rng.standard_normal((64, 32)).astype(np.float32)), ("b1", np.zeros(64, np.float32)),
+         ("w2", rng.standard_normal((10, 64)).astype(np.float32)), ("b2", np.zeros(10, np.float32))],
+    )
+    if path is not None:
+        onnx.save(proto, path)
+    return proto
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A batch dimension fixed at 0 (`--fix-shape x=0x32`, which allows 0 for empty caches, or the
+#    model's own declaration) made reading the data divide by zero: an internal error.
+
+
+def test_a_batch_dimension_fixed_at_zero_is_bad_input_not_an_internal_error(rng, tmp_path, capsys):
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    _mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    before = file_digest(model)
+    code, out, err = _cli(capsys, "quantize", model, "-o", tmp_path / "q.onnx", "--calibration", calib,
+                          "--fix-shape", "x=0x32")
+    assert code == 1 and "internal error" not in err
+    assert err.strip().splitlines() == [
+        f"onnxcomp: error: {calib}: input 'x' has its batch dimension (axis 0) fixed at 0 by --fix-shape x=0x32 "
+        "[0,32]: a feed of it holds no sample; give axis 0 at least 1"]
+    assert not (tmp_path / "q.onnx").exists() and file_digest(model) == before
+    # the model's own declaration, through the Python API
+    with pytest.raises(DataError, match=r"input 'x' has its batch dimension \(axis 0\) fixed at 0 by the model"):
+        Dataset(calib, io.load_model(_mlp(rng, batch=0)))
