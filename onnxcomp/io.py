@@ -984,13 +984,18 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     """A new model converted to default-domain opset ``target`` with ``onnx.version_converter``.
 
+    Model-local functions are inlined first: the converter drops them (and leaves their calls to
+    an op onnxruntime does not know) and converts only the main graph's nodes.
+
     Raises:
         OpsetError: the converter cannot convert this model (its message is passed on).
     """
-    from onnx import version_converter
+    from onnx import inliner, version_converter
 
     proto = ir.to_proto(model)
     try:
+        if proto.functions:
+            proto = inliner.inline_local_functions(proto)
         converted = version_converter.convert_version(proto, target)
     except Exception as exc:
         raise OpsetError(

@@ -55,3 +55,46 @@ def test_a_batch_dimension_fixed_at_zero_is_bad_input_not_an_internal_error(rng,
     # the model's own declaration, through the Python API
     with pytest.raises(DataError, match=r"input 'x' has its batch dimension \(axis 0\) fixed at 0 by the model"):
         Dataset(calib, io.load_model(_mlp(rng, batch=0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A model with a model-local function: the opset upgrade weight-only mode needs (opset 21)
+#    went through onnx.version_converter, which drops the functions and leaves their calls, so
+#    `quantize --mode weight-only` ended with "onnxruntime cannot load the model: local:MyLin(-1)
+#    is not a registered function/op". The functions are now inlined before the conversion.
+
+
+def _function_model(rng):
+    body = [oh.make_node("MatMul", ["a", "b"], ["t"]), oh.make_node("Relu", ["t"], ["c"])]
+    fn = oh.make_function("local", "MyLin", ["a", "b"], ["c"], body, [oh.make_opsetid("", 17)])
+    proto = make_proto([oh.make_node("MyLin", ["x", "w"], ["y"], domain="local", name="lin")],
+                       [("x", ["N", 64])], [("y", ["N", 32])],
+                       [("w", rng.standard_normal((64, 32)).astype(np.float32))])
+    proto.opset_import.append(oh.make_opsetid("local", 1))
+    proto.functions.append(fn)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_an_opset_upgrade_keeps_what_a_local_function_computes(rng):
+    from onnxcomp.runtime import run_model
+
+    proto = _function_model(rng)
+    feeds = [{"x": rng.standard_normal((3, 64)).astype(np.float32)}]
+    upgraded = io.upgrade_opset(io.load_model(proto), 21)
+    assert io.onnx_opset(upgraded) == 21 and not upgraded.functions
+    assert [n.op_type for n in upgraded.graph] == ["MatMul", "Relu"]
+    np.testing.assert_array_equal(run_model(upgraded, feeds)[0][0], run_model(io.load_model(proto), feeds)[0][0])
+
+
+def test_weight_only_quantizes_inside_a_local_function(rng, tmp_path, capsys):
+    model = tmp_path / "f.onnx"
+    onnx.save(_function_model(rng), model)
+    code, out, err = _cli(capsys, "quantize", model, "-o", tmp_path / "q.onnx", "--mode", "weight-only",
+                          "--bits", "8", "--json")
+    assert code == 0, err
+    import json
+
+    report = json.loads(out)
+    assert report["onnxruntime"]["weight_only_by_op"] == {"MatMulNBits": 1}
+    assert report["check"]["checked"] and report["check"]["outputs"][0]["cosine"] > 0.999
