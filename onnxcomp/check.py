@@ -1224,11 +1224,14 @@ def resolution_note(rows: list[dict[str, Any]], config: CheckConfig) -> str | No
             f"where the budget allows {allows} point{'' if allows == '1' else 's'}; pass --eval with more data")
 
 
-def _session(model: ir.Model | str | os.PathLike):
+def _session(model: ir.Model | str | os.PathLike, what: str = "the written model"):
     from onnxcomp.runtime import open_session, session_options
 
-    return open_session(model, sess_options=session_options("all", threads=None), what="the written model")
+    return open_session(model, sess_options=session_options("all", threads=None), what=what)
 
+
+#: what an error calls the reference (the float model the written one is compared with)
+ORIGINAL = "the original model"
 
 #: reference outputs kept on a split for a second check up to this many bytes
 KEEP_REFERENCE_BYTES = 256 * 2**20
@@ -1254,10 +1257,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         # a big model: the original's session is gone before the written model's opens (both run
         # side by side when its outputs would take more than KEEP_REFERENCE_BYTES)
         with _original_runs(split):
-            cached = collect_outputs(_session(reference_file or reference), names, data, KEEP_REFERENCE_BYTES)
+            cached = collect_outputs(_session(reference_file or reference, ORIGINAL), names, data, KEEP_REFERENCE_BYTES)
         if cached is not None and split is not None:
             split.reference_outputs = cached
-    ref_session = _session(reference_file or reference) if cached is None else None
+    ref_session = _session(reference_file or reference, ORIGINAL) if cached is None else None
     verified = (split.written_outputs or []) if split is not None else []
     if split is not None:
         split.written_outputs = None  # one check takes them

@@ -98,3 +98,54 @@ def test_weight_only_quantizes_inside_a_local_function(rng, tmp_path, capsys):
     report = json.loads(out)
     assert report["onnxruntime"]["weight_only_by_op"] == {"MatMulNBits": 1}
     assert report["check"]["checked"] and report["check"]["outputs"][0]["cosine"] > 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A model that passes onnx.checker but that onnxruntime refuses (two nodes of one name): every
+#    refusal said "onnxruntime cannot load the model" whichever model it was (the check called the
+#    original "the written model"; compare did not say which of its two), and `cluster` wrote its
+#    output and only then failed (exit 1) on the input's session-creation time.
+
+
+def _twin_names(rng, path):
+    proto = make_proto(
+        [oh.make_node("MatMul", ["x", "w"], ["h"], name="a"), oh.make_node("Relu", ["h"], ["r"], name="a"),
+         oh.make_node("MatMul", ["r", "w2"], ["y"], name="b")],
+        [("x", ["N", 32])], [("y", ["N", 8])],
+        [("w", rng.standard_normal((32, 16)).astype(np.float32)), ("w2", rng.standard_normal((16, 8)).astype(np.float32))],
+    )
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def test_cluster_refuses_a_model_onnxruntime_cannot_load_before_writing(rng, tmp_path, capsys):
+    model, out = tmp_path / "twins.onnx", tmp_path / "c.onnx"
+    _twin_names(rng, model)
+    code, _, err = _cli(capsys, "cluster", model, "-o", out)
+    assert code == 1 and not out.exists()
+    assert err.startswith(f"onnxcomp: error: onnxruntime cannot load the model {model}: ") and "same node name" in err
+
+
+def test_a_refused_original_is_called_the_original_in_the_check(rng, tmp_path, capsys):
+    model, out = tmp_path / "twins.onnx", tmp_path / "q.onnx"
+    _twin_names(rng, model)
+    code, text, _ = _cli(capsys, "quantize", model, "-o", out, "--mode", "dynamic", "--json")
+    import json
+
+    problems = json.loads(text)["check"]["problems"]
+    assert code == 0 and any("onnxruntime cannot load the original model: " in p for p in problems), problems
+    assert not any("written model:" in p for p in problems)
+
+
+@pytest.mark.parametrize("twins_first", [True, False])
+def test_compare_says_which_model_onnxruntime_refuses(rng, tmp_path, capsys, twins_first):
+    twins, good, data = tmp_path / "twins.onnx", tmp_path / "good.onnx", tmp_path / "d.npz"
+    _twin_names(rng, twins)
+    proto = onnx.load(twins)
+    proto.graph.node[1].name = "relu"
+    onnx.save(proto, good)
+    np.savez(data, x=rng.standard_normal((4, 32)).astype(np.float32))
+    pair = (twins, good) if twins_first else (good, twins)
+    code, _, err = _cli(capsys, "compare", *pair, "--data", data)
+    role = "reference" if twins_first else "candidate"
+    assert code == 1 and err.startswith(f"onnxcomp: error: onnxruntime cannot load the {role} model: ")

@@ -23,15 +23,16 @@ from onnxcomp.stage import Context, Stage
 __all__ = ["cluster", "ClusterStage", "session_creation_seconds"]
 
 
-def session_creation_seconds(model: ir.Model, repeats: int = 3) -> float:
+def session_creation_seconds(model: ir.Model, repeats: int = 3, *, what: str = "the model") -> float:
     """Fastest of ``repeats`` onnxruntime session creations on ``model`` (default options).
 
     The minimum, because the first session of a process also pays onnxruntime's one-time setup.
+    ``what`` names the model in the ModelLoadError raised when onnxruntime refuses it.
     """
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        create_session(model)
+        create_session(model, what=what)
         best = min(best, time.perf_counter() - start)
     return best
 

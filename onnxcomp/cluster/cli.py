@@ -99,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --data (the data they label)")
     split = split_data(None, check_cfg, evaluation=evaluation, labels=labels, model=model)
+    # before any work: a model onnxruntime refuses is bad input, not an error once the output is written
+    input_session_s = session_creation_seconds(model, what=f"the model {args.model}")
     with progress_bar(con) as progress:
         task = progress.add_task("clustering", total=None)
         clustered, report = cluster(
@@ -107,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
-                       "session_creation_s": session_creation_seconds(model)}
+                       "session_creation_s": input_session_s}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
     if specialized is not None:

@@ -280,6 +280,10 @@ def compare_models(
     )
 
 
+#: what an error calls the two models compared (onnxruntime refusing one of them)
+REFERENCE, CANDIDATE = "the reference model", "the candidate model"
+
+
 def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], data, options,
                  one_at_a_time: bool, cand_names: list[str] | None = None):
     """``(feed, reference values, candidate values)`` of ``names`` (the candidate's ``cand_names``,
@@ -287,14 +291,14 @@ def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], dat
     every feed through the reference first, its session dropped, then the candidate's."""
     cand_names = names if cand_names is None else cand_names
     if not one_at_a_time:
-        ref_session = create_session(reference, sess_options=options)
-        cand_session = create_session(candidate, sess_options=options)
+        ref_session = create_session(reference, sess_options=options, what=REFERENCE)
+        cand_session = create_session(candidate, sess_options=options, what=CANDIDATE)
         for feed in data:
             yield feed, ref_session.run(names, feed), cand_session.run(cand_names, feed)
         return
-    ref_values = collect_outputs(create_session(reference, sess_options=options), names, data)
+    ref_values = collect_outputs(create_session(reference, sess_options=options, what=REFERENCE), names, data)
     release_pages(reference)
-    session = create_session(candidate, sess_options=options)
+    session = create_session(candidate, sess_options=options, what=CANDIDATE)
     for feed, values in zip(data, ref_values):
         yield feed, values, session.run(cand_names, feed)
 
