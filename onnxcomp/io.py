@@ -985,7 +985,8 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     """A new model converted to default-domain opset ``target`` with ``onnx.version_converter``.
 
     Model-local functions are inlined first: the converter drops them (and leaves their calls to
-    an op onnxruntime does not know) and converts only the main graph's nodes.
+    an op onnxruntime does not know) and converts only the main graph's nodes. The IR version is
+    raised to the least that the new opset needs.
 
     Raises:
         OpsetError: the converter cannot convert this model (its message is passed on).
@@ -997,6 +998,10 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
         if proto.functions:
             proto = inliner.inline_local_functions(proto)
         converted = version_converter.convert_version(proto, target)
+        # the converter keeps the IR version; an IR 3 model (every initializer also a graph input)
+        # at the new opset would make each new initializer (a scale, a codebook) fail onnx.checker
+        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
+            [o for o in converted.opset_import if o.domain in ("", "ai.onnx")]))
     except Exception as exc:
         raise OpsetError(
             f"cannot upgrade the model from opset {onnx_opset(model)} to {target}: {_first_line(exc)}"

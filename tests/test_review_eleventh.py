@@ -149,3 +149,42 @@ def test_compare_says_which_model_onnxruntime_refuses(rng, tmp_path, capsys, twi
     code, _, err = _cli(capsys, "compare", *pair, "--data", data)
     role = "reference" if twins_first else "candidate"
     assert code == 1 and err.startswith(f"onnxcomp: error: onnxruntime cannot load the {role} model: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. An IR 3 model (opset 7, every initializer also a graph input, as old exporters and the ONNX
+#    model zoo wrote them): the upgrade to opset 13 kept IR 3, so each scale the Q/DQ pass added
+#    failed onnx.checker ("x_scale in initializer but not in graph input") and static quantize
+#    (and every recipe with a quantize stage) stopped with "QDQPass produced an invalid model".
+
+
+def _ir3_mlp(rng, path):
+    w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((10, 64)).astype(np.float32)
+    weights = [("w1", w1), ("b1", np.zeros(64, np.float32)), ("w2", w2), ("b2", np.zeros(10, np.float32))]
+    proto = make_proto(
+        [oh.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), oh.make_node("Relu", ["h"], ["r"]),
+         oh.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)],
+        [("x", [1, 32])] + [(n, list(a.shape)) for n, a in weights], [("y", [1, 10])], weights, opset=7)
+    proto.ir_version = 3
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+def test_static_quantize_of_an_ir3_model_raises_its_ir_version_with_the_opset(rng, tmp_path, capsys):
+    from onnxcomp.runtime import run_model
+
+    model, calib, out = tmp_path / "ir3.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    _ir3_mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    code, text, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", calib, "--json")
+    assert code == 0, err
+    import json
+
+    report = json.loads(text)
+    assert report["onnxruntime"]["int8_by_op"] == {"QGemm": 2} and report["check"]["met"]
+    written = onnx.load(out)
+    assert written.ir_version >= 7
+    onnx.checker.check_model(written)
+    feeds = [{"x": rng.standard_normal((1, 32)).astype(np.float32)}]
+    ref, got = run_model(io.load_model(model), feeds)[0][0], run_model(io.load_model(out), feeds)[0][0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
