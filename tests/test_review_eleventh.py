@@ -188,3 +188,63 @@ def test_static_quantize_of_an_ir3_model_raises_its_ir_version_with_the_opset(rn
     feeds = [{"x": rng.standard_normal((1, 32)).astype(np.float32)}]
     ref, got = run_model(io.load_model(model), feeds)[0][0], run_model(io.load_model(out), feeds)[0][0]
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The Python API took a config of the wrong type silently or failed deep inside:
+#    QuantizeConfig(exclude="fc1") excluded nothing (the string was read letter by letter),
+#    per_channel="no" was true, and quantize/prune/cluster(..., {"ratio": 0.5}) or compress(...,
+#    recipe=3) ended in an AttributeError or TypeError.
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"exclude": "fc1"}, "quantize: exclude expects a list of str, got str 'fc1'"),
+    ({"per_channel": "no"}, "quantize: per_channel expects bool, got str 'no'"),
+    ({"op_types": ("MatMul", 1)}, "quantize: op_types expects a list of str, got tuple ('MatMul', 1)"),
+    ({"smoothquant": "yes"}, "quantize: smoothquant expects bool or None, got str 'yes'"),
+])
+def test_a_config_of_the_wrong_type_is_refused_naming_the_field(kwargs, message):
+    from onnxcomp.errors import ConfigError
+    from onnxcomp.quant.config import QuantizeConfig
+
+    with pytest.raises(ConfigError) as info:
+        QuantizeConfig(**kwargs)
+    assert str(info.value) == message
+
+
+def test_a_config_stores_lists_as_tuples_and_numpy_numbers_as_python_ones(rng, tmp_path):
+    from onnxcomp.prune.config import PruneConfig
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    config = QuantizeConfig(exclude=["fc1"], max_samples=np.int64(8), percentile=np.float32(99.5))
+    assert config.exclude == ("fc1",) and type(config.max_samples) is int and type(config.percentile) is float
+    assert hash(config) == hash(QuantizeConfig(exclude=("fc1",), max_samples=8, percentile=99.5))
+    assert type(PruneConfig(ratio=1 / 2).ratio) is float and PruneConfig(ratio=np.float64(0.5)).ratio == 0.5
+    # the excluded node stays float, as with a tuple
+    proto = _mlp(rng)
+    calib = [{"x": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(12)]
+    _, report = quantize(proto, calib, config)
+    assert report["onnxruntime"]["int8_by_op"] == {"QGemm": 1} and report["onnxruntime"]["float_by_op"] == {"Gemm": 1}
+
+
+def test_the_python_api_refuses_a_config_or_recipe_of_the_wrong_type(rng):
+    from onnxcomp.cluster.api import cluster
+    from onnxcomp.compress import compress
+    from onnxcomp.errors import ConfigError
+    from onnxcomp.prune.api import prune
+    from onnxcomp.quant.api import quantize
+
+    proto = _mlp(rng)
+    calib = [{"x": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(4)]
+    with pytest.raises(ConfigError, match=r"^config must be a QuantizeConfig or StaticConfig or DynamicConfig or "
+                                          r"WeightOnlyConfig, got dict \{'calibration': 'mse'\}; build one with "
+                                          r"QuantizeConfig.from_dict\(\.\.\.\)$"):
+        quantize(proto, calib, {"calibration": "mse"})
+    with pytest.raises(ConfigError, match=r"^config must be a PruneConfig, got dict"):
+        prune(proto, {"ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"^config must be a ClusterConfig, got str '4'$"):
+        cluster(proto, "4")
+    with pytest.raises(ConfigError, match=r"^recipe must be a Recipe, a shipped recipe's name, a TOML path or a "
+                                          r"mapping, got int 3$"):
+        compress(proto, 3, calib)

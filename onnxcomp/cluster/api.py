@@ -17,6 +17,7 @@ from onnxcomp.cluster.passes import ClusterConfig, ClusterPass
 from onnxcomp.io import ModelSource
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.graph import working_copy
+from onnxcomp.passes.base import config_argument
 from onnxcomp.runtime import create_session
 from onnxcomp.stage import Context, Stage
 
@@ -46,7 +47,7 @@ def cluster(
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Cluster ``model``'s weights; returns the new model and a report (the input is untouched)."""
-    config = config or ClusterConfig()
+    config = config_argument(config, ClusterConfig) or ClusterConfig()
     notes: list[str] = []
     work = working_copy(model, ClusterStage.required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
