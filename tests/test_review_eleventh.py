@@ -248,3 +248,23 @@ def test_the_python_api_refuses_a_config_or_recipe_of_the_wrong_type(rng):
     with pytest.raises(ConfigError, match=r"^recipe must be a Recipe, a shipped recipe's name, a TOML path or a "
                                           r"mapping, got int 3$"):
         compress(proto, 3, calib)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. `sensitivity` of a model static int8 leaves wholly float printed an empty table titled "all
+#    int8 inf dB": a lossless int8 model, to a reader. It now says there is nothing to rank.
+
+
+def test_sensitivity_says_when_there_is_nothing_to_rank(rng, tmp_path, capsys):
+    import json
+
+    model, calib = tmp_path / "relu.onnx", tmp_path / "c.npz"
+    onnx.save(make_proto([oh.make_node("Relu", ["x"], ["y"])], [("x", ["N", 8])], [("y", ["N", 8])]), model)
+    np.savez(calib, x=rng.standard_normal((12, 8)).astype(np.float32))
+    code, out, err = _cli(capsys, "sensitivity", model, "--calibration", calib, "--workers", "1")
+    assert code == 0 and err == ""
+    assert " ".join(out.split()) == ("sensitivity of relu.onnx: nothing to rank: static int8 quantizes no node of "
+                                     "this model (all int8 is the float model)")
+    code, out, _ = _cli(capsys, "sensitivity", model, "--calibration", calib, "--workers", "1", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["nodes"] == [] and report["notes"][-1].startswith("nothing to rank: ")
