@@ -207,6 +207,15 @@ class DataSplit:
                 "labels": self.labels is not None}
 
 
+def _check_declared_classes(labels: np.ndarray, model: ir.Model) -> None:
+    from onnxcomp.measure.metrics import check_label_range
+
+    output = model.graph.outputs[0]
+    dims = tuple(output.shape) if output.shape is not None else ()
+    if len(dims) >= 2 and isinstance(dims[-1], int):
+        check_label_range(labels, (1, dims[-1]), output.name)
+
+
 def split_data(
     calibration: Dataset | None,
     config: CheckConfig,
@@ -225,6 +234,8 @@ def split_data(
     if evaluation is not None:
         evaluation.check_first()
         evaluation.check_labels(labels)
+        if labels is not None and model is not None:  # the classes the model declares; the check sees the rest
+            _check_declared_classes(labels, model)
         check = evaluation if labels is not None else evaluation.subset(lambda i: i < config.max_feeds)
         n = evaluation.num_feeds
         return DataSplit(calibration, check, True, f"evaluation data {evaluation.name}", labels,
@@ -1247,7 +1258,7 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
     The original's outputs are kept on ``split`` (up to :data:`KEEP_REFERENCE_BYTES`) and taken
     from it when a check already ran there.
     """
-    from onnxcomp.measure.metrics import predicted_class
+    from onnxcomp.measure.metrics import check_label_range, predicted_class
     from onnxcomp.runtime import KeptOutputs, collect_outputs
 
     names = [v.name for v in reference.graph.outputs]
@@ -1300,6 +1311,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
+            if not predictions[0]:
+                check_label_range(labels, np.shape(ref_values[0]), names[0])
             predictions[0].append(predicted_class(ref_values[0]))
             predictions[1].append(predicted_class(cand_values[0]))
         samples += int(ref_values[0].shape[figures.batch_axis(0)]) if ref_values and np.ndim(ref_values[0]) else 1

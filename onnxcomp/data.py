@@ -494,9 +494,15 @@ def load_labels(path: str | os.PathLike, *, expected: int | None = None) -> np.n
         if "labels" not in loaded.files:
             raise DataError(f"{p}: .npz labels file needs a 'labels' key; it has {loaded.files}")
         loaded = loaded["labels"]
-    labels = np.asarray(loaded).reshape(-1)
+    labels = np.asarray(loaded)
+    if labels.ndim > 1 and labels.shape[1:] != (1,) * (labels.ndim - 1):  # [N] or [N, 1]: one class a sample
+        raise DataError(f"{p}: labels must hold one class per sample (shape [N]), got shape {list(labels.shape)}")
+    labels = labels.reshape(-1)
     if labels.dtype.kind not in "iu":
         raise DataError(f"{p}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        index = int(np.argmax(labels < 0))
+        raise DataError(f"{p}: label {index} is {int(labels[index])}; labels are class indices, 0 or more")
     if expected is not None and labels.shape[0] != expected:
         raise DataError(f"{p}: {labels.shape[0]} labels for {expected} samples")
     return labels

@@ -268,3 +268,55 @@ def test_sensitivity_says_when_there_is_nothing_to_rank(rng, tmp_path, capsys):
     code, out, _ = _cli(capsys, "sensitivity", model, "--calibration", calib, "--workers", "1", "--json")
     report = json.loads(out)
     assert code == 0 and report["nodes"] == [] and report["notes"][-1].startswith("nothing to rank: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Labels that can never equal a prediction were taken silently: a label of -1 or one at or
+#    above the output's number of classes (labels counted from 1) read as accuracy lost on both
+#    models (0% and 0%: "no drop", the budget met); labels of shape [N, 2] were flattened into
+#    "80 labels for 40 samples".
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((12, 2), np.int64), "labels must hold one class per sample (shape [N]), got shape [12, 2]"),
+    (np.r_[np.zeros(5, np.int64), -1, np.zeros(6, np.int64)], "label 5 is -1; labels are class indices, 0 or more"),
+])
+def test_labels_that_are_not_one_class_index_per_sample_are_refused(tmp_path, labels, message):
+    from onnxcomp.data import load_labels
+
+    path = tmp_path / "labels.npy"
+    np.save(path, labels)
+    with pytest.raises(DataError) as info:
+        load_labels(path)
+    assert str(info.value) == f"{path}: {message}"
+    np.save(path, np.arange(12).reshape(12, 1))
+    np.testing.assert_array_equal(load_labels(path), np.arange(12))  # [N, 1] is one class a sample
+
+
+def test_labels_beyond_the_declared_classes_are_refused_before_any_work(rng, tmp_path, capsys):
+    model, data, labels = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "l.npy"
+    _mlp(rng, model)
+    np.savez(data, x=rng.standard_normal((12, 32)).astype(np.float32))
+    np.save(labels, np.array([1, 2, 3, 13, 5, 6, 7, 8, 9, 0, 1, 2]))  # counted from 1, and one beyond
+    for argv in (["quantize", model, "-o", tmp_path / "q.onnx", "--calibration", data],
+                 ["cluster", model, "-o", tmp_path / "q.onnx"], ["prune", model, "-o", tmp_path / "q.onnx"]):
+        code, out, err = _cli(capsys, *argv, "--eval" if argv[0] != "cluster" else "--data", data, "--labels", labels)
+        assert code == 1 and not (tmp_path / "q.onnx").exists()
+        assert err == ("onnxcomp: error: --labels: label 3 is 13, but output 'y' scores 10 classes (0 to 9); "
+                       "labels count classes from 0\n")
+
+
+def test_compare_refuses_labels_beyond_the_classes_it_sees(rng, tmp_path, capsys):
+    model, data, labels = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "l.npy"
+    _mlp(rng, model, batch="N")
+    proto = onnx.load(model)
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "C"  # classes not declared
+    onnx.save(proto, model)
+    np.savez(data, x=rng.standard_normal((6, 32)).astype(np.float32))
+    np.save(labels, np.array([0, 1, 2, 3, 10, 5]))
+    code, _, err = _cli(capsys, "compare", model, model, "--data", data, "--labels", labels)
+    assert code == 1
+    assert err == ("onnxcomp: error: --labels: label 4 is 10, but output 'y' scores 10 classes (0 to 9); "
+                   "labels count classes from 0\n")
+    np.save(labels, np.array([0, 1, 2, 3, 9, 5]))
+    assert _cli(capsys, "compare", model, model, "--data", data, "--labels", labels)[0] == 0

@@ -41,7 +41,7 @@ from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
 from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
-from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, predicted_class
+from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, check_label_range, predicted_class
 from onnxcomp.runtime import collect_outputs, create_session, session_options
 
 __all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
@@ -222,6 +222,8 @@ def compare_models(
                                                          varying=True)  # a folder of feeds may vary in size
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
             if labels is not None and not layer and i == label_index:
+                if not predictions["reference"]:
+                    check_label_range(labels, r.shape, name)
                 predictions["reference"].append(predicted_class(r))
                 predictions["candidate"].append(predicted_class(c))
 
