@@ -320,3 +320,41 @@ def test_compare_refuses_labels_beyond_the_classes_it_sees(rng, tmp_path, capsys
                    "labels count classes from 0\n")
     np.save(labels, np.array([0, 1, 2, 3, 9, 5]))
     assert _cli(capsys, "compare", model, model, "--data", data, "--labels", labels)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. `--fix-input` converted an integer with numpy's wrap-around: 2 for a BOOL input became true,
+#    300 for a UINT8 input 44, -1 255; only a float with a fraction was refused.
+
+
+def _if_on(rng, cond_type):
+    then = oh.make_graph([oh.make_node("Add", ["x", "one"], ["t"])], "then", [], [oh.make_tensor_value_info("t", 1, ["N", 4])],
+                         [onnx.numpy_helper.from_array(np.ones(4, np.float32), "one")])
+    other = oh.make_graph([oh.make_node("Sub", ["x", "one2"], ["e"])], "else", [], [oh.make_tensor_value_info("e", 1, ["N", 4])],
+                          [onnx.numpy_helper.from_array(np.ones(4, np.float32), "one2")])
+    nodes = [oh.make_node("Cast", ["c"], ["cb"], to=onnx.TensorProto.BOOL),
+             oh.make_node("If", ["cb"], ["y"], then_branch=then, else_branch=other)]
+    return make_proto(nodes, [("x", ["N", 4]), ("c", [], cond_type)], [("y", ["N", 4])])
+
+
+@pytest.mark.parametrize("cond_type, value, ok", [
+    (onnx.TensorProto.BOOL, 2, False), (onnx.TensorProto.BOOL, 1, True), (onnx.TensorProto.BOOL, True, True),
+    (onnx.TensorProto.UINT8, 300, False), (onnx.TensorProto.UINT8, -1, False), (onnx.TensorProto.UINT8, 255, True),
+    (onnx.TensorProto.INT8, -1, True), (onnx.TensorProto.INT8, 1.5, False),
+])
+def test_a_fixed_input_value_must_be_exact_in_the_inputs_type(rng, cond_type, value, ok):
+    from onnxcomp.errors import ConfigError
+    from onnxcomp.passes.specialize import SpecializeConfig, SpecializePass
+    from onnxcomp.runtime import run_model
+
+    model = io.load_model(_if_on(rng, cond_type))
+    specialize = SpecializePass(SpecializeConfig(values={"c": value}))
+    if not ok:
+        with pytest.raises(ConfigError, match=rf"^input 'c' is {onnx.TensorProto.DataType.Name(cond_type)}: "
+                                              rf"{value!r} is not exactly representable$"):
+            specialize(model)
+        return
+    specialize(model)
+    assert [n.op_type for n in model.graph] in (["Add"], ["Sub"])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run_model(model, [{"x": x}])[0][0], x + 1 if value else x - 1)
