@@ -153,6 +153,9 @@ class Dataset:
         self.limit = limit
         self.check_finite = check_finite
         self._reads = 0
+        #: the feed last yielded, as errors name it (``calib.npz sample 5``): a consumer that fails
+        #: on it can say which (:func:`onnxcomp.graph.stream_values`)
+        self.reading: str | None = None
         if batch_size is not None and batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
@@ -369,6 +372,7 @@ class Dataset:
                     continue
                 feed = self._validate(where, feed)
                 self._note_spans(feed)
+                self.reading = where
                 yield feed
                 count += 1
         finally:

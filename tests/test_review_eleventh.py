@@ -358,3 +358,30 @@ def test_a_fixed_input_value_must_be_exact_in_the_inputs_type(rng, cond_type, va
     assert [n.op_type for n in model.graph] in (["Add"], ["Sub"])
     x = rng.standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_array_equal(run_model(model, [{"x": x}])[0][0], x + 1 if value else x - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Data onnxruntime refuses to run (a token id beyond the embedding table) ended in
+#    "onnxruntime cannot run the model: ... Gather ..." naming neither the file nor the sample.
+
+
+def _embedding(rng, path):
+    proto = make_proto([oh.make_node("Gather", ["table", "ids"], ["e"]), oh.make_node("MatMul", ["e", "w"], ["y"])],
+                       [("ids", ["N", 6], onnx.TensorProto.INT64)], [("y", ["N", 6, 8])],
+                       [("table", rng.standard_normal((50, 16)).astype(np.float32)),
+                        ("w", rng.standard_normal((16, 8)).astype(np.float32))])
+    onnx.save(proto, path)
+
+
+def test_a_feed_onnxruntime_refuses_is_named(rng, tmp_path, capsys):
+    model, data = tmp_path / "m.onnx", tmp_path / "ids.npz"
+    _embedding(rng, model)
+    ids = rng.integers(0, 50, (20, 6))
+    ids[7, 2] = 75
+    np.savez(data, ids=ids)
+    code, _, err = _cli(capsys, "quantize", model, "-o", tmp_path / "q.onnx", "--calibration", data)
+    assert code == 1 and not (tmp_path / "q.onnx").exists()
+    assert err.startswith(f"onnxcomp: error: {data} (fitting part) sample 7: onnxruntime cannot run the model on "
+                          "this feed: ") and "idx=75" in err
+    code, _, err = _cli(capsys, "compare", model, model, "--data", data)
+    assert code == 1 and err.startswith(f"onnxcomp: error: {data} sample 7: onnxruntime cannot run the model on ")

@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxcomp.check import KindsSeen, reads_top1
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
-from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
+from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed, run_feed
 from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, check_label_range, predicted_class
 from onnxcomp.runtime import collect_outputs, create_session, session_options
@@ -296,7 +296,7 @@ def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], dat
         ref_session = create_session(reference, sess_options=options, what=REFERENCE)
         cand_session = create_session(candidate, sess_options=options, what=CANDIDATE)
         for feed in data:
-            yield feed, ref_session.run(names, feed), cand_session.run(cand_names, feed)
+            yield feed, run_feed(ref_session, names, feed, data), run_feed(cand_session, cand_names, feed, data)
         return
     ref_values = collect_outputs(create_session(reference, sess_options=options, what=REFERENCE), names, data)
     release_pages(reference)
