@@ -44,6 +44,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -145,6 +146,11 @@ class Dataset:
         check_finite: bool = True,
         ignore: Iterable[str] = (),
     ) -> None:
+        for what, count in (("batch size", batch_size), ("limit", limit)):  # 2.5 or True would pass below
+            if count is not None and (isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral)):
+                raise DataError(f"{what} must be an integer, got {type(count).__name__} {count!r}")
+        batch_size = None if batch_size is None else int(batch_size)
+        limit = None if limit is None else int(limit)
         self.inputs = model_inputs(model)
         self._spans: dict[str, tuple[float, float]] = {}  # float inputs: span of the values read until they vary
         self.ignore = frozenset(ignore)

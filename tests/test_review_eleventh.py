@@ -385,3 +385,25 @@ def test_a_feed_onnxruntime_refuses_is_named(rng, tmp_path, capsys):
                           "this feed: ") and "idx=75" in err
     code, _, err = _cli(capsys, "compare", model, model, "--data", data)
     assert code == 1 and err.startswith(f"onnxcomp: error: {data} sample 7: onnxruntime cannot run the model on ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Dataset(batch_size=2.5) or batch_size=True failed with numpy's TypeError, batch_size="4" with
+#     "'<' not supported", and limit=2.5 read three feeds.
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 2.5}, "batch size must be an integer, got float 2.5"),
+    ({"batch_size": True}, "batch size must be an integer, got bool True"),
+    ({"batch_size": "4"}, "batch size must be an integer, got str '4'"),
+    ({"limit": 2.5}, "limit must be an integer, got float 2.5"),
+])
+def test_dataset_counts_must_be_integers(rng, tmp_path, kwargs, message):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((12, 32)).astype(np.float32))
+    model = io.load_model(_mlp(rng))
+    with pytest.raises(DataError) as info:
+        Dataset(data, model, **kwargs)
+    assert str(info.value) == message
+    feeds = list(Dataset(data, model, batch_size=np.int64(4), limit=np.int32(2)))
+    assert [f["x"].shape for f in feeds] == [(4, 32), (4, 32)]
