@@ -152,7 +152,7 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     if path.is_file():
         where = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no TOML
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{where}: not a TOML recipe (not UTF-8 text: byte {exc.start} is invalid)") from None
         except OSError as exc:

@@ -407,3 +407,17 @@ def test_dataset_counts_must_be_integers(rng, tmp_path, kwargs, message):
     assert str(info.value) == message
     feeds = list(Dataset(data, model, batch_size=np.int64(4), limit=np.int32(2)))
     assert [f["x"].shape for f in feeds] == [(4, 32), (4, 32)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. A recipe saved by a Windows editor (UTF-8 with a byte-order mark) was "not valid TOML:
+#     Invalid statement (at line 1, column 1)".
+
+
+def test_a_recipe_with_a_byte_order_mark_is_read(tmp_path):
+    from onnxcomp.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_bytes(b"\xef\xbb\xbfname = \"bom\"\n[quantize]\ncalibration = \"mse\"\n")
+    recipe = load_recipe(path)
+    assert recipe.name == "bom" and recipe.stages["quantize"].calibration == "mse"
