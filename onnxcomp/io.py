@@ -154,6 +154,11 @@ def _from_proto(
 ) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise ModelLoadError(f"{what}: not an ONNX model (no graph or no IR version)")
+    sparse = proto.graph.sparse_initializer
+    if sparse:  # onnx_ir drops them: their readers would lose an input
+        names = ", ".join(repr(t.values.name) for t in sparse[:3]) + (", ..." if len(sparse) > 3 else "")
+        raise ModelLoadError(f"{what}: holds sparse initializers ({names}), which onnxcomp does not read; "
+                             "store them as dense initializers")
     if check:
         _check_versions(proto, what)
         try:

@@ -421,3 +421,27 @@ def test_a_recipe_with_a_byte_order_mark_is_read(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfname = \"bom\"\n[quantize]\ncalibration = \"mse\"\n")
     recipe = load_recipe(path)
     assert recipe.name == "bom" and recipe.stages["quantize"].calibration == "mse"
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. A model with a sparse initializer: onnx_ir drops it, so every command printed onnx_ir's
+#     warning ("Input 'w' ... cannot be found in any scope") and then "shapes or types do not
+#     agree: Input tensors of wrong rank (0)".
+
+
+def test_a_sparse_initializer_is_refused_by_name(tmp_path, capsys):
+    import onnx.numpy_helper as onh
+
+    values = onh.from_array(np.array([1.0, 2.0, 3.0], np.float32), "w")
+    sparse = oh.make_sparse_tensor(values, onh.from_array(np.array([0, 5, 17], np.int64), "w_idx"), [32, 16])
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])], sparse_initializer=[sparse])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    path = tmp_path / "sparse.onnx"
+    onnx.save(proto, path)
+    code, _, err = _cli(capsys, "inspect", path)
+    assert code == 1 and err == (f"onnxcomp: error: {path}: holds sparse initializers ('w'), which onnxcomp does not "
+                                 "read; store them as dense initializers\n")
