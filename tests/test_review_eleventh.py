@@ -16,7 +16,10 @@ from onnxcomp.errors import DataError
 
 
 def _cli(capsys, *argv):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -445,3 +448,29 @@ def test_a_sparse_initializer_is_refused_by_name(tmp_path, capsys):
     code, _, err = _cli(capsys, "inspect", path)
     assert code == 1 and err == (f"onnxcomp: error: {path}: holds sparse initializers ('w'), which onnxcomp does not "
                                  "read; store them as dense initializers\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. `cluster --bits 4 --clusters 8` ran with 8 clusters: argparse lets an option whose value is
+#     its default pass beside another option of its exclusive group (`--bits 3 --clusters 8` was
+#     refused).
+
+
+@pytest.mark.parametrize("bits", ["3", "4"])
+@pytest.mark.parametrize("other", [["--clusters", "8"], ["--bits-per-weight", "3", "--format", "sparse"]])
+def test_cluster_bits_excludes_the_other_sizes_whatever_its_value(rng, tmp_path, capsys, bits, other):
+    model = tmp_path / "m.onnx"
+    _mlp(rng, model)
+    code, _, err = _cli(capsys, "cluster", model, "-o", tmp_path / "c.onnx", "--bits", bits, *other)
+    assert code == 1 and f"onnxcomp: error: argument {other[0]}: not allowed with argument --bits" in err
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_cluster_without_bits_uses_four(rng, tmp_path, capsys):
+    import json
+
+    model = tmp_path / "m.onnx"
+    _mlp(rng, model)
+    code, out, _ = _cli(capsys, "cluster", model, "-o", tmp_path / "c.onnx", "--min-elements", "16", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["config"]["bits"] == 4 and report["config"]["clusters"] is None

@@ -40,7 +40,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the clustered model")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
+    # no argparse default: argparse lets an option whose value *is* its default (``--bits 4``) pass
+    # beside another of its exclusive group; ClusterConfig's default applies
+    size.add_argument("--bits", type=int, help="K = 2**bits clusters (default 4 bits)")
     size.add_argument("--clusters", type=int, help="number of clusters K")
     size.add_argument("--bits-per-weight", type=float, metavar="B",
                       help="mixed widths: each tensor's codebook width from --bits-choices so that labels, codebooks "
@@ -84,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
 
     con = console(args)
     config = ClusterConfig(
-        bits=args.bits, clusters=args.clusters, per_channel=args.per_channel,
+        **({} if args.bits is None else {"bits": args.bits}), clusters=args.clusters, per_channel=args.per_channel,
         bits_per_weight=args.bits_per_weight, bits_choices=args.bits_choices, sensitivity="layer",
         channel_scales=args.channel_scales, init=args.init,
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
