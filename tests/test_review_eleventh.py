@@ -474,3 +474,21 @@ def test_cluster_without_bits_uses_four(rng, tmp_path, capsys):
     code, out, _ = _cli(capsys, "cluster", model, "-o", tmp_path / "c.onnx", "--min-elements", "16", "--json")
     report = json.loads(out)
     assert code == 0 and report["config"]["bits"] == 4 and report["config"]["clusters"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. `bench --data F --shape x=2x32` and `bench --batch-size 4` without --data ran and ignored
+#     the option (the README gives `--data F | --shape ...`).
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "DATA", "--shape", "x=2x32"], "argument --shape: not allowed with argument --data"),
+    (["--batch-size", "4"], "--batch-size sets the samples of each --data feed; without --data, size the generated "
+                            "inputs with --shape NAME=D0xD1x..."),
+])
+def test_bench_refuses_an_option_it_would_ignore(rng, tmp_path, capsys, extra, message):
+    model, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    _mlp(rng, model)
+    np.savez(data, x=rng.standard_normal((4, 32)).astype(np.float32))
+    code, out, err = _cli(capsys, "bench", model, *[data if a == "DATA" else a for a in extra])
+    assert code == 1 and out == "" and err.startswith(f"onnxcomp: error: {message}")
