@@ -492,3 +492,22 @@ def test_bench_refuses_an_option_it_would_ignore(rng, tmp_path, capsys, extra, m
     np.savez(data, x=rng.standard_normal((4, 32)).astype(np.float32))
     code, out, err = _cli(capsys, "bench", model, *[data if a == "DATA" else a for a in extra])
     assert code == 1 and out == "" and err.startswith(f"onnxcomp: error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. `prune --target-params 0.9 --ratio 0.5` ran to the target and ignored --ratio.
+
+
+def test_prune_refuses_a_ratio_beside_a_target(rng, tmp_path, capsys):
+    import json
+
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    _mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((12, 32)).astype(np.float32))
+    code, _, err = _cli(capsys, "prune", model, "-o", tmp_path / "p.onnx", "--calibration", calib,
+                        "--target-params", "0.9", "--ratio", "0.5")
+    assert code == 1 and not (tmp_path / "p.onnx").exists()
+    assert err == ("onnxcomp: error: --ratio and --target-latency/--target-params/--target-macs exclude each other: "
+                   "a target chooses each group's ratio; drop one\n")
+    code, out, _ = _cli(capsys, "prune", model, "-o", tmp_path / "p.onnx", "--json")  # the default ratio stays
+    assert code == 0 and json.loads(out)["config"]["ratio"] == 0.3
