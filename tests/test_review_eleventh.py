@@ -511,3 +511,21 @@ def test_prune_refuses_a_ratio_beside_a_target(rng, tmp_path, capsys):
                    "a target chooses each group's ratio; drop one\n")
     code, out, _ = _cli(capsys, "prune", model, "-o", tmp_path / "p.onnx", "--json")  # the default ratio stays
     assert code == 0 and json.loads(out)["config"]["ratio"] == 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. Static or dynamic quantize of a model quantized before said only "its weight is not a
+#     constant" of every node (cluster says the model is already quantized).
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_quantize_says_a_weight_is_already_quantized(rng, mode):
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    calib = [{"x": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(12)]
+    once, _ = quantize(_mlp(rng), calib)
+    _, report = quantize(once, calib, QuantizeConfig(mode=mode), verify=False)
+    reasons = set(report["skipped"].values())
+    assert reasons == {"its weight is already quantized (a DequantizeLinear's output); quantize the float original"}
+    assert len(report["skipped"]) == 2
