@@ -207,6 +207,15 @@ class DataSplit:
                 "labels": self.labels is not None}
 
 
+def _check_declared_classes(labels: np.ndarray, model: ir.Model) -> None:
+    from onnxcomp.measure.metrics import check_label_range
+
+    output = model.graph.outputs[0]
+    dims = tuple(output.shape) if output.shape is not None else ()
+    if len(dims) >= 2 and isinstance(dims[-1], int):
+        check_label_range(labels, (1, dims[-1]), output.name)
+
+
 def split_data(
     calibration: Dataset | None,
     config: CheckConfig,
@@ -225,6 +234,8 @@ def split_data(
     if evaluation is not None:
         evaluation.check_first()
         evaluation.check_labels(labels)
+        if labels is not None and model is not None:  # the classes the model declares; the check sees the rest
+            _check_declared_classes(labels, model)
         check = evaluation if labels is not None else evaluation.subset(lambda i: i < config.max_feeds)
         n = evaluation.num_feeds
         return DataSplit(calibration, check, True, f"evaluation data {evaluation.name}", labels,
@@ -1224,11 +1235,14 @@ def resolution_note(rows: list[dict[str, Any]], config: CheckConfig) -> str | No
             f"where the budget allows {allows} point{'' if allows == '1' else 's'}; pass --eval with more data")
 
 
-def _session(model: ir.Model | str | os.PathLike):
+def _session(model: ir.Model | str | os.PathLike, what: str = "the written model"):
     from onnxcomp.runtime import open_session, session_options
 
-    return open_session(model, sess_options=session_options("all", threads=None), what="the written model")
+    return open_session(model, sess_options=session_options("all", threads=None), what=what)
 
+
+#: what an error calls the reference (the float model the written one is compared with)
+ORIGINAL = "the original model"
 
 #: reference outputs kept on a split for a second check up to this many bytes
 KEEP_REFERENCE_BYTES = 256 * 2**20
@@ -1244,7 +1258,7 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
     The original's outputs are kept on ``split`` (up to :data:`KEEP_REFERENCE_BYTES`) and taken
     from it when a check already ran there.
     """
-    from onnxcomp.measure.metrics import predicted_class
+    from onnxcomp.measure.metrics import check_label_range, predicted_class
     from onnxcomp.runtime import KeptOutputs, collect_outputs
 
     names = [v.name for v in reference.graph.outputs]
@@ -1254,10 +1268,10 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         # a big model: the original's session is gone before the written model's opens (both run
         # side by side when its outputs would take more than KEEP_REFERENCE_BYTES)
         with _original_runs(split):
-            cached = collect_outputs(_session(reference_file or reference), names, data, KEEP_REFERENCE_BYTES)
+            cached = collect_outputs(_session(reference_file or reference, ORIGINAL), names, data, KEEP_REFERENCE_BYTES)
         if cached is not None and split is not None:
             split.reference_outputs = cached
-    ref_session = _session(reference_file or reference) if cached is None else None
+    ref_session = _session(reference_file or reference, ORIGINAL) if cached is None else None
     verified = (split.written_outputs or []) if split is not None else []
     if split is not None:
         split.written_outputs = None  # one check takes them
@@ -1297,6 +1311,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
             raise RefusedOutputError(f"onnxruntime cannot run the written model: {first_line(exc)}") from None
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
+            if not predictions[0]:
+                check_label_range(labels, np.shape(ref_values[0]), names[0])
             predictions[0].append(predicted_class(ref_values[0]))
             predictions[1].append(predicted_class(cand_values[0]))
         samples += int(ref_values[0].shape[figures.batch_axis(0)]) if ref_values and np.ndim(ref_values[0]) else 1

@@ -44,6 +44,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -145,6 +146,11 @@ class Dataset:
         check_finite: bool = True,
         ignore: Iterable[str] = (),
     ) -> None:
+        for what, count in (("batch size", batch_size), ("limit", limit)):  # 2.5 or True would pass below
+            if count is not None and (isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral)):
+                raise DataError(f"{what} must be an integer, got {type(count).__name__} {count!r}")
+        batch_size = None if batch_size is None else int(batch_size)
+        limit = None if limit is None else int(limit)
         self.inputs = model_inputs(model)
         self._spans: dict[str, tuple[float, float]] = {}  # float inputs: span of the values read until they vary
         self.ignore = frozenset(ignore)
@@ -153,6 +159,9 @@ class Dataset:
         self.limit = limit
         self.check_finite = check_finite
         self._reads = 0
+        #: the feed last yielded, as errors name it (``calib.npz sample 5``): a consumer that fails
+        #: on it can say which (:func:`onnxcomp.graph.stream_values`)
+        self.reading: str | None = None
         if batch_size is not None and batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
@@ -247,6 +256,12 @@ class Dataset:
             if s.name in arrays and s.shape and isinstance(s.batch_dim, int)
             and arrays[s.name].ndim == len(s.shape)
         }
+        if 0 in fixed:  # an empty batch holds no sample: no feed could be cut from the data
+            spec = next(s for s in self.inputs if s.name in arrays and s.batch_dim == 0)
+            raise DataError(
+                f"{self.name}: input {spec.name!r} has its batch dimension (axis 0) fixed at 0 by "
+                f"{spec.fixes(0)} {spec.describe_shape()}: a feed of it holds no sample; give axis 0 at least 1"
+            )
         if self.batch_size is not None:
             if fixed and fixed != {self.batch_size}:
                 raise DataError(
@@ -363,6 +378,7 @@ class Dataset:
                     continue
                 feed = self._validate(where, feed)
                 self._note_spans(feed)
+                self.reading = where
                 yield feed
                 count += 1
         finally:
@@ -488,9 +504,15 @@ def load_labels(path: str | os.PathLike, *, expected: int | None = None) -> np.n
         if "labels" not in loaded.files:
             raise DataError(f"{p}: .npz labels file needs a 'labels' key; it has {loaded.files}")
         loaded = loaded["labels"]
-    labels = np.asarray(loaded).reshape(-1)
+    labels = np.asarray(loaded)
+    if labels.ndim > 1 and labels.shape[1:] != (1,) * (labels.ndim - 1):  # [N] or [N, 1]: one class a sample
+        raise DataError(f"{p}: labels must hold one class per sample (shape [N]), got shape {list(labels.shape)}")
+    labels = labels.reshape(-1)
     if labels.dtype.kind not in "iu":
         raise DataError(f"{p}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        index = int(np.argmax(labels < 0))
+        raise DataError(f"{p}: label {index} is {int(labels[index])}; labels are class indices, 0 or more")
     if expected is not None and labels.shape[0] != expected:
         raise DataError(f"{p}: {labels.shape[0]} labels for {expected} samples")
     return labels

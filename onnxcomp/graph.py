@@ -21,6 +21,7 @@ from onnxcomp.ops import is_constant_node
 
 __all__ = [
     "working_copy",
+    "run_feed",
     "name_nodes",
     "lift_constants",
     "weight_tensors",
@@ -142,8 +143,24 @@ def stream_values(
     for i, feed in enumerate(data):
         if max_feeds is not None and i >= max_feeds:
             return
-        values = dict(zip(computed, session.run(computed, dict(feed)))) if session is not None else {}
+        values = dict(zip(computed, run_feed(session, computed, feed, data))) if session is not None else {}
         yield {name: feed[name] if name in graph_inputs else values[name] for name in names}
+
+
+def run_feed(session, names: list[str], feed: Mapping[str, np.ndarray], data: object) -> list[np.ndarray]:
+    """``session.run`` on one feed of ``data``; onnxruntime's refusal of the feed (an index out of
+    a table's range, a size the graph cannot take) names the feed when ``data`` says which it
+    yielded last (:attr:`onnxcomp.data.Dataset.reading`)."""
+    try:
+        return session.run(names, dict(feed))
+    except Exception as exc:
+        where = getattr(data, "reading", None)
+        if where is None or not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        from onnxcomp.errors import DataError
+        from onnxcomp.io import first_line
+
+        raise DataError(f"{where}: onnxruntime cannot run the model on this feed: {first_line(exc)}") from None
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

@@ -154,6 +154,11 @@ def _from_proto(
 ) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise ModelLoadError(f"{what}: not an ONNX model (no graph or no IR version)")
+    sparse = proto.graph.sparse_initializer
+    if sparse:  # onnx_ir drops them: their readers would lose an input
+        names = ", ".join(repr(t.values.name) for t in sparse[:3]) + (", ..." if len(sparse) > 3 else "")
+        raise ModelLoadError(f"{what}: holds sparse initializers ({names}), which onnxcomp does not read; "
+                             "store them as dense initializers")
     if check:
         _check_versions(proto, what)
         try:
@@ -984,14 +989,24 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     """A new model converted to default-domain opset ``target`` with ``onnx.version_converter``.
 
+    Model-local functions are inlined first: the converter drops them (and leaves their calls to
+    an op onnxruntime does not know) and converts only the main graph's nodes. The IR version is
+    raised to the least that the new opset needs.
+
     Raises:
         OpsetError: the converter cannot convert this model (its message is passed on).
     """
-    from onnx import version_converter
+    from onnx import inliner, version_converter
 
     proto = ir.to_proto(model)
     try:
+        if proto.functions:
+            proto = inliner.inline_local_functions(proto)
         converted = version_converter.convert_version(proto, target)
+        # the converter keeps the IR version; an IR 3 model (every initializer also a graph input)
+        # at the new opset would make each new initializer (a scale, a codebook) fail onnx.checker
+        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
+            [o for o in converted.opset_import if o.domain in ("", "ai.onnx")]))
     except Exception as exc:
         raise OpsetError(
             f"cannot upgrade the model from opset {onnx_opset(model)} to {target}: {_first_line(exc)}"

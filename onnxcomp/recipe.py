@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Mapping
 from importlib import resources
@@ -144,11 +145,14 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
     """A recipe from a mapping, a TOML file path, or the name of a shipped recipe."""
     if isinstance(source, Mapping):
         return Recipe.from_dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"recipe must be a Recipe, a shipped recipe's name, a TOML path or a mapping, "
+                          f"got {type(source).__name__} {source!r:.80}")
     path = Path(source)
     if path.is_file():
         where = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no TOML
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{where}: not a TOML recipe (not UTF-8 text: byte {exc.start} is invalid)") from None
         except OSError as exc:

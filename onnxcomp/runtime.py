@@ -68,17 +68,19 @@ def create_session(
     *,
     sess_options: ort.SessionOptions | None = None,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    what: str = "the model",
 ) -> ort.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on ``model``, built in memory when it fits.
 
     Raises:
-        ModelLoadError: onnxruntime refuses the model; the message carries onnxruntime's reason.
+        ModelLoadError: onnxruntime refuses the model (called ``what`` in the message); the message
+            carries onnxruntime's reason.
     """
     with session_source(model) as src:
         try:
             return ort.InferenceSession(src, sess_options=sess_options, providers=list(providers))
         except Exception as exc:
-            raise ModelLoadError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+            raise ModelLoadError(f"onnxruntime cannot load {what}: {first_line(exc)}") from None
 
 
 def open_session(
@@ -90,7 +92,7 @@ def open_session(
     """A session on an in-memory model (:func:`create_session`) or on a model file as it is
     (onnxruntime reads the file and its external data itself: nothing is parsed or serialized)."""
     if isinstance(model, ir.Model):
-        return create_session(model, sess_options=sess_options)
+        return create_session(model, sess_options=sess_options, what=what)
     try:
         return ort.InferenceSession(os.fspath(model), sess_options=sess_options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -88,7 +88,7 @@ OPTION_CASES = [
     *[(BENCH, ["--warmup-runs", v], "--warmup-runs") for v in ("-1",)],
     *[(BENCH, ["--warmup-seconds", v], "--warmup-seconds") for v in ("-1", "nan", "inf")],
     (BENCH, ["--seed", "-1"], "--seed"),
-    (BENCH, ["--data", EVAL, "--batch-size", "0"], "--batch-size"),
+    (BENCH[:2] + ["--quiet"], ["--data", EVAL, "--batch-size", "0"], "--batch-size"),  # --shape excludes --data
     *[(SENS, ["--workers", v], "--workers") for v in ("-1", "0")],
     *[(SENS, ["--max-eval-feeds", v], "--max-eval-feeds") for v in ("0", "-5")],
     (SENS, ["--top", "-1"], "--top"),

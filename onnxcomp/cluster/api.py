@@ -17,21 +17,23 @@ from onnxcomp.cluster.passes import ClusterConfig, ClusterPass
 from onnxcomp.io import ModelSource
 from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.graph import working_copy
+from onnxcomp.passes.base import config_argument
 from onnxcomp.runtime import create_session
 from onnxcomp.stage import Context, Stage
 
 __all__ = ["cluster", "ClusterStage", "session_creation_seconds"]
 
 
-def session_creation_seconds(model: ir.Model, repeats: int = 3) -> float:
+def session_creation_seconds(model: ir.Model, repeats: int = 3, *, what: str = "the model") -> float:
     """Fastest of ``repeats`` onnxruntime session creations on ``model`` (default options).
 
     The minimum, because the first session of a process also pays onnxruntime's one-time setup.
+    ``what`` names the model in the ModelLoadError raised when onnxruntime refuses it.
     """
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        create_session(model)
+        create_session(model, what=what)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -45,7 +47,7 @@ def cluster(
     progress: Callable[[int, int], object] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Cluster ``model``'s weights; returns the new model and a report (the input is untouched)."""
-    config = config or ClusterConfig()
+    config = config_argument(config, ClusterConfig) or ClusterConfig()
     notes: list[str] = []
     work = working_copy(model, ClusterStage.required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}

@@ -40,7 +40,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the clustered model")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--bits", type=int, default=4, help="K = 2**bits clusters (default 4 bits)")
+    # no argparse default: argparse lets an option whose value *is* its default (``--bits 4``) pass
+    # beside another of its exclusive group; ClusterConfig's default applies
+    size.add_argument("--bits", type=int, help="K = 2**bits clusters (default 4 bits)")
     size.add_argument("--clusters", type=int, help="number of clusters K")
     size.add_argument("--bits-per-weight", type=float, metavar="B",
                       help="mixed widths: each tensor's codebook width from --bits-choices so that labels, codebooks "
@@ -84,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
 
     con = console(args)
     config = ClusterConfig(
-        bits=args.bits, clusters=args.clusters, per_channel=args.per_channel,
+        **({} if args.bits is None else {"bits": args.bits}), clusters=args.clusters, per_channel=args.per_channel,
         bits_per_weight=args.bits_per_weight, bits_choices=args.bits_choices, sensitivity="layer",
         channel_scales=args.channel_scales, init=args.init,
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
@@ -99,6 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     if labels is not None and evaluation is None:
         raise ConfigError("--labels needs --data (the data they label)")
     split = split_data(None, check_cfg, evaluation=evaluation, labels=labels, model=model)
+    # before any work: a model onnxruntime refuses is bad input, not an error once the output is written
+    input_session_s = session_creation_seconds(model, what=f"the model {args.model}")
     with progress_bar(con) as progress:
         task = progress.add_task("clustering", total=None)
         clustered, report = cluster(
@@ -107,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     out = save_model(clustered, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["input"] = {"path": args.model, "bytes": file_bytes(args.model, model),
-                       "session_creation_s": session_creation_seconds(model)}
+                       "session_creation_s": input_session_s}
     report["output"] = {"path": str(out), "bytes": file_bytes(out),
                         "session_creation_s": session_creation_seconds(clustered)}
     if specialized is not None:

@@ -29,9 +29,10 @@ __all__: list[str] = []
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX models; the first is the baseline for ratios")
-    p.add_argument("--data", help="inputs from an .npz file or folder (default: generated from the input types)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
-                   help="shape of a generated input with dynamic dimensions (repeatable)")
+    feeds = p.add_mutually_exclusive_group()  # --shape sizes generated inputs only: beside --data it did nothing
+    feeds.add_argument("--data", help="inputs from an .npz file or folder (default: generated from the input types)")
+    feeds.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
+                       help="shape of a generated input with dynamic dimensions (repeatable)")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="samples per run when feeding --data")
     p.add_argument("--threads", type=LATENCY_RANGES["threads"], default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all",
@@ -49,6 +50,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     from onnxcomp.io import load_model
 
     con = console(args)
+    if args.batch_size is not None and not args.data:
+        raise ConfigError("--batch-size sets the samples of each --data feed; without --data, size the generated "
+                          "inputs with --shape NAME=D0xD1x...")
     free_dims: list = []
     models = [(path, load_model(path)) for path in args.models]
     first = models[0][1]

@@ -39,9 +39,9 @@ import onnx_ir as ir
 from onnxcomp.check import KindsSeen, reads_top1
 from onnxcomp.data import Dataset
 from onnxcomp.errors import DataError, OnnxcompError
-from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed
+from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed, run_feed
 from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
-from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, predicted_class
+from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, check_label_range, predicted_class
 from onnxcomp.runtime import collect_outputs, create_session, session_options
 
 __all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
@@ -222,6 +222,8 @@ def compare_models(
                                                          varying=True)  # a folder of feeds may vary in size
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
             if labels is not None and not layer and i == label_index:
+                if not predictions["reference"]:
+                    check_label_range(labels, r.shape, name)
                 predictions["reference"].append(predicted_class(r))
                 predictions["candidate"].append(predicted_class(c))
 
@@ -280,6 +282,10 @@ def compare_models(
     )
 
 
+#: what an error calls the two models compared (onnxruntime refusing one of them)
+REFERENCE, CANDIDATE = "the reference model", "the candidate model"
+
+
 def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], data, options,
                  one_at_a_time: bool, cand_names: list[str] | None = None):
     """``(feed, reference values, candidate values)`` of ``names`` (the candidate's ``cand_names``,
@@ -287,14 +293,14 @@ def _paired_runs(reference: ir.Model, candidate: ir.Model, names: list[str], dat
     every feed through the reference first, its session dropped, then the candidate's."""
     cand_names = names if cand_names is None else cand_names
     if not one_at_a_time:
-        ref_session = create_session(reference, sess_options=options)
-        cand_session = create_session(candidate, sess_options=options)
+        ref_session = create_session(reference, sess_options=options, what=REFERENCE)
+        cand_session = create_session(candidate, sess_options=options, what=CANDIDATE)
         for feed in data:
-            yield feed, ref_session.run(names, feed), cand_session.run(cand_names, feed)
+            yield feed, run_feed(ref_session, names, feed, data), run_feed(cand_session, cand_names, feed, data)
         return
-    ref_values = collect_outputs(create_session(reference, sess_options=options), names, data)
+    ref_values = collect_outputs(create_session(reference, sess_options=options, what=REFERENCE), names, data)
     release_pages(reference)
-    session = create_session(candidate, sess_options=options)
+    session = create_session(candidate, sess_options=options, what=CANDIDATE)
     for feed, values in zip(data, ref_values):
         yield feed, values, session.run(cand_names, feed)
 

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxcomp.errors import DataError
+
 __all__ = [
     "ChannelFidelity",
     "OutputFidelity",
@@ -61,6 +63,7 @@ __all__ = [
     "compare_outputs",
     "accuracy",
     "predicted_class",
+    "check_label_range",
 ]
 
 
@@ -431,6 +434,18 @@ def accuracy(logits_or_preds: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError("labels is empty; accuracy of zero samples is undefined")
     y = _integral_labels(y, "labels")
     return float(np.count_nonzero(pred == y)) / float(y.shape[0])
+
+
+def check_label_range(labels: np.ndarray, shape: tuple[int, ...], output: str) -> None:
+    """Refuse (DataError) labels that no prediction from scores of ``shape`` (``[N, ..., C]``) can
+    equal: a label >= C (labels counted from 1, or of another task) reads as accuracy lost,
+    silently. Scores ``[N]`` / ``[N, 1]`` (predicted labels) bound nothing."""
+    classes = shape[-1] if len(shape) >= 2 else 1
+    if classes <= 1 or labels.size == 0 or int(labels.max()) < classes:
+        return
+    index = int(np.argmax(labels >= classes))
+    raise DataError(f"--labels: label {index} is {int(labels[index])}, but output {output!r} scores {classes} "
+                    f"classes (0 to {classes - 1}); labels count classes from 0")
 
 
 def predicted_class(scores: np.ndarray) -> np.ndarray:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import numbers
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
@@ -35,7 +38,7 @@ from onnxcomp.io import check_model, initializer_nbytes, onnx_opset
 from onnxcomp.runtime import create_session, session_options
 
 __all__ = [
-    "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult",
+    "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult", "config_argument",
     "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems", "known_problems", "ensure_valid",
 ]
 
@@ -101,7 +104,28 @@ class PassConfig:
 
     def __post_init__(self) -> None:
         self.check_ranges()
+        self.check_types()
         self.validate()
+
+    def check_types(self) -> None:
+        """Refuse a value of the wrong type, which would otherwise pass unnoticed (a string where
+        a list of names belongs is read letter by letter; ``"no"`` where a bool belongs is true),
+        and store a list as a tuple and an integer as a float where the field says so. A field of
+        fixed choices (``Literal``) is left to :meth:`validate`, which names them."""
+        stage = self.stage or type(self).__name__
+        for f in dataclasses.fields(self):
+            hint = _field_hints(type(self))[f.name]
+            if typing.get_origin(hint) is typing.Literal:
+                continue
+            value = getattr(self, f.name)
+            try:
+                coerced = _coerce(value, f.name, hint, "")
+            except ConfigError:
+                raise ConfigError(
+                    f"{stage}: {f.name} expects {_type_name(hint)}, got {type(value).__name__} {value!r}"
+                ) from None
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
 
     def check_ranges(self) -> None:
         """Refuse a value outside its declared range, and any NaN or infinite float."""
@@ -131,7 +155,7 @@ class PassConfig:
                 f"{prefix}unknown key(s) {', '.join(map(repr, unknown))}; "
                 f"valid keys: {', '.join(sorted(fields))}"
             )
-        hints = typing.get_type_hints(cls)
+        hints = _field_hints(cls)
         converted = {key: _coerce(value, key, hints[key], prefix) for key, value in values.items()}
         try:
             return cls(**converted)
@@ -171,12 +195,15 @@ def _coerce(value: Any, name: str, hint: Any, prefix: str) -> Any:
             return tuple(_coerce(v, name, item, prefix) for v in value)
     elif hint is Any:
         return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    elif hint is float:  # numpy scalars too (numbers.Real / Integral); a bool is no number here
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            return value if type(value) is float else float(value)
     elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+            return value if type(value) is int else int(value)
+    elif hint is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
     elif isinstance(hint, type):
         if isinstance(value, hint):
             return value
@@ -187,7 +214,28 @@ def _coerce(value: Any, name: str, hint: Any, prefix: str) -> Any:
     )
 
 
+def config_argument(value: Any, *classes: type[PassConfig], what: str = "config") -> Any:
+    """``value`` when it is one of the config ``classes`` (or None: the caller's default); else a
+    ConfigError naming what was given: an API call with a mapping or a string where a config
+    belongs would otherwise fail deep inside with an AttributeError."""
+    if value is None or isinstance(value, classes):
+        return value
+    names = " or ".join(c.__name__ for c in classes)
+    built = f"; build one with {classes[0].__name__}.from_dict(...)" if isinstance(value, Mapping) else ""
+    raise ConfigError(f"{what} must be a {names}, got {type(value).__name__} {value!r:.80}{built}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:  # a TOML array, a Python list or tuple
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -90,7 +90,9 @@ def _typed(name: str, value: ir.Value, given: Any) -> np.ndarray:
         arr = raw.astype(dtype)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"input {name!r} ({value.dtype.name}): value {given!r} does not convert ({exc})") from None
-    if raw.dtype.kind in "fc" and dtype.kind in "iub" and not np.array_equal(arr.astype(raw.dtype), raw):
+    # a float with a fraction, an integer out of the type's range (300 as UINT8 wrapped to 44) or
+    # other than 0 and 1 as BOOL (2 became true) does not round-trip
+    if raw.dtype.kind in "fciu" and dtype.kind in "iub" and not np.array_equal(arr.astype(raw.dtype), raw):
         raise ConfigError(f"input {name!r} is {value.dtype.name}: {given!r} is not exactly representable")
     declared = _declared(value)
     if value.shape is not None:

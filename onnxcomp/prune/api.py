@@ -20,6 +20,7 @@ from onnxcomp.data import DataSource, Dataset, fill_free_dims, load_data, model_
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
+from onnxcomp.passes.base import config_argument
 from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import consumer_input_stats, cut_channels
 from onnxcomp.prune.importance import group_scores_and_state
@@ -57,7 +58,7 @@ def prune(
     Raises:
         ConfigError: the criterion or reconstruction needs calibration data and none was given.
     """
-    config = config or PruneConfig()
+    config = config_argument(config, PruneConfig) or PruneConfig()
     notes: list[str] = []
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read

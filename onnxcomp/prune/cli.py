@@ -51,7 +51,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-damage", type=float, default=0.1, metavar="E",
                    help="with a --target-*: never cut beyond this predicted relative output error (default 0.1); "
                         "a target out of reach within it is refused")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of channels to remove (default 0.3)")
+    p.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.3; a --target-* "
+                                                "chooses each group's ratio instead)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="ratio per coupled group (layer) or over all groups together (global)")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
@@ -85,6 +86,11 @@ def _run(args: argparse.Namespace) -> int:
     targeted = any(v is not None for v in (args.target_latency, args.target_params, args.target_macs))
     if args.criterion is None:
         args.criterion = "obs" if targeted else "l1"
+    if targeted and args.ratio is not None:  # the target sets each group's ratio: --ratio was ignored
+        raise ConfigError("--ratio and --target-latency/--target-params/--target-macs exclude each other: a "
+                          "target chooses each group's ratio; drop one")
+    if args.ratio is None:
+        args.ratio = 0.3
     config = PruneConfig(
         target_latency=args.target_latency, target_params=args.target_params, target_macs=args.target_macs,
         latency_threads=args.latency_threads, latency_proxy=args.latency_proxy, max_damage=args.max_damage,

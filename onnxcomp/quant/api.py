@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnxcomp.data import DataSource, Dataset, load_data
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import working_copy
+from onnxcomp.passes.base import config_argument
 from onnxcomp.io import ModelSource
 from onnxcomp.quant.config import (
     MODE_CONFIGS, STATIC_MIN_OPSET, DynamicConfig, ModeConfig, QuantizeConfig, StaticConfig, WeightOnlyConfig,
@@ -74,6 +75,7 @@ def quantize(
     Raises:
         OpsetError, DataError, ConfigError and other OnnxcompError subclasses with clear messages.
     """
+    config = config_argument(config, QuantizeConfig, *MODE_CONFIGS.values())
     config = QuantizeConfig.of(config) if isinstance(config, ModeConfig) else config or QuantizeConfig()
     notes: list[str] = []
     started = time.perf_counter()

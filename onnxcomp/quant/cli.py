@@ -581,8 +581,14 @@ def _run_sensitivity(args: argparse.Namespace) -> int:
             stop_pool(executor, cancel=cancel)
     report["executor"] = {"address": args.executor or (f"process:{args.workers}" if args.workers else "default"),
                           "seconds": round(time.perf_counter() - started, 3)}
+    if not report["nodes"]:  # an empty table and "all int8 inf dB" would read as a lossless int8 model
+        report["notes"].append("nothing to rank: static int8 quantizes no node of this model (all int8 is the "
+                               "float model)")
     if args.json:
         print_json(report)
+        return 0
+    if not report["nodes"]:
+        con.print(f"sensitivity of {esc(os.path.basename(args.model))}: {report['notes'][-1]}")
         return 0
     from rich.table import Table
 

@@ -195,6 +195,14 @@ def _compute_nodes(
     return compute, float_out, by_neighbours
 
 
+def non_constant_weight(weight: ir.Value | None) -> str:
+    """Why a weight that is not a constant cannot be quantized: a model quantized before says so."""
+    producer = weight.producer() if weight is not None else None
+    if producer is not None and is_dequantize_node(producer):
+        return "its weight is already quantized (a DequantizeLinear's output); quantize the float original"
+    return "its weight is not a constant"
+
+
 def _not_int8(node: ir.Node, rule: QuantRule) -> str | None:
     """Why a compute node cannot have an int8 form (its types, a non-constant weight), or None."""
     act_idx = range(len(node.inputs)) if rule.activations is None else rule.activations
@@ -208,7 +216,7 @@ def _not_int8(node: ir.Node, rule: QuantRule) -> str | None:
     if rule.weight is not None:
         weight = node.inputs[rule.weight] if rule.weight < len(node.inputs) else None
         if not _is_const(weight) and not (rule.weight_may_be_activation and _is_float32(weight)):
-            return "its weight is not a constant"
+            return non_constant_weight(weight)
         if _is_const(weight) and weight.dtype != ir.DataType.FLOAT:
             return "its weight is not float32"
     if len(node.outputs) != 1 or not _is_float32(node.outputs[0]):

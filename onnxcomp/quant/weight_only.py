@@ -110,7 +110,7 @@ from onnxcomp.quant.gptq import Rounder, make_rounder, rounding_report
 from onnxcomp.quant.primitives import (
     MIN_SCALE, blockwise_minmax, compute_scale_zero_point, qrange, quantize, quantize_weight,
 )
-from onnxcomp.quant.qdq import KEEP_FLOAT_KEY
+from onnxcomp.quant.qdq import KEEP_FLOAT_KEY, non_constant_weight
 
 __all__ = [
     "QDQ_MIN_OPSET",
@@ -489,7 +489,7 @@ def _mark_eight_bit(sites: list[WeightSite], items: tuple[str, ...]) -> None:
 def _site(node: ir.Node, mode: str, config: QuantizeConfig, ort_format: bool) -> tuple[WeightSite | None, str | None]:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is None or weight.const_value is None:
-        return None, "its weight is not a constant"
+        return None, non_constant_weight(weight)
     if weight.is_graph_input():
         return None, "its weight is also a graph input (it can be replaced at run time)"
     if weight.const_value.dtype != ir.DataType.FLOAT:
