@@ -120,3 +120,29 @@ def test_int8_silu_model_gains_and_the_report_counts_it(rng, monkeypatch):
     # measured 31.81 dB against 30.39 (the weights' and the other tensors' noise stay as they were)
     assert with_rule > without + 1.0, (with_rule, without)
     assert with_rule > 31.0, with_rule
+
+
+
+def test_auto_judges_every_range_variant_with_the_silu_inputs_narrowed(rng, monkeypatch):
+    """``--method auto`` builds the model once per range method and keeps the closest; each build it
+    judges has the SiLU inputs narrowed, as the build it writes has (they used to be judged on the
+    calibrated tails and narrowed only after the choice)."""
+    proto = _proto(rng)
+    calib = _feeds(rng, 16)
+    seen: list[dict] = []
+    original = static.rewrite
+
+    def recording(work, config, plan, ranges, *args, **kwargs):
+        seen.append({"c0": ranges["c0"], "c1": ranges["c1"], "a0": ranges["a0"], "a1": ranges["a1"]})
+        return original(work, config, plan, ranges, *args, **kwargs)
+
+    monkeypatch.setattr(static, "rewrite", recording)
+    quantize(proto, calib, QuantizeConfig(calibration="auto"), verify=False)
+    assert len(seen) >= 3, seen  # several variants judged, then the chosen one built
+    model, config = io.load_model(proto), QuantizeConfig()
+    for ranges in seen:
+        # already narrowed: narrowing again changes nothing, and the first convolution's tail
+        # (its bias puts half the channels near -40) is gone from every build
+        assert static.silu_narrowed(model, ranges, config) == ranges, ranges
+        assert -6.5 < ranges["c0"][0] < -3.0, ranges
+    assert len({r["c0"] for r in seen}) >= 2  # the floors follow each variant's output grid

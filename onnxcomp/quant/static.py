@@ -48,6 +48,7 @@ __all__ = [
     "calibrate_plan",
     "planning_ranges",
     "narrow_silu_ranges",
+    "silu_narrowed",
     "rewrite",
     "correct_biases",
     "quantize_static",
@@ -231,6 +232,14 @@ def narrow_silu_ranges(work: ir.Model, ranges: dict[str, tuple[float, float]], c
     return narrowed
 
 
+def silu_narrowed(work: ir.Model, ranges: dict[str, tuple[float, float]], config: QuantizeConfig
+                  ) -> dict[str, tuple[float, float]]:
+    """A copy of ``ranges`` with :func:`narrow_silu_ranges` applied (the argument is left as it is)."""
+    out = dict(ranges)
+    narrow_silu_ranges(work, out, config)
+    return out
+
+
 def planning_ranges(config: QuantizeConfig, result: CalibrationResult) -> dict[str, tuple[float, float]]:
     """The ranges the plan is decided on: the calibrated ones, or under ``auto`` / ``per-tensor``
     (candidate histograms) the min/max extent, so that every variant those methods compare is
@@ -378,12 +387,13 @@ def quantize_static(
     if config.calibration in ("auto", "per-tensor"):
         from onnxcomp.quant.select import select_ranges
 
-        # ``plan`` is the one plan of every variant (:func:`planning_ranges`)
+        # ``plan`` is the one plan of every variant (:func:`planning_ranges`); each variant is judged
+        # with the SiLU inputs narrowed, as the selected one is built
         _, ranges, selected = select_ranges(
             work, result.ranges, result.observers, prepared.data,
-            lambda trial, r: rewrite(trial, config, plan, r),
+            lambda trial, r: rewrite(trial, config, plan, silu_narrowed(trial, r, config)),
             per_tensor=config.calibration == "per-tensor")
-        narrow_silu_ranges(work, ranges, config)
+        ranges = silu_narrowed(work, ranges, config)
     if keep is not None:
         kept = Calibrated(clone_model(work), config, base, plan, ranges, kept_float, prepared,
                           float_work=float_bodies, units=units)
