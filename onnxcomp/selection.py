@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["NodeSelector"]
+__all__ = ["NodeSelector", "unmatched_entries"]
 
 
 class NodeSelector:
@@ -28,3 +28,17 @@ class NodeSelector:
         if self.op_types and op_type not in self.op_types:
             return False
         return not self.excluded(name, op_type)
+
+
+def unmatched_entries(entries: tuple[str, ...], names: set[str]) -> list[str]:
+    """The entries of an ``exclude`` or ``op_types`` list that match none of ``names`` (exactly,
+    or by ``re:PATTERN`` search): entries with no effect, most often a typo."""
+    missing = []
+    for entry in entries:
+        if entry.startswith("re:"):
+            pattern = re.compile(entry[3:])
+            if not any(pattern.search(n) for n in names):
+                missing.append(entry)
+        elif entry not in names:
+            missing.append(entry)
+    return missing

@@ -29,8 +29,9 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset
 from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
+from onnxcomp.selection import unmatched_entries
 
-__all__ = ["Progress", "Context", "Stage", "note_constant_calibration"]
+__all__ = ["Progress", "Context", "Stage", "note_constant_calibration", "note_unmatched_selection"]
 
 #: ``progress(stage, done, total)``
 Progress = Callable[[str, int, "int | None"], object]
@@ -102,6 +103,27 @@ class Stage:
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:  # pragma: no cover - abstract
         """Rewrite ``work`` in place; return the stage's statistics."""
         raise NotImplementedError
+
+
+def note_unmatched_selection(model: ir.Model, config: Any, notes: list[str], stage: str = "") -> None:
+    """Say in ``notes`` which entries of ``config.exclude`` match no node name, op type or tensor
+    name anywhere in ``model`` (subgraphs included), and which of ``config.op_types`` no node has:
+    such an entry changes nothing, and is most often a typo the user should hear about."""
+    exclude = tuple(getattr(config, "exclude", ()) or ())
+    op_types = tuple(getattr(config, "op_types", ()) or ())
+    if not exclude and not op_types:
+        return
+    nodes = list(model.graph.all_nodes())
+    types = {n.op_type for n in nodes}
+    names = {n.name for n in nodes if n.name} | types
+    for node in nodes:
+        names.update(v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name)
+    names.update(v.name for v in model.graph.inputs if v.name)
+    where = f"{stage}: " if stage else ""
+    for entry in unmatched_entries(exclude, names):
+        notes.append(f"{where}exclude {entry!r} matches no node name, op type or tensor name of this model: it excludes nothing")
+    for entry in unmatched_entries(op_types, types):
+        notes.append(f"{where}op type {entry!r} is not in this model: it selects nothing")
 
 
 def note_constant_calibration(data: Dataset | None, report: dict[str, Any], notes: list[str]) -> None:
