@@ -196,3 +196,24 @@ def test_cli_vector_dim(rng, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["tensors"]["w"]["vector_dim"] == 2 and report["tensors"]["w"]["granularity"].startswith("vector")
     assert out.exists()
+
+
+def test_mixed_widths_take_half_bits_with_pairs_and_hold_the_budget(rng, tmp_path):
+    model = _model(rng, conv_in=16)
+    calib, held = _feeds(rng, 4, conv_in=16), _feeds(rng, 2, conv_in=16)
+    built, report = compress(model, _recipe(bits_per_weight=2.75, bits_choices=(2, 3, 4, 5)), calib)
+    stats = _stats(report)
+    alloc = stats["allocation"]
+    assert alloc["estimated_bytes"] <= alloc["budget_bytes"] and not alloc["over_budget"]
+    cands = stats["tensors"]["w"]["candidates"]
+    assert set(cands) == {2, 2.5, 3, 3.5, 4, 5}  # 2.5 / 3.5: 32 / 128 pairs; 5 bits: scalar (2^10 pairs > 2^8)
+    assert cands[2.5]["bytes"] == K * H // 2 * 5 // 8 + 32 * 2 + 4
+    bits = {n: t["bits"] for n, t in stats["tensors"].items()}
+    assert all(b in (2, 2.5, 3, 3.5, 4, 5) for b in bits.values()), bits
+    labels = sum(t["elements"] * t["bits"] / 8 for t in stats["tensors"].values())
+    assert labels <= alloc["budget_bytes"]
+    path = str(tmp_path / "mixed.onnx")
+    io.save_model(built, path)
+    for a, b in zip(_run(path, held), _run(path, held, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert _sqnr(_run(model.SerializeToString(), held)[0], _run(path, held)[0]) > 15.0

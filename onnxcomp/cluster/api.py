@@ -71,15 +71,14 @@ class ClusterStage(Stage):
 
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
         hessians = None
-        rows: dict[str, int] = {}
         if self.config.compensate:
             from onnxcomp.cluster.passes import cluster_hessians
 
-            hessians = cluster_hessians(work, self.config, ctx.fit_data, rows=rows)
+            hessians = cluster_hessians(work, self.config, ctx.fit_data)
         probe = None
         if self.config.bits_per_weight is not None and self.config.sensitivity != "layer":
             from onnxcomp.cluster.passes import output_probe
 
             probe = output_probe(work, self.config, ctx.fit_data)
         return ClusterPass(self.config, progress=ctx.progress_for(self.name), hessians=hessians,
-                           probe=probe, hessian_rows=rows)(work).stats
+                           probe=probe)(work).stats

@@ -176,12 +176,9 @@ class ClusterConfig(PassConfig):
             Conv/Gemm/MatMul, input width not a multiple of ``d``, fewer than 16 vectors per entry)
             keeps a scalar codebook at the same bits; the report says why per tensor. Needs
             ``format="sparse"`` and per-tensor codebooks; with ``bits_per_weight`` each candidate
-            width takes vectors where the tensor can (``bits x d`` <= 12), scalars elsewhere.
-        vector_rank_guard: ``vector_dim`` > 1: a tensor whose layer-input Hessian sums fewer input
-            rows than it has inputs (a 1x1 conv on a pooled vector, as in squeeze-excitation blocks:
-            one row per calibration sample) takes the nearest entries instead of the compensated
-            assignment; on a singular Hessian the compensation moves weights freely along directions
-            the calibration rows do not span (PP-OCR rec: tune char accuracy 0.04 without the guard).
+            width takes vectors where the tensor can (up to 2^8 entries), scalars elsewhere, and
+            the widths between ``bits_choices`` in steps of ``1/d`` are candidates too (2.5 and 3.5
+            bits per weight with pairs: 32 and 128 entries).
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -212,7 +209,6 @@ class ClusterConfig(PassConfig):
     sensitivity_samples: int = 16
     sensitivity_rounds: int = 0
     vector_dim: int = 1
-    vector_rank_guard: bool = True
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -269,6 +265,9 @@ class ClusterConfig(PassConfig):
 
 #: ``vector_dim``: the largest vector codebook, 2^12 entries (labels of at most 12 bits).
 _MAX_VECTOR_BITS = 12
+#: ``vector_dim`` with ``bits_per_weight``: candidate widths take vectors up to 2^8 entries (k-means
+#: and the assignment grow with the entries; wider candidates are scalar codebooks).
+_MAX_MIXED_VECTOR_BITS = 8
 #: ``vector_dim``: a tensor takes vectors only with at least this many vectors per codebook entry.
 _MIN_VECTORS_PER_ENTRY = 16
 
@@ -353,17 +352,13 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         return CODEBOOK_UINT4_OPSET if config.format == "codebook" and config.k <= 16 else cls.min_opset
 
     def __init__(self, config: ClusterConfig | None = None, *, progress: Callable[[int, int], object] | None = None,
-                 hessians: dict[str, np.ndarray] | None = None, probe: OutputProbe | None = None,
-                 hessian_rows: dict[str, int] | None = None):
+                 hessians: dict[str, np.ndarray] | None = None, probe: OutputProbe | None = None):
         super().__init__(config)
         self.progress = progress
         #: ``sensitivity="output"``: the model's output error with some weights replaced
         self.probe = probe
         #: weight name -> layer-input Hessian ``[groups, k, k]`` (``compensate``; see cluster_hessians)
         self.hessians = hessians or {}
-        #: weight name -> input rows its Hessian was summed over (``vector_dim``: a Hessian of fewer
-        #: rows than columns is singular, and compensating on it fits the calibration rows only)
-        self.hessian_rows = hessian_rows or {}
         #: ``vector_dim``: per tensor, how its vectors were assigned
         self.vector_assignment: dict[str, str] = {}
         #: ``vector_dim``: why a tensor (at some width) kept a scalar codebook
@@ -390,7 +385,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             elif exact is not None or cfg.bits_per_weight is None:
                 chosen.append((target, w, self._shared(w, target, cfg.k, exact)))
             else:  # every candidate width, chosen below under the budget
-                options[target.name] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+                options[target.name] = self._candidates(w, target)
                 chosen.append((target, w, options[target.name][max(options[target.name])]))
             if self.progress:
                 self.progress(done, total)
@@ -484,7 +479,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         codebook, the compensated assignment, the zero entry first (``sparse``)."""
         cfg = self.config
         if exact is None and cfg.vector_dim > 1:
-            vector = self._vector_shared(w, target, k)
+            vector = self._vector_shared(w, target, (k - 1).bit_length() * cfg.vector_dim)
             if isinstance(vector, _Clustered):
                 return vector
             self.vector_skipped[target.name] = vector
@@ -497,18 +492,32 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 clustered = _refit_codebook(w, clustered, self.hessians[target.name], target)
         return _zero_first(clustered) if cfg.format == "sparse" else clustered
 
-    def _vector_shared(self, w: np.ndarray, target: ClusterTarget, k: int) -> _Clustered | str:
-        """``w`` with a vector codebook of ``k ** vector_dim`` entries (:mod:`onnxcomp.cluster.vector`),
+    def _candidates(self, w: np.ndarray, target: ClusterTarget) -> dict[float, _Clustered]:
+        """``bits_per_weight``: the tensor shared at every candidate width (bits per weight): each
+        of ``bits_choices`` and, with ``vector_dim`` d > 1, the fractions between them in steps of
+        1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs)."""
+        cfg = self.config
+        options: dict[float, _Clustered] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+        d = cfg.vector_dim
+        for label_bits in range(min(cfg.bits_choices) * d + 1, min(max(cfg.bits_choices) * d, _MAX_MIXED_VECTOR_BITS)):
+            if label_bits % d:
+                vector = self._vector_shared(w, target, label_bits)
+                if isinstance(vector, _Clustered):
+                    options[label_bits / d] = vector
+        return dict(sorted(options.items()))
+
+    def _vector_shared(self, w: np.ndarray, target: ClusterTarget, label_bits: int) -> _Clustered | str:
+        """``w`` with a vector codebook of ``2^label_bits`` entries (:mod:`onnxcomp.cluster.vector`),
         or why it cannot take one."""
         from onnxcomp.cluster.vector import assign_compensated, kmeans_vectors, nearest_vectors
         from onnxcomp.quant.gptq import output_error
 
         cfg = self.config
         d = cfg.vector_dim
-        bits = (k - 1).bit_length()
-        if bits * d > _MAX_VECTOR_BITS:
-            return f"{bits} bits x {d} would need 2^{bits * d} entries (at most 2^{_MAX_VECTOR_BITS})"
-        entries = k**d
+        limit = _MAX_VECTOR_BITS if cfg.bits_per_weight is None else _MAX_MIXED_VECTOR_BITS
+        if label_bits > limit:
+            return f"{label_bits / d:g} bits x {d} would need 2^{label_bits} entries (at most 2^{limit} here)"
+        entries = 1 << label_bits
         layout = _rows_layout_transposed(target, w)
         if layout is None:
             return "not the weight of a Conv, Gemm or MatMul"
@@ -569,11 +578,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             return table32[lab].reshape(n, width) * s32[:, None]
 
         chosen = decoded(labels)
-        rows_seen = self.hessian_rows.get(target.name)
         self.vector_assignment[target.name] = "nearest" if h is None else "compensated"
-        if h is not None and rows_seen is not None and rows_seen < width and cfg.vector_rank_guard:
-            self.vector_assignment[target.name] = f"nearest: its Hessian sums {rows_seen} rows, fewer than its {width} inputs"
-            h = None
         if h is not None:
             got = assign_compensated(w_nk, table32, s32, h, d)
             if got is not None:
@@ -1432,12 +1437,12 @@ def _probed_widths(widths: list[int], bits_per_weight: float, every: bool) -> li
     return below[-2:] if len(below) >= 2 else widths[:2]
 
 
-def _stored_bytes(clustered: _Clustered, bits: int, codebook_int8: bool) -> int:
+def _stored_bytes(clustered: _Clustered, bits: float, codebook_int8: bool) -> int:
     """What the ``sparse`` format stores for one tensor at ``bits`` bits per label, densely packed:
     its labels, its codebook (int8 plus a float32 scale with ``codebook_int8``) and channel scales."""
     book = clustered.centroids.size + 4 if codebook_int8 and (
         clustered.centroids.ndim == 1 or clustered.vector_dim > 1) else clustered.centroids.nbytes
-    label_bits = bits * clustered.vector_dim  # a vector's label: bits per weight x d
+    label_bits = round(bits * clustered.vector_dim)  # a vector's label: bits per weight x d
     return -(-clustered.labels.size * label_bits // 8) + book + (0 if clustered.scales is None else clustered.scales.nbytes)
 
 
@@ -1528,11 +1533,9 @@ def output_probe(model: ir.Model, config: ClusterConfig, data: Any) -> OutputPro
     return OutputProbe(model, names, feeds)
 
 
-def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progress=None,
-                     rows: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progress=None) -> dict[str, np.ndarray]:
     """Per clustered weight, the layer-input Hessian of its Conv/Gemm/MatMul consumers from
-    ``data`` (``ClusterConfig.compensate``); ``rows`` (when given) receives the number of input rows
-    each Hessian was summed over."""
+    ``data`` (``ClusterConfig.compensate``)."""
     from onnxcomp.data import load_data
     from onnxcomp.graph import name_nodes
     from onnxcomp.quant.gptq import weight_hessians
@@ -1545,4 +1548,4 @@ def cluster_hessians(model: ir.Model, config: ClusterConfig, data: Any, *, progr
              and n.inputs[1] is not None and n.inputs[1].name in names]
     if not nodes:
         return {}
-    return weight_hessians(model, nodes, load_data(data, model, limit=config.max_samples), progress=progress, rows=rows)
+    return weight_hessians(model, nodes, load_data(data, model, limit=config.max_samples), progress=progress)

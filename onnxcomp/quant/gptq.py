@@ -307,12 +307,10 @@ def resolve_rounding(config, has_data: bool) -> str:
 
 
 def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads: int | None = None,
-                    progress=None, means: dict[str, np.ndarray] | None = None,
-                    rows: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                    progress=None, means: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per weight initializer name, the ``[groups, k, k]`` mean input Gram of the nodes reading it
     (summed over the nodes when a weight feeds several), from one pass over ``data``; ``means``
-    (when given) receives each weight's ``[groups, k]`` input mean (of the first node reading it),
-    ``rows`` the number of input rows the Gram was summed over (of the first node reading it)."""
+    (when given) receives each weight's ``[groups, k]`` input mean (of the first node reading it)."""
     from onnxcomp.analysis.gram import DEFAULT_MAX_ROWS, collect_grams
 
     grams = collect_grams(model, list(nodes), data, max_rows=max_rows or DEFAULT_MAX_ROWS, threads=threads,
@@ -329,8 +327,6 @@ def weight_hessians(model, nodes, data, *, max_rows: int | None = None, threads:
             continue  # the same tensor read in two layouts: keep the first
         if means is not None and weight not in means and gram.input_mean() is not None:
             means[weight] = gram.input_mean()
-        if rows is not None and weight not in rows:
-            rows[weight] = int(gram.rows)
         out[weight] = out[weight] + gram.mean() if weight in out else gram.mean()
     return out
 
