@@ -134,7 +134,10 @@ class ClusterConfig(PassConfig):
             codebook of at most 16 entries, and the channel scales, to the assigned labels by least
             squares on the layer-input Hessian (``min tr(dW H dW^T)``: first the scales row by row,
             then the entries jointly; an exact-zero entry stays zero; ``codebook_int8`` and
-            ``float16_scales`` re-round them), kept only where the output error drops.
+            ``float16_scales`` re-round them), kept only where the output error drops. With
+            ``vector_dim`` the vector codebook (any size) is re-fitted the same way, scales fixed
+            (:func:`onnxcomp.cluster.vector.refit_vectors`; skipped for tensors with more than
+            3e8 Hessian terms ``n k^2``).
         float16_scales: channel scales (``channel_scales``) rounded to float16 before the labels
             are assigned and stored as float16 (a Cast rebuilds them): 2 bytes per channel instead
             of 4. A tensor whose scales float16 cannot hold closely keeps float32 ones.
@@ -509,7 +512,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
     def _vector_shared(self, w: np.ndarray, target: ClusterTarget, label_bits: int) -> _Clustered | str:
         """``w`` with a vector codebook of ``2^label_bits`` entries (:mod:`onnxcomp.cluster.vector`),
         or why it cannot take one."""
-        from onnxcomp.cluster.vector import assign_compensated, kmeans_vectors, nearest_vectors
+        from onnxcomp.cluster.vector import assign_compensated, kmeans_vectors, nearest_vectors, refit_vectors
         from onnxcomp.quant.gptq import output_error
 
         cfg = self.config
@@ -580,19 +583,34 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         chosen = decoded(labels)
         self.vector_assignment[target.name] = "nearest" if h is None else "compensated"
         if h is not None:
+            rows_g = n // h.shape[0]
+
+            def error(a: np.ndarray) -> float:
+                return sum(output_error(w_nk[g * rows_g:(g + 1) * rows_g], a[g * rows_g:(g + 1) * rows_g], h[g])
+                           for g in range(h.shape[0]))
+
             got = assign_compensated(w_nk, table32, s32, h, d)
             if got is not None:
-                rows_g = n // h.shape[0]
-
-                def error(a: np.ndarray) -> float:
-                    return sum(output_error(w_nk[g * rows_g:(g + 1) * rows_g], a[g * rows_g:(g + 1) * rows_g], h[g])
-                               for g in range(h.shape[0]))
-
                 candidate = decoded(got[0])
                 if error(candidate) < error(chosen):
                     labels, chosen = got[0], candidate
                 else:
                     self.vector_assignment[target.name] = "nearest: the compensated assignment erred more"
+            if cfg.refit_codebook:
+                refit = refit_vectors(w_nk, table32, labels, s32, h)
+                if refit is not None:
+                    new_scale = None
+                    if cfg.codebook_int8:
+                        q8, new_scale = int8_symmetric(refit.astype(np.float32))
+                        refit = q8.astype(np.float32) * new_scale
+                    previous = table32
+                    table32 = np.asarray(refit, np.float32)
+                    candidate = decoded(labels)
+                    if error(candidate) < error(chosen):
+                        chosen, int8_scale = candidate, new_scale
+                        self.vector_assignment[target.name] += ", codebook refitted"
+                    else:
+                        table32 = previous
         dtype = np.uint8 if entries <= 256 else np.uint16
         return _Clustered(np.ascontiguousarray(back(chosen).astype(np.float32)), table32,
                           labels.reshape(-1).astype(dtype), stored_scales, int8_scale, vector_dim=d,

@@ -144,3 +144,48 @@ def assign_compensated(w_nk: np.ndarray, table: np.ndarray, scales: np.ndarray, 
             return None
         out[part] = got
     return labels, out
+
+
+#: :func:`refit_vectors` skips a tensor whose ``n k^2`` (the Hessian terms its system sums) exceeds this.
+REFIT_MAX_TERMS = 300_000_000
+#: Rows of :func:`refit_vectors`' scatter computed at once, as ``rows x k x k`` terms.
+_REFIT_CHUNK_TERMS = 1 << 22
+
+
+def refit_vectors(w_nk: np.ndarray, table: np.ndarray, labels: np.ndarray, scales: np.ndarray,
+                  h: np.ndarray) -> np.ndarray | None:
+    """The codebook ``[K, d]`` that minimises the output error ``sum_g tr(dW H_g dW^T)`` of
+    ``W ~ s_r C[labels]`` with the labels ``[n, k / d]`` and scales ``[n]`` fixed (GPTVQ's codebook
+    update): the normal equations ``A c = b`` with ``A = sum_r s_r^2 P_r^T H P_r`` and
+    ``b = sum_r s_r P_r^T H w_r`` (``P_r`` maps the codebook's coordinates to row ``r``'s weights),
+    with a small pull towards ``table`` so entries no weight uses stay. None when the system is too
+    large (:data:`REFIT_MAX_TERMS`) or singular."""
+    n, k = w_nk.shape
+    entries, d = table.shape
+    size = entries * d
+    if n * k * k > REFIT_MAX_TERMS:
+        return None
+    groups = h.shape[0]
+    rows = n // groups
+    idx = (np.asarray(labels, np.int64)[:, :, None] * d + np.arange(d)).reshape(n, k)
+    s = np.asarray(scales, np.float64)
+    a = np.zeros(size * size)
+    b = np.zeros(size)
+    step = max(1, _REFIT_CHUNK_TERMS // (k * k))
+    for g in range(groups):
+        hg = np.asarray(h[g], np.float64)
+        part = slice(g * rows, (g + 1) * rows)
+        wh = np.asarray(w_nk[part], np.float64) @ hg
+        b += np.bincount(idx[part].reshape(-1), weights=(s[part, None] * wh).reshape(-1), minlength=size)
+        for r0 in range(g * rows, (g + 1) * rows, step):
+            r1 = min(r0 + step, (g + 1) * rows)
+            pairs = idx[r0:r1, :, None] * size + idx[r0:r1, None, :]
+            a += np.bincount(pairs.reshape(-1), weights=((s[r0:r1] ** 2)[:, None, None] * hg[None]).reshape(-1),
+                             minlength=size * size)
+    a = a.reshape(size, size)
+    lam = 1e-6 * max(float(np.trace(a)) / size, 1e-30)
+    try:
+        c = np.linalg.solve(a + lam * np.eye(size), b + lam * np.asarray(table, np.float64).reshape(-1))
+    except np.linalg.LinAlgError:
+        return None
+    return c.reshape(entries, d) if np.all(np.isfinite(c)) else None
