@@ -537,6 +537,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         h = self.hessians.get(target.name)
         if h is not None and (h.shape[-1] != width or n % h.shape[0]):
             h = None
+
         def fit(scaled: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             peak = np.abs(w_nk).max(axis=1) if scaled else np.ones(n)
             peak = np.where(peak > 0, peak, 1.0)
