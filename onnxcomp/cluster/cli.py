@@ -50,6 +50,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                            "sparse; the compress stage measures the model's output error on calibration data instead)")
     p.add_argument("--bits-choices", type=_widths, default=(2, 3, 4, 5, 6),
                    metavar="B,B,...", help="candidate widths for --bits-per-weight (default 2,3,4,5,6)")
+    p.add_argument("--vector-dim", type=POSITIVE_INT, default=1, metavar="D",
+                   help="vector codebooks: groups of D consecutive weights along the input axis share a codebook of "
+                        "2^(bits x D) entries per tensor (GPTVQ; needs --format sparse; default 1: scalar)")
     p.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
     p.add_argument("--channel-scales", choices=("auto", "always", "never"), default="auto",
                    help="one codebook per tensor plus a scale per output channel: always, never, or auto (default: "
@@ -90,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         bits_per_weight=args.bits_per_weight, bits_choices=args.bits_choices, sensitivity="layer",
         channel_scales=args.channel_scales, init=args.init,
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
-        format=args.format, seed=args.seed,
+        format=args.format, seed=args.seed, vector_dim=args.vector_dim,
     )
     check_cfg = check_config(args)
     model = load_model(args.model)

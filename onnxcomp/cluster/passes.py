@@ -134,7 +134,10 @@ class ClusterConfig(PassConfig):
             codebook of at most 16 entries, and the channel scales, to the assigned labels by least
             squares on the layer-input Hessian (``min tr(dW H dW^T)``: first the scales row by row,
             then the entries jointly; an exact-zero entry stays zero; ``codebook_int8`` and
-            ``float16_scales`` re-round them), kept only where the output error drops.
+            ``float16_scales`` re-round them), kept only where the output error drops. With
+            ``vector_dim`` the vector codebook (any size) is re-fitted the same way, scales fixed
+            (:func:`onnxcomp.cluster.vector.refit_vectors`; skipped for tensors with more than
+            3e8 Hessian terms ``n k^2``).
         float16_scales: channel scales (``channel_scales``) rounded to float16 before the labels
             are assigned and stored as float16 (a Cast rebuilds them): 2 bytes per channel instead
             of 4. A tensor whose scales float16 cannot hold closely keeps float32 ones.
@@ -165,6 +168,20 @@ class ClusterConfig(PassConfig):
             tensor at its chosen width (errors measured alone need not add up to the joint one),
             and upgrades are bought with the downgrades that cost least (:func:`_swap_round`);
             two inferences per tensor and round.
+        vector_dim: ``d`` > 1: vector codebooks (GPTVQ, :mod:`onnxcomp.cluster.vector`): each
+            tensor's rows (output channels) are cut into vectors of ``d`` consecutive weights along
+            the input axis, sharing one codebook of ``2^(bits d)`` entries ``[K, d]`` per tensor
+            (``bits`` bits per weight: 64 pairs at 3 bits), chosen by k-means in ``d`` dimensions
+            weighted by the layer-input Hessian's diagonal, and assigned block by block with GPTQ
+            compensation (``compensate``); channel scales as for scalar codebooks. Decoded by
+            ``Gather`` on the ``[K, d]`` codebook and a ``Reshape`` (and a ``Transpose`` for a
+            MatMul's ``[in, out]`` weight). A tensor that cannot take vectors (not the weight of a
+            Conv/Gemm/MatMul, input width not a multiple of ``d``, fewer than 16 vectors per entry)
+            keeps a scalar codebook at the same bits; the report says why per tensor. Needs
+            ``format="sparse"`` and per-tensor codebooks; with ``bits_per_weight`` each candidate
+            width takes vectors where the tensor can (up to 2^8 entries), scalars elsewhere, and
+            the widths between ``bits_choices`` in steps of ``1/d`` are candidates too (2.5 and 3.5
+            bits per weight with pairs: 32 and 128 entries).
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -194,6 +211,7 @@ class ClusterConfig(PassConfig):
     sensitivity: Literal["output", "output-all", "layer"] = "output"
     sensitivity_samples: int = 16
     sensitivity_rounds: int = 0
+    vector_dim: int = 1
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -207,12 +225,25 @@ class ClusterConfig(PassConfig):
         "bits_choices": Range(int, 1, 8),
         "sensitivity_samples": Range(int, 1),
         "sensitivity_rounds": Range(int, 0, 10),
+        "vector_dim": Range(int, 1, 8),
     }
 
     def validate(self) -> None:
         if self.per_channel and self.channel_scales == "always":
             raise ConfigError("cluster: per_channel and channel_scales='always' exclude each other")
         NodeSelector((), self.exclude)  # validates patterns
+        if self.vector_dim > 1:
+            if self.format != "sparse" or self.per_channel:
+                raise ConfigError("cluster: vector_dim > 1 needs format='sparse' with per-tensor codebooks (the "
+                                  f"format that stores [K, d] codebooks), got format={self.format!r}"
+                                  + (", per_channel" if self.per_channel else ""))
+            if self.clusters is not None:
+                raise ConfigError("cluster: vector_dim > 1 sizes the codebook from bits (2^(bits x vector_dim) "
+                                  "entries); clusters fixes K for scalar codebooks: set bits instead")
+            if self.bits_per_weight is None and self.bits * self.vector_dim > _MAX_VECTOR_BITS:
+                raise ConfigError(f"cluster: bits={self.bits} with vector_dim={self.vector_dim} needs a codebook of "
+                                  f"2^{self.bits * self.vector_dim} entries; at most 2^{_MAX_VECTOR_BITS} are supported "
+                                  "(lower bits or vector_dim)")
         if self.bits_per_weight is not None:
             if self.clusters is not None:
                 raise ConfigError("cluster: bits_per_weight chooses the width per tensor; clusters fixes one K for "
@@ -233,6 +264,15 @@ class ClusterConfig(PassConfig):
         if self.bits_per_weight is not None:
             return 2 ** max(self.bits_choices)
         return self.clusters if self.clusters is not None else 2**self.bits
+
+
+#: ``vector_dim``: the largest vector codebook, 2^12 entries (labels of at most 12 bits).
+_MAX_VECTOR_BITS = 12
+#: ``vector_dim`` with ``bits_per_weight``: candidate widths take vectors up to 2^8 entries (k-means
+#: and the assignment grow with the entries; wider candidates are scalar codebooks).
+_MAX_MIXED_VECTOR_BITS = 8
+#: ``vector_dim``: a tensor takes vectors only with at least this many vectors per codebook entry.
+_MIN_VECTORS_PER_ENTRY = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +362,10 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         self.probe = probe
         #: weight name -> layer-input Hessian ``[groups, k, k]`` (``compensate``; see cluster_hessians)
         self.hessians = hessians or {}
+        #: ``vector_dim``: per tensor, how its vectors were assigned
+        self.vector_assignment: dict[str, str] = {}
+        #: ``vector_dim``: why a tensor (at some width) kept a scalar codebook
+        self.vector_skipped: dict[str, str] = {}
 
     def apply(self, model: ir.Model) -> tuple[bool, dict[str, Any]]:
         cfg = self.config
@@ -344,7 +388,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             elif exact is not None or cfg.bits_per_weight is None:
                 chosen.append((target, w, self._shared(w, target, cfg.k, exact)))
             else:  # every candidate width, chosen below under the budget
-                options[target.name] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+                options[target.name] = self._candidates(w, target)
                 chosen.append((target, w, options[target.name][max(options[target.name])]))
             if self.progress:
                 self.progress(done, total)
@@ -355,7 +399,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                       for t, w, c in chosen]
         for target, w, clustered in chosen:
             encoding = None
-            k = clustered.centroids.shape[-1] if options else cfg.k
+            k = clustered.entries if options or clustered.vector_dim > 1 else cfg.k
             if cfg.format == "sparse":
                 encoding = encode_labels(clustered.labels, k, 0)
             stats = _tensor_stats(w, clustered, k, cfg.format, encoding)
@@ -365,6 +409,10 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 stats["candidates"] = allocation["candidates"][target.name]
             if clustered.int8_scale is not None:
                 stats["codebook_int8_scale"] = float(clustered.int8_scale)
+            if clustered.vector_dim > 1 and target.name in self.vector_assignment:
+                stats["vector_assignment"] = self.vector_assignment[target.name]
+            if target.name in self.vector_skipped and clustered.vector_dim == 1:
+                stats["scalar_because"] = self.vector_skipped[target.name]
             if cfg.format == "float":
                 target.value.const_value = ir.tensor(clustered.snapped, name=target.name)
             elif cfg.format == "sparse":
@@ -433,6 +481,11 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         """``w`` shared at ``k`` clusters as stored: k-means (or its ``exact`` codebook), the int8
         codebook, the compensated assignment, the zero entry first (``sparse``)."""
         cfg = self.config
+        if exact is None and cfg.vector_dim > 1:
+            vector = self._vector_shared(w, target, (k - 1).bit_length() * cfg.vector_dim)
+            if isinstance(vector, _Clustered):
+                return vector
+            self.vector_skipped[target.name] = vector
         clustered = exact if exact is not None else self._cluster(w, target.channel_axis, k)
         if cfg.format == "sparse" and cfg.codebook_int8 and clustered.centroids.ndim == 1:
             clustered = _int8_codebook(w, clustered, target.channel_axis)
@@ -441,6 +494,128 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             if cfg.refit_codebook and clustered.centroids.ndim == 1 and clustered.centroids.size <= _REFIT_MAX_K:
                 clustered = _refit_codebook(w, clustered, self.hessians[target.name], target)
         return _zero_first(clustered) if cfg.format == "sparse" else clustered
+
+    def _candidates(self, w: np.ndarray, target: ClusterTarget) -> dict[float, _Clustered]:
+        """``bits_per_weight``: the tensor shared at every candidate width (bits per weight): each
+        of ``bits_choices`` and, with ``vector_dim`` d > 1, the fractions between them in steps of
+        1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs)."""
+        cfg = self.config
+        options: dict[float, _Clustered] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+        d = cfg.vector_dim
+        for label_bits in range(min(cfg.bits_choices) * d + 1, min(max(cfg.bits_choices) * d, _MAX_MIXED_VECTOR_BITS)):
+            if label_bits % d:
+                vector = self._vector_shared(w, target, label_bits)
+                if isinstance(vector, _Clustered):
+                    options[label_bits / d] = vector
+        return dict(sorted(options.items()))
+
+    def _vector_shared(self, w: np.ndarray, target: ClusterTarget, label_bits: int) -> _Clustered | str:
+        """``w`` with a vector codebook of ``2^label_bits`` entries (:mod:`onnxcomp.cluster.vector`),
+        or why it cannot take one."""
+        from onnxcomp.cluster.vector import assign_compensated, kmeans_vectors, nearest_vectors, refit_vectors
+        from onnxcomp.quant.gptq import output_error
+
+        cfg = self.config
+        d = cfg.vector_dim
+        limit = _MAX_VECTOR_BITS if cfg.bits_per_weight is None else _MAX_MIXED_VECTOR_BITS
+        if label_bits > limit:
+            return f"{label_bits / d:g} bits x {d} would need 2^{label_bits} entries (at most 2^{limit} here)"
+        entries = 1 << label_bits
+        layout = _rows_layout_transposed(target, w)
+        if layout is None:
+            return "not the weight of a Conv, Gemm or MatMul"
+        w_nk, back, transposed = layout
+        n, width = w_nk.shape
+        if target.channel_axis != (1 if transposed else 0):
+            return "its channel axis is not the layout's rows"
+        if width % d:
+            return f"input width {width} is not a multiple of vector_dim={d}"
+        if n * width // d < _MIN_VECTORS_PER_ENTRY * entries:
+            return (f"{n * width // d} vectors, fewer than {_MIN_VECTORS_PER_ENTRY} per entry of a {entries}-entry "
+                    "codebook")
+        w_nk = np.asarray(w_nk, np.float64)
+        h = self.hessians.get(target.name)
+        if h is not None and (h.shape[-1] != width or n % h.shape[0]):
+            h = None
+
+        def fit(scaled: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            peak = np.abs(w_nk).max(axis=1) if scaled else np.ones(n)
+            peak = np.where(peak > 0, peak, 1.0)
+            rows = w_nk / peak[:, None]
+            # each row's error counts at its own scale (peak^2); weighting by the Hessian's diagonal
+            # too, as GPTVQ does, was measured worse on PP-OCR rec (squeeze-excitation convs: layer
+            # output error 0.0014 -> 0.55 with nearest entries: a few input channels took the codebook)
+            weights = np.broadcast_to(peak[:, None] ** 2, w_nk.shape)
+            table = kmeans_vectors(rows.reshape(-1, d), entries, weights=weights.reshape(-1, d), seed=cfg.seed,
+                                   max_iter=min(cfg.max_iter, 30))
+            labels = nearest_vectors(rows.reshape(-1, d), table, weights.reshape(-1, d))
+            q = table[labels].reshape(n, width)
+            scales = np.ones(n)
+            if scaled:
+                energy = np.einsum("ij,ij->i", q, q)
+                fitted = np.einsum("ij,ij->i", w_nk, q) / np.where(energy > 0, energy, 1.0)
+                scales = np.where(energy > 0, fitted, peak)
+            return table, labels, scales
+
+        scaled = cfg.channel_scales == "always"
+        table, labels, scales = fit(scaled)
+        if cfg.channel_scales == "auto" and n < w_nk.size:
+            unscaled = table[labels].reshape(n, width)
+            if _worst_channel_error(w_nk, unscaled, 0) >= _DESTROYED:
+                scaled = True
+                table, labels, scales = fit(True)
+        stored_scales = None
+        if scaled:
+            stored_scales = scales.astype(np.float32)
+            if cfg.float16_scales and _float16_close(stored_scales):
+                stored_scales = stored_scales.astype(np.float16)
+        int8_scale = None
+        if cfg.codebook_int8:
+            q8, int8_scale = int8_symmetric(table.astype(np.float32))
+            table = q8.astype(np.float32) * int8_scale
+        table32 = np.asarray(table, np.float32)
+        s32 = np.ones(n, np.float32) if stored_scales is None else stored_scales.astype(np.float32)
+        safe = np.where(s32 != 0, s32, 1).astype(np.float64)
+        labels = nearest_vectors((w_nk / safe[:, None]).reshape(-1, d), table32).reshape(n, width // d)
+
+        def decoded(lab: np.ndarray) -> np.ndarray:
+            return table32[lab].reshape(n, width) * s32[:, None]
+
+        chosen = decoded(labels)
+        self.vector_assignment[target.name] = "nearest" if h is None else "compensated"
+        if h is not None:
+            rows_g = n // h.shape[0]
+
+            def error(a: np.ndarray) -> float:
+                return sum(output_error(w_nk[g * rows_g:(g + 1) * rows_g], a[g * rows_g:(g + 1) * rows_g], h[g])
+                           for g in range(h.shape[0]))
+
+            got = assign_compensated(w_nk, table32, s32, h, d)
+            if got is not None:
+                candidate = decoded(got[0])
+                if error(candidate) < error(chosen):
+                    labels, chosen = got[0], candidate
+                else:
+                    self.vector_assignment[target.name] = "nearest: the compensated assignment erred more"
+            if cfg.refit_codebook:
+                refit = refit_vectors(w_nk, table32, labels, s32, h)
+                if refit is not None:
+                    new_scale = None
+                    if cfg.codebook_int8:
+                        q8, new_scale = int8_symmetric(refit.astype(np.float32))
+                        refit = q8.astype(np.float32) * new_scale
+                    previous = table32
+                    table32 = np.asarray(refit, np.float32)
+                    candidate = decoded(labels)
+                    if error(candidate) < error(chosen):
+                        chosen, int8_scale = candidate, new_scale
+                        self.vector_assignment[target.name] += ", codebook refitted"
+                    else:
+                        table32 = previous
+        dtype = np.uint8 if entries <= 256 else np.uint16
+        return _Clustered(np.ascontiguousarray(back(chosen).astype(np.float32)), table32,
+                          labels.reshape(-1).astype(dtype), stored_scales, int8_scale, vector_dim=d,
+                          transposed=transposed)
 
     def _allocate(self, chosen: list[tuple[ClusterTarget, np.ndarray, _Clustered]],
                   options: dict[str, dict[int, _Clustered]]) -> dict[str, Any]:
@@ -558,7 +733,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         Per-channel codebooks are stored as the ``codebook`` format does, from their part. Few
         nodes and initializers keep the graph small, which matters for small models.
         """
-        per_tensor = all(c.centroids.ndim == 1 for _, c in pending)
+        per_tensor = all(c.centroids.ndim == 1 or c.vector_dim > 1 for _, c in pending)
         shared, pending = _shared_encoding(pending, self.config.k, per_tensor)
         nodes: list[ir.Node] = []
         add = _node_adder(graph, taken, _SHARED, nodes)
@@ -574,12 +749,25 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             parts = list(split.outputs)
             for part in parts:
                 part.name = unique_name(graph, f"{_SHARED}/part", taken)
-        columns = self._codebook_columns(graph, taken, nodes, [c for _, c in pending]) if per_tensor else None
+        columns = None
+        if per_tensor:
+            scalar = [i for i, (_, c) in enumerate(pending) if c.vector_dim == 1]
+            vector = [i for i, (_, c) in enumerate(pending) if c.vector_dim > 1]
+            columns = [None] * len(pending)
+            if scalar:
+                for i, col in zip(scalar, self._codebook_columns(graph, taken, nodes, [pending[i][1] for i in scalar])):
+                    columns[i] = col
+            if vector:
+                for i, book in zip(vector, self._vector_codebooks(graph, taken, nodes, [pending[i][1] for i in vector])):
+                    columns[i] = book
         for node in nodes:
             graph.append(node)
         for i, ((target, clustered), part) in enumerate(zip(pending, parts)):
             shape = np.array(clustered.labels.shape, np.int64)
-            if columns is None:
+            if clustered.vector_dim > 1:
+                self._store_column(target, taken, clustered, part, columns[i],
+                                   np.array(target.value.const_value.shape, np.int64))
+            elif columns is None:
                 index = _node_adder(graph, taken, target.name, tensor_nodes := [])(
                     "Reshape", [part, add_initializer(graph, f"{target.name}_shape", shape, taken)])
                 for node in tensor_nodes:
@@ -614,16 +802,63 @@ class ClusterPass(CompressionPass[ClusterConfig]):
             out.name = unique_name(graph, f"{_SHARED}/codebook", taken)
         return list(split.outputs)
 
+    def _vector_codebooks(self, graph: ir.Graph, taken: set[str], nodes: list[ir.Node],
+                          clustered: list[_Clustered]) -> list[ir.Value]:
+        """The vector codebooks, one ``[K, d]`` value per tensor, from one flat table of all of them
+        (int8 times one float32 scale per tensor with ``codebook_int8``, else float32) split by size."""
+        add = _node_adder(graph, taken, _SHARED, nodes)
+        const = lambda suffix, array: add_initializer(graph, f"{_SHARED}_{suffix}", array, taken)  # noqa: E731
+        int8 = all(c.int8_scale is not None for c in clustered)
+        if int8:
+            flat = np.concatenate([np.round(c.centroids.reshape(-1).astype(np.float64) / float(c.int8_scale))
+                                   for c in clustered]).astype(np.int8)
+            values = add("Cast", [const("vectors_q", flat)], to=ir.DataType.FLOAT)
+        else:
+            values = const("vectors", np.concatenate([c.centroids.reshape(-1) for c in clustered]).astype(np.float32))
+        parts = [values]
+        if len(clustered) > 1:
+            split = ir.node("Split", [values, const("vectors_sizes", np.array([c.centroids.size for c in clustered],
+                                                                                   np.int64))],
+                            num_outputs=len(clustered), name=unique_name(graph, f"{_SHARED}/vectors", taken))
+            nodes.append(split)
+            parts = list(split.outputs)
+            for out in parts:
+                out.name = unique_name(graph, f"{_SHARED}/vector_part", taken)
+        scales = [None] * len(clustered)
+        if int8:
+            table = const("vectors_scales", np.array([c.int8_scale for c in clustered], np.float32))
+            scales = [table]
+            if len(clustered) > 1:
+                split = ir.node("Split", [table], attributes={"num_outputs": len(clustered)}, num_outputs=len(clustered),
+                                name=unique_name(graph, f"{_SHARED}/vector_scales", taken))
+                nodes.append(split)
+                scales = list(split.outputs)
+                for out in scales:
+                    out.name = unique_name(graph, f"{_SHARED}/vector_scale", taken)
+        shapes: dict[tuple[int, int], ir.Value] = {}
+        books = []
+        for c, part, scale in zip(clustered, parts, scales):
+            key = tuple(c.centroids.shape)
+            if key not in shapes:
+                shapes[key] = const(f"vectors_shape_{key[0]}x{key[1]}", np.array(key, np.int64))
+            books.append(add("Reshape", [part if scale is None else add("Mul", [part, scale]), shapes[key]]))
+        return books
+
     def _store_column(self, target: ClusterTarget, taken: set[str], clustered: _Clustered, part: ir.Value,
                       column: ir.Value, shape: np.ndarray) -> None:
-        """``Reshape(Gather(column, part)) [* scales]`` in the graph that owns the weight, under its name."""
+        """``Reshape(Gather(column, part)) [-> Transpose] [* scales]`` in the graph that owns the
+        weight, under its name: ``column`` is a scalar codebook ``[K, 1]`` or a vector codebook
+        ``[K, d]`` (whose ``[n, k]`` layout may be the weight transposed); ``shape`` the weight's."""
         graph = target.value.graph
         nodes: list[ir.Node] = []
         add = _node_adder(graph, taken, target.name, nodes)
+        layout = np.array([shape[1], shape[0]] if clustered.transposed else shape, np.int64)
         weight = add("Reshape", [add("Gather", [column, part]),
-                                 add_initializer(graph, f"{target.name}_shape", shape, taken)])
+                                 add_initializer(graph, f"{target.name}_shape", layout, taken)])
+        if clustered.transposed:
+            weight = add("Transpose", [weight], perm=[1, 0])
         if clustered.scales is not None:
-            scales = clustered.scales.reshape(_channel_shape(shape.size, target.channel_axis, clustered.scales.size))
+            scales = clustered.scales.reshape(_channel_shape(len(shape), target.channel_axis, clustered.scales.size))
             weight = add("Mul", [weight, _scales_input(add, add_initializer(graph, f"{target.name}_scales", scales, taken))])
         for node in nodes:
             graph.append(node)
@@ -632,7 +867,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         target.value.name = None
         weight.name = target.name
         weight.dtype = ir.DataType.FLOAT
-        weight.shape = ir.Shape(shape.tolist())
+        weight.shape = ir.Shape([int(v) for v in shape])
 
     def _float16_biases(self, model: ir.Model, taken: set[str]) -> dict[str, dict[str, Any]]:
         """Every bias of the main graph rounded to float16, in one initializer: ``Split(Cast(stream))``
@@ -727,6 +962,16 @@ class _Clustered:
     scales: np.ndarray | None  # [C] with channel scales
     #: ``codebook_int8``: the codebook is ``q * int8_scale`` with integer ``q`` in [-127, 127]
     int8_scale: np.float32 | None = None
+    #: vector codebooks (``vector_dim``): ``centroids`` is ``[K, d]``, ``labels`` one per vector in
+    #: the ``[n, k]`` layout's order (flat), ``scales`` one per row
+    vector_dim: int = 1
+    #: vector codebooks: the ``[n, k]`` layout is the weight transposed (a MatMul's ``[in, out]``)
+    transposed: bool = False
+
+    @property
+    def entries(self) -> int:
+        """K, the codebook's number of entries."""
+        return self.centroids.shape[0] if self.vector_dim > 1 else self.centroids.shape[-1]
 
 
 def _by_subgraph(per_tensor: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -811,6 +1056,12 @@ def _codebook_bytes(clustered: list[_Clustered]) -> int:
     codebook's rows, int8 with one float32 scale per tensor (``codebook_int8``) or float32;
     per-channel codebooks each as they are."""
     scales = sum(0 if c.scales is None else c.scales.nbytes for c in clustered)
+    vectors = [c for c in clustered if c.vector_dim > 1]
+    if vectors:  # vector codebooks: one flat table of their own (int8 + a float32 scale each, or float32)
+        rest = [c for c in clustered if c.vector_dim == 1]
+        own = sum(c.centroids.size + 4 if c.int8_scale is not None else c.centroids.nbytes for c in vectors)
+        return own + sum(0 if c.scales is None else c.scales.nbytes for c in vectors) + (
+            _codebook_bytes(rest) if rest else 0)
     if not all(c.centroids.ndim == 1 for c in clustered):
         return sum(c.centroids.nbytes for c in clustered) + scales
     cells = max(c.centroids.size for c in clustered) * len(clustered)
@@ -886,7 +1137,7 @@ def _shared_encoding(pending: list[tuple[ClusterTarget, _Clustered]], k: int,
     of the three encodings."""
     from onnxcomp.sparsity.storage import bits_for, encode_bitmask_groups, encode_dense_groups
 
-    widths = [bits_for(c.centroids.size) for _, c in pending]
+    widths = [bits_for(c.entries) for _, c in pending]
     widest = max(widths) if per_tensor else max([bits_for(k), *widths])  # per tensor: what the codebooks need
     flat = np.concatenate([c.labels.reshape(-1).astype(np.int64) for _, c in pending])
     single = encode_labels(flat, 1 << widest, 0)
@@ -940,8 +1191,11 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str,
             "after": np.histogram(snapped, bins=edges)[0].tolist(),
         },
         "shape": list(w.shape),
-        "granularity": "channel" if clustered.centroids.ndim == 2 else (
+        "granularity": ("vector, " if clustered.vector_dim > 1 else "") + (
+            "channel" if clustered.centroids.ndim == 2 and clustered.vector_dim == 1 else
             "scaled channel" if clustered.scales is not None else "tensor"),
+        **({"vector_dim": clustered.vector_dim, "codebook_entries": int(clustered.entries)}
+           if clustered.vector_dim > 1 else {}),
         "elements": int(w.size),
         "distinct_values": int(np.unique(snapped).size),
         "mse": float(np.mean((snapped.astype(np.float64) - w) ** 2)),
@@ -964,6 +1218,13 @@ def _tensor_stats(w: np.ndarray, clustered: _Clustered, k: int, storage: str,
 def _rows_layout(target: ClusterTarget, w: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]] | None:
     """``w`` as ``[outputs, inputs]`` in the Hessian's feature order, and the way back; None for
     a tensor whose consumer is not a Conv, Gemm or MatMul."""
+    layout = _rows_layout_transposed(target, w)
+    return None if layout is None else layout[:2]
+
+
+def _rows_layout_transposed(target: ClusterTarget, w: np.ndarray
+                            ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], bool] | None:
+    """:func:`_rows_layout` and whether the layout is ``w`` transposed (a ``[in, out]`` weight)."""
     user = next((u.node for u in target.value.uses()), None)
     if user is None:
         return None
@@ -974,9 +1235,9 @@ def _rows_layout(target: ClusterTarget, w: np.ndarray) -> tuple[np.ndarray, Call
         return None
     out_axis, in_axis = weight_axes(user)
     if out_axis % w.ndim == 0 and in_axis % w.ndim == 1:  # outputs first: Conv [out, in, k...], Gemm with transB
-        return w.reshape(w.shape[0], -1), lambda a: a.reshape(w.shape)
+        return w.reshape(w.shape[0], -1), lambda a: a.reshape(w.shape), False
     if w.ndim == 2:  # MatMul, Gemm [in, out]
-        return w.T, lambda a: a.T
+        return w.T, lambda a: a.T, True
     return None
 
 
@@ -1195,11 +1456,13 @@ def _probed_widths(widths: list[int], bits_per_weight: float, every: bool) -> li
     return below[-2:] if len(below) >= 2 else widths[:2]
 
 
-def _stored_bytes(clustered: _Clustered, bits: int, codebook_int8: bool) -> int:
+def _stored_bytes(clustered: _Clustered, bits: float, codebook_int8: bool) -> int:
     """What the ``sparse`` format stores for one tensor at ``bits`` bits per label, densely packed:
     its labels, its codebook (int8 plus a float32 scale with ``codebook_int8``) and channel scales."""
-    book = clustered.centroids.size + 4 if codebook_int8 and clustered.centroids.ndim == 1 else clustered.centroids.nbytes
-    return -(-clustered.labels.size * bits // 8) + book + (0 if clustered.scales is None else clustered.scales.nbytes)
+    book = clustered.centroids.size + 4 if codebook_int8 and (
+        clustered.centroids.ndim == 1 or clustered.vector_dim > 1) else clustered.centroids.nbytes
+    label_bits = round(bits * clustered.vector_dim)  # a vector's label: bits per weight x d
+    return -(-clustered.labels.size * label_bits // 8) + book + (0 if clustered.scales is None else clustered.scales.nbytes)
 
 
 def _relative_error(w: np.ndarray, clustered: _Clustered, h: np.ndarray | None, target: ClusterTarget) -> float:

@@ -43,7 +43,7 @@ import numpy as np
 
 from onnxcomp.blas import blas_threads
 
-__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "output_error", "compensated_round", "refit_scales"]
+__all__ = ["ROUNDINGS", "RoundingResult", "gptq_round", "gptq_snap", "gptq_snap_blocks", "output_error", "compensated_round", "refit_scales"]
 
 #: Values of QuantizeConfig.rounding.
 ROUNDINGS = ("auto", "nearest", "gptq")
@@ -133,6 +133,46 @@ def gptq_snap(
     nearest entries of a k-means codebook (GPTVQ-style assignment in one dimension), a uniform
     grid (:func:`gptq_round`), or zeros for pruned weights (SparseGPT-style). Returns the snapped
     weights ``[n, k]`` (float64), or None when ``h`` cannot be factored."""
+    k = np.shape(w)[1]
+    hd = np.array(h, dtype=np.float64)
+    dead = np.diag(hd) <= 0.0
+    hd[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(hd), kind="stable") if act_order else np.arange(k)
+    out = _gptq_blocks(np.asarray(w, np.float64)[:, perm], hd[np.ix_(perm, perm)],
+                       lambda cols, j, metric: snap(cols[:, 0], perm[j])[:, None], 1, damp, block)
+    if out is None:
+        return None
+    result = np.empty_like(out)
+    result[:, perm] = out
+    return result
+
+
+def gptq_snap_blocks(
+    w: np.ndarray,
+    h: np.ndarray,
+    snap,
+    d: int,
+    *,
+    damp: float = 0.01,
+    block: int = BLOCK,
+) -> np.ndarray | None:
+    """GPTQ over blocks of ``d`` consecutive columns chosen jointly (GPTVQ's assignment of
+    ``d``-dimensional codebook entries): ``snap(columns [n, d], j, metric [d, d])`` returns the
+    values chosen for the compensated columns ``j .. j + d - 1``, where ``metric`` ``T`` makes
+    ``||(x - q) T||^2`` (per row) the output-error increase of choosing ``q`` for ``x``
+    (``T = U_bb^-1``, ``U_bb`` the block's part of the upper Cholesky factor of the inverse Hessian:
+    the increase is ``(x - q) (U_bb^T U_bb)^-1 (x - q)^T``). Each block's error is then pushed onto
+    the columns not yet chosen, column by column as :func:`gptq_snap` does. ``k`` must be a
+    multiple of ``d``. Returns the chosen weights ``[n, k]`` (float64), or None when ``h`` cannot
+    be factored."""
+    k = np.shape(w)[1]
+    if d < 1 or k % d:
+        raise ValueError(f"gptq: {k} columns are not a multiple of the block of {d}")
+    return _gptq_blocks(np.asarray(w, np.float64), np.array(h, dtype=np.float64), snap, d, damp, block)
+
+
+def _gptq_blocks(w: np.ndarray, h: np.ndarray, snap, d: int, damp: float, block: int) -> np.ndarray | None:
+    """The GPTQ loop of :func:`gptq_snap` (``d`` = 1) and :func:`gptq_snap_blocks`, columns in order."""
     wd = np.array(w, dtype=np.float64)
     n, k = wd.shape
     if h.shape != (k, k):
@@ -140,28 +180,26 @@ def gptq_snap(
     hd = np.array(h, dtype=np.float64)
     dead = np.diag(hd) <= 0.0
     hd[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(hd), kind="stable") if act_order else np.arange(k)
-    wd, hd = wd[:, perm], hd[np.ix_(perm, perm)]
     u = _inverse_cholesky(hd, damp)
     if u is None:
         return None
+    block = max(d, block - block % d)
     out = np.zeros((n, k), dtype=np.float64)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = wd[:, i1:i2].copy()
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            snapped = snap(col, perm[i1 + i])
-            out[:, i1 + i] = snapped
-            e = (col - snapped) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
+        for i in range(0, i2 - i1, d):
+            metric = np.linalg.inv(u1[i:i + d, i:i + d]) if d > 1 else 1.0 / u1[i:i + 1, i:i + 1]
+            chosen = snap(w1[:, i:i + d], i1 + i, metric)
+            out[:, i1 + i:i1 + i + d] = chosen
+            for t in range(d):
+                e = (w1[:, i + t] - chosen[:, t]) / u1[i + t, i + t]
+                w1[:, i + t:] -= np.outer(e, u1[i + t, i + t:])
+                err1[:, i + t] = e
         wd[:, i2:] -= err1 @ u[i1:i2, i2:]
-    result = np.empty_like(out)
-    result[:, perm] = out
-    return result
+    return out
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
