@@ -41,7 +41,12 @@ int8 on all-MiniLM-L6-v2 from 1.61x to 2.60x fp32 at batch 8 x 128 tokens (1.98x
 batch 1, 28.9 to 22.2 MB) and on all-mpnet-base-v2 from 2.06x to 3.77x, but it costs nearest-
 neighbour agreement on every tuning-split configuration measured (0.3 to 2.1 points; 4.5 on an
 AVX2 CPU with 7-bit weights), so it is a speed option, not a default (benchmarks/RESULTS.md,
-ninth and tenth sessions).
+ninth and tenth sessions). Where that cost lies (eleventh session, MiniLM tune split): four fifths is
+the uint8 rounding of the ordinary channels on their 30-31 dB grid (the clip costs nothing, the
+zeroed-row weights a sixth), spread over the four layers. A long tail of channels at 4-6 caps
+what more split channels buy: ``max_channels=64`` at the best count (QuantizeConfig's
+``split_outliers_channels`` / ``split_outliers_target_db``) gains 4-5 dB and halves the cost in
+cosine, without bringing nearest-neighbour agreement back.
 
 **Eligible** (analysis): a float32 tensor of the main graph, not a graph output, every reader a
 main-graph MatMul reading it as its first input with a 2-D constant float32 weight, allowed by the
