@@ -41,6 +41,9 @@ _RANGES: dict[str, Range] = {
     "gptq_damp": Range(float, 0.0, 1.0, min_open=True),
     "gptq_stages": Range(int, 1, 4096),
     "conv_block_size": Range(int, 1, 1 << 16),
+    "split_outliers_channels": Range(int, 1, 64),
+    "split_outliers_target_db": Range(float, 0.0, 200.0),
+    "split_outliers_below_db": Range(float, 0.0, 200.0),
 }
 
 
@@ -97,6 +100,9 @@ class _SmoothQuantFields:
     smoothquant: bool | None = None
     smoothquant_alpha: float | None = None
     split_outliers: bool = False
+    split_outliers_channels: int = 8
+    split_outliers_target_db: float = 30.0
+    split_outliers_below_db: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +166,14 @@ def _validate_shared(config: _SharedFields) -> None:
                 raise ConfigError(f"quantize: pattern {item!r} is not a valid regex: {exc}") from None
 
 
+def _validate_split(config: _SmoothQuantFields) -> None:
+    """The outlier split's settings need the split on (onnxcomp.quant.outliers)."""
+    changed = [f.name for f in dataclasses.fields(_SmoothQuantFields)
+               if f.name.startswith("split_outliers_") and getattr(config, f.name) != f.default]
+    if changed and not config.split_outliers:
+        raise ConfigError(f"quantize: {', '.join(changed)} set without split_outliers")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModeConfig(PassConfig):
     """Base of the per-mode configs: ``mode`` names the mode (a class constant)."""
@@ -180,6 +194,7 @@ class StaticConfig(ModeConfig, _StaticFields, _SmoothQuantFields, _Int8WeightFie
 
     def validate(self) -> None:
         super().validate()
+        _validate_split(self)
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
         if self.activation_range == "reduced" and self.activation_type != "uint8":
@@ -195,6 +210,7 @@ class DynamicConfig(ModeConfig, _DynamicFields, _SmoothQuantFields, _Int8WeightF
 
     def validate(self) -> None:
         super().validate()
+        _validate_split(self)
         if self.weight_range == "exact":
             raise ConfigError("quantize: weight_range 'exact' (uint8 weights for onnxruntime's u8 x u8 kernels) is "
                               "for static mode; dynamic mode's kernels take int8 weights")
@@ -297,6 +313,12 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
             MatMul runs in int8 on a fine grid (onnxcomp.quant.outliers). Off by default: faster
             (all-MiniLM-L6-v2 1.20x -> 1.47x fp32 at batch 1) but measured less accurate
             (nearest-neighbour agreement -1.3 points on MiniLM, -4.5 on all-mpnet-base-v2).
+        split_outliers_channels / split_outliers_target_db / split_outliers_below_db: with
+            ``split_outliers``, the split's own knobs (onnxcomp.quant.outliers.OutlierSplitConfig's
+            ``max_channels``, ``target_db``, ``below_db``): at most this many channels split off one
+            tensor (8), the fewest reaching this SQNR on the remaining channels' 8-bit grid taken
+            (30 dB; 200: the best count), and tensors whose whole-range grid keeps at least the
+            coarse-grid floor (25 dB) split too when it keeps less than ``below_db`` (None: not).
         fidelity_target: static mode: move the most helpful nodes back to float until the output
             SQNR on the evaluation data reaches this many dB (see onnxcomp.quant.sensitivity).
         max_drop: the same with an accuracy budget in points (needs labelled evaluation data).

@@ -31,7 +31,8 @@ feeds, the 8-bit grid's SQNR of the split (error: the grid's rounding of the cli
 channels, their clipping included; the split channels are exact) is measured for 0 to
 ``max_channels`` channels split, and at most one per :data:`CHANNELS_PER_SPLIT` input channels (a
 narrow MatMul is not split at all). A tensor is split only where the whole-range grid keeps less
-than ``min_db`` (the plan would keep its readers float), with the fewest channels reaching
+than ``min_db`` (the plan would keep its readers float), or less than ``below_db`` when that is
+set (higher: tensors the plan would quantize on their whole range), with the fewest channels reaching
 ``target_db``, or the best count if that still reaches ``min_db``; otherwise it is left alone,
 with the reason.
 
@@ -40,7 +41,12 @@ int8 on all-MiniLM-L6-v2 from 1.61x to 2.60x fp32 at batch 8 x 128 tokens (1.98x
 batch 1, 28.9 to 22.2 MB) and on all-mpnet-base-v2 from 2.06x to 3.77x, but it costs nearest-
 neighbour agreement on every tuning-split configuration measured (0.3 to 2.1 points; 4.5 on an
 AVX2 CPU with 7-bit weights), so it is a speed option, not a default (benchmarks/RESULTS.md,
-ninth and tenth sessions).
+ninth and tenth sessions). Where that cost lies (eleventh session, MiniLM tune split): four fifths is
+the uint8 rounding of the ordinary channels on their 30-31 dB grid (the clip costs nothing, the
+zeroed-row weights a sixth), spread over the four layers. A long tail of channels at 4-6 caps
+what more split channels buy: ``max_channels=64`` at the best count (QuantizeConfig's
+``split_outliers_channels`` / ``split_outliers_target_db``) gains 4-5 dB and halves the cost in
+cosine, without bringing nearest-neighbour agreement back.
 
 **Eligible** (analysis): a float32 tensor of the main graph, not a graph output, every reader a
 main-graph MatMul reading it as its first input with a 2-D constant float32 weight, allowed by the
@@ -74,6 +80,7 @@ _RANGES = {
     "max_channels": Range(int, 1, 64),
     "min_db": Range(float, 0.0, 200.0),
     "target_db": Range(float, 0.0, 200.0),
+    "below_db": Range(float, 0.0, 200.0),
     "sample_feeds": Range(int, 1),
 }
 
@@ -85,6 +92,9 @@ class OutlierSplitConfig(PassConfig):
         min_db: split only a tensor whose whole-range 8-bit grid keeps less than this (the static
             plan's coarse-grid floor), and only if the split reaches it.
         target_db: the fewest channels whose split reaches this are taken.
+        below_db: split only a tensor whose whole-range 8-bit grid keeps less than this (None:
+            ``min_db``): above ``min_db``, a tensor the plan would quantize anyway gets the finer
+            grid of its ordinary channels too.
         sample_feeds: calibration feeds the grids' SQNR is measured on.
         activation_type / activation_symmetric / reduce_activations: the grid, as the static pass
             will build it.
@@ -97,6 +107,7 @@ class OutlierSplitConfig(PassConfig):
     max_channels: int = 8
     min_db: float = 25.0
     target_db: float = 30.0
+    below_db: float | None = None
     sample_feeds: int = 32
     activation_type: str = "uint8"
     activation_symmetric: bool = False
@@ -107,6 +118,8 @@ class OutlierSplitConfig(PassConfig):
     def validate(self) -> None:
         if self.target_db < self.min_db:
             raise ConfigError(f"outlier split: target_db ({self.target_db}) is below min_db ({self.min_db})")
+        if self.below_db is not None and self.below_db < self.min_db:
+            raise ConfigError(f"outlier split: below_db ({self.below_db}) is below min_db ({self.min_db})")
 
 
 def split_candidates(model: ir.Model, selector: NodeSelector) -> dict[ir.Value, list[ir.Node]]:
@@ -232,7 +245,7 @@ class OutlierSplitPass(CompressionPass[OutlierSplitConfig]):
         chosen: dict[ir.Value, tuple[np.ndarray, float, float]] = {}
         for x in candidates:
             db = [10 * np.log10(power[x.name] / e) if e > 0 else np.inf for e in noise[x.name]]
-            if db[0] >= cfg.min_db:
+            if db[0] >= (cfg.min_db if cfg.below_db is None else cfg.below_db):
                 continue  # the whole-range grid is fine: nothing to do (not worth a line)
             reaching = [n for n in range(1, len(db)) if db[n] >= cfg.target_db]
             n = reaching[0] if reaching else int(np.argmax(db[1:])) + 1
@@ -268,7 +281,10 @@ def split_outliers(model: ir.Model, data: Dataset, config: Any, min_db: float) -
     if not config.split_outliers:
         return None
     floor = min(max(min_db, 0.0), 200.0)  # tests move the floor out of range to turn the rule off
-    split = OutlierSplitConfig(min_db=floor, target_db=max(floor, OutlierSplitConfig.target_db),
+    below = getattr(config, "split_outliers_below_db", None)
+    split = OutlierSplitConfig(min_db=floor, max_channels=getattr(config, "split_outliers_channels", 8),
+                               target_db=max(floor, getattr(config, "split_outliers_target_db", 30.0)),
+                               below_db=None if below is None else max(floor, below),
                                activation_type=getattr(config, "activation_type", "uint8"),
                                activation_symmetric=getattr(config, "activation_symmetric", False),
                                reduce_activations=config.mode == "static" and config.reduce_activations,
