@@ -32,7 +32,7 @@ from typing import Any
 from onnxcomp.cluster.api import ClusterStage
 from onnxcomp.errors import ConfigError
 from onnxcomp.measure.stages import MeasureConfig, MeasureStage, VerifyConfig, VerifyStage
-from onnxcomp.passes.base import PassConfig
+from onnxcomp.passes.base import PassConfig, is_list_field
 from onnxcomp.passes.cleanup import CleanupStage
 from onnxcomp.prune.api import PruneStage
 from onnxcomp.quant.api import QuantizeStage
@@ -119,7 +119,10 @@ class Recipe:
                 **{stage: cfg.to_dict() for stage, cfg in self.stages.items()}}
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
-        """A copy with ``{"stage.key": value}`` overrides applied (a new stage table if needed)."""
+        """A copy with ``{"stage.key": value}`` overrides applied (a new stage table if needed).
+
+        A single string given for a list setting is that list's one entry
+        (``--set quantize.exclude=fc1`` is ``exclude = ["fc1"]``)."""
         data: dict[str, Any] = {"name": self.name, "description": self.description}
         for stage, cfg in self.stages.items():
             data[stage] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
@@ -127,6 +130,8 @@ class Recipe:
             stage, _, key = dotted.partition(".")
             if not key:
                 raise ConfigError(f"override {dotted!r}: expected STAGE.KEY=VALUE")
+            if isinstance(value, str) and stage in STAGES and is_list_field(STAGES[stage], key):
+                value = [value]
             data.setdefault(stage, {})[key] = value
         return Recipe.from_dict(data, where=f"recipe {self.name!r} with overrides")
 

@@ -36,6 +36,13 @@ def _feeds(rng, n=16):
     return [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(n)]
 
 
+def _int8_gemms(model):
+    """Names of the Gemms that read a DequantizeLinear output (Q/DQ form: they run in int8)."""
+    return sorted(n.name for n in model.graph if n.op_type == "Gemm"
+                  and any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                          for v in n.inputs))
+
+
 def _unmatched_notes(report):
     return [n for n in report["notes"] if "excludes nothing" in n or "selects nothing" in n]
 
@@ -51,10 +58,7 @@ def test_quantize_names_an_exclude_that_matches_nothing_and_still_excludes_what_
     model, report = quantize(proto, _feeds(rng), QuantizeConfig(exclude=("fc1x", "fc2")), verify=False)
     notes = _unmatched_notes(report)
     assert notes == ["exclude 'fc1x' matches no node name, op type or tensor name of this model: it excludes nothing"]
-    # fc2 did match: it stays float, fc1 went int8
-    readers = {n.name: n.op_type for n in model.graph}
-    assert readers.get("fc2") == "Gemm"
-    assert any(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert _int8_gemms(model) == ["fc1"]  # fc2 did match: it stays float
     # names of nodes, op types and tensors all count as matches: no note
     _, quiet = quantize(proto, _feeds(rng), QuantizeConfig(exclude=("fc1", "Relu", "re:^fc")), verify=False)
     assert _unmatched_notes(quiet) == []
@@ -88,3 +92,24 @@ def test_the_cli_prints_the_note(rng, tmp_path, capsys):
     assert code == 0
     assert "exclude 'fc1x' matches no node name" in " ".join(out.split())
     assert io.load_model(tmp_path / "q.onnx") is not None
+
+
+def test_a_single_string_set_on_a_list_setting_is_its_one_entry(rng, tmp_path, capsys):
+    """``--set quantize.exclude=fc1`` means ``exclude = ["fc1"]`` (it was refused as "expects a list
+    of str"); other settings and real lists are read as before."""
+    from onnxcomp.recipe import load_recipe, parse_override
+
+    recipe = load_recipe("int8")
+    overridden = recipe.with_overrides(dict(parse_override(s) for s in (
+        "quantize.exclude=fc1", "quantize.op_types=['Gemm']", "quantize.calibration=percentile")))
+    cfg = overridden.stages["quantize"]
+    assert cfg.exclude == ("fc1",) and cfg.op_types == ("Gemm",) and cfg.calibration == "percentile"
+    assert recipe.with_overrides(dict([parse_override("quantize.exclude=re:^fc")])).stages["quantize"].exclude == ("re:^fc",)
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(rng), path)
+    np.savez(tmp_path / "c.npz", x=np.concatenate([f["x"] for f in _feeds(rng)]))
+    code = main(["compress", str(path), "-o", str(tmp_path / "q.onnx"), "--recipe", "int8",
+                 "--calibration", str(tmp_path / "c.npz"), "--set", "quantize.exclude=fc1"])
+    capsys.readouterr()
+    assert code == 0
+    assert _int8_gemms(io.load_model(tmp_path / "q.onnx")) == ["fc2"]  # fc1 stayed float

@@ -38,7 +38,7 @@ from onnxcomp.io import check_model, initializer_nbytes, onnx_opset
 from onnxcomp.runtime import create_session, session_options
 
 __all__ = [
-    "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult", "config_argument",
+    "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult", "config_argument", "is_list_field",
     "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems", "known_problems", "ensure_valid",
 ]
 
@@ -228,6 +228,13 @@ def config_argument(value: Any, *classes: type[PassConfig], what: str = "config"
 @functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def is_list_field(cls: type, name: str) -> bool:
+    """Whether the config class ``cls`` declares field ``name`` as a list (a tuple, optionally or None)."""
+    hint = _field_hints(cls).get(name)
+    hints = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(typing.get_origin(h) is tuple for h in hints)
 
 
 def _type_name(hint: Any) -> str:
