@@ -288,3 +288,17 @@ def test_gptq_snap_to_a_codebook_beats_nearest_centroid(rng):
     assert set(np.unique(snapped)) <= set(codebook)  # still only codebook entries
     gain = 10 * np.log10(output_error(w, plain, h) / output_error(w, snapped, h))
     assert gain > 2.0, gain
+
+
+def test_a_hessian_of_another_width_is_refused_by_both_loops():
+    """``gptq_snap`` took a ``[k+1, k+1]`` Hessian's leading ``[k, k]`` block in silence once its
+    column order was applied before the shape check; both entry points now check it first."""
+    from onnxcomp.quant.gptq import gptq_snap, gptq_snap_blocks
+
+    w = np.ones((3, 40))
+    for call in (lambda h: gptq_snap(w, h, lambda col, j: col),
+                 lambda h: gptq_snap(w, h, lambda col, j: col, act_order=True),
+                 lambda h: gptq_snap_blocks(w, h, lambda cols, j, metric: cols, 2)):
+        with pytest.raises(ValueError, match=r"Hessian shape \(41, 41\) does not match the weight's 40 columns"):
+            call(np.eye(41))
+        assert np.array_equal(call(np.eye(40)), w)  # the right width runs, and an exact grid keeps w

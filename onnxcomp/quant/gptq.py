@@ -133,12 +133,9 @@ def gptq_snap(
     nearest entries of a k-means codebook (GPTVQ-style assignment in one dimension), a uniform
     grid (:func:`gptq_round`), or zeros for pruned weights (SparseGPT-style). Returns the snapped
     weights ``[n, k]`` (float64), or None when ``h`` cannot be factored."""
-    k = np.shape(w)[1]
-    hd = np.array(h, dtype=np.float64)
-    dead = np.diag(hd) <= 0.0
-    hd[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(hd), kind="stable") if act_order else np.arange(k)
-    out = _gptq_blocks(np.asarray(w, np.float64)[:, perm], hd[np.ix_(perm, perm)],
+    wd, hd = _prepared(w, h)
+    perm = np.argsort(-np.diag(hd), kind="stable") if act_order else np.arange(wd.shape[1])
+    out = _gptq_blocks(wd[:, perm], hd[np.ix_(perm, perm)],
                        lambda cols, j, metric: snap(cols[:, 0], perm[j])[:, None], 1, damp, block)
     if out is None:
         return None
@@ -165,21 +162,30 @@ def gptq_snap_blocks(
     the columns not yet chosen, column by column as :func:`gptq_snap` does. ``k`` must be a
     multiple of ``d``. Returns the chosen weights ``[n, k]`` (float64), or None when ``h`` cannot
     be factored."""
-    k = np.shape(w)[1]
+    wd, hd = _prepared(w, h)
+    k = wd.shape[1]
     if d < 1 or k % d:
         raise ValueError(f"gptq: {k} columns are not a multiple of the block of {d}")
-    return _gptq_blocks(np.asarray(w, np.float64), np.array(h, dtype=np.float64), snap, d, damp, block)
+    return _gptq_blocks(wd, hd, snap, d, damp, block)
 
 
-def _gptq_blocks(w: np.ndarray, h: np.ndarray, snap, d: int, damp: float, block: int) -> np.ndarray | None:
-    """The GPTQ loop of :func:`gptq_snap` (``d`` = 1) and :func:`gptq_snap_blocks`, columns in order."""
+def _prepared(w: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 copies of ``w`` ``[n, k]`` and of ``h`` ``[k, k]`` (its shape checked), a dead
+    input's zero diagonal set to 1 so that the Hessian can be factored."""
     wd = np.array(w, dtype=np.float64)
-    n, k = wd.shape
-    if h.shape != (k, k):
-        raise ValueError(f"gptq: Hessian shape {h.shape} does not match the weight's {k} columns")
+    k = wd.shape[1]
+    if np.shape(h) != (k, k):
+        raise ValueError(f"gptq: Hessian shape {np.shape(h)} does not match the weight's {k} columns")
     hd = np.array(h, dtype=np.float64)
     dead = np.diag(hd) <= 0.0
     hd[dead, dead] = 1.0
+    return wd, hd
+
+
+def _gptq_blocks(wd: np.ndarray, hd: np.ndarray, snap, d: int, damp: float, block: int) -> np.ndarray | None:
+    """The GPTQ loop of :func:`gptq_snap` (``d`` = 1) and :func:`gptq_snap_blocks`, columns in order,
+    on :func:`_prepared` arrays (``wd`` is updated in place)."""
+    n, k = wd.shape
     u = _inverse_cholesky(hd, damp)
     if u is None:
         return None
