@@ -590,11 +590,12 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 return sum(output_error(w_nk[g * rows_g:(g + 1) * rows_g], a[g * rows_g:(g + 1) * rows_g], h[g])
                            for g in range(h.shape[0]))
 
+            best = error(chosen)  # the output error of what is chosen so far, measured once
             got = assign_compensated(w_nk, table32, s32, h, d)
             if got is not None:
                 candidate = decoded(got[0])
-                if error(candidate) < error(chosen):
-                    labels, chosen = got[0], candidate
+                if (err := error(candidate)) < best:
+                    labels, chosen, best = got[0], candidate, err
                 else:
                     self.vector_assignment[target.name] = "nearest: the compensated assignment erred more"
             if cfg.refit_codebook:
@@ -607,7 +608,7 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                     previous = table32
                     table32 = np.asarray(refit, np.float32)
                     candidate = decoded(labels)
-                    if error(candidate) < error(chosen):
+                    if error(candidate) < best:
                         chosen, int8_scale = candidate, new_scale
                         self.vector_assignment[target.name] += ", codebook refitted"
                     else:

@@ -58,7 +58,7 @@ def nearest_vectors(points: np.ndarray, centroids: np.ndarray, weights: np.ndarr
 
 
 def _weighted_distance(p: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``sum_t w_t (p_t - c_t)^2`` of each point to the one entry ``c`` [d]."""
+    """``sum_t w_t (p_t - c_t)^2`` of each point to ``c``: one entry ``[d]``, or one per point ``[m, d]``."""
     return np.sum(w * (p - c) ** 2, axis=1)
 
 
@@ -103,7 +103,7 @@ def kmeans_vectors(points: np.ndarray, k: int, *, weights: np.ndarray | None = N
         centroids[filled] = num[filled] / den[filled]
         empty = np.flatnonzero(~filled)
         if empty.size:  # re-seed at the points that cost most
-            cost = np.sum(w * (p - centroids[labels]) ** 2, axis=1)
+            cost = _weighted_distance(p, w, centroids[labels])
             worst = np.argsort(-cost, kind="stable")[: empty.size]
             centroids[empty] = p[worst]
             previous = None

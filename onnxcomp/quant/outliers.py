@@ -281,12 +281,12 @@ def split_outliers(model: ir.Model, data: Dataset, config: Any, min_db: float) -
     if not config.split_outliers:
         return None
     floor = min(max(min_db, 0.0), 200.0)  # tests move the floor out of range to turn the rule off
-    below = getattr(config, "split_outliers_below_db", None)
-    split = OutlierSplitConfig(min_db=floor, max_channels=getattr(config, "split_outliers_channels", 8),
-                               target_db=max(floor, getattr(config, "split_outliers_target_db", 30.0)),
+    below = config.split_outliers_below_db
+    split = OutlierSplitConfig(min_db=floor, max_channels=config.split_outliers_channels,
+                               target_db=max(floor, config.split_outliers_target_db),
                                below_db=None if below is None else max(floor, below),
-                               activation_type=getattr(config, "activation_type", "uint8"),
-                               activation_symmetric=getattr(config, "activation_symmetric", False),
+                               activation_type=config.activation_type,
+                               activation_symmetric=config.activation_symmetric,
                                reduce_activations=config.mode == "static" and config.reduce_activations,
                                exclude=config.exclude, op_types=config.op_types)
     stats = OutlierSplitPass(split, data)(model).stats
