@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
 from onnxcomp.errors import ConfigError, OnnxcompError
 from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
 from onnxcomp.io import ModelSource, holds_external_data, load_model, model_to_bytes
@@ -66,7 +66,7 @@ def compress(
     calibration: DataSource | Dataset | None = None,
     *,
     eval_data: DataSource | Dataset | None = None,
-    labels: np.ndarray | None = None,
+    labels: Any = None,
     allow_upgrade: bool = True,
     feeds_for_latency: list[dict[str, np.ndarray]] | None = None,
     progress: Progress | None = None,
@@ -79,7 +79,8 @@ def compress(
         recipe: a :class:`Recipe`, the name of a shipped recipe, a TOML path, or a mapping.
         calibration: data for stages that need it (static quantization).
         eval_data: data for the fidelity measurement (default: the calibration data, said so).
-        labels: integer labels of ``eval_data`` for accuracy.
+        labels: integer labels of ``eval_data`` for accuracy: an array-like (``[N]`` or ``[N, 1]``) or
+            the path of a labels file (.npy, or .npz with a ``labels`` key).
         feeds_for_latency: feeds for the latency measurement (default: from the data).
         progress: ``progress(stage, done, total)``.
         threads: intra-op threads of latency measurements and latency-driven decisions (the measure
@@ -96,6 +97,9 @@ def compress(
     stages = [STAGE_CLASSES[name](cfg) for name, cfg in recipe.stages.items()]
     if needs_calibration(recipe) and calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} quantizes statically and needs calibration data (--calibration)")
+    labels = labels_argument(labels)
+    if labels is not None and eval_data is None:
+        raise ConfigError("labels need eval_data (they label the evaluation samples)")
     # Validate data against the model before any work.
     calib_ds = load_data(calibration, reference) if calibration is not None else None
     eval_ds = load_data(eval_data, reference) if eval_data is not None else None
@@ -103,6 +107,7 @@ def compress(
         calib_ds.first()
     if eval_ds is not None:
         eval_ds.first()
+        eval_ds.check_labels(labels)
     ctx = Context(reference, fit_data=calib_ds, check_data=eval_ds, labels=labels, allow_upgrade=allow_upgrade,
                   progress=progress, latency_feeds=feeds_for_latency, threads=threads)
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)

@@ -504,17 +504,35 @@ def load_labels(path: str | os.PathLike, *, expected: int | None = None) -> np.n
         if "labels" not in loaded.files:
             raise DataError(f"{p}: .npz labels file needs a 'labels' key; it has {loaded.files}")
         loaded = loaded["labels"]
-    labels = np.asarray(loaded)
+    return _checked_labels(np.asarray(loaded), str(p), expected)
+
+
+def labels_argument(labels: Any, *, expected: int | None = None) -> np.ndarray | None:
+    """The ``labels`` argument of the Python API as :func:`load_labels` returns them: None, a path
+    to a labels file, or integer class labels as any array-like (a list, an array ``[N]`` or
+    ``[N, 1]``); DataError names what is wrong (floats, several classes a sample, negatives)."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, os.PathLike)):
+        return load_labels(labels, expected=expected)
+    try:
+        array = np.asarray(labels)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"labels: cannot read {type(labels).__name__} as integer class labels ({exc})") from None
+    return _checked_labels(array, "labels", expected)
+
+
+def _checked_labels(labels: np.ndarray, where: str, expected: int | None) -> np.ndarray:
     if labels.ndim > 1 and labels.shape[1:] != (1,) * (labels.ndim - 1):  # [N] or [N, 1]: one class a sample
-        raise DataError(f"{p}: labels must hold one class per sample (shape [N]), got shape {list(labels.shape)}")
+        raise DataError(f"{where}: labels must hold one class per sample (shape [N]), got shape {list(labels.shape)}")
     labels = labels.reshape(-1)
     if labels.dtype.kind not in "iu":
-        raise DataError(f"{p}: labels must be integers, got dtype {labels.dtype}")
+        raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
     if labels.size and int(labels.min()) < 0:
         index = int(np.argmax(labels < 0))
-        raise DataError(f"{p}: label {index} is {int(labels[index])}; labels are class indices, 0 or more")
+        raise DataError(f"{where}: label {index} is {int(labels[index])}; labels are class indices, 0 or more")
     if expected is not None and labels.shape[0] != expected:
-        raise DataError(f"{p}: {labels.shape[0]} labels for {expected} samples")
+        raise DataError(f"{where}: {labels.shape[0]} labels for {expected} samples")
     return labels
 
 

@@ -5,9 +5,18 @@ model built in code, checked before and after the fix)."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper  # noqa: F401
 import pytest
 from conftest import file_digest
 from test_review_eleventh import _cli, _mlp
+
+import onnxcomp.compress as compress_module
+import onnxcomp.quant.api as quant_api
+from onnxcomp.compress import compress
+from onnxcomp.errors import ConfigError, DataError
+from onnxcomp.quant.api import quantize
+from onnxcomp.quant.config import QuantizeConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,3 +38,72 @@ def test_set_on_a_top_level_string_is_a_bad_option_not_an_internal_error(rng, tm
         f"onnxcomp: error: override {override.partition('=')[0]!r}: unknown stage {stage!r}; stages are cleanup, "
         "prune, sparsity, cluster, quantize, verify, measure"]
     assert not out.exists() and file_digest(model) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The Python API took `labels` as it came: a list (what a user has) failed deep in the measure
+#    stage on `.size`, float labels (0.5, 1.5) were compared as they were, labels [N, 2]
+#    failed on a broadcast, and too few labels for the evaluation data (quantize's fallback)
+#    failed on a broadcast too. Now a list or a labels file's path reads as the CLI's --labels
+#    does, and what is not one integer class per sample is refused naming it, before any work.
+
+
+def _labelled(rng, tmp_path):
+    model, calib, evaluation = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "e.npz"
+    proto = _mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    x = rng.standard_normal((12, 32)).astype(np.float32)
+    np.savez(evaluation, x=x)
+    w1, b1, w2, b2 = (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer)
+    labels = (np.maximum(x @ w1.T + b1, 0) @ w2.T + b2).argmax(1)  # the float model's own predictions
+    return model, calib, evaluation, labels
+
+
+_MEASURE_ONLY = {"cleanup": {}, "measure": {"latency": False}}
+
+
+def test_compress_api_reads_labels_as_a_list_or_a_path(rng, tmp_path):
+    model, calib, evaluation, labels = _labelled(rng, tmp_path)
+    np.save(tmp_path / "labels.npy", labels)
+    for given in (list(labels), labels[:, None], tmp_path / "labels.npy", str(tmp_path / "labels.npy")):
+        _, report = compress(model, _MEASURE_ONLY, calib, eval_data=evaluation, labels=given)
+        assert report["measure"]["fidelity"]["accuracy"] == {"reference": 1.0, "candidate": 1.0}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("float", "labels: labels must be integers, got dtype float64"),
+    ("pairs", r"labels: labels must hold one class per sample \(shape \[N\]\), got shape \[12, 2\]"),
+    ("negative", "labels: label 3 is -1; labels are class indices, 0 or more"),
+    ("short", r"--labels: 5 label\(s\) for the 12 sample\(s\) of the evaluation data .*e\.npz"),
+    ("ragged", "labels: cannot read list as integer class labels"),
+])
+def test_compress_api_refuses_labels_that_are_not_one_class_a_sample(rng, tmp_path, monkeypatch, bad, message):
+    model, calib, evaluation, labels = _labelled(rng, tmp_path)
+    given = {"float": labels + 0.5, "pairs": np.stack([labels, labels], 1),
+             "negative": np.where(np.arange(12) == 3, -1, labels), "short": labels[:5],
+             "ragged": [[1], [2, 3]]}[bad]
+    ran = []
+    monkeypatch.setattr(compress_module, "run_stages", lambda *a: ran.append(1))
+    with pytest.raises(DataError, match=message):
+        compress(model, _MEASURE_ONLY, calib, eval_data=evaluation, labels=given)
+    assert not ran  # refused before any stage ran
+
+
+def test_labels_without_evaluation_data_are_refused_before_any_work(rng, tmp_path, monkeypatch):
+    model, calib, _, labels = _labelled(rng, tmp_path)
+    monkeypatch.setattr(compress_module, "working_copy", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match=r"labels need eval_data \(they label the evaluation samples\)"):
+        compress(model, _MEASURE_ONLY, calib, labels=labels)
+    monkeypatch.setattr(quant_api, "working_copy", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match=r"labels need eval_data"):
+        quantize(model, calib, QuantizeConfig(max_drop=1.0), labels=labels)
+
+
+def test_quantize_fallback_refuses_too_few_labels_naming_the_counts(rng, tmp_path):
+    model, calib, evaluation, labels = _labelled(rng, tmp_path)
+    with pytest.raises(DataError, match=r"labels: 5 label\(s\) for the 12 evaluation sample\(s\) read from .*e\.npz"):
+        quantize(model, calib, QuantizeConfig(max_drop=1.0), eval_data=evaluation, labels=labels[:5])
+    with pytest.raises(DataError, match="labels: labels must be integers, got dtype float64"):
+        quantize(model, calib, QuantizeConfig(max_drop=1.0), eval_data=evaluation, labels=labels + 0.5)
+    _, report = quantize(model, calib, QuantizeConfig(max_drop=1.0), eval_data=evaluation, labels=list(labels))
+    assert report["fallback"]["float"]["accuracy"] == 1.0 and report["fallback"]["eval_samples"] == 12

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, load_data
+from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import working_copy
 from onnxcomp.passes.base import config_argument
@@ -66,6 +66,7 @@ def quantize(
         verify: count the int8 kernels in onnxruntime's optimized graph.
         eval_data / labels: evaluation data for the fidelity budget (``fidelity_target``,
             ``max_drop``); the calibration data is used when none is given.
+            ``labels``: integer class labels as an array-like or a labels file's path.
         progress: ``progress(stage, done, total)`` while calibrating.
         threads: intra-op threads of the latency-aware fallback's measurements (None:
             onnxruntime's default, one per physical core).
@@ -81,6 +82,9 @@ def quantize(
     started = time.perf_counter()
     if config.mode == "static" and calibration is None:
         raise ConfigError("static quantization needs calibration data (--calibration FILE)")
+    labels = labels_argument(labels)
+    if labels is not None and eval_data is None:
+        raise ConfigError("labels need eval_data (they label the evaluation samples)")
     work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
     note_unmatched_selection(work, config, notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read

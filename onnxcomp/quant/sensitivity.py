@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, load_data
-from onnxcomp.errors import ConfigError
+from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
+from onnxcomp.errors import ConfigError, DataError
 from onnxcomp.executors import Inline, default_executor, spawning, stop_pool
 from onnxcomp.graph import working_copy
 from onnxcomp.io import ModelSource, clone_model, load_model, model_to_bytes
@@ -251,6 +251,9 @@ class QuantStudy:
         and ``build(..., into=model)`` can write the chosen variant back into it.
         """
         config = config or QuantizeConfig()
+        labels = labels_argument(labels)
+        if labels is not None and eval_data is None:
+            raise ConfigError("labels need eval_data (they label the evaluation samples)")
         notes: list[str] = []
         if in_place:
             if not isinstance(model, ir.Model):
@@ -267,13 +270,12 @@ class QuantStudy:
             if max_eval_feeds is not None and i >= max_eval_feeds:
                 break
             feeds.append(feed)
-        if labels is not None:
-            labels = np.asarray(labels)
-            if eval_data is None:
-                raise ConfigError("labels need eval_data (they label the evaluation samples)")
         reference = run_model(float_work if float_work is not None else work, feeds)
         if labels is not None:
             n = sum(int(r[0].shape[0]) for r in reference)
+            if labels.shape[0] < n:
+                raise DataError(f"labels: {labels.shape[0]} label(s) for the {n} evaluation sample(s) read from "
+                                f"{evaluation.name}")
             labels = labels[:n]
         if in_place:
             work = clone_model(work)
