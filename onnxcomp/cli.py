@@ -202,10 +202,9 @@ def _compressed_by_stages(stages: list[dict[str, Any]], model=None, written=None
 def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data
     from onnxcomp.compress import compress, needs_calibration
-    from onnxcomp.data import Dataset, load_labels, model_inputs
+    from onnxcomp.data import Dataset, load_labels, parse_shapes
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import load_model, save_model, write_text_atomic
-    from onnxcomp.data import describe_free_dims, fill_free_dims, parse_shapes, synthetic_feed
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
@@ -240,11 +239,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     split = split_data(calibration, check_cfg, evaluation=evaluation, labels=labels, model=model)
     if split.fit is not None:
         calibration = split.fit
-    latency_feeds = None
-    free_dims: list[dict[str, Any]] = []
-    if calibration is None and evaluation is None and "measure" in recipe.stages:
-        shapes, free_dims = fill_free_dims(model_inputs(model), parse_shapes(args.shape))
-        latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
+    shapes = parse_shapes(args.shape)
     with progress_bar(con) as progress:
         tasks: dict[str, Any] = {}
 
@@ -255,8 +250,7 @@ def _run_compress(args: argparse.Namespace) -> int:
 
         compressed, report = compress(
             model, recipe, calibration, eval_data=evaluation, labels=labels,
-            allow_upgrade=not args.no_upgrade, feeds_for_latency=latency_feeds, progress=update,
-            threads=args.threads,
+            allow_upgrade=not args.no_upgrade, shapes=shapes, progress=update, threads=args.threads,
         )
     out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["model"] = args.model
@@ -266,9 +260,6 @@ def _run_compress(args: argparse.Namespace) -> int:
     # Sizes of the files themselves (model plus external data), not of an in-memory serialization.
     report["before"].update(bytes=file_bytes(args.model, model), file=args.model)
     report["after"].update(bytes=file_bytes(out), file=str(out))
-    if free_dims:
-        report["free_dims"] = free_dims
-        report["notes"] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)] + report["notes"]
     count, what = _compressed_by_stages(report["stages"], model, compressed)
     check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
                       why="" if count else "see each stage's statistics (--json)")

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
-from onnxcomp.errors import ConfigError, OnnxcompError
+from onnxcomp.data import DataSource, Dataset, describe_free_dims, generated_feeds, labels_argument, load_data
+from onnxcomp.errors import ConfigError, DataError, OnnxcompError
 from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
 from onnxcomp.io import ModelSource, holds_external_data, load_model, model_to_bytes
 from onnxcomp.measure.stages import verify_model
@@ -69,6 +69,7 @@ def compress(
     labels: Any = None,
     allow_upgrade: bool = True,
     feeds_for_latency: list[dict[str, np.ndarray]] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     threads: int | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
@@ -81,7 +82,10 @@ def compress(
         eval_data: data for the fidelity measurement (default: the calibration data, said so).
         labels: integer labels of ``eval_data`` for accuracy: an array-like (``[N]`` or ``[N, 1]``) or
             the path of a labels file (.npy, or .npz with a ``labels`` key).
-        feeds_for_latency: feeds for the latency measurement (default: from the data).
+        feeds_for_latency: feeds for the latency measurement (default: from the data; without
+            data, seeded generated inputs, free dimensions 1 unless ``shapes`` sets them, said in
+            the notes and in ``free_dims``), checked against the model's inputs before any work.
+        shapes: ``{input: shape}`` of generated latency inputs (the CLI's ``--shape``).
         progress: ``progress(stage, done, total)``.
         threads: intra-op threads of latency measurements and latency-driven decisions (the measure
             stage, a latency-aware quantize stage); None: the stage's own setting, else
@@ -108,6 +112,10 @@ def compress(
     if eval_ds is not None:
         eval_ds.first()
         eval_ds.check_labels(labels)
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"progress must be a callable progress(stage, done, total), got {type(progress).__name__}")
+    feeds_for_latency, free_dims = _latency_feeds(reference, recipe, feeds_for_latency, shapes,
+                                                  has_data=calib_ds is not None or eval_ds is not None)
     ctx = Context(reference, fit_data=calib_ds, check_data=eval_ds, labels=labels, allow_upgrade=allow_upgrade,
                   progress=progress, latency_feeds=feeds_for_latency, threads=threads)
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)
@@ -116,8 +124,11 @@ def compress(
         note_unmatched_selection(work, stage.config, ctx.notes, name)
     records = run_stages(work, stages, ctx)
     note_constant_calibration(ctx.fit_data, ctx.report, ctx.notes)
+    if free_dims:
+        ctx.notes[:0] = [f"latency inputs: {line}" for line in describe_free_dims(free_dims)]
     report: dict[str, Any] = {
         "recipe": recipe.to_dict(),
+        **({"free_dims": free_dims} if free_dims else {}),
         "notes": ctx.notes,
         "stages": records,
         "before": model_facts(reference),
@@ -126,6 +137,22 @@ def compress(
     }
     report["seconds"] = time.perf_counter() - started
     return work, report
+
+
+def _latency_feeds(model: ir.Model, recipe: Recipe, feeds: Any, shapes: Mapping[str, tuple[int, ...]] | None,
+                   *, has_data: bool) -> tuple[list[dict[str, np.ndarray]] | None, list[dict[str, Any]]]:
+    """The measure stage's latency feeds, checked against ``model`` now (names, dtypes, shapes,
+    NaN): ``feeds`` as given, else generated ones when no data is given (the free dimensions
+    set are returned), else None (the stage takes them from the data)."""
+    if feeds is not None:
+        try:
+            return list(Dataset(feeds, model)), []
+        except DataError as exc:
+            raise DataError(f"feeds_for_latency: {exc}") from None
+    measure = recipe.stages.get("measure")
+    if has_data or measure is None or not getattr(measure, "latency", False):
+        return None, []
+    return generated_feeds(model, shapes)
 
 
 def run_stages(work: ir.Model, stages: list[Stage], ctx: Context) -> list[dict[str, Any]]:

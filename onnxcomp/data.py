@@ -67,6 +67,8 @@ __all__ = [
     "synthetic_feed",
     "fill_free_dims",
     "describe_free_dims",
+    "generated_feeds",
+    "labels_argument",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -743,6 +745,17 @@ def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
         + f"; --shape {name}=D0xD1x... overrides"
         for name, dims in by_input.items()
     ]
+
+
+def generated_feeds(
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = None, *, count: int = 4
+) -> tuple[list[Feed], list[dict[str, Any]]]:
+    """``count`` seeded :func:`synthetic_feed` feeds for ``model`` (latency inputs when no data is
+    given), free dimensions without a shape in ``shapes`` set to 1; returns the feeds and
+    :func:`fill_free_dims`' records of the dimensions set (:func:`describe_free_dims` says them)."""
+    inputs = model_inputs(model)
+    filled, free_dims = fill_free_dims(inputs, dict(shapes or {}))
+    return [synthetic_feed(inputs, filled, seed=i) for i in range(count)], free_dims
 
 
 def synthetic_feed(
