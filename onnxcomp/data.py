@@ -181,7 +181,11 @@ class Dataset:
             if path.is_dir():
                 self._files = sorted(path.glob("*.npz"))
                 if not self._files:
-                    raise DataError(f"{path}: folder holds no .npz files (empty data set)")
+                    npy = sum(1 for _ in path.glob("*.npy"))
+                    raise DataError(f"{path}: folder holds no .npz files (empty data set)" + (
+                        f"; its {npy} .npy file(s) are not read: a data folder holds one .npz file per feed, "
+                        "its arrays named after the model's inputs (np.savez(f, NAME=array)), or give one "
+                        ".npy file whose axis 0 indexes samples" if npy else ""))
             else:
                 arrays = self._single_input(_stored_arrays(path))
                 self._arrays = {k: a for k, a in arrays.items() if k not in self.ignore}

@@ -166,6 +166,9 @@ def load_recipe(source: str | Path | Mapping[str, Any]) -> Recipe:
             raise ConfigError(f"{where}: cannot read the recipe: {exc.strerror or exc}") from None
     else:
         shipped = resources.files("onnxcomp.recipes") / f"{source}.toml"
+        if not shipped.is_file() and path.is_dir():
+            raise ConfigError(f"recipe {str(source)!r} is a folder; give a recipe's TOML file or a shipped recipe's "
+                              f"name ({', '.join(shipped_recipes())})")
         if not shipped.is_file():
             raise ConfigError(
                 f"recipe {str(source)!r}: no such file and no shipped recipe of that name; "

@@ -13,10 +13,13 @@ from test_review_eleventh import _cli, _mlp
 
 import onnxcomp.compress as compress_module
 import onnxcomp.quant.api as quant_api
+from onnxcomp import io
 from onnxcomp.compress import compress
+from onnxcomp.data import Dataset
 from onnxcomp.errors import ConfigError, DataError
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
+from onnxcomp.recipe import load_recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,3 +150,40 @@ def test_compress_api_checks_latency_feeds_before_any_work(rng, tmp_path, monkey
         compress(model, {"cleanup": {}, "measure": {}}, feeds_for_latency=given)
     with pytest.raises(ConfigError, match=r"progress must be a callable progress\(stage, done, total\), got int"):
         compress(model, {"cleanup": {}, "measure": {}}, progress=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Two messages that sent the user looking: a data folder of .npy files said only that it held
+#    no .npz files (as if it were empty), and `--recipe FOLDER` said "no such file".
+
+
+def test_a_folder_of_npy_files_is_refused_saying_how_data_folders_are_read(rng, tmp_path, capsys):
+    model, folder, out = tmp_path / "m.onnx", tmp_path / "feeds", tmp_path / "q.onnx"
+    _mlp(rng, model)
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"{i}.npy", rng.standard_normal((1, 32)).astype(np.float32))
+    before = file_digest(model)
+    code, stdout, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", folder, "--json")
+    assert code == 1 and stdout == ""
+    assert err.strip().splitlines() == [
+        f"onnxcomp: error: {folder}: folder holds no .npz files (empty data set); its 3 .npy file(s) are not read: "
+        "a data folder holds one .npz file per feed, its arrays named after the model's inputs "
+        "(np.savez(f, NAME=array)), or give one .npy file whose axis 0 indexes samples"]
+    assert not out.exists() and file_digest(model) == before
+    (folder / "0.npy").unlink(), (folder / "1.npy").unlink(), (folder / "2.npy").unlink()
+    with pytest.raises(DataError, match=r"feeds: folder holds no \.npz files \(empty data set\)$"):
+        Dataset(folder, io.load_model(model))
+
+
+def test_a_recipe_folder_is_named_as_a_folder(rng, tmp_path, capsys, monkeypatch):
+    model, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    _mlp(rng, model)
+    (tmp_path / "recipes").mkdir()
+    code, stdout, err = _cli(capsys, "compress", model, "-o", out, "--recipe", tmp_path / "recipes")
+    assert code == 1 and stdout == "" and not out.exists()
+    assert err.startswith(f"onnxcomp: error: recipe '{tmp_path / 'recipes'}' is a folder; give a recipe's TOML file "
+                          "or a shipped recipe's name (cluster-4bit, ")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "int8").mkdir()  # a folder named as a shipped recipe does not hide it
+    assert load_recipe("int8").name == "int8"
