@@ -89,6 +89,9 @@ PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 
 _SOURCE_KEY = "onnxcomp.source_path"
 _EXTERNAL_KEY = "onnxcomp.source_external_data"
+#: external-data files a model given in memory (an ``onnx_ir.Model``) read its tensors from, kept
+#: by its copies: a rewritten copy may read none of them, and still may not be saved over them
+_SOURCE_DATA_KEY = "onnxcomp.source_data_files"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -334,10 +337,22 @@ def clone_model(model: ir.Model) -> ir.Model:
     tensors and never write into an existing tensor.
     """
     clone = model.clone()
-    for key in (_SOURCE_KEY, _EXTERNAL_KEY):
-        if key in model.meta:
-            clone.meta[key] = model.meta[key]
+    _carry_source(model, clone)
     return clone
+
+
+def _carry_source(model: ir.Model, copy: ir.Model) -> None:
+    """Give ``copy`` (of ``model``) what :func:`check_destinations` knows of ``model``'s files: the
+    file it was loaded from, whether it had external data, and, for a model given in memory, the
+    external-data files its tensors read now (``copy`` may come to read none of them)."""
+    for key in (_SOURCE_KEY, _EXTERNAL_KEY, _SOURCE_DATA_KEY):
+        if key in model.meta:
+            copy.meta[key] = model.meta[key]
+    if _SOURCE_KEY not in model.meta:
+        files = external_data_files(model) | set(model.meta.get(_SOURCE_DATA_KEY, ()))
+        if files:
+            copy.meta[_SOURCE_DATA_KEY] = sorted(files)
+            copy.meta[_EXTERNAL_KEY] = True
 
 
 def initializer_nbytes(model: ir.Model) -> int:
@@ -696,7 +711,7 @@ def check_destinations(
         if src is not None:
             read.append(("the input model", str(src)))
         # the file's own references too: a rewritten model may no longer read them, the file does
-        files = external_data_files(source)
+        files = external_data_files(source) | set(source.meta.get(_SOURCE_DATA_KEY, ()))
         if src is not None and source.meta.get(_EXTERNAL_KEY):
             files |= {str(f) for f in model_files(src)[1:]}
         read.extend(("external data of the input model", f) for f in sorted(files))
@@ -1015,9 +1030,7 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     src = source_path(model)
     if src is not None:
         ir_external_data.set_base_dir(result.graph, str(src.parent))
-        result.meta[_SOURCE_KEY] = str(src)
-    if model.meta.get(_EXTERNAL_KEY):
-        result.meta[_EXTERNAL_KEY] = True
+    _carry_source(model, result)
     return result
 
 

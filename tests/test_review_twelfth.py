@@ -16,7 +16,7 @@ import onnxcomp.quant.api as quant_api
 from onnxcomp import io
 from onnxcomp.compress import compress
 from onnxcomp.data import Dataset
-from onnxcomp.errors import ConfigError, DataError
+from onnxcomp.errors import ConfigError, DataError, ModelSaveError
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.recipe import load_recipe
@@ -187,3 +187,38 @@ def test_a_recipe_folder_is_named_as_a_folder(rng, tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "int8").mkdir()  # a folder named as a shipped recipe does not hide it
     assert load_recipe("int8").name == "int8"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A model given in memory as an onnx_ir.Model with external data (ir.load): its quantized copy
+#    reads none of the float weights any more, so io.save_model had nothing telling it where they
+#    came from, and wrote the result over the input's external-data file (or over the input model
+#    and then removed its data as a stale `<name>.data`): the input was destroyed. Copies now keep
+#    the external-data files of a model given in memory, and saving over them is refused.
+
+
+@pytest.mark.parametrize("location", ["m.onnx.data", "weights/w.bin"])
+def test_a_copy_of_an_in_memory_model_is_not_saved_over_the_input_external_data(rng, tmp_path, location):
+    import onnx_ir as ir
+
+    model = tmp_path / "m.onnx"
+    (tmp_path / "weights").mkdir()
+    onnx.save(_mlp(rng), model, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)
+    data = tmp_path / location
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    digests = {p: file_digest(p) for p in (model, data)}
+    files = sorted(tmp_path.rglob("*"))
+    quantized, _ = quantize(ir.load(model), calib)
+    assert not io.external_data_files(quantized)  # it reads nothing of the input any more
+    # the input's data; and the input model where its data is the <name>.data that save would remove
+    # (an onnx_ir.Model does not record the file it came from: the model file alone is not known)
+    for target in (data, model) if location == "m.onnx.data" else (data,):
+        with pytest.raises(ModelSaveError, match=f"is the same file as external data of the input model {data}; "
+                                                 "refusing to overwrite the input file"):
+            io.save_model(quantized, target)
+    assert {p: file_digest(p) for p in (model, data)} == digests and sorted(tmp_path.rglob("*")) == files
+    out = io.save_model(quantized, tmp_path / "q.onnx")  # elsewhere: written, with external data as its input
+    assert (tmp_path / "q.onnx.data").is_file() and io.load_model(out) is not None
+    assert {p: file_digest(p) for p in (model, data)} == digests
