@@ -317,28 +317,41 @@ def verify_output(split, reference, every: bool = True):
     to the check to report. ``every=False`` (no check follows) runs the first given feed only."""
     from onnxcomp.check import KEEP_REFERENCE_BYTES, check_dataset
     from onnxcomp.errors import DataError
+    from onnxcomp.io import first_line
     from onnxcomp.runtime import run_model, verify_written
 
     names = [v.name for v in reference.graph.outputs]
 
-    def original_fails(feed) -> bool:
+    def original_error(feed) -> str | None:
         try:
             run_model(reference, [feed])
-        except Exception:  # onnxruntime's own errors: the feed is at fault, not the written model
-            return True
-        return False
+        except Exception as exc:  # onnxruntime's own errors: the feed is at fault, not the written model
+            return first_line(exc)
+        return None
 
     def verify(path):
         split.written_outputs = split.written_file = None
         if split.check is None or (split.generated and not every):
             verify_written(path)
             return
-        feeds = check_dataset(split, reference) if every else next(iter(check_dataset(split, reference)), None)
+        data = check_dataset(split, reference)
+        feeds = data if every else next(iter(data), None)
+        at_fault: list[str] = []
+
+        def excused(feed) -> bool:  # the original cannot run the feed either
+            error = original_error(feed)
+            if error is not None:
+                at_fault.append(f"{getattr(data, 'reading', None) or 'a check feed'}: onnxruntime cannot run the "
+                                f"model on this feed: {error}")
+            return error is not None
+
         try:
             outputs = verify_written(path, feeds, names=names, limit=KEEP_REFERENCE_BYTES if every else 0,
-                                     excused=original_fails if split.generated else None)
+                                     excused=excused)
         except DataError:  # a NaN in a later sample, a malformed file: the check names it
             return
+        if at_fault and not split.generated:  # bad data (an index out of a table's range), no bug here
+            raise DataError(f"{at_fault[0]} (the input model fails on it too); nothing written")
         if outputs is not None:
             split.written_outputs, split.written_file = outputs, _file_identity(path)
 

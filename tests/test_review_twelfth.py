@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.helper as oh
 import onnx.numpy_helper  # noqa: F401
 import pytest
-from conftest import file_digest
+from conftest import file_digest, make_proto
 from test_review_eleventh import _cli, _mlp
 
 import onnxcomp.compress as compress_module
@@ -222,3 +223,39 @@ def test_a_copy_of_an_in_memory_model_is_not_saved_over_the_input_external_data(
     out = io.save_model(quantized, tmp_path / "q.onnx")  # elsewhere: written, with external data as its input
     assert (tmp_path / "q.onnx.data").is_file() and io.load_model(out) is not None
     assert {p: file_digest(p) for p in (model, data)} == digests
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. An index out of an embedding table's range in a held-out check feed (every 5th calibration
+#    sample): the written model was refused for failing on it, called "a bug in onnxcomp: please
+#    report it" and kept as OUT.rejected.onnx, though the input model fails on that feed too. It
+#    is bad data, named as such (as a fitting feed's is), and nothing is written.
+
+
+def _table_model(rng, path):
+    onnx.save(make_proto(
+        [oh.make_node("Gather", ["emb", "ids"], ["e"], name="lookup"),
+         oh.make_node("MatMul", ["e", "w"], ["h"], name="proj"),
+         oh.make_node("ReduceMean", ["h"], ["y"], axes=[1], keepdims=0, name="pool")],
+        [("ids", ["N", 8], onnx.TensorProto.INT64)], [("y", ["N", 32])],
+        [("emb", rng.standard_normal((50, 64)).astype(np.float32)),
+         ("w", rng.standard_normal((64, 32)).astype(np.float32))]), path)
+
+
+@pytest.mark.parametrize("command", [("quantize", "--calibration"), ("cluster", "--data")])
+def test_check_data_the_input_model_cannot_run_is_bad_data_not_a_refused_output(rng, tmp_path, capsys, command):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "ids.npz", tmp_path / "q.onnx"
+    _table_model(rng, model)
+    ids = rng.integers(0, 50, (20, 8))
+    ids[4, 3] = 99  # sample 4: held out of quantize's calibration for the check
+    np.savez(calib, ids=ids)
+    before = file_digest(model)
+    code, stdout, err = _cli(capsys, command[0], model, "-o", out, command[1], calib, "--json")
+    assert code == 1 and stdout == ""
+    where = f"{calib} (held out) sample 4" if command[0] == "quantize" else f"{calib} sample 4"
+    assert err.strip().splitlines() == [
+        f"onnxcomp: error: {where}: onnxruntime cannot run the model on this feed: [ONNXRuntimeError] : 2 : "
+        "INVALID_ARGUMENT : Non-zero status code returned while running Gather node. Name:'lookup' Status Message: "
+        "indices element out of data bounds, idx=99 must be within the inclusive range [-50,49] (the input model "
+        "fails on it too); nothing written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npz", "m.onnx"] and file_digest(model) == before
