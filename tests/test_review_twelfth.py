@@ -4,6 +4,8 @@ model built in code, checked before and after the fix)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -259,3 +261,25 @@ def test_check_data_the_input_model_cannot_run_is_bad_data_not_a_refused_output(
         "indices element out of data bounds, idx=99 must be within the inclusive range [-50,49] (the input model "
         "fails on it too); nothing written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npz", "m.onnx"] and file_digest(model) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. `onnxcomp bench m.onnx m.onnx` (an A/A run, which shows the noise) was an internal error
+#    ("specs has duplicate names"); models in two folders under one file name were told apart
+#    nowhere in the table. A path given again is now `PATH #2`, and the table shows paths where
+#    file names repeat.
+
+
+def test_bench_takes_one_model_twice_and_tells_same_file_names_apart(rng, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _mlp(rng, tmp_path / folder / "m.onnx")
+    quick = ("--runs", "3", "--warmup-runs", "1", "--warmup-seconds", "0", "--feeds", "1")
+    code, stdout, err = _cli(capsys, "bench", "a/m.onnx", "a/m.onnx", "b/m.onnx", *quick, "--json")
+    assert code == 0 and err == ""
+    rows = json.loads(stdout)["models"]
+    assert [r["name"] for r in rows] == ["a/m.onnx", "a/m.onnx #2", "b/m.onnx"]
+    assert rows[1]["ratio_to_first"] is not None
+    code, stdout, err = _cli(capsys, "bench", "a/m.onnx", "b/m.onnx", *quick)
+    assert code == 0 and "│ a/m.onnx " in stdout and "│ b/m.onnx " in stdout

@@ -54,7 +54,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size sets the samples of each --data feed; without --data, size the generated "
                           "inputs with --shape NAME=D0xD1x...")
     free_dims: list = []
-    models = [(path, load_model(path)) for path in args.models]
+    models = [(name, load_model(path)) for name, path in zip(_run_names(args.models), args.models)]
     first = models[0][1]
     if args.data:
         ds = Dataset(args.data, first, batch_size=args.batch_size, limit=args.feeds)
@@ -91,6 +91,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         con.print(f"[yellow]note:[/yellow] {esc(line)}")
     from rich.table import Table
 
+    shown = _shown_names([r["name"] for r in rows])
     table = Table(title=f"latency, {threads} thread(s), optimization {args.optimization}, interleaved", title_justify="left")
     for col in ("model", "median ms", "min", "p90", "p99", "mean", "per s", "ratio [95% CI]", "session s", "peak mem"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -100,13 +101,31 @@ def _run_bench(args: argparse.Namespace) -> int:
         )
         mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
         table.add_row(
-            esc(os.path.basename(r["name"])), f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['p90_ms']:.3f}",
+            esc(shown[r["name"]]), f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['p90_ms']:.3f}",
             f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}", f"{r['throughput_per_s']:.1f}", ratio,
             f"{r['session_creation_s']:.3f}", mem,
         )
     con.print(table)
-    con.print(f"{rows[0]['runs']} runs per model; ratio = median / median of {esc(os.path.basename(rows[0]['name']))} (< 1 is faster)")
+    con.print(f"{rows[0]['runs']} runs per model; ratio = median / median of {esc(shown[rows[0]['name']])} (< 1 is faster)")
     return 0
+
+
+def _run_names(paths: list[str]) -> list[str]:
+    """One name a model of ``bench``, its path as given; a path given again (an A/A run, which
+    shows the noise) is ``PATH #2``, ``PATH #3``..."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        seen[path] = seen.get(path, 0) + 1
+        names.append(path if seen[path] == 1 else f"{path} #{seen[path]}")
+    return names
+
+
+def _shown_names(names: list[str]) -> dict[str, str]:
+    """The table's name of each model: its file name, or its path where file names repeat."""
+    short = {name: os.path.basename(name) for name in names}
+    counts = {s: list(short.values()).count(s) for s in short.values()}
+    return {name: s if counts[s] == 1 else name for name, s in short.items()}
 
 
 register("bench", "measure onnxruntime CPU latency of one or more models, interleaved", _configure_bench, _run_bench)
