@@ -153,6 +153,10 @@ class Dataset:
                 raise DataError(f"{what} must be an integer, got {type(count).__name__} {count!r}")
         batch_size = None if batch_size is None else int(batch_size)
         limit = None if limit is None else int(limit)
+        if not isinstance(model, ir.Model):  # a path, bytes or onnx.ModelProto, read as load_model reads them
+            from onnxcomp.io import load_model
+
+            model = load_model(model)
         self.inputs = model_inputs(model)
         self._spans: dict[str, tuple[float, float]] = {}  # float inputs: span of the values read until they vary
         self.ignore = frozenset(ignore)

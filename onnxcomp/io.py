@@ -336,9 +336,21 @@ def clone_model(model: ir.Model) -> ir.Model:
     Tensors are shared, not copied (cheap for big models): passes replace ``const_value`` with new
     tensors and never write into an existing tensor.
     """
+    model = _model_argument(model, "clone_model")
     clone = model.clone()
     _carry_source(model, clone)
     return clone
+
+
+def _model_argument(model: Any, what: str) -> ir.Model:
+    """``model`` as an ``onnx_ir.Model``: an ``onnx.ModelProto`` is read as :func:`load_model`
+    reads it; anything else (a path: load it first) is a TypeError naming what was given."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return load_model(model)
+    raise TypeError(f"{what} takes an onnx_ir.Model or onnx.ModelProto, got {type(model).__name__}"
+                    + (" (load the model first: io.load_model(path))" if isinstance(model, (str, os.PathLike)) else ""))
 
 
 def _carry_source(model: ir.Model, copy: ir.Model) -> None:
@@ -856,6 +868,7 @@ def save_model(
             or one of its external-data files, or the model needs external data but
             ``external_data=False`` was given.
     """
+    model = _model_argument(model, "save_model")
     target = check_target(model, path, force=force)
     folder = target.parent if str(target.parent) else Path(".")
     too_big = initializer_nbytes(model) > PROTOBUF_LIMIT

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.io import load_model
 from onnxcomp.measure.metrics import sqnr_db
 from onnxcomp.runtime import OPT_LEVELS, run_model, session_options
 
@@ -30,7 +31,10 @@ def assert_equivalent(
     rtol: float = 1e-5,
     optimizations: Sequence[str] = ("disable", "all"),
 ) -> None:
-    """Assert both models give the same outputs (``atol``/``rtol``) at each optimization level."""
+    """Assert both models give the same outputs (``atol``/``rtol``) at each optimization level.
+
+    The models are anything :func:`onnxcomp.io.load_model` reads (path, bytes, ModelProto, onnx_ir.Model)."""
+    reference, candidate = load_model(reference), load_model(candidate)
     for level in optimizations:
         ref_out = run_model(reference, feeds, optimization=level)
         cand_out = run_model(candidate, feeds, optimization=level)

@@ -23,6 +23,7 @@ from onnxcomp.errors import ConfigError, DataError, ModelSaveError
 from onnxcomp.quant.api import quantize
 from onnxcomp.quant.config import QuantizeConfig
 from onnxcomp.recipe import load_recipe
+from onnxcomp.testing import assert_equivalent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,3 +284,30 @@ def test_bench_takes_one_model_twice_and_tells_same_file_names_apart(rng, tmp_pa
     assert rows[1]["ratio_to_first"] is not None
     code, stdout, err = _cli(capsys, "bench", "a/m.onnx", "b/m.onnx", *quick)
     assert code == 0 and "│ a/m.onnx " in stdout and "│ b/m.onnx " in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The README's Python API on what a user holds: io.save_model / io.clone_model of an
+#    onnx.ModelProto failed on `.meta` (AttributeError), and Dataset(data, "m.onnx") or
+#    testing.assert_equivalent("a.onnx", "b.onnx", ...) on `.graph`. A ModelProto (and for
+#    Dataset / assert_equivalent a path) is now read as io.load_model reads it; anything else is a
+#    TypeError saying what is taken.
+
+
+def test_api_helpers_take_a_model_proto_or_a_path(rng, tmp_path):
+    model = tmp_path / "m.onnx"
+    proto = _mlp(rng, model)
+    before = proto.SerializeToString()
+    out = io.save_model(proto, tmp_path / "copy.onnx")
+    assert onnx.load(out).graph.node[0].name == "fc1" and proto.SerializeToString() == before
+    assert [n.name for n in io.clone_model(proto).graph] == ["fc1", "relu", "fc2"]
+    feeds = list(Dataset([{"x": np.ones((2, 32), np.float32)}], str(model)))
+    assert_equivalent(str(model), proto, feeds)
+    with pytest.raises(AssertionError):  # it still compares: another model's outputs differ
+        assert_equivalent(model, _mlp(rng), feeds)
+    with pytest.raises(TypeError, match=r"save_model takes an onnx_ir.Model or onnx.ModelProto, got str \(load the "
+                                        r"model first: io.load_model\(path\)\)"):
+        io.save_model(str(model), tmp_path / "again.onnx")
+    with pytest.raises(TypeError, match="cannot load a model from int"):
+        Dataset([{"x": np.ones((2, 32), np.float32)}], 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "m.onnx"]
