@@ -751,6 +751,9 @@ def _check_destination(label: str, path: str | os.PathLike, *, force: bool) -> P
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise ModelSaveError(f"{label} {target}: is a directory; give a file name for the output")
+    if os.fspath(path).endswith(("/", os.sep)):  # Path drops the slash: it would write a file named as the folder
+        raise ModelSaveError(f"{label} {os.fspath(path)}: names a folder (it ends in a slash), which does not exist; "
+                             "give a file name for the output")
     if target.exists() and not target.is_file():
         # an atomic save renames a new file over it: a device such as /dev/null would be replaced
         raise ModelSaveError(f"{label} {target}: is not a regular file (a device, pipe or socket); "

@@ -311,3 +311,22 @@ def test_api_helpers_take_a_model_proto_or_a_path(rng, tmp_path):
     with pytest.raises(TypeError, match="cannot load a model from int"):
         Dataset([{"x": np.ones((2, 32), np.float32)}], 5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "m.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. `-o newdir/` (a folder that does not exist yet, named with its slash) wrote a model FILE
+#    named `newdir`: Path drops the trailing slash. It is now refused as a folder, for --report too.
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_an_output_path_ending_in_a_slash_is_refused_as_a_folder(rng, tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    _mlp(rng, tmp_path / "m.onnx")
+    before = file_digest(tmp_path / "m.onnx")
+    argv = ["-o", "newdir/"] if flag == "-o" else ["-o", "c.onnx", "--report", "newdir/"]
+    code, stdout, err = _cli(capsys, "compress", "m.onnx", *argv, "--recipe", "cluster-4bit", "--json")
+    assert code == 1 and stdout == ""
+    assert err.strip().splitlines() == [
+        f"onnxcomp: error: {flag} newdir/: names a folder (it ends in a slash), which does not exist; "
+        "give a file name for the output"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and file_digest(tmp_path / "m.onnx") == before
