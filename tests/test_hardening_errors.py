@@ -158,7 +158,8 @@ def test_ranges_are_declared_once_per_config_field():
     with pytest.raises(ConfigError, match="time_budget"):
         MeasureConfig.from_dict({"time_budget": -1})
     assert MeasureConfig.from_dict({"time_budget": 2, "warmup_seconds": 0}).time_budget == 2.0
-    assert QuantizeConfig(percentile=100.0, fidelity_target=0.0, max_drop=0.0).percentile == 100.0
+    assert QuantizeConfig(calibration="percentile", percentile=100.0, fidelity_target=0.0,
+                          max_drop=0.0).percentile == 100.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -330,3 +330,34 @@ def test_an_output_path_ending_in_a_slash_is_refused_as_a_folder(rng, tmp_path, 
         f"onnxcomp: error: {flag} newdir/: names a folder (it ends in a slash), which does not exist; "
         "give a file name for the output"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and file_digest(tmp_path / "m.onnx") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. `quantize --percentile 99.9` (or `--set quantize.percentile=99.9`, a recipe's `bins`) with
+#     the default min/max ranges was ignored in silence: the user believed the percentile applied.
+#     A percentile or bin count that the range method does not read is now refused.
+
+
+def test_a_percentile_the_range_method_does_not_read_is_refused(rng, tmp_path, capsys):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    _mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    code, stdout, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", calib, "--percentile", "99.9")
+    assert code == 1 and stdout == "" and not out.exists()
+    assert err.strip().splitlines() == [
+        "onnxcomp: error: quantize: percentile applies to calibration 'percentile', 'auto', 'per-tensor', not "
+        "'minmax' (set calibration, --method on the command line, or drop it)"]
+    code, _, err = _cli(capsys, "compress", model, "-o", out, "--calibration", calib, "--set", "quantize.bins=512")
+    assert code == 1 and not out.exists() and err.strip().splitlines() == [
+        "onnxcomp: error: recipe 'int8' with overrides: stage 'quantize': bins applies to calibration "
+        "'percentile', 'entropy', 'mse', 'auto', 'per-tensor', not 'minmax' (set calibration, --method on the "
+        "command line, or drop it)"]
+    for method in ("percentile", "auto", "per-tensor"):
+        assert QuantizeConfig(calibration=method, percentile=99.9).percentile == 99.9
+    assert QuantizeConfig(calibration="entropy", bins=512).bins == 512
+    with pytest.raises(ConfigError, match="percentile applies to calibration 'percentile', 'auto', 'per-tensor', not "
+                                          "'mse'"):
+        QuantizeConfig(calibration="mse", percentile=99.0)
+    code, _, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", calib, "--percentile", "99.9",
+                        "--method", "percentile", "--quiet")
+    assert code == 0 and err == "" and out.is_file()

@@ -23,6 +23,9 @@ __all__ = ["QuantizeConfig", "StaticConfig", "DynamicConfig", "WeightOnlyConfig"
            "NodeSelector", "STATIC_MIN_OPSET"]
 
 _METHODS = ("minmax", "percentile", "entropy", "mse", "auto", "per-tensor")
+#: the range methods that read ``percentile`` / ``bins`` (onnxcomp.quant.static.observer_kwargs)
+_PERCENTILE_METHODS = ("percentile", "auto", "per-tensor")
+_HISTOGRAM_METHODS = ("percentile", "entropy", "mse", "auto", "per-tensor")
 
 #: Static Q/DQ needs per-axis QuantizeLinear/DequantizeLinear (opset 13).
 STATIC_MIN_OPSET = 13
@@ -197,6 +200,11 @@ class StaticConfig(ModeConfig, _StaticFields, _SmoothQuantFields, _Int8WeightFie
         _validate_split(self)
         if self.calibration not in _METHODS:
             raise ConfigError(f"quantize: calibration must be one of {', '.join(_METHODS)}, got {self.calibration!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, methods in (("percentile", _PERCENTILE_METHODS), ("bins", _HISTOGRAM_METHODS)):
+            if getattr(self, key) != defaults[key] and self.calibration not in methods:  # it would be ignored
+                raise ConfigError(f"quantize: {key} applies to calibration {', '.join(map(repr, methods))}, not "
+                                  f"{self.calibration!r} (set calibration, --method on the command line, or drop it)")
         if self.activation_range == "reduced" and self.activation_type != "uint8":
             raise ConfigError("quantize: activation_range 'reduced' is for uint8 activations (onnxruntime shifts int8 "
                               "activations into 0..255, where 7 bits do not keep its kernels exact)")
