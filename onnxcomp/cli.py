@@ -224,6 +224,9 @@ def _run_compress(args: argparse.Namespace) -> int:
         recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
     if args.threads:
         recipe = recipe.with_overrides({"measure.threads": args.threads, "measure.latency": True})
+    if args.shape and (args.calibration or args.eval):  # as bench refuses --shape beside --data
+        raise ConfigError("--shape sizes generated latency inputs, made only when no --calibration or --eval data "
+                          "is given (latency is then measured on that data): drop it")
     check_cfg = check_config(args)
     model = load_model(args.model)
     check_outputs(args, model)

@@ -361,3 +361,21 @@ def test_a_percentile_the_range_method_does_not_read_is_refused(rng, tmp_path, c
     code, _, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", calib, "--percentile", "99.9",
                         "--method", "percentile", "--quiet")
     assert code == 0 and err == "" and out.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. `compress --shape x=8x32 --calibration c.npz`: --shape sizes generated latency inputs only,
+#     and with data it was ignored in silence (bench refuses --shape beside --data). Refused now.
+
+
+def test_compress_refuses_shape_beside_data(rng, tmp_path, capsys):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    _mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    for data in (["--calibration", calib], ["--eval", calib]):
+        code, stdout, err = _cli(capsys, "compress", model, "-o", out, "--recipe", "cluster-4bit", *data,
+                                 "--shape", "x=8x32", "--json")
+        assert code == 1 and stdout == "" and not out.exists()
+        assert err.strip().splitlines() == [
+            "onnxcomp: error: --shape sizes generated latency inputs, made only when no --calibration or --eval "
+            "data is given (latency is then measured on that data): drop it"]
