@@ -172,6 +172,14 @@ def _from_proto(
             else:
                 onnx.checker.check_model(proto)
         except Exception as exc:  # ValidationError, or a damaged string the checker cannot decode
+            if base_dir is not None and _uses_external_data(proto):  # a missing data file, said plainly
+                try:
+                    external = ir.serde.deserialize_model(proto)
+                except Exception:
+                    external = None
+                if external is not None:
+                    ir_external_data.set_base_dir(external.graph, str(base_dir))
+                    _check_external_data(external, what)
             raise ModelLoadError(f"{what}: fails onnx.checker: {_first_line(exc)}") from None
     try:
         model = ir.serde.deserialize_model(proto)

@@ -379,3 +379,24 @@ def test_compress_refuses_shape_beside_data(rng, tmp_path, capsys):
         assert err.strip().splitlines() == [
             "onnxcomp: error: --shape sizes generated latency inputs, made only when no --calibration or --eval "
             "data is given (latency is then measured on that data): drop it"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. A model whose external-data file is missing was refused with onnx.checker's words ("Data of
+#     TensorProto ( tensor name: w1) should be stored in weights/w.bin, but it is not regular
+#     file."): onnxcomp's own plainer message was never reached. It is now said first.
+
+
+def test_a_missing_external_data_file_is_named_plainly(rng, tmp_path, capsys):
+    model, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    (tmp_path / "weights").mkdir()
+    onnx.save(_mlp(rng), model, save_as_external_data=True, all_tensors_to_one_file=True, location="weights/w.bin",
+              size_threshold=0)
+    (tmp_path / "weights" / "w.bin").unlink()
+    before = file_digest(model)
+    code, stdout, err = _cli(capsys, "cluster", model, "-o", out, "--json")
+    assert code == 1 and stdout == ""
+    assert err.strip().splitlines() == [
+        f"onnxcomp: error: {model}: tensor 'w1' refers to external data file {tmp_path / 'weights' / 'w.bin'}, "
+        "which does not exist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "weights"] and file_digest(model) == before
