@@ -1052,8 +1052,12 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
         ) from None
     result = ir.serde.deserialize_model(converted)
     src = source_path(model)
-    if src is not None:
-        ir_external_data.set_base_dir(result.graph, str(src.parent))
+    # the converted proto keeps each external tensor's location, relative to the model's folder: the
+    # folder of the file it came from, or for a model given in memory (ir.load) its tensors' own
+    base = str(src.parent) if src is not None else next(
+        (t.base_dir for _, t in _iter_external_tensors(model) if t.base_dir), None)
+    if base is not None:
+        ir_external_data.set_base_dir(result.graph, str(base))
     _carry_source(model, result)
     return result
 

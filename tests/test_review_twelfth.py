@@ -400,3 +400,35 @@ def test_a_missing_external_data_file_is_named_plainly(rng, tmp_path, capsys):
         f"onnxcomp: error: {model}: tensor 'w1' refers to external data file {tmp_path / 'weights' / 'w.bin'}, "
         "which does not exist"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "weights"] and file_digest(model) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. An onnx_ir.Model with external data (ir.load) at an opset older than the pass needs: the
+#     opset upgrade rebuilt it from a proto whose locations are relative, with no folder to read
+#     them from (a model given in memory records no file), and quantize failed with a bare
+#     FileNotFoundError for the data file. The upgraded copy now reads them from the tensors' own
+#     folder.
+
+
+def test_an_in_memory_model_with_external_data_is_upgraded_with_its_data(rng, tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    from onnxcomp.runtime import run_model
+
+    folder = tmp_path / "model"
+    (folder / "weights").mkdir(parents=True)
+    proto = _mlp(rng)
+    proto.opset_import[0].version = 11
+    onnx.save(proto, folder / "old.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights/old.data", size_threshold=0)
+    digests = {p: file_digest(p) for p in (folder / "old.onnx", folder / "weights" / "old.data")}
+    x = rng.standard_normal((20, 32)).astype(np.float32)
+    monkeypatch.chdir(tmp_path)  # not the model's folder: the relative location must not resolve here
+    loaded = ir.load(folder / "old.onnx")
+    quantized, report = quantize(loaded, [{"x": x}])
+    assert report["notes"][0] == "upgraded the model from opset 11 to 13 (onnx.version_converter)"
+    assert report["int8_nodes"] == 2
+    ref, got = (run_model(m, [{"x": x}])[0][0] for m in (io.load_model(folder / "old.onnx"), quantized))
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.999
+    assert {p: file_digest(p) for p in digests} == digests
