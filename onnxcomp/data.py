@@ -330,6 +330,9 @@ class Dataset:
                 feed = self._reader.get_next()
                 if feed is None:
                     break
+                if not isinstance(feed, Mapping):
+                    raise DataError(f"{self.name} feed {i}: get_next() returned {type(feed).__name__}, not a dict "
+                                    "of arrays (or None at the end)")
                 yield f"{self.name} feed {i}", feed
                 i += 1
         else:
@@ -340,6 +343,9 @@ class Dataset:
                     f"{self.name}: a one-shot iterator was given and it has been read already; pass a "
                     "list or a function returning a fresh iterator"
                 )
+            if not isinstance(items, Iterable) or isinstance(items, (Mapping, str, bytes)):
+                raise DataError(f"{self.name}: the data function returned {type(items).__name__}, not an iterator "
+                                "of {name: array} dicts")
             for i, feed in enumerate(items):
                 if not isinstance(feed, Mapping):
                     raise DataError(f"{self.name} feed {i}: expected a dict of arrays, got {type(feed).__name__}")

@@ -432,3 +432,44 @@ def test_an_in_memory_model_with_external_data_is_upgraded_with_its_data(rng, tm
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cos > 0.999
     assert {p: file_digest(p) for p in digests} == digests
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. More of the Python API on what a user holds: a CalibrationDataReader whose get_next()
+#     returns something else than a dict (or a data function returning a dict, not an iterator of
+#     them) failed with an AttributeError/TypeError deep in the reading; compare_models and
+#     bench_models took only onnx_ir models (a path failed on `.graph`) and compare_models only a
+#     Dataset and an array of labels.
+
+
+def test_data_readers_and_functions_that_return_no_feeds_are_named(rng, tmp_path):
+    model = io.load_model(_mlp(rng))
+
+    class Reader:
+        def get_next(self):
+            return 5
+
+    feed = {"x": np.ones((1, 32), np.float32)}
+    with pytest.raises(DataError, match=r"<Reader> feed 0: get_next\(\) returned int, not a dict of arrays \(or "
+                                        r"None at the end\)"):
+        list(Dataset(Reader(), model))
+    with pytest.raises(DataError, match=r"<<lambda>>: the data function returned dict, not an iterator of "
+                                        r"\{name: array\} dicts"):
+        list(Dataset(lambda: feed, model))
+    assert len(list(Dataset(lambda: [feed, feed], model))) == 2
+
+
+def test_compare_and_bench_take_paths_and_plain_data(rng, tmp_path):
+    from onnxcomp.measure.bench import bench_models
+    from onnxcomp.measure.fidelity import compare_models
+
+    model, calib, evaluation, labels = _labelled(rng, tmp_path)
+    quantized, _ = quantize(model, calib)
+    io.save_model(quantized, tmp_path / "q.onnx")
+    result = compare_models(str(model), tmp_path / "q.onnx", evaluation, labels=list(labels)).to_dict()
+    assert result["accuracy"]["reference"] == 1.0 and result["outputs"][0]["cosine"] > 0.99
+    feeds = [{"x": np.ones((1, 32), np.float32)}]
+    assert compare_models(model, model, feeds).to_dict()["outputs"][0]["sqnr_db"] == float("inf")
+    rows = bench_models([("float", model), ("int8", tmp_path / "q.onnx")], feeds, runs=3, warmup_runs=1,
+                        warmup_seconds=0.0)
+    assert [r["name"] for r in rows] == ["float", "int8"] and rows[1]["ratio_to_first"] is not None

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxcomp.bounds import Range
 from onnxcomp.graph import parameter_nbytes
-from onnxcomp.io import model_to_bytes
+from onnxcomp.io import ModelSource, load_model, model_to_bytes
 from onnxcomp.measure.latency import SessionSpec, explain_int8_latency, measure_latency, op_type_times
 
 __all__ = ["physical_cores", "default_threads", "bench_models", "int8_latency_report", "LATENCY_RANGES"]
@@ -53,7 +53,7 @@ def physical_cores() -> int:
 
 
 def bench_models(
-    models: Sequence[tuple[str, ir.Model]],
+    models: Sequence[tuple[str, ModelSource]],
     feeds: Sequence[dict[str, np.ndarray]],
     *,
     threads: int | None = None,
@@ -65,8 +65,10 @@ def bench_models(
     seed: int = 0,
     progress=None,
 ) -> list[dict[str, Any]]:
-    """Interleaved latency of ``models`` (name, model) on ``feeds``; JSON-ready rows."""
+    """Interleaved latency of ``models`` (name, model: anything :func:`onnxcomp.io.load_model`
+    reads) on ``feeds``; JSON-ready rows."""
     threads = threads or physical_cores()
+    models = [(name, load_model(model)) for name, model in models]
     specs = [
         SessionSpec(name=name, model=model_to_bytes(model), threads=threads, graph_optimization=optimization)
         for name, model in models

@@ -37,10 +37,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.check import KindsSeen, reads_top1
-from onnxcomp.data import Dataset
+from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed, run_feed
-from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
+from onnxcomp.io import LARGE_MODEL_BYTES, ModelSource, initializer_nbytes, load_model, release_pages
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, check_label_range, predicted_class
 from onnxcomp.runtime import collect_outputs, create_session, session_options
 
@@ -146,11 +146,11 @@ def _shared_intermediates(reference: ir.Model, candidate: ir.Model) -> list[tupl
 
 
 def compare_models(
-    reference: ir.Model,
-    candidate: ir.Model,
-    data: Dataset,
+    reference: ModelSource,
+    candidate: ModelSource,
+    data: DataSource | Dataset,
     *,
-    labels: np.ndarray | None = None,
+    labels: Any = None,
     label_output: str | None = None,
     per_layer: bool = False,
     channel_axis: int | None | str = "auto",
@@ -172,6 +172,9 @@ def compare_models(
         OnnxcompError: the models' outputs differ in names or shapes, or labels don't match the
             sample count.
     """
+    reference, candidate = load_model(reference), load_model(candidate)  # a path, bytes or proto too
+    data = load_data(data, reference)  # an .npz path, a list of feeds... too
+    labels = labels_argument(labels)  # a list or a labels file's path too
     ref_outputs = [v.name for v in reference.graph.outputs]
     cand_outputs = [v.name for v in candidate.graph.outputs]
     if ref_outputs != cand_outputs:
