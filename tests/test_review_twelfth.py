@@ -473,3 +473,20 @@ def test_compare_and_bench_take_paths_and_plain_data(rng, tmp_path):
     rows = bench_models([("float", model), ("int8", tmp_path / "q.onnx")], feeds, runs=3, warmup_runs=1,
                         warmup_seconds=0.0)
     assert [r["name"] for r in rows] == ["float", "int8"] and rows[1]["ratio_to_first"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. `bench --data` with a feed the model cannot run (an index out of its table) named the
+#     model and onnxruntime's words, not which feed of the data: now it names the feed and file.
+
+
+def test_bench_names_the_feed_of_the_data_a_model_cannot_run(rng, tmp_path, capsys):
+    model, data = tmp_path / "m.onnx", tmp_path / "ids.npz"
+    _table_model(rng, model)
+    ids = rng.integers(0, 50, (6, 8))
+    ids[2, 5] = 99
+    np.savez(data, ids=ids)
+    code, stdout, err = _cli(capsys, "bench", model, "--data", data, "--runs", "3", "--warmup-runs", "1", "--json")
+    assert code == 1 and stdout == ""
+    assert err.startswith(f"onnxcomp: error: onnxruntime failed to run '{model}': [ONNXRuntimeError]")
+    assert err.rstrip().endswith(f"idx=99 must be within the inclusive range [-50,49] (on feed 2 of the 6 read from {data})")

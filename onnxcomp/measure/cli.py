@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
+
 from onnxcomp.cli_common import COUNT, POSITIVE_INT, add_output_flags, console, esc, print_json, progress_bar, register
 from onnxcomp.data import (
     Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
 )
 from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
-from onnxcomp.measure.latency import MeasurementError
+from onnxcomp.measure.latency import MeasurementError, SessionCreationError
 from onnxcomp.bounds import Range
 from onnxcomp.errors import ConfigError, DataError
 
@@ -79,6 +81,9 @@ def _run_bench(args: argparse.Namespace) -> int:
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
         except MeasurementError as exc:
+            if args.data and not isinstance(exc, SessionCreationError):  # say which feed of the data
+                raise MeasurementError(exc.spec_name, f"{exc}{_failing_feed(dict(models), exc.spec_name, feeds, ds)}"
+                                       ) from None
             if not free_dims:
                 raise
             # the inputs were made up: say how, since sizes of 1 are what a model most often refuses
@@ -108,6 +113,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     con.print(table)
     con.print(f"{rows[0]['runs']} runs per model; ratio = median / median of {esc(shown[rows[0]['name']])} (< 1 is faster)")
     return 0
+
+
+def _failing_feed(models: dict[str, Any], name: str, feeds: list[dict[str, Any]], data: Dataset) -> str:
+    """Which feed of ``data`` the model ``name`` cannot run (the first), as a phrase for the error."""
+    from onnxcomp.runtime import run_model
+
+    for i, feed in enumerate(feeds):
+        try:
+            run_model(models[name], [feed])
+        except Exception:
+            return f" (on feed {i} of the {len(feeds)} read from {data.name})"
+    return f" (on the feeds of {data.name})"
 
 
 def _run_names(paths: list[str]) -> list[str]:
