@@ -490,3 +490,27 @@ def test_bench_names_the_feed_of_the_data_a_model_cannot_run(rng, tmp_path, caps
     assert code == 1 and stdout == ""
     assert err.startswith(f"onnxcomp: error: onnxruntime failed to run '{model}': [ONNXRuntimeError]")
     assert err.rstrip().endswith(f"idx=99 must be within the inclusive range [-50,49] (on feed 2 of the 6 read from {data})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. `compress --recipe int8-accurate --set quantize.mode=dynamic` said "calibration applies to
+#     static mode, not dynamic mode (drop it or change the mode)": a shipped recipe's setting
+#     cannot be dropped with --set. The message now gives the --set that puts its default back.
+
+
+def test_a_setting_of_another_mode_says_how_to_put_its_default_back(rng, tmp_path, capsys):
+    model, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    _mlp(rng, model)
+    code, _, err = _cli(capsys, "compress", model, "-o", out, "--recipe", "int8-accurate",
+                        "--set", "quantize.mode=dynamic")
+    assert code == 1 and not out.exists() and err.strip().splitlines() == [
+        "onnxcomp: error: recipe 'int8-accurate' with overrides: stage 'quantize': calibration applies to static "
+        "mode, not dynamic mode (drop it or change the mode; over a recipe that sets it, --set "
+        "quantize.calibration=\"minmax\" puts back its default)"]
+    args = ["--set", "quantize.mode=dynamic", "--set", "quantize.calibration=minmax", "--set", "quantize.equalize=false",
+            "--set", "quantize.bias_correction=false", "--set", "measure.latency=false", "--quiet"]
+    code, _, err = _cli(capsys, "compress", model, "-o", out, "--recipe", "int8-accurate", *args)
+    assert code == 0 and err == "" and out.is_file()
+    with pytest.raises(ConfigError, match=r"fidelity_target applies to static mode, not dynamic mode \(drop it or "
+                                          r"change the mode\)$"):
+        QuantizeConfig(mode="dynamic", fidelity_target=30.0)

@@ -244,6 +244,13 @@ class WeightOnlyConfig(ModeConfig, _WeightOnlyFields, _SharedFields):
 MODE_CONFIGS: dict[str, type[ModeConfig]] = {c.mode: c for c in (StaticConfig, DynamicConfig, WeightOnlyConfig)}
 
 
+def _toml(value: object) -> str:
+    """A default as a --set value (TOML): strings quoted, booleans lower case, lists bracketed."""
+    import json
+
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
 def _modes_of(name: str) -> list[str]:
     return [mode for mode, cls in MODE_CONFIGS.items() if name in {f.name for f in dataclasses.fields(cls)}]
 
@@ -394,8 +401,11 @@ class QuantizeConfig(PassConfig, _StaticFields, _DynamicFields, _WeightOnlyField
         for f in dataclasses.fields(self):
             if f.name == "mode" or f.name in own or getattr(self, f.name) == f.default:
                 continue
+            # a shipped recipe's setting cannot be dropped with --set: its default can be set (not None)
+            back = "" if f.default is None else \
+                f"; over a recipe that sets it, --set quantize.{f.name}={_toml(f.default)} puts back its default"
             raise ConfigError(f"quantize: {f.name} applies to {' and '.join(_modes_of(f.name))} mode, not "
-                              f"{self.mode} mode (drop it or change the mode)")
+                              f"{self.mode} mode (drop it or change the mode{back})")
         self.for_mode  # noqa: B018  (validates the mode's own rules)
 
     @property
