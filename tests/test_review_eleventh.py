@@ -220,9 +220,11 @@ def test_a_config_stores_lists_as_tuples_and_numpy_numbers_as_python_ones(rng, t
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
-    config = QuantizeConfig(exclude=["fc1"], max_samples=np.int64(8), percentile=np.float32(99.5))
+    config = QuantizeConfig(exclude=["fc1"], max_samples=np.int64(8), calibration="percentile",
+                            percentile=np.float32(99.5))
     assert config.exclude == ("fc1",) and type(config.max_samples) is int and type(config.percentile) is float
-    assert hash(config) == hash(QuantizeConfig(exclude=("fc1",), max_samples=8, percentile=99.5))
+    assert hash(config) == hash(QuantizeConfig(exclude=("fc1",), max_samples=8, calibration="percentile",
+                                               percentile=99.5))
     assert type(PruneConfig(ratio=1 / 2).ratio) is float and PruneConfig(ratio=np.float64(0.5)).ratio == 0.5
     # the excluded node stays float, as with a tuple
     proto = _mlp(rng)
