@@ -170,6 +170,22 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    """A Clip's ``(min, max)``: inputs 1 and 2 (opset 11 on) or the attributes (before); a bound
+    not given is -inf / +inf, one that is not a constant scalar None. The one reader of Clip
+    bounds (int8 folding, the Clip before an int8 node, equalization's homogeneity)."""
+    bounds: list[float | None] = []
+    for i, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        value = node.inputs[i] if len(node.inputs) > i else None
+        if value is None:
+            attr = node.attributes.get(name)
+            bounds.append(attr.as_float() if attr is not None else default)
+            continue
+        arr = constant_array(value)
+        bounds.append(float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None)
+    return bounds[0], bounds[1]
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
     """Register ``array`` as a new initializer of ``graph`` under a unique name based on ``name``."""
     name = unique_name(graph, name, taken)
