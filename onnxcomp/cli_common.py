@@ -365,7 +365,15 @@ def print_check(con, check: dict[str, Any] | None) -> None:
 
 
 def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:
-    """0, or 3 under --strict when the check missed its budget (or nothing was compressed)."""
+    """0, or 3 under --strict when the check missed its budget (or nothing was compressed).
+
+    With ``--json`` (and not ``--quiet``) a missed check is also one ``onnxcomp: warning:`` line on
+    stderr: the terminal output is silent then, and a pipeline that only parses stdout should still
+    leave the verdict in its log."""
+    if check is not None and not check["met"] and getattr(args, "json", False) and not getattr(args, "quiet", False):
+        from onnxcomp.check import verdict_line
+
+        sys.stderr.write(f"onnxcomp: warning: {verdict_line(check)}\n")
     if args.strict and check is not None and not check["met"]:
         return EXIT_BELOW_BUDGET
     return 0
