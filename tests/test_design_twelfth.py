@@ -1,0 +1,135 @@
+"""Design questions of the twelfth session: five places where the commands (quantize in static,
+dynamic and weight-only modes, prune, cluster, compress, and the Python API) behaved differently
+on the same input, each settled once for all of them and checked on a seeded model built here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import make_proto
+
+from onnxcomp import io
+from onnxcomp.cli import main
+from onnxcomp.runtime import run_model
+
+
+def _cli(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _json(capsys, *argv):
+    code, out, err = _cli(capsys, *argv, "--json")
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+#: every writing command, as (argv after MODEL -o OUT, what its report counts)
+COMMANDS = {
+    "static": ["quantize", "--calibration", "CALIB", "--no-fallback"],
+    "dynamic": ["quantize", "--mode", "dynamic", "--op-types", "Conv,Gemm,MatMul"],
+    "weight-only": ["quantize", "--mode", "weight-only", "--bits", "8"],
+    "prune": ["prune", "--ratio", "0.5", "--calibration", "CALIB"],
+    "cluster": ["cluster", "--min-elements", "16", "--data", "CALIB"],
+    "compress": ["compress", "--calibration", "CALIB"],
+}
+
+
+def _argv(name, model, out, calib):
+    command, *rest = COMMANDS[name]
+    return [command, model, "-o", out, *[calib if a == "CALIB" else a for a in rest]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Initializers also listed as graph inputs (IR < 4; exporters told to keep them there):
+#    static mode quantized them but kept their float originals as inputs (the written model was
+#    bigger than the input: 2x the weight elements), dynamic and weight-only mode skipped their
+#    nodes ("its weight is also a graph input"), cluster left them alone and prune found no group
+#    (exit 1). onnxruntime takes them as defaults a caller may replace; a compressor compresses
+#    weights: every command now treats them as constants, the written model no longer lists them
+#    as inputs (as onnxruntime's remove_initializer_from_input tool does), and a note says so.
+
+
+def _conv_net(rng, path, ir_version):
+    """Conv -> Relu -> Flatten -> Gemm; every initializer also a graph input."""
+    weights = [("w1", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)),
+               ("b1", rng.standard_normal(8).astype(np.float32)),
+               ("w2", rng.standard_normal((10, 8 * 6 * 6)).astype(np.float32)), ("b2", np.zeros(10, np.float32))]
+    proto = make_proto(
+        [oh.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv"), oh.make_node("Relu", ["h"], ["r"], name="relu"),
+         oh.make_node("Flatten", ["r"], ["f"], name="flat"),
+         oh.make_node("Gemm", ["f", "w2", "b2"], ["y"], transB=1, name="fc")],
+        [("x", [1, 3, 8, 8])] + [(n, list(a.shape)) for n, a in weights], [("y", [1, 10])], weights,
+        opset=7 if ir_version < 4 else 13)
+    proto.ir_version = ir_version
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    return proto
+
+
+INPUT_WEIGHTS_NOTE = ("4 weight(s) were also listed as graph inputs ('w1', 'b1', 'w2', 'b2'), as IR < 4 models and "
+                      "some exporters list them; onnxruntime takes them as defaults a caller may replace: they are "
+                      "compressed as constant weights, and the written model no longer lists them as inputs")
+
+
+def test_working_copy_detaches_initializer_inputs_exactly(rng, tmp_path):
+    from onnxcomp.graph import working_copy
+
+    proto = _conv_net(rng, tmp_path / "m.onnx", 3)
+    notes: list[str] = []
+    work = working_copy(proto, 7, allow_upgrade=False, notes=notes)
+    assert [v.name for v in work.graph.inputs] == ["x"] and work.ir_version == 4
+    assert sorted(work.graph.initializers) == ["b1", "b2", "w1", "w2"]
+    assert notes == [INPUT_WEIGHTS_NOTE]
+    onnx.checker.check_model(onnx.load_from_string(io.model_to_bytes(work)))
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    want, got = run_model(io.load_model(proto), feeds), run_model(work, feeds)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b[0], a[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_compresses_initializer_inputs_as_weights(rng, tmp_path, capsys, command, ir_version):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _conv_net(rng, model, ir_version)
+    np.savez(calib, x=rng.standard_normal((20, 3, 8, 8)).astype(np.float32))
+    code, report, err = _json(capsys, *_argv(command, model, out, calib))
+    assert code == 0, err
+    assert INPUT_WEIGHTS_NOTE in report["notes"]
+    assert not report.get("skipped") or not any("graph input" in str(v) for v in report["skipped"].values())
+    written = onnx.load(out)
+    assert [i.name for i in written.graph.input] == ["x"] and written.ir_version >= 4
+    onnx.checker.check_model(written)
+    # the weights were compressed, not kept beside their compressed form (static mode kept both:
+    # 6,228 float weight elements written for 3,114 read)
+    floats = sum(int(np.prod(t.dims)) for t in written.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert floats <= 3114 if command == "cluster" else floats < 3114
+    counted = {"static": 2, "dynamic": 2, "weight-only": 1, "prune": None, "cluster": 2, "compress": None}[command]
+    if command == "prune":
+        assert report["channels_removed"] == 4
+    elif command == "compress":
+        assert report["check"]["compressed"]["count"] == 2
+    else:
+        assert report["check"]["compressed"]["count"] == counted
+    assert "appears in graph inputs" not in err  # onnxruntime's warning about the original is not shown
+
+
+def test_data_may_not_feed_a_weight_listed_as_an_input(rng, tmp_path, capsys):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _conv_net(rng, model, 3)
+    np.savez(calib, x=rng.standard_normal((12, 3, 8, 8)).astype(np.float32),
+             w2=np.zeros((12, 10, 288), np.float32))
+    for argv in (_argv("static", model, out, calib), _argv("prune", model, out, calib)):
+        code, text, err = _cli(capsys, *argv)
+        assert code == 1 and not out.exists() and text == ""
+        assert err == (f"onnxcomp: error: {calib}: 'w2' is a weight of the model (an initializer, also listed as a "
+                       "graph input as IR < 4 models list them): onnxcomp compresses it as a constant, which the "
+                       "data cannot replace; drop it from the data\n")
