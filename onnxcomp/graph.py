@@ -16,7 +16,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, 
 from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from onnxcomp.errors import OnnxcompError, OpsetError
-from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
+from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, unique_node_names, upgrade_opset
 from onnxcomp.ops import is_constant_node
 
 __all__ = [
@@ -327,8 +327,10 @@ def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, not
     """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed, noted).
 
     Nodes and values without names get unique ones (onnx_ir's NameFixPass): passes and reports
-    refer to nodes by name. Constant nodes holding a tensor become initializers
-    (:func:`lift_constants`), so weights stored as Constant nodes are seen as weights.
+    refer to nodes by name. The copies of a node name used twice in a graph are renamed
+    (:func:`onnxcomp.io.unique_node_names`, noted). Initializers also listed as graph inputs are
+    weights (:func:`detach_initializer_inputs`, noted). Constant nodes holding a tensor become
+    initializers (:func:`lift_constants`), so weights stored as Constant nodes are seen as weights.
     """
     work = clone_model(load_model(model))
     opset = onnx_opset(work)
@@ -347,6 +349,12 @@ def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, not
                      "and some exporters list them; onnxruntime takes them as defaults a caller may replace: "
                      "they are compressed as constant weights, and the written model no longer lists them "
                      "as inputs")
+    renamed = unique_node_names(work)  # done on load already, unless the model came as an onnx_ir.Model
+    if renamed:
+        pairs = [(name, new) for name, copies in renamed.items() for new in copies]
+        shown = ", ".join(f"{name!r} -> {new!r}" for name, new in pairs[:4]) + (", ..." if len(pairs) > 4 else "")
+        notes.append(f"{len(pairs)} node(s) had the name of another node of their graph, which onnxruntime "
+                     f"refuses: renamed {shown}; an exclude naming such a name excludes all its nodes")
     name_nodes(work)
     lift_constants(work)
     return work

@@ -133,3 +133,97 @@ def test_data_may_not_feed_a_weight_listed_as_an_input(rng, tmp_path, capsys):
         assert err == (f"onnxcomp: error: {calib}: 'w2' is a weight of the model (an initializer, also listed as a "
                        "graph input as IR < 4 models list them): onnxcomp compresses it as a constant, which the "
                        "data cannot replace; drop it from the data\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Duplicate node names (legal ONNX; onnxruntime refuses the graph): static quantize wrote its
+#    output and then stopped (its fallback could not open the original: exit 1), dynamic and
+#    weight-only mode and prune wrote an output whose check said "could not be compared", cluster
+#    and compress refused the input. The copies are now renamed on load (the first node keeps the
+#    name; 'a' -> 'a_1', ...), the report says which, and an exclude naming such a name excludes
+#    every node the model called so.
+
+
+def _twins(rng, path=None):
+    proto = make_proto(
+        [oh.make_node("MatMul", ["x", "w"], ["h"], name="a"), oh.make_node("Relu", ["h"], ["r"], name="a"),
+         oh.make_node("MatMul", ["r", "w2"], ["h2"], name="b"), oh.make_node("Relu", ["h2"], ["r2"], name=""),
+         oh.make_node("MatMul", ["r2", "w3"], ["y"], name="b")],
+        [("x", ["N", 32])], [("y", ["N", 8])],
+        [("w", rng.standard_normal((32, 16)).astype(np.float32)), ("w2", rng.standard_normal((16, 16)).astype(np.float32)),
+         ("w3", rng.standard_normal((16, 8)).astype(np.float32))],
+    )
+    onnx.checker.check_model(proto)
+    if path is not None:
+        onnx.save(proto, path)
+    return proto
+
+
+TWINS_NOTE = ("2 node(s) had the name of another node of their graph, which onnxruntime refuses: renamed "
+              "'a' -> 'a_1', 'b' -> 'b_1'; an exclude naming such a name excludes all its nodes")
+
+
+def test_duplicate_node_names_are_renamed_on_load_exactly(rng):
+    proto = _twins(rng)
+    model = io.load_model(proto)
+    assert [n.name for n in model.graph] == ["a", "a_1", "b", "", "b_1"]
+    assert io.renamed_nodes(model) == {"a": ["a_1"], "b": ["b_1"]}
+    assert io.renamed_nodes(io.clone_model(model)) == {"a": ["a_1"], "b": ["b_1"]}
+    by_hand = onnx.ModelProto()
+    by_hand.CopyFrom(proto)
+    by_hand.graph.node[1].name, by_hand.graph.node[4].name = "a_1", "b_1"
+    feeds = [{"x": rng.standard_normal((3, 32)).astype(np.float32)}]
+    np.testing.assert_allclose(run_model(model, feeds)[0][0], run_model(io.load_model(by_hand), feeds)[0][0],
+                               rtol=0, atol=1e-5)
+    # a taken suffix is skipped; names in different graphs are no duplicates
+    proto.graph.node[3].name = "a_1"
+    assert [n.name for n in io.load_model(proto).graph] == ["a", "a_2", "b", "a_1", "b_1"]
+
+
+TWIN_COMMANDS = {
+    "static": ["quantize", "--calibration", "CALIB", "--no-fallback", "--exclude", "b"],
+    "dynamic": ["quantize", "--mode", "dynamic", "--exclude", "b"],
+    "weight-only": ["quantize", "--mode", "weight-only", "--bits", "8", "--block-size", "16", "--exclude", "b"],
+    "prune": ["prune", "--ratio", "0.5", "--calibration", "CALIB", "--exclude", "a"],
+    "cluster": ["cluster", "--min-elements", "16", "--data", "CALIB", "--exclude", "b"],
+    "compress": ["compress", "--calibration", "CALIB", "--set", "quantize.exclude=b"],
+}
+
+
+@pytest.mark.parametrize("command", list(TWIN_COMMANDS))
+def test_every_command_takes_duplicate_node_names_and_excludes_all_copies(rng, tmp_path, capsys, command):
+    model, calib, out = tmp_path / "twins.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    proto = _twins(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    name, *rest = TWIN_COMMANDS[command]
+    code, report, err = _json(capsys, name, model, "-o", out, *[calib if a == "CALIB" else a for a in rest])
+    assert code == 0, err
+    assert TWINS_NOTE in report["notes"]
+    assert report["check"]["checked"]  # the original runs in onnxruntime: compared
+    assert not any("could not be compared" in p for p in report["check"]["problems"])
+    if command != "compress":  # compress reports the recipe as given
+        assert report["config"]["exclude"] == (["a", "a_1"] if command == "prune" else ["b", "b_1"])
+    written = onnx.load(out)
+    assert len({n.name for n in written.graph.node}) == len(written.graph.node)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    if command == "prune":
+        assert report["channels_removed"] == 8  # b's 16 outputs halved; a's (excluded) kept
+        return
+    # both nodes the model called 'b' kept their float weights, bit for bit
+    for name in ("w2", "w3"):
+        np.testing.assert_array_equal(weights[name], onnx.numpy_helper.to_array(
+            next(t for t in proto.graph.initializer if t.name == name)))
+    assert report["check"]["compressed"]["count"] >= 1  # 'a' was compressed
+
+
+def test_the_python_api_renames_an_onnx_ir_models_duplicates_too(rng):
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(_twins(rng))
+    assert [n.name for n in model.graph] == ["a", "a", "b", "", "b"]
+    work, report = quantize(model, None, QuantizeConfig(mode="dynamic", exclude=("b",)), verify=False)
+    assert TWINS_NOTE in report["notes"] and report["nodes_quantized"] == 1
+    assert [n.name for n in model.graph] == ["a", "a", "b", "", "b"]  # the input is untouched
