@@ -227,3 +227,62 @@ def test_the_python_api_renames_an_onnx_ir_models_duplicates_too(rng):
     work, report = quantize(model, None, QuantizeConfig(mode="dynamic", exclude=("b",)), verify=False)
     assert TWINS_NOTE in report["notes"] and report["nodes_quantized"] == 1
     assert [n.name for n in model.graph] == ["a", "a", "b", "", "b"]  # the input is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. `prune` of a model with nothing to prune stopped with exit 1 ("no prunable channel groups
+#    found ... nothing written") while quantize and cluster write the model, say "nothing was
+#    compressed" and why, and exit 0 (3 under --strict). prune now follows the same rule; and
+#    when an exclude covers every group it says so (it said "raise --ratio").
+
+
+def _no_weights(path):
+    onnx.save(make_proto([oh.make_node("Relu", ["x"], ["r"]), oh.make_node("Neg", ["r"], ["y"])],
+                         [("x", ["N", 8])], [("y", ["N", 8])]), path)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("argv", [["prune"], ["quantize", "--mode", "dynamic"], ["cluster"]], ids=lambda a: a[0])
+def test_a_run_that_compresses_nothing_is_written_and_said(rng, tmp_path, capsys, argv, strict):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _no_weights(model)
+    np.savez(calib, x=rng.standard_normal((12, 8)).astype(np.float32))
+    data = ["--data" if argv[0] == "cluster" else "--calibration", calib]
+    code, report, err = _json(capsys, argv[0], model, "-o", out, *argv[1:], *data, *(["--strict"] if strict else []))
+    assert code == (3 if strict else 0) and err == ""
+    check = report["check"]
+    assert check["checked"] and not check["met"] and check["compressed"]["count"] == 0
+    assert check["problems"][0].startswith("nothing was compressed (0 ")
+    feeds = [{"x": rng.standard_normal((2, 8)).astype(np.float32)}]
+    np.testing.assert_allclose(run_model(io.load_model(out), feeds)[0][0], -np.maximum(feeds[0]["x"], 0), atol=1e-5)
+    if argv[0] == "prune":
+        why = ("the model has no prunable channel group (no output channel of a Conv, Gemm or MatMul weight whose "
+               "readers can all be cut with it; 0 parameters)")
+        assert check["problems"] == [f"nothing was compressed (0 channels removed): {why}"]
+        assert report["notes"][-1] == f"nothing was pruned (0 channels removed): {why}"
+
+
+def test_prune_says_when_the_exclude_covers_every_group(rng, tmp_path, capsys):
+    model, out = tmp_path / "twins.onnx", tmp_path / "p.onnx"
+    _twins(rng, model)
+    code, report, _ = _json(capsys, "prune", model, "-o", out, "--exclude", "b", "--strict")
+    assert code == 3 and out.exists()
+    assert report["check"]["problems"][0] == ("nothing was compressed (0 channels removed): every group that could be "
+                                              "cut (1, 2) touches a node --exclude names")
+
+
+def test_prune_of_an_already_quantized_model_says_so_and_writes_it(rng, tmp_path, capsys):
+    from onnxcomp.quant.api import quantize
+    from onnxcomp.quant.config import QuantizeConfig
+
+    model, out = tmp_path / "q.onnx", tmp_path / "p.onnx"
+    quantized, _ = quantize(_twins(rng), None, QuantizeConfig(mode="dynamic"), verify=False)
+    io.save_model(quantized, model)
+    code, report, err = _json(capsys, "prune", model, "-o", out)
+    assert code == 0 and out.exists(), err
+    assert report["check"]["problems"][0] == ("nothing was compressed (0 channels removed): the model is already "
+                                              "quantized (MatMulInteger x3): prune its float original")
+    # a bad input is still an error, and nothing is written
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    code, _, err = _cli(capsys, "prune", tmp_path / "broken.onnx", "-o", tmp_path / "b.onnx")
+    assert code == 1 and err.startswith("onnxcomp: error: ") and not (tmp_path / "b.onnx").exists()
