@@ -286,3 +286,81 @@ def test_prune_of_an_already_quantized_model_says_so_and_writes_it(rng, tmp_path
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     code, _, err = _cli(capsys, "prune", tmp_path / "broken.onnx", "-o", tmp_path / "b.onnx")
     assert code == 1 and err.startswith("onnxcomp: error: ") and not (tmp_path / "b.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A check whose outputs were empty on every feed (a Slice that selects nothing, a detector
+#    finding nothing in any check image) compared nothing, and read "check passed ... cosine
+#    1.0000, SQNR inf dB" (exit 0 under --strict); compress stopped with exit 1 ("output 'y' is
+#    empty ... nothing to compare"). The verdict is now "not checked", said why, and meets no
+#    budget: exit 3 under --strict, as a run that compressed nothing, in every command.
+
+
+def _empty_output(rng, path, extra_output=False):
+    nodes = [oh.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             oh.make_node("Relu", ["h"], ["hr"], name="relu"),
+             oh.make_node("Gemm", ["hr", "w2", "b2"], ["z"], transB=1, name="fc2"),
+             oh.make_node("Slice", ["z", "st", "en", "ax"], ["y"], name="cut")]
+    outputs = [("y", ["N", 0])] + ([("z", ["N", 10])] if extra_output else [])
+    proto = make_proto(
+        nodes, [("x", ["N", 32])], outputs,
+        [("w1", rng.standard_normal((64, 32)).astype(np.float32)), ("b1", np.zeros(64, np.float32)),
+         ("w2", rng.standard_normal((10, 64)).astype(np.float32)), ("b2", np.zeros(10, np.float32)),
+         ("st", np.array([3], np.int64)), ("en", np.array([3], np.int64)), ("ax", np.array([1], np.int64))])
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+
+
+NOT_CHECKED = ("not checked: every output was empty on every check feed ('y' [1, 0]) in both models: nothing was "
+               "compared; give data on which the model outputs something")
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_check_that_compared_nothing_is_not_checked_and_meets_no_budget(rng, tmp_path, capsys, command):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _empty_output(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    argv = _argv(command, model, out, calib)
+    code, report, err = _json(capsys, *argv, "--strict")
+    assert code == 3, err
+    check = report["check"]
+    assert check["verdict"] == "not checked" and check["checked"] is False and check["met"] is False
+    assert NOT_CHECKED in check["problems"] and check["blame"] == []
+    assert out.exists()  # written (onnxruntime ran it on every check feed), only not checked
+    code, text, _ = _cli(capsys, *argv, "--force")
+    text = " ".join(text.split())
+    assert code == 0 and "check passed" not in text and "budget met" not in text
+    assert f"NOT CHECKED on {check['data']['source']}" in text and NOT_CHECKED.removeprefix("not checked: ") in text
+
+
+def test_an_output_empty_on_every_feed_beside_others_is_named_and_left_out(rng, tmp_path, capsys):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _empty_output(rng, model, extra_output=True)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    code, report, err = _json(capsys, "quantize", model, "-o", out, "--mode", "dynamic", "--calibration", calib,
+                              "--min-agreement", "0.5", "--strict")
+    check = report["check"]
+    assert code == 0 and check["verdict"] == "passed" and check["checked"], err
+    rows = {row["name"]: row for row in check["outputs"]}
+    assert rows["y"]["compared"] is False and rows["y"]["empty_shape"] == [1, 0]
+    assert "compared" not in rows["z"] and rows["z"]["cosine"] > 0.99
+    assert check["empty_note"] == ("output 'y' [1, 0] was empty on every check feed in both models: not compared "
+                                   "(the verdict reads the other outputs)")
+
+
+def test_the_verdict_of_the_check_api(rng, tmp_path):
+    from onnxcomp.check import CheckConfig, check_model, split_data, verdict_line
+    from onnxcomp.data import Dataset
+
+    _empty_output(rng, tmp_path / "m.onnx")
+    reference = io.load_model(tmp_path / "m.onnx")
+    data = Dataset([{"x": rng.standard_normal((2, 32)).astype(np.float32)} for _ in range(3)], reference)
+    split = split_data(data, CheckConfig(), evaluation=data, model=reference)
+    report = check_model(reference, io.load_model(tmp_path / "m.onnx"), split, compressed=1)
+    assert report["verdict"] == "not checked" and report["problems"] == [NOT_CHECKED.replace("[1, 0]", "[2, 0]")]
+    assert verdict_line(report).startswith("NOT CHECKED on ")
+    # no data: not checked either (it read "CHECK FAILED ...: not checked: no data")
+    split = split_data(None, CheckConfig(), model=reference)
+    split.check = None
+    report = check_model(reference, reference, split, compressed=1)
+    assert report["verdict"] == "not checked" and verdict_line(report).startswith("NOT CHECKED on ")

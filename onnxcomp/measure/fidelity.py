@@ -44,7 +44,11 @@ from onnxcomp.io import LARGE_MODEL_BYTES, initializer_nbytes, release_pages
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, check_label_range, predicted_class
 from onnxcomp.runtime import collect_outputs, create_session, session_options
 
-__all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
+__all__ = ["ModelComparison", "compare_models", "default_channel_axis", "NothingToCompare"]
+
+
+class NothingToCompare(OnnxcompError):
+    """An output of the reference was empty on every feed (or got no data): no figure exists."""
 
 def default_channel_axis(shape: Sequence[int]) -> int | None:
     """The channel axis :func:`compare_models` uses for an output of this shape (module doc)."""
@@ -257,7 +261,7 @@ def compare_models(
     never = [n for n in ref_outputs if n not in accumulators]
     if never:
         why = f"is empty (shape {empty[never[0]]}) on every feed" if never[0] in empty else "got no data"
-        raise OnnxcompError(f"output {never[0]!r} {why}: nothing to compare")
+        raise NothingToCompare(f"output {never[0]!r} {why}: nothing to compare")
     outputs = [accumulators[n].result() for n in ref_outputs]
     skipped = {n: "resized (pruned channels)" for n in layer_names if n in resized}
     skipped.update(
