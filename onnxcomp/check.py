@@ -109,7 +109,7 @@ from onnxcomp.io import LARGE_MODEL_BYTES, first_line, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
-           "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS",
+           "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict", "verdict_line", "check_labels_fit", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS",
            "OutputView", "output_view", "classify", "Kind", "JudgedKind", "returned_kind", "feed_facts", "KindsSeen",
            "reads_top1"]
 
@@ -207,11 +207,44 @@ class DataSplit:
                 "labels": self.labels is not None}
 
 
+#: what an output of each kind is, for a refusal of labels read from it
+_NOT_CLASS_SCORES = {
+    "values": "values (a regression, boxes, features: not class scores)",
+    "map": "a probability map (Sigmoid per pixel), not class scores",
+    "detections": "a detector head (boxes and class scores per anchor), not class scores per sample",
+    "sequence": "a sequence (scores per step), not class scores per sample",
+    "exact": "integer values, not one predicted label per sample",
+}
+
+
+def check_labels_fit(kind: str, shape: Sequence[Any] | None, output: str, declared: bool = False) -> None:
+    """Refuse (DataError) labels read from ``output`` (the model's first output) when it holds no
+    class per sample: labels are class indices, compared with the arg-max of class scores (kind
+    ``scores``: a Softmax/LogSoftmax, or ``[N, C]`` with C >= 2) or with predicted labels (an
+    integer ``[N]`` or ``[N, 1]`` output). Accuracy read from a regression, box or feature output
+    would be a figure of nothing. ``declared``: ``kind`` and ``shape`` are the graph's (before any
+    work), else the array the original returned."""
+    dims = list(shape) if shape is not None else None
+    if kind == "scores" or dims is None:
+        return
+    if kind == "exact" and (len(dims) == 1 or (len(dims) == 2 and dims[1] in (1, None))):
+        return  # predicted labels
+    what = _NOT_CLASS_SCORES.get(str(kind), str(kind))
+    raise DataError(
+        f"--labels: output {output!r} {'declares' if declared else 'returned'} {_dims(tuple(dims))}: {what}; labels "
+        "are one class index per sample, read from the model's first output when it holds class scores (a "
+        "Softmax/LogSoftmax, or [N, C] with C >= 2) or predicted labels (an integer [N]); drop --labels (the "
+        "outputs are compared without them)")
+
+
 def _check_declared_classes(labels: np.ndarray, model: ir.Model) -> None:
     from onnxcomp.measure.metrics import check_label_range
 
     output = model.graph.outputs[0]
     dims = tuple(output.shape) if output.shape is not None else ()
+    if output.shape is not None:
+        check_labels_fit(output_kinds(model)[output.name], tuple(d if isinstance(d, int) else None for d in dims),
+                         output.name, declared=True)
     if len(dims) >= 2 and isinstance(dims[-1], int):
         check_label_range(labels, (1, dims[-1]), output.name)
 
@@ -1332,6 +1365,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
             if not predictions[0]:
+                if figures.pending[0] is None:  # judged on what the original returned (not empty)
+                    check_labels_fit(figures._kinds[0], np.shape(ref_values[0]), names[0])
                 check_label_range(labels, np.shape(ref_values[0]), names[0])
             predictions[0].append(predicted_class(ref_values[0]))
             predictions[1].append(predicted_class(cand_values[0]))

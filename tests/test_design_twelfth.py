@@ -364,3 +364,98 @@ def test_the_verdict_of_the_check_api(rng, tmp_path):
     split.check = None
     report = check_model(reference, reference, split, compressed=1)
     assert report["verdict"] == "not checked" and verdict_line(report).startswith("NOT CHECKED on ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Labels given for an output that holds no class per sample (a regression [N, 1], a detector
+#    head, features) were taken silently: the arg-max of one column is always 0, so "accuracy"
+#    was the share of label 0 on both models, and the budget met. They are now refused naming the
+#    output and its shape: before any work where the graph declares it, from the array the
+#    original returned where it does not (a symbolic class axis: then the output was written, and
+#    the error says it was not checked, as for other check data found bad only while read).
+
+
+def _regression(rng, path, classes_dim=1):
+    proto = make_proto(
+        [oh.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"), oh.make_node("Relu", ["h"], ["hr"]),
+         oh.make_node("Gemm", ["hr", "w2", "b2"], ["y"], transB=1, name="fc2")],
+        [("x", ["N", 32])], [("y", ["N", classes_dim])],
+        [("w1", rng.standard_normal((64, 32)).astype(np.float32)), ("b1", np.zeros(64, np.float32)),
+         ("w2", rng.standard_normal((1, 64)).astype(np.float32)), ("b2", np.zeros(1, np.float32))])
+    onnx.save(proto, path)
+
+
+def _labels_refused(shape, what, declared=True):
+    return (f"onnxcomp: error: --labels: output 'y' {'declares' if declared else 'returned'} {shape}: {what}; labels "
+            "are one class index per sample, read from the model's first output when it holds class scores (a "
+            "Softmax/LogSoftmax, or [N, C] with C >= 2) or predicted labels (an integer [N]); drop --labels (the "
+            "outputs are compared without them)")
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "compare"])
+def test_labels_for_a_regression_output_are_refused_before_any_work(rng, tmp_path, capsys, command):
+    model, calib, labels, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "l.npy", tmp_path / "o.onnx"
+    _regression(rng, model)
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    np.save(labels, np.zeros(20, np.int64))  # all label 0: the arg-max of [N, 1] is 0, "100% accuracy"
+    if command == "compare":
+        argv = ["compare", model, model, "--data", calib, "--labels", labels]
+    else:
+        argv = _argv(command, model, out, calib) + (["--labels", labels] if command == "cluster" else
+                                                     ["--eval", calib, "--labels", labels])
+    code, text, err = _cli(capsys, *argv)
+    assert code == 1 and text == "" and not out.exists()
+    shape = "[1, 1]" if command == "compare" else "[?, 1]"
+    assert err == _labels_refused(shape, "values (a regression, boxes, features: not class scores)",
+                                  declared=command != "compare") + "\n"
+
+
+def test_labels_for_an_undeclared_class_axis_are_refused_by_the_check(rng, tmp_path, capsys):
+    model, calib, labels, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "l.npy", tmp_path / "o.onnx"
+    _regression(rng, model, classes_dim="C")  # [N, C] declares class scores; it returns [N, 1]
+    np.savez(calib, x=rng.standard_normal((20, 32)).astype(np.float32))
+    np.save(labels, np.zeros(20, np.int64))
+    code, _, err = _cli(capsys, "quantize", model, "-o", out, "--mode", "dynamic", "--eval", calib, "--labels", labels)
+    assert code == 1
+    assert err == (_labels_refused("[1, 1]", "values (a regression, boxes, features: not class scores)", declared=False)
+                   + f"; {out} was written but not checked\n")
+
+
+@pytest.mark.parametrize("kind, shape, refused", [
+    ("scores", [None, 10], None), ("scores", [None, 7, 5], None),  # Softmax over classes, per token
+    ("exact", [None], None), ("exact", [None, 1], None),  # predicted labels (sklearn's label output)
+    ("values", [None, 1], "values (a regression, boxes, features: not class scores)"),
+    ("detections", [None, 84, 8400], "a detector head (boxes and class scores per anchor), not class scores per sample"),
+    ("map", [None, 1, 64, 64], "a probability map (Sigmoid per pixel), not class scores"),
+    ("sequence", [None, 40, 97], "a sequence (scores per step), not class scores per sample"),
+    ("exact", [None, 16], "integer values, not one predicted label per sample"),
+])
+def test_which_outputs_labels_can_be_read_from(kind, shape, refused):
+    from onnxcomp.check import check_labels_fit
+    from onnxcomp.errors import DataError
+
+    if refused is None:
+        check_labels_fit(kind, shape, "y", declared=True)
+        return
+    with pytest.raises(DataError) as info:
+        check_labels_fit(kind, shape, "y", declared=True)
+    dims = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+    assert f"onnxcomp: error: {info.value}" == _labels_refused(dims, refused)
+
+
+def test_labels_for_a_detector_head_are_refused_by_name(rng, tmp_path, capsys):
+    model, calib, labels = tmp_path / "det.onnx", tmp_path / "c.npz", tmp_path / "l.npy"
+    proto = make_proto(
+        [oh.make_node("Conv", ["x", "wb"], ["boxes"], name="box_conv"), oh.make_node("Conv", ["x", "wc"], ["cls"]),
+         oh.make_node("Sigmoid", ["cls"], ["scores"]), oh.make_node("Concat", ["boxes", "scores"], ["c4"], axis=1),
+         oh.make_node("Reshape", ["c4", "to"], ["y"])],
+        [("x", ["N", 8, 4, 4])], [("y", ["N", 7, 16])],
+        [("wb", rng.standard_normal((4, 8, 1, 1)).astype(np.float32)),
+         ("wc", rng.standard_normal((3, 8, 1, 1)).astype(np.float32)), ("to", np.array([0, 7, 16], np.int64))])
+    onnx.save(proto, model)
+    np.savez(calib, x=rng.standard_normal((12, 8, 4, 4)).astype(np.float32))
+    np.save(labels, np.zeros(12, np.int64))
+    code, _, err = _cli(capsys, "cluster", model, "-o", tmp_path / "o.onnx", "--data", calib, "--labels", labels)
+    assert code == 1 and not (tmp_path / "o.onnx").exists()
+    assert err == _labels_refused("[?, 7, 16]", "a detector head (boxes and class scores per anchor), not class "
+                                                "scores per sample") + "\n"
