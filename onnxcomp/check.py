@@ -1028,6 +1028,11 @@ class OutputFigures:
                 self.empty_shapes[i] = list(np.shape(pending[0][0]))
                 self._judge(i, pending[0][0], pending[0][2], pending[0][3])
 
+    def judged(self, index: int) -> str | None:
+        """The kind of output ``index`` judged from an array with data the original returned;
+        None while it has returned only empty ones."""
+        return self._kinds[index] if self.pending[index] is None else None
+
     def decided_kinds(self) -> dict[str, Kind]:
         """The kinds judged from arrays with data, each fixed (:class:`Kind` ``decided``) so that
         another :class:`OutputFigures` (the fallback's, on other feeds) judges them alike."""
@@ -1187,9 +1192,9 @@ def check_model(
     report["data"]["check_feeds"] = run["feeds"]
     report["data"]["check_samples"] = run["samples"]
     figures = run["output_figures"]
-    for name, kind, values, (ok, rule, figure), n, note in zip(run["names"], run["kinds"], run["figures"],
-                                                               figures.verdicts(config), figures.decisions(),
-                                                               figures.notes):
+    for name, kind, values, (ok, rule, figure), n, note, empty in zip(
+            run["names"], run["kinds"], run["figures"], figures.verdicts(config), figures.decisions(), figures.notes,
+            figures.empty_shapes):
         row: dict[str, Any] = {"name": name, "kind": kind, **{k: values.get(k) for k in REPORTED},
                                RULES[kind].figure: values.get(RULES[kind].figure), "rule": rule, "ok": ok}
         if note is not None:
@@ -1202,8 +1207,8 @@ def check_model(
             row["embedding"] = embedding
             rule, figure = f"pooled-embedding {rule}", f"pooled-embedding {figure}"
             row["rule"] = rule
-        if figures.empty_shapes[len(report["outputs"])] is not None:  # nothing to compare: no verdict
-            row.update(compared=False, empty_shape=figures.empty_shapes[len(report["outputs"])])
+        if empty is not None:  # nothing to compare: no verdict
+            row.update(compared=False, empty_shape=empty)
         elif not ok:
             report["problems"].append(f"output {name!r}: {figure}, budget {rule}")
         report["outputs"].append(row)
@@ -1365,8 +1370,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
             if not predictions[0]:
-                if figures.pending[0] is None:  # judged on what the original returned (not empty)
-                    check_labels_fit(figures._kinds[0], np.shape(ref_values[0]), names[0])
+                if figures.judged(0) is not None:  # as the original returned it (not empty)
+                    check_labels_fit(figures.judged(0), np.shape(ref_values[0]), names[0])
                 check_label_range(labels, np.shape(ref_values[0]), names[0])
             predictions[0].append(predicted_class(ref_values[0]))
             predictions[1].append(predicted_class(cand_values[0]))
