@@ -109,7 +109,7 @@ from onnxcomp.io import LARGE_MODEL_BYTES, first_line, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
-           "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict_line", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS",
+           "judged_figures", "output_verdicts", "resolution_note", "figures_meet", "verdict", "verdict_line", "check_labels_fit", "blame", "OutputFigures", "Rule", "RULES", "FIGURES", "KIND_DETECTORS", "SCORE_PRODUCERS", "MAP_PRODUCERS",
            "OutputView", "output_view", "classify", "Kind", "JudgedKind", "returned_kind", "feed_facts", "KindsSeen",
            "reads_top1"]
 
@@ -207,11 +207,44 @@ class DataSplit:
                 "labels": self.labels is not None}
 
 
+#: what an output of each kind is, for a refusal of labels read from it
+_NOT_CLASS_SCORES = {
+    "values": "values (a regression, boxes, features: not class scores)",
+    "map": "a probability map (Sigmoid per pixel), not class scores",
+    "detections": "a detector head (boxes and class scores per anchor), not class scores per sample",
+    "sequence": "a sequence (scores per step), not class scores per sample",
+    "exact": "integer values, not one predicted label per sample",
+}
+
+
+def check_labels_fit(kind: str, shape: Sequence[Any] | None, output: str, declared: bool = False) -> None:
+    """Refuse (DataError) labels read from ``output`` (the model's first output) when it holds no
+    class per sample: labels are class indices, compared with the arg-max of class scores (kind
+    ``scores``: a Softmax/LogSoftmax, or ``[N, C]`` with C >= 2) or with predicted labels (an
+    integer ``[N]`` or ``[N, 1]`` output). Accuracy read from a regression, box or feature output
+    would be a figure of nothing. ``declared``: ``kind`` and ``shape`` are the graph's (before any
+    work), else the array the original returned."""
+    dims = list(shape) if shape is not None else None
+    if kind == "scores" or dims is None:
+        return
+    if kind == "exact" and (len(dims) == 1 or (len(dims) == 2 and dims[1] in (1, None))):
+        return  # predicted labels
+    what = _NOT_CLASS_SCORES.get(str(kind), str(kind))
+    raise DataError(
+        f"--labels: output {output!r} {'declares' if declared else 'returned'} {_dims(tuple(dims))}: {what}; labels "
+        "are one class index per sample, read from the model's first output when it holds class scores (a "
+        "Softmax/LogSoftmax, or [N, C] with C >= 2) or predicted labels (an integer [N]); drop --labels (the "
+        "outputs are compared without them)")
+
+
 def _check_declared_classes(labels: np.ndarray, model: ir.Model) -> None:
     from onnxcomp.measure.metrics import check_label_range
 
     output = model.graph.outputs[0]
     dims = tuple(output.shape) if output.shape is not None else ()
+    if output.shape is not None:
+        check_labels_fit(output_kinds(model)[output.name], tuple(d if isinstance(d, int) else None for d in dims),
+                         output.name, declared=True)
     if len(dims) >= 2 and isinstance(dims[-1], int):
         check_label_range(labels, (1, dims[-1]), output.name)
 
@@ -956,6 +989,8 @@ class OutputFigures:
         self.pending: list[list[tuple] | None] = [[] for _ in names]
         #: per output: its kind was judged on an empty array (no output ever had data)
         self.from_empty = [False] * len(names)
+        #: per output: the shape of its first empty array when it was empty on every feed, else None
+        self.empty_shapes: list[list[int] | None] = [None] * len(names)
         self.pooled = {n: PooledEmbedding(mask) for n, mask in (pooled or {}).items() if n in names}
 
     @staticmethod
@@ -990,7 +1025,13 @@ class OutputFigures:
         for i, pending in enumerate(self.pending):
             if pending:
                 self.from_empty[i] = True
+                self.empty_shapes[i] = list(np.shape(pending[0][0]))
                 self._judge(i, pending[0][0], pending[0][2], pending[0][3])
+
+    def judged(self, index: int) -> str | None:
+        """The kind of output ``index`` judged from an array with data the original returned;
+        None while it has returned only empty ones."""
+        return self._kinds[index] if self.pending[index] is None else None
 
     def decided_kinds(self) -> dict[str, Kind]:
         """The kinds judged from arrays with data, each fixed (:class:`Kind` ``decided``) so that
@@ -1120,7 +1161,7 @@ def check_model(
     config = config or CheckConfig()
     started = time.perf_counter()
     report: dict[str, Any] = {"data": split.describe(), "budget": config.budget(), "outputs": [], "problems": [],
-                              "blame": [], "resolution_note": None, "kind_note": None}
+                              "blame": [], "resolution_note": None, "kind_note": None, "empty_note": None}
     if compressed is not None:
         report["compressed"] = {"count": int(compressed), "what": what}
     if compressed == 0:
@@ -1132,6 +1173,7 @@ def check_model(
         report["problems"].append(problem)
         report["met"] = False
         report["checked"] = False
+        report["verdict"] = verdict(report)
         report["seconds"] = time.perf_counter() - started
         return report
 
@@ -1150,9 +1192,9 @@ def check_model(
     report["data"]["check_feeds"] = run["feeds"]
     report["data"]["check_samples"] = run["samples"]
     figures = run["output_figures"]
-    for name, kind, values, (ok, rule, figure), n, note in zip(run["names"], run["kinds"], run["figures"],
-                                                               figures.verdicts(config), figures.decisions(),
-                                                               figures.notes):
+    for name, kind, values, (ok, rule, figure), n, note, empty in zip(
+            run["names"], run["kinds"], run["figures"], figures.verdicts(config), figures.decisions(), figures.notes,
+            figures.empty_shapes):
         row: dict[str, Any] = {"name": name, "kind": kind, **{k: values.get(k) for k in REPORTED},
                                RULES[kind].figure: values.get(RULES[kind].figure), "rule": rule, "ok": ok}
         if note is not None:
@@ -1165,9 +1207,23 @@ def check_model(
             row["embedding"] = embedding
             rule, figure = f"pooled-embedding {rule}", f"pooled-embedding {figure}"
             row["rule"] = rule
-        if not ok:
+        if empty is not None:  # nothing to compare: no verdict
+            row.update(compared=False, empty_shape=empty)
+        elif not ok:
             report["problems"].append(f"output {name!r}: {figure}, budget {rule}")
         report["outputs"].append(row)
+    empty = [row for row in report["outputs"] if row.get("compared") is False]
+    if empty:
+        listed = ", ".join(f"{row['name']!r} {row['empty_shape']}" for row in empty)
+        if len(empty) == len(report["outputs"]):
+            report["checked"] = False
+            report["problems"].append(
+                f"not checked: every output was empty on every check feed ({listed}) in both models: "
+                "nothing was compared; give data on which the model outputs something")
+        else:
+            report["empty_note"] = (f"output{'s' if len(empty) > 1 else ''} {listed} "
+                                    f"{'were' if len(empty) > 1 else 'was'} empty on every check feed in both "
+                                    "models: not compared (the verdict reads the other outputs)")
     if run["accuracy"]:
         original, written = run["accuracy"]
         drop = 100.0 * (original - written)
@@ -1178,9 +1234,11 @@ def check_model(
                 f"budget {config.max_drop:g} points"
             )
     report["met"] = not report["problems"]
-    report["resolution_note"] = resolution_note(report["outputs"], config)
+    report["resolution_note"] = resolution_note([r for r in report["outputs"] if r.get("compared") is not False],
+                                                config)
     report["kind_note"] = "; ".join(note for note in figures.notes if note) or None
-    if not report["met"] and compressed != 0 and config.blame:
+    report["verdict"] = verdict(report)
+    if not report["met"] and compressed != 0 and config.blame and report["checked"]:
         report["blame"] = blame(reference, candidate if written_model is None else written_model, data,
                                 config.blame)
     report["seconds"] = time.perf_counter() - started
@@ -1312,6 +1370,8 @@ def _compare(reference: ir.Model, candidate, data: Dataset, labels: np.ndarray |
         figures.update(ref_values, cand_values, feed)
         if labels is not None:
             if not predictions[0]:
+                if figures.judged(0) is not None:  # as the original returned it (not empty)
+                    check_labels_fit(figures.judged(0), np.shape(ref_values[0]), names[0])
                 check_label_range(labels, np.shape(ref_values[0]), names[0])
             predictions[0].append(predicted_class(ref_values[0]))
             predictions[1].append(predicted_class(cand_values[0]))
@@ -1406,6 +1466,15 @@ def _exposed_runs(model: ir.Model, names: list[str], feeds: list[dict[str, np.nd
     return [session.run(names, feed) for feed in feeds]
 
 
+def verdict(check: dict[str, Any]) -> str:
+    """The check's verdict in one word: ``passed`` (every compared output met its budget, something
+    was compressed), ``not checked`` (nothing was compared: no data, the original cannot run the
+    generated inputs, every output empty on every feed; never a met budget) or ``failed``."""
+    if not check.get("checked"):
+        return "not checked"
+    return "passed" if check.get("met") else "failed"
+
+
 def verdict_line(check: dict[str, Any]) -> str:
     """One line for the terminal: the verdict, the data, and the worst figures."""
     data = check["data"]
@@ -1414,6 +1483,9 @@ def verdict_line(check: dict[str, Any]) -> str:
         where += f", {data['check_feeds']} feed(s)"
     if not data.get("held_out") and check.get("checked"):
         where += ", NOT held out"
+    if not check.get("checked", True):
+        problems = "; ".join(p.removeprefix("not checked: ") for p in check["problems"][:3])
+        return f"NOT CHECKED on {where}: {problems}"
     if check.get("met"):
         figures = "; ".join(_figure(r) for r in check["outputs"][:4])
         acc = check.get("accuracy")
@@ -1428,6 +1500,8 @@ def verdict_line(check: dict[str, Any]) -> str:
 
 
 def _figure(row: dict[str, Any]) -> str:
+    if row.get("compared") is False:
+        return f"{row['name']}: empty on every feed {row['empty_shape']}, not compared"
     if row.get("embedding"):
         emb = row["embedding"]
         nn = f", nearest-neighbour agreement {100 * emb['nn_agreement']:.1f}%" if emb["nn_agreement"] is not None else ""

@@ -32,8 +32,9 @@ array has one more axis than the model's input and ``arr[i]`` fits the input's f
 
 Validation
 ----------
-Each feed is checked against the model's graph inputs (initializers that are also inputs are
-optional): missing or extra names, dtype, rank, fixed dimensions, NaN/Inf. Errors raise
+Each feed is checked against the model's graph inputs: missing or extra names, dtype, rank, fixed
+dimensions, NaN/Inf. Initializers that are also inputs (IR < 4 models) are optional, and the data
+may not feed them: they are weights, compressed as constants. Errors raise
 :class:`~onnxcomp.errors.DataError` naming the source, the input and the sample. An empty data set is
 an error too.
 """
@@ -152,6 +153,7 @@ class Dataset:
         batch_size = None if batch_size is None else int(batch_size)
         limit = None if limit is None else int(limit)
         self.inputs = model_inputs(model)
+        self._weights = frozenset(model.graph.initializers)
         self._spans: dict[str, tuple[float, float]] = {}  # float inputs: span of the values read until they vary
         self.ignore = frozenset(ignore)
         self._by_name = {s.name: s for s in self.inputs}
@@ -278,6 +280,14 @@ class Dataset:
         required = {s.name for s in self.inputs if not s.optional}
         known = {s.name for s in self.inputs}
         missing = sorted(required - names)
+        # an initializer (listed as an input too, or no longer: the commands compress it as a weight)
+        weights = sorted(n for n in names if n in self._weights)
+        if weights:
+            raise DataError(
+                f"{where}: {', '.join(map(repr, weights))} {'is a weight' if len(weights) == 1 else 'are weights'} "
+                "of the model (an initializer, also listed as a graph input as IR < 4 models list them): "
+                "onnxcomp compresses it as a constant, which the data cannot replace; drop it from the data"
+            )
         extra = sorted(names - known)
         if missing:
             raise DataError(

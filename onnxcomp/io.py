@@ -75,6 +75,8 @@ __all__ = [
     "initializer_nbytes",
     "external_data_files",
     "source_path",
+    "unique_node_names",
+    "renamed_nodes",
     "LARGE_MODEL_BYTES",
     "release_pages",
     "spill_tensors",
@@ -89,6 +91,7 @@ PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 
 _SOURCE_KEY = "onnxcomp.source_path"
 _EXTERNAL_KEY = "onnxcomp.source_external_data"
+_RENAMED_KEY = "onnxcomp.renamed_nodes"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -176,6 +179,7 @@ def _from_proto(
         raise ModelLoadError(f"{what}: cannot be read: {_first_line(exc)}") from None
     if base_dir is not None:
         ir_external_data.set_base_dir(model.graph, str(base_dir))
+    unique_node_names(model)
     _check_external_data(model, what)
     if check:
         _check_shapes(proto, model, what)
@@ -327,6 +331,46 @@ def source_path(model: ir.Model) -> Path | None:
     return Path(src) if src else None
 
 
+def unique_node_names(model: ir.Model) -> dict[str, list[str]]:
+    """Give the second and later nodes of one name in a graph unique names, in place (``a`` ->
+    ``a_1``, ``a_2``, ... in graph order, skipping names the model already uses); returns
+    :func:`renamed_nodes` (every rename since the model was loaded).
+
+    Two nodes of one name are legal ONNX (onnx.checker takes them) but onnxruntime refuses the
+    graph, and passes, selections and reports refer to nodes by name. Every command loads its
+    model through here, so the original runs in onnxruntime as the compressed model does. Empty
+    names are left alone (onnxruntime takes any number of them).
+    """
+    graphs = [model.graph, *model.graph.subgraphs()]
+    taken = {node.name for graph in graphs for node in graph if node.name}
+    renamed = {name: list(new) for name, new in (model.meta.get(_RENAMED_KEY) or {}).items()}
+    for graph in graphs:
+        seen: set[str] = set()
+        for node in graph:
+            name = node.name
+            if not name:
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            k = 1
+            while f"{name}_{k}" in taken:
+                k += 1
+            node.name = f"{name}_{k}"
+            taken.add(node.name)
+            seen.add(node.name)
+            renamed.setdefault(name, []).append(node.name)
+    if renamed:
+        model.meta[_RENAMED_KEY] = renamed
+    return renamed
+
+
+def renamed_nodes(model: ir.Model) -> dict[str, list[str]]:
+    """Per node name that several nodes of one graph had, the new names of the copies
+    (:func:`unique_node_names`; the first node keeps the name); empty when none was renamed."""
+    return dict(model.meta.get(_RENAMED_KEY) or {})
+
+
 def clone_model(model: ir.Model) -> ir.Model:
     """A structural copy of ``model`` that passes can change in place.
 
@@ -334,7 +378,7 @@ def clone_model(model: ir.Model) -> ir.Model:
     tensors and never write into an existing tensor.
     """
     clone = model.clone()
-    for key in (_SOURCE_KEY, _EXTERNAL_KEY):
+    for key in (_SOURCE_KEY, _EXTERNAL_KEY, _RENAMED_KEY):
         if key in model.meta:
             clone.meta[key] = model.meta[key]
     return clone
@@ -1018,6 +1062,8 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
         result.meta[_SOURCE_KEY] = str(src)
     if model.meta.get(_EXTERNAL_KEY):
         result.meta[_EXTERNAL_KEY] = True
+    if model.meta.get(_RENAMED_KEY):
+        result.meta[_RENAMED_KEY] = model.meta[_RENAMED_KEY]
     return result
 
 
