@@ -126,6 +126,11 @@ BIAS_ADDS = frozenset({"Add"})
 #: What raw logits need to be read as CTC steps (besides a blank; ``check._is_ctc_logits``): this
 #: many classes (digits and a blank), this many steps on the first check feed.
 CTC_LOGITS = {"min_classes": 10, "min_steps": 8}
+#: A rank-3 output of a projection (MatMul/Gemm, or an Add of one) onto a fixed class axis of at most
+#: this many holds a token classifier's raw tag scores (``check._tag_projection``), never an
+#: encoder's hidden states: it is not pooled (:func:`pooled_outputs`) even where the model has a
+#: mask input. Tag sets have a few to a few dozen classes, hidden states and token embeddings 64 or more.
+TAG_LOGITS = {"max_classes": 63}
 #: Ops that only move or relabel data: an output behind them keeps its producer's kind.
 _PASS_THROUGH = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast"})
 
@@ -753,6 +758,15 @@ def _is_ctc_logits(view: OutputView) -> bool:
             and view.top_class in (0, classes - 1) and SequenceAgreement.blank_share <= view.top_share < 1.0)
 
 
+def _tag_projection(view: OutputView) -> bool:
+    """A rank-3 projection (MatMul/Gemm, or an Add of one) onto a fixed class axis of at most
+    :data:`TAG_LOGITS` ``max_classes``: a token classifier's raw tag scores (khmersm's word-boundary
+    emissions ``[1, T, 2]``), never hidden states to pool."""
+    shape = view.shape
+    return (view.logits and shape is not None and len(shape) == 3 and isinstance(shape[-1], int)
+            and shape[-1] <= TAG_LOGITS["max_classes"])
+
+
 def _is_scores(view: OutputView) -> bool:
     shape = view.shape
     rank2 = shape is not None and len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2)
@@ -914,7 +928,10 @@ def pooled_outputs(model: ir.Model) -> dict[str, str]:
     from onnxcomp.measure.embedding import encoder_outputs
 
     mask, names = encoder_outputs(model)
-    return dict.fromkeys(names, mask) if mask is not None else {}
+    if mask is None:
+        return {}
+    tags = {v.name for v in model.graph.outputs if _tag_projection(output_view(v))}
+    return {name: mask for name in names if name not in tags}
 
 
 def judge_output(kind: str, figures: dict[str, float | None], config: CheckConfig) -> tuple[bool, str, str]:

@@ -11,7 +11,8 @@ values nothing reads. For such outputs :func:`embedding_fidelity` reports, again
 
 An output is an encoder output (:func:`encoder_outputs`) when it is a float tensor of rank 3 and
 the model has an integer rank-2 input named like an attention mask (``attention_mask``,
-``input_mask``, ``mask``).
+``input_mask``, ``mask``). The check pools these outputs but for a projection onto a few classes, a
+token classifier's raw tag scores (:func:`onnxcomp.check.pooled_outputs`).
 """
 
 from __future__ import annotations
