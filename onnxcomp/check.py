@@ -26,7 +26,9 @@ Budget (per output; all must hold)
     ==========  ==========================================  ===================================
     scores      Softmax/LogSoftmax of rank != 3 (or of one   top-1 agreement >= ``min_agreement``
                 row per token of an integer input: tags),
-                or rank 2 with more than one column
+                or rank 2 with more than one column where
+                no other output is a rank-2 Softmax's
+                (beside one, it is a regression: values)
     sequence    Softmax/LogSoftmax of rank 3, ``[N, T, C]``  decoded-sequence agreement (greedy
                 (CTC recognizers), or rank-3 logits of a     CTC decoding, 1 - normalized edit
                 MatMul/Gemm whose top class is the first or  distance) >= ``min_agreement``
@@ -676,6 +678,10 @@ class OutputView:
         per_token: returned arrays only: a rank-3 array whose first two dims are those of an
             integer feed ``[N, T]`` (token ids): one row per input token, a token classifier's tags
             (its "outside" tag tops most tokens), not CTC steps.
+        beside_scores: another output of the model is a rank-2 Softmax/LogSoftmax's (class scores
+            per sample): a rank-2 output that is none is a regression beside them (a face detector's box and
+            landmark offsets beside its face scores), not more class scores (set by
+            :func:`output_kinds`, which sees the whole model).
         returned: ``shape`` and ``floating`` are the returned array's.
     """
 
@@ -689,6 +695,7 @@ class OutputView:
     top_share: float | None = None
     steps: int = 0
     per_token: bool = False
+    beside_scores: bool = False
     returned: bool = False
 
     @property
@@ -770,7 +777,7 @@ def _tag_projection(view: OutputView) -> bool:
 def _is_scores(view: OutputView) -> bool:
     shape = view.shape
     rank2 = shape is not None and len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2)
-    return view.producer in SCORE_PRODUCERS or rank2
+    return view.producer in SCORE_PRODUCERS or (rank2 and not view.beside_scores)
 
 
 def _is_map(view: OutputView) -> bool:
@@ -826,6 +833,8 @@ def output_kinds(model: ir.Model) -> dict[str, str]:
     :data:`RULES`; module docstring: Budget). :class:`OutputFigures` checks it against the arrays the
     original returns."""
     views = [output_view(value) for value in model.graph.outputs]
+    scored = [view.name for view in views if view.producer in SCORE_PRODUCERS and view.rank == 2]
+    views = [dataclasses.replace(view, beside_scores=any(name != view.name for name in scored)) for view in views]
     return {view.name: Kind(classify(view), view) for view in views}
 
 
