@@ -67,6 +67,7 @@ __all__ = [
     "synthetic_feed",
     "fill_free_dims",
     "describe_free_dims",
+    "MASK_INPUT_NAMES",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -727,10 +728,18 @@ def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+#: Input names taken for an attention mask (an encoder's, :mod:`onnxcomp.measure.embedding`):
+#: generated as all ones (:func:`synthetic_feed`).
+MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
+
+
 def synthetic_feed(
     inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False.
+    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False; but an
+    integer or boolean input named like an attention mask (:data:`MASK_INPUT_NAMES`) is all ones
+    (every position kept: all zeros masks out every position, and a masked softmax over nothing
+    returns NaN, as khmersm's did).
 
     Raises:
         DataError: an input has a dynamic dimension and no ``--shape`` for it (names the dim), a
@@ -770,8 +779,8 @@ def synthetic_feed(
             shape = tuple(int(d) for d in spec.shape)  # type: ignore[arg-type]
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feed[spec.name] = np.zeros(shape, dtype=bool)
+        elif spec.name.lower() in MASK_INPUT_NAMES:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
         else:
             feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feed

@@ -116,3 +116,47 @@ def test_regression_heads_beside_class_scores_are_judged_as_values(rng):
     # a model of rank-2 outputs and no Softmax: those stay class scores (raw logits of a classifier)
     alone = io.load_model(_face_heads(base, with_scores=False))
     assert {str(k) for k in output_kinds(alone).values()} == {"scores"}
+
+
+def _masked_attention(rng):
+    """x (int64 ids) and a bool ``mask`` ``[batch, seq]`` -> embedding -> self-attention scores with
+    the masked positions at -inf -> Softmax -> a projection: ``hidden [batch, seq, 16]``. A mask
+    of all False leaves every row of the softmax nothing but -inf: NaN."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("Gather", ["emb", "x"], ["e"]),
+             oh.make_node("Transpose", ["e"], ["et"], perm=[0, 2, 1]),
+             oh.make_node("MatMul", ["e", "et"], ["s"]),
+             oh.make_node("Unsqueeze", ["mask", "one"], ["m"]),
+             oh.make_node("Where", ["m", "s", "ninf"], ["sm"]),
+             oh.make_node("Softmax", ["sm"], ["p"], axis=-1),
+             oh.make_node("MatMul", ["p", "e"], ["c"]),
+             oh.make_node("MatMul", ["c", "w"], ["hidden"])]
+    inits = [("emb", f(30, 16)), ("w", f(16, 16)), ("one", np.array([1], np.int64)),
+             ("ninf", np.array(-np.inf, np.float32))]
+    return make_proto(nodes, [("x", ["batch", "seq"], onnx.TensorProto.INT64),
+                              ("mask", ["batch", "seq"], onnx.TensorProto.BOOL)],
+                      [("hidden", ["batch", "seq", 16])], inits)
+
+
+def test_generated_check_feeds_keep_every_position_of_a_mask(rng, tmp_path, capsys):
+    # khmersm, `quantize --mode dynamic` without data: the sanity check generated its bool mask as
+    # all False (every position masked), the original returned NaN, and the verdict was 'CHECK
+    # FAILED ... pooled-embedding cosine not measured' with numpy's 'invalid value' warning on
+    # stderr. A mask input is now generated as all ones (True), and the check measures.
+    from onnxcomp.cli import main
+    from onnxcomp.data import model_inputs, synthetic_feed
+    from onnxcomp.runtime import run_model
+
+    proto = _masked_attention(rng)
+    model = io.load_model(proto)
+    feed = synthetic_feed(model_inputs(model), {"x": (1, 5), "mask": (1, 5)})
+    assert feed["mask"].dtype == bool and feed["mask"].all() and not feed["x"].any()
+    hidden = run_model(model, [feed])[0][0]
+    assert np.isfinite(hidden).all()
+    assert not np.isfinite(run_model(model, [{"x": feed["x"], "mask": ~feed["mask"]}])[0][0]).any()
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--mode", "dynamic", "--op-types", "MatMul"]) == 0
+    captured = capsys.readouterr()
+    assert "check passed on seeded uniform random inputs" in captured.out
+    assert "not measured" not in captured.out and "RuntimeWarning" not in captured.err

@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "PooledEmbedding", "embedding_fidelity"]
+from onnxcomp.data import MASK_INPUT_NAMES  # the attention-mask input names (generated feeds too)
 
-#: Input names taken for the attention mask of an encoder.
-MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
+__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "PooledEmbedding", "embedding_fidelity"]
 
 
 def _mask_input(model: ir.Model) -> str | None:
