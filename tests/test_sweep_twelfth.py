@@ -7,16 +7,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
 from conftest import make_proto
 
 from onnxcomp import io
 
 
-def _tagger(rng, *, reverse: bool = False, classes: int = 2):
+def _tagger(rng, *, reverse: bool = False, classes: int = 2, bias: float = 0.0):
     """khmersm's shape: ``x`` (int64 character ids) and a bool ``mask`` ``[N, T]`` -> embedding,
     masked -> one projection -> raw tag scores ``emissions [1, T, classes]`` (a CRF reads them per
     character). ``reverse``: the same model reading the characters back to front (every token's
-    scores move to another position; their mean over the sentence stays the same)."""
+    scores move to another position; their mean over the sentence stays the same). ``bias``: added
+    to tag 0's score and taken from the others' (tag 0 then tops most characters)."""
     r = np.random.default_rng(5)
     emb, w = r.standard_normal((30, 8)).astype(np.float32), r.standard_normal((8, classes)).astype(np.float32)
     nodes = []
@@ -30,7 +32,7 @@ def _tagger(rng, *, reverse: bool = False, classes: int = 2):
               oh.make_node("Mul", ["e", "mu"], ["em"]),
               oh.make_node("MatMul", ["em", "w"], ["m"]),
               oh.make_node("Add", ["m", "b"], ["emissions"])]
-    inits = [("emb", emb), ("w", w), ("b", np.zeros(classes, np.float32)), ("one", np.array([2], np.int64)),
+    inits = [("emb", emb), ("w", w), ("b", np.array([bias] + [-bias] * (classes - 1), np.float32)), ("one", np.array([2], np.int64)),
              ("st", np.array([-1], np.int64)), ("en", np.array([np.iinfo(np.int64).min], np.int64)),
              ("ax", np.array([1], np.int64)), ("sp", np.array([-1], np.int64))]
     return make_proto(nodes, [("x", ["batch", "seq"], onnx.TensorProto.INT64),
@@ -63,8 +65,8 @@ def test_tag_scores_of_a_model_with_a_mask_input_are_not_pooled_as_an_embedding(
     split = split_data(None, CheckConfig(), evaluation=Dataset(feeds, ref))
     report = check_model(ref, cand, split, CheckConfig(), compressed=1)
     row = report["outputs"][0]
-    assert "embedding" not in row and row["rule"] == "cosine >= 0.985"
-    assert row["cosine"] < 0.9 and not row["ok"] and not report["met"]
+    assert "embedding" not in row and row["kind"] == "scores"  # judged per character (_is_tags)
+    assert row["cosine"] < 0.9 and row["top1_agreement"] < 0.9 and not row["ok"] and not report["met"]
     same = check_model(ref, io.load_model(_tagger(rng)), split, CheckConfig(), compressed=1)
     assert same["met"] and same["outputs"][0]["cosine"] > 0.9999
 
@@ -204,3 +206,34 @@ def test_prune_of_a_model_with_external_data_writes_it(rng, tmp_path, capsys):
     assert float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.9
     # the input model and its data are untouched and still load
     np.testing.assert_array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], ref)
+
+
+def test_raw_tag_scores_are_judged_per_token_by_their_top_tag(rng):
+    # khmersm after compress --recipe prune-50: emissions cosine 0.9968 on 32 held-out sentences
+    # (budget 0.985: passed) while 3.8% of the characters changed their top tag and 56% of the
+    # sentences were segmented differently. Raw tag scores of a projection with one row per input
+    # token are now judged per token by top-1 agreement, as tag probabilities (a Softmax) were.
+    from onnxcomp.check import CheckConfig, check_model, split_data
+    from onnxcomp.data import Dataset
+    from onnxcomp.runtime import run_model
+
+    ref = io.load_model(_tagger(rng, bias=1.5))
+    cand = io.load_model(_tagger(rng, bias=1.5))
+    w = cand.graph.initializers["w"]
+    noisy = w.const_value.numpy() + (0.1 * np.random.default_rng(4).standard_normal((8, 2))).astype(np.float32)
+    w.const_value = ir.tensor(noisy, name="w")
+    feeds = []
+    for _ in range(10):
+        x = rng.integers(2, 30, (1, 16)).astype(np.int64)
+        feeds.append({"x": x, "mask": np.ones_like(x, bool)})
+    r = np.concatenate([o[0] for o in run_model(ref, feeds)])
+    c = np.concatenate([o[0] for o in run_model(cand, feeds)])
+    cosine = float(np.sum(r * c) / np.linalg.norm(r) / np.linalg.norm(c))
+    agree = float(np.mean(r.argmax(-1) == c.argmax(-1)))
+    assert cosine > 0.985 and agree < 0.99  # cosine passes what the tags do not
+    split = split_data(None, CheckConfig(), evaluation=Dataset(feeds, ref))
+    report = check_model(ref, cand, split, CheckConfig(), compressed=1)
+    row = report["outputs"][0]
+    assert row["kind"] == "scores" and row["rule"] == "top-1 agreement >= 0.99"
+    assert row["top1_agreement"] == agree and row["decisions"] == r.shape[0] * r.shape[1]
+    assert not report["met"]
