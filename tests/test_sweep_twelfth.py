@@ -237,3 +237,44 @@ def test_raw_tag_scores_are_judged_per_token_by_their_top_tag(rng):
     assert row["kind"] == "scores" and row["rule"] == "top-1 agreement >= 0.99"
     assert row["top1_agreement"] == agree and row["decisions"] == r.shape[0] * r.shape[1]
     assert not report["met"]
+
+
+def _frames_gru(rng, width: int = 6, hidden: int = 5):
+    """madmom's layout: ``x [T, F]`` (no batch axis, both free) -> Unsqueeze(axes=[1]) -> GRU
+    (W ``[1, 3H, F]``) -> Squeeze -> MatMul -> ``y [T, 2]``."""
+    f = lambda *s: (0.5 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("Unsqueeze", ["x", "ax1"], ["xb"]),
+             oh.make_node("GRU", ["xb", "W", "R", "B"], ["seq"], hidden_size=hidden, name="gru"),
+             oh.make_node("Squeeze", ["seq", "ax12"], ["h"]),
+             oh.make_node("MatMul", ["h", "wo"], ["y"])]
+    inits = [("ax1", np.array([1], np.int64)), ("ax12", np.array([1, 2], np.int64)), ("W", f(1, 3 * hidden, width)),
+             ("R", f(1, 3 * hidden, hidden)), ("B", f(1, 6 * hidden)), ("wo", f(hidden, 2))]
+    return make_proto(nodes, [("x", ["T", "F"])], [("y", ["T", 2])], inits)
+
+
+def test_generated_inputs_give_a_free_feature_axis_the_size_its_weight_reads(rng, tmp_path, capsys):
+    # madmom's downbeat GRU and beat LSTM read x [T, F] with both axes free: generated inputs set F
+    # to 1, so 'bench' without data failed ('Input W must have shape {1,75,1}'), and 'quantize
+    # --mode dynamic' or 'cluster' without data ended 'CHECK FAILED ... not checked: the original
+    # model does not run on the generated inputs'. A free last axis read by a constant weight
+    # (MatMul, Gemm, LSTM/GRU/RNN, through Unsqueeze/Squeeze) now takes the size that weight reads.
+    from onnxcomp.cli import main
+    from onnxcomp.data import fill_free_dims, model_inputs, weight_fixed_dims
+
+    proto = _frames_gru(rng)
+    model = io.load_model(proto)
+    assert weight_fixed_dims(model) == {"x": {1: (6, "gru")}}
+    shapes, chosen = fill_free_dims(model_inputs(model), {}, fixed=weight_fixed_dims(model))
+    assert shapes == {"x": (1, 6)} and [c["value"] for c in chosen] == [1, 6]
+    path = tmp_path / "gru.onnx"
+    onnx.save(proto, path)
+    assert main(["bench", str(path), "--runs", "3"]) == 0
+    out = capsys.readouterr()
+    assert "F=6 (axis 1, read by the weight of 'gru')" in out.err + out.out
+    assert main(["cluster", str(path), "-o", str(tmp_path / "c.onnx"), "--bits", "6", "--min-elements", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "check passed on seeded uniform random inputs" in out and "not checked" not in out
+    # a last axis the graph adds or drops, or no weight behind it, stays free (1 unless --shape)
+    squeezed = _frames_gru(rng)
+    squeezed.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.array([2], np.int64), "ax1"))
+    assert weight_fixed_dims(io.load_model(squeezed)) == {}
