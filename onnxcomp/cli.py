@@ -205,7 +205,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels, model_inputs
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import load_model, save_model, write_text_atomic
-    from onnxcomp.data import describe_free_dims, fill_free_dims, parse_shapes, synthetic_feed
+    from onnxcomp.data import describe_free_dims, fill_free_dims, parse_shapes, synthetic_feed, weight_fixed_dims
     from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
@@ -243,7 +243,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     latency_feeds = None
     free_dims: list[dict[str, Any]] = []
     if calibration is None and evaluation is None and "measure" in recipe.stages:
-        shapes, free_dims = fill_free_dims(model_inputs(model), parse_shapes(args.shape))
+        shapes, free_dims = fill_free_dims(model_inputs(model), parse_shapes(args.shape),
+                                           fixed=weight_fixed_dims(model))
         latency_feeds = [synthetic_feed(model_inputs(model), shapes, seed=i) for i in range(4)]
     with progress_bar(con) as progress:
         tasks: dict[str, Any] = {}

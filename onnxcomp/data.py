@@ -68,6 +68,8 @@ __all__ = [
     "synthetic_feed",
     "fill_free_dims",
     "describe_free_dims",
+    "weight_fixed_dims",
+    "MASK_INPUT_NAMES",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -699,14 +701,16 @@ def parse_shapes(items: Sequence[str], *, flag: str = "--shape", allow_zero: boo
 
 
 def fill_free_dims(
-    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, value: int = 1
+    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, value: int = 1,
+    fixed: Mapping[str, Mapping[int, tuple[int, str]]] | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], list[dict[str, Any]]]:
-    """Shapes for generated inputs: every free (dynamic) dimension without a ``--shape`` set to ``value``.
+    """Shapes for generated inputs: every free (dynamic) dimension without a ``--shape`` set to
+    ``value``, but where ``fixed`` (:func:`weight_fixed_dims`) knows the size a weight reads there.
 
     Returns the completed ``{name: shape}`` (``shapes`` wins where given) and one record per
-    dimension set, ``{"input", "axis", "dim", "value"}`` (``dim`` is the symbolic name or ``"?"``),
-    so the caller can say what it chose. Inputs of unknown rank are left out (``synthetic_feed``
-    asks for a ``--shape`` for them).
+    dimension set, ``{"input", "axis", "dim", "value"}`` (``dim`` is the symbolic name or ``"?"``;
+    ``"reader"``: the node whose weight fixed it), so the caller can say what it chose. Inputs of
+    unknown rank are left out (``synthetic_feed`` asks for a ``--shape`` for them).
     """
     filled = dict(shapes)
     chosen: list[dict[str, Any]] = []
@@ -714,14 +718,71 @@ def fill_free_dims(
         if spec.optional or spec.name in shapes or spec.shape is None:
             continue
         dims = []
+        known = (fixed or {}).get(spec.name, {})
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int):
                 dims.append(dim)
+            elif axis in known:
+                size, reader = known[axis]
+                dims.append(size)
+                chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": size, "reader": reader})
             else:
                 dims.append(value)
                 chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": value})
         filled[spec.name] = tuple(dims)
     return filled, chosen
+
+
+def weight_fixed_dims(model: ir.Model) -> dict[str, dict[int, tuple[int, str]]]:
+    """Free last axes of graph inputs whose size a reader's constant weight fixes: input name ->
+    ``{axis: (size, reader node)}``. The input may pass Unsqueeze/Squeeze on the way (axes that
+    leave its last axis last); the reader is a MatMul, Gemm, LSTM, GRU or RNN taking it as its data
+    input (:data:`onnxcomp.ops.FEATURE_DEPTH`): madmom's beat and downbeat RNNs read ``[T, F]``
+    with F free, and a 1 there makes the original fail on generated inputs."""
+    found: dict[str, dict[int, tuple[int, str]]] = {}
+    for value in model.graph.inputs:
+        shape = value.shape
+        if shape is None or len(shape) == 0 or isinstance(shape[-1], int):
+            continue
+        hit = _depth_read(value, len(shape), model)
+        if hit is not None:
+            found[value.name] = {len(shape) - 1: hit}
+    return found
+
+
+def _edit_axes(node: ir.Node) -> list[int] | None:
+    axes = node.attributes.get_ints("axes", None)
+    if axes is not None:
+        return list(axes)
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+    return None
+
+
+def _depth_read(value: ir.Value, rank: int, model: ir.Model, hops: int = 0) -> tuple[int, str] | None:
+    """The size a weight reading ``value`` (of ``rank``) fixes on its last axis, and the reader."""
+    from onnxcomp.ops import FEATURE_DEPTH, axis_edit
+
+    for node in value.consumers():
+        if not node.inputs or node.inputs[0] is not value:
+            continue
+        edit = axis_edit(node)
+        if edit is not None:
+            axes = _edit_axes(node)
+            if not axes or hops >= 4:
+                continue
+            out_rank = rank + edit * len(axes)
+            indexed = out_rank if edit > 0 else rank  # Unsqueeze's axes index its output, Squeeze's its input
+            if indexed - 1 in {a % indexed for a in axes}:  # the last axis is added or dropped
+                continue
+            hit = _depth_read(node.outputs[0], out_rank, model, hops + 1)
+        else:
+            fact = FEATURE_DEPTH.lookup(node, model)
+            size = fact(node) if fact is not None else None
+            hit = (size, node.name or node.op_type) if size else None
+        if hit is not None:
+            return hit
+    return None
 
 
 def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -731,16 +792,25 @@ def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
         by_input.setdefault(c["input"], []).append(c)
     return [
         f"input {name!r}: free dimension(s) "
-        + ", ".join(f"{c['dim']}={c['value']} (axis {c['axis']})" for c in dims)
+        + ", ".join(f"{c['dim']}={c['value']} (axis {c['axis']}"
+                    + (f", read by the weight of {c['reader']!r}" if c.get("reader") else "") + ")" for c in dims)
         + f"; --shape {name}=D0xD1x... overrides"
         for name, dims in by_input.items()
     ]
 
 
+#: Input names taken for an attention mask (an encoder's, :mod:`onnxcomp.measure.embedding`):
+#: generated as all ones (:func:`synthetic_feed`).
+MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
+
+
 def synthetic_feed(
     inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False.
+    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False; but an
+    integer or boolean input named like an attention mask (:data:`MASK_INPUT_NAMES`) is all ones
+    (every position kept: all zeros masks out every position, and a masked softmax over nothing
+    returns NaN, as khmersm's did).
 
     Raises:
         DataError: an input has a dynamic dimension and no ``--shape`` for it (names the dim), a
@@ -780,8 +850,8 @@ def synthetic_feed(
             shape = tuple(int(d) for d in spec.shape)  # type: ignore[arg-type]
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feed[spec.name] = np.zeros(shape, dtype=bool)
+        elif spec.name.lower() in MASK_INPUT_NAMES:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
         else:
             feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feed

@@ -403,17 +403,34 @@ def onnx_opset(model: ir.Model) -> int:
 
 
 def _inlined(model: ir.Model) -> ir.Model:
-    """A clone whose external tensors are read into memory (the original is untouched)."""
+    """A clone whose external tensors are read into memory (the original is untouched).
+
+    The clone shares its tensors with the original, so they are not converted with
+    ``onnx_ir.external_data.load_to_model``: that releases each external tensor after reading it,
+    closing the original's memory map under any array still viewing it ('BufferError: cannot
+    close exported pointers exist': prune of khmersm, whose weights are external data).
+    """
     if not any(True for _ in _iter_external_tensors(model)):
         return model
     clone = model.clone()
-    ir_external_data.load_to_model(clone)  # initializers only: attribute tensors follow
+    _initializers_in_memory(clone)
     for node, attr in list(_external_attributes(clone)):
         if attr.type == ir.AttributeType.TENSOR:
             node.attributes[attr.name] = ir.AttrTensor(attr.name, _in_memory(attr.value))
         else:
             node.attributes[attr.name] = ir.AttrTensors(attr.name, [_in_memory(t) for t in attr.value])
     return clone
+
+
+def _initializers_in_memory(model: ir.Model, up_to: int | None = None) -> None:
+    """Read the external initializers of every graph (those of at most ``up_to`` bytes; None: all)
+    into memory tensors that view the same data, without releasing the external ones (see
+    :func:`_inlined`)."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and (up_to is None or tensor.nbytes <= up_to):
+                value.const_value = _in_memory(tensor)
 
 
 def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
@@ -971,6 +988,9 @@ def _write(model: ir.Model, path: Path, data_name: str | None, size_threshold_by
     if data_name is None:
         ir.save(model, path)
     else:
+        # onnx_ir's save reads external tensors below the threshold into memory and releases them,
+        # closing a memory map that arrays of the caller may still view (BufferError): read them here
+        _initializers_in_memory(model, size_threshold_bytes)
         ir.save(model, path, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
 
 
