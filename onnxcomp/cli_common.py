@@ -370,15 +370,24 @@ def print_check(con, check: dict[str, Any] | None) -> None:
 
     if check is None:
         return
-    style = "bold green" if check["met"] else "bold red"
+    style = "bold green" if check["met"] else "bold red" if check.get("checked", True) else "bold yellow"
     con.print(f"[{style}]{esc(verdict_line(check))}[/{style}]")
-    for note in ("kind_note", "resolution_note"):
+    for note in ("empty_note", "kind_note", "resolution_note"):
         if check.get(note):
             con.print(f"[bold yellow]{esc(check[note])}[/bold yellow]")
 
 
 def check_status(args: argparse.Namespace, check: dict[str, Any] | None) -> int:
-    """0, or 3 under --strict when the check missed its budget (or nothing was compressed)."""
+    """0, or 3 under --strict when the check missed its budget (or nothing was compressed, or it
+    compared nothing: a check that did not check meets no budget).
+
+    With ``--json`` (and not ``--quiet``) a missed check is also one ``onnxcomp: warning:`` line on
+    stderr: the terminal output is silent then, and a pipeline that only parses stdout should still
+    leave the verdict in its log."""
+    if check is not None and not check["met"] and getattr(args, "json", False) and not getattr(args, "quiet", False):
+        from onnxcomp.check import verdict_line
+
+        sys.stderr.write(f"onnxcomp: warning: {verdict_line(check)}\n")
     if args.strict and check is not None and not check["met"]:
         return EXIT_BELOW_BUDGET
     return 0

@@ -25,7 +25,14 @@ from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
 from onnxcomp.io import ModelSource, holds_external_data, load_model, model_to_bytes
 from onnxcomp.measure.stages import verify_model
 from onnxcomp.recipe import STAGE_CLASSES, Recipe, load_recipe
-from onnxcomp.stage import Context, Progress, Stage, note_constant_calibration, note_unmatched_selection
+from onnxcomp.stage import (
+    Context,
+    Progress,
+    Stage,
+    exclude_renamed_copies,
+    note_constant_calibration,
+    note_unmatched_selection,
+)
 
 __all__ = ["compress", "verify_model", "model_facts", "needs_calibration"]
 
@@ -121,6 +128,7 @@ def compress(
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)
     work = working_copy(reference, opset, allow_upgrade=allow_upgrade, notes=ctx.notes)
     for name, stage in zip(recipe.stages, stages):
+        stage.config = exclude_renamed_copies(work, stage.config)
         note_unmatched_selection(work, stage.config, ctx.notes, name)
     records = run_stages(work, stages, ctx)
     note_constant_calibration(ctx.fit_data, ctx.report, ctx.notes)

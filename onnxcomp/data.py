@@ -32,8 +32,9 @@ array has one more axis than the model's input and ``arr[i]`` fits the input's f
 
 Validation
 ----------
-Each feed is checked against the model's graph inputs (initializers that are also inputs are
-optional): missing or extra names, dtype, rank, fixed dimensions, NaN/Inf. Errors raise
+Each feed is checked against the model's graph inputs: missing or extra names, dtype, rank, fixed
+dimensions, NaN/Inf. Initializers that are also inputs (IR < 4 models) are optional, and the data
+may not feed them: they are weights, compressed as constants. Errors raise
 :class:`~onnxcomp.errors.DataError` naming the source, the input and the sample. An empty data set is
 an error too.
 """
@@ -69,6 +70,8 @@ __all__ = [
     "describe_free_dims",
     "generated_feeds",
     "labels_argument",
+    "weight_fixed_dims",
+    "MASK_INPUT_NAMES",
 ]
 
 Feed = dict[str, np.ndarray]
@@ -158,6 +161,7 @@ class Dataset:
 
             model = load_model(model)
         self.inputs = model_inputs(model)
+        self._weights = frozenset(model.graph.initializers)
         self._spans: dict[str, tuple[float, float]] = {}  # float inputs: span of the values read until they vary
         self.ignore = frozenset(ignore)
         self._by_name = {s.name: s for s in self.inputs}
@@ -288,6 +292,14 @@ class Dataset:
         required = {s.name for s in self.inputs if not s.optional}
         known = {s.name for s in self.inputs}
         missing = sorted(required - names)
+        # an initializer (listed as an input too, or no longer: the commands compress it as a weight)
+        weights = sorted(n for n in names if n in self._weights)
+        if weights:
+            raise DataError(
+                f"{where}: {', '.join(map(repr, weights))} {'is a weight' if len(weights) == 1 else 'are weights'} "
+                "of the model (an initializer, also listed as a graph input as IR < 4 models list them): "
+                "onnxcomp compresses it as a constant, which the data cannot replace; drop it from the data"
+            )
         extra = sorted(names - known)
         if missing:
             raise DataError(
@@ -723,14 +735,16 @@ def parse_shapes(items: Sequence[str], *, flag: str = "--shape", allow_zero: boo
 
 
 def fill_free_dims(
-    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, value: int = 1
+    inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, value: int = 1,
+    fixed: Mapping[str, Mapping[int, tuple[int, str]]] | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], list[dict[str, Any]]]:
-    """Shapes for generated inputs: every free (dynamic) dimension without a ``--shape`` set to ``value``.
+    """Shapes for generated inputs: every free (dynamic) dimension without a ``--shape`` set to
+    ``value``, but where ``fixed`` (:func:`weight_fixed_dims`) knows the size a weight reads there.
 
     Returns the completed ``{name: shape}`` (``shapes`` wins where given) and one record per
-    dimension set, ``{"input", "axis", "dim", "value"}`` (``dim`` is the symbolic name or ``"?"``),
-    so the caller can say what it chose. Inputs of unknown rank are left out (``synthetic_feed``
-    asks for a ``--shape`` for them).
+    dimension set, ``{"input", "axis", "dim", "value"}`` (``dim`` is the symbolic name or ``"?"``;
+    ``"reader"``: the node whose weight fixed it), so the caller can say what it chose. Inputs of
+    unknown rank are left out (``synthetic_feed`` asks for a ``--shape`` for them).
     """
     filled = dict(shapes)
     chosen: list[dict[str, Any]] = []
@@ -738,14 +752,71 @@ def fill_free_dims(
         if spec.optional or spec.name in shapes or spec.shape is None:
             continue
         dims = []
+        known = (fixed or {}).get(spec.name, {})
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int):
                 dims.append(dim)
+            elif axis in known:
+                size, reader = known[axis]
+                dims.append(size)
+                chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": size, "reader": reader})
             else:
                 dims.append(value)
                 chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": value})
         filled[spec.name] = tuple(dims)
     return filled, chosen
+
+
+def weight_fixed_dims(model: ir.Model) -> dict[str, dict[int, tuple[int, str]]]:
+    """Free last axes of graph inputs whose size a reader's constant weight fixes: input name ->
+    ``{axis: (size, reader node)}``. The input may pass Unsqueeze/Squeeze on the way (axes that
+    leave its last axis last); the reader is a MatMul, Gemm, LSTM, GRU or RNN taking it as its data
+    input (:data:`onnxcomp.ops.FEATURE_DEPTH`): madmom's beat and downbeat RNNs read ``[T, F]``
+    with F free, and a 1 there makes the original fail on generated inputs."""
+    found: dict[str, dict[int, tuple[int, str]]] = {}
+    for value in model.graph.inputs:
+        shape = value.shape
+        if shape is None or len(shape) == 0 or isinstance(shape[-1], int):
+            continue
+        hit = _depth_read(value, len(shape), model)
+        if hit is not None:
+            found[value.name] = {len(shape) - 1: hit}
+    return found
+
+
+def _edit_axes(node: ir.Node) -> list[int] | None:
+    axes = node.attributes.get_ints("axes", None)
+    if axes is not None:
+        return list(axes)
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+    return None
+
+
+def _depth_read(value: ir.Value, rank: int, model: ir.Model, hops: int = 0) -> tuple[int, str] | None:
+    """The size a weight reading ``value`` (of ``rank``) fixes on its last axis, and the reader."""
+    from onnxcomp.ops import FEATURE_DEPTH, axis_edit
+
+    for node in value.consumers():
+        if not node.inputs or node.inputs[0] is not value:
+            continue
+        edit = axis_edit(node)
+        if edit is not None:
+            axes = _edit_axes(node)
+            if not axes or hops >= 4:
+                continue
+            out_rank = rank + edit * len(axes)
+            indexed = out_rank if edit > 0 else rank  # Unsqueeze's axes index its output, Squeeze's its input
+            if indexed - 1 in {a % indexed for a in axes}:  # the last axis is added or dropped
+                continue
+            hit = _depth_read(node.outputs[0], out_rank, model, hops + 1)
+        else:
+            fact = FEATURE_DEPTH.lookup(node, model)
+            size = fact(node) if fact is not None else None
+            hit = (size, node.name or node.op_type) if size else None
+        if hit is not None:
+            return hit
+    return None
 
 
 def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -755,7 +826,8 @@ def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
         by_input.setdefault(c["input"], []).append(c)
     return [
         f"input {name!r}: free dimension(s) "
-        + ", ".join(f"{c['dim']}={c['value']} (axis {c['axis']})" for c in dims)
+        + ", ".join(f"{c['dim']}={c['value']} (axis {c['axis']}"
+                    + (f", read by the weight of {c['reader']!r}" if c.get("reader") else "") + ")" for c in dims)
         + f"; --shape {name}=D0xD1x... overrides"
         for name, dims in by_input.items()
     ]
@@ -768,14 +840,22 @@ def generated_feeds(
     given), free dimensions without a shape in ``shapes`` set to 1; returns the feeds and
     :func:`fill_free_dims`' records of the dimensions set (:func:`describe_free_dims` says them)."""
     inputs = model_inputs(model)
-    filled, free_dims = fill_free_dims(inputs, dict(shapes or {}))
+    filled, free_dims = fill_free_dims(inputs, dict(shapes or {}), fixed=weight_fixed_dims(model))
     return [synthetic_feed(inputs, filled, seed=i) for i in range(count)], free_dims
+
+
+#: Input names taken for an attention mask (an encoder's, :mod:`onnxcomp.measure.embedding`):
+#: generated as all ones (:func:`synthetic_feed`).
+MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
 
 
 def synthetic_feed(
     inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], *, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False.
+    """A feed from the input types: floats uniform in [0, 1), integers 0, booleans False; but an
+    integer or boolean input named like an attention mask (:data:`MASK_INPUT_NAMES`) is all ones
+    (every position kept: all zeros masks out every position, and a masked softmax over nothing
+    returns NaN, as khmersm's did).
 
     Raises:
         DataError: an input has a dynamic dimension and no ``--shape`` for it (names the dim), a
@@ -815,8 +895,8 @@ def synthetic_feed(
             shape = tuple(int(d) for d in spec.shape)  # type: ignore[arg-type]
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feed[spec.name] = np.zeros(shape, dtype=bool)
+        elif spec.name.lower() in MASK_INPUT_NAMES:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
         else:
             feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feed

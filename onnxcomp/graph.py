@@ -16,11 +16,12 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, 
 from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from onnxcomp.errors import OnnxcompError, OpsetError
-from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, upgrade_opset
+from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, unique_node_names, upgrade_opset
 from onnxcomp.ops import is_constant_node
 
 __all__ = [
     "working_copy",
+    "detach_initializer_inputs",
     "run_feed",
     "name_nodes",
     "lift_constants",
@@ -168,6 +169,22 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
     return value.const_value.numpy()
+
+
+def clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    """A Clip's ``(min, max)``: inputs 1 and 2 (opset 11 on) or the attributes (before); a bound
+    not given is -inf / +inf, one that is not a constant scalar None. The one reader of Clip
+    bounds (int8 folding, the Clip before an int8 node, equalization's homogeneity)."""
+    bounds: list[float | None] = []
+    for i, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        value = node.inputs[i] if len(node.inputs) > i else None
+        if value is None:
+            attr = node.attributes.get(name)
+            bounds.append(attr.as_float() if attr is not None else default)
+            continue
+        arr = constant_array(value)
+        bounds.append(float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None)
+    return bounds[0], bounds[1]
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, taken: set[str] | None = None) -> ir.Value:
@@ -326,8 +343,10 @@ def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, not
     """A working clone of ``model`` at ``min_opset`` or newer (upgraded when allowed, noted).
 
     Nodes and values without names get unique ones (onnx_ir's NameFixPass): passes and reports
-    refer to nodes by name. Constant nodes holding a tensor become initializers
-    (:func:`lift_constants`), so weights stored as Constant nodes are seen as weights.
+    refer to nodes by name. The copies of a node name used twice in a graph are renamed
+    (:func:`onnxcomp.io.unique_node_names`, noted). Initializers also listed as graph inputs are
+    weights (:func:`detach_initializer_inputs`, noted). Constant nodes holding a tensor become
+    initializers (:func:`lift_constants`), so weights stored as Constant nodes are seen as weights.
     """
     work = clone_model(load_model(model))
     opset = onnx_opset(work)
@@ -339,6 +358,40 @@ def working_copy(model: ModelSource, min_opset: int, *, allow_upgrade: bool, not
             )
         work = upgrade_opset(work, min_opset)
         notes.append(f"upgraded the model from opset {opset} to {min_opset} (onnx.version_converter)")
+    detached = detach_initializer_inputs(work)
+    if detached:
+        shown = ", ".join(repr(n) for n in detached[:4]) + (", ..." if len(detached) > 4 else "")
+        notes.append(f"{len(detached)} weight(s) were also listed as graph inputs ({shown}), as IR < 4 models "
+                     "and some exporters list them; onnxruntime takes them as defaults a caller may replace: "
+                     "they are compressed as constant weights, and the written model no longer lists them "
+                     "as inputs")
+    renamed = unique_node_names(work)  # done on load already, unless the model came as an onnx_ir.Model
+    if renamed:
+        pairs = [(name, new) for name, copies in renamed.items() for new in copies]
+        shown = ", ".join(f"{name!r} -> {new!r}" for name, new in pairs[:4]) + (", ..." if len(pairs) > 4 else "")
+        notes.append(f"{len(pairs)} node(s) had the name of another node of their graph, which onnxruntime "
+                     f"refuses: renamed {shown}; an exclude naming such a name excludes all its nodes")
     name_nodes(work)
     lift_constants(work)
     return work
+
+
+def detach_initializer_inputs(model: ir.Model) -> list[str]:
+    """Remove from the main graph's inputs those that are also initializers, in place; their names.
+
+    Models of IR version < 4 (and exporters told to keep them there) list every initializer among
+    the graph inputs, which onnxruntime reads as a default the caller may replace. A compressor
+    compresses weights: every command treats them as constants (as onnxruntime's
+    ``remove_initializer_from_input`` tool does), so a pass never skips them as replaceable
+    inputs, and the written model does not list them. The IR version is raised to 4, from which an
+    initializer need not be an input (the new initializers passes add would fail the checker).
+    """
+    graph = model.graph
+    detached = [v.name for v in graph.inputs if v.name and graph.initializers.get(v.name) is v]
+    if not detached:
+        return []
+    kept = [v for v in graph.inputs if v.name not in detached]
+    graph.inputs.clear()
+    graph.inputs.extend(kept)
+    model.ir_version = max(model.ir_version or 0, _FREE_INITIALIZERS_IR)
+    return detached

@@ -75,6 +75,8 @@ __all__ = [
     "initializer_nbytes",
     "external_data_files",
     "source_path",
+    "unique_node_names",
+    "renamed_nodes",
     "LARGE_MODEL_BYTES",
     "release_pages",
     "spill_tensors",
@@ -89,6 +91,7 @@ PROTOBUF_LIMIT = 2**31 - 64 * 2**20
 
 _SOURCE_KEY = "onnxcomp.source_path"
 _EXTERNAL_KEY = "onnxcomp.source_external_data"
+_RENAMED_KEY = "onnxcomp.renamed_nodes"
 #: external-data files a model given in memory (an ``onnx_ir.Model``) read its tensors from, kept
 #: by its copies: a rewritten copy may read none of them, and still may not be saved over them
 _SOURCE_DATA_KEY = "onnxcomp.source_data_files"
@@ -187,6 +190,7 @@ def _from_proto(
         raise ModelLoadError(f"{what}: cannot be read: {_first_line(exc)}") from None
     if base_dir is not None:
         ir_external_data.set_base_dir(model.graph, str(base_dir))
+    unique_node_names(model)
     _check_external_data(model, what)
     if check:
         _check_shapes(proto, model, what)
@@ -338,6 +342,46 @@ def source_path(model: ir.Model) -> Path | None:
     return Path(src) if src else None
 
 
+def unique_node_names(model: ir.Model) -> dict[str, list[str]]:
+    """Give the second and later nodes of one name in a graph unique names, in place (``a`` ->
+    ``a_1``, ``a_2``, ... in graph order, skipping names the model already uses); returns
+    :func:`renamed_nodes` (every rename since the model was loaded).
+
+    Two nodes of one name are legal ONNX (onnx.checker takes them) but onnxruntime refuses the
+    graph, and passes, selections and reports refer to nodes by name. Every command loads its
+    model through here, so the original runs in onnxruntime as the compressed model does. Empty
+    names are left alone (onnxruntime takes any number of them).
+    """
+    graphs = [model.graph, *model.graph.subgraphs()]
+    taken = {node.name for graph in graphs for node in graph if node.name}
+    renamed = {name: list(new) for name, new in (model.meta.get(_RENAMED_KEY) or {}).items()}
+    for graph in graphs:
+        seen: set[str] = set()
+        for node in graph:
+            name = node.name
+            if not name:
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            k = 1
+            while f"{name}_{k}" in taken:
+                k += 1
+            node.name = f"{name}_{k}"
+            taken.add(node.name)
+            seen.add(node.name)
+            renamed.setdefault(name, []).append(node.name)
+    if renamed:
+        model.meta[_RENAMED_KEY] = renamed
+    return renamed
+
+
+def renamed_nodes(model: ir.Model) -> dict[str, list[str]]:
+    """Per node name that several nodes of one graph had, the new names of the copies
+    (:func:`unique_node_names`; the first node keeps the name); empty when none was renamed."""
+    return dict(model.meta.get(_RENAMED_KEY) or {})
+
+
 def clone_model(model: ir.Model) -> ir.Model:
     """A structural copy of ``model`` that passes can change in place.
 
@@ -365,7 +409,7 @@ def _carry_source(model: ir.Model, copy: ir.Model) -> None:
     """Give ``copy`` (of ``model``) what :func:`check_destinations` knows of ``model``'s files: the
     file it was loaded from, whether it had external data, and, for a model given in memory, the
     external-data files its tensors read now (``copy`` may come to read none of them)."""
-    for key in (_SOURCE_KEY, _EXTERNAL_KEY, _SOURCE_DATA_KEY):
+    for key in (_SOURCE_KEY, _EXTERNAL_KEY, _SOURCE_DATA_KEY, _RENAMED_KEY):
         if key in model.meta:
             copy.meta[key] = model.meta[key]
     if _SOURCE_KEY not in model.meta:
@@ -394,17 +438,34 @@ def onnx_opset(model: ir.Model) -> int:
 
 
 def _inlined(model: ir.Model) -> ir.Model:
-    """A clone whose external tensors are read into memory (the original is untouched)."""
+    """A clone whose external tensors are read into memory (the original is untouched).
+
+    The clone shares its tensors with the original, so they are not converted with
+    ``onnx_ir.external_data.load_to_model``: that releases each external tensor after reading it,
+    closing the original's memory map under any array still viewing it ('BufferError: cannot
+    close exported pointers exist': prune of khmersm, whose weights are external data).
+    """
     if not any(True for _ in _iter_external_tensors(model)):
         return model
     clone = model.clone()
-    ir_external_data.load_to_model(clone)  # initializers only: attribute tensors follow
+    _initializers_in_memory(clone)
     for node, attr in list(_external_attributes(clone)):
         if attr.type == ir.AttributeType.TENSOR:
             node.attributes[attr.name] = ir.AttrTensor(attr.name, _in_memory(attr.value))
         else:
             node.attributes[attr.name] = ir.AttrTensors(attr.name, [_in_memory(t) for t in attr.value])
     return clone
+
+
+def _initializers_in_memory(model: ir.Model, up_to: int | None = None) -> None:
+    """Read the external initializers of every graph (those of at most ``up_to`` bytes; None: all)
+    into memory tensors that view the same data, without releasing the external ones (see
+    :func:`_inlined`)."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and (up_to is None or tensor.nbytes <= up_to):
+                value.const_value = _in_memory(tensor)
 
 
 def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
@@ -966,6 +1027,9 @@ def _write(model: ir.Model, path: Path, data_name: str | None, size_threshold_by
     if data_name is None:
         ir.save(model, path)
     else:
+        # onnx_ir's save reads external tensors below the threshold into memory and releases them,
+        # closing a memory map that arrays of the caller may still view (BufferError): read them here
+        _initializers_in_memory(model, size_threshold_bytes)
         ir.save(model, path, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
 
 

@@ -707,6 +707,49 @@ QUANTIZED_WEIGHT_INPUTS.register("DynamicQuantizeLSTM", {1: None, 2: None}, doma
 
 __all__ += ["RECURRENT_WEIGHT_INPUTS", "RecurrentInt8", "RECURRENT_INT8"]
 
+
+def _weight_shape(node: ir.Node, index: int) -> tuple[int, ...] | None:
+    value = node.inputs[index] if len(node.inputs) > index else None
+    tensor = value.const_value if value is not None else None
+    return None if tensor is None else tuple(int(d) for d in tensor.shape)
+
+
+def _matmul_depth(node: ir.Node) -> int | None:
+    shape = _weight_shape(node, 1)
+    return shape[-2] if shape is not None and len(shape) >= 2 else None
+
+
+def _gemm_depth(node: ir.Node) -> int | None:
+    shape = _weight_shape(node, 1)
+    if shape is None or len(shape) != 2 or node.attributes.get_int("transA", 0):
+        return None
+    return shape[1] if node.attributes.get_int("transB", 0) else shape[0]
+
+
+def _recurrent_depth(node: ir.Node) -> int | None:
+    shape = _weight_shape(node, 1)  # W: [num_directions, gates * hidden, input_size]
+    return shape[2] if shape is not None and len(shape) == 3 else None
+
+
+#: The size the last axis of an op's data input (input 0) must have, read from its constant weight
+#: (None: not constant, or another layout): what generated inputs give a free feature axis that
+#: the model reads directly (madmom's ``[T, F]`` into a GRU, ``data.weight_fixed_dims``).
+FEATURE_DEPTH: OpTable[Callable[[ir.Node], int | None]] = OpTable("feature depth")
+FEATURE_DEPTH.register("MatMul", _matmul_depth)
+FEATURE_DEPTH.register("Gemm", _gemm_depth)
+FEATURE_DEPTH.register(("LSTM", "GRU", "RNN"), _recurrent_depth, since=7)
+#: Ops that only add (+1) or drop (-1) axes of size 1 (``axes``: attribute, or input 1 from opset
+#: 13): the last axis of what they read stays the last of what they write unless ``axes`` names it.
+AXIS_EDITS = {"Unsqueeze": 1, "Squeeze": -1}
+
+
+def axis_edit(node: ir.Node) -> int | None:
+    """+1 for an ai.onnx Unsqueeze, -1 for a Squeeze (:data:`AXIS_EDITS`), None for any other node."""
+    return AXIS_EDITS.get(node.op_type) if is_default_domain(node.domain) else None
+
+
+__all__ += ["FEATURE_DEPTH", "AXIS_EDITS", "axis_edit"]
+
 #: Op types of onnxruntime's optimized graph that convert between float and integers: the
 #: overhead static quantization adds around each int8 kernel (memory-bound, little to split
 #: between threads), and, where a DequantizeLinear feeds float compute, an unfused Q/DQ pair.

@@ -135,7 +135,9 @@ def render_terminal(console, report: dict[str, Any]) -> None:
     for stage in report["stages"]:
         console.print(f"[bold]{stage['stage']}[/bold] ({stage['seconds']:.2f} s): {esc(_stage_line(stage))}")
     measure = report.get("measure") or {}
-    if measure.get("data"):
+    if measure.get("fidelity_not_measured"):
+        console.print(f"fidelity not measured on {esc(measure['data'])}: {esc(measure['fidelity_not_measured'])}")
+    elif measure.get("data"):
         console.print(f"fidelity measured on {esc(measure['data'])}")
     layers = (measure.get("fidelity") or {}).get("layers") or []
     finite = [layer for layer in layers if not math.isinf(layer["sqnr_db"])]
@@ -347,7 +349,7 @@ def render_html(report: dict[str, Any]) -> str:
 
         out.append("<h2>Held-out check</h2>")
         out.append(f"<p class='{'ok' if check['met'] else 'bad'}'>{html.escape(verdict_line(check))}</p>")
-        for note in ("kind_note", "resolution_note"):
+        for note in ("empty_note", "kind_note", "resolution_note"):
             if check.get(note):
                 out.append(f"<p class='note'>{html.escape(check[note])}</p>")
     for stage in report["stages"]:

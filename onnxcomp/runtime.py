@@ -72,10 +72,16 @@ def create_session(
 ) -> ort.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on ``model``, built in memory when it fits.
 
+    Without ``sess_options``, onnxruntime's defaults, its warnings left out (an initializer also
+    listed as a graph input, say, which the commands' notes tell in their own words).
+
     Raises:
         ModelLoadError: onnxruntime refuses the model (called ``what`` in the message); the message
             carries onnxruntime's reason.
     """
+    if sess_options is None:
+        sess_options = ort.SessionOptions()
+        sess_options.log_severity_level = 3
     with session_source(model) as src:
         try:
             return ort.InferenceSession(src, sess_options=sess_options, providers=list(providers))

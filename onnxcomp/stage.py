@@ -31,7 +31,8 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
 from onnxcomp.selection import unmatched_entries
 
-__all__ = ["Progress", "Context", "Stage", "note_constant_calibration", "note_unmatched_selection"]
+__all__ = ["Progress", "Context", "Stage", "note_constant_calibration", "note_unmatched_selection",
+           "exclude_renamed_copies"]
 
 #: ``progress(stage, done, total)``
 Progress = Callable[[str, int, "int | None"], object]
@@ -103,6 +104,18 @@ class Stage:
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:  # pragma: no cover - abstract
         """Rewrite ``work`` in place; return the stage's statistics."""
         raise NotImplementedError
+
+
+def exclude_renamed_copies(model: ir.Model, config: Any) -> Any:
+    """``config`` with each ``exclude`` entry that names a node name several nodes of one graph had
+    (renamed on load: :func:`onnxcomp.io.renamed_nodes`) followed by the copies' new names, so that
+    the entry excludes every node the user's model called so; ``config`` itself when none does."""
+    from onnxcomp.io import renamed_nodes
+
+    renamed = renamed_nodes(model)
+    exclude = tuple(getattr(config, "exclude", ()) or ())
+    copies = tuple(new for entry in exclude for new in renamed.get(entry, ()) if new not in exclude)
+    return dataclasses.replace(config, exclude=exclude + copies) if copies else config
 
 
 def note_unmatched_selection(model: ir.Model, config: Any, notes: list[str], stage: str = "") -> None:

@@ -121,6 +121,13 @@ def test_broken_cluster_is_flagged_and_strict_exits_3(work, capsys):
     report = json.loads(out)
     assert not report["check"]["met"] and report["check"]["accuracy"]["drop_points"] > 1.0
     assert report["check"]["blame"]  # the tensors most likely to blame are named
+    # --json keeps stdout one JSON document; the missed check is still one warning line on stderr
+    assert err.startswith("onnxcomp: warning: CHECK FAILED on evaluation data") and err.count("\n") == 1
+    code, out, err = _run(capsys, *args, "--json", "--quiet")
+    assert code == 0 and not json.loads(out)["check"]["met"] and err == ""
+    code, out, err = _run(capsys, "quantize", work / "digits_cnn.onnx", "-o", work / "q.onnx", "--calibration",
+                          work / "digits_calib.npz", "--json")
+    assert code == 0 and json.loads(out)["check"]["met"] and "warning" not in err
 
 
 @pytest.mark.parametrize("argv, what", [

@@ -155,18 +155,19 @@ def test_constant_weights_are_weights_for_quantize_and_cluster(cnn_pair):
     assert sorted(sb["tensors"]) == sorted(sa["tensors"]) != []
 
 
-def test_prune_cli_without_groups_is_a_clear_error(tmp_path, rng):
-    """No prunable channels (no weights at all): exit 1, a message, nothing written."""
+def test_prune_cli_without_groups_writes_the_model_and_says_why(tmp_path, rng):
+    """No prunable channels (no weights at all): as quantize and cluster (twelfth session), the
+    model is written unchanged, exit 0 (3 under --strict), and the check says why; no traceback."""
     src = tmp_path / "relu.onnx"
     io.save_model(io.load_model(make_proto([oh.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])], [("y", [1, 4])])), src)
     digest = file_digest(src)
     out = tmp_path / "out.onnx"
-    proc = subprocess.run([sys.executable, "-m", "onnxcomp", "prune", str(src), "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "onnxcomp", "prune", str(src), "-o", str(out), "--strict"],
                           capture_output=True, text=True)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith("onnxcomp: error: ") and "no prunable channel groups" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not out.exists() and file_digest(src) == digest
+    assert proc.returncode == 3, proc.stderr
+    assert "nothing was compressed (0 channels removed): the model has no prunable channel group" in " ".join(proc.stdout.split())
+    assert "Traceback" not in proc.stderr and proc.stderr == ""
+    assert out.exists() and file_digest(src) == digest
 
 
 def test_prune_cli_on_constant_weights_matches_the_api(tmp_path, cnn_pair):

@@ -170,10 +170,12 @@ def test_refused_pairs_are_skipped_with_a_reason(middle, inits, outputs, reason)
         ([oh.make_node("PRelu", ["a", "slope"], ["m"])],
          (("slope", np.array([0.1, -0.2, 0.3, 0.5], F32).reshape(4, 1, 1)),)),
         ([oh.make_node("Clip", ["a", "zero"], ["m"])], (_ZERO,)),
+        ([oh.make_node("Clip", ["a", "zero", "inf"], ["m"])], (_ZERO, ("inf", np.array(np.inf, F32)))),
+        ([oh.make_node("Clip", ["a", "", "inf"], ["m"])], (("inf", np.array(np.inf, F32)),)),
         ([oh.make_node("Mul", ["k", "a"], ["p"]), oh.make_node("Relu", ["p"], ["m"])],
          (("k", np.array([2.0, 0.5, 3.0, 1.0], F32).reshape(4, 1, 1)),)),
     ],
-    ids=["leakyrelu-avgpool", "prelu", "clip-min-only", "mul-constant"],
+    ids=["leakyrelu-avgpool", "prelu", "clip-min-only", "clip-max-inf", "clip-no-min-max-inf", "mul-constant"],
 )
 def test_homogeneous_ops_between_layers_are_exact(middle, inits, rng):
     model = _pair(middle, inits, outputs=[("y", ["N", 4, "H", "W"])])
@@ -309,3 +311,21 @@ def test_config_validation():
     assert cfg.iterations == 5 and cfg.exclude == ("conv0",)
     with pytest.raises(ConfigError, match="unknown key"):
         CLEConfig.from_dict({"iteration": 5})
+
+
+def test_clip_bounds_reads_inputs_and_attributes():
+    """graph.clip_bounds, the one reader of Clip bounds: inputs (opset 11 on), attributes (before),
+    -inf / +inf for a bound not given, None for a bound that is not a constant scalar."""
+    from onnxcomp.graph import clip_bounds
+
+    def clip(inputs, opset=13, inits=(), **attrs):
+        proto = make_proto([oh.make_node("Clip", inputs, ["y"], name="c", **attrs)], [("x", [2]), ("t", [2])],
+                           [("y", [2])], list(inits), opset=opset)
+        return next(n for n in io.load_model(proto).graph if n.op_type == "Clip")
+
+    assert clip_bounds(clip(["x", "zero", "six"], inits=(_ZERO, _SIX))) == (0.0, 6.0)
+    assert clip_bounds(clip(["x", "", "six"], inits=(_SIX,))) == (-np.inf, 6.0)
+    assert clip_bounds(clip(["x"])) == (-np.inf, np.inf)
+    assert clip_bounds(clip(["x", "t"])) == (None, np.inf)  # a bound computed at run time
+    assert clip_bounds(clip(["x"], opset=6, min=0.0, max=6.0)) == (0.0, 6.0)
+    assert clip_bounds(clip(["x"], opset=6, min=-1.5)) == (-1.5, np.inf)

@@ -516,12 +516,17 @@ def test_digits_transformer_fusion(mode):
         assert fused["quantize_linear"] == 2
 
 
-def test_weight_that_is_a_graph_input_is_left_alone(rng):
+def test_weight_that_is_also_a_graph_input_is_quantized_as_a_weight(rng):
+    """An initializer also listed as a graph input (IR < 4 style) was left alone ('its weight is also
+    a graph input'); since the twelfth session every command takes it as a weight, and the written
+    model no longer lists it as an input (tests/test_design_twelfth.py)."""
     proto = gemm_model(rng, k=64)
     proto.graph.input.append(oh.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [16, 64]))
     for cfg in (WO4, ORT4, DYN):
         model, report = quantize(proto, None, cfg)
-        assert report["nodes_quantized"] == 0 and "graph input" in report["skipped"]["gemm"]
+        assert report["nodes_quantized"] == 1 and not report["skipped"]
+        assert [v.name for v in model.graph.inputs] == ["x"]
+        assert any(n.startswith("1 weight(s) were also listed as graph inputs ('w'), ") for n in report["notes"])
 
 
 def test_plan_reports_reasons_without_rewriting(rng):

@@ -11,7 +11,8 @@ values nothing reads. For such outputs :func:`embedding_fidelity` reports, again
 
 An output is an encoder output (:func:`encoder_outputs`) when it is a float tensor of rank 3 and
 the model has an integer rank-2 input named like an attention mask (``attention_mask``,
-``input_mask``, ``mask``).
+``input_mask``, ``mask``). The check pools these outputs but for a projection onto a few classes, a
+token classifier's raw tag scores (:func:`onnxcomp.check.pooled_outputs`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "PooledEmbedding", "embedding_fidelity"]
+from onnxcomp.data import MASK_INPUT_NAMES  # the attention-mask input names (generated feeds too)
 
-#: Input names taken for the attention mask of an encoder.
-MASK_INPUT_NAMES = ("attention_mask", "input_mask", "mask")
+__all__ = ["MASK_INPUT_NAMES", "encoder_outputs", "mean_pool", "nn_agreement", "PooledEmbedding", "embedding_fidelity"]
 
 
 def _mask_input(model: ir.Model) -> str | None:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import KindsSeen, reads_top1
+from onnxcomp.check import KindsSeen, check_labels_fit, reads_top1
 from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed, run_feed
@@ -44,7 +44,11 @@ from onnxcomp.io import LARGE_MODEL_BYTES, ModelSource, initializer_nbytes, load
 from onnxcomp.measure.metrics import FidelityAccumulator, OutputFidelity, check_label_range, predicted_class
 from onnxcomp.runtime import collect_outputs, create_session, session_options
 
-__all__ = ["ModelComparison", "compare_models", "default_channel_axis"]
+__all__ = ["ModelComparison", "compare_models", "default_channel_axis", "NothingToCompare"]
+
+
+class NothingToCompare(OnnxcompError):
+    """An output of the reference was empty on every feed (or got no data): no figure exists."""
 
 def default_channel_axis(shape: Sequence[int]) -> int | None:
     """The channel axis :func:`compare_models` uses for an output of this shape (module doc)."""
@@ -226,6 +230,7 @@ def compare_models(
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
             if labels is not None and not layer and i == label_index:
                 if not predictions["reference"]:
+                    check_labels_fit(kinds.kinds[name], r.shape, name)
                     check_label_range(labels, r.shape, name)
                 predictions["reference"].append(predicted_class(r))
                 predictions["candidate"].append(predicted_class(c))
@@ -234,8 +239,8 @@ def compare_models(
     # values are kept, then its session is gone before the candidate's exists.
     one_at_a_time = max(initializer_nbytes(reference), initializer_nbytes(candidate)) >= LARGE_MODEL_BYTES
     for feed, ref_values, cand_values in _paired_runs(reference, candidate, ref_outputs, data, options, one_at_a_time):
+        kinds.see(feed, ref_values)  # first: labels are checked against the kind the original returned
         consume(ref_outputs, ref_values, cand_values, layer=False)
-        kinds.see(feed, ref_values)
         # axis 0 of the data indexes samples (an output's axis 0 may be time: a CTC recognizer's [T, N, C])
         first = next((np.asarray(v) for v in feed.values()), None)
         samples += int(first.shape[0]) if first is not None and first.ndim else 1
@@ -260,7 +265,7 @@ def compare_models(
     never = [n for n in ref_outputs if n not in accumulators]
     if never:
         why = f"is empty (shape {empty[never[0]]}) on every feed" if never[0] in empty else "got no data"
-        raise OnnxcompError(f"output {never[0]!r} {why}: nothing to compare")
+        raise NothingToCompare(f"output {never[0]!r} {why}: nothing to compare")
     outputs = [accumulators[n].result() for n in ref_outputs]
     skipped = {n: "resized (pruned channels)" for n in layer_names if n in resized}
     skipped.update(

@@ -107,7 +107,7 @@ def measure_models(
 ) -> dict[str, Any]:
     """Fidelity on the evaluation data (else the calibration data, said so) and latency."""
     from onnxcomp.measure.bench import bench_models, default_threads, explain_rows
-    from onnxcomp.measure.fidelity import compare_models
+    from onnxcomp.measure.fidelity import NothingToCompare, compare_models
 
     result: dict[str, Any] = {}
     data = eval_ds if eval_ds is not None else calib_ds
@@ -119,11 +119,16 @@ def measure_models(
             raise DataError("labels were given without evaluation data (--eval)")
         if cfg.max_feeds is not None:
             data = Dataset(list(_take(data, cfg.max_feeds)), reference)
-        cmp = compare_models(
-            reference, candidate, data, labels=labels, per_layer=cfg.per_layer,
-            progress=(lambda n: progress("fidelity", n, data.num_feeds)) if progress else None,
-        )
-        result["fidelity"] = cmp.to_dict()  # each output with its kind, judged as the check judges it
+        try:
+            cmp = compare_models(
+                reference, candidate, data, labels=labels, per_layer=cfg.per_layer,
+                progress=(lambda n: progress("fidelity", n, data.num_feeds)) if progress else None,
+            )
+        except NothingToCompare as exc:  # the check says it compared nothing: a verdict, not an error
+            result["fidelity"] = None
+            result["fidelity_not_measured"] = str(exc)
+        else:
+            result["fidelity"] = cmp.to_dict()  # each output with its kind, judged as the check judges it
     else:
         result["data"] = None
     if cfg.latency:

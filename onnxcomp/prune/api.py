@@ -26,7 +26,13 @@ from onnxcomp.prune.fold import consumer_input_stats, cut_channels
 from onnxcomp.prune.importance import group_scores_and_state
 from onnxcomp.prune.select import eligible_groups, select_channels
 from onnxcomp.prune.subgraphs import prune_subgraphs
-from onnxcomp.stage import Context, Stage, note_constant_calibration, note_unmatched_selection
+from onnxcomp.stage import (
+    Context,
+    Stage,
+    exclude_renamed_copies,
+    note_constant_calibration,
+    note_unmatched_selection,
+)
 
 __all__ = ["prune", "prune_in_place", "PruneStage"]
 
@@ -61,6 +67,7 @@ def prune(
     config = config_argument(config, PruneConfig) or PruneConfig()
     notes: list[str] = []
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
+    config = exclude_renamed_copies(work, config)
     note_unmatched_selection(work, config, notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
     report = prune_in_place(work, config, calibration=data, progress=progress)

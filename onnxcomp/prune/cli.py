@@ -77,7 +77,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data
     from onnxcomp.data import Dataset, load_labels
-    from onnxcomp.errors import ConfigError, OnnxcompError
+    from onnxcomp.errors import ConfigError
     from onnxcomp.io import load_model, save_model
     from onnxcomp.prune.api import prune
     from onnxcomp.prune.config import PruneConfig
@@ -113,16 +113,6 @@ def _run(args: argparse.Namespace) -> int:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
                                progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if not report["groups"] and not report.get("subgraphs"):
-        from onnxcomp.quant.verify import int8_kernels
-
-        kernels = int8_kernels(model)
-        raise OnnxcompError(
-            f"{args.model}: no prunable channel groups found (the model has "
-            f"{report['before']['parameters']:,} parameters"
-            + (f"; it is already quantized ({kernels}): prune its float original" if kernels else "")
-            + "); nothing written"
-        )
     out = save_model(pruned, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["output"] = str(out)
     if specialized is not None:
@@ -132,20 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     removed = int(report.get("channels_removed") or 0)
     why = ""
     if removed == 0:
-        # the cause the user chose comes first: a ratio that cuts nothing of the groups that could be cut
-        zero, by_ratio = [], []
-        if report["groups"] and not targeted:
-            if args.criterion == "zeros":  # the ratio plays no part: only all-zero channels go
-                by_ratio = [f"--criterion zeros found no all-zero channel in the {len(report['groups'])} "
-                            "prunable group(s) (it removes only those; --criterion l1 --ratio R cuts by magnitude)"]
-            elif args.ratio == 0:
-                zero = ["--ratio 0 removes no channel (it keeps every channel of every group)"]
-            else:
-                by_ratio = [f"--ratio {args.ratio} ({args.scope}) cut no channel of the {len(report['groups'])} "
-                            "prunable group(s): raise --ratio"]
-        reasons = [*zero, *report["kept_back"].values(), *by_ratio, *report["skipped_groups"].values(),
-                   *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
-        why = str(reasons[0]) if reasons else f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
+        why = _why_nothing_pruned(args, model, report, targeted)
+    if removed == 0:
+        report["notes"].append(f"nothing was pruned (0 channels removed): {why}")
     check = run_check(con, model, out, split, check_cfg, report, compressed=removed, what="channels removed", why=why)
     status = check_status(args, check)
     if args.json:
@@ -171,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
             row += [f"{g.get('ratio', 0):.2f}", f"{g['damage']:.3g}" if "damage" in g else "-",
                     "-" if saved is None else (f"{saved:.2f}" if target["kind"] == "latency" else f"{saved:.1%}")]
         table.add_row(*row)
-    con.print(table)
+    if report["groups"]:
+        con.print(table)
     if target:
         measured = (f"measured side by side: {target['reference_ms']:.1f} ms -> {target['pruned_ms']:.1f} ms"
                     if target["kind"] == "latency" else "counted")
@@ -202,6 +182,42 @@ def _run(args: argparse.Namespace) -> int:
     con.print(f"wrote {esc(out)}")
     print_check(con, check)
     return status
+
+
+def _why_nothing_pruned(args: argparse.Namespace, model, report: dict, targeted: bool) -> str:
+    """Why a run removed no channel, the cause the user chose first (a ratio that cuts nothing of the
+    groups that could be cut, an exclude that covers them). The model is then written unchanged, as
+    quantize and cluster write theirs, and the check says why (exit 3 under --strict)."""
+    from onnxcomp.quant.verify import int8_kernels
+
+    skipped = {str(k): v for k, v in report["skipped_groups"].items()}
+    cuttable = [g for g in report["groups"] if str(g["id"]) not in skipped]
+    kernels = int8_kernels(model) if not cuttable else ""
+    if kernels:
+        return f"the model is already quantized ({kernels}): prune its float original"
+    zero, by_ratio = [], []
+    if cuttable and not targeted:
+        if args.criterion == "zeros":  # the ratio plays no part: only all-zero channels go
+            by_ratio = [f"--criterion zeros found no all-zero channel in the {len(cuttable)} "
+                        "prunable group(s) (it removes only those; --criterion l1 --ratio R cuts by magnitude)"]
+        elif args.ratio == 0:
+            zero = ["--ratio 0 removes no channel (it keeps every channel of every group)"]
+        else:
+            by_ratio = [f"--ratio {args.ratio} ({args.scope}) cut no channel of the {len(cuttable)} "
+                        "prunable group(s): raise --ratio"]
+    excluded = [k for k, v in skipped.items() if v == "excluded"]
+    if excluded and not cuttable:
+        excluded = [f"every group that could be cut ({', '.join(excluded)}) touches a node --exclude names"]
+    else:
+        excluded = []
+    reasons = [*zero, *report["kept_back"].values(), *by_ratio, *excluded, *skipped.values(),
+               *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
+    if reasons:
+        return str(reasons[0])
+    if not report["groups"]:
+        return (f"the model has no prunable channel group (no output channel of a Conv, Gemm or MatMul weight "
+                f"whose readers can all be cut with it; {report['before']['parameters']:,} parameters)")
+    return f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
 
 
 def _ratio(after: int, before: int) -> str:

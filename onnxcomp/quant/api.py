@@ -24,7 +24,13 @@ from onnxcomp.quant.config import (
 )
 from onnxcomp.quant.static import observer_kwargs, quantize_static
 from onnxcomp.quant.verify import fusion_report
-from onnxcomp.stage import Context, Stage, note_constant_calibration, note_unmatched_selection
+from onnxcomp.stage import (
+    Context,
+    Stage,
+    exclude_renamed_copies,
+    note_constant_calibration,
+    note_unmatched_selection,
+)
 
 __all__ = ["quantize", "quantize_in_place", "QuantizeStage", "MODES", "observer_kwargs", "required_opset", "STATIC_MIN_OPSET"]
 
@@ -86,6 +92,7 @@ def quantize(
     if labels is not None and eval_data is None:
         raise ConfigError("labels need eval_data (they label the evaluation samples)")
     work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
+    config = exclude_renamed_copies(work, config)
     note_unmatched_selection(work, config, notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
     report = quantize_in_place(work, data, config, verify=verify, eval_data=eval_data, labels=labels,

@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.check import split_data, verdict_line
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.graph import parameter_nbytes
-    from onnxcomp.io import load_model, save_model
+    from onnxcomp.io import load_model, renamed_nodes, save_model
     from onnxcomp.quant.api import quantize
     from onnxcomp.quant.config import QuantizeConfig
 
@@ -296,12 +296,13 @@ def _run(args: argparse.Namespace) -> int:
     report["output"] = {"path": str(out), "bytes": file_bytes(out), "parameter_bytes": parameter_nbytes(quantized)}
     count, what, why = _compressed(report, args.mode, model, quantized)
     can_fall_back = bool(count) and may_fall_back and bool(calibrated)
-    # onnxruntime reads the original's file itself (unless --fix-* changed the model in memory)
-    original = args.model if specialized is None else None
+    # onnxruntime reads the original's file itself (unless --fix-* or the load's renaming of
+    # duplicate node names, which onnxruntime refuses, changed the model in memory)
+    original = args.model if specialized is None and not renamed_nodes(model) else None
     # when a fallback may follow, the blamed tensors would be measured twice: the final check names them
     check = run_check(con, model, out, split, dataclasses.replace(check_cfg, blame=0) if can_fall_back else check_cfg,
                       report, compressed=count, what=what, why=why, reference_file=original, written=quantized)
-    if check is not None and not check["met"] and can_fall_back:
+    if check is not None and not check["met"] and check.get("checked") and can_fall_back:
         from onnxcomp.quant.autofallback import fallback_to_budget, study_of
 
         con.print(f"[yellow]{esc(verdict_line(check))}[/yellow]")

@@ -56,8 +56,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.errors import ConfigError
-from onnxcomp.graph import add_initializer, all_value_names
-from onnxcomp.ops import linear_spec, weight_axes
+from onnxcomp.graph import add_initializer, all_value_names, clip_bounds
+from onnxcomp.ops import is_clip_node, linear_spec, weight_axes
 from onnxcomp.passes.base import CompressionPass, PassConfig
 from onnxcomp.quant.config import NodeSelector
 
@@ -362,20 +362,8 @@ def _bias_add(value: ir.Value, channels: int) -> tuple[ir.Node, int] | None:
 
 def _clip_is_relu_like(node: ir.Node) -> bool:
     """Clip with min 0 (or none) and no max: positively homogeneous."""
-    lo = node.inputs[1] if len(node.inputs) > 1 else None
-    hi = node.inputs[2] if len(node.inputs) > 2 else None
-    if node.attributes.get("max") is not None or hi is not None:
-        return False
-    attr_min = node.attributes.get("min")
-    if attr_min is not None and attr_min.as_float() != 0.0:
-        return False
-    if lo is not None:
-        if lo.const_value is None:
-            return False
-        arr = lo.const_value.numpy()
-        if arr.size != 1 or float(arr.reshape(-1)[0]) != 0.0:
-            return False
-    return True
+    lo, hi = clip_bounds(node)
+    return lo in (0.0, -math.inf) and hi == math.inf
 
 
 def _scales_by_constant(node: ir.Node, idx: int, conv: ir.Node | None) -> bool:
@@ -507,7 +495,7 @@ def _build_group(node: ir.Node, selector: NodeSelector) -> EqualizationGroup | s
                 seen.add(id(user))
                 continue
             homogeneous = (idx == 0 and (
-                (user.op_type in _HOMOGENEOUS and (user.op_type != "Clip" or _clip_is_relu_like(user)))
+                (user.op_type in _HOMOGENEOUS and (not is_clip_node(user) or _clip_is_relu_like(user)))
                 or (conv and user.op_type in _POOLS)
             )) or _scales_by_constant(user, idx, node if conv else None)
             if not homogeneous:

@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from onnxcomp.graph import add_initializer, all_value_names, constant_array, unique_name
+from onnxcomp.graph import add_initializer, all_value_names, clip_bounds, unique_name
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.analysis.excitation import excitation_nodes
 from onnxcomp.ops import is_clip_node, is_dequantize_node
@@ -297,7 +297,7 @@ def _fold_into_ranges(
             continue
         if len(src.uses()) != 1 or src.name in outputs or out.name in outputs:
             continue
-        if node.op_type == "Clip" and (not _clip_starts_at_zero(node) or config.reduce_activations):
+        if is_clip_node(node) and (not _clip_starts_at_zero(node) or config.reduce_activations):
             continue  # (a 7-bit activation grid still quantizes up to 255: it cannot clamp the top)
         # The producer's output is quantized anyway: reading the Q/DQ of the Relu/Clip range
         # instead of Relu/Clip of the Q/DQ is exact and narrower, unless a reader is sensitive.
@@ -312,21 +312,6 @@ def _fold_into_ranges(
     return folded
 
 
-def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
-    """A Clip's (min, max): inputs 1 and 2 (opset 11 on) or the attributes (before); a bound not
-    given is -inf / +inf, one that is not a constant scalar None."""
-    bounds: list[float | None] = []
-    for i, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
-        value = node.inputs[i] if len(node.inputs) > i else None
-        if value is None:
-            attr = node.attributes.get(name)
-            bounds.append(attr.as_float() if attr is not None else default)
-            continue
-        arr = constant_array(value)
-        bounds.append(float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None)
-    return bounds[0], bounds[1]
-
-
 def _clip_before_int8(node: ir.Node, compute: Mapping[str, ir.Node], outputs: set[str],
                       points: Mapping[str, QuantPoint], config: QuantizeConfig) -> tuple[float, float] | None:
     """Bounds of a Clip whose only readers are int8 nodes and whose producer is not int8 (e.g. the
@@ -336,7 +321,7 @@ def _clip_before_int8(node: ir.Node, compute: Mapping[str, ir.Node], outputs: se
     is; None where any condition fails."""
     if not is_clip_node(node) or config.reduce_activations:
         return None
-    lo, hi = _clip_bounds(node)
+    lo, hi = clip_bounds(node)
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi) and lo <= 0.0 <= hi):
         return None
     src, out = node.inputs[0], node.outputs[0]
@@ -561,7 +546,7 @@ def _point_for(points: Mapping[str, QuantPoint], name: str) -> QuantPoint | None
 
 
 def _clip_starts_at_zero(node: ir.Node) -> bool:
-    return _clip_bounds(node)[0] == 0.0
+    return clip_bounds(node)[0] == 0.0
 
 
 class QDQPass(CompressionPass[QuantizeConfig]):
