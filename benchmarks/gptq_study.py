@@ -13,6 +13,9 @@ CONFIG holds ``{"stage.key": value}`` overrides of the recipe:
 
     python -m benchmarks.gptq_study ppocr_rec '{"cluster.bits": 4}' --recipe benchmarks/rec_size_route.toml
 
+``--calib-lines N`` (ppocr_rec) calibrates on N lines of the suite's own calibration generator
+instead of its 32; ``--augment N`` adds N augmented copies of each calibration line.
+
 Prints one JSON line: build seconds, peak RSS of the build (MiB), file bytes, metric per split.
 """
 
@@ -200,6 +203,9 @@ def main(argv=None) -> int:
                    help="score only this split (repeatable; default both): choose on tuning, confirm on report")
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="ppocr_rec: calibrate on the suite's lines plus N augmented copies of each (augment_lines)")
+    p.add_argument("--calib-lines", type=int, default=0, metavar="N",
+                   help="ppocr_rec: calibrate on N lines of the suite's calibration generator (calib pool, "
+                        "seed 101; its first 32 are the suite's lines; cached under .cache/data) instead of 32")
     p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
     p.add_argument("--recipe", metavar="RECIPE",
                    help="build with onnxcomp.compress and this recipe (name or TOML; CONFIG then holds "
@@ -220,8 +226,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     model = load_model(task.fp32_path)
     calib_path = task.calib_path
+    if args.calib_lines:
+        if args.model != "ppocr_rec":
+            raise SystemExit("--calib-lines: ppocr_rec only")
+        calib_path = suite.rec_calib_path(suite.Context(cache=CACHE), args.calib_lines)
     if args.augment:
-        with np.load(task.calib_path) as z:
+        with np.load(calib_path) as z:
             calib_path = os.path.join(tempfile.mkdtemp(), "calib-augmented.npz")
             np.savez(calib_path, x=augment_lines(z["x"], args.augment))
     if args.recipe:
@@ -233,7 +243,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del quantized, model
-    row = {"model": args.model, "config": fields, "augment": args.augment, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
+    row = {"model": args.model, "config": fields, "augment": args.augment,
+           "calib_lines": args.calib_lines or task.calib_samples, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
            "file_bytes": os.path.getsize(out), "fp32_bytes": os.path.getsize(task.fp32_path)}
     if args.recipe:
         row["zipped_bytes"], row["fp32_zipped_bytes"] = _zipped_bytes(out), _zipped_bytes(str(task.fp32_path))
