@@ -47,3 +47,22 @@ def test_wide_below_needs_bits_per_weight():
         ClusterConfig(format="sparse", wide_below=1000)
     with pytest.raises(ConfigError, match="wide_bits"):
         ClusterConfig(format="sparse", bits_per_weight=3.0, wide_below=1000, wide_bits=9)
+
+
+def test_cluster_command_takes_wide_below(rng, tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from onnxcomp.cli import main
+
+    path, out = tmp_path / "m.onnx", tmp_path / "c.onnx"
+    onnx.save(_model(rng, conv_in=4), path)
+    common = ["cluster", str(path), "-o", str(out), "--bits-per-weight", "3", "--bits-choices", "2,3",
+              "--format", "sparse", "--json"]
+    assert main(common + ["--wide-below", "1000"]) == 0
+    tensors = json.loads(capsys.readouterr().out)["tensors"]
+    assert tensors["cw"]["bits"] == 8 and tensors["w"]["bits"] in (2, 2.5, 3)
+    out.unlink()
+    assert main(["cluster", str(path), "-o", str(out), "--bits", "3", "--wide-below", "1000"]) == 1
+    assert "wide_below" in capsys.readouterr().err and not out.exists()
