@@ -13,6 +13,9 @@ CONFIG holds ``{"stage.key": value}`` overrides of the recipe:
 
     python -m benchmarks.gptq_study ppocr_rec '{"cluster.bits": 4}' --recipe benchmarks/rec_size_route.toml
 
+``--calib-lines N`` (ppocr_rec) calibrates on N lines of the suite's own calibration generator
+instead of its 32; ``--augment N`` adds N augmented copies of each calibration line.
+
 Prints one JSON line: build seconds, peak RSS of the build (MiB), file bytes, metric per split.
 """
 
@@ -128,11 +131,42 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
                      for c in img])
 
 
-def augment_lines(x: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of ``[C, H, W]`` (edges replicated)."""
+    r = max(1, int(np.ceil(2.5 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    pad = np.pad(img, ((0, 0), (r, r), (r, r)), mode="edge")
+    rows = sum(k[i] * pad[:, i:i + img.shape[1], :] for i in range(2 * r + 1))
+    return sum(k[i] * rows[:, :, i:i + img.shape[2]] for i in range(2 * r + 1))
+
+
+def photometric(content: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One generic photometric variant of a normalised crop's content ``[C, H, w]`` (values in
+    [-1, 1]), each step with probability 1/2: polarity inverted (light text on a dark ground),
+    contrast scaled by 0.4-1 and brightness shifted by up to 0.2, Gaussian blur (sigma 0.5-1.2 px),
+    Gaussian pixel noise (sigma up to 8 of 255 levels)."""
+    out = content.astype(np.float64)
+    if rng.random() < 0.5:
+        out = -out
+    if rng.random() < 0.5:
+        m = out.mean()
+        out = m + (out - m) * rng.uniform(0.4, 1.0) + rng.uniform(-0.2, 0.2)
+    if rng.random() < 0.5:
+        out = _blur(out, rng.uniform(0.5, 1.2))
+    if rng.random() < 0.5:
+        out = out + rng.normal(0.0, rng.uniform(0.0, 8 * 2 / 255), out.shape)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def augment_lines(x: np.ndarray, copies: int, seed: int = 0, photometric_too: bool = False) -> np.ndarray:
     """``x`` (rec crops ``[N, 3, 48, W]``, text left-aligned, zero padding on the right) followed by
     ``copies`` augmented versions of each line: the text scaled horizontally by 0.8-1.25 and
-    vertically by 0.8-1.0 (re-centred on its background colour), shifted right by 0-12 pixels."""
+    vertically by 0.8-1.0 (re-centred on its background colour), shifted right by 0-12 pixels;
+    ``photometric_too``: then also :func:`photometric` (its draws follow the geometric ones', so the
+    geometry is the same either way)."""
     rng = np.random.default_rng(seed)
+    prng = np.random.default_rng(seed + 1)
     n, c, h, w = x.shape
     out = [x]
     for _ in range(copies):
@@ -150,7 +184,7 @@ def augment_lines(x: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
             top = (h - new_h) // 2
             canvas = np.broadcast_to(bg[:, None, None], (c, h, shift + new_w)).copy()
             canvas[:, top:top + new_h, shift:] = scaled[:, :, :new_w]
-            batch[i, :, :, :shift + new_w] = canvas
+            batch[i, :, :, :shift + new_w] = photometric(canvas, prng) if photometric_too else canvas
         out.append(batch)
     return np.concatenate(out).astype(np.float32)
 
@@ -200,6 +234,12 @@ def main(argv=None) -> int:
                    help="score only this split (repeatable; default both): choose on tuning, confirm on report")
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="ppocr_rec: calibrate on the suite's lines plus N augmented copies of each (augment_lines)")
+    p.add_argument("--photometric", action="store_true",
+                   help="ppocr_rec: the --augment copies also get generic photometric changes (polarity, "
+                        "contrast, blur, noise: augment_lines' photometric)")
+    p.add_argument("--calib-lines", type=int, default=0, metavar="N",
+                   help="ppocr_rec: calibrate on N lines of the suite's calibration generator (calib pool, "
+                        "seed 101; its first 32 are the suite's lines; cached under .cache/data) instead of 32")
     p.add_argument("--ref-cache", metavar="DIR", help="keep/reuse the fp32 outputs of each split here")
     p.add_argument("--recipe", metavar="RECIPE",
                    help="build with onnxcomp.compress and this recipe (name or TOML; CONFIG then holds "
@@ -220,10 +260,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     model = load_model(task.fp32_path)
     calib_path = task.calib_path
+    if args.calib_lines:
+        if args.model != "ppocr_rec":
+            raise SystemExit("--calib-lines: ppocr_rec only")
+        calib_path = suite.rec_calib_path(suite.Context(cache=CACHE), args.calib_lines)
     if args.augment:
-        with np.load(task.calib_path) as z:
+        with np.load(calib_path) as z:
             calib_path = os.path.join(tempfile.mkdtemp(), "calib-augmented.npz")
-            np.savez(calib_path, x=augment_lines(z["x"], args.augment))
+            np.savez(calib_path, x=augment_lines(z["x"], args.augment, photometric_too=args.photometric))
     if args.recipe:
         quantized, report = _compress(model, args.recipe, fields, Dataset(calib_path, model))
     else:
@@ -233,7 +277,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del quantized, model
-    row = {"model": args.model, "config": fields, "augment": args.augment, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
+    row = {"model": args.model, "config": fields, "augment": args.augment, "photometric": args.photometric,
+           "calib_lines": args.calib_lines or task.calib_samples, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
            "file_bytes": os.path.getsize(out), "fp32_bytes": os.path.getsize(task.fp32_path)}
     if args.recipe:
         row["zipped_bytes"], row["fp32_zipped_bytes"] = _zipped_bytes(out), _zipped_bytes(str(task.fp32_path))

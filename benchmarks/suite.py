@@ -238,24 +238,32 @@ def _digits(name: str) -> SuiteModel:
 # --------------------------------------------------------------------------- PP-OCR
 
 
+def _rec_lines(ctx: Context, pool: str, n: int, seed: int) -> tuple[dict, dict, Path]:
+    """``(arrays, meta, npz path)`` of ``n`` rendered rec lines from ``pool`` (``calib``/``eval``)."""
+    info = _corpus_info()
+
+    def make():
+        x, texts = textdata.rec_samples(textdata.split_sentences()[pool], n, seed)
+        return {"x": x}, {"texts": texts}
+
+    key = {"task": "rec", "corpus": info["text_sha256"], "h": 48, "w": 320}
+    return _cached(ctx, f"rec-{pool}", {**key, "n": n, "seed": seed}, make)
+
+
+def rec_calib_path(ctx: Context, n: int) -> Path:
+    """The suite's rec calibration file with ``n`` lines instead of 32 (the same generator, pool and
+    seed: rendering is sequential, so its first 32 lines are the suite's)."""
+    return _rec_lines(ctx, "calib", n, 101)[2]
+
+
 def _ppocr_rec(ctx: Context) -> Task:
     models = fetch.rapidocr_models(ctx.cache)
     fp32 = models / "ch_PP-OCRv4_rec_infer.onnx"
     charset = fetch.rec_charset(fp32)
     n_calib, n_eval = _sizes(ctx, 32, 200)
-    pools = textdata.split_sentences()
     info = _corpus_info()
-
-    def make(pool: str, n: int, seed: int):
-        def _make():
-            x, texts = textdata.rec_samples(pools[pool], n, seed)
-            return {"x": x}, {"texts": texts}
-
-        return _make
-
-    key = {"task": "rec", "corpus": info["text_sha256"], "h": 48, "w": 320}
-    calib_arrays, _, calib_path = _cached(ctx, "rec-calib", {**key, "n": n_calib, "seed": 101}, make("calib", n_calib, 101))
-    eval_arrays, eval_meta, _ = _cached(ctx, "rec-eval", {**key, "n": n_eval, "seed": 102}, make("eval", n_eval, 102))
+    calib_path = rec_calib_path(ctx, n_calib)
+    eval_arrays, eval_meta, _ = _rec_lines(ctx, "eval", n_eval, 102)
     report_arrays, report_meta = _report_lines(ctx, "rec", n_eval, 103, textdata.rec_samples, "texts")
     truths = {"tune": eval_meta["texts"], "report": report_meta["texts"]}
 

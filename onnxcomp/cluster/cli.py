@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from onnxcomp.cli_common import (
+    COUNT,
     POSITIVE_INT,
     add_check_flags,
     add_specialize_flags,
@@ -53,6 +54,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vector-dim", type=POSITIVE_INT, default=1, metavar="D",
                    help="vector codebooks: groups of D consecutive weights along the input axis share a codebook of "
                         "2^(bits x D) entries per tensor (GPTVQ; needs --format sparse; default 1: scalar)")
+    p.add_argument("--wide-below", type=COUNT, default=0, metavar="N",
+                   help="with --bits-per-weight: tensors of fewer than N weights take an 8-bit codebook, paid for "
+                        "from the same budget (a stem or depthwise filter cut to a few values can carry much of "
+                        "the error; default 0: off)")
     p.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
     p.add_argument("--channel-scales", choices=("auto", "always", "never"), default="auto",
                    help="one codebook per tensor plus a scale per output channel: always, never, or auto (default: "
@@ -93,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         bits_per_weight=args.bits_per_weight, bits_choices=args.bits_choices, sensitivity="layer",
         channel_scales=args.channel_scales, init=args.init,
         preserve_zeros=args.preserve_zeros, min_elements=args.min_elements, exclude=tuple(args.exclude),
-        format=args.format, seed=args.seed, vector_dim=args.vector_dim,
+        format=args.format, seed=args.seed, vector_dim=args.vector_dim, wide_below=args.wide_below,
     )
     check_cfg = check_config(args)
     model = load_model(args.model)

@@ -182,6 +182,13 @@ class ClusterConfig(PassConfig):
             width takes vectors where the tensor can (up to 2^8 entries), scalars elsewhere, and
             the widths between ``bits_choices`` in steps of ``1/d`` are candidates too (2.5 and 3.5
             bits per weight with pairs: 32 and 128 entries).
+        wide_below: with ``bits_per_weight``: a tensor of fewer elements than this is shared at
+            ``wide_bits`` (a scalar codebook) instead of a width from ``bits_choices``, its bytes
+            counted in the budget (0: off). A few hundred weights cost little at any width, and a
+            stem or depthwise filter cut to a handful of values can carry much of the model's
+            error: on PP-OCRv4 rec at 10x, one 144-weight depthwise 3x3 conv kept float recovers 3.3
+            of 8.8 points lost on the report split (benchmarks/RESULTS.md, twelfth session).
+        wide_bits: the width of ``wide_below`` tensors (bits per label, 1..8).
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -212,6 +219,8 @@ class ClusterConfig(PassConfig):
     sensitivity_samples: int = 16
     sensitivity_rounds: int = 0
     vector_dim: int = 1
+    wide_below: int = 0
+    wide_bits: int = 8
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -226,6 +235,8 @@ class ClusterConfig(PassConfig):
         "sensitivity_samples": Range(int, 1),
         "sensitivity_rounds": Range(int, 0, 10),
         "vector_dim": Range(int, 1, 8),
+        "wide_below": Range(int, 0),
+        "wide_bits": Range(int, 1, 8),
     }
 
     def validate(self) -> None:
@@ -244,6 +255,9 @@ class ClusterConfig(PassConfig):
                 raise ConfigError(f"cluster: bits={self.bits} with vector_dim={self.vector_dim} needs a codebook of "
                                   f"2^{self.bits * self.vector_dim} entries; at most 2^{_MAX_VECTOR_BITS} are supported "
                                   "(lower bits or vector_dim)")
+        if self.wide_below and self.bits_per_weight is None:
+            raise ConfigError("cluster: wide_below gives small tensors their own width within bits_per_weight's "
+                              "budget: set bits_per_weight too")
         if self.bits_per_weight is not None:
             if self.clusters is not None:
                 raise ConfigError("cluster: bits_per_weight chooses the width per tensor; clusters fixes one K for "
@@ -387,6 +401,9 @@ class ClusterPass(CompressionPass[ClusterConfig]):
                 skipped[target.name] = done_reason
             elif exact is not None or cfg.bits_per_weight is None:
                 chosen.append((target, w, self._shared(w, target, cfg.k, exact)))
+            elif cfg.wide_below and w.size < cfg.wide_below:  # one width, paid for from the budget
+                options[target.name] = {cfg.wide_bits: self._shared(w, target, 1 << cfg.wide_bits)}
+                chosen.append((target, w, options[target.name][cfg.wide_bits]))
             else:  # every candidate width, chosen below under the budget
                 options[target.name] = self._candidates(w, target)
                 chosen.append((target, w, options[target.name][max(options[target.name])]))
