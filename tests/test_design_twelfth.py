@@ -11,19 +11,12 @@ import onnx
 import onnx.helper as oh
 import pytest
 from conftest import make_proto
+from test_review_eleventh import _cli
 
 from onnxcomp import io
-from onnxcomp.cli import main
 from onnxcomp.runtime import run_model
 
 
-def _cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's errors
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _json(capsys, *argv):
