@@ -107,7 +107,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import Dataset, fill_free_dims, model_inputs, synthetic_feed, weight_fixed_dims
+from onnxcomp.data import Dataset, generated_feeds
 from onnxcomp.errors import ConfigError, DataError, ModelLoadError, OnnxcompError, RefusedOutputError
 from onnxcomp.io import LARGE_MODEL_BYTES, first_line, initializer_nbytes
 from onnxcomp.passes.base import PassConfig
@@ -327,10 +327,8 @@ def _ordinal(k: int) -> str:
 
 
 def _synthetic_feeds(model: ir.Model) -> tuple[list[dict[str, np.ndarray]] | None, str]:
-    inputs = model_inputs(model)
-    shapes, _ = fill_free_dims(inputs, {}, fixed=weight_fixed_dims(model))
     try:
-        return [synthetic_feed(inputs, shapes, seed=i) for i in range(8)], ""
+        return generated_feeds(model, count=8)[0], ""
     except DataError as exc:
         return None, str(exc)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, describe_free_dims, generated_feeds, labels_argument, load_data
+from onnxcomp.data import DataSource, Dataset, describe_free_dims, eval_labels, generated_feeds, load_data
 from onnxcomp.errors import ConfigError, DataError, OnnxcompError
 from onnxcomp.graph import parameter_nbytes, weight_tensors, working_copy
 from onnxcomp.io import ModelSource, holds_external_data, load_model, model_to_bytes
@@ -29,9 +29,8 @@ from onnxcomp.stage import (
     Context,
     Progress,
     Stage,
-    exclude_renamed_copies,
     note_constant_calibration,
-    note_unmatched_selection,
+    selection_for,
 )
 
 __all__ = ["compress", "verify_model", "model_facts", "needs_calibration"]
@@ -90,8 +89,9 @@ def compress(
         labels: integer labels of ``eval_data`` for accuracy: an array-like (``[N]`` or ``[N, 1]``) or
             the path of a labels file (.npy, or .npz with a ``labels`` key).
         feeds_for_latency: feeds for the latency measurement (default: from the data; without
-            data, seeded generated inputs, free dimensions 1 unless ``shapes`` sets them, said in
-            the notes and in ``free_dims``), checked against the model's inputs before any work.
+            data, seeded generated inputs, :func:`onnxcomp.data.generated_feeds`: free dimensions
+            as ``shapes`` sets them, else what a weight reads there or 1, said in the notes and in
+            ``free_dims``), checked against the model's inputs before any work.
         shapes: ``{input: shape}`` of generated latency inputs (the CLI's ``--shape``).
         progress: ``progress(stage, done, total)``.
         threads: intra-op threads of latency measurements and latency-driven decisions (the measure
@@ -108,9 +108,7 @@ def compress(
     stages = [STAGE_CLASSES[name](cfg) for name, cfg in recipe.stages.items()]
     if needs_calibration(recipe) and calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} quantizes statically and needs calibration data (--calibration)")
-    labels = labels_argument(labels)
-    if labels is not None and eval_data is None:
-        raise ConfigError("labels need eval_data (they label the evaluation samples)")
+    labels = eval_labels(labels, eval_data)
     # Validate data against the model before any work.
     calib_ds = load_data(calibration, reference) if calibration is not None else None
     eval_ds = load_data(eval_data, reference) if eval_data is not None else None
@@ -128,8 +126,7 @@ def compress(
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)
     work = working_copy(reference, opset, allow_upgrade=allow_upgrade, notes=ctx.notes)
     for name, stage in zip(recipe.stages, stages):
-        stage.config = exclude_renamed_copies(work, stage.config)
-        note_unmatched_selection(work, stage.config, ctx.notes, name)
+        stage.config = selection_for(work, stage.config, ctx.notes, name)
     records = run_stages(work, stages, ctx)
     note_constant_calibration(ctx.fit_data, ctx.report, ctx.notes)
     if free_dims:

@@ -70,6 +70,7 @@ __all__ = [
     "describe_free_dims",
     "generated_feeds",
     "labels_argument",
+    "eval_labels",
     "weight_fixed_dims",
     "MASK_INPUT_NAMES",
 ]
@@ -550,6 +551,15 @@ def labels_argument(labels: Any, *, expected: int | None = None) -> np.ndarray |
     return _checked_labels(array, "labels", expected)
 
 
+def eval_labels(labels: Any, eval_data: Any) -> np.ndarray | None:
+    """:func:`labels_argument` of an API call that also takes ``eval_data``: labels without the
+    evaluation data they label are refused (ConfigError) before any work."""
+    labels = labels_argument(labels)
+    if labels is not None and eval_data is None:
+        raise ConfigError("labels need eval_data (they label the evaluation samples)")
+    return labels
+
+
 def _checked_labels(labels: np.ndarray, where: str, expected: int | None) -> np.ndarray:
     if labels.ndim > 1 and labels.shape[1:] != (1,) * (labels.ndim - 1):  # [N] or [N, 1]: one class a sample
         raise DataError(f"{where}: labels must hold one class per sample (shape [N]), got shape {list(labels.shape)}")
@@ -834,14 +844,15 @@ def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def generated_feeds(
-    model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = None, *, count: int = 4
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = None, *, count: int = 4, seed: int = 0
 ) -> tuple[list[Feed], list[dict[str, Any]]]:
-    """``count`` seeded :func:`synthetic_feed` feeds for ``model`` (latency inputs when no data is
-    given), free dimensions without a shape in ``shapes`` set to 1; returns the feeds and
-    :func:`fill_free_dims`' records of the dimensions set (:func:`describe_free_dims` says them)."""
+    """``count`` :func:`synthetic_feed` feeds for ``model`` (seeds ``seed``, ``seed + 1``, ...: the
+    inputs of the check, ``bench`` and latency when no data is given), free dimensions without a
+    shape in ``shapes`` set to what a weight reads there or 1 (:func:`fill_free_dims`); returns
+    the feeds and the records of the dimensions set (:func:`describe_free_dims` says them)."""
     inputs = model_inputs(model)
     filled, free_dims = fill_free_dims(inputs, dict(shapes or {}), fixed=weight_fixed_dims(model))
-    return [synthetic_feed(inputs, filled, seed=i) for i in range(count)], free_dims
+    return [synthetic_feed(inputs, filled, seed=seed + i) for i in range(count)], free_dims
 
 
 #: Input names taken for an attention mask (an encoder's, :mod:`onnxcomp.measure.embedding`):

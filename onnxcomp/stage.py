@@ -31,8 +31,7 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.passes.base import PassConfig
 from onnxcomp.selection import unmatched_entries
 
-__all__ = ["Progress", "Context", "Stage", "note_constant_calibration", "note_unmatched_selection",
-           "exclude_renamed_copies"]
+__all__ = ["Progress", "Context", "Stage", "note_constant_calibration", "selection_for"]
 
 #: ``progress(stage, done, total)``
 Progress = Callable[[str, int, "int | None"], object]
@@ -104,6 +103,15 @@ class Stage:
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:  # pragma: no cover - abstract
         """Rewrite ``work`` in place; return the stage's statistics."""
         raise NotImplementedError
+
+
+def selection_for(model: ir.Model, config: Any, notes: list[str], stage: str = "") -> Any:
+    """``config`` as it applies to ``model`` (:func:`exclude_renamed_copies`), with a note for each
+    of its ``exclude`` / ``op_types`` entries that selects nothing there
+    (:func:`note_unmatched_selection`): what every command does with a stage's config before any work."""
+    config = exclude_renamed_copies(model, config)
+    note_unmatched_selection(model, config, notes, stage)
+    return config
 
 
 def exclude_renamed_copies(model: ir.Model, config: Any) -> Any:

@@ -19,7 +19,7 @@ from onnxcomp.passes.cleanup import CleanupPass
 from onnxcomp.graph import working_copy
 from onnxcomp.passes.base import config_argument
 from onnxcomp.runtime import create_session
-from onnxcomp.stage import Context, Stage, exclude_renamed_copies, note_unmatched_selection
+from onnxcomp.stage import Context, Stage, selection_for
 
 __all__ = ["cluster", "ClusterStage", "session_creation_seconds"]
 
@@ -50,8 +50,7 @@ def cluster(
     config = config_argument(config, ClusterConfig) or ClusterConfig()
     notes: list[str] = []
     work = working_copy(model, ClusterStage.required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
-    config = exclude_renamed_copies(work, config)
-    note_unmatched_selection(work, config, notes)
+    config = selection_for(work, config, notes)
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
     if cleanup:
         report["cleanup"] = CleanupPass()(work).stats

@@ -14,10 +14,7 @@ import os
 from typing import Any
 
 from onnxcomp.cli_common import COUNT, POSITIVE_INT, add_output_flags, console, esc, print_json, progress_bar, register
-from onnxcomp.data import (
-    Dataset, describe_free_dims, fill_free_dims, load_labels, model_inputs, parse_shapes, synthetic_feed,
-    weight_fixed_dims,
-)
+from onnxcomp.data import Dataset, describe_free_dims, generated_feeds, load_labels, parse_shapes
 from onnxcomp.measure.bench import LATENCY_RANGES, bench_models, physical_cores
 from onnxcomp.measure.latency import MeasurementError, SessionCreationError
 from onnxcomp.bounds import Range
@@ -64,9 +61,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         feeds = list(ds)
     else:
         # Free dimensions default to 1, or to what a weight reads there (said below); --shape overrides.
-        shapes, free_dims = fill_free_dims(model_inputs(first), parse_shapes(args.shape),
-                                           fixed=weight_fixed_dims(first))
-        feeds = [synthetic_feed(model_inputs(first), shapes, seed=args.seed + i) for i in range(args.feeds)]
+        feeds, free_dims = generated_feeds(first, parse_shapes(args.shape), count=args.feeds, seed=args.seed)
     for path, model in models[1:]:  # same inputs for every model, or an error naming the model
         try:
             list(Dataset(feeds, model))

@@ -29,9 +29,8 @@ from onnxcomp.prune.subgraphs import prune_subgraphs
 from onnxcomp.stage import (
     Context,
     Stage,
-    exclude_renamed_copies,
     note_constant_calibration,
-    note_unmatched_selection,
+    selection_for,
 )
 
 __all__ = ["prune", "prune_in_place", "PruneStage"]
@@ -67,8 +66,7 @@ def prune(
     config = config_argument(config, PruneConfig) or PruneConfig()
     notes: list[str] = []
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
-    config = exclude_renamed_copies(work, config)
-    note_unmatched_selection(work, config, notes)
+    config = selection_for(work, config, notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
     report = prune_in_place(work, config, calibration=data, progress=progress)
     report["notes"] = notes + report["notes"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
+from onnxcomp.data import DataSource, Dataset, eval_labels, load_data
 from onnxcomp.errors import ConfigError
 from onnxcomp.graph import working_copy
 from onnxcomp.passes.base import config_argument
@@ -27,9 +27,8 @@ from onnxcomp.quant.verify import fusion_report
 from onnxcomp.stage import (
     Context,
     Stage,
-    exclude_renamed_copies,
     note_constant_calibration,
-    note_unmatched_selection,
+    selection_for,
 )
 
 __all__ = ["quantize", "quantize_in_place", "QuantizeStage", "MODES", "observer_kwargs", "required_opset", "STATIC_MIN_OPSET"]
@@ -88,12 +87,9 @@ def quantize(
     started = time.perf_counter()
     if config.mode == "static" and calibration is None:
         raise ConfigError("static quantization needs calibration data (--calibration FILE)")
-    labels = labels_argument(labels)
-    if labels is not None and eval_data is None:
-        raise ConfigError("labels need eval_data (they label the evaluation samples)")
+    labels = eval_labels(labels, eval_data)
     work = working_copy(model, required_opset(config), allow_upgrade=allow_upgrade, notes=notes)
-    config = exclude_renamed_copies(work, config)
-    note_unmatched_selection(work, config, notes)
+    config = selection_for(work, config, notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
     report = quantize_in_place(work, data, config, verify=verify, eval_data=eval_data, labels=labels,
                                progress=progress, threads=threads, keep=keep)

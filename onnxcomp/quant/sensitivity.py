@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
+from onnxcomp.data import DataSource, Dataset, eval_labels, load_data
 from onnxcomp.errors import ConfigError, DataError
 from onnxcomp.executors import Inline, default_executor, spawning, stop_pool
 from onnxcomp.graph import working_copy
@@ -251,9 +251,7 @@ class QuantStudy:
         and ``build(..., into=model)`` can write the chosen variant back into it.
         """
         config = config or QuantizeConfig()
-        labels = labels_argument(labels)
-        if labels is not None and eval_data is None:
-            raise ConfigError("labels need eval_data (they label the evaluation samples)")
+        labels = eval_labels(labels, eval_data)
         notes: list[str] = []
         if in_place:
             if not isinstance(model, ir.Model):
