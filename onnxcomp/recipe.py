@@ -132,7 +132,7 @@ class Recipe:
                 raise ConfigError(f"override {dotted!r}: expected STAGE.KEY=VALUE")
             if stage not in STAGES:  # 'name' / 'description' are top-level strings, not tables
                 raise ConfigError(f"override {dotted!r}: unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-            if isinstance(value, str) and stage in STAGES and is_list_field(STAGES[stage], key):
+            if isinstance(value, str) and is_list_field(STAGES[stage], key):
                 value = [value]
             data.setdefault(stage, {})[key] = value
         return Recipe.from_dict(data, where=f"recipe {self.name!r} with overrides")

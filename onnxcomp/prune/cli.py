@@ -123,7 +123,6 @@ def _run(args: argparse.Namespace) -> int:
     why = ""
     if removed == 0:
         why = _why_nothing_pruned(args, model, report, targeted)
-    if removed == 0:
         report["notes"].append(f"nothing was pruned (0 channels removed): {why}")
     check = run_check(con, model, out, split, check_cfg, report, compressed=removed, what="channels removed", why=why)
     status = check_status(args, check)
@@ -206,11 +205,9 @@ def _why_nothing_pruned(args: argparse.Namespace, model, report: dict, targeted:
             by_ratio = [f"--ratio {args.ratio} ({args.scope}) cut no channel of the {len(cuttable)} "
                         "prunable group(s): raise --ratio"]
     excluded = [k for k, v in skipped.items() if v == "excluded"]
-    if excluded and not cuttable:
-        excluded = [f"every group that could be cut ({', '.join(excluded)}) touches a node --exclude names"]
-    else:
-        excluded = []
-    reasons = [*zero, *report["kept_back"].values(), *by_ratio, *excluded, *skipped.values(),
+    covered = ([f"every group that could be cut ({', '.join(excluded)}) touches a node --exclude names"]
+               if excluded and not cuttable else [])
+    reasons = [*zero, *report["kept_back"].values(), *by_ratio, *covered, *skipped.values(),
                *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
     if reasons:
         return str(reasons[0])
