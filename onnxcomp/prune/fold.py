@@ -101,8 +101,8 @@ def _compensation(node: ir.Node, model: ir.Model, consumer: Consumer, idx: np.nd
         group = node.attributes.get("group")
         if group is not None and group.as_int() != 1:
             return None
-        sel = np.take(w, idx, axis=1)  # [M, |idx|, kh, kw]
-        return np.einsum("mikl,i->m", sel, v)
+        sel = np.take(w, idx, axis=1).reshape(w.shape[0], len(idx), -1)  # [M, |idx|, taps]: 1-D, 2-D, 3-D
+        return np.einsum("mik,i->m", sel, v)
     if node.op_type in ("Gemm", "MatMul") and w.ndim == 2:
         sel = np.take(w, idx, axis=consumer.axis)
         out = v @ sel if consumer.axis == 0 else sel @ v
