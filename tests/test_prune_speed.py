@@ -275,13 +275,14 @@ def test_meet_target_brackets_a_nonlinear_response():
 
 
 def test_sensitivity_without_cutting_equals_the_cut(monkeypatch):
-    """Zero input weights in the refitted consumers stand for the cut: the measured output
-    damage per group is the same as with the channels cut for real."""
+    """Zero input weights in the refitted consumers stand for the cut (with reconstruct: the
+    measured damage is the refitted one): the measured output damage per group is the same as
+    with the channels cut for real."""
     from onnxcomp.prune import targets
 
     model = io.load_model(_branchy(7))
     data = Dataset(_feeds(8, 4), model)
-    config = PruneConfig(criterion="obs", target_macs=0.6, max_damage=None)
+    config = PruneConfig(criterion="obs", target_macs=0.6, max_damage=None, reconstruct=True)
 
     def damages():
         _, report = prune(model, config, calibration=data)

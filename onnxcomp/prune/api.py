@@ -120,10 +120,13 @@ def prune_in_place(
     stats = None
     cut_groups = [by_id[gid] for gid in removal]
     if cut_groups and (config.criterion == "zeros" or data is not None):
-        probe = data if data is not None else _constant_probe(work)
-        stats_started = time.perf_counter()
-        stats = consumer_input_stats(work, cut_groups, probe)
-        timing["input_stats"] = time.perf_counter() - stats_started
+        if targeted is not None and targeted.stats is not None:
+            stats = targeted.stats  # read by the planner for every group it could cut
+        else:
+            probe = data if data is not None else _constant_probe(work)
+            stats_started = time.perf_counter()
+            stats = consumer_input_stats(work, cut_groups, probe)
+            timing["input_stats"] = time.perf_counter() - stats_started
     reference = clone_model(work) if config.reconstruct else None
     kept_outputs = kept_output_channels(by_id, removal)
     cut = cut_channels(work, by_id, removal, stats=stats, constant=config.criterion == "zeros",
@@ -158,7 +161,7 @@ def prune_in_place(
         ensure_valid(work, None, "prune", report, tuple(c for c in ("checker", "onnxruntime") if c not in tolerated))
     if targeted is not None:
         timing["allocation"] = targeted.seconds
-        report["target"] = targeted.finish(work)
+        report["target"] = targeted.finish(work, notes)
     after = count_cost(work)
     if serialized_sizes:
         after["bytes"] = len(model_to_bytes(work))
