@@ -376,9 +376,10 @@ def _measured_scales(
     curve's damage there, so the curves of different groups speak of the same thing: the model's
     output (:class:`DamageProbe`).
 
-    With ``refit``, when the group's channels reach nothing but its refitted consumers, the cut is
-    not made: the consumers get their refit weights with zeros on the removed channels' inputs (the
-    same outputs as the cut model, without a new copy, channel analysis and shape inference per group).
+    When the group's channels reach nothing but its refitted consumers, the cut is not made: the
+    consumers get zeros on the removed channels' inputs and their refit weights (``refit``) or the
+    removed inputs' means in their bias (the same outputs as the cut model, without a new copy,
+    channel analysis and shape inference per group).
     """
     from onnxcomp.graph import all_value_names
 
@@ -393,12 +394,12 @@ def _measured_scales(
         if n == 0:
             continue
         removed = np.sort(st.order[:n])
-        restore = (_zero_in_consumers(shared, g, st, removed, taken)
-                   if refit and _reads_only_by_consumers(g, st) else None)
+        restore = (_zero_in_consumers(shared, g, st, removed, taken, None if refit else stats)
+                   if _reads_only_by_consumers(g, st) else None)
         if restore is not None:
             measured = probe.damage(shared)
             restore()
-        else:  # other readers of the channels, or no refit: cut for real
+        else:  # other readers of the channels: cut for real
             measured = probe.damage(cut_as_written(work, state, {g.id: removed}, stats, refit=refit))
         local = float(np.interp(n, s, st.damage[s]))
         scales[g.id] = (measured / local if local > 1e-12 else 1.0, n, measured)
@@ -416,10 +417,11 @@ def _reads_only_by_consumers(group: ChannelGroup, st: ObsState) -> bool:
 
 
 def _zero_in_consumers(model: ir.Model, group: ChannelGroup, st: ObsState, removed: np.ndarray,
-                       taken: set[str]):
+                       taken: set[str], stats=None):
     """Give ``group``'s consumers in ``model`` their refit weights with zero rows for the removed
-    channels' features; returns a function that writes the old weights back (None: a consumer
-    cannot be planned)."""
+    channels' features (``stats`` given: their own weights with those rows zeroed and the removed
+    inputs' means folded into the bias, as the cut folds them); returns a function that writes the
+    old weights back (None: a consumer cannot be planned)."""
     from onnxcomp.prune import reconstruct as rc
 
     nodes = {x.name: x for x in model.graph if x.name}
@@ -434,10 +436,18 @@ def _zero_in_consumers(model: ir.Model, group: ChannelGroup, st: ObsState, remov
     for name, layer in planned:
         params = layer.old_params()
         old.append((name, params))
-        full = np.zeros_like(params[0])
         drop = st.features[name][removed].reshape(-1)
-        keep = np.setdiff1d(np.arange(full.shape[0]), drop)
-        full[keep] = st.refit_weights(name, removed)
+        if stats is not None:
+            full = params[0].astype(np.float64)
+            if layer.x_name in stats.sum:
+                means = stats.mean(layer.x_name)
+                taps = (full.shape[0] - 1) // len(means)  # im2col features are channel-major
+                full[-1] += means[drop // taps] @ full[drop]
+            full[drop] = 0.0
+        else:
+            full = np.zeros_like(params[0])
+            keep = np.setdiff1d(np.arange(full.shape[0]), drop)
+            full[keep] = st.refit_weights(name, removed)
         layer.write(full[None], model.graph, taken)
 
     def restore() -> None:
