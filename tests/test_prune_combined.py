@@ -20,6 +20,7 @@ from conftest import make_proto
 
 from onnxcomp import io
 from onnxcomp.data import Dataset
+from onnxcomp.errors import OnnxcompError
 from onnxcomp.prune import targets
 from onnxcomp.prune.api import prune
 from onnxcomp.prune.budget import GroupCurve, greedy_path, meet_target
@@ -139,6 +140,19 @@ def test_meet_target_backs_off_a_compounding_damage():
     # without the measurement: the whole goal, far above the bound
     plain, _, _ = meet_target(curves, 0.9, saved, tolerance=0.01, max_damage=0.1)
     assert truth[k_of(plain)] > 0.1 >= path[k_of(plain) - 1][3]
+    # a goal beyond the whole path stays out of reach (refused by the caller) after the back-off
+    outcome = {}
+    alloc, _, _ = meet_target(curves, 1.5, saved, tolerance=0.01, max_damage=0.1, outcome=outcome, damage=damage)
+    assert not outcome["reachable"] and outcome["backed_off"] and k_of(alloc) == best
+
+
+def test_a_target_out_of_reach_is_refused_after_the_back_off(tmp_path):
+    """The whole path short of the target (even above the bound): refused, naming what the
+    backed-off cut keeps, as a target out of reach of the predicted bound is."""
+    model = io.load_model(_chain())
+    config = PruneConfig(criterion="obs", target_params=0.2, max_damage=0.02)
+    with pytest.raises(OnnxcompError, match=r"target_params 0.2 is out of reach: .*combined cut backed off\) keeps 0\.8"):
+        prune(model, config, calibration=Dataset(_feeds(1, 8), model))
 
 
 def test_reconstruct_reports_the_refitted_damage():
@@ -158,7 +172,7 @@ def test_cli_reports_the_back_off(tmp_path):
     src = tmp_path / "chain.onnx"
     io.save_model(io.load_model(_chain()), src)
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.stack([f["x"] for f in _feeds(1, 10)]))
+    np.savez(calib, x=np.stack([f["x"] for f in _feeds(1, 8)]))  # fewer than 10: nothing held out
     out = tmp_path / "pruned.onnx"
     base = [sys.executable, "-m", "onnxcomp", "prune", str(src), "-o", str(out), "--target-params", "0.6",
             "--max-damage", "0.02", "--calibration", str(calib)]

@@ -320,7 +320,8 @@ def meet_target(
 
     Returns (allocation closest to the goal, its realized saving, the rounds). ``outcome``, when
     given, receives ``reachable`` (False: the whole path falls short by more than ``tolerance``),
-    ``path_steps``, ``max_predicted``, ``backed_off`` (the measured damage capped the allocation
+    ``path_steps``, ``max_predicted``, ``path_realized`` (the whole path's realized saving, None
+    when not measured), ``backed_off`` (the measured damage capped the allocation
     short of the goal), ``cap_steps`` (the shortest prefix measured above the bound, or None),
     ``steps``, and ``damage`` (measured, None without ``damage``) / ``predicted_damage`` of the
     returned allocation.
@@ -335,6 +336,7 @@ def meet_target(
     reachable = True
     bounded = damage is not None and max_damage is not None
     lo_ok, hi_bad = 0, None  # longest prefix measured within the damage bound, shortest above it
+    whole = None  # the whole path's realized saving, once measured
     dmg: dict[int, float] = {0: 0.0}
     backing = False
     limit = rounds
@@ -368,7 +370,11 @@ def meet_target(
                 if backing:
                     entry["backoff"] = True
         history.append(entry)
+        if k >= len(path):
+            whole = got
         if not within:
+            if k >= len(path) and got < goal - tolerance:
+                reachable = False  # the whole path falls short even above the bound: back off, then say so
             if hi_bad is None:
                 limit = max(limit, done + backoff_rounds)
             hi_bad = k if hi_bad is None else min(hi_bad, k)
@@ -402,7 +408,7 @@ def meet_target(
     if best is None:
         best = ({}, 0.0, 0)
     if outcome is not None:
-        outcome.update({"reachable": reachable, "path_steps": len(path), "max_predicted": top})
+        outcome.update({"reachable": reachable, "path_steps": len(path), "max_predicted": top, "path_realized": whole})
         k = best[2]
         outcome.update({"backed_off": hi_bad is not None and best[1] < goal - tolerance,
                         "cap_steps": hi_bad, "steps": k, "damage": dmg.get(k) if damage is not None else None,
