@@ -184,3 +184,17 @@ def test_cli_reports_the_back_off(tmp_path):
     assert run.returncode == 0, run.stderr
     combined = json.loads(run.stdout)["target"]["combined_damage"]
     assert combined["backed_off"] and combined["final"] <= 0.02 < combined["capped_at"]["measured_damage"]
+
+
+def test_compress_stage_line_says_the_target_was_backed_off():
+    """compress's prune stage line names the target and the back-off (the stage's notes are in --json only)."""
+    from onnxcomp.compress import compress
+    from onnxcomp.recipe import Recipe
+    from onnxcomp.report import _stage_line
+
+    model = io.load_model(_chain())
+    recipe = Recipe.from_dict({"name": "t", "prune": {"criterion": "obs", "target_params": 0.6, "max_damage": 0.02}})
+    _, report = compress(model, recipe, calibration=Dataset(_feeds(1, 8), model))
+    stage = next(st for st in report["stages"] if st["stage"] == "prune")
+    line = _stage_line(stage)
+    assert "params 0.8" in line and "(target 0.6)" in line and "backed off" in line and "target not reached" in line
