@@ -39,6 +39,7 @@ from onnxcomp.runtime import create_session, session_options
 
 __all__ = [
     "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult", "config_argument", "is_list_field",
+    "list_item_hint",
     "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems", "known_problems", "ensure_valid",
 ]
 
@@ -235,6 +236,18 @@ def is_list_field(cls: type, name: str) -> bool:
     hint = _field_hints(cls).get(name)
     hints = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     return any(typing.get_origin(h) is tuple for h in hints)
+
+
+def list_item_hint(cls: type, name: str) -> Any:
+    """The item type of the list field ``name`` of ``cls`` (``str`` for ``tuple[str, ...]``);
+    None when the field is no list (:func:`is_list_field`) or its items are untyped."""
+    hint = _field_hints(cls).get(name)
+    hints = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for h in hints:
+        if typing.get_origin(h) is tuple:
+            args = [a for a in typing.get_args(h) if a is not Ellipsis]
+            return args[0] if args else None
+    return None
 
 
 def _type_name(hint: Any) -> str:

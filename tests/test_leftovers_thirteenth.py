@@ -1,0 +1,85 @@
+"""Leftovers of the twelfth review (thirteenth session): each defect reduced to a seeded model built
+in code, checked before and after the fix.
+
+1. ``compress --set quantize.exclude=a,b`` (any list setting given through ``--set``) was one
+   entry ``"a,b"``: nothing excluded, silently. A list setting now reads comma-separated entries.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import file_digest, make_proto
+from test_review_eleventh import _cli
+from test_selection_notes import _int8_gemms
+
+from onnxcomp import io
+from onnxcomp.errors import ConfigError
+from onnxcomp.recipe import load_recipe, parse_override, parse_overrides
+
+
+def _three_gemms(rng, path):
+    nodes, weights, width = [], [], 32
+    for i in (1, 2, 3):
+        nodes += [oh.make_node("Gemm", [f"h{i - 1}", f"w{i}", f"b{i}"], [f"g{i}"], transB=1, name=f"fc{i}"),
+                  oh.make_node("Relu", [f"g{i}"], [f"h{i}"], name=f"relu{i}")]
+        weights += [(f"w{i}", rng.standard_normal((width, width)).astype(np.float32) / 4),
+                    (f"b{i}", np.zeros(width, np.float32))]
+    onnx.save(make_proto(nodes, [("h0", ["N", width])], [("h3", ["N", width])], weights), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. --set on a list setting: comma-separated entries
+
+
+@pytest.mark.parametrize("sets, int8", [
+    (["quantize.exclude=fc1,fc3"], ["fc2"]),
+    (["quantize.exclude=fc1, re:^fc[3-9]$"], ["fc2"]),
+    (["quantize.exclude=re:^fc{1,2}[13]$"], ["fc2"]),          # a comma inside braces does not separate
+    (["quantize.exclude=fc1", "quantize.exclude=fc3"], ["fc2"]),  # repeated: the entries add up, as --exclude
+    (['quantize.exclude=["fc1", "fc3"]'], ["fc2"]),             # a TOML array, as before
+    (["quantize.exclude=fc1,fc3", "quantize.exclude="], ["fc2"]),  # adds nothing
+])
+def test_set_reads_a_list_setting_as_comma_separated_entries(rng, tmp_path, capsys, sets, int8):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    _three_gemms(rng, model)
+    np.savez(calib, h0=rng.standard_normal((40, 32)).astype(np.float32))
+    code, stdout, err = _cli(capsys, "compress", model, "-o", out, "--calibration", calib, "--set",
+                             "measure.latency=false", *[x for s in sets for x in ("--set", s)], "--json")
+    assert code == 0, err
+    assert _int8_gemms(io.load_model(out)) == int8
+    assert not [n for n in json.loads(stdout)["notes"] if "excludes nothing" in n]
+
+
+def test_parse_override_list_settings():
+    assert parse_override("quantize.exclude=a,b") == ("quantize.exclude", ["a", "b"])
+    assert parse_override("quantize.exclude='a,b'") == ("quantize.exclude", ["a,b"])  # a TOML string: one entry
+    assert parse_override("quantize.exclude=re:[,;]x,y") == ("quantize.exclude", ["re:[,;]x", "y"])
+    assert parse_override("quantize.exclude=123") == ("quantize.exclude", ["123"])  # a name, not a number
+    assert parse_override("quantize.exclude=") == ("quantize.exclude", [])
+    assert parse_override("quantize.op_types=Conv,MatMul") == ("quantize.op_types", ["Conv", "MatMul"])
+    assert parse_override("cluster.bits_choices=2,3, 4") == ("cluster.bits_choices", [2, 3, 4])
+    assert parse_override("cluster.bits_choices=3") == ("cluster.bits_choices", [3])
+    assert parse_override("quantize.calibration=a,b") == ("quantize.calibration", "a,b")  # no list: as written
+    recipe = load_recipe("cluster-4bit").with_overrides(parse_overrides(["cluster.bits_choices=2,3,4"]))
+    assert recipe.stages["cluster"].bits_choices == (2, 3, 4)
+    assert parse_overrides(["quantize.calibration=mse", "quantize.calibration=minmax"]) == {
+        "quantize.calibration": "minmax"}
+    with pytest.raises(ConfigError, match=r"entry 2 of the comma-separated list is empty"):
+        parse_override("quantize.exclude=a,,b")
+
+
+def test_set_with_an_empty_list_entry_is_a_bad_option(rng, tmp_path, capsys):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "q.onnx"
+    _three_gemms(rng, model)
+    np.savez(calib, h0=rng.standard_normal((40, 32)).astype(np.float32))
+    before = file_digest(model)
+    code, stdout, err = _cli(capsys, "compress", model, "-o", out, "--calibration", calib,
+                             "--set", "quantize.exclude=fc1,")
+    assert code == 1 and not out.exists() and file_digest(model) == before
+    assert err.startswith("onnxcomp: error: --set 'quantize.exclude=fc1,': entry 2 of the comma-separated list "
+                          "is empty") and len(err.splitlines()) == 1
