@@ -33,8 +33,8 @@ array has one more axis than the model's input and ``arr[i]`` fits the input's f
 Validation
 ----------
 Each feed is checked against the model's graph inputs: missing or extra names, dtype, rank, fixed
-dimensions, NaN/Inf. Initializers that are also inputs (IR < 4 models) are optional, and the data
-may not feed them: they are weights, compressed as constants. Errors raise
+dimensions, NaN/Inf. Initializers that are also inputs (IR < 4 models) are optional, and
+the data may not feed them: they are weights, compressed as constants. Errors raise
 :class:`~onnxcomp.errors.DataError` naming the source, the input and the sample. An empty data set is
 an error too.
 """
@@ -397,6 +397,13 @@ class Dataset:
 
     # -- public ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Feed]:
+        for where, feed in self._feeds():
+            self._note_spans(feed)
+            self.reading = where
+            yield feed
+
+    def _feeds(self) -> Iterator[tuple[str, Feed]]:
+        """``(where, validated feed)`` of each feed this view yields."""
         count = 0
         select = getattr(self, "_select", None)
         try:
@@ -405,10 +412,7 @@ class Dataset:
                     break
                 if select is not None and not select(index):
                     continue
-                feed = self._validate(where, feed)
-                self._note_spans(feed)
-                self.reading = where
-                yield feed
+                yield where, self._validate(where, feed)
                 count += 1
         finally:
             self._reads += 1
@@ -464,6 +468,14 @@ class Dataset:
         readable only once and are left to their first use."""
         if self._arrays is not None or self._files is not None:
             self.first()
+
+    def check_all(self) -> None:
+        """Validate every feed this view yields now (names, dtypes, shapes, NaN/Inf), when the source is a file or folder, so that data found bad only at its 30th sample
+        is refused before any work, not after an output was written; nothing is kept (each feed is
+        read again when used). Other sources may be readable only once and are left to their use."""
+        if self._arrays is not None or self._files is not None:
+            for _ in self._feeds():
+                pass
 
     def check_labels(self, labels: np.ndarray | None) -> None:
         """Refuse ``labels`` (of this evaluation data) whose count is not the number of samples,

@@ -3,6 +3,10 @@ in code, checked before and after the fix.
 
 1. ``compress --set quantize.exclude=a,b`` (any list setting given through ``--set``) was one
    entry ``"a,b"``: nothing excluded, silently. A list setting now reads comma-separated entries.
+2. A NaN/Inf in a check feed (the held-out part of the calibration data, the evaluation data,
+   cluster's data) was found by the check, after the output was written. Every feed of a data
+   file or folder is now validated before any work (``split_data``, which every writing command
+   calls): the error names the file, the sample and the input; nothing is written.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import onnx
 import onnx.helper as oh
 import pytest
 from conftest import file_digest, make_proto
-from test_review_eleventh import _cli
+from test_design_twelfth import COMMANDS, _argv
+from test_review_eleventh import _cli, _mlp
 from test_selection_notes import _int8_gemms
 
 from onnxcomp import io
@@ -83,3 +88,68 @@ def test_set_with_an_empty_list_entry_is_a_bad_option(rng, tmp_path, capsys):
     assert code == 1 and not out.exists() and file_digest(model) == before
     assert err.startswith("onnxcomp: error: --set 'quantize.exclude=fc1,': entry 2 of the comma-separated list "
                           "is empty") and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. NaN/Inf in a check feed: refused before any work, by every writing command
+
+
+def _refused(capsys, argv, out, inputs, message):
+    before = {p: file_digest(p) for p in inputs}
+    code, stdout, err = _cli(capsys, *argv)
+    assert code == 1 and stdout == ""
+    assert err == f"onnxcomp: error: {message}\n"
+    assert not list(out.parent.glob(f"{out.name}*"))  # no output, no .rejected.onnx, no temporary file
+    assert {p: file_digest(p) for p in inputs} == before
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_held_out_feed_is_refused_before_any_work(rng, tmp_path, capsys, name, bad):
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _mlp(rng, model)
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    x[9, 3] = bad  # sample 9: held out (index mod 5 = 4), never read by the fitting
+    np.savez(calib, x=x)
+    argv = _argv(name, model, out, calib) + ([] if "CALIB" in COMMANDS[name] else ["--calibration", calib])
+    part = "" if name == "cluster" else " (held out)"  # cluster's --data is all check data
+    _refused(capsys, argv, out, [model, calib], f"{calib}{part} sample 9: input 'x' holds 1 NaN/Inf value(s)")
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - {"cluster"}))
+def test_a_non_finite_evaluation_feed_is_refused_before_any_work(rng, tmp_path, capsys, name):
+    model, calib, evaluation, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "e.npz", tmp_path / "o.onnx"
+    _mlp(rng, model)
+    np.savez(calib, x=rng.standard_normal((40, 32)).astype(np.float32))
+    x = rng.standard_normal((12, 32)).astype(np.float32)
+    x[7, 0] = -np.inf
+    np.savez(evaluation, x=x)
+    argv = _argv(name, model, out, calib) + ["--eval", evaluation]
+    _refused(capsys, argv, out, [model, calib, evaluation],
+             f"{evaluation} sample 7: input 'x' holds 1 NaN/Inf value(s)")
+
+
+def test_a_non_finite_feed_of_a_folder_is_refused_before_any_work(rng, tmp_path, capsys):
+    model, folder, out = tmp_path / "m.onnx", tmp_path / "feeds", tmp_path / "o.onnx"
+    _mlp(rng, model)
+    folder.mkdir()
+    for i in range(12):
+        x = rng.standard_normal((2, 32)).astype(np.float32)
+        if i == 11:
+            x[1, 31] = np.nan
+        np.savez(folder / f"s{i:02d}.npz", x=x)
+    _refused(capsys, ["cluster", model, "-o", out, "--min-elements", "16", "--data", folder], out, [model],
+             f"{folder / 's11.npz'}: input 'x' holds 1 NaN/Inf value(s)")
+
+
+def test_max_samples_caps_what_is_validated(rng, tmp_path, capsys):
+    """Only the feeds a run reads are validated: a NaN beyond --max-samples of both parts is no error."""
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "o.onnx"
+    _mlp(rng, model)
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    x[39, 0] = np.nan  # held out, but the 8th check feed: beyond --max-samples 4
+    np.savez(calib, x=x)
+    code, _, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", calib, "--max-samples", "4",
+                        "--no-latency")
+    assert code == 0, err
+    assert out.is_file()
