@@ -272,7 +272,7 @@ def split_data(
 
     Calibration and evaluation data and labels that cannot match the model are refused here,
     before any work: every feed that the fitting and the checking parts read (from a file or a
-    folder) is validated now, NaN/Inf too (the check would only find them
+    folder) is validated now, NaN/Inf and feeds of 0 rows too (the check would only find them
     after the output is written; a run that does not calibrate, ``--mode dynamic``, reads its
     calibration data only there)."""
     if calibration is not None:

@@ -7,6 +7,8 @@ in code, checked before and after the fix.
    cluster's data) was found by the check, after the output was written. Every feed of a data
    file or folder is now validated before any work (``split_data``, which every writing command
    calls): the error names the file, the sample and the input; nothing is written.
+3. A feed of 0 rows in a data folder (batch size 0) was read as a feed: nothing to calibrate on or
+   compare, silently. It is refused naming the file and the input.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from test_review_eleventh import _cli, _mlp
 from test_selection_notes import _int8_gemms
 
 from onnxcomp import io
-from onnxcomp.errors import ConfigError
+from onnxcomp.data import Dataset
+from onnxcomp.errors import ConfigError, DataError
 from onnxcomp.recipe import load_recipe, parse_override, parse_overrides
 
 
@@ -153,3 +156,32 @@ def test_max_samples_caps_what_is_validated(rng, tmp_path, capsys):
                         "--no-latency")
     assert code == 0, err
     assert out.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A feed of 0 rows
+
+
+def test_a_zero_row_feed_of_a_folder_is_refused(rng, tmp_path, capsys):
+    model, folder, out = tmp_path / "m.onnx", tmp_path / "feeds", tmp_path / "o.onnx"
+    _mlp(rng, model)
+    folder.mkdir()
+    for i in range(12):
+        np.savez(folder / f"s{i:02d}.npz", x=rng.standard_normal((0 if i == 3 else 2, 32)).astype(np.float32))
+    message = (f"{folder / 's03.npz'}: input 'x' has 0 rows (shape [0, 32]): a feed of batch size 0 holds no "
+               "sample, so there is nothing to calibrate on or compare; drop it from the data or give it a sample")
+    _refused(capsys, ["quantize", model, "-o", out, "--calibration", folder], out, [model], message)
+    _refused(capsys, ["cluster", model, "-o", out, "--data", folder], out, [model], message)
+    with pytest.raises(DataError, match="<list> feed 1: input 'x' has 0 rows"):
+        list(Dataset([{"x": np.ones((1, 32), np.float32)}, {"x": np.ones((0, 32), np.float32)}], io.load_model(model)))
+
+
+@pytest.mark.parametrize("suffix", ["npz", "npy"])
+def test_a_zero_row_file_names_its_array(rng, tmp_path, capsys, suffix):
+    model, data, out = tmp_path / "m.onnx", tmp_path / f"c.{suffix}", tmp_path / "o.onnx"
+    _mlp(rng, model)
+    empty = np.zeros((0, 32), np.float32)
+    np.savez(data, x=empty) if suffix == "npz" else np.save(data, empty)
+    _refused(capsys, ["quantize", model, "-o", out, "--calibration", data], out, [model],
+             f"{data}: empty data set: array 'x' holds 0 samples (shape [0, 32], axis 0 indexes samples); "
+             "give at least one")
