@@ -185,3 +185,15 @@ def test_a_zero_row_file_names_its_array(rng, tmp_path, capsys, suffix):
     _refused(capsys, ["quantize", model, "-o", out, "--calibration", data], out, [model],
              f"{data}: empty data set: array 'x' holds 0 samples (shape [0, 32], axis 0 indexes samples); "
              "give at least one")
+
+
+def test_an_axis_0_the_model_fixes_at_0_is_no_empty_feed(rng):
+    """An input whose axis 0 the model fixes at 0 (an empty cache: --fix-shape allows it) matches
+    data of 0 rows; only a free axis 0 of 0 rows is a feed without a sample."""
+    proto = make_proto([oh.make_node("Concat", ["cache", "x"], ["y"], axis=0)],
+                       [("cache", [0, 4]), ("x", ["N", 4])], [("y", ["M", 4])])
+    feeds = [{"cache": np.zeros((0, 4), np.float32), "x": np.ones((2, 4), np.float32)}]
+    assert [f["cache"].shape for f in Dataset(feeds, io.load_model(proto.SerializeToString()))] == [(0, 4)]
+    feeds[0]["x"] = np.ones((0, 4), np.float32)
+    with pytest.raises(DataError, match=r"<list> feed 0: input 'x' has 0 rows \(shape \[0, 4\]\)"):
+        list(Dataset(feeds, io.load_model(proto.SerializeToString())))
