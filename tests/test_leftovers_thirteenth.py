@@ -9,6 +9,12 @@ in code, checked before and after the fix.
    calls): the error names the file, the sample and the input; nothing is written.
 3. A feed of 0 rows in a data folder (batch size 0) was read as a feed: nothing to calibrate on or
    compare, silently. It is refused naming the file and the input.
+4. quantize said "int8 is not measurably faster ... within noise" where bench, on the same files,
+   measured 1.35x slower with an interval above 1 (MTCNN P-Net, twelfth sweep). Same code, feeds
+   and shapes: at 2 threads a run of 0.05 ms takes 0.04 or 0.07 ms depending on the session, for
+   the life of the session, so one pair of sessions gives a tight interval around a ratio the next
+   pair contradicts (A/A: 1.63 [1.51, 1.80] once in six). quantize now times such short runs in
+   three pairs of fresh sessions and pools them, the interval resampling the pairs too, and says so.
 """
 
 from __future__ import annotations
@@ -197,3 +203,78 @@ def test_an_axis_0_the_model_fixes_at_0_is_no_empty_feed(rng):
     feeds[0]["x"] = np.ones((0, 4), np.float32)
     with pytest.raises(DataError, match=r"<list> feed 0: input 'x' has 0 rows \(shape \[0, 4\]\)"):
         list(Dataset(feeds, io.load_model(proto.SerializeToString())))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. quantize's int8-vs-float latency of a short run at several threads: pooled over session pairs
+
+
+def _session_modes(means, calls):
+    """A fake bench_models: measurement k (its seed) times float and int8 around ``means[k]`` (ms)."""
+
+    def fake(models, feeds, *, threads=None, seed=0, **kw):
+        from onnxcomp.measure.stats import ratio_ci
+
+        calls.append((threads, seed))
+        noise = np.random.default_rng(seed)
+        times = [np.abs(noise.normal(mu, mu / 50, 30)) for mu in means[seed]]
+        ratio, lo, hi = ratio_ci(times[0], times[1])
+        return [{"name": name, "median_ms": float(np.median(t)), "times_ms": t.tolist(), "runs": 30,
+                 "ratio_to_first": None if i == 0 else ratio, "ratio_ci95": None if i == 0 else [lo, hi]}
+                for i, ((name, _), t) in enumerate(zip(models, times))]
+
+    return fake
+
+
+# the P-Net modes measured: a session runs 0.04 or 0.07 ms at 2 threads; the first pair drew
+# float fast and int8 slow (1.65, tight), the next two the same mode for both
+PNET_MODES = {0: (0.041, 0.067), 1: (0.070, 0.066), 2: (0.068, 0.071)}
+
+
+def test_a_short_run_at_two_threads_is_timed_on_three_session_pairs(rng, monkeypatch):
+    from onnxcomp.measure import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_models", _session_modes(PNET_MODES, calls))
+    monkeypatch.setattr(bench, "op_type_times", lambda model, feeds, *, threads, runs=10: {})
+    model = io.load_model(_mlp(rng).SerializeToString())
+    feeds = [{"x": np.ones((1, 32), np.float32)}]
+    report = bench.int8_latency_report(model, model, feeds, threads=2)
+    assert calls == [(2, 0), (2, 1), (2, 2)]
+    assert [round(r, 2) for r in report["session_ratios"]] == [1.65, 0.94, 1.05]
+    lo, hi = report["ratio_ci95"]
+    assert lo < 1.0 < hi and not report["significant"] and report["session_spread"]
+    assert report["summary"].startswith(f"int8 is not measurably faster than float at 2 thread(s): latency ratio "
+                                        f"{report['ratio']:.2f} [{lo:.2f}, {hi:.2f}], within noise")
+    assert report["summary"].endswith(
+        "; pooled over 3 pairs of fresh sessions (ratios 1.65, 0.94, 1.05): a float run of 0.068 ms at 2 threads "
+        "varies from one session to the next more than one pair's interval shows; --threads 1 times the kernels alone")
+    # pairs that agree: pooled, said so, no claim of a spread
+    calls.clear()
+    monkeypatch.setattr(bench, "bench_models", _session_modes({k: (0.05, 0.065) for k in range(3)}, calls))
+    agree = bench.int8_latency_report(model, model, feeds, threads=2)
+    assert len(calls) == 3 and agree["significant"] and not agree["session_spread"]
+    assert "SLOWER" in agree["summary"] and agree["summary"].endswith("(ratios 1.31, 1.30, 1.31)")
+    # one thread, or runs of milliseconds: one pair, as before
+    for threads, means in ((1, PNET_MODES), (2, {0: (5.0, 6.5)})):
+        calls.clear()
+        monkeypatch.setattr(bench, "bench_models", _session_modes(means, calls))
+        single = bench.int8_latency_report(model, model, feeds, threads=threads)
+        assert calls == [(threads, 0)] and "session_ratios" not in single and "pooled" not in single["summary"]
+
+
+def test_sessions_ratio_ci_holds_the_spread_between_measurements():
+    from onnxcomp.measure.stats import ratio_ci, sessions_ratio_ci
+
+    noise = np.random.default_rng(0)
+    a, b = noise.gamma(5, 1, 30), noise.gamma(5, 1, 30) * 1.3
+    assert sessions_ratio_ci([(a, b)])[0] == ratio_ci(a, b)[0]
+    fast, slow = (noise.normal(1.0, 0.01, 30), noise.normal(1.6, 0.01, 30)), (noise.normal(1.0, 0.01, 30),) * 2
+    one = ratio_ci(*fast)
+    assert one[1] > 1.5  # one measurement: a tight interval around 1.6
+    ratio, lo, hi = sessions_ratio_ci([fast, slow, slow])
+    assert lo < 1.01 and hi > 1.5  # pooled: the second and third say 1.0
+    short = (noise.normal(1.0, 0.01, 12), noise.normal(1.0, 0.01, 12))  # cut short by a time budget
+    assert 0.9 < sessions_ratio_ci([slow, short])[1] <= sessions_ratio_ci([slow, short])[2] < 1.1
+    with pytest.raises(ValueError, match="pairs its rounds"):
+        sessions_ratio_ci([(a, b[:5])])
