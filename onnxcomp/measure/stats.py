@@ -235,13 +235,15 @@ def sessions_ratio_ci(
     ratio = float(np.median(np.concatenate([b for _, b in data]))) / med_a
     rng = np.random.default_rng(seed)
     n = max(a.size for a, _ in data)
-    # measurements cut short by a time budget: NaN pads each to n rounds; a drawn round index
-    # below the measurement's own length keeps the resampling within its rounds
+    # a measurement cut short by a time budget has fewer rounds: it draws as many rounds as it has
+    # (among its own) and fills the rest of its n slots with NaN, which the medians skip
     a_all = np.full((len(data), n), np.nan)
     b_all = np.full((len(data), n), np.nan)
     sizes = np.array([a.size for a, _ in data])
     for j, (a, b) in enumerate(data):
         a_all[j, : a.size], b_all[j, : b.size] = a, b
+    pad = np.full((len(data), 1), np.nan)
+    a_pad, b_pad = np.hstack([a_all, pad]), np.hstack([b_all, pad])  # column n: the padding slot
     ratios = np.empty(n_boot, dtype=np.float64)
     chunk = max(1, _BOOT_CHUNK_ELEMENTS // (len(data) * n))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -249,9 +251,7 @@ def sessions_ratio_ci(
             k = min(chunk, n_boot - start)
             drawn = rng.integers(0, len(data), size=(k, len(data)))
             rows = np.floor(rng.random((k, len(data), n)) * sizes[drawn][:, :, None]).astype(np.int64)
-            rows = np.where(np.arange(n) < sizes[drawn][:, :, None], rows, n)  # n: a padding slot, NaN
-            pad = np.full((len(data), 1), np.nan)
-            a_pad, b_pad = np.hstack([a_all, pad]), np.hstack([b_all, pad])
+            rows = np.where(np.arange(n) < sizes[drawn][:, :, None], rows, n)
             ma = np.nanmedian(a_pad[drawn[:, :, None], rows].reshape(k, -1), axis=1)
             mb = np.nanmedian(b_pad[drawn[:, :, None], rows].reshape(k, -1), axis=1)
             ratios[start : start + k] = mb / ma
