@@ -22,6 +22,9 @@ model or input which are not int8 at all (the floor of ``f1_fp32``)::
     fp32:noise=1         input + uniform noise in [-1/255, +1/255] (one grey level), clipped to [0, 1]
     fp32:noise=1:seed=2  another draw of that noise (default seed 0)
     fp32:shift=1         every pixel one grey level darker (clipped at 0)
+    fp32:dx=1            the same page 1 pixel to the right (``dy=``: down), boxes moved back before
+                         scoring: the page is rolled inside its letterbox, whose grey sides (and the page's
+                         white top and bottom margins) wrap onto themselves, so it is the same document
     PATH.onnx            a candidate as it is (modifiers apply to it too)
 
 The reference is always the fp32 model (``fetch.wheel_member`` of the suite's wheel) with all graph
@@ -154,6 +157,8 @@ class Spec:
     fp16w: bool = False
     noise: float = 0.0
     shift: float = 0.0
+    dx: int = 0
+    dy: int = 0
     seed: int = 0
 
     @property
@@ -181,11 +186,13 @@ def parse_spec(text: str, fp32: Path | None = None) -> Spec:
             spec.noise = float(val)
         elif key == "shift" and val:
             spec.shift = float(val)
+        elif key in ("dx", "dy") and val.lstrip("-").isdigit():
+            setattr(spec, key, int(val))
         elif key == "seed" and val:
             spec.seed = int(val)
         else:
             raise ValueError(f"unknown modifier {m!r} in {text!r} (opt=all|extended|basic|disable, fp16w, "
-                             "noise=GREY_LEVELS, shift=GREY_LEVELS, seed=N)")
+                             "noise=GREY_LEVELS, shift=GREY_LEVELS, dx=PIXELS, dy=PIXELS, seed=N)")
     return spec
 
 
@@ -224,6 +231,7 @@ def detections(spec: Spec, split: str, x: np.ndarray, cache: Path, threads: int)
 
     raw = spec.path.read_bytes()
     mods = [spec.opt, spec.fp16w, spec.noise, spec.seed] + ([spec.shift] if spec.shift else [])
+    mods += [("dx", spec.dx), ("dy", spec.dy)] if spec.dx or spec.dy else []
     key = hashlib.sha256(raw + json.dumps(mods).encode()).hexdigest()[:16]
     f = cache / f"{key}-{split}-{len(x)}.npz"
     if f.exists():
@@ -244,7 +252,10 @@ def detections(spec: Spec, split: str, x: np.ndarray, cache: Path, threads: int)
             page = perturb(page, spec.noise, spec.seed, i)
         if spec.shift:
             page = np.clip(page - np.float32(spec.shift / 255), 0.0, 1.0)
-        out.extend(yolo_decode(sess.run(None, {name: page})[0]))
+        if spec.dx or spec.dy:
+            page = np.roll(page, (spec.dy, spec.dx), axis=(2, 3))
+        for b, c, sc in yolo_decode(sess.run(None, {name: page})[0]):
+            out.append((b - np.array([spec.dx, spec.dy, spec.dx, spec.dy], dtype=b.dtype), c, sc))
     cache.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for i, (b, c, s) in enumerate(out):

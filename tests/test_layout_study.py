@@ -173,3 +173,16 @@ def test_detections_decode_cache_and_modifiers(tmp_path):
     shifted = ls.detections(ls.parse_spec(f"{model}:shift=64"), "tune", ones, tmp_path / "cache", threads=1)
     assert shifted[0][2] == pytest.approx([0.3 * (2 - 64 / 255)], rel=1e-5)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # a separate cache entry per modifier set
+
+
+def test_dx_moves_the_boxes_back(tmp_path):
+    """A page rolled by dx pixels: the model sees the same mean, so the decoded box comes back dx to the left."""
+    w = np.zeros((1, 15, 2), np.float32)
+    w[0, :4, 0] = (100.0, 100.0, 40.0, 20.0)
+    w[0, 4 + 2, 0] = 0.3
+    model = tmp_path / "head.onnx"
+    model.write_bytes(_head_model(w))
+    x = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
+    det = ls.detections(ls.parse_spec(f"{model}:dx=3:dy=-1"), "tune", x, tmp_path, threads=1)
+    g = 1 + float(x.mean())  # the head's scale, the same for the rolled page
+    np.testing.assert_allclose(det[0][0], [[80 * g - 3, 90 * g + 1, 120 * g - 3, 110 * g + 1]], rtol=1e-5)
