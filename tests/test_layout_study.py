@@ -3,6 +3,8 @@ its perturbations (benchmarks/layout_study.py), on seeded synthetic boxes and a 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -139,6 +141,16 @@ def _head_model(w: np.ndarray) -> bytes:
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
 
 
+def _one_box_model(tmp_path) -> Path:
+    """A head model whose first anchor is a box (cx 100, cy 100, w 40, h 20) of class 2 at score 0.3."""
+    w = np.zeros((1, 15, 2), np.float32)
+    w[0, :4, 0] = (100.0, 100.0, 40.0, 20.0)
+    w[0, 4 + 2, 0] = 0.3
+    model = tmp_path / "head.onnx"
+    model.write_bytes(_head_model(w))
+    return model
+
+
 def test_fp16_roundtrip_rounds_initializers_and_runs_in_onnxruntime():
     w = np.zeros((1, 15, 2), np.float32)
     w[0, :4, 0] = (100.0, 100.0, 40.0, 20.0)
@@ -154,11 +166,7 @@ def test_fp16_roundtrip_rounds_initializers_and_runs_in_onnxruntime():
 
 
 def test_detections_decode_cache_and_modifiers(tmp_path):
-    w = np.zeros((1, 15, 2), np.float32)
-    w[0, :4, 0] = (100.0, 100.0, 40.0, 20.0)
-    w[0, 4 + 2, 0] = 0.3
-    model = tmp_path / "head.onnx"
-    model.write_bytes(_head_model(w))
+    model = _one_box_model(tmp_path)
     x = np.zeros((2, 3, 4, 4), np.float32)
     spec = ls.parse_spec(str(model))
     det = ls.detections(spec, "tune", x, tmp_path / "cache", threads=1)
@@ -177,11 +185,7 @@ def test_detections_decode_cache_and_modifiers(tmp_path):
 
 def test_dx_moves_the_boxes_back(tmp_path):
     """A page rolled by dx pixels: the model sees the same mean, so the decoded box comes back dx to the left."""
-    w = np.zeros((1, 15, 2), np.float32)
-    w[0, :4, 0] = (100.0, 100.0, 40.0, 20.0)
-    w[0, 4 + 2, 0] = 0.3
-    model = tmp_path / "head.onnx"
-    model.write_bytes(_head_model(w))
+    model = _one_box_model(tmp_path)
     x = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
     det = ls.detections(ls.parse_spec(f"{model}:dx=3:dy=-1"), "tune", x, tmp_path, threads=1)
     g = 1 + float(x.mean())  # the head's scale, the same for the rolled page
