@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.metrics import box_iou
 from benchmarks.suite_extra import LAYOUT_MEMBER, LAYOUT_SPEC, class_f1, yolo_decode
 
 CACHE = Path(__file__).parent / ".cache"
@@ -74,6 +75,53 @@ def page_counts(preds, truths, iou_thresh: float = 0.5) -> np.ndarray:
         r = class_f1([p], [t], iou_thresh)
         rows.append((r["tp"], r["n_pred"], r["n_gt"]))
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def matched(pred: np.ndarray, gt: np.ndarray, iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean ``(pred matched, gt matched)`` of ``metrics.match_boxes``' one-to-one greedy matching."""
+    iou = box_iou(pred, gt)
+    mp, mg = np.zeros(iou.shape[0], bool), np.zeros(iou.shape[1], bool)
+    if iou.size:
+        for flat in np.argsort(-iou, axis=None, kind="stable"):
+            i, j = divmod(int(flat), iou.shape[1])
+            if iou[i, j] < iou_thresh:
+                break
+            if not (mp[i] or mg[j]):
+                mp[i] = mg[j] = True
+    return mp, mg
+
+
+def disagreements(det: list, ref: list, near: float = 0.35) -> dict[str, int]:
+    """Why the candidate's detections ``det`` and fp32's ``ref`` (per page ``(boxes, classes, scores)``)
+    disagree, under ``class_f1``'s class-wise matching.
+
+    fp32 boxes left unmatched: ``missed_class`` (a candidate box of another class at IoU >= 0.5: a class
+    flip), ``missed_shifted`` (a same-class candidate box at IoU in [0.3, 0.5)), ``missed_gone`` (neither);
+    ``missed_near`` counts those whose fp32 score is below ``near`` (at the 0.25 threshold's edge).
+    Candidate boxes left unmatched: ``extra`` and ``extra_near`` (own score below ``near``)."""
+    out = dict.fromkeys(("missed", "missed_near", "missed_class", "missed_shifted", "missed_gone", "extra",
+                         "extra_near"), 0)
+    for (pb, pc, ps), (rb, rc, rs) in zip(det, ref, strict=True):
+        mp, mr = np.zeros(len(pb), bool), np.zeros(len(rb), bool)
+        for c in np.union1d(pc, rc):
+            ip, ir = np.nonzero(pc == c)[0], np.nonzero(rc == c)[0]
+            a, b = matched(pb[ip], rb[ir])
+            mp[ip], mr[ir] = a, b
+        iou = box_iou(rb, pb)
+        for j in np.nonzero(~mr)[0]:
+            out["missed"] += 1
+            out["missed_near"] += int(rs[j] < near)
+            other = iou[j][pc != rc[j]] if len(pb) else np.zeros(0)
+            same = iou[j][pc == rc[j]] if len(pb) else np.zeros(0)
+            if other.size and other.max() >= 0.5:
+                out["missed_class"] += 1
+            elif same.size and same.max() >= 0.3:
+                out["missed_shifted"] += 1
+            else:
+                out["missed_gone"] += 1
+        out["extra"] += int((~mp).sum())
+        out["extra_near"] += int((ps[~mp] < near).sum())
+    return out
 
 
 def f1_of(counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -305,6 +353,7 @@ def study(specs: list[Spec], splits: list[str], pages: int, cache: Path, threads
                 "boxes": int(vs_fp32[:, 1].sum()), "fp32_boxes": int(vs_fp32[:, 2].sum()),
                 "fp32_boxes_below_0.35": int(sum(int((s < 0.35).sum()) for _, _, s in ref)),
                 "truth_boxes": int(vs_labels[:, 2].sum()),
+                "disagreements": disagreements(det, ref),
             }
             row["f1_fp32"]["diff"] = row["f1_fp32"]["value"] - 1.0
             row["f1_fp32"]["diff_ci"] = (row["f1_fp32"]["ci"][0] - 1.0, row["f1_fp32"]["ci"][1] - 1.0)
@@ -330,6 +379,12 @@ def markdown(result: dict) -> str:
                 f"| {_diff(r['f1_fp32'])} | {_pt(lab['f1']['value'])} {_ci(lab['f1']['ci'])} ({_pt(r['first24']['f1_labels'])}) "
                 f"| {_diff(lab['f1'])} | {_diff(lab['precision'])} | {_diff(lab['recall'])} "
                 f"| {_pt(lab['precision']['value'])} {_ci(lab['precision']['ci'])} | {_pt(lab['recall']['value'])} {_ci(lab['recall']['ci'])} |")
+        lines += ["", "| candidate | fp32 boxes missed (score < 0.35) | as another class | same class, IoU 0.3-0.5 | gone "
+                  "| extra boxes (score < 0.35) |", "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            d = r["disagreements"]
+            lines.append(f"| {name} | {d['missed']} ({d['missed_near']}) | {d['missed_class']} | {d['missed_shifted']} "
+                         f"| {d['missed_gone']} | {d['extra']} ({d['extra_near']}) |")
         first = next(iter(rows.values()))
         lines += ["", f"fp32 boxes {first['fp32_boxes']} ({first['fp32_boxes_below_0.35']} with a score below 0.35), "
                   f"rendered blocks {first['truth_boxes']}.", ""]

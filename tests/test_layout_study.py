@@ -190,3 +190,26 @@ def test_dx_moves_the_boxes_back(tmp_path):
     det = ls.detections(ls.parse_spec(f"{model}:dx=3:dy=-1"), "tune", x, tmp_path, threads=1)
     g = 1 + float(x.mean())  # the head's scale, the same for the rolled page
     np.testing.assert_allclose(det[0][0], [[80 * g - 3, 90 * g + 1, 120 * g - 3, 110 * g + 1]], rtol=1e-5)
+
+
+def test_matched_agrees_with_match_boxes():
+    from benchmarks.metrics import match_boxes
+
+    preds, truths = _pages(np.random.default_rng(9), 25)
+    for (pb, _), (gb, _) in zip(preds, truths):
+        mp, mg = ls.matched(pb, gb)
+        tp, n_pred, n_gt = match_boxes(pb, gb)
+        assert (int(mp.sum()), int(mg.sum()), len(mp), len(mg)) == (tp, tp, n_pred, n_gt)
+
+
+def test_disagreements_name_class_flips_shifts_and_threshold_edges():
+    box = np.array([[0, 0, 100, 100], [200, 0, 300, 100], [400, 0, 500, 100], [600, 0, 700, 100]], float)
+    ref = [(box, np.array([1, 1, 2, 3]), np.array([0.9, 0.3, 0.8, 0.9]))]
+    det = [(np.array([[0, 0, 100, 100], [200, 0, 300, 100], [440, 0, 540, 100], [0, 500, 50, 550]], float),
+            np.array([1, 0, 2, 4]), np.array([0.9, 0.3, 0.7, 0.26]))]
+    # fp32's second box comes back as class 0 (a flip, fp32 score 0.3), its third moved 40 px (IoU 60/140),
+    # its fourth is gone; the candidate adds a class-4 box at 0.26 and its flipped and moved boxes are extras
+    d = ls.disagreements(det, ref)
+    assert d == {"missed": 3, "missed_near": 1, "missed_class": 1, "missed_shifted": 1, "missed_gone": 1,
+                 "extra": 3, "extra_near": 2}
+    assert ls.disagreements(ref, ref)["missed"] == 0
