@@ -95,8 +95,8 @@ def disagreements(det: list, ref: list, near: float = 0.35) -> dict[str, int]:
     """Why the candidate's detections ``det`` and fp32's ``ref`` (per page ``(boxes, classes, scores)``)
     disagree, under ``class_f1``'s class-wise matching.
 
-    fp32 boxes left unmatched: ``missed_class`` (a candidate box of another class at IoU >= 0.5: a class
-    flip), ``missed_shifted`` (a same-class candidate box at IoU in [0.3, 0.5)), ``missed_gone`` (neither);
+    fp32 boxes left unmatched: ``missed_class`` (an unmatched candidate box of another class at IoU >= 0.5:
+    a class flip), ``missed_shifted`` (a same-class candidate box at IoU in [0.3, 0.5)), ``missed_gone`` (neither);
     ``missed_near`` counts those whose fp32 score is below ``near`` (at the 0.25 threshold's edge).
     Candidate boxes left unmatched: ``extra`` and ``extra_near`` (own score below ``near``)."""
     out = dict.fromkeys(("missed", "missed_near", "missed_class", "missed_shifted", "missed_gone", "extra",
@@ -111,7 +111,7 @@ def disagreements(det: list, ref: list, near: float = 0.35) -> dict[str, int]:
         for j in np.nonzero(~mr)[0]:
             out["missed"] += 1
             out["missed_near"] += int(rs[j] < near)
-            other = iou[j][pc != rc[j]] if len(pb) else np.zeros(0)
+            other = iou[j][(pc != rc[j]) & ~mp] if len(pb) else np.zeros(0)
             same = iou[j][pc == rc[j]] if len(pb) else np.zeros(0)
             if other.size and other.max() >= 0.5:
                 out["missed_class"] += 1

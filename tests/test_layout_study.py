@@ -213,3 +213,8 @@ def test_disagreements_name_class_flips_shifts_and_threshold_edges():
     assert d == {"missed": 3, "missed_near": 1, "missed_class": 1, "missed_shifted": 1, "missed_gone": 1,
                  "extra": 3, "extra_near": 2}
     assert ls.disagreements(ref, ref)["missed"] == 0
+    # fp32 has two classes at one place and the candidate keeps only one: that one is matched, no flip
+    two = [(np.array([[0, 0, 100, 100], [0, 0, 100, 100]], float), np.array([1, 5]), np.array([0.5, 0.6]))]
+    one = [(np.array([[0, 0, 100, 100]], float), np.array([5]), np.array([0.6]))]
+    assert ls.disagreements(one, two) == {"missed": 1, "missed_near": 0, "missed_class": 0, "missed_shifted": 0,
+                                          "missed_gone": 1, "extra": 0, "extra_near": 0}
