@@ -59,6 +59,10 @@ SUITE_PAGES = 24
 # (sentence pool, seed, fonts, columns): the suite's tune and report splits (suite_extra._layout_yolo)
 SPLIT_STYLE = {"tune": ("calib", 402, "sans", 1), "report": ("eval", 403, "serif", 2)}
 # the suite's cached 24-page splits, to check the first pages byte for byte
+# how far a page may be moved and stay the same document: the letterbox's grey sides are 150 px wide, and
+# render_layout_page draws the running header at row 28 and the footer at row 979 on every page (the suite's
+# 48 cached pages have ink in rows 30-990 only)
+MAX_MOVE = {"dx": 150, "dy": 30}
 SUITE_FILES = {"tune": "layout-tune-bef6fe219c23", "report": "layout-report-992dd398be0a"}
 
 
@@ -235,6 +239,9 @@ def parse_spec(text: str, fp32: Path | None = None) -> Spec:
         elif key == "shift" and val:
             spec.shift = float(val)
         elif key in ("dx", "dy") and val.lstrip("-").isdigit():
+            if abs(int(val)) > MAX_MOVE[key]:
+                raise ValueError(f"modifier {m!r} in {text!r}: beyond {MAX_MOVE[key]} pixels the page no longer "
+                                 "rolls onto its own margins (it would be another document)")
             setattr(spec, key, int(val))
         elif key == "seed" and val:
             spec.seed = int(val)

@@ -110,7 +110,8 @@ def test_parse_spec_modifiers(tmp_path):
     assert ls.parse_spec("fp32", fp32).is_reference
     assert not ls.parse_spec("fp32:shift=1", fp32).is_reference
     assert ls.parse_spec("x/y.onnx").path.name == "y.onnx"
-    for bad in ("fp32:opt=fast", "fp32:noise", "fp32:wat=1"):
+    assert ls.parse_spec("fp32:dx=-150:dy=30", fp32).dx == -150
+    for bad in ("fp32:opt=fast", "fp32:noise", "fp32:wat=1", "fp32:dx=151", "fp32:dy=-31"):
         with pytest.raises(ValueError, match="modifier"):
             ls.parse_spec(bad, fp32)
 
