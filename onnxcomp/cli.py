@@ -110,6 +110,11 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     weights = info["weights"]
     con.print(f"weights: {weights['weight_elements']:,} elements; quantization parameters (scales, zero points, "
               f"codebooks): {weights['quant_params']:,}")
+    in_attributes = info.get("attribute_weights") or {}
+    if in_attributes:
+        ops = ", ".join(f"{row['nodes']} {op} ({row['values']:,})" for op, row in in_attributes.items())
+        con.print(f"weights in attributes: {sum(r['values'] for r in in_attributes.values()):,} values of {esc(ops)}; "
+                  "not counted above and not compressed by onnxcomp (it compresses weight tensors)")
     packed = info.get("packed")
     if packed:
         nonzero = packed["sparse_values"]
