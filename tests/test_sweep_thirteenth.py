@@ -212,3 +212,60 @@ def test_weights_held_in_attributes_are_named_where_nothing_was_compressed(rng, 
     err = capsys.readouterr().err
     assert err.startswith("onnxcomp: error: prune: no group can be pruned toward params 0.7: the model has no "
                           "prunable channel group") and said in err and err.count("\n") == 1
+
+
+def _upsampling_detector() -> onnx.ModelProto:
+    """YOLOv8's neck in miniature, on ``images [batch, 3, height, width]`` with free height and width:
+    a stride-2 Conv, upsampled x2 (Resize), concatenated with a stride-1 Conv's features (the skip):
+    the two agree only on even sizes (at 1x1: 1 vs 2, as NudeNet's '/model.11/Concat' said)."""
+    r = np.random.default_rng(6)
+    nodes = [oh.make_node("Conv", ["images", "wd"], ["down"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             oh.make_node("Resize", ["down", "", "scales"], ["up"], mode="nearest"),
+             oh.make_node("Conv", ["images", "ws"], ["skip"], pads=[1, 1, 1, 1]),
+             oh.make_node("Concat", ["up", "skip"], ["cat"], axis=1),
+             oh.make_node("Sigmoid", ["cat"], ["out"])]
+    inits = [onh.from_array(r.standard_normal((4, 3, 3, 3)).astype(np.float32), "wd"),
+             onh.from_array(r.standard_normal((4, 3, 3, 3)).astype(np.float32), "ws"),
+             onh.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    graph = oh.make_graph(nodes, "neck", [oh.make_tensor_value_info("images", onnx.TensorProto.FLOAT,
+                                                                    ["batch", 3, "height", "width"])],
+                          [oh.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 8, None, None])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_generated_inputs_give_the_free_spatial_axes_of_a_conv_input_an_image_size(tmp_path, capsys):
+    # NudeNet (YOLOv8, images [batch, 3, height, width]): bench without data failed ("Non concat
+    # axis dimensions must match ... height=1, width=1") and quantize --mode dynamic / cluster without
+    # data said "not checked": the original cannot run a 1x1 image.
+    from onnxcomp.cli import main
+    from onnxcomp.data import SPATIAL_SIZE, describe_free_dims, generated_feeds
+
+    path = tmp_path / "neck.onnx"
+    path.write_bytes(_upsampling_detector().SerializeToString())
+    feeds, chosen = generated_feeds(io.load_model(path), count=2)
+    assert feeds[0]["images"].shape == (1, 3, SPATIAL_SIZE, SPATIAL_SIZE) == (1, 3, 64, 64)
+    assert "height=64 (axis 2, a spatial axis of " in describe_free_dims(chosen)[0]
+    assert generated_feeds(io.load_model(path), {"images": (1, 3, 32, 32)})[0][0]["images"].shape == (1, 3, 32, 32)
+    assert main(["bench", str(path), "--runs", "3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "height=64 (axis 2, a spatial axis of" in out and "neck.onnx" in out
+    assert main(["cluster", str(path), "-o", str(tmp_path / "c.onnx"), "--min-elements", "16"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "on seeded uniform random inputs" in out and "not checked" not in out and "not run" not in out
+
+
+def test_compress_says_why_a_model_whose_weights_are_attributes_compressed_nothing(rng, tmp_path, capsys):
+    # compress --recipe int8 of the scikit-learn models said "nothing was compressed (0 quantized
+    # nodes): see each stage's statistics (--json)"
+    from onnxcomp.cli import main
+
+    path = tmp_path / "logreg.onnx"
+    path.write_bytes(_linear_classifier().SerializeToString())
+    np.savez(tmp_path / "c.npz", X=rng.standard_normal((40, 6)).astype(np.float32))
+    assert main(["compress", str(path), "-o", str(tmp_path / "q.onnx"), "--recipe", "int8",
+                 "--calibration", str(tmp_path / "c.npz")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("nothing was compressed (0 quantized nodes): the model's weights are attributes of 1 "
+            "ai.onnx.ml::LinearClassifier node (21 values)") in text
