@@ -269,3 +269,53 @@ def test_compress_says_why_a_model_whose_weights_are_attributes_compressed_nothi
     text = " ".join(capsys.readouterr().out.split())
     assert ("nothing was compressed (0 quantized nodes): the model's weights are attributes of 1 "
             "ai.onnx.ml::LinearClassifier node (21 values)") in text
+
+
+def _c2f(width: int = 8) -> onnx.ModelProto:
+    """YOLOv8's C2f block: cv1 (1x1) -> Split [a, b] -> bottleneck m(b) (3x3 Conv, Relu) added to b
+    (shortcut) -> Concat [a, b, b + m(b)] -> cv2 (1x1) -> out. The channels of b and of the
+    bottleneck's output are one group (the residual Add), read twice by cv2 through the Concat."""
+    r = np.random.default_rng(13)
+    f = lambda *s: (r.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["h"], name="cv1"), oh.make_node("Relu", ["h"], ["hr"]),
+             oh.make_node("Split", ["hr", "sizes"], ["a", "b"], axis=1),
+             oh.make_node("Conv", ["b", "wm", "bm"], ["mb"], pads=[1, 1, 1, 1], name="m"), oh.make_node("Relu", ["mb"], ["mr"]),
+             oh.make_node("Add", ["b", "mr"], ["c"]),
+             oh.make_node("Concat", ["a", "b", "c"], ["cat"], axis=1),
+             oh.make_node("Conv", ["cat", "w2", "b2"], ["out"], name="cv2")]
+    inits = [onh.from_array(a, n) for n, a in [
+        ("w1", f(2 * width, 3, 1, 1)), ("b1", f(2 * width)), ("sizes", np.array([width, width], np.int64)),
+        ("wm", f(width, width, 3, 3)), ("bm", f(width)), ("w2", f(6, 3 * width, 1, 1)), ("b2", f(6))]]
+    graph = oh.make_graph(nodes, "c2f", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 12, 12])],
+                          [oh.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 6, 12, 12])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_obs_counts_every_occurrence_of_a_group_a_consumer_reads_twice(rng):
+    # NudeNet prune --target-params 0.7 --calibration: "internal error: ValueError: cannot reshape
+    # array of size 1280 into shape (32,32,1,1)" after 555 s: the measured sensitivity wrote the refit
+    # of '/model.2/cv2/conv/Conv', which counted the group's channels once (keeping 40 of 48 inputs)
+    # while the cut removed both occurrences in the Concat (32 left).
+    from onnxcomp.analysis.channels import analyze_channels
+    from onnxcomp.prune.api import prune
+    from onnxcomp.prune.config import PruneConfig
+    from onnxcomp.prune.obs import consumer_grams, greedy_order
+    from onnxcomp.runtime import run_model
+
+    model = io.load_model(_c2f())
+    feeds = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    groups = [g for g in analyze_channels(model).groups if not g.frozen]
+    twice = [g for g in groups if sum(1 for c in g.consumers if c.node.name == "cv2") == 2]
+    assert len(twice) == 1
+    from onnxcomp.data import Dataset
+
+    grams = consumer_grams(model, groups, Dataset(feeds, model))
+    state = greedy_order(twice[0], grams)
+    assert state.features["cv2"].shape == (twice[0].size, 2)  # both occurrences (was (size, 1))
+    removed = np.sort(state.order[:3])
+    assert state.refit_weights("cv2", removed).shape == (3 * 8 - 2 * 3 + 1, 6)
+    pruned, report = prune(model, PruneConfig(criterion="obs", target_params=0.75), calibration=feeds)
+    assert report["after"]["parameters"] < report["before"]["parameters"]
+    assert run_model(pruned, feeds[:1])[0][0].shape == (1, 6, 12, 12)

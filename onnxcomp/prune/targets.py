@@ -278,7 +278,13 @@ def _measured_scales(
                     layer = rc._plan(name, nodes, nodes)
                 except (rc._Skip, ValueError):
                     continue
-                layer.write(st.refit_weights(name, removed)[None], clone.graph, clone_taken)
+                refit = st.refit_weights(name, removed)
+                # a consumer that also writes the group (a bottleneck added back to its own input)
+                # lost those output channels in the cut: its refit loses their columns
+                written = [p.indices(removed) for p in g.producers if p.node.name == name]
+                if written:
+                    refit = np.delete(refit, np.concatenate(written), axis=1)
+                layer.write(refit[None], clone.graph, clone_taken)
         session = create_session(clone)
         if restore is not None:
             restore()
