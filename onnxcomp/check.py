@@ -1356,8 +1356,9 @@ def resolution_note(rows: list[dict[str, Any]], config: CheckConfig) -> str | No
     n, slack, row = min(coarse, key=lambda c: c[0])
     also = "".join(f", {r['name']!r}" for _, _, r in coarse if r is not row)
     what = f"{RULES[row['kind']].reads} of output {row['name']!r}" + (f"; also{also[1:]}" if also else "")
-    if n == 0:
-        return f"the check saw no decision ({what}): it cannot resolve any change; pass --eval with more data"
+    if n < 1:  # none, or a fraction (a detection F1 counts each model's detections half: one on one side is 0.5)
+        seen = "no decision" if n == 0 else f"less than one decision ({n:g})"
+        return f"the check saw {seen} ({what}): it cannot resolve any change; pass --eval with more data"
     allows = f"{100.0 * slack:.2g}"
     return (f"the check saw {n:g} decisions ({what}): it cannot resolve a change below {100.0 / n:.1f} points "
             f"where the budget allows {allows} point{'' if allows == '1' else 's'}; pass --eval with more data")

@@ -319,3 +319,16 @@ def test_obs_counts_every_occurrence_of_a_group_a_consumer_reads_twice(rng):
     pruned, report = prune(model, PruneConfig(criterion="obs", target_params=0.75), calibration=feeds)
     assert report["after"]["parameters"] < report["before"]["parameters"]
     assert run_model(pruned, feeds[:1])[0][0].shape == (1, 6, 12, 12)
+
+
+def test_a_check_that_saw_less_than_one_decision_says_it_resolves_nothing():
+    # NudeNet pruned, 8 held-out scenes: one detection on one side is half a decision of the F1,
+    # and the note said "the check saw 0.5 decisions ...: it cannot resolve a change below 200.0 points"
+    from onnxcomp.check import CheckConfig, resolution_note
+
+    note = resolution_note([{"name": "output0", "kind": "detections", "decisions": 0.5}], CheckConfig())
+    assert note == ("the check saw less than one decision (0.5) (detection agreement (F1) of output 'output0'): "
+                    "it cannot resolve any change; pass --eval with more data")
+    assert "200" not in note
+    assert resolution_note([{"name": "o", "kind": "detections", "decisions": 4.5}], CheckConfig()).startswith(
+        "the check saw 4.5 decisions")
