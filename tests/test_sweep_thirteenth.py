@@ -332,3 +332,24 @@ def test_a_check_that_saw_less_than_one_decision_says_it_resolves_nothing():
     assert "200" not in note
     assert resolution_note([{"name": "o", "kind": "detections", "decisions": 4.5}], CheckConfig()).startswith(
         "the check saw 4.5 decisions")
+
+
+def test_compare_reads_decided_classes_by_their_agreement(rng, tmp_path, capsys):
+    # compare of the int8 MLP showed "label | labels | SQNR 23.45 | cosine 0.997740 | ... | top-1 agree -":
+    # noise figures of class indices, and no figure of the decisions
+    import json
+
+    from onnxcomp.cli import main
+
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    ref.write_bytes(_sklearn_mlp().SerializeToString())
+    cand.write_bytes(_sklearn_mlp(_flip_shift(x, 2)).SerializeToString())
+    np.save(tmp_path / "x.npy", x)
+    assert main(["compare", str(ref), str(cand), "--data", str(tmp_path / "x.npy"), "--json"]) == 0
+    label, scores = json.loads(capsys.readouterr().out)["outputs"]
+    assert (label["kind"], label["label_agreement"], label["top1_agreement"]) == ("labels", 398 / 400, None)
+    assert scores["label_agreement"] is None and scores["top1_agreement"] == 398 / 400
+    assert main(["compare", str(ref), str(cand), "--data", str(tmp_path / "x.npy")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip("│ ").startswith("label "))
+    assert "99.50%" in row and "labels" in row and row.count(" - ") >= 2
