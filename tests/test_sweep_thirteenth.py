@@ -353,3 +353,20 @@ def test_compare_reads_decided_classes_by_their_agreement(rng, tmp_path, capsys)
     assert main(["compare", str(ref), str(cand), "--data", str(tmp_path / "x.npy")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip("│ ").startswith("label "))
     assert "99.50%" in row and "labels" in row and row.count(" - ") >= 2
+
+
+def test_compress_report_reads_decided_classes_by_their_agreement():
+    # compress --recipe int8 of the MLP printed "output label | reference | SQNR 23.45 dB | cosine
+    # 0.99774, label agreement 99.75% (held-out check)": noise figures of class indices
+    from onnxcomp.report import summary_rows
+
+    out = {"name": "label", "kind": "labels", "sqnr_db": 23.45, "cosine": 0.99774, "max_abs": 7.0,
+           "top1_agreement": None, "label_agreement": 0.9975, "worst_channel": None}
+    scores = {**out, "name": "probabilities", "kind": "scores", "sqnr_db": 37.86, "cosine": 0.99992,
+              "top1_agreement": 0.9975, "label_agreement": None}
+    sizes = {"parameters": 10, "parameter_bytes": 40, "nodes": 3}
+    report = {"before": {"bytes": 100, **sizes}, "after": {"bytes": 50, **sizes},
+              "measure": {"fidelity": {"outputs": [out, scores]}}}
+    rows = {r[0]: r for r in summary_rows(report)}
+    assert rows["output label"] == ("output label", "reference", "-", "label agreement 99.75%")
+    assert rows["output probabilities"][2:] == ("SQNR 37.86 dB", "cosine 0.99992, top-1 agreement 99.75%")
