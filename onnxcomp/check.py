@@ -277,8 +277,10 @@ def split_data(
     """Choose the fitting and the checking data (module docstring: Split).
 
     Calibration and evaluation data and labels that cannot match the model are refused here,
-    before any work (the check would only find them after the output is written; a run that does
-    not calibrate, ``--mode dynamic``, reads its calibration data only there)."""
+    before any work: every feed that the fitting and the checking parts read (from a file or a
+    folder) is validated now, NaN/Inf and feeds of 0 rows too (the check would only find them
+    after the output is written; a run that does not calibrate, ``--mode dynamic``, reads its
+    calibration data only there)."""
     if calibration is not None:
         calibration.check_first()
     if evaluation is not None:
@@ -288,10 +290,11 @@ def split_data(
             _check_declared_classes(labels, model)
         check = evaluation if labels is not None else evaluation.subset(lambda i: i < config.max_feeds)
         n = evaluation.num_feeds
-        return DataSplit(calibration, check, True, f"evaluation data {evaluation.name}", labels,
-                         calibration.num_feeds if calibration is not None else None,
-                         n if labels is not None else (min(n, config.max_feeds) if n is not None else None),
-                         "all evaluation feeds" if labels is not None else f"the first {config.max_feeds} evaluation feeds")
+        return _read_up_front(DataSplit(
+            calibration, check, True, f"evaluation data {evaluation.name}", labels,
+            calibration.num_feeds if calibration is not None else None,
+            n if labels is not None else (min(n, config.max_feeds) if n is not None else None),
+            "all evaluation feeds" if labels is not None else f"the first {config.max_feeds} evaluation feeds"))
     if calibration is None:
         if model is None:
             return DataSplit(None, None, False, "none")
@@ -311,10 +314,10 @@ def split_data(
         return n if limit is None else min(n, limit)
 
     if total < config.min_feeds:
-        return DataSplit(calibration, calibration, False, f"calibration data {calibration.name}", None,
-                         capped(total), capped(total),
-                         f"only {total} calibration feed(s) (< {config.min_feeds}): checked on the fitting data, "
-                         "not held out; give --eval data for a real check")
+        return _read_up_front(DataSplit(
+            calibration, calibration, False, f"calibration data {calibration.name}", None, capped(total), capped(total),
+            f"only {total} calibration feed(s) (< {config.min_feeds}): checked on the fitting data, "
+            "not held out; give --eval data for a real check"))
     k = max(2, round(1.0 / config.fraction))
     cap = config.max_feeds
 
@@ -324,8 +327,18 @@ def split_data(
     check = calibration.subset(is_check, name=f"{calibration.name} (held out)")
     fit = calibration.subset(lambda i: not is_check(i), name=f"{calibration.name} (fitting part)")
     n_check = sum(1 for i in range(total) if is_check(i))
-    return DataSplit(fit, check, True, f"calibration data {calibration.name}", None, capped(total - n_check), capped(n_check),
-                     f"every {_ordinal(k)} calibration feed (index mod {k} = {k - 1}), at most {cap}, held out")
+    return _read_up_front(DataSplit(
+        fit, check, True, f"calibration data {calibration.name}", None, capped(total - n_check), capped(n_check),
+        f"every {_ordinal(k)} calibration feed (index mod {k} = {k - 1}), at most {cap}, held out"))
+
+
+def _read_up_front(split: DataSplit) -> DataSplit:
+    """``split`` once every feed its fitting and its checking parts read is validated
+    (:meth:`Dataset.check_all`: files and folders)."""
+    for data in (split.fit, split.check if split.check is not split.fit else None):
+        if isinstance(data, Dataset):
+            data.check_all()
+    return split
 
 
 def _ordinal(k: int) -> str:

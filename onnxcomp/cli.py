@@ -155,7 +155,11 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="OUT", help="where to write the compressed model")
     p.add_argument("--recipe", default="int8", help="shipped recipe name or TOML file (default: int8)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override a recipe setting, e.g. quantize.calibration=percentile (repeatable)")
+                   help="override a recipe setting, e.g. quantize.calibration=percentile (repeatable); the value "
+                        "is read as TOML, else as text; a list setting takes comma-separated entries "
+                        "(quantize.exclude=fc1,re:^/head/; commas inside brackets, as in re:x{1,2}, do not "
+                        "separate) or a TOML array (quantize.exclude='[\"a,b\"]' for an entry holding a comma), "
+                        "and the same list setting given again adds its entries")
     p.add_argument("--calibration", metavar="FILE", help="calibration data (.npz file or folder)")
     p.add_argument("--eval", metavar="FILE", help="evaluation data for the fidelity report")
     p.add_argument("--labels", metavar="FILE.npy", help="integer labels of the evaluation data")
@@ -210,7 +214,7 @@ def _run_compress(args: argparse.Namespace) -> int:
     from onnxcomp.data import Dataset, load_labels, parse_shapes
     from onnxcomp.errors import ConfigError
     from onnxcomp.io import load_model, save_model, write_text_atomic
-    from onnxcomp.recipe import load_recipe, parse_override, shipped_recipes
+    from onnxcomp.recipe import load_recipe, parse_overrides, shipped_recipes
     from onnxcomp.report import render_html, render_terminal
 
     con = console(args)
@@ -226,7 +230,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         raise ConfigError("compress needs MODEL and -o OUT")
     recipe = load_recipe(args.recipe)
     if args.set:
-        recipe = recipe.with_overrides(dict(parse_override(item) for item in args.set))
+        recipe = recipe.with_overrides(parse_overrides(args.set))
     if args.threads:
         recipe = recipe.with_overrides({"measure.threads": args.threads, "measure.latency": True})
     if args.shape and (args.calibration or args.eval):  # as bench refuses --shape beside --data

@@ -348,7 +348,7 @@ def verify_output(split, reference, every: bool = True):
         try:
             outputs = verify_written(path, feeds, names=names, limit=KEEP_REFERENCE_BYTES if every else 0,
                                      excused=excused)
-        except DataError:  # a NaN in a later sample, a malformed file: the check names it
+        except DataError:  # data not read up front (a generator, a reader): the check names it
             return
         if at_fault and not split.generated:  # bad data (an index out of a table's range), no bug here
             raise DataError(f"{at_fault[0]} (the input model fails on it too); nothing written")

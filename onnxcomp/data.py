@@ -33,8 +33,9 @@ array has one more axis than the model's input and ``arr[i]`` fits the input's f
 Validation
 ----------
 Each feed is checked against the model's graph inputs: missing or extra names, dtype, rank, fixed
-dimensions, NaN/Inf. Initializers that are also inputs (IR < 4 models) are optional, and the data
-may not feed them: they are weights, compressed as constants. Errors raise
+dimensions, NaN/Inf, and an input of 0 rows (batch size 0: a feed without a sample, unless the
+model fixes that axis at 0). Initializers that are also inputs (IR < 4 models) are optional, and
+the data may not feed them: they are weights, compressed as constants. Errors raise
 :class:`~onnxcomp.errors.DataError` naming the source, the input and the sample. An empty data set is
 an error too.
 """
@@ -248,7 +249,9 @@ class Dataset:
             raise DataError(f"{self.name}: arrays disagree on the number of samples (axis 0): {listing}")
         n = next(iter(counts.values()))
         if n == 0:
-            raise DataError(f"{self.name}: empty data set (0 samples)")
+            name, stored = next(iter(arrays.items()))
+            raise DataError(f"{self.name}: empty data set: array {name!r} holds 0 samples (shape {list(stored.shape)}, "
+                            "axis 0 indexes samples); give at least one")
         self._num_samples = n
         self._step = self._feed_step()
         if n % self._step and self._fixed_batch():
@@ -389,6 +392,11 @@ class Dataset:
                             f"{where}: input {name!r} has size {got} on axis {axis} (shape "
                             f"{list(arr.shape)}), {spec.fixes(axis)} fixes it at {want} {spec.describe_shape()}"
                         )
+            if arr.ndim and arr.shape[0] == 0 and not (spec.shape and spec.batch_dim == 0):
+                raise DataError(
+                    f"{where}: input {name!r} has 0 rows (shape {list(arr.shape)}): a feed of batch size 0 holds no "
+                    "sample, so there is nothing to calibrate on or compare; drop it from the data or give it a sample"
+                )
             if self.check_finite and arr.dtype.kind in "fc" and not np.isfinite(arr).all():
                 bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
                 raise DataError(f"{where}: input {name!r} holds {bad} NaN/Inf value(s)")
@@ -397,6 +405,13 @@ class Dataset:
 
     # -- public ---------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Feed]:
+        for where, feed in self._feeds():
+            self._note_spans(feed)
+            self.reading = where
+            yield feed
+
+    def _feeds(self) -> Iterator[tuple[str, Feed]]:
+        """``(where, validated feed)`` of each feed this view yields."""
         count = 0
         select = getattr(self, "_select", None)
         try:
@@ -405,10 +420,7 @@ class Dataset:
                     break
                 if select is not None and not select(index):
                     continue
-                feed = self._validate(where, feed)
-                self._note_spans(feed)
-                self.reading = where
-                yield feed
+                yield where, self._validate(where, feed)
                 count += 1
         finally:
             self._reads += 1
@@ -464,6 +476,15 @@ class Dataset:
         readable only once and are left to their first use."""
         if self._arrays is not None or self._files is not None:
             self.first()
+
+    def check_all(self) -> None:
+        """Validate every feed this view yields now (names, dtypes, shapes, NaN/Inf, feeds of 0
+        rows), when the source is a file or folder, so that data found bad only at its 30th sample
+        is refused before any work, not after an output was written; nothing is kept (each feed is
+        read again when used). Other sources may be readable only once and are left to their use."""
+        if self._arrays is not None or self._files is not None:
+            for _ in self._feeds():
+                pass
 
     def check_labels(self, labels: np.ndarray | None) -> None:
         """Refuse ``labels`` (of this evaluation data) whose count is not the number of samples,

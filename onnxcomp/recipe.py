@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 from onnxcomp.cluster.api import ClusterStage
 from onnxcomp.errors import ConfigError
 from onnxcomp.measure.stages import MeasureConfig, MeasureStage, VerifyConfig, VerifyStage
-from onnxcomp.passes.base import PassConfig, is_list_field
+from onnxcomp.passes.base import PassConfig, is_list_field, list_item_hint
 from onnxcomp.passes.cleanup import CleanupStage
 from onnxcomp.prune.api import PruneStage
 from onnxcomp.quant.api import QuantizeStage
@@ -45,7 +45,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __all__ = ["STAGES", "STAGE_CLASSES", "register_stage", "MeasureConfig", "VerifyConfig", "Recipe", "load_recipe",
-           "shipped_recipes", "parse_override", "recipe_toml"]
+           "shipped_recipes", "parse_override", "parse_overrides", "recipe_toml"]
 
 
 #: The stage registry: name -> :class:`~onnxcomp.stage.Stage` class, in execution order.
@@ -186,16 +186,90 @@ def parse_override(item: str) -> tuple[str, Any]:
     """``"quantize.calibration=percentile"`` -> ``("quantize.calibration", "percentile")``.
 
     The value is read as a TOML value (numbers, booleans, arrays, quoted strings); anything that is
-    not valid TOML is taken as a plain string.
+    not valid TOML is taken as a plain string. For a list setting (``exclude``, ``op_types``,
+    ``bits_choices``...) such a plain string is a comma-separated list, as ``--op-types`` and
+    ``--bits-choices`` read theirs: ``quantize.exclude=fc1,re:^/head/`` is
+    ``["fc1", "re:^/head/"]`` (spaces around an entry dropped; an empty value is the empty list). A
+    comma inside brackets does not separate (``re:^conv{1,2}$``, ``re:[,;]``); any other entry
+    holding a comma is given in TOML: a quoted string is one entry (``quantize.exclude='"a,b"'``),
+    an array any number (``quantize.exclude='["a,b", "fc1"]'``). Any other single value of a list
+    setting is its one entry.
     """
     key, sep, raw = item.partition("=")
     if not sep or "." not in key:
         raise ConfigError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. quantize.calibration=percentile")
+    key = key.strip()
+    stage, _, field = key.partition(".")
+    config = STAGES.get(stage)
+    listed = config is not None and is_list_field(config, field)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
+        value = _split_list(item, raw, list_item_hint(config, field)) if listed else raw
+    if listed and not isinstance(value, list):
+        # a name that TOML reads as a number, boolean or date (exclude=123) is the name as written
+        value = [raw.strip() if list_item_hint(config, field) is str and not isinstance(value, str) else value]
+    return key, value
+
+
+def _split_list(item: str, raw: str, hint: Any) -> list[Any]:
+    """The entries of a comma-separated ``--set`` value of a list setting whose items are ``hint``."""
+    if not raw.strip():
+        return []
+    entries = [entry.strip() for entry in _top_level_split(raw)]
+    if "" in entries:
+        raise ConfigError(f"--set {item!r}: entry {entries.index('') + 1} of the comma-separated list is empty; "
+                          "give the entries separated by single commas, or a TOML array "
+                          "(STAGE.KEY='[\"a\", \"b\"]') for an entry holding a comma")
+    if hint is str:
+        return entries
+    values: list[Any] = []
+    for entry in entries:  # numbers (bits_choices=2,3,4) read as TOML, the rest as written
+        try:
+            values.append(tomllib.loads(f"v = {entry}")["v"])
+        except tomllib.TOMLDecodeError:
+            values.append(entry)
+    return values
+
+
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` cut at its commas, but not at those inside brackets (a regex's ``{1,2}`` or
+    ``[,;]``; a character after a backslash is no bracket); text whose brackets do not balance is
+    cut at every comma."""
+    pieces, start, stack, escaped = [], 0, [], False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif stack and stack[-1] == "]" and char != "]":
+            continue  # inside a character class every other character is literal
+        elif char in _CLOSING:
+            stack.append(_CLOSING[char])
+        elif stack and char == stack[-1]:
+            stack.pop()
+        elif char in ")]}" or (char == "," and not stack):
+            if char != ",":  # a closing bracket that opened nowhere
+                return text.split(",")
+            pieces.append(text[start:i])
+            start = i + 1
+    return pieces + [text[start:]] if not stack else text.split(",")
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``--set`` items as the overrides of :meth:`Recipe.with_overrides`: a later item of the same
+    setting wins, but a list setting given again gets the entries added (``--set quantize.exclude=a
+    --set quantize.exclude=b`` is ``["a", "b"]``, as ``--exclude a --exclude b``)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        if isinstance(value, list) and isinstance(overrides.get(key), list):
+            value = overrides[key] + value
+        overrides[key] = value
+    return overrides
 
 
 def _toml_value(value: Any) -> str:

@@ -206,6 +206,13 @@ def _stage_line(stage: dict[str, Any]) -> str:
         if rec:
             text += (f", least-squares refit: calibration SQNR {rec['calibration_output_sqnr_db_before']:.1f} -> "
                      f"{rec['calibration_output_sqnr_db_after']:.1f} dB")
+        target = s.get("target")
+        if target:
+            text += f", {target['kind']} {target['final_ratio']:.3f} of the original (target {target['target']:g})"
+            combined = target.get("combined_damage") or {}
+            if combined.get("backed_off"):
+                text += (f": the combined cut measured above max_damage {combined['max_damage']:g} and was backed off "
+                         f"to damage {combined['measured_damage']:.3g}, target not reached")
         return text
     if name == "verify":
         return ", ".join(f"{k}: {v}" for k, v in s.items())

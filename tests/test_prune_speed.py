@@ -274,14 +274,16 @@ def test_meet_target_brackets_a_nonlinear_response():
     assert not outcome["reachable"]
 
 
-def test_sensitivity_without_cutting_equals_the_cut(monkeypatch):
-    """Zero input weights in the refitted consumers stand for the cut: the measured output
-    damage per group is the same as with the channels cut for real."""
+@pytest.mark.parametrize("reconstruct", [True, False])
+def test_sensitivity_without_cutting_equals_the_cut(monkeypatch, reconstruct):
+    """Zero input weights in the consumers stand for the cut (with reconstruct the refit weights,
+    without it the removed inputs' means folded into the bias, as the written model has them): the
+    measured output damage per group is the same as with the channels cut for real."""
     from onnxcomp.prune import targets
 
     model = io.load_model(_branchy(7))
     data = Dataset(_feeds(8, 4), model)
-    config = PruneConfig(criterion="obs", target_macs=0.6, max_damage=None)
+    config = PruneConfig(criterion="obs", target_macs=0.6, max_damage=None, reconstruct=reconstruct)
 
     def damages():
         _, report = prune(model, config, calibration=data)

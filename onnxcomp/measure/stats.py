@@ -57,6 +57,7 @@ __all__ = [
     "LatencySummary",
     "summarize",
     "ratio_ci",
+    "sessions_ratio_ci",
     "interleaved_schedule",
 ]
 
@@ -196,6 +197,63 @@ def ratio_ci(
             else:
                 ma = np.median(a[rng.integers(0, a.size, size=(k, a.size))], axis=1)
                 mb = np.median(b[rng.integers(0, b.size, size=(k, b.size))], axis=1)
+            ratios[start : start + k] = mb / ma
+    alpha = 1.0 - float(confidence)
+    lo, hi = np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0], method="linear")
+    return ratio, float(lo), float(hi)
+
+
+def sessions_ratio_ci(
+    pairs: Sequence[tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
+    *,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int | None = 0,
+) -> tuple[float, float, float]:
+    """:func:`ratio_ci` over several independent measurements: ``pairs`` holds each
+    measurement's ``(a_times, b_times)``, paired by round, each from its own sessions.
+
+    ``R = median(all b) / median(all a)``; the bootstrap resamples at two levels: the
+    measurements with replacement, then the rounds within each drawn one (paired). A
+    single measurement's interval resamples its rounds only, so it cannot see what stays fixed for
+    the life of a session (the CPU its intra-op threads land on, whether they wake in time): where
+    that varies from one session to the next, two measurements give ratios outside each other's
+    intervals, and this interval holds the spread.
+    """
+    data = [(_as_times(a, "a_times"), _as_times(b, "b_times")) for a, b in pairs]
+    if not data:
+        raise ValueError("pairs is empty; at least one measurement is required")
+    for a, b in data:
+        if a.size != b.size:
+            raise ValueError(f"each measurement pairs its rounds: got {a.size} and {b.size} times")
+    n_boot = check_int(n_boot, "n_boot")
+    if not (isinstance(confidence, (int, float)) and 0.0 < float(confidence) < 1.0):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    med_a = float(np.median(np.concatenate([a for a, _ in data])))
+    if med_a == 0.0:
+        raise ValueError("median(a_times) is 0; the ratio of medians is undefined")
+    ratio = float(np.median(np.concatenate([b for _, b in data]))) / med_a
+    rng = np.random.default_rng(seed)
+    n = max(a.size for a, _ in data)
+    # a measurement cut short by a time budget has fewer rounds: it draws as many rounds as it has
+    # (among its own) and fills the rest of its n slots with NaN, which the medians skip
+    a_all = np.full((len(data), n), np.nan)
+    b_all = np.full((len(data), n), np.nan)
+    sizes = np.array([a.size for a, _ in data])
+    for j, (a, b) in enumerate(data):
+        a_all[j, : a.size], b_all[j, : b.size] = a, b
+    pad = np.full((len(data), 1), np.nan)
+    a_pad, b_pad = np.hstack([a_all, pad]), np.hstack([b_all, pad])  # column n: the padding slot
+    ratios = np.empty(n_boot, dtype=np.float64)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // (len(data) * n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, n_boot, chunk):
+            k = min(chunk, n_boot - start)
+            drawn = rng.integers(0, len(data), size=(k, len(data)))
+            rows = np.floor(rng.random((k, len(data), n)) * sizes[drawn][:, :, None]).astype(np.int64)
+            rows = np.where(np.arange(n) < sizes[drawn][:, :, None], rows, n)
+            ma = np.nanmedian(a_pad[drawn[:, :, None], rows].reshape(k, -1), axis=1)
+            mb = np.nanmedian(b_pad[drawn[:, :, None], rows].reshape(k, -1), axis=1)
             ratios[start : start + k] = mb / ma
     alpha = 1.0 - float(confidence)
     lo, hi = np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0], method="linear")

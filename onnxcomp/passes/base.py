@@ -39,6 +39,7 @@ from onnxcomp.runtime import create_session, session_options
 
 __all__ = [
     "PassConfig", "PassResult", "CompressionPass", "run_pipeline", "PipelineResult", "config_argument", "is_list_field",
+    "list_item_hint",
     "MODEL_CHECKS", "InvalidModelError", "model_problems", "new_problems", "known_problems", "ensure_valid",
 ]
 
@@ -230,11 +231,23 @@ def _field_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def is_list_field(cls: type, name: str) -> bool:
-    """Whether the config class ``cls`` declares field ``name`` as a list (a tuple, optionally or None)."""
+def _list_hint(cls: type, name: str) -> Any:
+    """The ``tuple[...]`` hint of field ``name`` of ``cls`` (optionally or None), else None."""
     hint = _field_hints(cls).get(name)
     hints = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return any(typing.get_origin(h) is tuple for h in hints)
+    return next((h for h in hints if typing.get_origin(h) is tuple), None)
+
+
+def is_list_field(cls: type, name: str) -> bool:
+    """Whether the config class ``cls`` declares field ``name`` as a list (a tuple, optionally or None)."""
+    return _list_hint(cls, name) is not None
+
+
+def list_item_hint(cls: type, name: str) -> Any:
+    """The item type of the list field ``name`` of ``cls`` (``str`` for ``tuple[str, ...]``);
+    None when the field is no list (:func:`is_list_field`) or its items are untyped."""
+    args = [a for a in typing.get_args(_list_hint(cls, name)) if a is not Ellipsis]
+    return args[0] if args else None
 
 
 def _type_name(hint: Any) -> str:

@@ -22,7 +22,7 @@ from onnxcomp.graph import infer_types, working_copy
 from onnxcomp.io import ModelSource, clone_model, model_to_bytes
 from onnxcomp.passes.base import config_argument
 from onnxcomp.prune.config import PruneConfig
-from onnxcomp.prune.fold import consumer_input_stats, cut_channels
+from onnxcomp.prune.fold import consumer_input_stats, cut_channels, kept_output_channels
 from onnxcomp.prune.importance import group_scores_and_state
 from onnxcomp.prune.select import eligible_groups, select_channels
 from onnxcomp.prune.subgraphs import prune_subgraphs
@@ -120,12 +120,15 @@ def prune_in_place(
     stats = None
     cut_groups = [by_id[gid] for gid in removal]
     if cut_groups and (config.criterion == "zeros" or data is not None):
-        probe = data if data is not None else _constant_probe(work)
-        stats_started = time.perf_counter()
-        stats = consumer_input_stats(work, cut_groups, probe)
-        timing["input_stats"] = time.perf_counter() - stats_started
+        if targeted is not None and targeted.stats is not None:
+            stats = targeted.stats  # read by the planner for every group it could cut
+        else:
+            probe = data if data is not None else _constant_probe(work)
+            stats_started = time.perf_counter()
+            stats = consumer_input_stats(work, cut_groups, probe)
+            timing["input_stats"] = time.perf_counter() - stats_started
     reference = clone_model(work) if config.reconstruct else None
-    kept_outputs = _kept_outputs(work, by_id, removal)
+    kept_outputs = kept_output_channels(by_id, removal)
     cut = cut_channels(work, by_id, removal, stats=stats, constant=config.criterion == "zeros",
                        fold_border=config.fold_border)
     removal = {gid: removal[gid] for gid in cut["removed"]}
@@ -158,7 +161,7 @@ def prune_in_place(
         ensure_valid(work, None, "prune", report, tuple(c for c in ("checker", "onnxruntime") if c not in tolerated))
     if targeted is not None:
         timing["allocation"] = targeted.seconds
-        report["target"] = targeted.finish(work)
+        report["target"] = targeted.finish(work, notes)
     after = count_cost(work)
     if serialized_sizes:
         after["bytes"] = len(model_to_bytes(work))
@@ -214,18 +217,3 @@ def _removed_inside(subgraphs: dict[str, Any]) -> int:
 def _where(group) -> str:
     names = [p.node.name for p in group.producers][:3]
     return ", ".join(names) if names else f"group {group.id}"
-
-
-def _kept_outputs(model: ir.Model, groups, removal) -> dict[str, np.ndarray]:
-    """For nodes whose output channels are cut: the original output indices that remain."""
-    removed: dict[str, set[int]] = {}
-    sizes: dict[str, int] = {}
-    for gid, channels in removal.items():
-        for p in groups[gid].producers:
-            if p.depthwise:
-                continue
-            w = p.value.const_value.numpy()
-            sizes[p.node.name] = w.shape[p.axis]
-            removed.setdefault(p.node.name, set()).update(p.indices(channels).tolist())
-    return {name: np.setdiff1d(np.arange(sizes[name]), sorted(idx)) for name, idx in removed.items()}
-

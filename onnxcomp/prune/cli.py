@@ -50,7 +50,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "or from single-node timings; measured whole-model rounds correct either")
     p.add_argument("--max-damage", type=float, default=0.1, metavar="E",
                    help="with a --target-*: never cut beyond this predicted relative output error (default 0.1); "
-                        "a target out of reach within it is refused")
+                        "a target out of reach within it is refused; without --reconstruct a cut measured above it "
+                        "on the fitting data is backed off (the target is then not reached, said so)")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.3; a --target-* "
                                                 "chooses each group's ratio instead)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -156,6 +157,12 @@ def _run(args: argparse.Namespace) -> int:
                     if target["kind"] == "latency" else "counted")
         con.print(f"{target['kind']} {target['final_ratio']:.3f} of the original (target {target['target']}, "
                   f"{target['miss']:+.1%}; {measured}; {len(target['rounds'])} allocation round(s))")
+        combined = target.get("combined_damage") or {}
+        if combined.get("final") is not None:
+            con.print(f"combined cut: output damage {combined['final']:.3g} measured on {combined['feeds']} fitting "
+                      f"feed(s) (predicted {combined['predicted_damage']:.3g} from the groups one by one, bound "
+                      f"{combined['max_damage']})" + ("; backed off from the plan the target asked for"
+                                                      if combined["backed_off"] else ""))
     b, a = report["before"], report["after"]
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({_ratio(a['parameters'], b['parameters'])}), "

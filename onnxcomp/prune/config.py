@@ -48,10 +48,13 @@ class PruneConfig(PassConfig):
         max_damage: with a target, never cut beyond this summed predicted damage (relative output
             error, :mod:`onnxcomp.prune.budget`); a target out of reach within it is refused
             (an error naming the fraction that can be reached), not met by cutting everything.
-            None: no bound.
+            Without ``reconstruct`` the combined cut is also measured on the fitting data each
+            round, and a cut measured above the bound is backed off (the target then reported as
+            not reached). None: no bound.
         sensitivity: with a target, ``measured`` rescales each group's damage curve to the model
-            output damage measured on calibration data with about half the group cut alone;
-            ``local`` uses the consumers' refit error as it is.
+            output damage measured on calibration data with about half the group cut alone, as
+            the written model will have it (with ``reconstruct`` its consumers refitted, without
+            it the removed channels' means folded); ``local`` uses the consumers' refit error as it is.
     """
 
     criterion: str = "l1"

@@ -35,7 +35,7 @@ from onnxcomp.data import Dataset
 from onnxcomp.graph import add_initializer, all_value_names, infer_types, stream_values
 from onnxcomp.ops import LINEAR_OPS
 
-__all__ = ["InputStats", "consumer_input_stats", "cut_channels"]
+__all__ = ["InputStats", "consumer_input_stats", "cut_channels", "kept_output_channels"]
 
 
 class InputStats:
@@ -101,8 +101,8 @@ def _compensation(node: ir.Node, model: ir.Model, consumer: Consumer, idx: np.nd
         group = node.attributes.get("group")
         if group is not None and group.as_int() != 1:
             return None
-        sel = np.take(w, idx, axis=1)  # [M, |idx|, kh, kw]
-        return np.einsum("mikl,i->m", sel, v)
+        sel = np.take(w, idx, axis=1).reshape(w.shape[0], len(idx), -1)  # [M, |idx|, taps]: 1-D, 2-D, 3-D
+        return np.einsum("mik,i->m", sel, v)
     if node.op_type in ("Gemm", "MatMul") and w.ndim == 2:
         sel = np.take(w, idx, axis=consumer.axis)
         out = v @ sel if consumer.axis == 0 else sel @ v
@@ -352,3 +352,19 @@ def _apply_edit(graph: ir.Graph, items: list[tuple[Any, np.ndarray]], taken: set
         return
     # Split with implicit sizes: write them explicitly.
     raise NotImplementedError(f"implicit Split sizes on {node.name!r} are not rewritten yet")
+
+
+def kept_output_channels(groups: Mapping[int, ChannelGroup], removal: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """For nodes whose output channels ``removal`` cuts: the original output indices that remain
+    (read from the producers' weights before the cut; depthwise producers pass channels through)."""
+    removed: dict[str, set[int]] = {}
+    sizes: dict[str, int] = {}
+    for gid, channels in removal.items():
+        for p in groups[gid].producers:
+            if p.depthwise:
+                continue
+            w = p.value.const_value.numpy()
+            sizes[p.node.name] = w.shape[p.axis]
+            removed.setdefault(p.node.name, set()).update(p.indices(channels).tolist())
+    return {name: np.setdiff1d(np.arange(sizes[name]), sorted(idx)) for name, idx in removed.items()}
+
