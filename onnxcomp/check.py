@@ -47,7 +47,11 @@ Budget (per output; all must hold)
                                                              and NMS, paired at IoU >= 0.5 with
                                                              the same class) >= ``min_agreement``
     values      any other float output                       cosine >= ``min_cosine``
-    exact       non-float outputs (indices, masks)           every element equal
+    labels      decided classes: an ArgMax/ArgMin, or an     label agreement (share of equal
+                ai.onnx.ml classifier's predicted label,     elements) >= ``min_agreement``
+                behind relabelling ops (class tables,
+                reshapes, casts)
+    exact       other non-float outputs (indices, masks)     every element equal
     ==========  ==========================================  ===================================
 
     The agreement figures are all a share of the model's decisions that stay the same, so they
@@ -110,6 +114,7 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset, generated_feeds
 from onnxcomp.errors import ConfigError, DataError, ModelLoadError, OnnxcompError, RefusedOutputError
 from onnxcomp.io import LARGE_MODEL_BYTES, first_line, initializer_nbytes
+from onnxcomp.ops import class_decision_source
 from onnxcomp.passes.base import PassConfig
 
 __all__ = ["CheckConfig", "DataSplit", "split_data", "check_model", "judge_output", "output_kinds", "pooled_outputs",
@@ -225,6 +230,7 @@ _NOT_CLASS_SCORES = {
     "detections": "a detector head (boxes and class scores per anchor), not class scores per sample",
     "sequence": "a sequence (scores per step), not class scores per sample",
     "exact": "integer values, not one predicted label per sample",
+    "labels": "decided classes at more than one position per sample, not one predicted label per sample",
 }
 
 
@@ -238,7 +244,7 @@ def check_labels_fit(kind: str, shape: Sequence[Any] | None, output: str, declar
     dims = list(shape) if shape is not None else None
     if kind == "scores" or dims is None:
         return
-    if kind == "exact" and (len(dims) == 1 or (len(dims) == 2 and dims[1] in (1, None))):
+    if kind in ("exact", "labels") and (len(dims) == 1 or (len(dims) == 2 and dims[1] in (1, None))):
         return  # predicted labels
     what = _NOT_CLASS_SCORES.get(str(kind), str(kind))
     raise DataError(
@@ -438,6 +444,14 @@ class Equal(Ratio):
 
     def decisions(self):
         return None  # every element must be equal: any change is seen
+
+
+class LabelAgreement(Ratio):
+    """Share of decided classes (:func:`onnxcomp.ops.class_decision_source`: an arg-max, a
+    classifier's predicted label) equal to the original's: one decision per element."""
+
+    def update(self, ref, cand):
+        self.add(float(np.sum(ref == cand)), ref.size)
 
 
 class SequenceAgreement(Figure):
@@ -662,6 +676,9 @@ class Rule:
     figure: str
     reads: str
     threshold: str | float
+    #: cosine and SQNR (:data:`REPORTED`) are reported beside the figure: not for integers
+    #: (indices, class labels), whose differences are no noise
+    reported: bool = True
 
     def limit(self, config: CheckConfig) -> float:
         return float(getattr(config, self.threshold) if isinstance(self.threshold, str) else self.threshold)
@@ -675,7 +692,8 @@ RULES: dict[str, Rule] = {
     "map": Rule("region_agreement", "region agreement (F1)", "min_agreement"),
     "detections": Rule("detection_agreement", "detection agreement (F1)", "min_agreement"),
     "values": Rule("cosine", "cosine", "min_cosine"),
-    "exact": Rule("equal", "share of equal elements", 1.0),
+    "labels": Rule("label_agreement", "label agreement", "min_agreement", reported=False),
+    "exact": Rule("equal", "share of equal elements", 1.0, reported=False),
 }
 
 #: Figures by name: a factory of a fresh accumulator each.
@@ -687,6 +705,7 @@ FIGURES: dict[str, Callable[[], Figure]] = {
     "region_agreement": RegionAgreement,
     "detection_agreement": DetectionAgreement,
     "equal": Equal,
+    "label_agreement": LabelAgreement,
 }
 #: Figures reported for every float output besides its rule's.
 REPORTED = ("cosine", "sqnr_db")
@@ -731,6 +750,9 @@ class OutputView:
             landmark offsets beside its face scores), not more class scores (set by
             :func:`output_kinds`, which sees the whole model).
         returned: ``shape`` and ``floating`` are the returned array's.
+        decision: the output holds decided classes (:func:`onnxcomp.ops.class_decision_source`:
+            an ArgMax/ArgMin, an ai.onnx.ml classifier's predicted label, behind class tables,
+            reshapes and casts).
     """
 
     name: str
@@ -745,6 +767,7 @@ class OutputView:
     per_token: bool = False
     beside_scores: bool = False
     returned: bool = False
+    decision: bool = False
 
     @property
     def rank(self) -> int | None:
@@ -786,11 +809,19 @@ def output_view(value: ir.Value) -> OutputView:
     shape = None if value.shape is None else tuple(d if isinstance(d, int) else getattr(d, "value", None)
                                                    for d in value.shape)
     floating = None if value.dtype is None else value.dtype.is_floating_point()
-    return OutputView(value.name, op, head, logits, shape, floating)
+    return OutputView(value.name, op, head, logits, shape, floating, decision=class_decision_source(value) is not None)
 
 
 def _is_exact(view: OutputView) -> bool:
     return view.floating is False
+
+
+def _is_labels(view: OutputView) -> bool:
+    """Decided classes (an arg-max, a classifier's predicted label): each element is one decision,
+    which may flip where two classes score alike, as the scores' top-1 does; they are judged by the
+    same agreement, not by exact equality (which one flipped sample of 397 failed, beside the scores
+    it was decided from at 99.75% top-1 agreement)."""
+    return view.decision and view.floating is not True
 
 
 def _is_sequence(view: OutputView) -> bool:
@@ -851,6 +882,7 @@ def _is_detections(view: OutputView) -> bool:
 #: on the first check feed (shape, element type; module docstring: Kinds), a caller without data
 #: the declared one.
 KIND_DETECTORS: list[tuple[str, Callable[[OutputView], bool]]] = [
+    ("labels", _is_labels),
     ("exact", _is_exact),
     ("sequence", _is_sequence),
     ("sequence", _is_ctc_logits),
@@ -1045,7 +1077,7 @@ class OutputFigures:
 
     @staticmethod
     def _fresh(kind: str) -> dict[str, Figure]:
-        wanted = [RULES[kind].figure] + ([] if kind == "exact" else list(REPORTED))
+        wanted = [RULES[kind].figure] + (list(REPORTED) if RULES[kind].reported else [])
         return {f: FIGURES[f]() for f in dict.fromkeys(wanted)}
 
     @property
@@ -1284,8 +1316,9 @@ def check_model(
                 f"budget {config.max_drop:g} points"
             )
     report["met"] = not report["problems"]
+    # a run that compressed nothing misses its budget for that reason: what more data would resolve is beside it
     report["resolution_note"] = resolution_note([r for r in report["outputs"] if r.get("compared") is not False],
-                                                config)
+                                                config) if compressed != 0 else None
     report["kind_note"] = "; ".join(note for note in figures.notes if note) or None
     report["verdict"] = verdict(report)
     if not report["met"] and compressed != 0 and config.blame and report["checked"]:
@@ -1336,8 +1369,9 @@ def resolution_note(rows: list[dict[str, Any]], config: CheckConfig) -> str | No
     n, slack, row = min(coarse, key=lambda c: c[0])
     also = "".join(f", {r['name']!r}" for _, _, r in coarse if r is not row)
     what = f"{RULES[row['kind']].reads} of output {row['name']!r}" + (f"; also{also[1:]}" if also else "")
-    if n == 0:
-        return f"the check saw no decision ({what}): it cannot resolve any change; pass --eval with more data"
+    if n < 1:  # none, or a fraction (a detection F1 counts each model's detections half: one on one side is 0.5)
+        seen = "no decision" if n == 0 else f"less than one decision ({n:g})"
+        return f"the check saw {seen} ({what}): it cannot resolve any change; pass --eval with more data"
     allows = f"{100.0 * slack:.2g}"
     return (f"the check saw {n:g} decisions ({what}): it cannot resolve a change below {100.0 / n:.1f} points "
             f"where the budget allows {allows} point{'' if allows == '1' else 's'}; pass --eval with more data")
@@ -1560,6 +1594,8 @@ def _figure(row: dict[str, Any]) -> str:
         return f"{row['name']}: {'equal' if row['ok'] else 'differs'}"
     rule = RULES.get(row["kind"])
     name = f"{row['name']} ({row['kind']})"
+    if rule is not None and not rule.reported and row.get(rule.figure) is not None:
+        return f"{name}: {rule.reads} {100 * row[rule.figure]:.2f}%"
     if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
         return f"{name}: {rule.reads} {100 * row[rule.figure]:.2f}%, cosine {row['cosine']:.4f}"
     return f"{name}: cosine {row['cosine']:.4f}, SQNR {row['sqnr_db']:.1f} dB"

@@ -110,6 +110,11 @@ def _render_summary(con, info: dict[str, Any]) -> None:
     weights = info["weights"]
     con.print(f"weights: {weights['weight_elements']:,} elements; quantization parameters (scales, zero points, "
               f"codebooks): {weights['quant_params']:,}")
+    in_attributes = info.get("attribute_weights") or {}
+    if in_attributes:
+        ops = ", ".join(f"{row['nodes']} {op} ({row['values']:,})" for op, row in in_attributes.items())
+        con.print(f"weights in attributes: {sum(r['values'] for r in in_attributes.values()):,} values of {esc(ops)}; "
+                  "not counted above and not compressed by onnxcomp (it compresses weight tensors)")
     packed = info.get("packed")
     if packed:
         nonzero = packed["sparse_values"]
@@ -268,8 +273,11 @@ def _run_compress(args: argparse.Namespace) -> int:
     report["before"].update(bytes=file_bytes(args.model, model), file=args.model)
     report["after"].update(bytes=file_bytes(out), file=str(out))
     count, what = _compressed_by_stages(report["stages"], model, compressed)
+    from onnxcomp.graph import attribute_weights_note
+
+    held = "" if count else attribute_weights_note(model)
     check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
-                      why="" if count else "see each stage's statistics (--json)")
+                      why="" if count else f"the model's {held[4:]}" if held else "see each stage's statistics (--json)")
     status = check_status(args, check)
     if args.report:
         write_text_atomic(args.report, render_html(report), force=args.force)

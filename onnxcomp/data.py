@@ -788,9 +788,10 @@ def fill_free_dims(
             if isinstance(dim, int):
                 dims.append(dim)
             elif axis in known:
-                size, reader = known[axis]
+                size, reader, *role = known[axis]
                 dims.append(size)
-                chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": size, "reader": reader})
+                chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": size, "reader": reader,
+                               **({"role": role[0]} if role else {})})
             else:
                 dims.append(value)
                 chosen.append({"input": spec.name, "axis": axis, "dim": dim or "?", "value": value})
@@ -803,16 +804,51 @@ def weight_fixed_dims(model: ir.Model) -> dict[str, dict[int, tuple[int, str]]]:
     ``{axis: (size, reader node)}``. The input may pass Unsqueeze/Squeeze on the way (axes that
     leave its last axis last); the reader is a MatMul, Gemm, LSTM, GRU or RNN taking it as its data
     input (:data:`onnxcomp.ops.FEATURE_DEPTH`): madmom's beat and downbeat RNNs read ``[T, F]``
-    with F free, and a 1 there makes the original fail on generated inputs."""
+    with F free, and a 1 there makes the original fail on generated inputs. Also the free spatial
+    axes of an input a Conv reads (:data:`SPATIAL_SIZE`; ``(size, conv, "spatial")``)."""
     found: dict[str, dict[int, tuple[int, str]]] = {}
     for value in model.graph.inputs:
         shape = value.shape
-        if shape is None or len(shape) == 0 or isinstance(shape[-1], int):
+        if shape is None or len(shape) == 0:
+            continue
+        spatial = _spatial_read(value, len(shape))
+        if spatial:
+            found[value.name] = spatial
+        if isinstance(shape[-1], int):
             continue
         hit = _depth_read(value, len(shape), model)
         if hit is not None:
-            found[value.name] = {len(shape) - 1: hit}
+            found.setdefault(value.name, {})[len(shape) - 1] = hit
     return found
+
+
+#: The size generated inputs give a free spatial axis of an image (or signal) that a Conv reads
+#: directly, at least the Conv's kernel extent there: a 1 made NudeNet's YOLOv8 fail on its Concat of
+#: upsampled and skip features (1 vs 2) and MTCNN's P-Net on its 12x12 receptive field, so that the
+#: check without data said "not checked" and bench without --shape failed; 64 passes five stride-2
+#: stages, and keeps the sanity check and bench cheap.
+SPATIAL_SIZE = 64
+
+
+def _spatial_read(value: ir.Value, rank: int) -> dict[int, tuple[int, str]]:
+    """Free spatial axes (2 and on) of an input ``[N, C, *spatial]`` that a Conv reads as its data
+    input: axis -> (:data:`SPATIAL_SIZE`, or the kernel's extent when larger; the Conv)."""
+    from onnxcomp.ops import is_conv_node
+
+    shape = value.shape
+    if rank < 3:
+        return {}
+    for node in value.consumers():
+        if not is_conv_node(node) or not node.inputs or node.inputs[0] is not value:
+            continue
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        kernel = list(weight.shape)[2:] if weight is not None and weight.shape is not None else []
+        dilations = node.attributes.get_ints("dilations", None) or [1] * len(kernel)
+        extent = [(int(k) - 1) * int(d) + 1 if isinstance(k, int) else 1 for k, d in zip(kernel, dilations)]
+        return {axis: (max(SPATIAL_SIZE, extent[axis - 2] if axis - 2 < len(extent) else 1),
+                       f"{node.name or node.op_type}", "spatial")
+                for axis in range(2, rank) if not isinstance(shape[axis], int)}
+    return {}
 
 
 def _edit_axes(node: ir.Node) -> list[int] | None:
@@ -858,7 +894,8 @@ def describe_free_dims(chosen: Sequence[Mapping[str, Any]]) -> list[str]:
     return [
         f"input {name!r}: free dimension(s) "
         + ", ".join(f"{c['dim']}={c['value']} (axis {c['axis']}"
-                    + (f", read by the weight of {c['reader']!r}" if c.get("reader") else "") + ")" for c in dims)
+                    + (f", a spatial axis of {c['reader']!r}" if c.get("role") == "spatial" else
+                       f", read by the weight of {c['reader']!r}" if c.get("reader") else "") + ")" for c in dims)
         + f"; --shape {name}=D0xD1x... overrides"
         for name, dims in by_input.items()
     ]

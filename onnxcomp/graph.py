@@ -17,7 +17,7 @@ from onnx_ir.passes.common.naming import SimpleNameGenerator
 
 from onnxcomp.errors import OnnxcompError, OpsetError
 from onnxcomp.io import ModelSource, clone_model, load_model, onnx_opset, unique_node_names, upgrade_opset
-from onnxcomp.ops import is_constant_node
+from onnxcomp.ops import is_constant_node, is_default_domain
 
 __all__ = [
     "working_copy",
@@ -40,6 +40,8 @@ __all__ = [
     "fix_subgraph_outputs",
     "restore_model",
     "ORIGINAL_NAMES",
+    "attribute_weights",
+    "attribute_weights_note",
 ]
 
 #: ``model.meta`` key of ``{new name: original name}`` for tensors a pass renamed (graph
@@ -57,11 +59,19 @@ def infer_types(model: ir.Model) -> None:
     contradicts), onnx_ir leaves the model unchanged and logs the failure with its traceback,
     which would reach the terminal of a command that goes on fine (onnxruntime infers the types
     itself): that log is kept quiet."""
+    from onnxcomp.ops import SHAPE_KEEPING_OPS, keep_shapes_through
+
     log = logging.getLogger(ShapeInferencePass.__module__)
     level = log.level
     log.setLevel(logging.ERROR)
     try:
         ShapeInferencePass()(model)
+        # ops outside the default domain that keep their input's shape (ai.onnx.ml's Scaler): ONNX
+        # infers nothing after them; each round gives their outputs a shape, then infers again
+        for _ in range(sum(1 for n in model.graph if (n.domain, n.op_type) in SHAPE_KEEPING_OPS)):
+            if not keep_shapes_through(model):
+                break
+            ShapeInferencePass()(model)
     except Exception as exc:  # onnx's inference errors carry their own message
         raise OnnxcompError(f"ONNX shape inference failed on the model: {exc}") from None
     finally:
@@ -395,3 +405,40 @@ def detach_initializer_inputs(model: ir.Model) -> list[str]:
     graph.inputs.extend(kept)
     model.ir_version = max(model.ir_version or 0, _FREE_INITIALIZERS_IR)
     return detached
+
+
+def attribute_weights(model: ir.Model) -> dict[str, dict[str, int]]:
+    """Values that nodes outside the default domain hold in float attributes, the parameters of
+    scikit-learn's ai.onnx.ml operators (a LinearClassifier's coefficients, a TreeEnsemble's
+    thresholds and leaf weights, an SVM's support vectors, a Scaler's offsets): ``{"domain::op":
+    {"nodes": n, "values": count}}``, main graph and subgraphs. onnxcomp compresses weight tensors,
+    never attributes, so these count neither as parameters nor as weights."""
+    found: dict[str, dict[str, int]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if is_default_domain(node.domain):
+            continue
+        values = 0
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.FLOATS:
+                values += len(attr.value)
+            elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype in FLOAT_TYPES:
+                values += int(attr.value.size)
+            elif attr.type == ir.AttributeType.TENSORS:
+                values += sum(int(t.size) for t in attr.value if t.dtype in FLOAT_TYPES)
+        if values:
+            row = found.setdefault(f"{node.domain}::{node.op_type}", {"nodes": 0, "values": 0})
+            row["nodes"] += 1
+            row["values"] += values
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]["values"]))
+
+
+def attribute_weights_note(model: ir.Model) -> str:
+    """One clause naming the weights ``model`` holds in attributes (:func:`attribute_weights`), for
+    a run that compressed nothing; empty when it holds none."""
+    found = attribute_weights(model)
+    if not found:
+        return ""
+    ops = ", ".join(f"{row['nodes']} {op} node{'s' if row['nodes'] > 1 else ''} ({row['values']:,} values)"
+                    for op, row in found.items())
+    return (f"its weights are attributes of {ops}, which onnxcomp does not compress (it compresses weight "
+            "tensors: initializers and Constant nodes)")

@@ -184,6 +184,7 @@ def _from_proto(
                     ir_external_data.set_base_dir(external.graph, str(base_dir))
                     _check_external_data(external, what)
             raise ModelLoadError(f"{what}: fails onnx.checker: {_first_line(exc)}") from None
+    _refuse_map_types(proto, what)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
@@ -195,6 +196,57 @@ def _from_proto(
     if check:
         _check_shapes(proto, model, what)
     return model
+
+
+def _type_text(t: onnx.TypeProto) -> str:
+    """An ONNX type as ONNX writes it: ``seq(map(int64,tensor(float)))``."""
+    which = t.WhichOneof("value")
+    if which == "tensor_type":
+        return f"tensor({onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower()})" \
+            if t.tensor_type.elem_type else "tensor"
+    if which == "sequence_type":
+        return f"seq({_type_text(t.sequence_type.elem_type)})"
+    if which == "optional_type":
+        return f"optional({_type_text(t.optional_type.elem_type)})"
+    if which == "map_type":
+        key = onnx.TensorProto.DataType.Name(t.map_type.key_type).lower() if t.map_type.key_type else "?"
+        return f"map({key},{_type_text(t.map_type.value_type)})"
+    return which or "no type"
+
+
+def _holds_map(t: onnx.TypeProto) -> bool:
+    which = t.WhichOneof("value")
+    if which == "map_type":
+        return True
+    if which == "sequence_type":
+        return _holds_map(t.sequence_type.elem_type)
+    if which == "optional_type":
+        return _holds_map(t.optional_type.elem_type)
+    return False
+
+
+def _refuse_map_types(proto: onnx.ModelProto, what: str) -> None:
+    """Refuse, naming it, a graph input, output or intermediate value of a map type (onnx_ir, which
+    every pass works on, represents tensors, sequences and optionals only; its own error named an
+    internal function). The usual one is scikit-learn's ``ZipMap`` (skl2onnx's default for
+    classifiers: the probabilities as one dictionary per sample), which has a plain way out."""
+    from onnxcomp.ops import is_zipmap
+
+    graph = proto.graph
+    places = [("input", vi) for vi in graph.input] + [("output", vi) for vi in graph.output] + \
+        [("value", vi) for vi in graph.value_info]
+    for where, vi in places:
+        if not _holds_map(vi.type):
+            continue
+        producer = next((n for n in graph.node if vi.name in n.output), None)
+        by = f", made by {producer.op_type} node {producer.name!r}" if producer is not None else ""
+        hint = ""
+        if producer is not None and is_zipmap(producer.domain, producer.op_type):
+            hint = ("; that is scikit-learn's ZipMap (the probabilities as one dictionary per sample): convert "
+                    "the model without it (skl2onnx: to_onnx(model, X, options={'zipmap': False})), whose "
+                    "output is the probabilities as a tensor [N, classes]")
+        raise ModelLoadError(f"{what}: {where} {vi.name!r} is of type {_type_text(vi.type)}{by}, which onnxcomp "
+                             f"cannot read (it reads tensors, sequences and optionals, not maps){hint}")
 
 
 def _check_shapes(proto: onnx.ModelProto, model: ir.Model, what: str) -> None:

@@ -49,6 +49,12 @@ __all__ = [
     "is_sigmoid_node",
     "is_mul_node",
     "silu_input",
+    "CLASS_DECISION_OPS",
+    "DECISION_CARRIERS",
+    "class_decision_source",
+    "is_zipmap",
+    "SHAPE_KEEPING_OPS",
+    "keep_shapes_through",
 ]
 
 T = TypeVar("T")
@@ -123,6 +129,74 @@ def is_dequantize_node(node: ir.Node) -> bool:
     """A ``DequantizeLinear`` (default or ``com.microsoft`` domain): its output is the float image of
     an integer tensor, the int8 side of a Q/DQ pair."""
     return node.op_type == "DequantizeLinear" and (is_default_domain(node.domain) or node.domain == "com.microsoft")
+
+
+#: (domain, op type) of the ops whose first output is one decided class per sample (or position): the
+#: arg-max of scores, or the predicted label of an ai.onnx.ml classifier (scikit-learn exports).
+CLASS_DECISION_OPS = frozenset({("", "ArgMax"), ("", "ArgMin"), ("ai.onnx.ml", "LinearClassifier"),
+                                ("ai.onnx.ml", "TreeEnsembleClassifier"), ("ai.onnx.ml", "SVMClassifier")})
+#: (domain, op type) -> the input that carries the decision through ops that only relabel it: a class
+#: index looked up in a table of class labels (skl2onnx's ``ArrayFeatureExtractor(classes, argmax)``),
+#: encoded (``LabelEncoder``), reshaped or cast.
+DECISION_CARRIERS = {("ai.onnx.ml", "ArrayFeatureExtractor"): 1, ("ai.onnx.ml", "LabelEncoder"): 0,
+                     **{("", op): 0 for op in ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast")}}
+
+
+def class_decision_source(value: ir.Value) -> ir.Node | None:
+    """The node that decides the class ``value`` holds (:data:`CLASS_DECISION_OPS`), behind ops that
+    only relabel it (:data:`DECISION_CARRIERS`); None when ``value`` is no such decision (another
+    output of a classifier, its scores, or anything else)."""
+    seen: set[int] = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        node = value.producer()
+        if node is None:
+            return None
+        key = ("" if is_default_domain(node.domain) else node.domain, node.op_type)
+        if key in CLASS_DECISION_OPS:
+            return node if node.outputs and node.outputs[0] is value else None
+        index = DECISION_CARRIERS.get(key)
+        if index is None or len(node.inputs) <= index:
+            return None
+        value = node.inputs[index]
+    return None
+
+
+#: (domain, op type) -> the element type of the output, of ops outside the default domain whose one
+#: output has the shape of their first input (elementwise), which ONNX's shape inference leaves
+#: unknown: scikit-learn's preprocessing (skl2onnx puts a ``Scaler`` or ``Normalizer`` first, and
+#: every shape after it was unknown, so that ``prune`` found no channel group in an MLP). ``None``:
+#: the input's element type.
+SHAPE_KEEPING_OPS: dict[tuple[str, str], ir.DataType | None] = {
+    ("ai.onnx.ml", "Scaler"): ir.DataType.FLOAT, ("ai.onnx.ml", "Normalizer"): ir.DataType.FLOAT,
+    ("ai.onnx.ml", "Binarizer"): None, ("ai.onnx.ml", "Imputer"): None,
+}
+
+
+def keep_shapes_through(model: ir.Model) -> bool:
+    """Give the output of each main-graph node of :data:`SHAPE_KEEPING_OPS` whose input shape is
+    known and output shape is not its input's shape and element type; whether any changed (shape
+    inference then has more to go on: run it again)."""
+    changed = False
+    for node in model.graph:
+        key = ("" if is_default_domain(node.domain) else node.domain, node.op_type)
+        if key not in SHAPE_KEEPING_OPS or not node.inputs or node.inputs[0] is None or len(node.outputs) != 1:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if x.shape is None or y.shape is not None:
+            continue
+        y.shape = ir.Shape(list(x.shape))
+        if y.dtype is None:
+            y.dtype = SHAPE_KEEPING_OPS[key] or x.dtype
+        changed = True
+    return changed
+
+
+def is_zipmap(domain: str, op_type: str) -> bool:
+    """Whether (``domain``, ``op_type``) is scikit-learn's ``ZipMap`` (ai.onnx.ml): class scores turned
+    into one dictionary per sample, a map type (strings: :mod:`onnxcomp.io` asks before onnx_ir,
+    which cannot read maps, has a node)."""
+    return domain == "ai.onnx.ml" and op_type == "ZipMap"
 
 
 def node_opset(node: ir.Node, model: ir.Model) -> int:

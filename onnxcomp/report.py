@@ -68,6 +68,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         judged = _judged_outputs(report)
         for out in fidelity["outputs"]:
             decision = _decision_figure(out, judged)
+            if out.get("label_agreement") is not None:  # decided classes: no noise figures of class indices
+                rows.append((f"output {out['name']}", "reference", "-", decision))
+                continue
             extra = f", {decision}" if decision else ""
             rows.append((f"output {out['name']}", "reference", f"SQNR {_fmt_db(out['sqnr_db'])} dB",
                          f"cosine {out['cosine']:.5f}{extra}"))
@@ -95,6 +98,8 @@ def _decision_figure(out: dict[str, Any], judged: dict[str, dict[str, Any]]) -> 
     rule = RULES.get(kind)
     if reads_top1(kind) and agree is not None:
         return f"top-1 agreement {100 * agree:.2f}%"
+    if out.get("label_agreement") is not None:
+        return f"label agreement {100 * out['label_agreement']:.2f}%"
     if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
         return f"{rule.reads} {100 * row[rule.figure]:.2f}% (held-out check)"
     return None

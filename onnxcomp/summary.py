@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import model_inputs
-from onnxcomp.graph import lift_constants, weight_tensors
+from onnxcomp.graph import attribute_weights, lift_constants, weight_tensors
 from onnxcomp.io import clone_model, external_data_files, onnx_opset, source_path
 from onnxcomp.ops import (
     DECODE_INPUT_ROLES,
@@ -85,6 +85,7 @@ def summarize_model(model: ir.Model) -> dict[str, Any]:
         "parameter_bytes": sum(r["bytes"] for r in params.values()),
         "parameters_by_op": dict(sorted(params.items(), key=lambda kv: -kv[1]["bytes"])),
         "weights": _counts(storage),
+        "attribute_weights": attribute_weights(model),
         "packed": packed_weights(model, storage),
         "external_data": {
             "files": sorted(external_data_files(model)),

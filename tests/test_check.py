@@ -71,7 +71,8 @@ def test_output_kinds():
         [("s3", [1, 5, 7]), ("logits", [1, 4]), ("map", [1, 5, 7]), ("idx", [1, 5, 1], 7)],
         [("w", np.ones((3, 4), np.float32))],
     )
-    assert output_kinds(io.load_model(proto)) == {"s3": "sequence", "logits": "scores", "map": "values", "idx": "exact"}
+    # an ArgMax's indices are decided classes, judged by agreement as scores' top-1 is (thirteenth session)
+    assert output_kinds(io.load_model(proto)) == {"s3": "sequence", "logits": "scores", "map": "values", "idx": "labels"}
 
 
 def test_budget_rules_and_nothing_compressed():

@@ -134,9 +134,12 @@ def test_an_unjudgeable_sanity_check_advises_only_options_the_command_takes(rng,
     # nudenet 320n (YOLOv8, dynamic height and width): `cluster` and `prune` without data could not
     # run the original on generated 1x1 images and advised "--shape", which neither command takes
     # (argparse refused it) and which the check never read.
+    # (thirteenth session: a Conv reading the input's free spatial axes now gets 64 there, which runs;
+    # an NHWC input behind a Transpose, as MTCNN's P-Net has, still gets 1)
     w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
-    proto = make_proto([oh.make_node("Conv", ["x", "w"], ["c"]), oh.make_node("Conv", ["c", "w2"], ["y"])],
-                       [("x", [1, 2, "h", "w"])], [("y", [1, 4, "oh", "ow"])],
+    proto = make_proto([oh.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+                        oh.make_node("Conv", ["xt", "w"], ["c"]), oh.make_node("Conv", ["c", "w2"], ["y"])],
+                       [("x", [1, "h", "w", 2])], [("y", [1, 4, "oh", "ow"])],
                        [("w", w), ("w2", rng.standard_normal((4, 4, 3, 3)).astype(np.float32))])
     model = tmp_path / "dyn.onnx"
     io.save_model(io.load_model(proto), model)

@@ -49,7 +49,8 @@ import onnx_ir as ir
 
 from onnxcomp.analysis.spaces import Layout, Spaces, layout_length, repeat, scale_blocks
 from onnxcomp.io import load_model
-from onnxcomp.ops import CHANNEL_RULES, LINEAR_OPS, ChannelRule, is_constant_node, is_default_domain
+from onnxcomp.ops import (CHANNEL_RULES, LINEAR_OPS, SHAPE_KEEPING_OPS, ChannelRule, is_constant_node, is_default_domain,
+                          keep_shapes_through)
 
 __all__ = [
     "Member",
@@ -1435,6 +1436,21 @@ def _infer_dims(model: ir.Model) -> dict[str, list[Dim]]:
     try:
         proto = ir.serde.serialize_model(clone)
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        # ops that keep their input's shape outside the default domain (ai.onnx.ml's Scaler): ONNX
+        # infers nothing after them; each round gives their outputs a shape, then infers again
+        for _ in range(sum(1 for n in graph if (n.domain, n.op_type) in SHAPE_KEEPING_OPS)):
+            known = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.input)}
+            for value in (v for n in graph for v in n.inputs if v is not None and v.shape is None):
+                vi = known.get(value.name)
+                if vi is not None and vi.type.tensor_type.HasField("shape"):
+                    value.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                            for d in vi.type.tensor_type.shape.dim])
+                    if value.dtype is None and vi.type.tensor_type.elem_type:
+                        value.dtype = ir.DataType(vi.type.tensor_type.elem_type)
+            if not keep_shapes_through(clone):
+                break
+            proto = ir.serde.serialize_model(clone)
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
         return {}
     out: dict[str, list[Dim]] = {}

@@ -89,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from onnxcomp.cluster.passes import ClusterConfig
     from onnxcomp.data import Dataset, load_labels
     from onnxcomp.errors import ConfigError
+    from onnxcomp.graph import attribute_weights_note
     from onnxcomp.io import load_model, save_model
     from onnxcomp.quant.verify import int8_kernels
 
@@ -130,7 +131,8 @@ def _run(args: argparse.Namespace) -> int:
                             + "; ".join(f"{n!r}: {r}" for n, r in list(report["skipped"].items())[:1])
                             if report["skipped"] else
                             f"the model is already quantized ({kernels}): its weights are integers; cluster its float original"
-                            if kernels else f"no float weight tensor with at least {args.min_elements} elements")
+                            if kernels else f"no float weight tensor with at least {args.min_elements} elements"
+                            + (f"; {note}" if (note := attribute_weights_note(model)) else ""))
     check = run_check(con, model, out, split, check_cfg, report, compressed=count, what="tensors clustered", why=why)
     status = check_status(args, check)
     if args.json:

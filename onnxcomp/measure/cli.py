@@ -201,7 +201,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             progress=lambda n: progress.update(task, completed=n),
         )
     # top-1 agreement only where the held-out check reads an output by it (class scores), in the
-    # table and the JSON alike (ModelComparison.top1)
+    # table and the JSON alike (ModelComparison.top1); label agreement for decided classes
     if args.json:
         document = result.to_dict()
         print_json({"reference": args.reference, "candidate": args.candidate, **document})
@@ -215,9 +215,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
         top1 = result.top1(f)
-        agree = "-" if top1 is None else f"{100 * top1:.2f}%"
+        labels = result.label_agreement(f)  # decided classes: their agreement, no noise figures
+        agree = f"{100 * labels:.2f}%" if labels is not None else "-" if top1 is None else f"{100 * top1:.2f}%"
+        sqnr, cosine = ("-", "-") if labels is not None else (f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}")
         table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), result.kind(f),
-                      f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}", f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
+                      sqnr, cosine, f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
     con.print(table)
     if result.accuracy:
         con.print(

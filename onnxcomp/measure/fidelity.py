@@ -103,8 +103,14 @@ class ModelComparison:
         box coordinates or embeddings the figure exists but means nothing."""
         return f.top1_agreement if reads_top1(self.kind(f)) else None
 
+    def label_agreement(self, f: OutputFidelity) -> float | None:
+        """Share of equal elements where the output holds decided classes (kind ``labels``: an
+        arg-max, a classifier's predicted label); None elsewhere."""
+        return f.equal_share if self.kind(f) == "labels" else None
+
     def _output_dict(self, f: OutputFidelity) -> dict[str, Any]:
-        return {**_fidelity_dict(f), "kind": self.kind(f), "top1_agreement": self.top1(f)}
+        return {**_fidelity_dict(f), "kind": self.kind(f), "top1_agreement": self.top1(f),
+                "label_agreement": self.label_agreement(f)}
 
 
 def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any]:

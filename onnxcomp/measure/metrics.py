@@ -154,6 +154,9 @@ class OutputFidelity:
     channel_axis: int | None
     channels: tuple[ChannelFidelity, ...]
     worst_channel: tuple[int, float] | None
+    #: share of elements equal to the reference's (what decided classes keep: ``onnxcomp.check``'s
+    #: label agreement)
+    equal_share: float | None = None
 
 
 class FidelityAccumulator:
@@ -196,6 +199,7 @@ class FidelityAccumulator:
         self._dot = 0.0
         self._top1_match = 0
         self._top1_total = 0
+        self._equal = 0
         self._ch_ref2: np.ndarray | None = None
         self._ch_err2: np.ndarray | None = None
         self._ch_max_abs: np.ndarray | None = None
@@ -277,6 +281,7 @@ class FidelityAccumulator:
         self._sum_abs += float(np.sum(abs_err))
         self._max_abs = float(np.max([self._max_abs, float(np.max(abs_err))]))
         self._dot += float(np.sum(r * c))
+        self._equal += int(np.count_nonzero(abs_err == 0))
 
         if r.ndim >= 2 and r.shape[-1] > 1:
             same = np.argmax(r, axis=-1) == np.argmax(c, axis=-1)
@@ -366,6 +371,7 @@ class FidelityAccumulator:
             channel_axis=self._axis,
             channels=channels,
             worst_channel=worst,
+            equal_share=self._equal / self._n,
         )
 
 

@@ -194,6 +194,8 @@ def _why_nothing_pruned(args: argparse.Namespace, model, report: dict, targeted:
     """Why a run removed no channel, the cause the user chose first (a ratio that cuts nothing of the
     groups that could be cut, an exclude that covers them). The model is then written unchanged, as
     quantize and cluster write theirs, and the check says why (exit 3 under --strict)."""
+    from onnxcomp.graph import attribute_weights_note
+    from onnxcomp.prune.targets import NO_PRUNABLE_GROUP
     from onnxcomp.quant.verify import int8_kernels
 
     skipped = {str(k): v for k, v in report["skipped_groups"].items()}
@@ -219,8 +221,8 @@ def _why_nothing_pruned(args: argparse.Namespace, model, report: dict, targeted:
     if reasons:
         return str(reasons[0])
     if not report["groups"]:
-        return (f"the model has no prunable channel group (no output channel of a Conv, Gemm or MatMul weight "
-                f"whose readers can all be cut with it; {report['before']['parameters']:,} parameters)")
+        return (f"{NO_PRUNABLE_GROUP}; {report['before']['parameters']:,} parameters)"
+                + (f"; {note}" if (note := attribute_weights_note(model)) else ""))
     return f"no channel group to cut with {args.criterion!r} at ratio {args.ratio}"
 
 

@@ -196,17 +196,20 @@ def greedy_order(
     max_fraction: float = MAX_FRACTION,
 ) -> ObsState | None:
     """Greedy OBS removal order and damage curve of ``group`` (None: no supported consumer)."""
-    states: list[_ConsumerState] = []
-    names: list[str] = []
+    # A consumer may read the group's channels at several offsets of its input (YOLOv8's C2f:
+    # Concat[a, b, b + m(b)] into one Conv, b's and the bottleneck's channels coupled by the residual
+    # Add): each of its channels then owns the features of every occurrence, as the cut removes them
+    # all (counting one made the refit keep 40 of 48 inputs where the cut kept 32).
     features: dict[str, np.ndarray] = {}
     for c in group.consumers:
         found = grams.get(c.node.name)
-        if found is None or c.node.name in features:
+        if found is None:
             continue
-        layer, gram = found
-        features[c.node.name] = _feature_indices(layer, c, group.size)
-        states.append(_ConsumerState(layer, gram, features[c.node.name], ridge))
-        names.append(c.node.name)
+        indices = _feature_indices(found[0], c, group.size)
+        known = features.get(c.node.name)
+        features[c.node.name] = indices if known is None else np.concatenate([known, indices], axis=1)
+    names = list(features)
+    states = [_ConsumerState(grams[name][0], grams[name][1], features[name], ridge) for name in names]
     if not states:
         return None
     size = group.size

@@ -26,7 +26,7 @@ from onnxcomp.prune.config import PruneConfig
 from onnxcomp.prune.fold import consumer_input_stats, cut_channels
 from onnxcomp.prune.obs import ObsState
 
-__all__ = ["TargetPlan", "prune_to_target"]
+__all__ = ["TargetPlan", "prune_to_target", "NO_PRUNABLE_GROUP"]
 
 #: Allowed relative miss of the realized fraction before the goal is corrected once more.
 TOLERANCE = 0.02
@@ -123,6 +123,11 @@ class TargetPlan:
         }
 
 
+#: why a model has nothing to prune (the closing parenthesis is the caller's, who may add a count)
+NO_PRUNABLE_GROUP = ("the model has no prunable channel group (no output channel of a Conv, Gemm or MatMul weight "
+                     "whose readers can all be cut with it")
+
+
 def prune_to_target(
     work: ir.Model,
     groups: list[ChannelGroup],
@@ -215,7 +220,12 @@ def prune_to_target(
 
     goal = 1.0 - target
     if not curves:
-        raise OnnxcompError(f"prune: no group can be pruned toward {kind} {target}")
+        from onnxcomp.graph import attribute_weights_note
+
+        why = (f"{NO_PRUNABLE_GROUP})" if not groups else f"none of its {len(groups)} prunable group(s) has "
+               "a consumer the refit supports")
+        note = attribute_weights_note(work)
+        raise OnnxcompError(f"prune: no group can be pruned toward {kind} {target}: {why}" + (f"; {note}" if note else ""))
     outcome: dict = {}
     alloc, got, history = meet_target(list(curves.values()), goal, realized, tolerance=TOLERANCE * target,
                                       max_damage=config.max_damage, outcome=outcome,

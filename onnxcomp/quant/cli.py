@@ -215,6 +215,11 @@ def _compressed(report: dict, mode: str, model=None, written=None) -> tuple[int,
             why = f"{len(skipped)} candidate(s) left float, e.g. {first!r}: {reason}"
         else:
             why = "the model has no node this mode quantizes in its main graph"
+            if model is not None:
+                from onnxcomp.graph import attribute_weights_note
+
+                note = attribute_weights_note(model)
+                why += f": {note}" if note else ""
     return count, what, why
 
 

@@ -100,7 +100,7 @@ def _same(a: Ranges, b: Ranges) -> bool:
 def _score(figures: list[dict[str, float]], kinds: list[str]) -> tuple[float, float]:
     """``(worst rule figure over the outputs, mean capped SQNR)``: higher is better."""
     worst = min((f.get(RULES[k].figure, -math.inf) for f, k in zip(figures, kinds)), default=0.0)
-    sqnr = [min(f.get("sqnr_db", SQNR_CAP), SQNR_CAP) for f, k in zip(figures, kinds) if k != "exact"]
+    sqnr = [min(f.get("sqnr_db", SQNR_CAP), SQNR_CAP) for f, k in zip(figures, kinds) if RULES[k].reported]
     return float(worst), float(np.mean(sqnr)) if sqnr else 0.0
 
 
