@@ -1,0 +1,70 @@
+"""Mixed-width allocation that spends its budget (issue 19, thirteenth session)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from onnxcomp.cluster.passes import _fill_widths, allocate_widths
+
+
+def _total(options, widths):
+    return (sum(options[n][b][0] for n, b in widths.items()), sum(options[n][b][1] for n, b in widths.items()))
+
+
+def test_allocation_spends_what_the_greedy_leaves_on_the_large_tensor():
+    # a large head whose 2 -> 2.5 step costs 250 bytes, and four small tensors whose upgrades
+    # pay more per byte: the greedy takes those first and then cannot afford the head
+    options = {"head": {2: (5.0, 1000), 2.5: (3.5, 1250)}}
+    for i in range(4):
+        options[f"t{i}"] = {2: (0.5, 100), 3: (0.1, 150)}
+    budget = 1000 + 400 + 300
+    greedy = _fill_widths(options, {n: min(r) for n, r in options.items()}, budget)
+    assert greedy == {"head": 2, **{f"t{i}": 3 for i in range(4)}}
+    g_err, g_bytes = _total(options, greedy)
+    assert g_bytes == 1600 and abs(g_err - 5.4) < 1e-12  # 100 bytes unspent, the head at 2 bits
+    widths = allocate_widths(options, budget)
+    err, spent = _total(options, widths)
+    assert widths["head"] == 2.5 and spent == 1700 and spent <= budget
+    assert sum(widths[f"t{i}"] == 3 for i in range(4)) == 1  # two upgrades given up for the head
+    np.testing.assert_allclose(err, 3.5 + 0.1 + 3 * 0.5)
+    assert err < g_err
+
+
+def test_allocation_is_the_knapsack_optimum_on_seeded_instances():
+    rng = np.random.default_rng(19)
+    for _ in range(40):
+        options = {}
+        for t in range(5):
+            sizes = np.sort(rng.integers(10, 400, 3))
+            errs = np.sort(rng.uniform(0.0, 10.0, 3))[::-1]
+            options[f"t{t}"] = {b: (float(e), int(s)) for b, e, s in zip((2, 3, 4), errs, sizes)}
+        low = sum(min(s for _, s in r.values()) for r in options.values())
+        high = sum(max(s for _, s in r.values()) for r in options.values())
+        budget = int(rng.integers(low, high + 1))
+        widths = allocate_widths(options, budget)
+        err, spent = _total(options, widths)
+        assert spent <= budget
+        feasible = [e for combo in itertools.product(*[list(r) for r in options.values()])
+                    for e, s in [_total(options, dict(zip(options, combo)))] if s <= budget]
+        np.testing.assert_allclose(err, min(feasible), rtol=1e-12)
+        greedy = _fill_widths(options, {n: min(r) for n, r in options.items()}, budget)
+        assert err <= _total(options, greedy)[0] + 1e-12
+
+
+def test_allocation_on_a_budget_of_many_units_stays_within_it_and_leaves_less_than_one_step():
+    # bytes above _ALLOCATION_UNITS units: options rounded up, then the rest spent by the fill
+    rng = np.random.default_rng(7)
+    options = {}
+    for t in range(30):
+        n = int(rng.integers(1_000, 200_000))
+        options[f"t{t}"] = {b: (float(rng.uniform(0.5, 2.0) * 4.0 ** -b), n * b // 8 + 64) for b in (2, 3, 4)}
+    budget = sum(r[3][1] for r in options.values()) - 12_345
+    widths = allocate_widths(options, budget)
+    err, spent = _total(options, widths)
+    assert spent <= budget
+    steps = [options[n][nb][1] - options[n][b][1] for n, b in widths.items() for nb in options[n] if nb > b]
+    assert budget - spent < min(steps)  # no single upgrade would still fit
+    greedy = _fill_widths(options, {n: 2 for n in options}, budget)
+    assert err <= _total(options, greedy)[0]
