@@ -68,3 +68,47 @@ def test_allocation_on_a_budget_of_many_units_stays_within_it_and_leaves_less_th
     assert budget - spent < min(steps)  # no single upgrade would still fit
     greedy = _fill_widths(options, {n: 2 for n in options}, budget)
     assert err <= _total(options, greedy)[0]
+
+
+def test_scalar_tensors_take_their_own_candidate_widths_within_the_budget(rng, tmp_path):
+    import onnxruntime as ort
+    from test_cluster_vq import _feeds, _model, _recipe, _run
+    from test_dcmix_ninth import _cluster_stats, _sqnr
+
+    from onnxcomp import io
+    from onnxcomp.compress import compress
+
+    model = _model(rng, conv_in=3)  # MatMul w: 64 x 96 (pairs); Conv cw: 16 x 3 x 3 x 3, 27 inputs: scalar
+    calib, held = _feeds(rng, 4, conv_in=3), _feeds(rng, 3, conv_in=3)
+    ref = _run(model.SerializeToString(), held)
+    common = dict(bits_per_weight=3.2, bits_choices=(2, 3), sensitivity="layer")
+    plain, rep0 = compress(model, _recipe(**common), calib)
+    wide, rep1 = compress(model, _recipe(**common, scalar_choices=(3, 4, 5, 6)), calib)
+    s0, s1 = _cluster_stats(rep0), _cluster_stats(rep1)
+    assert set(s1["tensors"]["cw"]["candidates"]) == {3, 4, 5, 6}
+    assert set(s1["tensors"]["w"]["candidates"]) == set(s0["tensors"]["w"]["candidates"]) == {2, 2.5, 3}
+    assert s0["tensors"]["cw"]["bits"] <= 3 < s1["tensors"]["cw"]["bits"]
+    for s in (s0, s1):
+        assert s["allocation"]["estimated_bytes"] <= s["allocation"]["budget_bytes"]
+    path = str(tmp_path / "scalar.onnx")
+    io.save_model(wide, path)
+    on, off = _run(path, held), _run(path, held, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for a, b in zip(on, off):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    conv_plain, conv_wide = _sqnr(ref[1], _run(plain, held)[1]), _sqnr(ref[1], on[1])
+    assert conv_wide > conv_plain + 5.0, (conv_plain, conv_wide)
+    assert s1["tensors"]["w"]["bits"] < s0["tensors"]["w"]["bits"]  # paid for by the MatMul (3 -> 2.5 bits)
+
+
+def test_scalar_choices_are_refused_without_mixed_vector_widths():
+    import pytest
+
+    from onnxcomp.cluster.passes import ClusterConfig
+    from onnxcomp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scalar_choices"):
+        ClusterConfig(format="sparse", bits_per_weight=3.0, scalar_choices=(4,)).validate()
+    with pytest.raises(ConfigError, match="scalar_choices"):
+        ClusterConfig(format="sparse", vector_dim=2, scalar_choices=(4,)).validate()
+    with pytest.raises(ConfigError, match="scalar_choices"):
+        ClusterConfig(format="sparse", vector_dim=2, bits_per_weight=3.0, scalar_choices=(9,)).validate()

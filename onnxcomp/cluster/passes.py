@@ -189,6 +189,12 @@ class ClusterConfig(PassConfig):
             error: on PP-OCRv4 rec at 10x, one 144-weight depthwise 3x3 conv kept float recovers 3.3
             of 8.8 points lost on the report split (benchmarks/RESULTS.md, twelfth session).
         wide_bits: the width of ``wide_below`` tensors (bits per label, 1..8).
+        scalar_choices: with ``bits_per_weight`` and ``vector_dim`` > 1: the candidate widths of
+            the tensors that cannot take vectors and keep a scalar codebook (the 5x5 depthwise
+            convs of PP-OCRv4 rec, whose 25 inputs are no multiple of 2), instead of
+            ``bits_choices`` (empty: ``bits_choices``). A scalar codebook errs more than a vector
+            one at the same bits per weight, and such tensors are small: wider candidates let the
+            allocation buy them precision where it pays.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -221,6 +227,7 @@ class ClusterConfig(PassConfig):
     vector_dim: int = 1
     wide_below: int = 0
     wide_bits: int = 8
+    scalar_choices: tuple[int, ...] = ()
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -237,6 +244,7 @@ class ClusterConfig(PassConfig):
         "vector_dim": Range(int, 1, 8),
         "wide_below": Range(int, 0),
         "wide_bits": Range(int, 1, 8),
+        "scalar_choices": Range(int, 1, 8),
     }
 
     def validate(self) -> None:
@@ -255,6 +263,9 @@ class ClusterConfig(PassConfig):
                 raise ConfigError(f"cluster: bits={self.bits} with vector_dim={self.vector_dim} needs a codebook of "
                                   f"2^{self.bits * self.vector_dim} entries; at most 2^{_MAX_VECTOR_BITS} are supported "
                                   "(lower bits or vector_dim)")
+        if self.scalar_choices and (self.bits_per_weight is None or self.vector_dim < 2):
+            raise ConfigError("cluster: scalar_choices are the candidate widths of the tensors that keep a scalar "
+                              "codebook beside vector ones: set bits_per_weight and vector_dim > 1 too")
         if self.wide_below and self.bits_per_weight is None:
             raise ConfigError("cluster: wide_below gives small tensors their own width within bits_per_weight's "
                               "budget: set bits_per_weight too")
@@ -517,7 +528,12 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         of ``bits_choices`` and, with ``vector_dim`` d > 1, the fractions between them in steps of
         1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs)."""
         cfg = self.config
-        options: dict[float, _Clustered] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+        widths = sorted(set(cfg.bits_choices))
+        first = self._shared(w, target, 1 << widths[0])
+        if cfg.scalar_choices and first.vector_dim == 1:  # a scalar codebook at every width: its own candidates
+            return {b: first if b == widths[0] else self._shared(w, target, 1 << b) for b in sorted(set(cfg.scalar_choices))}
+        options: dict[float, _Clustered] = {b: first if b == widths[0] else self._shared(w, target, 1 << b)
+                                            for b in widths}
         d = cfg.vector_dim
         for label_bits in range(min(cfg.bits_choices) * d + 1, min(max(cfg.bits_choices) * d, _MAX_MIXED_VECTOR_BITS)):
             if label_bits % d:
