@@ -526,7 +526,9 @@ class ClusterPass(CompressionPass[ClusterConfig]):
     def _candidates(self, w: np.ndarray, target: ClusterTarget) -> dict[float, _Clustered]:
         """``bits_per_weight``: the tensor shared at every candidate width (bits per weight): each
         of ``bits_choices`` and, with ``vector_dim`` d > 1, the fractions between them in steps of
-        1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs)."""
+        1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs); a
+        tensor that keeps a scalar codebook at the smallest width takes ``scalar_choices`` instead
+        where they are set."""
         cfg = self.config
         widths = sorted(set(cfg.bits_choices))
         first = self._shared(w, target, 1 << widths[0])
