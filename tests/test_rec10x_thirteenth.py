@@ -112,3 +112,23 @@ def test_scalar_choices_are_refused_without_mixed_vector_widths():
         ClusterConfig(format="sparse", vector_dim=2, scalar_choices=(4,)).validate()
     with pytest.raises(ConfigError, match="scalar_choices"):
         ClusterConfig(format="sparse", vector_dim=2, bits_per_weight=3.0, scalar_choices=(9,)).validate()
+
+
+def test_allocation_finds_the_optimum_that_rounding_bytes_up_misses():
+    import numpy as np
+
+    from onnxcomp.cluster.passes import _knapsack
+
+    # 33 equal upgrades of 10,001 bytes that fill the budget exactly: counted in units of 1/32768
+    # of it (992.97 units each), rounded up one of them no longer fits; rounded down all do, and
+    # the bytes confirm it
+    options = {f"t{i}": {2: (1.0, 1000), 3: (0.0, 11_001)} for i in range(33)}
+    budget = 33 * 11_001
+    smallest = {n: 2 for n in options}
+    up = _knapsack(options, smallest, budget - 33 * 1000, np.ceil)
+    assert sum(b == 3 for b in up.values()) == 32
+    down = _knapsack(options, smallest, budget - 33 * 1000, np.floor)
+    assert all(b == 3 for b in down.values()) and _total(options, down)[1] <= budget
+    widths = allocate_widths(options, budget)
+    assert all(b == 3 for b in widths.values())
+    assert _total(options, widths) == (0.0, budget)

@@ -1335,9 +1335,10 @@ def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: 
 
     ``options``: tensor -> width -> (error, bytes). The multiple-choice knapsack solved by dynamic
     programming over the bytes above every tensor's smallest option, counted in units of at most
-    1/:data:`_ALLOCATION_UNITS` of the budget (each option's bytes rounded up, so the solution
-    fits); the bytes the rounding leaves are then spent by :func:`_fill_widths` (the upgrades with
-    the largest error drop per byte that still fit). The greedy solution (:func:`_fill_widths`
+    1/:data:`_ALLOCATION_UNITS` of the budget: once with each option's bytes rounded up (the
+    solution fits) and once rounded down (kept where it fits in bytes: rounding up can cost the
+    optimum when it spends the budget to within the rounding's few hundred bytes); the bytes the rounding leaves are then spent by :func:`_fill_widths` (the
+    upgrades with the largest error drop per byte that still fit). The greedy solution (:func:`_fill_widths`
     from the smallest options) is kept instead where it errs less. The greedy alone leaves bytes
     unspent when the next upgrade it wants is larger than what is left (PP-OCRv4 rec at 10x: its
     CTC head stayed at 2 bits with 20-40 KB of the budget unused); the dynamic programme trades
@@ -1348,23 +1349,44 @@ def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: 
     base = sum(options[n][b][1] for n, b in smallest.items())
     if base > budget or not options:
         return greedy
-    unit = max(1.0, (budget - base) / _ALLOCATION_UNITS)
-    cap = int((budget - base) // unit)
+
+    def total(w: dict[str, int]) -> tuple[float, float]:
+        return (sum(options[n][b][0] for n, b in w.items()), sum(options[n][b][1] for n, b in w.items()))
+
+    found = [greedy]
+    for rounding in (np.ceil, np.floor):  # up: always fits; down: often better, kept where it fits
+        chosen = _knapsack(options, smallest, budget - base, rounding)
+        if total(chosen)[1] <= budget:
+            found.append(_fill_widths(options, chosen, budget))
+    return min(found, key=lambda w: total(w)[0])
+
+
+def _knapsack(options: dict[str, dict[int, tuple[float, float]]], smallest: dict[str, int], spare: float,
+              rounding: Callable[[float], float]) -> dict[str, int]:
+    """The dynamic programme of :func:`allocate_widths`: the widths of least summed error whose
+    bytes above ``smallest`` fit ``spare``, each option's extra bytes counted in units of
+    ``spare / _ALLOCATION_UNITS`` (at least 1), rounded by ``rounding`` (up: the solution fits;
+    down: it may not, the caller checks)."""
+    unit = max(1.0, spare / _ALLOCATION_UNITS)
+    cap = int(spare // unit)
     names = list(options)
+
+    def units_of(name: str, b: int) -> int:
+        return int(rounding(max(options[name][b][1] - options[name][smallest[name]][1], 0) / unit - 1e-9 *
+                            (1 if rounding is np.ceil else -1)))
+
     best = np.zeros(cap + 1)  # least summed error of the tensors so far within c units
     choices: list[tuple[list[int], np.ndarray]] = []
     for name in names:
-        row = options[name]
-        widths = list(row)
+        widths = list(options[name])
         new = np.full(cap + 1, np.inf)
         pick = np.zeros(cap + 1, np.int16)
         for i, b in enumerate(widths):
-            err, size = row[b]
-            units = int(np.ceil(max(size - options[name][smallest[name]][1], 0) / unit - 1e-9))
+            units = units_of(name, b)
             if units > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
-            cand[units:] = best[:cap + 1 - units] + err
+            cand[units:] = best[:cap + 1 - units] + options[name][b][0]
             better = cand < new
             new = np.where(better, cand, new)
             pick = np.where(better, i, pick)
@@ -1373,16 +1395,9 @@ def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: 
     chosen: dict[str, int] = {}
     c = cap
     for name, (widths, pick) in zip(reversed(names), reversed(choices)):
-        b = widths[int(pick[c])]
-        chosen[name] = b
-        units = int(np.ceil(max(options[name][b][1] - options[name][smallest[name]][1], 0) / unit - 1e-9))
-        c -= units
-    chosen = _fill_widths(options, {n: chosen[n] for n in names}, budget)
-
-    def total(w: dict[str, int]) -> float:
-        return sum(options[n][b][0] for n, b in w.items())
-
-    return chosen if total(chosen) <= total(greedy) else greedy
+        chosen[name] = widths[int(pick[c])]
+        c -= units_of(name, chosen[name])
+    return {n: chosen[n] for n in names}
 
 
 #: :func:`allocate_widths`: the dynamic programme counts bytes in at most this many units.
