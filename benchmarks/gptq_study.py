@@ -13,6 +13,10 @@ CONFIG holds ``{"stage.key": value}`` overrides of the recipe:
 
     python -m benchmarks.gptq_study ppocr_rec '{"cluster.bits": 4}' --recipe benchmarks/rec_size_route.toml
 
+``--fresh-fonts DIR`` (ppocr_rec) also scores a third split that no choice saw (``fresh``: 200 lines
+of the report split's generator, :func:`fresh_rec_split`, in the typefaces found under DIR, which
+neither tune nor report uses, from another text source and seed).
+
 ``--calib-lines N`` (ppocr_rec) calibrates on N lines of the suite's own calibration generator
 instead of its 32; ``--augment N`` adds N augmented copies of each calibration line.
 
@@ -56,16 +60,65 @@ def _run(path: str, arrays: dict[str, np.ndarray], batch: int) -> np.ndarray:
                            for i in range(0, n, batch)])
 
 
-def _splits(name: str, task, limit: int | None = None) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
+def _splits(name: str, task, limit: int | None = None, fresh: tuple[str, ...] = ()
+            ) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
     """Per split: arrays, scorer and batch; ``limit``: the first ``limit`` samples only."""
-    full = _all_splits(name, task)
+    full = _all_splits(name, task, fresh)
     if not limit:
         return full
     return {split: ({k: v[:limit] for k, v in arrays.items()}, score.limited(limit), batch)
             for split, (arrays, score, batch) in full.items()}
 
 
-def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
+#: The fresh split's typefaces: families neither the tune split (DejaVu) nor the report split
+#: (Liberation, FreeFont, other DejaVu faces) uses; read from ``--fresh-fonts DIR`` (Debian's
+#: fonts-crosextra-carlito, fonts-crosextra-caladea and fonts-urw-base35, unpacked with
+#: ``apt-get download`` + ``dpkg -x``: nothing is installed).
+FRESH_FONT_PREFIXES = ("Carlito", "Caladea", "URWBookman", "URWGothic", "C059", "P052", "NimbusSansNarrow")
+FRESH_SEED = 104
+
+
+def fresh_fonts(folder: str) -> tuple[str, ...]:
+    found = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in (".ttf", ".otf")
+                   and p.name.startswith(FRESH_FONT_PREFIXES))
+    if not found:
+        raise SystemExit(f"--fresh-fonts: no {', '.join(FRESH_FONT_PREFIXES)} faces under {folder}")
+    return tuple(found)
+
+
+def fresh_rec_split(fonts: tuple[str, ...], n: int = 200, seed: int = FRESH_SEED) -> tuple[np.ndarray, list[str]]:
+    """A third rec split for a clean held-out figure: the report split's generator (sizes 14-63 px,
+    any contrasting colours, pixel noise up to sigma 12) with other typefaces (``fonts``), another
+    seed, and another text: the docstrings of the encoder benchmark's packages
+    (:data:`benchmarks.textdata.PACKAGE_MODULES`) that are in no rec split's pool. Cached under
+    ``.cache/data`` by the fonts' names, ``n`` and ``seed``."""
+    import contextlib
+    import hashlib
+
+    from benchmarks import textdata
+
+    key = hashlib.sha256(json.dumps([[Path(f).name for f in fonts], n, seed, 1]).encode()).hexdigest()[:12]
+    npz = CACHE / "data" / f"rec-fresh-{key}.npz"
+    if npz.is_file():
+        with np.load(npz) as z:
+            return z["x"], json.loads(npz.with_suffix(".json").read_text())["texts"]
+    taken = set(textdata.corpus()[0]) | set(textdata.report_sentences()[0])
+    with contextlib.redirect_stdout(io.StringIO()):
+        pool = [s for s in textdata.sentences_from_text(textdata._package_text()) if s not in taken]
+
+    def render(rng, sentences, max_aspect):
+        text, img = textdata._draw_line(rng, sentences, max_aspect, fonts, (14, 64), (14, 10),
+                                        textdata._contrasting_colors)
+        return textdata.LineImage(text, textdata._add_noise(rng, img, 12.0))
+
+    x, texts = textdata.rec_samples(pool, n, seed, render=render)
+    np.savez(npz, x=x)
+    npz.with_suffix(".json").write_text(json.dumps({"texts": texts, "fonts": [Path(f).name for f in fonts],
+                                                    "seed": seed, "text": "docstrings of " + ", ".join(textdata.PACKAGE_MODULES)}))
+    return x, texts
+
+
+def _all_splits(name: str, task, fresh: tuple[str, ...] = ()) -> dict[str, tuple[dict[str, np.ndarray], object, int]]:
     if name == "minilm":
         tune = {k: np.concatenate([b[k] for b in task.eval_batches]) for k in task.eval_batches[0]}
         with np.load(_report_file("minilm")) as z:
@@ -102,7 +155,11 @@ def _all_splits(name: str, task) -> dict[str, tuple[dict[str, np.ndarray], objec
             score.limited = lambda n: scorer(truth[:n])
             return score
 
-        return {"tuning": (tune, scorer(tune_texts), 10), "report": (rep, scorer(texts), 10)}
+        splits = {"tuning": (tune, scorer(tune_texts), 10), "report": (rep, scorer(texts), 10)}
+        if fresh:
+            x, fresh_texts = fresh_rec_split(fresh)
+            splits["fresh"] = ({"x": x}, scorer(fresh_texts), 10)
+        return splits
     if name in ("digits_cnn", "digits_mlp", "digits_transformer"):
         # the suite's own scorer (top-1 accuracy against the labels, agreement with fp32) plus the
         # logits' SQNR against fp32, finer than one image (~0.44 point of the 225 tune images)
@@ -230,7 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("config", help="QuantizeConfig fields as a JSON object")
     p.add_argument("--keep", metavar="OUT.onnx", help="keep the built model here")
     p.add_argument("--limit", type=int, help="score only the first N samples of each split")
-    p.add_argument("--split", choices=("tuning", "report"), action="append",
+    p.add_argument("--fresh-fonts", metavar="DIR", help="ppocr_rec: also score the fresh split (fresh_rec_split) "
+                   "rendered in the typefaces under DIR")
+    p.add_argument("--split", choices=("tuning", "report", "fresh"), action="append",
                    help="score only this split (repeatable; default both): choose on tuning, confirm on report")
     p.add_argument("--augment", type=int, default=0, metavar="N",
                    help="ppocr_rec: calibrate on the suite's lines plus N augmented copies of each (augment_lines)")
@@ -295,7 +354,8 @@ def main(argv=None) -> int:
         row["eight_bit"] = {"weights": len(wide["weights"]), "share_of_elements": round(wide["share_of_elements"], 4)}
     emb = (report.get("embeddings") or {}).get("tables") or {}
     row["embeddings"] = {k: {"bits": v["bits"], "sqnr_db": round(v["sqnr_db"], 2)} for k, v in emb.items()}
-    for split, (arrays, score, batch) in _splits(args.model, task, args.limit).items():
+    for split, (arrays, score, batch) in _splits(args.model, task, args.limit,
+                                                       fresh_fonts(args.fresh_fonts) if args.fresh_fonts else ()).items():
         if args.split and split not in args.split:
             continue
         tag = f"-{args.limit}" if args.limit else ""

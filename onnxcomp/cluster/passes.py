@@ -189,6 +189,12 @@ class ClusterConfig(PassConfig):
             error: on PP-OCRv4 rec at 10x, one 144-weight depthwise 3x3 conv kept float recovers 3.3
             of 8.8 points lost on the report split (benchmarks/RESULTS.md, twelfth session).
         wide_bits: the width of ``wide_below`` tensors (bits per label, 1..8).
+        scalar_choices: with ``bits_per_weight`` and ``vector_dim`` > 1: the candidate widths of
+            the tensors that cannot take vectors and keep a scalar codebook (the 5x5 depthwise
+            convs of PP-OCRv4 rec, whose 25 inputs are no multiple of 2), instead of
+            ``bits_choices`` (empty: ``bits_choices``). A scalar codebook errs more than a vector
+            one at the same bits per weight, and such tensors are small: wider candidates let the
+            allocation buy them precision where it pays.
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
@@ -221,6 +227,7 @@ class ClusterConfig(PassConfig):
     vector_dim: int = 1
     wide_below: int = 0
     wide_bits: int = 8
+    scalar_choices: tuple[int, ...] = ()
 
     stage: ClassVar[str] = "cluster"
     ranges: ClassVar[dict[str, Range]] = {
@@ -237,6 +244,7 @@ class ClusterConfig(PassConfig):
         "vector_dim": Range(int, 1, 8),
         "wide_below": Range(int, 0),
         "wide_bits": Range(int, 1, 8),
+        "scalar_choices": Range(int, 1, 8),
     }
 
     def validate(self) -> None:
@@ -255,6 +263,9 @@ class ClusterConfig(PassConfig):
                 raise ConfigError(f"cluster: bits={self.bits} with vector_dim={self.vector_dim} needs a codebook of "
                                   f"2^{self.bits * self.vector_dim} entries; at most 2^{_MAX_VECTOR_BITS} are supported "
                                   "(lower bits or vector_dim)")
+        if self.scalar_choices and (self.bits_per_weight is None or self.vector_dim < 2):
+            raise ConfigError("cluster: scalar_choices are the candidate widths of the tensors that keep a scalar "
+                              "codebook beside vector ones: set bits_per_weight and vector_dim > 1 too")
         if self.wide_below and self.bits_per_weight is None:
             raise ConfigError("cluster: wide_below gives small tensors their own width within bits_per_weight's "
                               "budget: set bits_per_weight too")
@@ -515,9 +526,16 @@ class ClusterPass(CompressionPass[ClusterConfig]):
     def _candidates(self, w: np.ndarray, target: ClusterTarget) -> dict[float, _Clustered]:
         """``bits_per_weight``: the tensor shared at every candidate width (bits per weight): each
         of ``bits_choices`` and, with ``vector_dim`` d > 1, the fractions between them in steps of
-        1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs)."""
+        1/d that a vector codebook of at most 2^8 entries gives (2.5 and 3.5 bits with pairs); a
+        tensor that keeps a scalar codebook at the smallest width takes ``scalar_choices`` instead
+        where they are set."""
         cfg = self.config
-        options: dict[float, _Clustered] = {b: self._shared(w, target, 1 << b) for b in sorted(set(cfg.bits_choices))}
+        widths = sorted(set(cfg.bits_choices))
+        first = self._shared(w, target, 1 << widths[0])
+        if cfg.scalar_choices and first.vector_dim == 1:  # a scalar codebook at every width: its own candidates
+            return {b: first if b == widths[0] else self._shared(w, target, 1 << b) for b in sorted(set(cfg.scalar_choices))}
+        options: dict[float, _Clustered] = {b: first if b == widths[0] else self._shared(w, target, 1 << b)
+                                            for b in widths}
         d = cfg.vector_dim
         for label_bits in range(min(cfg.bits_choices) * d + 1, min(max(cfg.bits_choices) * d, _MAX_MIXED_VECTOR_BITS)):
             if label_bits % d:
@@ -1315,12 +1333,83 @@ def _compensated(w: np.ndarray, clustered: _Clustered, h: np.ndarray, target: Cl
 def allocate_widths(options: dict[str, dict[int, tuple[float, float]]], budget: float) -> dict[str, int]:
     """A width per tensor that keeps the summed error low with the summed bytes within ``budget``.
 
-    ``options``: tensor -> width -> (error, bytes). Every tensor starts at its smallest option;
-    then, while the budget allows, the one upgrade (a tensor to any option that errs less) with
-    the largest error reduction per extra byte is taken (the greedy solution of the knapsack,
-    exact on convex error-size curves). When even the smallest options exceed the budget they are
-    kept (the caller reports it)."""
-    widths = {name: min(row, key=lambda b: (row[b][1], row[b][0])) for name, row in options.items()}
+    ``options``: tensor -> width -> (error, bytes). The multiple-choice knapsack solved by dynamic
+    programming over the bytes above every tensor's smallest option, counted in units of at most
+    1/:data:`_ALLOCATION_UNITS` of the budget: once with each option's bytes rounded up (the
+    solution fits) and once rounded down (kept where it fits in bytes: rounding up can cost the
+    optimum when it spends the budget to within the rounding's few hundred bytes); the bytes the rounding leaves are then spent by :func:`_fill_widths` (the
+    upgrades with the largest error drop per byte that still fit). The greedy solution (:func:`_fill_widths`
+    from the smallest options) is kept instead where it errs less. The greedy alone leaves bytes
+    unspent when the next upgrade it wants is larger than what is left (PP-OCRv4 rec at 10x: its
+    CTC head stayed at 2 bits with 20-40 KB of the budget unused); the dynamic programme trades
+    upgrades elsewhere for it. When even the smallest options exceed the budget they are kept
+    (the caller reports it)."""
+    smallest = {name: min(row, key=lambda b: (row[b][1], row[b][0])) for name, row in options.items()}
+    greedy = _fill_widths(options, smallest, budget)
+    base = sum(options[n][b][1] for n, b in smallest.items())
+    if base > budget or not options:
+        return greedy
+
+    def total(w: dict[str, int]) -> tuple[float, float]:
+        return (sum(options[n][b][0] for n, b in w.items()), sum(options[n][b][1] for n, b in w.items()))
+
+    found = [greedy]
+    for rounding in (np.ceil, np.floor):  # up: always fits; down: often better, kept where it fits
+        chosen = _knapsack(options, smallest, budget - base, rounding)
+        if total(chosen)[1] <= budget:
+            found.append(_fill_widths(options, chosen, budget))
+    return min(found, key=lambda w: total(w)[0])
+
+
+def _knapsack(options: dict[str, dict[int, tuple[float, float]]], smallest: dict[str, int], spare: float,
+              rounding: Callable[[float], float]) -> dict[str, int]:
+    """The dynamic programme of :func:`allocate_widths`: the widths of least summed error whose
+    bytes above ``smallest`` fit ``spare``, each option's extra bytes counted in units of
+    ``spare / _ALLOCATION_UNITS`` (at least 1), rounded by ``rounding`` (up: the solution fits;
+    down: it may not, the caller checks)."""
+    unit = max(1.0, spare / _ALLOCATION_UNITS)
+    cap = int(spare // unit)
+    names = list(options)
+
+    def units_of(name: str, b: int) -> int:
+        return int(rounding(max(options[name][b][1] - options[name][smallest[name]][1], 0) / unit - 1e-9 *
+                            (1 if rounding is np.ceil else -1)))
+
+    best = np.zeros(cap + 1)  # least summed error of the tensors so far within c units
+    choices: list[tuple[list[int], np.ndarray]] = []
+    for name in names:
+        widths = list(options[name])
+        new = np.full(cap + 1, np.inf)
+        pick = np.zeros(cap + 1, np.int16)
+        for i, b in enumerate(widths):
+            units = units_of(name, b)
+            if units > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[units:] = best[:cap + 1 - units] + options[name][b][0]
+            better = cand < new
+            new = np.where(better, cand, new)
+            pick = np.where(better, i, pick)
+        best = new
+        choices.append((widths, pick))
+    chosen: dict[str, int] = {}
+    c = cap
+    for name, (widths, pick) in zip(reversed(names), reversed(choices)):
+        chosen[name] = widths[int(pick[c])]
+        c -= units_of(name, chosen[name])
+    return {n: chosen[n] for n in names}
+
+
+#: :func:`allocate_widths`: the dynamic programme counts bytes in at most this many units.
+_ALLOCATION_UNITS = 32768
+
+
+def _fill_widths(options: dict[str, dict[int, tuple[float, float]]], widths: dict[str, int],
+                 budget: float) -> dict[str, int]:
+    """``widths`` upgraded while the budget allows: each time the one upgrade (a tensor to any
+    option that errs less) with the largest error reduction per extra byte that still fits (the
+    greedy solution of the knapsack, exact on convex error-size curves)."""
+    widths = dict(widths)
     spent = sum(options[n][b][1] for n, b in widths.items())
     while True:
         best: tuple[float, str, int] | None = None
