@@ -211,7 +211,7 @@ def test_an_axis_0_the_model_fixes_at_0_is_no_empty_feed(rng):
 
 
 def _session_modes(means, calls):
-    """A fake bench_models: measurement k (its seed) times float and int8 around ``means[k]`` (ms)."""
+    """A fake bench._bench_once: measurement k (its seed) times float and int8 around ``means[k]`` (ms)."""
 
     def fake(models, feeds, *, threads=None, seed=0, **kw):
         from onnxcomp.measure.stats import ratio_ci
@@ -236,7 +236,7 @@ def test_a_short_run_is_timed_on_three_session_pairs(rng, monkeypatch):
     from onnxcomp.measure import bench
 
     calls = []
-    monkeypatch.setattr(bench, "bench_models", _session_modes(PNET_MODES, calls))
+    monkeypatch.setattr(bench, "_bench_once", _session_modes(PNET_MODES, calls))
     monkeypatch.setattr(bench, "op_type_times", lambda model, feeds, *, threads, runs=10: {})
     model = io.load_model(_mlp(rng).SerializeToString())
     feeds = [{"x": np.ones((1, 32), np.float32)}]
@@ -252,21 +252,51 @@ def test_a_short_run_is_timed_on_three_session_pairs(rng, monkeypatch):
         "varies from one session to the next more than one pair's interval shows; --threads 1 times the kernels alone")
     # pairs that agree: pooled, said so, no claim of a spread
     calls.clear()
-    monkeypatch.setattr(bench, "bench_models", _session_modes({k: (0.05, 0.065) for k in range(3)}, calls))
+    monkeypatch.setattr(bench, "_bench_once", _session_modes({k: (0.05, 0.065) for k in range(3)}, calls))
     agree = bench.int8_latency_report(model, model, feeds, threads=2)
     assert len(calls) == 3 and agree["significant"] and not agree["session_spread"]
     assert "SLOWER" in agree["summary"] and agree["summary"].endswith("(ratios 1.31, 1.30, 1.31)")
     # one thread: pooled too, without the advice to time at one thread
     calls.clear()
-    monkeypatch.setattr(bench, "bench_models", _session_modes(PNET_MODES, calls))
+    monkeypatch.setattr(bench, "_bench_once", _session_modes(PNET_MODES, calls))
     one = bench.int8_latency_report(model, model, feeds, threads=1)
     assert calls == [(1, 0), (1, 1), (1, 2)] and one["summary"].endswith(
         "varies from one session to the next more than one pair's interval shows")
     # runs of milliseconds: one pair, as before
     calls.clear()
-    monkeypatch.setattr(bench, "bench_models", _session_modes({0: (5.0, 6.5)}, calls))
+    monkeypatch.setattr(bench, "_bench_once", _session_modes({0: (5.0, 6.5)}, calls))
     single = bench.int8_latency_report(model, model, feeds, threads=2)
     assert calls == [(2, 0)] and "session_ratios" not in single and "pooled" not in single["summary"]
+
+
+def test_bench_pools_a_short_run_for_every_model_against_the_first(rng, monkeypatch):
+    """``onnxcomp bench`` and the [measure] stage pool a short run too: each later model's ratio
+    to the first over the sets, with each set's ratio; runs of milliseconds stay one set."""
+    from onnxcomp.measure import bench
+    from onnxcomp.measure.cli import _session_notes
+
+    modes = {0: (0.041, 0.067, 0.050), 1: (0.070, 0.066, 0.069), 2: (0.068, 0.071, 0.070)}
+    calls = []
+    monkeypatch.setattr(bench, "_bench_once", _session_modes(modes, calls))
+    model = io.load_model(_mlp(rng).SerializeToString())
+    rows = bench.bench_models([("a", model), ("b", model), ("c", model)], [{"x": np.ones((1, 32), np.float32)}],
+                              threads=2)
+    assert calls == [(2, 0), (2, 1), (2, 2)]
+    assert [r["runs"] for r in rows] == [90, 90, 90] and rows[0]["session_sets"] == 3
+    for i in (1, 2):
+        ratios = rows[i]["session_ratios"]
+        assert len(ratios) == 3 and len(rows[i]["session_ci95s"]) == 3
+        lo, hi = rows[i]["ratio_ci95"]
+        assert lo <= rows[i]["ratio_to_first"] <= hi
+        assert rows[i]["ratio_to_first"] == pytest.approx(rows[i]["median_ms"] / rows[0]["median_ms"])
+    notes = _session_notes(rows)
+    assert notes[0].startswith(f"the first model runs {rows[0]['median_ms']:.3f} ms: measured in 3 sets")
+    assert notes[1].startswith("b: ratio per set ") and len(notes) == 3
+    # a run of milliseconds: one set, no pooling, no note
+    calls.clear()
+    monkeypatch.setattr(bench, "_bench_once", _session_modes({0: (5.0, 6.5)}, calls))
+    single = bench.bench_models([("a", model), ("b", model)], [{"x": np.ones((1, 32), np.float32)}], threads=2)
+    assert calls == [(2, 0)] and "session_ratios" not in single[1] and _session_notes(single) == []
 
 
 def test_sessions_ratio_ci_holds_the_spread_between_measurements():

@@ -26,6 +26,20 @@ LATENCY_RANGES = {
 }
 
 
+#: A first (reference) model running shorter than this (median, ms) is timed in
+#: :data:`SESSION_PAIRS` sets of fresh sessions, pooled (:func:`bench_models`: ``onnxcomp bench``,
+#: the ``[measure]`` stage and quantize's int8-vs-float line alike). Measured on the VNNI machine (2 CPUs, other work beside, 2026-11-29;
+#: ``python -m benchmarks.session_pairs``): a P-Net-like fully convolutional model on 12x12
+#: inputs ran 0.04 or 0.07 ms at 2 threads depending on the session, for the whole life of the
+#: session; one pair's int8/fp32 ratio ranged 0.68-1.75 over 12 measurements of the same files,
+#: each with a tight interval, and an A/A run of one model in two sessions gave 1.63 [1.51, 1.80]
+#: once in six. At 1 thread the spread is smaller (int8/fp32 1.24 [1.14, 1.32] to 1.47 [1.39,
+#: 1.57] over six pairs: the verdict holds, the intervals do not overlap). A session's fixed cost
+#: is a large share of a run this short only; runs of milliseconds gave no such spread.
+SHORT_RUN_MS = 1.0
+SESSION_PAIRS = 3
+
+
 def physical_cores() -> int:
     """Physical cores from /proc/cpuinfo (distinct (physical id, core id) pairs), else cpu_count."""
     try:
@@ -64,19 +78,50 @@ def bench_models(
     warmup_seconds: float = 1.0,
     seed: int = 0,
     progress=None,
+    pool_short: bool = True,
 ) -> list[dict[str, Any]]:
     """Interleaved latency of ``models`` (name, model: anything :func:`onnxcomp.io.load_model`
-    reads) on ``feeds``; JSON-ready rows."""
+    reads) on ``feeds``; JSON-ready rows.
+
+    When the first model runs shorter than :data:`SHORT_RUN_MS` and there is something to compare
+    (``pool_short``, two models or more), it is measured in :data:`SESSION_PAIRS` sets of fresh
+    sessions and pooled: medians over every run, each ratio's interval from
+    :func:`~onnxcomp.measure.stats.sessions_ratio_ci` (sets and rounds resampled), and each row's
+    ``session_ratios`` / ``session_ci95s`` per set. One set's interval resamples rounds only and
+    cannot see what a session fixes for its life (see :data:`SHORT_RUN_MS`).
+    """
     threads = threads or physical_cores()
     models = [(name, load_model(model)) for name, model in models]
+    first = _bench_once(models, feeds, threads=threads, optimization=optimization, runs=runs,
+                        time_budget=time_budget, warmup_runs=warmup_runs, warmup_seconds=warmup_seconds,
+                        seed=seed, progress=progress)
+    if not pool_short or len(models) < 2 or first[0]["median_ms"] >= SHORT_RUN_MS:
+        return first
+    # the further sets' runs are short too: 50 ms warm them
+    sets = [first] + [
+        _bench_once(models, feeds, threads=threads, optimization=optimization, runs=runs, time_budget=time_budget,
+                    warmup_runs=warmup_runs, warmup_seconds=min(warmup_seconds, 0.05), seed=seed + k, progress=None)
+        for k in range(1, SESSION_PAIRS)
+    ]
+    return _pooled(sets, _batch_size(feeds))
+
+
+def _batch_size(feeds) -> int:
+    """Items per run: the first feed's leading axis (1 without feeds)."""
+    return max(int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1, 1)
+
+
+def _bench_once(models: Sequence[tuple[str, ir.Model]], feeds, *, threads: int, optimization: str, runs: int,
+                time_budget: float | None, warmup_runs: int, warmup_seconds: float, seed: int,
+                progress) -> list[dict[str, Any]]:
+    """One interleaved measurement of ``models``, each in its own fresh session."""
     specs = [
         SessionSpec(name=name, model=model_to_bytes(model), threads=threads, graph_optimization=optimization)
         for name, model in models
     ]
-    batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
     results = measure_latency(
         specs, list(feeds), warmup_runs=warmup_runs, warmup_seconds=warmup_seconds, runs=runs,
-        time_budget=time_budget, seed=seed, progress=progress, batch_size=max(batch, 1),
+        time_budget=time_budget, seed=seed, progress=progress, batch_size=_batch_size(feeds),
     )
     rows = []
     for (name, model), res in zip(models, results):
@@ -106,19 +151,6 @@ def default_threads() -> int:
     return physical_cores()
 
 
-#: A float run shorter than this (median, ms) is timed in :data:`SESSION_PAIRS` pairs of fresh
-#: sessions. Measured on the VNNI machine (2 CPUs, other work beside, 2026-11-29;
-#: ``python -m benchmarks.session_pairs``): a P-Net-like fully convolutional model on 12x12
-#: inputs ran 0.04 or 0.07 ms at 2 threads depending on the session, for the whole life of the
-#: session; one pair's int8/fp32 ratio ranged 0.68-1.75 over 12 measurements of the same files,
-#: each with a tight interval, and an A/A run of one model in two sessions gave 1.63 [1.51, 1.80]
-#: once in six. At 1 thread the spread is smaller (int8/fp32 1.24 [1.14, 1.32] to 1.47 [1.39,
-#: 1.57] over six pairs: the verdict holds, the intervals do not overlap). A session's fixed cost
-#: is a large share of a run this short only; runs of milliseconds gave no such spread.
-SHORT_RUN_MS = 1.0
-SESSION_PAIRS = 3
-
-
 def int8_latency_report(
     reference: ir.Model,
     candidate: ir.Model,
@@ -140,40 +172,45 @@ def int8_latency_report(
     threads = threads or default_threads()
     feeds = list(feeds)[:8]
 
-    def measured(seed: int) -> list[dict[str, Any]]:  # the further pairs' runs are short: 50 ms warm them
-        return bench_models([("float", reference), ("int8", candidate)], feeds, threads=threads, runs=runs,
-                            time_budget=time_budget, warmup_runs=3, warmup_seconds=0.05 if seed else 0.2, seed=seed)
-
-    pairs = [measured(0)]
-    if pairs[0][0]["median_ms"] < SHORT_RUN_MS:
-        pairs += [measured(seed) for seed in range(1, SESSION_PAIRS)]
-    rows = pairs[0] if len(pairs) == 1 else _pooled(pairs)
+    rows = bench_models([("float", reference), ("int8", candidate)], feeds, threads=threads, runs=runs,
+                        time_budget=time_budget, warmup_runs=3, warmup_seconds=0.2)
     report = explain_rows(reference, candidate, rows, feeds, threads, unfused_dequantize=unfused_dequantize)
-    if len(pairs) > 1:
-        report["session_ratios"] = [p[1]["ratio_to_first"] for p in pairs]
+    if "session_ratios" in rows[1]:
+        report["session_ratios"] = rows[1]["session_ratios"]
         each = ", ".join(f"{r:.2f}" for r in report["session_ratios"])
-        # two pairs whose intervals do not overlap: the sessions, not the runs, made the spread
-        intervals = [p[1]["ratio_ci95"] for p in pairs]
-        spread = max(lo for lo, _ in intervals) > min(hi for _, hi in intervals)
+        spread = rows[1]["session_spread"]
         report["session_spread"] = spread
-        report["summary"] += f"; pooled over {len(pairs)} pairs of fresh sessions (ratios {each})" + (
+        report["summary"] += f"; pooled over {len(report['session_ratios'])} pairs of fresh sessions (ratios {each})" + (
             f": a float run of {rows[0]['median_ms']:.3f} ms at {threads} thread(s) varies from one session to the "
             "next more than one pair's interval shows" + ("; --threads 1 times the kernels alone" if threads > 1 else "")
             if spread else "")
     return report
 
 
-def _pooled(pairs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Two :func:`bench_models` rows (float, int8) pooling several measurements, each of its own
-    sessions: medians over every run, the ratio's interval from
-    :func:`~onnxcomp.measure.stats.sessions_ratio_ci` (measurements and rounds resampled)."""
-    from onnxcomp.measure.stats import sessions_ratio_ci
+def _pooled(sets: Sequence[Sequence[dict[str, Any]]], batch: int) -> list[dict[str, Any]]:
+    """:func:`bench_models` rows pooling several measurements of the same models, each set in its
+    own sessions: run counts and medians over every run; each later row's ratio to the first from
+    :func:`~onnxcomp.measure.stats.sessions_ratio_ci` (sets and rounds resampled), with each set's
+    ratio and interval (``session_ratios``, ``session_ci95s``) and ``session_spread``: two sets
+    whose intervals do not overlap, so the sessions, not the runs, made the spread."""
+    from onnxcomp.measure.stats import sessions_ratio_ci, summarize
 
-    times = [[np.asarray(p[i]["times_ms"]) for p in pairs] for i in (0, 1)]
-    ratio, lo, hi = sessions_ratio_ci(list(zip(*times)))
-    rows = [{**pairs[0][i], "runs": sum(t.size for t in times[i]), "times_ms": np.concatenate(times[i]).tolist(),
-             "median_ms": float(np.median(np.concatenate(times[i])))} for i in (0, 1)]
-    rows[1].update(ratio_to_first=ratio, ratio_ci95=[lo, hi])
+    rows = []
+    for i in range(len(sets[0])):
+        times = [np.asarray(s[i]["times_ms"]) for s in sets]
+        pooled = np.concatenate(times)
+        s = summarize(pooled / 1e3, batch_size=batch)
+        row = {**sets[0][i], "runs": s.n, "min_ms": s.min * 1e3, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
+               "p99_ms": s.p99 * 1e3, "mean_ms": s.mean * 1e3, "throughput_per_s": s.items_per_s,
+               "times_ms": pooled.tolist(), "session_sets": len(sets)}
+        if i:
+            base = [np.asarray(s[0]["times_ms"]) for s in sets]
+            ratio, lo, hi = sessions_ratio_ci(list(zip(base, times)))
+            intervals = [s[i]["ratio_ci95"] for s in sets]
+            row.update(ratio_to_first=ratio, ratio_ci95=[lo, hi], session_ratios=[s[i]["ratio_to_first"] for s in sets],
+                       session_ci95s=intervals,
+                       session_spread=bool(max(a for a, _ in intervals) > min(b for _, b in intervals)))
+        rows.append(row)
     return rows
 
 

@@ -37,7 +37,8 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=LATENCY_RANGES["threads"], default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimization level (default: all)")
-    p.add_argument("--runs", type=LATENCY_RANGES["runs"], default=50, help="measured runs per model (default 50)")
+    p.add_argument("--runs", type=LATENCY_RANGES["runs"], default=50, help="measured runs per model (default 50); a first model under 1 ms is measured this many "
+                   "rounds in each of 3 sets of fresh sessions, pooled")
     p.add_argument("--time-budget", type=LATENCY_RANGES["time_budget"], help="stop measuring after this many seconds (at least one round)")
     p.add_argument("--warmup-runs", type=LATENCY_RANGES["warmup_runs"], default=10)
     p.add_argument("--warmup-seconds", type=LATENCY_RANGES["warmup_seconds"], default=1.0)
@@ -90,6 +91,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         print_json({"threads": threads, "optimization": args.optimization, "free_dims": free_dims, "models": rows})
         return 0
     for line in describe_free_dims(free_dims):
+        con.print(f"[yellow]note:[/yellow] {esc(line)}")
+    for line in _session_notes(rows):
         con.print(f"[yellow]note:[/yellow] {esc(line)}")
     from rich.table import Table
 
@@ -240,3 +243,17 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 register("compare", "compare a candidate model's outputs (and layers) with a reference on data", _configure_compare, _run_compare)
+
+
+def _session_notes(rows: list[dict]) -> list[str]:
+    """What the table cannot show when a short run was pooled over sets of fresh sessions."""
+    if len(rows) < 2 or "session_ratios" not in rows[1]:
+        return []
+    lines = [f"the first model runs {rows[0]['median_ms']:.3f} ms: measured in {rows[0]['session_sets']} sets of "
+             "fresh sessions and pooled, since a run this short can vary from one session to the next; "
+             "each interval resamples the sets and their rounds"]
+    for r in rows[1:]:
+        each = ", ".join(f"{x:.2f}" for x in r["session_ratios"])
+        lines.append(f"{r['name']}: ratio per set {each}" + (
+            ": the sets' intervals do not overlap, the sessions made the spread" if r["session_spread"] else ""))
+    return lines
