@@ -238,7 +238,7 @@ def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True, n
                    help="exit with status 3 when the check misses its budget or nothing was compressed")
     g.add_argument("--no-check", action="store_true", help="skip the check of the written model")
     g.add_argument("--check-fraction", type=float, default=None, metavar="F",
-                   help=f"not used: {nothing_held_out}" if nothing_held_out else
+                   help=f"refused (exit 1): {nothing_held_out}" if nothing_held_out else
                    "share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
     g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
                    help="top-1 agreement an output of class scores must keep (default 0.99)")

@@ -906,7 +906,8 @@ def generated_feeds(
 ) -> tuple[list[Feed], list[dict[str, Any]]]:
     """``count`` :func:`synthetic_feed` feeds for ``model`` (seeds ``seed``, ``seed + 1``, ...: the
     inputs of the check, ``bench`` and latency when no data is given), free dimensions without a
-    shape in ``shapes`` set to what a weight reads there or 1 (:func:`fill_free_dims`); returns
+    shape in ``shapes`` set to what a weight reads there, 64 (at least the kernel's extent) on a
+    Conv's free spatial axes, or 1 (:func:`fill_free_dims`); returns
     the feeds and the records of the dimensions set (:func:`describe_free_dims` says them)."""
     inputs = model_inputs(model)
     filled, free_dims = fill_free_dims(inputs, dict(shapes or {}), fixed=weight_fixed_dims(model))

@@ -37,8 +37,8 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=LATENCY_RANGES["threads"], default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimization level (default: all)")
-    p.add_argument("--runs", type=LATENCY_RANGES["runs"], default=50, help="measured runs per model (default 50); a first model under 1 ms is measured this many "
-                   "rounds in each of 3 sets of fresh sessions, pooled")
+    p.add_argument("--runs", type=LATENCY_RANGES["runs"], default=50, help="measured runs per model (default 50); with two models or more, a first model under 1 ms "
+                   "is measured this many rounds in each of 3 sets of fresh sessions, pooled")
     p.add_argument("--time-budget", type=LATENCY_RANGES["time_budget"], help="stop measuring after this many seconds (at least one round)")
     p.add_argument("--warmup-runs", type=LATENCY_RANGES["warmup_runs"], default=10)
     p.add_argument("--warmup-seconds", type=LATENCY_RANGES["warmup_seconds"], default=1.0)
