@@ -65,7 +65,9 @@ def test_main_job_report_and_json(work, capsys):
     acc = report["measure"]["fidelity"]["accuracy"]
     assert acc["reference"] - acc["candidate"] <= 0.005
     assert [s["stage"] for s in report["stages"]] == ["cleanup", "quantize", "verify"]
-    assert report["measure"]["latency"][1]["runs"] == 5
+    # 5 rounds, in each of 3 sets of fresh sessions when the original runs under 1 ms (bench_models)
+    before, after = report["measure"]["latency"]
+    assert after["runs"] == 5 * before.get("session_sets", 1) and before.get("session_sets", 1) in (1, 3)
     page = report_html.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page
     assert not any(tag in page for tag in ("src=", "<link", "<script", "url(")), "self-contained: no external resources"
