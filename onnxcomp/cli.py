@@ -275,9 +275,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     count, what = _compressed_by_stages(report["stages"], model, compressed)
     from onnxcomp.graph import attribute_weights_note
 
-    held = "" if count else attribute_weights_note(model)
-    check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what,
-                      why="" if count else f"the model's {held[4:]}" if held else "see each stage's statistics (--json)")
+    why = "" if count else attribute_weights_note(model, "the model's") or "see each stage's statistics (--json)"
+    check = run_check(con, model, out, split, check_cfg, report, compressed=count, what=what, why=why)
     status = check_status(args, check)
     if args.report:
         write_text_atomic(args.report, render_html(report), force=args.force)

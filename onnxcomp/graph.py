@@ -432,13 +432,14 @@ def attribute_weights(model: ir.Model) -> dict[str, dict[str, int]]:
     return dict(sorted(found.items(), key=lambda kv: -kv[1]["values"]))
 
 
-def attribute_weights_note(model: ir.Model) -> str:
+def attribute_weights_note(model: ir.Model, subject: str = "its") -> str:
     """One clause naming the weights ``model`` holds in attributes (:func:`attribute_weights`), for
-    a run that compressed nothing; empty when it holds none."""
+    a run that compressed nothing (``"<subject> weights are attributes of ..."``); empty when it
+    holds none."""
     found = attribute_weights(model)
     if not found:
         return ""
     ops = ", ".join(f"{row['nodes']} {op} node{'s' if row['nodes'] > 1 else ''} ({row['values']:,} values)"
                     for op, row in found.items())
-    return (f"its weights are attributes of {ops}, which onnxcomp does not compress (it compresses weight "
+    return (f"{subject} weights are attributes of {ops}, which onnxcomp does not compress (it compresses weight "
             "tensors: initializers and Constant nodes)")

@@ -195,19 +195,18 @@ def _pooled(sets: Sequence[Sequence[dict[str, Any]]], batch: int) -> list[dict[s
     whose intervals do not overlap, so the sessions, not the runs, made the spread."""
     from onnxcomp.measure.stats import sessions_ratio_ci, summarize
 
+    times = [[np.asarray(one[i]["times_ms"]) for one in sets] for i in range(len(sets[0]))]  # model -> per set
     rows = []
-    for i in range(len(sets[0])):
-        times = [np.asarray(s[i]["times_ms"]) for s in sets]
-        pooled = np.concatenate(times)
-        s = summarize(pooled / 1e3, batch_size=batch)
-        row = {**sets[0][i], "runs": s.n, "min_ms": s.min * 1e3, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
-               "p99_ms": s.p99 * 1e3, "mean_ms": s.mean * 1e3, "throughput_per_s": s.items_per_s,
-               "times_ms": pooled.tolist(), "session_sets": len(sets)}
+    for i, model_times in enumerate(times):
+        pooled = np.concatenate(model_times)
+        summary = summarize(pooled / 1e3, batch_size=batch)
+        row = {**sets[0][i], "runs": summary.n, "min_ms": summary.min * 1e3, "median_ms": summary.median * 1e3,
+               "p90_ms": summary.p90 * 1e3, "p99_ms": summary.p99 * 1e3, "mean_ms": summary.mean * 1e3,
+               "throughput_per_s": summary.items_per_s, "times_ms": pooled.tolist(), "session_sets": len(sets)}
         if i:
-            base = [np.asarray(s[0]["times_ms"]) for s in sets]
-            ratio, lo, hi = sessions_ratio_ci(list(zip(base, times)))
-            intervals = [s[i]["ratio_ci95"] for s in sets]
-            row.update(ratio_to_first=ratio, ratio_ci95=[lo, hi], session_ratios=[s[i]["ratio_to_first"] for s in sets],
+            ratio, lo, hi = sessions_ratio_ci(list(zip(times[0], model_times)))
+            intervals = [one[i]["ratio_ci95"] for one in sets]
+            row.update(ratio_to_first=ratio, ratio_ci95=[lo, hi], session_ratios=[one[i]["ratio_to_first"] for one in sets],
                        session_ci95s=intervals,
                        session_spread=bool(max(a for a, _ in intervals) > min(b for _, b in intervals)))
         rows.append(row)
