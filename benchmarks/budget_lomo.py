@@ -45,14 +45,17 @@ SLACK = 0.01  # one point of the task metric
 FIGURES_JSON = HERE / "budget_figures.json"
 #: which threshold judges each rule figure (onnxcomp.check.RULES)
 THRESHOLD_OF = {"top1_agreement": "agreement", "sequence_agreement": "agreement",
-                "region_agreement": "agreement", "cosine": "cosine"}
+                "region_agreement": "agreement", "detection_agreement": "agreement", "label_agreement": "agreement",
+                "cosine": "cosine", "r2_vs_original": "r2"}
+#: the thresholds chosen (one per value of THRESHOLD_OF)
+THRESHOLDS = ("agreement", "cosine", "r2")
 
 
 def defaults() -> dict[str, float]:
     from onnxcomp.check import CheckConfig
 
     c = CheckConfig()
-    return {"agreement": c.min_agreement, "cosine": c.min_cosine}
+    return {"agreement": c.min_agreement, "cosine": c.min_cosine, "r2": c.min_r2}
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def lomo(rows: list[Build]) -> list[dict]:
     for model in sorted({b.model for b in rows}):
         train = [b for b in rows if b.model != model]
         test = [b for b in rows if b.model == model]
-        th = {k: threshold(train, k) for k in ("agreement", "cosine")}
+        th = {k: threshold(train, k) for k in THRESHOLDS}
         false_pass = [b.candidate for b in test if passes(b, th, default) and not b.good]
         false_alarm = [b.candidate for b in test if not passes(b, th, default) and b.good]
         default_fp = [b.candidate for b in test if b.value >= default[b.kind] and not b.good]
