@@ -8,7 +8,9 @@ cosine for other values. For every suite model M, the thresholds are chosen on t
 
 * a build is **good** when its task metric is within one point (0.01) of fp32's;
 * the agreement figures (top-1, sequence, region: each a share of the model's decisions that
-  stay the same) share one threshold, ``min_agreement``; cosine has its own, ``min_cosine``;
+  stay the same) share one threshold, ``min_agreement``; cosine has its own, ``min_cosine``, and
+  so has detection agreement, ``min_detection_agreement`` (pairing boxes flips knife-edge
+  detections: see ``onnxcomp.check``);
 * on the training models, each threshold is the most permissive value that passes no bad build
   (a false pass is what the check exists to prevent; a false alarm costs a look).
 
@@ -45,17 +47,20 @@ SLACK = 0.01  # one point of the task metric
 FIGURES_JSON = HERE / "budget_figures.json"
 #: which threshold judges each rule figure (onnxcomp.check.RULES)
 THRESHOLD_OF = {"top1_agreement": "agreement", "sequence_agreement": "agreement",
-                "region_agreement": "agreement", "detection_agreement": "agreement", "label_agreement": "agreement",
+                "region_agreement": "agreement", "label_agreement": "agreement", "detection_agreement": "detection",
                 "cosine": "cosine", "r2_vs_original": "r2"}
-#: the thresholds chosen (one per value of THRESHOLD_OF)
-THRESHOLDS = ("agreement", "cosine", "r2")
+KINDS = ("agreement", "detection", "cosine", "r2")
+#: suite metrics that are the check's own figure on a results.json row (the rest: the fidelity cosine)
+FIGURE_OF_METRIC = {"agree_fp32": "top1_agreement", "char_agree_fp32": "sequence_agreement",
+                    "f1_fp32": "detection_agreement"}
 
 
 def defaults() -> dict[str, float]:
     from onnxcomp.check import CheckConfig
 
     c = CheckConfig()
-    return {"agreement": c.min_agreement, "cosine": c.min_cosine, "r2": c.min_r2}
+    return {"agreement": c.min_agreement, "detection": c.min_detection_agreement, "cosine": c.min_cosine,
+            "r2": c.min_r2}
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,10 @@ def builds_from_results(results: dict, skip: set[str]) -> list[Build]:
         for r in model["rows"]:
             if r["status"] != "ok" or r["candidate"] == "fp32" or key not in (r.get("metrics") or {}):
                 continue
-            agree, text = r["metrics"].get("agree_fp32"), r["metrics"].get("char_agree_fp32")
-            if agree is not None:
-                figure, value = "top1_agreement", agree
-            elif text is not None:  # PP-OCR rec's text agreement: the check's decoded-sequence agreement
-                figure, value = "sequence_agreement", text
-            else:
-                figure, value = "cosine", r["fidelity"]["cosine"]
+            # PP-OCR rec's text agreement is the check's decoded-sequence agreement, the layout
+            # detector's F1 against fp32 its detection agreement
+            found = [(f, r["metrics"][m]) for m, f in FIGURE_OF_METRIC.items() if r["metrics"].get(m) is not None]
+            figure, value = found[0] if found else ("cosine", r["fidelity"]["cosine"])
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             rows.append(Build(name, r["candidate"], fp32 - r["metrics"][key] <= SLACK + 1e-12, figure, float(value)))
@@ -133,7 +135,7 @@ def lomo(rows: list[Build]) -> list[dict]:
     for model in sorted({b.model for b in rows}):
         train = [b for b in rows if b.model != model]
         test = [b for b in rows if b.model == model]
-        th = {k: threshold(train, k) for k in THRESHOLDS}
+        th = {k: threshold(train, k) for k in KINDS}
         false_pass = [b.candidate for b in test if passes(b, th, default) and not b.good]
         false_alarm = [b.candidate for b in test if not passes(b, th, default) and b.good]
         default_fp = [b.candidate for b in test if b.value >= default[b.kind] and not b.good]
@@ -153,23 +155,84 @@ def render(table: list[dict], sources: str) -> str:
     fmt = lambda t: "-" if t is None else f"{t:.4f}"  # noqa: E731
     lines = [
         f"Leave-one-model-out validation of the check's budget, from {sources}. Good = task metric within "
-        f"1 point of fp32. Thresholds chosen without the model (agreement figures share one); defaults "
-        f"agreement >= {d['agreement']}, cosine >= {d['cosine']}.",
+        f"1 point of fp32. Thresholds chosen without the model (agreement figures share one; detection "
+        f"agreement and cosine have their own); defaults agreement >= {d['agreement']}, detection agreement "
+        f">= {d['detection']}, cosine >= {d['cosine']}.",
         "",
         "| left-out model | judged by | builds (good) | lowest good / highest bad | agreement > (chosen) | "
-        "cosine > (chosen) | false passes | false alarms | defaults: false passes / alarms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "detection > (chosen) | cosine > (chosen) | false passes | false alarms | defaults: false passes / alarms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         fp = ", ".join(r["false_pass"]) or "0"
         fa = ", ".join(r["false_alarm"]) or "0"
         dfp = ", ".join(r["default_false_pass"]) or "0"
         dfa = ", ".join(r["default_false_alarm"]) or "0"
+        th = r["thresholds"]
         lines.append(
             f"| {r['model']} | {r['figure']} | {r['builds']} ({r['good']}) | {fmt(r['lowest_good'])} / "
-            f"{fmt(r['highest_bad'])} | {fmt(r['thresholds']['agreement'])} | {fmt(r['thresholds']['cosine'])} | "
+            f"{fmt(r['highest_bad'])} | {fmt(th['agreement'])} | {fmt(th.get('detection'))} | {fmt(th['cosine'])} | "
             f"{fp} | {fa} | {dfp} / {dfa} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- one model, two splits
+
+
+def split_study(study: dict, tune: str = "tune", report: str = "report") -> dict:
+    """A threshold validated across the splits of one model, for a figure no other suite model has.
+
+    ``study`` is a ``benchmarks.layout_study`` JSON: per split, per candidate, the agreement
+    figure against fp32 (``f1_fp32``, the check's detection agreement) and the task metric's
+    paired difference to fp32 (``labels.f1.diff``). A build is good when that difference is at most
+    one point down. On ``tune``, the threshold is the most permissive one passing no bad build
+    (as :func:`threshold`); it is then judged on ``report``, and so is the default.
+    """
+    default = defaults()["detection"]
+    splits = {}
+    for split in (tune, report):
+        builds = []
+        for cand, row in study["splits"][split].items():
+            if cand == "fp32":
+                continue
+            diff = row["labels"]["f1"]["diff"]
+            builds.append(Build("study", cand, diff >= -SLACK - 1e-12, "detection_agreement", float(row["f1_fp32"]["value"])))
+        splits[split] = builds
+    chosen = threshold(splits[tune], "detection")
+    out = {"pages": study.get("pages"), "chosen": chosen, "default": default, "splits": {}}
+    for split, builds in splits.items():
+        ok_chosen = [chosen is None or b.value > chosen for b in builds]
+        ok_default = [b.value >= default for b in builds]
+        out["splits"][split] = {
+            "builds": len(builds), "good": sum(b.good for b in builds),
+            "lowest_good": min((b.value for b in builds if b.good), default=None),
+            "highest_bad": max((b.value for b in builds if not b.good), default=None),
+            "false_pass": [b.candidate for b, ok in zip(builds, ok_chosen) if ok and not b.good],
+            "false_alarm": [b.candidate for b, ok in zip(builds, ok_chosen) if not ok and b.good],
+            "default_false_pass": [b.candidate for b, ok in zip(builds, ok_default) if ok and not b.good],
+            "default_false_alarm": [b.candidate for b, ok in zip(builds, ok_default) if not ok and b.good],
+        }
+    return out
+
+
+def render_split_study(result: dict, source: str) -> str:
+    fmt = lambda t: "-" if t is None else f"{t:.4f}"  # noqa: E731
+    name = lambda c: Path(c).stem if c.endswith(".onnx") else c  # noqa: E731
+    lines = [
+        f"Detection agreement across the splits of one model, from `{source}` ({result['pages']} pages per split). "
+        f"Good = task F1 (`f1_labels`) within 1 point of fp32's, paired. Threshold chosen on tune: > "
+        f"{fmt(result['chosen'])}; default >= {result['default']}.",
+        "",
+        "| split | builds (good) | lowest good / highest bad | false passes (chosen) | false alarms (chosen) | "
+        "defaults: false passes / alarms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, r in result["splits"].items():
+        j = lambda xs: ", ".join(name(x) for x in xs) or "0"  # noqa: E731
+        lines.append(f"| {split} | {r['builds']} ({r['good']}) | {fmt(r['lowest_good'])} / {fmt(r['highest_bad'])} | "
+                     f"{j(r['false_pass'])} | {j(r['false_alarm'])} | {j(r['default_false_pass'])} / "
+                     f"{j(r['default_false_alarm'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -241,7 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(HERE / ".cache" / "lomo"), help="folder for builds made here")
     parser.add_argument("--eval-limit", type=int, help="measure on the first N evaluation batches only")
     parser.add_argument("--md", action="store_true", help="print a Markdown table")
+    parser.add_argument("--split-study", metavar="JSON",
+                        help="validate the detection threshold across the splits of a benchmarks.layout_study JSON "
+                             "instead (one detector in the suite: no other model to leave out)")
     args = parser.parse_args(argv)
+    if args.split_study:
+        result = split_study(json.loads(Path(args.split_study).read_text()))
+        print(render_split_study(result, Path(args.split_study).name) if args.md else json.dumps(result, indent=2), end="")
+        return 0
     figures_path = Path(args.figures)
     figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
     if args.measure:

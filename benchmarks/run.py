@@ -602,6 +602,12 @@ def write_markdown(path: Path, results: dict) -> None:
     lines.append("")
     for res in results["models"].values():
         lines += [f"## {res['name']}", ""]
+        if res.get("run"):
+            run = res["run"]
+            lines += [f"Re-run alone {run['date']} by `{run['command']}` (git {run.get('git_commit') or '?'}; "
+                      f"{(run.get('elapsed_s') or 0) / 60:.1f} min; load at start {run.get('load_avg_start')}, at end "
+                      f"{run.get('load_avg_end')}), merged into the run above: its times are comparable only "
+                      f"among its own rows.", ""]
         if res["status"] != "ok":
             lines += [f"**{res['status']}**: {res.get('error')}", ""]
             continue
@@ -700,6 +706,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reuse candidate models built earlier from the same fp32 model, calibration file, "
                         "code, library versions and candidate configuration")
     p.add_argument("--list", action="store_true", help="list suite models and candidates, then exit")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models of the existing results JSON (--json) and replace only those run "
+                        "now (--models); each replaced model records its own run (date, command, git)")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite the markdown (--md) from an existing results JSON (--json) without running")
     args = p.parse_args(argv)
@@ -814,6 +823,22 @@ def run_model(name: str, cands: list[Candidate], args, console, ctx: Context) ->
     return res
 
 
+def merge_results(old: dict | None, new: dict) -> dict:
+    """``old`` with the models of ``new`` replaced (``--merge``): the header stays ``old``'s run and
+    each replaced model carries its own (``run``: date, command, git commit, load, minutes), which
+    :func:`write_markdown` prints under the model's heading. Without ``old``, ``new`` as it is."""
+    if old is None:
+        return new
+    meta = new["meta"]
+    run = {"date": meta["date"], "command": meta["command"], "git_commit": meta["machine"].get("git_commit"),
+           "load_avg_start": meta["machine"].get("load_avg_start"), "load_avg_end": meta["machine"].get("load_avg_end"),
+           "elapsed_s": meta.get("elapsed_s")}
+    merged = {**old, "models": dict(old["models"])}
+    for name, result in new["models"].items():
+        merged["models"][name] = {**result, "run": run}
+    return merged
+
+
 def _jsonable(obj):
     if isinstance(obj, float) and not np.isfinite(obj):
         return str(obj)
@@ -873,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = run_model(name, cands, args, console, ctx)
     meta["elapsed_s"] = time.perf_counter() - t0
     meta["machine"]["load_avg_end"] = _loadavg()
+    if args.merge:
+        results = merge_results(json.loads(args.json.read_text()) if args.json.is_file() else None, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(_jsonable(results), indent=1))
     write_markdown(args.md, results)

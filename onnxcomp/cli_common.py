@@ -241,7 +241,11 @@ def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True, n
                    help=f"refused (exit 1): {nothing_held_out}" if nothing_held_out else
                    "share of the calibration feeds held out for the check when no --eval is given (default 0.2)")
     g.add_argument("--min-agreement", type=float, default=0.99, metavar="A",
-                   help="top-1 agreement an output of class scores must keep (default 0.99)")
+                   help="share of decisions class scores, sequences, maps and labels must keep: top-1, "
+                        "decoded-sequence, region, label agreement (default 0.99)")
+    g.add_argument("--min-detection-agreement", type=float, default=0.98, metavar="A",
+                   help="detection agreement (F1 against the original's detections) a detector head must keep "
+                        "(default 0.98)")
     g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
                    help="cosine similarity any other float output must keep (default 0.985)")
     g.add_argument("--min-r2", type=float, default=0.99, metavar="R",
@@ -271,10 +275,12 @@ def check_config(args: argparse.Namespace):
     try:
         return CheckConfig(enabled=not args.no_check, fraction=fraction,
                            min_agreement=args.min_agreement, min_cosine=args.min_cosine,
-                           min_r2=getattr(args, "min_r2", CheckConfig.min_r2),
+                           min_detection_agreement=args.min_detection_agreement,
+                           min_r2=args.min_r2,
                            max_drop=1.0 if max_drop is None else max_drop)
     except ConfigError as exc:
-        flags = {"fraction": "--check-fraction", "min_agreement": "--min-agreement", "min_cosine": "--min-cosine",
+        flags = {"fraction": "--check-fraction", "min_agreement": "--min-agreement",
+                 "min_detection_agreement": "--min-detection-agreement", "min_cosine": "--min-cosine",
                  "min_r2": "--min-r2", "max_drop": "--max-drop"}
         named = [flag for field, flag in flags.items() if field in str(exc)]
         if len(named) == 1:

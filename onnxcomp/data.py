@@ -805,7 +805,8 @@ def weight_fixed_dims(model: ir.Model) -> dict[str, dict[int, tuple[int, str]]]:
     leave its last axis last); the reader is a MatMul, Gemm, LSTM, GRU or RNN taking it as its data
     input (:data:`onnxcomp.ops.FEATURE_DEPTH`): madmom's beat and downbeat RNNs read ``[T, F]``
     with F free, and a 1 there makes the original fail on generated inputs. Also the free spatial
-    axes of an input a Conv reads (:data:`SPATIAL_SIZE`; ``(size, conv, "spatial")``)."""
+    axes of an input a Conv reads, directly or behind a Transpose (an NHWC image):
+    :data:`SPATIAL_SIZE`; ``(size, conv, "spatial")``."""
     found: dict[str, dict[int, tuple[int, str]]] = {}
     for value in model.graph.inputs:
         shape = value.shape
@@ -831,23 +832,42 @@ SPATIAL_SIZE = 64
 
 
 def _spatial_read(value: ir.Value, rank: int) -> dict[int, tuple[int, str]]:
-    """Free spatial axes (2 and on) of an input ``[N, C, *spatial]`` that a Conv reads as its data
-    input: axis -> (:data:`SPATIAL_SIZE`, or the kernel's extent when larger; the Conv)."""
-    from onnxcomp.ops import is_conv_node
-
+    """Free spatial axes of an input that a Conv reads as its data input: axis -> (:data:`SPATIAL_SIZE`,
+    or the kernel's extent when larger; the Conv). Axes 2 and on of ``[N, C, *spatial]``, or, behind
+    a Transpose (an NHWC input, as TensorFlow exports and MTCNN's P-Net have it), the input axes that
+    the permutation sends there."""
     shape = value.shape
+    return {axis: read for axis, read in _conv_axes(value, rank).items() if not isinstance(shape[axis], int)}
+
+
+def _conv_axes(value: ir.Value, rank: int, hops: int = 0) -> dict[int, tuple[int, str, str]]:
+    """Every axis of ``value`` that is a spatial axis of a Conv's data input, directly or through
+    Transposes (at most 2): axis -> (size to give it, the Conv, "spatial")."""
+    from onnxcomp.ops import is_conv_node, is_transpose_node
+
     if rank < 3:
         return {}
     for node in value.consumers():
-        if not is_conv_node(node) or not node.inputs or node.inputs[0] is not value:
+        if not node.inputs or node.inputs[0] is not value:
+            continue
+        if is_transpose_node(node) and hops < 2:
+            perm = node.attributes.get_ints("perm", None)
+            perm = list(perm) if perm is not None else list(range(rank))[::-1]
+            if sorted(perm) != list(range(rank)):
+                continue
+            # output axis j is input axis perm[j]
+            found = {perm[j]: read for j, read in _conv_axes(node.outputs[0], rank, hops + 1).items()}
+            if found:
+                return found
+            continue
+        if not is_conv_node(node):
             continue
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         kernel = list(weight.shape)[2:] if weight is not None and weight.shape is not None else []
         dilations = node.attributes.get_ints("dilations", None) or [1] * len(kernel)
         extent = [(int(k) - 1) * int(d) + 1 if isinstance(k, int) else 1 for k, d in zip(kernel, dilations)]
         return {axis: (max(SPATIAL_SIZE, extent[axis - 2] if axis - 2 < len(extent) else 1),
-                       f"{node.name or node.op_type}", "spatial")
-                for axis in range(2, rank) if not isinstance(shape[axis], int)}
+                       f"{node.name or node.op_type}", "spatial") for axis in range(2, rank)}
     return {}
 
 

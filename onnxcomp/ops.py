@@ -44,6 +44,7 @@ __all__ = [
     "is_gelu_node",
     "is_matmul_node",
     "is_conv_node",
+    "is_transpose_node",
     "is_add_node",
     "is_clip_node",
     "is_sigmoid_node",
@@ -89,6 +90,11 @@ def is_matmul_node(node: ir.Node) -> bool:
 def is_conv_node(node: ir.Node) -> bool:
     """Whether ``node`` is an ai.onnx Conv."""
     return is_default_domain(node.domain) and node.op_type == "Conv"
+
+
+def is_transpose_node(node: ir.Node) -> bool:
+    """Whether ``node`` is an ai.onnx Transpose."""
+    return is_default_domain(node.domain) and node.op_type == "Transpose"
 
 
 def is_add_node(node: ir.Node) -> bool:

@@ -345,3 +345,31 @@ def test_runner_keeps_hand_written_sections_below_the_marker(tmp_path):
     fresh = tmp_path / "fresh.md"  # no earlier file: only the generated tables and the marker
     run.write_markdown(fresh, results)
     assert fresh.read_text().rstrip().endswith(run.KEEP_MARKER)
+
+
+def test_merge_replaces_only_the_models_run_now(tmp_path):
+    """``--merge``: the other models and the header stay the earlier run's; each model run now carries
+    its own run line, printed under its heading."""
+    from benchmarks import run
+
+    old = json.loads((Path(run.__file__).parent / "results.json").read_text())
+    name = next(n for n, r in old["models"].items() if r["status"] == "ok")
+    other = next(n for n in old["models"] if n != name)
+    fresh = {**old["models"][name], "metric_label": "a new metric"}
+    new = {"meta": {**old["meta"], "date": "2099-01-01 00:00 UTC", "command": "python -m benchmarks --models " + name,
+                    "machine": {**old["meta"]["machine"], "git_commit": "abc1234"}, "elapsed_s": 120.0},
+           "models": {name: fresh}}
+    merged = run.merge_results(old, new)
+    assert merged["meta"] == old["meta"] and merged["models"][other] == old["models"][other]
+    assert list(merged["models"]) == list(old["models"])  # the order of the table stays
+    assert merged["models"][name]["metric_label"] == "a new metric"
+    assert merged["models"][name]["run"]["git_commit"] == "abc1234"
+    assert "run" not in old["models"][name]  # the earlier results are not modified
+    assert run.merge_results(None, new) is new
+    md = tmp_path / "RESULTS.md"
+    run.write_markdown(md, merged)
+    text = md.read_text()
+    section = text[text.index(f"## {name}\n"):]
+    assert section.split("\n")[2].startswith("Re-run alone 2099-01-01 00:00 UTC by `python -m benchmarks --models "
+                                             f"{name}` (git abc1234; 2.0 min;")
+    assert text.count("Re-run alone") == 1

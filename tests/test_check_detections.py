@@ -120,3 +120,41 @@ def test_the_check_judges_a_detector_head_by_its_detections():
     assert row["kind"] == "detections" and row["cosine"] > 0.99
     assert row["detection_agreement"] < 0.985 and not bad["met"]
     assert any("detection agreement" in p for p in bad["problems"])
+
+
+def test_detection_agreement_has_its_own_threshold():
+    """Detection agreement is judged against ``min_detection_agreement`` (0.98), the other agreement
+    figures against ``min_agreement`` (0.99): pairing boxes flips knife-edge detections."""
+    from onnxcomp.check import judge_output
+    from onnxcomp.errors import ConfigError
+
+    ok, rule, seen = judge_output("detections", {"detection_agreement": 0.985}, CheckConfig())
+    assert ok and rule == "detection agreement (F1) >= 0.98" and seen == "detection agreement (F1) 0.9850"
+    assert not judge_output("detections", {"detection_agreement": 0.975}, CheckConfig())[0]
+    assert not judge_output("detections", {"detection_agreement": 0.985}, CheckConfig(min_detection_agreement=0.99))[0]
+    assert not judge_output("scores", {"top1_agreement": 0.985}, CheckConfig())[0]
+    assert CheckConfig().budget()["min_detection_agreement"] == 0.98
+    with pytest.raises(ConfigError, match="min_detection_agreement"):
+        CheckConfig(min_detection_agreement=1.5)
+
+
+def test_the_cli_sets_the_detection_threshold(tmp_path, capsys):
+    import json
+
+    from test_review_eleventh import _cli
+
+    ref = _detector(-2.0)
+    model, out = tmp_path / "det.onnx", tmp_path / "q.onnx"
+    io.save_model(ref, model)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((15, 2, 8, 8)).astype(np.float32))
+    code, _, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", tmp_path / "c.npz",
+                        "--min-detection-agreement", "1.5")
+    assert code == 1 and "--min-detection-agreement" in err and not out.exists()
+    code, stdout, err = _cli(capsys, "quantize", model, "-o", out, "--calibration", tmp_path / "c.npz", "--json",
+                             "--min-detection-agreement", "0.5", "--no-fallback")
+    check = json.loads(stdout)["check"]
+    assert code == 0, err
+    assert check["budget"]["min_detection_agreement"] == 0.5
+    row = check["outputs"][0]
+    assert row["kind"] == "detections" and row["rule"] == "detection agreement (F1) >= 0.5"

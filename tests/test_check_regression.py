@@ -180,7 +180,7 @@ def test_the_detection_count_prints_whole_with_its_unit():
     note = resolution_note([{"name": "out", "kind": "detections", "decisions": 9, "decision_unit": "detections",
                              "resolution": 2 / 9}], CheckConfig())
     assert note == ("the check saw 9 detections (detection agreement (F1) of output 'out'): it cannot resolve a "
-                    "change below 22.2 points where the budget allows 1 point; pass --eval with more data")
+                    "change below 22.2 points where the budget allows 2 points; pass --eval with more data")
     one = resolution_note([{"name": "out", "kind": "detections", "decisions": 1, "decision_unit": "detections",
                             "resolution": 2.0}], CheckConfig())
     assert one.startswith("the check saw 1 detection (") and "cannot resolve any change" in one
