@@ -30,7 +30,7 @@ Budget (per output; all must hold)
                 at most ``TAG_LOGITS`` classes per token),
                 or rank 2 with more than one column where
                 no other output is a rank-2 Softmax's
-                (beside one, it is a regression: values)
+                (beside one, box or landmark offsets: values)
     sequence    Softmax/LogSoftmax of rank 3, ``[N, T, C]``  decoded-sequence agreement (greedy
                 (CTC recognizers), or rank-3 logits of a     CTC decoding, 1 - normalized edit
                 MatMul/Gemm whose top class is the first or  distance) >= ``min_agreement``
@@ -78,7 +78,8 @@ Budget (per output; all must hold)
 
     A regression is judged centred: the cosine of raw values is dominated by their common offset
     (an MLP regressor of diabetes progression, mean ~150, pruned to 0.7 kept cosine 0.9939 while
-    its R^2 on held-out rows fell from 0.588 to 0.500; its R^2 against the original was 0.83).
+    its R^2 on 92 evaluation rows fell from 0.588 to 0.500; its R^2 against the original is 0.904 on
+    the 20 held-out calibration rows the check reads, and fails).
     ``min_r2`` (0.99) is derived, not fitted: with labels *y*, a written model ``c = r + e`` whose
     error is uncorrelated with the original's residual ``y - r`` loses
     :math:`\sum e^2 / \mathrm{SST}_y = (1 - R^2_{orig}) \cdot \mathrm{SST}_r / \mathrm{SST}_y`
@@ -88,8 +89,10 @@ Budget (per output; all must hold)
     makes a build good in the leave-one-model-out study below. (A centred cosine at
     ``min_cosine`` would allow a relative error of the deviations of 17%, about 3 points of R^2,
     and would not see predictions shrunk or stretched about the mean.) No suite model has a
-    regression output, so this rule is not in that study; silero-vad's ``[1, 1]`` speech
-    probability is judged by it (see benchmarks/RESULTS.md, fourteenth session).
+    regression output, so this rule is not in that study; silero-vad's ``[B, 1]`` speech
+    probability is judged by it, and every cached build of both silero models still passes (R^2
+    against the original >= 0.9997, all within a point of fp32's frame decisions;
+    benchmarks/RESULTS.md, fourteenth session).
 
     The thresholds are validated leave-one-model-out on the benchmark suite
     (``benchmarks/budget_lomo.py``, table in ``benchmarks/RESULTS.md``): for each suite model, the
