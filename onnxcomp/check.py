@@ -474,8 +474,9 @@ class R2AgainstOriginal(Figure):
     :math:`r - k`, :math:`(r - k)^2` and :math:`(c - r)^2`, with :math:`k` the original's mean on
     the first feed (a shift that keeps the sums exact where the mean is large against the spread):
     :math:`\mathrm{SST} = \sum (r-k)^2 - (\sum (r-k))^2 / n`. A column the original holds constant
-    over the checked samples (SST 0) gives 1 when the written model matches it exactly, else
-    -inf: any change is all of its variation.
+    over the checked samples (SST 0: one sample, say) has no spread to measure against: it is
+    judged against its magnitude, :math:`1 - \mathrm{SSE} / \sum r^2` (1 when matched exactly;
+    -inf when the original is all zeros and the written model is not).
     """
 
     def __init__(self) -> None:
@@ -506,9 +507,11 @@ class R2AgainstOriginal(Figure):
             return np.ones(0)
         sst = np.maximum(np.asarray(self.ss - self.s * self.s / self.n, dtype=np.float64), 0.0)
         sse = np.asarray(self.sse, dtype=np.float64)
+        power = np.asarray(self.ss + 2.0 * self.shift * self.s + self.n * self.shift ** 2, dtype=np.float64)  # sum r^2
         with np.errstate(divide="ignore", invalid="ignore"):
-            r2 = 1.0 - sse / sst
-        return np.where(sst > 0, r2, np.where(sse == 0, 1.0, -np.inf))
+            centred, raw = 1.0 - sse / sst, 1.0 - sse / power
+        flat = np.where(sse == 0, 1.0, np.where(power > 0, raw, -np.inf))
+        return np.where(sst > 0, centred, flat)
 
     def value(self):
         cols = self.columns()

@@ -142,15 +142,19 @@ def test_streaming_equals_the_one_shot_formula():
     r32 = r.astype(np.float32).astype(np.float64)
     per_column = 1 - ((c - r32) ** 2).sum(0) / ((r32 - r32.mean(0)) ** 2).sum(0)
     assert fig.columns() == pytest.approx(per_column, abs=1e-9)
-    # rank 1 is read as one column; a constant original: 1 when matched exactly, else -inf
+    # rank 1 is read as one column; an original constant over the samples (one sample, say) has no
+    # spread: it is judged against its magnitude (1 when matched exactly, -inf for zeros changed)
     one = R2AgainstOriginal()
     one.update(np.arange(5.0), np.arange(5.0) + 1.0)
     assert one.value() == pytest.approx(1 - 5 / 10)
     flat = R2AgainstOriginal()
-    flat.update(np.ones((4, 1)), np.ones((4, 1)))
+    flat.update(np.full((4, 1), 2.0), np.full((4, 1), 2.0))
     assert flat.value() == 1.0
-    flat.update(np.ones((4, 1)), np.full((4, 1), 1.5))
-    assert flat.value() == -np.inf
+    flat.update(np.full((1, 1), 2.0), np.full((1, 1), 2.5))
+    assert flat.value() == pytest.approx(1 - 0.25 / (5 * 4.0))
+    zeros = R2AgainstOriginal()
+    zeros.update(np.zeros((3, 1)), np.full((3, 1), 0.1))
+    assert zeros.value() == -np.inf
     assert R2AgainstOriginal().value() == 1.0 and R2AgainstOriginal().decisions() is None
 
 
