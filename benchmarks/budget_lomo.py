@@ -47,8 +47,9 @@ SLACK = 0.01  # one point of the task metric
 FIGURES_JSON = HERE / "budget_figures.json"
 #: which threshold judges each rule figure (onnxcomp.check.RULES)
 THRESHOLD_OF = {"top1_agreement": "agreement", "sequence_agreement": "agreement",
-                "region_agreement": "agreement", "detection_agreement": "detection", "cosine": "cosine"}
-KINDS = ("agreement", "detection", "cosine")
+                "region_agreement": "agreement", "label_agreement": "agreement", "detection_agreement": "detection",
+                "cosine": "cosine", "r2_vs_original": "r2"}
+KINDS = ("agreement", "detection", "cosine", "r2")
 #: suite metrics that are the check's own figure on a results.json row (the rest: the fidelity cosine)
 FIGURE_OF_METRIC = {"agree_fp32": "top1_agreement", "char_agree_fp32": "sequence_agreement",
                     "f1_fp32": "detection_agreement"}
@@ -58,7 +59,8 @@ def defaults() -> dict[str, float]:
     from onnxcomp.check import CheckConfig
 
     c = CheckConfig()
-    return {"agreement": c.min_agreement, "detection": c.min_detection_agreement, "cosine": c.min_cosine}
+    return {"agreement": c.min_agreement, "detection": c.min_detection_agreement, "cosine": c.min_cosine,
+            "r2": c.min_r2}
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,10 @@ def add_check_flags(parser: argparse.ArgumentParser, *, max_drop: bool = True, n
                    help="detection agreement (F1 against the original's detections) a detector head must keep "
                         "(default 0.98)")
     g.add_argument("--min-cosine", type=float, default=0.985, metavar="C",
-                   help="cosine similarity any other output must keep (default 0.985)")
+                   help="cosine similarity any other float output must keep (default 0.985)")
+    g.add_argument("--min-r2", type=float, default=0.99, metavar="R",
+                   help="R^2 against the original an output of one value per sample ([N, 1], a regression) must "
+                        "keep (default 0.99: a task R^2 within about 1 point)")
     if max_drop:
         g.add_argument("--max-drop", type=float, metavar="POINTS",
                        help="accuracy points the first output may lose, with --eval and --labels (default 1)")
@@ -273,11 +276,12 @@ def check_config(args: argparse.Namespace):
         return CheckConfig(enabled=not args.no_check, fraction=fraction,
                            min_agreement=args.min_agreement, min_cosine=args.min_cosine,
                            min_detection_agreement=args.min_detection_agreement,
+                           min_r2=args.min_r2,
                            max_drop=1.0 if max_drop is None else max_drop)
     except ConfigError as exc:
         flags = {"fraction": "--check-fraction", "min_agreement": "--min-agreement",
                  "min_detection_agreement": "--min-detection-agreement", "min_cosine": "--min-cosine",
-                 "max_drop": "--max-drop"}
+                 "min_r2": "--min-r2", "max_drop": "--max-drop"}
         named = [flag for field, flag in flags.items() if field in str(exc)]
         if len(named) == 1:
             raise ConfigError(f"{named[0]}: {exc}") from None

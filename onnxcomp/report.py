@@ -101,7 +101,7 @@ def _decision_figure(out: dict[str, Any], judged: dict[str, dict[str, Any]]) -> 
     if out.get("label_agreement") is not None:
         return f"label agreement {100 * out['label_agreement']:.2f}%"
     if rule is not None and rule.figure not in REPORTED and row.get(rule.figure) is not None:
-        return f"{rule.reads} {100 * row[rule.figure]:.2f}% (held-out check)"
+        return f"{rule.text(row[rule.figure])} (held-out check)"
     return None
 
 
