@@ -269,8 +269,10 @@ def test_back_off_finds_the_longest_prefix_within():
 def test_the_rule_reads_more_fitting_feeds_within_a_byte_bound(monkeypatch):
     model = io.load_model(_chain())
     feeds = Dataset(_feeds(1, 30), model)
-    probe = targets.DamageProbe(model, feeds, CheckConfig(max_feeds=20))
-    assert probe.rule_feeds == 20 and len(probe.feeds) == targets.SENSITIVITY_FEEDS
+    probe = targets.DamageProbe(model, feeds, CheckConfig())
+    assert probe.rule_feeds == 30 and len(probe.feeds) == targets.SENSITIVITY_FEEDS  # every fitting feed
+    monkeypatch.setattr(targets, "RULE_FEEDS", 20)
+    assert targets.DamageProbe(model, feeds, CheckConfig()).rule_feeds == 20
     per_feed = 2 * 8 * 64 * 4  # input and output, float32
     monkeypatch.setattr(targets, "RULE_BYTES", 5 * per_feed)
     assert targets.DamageProbe(model, feeds, CheckConfig()).rule_feeds == 5
