@@ -21,9 +21,12 @@ allocation whose realized saving came closest is kept.
 
 The damages of the groups are measured one by one and summed along the path; cut together they
 compound (on madmom's beat TCN, 11 residual blocks, a plan predicted at 0.0085 measured 0.70). So
-each round also measures the combined cut's damage where it is cheap and exact (the cut as written,
-without the streamed refit), and an allocation above ``max_damage`` caps the path: the rounds back
-off below it (:func:`meet_target`'s ``damage``), and the target is then reported as not reached.
+each round also measures the combined cut whole where it is cheap and exact (the cut as written,
+without the streamed refit): an allocation above ``max_damage``, or failing the held-out check's
+own rule on the fitting data (:class:`Measured`, judged by :mod:`onnxcomp.prune.targets`), caps the
+path: the rounds back off below it (:func:`meet_target`'s ``damage``), and the target is then
+reported as not reached. With the streamed refit the refitted model is measured and backed off
+the same way, each try refitted again (:func:`back_off`).
 """
 
 from __future__ import annotations

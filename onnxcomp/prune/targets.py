@@ -5,6 +5,15 @@ savings from the cost model or measured node latencies; the allocation is checke
 cut and corrected (``params``/``macs``: counted; ``latency``: the cut model against the unpruned one
 in onnxruntime, interleaved, medians), and :meth:`TargetPlan.finish` measures the final model
 (after the refit) against the unpruned one side by side once more.
+
+The combined cut is judged on the fitting data by :class:`DamageProbe` against two bounds: its
+damage against ``max_damage``, and every output against the held-out check's own rule
+(:mod:`onnxcomp.check`, with the run's :class:`~onnxcomp.check.CheckConfig`), so that a cut the
+rounds keep is one the check would pass on data like the fitting data. Without ``reconstruct``
+each round is judged (:func:`onnxcomp.prune.budget.meet_target`); with it the refitted model is,
+and backed off with a refit per try (:meth:`TargetPlan.back_off_refitted`). The refit is fitted on
+those feeds, so its verdict there is in-sample: a back-off that lands on the rule's edge can miss
+it held out (the chain of tests/test_prune_bound_fourteenth.py: 0.9850 fitting, 0.9831 held out).
 """
 
 from __future__ import annotations
