@@ -137,10 +137,12 @@ def prune_in_place(
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
     applied: dict[tuple, tuple] = {}
 
-    def apply(removal: dict[int, np.ndarray]) -> None:
+    def apply(removal: dict[int, np.ndarray], fidelity: bool = True) -> None:
         """Cut ``removal`` out of ``work`` as written (the removed channels' means folded), zero
         channels inside subgraphs, and with ``reconstruct`` refit the consumers; ``work`` is put
-        back to the unpruned model first when it was cut before (the refit's back-off)."""
+        back to the unpruned model first when it was cut before (the refit's back-off, whose tries
+        keep the cut before the refit and measure the in-sample fidelity of the one kept only:
+        ``fidelity`` False)."""
         groups_of = by_id
         if applied:  # the groups are read again from the restored graph (the same ids: the same model)
             from onnxcomp.graph import restore_model
@@ -158,19 +160,19 @@ def prune_in_place(
 
             nodes = sorted({c.node.name for gid in done for c in groups_of[gid].consumers})
             fidelity_started = time.perf_counter()
-            before_fit = _fidelity(reference, work, data)
+            before_fit = _fidelity(reference, work, data) if fidelity else clone_model(work)
             refit_started = time.perf_counter()
             fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
                                progress=progress)
             refit = time.perf_counter() - refit_started
-            after_fit = _fidelity(reference, work, data)
+            after_fit = _fidelity(reference, work, data) if fidelity else None
             timing["refit"] = timing.get("refit", 0.0) + refit
             timing["fidelity"] = timing.get("fidelity", 0.0) + time.perf_counter() - fidelity_started - refit
             rec = {
                 "layers": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in f.__dict__.items()}
                            for f in fits],
                 # in-sample: measured on the calibration data the refit saw (the measure stage of
-                # `compress` reports held-out fidelity)
+                # `compress` reports held-out fidelity); a back-off's try keeps its cut model instead
                 "calibration_output_sqnr_db_before": before_fit,
                 "calibration_output_sqnr_db_after": after_fit,
             }
@@ -179,10 +181,16 @@ def prune_in_place(
     apply(removal)
     if targeted is not None and config.reconstruct:
         # the refitted model measured whole (damage and the check's rule), backed off while it fails
-        targeted.back_off_refitted(work, apply, notes)
+        targeted.back_off_refitted(work, lambda r: apply(r, fidelity=False), notes)
         removal = targeted.removal
     removal, cut, inside, rec = applied[_removal_key(removal)]
+    applied.clear()
     if rec is not None:
+        if rec["calibration_output_sqnr_db_after"] is None:  # a try of the back-off: measured now, once
+            fidelity_started = time.perf_counter()
+            rec["calibration_output_sqnr_db_before"] = _fidelity(reference, rec["calibration_output_sqnr_db_before"], data)
+            rec["calibration_output_sqnr_db_after"] = _fidelity(reference, work, data)
+            timing["fidelity"] = timing.get("fidelity", 0.0) + time.perf_counter() - fidelity_started
         report["reconstruction"] = rec
     if inside:
         report["subgraphs"] = inside
