@@ -284,3 +284,16 @@ def test_the_rule_reads_more_fitting_feeds_within_a_byte_bound(monkeypatch):
     monkeypatch.setattr(targets, "RULE_BYTES", 1)
     assert targets.DamageProbe(model, feeds, CheckConfig()).rule_feeds == targets.SENSITIVITY_FEEDS
     assert targets.DamageProbe(model, feeds).rule_feeds == targets.SENSITIVITY_FEEDS  # no rule
+
+
+def test_a_target_refused_after_the_back_off_says_what_failed():
+    from onnxcomp.errors import OnnxcompError
+
+    model = io.load_model(_chain())
+    config = PruneConfig(criterion="obs", target_params=0.2, max_damage=0.02)
+    with pytest.raises(OnnxcompError) as err:
+        prune(model, config, calibration=Dataset(_feeds(1, 8), model))
+    text = str(err.value)
+    assert "measured on the fitting data by the check's rule, the combined cut backed off" in text
+    assert "or loosen the check's rule (--min-cosine, --min-agreement), or give --reconstruct" in text
+    assert "(the cuts backed off from failed: damage " in text and "rule cosine >= 0.985)" in text

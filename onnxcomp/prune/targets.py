@@ -163,8 +163,10 @@ class TargetPlan:
                 apply(self.removal)
         self.written = seen[k] if k in seen else self.probe.judge(work, self.max_damage)
         before = {"steps": cap, "predicted_damage": float(self.path[cap - 1][3]), "measured_damage": first.damage,
-                  "why": first.why, **({"outputs": list(first.outputs)} if first.outputs else {})}
-        self.combined.update(backed_off=True, capped_at=before, why=first.why, refit_rounds=history, steps=k,
+                  f"{self.kind}_ratio": self.realized, "why": first.why,
+                  **({"outputs": list(first.outputs)} if first.outputs else {})}
+        self.combined.update(backed_off=True, capped_at=before, first_failed=before, why=first.why,
+                             refit_rounds=history, steps=k,
                              measured_damage=self.written.damage,
                              predicted_damage=float(self.path[k - 1][3]) if k else 0.0)
         feeds = self.probe.rule_feeds
@@ -349,16 +351,19 @@ def prune_to_target(
         bound = (f" within the damage bound max_damage={config.max_damage:g} (predicted relative output error"
                  + (f"; and {measured}" if outcome["backed_off"] else "") + ")" if config.max_damage is not None
                  else f" ({measured})" if outcome["backed_off"] else "")
+        options = (["raise max_damage"] if config.max_damage is not None else []) + (
+            (["loosen the check's rule (--min-cosine, --min-agreement)"] if probe.rule is not None else [])
+            + (["give --reconstruct (refits the consumers)"] if not config.reconstruct else [])
+            if outcome["backed_off"] else [])
         raise OnnxcompError(
             f"prune: target_{kind} {target:g} is out of reach: cutting every group as far as allowed{bound} "
             f"keeps {1.0 - got:.3f} {what}; channels cut: {sum(alloc.values())}. "
             + ("The channel-carrying linear nodes are too small a part of the latency; " if kind == "latency" else "")
-            + (f"ask for {(1.0 - got) * 1.05:.2f} or more" if (1.0 - got) * 1.05 < 0.995 else
-               "the bounds allow almost no cut of this model on this data")
-            + (", or raise max_damage" if config.max_damage is not None else "")
-            + (f" (the cuts backed off from failed: {combined['why']}"
-               + ("; --reconstruct refits the consumers" if not config.reconstruct else "") + ")"
-               if outcome["backed_off"] and combined.get("why") else "")
+            + (f"ask for {(1.0 - got) * 1.05:.2f} or more" + "".join(f", or {o}" for o in options)
+               if (1.0 - got) * 1.05 < 0.995 else "the bounds allow almost no cut of this model on this data"
+               + (": " + ", ".join(options[:-1]) + (" or " if len(options) > 1 else "") + options[-1] if options else ""))
+            + (f" (the cuts backed off from failed: {combined['why']})" if outcome["backed_off"] and combined.get("why")
+               else "")
         )
     plan = TargetPlan(kind, target, removal_of(alloc), curves, alloc, 1.0 - got, history, reference, feeds,
                       config.latency_threads, before, ref_s, timings, time.perf_counter() - started,
