@@ -263,6 +263,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         compressed, report = compress(
             model, recipe, calibration, eval_data=evaluation, labels=labels,
             allow_upgrade=not args.no_upgrade, shapes=shapes, progress=update, threads=args.threads,
+            check=check_cfg,
         )
     out = save_model(compressed, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["model"] = args.model

@@ -78,6 +78,7 @@ def compress(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
     threads: int | None = None,
+    check=None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Compress ``model`` with ``recipe``; returns the compressed model and the report.
 
@@ -97,6 +98,9 @@ def compress(
         threads: intra-op threads of latency measurements and latency-driven decisions (the measure
             stage, a latency-aware quantize stage); None: the stage's own setting, else
             onnxruntime's default (one per physical core).
+        check: the :class:`onnxcomp.check.CheckConfig` of the held-out check that will judge the
+            result (the CLI's): a prune target's combined cut meets its rule on the fitting data
+            (None: the default budget).
 
     Raises:
         ConfigError (recipe, before any work), DataError, OpsetError, OnnxcompError.
@@ -122,7 +126,7 @@ def compress(
     feeds_for_latency, free_dims = _latency_feeds(reference, recipe, feeds_for_latency, shapes,
                                                   has_data=calib_ds is not None or eval_ds is not None)
     ctx = Context(reference, fit_data=calib_ds, check_data=eval_ds, labels=labels, allow_upgrade=allow_upgrade,
-                  progress=progress, latency_feeds=feeds_for_latency, threads=threads)
+                  progress=progress, latency_feeds=feeds_for_latency, threads=threads, check=check)
     opset = max((stage.required_opset(stage.config) for stage in stages), default=1)
     work = working_copy(reference, opset, allow_upgrade=allow_upgrade, notes=ctx.notes)
     for name, stage in zip(recipe.stages, stages):

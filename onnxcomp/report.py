@@ -211,7 +211,7 @@ def _stage_line(stage: dict[str, Any]) -> str:
             text += f", {target['kind']} {target['final_ratio']:.3f} of the original (target {target['target']:g})"
             combined = target.get("combined_damage") or {}
             if combined.get("backed_off"):
-                text += (f": the combined cut measured above max_damage {combined['max_damage']:g} and was backed off "
+                text += (f": the combined cut failed on the fitting data ({combined.get('why')}) and was backed off "
                          f"to damage {combined['measured_damage']:.3g}, target not reached")
         return text
     if name == "verify":

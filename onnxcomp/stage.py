@@ -61,6 +61,9 @@ class Context:
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: names of the stages that have run, in order
     done: list[str] = dataclasses.field(default_factory=list)
+    #: the :class:`onnxcomp.check.CheckConfig` of the run's held-out check (None: the default budget),
+    #: whose rule a stage that bounds its own damage judges by (a prune target's combined cut)
+    check: Any = None
 
     def progress_for(self, stage: str) -> Callable[[int, int | None], object] | None:
         """``progress(done, total)`` for one stage, or None without a progress callback."""

@@ -213,7 +213,7 @@ def test_latency_target_converges_on_a_modelled_latency(monkeypatch, floor):
 
     monkeypatch.setattr(node_latency, "model_latency_ratio", fake_latency(floor))
     model = io.load_model(_wide_model())
-    config = PruneConfig(criterion="obs", target_latency=0.6, reconstruct=True, max_damage=None)
+    config = PruneConfig(criterion="obs", target_latency=0.6, reconstruct=True, max_damage=None, check_rule=False)
     pruned, report = prune(model, config, calibration=Dataset(_smooth_feeds(1, 8), model))
     target = report["target"]
     assert abs(target["final_ratio"] / 0.6 - 1) <= 0.05 and target["within_5_percent"]
@@ -232,7 +232,7 @@ def test_latency_target_out_of_reach_is_refused(monkeypatch):
 
     monkeypatch.setattr(node_latency, "model_latency_ratio", fake_latency(0.7))
     model = io.load_model(_wide_model())
-    config = PruneConfig(criterion="obs", target_latency=0.5, max_damage=None)
+    config = PruneConfig(criterion="obs", target_latency=0.5, max_damage=None, check_rule=False)
     with pytest.raises(OnnxcompError, match=r"target_latency 0.5 is out of reach: .* keeps 0\.7"):
         prune(model, config, calibration=Dataset(_smooth_feeds(1, 4), model))
 

@@ -57,8 +57,13 @@ def prune(
     *,
     calibration: DataSource | Dataset | None = None,
     progress: Callable[[int, int | None], object] | None = None,
+    check=None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Prune ``model`` (never modified); returns the pruned model and a report.
+
+    ``check``: the :class:`onnxcomp.check.CheckConfig` of the held-out check that will judge the
+    result; with a target, the combined cut meets its rule on the fitting data
+    (``config.check_rule``; None: the default budget).
 
     Raises:
         ConfigError: the criterion or reconstruction needs calibration data and none was given.
@@ -68,7 +73,7 @@ def prune(
     work = working_copy(model, 1, allow_upgrade=False, notes=notes)
     config = selection_for(work, config, notes)
     data = load_data(calibration, work) if calibration is not None else None  # one Dataset: what is read
-    report = prune_in_place(work, config, calibration=data, progress=progress)
+    report = prune_in_place(work, config, calibration=data, progress=progress, check=check)
     report["notes"] = notes + report["notes"]
     note_constant_calibration(data, report, report["notes"])
     return work, report
@@ -81,11 +86,12 @@ def prune_in_place(
     calibration: DataSource | Dataset | None = None,
     progress: Callable[[int, int | None], object] | None = None,
     serialized_sizes: bool = True,
+    check=None,
 ) -> dict[str, Any]:
     """Prune the working copy ``work`` (named nodes) in place; returns the report.
 
     ``serialized_sizes``: report the serialized size before and after (two serializations;
-    ``compress`` measures sizes once at the end instead).
+    ``compress`` measures sizes once at the end instead). ``check``: see :func:`prune`.
     """
     from onnxcomp.passes.base import ensure_valid, known_problems
 
@@ -112,7 +118,7 @@ def prune_in_place(
     if config.target is not None:
         from onnxcomp.prune.targets import prune_to_target
 
-        targeted = prune_to_target(work, groups, state, config, data, notes)
+        targeted = prune_to_target(work, groups, state, config, data, notes, check)
         removal = targeted.removal
     else:
         removal = select_channels(groups, config, scores)
@@ -128,34 +134,66 @@ def prune_in_place(
             stats = consumer_input_stats(work, cut_groups, probe)
             timing["input_stats"] = time.perf_counter() - stats_started
     reference = clone_model(work) if config.reconstruct else None
-    kept_outputs = kept_output_channels(by_id, removal)
-    cut = cut_channels(work, by_id, removal, stats=stats, constant=config.criterion == "zeros",
-                       fold_border=config.fold_border)
-    removal = {gid: removal[gid] for gid in cut["removed"]}
     report: dict[str, Any] = {"config": config.to_dict(), "notes": notes}
-    inside = prune_subgraphs(work, config, prune_in_place)  # zero channels inside If/Loop/Scan bodies (exact)
+    applied: dict[tuple, tuple] = {}
+
+    def apply(removal: dict[int, np.ndarray], fidelity: bool = True) -> None:
+        """Cut ``removal`` out of ``work`` as written (the removed channels' means folded), zero
+        channels inside subgraphs, and with ``reconstruct`` refit the consumers; ``work`` is put
+        back to the unpruned model first when it was cut before (the refit's back-off, whose tries
+        keep the cut before the refit and measure the in-sample fidelity of the one kept only:
+        ``fidelity`` False)."""
+        groups_of = by_id
+        if applied:  # the groups are read again from the restored graph (the same ids: the same model)
+            from onnxcomp.graph import restore_model
+
+            restore_model(work, clone_model(reference))
+            groups_of = {g.id: g for g in analyze_channels(work, infer_shapes=False).groups}
+        kept_outputs = kept_output_channels(groups_of, removal)
+        cut = cut_channels(work, groups_of, removal, stats=stats, constant=config.criterion == "zeros",
+                           fold_border=config.fold_border)
+        done = {gid: removal[gid] for gid in cut["removed"]}
+        inside = prune_subgraphs(work, config, prune_in_place)  # zero channels inside If/Loop/Scan bodies (exact)
+        rec = None
+        if config.reconstruct and done:
+            from onnxcomp.prune.reconstruct import reconstruct
+
+            nodes = sorted({c.node.name for gid in done for c in groups_of[gid].consumers})
+            fidelity_started = time.perf_counter()
+            before_fit = _fidelity(reference, work, data) if fidelity else clone_model(work)
+            refit_started = time.perf_counter()
+            fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
+                               progress=progress)
+            refit = time.perf_counter() - refit_started
+            after_fit = _fidelity(reference, work, data) if fidelity else None
+            timing["refit"] = timing.get("refit", 0.0) + refit
+            timing["fidelity"] = timing.get("fidelity", 0.0) + time.perf_counter() - fidelity_started - refit
+            rec = {
+                "layers": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in f.__dict__.items()}
+                           for f in fits],
+                # in-sample: measured on the calibration data the refit saw (the measure stage of
+                # `compress` reports held-out fidelity); a back-off's try keeps its cut model instead
+                "calibration_output_sqnr_db_before": before_fit,
+                "calibration_output_sqnr_db_after": after_fit,
+            }
+        applied[_removal_key(removal)] = (done, cut, inside, rec)
+
+    apply(removal)
+    if targeted is not None and config.reconstruct:
+        # the refitted model measured whole (damage and the check's rule), backed off while it fails
+        targeted.back_off_refitted(work, lambda r: apply(r, fidelity=False), notes)
+        removal = targeted.removal
+    removal, cut, inside, rec = applied[_removal_key(removal)]
+    applied.clear()
+    if rec is not None:
+        if rec["calibration_output_sqnr_db_after"] is None:  # a try of the back-off: measured now, once
+            fidelity_started = time.perf_counter()
+            rec["calibration_output_sqnr_db_before"] = _fidelity(reference, rec["calibration_output_sqnr_db_before"], data)
+            rec["calibration_output_sqnr_db_after"] = _fidelity(reference, work, data)
+            timing["fidelity"] = timing.get("fidelity", 0.0) + time.perf_counter() - fidelity_started
+        report["reconstruction"] = rec
     if inside:
         report["subgraphs"] = inside
-    if config.reconstruct and removal:
-        from onnxcomp.prune.reconstruct import reconstruct
-
-        nodes = sorted({c.node.name for gid in removal for c in by_id[gid].consumers})
-        fidelity_started = time.perf_counter()
-        before_fit = _fidelity(reference, work, data)
-        refit_started = time.perf_counter()
-        fits = reconstruct(reference, work, nodes, data, ridge=config.ridge, kept_outputs=kept_outputs,
-                           progress=progress)
-        timing["refit"] = time.perf_counter() - refit_started
-        after_fit = _fidelity(reference, work, data)
-        timing["fidelity"] = time.perf_counter() - fidelity_started - timing["refit"]
-        report["reconstruction"] = {
-            "layers": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in f.__dict__.items()}
-                       for f in fits],
-            # in-sample: measured on the calibration data the refit saw (the measure stage of
-            # `compress` reports held-out fidelity)
-            "calibration_output_sqnr_db_before": before_fit,
-            "calibration_output_sqnr_db_after": after_fit,
-        }
     in_bodies = _removed_inside(inside)
     if removal or in_bodies:
         ensure_valid(work, None, "prune", report, tuple(c for c in ("checker", "onnxruntime") if c not in tolerated))
@@ -205,7 +243,11 @@ class PruneStage(Stage):
 
     def run(self, work: ir.Model, ctx: Context) -> dict[str, Any]:
         return prune_in_place(work, self.config, calibration=ctx.fit_data, progress=ctx.progress_for(self.name),
-                              serialized_sizes=False)
+                              serialized_sizes=False, check=ctx.check)
+
+
+def _removal_key(removal: dict[int, np.ndarray]) -> tuple:
+    return tuple(sorted((int(gid), tuple(int(c) for c in r)) for gid, r in removal.items()))
 
 
 def _removed_inside(subgraphs: dict[str, Any]) -> int:

@@ -21,9 +21,12 @@ allocation whose realized saving came closest is kept.
 
 The damages of the groups are measured one by one and summed along the path; cut together they
 compound (on madmom's beat TCN, 11 residual blocks, a plan predicted at 0.0085 measured 0.70). So
-each round also measures the combined cut's damage where it is cheap and exact (the cut as written,
-without the streamed refit), and an allocation above ``max_damage`` caps the path: the rounds back
-off below it (:func:`meet_target`'s ``damage``), and the target is then reported as not reached.
+each round also measures the combined cut whole where it is cheap and exact (the cut as written,
+without the streamed refit): an allocation above ``max_damage``, or failing the held-out check's
+own rule on the fitting data (:class:`Measured`, judged by :mod:`onnxcomp.prune.targets`), caps the
+path: the rounds back off below it (:func:`meet_target`'s ``damage``), and the target is then
+reported as not reached. With the streamed refit the refitted model is measured and backed off
+the same way, each try refitted again (:func:`back_off`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import onnx_ir as ir
 from onnxcomp.analysis.channels import ChannelGroup
 from onnxcomp.ops import linear_spec, weight_axes
 
-__all__ = ["GroupCurve", "allocate", "greedy_path", "steps_for", "latency_curves", "meet_target", "MacCost",
-           "concrete_shapes"]
+__all__ = ["GroupCurve", "Measured", "allocate", "greedy_path", "steps_for", "latency_curves", "meet_target",
+           "back_off", "MacCost", "concrete_shapes"]
 
 #: Fractions of a group's channels at which node latencies are measured.
 LATENCY_GRID = (0.25, 0.5, 0.75)
@@ -54,6 +57,34 @@ class GroupCurve:
     steps: np.ndarray
     damage: np.ndarray
     saving: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One cut measured whole on the fitting data: its output ``damage`` (the curves' unit),
+    whether it is ``within`` every bound (the damage bound and the check's rule, as the caller
+    judges them), and its ``severity``, a number above 1 exactly where it is not within (the worst
+    bound's measured figure over its limit, see :func:`onnxcomp.prune.targets.DamageProbe.judge`)
+    that the back-off interpolates on a log scale; ``why``: what failed, one line (None: within)."""
+
+    damage: float
+    within: bool
+    severity: float
+    why: str | None = None
+    #: per output figures, for the report (optional)
+    outputs: tuple = ()
+
+
+def _measured(value: Measured | float, max_damage: float | None) -> Measured:
+    """A ``damage`` callable's answer as :class:`Measured` (a plain number: the damage, judged by
+    ``max_damage`` alone)."""
+    if isinstance(value, Measured):
+        return value
+    d = float(value)
+    if max_damage is None:
+        return Measured(d, True, 0.0)
+    return Measured(d, d <= max_damage, d / max_damage,
+                    None if d <= max_damage else f"damage {d:.3g} above max_damage={max_damage:g}")
 
 
 def _timed(node: ir.Node, kind: str) -> bool:
@@ -294,7 +325,7 @@ def meet_target(
     rounds: int = 6,
     max_damage: float | None = None,
     outcome: dict | None = None,
-    damage: Callable[[dict[int, int]], float] | None = None,
+    damage: Callable[[dict[int, int]], Measured | float] | None = None,
     backoff_rounds: int = 6,
 ) -> tuple[dict[int, int], float, list[dict]]:
     """Search the allocation whose *realized* saving meets ``goal``, correcting round by round.
@@ -310,13 +341,14 @@ def meet_target(
     (everything the damage bound ``max_damage`` allows) has been measured short of the goal.
 
     The damage bound first holds on the *predicted* damage (summed along the path, each group
-    alone). With ``damage`` (the combined cut's measured damage, in the curves' unit) each round's
-    allocation is also measured whole: one above ``max_damage`` caps the path below it (the groups'
-    damages compound), and while the saving search asks for more than the cap allows the rounds
-    back off between the longest prefix measured within the bound and the shortest above it
-    (interpolating the log of the measured damage, bisecting when two rounds in a row fall on the
-    same side), until the two are adjacent or within ``tolerance`` of saving, up to
-    ``backoff_rounds`` more rounds. An allocation measured above the bound is never returned.
+    alone). With ``damage`` each round's allocation is also measured whole (the combined cut): a
+    :class:`Measured` (the caller's verdict: the damage bound and the check's rule), or a plain
+    number, the damage in the curves' unit, judged by ``max_damage``. One not within caps the path
+    below it (the groups' damages compound), and while the saving search asks for more than the cap
+    allows the rounds back off between the longest prefix measured within and the shortest measured
+    outside (:func:`_backoff_step`: interpolating the log of the measured severity, bisecting when
+    two rounds in a row fall on the same side), until the two are adjacent or within ``tolerance``
+    of saving, up to ``backoff_rounds`` more rounds. An allocation measured outside is never returned.
 
     Returns (allocation closest to the goal, its realized saving, the rounds). ``outcome``, when
     given, receives ``reachable`` (False: the whole path falls short by more than ``tolerance``),
@@ -334,10 +366,11 @@ def meet_target(
     top = path[-1][2] if path else 0.0
     asked = goal
     reachable = True
-    bounded = damage is not None and max_damage is not None
+    bounded = damage is not None
     lo_ok, hi_bad = 0, None  # longest prefix measured within the damage bound, shortest above it
     whole = None  # the whole path's realized saving, once measured
-    dmg: dict[int, float] = {0: 0.0}
+    dmg: dict[int, float] = {0: 0.0}  # measured damage by prefix length
+    sev: dict[int, float] = {0: 0.0}  # measured severity (> 1: outside a bound)
     backing = False
     limit = rounds
     done = 0
@@ -348,7 +381,7 @@ def meet_target(
         if backing:  # the saving asked for lies beyond what the measured damage allows
             if hi_bad - lo_ok <= 1 or path[hi_bad - 1][2] - (path[lo_ok - 1][2] if lo_ok else 0.0) <= tolerance:
                 break
-            k = _backoff_step(path, lo_ok, hi_bad, dmg, max_damage, history)
+            k = _backoff_step(path, lo_ok, hi_bad, sev, history)
         if k in measured:  # the asked saving falls on a measured allocation: move one step
             free = [i for i in (k + 1, k - 1) if 0 < i <= len(path) and i not in measured
                     and (hi_bad is None or i < hi_bad)]
@@ -363,12 +396,17 @@ def meet_target(
                  "damage": float(path[k - 1][3]) if k else 0.0}
         within = True
         if damage is not None:
-            dmg[k] = entry["measured_damage"] = float(damage(alloc)) if k else 0.0
-            if bounded:
-                within = dmg[k] <= max_damage
-                entry["within_bound"] = within
-                if backing:
-                    entry["backoff"] = True
+            m = _measured(damage(alloc), max_damage) if k else Measured(0.0, True, 0.0)
+            dmg[k] = entry["measured_damage"] = m.damage
+            sev[k] = m.severity
+            within = m.within
+            entry["within_bound"] = within
+            if m.why is not None:
+                entry["why"] = m.why
+            if m.outputs:
+                entry["outputs"] = list(m.outputs)
+            if backing:
+                entry["backoff"] = True
         history.append(entry)
         if k >= len(path):
             whole = got
@@ -416,19 +454,55 @@ def meet_target(
     return best[0], best[1], history
 
 
-def _backoff_step(path, lo: int, hi: int, dmg: Mapping[int, float], bound: float, history: list[dict]) -> int:
-    """The next prefix length strictly between ``lo`` (measured within the damage bound) and ``hi``
-    (measured above it): where the log of the measured damage, interpolated between the two, meets
-    the bound (from ``lo == 0``: the predicted damage rescaled by the measured/predicted ratio at
-    ``hi``), bisecting when the last two back-off rounds fell on the same side."""
+def _backoff_step(path, lo: int, hi: int, sev: Mapping[int, float], history: list[dict]) -> int:
+    """The next prefix length strictly between ``lo`` (measured within every bound) and ``hi``
+    (measured outside one): where the log of the measured severity (:class:`Measured`: 1 at the
+    bound), interpolated between the two, meets 1 (from ``lo == 0`` or a severity of 0 there: the
+    predicted damage rescaled by the measured severity / predicted damage ratio at ``hi``),
+    bisecting when the last two back-off rounds fell on the same side."""
     tried = [h for h in history if h.get("backoff")]
     if len(tried) >= 2 and tried[-1]["within_bound"] == tried[-2]["within_bound"]:
         return (lo + hi) // 2
-    if lo == 0 or dmg[lo] <= 0:
-        ratio = dmg[hi] / max(path[hi - 1][3], 1e-30)
-        fits = [i for i in range(1, hi) if path[i - 1][3] * ratio <= bound]
+    if not math.isfinite(sev[hi]):
+        return (lo + hi) // 2
+    if lo == 0 or sev[lo] <= 0:
+        ratio = sev[hi] / max(path[hi - 1][3], 1e-30)
+        fits = [i for i in range(1, hi) if path[i - 1][3] * ratio <= 1.0]
         k = fits[-1] if fits else 1
     else:
-        frac = (math.log(bound) - math.log(dmg[lo])) / max(math.log(dmg[hi]) - math.log(dmg[lo]), 1e-12)
+        frac = -math.log(sev[lo]) / max(math.log(sev[hi]) - math.log(sev[lo]), 1e-12)
         k = lo + int(math.floor(frac * (hi - lo)))
     return min(max(k, lo + 1), hi - 1)
+
+
+def back_off(
+    path,
+    hi: int,
+    first: Measured,
+    measure: Callable[[int], Measured],
+    *,
+    rounds: int = 6,
+) -> tuple[int, list[dict]]:
+    """The longest prefix of ``path`` below ``hi`` found measured within every bound, ``hi``
+    itself measured outside (``first``), by :func:`_backoff_step` between the longest prefix
+    measured within (first: none, 0) and the shortest outside, up to ``rounds`` measurements
+    (``measure(k)``, which leaves the model cut at ``k``). For a cut whose measurement is costly
+    (the streamed refit of ``reconstruct``); returns (prefix length, the rounds: ``steps``,
+    ``measured_damage``, ``within_bound``, ``why``). 0: no prefix tried was within."""
+    lo = 0
+    sev = {0: 0.0, hi: first.severity}
+    history: list[dict] = []
+    for _ in range(rounds):
+        if hi - lo <= 1:
+            break
+        k = _backoff_step(path, lo, hi, sev, history)
+        m = measure(k)
+        sev[k] = m.severity
+        history.append({"steps": k, "damage": float(path[k - 1][3]), "measured_damage": m.damage,
+                        "within_bound": m.within, "backoff": True, **({"why": m.why} if m.why else {}),
+                        **({"outputs": list(m.outputs)} if m.outputs else {})})
+        if m.within:
+            lo = k
+        else:
+            hi = k
+    return lo, history

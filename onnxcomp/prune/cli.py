@@ -50,8 +50,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "or from single-node timings; measured whole-model rounds correct either")
     p.add_argument("--max-damage", type=float, default=0.1, metavar="E",
                    help="with a --target-*: never cut beyond this predicted relative output error (default 0.1); "
-                        "a target out of reach within it is refused; without --reconstruct a cut measured above it "
-                        "on the fitting data is backed off (the target is then not reached, said so)")
+                        "a target out of reach within it is refused; a cut measured above it on the fitting data "
+                        "(with --reconstruct: after the refit) is backed off (the target is then not reached, said so)")
+    p.add_argument("--no-check-rule", action="store_true",
+                   help="with a --target-*: back off on --max-damage alone, not also while the check's own rule "
+                        "(--min-cosine, --min-agreement, per output) fails on the fitting data")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.3; a --target-* "
                                                 "chooses each group's ratio instead)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -95,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     config = PruneConfig(
         target_latency=args.target_latency, target_params=args.target_params, target_macs=args.target_macs,
         latency_threads=args.latency_threads, latency_proxy=args.latency_proxy, max_damage=args.max_damage,
-        sensitivity=args.sensitivity, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
+        sensitivity=args.sensitivity, check_rule=not args.no_check_rule, criterion=args.criterion, ratio=args.ratio, scope=args.scope, round_to=args.round_to,
         min_channels=args.min_channels, exclude=tuple(args.exclude), reconstruct=args.reconstruct,
         ridge=args.ridge, fold_border=args.fold_border, max_samples=args.max_samples,
     )
@@ -113,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     with progress_bar(con) as progress:
         task = progress.add_task("pruning", total=None)
         pruned, report = prune(model, config, calibration=split.fit if split.fit is not None else data,
-                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+                               progress=lambda done, total: progress.update(task, completed=done, total=total),
+                               check=check_cfg)
     out = save_model(pruned, args.output, force=args.force, verify=verify_output(split, model, check_cfg.enabled))
     report["output"] = str(out)
     if specialized is not None:
@@ -159,10 +163,17 @@ def _run(args: argparse.Namespace) -> int:
                   f"{target['miss']:+.1%}; {measured}; {len(target['rounds'])} allocation round(s))")
         combined = target.get("combined_damage") or {}
         if combined.get("final") is not None:
+            from onnxcomp.prune.targets import _figures_text
+
+            rule, final_rule = combined.get("rule"), combined.get("final_rule") or {}
             con.print(f"combined cut: output damage {combined['final']:.3g} measured on {combined['feeds']} fitting "
                       f"feed(s) (predicted {combined['predicted_damage']:.3g} from the groups one by one, bound "
-                      f"{combined['max_damage']})" + ("; backed off from the plan the target asked for"
-                                                      if combined["backed_off"] else ""))
+                      f"{combined['max_damage']})"
+                      + (f"; the check's rule on {rule['feeds']} fitting feed(s): "
+                         + (_figures_text(final_rule.get("outputs")).removeprefix(", ") or "-")
+                         + (", met" if final_rule.get("within") else ", NOT met") if rule else "")
+                      + (f"; backed off from the plan the target asked for, which failed: {esc(combined.get('why') or '')}"
+                         if combined["backed_off"] else ""))
     b, a = report["before"], report["after"]
     con.print(
         f"parameters {b['parameters']:,} -> {a['parameters']:,} ({_ratio(a['parameters'], b['parameters'])}), "

@@ -48,9 +48,22 @@ class PruneConfig(PassConfig):
         max_damage: with a target, never cut beyond this summed predicted damage (relative output
             error, :mod:`onnxcomp.prune.budget`); a target out of reach within it is refused
             (an error naming the fraction that can be reached), not met by cutting everything.
-            Without ``reconstruct`` the combined cut is also measured on the fitting data each
-            round, and a cut measured above the bound is backed off (the target then reported as
-            not reached). None: no bound.
+            The combined cut is also measured on the fitting data (each round; with
+            ``reconstruct`` the refitted model), and a cut measured above the bound is backed off
+            (the target then reported as not reached). None: no bound. It stays a second bound
+            beside ``check_rule`` (default 0.1): measured on the TCN and the digits CNN and MLP
+            (nine targets, with and without the refit), the rule held the cut first every time
+            and 0.1 against no bound changed no written model; what it keeps is the cap of the
+            path the rounds search by the *predicted* damage, hence the refusal (exit 1) of a
+            target far out of reach (digits CNN ``--target-macs 0.5`` without the refit: refused,
+            where without the bound a model keeping 0.957 of the MACs is written with a note);
+            and it bounds a model whose outputs the rule reads coarsely (benchmarks/RESULTS.md,
+            fourteenth session).
+        check_rule: with a target, also judge the combined cut on the fitting data by the held-out
+            check's own per-output rule (:mod:`onnxcomp.check`: cosine >= ``min_cosine`` for
+            values, top-1 agreement >= ``min_agreement`` for class scores, ...; the
+            :class:`~onnxcomp.check.CheckConfig` the run's check uses) and back off while it
+            fails, as for ``max_damage`` (:class:`onnxcomp.prune.targets.DamageProbe`).
         sensitivity: with a target, ``measured`` rescales each group's damage curve to the model
             output damage measured on calibration data with about half the group cut alone, as
             the written model will have it (with ``reconstruct`` its consumers refitted, without
@@ -73,6 +86,7 @@ class PruneConfig(PassConfig):
     latency_threads: int | None = None
     latency_proxy: Literal["macs", "nodes"] = "macs"
     max_damage: float | None = 0.1
+    check_rule: bool = True
     sensitivity: Literal["measured", "local"] = "measured"
 
     stage: ClassVar[str] = "prune"
