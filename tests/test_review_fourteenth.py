@@ -1,0 +1,54 @@
+"""Fresh-eyes review of the fourteenth session's work (the check's regression and detection
+thresholds, a prune target backing off to the check's rule): what it found, pinned."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx.helper as oh
+import pytest
+from conftest import make_proto
+
+from onnxcomp import io
+from onnxcomp.check import CheckConfig
+from onnxcomp.data import Dataset
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.prune.api import prune
+from onnxcomp.prune.config import PruneConfig
+
+
+def _regressor():
+    """``x [N, 8] -> Relu(x @ w1) @ w2 + 150 -> y [N, 1]``: an MLP regressor with a large offset (seeded)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 32)).astype(np.float32)
+    w2 = rng.standard_normal((32, 1)).astype(np.float32)
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("MatMul", ["r", "w2"], ["m"]), oh.make_node("Add", ["m", "b"], ["y"])]
+    return io.load_model(make_proto(nodes, [("x", ["N", 8])], [("y", ["N", 1])],
+                                    [("w1", w1), ("w2", w2), ("b", np.array([150.0], np.float32))]))
+
+
+def _fit(model, n: int = 20):
+    rng = np.random.default_rng(1)
+    return Dataset([{"x": rng.standard_normal((8, 8)).astype(np.float32)} for _ in range(n)], model)
+
+
+def test_a_target_refused_on_a_regression_names_the_flag_of_the_rule_that_failed():
+    # the refusal advised "loosen the check's rule (--min-cosine, --min-agreement)" whatever output
+    # failed: a regression is judged by --min-r2, which neither flag moves
+    model = _regressor()
+    with pytest.raises(OnnxcompError) as err:
+        prune(model, PruneConfig(criterion="obs", target_params=0.1), calibration=_fit(model))
+    text = str(err.value)
+    assert "R^2 against the original" in text  # what failed: the regression's rule
+    assert "loosen the check's rule (--min-r2)" in text and "--min-cosine" not in text
+
+
+def test_the_report_names_every_threshold_the_rule_judges_by():
+    # combined_damage.rule listed min_cosine and min_agreement only: a run judged by --min-r2 (or
+    # --min-detection-agreement) did not say which threshold its back-off used
+    model = _regressor()
+    cfg = CheckConfig(min_r2=0.5, min_detection_agreement=0.9)
+    _, report = prune(model, PruneConfig(criterion="obs", target_params=0.8), calibration=_fit(model), check=cfg)
+    rule = report["target"]["combined_damage"]["rule"]
+    assert rule["min_r2"] == 0.5 and rule["min_detection_agreement"] == 0.9
+    assert rule["min_cosine"] == cfg.min_cosine and rule["min_agreement"] == cfg.min_agreement and rule["feeds"] == 20
