@@ -52,3 +52,18 @@ def test_the_report_names_every_threshold_the_rule_judges_by():
     rule = report["target"]["combined_damage"]["rule"]
     assert rule["min_r2"] == 0.5 and rule["min_detection_agreement"] == 0.9
     assert rule["min_cosine"] == cfg.min_cosine and rule["min_agreement"] == cfg.min_agreement and rule["feeds"] == 20
+
+
+def test_no_check_rule_help_names_every_threshold_of_the_rule():
+    # its help named --min-cosine and --min-agreement only; the rule judges by all four
+    import argparse
+
+    from onnxcomp.prune.cli import _configure
+
+    parser = argparse.ArgumentParser()
+    _configure(parser)
+    text = next(a.help for a in parser._actions if "--no-check-rule" in a.option_strings)
+    flags = {a.option_strings[0] for a in parser._actions
+             if a.option_strings and a.option_strings[0].startswith("--min-") and a.option_strings[0] != "--min-channels"}
+    assert flags == {"--min-agreement", "--min-detection-agreement", "--min-cosine", "--min-r2"}
+    assert all(flag in text for flag in flags)

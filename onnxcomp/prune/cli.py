@@ -54,7 +54,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "(with --reconstruct: after the refit) is backed off (the target is then not reached, said so)")
     p.add_argument("--no-check-rule", action="store_true",
                    help="with a --target-*: back off on --max-damage alone, not also while the check's own rule "
-                        "(--min-cosine, --min-agreement, per output) fails on the fitting data")
+                        "(per output by its kind: --min-cosine, --min-agreement, --min-detection-agreement, --min-r2) "
+                        "fails on the fitting data")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.3; a --target-* "
                                                 "chooses each group's ratio instead)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
