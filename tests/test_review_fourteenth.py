@@ -67,3 +67,14 @@ def test_no_check_rule_help_names_every_threshold_of_the_rule():
              if a.option_strings and a.option_strings[0].startswith("--min-") and a.option_strings[0] != "--min-channels"}
     assert flags == {"--min-agreement", "--min-detection-agreement", "--min-cosine", "--min-r2"}
     assert all(flag in text for flag in flags)
+
+
+def test_a_decided_class_cast_to_float_is_no_regression():
+    # ArgMax(keepdims) -> Cast(float) -> y [N, 1]: class indices, not a regressor's prediction; the
+    # regression detector took it (R^2 of class indices), where it was values before
+    from onnxcomp.check import output_kinds
+
+    proto = make_proto([oh.make_node("ArgMax", ["x"], ["a"], axis=1, keepdims=1),
+                        oh.make_node("Cast", ["a"], ["y"], to=1)], [("x", ["N", 10])], [("y", ["N", 1])])
+    assert output_kinds(io.load_model(proto)) == {"y": "values"}
+    assert output_kinds(_regressor()) == {"y": "regression"}
