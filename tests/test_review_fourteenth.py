@@ -78,3 +78,23 @@ def test_a_decided_class_cast_to_float_is_no_regression():
                         oh.make_node("Cast", ["a"], ["y"], to=1)], [("x", ["N", 10])], [("y", ["N", 1])])
     assert output_kinds(io.load_model(proto)) == {"y": "values"}
     assert output_kinds(_regressor()) == {"y": "regression"}
+
+
+def test_a_target_backed_off_to_nothing_says_so_when_nothing_was_pruned(tmp_path, capsys):
+    # every cut the back-off tried failed the check's rule: nothing was cut, and the check's
+    # "nothing was compressed" named the first frozen group ("frozen: graph input 'x'") instead
+    import json
+
+    from test_review_eleventh import _cli
+
+    src, out, calib = tmp_path / "reg.onnx", tmp_path / "out.onnx", tmp_path / "x.npy"
+    io.save_model(_regressor(), src)
+    np.save(calib, np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32))
+    code, stdout, err = _cli(capsys, "prune", src, "-o", out, "--calibration", calib, "--target-params", "0.5",
+                             "--min-r2", "0.99999999", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["channels_removed"] == 0 and report["target"]["combined_damage"]["backed_off"]
+    why = report["check"]["problems"][0]
+    assert why.startswith("nothing was compressed (0 channels removed): ")
+    assert "backed off" in why and "R^2 against the original" in why and "frozen" not in why

@@ -228,7 +228,12 @@ def _why_nothing_pruned(args: argparse.Namespace, model, report: dict, targeted:
     excluded = [k for k, v in skipped.items() if v == "excluded"]
     covered = ([f"every group that could be cut ({', '.join(excluded)}) touches a node --exclude names"]
                if excluded and not cuttable else [])
-    reasons = [*zero, *report["kept_back"].values(), *by_ratio, *covered, *skipped.values(),
+    combined = (report.get("target") or {}).get("combined_damage") or {}
+    backed = ([f"the target's cut was backed off to nothing: every cut tried failed on the fitting data "
+               f"({combined.get('why')}); loosen the bound that failed"
+               + ("" if args.reconstruct else ", or give --reconstruct")]
+              if targeted and combined.get("backed_off") else [])
+    reasons = [*backed, *zero, *report["kept_back"].values(), *by_ratio, *covered, *skipped.values(),
                *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
     if reasons:
         return str(reasons[0])
