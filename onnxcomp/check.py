@@ -49,8 +49,8 @@ Budget (per output; all must hold)
                                                              ``min_detection_agreement``
     regression  a float output of one value per sample,      R^2 against the original (1 -
                 ``[N, 1]`` (a regressor; a binary            SSE/SST, SST about the original's
-                probability), not a Softmax's                mean over the checked samples;
-                                                             worst column) >= ``min_r2``
+                probability), not a Softmax's, nor a         mean over the checked samples;
+                decided class cast to float                  worst column) >= ``min_r2``
     values      any other float output (embeddings,          cosine >= ``min_cosine``
                 features, boxes, ``[N]``)
     labels      decided classes: an ArgMax/ArgMin, or an     label agreement (share of equal
