@@ -256,7 +256,7 @@ def test_meet_target_backs_off_on_the_rule():
 
 def test_back_off_finds_the_longest_prefix_within():
     path = [(0, 1, 0.01 * k, 0.001 * k) for k in range(1, 41)]
-    truth = {k: 0.002 * k * k / 40 for k in range(41)}  # severity, 1 at k = sqrt(20000)/... ~ 141: scale it
+    truth = {k: 0.002 * k * k / 40 for k in range(41)}  # the measured damage (reported, not judged)
     sev = {k: (k / 25.0) ** 2 for k in range(41)}  # within up to 25
     tried = []
 

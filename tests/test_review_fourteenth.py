@@ -98,3 +98,23 @@ def test_a_target_backed_off_to_nothing_says_so_when_nothing_was_pruned(tmp_path
     why = report["check"]["problems"][0]
     assert why.startswith("nothing was compressed (0 channels removed): ")
     assert "backed off" in why and "R^2 against the original" in why and "frozen" not in why
+
+
+def test_a_regressor_is_backed_off_to_its_r2_on_the_fitting_data():
+    # (coverage: no test pruned a model with a regression output) the rounds judge the [N, 1] output
+    # by its R^2 against the original, streamed over the fitting feeds: recomputed here in one shot
+    from onnxcomp.testing import run_model
+
+    model = _regressor()
+    fit = _fit(model)
+    pruned, report = prune(model, PruneConfig(criterion="obs", target_params=0.5), calibration=fit)
+    combined = report["target"]["combined_damage"]
+    assert combined["backed_off"] and "R^2 against the original" in combined["why"]
+    feeds = list(fit)
+    r = np.concatenate([o[0] for o in run_model(model, feeds)]).astype(np.float64)
+    c = np.concatenate([o[0] for o in run_model(pruned, feeds)]).astype(np.float64)
+    r2 = 1 - ((c - r) ** 2).sum() / ((r - r.mean()) ** 2).sum()
+    row = combined["final_rule"]["outputs"][0]
+    assert row["kind"] == "regression" and row["r2_vs_original"] == pytest.approx(r2, abs=1e-6)
+    assert r2 >= 0.99 > combined["first_failed"]["outputs"][0]["r2_vs_original"]
+    assert report["after"]["parameters"] < report["before"]["parameters"]
