@@ -18,8 +18,9 @@ output figure is within :data:`WORST_TOLERANCE` of the best one's, the one of hi
 SQNR (capped at :data:`SQNR_CAP` dB) wins, then the order of :data:`METHODS`; but min/max (with
 ``per-tensor``: the per-tensor choice) stays unless the winner's SQNR is :data:`SQNR_MARGIN_DB`
 higher: smaller differences are within what a few feeds can tell. The agreement figures count
-decisions: on the few feeds judged they move in steps of a line or a box, while the SQNR sums every output value; the tolerance lets a variant that
-flips one decision more but is closer everywhere else win, and still rejects one that loses many.
+decisions: on the few feeds judged they move in steps of a line or a box, while the SQNR sums
+every output value; the tolerance lets a variant that flips one decision more but is closer
+everywhere else win, and still rejects one that loses many.
 Every variant is built on one plan, the nodes min/max ranges cannot serve kept float
 (:func:`onnxcomp.quant.static.planning_ranges`): with a plan per variant, a variant could win by
 keeping more nodes float, closeness bought with speed. Variants whose ranges equal an earlier
