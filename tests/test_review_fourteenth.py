@@ -118,3 +118,12 @@ def test_a_regressor_is_backed_off_to_its_r2_on_the_fitting_data():
     assert row["kind"] == "regression" and row["r2_vs_original"] == pytest.approx(r2, abs=1e-6)
     assert r2 >= 0.99 > combined["first_failed"]["outputs"][0]["r2_vs_original"]
     assert report["after"]["parameters"] < report["before"]["parameters"]
+
+
+def test_the_combined_cut_says_how_many_feeds_it_was_measured_on():
+    # with one fitting feed the report (and the CLI line) said "measured on 2 fitting feed(s)":
+    # SENSITIVITY_FEEDS, not the feeds read
+    model = _regressor()
+    _, report = prune(model, PruneConfig(criterion="obs", target_params=0.8, check_rule=False),
+                      calibration=_fit(model, n=1))
+    assert report["target"]["combined_damage"]["feeds"] == 1

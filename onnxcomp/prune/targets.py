@@ -385,7 +385,7 @@ def _combined_report(outcome: dict, history: list[dict], config: PruneConfig, ki
         "predicted_damage": outcome["predicted_damage"],
         "measured_damage": outcome["damage"],
         "max_damage": config.max_damage,
-        "feeds": SENSITIVITY_FEEDS,
+        "feeds": len(probe.feeds),
         # the check's rule judged on the fitting feeds (None: config.check_rule off)
         "rule": None if rule is None else {"min_cosine": rule.min_cosine, "min_agreement": rule.min_agreement,
                                            "min_detection_agreement": rule.min_detection_agreement,
@@ -410,7 +410,7 @@ def _combined_report(outcome: dict, history: list[dict], config: PruneConfig, ki
     if outcome["backed_off"]:
         cap, first = out["capped_at"], out["first_failed"]
         out["why"] = first["why"]
-        feeds = probe.rule_feeds if rule is not None else SENSITIVITY_FEEDS
+        feeds = probe.rule_feeds
         notes.append(
             f"prune: the combined cut damages the output more than its groups do one by one: the allocation "
             f"for target_{kind} {target:g} ({first['steps']} steps of the plan, {kind} {first[f'{kind}_ratio']:.3f}, "
