@@ -3,7 +3,8 @@
 The check judges each output of a compressed model by one figure, chosen by the kind of the output
 (``onnxcomp.check.RULES``): top-1 agreement for class scores, decoded-sequence agreement for
 ``[N, T, C]`` sequence scores (PP-OCR rec), region agreement for probability maps (PP-OCR det),
-cosine for other values. For every suite model M, the thresholds are chosen on the builds of the
+detection agreement for detector heads (layout YOLO), R^2 against the original for a regression
+``[N, 1]``, cosine for other values. For every suite model M, the thresholds are chosen on the builds of the
 *other* models only, then judged on M's builds:
 
 * a build is **good** when its task metric is within one point (0.01) of fp32's;

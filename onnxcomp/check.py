@@ -49,8 +49,8 @@ Budget (per output; all must hold)
                                                              ``min_detection_agreement``
     regression  a float output of one value per sample,      R^2 against the original (1 -
                 ``[N, 1]`` (a regressor; a binary            SSE/SST, SST about the original's
-                probability), not a Softmax's                mean over the checked samples;
-                                                             worst column) >= ``min_r2``
+                probability), not a Softmax's, nor a         mean over the checked samples;
+                decided class cast to float                  worst column) >= ``min_r2``
     values      any other float output (embeddings,          cosine >= ``min_cosine``
                 features, boxes, ``[N]``)
     labels      decided classes: an ArgMax/ArgMin, or an     label agreement (share of equal
@@ -1010,9 +1010,11 @@ def _is_regression(view: OutputView) -> bool:
     R^2 against the original (:class:`R2AgainstOriginal`), not by a cosine the common offset of
     its values dominates. Wider outputs (embeddings, features, box coordinates) stay ``values``;
     a rank-1 ``[N]`` output is not told from a vector of one sample by its shape alone, so it
-    stays ``values`` too."""
+    stays ``values`` too; so does a decided class cast to float (``decision``: an ArgMax behind a
+    Cast), whose values are class indices, no prediction to regress."""
     shape = view.shape
-    return view.floating is True and shape is not None and len(shape) == 2 and shape[1] == 1
+    return (view.floating is True and not view.decision and shape is not None and len(shape) == 2
+            and shape[1] == 1)
 
 
 #: ``(kind, detector)`` in order: an output takes the first kind whose detector says yes of its

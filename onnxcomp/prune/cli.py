@@ -54,7 +54,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "(with --reconstruct: after the refit) is backed off (the target is then not reached, said so)")
     p.add_argument("--no-check-rule", action="store_true",
                    help="with a --target-*: back off on --max-damage alone, not also while the check's own rule "
-                        "(--min-cosine, --min-agreement, per output) fails on the fitting data")
+                        "(per output by its kind: --min-cosine, --min-agreement, --min-detection-agreement, --min-r2) "
+                        "fails on the fitting data")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (default 0.3; a --target-* "
                                                 "chooses each group's ratio instead)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -227,7 +228,12 @@ def _why_nothing_pruned(args: argparse.Namespace, model, report: dict, targeted:
     excluded = [k for k, v in skipped.items() if v == "excluded"]
     covered = ([f"every group that could be cut ({', '.join(excluded)}) touches a node --exclude names"]
                if excluded and not cuttable else [])
-    reasons = [*zero, *report["kept_back"].values(), *by_ratio, *covered, *skipped.values(),
+    combined = (report.get("target") or {}).get("combined_damage") or {}
+    backed = ([f"the target's cut was backed off to nothing: every cut tried failed on the fitting data "
+               f"({combined.get('why')}); loosen the bound that failed"
+               + ("" if args.reconstruct else ", or give --reconstruct")]
+              if targeted and combined.get("backed_off") else [])
+    reasons = [*backed, *zero, *report["kept_back"].values(), *by_ratio, *covered, *skipped.values(),
                *(f"{k}: {v if isinstance(v, str) else v.get('why_none', '')}" for k, v in report.get("subgraphs", {}).items())]
     if reasons:
         return str(reasons[0])

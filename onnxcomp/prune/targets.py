@@ -352,7 +352,7 @@ def prune_to_target(
                  + (f"; and {measured}" if outcome["backed_off"] else "") + ")" if config.max_damage is not None
                  else f" ({measured})" if outcome["backed_off"] else "")
         options = (["raise max_damage"] if config.max_damage is not None else []) + (
-            (["loosen the check's rule (--min-cosine, --min-agreement)"] if probe.rule is not None else [])
+            ([f"loosen the check's rule ({', '.join(_rule_flags(history))})"] if _rule_flags(history) else [])
             + (["give --reconstruct (refits the consumers)"] if not config.reconstruct else [])
             if outcome["backed_off"] else [])
         raise OnnxcompError(
@@ -385,10 +385,11 @@ def _combined_report(outcome: dict, history: list[dict], config: PruneConfig, ki
         "predicted_damage": outcome["predicted_damage"],
         "measured_damage": outcome["damage"],
         "max_damage": config.max_damage,
-        "feeds": SENSITIVITY_FEEDS,
+        "feeds": len(probe.feeds),
         # the check's rule judged on the fitting feeds (None: config.check_rule off)
         "rule": None if rule is None else {"min_cosine": rule.min_cosine, "min_agreement": rule.min_agreement,
-                                           "feeds": probe.rule_feeds},
+                                           "min_detection_agreement": rule.min_detection_agreement,
+                                           "min_r2": rule.min_r2, "feeds": probe.rule_feeds},
         "refit": "streamed" if config.reconstruct else "none",
         "backed_off": bool(outcome["backed_off"]),
         "rounds_above_bound": len(over),
@@ -409,7 +410,7 @@ def _combined_report(outcome: dict, history: list[dict], config: PruneConfig, ki
     if outcome["backed_off"]:
         cap, first = out["capped_at"], out["first_failed"]
         out["why"] = first["why"]
-        feeds = probe.rule_feeds if rule is not None else SENSITIVITY_FEEDS
+        feeds = probe.rule_feeds
         notes.append(
             f"prune: the combined cut damages the output more than its groups do one by one: the allocation "
             f"for target_{kind} {target:g} ({first['steps']} steps of the plan, {kind} {first[f'{kind}_ratio']:.3f}, "
@@ -422,6 +423,21 @@ def _combined_report(outcome: dict, history: list[dict], config: PruneConfig, ki
             + ("" if config.reconstruct else " (--reconstruct refits the consumers on the calibration data)")
         )
     return out
+
+
+def _rule_flags(history: list[dict]) -> list[str]:
+    """The flags of the check's thresholds that an output failed by in some round measured outside
+    (``--min-r2`` for a regression, ``--min-cosine`` for values, ...), in the order first seen."""
+    from onnxcomp.check import RULES
+
+    flags: list[str] = []
+    for h in history:
+        for row in (h.get("outputs") or ()) if h.get("within_bound") is False else ():
+            rule = RULES.get(row.get("kind")) if row.get("ok") is False else None
+            flag = f"--{rule.threshold.replace('_', '-')}" if rule is not None and isinstance(rule.threshold, str) else None
+            if flag is not None and flag not in flags:
+                flags.append(flag)
+    return flags
 
 
 def _figures_text(outputs: list[dict] | None) -> str:

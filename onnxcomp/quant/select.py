@@ -12,14 +12,15 @@ So ``auto`` calibrates once with histograms that propose every method's range
 ranges (:data:`SINGLE`; with ``per-tensor`` the per-tensor choice competes too, first), runs each
 variant beside the float model and scores it with the held-out check's figures
 (:data:`onnxcomp.check.RULES`, per kind of output: top-1 agreement for scores, decoded-sequence
-agreement for CTC, region agreement for maps, detection agreement for detector heads, cosine
-otherwise). Among the variants whose worst output figure is within :data:`WORST_TOLERANCE` of the
-best one's, the one of highest mean output SQNR (capped at :data:`SQNR_CAP` dB) wins, then the
-order of :data:`METHODS`; but min/max (with ``per-tensor``: the per-tensor choice) stays unless
-the winner's SQNR is :data:`SQNR_MARGIN_DB` higher: smaller differences are within what a few
-feeds can tell. The agreement figures count decisions: on the few feeds judged they move in steps
-of a line or a box, while the SQNR sums every output value; the tolerance lets a variant that
-flips one decision more but is closer everywhere else win, and still rejects one that loses many.
+agreement for CTC, region agreement for maps, detection agreement for detector heads, R^2 against
+the original for a regression ``[N, 1]``, cosine otherwise). Among the variants whose worst
+output figure is within :data:`WORST_TOLERANCE` of the best one's, the one of highest mean output
+SQNR (capped at :data:`SQNR_CAP` dB) wins, then the order of :data:`METHODS`; but min/max (with
+``per-tensor``: the per-tensor choice) stays unless the winner's SQNR is :data:`SQNR_MARGIN_DB`
+higher: smaller differences are within what a few feeds can tell. The agreement figures count
+decisions: on the few feeds judged they move in steps of a line or a box, while the SQNR sums
+every output value; the tolerance lets a variant that flips one decision more but is closer
+everywhere else win, and still rejects one that loses many.
 Every variant is built on one plan, the nodes min/max ranges cannot serve kept float
 (:func:`onnxcomp.quant.static.planning_ranges`): with a plan per variant, a variant could win by
 keeping more nodes float, closeness bought with speed. Variants whose ranges equal an earlier
