@@ -157,12 +157,13 @@ def render(table: list[dict], sources: str) -> str:
     lines = [
         f"Leave-one-model-out validation of the check's budget, from {sources}. Good = task metric within "
         f"1 point of fp32. Thresholds chosen without the model (agreement figures share one; detection "
-        f"agreement and cosine have their own); defaults agreement >= {d['agreement']}, detection agreement "
-        f">= {d['detection']}, cosine >= {d['cosine']}.",
+        f"agreement, cosine and R^2 against the original have their own); defaults agreement >= {d['agreement']}, "
+        f"detection agreement >= {d['detection']}, cosine >= {d['cosine']}, R^2 >= {d['r2']}.",
         "",
         "| left-out model | judged by | builds (good) | lowest good / highest bad | agreement > (chosen) | "
-        "detection > (chosen) | cosine > (chosen) | false passes | false alarms | defaults: false passes / alarms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "detection > (chosen) | cosine > (chosen) | R^2 > (chosen) | false passes | false alarms | "
+        "defaults: false passes / alarms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         fp = ", ".join(r["false_pass"]) or "0"
@@ -173,7 +174,7 @@ def render(table: list[dict], sources: str) -> str:
         lines.append(
             f"| {r['model']} | {r['figure']} | {r['builds']} ({r['good']}) | {fmt(r['lowest_good'])} / "
             f"{fmt(r['highest_bad'])} | {fmt(th['agreement'])} | {fmt(th.get('detection'))} | {fmt(th['cosine'])} | "
-            f"{fp} | {fa} | {dfp} / {dfa} |"
+            f"{fmt(th.get('r2'))} | {fp} | {fa} | {dfp} / {dfa} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -43,7 +43,7 @@ def test_left_out_model_is_judged_by_thresholds_from_the_others():
     # m is the only cosine model: nothing to learn from, the default 0.985 applies and flags its good build
     assert table["m"]["thresholds"]["cosine"] is None and table["m"]["false_alarm"] == ["ok"]
     text = budget_lomo.render(list(table.values()), "x.json")
-    assert "| c | top1_agreement | 1 (0) | - / 0.9750 | 0.9700 | - | 0.9300 | edge | 0 | 0 / 0 |" in text
+    assert "| c | top1_agreement | 1 (0) | - / 0.9750 | 0.9700 | - | 0.9300 | - | edge | 0 | 0 / 0 |" in text
 
 
 def test_a_detector_is_judged_by_its_own_threshold():
