@@ -1190,8 +1190,8 @@ def judge_output(kind: str, figures: dict[str, float | None], config: CheckConfi
     value = figures.get(rule.figure)
     limit = rule.limit(config)
     if value is None or math.isnan(value):
-        return False, f"{rule.reads} >= {limit:g}", f"{rule.reads} not measured"
-    return bool(value >= limit), f"{rule.reads} >= {limit:g}", f"{rule.reads} {value:.4f}"
+        return False, f"{rule.reads} >= {limit:.10g}", f"{rule.reads} not measured"
+    return bool(value >= limit), f"{rule.reads} >= {limit:.10g}", f"{rule.reads} {value:.4f}"
 
 
 class OutputFigures:

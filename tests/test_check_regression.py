@@ -229,3 +229,12 @@ def test_a_confident_probability_is_judged_against_its_magnitude_not_its_float_n
     fig = R2AgainstOriginal()
     fig.update(p, np.full_like(p, 0.9))
     assert fig.value() < 0.5
+
+
+def test_the_rule_prints_its_threshold_as_given():
+    # `--min-r2 0.99999999` read ">= 1" (six significant digits)
+    from onnxcomp.check import judge_output
+
+    ok, rule, _ = judge_output("regression", {"r2_vs_original": 0.9999999}, CheckConfig(min_r2=0.99999999))
+    assert not ok and rule == "R^2 against the original >= 0.99999999"
+    assert judge_output("values", {"cosine": 0.99}, CheckConfig())[1] == "cosine >= 0.985"
