@@ -204,7 +204,10 @@ class ClusterConfig(PassConfig):
             assignment are the build's dominant cost without output probes: their time grows
             about ``restarts`` times (probes and the rest of the build do not); memory does not
             (one start's result is kept at a time). On PP-OCRv4 rec at 10x the k-means start
-            alone moved the report split by 2-6 points (benchmarks/RESULTS.md, thirteenth session).
+            alone moves the report split by 2-6 points; keeping the start of least layer error did
+            not narrow that (3 starts: report spread 2.3-4.4 points over seeds 0-2), and the tune
+            split did not choose it (benchmarks/RESULTS.md, fourteenth session). Layer-only builds
+            took about 2.2x the CPU time with 3 starts.
         head_min_bits: with ``bits_per_weight``: the least width (bits per weight) of the head
             tensors, the weights of the linear ops whose output reaches a graph output without
             passing through another clustered tensor's consumer (the CTC head of an OCR
@@ -212,7 +215,9 @@ class ClusterConfig(PassConfig):
             the allocation (a head with no candidate that wide keeps its widest). The measures
             the allocation uses (``layer``, ``output`` on a few clean calibration feeds) can take
             a large head's step down where the model's accuracy pays for it: PP-OCRv4 rec's
-            795k-weight head at 2 bits cost 2-6 points on held-out splits at 10x (0: off).
+            795k-weight head at 2 bits cost 2-6 points on held-out splits at 10x; a floor of 3
+            (chosen on the tune split) took that seed from -5.5 to -1.1 points on the report split,
+            and over five seeds the report split still reads -2.45 (fourteenth session) (0: off).
         compact_graph: finish with graph compaction (:mod:`onnxcomp.passes.compact`: short tensor
             names, no node names, no intermediate ``value_info`` or doc strings; exact). For the
             size route, where this stage is the last that transforms the model.
