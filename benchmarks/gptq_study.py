@@ -256,6 +256,12 @@ def _compress(model, recipe: str, overrides: dict, data):
     return built, {"stages": report.get("stages")}
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads: onnxruntime's too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _zipped_bytes(path: str) -> int:
     """Bytes of a zip archive holding ``path`` as its one entry (deflate, level 9)."""
     import zipfile
@@ -274,7 +280,7 @@ def _allocation(report: dict) -> dict:
         if stage.get("stage") == "cluster" and stats.get("allocation"):
             alloc = dict(stats["allocation"])
             return {"allocation": {k: alloc[k] for k in ("bits_per_weight_target", "bits_per_weight", "budget_bytes",
-                                                         "estimated_bytes", "over_budget", "tensors_per_width", "rounds",
+                                                         "estimated_bytes", "over_budget", "tensors_per_width", "rounds", "head_min_bits",
                                                          "elements_per_width") if k in alloc},
                     "widths": {n: [b, round(stats["tensors"][n]["candidates"][b]["error"], 7)]
                                for n, b in (alloc.get("widths") or {}).items()}}
@@ -317,6 +323,7 @@ def main(argv=None) -> int:
             fields[key] = tuple(fields[key])
     config = None if args.recipe else QuantizeConfig(**fields)
     started = time.perf_counter()
+    cpu_started = _cpu_seconds()
     model = load_model(task.fp32_path)
     calib_path = task.calib_path
     if args.calib_lines:
@@ -334,10 +341,12 @@ def main(argv=None) -> int:
     out = args.keep or os.path.join(tempfile.mkdtemp(), "model.onnx")
     save_model(quantized, out, force=True)
     seconds = time.perf_counter() - started
+    cpu = _cpu_seconds() - cpu_started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del quantized, model
     row = {"model": args.model, "config": fields, "augment": args.augment, "photometric": args.photometric,
-           "calib_lines": args.calib_lines or task.calib_samples, "build_seconds": round(seconds, 1), "build_peak_rss_mib": round(peak),
+           "calib_lines": args.calib_lines or task.calib_samples, "build_seconds": round(seconds, 1),
+           "build_cpu_seconds": round(cpu, 1), "build_peak_rss_mib": round(peak),
            "file_bytes": os.path.getsize(out), "fp32_bytes": os.path.getsize(task.fp32_path)}
     if args.recipe:
         row["zipped_bytes"], row["fp32_zipped_bytes"] = _zipped_bytes(out), _zipped_bytes(str(task.fp32_path))
