@@ -238,3 +238,27 @@ def test_the_rule_prints_its_threshold_as_given():
     ok, rule, _ = judge_output("regression", {"r2_vs_original": 0.9999999}, CheckConfig(min_r2=0.99999999))
     assert not ok and rule == "R^2 against the original >= 0.99999999"
     assert judge_output("values", {"cosine": 0.99}, CheckConfig())[1] == "cosine >= 0.985"
+
+
+def test_compare_shows_the_r2_of_a_regression_output(tmp_path, capsys):
+    """``onnxcomp compare`` names a regression's kind and now its R^2 against the original too (the
+    check's figure), which the cosine beside it does not see; other kinds have none."""
+    from onnxcomp.cli import main
+    from onnxcomp.measure.fidelity import compare_models
+
+    ref, cand = _regressor(), _regressor(scale=0.6)
+    feeds = _feeds(10)
+    result = compare_models(ref, cand, feeds)
+    r = np.concatenate([f["x"] @ io_weights(ref) for f in feeds]) + OFFSET
+    c = np.concatenate([f["x"] @ io_weights(cand) for f in feeds]) + OFFSET
+    row = result.to_dict()["outputs"][0]
+    assert row["kind"] == "regression" and row["cosine"] > 0.99
+    assert row["r2_vs_original"] == pytest.approx(_one_shot_r2(r, c), abs=1e-6) and row["r2_vs_original"] < 0.9
+    io.save_model(ref, tmp_path / "ref.onnx")
+    io.save_model(cand, tmp_path / "cand.onnx")
+    np.savez(tmp_path / "d.npz", x=np.concatenate([f["x"] for f in feeds]))
+    assert main(["compare", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--data", str(tmp_path / "d.npz")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "R^2 vs original" in out and f"{row['r2_vs_original']:.4f}" in out
+    wide = compare_models(_regressor(width=4), _regressor(width=4, scale=0.6), feeds).to_dict()["outputs"][0]
+    assert wide["kind"] != "regression" and wide["r2_vs_original"] is None

@@ -213,7 +213,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     table = Table(title=f"{esc(os.path.basename(args.candidate))} vs {esc(os.path.basename(args.reference))}: "
                         f"{result.samples} samples", title_justify="left")
-    for col in ("output", "shape", "kind", "SQNR dB", "cosine", "max abs", "mean abs", "top-1 agree", "worst channel"):
+    regressions = any(result.r2_vs_original(f) is not None for f in result.outputs)
+    columns = ("output", "shape", "kind", "SQNR dB", "cosine", "max abs", "mean abs", "top-1 agree",
+               *(("R^2 vs original",) if regressions else ()), "worst channel")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("output", "shape", "kind") else "right")
     for f in result.outputs:
         worst = "-" if f.worst_channel is None else f"#{f.worst_channel[0]}: {f.worst_channel[1]:.1f} dB"
@@ -221,8 +224,10 @@ def _run_compare(args: argparse.Namespace) -> int:
         labels = result.label_agreement(f)  # decided classes: their agreement, no noise figures
         agree = f"{100 * labels:.2f}%" if labels is not None else "-" if top1 is None else f"{100 * top1:.2f}%"
         sqnr, cosine = ("-", "-") if labels is not None else (f"{f.sqnr_db:.2f}", f"{f.cosine:.6f}")
+        r2 = result.r2_vs_original(f)
         table.add_row(esc(f.name), "x".join("?" if d is None else str(d) for d in f.shape), result.kind(f),
-                      sqnr, cosine, f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree, worst)
+                      sqnr, cosine, f"{f.max_abs:.4g}", f"{f.mean_abs:.4g}", agree,
+                      *(("-" if r2 is None else f"{r2:.4f}",) if regressions else ()), worst)
     con.print(table)
     if result.accuracy:
         con.print(

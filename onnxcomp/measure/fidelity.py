@@ -21,7 +21,9 @@ is None in the shape, and as the channel axis it gives no per-channel error.
 Each output is named with its kind as the held-out check judges it (:class:`onnxcomp.check.KindsSeen`:
 from the graph, then from what the reference returns on the first feed where it has data), so that
 a table shows top-1 agreement only where the check reads it (class scores), not for box
-coordinates or embeddings, although the figure is computed wherever the last axis has classes.
+coordinates or embeddings, although the figure is computed wherever the last axis has classes; and
+an output of one value per sample (kind ``regression``) also shows the check's R^2 against the
+original (:class:`onnxcomp.check.R2AgainstOriginal`), which its cosine does not see.
 
 Channel axis of an output, unless given: 1 for rank 4 and 5 (NCHW-like), for rank 3 the smaller of
 axes 1 and 2 (``[N, 84, 8400]`` detector heads put boxes and scores on axis 1), -1 otherwise.
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.check import KindsSeen, check_labels_fit, reads_top1
+from onnxcomp.check import FIGURES, RULES, KindsSeen, check_labels_fit, reads_top1
 from onnxcomp.data import DataSource, Dataset, labels_argument, load_data
 from onnxcomp.errors import DataError, OnnxcompError
 from onnxcomp.graph import FLOAT_TYPES, ORIGINAL_NAMES, exposed, run_feed
@@ -81,6 +83,8 @@ class ModelComparison:
     layers_resized: int = 0
     layers_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: R^2 against the original of each output of kind ``regression`` (the check's figure)
+    r2: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,9 +112,13 @@ class ModelComparison:
         arg-max, a classifier's predicted label); None elsewhere."""
         return f.equal_share if self.kind(f) == "labels" else None
 
+    def r2_vs_original(self, f: OutputFidelity) -> float | None:
+        """R^2 against the original where the output is a regression (kind ``regression``); None elsewhere."""
+        return self.r2.get(f.name) if self.kind(f) == "regression" else None
+
     def _output_dict(self, f: OutputFidelity) -> dict[str, Any]:
         return {**_fidelity_dict(f), "kind": self.kind(f), "top1_agreement": self.top1(f),
-                "label_agreement": self.label_agreement(f)}
+                "label_agreement": self.label_agreement(f), "r2_vs_original": self.r2_vs_original(f)}
 
 
 def _fidelity_dict(f: OutputFidelity, *, channels: bool = True) -> dict[str, Any]:
@@ -212,6 +220,8 @@ def compare_models(
     resized: set[str] = set()
     empty: dict[str, list[int]] = {}
     kinds = KindsSeen(reference)
+    regression = RULES["regression"].figure
+    r2: dict[str, Any] = {}  # output -> the check's R^2 accumulator, for outputs judged as regressions
 
     def consume(which: list[str], ref_values, cand_values, layer: bool) -> None:
         for i, (name, r, c) in enumerate(zip(which, ref_values, cand_values)):
@@ -234,6 +244,8 @@ def compare_models(
                 accumulators[name] = FidelityAccumulator(channel_axis=axis if r.ndim >= 2 else None, name=name,
                                                          varying=True)  # a folder of feeds may vary in size
             accumulators[name].update(np.atleast_1d(r), np.atleast_1d(c))
+            if not layer and kinds.kinds.get(name) == "regression":
+                r2.setdefault(name, FIGURES[regression]()).update(r, c)
             if labels is not None and not layer and i == label_index:
                 if not predictions["reference"]:
                     check_labels_fit(kinds.kinds[name], r.shape, name)
@@ -293,6 +305,7 @@ def compare_models(
         layers_resized=len(resized),
         layers_skipped=skipped,
         kinds=kinds.kinds,
+        r2={n: fig.value() for n, fig in r2.items()},
     )
 
 
