@@ -130,6 +130,21 @@ def passes(b: Build, thresholds: dict[str, float | None], default: dict[str, flo
     return b.value > t if t is not None else b.value >= default[b.kind]
 
 
+def judged(test: list[Build], thresholds: dict[str, float | None], default: dict[str, float]) -> dict:
+    """How ``test``'s builds fare under the chosen ``thresholds`` (:func:`passes`) and under the
+    defaults: counts, the lowest good and highest bad figure, false passes and false alarms."""
+    good = [b.value for b in test if b.good]
+    bad = [b.value for b in test if not b.good]
+    chosen = [passes(b, thresholds, default) for b in test]
+    by_default = [b.value >= default[b.kind] for b in test]
+    return {"builds": len(test), "good": len(good), "lowest_good": min(good) if good else None,
+            "highest_bad": max(bad) if bad else None,
+            "false_pass": [b.candidate for b, ok in zip(test, chosen) if ok and not b.good],
+            "false_alarm": [b.candidate for b, ok in zip(test, chosen) if not ok and b.good],
+            "default_false_pass": [b.candidate for b, ok in zip(test, by_default) if ok and not b.good],
+            "default_false_alarm": [b.candidate for b, ok in zip(test, by_default) if not ok and b.good]}
+
+
 def lomo(rows: list[Build]) -> list[dict]:
     default = defaults()
     out = []
@@ -137,17 +152,8 @@ def lomo(rows: list[Build]) -> list[dict]:
         train = [b for b in rows if b.model != model]
         test = [b for b in rows if b.model == model]
         th = {k: threshold(train, k) for k in KINDS}
-        false_pass = [b.candidate for b in test if passes(b, th, default) and not b.good]
-        false_alarm = [b.candidate for b in test if not passes(b, th, default) and b.good]
-        default_fp = [b.candidate for b in test if b.value >= default[b.kind] and not b.good]
-        default_fa = [b.candidate for b in test if b.value < default[b.kind] and b.good]
-        good = [b.value for b in test if b.good]
-        bad = [b.value for b in test if not b.good]
-        out.append({"model": model, "figure": test[0].figure if test else "-", "builds": len(test),
-                    "good": len(good), "lowest_good": min(good) if good else None,
-                    "highest_bad": max(bad) if bad else None, "thresholds": th, "false_pass": false_pass,
-                    "false_alarm": false_alarm, "default_false_pass": default_fp,
-                    "default_false_alarm": default_fa})
+        out.append({"model": model, "figure": test[0].figure if test else "-", "thresholds": th,
+                    **judged(test, th, default)})
     return out
 
 
@@ -189,9 +195,10 @@ def split_study(study: dict, tune: str = "tune", report: str = "report") -> dict
     figure against fp32 (``f1_fp32``, the check's detection agreement) and the task metric's
     paired difference to fp32 (``labels.f1.diff``). A build is good when that difference is at most
     one point down. On ``tune``, the threshold is the most permissive one passing no bad build
-    (as :func:`threshold`); it is then judged on ``report``, and so is the default.
+    (as :func:`threshold`; no bad build: the default, as :func:`passes`); it is then judged on
+    ``report``, and so is the default (:func:`judged`, as for the leave-one-model-out table).
     """
-    default = defaults()["detection"]
+    default = defaults()
     splits = {}
     for split in (tune, report):
         builds = []
@@ -202,20 +209,8 @@ def split_study(study: dict, tune: str = "tune", report: str = "report") -> dict
             builds.append(Build("study", cand, diff >= -SLACK - 1e-12, "detection_agreement", float(row["f1_fp32"]["value"])))
         splits[split] = builds
     chosen = threshold(splits[tune], "detection")
-    out = {"pages": study.get("pages"), "chosen": chosen, "default": default, "splits": {}}
-    for split, builds in splits.items():
-        ok_chosen = [chosen is None or b.value > chosen for b in builds]
-        ok_default = [b.value >= default for b in builds]
-        out["splits"][split] = {
-            "builds": len(builds), "good": sum(b.good for b in builds),
-            "lowest_good": min((b.value for b in builds if b.good), default=None),
-            "highest_bad": max((b.value for b in builds if not b.good), default=None),
-            "false_pass": [b.candidate for b, ok in zip(builds, ok_chosen) if ok and not b.good],
-            "false_alarm": [b.candidate for b, ok in zip(builds, ok_chosen) if not ok and b.good],
-            "default_false_pass": [b.candidate for b, ok in zip(builds, ok_default) if ok and not b.good],
-            "default_false_alarm": [b.candidate for b, ok in zip(builds, ok_default) if not ok and b.good],
-        }
-    return out
+    return {"pages": study.get("pages"), "chosen": chosen, "default": default["detection"],
+            "splits": {split: judged(builds, {"detection": chosen}, default) for split, builds in splits.items()}}
 
 
 def render_split_study(result: dict, source: str) -> str:
