@@ -386,10 +386,10 @@ def _combined_report(outcome: dict, history: list[dict], config: PruneConfig, ki
         "measured_damage": outcome["damage"],
         "max_damage": config.max_damage,
         "feeds": len(probe.feeds),
-        # the check's rule judged on the fitting feeds (None: config.check_rule off)
-        "rule": None if rule is None else {"min_cosine": rule.min_cosine, "min_agreement": rule.min_agreement,
-                                           "min_detection_agreement": rule.min_detection_agreement,
-                                           "min_r2": rule.min_r2, "feeds": probe.rule_feeds},
+        # the check's rule judged on the fitting feeds (None: config.check_rule off): its thresholds
+        # (CheckConfig.budget, every one a kind of output is judged by; not max_drop, which needs labels)
+        "rule": None if rule is None else {**{k: v for k, v in rule.budget().items() if k != "max_drop_points"},
+                                           "feeds": probe.rule_feeds},
         "refit": "streamed" if config.reconstruct else "none",
         "backed_off": bool(outcome["backed_off"]),
         "rounds_above_bound": len(over),
