@@ -636,10 +636,12 @@ class ClusterPass(CompressionPass[ClusterConfig]):
         cfg = self.config
         widths = sorted(set(cfg.bits_choices))
         first = self._shared(w, target, 1 << widths[0])
-        if cfg.scalar_choices and first.vector_dim == 1:  # a scalar codebook at every width: its own candidates
-            return {b: first if b == widths[0] else self._shared(w, target, 1 << b) for b in sorted(set(cfg.scalar_choices))}
-        options: dict[float, _Clustered] = {b: first if b == widths[0] else self._shared(w, target, 1 << b)
-                                            for b in widths}
+        scalar = bool(cfg.scalar_choices) and first.vector_dim == 1  # a scalar codebook at every width
+        options: dict[float, _Clustered] = {
+            b: first if b == widths[0] else self._shared(w, target, 1 << b)
+            for b in (sorted(set(cfg.scalar_choices)) if scalar else widths)}
+        if scalar:  # its own candidates, no vector fractions
+            return options
         d = cfg.vector_dim
         for label_bits in range(min(cfg.bits_choices) * d + 1, min(max(cfg.bits_choices) * d, _MAX_MIXED_VECTOR_BITS)):
             if label_bits % d:
