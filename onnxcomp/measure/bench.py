@@ -125,16 +125,9 @@ def _bench_once(models: Sequence[tuple[str, ir.Model]], feeds, *, threads: int, 
     )
     rows = []
     for (name, model), res in zip(models, results):
-        s = res.summary
         rows.append({
             "name": name,
-            "runs": s.n,
-            "min_ms": s.min * 1e3,
-            "median_ms": s.median * 1e3,
-            "p90_ms": s.p90 * 1e3,
-            "p99_ms": s.p99 * 1e3,
-            "mean_ms": s.mean * 1e3,
-            "throughput_per_s": s.items_per_s,
+            **_summary_fields(res.summary),
             "ratio_to_first": res.ratio,
             "ratio_ci95": list(res.ratio_interval) if res.ratio_interval else None,
             "session_creation_s": res.session_creation_s,
@@ -144,6 +137,12 @@ def _bench_once(models: Sequence[tuple[str, ir.Model]], feeds, *, threads: int, 
             "parameter_bytes": parameter_nbytes(model),
         })
     return rows
+
+
+def _summary_fields(s) -> dict[str, Any]:
+    """A row's run count, times in milliseconds and throughput from a latency summary."""
+    return {"runs": s.n, "min_ms": s.min * 1e3, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
+            "p99_ms": s.p99 * 1e3, "mean_ms": s.mean * 1e3, "throughput_per_s": s.items_per_s}
 
 
 def default_threads() -> int:
@@ -171,7 +170,6 @@ def int8_latency_report(
     """
     threads = threads or default_threads()
     feeds = list(feeds)[:8]
-
     rows = bench_models([("float", reference), ("int8", candidate)], feeds, threads=threads, runs=runs,
                         time_budget=time_budget, warmup_runs=3, warmup_seconds=0.2)
     report = explain_rows(reference, candidate, rows, feeds, threads, unfused_dequantize=unfused_dequantize)
@@ -199,10 +197,8 @@ def _pooled(sets: Sequence[Sequence[dict[str, Any]]], batch: int) -> list[dict[s
     rows = []
     for i, model_times in enumerate(times):
         pooled = np.concatenate(model_times)
-        summary = summarize(pooled / 1e3, batch_size=batch)
-        row = {**sets[0][i], "runs": summary.n, "min_ms": summary.min * 1e3, "median_ms": summary.median * 1e3,
-               "p90_ms": summary.p90 * 1e3, "p99_ms": summary.p99 * 1e3, "mean_ms": summary.mean * 1e3,
-               "throughput_per_s": summary.items_per_s, "times_ms": pooled.tolist(), "session_sets": len(sets)}
+        row = {**sets[0][i], **_summary_fields(summarize(pooled / 1e3, batch_size=batch)),
+               "times_ms": pooled.tolist(), "session_sets": len(sets)}
         if i:
             ratio, lo, hi = sessions_ratio_ci(list(zip(times[0], model_times)))
             intervals = [one[i]["ratio_ci95"] for one in sets]
